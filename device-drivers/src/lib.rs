@@ -1,0 +1,98 @@
+//! Device drivers for Vigil's edge agent.
+//!
+//! Each protocol lives in its own module, split the same way:
+//! - `codec`: sans-IO parsing/encoding over bytes, one decoder contract
+//!   `decode(&mut BytesMut) -> Result<Option<Frame>, Error>` (`Ok(None)` =
+//!   need more bytes), frame size caps, resync on corruption with the dropped
+//!   bytes reported;
+//! - the module root: mapping of frames to [`shared_protocol::v1::Reading`]s
+//!   and a thin async driver over `AsyncRead`/`AsyncWrite` (serial port,
+//!   socket) that reconnects on failure.
+//!
+//! Drivers never assign sequence numbers or touch storage: the agent does.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use shared_protocol::v1::Reading;
+
+pub mod masimo;
+
+/// Shutdown signal: drivers stop when the value becomes `true` (or the
+/// sender is dropped).
+pub type Shutdown = tokio::sync::watch::Receiver<bool>;
+
+/// What a driver hands to the agent: readings of one device, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DriverOutput {
+    pub device_id: String,
+    /// Serial number as reported by the device itself, when it says.
+    pub serial_number: Option<String>,
+    pub readings: Vec<Reading>,
+}
+
+/// Errors that end one connection to a device. A device's refusal (a
+/// protocol-level "no") is distinct from a link failure.
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    #[error("link failure: {0}")]
+    Link(#[source] std::io::Error),
+    #[error("device refused: {0}")]
+    Refused(String),
+}
+
+/// Per-device counters, shared with the agent's metrics.
+#[derive(Debug, Default)]
+pub struct DriverStats {
+    bytes_read: AtomicU64,
+    frames_ok: AtomicU64,
+    frames_bad: AtomicU64,
+    bytes_dropped: AtomicU64,
+    link_errors: AtomicU64,
+    unknown_flags: AtomicU64,
+    connected: AtomicBool,
+}
+
+/// A point-in-time copy of [`DriverStats`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DriverStatsSnapshot {
+    pub bytes_read: u64,
+    pub frames_ok: u64,
+    pub frames_bad: u64,
+    pub bytes_dropped: u64,
+    pub link_errors: u64,
+    pub unknown_flags: u64,
+    pub connected: bool,
+}
+
+impl DriverStats {
+    pub fn add_bytes(&self, n: usize) {
+        self.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
+    }
+    pub fn frame_ok(&self) {
+        self.frames_ok.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn frame_error(&self, dropped: usize) {
+        self.frames_bad.fetch_add(1, Ordering::Relaxed);
+        self.bytes_dropped.fetch_add(dropped as u64, Ordering::Relaxed);
+    }
+    pub fn link_error(&self) {
+        self.link_errors.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn unknown_flags(&self) {
+        self.unknown_flags.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn connected(&self, yes: bool) {
+        self.connected.store(yes, Ordering::Relaxed);
+    }
+    pub fn snapshot(&self) -> DriverStatsSnapshot {
+        DriverStatsSnapshot {
+            bytes_read: self.bytes_read.load(Ordering::Relaxed),
+            frames_ok: self.frames_ok.load(Ordering::Relaxed),
+            frames_bad: self.frames_bad.load(Ordering::Relaxed),
+            bytes_dropped: self.bytes_dropped.load(Ordering::Relaxed),
+            link_errors: self.link_errors.load(Ordering::Relaxed),
+            unknown_flags: self.unknown_flags.load(Ordering::Relaxed),
+            connected: self.connected.load(Ordering::Relaxed),
+        }
+    }
+}

@@ -1,0 +1,369 @@
+//! The metric catalogue: one table mapping IEEE 11073-10101 (MDC) codes to
+//! LOINC, UCUM and display names. Used by drivers (to label what they decode)
+//! and by the hub (to build FHIR codings). Only the hub turns this into FHIR.
+//!
+//! Sources for the codes in the table:
+//! - MDC codes: IEEE 11073-10101:2019 "Nomenclature" (and the same values in
+//!   IEEE 11073-10101a and the Rosetta Terminology Mapping, NIST RTMMS).
+//!   A 32-bit MDC code is `partition << 16 | term`; partition 2 = SCADA
+//!   (physiological), partition 4 = DIM (units).
+//! - LOINC codes: LOINC database (Regenstrief), and for the vital signs the
+//!   FHIR R4 vital-signs profile (hl7.org/fhir/R4/observation-vitalsigns.html),
+//!   which names 8867-4, 9279-1, 2708-6/59408-5, 8310-5, 8480-6, 8462-4,
+//!   8478-0 (mean BP), 29463-7, 85354-9 (BP panel).
+//! - UCUM units: the vital-signs profile's required units and ucum.org.
+
+/// A unit of measure, with its MDC code and UCUM code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unit {
+    /// IEEE 11073-10101 unit code (partition 4).
+    pub mdc: u32,
+    pub mdc_name: &'static str,
+    /// UCUM code, as used in FHIR `Quantity.code`.
+    pub ucum: &'static str,
+    /// Human-readable unit, as used in FHIR `Quantity.unit`.
+    pub display: &'static str,
+}
+
+/// A metric the system knows.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Metric {
+    /// IEEE 11073-10101 code (partition << 16 | term).
+    pub mdc: u32,
+    pub mdc_name: &'static str,
+    /// LOINC code used as the Observation's primary code.
+    pub loinc: &'static str,
+    pub loinc_display: &'static str,
+    /// Additional LOINC code the FHIR vital-signs profile requires alongside
+    /// (e.g. 2708-6 for pulse-oximetry SpO2), if any.
+    pub loinc_profile: Option<&'static str>,
+    /// Short display name for clinicians.
+    pub display: &'static str,
+    /// The canonical unit.
+    pub unit: Unit,
+    /// Physiologically possible range in the canonical unit. Values outside
+    /// are physically impossible (not merely abnormal); the hub flags them.
+    pub possible_range: (f64, f64),
+}
+
+const fn mdc(partition: u32, term: u32) -> u32 {
+    (partition << 16) | term
+}
+
+pub mod units {
+    //! Units used by the catalogue (IEEE 11073-10101 partition 4).
+    use super::{mdc, Unit};
+
+    pub const PERCENT: Unit =
+        Unit { mdc: mdc(4, 544), mdc_name: "MDC_DIM_PERCENT", ucum: "%", display: "%" };
+    pub const BEAT_PER_MIN: Unit = Unit {
+        mdc: mdc(4, 2720),
+        mdc_name: "MDC_DIM_BEAT_PER_MIN",
+        ucum: "/min",
+        display: "beats/minute",
+    };
+    pub const RESP_PER_MIN: Unit = Unit {
+        mdc: mdc(4, 2784),
+        mdc_name: "MDC_DIM_RESP_PER_MIN",
+        ucum: "/min",
+        display: "breaths/minute",
+    };
+    pub const DEGC: Unit =
+        Unit { mdc: mdc(4, 6048), mdc_name: "MDC_DIM_DEGC", ucum: "Cel", display: "°C" };
+    pub const MMHG: Unit =
+        Unit { mdc: mdc(4, 3872), mdc_name: "MDC_DIM_MMHG", ucum: "mm[Hg]", display: "mmHg" };
+    pub const KILO_G: Unit =
+        Unit { mdc: mdc(4, 1731), mdc_name: "MDC_DIM_KILO_G", ucum: "kg", display: "kg" };
+    pub const MILLI_G_PER_DL: Unit = Unit {
+        mdc: mdc(4, 2130),
+        mdc_name: "MDC_DIM_MILLI_G_PER_DL",
+        ucum: "mg/dL",
+        display: "mg/dL",
+    };
+
+    /// All units the catalogue uses.
+    pub const ALL: &[Unit] = &[PERCENT, BEAT_PER_MIN, RESP_PER_MIN, DEGC, MMHG, KILO_G, MILLI_G_PER_DL];
+}
+
+/// MDC codes of the catalogue's metrics, for drivers to name what they emit.
+pub mod codes {
+    use super::mdc;
+    /// MDC_ECG_HEART_RATE (2::16770).
+    pub const ECG_HEART_RATE: u32 = mdc(2, 16770);
+    /// MDC_PULS_OXIM_PULS_RATE (2::18458).
+    pub const PULS_OXIM_PULS_RATE: u32 = mdc(2, 18458);
+    /// MDC_RESP_RATE (2::20490).
+    pub const RESP_RATE: u32 = mdc(2, 20490);
+    /// MDC_PULS_OXIM_SAT_O2 (2::19384).
+    pub const PULS_OXIM_SAT_O2: u32 = mdc(2, 19384);
+    /// MDC_PULS_OXIM_PERF_REL (2::19376).
+    pub const PULS_OXIM_PERF_REL: u32 = mdc(2, 19376);
+    /// MDC_TEMP_BODY (2::19292).
+    pub const TEMP_BODY: u32 = mdc(2, 19292);
+    /// MDC_PRESS_BLD_NONINV_SYS (2::18949).
+    pub const PRESS_BLD_NONINV_SYS: u32 = mdc(2, 18949);
+    /// MDC_PRESS_BLD_NONINV_DIA (2::18950).
+    pub const PRESS_BLD_NONINV_DIA: u32 = mdc(2, 18950);
+    /// MDC_PRESS_BLD_NONINV_MEAN (2::18951).
+    pub const PRESS_BLD_NONINV_MEAN: u32 = mdc(2, 18951);
+    /// MDC_MASS_BODY_ACTUAL (2::57664).
+    pub const MASS_BODY_ACTUAL: u32 = mdc(2, 57664);
+    /// MDC_CONC_GLU_CAPILLARY_WHOLEBLOOD (2::29112).
+    pub const CONC_GLU_CAPILLARY_WHOLEBLOOD: u32 = mdc(2, 29112);
+    /// MDC_AWAY_CO2_ET (2::20636).
+    pub const AWAY_CO2_ET: u32 = mdc(2, 20636);
+}
+
+use units::*;
+
+/// The table. Each row: MDC code, LOINC (source: LOINC / FHIR vital-signs
+/// profile), UCUM unit, and the physically possible range.
+const METRICS: &[Metric] = &[
+    Metric {
+        mdc: codes::ECG_HEART_RATE,
+        mdc_name: "MDC_ECG_HEART_RATE",
+        loinc: "8867-4",
+        loinc_display: "Heart rate",
+        loinc_profile: None,
+        display: "Heart rate (ECG)",
+        unit: BEAT_PER_MIN,
+        possible_range: (0.0, 350.0),
+    },
+    Metric {
+        mdc: codes::PULS_OXIM_PULS_RATE,
+        mdc_name: "MDC_PULS_OXIM_PULS_RATE",
+        // LOINC 8889-8 "Heart rate by Pulse oximetry"; the vital-signs
+        // profile's heart-rate code 8867-4 is added alongside.
+        loinc: "8889-8",
+        loinc_display: "Heart rate by Pulse oximetry",
+        loinc_profile: Some("8867-4"),
+        display: "Pulse rate (SpO2)",
+        unit: BEAT_PER_MIN,
+        possible_range: (0.0, 350.0),
+    },
+    Metric {
+        mdc: codes::RESP_RATE,
+        mdc_name: "MDC_RESP_RATE",
+        loinc: "9279-1",
+        loinc_display: "Respiratory rate",
+        loinc_profile: None,
+        display: "Respiratory rate",
+        unit: RESP_PER_MIN,
+        possible_range: (0.0, 150.0),
+    },
+    Metric {
+        mdc: codes::PULS_OXIM_SAT_O2,
+        mdc_name: "MDC_PULS_OXIM_SAT_O2",
+        // LOINC 59408-5 "Oxygen saturation in Arterial blood by Pulse
+        // oximetry"; the vital-signs profile requires 2708-6 alongside.
+        loinc: "59408-5",
+        loinc_display: "Oxygen saturation in Arterial blood by Pulse oximetry",
+        loinc_profile: Some("2708-6"),
+        display: "SpO2",
+        unit: PERCENT,
+        possible_range: (0.0, 100.0),
+    },
+    Metric {
+        mdc: codes::PULS_OXIM_PERF_REL,
+        mdc_name: "MDC_PULS_OXIM_PERF_REL",
+        // LOINC 61006-3 "Perfusion index Tissue by Pulse oximetry".
+        loinc: "61006-3",
+        loinc_display: "Perfusion index Tissue by Pulse oximetry",
+        loinc_profile: None,
+        display: "Perfusion index",
+        unit: PERCENT,
+        possible_range: (0.0, 100.0),
+    },
+    Metric {
+        mdc: codes::TEMP_BODY,
+        mdc_name: "MDC_TEMP_BODY",
+        loinc: "8310-5",
+        loinc_display: "Body temperature",
+        loinc_profile: None,
+        display: "Body temperature",
+        unit: DEGC,
+        possible_range: (10.0, 46.0),
+    },
+    Metric {
+        mdc: codes::PRESS_BLD_NONINV_SYS,
+        mdc_name: "MDC_PRESS_BLD_NONINV_SYS",
+        loinc: "8480-6",
+        loinc_display: "Systolic blood pressure",
+        loinc_profile: None,
+        display: "NIBP systolic",
+        unit: MMHG,
+        possible_range: (0.0, 350.0),
+    },
+    Metric {
+        mdc: codes::PRESS_BLD_NONINV_DIA,
+        mdc_name: "MDC_PRESS_BLD_NONINV_DIA",
+        loinc: "8462-4",
+        loinc_display: "Diastolic blood pressure",
+        loinc_profile: None,
+        display: "NIBP diastolic",
+        unit: MMHG,
+        possible_range: (0.0, 300.0),
+    },
+    Metric {
+        mdc: codes::PRESS_BLD_NONINV_MEAN,
+        mdc_name: "MDC_PRESS_BLD_NONINV_MEAN",
+        loinc: "8478-0",
+        loinc_display: "Mean blood pressure",
+        loinc_profile: None,
+        display: "NIBP mean",
+        unit: MMHG,
+        possible_range: (0.0, 300.0),
+    },
+    Metric {
+        mdc: codes::MASS_BODY_ACTUAL,
+        mdc_name: "MDC_MASS_BODY_ACTUAL",
+        loinc: "29463-7",
+        loinc_display: "Body weight",
+        loinc_profile: None,
+        display: "Body weight",
+        unit: KILO_G,
+        possible_range: (0.0, 700.0),
+    },
+    Metric {
+        mdc: codes::CONC_GLU_CAPILLARY_WHOLEBLOOD,
+        mdc_name: "MDC_CONC_GLU_CAPILLARY_WHOLEBLOOD",
+        // LOINC 41653-7 "Glucose [Mass/volume] in Capillary blood by Glucometer".
+        loinc: "41653-7",
+        loinc_display: "Glucose [Mass/volume] in Capillary blood by Glucometer",
+        loinc_profile: None,
+        display: "Glucose (capillary)",
+        unit: MILLI_G_PER_DL,
+        possible_range: (0.0, 5000.0),
+    },
+    Metric {
+        mdc: codes::AWAY_CO2_ET,
+        mdc_name: "MDC_AWAY_CO2_ET",
+        // LOINC 19891-1 "Carbon dioxide [Partial pressure] in Exhaled gas
+        // --at end expiration".
+        loinc: "19891-1",
+        loinc_display: "Carbon dioxide [Partial pressure] in Exhaled gas --at end expiration",
+        loinc_profile: None,
+        display: "EtCO2",
+        unit: MMHG,
+        possible_range: (0.0, 150.0),
+    },
+];
+
+/// Read-only access to the catalogue.
+#[derive(Debug, Clone, Copy)]
+pub struct MetricCatalogue {
+    metrics: &'static [Metric],
+}
+
+/// The catalogue shared by agent and hub.
+pub const CATALOGUE: MetricCatalogue = MetricCatalogue { metrics: METRICS };
+
+impl MetricCatalogue {
+    pub fn all(&self) -> &'static [Metric] {
+        self.metrics
+    }
+
+    pub fn by_mdc(&self, mdc: u32) -> Option<&'static Metric> {
+        self.metrics.iter().find(|m| m.mdc == mdc)
+    }
+
+    /// Metrics whose primary or profile LOINC code is `loinc`.
+    pub fn by_loinc<'a>(&self, loinc: &'a str) -> impl Iterator<Item = &'static Metric> + 'a {
+        self.metrics
+            .iter()
+            .filter(move |m| m.loinc == loinc || m.loinc_profile == Some(loinc))
+    }
+
+    /// A unit by its MDC code.
+    pub fn unit_by_mdc(&self, mdc: u32) -> Option<Unit> {
+        units::ALL.iter().copied().find(|u| u.mdc == mdc)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    #[test]
+    fn covers_the_required_vitals() {
+        for code in [
+            codes::ECG_HEART_RATE,
+            codes::PULS_OXIM_PULS_RATE,
+            codes::RESP_RATE,
+            codes::PULS_OXIM_SAT_O2,
+            codes::TEMP_BODY,
+            codes::PRESS_BLD_NONINV_SYS,
+            codes::PRESS_BLD_NONINV_DIA,
+            codes::PRESS_BLD_NONINV_MEAN,
+            codes::PULS_OXIM_PERF_REL,
+            codes::MASS_BODY_ACTUAL,
+            codes::CONC_GLU_CAPILLARY_WHOLEBLOOD,
+            codes::AWAY_CO2_ET,
+        ] {
+            assert!(CATALOGUE.by_mdc(code).is_some(), "missing {code}");
+        }
+    }
+
+    #[test]
+    fn codes_are_unique_and_well_formed() {
+        let mut seen = HashSet::new();
+        for m in CATALOGUE.all() {
+            assert!(seen.insert(m.mdc), "duplicate MDC {}", m.mdc);
+            assert_eq!(m.mdc >> 16, 2, "{} is not in the SCADA partition", m.mdc_name);
+            assert_eq!(m.unit.mdc >> 16, 4, "{} unit not in the DIM partition", m.mdc_name);
+            // LOINC codes are digits, a dash and a check digit.
+            let (num, check) = m.loinc.split_once('-').expect("LOINC has a check digit");
+            assert!(num.chars().all(|c| c.is_ascii_digit()) && check.len() == 1);
+            assert!(m.possible_range.0 < m.possible_range.1);
+        }
+    }
+
+    /// LOINC check digits use the Mod 10 algorithm (LOINC Users' Guide,
+    /// "Calculating Mod 10 check digits"). A typo in a code fails here.
+    #[test]
+    fn loinc_check_digits_are_valid() {
+        fn mod10(num: &str) -> u32 {
+            // Double every other digit starting from the rightmost.
+            let mut sum = 0;
+            for (i, c) in num.chars().rev().enumerate() {
+                let d = c.to_digit(10).unwrap();
+                if i % 2 == 0 {
+                    let dd = d * 2;
+                    sum += dd / 10 + dd % 10;
+                } else {
+                    sum += d;
+                }
+            }
+            (10 - sum % 10) % 10
+        }
+        for m in CATALOGUE.all() {
+            for code in std::iter::once(m.loinc).chain(m.loinc_profile) {
+                let (num, check) = code.split_once('-').unwrap();
+                assert_eq!(mod10(num).to_string(), check, "bad LOINC check digit in {code}");
+            }
+        }
+    }
+
+    #[test]
+    fn known_codes_have_their_published_values() {
+        // IEEE 11073-10101 values, as decimal context-free codes.
+        assert_eq!(codes::PULS_OXIM_SAT_O2, 150_456);
+        assert_eq!(codes::ECG_HEART_RATE, 147_842);
+        assert_eq!(codes::PULS_OXIM_PULS_RATE, 149_530);
+        assert_eq!(codes::PRESS_BLD_NONINV_SYS, 150_021);
+        assert_eq!(codes::TEMP_BODY, 150_364);
+        assert_eq!(codes::PULS_OXIM_PERF_REL, 150_448);
+        assert_eq!(units::PERCENT.mdc, 262_688);
+        assert_eq!(units::BEAT_PER_MIN.mdc, 264_864);
+        assert_eq!(units::MMHG.mdc, 266_016);
+    }
+
+    #[test]
+    fn lookup_by_loinc_includes_profile_codes() {
+        let hr: Vec<_> = CATALOGUE.by_loinc("8867-4").map(|m| m.mdc).collect();
+        assert!(hr.contains(&codes::ECG_HEART_RATE));
+        assert!(hr.contains(&codes::PULS_OXIM_PULS_RATE));
+        assert_eq!(CATALOGUE.by_loinc("2708-6").next().unwrap().mdc, codes::PULS_OXIM_SAT_O2);
+    }
+}

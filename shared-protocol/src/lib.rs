@@ -1,0 +1,134 @@
+//! Vigil's wire protocol (v1) and metric catalogue.
+//!
+//! This crate is shared by `edge-agent` and `cloud-hub`. It does no I/O: it
+//! holds the prost types generated from `proto/vigil/v1/vigil.proto`, the
+//! metric catalogue that maps IEEE 11073-10101 codes to LOINC and UCUM, and
+//! small pure helpers. How the schema may evolve: `EVOLUTION.md`.
+
+pub mod catalogue;
+
+/// Generated protobuf types for `vigil.v1`.
+#[allow(missing_debug_implementations, clippy::all, clippy::pedantic)]
+pub mod v1 {
+    include!(concat!(env!("OUT_DIR"), "/vigil.v1.rs"));
+}
+
+pub use catalogue::{Metric, MetricCatalogue, Unit, CATALOGUE};
+
+/// HTTP content type of a protobuf-encoded [`v1::Batch`] / [`v1::BatchAck`].
+pub const CONTENT_TYPE_PROTOBUF: &str = "application/x-protobuf";
+
+/// Path of the hub's ingest endpoint.
+pub const INGEST_PATH: &str = "/api/v1/ingest";
+
+/// Microseconds since the Unix epoch of 2000-01-01T00:00:00Z. Times before
+/// this are treated as impossible for a reading (device clock not set).
+pub const EPOCH_2000_US: i64 = 946_684_800_000_000;
+
+impl v1::Reading {
+    /// The time the value applies to: the device time when present, else the
+    /// gateway receive time.
+    pub fn effective_time_us(&self) -> i64 {
+        if self.device_time_us != 0 {
+            self.device_time_us
+        } else {
+            self.gateway_time_us
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::v1::{self, reading::Value};
+    use prost::Message;
+    use proptest::prelude::*;
+
+    fn arb_reading() -> impl Strategy<Value = v1::Reading> {
+        (
+            any::<u32>(),
+            "[A-Z0-9]{0,8}",
+            prop_oneof![
+                any::<f64>().prop_map(|v| Some(Value::Numeric(v))),
+                "[ -~]{0,16}".prop_map(|s| Some(Value::Text(s))),
+                Just(None),
+            ],
+            any::<i64>(),
+            any::<i64>(),
+            0i32..4,
+            proptest::collection::vec(0i32..11, 0..4),
+            any::<u64>(),
+        )
+            .prop_map(|(mdc, label, value, dt, gt, validity, flags, seq)| v1::Reading {
+                mdc_code: mdc,
+                vendor_label: label,
+                value,
+                mdc_unit: 262_688,
+                ucum_unit: "%".into(),
+                device_time_us: dt,
+                time_source: 2,
+                gateway_time_us: gt,
+                validity,
+                flags,
+                sequence: seq,
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn batch_round_trips(readings in proptest::collection::vec(arb_reading(), 0..20), seq in any::<u64>()) {
+            let batch = v1::Batch {
+                gateway_id: "gw-1".into(),
+                sequence: seq,
+                created_time_us: 1,
+                devices: vec![v1::DeviceData {
+                    device: Some(v1::DeviceInfo { device_id: "dev".into(), ..Default::default() }),
+                    readings,
+                    waveforms: vec![],
+                }],
+                agent_version: "test".into(),
+            };
+            let bytes = batch.encode_to_vec();
+            let back = v1::Batch::decode(bytes.as_slice()).unwrap();
+            // NaN != NaN, so compare encodings rather than values.
+            prop_assert_eq!(back.encode_to_vec(), bytes);
+        }
+
+        #[test]
+        fn decoding_garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = v1::Batch::decode(bytes.as_slice());
+        }
+    }
+
+    #[test]
+    fn effective_time_prefers_device_time() {
+        let mut r = v1::Reading { device_time_us: 5, gateway_time_us: 9, ..Default::default() };
+        assert_eq!(r.effective_time_us(), 5);
+        r.device_time_us = 0;
+        assert_eq!(r.effective_time_us(), 9);
+    }
+
+    /// Field numbers are the wire contract (EVOLUTION.md). This vector pins
+    /// the encoding of a Reading: if it changes, a field was renumbered or
+    /// retyped, which breaks every deployed gateway.
+    #[test]
+    fn reading_wire_encoding_is_pinned() {
+        let r = v1::Reading {
+            mdc_code: 150_456, // MDC_PULS_OXIM_SAT_O2
+            value: Some(Value::Numeric(98.0)),
+            mdc_unit: 262_688, // MDC_DIM_PERCENT
+            ucum_unit: "%".into(),
+            validity: v1::Validity::Valid as i32,
+            sequence: 7,
+            ..Default::default()
+        };
+        let expected: &[u8] = &[
+            0x08, 0xB8, 0x97, 0x09, // field 1 varint: 150456
+            0x19, 0, 0, 0, 0, 0, 0x80, 0x58, 0x40, // field 3 double: 98.0 (LE)
+            0x30, 0xA0, 0x84, 0x10, // field 6 varint: 262688
+            0x3A, 0x01, b'%', // field 7 string "%"
+            0x58, 0x01, // field 11 enum: VALIDITY_VALID
+            0x68, 0x07, // field 13 varint: 7
+        ];
+        assert_eq!(r.encode_to_vec(), expected);
+    }
+}
