@@ -1,0 +1,1008 @@
+//! FHIR R4 JSON: Observation mapping of readings, search parameter parsing,
+//! OperationOutcome, CapabilityStatement and Bundle building.
+
+use ring::digest;
+use serde_json::{Value as Json, json};
+use shared_protocol::v1::{QualityFlag, Reading, TimeSource, Validity, reading};
+use shared_protocol::{CATALOGUE, Metric};
+use time::{Date, Month, OffsetDateTime, PrimitiveDateTime, Time, UtcOffset};
+
+pub const FHIR_JSON: &str = "application/fhir+json";
+pub const LOINC_SYSTEM: &str = "http://loinc.org";
+pub const MDC_SYSTEM: &str = "urn:iso:std:iso:11073:10101";
+pub const UCUM_SYSTEM: &str = "http://unitsofmeasure.org";
+pub const VITALSIGNS_PROFILE: &str = "http://hl7.org/fhir/StructureDefinition/vitalsigns";
+pub const QUALITY_EXT: &str = "http://vigil.health/fhir/StructureDefinition/reading-quality";
+pub const TIME_SOURCE_EXT: &str = "http://vigil.health/fhir/StructureDefinition/time-source";
+const CATEGORY_SYSTEM: &str = "http://terminology.hl7.org/CodeSystem/observation-category";
+const ABSENT_SYSTEM: &str = "http://terminology.hl7.org/CodeSystem/data-absent-reason";
+
+/// Default and maximum page size of a search.
+pub const DEFAULT_COUNT: u32 = 100;
+pub const MAX_COUNT: u32 = 1000;
+
+/// Whether `id` is a valid FHIR logical id (`[A-Za-z0-9\-\.]{1,64}`).
+pub fn is_valid_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+}
+
+/// Deterministic Observation id for a reading identity: the first 32 hex
+/// characters of SHA-256 over `gateway_id \n device_id \n sequence`.
+/// (Newlines cannot be part of ids in practice, so the encoding is unique.)
+pub fn observation_id(gateway_id: &str, device_id: &str, sequence: u64) -> String {
+    let canonical = format!("vigil-reading\n{gateway_id}\n{device_id}\n{sequence}");
+    let d = digest::digest(&digest::SHA256, canonical.as_bytes());
+    hex::encode(&d.as_ref()[..16])
+}
+
+/// The specific vital-signs profile, if the metric's LOINC is in the FHIR
+/// vital-signs set; `Some("")` means "vitalsigns only".
+fn vital_profile(metric: &Metric) -> Option<&'static str> {
+    match metric.loinc {
+        "8867-4" | "8889-8" => Some("http://hl7.org/fhir/StructureDefinition/heartrate"),
+        "9279-1" => Some("http://hl7.org/fhir/StructureDefinition/resprate"),
+        "59408-5" | "2708-6" => Some("http://hl7.org/fhir/StructureDefinition/oxygensat"),
+        "8310-5" => Some("http://hl7.org/fhir/StructureDefinition/bodytemp"),
+        "29463-7" => Some("http://hl7.org/fhir/StructureDefinition/bodyweight"),
+        "8480-6" | "8462-4" | "8478-0" => Some(""),
+        _ => None,
+    }
+}
+
+fn category(metric: &Metric) -> (&'static str, &'static str) {
+    match metric.loinc {
+        "41653-7" => ("laboratory", "Laboratory"),
+        _ => ("vital-signs", "Vital Signs"),
+    }
+}
+
+/// Formats UTC microseconds as an RFC 3339 instant with `Z`, with
+/// microsecond precision only when the fraction is non-zero.
+pub fn format_instant(us: i64) -> String {
+    let secs = us.div_euclid(1_000_000);
+    let frac = us.rem_euclid(1_000_000);
+    let dt = OffsetDateTime::from_unix_timestamp(secs).unwrap_or(OffsetDateTime::UNIX_EPOCH);
+    let base = format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}",
+        dt.year(),
+        u8::from(dt.month()),
+        dt.day(),
+        dt.hour(),
+        dt.minute(),
+        dt.second()
+    );
+    if frac == 0 {
+        format!("{base}Z")
+    } else {
+        format!("{base}.{frac:06}Z")
+    }
+}
+
+fn validity_code(v: i32) -> &'static str {
+    match Validity::try_from(v) {
+        Ok(Validity::Valid) => "valid",
+        Ok(Validity::Questionable) => "questionable",
+        Ok(Validity::Invalid) => "invalid",
+        _ => "unspecified",
+    }
+}
+
+fn flag_code(f: i32) -> Option<&'static str> {
+    Some(match QualityFlag::try_from(f).ok()? {
+        QualityFlag::Unspecified => return None,
+        QualityFlag::Calibrating => "calibrating",
+        QualityFlag::SensorOff => "sensor-off",
+        QualityFlag::Disconnected => "disconnected",
+        QualityFlag::OutOfDeviceRange => "out-of-device-range",
+        QualityFlag::LowSignal => "low-signal",
+        QualityFlag::Interference => "interference",
+        QualityFlag::Searching => "searching",
+        QualityFlag::DemoMode => "demo-mode",
+        QualityFlag::ValueMissing => "value-missing",
+        QualityFlag::DeviceFault => "device-fault",
+    })
+}
+
+fn time_source_code(t: i32) -> &'static str {
+    match TimeSource::try_from(t) {
+        Ok(TimeSource::DeviceClockSynced) => "device-clock-synced",
+        Ok(TimeSource::DeviceClockUnsynced) => "device-clock-unsynced",
+        Ok(TimeSource::GatewayReceive) => "gateway-receive",
+        _ => "unspecified",
+    }
+}
+
+/// Device details for `Observation.device`.
+#[derive(Debug, Clone, Default)]
+pub struct DeviceRef<'a> {
+    pub gateway_id: &'a str,
+    pub device_id: &'a str,
+    pub manufacturer: &'a str,
+    pub model: &'a str,
+    pub serial_number: &'a str,
+}
+
+/// An Observation built from a reading, with the values of its indexed
+/// columns.
+#[derive(Debug, Clone)]
+pub struct MappedObservation {
+    pub id: String,
+    pub status: &'static str,
+    /// The numeric value when it is carried as `valueQuantity`.
+    pub value: Option<f64>,
+    pub effective_us: i64,
+    pub out_of_range: bool,
+    pub resource: Json,
+}
+
+/// Maps a validated reading to a FHIR R4 Observation.
+///
+/// `received_us` is the hub's receive time, used for `issued` when the
+/// reading carries no gateway receive time.
+pub fn map_observation(
+    device: &DeviceRef<'_>,
+    reading: &Reading,
+    metric: &Metric,
+    patient_id: Option<&str>,
+    received_us: i64,
+) -> MappedObservation {
+    let id = observation_id(device.gateway_id, device.device_id, reading.sequence);
+    let validity = Validity::try_from(reading.validity).unwrap_or(Validity::Unspecified);
+    // INVALID readings are complete (the device said the value is unusable),
+    // so they stay "final" with the value withheld.
+    let status = match validity {
+        Validity::Valid | Validity::Invalid => "final",
+        _ => "preliminary",
+    };
+    let effective_us = reading.effective_time_us();
+
+    let mut obs = serde_json::Map::new();
+    obs.insert("resourceType".into(), json!("Observation"));
+    obs.insert("id".into(), json!(id));
+    if let Some(profile) = vital_profile(metric) {
+        let mut profiles = vec![VITALSIGNS_PROFILE];
+        if !profile.is_empty() {
+            profiles.push(profile);
+        }
+        obs.insert("meta".into(), json!({ "profile": profiles }));
+    }
+    obs.insert("status".into(), json!(status));
+    let (cat_code, cat_display) = category(metric);
+    obs.insert(
+        "category".into(),
+        json!([{ "coding": [{ "system": CATEGORY_SYSTEM, "code": cat_code, "display": cat_display }],
+                 "text": cat_display }]),
+    );
+    let mut codings = vec![
+        json!({ "system": LOINC_SYSTEM, "code": metric.loinc, "display": metric.loinc_display }),
+    ];
+    if let Some(profile_code) = metric.loinc_profile {
+        let display = profile_loinc_display(profile_code);
+        let mut c = json!({ "system": LOINC_SYSTEM, "code": profile_code });
+        if let Some(d) = display {
+            c["display"] = json!(d);
+        }
+        codings.push(c);
+    }
+    codings.push(
+        json!({ "system": MDC_SYSTEM, "code": metric.mdc.to_string(), "display": metric.mdc_name }),
+    );
+    obs.insert(
+        "code".into(),
+        json!({ "coding": codings, "text": metric.display }),
+    );
+    if let Some(p) = patient_id {
+        obs.insert(
+            "subject".into(),
+            json!({ "reference": format!("Patient/{p}") }),
+        );
+    }
+    obs.insert(
+        "effectiveDateTime".into(),
+        json!(format_instant(effective_us)),
+    );
+    let issued = if reading.gateway_time_us != 0 {
+        reading.gateway_time_us
+    } else {
+        received_us
+    };
+    obs.insert("issued".into(), json!(format_instant(issued)));
+
+    // Value and quality.
+    let mut quality =
+        vec![json!({ "url": "validity", "valueCode": validity_code(reading.validity) })];
+    for f in &reading.flags {
+        if let Some(code) = flag_code(*f) {
+            quality.push(json!({ "url": "flag", "valueCode": code }));
+        }
+    }
+    let numeric = match &reading.value {
+        Some(reading::Value::Numeric(v)) => Some(*v),
+        _ => None,
+    };
+    let out_of_range =
+        numeric.is_some_and(|v| v < metric.possible_range.0 || v > metric.possible_range.1);
+    if out_of_range {
+        quality.push(json!({ "url": "out-of-range", "valueBoolean": true }));
+    }
+    let withhold = validity == Validity::Invalid || out_of_range;
+    let mut value_col = None;
+    match &reading.value {
+        None => {
+            obs.insert(
+                "dataAbsentReason".into(),
+                absent_reason("unknown", "Unknown"),
+            );
+        }
+        Some(v) if withhold => {
+            obs.insert("dataAbsentReason".into(), absent_reason("error", "Error"));
+            match v {
+                reading::Value::Numeric(n) => {
+                    quality.push(json!({ "url": "raw-value", "valueDecimal": n }));
+                    quality.push(json!({ "url": "raw-unit", "valueCode": metric.unit.ucum }));
+                }
+                reading::Value::Text(t) => {
+                    quality.push(json!({ "url": "raw-value", "valueString": t }));
+                }
+                reading::Value::Coded(c) => {
+                    quality.push(json!({ "url": "raw-value", "valueCoding": coding_json(c) }));
+                }
+            }
+        }
+        Some(reading::Value::Numeric(n)) => {
+            value_col = Some(*n);
+            obs.insert(
+                "valueQuantity".into(),
+                json!({ "value": n, "unit": metric.unit.display, "system": UCUM_SYSTEM,
+                        "code": metric.unit.ucum }),
+            );
+        }
+        Some(reading::Value::Text(t)) => {
+            obs.insert("valueString".into(), json!(t));
+        }
+        Some(reading::Value::Coded(c)) => {
+            let mut cc = json!({ "coding": [coding_json(c)] });
+            if !c.display.is_empty() {
+                cc["text"] = json!(c.display);
+            }
+            obs.insert("valueCodeableConcept".into(), cc);
+        }
+    }
+    obs.insert(
+        "extension".into(),
+        json!([
+            { "url": QUALITY_EXT, "extension": quality },
+            { "url": TIME_SOURCE_EXT, "valueCode": time_source_code(reading.time_source) },
+        ]),
+    );
+
+    let display: Vec<String> = [
+        device.manufacturer.to_owned(),
+        device.model.to_owned(),
+        if device.serial_number.is_empty() {
+            String::new()
+        } else {
+            format!("SN {}", device.serial_number)
+        },
+    ]
+    .into_iter()
+    .filter(|s| !s.is_empty())
+    .collect();
+    let mut dev = json!({ "identifier": {
+        "system": format!("urn:vigil:gateway:{}:device", device.gateway_id),
+        "value": device.device_id,
+    }});
+    if !display.is_empty() {
+        dev["display"] = json!(display.join(" "));
+    }
+    obs.insert("device".into(), dev);
+
+    MappedObservation {
+        id,
+        status,
+        value: value_col,
+        effective_us,
+        out_of_range,
+        resource: Json::Object(obs),
+    }
+}
+
+fn profile_loinc_display(code: &str) -> Option<&'static str> {
+    match code {
+        "2708-6" => Some("Oxygen saturation in Arterial blood"),
+        "8867-4" => Some("Heart rate"),
+        _ => CATALOGUE
+            .all()
+            .iter()
+            .find(|m| m.loinc == code)
+            .map(|m| m.loinc_display),
+    }
+}
+
+fn coding_json(c: &shared_protocol::v1::CodedValue) -> Json {
+    let mut j = serde_json::Map::new();
+    if !c.system.is_empty() {
+        j.insert("system".into(), json!(c.system));
+    }
+    j.insert("code".into(), json!(c.code));
+    if !c.display.is_empty() {
+        j.insert("display".into(), json!(c.display));
+    }
+    Json::Object(j)
+}
+
+fn absent_reason(code: &str, display: &str) -> Json {
+    json!({ "coding": [{ "system": ABSENT_SYSTEM, "code": code, "display": display }],
+            "text": display })
+}
+
+/// An OperationOutcome with one issue.
+pub fn operation_outcome(severity: &str, code: &str, diagnostics: &str) -> Json {
+    json!({
+        "resourceType": "OperationOutcome",
+        "issue": [{ "severity": severity, "code": code, "diagnostics": diagnostics }],
+    })
+}
+
+/// The server's CapabilityStatement. `date` is an RFC 3339 time.
+pub fn capability_statement(date: &str) -> Json {
+    let param =
+        |name: &str, ty: &str, doc: &str| json!({ "name": name, "type": ty, "documentation": doc });
+    json!({
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "date": date,
+        "kind": "instance",
+        "software": { "name": "Vigil cloud-hub", "version": env!("CARGO_PKG_VERSION") },
+        "implementation": { "description": "Vigil cloud-hub FHIR API (vital signs)" },
+        "fhirVersion": "4.0.1",
+        "format": ["json"],
+        "rest": [{
+            "mode": "server",
+            "resource": [{
+                "type": "Observation",
+                "profile": VITALSIGNS_PROFILE,
+                "supportedProfile": [
+                    VITALSIGNS_PROFILE,
+                    "http://hl7.org/fhir/StructureDefinition/heartrate",
+                    "http://hl7.org/fhir/StructureDefinition/oxygensat",
+                    "http://hl7.org/fhir/StructureDefinition/resprate",
+                    "http://hl7.org/fhir/StructureDefinition/bodytemp",
+                    "http://hl7.org/fhir/StructureDefinition/bodyweight",
+                ],
+                "interaction": [{ "code": "read" }, { "code": "search-type" }],
+                "readHistory": false,
+                "updateCreate": false,
+                "searchParam": [
+                    param("patient", "reference", "Patient id or Patient/id"),
+                    param("subject", "reference", "Patient id or Patient/id"),
+                    param("code", "token", "LOINC (incl. vital-signs profile codes) or MDC (urn:iso:std:iso:11073:10101) code; comma = OR"),
+                    param("date", "date", "effectiveDateTime; prefixes eq, lt, le, gt, ge, sa, eb; repeatable"),
+                    param("_count", "number", "page size, default 100, max 1000"),
+                    param("_sort", "string", "date or -date (default date)"),
+                ],
+            }],
+        }],
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Search parameters
+
+/// A search request that could not be understood; becomes a 400
+/// OperationOutcome.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{diagnostics}")]
+pub struct SearchParamError {
+    /// OperationOutcome issue code: `invalid` or `not-supported`.
+    pub code: &'static str,
+    pub diagnostics: String,
+}
+
+fn invalid(param: &str, msg: impl std::fmt::Display) -> SearchParamError {
+    SearchParamError {
+        code: "invalid",
+        diagnostics: format!("search parameter `{param}`: {msg}"),
+    }
+}
+
+fn unsupported(param: &str, msg: impl std::fmt::Display) -> SearchParamError {
+    SearchParamError {
+        code: "not-supported",
+        diagnostics: format!("search parameter `{param}`: {msg}"),
+    }
+}
+
+/// Date comparison prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DatePrefix {
+    Eq,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+    Sa,
+    Eb,
+}
+
+/// A `date` search value: prefix and its implicit range `[start, end)` in
+/// UTC microseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DateParam {
+    pub prefix: DatePrefix,
+    pub start_us: i64,
+    pub end_us: i64,
+}
+
+impl DateParam {
+    /// The condition on a point in time `t` (an `effectiveDateTime`):
+    /// returns `(lower_inclusive, upper_exclusive)` bounds on `t`.
+    pub fn bounds(&self) -> (Option<i64>, Option<i64>) {
+        match self.prefix {
+            DatePrefix::Eq => (Some(self.start_us), Some(self.end_us)),
+            DatePrefix::Lt | DatePrefix::Eb => (None, Some(self.start_us)),
+            DatePrefix::Le => (None, Some(self.end_us)),
+            DatePrefix::Gt | DatePrefix::Sa => (Some(self.end_us), None),
+            DatePrefix::Ge => (Some(self.start_us), None),
+        }
+    }
+}
+
+fn parse_num<T: std::str::FromStr>(s: &str, len: usize) -> Option<T> {
+    (s.len() == len && s.bytes().all(|b| b.is_ascii_digit())).then(|| s.parse().ok())?
+}
+
+/// Parses a FHIR `date` search value (`[prefix]YYYY[-MM[-DD[Thh:mm[:ss[.f]]<tz>]]]`).
+/// Partial dates without a time are taken in UTC.
+pub fn parse_date_param(raw: &str) -> Result<DateParam, SearchParamError> {
+    let (prefix, rest) = match raw.get(..2) {
+        Some("eq") => (DatePrefix::Eq, &raw[2..]),
+        Some("lt") => (DatePrefix::Lt, &raw[2..]),
+        Some("le") => (DatePrefix::Le, &raw[2..]),
+        Some("gt") => (DatePrefix::Gt, &raw[2..]),
+        Some("ge") => (DatePrefix::Ge, &raw[2..]),
+        Some("sa") => (DatePrefix::Sa, &raw[2..]),
+        Some("eb") => (DatePrefix::Eb, &raw[2..]),
+        Some("ne") | Some("ap") => {
+            return Err(unsupported(
+                "date",
+                format!("prefix `{}` is not supported", &raw[..2]),
+            ));
+        }
+        _ => (DatePrefix::Eq, raw),
+    };
+    let bad = || {
+        invalid(
+            "date",
+            format!("`{raw}` is not YYYY, YYYY-MM, YYYY-MM-DD or a dateTime with timezone"),
+        )
+    };
+    let (date_part, time_part) = match rest.split_once('T') {
+        Some((d, t)) => (d, Some(t)),
+        None => (rest, None),
+    };
+    let mut it = date_part.split('-');
+    let year: i32 = parse_num(it.next().ok_or_else(bad)?, 4).ok_or_else(bad)?;
+    let month: Option<u8> = it
+        .next()
+        .map(|m| parse_num(m, 2).ok_or_else(bad))
+        .transpose()?;
+    let day: Option<u8> = it
+        .next()
+        .map(|d| parse_num(d, 2).ok_or_else(bad))
+        .transpose()?;
+    if it.next().is_some() {
+        return Err(bad());
+    }
+    let to_us = |dt: OffsetDateTime| -> i64 { (dt.unix_timestamp_nanos() / 1000) as i64 };
+    let month_of = |m: u8| Month::try_from(m).map_err(|_| bad());
+    let (start, end) = match (month, day, time_part) {
+        (None, None, None) => {
+            let s = Date::from_calendar_date(year, Month::January, 1).map_err(|_| bad())?;
+            let e = Date::from_calendar_date(year + 1, Month::January, 1).map_err(|_| bad())?;
+            (midnight(s), midnight(e))
+        }
+        (Some(m), None, None) => {
+            let s = Date::from_calendar_date(year, month_of(m)?, 1).map_err(|_| bad())?;
+            let e = if m == 12 {
+                Date::from_calendar_date(year + 1, Month::January, 1)
+            } else {
+                Date::from_calendar_date(year, month_of(m + 1)?, 1)
+            }
+            .map_err(|_| bad())?;
+            (midnight(s), midnight(e))
+        }
+        (Some(m), Some(d), None) => {
+            let s = Date::from_calendar_date(year, month_of(m)?, d).map_err(|_| bad())?;
+            let e = s.next_day().ok_or_else(bad)?;
+            (midnight(s), midnight(e))
+        }
+        (Some(m), Some(d), Some(t)) => {
+            let date = Date::from_calendar_date(year, month_of(m)?, d).map_err(|_| bad())?;
+            let (start, precision_us) = parse_time_with_tz(date, t).ok_or_else(bad)?;
+            (start, start + time::Duration::microseconds(precision_us))
+        }
+        _ => return Err(bad()),
+    };
+    Ok(DateParam {
+        prefix,
+        start_us: to_us(start),
+        end_us: to_us(end),
+    })
+}
+
+fn midnight(d: Date) -> OffsetDateTime {
+    PrimitiveDateTime::new(d, Time::MIDNIGHT).assume_utc()
+}
+
+/// Parses `hh:mm[:ss[.fff]]` followed by `Z` or `±hh:mm`; returns the instant
+/// and the precision of the value in microseconds.
+fn parse_time_with_tz(date: Date, t: &str) -> Option<(OffsetDateTime, i64)> {
+    let tz_pos = t.find(['Z', '+', '-'])?;
+    let (clock, tz) = t.split_at(tz_pos);
+    let offset = if tz == "Z" {
+        UtcOffset::UTC
+    } else {
+        let sign: i8 = if tz.starts_with('-') { -1 } else { 1 };
+        let (h, m) = tz[1..].split_once(':')?;
+        let h: i8 = parse_num(h, 2)?;
+        let m: i8 = parse_num(m, 2)?;
+        UtcOffset::from_hms(sign * h, sign * m, 0).ok()?
+    };
+    let mut parts = clock.split(':');
+    let hour: u8 = parse_num(parts.next()?, 2)?;
+    let minute: u8 = parse_num(parts.next()?, 2)?;
+    let (second, micro, precision) = match parts.next() {
+        None => (0u8, 0u32, 60_000_000i64),
+        Some(s) => match s.split_once('.') {
+            None => (parse_num(s, 2)?, 0, 1_000_000),
+            Some((sec, frac)) => {
+                if frac.is_empty() || frac.len() > 6 || !frac.bytes().all(|b| b.is_ascii_digit()) {
+                    return None;
+                }
+                let digits = frac.len() as u32;
+                let micro: u32 = frac.parse::<u32>().ok()? * 10u32.pow(6 - digits);
+                (parse_num(sec, 2)?, micro, 10i64.pow(6 - digits))
+            }
+        },
+    };
+    if parts.next().is_some() {
+        return None;
+    }
+    let time = Time::from_hms_micro(hour, minute, second, micro).ok()?;
+    Some((
+        PrimitiveDateTime::new(date, time).assume_offset(offset),
+        precision,
+    ))
+}
+
+/// Sort order of a search.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SortOrder {
+    #[default]
+    DateAsc,
+    DateDesc,
+}
+
+/// A parsed Observation search.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ObservationSearch {
+    /// Patient ids, OR-ed. Empty = any (including unattributed readings).
+    pub patients: Vec<String>,
+    /// Each inner list is an OR-set of MDC codes; the lists are AND-ed. An
+    /// empty inner list matches nothing (codes unknown to the catalogue).
+    pub codes: Vec<Vec<u32>>,
+    pub dates: Vec<DateParam>,
+    pub count: u32,
+    pub offset: u64,
+    pub sort: SortOrder,
+}
+
+fn parse_reference(param: &str, value: &str) -> Result<String, SearchParamError> {
+    let id = value.strip_prefix("Patient/").unwrap_or(value);
+    if !is_valid_id(id) {
+        return Err(invalid(
+            param,
+            format!("`{value}` is not a Patient id or Patient/<id>"),
+        ));
+    }
+    Ok(id.to_owned())
+}
+
+/// Resolves one `code` token to the MDC codes of catalogue metrics.
+fn resolve_code(token: &str) -> Result<Vec<u32>, SearchParamError> {
+    let (system, code) = match token.split_once('|') {
+        Some((s, c)) => (Some(s), c),
+        None => (None, token),
+    };
+    if code.is_empty() {
+        return Err(invalid("code", format!("`{token}` has no code")));
+    }
+    let by_loinc = || CATALOGUE.by_loinc(code).map(|m| m.mdc).collect::<Vec<_>>();
+    let by_mdc = || {
+        code.parse::<u32>()
+            .ok()
+            .and_then(|c| CATALOGUE.by_mdc(c))
+            .map(|m| vec![m.mdc])
+            .unwrap_or_default()
+    };
+    Ok(match system {
+        Some(LOINC_SYSTEM) => by_loinc(),
+        Some(MDC_SYSTEM) => by_mdc(),
+        None => {
+            let mut v = by_loinc();
+            v.extend(by_mdc());
+            v
+        }
+        // `|code` (no system) or another system: nothing we store matches.
+        Some(_) => Vec::new(),
+    })
+}
+
+fn parse_int<T: std::str::FromStr>(param: &str, value: &str) -> Result<T, SearchParamError> {
+    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(invalid(
+            param,
+            format!("`{value}` is not a non-negative integer"),
+        ));
+    }
+    value
+        .parse()
+        .map_err(|_| invalid(param, format!("`{value}` is out of range")))
+}
+
+/// Parses the query parameters of `GET /fhir/Observation`.
+pub fn parse_search(pairs: &[(String, String)]) -> Result<ObservationSearch, SearchParamError> {
+    let mut s = ObservationSearch {
+        patients: Vec::new(),
+        codes: Vec::new(),
+        dates: Vec::new(),
+        count: DEFAULT_COUNT,
+        offset: 0,
+        sort: SortOrder::DateAsc,
+    };
+    let mut patient_seen = false;
+    for (name, value) in pairs {
+        let name = name.as_str();
+        if name == "_format" {
+            continue;
+        }
+        if value.is_empty() {
+            return Err(invalid(name, "empty value"));
+        }
+        match name {
+            "patient" | "subject" => {
+                if patient_seen {
+                    return Err(unsupported(
+                        name,
+                        "patient/subject may be given once (use a comma for OR)",
+                    ));
+                }
+                patient_seen = true;
+                for v in value.split(',') {
+                    s.patients.push(parse_reference(name, v)?);
+                }
+            }
+            "code" => {
+                let mut set = Vec::new();
+                for token in value.split(',') {
+                    set.extend(resolve_code(token)?);
+                }
+                set.sort_unstable();
+                set.dedup();
+                s.codes.push(set);
+            }
+            "date" => s.dates.push(parse_date_param(value)?),
+            "_count" => s.count = parse_int::<u32>(name, value)?.min(MAX_COUNT),
+            "_offset" => s.offset = parse_int(name, value)?,
+            "_sort" => {
+                s.sort = match value.as_str() {
+                    "date" => SortOrder::DateAsc,
+                    "-date" => SortOrder::DateDesc,
+                    other => {
+                        return Err(unsupported(
+                            "_sort",
+                            format!("`{other}`: only date or -date"),
+                        ));
+                    }
+                }
+            }
+            other if other.contains(':') => {
+                return Err(unsupported(other, "modifiers are not supported"));
+            }
+            other => return Err(unsupported(other, "unknown search parameter")),
+        }
+    }
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shared_protocol::catalogue::codes;
+    use shared_protocol::v1::CodedValue;
+
+    fn us(s: &str) -> i64 {
+        let dt = OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).unwrap();
+        (dt.unix_timestamp_nanos() / 1000) as i64
+    }
+
+    const DEV: DeviceRef<'static> = DeviceRef {
+        gateway_id: "gw-1",
+        device_id: "masimo-1",
+        manufacturer: "Masimo",
+        model: "Radical-7",
+        serial_number: "",
+    };
+
+    fn spo2(value: Option<reading::Value>, validity: Validity) -> Reading {
+        Reading {
+            mdc_code: codes::PULS_OXIM_SAT_O2,
+            value,
+            mdc_unit: 262_688,
+            ucum_unit: "%".into(),
+            device_time_us: us("2024-05-01T10:00:00.250Z"),
+            time_source: TimeSource::DeviceClockSynced as i32,
+            gateway_time_us: us("2024-05-01T10:00:01Z"),
+            validity: validity as i32,
+            flags: vec![],
+            sequence: 7,
+            ..Default::default()
+        }
+    }
+
+    fn metric() -> &'static Metric {
+        CATALOGUE.by_mdc(codes::PULS_OXIM_SAT_O2).unwrap()
+    }
+
+    #[test]
+    fn spo2_maps_to_vital_signs_observation() {
+        let r = spo2(Some(reading::Value::Numeric(98.0)), Validity::Valid);
+        let m = map_observation(&DEV, &r, metric(), Some("p-1"), 0);
+        let o = &m.resource;
+        assert_eq!(o["status"], "final");
+        assert_eq!(m.status, "final");
+        assert_eq!(m.value, Some(98.0));
+        let codings = o["code"]["coding"].as_array().unwrap();
+        assert_eq!(codings[0]["system"], LOINC_SYSTEM);
+        assert_eq!(codings[0]["code"], "59408-5");
+        assert_eq!(codings[1]["code"], "2708-6");
+        assert_eq!(codings[2]["system"], MDC_SYSTEM);
+        assert_eq!(codings[2]["code"], "150456");
+        assert_eq!(codings[2]["display"], "MDC_PULS_OXIM_SAT_O2");
+        assert_eq!(o["valueQuantity"]["value"], 98.0);
+        assert_eq!(o["valueQuantity"]["code"], "%");
+        assert_eq!(o["valueQuantity"]["system"], UCUM_SYSTEM);
+        assert!(o.get("dataAbsentReason").is_none());
+        assert_eq!(o["subject"]["reference"], "Patient/p-1");
+        assert_eq!(o["effectiveDateTime"], "2024-05-01T10:00:00.250000Z");
+        assert_eq!(o["issued"], "2024-05-01T10:00:01Z");
+        let profiles = o["meta"]["profile"].as_array().unwrap();
+        assert!(profiles.contains(&json!(VITALSIGNS_PROFILE)));
+        assert!(profiles.contains(&json!("http://hl7.org/fhir/StructureDefinition/oxygensat")));
+        assert_eq!(o["category"][0]["coding"][0]["code"], "vital-signs");
+        assert_eq!(o["device"]["display"], "Masimo Radical-7");
+        assert_eq!(
+            o["device"]["identifier"]["system"],
+            "urn:vigil:gateway:gw-1:device"
+        );
+        assert_eq!(o["extension"][1]["valueCode"], "device-clock-synced");
+        assert_eq!(o["extension"][0]["extension"][0]["valueCode"], "valid");
+        assert!(is_valid_id(&m.id) && m.id.len() == 32);
+        assert_eq!(m.id, observation_id("gw-1", "masimo-1", 7));
+    }
+
+    #[test]
+    fn out_of_range_withholds_value_and_keeps_raw() {
+        let r = spo2(Some(reading::Value::Numeric(140.0)), Validity::Valid);
+        let m = map_observation(&DEV, &r, metric(), None, 0);
+        let o = &m.resource;
+        assert!(m.out_of_range);
+        assert!(o.get("valueQuantity").is_none());
+        assert!(o.get("subject").is_none());
+        assert_eq!(o["dataAbsentReason"]["coding"][0]["code"], "error");
+        let q = o["extension"][0]["extension"].as_array().unwrap();
+        assert!(q.contains(&json!({ "url": "out-of-range", "valueBoolean": true })));
+        assert!(q.contains(&json!({ "url": "raw-value", "valueDecimal": 140.0 })));
+        assert_eq!(m.value, None);
+    }
+
+    #[test]
+    fn questionable_is_preliminary_and_flags_are_listed() {
+        let mut r = spo2(Some(reading::Value::Numeric(91.0)), Validity::Questionable);
+        r.flags = vec![
+            QualityFlag::LowSignal as i32,
+            QualityFlag::Interference as i32,
+        ];
+        let o = map_observation(&DEV, &r, metric(), None, 0).resource;
+        assert_eq!(o["status"], "preliminary");
+        assert_eq!(o["valueQuantity"]["value"], 91.0);
+        let q = o["extension"][0]["extension"].as_array().unwrap();
+        assert!(q.contains(&json!({ "url": "flag", "valueCode": "low-signal" })));
+        assert!(q.contains(&json!({ "url": "flag", "valueCode": "interference" })));
+    }
+
+    #[test]
+    fn invalid_and_missing_values_follow_obs_6() {
+        let r = spo2(Some(reading::Value::Numeric(97.0)), Validity::Invalid);
+        let o = map_observation(&DEV, &r, metric(), None, 0).resource;
+        assert!(o.get("valueQuantity").is_none());
+        assert_eq!(o["dataAbsentReason"]["coding"][0]["code"], "error");
+
+        let mut r = spo2(None, Validity::Invalid);
+        r.flags = vec![QualityFlag::SensorOff as i32];
+        let o = map_observation(&DEV, &r, metric(), None, 0).resource;
+        assert_eq!(o["dataAbsentReason"]["coding"][0]["code"], "unknown");
+        assert!(
+            o.as_object()
+                .unwrap()
+                .keys()
+                .all(|k| !k.starts_with("value"))
+        );
+
+        let r = spo2(
+            Some(reading::Value::Coded(CodedValue {
+                system: "urn:x".into(),
+                code: "a".into(),
+                display: "A".into(),
+            })),
+            Validity::Valid,
+        );
+        let o = map_observation(&DEV, &r, metric(), None, 0).resource;
+        assert_eq!(o["valueCodeableConcept"]["coding"][0]["code"], "a");
+        assert!(o.get("dataAbsentReason").is_none());
+    }
+
+    #[test]
+    fn profiles_and_categories_per_metric() {
+        let r = Reading {
+            validity: 1,
+            value: Some(reading::Value::Numeric(1.0)),
+            ..Default::default()
+        };
+        let profile_of = |mdc| {
+            let m = CATALOGUE.by_mdc(mdc).unwrap();
+            map_observation(&DEV, &r, m, None, 0).resource
+        };
+        let glu = profile_of(codes::CONC_GLU_CAPILLARY_WHOLEBLOOD);
+        assert!(glu.get("meta").is_none());
+        assert_eq!(glu["category"][0]["coding"][0]["code"], "laboratory");
+        let pi = profile_of(codes::PULS_OXIM_PERF_REL);
+        assert!(pi.get("meta").is_none());
+        assert_eq!(pi["category"][0]["coding"][0]["code"], "vital-signs");
+        let pr = profile_of(codes::PULS_OXIM_PULS_RATE);
+        assert_eq!(
+            pr["meta"]["profile"][1],
+            "http://hl7.org/fhir/StructureDefinition/heartrate"
+        );
+        assert_eq!(pr["code"]["coding"][1]["code"], "8867-4");
+        let sys = profile_of(codes::PRESS_BLD_NONINV_SYS);
+        assert_eq!(sys["meta"]["profile"], json!([VITALSIGNS_PROFILE]));
+    }
+
+    #[test]
+    fn instants_format_with_z() {
+        assert_eq!(format_instant(0), "1970-01-01T00:00:00Z");
+        assert_eq!(format_instant(1_500_001), "1970-01-01T00:00:01.500001Z");
+    }
+
+    #[test]
+    fn date_params_have_implicit_ranges() {
+        let d = parse_date_param("2024").unwrap();
+        assert_eq!(
+            (d.prefix, d.start_us, d.end_us),
+            (
+                DatePrefix::Eq,
+                us("2024-01-01T00:00:00Z"),
+                us("2025-01-01T00:00:00Z")
+            )
+        );
+        let d = parse_date_param("ge2024-02").unwrap();
+        assert_eq!(
+            (d.prefix, d.start_us, d.end_us),
+            (
+                DatePrefix::Ge,
+                us("2024-02-01T00:00:00Z"),
+                us("2024-03-01T00:00:00Z")
+            )
+        );
+        let d = parse_date_param("le2024-12").unwrap();
+        assert_eq!(d.end_us, us("2025-01-01T00:00:00Z"));
+        assert_eq!(d.bounds(), (None, Some(us("2025-01-01T00:00:00Z"))));
+        let d = parse_date_param("lt2024-02-29").unwrap();
+        assert_eq!(d.bounds(), (None, Some(us("2024-02-29T00:00:00Z"))));
+        let d = parse_date_param("gt2024-02-29").unwrap();
+        assert_eq!(d.bounds(), (Some(us("2024-03-01T00:00:00Z")), None));
+        let d = parse_date_param("eq2024-05-01T10:00:00+02:00").unwrap();
+        assert_eq!(d.start_us, us("2024-05-01T08:00:00Z"));
+        assert_eq!(d.end_us - d.start_us, 1_000_000);
+        let d = parse_date_param("ge2024-05-01T10:00:00.25Z").unwrap();
+        assert_eq!(d.start_us, us("2024-05-01T10:00:00.25Z"));
+        assert_eq!(d.end_us - d.start_us, 10_000);
+        let d = parse_date_param("sa2024-05-01T10:00Z").unwrap();
+        assert_eq!(d.bounds(), (Some(us("2024-05-01T10:01:00Z")), None));
+    }
+
+    #[test]
+    fn malformed_dates_are_refused() {
+        for bad in [
+            "",
+            "24",
+            "2024-2",
+            "2024-13",
+            "2024-02-30",
+            "2024-05-01T10:00:00",
+            "2024-05-01T25:00Z",
+            "xx2024",
+            "2024-05-01T10:00:00.1234567Z",
+            "2024-05-01-01",
+        ] {
+            let e = parse_date_param(bad).unwrap_err();
+            assert_eq!(e.code, "invalid", "{bad}");
+            assert!(e.diagnostics.contains("date"));
+        }
+        assert_eq!(
+            parse_date_param("ne2024").unwrap_err().code,
+            "not-supported"
+        );
+    }
+
+    fn pairs(q: &[(&str, &str)]) -> Vec<(String, String)> {
+        q.iter()
+            .map(|(a, b)| ((*a).to_owned(), (*b).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn search_codes_resolve_through_the_catalogue() {
+        let s = parse_search(&pairs(&[("code", "http://loinc.org|2708-6")])).unwrap();
+        assert_eq!(s.codes, vec![vec![codes::PULS_OXIM_SAT_O2]]);
+        let s = parse_search(&pairs(&[(
+            "code",
+            "8867-4,urn:iso:std:iso:11073:10101|150456",
+        )]))
+        .unwrap();
+        let mut want = vec![
+            codes::ECG_HEART_RATE,
+            codes::PULS_OXIM_PULS_RATE,
+            codes::PULS_OXIM_SAT_O2,
+        ];
+        want.sort_unstable();
+        assert_eq!(s.codes, vec![want]);
+        let s = parse_search(&pairs(&[("code", "http://snomed.info/sct|1234")])).unwrap();
+        assert_eq!(s.codes, vec![Vec::<u32>::new()]);
+    }
+
+    #[test]
+    fn search_params_are_validated() {
+        let s = parse_search(&pairs(&[
+            ("patient", "Patient/p-1"),
+            ("_count", "5000"),
+            ("_sort", "-date"),
+            ("_format", "json"),
+        ]))
+        .unwrap();
+        assert_eq!(s.patients, vec!["p-1".to_owned()]);
+        assert_eq!(s.count, MAX_COUNT);
+        assert_eq!(s.sort, SortOrder::DateDesc);
+        for (k, v) in [
+            ("foo", "1"),
+            ("_count", "-1"),
+            ("_count", "ten"),
+            ("_sort", "value"),
+            ("patient", "Patient/a b"),
+            ("date", "yesterday"),
+            ("code", ""),
+            ("code:text", "x"),
+        ] {
+            let e = parse_search(&pairs(&[(k, v)])).unwrap_err();
+            assert!(
+                e.diagnostics.contains(k.split(':').next().unwrap()),
+                "{k}={v}: {e}"
+            );
+        }
+    }
+}

@@ -1,0 +1,228 @@
+//! Per-reading validation of ingested data (pure; storage is in `store`).
+
+use shared_protocol::v1::{Reading, RejectReason, Waveform, reading};
+use shared_protocol::{CATALOGUE, EPOCH_2000_US, Metric};
+
+/// How far ahead of the hub clock a time may be before it is impossible.
+pub const MAX_FUTURE_US: i64 = 24 * 3600 * 1_000_000;
+
+/// Why a reading or waveform was refused, with a detail that never holds
+/// patient data or values.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub reason: RejectReason,
+    pub detail: String,
+}
+
+fn refuse(reason: RejectReason, detail: impl Into<String>) -> Refusal {
+    Refusal {
+        reason,
+        detail: detail.into(),
+    }
+}
+
+fn check_time(t: i64, now_us: i64, what: &str) -> Result<(), Refusal> {
+    if t < EPOCH_2000_US {
+        return Err(refuse(
+            RejectReason::ImpossibleTime,
+            format!("{what} is before 2000-01-01 (device clock not set?)"),
+        ));
+    }
+    if t > now_us.saturating_add(MAX_FUTURE_US) {
+        return Err(refuse(
+            RejectReason::ImpossibleTime,
+            format!("{what} is more than 24 h ahead of the hub clock"),
+        ));
+    }
+    Ok(())
+}
+
+/// Validates a reading against the catalogue and the hub clock; returns its
+/// metric when it may be stored.
+pub fn validate_reading(r: &Reading, now_us: i64) -> Result<&'static Metric, Refusal> {
+    let metric = CATALOGUE.by_mdc(r.mdc_code).ok_or_else(|| {
+        refuse(
+            RejectReason::UnknownMetric,
+            format!("MDC code {} is not in the hub's catalogue", r.mdc_code),
+        )
+    })?;
+    check_time(r.effective_time_us(), now_us, "effective time")?;
+    if let Some(reading::Value::Numeric(v)) = &r.value {
+        if !v.is_finite() {
+            return Err(refuse(
+                RejectReason::Malformed,
+                "numeric value is NaN or infinite",
+            ));
+        }
+        if r.mdc_unit == 0 && r.ucum_unit.is_empty() {
+            return Err(refuse(
+                RejectReason::Malformed,
+                "numeric value without a unit",
+            ));
+        }
+        if r.mdc_unit != 0 && r.mdc_unit != metric.unit.mdc {
+            return Err(refuse(
+                RejectReason::Malformed,
+                format!(
+                    "MDC unit {} is not {} ({}), the unit of {}; units are not converted",
+                    r.mdc_unit, metric.unit.mdc, metric.unit.mdc_name, metric.mdc_name
+                ),
+            ));
+        }
+        if !r.ucum_unit.is_empty() && r.ucum_unit != metric.unit.ucum {
+            return Err(refuse(
+                RejectReason::Malformed,
+                format!(
+                    "UCUM unit `{}` is not `{}`, the unit of {}; units are not converted",
+                    r.ucum_unit, metric.unit.ucum, metric.mdc_name
+                ),
+            ));
+        }
+    }
+    Ok(metric)
+}
+
+/// Validates a waveform (its metric code is not checked: waveform codes are
+/// outside the vital-signs catalogue).
+pub fn validate_waveform(w: &Waveform, now_us: i64) -> Result<(), Refusal> {
+    check_time(w.start_time_us, now_us, "start time")?;
+    if !w.scale.is_finite() || !w.offset.is_finite() {
+        return Err(refuse(
+            RejectReason::Malformed,
+            "scale or offset is NaN or infinite",
+        ));
+    }
+    if w.sample_period_us == 0 && !w.samples.is_empty() {
+        return Err(refuse(RejectReason::Malformed, "sample period is 0"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shared_protocol::catalogue::{codes, units};
+
+    const NOW: i64 = 1_714_557_600_000_000; // 2024-05-01T10:00:00Z
+
+    fn ok_reading() -> Reading {
+        Reading {
+            mdc_code: codes::PULS_OXIM_SAT_O2,
+            value: Some(reading::Value::Numeric(97.0)),
+            mdc_unit: units::PERCENT.mdc,
+            ucum_unit: "%".into(),
+            device_time_us: NOW - 1_000_000,
+            validity: 1,
+            sequence: 1,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn accepts_a_good_reading() {
+        assert_eq!(
+            validate_reading(&ok_reading(), NOW).unwrap().mdc,
+            codes::PULS_OXIM_SAT_O2
+        );
+    }
+
+    #[test]
+    fn refusals() {
+        let reason = |r: Reading| validate_reading(&r, NOW).unwrap_err().reason;
+        assert_eq!(
+            reason(Reading {
+                mdc_code: 1,
+                ..ok_reading()
+            }),
+            RejectReason::UnknownMetric
+        );
+        assert_eq!(
+            reason(Reading {
+                device_time_us: EPOCH_2000_US - 1,
+                ..ok_reading()
+            }),
+            RejectReason::ImpossibleTime
+        );
+        assert_eq!(
+            reason(Reading {
+                device_time_us: NOW + MAX_FUTURE_US + 1,
+                ..ok_reading()
+            }),
+            RejectReason::ImpossibleTime
+        );
+        assert_eq!(
+            reason(Reading {
+                device_time_us: 0,
+                gateway_time_us: 0,
+                ..ok_reading()
+            }),
+            RejectReason::ImpossibleTime
+        );
+        assert_eq!(
+            reason(Reading {
+                value: Some(reading::Value::Numeric(f64::NAN)),
+                ..ok_reading()
+            }),
+            RejectReason::Malformed
+        );
+        assert_eq!(
+            reason(Reading {
+                value: Some(reading::Value::Numeric(f64::INFINITY)),
+                ..ok_reading()
+            }),
+            RejectReason::Malformed
+        );
+        assert_eq!(
+            reason(Reading {
+                ucum_unit: "/min".into(),
+                ..ok_reading()
+            }),
+            RejectReason::Malformed
+        );
+        assert_eq!(
+            reason(Reading {
+                mdc_unit: units::MMHG.mdc,
+                ..ok_reading()
+            }),
+            RejectReason::Malformed
+        );
+        assert_eq!(
+            reason(Reading {
+                mdc_unit: 0,
+                ucum_unit: String::new(),
+                ..ok_reading()
+            }),
+            RejectReason::Malformed
+        );
+        // Out of the possible range is not a refusal: it is stored and flagged.
+        assert!(
+            validate_reading(
+                &Reading {
+                    value: Some(reading::Value::Numeric(500.0)),
+                    ..ok_reading()
+                },
+                NOW
+            )
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn waveform_times_are_checked() {
+        let w = Waveform {
+            start_time_us: NOW,
+            sample_period_us: 1000,
+            scale: 1.0,
+            ..Default::default()
+        };
+        assert!(validate_waveform(&w, NOW).is_ok());
+        let w = Waveform {
+            start_time_us: 5,
+            ..w
+        };
+        assert_eq!(
+            validate_waveform(&w, NOW).unwrap_err().reason,
+            RejectReason::ImpossibleTime
+        );
+    }
+}

@@ -1,0 +1,88 @@
+//! Vigil cloud hub: authenticates gateways, ingests protobuf batches from
+//! edge agents, normalizes readings to FHIR R4 Observations stored in SQLite,
+//! and serves a read/search FHIR API.
+//!
+//! Entry points:
+//! - [`run`]: serve on an already bound listener until `shutdown` resolves.
+//! - [`Hub::open`] + [`Hub::serve`]: the same in two steps (open the
+//!   database and load TLS material first, then serve).
+//! - [`gateway_add`], [`gateway_list`], [`gateway_revoke`]: administration
+//!   of gateway tokens.
+
+pub mod auth;
+pub mod config;
+pub mod fhir;
+pub mod ingest;
+pub mod metrics;
+mod server;
+pub mod store;
+
+use std::future::Future;
+use std::sync::Arc;
+
+pub use config::{Config, ConfigError};
+pub use server::Hub;
+pub use store::{GatewayRow, Store, StoreError};
+
+/// Errors of the hub library.
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("TLS setup failed: {0}")]
+    Tls(String),
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Token(#[from] auth::TokenError),
+    #[error("invalid gateway id `{0}`: use 1-64 characters of A-Z a-z 0-9 . _ -")]
+    InvalidGatewayId(String),
+    #[error("a blocking task failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// Serves the hub on `listener` until `shutdown` resolves, then stops
+/// accepting and lets in-flight requests finish.
+///
+/// Opens (creating if needed) the SQLite database named by the config and,
+/// with `[server.tls]`, serves HTTPS with rustls (ring). Refuses plaintext on
+/// a non-loopback listener unless `server.allow_plaintext` is set.
+pub async fn run(
+    config: Config,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), HubError> {
+    Hub::open(config)?.serve(listener, shutdown).await
+}
+
+fn open_store(config: &Config) -> Result<Store, HubError> {
+    Ok(Store::open(&config.storage.sqlite_path)?)
+}
+
+/// Creates gateway `id` and returns its new bearer token (shown once; only
+/// its hash is stored). Fails if an active gateway has this id; a revoked id
+/// is re-activated with the new token.
+pub fn gateway_add(config: &Config, id: &str) -> Result<String, HubError> {
+    if !auth::is_valid_gateway_id(id) {
+        return Err(HubError::InvalidGatewayId(id.to_owned()));
+    }
+    let store = open_store(config)?;
+    let token = auth::generate_token()?;
+    store.add_gateway(id, &auth::hash_token(&token))?;
+    Ok(token)
+}
+
+/// All gateways (never their tokens).
+pub fn gateway_list(config: &Config) -> Result<Vec<GatewayRow>, HubError> {
+    Ok(open_store(config)?.list_gateways()?)
+}
+
+/// Revokes gateway `id`: its token gets 401 from then on.
+pub fn gateway_revoke(config: &Config, id: &str) -> Result<(), HubError> {
+    Ok(open_store(config)?.revoke_gateway(id)?)
+}
+
+/// Shared, cheaply clonable handle to the hub's counters.
+pub type SharedMetrics = Arc<metrics::Metrics>;

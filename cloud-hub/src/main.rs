@@ -1,0 +1,172 @@
+//! `cloud-hub` binary: CLI, logging, config loading; the work is in the
+//! library.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use cloud_hub::{Config, Hub};
+
+#[derive(Debug, Parser)]
+#[command(name = "cloud-hub", version, about = "Vigil cloud hub")]
+struct Cli {
+    /// Configuration file (TOML).
+    #[arg(
+        long,
+        global = true,
+        env = "VIGIL_HUB_CONFIG",
+        default_value = "hub.toml"
+    )]
+    config: PathBuf,
+    /// Log format (logs go to stderr; filter with RUST_LOG).
+    #[arg(long, global = true, env = "VIGIL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Json,
+    Text,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve ingest and the FHIR API until SIGINT/SIGTERM.
+    Serve,
+    /// Manage gateways and their tokens.
+    Gateway {
+        #[command(subcommand)]
+        command: GatewayCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum GatewayCommand {
+    /// Create a gateway; prints its bearer token alone on stdout.
+    Add { gateway_id: String },
+    /// List gateways (never tokens).
+    List,
+    /// Revoke a gateway's token.
+    Revoke { gateway_id: String },
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let config = Config::load(&cli.config)
+        .with_context(|| format!("loading config {}", cli.config.display()))?;
+    match cli.command {
+        Command::Serve => serve(config),
+        Command::Gateway { command } => gateway(&config, command),
+    }
+}
+
+fn format_time(us: i64) -> String {
+    cloud_hub::fhir::format_instant(us)
+}
+
+fn gateway(config: &Config, command: GatewayCommand) -> Result<()> {
+    match command {
+        GatewayCommand::Add { gateway_id } => {
+            let token = cloud_hub::gateway_add(config, &gateway_id)
+                .with_context(|| format!("adding gateway `{gateway_id}`"))?;
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "{token}")?;
+            out.flush()?;
+            eprintln!(
+                "Gateway `{gateway_id}` created. The token above is shown only once: \
+                 configure it on the gateway now."
+            );
+        }
+        GatewayCommand::List => {
+            let rows = cloud_hub::gateway_list(config)?;
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "{:<32} {:<28} REVOKED", "ID", "CREATED")?;
+            for g in rows {
+                let revoked = g.revoked_us.map(format_time).unwrap_or_else(|| "-".into());
+                writeln!(
+                    out,
+                    "{:<32} {:<28} {}",
+                    g.id,
+                    format_time(g.created_us),
+                    revoked
+                )?;
+            }
+            out.flush()?;
+        }
+        GatewayCommand::Revoke { gateway_id } => {
+            cloud_hub::gateway_revoke(config, &gateway_id)
+                .with_context(|| format!("revoking gateway `{gateway_id}`"))?;
+            eprintln!("Gateway `{gateway_id}` revoked.");
+        }
+    }
+    Ok(())
+}
+
+fn serve(config: Config) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let addr = config.bind_addr()?;
+        let hub = Hub::open(config).context("opening the hub")?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {addr}"))?;
+        let local = listener.local_addr()?;
+        let scheme = if hub.is_tls() { "https" } else { "http" };
+        {
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "listening on {scheme}://{local}")?;
+            out.flush()?;
+        }
+        hub.serve(listener, shutdown_signal())
+            .await
+            .context("serving")?;
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    tracing::info!("shutdown requested");
+}

@@ -1,0 +1,165 @@
+//! Prometheus counters, rendered in the text exposition format (0.0.4).
+//! Labels carry only fixed vocabularies: never patient ids or tokens.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use shared_protocol::v1::RejectReason;
+
+/// Content type of the exposition.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Outcome label of batches and readings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Accepted = 0,
+    Duplicate = 1,
+    Rejected = 2,
+}
+
+const OUTCOMES: [&str; 3] = ["accepted", "duplicate", "rejected"];
+
+/// Kind label of ingest request errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IngestErrorKind {
+    Unauthorized = 0,
+    Forbidden = 1,
+    UnsupportedMediaType = 2,
+    TooLarge = 3,
+    Malformed = 4,
+}
+
+const ERROR_KINDS: [&str; 5] = [
+    "unauthorized",
+    "forbidden",
+    "unsupported_media_type",
+    "too_large",
+    "malformed",
+];
+
+const REASONS: [(RejectReason, &str); 5] = [
+    (RejectReason::Unspecified, "unspecified"),
+    (RejectReason::UnknownMetric, "unknown_metric"),
+    (RejectReason::ImpossibleTime, "impossible_time"),
+    (RejectReason::Malformed, "malformed"),
+    (RejectReason::MissingDevice, "missing_device"),
+];
+
+/// FHIR interaction label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FhirInteraction {
+    Read = 0,
+    Search = 1,
+    Metadata = 2,
+}
+
+const INTERACTIONS: [&str; 3] = ["read", "search", "metadata"];
+
+/// The hub's counters.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    batches: [AtomicU64; 3],
+    readings: [AtomicU64; 3],
+    errors: [AtomicU64; 5],
+    rejected_reasons: [AtomicU64; 5],
+    fhir: [AtomicU64; 3],
+}
+
+impl Metrics {
+    pub fn batch(&self, outcome: Outcome) {
+        self.batches[outcome as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn readings(&self, outcome: Outcome, n: u64) {
+        self.readings[outcome as usize].fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn ingest_error(&self, kind: IngestErrorKind) {
+        self.errors[kind as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn rejected(&self, reason: RejectReason) {
+        let i = REASONS.iter().position(|(r, _)| *r == reason).unwrap_or(0);
+        self.rejected_reasons[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn fhir(&self, interaction: FhirInteraction) {
+        self.fhir[interaction as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let mut family =
+            |name: &str, help: &str, label: &str, names: &[&str], values: &[AtomicU64]| {
+                let _ = writeln!(out, "# HELP {name} {help}");
+                let _ = writeln!(out, "# TYPE {name} counter");
+                for (n, v) in names.iter().zip(values) {
+                    let _ = writeln!(
+                        out,
+                        "{name}{{{label}=\"{n}\"}} {}",
+                        v.load(Ordering::Relaxed)
+                    );
+                }
+            };
+        family(
+            "vigil_hub_ingest_batches_total",
+            "Ingest batches by outcome (rejected = refused request).",
+            "outcome",
+            &OUTCOMES,
+            &self.batches,
+        );
+        family(
+            "vigil_hub_ingest_readings_total",
+            "Readings and waveforms received, by outcome.",
+            "outcome",
+            &OUTCOMES,
+            &self.readings,
+        );
+        family(
+            "vigil_hub_ingest_errors_total",
+            "Ingest requests refused, by kind.",
+            "kind",
+            &ERROR_KINDS,
+            &self.errors,
+        );
+        let reasons: Vec<&str> = REASONS.iter().map(|(_, n)| *n).collect();
+        family(
+            "vigil_hub_readings_rejected_total",
+            "Readings and waveforms rejected, by reason.",
+            "reason",
+            &reasons,
+            &self.rejected_reasons,
+        );
+        family(
+            "vigil_hub_fhir_requests_total",
+            "FHIR API requests, by interaction.",
+            "interaction",
+            &INTERACTIONS,
+            &self.fhir,
+        );
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_with_help_and_type() {
+        let m = Metrics::default();
+        m.batch(Outcome::Accepted);
+        m.readings(Outcome::Duplicate, 3);
+        m.rejected(RejectReason::ImpossibleTime);
+        m.ingest_error(IngestErrorKind::TooLarge);
+        m.fhir(FhirInteraction::Search);
+        let text = m.render();
+        assert!(text.contains("# TYPE vigil_hub_ingest_batches_total counter"));
+        assert!(text.contains("vigil_hub_ingest_batches_total{outcome=\"accepted\"} 1"));
+        assert!(text.contains("vigil_hub_ingest_readings_total{outcome=\"duplicate\"} 3"));
+        assert!(text.contains("vigil_hub_readings_rejected_total{reason=\"impossible_time\"} 1"));
+        assert!(text.contains("vigil_hub_ingest_errors_total{kind=\"too_large\"} 1"));
+        assert!(text.contains("vigil_hub_fhir_requests_total{interaction=\"search\"} 1"));
+    }
+}

@@ -1,0 +1,579 @@
+//! HTTP(S) server: routes, handlers and TLS.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use prost::Message;
+use serde_json::{Value as Json, json};
+use shared_protocol::v1::Batch;
+use shared_protocol::{CONTENT_TYPE_PROTOBUF, INGEST_PATH};
+
+use crate::auth::{bearer_token, hash_token};
+use crate::config::{Config, check_plaintext_allowed};
+use crate::fhir::{self, FHIR_JSON, ObservationSearch};
+use crate::metrics::{FhirInteraction, IngestErrorKind, Metrics, Outcome};
+use crate::store::{Associations, Store, StoreError, now_us};
+use crate::{HubError, SharedMetrics};
+
+/// How long in-flight requests get after shutdown is requested (TLS server;
+/// the plaintext server waits for them without a limit).
+const GRACE_PERIOD: Duration = Duration::from_secs(10);
+
+/// An opened hub: database open, TLS material loaded, ready to serve.
+#[derive(Debug)]
+pub struct Hub {
+    config: Arc<Config>,
+    store: Store,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    metrics: SharedMetrics,
+}
+
+#[derive(Debug, Clone)]
+struct AppState {
+    config: Arc<Config>,
+    store: Store,
+    associations: Arc<Associations>,
+    metrics: SharedMetrics,
+    tls: bool,
+    started: String,
+}
+
+impl Hub {
+    /// Validates the config, opens the database and loads the TLS
+    /// certificate and key (if configured). Blocking: call before serving.
+    pub fn open(config: Config) -> Result<Self, HubError> {
+        config.validate()?;
+        let tls = config.server.tls.as_ref().map(load_tls).transpose()?;
+        let store = Store::open(&config.storage.sqlite_path)?;
+        Ok(Self {
+            config: Arc::new(config),
+            store,
+            tls,
+            metrics: Arc::default(),
+        })
+    }
+
+    /// Whether the hub serves HTTPS.
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// The hub's counters (also served at `/metrics`).
+    pub fn metrics(&self) -> SharedMetrics {
+        self.metrics.clone()
+    }
+
+    /// Serves on `listener` until `shutdown` resolves, then shuts down
+    /// gracefully.
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), HubError> {
+        let addr = listener.local_addr()?;
+        check_plaintext_allowed(&self.config, addr)?;
+        let associations: Associations = self
+            .config
+            .associations
+            .iter()
+            .map(|a| {
+                (
+                    (a.gateway_id.clone(), a.device_id.clone()),
+                    a.patient_id.clone(),
+                )
+            })
+            .collect();
+        let state = AppState {
+            config: self.config.clone(),
+            store: self.store.clone(),
+            associations: Arc::new(associations),
+            metrics: self.metrics.clone(),
+            tls: self.tls.is_some(),
+            started: fhir::format_instant(now_us() / 1_000_000 * 1_000_000),
+        };
+        let app = router(state);
+        tracing::info!(%addr, tls = self.tls.is_some(), "hub serving");
+        match self.tls {
+            None => {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(shutdown)
+                    .await?;
+            }
+            Some(tls) => {
+                let handle = axum_server::Handle::<SocketAddr>::new();
+                let h = handle.clone();
+                tokio::spawn(async move {
+                    shutdown.await;
+                    h.graceful_shutdown(Some(GRACE_PERIOD));
+                });
+                let config = axum_server::tls_rustls::RustlsConfig::from_config(tls);
+                axum_server::tls_rustls::from_tcp_rustls(listener.into_std()?, config)?
+                    .handle(handle)
+                    .serve(app.into_make_service())
+                    .await?;
+            }
+        }
+        tracing::info!("hub stopped");
+        Ok(())
+    }
+}
+
+fn load_tls(tls: &crate::config::TlsConfig) -> Result<Arc<rustls::ServerConfig>, HubError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let meta = std::fs::metadata(&tls.key_file).map_err(|e| {
+            HubError::Tls(format!(
+                "server.tls.key_file {}: {e}",
+                tls.key_file.display()
+            ))
+        })?;
+        if meta.permissions().mode() & 0o077 != 0 {
+            return Err(HubError::Tls(format!(
+                "server.tls.key_file {} is accessible by group or others; chmod 600 it",
+                tls.key_file.display()
+            )));
+        }
+    }
+    let certs = CertificateDer::pem_file_iter(&tls.cert_file)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| {
+            HubError::Tls(format!(
+                "server.tls.cert_file {}: {e}",
+                tls.cert_file.display()
+            ))
+        })?;
+    if certs.is_empty() {
+        return Err(HubError::Tls(format!(
+            "server.tls.cert_file {}: no certificate found",
+            tls.cert_file.display()
+        )));
+    }
+    let key = PrivateKeyDer::from_pem_file(&tls.key_file).map_err(|e| {
+        HubError::Tls(format!(
+            "server.tls.key_file {}: {e}",
+            tls.key_file.display()
+        ))
+    })?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| HubError::Tls(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| HubError::Tls(format!("certificate/key: {e}")))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+fn router(state: AppState) -> Router {
+    let fhir_routes = Router::new()
+        .route("/metadata", get(metadata))
+        .route("/Observation", get(search))
+        .route("/Observation/{id}", get(read))
+        .fallback(fhir_not_found);
+    Router::new()
+        .route(INGEST_PATH, post(ingest).layer(DefaultBodyLimit::disable()))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .nest("/fhir", fhir_routes)
+        .with_state(state)
+}
+
+// ---------------------------------------------------------------------------
+// Ingest
+
+fn json_error(status: StatusCode, message: &str) -> Response {
+    (status, axum::Json(json!({ "error": message }))).into_response()
+}
+
+struct IngestError {
+    status: StatusCode,
+    kind: Option<IngestErrorKind>,
+    message: String,
+}
+
+impl IngestError {
+    fn new(status: StatusCode, kind: IngestErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            kind: Some(kind),
+            message: message.into(),
+        }
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, HubError> {
+    Ok(tokio::task::spawn_blocking(f).await??)
+}
+
+async fn ingest(State(st): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+    match ingest_inner(&st, &headers, body).await {
+        Ok(resp) => resp,
+        Err(e) => {
+            st.metrics.batch(Outcome::Rejected);
+            if let Some(kind) = e.kind {
+                st.metrics.ingest_error(kind);
+            }
+            let mut resp = json_error(e.status, &e.message);
+            if e.status == StatusCode::UNAUTHORIZED {
+                resp.headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            resp
+        }
+    }
+}
+
+async fn ingest_inner(
+    st: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, IngestError> {
+    use IngestErrorKind as K;
+    let internal = |e: HubError| {
+        tracing::error!(error = %e, "ingest failed");
+        IngestError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            kind: None,
+            message: "internal error".into(),
+        }
+    };
+
+    // 1. Authentication.
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(bearer_token)
+        .ok_or_else(|| {
+            IngestError::new(
+                StatusCode::UNAUTHORIZED,
+                K::Unauthorized,
+                "missing or malformed bearer token (Authorization: Bearer vgt_...)",
+            )
+        })?;
+    let hash = hash_token(token);
+    let store = st.store.clone();
+    let gateway_id = blocking(move || store.authenticate(&hash))
+        .await
+        .map_err(internal)?
+        .ok_or_else(|| {
+            tracing::warn!("ingest with unknown or revoked token");
+            IngestError::new(
+                StatusCode::UNAUTHORIZED,
+                K::Unauthorized,
+                "unknown or revoked token",
+            )
+        })?;
+
+    // 2. Content type.
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let media_type = content_type.split(';').next().unwrap_or("").trim();
+    if !media_type.eq_ignore_ascii_case(CONTENT_TYPE_PROTOBUF) {
+        return Err(IngestError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            K::UnsupportedMediaType,
+            format!("Content-Type must be {CONTENT_TYPE_PROTOBUF}"),
+        ));
+    }
+
+    // 3. Body size.
+    let max = st.config.server.max_body_bytes;
+    let too_large = || {
+        IngestError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            K::TooLarge,
+            format!("body larger than {max} bytes"),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max as u64) {
+        return Err(too_large());
+    }
+    let bytes = match Limited::new(body, max).collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(e) if e.is::<LengthLimitError>() => return Err(too_large()),
+        Err(_) => {
+            return Err(IngestError::new(
+                StatusCode::BAD_REQUEST,
+                K::Malformed,
+                "failed to read the request body",
+            ));
+        }
+    };
+
+    // 4. Decoding.
+    let batch = Batch::decode(bytes).map_err(|e| {
+        IngestError::new(
+            StatusCode::BAD_REQUEST,
+            K::Malformed,
+            format!("body is not a protobuf vigil.v1.Batch: {e}"),
+        )
+    })?;
+
+    // 5. Identity.
+    if batch.gateway_id != gateway_id {
+        tracing::warn!(gateway_id = %gateway_id, "batch gateway_id differs from the token's gateway");
+        return Err(IngestError::new(
+            StatusCode::FORBIDDEN,
+            K::Forbidden,
+            "batch.gateway_id does not match the authenticated gateway",
+        ));
+    }
+
+    let store = st.store.clone();
+    let associations = st.associations.clone();
+    let gw = gateway_id.clone();
+    let batch_seq = batch.sequence;
+    let now = now_us();
+    let report = blocking(move || store.ingest(&gw, &batch, &associations, now, now))
+        .await
+        .map_err(internal)?;
+    let ack = &report.ack;
+    if ack.duplicate_batch {
+        st.metrics.batch(Outcome::Duplicate);
+        tracing::info!(gateway_id = %gateway_id, batch_sequence = batch_seq, "duplicate batch");
+    } else {
+        st.metrics.batch(Outcome::Accepted);
+        st.metrics
+            .readings(Outcome::Accepted, u64::from(ack.accepted));
+        st.metrics
+            .readings(Outcome::Duplicate, u64::from(ack.duplicates));
+        st.metrics
+            .readings(Outcome::Rejected, u64::from(ack.rejected));
+        for r in &report.rejected_reasons {
+            st.metrics.rejected(*r);
+        }
+        tracing::info!(
+            gateway_id = %gateway_id,
+            batch_sequence = batch_seq,
+            accepted = ack.accepted,
+            duplicates = ack.duplicates,
+            rejected = ack.rejected,
+            out_of_range = report.out_of_range,
+            "batch ingested"
+        );
+    }
+    Ok((
+        StatusCode::OK,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(CONTENT_TYPE_PROTOBUF),
+        )],
+        ack.encode_to_vec(),
+    )
+        .into_response())
+}
+
+// ---------------------------------------------------------------------------
+// FHIR
+
+fn fhir_response(status: StatusCode, body: &Json) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON))],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+fn outcome(status: StatusCode, code: &str, diagnostics: &str) -> Response {
+    fhir_response(status, &fhir::operation_outcome("error", code, diagnostics))
+}
+
+fn fhir_internal(e: &HubError) -> Response {
+    tracing::error!(error = %e, "FHIR request failed");
+    outcome(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "exception",
+        "internal error",
+    )
+}
+
+async fn fhir_not_found(uri: Uri) -> Response {
+    outcome(
+        StatusCode::NOT_FOUND,
+        "not-supported",
+        &format!("no FHIR endpoint at {}", uri.path()),
+    )
+}
+
+async fn metadata(State(st): State<AppState>) -> Response {
+    st.metrics.fhir(FhirInteraction::Metadata);
+    fhir_response(StatusCode::OK, &fhir::capability_statement(&st.started))
+}
+
+async fn read(State(st): State<AppState>, Path(id): Path<String>) -> Response {
+    st.metrics.fhir(FhirInteraction::Read);
+    let not_found = || {
+        outcome(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            &format!("Observation/{id} is not known"),
+        )
+    };
+    if !fhir::is_valid_id(&id) {
+        return not_found();
+    }
+    let store = st.store.clone();
+    let lookup = id.clone();
+    match blocking(move || store.observation(&lookup)).await {
+        Ok(Some(text)) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON))],
+            text,
+        )
+            .into_response(),
+        Ok(None) => not_found(),
+        Err(e) => fhir_internal(&e),
+    }
+}
+
+/// The FHIR base URL: configured, or derived from the request's Host.
+fn base_url(st: &AppState, headers: &HeaderMap) -> String {
+    if let Some(b) = st.config.fhir_base_url() {
+        return b;
+    }
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .filter(|h| !h.is_empty() && h.bytes().all(|b| b.is_ascii_graphic()))
+        .unwrap_or("localhost");
+    let scheme = if st.tls { "https" } else { "http" };
+    format!("{scheme}://{host}/fhir")
+}
+
+async fn search(State(st): State<AppState>, headers: HeaderMap, uri: Uri) -> Response {
+    st.metrics.fhir(FhirInteraction::Search);
+    let pairs: Vec<(String, String)> = match serde_urlencoded::from_str(uri.query().unwrap_or("")) {
+        Ok(p) => p,
+        Err(e) => {
+            return outcome(
+                StatusCode::BAD_REQUEST,
+                "invalid",
+                &format!("bad query string: {e}"),
+            );
+        }
+    };
+    let search = match fhir::parse_search(&pairs) {
+        Ok(s) => s,
+        Err(e) => return outcome(StatusCode::BAD_REQUEST, e.code, &e.diagnostics),
+    };
+    let store = st.store.clone();
+    let s2 = search.clone();
+    let (total, rows) = match blocking(move || store.search(&s2)).await {
+        Ok(r) => r,
+        Err(e) => return fhir_internal(&e),
+    };
+    let base = base_url(&st, &headers);
+    let bundle = match build_bundle(&base, &pairs, &search, total, &rows) {
+        Ok(b) => b,
+        Err(e) => return fhir_internal(&HubError::Store(StoreError::Json(e))),
+    };
+    tracing::debug!(total, returned = rows.len(), "observation search");
+    fhir_response(StatusCode::OK, &bundle)
+}
+
+fn page_link(base: &str, pairs: &[(String, String)], count: u32, offset: u64) -> String {
+    let mut q: Vec<(String, String)> = pairs
+        .iter()
+        .filter(|(k, _)| !matches!(k.as_str(), "_count" | "_offset" | "_format"))
+        .cloned()
+        .collect();
+    q.push(("_count".into(), count.to_string()));
+    q.push(("_offset".into(), offset.to_string()));
+    let query = serde_urlencoded::to_string(&q).unwrap_or_default();
+    format!("{base}/Observation?{query}")
+}
+
+fn build_bundle(
+    base: &str,
+    pairs: &[(String, String)],
+    search: &ObservationSearch,
+    total: u64,
+    rows: &[String],
+) -> Result<Json, serde_json::Error> {
+    let mut links = vec![json!({
+        "relation": "self",
+        "url": page_link(base, pairs, search.count, search.offset),
+    })];
+    let next_offset = search.offset + u64::from(search.count);
+    if search.count > 0 && next_offset < total {
+        links.push(json!({
+            "relation": "next",
+            "url": page_link(base, pairs, search.count, next_offset),
+        }));
+    }
+    if search.offset > 0 && search.count > 0 {
+        links.push(json!({
+            "relation": "previous",
+            "url": page_link(base, pairs, search.count, search.offset.saturating_sub(u64::from(search.count))),
+        }));
+    }
+    let entries = rows
+        .iter()
+        .map(|text| {
+            let resource: Json = serde_json::from_str(text)?;
+            let id = resource["id"].as_str().unwrap_or_default().to_owned();
+            Ok(json!({
+                "fullUrl": format!("{base}/Observation/{id}"),
+                "resource": resource,
+                "search": { "mode": "match" },
+            }))
+        })
+        .collect::<Result<Vec<_>, serde_json::Error>>()?;
+    Ok(json!({
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "total": total,
+        "link": links,
+        "entry": entries,
+    }))
+}
+
+// ---------------------------------------------------------------------------
+// Operations
+
+async fn readyz(State(st): State<AppState>) -> Response {
+    let store = st.store.clone();
+    match blocking(move || store.ping()).await {
+        Ok(()) => (StatusCode::OK, "ready").into_response(),
+        Err(e) => {
+            tracing::warn!(error = %e, "readiness check failed");
+            (StatusCode::SERVICE_UNAVAILABLE, "database unavailable").into_response()
+        }
+    }
+}
+
+async fn metrics(State(st): State<AppState>) -> Response {
+    (
+        StatusCode::OK,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+        )],
+        Metrics::render(&st.metrics),
+    )
+        .into_response()
+}

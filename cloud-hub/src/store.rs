@@ -1,0 +1,688 @@
+//! SQLite storage (rusqlite, WAL). All methods are blocking: call them from
+//! `tokio::task::spawn_blocking`.
+//!
+//! `u64` sequences are stored bit-for-bit as SQLite `INTEGER` (i64).
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use prost::Message;
+use rusqlite::types::Value as SqlValue;
+use rusqlite::{Connection, OptionalExtension, params, params_from_iter};
+use shared_protocol::v1::{Batch, BatchAck, RejectReason, Rejection};
+
+use crate::fhir::{DeviceRef, ObservationSearch, SortOrder, map_observation};
+use crate::ingest::{Refusal, validate_reading, validate_waveform};
+
+/// Errors of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("gateway `{0}` already exists and is active")]
+    GatewayExists(String),
+    #[error("gateway `{0}` not found")]
+    GatewayNotFound(String),
+    #[error("stored ack of a batch does not decode: {0}")]
+    CorruptAck(#[from] prost::DecodeError),
+    #[error("serializing an Observation failed: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("the database lock was poisoned by a panic")]
+    Poisoned,
+}
+
+const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA_V1: &str = r#"
+CREATE TABLE gateways (
+    id            TEXT PRIMARY KEY,
+    token_sha256  TEXT NOT NULL UNIQUE,
+    created_us    INTEGER NOT NULL,
+    revoked_us    INTEGER
+);
+CREATE TABLE batches (
+    gateway_id     TEXT NOT NULL,
+    sequence       INTEGER NOT NULL,
+    received_us    INTEGER NOT NULL,
+    created_us     INTEGER NOT NULL,
+    agent_version  TEXT NOT NULL,
+    ack            BLOB NOT NULL,
+    PRIMARY KEY (gateway_id, sequence)
+);
+CREATE TABLE devices (
+    gateway_id     TEXT NOT NULL,
+    device_id      TEXT NOT NULL,
+    protocol       TEXT NOT NULL,
+    manufacturer   TEXT NOT NULL,
+    model          TEXT NOT NULL,
+    serial_number  TEXT NOT NULL,
+    location       TEXT NOT NULL,
+    first_seen_us  INTEGER NOT NULL,
+    last_seen_us   INTEGER NOT NULL,
+    PRIMARY KEY (gateway_id, device_id)
+);
+CREATE TABLE observations (
+    id            TEXT PRIMARY KEY,
+    gateway_id    TEXT NOT NULL,
+    device_id     TEXT NOT NULL,
+    sequence      INTEGER NOT NULL,
+    patient_id    TEXT,
+    loinc         TEXT NOT NULL,
+    mdc_code      INTEGER NOT NULL,
+    effective_us  INTEGER NOT NULL,
+    status        TEXT NOT NULL,
+    value         REAL,
+    batch_sequence INTEGER NOT NULL,
+    received_us   INTEGER NOT NULL,
+    resource      TEXT NOT NULL,
+    UNIQUE (gateway_id, device_id, sequence)
+);
+CREATE INDEX observations_patient_loinc_time ON observations (patient_id, loinc, effective_us);
+CREATE INDEX observations_patient_mdc_time ON observations (patient_id, mdc_code, effective_us);
+CREATE INDEX observations_mdc_time ON observations (mdc_code, effective_us);
+CREATE INDEX observations_time ON observations (effective_us);
+CREATE TABLE waveforms (
+    gateway_id        TEXT NOT NULL,
+    device_id         TEXT NOT NULL,
+    sequence          INTEGER NOT NULL,
+    mdc_code          INTEGER NOT NULL,
+    vendor_label      TEXT NOT NULL,
+    start_us          INTEGER NOT NULL,
+    time_source       INTEGER NOT NULL,
+    sample_period_us  INTEGER NOT NULL,
+    scale             REAL NOT NULL,
+    "offset"          REAL NOT NULL,
+    mdc_unit          INTEGER NOT NULL,
+    ucum_unit         TEXT NOT NULL,
+    validity          INTEGER NOT NULL,
+    flags             TEXT NOT NULL,
+    sample_count      INTEGER NOT NULL,
+    samples_i32le     BLOB NOT NULL,
+    batch_sequence    INTEGER NOT NULL,
+    received_us       INTEGER NOT NULL,
+    UNIQUE (gateway_id, device_id, sequence)
+);
+CREATE TABLE rejected_readings (
+    id              INTEGER PRIMARY KEY AUTOINCREMENT,
+    gateway_id      TEXT NOT NULL,
+    device_id       TEXT NOT NULL,
+    batch_sequence  INTEGER NOT NULL,
+    sequence        INTEGER NOT NULL,
+    kind            TEXT NOT NULL,
+    reason          TEXT NOT NULL,
+    detail          TEXT NOT NULL,
+    raw             BLOB NOT NULL,
+    received_us     INTEGER NOT NULL
+);
+CREATE INDEX rejected_readings_gateway ON rejected_readings (gateway_id, received_us);
+"#;
+
+/// A gateway as listed (never its token).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayRow {
+    pub id: String,
+    pub created_us: i64,
+    pub revoked_us: Option<i64>,
+}
+
+/// Static (gateway_id, device_id) → patient_id mapping.
+pub type Associations = HashMap<(String, String), String>;
+
+/// What ingesting a batch did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IngestReport {
+    /// The ack to send (with `duplicate_batch` set for a re-sent batch).
+    pub ack: BatchAck,
+    /// Reasons of this processing's rejections (empty for a duplicate batch).
+    pub rejected_reasons: Vec<RejectReason>,
+    /// Stored values outside the metric's possible range.
+    pub out_of_range: u32,
+}
+
+/// The database, shared by the server's tasks.
+#[derive(Debug, Clone)]
+pub struct Store {
+    conn: Arc<Mutex<Connection>>,
+}
+
+fn reason_name(r: RejectReason) -> &'static str {
+    r.as_str_name()
+}
+
+impl Store {
+    /// Opens (creating if needed) the database and its schema.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let conn = Connection::open(path)?;
+        Self::init(conn)
+    }
+
+    fn init(mut conn: Connection) -> Result<Self, StoreError> {
+        conn.busy_timeout(Duration::from_secs(5))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        let tx = conn.transaction()?;
+        tx.execute_batch(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (
+                 version INTEGER PRIMARY KEY, applied_us INTEGER NOT NULL)",
+        )?;
+        let current: Option<i64> =
+            tx.query_row("SELECT MAX(version) FROM schema_migrations", [], |r| {
+                r.get(0)
+            })?;
+        if current.unwrap_or(0) < SCHEMA_VERSION {
+            tx.execute_batch(SCHEMA_V1)?;
+            tx.execute(
+                "INSERT INTO schema_migrations (version, applied_us) VALUES (?1, ?2)",
+                params![SCHEMA_VERSION, now_us()],
+            )?;
+        }
+        tx.commit()?;
+        Ok(Self {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    fn lock(&self) -> Result<MutexGuard<'_, Connection>, StoreError> {
+        self.conn.lock().map_err(|_| StoreError::Poisoned)
+    }
+
+    /// Whether the database answers a query.
+    pub fn ping(&self) -> Result<(), StoreError> {
+        let conn = self.lock()?;
+        conn.query_row("SELECT COUNT(*) FROM schema_migrations", [], |r| {
+            r.get::<_, i64>(0)
+        })?;
+        Ok(())
+    }
+
+    /// Registers a gateway with the hash of its token. A revoked gateway id
+    /// may be re-added (it gets the new token); an active one may not.
+    pub fn add_gateway(&self, id: &str, token_sha256: &str) -> Result<(), StoreError> {
+        let mut conn = self.lock()?;
+        let tx = conn.transaction()?;
+        let existing: Option<Option<i64>> = tx
+            .query_row("SELECT revoked_us FROM gateways WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        match existing {
+            Some(None) => return Err(StoreError::GatewayExists(id.to_owned())),
+            Some(Some(_)) => {
+                tx.execute(
+                    "UPDATE gateways SET token_sha256 = ?2, created_us = ?3, revoked_us = NULL
+                     WHERE id = ?1",
+                    params![id, token_sha256, now_us()],
+                )?;
+            }
+            None => {
+                tx.execute(
+                    "INSERT INTO gateways (id, token_sha256, created_us) VALUES (?1, ?2, ?3)",
+                    params![id, token_sha256, now_us()],
+                )?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// All gateways, by id.
+    pub fn list_gateways(&self) -> Result<Vec<GatewayRow>, StoreError> {
+        let conn = self.lock()?;
+        let mut stmt =
+            conn.prepare("SELECT id, created_us, revoked_us FROM gateways ORDER BY id")?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(GatewayRow {
+                    id: r.get(0)?,
+                    created_us: r.get(1)?,
+                    revoked_us: r.get(2)?,
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    /// Revokes a gateway's token. Revoking an already revoked gateway is a
+    /// no-op.
+    pub fn revoke_gateway(&self, id: &str) -> Result<(), StoreError> {
+        let conn = self.lock()?;
+        let exists = conn
+            .query_row("SELECT 1 FROM gateways WHERE id = ?1", [id], |_| Ok(()))
+            .optional()?
+            .is_some();
+        if !exists {
+            return Err(StoreError::GatewayNotFound(id.to_owned()));
+        }
+        conn.execute(
+            "UPDATE gateways SET revoked_us = ?2 WHERE id = ?1 AND revoked_us IS NULL",
+            params![id, now_us()],
+        )?;
+        Ok(())
+    }
+
+    /// The active gateway holding the token with this hash.
+    pub fn authenticate(&self, token_sha256: &str) -> Result<Option<String>, StoreError> {
+        let conn = self.lock()?;
+        Ok(conn
+            .query_row(
+                "SELECT id FROM gateways WHERE token_sha256 = ?1 AND revoked_us IS NULL",
+                [token_sha256],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    /// Stores a batch of an authenticated gateway in one transaction.
+    ///
+    /// `received_us` is the hub receive time; `now_us` the hub clock used
+    /// for the "too far in the future" check.
+    pub fn ingest(
+        &self,
+        gateway_id: &str,
+        batch: &Batch,
+        associations: &Associations,
+        received_us: i64,
+        now_us: i64,
+    ) -> Result<IngestReport, StoreError> {
+        let mut conn = self.lock()?;
+        let tx = conn.transaction()?;
+        let batch_seq = batch.sequence as i64;
+        let stored: Option<Vec<u8>> = tx
+            .query_row(
+                "SELECT ack FROM batches WHERE gateway_id = ?1 AND sequence = ?2",
+                params![gateway_id, batch_seq],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if let Some(bytes) = stored {
+            let mut ack = BatchAck::decode(bytes.as_slice())?;
+            ack.duplicate_batch = true;
+            return Ok(IngestReport {
+                ack,
+                rejected_reasons: Vec::new(),
+                out_of_range: 0,
+            });
+        }
+
+        let mut ack = BatchAck {
+            sequence: batch.sequence,
+            ..Default::default()
+        };
+        let mut reasons = Vec::new();
+        let mut out_of_range = 0;
+        {
+            let mut reject = |device_id: &str, seq: u64, kind: &str, raw: Vec<u8>, f: Refusal| {
+                reasons.push(f.reason);
+                ack.rejected += 1;
+                let res = tx.execute(
+                    "INSERT INTO rejected_readings (gateway_id, device_id, batch_sequence, sequence,
+                         kind, reason, detail, raw, received_us)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                    params![
+                        gateway_id,
+                        device_id,
+                        batch_seq,
+                        seq as i64,
+                        kind,
+                        reason_name(f.reason),
+                        f.detail,
+                        raw,
+                        received_us
+                    ],
+                );
+                ack.rejections.push(Rejection {
+                    device_id: device_id.to_owned(),
+                    sequence: seq,
+                    reason: f.reason as i32,
+                    detail: f.detail,
+                });
+                res.map(|_| ())
+            };
+            let mut accepted = 0u32;
+            let mut duplicates = 0u32;
+
+            let mut insert_obs = tx.prepare(
+                "INSERT OR IGNORE INTO observations (id, gateway_id, device_id, sequence, patient_id,
+                     loinc, mdc_code, effective_us, status, value, batch_sequence, received_us, resource)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+            )?;
+            let mut insert_wave = tx.prepare(
+                "INSERT OR IGNORE INTO waveforms (gateway_id, device_id, sequence, mdc_code,
+                     vendor_label, start_us, time_source, sample_period_us, scale, \"offset\",
+                     mdc_unit, ucum_unit, validity, flags, sample_count, samples_i32le,
+                     batch_sequence, received_us)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
+            )?;
+            let mut upsert_device = tx.prepare(
+                "INSERT INTO devices (gateway_id, device_id, protocol, manufacturer, model,
+                     serial_number, location, first_seen_us, last_seen_us)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)
+                 ON CONFLICT (gateway_id, device_id) DO UPDATE SET
+                     protocol = excluded.protocol, manufacturer = excluded.manufacturer,
+                     model = excluded.model, serial_number = excluded.serial_number,
+                     location = excluded.location, last_seen_us = excluded.last_seen_us",
+            )?;
+
+            for data in &batch.devices {
+                let info = data.device.clone().unwrap_or_default();
+                if info.device_id.is_empty() {
+                    let f = || Refusal {
+                        reason: RejectReason::MissingDevice,
+                        detail: "device entry has no device_id".into(),
+                    };
+                    for r in &data.readings {
+                        reject("", r.sequence, "reading", r.encode_to_vec(), f())?;
+                    }
+                    for w in &data.waveforms {
+                        reject("", w.sequence, "waveform", w.encode_to_vec(), f())?;
+                    }
+                    continue;
+                }
+                let device_id = info.device_id.as_str();
+                upsert_device.execute(params![
+                    gateway_id,
+                    device_id,
+                    info.protocol,
+                    info.manufacturer,
+                    info.model,
+                    info.serial_number,
+                    info.location,
+                    received_us
+                ])?;
+                let patient = associations
+                    .get(&(gateway_id.to_owned(), device_id.to_owned()))
+                    .map(String::as_str);
+                let dev_ref = DeviceRef {
+                    gateway_id,
+                    device_id,
+                    manufacturer: &info.manufacturer,
+                    model: &info.model,
+                    serial_number: &info.serial_number,
+                };
+                for r in &data.readings {
+                    let metric = match validate_reading(r, now_us) {
+                        Ok(m) => m,
+                        Err(f) => {
+                            reject(device_id, r.sequence, "reading", r.encode_to_vec(), f)?;
+                            continue;
+                        }
+                    };
+                    let mapped = map_observation(&dev_ref, r, metric, patient, received_us);
+                    let n = insert_obs.execute(params![
+                        mapped.id,
+                        gateway_id,
+                        device_id,
+                        r.sequence as i64,
+                        patient,
+                        metric.loinc,
+                        metric.mdc,
+                        mapped.effective_us,
+                        mapped.status,
+                        mapped.value,
+                        batch_seq,
+                        received_us,
+                        serde_json::to_string(&mapped.resource)?
+                    ])?;
+                    if n == 0 {
+                        duplicates += 1;
+                    } else {
+                        accepted += 1;
+                        out_of_range += u32::from(mapped.out_of_range);
+                    }
+                }
+                for w in &data.waveforms {
+                    if let Err(f) = validate_waveform(w, now_us) {
+                        reject(device_id, w.sequence, "waveform", w.encode_to_vec(), f)?;
+                        continue;
+                    }
+                    let samples: Vec<u8> = w.samples.iter().flat_map(|s| s.to_le_bytes()).collect();
+                    let flags = w
+                        .flags
+                        .iter()
+                        .map(i32::to_string)
+                        .collect::<Vec<_>>()
+                        .join(",");
+                    let n = insert_wave.execute(params![
+                        gateway_id,
+                        device_id,
+                        w.sequence as i64,
+                        w.mdc_code,
+                        w.vendor_label,
+                        w.start_time_us,
+                        w.time_source,
+                        w.sample_period_us,
+                        w.scale,
+                        w.offset,
+                        w.mdc_unit,
+                        w.ucum_unit,
+                        w.validity,
+                        flags,
+                        w.samples.len() as i64,
+                        samples,
+                        batch_seq,
+                        received_us
+                    ])?;
+                    if n == 0 {
+                        duplicates += 1;
+                    } else {
+                        accepted += 1;
+                    }
+                }
+            }
+            ack.accepted = accepted;
+            ack.duplicates = duplicates;
+        }
+        tx.execute(
+            "INSERT INTO batches (gateway_id, sequence, received_us, created_us, agent_version, ack)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                gateway_id,
+                batch_seq,
+                received_us,
+                batch.created_time_us,
+                batch.agent_version,
+                ack.encode_to_vec()
+            ],
+        )?;
+        tx.commit()?;
+        Ok(IngestReport {
+            ack,
+            rejected_reasons: reasons,
+            out_of_range,
+        })
+    }
+
+    /// One Observation's JSON text.
+    pub fn observation(&self, id: &str) -> Result<Option<String>, StoreError> {
+        let conn = self.lock()?;
+        Ok(conn
+            .query_row(
+                "SELECT resource FROM observations WHERE id = ?1",
+                [id],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    /// Runs a search; returns the total number of matches and the page's
+    /// Observation JSON texts.
+    pub fn search(&self, s: &ObservationSearch) -> Result<(u64, Vec<String>), StoreError> {
+        if s.codes.iter().any(Vec::is_empty) {
+            return Ok((0, Vec::new()));
+        }
+        let mut clauses: Vec<String> = Vec::new();
+        let mut args: Vec<SqlValue> = Vec::new();
+        let placeholders = |n: usize| vec!["?"; n].join(", ");
+        if !s.patients.is_empty() {
+            clauses.push(format!(
+                "patient_id IN ({})",
+                placeholders(s.patients.len())
+            ));
+            args.extend(s.patients.iter().cloned().map(SqlValue::Text));
+        }
+        for set in &s.codes {
+            clauses.push(format!("mdc_code IN ({})", placeholders(set.len())));
+            args.extend(set.iter().map(|c| SqlValue::Integer(i64::from(*c))));
+        }
+        for d in &s.dates {
+            let (lo, hi) = d.bounds();
+            if let Some(lo) = lo {
+                clauses.push("effective_us >= ?".into());
+                args.push(SqlValue::Integer(lo));
+            }
+            if let Some(hi) = hi {
+                clauses.push("effective_us < ?".into());
+                args.push(SqlValue::Integer(hi));
+            }
+        }
+        let where_sql = if clauses.is_empty() {
+            String::new()
+        } else {
+            format!("WHERE {}", clauses.join(" AND "))
+        };
+        let conn = self.lock()?;
+        let total: i64 = conn.query_row(
+            &format!("SELECT COUNT(*) FROM observations {where_sql}"),
+            params_from_iter(args.iter()),
+            |r| r.get(0),
+        )?;
+        if s.count == 0 {
+            return Ok((total as u64, Vec::new()));
+        }
+        let order = match s.sort {
+            SortOrder::DateAsc => "effective_us ASC, id ASC",
+            SortOrder::DateDesc => "effective_us DESC, id DESC",
+        };
+        let sql = format!(
+            "SELECT resource FROM observations {where_sql} ORDER BY {order} LIMIT ? OFFSET ?"
+        );
+        args.push(SqlValue::Integer(i64::from(s.count)));
+        args.push(SqlValue::Integer(
+            i64::try_from(s.offset).unwrap_or(i64::MAX),
+        ));
+        let mut stmt = conn.prepare(&sql)?;
+        let rows = stmt
+            .query_map(params_from_iter(args.iter()), |r| r.get::<_, String>(0))?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((total as u64, rows))
+    }
+}
+
+/// The hub clock, UTC microseconds.
+pub fn now_us() -> i64 {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shared_protocol::catalogue::codes;
+    use shared_protocol::v1::{DeviceData, DeviceInfo, Reading, reading};
+
+    fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("t.sqlite")).unwrap();
+        (dir, s)
+    }
+
+    #[test]
+    fn reopening_keeps_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.sqlite");
+        Store::open(&p).unwrap().add_gateway("g", "h").unwrap();
+        let s = Store::open(&p).unwrap();
+        assert_eq!(s.list_gateways().unwrap().len(), 1);
+        s.ping().unwrap();
+    }
+
+    #[test]
+    fn gateway_lifecycle() {
+        let (_d, s) = store();
+        s.add_gateway("g", "h1").unwrap();
+        assert!(matches!(
+            s.add_gateway("g", "h2"),
+            Err(StoreError::GatewayExists(_))
+        ));
+        assert_eq!(s.authenticate("h1").unwrap().as_deref(), Some("g"));
+        s.revoke_gateway("g").unwrap();
+        assert_eq!(s.authenticate("h1").unwrap(), None);
+        assert!(s.list_gateways().unwrap()[0].revoked_us.is_some());
+        s.add_gateway("g", "h3").unwrap();
+        assert_eq!(s.authenticate("h3").unwrap().as_deref(), Some("g"));
+        assert!(matches!(
+            s.revoke_gateway("nope"),
+            Err(StoreError::GatewayNotFound(_))
+        ));
+    }
+
+    #[test]
+    fn batch_in_one_transaction_with_dedup() {
+        let (_d, s) = store();
+        let now = now_us();
+        let reading = |seq| Reading {
+            mdc_code: codes::PULS_OXIM_SAT_O2,
+            value: Some(reading::Value::Numeric(97.0)),
+            ucum_unit: "%".into(),
+            device_time_us: now,
+            validity: 1,
+            sequence: seq,
+            ..Default::default()
+        };
+        let batch = |seq, readings| Batch {
+            gateway_id: "g".into(),
+            sequence: seq,
+            devices: vec![DeviceData {
+                device: Some(DeviceInfo {
+                    device_id: "d".into(),
+                    ..Default::default()
+                }),
+                readings,
+                waveforms: vec![],
+            }],
+            ..Default::default()
+        };
+        let assoc = Associations::new();
+        let r = s
+            .ingest(
+                "g",
+                &batch(1, vec![reading(1), reading(2)]),
+                &assoc,
+                now,
+                now,
+            )
+            .unwrap();
+        assert_eq!(
+            (r.ack.accepted, r.ack.duplicates, r.ack.duplicate_batch),
+            (2, 0, false)
+        );
+        let r = s
+            .ingest("g", &batch(1, vec![reading(1)]), &assoc, now, now)
+            .unwrap();
+        assert_eq!((r.ack.accepted, r.ack.duplicate_batch), (2, true));
+        let r = s
+            .ingest(
+                "g",
+                &batch(2, vec![reading(2), reading(3)]),
+                &assoc,
+                now,
+                now,
+            )
+            .unwrap();
+        assert_eq!((r.ack.accepted, r.ack.duplicates), (1, 1));
+        let all = ObservationSearch {
+            patients: vec![],
+            codes: vec![],
+            dates: vec![],
+            count: 10,
+            offset: 0,
+            sort: SortOrder::DateAsc,
+        };
+        assert_eq!(s.search(&all).unwrap().0, 3);
+    }
+}
