@@ -1,0 +1,300 @@
+//! Agent configuration: a TOML file (see `agent.example.toml`), with
+//! environment overrides, validated with errors that name the field.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path}: {source}")]
+    Parse { path: PathBuf, source: toml::de::Error },
+    #[error("config field `{field}`: {message}")]
+    Invalid { field: String, message: String },
+}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { field: field.into(), message: message.into() }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// This gateway's id, as enrolled at the hub (`cloud-hub gateway add`).
+    pub gateway_id: String,
+    /// Directory for the encrypted buffer (sled) and, by default, its key.
+    /// Env: `VIGIL_AGENT_DATA_DIR`.
+    pub data_dir: PathBuf,
+    /// AES-256 key for the buffer: 32 raw bytes or 64 hex digits, mode 0600.
+    /// Generated (0600) if missing. Default: `<data_dir>/buffer.key`.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    pub uplink: UplinkConfig,
+    #[serde(default, rename = "device")]
+    pub devices: Vec<DeviceConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UplinkConfig {
+    /// Hub ingest URL, e.g. `https://hub.example.org/api/v1/ingest`.
+    /// Plain `http://` is accepted only for loopback hosts.
+    /// Env: `VIGIL_AGENT_HUB_URL`.
+    pub url: String,
+    /// File holding the gateway's bearer token (mode 0600). Env:
+    /// `VIGIL_AGENT_TOKEN_FILE`; or give the token itself in
+    /// `VIGIL_AGENT_TOKEN`.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// PEM file of CA certificates to trust instead of the public web roots
+    /// (a hospital's private CA).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Send a batch once this many readings are buffered...
+    #[serde(default = "default_batch_max_readings")]
+    pub batch_max_readings: usize,
+    /// ...or once the oldest unsent reading has waited this long.
+    #[serde(default = "default_batch_max_wait_ms")]
+    pub batch_max_wait_ms: u64,
+    #[serde(default = "default_request_timeout_ms")]
+    pub request_timeout_ms: u64,
+    /// Longest wait between retries (exponential backoff with jitter).
+    #[serde(default = "default_max_backoff_ms")]
+    pub max_backoff_ms: u64,
+}
+
+fn default_batch_max_readings() -> usize {
+    500
+}
+fn default_batch_max_wait_ms() -> u64 {
+    1000
+}
+fn default_request_timeout_ms() -> u64 {
+    10_000
+}
+fn default_max_backoff_ms() -> u64 {
+    30_000
+}
+
+/// One device attached to the gateway.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum DeviceConfig {
+    /// Masimo Radical-7 / Rad-8 in "ASCII 1" serial mode.
+    Masimo {
+        /// Gateway-local device id (no patient data).
+        id: String,
+        /// Serial port path, e.g. `/dev/ttyUSB0`.
+        port: String,
+        /// Bed / location label, e.g. `ICU-3/bed-07`.
+        #[serde(default)]
+        location: String,
+        #[serde(default = "default_masimo_model")]
+        model: String,
+        /// UTC offset of the device's clock in minutes (the device has no
+        /// time zone setting).
+        #[serde(default)]
+        clock_offset_minutes: i32,
+    },
+}
+
+fn default_masimo_model() -> String {
+    "Radical-7".into()
+}
+
+impl DeviceConfig {
+    pub fn id(&self) -> &str {
+        match self {
+            DeviceConfig::Masimo { id, .. } => id,
+        }
+    }
+}
+
+impl UplinkConfig {
+    pub fn batch_max_wait(&self) -> Duration {
+        Duration::from_millis(self.batch_max_wait_ms)
+    }
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+    pub fn max_backoff(&self) -> Duration {
+        Duration::from_millis(self.max_backoff_ms)
+    }
+}
+
+impl AgentConfig {
+    /// Load from a TOML file, apply env overrides, resolve relative paths
+    /// against the file's directory, and validate.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let mut cfg: AgentConfig =
+            toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source })?;
+        cfg.apply_env(|k| std::env::var(k).ok());
+        let base = path.parent().unwrap_or(Path::new("."));
+        cfg.resolve_paths(base);
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) {
+        if let Some(v) = get("VIGIL_AGENT_HUB_URL") {
+            self.uplink.url = v;
+        }
+        if let Some(v) = get("VIGIL_AGENT_TOKEN_FILE") {
+            self.uplink.token_file = Some(v.into());
+        }
+        if let Some(v) = get("VIGIL_AGENT_DATA_DIR") {
+            self.data_dir = v.into();
+        }
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.data_dir);
+        if let Some(p) = self.key_file.as_mut() {
+            fix(p);
+        }
+        if let Some(p) = self.uplink.token_file.as_mut() {
+            fix(p);
+        }
+        if let Some(p) = self.uplink.ca_file.as_mut() {
+            fix(p);
+        }
+    }
+
+    pub fn key_path(&self) -> PathBuf {
+        self.key_file.clone().unwrap_or_else(|| self.data_dir.join("buffer.key"))
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !is_valid_id(&self.gateway_id) {
+            return Err(invalid("gateway_id", "must be 1-64 characters of A-Z a-z 0-9 . _ -"));
+        }
+        validate_hub_url(&self.uplink.url)?;
+        if self.uplink.batch_max_readings == 0 || self.uplink.batch_max_readings > 10_000 {
+            return Err(invalid("uplink.batch_max_readings", "must be between 1 and 10000"));
+        }
+        if self.uplink.batch_max_wait_ms == 0 {
+            return Err(invalid("uplink.batch_max_wait_ms", "must be at least 1"));
+        }
+        if self.uplink.request_timeout_ms < 100 {
+            return Err(invalid("uplink.request_timeout_ms", "must be at least 100"));
+        }
+        let mut ids = std::collections::HashSet::new();
+        for (i, d) in self.devices.iter().enumerate() {
+            if !is_valid_id(d.id()) {
+                return Err(invalid(format!("device[{i}].id"), "must be 1-64 characters of A-Z a-z 0-9 . _ -"));
+            }
+            if !ids.insert(d.id()) {
+                return Err(invalid(format!("device[{i}].id"), format!("duplicate device id {:?}", d.id())));
+            }
+            match d {
+                DeviceConfig::Masimo { port, clock_offset_minutes, .. } => {
+                    if port.is_empty() {
+                        return Err(invalid(format!("device[{i}].port"), "must not be empty"));
+                    }
+                    if clock_offset_minutes.abs() > 18 * 60 {
+                        return Err(invalid(
+                            format!("device[{i}].clock_offset_minutes"),
+                            "must be within ±1080 (±18 h)",
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+pub fn is_valid_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// TLS by default off loopback: `http://` only to a loopback host.
+fn validate_hub_url(url: &str) -> Result<(), ConfigError> {
+    let parsed = reqwest::Url::parse(url).map_err(|e| invalid("uplink.url", e.to_string()))?;
+    match parsed.scheme() {
+        "https" => Ok(()),
+        "http" => {
+            let loopback = match parsed.host() {
+                Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+                Some(url::Host::Ipv4(ip)) => IpAddr::V4(ip).is_loopback(),
+                Some(url::Host::Ipv6(ip)) => IpAddr::V6(ip).is_loopback(),
+                None => false,
+            };
+            if loopback {
+                Ok(())
+            } else {
+                Err(invalid("uplink.url", "plain http:// is only allowed to a loopback host; use https://"))
+            }
+        }
+        other => Err(invalid("uplink.url", format!("unsupported scheme {other:?}; use https://"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../agent.example.toml");
+
+    fn parse(text: &str) -> Result<AgentConfig, ConfigError> {
+        let cfg: AgentConfig = toml::from_str(text)
+            .map_err(|source| ConfigError::Parse { path: "t".into(), source })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    #[test]
+    fn example_config_is_valid() {
+        let cfg = parse(EXAMPLE).unwrap();
+        assert_eq!(cfg.devices.len(), 1);
+        assert_eq!(cfg.uplink.batch_max_readings, 500);
+    }
+
+    #[test]
+    fn plaintext_off_loopback_is_refused_naming_the_field() {
+        let text = EXAMPLE.replace("http://127.0.0.1:8080", "http://10.1.2.3:8080");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("uplink.url"), "{err}");
+        let ok = EXAMPLE.replace("http://127.0.0.1:8080", "https://hub.example.org");
+        parse(&ok).unwrap();
+        let ok = EXAMPLE.replace("http://127.0.0.1:8080", "http://localhost:9");
+        parse(&ok).unwrap();
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_devices_are_named() {
+        let err = parse(&format!("{EXAMPLE}\nbogus = 1\n")).unwrap_err().to_string();
+        assert!(err.contains("bogus"), "{err}");
+        let dup = format!("{EXAMPLE}\n[[device]]\nkind = \"masimo\"\nid = \"masimo-1\"\nport = \"/dev/x\"\n");
+        let err = parse(&dup).unwrap_err().to_string();
+        assert!(err.contains("device[1].id") && err.contains("duplicate"), "{err}");
+        let bad = EXAMPLE.replace("gateway_id = \"gw-demo\"", "gateway_id = \"gw demo!\"");
+        assert!(parse(&bad).unwrap_err().to_string().contains("gateway_id"));
+    }
+
+    #[test]
+    fn env_overrides_apply() {
+        let mut cfg = parse(EXAMPLE).unwrap();
+        cfg.apply_env(|k| match k {
+            "VIGIL_AGENT_HUB_URL" => Some("https://h.example/api/v1/ingest".into()),
+            "VIGIL_AGENT_DATA_DIR" => Some("/var/lib/x".into()),
+            _ => None,
+        });
+        assert_eq!(cfg.uplink.url, "https://h.example/api/v1/ingest");
+        assert_eq!(cfg.data_dir, PathBuf::from("/var/lib/x"));
+        assert_eq!(cfg.key_path(), PathBuf::from("/var/lib/x/buffer.key"));
+    }
+}

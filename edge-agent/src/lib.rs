@@ -1,0 +1,388 @@
+//! Vigil edge agent: device drivers → encrypted buffer → batches → hub.
+//!
+//! [`run`] wires the pieces and runs until the shutdown signal:
+//! - one task per configured device (from `device-drivers`) producing
+//!   [`device_drivers::DriverOutput`]s;
+//! - the writer, which durably accepts them into the [`buffer::Buffer`]
+//!   (sequence numbers assigned, encrypted, flushed);
+//! - the forwarder, which batches the oldest records, sends them to the hub
+//!   with retries, and deletes them only after the hub's `BatchAck`.
+
+pub mod buffer;
+pub mod config;
+pub mod secrets;
+pub mod uplink;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use device_drivers::{DriverOutput, DriverStats, masimo};
+use ring::rand::{SecureRandom, SystemRandom};
+use shared_protocol::v1::{Batch, BatchAck, DeviceData, DeviceInfo};
+use tokio::sync::{Notify, mpsc, watch};
+use tokio::time::Instant;
+
+use crate::buffer::{Buffer, BufferError, StoredRecord};
+use crate::config::{AgentConfig, DeviceConfig};
+use crate::uplink::{Uplink, UplinkError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Secret(#[from] secrets::SecretError),
+    #[error(transparent)]
+    Buffer(#[from] BufferError),
+    #[error(transparent)]
+    Uplink(#[from] UplinkError),
+    #[error("invalid device config for {device}: {message}")]
+    Device { device: String, message: String },
+}
+
+/// Counters of the forwarding path.
+#[derive(Debug, Default)]
+pub struct ForwardStats {
+    pub batches_sent: AtomicU64,
+    pub readings_acked: AtomicU64,
+    pub readings_duplicate: AtomicU64,
+    pub readings_rejected_by_hub: AtomicU64,
+    pub send_failures: AtomicU64,
+}
+
+/// Run the agent until `shutdown` becomes true (or its sender is dropped).
+pub async fn run(cfg: AgentConfig, mut shutdown: watch::Receiver<bool>) -> Result<(), AgentError> {
+    let key = secrets::load_or_create_key(&cfg.key_path())?;
+    std::fs::create_dir_all(&cfg.data_dir).map_err(|e| {
+        BufferError::Storage(sled::Error::Io(e))
+    })?;
+    let buffer = Arc::new(Buffer::open(&cfg.data_dir, &key)?);
+    let token = secrets::load_token(
+        cfg.uplink.token_file.as_deref(),
+        std::env::var("VIGIL_AGENT_TOKEN").ok(),
+    )?;
+    let uplink = Uplink::new(&cfg.uplink.url, &token, cfg.uplink.ca_file.as_deref(), cfg.uplink.request_timeout())?;
+    tracing::info!(
+        gateway_id = %cfg.gateway_id,
+        devices = cfg.devices.len(),
+        pending_readings = buffer.pending_readings(),
+        quarantined = buffer.quarantined(),
+        "edge-agent starting"
+    );
+
+    let (tx, rx) = mpsc::channel::<DriverOutput>(1024);
+    let notify = Arc::new(Notify::new());
+    let mut device_infos = HashMap::new();
+    let mut driver_stats = Vec::new();
+    let mut drivers = Vec::new();
+    for dev in &cfg.devices {
+        let stats = Arc::new(DriverStats::default());
+        driver_stats.push((dev.id().to_string(), stats.clone()));
+        match dev {
+            DeviceConfig::Masimo { id, port, location, model, clock_offset_minutes } => {
+                let clock_offset = time::UtcOffset::from_whole_seconds(clock_offset_minutes * 60)
+                    .map_err(|e| AgentError::Device { device: id.clone(), message: e.to_string() })?;
+                device_infos.insert(
+                    id.clone(),
+                    DeviceInfo {
+                        device_id: id.clone(),
+                        protocol: masimo::PROTOCOL.into(),
+                        manufacturer: "Masimo".into(),
+                        model: model.clone(),
+                        serial_number: String::new(),
+                        location: location.clone(),
+                    },
+                );
+                let mcfg = masimo::MasimoConfig {
+                    device_id: id.clone(),
+                    port: port.clone(),
+                    clock_offset,
+                    max_backoff: Duration::from_secs(10),
+                };
+                drivers.push(tokio::spawn(masimo::run(mcfg, stats, tx.clone(), shutdown.clone())));
+            }
+        }
+    }
+    drop(tx);
+
+    let writer = tokio::spawn(write_loop(buffer.clone(), rx, notify.clone()));
+    let fstats = Arc::new(ForwardStats::default());
+    let forwarder = tokio::spawn(forward_loop(
+        buffer.clone(),
+        uplink,
+        cfg.clone(),
+        device_infos,
+        notify,
+        fstats.clone(),
+        shutdown.clone(),
+    ));
+
+    let _ = shutdown.wait_for(|s| *s).await;
+    tracing::info!("edge-agent stopping");
+    for d in drivers {
+        let _ = d.await;
+    }
+    // Drivers are gone, so the channel closes and the writer drains it.
+    let _ = writer.await;
+    let _ = forwarder.await;
+    buffer.flush().await?;
+    for (id, s) in driver_stats {
+        let s = s.snapshot();
+        tracing::info!(device_id = %id, frames_ok = s.frames_ok, frames_bad = s.frames_bad,
+            bytes_dropped = s.bytes_dropped, link_errors = s.link_errors, "device counters");
+    }
+    tracing::info!(
+        batches_sent = fstats.batches_sent.load(Ordering::Relaxed),
+        readings_acked = fstats.readings_acked.load(Ordering::Relaxed),
+        readings_rejected_by_hub = fstats.readings_rejected_by_hub.load(Ordering::Relaxed),
+        pending_readings = buffer.pending_readings(),
+        "edge-agent stopped"
+    );
+    Ok(())
+}
+
+/// Durably accept everything the drivers produce. Groups whatever is queued
+/// into one sled batch + flush. On a storage error it keeps the outputs and
+/// retries, so the drivers back-pressure instead of losing accepted data.
+async fn write_loop(buffer: Arc<Buffer>, mut rx: mpsc::Receiver<DriverOutput>, notify: Arc<Notify>) {
+    while let Some(first) = rx.recv().await {
+        let mut pending = vec![first];
+        while pending.len() < 256 {
+            match rx.try_recv() {
+                Ok(o) => pending.push(o),
+                Err(_) => break,
+            }
+        }
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match buffer.append(pending.clone()).await {
+                Ok(_) => {
+                    notify.notify_one();
+                    break;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "buffer write failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+}
+
+/// Exponential backoff with full jitter.
+#[derive(Debug)]
+struct Backoff {
+    base: Duration,
+    max: Duration,
+    attempt: u32,
+    rng: SystemRandom,
+}
+
+impl Backoff {
+    fn new(base: Duration, max: Duration) -> Self {
+        Backoff { base, max, attempt: 0, rng: SystemRandom::new() }
+    }
+    fn reset(&mut self) {
+        self.attempt = 0;
+    }
+    fn next_delay(&mut self) -> Duration {
+        let cap = self.base.saturating_mul(1u32 << self.attempt.min(16)).min(self.max);
+        self.attempt += 1;
+        let mut b = [0u8; 4];
+        let frac = if self.rng.fill(&mut b).is_ok() {
+            f64::from(u32::from_le_bytes(b)) / f64::from(u32::MAX)
+        } else {
+            1.0
+        };
+        // Full jitter, but never below half the cap so retries do not hammer.
+        cap.mul_f64(0.5 + 0.5 * frac)
+    }
+}
+
+fn build_batch(
+    gateway_id: &str,
+    sequence: u64,
+    records: &[StoredRecord],
+    infos: &HashMap<String, DeviceInfo>,
+) -> Batch {
+    let mut by_device: BTreeMap<String, DeviceData> = BTreeMap::new();
+    for r in records {
+        let stored = r.data.device.clone().unwrap_or_default();
+        let entry = by_device.entry(stored.device_id.clone()).or_insert_with(|| {
+            let mut info = infos.get(&stored.device_id).cloned().unwrap_or_else(|| DeviceInfo {
+                device_id: stored.device_id.clone(),
+                ..Default::default()
+            });
+            if !stored.serial_number.is_empty() {
+                info.serial_number = stored.serial_number.clone();
+            }
+            DeviceData { device: Some(info), readings: vec![], waveforms: vec![] }
+        });
+        entry.readings.extend(r.data.readings.iter().cloned());
+        entry.waveforms.extend(r.data.waveforms.iter().cloned());
+    }
+    Batch {
+        gateway_id: gateway_id.to_string(),
+        sequence,
+        created_time_us: (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000) as i64,
+        devices: by_device.into_values().collect(),
+        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+    }
+}
+
+fn items_in(batch: &Batch) -> u64 {
+    batch.devices.iter().map(|d| (d.readings.len() + d.waveforms.len()) as u64).sum()
+}
+
+fn ack_matches(batch: &Batch, ack: &BatchAck) -> bool {
+    ack.sequence == batch.sequence
+        && u64::from(ack.accepted) + u64::from(ack.duplicates) + u64::from(ack.rejected) == items_in(batch)
+}
+
+async fn forward_loop(
+    buffer: Arc<Buffer>,
+    uplink: Uplink,
+    cfg: AgentConfig,
+    infos: HashMap<String, DeviceInfo>,
+    notify: Arc<Notify>,
+    stats: Arc<ForwardStats>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let max = cfg.uplink.batch_max_readings;
+    let mut limit = max;
+    let mut backoff = Backoff::new(Duration::from_millis(200), cfg.uplink.max_backoff());
+    'outer: loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        if buffer.pending_readings() == 0 {
+            tokio::select! {
+                _ = notify.notified() => {}
+                _ = shutdown.changed() => return,
+            }
+            continue;
+        }
+        // Batch by count or age, whichever comes first.
+        let deadline = Instant::now() + cfg.uplink.batch_max_wait();
+        while (buffer.pending_readings() as usize) < limit && Instant::now() < deadline {
+            tokio::select! {
+                _ = notify.notified() => {}
+                _ = tokio::time::sleep_until(deadline) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+        let records = match buffer.oldest(limit) {
+            Ok(r) if r.is_empty() => continue,
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "reading the buffer failed");
+                tokio::time::sleep(backoff.next_delay()).await;
+                continue;
+            }
+        };
+        let sequence = match buffer.next_batch_sequence().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "allocating a batch sequence failed");
+                tokio::time::sleep(backoff.next_delay()).await;
+                continue;
+            }
+        };
+        let batch = build_batch(&cfg.gateway_id, sequence, &records, &infos);
+        let n = items_in(&batch);
+        loop {
+            match uplink.send(&batch).await {
+                Ok(ack) if ack_matches(&batch, &ack) => {
+                    if ack.rejected > 0 {
+                        tracing::warn!(batch = sequence, rejected = ack.rejected,
+                            reasons = ?ack.rejections.iter().map(|r| r.reason).collect::<Vec<_>>(),
+                            "hub rejected readings (kept in the hub's rejected store)");
+                    }
+                    if let Err(e) = buffer.remove(&records).await {
+                        // The hub has them; a re-send is de-duplicated there.
+                        tracing::error!(error = %e, "deleting delivered records failed");
+                    }
+                    stats.batches_sent.fetch_add(1, Ordering::Relaxed);
+                    stats.readings_acked.fetch_add(u64::from(ack.accepted), Ordering::Relaxed);
+                    stats.readings_duplicate.fetch_add(u64::from(ack.duplicates), Ordering::Relaxed);
+                    stats.readings_rejected_by_hub.fetch_add(u64::from(ack.rejected), Ordering::Relaxed);
+                    tracing::debug!(batch = sequence, readings = n, accepted = ack.accepted,
+                        duplicates = ack.duplicates, duplicate_batch = ack.duplicate_batch, "batch delivered");
+                    backoff.reset();
+                    limit = max;
+                    continue 'outer;
+                }
+                Ok(ack) => {
+                    stats.send_failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(batch = sequence, ack_sequence = ack.sequence, readings = n,
+                        accepted = ack.accepted, duplicates = ack.duplicates, rejected = ack.rejected,
+                        "hub ack does not match the batch; keeping the records and retrying");
+                }
+                Err(UplinkError::TooLarge) if records.len() > 1 => {
+                    limit = (limit / 2).max(1);
+                    tracing::warn!(batch = sequence, new_limit = limit, "batch too large for the hub; splitting");
+                    continue 'outer;
+                }
+                Err(e) => {
+                    stats.send_failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(batch = sequence, error = %e, pending = buffer.pending_readings(), "send failed; will retry");
+                    let wait = e.retry_after().unwrap_or_else(|| backoff.next_delay());
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = shutdown.changed() => return,
+                    }
+                    continue;
+                }
+            }
+            let wait = backoff.next_delay();
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_with_jitter_and_caps() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+        let d: Vec<Duration> = (0..10).map(|_| b.next_delay()).collect();
+        assert!(d[0] >= Duration::from_millis(50) && d[0] <= Duration::from_millis(100));
+        assert!(d[3] >= Duration::from_millis(400) && d[3] <= Duration::from_millis(800));
+        assert!(d.iter().all(|x| *x <= Duration::from_secs(2)));
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+
+    #[test]
+    fn batch_groups_records_per_device_with_config_info() {
+        use shared_protocol::v1::Reading;
+        let rec = |dev: &str, seq: u64| StoredRecord {
+            key: sled::IVec::from(&seq.to_be_bytes()[..]),
+            data: DeviceData {
+                device: Some(DeviceInfo { device_id: dev.into(), serial_number: "SN1".into(), ..Default::default() }),
+                readings: vec![Reading { sequence: seq, ..Default::default() }],
+                waveforms: vec![],
+            },
+        };
+        let mut infos = HashMap::new();
+        infos.insert("a".to_string(), DeviceInfo { device_id: "a".into(), location: "bed-1".into(), ..Default::default() });
+        let b = build_batch("gw", 9, &[rec("a", 1), rec("b", 1), rec("a", 2)], &infos);
+        assert_eq!(b.sequence, 9);
+        assert_eq!(b.devices.len(), 2);
+        let a = &b.devices[0];
+        assert_eq!(a.device.as_ref().unwrap().location, "bed-1");
+        assert_eq!(a.device.as_ref().unwrap().serial_number, "SN1");
+        assert_eq!(a.readings.iter().map(|r| r.sequence).collect::<Vec<_>>(), vec![1, 2]);
+        assert_eq!(items_in(&b), 3);
+        let ack = BatchAck { sequence: 9, accepted: 2, duplicates: 1, ..Default::default() };
+        assert!(ack_matches(&b, &ack));
+        assert!(!ack_matches(&b, &BatchAck { sequence: 8, accepted: 3, ..Default::default() }));
+        assert!(!ack_matches(&b, &BatchAck { sequence: 9, accepted: 2, ..Default::default() }));
+    }
+}

@@ -1,0 +1,34 @@
+//! `device-sim`: plays the device side of each supported protocol on a real
+//! port, for tests, the demo and a biomedical engineer's bench.
+
+use clap::{Parser, Subcommand};
+
+mod masimo;
+
+#[derive(Debug, Parser)]
+#[command(name = "device-sim", version, about = "Bedside device simulators for Vigil")]
+struct Cli {
+    #[command(subcommand)]
+    device: Device,
+}
+
+#[derive(Debug, Subcommand)]
+enum Device {
+    /// Masimo Radical-7 / Rad-8 pulse oximeter, "ASCII 1" serial output.
+    Masimo(masimo::MasimoArgs),
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let cli = Cli::parse();
+    match cli.device {
+        Device::Masimo(args) => masimo::run(args).await,
+    }
+}
