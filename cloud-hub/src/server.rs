@@ -451,13 +451,16 @@ async fn read(State(st): State<AppState>, Path(id): Path<String>) -> Response {
 }
 
 /// The FHIR base URL: configured, or derived from the request's Host.
-fn base_url(st: &AppState, headers: &HeaderMap) -> String {
+/// HTTP/2 carries the host in the `:authority` pseudo-header (the request
+/// URI's authority), HTTP/1.1 in `Host`.
+fn base_url(st: &AppState, headers: &HeaderMap, uri: &Uri) -> String {
     if let Some(b) = st.config.fhir_base_url() {
         return b;
     }
-    let host = headers
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
+    let host = uri
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| headers.get(header::HOST).and_then(|h| h.to_str().ok()))
         .filter(|h| !h.is_empty() && h.bytes().all(|b| b.is_ascii_graphic()))
         .unwrap_or("localhost");
     let scheme = if st.tls { "https" } else { "http" };
@@ -486,7 +489,7 @@ async fn search(State(st): State<AppState>, headers: HeaderMap, uri: Uri) -> Res
         Ok(r) => r,
         Err(e) => return fhir_internal(&e),
     };
-    let base = base_url(&st, &headers);
+    let base = base_url(&st, &headers, &uri);
     let bundle = match build_bundle(&base, &pairs, &search, total, &rows) {
         Ok(b) => b,
         Err(e) => return fhir_internal(&HubError::Store(StoreError::Json(e))),

@@ -1,0 +1,195 @@
+//! In-process hub for HTTP-level tests: loopback listener, tempdir SQLite.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+
+use cloud_hub::Config;
+use prost::Message;
+use shared_protocol::catalogue::{codes, units};
+use shared_protocol::v1::{Batch, BatchAck, DeviceData, DeviceInfo, Reading, reading};
+use shared_protocol::{CONTENT_TYPE_PROTOBUF, INGEST_PATH};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub const GATEWAY: &str = "gw-1";
+pub const DEVICE: &str = "masimo-1";
+pub const PATIENT: &str = "patient-1";
+
+#[derive(Debug)]
+pub struct TestHub {
+    pub dir: tempfile::TempDir,
+    pub addr: SocketAddr,
+    pub base: String,
+    pub token: String,
+    pub config: Config,
+    pub client: reqwest::Client,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), cloud_hub::HubError>>>,
+}
+
+pub fn client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder().build().unwrap()
+}
+
+pub fn config_text(dir: &std::path::Path, extra_server: &str) -> String {
+    format!(
+        r#"
+[server]
+bind = "127.0.0.1:0"
+max_body_bytes = 65536
+{extra_server}
+[storage]
+sqlite_path = "{}"
+[[associations]]
+gateway_id = "{GATEWAY}"
+device_id = "{DEVICE}"
+patient_id = "{PATIENT}"
+"#,
+        dir.join("hub.sqlite").display()
+    )
+}
+
+impl TestHub {
+    pub async fn start() -> Self {
+        Self::start_with("").await
+    }
+
+    pub async fn start_with(extra_server: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config::parse(&config_text(dir.path(), extra_server)).unwrap();
+        config.validate().unwrap();
+        Self::start_config(dir, config, "http").await
+    }
+
+    pub async fn start_config(dir: tempfile::TempDir, config: Config, scheme: &str) -> Self {
+        let token = cloud_hub::gateway_add(&config, GATEWAY).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(cloud_hub::run(config.clone(), listener, async move {
+            let _ = rx.await;
+        }));
+        Self {
+            dir,
+            addr,
+            base: format!("{scheme}://{addr}"),
+            token,
+            config,
+            client: client(),
+            shutdown: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub async fn post_raw(
+        &self,
+        token: Option<&str>,
+        content_type: &str,
+        body: Vec<u8>,
+    ) -> reqwest::Response {
+        let mut req = self
+            .client
+            .post(self.url(INGEST_PATH))
+            .header("content-type", content_type)
+            .body(body);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        req.send().await.unwrap()
+    }
+
+    /// Posts a batch with the hub's token; asserts 200 and decodes the ack.
+    pub async fn ingest(&self, batch: &Batch) -> BatchAck {
+        let resp = self
+            .post_raw(
+                Some(&self.token),
+                CONTENT_TYPE_PROTOBUF,
+                batch.encode_to_vec(),
+            )
+            .await;
+        assert_eq!(resp.status(), 200, "{:?}", resp.text().await);
+        assert_eq!(resp.headers()["content-type"], CONTENT_TYPE_PROTOBUF);
+        BatchAck::decode(resp.bytes().await.unwrap()).unwrap()
+    }
+
+    pub async fn get_json(&self, path: &str) -> (u16, serde_json::Value) {
+        let resp = self.client.get(self.url(path)).send().await.unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}")),
+        )
+    }
+
+    pub fn db(&self) -> rusqlite::Connection {
+        rusqlite::Connection::open(&self.config.storage.sqlite_path).unwrap()
+    }
+
+    /// Requests shutdown and waits for the server to return.
+    pub async fn stop(mut self) {
+        self.shutdown.take().unwrap().send(()).unwrap();
+        self.task.take().unwrap().await.unwrap().unwrap();
+    }
+}
+
+/// Microseconds since the epoch, now.
+pub fn now_us() -> i64 {
+    cloud_hub::store::now_us()
+}
+
+/// 2024-05-01T10:00:00Z
+pub const T0: i64 = 1_714_557_600_000_000;
+pub const MINUTE: i64 = 60_000_000;
+
+pub fn spo2(seq: u64, value: f64, time_us: i64) -> Reading {
+    Reading {
+        mdc_code: codes::PULS_OXIM_SAT_O2,
+        vendor_label: "SPO2".into(),
+        value: Some(reading::Value::Numeric(value)),
+        mdc_unit: units::PERCENT.mdc,
+        ucum_unit: "%".into(),
+        device_time_us: time_us,
+        time_source: 1,
+        gateway_time_us: time_us + 1000,
+        validity: 1,
+        flags: vec![],
+        sequence: seq,
+    }
+}
+
+pub fn pulse(seq: u64, value: f64, time_us: i64) -> Reading {
+    Reading {
+        mdc_code: codes::PULS_OXIM_PULS_RATE,
+        mdc_unit: units::BEAT_PER_MIN.mdc,
+        ucum_unit: "/min".into(),
+        value: Some(reading::Value::Numeric(value)),
+        ..spo2(seq, 0.0, time_us)
+    }
+}
+
+pub fn batch(seq: u64, device_id: &str, readings: Vec<Reading>) -> Batch {
+    Batch {
+        gateway_id: GATEWAY.into(),
+        sequence: seq,
+        created_time_us: T0,
+        devices: vec![DeviceData {
+            device: Some(DeviceInfo {
+                device_id: device_id.into(),
+                protocol: "masimo-ascii1".into(),
+                manufacturer: "Masimo".into(),
+                model: "Radical-7".into(),
+                serial_number: "1234".into(),
+                location: "ICU-3/bed-07".into(),
+            }),
+            readings,
+            waveforms: vec![],
+        }],
+        agent_version: "test".into(),
+    }
+}
