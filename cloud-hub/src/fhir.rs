@@ -169,6 +169,14 @@ pub fn map_observation(
         }
         obs.insert("meta".into(), json!({ "profile": profiles }));
     }
+    // The reading's identity (gateway, device, per-device sequence).
+    obs.insert(
+        "identifier".into(),
+        json!([{
+            "system": format!("urn:vigil:reading:{}:{}", device.gateway_id, device.device_id),
+            "value": reading.sequence.to_string(),
+        }]),
+    );
     obs.insert("status".into(), json!(status));
     let (cat_code, cat_display) = category(metric);
     obs.insert(
@@ -793,6 +801,10 @@ mod tests {
         assert_eq!(o["extension"][0]["extension"][0]["valueCode"], "valid");
         assert!(is_valid_id(&m.id) && m.id.len() == 32);
         assert_eq!(m.id, observation_id("gw-1", "masimo-1", 7));
+        assert_eq!(
+            o["identifier"],
+            json!([{ "system": "urn:vigil:reading:gw-1:masimo-1", "value": "7" }])
+        );
     }
 
     #[test]
