@@ -132,7 +132,7 @@ impl Config {
                 .filter(|s| !s.is_empty()),
         );
         config.resolve_paths(base_dir);
-        config.validate()?;
+        config.validate_fields()?;
         Ok(config)
     }
 
@@ -175,10 +175,19 @@ impl Config {
         })
     }
 
-    /// Checks the rules a file cannot express by its shape alone.
+    /// Checks the rules a file cannot express by its shape alone, including
+    /// "TLS by default off loopback" (see [`Config::validate_fields`]).
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let addr = self.bind_addr()?;
-        check_plaintext_allowed(self, addr)?;
+        self.validate_fields()?;
+        check_plaintext_allowed(self, self.bind_addr()?)
+    }
+
+    /// Checks every field's value, but not the serving rule that plaintext
+    /// off loopback needs `server.allow_plaintext` (so gateway administration
+    /// works with any serving setup). [`Config::load`] runs this; serving
+    /// runs [`Config::validate`].
+    pub fn validate_fields(&self) -> Result<(), ConfigError> {
+        self.bind_addr()?;
         if self.server.max_body_bytes == 0 {
             return Err(ConfigError::invalid(
                 "server.max_body_bytes",

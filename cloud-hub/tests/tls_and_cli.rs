@@ -233,4 +233,15 @@ fn cli_serve_refuses_plaintext_off_loopback() {
     assert!(!out.status.success());
     assert!(out.stdout.is_empty());
     assert!(String::from_utf8_lossy(&out.stderr).contains("server.tls"));
+    // Gateway administration is not a serving concern and still works.
+    let out = hub_cmd(&config)
+        .env("VIGIL_HUB_BIND", "0.0.0.0:0")
+        .args(["gateway", "list"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
