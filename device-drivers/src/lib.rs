@@ -73,7 +73,8 @@ impl DriverStats {
     }
     pub fn frame_error(&self, dropped: usize) {
         self.frames_bad.fetch_add(1, Ordering::Relaxed);
-        self.bytes_dropped.fetch_add(dropped as u64, Ordering::Relaxed);
+        self.bytes_dropped
+            .fetch_add(dropped as u64, Ordering::Relaxed);
     }
     pub fn link_error(&self) {
         self.link_errors.fetch_add(1, Ordering::Relaxed);

@@ -162,8 +162,12 @@ impl Buffer {
     fn next_nonce(&self) -> Result<[u8; 12], BufferError> {
         let mut n = self.nonce.lock().expect("nonce lock");
         if n.next >= n.reserved_end {
-            let end = n.next.checked_add(NONCE_BLOCK).ok_or(BufferError::NonceExhausted)?;
-            self.tree.insert(self.nonce_meta_key(), &end.to_be_bytes())?;
+            let end = n
+                .next
+                .checked_add(NONCE_BLOCK)
+                .ok_or(BufferError::NonceExhausted)?;
+            self.tree
+                .insert(self.nonce_meta_key(), &end.to_be_bytes())?;
             self.tree.flush()?;
             n.reserved_end = end;
         }
@@ -184,7 +188,11 @@ impl Buffer {
         aad.extend_from_slice(&header[..9]);
         let mut in_out = plaintext;
         self.key
-            .seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(&aad), &mut in_out)
+            .seal_in_place_append_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(&aad),
+                &mut in_out,
+            )
             .map_err(|_| BufferError::Seal)?;
         header.extend_from_slice(&in_out);
         Ok(header)
@@ -206,7 +214,11 @@ impl Buffer {
         let mut ct = value[HEADER..].to_vec();
         let plain = self
             .key
-            .open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(&aad), &mut ct)
+            .open_in_place(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(&aad),
+                &mut ct,
+            )
             .map_err(|_| "authentication failed")?;
         DeviceData::decode(&*plain).map_err(|_| "plaintext is not a DeviceData")
     }
@@ -224,7 +236,10 @@ impl Buffer {
             if out.readings.is_empty() {
                 continue;
             }
-            let seq = match touched.get(&out.device_id).or_else(|| seqs.get(&out.device_id)) {
+            let seq = match touched
+                .get(&out.device_id)
+                .or_else(|| seqs.get(&out.device_id))
+            {
                 Some(s) => *s,
                 None => get_u64(&self.tree, &meta_key(&format!("seq/{}", out.device_id)))?,
             };
@@ -263,7 +278,8 @@ impl Buffer {
         self.tree.flush_async().await?;
         seqs.extend(touched);
         self.pending_records.fetch_add(n_records, Ordering::Relaxed);
-        self.pending_readings.fetch_add(n_readings as u64, Ordering::Relaxed);
+        self.pending_readings
+            .fetch_add(n_readings as u64, Ordering::Relaxed);
         Ok(n_readings)
     }
 
@@ -300,7 +316,8 @@ impl Buffer {
         self.pending_records.fetch_sub(1, Ordering::Relaxed);
         if v.len() >= HEADER {
             let n = u32::from_be_bytes(v[5..9].try_into().expect("4 bytes"));
-            self.pending_readings.fetch_sub(u64::from(n), Ordering::Relaxed);
+            self.pending_readings
+                .fetch_sub(u64::from(n), Ordering::Relaxed);
         }
         Ok(())
     }
@@ -315,7 +332,8 @@ impl Buffer {
         }
         self.tree.apply_batch(batch)?;
         self.tree.flush_async().await?;
-        self.pending_records.fetch_sub(records.len() as u64, Ordering::Relaxed);
+        self.pending_records
+            .fetch_sub(records.len() as u64, Ordering::Relaxed);
         self.pending_readings.fetch_sub(readings, Ordering::Relaxed);
         Ok(())
     }
@@ -375,7 +393,12 @@ mod tests {
         let key = [9u8; 32];
         {
             let b = Buffer::open(dir.path(), &key).unwrap();
-            assert_eq!(b.append(vec![out("a", &[1.0, 2.0]), out("b", &[3.0])]).await.unwrap(), 3);
+            assert_eq!(
+                b.append(vec![out("a", &[1.0, 2.0]), out("b", &[3.0])])
+                    .await
+                    .unwrap(),
+                3
+            );
             assert_eq!(b.append(vec![out("a", &[4.0])]).await.unwrap(), 1);
             assert_eq!(b.pending_readings(), 4);
         }
@@ -391,7 +414,12 @@ mod tests {
             .collect();
         assert_eq!(
             seqs,
-            vec![("a".into(), 1), ("a".into(), 2), ("b".into(), 1), ("a".into(), 3)]
+            vec![
+                ("a".into(), 1),
+                ("a".into(), 2),
+                ("b".into(), 1),
+                ("a".into(), 3)
+            ]
         );
         // Sequences continue after reopen, never restart.
         b.append(vec![out("a", &[5.0])]).await.unwrap();
@@ -404,7 +432,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let b = Buffer::open(dir.path(), &[1u8; 32]).unwrap();
         for i in 0..10 {
-            b.append(vec![out("a", &[f64::from(i), 0.0, 1.0])]).await.unwrap();
+            b.append(vec![out("a", &[f64::from(i), 0.0, 1.0])])
+                .await
+                .unwrap();
         }
         let first = b.oldest(7).unwrap();
         assert_eq!(first.len(), 2, "whole records, not more than the limit");
@@ -421,7 +451,9 @@ mod tests {
         {
             let b = Buffer::open(dir.path(), &[3u8; 32]).unwrap();
             for _ in 0..50 {
-                b.append(vec![out("bed-7-monitor", &[97.25])]).await.unwrap();
+                b.append(vec![out("bed-7-monitor", &[97.25])])
+                    .await
+                    .unwrap();
             }
             b.flush().await.unwrap();
         }
@@ -443,7 +475,11 @@ mod tests {
         let mut v = vec![];
         for e in std::fs::read_dir(p).unwrap() {
             let path = e.unwrap().path();
-            if path.is_dir() { v.extend(walk(&path)) } else { v.push(path) }
+            if path.is_dir() {
+                v.extend(walk(&path))
+            } else {
+                v.push(path)
+            }
         }
         v
     }

@@ -10,15 +10,24 @@ use serde::Deserialize;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("config file {path}: {source}")]
-    Parse { path: PathBuf, source: toml::de::Error },
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
     #[error("config field `{field}`: {message}")]
     Invalid { field: String, message: String },
 }
 
 fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { field: field.into(), message: message.into() }
+    ConfigError::Invalid {
+        field: field.into(),
+        message: message.into(),
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -130,10 +139,14 @@ impl AgentConfig {
     /// Load from a TOML file, apply env overrides, resolve relative paths
     /// against the file's directory, and validate.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-        let mut cfg: AgentConfig =
-            toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut cfg: AgentConfig = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })?;
         cfg.apply_env(|k| std::env::var(k).ok());
         let base = path.parent().unwrap_or(Path::new("."));
         cfg.resolve_paths(base);
@@ -172,16 +185,24 @@ impl AgentConfig {
     }
 
     pub fn key_path(&self) -> PathBuf {
-        self.key_file.clone().unwrap_or_else(|| self.data_dir.join("buffer.key"))
+        self.key_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("buffer.key"))
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         if !is_valid_id(&self.gateway_id) {
-            return Err(invalid("gateway_id", "must be 1-64 characters of A-Z a-z 0-9 . _ -"));
+            return Err(invalid(
+                "gateway_id",
+                "must be 1-64 characters of A-Z a-z 0-9 . _ -",
+            ));
         }
         validate_hub_url(&self.uplink.url)?;
         if self.uplink.batch_max_readings == 0 || self.uplink.batch_max_readings > 10_000 {
-            return Err(invalid("uplink.batch_max_readings", "must be between 1 and 10000"));
+            return Err(invalid(
+                "uplink.batch_max_readings",
+                "must be between 1 and 10000",
+            ));
         }
         if self.uplink.batch_max_wait_ms == 0 {
             return Err(invalid("uplink.batch_max_wait_ms", "must be at least 1"));
@@ -192,13 +213,23 @@ impl AgentConfig {
         let mut ids = std::collections::HashSet::new();
         for (i, d) in self.devices.iter().enumerate() {
             if !is_valid_id(d.id()) {
-                return Err(invalid(format!("device[{i}].id"), "must be 1-64 characters of A-Z a-z 0-9 . _ -"));
+                return Err(invalid(
+                    format!("device[{i}].id"),
+                    "must be 1-64 characters of A-Z a-z 0-9 . _ -",
+                ));
             }
             if !ids.insert(d.id()) {
-                return Err(invalid(format!("device[{i}].id"), format!("duplicate device id {:?}", d.id())));
+                return Err(invalid(
+                    format!("device[{i}].id"),
+                    format!("duplicate device id {:?}", d.id()),
+                ));
             }
             match d {
-                DeviceConfig::Masimo { port, clock_offset_minutes, .. } => {
+                DeviceConfig::Masimo {
+                    port,
+                    clock_offset_minutes,
+                    ..
+                } => {
                     if port.is_empty() {
                         return Err(invalid(format!("device[{i}].port"), "must not be empty"));
                     }
@@ -218,7 +249,8 @@ impl AgentConfig {
 pub fn is_valid_id(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 /// TLS by default off loopback: `http://` only to a loopback host.
@@ -236,10 +268,16 @@ fn validate_hub_url(url: &str) -> Result<(), ConfigError> {
             if loopback {
                 Ok(())
             } else {
-                Err(invalid("uplink.url", "plain http:// is only allowed to a loopback host; use https://"))
+                Err(invalid(
+                    "uplink.url",
+                    "plain http:// is only allowed to a loopback host; use https://",
+                ))
             }
         }
-        other => Err(invalid("uplink.url", format!("unsupported scheme {other:?}; use https://"))),
+        other => Err(invalid(
+            "uplink.url",
+            format!("unsupported scheme {other:?}; use https://"),
+        )),
     }
 }
 
@@ -250,8 +288,10 @@ mod tests {
     const EXAMPLE: &str = include_str!("../agent.example.toml");
 
     fn parse(text: &str) -> Result<AgentConfig, ConfigError> {
-        let cfg: AgentConfig = toml::from_str(text)
-            .map_err(|source| ConfigError::Parse { path: "t".into(), source })?;
+        let cfg: AgentConfig = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: "t".into(),
+            source,
+        })?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -276,11 +316,18 @@ mod tests {
 
     #[test]
     fn unknown_fields_and_bad_devices_are_named() {
-        let err = parse(&format!("{EXAMPLE}\nbogus = 1\n")).unwrap_err().to_string();
+        let err = parse(&format!("{EXAMPLE}\nbogus = 1\n"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("bogus"), "{err}");
-        let dup = format!("{EXAMPLE}\n[[device]]\nkind = \"masimo\"\nid = \"masimo-1\"\nport = \"/dev/x\"\n");
+        let dup = format!(
+            "{EXAMPLE}\n[[device]]\nkind = \"masimo\"\nid = \"masimo-1\"\nport = \"/dev/x\"\n"
+        );
         let err = parse(&dup).unwrap_err().to_string();
-        assert!(err.contains("device[1].id") && err.contains("duplicate"), "{err}");
+        assert!(
+            err.contains("device[1].id") && err.contains("duplicate"),
+            "{err}"
+        );
         let bad = EXAMPLE.replace("gateway_id = \"gw-demo\"", "gateway_id = \"gw demo!\"");
         assert!(parse(&bad).unwrap_err().to_string().contains("gateway_id"));
     }

@@ -53,15 +53,18 @@ pub struct ForwardStats {
 /// Run the agent until `shutdown` becomes true (or its sender is dropped).
 pub async fn run(cfg: AgentConfig, mut shutdown: watch::Receiver<bool>) -> Result<(), AgentError> {
     let key = secrets::load_or_create_key(&cfg.key_path())?;
-    std::fs::create_dir_all(&cfg.data_dir).map_err(|e| {
-        BufferError::Storage(sled::Error::Io(e))
-    })?;
+    std::fs::create_dir_all(&cfg.data_dir).map_err(|e| BufferError::Storage(sled::Error::Io(e)))?;
     let buffer = Arc::new(Buffer::open(&cfg.data_dir, &key)?);
     let token = secrets::load_token(
         cfg.uplink.token_file.as_deref(),
         std::env::var("VIGIL_AGENT_TOKEN").ok(),
     )?;
-    let uplink = Uplink::new(&cfg.uplink.url, &token, cfg.uplink.ca_file.as_deref(), cfg.uplink.request_timeout())?;
+    let uplink = Uplink::new(
+        &cfg.uplink.url,
+        &token,
+        cfg.uplink.ca_file.as_deref(),
+        cfg.uplink.request_timeout(),
+    )?;
     tracing::info!(
         gateway_id = %cfg.gateway_id,
         devices = cfg.devices.len(),
@@ -79,9 +82,18 @@ pub async fn run(cfg: AgentConfig, mut shutdown: watch::Receiver<bool>) -> Resul
         let stats = Arc::new(DriverStats::default());
         driver_stats.push((dev.id().to_string(), stats.clone()));
         match dev {
-            DeviceConfig::Masimo { id, port, location, model, clock_offset_minutes } => {
+            DeviceConfig::Masimo {
+                id,
+                port,
+                location,
+                model,
+                clock_offset_minutes,
+            } => {
                 let clock_offset = time::UtcOffset::from_whole_seconds(clock_offset_minutes * 60)
-                    .map_err(|e| AgentError::Device { device: id.clone(), message: e.to_string() })?;
+                    .map_err(|e| AgentError::Device {
+                    device: id.clone(),
+                    message: e.to_string(),
+                })?;
                 device_infos.insert(
                     id.clone(),
                     DeviceInfo {
@@ -99,7 +111,12 @@ pub async fn run(cfg: AgentConfig, mut shutdown: watch::Receiver<bool>) -> Resul
                     clock_offset,
                     max_backoff: Duration::from_secs(10),
                 };
-                drivers.push(tokio::spawn(masimo::run(mcfg, stats, tx.clone(), shutdown.clone())));
+                drivers.push(tokio::spawn(masimo::run(
+                    mcfg,
+                    stats,
+                    tx.clone(),
+                    shutdown.clone(),
+                )));
             }
         }
     }
@@ -144,7 +161,11 @@ pub async fn run(cfg: AgentConfig, mut shutdown: watch::Receiver<bool>) -> Resul
 /// Durably accept everything the drivers produce. Groups whatever is queued
 /// into one sled batch + flush. On a storage error it keeps the outputs and
 /// retries, so the drivers back-pressure instead of losing accepted data.
-async fn write_loop(buffer: Arc<Buffer>, mut rx: mpsc::Receiver<DriverOutput>, notify: Arc<Notify>) {
+async fn write_loop(
+    buffer: Arc<Buffer>,
+    mut rx: mpsc::Receiver<DriverOutput>,
+    notify: Arc<Notify>,
+) {
     while let Some(first) = rx.recv().await {
         let mut pending = vec![first];
         while pending.len() < 256 {
@@ -181,13 +202,21 @@ struct Backoff {
 
 impl Backoff {
     fn new(base: Duration, max: Duration) -> Self {
-        Backoff { base, max, attempt: 0, rng: SystemRandom::new() }
+        Backoff {
+            base,
+            max,
+            attempt: 0,
+            rng: SystemRandom::new(),
+        }
     }
     fn reset(&mut self) {
         self.attempt = 0;
     }
     fn next_delay(&mut self) -> Duration {
-        let cap = self.base.saturating_mul(1u32 << self.attempt.min(16)).min(self.max);
+        let cap = self
+            .base
+            .saturating_mul(1u32 << self.attempt.min(16))
+            .min(self.max);
         self.attempt += 1;
         let mut b = [0u8; 4];
         let frac = if self.rng.fill(&mut b).is_ok() {
@@ -209,16 +238,26 @@ fn build_batch(
     let mut by_device: BTreeMap<String, DeviceData> = BTreeMap::new();
     for r in records {
         let stored = r.data.device.clone().unwrap_or_default();
-        let entry = by_device.entry(stored.device_id.clone()).or_insert_with(|| {
-            let mut info = infos.get(&stored.device_id).cloned().unwrap_or_else(|| DeviceInfo {
-                device_id: stored.device_id.clone(),
-                ..Default::default()
+        let entry = by_device
+            .entry(stored.device_id.clone())
+            .or_insert_with(|| {
+                let mut info =
+                    infos
+                        .get(&stored.device_id)
+                        .cloned()
+                        .unwrap_or_else(|| DeviceInfo {
+                            device_id: stored.device_id.clone(),
+                            ..Default::default()
+                        });
+                if !stored.serial_number.is_empty() {
+                    info.serial_number = stored.serial_number.clone();
+                }
+                DeviceData {
+                    device: Some(info),
+                    readings: vec![],
+                    waveforms: vec![],
+                }
             });
-            if !stored.serial_number.is_empty() {
-                info.serial_number = stored.serial_number.clone();
-            }
-            DeviceData { device: Some(info), readings: vec![], waveforms: vec![] }
-        });
         entry.readings.extend(r.data.readings.iter().cloned());
         entry.waveforms.extend(r.data.waveforms.iter().cloned());
     }
@@ -232,12 +271,17 @@ fn build_batch(
 }
 
 fn items_in(batch: &Batch) -> u64 {
-    batch.devices.iter().map(|d| (d.readings.len() + d.waveforms.len()) as u64).sum()
+    batch
+        .devices
+        .iter()
+        .map(|d| (d.readings.len() + d.waveforms.len()) as u64)
+        .sum()
 }
 
 fn ack_matches(batch: &Batch, ack: &BatchAck) -> bool {
     ack.sequence == batch.sequence
-        && u64::from(ack.accepted) + u64::from(ack.duplicates) + u64::from(ack.rejected) == items_in(batch)
+        && u64::from(ack.accepted) + u64::from(ack.duplicates) + u64::from(ack.rejected)
+            == items_in(batch)
 }
 
 async fn forward_loop(
@@ -304,24 +348,46 @@ async fn forward_loop(
                         tracing::error!(error = %e, "deleting delivered records failed");
                     }
                     stats.batches_sent.fetch_add(1, Ordering::Relaxed);
-                    stats.readings_acked.fetch_add(u64::from(ack.accepted), Ordering::Relaxed);
-                    stats.readings_duplicate.fetch_add(u64::from(ack.duplicates), Ordering::Relaxed);
-                    stats.readings_rejected_by_hub.fetch_add(u64::from(ack.rejected), Ordering::Relaxed);
-                    tracing::debug!(batch = sequence, readings = n, accepted = ack.accepted,
-                        duplicates = ack.duplicates, duplicate_batch = ack.duplicate_batch, "batch delivered");
+                    stats
+                        .readings_acked
+                        .fetch_add(u64::from(ack.accepted), Ordering::Relaxed);
+                    stats
+                        .readings_duplicate
+                        .fetch_add(u64::from(ack.duplicates), Ordering::Relaxed);
+                    stats
+                        .readings_rejected_by_hub
+                        .fetch_add(u64::from(ack.rejected), Ordering::Relaxed);
+                    tracing::debug!(
+                        batch = sequence,
+                        readings = n,
+                        accepted = ack.accepted,
+                        duplicates = ack.duplicates,
+                        duplicate_batch = ack.duplicate_batch,
+                        "batch delivered"
+                    );
                     backoff.reset();
                     limit = max;
                     continue 'outer;
                 }
                 Ok(ack) => {
                     stats.send_failures.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(batch = sequence, ack_sequence = ack.sequence, readings = n,
-                        accepted = ack.accepted, duplicates = ack.duplicates, rejected = ack.rejected,
-                        "hub ack does not match the batch; keeping the records and retrying");
+                    tracing::error!(
+                        batch = sequence,
+                        ack_sequence = ack.sequence,
+                        readings = n,
+                        accepted = ack.accepted,
+                        duplicates = ack.duplicates,
+                        rejected = ack.rejected,
+                        "hub ack does not match the batch; keeping the records and retrying"
+                    );
                 }
                 Err(UplinkError::TooLarge) if records.len() > 1 => {
                     limit = (limit / 2).max(1);
-                    tracing::warn!(batch = sequence, new_limit = limit, "batch too large for the hub; splitting");
+                    tracing::warn!(
+                        batch = sequence,
+                        new_limit = limit,
+                        "batch too large for the hub; splitting"
+                    );
                     continue 'outer;
                 }
                 Err(e) => {
@@ -365,24 +431,60 @@ mod tests {
         let rec = |dev: &str, seq: u64| StoredRecord {
             key: sled::IVec::from(&seq.to_be_bytes()[..]),
             data: DeviceData {
-                device: Some(DeviceInfo { device_id: dev.into(), serial_number: "SN1".into(), ..Default::default() }),
-                readings: vec![Reading { sequence: seq, ..Default::default() }],
+                device: Some(DeviceInfo {
+                    device_id: dev.into(),
+                    serial_number: "SN1".into(),
+                    ..Default::default()
+                }),
+                readings: vec![Reading {
+                    sequence: seq,
+                    ..Default::default()
+                }],
                 waveforms: vec![],
             },
         };
         let mut infos = HashMap::new();
-        infos.insert("a".to_string(), DeviceInfo { device_id: "a".into(), location: "bed-1".into(), ..Default::default() });
+        infos.insert(
+            "a".to_string(),
+            DeviceInfo {
+                device_id: "a".into(),
+                location: "bed-1".into(),
+                ..Default::default()
+            },
+        );
         let b = build_batch("gw", 9, &[rec("a", 1), rec("b", 1), rec("a", 2)], &infos);
         assert_eq!(b.sequence, 9);
         assert_eq!(b.devices.len(), 2);
         let a = &b.devices[0];
         assert_eq!(a.device.as_ref().unwrap().location, "bed-1");
         assert_eq!(a.device.as_ref().unwrap().serial_number, "SN1");
-        assert_eq!(a.readings.iter().map(|r| r.sequence).collect::<Vec<_>>(), vec![1, 2]);
+        assert_eq!(
+            a.readings.iter().map(|r| r.sequence).collect::<Vec<_>>(),
+            vec![1, 2]
+        );
         assert_eq!(items_in(&b), 3);
-        let ack = BatchAck { sequence: 9, accepted: 2, duplicates: 1, ..Default::default() };
+        let ack = BatchAck {
+            sequence: 9,
+            accepted: 2,
+            duplicates: 1,
+            ..Default::default()
+        };
         assert!(ack_matches(&b, &ack));
-        assert!(!ack_matches(&b, &BatchAck { sequence: 8, accepted: 3, ..Default::default() }));
-        assert!(!ack_matches(&b, &BatchAck { sequence: 9, accepted: 2, ..Default::default() }));
+        assert!(!ack_matches(
+            &b,
+            &BatchAck {
+                sequence: 8,
+                accepted: 3,
+                ..Default::default()
+            }
+        ));
+        assert!(!ack_matches(
+            &b,
+            &BatchAck {
+                sequence: 9,
+                accepted: 2,
+                ..Default::default()
+            }
+        ));
     }
 }

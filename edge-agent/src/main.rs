@@ -10,7 +10,13 @@ use clap::{Parser, Subcommand, ValueEnum};
 #[command(name = "edge-agent", version, about = "Vigil gateway agent")]
 struct Cli {
     /// Log format: human-readable text or JSON lines (production).
-    #[arg(long, value_enum, default_value = "text", env = "VIGIL_LOG_FORMAT", global = true)]
+    #[arg(
+        long,
+        value_enum,
+        default_value = "text",
+        env = "VIGIL_LOG_FORMAT",
+        global = true
+    )]
     log_format: LogFormat,
     #[command(subcommand)]
     cmd: Cmd,
@@ -39,7 +45,9 @@ enum Cmd {
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter);
+    let b = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter);
     match format {
         LogFormat::Text => b.init(),
         LogFormat::Json => b.json().flatten_event(true).init(),
@@ -58,7 +66,9 @@ async fn main() -> anyhow::Result<()> {
                 wait_for_signal().await;
                 let _ = tx.send(true);
             });
-            edge_agent::run(cfg, rx).await.context("edge-agent failed")?;
+            edge_agent::run(cfg, rx)
+                .await
+                .context("edge-agent failed")?;
         }
         Cmd::CheckConfig { config } => {
             let cfg = edge_agent::config::AgentConfig::load(&config)?;
@@ -69,7 +79,11 @@ async fn main() -> anyhow::Result<()> {
             if cfg.key_path().exists() {
                 edge_agent::secrets::read_private(&cfg.key_path())?;
             }
-            println!("config OK: gateway {} with {} device(s)", cfg.gateway_id, cfg.devices.len());
+            println!(
+                "config OK: gateway {} with {} device(s)",
+                cfg.gateway_id,
+                cfg.devices.len()
+            );
         }
     }
     Ok(())

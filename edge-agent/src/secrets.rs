@@ -12,7 +12,10 @@ use ring::rand::{SecureRandom, SystemRandom};
 #[derive(Debug, thiserror::Error)]
 pub enum SecretError {
     #[error("secret file {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error(
         "secret file {path} has mode {mode:04o}; group/others must have no access (run: chmod 600 {path})"
     )]
@@ -28,7 +31,10 @@ pub enum SecretError {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SecretError + '_ {
-    move |source| SecretError::Io { path: path.to_owned(), source }
+    move |source| SecretError::Io {
+        path: path.to_owned(),
+        source,
+    }
 }
 
 /// Read a secret file after checking that only its owner can access it.
@@ -36,7 +42,10 @@ pub fn read_private(path: &Path) -> Result<Vec<u8>, SecretError> {
     let meta = std::fs::metadata(path).map_err(io(path))?;
     let mode = meta.permissions().mode() & 0o7777;
     if mode & 0o077 != 0 {
-        return Err(SecretError::Permissions { path: path.to_owned(), mode });
+        return Err(SecretError::Permissions {
+            path: path.to_owned(),
+            mode,
+        });
     }
     std::fs::read(path).map_err(io(path))
 }
@@ -47,7 +56,9 @@ pub fn load_or_create_key(path: &Path) -> Result<[u8; 32], SecretError> {
         Ok(_) => parse_key(path, &read_private(path)?),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let mut key = [0u8; 32];
-            SystemRandom::new().fill(&mut key).map_err(|_| SecretError::Random)?;
+            SystemRandom::new()
+                .fill(&mut key)
+                .map_err(|_| SecretError::Random)?;
             if let Some(dir) = path.parent() {
                 std::fs::create_dir_all(dir).map_err(io(path))?;
             }
@@ -72,14 +83,23 @@ fn parse_key(path: &Path, bytes: &[u8]) -> Result<[u8; 32], SecretError> {
         k.copy_from_slice(bytes);
         return Ok(k);
     }
-    let text = std::str::from_utf8(bytes).map_err(|_| SecretError::KeyFormat { path: path.to_owned() })?;
-    let v = hex::decode(text.trim()).map_err(|_| SecretError::KeyFormat { path: path.to_owned() })?;
-    v.try_into().map_err(|_| SecretError::KeyFormat { path: path.to_owned() })
+    let text = std::str::from_utf8(bytes).map_err(|_| SecretError::KeyFormat {
+        path: path.to_owned(),
+    })?;
+    let v = hex::decode(text.trim()).map_err(|_| SecretError::KeyFormat {
+        path: path.to_owned(),
+    })?;
+    v.try_into().map_err(|_| SecretError::KeyFormat {
+        path: path.to_owned(),
+    })
 }
 
 /// The gateway's bearer token: `VIGIL_AGENT_TOKEN` if set, else the token
 /// file (0600).
-pub fn load_token(token_file: Option<&Path>, env_token: Option<String>) -> Result<String, SecretError> {
+pub fn load_token(
+    token_file: Option<&Path>,
+    env_token: Option<String>,
+) -> Result<String, SecretError> {
     if let Some(t) = env_token.filter(|t| !t.trim().is_empty()) {
         return Ok(t.trim().to_string());
     }
@@ -87,7 +107,9 @@ pub fn load_token(token_file: Option<&Path>, env_token: Option<String>) -> Resul
     let bytes = read_private(path)?;
     let token = String::from_utf8_lossy(&bytes).trim().to_string();
     if token.is_empty() {
-        return Err(SecretError::EmptyToken { path: path.to_owned() });
+        return Err(SecretError::EmptyToken {
+            path: path.to_owned(),
+        });
     }
     Ok(token)
 }
@@ -114,7 +136,10 @@ mod tests {
         std::fs::write(&p, [7u8; 32]).unwrap();
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
         let err = load_or_create_key(&p).unwrap_err();
-        assert!(matches!(err, SecretError::Permissions { mode: 0o644, .. }), "{err}");
+        assert!(
+            matches!(err, SecretError::Permissions { mode: 0o644, .. }),
+            "{err}"
+        );
         assert!(err.to_string().contains("chmod 600"));
     }
 
@@ -126,7 +151,10 @@ mod tests {
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
         assert_eq!(load_or_create_key(&p).unwrap(), [0xab; 32]);
         std::fs::write(&p, "short").unwrap();
-        assert!(matches!(load_or_create_key(&p), Err(SecretError::KeyFormat { .. })));
+        assert!(matches!(
+            load_or_create_key(&p),
+            Err(SecretError::KeyFormat { .. })
+        ));
     }
 
     #[test]

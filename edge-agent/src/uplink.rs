@@ -24,7 +24,10 @@ pub enum UplinkError {
     #[error("hub says the batch is too large (HTTP 413)")]
     TooLarge,
     #[error("hub is busy (HTTP {status})")]
-    Busy { status: u16, retry_after: Option<Duration> },
+    Busy {
+        status: u16,
+        retry_after: Option<Duration>,
+    },
     #[error("hub rejected the request (HTTP {status}): {message}")]
     Rejected { status: u16, message: String },
     #[error("hub answered with an unreadable ack: {0}")]
@@ -58,10 +61,15 @@ pub fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, Uplink
                 .collect::<Result<_, _>>()
                 .map_err(|e| UplinkError::Tls(format!("{}: {e}", path.display())))?;
             if certs.is_empty() {
-                return Err(UplinkError::Tls(format!("{}: no certificates", path.display())));
+                return Err(UplinkError::Tls(format!(
+                    "{}: no certificates",
+                    path.display()
+                )));
             }
             for c in certs {
-                roots.add(c).map_err(|e| UplinkError::Tls(format!("{}: {e}", path.display())))?;
+                roots
+                    .add(c)
+                    .map_err(|e| UplinkError::Tls(format!("{}: {e}", path.display())))?;
             }
         }
         None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
@@ -75,7 +83,12 @@ pub fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, Uplink
 }
 
 impl Uplink {
-    pub fn new(url: &str, token: &str, ca_file: Option<&Path>, timeout: Duration) -> Result<Self, UplinkError> {
+    pub fn new(
+        url: &str,
+        token: &str,
+        ca_file: Option<&Path>,
+        timeout: Duration,
+    ) -> Result<Self, UplinkError> {
         let url = reqwest::Url::parse(url).map_err(|e| UplinkError::Tls(e.to_string()))?;
         let client = reqwest::Client::builder()
             .tls_backend_preconfigured(tls_config(ca_file)?)
@@ -84,7 +97,11 @@ impl Uplink {
             .user_agent(concat!("vigil-edge-agent/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(UplinkError::Transport)?;
-        Ok(Uplink { client, url, auth: format!("Bearer {token}") })
+        Ok(Uplink {
+            client,
+            url,
+            auth: format!("Bearer {token}"),
+        })
     }
 
     /// Send one batch and return the hub's ack.
@@ -109,10 +126,19 @@ impl Uplink {
         let message = || String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned();
         match status {
             200 => BatchAck::decode(body.as_ref()).map_err(|e| UplinkError::BadAck(e.to_string())),
-            401 | 403 => Err(UplinkError::Unauthorized { status, message: message() }),
+            401 | 403 => Err(UplinkError::Unauthorized {
+                status,
+                message: message(),
+            }),
             413 => Err(UplinkError::TooLarge),
-            429 | 502..=504 => Err(UplinkError::Busy { status, retry_after }),
-            _ => Err(UplinkError::Rejected { status, message: message() }),
+            429 | 502..=504 => Err(UplinkError::Busy {
+                status,
+                retry_after,
+            }),
+            _ => Err(UplinkError::Rejected {
+                status,
+                message: message(),
+            }),
         }
     }
 }

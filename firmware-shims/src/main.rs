@@ -6,7 +6,11 @@ use clap::{Parser, Subcommand};
 mod masimo;
 
 #[derive(Debug, Parser)]
-#[command(name = "device-sim", version, about = "Bedside device simulators for Vigil")]
+#[command(
+    name = "device-sim",
+    version,
+    about = "Bedside device simulators for Vigil"
+)]
 struct Cli {
     #[command(subcommand)]
     device: Device,

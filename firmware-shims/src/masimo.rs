@@ -87,7 +87,12 @@ pub fn sample(scenario: Scenario, t: u64, noise: &mut Noise) -> Sample {
         }
         Scenario::SensorOff => {
             if t % 60 >= 50 {
-                Sample { spo2: None, bpm: None, pi_centi: None, exc: 0x00_0020 }
+                Sample {
+                    spo2: None,
+                    bpm: None,
+                    pi_centi: None,
+                    exc: 0x00_0020,
+                }
             } else {
                 sample(Scenario::Stable, t, noise)
             }
@@ -100,9 +105,9 @@ pub fn sample(scenario: Scenario, t: u64, noise: &mut Noise) -> Sample {
 pub fn render(time: OffsetDateTime, serial: &str, s: &Sample) -> String {
     let spo2 = s.spo2.map_or("---".to_string(), |v| format!("{v:03}"));
     let bpm = s.bpm.map_or("---".to_string(), |v| format!("{v:03}"));
-    let pi = s
-        .pi_centi
-        .map_or("--.--".to_string(), |v| format!("{:02}.{:02}", v / 100, v % 100));
+    let pi = s.pi_centi.map_or("--.--".to_string(), |v| {
+        format!("{:02}.{:02}", v / 100, v % 100)
+    });
     format!(
         "{:02}/{:02}/{:02} {:02}:{:02}:{:02} SN={serial} SPO2={spo2}% BPM={bpm} PI={pi}% \
 SPCO=--.-% SPMET=--.-% DESAT=-- PIDELTA=+-- ALARM=0000 EXC={:06X}\r\n",
@@ -174,7 +179,9 @@ pub async fn run(args: MasimoArgs) -> anyhow::Result<()> {
         let s = sample(args.scenario, written, &mut noise);
         let now = OffsetDateTime::now_utc().to_offset(offset);
         let line = render(now, &args.serial, &s);
-        port.write_all(line.as_bytes()).await.context("writing to serial port")?;
+        port.write_all(line.as_bytes())
+            .await
+            .context("writing to serial port")?;
         written += 1;
         if args.echo {
             stdout.write_all(line.as_bytes()).await?;
@@ -185,7 +192,11 @@ pub async fn run(args: MasimoArgs) -> anyhow::Result<()> {
         }
     }
     port.flush().await?;
-    tracing::info!(lines = written, elapsed_ms = start.elapsed().as_millis() as u64, "masimo sim done");
+    tracing::info!(
+        lines = written,
+        elapsed_ms = start.elapsed().as_millis() as u64,
+        "masimo sim done"
+    );
     Ok(())
 }
 
@@ -198,7 +209,12 @@ mod tests {
 
     #[test]
     fn renders_the_manual_layout() {
-        let s = Sample { spo2: Some(98), bpm: Some(97), pi_centi: Some(360), exc: 0x800 };
+        let s = Sample {
+            spo2: Some(98),
+            bpm: Some(97),
+            pi_centi: Some(360),
+            exc: 0x800,
+        };
         let line = render(datetime!(2016-02-22 22:47:45 UTC), "0000056661", &s);
         assert_eq!(
             line,
@@ -211,12 +227,20 @@ SPMET=--.-% DESAT=-- PIDELTA=+-- ALARM=0000 EXC=000800\r\n"
     /// independent decoder, with the same values.
     #[test]
     fn agent_decoder_reads_every_scenario() {
-        for scenario in [Scenario::Stable, Scenario::Desaturation, Scenario::SensorOff] {
+        for scenario in [
+            Scenario::Stable,
+            Scenario::Desaturation,
+            Scenario::SensorOff,
+        ] {
             let mut noise = Noise::new(7);
             let mut dec = MasimoDecoder::new();
             for t in 0..240 {
                 let s = sample(scenario, t, &mut noise);
-                let line = render(OffsetDateTime::UNIX_EPOCH + time::Duration::days(20_000), "1", &s);
+                let line = render(
+                    OffsetDateTime::UNIX_EPOCH + time::Duration::days(20_000),
+                    "1",
+                    &s,
+                );
                 let mut buf = BytesMut::from(line.as_bytes());
                 let f = dec.decode(&mut buf).unwrap().unwrap();
                 match s.spo2 {
@@ -235,8 +259,9 @@ SPMET=--.-% DESAT=-- PIDELTA=+-- ALARM=0000 EXC=000800\r\n"
     #[test]
     fn desaturation_reaches_hypoxaemia_and_recovers() {
         let mut noise = Noise::new(1);
-        let spo2: Vec<u32> =
-            (0..120).map(|t| sample(Scenario::Desaturation, t, &mut noise).spo2.unwrap()).collect();
+        let spo2: Vec<u32> = (0..120)
+            .map(|t| sample(Scenario::Desaturation, t, &mut noise).spo2.unwrap())
+            .collect();
         assert!(spo2[..20].iter().all(|&v| v >= 95));
         assert!(spo2[55..75].iter().all(|&v| v <= 86), "{:?}", &spo2[55..75]);
         assert!(spo2[112..].iter().all(|&v| v >= 95));

@@ -52,10 +52,14 @@ const fn mdc(partition: u32, term: u32) -> u32 {
 
 pub mod units {
     //! Units used by the catalogue (IEEE 11073-10101 partition 4).
-    use super::{mdc, Unit};
+    use super::{Unit, mdc};
 
-    pub const PERCENT: Unit =
-        Unit { mdc: mdc(4, 544), mdc_name: "MDC_DIM_PERCENT", ucum: "%", display: "%" };
+    pub const PERCENT: Unit = Unit {
+        mdc: mdc(4, 544),
+        mdc_name: "MDC_DIM_PERCENT",
+        ucum: "%",
+        display: "%",
+    };
     pub const BEAT_PER_MIN: Unit = Unit {
         mdc: mdc(4, 2720),
         mdc_name: "MDC_DIM_BEAT_PER_MIN",
@@ -68,12 +72,24 @@ pub mod units {
         ucum: "/min",
         display: "breaths/minute",
     };
-    pub const DEGC: Unit =
-        Unit { mdc: mdc(4, 6048), mdc_name: "MDC_DIM_DEGC", ucum: "Cel", display: "°C" };
-    pub const MMHG: Unit =
-        Unit { mdc: mdc(4, 3872), mdc_name: "MDC_DIM_MMHG", ucum: "mm[Hg]", display: "mmHg" };
-    pub const KILO_G: Unit =
-        Unit { mdc: mdc(4, 1731), mdc_name: "MDC_DIM_KILO_G", ucum: "kg", display: "kg" };
+    pub const DEGC: Unit = Unit {
+        mdc: mdc(4, 6048),
+        mdc_name: "MDC_DIM_DEGC",
+        ucum: "Cel",
+        display: "°C",
+    };
+    pub const MMHG: Unit = Unit {
+        mdc: mdc(4, 3872),
+        mdc_name: "MDC_DIM_MMHG",
+        ucum: "mm[Hg]",
+        display: "mmHg",
+    };
+    pub const KILO_G: Unit = Unit {
+        mdc: mdc(4, 1731),
+        mdc_name: "MDC_DIM_KILO_G",
+        ucum: "kg",
+        display: "kg",
+    };
     pub const MILLI_G_PER_DL: Unit = Unit {
         mdc: mdc(4, 2130),
         mdc_name: "MDC_DIM_MILLI_G_PER_DL",
@@ -82,7 +98,15 @@ pub mod units {
     };
 
     /// All units the catalogue uses.
-    pub const ALL: &[Unit] = &[PERCENT, BEAT_PER_MIN, RESP_PER_MIN, DEGC, MMHG, KILO_G, MILLI_G_PER_DL];
+    pub const ALL: &[Unit] = &[
+        PERCENT,
+        BEAT_PER_MIN,
+        RESP_PER_MIN,
+        DEGC,
+        MMHG,
+        KILO_G,
+        MILLI_G_PER_DL,
+    ];
 }
 
 /// MDC codes of the catalogue's metrics, for drivers to name what they emit.
@@ -310,8 +334,18 @@ mod tests {
         let mut seen = HashSet::new();
         for m in CATALOGUE.all() {
             assert!(seen.insert(m.mdc), "duplicate MDC {}", m.mdc);
-            assert_eq!(m.mdc >> 16, 2, "{} is not in the SCADA partition", m.mdc_name);
-            assert_eq!(m.unit.mdc >> 16, 4, "{} unit not in the DIM partition", m.mdc_name);
+            assert_eq!(
+                m.mdc >> 16,
+                2,
+                "{} is not in the SCADA partition",
+                m.mdc_name
+            );
+            assert_eq!(
+                m.unit.mdc >> 16,
+                4,
+                "{} unit not in the DIM partition",
+                m.mdc_name
+            );
             // LOINC codes are digits, a dash and a check digit.
             let (num, check) = m.loinc.split_once('-').expect("LOINC has a check digit");
             assert!(num.chars().all(|c| c.is_ascii_digit()) && check.len() == 1);
@@ -340,7 +374,11 @@ mod tests {
         for m in CATALOGUE.all() {
             for code in std::iter::once(m.loinc).chain(m.loinc_profile) {
                 let (num, check) = code.split_once('-').unwrap();
-                assert_eq!(mod10(num).to_string(), check, "bad LOINC check digit in {code}");
+                assert_eq!(
+                    mod10(num).to_string(),
+                    check,
+                    "bad LOINC check digit in {code}"
+                );
             }
         }
     }
@@ -364,6 +402,9 @@ mod tests {
         let hr: Vec<_> = CATALOGUE.by_loinc("8867-4").map(|m| m.mdc).collect();
         assert!(hr.contains(&codes::ECG_HEART_RATE));
         assert!(hr.contains(&codes::PULS_OXIM_PULS_RATE));
-        assert_eq!(CATALOGUE.by_loinc("2708-6").next().unwrap().mdc, codes::PULS_OXIM_SAT_O2);
+        assert_eq!(
+            CATALOGUE.by_loinc("2708-6").next().unwrap().mdc,
+            codes::PULS_OXIM_SAT_O2
+        );
     }
 }

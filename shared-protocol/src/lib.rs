@@ -13,7 +13,7 @@ pub mod v1 {
     include!(concat!(env!("OUT_DIR"), "/vigil.v1.rs"));
 }
 
-pub use catalogue::{Metric, MetricCatalogue, Unit, CATALOGUE};
+pub use catalogue::{CATALOGUE, Metric, MetricCatalogue, Unit};
 
 /// HTTP content type of a protobuf-encoded [`v1::Batch`] / [`v1::BatchAck`].
 pub const CONTENT_TYPE_PROTOBUF: &str = "application/x-protobuf";
@@ -40,8 +40,8 @@ impl v1::Reading {
 #[cfg(test)]
 mod tests {
     use super::v1::{self, reading::Value};
-    use prost::Message;
     use proptest::prelude::*;
+    use prost::Message;
 
     fn arb_reading() -> impl Strategy<Value = v1::Reading> {
         (
@@ -58,19 +58,21 @@ mod tests {
             proptest::collection::vec(0i32..11, 0..4),
             any::<u64>(),
         )
-            .prop_map(|(mdc, label, value, dt, gt, validity, flags, seq)| v1::Reading {
-                mdc_code: mdc,
-                vendor_label: label,
-                value,
-                mdc_unit: 262_688,
-                ucum_unit: "%".into(),
-                device_time_us: dt,
-                time_source: 2,
-                gateway_time_us: gt,
-                validity,
-                flags,
-                sequence: seq,
-            })
+            .prop_map(
+                |(mdc, label, value, dt, gt, validity, flags, seq)| v1::Reading {
+                    mdc_code: mdc,
+                    vendor_label: label,
+                    value,
+                    mdc_unit: 262_688,
+                    ucum_unit: "%".into(),
+                    device_time_us: dt,
+                    time_source: 2,
+                    gateway_time_us: gt,
+                    validity,
+                    flags,
+                    sequence: seq,
+                },
+            )
     }
 
     proptest! {
@@ -101,7 +103,11 @@ mod tests {
 
     #[test]
     fn effective_time_prefers_device_time() {
-        let mut r = v1::Reading { device_time_us: 5, gateway_time_us: 9, ..Default::default() };
+        let mut r = v1::Reading {
+            device_time_us: 5,
+            gateway_time_us: 9,
+            ..Default::default()
+        };
         assert_eq!(r.effective_time_us(), 5);
         r.device_time_us = 0;
         assert_eq!(r.effective_time_us(), 9);

@@ -117,7 +117,10 @@ pub enum MasimoError {
     #[error("line of more than {MAX_LINE} bytes without a line end; dropped {dropped} bytes")]
     Oversized { dropped: usize },
     #[error("unparseable line ({reason}); dropped {dropped} bytes")]
-    Garbage { reason: &'static str, dropped: usize },
+    Garbage {
+        reason: &'static str,
+        dropped: usize,
+    },
 }
 
 impl MasimoError {
@@ -167,7 +170,9 @@ impl MasimoDecoder {
             let line = buf.split_to(nl + 1);
             if self.skipping {
                 self.skipping = false;
-                return Err(MasimoError::Oversized { dropped: line.len() });
+                return Err(MasimoError::Oversized {
+                    dropped: line.len(),
+                });
             }
             let body = trim_line_end(&line);
             if body.is_empty() {
@@ -175,11 +180,16 @@ impl MasimoDecoder {
                 continue;
             }
             if body.len() > MAX_LINE {
-                return Err(MasimoError::Oversized { dropped: line.len() });
+                return Err(MasimoError::Oversized {
+                    dropped: line.len(),
+                });
             }
             return parse_line(body)
                 .map(Some)
-                .map_err(|reason| MasimoError::Garbage { reason, dropped: line.len() });
+                .map_err(|reason| MasimoError::Garbage {
+                    reason,
+                    dropped: line.len(),
+                });
         }
     }
 
@@ -192,7 +202,10 @@ impl MasimoDecoder {
             None => {
                 let dropped = buf.len();
                 buf.advance(dropped);
-                Err(MasimoError::Garbage { reason: "incomplete line at end of stream", dropped })
+                Err(MasimoError::Garbage {
+                    reason: "incomplete line at end of stream",
+                    dropped,
+                })
             }
         }
     }
@@ -287,7 +300,11 @@ fn is_dashes(v: &str) -> bool {
 }
 
 fn parse_number(value: &str, percent_allowed: bool) -> Result<Field, &'static str> {
-    let v = if percent_allowed { value.strip_suffix('%').unwrap_or(value) } else { value };
+    let v = if percent_allowed {
+        value.strip_suffix('%').unwrap_or(value)
+    } else {
+        value
+    };
     if v.is_empty() {
         return Err("empty value");
     }
@@ -304,7 +321,9 @@ fn parse_number(value: &str, percent_allowed: bool) -> Result<Field, &'static st
     {
         return Err("malformed number");
     }
-    v.parse::<f64>().map(Field::Value).map_err(|_| "malformed number")
+    v.parse::<f64>()
+        .map(Field::Value)
+        .map_err(|_| "malformed number")
 }
 
 fn parse_date_time(date: &str, time: &str) -> Result<PrimitiveDateTime, &'static str> {
@@ -337,7 +356,11 @@ pub fn format_line(f: &MasimoFrame) -> String {
             Field::Value(v) => format!("{v:0width$.decimals$}"),
             Field::NoValue | Field::Absent => {
                 if decimals > 0 {
-                    format!("{}.{}", "-".repeat(width - decimals - 1), "-".repeat(decimals))
+                    format!(
+                        "{}.{}",
+                        "-".repeat(width - decimals - 1),
+                        "-".repeat(decimals)
+                    )
                 } else {
                     "-".repeat(width)
                 }
@@ -457,11 +480,19 @@ SPMET=--.-% DESAT=-- PIDELTA=+-- ALARM=0000 EXC=000020\r\n";
         let mut dec = MasimoDecoder::new();
         let mut buf = BytesMut::from(&vec![b'A'; MAX_LINE + 10][..]);
         let err = dec.decode(&mut buf).unwrap_err();
-        assert_eq!(err, MasimoError::Oversized { dropped: MAX_LINE + 10 });
+        assert_eq!(
+            err,
+            MasimoError::Oversized {
+                dropped: MAX_LINE + 10
+            }
+        );
         // The rest of the same runaway line, then a good line.
         buf.extend_from_slice(b"AAAA\r\n");
         buf.extend_from_slice(MANUAL_LINE);
-        assert_eq!(dec.decode(&mut buf), Err(MasimoError::Oversized { dropped: 6 }));
+        assert_eq!(
+            dec.decode(&mut buf),
+            Err(MasimoError::Oversized { dropped: 6 })
+        );
         assert!(dec.decode(&mut buf).unwrap().is_some());
     }
 
@@ -477,7 +508,10 @@ SPMET=--.-% DESAT=-- PIDELTA=+-- ALARM=0000 EXC=000020\r\n";
     fn eof_with_partial_line_is_counted() {
         let mut dec = MasimoDecoder::new();
         let mut buf = BytesMut::from(&b"02/22/16 22:4"[..]);
-        assert!(matches!(dec.decode_eof(&mut buf), Err(MasimoError::Garbage { dropped: 13, .. })));
+        assert!(matches!(
+            dec.decode_eof(&mut buf),
+            Err(MasimoError::Garbage { dropped: 13, .. })
+        ));
     }
 
     #[test]

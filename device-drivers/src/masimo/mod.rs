@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use shared_protocol::catalogue::{codes, units, Unit};
-use shared_protocol::v1::{reading::Value, QualityFlag, Reading, TimeSource, Validity};
+use shared_protocol::catalogue::{Unit, codes, units};
+use shared_protocol::v1::{QualityFlag, Reading, TimeSource, Validity, reading::Value};
 use time::{OffsetDateTime, UtcOffset};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::mpsc;
@@ -66,8 +66,18 @@ pub fn frame_to_readings(f: &MasimoFrame, offset: UtcOffset, gateway_time_us: i6
     let device_time = device_time_us(f, offset);
     let metrics: [(u32, &str, Field, Unit); 3] = [
         (codes::PULS_OXIM_SAT_O2, "SPO2", f.spo2, units::PERCENT),
-        (codes::PULS_OXIM_PULS_RATE, "BPM", f.pulse_rate, units::BEAT_PER_MIN),
-        (codes::PULS_OXIM_PERF_REL, "PI", f.perfusion_index, units::PERCENT),
+        (
+            codes::PULS_OXIM_PULS_RATE,
+            "BPM",
+            f.pulse_rate,
+            units::BEAT_PER_MIN,
+        ),
+        (
+            codes::PULS_OXIM_PERF_REL,
+            "PI",
+            f.perfusion_index,
+            units::PERCENT,
+        ),
     ];
     metrics
         .into_iter()
@@ -128,7 +138,11 @@ pub async fn read_stream<R: AsyncRead + Unpin>(
         };
         stats.add_bytes(n);
         loop {
-            let res = if n == 0 { dec.decode_eof(&mut buf) } else { dec.decode(&mut buf) };
+            let res = if n == 0 {
+                dec.decode_eof(&mut buf)
+            } else {
+                dec.decode(&mut buf)
+            };
             match res {
                 Ok(Some(frame)) => {
                     stats.frame_ok();
@@ -266,7 +280,11 @@ mod tests {
 
     #[test]
     fn sensor_off_invalidates_and_missing_value_is_not_invented() {
-        let r = frame_to_readings(&frame(Field::NoValue, Exceptions::SENSOR_OFF), offset!(UTC), 0);
+        let r = frame_to_readings(
+            &frame(Field::NoValue, Exceptions::SENSOR_OFF),
+            offset!(UTC),
+            0,
+        );
         assert_eq!(r[0].value, None);
         assert_eq!(r[0].validity, Validity::Invalid as i32);
         assert!(r[0].flags.contains(&(QualityFlag::SensorOff as i32)));
@@ -278,7 +296,11 @@ mod tests {
 
     #[test]
     fn low_perfusion_is_questionable() {
-        let r = frame_to_readings(&frame(Field::Value(91.0), Exceptions::LOW_PERFUSION), offset!(UTC), 0);
+        let r = frame_to_readings(
+            &frame(Field::Value(91.0), Exceptions::LOW_PERFUSION),
+            offset!(UTC),
+            0,
+        );
         assert_eq!(r[0].validity, Validity::Questionable as i32);
         assert_eq!(r[0].flags, vec![QualityFlag::LowSignal as i32]);
     }
@@ -295,7 +317,9 @@ mod tests {
         let stats = DriverStats::default();
         let (tx, mut rx) = mpsc::channel(4);
         let (_keep, mut shutdown) = tokio::sync::watch::channel(false);
-        read_stream(input, &cfg, &stats, &tx, &mut shutdown).await.unwrap();
+        read_stream(input, &cfg, &stats, &tx, &mut shutdown)
+            .await
+            .unwrap();
         let out = rx.recv().await.unwrap();
         assert_eq!(out.device_id, "m1");
         assert_eq!(out.readings.len(), 3);

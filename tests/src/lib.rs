@@ -1,0 +1,277 @@
+//! Harness for Vigil's cross-crate end-to-end tests: starts the real
+//! binaries (`cloud-hub`, `edge-agent`, `device-sim`) and socat PTY pairs in
+//! a temp dir, all on loopback, and cleans them up on drop.
+//!
+//! The binaries must be built first (`cargo build --workspace --bins`, which
+//! the project's test command does); the harness finds them next to the test
+//! executable's target directory.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+/// Path of a workspace binary in the same target profile as this test.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target profile dir");
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "binary {} not found: build the workspace binaries first (cargo build --workspace --bins)",
+        p.display()
+    );
+    p
+}
+
+/// A child process killed (SIGKILL) when dropped.
+#[derive(Debug)]
+pub struct Proc {
+    pub name: &'static str,
+    pub child: Child,
+}
+
+impl Proc {
+    pub fn spawn(name: &'static str, cmd: &mut Command) -> Result<Self> {
+        let child = cmd.spawn().with_context(|| format!("starting {name}"))?;
+        Ok(Proc { name, child })
+    }
+
+    /// kill -9.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait up to `timeout` for a clean exit; returns whether it
+    /// exited successfully.
+    pub fn terminate(&mut self, timeout: Duration) -> bool {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.success();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.kill9();
+        false
+    }
+
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.kill9();
+        }
+    }
+}
+
+/// Poll `f` until it returns Some or `timeout` passes.
+pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Write a secret file with mode 0600.
+pub fn write_private(path: &Path, contents: &str) -> Result<()> {
+    std::fs::write(path, contents)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(())
+}
+
+/// A socat PTY pair: bytes written to `device` come out of `host`.
+#[derive(Debug)]
+pub struct PtyPair {
+    pub device: PathBuf,
+    pub host: PathBuf,
+    _socat: Proc,
+}
+
+impl PtyPair {
+    pub fn new(dir: &Path, name: &str) -> Result<Self> {
+        let device = dir.join(format!("{name}-device"));
+        let host = dir.join(format!("{name}-host"));
+        let socat = Proc::spawn(
+            "socat",
+            Command::new("socat")
+                .arg(format!("pty,raw,echo=0,link={}", device.display()))
+                .arg(format!("pty,raw,echo=0,link={}", host.display()))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        )
+        .context("socat is required for serial tests (the project's setup script installs it)")?;
+        wait_for(Duration::from_secs(10), "socat PTY links", || {
+            (device.exists() && host.exists()).then_some(())
+        })?;
+        Ok(PtyPair {
+            device,
+            host,
+            _socat: socat,
+        })
+    }
+}
+
+/// A running hub with its config, database and address.
+#[derive(Debug)]
+pub struct Hub {
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub base_url: String,
+    pub proc: Proc,
+}
+
+/// Write a hub config binding `bind`, with one static association.
+pub fn write_hub_config(dir: &Path, bind: &str, assoc: &[(&str, &str, &str)]) -> Result<PathBuf> {
+    let mut text = format!(
+        "[server]\nbind = \"{bind}\"\nmax_body_bytes = 4194304\n\n[storage]\nsqlite_path = \"hub.sqlite\"\n\n"
+    );
+    for (gw, dev, patient) in assoc {
+        text.push_str(&format!(
+            "[[associations]]\ngateway_id = \"{gw}\"\ndevice_id = \"{dev}\"\npatient_id = \"{patient}\"\n\n"
+        ));
+    }
+    let path = dir.join("hub.toml");
+    std::fs::write(&path, text)?;
+    Ok(path)
+}
+
+/// `cloud-hub gateway add <id>`: returns the token printed on stdout.
+pub fn add_gateway(config: &Path, gateway_id: &str) -> Result<String> {
+    let out = Command::new(bin("cloud-hub"))
+        .args(["gateway", "add", gateway_id, "--config"])
+        .arg(config)
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "gateway add failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let token = String::from_utf8(out.stdout)?.trim().to_string();
+    if token.is_empty() || token.contains('\n') {
+        bail!("gateway add printed {token:?}, expected one token line");
+    }
+    Ok(token)
+}
+
+/// Start `cloud-hub serve` and wait for its `listening on URL` line.
+pub fn start_hub(dir: &Path, config: &Path) -> Result<Hub> {
+    let log = std::fs::File::create(dir.join("hub.log"))?;
+    let mut proc = Proc::spawn(
+        "cloud-hub",
+        Command::new(bin("cloud-hub"))
+            .args(["serve", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(log),
+    )?;
+    let stdout = proc.child.stdout.take().expect("piped stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        if let Some(Ok(line)) = lines.next() {
+            let _ = tx.send(line);
+        }
+        // Keep draining so the hub never blocks on a full pipe.
+        for _ in lines {}
+    });
+    let line = rx.recv_timeout(Duration::from_secs(30)).map_err(|_| {
+        anyhow::anyhow!(
+            "hub did not report its address; see {}",
+            dir.join("hub.log").display()
+        )
+    })?;
+    let base_url = line
+        .strip_prefix("listening on ")
+        .with_context(|| format!("unexpected first hub line {line:?}"))?
+        .to_string();
+    Ok(Hub {
+        dir: dir.to_owned(),
+        config: config.to_owned(),
+        base_url,
+        proc,
+    })
+}
+
+/// Blocking HTTP GET returning (status, JSON).
+pub fn get_json(url: &str) -> Result<(u16, serde_json::Value)> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let resp = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()?
+            .get(url)
+            .send()
+            .await?;
+        let status = resp.status().as_u16();
+        let body = resp.json::<serde_json::Value>().await?;
+        Ok((status, body))
+    })
+}
+
+/// Start an agent with a config written into `dir`.
+pub fn start_agent(dir: &Path, config: &Path, log_name: &str) -> Result<Proc> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(log_name))?;
+    Proc::spawn(
+        "edge-agent",
+        Command::new(bin("edge-agent"))
+            .args(["run", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log),
+    )
+}
+
+/// Every regular file below `dir`.
+pub fn files_below(dir: &Path) -> Vec<PathBuf> {
+    let mut out = vec![];
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(files_below(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
