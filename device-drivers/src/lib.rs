@@ -13,31 +13,40 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use shared_protocol::v1::Reading;
+use shared_protocol::v1::{Reading, TechnicalReading, Waveform};
 
 pub mod masimo;
+pub mod session;
+
+pub use session::{
+    DriverError, Protocol, RunOptions, SerialOverrides, SerialSettings, SessionCtx, run_serial,
+};
 
 /// Shutdown signal: drivers stop when the value becomes `true` (or the
 /// sender is dropped).
 pub type Shutdown = tokio::sync::watch::Receiver<bool>;
 
-/// What a driver hands to the agent: readings of one device, in order.
-#[derive(Debug, Clone, PartialEq)]
+/// What a driver hands to the agent: data of one device, in order.
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct DriverOutput {
     pub device_id: String,
     /// Serial number as reported by the device itself, when it says.
     pub serial_number: Option<String>,
     pub readings: Vec<Reading>,
+    pub waveforms: Vec<Waveform>,
+    /// Link/session state changes (connected, silent, disconnected).
+    pub technical: Vec<TechnicalReading>,
 }
 
-/// Errors that end one connection to a device. A device's refusal (a
-/// protocol-level "no") is distinct from a link failure.
-#[derive(Debug, thiserror::Error)]
-pub enum DriverError {
-    #[error("link failure: {0}")]
-    Link(#[source] std::io::Error),
-    #[error("device refused: {0}")]
-    Refused(String),
+impl DriverOutput {
+    /// Readings + waveforms + technical readings.
+    pub fn len(&self) -> usize {
+        self.readings.len() + self.waveforms.len() + self.technical.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// Per-device counters, shared with the agent's metrics.

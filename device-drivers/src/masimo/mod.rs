@@ -3,25 +3,27 @@
 
 pub mod codec;
 
-use std::sync::Arc;
-use std::time::Duration;
-
 use bytes::BytesMut;
 use shared_protocol::catalogue::{Unit, codes, units};
 use shared_protocol::v1::{QualityFlag, Reading, TimeSource, Validity, reading::Value};
-use time::{OffsetDateTime, UtcOffset};
-use tokio::io::{AsyncRead, AsyncReadExt};
-use tokio::sync::mpsc;
-use tokio_serial::SerialPortBuilderExt;
+use time::UtcOffset;
+use tokio::io::{AsyncRead, AsyncWrite};
 
 pub use codec::{Exceptions, Field, MasimoDecoder, MasimoError, MasimoFrame};
 
-use crate::{DriverError, DriverOutput, DriverStats, Shutdown};
+use crate::session::{DataBits, FlowControl, Parity, StopBits, now_us};
+use crate::{DriverError, Protocol, SerialSettings, SessionCtx};
 
-/// Protocol name carried in `DeviceInfo.protocol`.
-pub const PROTOCOL: &str = "masimo-ascii1";
-/// The device's fixed serial settings: 9600 baud, 8N1, no flow control.
-pub const BAUD_RATE: u32 = 9600;
+/// Agent-config kind, also carried in `DeviceInfo.protocol`.
+pub const KIND: &str = "masimo-serial";
+/// The device's serial settings: 9600 baud, 8N1, no flow control.
+pub const SERIAL: SerialSettings = SerialSettings::new(
+    9600,
+    DataBits::Eight,
+    Parity::None,
+    StopBits::One,
+    FlowControl::None,
+);
 
 /// Convert a device-clock time to UTC µs using the offset configured for the
 /// device (the device clock has no zone).
@@ -108,127 +110,92 @@ pub fn frame_to_readings(f: &MasimoFrame, offset: UtcOffset, gateway_time_us: i6
         .collect()
 }
 
-/// Settings of one Masimo device on the gateway.
-#[derive(Debug, Clone)]
-pub struct MasimoConfig {
-    pub device_id: String,
-    /// Serial port path, e.g. `/dev/ttyUSB0`.
-    pub port: String,
-    /// UTC offset of the device clock (the device has no zone setting).
-    pub clock_offset: UtcOffset,
-    /// Longest wait between reconnect attempts.
-    pub max_backoff: Duration,
+/// Options of a Masimo device.
+#[derive(Debug, Clone, Copy, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MasimoOptions {
+    /// UTC offset of the device clock in minutes (the device has no time
+    /// zone setting; staff set it to local time).
+    #[serde(default)]
+    pub clock_offset_minutes: i32,
 }
 
-/// Read frames from any byte stream until EOF, error or shutdown, sending
-/// readings to `tx`. Returns Ok(()) at EOF or shutdown.
-pub async fn read_stream<R: AsyncRead + Unpin>(
-    mut reader: R,
-    cfg: &MasimoConfig,
-    stats: &DriverStats,
-    tx: &mpsc::Sender<DriverOutput>,
-    shutdown: &mut Shutdown,
-) -> Result<(), DriverError> {
-    let mut dec = MasimoDecoder::new();
-    let mut buf = BytesMut::with_capacity(1024);
-    loop {
-        let n = tokio::select! {
-            r = reader.read_buf(&mut buf) => r.map_err(DriverError::Link)?,
-            _ = shutdown.changed() => return Ok(()),
-        };
-        stats.add_bytes(n);
+/// The Masimo "ASCII 1" protocol: unsolicited, one line per second; nothing
+/// is ever sent to the device.
+#[derive(Debug, Clone, Copy)]
+pub struct Masimo {
+    clock_offset: UtcOffset,
+}
+
+impl Masimo {
+    pub fn new(opts: MasimoOptions) -> Result<Self, String> {
+        if opts.clock_offset_minutes.abs() > 18 * 60 {
+            return Err("clock_offset_minutes must be within ±1080".into());
+        }
+        let clock_offset = UtcOffset::from_whole_seconds(opts.clock_offset_minutes * 60)
+            .map_err(|e| e.to_string())?;
+        Ok(Masimo { clock_offset })
+    }
+}
+
+impl Protocol for Masimo {
+    fn kind(&self) -> &'static str {
+        KIND
+    }
+
+    fn manufacturer(&self) -> &'static str {
+        "Masimo"
+    }
+
+    fn default_serial(&self) -> SerialSettings {
+        SERIAL
+    }
+
+    async fn session<L>(&self, mut link: L, ctx: &mut SessionCtx<'_>) -> Result<(), DriverError>
+    where
+        L: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let mut dec = MasimoDecoder::new();
+        let mut buf = BytesMut::with_capacity(1024);
         loop {
-            let res = if n == 0 {
-                dec.decode_eof(&mut buf)
-            } else {
-                dec.decode(&mut buf)
-            };
-            match res {
-                Ok(Some(frame)) => {
-                    stats.frame_ok();
-                    if frame.exceptions.unknown_bits() != 0 {
-                        stats.unknown_flags();
-                    }
-                    let now = now_us();
-                    let readings = frame_to_readings(&frame, cfg.clock_offset, now);
-                    if readings.is_empty() {
-                        continue;
-                    }
-                    let out = DriverOutput {
-                        device_id: cfg.device_id.clone(),
-                        serial_number: frame.serial.clone(),
-                        readings,
-                    };
-                    if tx.send(out).await.is_err() {
-                        return Ok(()); // receiver gone: agent shutting down
-                    }
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    stats.frame_error(e.dropped());
-                    tracing::warn!(device_id = %cfg.device_id, error = %e, "masimo: bad input skipped");
+            let res = ctx.read(&mut link, &mut buf).await;
+            let eof = matches!(res, Err(DriverError::Eof));
+            if let Err(e) = res {
+                if !eof {
+                    return Err(e);
                 }
             }
-        }
-        if n == 0 {
-            return Ok(());
-        }
-    }
-}
-
-/// Run the device: open the serial port, read until it fails, reopen with
-/// exponential backoff, until shutdown. Never returns an error: link
-/// failures are counted, logged and retried.
-pub async fn run(
-    cfg: MasimoConfig,
-    stats: Arc<DriverStats>,
-    tx: mpsc::Sender<DriverOutput>,
-    mut shutdown: Shutdown,
-) {
-    let mut backoff = Duration::from_millis(250);
-    loop {
-        if *shutdown.borrow() {
-            return;
-        }
-        let opened = tokio_serial::new(&cfg.port, BAUD_RATE)
-            .data_bits(tokio_serial::DataBits::Eight)
-            .parity(tokio_serial::Parity::None)
-            .stop_bits(tokio_serial::StopBits::One)
-            .flow_control(tokio_serial::FlowControl::None)
-            .open_native_async();
-        match opened {
-            Ok(port) => {
-                stats.connected(true);
-                tracing::info!(device_id = %cfg.device_id, port = %cfg.port, "masimo: port open");
-                backoff = Duration::from_millis(250);
-                let res = read_stream(port, &cfg, &stats, &tx, &mut shutdown).await;
-                stats.connected(false);
-                match res {
-                    Ok(()) => tracing::warn!(device_id = %cfg.device_id, "masimo: port closed"),
+            loop {
+                let step = if eof {
+                    dec.decode_eof(&mut buf)
+                } else {
+                    dec.decode(&mut buf)
+                };
+                match step {
+                    Ok(Some(frame)) => {
+                        ctx.stats.frame_ok();
+                        if frame.exceptions.unknown_bits() != 0 {
+                            ctx.stats.unknown_flags();
+                        }
+                        if let Some(sn) = &frame.serial {
+                            ctx.set_serial_number(sn.clone());
+                        }
+                        ctx.connected().await?;
+                        let readings = frame_to_readings(&frame, self.clock_offset, now_us());
+                        ctx.emit(readings, vec![]).await?;
+                    }
+                    Ok(None) => break,
                     Err(e) => {
-                        stats.link_error();
-                        tracing::warn!(device_id = %cfg.device_id, error = %e, "masimo: link failed")
+                        ctx.stats.frame_error(e.dropped());
+                        tracing::warn!(device_id = %ctx.device_id, error = %e, "masimo: bad input skipped");
                     }
                 }
-                if tx.is_closed() {
-                    return;
-                }
             }
-            Err(e) => {
-                stats.link_error();
-                tracing::warn!(device_id = %cfg.device_id, port = %cfg.port, error = %e, "masimo: cannot open port");
+            if eof {
+                return Err(DriverError::Eof);
             }
         }
-        tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
-            _ = shutdown.changed() => return,
-        }
-        backoff = (backoff * 2).min(cfg.max_backoff);
     }
-}
-
-fn now_us() -> i64 {
-    (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000) as i64
 }
 
 #[cfg(test)]
@@ -306,22 +273,26 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn read_stream_counts_garbage_and_delivers_good_lines() {
+    async fn session_counts_garbage_and_delivers_good_lines() {
+        use crate::DriverStats;
+        use std::time::Duration;
+        use tokio::io::AsyncWriteExt;
         let input: &[u8] = b"garbage\r\n02/22/16 22:47:45 SN=0000056661 SPO2=098% BPM=097 PI=03.60% ALARM=0000 EXC=000000\r\n";
-        let cfg = MasimoConfig {
-            device_id: "m1".into(),
-            port: "-".into(),
-            clock_offset: offset!(UTC),
-            max_backoff: Duration::from_secs(1),
-        };
         let stats = DriverStats::default();
-        let (tx, mut rx) = mpsc::channel(4);
+        let (tx, mut rx) = tokio::sync::mpsc::channel(4);
         let (_keep, mut shutdown) = tokio::sync::watch::channel(false);
-        read_stream(input, &cfg, &stats, &tx, &mut shutdown)
-            .await
-            .unwrap();
+        let (mut dev, host) = tokio::io::duplex(1024);
+        dev.write_all(input).await.unwrap();
+        drop(dev);
+        let mut ctx = SessionCtx::new("m1", &stats, &tx, &mut shutdown, Duration::from_secs(5));
+        let proto = Masimo::new(MasimoOptions::default()).unwrap();
+        let end = proto.session(host, &mut ctx).await.unwrap_err();
+        assert!(matches!(end, DriverError::Eof), "{end}");
+        let connected = rx.recv().await.unwrap();
+        assert_eq!(connected.technical.len(), 1);
         let out = rx.recv().await.unwrap();
         assert_eq!(out.device_id, "m1");
+        assert_eq!(out.serial_number.as_deref(), Some("0000056661"));
         assert_eq!(out.readings.len(), 3);
         let snap = stats.snapshot();
         assert_eq!(snap.frames_ok, 1);
