@@ -86,6 +86,7 @@ mod tests {
                     device: Some(v1::DeviceInfo { device_id: "dev".into(), ..Default::default() }),
                     readings,
                     waveforms: vec![],
+                    technical: vec![],
                 }],
                 agent_version: "test".into(),
             };
