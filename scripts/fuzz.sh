@@ -10,7 +10,10 @@ targets=("$@")
 [ ${#targets[@]} -gt 0 ] || mapfile -t targets < <(cargo +nightly fuzz list)
 for t in "${targets[@]}"; do
   echo "== fuzz $t for ${SECS}s" >&2
-  cargo +nightly fuzz run "$t" -- -max_total_time="$SECS" -print_final_stats=1 2>&1 \
-    | grep -E 'stat::number_of_executed_units|ERROR|panicked|Done' || true
-  [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "fuzz target $t failed" >&2; exit 1; }
+  log=$(mktemp)
+  if ! cargo +nightly fuzz run "$t" -- -max_total_time="$SECS" -print_final_stats=1 >"$log" 2>&1; then
+    tail -40 "$log" >&2; echo "fuzz target $t FAILED" >&2; exit 1
+  fi
+  echo "$t: $(grep -E 'stat::number_of_executed_units' "$log" | tr -s ' ')"
+  rm -f "$log"
 done
