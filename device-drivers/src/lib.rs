@@ -17,6 +17,7 @@ use shared_protocol::v1::{Reading, TechnicalReading, Waveform};
 
 pub mod datex;
 pub mod masimo;
+pub mod medibus;
 pub mod session;
 
 pub use session::{

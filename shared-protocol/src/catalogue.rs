@@ -96,6 +96,23 @@ pub mod units {
         ucum: "mg/dL",
         display: "mg/dL",
     };
+    /// Millilitre: MDC_DIM_MILLI_L (4::1618 = litre 1600 + milli prefix 18;
+    /// value 263762 as used by OpenICE/Rosetta-based code).
+    pub const MILLI_L: Unit = Unit {
+        mdc: mdc(4, 1618),
+        mdc_name: "MDC_DIM_MILLI_L",
+        ucum: "mL",
+        display: "mL",
+    };
+    /// Hectopascal: MDC_DIM_HECTO_PASCAL (4::3842 = pascal 3840 + hecto
+    /// prefix 2). 1 hPa = 1 mbar exactly, the unit Dräger MEDIBUS reports
+    /// airway pressures in.
+    pub const HECTO_PA: Unit = Unit {
+        mdc: mdc(4, 3842),
+        mdc_name: "MDC_DIM_HECTO_PASCAL",
+        ucum: "hPa",
+        display: "hPa (= mbar)",
+    };
 
     /// All units the catalogue uses.
     pub const ALL: &[Unit] = &[
@@ -106,6 +123,8 @@ pub mod units {
         MMHG,
         KILO_G,
         MILLI_G_PER_DL,
+        MILLI_L,
+        HECTO_PA,
     ];
 }
 
@@ -136,6 +155,16 @@ pub mod codes {
     pub const CONC_GLU_CAPILLARY_WHOLEBLOOD: u32 = mdc(2, 29112);
     /// MDC_AWAY_CO2_ET (2::20636).
     pub const AWAY_CO2_ET: u32 = mdc(2, 20636);
+    /// MDC_VENT_VOL_TIDAL (2::20908 = 151980).
+    pub const VENT_VOL_TIDAL: u32 = mdc(2, 20908);
+    /// MDC_VENT_PRESS_AWAY_MAX (2::20901 = 151973), peak inspiratory pressure.
+    pub const VENT_PRESS_AWAY_MAX: u32 = mdc(2, 20901);
+    /// MDC_VENT_PRESS_AWAY_MEAN (2::20903 = 151975).
+    pub const VENT_PRESS_AWAY_MEAN: u32 = mdc(2, 20903);
+    /// MDC_VENT_PRESS_AWAY_END_EXP_POS (2::20904 = 151976), applied PEEP.
+    pub const VENT_PRESS_AWAY_END_EXP_POS: u32 = mdc(2, 20904);
+    /// MDC_CONC_AWAY_O2_INSP (2::21124 = 152196), inspired O2 (FiO2).
+    pub const CONC_AWAY_O2_INSP: u32 = mdc(2, 21124);
 }
 
 use units::*;
@@ -270,6 +299,67 @@ const METRICS: &[Metric] = &[
         display: "EtCO2",
         unit: MMHG,
         possible_range: (0.0, 150.0),
+    },
+    // Ventilation rows (added with the Dräger MEDIBUS driver). MDC ↔ LOINC
+    // pairs as used together by the German Medical Informatics Initiative
+    // ICU module profiles (medizininformatik-initiative.de, modul-icu,
+    // "Parameter von Beatmung") and the BIH-CEI T-CABS examples; MDC
+    // reference ids as in IEEE 11073-10101 / NIST RTMMS. Pressures in hPa
+    // (= mbar, the unit the ventilator reports; not converted to cm[H2O]).
+    Metric {
+        mdc: codes::VENT_VOL_TIDAL,
+        mdc_name: "MDC_VENT_VOL_TIDAL",
+        // LOINC 76222-9 (MII ICU profile "Atemzugvolumen während Beatmung").
+        loinc: "76222-9",
+        loinc_display: "Tidal volume --on ventilator",
+        loinc_profile: None,
+        display: "Tidal volume (ventilator)",
+        unit: MILLI_L,
+        possible_range: (0.0, 5000.0),
+    },
+    Metric {
+        mdc: codes::VENT_PRESS_AWAY_MAX,
+        mdc_name: "MDC_VENT_PRESS_AWAY_MAX",
+        // LOINC 76531-3 (T-CABS/MII example pairing with 151973).
+        loinc: "76531-3",
+        loinc_display: "Pressure.max Respiratory system airway --on ventilator",
+        loinc_profile: None,
+        display: "Peak airway pressure",
+        unit: HECTO_PA,
+        possible_range: (-50.0, 200.0),
+    },
+    Metric {
+        mdc: codes::VENT_PRESS_AWAY_MEAN,
+        mdc_name: "MDC_VENT_PRESS_AWAY_MEAN",
+        // LOINC 76530-5 (MII ICU profile "Mittlerer Beatmungsdruck").
+        loinc: "76530-5",
+        loinc_display: "Mean pressure Respiratory system airway --on ventilator",
+        loinc_profile: None,
+        display: "Mean airway pressure",
+        unit: HECTO_PA,
+        possible_range: (-50.0, 200.0),
+    },
+    Metric {
+        mdc: codes::VENT_PRESS_AWAY_END_EXP_POS,
+        mdc_name: "MDC_VENT_PRESS_AWAY_END_EXP_POS",
+        // LOINC 76248-4 (T-CABS/MII PEEP example pairing with 151976).
+        loinc: "76248-4",
+        loinc_display: "PEEP Respiratory system --on ventilator",
+        loinc_profile: None,
+        display: "PEEP",
+        unit: HECTO_PA,
+        possible_range: (-50.0, 200.0),
+    },
+    Metric {
+        mdc: codes::CONC_AWAY_O2_INSP,
+        mdc_name: "MDC_CONC_AWAY_O2_INSP",
+        // LOINC 3150-0 "Inhaled oxygen concentration".
+        loinc: "3150-0",
+        loinc_display: "Inhaled oxygen concentration",
+        loinc_profile: None,
+        display: "FiO2",
+        unit: PERCENT,
+        possible_range: (0.0, 100.0),
     },
 ];
 
