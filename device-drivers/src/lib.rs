@@ -16,12 +16,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use shared_protocol::v1::{Reading, TechnicalReading, Waveform};
 
 pub mod datex;
+pub mod intellivue;
 pub mod masimo;
 pub mod medibus;
 pub mod session;
 
 pub use session::{
-    DriverError, Protocol, RunOptions, SerialOverrides, SerialSettings, SessionCtx, run_serial,
+    Direction, DriverError, Protocol, RunOptions, SerialOverrides, SerialSettings, SessionCtx, Tap,
+    run_serial,
 };
 
 /// Shutdown signal: drivers stop when the value becomes `true` (or the
