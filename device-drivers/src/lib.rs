@@ -22,8 +22,7 @@ pub mod medibus;
 pub mod session;
 
 pub use session::{
-    Direction, DriverError, Protocol, RunOptions, SerialOverrides, SerialSettings, SessionCtx, Tap,
-    run_serial,
+    DriverError, Protocol, RunOptions, SerialOverrides, SerialSettings, SessionCtx, run_serial,
 };
 
 /// Shutdown signal: drivers stop when the value becomes `true` (or the
