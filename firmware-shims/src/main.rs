@@ -4,6 +4,7 @@
 use clap::{Parser, Subcommand};
 
 mod masimo;
+mod medibus;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -20,6 +21,8 @@ struct Cli {
 enum Device {
     /// Masimo Radical-7 / Rad-8 pulse oximeter, "ASCII 1" serial output.
     Masimo(masimo::MasimoArgs),
+    /// Dräger ventilator (Evita/Savina/Primus), MEDIBUS.X slow data, 19200 8E1.
+    Medibus(medibus::MedibusArgs),
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -34,5 +37,6 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.device {
         Device::Masimo(args) => masimo::run(args).await,
+        Device::Medibus(args) => medibus::run(args).await,
     }
 }
