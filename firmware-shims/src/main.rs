@@ -3,6 +3,7 @@
 
 use clap::{Parser, Subcommand};
 
+mod datex;
 mod masimo;
 mod medibus;
 
@@ -23,6 +24,8 @@ enum Device {
     Masimo(masimo::MasimoArgs),
     /// Dräger ventilator (Evita/Savina/Primus), MEDIBUS.X slow data, 19200 8E1.
     Medibus(medibus::MedibusArgs),
+    /// GE Datex-Ohmeda S/5 monitor, computer interface (DRI), displayed values.
+    Datex(datex::DatexArgs),
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -38,5 +41,6 @@ async fn main() -> anyhow::Result<()> {
     match cli.device {
         Device::Masimo(args) => masimo::run(args).await,
         Device::Medibus(args) => medibus::run(args).await,
+        Device::Datex(args) => datex::run(args).await,
     }
 }

@@ -458,14 +458,16 @@ mod tests {
     }
 
     fn basic() -> BasicPhdb {
-        let mut b = BasicPhdb::default();
-        // exists + active + HR source ECG (1 << 3)
-        b.ecg = group(0b11 | (1 << 3), 0, [72, 0, 0, 0, 15]);
-        b.nibp = group(0b11, 3, [12000, 8000, 9300, 72]);
+        let mut b = BasicPhdb {
+            // exists + active + HR source ECG (1 << 3)
+            ecg: group(0b11 | (1 << 3), 0, [72, 0, 0, 0, 15]),
+            nibp: group(0b11, 3, [12000, 8000, 9300, 72]),
+            spo2: group(0b11, 0, [9700, 71, 0, 0]),
+            co2: group(0b11, 1, [510, 0, 12, 7600]),
+            ..BasicPhdb::default()
+        };
         b.t[0] = group(0b11, 1, [3680]); // ESO
         b.t[1] = group(0b11, 7, [3300]); // SKIN: not body temperature
-        b.spo2 = group(0b11, 0, [9700, 71, 0, 0]);
-        b.co2 = group(0b11, 1, [510, 0, 12, 7600]);
         b.p[0] = group(0, 0, [0; 4]); // no module
         b
     }
