@@ -46,7 +46,7 @@ token_file = "gateway.token"
 batch_max_wait_ms = 1000
 
 [[device]]
-kind = "masimo"
+kind = "masimo-serial"
 id = "masimo-1"
 port = "$DEMO/masimo-host"
 location = "DEMO-WARD/bed-1"

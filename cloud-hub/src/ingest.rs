@@ -1,6 +1,8 @@
 //! Per-reading validation of ingested data (pure; storage is in `store`).
 
-use shared_protocol::v1::{Reading, RejectReason, Waveform, reading};
+use shared_protocol::v1::{
+    Reading, RejectReason, TechnicalKind, TechnicalReading, Waveform, reading,
+};
 use shared_protocol::{CATALOGUE, EPOCH_2000_US, Metric};
 
 /// How far ahead of the hub clock a time may be before it is impossible.
@@ -96,6 +98,29 @@ pub fn validate_waveform(w: &Waveform, now_us: i64) -> Result<(), Refusal> {
         return Err(refuse(RejectReason::Malformed, "sample period is 0"));
     }
     Ok(())
+}
+
+/// Validates a technical reading (a device link event).
+pub fn validate_technical(t: &TechnicalReading, now_us: i64) -> Result<(), Refusal> {
+    check_time(t.time_us, now_us, "event time")?;
+    match TechnicalKind::try_from(t.kind) {
+        Ok(TechnicalKind::Unspecified) | Err(_) => Err(refuse(
+            RejectReason::Malformed,
+            format!("technical reading kind {} is not known", t.kind),
+        )),
+        Ok(_) => Ok(()),
+    }
+}
+
+/// Stable name of a technical reading kind, for storage and APIs.
+pub fn technical_kind_name(kind: i32) -> &'static str {
+    match TechnicalKind::try_from(kind) {
+        Ok(TechnicalKind::Connected) => "connected",
+        Ok(TechnicalKind::Disconnected) => "disconnected",
+        Ok(TechnicalKind::Silent) => "silent",
+        Ok(TechnicalKind::DeviceRefused) => "device-refused",
+        _ => "unspecified",
+    }
 }
 
 #[cfg(test)]

@@ -14,7 +14,9 @@ use rusqlite::{Connection, OptionalExtension, params, params_from_iter};
 use shared_protocol::v1::{Batch, BatchAck, RejectReason, Rejection};
 
 use crate::fhir::{DeviceRef, ObservationSearch, SortOrder, map_observation};
-use crate::ingest::{Refusal, validate_reading, validate_waveform};
+use crate::ingest::{
+    Refusal, technical_kind_name, validate_reading, validate_technical, validate_waveform,
+};
 
 /// Errors of the store.
 #[derive(Debug, thiserror::Error)]
@@ -104,6 +106,18 @@ CREATE TABLE waveforms (
     received_us       INTEGER NOT NULL,
     UNIQUE (gateway_id, device_id, sequence)
 );
+CREATE TABLE device_events (
+    gateway_id      TEXT NOT NULL,
+    device_id       TEXT NOT NULL,
+    sequence        INTEGER NOT NULL,
+    kind            TEXT NOT NULL,
+    time_us         INTEGER NOT NULL,
+    detail          TEXT NOT NULL,
+    batch_sequence  INTEGER NOT NULL,
+    received_us     INTEGER NOT NULL,
+    UNIQUE (gateway_id, device_id, sequence)
+);
+CREATE INDEX device_events_device_time ON device_events (gateway_id, device_id, time_us);
 CREATE TABLE rejected_readings (
     id              INTEGER PRIMARY KEY AUTOINCREMENT,
     gateway_id      TEXT NOT NULL,
@@ -356,6 +370,11 @@ impl Store {
                      batch_sequence, received_us)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
             )?;
+            let mut insert_event = tx.prepare(
+                "INSERT OR IGNORE INTO device_events (gateway_id, device_id, sequence, kind, time_us,
+                     detail, batch_sequence, received_us)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )?;
             let mut upsert_device = tx.prepare(
                 "INSERT INTO devices (gateway_id, device_id, protocol, manufacturer, model,
                      serial_number, location, first_seen_us, last_seen_us)
@@ -378,6 +397,9 @@ impl Store {
                     }
                     for w in &data.waveforms {
                         reject("", w.sequence, "waveform", w.encode_to_vec(), f())?;
+                    }
+                    for t in &data.technical {
+                        reject("", t.sequence, "technical", t.encode_to_vec(), f())?;
                     }
                     continue;
                 }
@@ -462,6 +484,27 @@ impl Store {
                         flags,
                         w.samples.len() as i64,
                         samples,
+                        batch_seq,
+                        received_us
+                    ])?;
+                    if n == 0 {
+                        duplicates += 1;
+                    } else {
+                        accepted += 1;
+                    }
+                }
+                for t in &data.technical {
+                    if let Err(f) = validate_technical(t, now_us) {
+                        reject(device_id, t.sequence, "technical", t.encode_to_vec(), f)?;
+                        continue;
+                    }
+                    let n = insert_event.execute(params![
+                        gateway_id,
+                        device_id,
+                        t.sequence as i64,
+                        technical_kind_name(t.kind),
+                        t.time_us,
+                        t.detail,
                         batch_seq,
                         received_us
                     ])?;
@@ -644,6 +687,7 @@ mod tests {
                 }),
                 readings,
                 waveforms: vec![],
+                technical: vec![],
             }],
             ..Default::default()
         };

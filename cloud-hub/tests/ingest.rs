@@ -216,6 +216,7 @@ async fn invalid_readings_are_rejected_and_kept() {
         device: None,
         readings: vec![spo2(1, 97.0, T0)],
         waveforms: vec![],
+        technical: vec![],
     });
 
     let ack = hub.ingest(&b).await;
@@ -334,5 +335,45 @@ async fn empty_batch_is_acked() {
     };
     let ack = hub.ingest(&b).await;
     assert_eq!((ack.sequence, ack.accepted), (9, 0));
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn technical_readings_are_counted_stored_once_and_validated() {
+    use shared_protocol::v1::{TechnicalKind, TechnicalReading};
+    let hub = TestHub::start().await;
+    let mut b = batch(1, DEVICE, vec![spo2(1, 98.0, T0)]);
+    let tech = |seq: u64, kind: TechnicalKind| TechnicalReading {
+        kind: kind as i32,
+        time_us: T0,
+        detail: "no data for 5 s".into(),
+        sequence: seq,
+    };
+    b.devices[0].technical = vec![
+        tech(2, TechnicalKind::Connected),
+        tech(3, TechnicalKind::Silent),
+        tech(4, TechnicalKind::Unspecified),
+    ];
+    let ack = hub.ingest(&b).await;
+    // The reading and two events stored; the unspecified kind refused.
+    assert_eq!((ack.accepted, ack.duplicates, ack.rejected), (3, 0, 1));
+    assert_eq!(ack.rejections[0].sequence, 4);
+    assert_eq!(ack.rejections[0].reason, RejectReason::Malformed as i32);
+
+    let mut resent = b.clone();
+    resent.sequence = 2;
+    resent.devices[0].technical.truncate(2);
+    let ack = hub.ingest(&resent).await;
+    assert_eq!((ack.accepted, ack.duplicates, ack.rejected), (0, 3, 0));
+
+    let db = hub.db();
+    let kinds: Vec<String> = db
+        .prepare("SELECT kind FROM device_events ORDER BY sequence")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(kinds, vec!["connected", "silent"]);
     hub.stop().await;
 }

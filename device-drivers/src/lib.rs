@@ -22,7 +22,8 @@ pub mod medibus;
 pub mod session;
 
 pub use session::{
-    DriverError, Protocol, RunOptions, SerialOverrides, SerialSettings, SessionCtx, run_serial,
+    Direction, DriverError, Protocol, RunOptions, SerialOverrides, SerialSettings, SessionCtx, Tap,
+    run_serial,
 };
 
 /// Shutdown signal: drivers stop when the value becomes `true` (or the

@@ -10,7 +10,9 @@
 //! runs on, so tests drive it over `tokio::io::duplex` or a PTY.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -351,14 +353,38 @@ impl<'a> SessionCtx<'a> {
     }
 }
 
+/// Direction of bytes seen by a [`Tap`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// From the device to the gateway.
+    FromDevice,
+    /// From the gateway to the device.
+    ToDevice,
+}
+
+/// Observer of every byte on the link (used by `edge-agent probe`).
+pub type Tap = Arc<dyn Fn(Direction, &[u8]) + Send + Sync>;
+
 /// Timing of the runner.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone)]
 pub struct RunOptions {
     /// No data for this long means the device is silent (cable pulled,
     /// monitor off): the session ends and a technical reading is emitted.
     pub silence: Duration,
     /// Longest wait between reconnect attempts.
     pub max_backoff: Duration,
+    /// Optional observer of the raw bytes.
+    pub tap: Option<Tap>,
+}
+
+impl std::fmt::Debug for RunOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunOptions")
+            .field("silence", &self.silence)
+            .field("max_backoff", &self.max_backoff)
+            .field("tap", &self.tap.is_some())
+            .finish()
+    }
 }
 
 impl Default for RunOptions {
@@ -366,13 +392,72 @@ impl Default for RunOptions {
         RunOptions {
             silence: Duration::from_secs(5),
             max_backoff: Duration::from_secs(10),
+            tap: None,
         }
+    }
+}
+
+/// A link wrapper that shows every byte to a [`Tap`].
+pub struct Tapped<L> {
+    inner: L,
+    tap: Tap,
+}
+
+impl<L> std::fmt::Debug for Tapped<L> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Tapped")
+    }
+}
+
+impl<L> Tapped<L> {
+    pub fn new(inner: L, tap: Tap) -> Self {
+        Tapped { inner, tap }
+    }
+}
+
+impl<L: AsyncRead + Unpin> AsyncRead for Tapped<L> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = &r {
+            let new = &buf.filled()[before..];
+            if !new.is_empty() {
+                (self.tap)(Direction::FromDevice, new);
+            }
+        }
+        r
+    }
+}
+
+impl<L: AsyncWrite + Unpin> AsyncWrite for Tapped<L> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, data);
+        if let Poll::Ready(Ok(n)) = &r {
+            (self.tap)(Direction::ToDevice, &data[..*n]);
+        }
+        r
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
 /// Run a protocol on a serial port until shutdown: open, run sessions,
 /// report state changes as technical readings (once per change, not per
 /// retry), reconnect with exponential backoff. Never returns an error.
+// Eight plain arguments read better at the call sites than a one-use struct.
+#[allow(clippy::too_many_arguments)]
 pub async fn run_serial<P: Protocol>(
     proto: P,
     device_id: String,
@@ -394,7 +479,14 @@ pub async fn run_serial<P: Protocol>(
             Ok(link) => {
                 tracing::info!(device_id = %device_id, port = %port, settings = %settings, kind = proto.kind(), "port open");
                 let mut ctx = SessionCtx::new(&device_id, &stats, &tx, &mut shutdown, opts.silence);
-                let r = proto.session(link, &mut ctx).await;
+                let r = match &opts.tap {
+                    Some(tap) => {
+                        proto
+                            .session(Tapped::new(link, tap.clone()), &mut ctx)
+                            .await
+                    }
+                    None => proto.session(link, &mut ctx).await,
+                };
                 let established = ctx.was_connected();
                 if established {
                     down_reported = false;

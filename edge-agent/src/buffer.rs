@@ -58,6 +58,12 @@ pub enum BufferError {
     NonceExhausted,
 }
 
+/// Readings + waveforms + technical readings in a record (each one item
+/// with its own sequence number and its own count in the hub's ack).
+pub fn items(d: &DeviceData) -> usize {
+    d.readings.len() + d.waveforms.len() + d.technical.len()
+}
+
 /// A decrypted record waiting to be sent.
 #[derive(Debug, Clone)]
 pub struct StoredRecord {
@@ -233,7 +239,7 @@ impl Buffer {
         let mut touched: HashMap<String, u64> = HashMap::new();
         let (mut n_readings, mut n_records) = (0usize, 0u64);
         for out in outputs {
-            if out.readings.is_empty() {
+            if out.is_empty() {
                 continue;
             }
             let seq = match touched
@@ -244,13 +250,17 @@ impl Buffer {
                 None => get_u64(&self.tree, &meta_key(&format!("seq/{}", out.device_id)))?,
             };
             let mut last = seq;
-            let mut readings = out.readings;
-            for r in &mut readings {
+            let mut next = || {
                 last += 1;
-                r.sequence = last;
-            }
+                last
+            };
+            let mut readings = out.readings;
+            readings.iter_mut().for_each(|r| r.sequence = next());
+            let mut waveforms = out.waveforms;
+            waveforms.iter_mut().for_each(|w| w.sequence = next());
+            let mut technical = out.technical;
+            technical.iter_mut().for_each(|t| t.sequence = next());
             touched.insert(out.device_id.clone(), last);
-            let count = readings.len() as u32;
             let data = DeviceData {
                 device: Some(DeviceInfo {
                     device_id: out.device_id,
@@ -258,8 +268,10 @@ impl Buffer {
                     ..Default::default()
                 }),
                 readings,
-                waveforms: vec![],
+                waveforms,
+                technical,
             };
+            let count = items(&data) as u32;
             let key = record_key(next_record);
             next_record += 1;
             let sealed = self.seal(&key, count, data.encode_to_vec())?;
@@ -292,7 +304,7 @@ impl Buffer {
             let (k, v) = item?;
             match self.open_record(&k, &v) {
                 Ok(data) => {
-                    let n = data.readings.len() + data.waveforms.len();
+                    let n = items(&data);
                     if !out.is_empty() && readings + n > max_readings {
                         break;
                     }
@@ -328,7 +340,7 @@ impl Buffer {
         let mut readings = 0u64;
         for r in records {
             batch.remove(r.key.clone());
-            readings += (r.data.readings.len() + r.data.waveforms.len()) as u64;
+            readings += items(&r.data) as u64;
         }
         self.tree.apply_batch(batch)?;
         self.tree.flush_async().await?;
@@ -371,10 +383,27 @@ mod tests {
     use super::*;
     use shared_protocol::v1::{Reading, reading::Value};
 
+    /// Reopen in the same process: sled's flusher thread may still hold the
+    /// file lock for a moment after the previous handle is dropped (a real
+    /// restart is a new process, where the lock dies with the old one).
+    fn open_retry(dir: &Path, key: &[u8; 32]) -> Result<Buffer, BufferError> {
+        for _ in 0..100 {
+            match Buffer::open(dir, key) {
+                Err(BufferError::Storage(sled::Error::Io(e))) if e.to_string().contains("lock") => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                other => return other,
+            }
+        }
+        Buffer::open(dir, key)
+    }
+
     fn out(dev: &str, values: &[f64]) -> DriverOutput {
         DriverOutput {
             device_id: dev.into(),
             serial_number: Some("SN-PLAINTEXT-42".into()),
+            waveforms: vec![],
+            technical: vec![],
             readings: values
                 .iter()
                 .map(|v| Reading {
@@ -392,7 +421,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let key = [9u8; 32];
         {
-            let b = Buffer::open(dir.path(), &key).unwrap();
+            let b = open_retry(dir.path(), &key).unwrap();
             assert_eq!(
                 b.append(vec![out("a", &[1.0, 2.0]), out("b", &[3.0])])
                     .await
@@ -402,7 +431,7 @@ mod tests {
             assert_eq!(b.append(vec![out("a", &[4.0])]).await.unwrap(), 1);
             assert_eq!(b.pending_readings(), 4);
         }
-        let b = Buffer::open(dir.path(), &key).unwrap();
+        let b = open_retry(dir.path(), &key).unwrap();
         assert_eq!((b.pending_records(), b.pending_readings()), (3, 4));
         let recs = b.oldest(100).unwrap();
         let seqs: Vec<(String, u64)> = recs
@@ -428,9 +457,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn waveforms_and_technical_readings_share_the_device_sequence() {
+        use shared_protocol::v1::{TechnicalReading, Waveform};
+        let dir = tempfile::tempdir().unwrap();
+        let b = open_retry(dir.path(), &[2u8; 32]).unwrap();
+        let mut o = out("n", &[97.0]);
+        o.waveforms.push(Waveform {
+            samples: vec![1, 2, 3],
+            ..Default::default()
+        });
+        o.technical.push(TechnicalReading {
+            kind: 1,
+            ..Default::default()
+        });
+        assert_eq!(b.append(vec![o]).await.unwrap(), 3);
+        assert_eq!(b.pending_readings(), 3);
+        let rec = b.oldest(10).unwrap().pop().unwrap();
+        assert_eq!(rec.data.readings[0].sequence, 1);
+        assert_eq!(rec.data.waveforms[0].sequence, 2);
+        assert_eq!(rec.data.technical[0].sequence, 3);
+        b.remove(&[rec]).await.unwrap();
+        assert_eq!(b.pending_readings(), 0);
+    }
+
+    #[tokio::test]
     async fn oldest_respects_the_limit_and_remove_deletes() {
         let dir = tempfile::tempdir().unwrap();
-        let b = Buffer::open(dir.path(), &[1u8; 32]).unwrap();
+        let b = open_retry(dir.path(), &[1u8; 32]).unwrap();
         for i in 0..10 {
             b.append(vec![out("a", &[f64::from(i), 0.0, 1.0])])
                 .await
@@ -449,7 +502,7 @@ mod tests {
     async fn nothing_is_stored_in_plaintext() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let b = Buffer::open(dir.path(), &[3u8; 32]).unwrap();
+            let b = open_retry(dir.path(), &[3u8; 32]).unwrap();
             for _ in 0..50 {
                 b.append(vec![out("bed-7-monitor", &[97.25])])
                     .await
@@ -488,7 +541,7 @@ mod tests {
     async fn tampered_and_foreign_key_records_are_quarantined_not_fatal() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let b = Buffer::open(dir.path(), &[5u8; 32]).unwrap();
+            let b = open_retry(dir.path(), &[5u8; 32]).unwrap();
             b.append(vec![out("a", &[1.0])]).await.unwrap();
             b.append(vec![out("a", &[2.0])]).await.unwrap();
             b.append(vec![out("a", &[3.0])]).await.unwrap();
@@ -500,14 +553,14 @@ mod tests {
             b.tree.insert(k, v).unwrap();
             b.flush().await.unwrap();
         }
-        let b = Buffer::open(dir.path(), &[5u8; 32]).unwrap();
+        let b = open_retry(dir.path(), &[5u8; 32]).unwrap();
         let recs = b.oldest(10).unwrap();
         assert_eq!(recs.len(), 2, "the intact records are still delivered");
         assert_eq!(b.quarantined(), 1);
         assert_eq!(b.pending_readings(), 2);
         drop(b);
         // Opened with another key: every record quarantined, none delivered.
-        let b = Buffer::open(dir.path(), &[6u8; 32]).unwrap();
+        let b = open_retry(dir.path(), &[6u8; 32]).unwrap();
         assert!(b.oldest(10).unwrap().is_empty());
         assert_eq!(b.quarantined(), 3);
     }
@@ -517,7 +570,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut seen = std::collections::HashSet::new();
         for _ in 0..3 {
-            let b = Buffer::open(dir.path(), &[8u8; 32]).unwrap();
+            let b = open_retry(dir.path(), &[8u8; 32]).unwrap();
             for _ in 0..5 {
                 b.append(vec![out("a", &[1.0])]).await.unwrap();
             }
@@ -536,11 +589,11 @@ mod tests {
     async fn batch_sequences_are_never_reused() {
         let dir = tempfile::tempdir().unwrap();
         let a = {
-            let b = Buffer::open(dir.path(), &[1u8; 32]).unwrap();
+            let b = open_retry(dir.path(), &[1u8; 32]).unwrap();
             b.next_batch_sequence().await.unwrap();
             b.next_batch_sequence().await.unwrap()
         };
-        let b = Buffer::open(dir.path(), &[1u8; 32]).unwrap();
+        let b = open_retry(dir.path(), &[1u8; 32]).unwrap();
         assert_eq!(a, 2);
         assert_eq!(b.next_batch_sequence().await.unwrap(), 3);
     }

@@ -91,35 +91,44 @@ fn default_max_backoff_ms() -> u64 {
 
 /// One device attached to the gateway.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
-pub enum DeviceConfig {
-    /// Masimo Radical-7 / Rad-8 in "ASCII 1" serial mode.
-    Masimo {
-        /// Gateway-local device id (no patient data).
-        id: String,
-        /// Serial port path, e.g. `/dev/ttyUSB0`.
-        port: String,
-        /// Bed / location label, e.g. `ICU-3/bed-07`.
-        #[serde(default)]
-        location: String,
-        #[serde(default = "default_masimo_model")]
-        model: String,
-        /// UTC offset of the device's clock in minutes (the device has no
-        /// time zone setting).
-        #[serde(default)]
-        clock_offset_minutes: i32,
-    },
+#[serde(deny_unknown_fields)]
+pub struct DeviceConfig {
+    /// Protocol on the port; see docs/protocols.md.
+    pub kind: DeviceKind,
+    /// Gateway-local device id (never patient data).
+    pub id: String,
+    /// Serial port path, e.g. `/dev/ttyUSB0`.
+    pub port: String,
+    /// Bed / location label, e.g. `ICU-3/bed-07`.
+    #[serde(default)]
+    pub location: String,
+    /// Device model, for the hub's device registry.
+    #[serde(default)]
+    pub model: String,
+    /// No data from the device for this long ends the session with a
+    /// technical "silent" reading and a reconnect (default 5000).
+    #[serde(default)]
+    pub silence_timeout_ms: Option<u64>,
+    /// Serial settings overriding the protocol's defaults
+    /// (`baud_rate`, `data_bits`, `parity`, `stop_bits`, `flow_control`).
+    #[serde(default)]
+    pub serial: device_drivers::SerialOverrides,
+    /// Protocol-specific options (see docs/protocols.md).
+    #[serde(default)]
+    pub options: toml::Table,
 }
 
-fn default_masimo_model() -> String {
-    "Radical-7".into()
+/// The protocols a device port can speak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeviceKind {
+    /// Masimo Radical-7 / Rad-8, serial output mode "ASCII 1".
+    MasimoSerial,
 }
 
 impl DeviceConfig {
     pub fn id(&self) -> &str {
-        match self {
-            DeviceConfig::Masimo { id, .. } => id,
-        }
+        &self.id
     }
 }
 
@@ -224,23 +233,17 @@ impl AgentConfig {
                     format!("duplicate device id {:?}", d.id()),
                 ));
             }
-            match d {
-                DeviceConfig::Masimo {
-                    port,
-                    clock_offset_minutes,
-                    ..
-                } => {
-                    if port.is_empty() {
-                        return Err(invalid(format!("device[{i}].port"), "must not be empty"));
-                    }
-                    if clock_offset_minutes.abs() > 18 * 60 {
-                        return Err(invalid(
-                            format!("device[{i}].clock_offset_minutes"),
-                            "must be within ±1080 (±18 h)",
-                        ));
-                    }
-                }
+            if d.port.is_empty() {
+                return Err(invalid(format!("device[{i}].port"), "must not be empty"));
             }
+            if d.silence_timeout_ms.is_some_and(|ms| ms < 500) {
+                return Err(invalid(
+                    format!("device[{i}].silence_timeout_ms"),
+                    "must be at least 500",
+                ));
+            }
+            crate::devices::AnyProtocol::from_config(d)
+                .map_err(|e| invalid(format!("device[{i}].options"), e))?;
         }
         Ok(())
     }
@@ -321,7 +324,7 @@ mod tests {
             .to_string();
         assert!(err.contains("bogus"), "{err}");
         let dup = format!(
-            "{EXAMPLE}\n[[device]]\nkind = \"masimo\"\nid = \"masimo-1\"\nport = \"/dev/x\"\n"
+            "{EXAMPLE}\n[[device]]\nkind = \"masimo-serial\"\nid = \"masimo-1\"\nport = \"/dev/x\"\n"
         );
         let err = parse(&dup).unwrap_err().to_string();
         assert!(
@@ -330,6 +333,24 @@ mod tests {
         );
         let bad = EXAMPLE.replace("gateway_id = \"gw-demo\"", "gateway_id = \"gw demo!\"");
         assert!(parse(&bad).unwrap_err().to_string().contains("gateway_id"));
+    }
+
+    #[test]
+    fn device_options_and_serial_overrides_are_checked() {
+        let bad = EXAMPLE.replace("clock_offset_minutes = 0", "clock_offset_minutes = 5000");
+        let err = parse(&bad).unwrap_err().to_string();
+        assert!(err.contains("device[0].options"), "{err}");
+        let bad = EXAMPLE.replace("clock_offset_minutes = 0", "no_such_option = 1");
+        assert!(
+            parse(&bad)
+                .unwrap_err()
+                .to_string()
+                .contains("no_such_option")
+        );
+        let bad = EXAMPLE.replace("baud_rate = 9600", "baud_rate = \"fast\"");
+        assert!(parse(&bad).is_err());
+        let bad = EXAMPLE.replace("kind = \"masimo-serial\"", "kind = \"telepathy\"");
+        assert!(parse(&bad).unwrap_err().to_string().contains("telepathy"));
     }
 
     #[test]

@@ -10,6 +10,8 @@
 
 pub mod buffer;
 pub mod config;
+pub mod devices;
+pub mod probe;
 pub mod secrets;
 pub mod uplink;
 
@@ -18,14 +20,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use device_drivers::{DriverOutput, DriverStats, masimo};
+use device_drivers::{DriverOutput, DriverStats, RunOptions};
 use ring::rand::{SecureRandom, SystemRandom};
 use shared_protocol::v1::{Batch, BatchAck, DeviceData, DeviceInfo};
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::Instant;
 
 use crate::buffer::{Buffer, BufferError, StoredRecord};
-use crate::config::{AgentConfig, DeviceConfig};
+use crate::config::AgentConfig;
+use crate::devices::AnyProtocol;
 use crate::uplink::{Uplink, UplinkError};
 
 #[derive(Debug, thiserror::Error)]
@@ -80,45 +83,36 @@ pub async fn run(cfg: AgentConfig, mut shutdown: watch::Receiver<bool>) -> Resul
     let mut drivers = Vec::new();
     for dev in &cfg.devices {
         let stats = Arc::new(DriverStats::default());
-        driver_stats.push((dev.id().to_string(), stats.clone()));
-        match dev {
-            DeviceConfig::Masimo {
-                id,
-                port,
-                location,
-                model,
-                clock_offset_minutes,
-            } => {
-                let clock_offset = time::UtcOffset::from_whole_seconds(clock_offset_minutes * 60)
-                    .map_err(|e| AgentError::Device {
-                    device: id.clone(),
-                    message: e.to_string(),
-                })?;
-                device_infos.insert(
-                    id.clone(),
-                    DeviceInfo {
-                        device_id: id.clone(),
-                        protocol: masimo::PROTOCOL.into(),
-                        manufacturer: "Masimo".into(),
-                        model: model.clone(),
-                        serial_number: String::new(),
-                        location: location.clone(),
-                    },
-                );
-                let mcfg = masimo::MasimoConfig {
-                    device_id: id.clone(),
-                    port: port.clone(),
-                    clock_offset,
-                    max_backoff: Duration::from_secs(10),
-                };
-                drivers.push(tokio::spawn(masimo::run(
-                    mcfg,
-                    stats,
-                    tx.clone(),
-                    shutdown.clone(),
-                )));
-            }
+        driver_stats.push((dev.id.clone(), stats.clone()));
+        let proto = AnyProtocol::from_config(dev).map_err(|message| AgentError::Device {
+            device: dev.id.clone(),
+            message,
+        })?;
+        device_infos.insert(
+            dev.id.clone(),
+            DeviceInfo {
+                device_id: dev.id.clone(),
+                protocol: proto.kind().into(),
+                manufacturer: proto.manufacturer().into(),
+                model: dev.model.clone(),
+                serial_number: String::new(),
+                location: dev.location.clone(),
+            },
+        );
+        let settings = proto.default_serial().with(&dev.serial);
+        let mut opts = RunOptions::default();
+        if let Some(ms) = dev.silence_timeout_ms {
+            opts.silence = Duration::from_millis(ms);
         }
+        drivers.push(tokio::spawn(proto.run(
+            dev.id.clone(),
+            dev.port.clone(),
+            settings,
+            opts,
+            stats,
+            tx.clone(),
+            shutdown.clone(),
+        )));
     }
     drop(tx);
 
@@ -254,12 +248,12 @@ fn build_batch(
                 }
                 DeviceData {
                     device: Some(info),
-                    readings: vec![],
-                    waveforms: vec![],
+                    ..Default::default()
                 }
             });
         entry.readings.extend(r.data.readings.iter().cloned());
         entry.waveforms.extend(r.data.waveforms.iter().cloned());
+        entry.technical.extend(r.data.technical.iter().cloned());
     }
     Batch {
         gateway_id: gateway_id.to_string(),
@@ -274,7 +268,7 @@ fn items_in(batch: &Batch) -> u64 {
     batch
         .devices
         .iter()
-        .map(|d| (d.readings.len() + d.waveforms.len()) as u64)
+        .map(|d| buffer::items(d) as u64)
         .sum()
 }
 
@@ -440,7 +434,7 @@ mod tests {
                     sequence: seq,
                     ..Default::default()
                 }],
-                waveforms: vec![],
+                ..Default::default()
             },
         };
         let mut infos = HashMap::new();

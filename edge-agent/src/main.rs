@@ -35,6 +35,27 @@ enum Cmd {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Watch one device live: raw bytes both ways and what they decode to.
+    Probe {
+        /// Protocol, as in the config's `kind` (e.g. masimo-serial).
+        #[arg(long)]
+        kind: String,
+        /// Serial port, e.g. /dev/ttyUSB0.
+        #[arg(long)]
+        port: String,
+        /// Protocol options as inline TOML, e.g. 'clock_offset_minutes = 60'.
+        #[arg(long, default_value = "")]
+        options: String,
+        /// Override the protocol's baud rate.
+        #[arg(long)]
+        baud_rate: Option<u32>,
+        /// Stop after this many seconds (default: until Ctrl-C).
+        #[arg(long)]
+        seconds: Option<u64>,
+        /// Do not print raw bytes, only decoded data.
+        #[arg(long)]
+        no_raw: bool,
+    },
     /// Check a config file (and its secrets' permissions) without running.
     CheckConfig {
         #[arg(long, short)]
@@ -69,6 +90,48 @@ async fn main() -> anyhow::Result<()> {
             edge_agent::run(cfg, rx)
                 .await
                 .context("edge-agent failed")?;
+        }
+        Cmd::Probe {
+            kind,
+            port,
+            options,
+            baud_rate,
+            seconds,
+            no_raw,
+        } => {
+            #[derive(serde::Deserialize)]
+            struct K {
+                kind: edge_agent::config::DeviceKind,
+            }
+            let kind = toml::from_str::<K>(&format!("kind = {kind:?}"))
+                .map_err(|e| anyhow::anyhow!("--kind: {}", e.message()))?
+                .kind;
+            let options: toml::Table =
+                toml::from_str(&options).context("--options is not valid TOML")?;
+            let serial = device_drivers::SerialOverrides {
+                baud_rate,
+                ..Default::default()
+            };
+            let (tx, rx) = tokio::sync::watch::channel(false);
+            tokio::spawn(async move {
+                wait_for_signal().await;
+                let _ = tx.send(true);
+            });
+            let args = edge_agent::probe::ProbeArgs {
+                kind,
+                port,
+                options,
+                serial,
+                duration: seconds.map(std::time::Duration::from_secs),
+                raw: !no_raw,
+            };
+            let s = edge_agent::probe::run(args, rx)
+                .await
+                .map_err(|e| anyhow::anyhow!(e))?;
+            println!(
+                "counters: bytes {} frames ok {} bad {} bytes dropped {} link errors {}",
+                s.bytes_read, s.frames_ok, s.frames_bad, s.bytes_dropped, s.link_errors
+            );
         }
         Cmd::CheckConfig { config } => {
             let cfg = edge_agent::config::AgentConfig::load(&config)?;

@@ -133,8 +133,8 @@ fn codes_of(r: &Value) -> Vec<(String, String)> {
 
 #[test]
 fn masimo_serial_to_fhir_survives_agent_kill_and_hub_outage() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
+    let (_guard, dir) = test_dir("masimo-e2e");
+    let d = dir.as_path();
 
     // Hub on an ephemeral loopback port, with a gateway and an association.
     let hub_cfg = write_hub_config(d, "127.0.0.1:0", &[(GATEWAY, DEVICE, PATIENT)]).unwrap();
@@ -177,7 +177,7 @@ fn masimo_serial_to_fhir_survives_agent_kill_and_hub_outage() {
         format!(
             "gateway_id = \"{GATEWAY}\"\ndata_dir = \"agent-data\"\n\n[uplink]\nurl = \"{base}/api/v1/ingest\"\n\
 token_file = \"gateway.token\"\nbatch_max_readings = 60\nbatch_max_wait_ms = 200\nmax_backoff_ms = 500\n\n\
-[[device]]\nkind = \"masimo\"\nid = \"{DEVICE}\"\nport = \"{}\"\nlocation = \"ICU-1/bed-1\"\n",
+[[device]]\nkind = \"masimo-serial\"\nid = \"{DEVICE}\"\nport = \"{}\"\nlocation = \"ICU-1/bed-1\"\n",
             pty.host.display()
         ),
     )
@@ -261,21 +261,28 @@ token_file = \"gateway.token\"\nbatch_max_readings = 60\nbatch_max_wait_ms = 200
         .map(stored)
         .collect();
 
-    // Exactly once: per-device sequences are 1..=N with no gap and no repeat.
+    // Exactly once: the device's sequence numbers, shared by readings (FHIR
+    // Observations) and technical readings (the hub's device events), are
+    // 1..=N with no gap and no repeat.
     let mut by_seq: BTreeMap<u64, Stored> = BTreeMap::new();
     for s in &all {
-        assert!(
-            by_seq.insert(s.seq, s.clone()).is_none(),
-            "reading {} stored twice",
-            s.seq
-        );
+        assert!(by_seq.insert(s.seq, s.clone()).is_none(), "reading {} stored twice", s.seq);
     }
+    let db = rusqlite::Connection::open(d.join("hub.sqlite")).unwrap();
+    let events: Vec<(u64, String)> = db
+        .prepare("SELECT sequence, kind FROM device_events WHERE gateway_id = ?1 AND device_id = ?2")
+        .unwrap()
+        .query_map([GATEWAY, DEVICE], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let connected = events.iter().filter(|(_, k)| k == "connected").count();
+    assert!(connected >= 2, "a CONNECTED event per agent start: {events:?}");
+    let mut seqs: Vec<u64> = by_seq.keys().copied().chain(events.iter().map(|e| e.0)).collect();
+    seqs.sort_unstable();
+    let total_items = seqs.len() as u64;
+    assert_eq!(seqs, (1..=total_items).collect::<Vec<_>>(), "gap or repeat in sequences");
     let n = by_seq.len() as u64;
-    assert_eq!(
-        by_seq.keys().copied().collect::<Vec<_>>(),
-        (1..=n).collect::<Vec<_>>(),
-        "gap in sequences"
-    );
     assert_eq!(n % 3, 0, "every line gives SpO2, pulse rate and PI");
 
     // The stored lines are the device's lines, in order; at most the one
@@ -322,7 +329,7 @@ token_file = \"gateway.token\"\nbatch_max_readings = 60\nbatch_max_wait_ms = 200
     );
 
     // One SpO2 Observation in detail: profile, codes, unit, subject, time.
-    let spo2 = &by_seq[&1].resource;
+    let spo2 = &by_seq.values().next().unwrap().resource;
     assert_eq!(spo2["resourceType"], "Observation");
     assert_eq!(spo2["status"], "final");
     assert_eq!(spo2["category"][0]["coding"][0]["code"], "vital-signs");

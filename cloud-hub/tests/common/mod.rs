@@ -189,6 +189,7 @@ pub fn batch(seq: u64, device_id: &str, readings: Vec<Reading>) -> Batch {
             }),
             readings,
             waveforms: vec![],
+            technical: vec![],
         }],
         agent_version: "test".into(),
     }
