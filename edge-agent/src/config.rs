@@ -124,6 +124,12 @@ pub struct DeviceConfig {
 pub enum DeviceKind {
     /// Masimo Radical-7 / Rad-8, serial output mode "ASCII 1".
     MasimoSerial,
+    /// Philips IntelliVue, Data Export over the MIB/RS-232 port.
+    IntellivueSerial,
+    /// GE Datex-Ohmeda S/5, computer interface.
+    DatexS5Serial,
+    /// Dräger, MEDIBUS.X.
+    MedibusSerial,
 }
 
 impl DeviceConfig {

@@ -1,10 +1,12 @@
 //! The device kinds the agent can run, built from config. Adding a protocol
-//! means one variant here and one in `config::DeviceKind`.
+//! means one variant in `config::DeviceKind`, one here, and one line in
+//! `each!`.
 
 use std::sync::Arc;
 
 use device_drivers::{
-    DriverOutput, DriverStats, Protocol, RunOptions, SerialSettings, Shutdown, masimo, run_serial,
+    DriverOutput, DriverStats, Protocol, RunOptions, SerialSettings, Shutdown, datex, intellivue,
+    masimo, medibus, run_serial,
 };
 use tokio::sync::mpsc;
 
@@ -14,6 +16,21 @@ use crate::config::{DeviceConfig, DeviceKind};
 #[derive(Debug)]
 pub enum AnyProtocol {
     Masimo(masimo::Masimo),
+    Intellivue(intellivue::Intellivue),
+    Datex(datex::Datex),
+    Medibus(medibus::Medibus),
+}
+
+/// Run `$body` with `$p` bound to the concrete protocol.
+macro_rules! each {
+    ($self:expr, $p:ident => $body:expr) => {
+        match $self {
+            AnyProtocol::Masimo($p) => $body,
+            AnyProtocol::Intellivue($p) => $body,
+            AnyProtocol::Datex($p) => $body,
+            AnyProtocol::Medibus($p) => $body,
+        }
+    };
 }
 
 fn options<T: serde::de::DeserializeOwned>(table: &toml::Table) -> Result<T, String> {
@@ -27,6 +44,13 @@ impl AnyProtocol {
     pub fn new(kind: DeviceKind, opts: &toml::Table) -> Result<Self, String> {
         Ok(match kind {
             DeviceKind::MasimoSerial => AnyProtocol::Masimo(masimo::Masimo::new(options(opts)?)?),
+            DeviceKind::IntellivueSerial => {
+                AnyProtocol::Intellivue(intellivue::Intellivue::new(options(opts)?)?)
+            }
+            DeviceKind::DatexS5Serial => AnyProtocol::Datex(datex::Datex::new(options(opts)?)?),
+            DeviceKind::MedibusSerial => {
+                AnyProtocol::Medibus(medibus::Medibus::new(options(opts)?)?)
+            }
         })
     }
 
@@ -35,21 +59,15 @@ impl AnyProtocol {
     }
 
     pub fn kind(&self) -> &'static str {
-        match self {
-            AnyProtocol::Masimo(p) => p.kind(),
-        }
+        each!(self, p => p.kind())
     }
 
     pub fn manufacturer(&self) -> &'static str {
-        match self {
-            AnyProtocol::Masimo(p) => p.manufacturer(),
-        }
+        each!(self, p => p.manufacturer())
     }
 
     pub fn default_serial(&self) -> SerialSettings {
-        match self {
-            AnyProtocol::Masimo(p) => p.default_serial(),
-        }
+        each!(self, p => p.default_serial())
     }
 
     /// Run on a serial port until shutdown (see `device_drivers::run_serial`).
@@ -64,10 +82,27 @@ impl AnyProtocol {
         tx: mpsc::Sender<DriverOutput>,
         shutdown: Shutdown,
     ) {
-        match self {
-            AnyProtocol::Masimo(p) => {
-                run_serial(p, device_id, port, settings, opts, stats, tx, shutdown).await
-            }
+        each!(self, p => run_serial(p, device_id, port, settings, opts, stats, tx, shutdown).await)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_builds_with_default_options_and_names_itself() {
+        for (kind, name) in [
+            (DeviceKind::MasimoSerial, "masimo-serial"),
+            (DeviceKind::IntellivueSerial, "intellivue-serial"),
+            (DeviceKind::DatexS5Serial, "datex-s5-serial"),
+            (DeviceKind::MedibusSerial, "medibus-serial"),
+        ] {
+            let p = AnyProtocol::new(kind, &toml::Table::new()).unwrap();
+            assert_eq!(p.kind(), name);
+            // The config spelling of the kind is the protocol's own name.
+            let parsed: DeviceKind = toml::Value::String(name.into()).try_into().unwrap();
+            assert_eq!(parsed, kind);
         }
     }
 }

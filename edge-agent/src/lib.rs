@@ -265,11 +265,7 @@ fn build_batch(
 }
 
 fn items_in(batch: &Batch) -> u64 {
-    batch
-        .devices
-        .iter()
-        .map(|d| buffer::items(d) as u64)
-        .sum()
+    batch.devices.iter().map(|d| buffer::items(d) as u64).sum()
 }
 
 fn ack_matches(batch: &Batch, ack: &BatchAck) -> bool {
