@@ -4,6 +4,7 @@
 use clap::{Parser, Subcommand};
 
 mod datex;
+mod intellivue;
 mod masimo;
 mod medibus;
 
@@ -22,6 +23,8 @@ struct Cli {
 enum Device {
     /// Masimo Radical-7 / Rad-8 pulse oximeter, "ASCII 1" serial output.
     Masimo(masimo::MasimoArgs),
+    /// Philips IntelliVue MP-series monitor, Data Export over MIB/RS232, 115200 8N1.
+    Intellivue(intellivue::IntellivueArgs),
     /// Dräger ventilator (Evita/Savina/Primus), MEDIBUS.X slow data, 19200 8E1.
     Medibus(medibus::MedibusArgs),
     /// GE Datex-Ohmeda S/5 monitor, computer interface (DRI), displayed values.
@@ -40,6 +43,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.device {
         Device::Masimo(args) => masimo::run(args).await,
+        Device::Intellivue(args) => intellivue::run(args).await,
         Device::Medibus(args) => medibus::run(args).await,
         Device::Datex(args) => datex::run(args).await,
     }

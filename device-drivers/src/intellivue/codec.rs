@@ -515,13 +515,15 @@ impl<F: Framing> IntellivueDecoder<F> {
     pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Message>, IntellivueError> {
         match self.framing.decode(buf)? {
             None => Ok(None),
-            Some(msg) => parse_message(&msg)
-                .map(Some)
-                .map_err(|reason| IntellivueError::BadMessage {
-                    reason,
-                    // The frame is consumed; count its content at least.
-                    dropped: msg.len().max(1),
-                }),
+            Some(msg) => {
+                parse_message(&msg)
+                    .map(Some)
+                    .map_err(|reason| IntellivueError::BadMessage {
+                        reason,
+                        // The frame is consumed; count its content at least.
+                        dropped: msg.len().max(1),
+                    })
+            }
         }
     }
 
@@ -824,8 +826,8 @@ impl AbsoluteTime {
         let month = time::Month::try_from(bcd(mo)?).ok()?;
         let date = time::Date::from_calendar_date(year, month, bcd(d)?).ok()?;
         // sec_fractions: hundredths of a second (BCD).
-        let t = time::Time::from_hms_milli(bcd(h)?, bcd(mi)?, bcd(s)?, u16::from(bcd(f)?) * 10)
-            .ok()?;
+        let t =
+            time::Time::from_hms_milli(bcd(h)?, bcd(mi)?, bcd(s)?, u16::from(bcd(f)?) * 10).ok()?;
         Some(time::PrimitiveDateTime::new(date, t))
     }
 }
@@ -1221,8 +1223,8 @@ mod tests {
             vec![
                 0x09, 0x18, // FN_SPDU, LI = 24
                 0xC1, 0x16, // presentation header, LI = 22
-                0x61, 0x80, 0x30, 0x80, 0x02, 0x01, 0x01, 0xA0, 0x80, 0x62, 0x80, 0x80, 0x01,
-                0x00, 0x00, 0x00, 0x00, 0x00, // RLRQ
+                0x61, 0x80, 0x30, 0x80, 0x02, 0x01, 0x01, 0xA0, 0x80, 0x62, 0x80, 0x80, 0x01, 0x00,
+                0x00, 0x00, 0x00, 0x00, // RLRQ
                 0x00, 0x00, 0x00, 0x00, // trailer
             ]
         );
@@ -1251,7 +1253,8 @@ mod tests {
             vec![
                 0xE1, 0x00, 0x00, 0x02, // SPpdu: session_id, p_context_id
                 0x00, 0x01, 0x00, 0x20, // ROapdus: ROIV_APDU, length 32
-                0x01, 0x02, 0x00, 0x07, 0x00, 0x1A, // ROIVapdu: invoke 0x0102, CMD_CONFIRMED_ACTION, 26
+                0x01, 0x02, 0x00, 0x07, 0x00,
+                0x1A, // ROIVapdu: invoke 0x0102, CMD_CONFIRMED_ACTION, 26
                 0x00, 0x21, 0x00, 0x00, 0x00, 0x00, // managed object: NOM_MOC_VMS_MDS, 0, 0
                 0x00, 0x00, 0x00, 0x00, // scope
                 0xF1, 0x3B, 0x00, 0x0C, // NOM_ACT_POLL_MDIB_DATA_EXT, length 12
@@ -1277,7 +1280,8 @@ mod tests {
             vec![
                 0xE1, 0x00, 0x00, 0x02, // SPpdu
                 0x00, 0x02, 0x00, 0x14, // ROapdus: RORS_APDU, length 20
-                0x00, 0x01, 0x00, 0x01, 0x00, 0x0E, // invoke 1, CMD_CONFIRMED_EVENT_REPORT, 14
+                0x00, 0x01, 0x00, 0x01, 0x00,
+                0x0E, // invoke 1, CMD_CONFIRMED_EVENT_REPORT, 14
                 0x00, 0x21, 0x00, 0x00, 0x00, 0x00, // NOM_MOC_VMS_MDS, 0, 0
                 0x00, 0x48, 0x47, 0x00, // current_time (echoed)
                 0x0D, 0x06, 0x00, 0x00, // NOM_NOTI_MDS_CREAT, length 0
@@ -1293,7 +1297,10 @@ mod tests {
         assert_eq!(FloatType(0x007F_FFFE).value(), FloatValue::PosInf);
         assert_eq!(FloatType(0x0080_0002).value(), FloatValue::NegInf);
         // 0xFF000175: exponent -1, mantissa 373 -> 37.3
-        assert_eq!(FloatType(0xFF00_0175).value(), FloatValue::Number(37.300000000000004));
+        assert_eq!(
+            FloatType(0xFF00_0175).value(),
+            FloatValue::Number(37.300000000000004)
+        );
         assert_eq!(FloatType(0x0000_0048).value(), FloatValue::Number(72.0));
         // Negative mantissa: 0x00FFFFFF = -1
         assert_eq!(FloatType(0x00FF_FFFF).value(), FloatValue::Number(-1.0));
@@ -1316,7 +1323,10 @@ mod tests {
         buf.extend_from_slice(&b);
         buf.extend_from_slice(&b[..5]);
         let mut d = IntellivueDecoder::new(RawFraming);
-        assert!(matches!(d.decode(&mut buf), Ok(Some(Message::Session { .. }))));
+        assert!(matches!(
+            d.decode(&mut buf),
+            Ok(Some(Message::Session { .. }))
+        ));
         assert!(matches!(d.decode(&mut buf), Ok(Some(Message::Data(_)))));
         assert_eq!(d.decode(&mut buf), Ok(None));
     }

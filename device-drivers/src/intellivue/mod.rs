@@ -118,10 +118,10 @@ pub fn unit_for(unit_code: u16) -> (u32, &'static str) {
 }
 
 fn label(physio_id: u16) -> String {
-    NAMES
-        .iter()
-        .find(|(p, _)| *p == physio_id)
-        .map_or_else(|| format!("physio 0x{physio_id:04X}"), |(_, n)| n.to_string())
+    NAMES.iter().find(|(p, _)| *p == physio_id).map_or_else(
+        || format!("physio 0x{physio_id:04X}"),
+        |(_, n)| n.to_string(),
+    )
 }
 
 /// Validity and flags from a MeasurementState (Guide §5 "MeasurementState").
@@ -452,7 +452,8 @@ where
         match conn.next(ctx, deadline).await? {
             None => return Err(DriverError::Silent(ctx.silence)),
             Some(Message::Data(d))
-                if d.kind == RoKind::Invoke && d.command_type == codec::CMD_CONFIRMED_EVENT_REPORT =>
+                if d.kind == RoKind::Invoke
+                    && d.command_type == codec::CMD_CONFIRMED_EVENT_REPORT =>
             {
                 match codec::parse_event_report(&d.body) {
                     Ok(ev) => {
@@ -469,7 +470,9 @@ where
                 }
             }
             Some(Message::Session { spdu, .. }) if spdu == codec::SPDU_AB => {
-                return Err(DriverError::Protocol("monitor aborted the association".into()));
+                return Err(DriverError::Protocol(
+                    "monitor aborted the association".into(),
+                ));
             }
             Some(_) => {}
         }
@@ -535,7 +538,9 @@ where
                     ));
                 }
                 codec::SPDU_AB => {
-                    return Err(DriverError::Protocol("monitor aborted the association".into()));
+                    return Err(DriverError::Protocol(
+                        "monitor aborted the association".into(),
+                    ));
                 }
                 _ => {}
             },
@@ -585,18 +590,18 @@ mod tests {
     #[test]
     fn numerics_map_to_catalogue_codes_and_units() {
         let p = reply(vec![
-            vec![nu(0x4182, 0, 0x0AA0, 72)],            // HR 72 /min
-            vec![nu(0x4822, 0, 0x0AA0, 71)],            // pleth pulse
-            vec![nu(0x4BB8, 0, 0x0220, 98)],            // SpO2 98 %
-            vec![nu(0x500A, 0, 0x0AE0, 16)],            // RR
+            vec![nu(0x4182, 0, 0x0AA0, 72)], // HR 72 /min
+            vec![nu(0x4822, 0, 0x0AA0, 71)], // pleth pulse
+            vec![nu(0x4BB8, 0, 0x0220, 98)], // SpO2 98 %
+            vec![nu(0x500A, 0, 0x0AE0, 16)], // RR
             vec![
                 nu(0x4A05, 0, 0x0F20, 120),
                 nu(0x4A06, 0, 0x0F20, 80),
                 nu(0x4A07, 0, 0x0F20, 93),
             ], // NIBP compound
-            vec![nu(0x4B48, 0, 0x17A0, 0xFF00_0175)],    // Temp 37.3 °C
-            vec![nu(0x50B0, 0, 0x0F20, 38)],             // etCO2 38 mmHg
-            vec![nu(0x1234, 0, 0x0000, 1)],              // unknown: skipped
+            vec![nu(0x4B48, 0, 0x17A0, 0xFF00_0175)], // Temp 37.3 °C
+            vec![nu(0x50B0, 0, 0x0F20, 38)], // etCO2 38 mmHg
+            vec![nu(0x1234, 0, 0x0000, 1)],  // unknown: skipped
         ]);
         let (r, unknown) = poll_reply_to_readings(&p, UtcOffset::UTC, 42);
         assert_eq!(unknown, 0);
@@ -635,7 +640,12 @@ mod tests {
             vec![nu(0x500A, 0, 0x0AE0, FloatType::POS_INF)],
             vec![nu(0x4A05, state::QUESTIONABLE, 0x0F20, 120)],
             vec![nu(0x4A06, state::DEMO_DATA, 0x0F20, 80)],
-            vec![nu(0x4B48, state::CALIBRATION_ONGOING, 0x17A0, FloatType::NRES)],
+            vec![nu(
+                0x4B48,
+                state::CALIBRATION_ONGOING,
+                0x17A0,
+                FloatType::NRES,
+            )],
         ]);
         let (r, _) = poll_reply_to_readings(&p, UtcOffset::UTC, 0);
         let f = |r: &Reading, q: QualityFlag| r.flags.contains(&(q as i32));
@@ -710,7 +720,9 @@ mod tests {
             match m {
                 Message::Session { spdu: SPDU_CN, .. } => {
                     // Association Result (accept): minimal AC SPDU.
-                    link.write_all(&send(vec![SPDU_AC, 2, 0xC1, 0])).await.unwrap();
+                    link.write_all(&send(vec![SPDU_AC, 2, 0xC1, 0]))
+                        .await
+                        .unwrap();
                     // MDS Create Event Report, ROIV confirmed event report.
                     let mut body = vec![0x00, 0x21, 0, 0, 0, 0, 0, 0, 0x10, 0, 0x0D, 0x06, 0, 4];
                     body.extend_from_slice(&[0, 0, 0, 0]); // empty attribute list
@@ -749,7 +761,9 @@ mod tests {
                     answered += 1;
                     if answered == polls {
                         // Then the monitor releases the association.
-                        link.write_all(&send(encode_release_request())).await.unwrap();
+                        link.write_all(&send(encode_release_request()))
+                            .await
+                            .unwrap();
                     }
                 }
                 Message::Session { spdu: SPDU_DN, .. } => return seen,
@@ -770,17 +784,24 @@ mod tests {
         })
         .unwrap();
         let mut ctx = SessionCtx::new("iv1", &stats, &tx, &mut shutdown, Duration::from_secs(5));
-        let end = run_session(&proto, host, framing, &mut ctx).await.unwrap_err();
+        let end = run_session(&proto, host, framing, &mut ctx)
+            .await
+            .unwrap_err();
         assert!(matches!(end, DriverError::Protocol(_)), "{end}");
         drop(ctx);
         let seen = monitor.await.unwrap();
         // The client sent: association request, MDS create result, 3 polls,
         // release result.
         assert!(matches!(seen[0], Message::Session { spdu: SPDU_CN, .. }));
-        let Message::Data(ref r) = seen[1] else { panic!() };
+        let Message::Data(ref r) = seen[1] else {
+            panic!()
+        };
         assert_eq!(r.kind, RoKind::Result);
         assert_eq!(r.invoke_id, 9, "MDS create result echoes the invoke id");
-        assert!(matches!(seen.last(), Some(Message::Session { spdu: SPDU_DN, .. })));
+        assert!(matches!(
+            seen.last(),
+            Some(Message::Session { spdu: SPDU_DN, .. })
+        ));
         let first = rx.recv().await.unwrap();
         assert_eq!(first.technical.len(), 1);
         let mut values = vec![];
