@@ -374,10 +374,8 @@ impl Medibus {
                 match code {
                     cmd::ICC => {
                         // The device (re)initialised communication.
-                        if !s.established {
-                            s.established = true;
-                            ctx.connected().await?;
-                        }
+                        s.established = true;
+                        ctx.connected().await?;
                     }
                     cmd::STOP => {
                         return Err(DriverError::Protocol("device stopped communication".into()));
@@ -394,10 +392,9 @@ impl Medibus {
                 }
                 match code {
                     cmd::ICC => {
-                        if !s.established {
-                            s.established = true;
-                            ctx.connected().await?;
-                        }
+                        // `connected` reports once per session.
+                        s.established = true;
+                        ctx.connected().await?;
                     }
                     cmd::DEVICE_ID => match parse_device_id(&data) {
                         Some(id) => {
