@@ -602,7 +602,7 @@ pub struct ObservationSearch {
     pub patients: Vec<String>,
     /// Each inner list is an OR-set of MDC codes; the lists are AND-ed. An
     /// empty inner list matches nothing (codes unknown to the catalogue).
-    pub codes: Vec<Vec<u32>>,
+    pub codes: Vec<Vec<CodeMatch>>,
     pub dates: Vec<DateParam>,
     pub count: u32,
     pub offset: u64,
@@ -620,8 +620,18 @@ fn parse_reference(param: &str, value: &str) -> Result<String, SearchParamError>
     Ok(id.to_owned())
 }
 
-/// Resolves one `code` token to the MDC codes of catalogue metrics.
-fn resolve_code(token: &str) -> Result<Vec<u32>, SearchParamError> {
+/// What one resolved `code` token matches: observations of an MDC metric,
+/// restricted to one stored LOINC code when the token was a LOINC code (a
+/// metric's units have their own LOINC codes: EtCO2 as partial pressure is
+/// not EtCO2 as volume fraction).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct CodeMatch {
+    pub mdc: u32,
+    pub loinc: Option<&'static str>,
+}
+
+/// Resolves one `code` token to what it matches in the catalogue.
+fn resolve_code(token: &str) -> Result<Vec<CodeMatch>, SearchParamError> {
     let (system, code) = match token.split_once('|') {
         Some((s, c)) => (Some(s), c),
         None => (None, token),
@@ -629,12 +639,25 @@ fn resolve_code(token: &str) -> Result<Vec<u32>, SearchParamError> {
     if code.is_empty() {
         return Err(invalid("code", format!("`{token}` has no code")));
     }
-    let by_loinc = || CATALOGUE.by_loinc(code).map(|m| m.mdc).collect::<Vec<_>>();
+    let by_loinc = || {
+        CATALOGUE
+            .by_loinc(code)
+            .map(|m| CodeMatch {
+                mdc: m.mdc,
+                loinc: Some(m.loinc),
+            })
+            .collect::<Vec<_>>()
+    };
     let by_mdc = || {
         code.parse::<u32>()
             .ok()
             .and_then(|c| CATALOGUE.by_mdc(c))
-            .map(|m| vec![m.mdc])
+            .map(|m| {
+                vec![CodeMatch {
+                    mdc: m.mdc,
+                    loinc: None,
+                }]
+            })
             .unwrap_or_default()
     };
     Ok(match system {
@@ -970,22 +993,37 @@ mod tests {
 
     #[test]
     fn search_codes_resolve_through_the_catalogue() {
+        let m = |mdc, loinc| CodeMatch { mdc, loinc };
         let s = parse_search(&pairs(&[("code", "http://loinc.org|2708-6")])).unwrap();
-        assert_eq!(s.codes, vec![vec![codes::PULS_OXIM_SAT_O2]]);
+        assert_eq!(
+            s.codes,
+            vec![vec![m(codes::PULS_OXIM_SAT_O2, Some("59408-5"))]]
+        );
+        // A unit's own LOINC code selects that unit's observations only.
+        let s = parse_search(&pairs(&[("code", "http://loinc.org|19888-7")])).unwrap();
+        assert_eq!(
+            s.codes,
+            vec![vec![m(codes::CONC_AWAY_CO2_ET, Some("19888-7"))]]
+        );
+        let s = parse_search(&pairs(&[("code", "http://loinc.org|19891-1")])).unwrap();
+        assert_eq!(
+            s.codes,
+            vec![vec![m(codes::CONC_AWAY_CO2_ET, Some("19891-1"))]]
+        );
         let s = parse_search(&pairs(&[(
             "code",
             "8867-4,urn:iso:std:iso:11073:10101|150456",
         )]))
         .unwrap();
         let mut want = vec![
-            codes::ECG_HEART_RATE,
-            codes::PULS_OXIM_PULS_RATE,
-            codes::PULS_OXIM_SAT_O2,
+            m(codes::ECG_HEART_RATE, Some("8867-4")),
+            m(codes::PULS_OXIM_PULS_RATE, Some("8889-8")),
+            m(codes::PULS_OXIM_SAT_O2, None),
         ];
         want.sort_unstable();
         assert_eq!(s.codes, vec![want]);
         let s = parse_search(&pairs(&[("code", "http://snomed.info/sct|1234")])).unwrap();
-        assert_eq!(s.codes, vec![Vec::<u32>::new()]);
+        assert_eq!(s.codes, vec![Vec::<CodeMatch>::new()]);
     }
 
     #[test]

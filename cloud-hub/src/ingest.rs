@@ -39,9 +39,11 @@ fn check_time(t: i64, now_us: i64, what: &str) -> Result<(), Refusal> {
     Ok(())
 }
 
-/// Validates a reading against the catalogue and the hub clock; returns its
-/// metric when it may be stored.
-pub fn validate_reading(r: &Reading, now_us: i64) -> Result<&'static Metric, Refusal> {
+/// Validates a reading against the catalogue and the hub clock; returns the
+/// metric in the reading's unit (see `Metric::in_unit`: an alternative unit
+/// brings its own LOINC code and possible range) when it may be stored.
+/// Units are never converted.
+pub fn validate_reading(r: &Reading, now_us: i64) -> Result<Metric, Refusal> {
     let metric = CATALOGUE.by_mdc(r.mdc_code).ok_or_else(|| {
         refuse(
             RejectReason::UnknownMetric,
@@ -49,6 +51,7 @@ pub fn validate_reading(r: &Reading, now_us: i64) -> Result<&'static Metric, Ref
         )
     })?;
     check_time(r.effective_time_us(), now_us, "effective time")?;
+    let numeric = matches!(&r.value, Some(reading::Value::Numeric(_)));
     if let Some(reading::Value::Numeric(v)) = &r.value {
         if !v.is_finite() {
             return Err(refuse(
@@ -62,26 +65,28 @@ pub fn validate_reading(r: &Reading, now_us: i64) -> Result<&'static Metric, Ref
                 "numeric value without a unit",
             ));
         }
-        if r.mdc_unit != 0 && r.mdc_unit != metric.unit.mdc {
-            return Err(refuse(
+    }
+    match metric.in_unit(r.mdc_unit, &r.ucum_unit) {
+        Some(variant) => Ok(variant),
+        // A reading without a number may come without a unit.
+        None if !numeric && r.mdc_unit == 0 && r.ucum_unit.is_empty() => Ok(*metric),
+        None => {
+            let accepted: Vec<String> = metric
+                .variants()
+                .map(|v| format!("{} ({})", v.unit.ucum, v.unit.mdc_name))
+                .collect();
+            Err(refuse(
                 RejectReason::Malformed,
                 format!(
-                    "MDC unit {} is not {} ({}), the unit of {}; units are not converted",
-                    r.mdc_unit, metric.unit.mdc, metric.unit.mdc_name, metric.mdc_name
+                    "unit (MDC {}, UCUM `{}`) is not one {} is reported in: {}; units are not converted",
+                    r.mdc_unit,
+                    r.ucum_unit,
+                    metric.mdc_name,
+                    accepted.join(", ")
                 ),
-            ));
-        }
-        if !r.ucum_unit.is_empty() && r.ucum_unit != metric.unit.ucum {
-            return Err(refuse(
-                RejectReason::Malformed,
-                format!(
-                    "UCUM unit `{}` is not `{}`, the unit of {}; units are not converted",
-                    r.ucum_unit, metric.unit.ucum, metric.mdc_name
-                ),
-            ));
+            ))
         }
     }
-    Ok(metric)
 }
 
 /// Validates a waveform (its metric code is not checked: waveform codes are

@@ -432,7 +432,7 @@ impl Store {
                             continue;
                         }
                     };
-                    let mapped = map_observation(&dev_ref, r, metric, patient, received_us);
+                    let mapped = map_observation(&dev_ref, r, &metric, patient, received_us);
                     let n = insert_obs.execute(params![
                         mapped.id,
                         gateway_id,
@@ -567,8 +567,23 @@ impl Store {
             args.extend(s.patients.iter().cloned().map(SqlValue::Text));
         }
         for set in &s.codes {
-            clauses.push(format!("mdc_code IN ({})", placeholders(set.len())));
-            args.extend(set.iter().map(|c| SqlValue::Integer(i64::from(*c))));
+            let alternatives: Vec<&str> = set
+                .iter()
+                .map(|c| {
+                    if c.loinc.is_some() {
+                        "(mdc_code = ? AND loinc = ?)"
+                    } else {
+                        "mdc_code = ?"
+                    }
+                })
+                .collect();
+            clauses.push(format!("({})", alternatives.join(" OR ")));
+            for c in set {
+                args.push(SqlValue::Integer(i64::from(c.mdc)));
+                if let Some(l) = c.loinc {
+                    args.push(SqlValue::Text(l.to_owned()));
+                }
+            }
         }
         for d in &s.dates {
             let (lo, hi) = d.bounds();

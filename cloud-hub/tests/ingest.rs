@@ -377,3 +377,63 @@ async fn technical_readings_are_counted_stored_once_and_validated() {
     assert_eq!(kinds, vec!["connected", "silent"]);
     hub.stop().await;
 }
+
+#[tokio::test]
+async fn alternative_units_keep_their_unit_and_their_own_loinc() {
+    use shared_protocol::catalogue::{codes, units};
+    use shared_protocol::v1::Reading;
+    let hub = TestHub::start().await;
+    let etco2 = |seq: u64, v: f64, unit: shared_protocol::Unit| Reading {
+        mdc_code: codes::CONC_AWAY_CO2_ET,
+        value: Some(reading::Value::Numeric(v)),
+        mdc_unit: unit.mdc,
+        ucum_unit: unit.ucum.into(),
+        device_time_us: T0,
+        validity: 1,
+        sequence: seq,
+        ..Default::default()
+    };
+    let b = batch(
+        1,
+        DEVICE,
+        vec![
+            etco2(1, 5.1, units::PERCENT),
+            etco2(2, 38.0, units::MMHG),
+            etco2(3, 5.0, units::DEGC),
+        ],
+    );
+    let ack = hub.ingest(&b).await;
+    assert_eq!(
+        (ack.accepted, ack.rejected),
+        (2, 1),
+        "°C is not a unit of EtCO2"
+    );
+    assert_eq!(ack.rejections[0].sequence, 3);
+
+    let (_, pct) = hub
+        .get_json("/fhir/Observation?patient=patient-1&code=http://loinc.org%7C19888-7")
+        .await;
+    assert_eq!(pct["total"], 1);
+    let r = &pct["entry"][0]["resource"];
+    assert_eq!(r["code"]["coding"][0]["code"], "19888-7");
+    assert_eq!(
+        r["valueQuantity"]["value"], 5.1,
+        "stored as sent, not converted"
+    );
+    assert_eq!(r["valueQuantity"]["code"], "%");
+
+    let (_, pp) = hub
+        .get_json("/fhir/Observation?patient=patient-1&code=http://loinc.org%7C19891-1")
+        .await;
+    assert_eq!(pp["total"], 1);
+    assert_eq!(
+        pp["entry"][0]["resource"]["valueQuantity"]["code"],
+        "mm[Hg]"
+    );
+    // By MDC code, both units.
+    let (_, all) = hub
+        .get_json("/fhir/Observation?patient=patient-1&code=urn:iso:std:iso:11073:10101%7C151708")
+        .await;
+    assert_eq!(all["total"], 2);
+    hub.stop().await;
+}

@@ -226,7 +226,13 @@ async fn datex_pty_values_invalid_markers_and_disconnect() {
             "pr",
             1.0,
         );
-        saw_not_updated_et |= check("CO2 ET", codes::AWAY_CO2_ET, units::PERCENT, "et", 100.0);
+        saw_not_updated_et |= check(
+            "CO2 ET",
+            codes::CONC_AWAY_CO2_ET,
+            units::PERCENT,
+            "et",
+            100.0,
+        );
         check("CO2 RR", codes::RESP_RATE, units::RESP_PER_MIN, "rr", 1.0);
         // The skin temperature (T2) is not a body temperature.
         assert!(

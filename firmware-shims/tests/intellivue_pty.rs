@@ -101,7 +101,7 @@ fn expected_mdc(physio: u16) -> u32 {
         0x4A06 => codes::PRESS_BLD_NONINV_DIA,
         0x4A07 => codes::PRESS_BLD_NONINV_MEAN,
         0x4B48 => codes::TEMP_BODY,
-        0x50B0 => codes::AWAY_CO2_ET,
+        0x50B0 => codes::CONC_AWAY_CO2_ET,
         other => panic!("sim sent unexpected physio 0x{other:04X}"),
     }
 }

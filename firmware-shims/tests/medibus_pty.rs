@@ -170,7 +170,7 @@ async fn medibus_sim_to_driver_over_pty() {
         (0x73, codes::VENT_PRESS_AWAY_MEAN, units::HECTO_PA),
         (0x78, codes::VENT_PRESS_AWAY_END_EXP_POS, units::HECTO_PA),
         (0xF0, codes::CONC_AWAY_O2_INSP, units::PERCENT),
-        (0xE6, codes::AWAY_CO2_ET, units::MMHG),
+        (0xE6, codes::CONC_AWAY_CO2_ET, units::MMHG),
         (0xEB, codes::PULS_OXIM_SAT_O2, units::PERCENT),
         (0xE1, codes::PULS_OXIM_PULS_RATE, units::BEAT_PER_MIN),
     ];

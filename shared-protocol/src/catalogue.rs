@@ -44,6 +44,60 @@ pub struct Metric {
     /// Physiologically possible range in the canonical unit. Values outside
     /// are physically impossible (not merely abnormal); the hub flags them.
     pub possible_range: (f64, f64),
+    /// Other units devices report this metric in. Values are never
+    /// converted: a reading keeps its unit, and the variant says which LOINC
+    /// code and possible range go with it.
+    pub alt_units: &'static [AltUnit],
+}
+
+/// A unit a metric may also be reported in, with the LOINC code that names
+/// the metric in that unit (LOINC codes carry the property: partial pressure
+/// and volume fraction are different codes).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AltUnit {
+    pub unit: Unit,
+    pub loinc: &'static str,
+    pub loinc_display: &'static str,
+    /// Physically possible range in this unit.
+    pub possible_range: (f64, f64),
+}
+
+impl Metric {
+    /// This metric as reported in the given unit (MDC unit code and/or UCUM
+    /// code; a zero/empty one is "not given"): the canonical metric, or the
+    /// variant for an alternative unit (its unit, LOINC code and range), or
+    /// `None` when the unit is not one the metric is reported in.
+    pub fn in_unit(&self, mdc_unit: u32, ucum: &str) -> Option<Metric> {
+        if mdc_unit == 0 && ucum.is_empty() {
+            return None;
+        }
+        let fits =
+            |u: &Unit| (mdc_unit == 0 || mdc_unit == u.mdc) && (ucum.is_empty() || ucum == u.ucum);
+        if fits(&self.unit) {
+            return Some(*self);
+        }
+        self.alt_units
+            .iter()
+            .find(|a| fits(&a.unit))
+            .map(|a| Metric {
+                unit: a.unit,
+                loinc: a.loinc,
+                loinc_display: a.loinc_display,
+                // A profile code belongs to the canonical LOINC term only.
+                loinc_profile: None,
+                possible_range: a.possible_range,
+                ..*self
+            })
+    }
+
+    /// Every (unit, LOINC) this metric is reported with, canonical first.
+    pub fn variants(&self) -> impl Iterator<Item = Metric> + '_ {
+        std::iter::once(*self).chain(
+            self.alt_units
+                .iter()
+                .filter_map(|a| self.in_unit(a.unit.mdc, a.unit.ucum)),
+        )
+    }
 }
 
 const fn mdc(partition: u32, term: u32) -> u32 {
@@ -115,7 +169,24 @@ pub mod units {
     };
 
     /// All units the catalogue uses.
+    /// Kilopascal: MDC_DIM_KILO_PASCAL (4::3843).
+    pub const KILO_PA: Unit = Unit {
+        mdc: mdc(4, 3843),
+        mdc_name: "MDC_DIM_KILO_PASCAL",
+        ucum: "kPa",
+        display: "kPa",
+    };
+    /// Degree Fahrenheit: MDC_DIM_FAHR (4::4416).
+    pub const DEGF: Unit = Unit {
+        mdc: mdc(4, 4416),
+        mdc_name: "MDC_DIM_FAHR",
+        ucum: "[degF]",
+        display: "°F",
+    };
+
     pub const ALL: &[Unit] = &[
+        KILO_PA,
+        DEGF,
         PERCENT,
         BEAT_PER_MIN,
         RESP_PER_MIN,
@@ -153,8 +224,11 @@ pub mod codes {
     pub const MASS_BODY_ACTUAL: u32 = mdc(2, 57664);
     /// MDC_CONC_GLU_CAPILLARY_WHOLEBLOOD (2::29112).
     pub const CONC_GLU_CAPILLARY_WHOLEBLOOD: u32 = mdc(2, 29112);
-    /// MDC_AWAY_CO2_ET (2::20636).
-    pub const AWAY_CO2_ET: u32 = mdc(2, 20636);
+    /// MDC_CONC_AWAY_CO2_ET (2::20636): end-tidal CO2, as partial pressure
+    /// (mmHg, kPa) or volume fraction (%). This is the code IHE PCD profiles
+    /// use for EtCO2. (MDC_AWAY_CO2_ET, 2::20656, is IntelliVue's
+    /// NOM_AWAY_CO2_ET; its driver maps it here.)
+    pub const CONC_AWAY_CO2_ET: u32 = mdc(2, 20636);
     /// MDC_VENT_VOL_TIDAL (2::20908 = 151980).
     pub const VENT_VOL_TIDAL: u32 = mdc(2, 20908);
     /// MDC_VENT_PRESS_AWAY_MAX (2::20901 = 151973), peak inspiratory pressure.
@@ -181,6 +255,7 @@ const METRICS: &[Metric] = &[
         display: "Heart rate (ECG)",
         unit: BEAT_PER_MIN,
         possible_range: (0.0, 350.0),
+        alt_units: &[],
     },
     Metric {
         mdc: codes::PULS_OXIM_PULS_RATE,
@@ -193,6 +268,7 @@ const METRICS: &[Metric] = &[
         display: "Pulse rate (SpO2)",
         unit: BEAT_PER_MIN,
         possible_range: (0.0, 350.0),
+        alt_units: &[],
     },
     Metric {
         mdc: codes::RESP_RATE,
@@ -203,6 +279,7 @@ const METRICS: &[Metric] = &[
         display: "Respiratory rate",
         unit: RESP_PER_MIN,
         possible_range: (0.0, 150.0),
+        alt_units: &[],
     },
     Metric {
         mdc: codes::PULS_OXIM_SAT_O2,
@@ -215,6 +292,7 @@ const METRICS: &[Metric] = &[
         display: "SpO2",
         unit: PERCENT,
         possible_range: (0.0, 100.0),
+        alt_units: &[],
     },
     Metric {
         mdc: codes::PULS_OXIM_PERF_REL,
@@ -226,6 +304,7 @@ const METRICS: &[Metric] = &[
         display: "Perfusion index",
         unit: PERCENT,
         possible_range: (0.0, 100.0),
+        alt_units: &[],
     },
     Metric {
         mdc: codes::TEMP_BODY,
@@ -236,6 +315,12 @@ const METRICS: &[Metric] = &[
         display: "Body temperature",
         unit: DEGC,
         possible_range: (10.0, 46.0),
+        alt_units: &[AltUnit {
+            unit: DEGF,
+            loinc: "8310-5",
+            loinc_display: "Body temperature",
+            possible_range: (50.0, 114.8),
+        }],
     },
     Metric {
         mdc: codes::PRESS_BLD_NONINV_SYS,
@@ -246,6 +331,12 @@ const METRICS: &[Metric] = &[
         display: "NIBP systolic",
         unit: MMHG,
         possible_range: (0.0, 350.0),
+        alt_units: &[AltUnit {
+            unit: KILO_PA,
+            loinc: "8480-6",
+            loinc_display: "Systolic blood pressure",
+            possible_range: (0.0, 46.7),
+        }],
     },
     Metric {
         mdc: codes::PRESS_BLD_NONINV_DIA,
@@ -256,6 +347,12 @@ const METRICS: &[Metric] = &[
         display: "NIBP diastolic",
         unit: MMHG,
         possible_range: (0.0, 300.0),
+        alt_units: &[AltUnit {
+            unit: KILO_PA,
+            loinc: "8462-4",
+            loinc_display: "Diastolic blood pressure",
+            possible_range: (0.0, 40.0),
+        }],
     },
     Metric {
         mdc: codes::PRESS_BLD_NONINV_MEAN,
@@ -266,6 +363,12 @@ const METRICS: &[Metric] = &[
         display: "NIBP mean",
         unit: MMHG,
         possible_range: (0.0, 300.0),
+        alt_units: &[AltUnit {
+            unit: KILO_PA,
+            loinc: "8478-0",
+            loinc_display: "Mean blood pressure",
+            possible_range: (0.0, 40.0),
+        }],
     },
     Metric {
         mdc: codes::MASS_BODY_ACTUAL,
@@ -276,6 +379,7 @@ const METRICS: &[Metric] = &[
         display: "Body weight",
         unit: KILO_G,
         possible_range: (0.0, 700.0),
+        alt_units: &[],
     },
     Metric {
         mdc: codes::CONC_GLU_CAPILLARY_WHOLEBLOOD,
@@ -287,10 +391,11 @@ const METRICS: &[Metric] = &[
         display: "Glucose (capillary)",
         unit: MILLI_G_PER_DL,
         possible_range: (0.0, 5000.0),
+        alt_units: &[],
     },
     Metric {
-        mdc: codes::AWAY_CO2_ET,
-        mdc_name: "MDC_AWAY_CO2_ET",
+        mdc: codes::CONC_AWAY_CO2_ET,
+        mdc_name: "MDC_CONC_AWAY_CO2_ET",
         // LOINC 19891-1 "Carbon dioxide [Partial pressure] in Exhaled gas
         // --at end expiration".
         loinc: "19891-1",
@@ -299,6 +404,24 @@ const METRICS: &[Metric] = &[
         display: "EtCO2",
         unit: MMHG,
         possible_range: (0.0, 150.0),
+        alt_units: &[
+            // Partial pressure in kPa: the same LOINC term (property PPres).
+            AltUnit {
+                unit: KILO_PA,
+                loinc: "19891-1",
+                loinc_display: "Carbon dioxide [Partial pressure] in Exhaled gas --at end expiration",
+                possible_range: (0.0, 20.0),
+            },
+            // Volume fraction in %: LOINC 19888-7 "Carbon dioxide/Gas.total.at
+            // end expiration in Exhaled gas by Infrared absorption" (property
+            // VFr; capnometers measure by infrared absorption).
+            AltUnit {
+                unit: PERCENT,
+                loinc: "19888-7",
+                loinc_display: "Carbon dioxide/Gas.total.at end expiration in Exhaled gas by Infrared absorption",
+                possible_range: (0.0, 20.0),
+            },
+        ],
     },
     // Ventilation rows (added with the Dräger MEDIBUS driver). MDC ↔ LOINC
     // pairs as used together by the German Medical Informatics Initiative
@@ -316,6 +439,7 @@ const METRICS: &[Metric] = &[
         display: "Tidal volume (ventilator)",
         unit: MILLI_L,
         possible_range: (0.0, 5000.0),
+        alt_units: &[],
     },
     Metric {
         mdc: codes::VENT_PRESS_AWAY_MAX,
@@ -327,6 +451,7 @@ const METRICS: &[Metric] = &[
         display: "Peak airway pressure",
         unit: HECTO_PA,
         possible_range: (-50.0, 200.0),
+        alt_units: &[],
     },
     Metric {
         mdc: codes::VENT_PRESS_AWAY_MEAN,
@@ -338,6 +463,7 @@ const METRICS: &[Metric] = &[
         display: "Mean airway pressure",
         unit: HECTO_PA,
         possible_range: (-50.0, 200.0),
+        alt_units: &[],
     },
     Metric {
         mdc: codes::VENT_PRESS_AWAY_END_EXP_POS,
@@ -349,6 +475,7 @@ const METRICS: &[Metric] = &[
         display: "PEEP",
         unit: HECTO_PA,
         possible_range: (-50.0, 200.0),
+        alt_units: &[],
     },
     Metric {
         mdc: codes::CONC_AWAY_O2_INSP,
@@ -360,6 +487,7 @@ const METRICS: &[Metric] = &[
         display: "FiO2",
         unit: PERCENT,
         possible_range: (0.0, 100.0),
+        alt_units: &[],
     },
 ];
 
@@ -382,10 +510,13 @@ impl MetricCatalogue {
     }
 
     /// Metrics whose primary or profile LOINC code is `loinc`.
-    pub fn by_loinc<'a>(&self, loinc: &'a str) -> impl Iterator<Item = &'static Metric> + 'a {
+    /// Metric variants (see [`Metric::in_unit`]) whose LOINC or profile
+    /// LOINC is `loinc`. Several units may share one LOINC code.
+    pub fn by_loinc<'a>(&self, loinc: &'a str) -> impl Iterator<Item = Metric> + 'a {
         self.metrics
             .iter()
-            .filter(move |m| m.loinc == loinc || m.loinc_profile == Some(loinc))
+            .flat_map(|m| m.variants())
+            .filter(move |v| v.loinc == loinc || v.loinc_profile == Some(loinc))
     }
 
     /// A unit by its MDC code.
@@ -413,7 +544,7 @@ mod tests {
             codes::PULS_OXIM_PERF_REL,
             codes::MASS_BODY_ACTUAL,
             codes::CONC_GLU_CAPILLARY_WHOLEBLOOD,
-            codes::AWAY_CO2_ET,
+            codes::CONC_AWAY_CO2_ET,
         ] {
             assert!(CATALOGUE.by_mdc(code).is_some(), "missing {code}");
         }
@@ -462,7 +593,10 @@ mod tests {
             (10 - sum % 10) % 10
         }
         for m in CATALOGUE.all() {
-            for code in std::iter::once(m.loinc).chain(m.loinc_profile) {
+            for code in std::iter::once(m.loinc)
+                .chain(m.loinc_profile)
+                .chain(m.alt_units.iter().map(|a| a.loinc))
+            {
                 let (num, check) = code.split_once('-').unwrap();
                 assert_eq!(
                     mod10(num).to_string(),
@@ -485,6 +619,45 @@ mod tests {
         assert_eq!(units::PERCENT.mdc, 262_688);
         assert_eq!(units::BEAT_PER_MIN.mdc, 264_864);
         assert_eq!(units::MMHG.mdc, 266_016);
+    }
+
+    #[test]
+    fn alternative_units_resolve_to_their_own_loinc_and_range() {
+        let et = CATALOGUE.by_mdc(codes::CONC_AWAY_CO2_ET).unwrap();
+        let mmhg = et.in_unit(units::MMHG.mdc, "mm[Hg]").unwrap();
+        assert_eq!((mmhg.loinc, mmhg.unit.ucum), ("19891-1", "mm[Hg]"));
+        let pct = et.in_unit(0, "%").unwrap();
+        assert_eq!(
+            (pct.loinc, pct.unit.mdc, pct.possible_range),
+            ("19888-7", units::PERCENT.mdc, (0.0, 20.0))
+        );
+        let kpa = et.in_unit(units::KILO_PA.mdc, "").unwrap();
+        assert_eq!(kpa.loinc, "19891-1");
+        // Unit codes that disagree, an unknown unit, or none at all: refused.
+        assert!(et.in_unit(units::MMHG.mdc, "%").is_none());
+        assert!(et.in_unit(units::DEGC.mdc, "Cel").is_none());
+        assert!(et.in_unit(0, "").is_none());
+        // A profile code stays with the canonical term.
+        let spo2 = CATALOGUE.by_mdc(codes::PULS_OXIM_SAT_O2).unwrap();
+        assert_eq!(spo2.in_unit(0, "%").unwrap().loinc_profile, Some("2708-6"));
+        let f = CATALOGUE
+            .by_mdc(codes::TEMP_BODY)
+            .unwrap()
+            .in_unit(0, "[degF]")
+            .unwrap();
+        assert_eq!((f.loinc, f.unit.mdc), ("8310-5", 266_560));
+        // Every alternative unit is a known unit, distinct from the canonical.
+        for m in CATALOGUE.all() {
+            for a in m.alt_units {
+                assert_ne!(a.unit, m.unit);
+                assert!(
+                    CATALOGUE.unit_by_mdc(a.unit.mdc).is_some(),
+                    "{}",
+                    a.unit.mdc_name
+                );
+                assert!(a.possible_range.0 < a.possible_range.1);
+            }
+        }
     }
 
     #[test]

@@ -17,7 +17,10 @@ use anyhow::{Context, Result, bail};
 /// A temp dir for one test; kept (and its path printed) when
 /// `VIGIL_E2E_KEEP` is set, for reading the logs after a failure.
 pub fn test_dir(name: &str) -> (Option<tempfile::TempDir>, PathBuf) {
-    let td = tempfile::Builder::new().prefix(&format!("vigil-{name}-")).tempdir().expect("temp dir");
+    let td = tempfile::Builder::new()
+        .prefix(&format!("vigil-{name}-"))
+        .tempdir()
+        .expect("temp dir");
     if std::env::var_os("VIGIL_E2E_KEEP").is_some() {
         let p = td.keep();
         eprintln!("test dir kept: {}", p.display());

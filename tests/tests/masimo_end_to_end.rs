@@ -266,22 +266,41 @@ token_file = \"gateway.token\"\nbatch_max_readings = 60\nbatch_max_wait_ms = 200
     // 1..=N with no gap and no repeat.
     let mut by_seq: BTreeMap<u64, Stored> = BTreeMap::new();
     for s in &all {
-        assert!(by_seq.insert(s.seq, s.clone()).is_none(), "reading {} stored twice", s.seq);
+        assert!(
+            by_seq.insert(s.seq, s.clone()).is_none(),
+            "reading {} stored twice",
+            s.seq
+        );
     }
     let db = rusqlite::Connection::open(d.join("hub.sqlite")).unwrap();
     let events: Vec<(u64, String)> = db
-        .prepare("SELECT sequence, kind FROM device_events WHERE gateway_id = ?1 AND device_id = ?2")
+        .prepare(
+            "SELECT sequence, kind FROM device_events WHERE gateway_id = ?1 AND device_id = ?2",
+        )
         .unwrap()
-        .query_map([GATEWAY, DEVICE], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)))
+        .query_map([GATEWAY, DEVICE], |r| {
+            Ok((r.get::<_, i64>(0)? as u64, r.get(1)?))
+        })
         .unwrap()
         .map(Result::unwrap)
         .collect();
     let connected = events.iter().filter(|(_, k)| k == "connected").count();
-    assert!(connected >= 2, "a CONNECTED event per agent start: {events:?}");
-    let mut seqs: Vec<u64> = by_seq.keys().copied().chain(events.iter().map(|e| e.0)).collect();
+    assert!(
+        connected >= 2,
+        "a CONNECTED event per agent start: {events:?}"
+    );
+    let mut seqs: Vec<u64> = by_seq
+        .keys()
+        .copied()
+        .chain(events.iter().map(|e| e.0))
+        .collect();
     seqs.sort_unstable();
     let total_items = seqs.len() as u64;
-    assert_eq!(seqs, (1..=total_items).collect::<Vec<_>>(), "gap or repeat in sequences");
+    assert_eq!(
+        seqs,
+        (1..=total_items).collect::<Vec<_>>(),
+        "gap or repeat in sequences"
+    );
     let n = by_seq.len() as u64;
     assert_eq!(n % 3, 0, "every line gives SpO2, pulse rate and PI");
 

@@ -260,7 +260,7 @@ pub fn phdb_to_readings(
         m.push(Metric {
             // MDC_CONC_AWAY_CO2_ET (2::20636) is a concentration or partial
             // pressure; the S/5 gives it in %.
-            mdc: codes::AWAY_CO2_ET,
+            mdc: codes::CONC_AWAY_CO2_ET,
             label: "CO2 ET".into(),
             raw: b.co2.v[0],
             divisor: 100.0,

@@ -58,7 +58,7 @@ const ALIASES: &[(u16, u32)] = &[
     // NOM_AWAY_CO2_ET (0x50B0 = 20656), end-tidal CO2 partial pressure ->
     // the catalogue's EtCO2 row (mmHg, LOINC 19891-1), which carries term
     // code 20636 (see docs/protocols.md: catalogue discrepancy).
-    (0x50B0, codes::AWAY_CO2_ET),
+    (0x50B0, codes::CONC_AWAY_CO2_ET),
 ];
 
 /// Physio ids never mapped by identity: 20636 is NOM_CONC_AWAY_CO2_ET (CO2
@@ -620,7 +620,7 @@ mod tests {
                 (codes::PRESS_BLD_NONINV_DIA, 266_016, "mm[Hg]"),
                 (codes::PRESS_BLD_NONINV_MEAN, 266_016, "mm[Hg]"),
                 (codes::TEMP_BODY, (4 << 16) | 6048, "Cel"),
-                (codes::AWAY_CO2_ET, 266_016, "mm[Hg]"),
+                (codes::CONC_AWAY_CO2_ET, 266_016, "mm[Hg]"),
             ]
         );
         assert_eq!(r[0].value, Some(Value::Numeric(72.0)));

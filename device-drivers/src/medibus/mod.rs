@@ -111,7 +111,7 @@ pub const MAPPINGS: &[Mapping] = &[
     Mapping {
         code: 0xE6,
         label: "etCO2",
-        mdc: codes::AWAY_CO2_ET,
+        mdc: codes::CONC_AWAY_CO2_ET,
         unit: units::MMHG,
     },
     Mapping {
