@@ -19,6 +19,7 @@ pub mod datex;
 pub mod intellivue;
 pub mod masimo;
 pub mod medibus;
+pub mod nonin;
 pub mod session;
 
 pub use session::{
