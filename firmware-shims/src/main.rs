@@ -7,6 +7,7 @@ mod datex;
 mod intellivue;
 mod masimo;
 mod medibus;
+mod nonin;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -29,6 +30,8 @@ enum Device {
     Medibus(medibus::MedibusArgs),
     /// GE Datex-Ohmeda S/5 monitor, computer interface (DRI), displayed values.
     Datex(datex::DatexArgs),
+    /// Nonin OEM pulse oximeter module, serial Data Format 7 (9600 8N1, 75 frames/s).
+    Nonin(nonin::NoninArgs),
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -46,5 +49,6 @@ async fn main() -> anyhow::Result<()> {
         Device::Intellivue(args) => intellivue::run(args).await,
         Device::Medibus(args) => medibus::run(args).await,
         Device::Datex(args) => datex::run(args).await,
+        Device::Nonin(args) => nonin::run(args).await,
     }
 }
