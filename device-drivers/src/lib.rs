@@ -24,7 +24,7 @@ pub mod session;
 
 pub use session::{
     Direction, DriverError, Protocol, RunOptions, SerialOverrides, SerialSettings, SessionCtx, Tap,
-    run_serial,
+    run_link, run_serial,
 };
 
 /// Shutdown signal: drivers stop when the value becomes `true` (or the

@@ -204,7 +204,7 @@ pub trait Protocol: Send + Sync + 'static {
         ctx: &mut SessionCtx<'_>,
     ) -> impl Future<Output = Result<(), DriverError>> + Send
     where
-        L: AsyncRead + AsyncWrite + Unpin + Send;
+        L: AsyncRead + AsyncWrite + Unpin + Send + std::fmt::Debug + 'static;
 }
 
 /// What a session sees of the agent: where readings go, the counters, the
@@ -466,8 +466,37 @@ pub async fn run_serial<P: Protocol>(
     opts: RunOptions,
     stats: Arc<DriverStats>,
     tx: mpsc::Sender<DriverOutput>,
-    mut shutdown: Shutdown,
+    shutdown: Shutdown,
 ) {
+    let target = format!("{port} ({settings})");
+    let connect = move || {
+        let r = settings
+            .open(&port)
+            .map_err(|e| std::io::Error::other(e.to_string()));
+        async move { r }
+    };
+    run_link(proto, device_id, target, connect, opts, stats, tx, shutdown).await
+}
+
+/// Run a protocol over links made by `connect` (a serial port, a TCP
+/// connection, …), one per session, until shutdown. Same state reporting
+/// and backoff as [`run_serial`]. `target` names the link in logs.
+#[allow(clippy::too_many_arguments)]
+pub async fn run_link<P, L, F, Fut>(
+    proto: P,
+    device_id: String,
+    target: String,
+    connect: F,
+    opts: RunOptions,
+    stats: Arc<DriverStats>,
+    tx: mpsc::Sender<DriverOutput>,
+    mut shutdown: Shutdown,
+) where
+    P: Protocol,
+    L: AsyncRead + AsyncWrite + Unpin + Send + std::fmt::Debug + 'static,
+    F: Fn() -> Fut + Send,
+    Fut: Future<Output = std::io::Result<L>> + Send,
+{
     let mut backoff = Duration::from_millis(250);
     // The last state reported, so an outage is reported once.
     let mut down_reported = false;
@@ -475,9 +504,13 @@ pub async fn run_serial<P: Protocol>(
         if *shutdown.borrow() || tx.is_closed() {
             return;
         }
-        let result = match settings.open(&port) {
+        let opened = tokio::select! {
+            r = connect() => r,
+            _ = shutdown.changed() => return,
+        };
+        let result = match opened {
             Ok(link) => {
-                tracing::info!(device_id = %device_id, port = %port, settings = %settings, kind = proto.kind(), "port open");
+                tracing::info!(device_id = %device_id, target = %target, kind = proto.kind(), "link open");
                 let mut ctx = SessionCtx::new(&device_id, &stats, &tx, &mut shutdown, opts.silence);
                 let r = match &opts.tap {
                     Some(tap) => {
@@ -487,14 +520,13 @@ pub async fn run_serial<P: Protocol>(
                     }
                     None => proto.session(link, &mut ctx).await,
                 };
-                let established = ctx.was_connected();
-                if established {
+                if ctx.was_connected() {
                     down_reported = false;
                     backoff = Duration::from_millis(250);
                 }
                 r.err().unwrap_or(DriverError::Shutdown)
             }
-            Err(e) => DriverError::Link(std::io::Error::other(e.to_string())),
+            Err(e) => DriverError::Link(e),
         };
         stats.connected(false);
         match result {
@@ -503,7 +535,7 @@ pub async fn run_serial<P: Protocol>(
                 if matches!(e, DriverError::Link(_) | DriverError::Eof) {
                     stats.link_error();
                 }
-                tracing::warn!(device_id = %device_id, port = %port, error = %e, "device session ended; reconnecting");
+                tracing::warn!(device_id = %device_id, target = %target, error = %e, "device session ended; reconnecting");
                 if !down_reported {
                     if let Some(kind) = e.technical_kind() {
                         let mut ctx =
