@@ -130,6 +130,8 @@ pub enum DeviceKind {
     DatexS5Serial,
     /// Dräger, MEDIBUS.X.
     MedibusSerial,
+    /// Nonin OEM pulse oximeter, serial Data Format 7.
+    NoninSerial,
 }
 
 impl DeviceConfig {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use device_drivers::{
     DriverOutput, DriverStats, Protocol, RunOptions, SerialSettings, Shutdown, datex, intellivue,
-    masimo, medibus, run_serial,
+    masimo, medibus, nonin, run_serial,
 };
 use tokio::sync::mpsc;
 
@@ -19,6 +19,7 @@ pub enum AnyProtocol {
     Intellivue(intellivue::Intellivue),
     Datex(datex::Datex),
     Medibus(medibus::Medibus),
+    Nonin(nonin::Nonin),
 }
 
 /// Run `$body` with `$p` bound to the concrete protocol.
@@ -29,6 +30,7 @@ macro_rules! each {
             AnyProtocol::Intellivue($p) => $body,
             AnyProtocol::Datex($p) => $body,
             AnyProtocol::Medibus($p) => $body,
+            AnyProtocol::Nonin($p) => $body,
         }
     };
 }
@@ -51,6 +53,7 @@ impl AnyProtocol {
             DeviceKind::MedibusSerial => {
                 AnyProtocol::Medibus(medibus::Medibus::new(options(opts)?)?)
             }
+            DeviceKind::NoninSerial => AnyProtocol::Nonin(nonin::Nonin::new(options(opts)?)?),
         })
     }
 
@@ -97,6 +100,7 @@ mod tests {
             (DeviceKind::IntellivueSerial, "intellivue-serial"),
             (DeviceKind::DatexS5Serial, "datex-s5-serial"),
             (DeviceKind::MedibusSerial, "medibus-serial"),
+            (DeviceKind::NoninSerial, "nonin-serial"),
         ] {
             let p = AnyProtocol::new(kind, &toml::Table::new()).unwrap();
             assert_eq!(p.kind(), name);
