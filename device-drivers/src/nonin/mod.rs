@@ -27,8 +27,10 @@ use crate::{DriverError, Protocol, SerialSettings, SessionCtx};
 /// Agent-config kind, also carried in `DeviceInfo.protocol`.
 pub const KIND: &str = "nonin-serial";
 /// Data Format 7 serial settings: 9600 baud, 8 data bits, no parity, 1 stop
-/// bit, no flow control (Nonin OEM specifications, "Serial Data Format #7";
-/// the same 9600 8N1 is given for all of the module's formats).
+/// bit, no flow control. Unconfirmed against the OEM III document itself:
+/// a public restatement of a Nonin OEM serial specification (iPod 3211) gives
+/// 9600 8N1, no flow control, "for all data formats", and the Data Format 7
+/// rate (75 five-byte frames/s = 3750 bit/s at 10 bits per byte) fits 9600.
 pub const SERIAL: SerialSettings = SerialSettings::new(
     9600,
     DataBits::Eight,
