@@ -72,6 +72,14 @@ const DEVICES: &[Dev] = &[
         options: "poll_interval_ms = 500",
         expect: &[(151_562, "/min"), (151_980, "mL"), (152_196, "%")],
     },
+    Dev {
+        kind: "nonin-serial",
+        id: "nonin-1",
+        sim: "nonin",
+        sim_args: &[],
+        options: "",
+        expect: &[(150_456, "%"), (149_530, "/min")],
+    },
 ];
 
 fn patient(d: &Dev) -> String {
@@ -192,6 +200,19 @@ token_file = \"gateway.token\"\nbatch_max_wait_ms = 200\nmax_backoff_ms = 500\n"
             dv.id
         );
     }
+    // The Nonin pleth arrives as waveforms: 25 samples at 75 Hz per packet.
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let (n, samples, period): (i64, i64, i64) = conn
+        .query_row(
+            "SELECT COUNT(*), MIN(sample_count), MIN(sample_period_us) FROM waveforms
+             WHERE device_id = 'nonin-1' AND mdc_code = 150452",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .unwrap();
+    assert!(n > 0, "pleth waveforms stored");
+    assert_eq!((samples, period), (25, 13_333));
+    drop(conn);
 
     // Pull one cable: the device is reported, the others keep flowing.
     sims[0].kill9();
