@@ -21,6 +21,7 @@ pub mod masimo;
 pub mod medibus;
 pub mod nonin;
 pub mod session;
+pub mod udp;
 
 pub use session::{
     Direction, DriverError, Protocol, RunOptions, SerialOverrides, SerialSettings, SessionCtx, Tap,

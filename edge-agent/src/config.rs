@@ -97,8 +97,15 @@ pub struct DeviceConfig {
     pub kind: DeviceKind,
     /// Gateway-local device id (never patient data).
     pub id: String,
-    /// Serial port path, e.g. `/dev/ttyUSB0`.
-    pub port: String,
+    /// Serial port path, e.g. `/dev/ttyUSB0` (serial kinds).
+    #[serde(default)]
+    pub port: Option<String>,
+    /// Network address `host:port` of the device (network kinds).
+    #[serde(default)]
+    pub address: Option<String>,
+    /// Address the agent listens on, `ip:port` (listener kinds).
+    #[serde(default)]
+    pub listen: Option<String>,
     /// Bed / location label, e.g. `ICU-3/bed-07`.
     #[serde(default)]
     pub location: String,
@@ -132,6 +139,32 @@ pub enum DeviceKind {
     MedibusSerial,
     /// Nonin OEM pulse oximeter, serial Data Format 7.
     NoninSerial,
+    /// Philips IntelliVue, Data Export over the LAN (UDP 24105).
+    IntellivueLan,
+}
+
+/// How a device kind is reached, which decides the fields it needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// A serial port: `port` (and `[device.serial]`).
+    Serial,
+    /// A TCP connection to `address` (`host:port`).
+    Tcp,
+    /// UDP datagrams to `address` (`host:port`).
+    Udp,
+}
+
+impl DeviceKind {
+    pub fn transport(self) -> Transport {
+        match self {
+            DeviceKind::MasimoSerial
+            | DeviceKind::IntellivueSerial
+            | DeviceKind::DatexS5Serial
+            | DeviceKind::MedibusSerial
+            | DeviceKind::NoninSerial => Transport::Serial,
+            DeviceKind::IntellivueLan => Transport::Udp,
+        }
+    }
 }
 
 impl DeviceConfig {
@@ -241,8 +274,36 @@ impl AgentConfig {
                     format!("duplicate device id {:?}", d.id()),
                 ));
             }
-            if d.port.is_empty() {
-                return Err(invalid(format!("device[{i}].port"), "must not be empty"));
+            let field = |f: &str| format!("device[{i}].{f}");
+            let need = |v: &Option<String>, f: &str, what: &str| match v.as_deref() {
+                Some(x) if !x.trim().is_empty() => Ok(()),
+                _ => Err(invalid(
+                    field(f),
+                    format!("required for kind {:?} ({what})", d.kind),
+                )),
+            };
+            let unused = |v: &Option<String>, f: &str| match v {
+                Some(_) => Err(invalid(field(f), format!("not used by kind {:?}", d.kind))),
+                None => Ok(()),
+            };
+            match d.kind.transport() {
+                Transport::Serial => {
+                    need(&d.port, "port", "a serial port path")?;
+                    unused(&d.address, "address")?;
+                    unused(&d.listen, "listen")?;
+                }
+                Transport::Tcp | Transport::Udp => {
+                    need(&d.address, "address", "host:port")?;
+                    let a = d.address.as_deref().unwrap_or_default();
+                    let port_ok = a.rsplit_once(':').is_some_and(|(h, p)| {
+                        !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0)
+                    });
+                    if !port_ok {
+                        return Err(invalid(field("address"), format!("{a:?} is not host:port")));
+                    }
+                    unused(&d.port, "port")?;
+                    unused(&d.listen, "listen")?;
+                }
             }
             if d.silence_timeout_ms.is_some_and(|ms| ms < 500) {
                 return Err(invalid(
@@ -359,6 +420,33 @@ mod tests {
         assert!(parse(&bad).is_err());
         let bad = EXAMPLE.replace("kind = \"masimo-serial\"", "kind = \"telepathy\"");
         assert!(parse(&bad).unwrap_err().to_string().contains("telepathy"));
+    }
+
+    #[test]
+    fn each_transport_needs_its_own_address_field() {
+        let lan = |extra: &str| {
+            format!("{EXAMPLE}\n[[device]]\nkind = \"intellivue-lan\"\nid = \"iv-lan\"\n{extra}\n")
+        };
+        parse(&lan("address = \"10.0.0.7:24105\"")).unwrap();
+        let err = parse(&lan("")).unwrap_err().to_string();
+        assert!(
+            err.contains("device[1].address") && err.contains("required"),
+            "{err}"
+        );
+        let err = parse(&lan("address = \"10.0.0.7\""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not host:port"), "{err}");
+        let err = parse(&lan("address = \"h:1\"\nport = \"/dev/x\""))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("device[1].port") && err.contains("not used"),
+            "{err}"
+        );
+        let serial_without_port = EXAMPLE.replace("port = \"/dev/ttyUSB0\"", "");
+        let err = parse(&serial_without_port).unwrap_err().to_string();
+        assert!(err.contains("device[0].port"), "{err}");
     }
 
     #[test]

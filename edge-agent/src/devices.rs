@@ -4,9 +4,10 @@
 
 use std::sync::Arc;
 
+use device_drivers::udp::UdpLink;
 use device_drivers::{
     DriverOutput, DriverStats, Protocol, RunOptions, SerialSettings, Shutdown, datex, intellivue,
-    masimo, medibus, nonin, run_serial,
+    masimo, medibus, nonin, run_link, run_serial,
 };
 use tokio::sync::mpsc;
 
@@ -20,6 +21,42 @@ pub enum AnyProtocol {
     Datex(datex::Datex),
     Medibus(medibus::Medibus),
     Nonin(nonin::Nonin),
+    IntellivueLan(intellivue::IntellivueLan),
+}
+
+/// Where a device's link comes from.
+#[derive(Debug, Clone)]
+pub enum LinkTarget {
+    Serial {
+        port: String,
+        settings: SerialSettings,
+    },
+    Tcp {
+        address: String,
+    },
+    Udp {
+        address: String,
+    },
+}
+
+impl LinkTarget {
+    /// The target of a configured device (its transport decides).
+    pub fn of(dev: &DeviceConfig, proto: &AnyProtocol) -> LinkTarget {
+        use crate::config::Transport;
+        let text = |v: &Option<String>| v.clone().unwrap_or_default();
+        match dev.kind.transport() {
+            Transport::Serial => LinkTarget::Serial {
+                port: text(&dev.port),
+                settings: proto.default_serial().with(&dev.serial),
+            },
+            Transport::Tcp => LinkTarget::Tcp {
+                address: text(&dev.address),
+            },
+            Transport::Udp => LinkTarget::Udp {
+                address: text(&dev.address),
+            },
+        }
+    }
 }
 
 /// Run `$body` with `$p` bound to the concrete protocol.
@@ -31,6 +68,7 @@ macro_rules! each {
             AnyProtocol::Datex($p) => $body,
             AnyProtocol::Medibus($p) => $body,
             AnyProtocol::Nonin($p) => $body,
+            AnyProtocol::IntellivueLan($p) => $body,
         }
     };
 }
@@ -54,6 +92,9 @@ impl AnyProtocol {
                 AnyProtocol::Medibus(medibus::Medibus::new(options(opts)?)?)
             }
             DeviceKind::NoninSerial => AnyProtocol::Nonin(nonin::Nonin::new(options(opts)?)?),
+            DeviceKind::IntellivueLan => {
+                AnyProtocol::IntellivueLan(intellivue::IntellivueLan::new(options(opts)?)?)
+            }
         })
     }
 
@@ -73,19 +114,34 @@ impl AnyProtocol {
         each!(self, p => p.default_serial())
     }
 
-    /// Run on a serial port until shutdown (see `device_drivers::run_serial`).
-    #[allow(clippy::too_many_arguments)]
+    /// Run on its link until shutdown (see `device_drivers::run_link`).
     pub async fn run(
         self,
         device_id: String,
-        port: String,
-        settings: SerialSettings,
+        target: LinkTarget,
         opts: RunOptions,
         stats: Arc<DriverStats>,
         tx: mpsc::Sender<DriverOutput>,
         shutdown: Shutdown,
     ) {
-        each!(self, p => run_serial(p, device_id, port, settings, opts, stats, tx, shutdown).await)
+        match target {
+            LinkTarget::Serial { port, settings } => {
+                each!(self, p => run_serial(p, device_id, port, settings, opts, stats, tx, shutdown).await)
+            }
+            LinkTarget::Tcp { address } => {
+                let a = address.clone();
+                let connect = move || tokio::net::TcpStream::connect(a.clone());
+                each!(self, p => run_link(p, device_id, address.clone(), connect.clone(), opts, stats, tx, shutdown).await)
+            }
+            LinkTarget::Udp { address } => {
+                let a = address.clone();
+                let connect = move || {
+                    let a = a.clone();
+                    async move { UdpLink::connect(&a).await }
+                };
+                each!(self, p => run_link(p, device_id, address.clone(), connect.clone(), opts, stats, tx, shutdown).await)
+            }
+        }
     }
 }
 
@@ -101,6 +157,7 @@ mod tests {
             (DeviceKind::DatexS5Serial, "datex-s5-serial"),
             (DeviceKind::MedibusSerial, "medibus-serial"),
             (DeviceKind::NoninSerial, "nonin-serial"),
+            (DeviceKind::IntellivueLan, "intellivue-lan"),
         ] {
             let p = AnyProtocol::new(kind, &toml::Table::new()).unwrap();
             assert_eq!(p.kind(), name);

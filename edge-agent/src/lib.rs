@@ -28,7 +28,7 @@ use tokio::time::Instant;
 
 use crate::buffer::{Buffer, BufferError, StoredRecord};
 use crate::config::AgentConfig;
-use crate::devices::AnyProtocol;
+use crate::devices::{AnyProtocol, LinkTarget};
 use crate::uplink::{Uplink, UplinkError};
 
 #[derive(Debug, thiserror::Error)]
@@ -99,15 +99,14 @@ pub async fn run(cfg: AgentConfig, mut shutdown: watch::Receiver<bool>) -> Resul
                 location: dev.location.clone(),
             },
         );
-        let settings = proto.default_serial().with(&dev.serial);
+        let target = LinkTarget::of(dev, &proto);
         let mut opts = RunOptions::default();
         if let Some(ms) = dev.silence_timeout_ms {
             opts.silence = Duration::from_millis(ms);
         }
         drivers.push(tokio::spawn(proto.run(
             dev.id.clone(),
-            dev.port.clone(),
-            settings,
+            target,
             opts,
             stats,
             tx.clone(),

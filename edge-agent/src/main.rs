@@ -40,8 +40,8 @@ enum Cmd {
         /// Protocol, as in the config's `kind` (e.g. masimo-serial).
         #[arg(long)]
         kind: String,
-        /// Serial port, e.g. /dev/ttyUSB0.
-        #[arg(long)]
+        /// Serial port, e.g. /dev/ttyUSB0 (or host:port for network kinds).
+        #[arg(long, visible_alias = "address")]
         port: String,
         /// Protocol options as inline TOML, e.g. 'clock_offset_minutes = 60'.
         #[arg(long, default_value = "")]

@@ -11,13 +11,14 @@ use shared_protocol::CATALOGUE;
 use shared_protocol::v1::{QualityFlag, Reading, TechnicalKind, Validity, reading::Value};
 use tokio::sync::{mpsc, watch};
 
-use crate::config::DeviceKind;
-use crate::devices::AnyProtocol;
+use crate::config::{DeviceKind, Transport};
+use crate::devices::{AnyProtocol, LinkTarget};
 
 /// Options of a probe run.
 #[derive(Debug, Clone)]
 pub struct ProbeArgs {
     pub kind: DeviceKind,
+    /// Serial port path, or `host:port` for network kinds.
     pub port: String,
     pub options: toml::Table,
     pub serial: SerialOverrides,
@@ -124,12 +125,24 @@ pub async fn run(
     mut stop: watch::Receiver<bool>,
 ) -> Result<device_drivers::DriverStatsSnapshot, String> {
     let proto = AnyProtocol::new(args.kind, &args.options)?;
-    let settings = proto.default_serial().with(&args.serial);
-    println!(
-        "probing {} on {} at {settings}; Ctrl-C to stop",
-        proto.kind(),
-        args.port
-    );
+    let target = match args.kind.transport() {
+        Transport::Serial => LinkTarget::Serial {
+            port: args.port.clone(),
+            settings: proto.default_serial().with(&args.serial),
+        },
+        Transport::Tcp => LinkTarget::Tcp {
+            address: args.port.clone(),
+        },
+        Transport::Udp => LinkTarget::Udp {
+            address: args.port.clone(),
+        },
+    };
+    let at = match &target {
+        LinkTarget::Serial { port, settings } => format!("{port} at {settings}"),
+        LinkTarget::Tcp { address } => format!("tcp {address}"),
+        LinkTarget::Udp { address } => format!("udp {address}"),
+    };
+    println!("probing {} on {at}; Ctrl-C to stop", proto.kind());
     let mut opts = RunOptions::default();
     if args.raw {
         opts.tap = Some(Arc::new(|dir, bytes: &[u8]| {
@@ -144,15 +157,7 @@ pub async fn run(
     let stats = Arc::new(DriverStats::default());
     let (tx, mut rx) = mpsc::channel(64);
     let (sd_tx, sd_rx) = watch::channel(false);
-    let task = tokio::spawn(proto.run(
-        "probe".into(),
-        args.port.clone(),
-        settings,
-        opts,
-        stats.clone(),
-        tx,
-        sd_rx,
-    ));
+    let task = tokio::spawn(proto.run("probe".into(), target, opts, stats.clone(), tx, sd_rx));
     let deadline = args.duration.map(|d| tokio::time::Instant::now() + d);
     loop {
         let timeout = async {

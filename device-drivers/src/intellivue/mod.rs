@@ -306,6 +306,43 @@ impl Protocol for Intellivue {
     }
 }
 
+/// Agent-config kind of the LAN variant.
+pub const LAN_KIND: &str = "intellivue-lan";
+
+/// IntelliVue Data Export over the LAN (UDP, port [`UDP_PORT`] on the
+/// monitor): the same session, with no serial framing (each message is one
+/// datagram). Use it with a [`crate::udp::UdpLink`] via `run_link`.
+#[derive(Debug, Clone)]
+pub struct IntellivueLan(pub Intellivue);
+
+impl IntellivueLan {
+    pub fn new(opts: IntellivueOptions) -> Result<Self, String> {
+        Intellivue::new(opts).map(IntellivueLan)
+    }
+}
+
+impl Protocol for IntellivueLan {
+    fn kind(&self) -> &'static str {
+        LAN_KIND
+    }
+
+    fn manufacturer(&self) -> &'static str {
+        "Philips"
+    }
+
+    /// Not used on the LAN; the serial settings of the MIB port.
+    fn default_serial(&self) -> SerialSettings {
+        SERIAL
+    }
+
+    async fn session<L>(&self, link: L, ctx: &mut SessionCtx<'_>) -> Result<(), DriverError>
+    where
+        L: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        run_session(&self.0, link, RawFraming, ctx).await
+    }
+}
+
 /// A message link: bytes + framing.
 struct Conn<L, F> {
     link: L,
@@ -689,8 +726,8 @@ mod tests {
 
     /// A scripted monitor on the far end of an in-memory link, speaking
     /// unframed (LAN-style) or serial-framed messages.
-    async fn fake_monitor<F: Framing + Clone>(
-        mut link: tokio::io::DuplexStream,
+    async fn fake_monitor<F: Framing + Clone, L: AsyncRead + AsyncWrite + Unpin>(
+        mut link: L,
         framing: F,
         polls: usize,
     ) -> Vec<Message> {
@@ -826,6 +863,78 @@ mod tests {
     #[tokio::test]
     async fn session_runs_over_unframed_lan_transport() {
         session_over(RawFraming).await;
+    }
+
+    /// The LAN protocol over real UDP datagrams on loopback, through the
+    /// generic runner: association, polls, readings, then the monitor goes
+    /// away and the runner reports it.
+    #[tokio::test]
+    async fn lan_protocol_runs_over_udp_through_run_link() {
+        use crate::udp::UdpLink;
+        let monitor_sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let monitor_addr = monitor_sock.local_addr().unwrap().to_string();
+        let monitor = tokio::spawn(async move {
+            // Learn the client's address from its first datagram (left queued).
+            let mut peek = [0u8; 1];
+            let (_, peer) = monitor_sock.peek_from(&mut peek).await.unwrap();
+            monitor_sock.connect(peer).await.unwrap();
+            fake_monitor(UdpLink::new(monitor_sock), RawFraming, 3).await
+        });
+        let stats = std::sync::Arc::new(DriverStats::default());
+        let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+        let (stop, shutdown) = tokio::sync::watch::channel(false);
+        let proto = IntellivueLan::new(IntellivueOptions {
+            clock_offset_minutes: 0,
+            poll_interval_ms: 250,
+        })
+        .unwrap();
+        let opts = crate::RunOptions {
+            silence: Duration::from_secs(2),
+            ..Default::default()
+        };
+        let addr = monitor_addr.clone();
+        let runner = tokio::spawn(crate::run_link(
+            proto,
+            "iv-lan".into(),
+            monitor_addr,
+            move || {
+                let a = addr.clone();
+                async move { UdpLink::connect(&a).await }
+            },
+            opts,
+            stats,
+            tx,
+            shutdown,
+        ));
+        let seen = monitor.await.unwrap();
+        assert!(matches!(seen[0], Message::Session { spdu: SPDU_CN, .. }));
+        let mut values = vec![];
+        let mut technical = vec![];
+        while values.len() < 3 || technical.len() < 2 {
+            let out = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                .await
+                .unwrap()
+                .unwrap();
+            values.extend(out.readings.into_iter().map(|r| r.value));
+            technical.extend(out.technical.into_iter().map(|t| t.kind));
+        }
+        assert_eq!(
+            values[..3],
+            [
+                Some(Value::Numeric(60.0)),
+                Some(Value::Numeric(61.0)),
+                Some(Value::Numeric(62.0))
+            ]
+        );
+        use shared_protocol::v1::TechnicalKind;
+        assert_eq!(technical[0], TechnicalKind::Connected as i32);
+        assert_ne!(
+            technical[1],
+            TechnicalKind::Connected as i32,
+            "the monitor's release is reported"
+        );
+        stop.send(true).unwrap();
+        runner.await.unwrap();
     }
 
     #[tokio::test]
