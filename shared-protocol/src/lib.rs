@@ -71,6 +71,7 @@ mod tests {
                     validity,
                     flags,
                     sequence: seq,
+                    subject: None,
                 },
             )
     }
@@ -137,5 +138,27 @@ mod tests {
             0x68, 0x07, // field 13 varint: 7
         ];
         assert_eq!(r.encode_to_vec(), expected);
+    }
+
+    /// `Reading.subject` (field 14, message `Identifier`) is pinned too.
+    #[test]
+    fn reading_subject_encoding_is_pinned() {
+        let r = v1::Reading {
+            subject: Some(v1::Identifier {
+                system: "H".into(),
+                value: "7".into(),
+            }),
+            ..Default::default()
+        };
+        let expected: &[u8] = &[
+            0x72, 0x06, // field 14, length-delimited, 6 bytes
+            0x0A, 0x01, b'H', // Identifier field 1 string "H"
+            0x12, 0x01, b'7', // Identifier field 2 string "7"
+        ];
+        assert_eq!(r.encode_to_vec(), expected);
+        let back = v1::Reading::decode(expected).unwrap();
+        assert_eq!(back.subject.unwrap().value, "7");
+        // An old reading (no field 14) decodes with no subject.
+        assert!(v1::Reading::decode(&[0x68, 0x07][..]).unwrap().subject.is_none());
     }
 }

@@ -160,6 +160,7 @@ pub fn spo2(seq: u64, value: f64, time_us: i64) -> Reading {
         validity: 1,
         flags: vec![],
         sequence: seq,
+        subject: None,
     }
 }
 

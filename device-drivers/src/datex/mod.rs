@@ -326,6 +326,7 @@ pub fn phdb_to_readings(
                 validity: validity as i32,
                 flags,
                 sequence: 0,
+                subject: None,
             }
         })
         .collect();

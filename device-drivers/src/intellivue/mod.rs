@@ -199,6 +199,7 @@ pub fn value_to_reading(
         validity: validity as i32,
         flags: flags.into_iter().map(|f| f as i32).collect(),
         sequence: 0,
+        subject: None,
     })
 }
 

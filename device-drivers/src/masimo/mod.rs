@@ -105,6 +105,7 @@ pub fn frame_to_readings(f: &MasimoFrame, offset: UtcOffset, gateway_time_us: i6
                 validity: validity as i32,
                 flags,
                 sequence: 0,
+                subject: None,
             }
         })
         .collect()

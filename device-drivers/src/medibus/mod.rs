@@ -179,6 +179,7 @@ pub fn records_to_readings(records: &[Record], gateway_time_us: i64) -> Vec<Read
                 validity: validity as i32,
                 flags,
                 sequence: 0,
+                subject: None,
             }
         })
         .collect()

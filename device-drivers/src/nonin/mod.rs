@@ -195,6 +195,7 @@ pub fn packet_to_readings(
             validity: validity as i32,
             flags,
             sequence: 0,
+            subject: None,
         }
     };
     let readings = vec![
