@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use shared_protocol::v1::{Reading, TechnicalReading, Waveform};
 
 pub mod datex;
+pub mod hl7;
 pub mod intellivue;
 pub mod masimo;
 pub mod medibus;
