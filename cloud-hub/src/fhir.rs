@@ -1015,13 +1015,19 @@ mod tests {
             "8867-4,urn:iso:std:iso:11073:10101|150456",
         )]))
         .unwrap();
-        let mut want = vec![
+        // Every heart-rate metric of the catalogue (with its own stored
+        // LOINC), plus the SpO2 MDC code: one OR-set.
+        assert_eq!(s.codes.len(), 1);
+        let set = &s.codes[0];
+        for want in [
             m(codes::ECG_HEART_RATE, Some("8867-4")),
             m(codes::PULS_OXIM_PULS_RATE, Some("8889-8")),
             m(codes::PULS_OXIM_SAT_O2, None),
-        ];
-        want.sort_unstable();
-        assert_eq!(s.codes, vec![want]);
+        ] {
+            assert!(set.contains(&want), "{set:?} lacks {want:?}");
+        }
+        let hr_metrics = CATALOGUE.by_loinc("8867-4").count();
+        assert_eq!(set.len(), hr_metrics + 1, "{set:?}");
         let s = parse_search(&pairs(&[("code", "http://snomed.info/sct|1234")])).unwrap();
         assert_eq!(s.codes, vec![Vec::<CodeMatch>::new()]);
     }

@@ -124,6 +124,7 @@ pub fn technical_kind_name(kind: i32) -> &'static str {
         Ok(TechnicalKind::Disconnected) => "disconnected",
         Ok(TechnicalKind::Silent) => "silent",
         Ok(TechnicalKind::DeviceRefused) => "device-refused",
+        Ok(TechnicalKind::BufferOverflow) => "buffer-overflow",
         _ => "unspecified",
     }
 }

@@ -385,6 +385,21 @@ impl Store {
                      location = excluded.location, last_seen_us = excluded.last_seen_us",
             )?;
 
+            // Gateway-level events: stored once (device_id ""), not counted.
+            for e in &batch.gateway_events {
+                if validate_technical(e, now_us).is_ok() {
+                    insert_event.execute(params![
+                        gateway_id,
+                        "",
+                        e.sequence as i64,
+                        technical_kind_name(e.kind),
+                        e.time_us,
+                        e.detail,
+                        batch_seq,
+                        received_us
+                    ])?;
+                }
+            }
             for data in &batch.devices {
                 let info = data.device.clone().unwrap_or_default();
                 if info.device_id.is_empty() {

@@ -42,9 +42,49 @@ pub struct AgentConfig {
     /// Generated (0600) if missing. Default: `<data_dir>/buffer.key`.
     #[serde(default)]
     pub key_file: Option<PathBuf>,
+    /// Bound and overflow policy of the buffer.
+    #[serde(default)]
+    pub buffer: BufferConfig,
     pub uplink: UplinkConfig,
     #[serde(default, rename = "device")]
     pub devices: Vec<DeviceConfig>,
+}
+
+/// `[buffer]`: how much the encrypted buffer may hold.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BufferConfig {
+    /// Maximum stored bytes (encrypted records); sled adds a constant
+    /// overhead of a few MiB on disk. Default 1 GiB.
+    #[serde(default = "default_max_bytes")]
+    pub max_bytes: u64,
+    /// `drop-oldest` (default: delete the oldest readings, count them and
+    /// report a BUFFER_OVERFLOW event to the hub) or `refuse-new` (keep what
+    /// is stored, refuse new readings and count them).
+    #[serde(default)]
+    pub overflow: crate::buffer::OverflowPolicy,
+}
+
+fn default_max_bytes() -> u64 {
+    1 << 30
+}
+
+impl Default for BufferConfig {
+    fn default() -> Self {
+        BufferConfig {
+            max_bytes: default_max_bytes(),
+            overflow: Default::default(),
+        }
+    }
+}
+
+impl BufferConfig {
+    pub fn limits(&self) -> crate::buffer::Limits {
+        crate::buffer::Limits {
+            max_bytes: self.max_bytes,
+            overflow: self.overflow,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -74,6 +114,14 @@ pub struct UplinkConfig {
     /// Longest wait between retries (exponential backoff with jitter).
     #[serde(default = "default_max_backoff_ms")]
     pub max_backoff_ms: u64,
+    /// After an outage, new readings go first; the backlog follows, oldest
+    /// first, at most this many readings per second.
+    #[serde(default = "default_backlog_rate")]
+    pub backlog_rate_per_s: u32,
+}
+
+fn default_backlog_rate() -> u32 {
+    5000
 }
 
 fn default_batch_max_readings() -> usize {
@@ -248,6 +296,12 @@ impl AgentConfig {
             ));
         }
         validate_hub_url(&self.uplink.url)?;
+        if self.uplink.backlog_rate_per_s == 0 {
+            return Err(invalid("uplink.backlog_rate_per_s", "must be at least 1"));
+        }
+        if self.buffer.max_bytes < 64 * 1024 {
+            return Err(invalid("buffer.max_bytes", "must be at least 65536"));
+        }
         if self.uplink.batch_max_readings == 0 || self.uplink.batch_max_readings > 10_000 {
             return Err(invalid(
                 "uplink.batch_max_readings",

@@ -22,7 +22,9 @@ use std::time::Duration;
 
 use device_drivers::{DriverOutput, DriverStats, RunOptions};
 use ring::rand::{SecureRandom, SystemRandom};
-use shared_protocol::v1::{Batch, BatchAck, DeviceData, DeviceInfo};
+use shared_protocol::v1::{
+    Batch, BatchAck, DeviceData, DeviceInfo, TechnicalKind, TechnicalReading,
+};
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::Instant;
 
@@ -55,9 +57,18 @@ pub struct ForwardStats {
 
 /// Run the agent until `shutdown` becomes true (or its sender is dropped).
 pub async fn run(cfg: AgentConfig, mut shutdown: watch::Receiver<bool>) -> Result<(), AgentError> {
-    let key = secrets::load_or_create_key(&cfg.key_path())?;
+    let keys = secrets::load_keyring(&cfg.key_path())?;
     std::fs::create_dir_all(&cfg.data_dir).map_err(|e| BufferError::Storage(sled::Error::Io(e)))?;
-    let buffer = Arc::new(Buffer::open(&cfg.data_dir, &key)?);
+    let buffer = Arc::new(Buffer::open_with(
+        &cfg.data_dir,
+        &keys,
+        cfg.buffer.limits(),
+    )?);
+    if !keys.retired.is_empty() {
+        for f in secrets::prune_retired(&cfg.key_path(), &buffer.keys_in_use()?)? {
+            tracing::info!(file = %f.display(), "retired buffer key no longer needed; deleted");
+        }
+    }
     let token = secrets::load_token(
         cfg.uplink.token_file.as_deref(),
         std::env::var("VIGIL_AGENT_TOKEN").ok(),
@@ -174,6 +185,12 @@ async fn write_loop(
                     notify.notify_one();
                     break;
                 }
+                Err(e @ (BufferError::Full { .. } | BufferError::TooLarge(_))) => {
+                    // Overflow policy refuse-new: these readings are not
+                    // accepted (counted in the buffer's refused total).
+                    tracing::warn!(error = %e, refused_total = buffer.refused_total(), "readings refused");
+                    break;
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "buffer write failed; retrying");
                     tokio::time::sleep(delay).await;
@@ -260,6 +277,7 @@ fn build_batch(
         created_time_us: (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000) as i64,
         devices: by_device.into_values().collect(),
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        gateway_events: vec![],
     }
 }
 
@@ -271,6 +289,52 @@ fn ack_matches(batch: &Batch, ack: &BatchAck) -> bool {
     ack.sequence == batch.sequence
         && u64::from(ack.accepted) + u64::from(ack.duplicates) + u64::from(ack.rejected)
             == items_in(batch)
+}
+
+/// What the forwarder sends next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lane {
+    /// Records stored since the uplink last recovered: sent first.
+    Live,
+    /// Records stored before (an outage's backlog): sent oldest first, at
+    /// the configured rate, whenever no live records wait.
+    Backlog,
+}
+
+/// Token bucket limiting the backlog's readings per second.
+#[derive(Debug)]
+struct Rate {
+    per_s: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl Rate {
+    fn new(per_s: u32) -> Self {
+        Rate {
+            per_s: f64::from(per_s),
+            tokens: f64::from(per_s),
+            at: Instant::now(),
+        }
+    }
+    fn refill(&mut self) {
+        let now = Instant::now();
+        self.tokens =
+            (self.tokens + now.duration_since(self.at).as_secs_f64() * self.per_s).min(self.per_s);
+        self.at = now;
+    }
+    /// Readings allowed now (at least one once a whole token is there).
+    fn available(&mut self) -> usize {
+        self.refill();
+        self.tokens.floor().max(0.0) as usize
+    }
+    fn take(&mut self, n: usize) {
+        self.tokens -= n as f64;
+    }
+    /// Time until one token is available.
+    fn wait(&self) -> Duration {
+        Duration::from_secs_f64(((1.0 - self.tokens).max(0.0)) / self.per_s.max(1.0))
+    }
 }
 
 async fn forward_loop(
@@ -285,6 +349,15 @@ async fn forward_loop(
     let max = cfg.uplink.batch_max_readings;
     let mut limit = max;
     let mut backoff = Backoff::new(Duration::from_millis(200), cfg.uplink.max_backoff());
+    let mut rate = Rate::new(cfg.uplink.backlog_rate_per_s);
+    // Records with an id below this are backlog. What is stored at start is
+    // backlog; after an outage, everything stored before recovery is.
+    let mut backlog_end = if buffer.pending_records() > 0 {
+        buffer.next_record_id().unwrap_or(0)
+    } else {
+        0
+    };
+    let mut in_outage = false;
     'outer: loop {
         if *shutdown.borrow() {
             return;
@@ -296,16 +369,40 @@ async fn forward_loop(
             }
             continue;
         }
-        // Batch by count or age, whichever comes first.
-        let deadline = Instant::now() + cfg.uplink.batch_max_wait();
-        while (buffer.pending_readings() as usize) < limit && Instant::now() < deadline {
-            tokio::select! {
-                _ = notify.notified() => {}
-                _ = tokio::time::sleep_until(deadline) => {}
-                _ = shutdown.changed() => return,
+        // Live first: wait for a live batch by count or age.
+        let live = buffer
+            .oldest_in(backlog_end, u64::MAX, limit)
+            .unwrap_or_default();
+        let (lane, records) = if !live.is_empty() {
+            let have: usize = live.iter().map(|r| buffer::items(&r.data)).sum();
+            let deadline = Instant::now() + cfg.uplink.batch_max_wait();
+            let mut have = have;
+            while have < limit && Instant::now() < deadline {
+                tokio::select! {
+                    _ = notify.notified() => {}
+                    _ = tokio::time::sleep_until(deadline) => {}
+                    _ = shutdown.changed() => return,
+                }
+                have = buffer
+                    .oldest_in(backlog_end, u64::MAX, limit)
+                    .map(|r| r.iter().map(|x| buffer::items(&x.data)).sum())
+                    .unwrap_or(have);
             }
-        }
-        let records = match buffer.oldest(limit) {
+            (Lane::Live, buffer.oldest_in(backlog_end, u64::MAX, limit))
+        } else {
+            // Backlog, at the configured rate; new live data interrupts the wait.
+            let n = rate.available().min(limit);
+            if n == 0 {
+                tokio::select! {
+                    _ = notify.notified() => {}
+                    _ = tokio::time::sleep(rate.wait()) => {}
+                    _ = shutdown.changed() => return,
+                }
+                continue;
+            }
+            (Lane::Backlog, buffer.oldest_in(0, backlog_end, n))
+        };
+        let records = match records {
             Ok(r) if r.is_empty() => continue,
             Ok(r) => r,
             Err(e) => {
@@ -322,7 +419,22 @@ async fn forward_loop(
                 continue;
             }
         };
-        let batch = build_batch(&cfg.gateway_id, sequence, &records, &infos);
+        let mut batch = build_batch(&cfg.gateway_id, sequence, &records, &infos);
+        // Report readings the overflow policy dropped (at least once).
+        let dropped = buffer.dropped_unreported().unwrap_or(0);
+        if dropped > 0 {
+            if let Ok(seq) = buffer.next_gateway_event_sequence().await {
+                batch.gateway_events.push(TechnicalReading {
+                    kind: TechnicalKind::BufferOverflow as i32,
+                    time_us: (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000) as i64,
+                    detail: format!(
+                        "buffer full ({} bytes): {dropped} oldest items dropped",
+                        buffer.limits().max_bytes
+                    ),
+                    sequence: seq,
+                });
+            }
+        }
         let n = items_in(&batch);
         loop {
             match uplink.send(&batch).await {
@@ -336,6 +448,22 @@ async fn forward_loop(
                         // The hub has them; a re-send is de-duplicated there.
                         tracing::error!(error = %e, "deleting delivered records failed");
                     }
+                    if !batch.gateway_events.is_empty() {
+                        let _ = buffer.mark_dropped_reported(dropped).await;
+                    }
+                    if lane == Lane::Backlog {
+                        rate.take(n as usize);
+                    }
+                    if in_outage {
+                        // Recovered: what is stored now is backlog; what comes
+                        // next is live and goes first.
+                        in_outage = false;
+                        backlog_end = buffer.next_record_id().unwrap_or(backlog_end);
+                        tracing::info!(
+                            backlog = buffer.pending_readings(),
+                            "uplink recovered; live readings first, backlog behind"
+                        );
+                    }
                     stats.batches_sent.fetch_add(1, Ordering::Relaxed);
                     stats
                         .readings_acked
@@ -348,6 +476,7 @@ async fn forward_loop(
                         .fetch_add(u64::from(ack.rejected), Ordering::Relaxed);
                     tracing::debug!(
                         batch = sequence,
+                        lane = ?lane,
                         readings = n,
                         accepted = ack.accepted,
                         duplicates = ack.duplicates,
@@ -381,6 +510,7 @@ async fn forward_loop(
                 }
                 Err(e) => {
                     stats.send_failures.fetch_add(1, Ordering::Relaxed);
+                    in_outage = true;
                     tracing::warn!(batch = sequence, error = %e, pending = buffer.pending_readings(), "send failed; will retry");
                     let wait = e.retry_after().unwrap_or_else(|| backoff.next_delay());
                     tokio::select! {
@@ -419,6 +549,7 @@ mod tests {
         use shared_protocol::v1::Reading;
         let rec = |dev: &str, seq: u64| StoredRecord {
             key: sled::IVec::from(&seq.to_be_bytes()[..]),
+            size: 0,
             data: DeviceData {
                 device: Some(DeviceInfo {
                     device_id: dev.into(),

@@ -56,6 +56,12 @@ enum Cmd {
         #[arg(long)]
         no_raw: bool,
     },
+    /// Make a new buffer key; the old one is kept until its data is
+    /// delivered. Restart the agent afterwards.
+    RotateKey {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
     /// Check a config file (and its secrets' permissions) without running.
     CheckConfig {
         #[arg(long, short)]
@@ -131,6 +137,15 @@ async fn main() -> anyhow::Result<()> {
             println!(
                 "counters: bytes {} frames ok {} bad {} bytes dropped {} link errors {}",
                 s.bytes_read, s.frames_ok, s.frames_bad, s.bytes_dropped, s.link_errors
+            );
+        }
+        Cmd::RotateKey { config } => {
+            let cfg = edge_agent::config::AgentConfig::load(&config)?;
+            let (old, new) = edge_agent::secrets::rotate_key(&cfg.key_path())?;
+            println!(
+                "buffer key rotated: {} -> {} (the old key is kept until its records are delivered; restart the agent)",
+                hex::encode(old),
+                hex::encode(new)
             );
         }
         Cmd::CheckConfig { config } => {

@@ -94,6 +94,98 @@ fn parse_key(path: &Path, bytes: &[u8]) -> Result<[u8; 32], SecretError> {
     })
 }
 
+/// Name prefix of retired keys, next to the current key file:
+/// `<key file>.retired-<key id hex>`.
+fn retired_prefix(path: &Path) -> String {
+    format!(
+        "{}.retired-",
+        path.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default()
+    )
+}
+
+fn retired_files(path: &Path) -> Result<Vec<PathBuf>, SecretError> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let prefix = retired_prefix(path);
+    let mut out = Vec::new();
+    let rd = match std::fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(io(dir)(e)),
+    };
+    for e in rd {
+        let e = e.map_err(io(dir))?;
+        if e.file_name().to_string_lossy().starts_with(&prefix) {
+            out.push(e.path());
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// The current key (created if missing) and every retired key kept beside
+/// it (each 0600-checked).
+pub fn load_keyring(path: &Path) -> Result<crate::buffer::Keyring, SecretError> {
+    let current = load_or_create_key(path)?;
+    let mut retired = Vec::new();
+    for f in retired_files(path)? {
+        retired.push(parse_key(&f, &read_private(&f)?)?);
+    }
+    Ok(crate::buffer::Keyring { current, retired })
+}
+
+/// Make a new current key and retire the old one (kept until no buffered
+/// record needs it). Crash-safe: the new key is written and synced before
+/// the renames; a crash between them leaves the old key retired and a new
+/// one is created on the next start, so no record becomes unreadable.
+/// Returns (old key id, new key id). Restart the agent to use the new key.
+pub fn rotate_key(path: &Path) -> Result<([u8; 4], [u8; 4]), SecretError> {
+    let old = parse_key(path, &read_private(path)?)?;
+    let mut new = [0u8; 32];
+    SystemRandom::new()
+        .fill(&mut new)
+        .map_err(|_| SecretError::Random)?;
+    let tmp = path.with_extension("new");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io(&tmp))?;
+    f.write_all(&new).map_err(io(&tmp))?;
+    f.sync_all().map_err(io(&tmp))?;
+    let old_id = crate::buffer::key_id(&old);
+    let retired = path.with_file_name(format!("{}{}", retired_prefix(path), hex::encode(old_id)));
+    std::fs::rename(path, &retired).map_err(io(path))?;
+    std::fs::rename(&tmp, path).map_err(io(path))?;
+    if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
+    }
+    Ok((old_id, crate::buffer::key_id(&new)))
+}
+
+/// Delete retired keys no stored record needs any more; returns the files
+/// deleted.
+pub fn prune_retired(
+    path: &Path,
+    in_use: &std::collections::HashSet<[u8; 4]>,
+) -> Result<Vec<PathBuf>, SecretError> {
+    let mut deleted = Vec::new();
+    for f in retired_files(path)? {
+        let key = parse_key(&f, &read_private(&f)?)?;
+        if !in_use.contains(&crate::buffer::key_id(&key)) {
+            std::fs::remove_file(&f).map_err(io(&f))?;
+            deleted.push(f);
+        }
+    }
+    Ok(deleted)
+}
+
 /// The gateway's bearer token: `VIGIL_AGENT_TOKEN` if set, else the token
 /// file (0600).
 pub fn load_token(
@@ -155,6 +247,25 @@ mod tests {
             load_or_create_key(&p),
             Err(SecretError::KeyFormat { .. })
         ));
+    }
+
+    #[test]
+    fn rotation_retires_the_old_key_and_pruning_deletes_it_when_unused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("buffer.key");
+        let k1 = load_or_create_key(&p).unwrap();
+        let (old_id, new_id) = rotate_key(&p).unwrap();
+        assert_eq!(old_id, crate::buffer::key_id(&k1));
+        let ring = load_keyring(&p).unwrap();
+        assert_eq!(crate::buffer::key_id(&ring.current), new_id);
+        assert_eq!(ring.retired, vec![k1]);
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        // Still needed: kept. No longer needed: deleted.
+        let in_use: std::collections::HashSet<_> = [old_id].into_iter().collect();
+        assert!(prune_retired(&p, &in_use).unwrap().is_empty());
+        assert_eq!(prune_retired(&p, &Default::default()).unwrap().len(), 1);
+        assert!(load_keyring(&p).unwrap().retired.is_empty());
     }
 
     #[test]

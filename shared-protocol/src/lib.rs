@@ -90,6 +90,7 @@ mod tests {
                     technical: vec![],
                 }],
                 agent_version: "test".into(),
+                gateway_events: vec![],
             };
             let bytes = batch.encode_to_vec();
             let back = v1::Batch::decode(bytes.as_slice()).unwrap();
@@ -159,6 +160,11 @@ mod tests {
         let back = v1::Reading::decode(expected).unwrap();
         assert_eq!(back.subject.unwrap().value, "7");
         // An old reading (no field 14) decodes with no subject.
-        assert!(v1::Reading::decode(&[0x68, 0x07][..]).unwrap().subject.is_none());
+        assert!(
+            v1::Reading::decode(&[0x68, 0x07][..])
+                .unwrap()
+                .subject
+                .is_none()
+        );
     }
 }

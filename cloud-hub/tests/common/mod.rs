@@ -193,5 +193,6 @@ pub fn batch(seq: u64, device_id: &str, readings: Vec<Reading>) -> Batch {
             technical: vec![],
         }],
         agent_version: "test".into(),
+        gateway_events: vec![],
     }
 }

@@ -1,0 +1,263 @@
+//! The agent's delivery promises across hub outages, with the real binaries:
+//! - live-first: after an outage, new readings reach the hub before the
+//!   backlog has drained; the backlog fills in behind; all exactly once;
+//! - overflow: with a tiny buffer and a long outage, the oldest readings are
+//!   dropped, counted, and reported to the hub as a BUFFER_OVERFLOW event
+//!   whose count matches the readings missing at the hub.
+
+use std::collections::BTreeMap;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use vigil_e2e::*;
+
+const GATEWAY: &str = "gw-delivery";
+const DEVICE: &str = "masimo-1";
+const PATIENT: &str = "p-delivery";
+
+struct Rig {
+    _guard: Option<tempfile::TempDir>,
+    dir: std::path::PathBuf,
+    hub: Hub,
+    _pty: PtyPair,
+    sim: Proc,
+    agent: Proc,
+}
+
+/// Hub + Masimo simulator at `interval_ms` + agent with extra config lines.
+fn rig(name: &str, interval_ms: u64, lines: u64, backlog_rate: u32, agent_extra: &str) -> Rig {
+    let (guard, dir) = test_dir(name);
+    let d = dir.as_path();
+    let hub_cfg = write_hub_config(d, "127.0.0.1:0", &[(GATEWAY, DEVICE, PATIENT)]).unwrap();
+    let token = add_gateway(&hub_cfg, GATEWAY).unwrap();
+    let hub = start_hub(d, &hub_cfg).unwrap();
+    let pty = PtyPair::new(d, "masimo").unwrap();
+    let sim = Proc::spawn(
+        "device-sim",
+        Command::new(bin("device-sim"))
+            .args([
+                "masimo",
+                "--scenario",
+                "stable",
+                "--interval-ms",
+                &interval_ms.to_string(),
+            ])
+            .args(["--count", &lines.to_string(), "--port"])
+            .arg(&pty.device)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    )
+    .unwrap();
+    write_private(&d.join("gateway.token"), &token).unwrap();
+    let cfg = d.join("agent.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "gateway_id = \"{GATEWAY}\"\ndata_dir = \"agent-data\"\n{agent_extra}\n[uplink]\nurl = \"{}/api/v1/ingest\"\n\
+token_file = \"gateway.token\"\nbatch_max_readings = 60\nbatch_max_wait_ms = 100\nmax_backoff_ms = 300\n\
+backlog_rate_per_s = {backlog_rate}\n\n[[device]]\nkind = \"masimo-serial\"\nid = \"{DEVICE}\"\nport = \"{}\"\n",
+            hub.base_url,
+            pty.host.display()
+        ),
+    )
+    .unwrap();
+    let agent = start_agent(d, &cfg, "agent.log").unwrap();
+    Rig {
+        _guard: guard,
+        dir,
+        hub,
+        _pty: pty,
+        sim,
+        agent,
+    }
+}
+
+impl Rig {
+    fn total(&self) -> u64 {
+        get_json(&format!(
+            "{}/fhir/Observation?patient={PATIENT}&_count=0",
+            self.hub.base_url
+        ))
+        .ok()
+        .and_then(|(_, b)| b["total"].as_u64())
+        .unwrap_or(0)
+    }
+
+    /// Kill the hub, wait, start it again on the same port and database.
+    fn hub_outage(&mut self, outage: Duration) -> (Instant, Instant) {
+        let port = self.hub.base_url.rsplit(':').next().unwrap().to_string();
+        self.hub.proc.kill9();
+        let down = Instant::now();
+        std::thread::sleep(outage);
+        let cfg = write_hub_config(
+            &self.dir,
+            &format!("127.0.0.1:{port}"),
+            &[(GATEWAY, DEVICE, PATIENT)],
+        )
+        .unwrap();
+        self.hub = start_hub(&self.dir, &cfg).unwrap();
+        (down, Instant::now())
+    }
+
+    /// (sequence → (batch sequence, effective µs)) of every stored reading.
+    fn stored(&self) -> BTreeMap<u64, (i64, i64)> {
+        let db = rusqlite::Connection::open(self.dir.join("hub.sqlite")).unwrap();
+        db.prepare(
+            "SELECT sequence, batch_sequence, effective_us FROM observations WHERE device_id = ?1",
+        )
+        .unwrap()
+        .query_map([DEVICE], |r| {
+            Ok((r.get::<_, i64>(0)? as u64, (r.get(1)?, r.get(2)?)))
+        })
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+    }
+
+    fn events(&self) -> Vec<(String, String, String)> {
+        let db = rusqlite::Connection::open(self.dir.join("hub.sqlite")).unwrap();
+        db.prepare("SELECT device_id, kind, detail FROM device_events ORDER BY rowid")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    }
+}
+
+fn now_us() -> i64 {
+    (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros()) as i64
+}
+
+#[test]
+fn after_an_outage_live_readings_go_first_and_the_backlog_follows() {
+    // 20 lines/s = 60 readings/s live; the ~300-reading backlog drains at
+    // 50 readings/s, so it takes ~6 s to fill in behind the live readings.
+    let mut rig = rig("live-first", 50, 400, 50, "");
+    wait_for(Duration::from_secs(30), "first readings", || {
+        (rig.total() >= 30).then_some(())
+    })
+    .unwrap();
+    let down_us = now_us();
+    let (_, up) = rig.hub_outage(Duration::from_secs(5));
+    let up_us = now_us();
+    let _ = up;
+    rig.sim
+        .wait_exit(Duration::from_secs(60))
+        .expect("simulator finished");
+    wait_for(Duration::from_secs(60), "backlog drained", || {
+        std::thread::sleep(Duration::from_millis(300));
+        let n = rig.total();
+        (n >= 1190 && n == rig.total()).then_some(())
+    })
+    .unwrap();
+    assert!(rig.agent.terminate(Duration::from_secs(10)));
+
+    let stored = rig.stored();
+    // Exactly once (technical readings take the remaining sequence numbers).
+    let events: Vec<_> = rig.events();
+    let n_tech = events.iter().filter(|e| e.0 == DEVICE).count() as u64;
+    let max_seq = *stored.keys().max().unwrap();
+    assert_eq!(
+        stored.len() as u64 + n_tech,
+        max_seq,
+        "no gap, no duplicate"
+    );
+
+    // Backlog: device time well inside the outage. Live: stamped (device
+    // clock, whole seconds) at least a second after the hub was back, so
+    // stored by the agent after it recovered.
+    let backlog: Vec<i64> = stored
+        .values()
+        .filter(|(_, t)| *t > down_us + 1_000_000 && *t < up_us - 1_000_000)
+        .map(|(b, _)| *b)
+        .collect();
+    let live: Vec<i64> = stored
+        .values()
+        .filter(|(_, t)| *t > up_us + 2_000_000)
+        .map(|(b, _)| *b)
+        .collect();
+    assert!(
+        backlog.len() > 100 && !live.is_empty(),
+        "backlog {} live {}",
+        backlog.len(),
+        live.len()
+    );
+    let first_live_batch = *live.iter().min().unwrap();
+    let last_backlog_batch = *backlog.iter().max().unwrap();
+    assert!(
+        first_live_batch < last_backlog_batch,
+        "live readings reached the hub (batch {first_live_batch}) before the backlog finished (batch {last_backlog_batch})"
+    );
+}
+
+#[test]
+fn a_full_buffer_drops_the_oldest_counts_them_and_tells_the_hub() {
+    // 100 lines/s = 300 readings/s into a 64 KiB buffer while the hub is down.
+    let mut rig = rig(
+        "overflow",
+        10,
+        1500,
+        500,
+        "\n[buffer]\nmax_bytes = 65536\noverflow = \"drop-oldest\"\n",
+    );
+    wait_for(Duration::from_secs(30), "first readings", || {
+        (rig.total() >= 30).then_some(())
+    })
+    .unwrap();
+    rig.hub_outage(Duration::from_secs(6));
+    rig.sim
+        .wait_exit(Duration::from_secs(60))
+        .expect("simulator finished");
+    let stable = || {
+        std::thread::sleep(Duration::from_millis(700));
+        let a = rig.total();
+        std::thread::sleep(Duration::from_millis(700));
+        (a > 0 && a == rig.total()).then_some(a)
+    };
+    wait_for(Duration::from_secs(60), "delivery settled", stable).unwrap();
+    assert!(rig.agent.terminate(Duration::from_secs(10)));
+
+    let events = rig.events();
+    let overflow: Vec<&(String, String, String)> =
+        events.iter().filter(|e| e.1 == "buffer-overflow").collect();
+    assert!(
+        !overflow.is_empty(),
+        "overflow reported to the hub: {events:?}"
+    );
+    assert!(
+        overflow.iter().all(|e| e.0.is_empty()),
+        "gateway-level event"
+    );
+    let reported: u64 = overflow
+        .iter()
+        .map(|e| {
+            let d = &e.2;
+            let n = d
+                .split(": ")
+                .nth(1)
+                .and_then(|s| s.split(' ').next())
+                .unwrap();
+            n.parse::<u64>()
+                .unwrap_or_else(|_| panic!("count in {d:?}"))
+        })
+        .sum();
+    // Every sequence is either stored, a technical reading, or counted as dropped.
+    let stored = rig.stored();
+    let n_tech = events.iter().filter(|e| e.0 == DEVICE).count() as u64;
+    let max_seq = *stored.keys().max().unwrap();
+    let missing = max_seq - stored.len() as u64 - n_tech;
+    assert!(missing > 0, "something was dropped");
+    assert_eq!(
+        missing, reported,
+        "the reported count is exactly what is missing"
+    );
+    let counter = std::fs::read_to_string(rig.dir.join("agent.log")).unwrap();
+    assert!(
+        counter.contains("oldest records dropped"),
+        "dropping is logged"
+    );
+}
