@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use shared_protocol::v1::{Reading, TechnicalReading, Waveform};
 
+pub mod ble;
 pub mod datex;
 pub mod hl7;
 pub mod intellivue;

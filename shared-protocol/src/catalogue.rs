@@ -184,7 +184,37 @@ pub mod units {
         display: "°F",
     };
 
+    /// Pound (avoirdupois): MDC_DIM_LB (4::1760 = 263904, the unit of the
+    /// IEEE 11073-10415 weighing scale in imperial mode); UCUM `[lb_av]`.
+    pub const LB: Unit = Unit {
+        mdc: mdc(4, 1760),
+        mdc_name: "MDC_DIM_LB",
+        ucum: "[lb_av]",
+        display: "lb",
+    };
+    /// Kilogram per litre: MDC_DIM_KILO_G_PER_L (4::2051 = MDC_DIM_X_G_PER_L
+    /// 2048 + kilo prefix 3, the same base + prefix rule as KILO_PA and
+    /// MILLI_L), the unit of the Bluetooth Glucose Measurement's kg/L flag.
+    pub const KILO_G_PER_L: Unit = Unit {
+        mdc: mdc(4, 2051),
+        mdc_name: "MDC_DIM_KILO_G_PER_L",
+        ucum: "kg/L",
+        display: "kg/L",
+    };
+    /// Mole per litre: MDC_DIM_X_MOLE_PER_L (4::4704; MDC_DIM_MILLI_MOLE_PER_L
+    /// is 4::4722 = 4704 + milli prefix 18), the unit of the Bluetooth
+    /// Glucose Measurement's mol/L flag.
+    pub const MOLE_PER_L: Unit = Unit {
+        mdc: mdc(4, 4704),
+        mdc_name: "MDC_DIM_X_MOLE_PER_L",
+        ucum: "mol/L",
+        display: "mol/L",
+    };
+
     pub const ALL: &[Unit] = &[
+        LB,
+        KILO_G_PER_L,
+        MOLE_PER_L,
         KILO_PA,
         DEGF,
         PERCENT,
@@ -206,6 +236,9 @@ pub mod codes {
     pub const ECG_HEART_RATE: u32 = mdc(2, 16770);
     /// MDC_PULS_OXIM_PULS_RATE (2::18458).
     pub const PULS_OXIM_PULS_RATE: u32 = mdc(2, 18458);
+    /// MDC_PULS_RATE_NON_INV (2::18474 = 149546): the pulse rate a
+    /// non-invasive blood pressure monitor reports (IEEE 11073-10407).
+    pub const PULS_RATE_NON_INV: u32 = mdc(2, 18474);
     /// MDC_RESP_RATE (2::20490).
     pub const RESP_RATE: u32 = mdc(2, 20490);
     /// MDC_PULS_OXIM_SAT_O2 (2::19384).
@@ -266,6 +299,20 @@ const METRICS: &[Metric] = &[
         loinc_display: "Heart rate by Pulse oximetry",
         loinc_profile: Some("8867-4"),
         display: "Pulse rate (SpO2)",
+        unit: BEAT_PER_MIN,
+        possible_range: (0.0, 350.0),
+        alt_units: &[],
+    },
+    Metric {
+        mdc: codes::PULS_RATE_NON_INV,
+        mdc_name: "MDC_PULS_RATE_NON_INV",
+        // LOINC 8867-4 "Heart rate" (no method): the NIBP monitor's pulse
+        // rate, as IEEE 11073-10407 BP monitors and PHD FHIR examples pair
+        // 149546 with 8867-4.
+        loinc: "8867-4",
+        loinc_display: "Heart rate",
+        loinc_profile: None,
+        display: "Pulse rate (NIBP)",
         unit: BEAT_PER_MIN,
         possible_range: (0.0, 350.0),
         alt_units: &[],
@@ -379,7 +426,14 @@ const METRICS: &[Metric] = &[
         display: "Body weight",
         unit: KILO_G,
         possible_range: (0.0, 700.0),
-        alt_units: &[],
+        // LOINC 29463-7 has no unit restriction (property Mass): pounds
+        // keep the same code (scales with an imperial unit flag).
+        alt_units: &[AltUnit {
+            unit: LB,
+            loinc: "29463-7",
+            loinc_display: "Body weight",
+            possible_range: (0.0, 1543.0),
+        }],
     },
     Metric {
         mdc: codes::CONC_GLU_CAPILLARY_WHOLEBLOOD,
@@ -391,7 +445,25 @@ const METRICS: &[Metric] = &[
         display: "Glucose (capillary)",
         unit: MILLI_G_PER_DL,
         possible_range: (0.0, 5000.0),
-        alt_units: &[],
+        alt_units: &[
+            // kg/L is a mass concentration too: same LOINC term (property
+            // MCnc). Bluetooth glucose meters report kg/L (95 mg/dL =
+            // 0.00095 kg/L).
+            AltUnit {
+                unit: KILO_G_PER_L,
+                loinc: "41653-7",
+                loinc_display: "Glucose [Mass/volume] in Capillary blood by Glucometer",
+                possible_range: (0.0, 0.05),
+            },
+            // Substance concentration: LOINC 14743-9 "Glucose [Moles/volume]
+            // in Capillary blood by Glucometer" (property SCnc).
+            AltUnit {
+                unit: MOLE_PER_L,
+                loinc: "14743-9",
+                loinc_display: "Glucose [Moles/volume] in Capillary blood by Glucometer",
+                possible_range: (0.0, 0.28),
+            },
+        ],
     },
     Metric {
         mdc: codes::CONC_AWAY_CO2_ET,
@@ -619,6 +691,24 @@ mod tests {
         assert_eq!(units::PERCENT.mdc, 262_688);
         assert_eq!(units::BEAT_PER_MIN.mdc, 264_864);
         assert_eq!(units::MMHG.mdc, 266_016);
+        assert_eq!(codes::PULS_RATE_NON_INV, 149_546);
+        assert_eq!(units::LB.mdc, 263_904);
+        assert_eq!(units::KILO_G_PER_L.mdc, 264_195);
+    }
+
+    #[test]
+    fn bluetooth_units_resolve() {
+        let w = CATALOGUE.by_mdc(codes::MASS_BODY_ACTUAL).unwrap();
+        let lb = w.in_unit(units::LB.mdc, "[lb_av]").unwrap();
+        assert_eq!((lb.loinc, lb.possible_range), ("29463-7", (0.0, 1543.0)));
+        let g = CATALOGUE
+            .by_mdc(codes::CONC_GLU_CAPILLARY_WHOLEBLOOD)
+            .unwrap();
+        assert_eq!(g.in_unit(0, "kg/L").unwrap().loinc, "41653-7");
+        assert_eq!(g.in_unit(0, "mol/L").unwrap().loinc, "14743-9");
+        assert!(g.in_unit(0, "mmol/L").is_none());
+        let p = CATALOGUE.by_mdc(codes::PULS_RATE_NON_INV).unwrap();
+        assert_eq!(p.in_unit(0, "/min").unwrap().loinc, "8867-4");
     }
 
     #[test]
