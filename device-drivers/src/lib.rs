@@ -21,6 +21,7 @@ pub mod hl7;
 pub mod intellivue;
 pub mod masimo;
 pub mod medibus;
+pub mod modbus;
 pub mod nonin;
 pub mod session;
 pub mod udp;
@@ -66,7 +67,13 @@ pub struct DriverStats {
     bytes_dropped: AtomicU64,
     link_errors: AtomicU64,
     unknown_flags: AtomicU64,
+    /// Requests the device answered with an exception (polled protocols).
+    exceptions: AtomicU64,
+    /// Requests the device did not answer in time (polled protocols).
+    timeouts: AtomicU64,
     connected: AtomicBool,
+    /// Gateway time (UTC µs) of the last valid frame; 0 = none yet.
+    last_frame_us: std::sync::atomic::AtomicI64,
 }
 
 /// A point-in-time copy of [`DriverStats`].
@@ -78,7 +85,11 @@ pub struct DriverStatsSnapshot {
     pub bytes_dropped: u64,
     pub link_errors: u64,
     pub unknown_flags: u64,
+    pub exceptions: u64,
+    pub timeouts: u64,
     pub connected: bool,
+    /// Gateway time (UTC µs) of the last valid frame; 0 = none yet.
+    pub last_frame_us: i64,
 }
 
 impl DriverStats {
@@ -87,6 +98,7 @@ impl DriverStats {
     }
     pub fn frame_ok(&self) {
         self.frames_ok.fetch_add(1, Ordering::Relaxed);
+        self.last_frame_us.store(session::now_us(), Ordering::Relaxed);
     }
     pub fn frame_error(&self, dropped: usize) {
         self.frames_bad.fetch_add(1, Ordering::Relaxed);
@@ -99,6 +111,12 @@ impl DriverStats {
     pub fn unknown_flags(&self) {
         self.unknown_flags.fetch_add(1, Ordering::Relaxed);
     }
+    pub fn exception(&self) {
+        self.exceptions.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn timeout(&self) {
+        self.timeouts.fetch_add(1, Ordering::Relaxed);
+    }
     pub fn connected(&self, yes: bool) {
         self.connected.store(yes, Ordering::Relaxed);
     }
@@ -110,7 +128,10 @@ impl DriverStats {
             bytes_dropped: self.bytes_dropped.load(Ordering::Relaxed),
             link_errors: self.link_errors.load(Ordering::Relaxed),
             unknown_flags: self.unknown_flags.load(Ordering::Relaxed),
+            exceptions: self.exceptions.load(Ordering::Relaxed),
+            timeouts: self.timeouts.load(Ordering::Relaxed),
             connected: self.connected.load(Ordering::Relaxed),
+            last_frame_us: self.last_frame_us.load(Ordering::Relaxed),
         }
     }
 }

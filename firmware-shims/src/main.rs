@@ -7,6 +7,7 @@ mod datex;
 mod intellivue;
 mod masimo;
 mod medibus;
+mod modbus;
 mod nonin;
 
 #[derive(Debug, Parser)]
@@ -32,6 +33,9 @@ enum Device {
     Datex(datex::DatexArgs),
     /// Nonin OEM pulse oximeter module, serial Data Format 7 (9600 8N1, 75 frames/s).
     Nonin(nonin::NoninArgs),
+    /// Modbus device (ventilator, multi-parameter module, …) per a register
+    /// map: Modbus TCP server (`--listen`) or RTU slave (`--port`).
+    Modbus(modbus::ModbusArgs),
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -50,5 +54,6 @@ async fn main() -> anyhow::Result<()> {
         Device::Medibus(args) => medibus::run(args).await,
         Device::Datex(args) => datex::run(args).await,
         Device::Nonin(args) => nonin::run(args).await,
+        Device::Modbus(args) => modbus::run(args).await,
     }
 }
