@@ -138,6 +138,16 @@ pub struct MappedObservation {
     pub resource: Json,
 }
 
+/// The patient id a reading's source carried (`Reading.subject`, e.g. HL7
+/// PID-3), used when the device has no static association.
+pub fn source_patient(reading: &Reading) -> Option<&str> {
+    reading
+        .subject
+        .as_ref()
+        .map(|s| s.value.as_str())
+        .filter(|v| !v.trim().is_empty())
+}
+
 /// Maps a validated reading to a FHIR R4 Observation.
 ///
 /// `received_us` is the hub's receive time, used for `issued` when the
@@ -203,10 +213,22 @@ pub fn map_observation(
         json!({ "coding": codings, "text": metric.display }),
     );
     if let Some(p) = patient_id {
-        obs.insert(
-            "subject".into(),
-            json!({ "reference": format!("Patient/{p}") }),
-        );
+        let mut subject = serde_json::Map::new();
+        // A value that is not a FHIR id cannot be a literal reference; the
+        // identifier alone still names the patient (Reference.identifier).
+        if is_valid_id(p) {
+            subject.insert("reference".into(), json!(format!("Patient/{p}")));
+        }
+        // The source's identifier, when the subject is the one it carried.
+        if let Some(id) = reading.subject.as_ref().filter(|s| s.value == p) {
+            let mut ident = serde_json::Map::new();
+            if !id.system.is_empty() {
+                ident.insert("system".into(), json!(id.system));
+            }
+            ident.insert("value".into(), json!(id.value));
+            subject.insert("identifier".into(), Json::Object(ident));
+        }
+        obs.insert("subject".into(), Json::Object(subject));
     }
     obs.insert(
         "effectiveDateTime".into(),

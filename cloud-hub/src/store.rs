@@ -447,6 +447,9 @@ impl Store {
                             continue;
                         }
                     };
+                    // A static association wins; else the patient identifier
+                    // the source message carried (e.g. HL7 PID-3).
+                    let patient = patient.or_else(|| crate::fhir::source_patient(r));
                     let mapped = map_observation(&dev_ref, r, &metric, patient, received_us);
                     let n = insert_obs.execute(params![
                         mapped.id,
