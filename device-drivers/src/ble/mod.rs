@@ -40,8 +40,8 @@ pub struct BleOptions {
     pub clock_offset_minutes: i32,
     /// Accept only measurements of this user (Blood Pressure and Weight
     /// Measurement "User ID"; a shared home device keeps several users).
-    /// Measurements of another user are dropped and logged; measurements
-    /// without a user id are accepted.
+    /// Measurements of another user, or of the "unknown user" (0xFF), are
+    /// dropped and logged; measurements without a user id are accepted.
     #[serde(default)]
     pub user_id: Option<u8>,
     /// Bluetooth adapter to use, e.g. `hci0` (default: the first one).
