@@ -189,6 +189,8 @@ pub enum DeviceKind {
     NoninSerial,
     /// Philips IntelliVue, Data Export over the LAN (UDP 24105).
     IntellivueLan,
+    /// HL7 v2 ORU^R01 messages pushed to the agent over MLLP (TCP/TLS).
+    Hl7Mllp,
 }
 
 /// How a device kind is reached, which decides the fields it needs.
@@ -200,6 +202,8 @@ pub enum Transport {
     Tcp,
     /// UDP datagrams to `address` (`host:port`).
     Udp,
+    /// The agent listens on `listen` (`ip:port`) and the device connects.
+    Listener,
 }
 
 impl DeviceKind {
@@ -211,6 +215,7 @@ impl DeviceKind {
             | DeviceKind::MedibusSerial
             | DeviceKind::NoninSerial => Transport::Serial,
             DeviceKind::IntellivueLan => Transport::Udp,
+            DeviceKind::Hl7Mllp => Transport::Listener,
         }
     }
 }
@@ -357,6 +362,18 @@ impl AgentConfig {
                     }
                     unused(&d.port, "port")?;
                     unused(&d.listen, "listen")?;
+                }
+                Transport::Listener => {
+                    need(
+                        &d.listen,
+                        "listen",
+                        "ip:port to listen on, e.g. 0.0.0.0:2575",
+                    )?;
+                    unused(&d.port, "port")?;
+                    unused(&d.address, "address")?;
+                    crate::hl7::check(d).map_err(|(f, m)| invalid(field(f), m))?;
+                    // A listener has no driver protocol to build below.
+                    continue;
                 }
             }
             if d.silence_timeout_ms.is_some_and(|ms| ms < 500) {

@@ -37,6 +37,11 @@ pub enum LinkTarget {
     Udp {
         address: String,
     },
+    /// Listener kinds (`hl7-mllp`): the device connects to the agent; run
+    /// by the agent's listener, never as a driver link.
+    Listen {
+        address: String,
+    },
 }
 
 impl LinkTarget {
@@ -54,6 +59,9 @@ impl LinkTarget {
             },
             Transport::Udp => LinkTarget::Udp {
                 address: text(&dev.address),
+            },
+            Transport::Listener => LinkTarget::Listen {
+                address: text(&dev.listen),
             },
         }
     }
@@ -94,6 +102,12 @@ impl AnyProtocol {
             DeviceKind::NoninSerial => AnyProtocol::Nonin(nonin::Nonin::new(options(opts)?)?),
             DeviceKind::IntellivueLan => {
                 AnyProtocol::IntellivueLan(intellivue::IntellivueLan::new(options(opts)?)?)
+            }
+            DeviceKind::Hl7Mllp => {
+                return Err(
+                    "hl7-mllp is a listener (the device connects to the agent), not a driver"
+                        .into(),
+                );
             }
         })
     }
@@ -140,6 +154,9 @@ impl AnyProtocol {
                     async move { UdpLink::connect(&a).await }
                 };
                 each!(self, p => run_link(p, device_id, address.clone(), connect.clone(), opts, stats, tx, shutdown).await)
+            }
+            LinkTarget::Listen { .. } => {
+                tracing::error!(device_id = %device_id, "listener kinds are not run as drivers");
             }
         }
     }

@@ -11,6 +11,7 @@
 pub mod buffer;
 pub mod config;
 pub mod devices;
+pub mod hl7;
 pub mod probe;
 pub mod secrets;
 pub mod uplink;
@@ -93,6 +94,23 @@ pub async fn run(cfg: AgentConfig, mut shutdown: watch::Receiver<bool>) -> Resul
     let mut driver_stats = Vec::new();
     let mut drivers = Vec::new();
     for dev in &cfg.devices {
+        if dev.kind.transport() == config::Transport::Listener {
+            // The device connects to us (HL7 over MLLP): a listener task that
+            // appends each accepted message itself, then wakes the forwarder.
+            let l = hl7::Hl7Listener::bind(dev)
+                .await
+                .map_err(|message| AgentError::Device {
+                    device: dev.id.clone(),
+                    message,
+                })?;
+            device_infos.insert(dev.id.clone(), hl7::Hl7Listener::device_info(dev));
+            drivers.push(tokio::spawn(l.serve(
+                buffer.clone(),
+                notify.clone(),
+                shutdown.clone(),
+            )));
+            continue;
+        }
         let stats = Arc::new(DriverStats::default());
         driver_stats.push((dev.id.clone(), stats.clone()));
         let proto = AnyProtocol::from_config(dev).map_err(|message| AgentError::Device {

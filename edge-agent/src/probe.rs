@@ -136,11 +136,18 @@ pub async fn run(
         Transport::Udp => LinkTarget::Udp {
             address: args.port.clone(),
         },
+        Transport::Listener => {
+            return Err(format!(
+                "{:?} is a listener kind; probe connects to devices (send to the agent instead)",
+                args.kind
+            ));
+        }
     };
     let at = match &target {
         LinkTarget::Serial { port, settings } => format!("{port} at {settings}"),
         LinkTarget::Tcp { address } => format!("tcp {address}"),
         LinkTarget::Udp { address } => format!("udp {address}"),
+        LinkTarget::Listen { address } => format!("listen {address}"),
     };
     println!("probing {} on {at}; Ctrl-C to stop", proto.kind());
     let mut opts = RunOptions::default();
