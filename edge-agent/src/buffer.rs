@@ -505,6 +505,23 @@ impl Buffer {
         Ok(out)
     }
 
+    /// Age of the oldest waiting item, from its gateway receive time (None
+    /// when empty or unreadable).
+    pub fn oldest_age_us(&self) -> Option<i64> {
+        let rec = self.oldest(1).ok()?.into_iter().next()?;
+        let d = &rec.data;
+        let t = d
+            .readings
+            .iter()
+            .map(|r| r.gateway_time_us)
+            .chain(d.technical.iter().map(|t| t.time_us))
+            .chain(d.waveforms.iter().map(|w| w.start_time_us))
+            .filter(|t| *t > 0)
+            .min()?;
+        let now = (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000) as i64;
+        Some((now - t).max(0))
+    }
+
     /// The id the next appended record will get (records below it exist or
     /// existed).
     pub fn next_record_id(&self) -> Result<u64, BufferError> {

@@ -261,3 +261,81 @@ fn a_full_buffer_drops_the_oldest_counts_them_and_tells_the_hub() {
         "dropping is logged"
     );
 }
+
+#[test]
+fn status_endpoint_reports_devices_buffer_and_uplink() {
+    let mut rig = rig(
+        "status",
+        100,
+        600,
+        500,
+        "\n[status]\nlisten = \"127.0.0.1:0\"\n",
+    );
+    wait_for(Duration::from_secs(30), "first readings", || {
+        (rig.total() >= 30).then_some(())
+    })
+    .unwrap();
+    let log = rig.dir.join("agent.log");
+    let addr = wait_for(
+        Duration::from_secs(10),
+        "status address in the agent log",
+        || {
+            let text = std::fs::read_to_string(&log).ok()?;
+            let line = text
+                .lines()
+                .find(|l| l.contains("status endpoint listening"))?;
+            let addr = line.split("addr=").nth(1)?.split_whitespace().next()?;
+            Some(addr.to_string())
+        },
+    )
+    .unwrap();
+    let metrics = |addr: &str| -> String {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            reqwest::get(format!("http://{addr}/metrics"))
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap()
+        })
+    };
+    let sample = |text: &str, name: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} not in\n{text}"))
+    };
+    let up = metrics(&addr);
+    assert!(
+        sample(
+            &up,
+            "vigil_agent_device_frames_total{device=\"masimo-1\",outcome=\"ok\"}"
+        ) > 5.0
+    );
+    assert_eq!(
+        sample(&up, "vigil_agent_device_connected{device=\"masimo-1\"}"),
+        1.0
+    );
+    assert_eq!(sample(&up, "vigil_agent_uplink_up"), 1.0);
+    assert!(sample(&up, "vigil_agent_uplink_batches_total") > 0.0);
+    let (status, health) = get_json(&format!("http://{addr}/healthz")).unwrap();
+    assert_eq!((status, health["status"].as_str()), (200, Some("ok")));
+
+    // Hub down: the uplink is reported down and the buffer fills.
+    rig.hub.proc.kill9();
+    let down = wait_for(Duration::from_secs(15), "uplink down and backlog", || {
+        let m = metrics(&addr);
+        (sample(&m, "vigil_agent_uplink_up") == 0.0 && sample(&m, "vigil_agent_buffer_items") > 0.0)
+            .then_some(m)
+    })
+    .unwrap();
+    assert!(sample(&down, "vigil_agent_uplink_send_failures_total") > 0.0);
+    assert!(sample(&down, "vigil_agent_buffer_oldest_age_seconds") >= 0.0);
+    assert!(rig.agent.terminate(Duration::from_secs(10)));
+}
