@@ -25,6 +25,14 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# Python packages for the interop tests, pinned (installed only when missing).
+#   pymodbus: the independent Modbus implementation that
+#     firmware-shims/tests/modbus_interop.rs runs against Vigil's driver and simulator.
+if ! python3 -c 'import sys, pymodbus; sys.exit(pymodbus.__version__ != "3.16.1")' >/dev/null 2>&1; then
+  echo "setup: installing pymodbus 3.16.1" >&2
+  python3 -m pip install --quiet 'pymodbus==3.16.1'
+fi
+
 # Rust toolchain pieces.
 if ! command -v cargo >/dev/null 2>&1; then
   echo "setup: cargo not found; install Rust (rustup) first" >&2
