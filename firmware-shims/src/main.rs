@@ -4,6 +4,7 @@
 use clap::{Parser, Subcommand};
 
 mod datex;
+mod hl7;
 mod intellivue;
 mod masimo;
 mod medibus;
@@ -33,6 +34,8 @@ enum Device {
     Datex(datex::DatexArgs),
     /// Nonin OEM pulse oximeter module, serial Data Format 7 (9600 8N1, 75 frames/s).
     Nonin(nonin::NoninArgs),
+    /// HL7 v2 sender: ORU^R01 messages over MLLP (TCP) to an agent's listener, one ACK each.
+    Hl7(hl7::Hl7Args),
     /// Modbus device (ventilator, multi-parameter module, …) per a register
     /// map: Modbus TCP server (`--listen`) or RTU slave (`--port`).
     Modbus(modbus::ModbusArgs),
@@ -54,6 +57,7 @@ async fn main() -> anyhow::Result<()> {
         Device::Medibus(args) => medibus::run(args).await,
         Device::Datex(args) => datex::run(args).await,
         Device::Nonin(args) => nonin::run(args).await,
+        Device::Hl7(args) => hl7::run(args).await,
         Device::Modbus(args) => modbus::run(args).await,
     }
 }
