@@ -187,6 +187,10 @@ pub enum DeviceKind {
     MedibusSerial,
     /// Nonin OEM pulse oximeter, serial Data Format 7.
     NoninSerial,
+    /// Modbus TCP device read through a register map (`address`).
+    ModbusTcp,
+    /// Modbus RTU device on a serial line, read through a register map (`port`).
+    ModbusRtu,
     /// Philips IntelliVue, Data Export over the LAN (UDP 24105).
     IntellivueLan,
     /// HL7 v2 ORU^R01 messages pushed to the agent over MLLP (TCP/TLS).
@@ -213,7 +217,9 @@ impl DeviceKind {
             | DeviceKind::IntellivueSerial
             | DeviceKind::DatexS5Serial
             | DeviceKind::MedibusSerial
-            | DeviceKind::NoninSerial => Transport::Serial,
+            | DeviceKind::NoninSerial
+            | DeviceKind::ModbusRtu => Transport::Serial,
+            DeviceKind::ModbusTcp => Transport::Tcp,
             DeviceKind::IntellivueLan => Transport::Udp,
             DeviceKind::Hl7Mllp => Transport::Listener,
         }
@@ -284,6 +290,15 @@ impl AgentConfig {
         }
         if let Some(p) = self.uplink.ca_file.as_mut() {
             fix(p);
+        }
+        // Modbus register maps (`options.map`) are relative to this file too.
+        for d in &mut self.devices {
+            if matches!(d.kind, DeviceKind::ModbusTcp | DeviceKind::ModbusRtu)
+                && let Some(toml::Value::String(m)) = d.options.get_mut("map")
+                && Path::new(m.as_str()).is_relative()
+            {
+                *m = base.join(m.as_str()).display().to_string();
+            }
         }
     }
 
@@ -444,6 +459,31 @@ mod tests {
         let cfg = parse(EXAMPLE).unwrap();
         assert_eq!(cfg.devices.len(), 1);
         assert_eq!(cfg.uplink.batch_max_readings, 500);
+    }
+
+    #[test]
+    fn modbus_map_paths_are_relative_to_the_config_file() {
+        let dir = std::env::temp_dir().join(format!("vigil-modbus-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("maps")).unwrap();
+        let map = include_str!("../maps/sim-ventilator.toml");
+        std::fs::write(dir.join("maps/vent.toml"), map).unwrap();
+        let text = format!(
+            "{EXAMPLE}\n[[device]]\nkind = \"modbus-tcp\"\nid = \"vent-1\"\naddress = \"127.0.0.1:502\"\n[device.options]\nmap = \"maps/vent.toml\"\nunit_id = 3\n"
+        );
+        let path = dir.join("agent.toml");
+        std::fs::write(&path, text).unwrap();
+        let cfg = AgentConfig::load(&path).unwrap();
+        let d = cfg.devices.last().unwrap();
+        assert_eq!(d.kind.transport(), Transport::Tcp);
+        assert_eq!(
+            d.options.get("map").and_then(|v| v.as_str()),
+            Some(dir.join("maps/vent.toml").display().to_string().as_str())
+        );
+        // A map that fails validation is refused naming the device and entry.
+        std::fs::write(dir.join("maps/vent.toml"), map.replace("unit = \"mL\"", "unit = \"L\"")).unwrap();
+        let err = AgentConfig::load(&path).unwrap_err().to_string();
+        assert!(err.contains(".options") && err.contains("points[1] (\"VT\")"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

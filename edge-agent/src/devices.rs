@@ -7,7 +7,7 @@ use std::sync::Arc;
 use device_drivers::udp::UdpLink;
 use device_drivers::{
     DriverOutput, DriverStats, Protocol, RunOptions, SerialSettings, Shutdown, datex, intellivue,
-    masimo, medibus, nonin, run_link, run_serial,
+    masimo, medibus, modbus, nonin, run_link, run_serial,
 };
 use tokio::sync::mpsc;
 
@@ -22,6 +22,8 @@ pub enum AnyProtocol {
     Medibus(medibus::Medibus),
     Nonin(nonin::Nonin),
     IntellivueLan(intellivue::IntellivueLan),
+    ModbusTcp(modbus::Modbus),
+    ModbusRtu(modbus::Modbus),
 }
 
 /// Where a device's link comes from.
@@ -77,6 +79,8 @@ macro_rules! each {
             AnyProtocol::Medibus($p) => $body,
             AnyProtocol::Nonin($p) => $body,
             AnyProtocol::IntellivueLan($p) => $body,
+            AnyProtocol::ModbusTcp($p) => $body,
+            AnyProtocol::ModbusRtu($p) => $body,
         }
     };
 }
@@ -102,6 +106,12 @@ impl AnyProtocol {
             DeviceKind::NoninSerial => AnyProtocol::Nonin(nonin::Nonin::new(options(opts)?)?),
             DeviceKind::IntellivueLan => {
                 AnyProtocol::IntellivueLan(intellivue::IntellivueLan::new(options(opts)?)?)
+            }
+            DeviceKind::ModbusTcp => {
+                AnyProtocol::ModbusTcp(modbus::Modbus::new(modbus::Framing::Tcp, options(opts)?)?)
+            }
+            DeviceKind::ModbusRtu => {
+                AnyProtocol::ModbusRtu(modbus::Modbus::new(modbus::Framing::Rtu, options(opts)?)?)
             }
             DeviceKind::Hl7Mllp => {
                 return Err(
@@ -165,6 +175,28 @@ impl AnyProtocol {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn modbus_kinds_build_with_a_register_map_and_name_themselves() {
+        let map = concat!(env!("CARGO_MANIFEST_DIR"), "/maps/sim-ventilator.toml");
+        let mut opts = toml::Table::new();
+        opts.insert("map".into(), map.into());
+        for (kind, name) in [
+            (DeviceKind::ModbusTcp, "modbus-tcp"),
+            (DeviceKind::ModbusRtu, "modbus-rtu"),
+        ] {
+            let p = AnyProtocol::new(kind, &opts).unwrap();
+            assert_eq!(p.kind(), name);
+            let parsed: DeviceKind = toml::Value::String(name.into()).try_into().unwrap();
+            assert_eq!(parsed, kind);
+            // Without a map the device is refused with the reason.
+            let err = AnyProtocol::new(kind, &toml::Table::new()).unwrap_err();
+            assert!(err.contains("register map is required"), "{err}");
+        }
+        // RTU default: 19200 8E1 (Modbus over Serial Line §2.5.1).
+        let p = AnyProtocol::new(DeviceKind::ModbusRtu, &opts).unwrap();
+        assert_eq!(p.default_serial().to_string(), "19200 8E1");
+    }
 
     #[test]
     fn every_kind_builds_with_default_options_and_names_itself() {
