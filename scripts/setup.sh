@@ -32,6 +32,12 @@ if ! python3 -c 'import sys, pymodbus; sys.exit(pymodbus.__version__ != "3.16.1"
   echo "setup: installing pymodbus 3.16.1" >&2
   python3 -m pip install --quiet 'pymodbus==3.16.1'
 fi
+#   hl7apy: the independent HL7 v2 implementation that builds the ORU^R01/ADT
+#     messages of tests/py/hl7_interop.py (tests/tests/hl7_end_to_end.rs).
+if ! python3 -c 'import sys, importlib.metadata as m; sys.exit(m.version("hl7apy") != "1.3.5")' >/dev/null 2>&1; then
+  echo "setup: installing hl7apy 1.3.5" >&2
+  python3 -m pip install --quiet 'hl7apy==1.3.5'
+fi
 
 # Rust toolchain pieces.
 if ! command -v cargo >/dev/null 2>&1; then
