@@ -480,16 +480,9 @@ mod tests {
             Some(dir.join("maps/vent.toml").display().to_string().as_str())
         );
         // A map that fails validation is refused naming the device and entry.
-        std::fs::write(
-            dir.join("maps/vent.toml"),
-            map.replace("unit = \"mL\"", "unit = \"L\""),
-        )
-        .unwrap();
+        std::fs::write(dir.join("maps/vent.toml"), map.replace("unit = \"mL\"", "unit = \"L\"")).unwrap();
         let err = AgentConfig::load(&path).unwrap_err().to_string();
-        assert!(
-            err.contains(".options") && err.contains("points[1] (\"VT\")"),
-            "{err}"
-        );
+        assert!(err.contains(".options") && err.contains("points[1] (\"VT\")"), "{err}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -565,28 +558,6 @@ mod tests {
         let serial_without_port = EXAMPLE.replace("port = \"/dev/ttyUSB0\"", "");
         let err = parse(&serial_without_port).unwrap_err().to_string();
         assert!(err.contains("device[0].port"), "{err}");
-    }
-
-    #[test]
-    fn ble_address_is_optional_and_checked() {
-        let ble = |extra: &str| {
-            format!("{EXAMPLE}\n[[device]]\nkind = \"ble\"\nid = \"hr-1\"\n{extra}\n")
-        };
-        parse(&ble("")).unwrap();
-        parse(&ble("address = \"C0:FF:EE:00:00:01\"")).unwrap();
-        let err = parse(&ble("address = \"10.0.0.7:1\""))
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("device[1].address"), "{err}");
-        let err = parse(&ble("port = \"/dev/x\"")).unwrap_err().to_string();
-        assert!(
-            err.contains("device[1].port") && err.contains("not used"),
-            "{err}"
-        );
-        let err = parse(&ble("[device.options]\nuser_id = 255"))
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("device[1].options"), "{err}");
     }
 
     #[test]
