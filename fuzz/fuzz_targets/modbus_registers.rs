@@ -17,7 +17,11 @@ fn check_plan(points: &[Point], limits: Limits) {
     let reads = plan_reads(points, limits);
     let mut seen = vec![0u8; points.len()];
     for r in &reads {
-        let max = if r.table.is_bits() { limits.max_bits } else { limits.max_registers };
+        let max = if r.table.is_bits() {
+            limits.max_bits
+        } else {
+            limits.max_registers
+        };
         assert!(r.count >= 1 && r.count <= max.max(4));
         for &i in &r.points {
             seen[i] += 1;
@@ -32,13 +36,22 @@ fn u16_at(d: &[u8], i: usize) -> u16 {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&mode, rest)) = data.split_first() else { return };
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
     if mode % 2 == 0 {
         let text = String::from_utf8_lossy(rest);
         if let Ok(m) = map::parse_map(&text) {
             if let Ok(points) = map::validate(&m.points, Duration::from_secs(1)) {
                 check_plan(&points, Limits::default());
-                check_plan(&points, Limits { gap_fill: 0, max_registers: 4, max_bits: 1 });
+                check_plan(
+                    &points,
+                    Limits {
+                        gap_fill: 0,
+                        max_registers: 4,
+                        max_bits: 1,
+                    },
+                );
             }
         }
         return;
@@ -50,16 +63,32 @@ fuzz_target!(|data: &[u8]| {
     let (p, words) = rest.split_at(16);
     let metrics = CATALOGUE.all();
     let metric = metrics[usize::from(p[0]) % metrics.len()];
-    let table = [Table::Holding, Table::Input, Table::Coils, Table::Discrete][usize::from(p[1] % 4)];
+    let table =
+        [Table::Holding, Table::Input, Table::Coils, Table::Discrete][usize::from(p[1] % 4)];
     let ty = if table.is_bits() {
         ValueType::Bit
     } else {
-        [ValueType::U16, ValueType::I16, ValueType::U32, ValueType::I32, ValueType::F32, ValueType::F64, ValueType::Bit][usize::from(p[2] % 7)]
+        [
+            ValueType::U16,
+            ValueType::I16,
+            ValueType::U32,
+            ValueType::I32,
+            ValueType::F32,
+            ValueType::F64,
+            ValueType::Bit,
+        ][usize::from(p[2] % 7)]
     };
-    let order = [WordOrder::ABCD, WordOrder::DCBA, WordOrder::BADC, WordOrder::CDAB][usize::from(p[3] % 4)];
+    let order = [
+        WordOrder::ABCD,
+        WordOrder::DCBA,
+        WordOrder::BADC,
+        WordOrder::CDAB,
+    ][usize::from(p[3] % 4)];
     let width = if table.is_bits() { 1 } else { ty.width() };
     let address = u16_at(p, 4).min(u16::MAX - (width - 1));
-    let scale = f64::from(f32::from_bits(u32::from(u16_at(p, 6)) << 16 | u32::from(u16_at(p, 8))));
+    let scale = f64::from(f32::from_bits(
+        u32::from(u16_at(p, 6)) << 16 | u32::from(u16_at(p, 8)),
+    ));
     let invalid = match p[10] % 4 {
         0 => vec![],
         1 => vec![Sentinel::Int(i64::from(u16_at(p, 11)))],
@@ -73,7 +102,11 @@ fuzz_target!(|data: &[u8]| {
         ty,
         bit: (ty == ValueType::Bit && !table.is_bits()).then_some(p[13] % 16),
         order,
-        scale: if scale.is_finite() && scale != 0.0 { scale } else { 1.0 },
+        scale: if scale.is_finite() && scale != 0.0 {
+            scale
+        } else {
+            1.0
+        },
         offset: f64::from(p[14]) - 128.0,
         metric,
         unit: metric.unit,
@@ -107,12 +140,23 @@ fuzz_target!(|data: &[u8]| {
     // Several copies of the point at shifted addresses, planned and fed a
     // response of arbitrary length: readings + short == points.
     let points: Vec<Point> = (0..4u16)
-        .map(|k| Point { address: address.saturating_sub(k * u16::from(p[15] % 16)), ..point.clone() })
+        .map(|k| Point {
+            address: address.saturating_sub(k * u16::from(p[15] % 16)),
+            ..point.clone()
+        })
         .collect();
-    let limits = Limits { gap_fill: u16::from(p[11] % 20), max_registers: 4 + u16::from(p[12] % 122), max_bits: 1 + u16::from(p[13]) * 8 };
+    let limits = Limits {
+        gap_fill: u16::from(p[11] % 20),
+        max_registers: 4 + u16::from(p[12] % 122),
+        max_bits: 1 + u16::from(p[13]) * 8,
+    };
     check_plan(&points, limits);
     for req in plan_reads(&points, limits) {
-        let data = if table.is_bits() { ReadData::Bits(bits.clone()) } else { ReadData::Registers(regs.clone()) };
+        let data = if table.is_bits() {
+            ReadData::Bits(bits.clone())
+        } else {
+            ReadData::Registers(regs.clone())
+        };
         let (rs, short) = response_to_readings(&points, &req, &data, 0);
         assert_eq!(rs.len() + short, req.points.len());
     }
