@@ -195,6 +195,9 @@ pub enum DeviceKind {
     IntellivueLan,
     /// HL7 v2 ORU^R01 messages pushed to the agent over MLLP (TCP/TLS).
     Hl7Mllp,
+    /// Bluetooth LE health device (Heart Rate, Blood Pressure, Health
+    /// Thermometer, Pulse Oximeter, Weight Scale, Glucose services).
+    Ble,
 }
 
 /// How a device kind is reached, which decides the fields it needs.
@@ -208,6 +211,9 @@ pub enum Transport {
     Udp,
     /// The agent listens on `listen` (`ip:port`) and the device connects.
     Listener,
+    /// Bluetooth LE: optional `address` (`AA:BB:CC:DD:EE:FF`); without it the
+    /// first device advertising a health service is used.
+    Ble,
 }
 
 impl DeviceKind {
@@ -222,6 +228,7 @@ impl DeviceKind {
             DeviceKind::ModbusTcp => Transport::Tcp,
             DeviceKind::IntellivueLan => Transport::Udp,
             DeviceKind::Hl7Mllp => Transport::Listener,
+            DeviceKind::Ble => Transport::Ble,
         }
     }
 }
@@ -378,6 +385,17 @@ impl AgentConfig {
                     unused(&d.port, "port")?;
                     unused(&d.listen, "listen")?;
                 }
+                Transport::Ble => {
+                    if let Some(a) = d.address.as_deref() {
+                        device_drivers::ble::validate_address(a)
+                            .map_err(|m| invalid(field("address"), m))?;
+                    }
+                    unused(&d.port, "port")?;
+                    unused(&d.listen, "listen")?;
+                    crate::devices::ble_config(d).map_err(|m| invalid(field("options"), m))?;
+                    // Run by the BLE driver, not as a link protocol.
+                    continue;
+                }
                 Transport::Listener => {
                     need(
                         &d.listen,
@@ -480,9 +498,16 @@ mod tests {
             Some(dir.join("maps/vent.toml").display().to_string().as_str())
         );
         // A map that fails validation is refused naming the device and entry.
-        std::fs::write(dir.join("maps/vent.toml"), map.replace("unit = \"mL\"", "unit = \"L\"")).unwrap();
+        std::fs::write(
+            dir.join("maps/vent.toml"),
+            map.replace("unit = \"mL\"", "unit = \"L\""),
+        )
+        .unwrap();
         let err = AgentConfig::load(&path).unwrap_err().to_string();
-        assert!(err.contains(".options") && err.contains("points[1] (\"VT\")"), "{err}");
+        assert!(
+            err.contains(".options") && err.contains("points[1] (\"VT\")"),
+            "{err}"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -558,6 +583,28 @@ mod tests {
         let serial_without_port = EXAMPLE.replace("port = \"/dev/ttyUSB0\"", "");
         let err = parse(&serial_without_port).unwrap_err().to_string();
         assert!(err.contains("device[0].port"), "{err}");
+    }
+
+    #[test]
+    fn ble_address_is_optional_and_checked() {
+        let ble = |extra: &str| {
+            format!("{EXAMPLE}\n[[device]]\nkind = \"ble\"\nid = \"hr-1\"\n{extra}\n")
+        };
+        parse(&ble("")).unwrap();
+        parse(&ble("address = \"C0:FF:EE:00:00:01\"")).unwrap();
+        let err = parse(&ble("address = \"10.0.0.7:1\""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("device[1].address"), "{err}");
+        let err = parse(&ble("port = \"/dev/x\"")).unwrap_err().to_string();
+        assert!(
+            err.contains("device[1].port") && err.contains("not used"),
+            "{err}"
+        );
+        let err = parse(&ble("[device.options]\nuser_id = 255"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("device[1].options"), "{err}");
     }
 
     #[test]

@@ -39,6 +39,10 @@ pub enum LinkTarget {
     Udp {
         address: String,
     },
+    /// Bluetooth LE (`ble`): run by [`ble_task`], never as a link.
+    Ble {
+        address: Option<String>,
+    },
     /// Listener kinds (`hl7-mllp`): the device connects to the agent; run
     /// by the agent's listener, never as a driver link.
     Listen {
@@ -62,11 +66,50 @@ impl LinkTarget {
             Transport::Udp => LinkTarget::Udp {
                 address: text(&dev.address),
             },
+            Transport::Ble => LinkTarget::Ble {
+                address: dev.address.clone(),
+            },
             Transport::Listener => LinkTarget::Listen {
                 address: text(&dev.listen),
             },
         }
     }
+}
+
+/// The validated options of a `ble` device.
+pub fn ble_config(dev: &DeviceConfig) -> Result<device_drivers::ble::Ble, String> {
+    device_drivers::ble::Ble::new(options(&dev.options)?)
+}
+
+/// The driver task of a `ble` device (see `device_drivers::ble::run`).
+#[cfg(feature = "ble")]
+pub fn ble_task(
+    dev: &DeviceConfig,
+    stats: Arc<DriverStats>,
+    tx: mpsc::Sender<DriverOutput>,
+    shutdown: Shutdown,
+) -> Result<impl std::future::Future<Output = ()> + Send + 'static, String> {
+    let ble = ble_config(dev)?;
+    Ok(device_drivers::ble::run(
+        ble,
+        dev.id.clone(),
+        dev.address.clone(),
+        RunOptions::default(),
+        stats,
+        tx,
+        shutdown,
+    ))
+}
+
+/// Without the `ble` feature a `ble` device is refused at start-up.
+#[cfg(not(feature = "ble"))]
+pub fn ble_task(
+    _dev: &DeviceConfig,
+    _stats: Arc<DriverStats>,
+    _tx: mpsc::Sender<DriverOutput>,
+    _shutdown: Shutdown,
+) -> Result<std::future::Ready<()>, String> {
+    Err("this edge-agent was built without the `ble` feature".into())
 }
 
 /// Run `$body` with `$p` bound to the concrete protocol.
@@ -112,6 +155,11 @@ impl AnyProtocol {
             }
             DeviceKind::ModbusRtu => {
                 AnyProtocol::ModbusRtu(modbus::Modbus::new(modbus::Framing::Rtu, options(opts)?)?)
+            }
+            DeviceKind::Ble => {
+                return Err(
+                    "ble is run by the BLE driver (devices::ble_task), not as a link".into(),
+                );
             }
             DeviceKind::Hl7Mllp => {
                 return Err(
@@ -164,6 +212,9 @@ impl AnyProtocol {
                     async move { UdpLink::connect(&a).await }
                 };
                 each!(self, p => run_link(p, device_id, address.clone(), connect.clone(), opts, stats, tx, shutdown).await)
+            }
+            LinkTarget::Ble { .. } => {
+                tracing::error!(device_id = %device_id, "ble devices are run by the BLE driver, not as links");
             }
             LinkTarget::Listen { .. } => {
                 tracing::error!(device_id = %device_id, "listener kinds are not run as drivers");

@@ -94,6 +94,31 @@ pub async fn run(cfg: AgentConfig, mut shutdown: watch::Receiver<bool>) -> Resul
     let mut driver_stats = Vec::new();
     let mut drivers = Vec::new();
     for dev in &cfg.devices {
+        if dev.kind.transport() == config::Transport::Ble {
+            // Bluetooth LE: its own driver (scan, GATT notifications), same channel.
+            let stats = Arc::new(DriverStats::default());
+            driver_stats.push((dev.id.clone(), stats.clone()));
+            let task =
+                devices::ble_task(dev, stats, tx.clone(), shutdown.clone()).map_err(|message| {
+                    AgentError::Device {
+                        device: dev.id.clone(),
+                        message,
+                    }
+                })?;
+            device_infos.insert(
+                dev.id.clone(),
+                DeviceInfo {
+                    device_id: dev.id.clone(),
+                    protocol: device_drivers::ble::KIND.into(),
+                    manufacturer: String::new(),
+                    model: dev.model.clone(),
+                    serial_number: String::new(),
+                    location: dev.location.clone(),
+                },
+            );
+            drivers.push(tokio::spawn(task));
+            continue;
+        }
         if dev.kind.transport() == config::Transport::Listener {
             // The device connects to us (HL7 over MLLP): a listener task that
             // appends each accepted message itself, then wakes the forwarder.

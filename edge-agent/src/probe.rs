@@ -136,6 +136,9 @@ pub async fn run(
         Transport::Udp => LinkTarget::Udp {
             address: args.port.clone(),
         },
+        Transport::Ble => {
+            return Err("probe does not support ble yet; run the agent (RUST_LOG=debug shows each BLE value)".into());
+        }
         Transport::Listener => {
             return Err(format!(
                 "{:?} is a listener kind; probe connects to devices (send to the agent instead)",
@@ -148,6 +151,7 @@ pub async fn run(
         LinkTarget::Tcp { address } => format!("tcp {address}"),
         LinkTarget::Udp { address } => format!("udp {address}"),
         LinkTarget::Listen { address } => format!("listen {address}"),
+        LinkTarget::Ble { address } => format!("ble {}", address.as_deref().unwrap_or("any")),
     };
     println!("probing {} on {at}; Ctrl-C to stop", proto.kind());
     let mut opts = RunOptions::default();
