@@ -250,12 +250,12 @@ fn glucose_units_types_and_status() {
     assert_eq!(r.device_time_us, 1_795_514_400_000_000 - 11_700_000_000);
     // mol/L stays mol/L.
     let v = [
-        0x06, 0x01, 0x00, 0xEA, 0x07, 11, 24, 7, 30, 0, 0x35, 0xD0, 0x11,
+        0x06, 0x01, 0x00, 0xEA, 0x07, 11, 24, 7, 30, 0, 0x35, 0xC0, 0x11,
     ];
     let out = map(uuids::GLUCOSE_MEASUREMENT, &v);
     assert_catalogued(&out.readings);
     assert_eq!(out.readings[0].ucum_unit, "mol/L");
-    assert_eq!(num(&out.readings[0]), Some(0.053));
+    assert_eq!(num(&out.readings[0]), Some(0.0053));
     // Control solution (type 10) and capillary plasma (type 2): not emitted.
     let mut c = v;
     c[12] = 0x1A;

@@ -216,13 +216,13 @@ mod tests {
             0x01, 0x00, // sequence 1
             0xEA, 0x07, 11, 24, 7, 30, 0, // base time
             0x35,
-            0xD0, // SFLOAT 0xD035: exponent -3, mantissa 53 → 0.053 mol/L (5.3 mmol/L)
+            0xC0, // SFLOAT 0xC035: exponent -4, mantissa 53 → 0.0053 mol/L (5.3 mmol/L)
             0x11, // capillary whole blood, finger
         ];
         let m = decode(&v).unwrap();
         let c = m.concentration.unwrap();
         assert_eq!(c.unit, ConcentrationUnit::MolPerL);
-        assert_eq!(c.value.value(), Some(0.053));
+        assert_eq!(c.value.value(), Some(0.0053));
         assert!(decode(&v[..v.len() - 1]).is_err());
         assert!(decode(&[0x00, 0x01, 0x00, 0xEA, 0x07, 11]).is_err());
         let mut t = v.to_vec();
