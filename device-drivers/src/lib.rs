@@ -98,7 +98,8 @@ impl DriverStats {
     }
     pub fn frame_ok(&self) {
         self.frames_ok.fetch_add(1, Ordering::Relaxed);
-        self.last_frame_us.store(session::now_us(), Ordering::Relaxed);
+        self.last_frame_us
+            .store(session::now_us(), Ordering::Relaxed);
     }
     pub fn frame_error(&self, dropped: usize) {
         self.frames_bad.fetch_add(1, Ordering::Relaxed);

@@ -45,9 +45,24 @@ pub struct AgentConfig {
     /// Bound and overflow policy of the buffer.
     #[serde(default)]
     pub buffer: BufferConfig,
+    /// The status endpoint (`/healthz`, `/metrics`); off unless set.
+    #[serde(default)]
+    pub status: Option<StatusConfig>,
     pub uplink: UplinkConfig,
     #[serde(default, rename = "device")]
     pub devices: Vec<DeviceConfig>,
+}
+
+/// `[status]`: where the agent serves `/healthz` and `/metrics`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatusConfig {
+    /// e.g. `127.0.0.1:9464`. The endpoint has no authentication.
+    pub listen: String,
+    /// Allow a non-loopback `listen` (e.g. for a Prometheus scraper in the
+    /// same IoT Edge network). Off by default.
+    #[serde(default)]
+    pub allow_non_loopback: bool,
 }
 
 /// `[buffer]`: how much the encrypted buffer may hold.
@@ -323,6 +338,18 @@ impl AgentConfig {
             ));
         }
         validate_hub_url(&self.uplink.url)?;
+        if let Some(st) = &self.status {
+            let addr: std::net::SocketAddr = st
+                .listen
+                .parse()
+                .map_err(|_| invalid("status.listen", format!("{:?} is not ip:port", st.listen)))?;
+            if !addr.ip().is_loopback() && !st.allow_non_loopback {
+                return Err(invalid(
+                    "status.listen",
+                    "not a loopback address; the endpoint has no authentication (set status.allow_non_loopback = true to allow)",
+                ));
+            }
+        }
         if self.uplink.backlog_rate_per_s == 0 {
             return Err(invalid("uplink.backlog_rate_per_s", "must be at least 1"));
         }

@@ -14,6 +14,7 @@ pub mod devices;
 pub mod hl7;
 pub mod probe;
 pub mod secrets;
+pub mod status;
 pub mod uplink;
 
 use std::collections::{BTreeMap, HashMap};
@@ -42,6 +43,8 @@ pub enum AgentError {
     Buffer(#[from] BufferError),
     #[error(transparent)]
     Uplink(#[from] UplinkError),
+    #[error("status endpoint: {0}")]
+    Status(String),
     #[error("invalid device config for {device}: {message}")]
     Device { device: String, message: String },
 }
@@ -54,6 +57,8 @@ pub struct ForwardStats {
     pub readings_duplicate: AtomicU64,
     pub readings_rejected_by_hub: AtomicU64,
     pub send_failures: AtomicU64,
+    /// Whether the last send reached the hub.
+    pub uplink_up: std::sync::atomic::AtomicBool,
 }
 
 /// Run the agent until `shutdown` becomes true (or its sender is dropped).
@@ -171,6 +176,25 @@ pub async fn run(cfg: AgentConfig, mut shutdown: watch::Receiver<bool>) -> Resul
 
     let writer = tokio::spawn(write_loop(buffer.clone(), rx, notify.clone()));
     let fstats = Arc::new(ForwardStats::default());
+    let status_task = match &cfg.status {
+        Some(st) => {
+            let listener = tokio::net::TcpListener::bind(&st.listen)
+                .await
+                .map_err(|e| AgentError::Status(format!("status.listen {}: {e}", st.listen)))?;
+            let status = Arc::new(status::Status {
+                gateway_id: cfg.gateway_id.clone(),
+                buffer: buffer.clone(),
+                devices: driver_stats.clone(),
+                forward: fstats.clone(),
+            });
+            Some(tokio::spawn(status::serve(
+                listener,
+                status,
+                shutdown.clone(),
+            )))
+        }
+        None => None,
+    };
     let forwarder = tokio::spawn(forward_loop(
         buffer.clone(),
         uplink,
@@ -189,6 +213,9 @@ pub async fn run(cfg: AgentConfig, mut shutdown: watch::Receiver<bool>) -> Resul
     // Drivers are gone, so the channel closes and the writer drains it.
     let _ = writer.await;
     let _ = forwarder.await;
+    if let Some(t) = status_task {
+        let _ = t.await;
+    }
     buffer.flush().await?;
     for (id, s) in driver_stats {
         let s = s.snapshot();
@@ -507,6 +534,7 @@ async fn forward_loop(
                             "uplink recovered; live readings first, backlog behind"
                         );
                     }
+                    stats.uplink_up.store(true, Ordering::Relaxed);
                     stats.batches_sent.fetch_add(1, Ordering::Relaxed);
                     stats
                         .readings_acked
@@ -554,6 +582,7 @@ async fn forward_loop(
                 Err(e) => {
                     stats.send_failures.fetch_add(1, Ordering::Relaxed);
                     in_outage = true;
+                    stats.uplink_up.store(false, Ordering::Relaxed);
                     tracing::warn!(batch = sequence, error = %e, pending = buffer.pending_readings(), "send failed; will retry");
                     let wait = e.retry_after().unwrap_or_else(|| backoff.next_delay());
                     tokio::select! {

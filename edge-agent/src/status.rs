@@ -45,6 +45,14 @@ pub struct Status {
 
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
+/// A per-device family: name, type, help, and how to read it.
+type PerDevice = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&device_drivers::DriverStatsSnapshot) -> f64,
+);
+
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}");
     let _ = writeln!(out, "# TYPE {name} {kind}");
@@ -84,12 +92,7 @@ impl Status {
                 s.frames_bad
             );
         }
-        let per_device: [(
-            &str,
-            &str,
-            &str,
-            fn(&device_drivers::DriverStatsSnapshot) -> f64,
-        ); 6] = [
+        let per_device: [PerDevice; 6] = [
             (
                 "vigil_agent_device_bytes_dropped_total",
                 "counter",
