@@ -4,62 +4,19 @@
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use device_drivers::datex::{Datex, DatexOptions, SERIAL};
 use device_drivers::{DriverOutput, DriverStats, RunOptions, run_serial};
+use vigil_e2e::{Proc, PtyPair, test_dir};
 use shared_protocol::catalogue::{codes, units};
 use shared_protocol::v1::{QualityFlag, TechnicalKind, Validity, reading::Value};
 
-/// Kills the child on drop.
-struct Guard(Child);
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
-struct PtyPair {
-    device: PathBuf,
-    host: PathBuf,
-    _socat: Guard,
-}
 
-impl PtyPair {
-    fn new(dir: &Path) -> PtyPair {
-        let device = dir.join("dev");
-        let host = dir.join("host");
-        let socat = Command::new("socat")
-            .arg(format!("pty,raw,echo=0,link={}", device.display()))
-            .arg(format!("pty,raw,echo=0,link={}", host.display()))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("socat is required for PTY tests");
-        let guard = Guard(socat);
-        let t0 = Instant::now();
-        while !(device.exists() && host.exists()) {
-            assert!(t0.elapsed() < Duration::from_secs(10), "socat PTY links");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        PtyPair {
-            device,
-            host,
-            _socat: guard,
-        }
-    }
-}
 
-fn tempdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("vigil-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
 
 /// Parse `record n=0 time=… hr=72 …` into a map.
 fn parse_echo(line: &str) -> HashMap<String, i64> {
@@ -82,10 +39,10 @@ async fn recv(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn datex_pty_values_invalid_markers_and_disconnect() {
-    let dir = tempdir("datex-pty");
-    let pty = PtyPair::new(&dir);
+    let (_dir_guard, dir) = test_dir("datex-pty");
+    let pty = PtyPair::new(&dir, "serial").unwrap();
 
-    let mut sim = Guard(
+    let mut sim = Proc::guard(
         Command::new(env!("CARGO_BIN_EXE_device-sim"))
             .args(["datex", "--port"])
             .arg(&pty.device)
@@ -104,7 +61,7 @@ async fn datex_pty_values_invalid_markers_and_disconnect() {
             .unwrap(),
     );
     let (line_tx, line_rx) = std::sync::mpsc::channel::<String>();
-    let stdout = sim.0.stdout.take().unwrap();
+    let stdout = sim.child.stdout.take().unwrap();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines() {
             let Ok(line) = line else { break };

@@ -4,62 +4,19 @@
 //! states and the silence after the simulated cable pull are checked.
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use device_drivers::intellivue::{Intellivue, IntellivueOptions, SERIAL};
 use device_drivers::{DriverStats, RunOptions, run_serial};
+use vigil_e2e::{Proc, PtyPair, test_dir};
 use shared_protocol::catalogue::codes;
 use shared_protocol::v1::{QualityFlag, Reading, TechnicalKind, Validity, reading::Value};
 
-/// Kills the child on drop.
-struct Guard(Child);
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
-struct PtyPair {
-    device: PathBuf,
-    host: PathBuf,
-    _socat: Guard,
-}
 
-impl PtyPair {
-    fn new(dir: &Path) -> PtyPair {
-        let device = dir.join("dev");
-        let host = dir.join("host");
-        let socat = Command::new("socat")
-            .arg(format!("pty,raw,echo=0,link={}", device.display()))
-            .arg(format!("pty,raw,echo=0,link={}", host.display()))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("socat is required for PTY tests");
-        let guard = Guard(socat);
-        let t0 = Instant::now();
-        while !(device.exists() && host.exists()) {
-            assert!(t0.elapsed() < Duration::from_secs(10), "socat PTY links");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        PtyPair {
-            device,
-            host,
-            _socat: guard,
-        }
-    }
-}
 
-fn tempdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("vigil-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
 
 /// One `VALUE ...` line of the simulator's echo.
 #[derive(Debug, Clone)]
@@ -122,8 +79,8 @@ fn has(r: &Reading, f: QualityFlag) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn intellivue_driver_reads_the_simulated_monitor_over_a_pty() {
-    let dir = tempdir("intellivue-pty");
-    let pty = PtyPair::new(&dir);
+    let (_dir_guard, dir) = test_dir("intellivue-pty");
+    let pty = PtyPair::new(&dir, "serial").unwrap();
     let mut sim = Command::new(env!("CARGO_BIN_EXE_device-sim"))
         .args([
             "intellivue",
@@ -141,7 +98,7 @@ async fn intellivue_driver_reads_the_simulated_monitor_over_a_pty() {
         .spawn()
         .expect("device-sim");
     let stdout = sim.stdout.take().unwrap();
-    let _sim = Guard(sim);
+    let _sim = Proc::guard(sim);
     let sent: Arc<Mutex<Vec<Sent>>> = Arc::default();
     {
         let sent = sent.clone();

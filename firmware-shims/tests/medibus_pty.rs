@@ -6,44 +6,18 @@
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use device_drivers::medibus::{Medibus, MedibusOptions, SERIAL};
 use device_drivers::{DriverOutput, DriverStats, RunOptions, run_serial};
+use vigil_e2e::{Proc, PtyPair, test_dir};
 use shared_protocol::catalogue::{codes, units};
 use shared_protocol::v1::{QualityFlag, TechnicalKind, Validity, reading::Value};
 
-/// A child process killed when dropped.
-struct Guard(Child);
 
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
-/// socat PTY pair: `device` and `host` ends (pattern of tests/src/lib.rs).
-fn pty_pair(dir: &Path) -> (PathBuf, PathBuf, Guard) {
-    let device = dir.join("medibus-device");
-    let host = dir.join("medibus-host");
-    let socat = Command::new("socat")
-        .arg(format!("pty,raw,echo=0,link={}", device.display()))
-        .arg(format!("pty,raw,echo=0,link={}", host.display()))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("socat is required for PTY tests");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !(device.exists() && host.exists()) {
-        assert!(Instant::now() < deadline, "socat PTY links did not appear");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    (device, host, Guard(socat))
-}
 
 /// Parse a `DATA D6=  12|88= 500|…` line into code → 4 value characters.
 fn parse_data_line(line: &str) -> HashMap<u8, String> {
@@ -62,9 +36,9 @@ fn parse_data_line(line: &str) -> HashMap<u8, String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn medibus_sim_to_driver_over_pty() {
-    let dir = std::env::temp_dir().join(format!("vigil-medibus-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let (device, host, _socat) = pty_pair(&dir);
+    let (_dir_guard, dir) = test_dir("medibus-pty");
+    let pty = PtyPair::new(&dir, "medibus").unwrap();
+    let (device, host) = (pty.device.clone(), pty.host.clone());
 
     let mut sim = Command::new(env!("CARGO_BIN_EXE_device-sim"))
         .args(["medibus", "--port"])
@@ -89,7 +63,7 @@ async fn medibus_sim_to_driver_over_pty() {
         .spawn()
         .expect("device-sim");
     let sim_out = BufReader::new(sim.stdout.take().unwrap());
-    let _sim = Guard(sim);
+    let _sim = Proc::guard(sim);
     let lines = Arc::new(Mutex::new(Vec::<String>::new()));
     {
         let lines = lines.clone();

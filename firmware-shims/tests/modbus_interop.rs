@@ -19,17 +19,10 @@ use std::time::{Duration, Instant};
 
 use device_drivers::modbus::{Framing, Modbus, ModbusOptions, SERIAL};
 use device_drivers::{DriverOutput, DriverStats, RunOptions, run_link, run_serial};
+use vigil_e2e::{Proc, PtyPair, test_dir};
 use shared_protocol::catalogue::{codes, units};
 use shared_protocol::v1::{QualityFlag, Reading, TechnicalKind, Validity, reading::Value};
 
-/// Kills the child on drop.
-struct Guard(Child);
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -226,7 +219,7 @@ fn close(a: f64, b: f64) -> bool {
 async fn vigil_driver_reads_a_pymodbus_tcp_server() {
     require_pymodbus();
     let port = free_port();
-    let mut server = Guard(
+    let mut server = Proc::guard(
         Command::new("python3")
             .arg(py("modbus_server.py"))
             .args([port.to_string(), "3".into()])
@@ -235,7 +228,7 @@ async fn vigil_driver_reads_a_pymodbus_tcp_server() {
             .spawn()
             .expect("python3"),
     );
-    let out = lines(&mut server.0);
+    let out = lines(&mut server.child);
     line_with(&out, "ready");
     let addr = format!("127.0.0.1:{port}");
 
@@ -299,7 +292,7 @@ fn pymodbus_client_reads_the_device_sim_tcp_server() {
         ),
         ("sim-multiparameter.toml", "input", 34, vec![]),
     ] {
-        let mut sim = Guard(
+        let mut sim = Proc::guard(
             Command::new(env!("CARGO_BIN_EXE_device-sim"))
                 .args(["modbus", "--listen", "127.0.0.1:0", "--unit-id", "2"])
                 .arg("--map")
@@ -310,7 +303,7 @@ fn pymodbus_client_reads_the_device_sim_tcp_server() {
                 .spawn()
                 .unwrap(),
         );
-        let out = lines(&mut sim.0);
+        let out = lines(&mut sim.child);
         let listening = line_with(&out, "listening ");
         let addr: std::net::SocketAddr = listening["listening ".len()..].parse().unwrap();
         assert_ne!(addr.port(), 0);
@@ -358,46 +351,15 @@ fn pymodbus_client_reads_the_device_sim_tcp_server() {
     }
 }
 
-struct PtyPair {
-    device: PathBuf,
-    host: PathBuf,
-    _socat: Guard,
-}
 
-impl PtyPair {
-    fn new(dir: &Path) -> PtyPair {
-        let device = dir.join("dev");
-        let host = dir.join("host");
-        let socat = Command::new("socat")
-            .arg(format!("pty,raw,echo=0,link={}", device.display()))
-            .arg(format!("pty,raw,echo=0,link={}", host.display()))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("socat is required for PTY tests: run scripts/setup.sh");
-        let guard = Guard(socat);
-        let t0 = Instant::now();
-        while !(device.exists() && host.exists()) {
-            assert!(t0.elapsed() < Duration::from_secs(10), "socat PTY links");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        PtyPair {
-            device,
-            host,
-            _socat: guard,
-        }
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vigil_driver_reads_device_sim_rtu_over_a_pty_and_reports_silence() {
-    let dir = std::env::temp_dir().join(format!("vigil-modbus-rtu-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let pty = PtyPair::new(&dir);
+    let (_dir_guard, dir) = test_dir("modbus-rtu");
+    let pty = PtyPair::new(&dir, "modbus").unwrap();
 
     // Steps of 500 ms, sensor off in the last 3 of every 6; silent after 5 s.
-    let mut sim = Guard(
+    let mut sim = Proc::guard(
         Command::new(env!("CARGO_BIN_EXE_device-sim"))
             .args(["modbus", "--port"])
             .arg(&pty.device)
@@ -410,7 +372,7 @@ async fn vigil_driver_reads_device_sim_rtu_over_a_pty_and_reports_silence() {
             .spawn()
             .unwrap(),
     );
-    let out = lines(&mut sim.0);
+    let out = lines(&mut sim.child);
     let (on, _) = parse_step(&line_with(&out, "step n=0"));
 
     let (tx, rx) = tokio::sync::mpsc::channel(4096);

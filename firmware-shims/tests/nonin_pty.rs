@@ -5,62 +5,19 @@
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use device_drivers::nonin::{Nonin, NoninOptions, SERIAL};
 use device_drivers::{DriverOutput, DriverStats, RunOptions, run_serial};
+use vigil_e2e::{Proc, PtyPair, test_dir};
 use shared_protocol::catalogue::{codes, units};
 use shared_protocol::v1::{QualityFlag, TechnicalKind, TimeSource, Validity, reading::Value};
 
-/// Kills the child on drop.
-struct Guard(Child);
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
-struct PtyPair {
-    device: PathBuf,
-    host: PathBuf,
-    _socat: Guard,
-}
 
-impl PtyPair {
-    fn new(dir: &Path) -> PtyPair {
-        let device = dir.join("dev");
-        let host = dir.join("host");
-        let socat = Command::new("socat")
-            .arg(format!("pty,raw,echo=0,link={}", device.display()))
-            .arg(format!("pty,raw,echo=0,link={}", host.display()))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("socat is required for PTY tests");
-        let guard = Guard(socat);
-        let t0 = Instant::now();
-        while !(device.exists() && host.exists()) {
-            assert!(t0.elapsed() < Duration::from_secs(10), "socat PTY links");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        PtyPair {
-            device,
-            host,
-            _socat: guard,
-        }
-    }
-}
 
-fn tempdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("vigil-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
 
 /// One `--echo` line: `packet n=3 spo2=97 hr=72 sensor_off=0 pleth=a,b,…`.
 #[derive(Debug)]
@@ -99,8 +56,8 @@ async fn recv(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nonin_pty_values_pleth_sensor_off_and_silence() {
-    let dir = tempdir("nonin-pty");
-    let pty = PtyPair::new(&dir);
+    let (_dir_guard, dir) = test_dir("nonin-pty");
+    let pty = PtyPair::new(&dir, "serial").unwrap();
 
     // The driver opens its end first, so it sees the stream from the start
     // (it resynchronises anyway when it joins mid-packet).
@@ -125,7 +82,7 @@ async fn nonin_pty_values_pleth_sensor_off_and_silence() {
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     // 18 packets (6 s): 6 on, 6 sensor off, 6 on.
-    let mut sim = Guard(
+    let mut sim = Proc::guard(
         Command::new(env!("CARGO_BIN_EXE_device-sim"))
             .args(["nonin", "--port"])
             .arg(&pty.device)
@@ -144,7 +101,7 @@ async fn nonin_pty_values_pleth_sensor_off_and_silence() {
             .unwrap(),
     );
     let (line_tx, line_rx) = std::sync::mpsc::channel::<String>();
-    let stdout = sim.0.stdout.take().unwrap();
+    let stdout = sim.child.stdout.take().unwrap();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines() {
             let Ok(line) = line else { break };
@@ -256,7 +213,7 @@ async fn nonin_pty_values_pleth_sensor_off_and_silence() {
     }
     let snap = stats.snapshot();
     assert!(snap.frames_ok >= 15, "{snap:?}");
-    let _ = sim.0.wait();
+    let _ = sim.child.wait();
     stop.send(true).unwrap();
     let _ = tokio::time::timeout(Duration::from_secs(5), driver).await;
     let _ = std::fs::remove_dir_all(&dir);

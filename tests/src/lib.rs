@@ -56,6 +56,11 @@ pub struct Proc {
 }
 
 impl Proc {
+    /// Guard an already spawned child.
+    pub fn guard(child: Child) -> Self {
+        Proc { name: "child", child }
+    }
+
     pub fn spawn(name: &'static str, cmd: &mut Command) -> Result<Self> {
         let child = cmd.spawn().with_context(|| format!("starting {name}"))?;
         Ok(Proc { name, child })
