@@ -1,4 +1,4 @@
-//! Every serial protocol at once: each simulator on its own socat PTY pair,
+//! Every serial protocol at once, plus a Modbus TCP device: each simulator on its own socat PTY pair
 //! one agent reading all of them, one hub. Each device's readings must reach
 //! FHIR with the right codes and units, each device's session must be
 //! reported CONNECTED, and a device whose cable is "pulled" (simulator
@@ -82,6 +82,13 @@ const DEVICES: &[Dev] = &[
     },
 ];
 
+fn repo_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
 fn patient(d: &Dev) -> String {
     format!("p-{}", d.id)
 }
@@ -128,6 +135,11 @@ fn every_protocol_through_one_agent_to_fhir() {
     let assoc: Vec<(String, String, String)> = DEVICES
         .iter()
         .map(|dv| (GATEWAY.to_string(), dv.id.to_string(), patient(dv)))
+        .chain(std::iter::once((
+            GATEWAY.to_string(),
+            "modbus-1".to_string(),
+            "p-modbus-1".to_string(),
+        )))
         .collect();
     let assoc_ref: Vec<(&str, &str, &str)> = assoc
         .iter()
@@ -171,6 +183,43 @@ token_file = \"gateway.token\"\nbatch_max_wait_ms = 200\nmax_backoff_ms = 500\n"
         ));
         ptys.push(pty);
     }
+    // A Modbus TCP device: the simulator's server on a loopback port, read
+    // through the shipped example register map.
+    let map = repo_root().join("edge-agent/maps/sim-multiparameter.toml");
+    let mut modbus = Proc::spawn(
+        "device-sim",
+        Command::new(bin("device-sim"))
+            .args([
+                "modbus",
+                "--scenario",
+                "stable",
+                "--listen",
+                "127.0.0.1:0",
+                "--step-ms",
+                "300",
+                "--map",
+            ])
+            .arg(&map)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null()),
+    )
+    .unwrap();
+    let modbus_addr = {
+        use std::io::BufRead;
+        let mut line = String::new();
+        std::io::BufReader::new(modbus.child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        line.trim()
+            .strip_prefix("listening ")
+            .expect("device-sim modbus prints its address")
+            .to_string()
+    };
+    agent_toml.push_str(&format!(
+        "\n[[device]]\nkind = \"modbus-tcp\"\nid = \"modbus-1\"\naddress = \"{modbus_addr}\"\n\
+[device.options]\nmap = \"{}\"\npoll_interval_ms = 300\n",
+        map.display()
+    ));
     write_private(&d.join("gateway.token"), &token).unwrap();
     let agent_cfg = d.join("agent.toml");
     std::fs::write(&agent_cfg, agent_toml).unwrap();
@@ -191,6 +240,15 @@ token_file = \"gateway.token\"\nbatch_max_wait_ms = 200\nmax_backoff_ms = 500\n"
         .unwrap_or_else(|e| panic!("{e}; saw {:?}", observed_pairs(&base, &patient(dv))));
         eprintln!("{}: {} metric/unit pairs: {got:?}", dv.id, got.len());
     }
+    let want: BTreeSet<(u32, String)> = [(147_842, "/min"), (150_456, "%"), (150_021, "mm[Hg]")]
+        .iter()
+        .map(|(c, u)| (*c, u.to_string()))
+        .collect();
+    wait_for(Duration::from_secs(60), "modbus-1 readings in FHIR", || {
+        want.is_subset(&observed_pairs(&base, "p-modbus-1"))
+            .then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}; saw {:?}", observed_pairs(&base, "p-modbus-1")));
     let db = d.join("hub.sqlite");
     for dv in DEVICES {
         assert_eq!(
