@@ -1,4 +1,4 @@
-//! Every serial protocol at once, plus a Modbus TCP device: each simulator on its own socat PTY pair
+//! Every serial protocol at once, plus a Modbus TCP device: each simulator on its own socat PTY pair (or loopback port),
 //! one agent reading all of them, one hub. Each device's readings must reach
 //! FHIR with the right codes and units, each device's session must be
 //! reported CONNECTED, and a device whose cable is "pulled" (simulator
