@@ -23,6 +23,24 @@ pub fn generate_token() -> Result<String, TokenError> {
     Ok(format!("{TOKEN_PREFIX}{}", hex::encode(bytes)))
 }
 
+/// Prefix of one-time enrolment tokens (`cloud-hub enrollment create`).
+pub const ENROLLMENT_PREFIX: &str = "vge_";
+
+/// A fresh random enrolment token.
+pub fn generate_enrollment_token() -> Result<String, TokenError> {
+    let mut bytes = [0u8; 32];
+    SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| TokenError::Rng)?;
+    Ok(format!("{ENROLLMENT_PREFIX}{}", hex::encode(bytes)))
+}
+
+/// Whether `s` has the form of an enrolment token.
+pub fn is_enrollment_token(s: &str) -> bool {
+    s.strip_prefix(ENROLLMENT_PREFIX)
+        .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
 /// The stored form of a token: hex SHA-256 of its UTF-8 bytes.
 pub fn hash_token(token: &str) -> String {
     hex::encode(digest::digest(&digest::SHA256, token.as_bytes()))

@@ -74,6 +74,18 @@ pub fn gateway_add(config: &Config, id: &str) -> Result<String, HubError> {
     Ok(token)
 }
 
+/// A one-time enrolment token valid for `ttl`; only its hash is stored.
+/// A gateway exchanges it for its credentials with `POST /api/v1/enroll`
+/// (`edge-agent provision`).
+pub fn enrollment_create(config: &Config, ttl: std::time::Duration) -> Result<String, HubError> {
+    let store = open_store(config)?;
+    let token = auth::generate_enrollment_token()?;
+    let expires =
+        store::now_us().saturating_add(i64::try_from(ttl.as_micros()).unwrap_or(i64::MAX));
+    store.add_enrollment(&auth::hash_token(&token), expires)?;
+    Ok(token)
+}
+
 /// All gateways (never their tokens).
 pub fn gateway_list(config: &Config) -> Result<Vec<GatewayRow>, HubError> {
     Ok(open_store(config)?.list_gateways()?)

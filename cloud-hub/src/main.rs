@@ -41,6 +41,21 @@ enum Command {
         #[command(subcommand)]
         command: GatewayCommand,
     },
+    /// One-time enrolment tokens for `edge-agent provision`.
+    Enrollment {
+        #[command(subcommand)]
+        command: EnrollmentCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum EnrollmentCommand {
+    /// Create a one-time enrolment token; prints it alone on stdout.
+    Create {
+        /// Hours until the token expires.
+        #[arg(long, default_value_t = 24)]
+        ttl_hours: u64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -74,6 +89,19 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Serve => serve(config),
         Command::Gateway { command } => gateway(&config, command),
+        Command::Enrollment {
+            command: EnrollmentCommand::Create { ttl_hours },
+        } => {
+            let ttl = std::time::Duration::from_secs(ttl_hours.saturating_mul(3600));
+            let token = cloud_hub::enrollment_create(&config, ttl)
+                .context("creating an enrolment token")?;
+            println!("{token}");
+            eprintln!(
+                "One-time enrolment token, valid for {ttl_hours} h. On the gateway: \
+edge-agent provision --hub <hub url> --enrollment-token <token> --gateway-id <id> --out <dir>"
+            );
+            Ok(())
+        }
     }
 }
 

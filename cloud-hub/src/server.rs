@@ -186,11 +186,92 @@ fn router(state: AppState) -> Router {
         .fallback(fhir_not_found);
     Router::new()
         .route(INGEST_PATH, post(ingest).layer(DefaultBodyLimit::disable()))
+        .route(ENROLL_PATH, post(enroll).layer(DefaultBodyLimit::max(4096)))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .nest("/fhir", fhir_routes)
         .with_state(state)
+}
+
+// ---------------------------------------------------------------------------
+// Enrolment
+
+/// Path where a gateway exchanges a one-time enrolment token for its
+/// credentials (`edge-agent provision`).
+pub const ENROLL_PATH: &str = "/api/v1/enroll";
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EnrollRequest {
+    gateway_id: String,
+    enrollment_token: String,
+}
+
+/// `POST /api/v1/enroll` with JSON `{"gateway_id", "enrollment_token"}`:
+/// 201 `{"gateway_id", "token"}` (the gateway's bearer token, shown once);
+/// 400 malformed request or gateway id; 401 unknown, used or expired
+/// enrolment token; 409 gateway id already active.
+async fn enroll(State(st): State<AppState>, body: axum::body::Bytes) -> Response {
+    let req: EnrollRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                &format!("expected JSON {{\"gateway_id\", \"enrollment_token\"}}: {e}"),
+            );
+        }
+    };
+    if !crate::auth::is_valid_gateway_id(&req.gateway_id) {
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            "gateway_id must be 1-64 characters of A-Z a-z 0-9 . _ -",
+        );
+    }
+    if !crate::auth::is_enrollment_token(&req.enrollment_token) {
+        return json_error(
+            StatusCode::UNAUTHORIZED,
+            "enrollment_token is not a Vigil enrolment token (vge_...)",
+        );
+    }
+    let token = match crate::auth::generate_token() {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!(error = %e, "enrolment failed");
+            return json_error(StatusCode::INTERNAL_SERVER_ERROR, "internal error");
+        }
+    };
+    let (store, enr, id, tok) = (
+        st.store.clone(),
+        hash_token(&req.enrollment_token),
+        req.gateway_id.clone(),
+        hash_token(&token),
+    );
+    match blocking(move || store.enroll(&enr, &id, &tok, now_us())).await {
+        Ok(()) => {
+            tracing::info!(gateway_id = %req.gateway_id, "gateway enrolled");
+            (
+                StatusCode::CREATED,
+                axum::Json(json!({ "gateway_id": req.gateway_id, "token": token })),
+            )
+                .into_response()
+        }
+        Err(HubError::Store(StoreError::EnrollmentRefused)) => {
+            tracing::warn!(gateway_id = %req.gateway_id, "enrolment refused");
+            json_error(
+                StatusCode::UNAUTHORIZED,
+                "enrolment token unknown, already used or expired",
+            )
+        }
+        Err(HubError::Store(StoreError::GatewayExists(_))) => json_error(
+            StatusCode::CONFLICT,
+            "gateway id already enrolled and active (revoke it first to re-enrol)",
+        ),
+        Err(e) => {
+            tracing::error!(error = %e, "enrolment failed");
+            json_error(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------

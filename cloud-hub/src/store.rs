@@ -33,9 +33,9 @@ pub enum StoreError {
     Json(#[from] serde_json::Error),
     #[error("the database lock was poisoned by a panic")]
     Poisoned,
+    #[error("enrolment token unknown, already used or expired")]
+    EnrollmentRefused,
 }
-
-const SCHEMA_VERSION: i64 = 1;
 
 const SCHEMA_V1: &str = r#"
 CREATE TABLE gateways (
@@ -106,18 +106,6 @@ CREATE TABLE waveforms (
     received_us       INTEGER NOT NULL,
     UNIQUE (gateway_id, device_id, sequence)
 );
-CREATE TABLE device_events (
-    gateway_id      TEXT NOT NULL,
-    device_id       TEXT NOT NULL,
-    sequence        INTEGER NOT NULL,
-    kind            TEXT NOT NULL,
-    time_us         INTEGER NOT NULL,
-    detail          TEXT NOT NULL,
-    batch_sequence  INTEGER NOT NULL,
-    received_us     INTEGER NOT NULL,
-    UNIQUE (gateway_id, device_id, sequence)
-);
-CREATE INDEX device_events_device_time ON device_events (gateway_id, device_id, time_us);
 CREATE TABLE rejected_readings (
     id              INTEGER PRIMARY KEY AUTOINCREMENT,
     gateway_id      TEXT NOT NULL,
@@ -132,6 +120,38 @@ CREATE TABLE rejected_readings (
 );
 CREATE INDEX rejected_readings_gateway ON rejected_readings (gateway_id, received_us);
 "#;
+
+/// v2: technical readings (device link events) and gateway events.
+/// Idempotent: databases created by early builds have the table already.
+const SCHEMA_V2: &str = r#"
+CREATE TABLE IF NOT EXISTS device_events (
+    gateway_id      TEXT NOT NULL,
+    device_id       TEXT NOT NULL,
+    sequence        INTEGER NOT NULL,
+    kind            TEXT NOT NULL,
+    time_us         INTEGER NOT NULL,
+    detail          TEXT NOT NULL,
+    batch_sequence  INTEGER NOT NULL,
+    received_us     INTEGER NOT NULL,
+    UNIQUE (gateway_id, device_id, sequence)
+);
+CREATE INDEX IF NOT EXISTS device_events_device_time ON device_events (gateway_id, device_id, time_us);
+"#;
+
+/// v3: one-time enrolment tokens (stored as SHA-256), exchanged by
+/// `POST /api/v1/enroll` for a gateway token.
+const SCHEMA_V3: &str = r#"
+CREATE TABLE enrollment_tokens (
+    token_sha256 TEXT PRIMARY KEY,
+    created_us   INTEGER NOT NULL,
+    expires_us   INTEGER NOT NULL,
+    used_us      INTEGER,
+    gateway_id   TEXT
+);
+"#;
+
+/// Ordered migrations; each runs once, in one transaction with its version row.
+const MIGRATIONS: &[(i64, &str)] = &[(1, SCHEMA_V1), (2, SCHEMA_V2), (3, SCHEMA_V3)];
 
 /// A gateway as listed (never its token).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -186,12 +206,14 @@ impl Store {
             tx.query_row("SELECT MAX(version) FROM schema_migrations", [], |r| {
                 r.get(0)
             })?;
-        if current.unwrap_or(0) < SCHEMA_VERSION {
-            tx.execute_batch(SCHEMA_V1)?;
-            tx.execute(
-                "INSERT INTO schema_migrations (version, applied_us) VALUES (?1, ?2)",
-                params![SCHEMA_VERSION, now_us()],
-            )?;
+        for (version, sql) in MIGRATIONS {
+            if current.unwrap_or(0) < *version {
+                tx.execute_batch(sql)?;
+                tx.execute(
+                    "INSERT INTO schema_migrations (version, applied_us) VALUES (?1, ?2)",
+                    params![version, now_us()],
+                )?;
+            }
         }
         tx.commit()?;
         Ok(Self {
@@ -214,6 +236,68 @@ impl Store {
 
     /// Registers a gateway with the hash of its token. A revoked gateway id
     /// may be re-added (it gets the new token); an active one may not.
+    /// Record a one-time enrolment token (its SHA-256), valid until `expires_us`.
+    pub fn add_enrollment(&self, token_sha256: &str, expires_us: i64) -> Result<(), StoreError> {
+        let conn = self.lock()?;
+        conn.execute(
+            "INSERT INTO enrollment_tokens (token_sha256, created_us, expires_us) VALUES (?1, ?2, ?3)",
+            params![token_sha256, now_us(), expires_us],
+        )?;
+        Ok(())
+    }
+
+    /// Exchange an enrolment token for a gateway: in one transaction, check
+    /// the token is known, unused and unexpired, create (or re-activate a
+    /// revoked) gateway `id` with `gateway_token_sha256`, and mark the token
+    /// used. A gateway id that is already active is refused.
+    pub fn enroll(
+        &self,
+        enrollment_sha256: &str,
+        id: &str,
+        gateway_token_sha256: &str,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.lock()?;
+        let tx = conn.transaction()?;
+        let row: Option<(i64, Option<i64>)> = tx
+            .query_row(
+                "SELECT expires_us, used_us FROM enrollment_tokens WHERE token_sha256 = ?1",
+                [enrollment_sha256],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        match row {
+            Some((expires, None)) if expires > now => {}
+            _ => return Err(StoreError::EnrollmentRefused),
+        }
+        let existing: Option<Option<i64>> = tx
+            .query_row("SELECT revoked_us FROM gateways WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        match existing {
+            Some(None) => return Err(StoreError::GatewayExists(id.to_owned())),
+            Some(Some(_)) => {
+                tx.execute(
+                    "UPDATE gateways SET token_sha256 = ?2, created_us = ?3, revoked_us = NULL WHERE id = ?1",
+                    params![id, gateway_token_sha256, now],
+                )?;
+            }
+            None => {
+                tx.execute(
+                    "INSERT INTO gateways (id, token_sha256, created_us) VALUES (?1, ?2, ?3)",
+                    params![id, gateway_token_sha256, now],
+                )?;
+            }
+        }
+        tx.execute(
+            "UPDATE enrollment_tokens SET used_us = ?2, gateway_id = ?3 WHERE token_sha256 = ?1",
+            params![enrollment_sha256, now, id],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
     pub fn add_gateway(&self, id: &str, token_sha256: &str) -> Result<(), StoreError> {
         let mut conn = self.lock()?;
         let tx = conn.transaction()?;
@@ -665,6 +749,81 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(&dir.path().join("t.sqlite")).unwrap();
         (dir, s)
+    }
+
+    #[test]
+    fn a_version_1_database_is_migrated_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("old.sqlite");
+        {
+            let c = Connection::open(&p).unwrap();
+            c.execute_batch(
+                "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_us INTEGER NOT NULL)",
+            )
+            .unwrap();
+            c.execute_batch(SCHEMA_V1).unwrap();
+            c.execute("INSERT INTO schema_migrations VALUES (1, 0)", [])
+                .unwrap();
+            c.execute(
+                "INSERT INTO gateways (id, token_sha256, created_us) VALUES ('g', 'h', 0)",
+                [],
+            )
+            .unwrap();
+        }
+        let s = Store::open(&p).unwrap();
+        assert_eq!(s.list_gateways().unwrap().len(), 1, "data kept");
+        s.add_enrollment("e", i64::MAX).unwrap();
+        let versions: Vec<i64> = s
+            .lock()
+            .unwrap()
+            .prepare("SELECT version FROM schema_migrations ORDER BY version")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(versions, vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn enrollment_tokens_are_single_use_and_expire() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("e.sqlite")).unwrap();
+        s.add_enrollment("tok", 1_000).unwrap();
+        assert!(
+            matches!(
+                s.enroll("tok", "gw", "g1", 2_000),
+                Err(StoreError::EnrollmentRefused)
+            ),
+            "expired"
+        );
+        s.add_enrollment("tok2", 10_000).unwrap();
+        s.enroll("tok2", "gw", "g1", 2_000).unwrap();
+        assert_eq!(s.authenticate("g1").unwrap().as_deref(), Some("gw"));
+        assert!(
+            matches!(
+                s.enroll("tok2", "gw2", "g2", 2_001),
+                Err(StoreError::EnrollmentRefused)
+            ),
+            "used"
+        );
+        s.add_enrollment("tok3", 10_000).unwrap();
+        assert!(
+            matches!(
+                s.enroll("tok3", "gw", "g3", 2_002),
+                Err(StoreError::GatewayExists(_))
+            ),
+            "active id"
+        );
+        // The refused attempt did not consume the token.
+        s.revoke_gateway("gw").unwrap();
+        s.enroll("tok3", "gw", "g3", 2_003).unwrap();
+        assert_eq!(s.authenticate("g3").unwrap().as_deref(), Some("gw"));
+        assert_eq!(s.authenticate("g1").unwrap(), None, "old token replaced");
+        assert!(matches!(
+            s.enroll("nope", "x", "g4", 2_004),
+            Err(StoreError::EnrollmentRefused)
+        ));
     }
 
     #[test]

@@ -457,7 +457,7 @@ pub fn is_valid_id(s: &str) -> bool {
 }
 
 /// TLS by default off loopback: `http://` only to a loopback host.
-fn validate_hub_url(url: &str) -> Result<(), ConfigError> {
+pub(crate) fn validate_hub_url(url: &str) -> Result<(), ConfigError> {
     let parsed = reqwest::Url::parse(url).map_err(|e| invalid("uplink.url", e.to_string()))?;
     match parsed.scheme() {
         "https" => Ok(()),

@@ -13,6 +13,7 @@ pub mod config;
 pub mod devices;
 pub mod hl7;
 pub mod probe;
+pub mod provision;
 pub mod secrets;
 pub mod status;
 pub mod uplink;

@@ -56,6 +56,24 @@ enum Cmd {
         #[arg(long)]
         no_raw: bool,
     },
+    /// Set this gateway up from a one-time enrolment token: buffer key,
+    /// gateway credentials from the hub, a validated config. Safe to re-run.
+    Provision {
+        /// Base URL of the hub, e.g. https://hub.example.org
+        #[arg(long)]
+        hub: String,
+        /// One-time token from `cloud-hub enrollment create`.
+        #[arg(long, env = "VIGIL_ENROLLMENT_TOKEN", hide_env_values = true)]
+        enrollment_token: String,
+        #[arg(long)]
+        gateway_id: String,
+        /// Directory for agent.toml, gateway.token and the buffer.
+        #[arg(long)]
+        out: PathBuf,
+        /// PEM CA bundle to trust for the hub.
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
+    },
     /// Make a new buffer key; the old one is kept until its data is
     /// delivered. Restart the agent afterwards.
     RotateKey {
@@ -139,6 +157,36 @@ async fn main() -> anyhow::Result<()> {
                 "counters: bytes {} frames ok {} bad {} bytes dropped {} link errors {}",
                 s.bytes_read, s.frames_ok, s.frames_bad, s.bytes_dropped, s.link_errors
             );
+        }
+        Cmd::Provision {
+            hub,
+            enrollment_token,
+            gateway_id,
+            out,
+            ca_file,
+        } => {
+            let args = edge_agent::provision::ProvisionArgs {
+                hub,
+                enrollment_token,
+                gateway_id,
+                out,
+                ca_file,
+            };
+            match edge_agent::provision::provision(&args).await? {
+                edge_agent::provision::Outcome::Provisioned { config } => println!(
+                    "gateway {} provisioned: {} (add [[device]] tables, then: edge-agent run --config {})",
+                    args.gateway_id,
+                    config.display(),
+                    config.display()
+                ),
+                edge_agent::provision::Outcome::AlreadyProvisioned { config } => {
+                    println!(
+                        "gateway {} already provisioned: {} (nothing changed)",
+                        args.gateway_id,
+                        config.display()
+                    )
+                }
+            }
         }
         Cmd::RotateKey { config } => {
             let cfg = edge_agent::config::AgentConfig::load(&config)?;
