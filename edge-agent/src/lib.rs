@@ -440,6 +440,10 @@ async fn forward_loop(
             }
             continue;
         }
+        // What the overflow policy dropped so far, read before this batch's
+        // records: a record evicted after this point but delivered in this
+        // batch is then never reported as dropped.
+        let dropped = buffer.dropped_unreported().unwrap_or(0);
         // Live first: wait for a live batch by count or age.
         let live = buffer
             .oldest_in(backlog_end, u64::MAX, limit)
@@ -492,7 +496,6 @@ async fn forward_loop(
         };
         let mut batch = build_batch(&cfg.gateway_id, sequence, &records, &infos);
         // Report readings the overflow policy dropped (at least once).
-        let dropped = buffer.dropped_unreported().unwrap_or(0);
         if dropped > 0 {
             if let Ok(seq) = buffer.next_gateway_event_sequence().await {
                 batch.gateway_events.push(TechnicalReading {
