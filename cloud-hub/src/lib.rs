@@ -14,6 +14,7 @@ pub mod config;
 pub mod fhir;
 pub mod ingest;
 pub mod metrics;
+pub mod scores;
 mod server;
 pub mod store;
 
