@@ -6,7 +6,7 @@ set -euo pipefail
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then
   if command -v sudo >/dev/null 2>&1; then SUDO="sudo"; else
-    echo "setup: not root and no sudo; install manually: socat libdbus-1-dev pkg-config dbus python3-dbusmock" >&2; fi
+    echo "setup: not root and no sudo; install manually: socat libdbus-1-dev pkg-config dbus python3-dbusmock mosquitto" >&2; fi
 fi
 
 # Debian packages needed by the tests and the demo.
@@ -14,7 +14,9 @@ fi
 #   libdbus-1-dev, pkg-config: build btleplug (edge-agent's default `ble` feature).
 #   dbus, python3-dbusmock: the BLE driver test mocks BlueZ on a private D-Bus
 #     (dbus-daemon + firmware-shims/ble/mock_peripheral.py under /usr/bin/python3).
-PKGS=(socat libdbus-1-dev pkg-config dbus python3-dbusmock)
+#   mosquitto: MQTT broker (and mosquitto_passwd) standing in for Azure IoT Hub in
+#     edge-agent/tests/iothub_mqtt.rs.
+PKGS=(socat libdbus-1-dev pkg-config dbus python3-dbusmock mosquitto)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

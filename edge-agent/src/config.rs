@@ -105,10 +105,18 @@ impl BufferConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UplinkConfig {
+    /// `https` (default: the Vigil hub) or `iothub-mqtt` (Azure IoT Hub,
+    /// configured in `[uplink.iothub]`).
+    #[serde(default)]
+    pub kind: UplinkKind,
     /// Hub ingest URL, e.g. `https://hub.example.org/api/v1/ingest`.
-    /// Plain `http://` is accepted only for loopback hosts.
-    /// Env: `VIGIL_AGENT_HUB_URL`.
+    /// Plain `http://` is accepted only for loopback hosts. Required for
+    /// kind `https`. Env: `VIGIL_AGENT_HUB_URL`.
+    #[serde(default)]
     pub url: String,
+    /// Azure IoT Hub over MQTT (kind `iothub-mqtt`).
+    #[serde(default)]
+    pub iothub: Option<IotHubConfig>,
     /// File holding the gateway's bearer token (mode 0600). Env:
     /// `VIGIL_AGENT_TOKEN_FILE`; or give the token itself in
     /// `VIGIL_AGENT_TOKEN`.
@@ -133,6 +141,53 @@ pub struct UplinkConfig {
     /// first, at most this many readings per second.
     #[serde(default = "default_backlog_rate")]
     pub backlog_rate_per_s: u32,
+}
+
+/// Which uplink the forwarder uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UplinkKind {
+    /// protobuf `Batch` over HTTPS to the Vigil hub, which answers a `BatchAck`.
+    #[default]
+    Https,
+    /// Azure IoT Hub device-to-cloud messages over MQTT 3.1.1 + TLS.
+    IothubMqtt,
+}
+
+/// `[uplink.iothub]`: the IoT Hub device identity and endpoint.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IotHubConfig {
+    /// IoT Hub host name, e.g. `myhub.azure-devices.net`.
+    pub host: String,
+    /// The device id registered in IoT Hub (MQTT client id).
+    pub device_id: String,
+    #[serde(default = "default_iothub_port")]
+    pub port: u16,
+    /// File (mode 0600) holding the device's base64 symmetric key; the
+    /// agent signs SAS tokens with it. Either this or `cert_file` + `key_file`.
+    #[serde(default)]
+    pub sas_key_file: Option<PathBuf>,
+    /// PEM X.509 client certificate (chain) for the device.
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of `cert_file` (mode 0600).
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// PEM CA bundle to trust instead of the public web roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Lifetime of each SAS token; the agent reconnects with a fresh one at
+    /// 80 % of it.
+    #[serde(default = "default_sas_ttl_s")]
+    pub sas_ttl_s: u64,
+}
+
+fn default_iothub_port() -> u16 {
+    8883
+}
+fn default_sas_ttl_s() -> u64 {
+    3600
 }
 
 fn default_backlog_rate() -> u32 {
@@ -313,6 +368,19 @@ impl AgentConfig {
         if let Some(p) = self.uplink.ca_file.as_mut() {
             fix(p);
         }
+        if let Some(h) = self.uplink.iothub.as_mut() {
+            for p in [
+                &mut h.sas_key_file,
+                &mut h.cert_file,
+                &mut h.key_file,
+                &mut h.ca_file,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                fix(p);
+            }
+        }
         // Modbus register maps (`options.map`) are relative to this file too.
         for d in &mut self.devices {
             if matches!(d.kind, DeviceKind::ModbusTcp | DeviceKind::ModbusRtu)
@@ -337,7 +405,29 @@ impl AgentConfig {
                 "must be 1-64 characters of A-Z a-z 0-9 . _ -",
             ));
         }
-        validate_hub_url(&self.uplink.url)?;
+        match self.uplink.kind {
+            UplinkKind::Https => {
+                if self.uplink.url.trim().is_empty() {
+                    return Err(invalid("uplink.url", "required for kind \"https\""));
+                }
+                validate_hub_url(&self.uplink.url)?;
+                if self.uplink.iothub.is_some() {
+                    return Err(invalid(
+                        "uplink.iothub",
+                        "only used with uplink.kind = \"iothub-mqtt\"",
+                    ));
+                }
+            }
+            UplinkKind::IothubMqtt => match &self.uplink.iothub {
+                None => {
+                    return Err(invalid(
+                        "uplink.iothub",
+                        "required for uplink.kind = \"iothub-mqtt\"",
+                    ));
+                }
+                Some(h) => validate_iothub(h)?,
+            },
+        }
         if let Some(st) = &self.status {
             let addr: std::net::SocketAddr = st
                 .listen
@@ -449,6 +539,67 @@ impl AgentConfig {
     }
 }
 
+fn validate_iothub(h: &IotHubConfig) -> Result<(), ConfigError> {
+    let host_ok = !h.host.is_empty()
+        && h.host.len() <= 253
+        && h.host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-'));
+    if !host_ok {
+        return Err(invalid(
+            "uplink.iothub.host",
+            format!(
+                "{:?} is not a host name (e.g. myhub.azure-devices.net; no scheme, port or path)",
+                h.host
+            ),
+        ));
+    }
+    if !is_valid_id(&h.device_id) {
+        return Err(invalid(
+            "uplink.iothub.device_id",
+            "must be 1-64 characters of A-Z a-z 0-9 . _ -",
+        ));
+    }
+    if h.port == 0 {
+        return Err(invalid("uplink.iothub.port", "must not be 0"));
+    }
+    match (&h.sas_key_file, &h.cert_file, &h.key_file) {
+        (Some(_), None, None) => {}
+        (Some(_), _, _) => {
+            return Err(invalid(
+                "uplink.iothub.sas_key_file",
+                "give either sas_key_file or cert_file + key_file, not both",
+            ));
+        }
+        (None, Some(_), Some(_)) => {}
+        (None, Some(_), None) => {
+            return Err(invalid(
+                "uplink.iothub.key_file",
+                "required with cert_file (the client certificate's private key)",
+            ));
+        }
+        (None, None, Some(_)) => {
+            return Err(invalid(
+                "uplink.iothub.cert_file",
+                "required with key_file (the client certificate)",
+            ));
+        }
+        (None, None, None) => {
+            return Err(invalid(
+                "uplink.iothub.sas_key_file",
+                "device authentication required: sas_key_file, or cert_file + key_file",
+            ));
+        }
+    }
+    if !(60..=365 * 24 * 3600).contains(&h.sas_ttl_s) {
+        return Err(invalid(
+            "uplink.iothub.sas_ttl_s",
+            "must be between 60 and 31536000 seconds",
+        ));
+    }
+    Ok(())
+}
+
 pub fn is_valid_id(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
@@ -497,6 +648,72 @@ mod tests {
         })?;
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// The example with its `[uplink]` table replaced by an IoT Hub one.
+    fn iothub(extra: &str) -> String {
+        let start = EXAMPLE.find("[uplink]").unwrap();
+        let end = EXAMPLE.find("\n[[device]]\n").unwrap();
+        format!(
+            "{}[uplink]\nkind = \"iothub-mqtt\"\n[uplink.iothub]\nhost = \"myhub.azure-devices.net\"\ndevice_id = \"gw-1\"\n{extra}\n{}",
+            &EXAMPLE[..start],
+            &EXAMPLE[end..]
+        )
+    }
+
+    #[test]
+    fn iothub_uplink_config_is_validated_naming_the_field() {
+        let cfg = parse(&iothub("sas_key_file = \"k\"")).unwrap();
+        assert_eq!(cfg.uplink.kind, UplinkKind::IothubMqtt);
+        let h = cfg.uplink.iothub.unwrap();
+        assert_eq!((h.port, h.sas_ttl_s), (8883, 3600));
+        parse(&iothub(
+            "cert_file = \"c.pem\"\nkey_file = \"k.pem\"\nport = 443",
+        ))
+        .unwrap();
+        let err = |extra: &str| parse(&iothub(extra)).unwrap_err().to_string();
+        assert!(
+            err("").contains("uplink.iothub.sas_key_file"),
+            "{}",
+            err("")
+        );
+        let e = err("sas_key_file = \"k\"\ncert_file = \"c\"\nkey_file = \"x\"");
+        assert!(
+            e.contains("uplink.iothub.sas_key_file") && e.contains("not both"),
+            "{e}"
+        );
+        assert!(err("cert_file = \"c\"").contains("uplink.iothub.key_file"));
+        assert!(err("key_file = \"c\"").contains("uplink.iothub.cert_file"));
+        assert!(err("sas_key_file = \"k\"\nsas_ttl_s = 5").contains("uplink.iothub.sas_ttl_s"));
+        assert!(err("sas_key_file = \"k\"\nport = 0").contains("uplink.iothub.port"));
+        let e = parse(&iothub("sas_key_file = \"k\"").replace(
+            "myhub.azure-devices.net",
+            "mqtts://myhub.azure-devices.net:8883",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("uplink.iothub.host"), "{e}");
+        let e = parse(&iothub("sas_key_file = \"k\"").replace("\"gw-1\"", "\"gw 1\""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("uplink.iothub.device_id"), "{e}");
+        // The kind needs its table, and the table needs its kind.
+        let no_table = iothub("sas_key_file = \"k\"").replace("[uplink.iothub]", "[x]");
+        assert!(parse(&no_table).is_err());
+        let e = parse(&EXAMPLE.replace(
+            "\n[[device]]\n",
+            "\n[uplink.iothub]\nhost = \"h\"\ndevice_id = \"d\"\n[[device]]\n",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("uplink.iothub") && e.contains("only used"),
+            "{e}"
+        );
+        let e = parse(&EXAMPLE.replace("url = \"http://127.0.0.1:8080/api/v1/ingest\"", ""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("uplink.url") && e.contains("required"), "{e}");
     }
 
     #[test]

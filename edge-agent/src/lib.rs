@@ -6,12 +6,15 @@
 //! - the writer, which durably accepts them into the [`buffer::Buffer`]
 //!   (sequence numbers assigned, encrypted, flushed);
 //! - the forwarder, which batches the oldest records, sends them to the hub
-//!   with retries, and deletes them only after the hub's `BatchAck`.
+//!   with retries, and deletes them only once delivered: after the hub's
+//!   matching `BatchAck` (HTTPS) or the broker's PUBACK (Azure IoT Hub over
+//!   MQTT, see [`iothub`]).
 
 pub mod buffer;
 pub mod config;
 pub mod devices;
 pub mod hl7;
+pub mod iothub;
 pub mod probe;
 pub mod provision;
 pub mod secrets;
@@ -34,7 +37,7 @@ use tokio::time::Instant;
 use crate::buffer::{Buffer, BufferError, StoredRecord};
 use crate::config::AgentConfig;
 use crate::devices::{AnyProtocol, LinkTarget};
-use crate::uplink::{Uplink, UplinkError};
+use crate::uplink::{AnyUplink, Delivery, Uplink, UplinkError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -63,7 +66,34 @@ pub struct ForwardStats {
 }
 
 /// Run the agent until `shutdown` becomes true (or its sender is dropped).
-pub async fn run(cfg: AgentConfig, mut shutdown: watch::Receiver<bool>) -> Result<(), AgentError> {
+pub async fn run(cfg: AgentConfig, shutdown: watch::Receiver<bool>) -> Result<(), AgentError> {
+    let uplink = match (&cfg.uplink.kind, &cfg.uplink.iothub) {
+        (config::UplinkKind::IothubMqtt, Some(h)) => AnyUplink::IotHub(Box::new(
+            iothub::IotHubUplink::new(h, cfg.uplink.request_timeout())?,
+        )),
+        _ => {
+            let token = secrets::load_token(
+                cfg.uplink.token_file.as_deref(),
+                std::env::var("VIGIL_AGENT_TOKEN").ok(),
+            )?;
+            AnyUplink::Https(Uplink::new(
+                &cfg.uplink.url,
+                &token,
+                cfg.uplink.ca_file.as_deref(),
+                cfg.uplink.request_timeout(),
+            )?)
+        }
+    };
+    run_with_uplink(cfg, uplink, shutdown).await
+}
+
+/// [`run`] with an uplink built by the caller (tests pin the SAS token's
+/// clock this way; see [`iothub::IotHubUplink::with_clock`]).
+pub async fn run_with_uplink(
+    cfg: AgentConfig,
+    uplink: AnyUplink,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), AgentError> {
     let keys = secrets::load_keyring(&cfg.key_path())?;
     std::fs::create_dir_all(&cfg.data_dir).map_err(|e| BufferError::Storage(sled::Error::Io(e)))?;
     let buffer = Arc::new(Buffer::open_with(
@@ -76,16 +106,6 @@ pub async fn run(cfg: AgentConfig, mut shutdown: watch::Receiver<bool>) -> Resul
             tracing::info!(file = %f.display(), "retired buffer key no longer needed; deleted");
         }
     }
-    let token = secrets::load_token(
-        cfg.uplink.token_file.as_deref(),
-        std::env::var("VIGIL_AGENT_TOKEN").ok(),
-    )?;
-    let uplink = Uplink::new(
-        &cfg.uplink.url,
-        &token,
-        cfg.uplink.ca_file.as_deref(),
-        cfg.uplink.request_timeout(),
-    )?;
     tracing::info!(
         gateway_id = %cfg.gateway_id,
         devices = cfg.devices.len(),
@@ -410,7 +430,7 @@ impl Rate {
 
 async fn forward_loop(
     buffer: Arc<Buffer>,
-    uplink: Uplink,
+    mut uplink: AnyUplink,
     cfg: AgentConfig,
     infos: HashMap<String, DeviceInfo>,
     notify: Arc<Notify>,
@@ -511,7 +531,18 @@ async fn forward_loop(
         }
         let n = items_in(&batch);
         loop {
-            match uplink.send(&batch).await {
+            // A broker's PUBACK (IoT Hub) is delivery of every item sent; the
+            // consumer de-duplicates by identity, so it stands for an ack
+            // that accepted all of them. The hub's own ack is checked.
+            let sent = uplink.send(&batch).await.map(|d| match d {
+                Delivery::HubAck(ack) => ack,
+                Delivery::BrokerAck => BatchAck {
+                    sequence: batch.sequence,
+                    accepted: u32::try_from(n).unwrap_or(u32::MAX),
+                    ..Default::default()
+                },
+            });
+            match sent {
                 Ok(ack) if ack_matches(&batch, &ack) => {
                     if ack.rejected > 0 {
                         tracing::warn!(batch = sequence, rejected = ack.rejected,
@@ -574,7 +605,9 @@ async fn forward_loop(
                         "hub ack does not match the batch; keeping the records and retrying"
                     );
                 }
-                Err(UplinkError::TooLarge) if records.len() > 1 => {
+                Err(UplinkError::TooLarge | UplinkError::MessageTooLarge { .. })
+                    if records.len() > 1 =>
+                {
                     limit = (limit / 2).max(1);
                     tracing::warn!(
                         batch = sequence,

@@ -32,6 +32,16 @@ pub enum UplinkError {
     Rejected { status: u16, message: String },
     #[error("hub answered with an unreadable ack: {0}")]
     BadAck(String),
+    #[error("IoT Hub device credentials: {0}")]
+    Credentials(String),
+    #[error("IoT Hub MQTT: {0}")]
+    Mqtt(String),
+    #[error(
+        "IoT Hub refused the MQTT connection (CONNACK {0}); check the device id and key/certificate"
+    )]
+    MqttRefused(String),
+    #[error("message of {bytes} bytes exceeds IoT Hub's limit of {max} bytes")]
+    MessageTooLarge { bytes: usize, max: usize },
 }
 
 impl UplinkError {
@@ -53,6 +63,21 @@ pub struct Uplink {
 
 /// rustls client config with the ring provider.
 pub fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, UplinkError> {
+    tls_config_with(ca_file, None)
+}
+
+/// A client certificate chain and its private key.
+pub type ClientIdentity = (
+    Vec<CertificateDer<'static>>,
+    rustls::pki_types::PrivateKeyDer<'static>,
+);
+
+/// rustls client config with the ring provider, optionally presenting a
+/// client certificate.
+pub fn tls_config_with(
+    ca_file: Option<&Path>,
+    client: Option<ClientIdentity>,
+) -> Result<rustls::ClientConfig, UplinkError> {
     let mut roots = rustls::RootCertStore::empty();
     match ca_file {
         Some(path) => {
@@ -75,11 +100,45 @@ pub fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, Uplink
         None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    Ok(rustls::ClientConfig::builder_with_provider(provider)
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| UplinkError::Tls(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth())
+        .with_root_certificates(roots);
+    match client {
+        None => Ok(builder.with_no_client_auth()),
+        Some((certs, key)) => builder
+            .with_client_auth_cert(certs, key)
+            .map_err(|e| UplinkError::Tls(format!("client certificate: {e}"))),
+    }
+}
+
+/// What a successful send means.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Delivery {
+    /// The hub stored the batch and said so (HTTPS path); the forwarder
+    /// checks that the ack matches the batch.
+    HubAck(BatchAck),
+    /// The message broker (IoT Hub) acknowledged the QoS 1 publish (PUBACK).
+    /// No per-reading outcome: the cloud-side consumer de-duplicates by
+    /// reading identity.
+    BrokerAck,
+}
+
+/// The configured uplink.
+#[derive(Debug)]
+pub enum AnyUplink {
+    Https(Uplink),
+    IotHub(Box<crate::iothub::IotHubUplink>),
+}
+
+impl AnyUplink {
+    /// Send one batch; `Ok` only once it is delivered in the uplink's sense.
+    pub async fn send(&mut self, batch: &Batch) -> Result<Delivery, UplinkError> {
+        match self {
+            AnyUplink::Https(u) => u.send(batch).await.map(Delivery::HubAck),
+            AnyUplink::IotHub(u) => u.send(batch).await.map(|()| Delivery::BrokerAck),
+        }
+    }
 }
 
 impl Uplink {
