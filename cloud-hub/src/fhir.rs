@@ -103,6 +103,7 @@ fn flag_code(f: i32) -> Option<&'static str> {
         QualityFlag::DemoMode => "demo-mode",
         QualityFlag::ValueMissing => "value-missing",
         QualityFlag::DeviceFault => "device-fault",
+        QualityFlag::ClockSkew => "clock-skew",
     })
 }
 

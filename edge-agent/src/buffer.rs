@@ -66,6 +66,29 @@ const VERSION: u8 = 1;
 const HEADER: usize = 1 + 4 + 4 + 12;
 const NONCE_BLOCK: u64 = 1 << 16;
 
+/// A device-clock time further than this from the gateway's receive time is
+/// flagged CLOCK_SKEW (the time is kept as the device sent it).
+pub const CLOCK_SKEW_LIMIT_US: i64 = 5 * 60 * 1_000_000;
+
+/// Flag readings whose device-clock time disagrees with the gateway receive
+/// time by more than [`CLOCK_SKEW_LIMIT_US`].
+pub fn flag_clock_skew(readings: &mut [shared_protocol::v1::Reading]) {
+    use shared_protocol::v1::{QualityFlag, TimeSource};
+    for r in readings {
+        let device_clock = matches!(
+            TimeSource::try_from(r.time_source),
+            Ok(TimeSource::DeviceClockSynced | TimeSource::DeviceClockUnsynced)
+        );
+        let skewed = r.device_time_us != 0
+            && r.gateway_time_us != 0
+            && (r.device_time_us - r.gateway_time_us).abs() > CLOCK_SKEW_LIMIT_US;
+        let flag = QualityFlag::ClockSkew as i32;
+        if device_clock && skewed && !r.flags.contains(&flag) {
+            r.flags.push(flag);
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum BufferError {
     #[error("buffer storage: {0}")]
@@ -373,6 +396,7 @@ impl Buffer {
                 last
             };
             let mut readings = out.readings;
+            flag_clock_skew(&mut readings);
             readings.iter_mut().for_each(|r| r.sequence = next());
             let mut waveforms = out.waveforms;
             waveforms.iter_mut().for_each(|w| w.sequence = next());
@@ -778,6 +802,54 @@ mod tests {
         assert_eq!(rec.data.technical[0].sequence, 3);
         b.remove(&[rec]).await.unwrap();
         assert_eq!(b.pending_readings(), 0);
+    }
+
+    #[test]
+    fn device_clock_skew_is_flagged_not_corrected() {
+        use shared_protocol::v1::{QualityFlag, TimeSource};
+        let mk = |dt: i64, src: TimeSource| Reading {
+            device_time_us: dt,
+            gateway_time_us: 1_000_000_000_000,
+            time_source: src as i32,
+            ..Default::default()
+        };
+        let mut rs = vec![
+            mk(
+                1_000_000_000_000 - CLOCK_SKEW_LIMIT_US - 1,
+                TimeSource::DeviceClockUnsynced,
+            ),
+            mk(
+                1_000_000_000_000 + CLOCK_SKEW_LIMIT_US,
+                TimeSource::DeviceClockUnsynced,
+            ),
+            mk(
+                1_000_000_000_000 + 3_600_000_000,
+                TimeSource::DeviceClockSynced,
+            ),
+            mk(
+                1_000_000_000_000 - 3_600_000_000,
+                TimeSource::GatewayReceive,
+            ),
+        ];
+        flag_clock_skew(&mut rs);
+        let skew = QualityFlag::ClockSkew as i32;
+        assert_eq!(
+            rs.iter()
+                .map(|r| r.flags.contains(&skew))
+                .collect::<Vec<_>>(),
+            vec![true, false, true, false]
+        );
+        assert_eq!(
+            rs[0].device_time_us,
+            1_000_000_000_000 - CLOCK_SKEW_LIMIT_US - 1,
+            "time kept"
+        );
+        flag_clock_skew(&mut rs);
+        assert_eq!(
+            rs[0].flags.iter().filter(|f| **f == skew).count(),
+            1,
+            "flagged once"
+        );
     }
 
     #[tokio::test]
