@@ -11,6 +11,7 @@
 //!   MQTT, see [`iothub`]).
 
 pub mod buffer;
+pub mod check;
 pub mod config;
 pub mod devices;
 pub mod hl7;

@@ -85,6 +85,12 @@ enum Cmd {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Check everything before leaving the bedside: config, secrets, each
+    /// device's link, the hub. Exit code 1 when anything fails.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
 }
 
 fn init_tracing(format: LogFormat) {
@@ -196,6 +202,13 @@ async fn main() -> anyhow::Result<()> {
                 hex::encode(old),
                 hex::encode(new)
             );
+        }
+        Cmd::Check { config } => {
+            let findings = edge_agent::check::check(&config).await;
+            print!("{}", edge_agent::check::render(&findings));
+            if findings.iter().any(|f| !f.ok) {
+                std::process::exit(1);
+            }
         }
         Cmd::CheckConfig { config } => {
             let cfg = edge_agent::config::AgentConfig::load(&config)?;

@@ -104,6 +104,12 @@ pub async fn run(
     }
 }
 
+/// Whether the configured Bluetooth adapter is there; its description.
+pub async fn check_adapter(ble: &Ble) -> Result<String, DriverError> {
+    let a = adapter(ble).await?;
+    a.adapter_info().await.map_err(link)
+}
+
 async fn adapter(ble: &Ble) -> Result<Adapter, DriverError> {
     let manager = Manager::new().await.map_err(link)?;
     let adapters = manager.adapters().await.map_err(link)?;

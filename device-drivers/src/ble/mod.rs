@@ -17,7 +17,7 @@ pub mod gatt;
 #[cfg(feature = "ble")]
 mod driver;
 #[cfg(feature = "ble")]
-pub use driver::run;
+pub use driver::{check_adapter, run};
 
 use shared_protocol::catalogue::{Unit, codes, units};
 use shared_protocol::v1::{QualityFlag, Reading, TimeSource, Validity, reading::Value};
