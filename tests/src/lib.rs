@@ -58,7 +58,10 @@ pub struct Proc {
 impl Proc {
     /// Guard an already spawned child.
     pub fn guard(child: Child) -> Self {
-        Proc { name: "child", child }
+        Proc {
+            name: "child",
+            child,
+        }
     }
 
     pub fn spawn(name: &'static str, cmd: &mut Command) -> Result<Self> {
