@@ -10,13 +10,9 @@ use std::time::{Duration, Instant};
 
 use device_drivers::datex::{Datex, DatexOptions, SERIAL};
 use device_drivers::{DriverOutput, DriverStats, RunOptions, run_serial};
-use vigil_e2e::{Proc, PtyPair, test_dir};
 use shared_protocol::catalogue::{codes, units};
 use shared_protocol::v1::{QualityFlag, TechnicalKind, Validity, reading::Value};
-
-
-
-
+use vigil_e2e::{Proc, PtyPair, test_dir};
 
 /// Parse `record n=0 time=… hr=72 …` into a map.
 fn parse_echo(line: &str) -> HashMap<String, i64> {

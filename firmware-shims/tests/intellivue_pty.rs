@@ -10,13 +10,9 @@ use std::time::{Duration, Instant};
 
 use device_drivers::intellivue::{Intellivue, IntellivueOptions, SERIAL};
 use device_drivers::{DriverStats, RunOptions, run_serial};
-use vigil_e2e::{Proc, PtyPair, test_dir};
 use shared_protocol::catalogue::codes;
 use shared_protocol::v1::{QualityFlag, Reading, TechnicalKind, Validity, reading::Value};
-
-
-
-
+use vigil_e2e::{Proc, PtyPair, test_dir};
 
 /// One `VALUE ...` line of the simulator's echo.
 #[derive(Debug, Clone)]

@@ -12,12 +12,9 @@ use std::time::Duration;
 
 use device_drivers::medibus::{Medibus, MedibusOptions, SERIAL};
 use device_drivers::{DriverOutput, DriverStats, RunOptions, run_serial};
-use vigil_e2e::{Proc, PtyPair, test_dir};
 use shared_protocol::catalogue::{codes, units};
 use shared_protocol::v1::{QualityFlag, TechnicalKind, Validity, reading::Value};
-
-
-
+use vigil_e2e::{Proc, PtyPair, test_dir};
 
 /// Parse a `DATA D6=  12|88= 500|…` line into code → 4 value characters.
 fn parse_data_line(line: &str) -> HashMap<u8, String> {

@@ -19,10 +19,9 @@ use std::time::{Duration, Instant};
 
 use device_drivers::modbus::{Framing, Modbus, ModbusOptions, SERIAL};
 use device_drivers::{DriverOutput, DriverStats, RunOptions, run_link, run_serial};
-use vigil_e2e::{Proc, PtyPair, test_dir};
 use shared_protocol::catalogue::{codes, units};
 use shared_protocol::v1::{QualityFlag, Reading, TechnicalKind, Validity, reading::Value};
-
+use vigil_e2e::{Proc, PtyPair, test_dir};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -350,8 +349,6 @@ fn pymodbus_client_reads_the_device_sim_tcp_server() {
         }
     }
 }
-
-
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vigil_driver_reads_device_sim_rtu_over_a_pty_and_reports_silence() {

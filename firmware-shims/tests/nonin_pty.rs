@@ -11,13 +11,9 @@ use std::time::{Duration, Instant};
 
 use device_drivers::nonin::{Nonin, NoninOptions, SERIAL};
 use device_drivers::{DriverOutput, DriverStats, RunOptions, run_serial};
-use vigil_e2e::{Proc, PtyPair, test_dir};
 use shared_protocol::catalogue::{codes, units};
 use shared_protocol::v1::{QualityFlag, TechnicalKind, TimeSource, Validity, reading::Value};
-
-
-
-
+use vigil_e2e::{Proc, PtyPair, test_dir};
 
 /// One `--echo` line: `packet n=3 spo2=97 hr=72 sensor_off=0 pleth=a,b,…`.
 #[derive(Debug)]
