@@ -212,10 +212,19 @@ async fn main() -> anyhow::Result<()> {
         }
         Cmd::CheckConfig { config } => {
             let cfg = edge_agent::config::AgentConfig::load(&config)?;
-            edge_agent::secrets::load_token(
-                cfg.uplink.token_file.as_deref(),
-                std::env::var("VIGIL_AGENT_TOKEN").ok(),
-            )?;
+            match (&cfg.uplink.kind, &cfg.uplink.iothub) {
+                // IoT Hub: the device key file (0600, base64) or the client
+                // certificate and key must load; no connection is made.
+                (edge_agent::config::UplinkKind::IothubMqtt, Some(h)) => {
+                    edge_agent::iothub::IotHubUplink::new(h, cfg.uplink.request_timeout())?;
+                }
+                _ => {
+                    edge_agent::secrets::load_token(
+                        cfg.uplink.token_file.as_deref(),
+                        std::env::var("VIGIL_AGENT_TOKEN").ok(),
+                    )?;
+                }
+            }
             if cfg.key_path().exists() {
                 edge_agent::secrets::read_private(&cfg.key_path())?;
             }
