@@ -181,12 +181,23 @@ pub async fn check(config: &Path) -> Vec<Finding> {
             cfg.devices.len()
         ),
     )];
-    match crate::secrets::load_token(
-        cfg.uplink.token_file.as_deref(),
-        std::env::var("VIGIL_AGENT_TOKEN").ok(),
-    ) {
-        Ok(_) => out.push(ok("gateway token", "present, readable by the owner only")),
-        Err(e) => out.push(bad("gateway token", e.to_string())),
+    let iothub = match (&cfg.uplink.kind, &cfg.uplink.iothub) {
+        (crate::config::UplinkKind::IothubMqtt, Some(h)) => Some(h.clone()),
+        _ => None,
+    };
+    match &iothub {
+        // IoT Hub: the device key (0600, base64) or client certificate must load.
+        Some(h) => match crate::iothub::IotHubUplink::new(h, cfg.uplink.request_timeout()) {
+            Ok(_) => out.push(ok("IoT Hub credentials", "device key / certificate loads")),
+            Err(e) => out.push(bad("IoT Hub credentials", e.to_string())),
+        },
+        None => match crate::secrets::load_token(
+            cfg.uplink.token_file.as_deref(),
+            std::env::var("VIGIL_AGENT_TOKEN").ok(),
+        ) {
+            Ok(_) => out.push(ok("gateway token", "present, readable by the owner only")),
+            Err(e) => out.push(bad("gateway token", e.to_string())),
+        },
     }
     let key = cfg.key_path();
     if key.exists() {
@@ -203,8 +214,27 @@ pub async fn check(config: &Path) -> Vec<Finding> {
     for d in &cfg.devices {
         out.push(check_device(d).await);
     }
-    out.push(check_hub(&cfg).await);
+    match &iothub {
+        Some(h) => out.push(check_iothub(h).await),
+        None => out.push(check_hub(&cfg).await),
+    }
     out
+}
+
+/// IoT Hub: the MQTT endpoint accepts a TCP connection (TLS and the SAS
+/// login are exercised by `edge-agent run`).
+async fn check_iothub(h: &crate::config::IotHubConfig) -> Finding {
+    let addr = format!("{}:{}", h.host, h.port);
+    match tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::net::TcpStream::connect(&addr),
+    )
+    .await
+    {
+        Ok(Ok(_)) => ok("IoT Hub", format!("{addr} accepts connections")),
+        Ok(Err(e)) => bad("IoT Hub", format!("{addr}: {e}")),
+        Err(_) => bad("IoT Hub", format!("{addr}: no answer within 5 s")),
+    }
 }
 
 /// The report as printed, one line per finding.
@@ -286,5 +316,45 @@ mod tests {
         let f = check(&d.join("bad.toml")).await;
         assert_eq!(f.len(), 1);
         assert!(f[0].detail.contains("gateway_id"), "{:?}", f[0]);
+    }
+
+    #[tokio::test]
+    async fn iothub_uplink_is_checked_by_its_own_credentials_and_endpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let key = d.join("device.key");
+        std::fs::write(&key, "c2VjcmV0LWRldmljZS1rZXk=\n").unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        std::fs::write(
+            d.join("agent.toml"),
+            format!(
+                "gateway_id = \"gw\"\ndata_dir = \"data\"\n[uplink]\nkind = \"iothub-mqtt\"\n\
+                 [uplink.iothub]\nhost = \"127.0.0.1\"\ndevice_id = \"dev-1\"\nport = {closed}\nsas_key_file = \"device.key\"\n"
+            ),
+        )
+        .unwrap();
+        let f = check(&d.join("agent.toml")).await;
+        let by = |s: &str| {
+            f.iter()
+                .find(|x| x.subject.starts_with(s))
+                .unwrap_or_else(|| panic!("{s}: {f:?}"))
+                .clone()
+        };
+        assert!(by("IoT Hub credentials").ok, "{f:?}");
+        assert!(
+            f.iter()
+                .all(|x| x.subject != "gateway token" && x.subject != "hub"),
+            "{f:?}"
+        );
+        let endpoint = f.iter().find(|x| x.subject == "IoT Hub").unwrap();
+        assert!(
+            !endpoint.ok && endpoint.detail.contains(&closed.to_string()),
+            "{endpoint:?}"
+        );
     }
 }
