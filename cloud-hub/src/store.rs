@@ -185,6 +185,38 @@ fn reason_name(r: RejectReason) -> &'static str {
     r.as_str_name()
 }
 
+/// Create gateway `id` with a token hash, or re-activate it when revoked;
+/// an active gateway of that id is refused.
+fn put_gateway(
+    tx: &rusqlite::Transaction<'_>,
+    id: &str,
+    token_sha256: &str,
+    now: i64,
+) -> Result<(), StoreError> {
+    let existing: Option<Option<i64>> = tx
+        .query_row("SELECT revoked_us FROM gateways WHERE id = ?1", [id], |r| {
+            r.get(0)
+        })
+        .optional()?;
+    match existing {
+        Some(None) => Err(StoreError::GatewayExists(id.to_owned())),
+        Some(Some(_)) => {
+            tx.execute(
+                "UPDATE gateways SET token_sha256 = ?2, created_us = ?3, revoked_us = NULL WHERE id = ?1",
+                params![id, token_sha256, now],
+            )?;
+            Ok(())
+        }
+        None => {
+            tx.execute(
+                "INSERT INTO gateways (id, token_sha256, created_us) VALUES (?1, ?2, ?3)",
+                params![id, token_sha256, now],
+            )?;
+            Ok(())
+        }
+    }
+}
+
 impl Store {
     /// Opens (creating if needed) the database and its schema.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
@@ -270,26 +302,7 @@ impl Store {
             Some((expires, None)) if expires > now => {}
             _ => return Err(StoreError::EnrollmentRefused),
         }
-        let existing: Option<Option<i64>> = tx
-            .query_row("SELECT revoked_us FROM gateways WHERE id = ?1", [id], |r| {
-                r.get(0)
-            })
-            .optional()?;
-        match existing {
-            Some(None) => return Err(StoreError::GatewayExists(id.to_owned())),
-            Some(Some(_)) => {
-                tx.execute(
-                    "UPDATE gateways SET token_sha256 = ?2, created_us = ?3, revoked_us = NULL WHERE id = ?1",
-                    params![id, gateway_token_sha256, now],
-                )?;
-            }
-            None => {
-                tx.execute(
-                    "INSERT INTO gateways (id, token_sha256, created_us) VALUES (?1, ?2, ?3)",
-                    params![id, gateway_token_sha256, now],
-                )?;
-            }
-        }
+        put_gateway(&tx, id, gateway_token_sha256, now)?;
         tx.execute(
             "UPDATE enrollment_tokens SET used_us = ?2, gateway_id = ?3 WHERE token_sha256 = ?1",
             params![enrollment_sha256, now, id],
@@ -301,27 +314,7 @@ impl Store {
     pub fn add_gateway(&self, id: &str, token_sha256: &str) -> Result<(), StoreError> {
         let mut conn = self.lock()?;
         let tx = conn.transaction()?;
-        let existing: Option<Option<i64>> = tx
-            .query_row("SELECT revoked_us FROM gateways WHERE id = ?1", [id], |r| {
-                r.get(0)
-            })
-            .optional()?;
-        match existing {
-            Some(None) => return Err(StoreError::GatewayExists(id.to_owned())),
-            Some(Some(_)) => {
-                tx.execute(
-                    "UPDATE gateways SET token_sha256 = ?2, created_us = ?3, revoked_us = NULL
-                     WHERE id = ?1",
-                    params![id, token_sha256, now_us()],
-                )?;
-            }
-            None => {
-                tx.execute(
-                    "INSERT INTO gateways (id, token_sha256, created_us) VALUES (?1, ?2, ?3)",
-                    params![id, token_sha256, now_us()],
-                )?;
-            }
-        }
+        put_gateway(&tx, id, token_sha256, now_us())?;
         tx.commit()?;
         Ok(())
     }
