@@ -627,7 +627,13 @@ pub fn build_ack(
         .first()
         .map(|e| e.text.chars().take(80).collect())
         .unwrap_or_default();
-    out.push_str(&format!("MSA{f}{}{f}{}", code.as_str(), target.control_id));
+    // MSA-2 echoes the control id, escaped like every other field: a `~` or
+    // `^` in it must not turn into a separator on the sender's side.
+    out.push_str(&format!(
+        "MSA{f}{}{f}{}",
+        code.as_str(),
+        d.escape(&target.control_id)
+    ));
     if !text.is_empty() {
         out.push_str(&format!("{f}{}", d.escape(&text)));
     }
