@@ -141,6 +141,10 @@ pub struct UplinkConfig {
     /// first, at most this many readings per second.
     #[serde(default = "default_backlog_rate")]
     pub backlog_rate_per_s: u32,
+    /// On SIGTERM, keep delivering what is buffered for at most this long
+    /// before exiting (what is left stays buffered). 0 = exit at once.
+    #[serde(default = "default_shutdown_drain_ms")]
+    pub shutdown_drain_ms: u64,
 }
 
 /// Which uplink the forwarder uses.
@@ -188,6 +192,10 @@ fn default_iothub_port() -> u16 {
 }
 fn default_sas_ttl_s() -> u64 {
     3600
+}
+
+fn default_shutdown_drain_ms() -> u64 {
+    5000
 }
 
 fn default_backlog_rate() -> u32 {

@@ -217,6 +217,9 @@ pub async fn run_with_uplink(
         }
         None => None,
     };
+    // The forwarder stops only after the drain below; `shutdown` tells it to
+    // stop waiting for full batches.
+    let (stop_forwarder, forwarder_stop) = watch::channel(false);
     let forwarder = tokio::spawn(forward_loop(
         buffer.clone(),
         uplink,
@@ -224,7 +227,10 @@ pub async fn run_with_uplink(
         device_infos,
         notify,
         fstats.clone(),
-        shutdown.clone(),
+        ForwardSignals {
+            stop: forwarder_stop,
+            draining: shutdown.clone(),
+        },
     ));
 
     let _ = shutdown.wait_for(|s| *s).await;
@@ -234,6 +240,19 @@ pub async fn run_with_uplink(
     }
     // Drivers are gone, so the channel closes and the writer drains it.
     let _ = writer.await;
+    // Deliver what is buffered, for at most `uplink.shutdown_drain_ms`;
+    // whatever is left stays safely in the buffer for the next start.
+    let drain_until = Instant::now() + Duration::from_millis(cfg.uplink.shutdown_drain_ms);
+    while buffer.pending_readings() > 0 && Instant::now() < drain_until {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if buffer.pending_readings() > 0 {
+        tracing::warn!(
+            pending = buffer.pending_readings(),
+            "shutdown drain time over; the rest stays buffered"
+        );
+    }
+    let _ = stop_forwarder.send(true);
     let _ = forwarder.await;
     if let Some(t) = status_task {
         let _ = t.await;
@@ -429,6 +448,15 @@ impl Rate {
     }
 }
 
+/// How the forwarder is told to wind down: `draining` when the agent is
+/// shutting down (send what is buffered without waiting for full batches),
+/// `stop` when the drain is over.
+#[derive(Debug)]
+struct ForwardSignals {
+    stop: watch::Receiver<bool>,
+    draining: watch::Receiver<bool>,
+}
+
 async fn forward_loop(
     buffer: Arc<Buffer>,
     mut uplink: AnyUplink,
@@ -436,8 +464,12 @@ async fn forward_loop(
     infos: HashMap<String, DeviceInfo>,
     notify: Arc<Notify>,
     stats: Arc<ForwardStats>,
-    mut shutdown: watch::Receiver<bool>,
+    signals: ForwardSignals,
 ) {
+    let ForwardSignals {
+        stop: mut shutdown,
+        mut draining,
+    } = signals;
     let max = cfg.uplink.batch_max_readings;
     let mut limit = max;
     let mut backoff = Backoff::new(Duration::from_millis(200), cfg.uplink.max_backoff());
@@ -473,10 +505,11 @@ async fn forward_loop(
             let have: usize = live.iter().map(|r| buffer::items(&r.data)).sum();
             let deadline = Instant::now() + cfg.uplink.batch_max_wait();
             let mut have = have;
-            while have < limit && Instant::now() < deadline {
+            while have < limit && Instant::now() < deadline && !*draining.borrow() {
                 tokio::select! {
                     _ = notify.notified() => {}
                     _ = tokio::time::sleep_until(deadline) => {}
+                    _ = draining.changed() => {}
                     _ = shutdown.changed() => return,
                 }
                 have = buffer
@@ -487,7 +520,12 @@ async fn forward_loop(
             (Lane::Live, buffer.oldest_in(backlog_end, u64::MAX, limit))
         } else {
             // Backlog, at the configured rate; new live data interrupts the wait.
-            let n = rate.available().min(limit);
+            // While draining for shutdown, the backlog goes at full speed.
+            let n = if *draining.borrow() {
+                limit
+            } else {
+                rate.available().min(limit)
+            };
             if n == 0 {
                 tokio::select! {
                     _ = notify.notified() => {}

@@ -339,3 +339,68 @@ fn status_endpoint_reports_devices_buffer_and_uplink() {
     assert!(sample(&down, "vigil_agent_buffer_oldest_age_seconds") >= 0.0);
     assert!(rig.agent.terminate(Duration::from_secs(10)));
 }
+
+#[test]
+fn on_sigterm_the_agent_delivers_what_it_buffered_before_exiting() {
+    let (_guard, dir) = test_dir("drain");
+    let d = dir.as_path();
+    let hub_cfg = write_hub_config(d, "127.0.0.1:0", &[(GATEWAY, DEVICE, PATIENT)]).unwrap();
+    let token = add_gateway(&hub_cfg, GATEWAY).unwrap();
+    let hub = start_hub(d, &hub_cfg).unwrap();
+    let pty = PtyPair::new(d, "masimo").unwrap();
+    let mut sim = Proc::spawn(
+        "device-sim",
+        Command::new(bin("device-sim"))
+            .args(["masimo", "--interval-ms", "50", "--count", "40", "--port"])
+            .arg(&pty.device)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    )
+    .unwrap();
+    write_private(&d.join("gateway.token"), &token).unwrap();
+    let cfg = d.join("agent.toml");
+    // A batch waits up to 60 s for 10 000 readings: without the drain, what
+    // the agent buffered would still be waiting when it exits.
+    std::fs::write(
+        &cfg,
+        format!(
+            "gateway_id = \"{GATEWAY}\"\ndata_dir = \"agent-data\"\n[uplink]\nurl = \"{}/api/v1/ingest\"\n\
+token_file = \"gateway.token\"\nbatch_max_readings = 10000\nbatch_max_wait_ms = 60000\nshutdown_drain_ms = 10000\n\n\
+[[device]]\nkind = \"masimo-serial\"\nid = \"{DEVICE}\"\nport = \"{}\"\n",
+            hub.base_url,
+            pty.host.display()
+        ),
+    )
+    .unwrap();
+    let mut agent = start_agent(d, &cfg, "agent.log").unwrap();
+    sim.wait_exit(Duration::from_secs(30))
+        .expect("simulator finished");
+    std::thread::sleep(Duration::from_millis(500));
+    let before = get_json(&format!(
+        "{}/fhir/Observation?patient={PATIENT}&_count=0",
+        hub.base_url
+    ))
+    .unwrap()
+    .1["total"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(before, 0, "nothing sent yet: the batch is still filling");
+    assert!(agent.terminate(Duration::from_secs(20)), "clean exit");
+    let after = get_json(&format!(
+        "{}/fhir/Observation?patient={PATIENT}&_count=0",
+        hub.base_url
+    ))
+    .unwrap()
+    .1["total"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(
+        after, 120,
+        "all 40 lines (3 readings each) delivered during the drain"
+    );
+    let log = std::fs::read_to_string(d.join("agent.log")).unwrap();
+    assert!(
+        log.contains("pending_readings=0"),
+        "nothing left buffered:\n{log}"
+    );
+}
