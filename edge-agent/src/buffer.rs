@@ -546,6 +546,20 @@ impl Buffer {
         Some((now - t).max(0))
     }
 
+    /// Items stored in records with ids in `from..until`, counted from the
+    /// plaintext headers (no decryption), stopping once `cap` is reached.
+    pub fn items_in(&self, from: u64, until: u64, cap: usize) -> Result<usize, BufferError> {
+        let mut n = 0usize;
+        for item in self.tree.range(record_key(from)..record_key(until)) {
+            let (_, v) = item?;
+            n += header_count(&v) as usize;
+            if n >= cap {
+                break;
+            }
+        }
+        Ok(n)
+    }
+
     /// The id the next appended record will get (records below it exist or
     /// existed).
     pub fn next_record_id(&self) -> Result<u64, BufferError> {
@@ -849,6 +863,25 @@ mod tests {
             rs[0].flags.iter().filter(|f| **f == skew).count(),
             1,
             "flagged once"
+        );
+    }
+
+    #[tokio::test]
+    async fn items_are_counted_from_headers_within_a_range() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = open_retry(dir.path(), &[1u8; 32]).unwrap();
+        for i in 0..4 {
+            b.append(vec![out("a", &[f64::from(i), 0.0])])
+                .await
+                .unwrap();
+        }
+        assert_eq!(b.items_in(0, u64::MAX, 100).unwrap(), 8);
+        assert_eq!(b.items_in(2, u64::MAX, 100).unwrap(), 4, "records 2 and 3");
+        assert_eq!(b.items_in(0, 1, 100).unwrap(), 2);
+        assert_eq!(
+            b.items_in(0, u64::MAX, 3).unwrap(),
+            4,
+            "stops at the first record reaching the cap"
         );
     }
 

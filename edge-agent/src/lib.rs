@@ -498,13 +498,12 @@ async fn forward_loop(
         // batch is then never reported as dropped.
         let dropped = buffer.dropped_unreported().unwrap_or(0);
         // Live first: wait for a live batch by count or age.
-        let live = buffer
-            .oldest_in(backlog_end, u64::MAX, limit)
-            .unwrap_or_default();
-        let (lane, records) = if !live.is_empty() {
-            let have: usize = live.iter().map(|r| buffer::items(&r.data)).sum();
+        // Counted from the records' headers: nothing is decrypted until the
+        // batch is taken.
+        let live_items = |b: &Buffer| b.items_in(backlog_end, u64::MAX, limit).unwrap_or(0);
+        let (lane, records) = if live_items(&buffer) > 0 {
             let deadline = Instant::now() + cfg.uplink.batch_max_wait();
-            let mut have = have;
+            let mut have = live_items(&buffer);
             while have < limit && Instant::now() < deadline && !*draining.borrow() {
                 tokio::select! {
                     _ = notify.notified() => {}
@@ -512,10 +511,7 @@ async fn forward_loop(
                     _ = draining.changed() => {}
                     _ = shutdown.changed() => return,
                 }
-                have = buffer
-                    .oldest_in(backlog_end, u64::MAX, limit)
-                    .map(|r| r.iter().map(|x| buffer::items(&x.data)).sum())
-                    .unwrap_or(have);
+                have = live_items(&buffer);
             }
             (Lane::Live, buffer.oldest_in(backlog_end, u64::MAX, limit))
         } else {
