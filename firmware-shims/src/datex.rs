@@ -235,14 +235,9 @@ pub struct DatexArgs {
 pub async fn run(args: DatexArgs) -> anyhow::Result<()> {
     use anyhow::Context;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio_serial::SerialPortBuilderExt;
 
-    let mut port = tokio_serial::new(&args.port, 19200)
-        .data_bits(tokio_serial::DataBits::Eight)
-        .parity(tokio_serial::Parity::Even)
-        .stop_bits(tokio_serial::StopBits::One)
-        .flow_control(tokio_serial::FlowControl::Hardware)
-        .open_native_async()
+    let mut port = device_drivers::datex::SERIAL
+        .open(&args.port)
         .with_context(|| format!("opening serial port {}", args.port))?;
     let start = tokio::time::Instant::now();
     let silent_at = args

@@ -475,13 +475,8 @@ pub struct IntellivueArgs {
 }
 
 pub async fn run(args: IntellivueArgs) -> anyhow::Result<()> {
-    use tokio_serial::SerialPortBuilderExt;
-    let mut port = tokio_serial::new(&args.port, 115_200)
-        .data_bits(tokio_serial::DataBits::Eight)
-        .parity(tokio_serial::Parity::None)
-        .stop_bits(tokio_serial::StopBits::One)
-        .flow_control(tokio_serial::FlowControl::None)
-        .open_native_async()
+    let mut port = device_drivers::intellivue::SERIAL
+        .open(&args.port)
         .with_context(|| format!("opening serial port {}", args.port))?;
     let offset = time::UtcOffset::from_whole_seconds(args.clock_offset_minutes * 60)
         .context("--clock-offset-minutes out of range")?;

@@ -156,14 +156,9 @@ pub struct MasimoArgs {
 pub async fn run(args: MasimoArgs) -> anyhow::Result<()> {
     use anyhow::Context;
     use tokio::io::AsyncWriteExt;
-    use tokio_serial::SerialPortBuilderExt;
 
-    let mut port = tokio_serial::new(&args.port, 9600)
-        .data_bits(tokio_serial::DataBits::Eight)
-        .parity(tokio_serial::Parity::None)
-        .stop_bits(tokio_serial::StopBits::One)
-        .flow_control(tokio_serial::FlowControl::None)
-        .open_native_async()
+    let mut port = device_drivers::masimo::SERIAL
+        .open(&args.port)
         .with_context(|| format!("opening serial port {}", args.port))?;
     let offset = time::UtcOffset::from_whole_seconds(args.clock_offset_minutes * 60)
         .context("--clock-offset-minutes out of range")?;

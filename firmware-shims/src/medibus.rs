@@ -174,14 +174,12 @@ fn split_messages(buf: &mut Vec<u8>) -> Vec<(Vec<u8>, bool)> {
 }
 
 pub async fn run(args: MedibusArgs) -> anyhow::Result<()> {
-    use tokio_serial::SerialPortBuilderExt;
-
-    let mut port = tokio_serial::new(&args.port, args.baud)
-        .data_bits(tokio_serial::DataBits::Eight)
-        .parity(tokio_serial::Parity::Even)
-        .stop_bits(tokio_serial::StopBits::One)
-        .flow_control(tokio_serial::FlowControl::None)
-        .open_native_async()
+    let mut port = device_drivers::medibus::SERIAL
+        .with(&device_drivers::SerialOverrides {
+            baud_rate: Some(args.baud),
+            ..Default::default()
+        })
+        .open(&args.port)
         .with_context(|| format!("opening serial port {}", args.port))?;
     let mut stdout = tokio::io::stdout();
     let mut say = async |line: String| -> anyhow::Result<()> {

@@ -445,13 +445,13 @@ pub async fn run(args: ModbusArgs) -> anyhow::Result<()> {
         stdout.flush().await?;
         tracing::info!(port = %path, unit_id = args.unit_id, "modbus rtu sim ready");
         tokio::spawn(async move {
-            use tokio_serial::SerialPortBuilderExt;
             loop {
-                let port = tokio_serial::new(&path, baud)
-                    .data_bits(tokio_serial::DataBits::Eight)
-                    .parity(tokio_serial::Parity::Even)
-                    .stop_bits(tokio_serial::StopBits::One)
-                    .open_native_async();
+                let port = device_drivers::modbus::SERIAL
+                    .with(&device_drivers::SerialOverrides {
+                        baud_rate: Some(baud),
+                        ..Default::default()
+                    })
+                    .open(&path);
                 match port {
                     Ok(p) => {
                         let server = tokio_modbus::server::rtu::Server::new(p);

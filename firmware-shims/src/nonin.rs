@@ -173,15 +173,10 @@ pub struct NoninArgs {
 pub async fn run(args: NoninArgs) -> anyhow::Result<()> {
     use anyhow::Context;
     use tokio::io::AsyncWriteExt;
-    use tokio_serial::SerialPortBuilderExt;
 
     // Data Format 7: 9600 baud, 8 data bits, no parity, 1 stop bit.
-    let mut port = tokio_serial::new(&args.port, 9600)
-        .data_bits(tokio_serial::DataBits::Eight)
-        .parity(tokio_serial::Parity::None)
-        .stop_bits(tokio_serial::StopBits::One)
-        .flow_control(tokio_serial::FlowControl::None)
-        .open_native_async()
+    let mut port = device_drivers::nonin::SERIAL
+        .open(&args.port)
         .with_context(|| format!("opening serial port {}", args.port))?;
     let start = tokio::time::Instant::now();
     let silent_at = args
