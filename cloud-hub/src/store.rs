@@ -150,8 +150,28 @@ CREATE TABLE enrollment_tokens (
 );
 "#;
 
+/// v4: compact observation rows rendered to FHIR on read. New rows keep the
+/// source protobuf in `payload` (a `Reading`; a `DeviceData` holding the
+/// members of a blood-pressure panel; or a `Waveform`) and an empty
+/// `resource`; rows written before v4 keep their stored JSON. `panel_id`
+/// marks a reading that is a component of a panel row (searches list the
+/// panel, not its parts). Waveforms become Observations (SampledData) in
+/// this table; the v1 `waveforms` table keeps older rows only.
+const SCHEMA_V4: &str = r#"
+ALTER TABLE observations ADD COLUMN kind TEXT NOT NULL DEFAULT 'reading';
+ALTER TABLE observations ADD COLUMN category TEXT NOT NULL DEFAULT 'vital-signs';
+ALTER TABLE observations ADD COLUMN payload BLOB;
+ALTER TABLE observations ADD COLUMN panel_id TEXT;
+CREATE INDEX observations_device_time ON observations (gateway_id, device_id, effective_us);
+"#;
+
 /// Ordered migrations; each runs once, in one transaction with its version row.
-const MIGRATIONS: &[(i64, &str)] = &[(1, SCHEMA_V1), (2, SCHEMA_V2), (3, SCHEMA_V3)];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, SCHEMA_V1),
+    (2, SCHEMA_V2),
+    (3, SCHEMA_V3),
+    (4, SCHEMA_V4),
+];
 
 /// A gateway as listed (never its token).
 #[derive(Debug, Clone, PartialEq, Eq)]
