@@ -64,6 +64,8 @@ use shared_protocol::v1::{DeviceData, DeviceInfo};
 
 const VERSION: u8 = 1;
 const HEADER: usize = 1 + 4 + 4 + 12;
+/// Stored record size minus its plaintext: header and GCM tag.
+const RECORD_OVERHEAD: u64 = HEADER as u64 + 16;
 const NONCE_BLOCK: u64 = 1 << 16;
 
 /// A device-clock time further than this from the gateway's receive time is
@@ -503,17 +505,36 @@ impl Buffer {
         until: u64,
         max_readings: usize,
     ) -> Result<Vec<StoredRecord>, BufferError> {
+        self.oldest_within(from, until, max_readings, u64::MAX)
+    }
+
+    /// Like [`oldest_in`](Self::oldest_in), also stopping before the record
+    /// that would take the records' plaintext (encoded `DeviceData`) above
+    /// `max_plain_bytes` (at least one record), so a batch with a byte limit
+    /// decrypts little more than it sends.
+    pub fn oldest_within(
+        &self,
+        from: u64,
+        until: u64,
+        max_readings: usize,
+        max_plain_bytes: u64,
+    ) -> Result<Vec<StoredRecord>, BufferError> {
         let mut out = Vec::new();
         let mut readings = 0usize;
+        let mut plain = 0u64;
         for item in self.tree.range(record_key(from)..record_key(until)) {
             let (k, v) = item?;
             match self.open_record(&k, &v) {
                 Ok(data) => {
                     let n = items(&data);
-                    if !out.is_empty() && readings + n > max_readings {
+                    let len = data.encoded_len() as u64;
+                    if !out.is_empty()
+                        && (readings + n > max_readings || plain + len > max_plain_bytes)
+                    {
                         break;
                     }
                     readings += n;
+                    plain += len;
                     out.push(StoredRecord {
                         key: k,
                         data,
@@ -549,15 +570,29 @@ impl Buffer {
     /// Items stored in records with ids in `from..until`, counted from the
     /// plaintext headers (no decryption), stopping once `cap` is reached.
     pub fn items_in(&self, from: u64, until: u64, cap: usize) -> Result<usize, BufferError> {
-        let mut n = 0usize;
+        Ok(self.waiting_in(from, until, cap, u64::MAX)?.0)
+    }
+
+    /// Items and plaintext bytes (encoded `DeviceData`, from the stored
+    /// sizes) in records with ids in `from..until`, from the headers (no
+    /// decryption), stopping once either cap is reached.
+    pub fn waiting_in(
+        &self,
+        from: u64,
+        until: u64,
+        cap_items: usize,
+        cap_bytes: u64,
+    ) -> Result<(usize, u64), BufferError> {
+        let (mut n, mut bytes) = (0usize, 0u64);
         for item in self.tree.range(record_key(from)..record_key(until)) {
             let (_, v) = item?;
             n += header_count(&v) as usize;
-            if n >= cap {
+            bytes += (v.len() as u64).saturating_sub(RECORD_OVERHEAD);
+            if n >= cap_items || bytes >= cap_bytes {
                 break;
             }
         }
-        Ok(n)
+        Ok((n, bytes))
     }
 
     /// The id the next appended record will get (records below it exist or

@@ -132,6 +132,12 @@ pub struct UplinkConfig {
     /// ...or once the oldest unsent reading has waited this long.
     #[serde(default = "default_batch_max_wait_ms")]
     pub batch_max_wait_ms: u64,
+    /// Most bytes of one encoded (uncompressed) protobuf `Batch`: a batch is
+    /// cut before the record that would make it larger. A single record
+    /// larger than this is sent alone (never dropped). Default 128 KiB, well
+    /// under the hub's default 4 MiB body limit and IoT Hub's 256 KiB.
+    #[serde(default = "default_batch_max_bytes")]
+    pub batch_max_bytes: usize,
     #[serde(default = "default_request_timeout_ms")]
     pub request_timeout_ms: u64,
     /// Longest wait between retries (exponential backoff with jitter).
@@ -207,6 +213,9 @@ fn default_batch_max_readings() -> usize {
 }
 fn default_batch_max_wait_ms() -> u64 {
     1000
+}
+fn default_batch_max_bytes() -> usize {
+    128 * 1024
 }
 fn default_request_timeout_ms() -> u64 {
     10_000
@@ -462,6 +471,17 @@ impl AgentConfig {
         }
         if self.uplink.batch_max_wait_ms == 0 {
             return Err(invalid("uplink.batch_max_wait_ms", "must be at least 1"));
+        }
+        // IoT Hub counts the topic and property bag too; leave 4 KiB for them.
+        let max_bytes_cap = match self.uplink.kind {
+            UplinkKind::Https => 64 << 20,
+            UplinkKind::IothubMqtt => crate::iothub::MAX_MESSAGE_BYTES - 4096,
+        };
+        if !(1024..=max_bytes_cap).contains(&self.uplink.batch_max_bytes) {
+            return Err(invalid(
+                "uplink.batch_max_bytes",
+                format!("must be between 1024 and {max_bytes_cap} for this uplink kind"),
+            ));
         }
         if self.uplink.request_timeout_ms < 100 {
             return Err(invalid("uplink.request_timeout_ms", "must be at least 100"));

@@ -350,6 +350,87 @@ impl Backoff {
     }
 }
 
+/// The device entry a batch carries for a stored record's device: the
+/// configured info, with the serial number the device reported.
+fn device_info(stored: &DeviceInfo, infos: &HashMap<String, DeviceInfo>) -> DeviceInfo {
+    let mut info = infos
+        .get(&stored.device_id)
+        .cloned()
+        .unwrap_or_else(|| DeviceInfo {
+            device_id: stored.device_id.clone(),
+            ..Default::default()
+        });
+    if !stored.serial_number.is_empty() {
+        info.serial_number = stored.serial_number.clone();
+    }
+    info
+}
+
+/// The BUFFER_OVERFLOW gateway event reporting `dropped` items.
+fn overflow_event(dropped: u64, max_bytes: u64, sequence: u64, time_us: i64) -> TechnicalReading {
+    TechnicalReading {
+        kind: TechnicalKind::BufferOverflow as i32,
+        time_us,
+        detail: format!("buffer full ({max_bytes} bytes): {dropped} oldest items dropped"),
+        sequence,
+    }
+}
+
+/// How many of `records` (oldest first) one batch takes so that its encoded
+/// protobuf size stays within `max_bytes`: records are added until the next
+/// one would take the batch above the limit. The first record always goes,
+/// so a record larger than the limit is sent alone, never dropped.
+///
+/// Exact for the devices part (computed with prost's length rules, the
+/// way [`build_batch`] groups records per device); the other fields are
+/// counted at their largest (sequence and creation time are not known yet)
+/// with room for a BUFFER_OVERFLOW gateway event.
+fn records_fitting(
+    gateway_id: &str,
+    records: &[StoredRecord],
+    infos: &HashMap<String, DeviceInfo>,
+    max_bytes: usize,
+) -> usize {
+    use prost::Message;
+    use prost::encoding::{encoded_len_varint, key_len, message};
+    let header = Batch {
+        gateway_id: gateway_id.to_string(),
+        sequence: u64::MAX,
+        created_time_us: i64::MIN,
+        devices: vec![],
+        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        gateway_events: vec![overflow_event(u64::MAX, u64::MAX, u64::MAX, i64::MIN)],
+    }
+    .encoded_len();
+    // `Batch.devices` is field 4; a DeviceData entry's length is its info
+    // (field 1) plus its items (fields 2-4).
+    let entry_len = |content: usize| key_len(4) + encoded_len_varint(content as u64) + content;
+    let mut content: HashMap<&str, usize> = HashMap::new();
+    let mut total = header;
+    for (i, r) in records.iter().enumerate() {
+        let d = &r.data;
+        let stored = d.device.as_ref();
+        let id = stored.map(|s| s.device_id.as_str()).unwrap_or("");
+        let items = message::encoded_len_repeated(2, &d.readings)
+            + message::encoded_len_repeated(3, &d.waveforms)
+            + message::encoded_len_repeated(4, &d.technical);
+        let (before, after) = match content.get(id) {
+            Some(&c) => (entry_len(c), c + items),
+            None => {
+                let info = device_info(&stored.cloned().unwrap_or_default(), infos);
+                (0, message::encoded_len(1, &info) + items)
+            }
+        };
+        let next = total - before + entry_len(after);
+        if i > 0 && next > max_bytes {
+            return i;
+        }
+        total = next;
+        content.insert(id, after);
+    }
+    records.len()
+}
+
 fn build_batch(
     gateway_id: &str,
     sequence: u64,
@@ -361,22 +442,9 @@ fn build_batch(
         let stored = r.data.device.clone().unwrap_or_default();
         let entry = by_device
             .entry(stored.device_id.clone())
-            .or_insert_with(|| {
-                let mut info =
-                    infos
-                        .get(&stored.device_id)
-                        .cloned()
-                        .unwrap_or_else(|| DeviceInfo {
-                            device_id: stored.device_id.clone(),
-                            ..Default::default()
-                        });
-                if !stored.serial_number.is_empty() {
-                    info.serial_number = stored.serial_number.clone();
-                }
-                DeviceData {
-                    device: Some(info),
-                    ..Default::default()
-                }
+            .or_insert_with(|| DeviceData {
+                device: Some(device_info(&stored, infos)),
+                ..Default::default()
             });
         entry.readings.extend(r.data.readings.iter().cloned());
         entry.waveforms.extend(r.data.waveforms.iter().cloned());
@@ -472,6 +540,7 @@ async fn forward_loop(
     } = signals;
     let max = cfg.uplink.batch_max_readings;
     let mut limit = max;
+    let max_bytes = cfg.uplink.batch_max_bytes;
     let mut backoff = Backoff::new(Duration::from_millis(200), cfg.uplink.max_backoff());
     let mut rate = Rate::new(cfg.uplink.backlog_rate_per_s);
     // Records with an id below this are backlog. What is stored at start is
@@ -500,20 +569,29 @@ async fn forward_loop(
         // Live first: wait for a live batch by count or age.
         // Counted from the records' headers: nothing is decrypted until the
         // batch is taken.
-        let live_items = |b: &Buffer| b.items_in(backlog_end, u64::MAX, limit).unwrap_or(0);
-        let (lane, records) = if live_items(&buffer) > 0 {
+        // A live batch is full by count or by bytes.
+        let live_full = |b: &Buffer| {
+            let (items, bytes) = b
+                .waiting_in(backlog_end, u64::MAX, limit, max_bytes as u64)
+                .unwrap_or((0, 0));
+            (items > 0, items >= limit || bytes >= max_bytes as u64)
+        };
+        let (lane, records) = if live_full(&buffer).0 {
             let deadline = Instant::now() + cfg.uplink.batch_max_wait();
-            let mut have = live_items(&buffer);
-            while have < limit && Instant::now() < deadline && !*draining.borrow() {
+            let mut full = live_full(&buffer).1;
+            while !full && Instant::now() < deadline && !*draining.borrow() {
                 tokio::select! {
                     _ = notify.notified() => {}
                     _ = tokio::time::sleep_until(deadline) => {}
                     _ = draining.changed() => {}
                     _ = shutdown.changed() => return,
                 }
-                have = live_items(&buffer);
+                full = live_full(&buffer).1;
             }
-            (Lane::Live, buffer.oldest_in(backlog_end, u64::MAX, limit))
+            (
+                Lane::Live,
+                buffer.oldest_within(backlog_end, u64::MAX, limit, max_bytes as u64),
+            )
         } else {
             // Backlog, at the configured rate; new live data interrupts the wait.
             // While draining for shutdown, the backlog goes at full speed.
@@ -530,11 +608,17 @@ async fn forward_loop(
                 }
                 continue;
             }
-            (Lane::Backlog, buffer.oldest_in(0, backlog_end, n))
+            (
+                Lane::Backlog,
+                buffer.oldest_within(0, backlog_end, n, max_bytes as u64),
+            )
         };
         let records = match records {
             Ok(r) if r.is_empty() => continue,
-            Ok(r) => r,
+            Ok(mut r) => {
+                r.truncate(records_fitting(&cfg.gateway_id, &r, &infos, max_bytes));
+                r
+            }
             Err(e) => {
                 tracing::error!(error = %e, "reading the buffer failed");
                 tokio::time::sleep(backoff.next_delay()).await;
@@ -553,15 +637,12 @@ async fn forward_loop(
         // Report readings the overflow policy dropped (at least once).
         if dropped > 0 {
             if let Ok(seq) = buffer.next_gateway_event_sequence().await {
-                batch.gateway_events.push(TechnicalReading {
-                    kind: TechnicalKind::BufferOverflow as i32,
-                    time_us: (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000) as i64,
-                    detail: format!(
-                        "buffer full ({} bytes): {dropped} oldest items dropped",
-                        buffer.limits().max_bytes
-                    ),
-                    sequence: seq,
-                });
+                batch.gateway_events.push(overflow_event(
+                    dropped,
+                    buffer.limits().max_bytes,
+                    seq,
+                    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000) as i64,
+                ));
             }
         }
         let n = items_in(&batch);
@@ -676,6 +757,7 @@ async fn forward_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use prost::Message;
 
     #[test]
     fn backoff_grows_with_jitter_and_caps() {
@@ -686,6 +768,92 @@ mod tests {
         assert!(d.iter().all(|x| *x <= Duration::from_secs(2)));
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+
+    /// A record of `n` readings for `dev` whose vendor labels make it big.
+    fn big_record(dev: &str, id: u64, n: usize, label_len: usize) -> StoredRecord {
+        use shared_protocol::v1::Reading;
+        StoredRecord {
+            key: sled::IVec::from(&id.to_be_bytes()[..]),
+            size: 0,
+            data: DeviceData {
+                device: Some(DeviceInfo {
+                    device_id: dev.into(),
+                    serial_number: format!("SN-{dev}"),
+                    ..Default::default()
+                }),
+                readings: (0..n)
+                    .map(|k| Reading {
+                        sequence: id * 10 + k as u64,
+                        mdc_code: 150_456,
+                        vendor_label: "x".repeat(label_len + k),
+                        gateway_time_us: 1_795_514_400_000_000,
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            },
+        }
+    }
+
+    #[test]
+    fn batches_are_cut_before_the_record_that_would_exceed_the_byte_limit() {
+        let mut infos = HashMap::new();
+        infos.insert(
+            "monitor-1".to_string(),
+            DeviceInfo {
+                device_id: "monitor-1".into(),
+                location: "ICU-3/bed-07".into(),
+                model: "MX800".into(),
+                ..Default::default()
+            },
+        );
+        let records: Vec<StoredRecord> = (0..40u64)
+            .map(|i| {
+                let dev = ["monitor-1", "oxi-2", "vent-3"][(i % 3) as usize];
+                big_record(dev, i, 1 + (i % 4) as usize, 20 + (i * 37 % 200) as usize)
+            })
+            .collect();
+        // The largest the batch can become: sequence and time at their
+        // longest encodings, plus an overflow report.
+        let worst = |n: usize| {
+            let mut b = build_batch("gw-1", u64::MAX, &records[..n], &infos);
+            b.created_time_us = i64::MIN;
+            b.gateway_events
+                .push(overflow_event(u64::MAX, u64::MAX, u64::MAX, i64::MIN));
+            b.encoded_len()
+        };
+        let all = worst(records.len());
+        let mut cuts = std::collections::BTreeSet::new();
+        for max in (200..all + 100).step_by(7) {
+            let n = records_fitting("gw-1", &records, &infos, max);
+            assert!(n >= 1);
+            cuts.insert(n);
+            if n > 1 {
+                assert!(worst(n) <= max, "max {max}: {n} records are {}", worst(n));
+            }
+            if n < records.len() {
+                assert!(
+                    worst(n + 1) > max,
+                    "max {max}: one more record ({}) would still fit",
+                    worst(n + 1)
+                );
+            }
+            // A real batch (small sequence, current time) is never larger.
+            assert!(build_batch("gw-1", 7, &records[..n], &infos).encoded_len() <= worst(n));
+        }
+        assert!(cuts.len() > 20, "the cut moves with the limit: {cuts:?}");
+        assert_eq!(
+            records_fitting("gw-1", &records, &infos, all),
+            records.len()
+        );
+        // A record larger than the limit goes alone, not dropped or stuck.
+        let huge = vec![
+            big_record("oxi-2", 1, 3, 5000),
+            big_record("oxi-2", 2, 1, 10),
+        ];
+        assert_eq!(records_fitting("gw-1", &huge, &infos, 1024), 1);
+        assert_eq!(records_fitting("gw-1", &huge[1..], &infos, 1024), 1);
     }
 
     #[test]
