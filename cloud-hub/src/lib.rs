@@ -9,6 +9,7 @@
 //! - [`gateway_add`], [`gateway_list`], [`gateway_revoke`]: administration
 //!   of gateway tokens.
 
+pub mod association;
 pub mod auth;
 pub mod config;
 pub mod fhir;

@@ -171,6 +171,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (2, SCHEMA_V2),
     (3, SCHEMA_V3),
     (4, SCHEMA_V4),
+    (5, crate::association::SCHEMA_V5),
 ];
 
 /// A gateway as listed (never its token).
@@ -273,7 +274,7 @@ impl Store {
         })
     }
 
-    fn lock(&self) -> Result<MutexGuard<'_, Connection>, StoreError> {
+    pub(crate) fn lock(&self) -> Result<MutexGuard<'_, Connection>, StoreError> {
         self.conn.lock().map_err(|_| StoreError::Poisoned)
     }
 
@@ -633,6 +634,8 @@ impl Store {
             ack.accepted = accepted;
             ack.duplicates = duplicates;
         }
+        // Who each new reading belongs to (subject, stay, config map).
+        crate::association::attribute_batch(&tx, gateway_id, batch, associations)?;
         tx.execute(
             "INSERT INTO batches (gateway_id, sequence, received_us, created_us, agent_version, ack)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
@@ -795,7 +798,7 @@ mod tests {
             .unwrap()
             .map(Result::unwrap)
             .collect();
-        assert_eq!(versions, vec![1, 2, 3]);
+        assert_eq!(versions, vec![1, 2, 3, 4, 5]);
     }
 
     #[test]

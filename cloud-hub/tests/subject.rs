@@ -1,6 +1,7 @@
 //! `Reading.subject` (patient identifier from the source message, e.g. HL7
-//! PID-3): used as the Observation's subject when the device has no static
-//! association; a static association wins when there is one.
+//! PID-3) is the Observation's subject; it wins over the hub's own
+//! association (bed stays, then the static config map): the source knew the
+//! patient.
 
 mod common;
 
@@ -20,7 +21,7 @@ fn with_subject(
 }
 
 #[tokio::test]
-async fn reading_subject_is_the_patient_unless_a_static_association_exists() {
+async fn reading_subject_is_the_patient_even_when_a_static_association_exists() {
     let hub = TestHub::start().await;
     // "hl7-1" has no static association: the reading's subject is used.
     let ack = hub
@@ -58,29 +59,27 @@ async fn reading_subject_is_the_patient_unless_a_static_association_exists() {
             "identifier": { "value": "MRN-778" }
         })
     );
-    let stored: String = hub
-        .db()
-        .query_row(
-            "SELECT resource FROM observations WHERE device_id = 'hl7-1' AND sequence = 3",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
-    let res: serde_json::Value = serde_json::from_str(&stored).unwrap();
+    let id = cloud_hub::fhir::observation_id(GATEWAY, "hl7-1", 3);
+    let (status, res) = hub.get_json(&format!("/fhir/Observation/{id}")).await;
+    assert_eq!(status, 200, "{res}");
     assert_eq!(
         res["subject"],
         serde_json::json!({ "identifier": { "system": "urn:oid:1.2.3", "value": "12 34/5" } })
     );
 
-    // DEVICE has a static association (PATIENT): it wins over the subject.
+    // DEVICE has a static association (PATIENT): the reading's own subject
+    // wins over it; a reading without one falls back to it.
     let ack = hub
         .ingest(&batch(
             2,
             DEVICE,
-            vec![with_subject(spo2(1, 95.0, T0), "GOODHEALTH", "MRN-777")],
+            vec![
+                with_subject(spo2(1, 95.0, T0), "GOODHEALTH", "MRN-777"),
+                spo2(2, 94.0, T0),
+            ],
         ))
         .await;
-    assert_eq!(ack.accepted, 1);
+    assert_eq!(ack.accepted, 2);
     let (_, bundle) = hub
         .get_json(&format!("/fhir/Observation?patient={PATIENT}"))
         .await;
@@ -89,8 +88,7 @@ async fn reading_subject_is_the_patient_unless_a_static_association_exists() {
         bundle["entry"][0]["resource"]["subject"],
         serde_json::json!({ "reference": format!("Patient/{PATIENT}") })
     );
-    // And MRN-777 still has only its own observation.
     let (_, bundle) = hub.get_json("/fhir/Observation?patient=MRN-777").await;
-    assert_eq!(bundle["total"], 1, "{bundle}");
+    assert_eq!(bundle["total"], 2, "{bundle}");
     hub.stop().await;
 }
