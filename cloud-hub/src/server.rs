@@ -19,7 +19,8 @@ use shared_protocol::{CONTENT_TYPE_PROTOBUF, INGEST_PATH};
 
 use crate::auth::{bearer_token, hash_token};
 use crate::config::{Config, check_plaintext_allowed};
-use crate::fhir::{self, FHIR_JSON, ObservationSearch};
+use crate::fhir::render::{ObservationRow, render_device, render_observation};
+use crate::fhir::{self, FHIR_JSON};
 use crate::metrics::{FhirInteraction, IngestErrorKind, Metrics, Outcome};
 use crate::store::{Associations, Store, StoreError, now_us};
 use crate::{HubError, SharedMetrics};
@@ -183,6 +184,8 @@ fn router(state: AppState) -> Router {
         .route("/metadata", get(metadata))
         .route("/Observation", get(search))
         .route("/Observation/{id}", get(read))
+        .route("/Device", get(search_devices))
+        .route("/Device/{id}", get(read_device))
         .fallback(fhir_not_found);
     Router::new()
         .route(INGEST_PATH, post(ingest).layer(DefaultBodyLimit::disable()))
@@ -520,15 +523,88 @@ async fn read(State(st): State<AppState>, Path(id): Path<String>) -> Response {
     let store = st.store.clone();
     let lookup = id.clone();
     match blocking(move || store.observation(&lookup)).await {
-        Ok(Some(text)) => (
-            StatusCode::OK,
-            [(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON))],
-            text,
-        )
-            .into_response(),
+        Ok(Some(row)) => match render_observation(&row) {
+            Ok(resource) => fhir_response(StatusCode::OK, &resource),
+            Err(e) => {
+                tracing::error!(error = %e, "stored observation cannot be rendered");
+                outcome(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "exception",
+                    &format!("Observation/{id} is stored but cannot be rendered"),
+                )
+            }
+        },
         Ok(None) => not_found(),
         Err(e) => fhir_internal(&e),
     }
+}
+
+async fn read_device(State(st): State<AppState>, Path(id): Path<String>) -> Response {
+    st.metrics.fhir(FhirInteraction::Read);
+    if !fhir::is_valid_id(&id) {
+        return outcome(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            &format!("Device/{id} is not known"),
+        );
+    }
+    let store = st.store.clone();
+    let lookup = id.clone();
+    match blocking(move || store.device(&lookup)).await {
+        Ok(Some(d)) => fhir_response(StatusCode::OK, &render_device(&d)),
+        Ok(None) => outcome(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            &format!("Device/{id} is not known"),
+        ),
+        Err(e) => fhir_internal(&e),
+    }
+}
+
+async fn search_devices(State(st): State<AppState>, headers: HeaderMap, uri: Uri) -> Response {
+    st.metrics.fhir(FhirInteraction::Search);
+    let pairs: Vec<(String, String)> = match serde_urlencoded::from_str(uri.query().unwrap_or("")) {
+        Ok(p) => p,
+        Err(e) => {
+            return outcome(
+                StatusCode::BAD_REQUEST,
+                "invalid",
+                &format!("bad query string: {e}"),
+            );
+        }
+    };
+    let mut count = fhir::DEFAULT_COUNT;
+    let mut offset = 0u64;
+    for (k, v) in &pairs {
+        let parsed = match k.as_str() {
+            "_count" => v.parse::<u32>().map(|c| count = c.min(fhir::MAX_COUNT)).is_ok(),
+            "_offset" => v.parse::<u64>().map(|o| offset = o).is_ok(),
+            "_format" => true,
+            other => {
+                return outcome(
+                    StatusCode::BAD_REQUEST,
+                    "not-supported",
+                    &format!("{other}: unknown search parameter for Device"),
+                );
+            }
+        };
+        if !parsed {
+            return outcome(
+                StatusCode::BAD_REQUEST,
+                "invalid",
+                &format!("{k}: `{v}` is not a non-negative integer"),
+            );
+        }
+    }
+    let store = st.store.clone();
+    let (total, rows) = match blocking(move || store.devices(count, offset)).await {
+        Ok(r) => r,
+        Err(e) => return fhir_internal(&e),
+    };
+    let base = base_url(&st, &headers, &uri);
+    let resources: Vec<Json> = rows.iter().map(render_device).collect();
+    let links = page_links(&base, "Device", &pairs, count, offset, total);
+    fhir_response(StatusCode::OK, &searchset(&base, total, links, resources))
 }
 
 /// The FHIR base URL: configured, or derived from the request's Host.
@@ -571,15 +647,26 @@ async fn search(State(st): State<AppState>, headers: HeaderMap, uri: Uri) -> Res
         Err(e) => return fhir_internal(&e),
     };
     let base = base_url(&st, &headers, &uri);
-    let bundle = match build_bundle(&base, &pairs, &search, total, &rows) {
-        Ok(b) => b,
-        Err(e) => return fhir_internal(&HubError::Store(StoreError::Json(e))),
-    };
+    let links = page_links(
+        &base,
+        "Observation",
+        &pairs,
+        search.count,
+        search.offset,
+        total,
+    );
+    let bundle = searchset(&base, total, links, render_rows(&rows));
     tracing::debug!(total, returned = rows.len(), "observation search");
     fhir_response(StatusCode::OK, &bundle)
 }
 
-fn page_link(base: &str, pairs: &[(String, String)], count: u32, offset: u64) -> String {
+fn page_link(
+    base: &str,
+    resource: &str,
+    pairs: &[(String, String)],
+    count: u32,
+    offset: u64,
+) -> String {
     let mut q: Vec<(String, String)> = pairs
         .iter()
         .filter(|(k, _)| !matches!(k.as_str(), "_count" | "_offset" | "_format"))
@@ -588,52 +675,82 @@ fn page_link(base: &str, pairs: &[(String, String)], count: u32, offset: u64) ->
     q.push(("_count".into(), count.to_string()));
     q.push(("_offset".into(), offset.to_string()));
     let query = serde_urlencoded::to_string(&q).unwrap_or_default();
-    format!("{base}/Observation?{query}")
+    format!("{base}/{resource}?{query}")
 }
 
-fn build_bundle(
+/// `self`, `next` and `previous` links of a page.
+fn page_links(
     base: &str,
+    resource: &str,
     pairs: &[(String, String)],
-    search: &ObservationSearch,
+    count: u32,
+    offset: u64,
     total: u64,
-    rows: &[String],
-) -> Result<Json, serde_json::Error> {
+) -> Vec<Json> {
     let mut links = vec![json!({
         "relation": "self",
-        "url": page_link(base, pairs, search.count, search.offset),
+        "url": page_link(base, resource, pairs, count, offset),
     })];
-    let next_offset = search.offset + u64::from(search.count);
-    if search.count > 0 && next_offset < total {
+    let next_offset = offset + u64::from(count);
+    if count > 0 && next_offset < total {
         links.push(json!({
             "relation": "next",
-            "url": page_link(base, pairs, search.count, next_offset),
+            "url": page_link(base, resource, pairs, count, next_offset),
         }));
     }
-    if search.offset > 0 && search.count > 0 {
+    if offset > 0 && count > 0 {
         links.push(json!({
             "relation": "previous",
-            "url": page_link(base, pairs, search.count, search.offset.saturating_sub(u64::from(search.count))),
+            "url": page_link(base, resource, pairs, count, offset.saturating_sub(u64::from(count))),
         }));
     }
-    let entries = rows
-        .iter()
-        .map(|text| {
-            let resource: Json = serde_json::from_str(text)?;
+    links
+}
+
+/// A searchset Bundle of resources (each with an `id`); OperationOutcome
+/// resources are listed with search mode `outcome`.
+fn searchset(base: &str, total: u64, links: Vec<Json>, resources: Vec<Json>) -> Json {
+    let entries: Vec<Json> = resources
+        .into_iter()
+        .map(|resource| {
+            let ty = resource["resourceType"].as_str().unwrap_or_default().to_owned();
+            if ty == "OperationOutcome" {
+                return json!({ "resource": resource, "search": { "mode": "outcome" } });
+            }
             let id = resource["id"].as_str().unwrap_or_default().to_owned();
-            Ok(json!({
-                "fullUrl": format!("{base}/Observation/{id}"),
+            json!({
+                "fullUrl": format!("{base}/{ty}/{id}"),
                 "resource": resource,
                 "search": { "mode": "match" },
-            }))
+            })
         })
-        .collect::<Result<Vec<_>, serde_json::Error>>()?;
-    Ok(json!({
+        .collect();
+    json!({
         "resourceType": "Bundle",
         "type": "searchset",
         "total": total,
         "link": links,
         "entry": entries,
-    }))
+    })
+}
+
+/// Renders a page of Observation rows; a row that cannot be rendered
+/// becomes an OperationOutcome entry (and an error log), never a silently
+/// shorter page.
+fn render_rows(rows: &[ObservationRow]) -> Vec<Json> {
+    rows.iter()
+        .map(|row| match render_observation(row) {
+            Ok(j) => j,
+            Err(e) => {
+                tracing::error!(error = %e, "stored observation cannot be rendered");
+                fhir::operation_outcome(
+                    "error",
+                    "exception",
+                    &format!("Observation/{} is stored but cannot be rendered", row.id),
+                )
+            }
+        })
+        .collect()
 }
 
 // ---------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 //!
 //! `u64` sequences are stored bit-for-bit as SQLite `INTEGER` (i64).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -11,9 +11,12 @@ use std::time::Duration;
 use prost::Message;
 use rusqlite::types::Value as SqlValue;
 use rusqlite::{Connection, OptionalExtension, params, params_from_iter};
-use shared_protocol::v1::{Batch, BatchAck, RejectReason, Rejection};
+use shared_protocol::v1::{Batch, BatchAck, DeviceData, Reading, RejectReason, Rejection, Validity};
 
-use crate::fhir::{DeviceRef, ObservationSearch, SortOrder, map_observation};
+use crate::fhir::render::{
+    BP_PANEL_LOINC, DeviceRow, ObservationRow, RowKind, bp_family_of, device_resource_id, panel_id,
+};
+use crate::fhir::{ObservationSearch, SortOrder, observation_id};
 use crate::ingest::{
     Refusal, technical_kind_name, validate_reading, validate_technical, validate_waveform,
 };
@@ -155,7 +158,9 @@ CREATE TABLE enrollment_tokens (
 /// members of a blood-pressure panel; or a `Waveform`) and an empty
 /// `resource`; rows written before v4 keep their stored JSON. `panel_id`
 /// marks a reading that is a component of a panel row (searches list the
-/// panel, not its parts). Waveforms become Observations (SampledData) in
+/// panel, not its parts; a panel row's `sequence` is -(its systolic
+/// reading's sequence + 1), since readings own the non-negative ones).
+/// Waveforms become Observations (SampledData) in
 /// this table; the v1 `waveforms` table keeps older rows only.
 const SCHEMA_V4: &str = r#"
 ALTER TABLE observations ADD COLUMN kind TEXT NOT NULL DEFAULT 'reading';
@@ -163,6 +168,8 @@ ALTER TABLE observations ADD COLUMN category TEXT NOT NULL DEFAULT 'vital-signs'
 ALTER TABLE observations ADD COLUMN payload BLOB;
 ALTER TABLE observations ADD COLUMN panel_id TEXT;
 CREATE INDEX observations_device_time ON observations (gateway_id, device_id, effective_us);
+ALTER TABLE devices ADD COLUMN fhir_id TEXT;
+CREATE INDEX devices_fhir_id ON devices (fhir_id);
 "#;
 
 /// Ordered migrations; each runs once, in one transaction with its version row.
@@ -238,6 +245,21 @@ fn put_gateway(
     }
 }
 
+/// Gives devices stored before schema v4 their FHIR id.
+fn backfill_device_ids(tx: &rusqlite::Transaction<'_>) -> Result<(), StoreError> {
+    let missing: Vec<(String, String)> = tx
+        .prepare("SELECT gateway_id, device_id FROM devices WHERE fhir_id IS NULL")?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    for (g, d) in missing {
+        tx.execute(
+            "UPDATE devices SET fhir_id = ?3 WHERE gateway_id = ?1 AND device_id = ?2",
+            params![g, d, device_resource_id(&g, &d)],
+        )?;
+    }
+    Ok(())
+}
+
 impl Store {
     /// Opens (creating if needed) the database and its schema.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
@@ -268,6 +290,7 @@ impl Store {
                 )?;
             }
         }
+        backfill_device_ids(&tx)?;
         tx.commit()?;
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
@@ -458,15 +481,12 @@ impl Store {
 
             let mut insert_obs = tx.prepare(
                 "INSERT OR IGNORE INTO observations (id, gateway_id, device_id, sequence, patient_id,
-                     loinc, mdc_code, effective_us, status, value, batch_sequence, received_us, resource)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                     loinc, mdc_code, effective_us, status, value, batch_sequence, received_us,
+                     resource, kind, category, payload)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, '', ?13, ?14, ?15)",
             )?;
-            let mut insert_wave = tx.prepare(
-                "INSERT OR IGNORE INTO waveforms (gateway_id, device_id, sequence, mdc_code,
-                     vendor_label, start_us, time_source, sample_period_us, scale, \"offset\",
-                     mdc_unit, ucum_unit, validity, flags, sample_count, samples_i32le,
-                     batch_sequence, received_us)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
+            let mut mark_panel_member = tx.prepare(
+                "UPDATE observations SET panel_id = ?2 WHERE id = ?1 AND panel_id IS NULL",
             )?;
             let mut insert_event = tx.prepare(
                 "INSERT OR IGNORE INTO device_events (gateway_id, device_id, sequence, kind, time_us,
@@ -475,9 +495,9 @@ impl Store {
             )?;
             let mut upsert_device = tx.prepare(
                 "INSERT INTO devices (gateway_id, device_id, protocol, manufacturer, model,
-                     serial_number, location, first_seen_us, last_seen_us)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)
-                 ON CONFLICT (gateway_id, device_id) DO UPDATE SET
+                     serial_number, location, first_seen_us, last_seen_us, fhir_id)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9)
+                 ON CONFLICT (gateway_id, device_id) DO UPDATE SET fhir_id = excluded.fhir_id,
                      protocol = excluded.protocol, manufacturer = excluded.manufacturer,
                      model = excluded.model, serial_number = excluded.serial_number,
                      location = excluded.location, last_seen_us = excluded.last_seen_us",
@@ -525,18 +545,15 @@ impl Store {
                     info.model,
                     info.serial_number,
                     info.location,
-                    received_us
+                    received_us,
+                    device_resource_id(gateway_id, device_id)
                 ])?;
                 let patient = associations
                     .get(&(gateway_id.to_owned(), device_id.to_owned()))
                     .map(String::as_str);
-                let dev_ref = DeviceRef {
-                    gateway_id,
-                    device_id,
-                    manufacturer: &info.manufacturer,
-                    model: &info.model,
-                    serial_number: &info.serial_number,
-                };
+                // Blood-pressure parts stored (or already stored) from this
+                // entry, by (panel code, effective time): grouped into panels.
+                let mut bp_parts: BTreeMap<(u32, i64), Vec<&Reading>> = BTreeMap::new();
                 for r in &data.readings {
                     let metric = match validate_reading(r, now_us) {
                         Ok(m) => m,
@@ -548,27 +565,88 @@ impl Store {
                     // A static association wins; else the patient identifier
                     // the source message carried (e.g. HL7 PID-3).
                     let patient = patient.or_else(|| crate::fhir::source_patient(r));
-                    let mapped = map_observation(&dev_ref, r, &metric, patient, received_us);
+                    let cols = crate::fhir::columns(r, &metric);
+                    let effective_us = r.effective_time_us();
                     let n = insert_obs.execute(params![
-                        mapped.id,
+                        observation_id(gateway_id, device_id, r.sequence),
                         gateway_id,
                         device_id,
                         r.sequence as i64,
                         patient,
                         metric.loinc,
                         metric.mdc,
-                        mapped.effective_us,
-                        mapped.status,
-                        mapped.value,
+                        effective_us,
+                        cols.status,
+                        cols.value,
                         batch_seq,
                         received_us,
-                        serde_json::to_string(&mapped.resource)?
+                        RowKind::Reading.as_str(),
+                        crate::fhir::category(&metric).0,
+                        r.encode_to_vec()
                     ])?;
                     if n == 0 {
                         duplicates += 1;
                     } else {
                         accepted += 1;
-                        out_of_range += u32::from(mapped.out_of_range);
+                        out_of_range += u32::from(cols.out_of_range);
+                    }
+                    if let Some(f) = bp_family_of(r.mdc_code) {
+                        bp_parts.entry((f.mdc, effective_us)).or_default().push(r);
+                    }
+                }
+                for ((panel_mdc, effective_us), parts) in &bp_parts {
+                    let Some(family) = crate::fhir::render::bp_family(*panel_mdc) else {
+                        continue;
+                    };
+                    let part = |mdc: u32| parts.iter().find(|r| r.mdc_code == mdc).copied();
+                    // The profile needs both systolic and diastolic.
+                    let (Some(sys), Some(_)) = (part(family.systolic), part(family.diastolic))
+                    else {
+                        continue;
+                    };
+                    let members: Vec<Reading> = [family.systolic, family.diastolic, family.mean]
+                        .into_iter()
+                        .filter_map(part)
+                        .cloned()
+                        .collect();
+                    let pid = panel_id(gateway_id, device_id, sys.sequence);
+                    let patient = patient.or_else(|| crate::fhir::source_patient(sys));
+                    let status = if members
+                        .iter()
+                        .all(|m| matches!(m.validity(), Validity::Valid | Validity::Invalid))
+                    {
+                        "final"
+                    } else {
+                        "preliminary"
+                    };
+                    insert_obs.execute(params![
+                        pid,
+                        gateway_id,
+                        device_id,
+                        // Readings own the non-negative sequences; a panel
+                        // row takes -(systolic sequence + 1).
+                        -(sys.sequence as i64) - 1,
+                        patient,
+                        BP_PANEL_LOINC,
+                        family.mdc,
+                        effective_us,
+                        status,
+                        None::<f64>,
+                        batch_seq,
+                        received_us,
+                        RowKind::BpPanel.as_str(),
+                        "vital-signs",
+                        DeviceData {
+                            readings: members.clone(),
+                            ..Default::default()
+                        }
+                        .encode_to_vec()
+                    ])?;
+                    for m in &members {
+                        mark_panel_member.execute(params![
+                            observation_id(gateway_id, device_id, m.sequence),
+                            pid
+                        ])?;
                     }
                 }
                 for w in &data.waveforms {
@@ -576,32 +654,26 @@ impl Store {
                         reject(device_id, w.sequence, "waveform", w.encode_to_vec(), f)?;
                         continue;
                     }
-                    let samples: Vec<u8> = w.samples.iter().flat_map(|s| s.to_le_bytes()).collect();
-                    let flags = w
-                        .flags
-                        .iter()
-                        .map(i32::to_string)
-                        .collect::<Vec<_>>()
-                        .join(",");
-                    let n = insert_wave.execute(params![
+                    let n = insert_obs.execute(params![
+                        observation_id(gateway_id, device_id, w.sequence),
                         gateway_id,
                         device_id,
                         w.sequence as i64,
+                        patient,
+                        "",
                         w.mdc_code,
-                        w.vendor_label,
                         w.start_time_us,
-                        w.time_source,
-                        w.sample_period_us,
-                        w.scale,
-                        w.offset,
-                        w.mdc_unit,
-                        w.ucum_unit,
-                        w.validity,
-                        flags,
-                        w.samples.len() as i64,
-                        samples,
+                        if matches!(w.validity(), Validity::Valid | Validity::Invalid) {
+                            "final"
+                        } else {
+                            "preliminary"
+                        },
+                        None::<f64>,
                         batch_seq,
-                        received_us
+                        received_us,
+                        RowKind::Waveform.as_str(),
+                        "",
+                        w.encode_to_vec()
                     ])?;
                     if n == 0 {
                         duplicates += 1;
@@ -656,30 +728,31 @@ impl Store {
         })
     }
 
-    /// One Observation's JSON text.
-    pub fn observation(&self, id: &str) -> Result<Option<String>, StoreError> {
+    /// One stored Observation row (rendered by `fhir::render`).
+    pub fn observation(&self, id: &str) -> Result<Option<ObservationRow>, StoreError> {
         let conn = self.lock()?;
         Ok(conn
             .query_row(
-                "SELECT resource FROM observations WHERE id = ?1",
+                &format!("SELECT {OBS_COLUMNS} FROM {OBS_FROM} WHERE o.id = ?1"),
                 [id],
-                |r| r.get(0),
+                obs_row,
             )
             .optional()?)
     }
 
     /// Runs a search; returns the total number of matches and the page's
-    /// Observation JSON texts.
-    pub fn search(&self, s: &ObservationSearch) -> Result<(u64, Vec<String>), StoreError> {
-        if s.codes.iter().any(Vec::is_empty) {
+    /// rows. Components of a blood-pressure panel are listed through their
+    /// panel, not on their own.
+    pub fn search(&self, s: &ObservationSearch) -> Result<(u64, Vec<ObservationRow>), StoreError> {
+        if s.codes.iter().any(Vec::is_empty) || s.categories.iter().any(Vec::is_empty) {
             return Ok((0, Vec::new()));
         }
-        let mut clauses: Vec<String> = Vec::new();
+        let mut clauses: Vec<String> = vec!["o.panel_id IS NULL".into()];
         let mut args: Vec<SqlValue> = Vec::new();
         let placeholders = |n: usize| vec!["?"; n].join(", ");
         if !s.patients.is_empty() {
             clauses.push(format!(
-                "patient_id IN ({})",
+                "o.patient_id IN ({})",
                 placeholders(s.patients.len())
             ));
             args.extend(s.patients.iter().cloned().map(SqlValue::Text));
@@ -689,9 +762,9 @@ impl Store {
                 .iter()
                 .map(|c| {
                     if c.loinc.is_some() {
-                        "(mdc_code = ? AND loinc = ?)"
+                        "(o.mdc_code = ? AND o.loinc = ?)"
                     } else {
-                        "mdc_code = ?"
+                        "o.mdc_code = ?"
                     }
                 })
                 .collect();
@@ -703,25 +776,32 @@ impl Store {
                 }
             }
         }
+        for set in &s.categories {
+            clauses.push(format!("o.category IN ({})", placeholders(set.len())));
+            args.extend(set.iter().cloned().map(SqlValue::Text));
+        }
+        if !s.devices.is_empty() {
+            clauses.push(format!(
+                "(o.gateway_id, o.device_id) IN (SELECT gateway_id, device_id FROM devices WHERE fhir_id IN ({}))",
+                placeholders(s.devices.len())
+            ));
+            args.extend(s.devices.iter().cloned().map(SqlValue::Text));
+        }
         for d in &s.dates {
             let (lo, hi) = d.bounds();
             if let Some(lo) = lo {
-                clauses.push("effective_us >= ?".into());
+                clauses.push("o.effective_us >= ?".into());
                 args.push(SqlValue::Integer(lo));
             }
             if let Some(hi) = hi {
-                clauses.push("effective_us < ?".into());
+                clauses.push("o.effective_us < ?".into());
                 args.push(SqlValue::Integer(hi));
             }
         }
-        let where_sql = if clauses.is_empty() {
-            String::new()
-        } else {
-            format!("WHERE {}", clauses.join(" AND "))
-        };
+        let where_sql = format!("WHERE {}", clauses.join(" AND "));
         let conn = self.lock()?;
         let total: i64 = conn.query_row(
-            &format!("SELECT COUNT(*) FROM observations {where_sql}"),
+            &format!("SELECT COUNT(*) FROM observations o {where_sql}"),
             params_from_iter(args.iter()),
             |r| r.get(0),
         )?;
@@ -729,11 +809,11 @@ impl Store {
             return Ok((total as u64, Vec::new()));
         }
         let order = match s.sort {
-            SortOrder::DateAsc => "effective_us ASC, id ASC",
-            SortOrder::DateDesc => "effective_us DESC, id DESC",
+            SortOrder::DateAsc => "o.effective_us ASC, o.id ASC",
+            SortOrder::DateDesc => "o.effective_us DESC, o.id DESC",
         };
         let sql = format!(
-            "SELECT resource FROM observations {where_sql} ORDER BY {order} LIMIT ? OFFSET ?"
+            "SELECT {OBS_COLUMNS} FROM {OBS_FROM} {where_sql} ORDER BY {order} LIMIT ? OFFSET ?"
         );
         args.push(SqlValue::Integer(i64::from(s.count)));
         args.push(SqlValue::Integer(
@@ -741,10 +821,77 @@ impl Store {
         ));
         let mut stmt = conn.prepare(&sql)?;
         let rows = stmt
-            .query_map(params_from_iter(args.iter()), |r| r.get::<_, String>(0))?
+            .query_map(params_from_iter(args.iter()), obs_row)?
             .collect::<Result<Vec<_>, _>>()?;
         Ok((total as u64, rows))
     }
+
+    /// A device by its FHIR id.
+    pub fn device(&self, fhir_id: &str) -> Result<Option<DeviceRow>, StoreError> {
+        let conn = self.lock()?;
+        Ok(conn
+            .query_row(
+                &format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE fhir_id = ?1"),
+                [fhir_id],
+                device_row,
+            )
+            .optional()?)
+    }
+
+    /// Devices ordered by gateway and device id, a page at a time; with
+    /// the total count.
+    pub fn devices(&self, count: u32, offset: u64) -> Result<(u64, Vec<DeviceRow>), StoreError> {
+        let conn = self.lock()?;
+        let total: i64 = conn.query_row("SELECT COUNT(*) FROM devices", [], |r| r.get(0))?;
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {DEVICE_COLUMNS} FROM devices ORDER BY gateway_id, device_id LIMIT ?1 OFFSET ?2"
+        ))?;
+        let rows = stmt
+            .query_map(
+                params![i64::from(count), i64::try_from(offset).unwrap_or(i64::MAX)],
+                device_row,
+            )?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((total as u64, rows))
+    }
+}
+
+const OBS_COLUMNS: &str = "o.id, o.kind, o.gateway_id, o.device_id, o.patient_id, o.received_us, \
+     o.payload, o.resource, COALESCE(d.manufacturer, ''), COALESCE(d.model, ''), \
+     COALESCE(d.serial_number, '')";
+const OBS_FROM: &str = "observations o LEFT JOIN devices d \
+     ON d.gateway_id = o.gateway_id AND d.device_id = o.device_id";
+
+fn obs_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ObservationRow> {
+    Ok(ObservationRow {
+        id: r.get(0)?,
+        kind: r.get(1)?,
+        gateway_id: r.get(2)?,
+        device_id: r.get(3)?,
+        patient_id: r.get(4)?,
+        received_us: r.get(5)?,
+        payload: r.get(6)?,
+        resource: r.get(7)?,
+        manufacturer: r.get(8)?,
+        model: r.get(9)?,
+        serial_number: r.get(10)?,
+    })
+}
+
+const DEVICE_COLUMNS: &str = "gateway_id, device_id, protocol, manufacturer, model, serial_number, \
+     first_seen_us, last_seen_us";
+
+fn device_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeviceRow> {
+    Ok(DeviceRow {
+        gateway_id: r.get(0)?,
+        device_id: r.get(1)?,
+        protocol: r.get(2)?,
+        manufacturer: r.get(3)?,
+        model: r.get(4)?,
+        serial_number: r.get(5)?,
+        first_seen_us: r.get(6)?,
+        last_seen_us: r.get(7)?,
+    })
 }
 
 /// The hub clock, UTC microseconds.
@@ -931,6 +1078,8 @@ mod tests {
             patients: vec![],
             codes: vec![],
             dates: vec![],
+            categories: vec![],
+            devices: vec![],
             count: 10,
             offset: 0,
             sort: SortOrder::DateAsc,

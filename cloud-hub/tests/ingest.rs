@@ -52,11 +52,19 @@ async fn batch_ack_and_deduplication() {
 
     let db = hub.db();
     let n: i64 = db
-        .query_row("SELECT COUNT(*) FROM observations", [], |r| r.get(0))
+        .query_row(
+            "SELECT COUNT(*) FROM observations WHERE kind = 'reading'",
+            [],
+            |r| r.get(0),
+        )
         .unwrap();
     assert_eq!(n, 4);
     let n: i64 = db
-        .query_row("SELECT COUNT(*) FROM waveforms", [], |r| r.get(0))
+        .query_row(
+            "SELECT COUNT(*) FROM observations WHERE kind = 'waveform'",
+            [],
+            |r| r.get(0),
+        )
         .unwrap();
     assert_eq!(n, 1);
     let n: i64 = db
@@ -77,7 +85,8 @@ async fn batch_ack_and_deduplication() {
 
     let (status, bundle) = hub.get_json("/fhir/Observation?patient=patient-1").await;
     assert_eq!(status, 200);
-    assert_eq!(bundle["total"], 4);
+    // Four readings and the waveform (as SampledData).
+    assert_eq!(bundle["total"], 5);
     hub.stop().await;
 }
 

@@ -102,17 +102,27 @@ fn observed_pairs(base: &str, patient: &str) -> BTreeSet<(u32, String)> {
     let mut out = BTreeSet::new();
     for e in bundle["entry"].as_array().cloned().unwrap_or_default() {
         let r = &e["resource"];
-        let codings = r["code"]["coding"].as_array().unwrap();
-        assert_eq!(codings[0]["system"], "http://loinc.org", "LOINC first: {r}");
-        let mdc = codings
-            .iter()
-            .find(|c| c["system"] == "urn:iso:std:iso:11073:10101")
-            .and_then(|c| c["code"].as_str())
-            .and_then(|c| c.parse().ok())
-            .unwrap_or_else(|| panic!("no MDC coding in {r}"));
-        if let Some(unit) = r["valueQuantity"]["code"].as_str() {
-            assert_eq!(r["valueQuantity"]["system"], "http://unitsofmeasure.org");
-            out.insert((mdc, unit.to_string()));
+        if r.get("valueSampledData").is_some() {
+            continue; // waveforms carry MDC codes only
+        }
+        // A BP panel's values are its components.
+        let parts = match r["component"].as_array() {
+            Some(c) => c.clone(),
+            None => vec![r.clone()],
+        };
+        for part in &parts {
+            let codings = part["code"]["coding"].as_array().unwrap();
+            assert_eq!(codings[0]["system"], "http://loinc.org", "LOINC first: {r}");
+            let mdc = codings
+                .iter()
+                .find(|c| c["system"] == "urn:iso:std:iso:11073:10101")
+                .and_then(|c| c["code"].as_str())
+                .and_then(|c| c.parse().ok())
+                .unwrap_or_else(|| panic!("no MDC coding in {r}"));
+            if let Some(unit) = part["valueQuantity"]["code"].as_str() {
+                assert_eq!(part["valueQuantity"]["system"], "http://unitsofmeasure.org");
+                out.insert((mdc, unit.to_string()));
+            }
         }
     }
     out
@@ -258,19 +268,22 @@ token_file = \"gateway.token\"\nbatch_max_wait_ms = 200\nmax_backoff_ms = 500\n"
             dv.id
         );
     }
-    // The Nonin pleth arrives as waveforms: 25 samples at 75 Hz per packet.
-    let conn = rusqlite::Connection::open(&db).unwrap();
-    let (n, samples, period): (i64, i64, i64) = conn
-        .query_row(
-            "SELECT COUNT(*), MIN(sample_count), MIN(sample_period_us) FROM waveforms
-             WHERE device_id = 'nonin-1' AND mdc_code = 150452",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-        )
-        .unwrap();
-    assert!(n > 0, "pleth waveforms stored");
-    assert_eq!((samples, period), (25, 13_333));
-    drop(conn);
+    // The Nonin pleth arrives as waveforms (25 samples at 75 Hz per
+    // packet), served as SampledData Observations.
+    let (status, bundle) = get_json(&format!(
+        "{base}/fhir/Observation?code=urn:iso:std:iso:11073:10101%7C150452&_count=5"
+    ))
+    .unwrap();
+    assert_eq!(status, 200, "{bundle}");
+    let entries = bundle["entry"].as_array().expect("entries");
+    assert!(!entries.is_empty(), "pleth waveforms stored: {bundle}");
+    let sd = &entries[0]["resource"]["valueSampledData"];
+    assert_eq!(sd["period"].as_f64(), Some(13.333), "{sd}");
+    assert_eq!(
+        sd["data"].as_str().map(|d| d.split(' ').count()),
+        Some(25),
+        "{sd}"
+    );
 
     // Pull one cable: the device is reported, the others keep flowing.
     sims[0].kill9();

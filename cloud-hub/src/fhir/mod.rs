@@ -1,6 +1,8 @@
 //! FHIR R4 JSON: Observation mapping of readings, search parameter parsing,
 //! OperationOutcome, CapabilityStatement and Bundle building.
 
+pub mod render;
+
 use ring::digest;
 use serde_json::{Value as Json, json};
 use shared_protocol::v1::{QualityFlag, Reading, TimeSource, Validity, reading};
@@ -14,7 +16,7 @@ pub const UCUM_SYSTEM: &str = "http://unitsofmeasure.org";
 pub const VITALSIGNS_PROFILE: &str = "http://hl7.org/fhir/StructureDefinition/vitalsigns";
 pub const QUALITY_EXT: &str = "http://vigil.health/fhir/StructureDefinition/reading-quality";
 pub const TIME_SOURCE_EXT: &str = "http://vigil.health/fhir/StructureDefinition/time-source";
-const CATEGORY_SYSTEM: &str = "http://terminology.hl7.org/CodeSystem/observation-category";
+pub(crate) const CATEGORY_SYSTEM: &str = "http://terminology.hl7.org/CodeSystem/observation-category";
 const ABSENT_SYSTEM: &str = "http://terminology.hl7.org/CodeSystem/data-absent-reason";
 
 /// Default and maximum page size of a search.
@@ -52,7 +54,7 @@ fn vital_profile(metric: &Metric) -> Option<&'static str> {
     }
 }
 
-fn category(metric: &Metric) -> (&'static str, &'static str) {
+pub(crate) fn category(metric: &Metric) -> (&'static str, &'static str) {
     match metric.loinc {
         "41653-7" => ("laboratory", "Laboratory"),
         _ => ("vital-signs", "Vital Signs"),
@@ -81,7 +83,7 @@ pub fn format_instant(us: i64) -> String {
     }
 }
 
-fn validity_code(v: i32) -> &'static str {
+pub(crate) fn validity_code(v: i32) -> &'static str {
     match Validity::try_from(v) {
         Ok(Validity::Valid) => "valid",
         Ok(Validity::Questionable) => "questionable",
@@ -90,7 +92,7 @@ fn validity_code(v: i32) -> &'static str {
     }
 }
 
-fn flag_code(f: i32) -> Option<&'static str> {
+pub(crate) fn flag_code(f: i32) -> Option<&'static str> {
     Some(match QualityFlag::try_from(f).ok()? {
         QualityFlag::Unspecified => return None,
         QualityFlag::Calibrating => "calibrating",
@@ -107,7 +109,7 @@ fn flag_code(f: i32) -> Option<&'static str> {
     })
 }
 
-fn time_source_code(t: i32) -> &'static str {
+pub(crate) fn time_source_code(t: i32) -> &'static str {
     match TimeSource::try_from(t) {
         Ok(TimeSource::DeviceClockSynced) => "device-clock-synced",
         Ok(TimeSource::DeviceClockUnsynced) => "device-clock-unsynced",
@@ -162,12 +164,7 @@ pub fn map_observation(
 ) -> MappedObservation {
     let id = observation_id(device.gateway_id, device.device_id, reading.sequence);
     let validity = Validity::try_from(reading.validity).unwrap_or(Validity::Unspecified);
-    // INVALID readings are complete (the device said the value is unusable),
-    // so they stay "final" with the value withheld.
-    let status = match validity {
-        Validity::Valid | Validity::Invalid => "final",
-        _ => "preliminary",
-    };
+    let status = columns(reading, metric).status;
     let effective_us = reading.effective_time_us();
 
     let mut obs = serde_json::Map::new();
@@ -214,22 +211,7 @@ pub fn map_observation(
         json!({ "coding": codings, "text": metric.display }),
     );
     if let Some(p) = patient_id {
-        let mut subject = serde_json::Map::new();
-        // A value that is not a FHIR id cannot be a literal reference; the
-        // identifier alone still names the patient (Reference.identifier).
-        if is_valid_id(p) {
-            subject.insert("reference".into(), json!(format!("Patient/{p}")));
-        }
-        // The source's identifier, when the subject is the one it carried.
-        if let Some(id) = reading.subject.as_ref().filter(|s| s.value == p) {
-            let mut ident = serde_json::Map::new();
-            if !id.system.is_empty() {
-                ident.insert("system".into(), json!(id.system));
-            }
-            ident.insert("value".into(), json!(id.value));
-            subject.insert("identifier".into(), Json::Object(ident));
-        }
-        obs.insert("subject".into(), Json::Object(subject));
+        obs.insert("subject".into(), subject_json(p, reading));
     }
     obs.insert(
         "effectiveDateTime".into(),
@@ -243,24 +225,9 @@ pub fn map_observation(
     obs.insert("issued".into(), json!(format_instant(issued)));
 
     // Value and quality.
-    let mut quality =
-        vec![json!({ "url": "validity", "valueCode": validity_code(reading.validity) })];
-    for f in &reading.flags {
-        if let Some(code) = flag_code(*f) {
-            quality.push(json!({ "url": "flag", "valueCode": code }));
-        }
-    }
-    let numeric = match &reading.value {
-        Some(reading::Value::Numeric(v)) => Some(*v),
-        _ => None,
-    };
-    let out_of_range =
-        numeric.is_some_and(|v| v < metric.possible_range.0 || v > metric.possible_range.1);
-    if out_of_range {
-        quality.push(json!({ "url": "out-of-range", "valueBoolean": true }));
-    }
-    let withhold = validity == Validity::Invalid || out_of_range;
-    let mut value_col = None;
+    let cols = columns(reading, metric);
+    let withhold = validity == Validity::Invalid || cols.out_of_range;
+    let quality = quality_extension(reading, metric, cols.out_of_range, withhold);
     match &reading.value {
         None => {
             obs.insert(
@@ -268,23 +235,10 @@ pub fn map_observation(
                 absent_reason("unknown", "Unknown"),
             );
         }
-        Some(v) if withhold => {
+        Some(_) if withhold => {
             obs.insert("dataAbsentReason".into(), absent_reason("error", "Error"));
-            match v {
-                reading::Value::Numeric(n) => {
-                    quality.push(json!({ "url": "raw-value", "valueDecimal": n }));
-                    quality.push(json!({ "url": "raw-unit", "valueCode": metric.unit.ucum }));
-                }
-                reading::Value::Text(t) => {
-                    quality.push(json!({ "url": "raw-value", "valueString": t }));
-                }
-                reading::Value::Coded(c) => {
-                    quality.push(json!({ "url": "raw-value", "valueCoding": coding_json(c) }));
-                }
-            }
         }
         Some(reading::Value::Numeric(n)) => {
-            value_col = Some(*n);
             obs.insert(
                 "valueQuantity".into(),
                 json!({ "value": n, "unit": metric.unit.display, "system": UCUM_SYSTEM,
@@ -305,40 +259,110 @@ pub fn map_observation(
     obs.insert(
         "extension".into(),
         json!([
-            { "url": QUALITY_EXT, "extension": quality },
+            quality,
             { "url": TIME_SOURCE_EXT, "valueCode": time_source_code(reading.time_source) },
         ]),
     );
-
-    let display: Vec<String> = [
-        device.manufacturer.to_owned(),
-        device.model.to_owned(),
-        if device.serial_number.is_empty() {
-            String::new()
-        } else {
-            format!("SN {}", device.serial_number)
-        },
-    ]
-    .into_iter()
-    .filter(|s| !s.is_empty())
-    .collect();
-    let mut dev = json!({ "identifier": {
-        "system": format!("urn:vigil:gateway:{}:device", device.gateway_id),
-        "value": device.device_id,
-    }});
-    if !display.is_empty() {
-        dev["display"] = json!(display.join(" "));
-    }
-    obs.insert("device".into(), dev);
+    obs.insert("device".into(), render::device_json(device));
 
     MappedObservation {
         id,
         status,
-        value: value_col,
+        value: cols.value,
         effective_us,
-        out_of_range,
+        out_of_range: cols.out_of_range,
         resource: Json::Object(obs),
     }
+}
+
+/// The indexed column values of a reading's Observation, without building
+/// its JSON (what ingest stores).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ObservationColumns {
+    pub status: &'static str,
+    /// The numeric value when it is carried as `valueQuantity`.
+    pub value: Option<f64>,
+    pub out_of_range: bool,
+}
+
+/// Status, stored value and range check of a validated reading.
+pub fn columns(reading: &Reading, metric: &Metric) -> ObservationColumns {
+    let validity = Validity::try_from(reading.validity).unwrap_or(Validity::Unspecified);
+    // INVALID readings are complete (the device said the value is unusable),
+    // so they stay "final" with the value withheld.
+    let status = match validity {
+        Validity::Valid | Validity::Invalid => "final",
+        _ => "preliminary",
+    };
+    let numeric = match &reading.value {
+        Some(reading::Value::Numeric(v)) => Some(*v),
+        _ => None,
+    };
+    let out_of_range =
+        numeric.is_some_and(|v| v < metric.possible_range.0 || v > metric.possible_range.1);
+    let value = numeric.filter(|_| validity != Validity::Invalid && !out_of_range);
+    ObservationColumns {
+        status,
+        value,
+        out_of_range,
+    }
+}
+
+/// `Observation.subject` for patient `p`: a literal reference when `p` is a
+/// FHIR id, plus the identifier the source carried when it named `p`.
+pub(crate) fn subject_json(p: &str, reading: &Reading) -> Json {
+    let mut subject = serde_json::Map::new();
+    // A value that is not a FHIR id cannot be a literal reference; the
+    // identifier alone still names the patient (Reference.identifier).
+    if is_valid_id(p) {
+        subject.insert("reference".into(), json!(format!("Patient/{p}")));
+    }
+    // The source's identifier, when the subject is the one it carried.
+    if let Some(id) = reading.subject.as_ref().filter(|s| s.value == p) {
+        let mut ident = serde_json::Map::new();
+        if !id.system.is_empty() {
+            ident.insert("system".into(), json!(id.system));
+        }
+        ident.insert("value".into(), json!(id.value));
+        subject.insert("identifier".into(), Json::Object(ident));
+    }
+    Json::Object(subject)
+}
+
+/// The reading-quality extension: validity, device flags, the range
+/// check, and the raw value/unit when the value is withheld.
+pub(crate) fn quality_extension(
+    reading: &Reading,
+    metric: &Metric,
+    out_of_range: bool,
+    withhold: bool,
+) -> Json {
+    let mut quality =
+        vec![json!({ "url": "validity", "valueCode": validity_code(reading.validity) })];
+    for f in &reading.flags {
+        if let Some(code) = flag_code(*f) {
+            quality.push(json!({ "url": "flag", "valueCode": code }));
+        }
+    }
+    if out_of_range {
+        quality.push(json!({ "url": "out-of-range", "valueBoolean": true }));
+    }
+    if withhold {
+        match &reading.value {
+            Some(reading::Value::Numeric(n)) => {
+                quality.push(json!({ "url": "raw-value", "valueDecimal": n }));
+                quality.push(json!({ "url": "raw-unit", "valueCode": metric.unit.ucum }));
+            }
+            Some(reading::Value::Text(t)) => {
+                quality.push(json!({ "url": "raw-value", "valueString": t }));
+            }
+            Some(reading::Value::Coded(c)) => {
+                quality.push(json!({ "url": "raw-value", "valueCoding": coding_json(c) }));
+            }
+            None => {}
+        }
+    }
+    json!({ "url": QUALITY_EXT, "extension": quality })
 }
 
 fn profile_loinc_display(code: &str) -> Option<&'static str> {
@@ -365,7 +389,7 @@ fn coding_json(c: &shared_protocol::v1::CodedValue) -> Json {
     Json::Object(j)
 }
 
-fn absent_reason(code: &str, display: &str) -> Json {
+pub(crate) fn absent_reason(code: &str, display: &str) -> Json {
     json!({ "coding": [{ "system": ABSENT_SYSTEM, "code": code, "display": display }],
             "text": display })
 }
@@ -411,7 +435,9 @@ pub fn capability_statement(date: &str) -> Json {
                     param("patient", "reference", "Patient id or Patient/id"),
                     param("subject", "reference", "Patient id or Patient/id"),
                     param("code", "token", "LOINC (incl. vital-signs profile codes) or MDC (urn:iso:std:iso:11073:10101) code; comma = OR"),
-                    param("date", "date", "effectiveDateTime; prefixes eq, lt, le, gt, ge, sa, eb; repeatable"),
+                    param("date", "date", "effective time; prefixes eq, lt, le, gt, ge, sa, eb; repeatable"),
+                    param("category", "token", "observation category (vital-signs, laboratory); comma = OR"),
+                    param("device", "reference", "Device id or Device/id; comma = OR"),
                     param("_count", "number", "page size, default 100, max 1000"),
                     param("_sort", "string", "date or -date (default date)"),
                 ],
@@ -627,6 +653,10 @@ pub struct ObservationSearch {
     /// empty inner list matches nothing (codes unknown to the catalogue).
     pub codes: Vec<Vec<CodeMatch>>,
     pub dates: Vec<DateParam>,
+    /// Each inner list is an OR-set of category codes; the lists are AND-ed.
+    pub categories: Vec<Vec<String>>,
+    /// Device resource ids, OR-ed. Empty = any.
+    pub devices: Vec<String>,
     pub count: u32,
     pub offset: u64,
     pub sort: SortOrder,
@@ -663,25 +693,33 @@ fn resolve_code(token: &str) -> Result<Vec<CodeMatch>, SearchParamError> {
         return Err(invalid("code", format!("`{token}` has no code")));
     }
     let by_loinc = || {
-        CATALOGUE
+        let mut v = CATALOGUE
             .by_loinc(code)
             .map(|m| CodeMatch {
                 mdc: m.mdc,
                 loinc: Some(m.loinc),
             })
-            .collect::<Vec<_>>()
+            .collect::<Vec<_>>();
+        if code == render::BP_PANEL_LOINC {
+            v.extend(render::BP_FAMILIES.iter().map(|f| CodeMatch {
+                mdc: f.mdc,
+                loinc: Some(render::BP_PANEL_LOINC),
+            }));
+        }
+        v
     };
-    let by_mdc = || {
-        code.parse::<u32>()
-            .ok()
-            .and_then(|c| CATALOGUE.by_mdc(c))
-            .map(|m| {
-                vec![CodeMatch {
-                    mdc: m.mdc,
-                    loinc: None,
-                }]
-            })
-            .unwrap_or_default()
+    // A catalogue metric, a blood-pressure panel, or (any other MDC code)
+    // a waveform.
+    let by_mdc = || match code.parse::<u32>() {
+        Ok(c) if render::bp_family(c).is_some() => vec![CodeMatch {
+            mdc: c,
+            loinc: Some(render::BP_PANEL_LOINC),
+        }],
+        Ok(c) => vec![CodeMatch {
+            mdc: CATALOGUE.by_mdc(c).map_or(c, |m| m.mdc),
+            loinc: None,
+        }],
+        Err(_) => Vec::new(),
     };
     Ok(match system {
         Some(LOINC_SYSTEM) => by_loinc(),
@@ -714,6 +752,8 @@ pub fn parse_search(pairs: &[(String, String)]) -> Result<ObservationSearch, Sea
         patients: Vec::new(),
         codes: Vec::new(),
         dates: Vec::new(),
+        categories: Vec::new(),
+        devices: Vec::new(),
         count: DEFAULT_COUNT,
         offset: 0,
         sort: SortOrder::DateAsc,
@@ -750,6 +790,33 @@ pub fn parse_search(pairs: &[(String, String)]) -> Result<ObservationSearch, Sea
                 s.codes.push(set);
             }
             "date" => s.dates.push(parse_date_param(value)?),
+            "category" => {
+                let mut set = Vec::new();
+                for token in value.split(',') {
+                    let code = match token.split_once('|') {
+                        Some((CATEGORY_SYSTEM, c)) | Some(("", c)) => c,
+                        Some((_, _)) => continue,
+                        None => token,
+                    };
+                    if code.is_empty() {
+                        return Err(invalid(name, format!("`{token}` has no code")));
+                    }
+                    set.push(code.to_owned());
+                }
+                s.categories.push(set);
+            }
+            "device" => {
+                for v in value.split(',') {
+                    let id = v.strip_prefix("Device/").unwrap_or(v);
+                    if !is_valid_id(id) {
+                        return Err(invalid(
+                            name,
+                            format!("`{v}` is not a Device id or Device/<id>"),
+                        ));
+                    }
+                    s.devices.push(id.to_owned());
+                }
+            }
             "_count" => s.count = parse_int::<u32>(name, value)?.min(MAX_COUNT),
             "_offset" => s.offset = parse_int(name, value)?,
             "_sort" => {
