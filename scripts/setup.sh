@@ -41,6 +41,21 @@ if ! python3 -c 'import sys, importlib.metadata as m; sys.exit(m.version("hl7apy
   python3 -m pip install --quiet 'hl7apy==1.3.5'
 fi
 
+#   fhir.resources 6.1.0 (FHIR R4 4.0.1 models; pydantic 1): the independent
+#     FHIR validator that cloud-hub/tests/fhir_validator.rs runs over every
+#     resource type the hub emits. Kept in its own virtualenv because it needs
+#     pydantic 1 (later releases moved to R4B/R5). python3-venv provides venv.
+FHIR_VENV="${VIGIL_FHIR_VENV:-$HOME/.cache/vigil/fhir-r4-venv}"
+if ! "$FHIR_VENV/bin/python" -c 'import sys, fhir.resources as f; sys.exit(f.__fhir_version__ != "4.0.1")' >/dev/null 2>&1; then
+  echo "setup: installing fhir.resources 6.1.0 (FHIR R4) into $FHIR_VENV" >&2
+  if ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c 'import ensurepip' >/dev/null 2>&1; then
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
+  fi
+  rm -rf "$FHIR_VENV"
+  python3 -m venv "$FHIR_VENV"
+  "$FHIR_VENV/bin/pip" install --quiet 'fhir.resources==6.1.0' 'pydantic[email]==1.10.21'
+fi
+
 # Rust toolchain pieces.
 if ! command -v cargo >/dev/null 2>&1; then
   echo "setup: cargo not found; install Rust (rustup) first" >&2
