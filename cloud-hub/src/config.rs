@@ -48,8 +48,11 @@ pub struct Config {
     pub storage: StorageConfig,
     #[serde(default)]
     pub fhir: FhirConfig,
-    /// Static device → patient mapping (temporary, until an ADT/association
-    /// API exists).
+    /// `[association]`: the bed/placement/stay API (see `association_api`).
+    #[serde(default)]
+    pub association: crate::association_api::AssociationConfig,
+    /// Static device → patient mapping: the fallback after a reading's own
+    /// subject and the bed stays (see `association`).
     #[serde(default)]
     pub associations: Vec<Association>,
 }
@@ -159,6 +162,9 @@ impl Config {
             }
         };
         fix(&mut self.storage.sqlite_path);
+        if let Some(p) = &mut self.association.admin_token_file {
+            fix(p);
+        }
         if let Some(tls) = &mut self.server.tls {
             fix(&mut tls.cert_file);
             fix(&mut tls.key_file);

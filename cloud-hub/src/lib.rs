@@ -10,6 +10,7 @@
 //!   of gateway tokens.
 
 pub mod association;
+pub mod association_api;
 pub mod auth;
 pub mod config;
 pub mod fhir;

@@ -101,7 +101,19 @@ impl Hub {
             tls: self.tls.is_some(),
             started: fhir::format_instant(now_us() / 1_000_000 * 1_000_000),
         };
-        let app = router(state);
+        // The association API (beds, placements, stays; admin token).
+        let association = crate::association_api::ApiState::load(
+            &self.config.association,
+            self.store.clone(),
+            state.associations.clone(),
+        )
+        .map_err(|e| {
+            HubError::Config(crate::ConfigError::Invalid {
+                field: "association.admin_token_file".into(),
+                message: e.to_string(),
+            })
+        })?;
+        let app = router(state).merge(crate::association_api::router(association));
         tracing::info!(%addr, tls = self.tls.is_some(), "hub serving");
         match self.tls {
             None => {
