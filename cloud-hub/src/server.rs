@@ -198,6 +198,9 @@ fn router(state: AppState) -> Router {
         .route("/Observation/{id}", get(read))
         .route("/Device", get(search_devices))
         .route("/Device/{id}", get(read_device))
+        .route("/Patient/{id}", get(read_patient))
+        .route("/Location", get(search_locations))
+        .route("/Location/{id}", get(read_location))
         .fallback(fhir_not_found);
     Router::new()
         .route(INGEST_PATH, post(ingest).layer(DefaultBodyLimit::disable()))
@@ -573,6 +576,80 @@ async fn read_device(State(st): State<AppState>, Path(id): Path<String>) -> Resp
     }
 }
 
+async fn read_patient(State(st): State<AppState>, Path(id): Path<String>) -> Response {
+    st.metrics.fhir(FhirInteraction::Read);
+    let not_found = || {
+        outcome(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            "no such Patient is known",
+        )
+    };
+    if !fhir::is_valid_id(&id) {
+        return not_found();
+    }
+    let store = st.store.clone();
+    let lookup = id.clone();
+    match blocking(move || store.patient(&lookup)).await {
+        Ok(Some(system)) => fhir_response(
+            StatusCode::OK,
+            &fhir::render::render_patient(&id, Some(&system)),
+        ),
+        Ok(None) => not_found(),
+        Err(e) => fhir_internal(&e),
+    }
+}
+
+async fn locations(st: &AppState) -> Result<Vec<Json>, Response> {
+    let store = st.store.clone();
+    let beds = blocking(move || Ok(store.list_beds().map_err(|e| e.to_string())))
+        .await
+        .map_err(|e| fhir_internal(&e))?
+        .map_err(|e| outcome(StatusCode::INTERNAL_SERVER_ERROR, "exception", &e))?;
+    Ok(beds
+        .iter()
+        .map(|b| fhir::render::render_location(&b.id, &b.ward, &b.label))
+        .collect())
+}
+
+async fn read_location(State(st): State<AppState>, Path(id): Path<String>) -> Response {
+    st.metrics.fhir(FhirInteraction::Read);
+    match locations(&st).await {
+        Ok(all) => match all.into_iter().find(|l| l["id"] == id.as_str()) {
+            Some(l) => fhir_response(StatusCode::OK, &l),
+            None => outcome(
+                StatusCode::NOT_FOUND,
+                "not-found",
+                &format!("Location/{id} is not known"),
+            ),
+        },
+        Err(resp) => resp,
+    }
+}
+
+async fn search_locations(State(st): State<AppState>, headers: HeaderMap, uri: Uri) -> Response {
+    st.metrics.fhir(FhirInteraction::Search);
+    if let Some(q) = uri
+        .query()
+        .filter(|q| !q.is_empty() && !q.starts_with("_format="))
+    {
+        return outcome(
+            StatusCode::BAD_REQUEST,
+            "not-supported",
+            &format!("Location search takes no parameters (got `{q}`)"),
+        );
+    }
+    match locations(&st).await {
+        Ok(all) => {
+            let base = base_url(&st, &headers, &uri);
+            let total = all.len() as u64;
+            let links = vec![json!({ "relation": "self", "url": format!("{base}/Location") })];
+            fhir_response(StatusCode::OK, &searchset(&base, total, links, all))
+        }
+        Err(resp) => resp,
+    }
+}
+
 async fn search_devices(State(st): State<AppState>, headers: HeaderMap, uri: Uri) -> Response {
     st.metrics.fhir(FhirInteraction::Search);
     let pairs: Vec<(String, String)> = match serde_urlencoded::from_str(uri.query().unwrap_or("")) {
@@ -589,7 +666,10 @@ async fn search_devices(State(st): State<AppState>, headers: HeaderMap, uri: Uri
     let mut offset = 0u64;
     for (k, v) in &pairs {
         let parsed = match k.as_str() {
-            "_count" => v.parse::<u32>().map(|c| count = c.min(fhir::MAX_COUNT)).is_ok(),
+            "_count" => v
+                .parse::<u32>()
+                .map(|c| count = c.min(fhir::MAX_COUNT))
+                .is_ok(),
             "_offset" => v.parse::<u64>().map(|o| offset = o).is_ok(),
             "_format" => true,
             other => {
@@ -725,7 +805,10 @@ fn searchset(base: &str, total: u64, links: Vec<Json>, resources: Vec<Json>) -> 
     let entries: Vec<Json> = resources
         .into_iter()
         .map(|resource| {
-            let ty = resource["resourceType"].as_str().unwrap_or_default().to_owned();
+            let ty = resource["resourceType"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
             if ty == "OperationOutcome" {
                 return json!({ "resource": resource, "search": { "mode": "outcome" } });
             }
