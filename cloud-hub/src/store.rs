@@ -412,6 +412,20 @@ impl Store {
             .optional()?)
     }
 
+    /// Whether gateway `id` is registered and not revoked (MQTT ingest,
+    /// where the broker authenticated the publisher).
+    pub fn gateway_is_active(&self, id: &str) -> Result<bool, StoreError> {
+        let conn = self.lock()?;
+        Ok(conn
+            .query_row(
+                "SELECT 1 FROM gateways WHERE id = ?1 AND revoked_us IS NULL",
+                [id],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some())
+    }
+
     /// Stores a batch of an authenticated gateway in one transaction.
     ///
     /// `received_us` is the hub receive time; `now_us` the hub clock used
@@ -425,7 +439,10 @@ impl Store {
         now_us: i64,
     ) -> Result<IngestReport, StoreError> {
         let mut conn = self.lock()?;
-        let tx = conn.transaction()?;
+        // IMMEDIATE: take the write lock up front, so that hub instances
+        // sharing the database wait for each other (busy timeout) instead of
+        // failing to upgrade a read transaction.
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let batch_seq = batch.sequence as i64;
         let stored: Option<Vec<u8>> = tx
             .query_row(
