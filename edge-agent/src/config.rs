@@ -114,9 +114,14 @@ pub struct UplinkConfig {
     /// kind `https`. Env: `VIGIL_AGENT_HUB_URL`.
     #[serde(default)]
     pub url: String,
-    /// Azure IoT Hub over MQTT (kind `iothub-mqtt`).
+    /// Azure IoT Hub over MQTT (kind `iothub-mqtt`). Optional when the agent
+    /// runs as an IoT Edge module (identity from `IOTEDGE_*`).
     #[serde(default)]
     pub iothub: Option<IotHubConfig>,
+    /// The `IOTEDGE_*` variables found in the environment (IoT Edge module
+    /// mode; see `iothub::edge`). Not a config key.
+    #[serde(skip)]
+    pub iot_edge_env: Vec<(String, String)>,
     /// File holding the gateway's bearer token (mode 0600). Env:
     /// `VIGIL_AGENT_TOKEN_FILE`; or give the token itself in
     /// `VIGIL_AGENT_TOKEN`.
@@ -191,13 +196,26 @@ pub struct IotHubConfig {
     /// 80 % of it.
     #[serde(default = "default_sas_ttl_s")]
     pub sas_ttl_s: u64,
+    /// Device twin reported properties: a change of a device's state is
+    /// reported at most this often...
+    #[serde(default = "default_twin_min_interval_ms")]
+    pub twin_min_interval_ms: u64,
+    /// ...and counters, times and the backlog at most this often.
+    #[serde(default = "default_twin_refresh_s")]
+    pub twin_refresh_s: u64,
 }
 
 fn default_iothub_port() -> u16 {
     8883
 }
-fn default_sas_ttl_s() -> u64 {
+pub(crate) fn default_sas_ttl_s() -> u64 {
     3600
+}
+pub(crate) fn default_twin_min_interval_ms() -> u64 {
+    5000
+}
+pub(crate) fn default_twin_refresh_s() -> u64 {
+    300
 }
 
 fn default_shutdown_drain_ms() -> u64 {
@@ -261,7 +279,7 @@ pub struct DeviceConfig {
 }
 
 /// The protocols a device port can speak.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum DeviceKind {
     /// Masimo Radical-7 / Rad-8, serial output mode "ASCII 1".
@@ -327,6 +345,17 @@ impl DeviceConfig {
 }
 
 impl UplinkConfig {
+    /// The IoT Edge module identity, when the `IOTEDGE_*` environment is
+    /// present; an error names the missing or unusable variable.
+    pub fn iot_edge(&self) -> Result<Option<crate::iothub::edge::EdgeEnv>, ConfigError> {
+        crate::iothub::edge::EdgeEnv::from_vars(|k| {
+            self.iot_edge_env
+                .iter()
+                .find(|(n, _)| n == k)
+                .map(|(_, v)| v.clone())
+        })
+        .map_err(|(var, message)| invalid(format!("environment {var}"), message))
+    }
     pub fn batch_max_wait(&self) -> Duration {
         Duration::from_millis(self.batch_max_wait_ms)
     }
@@ -342,6 +371,15 @@ impl AgentConfig {
     /// Load from a TOML file, apply env overrides, resolve relative paths
     /// against the file's directory, and validate.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        Self::load_with(path, |k| std::env::var(k).ok())
+    }
+
+    /// [`load`](Self::load) with the environment given as a function
+    /// (tests).
+    pub fn load_with(
+        path: &Path,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
@@ -350,7 +388,7 @@ impl AgentConfig {
             path: path.to_owned(),
             source,
         })?;
-        cfg.apply_env(|k| std::env::var(k).ok());
+        cfg.apply_env(env);
         let base = path.parent().unwrap_or(Path::new("."));
         cfg.resolve_paths(base);
         cfg.validate()?;
@@ -367,6 +405,10 @@ impl AgentConfig {
         if let Some(v) = get("VIGIL_AGENT_DATA_DIR") {
             self.data_dir = v.into();
         }
+        self.uplink.iot_edge_env = crate::iothub::edge::VARS
+            .iter()
+            .filter_map(|k| get(k).map(|v| (k.to_string(), v)))
+            .collect();
     }
 
     fn resolve_paths(&mut self, base: &Path) {
@@ -435,14 +477,15 @@ impl AgentConfig {
                     ));
                 }
             }
-            UplinkKind::IothubMqtt => match &self.uplink.iothub {
-                None => {
+            UplinkKind::IothubMqtt => match (&self.uplink.iothub, self.uplink.iot_edge()?) {
+                (None, None) => {
                     return Err(invalid(
                         "uplink.iothub",
-                        "required for uplink.kind = \"iothub-mqtt\"",
+                        "required for uplink.kind = \"iothub-mqtt\" (unless running as an IoT Edge module)",
                     ));
                 }
-                Some(h) => validate_iothub(h)?,
+                (Some(h), _) => validate_iothub(h)?,
+                (None, Some(_)) => {}
             },
         }
         if let Some(st) = &self.status {
@@ -623,6 +666,18 @@ fn validate_iothub(h: &IotHubConfig) -> Result<(), ConfigError> {
         return Err(invalid(
             "uplink.iothub.sas_ttl_s",
             "must be between 60 and 31536000 seconds",
+        ));
+    }
+    if !(100..=3_600_000).contains(&h.twin_min_interval_ms) {
+        return Err(invalid(
+            "uplink.iothub.twin_min_interval_ms",
+            "must be between 100 and 3600000",
+        ));
+    }
+    if !(1..=86_400).contains(&h.twin_refresh_s) {
+        return Err(invalid(
+            "uplink.iothub.twin_refresh_s",
+            "must be between 1 and 86400 seconds",
         ));
     }
     Ok(())

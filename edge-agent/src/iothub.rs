@@ -1,12 +1,14 @@
 //! Azure IoT Hub uplink over MQTT 3.1.1 (TLS), spoken directly with
 //! `rumqttc` (rustls with the ring provider), following IoT Hub's "MQTT
 //! support" rules:
-//! - client id = device id; user name `{host}/{device_id}/?api-version=2021-04-12`;
-//!   password = a SAS token (symmetric key auth) or empty (X.509 client
-//!   certificate);
+//! - client id = device id (`{device}/{module}` for an IoT Edge module); user
+//!   name `{hub}/{device_id}/?api-version=2021-04-12` (modules:
+//!   `{hub}/{device}/{module}/?api-version=…`); password = a SAS token
+//!   (symmetric key, signed here or by the IoT Edge workload API) or empty
+//!   (X.509 client certificate);
 //! - each batch is one QoS 1 publish to
 //!   `devices/{device_id}/messages/events/$.ct=application%2Fx-protobuf&$.ce=identity`
-//!   (the property bag names the content type and encoding);
+//!   (modules: `devices/{device}/modules/{module}/messages/events/…`);
 //! - a message is at most 256 KiB: larger batches are refused with
 //!   [`UplinkError::MessageTooLarge`] and the forwarder halves the batch (by
 //!   records), as for an HTTP 413;
@@ -14,12 +16,21 @@
 //!   this path; the cloud-side consumer de-duplicates by reading identity
 //!   (gateway, device, sequence), as the hub does.
 //!
-//! SAS tokens are renewed by reconnecting with a fresh token at 80 % of the
-//! token's lifetime (checked before each publish; IoT Hub drops a
-//! connection whose token has expired, and the next publish reconnects).
+//! A session task owns the connection for as long as the uplink lives: it
+//! subscribes to direct methods ([`methods`]) and twin responses
+//! ([`twin`]), keeps the twin's reported properties current, reconnects
+//! with backoff, and renews SAS tokens by reconnecting with a fresh one at
+//! 80 % of the token's lifetime. Identities can also come from the Device
+//! Provisioning Service ([`dps`]) or the IoT Edge module environment
+//! ([`edge`]).
+
+pub mod edge;
+pub mod methods;
+pub mod twin;
 
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
@@ -27,16 +38,18 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use prost::Message;
 use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS,
-    TlsConfiguration, Transport,
+    SubscribeFilter, SubscribeReasonCode, TlsConfiguration, Transport,
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use shared_protocol::v1::Batch;
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::time::Instant;
 
-use crate::config::IotHubConfig;
+use crate::buffer::Buffer;
+use crate::config::{AgentConfig, IotHubConfig};
 use crate::secrets;
-use crate::uplink::UplinkError;
+use crate::uplink::{AnyUplink, UplinkError};
 
 /// IoT Hub's MQTT API version used in the user name.
 pub const API_VERSION: &str = "2021-04-12";
@@ -47,6 +60,10 @@ pub const KEEP_ALIVE: Duration = Duration::from_secs(240);
 /// Property bag appended to the events topic: content type and encoding,
 /// URL-encoded as IoT Hub expects.
 pub const PROPERTY_BAG: &str = "$.ct=application%2Fx-protobuf&$.ce=identity";
+/// Longest wait between reconnection attempts.
+const MAX_RECONNECT_BACKOFF: Duration = Duration::from_secs(60);
+/// How often the session checks whether a twin report is due.
+const TWIN_TICK: Duration = Duration::from_millis(250);
 
 /// Percent-encode everything but RFC 3986 unreserved characters
 /// (`A-Z a-z 0-9 - . _ ~`), upper-case hex; what `encodeURIComponent` and
@@ -68,19 +85,34 @@ pub fn resource_uri(host: &str, device_id: &str) -> String {
     format!("{host}/devices/{device_id}")
 }
 
+/// What a SAS token signs: `urlencode(uri) + "\n" + expiry`.
+pub fn sas_string_to_sign(uri: &str, expiry: u64) -> String {
+    format!("{}\n{expiry}", url_encode(uri))
+}
+
+/// A SAS token around a signature computed elsewhere (base64, e.g. by the
+/// IoT Edge workload API).
+pub fn sas_token_with_signature(uri: &str, signature_b64: &str, expiry: u64) -> String {
+    format!(
+        "SharedAccessSignature sr={}&sig={}&se={expiry}",
+        url_encode(uri),
+        url_encode(signature_b64)
+    )
+}
+
+/// base64(HMAC-SHA256(key, data)).
+pub fn hmac_b64(key: &[u8], data: &[u8]) -> String {
+    let k = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key);
+    BASE64.encode(ring::hmac::sign(&k, data).as_ref())
+}
+
 /// An IoT Hub SAS token:
 /// `SharedAccessSignature sr={urlencode(uri)}&sig={urlencode(base64(HMAC-SHA256(key, urlencode(uri) + "\n" + expiry)))}&se={expiry}`
 /// plus `&skn={policy}` when a policy name is given. `key` is the decoded
 /// (raw) key; `expiry` is in seconds since the Unix epoch.
 pub fn sas_token(uri: &str, key: &[u8], expiry: u64, policy: Option<&str>) -> String {
-    let sr = url_encode(uri);
-    let to_sign = format!("{sr}\n{expiry}");
-    let k = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key);
-    let sig = BASE64.encode(ring::hmac::sign(&k, to_sign.as_bytes()).as_ref());
-    let mut t = format!(
-        "SharedAccessSignature sr={sr}&sig={}&se={expiry}",
-        url_encode(&sig)
-    );
+    let sig = hmac_b64(key, sas_string_to_sign(uri, expiry).as_bytes());
+    let mut t = sas_token_with_signature(uri, &sig, expiry);
     if let Some(p) = policy {
         t.push_str("&skn=");
         t.push_str(&url_encode(p));
@@ -98,55 +130,190 @@ pub fn events_topic(device_id: &str) -> String {
     format!("devices/{device_id}/messages/events/{PROPERTY_BAG}")
 }
 
-enum Auth {
-    /// Decoded device key and token lifetime.
-    Sas { key: Vec<u8>, ttl: Duration },
-    /// The client certificate is in the TLS config.
+/// Who the agent is at IoT Hub, and where it connects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// The IoT Hub host name (user name, token resource).
+    pub hub: String,
+    /// Where the MQTT connection goes: the hub, or an IoT Edge gateway
+    /// (edgeHub); also the TLS server name.
+    pub connect_host: String,
+    pub port: u16,
+    pub device_id: String,
+    /// Set when the agent runs as an IoT Edge module.
+    pub module_id: Option<String>,
+}
+
+impl Identity {
+    /// A device connecting straight to its hub.
+    pub fn device(hub: &str, device_id: &str, port: u16) -> Self {
+        Identity {
+            hub: hub.to_string(),
+            connect_host: hub.to_string(),
+            port,
+            device_id: device_id.to_string(),
+            module_id: None,
+        }
+    }
+
+    /// MQTT client id: `{device}` or `{device}/{module}`.
+    pub fn client_id(&self) -> String {
+        match &self.module_id {
+            None => self.device_id.clone(),
+            Some(m) => format!("{}/{m}", self.device_id),
+        }
+    }
+
+    /// MQTT user name: `{hub}/{device}/?api-version=…` or
+    /// `{hub}/{device}/{module}/?api-version=…`.
+    pub fn username(&self) -> String {
+        match &self.module_id {
+            None => username(&self.hub, &self.device_id),
+            Some(m) => format!(
+                "{}/{}/{m}/?api-version={API_VERSION}",
+                self.hub, self.device_id
+            ),
+        }
+    }
+
+    /// The resource a SAS token is scoped to.
+    pub fn resource_uri(&self) -> String {
+        match &self.module_id {
+            None => resource_uri(&self.hub, &self.device_id),
+            Some(m) => format!("{}/devices/{}/modules/{m}", self.hub, self.device_id),
+        }
+    }
+
+    /// Where batches are published (with the property bag).
+    pub fn events_topic(&self) -> String {
+        match &self.module_id {
+            None => events_topic(&self.device_id),
+            Some(m) => format!(
+                "devices/{}/modules/{m}/messages/events/{PROPERTY_BAG}",
+                self.device_id
+            ),
+        }
+    }
+}
+
+/// How the MQTT password is made.
+enum Signer {
+    /// SAS token signed here with the decoded device key.
+    Key(Vec<u8>),
+    /// SAS token signed by the IoT Edge workload API (module identity).
+    Workload(edge::WorkloadClient),
+    /// The client certificate is in the TLS config; empty password.
     X509,
 }
 
-struct Conn {
-    client: AsyncClient,
-    events: EventLoop,
-    renew_at: Instant,
-    last_used: Instant,
+impl Signer {
+    fn name(&self) -> &'static str {
+        match self {
+            Signer::Key(_) => "sas",
+            Signer::Workload(_) => "iotedge-workload",
+            Signer::X509 => "x509",
+        }
+    }
 }
 
-/// The IoT Hub MQTT uplink. One QoS 1 publish in flight at a time.
-pub struct IotHubUplink {
-    host: String,
-    port: u16,
-    device_id: String,
-    auth: Auth,
+/// Counters of the IoT Hub session (twin, methods, subscriptions).
+#[derive(Debug, Default)]
+pub struct IotHubStats {
+    pub connects: AtomicU64,
+    pub connect_failures: AtomicU64,
+    pub subscribe_failures: AtomicU64,
+    pub twin_reports_sent: AtomicU64,
+    pub twin_reports_accepted: AtomicU64,
+    /// Patches answered with a status other than 204, or not answered.
+    pub twin_reports_failed: AtomicU64,
+    pub twin_responses_unexpected: AtomicU64,
+    pub methods_received: AtomicU64,
+    pub methods_unknown: AtomicU64,
+    /// Method requests whose topic could not be parsed (not answerable).
+    pub methods_malformed: AtomicU64,
+    pub flushes_requested: AtomicU64,
+    /// Messages on topics the agent does not handle.
+    pub unexpected_messages: AtomicU64,
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Why a connection attempt failed (kept to answer sends while the session
+/// waits to reconnect).
+#[derive(Debug, Clone)]
+enum ConnFailure {
+    Refused(String),
+    Other(String),
+}
+
+impl ConnFailure {
+    fn to_error(&self) -> UplinkError {
+        match self {
+            ConnFailure::Refused(c) => UplinkError::MqttRefused(c.clone()),
+            ConnFailure::Other(m) => UplinkError::Mqtt(m.clone()),
+        }
+    }
+}
+
+/// One batch for the session to publish at QoS 1.
+struct PublishCmd {
+    topic: String,
+    payload: Vec<u8>,
+    done: oneshot::Sender<Result<(), UplinkError>>,
+}
+
+/// Everything the session task needs.
+struct SessionCfg {
+    identity: Identity,
+    signer: Arc<Signer>,
+    ttl: Duration,
     tls: Arc<rustls::ClientConfig>,
     timeout: Duration,
-    conn: Option<Conn>,
-    /// Seconds since the Unix epoch, for token expiry.
     clock: fn() -> u64,
+    twin: twin::TwinSettings,
+    link: Option<twin::AgentLink>,
+    stats: Arc<IotHubStats>,
 }
 
-fn unix_now() -> u64 {
+/// The IoT Hub MQTT uplink. A session task owns the MQTT connection (so the
+/// agent stays reachable for direct methods and keeps its twin current
+/// between batches); [`IotHubUplink::send`] hands it one batch at a time.
+pub struct IotHubUplink {
+    identity: Identity,
+    signer: Arc<Signer>,
+    ttl: Duration,
+    tls: Arc<rustls::ClientConfig>,
+    timeout: Duration,
+    clock: fn() -> u64,
+    twin: twin::TwinSettings,
+    link: Option<twin::AgentLink>,
+    stats: Arc<IotHubStats>,
+    session: Option<mpsc::Sender<PublishCmd>>,
+    /// How the identity was obtained, for the twin: `iothub-mqtt`,
+    /// `iothub-mqtt-dps` or `iotedge-module`.
+    mode: &'static str,
+}
+
+pub(crate) fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
         .as_secs()
 }
 
+pub(crate) fn now_us() -> i64 {
+    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000) as i64
+}
+
 impl fmt::Debug for IotHubUplink {
     // Never prints the key or a token.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("IotHubUplink")
-            .field("host", &self.host)
-            .field("port", &self.port)
-            .field("device_id", &self.device_id)
-            .field(
-                "auth",
-                &match self.auth {
-                    Auth::Sas { .. } => "sas",
-                    Auth::X509 => "x509",
-                },
-            )
-            .field("connected", &self.conn.is_some())
+            .field("identity", &self.identity)
+            .field("auth", &self.signer.name())
+            .field("session", &self.session.is_some())
             .finish()
     }
 }
@@ -155,35 +322,44 @@ fn tls_err(path: &std::path::Path, e: impl fmt::Display) -> UplinkError {
     UplinkError::Tls(format!("{}: {e}", path.display()))
 }
 
+/// Read a base64 symmetric key from a private (0600) file.
+pub fn read_key_file(path: &std::path::Path, field: &str) -> Result<Vec<u8>, UplinkError> {
+    let raw = secrets::read_private(path).map_err(|e| UplinkError::Credentials(e.to_string()))?;
+    let text = String::from_utf8_lossy(&raw);
+    let key = BASE64.decode(text.trim()).map_err(|_| {
+        UplinkError::Credentials(format!("{}: not a base64 key ({field})", path.display()))
+    })?;
+    if key.is_empty() {
+        return Err(UplinkError::Credentials(format!(
+            "{}: empty key ({field})",
+            path.display()
+        )));
+    }
+    Ok(key)
+}
+
+fn twin_settings(cfg: Option<&IotHubConfig>) -> twin::TwinSettings {
+    let (min_ms, refresh_s) = cfg
+        .map(|c| (c.twin_min_interval_ms, c.twin_refresh_s))
+        .unwrap_or((
+            crate::config::default_twin_min_interval_ms(),
+            crate::config::default_twin_refresh_s(),
+        ));
+    twin::TwinSettings {
+        min_interval: Duration::from_millis(min_ms),
+        refresh: Duration::from_secs(refresh_s),
+    }
+}
+
 impl IotHubUplink {
     /// Build from validated config: reads the SAS key file (0600, base64)
     /// or the client certificate and key (key file 0600).
     pub fn new(cfg: &IotHubConfig, timeout: Duration) -> Result<Self, UplinkError> {
-        let (auth, client_auth) = match (&cfg.sas_key_file, &cfg.cert_file, &cfg.key_file) {
-            (Some(path), _, _) => {
-                let raw = secrets::read_private(path)
-                    .map_err(|e| UplinkError::Credentials(e.to_string()))?;
-                let text = String::from_utf8_lossy(&raw);
-                let key = BASE64.decode(text.trim()).map_err(|_| {
-                    UplinkError::Credentials(format!(
-                        "{}: not a base64 device key (uplink.iothub.sas_key_file)",
-                        path.display()
-                    ))
-                })?;
-                if key.is_empty() {
-                    return Err(UplinkError::Credentials(format!(
-                        "{}: empty device key",
-                        path.display()
-                    )));
-                }
-                (
-                    Auth::Sas {
-                        key,
-                        ttl: Duration::from_secs(cfg.sas_ttl_s),
-                    },
-                    None,
-                )
-            }
+        let (signer, client_auth) = match (&cfg.sas_key_file, &cfg.cert_file, &cfg.key_file) {
+            (Some(path), _, _) => (
+                Signer::Key(read_key_file(path, "uplink.iothub.sas_key_file")?),
+                None,
+            ),
             (None, Some(cert), Some(keyf)) => {
                 let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
                     .map_err(|e| tls_err(cert, e))?
@@ -195,7 +371,7 @@ impl IotHubUplink {
                 let pem = secrets::read_private(keyf)
                     .map_err(|e| UplinkError::Credentials(e.to_string()))?;
                 let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| tls_err(keyf, e))?;
-                (Auth::X509, Some((certs, key)))
+                (Signer::X509, Some((certs, key)))
             }
             _ => {
                 return Err(UplinkError::Credentials(
@@ -204,16 +380,86 @@ impl IotHubUplink {
             }
         };
         let tls = crate::uplink::tls_config_with(cfg.ca_file.as_deref(), client_auth)?;
-        Ok(IotHubUplink {
-            host: cfg.host.clone(),
-            port: cfg.port,
-            device_id: cfg.device_id.clone(),
-            auth,
+        Ok(Self::build(
+            Identity::device(&cfg.host, &cfg.device_id, cfg.port),
+            signer,
+            Duration::from_secs(cfg.sas_ttl_s),
+            tls,
+            timeout,
+            twin_settings(Some(cfg)),
+        ))
+    }
+
+    /// A device identity with a symmetric key (e.g. assigned by DPS).
+    pub fn with_key(
+        identity: Identity,
+        key: Vec<u8>,
+        cfg: &IotHubConfig,
+        timeout: Duration,
+    ) -> Result<Self, UplinkError> {
+        let tls = crate::uplink::tls_config(cfg.ca_file.as_deref())?;
+        Ok(Self::build(
+            identity,
+            Signer::Key(key),
+            Duration::from_secs(cfg.sas_ttl_s),
+            tls,
+            timeout,
+            twin_settings(Some(cfg)),
+        ))
+    }
+
+    fn build(
+        identity: Identity,
+        signer: Signer,
+        ttl: Duration,
+        tls: rustls::ClientConfig,
+        timeout: Duration,
+        twin: twin::TwinSettings,
+    ) -> Self {
+        IotHubUplink {
+            identity,
+            signer: Arc::new(signer),
+            ttl,
             tls: Arc::new(tls),
             timeout,
-            conn: None,
             clock: unix_now,
-        })
+            twin,
+            link: None,
+            stats: Arc::new(IotHubStats::default()),
+            session: None,
+            mode: "iothub-mqtt",
+        }
+    }
+
+    /// As an IoT Edge module: identity from the environment, SAS tokens
+    /// signed by the workload API, edgeHub's CA from its trust bundle.
+    /// `cfg` (optional in module mode) supplies only the token lifetime and
+    /// twin timing.
+    pub async fn from_iot_edge(
+        env: &edge::EdgeEnv,
+        cfg: Option<&IotHubConfig>,
+        timeout: Duration,
+    ) -> Result<Self, UplinkError> {
+        let workload =
+            edge::WorkloadClient::new(env).map_err(|e| UplinkError::Credentials(e.to_string()))?;
+        let pem = workload
+            .trust_bundle()
+            .await
+            .map_err(|e| UplinkError::Tls(e.to_string()))?;
+        let tls = edge::tls_trusting(&pem).map_err(UplinkError::Tls)?;
+        let ttl = cfg
+            .map(|c| c.sas_ttl_s)
+            .unwrap_or(crate::config::default_sas_ttl_s());
+        let mut up = Self::build(
+            env.identity(),
+            Signer::Workload(workload),
+            Duration::from_secs(ttl),
+            tls,
+            timeout,
+            twin_settings(cfg),
+        );
+        up.mode = "iotedge-module";
+        Ok(up)
     }
 
     /// Replace the clock that SAS token expiries are computed from (tests
@@ -223,130 +469,426 @@ impl IotHubUplink {
         self
     }
 
-    async fn connect(&mut self) -> Result<(), UplinkError> {
-        let now_unix = (self.clock)();
-        let (password, lifetime) = match &self.auth {
-            Auth::Sas { key, ttl } => (
-                sas_token(
-                    &resource_uri(&self.host, &self.device_id),
-                    key,
-                    now_unix + ttl.as_secs(),
-                    None,
-                ),
-                Some(*ttl),
-            ),
-            Auth::X509 => (String::new(), None),
-        };
-        let mut opts = MqttOptions::new(&self.device_id, &self.host, self.port);
-        opts.set_keep_alive(KEEP_ALIVE);
-        opts.set_clean_session(true);
-        opts.set_max_packet_size(MAX_MESSAGE_BYTES + 4096, MAX_MESSAGE_BYTES + 4096);
-        opts.set_credentials(username(&self.host, &self.device_id), password);
-        opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-            self.tls.clone(),
-        )));
-        let (client, mut events) = AsyncClient::new(opts, 8);
-        let res = tokio::time::timeout(self.timeout, async {
-            loop {
-                match events.poll().await {
-                    Ok(Event::Incoming(Packet::ConnAck(_))) => return Ok(()),
-                    Ok(_) => continue,
-                    Err(e) => return Err(e),
-                }
-            }
-        })
-        .await;
-        match res {
-            Ok(Ok(())) => {}
-            Ok(Err(ConnectionError::ConnectionRefused(code))) => {
-                return Err(UplinkError::MqttRefused(format!("{code:?}")));
-            }
-            Ok(Err(e)) => return Err(UplinkError::Mqtt(format!("connect: {e}"))),
-            Err(_) => return Err(UplinkError::Mqtt("connect: timed out".into())),
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// The session's counters.
+    pub fn stats(&self) -> Arc<IotHubStats> {
+        self.stats.clone()
+    }
+
+    /// Connect the session to the running agent (twin report, `flush`) and
+    /// start it, so the device is reachable before the first batch.
+    pub fn attach(&mut self, link: twin::AgentLink) {
+        self.link = Some(link);
+        if self.session.is_none() {
+            self.start();
         }
-        let now = Instant::now();
-        // Renew at 80 % of the token's lifetime (certificates: only on
-        // failure or idleness).
-        let renew_at = match lifetime {
-            Some(ttl) => now + ttl.mul_f64(0.8),
-            None => now + Duration::from_secs(365 * 24 * 3600),
+    }
+
+    fn start(&mut self) -> mpsc::Sender<PublishCmd> {
+        let (tx, rx) = mpsc::channel(1);
+        let cfg = SessionCfg {
+            identity: self.identity.clone(),
+            signer: self.signer.clone(),
+            ttl: self.ttl,
+            tls: self.tls.clone(),
+            timeout: self.timeout,
+            clock: self.clock,
+            twin: self.twin,
+            link: self.link.clone(),
+            stats: self.stats.clone(),
         };
-        tracing::info!(host = %self.host, device_id = %self.device_id, "IoT Hub MQTT connected");
-        self.conn = Some(Conn {
-            client,
-            events,
-            renew_at,
-            last_used: now,
-        });
-        Ok(())
+        tokio::spawn(run_session(cfg, rx));
+        self.session = Some(tx.clone());
+        tx
     }
 
     /// Publish one batch at QoS 1 and wait for its PUBACK.
     pub async fn send(&mut self, batch: &Batch) -> Result<(), UplinkError> {
         let payload = batch.encode_to_vec();
-        let topic = events_topic(&self.device_id);
+        let topic = self.identity.events_topic();
         if payload.len() + topic.len() > MAX_MESSAGE_BYTES {
             return Err(UplinkError::MessageTooLarge {
                 bytes: payload.len() + topic.len(),
                 max: MAX_MESSAGE_BYTES,
             });
         }
-        let now = Instant::now();
-        let stale = self.conn.as_ref().is_some_and(|c| {
-            // Token near expiry, or idle so long the broker may have dropped
-            // us (we poll only while publishing, so no pings in between).
-            now >= c.renew_at || now.duration_since(c.last_used) >= KEEP_ALIVE
-        });
-        if stale {
-            self.drop_conn().await;
-        }
-        if self.conn.is_none() {
-            self.connect().await?;
-        }
-        let res = self.publish(topic, payload).await;
-        if res.is_err() {
-            self.drop_conn().await;
-        }
-        res
-    }
-
-    async fn publish(&mut self, topic: String, payload: Vec<u8>) -> Result<(), UplinkError> {
-        let timeout = self.timeout;
-        let Some(conn) = self.conn.as_mut() else {
-            return Err(UplinkError::Mqtt("not connected".into()));
+        let session = match &self.session {
+            Some(s) if !s.is_closed() => s.clone(),
+            _ => self.start(),
         };
-        conn.client
-            .publish(topic, QoS::AtLeastOnce, false, payload)
-            .await
-            .map_err(|e| UplinkError::Mqtt(format!("publish: {e}")))?;
-        let res = tokio::time::timeout(timeout, async {
-            let mut pkid = None;
-            loop {
-                match conn.events.poll().await {
-                    Ok(Event::Outgoing(Outgoing::Publish(id))) => pkid = Some(id),
-                    Ok(Event::Incoming(Packet::PubAck(ack))) if Some(ack.pkid) == pkid => {
-                        return Ok(());
+        let (done, result) = oneshot::channel();
+        let cmd = PublishCmd {
+            topic,
+            payload,
+            done,
+        };
+        // The session answers within its own connect and PUBACK timeouts;
+        // this bound only guards against a wedged task.
+        let bound = self.timeout * 3 + Duration::from_secs(1);
+        match tokio::time::timeout(bound, async {
+            session
+                .send(cmd)
+                .await
+                .map_err(|_| UplinkError::Mqtt("session ended".into()))?;
+            result
+                .await
+                .map_err(|_| UplinkError::Mqtt("session ended".into()))?
+        })
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => Err(UplinkError::Mqtt("no PUBACK in time".into())),
+        }
+    }
+}
+
+/// The IoT Hub uplink the config asks for: an IoT Edge module when the
+/// `IOTEDGE_*` environment is present, else the `[uplink.iothub]` device
+/// (its key file or certificate).
+pub async fn uplink_from_config(cfg: &AgentConfig) -> Result<IotHubUplink, UplinkError> {
+    let timeout = cfg.uplink.request_timeout();
+    let h = cfg.uplink.iothub.as_ref();
+    match cfg.uplink.iot_edge() {
+        Err(e) => Err(UplinkError::Credentials(e.to_string())),
+        Ok(Some(env)) => {
+            if h.is_some() {
+                tracing::warn!(
+                    "running as an IoT Edge module: the identity in [uplink.iothub] is not used (IOTEDGE_* environment)"
+                );
+            }
+            tracing::info!(device_id = %env.device_id, module_id = %env.module_id, gateway = ?env.gateway, "IoT Edge module mode");
+            IotHubUplink::from_iot_edge(&env, h, timeout).await
+        }
+        Ok(None) => match h {
+            Some(h) => IotHubUplink::new(h, timeout),
+            None => Err(UplinkError::Credentials(
+                "uplink.iothub: required for uplink.kind = \"iothub-mqtt\"".into(),
+            )),
+        },
+    }
+}
+
+/// Wire the running agent to its uplink: the IoT Hub session gets what it
+/// reports in the twin and the `flush` method's trigger. Returns the
+/// forwarder's "send without waiting" signal (shutdown, or a flush in
+/// progress; see [`methods::hurry_signal`]).
+pub fn wire(
+    uplink: &mut AnyUplink,
+    cfg: &AgentConfig,
+    buffer: &Arc<Buffer>,
+    activity: Arc<twin::DeviceActivity>,
+    shutdown: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
+) -> watch::Receiver<bool> {
+    let flush = Arc::new(Notify::new());
+    let hurry = methods::hurry_signal(shutdown, stop, flush.clone(), buffer.clone());
+    if let AnyUplink::IotHub(u) = uplink {
+        let devices = cfg
+            .devices
+            .iter()
+            .map(|d| twin::DeviceEntry {
+                id: d.id.clone(),
+                kind: serde_json::to_value(d.kind)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default(),
+                listener: d.kind.transport() == crate::config::Transport::Listener,
+            })
+            .collect();
+        let mode = u.mode.to_string();
+        u.attach(twin::AgentLink {
+            buffer: buffer.clone(),
+            devices,
+            activity,
+            flush,
+            uplink: mode,
+        });
+    }
+    hurry
+}
+
+/// One connection attempt: fresh token, CONNECT, wait for CONNACK.
+async fn connect(cfg: &SessionCfg) -> Result<(AsyncClient, EventLoop, Instant), ConnFailure> {
+    let now_unix = (cfg.clock)();
+    let expiry = now_unix + cfg.ttl.as_secs();
+    let uri = cfg.identity.resource_uri();
+    let (password, lifetime) = match cfg.signer.as_ref() {
+        Signer::Key(key) => (sas_token(&uri, key, expiry, None), Some(cfg.ttl)),
+        Signer::Workload(w) => {
+            let sig = w
+                .sign(&sas_string_to_sign(&uri, expiry))
+                .await
+                .map_err(|e| ConnFailure::Other(format!("IoT Edge workload API: {e}")))?;
+            (sas_token_with_signature(&uri, &sig, expiry), Some(cfg.ttl))
+        }
+        Signer::X509 => (String::new(), None),
+    };
+    let id = &cfg.identity;
+    let mut opts = MqttOptions::new(id.client_id(), &id.connect_host, id.port);
+    opts.set_keep_alive(KEEP_ALIVE);
+    opts.set_clean_session(true);
+    opts.set_max_packet_size(MAX_MESSAGE_BYTES + 4096, MAX_MESSAGE_BYTES + 4096);
+    opts.set_credentials(id.username(), password);
+    opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+        cfg.tls.clone(),
+    )));
+    let (client, mut events) = AsyncClient::new(opts, 64);
+    let res = tokio::time::timeout(cfg.timeout, async {
+        loop {
+            match events.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => return Ok(()),
+                Ok(_) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    })
+    .await;
+    match res {
+        Ok(Ok(())) => {}
+        Ok(Err(ConnectionError::ConnectionRefused(code))) => {
+            return Err(ConnFailure::Refused(format!("{code:?}")));
+        }
+        Ok(Err(e)) => return Err(ConnFailure::Other(format!("connect: {e}"))),
+        Err(_) => return Err(ConnFailure::Other("connect: timed out".into())),
+    }
+    // Renew at 80 % of the token's lifetime (certificates: never).
+    let renew_at = match lifetime {
+        Some(ttl) => Instant::now() + ttl.mul_f64(0.8),
+        None => Instant::now() + Duration::from_secs(365 * 24 * 3600),
+    };
+    Ok((client, events, renew_at))
+}
+
+/// The batch waiting for its PUBACK.
+struct Inflight {
+    pkid: Option<u16>,
+    done: oneshot::Sender<Result<(), UplinkError>>,
+    deadline: Instant,
+}
+
+/// The session: connect, subscribe, then serve publishes, method calls and
+/// twin reports until the connection drops (reconnect with backoff) or the
+/// uplink is dropped.
+async fn run_session(cfg: SessionCfg, mut cmds: mpsc::Receiver<PublishCmd>) {
+    let id = &cfg.identity;
+    let mut backoff = Duration::from_millis(500);
+    let mut reporter = twin::Reporter::new(cfg.twin);
+    loop {
+        let (client, mut events, renew_at) = match connect(&cfg).await {
+            Ok(c) => c,
+            Err(e) => {
+                bump(&cfg.stats.connect_failures);
+                tracing::warn!(host = %id.connect_host, client_id = %id.client_id(), error = ?e, retry_in_ms = backoff.as_millis() as u64, "IoT Hub MQTT connection failed");
+                // Sends meanwhile fail at once with the reason.
+                let until = Instant::now() + backoff;
+                loop {
+                    tokio::select! {
+                        c = cmds.recv() => match c {
+                            Some(c) => { let _ = c.done.send(Err(e.to_error())); }
+                            None => return,
+                        },
+                        _ = tokio::time::sleep_until(until) => break,
+                    }
+                }
+                backoff = (backoff * 2).min(MAX_RECONNECT_BACKOFF);
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(500);
+        bump(&cfg.stats.connects);
+        tracing::info!(host = %id.connect_host, client_id = %id.client_id(), auth = cfg.signer.name(), "IoT Hub MQTT connected");
+        if let Err(e) = client.try_subscribe_many([
+            SubscribeFilter::new(methods::REQUEST_FILTER.into(), QoS::AtMostOnce),
+            SubscribeFilter::new(twin::RESPONSE_FILTER.into(), QoS::AtMostOnce),
+        ]) {
+            tracing::warn!(error = %e, "subscribing to methods and twin responses failed");
+        }
+        reporter.on_connect();
+        let mut inflight: Option<Inflight> = None;
+        let mut tick = tokio::time::interval(TWIN_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let reason: String = loop {
+            let deadline = inflight.as_ref().map(|i| i.deadline);
+            tokio::select! {
+                ev = events.poll() => match ev {
+                    Ok(Event::Outgoing(Outgoing::Publish(pkid))) if pkid != 0 => {
+                        if let Some(i) = inflight.as_mut()
+                            && i.pkid.is_none()
+                        {
+                            i.pkid = Some(pkid);
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                        if inflight.as_ref().is_some_and(|i| i.pkid == Some(ack.pkid))
+                            && let Some(i) = inflight.take()
+                        {
+                            let _ = i.done.send(Ok(()));
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(s))) => {
+                        let failed = s.return_codes.iter().filter(|c| matches!(c, SubscribeReasonCode::Failure)).count();
+                        if failed > 0 {
+                            cfg.stats.subscribe_failures.fetch_add(failed as u64, Ordering::Relaxed);
+                            tracing::warn!(refused = failed, "IoT Hub refused a subscription (direct methods / twin unavailable)");
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        on_message(&cfg, &client, &mut reporter, &p.topic);
                     }
                     Ok(_) => {}
-                    Err(e) => return Err(e),
+                    Err(e) => break format!("connection lost: {e}"),
+                },
+                c = cmds.recv(), if inflight.is_none() => match c {
+                    Some(c) => match client.try_publish(c.topic, QoS::AtLeastOnce, false, c.payload) {
+                        Ok(()) => inflight = Some(Inflight { pkid: None, done: c.done, deadline: Instant::now() + cfg.timeout }),
+                        Err(e) => { let _ = c.done.send(Err(UplinkError::Mqtt(format!("publish: {e}")))); }
+                    },
+                    None => {
+                        close(&client, &mut events).await;
+                        return;
+                    }
+                },
+                _ = sleep_until_opt(deadline) => {
+                    break "no PUBACK in time".to_string();
+                }
+                _ = tokio::time::sleep_until(renew_at), if inflight.is_none() => {
+                    tracing::info!(client_id = %id.client_id(), "renewing the SAS token (reconnect)");
+                    close(&client, &mut events).await;
+                    break String::new();
+                }
+                _ = tick.tick() => {
+                    if let Some(link) = &cfg.link {
+                        report_twin(&cfg, link, &client, &mut reporter);
+                    }
+                }
+            }
+        };
+        if let Some(i) = inflight.take() {
+            let _ = i.done.send(Err(UplinkError::Mqtt(reason.clone())));
+        }
+        if !reason.is_empty() {
+            tracing::warn!(host = %id.connect_host, reason = %reason, "IoT Hub MQTT session ended; reconnecting");
+            // A short pause so that a broker dropping every connection at
+            // once is not hammered.
+            let until = Instant::now() + backoff;
+            loop {
+                tokio::select! {
+                    c = cmds.recv() => match c {
+                        Some(c) => { let _ = c.done.send(Err(UplinkError::Mqtt(reason.clone()))); }
+                        None => return,
+                    },
+                    _ = tokio::time::sleep_until(until) => break,
+                }
+            }
+        }
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Send DISCONNECT and give it a moment to go out.
+async fn close(client: &AsyncClient, events: &mut EventLoop) {
+    if client.try_disconnect().is_ok() {
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            loop {
+                match events.poll().await {
+                    Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => return,
+                    Ok(_) => {}
                 }
             }
         })
         .await;
-        match res {
-            Ok(Ok(())) => {
-                conn.last_used = Instant::now();
-                Ok(())
-            }
-            Ok(Err(e)) => Err(UplinkError::Mqtt(format!("publish: {e}"))),
-            Err(_) => Err(UplinkError::Mqtt("no PUBACK in time".into())),
-        }
     }
+}
 
-    async fn drop_conn(&mut self) {
-        if let Some(c) = self.conn.take() {
-            // Best effort; the connection may already be gone.
-            let _ = c.client.try_disconnect();
+fn on_message(cfg: &SessionCfg, client: &AsyncClient, reporter: &mut twin::Reporter, topic: &str) {
+    let stats = &cfg.stats;
+    if topic.starts_with("$iothub/methods/POST/") {
+        bump(&stats.methods_received);
+        let req = match methods::parse_request(topic) {
+            Ok(r) => r,
+            Err(e) => {
+                bump(&stats.methods_malformed);
+                tracing::warn!(error = %e, topic_len = topic.len(), "malformed direct method request ignored");
+                return;
+            }
+        };
+        let (status, body) = methods::handle(
+            &req,
+            cfg.link.as_ref().map(|l| l.buffer.as_ref()),
+            cfg.link.as_ref().map(|l| l.flush.as_ref()),
+        );
+        match status {
+            200 if req.name == "flush" => bump(&stats.flushes_requested),
+            404 => bump(&stats.methods_unknown),
+            _ => {}
+        }
+        tracing::info!(method = %req.name, status, "direct method");
+        if let Err(e) = client.try_publish(
+            methods::response_topic(status, &req.rid),
+            QoS::AtMostOnce,
+            false,
+            body.into_bytes(),
+        ) {
+            tracing::warn!(error = %e, "direct method response not sent");
+        }
+    } else if let Some(r) = twin::parse_response(topic) {
+        match reporter.on_response(&r) {
+            twin::ResponseOutcome::Accepted { version } => {
+                bump(&stats.twin_reports_accepted);
+                tracing::debug!(version = ?version, "twin reported properties updated");
+            }
+            twin::ResponseOutcome::Failed { status } => {
+                bump(&stats.twin_reports_failed);
+                tracing::warn!(
+                    status,
+                    "IoT Hub refused the twin reported properties; will retry"
+                );
+            }
+            twin::ResponseOutcome::Unexpected => bump(&stats.twin_responses_unexpected),
+        }
+    } else {
+        bump(&stats.unexpected_messages);
+        tracing::debug!(
+            topic_len = topic.len(),
+            "message on an unhandled topic ignored"
+        );
+    }
+}
+
+fn report_twin(
+    cfg: &SessionCfg,
+    link: &twin::AgentLink,
+    client: &AsyncClient,
+    reporter: &mut twin::Reporter,
+) {
+    let now = Instant::now();
+    if reporter.timed_out(now) {
+        bump(&cfg.stats.twin_reports_failed);
+        tracing::warn!("no answer to the twin reported properties; will retry");
+    }
+    let Some(rid) = reporter.due(now, link.significant()) else {
+        return;
+    };
+    let body = link.report().to_string();
+    match client.try_publish(
+        twin::patch_topic(&rid),
+        QoS::AtMostOnce,
+        false,
+        body.into_bytes(),
+    ) {
+        Ok(()) => bump(&cfg.stats.twin_reports_sent),
+        Err(e) => {
+            reporter.send_failed();
+            tracing::warn!(error = %e, "twin reported properties not sent");
         }
     }
 }

@@ -69,9 +69,9 @@ pub struct ForwardStats {
 /// Run the agent until `shutdown` becomes true (or its sender is dropped).
 pub async fn run(cfg: AgentConfig, shutdown: watch::Receiver<bool>) -> Result<(), AgentError> {
     let uplink = match (&cfg.uplink.kind, &cfg.uplink.iothub) {
-        (config::UplinkKind::IothubMqtt, Some(h)) => AnyUplink::IotHub(Box::new(
-            iothub::IotHubUplink::new(h, cfg.uplink.request_timeout())?,
-        )),
+        (config::UplinkKind::IothubMqtt, _) => {
+            AnyUplink::IotHub(Box::new(iothub::uplink_from_config(&cfg).await?))
+        }
         _ => {
             let token = secrets::load_token(
                 cfg.uplink.token_file.as_deref(),
@@ -196,7 +196,14 @@ pub async fn run_with_uplink(
     }
     drop(tx);
 
-    let writer = tokio::spawn(write_loop(buffer.clone(), rx, notify.clone()));
+    // Per-device state and counts for the IoT Hub twin, fed by the writer.
+    let activity = Arc::new(iothub::twin::DeviceActivity::default());
+    let writer = tokio::spawn(write_loop(
+        buffer.clone(),
+        rx,
+        notify.clone(),
+        activity.clone(),
+    ));
     let fstats = Arc::new(ForwardStats::default());
     let status_task = match &cfg.status {
         Some(st) => {
@@ -220,6 +227,16 @@ pub async fn run_with_uplink(
     // The forwarder stops only after the drain below; `shutdown` tells it to
     // stop waiting for full batches.
     let (stop_forwarder, forwarder_stop) = watch::channel(false);
+    let mut uplink = uplink;
+    // Shutdown, or a `flush` direct method: send without waiting.
+    let hurry = iothub::wire(
+        &mut uplink,
+        &cfg,
+        &buffer,
+        activity,
+        shutdown.clone(),
+        forwarder_stop.clone(),
+    );
     let forwarder = tokio::spawn(forward_loop(
         buffer.clone(),
         uplink,
@@ -229,7 +246,7 @@ pub async fn run_with_uplink(
         fstats.clone(),
         ForwardSignals {
             stop: forwarder_stop,
-            draining: shutdown.clone(),
+            draining: hurry,
         },
     ));
 
@@ -280,6 +297,7 @@ async fn write_loop(
     buffer: Arc<Buffer>,
     mut rx: mpsc::Receiver<DriverOutput>,
     notify: Arc<Notify>,
+    activity: Arc<iothub::twin::DeviceActivity>,
 ) {
     while let Some(first) = rx.recv().await {
         let mut pending = vec![first];
@@ -293,6 +311,7 @@ async fn write_loop(
         loop {
             match buffer.append(pending.clone()).await {
                 Ok(_) => {
+                    activity.observe(&pending);
                     notify.notify_one();
                     break;
                 }
@@ -517,8 +536,8 @@ impl Rate {
 }
 
 /// How the forwarder is told to wind down: `draining` when the agent is
-/// shutting down (send what is buffered without waiting for full batches),
-/// `stop` when the drain is over.
+/// shutting down or a `flush` direct method asked for it (send what is
+/// buffered without waiting for full batches), `stop` when the drain is over.
 #[derive(Debug)]
 struct ForwardSignals {
     stop: watch::Receiver<bool>,
