@@ -2,10 +2,12 @@
 //!
 //! This crate is shared by `edge-agent` and `cloud-hub`. It does no I/O: it
 //! holds the prost types generated from `proto/vigil/v1/vigil.proto`, the
-//! metric catalogue that maps IEEE 11073-10101 codes to LOINC and UCUM, and
-//! small pure helpers. How the schema may evolve: `EVOLUTION.md`.
+//! metric catalogue that maps IEEE 11073-10101 codes to LOINC and UCUM, the
+//! generic HL7 v2 codec (`hl7v2`: MLLP framing, parsing, escaping, times,
+//! ACKs) and small pure helpers. How the schema may evolve: `EVOLUTION.md`.
 
 pub mod catalogue;
+pub mod hl7v2;
 
 /// Generated protobuf types for `vigil.v1`.
 #[allow(missing_debug_implementations, clippy::all, clippy::pedantic)]
