@@ -134,6 +134,7 @@ impl From<rusqlite::Error> for AssocError {
 
 /// A bed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Bed {
     pub id: String,
     pub ward: String,
@@ -143,6 +144,7 @@ pub struct Bed {
 /// A patient identifier (FHIR `Identifier`: system and value). `system`
 /// may be empty when the source gave none.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PatientId {
     #[serde(default)]
     pub system: String,

@@ -48,10 +48,19 @@ pub struct Config {
     pub storage: StorageConfig,
     #[serde(default)]
     pub fhir: FhirConfig,
-    /// Static device → patient mapping (temporary, until an ADT/association
-    /// API exists).
+    /// `[association]`: the bed/placement/stay API (see `association_api`).
+    #[serde(default)]
+    pub association: crate::association_api::AssociationConfig,
+    /// Static device → patient mapping: the fallback after a reading's own
+    /// subject and the bed stays (see `association`).
     #[serde(default)]
     pub associations: Vec<Association>,
+    /// `[ingest]`: per-gateway rate limits of the HTTP ingest.
+    #[serde(default)]
+    pub ingest: IngestConfig,
+    /// `[mqtt]`: also consume batches from an MQTT 5 broker (optional).
+    #[serde(default)]
+    pub mqtt: Option<MqttConfig>,
 }
 
 /// `[server]`
@@ -114,6 +123,202 @@ pub struct Association {
     pub patient_id: String,
 }
 
+/// `[ingest]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngestConfig {
+    /// Batches per second each authenticated gateway may post to
+    /// `POST /api/v1/ingest` (a token bucket per gateway, in memory, per hub
+    /// instance). Over the limit the hub answers 429 with `Retry-After`.
+    /// Absent: no limit.
+    pub rate_limit_batches_per_s: Option<f64>,
+    /// Bucket size: how many batches a gateway may post at once after a
+    /// quiet period. Default: the rate rounded up (at least 1).
+    pub burst: Option<u32>,
+}
+
+impl IngestConfig {
+    /// The effective (rate per second, burst) when rate limiting is on.
+    pub fn rate_limit(&self) -> Option<(f64, u32)> {
+        self.rate_limit_batches_per_s.map(|rate| {
+            let burst = self
+                .burst
+                .unwrap_or_else(|| rate.ceil().clamp(1.0, 1e9) as u32);
+            (rate, burst)
+        })
+    }
+}
+
+/// Default MQTT port with TLS.
+pub const DEFAULT_MQTT_PORT: u16 = 8883;
+/// Default shared-subscription group.
+pub const DEFAULT_MQTT_GROUP: &str = "vigil-hub";
+/// Default topic filter: every device's events (IoT Hub / agent layout).
+pub const DEFAULT_MQTT_TOPIC_FILTER: &str = "devices/+/messages/events/#";
+/// Default MQTT session expiry: 7 days.
+pub const DEFAULT_MQTT_SESSION_EXPIRY_S: u32 = 7 * 24 * 3600;
+/// Environment variable overriding `mqtt.client_id` (one per hub instance).
+pub const ENV_MQTT_CLIENT_ID: &str = "VIGIL_HUB_MQTT_CLIENT_ID";
+
+/// `[mqtt]`: consume agent batches from an MQTT 5 broker with a shared
+/// subscription (`$share/{group}/{topic_filter}`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttConfig {
+    /// Broker host name or IP address.
+    pub host: String,
+    #[serde(default = "default_mqtt_port")]
+    pub port: u16,
+    /// MQTT client id of this hub instance: stable across restarts (the
+    /// broker keeps the instance's session and queue under it) and unique
+    /// among the instances. Env `VIGIL_HUB_MQTT_CLIENT_ID` overrides.
+    pub client_id: String,
+    /// Shared-subscription group; the broker spreads messages across the
+    /// instances subscribed with the same group.
+    #[serde(default = "default_mqtt_group")]
+    pub group: String,
+    /// Topic filter, without the `$share/{group}/` prefix.
+    #[serde(default = "default_mqtt_topic_filter")]
+    pub topic_filter: String,
+    /// User name for the broker (with `password_file`).
+    pub username: Option<String>,
+    /// File (mode 0600) holding the broker password.
+    pub password_file: Option<PathBuf>,
+    /// How long the broker keeps this instance's session (subscription and
+    /// queued messages) while it is disconnected.
+    #[serde(default = "default_mqtt_session_expiry_s")]
+    pub session_expiry_s: u32,
+    /// `[mqtt.tls]`: TLS to the broker; required unless the broker is on
+    /// loopback.
+    pub tls: Option<MqttTlsConfig>,
+}
+
+fn default_mqtt_port() -> u16 {
+    DEFAULT_MQTT_PORT
+}
+fn default_mqtt_group() -> String {
+    DEFAULT_MQTT_GROUP.into()
+}
+fn default_mqtt_topic_filter() -> String {
+    DEFAULT_MQTT_TOPIC_FILTER.into()
+}
+fn default_mqtt_session_expiry_s() -> u32 {
+    DEFAULT_MQTT_SESSION_EXPIRY_S
+}
+
+/// `[mqtt.tls]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttTlsConfig {
+    /// PEM CA certificate(s) to verify the broker; default: the public
+    /// web PKI roots.
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate (chain), with `key_file`.
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of `cert_file` (mode 0600).
+    pub key_file: Option<PathBuf>,
+}
+
+fn is_loopback_host(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+fn validate_ingest(i: &IngestConfig) -> Result<(), ConfigError> {
+    if let Some(rate) = i.rate_limit_batches_per_s
+        && !(rate.is_finite() && rate > 0.0)
+    {
+        return Err(ConfigError::invalid(
+            "ingest.rate_limit_batches_per_s",
+            "must be a number greater than 0",
+        ));
+    }
+    if i.burst == Some(0) {
+        return Err(ConfigError::invalid("ingest.burst", "must be at least 1"));
+    }
+    if i.burst.is_some() && i.rate_limit_batches_per_s.is_none() {
+        return Err(ConfigError::invalid(
+            "ingest.burst",
+            "needs ingest.rate_limit_batches_per_s",
+        ));
+    }
+    Ok(())
+}
+
+fn validate_mqtt(m: &MqttConfig) -> Result<(), ConfigError> {
+    if m.host.is_empty() {
+        return Err(ConfigError::invalid("mqtt.host", "must not be empty"));
+    }
+    if m.port == 0 {
+        return Err(ConfigError::invalid("mqtt.port", "must not be 0"));
+    }
+    if m.client_id.is_empty() || m.client_id.len() > 128 {
+        return Err(ConfigError::invalid(
+            "mqtt.client_id",
+            "must be 1-128 characters, stable and unique per hub instance",
+        ));
+    }
+    if m.group.is_empty() || m.group.contains(['/', '+', '#']) {
+        return Err(ConfigError::invalid(
+            "mqtt.group",
+            "must be non-empty without '/', '+' or '#'",
+        ));
+    }
+    let f = &m.topic_filter;
+    let levels_ok = f.split('/').enumerate().all(|(i, level)| {
+        let last = i + 1 == f.split('/').count();
+        (level == "#" && last) || level == "+" || !level.contains(['+', '#'])
+    });
+    if f.is_empty() || f.starts_with('$') || !levels_ok {
+        return Err(ConfigError::invalid(
+            "mqtt.topic_filter",
+            "must be an MQTT topic filter (without the $share/ prefix), e.g. devices/+/messages/events/#",
+        ));
+    }
+    match (&m.username, &m.password_file) {
+        (Some(u), Some(_)) if u.is_empty() => {
+            return Err(ConfigError::invalid("mqtt.username", "must not be empty"));
+        }
+        (Some(_), None) => {
+            return Err(ConfigError::invalid(
+                "mqtt.password_file",
+                "is required with mqtt.username",
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(ConfigError::invalid(
+                "mqtt.username",
+                "is required with mqtt.password_file",
+            ));
+        }
+        _ => {}
+    }
+    if m.session_expiry_s == 0 {
+        return Err(ConfigError::invalid(
+            "mqtt.session_expiry_s",
+            "must be greater than 0 (0 would drop this instance's queue on every disconnect)",
+        ));
+    }
+    match &m.tls {
+        None if !is_loopback_host(&m.host) => Err(ConfigError::invalid(
+            "mqtt.tls",
+            format!(
+                "broker `{}` is not on loopback: configure [mqtt.tls]",
+                m.host
+            ),
+        )),
+        Some(t) if t.cert_file.is_some() != t.key_file.is_some() => Err(ConfigError::invalid(
+            "mqtt.tls.key_file",
+            "cert_file and key_file go together",
+        )),
+        _ => Ok(()),
+    }
+}
+
 impl Config {
     /// Reads `path`, applies the environment overrides (`VIGIL_HUB_BIND`,
     /// `VIGIL_HUB_SQLITE_PATH`), resolves relative paths against the config
@@ -131,6 +336,11 @@ impl Config {
                 .ok()
                 .filter(|s| !s.is_empty()),
         );
+        if let (Some(m), Ok(id)) = (&mut config.mqtt, std::env::var(ENV_MQTT_CLIENT_ID))
+            && !id.is_empty()
+        {
+            m.client_id = id;
+        }
         config.resolve_paths(base_dir);
         config.validate_fields()?;
         Ok(config)
@@ -159,6 +369,9 @@ impl Config {
             }
         };
         fix(&mut self.storage.sqlite_path);
+        if let Some(p) = &mut self.association.admin_token_file {
+            fix(p);
+        }
         if let Some(tls) = &mut self.server.tls {
             fix(&mut tls.cert_file);
             fix(&mut tls.key_file);
@@ -207,6 +420,10 @@ impl Config {
                 "fhir.base_url",
                 "must be an absolute http:// or https:// URL",
             ));
+        }
+        validate_ingest(&self.ingest)?;
+        if let Some(m) = &self.mqtt {
+            validate_mqtt(m)?;
         }
         let mut seen = HashSet::new();
         for (i, a) in self.associations.iter().enumerate() {
@@ -328,6 +545,43 @@ mod tests {
             err.to_string().contains("associations[0].patient_id"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn mqtt_and_ingest_sections_validate_naming_the_field() {
+        let mqtt = "[mqtt]\nhost = \"broker.example.org\"\nclient_id = \"hub-1\"\n";
+        let c = Config::parse(&format!("{MINIMAL}\n{mqtt}")).unwrap();
+        let err = c.validate().unwrap_err();
+        assert!(err.to_string().contains("mqtt.tls"), "{err}");
+        let mut c = Config::parse(&format!("{MINIMAL}\n{mqtt}[mqtt.tls]\n")).unwrap();
+        c.validate().unwrap();
+        let m = c.mqtt.as_ref().unwrap();
+        assert_eq!(
+            (m.port, m.group.as_str(), m.topic_filter.as_str()),
+            (8883, "vigil-hub", "devices/+/messages/events/#")
+        );
+        c.mqtt.as_mut().unwrap().topic_filter = "devices/#/x".into();
+        let err = c.validate().unwrap_err();
+        assert!(err.to_string().contains("mqtt.topic_filter"), "{err}");
+        c.mqtt.as_mut().unwrap().topic_filter = "devices/+/messages/events/#".into();
+        c.mqtt.as_mut().unwrap().username = Some("hub".into());
+        let err = c.validate().unwrap_err();
+        assert!(err.to_string().contains("mqtt.password_file"), "{err}");
+
+        let c = Config::parse(&format!(
+            "{MINIMAL}\n[ingest]\nrate_limit_batches_per_s = 0.0\n"
+        ))
+        .unwrap();
+        let err = c.validate().unwrap_err();
+        assert!(
+            err.to_string().contains("ingest.rate_limit_batches_per_s"),
+            "{err}"
+        );
+        let c = Config::parse(&format!(
+            "{MINIMAL}\n[ingest]\nrate_limit_batches_per_s = 2.5\n"
+        ))
+        .unwrap();
+        assert_eq!(c.ingest.rate_limit(), Some((2.5, 3)));
     }
 
     #[test]

@@ -10,11 +10,14 @@
 //!   of gateway tokens.
 
 pub mod association;
+pub mod association_api;
 pub mod auth;
 pub mod config;
 pub mod fhir;
 pub mod ingest;
 pub mod metrics;
+pub mod mqtt_ingest;
+mod rate_limit;
 pub mod scores;
 mod server;
 pub mod store;
@@ -43,6 +46,8 @@ pub enum HubError {
     InvalidGatewayId(String),
     #[error("a blocking task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
+    #[error(transparent)]
+    Mqtt(#[from] mqtt_ingest::MqttSetupError),
 }
 
 /// Serves the hub on `listener` until `shutdown` resolves, then stops

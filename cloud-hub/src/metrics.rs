@@ -27,14 +27,17 @@ pub enum IngestErrorKind {
     UnsupportedMediaType = 2,
     TooLarge = 3,
     Malformed = 4,
+    /// Over the gateway's `[ingest]` rate limit (429 with `Retry-After`).
+    RateLimited = 5,
 }
 
-const ERROR_KINDS: [&str; 5] = [
+const ERROR_KINDS: [&str; 6] = [
     "unauthorized",
     "forbidden",
     "unsupported_media_type",
     "too_large",
     "malformed",
+    "rate_limited",
 ];
 
 const REASONS: [(RejectReason, &str); 5] = [
@@ -60,9 +63,11 @@ const INTERACTIONS: [&str; 3] = ["read", "search", "metadata"];
 pub struct Metrics {
     batches: [AtomicU64; 3],
     readings: [AtomicU64; 3],
-    errors: [AtomicU64; 5],
+    errors: [AtomicU64; 6],
     rejected_reasons: [AtomicU64; 5],
     fhir: [AtomicU64; 3],
+    /// MQTT ingest (`[mqtt]`) counters and connection state.
+    pub mqtt: crate::mqtt_ingest::MqttMetrics,
 }
 
 impl Metrics {
@@ -138,6 +143,7 @@ impl Metrics {
             &INTERACTIONS,
             &self.fhir,
         );
+        self.mqtt.render(&mut out);
         out
     }
 }

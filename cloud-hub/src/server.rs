@@ -36,16 +36,32 @@ pub struct Hub {
     store: Store,
     tls: Option<Arc<rustls::ServerConfig>>,
     metrics: SharedMetrics,
+    mqtt: Option<crate::mqtt_ingest::MqttIngest>,
 }
 
 #[derive(Debug, Clone)]
-struct AppState {
+pub(crate) struct AppState {
     config: Arc<Config>,
     store: Store,
     associations: Arc<Associations>,
     metrics: SharedMetrics,
     tls: bool,
     started: String,
+    limiter: Option<Arc<crate::rate_limit::RateLimiter>>,
+}
+
+impl AppState {
+    pub(crate) fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub(crate) fn metrics(&self) -> &SharedMetrics {
+        &self.metrics
+    }
+
+    pub(crate) fn max_body_bytes(&self) -> usize {
+        self.config.server.max_body_bytes
+    }
 }
 
 impl Hub {
@@ -55,11 +71,17 @@ impl Hub {
         config.validate()?;
         let tls = config.server.tls.as_ref().map(load_tls).transpose()?;
         let store = Store::open(&config.storage.sqlite_path)?;
+        let mqtt = config
+            .mqtt
+            .as_ref()
+            .map(|m| crate::mqtt_ingest::MqttIngest::prepare(m, config.server.max_body_bytes))
+            .transpose()?;
         Ok(Self {
             config: Arc::new(config),
             store,
             tls,
             metrics: Arc::default(),
+            mqtt,
         })
     }
 
@@ -93,6 +115,11 @@ impl Hub {
                 )
             })
             .collect();
+        let limiter = self
+            .config
+            .ingest
+            .rate_limit()
+            .map(|(rate, burst)| Arc::new(crate::rate_limit::RateLimiter::new(rate, burst)));
         let state = AppState {
             config: self.config.clone(),
             store: self.store.clone(),
@@ -100,8 +127,30 @@ impl Hub {
             metrics: self.metrics.clone(),
             tls: self.tls.is_some(),
             started: fhir::format_instant(now_us() / 1_000_000 * 1_000_000),
+            limiter,
         };
-        let app = router(state);
+        // MQTT ingest runs beside the HTTP server and stops with it.
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let mqtt = self
+            .mqtt
+            .map(|m| tokio::spawn(crate::mqtt_ingest::run(m, state.clone(), stop_rx)));
+        let shutdown = async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        };
+        // The association API (beds, placements, stays; admin token).
+        let association = crate::association_api::ApiState::load(
+            &self.config.association,
+            self.store.clone(),
+            state.associations.clone(),
+        )
+        .map_err(|e| {
+            HubError::Config(crate::ConfigError::Invalid {
+                field: "association.admin_token_file".into(),
+                message: e.to_string(),
+            })
+        })?;
+        let app = router(state).merge(crate::association_api::router(association));
         tracing::info!(%addr, tls = self.tls.is_some(), "hub serving");
         match self.tls {
             None => {
@@ -122,6 +171,9 @@ impl Hub {
                     .serve(app.into_make_service())
                     .await?;
             }
+        }
+        if let Some(task) = mqtt {
+            task.await?;
         }
         tracing::info!("hub stopped");
         Ok(())
@@ -186,6 +238,9 @@ fn router(state: AppState) -> Router {
         .route("/Observation/{id}", get(read))
         .route("/Device", get(search_devices))
         .route("/Device/{id}", get(read_device))
+        .route("/Patient/{id}", get(read_patient))
+        .route("/Location", get(search_locations))
+        .route("/Location/{id}", get(read_location))
         .fallback(fhir_not_found);
     Router::new()
         .route(INGEST_PATH, post(ingest).layer(DefaultBodyLimit::disable()))
@@ -288,6 +343,8 @@ struct IngestError {
     status: StatusCode,
     kind: Option<IngestErrorKind>,
     message: String,
+    /// `Retry-After` seconds (429).
+    retry_after: Option<u64>,
 }
 
 impl IngestError {
@@ -296,6 +353,7 @@ impl IngestError {
             status,
             kind: Some(kind),
             message: message.into(),
+            retry_after: None,
         }
     }
 }
@@ -319,6 +377,10 @@ async fn ingest(State(st): State<AppState>, headers: HeaderMap, body: Body) -> R
                 resp.headers_mut()
                     .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
+            if let Some(secs) = e.retry_after {
+                resp.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            }
             resp
         }
     }
@@ -336,6 +398,7 @@ async fn ingest_inner(
             status: StatusCode::INTERNAL_SERVER_ERROR,
             kind: None,
             message: "internal error".into(),
+            retry_after: None,
         }
     };
 
@@ -364,6 +427,23 @@ async fn ingest_inner(
                 "unknown or revoked token",
             )
         })?;
+
+    // 1b. Per-gateway rate limit (`[ingest]`).
+    if let Some(limiter) = &st.limiter
+        && let Err(wait) = limiter.check(&gateway_id, std::time::Instant::now())
+    {
+        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        let secs = secs.max(1);
+        tracing::warn!(gateway_id = %gateway_id, retry_after_s = secs, "ingest rate limit exceeded");
+        return Err(IngestError {
+            retry_after: Some(secs),
+            ..IngestError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                K::RateLimited,
+                format!("rate limit exceeded; retry after {secs} s"),
+            )
+        });
+    }
 
     // 2. Content type.
     let content_type = headers
@@ -426,14 +506,33 @@ async fn ingest_inner(
         ));
     }
 
-    let store = st.store.clone();
-    let associations = st.associations.clone();
-    let gw = gateway_id.clone();
-    let batch_seq = batch.sequence;
-    let now = now_us();
-    let report = blocking(move || store.ingest(&gw, &batch, &associations, now, now))
+    let ack = store_batch(st, &gateway_id, batch)
         .await
         .map_err(internal)?;
+    Ok((
+        StatusCode::OK,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(CONTENT_TYPE_PROTOBUF),
+        )],
+        ack.encode_to_vec(),
+    )
+        .into_response())
+}
+
+/// Stores a decoded batch of an authenticated gateway in one transaction,
+/// counts and logs the outcome; shared by the HTTP and the MQTT ingest.
+pub(crate) async fn store_batch(
+    st: &AppState,
+    gateway_id: &str,
+    batch: Batch,
+) -> Result<shared_protocol::v1::BatchAck, HubError> {
+    let store = st.store.clone();
+    let associations = st.associations.clone();
+    let gw = gateway_id.to_owned();
+    let batch_seq = batch.sequence;
+    let now = now_us();
+    let report = blocking(move || store.ingest(&gw, &batch, &associations, now, now)).await?;
     let ack = &report.ack;
     if ack.duplicate_batch {
         st.metrics.batch(Outcome::Duplicate);
@@ -459,15 +558,7 @@ async fn ingest_inner(
             "batch ingested"
         );
     }
-    Ok((
-        StatusCode::OK,
-        [(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static(CONTENT_TYPE_PROTOBUF),
-        )],
-        ack.encode_to_vec(),
-    )
-        .into_response())
+    Ok(report.ack)
 }
 
 // ---------------------------------------------------------------------------
@@ -561,6 +652,80 @@ async fn read_device(State(st): State<AppState>, Path(id): Path<String>) -> Resp
     }
 }
 
+async fn read_patient(State(st): State<AppState>, Path(id): Path<String>) -> Response {
+    st.metrics.fhir(FhirInteraction::Read);
+    let not_found = || {
+        outcome(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            "no such Patient is known",
+        )
+    };
+    if !fhir::is_valid_id(&id) {
+        return not_found();
+    }
+    let store = st.store.clone();
+    let lookup = id.clone();
+    match blocking(move || store.patient(&lookup)).await {
+        Ok(Some(system)) => fhir_response(
+            StatusCode::OK,
+            &fhir::render::render_patient(&id, Some(&system)),
+        ),
+        Ok(None) => not_found(),
+        Err(e) => fhir_internal(&e),
+    }
+}
+
+async fn locations(st: &AppState) -> Result<Vec<Json>, Response> {
+    let store = st.store.clone();
+    let beds = blocking(move || Ok(store.list_beds().map_err(|e| e.to_string())))
+        .await
+        .map_err(|e| fhir_internal(&e))?
+        .map_err(|e| outcome(StatusCode::INTERNAL_SERVER_ERROR, "exception", &e))?;
+    Ok(beds
+        .iter()
+        .map(|b| fhir::render::render_location(&b.id, &b.ward, &b.label))
+        .collect())
+}
+
+async fn read_location(State(st): State<AppState>, Path(id): Path<String>) -> Response {
+    st.metrics.fhir(FhirInteraction::Read);
+    match locations(&st).await {
+        Ok(all) => match all.into_iter().find(|l| l["id"] == id.as_str()) {
+            Some(l) => fhir_response(StatusCode::OK, &l),
+            None => outcome(
+                StatusCode::NOT_FOUND,
+                "not-found",
+                &format!("Location/{id} is not known"),
+            ),
+        },
+        Err(resp) => resp,
+    }
+}
+
+async fn search_locations(State(st): State<AppState>, headers: HeaderMap, uri: Uri) -> Response {
+    st.metrics.fhir(FhirInteraction::Search);
+    if let Some(q) = uri
+        .query()
+        .filter(|q| !q.is_empty() && !q.starts_with("_format="))
+    {
+        return outcome(
+            StatusCode::BAD_REQUEST,
+            "not-supported",
+            &format!("Location search takes no parameters (got `{q}`)"),
+        );
+    }
+    match locations(&st).await {
+        Ok(all) => {
+            let base = base_url(&st, &headers, &uri);
+            let total = all.len() as u64;
+            let links = vec![json!({ "relation": "self", "url": format!("{base}/Location") })];
+            fhir_response(StatusCode::OK, &searchset(&base, total, links, all))
+        }
+        Err(resp) => resp,
+    }
+}
+
 async fn search_devices(State(st): State<AppState>, headers: HeaderMap, uri: Uri) -> Response {
     st.metrics.fhir(FhirInteraction::Search);
     let pairs: Vec<(String, String)> = match serde_urlencoded::from_str(uri.query().unwrap_or("")) {
@@ -577,7 +742,10 @@ async fn search_devices(State(st): State<AppState>, headers: HeaderMap, uri: Uri
     let mut offset = 0u64;
     for (k, v) in &pairs {
         let parsed = match k.as_str() {
-            "_count" => v.parse::<u32>().map(|c| count = c.min(fhir::MAX_COUNT)).is_ok(),
+            "_count" => v
+                .parse::<u32>()
+                .map(|c| count = c.min(fhir::MAX_COUNT))
+                .is_ok(),
             "_offset" => v.parse::<u64>().map(|o| offset = o).is_ok(),
             "_format" => true,
             other => {
@@ -713,7 +881,10 @@ fn searchset(base: &str, total: u64, links: Vec<Json>, resources: Vec<Json>) -> 
     let entries: Vec<Json> = resources
         .into_iter()
         .map(|resource| {
-            let ty = resource["resourceType"].as_str().unwrap_or_default().to_owned();
+            let ty = resource["resourceType"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
             if ty == "OperationOutcome" {
                 return json!({ "resource": resource, "search": { "mode": "outcome" } });
             }

@@ -11,7 +11,9 @@ use std::time::Duration;
 use prost::Message;
 use rusqlite::types::Value as SqlValue;
 use rusqlite::{Connection, OptionalExtension, params, params_from_iter};
-use shared_protocol::v1::{Batch, BatchAck, DeviceData, Reading, RejectReason, Rejection, Validity};
+use shared_protocol::v1::{
+    Batch, BatchAck, DeviceData, Reading, RejectReason, Rejection, Validity,
+};
 
 use crate::fhir::render::{
     BP_PANEL_LOINC, DeviceRow, ObservationRow, RowKind, bp_family_of, device_resource_id, panel_id,
@@ -410,6 +412,20 @@ impl Store {
             .optional()?)
     }
 
+    /// Whether gateway `id` is registered and not revoked (MQTT ingest,
+    /// where the broker authenticated the publisher).
+    pub fn gateway_is_active(&self, id: &str) -> Result<bool, StoreError> {
+        let conn = self.lock()?;
+        Ok(conn
+            .query_row(
+                "SELECT 1 FROM gateways WHERE id = ?1 AND revoked_us IS NULL",
+                [id],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some())
+    }
+
     /// Stores a batch of an authenticated gateway in one transaction.
     ///
     /// `received_us` is the hub receive time; `now_us` the hub clock used
@@ -423,7 +439,10 @@ impl Store {
         now_us: i64,
     ) -> Result<IngestReport, StoreError> {
         let mut conn = self.lock()?;
-        let tx = conn.transaction()?;
+        // IMMEDIATE: take the write lock up front, so that hub instances
+        // sharing the database wait for each other (busy timeout) instead of
+        // failing to upgrade a read transaction.
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let batch_seq = batch.sequence as i64;
         let stored: Option<Vec<u8>> = tx
             .query_row(
@@ -826,6 +845,29 @@ impl Store {
         Ok((total as u64, rows))
     }
 
+    /// A patient known to the hub (from stays or attributed readings) by
+    /// identifier value: `Some(system)` (empty when unknown).
+    pub fn patient(&self, value: &str) -> Result<Option<String>, StoreError> {
+        let conn = self.lock()?;
+        let from_stays: Option<String> = conn
+            .query_row(
+                "SELECT patient_system FROM patient_stays WHERE patient_value = ?1 LIMIT 1",
+                [value],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if from_stays.is_some() {
+            return Ok(from_stays);
+        }
+        Ok(conn
+            .query_row(
+                "SELECT COALESCE(patient_system, '') FROM observations WHERE patient_id = ?1 LIMIT 1",
+                [value],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
     /// A device by its FHIR id.
     pub fn device(&self, fhir_id: &str) -> Result<Option<DeviceRow>, StoreError> {
         let conn = self.lock()?;
@@ -858,7 +900,7 @@ impl Store {
 
 const OBS_COLUMNS: &str = "o.id, o.kind, o.gateway_id, o.device_id, o.patient_id, o.received_us, \
      o.payload, o.resource, COALESCE(d.manufacturer, ''), COALESCE(d.model, ''), \
-     COALESCE(d.serial_number, '')";
+     COALESCE(d.serial_number, ''), o.patient_system";
 const OBS_FROM: &str = "observations o LEFT JOIN devices d \
      ON d.gateway_id = o.gateway_id AND d.device_id = o.device_id";
 
@@ -875,6 +917,7 @@ fn obs_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ObservationRow> {
         manufacturer: r.get(8)?,
         model: r.get(9)?,
         serial_number: r.get(10)?,
+        patient_system: r.get(11)?,
     })
 }
 

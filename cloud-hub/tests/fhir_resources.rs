@@ -79,7 +79,10 @@ async fn blood_pressure_is_one_panel_with_components() {
     );
     let profiles = p["meta"]["profile"].as_array().unwrap();
     assert!(profiles.contains(&Value::from("http://hl7.org/fhir/StructureDefinition/bp")));
-    assert!(p.get("valueQuantity").is_none(), "a panel has no value of its own");
+    assert!(
+        p.get("valueQuantity").is_none(),
+        "a panel has no value of its own"
+    );
     assert_eq!(p["subject"]["reference"], format!("Patient/{PATIENT}"));
     assert_eq!(p["effectiveDateTime"], "2024-05-01T10:00:00Z");
     let comps = p["component"].as_array().unwrap();
@@ -196,7 +199,10 @@ async fn waveform_is_sampled_data() {
     assert_eq!(sd["data"], "1 -2 300");
     assert_eq!(r["effectivePeriod"]["start"], "2024-05-01T10:00:00Z");
     assert_eq!(r["effectivePeriod"]["end"], "2024-05-01T10:00:00.026666Z");
-    assert_eq!(code_of(&r, "urn:iso:std:iso:11073:10101").as_deref(), Some("150452"));
+    assert_eq!(
+        code_of(&r, "urn:iso:std:iso:11073:10101").as_deref(),
+        Some("150452")
+    );
     assert_eq!(r["subject"]["reference"], format!("Patient/{PATIENT}"));
     // Found by its MDC code; not a vital sign.
     let (_, by_code) = hub
@@ -272,9 +278,13 @@ async fn devices_are_resources_and_search_parameters() {
 async fn a_corrupt_row_is_reported_not_hidden() {
     let hub = TestHub::start().await;
     assert_eq!(
-        hub.ingest(&batch(1, DEVICE, vec![spo2(1, 97.0, T0), spo2(2, 98.0, T0 + MINUTE)]))
-            .await
-            .accepted,
+        hub.ingest(&batch(
+            1,
+            DEVICE,
+            vec![spo2(1, 97.0, T0), spo2(2, 98.0, T0 + MINUTE)]
+        ))
+        .await
+        .accepted,
         2
     );
     let id1 = cloud_hub::fhir::observation_id(GATEWAY, DEVICE, 1);
@@ -294,5 +304,48 @@ async fn a_corrupt_row_is_reported_not_hidden() {
     assert_eq!(e.len(), 2);
     assert_eq!(e[0]["search"]["mode"], "outcome");
     assert_eq!(e[1]["resource"]["valueQuantity"]["value"], 98.0);
+    hub.stop().await;
+}
+
+/// Patients are identifiers only; beds are Locations.
+#[tokio::test]
+async fn patients_and_locations() {
+    let hub = TestHub::start().await;
+    let mut own = spo2(1, 96.0, T0);
+    own.subject = Some(shared_protocol::v1::Identifier {
+        system: "urn:oid:1.2.3".into(),
+        value: "MRN-7".into(),
+    });
+    assert_eq!(
+        hub.ingest(&batch(1, "hl7-dev", vec![own])).await.accepted,
+        1
+    );
+    let (status, p) = hub.get_json("/fhir/Patient/MRN-7").await;
+    assert_eq!(status, 200, "{p}");
+    assert_eq!(
+        p,
+        serde_json::json!({ "resourceType": "Patient", "id": "MRN-7",
+                            "identifier": [{ "system": "urn:oid:1.2.3", "value": "MRN-7" }] })
+    );
+    let (status, _) = hub.get_json("/fhir/Patient/nobody").await;
+    assert_eq!(status, 404);
+
+    hub.db()
+        .execute(
+            "INSERT INTO beds (id, ward, label, created_us) VALUES ('bed_7', 'ICU-3', 'Bed 7', 0)",
+            [],
+        )
+        .unwrap();
+    let (_, all) = hub.get_json("/fhir/Location").await;
+    assert_eq!(all["total"], 1);
+    let l = &all["entry"][0]["resource"];
+    let id = cloud_hub::fhir::render::location_id("bed_7");
+    assert_ne!(id, "bed_7", "`_` is not allowed in FHIR ids");
+    assert_eq!(l["id"], id.as_str());
+    assert_eq!(l["identifier"][0]["value"], "bed_7");
+    assert_eq!(l["physicalType"]["coding"][0]["code"], "bd");
+    let (status, one) = hub.get_json(&format!("/fhir/Location/{id}")).await;
+    assert_eq!(status, 200);
+    assert_eq!(&one, l);
     hub.stop().await;
 }

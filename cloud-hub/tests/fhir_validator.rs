@@ -186,10 +186,19 @@ async fn every_emitted_resource_is_valid_fhir_r4() {
     let has = |pred: &dyn Fn(&Value) -> bool| entries.iter().any(|e| pred(&e["resource"]));
     assert!(has(&|r| r.get("component").is_some()), "a BP panel");
     assert!(has(&|r| r.get("valueSampledData").is_some()), "a waveform");
-    assert!(has(&|r| r.get("dataAbsentReason").is_some()), "an absent value");
+    assert!(
+        has(&|r| r.get("dataAbsentReason").is_some()),
+        "an absent value"
+    );
     assert!(has(&|r| r.get("valueString").is_some()), "a text value");
-    assert!(has(&|r| r.get("valueCodeableConcept").is_some()), "a coded value");
-    assert!(has(&|r| r.get("subject").is_none()), "an unattributed reading");
+    assert!(
+        has(&|r| r.get("valueCodeableConcept").is_some()),
+        "a coded value"
+    );
+    assert!(
+        has(&|r| r.get("subject").is_none()),
+        "an unattributed reading"
+    );
     assert!(
         has(&|r| r["subject"]["identifier"]["value"] == "MRN-0042"),
         "a source identifier"
@@ -210,6 +219,28 @@ async fn every_emitted_resource_is_valid_fhir_r4() {
         resources.push(d);
     }
     resources.push(devices);
+    // Patients (identifier only) and beds as Locations.
+    for p in [PATIENT, "MRN-0042"] {
+        let (status, r) = hub.get_json(&format!("/fhir/Patient/{p}")).await;
+        assert_eq!(status, 200, "{r}");
+        resources.push(r);
+    }
+    hub.db()
+        .execute(
+            "INSERT INTO beds (id, ward, label, created_us) VALUES ('icu3_bed-07', 'ICU-3', 'Bed 7', 0)",
+            [],
+        )
+        .unwrap();
+    let (status, locations) = hub.get_json("/fhir/Location").await;
+    assert_eq!(status, 200, "{locations}");
+    let loc_id = locations["entry"][0]["resource"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (status, loc) = hub.get_json(&format!("/fhir/Location/{loc_id}")).await;
+    assert_eq!(status, 200, "{loc}");
+    resources.push(loc);
+    resources.push(locations);
     // Errors are OperationOutcomes.
     let (status, nf) = hub.get_json("/fhir/Observation/nope").await;
     assert_eq!(status, 404);

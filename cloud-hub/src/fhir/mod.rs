@@ -16,7 +16,8 @@ pub const UCUM_SYSTEM: &str = "http://unitsofmeasure.org";
 pub const VITALSIGNS_PROFILE: &str = "http://hl7.org/fhir/StructureDefinition/vitalsigns";
 pub const QUALITY_EXT: &str = "http://vigil.health/fhir/StructureDefinition/reading-quality";
 pub const TIME_SOURCE_EXT: &str = "http://vigil.health/fhir/StructureDefinition/time-source";
-pub(crate) const CATEGORY_SYSTEM: &str = "http://terminology.hl7.org/CodeSystem/observation-category";
+pub(crate) const CATEGORY_SYSTEM: &str =
+    "http://terminology.hl7.org/CodeSystem/observation-category";
 const ABSENT_SYSTEM: &str = "http://terminology.hl7.org/CodeSystem/data-absent-reason";
 
 /// Default and maximum page size of a search.
@@ -441,6 +442,16 @@ pub fn capability_statement(date: &str) -> Json {
                     param("_count", "number", "page size, default 100, max 1000"),
                     param("_sort", "string", "date or -date (default date)"),
                 ],
+            }, {
+                "type": "Device",
+                "interaction": [{ "code": "read" }, { "code": "search-type" }],
+                "searchParam": [param("_count", "number", "page size, default 100, max 1000")],
+            }, {
+                "type": "Patient",
+                "interaction": [{ "code": "read" }],
+            }, {
+                "type": "Location",
+                "interaction": [{ "code": "read" }, { "code": "search-type" }],
             }],
         }],
     })

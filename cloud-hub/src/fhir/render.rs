@@ -116,6 +116,8 @@ pub struct ObservationRow {
     pub gateway_id: String,
     pub device_id: String,
     pub patient_id: Option<String>,
+    /// The patient identifier's system, when known.
+    pub patient_system: Option<String>,
     pub received_us: i64,
     /// The source protobuf (None for rows written before schema v4).
     pub payload: Option<Vec<u8>>,
@@ -166,10 +168,9 @@ impl ObservationRow {
     }
 
     fn decode<M: Message + Default>(&self) -> Result<M, RenderError> {
-        let bytes = self
-            .payload
-            .as_deref()
-            .ok_or_else(|| RenderError::Empty { id: self.id.clone() })?;
+        let bytes = self.payload.as_deref().ok_or_else(|| RenderError::Empty {
+            id: self.id.clone(),
+        })?;
         M::decode(bytes).map_err(|source| RenderError::Decode {
             id: self.id.clone(),
             source,
@@ -179,6 +180,12 @@ impl ObservationRow {
 
 /// Renders a stored row as a FHIR R4 Observation.
 pub fn render_observation(row: &ObservationRow) -> Result<Json, RenderError> {
+    let mut resource = render_payload(row)?;
+    complete_subject(&mut resource, row);
+    Ok(resource)
+}
+
+fn render_payload(row: &ObservationRow) -> Result<Json, RenderError> {
     if row.payload.is_none() {
         if row.resource.is_empty() {
             return Err(RenderError::Empty { id: row.id.clone() });
@@ -278,7 +285,11 @@ pub fn render_bp_panel(row: &ObservationRow, members: &[Reading]) -> Json {
     // Systolic, diastolic, mean: the profile's order.
     let mut ordered: Vec<&Reading> = members.iter().collect();
     if let Some(f) = family {
-        ordered.sort_by_key(|r| [f.systolic, f.diastolic, f.mean].iter().position(|c| *c == r.mdc_code));
+        ordered.sort_by_key(|r| {
+            [f.systolic, f.diastolic, f.mean]
+                .iter()
+                .position(|c| *c == r.mdc_code)
+        });
     }
     for r in ordered {
         let Some(metric) = metric_of(r) else { continue };
@@ -328,7 +339,9 @@ pub fn render_bp_panel(row: &ObservationRow, members: &[Reading]) -> Json {
     let mut coding = vec![json!({ "system": LOINC_SYSTEM, "code": BP_PANEL_LOINC,
                                   "display": BP_PANEL_DISPLAY })];
     if let Some(f) = family {
-        coding.push(json!({ "system": MDC_SYSTEM, "code": f.mdc.to_string(), "display": f.mdc_name }));
+        coding.push(
+            json!({ "system": MDC_SYSTEM, "code": f.mdc.to_string(), "display": f.mdc_name }),
+        );
     }
     obs.insert(
         "code".into(),
@@ -337,7 +350,10 @@ pub fn render_bp_panel(row: &ObservationRow, members: &[Reading]) -> Json {
     if let (Some(p), Some(r)) = (row.patient_id.as_deref(), first) {
         obs.insert("subject".into(), subject_json(p, r));
     }
-    obs.insert("effectiveDateTime".into(), json!(format_instant(effective_us)));
+    obs.insert(
+        "effectiveDateTime".into(),
+        json!(format_instant(effective_us)),
+    );
     let issued = first
         .map(|r| r.gateway_time_us)
         .filter(|t| *t != 0)
@@ -407,7 +423,10 @@ pub fn render_waveform(row: &ObservationRow, w: &Waveform) -> Json {
         json!({ "coding": [{ "system": MDC_SYSTEM, "code": w.mdc_code.to_string() }], "text": text }),
     );
     if let Some(p) = row.patient_id.as_deref() {
-        obs.insert("subject".into(), json!({ "reference": format!("Patient/{p}") }));
+        obs.insert(
+            "subject".into(),
+            json!({ "reference": format!("Patient/{p}") }),
+        );
     }
     obs.insert(
         "effectivePeriod".into(),
@@ -439,7 +458,8 @@ pub fn render_waveform(row: &ObservationRow, w: &Waveform) -> Json {
         sd["data"] = json!(data.join(" "));
     }
     obs.insert("valueSampledData".into(), sd);
-    let mut quality = vec![json!({ "url": "validity", "valueCode": super::validity_code(w.validity) })];
+    let mut quality =
+        vec![json!({ "url": "validity", "valueCode": super::validity_code(w.validity) })];
     for f in &w.flags {
         if let Some(code) = super::flag_code(*f) {
             quality.push(json!({ "url": "flag", "valueCode": code }));
@@ -501,4 +521,65 @@ pub fn render_device(d: &DeviceRow) -> Json {
         dev.insert("type".into(), json!({ "text": d.protocol }));
     }
     Json::Object(dev)
+}
+
+/// A Patient as the hub knows one: an identifier, nothing else (no names:
+/// PHI minimisation). `id` is the identifier's value (what Observation
+/// `subject` references and `patient=` searches use).
+pub fn render_patient(id: &str, system: Option<&str>) -> Json {
+    let mut ident = serde_json::Map::new();
+    if let Some(s) = system.filter(|s| !s.is_empty()) {
+        ident.insert("system".into(), json!(s));
+    }
+    ident.insert("value".into(), json!(id));
+    json!({
+        "resourceType": "Patient",
+        "id": id,
+        "identifier": [Json::Object(ident)],
+    })
+}
+
+/// The FHIR id of a bed's Location: the bed id when it is a valid FHIR id,
+/// else a hash of it (bed ids may contain `_`).
+pub fn location_id(bed_id: &str) -> String {
+    if super::is_valid_id(bed_id) {
+        bed_id.to_owned()
+    } else {
+        hashed_id("vigil-location", &[bed_id])
+    }
+}
+
+/// A bed as a FHIR Location (physical type "bd"), with its ward in the
+/// description and the bed id as identifier.
+pub fn render_location(bed_id: &str, ward: &str, label: &str) -> Json {
+    json!({
+        "resourceType": "Location",
+        "id": location_id(bed_id),
+        "identifier": [{ "system": "urn:vigil:bed", "value": bed_id }],
+        "status": "active",
+        "name": if label.is_empty() { bed_id } else { label },
+        "description": format!("{ward} / {}", if label.is_empty() { bed_id } else { label }),
+        "mode": "instance",
+        "physicalType": { "coding": [{
+            "system": "http://terminology.hl7.org/CodeSystem/location-physical-type",
+            "code": "bd", "display": "Bed" }] },
+    })
+}
+
+/// Adds the patient identifier's system to `subject` when the row knows it
+/// and the subject has no identifier yet.
+fn complete_subject(resource: &mut Json, row: &ObservationRow) {
+    let (Some(p), Some(system)) = (row.patient_id.as_deref(), row.patient_system.as_deref()) else {
+        return;
+    };
+    if let Some(subject) = resource.get_mut("subject").and_then(Json::as_object_mut)
+        && !subject.contains_key("identifier")
+    {
+        let mut ident = serde_json::Map::new();
+        if !system.is_empty() {
+            ident.insert("system".into(), json!(system));
+        }
+        ident.insert("value".into(), json!(p));
+        subject.insert("identifier".into(), Json::Object(ident));
+    }
 }

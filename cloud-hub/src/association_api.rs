@@ -1,0 +1,497 @@
+//! The association API (`/api/v1/beds`, `/api/v1/placements…`,
+//! `/api/v1/patients/…`, `/api/v1/occupancy`): JSON in, JSON out.
+//!
+//! Protected by one **admin bearer token** read from
+//! `association.admin_token_file` (mode 0600, at least 32 characters). This
+//! is temporary: the roles work replaces it with per-user roles. Without
+//! the file configured every route answers 403.
+//!
+//! Every change takes an explicit time `at` (RFC 3339, e.g.
+//! `2026-11-24T08:30:00Z`; default: now) and answers with how many stored
+//! readings it re-attributed. Errors are `{"error": "...", "field": "..."}`
+//! (`field` when one field is at fault) with 400 (malformed or invalid
+//! field), 401 (token), 403 (API disabled), 404 (unknown bed) or 409
+//! (conflicts with the recorded stays/placements).
+//!
+//! Logs carry bed, gateway and device ids and counts, never patient
+//! identifiers.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+use serde_json::json;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use crate::association::{AssocError, Bed, PatientId};
+use crate::store::{Associations, Store, now_us};
+
+/// `[association]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AssociationConfig {
+    /// File (mode 0600) holding the admin bearer token of the association
+    /// API. Absent: the API answers 403. Relative paths are relative to the
+    /// config file's directory.
+    pub admin_token_file: Option<PathBuf>,
+}
+
+/// Shortest accepted admin token.
+pub const MIN_ADMIN_TOKEN_LEN: usize = 32;
+
+/// Errors loading the admin token.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminTokenError {
+    #[error("association.admin_token_file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("association.admin_token_file {0} is accessible by group or others; chmod 600 it")]
+    Permissions(PathBuf),
+    #[error(
+        "association.admin_token_file {0}: the token must be at least {MIN_ADMIN_TOKEN_LEN} printable characters"
+    )]
+    TooShort(PathBuf),
+}
+
+/// Read the admin token (checked: mode 0600, length); its SHA-256.
+pub fn load_admin_token(path: &Path) -> Result<String, AdminTokenError> {
+    let read = |source| AdminTokenError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let meta = std::fs::metadata(path).map_err(read)?;
+        if meta.permissions().mode() & 0o077 != 0 {
+            return Err(AdminTokenError::Permissions(path.to_owned()));
+        }
+    }
+    let text = std::fs::read_to_string(path).map_err(read)?;
+    let token = text.trim();
+    if token.len() < MIN_ADMIN_TOKEN_LEN || !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(AdminTokenError::TooShort(path.to_owned()));
+    }
+    Ok(crate::auth::hash_token(token))
+}
+
+/// State of the association routes.
+#[derive(Debug, Clone)]
+pub struct ApiState {
+    store: Store,
+    fallback: Arc<Associations>,
+    /// SHA-256 of the admin token; None: API disabled.
+    admin_sha256: Option<Arc<str>>,
+}
+
+impl ApiState {
+    /// Loads the admin token named by the config (if any).
+    pub fn load(
+        config: &AssociationConfig,
+        store: Store,
+        fallback: Arc<Associations>,
+    ) -> Result<Self, AdminTokenError> {
+        let admin_sha256 = config
+            .admin_token_file
+            .as_deref()
+            .map(load_admin_token)
+            .transpose()?
+            .map(Arc::from);
+        Ok(Self {
+            store,
+            fallback,
+            admin_sha256,
+        })
+    }
+}
+
+/// The association routes, with their state.
+pub fn router<S: Clone + Send + Sync + 'static>(state: ApiState) -> Router<S> {
+    Router::new()
+        .route("/api/v1/beds", post(create_bed).get(list_beds))
+        .route("/api/v1/placements", post(place))
+        .route("/api/v1/placements/end", post(end_placement))
+        .route("/api/v1/patients/admit", post(admit))
+        .route("/api/v1/patients/transfer", post(transfer))
+        .route("/api/v1/patients/discharge", post(discharge))
+        .route("/api/v1/occupancy", get(occupancy))
+        .layer(DefaultBodyLimit::max(16 * 1024))
+        .with_state(state)
+}
+
+/// An API error response.
+#[derive(Debug)]
+struct ApiError {
+    status: StatusCode,
+    message: String,
+    field: Option<&'static str>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            field: None,
+        }
+    }
+    fn field(field: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+            field: Some(field),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = match self.field {
+            Some(f) => json!({ "error": self.message, "field": f }),
+            None => json!({ "error": self.message }),
+        };
+        let mut resp = (self.status, axum::Json(body)).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        resp
+    }
+}
+
+impl From<AssocError> for ApiError {
+    fn from(e: AssocError) -> Self {
+        let status = match &e {
+            AssocError::Invalid { field, message } => {
+                return ApiError::field(field, format!("{field} {message}"));
+            }
+            AssocError::BedNotFound(_) => StatusCode::NOT_FOUND,
+            AssocError::BedExists(_)
+            | AssocError::BedOccupied(_)
+            | AssocError::AlreadyAdmitted
+            | AssocError::NotAdmitted
+            | AssocError::NotPlaced => StatusCode::CONFLICT,
+            AssocError::Store(err) => {
+                tracing::error!(error = %err, "association change failed");
+                return ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error");
+            }
+        };
+        let field = match &e {
+            AssocError::BedNotFound(_) => Some("bed_id"),
+            _ => None,
+        };
+        ApiError {
+            status,
+            message: e.to_string(),
+            field,
+        }
+    }
+}
+
+fn authorize(st: &ApiState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(expected) = &st.admin_sha256 else {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "the association API is disabled: configure association.admin_token_file",
+        ));
+    };
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, t)| t.trim())
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "missing or malformed bearer token (Authorization: Bearer <admin token>)",
+            )
+        })?;
+    // Compare hashes: equal-length digests, so the comparison time says
+    // nothing about the token.
+    if crate::auth::hash_token(token).as_str() != &**expected {
+        tracing::warn!("association API request with a wrong admin token");
+        return Err(ApiError::new(StatusCode::UNAUTHORIZED, "wrong admin token"));
+    }
+    Ok(())
+}
+
+fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
+        let msg = e.to_string();
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("malformed JSON body: {msg}"),
+        )
+    })
+}
+
+/// How far ahead of the hub clock `at` may be.
+const MAX_FUTURE_US: i64 = 24 * 3600 * 1_000_000;
+
+/// Parses `at` (RFC 3339; absent: now); the field name is `at`.
+fn parse_at(at: Option<&str>) -> Result<i64, ApiError> {
+    let now = now_us();
+    let Some(text) = at else { return Ok(now) };
+    let t = OffsetDateTime::parse(text, &Rfc3339).map_err(|e| {
+        ApiError::field(
+            "at",
+            format!("at must be an RFC 3339 time like 2026-11-24T08:30:00Z: {e}"),
+        )
+    })?;
+    let us = i64::try_from(t.unix_timestamp_nanos() / 1000)
+        .map_err(|_| ApiError::field("at", "at is out of range"))?;
+    if us < shared_protocol::EPOCH_2000_US {
+        return Err(ApiError::field("at", "at must not be before 2000-01-01"));
+    }
+    if us > now.saturating_add(MAX_FUTURE_US) {
+        return Err(ApiError::field(
+            "at",
+            "at must not be more than 24 h ahead of the hub clock",
+        ));
+    }
+    Ok(us)
+}
+
+async fn run<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, AssocError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, "association task failed");
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
+        })?
+        .map_err(ApiError::from)
+}
+
+fn changed(c: crate::association::Change) -> Response {
+    (
+        StatusCode::OK,
+        axum::Json(json!({ "reattributed": c.reattributed })),
+    )
+        .into_response()
+}
+
+fn respond(r: Result<Response, ApiError>) -> Response {
+    r.unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn create_bed(State(st): State<ApiState>, headers: HeaderMap, body: Bytes) -> Response {
+    respond(
+        async {
+            authorize(&st, &headers)?;
+            let bed: Bed = parse_body(&body)?;
+            let store = st.store.clone();
+            let b = bed.clone();
+            run(move || store.create_bed(&b)).await?;
+            tracing::info!(bed_id = %bed.id, "bed created");
+            Ok((StatusCode::CREATED, axum::Json(bed)).into_response())
+        }
+        .await,
+    )
+}
+
+async fn list_beds(State(st): State<ApiState>, headers: HeaderMap) -> Response {
+    respond(
+        async {
+            authorize(&st, &headers)?;
+            let store = st.store.clone();
+            let beds = run(move || store.list_beds()).await?;
+            Ok(axum::Json(json!({ "beds": beds })).into_response())
+        }
+        .await,
+    )
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PlaceRequest {
+    gateway_id: String,
+    device_id: String,
+    bed_id: String,
+    at: Option<String>,
+}
+
+async fn place(State(st): State<ApiState>, headers: HeaderMap, body: Bytes) -> Response {
+    respond(
+        async {
+            authorize(&st, &headers)?;
+            let r: PlaceRequest = parse_body(&body)?;
+            let at = parse_at(r.at.as_deref())?;
+            let (store, fb) = (st.store.clone(), st.fallback.clone());
+            let (g, d, b) = (r.gateway_id.clone(), r.device_id.clone(), r.bed_id.clone());
+            let c = run(move || store.place_device(&g, &d, &b, at, &fb)).await?;
+            tracing::info!(gateway_id = %r.gateway_id, device_id = %r.device_id, bed_id = %r.bed_id,
+                reattributed = c.reattributed, "device placed");
+            Ok(changed(c))
+        }
+        .await,
+    )
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EndPlacementRequest {
+    gateway_id: String,
+    device_id: String,
+    at: Option<String>,
+}
+
+async fn end_placement(State(st): State<ApiState>, headers: HeaderMap, body: Bytes) -> Response {
+    respond(
+        async {
+            authorize(&st, &headers)?;
+            let r: EndPlacementRequest = parse_body(&body)?;
+            let at = parse_at(r.at.as_deref())?;
+            let (store, fb) = (st.store.clone(), st.fallback.clone());
+            let (g, d) = (r.gateway_id.clone(), r.device_id.clone());
+            let c = run(move || store.remove_device(&g, &d, at, &fb)).await?;
+            tracing::info!(gateway_id = %r.gateway_id, device_id = %r.device_id,
+                reattributed = c.reattributed, "device placement ended");
+            Ok(changed(c))
+        }
+        .await,
+    )
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AdmitRequest {
+    patient: PatientId,
+    bed_id: String,
+    at: Option<String>,
+    /// Encounter/visit number (optional).
+    visit: Option<String>,
+}
+
+async fn admit(State(st): State<ApiState>, headers: HeaderMap, body: Bytes) -> Response {
+    respond(
+        async {
+            authorize(&st, &headers)?;
+            let r: AdmitRequest = parse_body(&body)?;
+            let at = parse_at(r.at.as_deref())?;
+            if let Some(v) = &r.visit
+                && (v.is_empty() || v.len() > 64 || v.chars().any(char::is_control))
+            {
+                return Err(ApiError::field(
+                    "visit",
+                    "visit must be 1-64 characters without control characters",
+                ));
+            }
+            let (store, fb) = (st.store.clone(), st.fallback.clone());
+            let bed = r.bed_id.clone();
+            let c = run(move || store.admit(&r.patient, &r.bed_id, at, r.visit.as_deref(), &fb))
+                .await?;
+            tracing::info!(bed_id = %bed, reattributed = c.reattributed, "patient admitted");
+            Ok(changed(c))
+        }
+        .await,
+    )
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TransferRequest {
+    patient: PatientId,
+    bed_id: String,
+    at: Option<String>,
+}
+
+async fn transfer(State(st): State<ApiState>, headers: HeaderMap, body: Bytes) -> Response {
+    respond(
+        async {
+            authorize(&st, &headers)?;
+            let r: TransferRequest = parse_body(&body)?;
+            let at = parse_at(r.at.as_deref())?;
+            let (store, fb) = (st.store.clone(), st.fallback.clone());
+            let bed = r.bed_id.clone();
+            let c = run(move || store.transfer(&r.patient, &r.bed_id, at, &fb)).await?;
+            tracing::info!(bed_id = %bed, reattributed = c.reattributed, "patient transferred");
+            Ok(changed(c))
+        }
+        .await,
+    )
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DischargeRequest {
+    patient: PatientId,
+    at: Option<String>,
+}
+
+async fn discharge(State(st): State<ApiState>, headers: HeaderMap, body: Bytes) -> Response {
+    respond(
+        async {
+            authorize(&st, &headers)?;
+            let r: DischargeRequest = parse_body(&body)?;
+            let at = parse_at(r.at.as_deref())?;
+            let (store, fb) = (st.store.clone(), st.fallback.clone());
+            let c = run(move || store.discharge(&r.patient, at, &fb)).await?;
+            tracing::info!(reattributed = c.reattributed, "patient discharged");
+            Ok(changed(c))
+        }
+        .await,
+    )
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OccupancyQuery {
+    at: Option<String>,
+}
+
+async fn occupancy(
+    State(st): State<ApiState>,
+    headers: HeaderMap,
+    query: Result<Query<OccupancyQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    respond(
+        async {
+            authorize(&st, &headers)?;
+            let Query(q) = query.map_err(|e| {
+                ApiError::new(StatusCode::BAD_REQUEST, format!("bad query string: {e}"))
+            })?;
+            let at = parse_at(q.at.as_deref())?;
+            let store = st.store.clone();
+            let beds = run(move || store.occupancy(at)).await?;
+            let beds: Vec<_> = beds
+                .into_iter()
+                .map(|b| {
+                    json!({
+                        "id": b.bed.id,
+                        "ward": b.bed.ward,
+                        "label": b.bed.label,
+                        "patient": b.patient.map(|p| json!({
+                            "system": p.system,
+                            "value": p.value,
+                            "since": crate::fhir::format_instant(p.since_us),
+                        })),
+                        "devices": b.devices.into_iter().map(|d| json!({
+                            "gateway_id": d.gateway_id,
+                            "device_id": d.device_id,
+                            "since": crate::fhir::format_instant(d.since_us),
+                        })).collect::<Vec<_>>(),
+                    })
+                })
+                .collect();
+            Ok(axum::Json(json!({
+                "at": crate::fhir::format_instant(at),
+                "beds": beds,
+            }))
+            .into_response())
+        }
+        .await,
+    )
+}

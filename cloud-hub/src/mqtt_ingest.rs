@@ -1,0 +1,730 @@
+//! MQTT ingest (`[mqtt]`): the hub consumes the protobuf `Batch`es that
+//! agents publish to an MQTT broker (Azure IoT Hub's routing to a broker,
+//! or Mosquitto), next to `POST /api/v1/ingest`.
+//!
+//! - **Shared subscription.** Every hub instance connects with MQTT 5
+//!   (rumqttc `v5`, rustls with the ring provider) under its own stable
+//!   client id and subscribes to `$share/{group}/{topic_filter}`; the broker
+//!   hands each message to one instance of the group.
+//! - **Topic and trust.** Agents publish to
+//!   `devices/{device_id}/messages/events/{property bag}` (see
+//!   `edge-agent/src/iothub.rs`). The hub takes the gateway id from the
+//!   topic's `{device_id}`: **the broker's ACL is what binds a publishing
+//!   client to its topic**, so a broker that lets one device publish to
+//!   another's topic breaks gateway identity. The gateway must be
+//!   registered and not revoked, and `Batch.gateway_id` must equal it;
+//!   otherwise the message is counted, logged and dropped.
+//! - **Encoding.** `$.ce=identity` (or no `$.ce`) is the plain protobuf;
+//!   any other encoding (`zstd` included) is refused (counted, logged,
+//!   dropped) until the hub can decode it.
+//! - **Acknowledgement = stored.** Manual acks: the PUBACK for a message is
+//!   sent only after `Store::ingest` has committed its batch (or after the
+//!   message was dropped as unusable). A hub that stops or crashes before
+//!   that gets the message again (clean start off, session expiry
+//!   `session_expiry_s`: the broker keeps the instance's subscription and
+//!   queue while it is away); the store's de-duplication by batch and by
+//!   reading identity makes the re-delivery harmless. A store failure is
+//!   retried with backoff, never acked.
+//! - **Operational consequence.** Messages the broker has queued for an
+//!   instance's session wait for *that* instance (same client id) to come
+//!   back; an instance that is retired must first be drained, or its queue
+//!   is lost when the session expires.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use prost::Message;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::{Packet, Publish, SubscribeReasonCode};
+use rumqttc::v5::{AsyncClient, ConnectionError, Event, MqttOptions};
+use rumqttc::{Outgoing, TlsConfiguration, Transport};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use shared_protocol::v1::Batch;
+use tokio::sync::{mpsc, watch};
+
+use crate::config::MqttConfig;
+use crate::server::AppState;
+
+/// MQTT keep-alive of the hub's connection.
+const KEEP_ALIVE: Duration = Duration::from_secs(30);
+/// How many unacknowledged messages the broker may have in flight to one
+/// hub instance (MQTT 5 receive maximum).
+const RECEIVE_MAXIMUM: u16 = 32;
+/// Longest wait between reconnection attempts and store retries.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Room for the topic and properties above `server.max_body_bytes`.
+const PACKET_OVERHEAD: usize = 64 * 1024;
+
+/// Errors setting up MQTT ingest (at hub start).
+#[derive(Debug, thiserror::Error)]
+pub enum MqttSetupError {
+    #[error("{field} {path}: {message}")]
+    File {
+        field: &'static str,
+        path: String,
+        message: String,
+    },
+    #[error("MQTT TLS setup: {0}")]
+    Tls(String),
+}
+
+fn file_err(
+    field: &'static str,
+    path: &std::path::Path,
+    e: impl std::fmt::Display,
+) -> MqttSetupError {
+    MqttSetupError::File {
+        field,
+        path: path.display().to_string(),
+        message: e.to_string(),
+    }
+}
+
+/// Reads a secret file, refusing one that group or others may read.
+fn read_private(field: &'static str, path: &std::path::Path) -> Result<Vec<u8>, MqttSetupError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let meta = std::fs::metadata(path).map_err(|e| file_err(field, path, e))?;
+        if meta.permissions().mode() & 0o077 != 0 {
+            return Err(file_err(
+                field,
+                path,
+                "is accessible by group or others; chmod 600 it",
+            ));
+        }
+    }
+    std::fs::read(path).map_err(|e| file_err(field, path, e))
+}
+
+/// Why a message was dropped (counted by reason; acknowledged so that the
+/// broker does not re-deliver it forever).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// The topic is not `devices/{gateway id}/messages/events/...`.
+    BadTopic = 0,
+    /// `$.ce` names an encoding the hub does not decode, or `$.ct` is not
+    /// protobuf.
+    UnsupportedEncoding = 1,
+    /// Larger than `server.max_body_bytes`.
+    TooLarge = 2,
+    /// The payload is not a protobuf `vigil.v1.Batch`.
+    Malformed = 3,
+    /// `Batch.gateway_id` differs from the topic's gateway id.
+    GatewayMismatch = 4,
+    /// The topic's gateway is not registered, or revoked.
+    UnknownGateway = 5,
+}
+
+const DROP_REASONS: [&str; 6] = [
+    "bad_topic",
+    "unsupported_encoding",
+    "too_large",
+    "malformed",
+    "gateway_mismatch",
+    "unknown_gateway",
+];
+
+impl DropReason {
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        DROP_REASONS[self as usize]
+    }
+}
+
+/// MQTT ingest counters and connection state (rendered into `/metrics`).
+#[derive(Debug, Default)]
+pub struct MqttMetrics {
+    stored: AtomicU64,
+    dropped: [AtomicU64; 6],
+    connected: AtomicU64,
+    connects: AtomicU64,
+    connection_errors: AtomicU64,
+    store_errors: AtomicU64,
+}
+
+impl MqttMetrics {
+    /// Messages whose batch was stored (new or duplicate) and acknowledged.
+    pub fn stored(&self) -> u64 {
+        self.stored.load(Ordering::Relaxed)
+    }
+
+    /// Messages dropped for `reason`.
+    pub fn dropped(&self, reason: DropReason) -> u64 {
+        self.dropped[reason as usize].load(Ordering::Relaxed)
+    }
+
+    /// Whether the hub is connected and subscribed.
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed) == 1
+    }
+
+    fn drop_message(&self, reason: DropReason) {
+        self.dropped[reason as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn render(&self, out: &mut String) {
+        let mut counter = |name: &str, help: &str, kind: &str, v: &AtomicU64| {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} {kind}");
+            let _ = writeln!(out, "{name} {}", v.load(Ordering::Relaxed));
+        };
+        counter(
+            "vigil_hub_mqtt_connected",
+            "1 while connected to the MQTT broker and subscribed, else 0.",
+            "gauge",
+            &self.connected,
+        );
+        counter(
+            "vigil_hub_mqtt_connects_total",
+            "Successful MQTT connections (CONNACK accepted).",
+            "counter",
+            &self.connects,
+        );
+        counter(
+            "vigil_hub_mqtt_connection_errors_total",
+            "MQTT connection failures and refused subscriptions.",
+            "counter",
+            &self.connection_errors,
+        );
+        counter(
+            "vigil_hub_mqtt_store_errors_total",
+            "Failed attempts to store an MQTT batch (retried, not acknowledged).",
+            "counter",
+            &self.store_errors,
+        );
+        counter(
+            "vigil_hub_mqtt_batches_stored_total",
+            "MQTT messages whose batch was stored (new or duplicate) and acknowledged.",
+            "counter",
+            &self.stored,
+        );
+        let name = "vigil_hub_mqtt_messages_dropped_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} MQTT messages dropped (acknowledged, not stored), by reason."
+        );
+        let _ = writeln!(out, "# TYPE {name} counter");
+        for (n, v) in DROP_REASONS.iter().zip(&self.dropped) {
+            let _ = writeln!(
+                out,
+                "{name}{{reason=\"{n}\"}} {}",
+                v.load(Ordering::Relaxed)
+            );
+        }
+    }
+}
+
+/// Content encoding named by a message's `$.ce`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    Identity,
+    Zstd,
+}
+
+/// What the topic says about a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicInfo {
+    pub gateway_id: String,
+    pub encoding: Encoding,
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// Parses `devices/{gateway_id}/messages/events/{property bag}`; the
+/// property bag (`k=v&k=v`, URL-encoded) may be empty. `$.ce` must be
+/// `identity` or `zstd` when present, `$.ct` `application/x-protobuf`.
+pub fn parse_topic(topic: &str) -> Result<TopicInfo, DropReason> {
+    let rest = topic.strip_prefix("devices/").ok_or(DropReason::BadTopic)?;
+    let (gateway_id, rest) = rest.split_once('/').ok_or(DropReason::BadTopic)?;
+    let bag = rest
+        .strip_prefix("messages/events")
+        .ok_or(DropReason::BadTopic)?;
+    let bag = match bag.strip_prefix('/') {
+        Some(b) => b,
+        None if bag.is_empty() => "",
+        None => return Err(DropReason::BadTopic),
+    };
+    if !crate::auth::is_valid_gateway_id(gateway_id) {
+        return Err(DropReason::BadTopic);
+    }
+    let mut encoding = Encoding::Identity;
+    for pair in bag.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let (Some(k), Some(v)) = (percent_decode(k), percent_decode(v)) else {
+            return Err(DropReason::BadTopic);
+        };
+        match k.as_str() {
+            "$.ce" => {
+                encoding = match v.to_ascii_lowercase().as_str() {
+                    "identity" | "" => Encoding::Identity,
+                    "zstd" => Encoding::Zstd,
+                    _ => return Err(DropReason::UnsupportedEncoding),
+                }
+            }
+            "$.ct" => {
+                let media = v.split(';').next().unwrap_or("").trim();
+                if !media.eq_ignore_ascii_case(shared_protocol::CONTENT_TYPE_PROTOBUF) {
+                    return Err(DropReason::UnsupportedEncoding);
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(TopicInfo {
+        gateway_id: gateway_id.to_owned(),
+        encoding,
+    })
+}
+
+/// Decodes a message body into a `Batch` of the topic's gateway.
+pub fn decode_message(
+    info: &TopicInfo,
+    payload: &[u8],
+    max_bytes: usize,
+) -> Result<Batch, DropReason> {
+    if payload.len() > max_bytes {
+        return Err(DropReason::TooLarge);
+    }
+    let batch = match info.encoding {
+        Encoding::Identity => Batch::decode(payload).map_err(|_| DropReason::Malformed)?,
+        // No decompressor in the hub yet: refused, counted, logged.
+        Encoding::Zstd => return Err(DropReason::UnsupportedEncoding),
+    };
+    if batch.gateway_id != info.gateway_id {
+        return Err(DropReason::GatewayMismatch);
+    }
+    Ok(batch)
+}
+
+/// MQTT ingest prepared at hub start (options built, secrets read).
+pub(crate) struct MqttIngest {
+    options: MqttOptions,
+    filter: String,
+    host: String,
+}
+
+impl std::fmt::Debug for MqttIngest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the options: they hold the password.
+        f.debug_struct("MqttIngest")
+            .field("host", &self.host)
+            .field("filter", &self.filter)
+            .finish_non_exhaustive()
+    }
+}
+
+fn tls_config(t: &crate::config::MqttTlsConfig) -> Result<rustls::ClientConfig, MqttSetupError> {
+    let mut roots = rustls::RootCertStore::empty();
+    match &t.ca_file {
+        Some(path) => {
+            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+                .and_then(|it| it.collect::<Result<_, _>>())
+                .map_err(|e| file_err("mqtt.tls.ca_file", path, e))?;
+            if certs.is_empty() {
+                return Err(file_err("mqtt.tls.ca_file", path, "no certificate found"));
+            }
+            for c in certs {
+                roots
+                    .add(c)
+                    .map_err(|e| file_err("mqtt.tls.ca_file", path, e))?;
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| MqttSetupError::Tls(e.to_string()))?
+        .with_root_certificates(roots);
+    match (&t.cert_file, &t.key_file) {
+        (Some(cert), Some(key)) => {
+            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+                .and_then(|it| it.collect::<Result<_, _>>())
+                .map_err(|e| file_err("mqtt.tls.cert_file", cert, e))?;
+            if certs.is_empty() {
+                return Err(file_err("mqtt.tls.cert_file", cert, "no certificate found"));
+            }
+            let pem = read_private("mqtt.tls.key_file", key)?;
+            let key_der = PrivateKeyDer::from_pem_slice(&pem)
+                .map_err(|e| file_err("mqtt.tls.key_file", key, e))?;
+            builder
+                .with_client_auth_cert(certs, key_der)
+                .map_err(|e| MqttSetupError::Tls(format!("client certificate: {e}")))
+        }
+        _ => Ok(builder.with_no_client_auth()),
+    }
+}
+
+impl MqttIngest {
+    /// Builds the connection options from validated config: reads the
+    /// password file (0600) and the TLS material.
+    pub(crate) fn prepare(m: &MqttConfig, max_body_bytes: usize) -> Result<Self, MqttSetupError> {
+        let mut options = MqttOptions::new(&m.client_id, &m.host, m.port);
+        options
+            .set_keep_alive(KEEP_ALIVE)
+            .set_clean_start(false)
+            .set_session_expiry_interval(Some(m.session_expiry_s))
+            .set_manual_acks(true)
+            .set_receive_maximum(Some(RECEIVE_MAXIMUM))
+            .set_max_packet_size(Some(
+                u32::try_from(max_body_bytes.saturating_add(PACKET_OVERHEAD)).unwrap_or(u32::MAX),
+            ));
+        if let (Some(user), Some(path)) = (&m.username, &m.password_file) {
+            let raw = read_private("mqtt.password_file", path)?;
+            let pw = String::from_utf8(raw)
+                .map_err(|_| file_err("mqtt.password_file", path, "is not UTF-8 text"))?;
+            let pw = pw.trim_end_matches(['\r', '\n']);
+            if pw.is_empty() {
+                return Err(file_err("mqtt.password_file", path, "is empty"));
+            }
+            options.set_credentials(user, pw);
+        }
+        if let Some(t) = &m.tls {
+            options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+                Arc::new(tls_config(t)?),
+            )));
+        }
+        Ok(Self {
+            options,
+            filter: format!("$share/{}/{}", m.group, m.topic_filter),
+            host: m.host.clone(),
+        })
+    }
+}
+
+/// One received message, labelled with the connection it came on.
+struct Delivery {
+    connection: u64,
+    publish: Publish,
+}
+
+/// Runs MQTT ingest until `stop` turns true (or its sender is dropped):
+/// connects, subscribes on every connection, and stores each message's
+/// batch before acknowledging it. Returns after the acknowledgements of
+/// stored messages have been handed to the connection and a DISCONNECT
+/// was sent (best effort).
+pub(crate) async fn run(ingest: MqttIngest, st: AppState, mut stop: watch::Receiver<bool>) {
+    let metrics = st.metrics().clone();
+    let (client, mut events) = AsyncClient::new(ingest.options, 64);
+    let connection = Arc::new(AtomicU64::new(0));
+    let (tx, rx) = mpsc::unbounded_channel::<Delivery>();
+    let mut worker = tokio::spawn(worker(
+        st,
+        client.clone(),
+        rx,
+        connection.clone(),
+        stop.clone(),
+    ));
+    let mut failures: u32 = 0;
+    tracing::info!(host = %ingest.host, filter = %ingest.filter, "MQTT ingest starting");
+    loop {
+        tokio::select! {
+            _ = &mut worker => break,
+            ev = events.poll() => match ev {
+                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                    failures = 0;
+                    let n = connection.fetch_add(1, Ordering::SeqCst) + 1;
+                    metrics.mqtt.connects.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(
+                        host = %ingest.host,
+                        session_present = ack.session_present,
+                        connection = n,
+                        "MQTT connected"
+                    );
+                    // Subscribing again on a resumed session is harmless and
+                    // covers a session the broker expired.
+                    if let Err(e) = client.subscribe(ingest.filter.clone(), QoS::AtLeastOnce).await {
+                        tracing::error!(error = %e, "MQTT subscribe request failed");
+                    }
+                }
+                Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                    let refused: Vec<_> = ack
+                        .return_codes
+                        .iter()
+                        .filter(|c| !matches!(c, SubscribeReasonCode::Success(_)))
+                        .collect();
+                    if refused.is_empty() {
+                        metrics.mqtt.connected.store(1, Ordering::Relaxed);
+                        tracing::info!(filter = %ingest.filter, "MQTT subscribed");
+                    } else {
+                        metrics.mqtt.connection_errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(
+                            filter = %ingest.filter,
+                            reasons = ?refused,
+                            "MQTT broker refused the subscription (ACL? shared subscriptions?)"
+                        );
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(publish))) => {
+                    let connection = connection.load(Ordering::SeqCst);
+                    // The worker only ends on stop; then nothing more is needed.
+                    let _ = tx.send(Delivery { connection, publish });
+                }
+                Ok(Event::Incoming(Packet::Disconnect(d))) => {
+                    metrics.mqtt.connected.store(0, Ordering::Relaxed);
+                    tracing::warn!(reason = ?d.reason_code, "MQTT broker disconnected the hub");
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    metrics.mqtt.connected.store(0, Ordering::Relaxed);
+                    metrics.mqtt.connection_errors.fetch_add(1, Ordering::Relaxed);
+                    let delay = backoff(failures);
+                    failures = failures.saturating_add(1);
+                    match &e {
+                        ConnectionError::ConnectionRefused(code) => tracing::error!(
+                            host = %ingest.host, code = ?code, retry_in_ms = delay.as_millis() as u64,
+                            "MQTT connection refused"
+                        ),
+                        _ => tracing::warn!(
+                            host = %ingest.host, error = %e, retry_in_ms = delay.as_millis() as u64,
+                            "MQTT connection failed"
+                        ),
+                    }
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        _ = stopped(&mut stop) => {}
+                    }
+                }
+            }
+        }
+    }
+    // The worker has handed its last acknowledgements to the client; send
+    // them and a DISCONNECT (the session stays on the broker).
+    let _ = client.disconnect().await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        loop {
+            match events.poll().await {
+                Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    metrics.mqtt.connected.store(0, Ordering::Relaxed);
+    tracing::info!("MQTT ingest stopped");
+}
+
+fn backoff(failures: u32) -> Duration {
+    Duration::from_millis(500u64.saturating_mul(1 << failures.min(6))).min(MAX_BACKOFF)
+}
+
+/// Resolves when stop is requested (or its sender is gone).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Stores messages one at a time, in arrival order, acknowledging each
+/// after its batch is stored (MQTT wants PUBACKs in order).
+async fn worker(
+    st: AppState,
+    client: AsyncClient,
+    mut rx: mpsc::UnboundedReceiver<Delivery>,
+    connection: Arc<AtomicU64>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let d = tokio::select! {
+            biased;
+            _ = stopped(&mut stop) => return,
+            d = rx.recv() => match d {
+                Some(d) => d,
+                None => return,
+            },
+        };
+        if !handle(&st, &d.publish, &mut stop).await {
+            return;
+        }
+        // A message received on an earlier connection is stored (harmless:
+        // de-duplicated) but not acknowledged: the broker re-delivers it on
+        // the resumed session under a packet id that the new copy acks.
+        if d.connection == connection.load(Ordering::SeqCst)
+            && let Err(e) = client.ack(&d.publish).await
+        {
+            tracing::warn!(error = %e, "MQTT acknowledgement not queued");
+        }
+    }
+}
+
+/// Handles one message: stores its batch (retrying store failures with
+/// backoff) or drops it. Returns false when stop was requested before the
+/// batch could be stored (the message is then not acknowledged).
+async fn handle(st: &AppState, p: &Publish, stop: &mut watch::Receiver<bool>) -> bool {
+    let metrics = st.metrics();
+    let topic = String::from_utf8_lossy(&p.topic);
+    let dropped = |reason: DropReason, gateway_id: Option<&str>| {
+        metrics.mqtt.drop_message(reason);
+        tracing::warn!(
+            gateway_id = gateway_id.unwrap_or("-"),
+            reason = reason.as_str(),
+            bytes = p.payload.len(),
+            "MQTT message dropped"
+        );
+        true
+    };
+    let info = match parse_topic(&topic) {
+        Ok(i) => i,
+        Err(r) => return dropped(r, None),
+    };
+    let batch = match decode_message(&info, &p.payload, st.max_body_bytes()) {
+        Ok(b) => b,
+        Err(r) => return dropped(r, Some(&info.gateway_id)),
+    };
+    let mut failures = 0u32;
+    loop {
+        let store = st.store().clone();
+        let id = info.gateway_id.clone();
+        let active = match tokio::task::spawn_blocking(move || store.gateway_is_active(&id)).await {
+            Ok(r) => r.map_err(crate::HubError::from),
+            Err(e) => Err(e.into()),
+        };
+        let res = match active {
+            Ok(false) => return dropped(DropReason::UnknownGateway, Some(&info.gateway_id)),
+            Ok(true) => crate::server::store_batch(st, &info.gateway_id, batch.clone())
+                .await
+                .map(|_| ()),
+            Err(e) => Err(e),
+        };
+        match res {
+            Ok(()) => {
+                metrics.mqtt.stored.fetch_add(1, Ordering::Relaxed);
+                return true;
+            }
+            Err(e) => {
+                metrics.mqtt.store_errors.fetch_add(1, Ordering::Relaxed);
+                let delay = backoff(failures);
+                failures = failures.saturating_add(1);
+                tracing::error!(
+                    gateway_id = %info.gateway_id,
+                    batch_sequence = batch.sequence,
+                    error = %e,
+                    retry_in_ms = delay.as_millis() as u64,
+                    "storing an MQTT batch failed; not acknowledged, retrying"
+                );
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    _ = stopped(stop) => return false,
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topics_of_the_agent_parse() {
+        let t =
+            parse_topic("devices/gw-1/messages/events/$.ct=application%2Fx-protobuf&$.ce=identity")
+                .unwrap();
+        assert_eq!(t.gateway_id, "gw-1");
+        assert_eq!(t.encoding, Encoding::Identity);
+        assert_eq!(
+            parse_topic("devices/gw-1/messages/events/$.ce=zstd")
+                .unwrap()
+                .encoding,
+            Encoding::Zstd
+        );
+        assert_eq!(
+            parse_topic("devices/gw-1/messages/events")
+                .unwrap()
+                .encoding,
+            Encoding::Identity
+        );
+        assert_eq!(
+            parse_topic("devices/gw-1/messages/events/")
+                .unwrap()
+                .gateway_id,
+            "gw-1"
+        );
+    }
+
+    #[test]
+    fn bad_topics_and_encodings_are_refused() {
+        for t in [
+            "devices/gw-1/messages/eventsX",
+            "devices/gw 1/messages/events/",
+            "devices//messages/events/",
+            "other/gw-1/messages/events/",
+            "devices/gw-1/messages/events/$.ce=%zz",
+        ] {
+            assert_eq!(parse_topic(t), Err(DropReason::BadTopic), "{t}");
+        }
+        for t in [
+            "devices/gw-1/messages/events/$.ce=gzip",
+            "devices/gw-1/messages/events/$.ct=application%2Fjson",
+        ] {
+            assert_eq!(parse_topic(t), Err(DropReason::UnsupportedEncoding), "{t}");
+        }
+    }
+
+    #[test]
+    fn payload_checks() {
+        let info = parse_topic("devices/gw-1/messages/events/").unwrap();
+        let good = Batch {
+            gateway_id: "gw-1".into(),
+            sequence: 3,
+            ..Default::default()
+        }
+        .encode_to_vec();
+        assert_eq!(decode_message(&info, &good, 1024).unwrap().sequence, 3);
+        assert_eq!(
+            decode_message(&info, &good, 2).unwrap_err(),
+            DropReason::TooLarge
+        );
+        assert_eq!(
+            decode_message(&info, &[0xff, 0xff, 0xff], 1024).unwrap_err(),
+            DropReason::Malformed
+        );
+        let other = Batch {
+            gateway_id: "gw-2".into(),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        assert_eq!(
+            decode_message(&info, &other, 1024).unwrap_err(),
+            DropReason::GatewayMismatch
+        );
+        let zstd = TopicInfo {
+            encoding: Encoding::Zstd,
+            ..info
+        };
+        assert_eq!(
+            decode_message(&zstd, &good, 1024).unwrap_err(),
+            DropReason::UnsupportedEncoding
+        );
+    }
+
+    #[test]
+    fn metrics_render_every_family() {
+        let m = MqttMetrics::default();
+        m.drop_message(DropReason::UnknownGateway);
+        let mut out = String::new();
+        m.render(&mut out);
+        assert!(
+            out.contains("vigil_hub_mqtt_messages_dropped_total{reason=\"unknown_gateway\"} 1")
+        );
+        assert!(out.contains("# TYPE vigil_hub_mqtt_connected gauge"));
+        assert!(out.contains("vigil_hub_mqtt_batches_stored_total 0"));
+    }
+}
