@@ -13,6 +13,7 @@ pub mod association;
 pub mod association_api;
 pub mod auth;
 pub mod config;
+pub mod export;
 pub mod fhir;
 pub mod ingest;
 pub mod metrics;

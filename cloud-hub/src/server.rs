@@ -48,6 +48,7 @@ pub(crate) struct AppState {
     tls: bool,
     started: String,
     limiter: Option<Arc<crate::rate_limit::RateLimiter>>,
+    exports: Arc<crate::export::Exports>,
 }
 
 impl AppState {
@@ -128,6 +129,9 @@ impl Hub {
             tls: self.tls.is_some(),
             started: fhir::format_instant(now_us() / 1_000_000 * 1_000_000),
             limiter,
+            exports: Arc::new(crate::export::Exports::new(crate::export::dir_for(
+                &self.config.storage.sqlite_path,
+            ))),
         };
         // MQTT ingest runs beside the HTTP server and stops with it.
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -241,6 +245,14 @@ fn router(state: AppState) -> Router {
         .route("/Patient/{id}", get(read_patient))
         .route("/Location", get(search_locations))
         .route("/Location/{id}", get(read_location))
+        .route("/$export", get(export_system))
+        .route("/Patient/$export", get(export_patients))
+        .route("/Group/{id}/$export", get(export_group))
+        .route(
+            "/$export-status/{job}",
+            get(export_status).delete(export_cancel),
+        )
+        .route("/$export-file/{job}/{file}", get(export_file))
         .fallback(fhir_not_found);
     Router::new()
         .route(INGEST_PATH, post(ingest).layer(DefaultBodyLimit::disable()))
@@ -649,6 +661,193 @@ async fn read_device(State(st): State<AppState>, Path(id): Path<String>) -> Resp
             &format!("Device/{id} is not known"),
         ),
         Err(e) => fhir_internal(&e),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Bulk Data export (see `export`)
+
+async fn export_system(State(st): State<AppState>, headers: HeaderMap, uri: Uri) -> Response {
+    export_kickoff(st, headers, uri, crate::export::Scope::System).await
+}
+
+async fn export_patients(State(st): State<AppState>, headers: HeaderMap, uri: Uri) -> Response {
+    export_kickoff(st, headers, uri, crate::export::Scope::AllPatients).await
+}
+
+async fn export_group(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    uri: Uri,
+) -> Response {
+    let store = st.store.clone();
+    let known = blocking(move || Ok(store.list_beds().map_err(|e| e.to_string())))
+        .await
+        .map(|beds| beds.map(|b| b.iter().any(|b| b.ward == id)));
+    match known {
+        Ok(Ok(true)) => export_kickoff(st, headers, uri, crate::export::Scope::Group(id)).await,
+        Ok(Ok(false)) => outcome(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            &format!("Group/{id}: no ward of that name"),
+        ),
+        Ok(Err(e)) => outcome(StatusCode::INTERNAL_SERVER_ERROR, "exception", &e),
+        Err(e) => fhir_internal(&e),
+    }
+}
+
+async fn export_kickoff(
+    st: AppState,
+    headers: HeaderMap,
+    uri: Uri,
+    scope: crate::export::Scope,
+) -> Response {
+    let async_requested = headers
+        .get_all("prefer")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.split(',').any(|p| p.trim() == "respond-async"));
+    if !async_requested {
+        return outcome(
+            StatusCode::BAD_REQUEST,
+            "required",
+            "$export needs the header `Prefer: respond-async`",
+        );
+    }
+    let pairs: Vec<(String, String)> = match serde_urlencoded::from_str(uri.query().unwrap_or("")) {
+        Ok(p) => p,
+        Err(e) => {
+            return outcome(
+                StatusCode::BAD_REQUEST,
+                "invalid",
+                &format!("bad query string: {e}"),
+            );
+        }
+    };
+    let base = base_url(&st, &headers, &uri);
+    let request_url = format!(
+        "{base}{}",
+        uri.path_and_query()
+            .map(|p| p.as_str().trim_start_matches("/fhir"))
+            .unwrap_or("")
+    );
+    let request = match crate::export::parse_request(scope, &pairs, request_url) {
+        Ok(r) => r,
+        Err(e) => return outcome(StatusCode::BAD_REQUEST, "invalid", &e.0),
+    };
+    match st.exports.start(st.store.clone(), request) {
+        Ok(job) => (
+            StatusCode::ACCEPTED,
+            [(
+                header::CONTENT_LOCATION,
+                HeaderValue::from_str(&format!("{base}/$export-status/{job}"))
+                    .unwrap_or(HeaderValue::from_static("")),
+            )],
+        )
+            .into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "bulk export could not start");
+            outcome(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "exception",
+                "the export could not be started",
+            )
+        }
+    }
+}
+
+async fn export_status(
+    State(st): State<AppState>,
+    Path(job): Path<String>,
+    headers: HeaderMap,
+    uri: Uri,
+) -> Response {
+    let Some(j) = st.exports.job(&job) else {
+        return outcome(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            "no such export job (finished jobs are forgotten when the hub restarts)",
+        );
+    };
+    let status = j.status.lock().map(|s| s.clone());
+    match status {
+        Ok(crate::export::JobStatus::Running) => (
+            StatusCode::ACCEPTED,
+            [
+                (
+                    header::HeaderName::from_static("x-progress"),
+                    HeaderValue::from_str(&crate::export::progress(&j))
+                        .unwrap_or(HeaderValue::from_static("in progress")),
+                ),
+                (header::RETRY_AFTER, HeaderValue::from_static("1")),
+            ],
+        )
+            .into_response(),
+        Ok(crate::export::JobStatus::Done(files)) => {
+            let base = base_url(&st, &headers, &uri);
+            let m = crate::export::manifest(&j, &files, |name| {
+                format!("{base}/$export-file/{job}/{name}")
+            });
+            (
+                StatusCode::OK,
+                [(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                )],
+                m.to_string(),
+            )
+                .into_response()
+        }
+        Ok(crate::export::JobStatus::Failed(e)) => {
+            outcome(StatusCode::INTERNAL_SERVER_ERROR, "exception", &e)
+        }
+        Err(_) => outcome(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "exception",
+            "export state lost",
+        ),
+    }
+}
+
+async fn export_cancel(State(st): State<AppState>, Path(job): Path<String>) -> Response {
+    if st.exports.cancel(&job) {
+        StatusCode::ACCEPTED.into_response()
+    } else {
+        outcome(StatusCode::NOT_FOUND, "not-found", "no such export job")
+    }
+}
+
+async fn export_file(
+    State(st): State<AppState>,
+    Path((job, file)): Path<(String, String)>,
+) -> Response {
+    let path = if crate::export::is_file_name(&file) {
+        st.exports.file(&job, &file)
+    } else {
+        None
+    };
+    let Some(path) = path else {
+        return outcome(StatusCode::NOT_FOUND, "not-found", "no such export file");
+    };
+    match tokio::fs::File::open(&path).await {
+        Ok(f) => (
+            StatusCode::OK,
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/fhir+ndjson"),
+            )],
+            Body::from_stream(tokio_util::io::ReaderStream::new(f)),
+        )
+            .into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "export file unreadable");
+            outcome(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "exception",
+                "export file unreadable",
+            )
+        }
     }
 }
 

@@ -868,6 +868,93 @@ impl Store {
             .optional()?)
     }
 
+    /// Observation rows after `after_rowid` in rowid order, at most
+    /// `limit`, for a bulk export: stored (received) at or after `since_us`;
+    /// with `patient_level`, only attributed rows, and with `ward` only those
+    /// of patients who stayed in a bed of that ward. Panel components are
+    /// exported through their panel. Returns (rowid, row).
+    pub fn export_observations(
+        &self,
+        after_rowid: i64,
+        limit: usize,
+        since_us: Option<i64>,
+        patient_level: bool,
+        ward: Option<&str>,
+    ) -> Result<Vec<(i64, ObservationRow)>, StoreError> {
+        let mut sql = format!(
+            "SELECT o.rowid, {OBS_COLUMNS} FROM {OBS_FROM} WHERE o.rowid > ?1 AND o.panel_id IS NULL"
+        );
+        let mut args: Vec<SqlValue> = vec![SqlValue::Integer(after_rowid)];
+        if let Some(s) = since_us {
+            args.push(SqlValue::Integer(s));
+            sql.push_str(&format!(" AND o.received_us >= ?{}", args.len()));
+        }
+        if patient_level {
+            sql.push_str(" AND o.patient_id IS NOT NULL");
+        }
+        if let Some(w) = ward {
+            args.push(SqlValue::Text(w.to_owned()));
+            sql.push_str(&format!(
+                " AND o.patient_id IN (SELECT s.patient_value FROM patient_stays s
+                   JOIN beds b ON b.id = s.bed_id WHERE b.ward = ?{})",
+                args.len()
+            ));
+        }
+        args.push(SqlValue::Integer(limit as i64));
+        sql.push_str(&format!(" ORDER BY o.rowid LIMIT ?{}", args.len()));
+        let conn = self.lock()?;
+        let mut stmt = conn.prepare(&sql)?;
+        let rows = stmt
+            .query_map(params_from_iter(args.iter()), |r| {
+                let rowid: i64 = r.get(0)?;
+                let row = ObservationRow {
+                    id: r.get(1)?,
+                    kind: r.get(2)?,
+                    gateway_id: r.get(3)?,
+                    device_id: r.get(4)?,
+                    patient_id: r.get(5)?,
+                    received_us: r.get(6)?,
+                    payload: r.get(7)?,
+                    resource: r.get(8)?,
+                    manufacturer: r.get(9)?,
+                    model: r.get(10)?,
+                    serial_number: r.get(11)?,
+                    patient_system: r.get(12)?,
+                };
+                Ok((rowid, row))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    /// Patients (identifier value, system or "") known from stays and
+    /// attributed readings; with `ward`, those who stayed in its beds.
+    pub fn export_patients(&self, ward: Option<&str>) -> Result<Vec<(String, String)>, StoreError> {
+        let conn = self.lock()?;
+        let rows = match ward {
+            Some(w) => conn
+                .prepare(
+                    "SELECT s.patient_value, MAX(s.patient_system) FROM patient_stays s
+                     JOIN beds b ON b.id = s.bed_id WHERE b.ward = ?1
+                     GROUP BY s.patient_value ORDER BY s.patient_value",
+                )?
+                .query_map([w], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<Vec<_>, _>>()?,
+            None => conn
+                .prepare(
+                    "SELECT v, MAX(sys) FROM (
+                         SELECT patient_value AS v, patient_system AS sys FROM patient_stays
+                         UNION ALL
+                         SELECT patient_id, COALESCE(patient_system, '') FROM observations
+                          WHERE patient_id IS NOT NULL)
+                     GROUP BY v ORDER BY v",
+                )?
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<Vec<_>, _>>()?,
+        };
+        Ok(rows)
+    }
+
     /// A device by its FHIR id.
     pub fn device(&self, fhir_id: &str) -> Result<Option<DeviceRow>, StoreError> {
         let conn = self.lock()?;

@@ -14,52 +14,11 @@
 
 mod common;
 
-use std::io::Write;
-use std::process::{Command, Stdio};
-
 use common::*;
 use serde_json::Value;
 use shared_protocol::CATALOGUE;
 use shared_protocol::catalogue::codes;
 use shared_protocol::v1::{CodedValue, Identifier, Reading, Waveform, reading};
-
-fn python() -> std::path::PathBuf {
-    let venv = std::env::var_os("VIGIL_FHIR_VENV")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| {
-            std::path::PathBuf::from(std::env::var_os("HOME").expect("HOME"))
-                .join(".cache/vigil/fhir-r4-venv")
-        });
-    let py = venv.join("bin/python");
-    assert!(
-        py.exists(),
-        "the FHIR validator is not installed at {}: run scripts/setup.sh",
-        py.display()
-    );
-    py
-}
-
-/// Runs the validator over `resources`; returns (exit ok, report).
-fn validate(resources: &[Value]) -> (bool, String) {
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py/validate_fhir.py");
-    let mut child = Command::new(python())
-        .arg(script)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start validator");
-    {
-        let mut stdin = child.stdin.take().unwrap();
-        for r in resources {
-            writeln!(stdin, "{r}").unwrap();
-        }
-    }
-    let out = child.wait_with_output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-    )
-}
 
 fn reading_in(seq: u64, metric: &shared_protocol::Metric, value: f64) -> Reading {
     Reading {
@@ -75,7 +34,7 @@ fn reading_in(seq: u64, metric: &shared_protocol::Metric, value: f64) -> Reading
 #[test]
 fn the_validator_catches_what_it_should() {
     // A guard against a validator that accepts anything.
-    let (ok, report) = validate(&[
+    let (ok, report) = validate_fhir(&[
         serde_json::json!({"resourceType": "Observation", "status": "final"}),
         serde_json::json!({"resourceType": "Observation", "status": "final",
                            "code": {"text": "x"}, "effectiveDateTime": "yesterday"}),
@@ -249,7 +208,7 @@ async fn every_emitted_resource_is_valid_fhir_r4() {
     assert_eq!(status, 400);
     resources.push(bad);
 
-    let (ok, report) = validate(&resources);
+    let (ok, report) = validate_fhir(&resources);
     eprintln!("{report}");
     assert!(ok, "the FHIR validator found errors:\n{report}");
     assert!(report.contains(" 0 errors"), "{report}");

@@ -453,6 +453,10 @@ pub fn capability_statement(date: &str) -> Json {
                 "type": "Location",
                 "interaction": [{ "code": "read" }, { "code": "search-type" }],
             }],
+            "operation": [{
+                "name": "export",
+                "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/export",
+            }],
         }],
     })
 }

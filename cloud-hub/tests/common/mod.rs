@@ -196,3 +196,43 @@ pub fn batch(seq: u64, device_id: &str, readings: Vec<Reading>) -> Batch {
         gateway_events: vec![],
     }
 }
+
+fn fhir_python() -> std::path::PathBuf {
+    let venv = std::env::var_os("VIGIL_FHIR_VENV")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(std::env::var_os("HOME").expect("HOME"))
+                .join(".cache/vigil/fhir-r4-venv")
+        });
+    let py = venv.join("bin/python");
+    assert!(
+        py.exists(),
+        "the FHIR validator is not installed at {}: run scripts/setup.sh",
+        py.display()
+    );
+    py
+}
+
+/// Runs the independent FHIR R4 validator (`tests/py/validate_fhir.py`,
+/// fhir.resources 6.1.0) over `resources`; returns (no errors, report).
+pub fn validate_fhir(resources: &[serde_json::Value]) -> (bool, String) {
+    use std::io::Write;
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py/validate_fhir.py");
+    let mut child = std::process::Command::new(fhir_python())
+        .arg(script)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start validator");
+    {
+        let mut stdin = child.stdin.take().unwrap();
+        for r in resources {
+            writeln!(stdin, "{r}").unwrap();
+        }
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
