@@ -376,6 +376,19 @@ impl Config {
             fix(&mut tls.cert_file);
             fix(&mut tls.key_file);
         }
+        if let Some(m) = &mut self.mqtt {
+            if let Some(p) = &mut m.password_file {
+                fix(p);
+            }
+            if let Some(t) = &mut m.tls {
+                for p in [&mut t.ca_file, &mut t.cert_file, &mut t.key_file]
+                    .into_iter()
+                    .flatten()
+                {
+                    fix(p);
+                }
+            }
+        }
     }
 
     /// The parsed `server.bind` address.
