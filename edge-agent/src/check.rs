@@ -181,11 +181,18 @@ pub async fn check(config: &Path) -> Vec<Finding> {
             cfg.devices.len()
         ),
     )];
+    // An IoT Edge module (IOTEDGE_* environment): its identity, the
+    // workload API and edgeHub are checked instead.
+    let module = match cfg.uplink.kind {
+        crate::config::UplinkKind::IothubMqtt => cfg.uplink.iot_edge().ok().flatten(),
+        _ => None,
+    };
     let iothub = match (&cfg.uplink.kind, &cfg.uplink.iothub) {
-        (crate::config::UplinkKind::IothubMqtt, Some(h)) => Some(h.clone()),
+        (crate::config::UplinkKind::IothubMqtt, Some(h)) if module.is_none() => Some(h.clone()),
         _ => None,
     };
     match &iothub {
+        None if module.is_some() => {}
         // IoT Hub: the device key (0600, base64) or client certificate must load.
         Some(h) => match crate::iothub::IotHubUplink::new(h, cfg.uplink.request_timeout()) {
             Ok(_) => out.push(ok("IoT Hub credentials", "device key / certificate loads")),
@@ -214,9 +221,18 @@ pub async fn check(config: &Path) -> Vec<Finding> {
     for d in &cfg.devices {
         out.push(check_device(d).await);
     }
-    match &iothub {
-        Some(h) => out.push(check_iothub(h).await),
-        None => out.push(check_hub(&cfg).await),
+    match (&module, &iothub) {
+        (Some(env), _) => {
+            for (subject, good, detail) in crate::iothub::edge::check(env).await {
+                out.push(if good {
+                    ok(subject, detail)
+                } else {
+                    bad(subject, detail)
+                });
+            }
+        }
+        (None, Some(h)) => out.push(check_iothub(h).await),
+        (None, None) => out.push(check_hub(&cfg).await),
     }
     out
 }

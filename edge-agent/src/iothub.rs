@@ -584,7 +584,7 @@ pub fn wire(
     stop: watch::Receiver<bool>,
 ) -> watch::Receiver<bool> {
     let flush = Arc::new(Notify::new());
-    let hurry = methods::hurry_signal(shutdown, stop, flush.clone(), buffer.clone());
+    let hurry = methods::hurry_signal(shutdown, stop, flush.clone(), Arc::downgrade(buffer));
     if let AnyUplink::IotHub(u) = uplink {
         let devices = cfg
             .devices
@@ -600,7 +600,7 @@ pub fn wire(
             .collect();
         let mode = u.mode.to_string();
         u.attach(twin::AgentLink {
-            buffer: buffer.clone(),
+            buffer: Arc::downgrade(buffer),
             devices,
             activity,
             flush,
@@ -821,9 +821,10 @@ fn on_message(cfg: &SessionCfg, client: &AsyncClient, reporter: &mut twin::Repor
                 return;
             }
         };
+        let buffer = cfg.link.as_ref().and_then(|l| l.buffer.upgrade());
         let (status, body) = methods::handle(
             &req,
-            cfg.link.as_ref().map(|l| l.buffer.as_ref()),
+            buffer.as_deref(),
             cfg.link.as_ref().map(|l| l.flush.as_ref()),
         );
         match status {
@@ -878,7 +879,10 @@ fn report_twin(
     let Some(rid) = reporter.due(now, link.significant()) else {
         return;
     };
-    let body = link.report().to_string();
+    let Some(body) = link.report().map(|v| v.to_string()) else {
+        reporter.send_failed();
+        return;
+    };
     match client.try_publish(
         twin::patch_topic(&rid),
         QoS::AtMostOnce,

@@ -213,6 +213,11 @@ async fn main() -> anyhow::Result<()> {
         Cmd::CheckConfig { config } => {
             let cfg = edge_agent::config::AgentConfig::load(&config)?;
             match (&cfg.uplink.kind, &cfg.uplink.iothub) {
+                // An IoT Edge module: the IOTEDGE_* environment was checked
+                // while loading; its credentials are the workload API's
+                // (`edge-agent check` asks it).
+                (edge_agent::config::UplinkKind::IothubMqtt, _)
+                    if cfg.uplink.iot_edge()?.is_some() => {}
                 // IoT Hub: the device key file (0600, base64) or the client
                 // certificate and key must load; no connection is made.
                 (edge_agent::config::UplinkKind::IothubMqtt, Some(h)) => {

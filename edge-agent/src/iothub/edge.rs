@@ -376,6 +376,57 @@ pub fn tls_trusting(pem: &str) -> Result<rustls::ClientConfig, String> {
         .with_no_client_auth())
 }
 
+/// `edge-agent check` in module mode: (subject, ok, detail) for the module
+/// identity, the workload API (trust bundle and a signature) and edgeHub's
+/// MQTT port.
+pub async fn check(env: &EdgeEnv) -> Vec<(String, bool, String)> {
+    let id = env.identity();
+    let mut out = vec![(
+        "IoT Edge module".to_string(),
+        true,
+        format!(
+            "{} at {} via {}:{}",
+            id.client_id(),
+            env.hub,
+            id.connect_host,
+            id.port
+        ),
+    )];
+    let workload = match WorkloadClient::new(env) {
+        Ok(w) => w,
+        Err(e) => {
+            out.push(("IoT Edge workload API".into(), false, e.to_string()));
+            return out;
+        }
+    };
+    let bundle = workload.trust_bundle().await;
+    let signed = workload.sign("vigil edge-agent check").await;
+    out.push(match (bundle, signed) {
+        (Ok(pem), Ok(_)) => match tls_trusting(&pem) {
+            Ok(_) => (
+                "IoT Edge workload API".into(),
+                true,
+                format!("{}: trust bundle loads, signing works", env.workload_uri),
+            ),
+            Err(e) => ("IoT Edge workload API".into(), false, e),
+        },
+        (Err(e), _) | (_, Err(e)) => ("IoT Edge workload API".into(), false, e.to_string()),
+    });
+    let addr = format!("{}:{}", id.connect_host, id.port);
+    let hub = match tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::net::TcpStream::connect(&addr),
+    )
+    .await
+    {
+        Ok(Ok(_)) => (true, format!("{addr} accepts connections")),
+        Ok(Err(e)) => (false, format!("{addr}: {e}")),
+        Err(_) => (false, format!("{addr}: no answer within 5 s")),
+    };
+    out.push(("edgeHub".into(), hub.0, hub.1));
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

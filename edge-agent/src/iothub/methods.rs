@@ -16,7 +16,7 @@
 //! parsed (no request id, wildcard characters) cannot be answered: it is
 //! counted and ignored.
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use serde_json::json;
@@ -119,7 +119,7 @@ pub fn hurry_signal(
     mut shutdown: watch::Receiver<bool>,
     mut stop: watch::Receiver<bool>,
     flush: Arc<Notify>,
-    buffer: Arc<Buffer>,
+    buffer: Weak<Buffer>,
 ) -> watch::Receiver<bool> {
     let (tx, rx) = watch::channel(*shutdown.borrow());
     tokio::spawn(async move {
@@ -132,11 +132,16 @@ pub fn hurry_signal(
                 let _ = stop.wait_for(|s| *s).await;
                 return;
             }
-            if let Some(until) = flush_until
-                && buffer.items_in(0, until, 1).unwrap_or(0) == 0
-            {
-                flush_until = None;
-                let _ = tx.send(false);
+            // Weak, and never held across an await: the buffer closes when
+            // the agent stops, whatever this task is doing.
+            if let Some(until) = flush_until {
+                let Some(buf) = buffer.upgrade() else {
+                    return;
+                };
+                if buf.items_in(0, until, 1).unwrap_or(0) == 0 {
+                    flush_until = None;
+                    let _ = tx.send(false);
+                }
             }
             let poll = if flush_until.is_some() {
                 Duration::from_millis(50)
@@ -145,8 +150,11 @@ pub fn hurry_signal(
             };
             tokio::select! {
                 _ = flush.notified() => {
-                    if let Ok(next) = buffer.next_record_id()
-                        && buffer.pending_records() > 0
+                    let Some(buf) = buffer.upgrade() else {
+                        return;
+                    };
+                    if let Ok(next) = buf.next_record_id()
+                        && buf.pending_records() > 0
                     {
                         flush_until = Some(next);
                         let _ = tx.send(true);

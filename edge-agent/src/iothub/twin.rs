@@ -20,8 +20,8 @@
 //! patch is counted, logged and sent again at the next opportunity.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::Mutex;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use device_drivers::DriverOutput;
@@ -139,7 +139,9 @@ pub struct DeviceEntry {
 /// the `flush` method).
 #[derive(Debug, Clone)]
 pub struct AgentLink {
-    pub buffer: Arc<Buffer>,
+    /// Weak: the session may outlive the agent's run by a moment, and the
+    /// buffer (sled) must close when the agent stops.
+    pub buffer: Weak<Buffer>,
     pub devices: Vec<DeviceEntry>,
     pub activity: Arc<DeviceActivity>,
     /// Notified by the `flush` direct method.
@@ -191,8 +193,9 @@ impl AgentLink {
             .collect()
     }
 
-    /// The full reported-properties patch.
-    pub fn report(&self) -> Value {
+    /// The full reported-properties patch (`None` once the agent stopped).
+    pub fn report(&self) -> Option<Value> {
+        let buffer = self.buffer.upgrade()?;
         let mut devices = serde_json::Map::new();
         for d in &self.devices {
             let a = self.activity.get(&d.id);
@@ -213,21 +216,17 @@ impl AgentLink {
             };
             devices.insert(name, entry);
         }
-        let oldest_s = self
-            .buffer
-            .oldest_age_us()
-            .map(|us| us / 1_000_000)
-            .unwrap_or(0);
-        json!({
+        let oldest_s = buffer.oldest_age_us().map(|us| us / 1_000_000).unwrap_or(0);
+        Some(json!({
             "agentVersion": env!("CARGO_PKG_VERSION"),
             "uplink": self.uplink,
             "devices": devices,
             "buffer": {
-                "records": self.buffer.pending_records(),
-                "items": self.buffer.pending_readings(),
+                "records": buffer.pending_records(),
+                "items": buffer.pending_readings(),
                 "oldestAgeSeconds": oldest_s,
             },
-        })
+        }))
     }
 }
 
