@@ -92,6 +92,21 @@ pub struct TlsConfig {
     pub cert_file: PathBuf,
     /// PEM private key; must not be group/world readable.
     pub key_file: PathBuf,
+    /// PEM CA bundle for client certificates (mutual TLS): clients that
+    /// present a certificate must present one issued by these CAs.
+    pub client_ca_file: Option<PathBuf>,
+    /// With `client_ca_file`: `required` (default; connections without a
+    /// valid client certificate are refused in the TLS handshake) or
+    /// `optional` (clients may connect without one).
+    pub client_auth: Option<ClientAuth>,
+}
+
+/// `server.tls.client_auth`
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuth {
+    Optional,
+    Required,
 }
 
 /// `[storage]`
@@ -375,6 +390,9 @@ impl Config {
         if let Some(tls) = &mut self.server.tls {
             fix(&mut tls.cert_file);
             fix(&mut tls.key_file);
+            if let Some(ca) = &mut tls.client_ca_file {
+                fix(ca);
+            }
         }
         if let Some(m) = &mut self.mqtt {
             if let Some(p) = &mut m.password_file {
@@ -424,6 +442,15 @@ impl Config {
             return Err(ConfigError::invalid(
                 "storage.sqlite_path",
                 "must not be empty",
+            ));
+        }
+        if let Some(tls) = &self.server.tls
+            && tls.client_auth.is_some()
+            && tls.client_ca_file.is_none()
+        {
+            return Err(ConfigError::invalid(
+                "server.tls.client_auth",
+                "needs server.tls.client_ca_file (the CA that issues client certificates)",
             ));
         }
         if let Some(url) = &self.fhir.base_url

@@ -225,14 +225,48 @@ fn load_tls(tls: &crate::config::TlsConfig) -> Result<Arc<rustls::ServerConfig>,
         ))
     })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(|e| HubError::Tls(e.to_string()))?
-        .with_no_client_auth()
+        .map_err(|e| HubError::Tls(e.to_string()))?;
+    let builder = match &tls.client_ca_file {
+        None => builder.with_no_client_auth(),
+        Some(path) => {
+            builder.with_client_cert_verifier(client_verifier(path, tls.client_auth, provider)?)
+        }
+    };
+    let mut config = builder
         .with_single_cert(certs, key)
         .map_err(|e| HubError::Tls(format!("certificate/key: {e}")))?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// Verifies client certificates against `server.tls.client_ca_file`
+/// (mutual TLS); `optional` also admits clients without a certificate.
+fn client_verifier(
+    path: &std::path::Path,
+    mode: Option<crate::config::ClientAuth>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, HubError> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let err = |e: &dyn std::fmt::Display| {
+        HubError::Tls(format!("server.tls.client_ca_file {}: {e}", path.display()))
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(path).map_err(|e| err(&e))? {
+        roots.add(cert.map_err(|e| err(&e))?).map_err(|e| err(&e))?;
+    }
+    if roots.is_empty() {
+        return Err(err(&"no CA certificate found"));
+    }
+    let builder =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+    let builder = match mode.unwrap_or(crate::config::ClientAuth::Required) {
+        crate::config::ClientAuth::Required => builder,
+        crate::config::ClientAuth::Optional => builder.allow_unauthenticated(),
+    };
+    builder.build().map_err(|e| err(&e))
 }
 
 fn router(state: AppState) -> Router {
@@ -389,6 +423,12 @@ async fn ingest(State(st): State<AppState>, headers: HeaderMap, body: Body) -> R
                 resp.headers_mut()
                     .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
+            if e.status == StatusCode::UNSUPPORTED_MEDIA_TYPE {
+                resp.headers_mut().insert(
+                    header::ACCEPT_ENCODING,
+                    HeaderValue::from_static(crate::encoding::ACCEPTED),
+                );
+            }
             if let Some(secs) = e.retry_after {
                 resp.headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from(secs));
@@ -471,7 +511,21 @@ async fn ingest_inner(
         ));
     }
 
-    // 3. Body size.
+    // Content coding: identity or zstd; anything else is 415.
+    let coding = crate::encoding::ContentCoding::parse(
+        headers
+            .get(header::CONTENT_ENCODING)
+            .map(|v| v.to_str().unwrap_or("?")),
+    )
+    .map_err(|e| {
+        IngestError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            K::UnsupportedMediaType,
+            e.to_string(),
+        )
+    })?;
+
+    // 3. Body size (as sent, then decompressed: both capped at the limit).
     let max = st.config.server.max_body_bytes;
     let too_large = || {
         IngestError::new(
@@ -497,6 +551,25 @@ async fn ingest_inner(
                 "failed to read the request body",
             ));
         }
+    };
+
+    let bytes = if coding == crate::encoding::ContentCoding::Identity {
+        bytes
+    } else {
+        tokio::task::spawn_blocking(move || crate::encoding::decode(coding, bytes, max))
+            .await
+            .map_err(|e| internal(HubError::Io(std::io::Error::other(e))))?
+            .map_err(|e| match e {
+                crate::encoding::DecodeError::TooLarge { .. } => {
+                    tracing::warn!(gateway_id = %gateway_id, "compressed body expands past the limit");
+                    IngestError::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        K::TooLarge,
+                        format!("decompressed body larger than {max} bytes"),
+                    )
+                }
+                e => IngestError::new(StatusCode::BAD_REQUEST, K::Malformed, e.to_string()),
+            })?
     };
 
     // 4. Decoding.

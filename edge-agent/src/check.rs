@@ -145,7 +145,7 @@ async fn check_hub(cfg: &AgentConfig) -> Finding {
             ),
         );
     };
-    let tls = match crate::uplink::tls_config(cfg.uplink.ca_file.as_deref()) {
+    let tls = match crate::uplink::https_tls_config(&cfg.uplink) {
         Ok(t) => t,
         Err(e) => return bad("hub", e.to_string()),
     };

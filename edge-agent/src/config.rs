@@ -128,9 +128,16 @@ pub struct UplinkConfig {
     #[serde(default)]
     pub token_file: Option<PathBuf>,
     /// PEM file of CA certificates to trust instead of the public web roots
-    /// (a hospital's private CA).
+    /// (a hospital's private CA). When set, only these are trusted (pinning).
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+    /// PEM client certificate (chain) the agent presents to the hub (mutual
+    /// TLS); needs `client_key_file`.
+    #[serde(default)]
+    pub client_cert_file: Option<PathBuf>,
+    /// PEM private key of `client_cert_file`, mode 0600.
+    #[serde(default)]
+    pub client_key_file: Option<PathBuf>,
     /// Send a batch once this many readings are buffered...
     #[serde(default = "default_batch_max_readings")]
     pub batch_max_readings: usize,
@@ -143,6 +150,10 @@ pub struct UplinkConfig {
     /// under the hub's default 4 MiB body limit and IoT Hub's 256 KiB.
     #[serde(default = "default_batch_max_bytes")]
     pub batch_max_bytes: usize,
+    /// Compress each batch: `none` (default) or `zstd` (HTTPS:
+    /// `Content-Encoding: zstd`; IoT Hub: property `$.ce=zstd`).
+    #[serde(default)]
+    pub compression: Compression,
     #[serde(default = "default_request_timeout_ms")]
     pub request_timeout_ms: u64,
     /// Longest wait between retries (exponential backoff with jitter).
@@ -156,6 +167,16 @@ pub struct UplinkConfig {
     /// before exiting (what is left stays buffered). 0 = exit at once.
     #[serde(default = "default_shutdown_drain_ms")]
     pub shutdown_drain_ms: u64,
+}
+
+/// How batches are compressed on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Compression {
+    #[default]
+    None,
+    /// Zstandard (RFC 8878), one frame per batch with its content size.
+    Zstd,
 }
 
 /// Which uplink the forwarder uses.
@@ -424,7 +445,14 @@ impl AgentConfig {
         if let Some(p) = self.uplink.token_file.as_mut() {
             fix(p);
         }
-        if let Some(p) = self.uplink.ca_file.as_mut() {
+        for p in [
+            &mut self.uplink.ca_file,
+            &mut self.uplink.client_cert_file,
+            &mut self.uplink.client_key_file,
+        ]
+        .into_iter()
+        .flatten()
+        {
             fix(p);
         }
         if let Some(h) = self.uplink.iothub.as_mut() {
@@ -476,6 +504,30 @@ impl AgentConfig {
                         "only used with uplink.kind = \"iothub-mqtt\"",
                     ));
                 }
+                match (&self.uplink.client_cert_file, &self.uplink.client_key_file) {
+                    (Some(_), None) => {
+                        return Err(invalid(
+                            "uplink.client_key_file",
+                            "required with client_cert_file (the certificate's private key)",
+                        ));
+                    }
+                    (None, Some(_)) => {
+                        return Err(invalid(
+                            "uplink.client_cert_file",
+                            "required with client_key_file (the client certificate)",
+                        ));
+                    }
+                    _ => {}
+                }
+            }
+            UplinkKind::IothubMqtt
+                if self.uplink.client_cert_file.is_some()
+                    || self.uplink.client_key_file.is_some() =>
+            {
+                return Err(invalid(
+                    "uplink.client_cert_file",
+                    "only used with uplink.kind = \"https\" (IoT Hub: uplink.iothub.cert_file)",
+                ));
             }
             UplinkKind::IothubMqtt => match (&self.uplink.iothub, self.uplink.iot_edge()?) {
                 (None, None) => {
@@ -797,6 +849,45 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("uplink.url") && e.contains("required"), "{e}");
+    }
+
+    #[test]
+    fn batch_bytes_compression_and_client_certificate_are_validated() {
+        let with = |extra: &str| EXAMPLE.replace("[uplink]\n", &format!("[uplink]\n{extra}\n"));
+        let cfg = parse(EXAMPLE).unwrap();
+        assert_eq!(cfg.uplink.batch_max_bytes, 128 * 1024);
+        assert_eq!(cfg.uplink.compression, Compression::None);
+        assert_eq!(cfg.uplink.client_cert_file, None);
+        let cfg = parse(&with(
+            "compression = \"zstd\"\nclient_cert_file = \"a.crt\"\nclient_key_file = \"a.key\"",
+        ))
+        .unwrap();
+        assert_eq!(cfg.uplink.compression, Compression::Zstd);
+        let err = |extra: &str| parse(&with(extra)).unwrap_err().to_string();
+        assert!(err("compression = \"gzip\"").contains("gzip"));
+        let e = err("client_cert_file = \"a.crt\"");
+        assert!(e.contains("uplink.client_key_file"), "{e}");
+        let e = err("client_key_file = \"a.key\"");
+        assert!(e.contains("uplink.client_cert_file"), "{e}");
+        let e = parse(&EXAMPLE.replace("batch_max_bytes = 131072", "batch_max_bytes = 100"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("uplink.batch_max_bytes"), "{e}");
+        // IoT Hub: at most its message limit less room for the topic.
+        let e = parse(&iothub("sas_key_file = \"k\"").replace(
+            "kind = \"iothub-mqtt\"",
+            "kind = \"iothub-mqtt\"\nbatch_max_bytes = 262144",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("uplink.batch_max_bytes"), "{e}");
+        let e = parse(&iothub("sas_key_file = \"k\"").replace(
+            "kind = \"iothub-mqtt\"",
+            "kind = \"iothub-mqtt\"\nclient_cert_file = \"a.crt\"\nclient_key_file = \"a.key\"",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("uplink.client_cert_file"), "{e}");
     }
 
     #[test]

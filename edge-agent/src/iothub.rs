@@ -35,7 +35,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use prost::Message;
 use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS,
     SubscribeFilter, SubscribeReasonCode, TlsConfiguration, Transport,
@@ -60,6 +59,8 @@ pub const KEEP_ALIVE: Duration = Duration::from_secs(240);
 /// Property bag appended to the events topic: content type and encoding,
 /// URL-encoded as IoT Hub expects.
 pub const PROPERTY_BAG: &str = "$.ct=application%2Fx-protobuf&$.ce=identity";
+/// The property bag of a zstd-compressed batch (`uplink.compression = "zstd"`).
+pub const PROPERTY_BAG_ZSTD: &str = "$.ct=application%2Fx-protobuf&$.ce=zstd";
 /// Longest wait between reconnection attempts.
 const MAX_RECONNECT_BACKOFF: Duration = Duration::from_secs(60);
 /// How often the session checks whether a twin report is due.
@@ -291,6 +292,8 @@ pub struct IotHubUplink {
     link: Option<twin::AgentLink>,
     stats: Arc<IotHubStats>,
     session: Option<mpsc::Sender<PublishCmd>>,
+    /// `uplink.compression`: zstd payloads carry `$.ce=zstd`.
+    compression: crate::config::Compression,
     /// How the identity was obtained, for the twin: `iothub-mqtt`,
     /// `iothub-mqtt-dps` or `iotedge-module`.
     mode: &'static str,
@@ -427,6 +430,7 @@ impl IotHubUplink {
             link: None,
             stats: Arc::new(IotHubStats::default()),
             session: None,
+            compression: crate::config::Compression::None,
             mode: "iothub-mqtt",
         }
     }
@@ -460,6 +464,13 @@ impl IotHubUplink {
         );
         up.mode = "iotedge-module";
         Ok(up)
+    }
+
+    /// Compress each batch (`uplink.compression`); zstd payloads are
+    /// published with `$.ce=zstd` in the property bag.
+    pub fn with_compression(mut self, c: crate::config::Compression) -> Self {
+        self.compression = c;
+        self
     }
 
     /// Replace the clock that SAS token expiries are computed from (tests
@@ -507,8 +518,11 @@ impl IotHubUplink {
 
     /// Publish one batch at QoS 1 and wait for its PUBACK.
     pub async fn send(&mut self, batch: &Batch) -> Result<(), UplinkError> {
-        let payload = batch.encode_to_vec();
-        let topic = self.identity.events_topic();
+        let payload = crate::uplink::encode_batch(batch, self.compression)?;
+        let mut topic = self.identity.events_topic();
+        if self.compression == crate::config::Compression::Zstd {
+            topic = topic.replace(PROPERTY_BAG, PROPERTY_BAG_ZSTD);
+        }
         if payload.len() + topic.len() > MAX_MESSAGE_BYTES {
             return Err(UplinkError::MessageTooLarge {
                 bytes: payload.len() + topic.len(),

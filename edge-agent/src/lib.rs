@@ -69,20 +69,17 @@ pub struct ForwardStats {
 /// Run the agent until `shutdown` becomes true (or its sender is dropped).
 pub async fn run(cfg: AgentConfig, shutdown: watch::Receiver<bool>) -> Result<(), AgentError> {
     let uplink = match (&cfg.uplink.kind, &cfg.uplink.iothub) {
-        (config::UplinkKind::IothubMqtt, _) => {
-            AnyUplink::IotHub(Box::new(iothub::uplink_from_config(&cfg).await?))
-        }
+        (config::UplinkKind::IothubMqtt, _) => AnyUplink::IotHub(Box::new(
+            iothub::uplink_from_config(&cfg)
+                .await?
+                .with_compression(cfg.uplink.compression),
+        )),
         _ => {
             let token = secrets::load_token(
                 cfg.uplink.token_file.as_deref(),
                 std::env::var("VIGIL_AGENT_TOKEN").ok(),
             )?;
-            AnyUplink::Https(Uplink::new(
-                &cfg.uplink.url,
-                &token,
-                cfg.uplink.ca_file.as_deref(),
-                cfg.uplink.request_timeout(),
-            )?)
+            AnyUplink::Https(Uplink::from_config(&cfg.uplink, &token)?)
         }
     };
     run_with_uplink(cfg, uplink, shutdown).await

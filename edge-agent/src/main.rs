@@ -228,6 +228,8 @@ async fn main() -> anyhow::Result<()> {
                         cfg.uplink.token_file.as_deref(),
                         std::env::var("VIGIL_AGENT_TOKEN").ok(),
                     )?;
+                    // Pinned CA and client certificate (key 0600) must load.
+                    edge_agent::uplink::https_tls_config(&cfg.uplink)?;
                 }
             }
             if cfg.key_path().exists() {

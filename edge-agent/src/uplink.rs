@@ -1,23 +1,28 @@
 //! HTTPS uplink to the hub: POST a protobuf `Batch`, read a protobuf
 //! `BatchAck`. TLS is rustls with the ring provider; roots are the public web
-//! roots or a configured CA bundle.
+//! roots, or, when `uplink.ca_file` is set, only that CA bundle (pinning: the
+//! public roots are then not trusted). Optionally the agent presents a client
+//! certificate (`uplink.client_cert_file` + `client_key_file`, key 0600) and
+//! compresses batches with zstd (`Content-Encoding: zstd`).
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use prost::Message;
-use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
+use reqwest::header::{AUTHORIZATION, CONTENT_ENCODING, CONTENT_TYPE, RETRY_AFTER};
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use shared_protocol::CONTENT_TYPE_PROTOBUF;
 use shared_protocol::v1::{Batch, BatchAck};
 
+use crate::config::{Compression, UplinkConfig};
+
 #[derive(Debug, thiserror::Error)]
 pub enum UplinkError {
     #[error("TLS setup: {0}")]
     Tls(String),
-    #[error("cannot reach the hub: {0}")]
+    #[error("cannot reach the hub: {}", error_chain(.0))]
     Transport(#[source] reqwest::Error),
     #[error("hub refused the gateway's credentials (HTTP {status}): {message}")]
     Unauthorized { status: u16, message: String },
@@ -42,6 +47,24 @@ pub enum UplinkError {
     MqttRefused(String),
     #[error("message of {bytes} bytes exceeds IoT Hub's limit of {max} bytes")]
     MessageTooLarge { bytes: usize, max: usize },
+    #[error("compressing the batch: {0}")]
+    Compress(String),
+}
+
+/// An error and its causes, `: `-separated (reqwest's own message leaves
+/// out the cause, e.g. which TLS check failed).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cause = c.source();
+    }
+    s
 }
 
 impl UplinkError {
@@ -59,6 +82,51 @@ pub struct Uplink {
     client: reqwest::Client,
     url: reqwest::Url,
     auth: String,
+    compression: Compression,
+}
+
+/// zstd level for batches: fast, and most of the gain on protobuf readings.
+const ZSTD_LEVEL: i32 = 3;
+
+/// The encoded batch, compressed per `c`. zstd makes one frame that records
+/// its content size (so the receiver's window need not exceed the batch).
+pub fn encode_batch(batch: &Batch, c: Compression) -> Result<Vec<u8>, UplinkError> {
+    let plain = batch.encode_to_vec();
+    match c {
+        Compression::None => Ok(plain),
+        Compression::Zstd => zstd::bulk::compress(&plain, ZSTD_LEVEL)
+            .map_err(|e| UplinkError::Compress(e.to_string())),
+    }
+}
+
+/// Load a PEM client certificate chain and its private key; the key file
+/// must be private (mode 0600, like every secret of the agent).
+pub fn load_client_identity(cert: &Path, key: &Path) -> Result<ClientIdentity, UplinkError> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| UplinkError::Tls(format!("{}: {e}", cert.display())))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| UplinkError::Tls(format!("{}: {e}", cert.display())))?;
+    if certs.is_empty() {
+        return Err(UplinkError::Tls(format!(
+            "{}: no certificates",
+            cert.display()
+        )));
+    }
+    let pem =
+        crate::secrets::read_private(key).map_err(|e| UplinkError::Credentials(e.to_string()))?;
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(&pem)
+        .map_err(|e| UplinkError::Tls(format!("{}: {e}", key.display())))?;
+    Ok((certs, key))
+}
+
+/// The TLS client config of the HTTPS uplink per `[uplink]`: `ca_file`
+/// (pinned) or the public roots, and the client certificate if configured.
+pub fn https_tls_config(u: &UplinkConfig) -> Result<rustls::ClientConfig, UplinkError> {
+    let identity = match (&u.client_cert_file, &u.client_key_file) {
+        (Some(c), Some(k)) => Some(load_client_identity(c, k)?),
+        _ => None,
+    };
+    tls_config_with(u.ca_file.as_deref(), identity)
 }
 
 /// rustls client config with the ring provider.
@@ -148,9 +216,32 @@ impl Uplink {
         ca_file: Option<&Path>,
         timeout: Duration,
     ) -> Result<Self, UplinkError> {
+        Self::with_tls(url, token, tls_config(ca_file)?, timeout, Compression::None)
+    }
+
+    /// The uplink `[uplink]` describes: URL, pinned CA or public roots,
+    /// client certificate, timeout and compression.
+    pub fn from_config(u: &UplinkConfig, token: &str) -> Result<Self, UplinkError> {
+        Self::with_tls(
+            &u.url,
+            token,
+            https_tls_config(u)?,
+            u.request_timeout(),
+            u.compression,
+        )
+    }
+
+    /// An uplink with an explicit TLS client config.
+    pub fn with_tls(
+        url: &str,
+        token: &str,
+        tls: rustls::ClientConfig,
+        timeout: Duration,
+        compression: Compression,
+    ) -> Result<Self, UplinkError> {
         let url = reqwest::Url::parse(url).map_err(|e| UplinkError::Tls(e.to_string()))?;
         let client = reqwest::Client::builder()
-            .tls_backend_preconfigured(tls_config(ca_file)?)
+            .tls_backend_preconfigured(tls)
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(5)))
             .user_agent(concat!("vigil-edge-agent/", env!("CARGO_PKG_VERSION")))
@@ -160,17 +251,22 @@ impl Uplink {
             client,
             url,
             auth: format!("Bearer {token}"),
+            compression,
         })
     }
 
     /// Send one batch and return the hub's ack.
     pub async fn send(&self, batch: &Batch) -> Result<BatchAck, UplinkError> {
-        let resp = self
+        let mut req = self
             .client
             .post(self.url.clone())
             .header(CONTENT_TYPE, CONTENT_TYPE_PROTOBUF)
-            .header(AUTHORIZATION, &self.auth)
-            .body(batch.encode_to_vec())
+            .header(AUTHORIZATION, &self.auth);
+        if self.compression == Compression::Zstd {
+            req = req.header(CONTENT_ENCODING, "zstd");
+        }
+        let resp = req
+            .body(encode_batch(batch, self.compression)?)
             .send()
             .await
             .map_err(UplinkError::Transport)?;
@@ -199,5 +295,56 @@ impl Uplink {
                 message: message(),
             }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn zstd_batches_decode_to_the_same_batch() {
+        let b = Batch {
+            gateway_id: "gw-1".into(),
+            sequence: 7,
+            agent_version: "x".repeat(300),
+            ..Default::default()
+        };
+        let plain = encode_batch(&b, Compression::None).unwrap();
+        assert_eq!(plain, b.encode_to_vec());
+        let z = encode_batch(&b, Compression::Zstd).unwrap();
+        assert!(z.len() < plain.len());
+        let back = zstd::decode_all(&z[..]).unwrap();
+        assert_eq!(Batch::decode(&back[..]).unwrap(), b);
+    }
+
+    #[test]
+    fn client_key_must_be_private_and_both_files_must_hold_pem() {
+        let dir = tempfile::tempdir().unwrap();
+        let ck = rcgen::generate_simple_self_signed(vec!["gw-1".to_owned()]).unwrap();
+        let cert = dir.path().join("a.crt");
+        let key = dir.path().join("a.key");
+        std::fs::write(&cert, ck.cert.pem()).unwrap();
+        std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = load_client_identity(&cert, &key).unwrap_err().to_string();
+        assert!(e.contains("chmod 600"), "{e}");
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let (chain, _) = load_client_identity(&cert, &key).unwrap();
+        assert_eq!(chain.len(), 1);
+        let e = load_client_identity(&key, &key).unwrap_err().to_string();
+        assert!(e.contains("no certificates"), "{e}");
+        // With a pinned CA and the identity, the TLS config builds.
+        std::fs::write(dir.path().join("ca.pem"), ck.cert.pem()).unwrap();
+        let toml = format!(
+            "url = \"https://hub.example.org/api/v1/ingest\"\nca_file = \"{}\"\n\
+             client_cert_file = \"{}\"\nclient_key_file = \"{}\"\n",
+            dir.path().join("ca.pem").display(),
+            cert.display(),
+            key.display()
+        );
+        let u: UplinkConfig = toml::from_str(&toml).unwrap();
+        https_tls_config(&u).unwrap();
     }
 }

@@ -1,7 +1,9 @@
 //! The forwarder's batches against a minimal loopback hub (axum) that
 //! decodes each `Batch`, records what it got and answers a matching
 //! `BatchAck`: batches stay within `uplink.batch_max_bytes`, a record
-//! larger than the limit is sent alone, and every reading arrives once.
+//! larger than the limit is sent alone, and every reading arrives once;
+//! with `uplink.compression = "zstd"` bodies are zstd with
+//! `Content-Encoding: zstd`.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -21,17 +23,25 @@ use tokio::sync::watch;
 /// What the fake hub received: one entry per request.
 #[derive(Debug, Clone)]
 struct Received {
+    /// Size of the (decompressed) protobuf.
     body_len: usize,
+    /// Size on the wire.
+    wire_len: usize,
+    encoding: Option<String>,
     batch: Batch,
 }
 
 type Log = Arc<Mutex<Vec<Received>>>;
 
-async fn ingest(log: Log, headers: HeaderMap, body: Bytes) -> (StatusCode, Vec<u8>) {
-    assert!(
-        headers.get("content-encoding").is_none(),
-        "no compression configured"
-    );
+async fn ingest(log: Log, headers: HeaderMap, wire: Bytes) -> (StatusCode, Vec<u8>) {
+    let encoding = headers
+        .get("content-encoding")
+        .map(|v| v.to_str().unwrap().to_string());
+    let body = match encoding.as_deref() {
+        None => wire.to_vec(),
+        Some("zstd") => zstd::decode_all(wire.as_ref()).expect("valid zstd"),
+        Some(other) => panic!("unexpected Content-Encoding {other}"),
+    };
     let batch = Batch::decode(body.as_ref()).expect("a protobuf Batch");
     let items: usize = batch
         .devices
@@ -45,6 +55,8 @@ async fn ingest(log: Log, headers: HeaderMap, body: Bytes) -> (StatusCode, Vec<u
     };
     log.lock().unwrap().push(Received {
         body_len: body.len(),
+        wire_len: wire.len(),
+        encoding,
         batch,
     });
     (StatusCode::OK, ack.encode_to_vec())
@@ -137,6 +149,10 @@ async fn batches_respect_the_byte_limit_and_an_oversized_record_goes_alone() {
     task.await.unwrap().unwrap();
 
     let got = log.lock().unwrap().clone();
+    assert!(
+        got.iter()
+            .all(|r| r.encoding.is_none() && r.wire_len == r.body_len)
+    );
     // Every reading once, per device in sequence order.
     let mut per_device: BTreeMap<String, Vec<u64>> = BTreeMap::new();
     for r in &got {
@@ -174,4 +190,64 @@ async fn batches_respect_the_byte_limit_and_an_oversized_record_goes_alone() {
         "{} batches for {bytes} bytes",
         got.len()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zstd_compression_sends_smaller_bodies_with_content_encoding() {
+    let dir = tempfile::tempdir().unwrap();
+    let (url, log) = fake_hub().await;
+    let path = dir.path().join("agent.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "gateway_id = \"gw-zstd\"\ndata_dir = \"data\"\n[uplink]\nurl = \"{url}\"\n\
+             compression = \"zstd\"\nbatch_max_readings = 100\nbatch_max_wait_ms = 50\n\
+             backlog_rate_per_s = 1000000\nmax_backoff_ms = 300\n"
+        ),
+    )
+    .unwrap();
+    let cfg = AgentConfig::load(&path).unwrap();
+    let keys = edge_agent::secrets::load_keyring(&cfg.key_path()).unwrap();
+    std::fs::create_dir_all(&cfg.data_dir).unwrap();
+    {
+        let buffer = Buffer::open_with(&cfg.data_dir, &keys, cfg.buffer.limits()).unwrap();
+        let outputs: Vec<DriverOutput> = (0..500u64)
+            .map(|i| DriverOutput {
+                device_id: "masimo-1".into(),
+                readings: vec![reading(4, i)],
+                ..Default::default()
+            })
+            .collect();
+        buffer.append(outputs).await.unwrap();
+    }
+    let token = "vgt_test";
+    let up = edge_agent::uplink::Uplink::from_config(&cfg.uplink, token).unwrap();
+    let (stop, rx) = watch::channel(false);
+    let task = tokio::spawn(edge_agent::run_with_uplink(cfg, AnyUplink::Https(up), rx));
+    let count = |log: &Log| -> usize {
+        log.lock()
+            .unwrap()
+            .iter()
+            .flat_map(|r| r.batch.devices.iter())
+            .map(|d| d.readings.len())
+            .sum()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while count(&log) < 500 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.send(true).unwrap();
+    task.await.unwrap().unwrap();
+    let got = log.lock().unwrap().clone();
+    assert_eq!(count(&log), 500);
+    assert!(got.len() >= 5, "batches of at most 100 readings");
+    for r in &got {
+        assert_eq!(r.encoding.as_deref(), Some("zstd"));
+        assert!(
+            r.wire_len * 2 < r.body_len,
+            "compressed {} vs {}",
+            r.wire_len,
+            r.body_len
+        );
+    }
 }

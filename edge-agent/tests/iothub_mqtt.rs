@@ -202,7 +202,12 @@ fn subscriber(port: u16, ca: &Path) -> (Seen, tokio::task::JoinHandle<()>) {
                         .await;
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
-                    let batch = Batch::decode(p.payload.as_ref()).expect("payload is a Batch");
+                    let payload = if p.topic.ends_with("$.ce=zstd") {
+                        zstd::decode_all(p.payload.as_ref()).expect("zstd payload")
+                    } else {
+                        p.payload.to_vec()
+                    };
+                    let batch = Batch::decode(payload.as_ref()).expect("payload is a Batch");
                     let _ = tx.send((p.topic.clone(), batch));
                 }
                 Ok(_) => {}
@@ -412,6 +417,42 @@ async fn iothub_mqtt_uplink_against_mosquitto() {
     stop.send(true).unwrap();
     task.await.unwrap().unwrap();
     assert_eq!(pending(&good), 0);
+
+    // 3. uplink.compression = "zstd": the payload is zstd and the property
+    // bag says so ($.ce=zstd).
+    let mut zup = uplink(&good).with_compression(edge_agent::config::Compression::Zstd);
+    let sent = Batch {
+        gateway_id: "gw-mqtt".into(),
+        sequence: 999,
+        devices: vec![shared_protocol::v1::DeviceData {
+            readings: (0..50)
+                .map(|i| Reading {
+                    mdc_code: 150456,
+                    ucum_unit: "%".into(),
+                    sequence: 10_000 + i,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    zup.send(&sent).await.unwrap();
+    let (topic, got) = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let (t, b) = seen.recv().await.unwrap();
+            if b.sequence == 999 {
+                return (t, b);
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        topic,
+        format!("devices/{DEVICE}/messages/events/$.ct=application%2Fx-protobuf&$.ce=zstd")
+    );
+    assert_eq!(got, sent);
     sub_task.abort();
     drop(broker);
 }
