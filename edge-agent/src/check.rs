@@ -194,8 +194,12 @@ pub async fn check(config: &Path) -> Vec<Finding> {
     match &iothub {
         None if module.is_some() => {}
         // IoT Hub: the device key (0600, base64) or client certificate must load.
-        Some(h) => match crate::iothub::IotHubUplink::new(h, cfg.uplink.request_timeout()) {
-            Ok(_) => out.push(ok("IoT Hub credentials", "device key / certificate loads")),
+        Some(h) => match crate::iothub::credentials_check(
+            h,
+            &cfg.data_dir,
+            cfg.uplink.request_timeout(),
+        ) {
+            Ok(what) => out.push(ok("IoT Hub credentials", what)),
             Err(e) => out.push(bad("IoT Hub credentials", e.to_string())),
         },
         None => match crate::secrets::load_token(
@@ -240,16 +244,20 @@ pub async fn check(config: &Path) -> Vec<Finding> {
 /// IoT Hub: the MQTT endpoint accepts a TCP connection (TLS and the SAS
 /// login are exercised by `edge-agent run`).
 async fn check_iothub(h: &crate::config::IotHubConfig) -> Finding {
-    let addr = format!("{}:{}", h.host, h.port);
+    // With DPS the hub is not known before registration: check DPS.
+    let (subject, addr) = match &h.dps {
+        Some(d) => ("DPS", format!("{}:{}", d.global_endpoint, d.port)),
+        None => ("IoT Hub", format!("{}:{}", h.host, h.port)),
+    };
     match tokio::time::timeout(
         Duration::from_secs(5),
         tokio::net::TcpStream::connect(&addr),
     )
     .await
     {
-        Ok(Ok(_)) => ok("IoT Hub", format!("{addr} accepts connections")),
-        Ok(Err(e)) => bad("IoT Hub", format!("{addr}: {e}")),
-        Err(_) => bad("IoT Hub", format!("{addr}: no answer within 5 s")),
+        Ok(Ok(_)) => ok(subject, format!("{addr} accepts connections")),
+        Ok(Err(e)) => bad(subject, format!("{addr}: {e}")),
+        Err(_) => bad(subject, format!("{addr}: no answer within 5 s")),
     }
 }
 

@@ -194,10 +194,15 @@ pub enum UplinkKind {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IotHubConfig {
-    /// IoT Hub host name, e.g. `myhub.azure-devices.net`.
+    /// IoT Hub host name, e.g. `myhub.azure-devices.net` (not with `dps`).
+    #[serde(default)]
     pub host: String,
-    /// The device id registered in IoT Hub (MQTT client id).
+    /// The device id registered in IoT Hub (MQTT client id; not with `dps`).
+    #[serde(default)]
     pub device_id: String,
+    /// Get the hub and device id from the Device Provisioning Service.
+    #[serde(default)]
+    pub dps: Option<DpsConfig>,
     #[serde(default = "default_iothub_port")]
     pub port: u16,
     /// File (mode 0600) holding the device's base64 symmetric key; the
@@ -224,6 +229,31 @@ pub struct IotHubConfig {
     /// ...and counters, times and the backlog at most this often.
     #[serde(default = "default_twin_refresh_s")]
     pub twin_refresh_s: u64,
+}
+
+/// `[uplink.iothub.dps]`: registration with the Device Provisioning
+/// Service (symmetric key); the assignment is cached in `data_dir`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DpsConfig {
+    /// The DPS instance's ID scope, e.g. `0ne00ABC123`.
+    pub id_scope: String,
+    /// This gateway's registration id.
+    pub registration_id: String,
+    /// File (mode 0600) with the base64 key: the individual enrollment's
+    /// key, or the group enrollment's key when `group_key = true` (the
+    /// device key is then derived from it and the registration id).
+    pub key_file: PathBuf,
+    #[serde(default)]
+    pub group_key: bool,
+    #[serde(default = "default_dps_endpoint")]
+    pub global_endpoint: String,
+    #[serde(default = "default_iothub_port")]
+    pub port: u16,
+}
+
+fn default_dps_endpoint() -> String {
+    crate::iothub::dps::GLOBAL_ENDPOINT.to_string()
 }
 
 fn default_iothub_port() -> u16 {
@@ -467,6 +497,9 @@ impl AgentConfig {
             {
                 fix(p);
             }
+            if let Some(d) = h.dps.as_mut() {
+                fix(&mut d.key_file);
+            }
         }
         // Modbus register maps (`options.map`) are relative to this file too.
         for d in &mut self.devices {
@@ -662,7 +695,60 @@ impl AgentConfig {
     }
 }
 
+fn validate_dps(h: &IotHubConfig, d: &DpsConfig) -> Result<(), ConfigError> {
+    for (field, set) in [
+        ("host", !h.host.is_empty()),
+        ("device_id", !h.device_id.is_empty()),
+        ("sas_key_file", h.sas_key_file.is_some()),
+        ("cert_file", h.cert_file.is_some()),
+        ("key_file", h.key_file.is_some()),
+    ] {
+        if set {
+            return Err(invalid(
+                format!("uplink.iothub.{field}"),
+                "not used with [uplink.iothub.dps] (DPS assigns the hub and device id; the key is dps.key_file)",
+            ));
+        }
+    }
+    if d.id_scope.is_empty() || !d.id_scope.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return Err(invalid(
+            "uplink.iothub.dps.id_scope",
+            "must be the DPS ID scope (letters and digits, e.g. 0ne00ABC123)",
+        ));
+    }
+    let reg = &d.registration_id;
+    if reg.is_empty()
+        || reg.len() > 128
+        || !reg
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'.' | b'_' | b':'))
+    {
+        return Err(invalid(
+            "uplink.iothub.dps.registration_id",
+            "must be 1-128 characters of a-z 0-9 - . _ : (DPS registration ids are lower case)",
+        ));
+    }
+    let host_ok = !d.global_endpoint.is_empty()
+        && d.global_endpoint
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-'));
+    if !host_ok {
+        return Err(invalid(
+            "uplink.iothub.dps.global_endpoint",
+            "must be a host name (e.g. global.azure-devices-provisioning.net)",
+        ));
+    }
+    if d.port == 0 {
+        return Err(invalid("uplink.iothub.dps.port", "must not be 0"));
+    }
+    Ok(())
+}
+
 fn validate_iothub(h: &IotHubConfig) -> Result<(), ConfigError> {
+    if let Some(d) = &h.dps {
+        validate_dps(h, d)?;
+        return validate_iothub_timing(h);
+    }
     let host_ok = !h.host.is_empty()
         && h.host.len() <= 253
         && h.host
@@ -714,6 +800,10 @@ fn validate_iothub(h: &IotHubConfig) -> Result<(), ConfigError> {
             ));
         }
     }
+    validate_iothub_timing(h)
+}
+
+fn validate_iothub_timing(h: &IotHubConfig) -> Result<(), ConfigError> {
     if !(60..=365 * 24 * 3600).contains(&h.sas_ttl_s) {
         return Err(invalid(
             "uplink.iothub.sas_ttl_s",

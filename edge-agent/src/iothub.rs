@@ -24,6 +24,7 @@
 //! Provisioning Service ([`dps`]) or the IoT Edge module environment
 //! ([`edge`]).
 
+pub mod dps;
 pub mod edge;
 pub mod methods;
 pub mod twin;
@@ -265,9 +266,21 @@ struct PublishCmd {
     done: oneshot::Sender<Result<(), UplinkError>>,
 }
 
+/// The identity the session connects as: known from config, or still to
+/// come from DPS (with the last registration error).
+#[derive(Debug, Clone)]
+enum IdentityState {
+    Known(Identity),
+    Pending(String),
+}
+
 /// Everything the session task needs.
 struct SessionCfg {
-    identity: Identity,
+    identity: Arc<watch::Sender<IdentityState>>,
+    /// Registration, when the identity comes from DPS.
+    dps: Option<dps::DpsSetup>,
+    /// The assigned hub's MQTT port (DPS).
+    hub_port: u16,
     signer: Arc<Signer>,
     ttl: Duration,
     tls: Arc<rustls::ClientConfig>,
@@ -282,7 +295,9 @@ struct SessionCfg {
 /// agent stays reachable for direct methods and keeps its twin current
 /// between batches); [`IotHubUplink::send`] hands it one batch at a time.
 pub struct IotHubUplink {
-    identity: Identity,
+    identity: Arc<watch::Sender<IdentityState>>,
+    dps: Option<dps::DpsSetup>,
+    hub_port: u16,
     signer: Arc<Signer>,
     ttl: Duration,
     tls: Arc<rustls::ClientConfig>,
@@ -314,7 +329,7 @@ impl fmt::Debug for IotHubUplink {
     // Never prints the key or a token.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("IotHubUplink")
-            .field("identity", &self.identity)
+            .field("identity", &*self.identity.borrow())
             .field("auth", &self.signer.name())
             .field("session", &self.session.is_some())
             .finish()
@@ -393,22 +408,55 @@ impl IotHubUplink {
         ))
     }
 
-    /// A device identity with a symmetric key (e.g. assigned by DPS).
-    pub fn with_key(
-        identity: Identity,
-        key: Vec<u8>,
+    /// A device whose hub and id come from the Device Provisioning
+    /// Service (`[uplink.iothub.dps]`): registration (or the cached
+    /// assignment in `data_dir`) happens in the session, retried with
+    /// backoff, so the agent buffers while DPS is unreachable.
+    pub fn with_dps(
         cfg: &IotHubConfig,
+        data_dir: &std::path::Path,
         timeout: Duration,
     ) -> Result<Self, UplinkError> {
-        let tls = crate::uplink::tls_config(cfg.ca_file.as_deref())?;
-        Ok(Self::build(
-            identity,
-            Signer::Key(key),
-            Duration::from_secs(cfg.sas_ttl_s),
+        let Some(d) = &cfg.dps else {
+            return Err(UplinkError::Credentials(
+                "uplink.iothub.dps: not configured".into(),
+            ));
+        };
+        let key = read_key_file(&d.key_file, "uplink.iothub.dps.key_file")?;
+        let device_key = if d.group_key {
+            dps::derive_device_key(&key, &d.registration_id)
+        } else {
+            key
+        };
+        let tls = Arc::new(crate::uplink::tls_config(cfg.ca_file.as_deref())?);
+        let setup = dps::DpsSetup {
+            id_scope: d.id_scope.clone(),
+            registration_id: d.registration_id.clone(),
+            global_endpoint: d.global_endpoint.clone(),
+            port: d.port,
+            device_key: device_key.clone(),
+            tls: tls.clone(),
+            timeout,
+            data_dir: data_dir.to_owned(),
+        };
+        let mut up = IotHubUplink {
+            identity: Arc::new(watch::channel(IdentityState::Pending("registering".into())).0),
+            dps: Some(setup),
+            hub_port: cfg.port,
+            signer: Arc::new(Signer::Key(device_key)),
+            ttl: Duration::from_secs(cfg.sas_ttl_s),
             tls,
             timeout,
-            twin_settings(Some(cfg)),
-        ))
+            clock: unix_now,
+            twin: twin_settings(Some(cfg)),
+            link: None,
+            stats: Arc::new(IotHubStats::default()),
+            session: None,
+            compression: crate::config::Compression::None,
+            mode: "iothub-mqtt-dps",
+        };
+        up.mode = "iothub-mqtt-dps";
+        Ok(up)
     }
 
     fn build(
@@ -420,7 +468,9 @@ impl IotHubUplink {
         twin: twin::TwinSettings,
     ) -> Self {
         IotHubUplink {
-            identity,
+            hub_port: identity.port,
+            identity: Arc::new(watch::channel(IdentityState::Known(identity)).0),
+            dps: None,
             signer: Arc::new(signer),
             ttl,
             tls: Arc::new(tls),
@@ -480,8 +530,35 @@ impl IotHubUplink {
         self
     }
 
-    pub fn identity(&self) -> &Identity {
-        &self.identity
+    /// The identity, once known (DPS: after registration).
+    pub fn identity(&self) -> Option<Identity> {
+        match &*self.identity.borrow() {
+            IdentityState::Known(i) => Some(i.clone()),
+            IdentityState::Pending(_) => None,
+        }
+    }
+
+    /// The identity to publish as; with DPS, starts the session (which
+    /// registers) and waits for it at most the request timeout.
+    async fn current_identity(&mut self) -> Result<Identity, UplinkError> {
+        if let Some(i) = self.identity() {
+            return Ok(i);
+        }
+        if self.session.as_ref().is_none_or(|s| s.is_closed()) {
+            self.start();
+        }
+        let mut rx = self.identity.subscribe();
+        let _ = tokio::time::timeout(
+            self.timeout,
+            rx.wait_for(|s| matches!(s, IdentityState::Known(_))),
+        )
+        .await;
+        match &*self.identity.borrow() {
+            IdentityState::Known(i) => Ok(i.clone()),
+            IdentityState::Pending(e) => Err(UplinkError::Mqtt(format!(
+                "no IoT Hub assignment from DPS yet: {e}"
+            ))),
+        }
     }
 
     /// The session's counters.
@@ -502,6 +579,8 @@ impl IotHubUplink {
         let (tx, rx) = mpsc::channel(1);
         let cfg = SessionCfg {
             identity: self.identity.clone(),
+            dps: self.dps.clone(),
+            hub_port: self.hub_port,
             signer: self.signer.clone(),
             ttl: self.ttl,
             tls: self.tls.clone(),
@@ -519,7 +598,8 @@ impl IotHubUplink {
     /// Publish one batch at QoS 1 and wait for its PUBACK.
     pub async fn send(&mut self, batch: &Batch) -> Result<(), UplinkError> {
         let payload = crate::uplink::encode_batch(batch, self.compression)?;
-        let mut topic = self.identity.events_topic();
+        let identity = self.current_identity().await?;
+        let mut topic = identity.events_topic();
         if self.compression == crate::config::Compression::Zstd {
             topic = topic.replace(PROPERTY_BAG, PROPERTY_BAG_ZSTD);
         }
@@ -577,11 +657,37 @@ pub async fn uplink_from_config(cfg: &AgentConfig) -> Result<IotHubUplink, Uplin
             IotHubUplink::from_iot_edge(&env, h, timeout).await
         }
         Ok(None) => match h {
+            Some(h) if h.dps.is_some() => IotHubUplink::with_dps(h, &cfg.data_dir, timeout),
             Some(h) => IotHubUplink::new(h, timeout),
             None => Err(UplinkError::Credentials(
                 "uplink.iothub: required for uplink.kind = \"iothub-mqtt\"".into(),
             )),
         },
+    }
+}
+
+/// `check` / `check-config`: the `[uplink.iothub]` credentials load (device
+/// key, certificate, or the DPS key); no connection is made.
+pub fn credentials_check(
+    h: &IotHubConfig,
+    data_dir: &std::path::Path,
+    timeout: Duration,
+) -> Result<&'static str, UplinkError> {
+    match &h.dps {
+        Some(d) => {
+            IotHubUplink::with_dps(h, data_dir, timeout)?;
+            let setup_cache = data_dir.join(dps::CACHE_FILE);
+            Ok(match (d.group_key, setup_cache.exists()) {
+                (true, true) => "DPS group key loads (device key derived); assignment cached",
+                (true, false) => "DPS group key loads (device key derived); not registered yet",
+                (false, true) => "DPS key loads; assignment cached",
+                (false, false) => "DPS key loads; not registered yet",
+            })
+        }
+        None => {
+            IotHubUplink::new(h, timeout)?;
+            Ok("device key / certificate loads")
+        }
     }
 }
 
@@ -625,10 +731,13 @@ pub fn wire(
 }
 
 /// One connection attempt: fresh token, CONNECT, wait for CONNACK.
-async fn connect(cfg: &SessionCfg) -> Result<(AsyncClient, EventLoop, Instant), ConnFailure> {
+async fn connect(
+    cfg: &SessionCfg,
+    id: &Identity,
+) -> Result<(AsyncClient, EventLoop, Instant), ConnFailure> {
     let now_unix = (cfg.clock)();
     let expiry = now_unix + cfg.ttl.as_secs();
-    let uri = cfg.identity.resource_uri();
+    let uri = id.resource_uri();
     let (password, lifetime) = match cfg.signer.as_ref() {
         Signer::Key(key) => (sas_token(&uri, key, expiry, None), Some(cfg.ttl)),
         Signer::Workload(w) => {
@@ -640,7 +749,6 @@ async fn connect(cfg: &SessionCfg) -> Result<(AsyncClient, EventLoop, Instant), 
         }
         Signer::X509 => (String::new(), None),
     };
-    let id = &cfg.identity;
     let mut opts = MqttOptions::new(id.client_id(), &id.connect_host, id.port);
     opts.set_keep_alive(KEEP_ALIVE);
     opts.set_clean_session(true);
@@ -687,11 +795,65 @@ struct Inflight {
 /// twin reports until the connection drops (reconnect with backoff) or the
 /// uplink is dropped.
 async fn run_session(cfg: SessionCfg, mut cmds: mpsc::Receiver<PublishCmd>) {
-    let id = &cfg.identity;
     let mut backoff = Duration::from_millis(500);
     let mut reporter = twin::Reporter::new(cfg.twin);
+    // The identity: from config, or registered with DPS (retried with
+    // backoff; no batch is handed over before it is known).
+    let known = match &*cfg.identity.borrow() {
+        IdentityState::Known(i) => Some(i.clone()),
+        IdentityState::Pending(_) => None,
+    };
+    let identity = match known {
+        Some(i) => i,
+        None => loop {
+            let Some(setup) = &cfg.dps else {
+                return;
+            };
+            let registration = dps::assignment(setup, cfg.clock);
+            tokio::pin!(registration);
+            let attempt = loop {
+                tokio::select! {
+                    r = &mut registration => break r,
+                    c = cmds.recv() => match c {
+                        Some(c) => {
+                            let _ = c.done.send(Err(UplinkError::Mqtt("DPS registration in progress".into())));
+                        }
+                        None => return,
+                    },
+                }
+            };
+            match attempt {
+                Ok(a) => {
+                    let i = a.identity(cfg.hub_port);
+                    cfg.identity.send_replace(IdentityState::Known(i.clone()));
+                    break i;
+                }
+                Err(e) => {
+                    bump(&cfg.stats.connect_failures);
+                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "DPS registration failed");
+                    cfg.identity
+                        .send_replace(IdentityState::Pending(e.to_string()));
+                    let until = Instant::now() + backoff;
+                    loop {
+                        tokio::select! {
+                            _ = tokio::time::sleep_until(until) => break,
+                            c = cmds.recv() => match c {
+                                Some(c) => {
+                                    let _ = c.done.send(Err(UplinkError::Mqtt(e.to_string())));
+                                }
+                                None => return,
+                            },
+                        }
+                    }
+                    backoff = (backoff * 2).min(MAX_RECONNECT_BACKOFF);
+                }
+            }
+        },
+    };
+    backoff = Duration::from_millis(500);
+    let id = &identity;
     loop {
-        let (client, mut events, renew_at) = match connect(&cfg).await {
+        let (client, mut events, renew_at) = match connect(&cfg, id).await {
             Ok(c) => c,
             Err(e) => {
                 bump(&cfg.stats.connect_failures);

@@ -221,7 +221,11 @@ async fn main() -> anyhow::Result<()> {
                 // IoT Hub: the device key file (0600, base64) or the client
                 // certificate and key must load; no connection is made.
                 (edge_agent::config::UplinkKind::IothubMqtt, Some(h)) => {
-                    edge_agent::iothub::IotHubUplink::new(h, cfg.uplink.request_timeout())?;
+                    edge_agent::iothub::credentials_check(
+                        h,
+                        &cfg.data_dir,
+                        cfg.uplink.request_timeout(),
+                    )?;
                 }
                 _ => {
                     edge_agent::secrets::load_token(

@@ -205,7 +205,10 @@ async fn module_authenticates_through_the_workload_api_and_publishes_to_edgehub(
         .await
         .unwrap()
         .with_clock(fixed_clock);
-    assert_eq!(up.identity().client_id(), format!("{DEVICE}/{MODULE}"));
+    assert_eq!(
+        up.identity().expect("known").client_id(),
+        format!("{DEVICE}/{MODULE}")
+    );
     let (stop, stop_rx) = watch::channel(false);
     let agent = tokio::spawn(edge_agent::run_with_uplink(
         cfg.clone(),
