@@ -66,6 +66,9 @@ pub const PROPERTY_BAG_ZSTD: &str = "$.ct=application%2Fx-protobuf&$.ce=zstd";
 const MAX_RECONNECT_BACKOFF: Duration = Duration::from_secs(60);
 /// How often the session checks whether a twin report is due.
 const TWIN_TICK: Duration = Duration::from_millis(250);
+/// With a DPS assignment: after this many "not authorized" refusals in a
+/// row, the assignment is forgotten and the device registers again.
+const DPS_REFUSALS_BEFORE_REREGISTER: u32 = 3;
 
 /// Percent-encode everything but RFC 3986 unreserved characters
 /// (`A-Z a-z 0-9 - . _ ~`), upper-case hex; what `encodeURIComponent` and
@@ -797,166 +800,184 @@ struct Inflight {
 async fn run_session(cfg: SessionCfg, mut cmds: mpsc::Receiver<PublishCmd>) {
     let mut backoff = Duration::from_millis(500);
     let mut reporter = twin::Reporter::new(cfg.twin);
-    // The identity: from config, or registered with DPS (retried with
-    // backoff; no batch is handed over before it is known).
-    let known = match &*cfg.identity.borrow() {
-        IdentityState::Known(i) => Some(i.clone()),
-        IdentityState::Pending(_) => None,
-    };
-    let identity = match known {
-        Some(i) => i,
-        None => loop {
-            let Some(setup) = &cfg.dps else {
-                return;
-            };
-            let registration = dps::assignment(setup, cfg.clock);
-            tokio::pin!(registration);
-            let attempt = loop {
-                tokio::select! {
-                    r = &mut registration => break r,
-                    c = cmds.recv() => match c {
-                        Some(c) => {
-                            let _ = c.done.send(Err(UplinkError::Mqtt("DPS registration in progress".into())));
+    'identity: loop {
+        // The identity: from config, or registered with DPS (retried with
+        // backoff; no batch is handed over before it is known).
+        let known = match &*cfg.identity.borrow() {
+            IdentityState::Known(i) => Some(i.clone()),
+            IdentityState::Pending(_) => None,
+        };
+        let identity = match known {
+            Some(i) => i,
+            None => loop {
+                let Some(setup) = &cfg.dps else {
+                    return;
+                };
+                let registration = dps::assignment(setup, cfg.clock);
+                tokio::pin!(registration);
+                let attempt = loop {
+                    tokio::select! {
+                        r = &mut registration => break r,
+                        c = cmds.recv() => match c {
+                            Some(c) => {
+                                let _ = c.done.send(Err(UplinkError::Mqtt("DPS registration in progress".into())));
+                            }
+                            None => return,
+                        },
+                    }
+                };
+                match attempt {
+                    Ok(a) => {
+                        let i = a.identity(cfg.hub_port);
+                        cfg.identity.send_replace(IdentityState::Known(i.clone()));
+                        break i;
+                    }
+                    Err(e) => {
+                        bump(&cfg.stats.connect_failures);
+                        tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "DPS registration failed");
+                        cfg.identity
+                            .send_replace(IdentityState::Pending(e.to_string()));
+                        let until = Instant::now() + backoff;
+                        loop {
+                            tokio::select! {
+                                _ = tokio::time::sleep_until(until) => break,
+                                c = cmds.recv() => match c {
+                                    Some(c) => {
+                                        let _ = c.done.send(Err(UplinkError::Mqtt(e.to_string())));
+                                    }
+                                    None => return,
+                                },
+                            }
                         }
-                        None => return,
-                    },
+                        backoff = (backoff * 2).min(MAX_RECONNECT_BACKOFF);
+                    }
                 }
-            };
-            match attempt {
-                Ok(a) => {
-                    let i = a.identity(cfg.hub_port);
-                    cfg.identity.send_replace(IdentityState::Known(i.clone()));
-                    break i;
-                }
+            },
+        };
+        let id = &identity;
+        // Refusals in a row (not authorized): with DPS, the cached assignment
+        // may be stale (device moved or deleted): register again.
+        let mut refused = 0u32;
+        loop {
+            let (client, mut events, renew_at) = match connect(&cfg, id).await {
+                Ok(c) => c,
                 Err(e) => {
                     bump(&cfg.stats.connect_failures);
-                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "DPS registration failed");
-                    cfg.identity
-                        .send_replace(IdentityState::Pending(e.to_string()));
+                    if let (Some(setup), ConnFailure::Refused(code)) = (&cfg.dps, &e)
+                        && (code.contains("NotAuthorized") || code.contains("BadUserNamePassword"))
+                    {
+                        refused += 1;
+                        if refused >= DPS_REFUSALS_BEFORE_REREGISTER {
+                            tracing::warn!(device_id = %id.device_id, hub = %id.hub, "the assigned hub keeps refusing the device; registering with DPS again");
+                            dps::forget(setup);
+                            cfg.identity.send_replace(IdentityState::Pending(
+                                "registering again with DPS".into(),
+                            ));
+                            continue 'identity;
+                        }
+                    }
+                    tracing::warn!(host = %id.connect_host, client_id = %id.client_id(), error = ?e, retry_in_ms = backoff.as_millis() as u64, "IoT Hub MQTT connection failed");
+                    // Sends meanwhile fail at once with the reason.
                     let until = Instant::now() + backoff;
                     loop {
                         tokio::select! {
-                            _ = tokio::time::sleep_until(until) => break,
                             c = cmds.recv() => match c {
-                                Some(c) => {
-                                    let _ = c.done.send(Err(UplinkError::Mqtt(e.to_string())));
-                                }
+                                Some(c) => { let _ = c.done.send(Err(e.to_error())); }
                                 None => return,
                             },
+                            _ = tokio::time::sleep_until(until) => break,
                         }
                     }
                     backoff = (backoff * 2).min(MAX_RECONNECT_BACKOFF);
+                    continue;
                 }
+            };
+            backoff = Duration::from_millis(500);
+            refused = 0;
+            bump(&cfg.stats.connects);
+            tracing::info!(host = %id.connect_host, client_id = %id.client_id(), auth = cfg.signer.name(), "IoT Hub MQTT connected");
+            if let Err(e) = client.try_subscribe_many([
+                SubscribeFilter::new(methods::REQUEST_FILTER.into(), QoS::AtMostOnce),
+                SubscribeFilter::new(twin::RESPONSE_FILTER.into(), QoS::AtMostOnce),
+            ]) {
+                tracing::warn!(error = %e, "subscribing to methods and twin responses failed");
             }
-        },
-    };
-    backoff = Duration::from_millis(500);
-    let id = &identity;
-    loop {
-        let (client, mut events, renew_at) = match connect(&cfg, id).await {
-            Ok(c) => c,
-            Err(e) => {
-                bump(&cfg.stats.connect_failures);
-                tracing::warn!(host = %id.connect_host, client_id = %id.client_id(), error = ?e, retry_in_ms = backoff.as_millis() as u64, "IoT Hub MQTT connection failed");
-                // Sends meanwhile fail at once with the reason.
+            reporter.on_connect();
+            let mut inflight: Option<Inflight> = None;
+            let mut tick = tokio::time::interval(TWIN_TICK);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let reason: String = loop {
+                let deadline = inflight.as_ref().map(|i| i.deadline);
+                tokio::select! {
+                    ev = events.poll() => match ev {
+                        Ok(Event::Outgoing(Outgoing::Publish(pkid))) if pkid != 0 => {
+                            if let Some(i) = inflight.as_mut()
+                                && i.pkid.is_none()
+                            {
+                                i.pkid = Some(pkid);
+                            }
+                        }
+                        Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                            if inflight.as_ref().is_some_and(|i| i.pkid == Some(ack.pkid))
+                                && let Some(i) = inflight.take()
+                            {
+                                let _ = i.done.send(Ok(()));
+                            }
+                        }
+                        Ok(Event::Incoming(Packet::SubAck(s))) => {
+                            let failed = s.return_codes.iter().filter(|c| matches!(c, SubscribeReasonCode::Failure)).count();
+                            if failed > 0 {
+                                cfg.stats.subscribe_failures.fetch_add(failed as u64, Ordering::Relaxed);
+                                tracing::warn!(refused = failed, "IoT Hub refused a subscription (direct methods / twin unavailable)");
+                            }
+                        }
+                        Ok(Event::Incoming(Packet::Publish(p))) => {
+                            on_message(&cfg, &client, &mut reporter, &p.topic);
+                        }
+                        Ok(_) => {}
+                        Err(e) => break format!("connection lost: {e}"),
+                    },
+                    c = cmds.recv(), if inflight.is_none() => match c {
+                        Some(c) => match client.try_publish(c.topic, QoS::AtLeastOnce, false, c.payload) {
+                            Ok(()) => inflight = Some(Inflight { pkid: None, done: c.done, deadline: Instant::now() + cfg.timeout }),
+                            Err(e) => { let _ = c.done.send(Err(UplinkError::Mqtt(format!("publish: {e}")))); }
+                        },
+                        None => {
+                            close(&client, &mut events).await;
+                            return;
+                        }
+                    },
+                    _ = sleep_until_opt(deadline) => {
+                        break "no PUBACK in time".to_string();
+                    }
+                    _ = tokio::time::sleep_until(renew_at), if inflight.is_none() => {
+                        tracing::info!(client_id = %id.client_id(), "renewing the SAS token (reconnect)");
+                        close(&client, &mut events).await;
+                        break String::new();
+                    }
+                    _ = tick.tick() => {
+                        if let Some(link) = &cfg.link {
+                            report_twin(&cfg, link, &client, &mut reporter);
+                        }
+                    }
+                }
+            };
+            if let Some(i) = inflight.take() {
+                let _ = i.done.send(Err(UplinkError::Mqtt(reason.clone())));
+            }
+            if !reason.is_empty() {
+                tracing::warn!(host = %id.connect_host, reason = %reason, "IoT Hub MQTT session ended; reconnecting");
+                // A short pause so that a broker dropping every connection at
+                // once is not hammered.
                 let until = Instant::now() + backoff;
                 loop {
                     tokio::select! {
                         c = cmds.recv() => match c {
-                            Some(c) => { let _ = c.done.send(Err(e.to_error())); }
+                            Some(c) => { let _ = c.done.send(Err(UplinkError::Mqtt(reason.clone()))); }
                             None => return,
                         },
                         _ = tokio::time::sleep_until(until) => break,
                     }
-                }
-                backoff = (backoff * 2).min(MAX_RECONNECT_BACKOFF);
-                continue;
-            }
-        };
-        backoff = Duration::from_millis(500);
-        bump(&cfg.stats.connects);
-        tracing::info!(host = %id.connect_host, client_id = %id.client_id(), auth = cfg.signer.name(), "IoT Hub MQTT connected");
-        if let Err(e) = client.try_subscribe_many([
-            SubscribeFilter::new(methods::REQUEST_FILTER.into(), QoS::AtMostOnce),
-            SubscribeFilter::new(twin::RESPONSE_FILTER.into(), QoS::AtMostOnce),
-        ]) {
-            tracing::warn!(error = %e, "subscribing to methods and twin responses failed");
-        }
-        reporter.on_connect();
-        let mut inflight: Option<Inflight> = None;
-        let mut tick = tokio::time::interval(TWIN_TICK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let reason: String = loop {
-            let deadline = inflight.as_ref().map(|i| i.deadline);
-            tokio::select! {
-                ev = events.poll() => match ev {
-                    Ok(Event::Outgoing(Outgoing::Publish(pkid))) if pkid != 0 => {
-                        if let Some(i) = inflight.as_mut()
-                            && i.pkid.is_none()
-                        {
-                            i.pkid = Some(pkid);
-                        }
-                    }
-                    Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                        if inflight.as_ref().is_some_and(|i| i.pkid == Some(ack.pkid))
-                            && let Some(i) = inflight.take()
-                        {
-                            let _ = i.done.send(Ok(()));
-                        }
-                    }
-                    Ok(Event::Incoming(Packet::SubAck(s))) => {
-                        let failed = s.return_codes.iter().filter(|c| matches!(c, SubscribeReasonCode::Failure)).count();
-                        if failed > 0 {
-                            cfg.stats.subscribe_failures.fetch_add(failed as u64, Ordering::Relaxed);
-                            tracing::warn!(refused = failed, "IoT Hub refused a subscription (direct methods / twin unavailable)");
-                        }
-                    }
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
-                        on_message(&cfg, &client, &mut reporter, &p.topic);
-                    }
-                    Ok(_) => {}
-                    Err(e) => break format!("connection lost: {e}"),
-                },
-                c = cmds.recv(), if inflight.is_none() => match c {
-                    Some(c) => match client.try_publish(c.topic, QoS::AtLeastOnce, false, c.payload) {
-                        Ok(()) => inflight = Some(Inflight { pkid: None, done: c.done, deadline: Instant::now() + cfg.timeout }),
-                        Err(e) => { let _ = c.done.send(Err(UplinkError::Mqtt(format!("publish: {e}")))); }
-                    },
-                    None => {
-                        close(&client, &mut events).await;
-                        return;
-                    }
-                },
-                _ = sleep_until_opt(deadline) => {
-                    break "no PUBACK in time".to_string();
-                }
-                _ = tokio::time::sleep_until(renew_at), if inflight.is_none() => {
-                    tracing::info!(client_id = %id.client_id(), "renewing the SAS token (reconnect)");
-                    close(&client, &mut events).await;
-                    break String::new();
-                }
-                _ = tick.tick() => {
-                    if let Some(link) = &cfg.link {
-                        report_twin(&cfg, link, &client, &mut reporter);
-                    }
-                }
-            }
-        };
-        if let Some(i) = inflight.take() {
-            let _ = i.done.send(Err(UplinkError::Mqtt(reason.clone())));
-        }
-        if !reason.is_empty() {
-            tracing::warn!(host = %id.connect_host, reason = %reason, "IoT Hub MQTT session ended; reconnecting");
-            // A short pause so that a broker dropping every connection at
-            // once is not hammered.
-            let until = Instant::now() + backoff;
-            loop {
-                tokio::select! {
-                    c = cmds.recv() => match c {
-                        Some(c) => { let _ = c.done.send(Err(UplinkError::Mqtt(reason.clone()))); }
-                        None => return,
-                    },
-                    _ = tokio::time::sleep_until(until) => break,
                 }
             }
         }

@@ -318,7 +318,30 @@ async fn dps_group_enrollment_registration_then_delivery_to_the_assigned_hub() {
         "no re-registration"
     );
 
-    // 3. Errors are reported clearly.
+    // 3. A stale cached assignment (the device was moved: the hub refuses
+    //    it): after a few refusals the agent registers again and delivers.
+    std::fs::write(
+        d.join("data").join(dps::CACHE_FILE),
+        json!({"idScope": SCOPE, "registrationId": REG, "globalEndpoint": HOST,
+               "assignedHub": HOST, "deviceId": "moved-away"})
+        .to_string(),
+    )
+    .unwrap();
+    preload(&cfg, 2 * N).await;
+    let (stop, task) = run(cfg.clone());
+    let third = receive(&mut events).await;
+    assert_eq!(third.len(), N as usize);
+    assert!(third.first() > second.last());
+    stop.send(true).unwrap();
+    task.await.unwrap().unwrap();
+    assert_eq!(log.registers.load(Ordering::SeqCst), 2, "registered again");
+    let cached: Value = serde_json::from_str(
+        &std::fs::read_to_string(d.join("data").join(dps::CACHE_FILE)).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cached["deviceId"], ASSIGNED_DEVICE);
+
+    // 4. Errors are reported clearly.
     let setup = |reg: &str, key: Vec<u8>| dps::DpsSetup {
         id_scope: SCOPE.into(),
         registration_id: reg.into(),

@@ -211,6 +211,16 @@ pub fn cached(setup: &DpsSetup) -> Option<Assignment> {
     .then_some(a)
 }
 
+/// Forget the cached assignment (the hub refuses the device): the next
+/// [`assignment`] registers again.
+pub fn forget(setup: &DpsSetup) {
+    match std::fs::remove_file(cache_path(&setup.data_dir)) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(error = %e, "DPS assignment cache not removed"),
+    }
+}
+
 fn store(setup: &DpsSetup, a: &Assignment) -> std::io::Result<()> {
     std::fs::create_dir_all(&setup.data_dir)?;
     let path = cache_path(&setup.data_dir);
