@@ -51,6 +51,9 @@ pub struct Config {
     /// `[association]`: the bed/placement/stay API (see `association_api`).
     #[serde(default)]
     pub association: crate::association_api::AssociationConfig,
+    /// `[adt]`: HL7 v2 ADT listener over MLLP (off when absent).
+    #[serde(default)]
+    pub adt: Option<crate::adt_listener::AdtConfig>,
     /// Static device → patient mapping: the fallback after a reading's own
     /// subject and the bed stays (see `association`).
     #[serde(default)]
@@ -387,6 +390,9 @@ impl Config {
         if let Some(p) = &mut self.association.admin_token_file {
             fix(p);
         }
+        if let Some(adt) = &mut self.adt {
+            adt.resolve_paths(base_dir);
+        }
         if let Some(tls) = &mut self.server.tls {
             fix(&mut tls.cert_file);
             fix(&mut tls.key_file);
@@ -464,6 +470,9 @@ impl Config {
         validate_ingest(&self.ingest)?;
         if let Some(m) = &self.mqtt {
             validate_mqtt(m)?;
+        }
+        if let Some(adt) = &self.adt {
+            adt.validate()?;
         }
         let mut seen = HashSet::new();
         for (i, a) in self.associations.iter().enumerate() {

@@ -9,6 +9,8 @@
 //! - [`gateway_add`], [`gateway_list`], [`gateway_revoke`]: administration
 //!   of gateway tokens.
 
+pub mod adt;
+pub mod adt_listener;
 pub mod association;
 pub mod association_api;
 pub mod auth;
@@ -48,6 +50,8 @@ pub enum HubError {
     InvalidGatewayId(String),
     #[error("a blocking task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
+    #[error(transparent)]
+    Adt(#[from] adt_listener::AdtSetupError),
     #[error(transparent)]
     Mqtt(#[from] mqtt_ingest::MqttSetupError),
 }

@@ -142,6 +142,25 @@ impl Hub {
             shutdown.await;
             let _ = stop_tx.send(true);
         };
+        // The HL7 ADT listener (optional) runs beside the server and stops
+        // with it.
+        let (adt_stop, adt_stopped) = tokio::sync::watch::channel(false);
+        let adt = match &self.config.adt {
+            Some(c) => {
+                let l = crate::adt_listener::AdtListener::bind(
+                    c,
+                    self.store.clone(),
+                    state.associations.clone(),
+                )
+                .await?;
+                Some(tokio::spawn(l.serve(adt_stopped)))
+            }
+            None => None,
+        };
+        let shutdown = async move {
+            shutdown.await;
+            let _ = adt_stop.send(true);
+        };
         // The association API (beds, placements, stays; admin token).
         let association = crate::association_api::ApiState::load(
             &self.config.association,
@@ -177,6 +196,9 @@ impl Hub {
             }
         }
         if let Some(task) = mqtt {
+            task.await?;
+        }
+        if let Some(task) = adt {
             task.await?;
         }
         tracing::info!("hub stopped");

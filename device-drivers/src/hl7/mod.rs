@@ -37,7 +37,7 @@ pub use codec::{
 };
 /// HL7 times (DTM) moved to `shared_protocol::hl7v2` with the codec;
 /// re-exported so `device_drivers::hl7::parse_time` etc. keep working.
-pub use shared_protocol::hl7v2::{Hl7Time, format_ts, parse_time};
+pub use shared_protocol::hl7v2::{Hl7Time, format_ts, parse_time, version_supported};
 
 /// Agent-config kind, also carried in `DeviceInfo.protocol`.
 pub const KIND: &str = "hl7-mllp";
@@ -184,18 +184,6 @@ fn err(location: impl Into<String>, code: u16, text: impl Into<String>) -> AckEr
         code,
         text: text.into(),
     }
-}
-
-/// Versions accepted in MSH-12 (VID.1): 2.3 to 2.9 with any sub-release.
-pub fn version_supported(v: &str) -> bool {
-    let mut parts = v.split('.');
-    matches!(
-        (
-            parts.next(),
-            parts.next().and_then(|m| m.parse::<u8>().ok())
-        ),
-        (Some("2"), Some(3..=9))
-    ) && parts.all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// Parse and interpret one message (the bytes of one MLLP block).

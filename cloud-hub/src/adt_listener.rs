@@ -1,0 +1,581 @@
+//! The HL7 v2 ADT listener (`[adt]`, off unless configured): MLLP over
+//! TCP, TLS optional (rustls, ring provider), on `adt.listen`.
+//!
+//! For each message: [`crate::adt::interpret`] (sans-IO) → the event is
+//! applied to the association store in one transaction (admit, transfer,
+//! discharge, identifier/location update; stored readings re-attributed) →
+//! only then the ACK says AA. Refused messages change nothing (AE/AR; see
+//! `adt` for the rules). Messages of one connection are handled in order.
+//!
+//! Lenient where ADT feeds need it (the hub may start after the patient's
+//! admission was sent): an A02 for a patient without a stay admits them to
+//! the new bed; an A03 for a patient without a stay is acknowledged AA with
+//! nothing to close; an A08 for a patient without a stay changes nothing.
+//!
+//! Limits: `max_connections` (more are closed at once), `max_message_bytes`
+//! (larger messages are dropped and answered AR), 64 KiB of unframed input
+//! per connection, `idle_timeout_s` of silence. Logs and counters carry
+//! trigger events, bed ids, ACK codes and error locations, never patient
+//! identifiers or names.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use serde::Deserialize;
+use shared_protocol::hl7v2::{
+    AckCode, AckError, AckTarget, DEFAULT_MAX_MESSAGE, MllpDecoder, MllpError, mllp_encode,
+};
+use time::OffsetDateTime;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+
+use crate::ConfigError;
+use crate::adt::{AdtEvent, AdtOptions, Interpreted, Outcome, ack, ack_error, interpret};
+use crate::association::AssocError;
+use crate::store::{Associations, Store, now_us};
+
+/// The port `[adt] listen` suggests (2575 is HL7's registered port; the
+/// hub's default keeps it free for a co-located agent).
+pub const DEFAULT_ADT_LISTEN: &str = "127.0.0.1:2576";
+/// Unframed input a connection may send before it is closed.
+const MAX_JUNK_BYTES: usize = 64 * 1024;
+
+/// `[adt]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdtConfig {
+    /// `ip:port` to listen on, e.g. `127.0.0.1:2576`.
+    pub listen: String,
+    /// PEM certificate chain: serve MLLP over TLS.
+    #[serde(default)]
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key (mode 0600) for `tls_cert_file`.
+    #[serde(default)]
+    pub tls_key_file: Option<PathBuf>,
+    /// Allow plaintext MLLP on a non-loopback address.
+    #[serde(default)]
+    pub allow_plaintext: bool,
+    /// `Identifier.system` when PID-3 has no assigning authority.
+    #[serde(default)]
+    pub patient_id_system: Option<String>,
+    /// Offset from UTC (minutes, ±1080) of HL7 times without a zone.
+    #[serde(default)]
+    pub utc_offset_minutes: i32,
+    /// PV1-3 → bed id template (`{poc}`, `{room}`, `{bed}`, `{facility}`).
+    #[serde(default = "default_bed_id")]
+    pub bed_id: String,
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: usize,
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    #[serde(default = "default_idle_timeout_s")]
+    pub idle_timeout_s: u64,
+}
+
+fn default_bed_id() -> String {
+    crate::adt::DEFAULT_BED_TEMPLATE.into()
+}
+fn default_max_message_bytes() -> usize {
+    DEFAULT_MAX_MESSAGE
+}
+fn default_max_connections() -> usize {
+    16
+}
+fn default_idle_timeout_s() -> u64 {
+    300
+}
+
+fn invalid(field: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: format!("adt.{field}"),
+        message: message.into(),
+    }
+}
+
+impl AdtConfig {
+    /// The parsed `listen` address.
+    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        self.listen
+            .parse()
+            .map_err(|e| invalid("listen", format!("`{}` is not ip:port: {e}", self.listen)))
+    }
+
+    /// Checks every field; errors name it (`adt.<field>`).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let addr = self.listen_addr()?;
+        if self.tls_cert_file.is_some() != self.tls_key_file.is_some() {
+            return Err(invalid(
+                "tls_cert_file",
+                "tls_cert_file and tls_key_file must be given together",
+            ));
+        }
+        if self.tls_cert_file.is_none() && !addr.ip().is_loopback() && !self.allow_plaintext {
+            return Err(invalid(
+                "tls_cert_file",
+                format!(
+                    "{addr} is not a loopback address: set tls_cert_file/tls_key_file, or \
+                     allow_plaintext = true on a network you trust"
+                ),
+            ));
+        }
+        if !(-1080..=1080).contains(&self.utc_offset_minutes) {
+            return Err(invalid(
+                "utc_offset_minutes",
+                "must be between -1080 and 1080",
+            ));
+        }
+        crate::adt::check_bed_template(&self.bed_id).map_err(|m| invalid("bed_id", m))?;
+        if self
+            .patient_id_system
+            .as_deref()
+            .is_some_and(|s| s.trim().is_empty() || s.len() > 256)
+        {
+            return Err(invalid("patient_id_system", "must be 1-256 characters"));
+        }
+        if !(1024..=64 << 20).contains(&self.max_message_bytes) {
+            return Err(invalid(
+                "max_message_bytes",
+                "must be between 1024 and 67108864",
+            ));
+        }
+        if !(1..=1024).contains(&self.max_connections) {
+            return Err(invalid("max_connections", "must be between 1 and 1024"));
+        }
+        if !(1..=86_400).contains(&self.idle_timeout_s) {
+            return Err(invalid("idle_timeout_s", "must be between 1 and 86400"));
+        }
+        Ok(())
+    }
+
+    /// Makes relative TLS paths relative to `base`.
+    pub fn resolve_paths(&mut self, base: &std::path::Path) {
+        for p in [&mut self.tls_cert_file, &mut self.tls_key_file]
+            .into_iter()
+            .flatten()
+        {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+    }
+
+    fn options(&self) -> AdtOptions {
+        AdtOptions {
+            patient_id_system: self.patient_id_system.clone(),
+            utc_offset_minutes: self.utc_offset_minutes,
+            bed_template: self.bed_id.clone(),
+        }
+    }
+}
+
+/// Counters of the listener.
+#[derive(Debug, Default)]
+pub struct AdtStats {
+    pub connections: AtomicU64,
+    pub connections_refused: AtomicU64,
+    /// Messages answered AA.
+    pub accepted: AtomicU64,
+    /// Messages answered AE.
+    pub errors: AtomicU64,
+    /// Messages answered AR.
+    pub rejected: AtomicU64,
+    /// Readings re-attributed by ADT events.
+    pub reattributed: AtomicU64,
+    pub bytes_dropped: AtomicU64,
+}
+
+impl AdtStats {
+    fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn get(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+}
+
+/// Errors starting the listener.
+#[derive(Debug, thiserror::Error)]
+pub enum AdtSetupError {
+    #[error("adt.listen {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("adt TLS: {0}")]
+    Tls(String),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+}
+
+/// A bound ADT listener.
+pub struct AdtListener {
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    ctx: Arc<Ctx>,
+}
+
+#[derive(Debug)]
+struct Ctx {
+    config: AdtConfig,
+    opts: AdtOptions,
+    store: Store,
+    fallback: Arc<Associations>,
+    stats: Arc<AdtStats>,
+    acks: AtomicU64,
+}
+
+impl std::fmt::Debug for AdtListener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdtListener")
+            .field("listener", &self.listener)
+            .field("tls", &self.tls.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl AdtListener {
+    /// Validates `config`, loads TLS material and binds.
+    pub async fn bind(
+        config: &AdtConfig,
+        store: Store,
+        fallback: Arc<Associations>,
+    ) -> Result<Self, AdtSetupError> {
+        config.validate()?;
+        let tls = match (&config.tls_cert_file, &config.tls_key_file) {
+            (Some(c), Some(k)) => Some(tokio_rustls::TlsAcceptor::from(load_tls(c, k)?)),
+            _ => None,
+        };
+        let addr = config.listen_addr()?;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| AdtSetupError::Bind { addr, source })?;
+        Ok(Self {
+            listener,
+            tls,
+            ctx: Arc::new(Ctx {
+                opts: config.options(),
+                config: config.clone(),
+                store,
+                fallback,
+                stats: Arc::default(),
+                acks: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    pub fn stats(&self) -> Arc<AdtStats> {
+        self.ctx.stats.clone()
+    }
+
+    /// Accepts connections until `shutdown` turns true, then lets open
+    /// connections finish the message in hand.
+    pub async fn serve(self, mut shutdown: watch::Receiver<bool>) {
+        let ctx = self.ctx;
+        let addr = self.listener.local_addr().ok();
+        tracing::info!(listen = ?addr, tls = self.tls.is_some(), "HL7 ADT listener ready");
+        let limit = Arc::new(Semaphore::new(ctx.config.max_connections));
+        let mut conns = JoinSet::new();
+        loop {
+            let accepted = tokio::select! {
+                a = self.listener.accept() => a,
+                _ = shutdown.wait_for(|s| *s) => break,
+                Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+            };
+            let (stream, peer) = match accepted {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "ADT accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = limit.clone().try_acquire_owned() else {
+                AdtStats::add(&ctx.stats.connections_refused, 1);
+                tracing::warn!(
+                    max = ctx.config.max_connections,
+                    "too many ADT connections; closing the new one"
+                );
+                continue;
+            };
+            AdtStats::add(&ctx.stats.connections, 1);
+            let _ = stream.set_nodelay(true);
+            let (ctx, tls, sd) = (ctx.clone(), self.tls.clone(), shutdown.clone());
+            conns.spawn(async move {
+                let _permit = permit;
+                tracing::debug!(peer = %peer.ip(), "ADT connection");
+                match tls {
+                    Some(acc) => {
+                        match tokio::time::timeout(Duration::from_secs(10), acc.accept(stream))
+                            .await
+                        {
+                            Ok(Ok(s)) => connection(s, &ctx, sd).await,
+                            Ok(Err(e)) => tracing::warn!(error = %e, "ADT TLS handshake failed"),
+                            Err(_) => tracing::warn!("ADT TLS handshake timed out"),
+                        }
+                    }
+                    None => connection(stream, &ctx, sd).await,
+                }
+            });
+        }
+        drop(self.listener);
+        while conns.join_next().await.is_some() {}
+        let s = &ctx.stats;
+        tracing::info!(
+            connections = AdtStats::get(&s.connections),
+            accepted = AdtStats::get(&s.accepted),
+            errors = AdtStats::get(&s.errors),
+            rejected = AdtStats::get(&s.rejected),
+            reattributed = AdtStats::get(&s.reattributed),
+            bytes_dropped = AdtStats::get(&s.bytes_dropped),
+            "HL7 ADT listener stopped"
+        );
+    }
+}
+
+fn load_tls(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<Arc<rustls::ServerConfig>, AdtSetupError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let meta = std::fs::metadata(key)
+            .map_err(|e| AdtSetupError::Tls(format!("adt.tls_key_file {}: {e}", key.display())))?;
+        if meta.permissions().mode() & 0o077 != 0 {
+            return Err(AdtSetupError::Tls(format!(
+                "adt.tls_key_file {} is accessible by group or others; chmod 600 it",
+                key.display()
+            )));
+        }
+    }
+    let certs = CertificateDer::pem_file_iter(cert)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| AdtSetupError::Tls(format!("adt.tls_cert_file {}: {e}", cert.display())))?;
+    if certs.is_empty() {
+        return Err(AdtSetupError::Tls(format!(
+            "adt.tls_cert_file {}: no certificate found",
+            cert.display()
+        )));
+    }
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| AdtSetupError::Tls(format!("adt.tls_key_file {}: {e}", key.display())))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| AdtSetupError::Tls(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| AdtSetupError::Tls(format!("certificate/key: {e}")))?;
+    Ok(Arc::new(config))
+}
+
+/// One connection: MLLP in, one ACK out per message, in order.
+async fn connection<S>(mut stream: S, ctx: &Arc<Ctx>, mut shutdown: watch::Receiver<bool>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut dec = MllpDecoder::new(ctx.config.max_message_bytes);
+    let mut buf = BytesMut::with_capacity(8 * 1024);
+    let mut junk = 0usize;
+    let idle = Duration::from_secs(ctx.config.idle_timeout_s);
+    loop {
+        loop {
+            let reply = match dec.decode(&mut buf) {
+                Ok(Some(msg)) => Some(ctx.message(msg).await),
+                Ok(None) => break,
+                Err(e) => {
+                    AdtStats::add(&ctx.stats.bytes_dropped, e.dropped() as u64);
+                    match e {
+                        MllpError::Oversized { head, max, .. } => {
+                            tracing::warn!(max, "ADT message too large; AR");
+                            let target = AckTarget::best_effort(&head);
+                            let err =
+                                ack_error("MSH", 207, format!("message larger than {max} bytes"));
+                            Some(ctx.answer(&target, AckCode::Reject, Some(&err)))
+                        }
+                        other => {
+                            junk += other.dropped();
+                            tracing::debug!(dropped = other.dropped(), "MLLP resync");
+                            None
+                        }
+                    }
+                }
+            };
+            if let Some(ack) = reply
+                && stream.write_all(&mllp_encode(&ack)).await.is_err()
+            {
+                return;
+            }
+            if junk > MAX_JUNK_BYTES {
+                tracing::warn!(junk, "too much unframed ADT input; closing the connection");
+                return;
+            }
+        }
+        let _ = stream.flush().await;
+        if buf.capacity() - buf.len() < 4096 {
+            buf.reserve(16 * 1024);
+        }
+        let read = tokio::select! {
+            r = tokio::time::timeout(idle, stream.read_buf(&mut buf)) => r,
+            _ = shutdown.wait_for(|s| *s) => return,
+        };
+        match read {
+            Ok(Ok(0)) | Ok(Err(_)) => return,
+            Ok(Ok(_)) => {}
+            Err(_) => {
+                tracing::debug!("ADT connection idle; closing");
+                return;
+            }
+        }
+    }
+}
+
+/// What applying an event did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// Recorded; readings re-attributed.
+    Changed(u64),
+    /// Nothing to change (already so, or nothing known to change).
+    Nothing,
+}
+
+/// Applies an ADT event to the association store (blocking). An error is
+/// the AE to answer.
+pub fn apply(store: &Store, ev: &AdtEvent, fb: &Associations) -> Result<Applied, AckError> {
+    let changed = |c: crate::association::Change| Applied::Changed(c.reattributed);
+    let r = match ev {
+        AdtEvent::Admit {
+            patient,
+            bed,
+            at,
+            visit,
+        } => store
+            .admit(patient, bed, *at, visit.as_deref(), fb)
+            .map(changed),
+        AdtEvent::Transfer {
+            patient,
+            bed,
+            at,
+            visit,
+        } => match store.transfer(patient, bed, *at, fb) {
+            Err(AssocError::NotAdmitted) => store
+                .admit(patient, bed, *at, visit.as_deref(), fb)
+                .map(changed),
+            r => r.map(changed),
+        },
+        AdtEvent::Discharge { patient, at, .. } => match store.discharge(patient, *at, fb) {
+            Err(AssocError::NotAdmitted) => Ok(Applied::Nothing),
+            r => r.map(changed),
+        },
+        AdtEvent::Update {
+            patient,
+            bed,
+            at,
+            visit,
+        } => (|| {
+            let mut n = 0;
+            if let Some(v) = visit
+                && let Some(old) = store.stay_of_visit(v, *at)?
+                && &old != patient
+            {
+                n += store.change_identifier(&old, patient, v, fb)?.reattributed;
+            }
+            if let Some(bed) = bed
+                && store.bed_of(patient, *at)?.is_some_and(|b| &b != bed)
+            {
+                n += store.transfer(patient, bed, *at, fb)?.reattributed;
+            }
+            Ok(Applied::Changed(n))
+        })(),
+    };
+    r.map_err(|e| match e {
+        AssocError::BedNotFound(_) => ack_error("PV1^1^3", 103, "PV1-3 names no known bed"),
+        AssocError::Invalid { field, .. } => ack_error("PID^1^3", 102, format!("invalid {field}")),
+        AssocError::Store(err) => {
+            tracing::error!(error = %err, "ADT event not stored");
+            ack_error(
+                "MSH",
+                207,
+                "temporarily unable to store the event; resend later",
+            )
+        }
+        other => ack_error("PV1^1^3", 207, other.to_string()),
+    })
+}
+
+impl Ctx {
+    fn answer(&self, target: &AckTarget, code: AckCode, err: Option<&AckError>) -> Vec<u8> {
+        match code {
+            AckCode::Accept => AdtStats::add(&self.stats.accepted, 1),
+            AckCode::Error => AdtStats::add(&self.stats.errors, 1),
+            AckCode::Reject => AdtStats::add(&self.stats.rejected, 1),
+        }
+        let now = OffsetDateTime::now_utc();
+        let n = self.acks.fetch_add(1, Ordering::Relaxed);
+        let id = format!("{:x}{:04x}", now_us(), n & 0xffff);
+        ack(target, code, err, now, &id)
+    }
+
+    /// Interpret, apply, answer.
+    async fn message(self: &Arc<Self>, bytes: Vec<u8>) -> Vec<u8> {
+        let Interpreted { target, outcome } = interpret(&bytes, &self.opts, now_us());
+        drop(bytes);
+        match outcome {
+            Outcome::Reject(e) => {
+                tracing::warn!(location = %e.location, code = e.code, "ADT message rejected (AR)");
+                self.answer(&target, AckCode::Reject, Some(&e))
+            }
+            Outcome::Error(e) => {
+                tracing::warn!(location = %e.location, code = e.code, "ADT message refused (AE)");
+                self.answer(&target, AckCode::Error, Some(&e))
+            }
+            Outcome::Event(ev) => {
+                let ctx = self.clone();
+                let trigger = ev.trigger();
+                let bed = match &ev {
+                    AdtEvent::Admit { bed, .. } | AdtEvent::Transfer { bed, .. } => {
+                        Some(bed.clone())
+                    }
+                    AdtEvent::Update { bed, .. } => bed.clone(),
+                    AdtEvent::Discharge { .. } => None,
+                };
+                let r = tokio::task::spawn_blocking(move || apply(&ctx.store, &ev, &ctx.fallback))
+                    .await
+                    .unwrap_or_else(|e| {
+                        tracing::error!(error = %e, "ADT task failed");
+                        Err(ack_error("MSH", 207, "internal error; resend later"))
+                    });
+                match r {
+                    Ok(applied) => {
+                        let n = match applied {
+                            Applied::Changed(n) => n,
+                            Applied::Nothing => 0,
+                        };
+                        AdtStats::add(&self.stats.reattributed, n);
+                        tracing::info!(trigger, bed_id = ?bed, reattributed = n, nothing = applied == Applied::Nothing,
+                            "ADT event applied");
+                        self.answer(&target, AckCode::Accept, None)
+                    }
+                    Err(e) => {
+                        tracing::warn!(trigger, bed_id = ?bed, location = %e.location, code = e.code,
+                            "ADT event refused (AE)");
+                        self.answer(&target, AckCode::Error, Some(&e))
+                    }
+                }
+            }
+        }
+    }
+}
