@@ -1436,7 +1436,7 @@ mod tests {
                      mdc_code, effective_us, status, batch_sequence, received_us, resource, attribution)
                  VALUES ('a', 'g', 'd', 1, 'p', 'l', 1, 1, 'final', 1, 1, '', NULL),
                         ('b', 'g', 'd', 2, NULL, 'l', 1, 1, 'final', 1, 1, '', NULL);
-                 DELETE FROM schema_migrations WHERE version = 5;
+                 DELETE FROM schema_migrations WHERE version >= 5;
                  DROP TABLE patient_stays; DROP TABLE device_placements; DROP TABLE beds;
                  DROP INDEX observations_pending;
                  ALTER TABLE observations DROP COLUMN attribution;

@@ -48,6 +48,8 @@ pub enum HubError {
     Token(#[from] auth::TokenError),
     #[error("invalid gateway id `{0}`: use 1-64 characters of A-Z a-z 0-9 . _ -")]
     InvalidGatewayId(String),
+    #[error("grace period of {secs} s is longer than the maximum of {max} s")]
+    GraceTooLong { secs: u64, max: u64 },
     #[error("a blocking task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
     #[error(transparent)]
@@ -107,6 +109,33 @@ pub fn gateway_list(config: &Config) -> Result<Vec<GatewayRow>, HubError> {
 /// Revokes gateway `id`: its token gets 401 from then on.
 pub fn gateway_revoke(config: &Config, id: &str) -> Result<(), HubError> {
     Ok(open_store(config)?.revoke_gateway(id)?)
+}
+
+/// Longest grace period of [`gateway_rotate`] (7 days).
+pub const MAX_ROTATION_GRACE: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+
+/// Gives active gateway `id` a new bearer token and returns it (shown once;
+/// only its hash is stored). The previous token keeps working for `grace`
+/// (at most [`MAX_ROTATION_GRACE`]; zero: it stops at once), so that the
+/// gateway can be reconfigured without a gap.
+pub fn gateway_rotate(
+    config: &Config,
+    id: &str,
+    grace: std::time::Duration,
+) -> Result<String, HubError> {
+    if grace > MAX_ROTATION_GRACE {
+        return Err(HubError::GraceTooLong {
+            secs: grace.as_secs(),
+            max: MAX_ROTATION_GRACE.as_secs(),
+        });
+    }
+    let store = open_store(config)?;
+    let token = auth::generate_token()?;
+    let now = store::now_us();
+    let grace_until = (!grace.is_zero())
+        .then(|| now.saturating_add(i64::try_from(grace.as_micros()).unwrap_or(i64::MAX)));
+    store.rotate_gateway(id, &auth::hash_token(&token), grace_until, now)?;
+    Ok(token)
 }
 
 /// Shared, cheaply clonable handle to the hub's counters.

@@ -66,6 +66,15 @@ enum GatewayCommand {
     List,
     /// Revoke a gateway's token.
     Revoke { gateway_id: String },
+    /// Give a gateway a new token; prints it alone on stdout. The old token
+    /// stops working (after --grace-secs, if given).
+    Rotate {
+        gateway_id: String,
+        /// Seconds during which the old token still works too (at most
+        /// 604800 = 7 days; 0 = it stops at once).
+        #[arg(long, default_value_t = 0)]
+        grace_secs: u64,
+    },
 }
 
 fn init_logging(format: LogFormat) {
@@ -142,6 +151,28 @@ fn gateway(config: &Config, command: GatewayCommand) -> Result<()> {
             cloud_hub::gateway_revoke(config, &gateway_id)
                 .with_context(|| format!("revoking gateway `{gateway_id}`"))?;
             eprintln!("Gateway `{gateway_id}` revoked.");
+        }
+        GatewayCommand::Rotate {
+            gateway_id,
+            grace_secs,
+        } => {
+            let grace = std::time::Duration::from_secs(grace_secs);
+            let token = cloud_hub::gateway_rotate(config, &gateway_id, grace)
+                .with_context(|| format!("rotating the token of gateway `{gateway_id}`"))?;
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "{token}")?;
+            out.flush()?;
+            if grace_secs == 0 {
+                eprintln!(
+                    "Gateway `{gateway_id}` has a new token (shown once, above); the old one no \
+                     longer works."
+                );
+            } else {
+                eprintln!(
+                    "Gateway `{gateway_id}` has a new token (shown once, above); the old one \
+                     works for {grace_secs} s more: configure the new one on the gateway now."
+                );
+            }
         }
     }
     Ok(())

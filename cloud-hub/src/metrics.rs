@@ -68,6 +68,7 @@ pub struct Metrics {
     fhir: [AtomicU64; 3],
     /// MQTT ingest (`[mqtt]`) counters and connection state.
     pub mqtt: crate::mqtt_ingest::MqttMetrics,
+    out_of_range: AtomicU64,
 }
 
 impl Metrics {
@@ -81,6 +82,11 @@ impl Metrics {
 
     pub fn ingest_error(&self, kind: IngestErrorKind) {
         self.errors[kind as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Readings stored with the out-of-range quality flag.
+    pub fn out_of_range(&self, n: u64) {
+        self.out_of_range.fetch_add(n, Ordering::Relaxed);
     }
 
     pub fn rejected(&self, reason: RejectReason) {
@@ -143,6 +149,14 @@ impl Metrics {
             &INTERACTIONS,
             &self.fhir,
         );
+        let name = "vigil_hub_readings_out_of_range_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Readings stored with the out-of-range quality flag \
+             (value outside the metric's possible range, withheld from FHIR)."
+        );
+        let _ = writeln!(out, "# TYPE {name} counter");
+        let _ = writeln!(out, "{name} {}", self.out_of_range.load(Ordering::Relaxed));
         self.mqtt.render(&mut out);
         out
     }

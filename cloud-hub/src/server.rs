@@ -655,6 +655,7 @@ pub(crate) async fn store_batch(
         for r in &report.rejected_reasons {
             st.metrics.rejected(*r);
         }
+        st.metrics.out_of_range(u64::from(report.out_of_range));
         tracing::info!(
             gateway_id = %gateway_id,
             batch_sequence = batch_seq,

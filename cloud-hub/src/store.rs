@@ -40,6 +40,8 @@ pub enum StoreError {
     Poisoned,
     #[error("enrolment token unknown, already used or expired")]
     EnrollmentRefused,
+    #[error("gateway `{0}` is revoked (re-add it with `gateway add` instead of rotating)")]
+    GatewayRevoked(String),
 }
 
 const SCHEMA_V1: &str = r#"
@@ -174,6 +176,17 @@ ALTER TABLE devices ADD COLUMN fhir_id TEXT;
 CREATE INDEX devices_fhir_id ON devices (fhir_id);
 "#;
 
+/// v6: a gateway's previous token (SHA-256) after `gateway rotate
+/// --grace-secs`, accepted until `expires_us`.
+const SCHEMA_V6: &str = r#"
+CREATE TABLE IF NOT EXISTS gateway_grace_tokens (
+    token_sha256 TEXT PRIMARY KEY,
+    gateway_id   TEXT NOT NULL,
+    expires_us   INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS gateway_grace_tokens_gateway ON gateway_grace_tokens (gateway_id);
+"#;
+
 /// Ordered migrations; each runs once, in one transaction with its version row.
 const MIGRATIONS: &[(i64, &str)] = &[
     (1, SCHEMA_V1),
@@ -181,6 +194,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (3, SCHEMA_V3),
     (4, SCHEMA_V4),
     (5, crate::association::SCHEMA_V5),
+    (6, SCHEMA_V6),
 ];
 
 /// A gateway as listed (never its token).
@@ -231,6 +245,11 @@ fn put_gateway(
     match existing {
         Some(None) => Err(StoreError::GatewayExists(id.to_owned())),
         Some(Some(_)) => {
+            // A re-activated gateway starts with only its new token.
+            tx.execute(
+                "DELETE FROM gateway_grace_tokens WHERE gateway_id = ?1",
+                [id],
+            )?;
             tx.execute(
                 "UPDATE gateways SET token_sha256 = ?2, created_us = ?3, revoked_us = NULL WHERE id = ?1",
                 params![id, token_sha256, now],
@@ -397,16 +416,77 @@ impl Store {
             "UPDATE gateways SET revoked_us = ?2 WHERE id = ?1 AND revoked_us IS NULL",
             params![id, now_us()],
         )?;
+        conn.execute(
+            "DELETE FROM gateway_grace_tokens WHERE gateway_id = ?1",
+            [id],
+        )?;
         Ok(())
     }
 
-    /// The active gateway holding the token with this hash.
+    /// Replaces the token of active gateway `id` by `new_token_sha256`.
+    /// With `grace_until` (hub clock, µs) after `now`, the previous token
+    /// keeps working until then; otherwise it stops at once. Any earlier
+    /// grace token of the gateway is dropped either way.
+    pub fn rotate_gateway(
+        &self,
+        id: &str,
+        new_token_sha256: &str,
+        grace_until: Option<i64>,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.lock()?;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let row: Option<(String, Option<i64>)> = tx
+            .query_row(
+                "SELECT token_sha256, revoked_us FROM gateways WHERE id = ?1",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        let old = match row {
+            None => return Err(StoreError::GatewayNotFound(id.to_owned())),
+            Some((_, Some(_))) => return Err(StoreError::GatewayRevoked(id.to_owned())),
+            Some((old, None)) => old,
+        };
+        tx.execute(
+            "DELETE FROM gateway_grace_tokens WHERE gateway_id = ?1",
+            [id],
+        )?;
+        if let Some(until) = grace_until.filter(|&t| t > now) {
+            tx.execute(
+                "INSERT INTO gateway_grace_tokens (token_sha256, gateway_id, expires_us) VALUES (?1, ?2, ?3)",
+                params![old, id, until],
+            )?;
+        }
+        tx.execute(
+            "UPDATE gateways SET token_sha256 = ?2 WHERE id = ?1",
+            params![id, new_token_sha256],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The active gateway holding the token with this hash: its current
+    /// token, or its previous one within a rotation's grace period.
     pub fn authenticate(&self, token_sha256: &str) -> Result<Option<String>, StoreError> {
+        self.authenticate_at(token_sha256, now_us())
+    }
+
+    /// [`Store::authenticate`] at hub time `now` (µs).
+    pub fn authenticate_at(
+        &self,
+        token_sha256: &str,
+        now: i64,
+    ) -> Result<Option<String>, StoreError> {
         let conn = self.lock()?;
         Ok(conn
             .query_row(
-                "SELECT id FROM gateways WHERE token_sha256 = ?1 AND revoked_us IS NULL",
-                [token_sha256],
+                "SELECT id FROM gateways WHERE token_sha256 = ?1 AND revoked_us IS NULL
+                 UNION ALL
+                 SELECT g.id FROM gateway_grace_tokens t JOIN gateways g ON g.id = t.gateway_id
+                  WHERE t.token_sha256 = ?1 AND t.expires_us > ?2 AND g.revoked_us IS NULL
+                 LIMIT 1",
+                params![token_sha256, now],
                 |r| r.get(0),
             )
             .optional()?)
@@ -1075,7 +1155,7 @@ mod tests {
             .unwrap()
             .map(Result::unwrap)
             .collect();
-        assert_eq!(versions, vec![1, 2, 3, 4, 5]);
+        assert_eq!(versions, vec![1, 2, 3, 4, 5, 6]);
     }
 
     #[test]
@@ -1127,6 +1207,41 @@ mod tests {
         let s = Store::open(&p).unwrap();
         assert_eq!(s.list_gateways().unwrap().len(), 1);
         s.ping().unwrap();
+    }
+
+    #[test]
+    fn rotation_replaces_the_token_with_an_optional_bounded_grace() {
+        let (_d, s) = store();
+        let g = Some("g".to_owned());
+        s.add_gateway("g", "t1").unwrap();
+        // Without grace the old token stops at once.
+        s.rotate_gateway("g", "t2", None, 1_000).unwrap();
+        assert_eq!(s.authenticate_at("t1", 1_000).unwrap(), None);
+        assert_eq!(s.authenticate_at("t2", 1_000).unwrap(), g);
+        // With grace both work until it ends.
+        s.rotate_gateway("g", "t3", Some(5_000), 2_000).unwrap();
+        assert_eq!(s.authenticate_at("t2", 4_999).unwrap(), g);
+        assert_eq!(s.authenticate_at("t3", 4_999).unwrap(), g);
+        assert_eq!(s.authenticate_at("t2", 5_000).unwrap(), None);
+        // A second rotation ends the first one's grace.
+        s.rotate_gateway("g", "t4", Some(9_000), 3_000).unwrap();
+        assert_eq!(s.authenticate_at("t2", 3_000).unwrap(), None);
+        assert_eq!(s.authenticate_at("t3", 3_000).unwrap(), g);
+        // Revocation ends grace tokens too; a revoked gateway is not rotated.
+        s.revoke_gateway("g").unwrap();
+        assert_eq!(s.authenticate_at("t3", 3_000).unwrap(), None);
+        assert!(matches!(
+            s.rotate_gateway("g", "t5", None, 3_000),
+            Err(StoreError::GatewayRevoked(_))
+        ));
+        assert!(matches!(
+            s.rotate_gateway("nope", "t6", None, 3_000),
+            Err(StoreError::GatewayNotFound(_))
+        ));
+        // Re-added after revocation: only the new token.
+        s.add_gateway("g", "t7").unwrap();
+        assert_eq!(s.authenticate_at("t3", 3_000).unwrap(), None);
+        assert_eq!(s.authenticate_at("t7", 3_000).unwrap(), g);
     }
 
     #[test]
