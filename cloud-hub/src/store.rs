@@ -661,8 +661,10 @@ impl Store {
                             continue;
                         }
                     };
-                    // A static association wins; else the patient identifier
-                    // the source message carried (e.g. HL7 PID-3).
+                    // Provisional: `association::attribute_batch` sets every
+                    // new row's patient before this transaction commits (the
+                    // reading's own subject, else the bed stay, else the
+                    // config map, else none).
                     let patient = patient.or_else(|| crate::fhir::source_patient(r));
                     let cols = crate::fhir::columns(r, &metric);
                     let effective_us = r.effective_time_us();
