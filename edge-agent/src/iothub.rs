@@ -442,7 +442,7 @@ impl IotHubUplink {
             timeout,
             data_dir: data_dir.to_owned(),
         };
-        let mut up = IotHubUplink {
+        let up = IotHubUplink {
             identity: Arc::new(watch::channel(IdentityState::Pending("registering".into())).0),
             dps: Some(setup),
             hub_port: cfg.port,
@@ -458,7 +458,6 @@ impl IotHubUplink {
             compression: crate::config::Compression::None,
             mode: "iothub-mqtt-dps",
         };
-        up.mode = "iothub-mqtt-dps";
         Ok(up)
     }
 
@@ -678,9 +677,9 @@ pub fn credentials_check(
 ) -> Result<&'static str, UplinkError> {
     match &h.dps {
         Some(d) => {
-            IotHubUplink::with_dps(h, data_dir, timeout)?;
-            let setup_cache = data_dir.join(dps::CACHE_FILE);
-            Ok(match (d.group_key, setup_cache.exists()) {
+            let up = IotHubUplink::with_dps(h, data_dir, timeout)?;
+            let cached = up.dps.as_ref().and_then(dps::cached).is_some();
+            Ok(match (d.group_key, cached) {
                 (true, true) => "DPS group key loads (device key derived); assignment cached",
                 (true, false) => "DPS group key loads (device key derived); not registered yet",
                 (false, true) => "DPS key loads; assignment cached",

@@ -484,6 +484,53 @@ mod tests {
     }
 
     #[test]
+    fn check_reports_the_dps_key_and_the_cache() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("dps.key");
+        std::fs::write(&key, "Z3JvdXAta2V5LWJ5dGVz\n").unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let h: crate::config::IotHubConfig = toml::from_str(&format!(
+            "[dps]\nid_scope = \"0ne00ABC123\"\nregistration_id = \"gw-7\"\nkey_file = {:?}\ngroup_key = true\n",
+            key.display().to_string()
+        ))
+        .unwrap();
+        let t = Duration::from_secs(1);
+        let what = crate::iothub::credentials_check(&h, dir.path(), t).unwrap();
+        assert!(
+            what.contains("derived") && what.contains("not registered"),
+            "{what}"
+        );
+        // An unreadable cache does not count.
+        std::fs::write(dir.path().join(CACHE_FILE), "{}").unwrap();
+        let what = crate::iothub::credentials_check(&h, dir.path(), t).unwrap();
+        assert!(what.contains("not registered"), "{what}");
+        std::fs::write(
+            dir.path().join(CACHE_FILE),
+            serde_json::to_vec(&Assignment {
+                id_scope: "0ne00ABC123".into(),
+                registration_id: "gw-7".into(),
+                global_endpoint: GLOBAL_ENDPOINT.into(),
+                assigned_hub: "h.azure-devices.net".into(),
+                device_id: "gw-7".into(),
+            })
+            .unwrap(),
+        )
+        .unwrap();
+        let what = crate::iothub::credentials_check(&h, dir.path(), t).unwrap();
+        assert!(what.contains("cached"), "{what}");
+        // Readable by others: refused, as every secret file.
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(crate::iothub::credentials_check(&h, dir.path(), t).is_err());
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::write(&key, "not base64!!\n").unwrap();
+        let e = crate::iothub::credentials_check(&h, dir.path(), t)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("uplink.iothub.dps.key_file"), "{e}");
+    }
+
+    #[test]
     fn topics_and_answers() {
         assert_eq!(
             username("0ne00ABC123", "gw-1"),
