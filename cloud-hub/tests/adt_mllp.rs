@@ -432,3 +432,93 @@ fn adt_config_errors_name_the_field() {
         toml::from_str("listen = \"0.0.0.0:2576\"\nallow_plaintext = true").unwrap();
     ok.validate().unwrap();
 }
+
+#[tokio::test]
+async fn adt_over_tls_with_rustls() {
+    use std::os::unix::fs::PermissionsExt;
+    let fx_dir = tempfile::tempdir().unwrap();
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let (cert, key) = (fx_dir.path().join("adt.crt"), fx_dir.path().join("adt.key"));
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let store = Store::open(&fx_dir.path().join("t.sqlite")).unwrap();
+    store
+        .create_bed(&Bed {
+            id: "ICU3-07-B".into(),
+            ward: "ICU3".into(),
+            label: "7B".into(),
+        })
+        .unwrap();
+    let config: AdtConfig = toml::from_str(&format!(
+        "listen = \"127.0.0.1:0\"\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"",
+        cert.display(),
+        key.display()
+    ))
+    .unwrap();
+    // A key others can read is refused.
+    let err = AdtListener::bind(&config, store.clone(), Arc::default())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("chmod 600"), "{err}");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let l = AdtListener::bind(&config, store.clone(), Arc::default())
+        .await
+        .unwrap();
+    let addr = l.local_addr().unwrap();
+    let (stop, rx) = watch::channel(false);
+    let task = tokio::spawn(l.serve(rx));
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ck.cert.der().clone()).unwrap();
+    let client = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut s = connector.connect(name, tcp).await.unwrap();
+    s.write_all(&frame(A01)).await.unwrap();
+    s.flush().await.unwrap();
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !got.windows(2).any(|w| w == [EB, CR]) {
+        let n = tokio::time::timeout(std::time::Duration::from_secs(10), s.read(&mut chunk))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0);
+        got.extend_from_slice(&chunk[..n]);
+    }
+    let (code, id) = parse_ack(&got[1..got.len() - 2]).unwrap();
+    assert_eq!((code.as_str(), id.as_str()), ("AA", "C1"));
+    assert_eq!(
+        store
+            .bed_of(
+                &PatientId {
+                    system: "GHH".into(),
+                    value: "MRN-1".into()
+                },
+                T0
+            )
+            .unwrap()
+            .as_deref(),
+        Some("ICU3-07-B")
+    );
+    // Plaintext MLLP to the TLS listener gets no ACK.
+    let mut plain = TcpStream::connect(addr).await.unwrap();
+    plain.write_all(&frame(A01)).await.unwrap();
+    let mut buf = [0u8; 64];
+    let r = tokio::time::timeout(std::time::Duration::from_secs(10), plain.read(&mut buf)).await;
+    assert!(
+        matches!(r, Ok(Ok(0)) | Ok(Err(_))) || matches!(r, Ok(Ok(n)) if !buf[..n].contains(&SB)),
+        "{r:?}"
+    );
+    stop.send(true).unwrap();
+    task.await.unwrap();
+}
