@@ -197,6 +197,45 @@ impl AdtStats {
     pub fn get(c: &AtomicU64) -> u64 {
         c.load(Ordering::Relaxed)
     }
+
+    /// Prometheus text exposition of these counters (served at `/metrics`).
+    pub fn render(&self, out: &mut String) {
+        use std::fmt::Write;
+        let mut counter = |name: &str, help: &str, rows: &[(&str, &AtomicU64)]| {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} counter");
+            for (labels, v) in rows {
+                let _ = writeln!(out, "{name}{labels} {}", Self::get(v));
+            }
+        };
+        counter(
+            "vigil_hub_adt_messages_total",
+            "HL7 ADT messages answered, by ACK code.",
+            &[
+                ("{ack=\"AA\"}", &self.accepted),
+                ("{ack=\"AE\"}", &self.errors),
+                ("{ack=\"AR\"}", &self.rejected),
+            ],
+        );
+        counter(
+            "vigil_hub_adt_connections_total",
+            "HL7 ADT connections, accepted or refused (over max_connections).",
+            &[
+                ("{outcome=\"accepted\"}", &self.connections),
+                ("{outcome=\"refused\"}", &self.connections_refused),
+            ],
+        );
+        counter(
+            "vigil_hub_adt_bytes_dropped_total",
+            "Bytes dropped by the ADT MLLP framer (junk, truncated or oversized messages).",
+            &[("", &self.bytes_dropped)],
+        );
+        counter(
+            "vigil_hub_adt_readings_reattributed_total",
+            "Stored readings re-attributed by ADT events.",
+            &[("", &self.reattributed)],
+        );
+    }
 }
 
 /// Errors starting the listener.
@@ -276,6 +315,15 @@ impl AdtListener {
 
     pub fn stats(&self) -> Arc<AdtStats> {
         self.ctx.stats.clone()
+    }
+
+    /// Counts into `stats` (e.g. the hub's `/metrics` counters) instead of
+    /// the listener's own.
+    pub fn with_stats(mut self, stats: Arc<AdtStats>) -> Self {
+        if let Some(ctx) = Arc::get_mut(&mut self.ctx) {
+            ctx.stats = stats;
+        }
+        self
     }
 
     /// Accepts connections until `shutdown` turns true, then lets open

@@ -68,6 +68,8 @@ pub struct Metrics {
     fhir: [AtomicU64; 3],
     /// MQTT ingest (`[mqtt]`) counters and connection state.
     pub mqtt: crate::mqtt_ingest::MqttMetrics,
+    /// HL7 ADT listener (`[adt]`) counters.
+    pub adt: std::sync::Arc<crate::adt_listener::AdtStats>,
     out_of_range: AtomicU64,
 }
 
@@ -158,6 +160,7 @@ impl Metrics {
         let _ = writeln!(out, "# TYPE {name} counter");
         let _ = writeln!(out, "{name} {}", self.out_of_range.load(Ordering::Relaxed));
         self.mqtt.render(&mut out);
+        self.adt.render(&mut out);
         out
     }
 }

@@ -153,6 +153,7 @@ impl Hub {
                     state.associations.clone(),
                 )
                 .await?;
+                let l = l.with_stats(self.metrics.adt.clone());
                 Some(tokio::spawn(l.serve(adt_stopped)))
             }
             None => None,

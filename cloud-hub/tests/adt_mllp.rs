@@ -406,6 +406,20 @@ async fn the_hub_serves_the_adt_listener_from_its_config() {
     let (code, id, _) = read_ack(&mut s, &mut buf).await;
     assert_eq!((code.as_str(), id.as_str()), ("AE", "C1"));
     drop(s);
+    let text = hub
+        .client
+        .get(hub.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains("vigil_hub_adt_messages_total{ack=\"AE\"} 1"),
+        "{text}"
+    );
+    assert!(text.contains("vigil_hub_adt_messages_total{ack=\"AA\"} 0"));
     hub.stop().await;
 }
 
