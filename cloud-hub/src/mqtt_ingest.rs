@@ -14,9 +14,10 @@
 //!   another's topic breaks gateway identity. The gateway must be
 //!   registered and not revoked, and `Batch.gateway_id` must equal it;
 //!   otherwise the message is counted, logged and dropped.
-//! - **Encoding.** `$.ce=identity` (or no `$.ce`) is the plain protobuf;
-//!   any other encoding (`zstd` included) is refused (counted, logged,
-//!   dropped) until the hub can decode it.
+//! - **Encoding.** `$.ce=identity` (or no `$.ce`) is the plain protobuf,
+//!   `$.ce=zstd` one zstd frame of it, decompressed with the HTTP ingest's
+//!   bounded decoder (`crate::encoding`, at most `server.max_body_bytes`);
+//!   any other encoding is refused (counted, logged, dropped).
 //! - **Acknowledgement = stored.** Manual acks: the PUBACK for a message is
 //!   sent only after `Store::ingest` has committed its batch (or after the
 //!   message was dropped as unusable). A hub that stops or crashes before
@@ -46,6 +47,7 @@ use shared_protocol::v1::Batch;
 use tokio::sync::{mpsc, watch};
 
 use crate::config::MqttConfig;
+use crate::encoding::{ContentCoding, DecodeError};
 use crate::server::AppState;
 
 /// MQTT keep-alive of the hub's connection.
@@ -218,18 +220,11 @@ impl MqttMetrics {
     }
 }
 
-/// Content encoding named by a message's `$.ce`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Encoding {
-    Identity,
-    Zstd,
-}
-
 /// What the topic says about a message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TopicInfo {
     pub gateway_id: String,
-    pub encoding: Encoding,
+    pub encoding: ContentCoding,
 }
 
 fn percent_decode(s: &str) -> Option<String> {
@@ -266,7 +261,7 @@ pub fn parse_topic(topic: &str) -> Result<TopicInfo, DropReason> {
     if !crate::auth::is_valid_gateway_id(gateway_id) {
         return Err(DropReason::BadTopic);
     }
-    let mut encoding = Encoding::Identity;
+    let mut encoding = ContentCoding::Identity;
     for pair in bag.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         let (Some(k), Some(v)) = (percent_decode(k), percent_decode(v)) else {
@@ -274,11 +269,8 @@ pub fn parse_topic(topic: &str) -> Result<TopicInfo, DropReason> {
         };
         match k.as_str() {
             "$.ce" => {
-                encoding = match v.to_ascii_lowercase().as_str() {
-                    "identity" | "" => Encoding::Identity,
-                    "zstd" => Encoding::Zstd,
-                    _ => return Err(DropReason::UnsupportedEncoding),
-                }
+                encoding =
+                    ContentCoding::parse(Some(&v)).map_err(|_| DropReason::UnsupportedEncoding)?;
             }
             "$.ct" => {
                 let media = v.split(';').next().unwrap_or("").trim();
@@ -295,20 +287,22 @@ pub fn parse_topic(topic: &str) -> Result<TopicInfo, DropReason> {
     })
 }
 
-/// Decodes a message body into a `Batch` of the topic's gateway.
+/// Decodes a message body (decompressed per `$.ce`, at most `max_bytes`
+/// before and after) into a `Batch` of the topic's gateway.
 pub fn decode_message(
     info: &TopicInfo,
-    payload: &[u8],
+    payload: bytes::Bytes,
     max_bytes: usize,
 ) -> Result<Batch, DropReason> {
     if payload.len() > max_bytes {
         return Err(DropReason::TooLarge);
     }
-    let batch = match info.encoding {
-        Encoding::Identity => Batch::decode(payload).map_err(|_| DropReason::Malformed)?,
-        // No decompressor in the hub yet: refused, counted, logged.
-        Encoding::Zstd => return Err(DropReason::UnsupportedEncoding),
-    };
+    let body = crate::encoding::decode(info.encoding, payload, max_bytes).map_err(|e| match e {
+        DecodeError::TooLarge { .. } => DropReason::TooLarge,
+        DecodeError::Unsupported(_) => DropReason::UnsupportedEncoding,
+        DecodeError::Corrupt(_) => DropReason::Malformed,
+    })?;
+    let batch = Batch::decode(body).map_err(|_| DropReason::Malformed)?;
     if batch.gateway_id != info.gateway_id {
         return Err(DropReason::GatewayMismatch);
     }
@@ -584,7 +578,7 @@ async fn handle(st: &AppState, p: &Publish, stop: &mut watch::Receiver<bool>) ->
         Ok(i) => i,
         Err(r) => return dropped(r, None),
     };
-    let batch = match decode_message(&info, &p.payload, st.max_body_bytes()) {
+    let batch = match decode_message(&info, p.payload.clone(), st.max_body_bytes()) {
         Ok(b) => b,
         Err(r) => return dropped(r, Some(&info.gateway_id)),
     };
@@ -638,18 +632,18 @@ mod tests {
             parse_topic("devices/gw-1/messages/events/$.ct=application%2Fx-protobuf&$.ce=identity")
                 .unwrap();
         assert_eq!(t.gateway_id, "gw-1");
-        assert_eq!(t.encoding, Encoding::Identity);
+        assert_eq!(t.encoding, ContentCoding::Identity);
         assert_eq!(
             parse_topic("devices/gw-1/messages/events/$.ce=zstd")
                 .unwrap()
                 .encoding,
-            Encoding::Zstd
+            ContentCoding::Zstd
         );
         assert_eq!(
             parse_topic("devices/gw-1/messages/events")
                 .unwrap()
                 .encoding,
-            Encoding::Identity
+            ContentCoding::Identity
         );
         assert_eq!(
             parse_topic("devices/gw-1/messages/events/")
@@ -687,13 +681,18 @@ mod tests {
             ..Default::default()
         }
         .encode_to_vec();
-        assert_eq!(decode_message(&info, &good, 1024).unwrap().sequence, 3);
+        let good = bytes::Bytes::from(good);
         assert_eq!(
-            decode_message(&info, &good, 2).unwrap_err(),
+            decode_message(&info, good.clone(), 1024).unwrap().sequence,
+            3
+        );
+        assert_eq!(
+            decode_message(&info, good.clone(), 2).unwrap_err(),
             DropReason::TooLarge
         );
         assert_eq!(
-            decode_message(&info, &[0xff, 0xff, 0xff], 1024).unwrap_err(),
+            decode_message(&info, bytes::Bytes::from_static(&[0xff, 0xff, 0xff]), 1024)
+                .unwrap_err(),
             DropReason::Malformed
         );
         let other = Batch {
@@ -702,16 +701,25 @@ mod tests {
         }
         .encode_to_vec();
         assert_eq!(
-            decode_message(&info, &other, 1024).unwrap_err(),
+            decode_message(&info, other.into(), 1024).unwrap_err(),
             DropReason::GatewayMismatch
         );
         let zstd = TopicInfo {
-            encoding: Encoding::Zstd,
+            encoding: ContentCoding::Zstd,
             ..info
         };
+        let packed = bytes::Bytes::from(zstd::encode_all(&good[..], 3).unwrap());
+        assert_eq!(decode_message(&zstd, packed, 1024).unwrap().sequence, 3);
+        // Not zstd: malformed. Expanding beyond the limit: too large.
         assert_eq!(
-            decode_message(&zstd, &good, 1024).unwrap_err(),
-            DropReason::UnsupportedEncoding
+            decode_message(&zstd, good.clone(), 1024).unwrap_err(),
+            DropReason::Malformed
+        );
+        let bomb = bytes::Bytes::from(zstd::encode_all(&vec![0u8; 1 << 20][..], 3).unwrap());
+        assert!(bomb.len() < 1024);
+        assert_eq!(
+            decode_message(&zstd, bomb, 1024).unwrap_err(),
+            DropReason::TooLarge
         );
     }
 

@@ -5,7 +5,8 @@
 //! reading is stored exactly once, both hubs take a share, and a hub killed
 //! with SIGKILL mid-stream and restarted loses nothing. Messages of
 //! unregistered or revoked gateways, of a gateway claiming another's id,
-//! and undecodable ones are counted and dropped.
+//! and undecodable ones are counted and dropped; a zstd-compressed batch
+//! (`$.ce=zstd`) is stored.
 //!
 //! Needs `mosquitto` and `mosquitto_passwd` (Debian package `mosquitto`,
 //! installed by `scripts/setup.sh`).
@@ -476,6 +477,13 @@ async fn two_hubs_share_the_stream_and_a_killed_hub_loses_nothing() {
                 "$.ct=application%2Fx-protobuf&$.ce=gzip".into(),
                 batch("gw-a", N + 1).encode_to_vec(),
             ),
+            // Not a zstd frame although $.ce says so.
+            ("$.ce=zstd".into(), batch("gw-a", N + 1).encode_to_vec()),
+            // A zstd frame, as the agent sends with uplink.compression = "zstd".
+            (
+                "$.ct=application%2Fx-protobuf&$.ce=zstd".into(),
+                zstd::encode_all(&batch("gw-a", N + 2).encode_to_vec()[..], 3).unwrap(),
+            ),
         ],
     )
     .await;
@@ -483,7 +491,7 @@ async fn two_hubs_share_the_stream_and_a_killed_hub_loses_nothing() {
         metric(&http, &url_a, sample).await + metric(&http, &url_b, sample).await
     };
     let dropped = |r: &str| format!("vigil_hub_mqtt_messages_dropped_total{{reason=\"{r}\"}}");
-    wait_for("five messages dropped", async || {
+    wait_for("six messages dropped", async || {
         let mut total = 0;
         for r in [
             "unknown_gateway",
@@ -493,16 +501,19 @@ async fn two_hubs_share_the_stream_and_a_killed_hub_loses_nothing() {
         ] {
             total += sum(&dropped(r)).await;
         }
-        total == 5
+        total == 6
     })
     .await;
     assert_eq!(sum(&dropped("unknown_gateway")).await, 2);
     assert_eq!(sum(&dropped("gateway_mismatch")).await, 1);
-    assert_eq!(sum(&dropped("malformed")).await, 1);
+    assert_eq!(sum(&dropped("malformed")).await, 2);
     assert_eq!(sum(&dropped("unsupported_encoding")).await, 1);
-    assert_eq!(
-        stored_readings(&db).len(),
-        expected,
-        "nothing of them stored"
-    );
+    // Only the zstd batch was stored.
+    wait_for("the zstd batch stored", async || {
+        stored_readings(&db).len() == expected + R as usize
+    })
+    .await;
+    let rows = stored_readings(&db);
+    assert!(rows.iter().all(|(g, _)| GATEWAYS.contains(&g.as_str())));
+    assert!(rows.contains(&("gw-a".into(), ((N + 1) * R + 1) as i64)));
 }
