@@ -517,3 +517,46 @@ async fn two_hubs_share_the_stream_and_a_killed_hub_loses_nothing() {
     assert!(rows.iter().all(|(g, _)| GATEWAYS.contains(&g.as_str())));
     assert!(rows.contains(&("gw-a".into(), ((N + 1) * R + 1) as i64)));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_broker_login_is_counted_and_http_keeps_serving() {
+    require("mosquitto");
+    require("mosquitto_passwd");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let port = free_port();
+    let _broker = start_broker(d, port);
+    write_private(&d.join("wrong.pw"), b"not-the-password\n");
+    let cfg = hub_config(d, port, "hub-wrong");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("password_file = \"hub.pw\"", "password_file = \"wrong.pw\"");
+    std::fs::write(&cfg, text).unwrap();
+    let (_hub, url) = start_hub(&cfg, &d.join("hub-wrong.log"));
+    let http = http();
+    wait_for("refused connections counted", async || {
+        metric(&http, &url, "vigil_hub_mqtt_connection_errors_total").await >= 2
+    })
+    .await;
+    assert_eq!(metric(&http, &url, "vigil_hub_mqtt_connected").await, 0);
+    let r = http.get(format!("{url}/healthz")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let log = std::fs::read_to_string(d.join("hub-wrong.log")).unwrap();
+    assert!(log.contains("MQTT connection refused"), "{log}");
+    assert!(!log.contains("not-the-password"), "no secret in the log");
+}
+
+#[test]
+fn a_password_file_readable_by_others_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("hub.pw"), "secret\n").unwrap();
+    std::fs::set_permissions(d.join("hub.pw"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::write(d.join("ca.pem"), "").unwrap();
+    let config = cloud_hub::Config::load(&hub_config(d, 8883, "hub-x")).unwrap();
+    let err = cloud_hub::Hub::open(config).unwrap_err().to_string();
+    assert!(
+        err.contains("mqtt.password_file") && err.contains("chmod 600"),
+        "{err}"
+    );
+}
