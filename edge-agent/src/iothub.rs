@@ -858,7 +858,7 @@ async fn run_session(cfg: SessionCfg, mut cmds: mpsc::Receiver<PublishCmd>) {
         // may be stale (device moved or deleted): register again.
         let mut refused = 0u32;
         loop {
-            let (client, mut events, renew_at) = match connect(&cfg, id).await {
+            let (client, event_loop, renew_at) = match connect(&cfg, id).await {
                 Ok(c) => c,
                 Err(e) => {
                     bump(&cfg.stats.connect_failures);
@@ -902,13 +902,18 @@ async fn run_session(cfg: SessionCfg, mut cmds: mpsc::Receiver<PublishCmd>) {
                 tracing::warn!(error = %e, "subscribing to methods and twin responses failed");
             }
             reporter.on_connect();
+            // The event loop runs in its own task and is never cancelled
+            // half-way through a write (select! below only cancels a
+            // channel receive).
+            let (ev_tx, mut events) = mpsc::channel(64);
+            let pump = tokio::spawn(pump_events(event_loop, ev_tx));
             let mut inflight: Option<Inflight> = None;
             let mut tick = tokio::time::interval(TWIN_TICK);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let reason: String = loop {
                 let deadline = inflight.as_ref().map(|i| i.deadline);
                 tokio::select! {
-                    ev = events.poll() => match ev {
+                    ev = events.recv() => match ev.unwrap_or_else(|| Err("event loop ended".into())) {
                         Ok(Event::Outgoing(Outgoing::Publish(pkid))) if pkid != 0 => {
                             if let Some(i) = inflight.as_mut()
                                 && i.pkid.is_none()
@@ -943,6 +948,7 @@ async fn run_session(cfg: SessionCfg, mut cmds: mpsc::Receiver<PublishCmd>) {
                         },
                         None => {
                             close(&client, &mut events).await;
+                            pump.abort();
                             return;
                         }
                     },
@@ -961,6 +967,7 @@ async fn run_session(cfg: SessionCfg, mut cmds: mpsc::Receiver<PublishCmd>) {
                     }
                 }
             };
+            pump.abort();
             if let Some(i) = inflight.take() {
                 let _ = i.done.send(Err(UplinkError::Mqtt(reason.clone())));
             }
@@ -990,14 +997,28 @@ async fn sleep_until_opt(at: Option<Instant>) {
     }
 }
 
+/// An event, or why the connection ended.
+type PolledEvent = Result<Event, String>;
+
+/// Poll the MQTT event loop until it fails (or nobody listens), handing
+/// every event over.
+async fn pump_events(mut events: EventLoop, tx: mpsc::Sender<PolledEvent>) {
+    loop {
+        let ev = events.poll().await.map_err(|e| e.to_string());
+        let end = ev.is_err();
+        if tx.send(ev).await.is_err() || end {
+            return;
+        }
+    }
+}
+
 /// Send DISCONNECT and give it a moment to go out.
-async fn close(client: &AsyncClient, events: &mut EventLoop) {
+async fn close(client: &AsyncClient, events: &mut mpsc::Receiver<PolledEvent>) {
     if client.try_disconnect().is_ok() {
         let _ = tokio::time::timeout(Duration::from_secs(1), async {
-            loop {
-                match events.poll().await {
-                    Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => return,
-                    Ok(_) => {}
+            while let Some(ev) = events.recv().await {
+                if matches!(ev, Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_)) {
+                    return;
                 }
             }
         })
