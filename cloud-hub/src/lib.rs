@@ -14,6 +14,7 @@ pub mod adt_listener;
 pub mod association;
 pub mod association_api;
 pub mod auth;
+pub mod backup;
 pub mod config;
 pub mod encoding;
 pub mod export;

@@ -46,6 +46,22 @@ enum Command {
         #[command(subcommand)]
         command: EnrollmentCommand,
     },
+    /// Copy the embedded database to a new file while the hub runs
+    /// (online backup; the copy is integrity-checked and written 0600).
+    Backup {
+        /// The backup file to create (must not exist).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Replace the embedded database with a backup (stop the hub first).
+    Restore {
+        /// The backup file.
+        #[arg(long)]
+        from: PathBuf,
+        /// Replace an existing database.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -98,6 +114,24 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Serve => serve(config),
         Command::Gateway { command } => gateway(&config, command),
+        Command::Backup { out } => {
+            let db = &config.storage.sqlite_path;
+            let pages = cloud_hub::backup::backup(db, &out)
+                .with_context(|| format!("backing up {} to {}", db.display(), out.display()))?;
+            eprintln!(
+                "Backup of {} written to {} ({pages} pages, integrity checked).",
+                db.display(),
+                out.display()
+            );
+            Ok(())
+        }
+        Command::Restore { from, force } => {
+            let db = &config.storage.sqlite_path;
+            cloud_hub::backup::restore(&from, db, force)
+                .with_context(|| format!("restoring {} from {}", db.display(), from.display()))?;
+            eprintln!("{} restored from {}.", db.display(), from.display());
+            Ok(())
+        }
         Command::Enrollment {
             command: EnrollmentCommand::Create { ttl_hours },
         } => {

@@ -197,6 +197,11 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (6, SCHEMA_V6),
 ];
 
+/// The schema version a database opened by this build has.
+pub fn schema_version() -> i64 {
+    MIGRATIONS.last().map_or(0, |m| m.0)
+}
+
 /// A gateway as listed (never its token).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GatewayRow {
