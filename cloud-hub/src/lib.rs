@@ -24,6 +24,7 @@ pub mod metrics;
 pub mod mqtt_ingest;
 mod rate_limit;
 pub mod scores;
+pub mod pg;
 mod server;
 pub mod store;
 

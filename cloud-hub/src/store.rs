@@ -42,6 +42,12 @@ pub enum StoreError {
     EnrollmentRefused,
     #[error("gateway `{0}` is revoked (re-add it with `gateway add` instead of rotating)")]
     GatewayRevoked(String),
+    #[error("PostgreSQL error: {0}")]
+    Postgres(#[from] postgres::Error),
+    #[error("PostgreSQL connection pool: {0}")]
+    Pool(String),
+    #[error("this operation needs the SQLite backend")]
+    NotSqlite,
 }
 
 const SCHEMA_V1: &str = r#"

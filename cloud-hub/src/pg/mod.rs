@@ -1,0 +1,848 @@
+//! PostgreSQL storage backend (`[storage] backend = "postgres"`).
+//!
+//! The blocking `postgres` client (the synchronous facade of
+//! tokio-postgres) behind the same synchronous [`crate::Store`] methods as
+//! SQLite, so every call site (run from `spawn_blocking`) is unchanged.
+//! TLS to the server is rustls with the ring provider
+//! (tokio-postgres-rustls); there is no OpenSSL.
+//!
+//! **Pool**: a fixed-size pool of our own (a `Mutex<Vec<Client>>` with a
+//! condition variable), not r2d2: connections are opened lazily up to
+//! `pool_size`, a caller waits up to 30 s for a free one, and a connection
+//! found closed is dropped and replaced. Every method takes one connection
+//! for one transaction.
+//!
+//! **Layout**: compact observation rows (protobuf `payload`, rendered to
+//! FHIR on read by `fhir::render`, as for SQLite) in a table partitioned by
+//! month of effective time; see [`schema`] and `docs/hub.md`.
+//!
+//! **Concurrency**: a gateway's batches are serialized by a transaction
+//! advisory lock on the gateway id (so a re-sent batch is either seen as
+//! stored or stored once). Association changes take an exclusive
+//! transaction advisory lock that ingest takes shared: a change and an
+//! ingest never interleave, so a reading is attributed either at ingest or
+//! by the change's re-attribution (the SQLite store gets the same from its
+//! single connection).
+
+mod assoc;
+mod ingest;
+pub(crate) mod schema;
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use postgres::types::ToSql;
+use postgres::{Client, Row, Transaction};
+use serde::Deserialize;
+
+use crate::fhir::render::{DeviceRow, ObservationRow};
+use crate::fhir::{ObservationSearch, SortOrder};
+use crate::store::{GatewayRow, StoreError, now_us};
+
+/// Environment variable holding the PostgreSQL password (instead of
+/// `storage.postgres.password_file`).
+pub const ENV_PG_PASSWORD: &str = "VIGIL_HUB_PG_PASSWORD";
+/// Environment variable overriding `storage.postgres.url`.
+pub const ENV_PG_URL: &str = "VIGIL_HUB_PG_URL";
+
+/// `[storage.postgres]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PgConfig {
+    /// Connection string, URL (`postgresql://vigil@db.example.org/vigil?sslmode=require`)
+    /// or key/value form. It must not hold a password.
+    pub url: String,
+    /// File holding the password (mode 0600 or stricter). Else the
+    /// environment variable `VIGIL_HUB_PG_PASSWORD`, else none (trust,
+    /// peer or certificate authentication).
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// Connections kept open at most (default 8).
+    #[serde(default = "default_pool_size")]
+    pub pool_size: u32,
+    /// CA bundle (PEM) to verify the server's certificate with; default:
+    /// the public web roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Allow a connection to a non-loopback server without
+    /// `sslmode=require` (default false).
+    #[serde(default)]
+    pub allow_plaintext: bool,
+}
+
+fn is_loopback_host(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+fn default_pool_size() -> u32 {
+    8
+}
+
+const MAX_POOL_SIZE: u32 = 256;
+const POOL_WAIT: Duration = Duration::from_secs(30);
+
+impl PgConfig {
+    /// A config for `url` with defaults (tests, benchmarks).
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            password_file: None,
+            pool_size: default_pool_size(),
+            ca_file: None,
+            allow_plaintext: false,
+        }
+    }
+
+    /// Checks the fields; errors name the field (`storage.postgres.…`).
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        let field = |f: &str| format!("storage.postgres.{f}");
+        let cfg = postgres::Config::from_str(&self.url)
+            .map_err(|e| (field("url"), format!("not a PostgreSQL connection string: {e}")))?;
+        if cfg.get_password().is_some() {
+            return Err((
+                field("url"),
+                format!(
+                    "must not hold a password; use storage.postgres.password_file or {ENV_PG_PASSWORD}"
+                ),
+            ));
+        }
+        if !(1..=MAX_POOL_SIZE).contains(&self.pool_size) {
+            return Err((
+                field("pool_size"),
+                format!("must be between 1 and {MAX_POOL_SIZE}"),
+            ));
+        }
+        let local = cfg.get_hosts().iter().all(|h| match h {
+            postgres::config::Host::Unix(_) => true,
+            postgres::config::Host::Tcp(name) => is_loopback_host(name),
+        });
+        if !local && cfg.get_ssl_mode() != postgres::config::SslMode::Require && !self.allow_plaintext
+        {
+            return Err((
+                field("url"),
+                "a non-loopback server needs sslmode=require (or storage.postgres.allow_plaintext = true)"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn password(&self) -> Result<Option<String>, StoreError> {
+        if let Some(path) = &self.password_file {
+            use std::os::unix::fs::PermissionsExt;
+            let meta = std::fs::metadata(path).map_err(|e| {
+                StoreError::Pool(format!(
+                    "storage.postgres.password_file {}: {e}",
+                    path.display()
+                ))
+            })?;
+            if meta.permissions().mode() & 0o077 != 0 {
+                return Err(StoreError::Pool(format!(
+                    "storage.postgres.password_file {} is readable by others: chmod 600 it",
+                    path.display()
+                )));
+            }
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                StoreError::Pool(format!(
+                    "storage.postgres.password_file {}: {e}",
+                    path.display()
+                ))
+            })?;
+            return Ok(Some(text.trim_end_matches(['\r', '\n']).to_owned()));
+        }
+        Ok(std::env::var(ENV_PG_PASSWORD).ok().filter(|p| !p.is_empty()))
+    }
+
+    fn tls(&self) -> Result<tokio_postgres_rustls::MakeRustlsConnect, StoreError> {
+        let mut roots = rustls::RootCertStore::empty();
+        match &self.ca_file {
+            Some(path) => {
+                use rustls::pki_types::CertificateDer;
+                use rustls::pki_types::pem::PemObject;
+                let err = |e: &dyn std::fmt::Display| {
+                    StoreError::Pool(format!(
+                        "storage.postgres.ca_file {}: {e}",
+                        path.display()
+                    ))
+                };
+                for cert in CertificateDer::pem_file_iter(path).map_err(|e| err(&e))? {
+                    roots.add(cert.map_err(|e| err(&e))?).map_err(|e| err(&e))?;
+                }
+            }
+            None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| StoreError::Pool(format!("TLS setup: {e}")))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+    }
+}
+
+struct PoolState {
+    idle: Vec<Client>,
+    open: u32,
+}
+
+struct Pool {
+    config: postgres::Config,
+    tls: tokio_postgres_rustls::MakeRustlsConnect,
+    size: u32,
+    state: Mutex<PoolState>,
+    freed: Condvar,
+}
+
+/// A pooled connection, returned to the pool on drop.
+pub(crate) struct Conn<'a> {
+    pool: &'a Pool,
+    client: Option<Client>,
+}
+
+impl std::ops::Deref for Conn<'_> {
+    type Target = Client;
+    fn deref(&self) -> &Client {
+        self.client.as_ref().expect("connection present until drop")
+    }
+}
+
+impl std::ops::DerefMut for Conn<'_> {
+    fn deref_mut(&mut self) -> &mut Client {
+        self.client.as_mut().expect("connection present until drop")
+    }
+}
+
+impl Drop for Conn<'_> {
+    fn drop(&mut self) {
+        let Some(client) = self.client.take() else {
+            return;
+        };
+        let mut st = self.pool.state.lock().unwrap_or_else(|e| e.into_inner());
+        if client.is_closed() {
+            st.open = st.open.saturating_sub(1);
+        } else {
+            st.idle.push(client);
+        }
+        drop(st);
+        self.pool.freed.notify_one();
+    }
+}
+
+impl Pool {
+    fn get(&self) -> Result<Conn<'_>, StoreError> {
+        let deadline = std::time::Instant::now() + POOL_WAIT;
+        let mut st = self.state.lock().map_err(|_| StoreError::Poisoned)?;
+        loop {
+            while let Some(c) = st.idle.pop() {
+                if c.is_closed() {
+                    st.open = st.open.saturating_sub(1);
+                    continue;
+                }
+                return Ok(Conn {
+                    pool: self,
+                    client: Some(c),
+                });
+            }
+            if st.open < self.size {
+                st.open += 1;
+                drop(st);
+                return match self.config.connect(self.tls.clone()) {
+                    Ok(c) => Ok(Conn {
+                        pool: self,
+                        client: Some(c),
+                    }),
+                    Err(e) => {
+                        let mut st = self.state.lock().map_err(|_| StoreError::Poisoned)?;
+                        st.open = st.open.saturating_sub(1);
+                        Err(e.into())
+                    }
+                };
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(StoreError::Pool(format!(
+                    "no free connection within {} s (pool_size {})",
+                    POOL_WAIT.as_secs(),
+                    self.size
+                )));
+            }
+            st = self
+                .freed
+                .wait_timeout(st, left)
+                .map_err(|_| StoreError::Poisoned)?
+                .0;
+        }
+    }
+}
+
+/// The PostgreSQL store: a connection pool and the months whose
+/// observation partition exists.
+#[derive(Clone)]
+pub struct PgStore {
+    pool: Arc<Pool>,
+    partitions: Arc<Mutex<HashSet<i64>>>,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore")
+            .field("pool_size", &self.pool.size)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Advisory lock key of association changes (exclusive) vs ingest (shared).
+const ASSOC_LOCK: i64 = 0x5649_4749_4c41_5353; // "VIGILASS"
+
+impl PgStore {
+    /// Connects (one connection, to check) and applies pending migrations.
+    pub fn open(cfg: &PgConfig) -> Result<Self, StoreError> {
+        cfg.validate()
+            .map_err(|(f, m)| StoreError::Pool(format!("invalid `{f}`: {m}")))?;
+        let mut config = postgres::Config::from_str(&cfg.url)
+            .map_err(|e| StoreError::Pool(format!("storage.postgres.url: {e}")))?;
+        if let Some(p) = cfg.password()? {
+            config.password(p);
+        }
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(Duration::from_secs(10));
+        }
+        config.application_name("vigil-hub");
+        let pool = Arc::new(Pool {
+            config,
+            tls: cfg.tls()?,
+            size: cfg.pool_size,
+            state: Mutex::new(PoolState {
+                idle: Vec::new(),
+                open: 0,
+            }),
+            freed: Condvar::new(),
+        });
+        let store = Self {
+            pool,
+            partitions: Arc::new(Mutex::new(HashSet::new())),
+        };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    pub(crate) fn conn(&self) -> Result<Conn<'_>, StoreError> {
+        self.pool.get()
+    }
+
+    fn migrate(&self) -> Result<(), StoreError> {
+        let mut c = self.conn()?;
+        let mut tx = c.transaction()?;
+        // Serialize hubs migrating the same database at once.
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&(ASSOC_LOCK + 1)])?;
+        tx.batch_execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (
+                 version bigint PRIMARY KEY, applied_us bigint NOT NULL)",
+        )?;
+        let current: Option<i64> = tx
+            .query_one("SELECT MAX(version) FROM schema_migrations", &[])?
+            .get(0);
+        for (version, sql) in schema::MIGRATIONS {
+            if current.unwrap_or(0) < *version {
+                tx.batch_execute(sql)?;
+                tx.execute(
+                    "INSERT INTO schema_migrations (version, applied_us) VALUES ($1, $2)",
+                    &[version, &now_us()],
+                )?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The applied migration versions, ascending.
+    pub fn migrations(&self) -> Result<Vec<i64>, StoreError> {
+        let mut c = self.conn()?;
+        Ok(c.query("SELECT version FROM schema_migrations ORDER BY version", &[])?
+            .iter()
+            .map(|r| r.get(0))
+            .collect())
+    }
+
+    /// The names of the existing observation partitions, ascending.
+    pub fn partitions(&self) -> Result<Vec<String>, StoreError> {
+        let mut c = self.conn()?;
+        Ok(c.query(
+            "SELECT c.relname::text FROM pg_inherits i
+               JOIN pg_class c ON c.oid = i.inhrelid
+               JOIN pg_class p ON p.oid = i.inhparent
+              WHERE p.relname = 'observations' ORDER BY 1",
+            &[],
+        )?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+    }
+
+    /// Creates the monthly partitions holding `times` that are not known
+    /// to exist, each in its own short transaction (outside the ingest
+    /// transaction, so concurrent hubs do not deadlock on DDL).
+    pub(crate) fn ensure_partitions(
+        &self,
+        times: impl IntoIterator<Item = i64>,
+    ) -> Result<(), StoreError> {
+        let mut missing: Vec<(i64, i64, String)> = Vec::new();
+        {
+            let known = self.partitions.lock().map_err(|_| StoreError::Poisoned)?;
+            for t in times {
+                let m = schema::month_of(t);
+                if !known.contains(&m.0) && !missing.iter().any(|x| x.0 == m.0) {
+                    missing.push(m);
+                }
+            }
+        }
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let mut c = self.conn()?;
+        for (start, end, name) in missing {
+            let mut tx = c.transaction()?;
+            tx.execute(
+                "SELECT pg_advisory_xact_lock($1)",
+                &[&(ASSOC_LOCK + 2)],
+            )?;
+            let exists = tx
+                .query_opt("SELECT 1 FROM pg_class WHERE relname = $1", &[&name])?
+                .is_some();
+            if !exists {
+                // Names and bounds are computed here, never from input text.
+                tx.batch_execute(&format!(
+                    "CREATE TABLE {name} PARTITION OF observations FOR VALUES FROM ({start}) TO ({end})"
+                ))?;
+                tracing::info!(partition = %name, "created observation partition");
+            }
+            tx.commit()?;
+            self.partitions
+                .lock()
+                .map_err(|_| StoreError::Poisoned)?
+                .insert(start);
+        }
+        Ok(())
+    }
+
+    pub fn ping(&self) -> Result<(), StoreError> {
+        let mut c = self.conn()?;
+        c.query_one("SELECT COUNT(*) FROM schema_migrations", &[])?;
+        Ok(())
+    }
+
+    pub fn add_enrollment(&self, token_sha256: &str, expires_us: i64) -> Result<(), StoreError> {
+        let mut c = self.conn()?;
+        c.execute(
+            "INSERT INTO enrollment_tokens (token_sha256, created_us, expires_us) VALUES ($1, $2, $3)",
+            &[&token_sha256, &now_us(), &expires_us],
+        )?;
+        Ok(())
+    }
+
+    pub fn enroll(
+        &self,
+        enrollment_sha256: &str,
+        id: &str,
+        gateway_token_sha256: &str,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let mut c = self.conn()?;
+        let mut tx = c.transaction()?;
+        let row = tx.query_opt(
+            "SELECT expires_us, used_us FROM enrollment_tokens WHERE token_sha256 = $1 FOR UPDATE",
+            &[&enrollment_sha256],
+        )?;
+        match row.map(|r| (r.get::<_, i64>(0), r.get::<_, Option<i64>>(1))) {
+            Some((expires, None)) if expires > now => {}
+            _ => return Err(StoreError::EnrollmentRefused),
+        }
+        put_gateway(&mut tx, id, gateway_token_sha256, now)?;
+        tx.execute(
+            "UPDATE enrollment_tokens SET used_us = $2, gateway_id = $3 WHERE token_sha256 = $1",
+            &[&enrollment_sha256, &now, &id],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn add_gateway(&self, id: &str, token_sha256: &str) -> Result<(), StoreError> {
+        let mut c = self.conn()?;
+        let mut tx = c.transaction()?;
+        put_gateway(&mut tx, id, token_sha256, now_us())?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn list_gateways(&self) -> Result<Vec<GatewayRow>, StoreError> {
+        let mut c = self.conn()?;
+        Ok(c
+            .query(
+                "SELECT id, created_us, revoked_us FROM gateways ORDER BY id",
+                &[],
+            )?
+            .iter()
+            .map(|r| GatewayRow {
+                id: r.get(0),
+                created_us: r.get(1),
+                revoked_us: r.get(2),
+            })
+            .collect())
+    }
+
+    pub fn revoke_gateway(&self, id: &str) -> Result<(), StoreError> {
+        let mut c = self.conn()?;
+        let mut tx = c.transaction()?;
+        if tx
+            .query_opt("SELECT 1 FROM gateways WHERE id = $1 FOR UPDATE", &[&id])?
+            .is_none()
+        {
+            return Err(StoreError::GatewayNotFound(id.to_owned()));
+        }
+        tx.execute(
+            "UPDATE gateways SET revoked_us = $2 WHERE id = $1 AND revoked_us IS NULL",
+            &[&id, &now_us()],
+        )?;
+        tx.execute(
+            "DELETE FROM gateway_grace_tokens WHERE gateway_id = $1",
+            &[&id],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn rotate_gateway(
+        &self,
+        id: &str,
+        new_token_sha256: &str,
+        grace_until: Option<i64>,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let mut c = self.conn()?;
+        let mut tx = c.transaction()?;
+        let row = tx.query_opt(
+            "SELECT token_sha256, revoked_us FROM gateways WHERE id = $1 FOR UPDATE",
+            &[&id],
+        )?;
+        let old: String = match row.map(|r| (r.get::<_, String>(0), r.get::<_, Option<i64>>(1)))
+        {
+            None => return Err(StoreError::GatewayNotFound(id.to_owned())),
+            Some((_, Some(_))) => return Err(StoreError::GatewayRevoked(id.to_owned())),
+            Some((old, None)) => old,
+        };
+        tx.execute(
+            "DELETE FROM gateway_grace_tokens WHERE gateway_id = $1",
+            &[&id],
+        )?;
+        if let Some(until) = grace_until.filter(|&t| t > now) {
+            tx.execute(
+                "INSERT INTO gateway_grace_tokens (token_sha256, gateway_id, expires_us) VALUES ($1, $2, $3)",
+                &[&old, &id, &until],
+            )?;
+        }
+        tx.execute(
+            "UPDATE gateways SET token_sha256 = $2 WHERE id = $1",
+            &[&id, &new_token_sha256],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn authenticate_at(
+        &self,
+        token_sha256: &str,
+        now: i64,
+    ) -> Result<Option<String>, StoreError> {
+        let mut c = self.conn()?;
+        Ok(c.query_opt(
+            "SELECT id FROM gateways WHERE token_sha256 = $1 AND revoked_us IS NULL
+             UNION ALL
+             SELECT g.id FROM gateway_grace_tokens t JOIN gateways g ON g.id = t.gateway_id
+              WHERE t.token_sha256 = $1 AND t.expires_us > $2 AND g.revoked_us IS NULL
+             LIMIT 1",
+            &[&token_sha256, &now],
+        )?
+        .map(|r| r.get(0)))
+    }
+
+    pub fn gateway_is_active(&self, id: &str) -> Result<bool, StoreError> {
+        let mut c = self.conn()?;
+        Ok(c.query_opt(
+            "SELECT 1 FROM gateways WHERE id = $1 AND revoked_us IS NULL",
+            &[&id],
+        )?
+        .is_some())
+    }
+
+    pub fn observation(&self, id: &str) -> Result<Option<ObservationRow>, StoreError> {
+        let mut c = self.conn()?;
+        Ok(c.query_opt(
+            &format!("SELECT {OBS_COLUMNS} FROM {OBS_FROM} WHERE o.id = $1 LIMIT 1"),
+            &[&id],
+        )?
+        .map(|r| obs_row(&r, 0)))
+    }
+
+    pub fn search(&self, s: &ObservationSearch) -> Result<(u64, Vec<ObservationRow>), StoreError> {
+        if s.codes.iter().any(Vec::is_empty) || s.categories.iter().any(Vec::is_empty) {
+            return Ok((0, Vec::new()));
+        }
+        let mut clauses: Vec<String> = vec!["o.panel_id IS NULL".into()];
+        let mut args: Vec<Box<dyn ToSql + Sync>> = Vec::new();
+        fn arg(args: &mut Vec<Box<dyn ToSql + Sync>>, v: impl ToSql + Sync + 'static) -> String {
+            args.push(Box::new(v));
+            format!("${}", args.len())
+        }
+        if !s.patients.is_empty() {
+            let p = arg(&mut args, s.patients.clone());
+            clauses.push(format!("o.patient_id = ANY({p})"));
+        }
+        for set in &s.codes {
+            let mut alternatives = Vec::new();
+            for c in set {
+                let m = arg(&mut args, i64::from(c.mdc));
+                match c.loinc {
+                    Some(l) => {
+                        let l = arg(&mut args, l.to_owned());
+                        alternatives.push(format!("(o.mdc_code = {m} AND o.loinc = {l})"));
+                    }
+                    None => alternatives.push(format!("o.mdc_code = {m}")),
+                }
+            }
+            clauses.push(format!("({})", alternatives.join(" OR ")));
+        }
+        for set in &s.categories {
+            let p = arg(&mut args, set.clone());
+            clauses.push(format!("o.category = ANY({p})"));
+        }
+        if !s.devices.is_empty() {
+            let p = arg(&mut args, s.devices.clone());
+            clauses.push(format!(
+                "(o.gateway_id, o.device_id) IN (SELECT gateway_id, device_id FROM devices WHERE fhir_id = ANY({p}))"
+            ));
+        }
+        for d in &s.dates {
+            let (lo, hi) = d.bounds();
+            if let Some(lo) = lo {
+                let p = arg(&mut args, lo);
+                clauses.push(format!("o.effective_us >= {p}"));
+            }
+            if let Some(hi) = hi {
+                let p = arg(&mut args, hi);
+                clauses.push(format!("o.effective_us < {p}"));
+            }
+        }
+        let where_sql = format!("WHERE {}", clauses.join(" AND "));
+        let mut c = self.conn()?;
+        let refs: Vec<&(dyn ToSql + Sync)> = args.iter().map(|a| a.as_ref()).collect();
+        let total: i64 = c
+            .query_one(
+                &format!("SELECT COUNT(*) FROM observations o {where_sql}"),
+                &refs,
+            )?
+            .get(0);
+        if s.count == 0 {
+            return Ok((total as u64, Vec::new()));
+        }
+        let order = match s.sort {
+            SortOrder::DateAsc => "o.effective_us ASC, o.id ASC",
+            SortOrder::DateDesc => "o.effective_us DESC, o.id DESC",
+        };
+        let limit = arg(&mut args, i64::from(s.count));
+        let offset = arg(&mut args, i64::try_from(s.offset).unwrap_or(i64::MAX));
+        let refs: Vec<&(dyn ToSql + Sync)> = args.iter().map(|a| a.as_ref()).collect();
+        let rows = c.query(
+            &format!(
+                "SELECT {OBS_COLUMNS} FROM {OBS_FROM} {where_sql} ORDER BY {order} LIMIT {limit} OFFSET {offset}"
+            ),
+            &refs,
+        )?;
+        Ok((total as u64, rows.iter().map(|r| obs_row(r, 0)).collect()))
+    }
+
+    pub fn patient(&self, value: &str) -> Result<Option<String>, StoreError> {
+        let mut c = self.conn()?;
+        if let Some(r) = c.query_opt(
+            "SELECT patient_system FROM patient_stays WHERE patient_value = $1 LIMIT 1",
+            &[&value],
+        )? {
+            return Ok(Some(r.get(0)));
+        }
+        Ok(c.query_opt(
+            "SELECT COALESCE(patient_system, '') FROM observations WHERE patient_id = $1 LIMIT 1",
+            &[&value],
+        )?
+        .map(|r| r.get(0)))
+    }
+
+    /// Like SQLite's, paging by `rid` (a sequence) instead of `rowid`.
+    pub fn export_observations(
+        &self,
+        after_rowid: i64,
+        limit: usize,
+        since_us: Option<i64>,
+        patient_level: bool,
+        ward: Option<&str>,
+    ) -> Result<Vec<(i64, ObservationRow)>, StoreError> {
+        let mut sql = format!(
+            "SELECT o.rid, {OBS_COLUMNS} FROM {OBS_FROM} WHERE o.rid > $1 AND o.panel_id IS NULL"
+        );
+        let mut args: Vec<Box<dyn ToSql + Sync>> = vec![Box::new(after_rowid)];
+        if let Some(s) = since_us {
+            args.push(Box::new(s));
+            sql.push_str(&format!(" AND o.received_us >= ${}", args.len()));
+        }
+        if patient_level {
+            sql.push_str(" AND o.patient_id IS NOT NULL");
+        }
+        if let Some(w) = ward {
+            args.push(Box::new(w.to_owned()));
+            sql.push_str(&format!(
+                " AND o.patient_id IN (SELECT s.patient_value FROM patient_stays s
+                   JOIN beds b ON b.id = s.bed_id WHERE b.ward = ${})",
+                args.len()
+            ));
+        }
+        args.push(Box::new(i64::try_from(limit).unwrap_or(i64::MAX)));
+        sql.push_str(&format!(" ORDER BY o.rid LIMIT ${}", args.len()));
+        let refs: Vec<&(dyn ToSql + Sync)> = args.iter().map(|a| a.as_ref()).collect();
+        let mut c = self.conn()?;
+        Ok(c.query(&sql, &refs)?
+            .iter()
+            .map(|r| (r.get(0), obs_row(r, 1)))
+            .collect())
+    }
+
+    pub fn export_patients(&self, ward: Option<&str>) -> Result<Vec<(String, String)>, StoreError> {
+        let mut c = self.conn()?;
+        let rows = match ward {
+            Some(w) => c.query(
+                "SELECT s.patient_value, MAX(s.patient_system) FROM patient_stays s
+                   JOIN beds b ON b.id = s.bed_id WHERE b.ward = $1
+                  GROUP BY s.patient_value ORDER BY s.patient_value",
+                &[&w],
+            )?,
+            None => c.query(
+                "SELECT v, MAX(sys) FROM (
+                     SELECT patient_value AS v, patient_system AS sys FROM patient_stays
+                     UNION ALL
+                     SELECT patient_id, COALESCE(patient_system, '') FROM observations
+                      WHERE patient_id IS NOT NULL) p
+                 GROUP BY v ORDER BY v",
+                &[],
+            )?,
+        };
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    pub fn device(&self, fhir_id: &str) -> Result<Option<DeviceRow>, StoreError> {
+        let mut c = self.conn()?;
+        Ok(c.query_opt(
+            &format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE fhir_id = $1"),
+            &[&fhir_id],
+        )?
+        .map(|r| device_row(&r)))
+    }
+
+    pub fn devices(&self, count: u32, offset: u64) -> Result<(u64, Vec<DeviceRow>), StoreError> {
+        let mut c = self.conn()?;
+        let total: i64 = c.query_one("SELECT COUNT(*) FROM devices", &[])?.get(0);
+        let rows = c.query(
+            &format!(
+                "SELECT {DEVICE_COLUMNS} FROM devices ORDER BY gateway_id, device_id LIMIT $1 OFFSET $2"
+            ),
+            &[
+                &i64::from(count),
+                &i64::try_from(offset).unwrap_or(i64::MAX),
+            ],
+        )?;
+        Ok((total as u64, rows.iter().map(device_row).collect()))
+    }
+}
+
+/// Create gateway `id` or re-activate it when revoked (as SQLite's).
+fn put_gateway(
+    tx: &mut Transaction<'_>,
+    id: &str,
+    token_sha256: &str,
+    now: i64,
+) -> Result<(), StoreError> {
+    let existing = tx.query_opt(
+        "SELECT revoked_us FROM gateways WHERE id = $1 FOR UPDATE",
+        &[&id],
+    )?;
+    match existing.map(|r| r.get::<_, Option<i64>>(0)) {
+        Some(None) => Err(StoreError::GatewayExists(id.to_owned())),
+        Some(Some(_)) => {
+            tx.execute(
+                "DELETE FROM gateway_grace_tokens WHERE gateway_id = $1",
+                &[&id],
+            )?;
+            tx.execute(
+                "UPDATE gateways SET token_sha256 = $2, created_us = $3, revoked_us = NULL WHERE id = $1",
+                &[&id, &token_sha256, &now],
+            )?;
+            Ok(())
+        }
+        None => {
+            // ON CONFLICT: a concurrent add of the same id is refused, not an error.
+            let n = tx.execute(
+                "INSERT INTO gateways (id, token_sha256, created_us) VALUES ($1, $2, $3)
+                 ON CONFLICT (id) DO NOTHING",
+                &[&id, &token_sha256, &now],
+            )?;
+            if n == 0 {
+                return Err(StoreError::GatewayExists(id.to_owned()));
+            }
+            Ok(())
+        }
+    }
+}
+
+const OBS_COLUMNS: &str = "o.id, o.kind, o.gateway_id, o.device_id, o.patient_id, o.received_us, \
+     o.payload, o.resource, COALESCE(d.manufacturer, ''), COALESCE(d.model, ''), \
+     COALESCE(d.serial_number, ''), o.patient_system";
+const OBS_FROM: &str = "observations o LEFT JOIN devices d \
+     ON d.gateway_id = o.gateway_id AND d.device_id = o.device_id";
+
+fn obs_row(r: &Row, at: usize) -> ObservationRow {
+    ObservationRow {
+        id: r.get(at),
+        kind: r.get(at + 1),
+        gateway_id: r.get(at + 2),
+        device_id: r.get(at + 3),
+        patient_id: r.get(at + 4),
+        received_us: r.get(at + 5),
+        payload: r.get(at + 6),
+        resource: r.get(at + 7),
+        manufacturer: r.get(at + 8),
+        model: r.get(at + 9),
+        serial_number: r.get(at + 10),
+        patient_system: r.get(at + 11),
+    }
+}
+
+const DEVICE_COLUMNS: &str = "gateway_id, device_id, protocol, manufacturer, model, serial_number, \
+     first_seen_us, last_seen_us";
+
+fn device_row(r: &Row) -> DeviceRow {
+    DeviceRow {
+        gateway_id: r.get(0),
+        device_id: r.get(1),
+        protocol: r.get(2),
+        manufacturer: r.get(3),
+        model: r.get(4),
+        serial_number: r.get(5),
+        first_seen_us: r.get(6),
+        last_seen_us: r.get(7),
+    }
+}

@@ -1,0 +1,208 @@
+//! PostgreSQL schema: ordered migrations, recorded in `schema_migrations`
+//! like the SQLite store's. Version 1 holds what SQLite reached in its
+//! schema v6 (the two backends number their migrations independently).
+//!
+//! Layout choices (see `docs/hub.md`, "PostgreSQL and scaling out"):
+//! - `observations` is partitioned by range of `effective_us` (µs since the
+//!   epoch), one partition per UTC month, created on demand before a batch
+//!   is inserted ([`super::PgStore`] keeps the months it has created).
+//! - A unique constraint of a partitioned table must include the partition
+//!   key, so a reading's identity is `(gateway_id, device_id, sequence,
+//!   effective_us)`. That still de-duplicates: a re-sent reading is the same
+//!   protobuf, so it has the same effective time and lands in the same
+//!   partition, where the key conflicts. Ingest also skips a row whose
+//!   `(gateway_id, device_id, sequence)` exists under another time (an index
+//!   probe per partition), so the result equals SQLite's.
+//! - Every table written by ingest carries `gateway_id` and every unique
+//!   key of those tables includes it: the tables can be distributed (Citus,
+//!   Azure Cosmos DB for PostgreSQL) by `gateway_id`, which makes a batch's
+//!   transaction single-shard. `beds` and `patient_stays` are small and
+//!   become reference tables. The patient is not a distribution column
+//!   because it changes (re-attribution, identifier updates) and a
+//!   distribution column cannot be updated.
+
+/// v1: the full schema (equivalent of SQLite v6), observations partitioned
+/// by month of effective time.
+const V1: &str = r#"
+CREATE TABLE gateways (
+    id            text PRIMARY KEY,
+    token_sha256  text NOT NULL UNIQUE,
+    created_us    bigint NOT NULL,
+    revoked_us    bigint
+);
+CREATE TABLE gateway_grace_tokens (
+    token_sha256 text PRIMARY KEY,
+    gateway_id   text NOT NULL,
+    expires_us   bigint NOT NULL
+);
+CREATE INDEX gateway_grace_tokens_gateway ON gateway_grace_tokens (gateway_id);
+CREATE TABLE enrollment_tokens (
+    token_sha256 text PRIMARY KEY,
+    created_us   bigint NOT NULL,
+    expires_us   bigint NOT NULL,
+    used_us      bigint,
+    gateway_id   text
+);
+CREATE TABLE batches (
+    gateway_id     text NOT NULL,
+    sequence       bigint NOT NULL,
+    received_us    bigint NOT NULL,
+    created_us     bigint NOT NULL,
+    agent_version  text NOT NULL,
+    ack            bytea NOT NULL,
+    PRIMARY KEY (gateway_id, sequence)
+);
+CREATE TABLE devices (
+    gateway_id     text NOT NULL,
+    device_id      text NOT NULL,
+    protocol       text NOT NULL,
+    manufacturer   text NOT NULL,
+    model          text NOT NULL,
+    serial_number  text NOT NULL,
+    location       text NOT NULL,
+    first_seen_us  bigint NOT NULL,
+    last_seen_us   bigint NOT NULL,
+    fhir_id        text NOT NULL,
+    PRIMARY KEY (gateway_id, device_id)
+);
+CREATE INDEX devices_fhir_id ON devices (fhir_id);
+CREATE TABLE observations (
+    rid            bigserial NOT NULL,
+    id             text NOT NULL,
+    gateway_id     text NOT NULL,
+    device_id      text NOT NULL,
+    sequence       bigint NOT NULL,
+    patient_id     text,
+    patient_system text,
+    attribution    text NOT NULL,
+    loinc          text NOT NULL,
+    mdc_code       bigint NOT NULL,
+    effective_us   bigint NOT NULL,
+    status         text NOT NULL,
+    value          double precision,
+    batch_sequence bigint NOT NULL,
+    received_us    bigint NOT NULL,
+    resource       text NOT NULL DEFAULT '',
+    kind           text NOT NULL,
+    category       text NOT NULL,
+    payload        bytea,
+    panel_id       text,
+    UNIQUE (gateway_id, device_id, sequence, effective_us)
+) PARTITION BY RANGE (effective_us);
+CREATE INDEX observations_id ON observations (id);
+CREATE INDEX observations_rid ON observations (rid);
+CREATE INDEX observations_identity ON observations (gateway_id, device_id, sequence);
+CREATE INDEX observations_patient_mdc_time ON observations (patient_id, mdc_code, effective_us);
+CREATE INDEX observations_mdc_time ON observations (mdc_code, effective_us);
+CREATE INDEX observations_time ON observations (effective_us);
+CREATE INDEX observations_device_time ON observations (gateway_id, device_id, effective_us);
+CREATE INDEX observations_unattributed ON observations (attribution) WHERE attribution = 'unattributed';
+CREATE TABLE device_events (
+    gateway_id      text NOT NULL,
+    device_id       text NOT NULL,
+    sequence        bigint NOT NULL,
+    kind            text NOT NULL,
+    time_us         bigint NOT NULL,
+    detail          text NOT NULL,
+    batch_sequence  bigint NOT NULL,
+    received_us     bigint NOT NULL,
+    UNIQUE (gateway_id, device_id, sequence)
+);
+CREATE INDEX device_events_device_time ON device_events (gateway_id, device_id, time_us);
+CREATE TABLE rejected_readings (
+    id              bigserial,
+    gateway_id      text NOT NULL,
+    device_id       text NOT NULL,
+    batch_sequence  bigint NOT NULL,
+    sequence        bigint NOT NULL,
+    kind            text NOT NULL,
+    reason          text NOT NULL,
+    detail          text NOT NULL,
+    raw             bytea NOT NULL,
+    received_us     bigint NOT NULL,
+    PRIMARY KEY (gateway_id, id)
+);
+CREATE INDEX rejected_readings_gateway ON rejected_readings (gateway_id, received_us);
+CREATE TABLE beds (
+    id          text PRIMARY KEY,
+    ward        text NOT NULL,
+    label       text NOT NULL,
+    created_us  bigint NOT NULL
+);
+CREATE TABLE device_placements (
+    id          bigserial,
+    gateway_id  text NOT NULL,
+    device_id   text NOT NULL,
+    bed_id      text NOT NULL REFERENCES beds (id),
+    from_us     bigint NOT NULL,
+    to_us       bigint,
+    CHECK (to_us IS NULL OR to_us > from_us),
+    PRIMARY KEY (gateway_id, id)
+);
+CREATE INDEX device_placements_id ON device_placements (id);
+CREATE INDEX device_placements_device ON device_placements (gateway_id, device_id, from_us);
+CREATE INDEX device_placements_bed ON device_placements (bed_id, from_us);
+CREATE TABLE patient_stays (
+    id              bigserial PRIMARY KEY,
+    patient_system  text NOT NULL,
+    patient_value   text NOT NULL,
+    bed_id          text NOT NULL REFERENCES beds (id),
+    from_us         bigint NOT NULL,
+    to_us           bigint,
+    visit           text,
+    CHECK (to_us IS NULL OR to_us > from_us)
+);
+CREATE INDEX patient_stays_patient ON patient_stays (patient_system, patient_value, from_us);
+CREATE INDEX patient_stays_value ON patient_stays (patient_value);
+CREATE INDEX patient_stays_bed ON patient_stays (bed_id, from_us);
+CREATE INDEX patient_stays_visit ON patient_stays (visit) WHERE visit IS NOT NULL;
+"#;
+
+/// Ordered migrations; each runs once, in one transaction with its version
+/// row.
+pub(crate) const MIGRATIONS: &[(i64, &str)] = &[(1, V1)];
+
+/// Observation partitions are UTC months: `[start, end)` in µs of the
+/// month holding `t_us`, and the partition's name.
+pub(crate) fn month_of(t_us: i64) -> (i64, i64, String) {
+    use time::{Month, OffsetDateTime};
+    let secs = t_us.div_euclid(1_000_000);
+    let dt = OffsetDateTime::from_unix_timestamp(secs).unwrap_or(OffsetDateTime::UNIX_EPOCH);
+    let (y, m) = (dt.year(), dt.month());
+    let start = month_start(y, m);
+    let (ny, nm) = if m == Month::December {
+        (y + 1, Month::January)
+    } else {
+        (y, m.next())
+    };
+    let end = month_start(ny, nm);
+    let name = format!("observations_y{y:04}m{:02}", u8::from(m));
+    (start, end, name)
+}
+
+fn month_start(y: i32, m: time::Month) -> i64 {
+    time::Date::from_calendar_date(y, m, 1)
+        .map(|d| d.midnight().assume_utc().unix_timestamp() * 1_000_000)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn months_are_half_open_utc_ranges() {
+        // 2026-01-31T23:59:59.999999Z and 2026-02-01T00:00:00Z.
+        let last = 1_769_903_999_999_999;
+        let (s, e, n) = month_of(last);
+        assert_eq!(n, "observations_y2026m01");
+        assert_eq!((s, e), (1_767_225_600_000_000, 1_769_904_000_000_000));
+        let (s2, e2, n2) = month_of(e);
+        assert_eq!(n2, "observations_y2026m02");
+        assert_eq!(s2, e);
+        assert!(e2 > s2);
+        let (_, e12, n12) = month_of(1_798_761_599_000_000); // 2026-12-31T23:59:59Z
+        assert_eq!(n12, "observations_y2026m12");
+        assert_eq!(e12, 1_798_761_600_000_000); // 2027-01-01
+    }
+}
