@@ -623,6 +623,32 @@ mod tests {
         assert_eq!(bed, "GHH.B");
     }
 
+    proptest::proptest! {
+        /// Any bytes, or the A01 with one byte changed: interpreting never
+        /// panics, an event names a valid bed and a non-empty identifier,
+        /// and the ACK for any outcome parses back with the control id.
+        #[test]
+        fn interpreting_never_panics(
+            junk in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400),
+            pos in proptest::prelude::any::<proptest::sample::Index>(),
+            byte in proptest::prelude::any::<u8>(),
+        ) {
+            let _ = interpret(&junk, &AdtOptions::default(), NOW);
+            let mut m = msg(A01);
+            let i = pos.index(m.len());
+            m[i] = byte;
+            let it = interpret(&m, &AdtOptions::default(), NOW);
+            if let Outcome::Event(AdtEvent::Admit { patient, bed, .. }) = &it.outcome {
+                proptest::prop_assert!(!patient.value.is_empty() && is_valid_key(bed));
+            }
+            let a = ack(&it.target, it.code(), None, OffsetDateTime::UNIX_EPOCH, "A");
+            proptest::prop_assert!(!a.contains(&0x0B) && !a.contains(&0x1C));
+            if it.code() != AckCode::Reject {
+                proptest::prop_assert_eq!(parse_ack(&a).map(|x| x.1), Some(it.target.control_id.clone()));
+            }
+        }
+    }
+
     #[test]
     fn the_ack_echoes_the_control_id_and_swaps_applications() {
         let i = interpret(&msg(A01), &AdtOptions::default(), NOW);
