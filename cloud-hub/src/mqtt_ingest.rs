@@ -445,8 +445,9 @@ pub(crate) async fn run(ingest: MqttIngest, st: AppState, mut stop: watch::Recei
                         "MQTT connected"
                     );
                     // Subscribing again on a resumed session is harmless and
-                    // covers a session the broker expired.
-                    if let Err(e) = client.subscribe(ingest.filter.clone(), QoS::AtLeastOnce).await {
+                    // covers a session the broker expired. Never wait here:
+                    // only this loop drains the request queue.
+                    if let Err(e) = client.try_subscribe(ingest.filter.clone(), QoS::AtLeastOnce) {
                         tracing::error!(error = %e, "MQTT subscribe request failed");
                     }
                 }
@@ -503,7 +504,9 @@ pub(crate) async fn run(ingest: MqttIngest, st: AppState, mut stop: watch::Recei
     }
     // The worker has handed its last acknowledgements to the client; send
     // them and a DISCONNECT (the session stays on the broker).
-    let _ = client.disconnect().await;
+    // (try_: nothing else drains the request queue; the acks queued before
+    // it go out while polling below either way.)
+    let _ = client.try_disconnect();
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
         loop {
             match events.poll().await {
@@ -550,6 +553,12 @@ async fn worker(
         // A message received on an earlier connection is stored (harmless:
         // de-duplicated) but not acknowledged: the broker re-delivers it on
         // the resumed session under a packet id that the new copy acks.
+        // Known narrow window: if the connection drops between this check
+        // and the PUBACK leaving, the PUBACK goes out on the new connection
+        // (same packet id, same message: correct) and the re-delivered copy
+        // is acked again later; should the broker have reused that id by
+        // then, another stored-or-queued message is acked early and would be
+        // lost only if this hub also crashed before storing it.
         if d.connection == connection.load(Ordering::SeqCst)
             && let Err(e) = client.ack(&d.publish).await
         {
