@@ -6,7 +6,7 @@ set -euo pipefail
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then
   if command -v sudo >/dev/null 2>&1; then SUDO="sudo"; else
-    echo "setup: not root and no sudo; install manually: socat libdbus-1-dev pkg-config dbus python3-dbusmock mosquitto" >&2; fi
+    echo "setup: not root and no sudo; install manually: socat libdbus-1-dev pkg-config dbus python3-dbusmock mosquitto postgresql" >&2; fi
 fi
 
 # Debian packages needed by the tests and the demo.
@@ -16,7 +16,10 @@ fi
 #     (dbus-daemon + firmware-shims/ble/mock_peripheral.py under /usr/bin/python3).
 #   mosquitto: MQTT broker (and mosquitto_passwd) standing in for Azure IoT Hub in
 #     edge-agent/tests/iothub_mqtt.rs.
-PKGS=(socat libdbus-1-dev pkg-config dbus python3-dbusmock mosquitto)
+#   postgresql: server binaries (initdb, pg_ctl under /usr/lib/postgresql/*/bin) for the
+#     hub's PostgreSQL backend tests (cloud-hub/tests/storage_suite.rs starts its own
+#     throwaway server; the Debian service it installs is not used).
+PKGS=(socat libdbus-1-dev pkg-config dbus python3-dbusmock mosquitto postgresql)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

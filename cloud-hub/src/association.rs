@@ -677,6 +677,9 @@ impl Store {
     /// Creates a bed.
     pub fn create_bed(&self, bed: &Bed) -> Result<(), AssocError> {
         bed.validate()?;
+        if let Some(p) = self.postgres() {
+            return p.create_bed(bed);
+        }
         self.assoc_tx(|tx| {
             let n = tx.execute(
                 "INSERT OR IGNORE INTO beds (id, ward, label, created_us) VALUES (?1, ?2, ?3, ?4)",
@@ -691,6 +694,9 @@ impl Store {
 
     /// All beds, by ward and id.
     pub fn list_beds(&self) -> Result<Vec<Bed>, AssocError> {
+        if let Some(p) = self.postgres() {
+            return p.list_beds();
+        }
         let conn = self.lock()?;
         let mut st = conn.prepare("SELECT id, ward, label FROM beds ORDER BY ward, id")?;
         let beds = st
@@ -719,6 +725,9 @@ impl Store {
     ) -> Result<Change, AssocError> {
         check_device(g, d)?;
         check_key("bed_id", bed)?;
+        if let Some(p) = self.postgres() {
+            return p.place_device(g, d, bed, at, fallback);
+        }
         self.assoc_tx(|tx| {
             bed_exists(tx, bed)?;
             let mut aff = Affected::default();
@@ -751,6 +760,9 @@ impl Store {
         fallback: &Associations,
     ) -> Result<Change, AssocError> {
         check_device(g, d)?;
+        if let Some(p) = self.postgres() {
+            return p.remove_device(g, d, at, fallback);
+        }
         self.assoc_tx(|tx| {
             let p = PLACEMENTS
                 .covering(tx, (g, d), at)?
@@ -775,6 +787,9 @@ impl Store {
     ) -> Result<Change, AssocError> {
         patient.validate()?;
         check_key("bed_id", bed)?;
+        if let Some(p) = self.postgres() {
+            return p.admit(patient, bed, at, visit, fallback);
+        }
         let k = (patient.system.as_str(), patient.value.as_str());
         self.assoc_tx(|tx| {
             bed_exists(tx, bed)?;
@@ -811,6 +826,9 @@ impl Store {
     ) -> Result<Change, AssocError> {
         patient.validate()?;
         check_key("bed_id", bed)?;
+        if let Some(p) = self.postgres() {
+            return p.transfer(patient, bed, at, fallback);
+        }
         let k = (patient.system.as_str(), patient.value.as_str());
         self.assoc_tx(|tx| {
             bed_exists(tx, bed)?;
@@ -855,6 +873,9 @@ impl Store {
         fallback: &Associations,
     ) -> Result<Change, AssocError> {
         patient.validate()?;
+        if let Some(p) = self.postgres() {
+            return p.discharge(patient, at, fallback);
+        }
         let k = (patient.system.as_str(), patient.value.as_str());
         self.assoc_tx(|tx| {
             let Some(first) = STAYS.covering(tx, k, at)? else {
@@ -895,6 +916,9 @@ impl Store {
 
     /// The open-or-covering stay of `visit` at `at`, if any: its patient.
     pub fn stay_of_visit(&self, visit: &str, at: i64) -> Result<Option<PatientId>, AssocError> {
+        if let Some(p) = self.postgres() {
+            return p.stay_of_visit(visit, at);
+        }
         let conn = self.lock()?;
         Ok(conn
             .query_row(
@@ -914,6 +938,9 @@ impl Store {
 
     /// The bed of the patient's stay covering `at`.
     pub fn bed_of(&self, patient: &PatientId, at: i64) -> Result<Option<String>, AssocError> {
+        if let Some(p) = self.postgres() {
+            return p.bed_of(patient, at);
+        }
         let mut conn = self.lock()?;
         let tx = conn.transaction()?;
         let k = (patient.system.as_str(), patient.value.as_str());
@@ -934,6 +961,9 @@ impl Store {
         new.validate()?;
         if old == new {
             return Ok(Change::default());
+        }
+        if let Some(p) = self.postgres() {
+            return p.change_identifier(old, new, visit, fallback);
         }
         self.assoc_tx(|tx| {
             let stays: Vec<Interval> = tx
@@ -965,6 +995,9 @@ impl Store {
 
     /// Every bed with its patient and devices at `at`.
     pub fn occupancy(&self, at: i64) -> Result<Vec<BedOccupancy>, AssocError> {
+        if let Some(p) = self.postgres() {
+            return p.occupancy(at);
+        }
         let beds = self.list_beds()?;
         let mut conn = self.lock()?;
         let tx = conn.transaction()?;
@@ -999,6 +1032,9 @@ impl Store {
 
     /// How many stored readings have no patient.
     pub fn unattributed_count(&self) -> Result<u64, AssocError> {
+        if let Some(p) = self.postgres() {
+            return p.unattributed_count();
+        }
         let conn = self.lock()?;
         let n: i64 = conn.query_row(
             "SELECT COUNT(*) FROM observations WHERE attribution = 'unattributed'",

@@ -117,8 +117,24 @@ pub enum ClientAuth {
 #[serde(deny_unknown_fields)]
 pub struct StorageConfig {
     /// SQLite database file; relative paths are relative to the config
-    /// file's directory.
+    /// file's directory. With the PostgreSQL backend the file is not
+    /// opened, but bulk-export files still go to a directory beside it.
     pub sqlite_path: PathBuf,
+    /// `sqlite` (default) or `postgres`.
+    #[serde(default)]
+    pub backend: StorageBackend,
+    /// `[storage.postgres]`, required with `backend = "postgres"`.
+    #[serde(default)]
+    pub postgres: Option<crate::pg::PgConfig>,
+}
+
+/// `storage.backend`
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageBackend {
+    #[default]
+    Sqlite,
+    Postgres,
 }
 
 /// `[fhir]`
@@ -359,6 +375,13 @@ impl Config {
         {
             m.client_id = id;
         }
+        if let (Some(pg), Ok(url)) = (
+            &mut config.storage.postgres,
+            std::env::var(crate::pg::ENV_PG_URL),
+        ) && !url.is_empty()
+        {
+            pg.url = url;
+        }
         config.resolve_paths(base_dir);
         config.validate_fields()?;
         Ok(config)
@@ -387,6 +410,11 @@ impl Config {
             }
         };
         fix(&mut self.storage.sqlite_path);
+        if let Some(pg) = &mut self.storage.postgres {
+            for p in [&mut pg.password_file, &mut pg.ca_file].into_iter().flatten() {
+                fix(p);
+            }
+        }
         if let Some(p) = &mut self.association.admin_token_file {
             fix(p);
         }
@@ -449,6 +477,18 @@ impl Config {
                 "storage.sqlite_path",
                 "must not be empty",
             ));
+        }
+        match (&self.storage.backend, &self.storage.postgres) {
+            (StorageBackend::Postgres, None) => {
+                return Err(ConfigError::invalid(
+                    "storage.postgres",
+                    "is required with storage.backend = \"postgres\"",
+                ));
+            }
+            (_, Some(pg)) => pg
+                .validate()
+                .map_err(|(field, message)| ConfigError::invalid(field, message))?,
+            (StorageBackend::Sqlite, None) => {}
         }
         if let Some(tls) = &self.server.tls
             && tls.client_auth.is_some()

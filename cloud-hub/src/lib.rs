@@ -75,7 +75,7 @@ pub async fn run(
 }
 
 fn open_store(config: &Config) -> Result<Store, HubError> {
-    Ok(Store::open(&config.storage.sqlite_path)?)
+    Ok(Store::open_config(&config.storage)?)
 }
 
 /// Creates gateway `id` and returns its new bearer token (shown once; only

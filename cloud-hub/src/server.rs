@@ -71,7 +71,7 @@ impl Hub {
     pub fn open(config: Config) -> Result<Self, HubError> {
         config.validate()?;
         let tls = config.server.tls.as_ref().map(load_tls).transpose()?;
-        let store = Store::open(&config.storage.sqlite_path)?;
+        let store = Store::open_config(&config.storage)?;
         let mqtt = config
             .mqtt
             .as_ref()

@@ -230,10 +230,18 @@ pub struct IngestReport {
     pub out_of_range: u32,
 }
 
-/// The database, shared by the server's tasks.
+/// The database, shared by the server's tasks: SQLite ([`Store::open`])
+/// or PostgreSQL ([`Store::open_postgres`], `crate::pg`). Every method
+/// dispatches to the backend; both pass `tests/storage_suite.rs`.
 #[derive(Debug, Clone)]
 pub struct Store {
-    conn: Arc<Mutex<Connection>>,
+    backend: Backend,
+}
+
+#[derive(Debug, Clone)]
+enum Backend {
+    Sqlite(Arc<Mutex<Connection>>),
+    Postgres(crate::pg::PgStore),
 }
 
 fn reason_name(r: RejectReason) -> &'static str {
@@ -325,16 +333,49 @@ impl Store {
         backfill_device_ids(&tx)?;
         tx.commit()?;
         Ok(Self {
-            conn: Arc::new(Mutex::new(conn)),
+            backend: Backend::Sqlite(Arc::new(Mutex::new(conn))),
         })
     }
 
+    /// Connects to PostgreSQL and applies its pending migrations.
+    pub fn open_postgres(cfg: &crate::pg::PgConfig) -> Result<Self, StoreError> {
+        Ok(Self {
+            backend: Backend::Postgres(crate::pg::PgStore::open(cfg)?),
+        })
+    }
+
+    /// Opens the backend `[storage]` selects.
+    pub fn open_config(storage: &crate::config::StorageConfig) -> Result<Self, StoreError> {
+        match (&storage.backend, &storage.postgres) {
+            (crate::config::StorageBackend::Postgres, Some(pg)) => Self::open_postgres(pg),
+            (crate::config::StorageBackend::Postgres, None) => Err(StoreError::Pool(
+                "storage.backend = \"postgres\" needs a [storage.postgres] section".into(),
+            )),
+            (crate::config::StorageBackend::Sqlite, _) => Self::open(&storage.sqlite_path),
+        }
+    }
+
+    /// The PostgreSQL store, when that is the backend.
+    pub fn postgres(&self) -> Option<&crate::pg::PgStore> {
+        match &self.backend {
+            Backend::Postgres(p) => Some(p),
+            Backend::Sqlite(_) => None,
+        }
+    }
+
+    /// The SQLite connection (`StoreError::NotSqlite` on PostgreSQL).
     pub(crate) fn lock(&self) -> Result<MutexGuard<'_, Connection>, StoreError> {
-        self.conn.lock().map_err(|_| StoreError::Poisoned)
+        match &self.backend {
+            Backend::Sqlite(c) => c.lock().map_err(|_| StoreError::Poisoned),
+            Backend::Postgres(_) => Err(StoreError::NotSqlite),
+        }
     }
 
     /// Whether the database answers a query.
     pub fn ping(&self) -> Result<(), StoreError> {
+        if let Some(p) = self.postgres() {
+            return p.ping();
+        }
         let conn = self.lock()?;
         conn.query_row("SELECT COUNT(*) FROM schema_migrations", [], |r| {
             r.get::<_, i64>(0)
@@ -346,6 +387,9 @@ impl Store {
     /// may be re-added (it gets the new token); an active one may not.
     /// Record a one-time enrolment token (its SHA-256), valid until `expires_us`.
     pub fn add_enrollment(&self, token_sha256: &str, expires_us: i64) -> Result<(), StoreError> {
+        if let Some(p) = self.postgres() {
+            return p.add_enrollment(token_sha256, expires_us);
+        }
         let conn = self.lock()?;
         conn.execute(
             "INSERT INTO enrollment_tokens (token_sha256, created_us, expires_us) VALUES (?1, ?2, ?3)",
@@ -365,6 +409,9 @@ impl Store {
         gateway_token_sha256: &str,
         now: i64,
     ) -> Result<(), StoreError> {
+        if let Some(p) = self.postgres() {
+            return p.enroll(enrollment_sha256, id, gateway_token_sha256, now);
+        }
         let mut conn = self.lock()?;
         let tx = conn.transaction()?;
         let row: Option<(i64, Option<i64>)> = tx
@@ -388,6 +435,9 @@ impl Store {
     }
 
     pub fn add_gateway(&self, id: &str, token_sha256: &str) -> Result<(), StoreError> {
+        if let Some(p) = self.postgres() {
+            return p.add_gateway(id, token_sha256);
+        }
         let mut conn = self.lock()?;
         let tx = conn.transaction()?;
         put_gateway(&tx, id, token_sha256, now_us())?;
@@ -397,6 +447,9 @@ impl Store {
 
     /// All gateways, by id.
     pub fn list_gateways(&self) -> Result<Vec<GatewayRow>, StoreError> {
+        if let Some(p) = self.postgres() {
+            return p.list_gateways();
+        }
         let conn = self.lock()?;
         let mut stmt =
             conn.prepare("SELECT id, created_us, revoked_us FROM gateways ORDER BY id")?;
@@ -415,6 +468,9 @@ impl Store {
     /// Revokes a gateway's token. Revoking an already revoked gateway is a
     /// no-op.
     pub fn revoke_gateway(&self, id: &str) -> Result<(), StoreError> {
+        if let Some(p) = self.postgres() {
+            return p.revoke_gateway(id);
+        }
         let conn = self.lock()?;
         let exists = conn
             .query_row("SELECT 1 FROM gateways WHERE id = ?1", [id], |_| Ok(()))
@@ -445,6 +501,9 @@ impl Store {
         grace_until: Option<i64>,
         now: i64,
     ) -> Result<(), StoreError> {
+        if let Some(p) = self.postgres() {
+            return p.rotate_gateway(id, new_token_sha256, grace_until, now);
+        }
         let mut conn = self.lock()?;
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let row: Option<(String, Option<i64>)> = tx
@@ -489,6 +548,9 @@ impl Store {
         token_sha256: &str,
         now: i64,
     ) -> Result<Option<String>, StoreError> {
+        if let Some(p) = self.postgres() {
+            return p.authenticate_at(token_sha256, now);
+        }
         let conn = self.lock()?;
         Ok(conn
             .query_row(
@@ -506,6 +568,9 @@ impl Store {
     /// Whether gateway `id` is registered and not revoked (MQTT ingest,
     /// where the broker authenticated the publisher).
     pub fn gateway_is_active(&self, id: &str) -> Result<bool, StoreError> {
+        if let Some(p) = self.postgres() {
+            return p.gateway_is_active(id);
+        }
         let conn = self.lock()?;
         Ok(conn
             .query_row(
@@ -529,6 +594,9 @@ impl Store {
         received_us: i64,
         now_us: i64,
     ) -> Result<IngestReport, StoreError> {
+        if let Some(p) = self.postgres() {
+            return p.ingest(gateway_id, batch, associations, received_us, now_us);
+        }
         let mut conn = self.lock()?;
         // IMMEDIATE: take the write lock up front, so that hub instances
         // sharing the database wait for each other (busy timeout) instead of
@@ -842,6 +910,9 @@ impl Store {
 
     /// One stored Observation row (rendered by `fhir::render`).
     pub fn observation(&self, id: &str) -> Result<Option<ObservationRow>, StoreError> {
+        if let Some(p) = self.postgres() {
+            return p.observation(id);
+        }
         let conn = self.lock()?;
         Ok(conn
             .query_row(
@@ -856,6 +927,9 @@ impl Store {
     /// rows. Components of a blood-pressure panel are listed through their
     /// panel, not on their own.
     pub fn search(&self, s: &ObservationSearch) -> Result<(u64, Vec<ObservationRow>), StoreError> {
+        if let Some(p) = self.postgres() {
+            return p.search(s);
+        }
         if s.codes.iter().any(Vec::is_empty) || s.categories.iter().any(Vec::is_empty) {
             return Ok((0, Vec::new()));
         }
@@ -941,6 +1015,9 @@ impl Store {
     /// A patient known to the hub (from stays or attributed readings) by
     /// identifier value: `Some(system)` (empty when unknown).
     pub fn patient(&self, value: &str) -> Result<Option<String>, StoreError> {
+        if let Some(p) = self.postgres() {
+            return p.patient(value);
+        }
         let conn = self.lock()?;
         let from_stays: Option<String> = conn
             .query_row(
@@ -974,6 +1051,9 @@ impl Store {
         patient_level: bool,
         ward: Option<&str>,
     ) -> Result<Vec<(i64, ObservationRow)>, StoreError> {
+        if let Some(p) = self.postgres() {
+            return p.export_observations(after_rowid, limit, since_us, patient_level, ward);
+        }
         let mut sql = format!(
             "SELECT o.rowid, {OBS_COLUMNS} FROM {OBS_FROM} WHERE o.rowid > ?1 AND o.panel_id IS NULL"
         );
@@ -1023,6 +1103,9 @@ impl Store {
     /// Patients (identifier value, system or "") known from stays and
     /// attributed readings; with `ward`, those who stayed in its beds.
     pub fn export_patients(&self, ward: Option<&str>) -> Result<Vec<(String, String)>, StoreError> {
+        if let Some(p) = self.postgres() {
+            return p.export_patients(ward);
+        }
         let conn = self.lock()?;
         let rows = match ward {
             Some(w) => conn
@@ -1050,6 +1133,9 @@ impl Store {
 
     /// A device by its FHIR id.
     pub fn device(&self, fhir_id: &str) -> Result<Option<DeviceRow>, StoreError> {
+        if let Some(p) = self.postgres() {
+            return p.device(fhir_id);
+        }
         let conn = self.lock()?;
         Ok(conn
             .query_row(
@@ -1063,6 +1149,9 @@ impl Store {
     /// Devices ordered by gateway and device id, a page at a time; with
     /// the total count.
     pub fn devices(&self, count: u32, offset: u64) -> Result<(u64, Vec<DeviceRow>), StoreError> {
+        if let Some(p) = self.postgres() {
+            return p.devices(count, offset);
+        }
         let conn = self.lock()?;
         let total: i64 = conn.query_row("SELECT COUNT(*) FROM devices", [], |r| r.get(0))?;
         let mut stmt = conn.prepare(&format!(

@@ -83,7 +83,12 @@ impl Timeline {
             .collect())
     }
 
-    fn covering(self, tx: Tx<'_, '_>, k: (&str, &str), at: i64) -> Result<Option<Interval>, AssocError> {
+    fn covering(
+        self,
+        tx: Tx<'_, '_>,
+        k: (&str, &str),
+        at: i64,
+    ) -> Result<Option<Interval>, AssocError> {
         Ok(self
             .overlapping(tx, k, at, at.saturating_add(1))?
             .into_iter()
@@ -330,7 +335,10 @@ fn bed_exists(tx: Tx<'_, '_>, bed: &str) -> Result<(), AssocError> {
 
 impl PgStore {
     /// Runs `f` in a transaction holding the exclusive association lock.
-    fn assoc_tx<T>(&self, f: impl FnOnce(Tx<'_, '_>) -> Result<T, AssocError>) -> Result<T, AssocError> {
+    fn assoc_tx<T>(
+        &self,
+        f: impl FnOnce(Tx<'_, '_>) -> Result<T, AssocError>,
+    ) -> Result<T, AssocError> {
         let mut c = self.conn()?;
         let mut tx = c.transaction().map_err(pg)?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&ASSOC_LOCK])
@@ -358,15 +366,17 @@ impl PgStore {
 
     pub fn list_beds(&self) -> Result<Vec<Bed>, AssocError> {
         let mut c = self.conn()?;
-        Ok(c.query("SELECT id, ward, label FROM beds ORDER BY ward, id", &[])
-            .map_err(pg)?
-            .iter()
-            .map(|r| Bed {
-                id: r.get(0),
-                ward: r.get(1),
-                label: r.get(2),
-            })
-            .collect())
+        Ok(
+            c.query("SELECT id, ward, label FROM beds ORDER BY ward, id", &[])
+                .map_err(pg)?
+                .iter()
+                .map(|r| Bed {
+                    id: r.get(0),
+                    ward: r.get(1),
+                    label: r.get(2),
+                })
+                .collect(),
+        )
     }
 
     pub fn place_device(

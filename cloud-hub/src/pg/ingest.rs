@@ -162,24 +162,25 @@ impl PgStore {
         let mut devices = Vec::new();
         let mut staged: Vec<Staged> = Vec::new();
         let mut panels: Vec<Panel> = Vec::new();
-        let mut reject = |device_id: &str, seq: u64, kind: &'static str, raw: Vec<u8>, f: Refusal| {
-            reasons.push(f.reason);
-            ack.rejected += 1;
-            rejected.push(Rejected {
-                device_id: device_id.to_owned(),
-                sequence: seq as i64,
-                kind,
-                reason: f.reason.as_str_name(),
-                detail: f.detail.clone(),
-                raw,
-            });
-            ack.rejections.push(Rejection {
-                device_id: device_id.to_owned(),
-                sequence: seq,
-                reason: f.reason as i32,
-                detail: f.detail,
-            });
-        };
+        let mut reject =
+            |device_id: &str, seq: u64, kind: &'static str, raw: Vec<u8>, f: Refusal| {
+                reasons.push(f.reason);
+                ack.rejected += 1;
+                rejected.push(Rejected {
+                    device_id: device_id.to_owned(),
+                    sequence: seq as i64,
+                    kind,
+                    reason: f.reason.as_str_name(),
+                    detail: f.detail.clone(),
+                    raw,
+                });
+                ack.rejections.push(Rejection {
+                    device_id: device_id.to_owned(),
+                    sequence: seq,
+                    reason: f.reason as i32,
+                    detail: f.detail,
+                });
+            };
         for e in &batch.gateway_events {
             if validate_technical(e, now_us).is_ok() {
                 events.push(Event {

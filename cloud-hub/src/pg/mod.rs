@@ -104,8 +104,12 @@ impl PgConfig {
     /// Checks the fields; errors name the field (`storage.postgres.…`).
     pub fn validate(&self) -> Result<(), (String, String)> {
         let field = |f: &str| format!("storage.postgres.{f}");
-        let cfg = postgres::Config::from_str(&self.url)
-            .map_err(|e| (field("url"), format!("not a PostgreSQL connection string: {e}")))?;
+        let cfg = postgres::Config::from_str(&self.url).map_err(|e| {
+            (
+                field("url"),
+                format!("not a PostgreSQL connection string: {e}"),
+            )
+        })?;
         if cfg.get_password().is_some() {
             return Err((
                 field("url"),
@@ -124,7 +128,9 @@ impl PgConfig {
             postgres::config::Host::Unix(_) => true,
             postgres::config::Host::Tcp(name) => is_loopback_host(name),
         });
-        if !local && cfg.get_ssl_mode() != postgres::config::SslMode::Require && !self.allow_plaintext
+        if !local
+            && cfg.get_ssl_mode() != postgres::config::SslMode::Require
+            && !self.allow_plaintext
         {
             return Err((
                 field("url"),
@@ -158,7 +164,9 @@ impl PgConfig {
             })?;
             return Ok(Some(text.trim_end_matches(['\r', '\n']).to_owned()));
         }
-        Ok(std::env::var(ENV_PG_PASSWORD).ok().filter(|p| !p.is_empty()))
+        Ok(std::env::var(ENV_PG_PASSWORD)
+            .ok()
+            .filter(|p| !p.is_empty()))
     }
 
     fn tls(&self) -> Result<tokio_postgres_rustls::MakeRustlsConnect, StoreError> {
@@ -168,10 +176,7 @@ impl PgConfig {
                 use rustls::pki_types::CertificateDer;
                 use rustls::pki_types::pem::PemObject;
                 let err = |e: &dyn std::fmt::Display| {
-                    StoreError::Pool(format!(
-                        "storage.postgres.ca_file {}: {e}",
-                        path.display()
-                    ))
+                    StoreError::Pool(format!("storage.postgres.ca_file {}: {e}", path.display()))
                 };
                 for cert in CertificateDer::pem_file_iter(path).map_err(|e| err(&e))? {
                     roots.add(cert.map_err(|e| err(&e))?).map_err(|e| err(&e))?;
@@ -367,10 +372,13 @@ impl PgStore {
     /// The applied migration versions, ascending.
     pub fn migrations(&self) -> Result<Vec<i64>, StoreError> {
         let mut c = self.conn()?;
-        Ok(c.query("SELECT version FROM schema_migrations ORDER BY version", &[])?
-            .iter()
-            .map(|r| r.get(0))
-            .collect())
+        Ok(c.query(
+            "SELECT version FROM schema_migrations ORDER BY version",
+            &[],
+        )?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
     }
 
     /// The names of the existing observation partitions, ascending.
@@ -411,10 +419,7 @@ impl PgStore {
         let mut c = self.conn()?;
         for (start, end, name) in missing {
             let mut tx = c.transaction()?;
-            tx.execute(
-                "SELECT pg_advisory_xact_lock($1)",
-                &[&(ASSOC_LOCK + 2)],
-            )?;
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&(ASSOC_LOCK + 2)])?;
             let exists = tx
                 .query_opt("SELECT 1 FROM pg_class WHERE relname = $1", &[&name])?
                 .is_some();
@@ -485,18 +490,17 @@ impl PgStore {
 
     pub fn list_gateways(&self) -> Result<Vec<GatewayRow>, StoreError> {
         let mut c = self.conn()?;
-        Ok(c
-            .query(
-                "SELECT id, created_us, revoked_us FROM gateways ORDER BY id",
-                &[],
-            )?
-            .iter()
-            .map(|r| GatewayRow {
-                id: r.get(0),
-                created_us: r.get(1),
-                revoked_us: r.get(2),
-            })
-            .collect())
+        Ok(c.query(
+            "SELECT id, created_us, revoked_us FROM gateways ORDER BY id",
+            &[],
+        )?
+        .iter()
+        .map(|r| GatewayRow {
+            id: r.get(0),
+            created_us: r.get(1),
+            revoked_us: r.get(2),
+        })
+        .collect())
     }
 
     pub fn revoke_gateway(&self, id: &str) -> Result<(), StoreError> {
@@ -533,8 +537,7 @@ impl PgStore {
             "SELECT token_sha256, revoked_us FROM gateways WHERE id = $1 FOR UPDATE",
             &[&id],
         )?;
-        let old: String = match row.map(|r| (r.get::<_, String>(0), r.get::<_, Option<i64>>(1)))
-        {
+        let old: String = match row.map(|r| (r.get::<_, String>(0), r.get::<_, Option<i64>>(1))) {
             None => return Err(StoreError::GatewayNotFound(id.to_owned())),
             Some((_, Some(_))) => return Err(StoreError::GatewayRevoked(id.to_owned())),
             Some((old, None)) => old,

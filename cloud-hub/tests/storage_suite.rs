@@ -1,0 +1,722 @@
+//! The storage contract, written once as functions over `&Store` and run
+//! against both backends: SQLite (a temp file) and PostgreSQL (a throwaway
+//! server per test, started from `support/pg_server.rs` on a free loopback
+//! port and stopped at the end).
+
+#[path = "support/pg_server.rs"]
+mod pg_server;
+
+use cloud_hub::association::{AssocError, Bed, PatientId};
+use cloud_hub::fhir::render::{RowKind, device_resource_id, metric_of, panel_id};
+use cloud_hub::fhir::{observation_id, parse_search};
+use cloud_hub::pg::PgConfig;
+use cloud_hub::store::{Associations, IngestReport};
+use cloud_hub::{Store, StoreError};
+use prost::Message;
+use shared_protocol::catalogue::codes;
+use shared_protocol::v1::{
+    Batch, DeviceData, DeviceInfo, Identifier, Reading, RejectReason, TechnicalKind,
+    TechnicalReading, Waveform, reading,
+};
+
+/// 2026-03-01T00:00:00Z, µs.
+const T0: i64 = 1_772_323_200_000_000;
+const MIN: i64 = 60_000_000;
+const G: &str = "gw-1";
+
+fn now() -> i64 {
+    cloud_hub::store::now_us()
+}
+
+fn numeric(mdc: u32, unit: &str, value: f64, t: i64, seq: u64) -> Reading {
+    Reading {
+        mdc_code: mdc,
+        value: Some(reading::Value::Numeric(value)),
+        ucum_unit: unit.into(),
+        device_time_us: t,
+        validity: 1,
+        sequence: seq,
+        ..Default::default()
+    }
+}
+
+fn spo2(t: i64, seq: u64) -> Reading {
+    numeric(codes::PULS_OXIM_SAT_O2, "%", 97.0, t, seq)
+}
+
+fn hr(t: i64, seq: u64) -> Reading {
+    numeric(codes::ECG_HEART_RATE, "/min", 72.0, t, seq)
+}
+
+fn entry(device: &str, readings: Vec<Reading>) -> DeviceData {
+    DeviceData {
+        device: Some(DeviceInfo {
+            device_id: device.into(),
+            protocol: "test".into(),
+            manufacturer: "Acme".into(),
+            model: "M1".into(),
+            serial_number: format!("SN-{device}"),
+            ..Default::default()
+        }),
+        readings,
+        waveforms: vec![],
+        technical: vec![],
+    }
+}
+
+fn batch(seq: u64, devices: Vec<DeviceData>) -> Batch {
+    Batch {
+        gateway_id: G.into(),
+        sequence: seq,
+        created_time_us: T0,
+        agent_version: "test".into(),
+        devices,
+        ..Default::default()
+    }
+}
+
+fn ingest(s: &Store, b: &Batch, assoc: &Associations) -> IngestReport {
+    s.ingest(G, b, assoc, now(), now()).unwrap()
+}
+
+fn search(s: &Store, q: &[(&str, &str)]) -> (u64, Vec<String>) {
+    let pairs: Vec<(String, String)> = q
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    let (n, rows) = s.search(&parse_search(&pairs).unwrap()).unwrap();
+    (n, rows.into_iter().map(|r| r.id).collect())
+}
+
+fn oid(device: &str, seq: u64) -> String {
+    observation_id(G, device, seq)
+}
+
+// ---- the suite ----
+
+fn ingest_deduplicates_batches_and_readings(s: &Store) {
+    let none = Associations::new();
+    let r = ingest(
+        s,
+        &batch(1, vec![entry("d1", vec![spo2(T0, 1), spo2(T0 + MIN, 2)])]),
+        &none,
+    );
+    assert_eq!(
+        (
+            r.ack.accepted,
+            r.ack.duplicates,
+            r.ack.rejected,
+            r.ack.duplicate_batch
+        ),
+        (2, 0, 0, false)
+    );
+    // The same batch again: its stored ack, flagged.
+    let again = ingest(s, &batch(1, vec![entry("d1", vec![spo2(T0, 1)])]), &none);
+    assert!(again.ack.duplicate_batch);
+    assert_eq!((again.ack.accepted, again.ack.sequence), (2, 1));
+    // A new batch re-sending reading 2 with a new one; a reading twice in
+    // one batch counts once.
+    let r = ingest(
+        s,
+        &batch(
+            2,
+            vec![entry(
+                "d1",
+                vec![
+                    spo2(T0 + MIN, 2),
+                    spo2(T0 + 2 * MIN, 3),
+                    spo2(T0 + 2 * MIN, 3),
+                ],
+            )],
+        ),
+        &none,
+    );
+    assert_eq!((r.ack.accepted, r.ack.duplicates), (1, 2));
+    // The same sequence under another time is the same reading.
+    let r = ingest(
+        s,
+        &batch(3, vec![entry("d1", vec![spo2(T0 + 40 * 24 * 60 * MIN, 1)])]),
+        &none,
+    );
+    assert_eq!((r.ack.accepted, r.ack.duplicates), (0, 1));
+    assert_eq!(search(s, &[]).0, 3);
+    // Another device's sequence 1 is another reading.
+    let r = ingest(s, &batch(4, vec![entry("d2", vec![spo2(T0, 1)])]), &none);
+    assert_eq!(r.ack.accepted, 1);
+    assert_eq!(search(s, &[]).0, 4);
+}
+
+fn rejections_are_stored_with_reasons(s: &Store) {
+    let none = Associations::new();
+    let mut unknown = spo2(T0, 2);
+    unknown.mdc_code = 1;
+    let r = ingest(
+        s,
+        &batch(
+            1,
+            vec![
+                entry(
+                    "d1",
+                    vec![spo2(T0, 1), unknown, spo2(946_684_799_000_000, 3)],
+                ),
+                DeviceData {
+                    device: None,
+                    readings: vec![spo2(T0, 9)],
+                    ..Default::default()
+                },
+            ],
+        ),
+        &none,
+    );
+    assert_eq!((r.ack.accepted, r.ack.rejected), (1, 3));
+    let mut reasons: Vec<RejectReason> = r.rejected_reasons.clone();
+    reasons.sort_by_key(|x| *x as i32);
+    let mut want = vec![
+        RejectReason::UnknownMetric,
+        RejectReason::ImpossibleTime,
+        RejectReason::MissingDevice,
+    ];
+    want.sort_by_key(|x| *x as i32);
+    assert_eq!(reasons, want);
+    let seqs: Vec<u64> = r.ack.rejections.iter().map(|x| x.sequence).collect();
+    assert_eq!(seqs, vec![2, 3, 9]);
+    assert_eq!(
+        search(s, &[]).0,
+        1,
+        "rejected readings are not observations"
+    );
+    // The re-sent batch reports the stored rejections, not new ones.
+    let again = ingest(s, &batch(1, vec![]), &none);
+    assert_eq!((again.ack.rejected, again.ack.rejections.len()), (3, 3));
+    assert!(again.rejected_reasons.is_empty());
+}
+
+fn out_of_range_values_are_counted_once(s: &Store) {
+    let none = Associations::new();
+    let bad = numeric(codes::PULS_OXIM_SAT_O2, "%", 140.0, T0, 1);
+    let r = ingest(
+        s,
+        &batch(1, vec![entry("d1", vec![bad.clone(), spo2(T0, 2)])]),
+        &none,
+    );
+    assert_eq!((r.ack.accepted, r.out_of_range), (2, 1));
+    let r = ingest(s, &batch(2, vec![entry("d1", vec![bad])]), &none);
+    assert_eq!((r.ack.duplicates, r.out_of_range), (1, 0));
+}
+
+fn bp_panel_lists_the_panel_not_its_parts(s: &Store) {
+    let none = Associations::new();
+    let sys = numeric(codes::PRESS_BLD_NONINV_SYS, "mm[Hg]", 120.0, T0, 10);
+    let dia = numeric(codes::PRESS_BLD_NONINV_DIA, "mm[Hg]", 80.0, T0, 11);
+    let mean = numeric(codes::PRESS_BLD_NONINV_MEAN, "mm[Hg]", 93.0, T0, 12);
+    let r = ingest(
+        s,
+        &batch(1, vec![entry("d1", vec![sys, dia, mean, hr(T0, 13)])]),
+        &none,
+    );
+    assert_eq!(r.ack.accepted, 4);
+    let (n, ids) = search(s, &[]);
+    let pid = panel_id(G, "d1", 10);
+    assert_eq!(n, 2, "panel + heart rate: {ids:?}");
+    assert!(ids.contains(&pid));
+    let panel = s.observation(&pid).unwrap().expect("panel row");
+    assert_eq!(panel.kind, RowKind::BpPanel.as_str());
+    let members = DeviceData::decode(panel.payload.unwrap().as_slice()).unwrap();
+    assert_eq!(members.readings.len(), 3);
+    // Parts stay readable by id.
+    let part = s.observation(&oid("d1", 11)).unwrap().expect("part row");
+    assert_eq!(part.kind, RowKind::Reading.as_str());
+    // The panel answers the BP panel code.
+    assert_eq!(search(s, &[("code", "85354-9")]).1, vec![pid]);
+    // Re-sending the parts in a new batch adds nothing.
+    let sys = numeric(codes::PRESS_BLD_NONINV_SYS, "mm[Hg]", 120.0, T0, 10);
+    let dia = numeric(codes::PRESS_BLD_NONINV_DIA, "mm[Hg]", 80.0, T0, 11);
+    let r = ingest(s, &batch(2, vec![entry("d1", vec![sys, dia])]), &none);
+    assert_eq!((r.ack.accepted, r.ack.duplicates), (0, 2));
+    assert_eq!(search(s, &[]).0, 2);
+}
+
+fn waveforms_and_technical_readings_are_stored(s: &Store) {
+    let none = Associations::new();
+    let mut e = entry("d1", vec![]);
+    e.waveforms.push(Waveform {
+        mdc_code: 150_452,
+        vendor_label: "PLETH".into(),
+        start_time_us: T0,
+        sample_period_us: 13_333,
+        scale: 0.5,
+        ucum_unit: "1".into(),
+        samples: vec![1, -2, 300],
+        validity: 1,
+        sequence: 7,
+        ..Default::default()
+    });
+    e.technical.push(TechnicalReading {
+        kind: TechnicalKind::Connected as i32,
+        time_us: T0,
+        sequence: 8,
+        ..Default::default()
+    });
+    let r = ingest(s, &batch(1, vec![e.clone()]), &none);
+    assert_eq!((r.ack.accepted, r.ack.rejected), (2, 0));
+    let row = s.observation(&oid("d1", 7)).unwrap().expect("waveform row");
+    assert_eq!(row.kind, RowKind::Waveform.as_str());
+    let w = Waveform::decode(row.payload.unwrap().as_slice()).unwrap();
+    assert_eq!(w.samples, vec![1, -2, 300]);
+    let r = ingest(s, &batch(2, vec![e]), &none);
+    assert_eq!((r.ack.accepted, r.ack.duplicates), (0, 2));
+}
+
+fn search_filters_pages_and_sorts(s: &Store) {
+    let mut assoc = Associations::new();
+    assoc.insert((G.into(), "d1".into()), "p1".into());
+    // d1 (patient p1): SpO2 and HR each minute for 5 minutes; d2 (no
+    // patient): SpO2; d3: glucose (laboratory) at T0 + 10 min.
+    let mut d1 = Vec::new();
+    for i in 0..5u64 {
+        d1.push(spo2(T0 + i as i64 * MIN, 2 * i));
+        d1.push(hr(T0 + i as i64 * MIN, 2 * i + 1));
+    }
+    let glu = numeric(
+        codes::CONC_GLU_CAPILLARY_WHOLEBLOOD,
+        "mg/dL",
+        95.0,
+        T0 + 10 * MIN,
+        1,
+    );
+    let r = ingest(
+        s,
+        &batch(
+            1,
+            vec![
+                entry("d1", d1),
+                entry("d2", vec![spo2(T0, 1)]),
+                entry("d3", vec![glu]),
+            ],
+        ),
+        &assoc,
+    );
+    assert_eq!(r.ack.accepted, 12);
+    assert_eq!(search(s, &[]).0, 12);
+    assert_eq!(search(s, &[("patient", "p1")]).0, 10);
+    assert_eq!(search(s, &[("patient", "Patient/p1")]).0, 10);
+    assert_eq!(search(s, &[("patient", "nobody")]).0, 0);
+    let spo2_loinc = metric_of(&spo2(T0, 0)).unwrap().loinc;
+    assert_eq!(search(s, &[("code", spo2_loinc)]).0, 6);
+    assert_eq!(search(s, &[("patient", "p1"), ("code", spo2_loinc)]).0, 5);
+    assert_eq!(search(s, &[("code", "8867-4,41653-7")]).0, 6);
+    assert_eq!(search(s, &[("category", "laboratory")]).0, 1);
+    assert_eq!(search(s, &[("category", "vital-signs")]).0, 11);
+    assert_eq!(
+        search(
+            s,
+            &[
+                ("date", "ge2026-03-01T00:02:00Z"),
+                ("date", "lt2026-03-01T00:04:00Z")
+            ]
+        )
+        .0,
+        4
+    );
+    assert_eq!(search(s, &[("date", "2026-03-01")]).0, 12);
+    assert_eq!(search(s, &[("date", "2026-02")]).0, 0);
+    let dev2 = format!("Device/{}", device_resource_id(G, "d2"));
+    assert_eq!(search(s, &[("device", &dev2)]).1, vec![oid("d2", 1)]);
+    // Paging and sort.
+    let (n, page) = search(s, &[("patient", "p1"), ("_count", "3"), ("_sort", "date")]);
+    assert_eq!((n, page.len()), (10, 3));
+    let first_two = [oid("d1", 0), oid("d1", 1)];
+    assert!(first_two.contains(&page[0]) && first_two.contains(&page[1]));
+    let (_, page3) = search(
+        s,
+        &[
+            ("patient", "p1"),
+            ("_count", "3"),
+            ("_offset", "9"),
+            ("_sort", "date"),
+        ],
+    );
+    assert_eq!(page3.len(), 1);
+    let (_, desc) = search(s, &[("_count", "1"), ("_sort", "-date")]);
+    assert_eq!(desc, vec![oid("d3", 1)]);
+    let (n, none) = search(s, &[("_count", "0")]);
+    assert_eq!((n, none.len()), (12, 0));
+    // Unknown codes match nothing.
+    assert_eq!(search(s, &[("code", "http://loinc.org|0000-0")]).0, 0);
+}
+
+fn reads_devices_and_patients(s: &Store) {
+    let mut assoc = Associations::new();
+    assoc.insert((G.into(), "d1".into()), "p1".into());
+    ingest(
+        s,
+        &batch(
+            1,
+            vec![entry("d1", vec![spo2(T0, 1)]), entry("d2", vec![hr(T0, 1)])],
+        ),
+        &assoc,
+    );
+    let row = s.observation(&oid("d1", 1)).unwrap().expect("row");
+    assert_eq!(
+        (
+            row.gateway_id.as_str(),
+            row.device_id.as_str(),
+            row.patient_id.as_deref()
+        ),
+        (G, "d1", Some("p1"))
+    );
+    assert_eq!(
+        (row.manufacturer.as_str(), row.serial_number.as_str()),
+        ("Acme", "SN-d1")
+    );
+    assert_eq!(
+        Reading::decode(row.payload.unwrap().as_slice()).unwrap(),
+        spo2(T0, 1)
+    );
+    assert!(s.observation("0000").unwrap().is_none());
+    let d = s
+        .device(&device_resource_id(G, "d2"))
+        .unwrap()
+        .expect("device");
+    assert_eq!((d.device_id.as_str(), d.model.as_str()), ("d2", "M1"));
+    assert!(s.device("nope").unwrap().is_none());
+    let (total, page) = s.devices(1, 1).unwrap();
+    assert_eq!(
+        (total, page.len(), page[0].device_id.as_str()),
+        (2, 1, "d2")
+    );
+    assert_eq!(s.patient("p1").unwrap(), Some(String::new()));
+    assert_eq!(s.patient("p2").unwrap(), None);
+    // Export: pages by row order, patient-level only attributed rows.
+    let all = s.export_observations(0, 10, None, false, None).unwrap();
+    assert_eq!(all.len(), 2);
+    let after = s
+        .export_observations(all[0].0, 10, None, false, None)
+        .unwrap();
+    assert_eq!(after.len(), 1);
+    let attributed = s.export_observations(0, 10, None, true, None).unwrap();
+    assert_eq!(attributed.len(), 1);
+    assert!(
+        s.export_observations(0, 10, Some(i64::MAX), false, None)
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        s.export_patients(None).unwrap(),
+        vec![("p1".into(), String::new())]
+    );
+}
+
+fn gateways_and_tokens(s: &Store) {
+    s.add_gateway("g", "h1").unwrap();
+    assert!(matches!(
+        s.add_gateway("g", "h2"),
+        Err(StoreError::GatewayExists(_))
+    ));
+    assert_eq!(s.authenticate("h1").unwrap().as_deref(), Some("g"));
+    assert!(s.gateway_is_active("g").unwrap());
+    s.revoke_gateway("g").unwrap();
+    s.revoke_gateway("g").unwrap();
+    assert_eq!(s.authenticate("h1").unwrap(), None);
+    assert!(!s.gateway_is_active("g").unwrap());
+    assert!(s.list_gateways().unwrap()[0].revoked_us.is_some());
+    assert!(matches!(
+        s.revoke_gateway("nope"),
+        Err(StoreError::GatewayNotFound(_))
+    ));
+    s.add_gateway("g", "h3").unwrap();
+    assert_eq!(s.authenticate("h3").unwrap().as_deref(), Some("g"));
+    // Rotation with a grace period.
+    s.rotate_gateway("g", "h4", Some(5_000), 1_000).unwrap();
+    assert_eq!(
+        s.authenticate_at("h3", 4_999).unwrap().as_deref(),
+        Some("g")
+    );
+    assert_eq!(
+        s.authenticate_at("h4", 4_999).unwrap().as_deref(),
+        Some("g")
+    );
+    assert_eq!(s.authenticate_at("h3", 5_000).unwrap(), None);
+    s.rotate_gateway("g", "h5", None, 2_000).unwrap();
+    assert_eq!(s.authenticate_at("h4", 2_000).unwrap(), None);
+    s.revoke_gateway("g").unwrap();
+    assert!(matches!(
+        s.rotate_gateway("g", "h6", None, 3_000),
+        Err(StoreError::GatewayRevoked(_))
+    ));
+    s.add_gateway("a", "ha").unwrap();
+    let ids: Vec<String> = s
+        .list_gateways()
+        .unwrap()
+        .into_iter()
+        .map(|g| g.id)
+        .collect();
+    assert_eq!(ids, vec!["a", "g"]);
+    s.ping().unwrap();
+}
+
+fn enrolment_tokens_are_single_use(s: &Store) {
+    s.add_enrollment("tok", 1_000).unwrap();
+    assert!(matches!(
+        s.enroll("tok", "gw", "g1", 2_000),
+        Err(StoreError::EnrollmentRefused)
+    ));
+    s.add_enrollment("tok2", 10_000).unwrap();
+    s.enroll("tok2", "gw", "g1", 2_000).unwrap();
+    assert_eq!(s.authenticate("g1").unwrap().as_deref(), Some("gw"));
+    assert!(matches!(
+        s.enroll("tok2", "gw2", "g2", 2_001),
+        Err(StoreError::EnrollmentRefused)
+    ));
+    s.add_enrollment("tok3", 10_000).unwrap();
+    assert!(matches!(
+        s.enroll("tok3", "gw", "g3", 2_002),
+        Err(StoreError::GatewayExists(_))
+    ));
+    s.revoke_gateway("gw").unwrap();
+    s.enroll("tok3", "gw", "g3", 2_003).unwrap();
+    assert_eq!(s.authenticate("g3").unwrap().as_deref(), Some("gw"));
+    assert_eq!(s.authenticate("g1").unwrap(), None);
+}
+
+fn association_attributes_and_reattributes(s: &Store) {
+    let none = Associations::new();
+    let p = |v: &str| PatientId {
+        system: "urn:mrn".into(),
+        value: v.into(),
+    };
+    for (id, ward) in [("b1", "icu"), ("b2", "icu"), ("b3", "ward-3")] {
+        s.create_bed(&Bed {
+            id: id.into(),
+            ward: ward.into(),
+            label: id.to_uppercase(),
+        })
+        .unwrap();
+    }
+    assert!(matches!(
+        s.create_bed(&Bed {
+            id: "b1".into(),
+            ward: "icu".into(),
+            label: "x".into()
+        }),
+        Err(AssocError::BedExists(_))
+    ));
+    assert_eq!(s.list_beds().unwrap().len(), 3);
+    // Readings arrive before anything is known: held unattributed.
+    ingest(
+        s,
+        &batch(
+            1,
+            vec![entry("d1", vec![spo2(T0, 1), spo2(T0 + 10 * MIN, 2)])],
+        ),
+        &none,
+    );
+    assert_eq!(s.unattributed_count().unwrap(), 2);
+    // Placement, then admission (back-dated): both readings get the patient.
+    assert_eq!(
+        s.place_device(G, "d1", "b1", T0 - MIN, &none)
+            .unwrap()
+            .reattributed,
+        0
+    );
+    let c = s
+        .admit(&p("mrn-1"), "b1", T0 - MIN, Some("v1"), &none)
+        .unwrap();
+    assert_eq!(c.reattributed, 2);
+    assert_eq!(s.unattributed_count().unwrap(), 0);
+    assert_eq!(search(s, &[("patient", "mrn-1")]).0, 2);
+    // A new reading is attributed at ingest by the stay.
+    ingest(
+        s,
+        &batch(2, vec![entry("d1", vec![spo2(T0 + 20 * MIN, 3)])]),
+        &none,
+    );
+    let row = s.observation(&oid("d1", 3)).unwrap().unwrap();
+    assert_eq!(
+        (row.patient_id.as_deref(), row.patient_system.as_deref()),
+        (Some("mrn-1"), Some("urn:mrn"))
+    );
+    // Bed occupied; patient already admitted.
+    assert!(matches!(
+        s.admit(&p("mrn-2"), "b1", T0, None, &none),
+        Err(AssocError::BedOccupied(_))
+    ));
+    assert!(matches!(
+        s.admit(&p("mrn-1"), "b2", T0, None, &none),
+        Err(AssocError::AlreadyAdmitted)
+    ));
+    // A back-dated transfer at T0 + 5 min moves readings 2 and 3 away from
+    // b1's device (the device stays at b1).
+    let c = s.transfer(&p("mrn-1"), "b2", T0 + 5 * MIN, &none).unwrap();
+    assert_eq!(c.reattributed, 2);
+    assert_eq!(search(s, &[("patient", "mrn-1")]).0, 1);
+    assert_eq!(
+        s.bed_of(&p("mrn-1"), T0 + 6 * MIN).unwrap().as_deref(),
+        Some("b2")
+    );
+    assert_eq!(
+        s.stay_of_visit("v1", T0 + 6 * MIN).unwrap(),
+        Some(p("mrn-1"))
+    );
+    // Moving the device to b2 at T0 + 5 min brings them back.
+    let c = s.place_device(G, "d1", "b2", T0 + 5 * MIN, &none).unwrap();
+    assert_eq!(c.reattributed, 2);
+    assert_eq!(search(s, &[("patient", "mrn-1")]).0, 3);
+    let occ = s.occupancy(T0 + 6 * MIN).unwrap();
+    let b2 = occ.iter().find(|o| o.bed.id == "b2").unwrap();
+    assert_eq!(b2.patient.as_ref().map(|x| x.value.as_str()), Some("mrn-1"));
+    assert_eq!(b2.devices.len(), 1);
+    assert!(
+        occ.iter()
+            .find(|o| o.bed.id == "b1")
+            .unwrap()
+            .devices
+            .is_empty()
+    );
+    // Identifier change of the visit re-attributes its readings.
+    let c = s
+        .change_identifier(&p("mrn-1"), &p("mrn-9"), "v1", &none)
+        .unwrap();
+    assert_eq!(c.reattributed, 3);
+    assert_eq!(search(s, &[("patient", "mrn-9")]).0, 3);
+    assert_eq!(s.patient("mrn-9").unwrap().as_deref(), Some("urn:mrn"));
+    // Discharge at T0 + 15 min: reading 3 (T0 + 20 min) loses its patient.
+    let c = s.discharge(&p("mrn-9"), T0 + 15 * MIN, &none).unwrap();
+    assert_eq!(c.reattributed, 1);
+    assert_eq!(s.unattributed_count().unwrap(), 1);
+    // With a config fallback the unattributed reading goes to it.
+    let mut fallback = Associations::new();
+    fallback.insert((G.into(), "d1".into()), "cfg-patient".into());
+    let c = s.remove_device(G, "d1", T0 + 18 * MIN, &fallback).unwrap();
+    assert_eq!(c.reattributed, 1);
+    assert_eq!(search(s, &[("patient", "cfg-patient")]).0, 1);
+    assert!(matches!(
+        s.remove_device(G, "d1", T0 + 30 * MIN, &none),
+        Err(AssocError::NotPlaced)
+    ));
+    // A reading's own subject wins and is never re-attributed.
+    let mut own = spo2(T0 + 7 * MIN, 4);
+    own.subject = Some(Identifier {
+        system: "urn:other".into(),
+        value: "self-1".into(),
+    });
+    ingest(s, &batch(3, vec![entry("d1", vec![own])]), &none);
+    assert_eq!(search(s, &[("patient", "self-1")]).0, 1);
+    s.place_device(G, "d1", "b3", T0, &none).unwrap();
+    assert_eq!(search(s, &[("patient", "self-1")]).0, 1);
+    // Ward-level export sees the patients of that ward's beds.
+    assert_eq!(
+        s.export_patients(Some("icu")).unwrap(),
+        vec![("mrn-9".into(), "urn:mrn".into())]
+    );
+}
+
+macro_rules! suite {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[test]
+                fn $name() {
+                    let dir = tempfile::tempdir().unwrap();
+                    let s = cloud_hub::Store::open(&dir.path().join("suite.sqlite")).unwrap();
+                    super::$name(&s);
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[test]
+                fn $name() {
+                    let server = super::pg_server::PgServer::start();
+                    let s = cloud_hub::Store::open_postgres(&super::PgConfig::new(server.url()))
+                        .unwrap();
+                    super::$name(&s);
+                    drop(s);
+                    drop(server);
+                }
+            )*
+        }
+    };
+}
+
+suite!(
+    ingest_deduplicates_batches_and_readings,
+    rejections_are_stored_with_reasons,
+    out_of_range_values_are_counted_once,
+    bp_panel_lists_the_panel_not_its_parts,
+    waveforms_and_technical_readings_are_stored,
+    search_filters_pages_and_sorts,
+    reads_devices_and_patients,
+    gateways_and_tokens,
+    enrolment_tokens_are_single_use,
+    association_attributes_and_reattributes,
+);
+
+// ---- PostgreSQL only ----
+
+#[test]
+fn postgres_partitions_by_month_and_migrates_once() {
+    let server = pg_server::PgServer::start();
+    let cfg = PgConfig::new(server.url());
+    let s = Store::open_postgres(&cfg).unwrap();
+    let none = Associations::new();
+    // 2026-03-01 and 2026-04-15.
+    let april = T0 + 45 * 24 * 60 * MIN;
+    let r = ingest(
+        &s,
+        &batch(1, vec![entry("d1", vec![spo2(T0, 1), spo2(april, 2)])]),
+        &none,
+    );
+    assert_eq!(r.ack.accepted, 2);
+    let pg = s.postgres().unwrap();
+    assert_eq!(
+        pg.partitions().unwrap(),
+        vec!["observations_y2026m03", "observations_y2026m04"]
+    );
+    assert_eq!(search(&s, &[("date", "2026-04")]).0, 1);
+    drop(s);
+    // Reopening applies nothing again and sees the same data and partitions.
+    let s = Store::open_postgres(&cfg).unwrap();
+    assert_eq!(s.postgres().unwrap().migrations().unwrap(), vec![1]);
+    let r = ingest(
+        &s,
+        &batch(2, vec![entry("d1", vec![spo2(april, 2), spo2(april, 3)])]),
+        &none,
+    );
+    assert_eq!((r.ack.accepted, r.ack.duplicates), (1, 1));
+    assert_eq!(search(&s, &[]).0, 3);
+}
+
+#[test]
+fn postgres_config_refuses_a_password_in_the_url_and_plaintext_off_loopback() {
+    let err = PgConfig::new("postgresql://vigil:secret@127.0.0.1/vigil")
+        .validate()
+        .unwrap_err();
+    assert_eq!(err.0, "storage.postgres.url");
+    assert!(!err.1.contains("secret"), "{}", err.1);
+    let err = PgConfig::new("host=db.example.org user=vigil")
+        .validate()
+        .unwrap_err();
+    assert_eq!(err.0, "storage.postgres.url");
+    PgConfig::new("host=db.example.org user=vigil sslmode=require")
+        .validate()
+        .unwrap();
+    let mut c = PgConfig::new("host=127.0.0.1 user=vigil");
+    c.pool_size = 0;
+    assert_eq!(c.validate().unwrap_err().0, "storage.postgres.pool_size");
+}
+
+#[test]
+fn postgres_unreachable_server_is_an_error_not_a_hang() {
+    // A port nobody listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let err = Store::open_postgres(&PgConfig::new(format!(
+        "host=127.0.0.1 port={port} user=postgres connect_timeout=5"
+    )))
+    .unwrap_err();
+    assert!(matches!(err, StoreError::Postgres(_)), "{err}");
+}
