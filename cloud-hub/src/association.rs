@@ -678,7 +678,7 @@ impl Store {
     pub fn create_bed(&self, bed: &Bed) -> Result<(), AssocError> {
         bed.validate()?;
         if let Some(p) = self.postgres() {
-            return p.create_bed(bed);
+            return crate::pg::off_runtime(|| p.create_bed(bed));
         }
         self.assoc_tx(|tx| {
             let n = tx.execute(
@@ -695,7 +695,7 @@ impl Store {
     /// All beds, by ward and id.
     pub fn list_beds(&self) -> Result<Vec<Bed>, AssocError> {
         if let Some(p) = self.postgres() {
-            return p.list_beds();
+            return crate::pg::off_runtime(|| p.list_beds());
         }
         let conn = self.lock()?;
         let mut st = conn.prepare("SELECT id, ward, label FROM beds ORDER BY ward, id")?;
@@ -726,7 +726,7 @@ impl Store {
         check_device(g, d)?;
         check_key("bed_id", bed)?;
         if let Some(p) = self.postgres() {
-            return p.place_device(g, d, bed, at, fallback);
+            return crate::pg::off_runtime(|| p.place_device(g, d, bed, at, fallback));
         }
         self.assoc_tx(|tx| {
             bed_exists(tx, bed)?;
@@ -761,7 +761,7 @@ impl Store {
     ) -> Result<Change, AssocError> {
         check_device(g, d)?;
         if let Some(p) = self.postgres() {
-            return p.remove_device(g, d, at, fallback);
+            return crate::pg::off_runtime(|| p.remove_device(g, d, at, fallback));
         }
         self.assoc_tx(|tx| {
             let p = PLACEMENTS
@@ -788,7 +788,7 @@ impl Store {
         patient.validate()?;
         check_key("bed_id", bed)?;
         if let Some(p) = self.postgres() {
-            return p.admit(patient, bed, at, visit, fallback);
+            return crate::pg::off_runtime(|| p.admit(patient, bed, at, visit, fallback));
         }
         let k = (patient.system.as_str(), patient.value.as_str());
         self.assoc_tx(|tx| {
@@ -827,7 +827,7 @@ impl Store {
         patient.validate()?;
         check_key("bed_id", bed)?;
         if let Some(p) = self.postgres() {
-            return p.transfer(patient, bed, at, fallback);
+            return crate::pg::off_runtime(|| p.transfer(patient, bed, at, fallback));
         }
         let k = (patient.system.as_str(), patient.value.as_str());
         self.assoc_tx(|tx| {
@@ -874,7 +874,7 @@ impl Store {
     ) -> Result<Change, AssocError> {
         patient.validate()?;
         if let Some(p) = self.postgres() {
-            return p.discharge(patient, at, fallback);
+            return crate::pg::off_runtime(|| p.discharge(patient, at, fallback));
         }
         let k = (patient.system.as_str(), patient.value.as_str());
         self.assoc_tx(|tx| {
@@ -917,7 +917,7 @@ impl Store {
     /// The open-or-covering stay of `visit` at `at`, if any: its patient.
     pub fn stay_of_visit(&self, visit: &str, at: i64) -> Result<Option<PatientId>, AssocError> {
         if let Some(p) = self.postgres() {
-            return p.stay_of_visit(visit, at);
+            return crate::pg::off_runtime(|| p.stay_of_visit(visit, at));
         }
         let conn = self.lock()?;
         Ok(conn
@@ -939,7 +939,7 @@ impl Store {
     /// The bed of the patient's stay covering `at`.
     pub fn bed_of(&self, patient: &PatientId, at: i64) -> Result<Option<String>, AssocError> {
         if let Some(p) = self.postgres() {
-            return p.bed_of(patient, at);
+            return crate::pg::off_runtime(|| p.bed_of(patient, at));
         }
         let mut conn = self.lock()?;
         let tx = conn.transaction()?;
@@ -963,7 +963,7 @@ impl Store {
             return Ok(Change::default());
         }
         if let Some(p) = self.postgres() {
-            return p.change_identifier(old, new, visit, fallback);
+            return crate::pg::off_runtime(|| p.change_identifier(old, new, visit, fallback));
         }
         self.assoc_tx(|tx| {
             let stays: Vec<Interval> = tx
@@ -996,7 +996,7 @@ impl Store {
     /// Every bed with its patient and devices at `at`.
     pub fn occupancy(&self, at: i64) -> Result<Vec<BedOccupancy>, AssocError> {
         if let Some(p) = self.postgres() {
-            return p.occupancy(at);
+            return crate::pg::off_runtime(|| p.occupancy(at));
         }
         let beds = self.list_beds()?;
         let mut conn = self.lock()?;
@@ -1033,7 +1033,7 @@ impl Store {
     /// How many stored readings have no patient.
     pub fn unattributed_count(&self) -> Result<u64, AssocError> {
         if let Some(p) = self.postgres() {
-            return p.unattributed_count();
+            return crate::pg::off_runtime(|| p.unattributed_count());
         }
         let conn = self.lock()?;
         let n: i64 = conn.query_row(

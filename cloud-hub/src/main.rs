@@ -114,6 +114,14 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Serve => serve(config),
         Command::Gateway { command } => gateway(&config, command),
+        Command::Backup { .. } | Command::Restore { .. }
+            if config.storage.backend == cloud_hub::config::StorageBackend::Postgres =>
+        {
+            anyhow::bail!(
+                "backup and restore are for the SQLite backend; with storage.backend = \"postgres\" \
+                 use PostgreSQL's own tools (pg_dump / pg_restore, or continuous archiving)"
+            )
+        }
         Command::Backup { out } => {
             let db = &config.storage.sqlite_path;
             let pages = cloud_hub::backup::backup(db, &out)

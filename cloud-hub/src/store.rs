@@ -340,7 +340,7 @@ impl Store {
     /// Connects to PostgreSQL and applies its pending migrations.
     pub fn open_postgres(cfg: &crate::pg::PgConfig) -> Result<Self, StoreError> {
         Ok(Self {
-            backend: Backend::Postgres(crate::pg::PgStore::open(cfg)?),
+            backend: Backend::Postgres(crate::pg::off_runtime(|| crate::pg::PgStore::open(cfg))?),
         })
     }
 
@@ -374,7 +374,7 @@ impl Store {
     /// Whether the database answers a query.
     pub fn ping(&self) -> Result<(), StoreError> {
         if let Some(p) = self.postgres() {
-            return p.ping();
+            return crate::pg::off_runtime(|| p.ping());
         }
         let conn = self.lock()?;
         conn.query_row("SELECT COUNT(*) FROM schema_migrations", [], |r| {
@@ -388,7 +388,7 @@ impl Store {
     /// Record a one-time enrolment token (its SHA-256), valid until `expires_us`.
     pub fn add_enrollment(&self, token_sha256: &str, expires_us: i64) -> Result<(), StoreError> {
         if let Some(p) = self.postgres() {
-            return p.add_enrollment(token_sha256, expires_us);
+            return crate::pg::off_runtime(|| p.add_enrollment(token_sha256, expires_us));
         }
         let conn = self.lock()?;
         conn.execute(
@@ -410,7 +410,9 @@ impl Store {
         now: i64,
     ) -> Result<(), StoreError> {
         if let Some(p) = self.postgres() {
-            return p.enroll(enrollment_sha256, id, gateway_token_sha256, now);
+            return crate::pg::off_runtime(|| {
+                p.enroll(enrollment_sha256, id, gateway_token_sha256, now)
+            });
         }
         let mut conn = self.lock()?;
         let tx = conn.transaction()?;
@@ -436,7 +438,7 @@ impl Store {
 
     pub fn add_gateway(&self, id: &str, token_sha256: &str) -> Result<(), StoreError> {
         if let Some(p) = self.postgres() {
-            return p.add_gateway(id, token_sha256);
+            return crate::pg::off_runtime(|| p.add_gateway(id, token_sha256));
         }
         let mut conn = self.lock()?;
         let tx = conn.transaction()?;
@@ -448,7 +450,7 @@ impl Store {
     /// All gateways, by id.
     pub fn list_gateways(&self) -> Result<Vec<GatewayRow>, StoreError> {
         if let Some(p) = self.postgres() {
-            return p.list_gateways();
+            return crate::pg::off_runtime(|| p.list_gateways());
         }
         let conn = self.lock()?;
         let mut stmt =
@@ -469,7 +471,7 @@ impl Store {
     /// no-op.
     pub fn revoke_gateway(&self, id: &str) -> Result<(), StoreError> {
         if let Some(p) = self.postgres() {
-            return p.revoke_gateway(id);
+            return crate::pg::off_runtime(|| p.revoke_gateway(id));
         }
         let conn = self.lock()?;
         let exists = conn
@@ -502,7 +504,9 @@ impl Store {
         now: i64,
     ) -> Result<(), StoreError> {
         if let Some(p) = self.postgres() {
-            return p.rotate_gateway(id, new_token_sha256, grace_until, now);
+            return crate::pg::off_runtime(|| {
+                p.rotate_gateway(id, new_token_sha256, grace_until, now)
+            });
         }
         let mut conn = self.lock()?;
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
@@ -549,7 +553,7 @@ impl Store {
         now: i64,
     ) -> Result<Option<String>, StoreError> {
         if let Some(p) = self.postgres() {
-            return p.authenticate_at(token_sha256, now);
+            return crate::pg::off_runtime(|| p.authenticate_at(token_sha256, now));
         }
         let conn = self.lock()?;
         Ok(conn
@@ -569,7 +573,7 @@ impl Store {
     /// where the broker authenticated the publisher).
     pub fn gateway_is_active(&self, id: &str) -> Result<bool, StoreError> {
         if let Some(p) = self.postgres() {
-            return p.gateway_is_active(id);
+            return crate::pg::off_runtime(|| p.gateway_is_active(id));
         }
         let conn = self.lock()?;
         Ok(conn
@@ -595,7 +599,9 @@ impl Store {
         now_us: i64,
     ) -> Result<IngestReport, StoreError> {
         if let Some(p) = self.postgres() {
-            return p.ingest(gateway_id, batch, associations, received_us, now_us);
+            return crate::pg::off_runtime(|| {
+                p.ingest(gateway_id, batch, associations, received_us, now_us)
+            });
         }
         let mut conn = self.lock()?;
         // IMMEDIATE: take the write lock up front, so that hub instances
@@ -911,7 +917,7 @@ impl Store {
     /// One stored Observation row (rendered by `fhir::render`).
     pub fn observation(&self, id: &str) -> Result<Option<ObservationRow>, StoreError> {
         if let Some(p) = self.postgres() {
-            return p.observation(id);
+            return crate::pg::off_runtime(|| p.observation(id));
         }
         let conn = self.lock()?;
         Ok(conn
@@ -928,7 +934,7 @@ impl Store {
     /// panel, not on their own.
     pub fn search(&self, s: &ObservationSearch) -> Result<(u64, Vec<ObservationRow>), StoreError> {
         if let Some(p) = self.postgres() {
-            return p.search(s);
+            return crate::pg::off_runtime(|| p.search(s));
         }
         if s.codes.iter().any(Vec::is_empty) || s.categories.iter().any(Vec::is_empty) {
             return Ok((0, Vec::new()));
@@ -1016,7 +1022,7 @@ impl Store {
     /// identifier value: `Some(system)` (empty when unknown).
     pub fn patient(&self, value: &str) -> Result<Option<String>, StoreError> {
         if let Some(p) = self.postgres() {
-            return p.patient(value);
+            return crate::pg::off_runtime(|| p.patient(value));
         }
         let conn = self.lock()?;
         let from_stays: Option<String> = conn
@@ -1052,7 +1058,9 @@ impl Store {
         ward: Option<&str>,
     ) -> Result<Vec<(i64, ObservationRow)>, StoreError> {
         if let Some(p) = self.postgres() {
-            return p.export_observations(after_rowid, limit, since_us, patient_level, ward);
+            return crate::pg::off_runtime(|| {
+                p.export_observations(after_rowid, limit, since_us, patient_level, ward)
+            });
         }
         let mut sql = format!(
             "SELECT o.rowid, {OBS_COLUMNS} FROM {OBS_FROM} WHERE o.rowid > ?1 AND o.panel_id IS NULL"
@@ -1104,7 +1112,7 @@ impl Store {
     /// attributed readings; with `ward`, those who stayed in its beds.
     pub fn export_patients(&self, ward: Option<&str>) -> Result<Vec<(String, String)>, StoreError> {
         if let Some(p) = self.postgres() {
-            return p.export_patients(ward);
+            return crate::pg::off_runtime(|| p.export_patients(ward));
         }
         let conn = self.lock()?;
         let rows = match ward {
@@ -1134,7 +1142,7 @@ impl Store {
     /// A device by its FHIR id.
     pub fn device(&self, fhir_id: &str) -> Result<Option<DeviceRow>, StoreError> {
         if let Some(p) = self.postgres() {
-            return p.device(fhir_id);
+            return crate::pg::off_runtime(|| p.device(fhir_id));
         }
         let conn = self.lock()?;
         Ok(conn
@@ -1150,7 +1158,7 @@ impl Store {
     /// the total count.
     pub fn devices(&self, count: u32, offset: u64) -> Result<(u64, Vec<DeviceRow>), StoreError> {
         if let Some(p) = self.postgres() {
-            return p.devices(count, offset);
+            return crate::pg::off_runtime(|| p.devices(count, offset));
         }
         let conn = self.lock()?;
         let total: i64 = conn.query_row("SELECT COUNT(*) FROM devices", [], |r| r.get(0))?;

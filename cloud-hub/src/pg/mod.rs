@@ -194,6 +194,18 @@ impl PgConfig {
     }
 }
 
+/// Runs `f` where the blocking client may run: the `postgres` client
+/// drives each call with its own small tokio runtime, which panics on a
+/// thread that is already inside a runtime's context (an async task, or
+/// `spawn_blocking`). There `f` runs on a scoped helper thread; elsewhere
+/// (CLI, benchmarks) directly.
+pub(crate) fn off_runtime<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    if tokio::runtime::Handle::try_current().is_err() {
+        return f();
+    }
+    std::thread::scope(|s| s.spawn(f).join()).unwrap_or_else(|e| std::panic::resume_unwind(e))
+}
+
 struct PoolState {
     idle: Vec<Client>,
     open: u32,
@@ -239,6 +251,15 @@ impl Drop for Conn<'_> {
         }
         drop(st);
         self.pool.freed.notify_one();
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        // Closing a client blocks on its runtime: off any async context.
+        let idle =
+            std::mem::take(&mut self.state.get_mut().unwrap_or_else(|e| e.into_inner()).idle);
+        off_runtime(move || drop(idle));
     }
 }
 

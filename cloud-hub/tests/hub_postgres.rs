@@ -1,0 +1,66 @@
+//! The hub served with `[storage] backend = "postgres"` against a throwaway
+//! PostgreSQL server: gateway administration, HTTPS-less loopback ingest,
+//! FHIR reads and search, all through the config file's storage section.
+
+mod common;
+#[path = "support/pg_server.rs"]
+mod pg_server;
+
+use cloud_hub::Config;
+use common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hub_serves_from_postgres_selected_by_config() {
+    let server = pg_server::PgServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let text = config_text(dir.path(), "").replace(
+        "[[associations]]",
+        &format!(
+            "backend = \"postgres\"\n[storage.postgres]\nurl = \"{}\"\npool_size = 2\n\n[[associations]]",
+            server.url()
+        ),
+    );
+    let config = Config::parse(&text).unwrap();
+    config.validate().unwrap();
+    let hub = TestHub::start_config(dir, config, "http").await;
+
+    let ack = hub
+        .ingest(&batch(
+            1,
+            DEVICE,
+            vec![spo2(1, 97.0, T0), pulse(2, 70.0, T0 + MINUTE)],
+        ))
+        .await;
+    assert_eq!((ack.accepted, ack.duplicates), (2, 0));
+    let again = hub.ingest(&batch(1, DEVICE, vec![])).await;
+    assert!(again.duplicate_batch);
+
+    let (status, bundle) = hub
+        .get_json(&format!("/fhir/Observation?patient={PATIENT}&_sort=date"))
+        .await;
+    assert_eq!(status, 200, "{bundle}");
+    assert_eq!(bundle["total"], 2);
+    let first = &bundle["entry"][0]["resource"];
+    assert_eq!(first["resourceType"], "Observation");
+    assert_eq!(first["subject"]["reference"], format!("Patient/{PATIENT}"));
+    let id = first["id"].as_str().unwrap().to_owned();
+    let (status, obs) = hub.get_json(&format!("/fhir/Observation/{id}")).await;
+    assert_eq!(status, 200);
+    assert_eq!(obs["valueQuantity"]["value"], 97.0);
+
+    // Nothing was written to the SQLite path.
+    assert!(!hub.config.storage.sqlite_path.exists());
+    hub.stop().await;
+    drop(server);
+}
+
+#[test]
+fn a_postgres_backend_without_its_section_is_refused_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = config_text(dir.path(), "").replace(
+        "[[associations]]",
+        "backend = \"postgres\"\n[[associations]]",
+    );
+    let err = Config::parse(&text).unwrap().validate().unwrap_err();
+    assert!(err.to_string().contains("storage.postgres"), "{err}");
+}
