@@ -59,6 +59,17 @@ if ! "$FHIR_VENV/bin/python" -c 'import sys, fhir.resources as f; sys.exit(f.__f
   "$FHIR_VENV/bin/pip" install --quiet 'fhir.resources==6.1.0' 'pydantic[email]==1.10.21'
 fi
 
+#   kubernetes-validate 1.37.0: validates the AKS manifests (deploy/aks) offline against the
+#     Kubernetes JSON schemas it ships (tests/tests/deploy_aks.rs); its PyYAML also turns the
+#     rendered YAML into JSON for the structural checks. Own virtualenv.
+K8S_VENV="${VIGIL_K8S_VENV:-$HOME/.cache/vigil/k8s-venv}"
+if ! "$K8S_VENV/bin/python" -c 'import sys, importlib.metadata as m; sys.exit(m.version("kubernetes-validate") != "1.37.0")' >/dev/null 2>&1; then
+  echo "setup: installing kubernetes-validate 1.37.0 into $K8S_VENV" >&2
+  rm -rf "$K8S_VENV"
+  python3 -m venv "$K8S_VENV"
+  "$K8S_VENV/bin/pip" install --quiet 'kubernetes-validate==1.37.0'
+fi
+
 # Rust toolchain pieces.
 if ! command -v cargo >/dev/null 2>&1; then
   echo "setup: cargo not found; install Rust (rustup) first" >&2
