@@ -6,12 +6,19 @@
 //! gateways. Medians of 5 runs with min/max.
 //!
 //! Run: `cargo bench -p cloud-hub --bench ingest` (`-- --quick` for a
-//! smoke run with fewer batches).
+//! smoke run with fewer batches; `-- --postgres` for the PostgreSQL
+//! backend: a throwaway server per run, started like the tests' with the
+//! server's default, durable commit settings (fsync on, synchronous_commit
+//! on), on a free loopback port).
+
+#[path = "../tests/support/pg_server.rs"]
+mod pg_server;
 
 use std::collections::HashMap;
 use std::time::Instant;
 
 use cloud_hub::fhir::parse_search;
+use cloud_hub::pg::PgConfig;
 use cloud_hub::store::Store;
 use shared_protocol::catalogue::{codes, units};
 use shared_protocol::v1::{Batch, DeviceData, DeviceInfo, Reading, reading};
@@ -82,6 +89,7 @@ fn stats(mut v: Vec<f64>) -> (f64, f64, f64) {
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
+    let postgres = std::env::args().any(|a| a == "--postgres");
     let batches_per_gateway: u64 = if quick { 4 } else { 40 };
     let runs = if quick { 1 } else { 5 };
     let batches: Vec<(String, Batch)> = (0..batches_per_gateway)
@@ -91,7 +99,11 @@ fn main() {
     let mut rates = vec![];
     for _ in 0..runs {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("hub.sqlite")).unwrap();
+        let server = postgres.then(|| pg_server::PgServer::start_with(""));
+        let store = match &server {
+            Some(s) => Store::open_postgres(&PgConfig::new(s.url())).unwrap(),
+            None => Store::open(&dir.path().join("hub.sqlite")).unwrap(),
+        };
         for g in 0..GATEWAYS {
             store
                 .add_gateway(&format!("gw-{g}"), &format!("{g:064}"))
@@ -114,10 +126,13 @@ fn main() {
         .unwrap();
         let (total, _) = store.search(&s).unwrap();
         assert!(total > 0);
+        drop(store);
+        drop(server);
     }
     let (med, min, max) = stats(rates);
     println!(
-        "hub ingest (SQLite, {} batches of {} readings, {runs} runs): median {med:.0} readings/s (min {min:.0}, max {max:.0})",
+        "hub ingest ({}, {} batches of {} readings, {runs} runs): median {med:.0} readings/s (min {min:.0}, max {max:.0})",
+        if postgres { "PostgreSQL" } else { "SQLite" },
         batches.len(),
         DEVICES * PER_DEVICE
     );

@@ -135,8 +135,15 @@ fn template(bin: &Path, as_nobody: bool) -> PathBuf {
 }
 
 impl PgServer {
-    /// Starts a server; panics with the server's log when it cannot.
+    /// Starts a server for tests (fsync off: a crash loses the throwaway
+    /// data anyway); panics with the server's log when it cannot.
     pub fn start() -> Self {
+        Self::start_with("-c fsync=off -c synchronous_commit=off -c full_page_writes=off")
+    }
+
+    /// Starts a server with these extra `postgres` options (`""`: the
+    /// defaults, durable commits, for benchmarks).
+    pub fn start_with(extra: &str) -> Self {
         let bin = find_bin();
         let as_nobody = is_root();
         let tmpl = template(&bin, as_nobody);
@@ -165,8 +172,7 @@ impl PgServer {
                 .unwrap()
                 .port();
             let opts = format!(
-                "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off \
-                 -c synchronous_commit=off -c full_page_writes=off",
+                "-p {port} -k {} -c listen_addresses=127.0.0.1 {extra}",
                 dir.display()
             );
             let out = run(
