@@ -349,3 +349,62 @@ async fn patients_and_locations() {
     assert_eq!(&one, l);
     hub.stop().await;
 }
+
+/// The search index answers the common query (one patient, one metric, a
+/// time range, newest first) without a sort step, and concurrent ingests
+/// share WAL fsyncs (group commit) while every ack waits for one.
+#[tokio::test]
+async fn search_uses_the_index_and_acks_wait_for_wal_fsyncs() {
+    let hub = TestHub::start().await;
+    let db = hub.db();
+    let plan: Vec<String> = db
+        .prepare(
+            "EXPLAIN QUERY PLAN SELECT o.id FROM observations o
+              WHERE o.panel_id IS NULL AND o.patient_id IN (?1) AND (o.mdc_code = ?2)
+                AND o.effective_us >= ?3
+              ORDER BY o.effective_us DESC, o.rowid DESC LIMIT 100",
+        )
+        .unwrap()
+        .query_map(rusqlite::params!["p", 150_456, 0], |r| {
+            r.get::<_, String>(3)
+        })
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert!(
+        plan.iter().any(|p| p.contains("observations_search")),
+        "{plan:?}"
+    );
+    assert!(
+        !plan.iter().any(|p| p.contains("TEMP B-TREE")),
+        "no sort step: {plan:?}"
+    );
+
+    let store = cloud_hub::store::Store::open(&hub.dir.path().join("hub.sqlite")).unwrap();
+    let mut threads = Vec::new();
+    for t in 0..8u64 {
+        let s = store.clone();
+        threads.push(std::thread::spawn(move || {
+            for k in 0..10u64 {
+                let b = batch(
+                    100 + t * 10 + k,
+                    DEVICE,
+                    vec![spo2(1000 + t * 10 + k, 97.0, T0)],
+                );
+                let r = s
+                    .ingest(GATEWAY, &b, &Default::default(), now_us(), now_us())
+                    .unwrap();
+                assert_eq!(r.ack.accepted, 1);
+            }
+        }));
+    }
+    for t in threads {
+        t.join().unwrap();
+    }
+    let fsyncs = store.wal_fsyncs();
+    assert!(
+        (1..=80).contains(&fsyncs),
+        "every ack waited for an fsync, at most one each: {fsyncs}"
+    );
+    hub.stop().await;
+}

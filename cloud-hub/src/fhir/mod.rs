@@ -710,9 +710,18 @@ fn resolve_code(token: &str) -> Result<Vec<CodeMatch>, SearchParamError> {
     let by_loinc = || {
         let mut v = CATALOGUE
             .by_loinc(code)
-            .map(|m| CodeMatch {
-                mdc: m.mdc,
-                loinc: Some(m.loinc),
+            .map(|m| {
+                // When every unit of the metric has this code, the MDC code
+                // alone selects the same rows (and the search index has no
+                // LOINC column).
+                let all_units = CATALOGUE.by_mdc(m.mdc).is_some_and(|base| {
+                    base.variants()
+                        .all(|u| u.loinc == code || u.loinc_profile == Some(code))
+                });
+                CodeMatch {
+                    mdc: m.mdc,
+                    loinc: (!all_units).then_some(m.loinc),
+                }
             })
             .collect::<Vec<_>>();
         if code == render::BP_PANEL_LOINC {
@@ -1099,11 +1108,10 @@ mod tests {
     #[test]
     fn search_codes_resolve_through_the_catalogue() {
         let m = |mdc, loinc| CodeMatch { mdc, loinc };
+        // A LOINC code that every unit of a metric shares needs no LOINC
+        // condition: the MDC code selects the same rows.
         let s = parse_search(&pairs(&[("code", "http://loinc.org|2708-6")])).unwrap();
-        assert_eq!(
-            s.codes,
-            vec![vec![m(codes::PULS_OXIM_SAT_O2, Some("59408-5"))]]
-        );
+        assert_eq!(s.codes, vec![vec![m(codes::PULS_OXIM_SAT_O2, None)]]);
         // A unit's own LOINC code selects that unit's observations only.
         let s = parse_search(&pairs(&[("code", "http://loinc.org|19888-7")])).unwrap();
         assert_eq!(
@@ -1125,8 +1133,8 @@ mod tests {
         assert_eq!(s.codes.len(), 1);
         let set = &s.codes[0];
         for want in [
-            m(codes::ECG_HEART_RATE, Some("8867-4")),
-            m(codes::PULS_OXIM_PULS_RATE, Some("8889-8")),
+            m(codes::ECG_HEART_RATE, None),
+            m(codes::PULS_OXIM_PULS_RATE, None),
             m(codes::PULS_OXIM_SAT_O2, None),
         ] {
             assert!(set.contains(&want), "{set:?} lacks {want:?}");
