@@ -11,8 +11,9 @@
 //!   effective_us)`. That still de-duplicates: a re-sent reading is the same
 //!   protobuf, so it has the same effective time and lands in the same
 //!   partition, where the key conflicts. Ingest also skips a row whose
-//!   `(gateway_id, device_id, sequence)` exists under another time (an index
-//!   probe per partition), so the result equals SQLite's.
+//!   `(gateway_id, device_id, sequence)` exists under another time (a probe
+//!   of the unique key's prefix in each partition), so the result equals
+//!   SQLite's.
 //! - Every table written by ingest carries `gateway_id` and every unique
 //!   key of those tables includes it: the tables can be distributed (Citus,
 //!   Azure Cosmos DB for PostgreSQL) by `gateway_id`, which makes a batch's
@@ -91,7 +92,6 @@ CREATE TABLE observations (
 ) PARTITION BY RANGE (effective_us);
 CREATE INDEX observations_id ON observations (id);
 CREATE INDEX observations_rid ON observations (rid);
-CREATE INDEX observations_identity ON observations (gateway_id, device_id, sequence);
 CREATE INDEX observations_patient_mdc_time ON observations (patient_id, mdc_code, effective_us);
 CREATE INDEX observations_mdc_time ON observations (mdc_code, effective_us);
 CREATE INDEX observations_time ON observations (effective_us);
