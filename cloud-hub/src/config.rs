@@ -411,7 +411,10 @@ impl Config {
         };
         fix(&mut self.storage.sqlite_path);
         if let Some(pg) = &mut self.storage.postgres {
-            for p in [&mut pg.password_file, &mut pg.ca_file].into_iter().flatten() {
+            for p in [&mut pg.password_file, &mut pg.ca_file]
+                .into_iter()
+                .flatten()
+            {
                 fix(p);
             }
         }

@@ -22,9 +22,9 @@ pub mod fhir;
 pub mod ingest;
 pub mod metrics;
 pub mod mqtt_ingest;
+pub mod pg;
 mod rate_limit;
 pub mod scores;
-pub mod pg;
 mod server;
 pub mod store;
 
