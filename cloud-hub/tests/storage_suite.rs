@@ -720,3 +720,40 @@ fn postgres_unreachable_server_is_an_error_not_a_hang() {
     .unwrap_err();
     assert!(matches!(err, StoreError::Postgres(_)), "{err}");
 }
+
+#[test]
+fn postgres_two_hub_instances_store_each_batch_once() {
+    let server = pg_server::PgServer::start();
+    let cfg = PgConfig::new(server.url());
+    let a = Store::open_postgres(&cfg).unwrap();
+    let b = Store::open_postgres(&cfg).unwrap();
+    let none = Associations::new();
+    // Both instances receive the same 40 batches (a gateway retrying
+    // against a load balancer), 8 readings each, interleaved.
+    let batches: Vec<Batch> = (0..40u64)
+        .map(|n| {
+            let readings = (0..8u64)
+                .map(|i| spo2(T0 + (n * 8 + i) as i64 * MIN, n * 8 + i))
+                .collect();
+            batch(n + 1, vec![entry("d1", readings)])
+        })
+        .collect();
+    let run = |s: &Store| {
+        let mut accepted = 0u32;
+        for b in &batches {
+            let r = s.ingest(G, b, &none, now(), now()).unwrap();
+            if !r.ack.duplicate_batch {
+                accepted += r.ack.accepted;
+            }
+        }
+        accepted
+    };
+    let (x, y) = std::thread::scope(|sc| {
+        let ta = sc.spawn(|| run(&a));
+        let tb = sc.spawn(|| run(&b));
+        (ta.join().unwrap(), tb.join().unwrap())
+    });
+    assert_eq!(x + y, 320, "each reading accepted by exactly one instance");
+    assert_eq!(search(&a, &[]).0, 320);
+    assert_eq!(search(&b, &[]).0, 320);
+}
