@@ -54,7 +54,6 @@ use std::collections::BTreeSet;
 
 use rusqlite::{OptionalExtension, Transaction, params};
 use serde::Serialize;
-use shared_protocol::v1::Batch;
 
 use crate::store::{Associations, Store, StoreError};
 
@@ -584,82 +583,96 @@ fn check_device(g: &str, d: &str) -> Result<(), AssocError> {
     Ok(())
 }
 
-/// Attribute the readings a batch has just inserted (rows of
-/// `(gateway_id, batch.sequence)` whose `attribution` is still NULL), in
-/// the ingest transaction: the reading's own subject, else the stay
-/// covering the device's bed at the effective time, else the static
-/// config map, else unattributed. Whatever the insert put in `patient_id`
-/// is replaced.
-pub(crate) fn attribute_batch(
-    tx: &Transaction<'_>,
-    gateway_id: &str,
-    batch: &Batch,
-    fallback: &Associations,
-) -> Result<(), StoreError> {
-    let bs = batch.sequence as i64;
-    {
-        let mut subject = tx.prepare_cached(
-            "UPDATE observations SET patient_id = ?4, patient_system = ?5, attribution = 'subject'
-              WHERE gateway_id = ?1 AND device_id = ?2 AND sequence = ?3 AND attribution IS NULL",
+/// Who a device's readings in one batch belong to, resolved once per device
+/// before the rows are inserted (so each row is written once, with its
+/// final patient): the bed stays overlapping the device's placements in the
+/// batch's time span, and the static config fallback.
+#[derive(Debug, Default)]
+pub(crate) struct DeviceAttribution {
+    /// `[from, to)` pieces with the patient (value, system) of the stay.
+    spans: Vec<(i64, i64, String, String)>,
+    fallback: Option<String>,
+}
+
+/// How a row was attributed (the `attribution` column).
+pub(crate) struct Attributed<'a> {
+    pub patient: Option<&'a str>,
+    pub system: Option<&'a str>,
+    pub how: &'static str,
+}
+
+impl DeviceAttribution {
+    /// Loads what covers `[min_us, max_us]` for device `(g, d)`.
+    pub(crate) fn load(
+        tx: &Transaction<'_>,
+        gateway_id: &str,
+        device_id: &str,
+        min_us: i64,
+        max_us: i64,
+        fallback: &Associations,
+    ) -> Result<Self, StoreError> {
+        let mut st = tx.prepare_cached(
+            "SELECT MAX(p.from_us, s.from_us),
+                    MIN(COALESCE(p.to_us, 9223372036854775807), COALESCE(s.to_us, 9223372036854775807)),
+                    s.patient_value, s.patient_system
+               FROM device_placements p JOIN patient_stays s ON s.bed_id = p.bed_id
+              WHERE p.gateway_id = ?1 AND p.device_id = ?2
+                AND p.from_us <= ?4 AND COALESCE(p.to_us, 9223372036854775807) > ?3
+                AND s.from_us <= ?4 AND COALESCE(s.to_us, 9223372036854775807) > ?3
+                AND MAX(p.from_us, s.from_us)
+                    < MIN(COALESCE(p.to_us, 9223372036854775807), COALESCE(s.to_us, 9223372036854775807))",
         )?;
-        for data in &batch.devices {
-            let Some(info) = &data.device else { continue };
-            for r in &data.readings {
-                let Some(s) = r.subject.as_ref().filter(|s| !s.value.trim().is_empty()) else {
-                    continue;
-                };
-                let system = (!s.system.is_empty()).then_some(s.system.as_str());
-                subject.execute(params![
-                    gateway_id,
-                    info.device_id,
-                    r.sequence as i64,
-                    s.value,
-                    system
-                ])?;
-            }
+        let spans = st
+            .query_map(params![gateway_id, device_id, min_us, max_us], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            spans,
+            fallback: fallback
+                .get(&(gateway_id.to_owned(), device_id.to_owned()))
+                .cloned(),
+        })
+    }
+
+    /// The patient of a row at `at_us`; `subject` is the reading's own
+    /// identifier (it wins), if any.
+    pub(crate) fn of<'a>(
+        &'a self,
+        subject: Option<&'a shared_protocol::v1::Identifier>,
+        at_us: i64,
+    ) -> Attributed<'a> {
+        if let Some(s) = subject.filter(|s| !s.value.trim().is_empty()) {
+            return Attributed {
+                patient: Some(&s.value),
+                system: (!s.system.is_empty()).then_some(s.system.as_str()),
+                how: "subject",
+            };
+        }
+        if let Some((_, _, value, system)) = self
+            .spans
+            .iter()
+            .find(|(from, to, _, _)| *from <= at_us && at_us < *to)
+        {
+            return Attributed {
+                patient: Some(value),
+                system: Some(system),
+                how: "stay",
+            };
+        }
+        match &self.fallback {
+            Some(p) => Attributed {
+                patient: Some(p),
+                system: None,
+                how: "config",
+            },
+            None => Attributed {
+                patient: None,
+                system: None,
+                how: "unattributed",
+            },
         }
     }
-    tx.execute(
-        "UPDATE observations SET
-             (patient_system, patient_id) = (
-                SELECT s.patient_system, s.patient_value
-                  FROM device_placements p JOIN patient_stays s ON s.bed_id = p.bed_id
-                 WHERE p.gateway_id = observations.gateway_id AND p.device_id = observations.device_id
-                   AND p.from_us <= observations.effective_us
-                   AND COALESCE(p.to_us, 9223372036854775807) > observations.effective_us
-                   AND s.from_us <= observations.effective_us
-                   AND COALESCE(s.to_us, 9223372036854775807) > observations.effective_us
-                 LIMIT 1)
-          WHERE gateway_id = ?1 AND batch_sequence = ?2 AND attribution IS NULL",
-        params![gateway_id, bs],
-    )?;
-    tx.execute(
-        "UPDATE observations SET attribution = 'stay'
-          WHERE gateway_id = ?1 AND batch_sequence = ?2 AND attribution IS NULL AND patient_id IS NOT NULL",
-        params![gateway_id, bs],
-    )?;
-    let devices: Vec<String> = tx
-        .prepare_cached(
-            "SELECT DISTINCT device_id FROM observations
-              WHERE gateway_id = ?1 AND batch_sequence = ?2 AND attribution IS NULL",
-        )?
-        .query_map(params![gateway_id, bs], |r| r.get(0))?
-        .collect::<Result<_, _>>()?;
-    for d in devices {
-        if let Some(p) = fallback.get(&(gateway_id.to_owned(), d.clone())) {
-            tx.execute(
-                "UPDATE observations SET patient_id = ?4, patient_system = NULL, attribution = 'config'
-                  WHERE gateway_id = ?1 AND batch_sequence = ?2 AND device_id = ?3 AND attribution IS NULL",
-                params![gateway_id, bs, d, p],
-            )?;
-        }
-    }
-    tx.execute(
-        "UPDATE observations SET patient_id = NULL, patient_system = NULL, attribution = 'unattributed'
-          WHERE gateway_id = ?1 AND batch_sequence = ?2 AND attribution IS NULL",
-        params![gateway_id, bs],
-    )?;
-    Ok(())
 }
 
 impl Store {
@@ -1104,7 +1117,7 @@ mod tests {
 
         fn ingest(&mut self, device: &str, readings: Vec<Reading>) {
             self.batch += 1;
-            let b = Batch {
+            let b = shared_protocol::v1::Batch {
                 gateway_id: G.into(),
                 sequence: self.batch,
                 devices: vec![DeviceData {
@@ -1474,7 +1487,7 @@ mod tests {
                         ('b', 'g', 'd', 2, NULL, 'l', 1, 1, 'final', 1, 1, '', NULL);
                  DELETE FROM schema_migrations WHERE version >= 5;
                  DROP TABLE patient_stays; DROP TABLE device_placements; DROP TABLE beds;
-                 DROP INDEX observations_pending;
+                 DROP INDEX IF EXISTS observations_pending;
                  ALTER TABLE observations DROP COLUMN attribution;
                  ALTER TABLE observations DROP COLUMN patient_system;",
             )

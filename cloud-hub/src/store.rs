@@ -199,11 +199,13 @@ CREATE INDEX IF NOT EXISTS gateway_grace_tokens_gateway ON gateway_grace_tokens 
 /// metric, a time range, newest first, panel parts excluded) from the index
 /// alone: partial on `panel_id IS NULL`, ordered by (effective time,
 /// rowid). Replaces the two v1 patient indexes (the LOINC one was redundant:
-/// a LOINC code resolves to MDC codes).
+/// a LOINC code resolves to MDC codes). Drops v5's index of rows awaiting
+/// attribution: rows are now attributed before they are inserted.
 const SCHEMA_V7: &str = r#"
 DROP INDEX IF EXISTS observations_patient_loinc_time;
 DROP INDEX IF EXISTS observations_patient_mdc_time;
 DROP INDEX IF EXISTS observations_mdc_time;
+DROP INDEX IF EXISTS observations_pending;
 CREATE INDEX IF NOT EXISTS observations_search ON observations (patient_id, mdc_code, effective_us)
     WHERE panel_id IS NULL;
 CREATE INDEX IF NOT EXISTS observations_code_time ON observations (mdc_code, effective_us)
@@ -219,6 +221,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (5, crate::association::SCHEMA_V5),
     (6, SCHEMA_V6),
     (7, SCHEMA_V7),
+    (8, crate::early_warning::SCHEMA_V8),
 ];
 
 /// The schema version a database opened by this build has.
@@ -759,8 +762,9 @@ impl Store {
             let mut insert_obs = tx.prepare(
                 "INSERT OR IGNORE INTO observations (id, gateway_id, device_id, sequence, patient_id,
                      loinc, mdc_code, effective_us, status, value, batch_sequence, received_us,
-                     resource, kind, category, payload)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, '', ?13, ?14, ?15)",
+                     resource, kind, category, payload, patient_system, attribution)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, '', ?13, ?14, ?15,
+                     ?16, ?17)",
             )?;
             let mut mark_panel_member = tx.prepare(
                 "UPDATE observations SET panel_id = ?2 WHERE id = ?1 AND panel_id IS NULL",
@@ -825,9 +829,24 @@ impl Store {
                     received_us,
                     device_resource_id(gateway_id, device_id)
                 ])?;
-                let patient = associations
-                    .get(&(gateway_id.to_owned(), device_id.to_owned()))
-                    .map(String::as_str);
+                // Who the rows belong to (see `association`): resolved once
+                // for the device over the entry's time span, so each row is
+                // written once with its final patient.
+                let times = data
+                    .readings
+                    .iter()
+                    .map(Reading::effective_time_us)
+                    .chain(data.waveforms.iter().map(|w| w.start_time_us));
+                let (lo, hi) =
+                    times.fold((i64::MAX, i64::MIN), |(lo, hi), t| (lo.min(t), hi.max(t)));
+                let attribution = crate::association::DeviceAttribution::load(
+                    &tx,
+                    gateway_id,
+                    device_id,
+                    lo,
+                    hi,
+                    associations,
+                )?;
                 // Blood-pressure parts stored (or already stored) from this
                 // entry, by (panel code, effective time): grouped into panels.
                 let mut bp_parts: BTreeMap<(u32, i64), Vec<&Reading>> = BTreeMap::new();
@@ -839,19 +858,15 @@ impl Store {
                             continue;
                         }
                     };
-                    // Provisional: `association::attribute_batch` sets every
-                    // new row's patient before this transaction commits (the
-                    // reading's own subject, else the bed stay, else the
-                    // config map, else none).
-                    let patient = patient.or_else(|| crate::fhir::source_patient(r));
                     let cols = crate::fhir::columns(r, &metric);
                     let effective_us = r.effective_time_us();
+                    let who = attribution.of(r.subject.as_ref(), effective_us);
                     let n = insert_obs.execute(params![
                         observation_id(gateway_id, device_id, r.sequence),
                         gateway_id,
                         device_id,
                         r.sequence as i64,
-                        patient,
+                        who.patient,
                         metric.loinc,
                         metric.mdc,
                         effective_us,
@@ -861,7 +876,9 @@ impl Store {
                         received_us,
                         RowKind::Reading.as_str(),
                         crate::fhir::category(&metric).0,
-                        r.encode_to_vec()
+                        r.encode_to_vec(),
+                        who.system,
+                        who.how
                     ])?;
                     if n == 0 {
                         duplicates += 1;
@@ -889,7 +906,7 @@ impl Store {
                         .cloned()
                         .collect();
                     let pid = panel_id(gateway_id, device_id, sys.sequence);
-                    let patient = patient.or_else(|| crate::fhir::source_patient(sys));
+                    let who = attribution.of(sys.subject.as_ref(), *effective_us);
                     let status = if members
                         .iter()
                         .all(|m| matches!(m.validity(), Validity::Valid | Validity::Invalid))
@@ -905,7 +922,7 @@ impl Store {
                         // Readings own the non-negative sequences; a panel
                         // row takes -(systolic sequence + 1).
                         -(sys.sequence as i64) - 1,
-                        patient,
+                        who.patient,
                         BP_PANEL_LOINC,
                         family.mdc,
                         effective_us,
@@ -919,7 +936,9 @@ impl Store {
                             readings: members.clone(),
                             ..Default::default()
                         }
-                        .encode_to_vec()
+                        .encode_to_vec(),
+                        who.system,
+                        who.how
                     ])?;
                     for m in &members {
                         mark_panel_member.execute(params![
@@ -933,12 +952,13 @@ impl Store {
                         reject(device_id, w.sequence, "waveform", w.encode_to_vec(), f)?;
                         continue;
                     }
+                    let who = attribution.of(None, w.start_time_us);
                     let n = insert_obs.execute(params![
                         observation_id(gateway_id, device_id, w.sequence),
                         gateway_id,
                         device_id,
                         w.sequence as i64,
-                        patient,
+                        who.patient,
                         "",
                         w.mdc_code,
                         w.start_time_us,
@@ -952,7 +972,9 @@ impl Store {
                         received_us,
                         RowKind::Waveform.as_str(),
                         "",
-                        w.encode_to_vec()
+                        w.encode_to_vec(),
+                        who.system,
+                        who.how
                     ])?;
                     if n == 0 {
                         duplicates += 1;
@@ -986,7 +1008,7 @@ impl Store {
             ack.duplicates = duplicates;
         }
         // Who each new reading belongs to (subject, stay, config map).
-        crate::association::attribute_batch(&tx, gateway_id, batch, associations)?;
+
         tx.execute(
             "INSERT INTO batches (gateway_id, sequence, received_us, created_us, agent_version, ack)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
