@@ -69,7 +69,10 @@ struct Panel {
     members: Vec<i64>,
 }
 
-const STAGE_TABLE: &str = "CREATE TEMP TABLE IF NOT EXISTS vigil_obs_stage (
+/// Per connection, once; `client_min_messages` keeps the server's "already
+/// exists" notice out of the logs on every later batch.
+const STAGE_TABLE: &str = "SET LOCAL client_min_messages = warning;
+CREATE TEMP TABLE IF NOT EXISTS vigil_obs_stage (
     ord bigint NOT NULL, id text NOT NULL, device_id text NOT NULL, sequence bigint NOT NULL,
     loinc text NOT NULL, mdc_code bigint NOT NULL, effective_us bigint NOT NULL,
     status text NOT NULL, value double precision, kind text NOT NULL, category text NOT NULL,
