@@ -64,6 +64,9 @@ pub struct Config {
     /// `[mqtt]`: also consume batches from an MQTT 5 broker (optional).
     #[serde(default)]
     pub mqtt: Option<MqttConfig>,
+    /// `[scores]`: early-warning scores from stored data (see `early_warning`).
+    #[serde(default)]
+    pub scores: crate::early_warning::ScoresConfig,
 }
 
 /// `[server]`
@@ -469,6 +472,9 @@ impl Config {
     /// runs [`Config::validate`].
     pub fn validate_fields(&self) -> Result<(), ConfigError> {
         self.bind_addr()?;
+        self.scores
+            .validate()
+            .map_err(|(field, message)| ConfigError::invalid(field, message))?;
         if self.server.max_body_bytes == 0 {
             return Err(ConfigError::invalid(
                 "server.max_body_bytes",

@@ -16,6 +16,7 @@ pub mod association_api;
 pub mod auth;
 pub mod backup;
 pub mod config;
+pub mod early_warning;
 pub mod encoding;
 pub mod export;
 pub mod fhir;

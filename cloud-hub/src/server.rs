@@ -174,7 +174,14 @@ impl Hub {
                 message: e.to_string(),
             })
         })?;
-        let app = router(state).merge(crate::association_api::router(association));
+        let scores = crate::early_warning::router(
+            association.clone(),
+            self.store.clone(),
+            self.config.scores,
+        );
+        let app = router(state)
+            .merge(crate::association_api::router(association))
+            .merge(scores);
         tracing::info!(%addr, tls = self.tls.is_some(), "hub serving");
         match self.tls {
             None => {

@@ -583,3 +583,58 @@ fn complete_subject(resource: &mut Json, row: &ObservationRow) {
         subject.insert("identifier".into(), Json::Object(ident));
     }
 }
+
+/// A patient's current NEWS2 as a FHIR Observation (computed on request,
+/// not stored: no `id`). The code is text only: no LOINC code for NEWS2
+/// could be verified for this build. `valueInteger` is the total, one
+/// component per chart parameter holds its score, `interpretation` the
+/// clinical-risk band, and `derivedFrom` the readings scored. None when
+/// NEWS2 could not be computed.
+pub fn render_news2(report: &crate::early_warning::ScoreReport) -> Option<Json> {
+    use crate::early_warning::{Source, band, news2_components};
+    let n = report.news2?;
+    let subject = if super::is_valid_id(&report.patient) {
+        json!({ "reference": format!("Patient/{}", report.patient) })
+    } else {
+        json!({ "identifier": { "value": report.patient } })
+    };
+    let components: Vec<Json> = news2_components(&n)
+        .iter()
+        .map(|(p, score)| {
+            json!({
+                "code": { "text": format!("NEWS2 {} score", p.display()) },
+                "valueInteger": score,
+            })
+        })
+        .collect();
+    let derived: Vec<Json> = report
+        .used
+        .iter()
+        .filter_map(|i| match &i.source {
+            Source::Observation(id) if super::is_valid_id(id) => {
+                Some(json!({ "reference": format!("Observation/{id}") }))
+            }
+            _ => None,
+        })
+        .collect();
+    let mut obs = json!({
+        "resourceType": "Observation",
+        "status": "final",
+        "category": [{ "coding": [{
+            "system": "http://terminology.hl7.org/CodeSystem/observation-category",
+            "code": "survey", "display": "Survey" }] }],
+        "code": { "text": "National Early Warning Score 2 (NEWS2)" },
+        "subject": subject,
+        "issued": format_instant(report.computed_at_us),
+        "valueInteger": n.total,
+        "interpretation": [{ "text": format!("NEWS2 clinical risk: {}", band(n.risk)) }],
+        "component": components,
+    });
+    if let Some(t) = report.newest_input_us() {
+        obs["effectiveDateTime"] = json!(format_instant(t));
+    }
+    if !derived.is_empty() {
+        obs["derivedFrom"] = Json::Array(derived);
+    }
+    Some(obs)
+}
