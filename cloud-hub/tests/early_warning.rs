@@ -3,6 +3,8 @@
 //! errors.
 
 mod common;
+#[path = "support/pg_server.rs"]
+mod pg_server;
 
 use common::*;
 use serde_json::{Value, json};
@@ -12,7 +14,10 @@ use shared_protocol::v1::{Reading, reading};
 const ADMIN: &str = "scores-admin-token-0123456789abcdef0123";
 
 async fn hub(admin: bool, extra: &str) -> TestHub {
-    let dir = tempfile::tempdir().unwrap();
+    hub_in(tempfile::tempdir().unwrap(), admin, extra).await
+}
+
+async fn hub_in(dir: tempfile::TempDir, admin: bool, extra: &str) -> TestHub {
     let token_file = dir.path().join("admin.token");
     std::fs::write(&token_file, format!("{ADMIN}\n")).unwrap();
     #[cfg(unix)]
@@ -20,7 +25,13 @@ async fn hub(admin: bool, extra: &str) -> TestHub {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
     }
-    let mut text = format!("{}\n{extra}\n", config_text(dir.path(), ""));
+    let base = config_text(dir.path(), "");
+    let mut text = if extra.contains("[storage.postgres]") {
+        // The storage additions go inside [storage], before the associations.
+        base.replace("[[associations]]", &format!("{extra}\n[[associations]]"))
+    } else {
+        format!("{base}\n{extra}\n")
+    };
     if admin {
         text.push_str(&format!(
             "[association]\nadmin_token_file = \"{}\"\n",
@@ -417,4 +428,29 @@ fn freshness_is_validated_in_config() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("scores.freshness_s"), "{err}");
+}
+
+/// On PostgreSQL the scores answer 501, clearly, rather than anything else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_is_not_supported_yet() {
+    let server = pg_server::PgServer::start();
+    let extra = format!(
+        "backend = \"postgres\"\n[storage.postgres]\nurl = \"{}\"\npool_size = 2\n",
+        server.url()
+    );
+    let hub = hub_in(tempfile::tempdir().unwrap(), true, &extra).await;
+    hub.ingest(&batch(1, DEVICE, vec![spo2(1, 97.0, now_us())]))
+        .await;
+    let (status, body) = get(
+        &hub,
+        &format!("/api/v1/patients/{PATIENT}/scores"),
+        Some(ADMIN),
+    )
+    .await;
+    assert_eq!(status, 501, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("PostgreSQL"));
+    let (status, _) = put_manual(&hub, PATIENT, json!({"consciousness": "alert"})).await;
+    assert_eq!(status, 501);
+    hub.stop().await;
+    drop(server);
 }
