@@ -32,13 +32,17 @@ pub fn is_valid_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
 }
 
-/// Deterministic Observation id for a reading identity: the first 32 hex
-/// characters of SHA-256 over `gateway_id \n device_id \n sequence`.
-/// (Newlines cannot be part of ids in practice, so the encoding is unique.)
+/// Deterministic Observation id for a reading identity (gateway, device,
+/// per-device sequence): 16 hex characters of SHA-256 over
+/// `gateway_id \n device_id` (the device), then the sequence as 16 hex
+/// digits. 32 characters, a valid FHIR id, the same for a re-sent reading;
+/// and a device's readings get increasing ids, so the store's primary key
+/// grows by appends instead of random inserts. (Rows stored before this
+/// scheme keep the ids they were stored with.)
 pub fn observation_id(gateway_id: &str, device_id: &str, sequence: u64) -> String {
-    let canonical = format!("vigil-reading\n{gateway_id}\n{device_id}\n{sequence}");
+    let canonical = format!("vigil-reading\n{gateway_id}\n{device_id}");
     let d = digest::digest(&digest::SHA256, canonical.as_bytes());
-    hex::encode(&d.as_ref()[..16])
+    format!("{}{sequence:016x}", hex::encode(&d.as_ref()[..8]))
 }
 
 /// The specific vital-signs profile, if the metric's LOINC is in the FHIR
