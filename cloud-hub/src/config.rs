@@ -129,6 +129,10 @@ pub struct StorageConfig {
     /// `[storage.postgres]`, required with `backend = "postgres"`.
     #[serde(default)]
     pub postgres: Option<crate::pg::PgConfig>,
+    /// Keep observations, device events and rejected readings this many
+    /// days (by their own time); unset = keep everything.
+    #[serde(default)]
+    pub retention_days: Option<u32>,
 }
 
 /// `storage.backend`
@@ -499,6 +503,14 @@ impl Config {
                 .map_err(|(field, message)| ConfigError::invalid(field, message))?,
             (StorageBackend::Sqlite, None) => {}
         }
+        if let Some(d) = self.storage.retention_days
+            && !(1..=36_500).contains(&d)
+        {
+            return Err(ConfigError::invalid(
+                "storage.retention_days",
+                "must be between 1 and 36500 days (leave it out to keep everything)",
+            ));
+        }
         if let Some(tls) = &self.server.tls
             && tls.client_auth.is_some()
             && tls.client_ca_file.is_none()
@@ -594,6 +606,19 @@ mod tests {
         [storage]
         sqlite_path = "hub.sqlite"
     "#;
+
+    #[test]
+    fn retention_days_are_checked() {
+        let with = |d: &str| {
+            Config::parse(&format!("{MINIMAL}retention_days = {d}\n"))
+                .unwrap()
+                .validate()
+        };
+        assert!(with("30").is_ok());
+        let err = with("0").unwrap_err().to_string();
+        assert!(err.contains("storage.retention_days"), "{err}");
+        assert!(with("36501").is_err());
+    }
 
     #[test]
     fn example_file_parses_and_validates() {

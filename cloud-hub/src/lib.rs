@@ -25,6 +25,7 @@ pub mod metrics;
 pub mod mqtt_ingest;
 pub mod pg;
 mod rate_limit;
+pub mod retention;
 pub mod scores;
 mod server;
 pub mod store;

@@ -135,6 +135,14 @@ impl Hub {
         };
         // MQTT ingest runs beside the HTTP server and stops with it.
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        // Retention (optional) also stops with the server.
+        let retention = self.config.storage.retention_days.map(|days| {
+            tokio::spawn(crate::retention::run(
+                self.store.clone(),
+                days,
+                stop_rx.clone(),
+            ))
+        });
         let mqtt = self
             .mqtt
             .map(|m| tokio::spawn(crate::mqtt_ingest::run(m, state.clone(), stop_rx)));
@@ -204,6 +212,9 @@ impl Hub {
             }
         }
         if let Some(task) = mqtt {
+            task.await?;
+        }
+        if let Some(task) = retention {
             task.await?;
         }
         if let Some(task) = adt {

@@ -611,6 +611,37 @@ fn association_attributes_and_reattributes(s: &Store) {
     );
 }
 
+fn retention_purges_what_is_older_than_the_window(s: &Store) {
+    let none = Associations::new();
+    let day = 86_400_000_000i64;
+    let r = ingest(
+        s,
+        &batch(
+            1,
+            vec![entry(
+                "d1",
+                vec![spo2(T0, 1), spo2(T0 + day, 2), spo2(T0 + 10 * day, 3)],
+            )],
+        ),
+        &none,
+    );
+    assert_eq!(r.ack.accepted, 3);
+    let purged = s.purge_before(T0 + 5 * day).unwrap();
+    assert_eq!(purged.observations, 2);
+    let (n, ids) = search(s, &[]);
+    assert_eq!((n, ids), (1, vec![oid("d1", 3)]));
+    // Purging again removes nothing more; the batch ack is kept, so a
+    // re-sent old batch is answered from it and does not store again.
+    assert_eq!(s.purge_before(T0 + 5 * day).unwrap().observations, 0);
+    let again = ingest(
+        s,
+        &batch(1, vec![entry("d1", vec![spo2(T0, 1), spo2(T0 + day, 2)])]),
+        &none,
+    );
+    assert!(again.ack.duplicate_batch);
+    assert_eq!(search(s, &[]).0, 1);
+}
+
 macro_rules! suite {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -650,6 +681,7 @@ suite!(
     gateways_and_tokens,
     enrolment_tokens_are_single_use,
     association_attributes_and_reattributes,
+    retention_purges_what_is_older_than_the_window,
 );
 
 // ---- PostgreSQL only ----

@@ -460,6 +460,29 @@ impl PgStore {
         Ok(())
     }
 
+    /// Retention: deletes observations, device events and rejected
+    /// readings older than `cutoff_us` (see `crate::retention`).
+    pub fn purge_before(&self, cutoff_us: i64) -> Result<crate::retention::Purged, StoreError> {
+        let mut c = self.conn()?;
+        let observations = c.execute(
+            "DELETE FROM observations WHERE effective_us < $1",
+            &[&cutoff_us],
+        )?;
+        let device_events = c.execute(
+            "DELETE FROM device_events WHERE time_us < $1",
+            &[&cutoff_us],
+        )?;
+        let rejected = c.execute(
+            "DELETE FROM rejected_readings WHERE received_us < $1",
+            &[&cutoff_us],
+        )?;
+        Ok(crate::retention::Purged {
+            observations,
+            device_events,
+            rejected,
+        })
+    }
+
     pub fn ping(&self) -> Result<(), StoreError> {
         let mut c = self.conn()?;
         c.query_one("SELECT COUNT(*) FROM schema_migrations", &[])?;
