@@ -194,14 +194,12 @@ pub async fn check(config: &Path) -> Vec<Finding> {
     match &iothub {
         None if module.is_some() => {}
         // IoT Hub: the device key (0600, base64) or client certificate must load.
-        Some(h) => match crate::iothub::credentials_check(
-            h,
-            &cfg.data_dir,
-            cfg.uplink.request_timeout(),
-        ) {
-            Ok(what) => out.push(ok("IoT Hub credentials", what)),
-            Err(e) => out.push(bad("IoT Hub credentials", e.to_string())),
-        },
+        Some(h) => {
+            match crate::iothub::credentials_check(h, &cfg.data_dir, cfg.uplink.request_timeout()) {
+                Ok(what) => out.push(ok("IoT Hub credentials", what)),
+                Err(e) => out.push(bad("IoT Hub credentials", e.to_string())),
+            }
+        }
         None => match crate::secrets::load_token(
             cfg.uplink.token_file.as_deref(),
             std::env::var("VIGIL_AGENT_TOKEN").ok(),

@@ -721,9 +721,9 @@ fn validate_dps(h: &IotHubConfig, d: &DpsConfig) -> Result<(), ConfigError> {
     let reg = &d.registration_id;
     if reg.is_empty()
         || reg.len() > 128
-        || !reg
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'.' | b'_' | b':'))
+        || !reg.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'.' | b'_' | b':')
+        })
     {
         return Err(invalid(
             "uplink.iothub.dps.registration_id",
