@@ -22,10 +22,25 @@ struct Rig {
     _pty: PtyPair,
     sim: Proc,
     agent: Proc,
+    /// Between agent and hub when the rig was built `via_proxy`.
+    proxy: Option<TcpProxy>,
 }
 
 /// Hub + Masimo simulator at `interval_ms` + agent with extra config lines.
 fn rig(name: &str, interval_ms: u64, lines: u64, backlog_rate: u32, agent_extra: &str) -> Rig {
+    rig_with(name, interval_ms, lines, backlog_rate, agent_extra, false)
+}
+
+/// As [`rig`]; with `via_proxy` the agent reaches the hub through a
+/// [`TcpProxy`] the test controls.
+fn rig_with(
+    name: &str,
+    interval_ms: u64,
+    lines: u64,
+    backlog_rate: u32,
+    agent_extra: &str,
+    via_proxy: bool,
+) -> Rig {
     let (guard, dir) = test_dir(name);
     let d = dir.as_path();
     let hub_cfg = write_hub_config(d, "127.0.0.1:0", &[(GATEWAY, DEVICE, PATIENT)]).unwrap();
@@ -49,6 +64,15 @@ fn rig(name: &str, interval_ms: u64, lines: u64, backlog_rate: u32, agent_extra:
     )
     .unwrap();
     write_private(&d.join("gateway.token"), &token).unwrap();
+    let proxy = via_proxy.then(|| {
+        let hub_addr: std::net::SocketAddr =
+            hub.base_url.trim_start_matches("http://").parse().unwrap();
+        TcpProxy::start(hub_addr).unwrap()
+    });
+    let uplink_base = match &proxy {
+        Some(p) => format!("http://{}", p.addr),
+        None => hub.base_url.clone(),
+    };
     let cfg = d.join("agent.toml");
     std::fs::write(
         &cfg,
@@ -56,7 +80,7 @@ fn rig(name: &str, interval_ms: u64, lines: u64, backlog_rate: u32, agent_extra:
             "gateway_id = \"{GATEWAY}\"\ndata_dir = \"agent-data\"\n{agent_extra}\n[uplink]\nurl = \"{}/api/v1/ingest\"\n\
 token_file = \"gateway.token\"\nbatch_max_readings = 60\nbatch_max_wait_ms = 100\nmax_backoff_ms = 300\n\
 backlog_rate_per_s = {backlog_rate}\n\n[[device]]\nkind = \"masimo-serial\"\nid = \"{DEVICE}\"\nport = \"{}\"\n",
-            hub.base_url,
+            uplink_base,
             pty.host.display()
         ),
     )
@@ -69,6 +93,7 @@ backlog_rate_per_s = {backlog_rate}\n\n[[device]]\nkind = \"masimo-serial\"\nid 
         _pty: pty,
         sim,
         agent,
+        proxy,
     }
 }
 
@@ -134,17 +159,49 @@ fn now_us() -> i64 {
 
 #[test]
 fn after_an_outage_live_readings_go_first_and_the_backlog_follows() {
+    live_first_after(Outage::HubKilled);
+}
+
+/// The same through a network cut: the hub keeps running, the TCP proxy
+/// between agent and hub drops every connection and refuses new ones for
+/// 5 s, then lets traffic through again.
+#[test]
+fn after_an_uplink_cut_live_readings_go_first_and_the_backlog_follows() {
+    live_first_after(Outage::LinkCut);
+}
+
+enum Outage {
+    HubKilled,
+    LinkCut,
+}
+
+fn live_first_after(outage: Outage) {
     // 20 lines/s = 60 readings/s live; the ~300-reading backlog drains at
     // 50 readings/s, so it takes ~6 s to fill in behind the live readings.
-    let mut rig = rig("live-first", 50, 400, 50, "");
+    let via_proxy = matches!(outage, Outage::LinkCut);
+    let name = if via_proxy {
+        "live-first-cut"
+    } else {
+        "live-first"
+    };
+    let mut rig = rig_with(name, 50, 400, 50, "", via_proxy);
     wait_for(Duration::from_secs(30), "first readings", || {
         (rig.total() >= 30).then_some(())
     })
     .unwrap();
     let down_us = now_us();
-    let (_, up) = rig.hub_outage(Duration::from_secs(5));
+    match outage {
+        Outage::HubKilled => {
+            rig.hub_outage(Duration::from_secs(5));
+        }
+        Outage::LinkCut => {
+            let proxy = rig.proxy.as_ref().unwrap();
+            proxy.cut();
+            std::thread::sleep(Duration::from_secs(5));
+            proxy.restore();
+        }
+    }
     let up_us = now_us();
-    let _ = up;
     rig.sim
         .wait_exit(Duration::from_secs(60))
         .expect("simulator finished");
