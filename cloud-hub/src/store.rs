@@ -16,7 +16,8 @@ use shared_protocol::v1::{
 };
 
 use crate::fhir::render::{
-    BP_PANEL_LOINC, DeviceRow, ObservationRow, RowKind, bp_family_of, device_resource_id, panel_id,
+    BP_PANEL_LOINC, BpKey, DeviceRow, ObservationRow, RowKind, bp_family_of, bp_key,
+    device_resource_id, panel_id,
 };
 use crate::fhir::{ObservationSearch, SortOrder, observation_id};
 use crate::ingest::{
@@ -849,7 +850,7 @@ impl Store {
                 )?;
                 // Blood-pressure parts stored (or already stored) from this
                 // entry, by (panel code, effective time): grouped into panels.
-                let mut bp_parts: BTreeMap<(u32, i64), Vec<&Reading>> = BTreeMap::new();
+                let mut bp_parts: BTreeMap<BpKey, Vec<&Reading>> = BTreeMap::new();
                 for r in &data.readings {
                     let metric = match validate_reading(r, now_us) {
                         Ok(m) => m,
@@ -887,10 +888,13 @@ impl Store {
                         out_of_range += u32::from(cols.out_of_range);
                     }
                     if let Some(f) = bp_family_of(r.mdc_code) {
-                        bp_parts.entry((f.mdc, effective_us)).or_default().push(r);
+                        bp_parts
+                            .entry(bp_key(f, effective_us, r))
+                            .or_default()
+                            .push(r);
                     }
                 }
-                for ((panel_mdc, effective_us), parts) in &bp_parts {
+                for ((panel_mdc, effective_us, _), parts) in &bp_parts {
                     let Some(family) = crate::fhir::render::bp_family(*panel_mdc) else {
                         continue;
                     };

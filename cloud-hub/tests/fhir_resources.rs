@@ -408,3 +408,40 @@ async fn search_uses_the_index_and_acks_wait_for_wal_fsyncs() {
     );
     hub.stop().await;
 }
+
+/// Blood-pressure parts naming different patients (two HL7 senders through
+/// one listener in the same second) are never combined into one panel.
+#[tokio::test]
+async fn bp_parts_of_different_patients_are_not_one_panel() {
+    let hub = TestHub::start().await;
+    let with = |mut r: Reading, who: &str| {
+        r.subject = Some(shared_protocol::v1::Identifier {
+            system: "urn:oid:1.2.3".into(),
+            value: who.into(),
+        });
+        r
+    };
+    let ack = hub
+        .ingest(&batch(
+            1,
+            "hl7-1",
+            vec![
+                with(nibp(1, codes::PRESS_BLD_NONINV_SYS, 121.0, T0), "MRN-A"),
+                with(nibp(2, codes::PRESS_BLD_NONINV_DIA, 76.0, T0), "MRN-B"),
+            ],
+        ))
+        .await;
+    assert_eq!(ack.accepted, 2);
+    let (_, panels) = hub.get_json("/fhir/Observation?code=85354-9").await;
+    assert_eq!(panels["total"], 0, "{panels}");
+    for (p, loinc, v) in [("MRN-A", "8480-6", 121.0), ("MRN-B", "8462-4", 76.0)] {
+        let (_, b) = hub
+            .get_json(&format!("/fhir/Observation?patient={p}"))
+            .await;
+        let e = entries(&b);
+        assert_eq!(e.len(), 1, "{b}");
+        assert_eq!(code_of(&e[0], "http://loinc.org").as_deref(), Some(loinc));
+        assert_eq!(e[0]["valueQuantity"]["value"], v);
+    }
+    hub.stop().await;
+}

@@ -43,6 +43,13 @@ fn observations(base: &str, patient: &str) -> Vec<Value> {
         .collect()
 }
 
+/// Values in a set of Observations: a BP panel counts its components.
+fn value_count(obs: &[Value]) -> usize {
+    obs.iter()
+        .map(|o| o["component"].as_array().map_or(1, Vec::len))
+        .sum()
+}
+
 fn mdc_of(o: &Value) -> String {
     o["code"]["coding"]
         .as_array()
@@ -174,7 +181,11 @@ token_file = \"gateway.token\"\nbatch_max_wait_ms = 200\nmax_backoff_ms = 500\n\
         let mdc = mdc_of(o);
         assert_eq!(
             o["valueQuantity"]["value"].as_f64(),
-            Some(want[&mdc]),
+            Some(
+                *want
+                    .get(&mdc)
+                    .unwrap_or_else(|| panic!("unexpected {mdc}: {o} (want {want:?})"))
+            ),
             "{o}"
         );
         assert_eq!(o["valueQuantity"]["system"], "http://unitsofmeasure.org");
@@ -215,7 +226,8 @@ token_file = \"gateway.token\"\nbatch_max_wait_ms = 200\nmax_backoff_ms = 500\n\
         }
     }
     // device-sim patients: 6 vitals per AA message (3 stable + the good
-    // ones of the malformed run), patients in turn.
+    // ones of the malformed run), patients in turn; systolic and diastolic
+    // of one message are one BP panel with two components.
     let sim_total: usize = ["SIM-MRN-1001", "SIM-MRN-1002", "SIM-MRN-1003"]
         .iter()
         .map(|p| observations(&base, p).len())
@@ -224,7 +236,7 @@ token_file = \"gateway.token\"\nbatch_max_wait_ms = 200\nmax_backoff_ms = 500\n\
     let sim_total = wait_for(Duration::from_secs(30), "device-sim readings", || {
         let n: usize = ["SIM-MRN-1001", "SIM-MRN-1002", "SIM-MRN-1003"]
             .iter()
-            .map(|p| observations(&base, p).len())
+            .map(|p| value_count(&observations(&base, p)))
             .sum();
         (n >= expected_sim).then_some(n)
     })
@@ -242,7 +254,7 @@ token_file = \"gateway.token\"\nbatch_max_wait_ms = 200\nmax_backoff_ms = 500\n\
     assert_eq!(rejected, 0, "the agent forwards only what it accepted");
     let total: i64 = db
         .query_row(
-            "SELECT COUNT(*) FROM observations WHERE device_id = ?1",
+            "SELECT COUNT(*) FROM observations WHERE device_id = ?1 AND kind = 'reading'",
             [DEVICE],
             |r| r.get(0),
         )

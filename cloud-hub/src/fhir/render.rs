@@ -53,6 +53,23 @@ pub fn bp_family_of(mdc: u32) -> Option<&'static BpFamily> {
         .find(|f| mdc == f.systolic || mdc == f.diastolic || mdc == f.mean)
 }
 
+/// What groups blood-pressure parts into one panel: the family, the
+/// effective time, and the patient identifier the reading carried (system,
+/// value). Parts naming different patients — e.g. two HL7 senders through
+/// one listener in the same second — are never put in one panel.
+pub type BpKey = (u32, i64, Option<(String, String)>);
+
+/// The panel key of a BP part.
+pub fn bp_key(family: &BpFamily, effective_us: i64, r: &Reading) -> BpKey {
+    (
+        family.mdc,
+        effective_us,
+        r.subject
+            .as_ref()
+            .map(|s| (s.system.clone(), s.value.clone())),
+    )
+}
+
 /// The BP family whose panel (compound) code is `mdc`.
 pub fn bp_family(mdc: u32) -> Option<&'static BpFamily> {
     BP_FAMILIES.iter().find(|f| f.mdc == mdc)

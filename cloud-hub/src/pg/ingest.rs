@@ -17,7 +17,9 @@ use shared_protocol::v1::{
 
 use super::{ASSOC_LOCK, PgStore};
 use crate::fhir::observation_id;
-use crate::fhir::render::{BP_PANEL_LOINC, RowKind, bp_family_of, device_resource_id, panel_id};
+use crate::fhir::render::{
+    BP_PANEL_LOINC, BpKey, RowKind, bp_family_of, bp_key, device_resource_id, panel_id,
+};
 use crate::ingest::{
     Refusal, technical_kind_name, validate_reading, validate_technical, validate_waveform,
 };
@@ -218,7 +220,7 @@ impl PgStore {
             let config_patient = associations
                 .get(&(gateway_id.to_owned(), device_id.clone()))
                 .cloned();
-            let mut bp_parts: BTreeMap<(u32, i64), Vec<&Reading>> = BTreeMap::new();
+            let mut bp_parts: BTreeMap<BpKey, Vec<&Reading>> = BTreeMap::new();
             for r in &data.readings {
                 let metric = match validate_reading(r, now_us) {
                     Ok(m) => m,
@@ -251,10 +253,13 @@ impl PgStore {
                     out_of_range: cols.out_of_range,
                 });
                 if let Some(f) = bp_family_of(r.mdc_code) {
-                    bp_parts.entry((f.mdc, effective_us)).or_default().push(r);
+                    bp_parts
+                        .entry(bp_key(f, effective_us, r))
+                        .or_default()
+                        .push(r);
                 }
             }
-            for ((panel_mdc, effective_us), parts) in &bp_parts {
+            for ((panel_mdc, effective_us, _), parts) in &bp_parts {
                 let Some(family) = crate::fhir::render::bp_family(*panel_mdc) else {
                     continue;
                 };
