@@ -1187,7 +1187,7 @@ impl Store {
             });
         }
         let mut sql = format!(
-            "SELECT o.rowid, {OBS_COLUMNS} FROM {OBS_FROM} WHERE o.rowid > ?1 AND o.panel_id IS NULL"
+            "SELECT {OBS_COLUMNS}, o.rowid FROM {OBS_FROM} WHERE o.rowid > ?1 AND o.panel_id IS NULL"
         );
         let mut args: Vec<SqlValue> = vec![SqlValue::Integer(after_rowid)];
         if let Some(s) = since_us {
@@ -1211,22 +1211,8 @@ impl Store {
         let mut stmt = conn.prepare(&sql)?;
         let rows = stmt
             .query_map(params_from_iter(args.iter()), |r| {
-                let rowid: i64 = r.get(0)?;
-                let row = ObservationRow {
-                    id: r.get(1)?,
-                    kind: r.get(2)?,
-                    gateway_id: r.get(3)?,
-                    device_id: r.get(4)?,
-                    patient_id: r.get(5)?,
-                    received_us: r.get(6)?,
-                    payload: r.get(7)?,
-                    resource: r.get(8)?,
-                    manufacturer: r.get(9)?,
-                    model: r.get(10)?,
-                    serial_number: r.get(11)?,
-                    patient_system: r.get(12)?,
-                };
-                Ok((rowid, row))
+                // The row's columns as everywhere else, then its rowid.
+                Ok((r.get::<_, i64>(OBS_COLUMN_COUNT)?, obs_row(r)?))
             })?
             .collect::<Result<Vec<_>, _>>()?;
         Ok(rows)
@@ -1304,6 +1290,9 @@ const OBS_COLUMNS: &str = "o.id, o.kind, o.gateway_id, o.device_id, o.patient_id
      COALESCE(d.serial_number, ''), o.patient_system";
 const OBS_FROM: &str = "observations o LEFT JOIN devices d \
      ON d.gateway_id = o.gateway_id AND d.device_id = o.device_id";
+
+/// Number of columns in [`OBS_COLUMNS`].
+const OBS_COLUMN_COUNT: usize = 12;
 
 fn obs_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ObservationRow> {
     Ok(ObservationRow {
