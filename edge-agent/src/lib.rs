@@ -112,6 +112,14 @@ pub async fn run_with_uplink(
         "edge-agent starting"
     );
 
+    // Records with an id below this are backlog: what was stored before this
+    // start. Taken before any device task can append, so readings of this run
+    // never count as backlog (they wait for a full or aged live batch).
+    let startup_backlog_end = if buffer.pending_records() > 0 {
+        buffer.next_record_id().unwrap_or(0)
+    } else {
+        0
+    };
     let (tx, rx) = mpsc::channel::<DriverOutput>(1024);
     let notify = Arc::new(Notify::new());
     let mut device_infos = HashMap::new();
@@ -244,6 +252,7 @@ pub async fn run_with_uplink(
         ForwardSignals {
             stop: forwarder_stop,
             draining: hurry,
+            startup_backlog_end,
         },
     ));
 
@@ -539,6 +548,8 @@ impl Rate {
 struct ForwardSignals {
     stop: watch::Receiver<bool>,
     draining: watch::Receiver<bool>,
+    /// The first record id of this run (see `run`): below it is backlog.
+    startup_backlog_end: u64,
 }
 
 async fn forward_loop(
@@ -553,19 +564,16 @@ async fn forward_loop(
     let ForwardSignals {
         stop: mut shutdown,
         mut draining,
+        startup_backlog_end,
     } = signals;
     let max = cfg.uplink.batch_max_readings;
     let mut limit = max;
     let max_bytes = cfg.uplink.batch_max_bytes;
     let mut backoff = Backoff::new(Duration::from_millis(200), cfg.uplink.max_backoff());
     let mut rate = Rate::new(cfg.uplink.backlog_rate_per_s);
-    // Records with an id below this are backlog. What is stored at start is
-    // backlog; after an outage, everything stored before recovery is.
-    let mut backlog_end = if buffer.pending_records() > 0 {
-        buffer.next_record_id().unwrap_or(0)
-    } else {
-        0
-    };
+    // Records with an id below this are backlog. What was stored before this
+    // start is backlog; after an outage, everything stored before recovery is.
+    let mut backlog_end = startup_backlog_end;
     let mut in_outage = false;
     'outer: loop {
         if *shutdown.borrow() {
