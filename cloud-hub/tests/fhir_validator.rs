@@ -18,7 +18,7 @@ use common::*;
 use serde_json::Value;
 use shared_protocol::CATALOGUE;
 use shared_protocol::catalogue::codes;
-use shared_protocol::v1::{CodedValue, Identifier, Reading, Waveform, reading};
+use shared_protocol::v1::{CodedValue, Identifier, Interpretation, Reading, Waveform, reading};
 
 fn reading_in(seq: u64, metric: &shared_protocol::Metric, value: f64) -> Reading {
     Reading {
@@ -73,6 +73,13 @@ async fn every_emitted_resource_is_valid_fhir_r4() {
     let mut r = reading_in(next(), &spo2_metric, 0.0);
     r.value = None;
     readings.push(r);
+    // Flagged by the device (HL7 OBX-8 "LL"; off scale high).
+    let mut r = reading_in(next(), &spo2_metric, 84.0);
+    r.interpretation = Interpretation::CriticalLow as i32;
+    readings.push(r);
+    let mut r = reading_in(next(), &spo2_metric, 99.0);
+    r.interpretation = Interpretation::OffScaleHigh as i32;
+    readings.push(r);
     // Text and coded values.
     let mut r = reading_in(next(), &spo2_metric, 0.0);
     r.value = Some(reading::Value::Text("SENSOR OFF".into()));
@@ -97,7 +104,9 @@ async fn every_emitted_resource_is_valid_fhir_r4() {
             ..reading_in(seq, &m, value)
         }
     };
-    readings.push(bp(next(), codes::PRESS_BLD_NONINV_SYS, 121.0));
+    let mut sys = bp(next(), codes::PRESS_BLD_NONINV_SYS, 181.0);
+    sys.interpretation = Interpretation::High as i32;
+    readings.push(sys);
     let mut dia = bp(next(), codes::PRESS_BLD_NONINV_DIA, 79.0);
     dia.validity = 3;
     readings.push(dia);
@@ -150,6 +159,27 @@ async fn every_emitted_resource_is_valid_fhir_r4() {
         "an absent value"
     );
     assert!(has(&|r| r.get("valueString").is_some()), "a text value");
+    assert!(
+        has(&|r| r["interpretation"][0]["coding"][0]["code"] == "LL"
+            && r["valueQuantity"]["value"] == 84.0),
+        "a device-flagged value, the value kept as sent"
+    );
+    assert!(
+        has(&|r| r["interpretation"][0]["coding"][0]["code"] == ">"),
+        "off scale high"
+    );
+    assert!(
+        has(&|r| r["component"][0]["interpretation"][0]["coding"][0]["code"] == "H"),
+        "a flagged BP component"
+    );
+    assert!(
+        entries
+            .iter()
+            .filter(|e| e["resource"].get("interpretation").is_some())
+            .count()
+            == 2,
+        "no interpretation where the device gave none"
+    );
     assert!(
         has(&|r| r.get("valueCodeableConcept").is_some()),
         "a coded value"

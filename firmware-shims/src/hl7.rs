@@ -118,6 +118,29 @@ pub fn vitals(i: u32) -> [f64; 6] {
     ]
 }
 
+/// The simulated monitor's default alarm limits per OBX-3 code, low and
+/// high: a value outside them is flagged L or H in OBX-8, inside N.
+const ALARM_LIMITS: &[(&str, f64, f64)] = &[
+    ("150456", 90.0, 100.0), // SpO2 %
+    ("8867-4", 50.0, 120.0), // heart rate /min
+    ("9279-1", 8.0, 30.0),   // respiratory rate /min
+    ("150021", 90.0, 160.0), // NIBP systolic mmHg
+    ("150022", 50.0, 90.0),  // NIBP diastolic mmHg
+    ("8310-5", 35.0, 38.5),  // body temperature Cel
+];
+
+/// OBX-8 for a value of the code (OBX-3's first component): "" when the
+/// monitor has no limits for it.
+fn abnormal_flag(code: &str, v: f64) -> &'static str {
+    let id = code.split('^').next().unwrap_or_default();
+    match ALARM_LIMITS.iter().find(|(c, ..)| *c == id) {
+        Some((_, lo, _)) if v < *lo => "L",
+        Some((_, _, hi)) if v > *hi => "H",
+        Some(_) => "N",
+        None => "",
+    }
+}
+
 /// Message `i` of a scenario, at time `now`.
 pub fn plan(scenario: Scenario, i: u32, now: time::OffsetDateTime) -> Planned {
     let p = PATIENTS[(i as usize) % PATIENTS.len()];
@@ -136,10 +159,12 @@ pub fn plan(scenario: Scenario, i: u32, now: time::OffsetDateTime) -> Planned {
         p.mrn, p.authority, p.family, p.given, p.birth_date
     );
     let obr = format!("OBR|1|{control_id}^SIMMON||182777000^monitoring of patient^SCT|||{t}");
-    // OBX-2 NM, OBX-3 code, OBX-4 sub-id, OBX-5 value, OBX-6 unit, OBX-11 F,
-    // OBX-14 time.
+    // OBX-2 NM, OBX-3 code, OBX-4 sub-id, OBX-5 value, OBX-6 unit, OBX-8
+    // abnormal flag (table 0078: N, or L/H outside the simulated monitor's
+    // alarm limits for the code), OBX-11 F, OBX-14 time.
     let obx = |n: u32, code: &str, value: String, unit: &str| {
-        format!("OBX|{n}|NM|{code}|1.1.1.{n}|{value}|{unit}|||||F|||{t}")
+        let flag = abnormal_flag(code, value.parse().unwrap_or(f64::NAN));
+        format!("OBX|{n}|NM|{code}|1.1.1.{n}|{value}|{unit}||{flag}|||F|||{t}")
     };
     let mut segs = vec![msh("ORU^R01^ORU_R01", "2.6"), pid, obr];
     // IHE PCD-01 device hierarchy row (MDS), no value.

@@ -59,9 +59,10 @@ mod tests {
             0i32..4,
             proptest::collection::vec(0i32..11, 0..4),
             any::<u64>(),
+            0i32..10,
         )
             .prop_map(
-                |(mdc, label, value, dt, gt, validity, flags, seq)| v1::Reading {
+                |(mdc, label, value, dt, gt, validity, flags, seq, interpretation)| v1::Reading {
                     mdc_code: mdc,
                     vendor_label: label,
                     value,
@@ -74,6 +75,7 @@ mod tests {
                     flags,
                     sequence: seq,
                     subject: None,
+                    interpretation,
                 },
             )
     }
@@ -168,5 +170,31 @@ mod tests {
                 .subject
                 .is_none()
         );
+    }
+
+    #[test]
+    fn reading_interpretation_encoding_is_pinned() {
+        let r = v1::Reading {
+            interpretation: v1::Interpretation::CriticalHigh as i32,
+            ..Default::default()
+        };
+        // field 15, varint (15 << 3 | 0 = 0x78), value 5 = CRITICAL_HIGH
+        let expected: &[u8] = &[0x78, 0x05];
+        assert_eq!(r.encode_to_vec(), expected);
+        assert_eq!(
+            v1::Reading::decode(expected).unwrap().interpretation(),
+            v1::Interpretation::CriticalHigh
+        );
+        // An older reading (no field 15): the device said nothing.
+        assert_eq!(
+            v1::Reading::decode(&[0x68, 0x07][..])
+                .unwrap()
+                .interpretation(),
+            v1::Interpretation::Unspecified
+        );
+        // A value from a newer sender is kept raw and read as unspecified.
+        let newer = v1::Reading::decode(&[0x78, 0x63][..]).unwrap();
+        assert_eq!(newer.interpretation, 99);
+        assert_eq!(newer.interpretation(), v1::Interpretation::Unspecified);
     }
 }

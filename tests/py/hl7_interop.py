@@ -59,7 +59,8 @@ def oru(control_id, patient, authority, observations, name=("Zebulonia", "Xerxes
     order.obr.obr_1 = "1"
     order.obr.obr_4 = "182777000^monitoring of patient^SCT"
     order.obr.obr_7 = t
-    for i, (vt, code, value, unit, status) in enumerate(observations, start=1):
+    for i, o in enumerate(observations, start=1):
+        vt, code, value, unit, status = o[:5]
         obs = order.add_group("ORU_R01_OBSERVATION")
         obx = obs.add_segment("OBX")
         obx.obx_1 = str(i)
@@ -68,6 +69,8 @@ def oru(control_id, patient, authority, observations, name=("Zebulonia", "Xerxes
         obx.obx_4 = f"1.1.1.{i}"
         obx.obx_5 = value
         obx.obx_6 = unit
+        if len(o) > 5:
+            obx.obx_8 = o[5]  # abnormal flag, HL7 table 0078
         obx.obx_11 = status
         obx.obx_14 = t
     return m.to_er7()
@@ -113,7 +116,7 @@ def msa(ack):
 
 SPO2 = ("NM", "150456^MDC_PULS_OXIM_SAT_O2^MDC", "97", "262688^MDC_DIM_PERCENT^MDC", "F")
 HR = ("NM", "8867-4^Heart rate^LN", "71", "/min^/min^UCUM", "F")
-SYS = ("NM", "150021^MDC_PRESS_BLD_NONINV_SYS^MDC", "121", "mm[Hg]^mm[Hg]^UCUM", "F")
+SYS = ("NM", "150021^MDC_PRESS_BLD_NONINV_SYS^MDC", "171", "mm[Hg]^mm[Hg]^UCUM", "F", "H")
 TEMP = ("NM", "8310-5^Body temperature^LN", "37.2", "Cel^Cel^UCUM", "R")
 RR = ("NM", "9279-1^Respiratory rate^LN", "16", "/min^/min^UCUM", "F")
 
@@ -123,7 +126,7 @@ def plan():
     return [
         ("PY0001", "AA", "PY-MRN-501",
          oru("PY0001", "PY-MRN-501", "PYHOSP", [SPO2, HR, SYS, TEMP]).encode(),
-         {"150456": 97.0, "147842": 71.0, "150021": 121.0, "150364": 37.2}),
+         {"150456": 97.0, "147842": 71.0, "150021": 171.0, "150364": 37.2}),
         # No assigning authority: the agent's patient_id_system applies. The
         # SpO2 row has status X (cannot be obtained): a reading without value.
         ("PY0002", "AA", "PY-MRN-502",

@@ -205,6 +205,10 @@ token_file = \"gateway.token\"\nbatch_max_wait_ms = 200\nmax_backoff_ms = 500\n\
         };
         assert!(has_coding(o, LOINC, loinc), "{o}");
         assert_eq!(o["valueQuantity"]["code"], ucum, "{o}");
+        // The sender flagged only the systolic (OBX-8 "H"); the hub shows the
+        // device's flag and invents none for the others.
+        let flag = o["interpretation"][0]["coding"][0]["code"].as_str();
+        assert_eq!(flag, (mdc == "150021").then_some("H"), "{o}");
     }
     // The second patient: no assigning authority → patient_id_system; the
     // SpO2 the device could not obtain is there without a value.
@@ -242,6 +246,18 @@ token_file = \"gateway.token\"\nbatch_max_wait_ms = 200\nmax_backoff_ms = 500\n\
     })
     .unwrap_or(sim_total);
     assert_eq!(sim_total, expected_sim);
+    // The simulated monitor flags every value against its alarm limits
+    // (OBX-8 "N" for these stable vitals): each value carries it, panel
+    // components included.
+    for o in observations(&base, "SIM-MRN-1001") {
+        let flags: Vec<&Value> = match o["component"].as_array() {
+            Some(parts) => parts.iter().map(|c| &c["interpretation"]).collect(),
+            None => vec![&o["interpretation"]],
+        };
+        for f in flags {
+            assert_eq!(f[0]["coding"][0]["code"], "N", "{o}");
+        }
+    }
 
     // Nothing of the refused or rejected messages was stored.
     for p in ["PY-MRN-503", "PY-MRN-504", "PY-MRN-505", "PY-MRN-506"] {

@@ -5,7 +5,7 @@ pub mod render;
 
 use ring::digest;
 use serde_json::{Value as Json, json};
-use shared_protocol::v1::{QualityFlag, Reading, TimeSource, Validity, reading};
+use shared_protocol::v1::{Interpretation, QualityFlag, Reading, TimeSource, Validity, reading};
 use shared_protocol::{CATALOGUE, Metric};
 use time::{Date, Month, OffsetDateTime, PrimitiveDateTime, Time, UtcOffset};
 
@@ -261,6 +261,9 @@ pub fn map_observation(
             obs.insert("valueCodeableConcept".into(), cc);
         }
     }
+    if let Some(i) = interpretation_json(reading) {
+        obs.insert("interpretation".into(), i);
+    }
     obs.insert(
         "extension".into(),
         json!([
@@ -393,6 +396,32 @@ fn coding_json(c: &shared_protocol::v1::CodedValue) -> Json {
     }
     Json::Object(j)
 }
+
+/// `interpretation` as the device flagged the value (HL7 v2 OBX-8 and the
+/// like, carried in `Reading.interpretation`), in the v3
+/// ObservationInterpretation code system (THO). Never computed by the hub:
+/// no flag from the device, no interpretation.
+pub(crate) fn interpretation_json(r: &Reading) -> Option<Json> {
+    let (code, display) = match r.interpretation() {
+        Interpretation::Unspecified => return None,
+        Interpretation::Normal => ("N", "Normal"),
+        Interpretation::Low => ("L", "Low"),
+        Interpretation::High => ("H", "High"),
+        Interpretation::CriticalLow => ("LL", "Critical low"),
+        Interpretation::CriticalHigh => ("HH", "Critical high"),
+        Interpretation::Abnormal => ("A", "Abnormal"),
+        Interpretation::CriticalAbnormal => ("AA", "Critical abnormal"),
+        Interpretation::OffScaleLow => ("<", "Off scale low"),
+        Interpretation::OffScaleHigh => (">", "Off scale high"),
+    };
+    Some(json!([{
+        "coding": [{ "system": INTERPRETATION_SYSTEM, "code": code, "display": display }],
+        "text": format!("{display} (flagged by the device)"),
+    }]))
+}
+
+pub(crate) const INTERPRETATION_SYSTEM: &str =
+    "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation";
 
 pub(crate) fn absent_reason(code: &str, display: &str) -> Json {
     json!({ "coding": [{ "system": ABSENT_SYSTEM, "code": code, "display": display }],

@@ -328,6 +328,9 @@ pub fn render_bp_panel(row: &ObservationRow, members: &[Reading]) -> Json {
                 c.insert("dataAbsentReason".into(), reason);
             }
         }
+        if let Some(i) = super::interpretation_json(r) {
+            c.insert("interpretation".into(), i);
+        }
         c.insert("extension".into(), json!([ext]));
         components.push(Json::Object(c));
     }

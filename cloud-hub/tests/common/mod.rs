@@ -161,6 +161,7 @@ pub fn spo2(seq: u64, value: f64, time_us: i64) -> Reading {
         flags: vec![],
         sequence: seq,
         subject: None,
+        interpretation: 0,
     }
 }
 

@@ -207,6 +207,8 @@ fn reading(mdc: u32, label: &str, n: Numeric, unit: Unit, q: &Quality, when: Whe
         sequence: 0,
         // BLE health devices do not identify the patient.
         subject: None,
+        // This protocol carries no abnormal flag the driver maps.
+        interpretation: 0,
     }
 }
 

@@ -327,6 +327,8 @@ pub fn phdb_to_readings(
                 flags,
                 sequence: 0,
                 subject: None,
+                // This protocol carries no abnormal flag the driver maps.
+                interpretation: 0,
             }
         })
         .collect();

@@ -28,7 +28,9 @@
 pub mod codec;
 
 use shared_protocol::catalogue::{CATALOGUE, Metric};
-use shared_protocol::v1::{Identifier, QualityFlag, Reading, TimeSource, Validity, reading::Value};
+use shared_protocol::v1::{
+    Identifier, Interpretation, QualityFlag, Reading, TimeSource, Validity, reading::Value,
+};
 use time::{OffsetDateTime, UtcOffset};
 
 pub use codec::{
@@ -629,7 +631,33 @@ fn obx_reading(
         flags,
         sequence: 0,
         subject: None,
+        interpretation: abnormal_flag(msg, seg.field(8)) as i32,
     }))
+}
+
+/// OBX-8 abnormal flags (HL7 v2.5 table 0078) → the device's own
+/// interpretation: the first repetition with a code this maps. Other codes
+/// of the table (susceptibility S/R/I, delta U/D, "better"/"worse", …) say
+/// nothing about a vital sign's level and are not carried; an empty field
+/// means the sender did not flag the value.
+fn abnormal_flag(msg: &Message, raw: &str) -> Interpretation {
+    msg.repetitions(raw)
+        .into_iter()
+        .find_map(|rep| {
+            Some(match msg.component(rep, 1).trim() {
+                "N" => Interpretation::Normal,
+                "L" => Interpretation::Low,
+                "H" => Interpretation::High,
+                "LL" => Interpretation::CriticalLow,
+                "HH" => Interpretation::CriticalHigh,
+                "A" => Interpretation::Abnormal,
+                "AA" => Interpretation::CriticalAbnormal,
+                "<" => Interpretation::OffScaleLow,
+                ">" => Interpretation::OffScaleHigh,
+                _ => return None,
+            })
+        })
+        .unwrap_or(Interpretation::Unspecified)
 }
 
 /// The ACK for a processed message. `stored` says whether the readings of

@@ -352,6 +352,37 @@ fn units_may_be_ucum_or_mdc_and_loinc_resolves_by_unit() {
 }
 
 #[test]
+fn obx_8_abnormal_flags_become_the_readings_interpretation() {
+    // HL7 v2.5 table 0078 (OBX-8, chapter 7.4.2.8): the level flags are
+    // carried; the first repetition with one wins; other codes of the table
+    // and an empty field leave the interpretation unspecified.
+    let cases = [
+        ("", Interpretation::Unspecified),
+        ("N", Interpretation::Normal),
+        ("L", Interpretation::Low),
+        ("H", Interpretation::High),
+        ("LL", Interpretation::CriticalLow),
+        ("HH", Interpretation::CriticalHigh),
+        ("A", Interpretation::Abnormal),
+        ("AA", Interpretation::CriticalAbnormal),
+        ("<", Interpretation::OffScaleLow),
+        (">", Interpretation::OffScaleHigh),
+        ("S", Interpretation::Unspecified),
+        ("U~HH", Interpretation::CriticalHigh),
+        ("H~LL", Interpretation::High),
+    ];
+    for (flag, want) in cases {
+        //         OBX-1  2  3 (code)                        4  5   6 (unit)   7  8
+        let line = format!("OBX|3|NM|150456^MDC_PULS_OXIM_SAT_O2^MDC|1|97|%^%^UCUM||{flag}|||F");
+        let p = process(with("OBX|3", &line).as_bytes(), &opts(), NOW);
+        let r = &accepted(&p)[0];
+        assert_eq!(r.interpretation(), want, "OBX-8 `{flag}`");
+        // The value itself is never touched by the flag.
+        assert_eq!(r.value, Some(Value::Numeric(97.0)), "OBX-8 `{flag}`");
+    }
+}
+
+#[test]
 fn patient_identifier_falls_back_to_the_configured_system() {
     let o = Hl7Options {
         patient_id_system: Some("urn:oid:1.2.3.4".into()),

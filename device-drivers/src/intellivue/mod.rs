@@ -200,6 +200,8 @@ pub fn value_to_reading(
         flags: flags.into_iter().map(|f| f as i32).collect(),
         sequence: 0,
         subject: None,
+        // This protocol carries no abnormal flag the driver maps.
+        interpretation: 0,
     })
 }
 

@@ -106,6 +106,8 @@ pub fn frame_to_readings(f: &MasimoFrame, offset: UtcOffset, gateway_time_us: i6
                 flags,
                 sequence: 0,
                 subject: None,
+                // This protocol carries no abnormal flag the driver maps.
+                interpretation: 0,
             }
         })
         .collect()

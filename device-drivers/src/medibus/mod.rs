@@ -180,6 +180,8 @@ pub fn records_to_readings(records: &[Record], gateway_time_us: i64) -> Vec<Read
                 flags,
                 sequence: 0,
                 subject: None,
+                // This protocol carries no abnormal flag the driver maps.
+                interpretation: 0,
             }
         })
         .collect()

@@ -281,6 +281,8 @@ pub fn point_reading(p: &Point, raw: RawValue, gateway_time_us: i64) -> Reading 
         flags,
         sequence: 0,
         subject: None,
+        // This protocol carries no abnormal flag the driver maps.
+        interpretation: 0,
     }
 }
 

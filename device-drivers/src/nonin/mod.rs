@@ -196,6 +196,8 @@ pub fn packet_to_readings(
             flags,
             sequence: 0,
             subject: None,
+            // This protocol carries no abnormal flag the driver maps.
+            interpretation: 0,
         }
     };
     let readings = vec![
