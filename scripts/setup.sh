@@ -6,7 +6,7 @@ set -euo pipefail
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then
   if command -v sudo >/dev/null 2>&1; then SUDO="sudo"; else
-    echo "setup: not root and no sudo; install manually: socat libdbus-1-dev pkg-config dbus python3-dbusmock mosquitto postgresql" >&2; fi
+    echo "setup: not root and no sudo; install manually: socat libdbus-1-dev pkg-config dbus python3-dbusmock mosquitto postgresql faketime" >&2; fi
 fi
 
 # Debian packages needed by the tests and the demo.
@@ -19,7 +19,9 @@ fi
 #   postgresql: server binaries (initdb, pg_ctl under /usr/lib/postgresql/*/bin) for the
 #     hub's PostgreSQL backend tests (cloud-hub/tests/storage_suite.rs starts its own
 #     throwaway server; the Debian service it installs is not used).
-PKGS=(socat libdbus-1-dev pkg-config dbus python3-dbusmock mosquitto postgresql)
+#   faketime: libfaketime, preloaded into the agent to jump the gateway clock in
+#     tests/tests/fault_suite.rs.
+PKGS=(socat libdbus-1-dev pkg-config dbus python3-dbusmock mosquitto postgresql faketime)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -270,6 +270,17 @@ pub fn get_json(url: &str) -> Result<(u16, serde_json::Value)> {
 
 /// Start an agent with a config written into `dir`.
 pub fn start_agent(dir: &Path, config: &Path, log_name: &str) -> Result<Proc> {
+    start_agent_env(dir, config, log_name, &[])
+}
+
+/// As [`start_agent`], with extra environment variables (e.g. `LD_PRELOAD`
+/// of libfaketime for a gateway clock the test moves).
+pub fn start_agent_env(
+    dir: &Path,
+    config: &Path,
+    log_name: &str,
+    env: &[(&str, &str)],
+) -> Result<Proc> {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -280,6 +291,7 @@ pub fn start_agent(dir: &Path, config: &Path, log_name: &str) -> Result<Proc> {
             .args(["run", "--config"])
             .arg(config)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log),
     )
@@ -301,16 +313,60 @@ pub fn files_below(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// How a [`TcpProxy`] forwards bytes: a slow or laggy link. Applies to
+/// both directions of every connection, from the next chunk on.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Shaping {
+    /// Bandwidth per connection and direction (chunks of at most 1 KiB are
+    /// paced to it); `None`: unlimited.
+    pub bytes_per_s: Option<u32>,
+    /// Added before each chunk is forwarded.
+    pub latency: Duration,
+}
+
+/// Copy `from` → `to` under the proxy's current [`Shaping`] until EOF or
+/// an error, then half-close `to`.
+fn pump(
+    mut from: std::net::TcpStream,
+    mut to: std::net::TcpStream,
+    shaping: std::sync::Arc<std::sync::Mutex<Shaping>>,
+) {
+    use std::io::{Read, Write};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let limited = shaping.lock().unwrap().bytes_per_s.is_some();
+        let max = if limited { 1024 } else { buf.len() };
+        let n = match from.read(&mut buf[..max]) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let s = *shaping.lock().unwrap();
+        let mut pause = s.latency;
+        if let Some(rate) = s.bytes_per_s {
+            pause += Duration::from_secs_f64(n as f64 / f64::from(rate.max(1)));
+        }
+        if !pause.is_zero() {
+            std::thread::sleep(pause);
+        }
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown(std::net::Shutdown::Write);
+}
+
 /// A TCP proxy on loopback that the test controls: forwards connections to
 /// `target` while up; [`TcpProxy::cut`] closes every open connection and
 /// refuses new ones (a network outage between gateway and hub while both
-/// keep running); [`TcpProxy::restore`] lets traffic through again.
+/// keep running); [`TcpProxy::restore`] lets traffic through again;
+/// [`TcpProxy::shape`] makes the link slow (bandwidth, latency).
 #[derive(Debug)]
 pub struct TcpProxy {
     pub addr: std::net::SocketAddr,
     up: std::sync::Arc<std::sync::atomic::AtomicBool>,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     conns: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+    shaping: std::sync::Arc<std::sync::Mutex<Shaping>>,
 }
 
 impl TcpProxy {
@@ -322,7 +378,9 @@ impl TcpProxy {
         let up = Arc::new(AtomicBool::new(true));
         let stop = Arc::new(AtomicBool::new(false));
         let conns: Arc<Mutex<Vec<std::net::TcpStream>>> = Arc::new(Mutex::new(Vec::new()));
+        let shaping = Arc::new(Mutex::new(Shaping::default()));
         let (up2, stop2, conns2) = (up.clone(), stop.clone(), conns.clone());
+        let shaping2 = shaping.clone();
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 if stop2.load(Ordering::SeqCst) {
@@ -342,8 +400,7 @@ impl TcpProxy {
                     client.try_clone(),
                     server.try_clone(),
                 );
-                let (Ok(mut c_read), Ok(mut s_write), Ok(mut c_write), Ok(mut s_read)) = pipes
-                else {
+                let (Ok(c_read), Ok(s_write), Ok(c_write), Ok(s_read)) = pipes else {
                     continue;
                 };
                 {
@@ -351,14 +408,9 @@ impl TcpProxy {
                     list.push(client);
                     list.push(server);
                 }
-                std::thread::spawn(move || {
-                    let _ = std::io::copy(&mut c_read, &mut s_write);
-                    let _ = s_write.shutdown(std::net::Shutdown::Write);
-                });
-                std::thread::spawn(move || {
-                    let _ = std::io::copy(&mut s_read, &mut c_write);
-                    let _ = c_write.shutdown(std::net::Shutdown::Write);
-                });
+                let (sh1, sh2) = (shaping2.clone(), shaping2.clone());
+                std::thread::spawn(move || pump(c_read, s_write, sh1));
+                std::thread::spawn(move || pump(s_read, c_write, sh2));
             }
         });
         Ok(Self {
@@ -366,7 +418,13 @@ impl TcpProxy {
             up,
             stop,
             conns,
+            shaping,
         })
+    }
+
+    /// Shape the link from now on (`Shaping::default()`: full speed).
+    pub fn shape(&self, shaping: Shaping) {
+        *self.shaping.lock().unwrap() = shaping;
     }
 
     /// Cut the link: close every connection, refuse new ones.

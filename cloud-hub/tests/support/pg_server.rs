@@ -18,6 +18,8 @@ pub struct PgServer {
     dir: PathBuf,
     bin: PathBuf,
     as_nobody: bool,
+    /// The `postgres` options it was started with (for [`PgServer::restart`]).
+    opts: String,
     pub port: u16,
 }
 
@@ -196,6 +198,7 @@ impl PgServer {
                     dir,
                     bin,
                     as_nobody,
+                    opts,
                     port,
                 };
             }
@@ -203,6 +206,54 @@ impl PgServer {
         }
         let _ = std::fs::remove_dir_all(&dir);
         panic!("PostgreSQL did not start: {last}");
+    }
+
+    /// Stops the server with pg_ctl `mode` ("fast": a clean shutdown;
+    /// "immediate": a crash, recovered from the WAL at the next start),
+    /// waits `down`, and starts it again on the same port and data.
+    pub fn restart(&self, mode: &str, down: std::time::Duration) {
+        let data = self.dir.join("data");
+        let pg_ctl = self.bin.join("pg_ctl");
+        let data_s = data.to_str().unwrap();
+        let out = run(
+            self.as_nobody,
+            &pg_ctl,
+            &["-D", data_s, "-m", mode, "-w", "stop"],
+        );
+        assert!(
+            out.status.success(),
+            "pg_ctl stop: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(down);
+        let log = self.dir.join("log");
+        let out = run(
+            self.as_nobody,
+            &pg_ctl,
+            &[
+                "-D",
+                data_s,
+                "-o",
+                &self.opts,
+                "-l",
+                log.to_str().unwrap(),
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "PostgreSQL did not restart: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+    }
+
+    /// The `psql` client next to the server binaries, else from `PATH`.
+    pub fn psql(&self) -> PathBuf {
+        let p = self.bin.join("psql");
+        if p.exists() { p } else { PathBuf::from("psql") }
     }
 
     /// A connection string for database `postgres` as superuser `postgres`.
