@@ -67,6 +67,9 @@ pub struct Config {
     /// `[scores]`: early-warning scores from stored data (see `early_warning`).
     #[serde(default)]
     pub scores: crate::early_warning::ScoresConfig,
+    /// `[alerts]`: the alert engine (see `alerts`).
+    #[serde(default)]
+    pub alerts: crate::alerts::AlertsConfig,
 }
 
 /// `[server]`
@@ -479,6 +482,7 @@ impl Config {
         self.scores
             .validate()
             .map_err(|(field, message)| ConfigError::invalid(field, message))?;
+        self.alerts.validate()?;
         if self.server.max_body_bytes == 0 {
             return Err(ConfigError::invalid(
                 "server.max_body_bytes",

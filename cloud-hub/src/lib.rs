@@ -10,6 +10,7 @@
 //!   of gateway tokens.
 
 pub mod adt;
+pub mod alerts;
 pub mod adt_listener;
 pub mod association;
 pub mod association_api;

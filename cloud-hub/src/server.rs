@@ -49,6 +49,7 @@ pub(crate) struct AppState {
     started: String,
     limiter: Option<Arc<crate::rate_limit::RateLimiter>>,
     exports: Arc<crate::export::Exports>,
+    alerts: Option<Arc<crate::alerts::AlertService>>,
 }
 
 impl AppState {
@@ -132,6 +133,19 @@ impl Hub {
             exports: Arc::new(crate::export::Exports::new(crate::export::dir_for(
                 &self.config.storage.sqlite_path,
             ))),
+            alerts: {
+                let (store, cfg, scores) = (
+                    self.store.clone(),
+                    self.config.alerts.clone(),
+                    self.config.scores,
+                );
+                tokio::task::spawn_blocking(move || {
+                    crate::alerts::AlertService::start(&store, &cfg, scores)
+                })
+                .await
+                .map_err(|e| HubError::Io(std::io::Error::other(e)))?
+                .map_err(|e| HubError::Io(std::io::Error::other(e.to_string())))?
+            },
         };
         // MQTT ingest runs beside the HTTP server and stops with it.
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -143,6 +157,12 @@ impl Hub {
                 stop_rx.clone(),
             ))
         });
+        // The alert clock (stale data, offline gateways, escalation).
+        let alert_clock = state
+            .alerts
+            .clone()
+            .map(|a| tokio::spawn(crate::alerts::run_clock(a, stop_rx.clone())));
+        let alerts_stop = stop_rx.clone();
         let mqtt = self
             .mqtt
             .map(|m| tokio::spawn(crate::mqtt_ingest::run(m, state.clone(), stop_rx)));
@@ -187,9 +207,12 @@ impl Hub {
             self.store.clone(),
             self.config.scores,
         );
+        let alerts =
+            crate::alerts::api::router(association.clone(), state.alerts.clone(), alerts_stop);
         let app = router(state)
             .merge(crate::association_api::router(association))
-            .merge(scores);
+            .merge(scores)
+            .merge(alerts);
         tracing::info!(%addr, tls = self.tls.is_some(), "hub serving");
         match self.tls {
             None => {
@@ -215,6 +238,9 @@ impl Hub {
             task.await?;
         }
         if let Some(task) = retention {
+            task.await?;
+        }
+        if let Some(task) = alert_clock {
             task.await?;
         }
         if let Some(task) = adt {
@@ -658,7 +684,24 @@ pub(crate) async fn store_batch(
     let gw = gateway_id.to_owned();
     let batch_seq = batch.sequence;
     let now = now_us();
-    let report = blocking(move || store.ingest(&gw, &batch, &associations, now, now)).await?;
+    let events = st
+        .alerts
+        .as_ref()
+        .map(|_| crate::alerts::BatchEvents::of(&batch));
+    let mut report = blocking(move || store.ingest(&gw, &batch, &associations, now, now)).await?;
+    // Alerts see what this batch newly stored (after it is durable; an
+    // alert failure never fails the ingest).
+    if let (Some(svc), Some(events), false) =
+        (st.alerts.clone(), events, report.ack.duplicate_batch)
+    {
+        let (gw, live) = (gateway_id.to_owned(), std::mem::take(&mut report.live));
+        let r = tokio::task::spawn_blocking(move || svc.on_batch(&gw, &events, &live, now)).await;
+        match r {
+            Ok(Err(e)) => tracing::error!(error = %e, "alert evaluation failed"),
+            Err(e) => tracing::error!(error = %e, "alert evaluation task failed"),
+            Ok(Ok(())) => {}
+        }
+    }
     let ack = &report.ack;
     if ack.duplicate_batch {
         st.metrics.batch(Outcome::Duplicate);

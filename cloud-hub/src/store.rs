@@ -223,6 +223,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (6, SCHEMA_V6),
     (7, SCHEMA_V7),
     (8, crate::early_warning::SCHEMA_V8),
+    (9, crate::alerts::SCHEMA_V9),
 ];
 
 /// The schema version a database opened by this build has.
@@ -250,6 +251,9 @@ pub struct IngestReport {
     pub rejected_reasons: Vec<RejectReason>,
     /// Stored values outside the metric's possible range.
     pub out_of_range: u32,
+    /// Newly stored readings that feed alerts (score inputs from the last
+    /// `alerts::LIVE_WINDOW_US`), with their patient. SQLite only.
+    pub live: Vec<crate::alerts::LiveValue>,
 }
 
 /// The database, shared by the server's tasks: SQLite ([`Store::open`])
@@ -720,6 +724,7 @@ impl Store {
                 ack,
                 rejected_reasons: Vec::new(),
                 out_of_range: 0,
+                live: Vec::new(),
             });
         }
 
@@ -729,6 +734,7 @@ impl Store {
         };
         let mut reasons = Vec::new();
         let mut out_of_range = 0;
+        let mut live = Vec::new();
         {
             let mut reject = |device_id: &str, seq: u64, kind: &str, raw: Vec<u8>, f: Refusal| {
                 reasons.push(f.reason);
@@ -886,6 +892,24 @@ impl Store {
                     } else {
                         accepted += 1;
                         out_of_range += u32::from(cols.out_of_range);
+                        if effective_us >= now_us - crate::alerts::LIVE_WINDOW_US {
+                            if let Some((parameter, value)) = crate::early_warning::chart_input(r) {
+                                live.push(crate::alerts::LiveValue {
+                                    patient: who.patient.map(|p| crate::association::PatientId {
+                                        system: who.system.unwrap_or_default().to_owned(),
+                                        value: p.to_owned(),
+                                    }),
+                                    device_id: device_id.to_owned(),
+                                    parameter: Some(parameter),
+                                    usable: value.is_some()
+                                        && r.validity() == Validity::Valid
+                                        && !cols.out_of_range,
+                                    value,
+                                    flags: r.flags.clone(),
+                                    time_us: effective_us,
+                                });
+                            }
+                        }
                     }
                     if let Some(f) = bp_family_of(r.mdc_code) {
                         bp_parts
@@ -1035,6 +1059,7 @@ impl Store {
             ack,
             rejected_reasons: reasons,
             out_of_range,
+            live,
         })
     }
 

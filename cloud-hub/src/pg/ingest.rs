@@ -380,6 +380,7 @@ impl PgStore {
                 ack,
                 rejected_reasons: Vec::new(),
                 out_of_range: 0,
+                live: Vec::new(),
             });
         }
         let mut accepted = 0u32;
@@ -535,6 +536,8 @@ impl PgStore {
             ack,
             rejected_reasons: reasons,
             out_of_range,
+            // Alerts run on the SQLite store only (see `alerts`).
+            live: Vec::new(),
         })
     }
 }

@@ -1,0 +1,722 @@
+//! Alerts: physiological limits, NEWS2 bands and technical conditions,
+//! with a lifecycle (active → acknowledged → resolved), escalation, an
+//! audit trail of every transition and a live stream.
+//!
+//! [`engine`] decides (sans-IO); this module feeds it from ingest and the
+//! clock, stores its alerts and their transitions (SQLite, schema v9) and
+//! broadcasts each change to the live stream ([`api`]). See docs/alerts.md.
+
+pub mod api;
+pub mod engine;
+pub mod rules;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+
+use rusqlite::{OptionalExtension, params};
+use serde::Deserialize;
+use shared_protocol::v1::{Batch, QualityFlag, TechnicalKind};
+use tokio::sync::broadcast;
+
+use crate::association::PatientId;
+use crate::config::ConfigError;
+use crate::store::{Store, StoreError};
+use engine::{Alert, Change, Engine, EngineConfig, Kind, LinkEvent, News2Band, State, ValueInput};
+use rules::{Priority, RuleOverride, RuleSet};
+
+/// v9: alerts, their transitions and per-patient rule overrides.
+pub const SCHEMA_V9: &str = r#"
+CREATE TABLE IF NOT EXISTS alerts (
+    id                  INTEGER PRIMARY KEY,
+    kind                TEXT NOT NULL,
+    code                TEXT NOT NULL,
+    priority            TEXT NOT NULL,
+    state               TEXT NOT NULL,
+    message             TEXT NOT NULL,
+    patient_id          TEXT,
+    gateway_id          TEXT,
+    device_id           TEXT,
+    value               REAL,
+    unit                TEXT,
+    condition_since_us  INTEGER NOT NULL,
+    raised_us           INTEGER NOT NULL,
+    acknowledged_us     INTEGER,
+    acknowledged_by     TEXT,
+    escalated_us        INTEGER,
+    resolved_us         INTEGER
+);
+CREATE INDEX IF NOT EXISTS alerts_open ON alerts (state) WHERE state <> 'resolved';
+CREATE INDEX IF NOT EXISTS alerts_patient ON alerts (patient_id, raised_us);
+CREATE TABLE IF NOT EXISTS alert_events (
+    id          INTEGER PRIMARY KEY,
+    alert_id    INTEGER NOT NULL REFERENCES alerts (id),
+    time_us     INTEGER NOT NULL,
+    transition  TEXT NOT NULL,
+    actor       TEXT
+);
+CREATE INDEX IF NOT EXISTS alert_events_alert ON alert_events (alert_id);
+CREATE TABLE IF NOT EXISTS alert_rule_overrides (
+    patient_id  TEXT NOT NULL,
+    rule_id     TEXT NOT NULL,
+    body        TEXT NOT NULL,
+    updated_us  INTEGER NOT NULL,
+    updated_by  TEXT,
+    PRIMARY KEY (patient_id, rule_id)
+);
+"#;
+
+/// `[alerts]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertsConfig {
+    /// Run the alert engine (default true; SQLite store only for now).
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// An alert still unacknowledged this long after it was raised is
+    /// escalated (default 120 s).
+    #[serde(default = "default_escalate")]
+    pub escalate_after_s: u64,
+    /// No value from a device for this long: technical alert "data stale"
+    /// (default 60 s).
+    #[serde(default = "default_stale")]
+    pub stale_after_s: u64,
+    /// No batch from a gateway for this long: "gateway offline" (default
+    /// 120 s).
+    #[serde(default = "default_offline")]
+    pub gateway_offline_after_s: u64,
+    /// Values older than this when they arrive (a drained backlog) raise
+    /// no alerts (default 300 s).
+    #[serde(default = "default_max_age")]
+    pub max_value_age_s: u64,
+    /// How often the clock is checked (default 1000 ms).
+    #[serde(default = "default_tick")]
+    pub tick_ms: u64,
+    /// Changes to the default rules, global or per ward.
+    #[serde(default, rename = "rule")]
+    pub rules: Vec<RuleOverride>,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_escalate() -> u64 {
+    120
+}
+fn default_stale() -> u64 {
+    60
+}
+fn default_offline() -> u64 {
+    120
+}
+fn default_max_age() -> u64 {
+    300
+}
+fn default_tick() -> u64 {
+    1000
+}
+
+impl Default for AlertsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            escalate_after_s: default_escalate(),
+            stale_after_s: default_stale(),
+            gateway_offline_after_s: default_offline(),
+            max_value_age_s: default_max_age(),
+            tick_ms: default_tick(),
+            rules: vec![],
+        }
+    }
+}
+
+impl AlertsConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let day = 86_400;
+        for (field, v, lo, hi) in [
+            ("alerts.escalate_after_s", self.escalate_after_s, 1, day),
+            ("alerts.stale_after_s", self.stale_after_s, 1, day),
+            (
+                "alerts.gateway_offline_after_s",
+                self.gateway_offline_after_s,
+                1,
+                day,
+            ),
+            ("alerts.max_value_age_s", self.max_value_age_s, 1, day),
+            ("alerts.tick_ms", self.tick_ms, 50, 60_000),
+        ] {
+            if !(lo..=hi).contains(&v) {
+                return Err(ConfigError::Invalid {
+                    field: field.into(),
+                    message: format!("must be between {lo} and {hi}"),
+                });
+            }
+        }
+        self.rule_set().map(|_| ())
+    }
+
+    pub fn rule_set(&self) -> Result<RuleSet, ConfigError> {
+        RuleSet::from_config(&self.rules).map_err(|(field, message)| ConfigError::Invalid {
+            field: format!("alerts.{field}"),
+            message,
+        })
+    }
+
+    fn engine_config(&self) -> EngineConfig {
+        EngineConfig {
+            escalate_after_s: self.escalate_after_s,
+            stale_after_s: self.stale_after_s,
+            gateway_offline_after_s: self.gateway_offline_after_s,
+            max_value_age_s: self.max_value_age_s,
+        }
+    }
+}
+
+/// A reading as ingest hands it to the alerts: who it belongs to and its
+/// value in the chart unit (see `early_warning::chart_input`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LiveValue {
+    pub patient: Option<PatientId>,
+    pub device_id: String,
+    pub parameter: Option<crate::early_warning::Parameter>,
+    pub value: Option<f64>,
+    /// Valid, numeric and physically possible.
+    pub usable: bool,
+    pub flags: Vec<i32>,
+    pub time_us: i64,
+}
+
+/// Readings older than this (relative to the hub's clock) are not handed
+/// to the alerts at all: bounds the work of a drained backlog.
+pub const LIVE_WINDOW_US: i64 = 15 * 60 * 1_000_000;
+
+/// An alert change as the live stream and the API show it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Event {
+    pub transition: engine::Transition,
+    pub alert: Alert,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub actor: Option<String>,
+}
+
+/// Errors of the alert service.
+#[derive(Debug, thiserror::Error)]
+pub enum AlertError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("database error: {0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error(transparent)]
+    Ack(#[from] engine::AckError),
+    #[error("alerts need the SQLite store (not yet available on PostgreSQL)")]
+    Postgres,
+    #[error("invalid `{field}`: {message}")]
+    Invalid { field: String, message: String },
+    #[error("the alert engine is disabled (`alerts.enabled = false`)")]
+    Disabled,
+}
+
+/// The alert service: the engine, its store and the live stream.
+pub struct AlertService {
+    engine: Mutex<Engine>,
+    store: Store,
+    config: AlertsConfig,
+    scores: crate::early_warning::ScoresConfig,
+    tx: broadcast::Sender<Event>,
+}
+
+impl std::fmt::Debug for AlertService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AlertService").finish_non_exhaustive()
+    }
+}
+
+fn lock(store: &Store) -> Result<std::sync::MutexGuard<'_, rusqlite::Connection>, AlertError> {
+    if store.postgres().is_some() {
+        return Err(AlertError::Postgres);
+    }
+    Ok(store.lock()?)
+}
+
+const ALERT_COLUMNS: &str = "id, kind, code, priority, state, message, patient_id, gateway_id,
+    device_id, value, unit, condition_since_us, raised_us, acknowledged_us, acknowledged_by,
+    escalated_us, resolved_us";
+
+fn alert_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Alert> {
+    let text = |i: usize| -> rusqlite::Result<String> { r.get(i) };
+    Ok(Alert {
+        id: r.get(0)?,
+        kind: Kind::parse(&text(1)?).unwrap_or(Kind::Technical),
+        code: text(2)?,
+        priority: Priority::parse(&text(3)?).unwrap_or(Priority::High),
+        state: State::parse(&text(4)?).unwrap_or(State::Active),
+        message: text(5)?,
+        patient: r.get(6)?,
+        gateway_id: r.get(7)?,
+        device_id: r.get(8)?,
+        value: r.get(9)?,
+        unit: r.get(10)?,
+        condition_since_us: r.get(11)?,
+        raised_us: r.get(12)?,
+        acknowledged_us: r.get(13)?,
+        acknowledged_by: r.get(14)?,
+        escalated_us: r.get(15)?,
+        resolved_us: r.get(16)?,
+    })
+}
+
+/// A stored transition: time (UTC µs), transition, actor.
+pub type Transitioned = (i64, String, Option<String>);
+
+/// Filters of the alert list.
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    /// Only open (active or acknowledged) alerts.
+    pub open: bool,
+    pub patient: Option<String>,
+    pub limit: u32,
+}
+
+impl AlertService {
+    /// Loads the open alerts and patient overrides from the store. `None`
+    /// when disabled or on PostgreSQL (logged).
+    pub fn start(
+        store: &Store,
+        config: &AlertsConfig,
+        scores: crate::early_warning::ScoresConfig,
+    ) -> Result<Option<Arc<Self>>, AlertError> {
+        if !config.enabled {
+            return Ok(None);
+        }
+        if store.postgres().is_some() {
+            tracing::error!(
+                "the alert engine needs the SQLite store; alerts are OFF on PostgreSQL in this version"
+            );
+            return Ok(None);
+        }
+        let mut rules = config.rule_set().map_err(|e| AlertError::Invalid {
+            field: "alerts.rule".into(),
+            message: e.to_string(),
+        })?;
+        let (open, next_id, overrides) = {
+            let conn = lock(store)?;
+            let open: Vec<Alert> = conn
+                .prepare(&format!(
+                    "SELECT {ALERT_COLUMNS} FROM alerts WHERE state <> 'resolved'"
+                ))?
+                .query_map([], alert_row)?
+                .collect::<Result<_, _>>()?;
+            let next: i64 =
+                conn.query_row("SELECT COALESCE(MAX(id), 0) + 1 FROM alerts", [], |r| {
+                    r.get(0)
+                })?;
+            let mut overrides: HashMap<String, Vec<RuleOverride>> = HashMap::new();
+            let rows: Vec<(String, String)> = conn
+                .prepare("SELECT patient_id, body FROM alert_rule_overrides ORDER BY patient_id, rule_id")?
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<_, _>>()?;
+            for (p, body) in rows {
+                match serde_json::from_str::<RuleOverride>(&body) {
+                    Ok(o) => overrides.entry(p).or_default().push(o),
+                    Err(e) => {
+                        tracing::error!(error = %e, "stored alert rule override unreadable; ignored")
+                    }
+                }
+            }
+            (open, next, overrides)
+        };
+        for (p, o) in overrides {
+            rules.set_patient(&p, o);
+        }
+        tracing::info!(open = open.len(), "alert engine started");
+        let (tx, _) = broadcast::channel(1024);
+        Ok(Some(Arc::new(Self {
+            engine: Mutex::new(Engine::new(config.engine_config(), rules, next_id, open)),
+            store: store.clone(),
+            config: config.clone(),
+            scores,
+            tx,
+        })))
+    }
+
+    pub fn config(&self) -> &AlertsConfig {
+        &self.config
+    }
+
+    /// A receiver of every change from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.tx.subscribe()
+    }
+
+    fn engine(&self) -> std::sync::MutexGuard<'_, Engine> {
+        self.engine.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Stores changes (alert row + transition, one transaction) and
+    /// broadcasts them.
+    fn commit(&self, changes: Vec<Change>, now_us: i64) -> Result<(), AlertError> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        {
+            let mut conn = lock(&self.store)?;
+            let tx = conn.transaction()?;
+            for c in &changes {
+                let a = &c.alert;
+                tx.execute(
+                    &format!(
+                        "INSERT OR REPLACE INTO alerts ({ALERT_COLUMNS})
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)"
+                    ),
+                    params![
+                        a.id,
+                        a.kind.as_str(),
+                        a.code,
+                        a.priority.as_str(),
+                        a.state.as_str(),
+                        a.message,
+                        a.patient,
+                        a.gateway_id,
+                        a.device_id,
+                        a.value,
+                        a.unit,
+                        a.condition_since_us,
+                        a.raised_us,
+                        a.acknowledged_us,
+                        a.acknowledged_by,
+                        a.escalated_us,
+                        a.resolved_us
+                    ],
+                )?;
+                tx.execute(
+                    "INSERT INTO alert_events (alert_id, time_us, transition, actor) VALUES (?1, ?2, ?3, ?4)",
+                    params![a.id, now_us, c.transition.as_str(), c.actor],
+                )?;
+            }
+            tx.commit()?;
+        }
+        for c in changes {
+            // No PHI in logs: ids and codes only.
+            tracing::info!(
+                alert_id = c.alert.id,
+                code = %c.alert.code,
+                priority = c.alert.priority.as_str(),
+                transition = c.transition.as_str(),
+                "alert"
+            );
+            let _ = self.tx.send(Event {
+                transition: c.transition,
+                alert: c.alert,
+                actor: c.actor,
+            });
+        }
+        Ok(())
+    }
+
+    /// The ward of a patient's bed now, if any.
+    fn ward_of(
+        &self,
+        patient: &PatientId,
+        now_us: i64,
+        beds: &HashMap<String, String>,
+    ) -> Option<String> {
+        let bed = self.store.bed_of(patient, now_us).ok().flatten()?;
+        beds.get(&bed).cloned()
+    }
+
+    /// Feeds what a stored batch brought: the gateway is online, device
+    /// link events, buffer overflows, values; then the NEWS2 of every
+    /// patient with a new scored value. Blocking (database).
+    pub fn on_batch(
+        &self,
+        gateway_id: &str,
+        events: &BatchEvents,
+        live: &[LiveValue],
+        now_us: i64,
+    ) -> Result<(), AlertError> {
+        let beds: HashMap<String, String> = if live.iter().any(|v| v.patient.is_some()) {
+            self.store
+                .list_beds()
+                .map(|b| b.into_iter().map(|b| (b.id, b.ward)).collect())
+                .unwrap_or_default()
+        } else {
+            HashMap::new()
+        };
+        let mut wards: HashMap<PatientId, Option<String>> = HashMap::new();
+        for v in live {
+            if let Some(p) = &v.patient {
+                if !wards.contains_key(p) {
+                    let w = self.ward_of(p, now_us, &beds);
+                    wards.insert(p.clone(), w);
+                }
+            }
+        }
+        let mut scored: BTreeSet<String> = BTreeSet::new();
+        let mut changes = Vec::new();
+        {
+            let mut e = self.engine();
+            changes.extend(e.gateway_seen(gateway_id, now_us));
+            for (time_us, _) in &events.overflows {
+                changes.extend(e.buffer_overflow(gateway_id, *time_us, now_us));
+            }
+            let patient_of = |device: &str| {
+                live.iter()
+                    .rev()
+                    .find(|v| v.device_id == device)
+                    .and_then(|v| v.patient.as_ref().map(|p| p.value.clone()))
+            };
+            for (device, kind, time_us) in &events.links {
+                let ev = match kind {
+                    TechnicalKind::Connected => LinkEvent::Connected,
+                    TechnicalKind::Disconnected | TechnicalKind::Silent => LinkEvent::Lost,
+                    _ => continue,
+                };
+                changes.extend(e.link(
+                    gateway_id,
+                    device,
+                    patient_of(device),
+                    ev,
+                    *time_us,
+                    now_us,
+                ));
+            }
+            for v in live {
+                let Some(parameter) = v.parameter else {
+                    continue;
+                };
+                let has = |f: QualityFlag| v.flags.contains(&(f as i32));
+                let input = ValueInput {
+                    patient: v.patient.as_ref().map(|p| p.value.clone()),
+                    ward: v
+                        .patient
+                        .as_ref()
+                        .and_then(|p| wards.get(p).cloned().flatten()),
+                    gateway_id: gateway_id.into(),
+                    device_id: v.device_id.clone(),
+                    parameter,
+                    value: v.value,
+                    usable: v.usable,
+                    sensor_off: has(QualityFlag::SensorOff),
+                    poor_signal: has(QualityFlag::LowSignal) || has(QualityFlag::Interference),
+                    time_us: v.time_us,
+                };
+                changes.extend(e.value(&input, now_us));
+                if v.usable && now_us - v.time_us <= self.config.max_value_age_s as i64 * 1_000_000
+                {
+                    if let Some(p) = &input.patient {
+                        scored.insert(p.clone());
+                    }
+                }
+            }
+        }
+        self.commit(changes, now_us)?;
+        // NEWS2 from the stored data, for each patient with a new value.
+        for patient in scored {
+            match crate::early_warning::compute(&self.store, &patient, &self.scores, now_us) {
+                Ok(report) => {
+                    if let Some(n) = report.news2 {
+                        let band = match n.risk {
+                            crate::scores::News2Risk::High => News2Band::High,
+                            crate::scores::News2Risk::Medium => News2Band::Medium,
+                            crate::scores::News2Risk::LowMedium => News2Band::SingleParameter3,
+                            crate::scores::News2Risk::Low => News2Band::Low,
+                        };
+                        let changes = self.engine().news2(&patient, n.total, band, now_us, now_us);
+                        self.commit(changes, now_us)?;
+                    }
+                }
+                Err(crate::early_warning::ScoresError::UnknownPatient) => {}
+                Err(e) => tracing::warn!(error = %e, "NEWS2 for alerts failed"),
+            }
+        }
+        Ok(())
+    }
+
+    /// The clock: stale data, offline gateways, escalation.
+    pub fn tick(&self, now_us: i64) -> Result<(), AlertError> {
+        let changes = self.engine().tick(now_us);
+        self.commit(changes, now_us)
+    }
+
+    /// Acknowledges an open alert.
+    pub fn acknowledge(&self, id: i64, actor: &str, now_us: i64) -> Result<Alert, AlertError> {
+        let changes = self.engine().acknowledge(id, actor, now_us)?;
+        let alert = changes[0].alert.clone();
+        self.commit(changes, now_us)?;
+        Ok(alert)
+    }
+
+    /// Alerts, newest first.
+    pub fn list(&self, f: &ListFilter) -> Result<Vec<Alert>, AlertError> {
+        let conn = lock(&self.store)?;
+        let mut sql = format!("SELECT {ALERT_COLUMNS} FROM alerts WHERE 1 = 1");
+        if f.open {
+            sql.push_str(" AND state <> 'resolved'");
+        }
+        if f.patient.is_some() {
+            sql.push_str(" AND patient_id = ?1");
+        }
+        sql.push_str(&format!(
+            " ORDER BY id DESC LIMIT {}",
+            f.limit.clamp(1, 1000)
+        ));
+        let mut stmt = conn.prepare(&sql)?;
+        let rows = match &f.patient {
+            Some(p) => stmt
+                .query_map([p], alert_row)?
+                .collect::<Result<Vec<_>, _>>()?,
+            None => stmt
+                .query_map([], alert_row)?
+                .collect::<Result<Vec<_>, _>>()?,
+        };
+        Ok(rows)
+    }
+
+    /// One alert with its transitions (time, transition, actor).
+    pub fn get(&self, id: i64) -> Result<Option<(Alert, Vec<Transitioned>)>, AlertError> {
+        let conn = lock(&self.store)?;
+        let Some(a) = conn
+            .query_row(
+                &format!("SELECT {ALERT_COLUMNS} FROM alerts WHERE id = ?1"),
+                [id],
+                alert_row,
+            )
+            .optional()?
+        else {
+            return Ok(None);
+        };
+        let events = conn
+            .prepare("SELECT time_us, transition, actor FROM alert_events WHERE alert_id = ?1 ORDER BY id")?
+            .query_map([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            .collect::<Result<_, _>>()?;
+        Ok(Some((a, events)))
+    }
+
+    /// The rules in force for a patient (the ward of their bed now).
+    pub fn rules_for(&self, patient: &str, now_us: i64) -> Vec<rules::Rule> {
+        let ward = self.store.occupancy(now_us).ok().and_then(|beds| {
+            beds.into_iter()
+                .find(|b| b.patient.as_ref().is_some_and(|p| p.value == patient))
+                .map(|b| b.bed.ward)
+        });
+        self.engine().rules().effective(patient, ward.as_deref())
+    }
+
+    /// Replaces a patient's rule overrides (stored, then in force).
+    pub fn set_patient_rules(
+        &self,
+        patient: &str,
+        overrides: Vec<RuleOverride>,
+        actor: &str,
+        now_us: i64,
+    ) -> Result<(), AlertError> {
+        for (i, o) in overrides.iter().enumerate() {
+            if o.ward.is_some() {
+                return Err(AlertError::Invalid {
+                    field: format!("[{i}].ward"),
+                    message: "ward overrides are set in the hub config".into(),
+                });
+            }
+            let base = self
+                .engine()
+                .rules()
+                .global()
+                .iter()
+                .find(|r| r.id == o.id)
+                .cloned();
+            o.apply(base.as_ref())
+                .map_err(|(field, message)| AlertError::Invalid {
+                    field: format!("[{i}].{field}"),
+                    message,
+                })?;
+        }
+        {
+            let mut conn = lock(&self.store)?;
+            let tx = conn.transaction()?;
+            tx.execute(
+                "DELETE FROM alert_rule_overrides WHERE patient_id = ?1",
+                [patient],
+            )?;
+            for o in &overrides {
+                tx.execute(
+                    "INSERT INTO alert_rule_overrides (patient_id, rule_id, body, updated_us, updated_by)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![
+                        patient,
+                        o.id,
+                        serde_json::to_string(o).unwrap_or_default(),
+                        now_us,
+                        actor
+                    ],
+                )?;
+            }
+            tx.commit()?;
+        }
+        let mut e = self.engine();
+        let mut set = e.rules().clone();
+        set.set_patient(patient, overrides);
+        e.set_rules(set);
+        Ok(())
+    }
+
+    pub fn patient_overrides(&self, patient: &str) -> Vec<RuleOverride> {
+        self.engine().rules().patient_overrides(patient).to_vec()
+    }
+
+    /// Open alerts by priority (for `/metrics`).
+    pub fn open_counts(&self) -> [(Priority, u64); 3] {
+        let e = self.engine();
+        let n = |p| e.open_alerts().filter(|a| a.priority == p).count() as u64;
+        [
+            (Priority::High, n(Priority::High)),
+            (Priority::Medium, n(Priority::Medium)),
+            (Priority::Low, n(Priority::Low)),
+        ]
+    }
+}
+
+/// The technical content of a batch, taken before it is stored.
+#[derive(Debug, Clone, Default)]
+pub struct BatchEvents {
+    /// (device id, kind, time) of device technical readings.
+    pub links: Vec<(String, TechnicalKind, i64)>,
+    /// (time, detail) of gateway buffer overflows.
+    pub overflows: Vec<(i64, String)>,
+}
+
+impl BatchEvents {
+    pub fn of(batch: &Batch) -> Self {
+        let mut ev = Self::default();
+        for d in &batch.devices {
+            let Some(dev) = d.device.as_ref().filter(|i| !i.device_id.is_empty()) else {
+                continue;
+            };
+            for t in &d.technical {
+                ev.links.push((dev.device_id.clone(), t.kind(), t.time_us));
+            }
+        }
+        for g in &batch.gateway_events {
+            if g.kind() == TechnicalKind::BufferOverflow {
+                ev.overflows.push((g.time_us, g.detail.clone()));
+            }
+        }
+        ev
+    }
+}
+
+/// Runs the clock until `stop`.
+pub async fn run_clock(service: Arc<AlertService>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let every = std::time::Duration::from_millis(service.config.tick_ms);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.changed() => return,
+        }
+        let s = service.clone();
+        let r = tokio::task::spawn_blocking(move || s.tick(crate::store::now_us())).await;
+        match r {
+            Ok(Err(e)) => tracing::error!(error = %e, "alert clock failed"),
+            Err(e) => tracing::error!(error = %e, "alert clock task failed"),
+            Ok(Ok(())) => {}
+        }
+    }
+}
