@@ -79,6 +79,7 @@ fn batch(gateway: usize, seq: u64) -> Batch {
         devices,
         agent_version: "bench".into(),
         gateway_events: vec![],
+        traceparent: String::new(),
     }
 }
 

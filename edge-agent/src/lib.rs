@@ -425,6 +425,8 @@ fn records_fitting(
         devices: vec![],
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         gateway_events: vec![overflow_event(u64::MAX, u64::MAX, u64::MAX, i64::MIN)],
+        // A W3C traceparent is always 55 characters (set when tracing is on).
+        traceparent: "0".repeat(55),
     }
     .encoded_len();
     // `Batch.devices` is field 4; a DeviceData entry's length is its info
@@ -482,6 +484,8 @@ fn build_batch(
         devices: by_device.into_values().collect(),
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         gateway_events: vec![],
+        // Set per send by the forwarder when traces are exported.
+        traceparent: String::new(),
     }
 }
 

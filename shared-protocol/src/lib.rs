@@ -95,6 +95,7 @@ mod tests {
                 }],
                 agent_version: "test".into(),
                 gateway_events: vec![],
+                traceparent: String::new(),
             };
             let bytes = batch.encode_to_vec();
             let back = v1::Batch::decode(bytes.as_slice()).unwrap();
@@ -170,6 +171,24 @@ mod tests {
                 .subject
                 .is_none()
         );
+    }
+
+    /// `Batch.traceparent` (field 7, string) is pinned too.
+    #[test]
+    fn batch_traceparent_encoding_is_pinned() {
+        let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let b = v1::Batch {
+            traceparent: tp.into(),
+            ..Default::default()
+        };
+        // field 7, length-delimited (7 << 3 | 2 = 0x3A), 55 bytes
+        let mut expected = vec![0x3A, 55];
+        expected.extend_from_slice(tp.as_bytes());
+        assert_eq!(b.encode_to_vec(), expected);
+        assert_eq!(v1::Batch::decode(expected.as_slice()).unwrap().traceparent, tp);
+        // An older sender's batch (no field 7) decodes with no trace context.
+        let old = v1::Batch::decode(&[0x10, 0x09][..]).unwrap();
+        assert_eq!((old.sequence, old.traceparent.as_str()), (9, ""));
     }
 
     #[test]
