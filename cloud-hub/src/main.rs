@@ -93,22 +93,57 @@ enum GatewayCommand {
     },
 }
 
-fn init_logging(format: LogFormat) {
+/// Logs to stderr (filtered by RUST_LOG) and, when the `OTEL_*` environment
+/// names a collector, trace spans to it (`cloud_hub::telemetry`).
+fn init_logging(format: LogFormat) -> Result<Option<cloud_hub::telemetry::Telemetry>> {
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+        // Trace spans are for the collector, not for the log lines.
+        .add_directive(
+            format!("{}=off", cloud_hub::telemetry::TRACE_TARGET)
+                .parse()
+                .expect("static directive"),
+        );
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
+    let fmt = match format {
+        LogFormat::Json => fmt.json().boxed(),
+        LogFormat::Text => fmt.boxed(),
+    };
+    let otlp =
+        cloud_hub::telemetry::OtlpConfig::from_env(cloud_hub::telemetry::DEFAULT_SERVICE_NAME)
+            .context("OpenTelemetry settings")?;
+    let telemetry = otlp
+        .as_ref()
+        .map(cloud_hub::telemetry::Telemetry::start)
+        .transpose()
+        .context("starting the OpenTelemetry trace export")?;
+    tracing_subscriber::registry()
+        .with(fmt.with_filter(filter))
+        .with(telemetry.as_ref().map(|t| t.layer()))
+        .init();
+    if let Some(c) = &otlp {
+        tracing::info!(endpoint = %c.traces_url, service = %c.service_name,
+            "exporting OpenTelemetry traces");
     }
+    Ok(telemetry)
 }
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    let telemetry = init_logging(cli.log_format)?;
+    let result = run(cli);
+    if let Some(t) = telemetry {
+        t.shutdown();
+    }
+    result
+}
+
+fn run(cli: Cli) -> Result<()> {
     let config = Config::load(&cli.config)
         .with_context(|| format!("loading config {}", cli.config.display()))?;
     match cli.command {

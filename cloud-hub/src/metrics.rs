@@ -71,6 +71,7 @@ pub struct Metrics {
     /// HL7 ADT listener (`[adt]`) counters.
     pub adt: std::sync::Arc<crate::adt_listener::AdtStats>,
     out_of_range: AtomicU64,
+    trace_context_invalid: AtomicU64,
 }
 
 impl Metrics {
@@ -89,6 +90,11 @@ impl Metrics {
     /// Readings stored with the out-of-range quality flag.
     pub fn out_of_range(&self, n: u64) {
         self.out_of_range.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// A batch whose `traceparent` was malformed (ignored).
+    pub fn trace_context_invalid(&self) {
+        self.trace_context_invalid.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn rejected(&self, reason: RejectReason) {
@@ -159,6 +165,17 @@ impl Metrics {
         );
         let _ = writeln!(out, "# TYPE {name} counter");
         let _ = writeln!(out, "{name} {}", self.out_of_range.load(Ordering::Relaxed));
+        let name = "vigil_hub_trace_context_invalid_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Batches whose W3C traceparent was malformed (ignored; the batch is ingested)."
+        );
+        let _ = writeln!(out, "# TYPE {name} counter");
+        let _ = writeln!(
+            out,
+            "{name} {}",
+            self.trace_context_invalid.load(Ordering::Relaxed)
+        );
         self.mqtt.render(&mut out);
         self.adt.render(&mut out);
         out

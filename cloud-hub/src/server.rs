@@ -676,10 +676,40 @@ async fn ingest_inner(
 /// counts and logs the outcome; shared by the HTTP and the MQTT ingest.
 pub(crate) async fn store_batch(
     st: &AppState,
+/// Runs in an `ingest_batch` trace span, a child of the agent's send span
+/// when the batch carries its `traceparent` (see `telemetry`).
     gateway_id: &str,
     batch: Batch,
 ) -> Result<shared_protocol::v1::BatchAck, HubError> {
     let store = st.store.clone();
+) -> Result<shared_protocol::v1::BatchAck, HubError> {
+    use tracing::Instrument;
+    use tracing::field::Empty;
+    let span = tracing::info_span!(target: crate::telemetry::TRACE_TARGET, "ingest_batch",
+        gateway_id = %gateway_id, batch_sequence = batch.sequence,
+        accepted = Empty, duplicates = Empty, rejected = Empty, duplicate_batch = Empty);
+    let parent = crate::telemetry::adopt_remote_parent(&span, &batch.traceparent);
+    if parent == crate::telemetry::RemoteParent::Invalid {
+        st.metrics.trace_context_invalid();
+        tracing::debug!(gateway_id = %gateway_id, batch_sequence = batch.sequence,
+            "malformed traceparent ignored");
+    }
+    let r = store_batch_traced(st, gateway_id, batch)
+        .instrument(span.clone())
+        .await;
+    if let Ok(ack) = &r {
+        span.record("accepted", ack.accepted)
+            .record("duplicates", ack.duplicates)
+            .record("rejected", ack.rejected)
+            .record("duplicate_batch", ack.duplicate_batch);
+    }
+    r
+}
+
+async fn store_batch_traced(
+    st: &AppState,
+    gateway_id: &str,
+    batch: Batch,
     let associations = st.associations.clone();
     let gw = gateway_id.to_owned();
     let batch_seq = batch.sequence;

@@ -20,6 +20,7 @@ pub mod probe;
 pub mod provision;
 pub mod secrets;
 pub mod status;
+pub mod telemetry;
 pub mod uplink;
 
 use std::collections::{BTreeMap, HashMap};
@@ -34,6 +35,7 @@ use shared_protocol::v1::{
 };
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::buffer::{Buffer, BufferError, StoredRecord};
 use crate::config::AgentConfig;
@@ -678,14 +680,35 @@ async fn forward_loop(
             // A broker's PUBACK (IoT Hub) is delivery of every item sent; the
             // consumer de-duplicates by identity, so it stands for an ack
             // that accepted all of them. The hub's own ack is checked.
-            let sent = uplink.send(&batch).await.map(|d| match d {
-                Delivery::HubAck(ack) => ack,
-                Delivery::BrokerAck => BatchAck {
-                    sequence: batch.sequence,
-                    accepted: u32::try_from(n).unwrap_or(u32::MAX),
-                    ..Default::default()
+            // One trace span per attempt; its traceparent travels in the
+            // batch (HTTPS and IoT Hub alike) so the hub's ingest span is
+            // its child. Ids and counts only.
+            let span = tracing::info_span!(target: telemetry::TRACE_TARGET, "batch_send",
+                gateway_id = %cfg.gateway_id, batch_sequence = sequence, items = n,
+                lane = ?lane, outcome = tracing::field::Empty);
+            batch.traceparent = telemetry::traceparent(&span);
+            let sent = uplink
+                .send(&batch)
+                .instrument(span.clone())
+                .await
+                .map(|d| match d {
+                    Delivery::HubAck(ack) => ack,
+                    Delivery::BrokerAck => BatchAck {
+                        sequence: batch.sequence,
+                        accepted: u32::try_from(n).unwrap_or(u32::MAX),
+                        ..Default::default()
+                    },
+                });
+            span.record(
+                "outcome",
+                match &sent {
+                    Ok(ack) if ack_matches(&batch, ack) => "delivered",
+                    Ok(_) => "ack_mismatch",
+                    Err(UplinkError::TooLarge | UplinkError::MessageTooLarge { .. }) => "too_large",
+                    Err(_) => "failed",
                 },
-            });
+            );
+            drop(span);
             match sent {
                 Ok(ack) if ack_matches(&batch, &ack) => {
                     if ack.rejected > 0 {

@@ -93,23 +93,64 @@ enum Cmd {
     },
 }
 
-fn init_tracing(format: LogFormat) {
+/// Logs to stderr (filtered by RUST_LOG); with `traces`, also the trace
+/// spans to the OpenTelemetry collector (`edge_agent::telemetry`).
+fn init_tracing(format: LogFormat, traces: Option<&edge_agent::telemetry::Telemetry>) {
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+        // Trace spans are for the collector, not for the log lines.
+        .add_directive(
+            format!("{}=off", edge_agent::telemetry::TRACE_TARGET)
+                .parse()
+                .expect("static directive"),
+        );
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(filter);
-    match format {
-        LogFormat::Text => b.init(),
-        LogFormat::Json => b.json().flatten_event(true).init(),
-    }
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let fmt = match format {
+        LogFormat::Text => fmt.boxed(),
+        LogFormat::Json => fmt.json().flatten_event(true).boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(fmt.with_filter(filter))
+        .with(traces.map(|t| t.layer()))
+        .init();
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    init_tracing(cli.log_format);
+    // Traces only for `run` (the forwarder's batch sends), from the standard
+    // OTEL_* environment; off when no collector is named.
+    let otlp = match cli.cmd {
+        Cmd::Run { .. } => {
+            edge_agent::telemetry::OtlpConfig::from_env(edge_agent::telemetry::DEFAULT_SERVICE_NAME)
+                .context("OpenTelemetry settings")?
+        }
+        _ => None,
+    };
+    let telemetry = otlp
+        .as_ref()
+        .map(edge_agent::telemetry::Telemetry::start)
+        .transpose()
+        .context("starting the OpenTelemetry trace export")?;
+    init_tracing(cli.log_format, telemetry.as_ref());
+    if let Some(c) = &otlp {
+        tracing::info!(endpoint = %c.traces_url, service = %c.service_name,
+            "exporting OpenTelemetry traces");
+    }
+    let result = command(cli).await;
+    if let Some(t) = telemetry {
+        // Flushes the last spans; blocking, so off the async workers.
+        let _ = tokio::task::spawn_blocking(move || t.shutdown()).await;
+    }
+    result
+}
+
+async fn command(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Run { config } => {
             let cfg = edge_agent::config::AgentConfig::load(&config)?;
