@@ -557,6 +557,10 @@ fn reattribute_device(
         };
         n += st.execute(params![g, d, x, y, sys, val, att])? as u64;
     }
+    if n > 0 {
+        // Chart buckets follow the rows to their new patient.
+        crate::trends::rebuild_device(tx, g, d, lo, hi)?;
+    }
     Ok(n)
 }
 

@@ -334,7 +334,7 @@ pub(crate) fn chart_input(r: &Reading) -> Option<(Parameter, Option<f64>)> {
     Some((p, value))
 }
 
-fn in_chart_unit(mdc: u32, value: f64, reading: &Reading) -> Option<f64> {
+pub(crate) fn in_chart_unit(mdc: u32, value: f64, reading: &Reading) -> Option<f64> {
     let metric = CATALOGUE.by_mdc(mdc)?;
     let variant = metric.in_unit(reading.mdc_unit, &reading.ucum_unit)?;
     if variant.unit == metric.unit {

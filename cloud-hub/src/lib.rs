@@ -30,6 +30,7 @@ pub mod retention;
 pub mod scores;
 mod server;
 pub mod store;
+pub mod trends;
 pub mod telemetry;
 
 use std::future::Future;

@@ -207,12 +207,14 @@ impl Hub {
             self.store.clone(),
             self.config.scores,
         );
+        let trends = crate::trends::router(association.clone(), self.store.clone());
         let alerts =
             crate::alerts::api::router(association.clone(), state.alerts.clone(), alerts_stop);
         let app = router(state)
             .merge(crate::association_api::router(association))
             .merge(scores)
-            .merge(alerts);
+            .merge(alerts)
+            .merge(trends);
         tracing::info!(%addr, tls = self.tls.is_some(), "hub serving");
         match self.tls {
             None => {
@@ -674,14 +676,12 @@ async fn ingest_inner(
 
 /// Stores a decoded batch of an authenticated gateway in one transaction,
 /// counts and logs the outcome; shared by the HTTP and the MQTT ingest.
-pub(crate) async fn store_batch(
-    st: &AppState,
 /// Runs in an `ingest_batch` trace span, a child of the agent's send span
 /// when the batch carries its `traceparent` (see `telemetry`).
+pub(crate) async fn store_batch(
+    st: &AppState,
     gateway_id: &str,
     batch: Batch,
-) -> Result<shared_protocol::v1::BatchAck, HubError> {
-    let store = st.store.clone();
 ) -> Result<shared_protocol::v1::BatchAck, HubError> {
     use tracing::Instrument;
     use tracing::field::Empty;
@@ -710,6 +710,8 @@ async fn store_batch_traced(
     st: &AppState,
     gateway_id: &str,
     batch: Batch,
+) -> Result<shared_protocol::v1::BatchAck, HubError> {
+    let store = st.store.clone();
     let associations = st.associations.clone();
     let gw = gateway_id.to_owned();
     let batch_seq = batch.sequence;

@@ -224,6 +224,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (7, SCHEMA_V7),
     (8, crate::early_warning::SCHEMA_V8),
     (9, crate::alerts::SCHEMA_V9),
+    (10, crate::trends::SCHEMA_V10),
 ];
 
 /// The schema version a database opened by this build has.
@@ -735,6 +736,7 @@ impl Store {
         let mut reasons = Vec::new();
         let mut out_of_range = 0;
         let mut live = Vec::new();
+        let mut rollup = crate::trends::Rollup::default();
         {
             let mut reject = |device_id: &str, seq: u64, kind: &str, raw: Vec<u8>, f: Refusal| {
                 reasons.push(f.reason);
@@ -892,6 +894,11 @@ impl Store {
                     } else {
                         accepted += 1;
                         out_of_range += u32::from(cols.out_of_range);
+                        if let (Some(p), Some(v), "final") = (who.patient, cols.value, cols.status)
+                            && let Some(v) = crate::trends::chart_value(r, v)
+                        {
+                            rollup.add(p, gateway_id, device_id, metric.mdc, effective_us, v);
+                        }
                         if effective_us >= now_us - crate::alerts::LIVE_WINDOW_US {
                             if let Some((parameter, value)) = crate::early_warning::chart_input(r) {
                                 live.push(crate::alerts::LiveValue {
@@ -1035,8 +1042,8 @@ impl Store {
             ack.accepted = accepted;
             ack.duplicates = duplicates;
         }
-        // Who each new reading belongs to (subject, stay, config map).
-
+        // Chart buckets of the new usable values (`trends`).
+        rollup.write(&tx)?;
         tx.execute(
             "INSERT INTO batches (gateway_id, sequence, received_us, created_us, agent_version, ack)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",

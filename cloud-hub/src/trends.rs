@@ -1,0 +1,430 @@
+//! Aggregates and trends for charts: per patient and metric, 1-minute,
+//! 5-minute and 1-hour buckets of count, sum, min and max of the usable
+//! values (status `final` with a stored value: valid and physically
+//! possible), in the metric's chart unit (°F and kPa converted, as for the
+//! scores; readings in a unit that cannot be converted are left out).
+//!
+//! Maintained at ingest (grouped per batch, one upsert per bucket) and
+//! rebuilt from the stored rows when readings are re-attributed to another
+//! patient, so a chart never shows another patient's values. Buckets are
+//! kept per device (key includes gateway and device) so that a rebuild is
+//! exact; a patient's series sums its devices' buckets. A chart at any zoom
+//! reads at most a few thousand bucket rows, never the raw readings.
+//!
+//! `GET /api/v1/patients/{id}/series?code=…&from=…&to=…&resolution=…` (admin
+//! bearer token until roles; SQLite only). See docs/scores.md "Trends".
+
+use std::collections::HashMap;
+
+use axum::Router;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use prost::Message;
+use rusqlite::{Transaction, params};
+use serde_json::json;
+use shared_protocol::CATALOGUE;
+use shared_protocol::v1::Reading;
+
+use crate::association_api::ApiState;
+use crate::store::{Store, StoreError, now_us};
+
+/// v10: the bucket table.
+pub const SCHEMA_V10: &str = r#"
+CREATE TABLE IF NOT EXISTS vital_rollups (
+    patient_id    TEXT NOT NULL,
+    mdc_code      INTEGER NOT NULL,
+    resolution_s  INTEGER NOT NULL,
+    bucket_us     INTEGER NOT NULL,
+    gateway_id    TEXT NOT NULL,
+    device_id     TEXT NOT NULL,
+    n             INTEGER NOT NULL,
+    sum           REAL NOT NULL,
+    min           REAL NOT NULL,
+    max           REAL NOT NULL,
+    PRIMARY KEY (patient_id, mdc_code, resolution_s, bucket_us, gateway_id, device_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS vital_rollups_device ON vital_rollups (gateway_id, device_id, bucket_us);
+"#;
+
+/// Bucket sizes in seconds.
+pub const RESOLUTIONS: [i64; 3] = [60, 300, 3600];
+
+const S: i64 = 1_000_000;
+
+#[derive(Debug, Clone, Copy)]
+struct Agg {
+    n: i64,
+    sum: f64,
+    min: f64,
+    max: f64,
+}
+
+type Key = (String, u32, i64, i64, String, String);
+
+/// Buckets collected in memory (one batch, or one rebuild), written with
+/// [`Rollup::write`].
+#[derive(Debug, Default)]
+pub struct Rollup {
+    buckets: HashMap<Key, Agg>,
+}
+
+/// The value of a reading in its metric's chart unit, if usable there.
+pub fn chart_value(r: &Reading, value: f64) -> Option<f64> {
+    crate::early_warning::in_chart_unit(r.mdc_code, value, r)
+}
+
+impl Rollup {
+    /// Adds a usable value (already in the chart unit).
+    pub fn add(&mut self, patient: &str, gateway: &str, device: &str, mdc: u32, t_us: i64, v: f64) {
+        for res in RESOLUTIONS {
+            let bucket = t_us.div_euclid(res * S) * res * S;
+            let key = (
+                patient.to_owned(),
+                mdc,
+                res,
+                bucket,
+                gateway.to_owned(),
+                device.to_owned(),
+            );
+            let a = self.buckets.entry(key).or_insert(Agg {
+                n: 0,
+                sum: 0.0,
+                min: v,
+                max: v,
+            });
+            a.n += 1;
+            a.sum += v;
+            a.min = a.min.min(v);
+            a.max = a.max.max(v);
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.buckets.is_empty()
+    }
+
+    /// Merges the buckets into the table.
+    pub fn write(self, tx: &Transaction<'_>) -> rusqlite::Result<()> {
+        let mut st = tx.prepare_cached(
+            "INSERT INTO vital_rollups (patient_id, mdc_code, resolution_s, bucket_us, gateway_id,
+                 device_id, n, sum, min, max)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+             ON CONFLICT DO UPDATE SET n = n + excluded.n, sum = sum + excluded.sum,
+                 min = MIN(min, excluded.min), max = MAX(max, excluded.max)",
+        )?;
+        for ((p, mdc, res, bucket, g, d), a) in self.buckets {
+            st.execute(params![p, mdc, res, bucket, g, d, a.n, a.sum, a.min, a.max])?;
+        }
+        Ok(())
+    }
+}
+
+/// Recomputes device `(g, d)`'s buckets over `[lo, hi)` (widened to whole
+/// hours) from the stored rows, after their attribution changed.
+pub fn rebuild_device(
+    tx: &Transaction<'_>,
+    g: &str,
+    d: &str,
+    lo: i64,
+    hi: i64,
+) -> rusqlite::Result<()> {
+    let hour = 3600 * S;
+    let from = lo.div_euclid(hour) * hour;
+    let to = if hi >= i64::MAX - hour {
+        i64::MAX
+    } else {
+        (hi + hour - 1).div_euclid(hour) * hour
+    };
+    tx.execute(
+        "DELETE FROM vital_rollups WHERE gateway_id = ?1 AND device_id = ?2
+            AND bucket_us >= ?3 AND bucket_us < ?4",
+        params![g, d, from, to],
+    )?;
+    let mut roll = Rollup::default();
+    {
+        let mut st = tx.prepare_cached(
+            "SELECT patient_id, mdc_code, effective_us, value, payload FROM observations
+              WHERE gateway_id = ?1 AND device_id = ?2 AND effective_us >= ?3 AND effective_us < ?4
+                AND kind = 'reading' AND status = 'final' AND value IS NOT NULL
+                AND patient_id IS NOT NULL",
+        )?;
+        let rows = st.query_map(params![g, d, from, to], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, u32>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, f64>(3)?,
+                r.get::<_, Option<Vec<u8>>>(4)?,
+            ))
+        })?;
+        for row in rows {
+            let (p, mdc, t, v, payload) = row?;
+            let Some(r) = payload.and_then(|b| Reading::decode(b.as_slice()).ok()) else {
+                continue;
+            };
+            if let Some(v) = chart_value(&r, v) {
+                roll.add(&p, g, d, mdc, t, v);
+            }
+        }
+    }
+    roll.write(tx)
+}
+
+/// One point of a series.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Point {
+    pub start_us: i64,
+    pub count: i64,
+    pub min: f64,
+    pub max: f64,
+    pub mean: f64,
+}
+
+/// A patient's series of one metric over `[from, to)` at `resolution_s`.
+pub fn series(
+    store: &Store,
+    patient: &str,
+    mdc: u32,
+    resolution_s: i64,
+    from: i64,
+    to: i64,
+) -> Result<Vec<Point>, StoreError> {
+    let conn = store.lock()?;
+    let mut st = conn.prepare_cached(
+        "SELECT bucket_us, SUM(n), SUM(sum), MIN(min), MAX(max) FROM vital_rollups
+          WHERE patient_id = ?1 AND mdc_code = ?2 AND resolution_s = ?3
+            AND bucket_us >= ?4 AND bucket_us < ?5
+          GROUP BY bucket_us ORDER BY bucket_us",
+    )?;
+    let from_bucket = from.div_euclid(resolution_s * S) * resolution_s * S;
+    let points = st
+        .query_map(params![patient, mdc, resolution_s, from_bucket, to], |r| {
+            let n: i64 = r.get(1)?;
+            let sum: f64 = r.get(2)?;
+            Ok(Point {
+                start_us: r.get(0)?,
+                count: n,
+                min: r.get(3)?,
+                max: r.get(4)?,
+                mean: sum / n as f64,
+            })
+        })?
+        .collect::<Result<_, _>>()?;
+    Ok(points)
+}
+
+/// Least-squares slope of the points' means (weighted by their counts)
+/// per hour; `None` with fewer than two points.
+pub fn slope_per_hour(points: &[Point]) -> Option<f64> {
+    if points.len() < 2 {
+        return None;
+    }
+    let w: f64 = points.iter().map(|p| p.count as f64).sum();
+    let x = |p: &Point| p.start_us as f64 / (3600.0 * S as f64);
+    let mx = points.iter().map(|p| p.count as f64 * x(p)).sum::<f64>() / w;
+    let my = points.iter().map(|p| p.count as f64 * p.mean).sum::<f64>() / w;
+    let sxy: f64 = points
+        .iter()
+        .map(|p| p.count as f64 * (x(p) - mx) * (p.mean - my))
+        .sum();
+    let sxx: f64 = points
+        .iter()
+        .map(|p| p.count as f64 * (x(p) - mx).powi(2))
+        .sum();
+    (sxx > 0.0).then(|| sxy / sxx)
+}
+
+/// The resolution for a span when none is asked: at most ~720 points.
+pub fn auto_resolution(span_us: i64) -> i64 {
+    if span_us <= 12 * 3600 * S {
+        if span_us <= 2 * 3600 * S { 60 } else { 300 }
+    } else {
+        3600
+    }
+}
+
+// ---- HTTP ----------------------------------------------------------------
+
+#[derive(Debug, Clone)]
+struct TrendsState {
+    admin: ApiState,
+    store: Store,
+}
+
+pub fn router<S: Clone + Send + Sync + 'static>(admin: ApiState, store: Store) -> Router<S> {
+    Router::new()
+        .route("/api/v1/patients/{id}/series", get(get_series))
+        .with_state(TrendsState { admin, store })
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct SeriesQuery {
+    code: Option<String>,
+    from: Option<String>,
+    to: Option<String>,
+    resolution: Option<i64>,
+}
+
+fn bad(field: &str, message: &str) -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        axum::Json(json!({ "error": message, "field": field })),
+    )
+        .into_response()
+}
+
+fn parse_time(field: &str, s: Option<&str>, default: i64) -> Result<i64, Box<Response>> {
+    match s {
+        None => Ok(default),
+        Some(s) => time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+            .ok()
+            .and_then(|t| i64::try_from(t.unix_timestamp_nanos() / 1000).ok())
+            .ok_or_else(|| {
+                Box::new(bad(
+                    field,
+                    "must be an RFC 3339 time like 2026-11-24T10:00:00Z",
+                ))
+            }),
+    }
+}
+
+async fn get_series(
+    State(st): State<TrendsState>,
+    Path(patient): Path<String>,
+    headers: HeaderMap,
+    q: Result<Query<SeriesQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    if let Err(r) = st.admin.check_admin(&headers) {
+        return *r;
+    }
+    if st.store.postgres().is_some() {
+        return (
+            StatusCode::NOT_IMPLEMENTED,
+            axum::Json(json!({ "error": "trends need the SQLite store (not yet on PostgreSQL)" })),
+        )
+            .into_response();
+    }
+    let Ok(Query(q)) = q else {
+        return bad("query", "code, from, to, resolution (60, 300 or 3600)");
+    };
+    let Some(code) = q.code.as_deref() else {
+        return bad(
+            "code",
+            "required: an MDC code (e.g. 150456) or a LOINC code (e.g. 59408-5)",
+        );
+    };
+    let metric = match code.parse::<u32>() {
+        Ok(mdc) => CATALOGUE.by_mdc(mdc).copied(),
+        Err(_) => CATALOGUE.by_loinc(code).next(),
+    };
+    let Some(metric) = metric else {
+        return bad("code", "not a metric of the catalogue");
+    };
+    let now = now_us();
+    let to = match parse_time("to", q.to.as_deref(), now) {
+        Ok(t) => t,
+        Err(r) => return *r,
+    };
+    let from = match parse_time("from", q.from.as_deref(), to - 24 * 3600 * S) {
+        Ok(t) => t,
+        Err(r) => return *r,
+    };
+    if from >= to {
+        return bad("from", "must be before `to`");
+    }
+    let resolution = match q.resolution {
+        None => auto_resolution(to - from),
+        Some(r) if RESOLUTIONS.contains(&r) => r,
+        Some(_) => return bad("resolution", "must be 60, 300 or 3600 (seconds)"),
+    };
+    if (to - from) / (resolution * S) > 5000 {
+        return bad(
+            "resolution",
+            "more than 5000 points: use a coarser resolution",
+        );
+    }
+    let store = st.store.clone();
+    let mdc = metric.mdc;
+    let p = patient.clone();
+    let r =
+        tokio::task::spawn_blocking(move || series(&store, &p, mdc, resolution, from, to)).await;
+    let points = match r {
+        Ok(Ok(p)) => p,
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "series query failed");
+            return (StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response();
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "series task failed");
+            return (StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response();
+        }
+    };
+    let fmt = crate::fhir::format_instant;
+    let trend = slope_per_hour(&points);
+    let body = json!({
+        "patient": patient,
+        "code": { "mdc": metric.mdc, "loinc": metric.loinc, "display": metric.display },
+        "unit": metric.unit.ucum,
+        "from": fmt(from),
+        "to": fmt(to),
+        "resolution_s": resolution,
+        "points": points.iter().map(|p| json!({
+            "start": fmt(p.start_us), "count": p.count, "min": p.min, "max": p.max, "mean": p.mean,
+        })).collect::<Vec<_>>(),
+        "trend": { "per_hour": trend, "points": points.len() },
+    });
+    axum::Json(body).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T0: i64 = 1_795_514_400_000_000; // a whole hour
+
+    #[test]
+    fn values_fall_into_aligned_buckets_of_each_resolution() {
+        let mut r = Rollup::default();
+        r.add("p", "g", "d", 1, T0 + 59 * S, 10.0);
+        r.add("p", "g", "d", 1, T0 + 61 * S, 20.0);
+        r.add("p", "g", "d", 1, T0 + 299 * S, 30.0);
+        let get = |res: i64, bucket: i64| {
+            r.buckets
+                .get(&("p".into(), 1, res, bucket, "g".into(), "d".into()))
+                .copied()
+        };
+        let m0 = get(60, T0).unwrap();
+        assert_eq!((m0.n, m0.sum, m0.min, m0.max), (1, 10.0, 10.0, 10.0));
+        let m1 = get(60, T0 + 60 * S).unwrap();
+        assert_eq!(m1.n, 1);
+        let f = get(300, T0).unwrap();
+        assert_eq!((f.n, f.sum, f.min, f.max), (3, 60.0, 10.0, 30.0));
+        assert_eq!(get(3600, T0).unwrap().n, 3);
+        assert_eq!(r.buckets.len(), 3 + 1 + 1);
+    }
+
+    #[test]
+    fn slope_of_a_steady_rise() {
+        let pts: Vec<Point> = (0..6)
+            .map(|i| Point {
+                start_us: T0 + i * 600 * S,
+                count: 60,
+                min: 0.0,
+                max: 0.0,
+                mean: 90.0 + i as f64, // +1 per 10 min = +6 per hour
+            })
+            .collect();
+        let s = slope_per_hour(&pts).unwrap();
+        assert!((s - 6.0).abs() < 1e-9, "{s}");
+        assert_eq!(slope_per_hour(&pts[..1]), None);
+    }
+
+    #[test]
+    fn automatic_resolution_keeps_charts_small() {
+        assert_eq!(auto_resolution(3600 * S), 60);
+        assert_eq!(auto_resolution(8 * 3600 * S), 300);
+        assert_eq!(auto_resolution(24 * 3600 * S), 3600);
+    }
+}
