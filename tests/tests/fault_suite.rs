@@ -481,6 +481,7 @@ fn fhir_total(base: &str) -> u64 {
 }
 
 /// Wait until the FHIR total is at least `min` and unchanged for 1.5 s.
+/// On timeout only reports: the checks that follow say what is missing.
 fn wait_settled(base: &str, min: u64, timeout: Duration) -> u64 {
     wait_for(
         timeout,
@@ -491,7 +492,11 @@ fn wait_settled(base: &str, min: u64, timeout: Duration) -> u64 {
             (a >= min && a == fhir_total(base)).then_some(a)
         },
     )
-    .unwrap_or_else(|e| panic!("{e}; the hub holds {}", fhir_total(base)))
+    .unwrap_or_else(|e| {
+        let n = fhir_total(base);
+        eprintln!("{e}; the hub holds {n}");
+        n
+    })
 }
 
 /// A sample of the hub's /metrics.
@@ -643,7 +648,7 @@ fn fault_suite_hub_restarted_while_the_agent_streams() {
     for down_ms in [0u64, 3000] {
         let before = fhir_total(&base);
         wait_for(Duration::from_secs(30), "readings flowing", || {
-            (fhir_total(&base) >= before + 60).then_some(())
+            (fhir_total(&base) >= before + 150).then_some(())
         })
         .unwrap();
         assert!(
@@ -998,7 +1003,7 @@ fn fault_suite_postgres_restarted_mid_ingest() {
     for mode in ["fast", "immediate"] {
         let before = fhir_total(&base);
         wait_for(Duration::from_secs(30), "readings flowing", || {
-            (fhir_total(&base) >= before + 60).then_some(())
+            (fhir_total(&base) >= before + 150).then_some(())
         })
         .unwrap();
         pg.restart(mode, Duration::from_secs(2));
@@ -1018,4 +1023,208 @@ fn fault_suite_postgres_restarted_mid_ingest() {
         log.contains("send failed; will retry"),
         "the agent saw ingest fail while the database was down"
     );
+}
+
+// ---------------------------------------------------------------------------
+// 5. Broker restart on the MQTT path.
+
+/// A throwaway Mosquitto on loopback: TLS with a test CA (the agent's IoT
+/// Hub uplink always uses TLS), persistence on (a clean shutdown saves the
+/// queued QoS 1 messages of persistent sessions), no client authentication
+/// (the IoT Hub-like ACL set-up is tested in `edge-agent/tests/iothub_mqtt.rs`
+/// and `cloud-hub/tests/mqtt_ingest.rs`; here the subject is the restart).
+struct Broker {
+    dir: PathBuf,
+    port: u16,
+    proc: Option<Proc>,
+}
+
+impl Broker {
+    fn new(dir: &Path) -> Self {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "Vigil fault-suite CA");
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
+        let srv_key = rcgen::KeyPair::generate().unwrap();
+        let srv_cert = rcgen::CertificateParams::new(vec!["localhost".into()])
+            .unwrap()
+            .signed_by(&srv_key, &issuer)
+            .unwrap();
+        std::fs::write(dir.join("ca.pem"), ca_cert.pem()).unwrap();
+        std::fs::write(dir.join("broker.pem"), srv_cert.pem()).unwrap();
+        write_private(&dir.join("broker.key"), &srv_key.serialize_pem()).unwrap();
+        std::fs::create_dir_all(dir.join("mq")).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        std::fs::write(
+            dir.join("mosquitto.conf"),
+            format!(
+                "allow_anonymous true\npersistence true\npersistence_location {mq}/\nuser root\n\
+                 max_queued_messages 100000\nlistener {port} 127.0.0.1\ncafile {ca}\n\
+                 certfile {cert}\nkeyfile {key}\n",
+                mq = dir.join("mq").display(),
+                ca = dir.join("ca.pem").display(),
+                cert = dir.join("broker.pem").display(),
+                key = dir.join("broker.key").display(),
+            ),
+        )
+        .unwrap();
+        let mut b = Broker {
+            dir: dir.to_owned(),
+            port,
+            proc: None,
+        };
+        b.start();
+        b
+    }
+
+    fn start(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("mosquitto.log"))
+            .unwrap();
+        self.proc = Some(
+            Proc::spawn(
+                "mosquitto",
+                Command::new("mosquitto")
+                    .arg("-c")
+                    .arg(self.dir.join("mosquitto.conf"))
+                    .stdout(log.try_clone().unwrap())
+                    .stderr(log),
+            )
+            .expect("mosquitto (Debian package `mosquitto`; run scripts/setup.sh)"),
+        );
+        wait_for(Duration::from_secs(10), "mosquitto listening", || {
+            std::net::TcpStream::connect(("127.0.0.1", self.port))
+                .is_ok()
+                .then_some(())
+        })
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e}: {}",
+                std::fs::read_to_string(self.dir.join("mosquitto.log")).unwrap_or_default()
+            )
+        });
+    }
+
+    /// SIGTERM (mosquitto saves its persistence file), wait, start again on
+    /// the same port.
+    fn restart(&mut self, down: Duration) {
+        let mut p = self.proc.take().unwrap();
+        assert!(p.terminate(Duration::from_secs(10)), "mosquitto stopped");
+        std::thread::sleep(down);
+        self.start();
+    }
+}
+
+/// Agent → Mosquitto (the IoT Hub uplink: MQTT 3.1.1, QoS 1, a batch per
+/// message, records deleted on PUBACK) → hub (`[mqtt]` ingest: MQTT 5 shared
+/// subscription, persistent session, PUBACK after the batch is stored). The
+/// broker is restarted twice mid-stream (SIGTERM, persistence on; at once
+/// and after 3 s down). The agent's link goes through a [`TcpProxy`] that is
+/// cut while the broker restarts and restored once the hub has reconnected
+/// and subscribed again (see
+/// [`fault_suite_broker_restart_before_the_hub_resubscribes`] for why). Batches the agent had not got a PUBACK for are sent again, messages
+/// the hub had not acknowledged are delivered again; the hub de-duplicates;
+/// every line arrives exactly once.
+#[test]
+fn fault_suite_broker_restarted_on_the_mqtt_path() {
+    broker_restart(Gate::Agent);
+}
+
+/// KNOWN DATA LOSS, ignored until fixed; a deterministic reproduction, so
+/// it fails today: Mosquitto 2.0.11 (Debian bookworm) does not restore
+/// *shared* subscriptions from its persistence file (a plain subscription of
+/// a persistent session is restored). After a broker restart, batches the
+/// agent publishes before the hub has subscribed again are PUBACKed to the
+/// agent, which deletes them, and dropped by the broker for want of a
+/// subscriber. Here the hub's link is held down for 3 s after the restart
+/// while the agent's is not. Without any gate the window is the few ms
+/// between the broker coming back and the hub's SUBACK: seen once in six
+/// runs under load (batches 19 and 20, 36 readings, missing). Run with
+/// `--run-ignored only`.
+#[test]
+#[ignore = "known loss: Mosquitto 2.0.11 does not restore shared subscriptions on restart"]
+fn fault_suite_broker_restart_before_the_hub_resubscribes() {
+    broker_restart(Gate::Hub);
+}
+
+/// Whose broker link goes through the proxy that is cut while the broker
+/// restarts.
+#[derive(PartialEq)]
+enum Gate {
+    /// Restored once the hub has subscribed again.
+    Agent,
+    /// Restored 3 s after the broker is back.
+    Hub,
+}
+
+fn broker_restart(gate: Gate) {
+    let (_guard, dir) = test_dir("fault-mqtt");
+    let mut broker = Broker::new(&dir);
+    write_private(&dir.join("hub-mqtt.pw"), "hub-secret").unwrap();
+    let proxy = TcpProxy::start(([127, 0, 0, 1], broker.port).into()).unwrap();
+    let (hub_port, agent_port) = match gate {
+        Gate::Agent => (broker.port, proxy.addr.port()),
+        Gate::Hub => (proxy.addr.port(), broker.port),
+    };
+    let mqtt = format!(
+        "[mqtt]\nhost = \"localhost\"\nport = {hub_port}\nclient_id = \"hub-faults\"\ngroup = \"hubs\"\n\
+         username = \"hub\"\npassword_file = \"hub-mqtt.pw\"\nsession_expiry_s = 600\n\
+         [mqtt.tls]\nca_file = \"ca.pem\"\n"
+    );
+    let hub_cfg = hub_config(&dir, 0, SQLITE, &mqtt);
+    add_gateway(&hub_cfg, GATEWAY).unwrap();
+    let hub = start_hub_on(&dir, &hub_cfg);
+    let base = hub.base_url.clone();
+    // Any key: this broker does not check the SAS token.
+    write_private(&dir.join("iothub.key"), "dGVzdC1rZXktZm9yLWZhdWx0LXN1aXRl").unwrap();
+    let mut masimo = Device::pty(&dir, "masimo");
+    let cfg = agent_config(
+        &dir,
+        &format!(
+            "kind = \"iothub-mqtt\"\nbatch_max_readings = 60\nbatch_max_wait_ms = 100\n\
+             request_timeout_ms = 3000\nmax_backoff_ms = 300\nbacklog_rate_per_s = 500\n\n\
+             [uplink.iothub]\nhost = \"localhost\"\ndevice_id = \"{GATEWAY}\"\nport = {agent_port}\n\
+             sas_key_file = \"iothub.key\"\nca_file = \"ca.pem\"\n"
+        ),
+        &[("masimo-serial", MASIMO, &masimo.pty.host)],
+    );
+    let mut agent = start_agent(&dir, &cfg, "agent.log").unwrap();
+    masimo.start("masimo", &["--interval-ms", "50", "--count", "500"]);
+    let connects = || hub_metric(&base, "vigil_hub_mqtt_connects_total");
+    for down_ms in [0u64, 3000] {
+        let before = fhir_total(&base);
+        wait_for(Duration::from_secs(30), "readings flowing", || {
+            (fhir_total(&base) >= before + 150).then_some(())
+        })
+        .unwrap();
+        let hub_connects = connects();
+        proxy.cut();
+        broker.restart(Duration::from_millis(down_ms));
+        match gate {
+            Gate::Agent => wait_for(Duration::from_secs(30), "hub subscribed again", || {
+                (connects() > hub_connects && hub_metric(&base, "vigil_hub_mqtt_connected") == 1.0)
+                    .then_some(())
+            })
+            .unwrap(),
+            Gate::Hub => std::thread::sleep(Duration::from_secs(3)),
+        }
+        proxy.restore();
+    }
+    masimo.wait_done(Duration::from_secs(60));
+    wait_settled(&base, 3 * 500, Duration::from_secs(60));
+    assert!(agent.terminate(Duration::from_secs(15)), "clean exit");
+    let (_, lost, a) = check_masimo(&Store::Sqlite(dir.join("hub.sqlite")), &masimo.out, 0);
+    assert_eq!(lost, 0);
+    assert_fhir_matches(&base, a.readings.len());
+    drop(hub);
 }
