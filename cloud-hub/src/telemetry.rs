@@ -193,9 +193,14 @@ impl Telemetry {
         tracing_opentelemetry::layer()
             .with_tracer(self.provider.tracer("cloud-hub"))
             .with_threads(false)
-            .with_filter(tracing_subscriber::filter::filter_fn(|m| {
-                m.is_span() && m.target() == TRACE_TARGET
-            }))
+            .with_filter(
+                tracing_subscriber::filter::filter_fn(|m| {
+                    m.is_span() && m.target() == TRACE_TARGET && *m.level() <= tracing::Level::INFO
+                })
+                // Keeps the global level hint from becoming TRACE (which
+                // would make every `log` record and debug event be built).
+                .with_max_level_hint(tracing::Level::INFO),
+            )
     }
 
     /// Exports what is still queued and stops the export thread (blocking;
