@@ -10,10 +10,11 @@
 //!   of gateway tokens.
 
 pub mod adt;
-pub mod alerts;
 pub mod adt_listener;
+pub mod alerts;
 pub mod association;
 pub mod association_api;
+pub mod audit;
 pub mod auth;
 pub mod backup;
 pub mod config;
@@ -30,8 +31,8 @@ pub mod retention;
 pub mod scores;
 mod server;
 pub mod store;
-pub mod trends;
 pub mod telemetry;
+pub mod trends;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -83,6 +84,23 @@ fn open_store(config: &Config) -> Result<Store, HubError> {
     Ok(Store::open_config(&config.storage)?)
 }
 
+/// Records an administrative command in the audit log (actor `cli`).
+fn audit_cli(store: &Store, action: &str, command: &str, detail: String) -> Result<(), HubError> {
+    audit::append(
+        store,
+        &audit::Entry {
+            time_us: store::now_us(),
+            actor: "cli".into(),
+            action: action.into(),
+            resource: command.into(),
+            patient: None,
+            outcome: 0,
+            detail,
+        },
+    )?;
+    Ok(())
+}
+
 /// Creates gateway `id` and returns its new bearer token (shown once; only
 /// its hash is stored). Fails if an active gateway has this id; a revoked id
 /// is re-activated with the new token.
@@ -93,6 +111,7 @@ pub fn gateway_add(config: &Config, id: &str) -> Result<String, HubError> {
     let store = open_store(config)?;
     let token = auth::generate_token()?;
     store.add_gateway(id, &auth::hash_token(&token))?;
+    audit_cli(&store, "create", "gateway add", format!("gateway_id={id}"))?;
     Ok(token)
 }
 
@@ -105,7 +124,46 @@ pub fn enrollment_create(config: &Config, ttl: std::time::Duration) -> Result<St
     let expires =
         store::now_us().saturating_add(i64::try_from(ttl.as_micros()).unwrap_or(i64::MAX));
     store.add_enrollment(&auth::hash_token(&token), expires)?;
+    audit_cli(
+        &store,
+        "create",
+        "enrollment create",
+        format!("ttl_s={}", ttl.as_secs()),
+    )?;
     Ok(token)
+}
+
+/// `cloud-hub audit verify`: recomputes the audit log's hash chain (and
+/// checks `anchor`, a `(seq, hash)` recorded earlier).
+pub fn audit_verify(
+    config: &Config,
+    anchor: Option<(i64, &str)>,
+) -> Result<audit::Verification, HubError> {
+    let store = open_store(config)?;
+    if store.postgres().is_some() {
+        return Err(HubError::Io(std::io::Error::other(
+            "the audit log is kept in the SQLite store only in this version",
+        )));
+    }
+    let conn = store.lock()?;
+    Ok(audit::verify(&conn, anchor).map_err(store::StoreError::from)?)
+}
+
+/// `cloud-hub audit export`: the audit log from `since_seq` as FHIR
+/// AuditEvent resources, one JSON per line.
+pub fn audit_export(
+    config: &Config,
+    since_seq: i64,
+    out: &mut dyn std::io::Write,
+) -> Result<u64, HubError> {
+    let store = open_store(config)?;
+    let conn = store.lock()?;
+    let mut n = 0;
+    for e in audit::entries(&conn, since_seq).map_err(store::StoreError::from)? {
+        writeln!(out, "{}", audit::audit_event(&e))?;
+        n += 1;
+    }
+    Ok(n)
 }
 
 /// All gateways (never their tokens).
@@ -115,7 +173,14 @@ pub fn gateway_list(config: &Config) -> Result<Vec<GatewayRow>, HubError> {
 
 /// Revokes gateway `id`: its token gets 401 from then on.
 pub fn gateway_revoke(config: &Config, id: &str) -> Result<(), HubError> {
-    Ok(open_store(config)?.revoke_gateway(id)?)
+    let store = open_store(config)?;
+    store.revoke_gateway(id)?;
+    audit_cli(
+        &store,
+        "update",
+        "gateway revoke",
+        format!("gateway_id={id}"),
+    )
 }
 
 /// Longest grace period of [`gateway_rotate`] (7 days).
@@ -142,6 +207,12 @@ pub fn gateway_rotate(
     let grace_until = (!grace.is_zero())
         .then(|| now.saturating_add(i64::try_from(grace.as_micros()).unwrap_or(i64::MAX)));
     store.rotate_gateway(id, &auth::hash_token(&token), grace_until, now)?;
+    audit_cli(
+        &store,
+        "update",
+        "gateway rotate",
+        format!("gateway_id={id} grace_s={}", grace.as_secs()),
+    )?;
     Ok(token)
 }
 

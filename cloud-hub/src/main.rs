@@ -53,6 +53,11 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// The hash-chained audit log: verify it, export it as FHIR AuditEvent.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Replace the embedded database with a backup (stop the hub first).
     Restore {
         /// The backup file.
@@ -61,6 +66,28 @@ enum Command {
         /// Replace an existing database.
         #[arg(long)]
         force: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Recompute the hash chain; exit status 1 when an entry was edited,
+    /// inserted or removed. Prints the head (SEQ:HASH) to record as the
+    /// next anchor.
+    Verify {
+        /// A head recorded earlier (SEQ:HASH) that must still be in the
+        /// chain (detects removal of the newest entries).
+        #[arg(long)]
+        anchor: Option<String>,
+    },
+    /// Write the entries as FHIR R4 AuditEvent NDJSON.
+    Export {
+        /// The file to create (0600).
+        #[arg(long)]
+        out: PathBuf,
+        /// First entry to export.
+        #[arg(long, default_value_t = 1)]
+        since: i64,
     },
 }
 
@@ -149,6 +176,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve => serve(config),
         Command::Gateway { command } => gateway(&config, command),
+        Command::Audit { command } => audit(&config, command),
         Command::Backup { .. } | Command::Restore { .. }
             if config.storage.backend == cloud_hub::config::StorageBackend::Postgres =>
         {
@@ -186,6 +214,57 @@ fn run(cli: Cli) -> Result<()> {
                 "One-time enrolment token, valid for {ttl_hours} h. On the gateway: \
 edge-agent provision --hub <hub url> --enrollment-token <token> --gateway-id <id> --out <dir>"
             );
+            Ok(())
+        }
+    }
+}
+
+fn audit(config: &Config, command: AuditCommand) -> Result<()> {
+    match command {
+        AuditCommand::Verify { anchor } => {
+            let anchor = anchor
+                .as_deref()
+                .map(|a| {
+                    let (seq, hash) = a
+                        .split_once(':')
+                        .context("--anchor must be SEQ:HASH as printed by `audit verify`")?;
+                    let seq: i64 = seq.parse().context("--anchor SEQ is not a number")?;
+                    Ok::<_, anyhow::Error>((seq, hash.to_owned()))
+                })
+                .transpose()?;
+            let v = cloud_hub::audit_verify(config, anchor.as_ref().map(|(s, h)| (*s, h.as_str())))
+                .context("verifying the audit log")?;
+            match (&v.broken, &v.head) {
+                (Some((seq, why)), _) => {
+                    eprintln!(
+                        "AUDIT LOG TAMPERED: entry {seq} {why} ({} entries read).",
+                        v.entries
+                    );
+                    std::process::exit(1);
+                }
+                (None, Some((seq, hash))) => {
+                    println!("{seq}:{hash}");
+                    eprintln!(
+                        "Audit log intact: {} entries, hash chain verified. Head above: record it as the next --anchor.",
+                        v.entries
+                    );
+                }
+                (None, None) => eprintln!("Audit log is empty."),
+            }
+            Ok(())
+        }
+        AuditCommand::Export { out, since } => {
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&out)
+                .with_context(|| format!("creating {}", out.display()))?;
+            let n = cloud_hub::audit_export(config, since, &mut f)
+                .context("exporting the audit log")?;
+            f.sync_all()?;
+            eprintln!("{n} AuditEvent resources written to {}.", out.display());
             Ok(())
         }
     }

@@ -72,6 +72,7 @@ pub struct Metrics {
     pub adt: std::sync::Arc<crate::adt_listener::AdtStats>,
     out_of_range: AtomicU64,
     trace_context_invalid: AtomicU64,
+    audit_failures: AtomicU64,
 }
 
 impl Metrics {
@@ -90,6 +91,11 @@ impl Metrics {
     /// Readings stored with the out-of-range quality flag.
     pub fn out_of_range(&self, n: u64) {
         self.out_of_range.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// An audited request whose audit entry could not be written.
+    pub fn audit_failure(&self) {
+        self.audit_failures.fetch_add(1, Ordering::Relaxed);
     }
 
     /// A batch whose `traceparent` was malformed (ignored).
@@ -175,6 +181,17 @@ impl Metrics {
             out,
             "{name} {}",
             self.trace_context_invalid.load(Ordering::Relaxed)
+        );
+        let name = "vigil_hub_audit_failures_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Audited requests whose audit log entry could not be written (answered, not audited)."
+        );
+        let _ = writeln!(out, "# TYPE {name} counter");
+        let _ = writeln!(
+            out,
+            "{name} {}",
+            self.audit_failures.load(Ordering::Relaxed)
         );
         self.mqtt.render(&mut out);
         self.adt.render(&mut out);

@@ -210,11 +210,18 @@ impl Hub {
         let trends = crate::trends::router(association.clone(), self.store.clone());
         let alerts =
             crate::alerts::api::router(association.clone(), state.alerts.clone(), alerts_stop);
+        // Every audited request (FHIR, /api/v1 except ingest) is recorded
+        // in the hash-chained audit log after it is answered.
+        let audit_state = state.clone();
         let app = router(state)
             .merge(crate::association_api::router(association))
             .merge(scores)
             .merge(alerts)
-            .merge(trends);
+            .merge(trends)
+            .layer(axum::middleware::from_fn_with_state(
+                audit_state,
+                crate::audit::middleware,
+            ));
         tracing::info!(%addr, tls = self.tls.is_some(), "hub serving");
         match self.tls {
             None => {

@@ -225,6 +225,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (8, crate::early_warning::SCHEMA_V8),
     (9, crate::alerts::SCHEMA_V9),
     (10, crate::trends::SCHEMA_V10),
+    (11, crate::audit::SCHEMA_V11),
 ];
 
 /// The schema version a database opened by this build has.
