@@ -866,10 +866,11 @@ mod tests {
             })
             .collect();
         // The largest the batch can become: sequence and time at their
-        // longest encodings, plus an overflow report.
+        // longest encodings, plus an overflow report and a traceparent.
         let worst = |n: usize| {
             let mut b = build_batch("gw-1", u64::MAX, &records[..n], &infos);
             b.created_time_us = i64::MIN;
+            b.traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into();
             b.gateway_events
                 .push(overflow_event(u64::MAX, u64::MAX, u64::MAX, i64::MIN));
             b.encoded_len()
