@@ -6,6 +6,7 @@
 //! the project's test command does); the harness finds them next to the test
 //! executable's target directory.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -448,4 +449,59 @@ impl Drop for TcpProxy {
         // Wake the accept loop so it sees `stop`.
         let _ = std::net::TcpStream::connect(self.addr);
     }
+}
+
+/// A metric family: its type and the label names its samples carry.
+pub type Family = (String, BTreeSet<String>);
+
+/// The families a Prometheus text exposition declares (`# TYPE`) with the
+/// label names seen on their samples.
+pub fn served_families(text: &str) -> BTreeMap<String, Family> {
+    let mut out: BTreeMap<String, Family> = BTreeMap::new();
+    for l in text.lines() {
+        if let Some(rest) = l.strip_prefix("# TYPE ") {
+            let mut it = rest.split(' ');
+            let (Some(name), Some(kind)) = (it.next(), it.next()) else {
+                continue;
+            };
+            out.entry(name.to_owned()).or_default().0 = kind.to_owned();
+        } else if !l.starts_with('#') && !l.is_empty() {
+            let (name, labels) = match l.split_once('{') {
+                Some((n, rest)) => (n, rest.split('}').next().unwrap_or_default()),
+                None => (l.split(' ').next().unwrap_or_default(), ""),
+            };
+            let keys = labels
+                .split(',')
+                .filter_map(|kv| kv.split_once('=').map(|(k, _)| k.trim().to_owned()));
+            out.entry(name.to_owned()).or_default().1.extend(keys);
+        }
+    }
+    out
+}
+
+/// The families `docs/metrics.md` documents under `## {section}`: name,
+/// type and label names (the first word of each `label` = … entry).
+pub fn documented_families(section: &str) -> BTreeMap<String, Family> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let doc = std::fs::read_to_string(root.join("docs/metrics.md")).unwrap();
+    let start = doc
+        .find(&format!("## {section}\n"))
+        .unwrap_or_else(|| panic!("no section {section} in docs/metrics.md"));
+    let body = &doc[start + 4..];
+    let body = &body[..body.find("\n## ").unwrap_or(body.len())];
+    let mut out = BTreeMap::new();
+    for row in body.lines().filter(|l| l.starts_with("| `")) {
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        let name = cells[1].trim_matches('`').to_owned();
+        let kind = cells[2].to_owned();
+        let labels: BTreeSet<String> = cells[3]
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .filter(|w| w.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+            .map(String::from)
+            .collect();
+        out.insert(name, (kind, labels));
+    }
+    out
 }

@@ -369,6 +369,22 @@ fn status_endpoint_reports_devices_buffer_and_uplink() {
             .unwrap_or_else(|| panic!("{name} not in\n{text}"))
     };
     let up = metrics(&addr);
+    // docs/metrics.md lists exactly what the agent serves (names, types,
+    // label names).
+    let served = served_families(&up);
+    let documented = documented_families("edge-agent");
+    assert_eq!(
+        served.keys().collect::<Vec<_>>(),
+        documented.keys().collect::<Vec<_>>(),
+        "families served vs documented in docs/metrics.md"
+    );
+    for (name, (kind, labels)) in &served {
+        assert_eq!(
+            &(kind, labels),
+            &(&documented[name].0, &documented[name].1),
+            "{name}"
+        );
+    }
     assert!(
         sample(
             &up,

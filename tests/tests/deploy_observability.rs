@@ -167,8 +167,8 @@ fn agent_families() -> BTreeSet<String> {
         .collect()
 }
 
-/// The families a running hub serves on /metrics (`# TYPE` lines).
-fn hub_served_families() -> BTreeSet<String> {
+/// What a running hub serves on /metrics.
+fn hub_metrics_text() -> String {
     let (_keep, dir) = vigil_e2e::test_dir("deploy_observability");
     let cfg = vigil_e2e::write_hub_config(&dir, "127.0.0.1:0", &[]).unwrap();
     let hub = vigil_e2e::start_hub(&dir, &cfg).unwrap();
@@ -184,10 +184,37 @@ fn hub_served_families() -> BTreeSet<String> {
         text.starts_with("HTTP/1.0 200") || text.starts_with("HTTP/1.1 200"),
         "{text}"
     );
-    text.lines()
-        .filter_map(|l| l.strip_prefix("# TYPE "))
-        .map(|l| l.split(' ').next().unwrap().to_string())
+    // The body, after the response head.
+    text.split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default()
+}
+
+/// The families a running hub serves on /metrics (`# TYPE` lines).
+fn hub_served_families() -> BTreeSet<String> {
+    vigil_e2e::served_families(&hub_metrics_text())
+        .into_keys()
         .collect()
+}
+
+/// docs/metrics.md lists exactly the families a running hub serves, with
+/// their types and label names (the agent's side is checked in
+/// agent_delivery.rs against a running agent with a device).
+#[test]
+fn the_metrics_reference_matches_what_the_hub_serves() {
+    let served = vigil_e2e::served_families(&hub_metrics_text());
+    let documented = vigil_e2e::documented_families("cloud-hub");
+    assert!(served.len() >= 18, "{served:?}");
+    assert_eq!(
+        served.keys().collect::<Vec<_>>(),
+        documented.keys().collect::<Vec<_>>(),
+        "families served vs documented in docs/metrics.md"
+    );
+    for (name, (kind, labels)) in &served {
+        let (dk, dl) = &documented[name];
+        assert_eq!(kind, dk, "{name}: type");
+        assert_eq!(labels, dl, "{name}: labels");
+    }
 }
 
 #[test]
