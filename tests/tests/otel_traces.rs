@@ -3,9 +3,11 @@
 //! `opentelemetry-proto`) receives the spans of a real edge-agent and a real
 //! cloud-hub. Each hub `ingest_batch` span must be a child of an agent
 //! `batch_send` span (same trace id, parent span id = the agent span's id),
-//! carried in `Batch.traceparent`. The export delay is set far beyond the
-//! test, so the spans arrive only through the flush on shutdown (SIGTERM).
-//! No span attribute may carry the patient id.
+//! carried in `Batch.traceparent`, over the HTTPS uplink and over the IoT
+//! Hub uplink (MQTT through a throwaway Mosquitto to the hub's `[mqtt]`
+//! ingest). The export delay is set far beyond the test, so the spans arrive
+//! only through the flush on shutdown (SIGTERM). No span attribute may carry
+//! the patient id.
 
 use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
@@ -166,12 +168,91 @@ fn start_hub_env(dir: &std::path::Path, config: &std::path::Path, env: &[(&str, 
 
 #[test]
 fn the_hub_ingest_span_is_a_child_of_the_agent_send_span() {
-    let (_guard, dir) = test_dir("otel_traces");
+    traces_across(Uplink::Https);
+}
+
+#[test]
+fn over_iot_hub_mqtt_the_ingest_span_is_a_child_of_the_send_span() {
+    traces_across(Uplink::Mqtt);
+}
+
+#[derive(Debug, PartialEq)]
+enum Uplink {
+    Https,
+    /// Agent (`iothub-mqtt`) → Mosquitto (TLS) → hub `[mqtt]` ingest.
+    Mqtt,
+}
+
+/// A throwaway Mosquitto on a free loopback port with TLS (the agent's IoT
+/// Hub uplink always uses TLS) and no authentication; returns its port.
+fn mosquitto(dir: &std::path::Path) -> (Proc, u16) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
+    let srv_key = rcgen::KeyPair::generate().unwrap();
+    let srv_cert = rcgen::CertificateParams::new(vec!["localhost".into()])
+        .unwrap()
+        .signed_by(&srv_key, &issuer)
+        .unwrap();
+    std::fs::write(dir.join("ca.pem"), ca_cert.pem()).unwrap();
+    std::fs::write(dir.join("broker.pem"), srv_cert.pem()).unwrap();
+    write_private(&dir.join("broker.key"), &srv_key.serialize_pem()).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    std::fs::write(
+        dir.join("mosquitto.conf"),
+        format!(
+            "allow_anonymous true\nuser root\nlistener {port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\n",
+            dir.join("ca.pem").display(),
+            dir.join("broker.pem").display(),
+            dir.join("broker.key").display(),
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(dir.join("mosquitto.log")).unwrap();
+    let proc = Proc::spawn(
+        "mosquitto",
+        Command::new("mosquitto")
+            .arg("-c")
+            .arg(dir.join("mosquitto.conf"))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log),
+    )
+    .expect("mosquitto (Debian package `mosquitto`; run scripts/setup.sh)");
+    wait_for(Duration::from_secs(10), "mosquitto listening", || {
+        std::net::TcpStream::connect(("127.0.0.1", port))
+            .is_ok()
+            .then_some(())
+    })
+    .unwrap();
+    (proc, port)
+}
+
+fn traces_across(uplink: Uplink) {
+    let (_guard, dir) = test_dir(&format!("otel_traces_{uplink:?}"));
     let d = dir.as_path();
     let (endpoint, spans, refused) = collector();
 
     let hub_cfg = write_hub_config(d, "127.0.0.1:0", &[(GATEWAY, DEVICE, PATIENT)]).unwrap();
     let token = add_gateway(&hub_cfg, GATEWAY).unwrap();
+    let _broker = (uplink == Uplink::Mqtt).then(|| {
+        let (proc, port) = mosquitto(d);
+        write_private(&d.join("hub-mqtt.pw"), "hub-secret").unwrap();
+        // Any key: this broker does not check the SAS token.
+        write_private(&d.join("iothub.key"), "dGVzdC1rZXktZm9yLW90ZWwtdGVzdA==").unwrap();
+        let mut text = std::fs::read_to_string(&hub_cfg).unwrap();
+        text.push_str(&format!(
+            "[mqtt]\nhost = \"localhost\"\nport = {port}\nclient_id = \"hub-otel\"\ngroup = \"hubs\"\n\
+             username = \"hub\"\npassword_file = \"hub-mqtt.pw\"\n[mqtt.tls]\nca_file = \"ca.pem\"\n"
+        ));
+        std::fs::write(&hub_cfg, text).unwrap();
+        (proc, port)
+    });
     let mut hub = start_hub_env(d, &hub_cfg, &otel_env(&endpoint, "hub-under-test"));
     let pty = PtyPair::new(d, "masimo").unwrap();
     let _sim = Proc::spawn(
@@ -185,14 +266,25 @@ fn the_hub_ingest_span_is_a_child_of_the_agent_send_span() {
     )
     .unwrap();
     write_private(&d.join("gateway.token"), &token).unwrap();
+    // Over MQTT the agent is not told the hub's URL: what the hub stores came
+    // through the broker.
+    let target = match &_broker {
+        None => format!(
+            "url = \"{}/api/v1/ingest\"\ntoken_file = \"gateway.token\"\n",
+            hub.base_url
+        ),
+        Some((_, port)) => format!(
+            "kind = \"iothub-mqtt\"\n[uplink.iothub]\nhost = \"localhost\"\ndevice_id = \"{GATEWAY}\"\n\
+             port = {port}\nsas_key_file = \"iothub.key\"\nca_file = \"ca.pem\"\n"
+        ),
+    };
     let cfg = d.join("agent.toml");
     std::fs::write(
         &cfg,
         format!(
             "gateway_id = \"{GATEWAY}\"\ndata_dir = \"agent-data\"\n[uplink]\n\
-url = \"{}/api/v1/ingest\"\ntoken_file = \"gateway.token\"\nbatch_max_readings = 20\n\
-batch_max_wait_ms = 100\n\n[[device]]\nkind = \"masimo-serial\"\nid = \"{DEVICE}\"\nport = \"{}\"\n",
-            hub.base_url,
+batch_max_readings = 20\nbatch_max_wait_ms = 100\n{target}\n\
+[[device]]\nkind = \"masimo-serial\"\nid = \"{DEVICE}\"\nport = \"{}\"\n",
             pty.host.display()
         ),
     )
@@ -222,6 +314,16 @@ batch_max_wait_ms = 100\n\n[[device]]\nkind = \"masimo-serial\"\nid = \"{DEVICE}
 
     // Spans are flushed on shutdown.
     assert!(agent.terminate(Duration::from_secs(20)), "agent exit");
+    // Over MQTT the hub may still be consuming what the broker acked.
+    let mut last = u64::MAX;
+    wait_for(Duration::from_secs(30), "the hub's count settled", || {
+        std::thread::sleep(Duration::from_millis(700));
+        let n = get_json(&url).ok()?.1["total"].as_u64()?;
+        let settled = n == last;
+        last = n;
+        settled.then_some(())
+    })
+    .unwrap();
     assert!(hub.proc.terminate(Duration::from_secs(20)), "hub exit");
     let all = spans.lock().unwrap().clone();
     assert_eq!(*refused.lock().unwrap(), 0, "bad export requests");
