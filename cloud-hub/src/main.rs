@@ -120,9 +120,13 @@ enum GatewayCommand {
     },
 }
 
-/// Logs to stderr (filtered by RUST_LOG) and, when the `OTEL_*` environment
-/// names a collector, trace spans to it (`cloud_hub::telemetry`).
-fn init_logging(format: LogFormat) -> Result<Option<cloud_hub::telemetry::Telemetry>> {
+/// Logs to stderr (filtered by RUST_LOG) and, with `traces` (`serve`) and
+/// when the `OTEL_*` environment names a collector, trace spans to it
+/// (`cloud_hub::telemetry`).
+fn init_logging(
+    format: LogFormat,
+    traces: bool,
+) -> Result<Option<cloud_hub::telemetry::Telemetry>> {
     use tracing_subscriber::Layer;
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
@@ -141,9 +145,12 @@ fn init_logging(format: LogFormat) -> Result<Option<cloud_hub::telemetry::Teleme
         LogFormat::Json => fmt.json().boxed(),
         LogFormat::Text => fmt.boxed(),
     };
-    let otlp =
+    let otlp = if traces {
         cloud_hub::telemetry::OtlpConfig::from_env(cloud_hub::telemetry::DEFAULT_SERVICE_NAME)
-            .context("OpenTelemetry settings")?;
+            .context("OpenTelemetry settings")?
+    } else {
+        None
+    };
     let telemetry = otlp
         .as_ref()
         .map(cloud_hub::telemetry::Telemetry::start)
@@ -162,7 +169,7 @@ fn init_logging(format: LogFormat) -> Result<Option<cloud_hub::telemetry::Teleme
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    let telemetry = init_logging(cli.log_format)?;
+    let telemetry = init_logging(cli.log_format, matches!(cli.command, Command::Serve))?;
     let result = run(cli);
     if let Some(t) = telemetry {
         t.shutdown();
