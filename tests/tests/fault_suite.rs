@@ -323,6 +323,8 @@ fn check_masimo(store: &Store, sim_out: &Path, max_lost: usize) -> (usize, usize
 /// these checks).
 #[test]
 fn fault_suite_checks_catch_gaps_repeats_and_losses() {
+    // The expected panics are caught; keep their messages out of the log.
+    std::panic::set_hook(Box::new(|_| {}));
     let fails = |f: &dyn Fn()| std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).is_err();
     let mut a = Audit::default();
     a.readings.insert(1, (SPO2, 0, Some(97.0)));
@@ -569,7 +571,8 @@ impl Rig {
 
 /// The agent is killed with SIGKILL six times, 2–3 s apart, while a
 /// Masimo streams 20 lines/s, and restarted at once each time (as systemd
-/// would). Afterwards every sequence is at the hub exactly once with no gap,
+/// would), each time 2–3 s after it was started and has delivered again.
+/// Afterwards every sequence is at the hub exactly once with no gap,
 /// and at most one line per kill is missing (the documented loss: a line
 /// read from the port but not yet flushed is not accepted).
 #[test]
@@ -584,34 +587,42 @@ fn fault_suite_agent_killed_every_few_seconds() {
     );
     let mut agent = start_agent(&rig.dir, &cfg, "agent.log").unwrap();
     rig.masimo
-        .start("masimo", &["--interval-ms", "50", "--count", "440"]);
+        .start("masimo", &["--interval-ms", "50", "--count", "500"]);
     wait_for(Duration::from_secs(30), "first readings", || {
         (fhir_total(&base) >= 30).then_some(())
     })
     .unwrap();
-    let mut seen = vec![];
+    let mut last = fhir_total(&base);
+    let mut started = std::time::Instant::now();
     for (i, gap_ms) in [2000u64, 2700, 2300, 3000, 2100, 2600]
         .iter()
         .enumerate()
         .take(KILLS)
     {
-        std::thread::sleep(Duration::from_millis(*gap_ms));
+        // Each kill comes 2–3 s after the agent was started, and only once
+        // it delivers again (so that every kill hits a working agent, also
+        // on a loaded machine).
+        wait_for(
+            Duration::from_secs(30),
+            "delivery resumed after the restart",
+            || (fhir_total(&base) > last).then_some(()),
+        )
+        .unwrap();
+        let at = started + Duration::from_millis(*gap_ms);
+        std::thread::sleep(at.saturating_duration_since(std::time::Instant::now()));
         agent.kill9();
-        seen.push(fhir_total(&base));
+        last = fhir_total(&base);
         // The supervisor restarts it; the first restarts come at once, the
         // later ones after a short pause.
         if i >= KILLS / 2 {
             std::thread::sleep(Duration::from_millis(500));
         }
         agent = start_agent(&rig.dir, &cfg, "agent.log").unwrap();
+        started = std::time::Instant::now();
     }
-    assert!(
-        seen.windows(2).all(|w| w[1] > w[0]),
-        "readings kept arriving between the kills: {seen:?}"
-    );
     rig.masimo.wait_done(Duration::from_secs(60));
     let lines = sim_lines(&rig.masimo.out).len() as u64;
-    assert_eq!(lines, 440);
+    assert_eq!(lines, 500);
     wait_settled(&base, 3 * (lines - KILLS as u64), Duration::from_secs(60));
     assert!(agent.terminate(Duration::from_secs(15)), "clean exit");
 
