@@ -33,6 +33,7 @@ mod server;
 pub mod store;
 pub mod telemetry;
 pub mod trends;
+pub mod ward;
 
 use std::future::Future;
 use std::sync::Arc;

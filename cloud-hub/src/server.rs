@@ -208,6 +208,12 @@ impl Hub {
             self.config.scores,
         );
         let trends = crate::trends::router(association.clone(), self.store.clone());
+        let ward = crate::ward::router(
+            association.clone(),
+            self.store.clone(),
+            state.alerts.clone(),
+            self.config.scores,
+        );
         let alerts =
             crate::alerts::api::router(association.clone(), state.alerts.clone(), alerts_stop);
         // Every audited request (FHIR, /api/v1 except ingest) is recorded
@@ -218,6 +224,7 @@ impl Hub {
             .merge(scores)
             .merge(alerts)
             .merge(trends)
+            .merge(ward)
             .layer(axum::middleware::from_fn_with_state(
                 audit_state,
                 crate::audit::middleware,

@@ -662,6 +662,16 @@ impl AlertService {
         self.engine().rules().patient_overrides(patient).to_vec()
     }
 
+    /// A patient's open alerts: how many and the highest priority.
+    pub fn open_for_patient(&self, patient: &str) -> (usize, Option<Priority>) {
+        let e = self.engine();
+        let open: Vec<&Alert> = e
+            .open_alerts()
+            .filter(|a| a.patient.as_deref() == Some(patient))
+            .collect();
+        (open.len(), open.iter().map(|a| a.priority).max())
+    }
+
     /// Open alerts by priority (for `/metrics`).
     pub fn open_counts(&self) -> [(Priority, u64); 3] {
         let e = self.engine();

@@ -1,0 +1,131 @@
+//! Ward overview latency: one ward of 40 occupied beds, each patient with
+//! 24 h of the five NEWS2 vitals at one value per minute (288 000 readings
+//! in all, ingested through the store with bed stays), manual ACVPU and
+//! oxygen; then 300 overviews (every bed's latest vitals with age and
+//! stale marker, NEWS2, open alerts; what `GET /api/v1/wards/{ward}/overview`
+//! does minus HTTP) are timed: p50/p99/max.
+//!
+//! Run: `cargo bench -p cloud-hub --bench ward` (`-- --quick`: 10 beds,
+//! 2 h, 50 overviews).
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use cloud_hub::association::{Bed, PatientId};
+use cloud_hub::early_warning::{ManualInputs, ScoresConfig, record_manual};
+use cloud_hub::store::{Store, now_us};
+use shared_protocol::catalogue::{codes, units};
+use shared_protocol::v1::{Batch, DeviceData, DeviceInfo, Reading, reading};
+
+const S: i64 = 1_000_000;
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let (beds, hours, runs) = if quick { (10, 2, 50) } else { (40, 24, 300) };
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("hub.sqlite")).unwrap();
+    store.add_gateway("gw-bench", &"0".repeat(64)).unwrap();
+    let assoc = HashMap::new();
+    let now = now_us();
+    let start = now - hours * 3600 * S;
+    for b in 0..beds {
+        let bed = format!("icu-{b:02}");
+        store
+            .create_bed(&Bed {
+                id: bed.clone(),
+                ward: "ICU".into(),
+                label: format!("Bed {b}"),
+            })
+            .unwrap();
+        store
+            .place_device("gw-bench", &format!("mon-{b}"), &bed, start - S, &assoc)
+            .unwrap();
+        let p = PatientId {
+            system: "urn:bench".into(),
+            value: format!("p-{b}"),
+        };
+        store.admit(&p, &bed, start - S, None, &assoc).unwrap();
+    }
+    let t = Instant::now();
+    let metrics = [
+        (codes::RESP_RATE, units::RESP_PER_MIN, 16.0),
+        (codes::PULS_OXIM_SAT_O2, units::PERCENT, 96.0),
+        (codes::PRESS_BLD_NONINV_SYS, units::MMHG, 120.0),
+        (codes::PULS_OXIM_PULS_RATE, units::BEAT_PER_MIN, 75.0),
+        (codes::TEMP_BODY, units::DEGC, 37.0),
+    ];
+    let minutes = hours * 60;
+    let mut seq = 0u64;
+    for b in 0..beds {
+        // One batch per device per hour.
+        for h in 0..hours {
+            seq += 1;
+            let readings: Vec<Reading> = (0..60)
+                .flat_map(|m| {
+                    let minute = h * 60 + m;
+                    metrics
+                        .iter()
+                        .enumerate()
+                        .map(move |(k, (mdc, unit, v))| Reading {
+                            mdc_code: *mdc,
+                            value: Some(reading::Value::Numeric(v + (minute % 3) as f64)),
+                            mdc_unit: unit.mdc,
+                            ucum_unit: unit.ucum.into(),
+                            device_time_us: start + minute * 60 * S,
+                            gateway_time_us: start + minute * 60 * S,
+                            time_source: 1,
+                            validity: 1,
+                            sequence: (minute * 5 + k as i64) as u64,
+                            ..Default::default()
+                        })
+                })
+                .collect();
+            let batch = Batch {
+                gateway_id: "gw-bench".into(),
+                sequence: seq,
+                devices: vec![DeviceData {
+                    device: Some(DeviceInfo {
+                        device_id: format!("mon-{b}"),
+                        protocol: "bench".into(),
+                        ..Default::default()
+                    }),
+                    readings,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            };
+            let r = store.ingest("gw-bench", &batch, &assoc, now, now).unwrap();
+            assert_eq!(r.ack.accepted, 300);
+        }
+        record_manual(
+            &store,
+            &format!("p-{b}"),
+            &ManualInputs {
+                consciousness: Some(cloud_hub::scores::Consciousness::Alert),
+                supplemental_oxygen: Some(false),
+                spo2_scale: None,
+                effective_us: now - 60 * S,
+            },
+        )
+        .unwrap();
+    }
+    let fill_s = t.elapsed().as_secs_f64();
+    let cfg = ScoresConfig::default();
+    let mut lat = Vec::new();
+    for _ in 0..runs {
+        let t = Instant::now();
+        let v = cloud_hub::ward::overview(&store, None, &cfg, "ICU", now_us()).unwrap();
+        lat.push(t.elapsed().as_secs_f64() * 1000.0);
+        assert_eq!(v.len(), beds as usize);
+        assert!(v.iter().all(|b| b["vitals"].as_array().unwrap().len() == 5));
+    }
+    lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let p = |q: f64| lat[((lat.len() as f64 - 1.0) * q).round() as usize];
+    println!(
+        "ward overview ({beds} occupied beds, {} readings over {hours} h, filled in {fill_s:.0} s): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms over {runs} overviews",
+        beds * minutes * 5,
+        p(0.5),
+        p(0.99),
+        lat[lat.len() - 1]
+    );
+}
