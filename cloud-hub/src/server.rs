@@ -521,6 +521,24 @@ async fn ingest(State(st): State<AppState>, headers: HeaderMap, body: Body) -> R
     }
 }
 
+/// Whether an error means the database cannot be reached right now (a
+/// PostgreSQL connection failure, or the server shutting down / in
+/// recovery: SQLSTATE classes 08 and 57), as opposed to a fault.
+fn database_unavailable(e: &HubError) -> bool {
+    match e {
+        // Every pooled connection busy for the pool's wait: overload.
+        HubError::Store(StoreError::Pool(m)) => m.starts_with("no free connection"),
+        HubError::Store(StoreError::Postgres(pe)) => match pe.as_db_error() {
+            None => true,
+            Some(db) => {
+                let code = db.code().code();
+                code.starts_with("08") || code.starts_with("57")
+            }
+        },
+        _ => false,
+    }
+}
+
 async fn ingest_inner(
     st: &AppState,
     headers: &HeaderMap,
@@ -529,6 +547,15 @@ async fn ingest_inner(
     use IngestErrorKind as K;
     let internal = |e: HubError| {
         tracing::error!(error = %e, "ingest failed");
+        if database_unavailable(&e) {
+            // The gateway keeps the batch and retries; tell it when.
+            return IngestError {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                kind: None,
+                message: "database unavailable; retry later".into(),
+                retry_after: Some(5),
+            };
+        }
         IngestError {
             status: StatusCode::INTERNAL_SERVER_ERROR,
             kind: None,

@@ -50,6 +50,54 @@ async fn the_hub_serves_from_postgres_selected_by_config() {
 
     // Nothing was written to the SQLite path.
     assert!(!hub.config.storage.sqlite_path.exists());
+
+    // PostgreSQL goes away for a while: ingest answers 503 with
+    // Retry-After (the gateway keeps the batch and retries), not 500; once
+    // it is back, ingest works again.
+    let server = std::sync::Arc::new(server);
+    let s2 = server.clone();
+    let restart = std::thread::spawn(move || s2.restart("fast", std::time::Duration::from_secs(4)));
+    let mut seq = 10;
+    let mut saw = None;
+    for _ in 0..50 {
+        seq += 1;
+        let resp = hub
+            .post_raw(
+                Some(&hub.token),
+                "application/x-protobuf",
+                prost::Message::encode_to_vec(&batch(seq, DEVICE, vec![spo2(seq, 96.0, T0)])),
+            )
+            .await;
+        if resp.status() == 503 {
+            saw = Some(resp.headers().get("retry-after").cloned());
+            break;
+        }
+        assert_eq!(resp.status(), 200, "{:?}", resp.text().await);
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let retry_after = saw.expect("a 503 while PostgreSQL is down");
+    assert_eq!(retry_after.unwrap(), "5");
+    tokio::task::spawn_blocking(move || restart.join().unwrap())
+        .await
+        .unwrap();
+    let mut ok = false;
+    for _ in 0..50 {
+        seq += 1;
+        let resp = hub
+            .post_raw(
+                Some(&hub.token),
+                "application/x-protobuf",
+                prost::Message::encode_to_vec(&batch(seq, DEVICE, vec![spo2(seq, 96.0, T0)])),
+            )
+            .await;
+        if resp.status() == 200 {
+            ok = true;
+            break;
+        }
+        assert_eq!(resp.status(), 503);
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert!(ok, "ingest works again after PostgreSQL is back");
     hub.stop().await;
     drop(server);
 }

@@ -472,8 +472,14 @@ token_file = \"gateway.token\"\nbatch_max_readings = 10000\nbatch_max_wait_ms = 
         "all 40 lines (3 readings each) delivered during the drain"
     );
     let log = std::fs::read_to_string(d.join("agent.log")).unwrap();
+    // The shutdown summary (not the start line, which also prints the
+    // pending count) says nothing is left.
+    let stopped = log
+        .lines()
+        .find(|l| l.contains("edge-agent stopped"))
+        .unwrap_or_else(|| panic!("no shutdown summary:\n{log}"));
     assert!(
-        log.contains("pending_readings=0"),
-        "nothing left buffered:\n{log}"
+        stopped.contains("pending_readings=0"),
+        "nothing left buffered: {stopped}"
     );
 }
