@@ -185,7 +185,10 @@ mod tests {
         let mut expected = vec![0x3A, 55];
         expected.extend_from_slice(tp.as_bytes());
         assert_eq!(b.encode_to_vec(), expected);
-        assert_eq!(v1::Batch::decode(expected.as_slice()).unwrap().traceparent, tp);
+        assert_eq!(
+            v1::Batch::decode(expected.as_slice()).unwrap().traceparent,
+            tp
+        );
         // An older sender's batch (no field 7) decodes with no trace context.
         let old = v1::Batch::decode(&[0x10, 0x09][..]).unwrap();
         assert_eq!((old.sequence, old.traceparent.as_str()), (9, ""));
