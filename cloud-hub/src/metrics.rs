@@ -163,36 +163,29 @@ impl Metrics {
             &INTERACTIONS,
             &self.fhir,
         );
-        let name = "vigil_hub_readings_out_of_range_total";
-        let _ = writeln!(
-            out,
-            "# HELP {name} Readings stored with the out-of-range quality flag \
-             (value outside the metric's possible range, withheld from FHIR)."
-        );
-        let _ = writeln!(out, "# TYPE {name} counter");
-        let _ = writeln!(out, "{name} {}", self.out_of_range.load(Ordering::Relaxed));
-        let name = "vigil_hub_trace_context_invalid_total";
-        let _ = writeln!(
-            out,
-            "# HELP {name} Batches whose W3C traceparent was malformed (ignored; the batch is ingested)."
-        );
-        let _ = writeln!(out, "# TYPE {name} counter");
-        let _ = writeln!(
-            out,
-            "{name} {}",
-            self.trace_context_invalid.load(Ordering::Relaxed)
-        );
-        let name = "vigil_hub_audit_failures_total";
-        let _ = writeln!(
-            out,
-            "# HELP {name} Audited requests whose audit log entry could not be written (answered, not audited)."
-        );
-        let _ = writeln!(out, "# TYPE {name} counter");
-        let _ = writeln!(
-            out,
-            "{name} {}",
-            self.audit_failures.load(Ordering::Relaxed)
-        );
+        // Unlabelled counters.
+        for (name, help, v) in [
+            (
+                "vigil_hub_readings_out_of_range_total",
+                "Readings stored with the out-of-range quality flag \
+                 (value outside the metric's possible range, withheld from FHIR).",
+                &self.out_of_range,
+            ),
+            (
+                "vigil_hub_trace_context_invalid_total",
+                "Batches whose W3C traceparent was malformed (ignored; the batch is ingested).",
+                &self.trace_context_invalid,
+            ),
+            (
+                "vigil_hub_audit_failures_total",
+                "Audited requests whose audit log entry could not be written (answered, not audited).",
+                &self.audit_failures,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} counter");
+            let _ = writeln!(out, "{name} {}", v.load(Ordering::Relaxed));
+        }
         self.mqtt.render(&mut out);
         self.adt.render(&mut out);
         out

@@ -15,24 +15,10 @@ use shared_protocol::v1::{Reading, TechnicalKind, TechnicalReading, reading};
 const ADMIN: &str = "alerts-admin-token-0123456789abcdef01234";
 const S: i64 = 1_000_000;
 
-/// A hub whose database and admin token live in `data` (kept by the
-/// caller, so that a second hub can open them).
+/// A hub with the admin token, its data in `data`, alerts checked every
+/// 100 ms plus `alerts` lines.
 async fn hub_in(data: &std::path::Path, alerts: &str) -> TestHub {
-    let token_file = data.join("admin.token");
-    std::fs::write(&token_file, format!("{ADMIN}\n")).unwrap();
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
-    }
-    let text = format!(
-        "{}\n[association]\nadmin_token_file = \"{}\"\n[alerts]\ntick_ms = 100\n{alerts}\n",
-        config_text(data, ""),
-        token_file.display()
-    );
-    let config = cloud_hub::Config::parse(&text).unwrap();
-    config.validate().unwrap();
-    TestHub::start_config(tempfile::tempdir().unwrap(), config, "http").await
+    start_with_admin(data, ADMIN, &format!("[alerts]\ntick_ms = 100\n{alerts}")).await
 }
 
 async fn hub(alerts: &str) -> TestHub {
@@ -44,19 +30,7 @@ async fn hub(alerts: &str) -> TestHub {
 }
 
 async fn call(hub: &TestHub, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-    let mut req = hub
-        .client
-        .request(method.parse().unwrap(), hub.url(path))
-        .bearer_auth(ADMIN);
-    if let Some(b) = body {
-        req = req
-            .header("content-type", "application/json")
-            .body(b.to_string());
-    }
-    let resp = req.send().await.unwrap();
-    let status = resp.status().as_u16();
-    let text = resp.text().await.unwrap();
-    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    call_json(hub, Some(ADMIN), method, path, body).await
 }
 
 async fn open_alerts(hub: &TestHub) -> Vec<Value> {

@@ -12,22 +12,10 @@ const AT_T0: &str = "2024-05-01T10:00:00Z";
 const AT_T0_PLUS_5: &str = "2024-05-01T10:05:00Z";
 
 async fn hub_with_admin_token() -> TestHub {
-    let dir = tempfile::tempdir().unwrap();
-    let token_file = dir.path().join("admin.token");
-    std::fs::write(&token_file, format!("{ADMIN}\n")).unwrap();
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
-    }
-    let text = format!(
-        "{}\n[association]\nadmin_token_file = \"{}\"\n",
-        config_text(dir.path(), ""),
-        token_file.display()
-    );
-    let config = cloud_hub::Config::parse(&text).unwrap();
-    config.validate().unwrap();
-    TestHub::start_config(dir, config, "http").await
+    let data = tempfile::tempdir().unwrap();
+    let mut hub = start_with_admin(data.path(), ADMIN, "").await;
+    hub.dir = data;
+    hub
 }
 
 async fn call(hub: &TestHub, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
@@ -41,25 +29,7 @@ async fn call_as(
     path: &str,
     body: Option<Value>,
 ) -> (u16, Value) {
-    let mut req = match method {
-        "GET" => hub.client.get(hub.url(path)),
-        _ => hub.client.post(hub.url(path)),
-    };
-    if let Some(t) = token {
-        req = req.bearer_auth(t);
-    }
-    if let Some(b) = body {
-        req = req
-            .header("content-type", "application/json")
-            .body(b.to_string());
-    }
-    let resp = req.send().await.unwrap();
-    let status = resp.status().as_u16();
-    let text = resp.text().await.unwrap();
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    )
+    call_json(hub, token, method, path, body).await
 }
 
 async fn total_for(hub: &TestHub, patient: &str) -> u64 {

@@ -18,18 +18,7 @@ const ADMIN: &str = "audit-admin-token-0123456789abcdef0123456";
 #[tokio::test]
 async fn accesses_are_chained_verified_and_exported() {
     let data = tempfile::tempdir().unwrap();
-    let token_file = data.path().join("admin.token");
-    std::fs::write(&token_file, format!("{ADMIN}\n")).unwrap();
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
-    }
-    let text = format!(
-        "{}\n[association]\nadmin_token_file = \"{}\"\n",
-        config_text(data.path(), ""),
-        token_file.display()
-    );
+    let text = admin_config_text(data.path(), ADMIN, "");
     let config_path = data.path().join("hub.toml");
     std::fs::write(&config_path, &text).unwrap();
     let config = cloud_hub::Config::parse(&text).unwrap();

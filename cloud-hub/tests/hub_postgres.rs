@@ -57,46 +57,41 @@ async fn the_hub_serves_from_postgres_selected_by_config() {
     let server = std::sync::Arc::new(server);
     let s2 = server.clone();
     let restart = std::thread::spawn(move || s2.restart("fast", std::time::Duration::from_secs(4)));
-    let mut seq = 10;
-    let mut saw = None;
-    for _ in 0..50 {
-        seq += 1;
-        let resp = hub
-            .post_raw(
-                Some(&hub.token),
-                "application/x-protobuf",
-                prost::Message::encode_to_vec(&batch(seq, DEVICE, vec![spo2(seq, 96.0, T0)])),
-            )
-            .await;
-        if resp.status() == 503 {
-            saw = Some(resp.headers().get("retry-after").cloned());
-            break;
+    // Posts one-reading batches (a new sequence each) until the status is
+    // `until`; every other answer must be `otherwise`. Returns the answer.
+    async fn post_until(
+        hub: &TestHub,
+        seq: &mut u64,
+        until: u16,
+        otherwise: u16,
+    ) -> Option<reqwest::Response> {
+        for _ in 0..50 {
+            *seq += 1;
+            let b = batch(*seq, DEVICE, vec![spo2(*seq, 96.0, T0)]);
+            let resp = hub
+                .post_raw(
+                    Some(&hub.token),
+                    "application/x-protobuf",
+                    prost::Message::encode_to_vec(&b),
+                )
+                .await;
+            if resp.status() == until {
+                return Some(resp);
+            }
+            assert_eq!(resp.status(), otherwise, "{:?}", resp.text().await);
+            tokio::time::sleep(std::time::Duration::from_millis(150)).await;
         }
-        assert_eq!(resp.status(), 200, "{:?}", resp.text().await);
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        None
     }
-    let retry_after = saw.expect("a 503 while PostgreSQL is down");
-    assert_eq!(retry_after.unwrap(), "5");
+    let mut seq = 10;
+    let down = post_until(&hub, &mut seq, 503, 200)
+        .await
+        .expect("a 503 while PostgreSQL is down");
+    assert_eq!(down.headers()["retry-after"], "5");
     tokio::task::spawn_blocking(move || restart.join().unwrap())
         .await
         .unwrap();
-    let mut ok = false;
-    for _ in 0..50 {
-        seq += 1;
-        let resp = hub
-            .post_raw(
-                Some(&hub.token),
-                "application/x-protobuf",
-                prost::Message::encode_to_vec(&batch(seq, DEVICE, vec![spo2(seq, 96.0, T0)])),
-            )
-            .await;
-        if resp.status() == 200 {
-            ok = true;
-            break;
-        }
-        assert_eq!(resp.status(), 503);
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
+    let ok = post_until(&hub, &mut seq, 200, 503).await.is_some();
     assert!(ok, "ingest works again after PostgreSQL is back");
     hub.stop().await;
     drop(server);

@@ -18,37 +18,14 @@ const FROM: &str = "2024-05-01T10:00:00Z";
 const TO: &str = "2024-05-01T11:00:00Z";
 
 async fn hub() -> TestHub {
-    let dir = tempfile::tempdir().unwrap();
-    let token_file = dir.path().join("admin.token");
-    std::fs::write(&token_file, format!("{ADMIN}\n")).unwrap();
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
-    }
-    let text = format!(
-        "{}\n[association]\nadmin_token_file = \"{}\"\n",
-        config_text(dir.path(), ""),
-        token_file.display()
-    );
-    let config = cloud_hub::Config::parse(&text).unwrap();
-    TestHub::start_config(dir, config, "http").await
+    let data = tempfile::tempdir().unwrap();
+    let mut hub = start_with_admin(data.path(), ADMIN, "").await;
+    hub.dir = data;
+    hub
 }
 
 async fn call(hub: &TestHub, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-    let mut req = hub
-        .client
-        .request(method.parse().unwrap(), hub.url(path))
-        .bearer_auth(ADMIN);
-    if let Some(b) = body {
-        req = req
-            .header("content-type", "application/json")
-            .body(b.to_string());
-    }
-    let resp = req.send().await.unwrap();
-    let status = resp.status().as_u16();
-    let text = resp.text().await.unwrap();
-    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    call_json(hub, Some(ADMIN), method, path, body).await
 }
 
 async fn series(hub: &TestHub, patient: &str, query: &str) -> Value {

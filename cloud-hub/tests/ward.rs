@@ -12,19 +12,7 @@ const ADMIN: &str = "ward-admin-token-0123456789abcdef01234567";
 const S: i64 = 1_000_000;
 
 async fn call(hub: &TestHub, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-    let mut req = hub
-        .client
-        .request(method.parse().unwrap(), hub.url(path))
-        .bearer_auth(ADMIN);
-    if let Some(b) = body {
-        req = req
-            .header("content-type", "application/json")
-            .body(b.to_string());
-    }
-    let resp = req.send().await.unwrap();
-    let status = resp.status().as_u16();
-    let text = resp.text().await.unwrap();
-    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    call_json(hub, Some(ADMIN), method, path, body).await
 }
 
 fn numeric(seq: u64, mdc: u32, unit: Unit, value: f64, t: i64) -> Reading {
@@ -39,21 +27,8 @@ fn numeric(seq: u64, mdc: u32, unit: Unit, value: f64, t: i64) -> Reading {
 
 #[tokio::test]
 async fn the_ward_view_shows_each_bed_riskiest_first() {
-    let dir = tempfile::tempdir().unwrap();
-    let token_file = dir.path().join("admin.token");
-    std::fs::write(&token_file, format!("{ADMIN}\n")).unwrap();
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
-    }
-    let text = format!(
-        "{}\n[association]\nadmin_token_file = \"{}\"\n",
-        config_text(dir.path(), ""),
-        token_file.display()
-    );
-    let config = cloud_hub::Config::parse(&text).unwrap();
-    let hub = TestHub::start_config(dir, config, "http").await;
+    let data = tempfile::tempdir().unwrap();
+    let hub = start_with_admin(data.path(), ADMIN, "").await;
     let start = "2000-01-01T00:00:00Z";
     for (id, ward, label) in [
         ("icu3-01", "ICU 3", "Bed 1"),

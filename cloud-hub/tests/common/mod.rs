@@ -238,3 +238,54 @@ pub fn validate_fhir(resources: &[serde_json::Value]) -> (bool, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
     )
 }
+
+/// Writes `admin` as the association admin token (0600) in `data`, and a
+/// hub config with its database in `data` plus the `[association]`
+/// section and `extra` lines.
+pub fn admin_config_text(data: &std::path::Path, admin: &str, extra: &str) -> String {
+    let token_file = data.join("admin.token");
+    std::fs::write(&token_file, format!("{admin}\n")).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    format!(
+        "{}\n[association]\nadmin_token_file = \"{}\"\n{extra}\n",
+        config_text(data, ""),
+        token_file.display()
+    )
+}
+
+/// A hub whose database and admin token live in `data` (kept by the
+/// caller, so that a second hub can open them again).
+pub async fn start_with_admin(data: &std::path::Path, admin: &str, extra: &str) -> TestHub {
+    let config = Config::parse(&admin_config_text(data, admin, extra)).unwrap();
+    config.validate().unwrap();
+    TestHub::start_config(tempfile::tempdir().unwrap(), config, "http").await
+}
+
+/// A JSON request with an optional bearer token: (status, body or Null).
+pub async fn call_json(
+    hub: &TestHub,
+    token: Option<&str>,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    let mut req = hub.client.request(method.parse().unwrap(), hub.url(path));
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    if let Some(b) = body {
+        req = req
+            .header("content-type", "application/json")
+            .body(b.to_string());
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+    )
+}
