@@ -1,0 +1,407 @@
+//! `cargo xtask bench [--quick] [--observations N] [--only NAME,…] [--out DIR]`:
+//! one command for the whole benchmark report. Builds the release
+//! binaries the benches drive, runs every bench (`cargo bench -p … --bench
+//! …`), keeps what each prints (each bench reports medians with min/max
+//! itself), checks the edge and hub issues' targets against the numbers
+//! and writes `BENCHMARKS.md` and `benchmarks.json`.
+//!
+//! Full mode writes them at the repository root. `--quick` runs every
+//! bench in its smoke mode (small inputs, one run) and writes to
+//! `target/bench-report/`: it checks the harness end to end (CI runs it),
+//! its figures mean nothing and no target is judged.
+//!
+//! (`cargo xtask` is an alias in `.cargo/config.toml` for
+//! `cargo run -p vigil-e2e --bin xtask --`.)
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+
+struct Bench {
+    name: &'static str,
+    package: &'static str,
+    bench: &'static str,
+    args: Vec<String>,
+    env: Vec<(&'static str, String)>,
+}
+
+struct Outcome {
+    lines: Vec<String>,
+    ok: bool,
+    seconds: f64,
+    command: String,
+}
+
+/// A target of the edge/hub issues, judged on a bench's output.
+struct Target {
+    what: &'static str,
+    bench: &'static str,
+    /// The number is the first one after this text on a line holding it.
+    after: &'static str,
+    /// Met when `ok(value)`.
+    ok: fn(f64) -> bool,
+    goal: &'static str,
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+fn benches(observations: u64) -> Vec<Bench> {
+    let b = |name, package, bench, args: &[&str]| Bench {
+        name,
+        package,
+        bench,
+        args: args.iter().map(|s| s.to_string()).collect(),
+        env: vec![],
+    };
+    let mut search = b(
+        "hub FHIR search (1 patient, 1 vital, 24 h)",
+        "cloud-hub",
+        "search",
+        &[],
+    );
+    search.args = vec!["--observations".into(), observations.to_string()];
+    let mut e2e_fast = b(
+        "end-to-end latency, batch wait 100 ms",
+        "edge-agent",
+        "e2e_latency",
+        &[],
+    );
+    e2e_fast.env = vec![("VIGIL_BENCH_WAIT_MS", "100".into())];
+    vec![
+        b("edge encrypted buffer", "edge-agent", "buffer", &[]),
+        b("edge agent RSS, 16 devices", "edge-agent", "agent_rss", &[]),
+        b("edge drain of a 24 h backlog", "edge-agent", "drain", &[]),
+        b("hub ingest, SQLite", "cloud-hub", "ingest", &[]),
+        b(
+            "hub ingest, PostgreSQL",
+            "cloud-hub",
+            "ingest",
+            &["--postgres"],
+        ),
+        b(
+            "end-to-end latency, default batch wait",
+            "edge-agent",
+            "e2e_latency",
+            &[],
+        ),
+        e2e_fast,
+        b("hub ward overview, 40 beds", "cloud-hub", "ward", &[]),
+        search,
+    ]
+}
+
+fn targets() -> Vec<Target> {
+    vec![
+        Target {
+            what: "encrypted buffer append",
+            bench: "edge encrypted buffer",
+            after: "encrypted buffer append: median",
+            ok: |v| v >= 200_000.0,
+            goal: "≥ 200 000 readings/s",
+        },
+        Target {
+            what: "buffer vs raw sled + AES-GCM",
+            bench: "edge encrypted buffer",
+            after: "ratio:",
+            ok: |v| v >= 50.0,
+            goal: "≥ 50 % of the raw limit",
+        },
+        Target {
+            what: "agent RSS with 16 devices",
+            bench: "edge agent RSS, 16 devices",
+            after: "steady RSS: median",
+            ok: |v| v < 30.0,
+            goal: "< 30 MB",
+        },
+        Target {
+            what: "24 h backlog drain",
+            bench: "edge drain of a 24 h backlog",
+            after: "real-time multiple: median",
+            ok: |v| v >= 100.0,
+            goal: "≥ 100× real time",
+        },
+        Target {
+            what: "hub ingest, embedded store",
+            bench: "hub ingest, SQLite",
+            after: "median",
+            ok: |v| v >= 250_000.0,
+            goal: "≥ 250 000 readings/s",
+        },
+        Target {
+            what: "end-to-end latency p99 (agent default)",
+            bench: "end-to-end latency, default batch wait",
+            after: "p99",
+            ok: |v| v < 1000.0,
+            goal: "p99 < 1 s",
+        },
+        Target {
+            what: "end-to-end latency p99 (100 ms batch wait)",
+            bench: "end-to-end latency, batch wait 100 ms",
+            after: "p99",
+            ok: |v| v < 1000.0,
+            goal: "p99 < 1 s",
+        },
+    ]
+}
+
+/// The first number after `after` on the first line containing it.
+fn number_after(lines: &[String], after: &str) -> Option<f64> {
+    let line = lines.iter().find(|l| l.contains(after))?;
+    let rest = &line[line.find(after)? + after.len()..];
+    let start = rest.find(|c: char| c.is_ascii_digit())?;
+    let num: String = rest[start..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.')
+        .collect();
+    num.parse().ok()
+}
+
+fn run(b: &Bench, quick: bool) -> Result<Outcome> {
+    let mut args: Vec<String> = vec![
+        "bench".into(),
+        "-q".into(),
+        "-p".into(),
+        b.package.into(),
+        "--bench".into(),
+        b.bench.into(),
+        "--".into(),
+    ];
+    if quick {
+        args.push("--quick".into());
+    }
+    // In quick mode the search bench uses its own small size.
+    if !(quick && b.bench == "search") {
+        args.extend(b.args.iter().cloned());
+    }
+    let env_text: String = b.env.iter().map(|(k, v)| format!("{k}={v} ")).collect();
+    let command = format!("{env_text}cargo {}", args.join(" "));
+    eprintln!("== {}: {command}", b.name);
+    let t = Instant::now();
+    let out = Command::new(env!("CARGO"))
+        .args(&args)
+        .envs(b.env.iter().map(|(k, v)| (*k, v.as_str())))
+        .current_dir(root())
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {command}"))?;
+    let lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::trim_end)
+        .filter(|l| !l.is_empty())
+        .map(String::from)
+        .collect();
+    for l in &lines {
+        eprintln!("   {l}");
+    }
+    Ok(Outcome {
+        lines,
+        ok: out.status.success(),
+        seconds: t.elapsed().as_secs_f64(),
+        command,
+    })
+}
+
+fn machine() -> Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_owned())
+        })
+        .unwrap_or_default();
+    let mem_kib: u64 = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0);
+    let sh = |c: &str, a: &[&str]| {
+        Command::new(c)
+            .args(a)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_default()
+    };
+    json!({
+        "cpu": cpu,
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "memory_gib": (mem_kib as f64 / 1_048_576.0 * 10.0).round() / 10.0,
+        "kernel": sh("uname", &["-sr"]),
+        "rustc": sh("rustc", &["-V"]),
+        "git": sh("git", &["-C", root().to_str().unwrap_or("."), "rev-parse", "--short", "HEAD"]),
+        "date": sh("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]),
+        "load_at_start": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().split(' ').next().unwrap_or_default(),
+    })
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) != Some("bench") {
+        bail!("usage: cargo xtask bench [--quick] [--observations N] [--only NAME,…] [--out DIR]");
+    }
+    let flag = |f: &str| {
+        args.iter()
+            .position(|a| a == f)
+            .and_then(|i| args.get(i + 1))
+    };
+    let quick = args.iter().any(|a| a == "--quick");
+    let observations: u64 = match flag("--observations") {
+        Some(v) => v.parse().context("--observations must be a number")?,
+        None => 20_000_000,
+    };
+    let only: Option<Vec<String>> =
+        flag("--only").map(|v| v.split(',').map(String::from).collect());
+    let out_dir = match flag("--out") {
+        Some(d) => PathBuf::from(d),
+        None if quick => root().join("target/bench-report"),
+        None => root(),
+    };
+    std::fs::create_dir_all(&out_dir)?;
+    let machine = machine();
+    eprintln!("== building the release binaries the benches drive");
+    let status = Command::new(env!("CARGO"))
+        .args([
+            "build",
+            "-q",
+            "--release",
+            "-p",
+            "cloud-hub",
+            "-p",
+            "edge-agent",
+            "-p",
+            "firmware-shims",
+        ])
+        .current_dir(root())
+        .status()?;
+    if !status.success() {
+        bail!("release build failed");
+    }
+    let mut results = Vec::new();
+    for b in benches(observations) {
+        if let Some(o) = &only {
+            if !o
+                .iter()
+                .any(|n| b.bench == n || b.name.contains(n.as_str()))
+            {
+                continue;
+            }
+        }
+        let o = run(&b, quick)?;
+        results.push((b, o));
+    }
+    let failed: Vec<&str> = results
+        .iter()
+        .filter(|(_, o)| !o.ok)
+        .map(|(b, _)| b.name)
+        .collect();
+
+    // Targets: judged in full mode only.
+    let mut judged = Vec::new();
+    for t in targets() {
+        let Some((_, o)) = results.iter().find(|(b, _)| b.name == t.bench) else {
+            continue;
+        };
+        let value = number_after(&o.lines, t.after);
+        let verdict = match (quick, value) {
+            (true, _) => "not judged (--quick)",
+            (false, None) => "no figure (the bench failed or printed none)",
+            (false, Some(v)) if (t.ok)(v) => "met",
+            (false, Some(_)) => "NOT MET",
+        };
+        judged.push((t, value, verdict));
+    }
+
+    let mut md = String::new();
+    md.push_str("# Benchmarks\n\n");
+    md.push_str(&format!(
+        "Written by `cargo xtask bench{}` (tests/src/bin/xtask.rs) on {} at git {}: {} ({} cores, {} GiB), {}, {}; load average at start {}. Each bench reports medians with min/max over its own repeated runs; the lines below are what it printed.{}\n\n",
+        if quick { " --quick" } else { "" },
+        machine["date"].as_str().unwrap_or_default(),
+        machine["git"].as_str().unwrap_or_default(),
+        machine["cpu"].as_str().unwrap_or_default(),
+        machine["cores"],
+        machine["memory_gib"],
+        machine["kernel"].as_str().unwrap_or_default(),
+        machine["rustc"].as_str().unwrap_or_default(),
+        machine["load_at_start"].as_str().unwrap_or_default(),
+        if quick { " **Quick mode: smoke sizes, one run; the figures mean nothing.**" } else { "" },
+    ));
+    md.push_str("## Targets\n\n| target | goal | measured | verdict |\n|---|---|---|---|\n");
+    for (t, v, verdict) in &judged {
+        md.push_str(&format!(
+            "| {} | {} | {} | {} |\n",
+            t.what,
+            t.goal,
+            v.map_or("—".into(), |v| format!("{v}")),
+            verdict
+        ));
+    }
+    md.push_str("\nNot measured by this command yet: FHIR API requests/s with a load generator; the 24 h trend query at size.\n\n## Results\n\n");
+    for (b, o) in &results {
+        md.push_str(&format!(
+            "### {}\n\n`{}` — {} in {:.0} s\n\n```\n{}\n```\n\n",
+            b.name,
+            o.command,
+            if o.ok { "ok" } else { "FAILED" },
+            o.seconds,
+            o.lines.join("\n")
+        ));
+    }
+    let json = json!({
+        "mode": if quick { "quick" } else { "full" },
+        "machine": machine,
+        "benches": results.iter().map(|(b, o)| json!({
+            "name": b.name, "package": b.package, "bench": b.bench, "command": o.command,
+            "ok": o.ok, "seconds": o.seconds, "lines": o.lines,
+        })).collect::<Vec<_>>(),
+        "targets": judged.iter().map(|(t, v, verdict)| json!({
+            "target": t.what, "goal": t.goal, "measured": v, "verdict": verdict,
+        })).collect::<Vec<_>>(),
+    });
+    std::fs::write(out_dir.join("BENCHMARKS.md"), md)?;
+    std::fs::write(
+        out_dir.join("benchmarks.json"),
+        serde_json::to_string_pretty(&json)?,
+    )?;
+    eprintln!(
+        "== wrote {} and {}",
+        out_dir.join("BENCHMARKS.md").display(),
+        out_dir.join("benchmarks.json").display()
+    );
+    if !failed.is_empty() {
+        bail!("benches failed: {}", failed.join(", "));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_are_read_after_their_label() {
+        let lines = vec![
+            "encrypted buffer append: median 221390 readings/s (min 1, max 2)".to_owned(),
+            "ratio: 62 % of the raw limit".into(),
+            "end-to-end latency … (batch_max_wait_ms = 100, 200 readings): p50 107 ms, p99 123 ms"
+                .into(),
+        ];
+        assert_eq!(number_after(&lines, "append: median"), Some(221_390.0));
+        assert_eq!(number_after(&lines, "ratio:"), Some(62.0));
+        assert_eq!(number_after(&lines, "p99"), Some(123.0));
+        assert_eq!(number_after(&lines, "nothing"), None);
+    }
+}
