@@ -686,8 +686,9 @@ fn fault_suite_hub_restarted_while_the_agent_streams() {
 /// HTTP overhead, so a backlog builds and requests outlast the agent's 1.5 s
 /// request timeout), then delays every chunk by 2 s (each batch reaches the
 /// hub and is stored, but its ack arrives after the agent gave up, so the
-/// agent must send it again), then runs at full speed. The hub counts the
-/// re-sent readings as duplicates and stores each once; nothing is lost.
+/// agent must send it again), then runs at full speed. Sends fail and are
+/// retried; re-sent readings that had reached the hub are counted as
+/// duplicates and stored once; nothing is lost.
 #[test]
 fn fault_suite_slow_uplink_loses_and_duplicates_nothing() {
     let mut rig = rig("fault-slow");
@@ -736,11 +737,17 @@ fn fault_suite_slow_uplink_loses_and_duplicates_nothing() {
     wait_settled(&base, 3 * 500, Duration::from_secs(60));
     assert!(agent.terminate(Duration::from_secs(15)), "clean exit");
     let dups = resent(&base) - resent_before;
-    eprintln!("slow uplink: {dups} duplicate batches + readings at the hub");
-    assert!(
-        dups > 0.0,
-        "batches stored but acked too late were sent again (and de-duplicated)"
+    // The fault really hit the uplink: with every chunk 2 s late and a
+    // 1.5 s request timeout, sends failed and were retried. Whether a
+    // timed-out request still reached the hub (and its re-send was then
+    // de-duplicated) depends on scheduling, so duplicates are reported, not
+    // required; what is required is below: every reading exactly once.
+    let log = std::fs::read_to_string(rig.dir.join("agent.log")).unwrap();
+    let failures = log.matches("send failed; will retry").count();
+    eprintln!(
+        "slow uplink: {failures} failed sends retried; {dups} duplicate batches + readings at the hub"
     );
+    assert!(failures > 0, "the slow uplink made sends fail:\n{log}");
     let (_, lost, a) = check_masimo(&rig.store(), &rig.masimo.out, 0);
     assert_eq!(lost, 0);
     assert_fhir_matches(&base, a.readings.len());
