@@ -320,18 +320,11 @@ fn chart_value(mdc: u32, value: f64, payload: Option<&[u8]>) -> Option<f64> {
     in_chart_unit(mdc, value, &reading)
 }
 
-/// The score input a device reading feeds and its value in the chart unit
-/// (`None` value: the reading has no numeric value, or its unit cannot be
-/// converted). `None` for readings that feed no score input.
-pub(crate) fn chart_input(r: &Reading) -> Option<(Parameter, Option<f64>)> {
-    let p = DEVICE_PARAMETERS
+/// The score input readings of metric `mdc` feed, if any.
+pub(crate) fn parameter_of(mdc: u32) -> Option<Parameter> {
+    DEVICE_PARAMETERS
         .into_iter()
-        .find(|p| p.metric_codes().contains(&r.mdc_code))?;
-    let value = match &r.value {
-        Some(shared_protocol::v1::reading::Value::Numeric(v)) => in_chart_unit(r.mdc_code, *v, r),
-        _ => None,
-    };
-    Some((p, value))
+        .find(|p| p.metric_codes().contains(&mdc))
 }
 
 pub(crate) fn in_chart_unit(mdc: u32, value: f64, reading: &Reading) -> Option<f64> {

@@ -895,28 +895,29 @@ impl Store {
                     } else {
                         accepted += 1;
                         out_of_range += u32::from(cols.out_of_range);
-                        if let (Some(p), Some(v), "final") = (who.patient, cols.value, cols.status)
-                            && let Some(v) = crate::trends::chart_value(r, v)
-                        {
+                        // The usable value (final, stored: device-valid and
+                        // possible) in the chart unit, for trends and alerts.
+                        let chart = cols
+                            .value
+                            .filter(|_| cols.status == "final")
+                            .and_then(|v| crate::trends::chart_value(r, v));
+                        if let (Some(p), Some(v)) = (who.patient, chart) {
                             rollup.add(p, gateway_id, device_id, metric.mdc, effective_us, v);
                         }
-                        if effective_us >= now_us - crate::alerts::LIVE_WINDOW_US {
-                            if let Some((parameter, value)) = crate::early_warning::chart_input(r) {
-                                live.push(crate::alerts::LiveValue {
-                                    patient: who.patient.map(|p| crate::association::PatientId {
-                                        system: who.system.unwrap_or_default().to_owned(),
-                                        value: p.to_owned(),
-                                    }),
-                                    device_id: device_id.to_owned(),
-                                    parameter: Some(parameter),
-                                    usable: value.is_some()
-                                        && r.validity() == Validity::Valid
-                                        && !cols.out_of_range,
-                                    value,
-                                    flags: r.flags.clone(),
-                                    time_us: effective_us,
-                                });
-                            }
+                        if effective_us >= now_us - crate::alerts::LIVE_WINDOW_US
+                            && let Some(parameter) = crate::early_warning::parameter_of(r.mdc_code)
+                        {
+                            live.push(crate::alerts::LiveValue {
+                                patient: who.patient.map(|p| crate::association::PatientId {
+                                    system: who.system.unwrap_or_default().to_owned(),
+                                    value: p.to_owned(),
+                                }),
+                                device_id: device_id.to_owned(),
+                                parameter,
+                                value: chart,
+                                flags: r.flags.clone(),
+                                time_us: effective_us,
+                            });
                         }
                     }
                     if let Some(f) = bp_family_of(r.mdc_code) {

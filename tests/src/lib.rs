@@ -482,8 +482,7 @@ pub fn served_families(text: &str) -> BTreeMap<String, Family> {
 /// The families `docs/metrics.md` documents under `## {section}`: name,
 /// type and label names (the first word of each `label` = … entry).
 pub fn documented_families(section: &str) -> BTreeMap<String, Family> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let doc = std::fs::read_to_string(root.join("docs/metrics.md")).unwrap();
+    let doc = read_repo("docs/metrics.md");
     let start = doc
         .find(&format!("## {section}\n"))
         .unwrap_or_else(|| panic!("no section {section} in docs/metrics.md"));
@@ -504,4 +503,39 @@ pub fn documented_families(section: &str) -> BTreeMap<String, Family> {
         out.insert(name, (kind, labels));
     }
     out
+}
+
+/// The workspace root (the parent of this crate).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+/// A file of the repository, by path relative to its root.
+pub fn read_repo(rel: &str) -> String {
+    std::fs::read_to_string(repo_root().join(rel)).unwrap_or_else(|e| panic!("read {rel}: {e}"))
+}
+
+/// A throwaway CA (`ca.pem`, common name `ca_name`) and a server
+/// certificate for `localhost` signed by it (`broker.pem`, key
+/// `broker.key` 0600) in `dir`, for a test broker with TLS.
+pub fn write_broker_tls(dir: &Path, ca_name: &str) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, ca_name);
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
+    let srv_key = rcgen::KeyPair::generate().unwrap();
+    let srv_cert = rcgen::CertificateParams::new(vec!["localhost".into()])
+        .unwrap()
+        .signed_by(&srv_key, &issuer)
+        .unwrap();
+    std::fs::write(dir.join("ca.pem"), ca_cert.pem()).unwrap();
+    std::fs::write(dir.join("broker.pem"), srv_cert.pem()).unwrap();
+    write_private(&dir.join("broker.key"), &srv_key.serialize_pem()).unwrap();
 }

@@ -8,16 +8,7 @@ use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-fn read(rel: &str) -> String {
-    std::fs::read_to_string(root().join(rel)).unwrap_or_else(|e| panic!("read {rel}: {e}"))
-}
+use vigil_e2e::{read_repo as read, repo_root as root};
 
 const BASE: &str = "deploy/aks/base";
 /// The AKS Kubernetes minor version the manifests are validated against.

@@ -4,19 +4,10 @@
 //! its status port and only environment variables the agent's source or docs name.
 
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-fn read(rel: &str) -> String {
-    std::fs::read_to_string(root().join(rel)).unwrap_or_else(|e| panic!("read {rel}: {e}"))
-}
+use vigil_e2e::{read_repo as read, repo_root as root};
 
 fn manifest() -> Value {
     serde_json::from_str(&read("deploy/iot-edge/deployment.template.json"))

@@ -7,19 +7,10 @@
 use serde_json::Value;
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-fn read(rel: &str) -> String {
-    std::fs::read_to_string(root().join(rel)).unwrap_or_else(|e| panic!("read {rel}: {e}"))
-}
+use vigil_e2e::{read_repo as read, repo_root as root};
 
 /// The alert rules as JSON (PyYAML from the k8s virtualenv that scripts/setup.sh creates).
 fn rules() -> Value {

@@ -1059,22 +1059,7 @@ struct Broker {
 
 impl Broker {
     fn new(dir: &Path) -> Self {
-        let ca_key = rcgen::KeyPair::generate().unwrap();
-        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        ca_params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "Vigil fault-suite CA");
-        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-        let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
-        let srv_key = rcgen::KeyPair::generate().unwrap();
-        let srv_cert = rcgen::CertificateParams::new(vec!["localhost".into()])
-            .unwrap()
-            .signed_by(&srv_key, &issuer)
-            .unwrap();
-        std::fs::write(dir.join("ca.pem"), ca_cert.pem()).unwrap();
-        std::fs::write(dir.join("broker.pem"), srv_cert.pem()).unwrap();
-        write_private(&dir.join("broker.key"), &srv_key.serialize_pem()).unwrap();
+        write_broker_tls(dir, "Vigil fault-suite CA");
         std::fs::create_dir_all(dir.join("mq")).unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()

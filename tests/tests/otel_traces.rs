@@ -186,19 +186,7 @@ enum Uplink {
 /// A throwaway Mosquitto on a free loopback port with TLS (the agent's IoT
 /// Hub uplink always uses TLS) and no authentication; returns its port.
 fn mosquitto(dir: &std::path::Path) -> (Proc, u16) {
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
-    let srv_key = rcgen::KeyPair::generate().unwrap();
-    let srv_cert = rcgen::CertificateParams::new(vec!["localhost".into()])
-        .unwrap()
-        .signed_by(&srv_key, &issuer)
-        .unwrap();
-    std::fs::write(dir.join("ca.pem"), ca_cert.pem()).unwrap();
-    std::fs::write(dir.join("broker.pem"), srv_cert.pem()).unwrap();
-    write_private(&dir.join("broker.key"), &srv_key.serialize_pem()).unwrap();
+    write_broker_tls(dir, "Vigil trace-test CA");
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

@@ -373,7 +373,7 @@ impl Engine {
         }
     }
 
-    /// Raises the technical alert unless it is open; returns whether it was.
+    /// Raises the technical alert unless one with its key is open.
     fn technical_on(&mut self, a: Alert, out: &mut Vec<Change>) {
         if !self.open.contains_key(&a.key()) {
             self.raise(a, out);

@@ -171,16 +171,16 @@ impl AlertsConfig {
     }
 }
 
-/// A reading as ingest hands it to the alerts: who it belongs to and its
-/// value in the chart unit (see `early_warning::chart_input`).
+/// A reading of a score input as ingest hands it to the alerts: who it
+/// belongs to and its usable value in the chart unit.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LiveValue {
     pub patient: Option<PatientId>,
     pub device_id: String,
-    pub parameter: Option<crate::early_warning::Parameter>,
+    pub parameter: crate::early_warning::Parameter,
+    /// `None` unless the value is usable: stored (device-valid, physically
+    /// possible), final and convertible to the chart unit.
     pub value: Option<f64>,
-    /// Valid, numeric and physically possible.
-    pub usable: bool,
     pub flags: Vec<i32>,
     pub time_us: i64,
 }
@@ -480,9 +480,6 @@ impl AlertService {
                 ));
             }
             for v in live {
-                let Some(parameter) = v.parameter else {
-                    continue;
-                };
                 let has = |f: QualityFlag| v.flags.contains(&(f as i32));
                 let input = ValueInput {
                     patient: v.patient.as_ref().map(|p| p.value.clone()),
@@ -492,15 +489,16 @@ impl AlertService {
                         .and_then(|p| wards.get(p).cloned().flatten()),
                     gateway_id: gateway_id.into(),
                     device_id: v.device_id.clone(),
-                    parameter,
+                    parameter: v.parameter,
                     value: v.value,
-                    usable: v.usable,
+                    usable: v.value.is_some(),
                     sensor_off: has(QualityFlag::SensorOff),
                     poor_signal: has(QualityFlag::LowSignal) || has(QualityFlag::Interference),
                     time_us: v.time_us,
                 };
                 changes.extend(e.value(&input, now_us));
-                if v.usable && now_us - v.time_us <= self.config.max_value_age_s as i64 * 1_000_000
+                if v.value.is_some()
+                    && now_us - v.time_us <= self.config.max_value_age_s as i64 * 1_000_000
                 {
                     if let Some(p) = &input.patient {
                         scored.insert(p.clone());
@@ -670,17 +668,6 @@ impl AlertService {
             .filter(|a| a.patient.as_deref() == Some(patient))
             .collect();
         (open.len(), open.iter().map(|a| a.priority).max())
-    }
-
-    /// Open alerts by priority (for `/metrics`).
-    pub fn open_counts(&self) -> [(Priority, u64); 3] {
-        let e = self.engine();
-        let n = |p| e.open_alerts().filter(|a| a.priority == p).count() as u64;
-        [
-            (Priority::High, n(Priority::High)),
-            (Priority::Medium, n(Priority::Medium)),
-            (Priority::Low, n(Priority::Low)),
-        ]
     }
 }
 

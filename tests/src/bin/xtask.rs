@@ -13,7 +13,7 @@
 //! (`cargo xtask` is an alias in `.cargo/config.toml` for
 //! `cargo run -p vigil-e2e --bin xtask --`.)
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
@@ -46,12 +46,7 @@ struct Target {
     goal: &'static str,
 }
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_path_buf()
-}
+use vigil_e2e::repo_root as root;
 
 fn benches(observations: u64) -> Vec<Bench> {
     let b = |name, package, bench, args: &[&str]| Bench {
