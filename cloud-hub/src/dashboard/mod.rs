@@ -1,0 +1,536 @@
+//! The clinician dashboard: a small single-page web app served by the hub
+//! itself, plus the one JSON view it needs that the other APIs lack
+//! (`GET /api/v1/gateways`).
+//!
+//! - `GET /` redirects to `/ui/`; `GET /ui/` and `GET /ui/{asset}` serve
+//!   the app's files, **embedded in the binary** (`include_bytes!` of
+//!   `assets/`): no CDN, no external fonts, no build step. The files hold
+//!   no patient data and are public; every datum comes from the JSON APIs
+//!   with the user's session. Each answer carries its Content-Type, an
+//!   ETag (`no-cache`: revalidated, so an upgraded hub serves its own
+//!   files) and the security headers (a `default-src 'self'` Content
+//!   Security Policy without inline script or style, `frame-ancestors
+//!   'none'`, `nosniff`, no referrer).
+//! - `GET /api/v1/gateways`: what the hub knows about each gateway and its
+//!   devices for biomedical engineers (last batch, batches/readings/
+//!   duplicates/rejections over the last 24 h, buffer overflows the
+//!   gateway reported, each device's last reading and last link event).
+//!   The agent does not report its backlog in batches (only in the Azure
+//!   IoT Hub twin and on its own `/metrics`), so there is no backlog
+//!   field. SQLite only (501 on PostgreSQL).
+
+use std::sync::OnceLock;
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::get;
+use prost::Message;
+use rusqlite::{OptionalExtension, params};
+use serde_json::{Value as Json, json};
+
+use crate::fhir::format_instant;
+use crate::store::{Store, StoreError, now_us};
+
+/// One embedded file of the app.
+#[derive(Debug)]
+struct Asset {
+    name: &'static str,
+    content_type: &'static str,
+    body: &'static [u8],
+}
+
+/// The app's files. `index.html` is also served at `/ui/`.
+const ASSETS: &[Asset] = &[
+    Asset {
+        name: "index.html",
+        content_type: "text/html; charset=utf-8",
+        body: include_bytes!("assets/index.html"),
+    },
+    Asset {
+        name: "app.js",
+        content_type: "text/javascript; charset=utf-8",
+        body: include_bytes!("assets/app.js"),
+    },
+    Asset {
+        name: "charts.js",
+        content_type: "text/javascript; charset=utf-8",
+        body: include_bytes!("assets/charts.js"),
+    },
+    Asset {
+        name: "style.css",
+        content_type: "text/css; charset=utf-8",
+        body: include_bytes!("assets/style.css"),
+    },
+    Asset {
+        name: "favicon.svg",
+        content_type: "image/svg+xml",
+        body: include_bytes!("assets/favicon.svg"),
+    },
+];
+
+/// Content Security Policy of every dashboard answer: only the hub's own
+/// scripts, styles and API; no inline script or style attribute; never
+/// framed.
+pub const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; \
+img-src 'self' data:; connect-src 'self'; object-src 'none'; base-uri 'none'; \
+form-action 'self'; frame-ancestors 'none'";
+
+/// Strong ETags of the assets (hex SHA-256 prefix), computed once.
+fn etags() -> &'static [String] {
+    static ETAGS: OnceLock<Vec<String>> = OnceLock::new();
+    ETAGS.get_or_init(|| {
+        ASSETS
+            .iter()
+            .map(|a| {
+                let d = ring::digest::digest(&ring::digest::SHA256, a.body);
+                format!("\"{}\"", hex::encode(&d.as_ref()[..16]))
+            })
+            .collect()
+    })
+}
+
+fn security_headers(h: &mut HeaderMap) {
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CSP),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    h.insert(
+        "cross-origin-opener-policy",
+        HeaderValue::from_static("same-origin"),
+    );
+}
+
+/// The answer for asset `name` (404 when there is none).
+fn asset_response(name: &str, request: &HeaderMap) -> Response {
+    let Some(i) = ASSETS.iter().position(|a| a.name == name) else {
+        let mut r = (StatusCode::NOT_FOUND, "no such dashboard file").into_response();
+        security_headers(r.headers_mut());
+        return r;
+    };
+    let asset = &ASSETS[i];
+    let etag = &etags()[i];
+    let fresh = request
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"));
+    let mut r = if fresh {
+        StatusCode::NOT_MODIFIED.into_response()
+    } else {
+        let mut r = asset.body.into_response();
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(asset.content_type),
+        );
+        r
+    };
+    let h = r.headers_mut();
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    if let Ok(v) = HeaderValue::from_str(etag) {
+        h.insert(header::ETAG, v);
+    }
+    security_headers(h);
+    r
+}
+
+async fn index(headers: HeaderMap) -> Response {
+    asset_response("index.html", &headers)
+}
+
+async fn asset(Path(name): Path<String>, headers: HeaderMap) -> Response {
+    asset_response(&name, &headers)
+}
+
+#[derive(Debug, Clone)]
+struct DashState {
+    store: Store,
+}
+
+/// The dashboard's routes: `/`, `/ui/`, `/ui/{asset}` (public files) and
+/// `GET /api/v1/gateways` (who may: `crate::access::POLICY`, checked by the
+/// access layer before the handler).
+pub fn routes<S: Clone + Send + Sync + 'static>(store: Store) -> Router<S> {
+    Router::new()
+        .route("/", get(|| async { Redirect::to("/ui/") }))
+        .route("/ui/", get(index))
+        .route("/ui/{asset}", get(asset))
+        .route("/api/v1/gateways", get(get_gateways))
+        .with_state(DashState { store })
+}
+
+async fn get_gateways(State(st): State<DashState>) -> Response {
+    if st.store.postgres().is_some() {
+        return (
+            StatusCode::NOT_IMPLEMENTED,
+            axum::Json(json!({ "error": "the gateways view needs the SQLite store (not yet on PostgreSQL)" })),
+        )
+            .into_response();
+    }
+    let store = st.store.clone();
+    let now = now_us();
+    match tokio::task::spawn_blocking(move || gateways(&store, now)).await {
+        Ok(Ok(g)) => {
+            axum::Json(json!({ "at": format_instant(now), "gateways": g })).into_response()
+        }
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "gateways view failed");
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                axum::Json(json!({ "error": "internal error" })),
+            )
+                .into_response()
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "gateways view task failed");
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                axum::Json(json!({ "error": "internal error" })),
+            )
+                .into_response()
+        }
+    }
+}
+
+/// The window of the per-gateway counts.
+const WINDOW_US: i64 = 24 * 3600 * 1_000_000;
+/// At most this many of a gateway's newest batches are summed (about a day
+/// at one batch per second).
+const MAX_BATCHES: i64 = 100_000;
+
+fn instant(us: Option<i64>) -> Json {
+    us.map_or(Json::Null, |t| json!(format_instant(t)))
+}
+
+fn age_s(now: i64, us: Option<i64>) -> Json {
+    us.map_or(Json::Null, |t| json!((now - t).max(0) / 1_000_000))
+}
+
+/// Every gateway (revoked ones included) with its devices, as
+/// `GET /api/v1/gateways` returns them.
+pub fn gateways(store: &Store, now: i64) -> Result<Vec<Json>, StoreError> {
+    let conn = store.lock()?;
+    let since = now - WINDOW_US;
+    let list: Vec<(String, i64, Option<i64>)> = conn
+        .prepare("SELECT id, created_us, revoked_us FROM gateways ORDER BY id")?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .collect::<Result<_, _>>()?;
+    let mut out = Vec::with_capacity(list.len());
+    for (id, created, revoked) in list {
+        // Newest first, stopping at the window: the primary key
+        // (gateway_id, sequence) orders them.
+        let mut stmt = conn.prepare_cached(
+            "SELECT sequence, received_us, created_us, agent_version, ack FROM batches
+             WHERE gateway_id = ?1 ORDER BY sequence DESC LIMIT ?2",
+        )?;
+        let mut rows = stmt.query(params![id, MAX_BATCHES])?;
+        let mut last = Json::Null;
+        let mut last_received = None;
+        let (mut batches, mut accepted, mut duplicates, mut rejected) = (0u64, 0u64, 0u64, 0u64);
+        while let Some(r) = rows.next()? {
+            let (seq, received, created, version, ack): (i64, i64, i64, String, Vec<u8>) =
+                (r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?);
+            if last.is_null() {
+                last_received = Some(received);
+                last = json!({
+                    "sequence": seq,
+                    "received": format_instant(received),
+                    "created": format_instant(created),
+                    "agent_version": version,
+                });
+            }
+            if received < since {
+                break;
+            }
+            batches += 1;
+            // A stored ack that does not decode counts nothing (it was
+            // written by this hub; never expected).
+            if let Ok(a) = shared_protocol::v1::BatchAck::decode(ack.as_slice()) {
+                accepted += u64::from(a.accepted);
+                duplicates += u64::from(a.duplicates);
+                rejected += u64::from(a.rejected);
+            }
+        }
+        drop(rows);
+        let rejected_total: i64 = conn
+            .prepare_cached("SELECT COUNT(*) FROM rejected_readings WHERE gateway_id = ?1")?
+            .query_row([&id], |r| r.get(0))?;
+        let (overflows, last_overflow): (i64, Option<(i64, String)>) = {
+            let n = conn
+                .prepare_cached(
+                    "SELECT COUNT(*) FROM device_events
+                     WHERE gateway_id = ?1 AND device_id = '' AND kind = 'buffer-overflow'",
+                )?
+                .query_row([&id], |r| r.get(0))?;
+            let last = conn
+                .prepare_cached(
+                    "SELECT time_us, detail FROM device_events
+                     WHERE gateway_id = ?1 AND device_id = '' AND kind = 'buffer-overflow'
+                     ORDER BY time_us DESC LIMIT 1",
+                )?
+                .query_row([&id], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?;
+            (n, last)
+        };
+        let devices = devices_of(&conn, &id, now)?;
+        out.push(json!({
+            "id": id,
+            "created": format_instant(created),
+            "revoked": instant(revoked),
+            "last_seen": instant(last_received),
+            "last_seen_age_s": age_s(now, last_received),
+            "last_batch": last,
+            "last_24h": {
+                "batches": batches,
+                "accepted": accepted,
+                "duplicates": duplicates,
+                "rejected": rejected,
+            },
+            "rejected_total": rejected_total,
+            "buffer_overflows": {
+                "count": overflows,
+                "last": last_overflow.map(|(t, d)| json!({ "time": format_instant(t), "detail": d })),
+            },
+            "devices": devices,
+        }));
+    }
+    Ok(out)
+}
+
+fn devices_of(conn: &rusqlite::Connection, gateway: &str, now: i64) -> Result<Json, StoreError> {
+    type Row = (String, String, String, String, String, i64, i64);
+    let devices: Vec<Row> = conn
+        .prepare_cached(
+            "SELECT device_id, protocol, manufacturer, model, location, first_seen_us, last_seen_us
+             FROM devices WHERE gateway_id = ?1 ORDER BY device_id",
+        )?
+        .query_map([gateway], |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+                r.get(6)?,
+            ))
+        })?
+        .collect::<Result<_, _>>()?;
+    let mut out = Vec::with_capacity(devices.len());
+    for (device, protocol, manufacturer, model, location, first, last) in devices {
+        // The newest reading the device sent (highest sequence; panels
+        // have negative sequences).
+        let reading: Option<(i64, i64)> = conn
+            .prepare_cached(
+                "SELECT effective_us, received_us FROM observations
+                 WHERE gateway_id = ?1 AND device_id = ?2 ORDER BY sequence DESC LIMIT 1",
+            )?
+            .query_row(params![gateway, device], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        let event: Option<(String, i64, String)> = conn
+            .prepare_cached(
+                "SELECT kind, time_us, detail FROM device_events
+                 WHERE gateway_id = ?1 AND device_id = ?2 ORDER BY time_us DESC LIMIT 1",
+            )?
+            .query_row(params![gateway, device], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .optional()?;
+        let rejected: i64 = conn
+            .prepare_cached(
+                "SELECT COUNT(*) FROM rejected_readings WHERE gateway_id = ?1 AND device_id = ?2",
+            )?
+            .query_row(params![gateway, device], |r| r.get(0))?;
+        out.push(json!({
+            "id": device,
+            "protocol": protocol,
+            "manufacturer": manufacturer,
+            "model": model,
+            "location": location,
+            "first_seen": format_instant(first),
+            "last_seen": format_instant(last),
+            "last_seen_age_s": age_s(now, Some(last)),
+            "last_reading": reading.map(|(e, r)| json!({
+                "effective": format_instant(e),
+                "received": format_instant(r),
+                "age_s": (now - e).max(0) / 1_000_000,
+            })),
+            "last_link_event": event.map(|(k, t, d)| json!({
+                "kind": k, "time": format_instant(t), "detail": d,
+            })),
+            "rejected_total": rejected,
+        }));
+    }
+    Ok(Json::Array(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shared_protocol::catalogue::codes;
+    use shared_protocol::v1::{
+        Batch, DeviceData, DeviceInfo, Reading, TechnicalKind, TechnicalReading, reading,
+    };
+
+    #[test]
+    fn every_asset_is_served_with_its_type_and_security_headers() {
+        for a in ASSETS {
+            let r = asset_response(a.name, &HeaderMap::new());
+            assert_eq!(r.status(), StatusCode::OK, "{}", a.name);
+            let h = r.headers();
+            assert_eq!(h[header::CONTENT_TYPE], a.content_type);
+            assert_eq!(h[header::CONTENT_SECURITY_POLICY], CSP);
+            assert_eq!(h[header::X_CONTENT_TYPE_OPTIONS], "nosniff");
+            assert_eq!(h[header::CACHE_CONTROL], "no-cache");
+            assert!(CSP.contains("frame-ancestors 'none'"));
+            // Revalidation: the ETag answers 304 without a body.
+            let mut req = HeaderMap::new();
+            req.insert(header::IF_NONE_MATCH, h[header::ETAG].clone());
+            assert_eq!(
+                asset_response(a.name, &req).status(),
+                StatusCode::NOT_MODIFIED
+            );
+        }
+        let r = asset_response("../Cargo.toml", &HeaderMap::new());
+        assert_eq!(r.status(), StatusCode::NOT_FOUND);
+        assert_eq!(r.headers()[header::X_CONTENT_TYPE_OPTIONS], "nosniff");
+    }
+
+    #[test]
+    fn assets_load_nothing_from_elsewhere_and_inline_nothing() {
+        for a in ASSETS {
+            let text = std::str::from_utf8(a.body).unwrap();
+            for bad in ["http://", "https://", "//cdn", "@import", "fonts.g"] {
+                // The SVG namespace URI is an identifier, not a load.
+                let hits = text
+                    .matches(bad)
+                    .count()
+                    .saturating_sub(text.matches("http://www.w3.org/2000/svg").count());
+                assert_eq!(hits, 0, "{} mentions {bad}", a.name);
+            }
+        }
+        let html = std::str::from_utf8(ASSETS[0].body).unwrap();
+        assert!(!html.contains("<script>"), "no inline script (CSP)");
+        assert!(!html.contains("style="), "no inline style (CSP)");
+        assert!(!html.contains("onclick"), "no inline handlers (CSP)");
+    }
+
+    #[test]
+    fn gateways_view_counts_batches_duplicates_rejections_and_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("hub.sqlite")).unwrap();
+        store.add_gateway("gw-1", "h1").unwrap();
+        store.add_gateway("gw-idle", "h2").unwrap();
+        let now = now_us();
+        let reading = |seq, code| Reading {
+            mdc_code: code,
+            value: Some(reading::Value::Numeric(97.0)),
+            ucum_unit: "%".into(),
+            device_time_us: now - 5_000_000,
+            validity: 1,
+            sequence: seq,
+            ..Default::default()
+        };
+        let batch = |seq, readings, technical, events| Batch {
+            gateway_id: "gw-1".into(),
+            sequence: seq,
+            created_time_us: now - 1_000_000,
+            agent_version: "9.9.9".into(),
+            devices: vec![DeviceData {
+                device: Some(DeviceInfo {
+                    device_id: "ox-1".into(),
+                    ..Default::default()
+                }),
+                readings,
+                waveforms: vec![],
+                technical,
+            }],
+            gateway_events: events,
+            ..Default::default()
+        };
+        let assoc = Default::default();
+        store
+            .ingest(
+                "gw-1",
+                &batch(
+                    1,
+                    vec![
+                        reading(1, codes::PULS_OXIM_SAT_O2),
+                        reading(2, codes::PULS_OXIM_SAT_O2),
+                    ],
+                    vec![TechnicalReading {
+                        kind: TechnicalKind::Connected as i32,
+                        time_us: now - 6_000_000,
+                        detail: String::new(),
+                        sequence: 3,
+                    }],
+                    vec![],
+                ),
+                &assoc,
+                now,
+                now,
+            )
+            .unwrap();
+        // Batch 2 re-sends reading 2 (a duplicate), brings an unknown
+        // metric (rejected) and a buffer overflow event.
+        store
+            .ingest(
+                "gw-1",
+                &batch(
+                    2,
+                    vec![reading(2, codes::PULS_OXIM_SAT_O2), reading(4, 999_999)],
+                    vec![],
+                    vec![TechnicalReading {
+                        kind: TechnicalKind::BufferOverflow as i32,
+                        time_us: now - 2_000_000,
+                        detail: "dropped 12 oldest readings".into(),
+                        sequence: 1,
+                    }],
+                ),
+                &assoc,
+                now + 1,
+                now + 1,
+            )
+            .unwrap();
+        let g = gateways(&store, now + 3_000_000).unwrap();
+        assert_eq!(g.len(), 2);
+        let gw = &g[0];
+        assert_eq!(gw["id"], "gw-1");
+        assert_eq!(gw["last_batch"]["sequence"], 2);
+        assert_eq!(gw["last_batch"]["agent_version"], "9.9.9");
+        assert_eq!(gw["last_seen_age_s"], 2);
+        assert_eq!(
+            gw["last_24h"],
+            json!({ "batches": 2, "accepted": 3, "duplicates": 1, "rejected": 1 })
+        );
+        assert_eq!(gw["rejected_total"], 1);
+        assert_eq!(gw["buffer_overflows"]["count"], 1);
+        assert_eq!(
+            gw["buffer_overflows"]["last"]["detail"],
+            "dropped 12 oldest readings"
+        );
+        let dev = &gw["devices"][0];
+        assert_eq!(dev["id"], "ox-1");
+        assert_eq!(dev["last_reading"]["age_s"], 8);
+        assert_eq!(dev["last_link_event"]["kind"], "connected");
+        assert_eq!(dev["rejected_total"], 1);
+        let idle = &g[1];
+        assert_eq!(idle["id"], "gw-idle");
+        assert!(idle["last_seen"].is_null() && idle["last_batch"].is_null());
+        assert_eq!(idle["devices"], json!([]));
+        // Batches older than the window are not counted, but still name
+        // the last batch.
+        let later = gateways(&store, now + WINDOW_US + 10_000_000).unwrap();
+        assert_eq!(later[0]["last_24h"]["batches"], 0);
+        assert_eq!(later[0]["last_batch"]["sequence"], 2);
+    }
+}
