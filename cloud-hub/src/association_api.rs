@@ -1,16 +1,17 @@
 //! The association API (`/api/v1/beds`, `/api/v1/placements…`,
 //! `/api/v1/patients/…`, `/api/v1/occupancy`): JSON in, JSON out.
 //!
-//! Protected by one **admin bearer token** read from
-//! `association.admin_token_file` (mode 0600, at least 32 characters). This
-//! is temporary: the roles work replaces it with per-user roles. Without
-//! the file configured every route answers 403.
+//! Who may call which route is decided before the handlers run, by the
+//! access policy (`crate::access::POLICY`): beds and placements are for
+//! biomedical engineers, stays and occupancy for clinicians, all for
+//! administrators. `association.admin_token_file` (mode 0600, at least 32
+//! characters) names the bootstrap admin bearer token.
 //!
 //! Every change takes an explicit time `at` (RFC 3339, e.g.
 //! `2026-11-24T08:30:00Z`; default: now) and answers with how many stored
 //! readings it re-attributed. Errors are `{"error": "...", "field": "..."}`
 //! (`field` when one field is at fault) with 400 (malformed or invalid
-//! field), 401 (token), 403 (API disabled), 404 (unknown bed) or 409
+//! field), 401 (no or unknown credentials), 403 (role), 404 (unknown bed) or 409
 //! (conflicts with the recorded stays/placements).
 //!
 //! Logs carry bed, gateway and device ids and counts, never patient
@@ -22,7 +23,7 @@ use std::sync::Arc;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Query, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
@@ -90,36 +91,11 @@ pub fn load_admin_token(path: &Path) -> Result<String, AdminTokenError> {
 pub struct ApiState {
     store: Store,
     fallback: Arc<Associations>,
-    /// SHA-256 of the admin token; None: API disabled.
-    admin_sha256: Option<Arc<str>>,
 }
 
 impl ApiState {
-    /// Loads the admin token named by the config (if any).
-    pub fn load(
-        config: &AssociationConfig,
-        store: Store,
-        fallback: Arc<Associations>,
-    ) -> Result<Self, AdminTokenError> {
-        let admin_sha256 = config
-            .admin_token_file
-            .as_deref()
-            .map(load_admin_token)
-            .transpose()?
-            .map(Arc::from);
-        Ok(Self {
-            store,
-            fallback,
-            admin_sha256,
-        })
-    }
-}
-
-impl ApiState {
-    /// Checks the admin bearer token for another admin route (the
-    /// early-warning scores API) until the roles issue replaces this token.
-    pub(crate) fn check_admin(&self, headers: &HeaderMap) -> Result<(), Box<Response>> {
-        authorize(self, headers).map_err(|e| Box::new(e.into_response()))
+    pub fn new(store: Store, fallback: Arc<Associations>) -> Self {
+        Self { store, fallback }
     }
 }
 
@@ -206,34 +182,6 @@ impl From<AssocError> for ApiError {
     }
 }
 
-fn authorize(st: &ApiState, headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(expected) = &st.admin_sha256 else {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "the association API is disabled: configure association.admin_token_file",
-        ));
-    };
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, t)| t.trim())
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "missing or malformed bearer token (Authorization: Bearer <admin token>)",
-            )
-        })?;
-    // Compare hashes: equal-length digests, so the comparison time says
-    // nothing about the token.
-    if crate::auth::hash_token(token).as_str() != &**expected {
-        tracing::warn!("association API request with a wrong admin token");
-        return Err(ApiError::new(StatusCode::UNAUTHORIZED, "wrong admin token"));
-    }
-    Ok(())
-}
-
 fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| {
         let msg = e.to_string();
@@ -295,10 +243,9 @@ fn respond(r: Result<Response, ApiError>) -> Response {
     r.unwrap_or_else(IntoResponse::into_response)
 }
 
-async fn create_bed(State(st): State<ApiState>, headers: HeaderMap, body: Bytes) -> Response {
+async fn create_bed(State(st): State<ApiState>, body: Bytes) -> Response {
     respond(
         async {
-            authorize(&st, &headers)?;
             let bed: Bed = parse_body(&body)?;
             let store = st.store.clone();
             let b = bed.clone();
@@ -310,10 +257,9 @@ async fn create_bed(State(st): State<ApiState>, headers: HeaderMap, body: Bytes)
     )
 }
 
-async fn list_beds(State(st): State<ApiState>, headers: HeaderMap) -> Response {
+async fn list_beds(State(st): State<ApiState>) -> Response {
     respond(
         async {
-            authorize(&st, &headers)?;
             let store = st.store.clone();
             let beds = run(move || store.list_beds()).await?;
             Ok(axum::Json(json!({ "beds": beds })).into_response())
@@ -331,10 +277,9 @@ struct PlaceRequest {
     at: Option<String>,
 }
 
-async fn place(State(st): State<ApiState>, headers: HeaderMap, body: Bytes) -> Response {
+async fn place(State(st): State<ApiState>, body: Bytes) -> Response {
     respond(
         async {
-            authorize(&st, &headers)?;
             let r: PlaceRequest = parse_body(&body)?;
             let at = parse_at(r.at.as_deref())?;
             let (store, fb) = (st.store.clone(), st.fallback.clone());
@@ -356,10 +301,9 @@ struct EndPlacementRequest {
     at: Option<String>,
 }
 
-async fn end_placement(State(st): State<ApiState>, headers: HeaderMap, body: Bytes) -> Response {
+async fn end_placement(State(st): State<ApiState>, body: Bytes) -> Response {
     respond(
         async {
-            authorize(&st, &headers)?;
             let r: EndPlacementRequest = parse_body(&body)?;
             let at = parse_at(r.at.as_deref())?;
             let (store, fb) = (st.store.clone(), st.fallback.clone());
@@ -383,10 +327,9 @@ struct AdmitRequest {
     visit: Option<String>,
 }
 
-async fn admit(State(st): State<ApiState>, headers: HeaderMap, body: Bytes) -> Response {
+async fn admit(State(st): State<ApiState>, body: Bytes) -> Response {
     respond(
         async {
-            authorize(&st, &headers)?;
             let r: AdmitRequest = parse_body(&body)?;
             let at = parse_at(r.at.as_deref())?;
             if let Some(v) = &r.visit
@@ -416,10 +359,9 @@ struct TransferRequest {
     at: Option<String>,
 }
 
-async fn transfer(State(st): State<ApiState>, headers: HeaderMap, body: Bytes) -> Response {
+async fn transfer(State(st): State<ApiState>, body: Bytes) -> Response {
     respond(
         async {
-            authorize(&st, &headers)?;
             let r: TransferRequest = parse_body(&body)?;
             let at = parse_at(r.at.as_deref())?;
             let (store, fb) = (st.store.clone(), st.fallback.clone());
@@ -439,10 +381,9 @@ struct DischargeRequest {
     at: Option<String>,
 }
 
-async fn discharge(State(st): State<ApiState>, headers: HeaderMap, body: Bytes) -> Response {
+async fn discharge(State(st): State<ApiState>, body: Bytes) -> Response {
     respond(
         async {
-            authorize(&st, &headers)?;
             let r: DischargeRequest = parse_body(&body)?;
             let at = parse_at(r.at.as_deref())?;
             let (store, fb) = (st.store.clone(), st.fallback.clone());
@@ -462,12 +403,10 @@ struct OccupancyQuery {
 
 async fn occupancy(
     State(st): State<ApiState>,
-    headers: HeaderMap,
     query: Result<Query<OccupancyQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
     respond(
         async {
-            authorize(&st, &headers)?;
             let Query(q) = query.map_err(|e| {
                 ApiError::new(StatusCode::BAD_REQUEST, format!("bad query string: {e}"))
             })?;

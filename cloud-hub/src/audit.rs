@@ -354,8 +354,15 @@ pub(crate) async fn middleware(
         detail: query.unwrap_or_default(),
     };
     let resp = next.run(req).await;
+    // The principal the access layer authenticated (or the login that
+    // succeeded); otherwise the token fingerprint or `anonymous`.
+    let actor = resp
+        .extensions()
+        .get::<crate::access::Principal>()
+        .map_or(entry.actor.clone(), |p| p.id.clone());
     let entry = Entry {
         outcome: resp.status().as_u16(),
+        actor,
         ..entry
     };
     let store = st.store().clone();

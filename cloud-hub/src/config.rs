@@ -70,6 +70,70 @@ pub struct Config {
     /// `[alerts]`: the alert engine (see `alerts`).
     #[serde(default)]
     pub alerts: crate::alerts::AlertsConfig,
+    /// `[auth]`: sessions and OIDC (see `access`, docs/access.md).
+    #[serde(default)]
+    pub auth: AuthConfig,
+}
+
+/// `[auth]`: how people and scripts authenticate (users and API tokens are
+/// created with `cloud-hub user` / `cloud-hub token`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// A browser session ends after this many minutes without a request.
+    #[serde(default = "default_session_idle_minutes")]
+    pub session_idle_minutes: u32,
+    /// ... and after this many hours in any case.
+    #[serde(default = "default_session_max_hours")]
+    pub session_max_hours: u32,
+    /// Mark the session cookie `Secure` (default: when the hub serves TLS
+    /// itself; set `true` behind a TLS-terminating ingress).
+    #[serde(default)]
+    pub cookie_secure: Option<bool>,
+    /// `[auth.oidc]`: accept access tokens of an OpenID provider (Entra ID).
+    #[serde(default)]
+    pub oidc: Option<crate::access::oidc::OidcConfig>,
+}
+
+fn default_session_idle_minutes() -> u32 {
+    30
+}
+
+fn default_session_max_hours() -> u32 {
+    12
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            session_idle_minutes: default_session_idle_minutes(),
+            session_max_hours: default_session_max_hours(),
+            cookie_secure: None,
+            oidc: None,
+        }
+    }
+}
+
+impl AuthConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !(1..=1440).contains(&self.session_idle_minutes) {
+            return Err(ConfigError::invalid(
+                "auth.session_idle_minutes",
+                "must be between 1 and 1440",
+            ));
+        }
+        if !(1..=168).contains(&self.session_max_hours) {
+            return Err(ConfigError::invalid(
+                "auth.session_max_hours",
+                "must be between 1 and 168",
+            ));
+        }
+        if let Some(o) = &self.oidc {
+            o.validate()
+                .map_err(|(field, message)| ConfigError::invalid(field, message))?;
+        }
+        Ok(())
+    }
 }
 
 /// `[server]`
@@ -434,6 +498,11 @@ impl Config {
         if let Some(adt) = &mut self.adt {
             adt.resolve_paths(base_dir);
         }
+        if let Some(o) = &mut self.auth.oidc {
+            for p in [&mut o.jwks_file, &mut o.ca_file].into_iter().flatten() {
+                fix(p);
+            }
+        }
         if let Some(tls) = &mut self.server.tls {
             fix(&mut tls.cert_file);
             fix(&mut tls.key_file);
@@ -483,6 +552,7 @@ impl Config {
             .validate()
             .map_err(|(field, message)| ConfigError::invalid(field, message))?;
         self.alerts.validate()?;
+        self.auth.validate()?;
         if self.server.max_body_bytes == 0 {
             return Err(ConfigError::invalid(
                 "server.max_body_bytes",

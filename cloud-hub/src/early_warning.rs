@@ -30,13 +30,13 @@
 //! SQLite only for now: on PostgreSQL every function returns
 //! [`ScoresError::Postgres`] (HTTP 501).
 //!
-//! The HTTP routes reuse the association API's admin bearer token
-//! (`association.admin_token_file`) until the roles issue replaces it.
+//! Who may call the HTTP routes is decided by `crate::access::POLICY`
+//! (clinicians and administrators).
 
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use prost::Message;
@@ -48,7 +48,6 @@ use shared_protocol::v1::Reading;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use crate::association_api::ApiState;
 use crate::fhir::format_instant;
 use crate::scores::{self, Consciousness, Spo2Scale};
 use crate::store::{Store, StoreError, now_us};
@@ -755,17 +754,12 @@ pub fn report_json(r: &ScoreReport) -> Json {
 
 #[derive(Debug, Clone)]
 struct ScoresState {
-    admin: ApiState,
     store: Store,
     config: ScoresConfig,
 }
 
-/// The scores routes (admin bearer token of the association API).
-pub fn router<S: Clone + Send + Sync + 'static>(
-    admin: ApiState,
-    store: Store,
-    config: ScoresConfig,
-) -> Router<S> {
+/// The scores routes (who may call them: `crate::access::POLICY`).
+pub fn router<S: Clone + Send + Sync + 'static>(store: Store, config: ScoresConfig) -> Router<S> {
     Router::new()
         .route("/api/v1/patients/{id}/scores", get(get_scores))
         .route("/api/v1/patients/{id}/scores/news2", get(get_news2_fhir))
@@ -774,11 +768,7 @@ pub fn router<S: Clone + Send + Sync + 'static>(
             put(put_manual_inputs),
         )
         .layer(DefaultBodyLimit::max(4 * 1024))
-        .with_state(ScoresState {
-            admin,
-            store,
-            config,
-        })
+        .with_state(ScoresState { store, config })
 }
 
 fn error(status: StatusCode, message: &str, field: Option<&str>) -> Response {
@@ -815,14 +805,7 @@ async fn blocking<T: Send + 'static>(
     })
 }
 
-async fn get_scores(
-    State(st): State<ScoresState>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    if let Err(r) = st.admin.check_admin(&headers) {
-        return *r;
-    }
+async fn get_scores(State(st): State<ScoresState>, Path(id): Path<String>) -> Response {
     let (store, cfg) = (st.store.clone(), st.config);
     match blocking(move || compute(&store, &id, &cfg, now_us())).await {
         Ok(report) => axum::Json(report_json(&report)).into_response(),
@@ -830,14 +813,7 @@ async fn get_scores(
     }
 }
 
-async fn get_news2_fhir(
-    State(st): State<ScoresState>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    if let Err(r) = st.admin.check_admin(&headers) {
-        return *r;
-    }
+async fn get_news2_fhir(State(st): State<ScoresState>, Path(id): Path<String>) -> Response {
     let (store, cfg) = (st.store.clone(), st.config);
     match blocking(move || compute(&store, &id, &cfg, now_us())).await {
         Ok(report) => match crate::fhir::render::render_news2(&report) {
@@ -948,12 +924,8 @@ fn parse_manual(body: &[u8], now: i64) -> Result<ManualInputs, ScoresError> {
 async fn put_manual_inputs(
     State(st): State<ScoresState>,
     Path(id): Path<String>,
-    headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Err(r) = st.admin.check_admin(&headers) {
-        return *r;
-    }
     let now = now_us();
     let inputs = match parse_manual(&body, now) {
         Ok(m) => m,

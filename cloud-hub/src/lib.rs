@@ -9,6 +9,7 @@
 //! - [`gateway_add`], [`gateway_list`], [`gateway_revoke`]: administration
 //!   of gateway tokens.
 
+pub mod access;
 pub mod adt;
 pub mod adt_listener;
 pub mod alerts;
@@ -18,6 +19,7 @@ pub mod audit;
 pub mod auth;
 pub mod backup;
 pub mod config;
+pub mod dashboard;
 pub mod early_warning;
 pub mod encoding;
 pub mod export;
@@ -65,6 +67,8 @@ pub enum HubError {
     Adt(#[from] adt_listener::AdtSetupError),
     #[error(transparent)]
     Mqtt(#[from] mqtt_ingest::MqttSetupError),
+    #[error(transparent)]
+    Account(#[from] access::accounts::AccountError),
 }
 
 /// Serves the hub on `listener` until `shutdown` resolves, then stops
@@ -165,6 +169,89 @@ pub fn audit_export(
         n += 1;
     }
     Ok(n)
+}
+
+/// Reads a password from `path` (`-`: standard input), first line only. A
+/// file must not be readable by group or others.
+pub fn read_password(path: &std::path::Path) -> Result<String, HubError> {
+    let text = if path.as_os_str() == "-" {
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line)?;
+        line
+    } else {
+        use std::os::unix::fs::PermissionsExt;
+        let meta = std::fs::metadata(path)?;
+        if meta.permissions().mode() & 0o077 != 0 {
+            return Err(HubError::Io(std::io::Error::other(format!(
+                "{} is accessible by group or others; chmod 600 it",
+                path.display()
+            ))));
+        }
+        std::fs::read_to_string(path)?
+    };
+    Ok(text.lines().next().unwrap_or("").to_owned())
+}
+
+/// `cloud-hub user add`: a local user with `role` (password Argon2id-hashed).
+pub fn user_add(
+    config: &Config,
+    name: &str,
+    role: access::Role,
+    password: &str,
+) -> Result<(), HubError> {
+    let store = open_store(config)?;
+    access::accounts::add_user(&store, name, role, password, store::now_us())?;
+    audit_cli(
+        &store,
+        "create",
+        "user add",
+        format!("user={name} role={role}"),
+    )
+}
+
+/// `cloud-hub user passwd`: a new password; the user's sessions end.
+pub fn user_set_password(config: &Config, name: &str, password: &str) -> Result<(), HubError> {
+    let store = open_store(config)?;
+    access::accounts::set_password(&store, name, password)?;
+    audit_cli(&store, "update", "user passwd", format!("user={name}"))
+}
+
+/// `cloud-hub user disable`: no more logins; the user's sessions end.
+pub fn user_disable(config: &Config, name: &str) -> Result<(), HubError> {
+    let store = open_store(config)?;
+    access::accounts::disable_user(&store, name, store::now_us())?;
+    audit_cli(&store, "update", "user disable", format!("user={name}"))
+}
+
+/// `cloud-hub user list`.
+pub fn user_list(config: &Config) -> Result<Vec<access::accounts::UserRow>, HubError> {
+    Ok(access::accounts::list_users(&open_store(config)?)?)
+}
+
+/// `cloud-hub token create`: an API bearer token with `role`, returned
+/// once (only its hash is stored).
+pub fn token_create(config: &Config, name: &str, role: access::Role) -> Result<String, HubError> {
+    let store = open_store(config)?;
+    let token = access::accounts::create_token(&store, name, role, store::now_us())?;
+    audit_cli(
+        &store,
+        "create",
+        "token create",
+        format!("token={name} role={role}"),
+    )?;
+    Ok(token)
+}
+
+/// `cloud-hub token revoke`.
+pub fn token_revoke(config: &Config, name: &str) -> Result<(), HubError> {
+    let store = open_store(config)?;
+    access::accounts::revoke_token(&store, name, store::now_us())?;
+    audit_cli(&store, "update", "token revoke", format!("token={name}"))
+}
+
+/// `cloud-hub token list` (never the tokens).
+pub fn token_list(config: &Config) -> Result<Vec<access::accounts::TokenRow>, HubError> {
+    Ok(access::accounts::list_tokens(&open_store(config)?)?)
 }
 
 /// All gateways (never their tokens).

@@ -41,6 +41,16 @@ enum Command {
         #[command(subcommand)]
         command: GatewayCommand,
     },
+    /// Local users of the dashboard and API (Argon2id passwords).
+    User {
+        #[command(subcommand)]
+        command: UserCommand,
+    },
+    /// API bearer tokens for scripts and integrations.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
     /// One-time enrolment tokens for `edge-agent provision`.
     Enrollment {
         #[command(subcommand)]
@@ -89,6 +99,46 @@ enum AuditCommand {
         #[arg(long, default_value_t = 1)]
         since: i64,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum UserCommand {
+    /// Create a user.
+    Add {
+        name: String,
+        /// clinician, biomed, operator or admin.
+        #[arg(long)]
+        role: cloud_hub::access::Role,
+        /// File holding the password on its first line (mode 0600), or `-`
+        /// for standard input. At least 12 characters.
+        #[arg(long)]
+        password_file: PathBuf,
+    },
+    /// Set a new password (the user's sessions end).
+    Passwd {
+        name: String,
+        #[arg(long)]
+        password_file: PathBuf,
+    },
+    /// Disable a user (no more logins; the user's sessions end).
+    Disable { name: String },
+    /// List users (never password hashes).
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Create an API token; prints it alone on stdout (shown once).
+    Create {
+        name: String,
+        /// clinician, biomed, operator or admin.
+        #[arg(long)]
+        role: cloud_hub::access::Role,
+    },
+    /// Revoke an API token.
+    Revoke { name: String },
+    /// List API tokens (never the tokens).
+    List,
 }
 
 #[derive(Debug, Subcommand)]
@@ -184,6 +234,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Serve => serve(config),
         Command::Gateway { command } => gateway(&config, command),
         Command::Audit { command } => audit(&config, command),
+        Command::User { command } => user(&config, command),
+        Command::Token { command } => token(&config, command),
         Command::Backup { .. } | Command::Restore { .. }
             if config.storage.backend == cloud_hub::config::StorageBackend::Postgres =>
         {
@@ -279,6 +331,96 @@ fn audit(config: &Config, command: AuditCommand) -> Result<()> {
 
 fn format_time(us: i64) -> String {
     cloud_hub::fhir::format_instant(us)
+}
+
+fn user(config: &Config, command: UserCommand) -> Result<()> {
+    match command {
+        UserCommand::Add {
+            name,
+            role,
+            password_file,
+        } => {
+            let pw = cloud_hub::read_password(&password_file)
+                .with_context(|| format!("reading {}", password_file.display()))?;
+            cloud_hub::user_add(config, &name, role, &pw)
+                .with_context(|| format!("adding user `{name}`"))?;
+            eprintln!("User `{name}` created with role {role}.");
+        }
+        UserCommand::Passwd {
+            name,
+            password_file,
+        } => {
+            let pw = cloud_hub::read_password(&password_file)
+                .with_context(|| format!("reading {}", password_file.display()))?;
+            cloud_hub::user_set_password(config, &name, &pw)
+                .with_context(|| format!("setting the password of `{name}`"))?;
+            eprintln!("Password of `{name}` changed; its sessions ended.");
+        }
+        UserCommand::Disable { name } => {
+            cloud_hub::user_disable(config, &name)
+                .with_context(|| format!("disabling user `{name}`"))?;
+            eprintln!("User `{name}` disabled; its sessions ended.");
+        }
+        UserCommand::List => {
+            let mut out = std::io::stdout().lock();
+            writeln!(
+                out,
+                "{:<32} {:<10} {:<28} DISABLED",
+                "NAME", "ROLE", "CREATED"
+            )?;
+            for u in cloud_hub::user_list(config)? {
+                writeln!(
+                    out,
+                    "{:<32} {:<10} {:<28} {}",
+                    u.name,
+                    u.role,
+                    format_time(u.created_us),
+                    u.disabled_us.map(format_time).unwrap_or_else(|| "-".into())
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn token(config: &Config, command: TokenCommand) -> Result<()> {
+    match command {
+        TokenCommand::Create { name, role } => {
+            let token = cloud_hub::token_create(config, &name, role)
+                .with_context(|| format!("creating token `{name}`"))?;
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "{token}")?;
+            out.flush()?;
+            eprintln!(
+                "API token `{name}` (role {role}) created. It is shown only once; send it as \
+                 `Authorization: Bearer <token>`."
+            );
+        }
+        TokenCommand::Revoke { name } => {
+            cloud_hub::token_revoke(config, &name)
+                .with_context(|| format!("revoking token `{name}`"))?;
+            eprintln!("API token `{name}` revoked.");
+        }
+        TokenCommand::List => {
+            let mut out = std::io::stdout().lock();
+            writeln!(
+                out,
+                "{:<32} {:<10} {:<28} REVOKED",
+                "NAME", "ROLE", "CREATED"
+            )?;
+            for t in cloud_hub::token_list(config)? {
+                writeln!(
+                    out,
+                    "{:<32} {:<10} {:<28} {}",
+                    t.name,
+                    t.role,
+                    format_time(t.created_us),
+                    t.revoked_us.map(format_time).unwrap_or_else(|| "-".into())
+                )?;
+            }
+        }
+    }
+    Ok(())
 }
 
 fn gateway(config: &Config, command: GatewayCommand) -> Result<()> {

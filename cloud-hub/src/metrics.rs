@@ -58,6 +58,32 @@ pub enum FhirInteraction {
 
 const INTERACTIONS: [&str; 3] = ["read", "search", "metadata"];
 
+/// Reason label of refused user requests and logins (`access`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthFailure {
+    /// No credentials, or unknown/expired/revoked ones (401).
+    Unauthenticated = 0,
+    /// Authenticated, but the role may not use the route (403).
+    Forbidden = 1,
+    /// Cookie-authenticated write without the session's CSRF token (403).
+    Csrf = 2,
+    /// Login with a wrong user name or password (401).
+    BadLogin = 3,
+    /// Login refused while the user name is locked out (429).
+    Throttled = 4,
+    /// A JWT that failed validation (signature, issuer, audience, time, role).
+    InvalidJwt = 5,
+}
+
+const AUTH_FAILURES: [&str; 6] = [
+    "unauthenticated",
+    "forbidden",
+    "csrf",
+    "bad_login",
+    "throttled",
+    "invalid_jwt",
+];
+
 /// The hub's counters.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -66,6 +92,8 @@ pub struct Metrics {
     errors: [AtomicU64; 6],
     rejected_reasons: [AtomicU64; 5],
     fhir: [AtomicU64; 3],
+    auth_failures: [AtomicU64; 6],
+    logins: AtomicU64,
     /// MQTT ingest (`[mqtt]`) counters and connection state.
     pub mqtt: crate::mqtt_ingest::MqttMetrics,
     /// HL7 ADT listener (`[adt]`) counters.
@@ -106,6 +134,16 @@ impl Metrics {
     pub fn rejected(&self, reason: RejectReason) {
         let i = REASONS.iter().position(|(r, _)| *r == reason).unwrap_or(0);
         self.rejected_reasons[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A refused user request or login.
+    pub fn auth_failure(&self, reason: AuthFailure) {
+        self.auth_failures[reason as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A successful login (a session started).
+    pub fn login(&self) {
+        self.logins.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn fhir(&self, interaction: FhirInteraction) {
@@ -163,8 +201,20 @@ impl Metrics {
             &INTERACTIONS,
             &self.fhir,
         );
+        family(
+            "vigil_hub_auth_failures_total",
+            "User requests and logins refused, by reason.",
+            "reason",
+            &AUTH_FAILURES,
+            &self.auth_failures,
+        );
         // Unlabelled counters.
         for (name, help, v) in [
+            (
+                "vigil_hub_logins_total",
+                "Successful logins (sessions started).",
+                &self.logins,
+            ),
             (
                 "vigil_hub_readings_out_of_range_total",
                 "Readings stored with the out-of-range quality flag \

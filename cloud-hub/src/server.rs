@@ -190,34 +190,46 @@ impl Hub {
             shutdown.await;
             let _ = adt_stop.send(true);
         };
-        // The association API (beds, placements, stays; admin token).
-        let association = crate::association_api::ApiState::load(
-            &self.config.association,
+        // Who may do what: every routed request passes the access policy
+        // (crate::access::POLICY) before its handler.
+        let admin_sha256 = self
+            .config
+            .association
+            .admin_token_file
+            .as_deref()
+            .map(crate::association_api::load_admin_token)
+            .transpose()
+            .map_err(|e| {
+                HubError::Config(crate::ConfigError::Invalid {
+                    field: "association.admin_token_file".into(),
+                    message: e.to_string(),
+                })
+            })?;
+        let access = crate::access::AccessState::new(
+            &self.config.auth,
+            admin_sha256,
             self.store.clone(),
-            state.associations.clone(),
+            self.metrics.clone(),
+            self.tls.is_some(),
         )
         .map_err(|e| {
             HubError::Config(crate::ConfigError::Invalid {
-                field: "association.admin_token_file".into(),
+                field: "auth.oidc".into(),
                 message: e.to_string(),
             })
         })?;
-        let scores = crate::early_warning::router(
-            association.clone(),
-            self.store.clone(),
-            self.config.scores,
-        );
-        let trends = crate::trends::router(association.clone(), self.store.clone());
-        let ward = crate::ward::router(
-            association.clone(),
-            self.store.clone(),
-            state.alerts.clone(),
-            self.config.scores,
-        );
-        let alerts =
-            crate::alerts::api::router(association.clone(), state.alerts.clone(), alerts_stop);
+        // The association API (beds, placements, stays).
+        let association =
+            crate::association_api::ApiState::new(self.store.clone(), state.associations.clone());
+        let scores = crate::early_warning::router(self.store.clone(), self.config.scores);
+        let trends = crate::trends::router(self.store.clone());
+        let ward =
+            crate::ward::router(self.store.clone(), state.alerts.clone(), self.config.scores);
+        let alerts = crate::alerts::api::router(state.alerts.clone(), alerts_stop);
         // Every audited request (FHIR, /api/v1 except ingest) is recorded
-        // in the hash-chained audit log after it is answered.
+        // in the hash-chained audit log after it is answered, with the
+        // principal the access layer found (the audit layer is outermost,
+        // so refusals are recorded too).
         let audit_state = state.clone();
         let app = router(state)
             .merge(crate::association_api::router(association))
@@ -225,6 +237,12 @@ impl Hub {
             .merge(alerts)
             .merge(trends)
             .merge(ward)
+            .merge(crate::dashboard::routes(self.store.clone()))
+            .merge(crate::access::routes(access.clone()))
+            .layer(axum::middleware::from_fn_with_state(
+                access,
+                crate::access::middleware,
+            ))
             .layer(axum::middleware::from_fn_with_state(
                 audit_state,
                 crate::audit::middleware,

@@ -226,6 +226,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (9, crate::alerts::SCHEMA_V9),
     (10, crate::trends::SCHEMA_V10),
     (11, crate::audit::SCHEMA_V11),
+    (12, crate::access::accounts::SCHEMA_V12),
 ];
 
 /// The schema version a database opened by this build has.

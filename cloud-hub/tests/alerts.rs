@@ -99,8 +99,7 @@ async fn sse_events(resp: &mut reqwest::Response, n: usize) -> Vec<Value> {
 async fn a_low_spo2_is_raised_after_its_delay_streamed_acknowledged_escalated_and_resolved() {
     let hub = hub("escalate_after_s = 2").await;
     // Without the admin token: 401; the stream too.
-    let resp = hub
-        .client
+    let resp = common::client()
         .get(hub.url("/api/v1/alerts"))
         .send()
         .await
@@ -219,12 +218,12 @@ async fn a_low_spo2_is_raised_after_its_delay_streamed_acknowledged_escalated_an
         transitions,
         [
             ("raised", None),
-            ("acknowledged", Some("admin")),
+            ("acknowledged", Some("admin-token")),
             ("resolved", None)
         ]
     );
     assert_eq!(a["alert"]["state"], "resolved");
-    assert_eq!(a["alert"]["acknowledged_by"], "admin");
+    assert_eq!(a["alert"]["acknowledged_by"], "admin-token");
     // The history keeps resolved alerts.
     let (_, all) = call(&hub, "GET", "/api/v1/alerts", None).await;
     assert_eq!(all["alerts"].as_array().unwrap().len(), 2);

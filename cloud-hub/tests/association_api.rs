@@ -41,17 +41,20 @@ async fn total_for(hub: &TestHub, patient: &str) -> u64 {
 }
 
 #[tokio::test]
-async fn without_an_admin_token_file_the_api_is_disabled() {
+async fn without_credentials_the_api_answers_401_saying_how_to_authenticate() {
     let hub = TestHub::start().await;
-    let (status, body) = call(&hub, "GET", "/api/v1/beds", None).await;
-    assert_eq!(status, 403, "{body}");
+    let (status, body) = call_as(&hub, None, "GET", "/api/v1/beds", None).await;
+    assert_eq!(status, 401, "{body}");
     assert!(
         body["error"]
             .as_str()
             .unwrap()
-            .contains("association.admin_token_file"),
+            .contains("Authorization: Bearer"),
         "{body}"
     );
+    // Without an admin token file, an API token of a permitted role works.
+    let (status, body) = call_as(&hub, Some(&hub.reader), "GET", "/api/v1/beds", None).await;
+    assert_eq!(status, 200, "{body}");
     hub.stop().await;
 }
 

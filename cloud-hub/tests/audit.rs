@@ -26,15 +26,21 @@ async fn accesses_are_chained_verified_and_exported() {
 
     hub.ingest(&batch(1, DEVICE, vec![spo2(1, 97.0, now_us())]))
         .await;
-    // A FHIR search for the patient (anonymous: the FHIR API has no
-    // authentication before the roles issue), a read of a missing resource,
-    // an admin write and an admin read.
+    // A FHIR search for the patient and a read of a missing resource (the
+    // tests' API token), a refused read without credentials, an admin write
+    // and an admin read.
     let (status, _) = hub
         .get_json(&format!("/fhir/Observation?patient={PATIENT}&_count=5"))
         .await;
     assert_eq!(status, 200);
     let (status, _) = hub.get_json("/fhir/Observation/nope").await;
     assert_eq!(status, 404);
+    let resp = common::client()
+        .get(hub.url(&format!("/fhir/Observation?patient={PATIENT}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
     let resp = hub
         .client
         .post(hub.url("/api/v1/beds"))
@@ -79,11 +85,19 @@ async fn accesses_are_chained_verified_and_exported() {
         got,
         [
             ("cli", "create", "gateway add", None, 0),
-            ("anonymous", "read", "/fhir/Observation", Some(PATIENT), 200),
-            ("anonymous", "read", "/fhir/Observation/nope", None, 404),
-            (admin.as_str(), "create", "/api/v1/beds", None, 201),
+            ("cli", "create", "token create", None, 0),
             (
-                admin.as_str(),
+                "token:tests",
+                "read",
+                "/fhir/Observation",
+                Some(PATIENT),
+                200
+            ),
+            ("token:tests", "read", "/fhir/Observation/nope", None, 404),
+            ("anonymous", "read", "/fhir/Observation", Some(PATIENT), 401),
+            ("admin-token", "create", "/api/v1/beds", None, 201),
+            (
+                "admin-token",
                 "read",
                 &format!("/api/v1/patients/{PATIENT}/scores"),
                 Some(PATIENT),
@@ -92,7 +106,8 @@ async fn accesses_are_chained_verified_and_exported() {
         ]
     );
     assert_eq!(rows[0].5, format!("gateway_id={GATEWAY}"));
-    assert_eq!(rows[1].5, format!("patient={PATIENT}&_count=5"));
+    assert_eq!(rows[1].5, "token=tests role=admin");
+    assert_eq!(rows[2].5, format!("patient={PATIENT}&_count=5"));
     hub.stop().await;
 
     // The CLI: verify passes and prints the head; export validates.
@@ -111,7 +126,7 @@ async fn accesses_are_chained_verified_and_exported() {
         String::from_utf8_lossy(&out.stderr)
     );
     let head = String::from_utf8(out.stdout).unwrap().trim().to_owned();
-    assert!(head.starts_with("5:"), "{head}");
+    assert!(head.starts_with("7:"), "{head}");
     let export = data.path().join("audit.ndjson");
     let out = run(&["audit", "export", "--out", export.to_str().unwrap()]);
     assert!(
@@ -124,13 +139,15 @@ async fn accesses_are_chained_verified_and_exported() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(events.len(), 5);
-    assert_eq!(events[1]["action"], "R");
+    assert_eq!(events.len(), 7);
+    assert_eq!(events[2]["action"], "R");
     assert_eq!(
-        events[1]["entity"][1]["what"]["reference"],
+        events[2]["entity"][1]["what"]["reference"],
         format!("Patient/{PATIENT}")
     );
-    assert_eq!(events[2]["outcome"], "4");
+    assert_eq!(events[3]["outcome"], "4");
+    // The refused anonymous read is recorded as a failure.
+    assert_eq!(events[4]["outcome"], "4");
     let (ok, report) = validate_fhir(&events);
     assert!(ok, "the FHIR validator found errors:\n{report}");
 

@@ -51,6 +51,7 @@ async fn serves_https_with_rustls() {
             "https://localhost:{}/fhir/Observation",
             hub.addr.port()
         ))
+        .bearer_auth(&hub.reader)
         .send()
         .await
         .unwrap();

@@ -208,8 +208,7 @@ async fn buckets_of_usable_values_follow_their_patient() {
             "{q}: {body}"
         );
     }
-    let resp = hub
-        .client
+    let resp = common::client()
         .get(hub.url(&format!("/api/v1/patients/{PATIENT}/series?code=59408-5")))
         .send()
         .await

@@ -163,8 +163,7 @@ async fn the_ward_view_shows_each_bed_riskiest_first() {
     let empty = &beds[2];
     assert!(empty.get("patient").is_none(), "{empty}");
     // Without the admin token: 401.
-    let resp = hub
-        .client
+    let resp = common::client()
         .get(hub.url("/api/v1/wards/ICU%203/overview"))
         .send()
         .await

@@ -1,5 +1,5 @@
-//! HTTP routes of the alerts (admin bearer token of the association API
-//! until the roles issue replaces it):
+//! HTTP routes of the alerts (who may call them: `crate::access::POLICY`;
+//! acknowledgements and rule changes record the caller's principal):
 //!
 //! - `GET  /api/v1/alerts?open=true&patient=…&_count=…` — newest first
 //! - `GET  /api/v1/alerts/{id}` — one alert with its transitions
@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -25,12 +25,12 @@ use serde_json::json;
 
 use super::rules::RuleOverride;
 use super::{AlertError, AlertService, ListFilter};
-use crate::association_api::ApiState;
+use crate::access::Principal;
 use crate::store::now_us;
+use axum::Extension;
 
 #[derive(Debug, Clone)]
 struct AlertsState {
-    admin: ApiState,
     service: Option<Arc<AlertService>>,
     /// Turns true when the hub shuts down: live streams end then (a
     /// graceful shutdown waits for open connections).
@@ -40,7 +40,6 @@ struct AlertsState {
 /// The alert routes. `service` is `None` when the engine is off (disabled,
 /// or the PostgreSQL store): the routes then answer 503 saying why.
 pub fn router<S: Clone + Send + Sync + 'static>(
-    admin: ApiState,
     service: Option<Arc<AlertService>>,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> Router<S> {
@@ -55,11 +54,7 @@ pub fn router<S: Clone + Send + Sync + 'static>(
             get(patient_rules).put(put_patient_rules),
         )
         .layer(DefaultBodyLimit::max(16 * 1024))
-        .with_state(AlertsState {
-            admin,
-            service,
-            stop,
-        })
+        .with_state(AlertsState { service, stop })
 }
 
 fn error(status: StatusCode, message: &str) -> Response {
@@ -86,12 +81,16 @@ impl IntoResponse for AlertError {
     }
 }
 
-/// The service, after the admin check.
-fn service(st: &AlertsState, headers: &HeaderMap) -> Result<Arc<AlertService>, Box<Response>> {
-    st.admin.check_admin(headers)?;
+/// The service (who may call: `crate::access::POLICY`).
+fn service(st: &AlertsState) -> Result<Arc<AlertService>, Box<Response>> {
     st.service
         .clone()
         .ok_or_else(|| Box::new(AlertError::Disabled.into_response()))
+}
+
+/// The audit name of the caller (`access` always sets one on these routes).
+fn actor(principal: Option<Extension<Principal>>) -> String {
+    principal.map_or_else(|| "unknown".to_owned(), |Extension(p)| p.id)
 }
 
 async fn blocking<T: Send + 'static>(
@@ -115,10 +114,9 @@ struct ListQuery {
 
 async fn list(
     State(st): State<AlertsState>,
-    headers: HeaderMap,
     q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
-    let svc = match service(&st, &headers) {
+    let svc = match service(&st) {
         Ok(s) => s,
         Err(r) => return *r,
     };
@@ -139,8 +137,8 @@ async fn list(
     }
 }
 
-async fn one(State(st): State<AlertsState>, Path(id): Path<i64>, headers: HeaderMap) -> Response {
-    let svc = match service(&st, &headers) {
+async fn one(State(st): State<AlertsState>, Path(id): Path<i64>) -> Response {
+    let svc = match service(&st) {
         Ok(s) => s,
         Err(r) => return *r,
     };
@@ -162,21 +160,21 @@ async fn one(State(st): State<AlertsState>, Path(id): Path<i64>, headers: Header
 async fn acknowledge(
     State(st): State<AlertsState>,
     Path(id): Path<i64>,
-    headers: HeaderMap,
+    principal: Option<Extension<Principal>>,
 ) -> Response {
-    let svc = match service(&st, &headers) {
+    let svc = match service(&st) {
         Ok(s) => s,
         Err(r) => return *r,
     };
-    // The admin token is the only principal until per-user roles exist.
-    match blocking(move || svc.acknowledge(id, "admin", now_us())).await {
+    let actor = actor(principal);
+    match blocking(move || svc.acknowledge(id, &actor, now_us())).await {
         Ok(alert) => axum::Json(alert).into_response(),
         Err(e) => e.into_response(),
     }
 }
 
-async fn stream(State(st): State<AlertsState>, headers: HeaderMap) -> Response {
-    let svc = match service(&st, &headers) {
+async fn stream(State(st): State<AlertsState>) -> Response {
+    let svc = match service(&st) {
         Ok(s) => s,
         Err(r) => return *r,
     };
@@ -214,8 +212,8 @@ fn events(
     })
 }
 
-async fn global_rules(State(st): State<AlertsState>, headers: HeaderMap) -> Response {
-    let svc = match service(&st, &headers) {
+async fn global_rules(State(st): State<AlertsState>) -> Response {
+    let svc = match service(&st) {
         Ok(s) => s,
         Err(r) => return *r,
     };
@@ -223,12 +221,8 @@ async fn global_rules(State(st): State<AlertsState>, headers: HeaderMap) -> Resp
     axum::Json(json!({ "rules": rules })).into_response()
 }
 
-async fn patient_rules(
-    State(st): State<AlertsState>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    let svc = match service(&st, &headers) {
+async fn patient_rules(State(st): State<AlertsState>, Path(id): Path<String>) -> Response {
+    let svc = match service(&st) {
         Ok(s) => s,
         Err(r) => return *r,
     };
@@ -246,10 +240,10 @@ async fn patient_rules(
 async fn put_patient_rules(
     State(st): State<AlertsState>,
     Path(id): Path<String>,
-    headers: HeaderMap,
+    principal: Option<Extension<Principal>>,
     body: axum::body::Bytes,
 ) -> Response {
-    let svc = match service(&st, &headers) {
+    let svc = match service(&st) {
         Ok(s) => s,
         Err(r) => return *r,
     };
@@ -268,8 +262,9 @@ async fn put_patient_rules(
             );
         }
     };
+    let actor = actor(principal);
     let r = blocking(move || {
-        svc.set_patient_rules(&id, overrides, "admin", now_us())?;
+        svc.set_patient_rules(&id, overrides, &actor, now_us())?;
         Ok(json!({ "patient": id, "overrides": svc.patient_overrides(&id) }))
     })
     .await;

@@ -160,7 +160,7 @@ CREATE INDEX patient_stays_visit ON patient_stays (visit) WHERE visit IS NOT NUL
 
 /// Ordered migrations; each runs once, in one transaction with its version
 /// row.
-pub(crate) const MIGRATIONS: &[(i64, &str)] = &[(1, V1)];
+pub(crate) const MIGRATIONS: &[(i64, &str)] = &[(1, V1), (2, crate::access::accounts::PG_V2)];
 
 /// Observation partitions are UTC months: `[start, end)` in µs of the
 /// month holding `t_us`, and the partition's name.

@@ -21,6 +21,8 @@ pub struct TestHub {
     pub addr: SocketAddr,
     pub base: String,
     pub token: String,
+    /// The tests' API token (role admin), sent by `client` by default.
+    pub reader: String,
     pub config: Config,
     pub client: reqwest::Client,
     shutdown: Option<oneshot::Sender<()>>,
@@ -30,6 +32,21 @@ pub struct TestHub {
 pub fn client() -> reqwest::Client {
     let _ = rustls::crypto::ring::default_provider().install_default();
     reqwest::Client::builder().build().unwrap()
+}
+
+/// A client sending `Authorization: Bearer <token>` unless a request sets
+/// its own.
+pub fn client_with_token(token: &str) -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut h = reqwest::header::HeaderMap::new();
+    h.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {token}").parse().unwrap(),
+    );
+    reqwest::Client::builder()
+        .default_headers(h)
+        .build()
+        .unwrap()
 }
 
 pub fn config_text(dir: &std::path::Path, extra_server: &str) -> String {
@@ -64,6 +81,24 @@ impl TestHub {
 
     pub async fn start_config(dir: tempfile::TempDir, config: Config, scheme: &str) -> Self {
         let token = cloud_hub::gateway_add(&config, GATEWAY).unwrap();
+        // The test client reads with an administrator's API token unless a
+        // request sets its own Authorization header.
+        // A restarted hub on the same database gets a token of its own.
+        let reader = (1..)
+            .map(|n| match n {
+                1 => "tests".to_owned(),
+                n => format!("tests-{n}"),
+            })
+            .find_map(|name| {
+                match cloud_hub::token_create(&config, &name, cloud_hub::access::Role::Admin) {
+                    Ok(t) => Some(t),
+                    Err(cloud_hub::HubError::Account(
+                        cloud_hub::access::accounts::AccountError::Exists(_),
+                    )) => None,
+                    Err(e) => panic!("creating the tests' API token: {e}"),
+                }
+            })
+            .unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
@@ -76,7 +111,8 @@ impl TestHub {
             base: format!("{scheme}://{addr}"),
             token,
             config,
-            client: client(),
+            client: client_with_token(&reader),
+            reader,
             shutdown: Some(tx),
             task: Some(task),
         }
@@ -272,10 +308,14 @@ pub async fn call_json(
     path: &str,
     body: Option<serde_json::Value>,
 ) -> (u16, serde_json::Value) {
-    let mut req = hub.client.request(method.parse().unwrap(), hub.url(path));
-    if let Some(t) = token {
-        req = req.bearer_auth(t);
-    }
+    // Without a token: no credentials at all (not the test client's own).
+    let mut req = match token {
+        Some(t) => hub
+            .client
+            .request(method.parse().unwrap(), hub.url(path))
+            .bearer_auth(t),
+        None => client().request(method.parse().unwrap(), hub.url(path)),
+    };
     if let Some(b) = body {
         req = req
             .header("content-type", "application/json")

@@ -1,0 +1,189 @@
+//! `/api/v1/session`: log in (POST), who am I (GET), log out (DELETE).
+//!
+//! The session id travels only in an `HttpOnly; SameSite=Strict` cookie
+//! (plus `Secure` when served over TLS or `auth.cookie_secure`); the CSRF
+//! token comes back in the JSON body and must be sent as `X-CSRF-Token` on
+//! every cookie-authenticated write. Login takes JSON only, so a cross-site
+//! form cannot post it.
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde_json::json;
+
+use super::{AccessState, Principal, Refusal, SESSION_COOKIE, Via, accounts, cookie};
+use crate::metrics::AuthFailure;
+use crate::store::now_us;
+
+/// The session routes.
+pub fn routes<S: Clone + Send + Sync + 'static>(state: AccessState) -> Router<S> {
+    Router::new()
+        .route("/api/v1/session", get(whoami).post(login).delete(logout))
+        .layer(axum::extract::DefaultBodyLimit::max(4096))
+        .with_state(state)
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Login {
+    username: String,
+    password: String,
+}
+
+fn set_cookie(st: &AccessState, value: &str, max_age_s: i64) -> HeaderValue {
+    let secure = if st.secure_cookie { "; Secure" } else { "" };
+    HeaderValue::from_str(&format!(
+        "{SESSION_COOKIE}={value}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age_s}{secure}"
+    ))
+    .unwrap_or_else(|_| HeaderValue::from_static("vigil_session=; Max-Age=0"))
+}
+
+fn body(principal: &Principal) -> serde_json::Value {
+    let csrf = match &principal.via {
+        Via::Session { csrf } => Some(csrf.as_str()),
+        _ => None,
+    };
+    json!({
+        "user": principal.id.split_once(':').map_or(principal.id.as_str(), |(_, n)| n),
+        "principal": principal.id,
+        "role": principal.roles.first().map(|r| r.as_str()),
+        "roles": principal.roles.iter().map(|r| r.as_str()).collect::<Vec<_>>(),
+        "csrf_token": csrf,
+    })
+}
+
+async fn login(
+    State(st): State<AccessState>,
+    headers: HeaderMap,
+    raw: axum::body::Bytes,
+) -> Response {
+    let json_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(';')
+                .next()
+                .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
+        });
+    if !json_type {
+        return (
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            axum::Json(json!({ "error": "log in with Content-Type: application/json {\"username\", \"password\"}" })),
+        )
+            .into_response();
+    }
+    let req: Login = match serde_json::from_slice(&raw) {
+        Ok(r) => r,
+        Err(e) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                axum::Json(json!({ "error": format!("expected JSON {{\"username\", \"password\"}}: {e}") })),
+            )
+                .into_response();
+        }
+    };
+    if st.locked_out(&req.username) {
+        st.metrics.auth_failure(AuthFailure::Throttled);
+        let mut resp = (
+            StatusCode::TOO_MANY_REQUESTS,
+            axum::Json(json!({ "error": "too many failed logins for this user name: try again in 5 minutes" })),
+        )
+            .into_response();
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("300"));
+        return resp;
+    }
+    let (store, name, pw) = (st.store.clone(), req.username.clone(), req.password);
+    let checked = tokio::task::spawn_blocking(move || {
+        let role = accounts::check_password(&store, &name, &pw)?;
+        match role {
+            Some(role) => {
+                let (id, csrf) = accounts::create_session(&store, &name, now_us())?;
+                Ok(Some((role, id, csrf)))
+            }
+            None => Ok::<_, accounts::AccountError>(None),
+        }
+    })
+    .await;
+    match checked {
+        Ok(Ok(Some((role, id, csrf)))) => {
+            st.login_succeeded(&req.username);
+            st.metrics.login();
+            tracing::info!(user = %req.username, role = %role, "login");
+            let principal = Principal {
+                id: format!("user:{}", req.username),
+                roles: vec![role],
+                via: Via::Session { csrf },
+            };
+            let mut resp = axum::Json(body(&principal)).into_response();
+            resp.headers_mut().insert(
+                header::SET_COOKIE,
+                set_cookie(&st, &id, st.max_age_us / 1_000_000),
+            );
+            resp.headers_mut()
+                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            resp.extensions_mut().insert(principal);
+            resp
+        }
+        Ok(Ok(None)) => {
+            st.login_failed(&req.username);
+            tracing::info!("login refused: wrong user name or password");
+            Refusal {
+                status: StatusCode::UNAUTHORIZED,
+                reason: AuthFailure::BadLogin,
+                message: "wrong user name or password".into(),
+            }
+            .into_response(&st.metrics)
+        }
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "login failed");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                axum::Json(json!({ "error": "account store unavailable" })),
+            )
+                .into_response()
+        }
+        Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response(),
+    }
+}
+
+async fn whoami(State(st): State<AccessState>, headers: HeaderMap) -> Response {
+    match st.authenticate(&headers, &Method::GET).await {
+        Ok(p) => {
+            let mut resp = axum::Json(body(&p)).into_response();
+            resp.headers_mut()
+                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            resp.extensions_mut().insert(p);
+            resp
+        }
+        Err(r) => r.into_response(&st.metrics),
+    }
+}
+
+async fn logout(State(st): State<AccessState>, headers: HeaderMap) -> Response {
+    let Some(id) = cookie(&headers, SESSION_COOKIE) else {
+        return Refusal::unauthenticated("no session to end").into_response(&st.metrics);
+    };
+    // Checks the session and its CSRF token (DELETE is a write).
+    let principal = match st.authenticate(&headers, &Method::DELETE).await {
+        Ok(p) => p,
+        Err(r) => return r.into_response(&st.metrics),
+    };
+    let store = st.store.clone();
+    match tokio::task::spawn_blocking(move || accounts::end_session(&store, &id)).await {
+        Ok(Ok(())) => {
+            let mut resp = StatusCode::NO_CONTENT.into_response();
+            resp.headers_mut()
+                .insert(header::SET_COOKIE, set_cookie(&st, "", 0));
+            resp.extensions_mut().insert(principal);
+            resp
+        }
+        _ => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({ "error": "account store unavailable" })),
+        )
+            .into_response(),
+    }
+}
