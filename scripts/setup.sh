@@ -6,7 +6,7 @@ set -euo pipefail
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then
   if command -v sudo >/dev/null 2>&1; then SUDO="sudo"; else
-    echo "setup: not root and no sudo; install manually: socat libdbus-1-dev pkg-config dbus python3-dbusmock mosquitto postgresql faketime" >&2; fi
+    echo "setup: not root and no sudo; install manually: socat libdbus-1-dev pkg-config dbus python3-dbusmock mosquitto postgresql faketime chromium chromium-driver" >&2; fi
 fi
 
 # Debian packages needed by the tests and the demo.
@@ -21,7 +21,9 @@ fi
 #     throwaway server; the Debian service it installs is not used).
 #   faketime: libfaketime, preloaded into the agent to jump the gateway clock in
 #     tests/tests/fault_suite.rs.
-PKGS=(socat libdbus-1-dev pkg-config dbus python3-dbusmock mosquitto postgresql faketime)
+#   chromium, chromium-driver: headless Chromium and its WebDriver server for the dashboard
+#     browser test (tests/tests/dashboard_browser.rs).
+PKGS=(socat libdbus-1-dev pkg-config dbus python3-dbusmock mosquitto postgresql faketime chromium chromium-driver)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

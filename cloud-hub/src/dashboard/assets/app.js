@@ -248,13 +248,17 @@ function live(load, ms) {
 
 // ---- ward view -------------------------------------------------------------
 async function wards() {
-  try {
-    const d = await api('GET', '/api/v1/beds');
-    return [...new Set(d.beds.map((b) => b.ward))].sort();
-  } catch (e) {
-    if (e.status === 401) throw e;
-    return null; // not allowed to list beds: the ward is typed in
+  // Occupancy is clinical data, the bed list equipment data: either names
+  // the wards, depending on the role.
+  for (const path of ['/api/v1/occupancy', '/api/v1/beds']) {
+    try {
+      const d = await api('GET', path);
+      return [...new Set(d.beds.map((b) => b.ward))].sort();
+    } catch (e) {
+      if (e.status === 401) throw e;
+    }
   }
+  return null; // neither allowed: the ward is typed in
 }
 
 async function renderWard(ward) {
@@ -403,6 +407,19 @@ async function renderPatient(id, range) {
   }, 5000);
 }
 
+const PARAM_NAMES = {
+  respiration_rate: 'Respiration rate', spo2: 'SpO₂', supplemental_oxygen: 'Air or oxygen',
+  systolic_bp: 'Systolic BP', pulse: 'Pulse', consciousness: 'Consciousness', temperature: 'Temperature',
+};
+const UNITS = { 'mm[Hg]': 'mmHg', Cel: '°C' };
+
+function inputText(i) {
+  if (!i) return '–';
+  if (i.parameter === 'supplemental_oxygen') return i.value ? 'oxygen' : 'air';
+  const v = typeof i.value === 'number' ? fmtValue(i.value) : String(i.value).replace('_', ' ');
+  return i.unit ? `${v} ${UNITS[i.unit] || i.unit}` : v;
+}
+
 function renderScore(card, s) {
   const n = s.news2;
   const inputs = s.inputs || { missing: [], stale: [] };
@@ -411,8 +428,8 @@ function renderScore(card, s) {
       h('span', { class: `news2 band-${n ? n.band : 'none'}`, id: 'news2-total' }, n ? String(n.total) : '–', h('small', {}, n ? bandLabel(n.band) : 'not computable'))),
     n
       ? h('table', { class: 'components' }, h('tr', {}, h('th', {}, 'Parameter'), h('th', {}, 'Value'), h('th', {}, 'Score')),
-        n.components.map((c) => h('tr', {}, h('td', {}, c.parameter + (c.scale ? ` (scale ${c.scale})` : '')),
-          h('td', {}, c.input ? `${typeof c.input.value === 'number' ? fmtValue(c.input.value) : c.input.value}${c.input.unit ? ' ' + c.input.unit : ''}` : '–'),
+        n.components.map((c) => h('tr', {}, h('td', {}, (PARAM_NAMES[c.parameter] || c.parameter) + (c.scale ? ` (scale ${c.scale})` : '')),
+          h('td', {}, inputText(c.input)),
           h('td', { class: 'num' }, String(c.score)))))
       : h('p', { class: 'notice' }, `Not computed: missing ${inputs.missing.join(', ') || 'none'}; stale ${inputs.stale.map((i) => i.parameter).join(', ') || 'none'}. A score is never computed from missing or stale inputs.`),
     h('p', { class: 'muted' }, `qSOFA ${s.qsofa ? s.qsofa.score : '–'} · MEWS ${s.mews ? s.mews.total : '–'} · freshness window ${Math.round(s.freshness_s / 60)} min`));
@@ -422,7 +439,7 @@ function renderManualForm(card, id) {
   const sel = (name, opts) => h('select', { name }, opts.map(([v, l]) => h('option', { value: v }, l)));
   const msg = h('p', { class: 'muted', id: 'manual-status' });
   const form = h('form', { id: 'manual-form' },
-    h('label', { for: 'mi-c' }, 'Consciousness (ACVPU)'),
+    h('label', {}, 'Consciousness (ACVPU)'),
     sel('consciousness', [['', '— unchanged —'], ['alert', 'Alert'], ['new_confusion', 'New confusion'], ['voice', 'Voice'], ['pain', 'Pain'], ['unresponsive', 'Unresponsive']]),
     h('label', {}, 'Air or oxygen'),
     sel('supplemental_oxygen', [['', '— unchanged —'], ['false', 'Air'], ['true', 'Supplemental oxygen']]),

@@ -45,7 +45,7 @@ function frame(svg, fromMs, toMs, lo, hi) {
 // A vital's chart: min-max band and mean line per bucket; dashed limits.
 // points: [{start, min, max, mean, count}] (API `series`); limits: numbers.
 export function seriesChart(points, fromMs, toMs, resolutionS, limits = [], normal = null) {
-  const svg = el('svg', { viewBox: `0 0 ${W} ${H}`, preserveAspectRatio: 'none', role: 'img' });
+  const svg = el('svg', { viewBox: `0 0 ${W} ${H}`, role: 'img' });
   const vals = points.flatMap((p) => [p.min, p.max]).concat(limits);
   if (normal) vals.push(normal[0], normal[1]);
   let lo = Math.min(...vals), hi = Math.max(...vals);
@@ -86,7 +86,7 @@ export function seriesChart(points, fromMs, toMs, resolutionS, limits = [], norm
 // NEWS2 band over time from the score alerts (news2-medium, news2-high,
 // news2-single-parameter-3): each alert paints its raised..resolved span.
 export function bandStrip(alerts, fromMs, toMs, nowMs) {
-  const svg = el('svg', { viewBox: `0 0 ${W} 60`, preserveAspectRatio: 'none', role: 'img' });
+  const svg = el('svg', { viewBox: `0 0 ${W} 60`, role: 'img' });
   const x = (ms) => L + ((Math.min(Math.max(ms, fromMs), toMs) - fromMs) / (toMs - fromMs)) * (W - L - R);
   el('rect', { x: L, y: 8, width: W - L - R, height: 28, class: 'band' }, svg);
   const colour = { 'news2-high': '#c62828', 'news2-medium': '#ef6c00', 'news2-single-parameter-3': '#f9a825' };
