@@ -24,6 +24,9 @@ fi
 #   chromium, chromium-driver: headless Chromium and its WebDriver server for the dashboard
 #     browser test (tests/tests/dashboard_browser.rs).
 PKGS=(socat libdbus-1-dev pkg-config dbus python3-dbusmock mosquitto postgresql faketime chromium chromium-driver)
+#   wrk: the HTTP load generator of the FHIR API benchmark (cloud-hub/benches/fhir_load.rs,
+#     run by `cargo xtask bench`, also --quick in CI).
+PKGS+=(wrk)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -84,5 +87,10 @@ rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup comp
 if ! command -v cargo-nextest >/dev/null 2>&1; then
   echo "setup: installing cargo-nextest" >&2
   cargo install cargo-nextest --locked
+fi
+#   cargo-fuzz: builds and runs the fuzz targets (scripts/fuzz.sh, CI) with the stable toolchain.
+if ! command -v cargo-fuzz >/dev/null 2>&1; then
+  echo "setup: installing cargo-fuzz" >&2
+  cargo install cargo-fuzz --locked
 fi
 echo "setup: ok" >&2

@@ -23,8 +23,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use device_drivers::DriverOutput;
 use device_drivers::hl7::{self, Hl7Options, MllpDecoder, MllpError, Outcome, Processed};
+use device_drivers::{DriverOutput, DriverStats};
 use shared_protocol::v1::DeviceInfo;
 use time::OffsetDateTime;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -84,6 +84,11 @@ pub struct Hl7Stats {
     pub store_errors: AtomicU64,
     pub readings_accepted: AtomicU64,
     pub bytes_dropped: AtomicU64,
+    /// The same traffic as the status endpoint's per-device counters
+    /// (`vigil_agent_device_*`): a frame ok per message answered AA, a
+    /// frame bad per message answered AE/AR and per resync over junk,
+    /// with the bytes dropped.
+    pub device: Arc<DriverStats>,
 }
 
 impl Hl7Stats {
@@ -304,6 +309,7 @@ where
                         junk += e.dropped();
                     }
                     Hl7Stats::add(&ctx.stats.bytes_dropped, e.dropped() as u64);
+                    ctx.stats.device.frame_error(e.dropped());
                     match e {
                         MllpError::Oversized { head, max, .. } => {
                             Hl7Stats::add(&ctx.stats.messages_rejected, 1);
@@ -396,6 +402,7 @@ impl Ctx {
                     }
                 };
                 if ok {
+                    self.stats.device.frame_ok();
                     Hl7Stats::add(&self.stats.messages_accepted, 1);
                     Hl7Stats::add(&self.stats.readings_accepted, n as u64);
                     tracing::debug!(device_id = %self.device_id, readings = n, skipped, "HL7 message accepted");
@@ -405,6 +412,7 @@ impl Ctx {
                 ok
             }
             Outcome::Error(errors) => {
+                self.stats.device.frame_error(0);
                 Hl7Stats::add(&self.stats.messages_refused, 1);
                 let at: Vec<String> = errors
                     .iter()
@@ -414,6 +422,7 @@ impl Ctx {
                 false
             }
             Outcome::Reject(e) => {
+                self.stats.device.frame_error(0);
                 Hl7Stats::add(&self.stats.messages_rejected, 1);
                 tracing::warn!(device_id = %self.device_id, location = %e.location, code = e.code,
                     "HL7 message rejected (AR)");

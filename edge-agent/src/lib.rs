@@ -163,6 +163,7 @@ pub async fn run_with_uplink(
                     message,
                 })?;
             device_infos.insert(dev.id.clone(), hl7::Hl7Listener::device_info(dev));
+            driver_stats.push((dev.id.clone(), l.stats().device.clone()));
             drivers.push(tokio::spawn(l.serve(
                 buffer.clone(),
                 notify.clone(),

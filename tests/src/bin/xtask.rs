@@ -8,7 +8,8 @@
 //! Full mode writes them at the repository root. `--quick` runs every
 //! bench in its smoke mode (small inputs, one run) and writes to
 //! `target/bench-report/`: it checks the harness end to end (CI runs it),
-//! its figures mean nothing and no target is judged.
+//! its figures mean nothing and no target is judged, but it fails when a
+//! bench fails or prints no readable figure.
 //!
 //! (`cargo xtask` is an alias in `.cargo/config.toml` for
 //! `cargo run -p vigil-e2e --bin xtask --`.)
@@ -57,7 +58,7 @@ fn benches(observations: u64) -> Vec<Bench> {
         env: vec![],
     };
     let mut search = b(
-        "hub FHIR search (1 patient, 1 vital, 24 h)",
+        "hub FHIR search and 24 h trend query at size",
         "cloud-hub",
         "search",
         &[],
@@ -89,7 +90,88 @@ fn benches(observations: u64) -> Vec<Bench> {
         ),
         e2e_fast,
         b("hub ward overview, 40 beds", "cloud-hub", "ward", &[]),
+        b("hub FHIR API under wrk", "cloud-hub", "fhir_load", &[]),
         search,
+    ]
+}
+
+/// A figure the issues ask for without a numeric target: reported in
+/// the table beside the targets, never judged.
+struct Figure {
+    what: &'static str,
+    bench: &'static str,
+    /// The line holding this text …
+    line: &'static str,
+    /// … and the number after this text on it.
+    after: &'static str,
+    unit: &'static str,
+}
+
+fn figures() -> Vec<Figure> {
+    let f = |what, bench, line, after, unit| Figure {
+        what,
+        bench,
+        line,
+        after,
+        unit,
+    };
+    vec![
+        f(
+            "hub ingest, PostgreSQL",
+            "hub ingest, PostgreSQL",
+            "median",
+            "median",
+            "readings/s",
+        ),
+        f(
+            "ward overview p99 (40 beds)",
+            "hub ward overview, 40 beds",
+            "ward overview",
+            "p99",
+            "ms",
+        ),
+        f(
+            "FHIR API requests/s (wrk, read/search/page/series mix)",
+            "hub FHIR API under wrk",
+            "FHIR API under wrk",
+            "median",
+            "requests/s",
+        ),
+        f(
+            "FHIR API latency p99 under that load",
+            "hub FHIR API under wrk",
+            "FHIR API under wrk",
+            "p99",
+            "ms",
+        ),
+        f(
+            "FHIR search p99 (1 patient, 1 vital, 24 h) at the stated size",
+            "hub FHIR search and 24 h trend query at size",
+            "FHIR search",
+            "p99",
+            "ms",
+        ),
+        f(
+            "24 h trend query p99 (hourly points) at the stated size",
+            "hub FHIR search and 24 h trend query at size",
+            "24 h trend query (hourly",
+            "p99",
+            "ms",
+        ),
+        f(
+            "24 h trend query p99 (1-min points) at the stated size",
+            "hub FHIR search and 24 h trend query at size",
+            "24 h trend query (1-min",
+            "p99",
+            "ms",
+        ),
+        f(
+            "store size of the search and trend figures",
+            "hub FHIR search and 24 h trend query at size",
+            "FHIR search",
+            "over",
+            "observations",
+        ),
     ]
 }
 
@@ -149,7 +231,12 @@ fn targets() -> Vec<Target> {
 
 /// The first number after `after` on the first line containing it.
 fn number_after(lines: &[String], after: &str) -> Option<f64> {
-    let line = lines.iter().find(|l| l.contains(after))?;
+    number_in(lines, after, after)
+}
+
+/// The first number after `after` on the first line containing `line`.
+fn number_in(lines: &[String], line: &str, after: &str) -> Option<f64> {
+    let line = lines.iter().find(|l| l.contains(line))?;
     let rest = &line[line.find(after)? + after.len()..];
     let start = rest.find(|c: char| c.is_ascii_digit())?;
     let num: String = rest[start..]
@@ -318,6 +405,14 @@ fn main() -> Result<()> {
         };
         judged.push((t, value, verdict));
     }
+    let mut reported = Vec::new();
+    for f in figures() {
+        let Some((_, o)) = results.iter().find(|(b, _)| b.name == f.bench) else {
+            continue;
+        };
+        let value = number_in(&o.lines, f.line, f.after);
+        reported.push((f, value));
+    }
 
     let mut md = String::new();
     md.push_str("# Benchmarks\n\n");
@@ -344,7 +439,17 @@ fn main() -> Result<()> {
             verdict
         ));
     }
-    md.push_str("\nNot measured by this command yet: FHIR API requests/s with a load generator; the 24 h trend query at size.\n\n## Results\n\n");
+    for (f, v) in &reported {
+        md.push_str(&format!(
+            "| {} | — (figure without a target) | {} | reported |\n",
+            f.what,
+            v.map_or("— (the bench failed or printed none)".into(), |v| format!(
+                "{v} {}",
+                f.unit
+            )),
+        ));
+    }
+    md.push_str("\n## Results\n\n");
     for (b, o) in &results {
         md.push_str(&format!(
             "### {}\n\n`{}` — {} in {:.0} s\n\n```\n{}\n```\n\n",
@@ -365,6 +470,9 @@ fn main() -> Result<()> {
         "targets": judged.iter().map(|(t, v, verdict)| json!({
             "target": t.what, "goal": t.goal, "measured": v, "verdict": verdict,
         })).collect::<Vec<_>>(),
+        "figures": reported.iter().map(|(f, v)| json!({
+            "figure": f.what, "measured": v, "unit": f.unit,
+        })).collect::<Vec<_>>(),
     });
     std::fs::write(out_dir.join("BENCHMARKS.md"), md)?;
     std::fs::write(
@@ -378,6 +486,22 @@ fn main() -> Result<()> {
     );
     if !failed.is_empty() {
         bail!("benches failed: {}", failed.join(", "));
+    }
+    // A bench that ran but printed no readable figure is a broken harness
+    // (also in --quick, where CI relies on this check).
+    let unread: Vec<&str> = judged
+        .iter()
+        .filter(|(_, v, _)| v.is_none())
+        .map(|(t, _, _)| t.what)
+        .chain(
+            reported
+                .iter()
+                .filter(|(_, v)| v.is_none())
+                .map(|(f, _)| f.what),
+        )
+        .collect();
+    if !unread.is_empty() {
+        bail!("no figure could be read for: {}", unread.join("; "));
     }
     Ok(())
 }
@@ -398,5 +522,24 @@ mod tests {
         assert_eq!(number_after(&lines, "ratio:"), Some(62.0));
         assert_eq!(number_after(&lines, "p99"), Some(123.0));
         assert_eq!(number_after(&lines, "nothing"), None);
+        let search = vec![
+            "FHIR search (…) over 20000000 observations (7.4 GB; filled in 263 s): p50 3.50 ms, p99 6.13 ms".to_owned(),
+            "24 h trend query (hourly points, the default for 24 h; …) over 20000000 observations (7.4 GB): p50 0.20 ms, p99 0.41 ms".into(),
+            "24 h trend query (1-min points; …) over 20000000 observations (7.4 GB): p50 2.00 ms, p99 3.10 ms".into(),
+        ];
+        assert_eq!(number_in(&search, "FHIR search", "p99"), Some(6.13));
+        assert_eq!(
+            number_in(&search, "24 h trend query (hourly", "p99"),
+            Some(0.41)
+        );
+        assert_eq!(
+            number_in(&search, "24 h trend query (1-min", "p99"),
+            Some(3.1)
+        );
+        assert_eq!(
+            number_in(&search, "FHIR search", "over"),
+            Some(20_000_000.0)
+        );
+        assert_eq!(number_in(&search, "no such line", "p99"), None);
     }
 }

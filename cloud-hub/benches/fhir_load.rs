@@ -1,0 +1,291 @@
+//! FHIR API requests/s under a standard load generator: `wrk` (Debian
+//! package `wrk`, installed by scripts/setup.sh) against the release
+//! `cloud-hub serve` on loopback, over a store of N observations
+//! (`support/mod.rs`: 100 patients × 4 vitals over 3 days, with rollups).
+//!
+//! The request mix, drawn at random per request from 1 000 prepared
+//! requests, each with the admin bearer token:
+//! - 40 % `GET /fhir/Observation/{id}` (read by id, random row);
+//! - 30 % `GET /fhir/Observation?patient=…&code=…&date=ge…&_sort=-date&_count=50`
+//!   (one patient's last 24 h of one vital, first page with the total);
+//! - 10 % the same search's second page (`_offset=50`);
+//! - 20 % `GET /api/v1/patients/{id}/series?code=…&from=…&to=…` (24 h trend).
+//!
+//! Every request is also written to the hub's audit log (as in
+//! production). wrk runs R times for D seconds with 2 threads and C
+//! connections; each run must answer only 2xx with no socket errors. The
+//! line reports the median requests/s with min/max and the median of the
+//! runs' latency p50/p99.
+//!
+//! Run: `cargo bench -p cloud-hub --bench fhir_load -- [--observations N]
+//! [--connections C] [--seconds D] [--runs R]` (defaults 1 000 000, 8,
+//! 10, 5; `--quick`: 100 000 observations, one 3 s run).
+
+mod support;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use support::{HOUR_US, METRICS, PATIENTS, Rng, T_END};
+
+const ADMIN: &str = "bench-admin-token-0123456789abcdef0123456789";
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn arg(name: &str, default: u64) -> u64 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn write_private(path: &Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+/// Starts `cloud-hub serve` on a free loopback port over the store in
+/// `dir`; returns the process and `host:port`.
+fn start_hub(dir: &Path) -> (Proc, String) {
+    write_private(&dir.join("admin.token"), &format!("{ADMIN}\n"));
+    let cfg = dir.join("hub.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[server]\nbind = \"127.0.0.1:0\"\n[storage]\nsqlite_path = \"{}\"\n\
+             [association]\nadmin_token_file = \"{}\"\n",
+            dir.join("hub.sqlite").display(),
+            dir.join("admin.token").display()
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(dir.join("hub.log")).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cloud-hub"))
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .expect("spawn cloud-hub");
+    let out = child.stdout.take().unwrap();
+    let proc = Proc(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(out).lines();
+        if let Some(Ok(l)) = lines.next() {
+            let _ = tx.send(l);
+        }
+        for _ in lines {}
+    });
+    let line = rx
+        .recv_timeout(Duration::from_secs(60))
+        .unwrap_or_else(|_| {
+            panic!(
+                "the hub did not start: {}",
+                std::fs::read_to_string(dir.join("hub.log")).unwrap_or_default()
+            )
+        });
+    let addr = line
+        .strip_prefix("listening on http://")
+        .unwrap_or_else(|| panic!("unexpected hub line {line:?}"))
+        .trim_end_matches('/')
+        .to_owned();
+    (proc, addr)
+}
+
+/// GET `path` with the admin token (HTTP/1.0): status and body.
+fn get(addr: &str, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nAuthorization: Bearer {ADMIN}\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    (status, body.to_owned())
+}
+
+/// The prepared requests: (kind, path).
+fn requests(n: i64) -> Vec<(&'static str, String)> {
+    let fmt = cloud_hub::fhir::format_instant;
+    let since = fmt(T_END - 24 * HOUR_US);
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    (0..1000)
+        .map(|k| {
+            let r = rng.next();
+            let p = r % PATIENTS as u64;
+            let (mdc, loinc, _, _) = METRICS[(r >> 32) as usize % METRICS.len()];
+            let search = format!(
+                "/fhir/Observation?patient=p-{p}&code=http://loinc.org%7C{loinc}&date=ge{since}&_sort=-date&_count=50"
+            );
+            match k % 10 {
+                0..=3 => ("read", format!("/fhir/Observation/{:032x}", (r >> 16) % n as u64)),
+                4..=6 => ("search", search),
+                7 => ("search page 2", format!("{search}&_offset=50")),
+                _ => (
+                    "series",
+                    format!(
+                        "/api/v1/patients/p-{p}/series?code={mdc}&from={since}&to={}",
+                        fmt(T_END)
+                    ),
+                ),
+            }
+        })
+        .collect()
+}
+
+const SCRIPT: &str = r#"
+local paths = {}
+for line in io.lines(os.getenv("VIGIL_WRK_PATHS")) do paths[#paths + 1] = line end
+wrk.headers["Authorization"] = "Bearer " .. os.getenv("VIGIL_WRK_TOKEN")
+local counter = 0
+function setup(thread)
+  counter = counter + 1
+  thread:set("id", counter)
+end
+function init(args)
+  math.randomseed(os.time() + 7919 * id)
+end
+request = function()
+  return wrk.format("GET", paths[math.random(#paths)])
+end
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("VIGIL requests=%d duration_us=%d non2xx=%d socket_errors=%d p50_us=%d p99_us=%d\n",
+    summary.requests, summary.duration, e.status, e.connect + e.read + e.write + e.timeout,
+    latency:percentile(50), latency:percentile(99)))
+end
+"#;
+
+struct Run {
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+fn field(line: &str, key: &str) -> f64 {
+    line.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("wrk printed no {key} in {line:?}"))
+}
+
+fn run_wrk(dir: &Path, addr: &str, connections: u64, seconds: u64) -> Run {
+    let out = Command::new("wrk")
+        .args([
+            "-t2",
+            &format!("-c{connections}"),
+            &format!("-d{seconds}s"),
+            "--timeout",
+            "10s",
+            "-s",
+        ])
+        .arg(dir.join("mix.lua"))
+        .arg(format!("http://{addr}"))
+        .env("VIGIL_WRK_PATHS", dir.join("paths.txt"))
+        .env("VIGIL_WRK_TOKEN", ADMIN)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run wrk ({e}): install it (scripts/setup.sh)"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "wrk failed: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("VIGIL "))
+        .unwrap_or_else(|| panic!("no summary from wrk: {text}"));
+    let requests = field(line, "requests");
+    assert!(requests > 0.0, "wrk sent no request: {text}");
+    assert_eq!(
+        field(line, "non2xx"),
+        0.0,
+        "the hub answered non-2xx under load: {text}"
+    );
+    assert_eq!(field(line, "socket_errors"), 0.0, "socket errors: {text}");
+    Run {
+        rps: requests / (field(line, "duration_us") / 1e6),
+        p50_ms: field(line, "p50_us") / 1000.0,
+        p99_ms: field(line, "p99_us") / 1000.0,
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let n = support::observations_arg(if quick { 100_000 } else { 1_000_000 });
+    let connections = arg("--connections", 8);
+    let seconds = arg("--seconds", if quick { 3 } else { 10 });
+    let runs = arg("--runs", if quick { 1 } else { 5 });
+    let dir = tempfile::tempdir().unwrap();
+    let filled = support::fill(&dir.path().join("hub.sqlite"), n);
+    drop(filled.store);
+    let reqs = requests(n);
+    let (_hub, addr) = start_hub(dir.path());
+    // Each kind answers 200 with what it claims before the load starts.
+    for kind in ["read", "search", "search page 2", "series"] {
+        let (_, path) = reqs.iter().find(|(k, _)| *k == kind).unwrap();
+        let (status, body) = get(&addr, path);
+        assert_eq!(status, 200, "{kind} {path}: {body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        match kind {
+            "read" => assert_eq!(v["resourceType"], "Observation", "{body}"),
+            "series" => assert!(!v["points"].as_array().unwrap().is_empty(), "{body}"),
+            // Page 1 is full; page 2 holds the rest (50 at most).
+            "search" => assert_eq!(v["entry"].as_array().map(Vec::len), Some(50), "{path}"),
+            _ => assert!(
+                v["entry"].as_array().is_some_and(|e| !e.is_empty()),
+                "{path}"
+            ),
+        }
+    }
+    let paths: String = reqs.iter().map(|(_, p)| format!("{p}\n")).collect();
+    std::fs::write(dir.path().join("paths.txt"), paths).unwrap();
+    std::fs::write(dir.path().join("mix.lua"), SCRIPT).unwrap();
+    let results: Vec<Run> = (0..runs)
+        .map(|_| run_wrk(dir.path(), &addr, connections, seconds))
+        .collect();
+    let rps: Vec<f64> = results.iter().map(|r| r.rps).collect();
+    let (min, max) = rps
+        .iter()
+        .fold((f64::MAX, 0f64), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+    println!(
+        "FHIR API under wrk (2 threads, {connections} connections, {runs} × {seconds} s; mix 40 % read by id, \
+         30 % search 24 h page 1, 10 % page 2, 20 % 24 h series; admin bearer token, audit log on; \
+         {n} observations, {:.2} GB): median {:.0} requests/s (min {:.0}, max {:.0}); \
+         latency p50 {:.2} ms, p99 {:.2} ms (medians over runs); 0 non-2xx",
+        filled.bytes as f64 / 1e9,
+        median(rps.clone()),
+        min,
+        max,
+        median(results.iter().map(|r| r.p50_ms).collect()),
+        median(results.iter().map(|r| r.p99_ms).collect()),
+    );
+}
