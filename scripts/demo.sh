@@ -82,7 +82,8 @@ cleanup() {
   wait 2>/dev/null || true
   echo "demo stopped; state kept in $DEMO" >&2
 }
-trap cleanup EXIT INT TERM
+trap cleanup EXIT
+trap 'exit 130' INT TERM
 
 "$BIN/cloud-hub" serve --config hub.toml > hub.out 2> hub.log & pids+=($!)
 for d in "${DEVICES[@]}"; do

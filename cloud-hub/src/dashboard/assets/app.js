@@ -110,11 +110,26 @@ function toast(text) {
 let stream = null;
 const listeners = new Set();
 
+let alertsAllowed = true;
+
 function startStream() {
-  if (stream) return;
+  if (stream || !alertsAllowed) return;
+  let opened = false;
   stream = new EventSource('/api/v1/alerts/stream');
-  stream.addEventListener('open', () => setLive(true));
-  stream.addEventListener('error', () => setLive(false));
+  stream.addEventListener('open', () => { opened = true; setLive(true); });
+  stream.addEventListener('error', async () => {
+    setLive(false);
+    if (opened) return; // a dropped stream: EventSource reconnects by itself
+    // Never opened: a role without alert access stops here instead of
+    // retrying (and being refused) every few seconds.
+    try { await api('GET', '/api/v1/alerts?_count=1'); } catch (e) {
+      if (e.status === 403) {
+        alertsAllowed = false;
+        stopStream();
+        $('#live').textContent = 'no alert access';
+      }
+    }
+  });
   stream.addEventListener('alert', (ev) => {
     let msg = null;
     try { msg = JSON.parse(ev.data); } catch { return; }
@@ -139,6 +154,7 @@ function setLive(on) {
 }
 
 async function refreshAlertCount() {
+  if (!alertsAllowed) return;
   try {
     const d = await api('GET', '/api/v1/alerts?open=true&_count=1000');
     const n = d.alerts.filter((a) => a.state === 'active').length;
@@ -163,16 +179,17 @@ async function route() {
   current = {};
   listeners.clear();
   const parts = location.hash.replace(/^#\/?/, '').split('/').map(decodeURIComponent);
-  const name = parts[0] || 'ward';
-  if (name !== 'login' && !session.user) {
+  if (parts[0] !== 'login' && !session.user) {
     try {
       const s = await api('GET', '/api/v1/session');
       setSession(s);
     } catch {
-      sessionStorage.setItem('vigil.after-login', location.hash || '#/ward');
+      sessionStorage.setItem('vigil.after-login', location.hash || '#/');
       return renderLogin();
     }
   }
+  // Operators see no patient data: their start page is the fleet.
+  const name = parts[0] || (session.role === 'operator' ? 'gateways' : 'ward');
   for (const a of document.querySelectorAll('[data-nav]')) a.classList.toggle('active', a.dataset.nav === name);
   switch (name) {
     case 'login': return renderLogin();
@@ -184,6 +201,7 @@ async function route() {
 }
 
 function setSession(s) {
+  alertsAllowed = true;
   session.user = s.user;
   session.role = s.role;
   session.csrf = s.csrf_token;
@@ -206,9 +224,9 @@ function renderLogin() {
     try {
       const s = await api('POST', '/api/v1/session', { username: fd.get('username'), password: fd.get('password') });
       setSession(s);
-      const next = sessionStorage.getItem('vigil.after-login') || '#/ward';
+      const next = sessionStorage.getItem('vigil.after-login') || '#/';
       sessionStorage.removeItem('vigil.after-login');
-      go(next === '#/login' ? '#/ward' : next);
+      go(next === '#/login' ? '#/' : next);
     } catch (e) {
       $('#login-error').textContent = e.status === 401 ? 'Wrong user name or password.' : `Sign-in failed: ${e.message}`;
     }
@@ -411,7 +429,7 @@ const PARAM_NAMES = {
   respiration_rate: 'Respiration rate', spo2: 'SpO₂', supplemental_oxygen: 'Air or oxygen',
   systolic_bp: 'Systolic BP', pulse: 'Pulse', consciousness: 'Consciousness', temperature: 'Temperature',
 };
-const UNITS = { 'mm[Hg]': 'mmHg', Cel: '°C' };
+const UNITS = { 'mm[Hg]': 'mmHg', Cel: '°C', '{score}': '' };
 
 function inputText(i) {
   if (!i) return '–';
@@ -478,7 +496,7 @@ function alertTable(alerts, withAck) {
       h('td', {}, fmtTime(a.raised_us)),
       h('td', {}, a.patient ? h('a', { href: `#/patient/${encodeURIComponent(a.patient)}` }, a.patient) : '–'),
       h('td', {}, a.message),
-      h('td', { class: 'num' }, typeof a.value === 'number' ? `${fmtValue(a.value)} ${a.unit || ''}` : ''),
+      h('td', { class: 'num' }, typeof a.value === 'number' ? `${fmtValue(a.value)} ${UNITS[a.unit] ?? a.unit ?? ''}` : ''),
       h('td', { class: 'muted' }, [a.gateway_id, a.device_id].filter(Boolean).join(' / ')),
       h('td', {}, withAck && a.state === 'active'
         ? h('button', { type: 'button', class: 'ack', onclick: (ev) => acknowledge(a.id, ev.target) }, 'Acknowledge')
@@ -523,9 +541,10 @@ function renderGateways() {
     try {
       const [d, open] = await Promise.all([
         api('GET', '/api/v1/gateways'),
-        api('GET', '/api/v1/alerts?open=true&_count=1000').catch(() => ({ alerts: [] })),
+        api('GET', '/api/v1/alerts?open=true&_count=1000').catch(() => null),
       ]);
-      const tech = open.alerts.filter((a) => a.kind === 'technical');
+      // null: this role may not read alerts (they carry patient identifiers).
+      const tech = open && open.alerts.filter((a) => a.kind === 'technical');
       body.replaceChildren(...d.gateways.map((g) => gatewayCard(g, tech)));
       if (!d.gateways.length) body.replaceChildren(h('p', { class: 'notice' }, 'No gateways registered (cloud-hub gateway add).'));
     } catch (e) { if (e.status !== 401) body.replaceChildren(problem(e)); }
@@ -536,7 +555,7 @@ function gatewayCard(g, tech) {
   const age = g.last_seen_age_s;
   const ageClass = age === null ? 'warn' : age > 120 ? 'bad' : age > 30 ? 'warn' : '';
   const c = g.last_24h;
-  const gwAlerts = tech.filter((a) => a.gateway_id === g.id && !a.device_id);
+  const gwAlerts = tech ? tech.filter((a) => a.gateway_id === g.id && !a.device_id) : [];
   return h('div', { class: 'card', dataset: { gateway: g.id } },
     h('h2', {}, g.id, g.revoked ? h('span', { class: 'bad' }, ' (revoked)') : null),
     h('p', {},
@@ -551,7 +570,7 @@ function gatewayCard(g, tech) {
     g.devices.length
       ? h('table', {}, h('tr', {}, ['Device', 'Kind', 'Model', 'Location', 'Last reading', 'Last link event', 'Rejected (total)', 'Open technical alerts'].map((x) => h('th', {}, x))),
         g.devices.map((d) => {
-          const da = tech.filter((a) => a.gateway_id === g.id && a.device_id === d.id);
+          const da = tech ? tech.filter((a) => a.gateway_id === g.id && a.device_id === d.id) : [];
           const ev = d.last_link_event;
           return h('tr', { dataset: { device: d.id } },
             h('td', {}, d.id), h('td', {}, d.protocol), h('td', {}, [d.manufacturer, d.model].filter(Boolean).join(' ')),
@@ -559,7 +578,7 @@ function gatewayCard(g, tech) {
             h('td', {}, d.last_reading ? `${fmtAge(d.last_reading.age_s)} ago` : 'none'),
             h('td', { class: ev && ev.kind !== 'connected' ? 'bad' : '' }, ev ? `${ev.kind} ${fmtIso(ev.time)}${ev.detail ? ' – ' + ev.detail : ''}` : '–'),
             h('td', { class: 'num' }, String(d.rejected_total)),
-            h('td', { class: da.length ? 'bad' : 'muted' }, da.length ? da.map((a) => a.message).join('; ') : 'none'));
+            h('td', { class: da.length ? 'bad' : 'muted' }, !tech ? 'not visible to your role' : da.length ? da.map((a) => a.message).join('; ') : 'none'));
         }))
       : h('p', { class: 'muted' }, 'No devices seen yet.'));
 }
