@@ -598,6 +598,51 @@ mod tests {
         assert_eq!(Float::NaN.bits(), 0x007F_FFFF);
     }
 
+    /// The value of `physio` in a sample, as a number.
+    fn num(s: &[Object], physio: u16) -> f64 {
+        let v = s
+            .iter()
+            .flat_map(|o| &o.values)
+            .find(|v| v.physio == physio)
+            .unwrap();
+        match v.value {
+            Float::Num { mantissa, exponent } => f64::from(mantissa) * 10f64.powi(exponent.into()),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn deteriorating_drifts_from_normal_to_news2_high_and_holds() {
+        // The demo's deteriorating patient: every poll moves 1/120 of the
+        // way; at the start each vital scores 0 on the NEWS2 chart, at the
+        // end RR >= 25, SpO2 <= 91 and systolic <= 90 each score 3 (high).
+        let mut n = Noise(7);
+        let start = sample(Scenario::Deteriorating, 0, &mut n);
+        assert!((12.0..=20.0).contains(&num(&start, RESP)));
+        assert!(num(&start, SPO2) >= 96.0);
+        assert!((111.0..=219.0).contains(&num(&start, NIBP_SYS)));
+        assert!((51.0..=90.0).contains(&num(&start, HR)));
+        let mid = sample(Scenario::Deteriorating, 60, &mut n);
+        let end = sample(Scenario::Deteriorating, 120, &mut n);
+        for (code, rising) in [(RESP, true), (SPO2, false), (NIBP_SYS, false), (HR, true)] {
+            let (a, b, c) = (num(&start, code), num(&mid, code), num(&end, code));
+            let ordered = if rising {
+                a < b && b < c
+            } else {
+                a > b && b > c
+            };
+            assert!(ordered, "{code:#x}: {a} {b} {c}");
+        }
+        assert!(num(&end, RESP) >= 25.0);
+        assert!(num(&end, SPO2) <= 91.0);
+        assert!(num(&end, NIBP_SYS) <= 90.0);
+        assert!(num(&end, TEMP) >= 38.1);
+        // Then it holds (within the noise).
+        let later = sample(Scenario::Deteriorating, 10_000, &mut n);
+        assert!((num(&later, RESP) - 30.0).abs() <= 1.0);
+        assert!((num(&later, NIBP_SYS) - 85.0).abs() <= 3.0);
+    }
+
     #[test]
     fn artefacts_scenario_has_device_states() {
         let mut n = Noise(1);
