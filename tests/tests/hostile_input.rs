@@ -3,7 +3,8 @@
 //! loopback, one test per class:
 //! - malformed, oversized, wrongly typed and replayed ingest batches;
 //! - wrong and revoked credentials (a gateway with a wrong token, another
-//!   gateway's token, a revoked token);
+//!   gateway's token, a revoked token; the FHIR API without a token, with
+//!   a wrong one and with a gateway's token);
 //! - garbage on every kind of device port the agent has: a serial line
 //!   (PTY), an HL7 v2 MLLP listener and a Modbus TCP device that answers
 //!   noise;
@@ -409,6 +410,30 @@ fn wrong_and_revoked_credentials_are_refused_counted_and_lose_nothing() {
         error_text(&body)
     );
     assert_eq!(unauthorized(), before + 1.0);
+
+    // The FHIR API with no token, a wrong one and a gateway's token: 401
+    // saying why, counted as authentication failures.
+    let auth_failures = || {
+        sample(
+            &metrics_text(&base),
+            "vigil_hub_auth_failures_total{reason=\"unauthenticated\"}",
+        )
+    };
+    let before = auth_failures();
+    for bearer in [None, Some("vgu_not-a-token"), Some(token.as_str())] {
+        let (status, body) = runtime().block_on(async {
+            let mut req =
+                reqwest::Client::new().get(format!("{base}/fhir/Observation?patient={PATIENT}"));
+            if let Some(t) = bearer {
+                req = req.bearer_auth(t);
+            }
+            let resp = req.send().await.unwrap();
+            (resp.status().as_u16(), resp.text().await.unwrap())
+        });
+        assert_eq!(status, 401, "{bearer:?}: {body}");
+        assert!(!error_text(body.as_bytes()).is_empty(), "says why: {body}");
+    }
+    assert_eq!(auth_failures(), before + 3.0);
 
     // Nothing that was accepted is lost; the hub still serves.
     assert!(healthy(&base));
