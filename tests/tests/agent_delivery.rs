@@ -3,7 +3,8 @@
 //!   backlog has drained; the backlog fills in behind; all exactly once;
 //! - overflow: with a tiny buffer and a long outage, the oldest readings are
 //!   dropped, counted, and reported to the hub as a BUFFER_OVERFLOW event
-//!   whose count matches the readings missing at the hub.
+//!   whose count matches the readings missing at the hub; with `refuse-new`
+//!   through an uplink cut, the loss is exactly the counted refusals.
 
 use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
@@ -481,5 +482,108 @@ token_file = \"gateway.token\"\nbatch_max_readings = 10000\nbatch_max_wait_ms = 
     assert!(
         stopped.contains("pending_readings=0"),
         "nothing left buffered: {stopped}"
+    );
+}
+
+/// The `refuse-new` policy through an uplink cut (the `TcpProxy` between
+/// agent and hub drops and refuses connections for 6 s while the hub
+/// keeps running): the full 64 KiB buffer refuses new readings and counts
+/// them; what it accepted before reaches the hub exactly once after the
+/// link is restored, and the loss is exactly the counted refusals
+/// (readings the driver decoded = stored + refused).
+#[test]
+fn a_full_buffer_refusing_new_readings_loses_exactly_what_it_counts() {
+    let mut rig = rig_with(
+        "overflow-refuse",
+        10,
+        1500,
+        500,
+        "\n[buffer]\nmax_bytes = 65536\noverflow = \"refuse-new\"\n\n[status]\nlisten = \"127.0.0.1:0\"\n",
+        true,
+    );
+    wait_for(Duration::from_secs(30), "first readings", || {
+        (rig.total() >= 30).then_some(())
+    })
+    .unwrap();
+    let log = rig.dir.join("agent.log");
+    let addr = wait_for(Duration::from_secs(10), "status address", || {
+        let text = std::fs::read_to_string(&log).ok()?;
+        let line = text
+            .lines()
+            .find(|l| l.contains("status endpoint listening"))?;
+        Some(
+            line.split("addr=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .to_string(),
+        )
+    })
+    .unwrap();
+    let metric = |name: &str| -> f64 {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let text = rt.block_on(async {
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            reqwest::get(format!("http://{addr}/metrics"))
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap()
+        });
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("{name} not served"))
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let proxy = rig.proxy.as_ref().unwrap();
+    proxy.cut();
+    wait_for(
+        Duration::from_secs(30),
+        "the buffer full and refusing",
+        || (metric("vigil_agent_buffer_refused_total") > 0.0).then_some(()),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    proxy.restore();
+    rig.sim
+        .wait_exit(Duration::from_secs(60))
+        .expect("simulator finished");
+    wait_for(Duration::from_secs(60), "delivery settled", || {
+        std::thread::sleep(Duration::from_millis(700));
+        let a = rig.total();
+        std::thread::sleep(Duration::from_millis(700));
+        (a > 0 && a == rig.total() && metric("vigil_agent_buffer_items") == 0.0).then_some(())
+    })
+    .unwrap();
+    let refused = metric("vigil_agent_buffer_refused_total");
+    let dropped = metric("vigil_agent_buffer_dropped_total");
+    let frames = metric(&format!(
+        "vigil_agent_device_frames_total{{device=\"{DEVICE}\",outcome=\"ok\"}}"
+    ));
+    assert!(rig.agent.terminate(Duration::from_secs(10)));
+
+    // Accepted readings: exactly once, no gap (a refused reading never
+    // took a sequence number).
+    let stored = rig.stored();
+    let n_tech = rig.events().iter().filter(|e| e.0 == DEVICE).count() as u64;
+    let max_seq = *stored.keys().max().unwrap();
+    assert_eq!(
+        stored.len() as u64 + n_tech,
+        max_seq,
+        "no gap, no duplicate"
+    );
+    // The loss is exactly what was counted as refused; nothing dropped.
+    assert!(refused > 0.0, "something was refused");
+    assert_eq!(dropped, 0.0, "refuse-new never drops stored readings");
+    assert_eq!(
+        stored.len() as f64 + refused,
+        3.0 * frames,
+        "every decoded reading is stored or counted as refused (3 per Masimo line)"
     );
 }
