@@ -176,10 +176,26 @@ pub struct Hub {
     pub proc: Proc,
 }
 
-/// Write a hub config binding `bind`, with one static association.
+/// The administrator bearer token of every hub the harness configures
+/// (`[association] admin_token_file`, see [`ADMIN_TOKEN_SECTION`]);
+/// [`get_json`] sends it.
+pub const HARNESS_ADMIN_TOKEN: &str = "vigil-e2e-harness-admin-token-0123456789abcdef";
+
+/// The config section naming `admin.token` (beside the config file).
+pub const ADMIN_TOKEN_SECTION: &str = "[association]\nadmin_token_file = \"admin.token\"\n\n";
+
+/// Writes [`HARNESS_ADMIN_TOKEN`] to `dir/admin.token` (mode 0600), for a
+/// config in `dir` holding [`ADMIN_TOKEN_SECTION`].
+pub fn write_admin_token(dir: &Path) -> Result<()> {
+    write_private(&dir.join("admin.token"), HARNESS_ADMIN_TOKEN)
+}
+
+/// Write a hub config binding `bind`, with one static association and the
+/// harness's admin token.
 pub fn write_hub_config(dir: &Path, bind: &str, assoc: &[(&str, &str, &str)]) -> Result<PathBuf> {
+    write_admin_token(dir)?;
     let mut text = format!(
-        "[server]\nbind = \"{bind}\"\nmax_body_bytes = 4194304\n\n[storage]\nsqlite_path = \"hub.sqlite\"\n\n"
+        "[server]\nbind = \"{bind}\"\nmax_body_bytes = 4194304\n\n[storage]\nsqlite_path = \"hub.sqlite\"\n\n{ADMIN_TOKEN_SECTION}"
     );
     for (gw, dev, patient) in assoc {
         text.push_str(&format!(
@@ -250,7 +266,8 @@ pub fn start_hub(dir: &Path, config: &Path) -> Result<Hub> {
     })
 }
 
-/// Blocking HTTP GET returning (status, JSON).
+/// Blocking HTTP GET with the harness's admin token, returning (status,
+/// JSON).
 pub fn get_json(url: &str) -> Result<(u16, serde_json::Value)> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -261,6 +278,7 @@ pub fn get_json(url: &str) -> Result<(u16, serde_json::Value)> {
             .timeout(Duration::from_secs(10))
             .build()?
             .get(url)
+            .bearer_auth(HARNESS_ADMIN_TOKEN)
             .send()
             .await?;
         let status = resp.status().as_u16();

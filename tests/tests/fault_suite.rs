@@ -375,8 +375,10 @@ fn fault_suite_checks_catch_gaps_repeats_and_losses() {
 /// A hub config: `storage` is the body of `[storage]`, `extra` further
 /// sections; both devices are associated with one patient.
 fn hub_config(dir: &Path, port: u16, storage: &str, extra: &str) -> PathBuf {
+    vigil_e2e::write_admin_token(dir).unwrap();
     let mut text = format!(
-        "[server]\nbind = \"127.0.0.1:{port}\"\nmax_body_bytes = 4194304\n\n[storage]\n{storage}\n\n{extra}\n"
+        "[server]\nbind = \"127.0.0.1:{port}\"\nmax_body_bytes = 4194304\n\n[storage]\n{storage}\n\n{}{extra}\n",
+        vigil_e2e::ADMIN_TOKEN_SECTION
     );
     for dev in [MASIMO, NONIN] {
         text.push_str(&format!(

@@ -76,9 +76,11 @@ pub struct Hub {
 /// in `dir`, and enrol `gateway`.
 pub fn start_hub(dir: &Path, gateway: &str) -> Hub {
     let cfg = dir.join("hub.toml");
+    write_private(&dir.join("admin.token"), BENCH_ADMIN_TOKEN);
     std::fs::write(
         &cfg,
-        "[server]\nbind = \"127.0.0.1:0\"\n[storage]\nsqlite_path = \"hub.sqlite\"\n",
+        "[server]\nbind = \"127.0.0.1:0\"\n[storage]\nsqlite_path = \"hub.sqlite\"\n\
+         [association]\nadmin_token_file = \"admin.token\"\n",
     )
     .unwrap();
     let hub = sibling_bin("cloud-hub");
@@ -123,10 +125,18 @@ pub fn free_port() -> u16 {
 }
 
 /// GET `path` from `addr` (plain HTTP/1.0) and return the body.
+/// The hub's administrator bearer token in the benches (a throwaway hub).
+pub const BENCH_ADMIN_TOKEN: &str = "vigil-bench-admin-token-0123456789abcdef";
+
+/// GET with the benches' admin token; the body.
 pub fn http_get(addr: &str, path: &str) -> Option<String> {
     let mut s = TcpStream::connect(addr).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nAuthorization: Bearer {BENCH_ADMIN_TOKEN}\r\n\r\n"
+    )
+    .ok()?;
     let mut text = String::new();
     s.read_to_string(&mut text).ok()?;
     text.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
