@@ -30,6 +30,7 @@ pub mod mqtt_ingest;
 pub mod pg;
 mod rate_limit;
 pub mod retention;
+pub mod score_history;
 pub mod scores;
 mod server;
 pub mod store;

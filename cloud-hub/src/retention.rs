@@ -1,8 +1,9 @@
 //! Retention (`[storage] retention_days`): observations (by effective
-//! time), device events (by event time) and rejected readings (by receive
-//! time) older than the window are deleted, hourly and at start-up. Batch
-//! acks are kept (they are small), so a gateway re-sending a very old batch
-//! still gets its stored ack instead of re-storing purged readings.
+//! time), device events (by event time), rejected readings (by receive
+//! time) and score history rows (by evaluation time) older than the window
+//! are deleted, hourly and at start-up. Batch acks are kept (they are
+//! small), so a gateway re-sending a very old batch still gets its stored
+//! ack instead of re-storing purged readings.
 //!
 //! SQLite deletes in chunks of [`CHUNK`] rows, one short transaction each,
 //! so ingest interleaves; PostgreSQL deletes per table (partitions outside
@@ -24,6 +25,8 @@ pub struct Purged {
     pub observations: u64,
     pub device_events: u64,
     pub rejected: u64,
+    /// Score history rows (by evaluation time; SQLite only).
+    pub scores: u64,
 }
 
 impl Store {
@@ -37,6 +40,7 @@ impl Store {
             ("observations", "effective_us", &mut purged.observations),
             ("device_events", "time_us", &mut purged.device_events),
             ("rejected_readings", "received_us", &mut purged.rejected),
+            ("score_history", "time_us", &mut purged.scores),
         ] {
             loop {
                 let n = {
@@ -71,6 +75,7 @@ pub async fn run(store: Store, days: u32, mut stop: tokio::sync::watch::Receiver
                 observations = p.observations,
                 device_events = p.device_events,
                 rejected = p.rejected,
+                scores = p.scores,
                 "retention applied"
             ),
             Ok(Err(e)) => tracing::error!(error = %e, "retention failed; retrying next hour"),

@@ -222,7 +222,8 @@ impl Hub {
         let association =
             crate::association_api::ApiState::new(self.store.clone(), state.associations.clone());
         let scores = crate::early_warning::router(self.store.clone(), self.config.scores);
-        let trends = crate::trends::router(self.store.clone());
+        let trends = crate::trends::router(self.store.clone())
+            .merge(crate::score_history::router(self.store.clone()));
         let ward =
             crate::ward::router(self.store.clone(), state.alerts.clone(), self.config.scores);
         let alerts = crate::alerts::api::router(state.alerts.clone(), alerts_stop);

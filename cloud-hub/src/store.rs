@@ -227,6 +227,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (10, crate::trends::SCHEMA_V10),
     (11, crate::audit::SCHEMA_V11),
     (12, crate::access::accounts::SCHEMA_V12),
+    (13, crate::score_history::SCHEMA_V13),
 ];
 
 /// The schema version a database opened by this build has.

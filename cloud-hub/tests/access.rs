@@ -86,6 +86,7 @@ const EXPECTED: &[(&str, &str, &str)] = &[
     ("GET", "/api/v1/patients/{id}/scores/news2", "CA"),
     ("PUT", "/api/v1/patients/{id}/manual-inputs", "CA"),
     ("GET", "/api/v1/patients/{id}/series", "CA"),
+    ("GET", "/api/v1/patients/{id}/scores/history", "CA"),
     ("GET", "/api/v1/wards/{ward}/overview", "CA"),
     ("GET", "/api/v1/alerts", "CA"),
     ("GET", "/api/v1/alerts/stream", "CA"),

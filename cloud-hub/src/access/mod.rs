@@ -192,6 +192,7 @@ pub const POLICY: &[RoutePolicy] = &[
     p("GET", "/api/v1/patients/{id}/scores/news2", CLINICAL),
     p("PUT", "/api/v1/patients/{id}/manual-inputs", CLINICAL),
     p("GET", "/api/v1/patients/{id}/series", CLINICAL),
+    p("GET", "/api/v1/patients/{id}/scores/history", CLINICAL),
     p("GET", "/api/v1/wards/{ward}/overview", CLINICAL),
     // Alerts.
     p("GET", "/api/v1/alerts", CLINICAL),

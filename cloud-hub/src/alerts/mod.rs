@@ -511,6 +511,11 @@ impl AlertService {
         for patient in scored {
             match crate::early_warning::compute(&self.store, &patient, &self.scores, now_us) {
                 Ok(report) => {
+                    // The score history (its own write rule; a failure
+                    // never stops the alerts).
+                    if let Err(e) = crate::score_history::record(&self.store, &report) {
+                        tracing::warn!(error = %e, "score history not written");
+                    }
                     if let Some(n) = report.news2 {
                         let band = match n.risk {
                             crate::scores::News2Risk::High => News2Band::High,

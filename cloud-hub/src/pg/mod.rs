@@ -480,6 +480,8 @@ impl PgStore {
             observations,
             device_events,
             rejected,
+            // No score history on PostgreSQL (SQLite-only feature).
+            scores: 0,
         })
     }
 

@@ -1,0 +1,251 @@
+//! Score history through the hub: readings ingested over HTTP move NEWS2
+//! from low to high and `GET …/scores/history` shows each total in order
+//! with its band; a stale or missing input is a NULL total naming it; an
+//! unchanged score is not stored again within the minute; bad queries are
+//! 400 naming the field. (Roles: the authorisation matrix in access.rs.)
+
+mod common;
+
+use common::*;
+use serde_json::{Value, json};
+use shared_protocol::catalogue::{Unit, codes, units};
+use shared_protocol::v1::{Reading, reading};
+
+const ADMIN: &str = "history-admin-token-0123456789abcdef01234";
+const S: i64 = 1_000_000;
+
+async fn hub() -> TestHub {
+    let data = tempfile::tempdir().unwrap();
+    let mut hub = start_with_admin(data.path(), ADMIN, "[alerts]\ntick_ms = 100\n").await;
+    hub.dir = data;
+    hub
+}
+
+async fn call(hub: &TestHub, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+    call_json(hub, Some(ADMIN), method, path, body).await
+}
+
+fn numeric(seq: u64, mdc: u32, unit: Unit, value: f64, t: i64) -> Reading {
+    Reading {
+        mdc_code: mdc,
+        mdc_unit: unit.mdc,
+        ucum_unit: unit.ucum.into(),
+        value: Some(reading::Value::Numeric(value)),
+        ..spo2(seq, 0.0, t)
+    }
+}
+
+/// RR, SpO2, systolic 120, pulse and (when `temp_at` is given) 37 °C at
+/// that time; the others at `t`.
+fn vitals(
+    seq: u64,
+    t: i64,
+    rr: f64,
+    spo2_v: f64,
+    pulse_v: f64,
+    temp_at: Option<i64>,
+) -> Vec<Reading> {
+    let mut v = vec![
+        numeric(seq, codes::RESP_RATE, units::RESP_PER_MIN, rr, t),
+        spo2(seq + 1, spo2_v, t),
+        numeric(seq + 2, codes::PRESS_BLD_NONINV_SYS, units::MMHG, 120.0, t),
+        numeric(
+            seq + 3,
+            codes::PULS_OXIM_PULS_RATE,
+            units::BEAT_PER_MIN,
+            pulse_v,
+            t,
+        ),
+    ];
+    if let Some(tt) = temp_at {
+        v.push(numeric(seq + 4, codes::TEMP_BODY, units::DEGC, 37.0, tt));
+    }
+    v
+}
+
+async fn history(hub: &TestHub, query: &str) -> Vec<Value> {
+    let (status, body) = call(
+        hub,
+        "GET",
+        &format!("/api/v1/patients/{PATIENT}/scores/history{query}"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["truncated"], false);
+    body["points"].as_array().unwrap().clone()
+}
+
+async fn manual_inputs(hub: &TestHub) {
+    let (status, body) = call(
+        hub,
+        "PUT",
+        &format!("/api/v1/patients/{PATIENT}/manual-inputs"),
+        Some(json!({ "consciousness": "alert", "supplemental_oxygen": false })),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+}
+
+fn rows_in_db(hub: &TestHub, kind: &str) -> i64 {
+    hub.db()
+        .query_row(
+            "SELECT COUNT(*) FROM score_history WHERE patient_id = ?1 AND kind = ?2",
+            [PATIENT, kind],
+            |r| r.get(0),
+        )
+        .unwrap()
+}
+
+#[tokio::test]
+async fn news2_from_low_to_high_is_charted_in_order_with_its_bands() {
+    let hub = hub().await;
+    // First reading: the patient is known, NEWS2 not computable yet.
+    hub.ingest(&batch(1, DEVICE, vec![spo2(1, 97.0, now_us())]))
+        .await;
+    manual_inputs(&hub).await;
+    let t = now_us();
+    // RR 16, SpO2 97, SBP 120, pulse 80, 37 °C, alert, air: NEWS2 0.
+    hub.ingest(&batch(2, DEVICE, vitals(10, t, 16.0, 97.0, 80.0, Some(t))))
+        .await;
+    // The same result again (new readings): not stored again this minute.
+    hub.ingest(&batch(
+        3,
+        DEVICE,
+        vitals(20, t + S, 16.0, 97.0, 80.0, Some(t + S)),
+    ))
+    .await;
+    hub.ingest(&batch(
+        4,
+        DEVICE,
+        vitals(30, t + 2 * S, 16.0, 97.0, 80.0, Some(t + 2 * S)),
+    ))
+    .await;
+    // RR 26 (3): NEWS2 3, a 3 in one parameter.
+    hub.ingest(&batch(
+        5,
+        DEVICE,
+        vitals(40, t + 3 * S, 26.0, 97.0, 80.0, Some(t + 3 * S)),
+    ))
+    .await;
+    // RR 26 (3), SpO2 91 (3), pulse 131 (3): NEWS2 9, high.
+    hub.ingest(&batch(
+        6,
+        DEVICE,
+        vitals(50, t + 4 * S, 26.0, 91.0, 131.0, Some(t + 4 * S)),
+    ))
+    .await;
+
+    let points = history(&hub, "").await;
+    let totals: Vec<Value> = points.iter().map(|p| p["total"].clone()).collect();
+    assert_eq!(
+        totals,
+        vec![Value::Null, json!(0), json!(3), json!(9)],
+        "{points:?}"
+    );
+    let bands: Vec<Value> = points.iter().map(|p| p["band"].clone()).collect();
+    assert_eq!(
+        bands,
+        vec![
+            Value::Null,
+            json!("low"),
+            json!("low-medium"),
+            json!("high")
+        ]
+    );
+    // The first: everything but SpO2 was missing (no manual inputs yet).
+    assert_eq!(
+        points[0]["missing"],
+        json!([
+            "consciousness",
+            "pulse",
+            "respiration_rate",
+            "supplemental_oxygen",
+            "systolic_bp",
+            "temperature"
+        ])
+    );
+    assert_eq!(points[3]["missing"], json!([]));
+    assert_eq!(points[3]["components"]["spo2"], 3);
+    assert_eq!(points[3]["components"]["pulse"], 3);
+    // Oldest first, strictly.
+    let times: Vec<&str> = points.iter().map(|p| p["time"].as_str().unwrap()).collect();
+    let mut sorted = times.clone();
+    sorted.sort();
+    assert_eq!(times, sorted);
+    // Exactly the four rows in the store: the two unchanged evaluations
+    // wrote nothing.
+    assert_eq!(rows_in_db(&hub, "news2"), 4);
+    // qSOFA and MEWS from the same evaluations.
+    let q = history(&hub, "?kind=qsofa").await;
+    assert_eq!(q.last().unwrap()["total"], 1);
+    assert_eq!(q.last().unwrap()["band"], "negative");
+    let m = history(&hub, "?kind=mews").await;
+    assert!(m.last().unwrap()["total"].as_i64().unwrap() >= 3, "{m:?}");
+
+    // A window before the first row is empty; one ending now has them all.
+    let old = history(&hub, "?from=2026-01-01T00:00:00Z&to=2026-01-02T00:00:00Z").await;
+    assert!(old.is_empty());
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn a_stale_input_makes_a_null_total_that_names_it() {
+    let hub = hub().await;
+    let t = now_us();
+    // Temperature 20 min old (freshness window 15 min), the rest fresh.
+    hub.ingest(&batch(
+        1,
+        DEVICE,
+        vitals(1, t, 16.0, 97.0, 80.0, Some(t - 1200 * S)),
+    ))
+    .await;
+    manual_inputs(&hub).await;
+    hub.ingest(&batch(2, DEVICE, vitals(10, t + S, 16.0, 97.0, 80.0, None)))
+        .await;
+    // A fresh temperature: NEWS2 computable.
+    let t2 = now_us();
+    hub.ingest(&batch(
+        3,
+        DEVICE,
+        vitals(20, t2, 16.0, 97.0, 80.0, Some(t2)),
+    ))
+    .await;
+    let points = history(&hub, "?kind=news2").await;
+    assert_eq!(points.len(), 3, "{points:?}");
+    assert_eq!(points[0]["total"], Value::Null);
+    assert_eq!(
+        points[0]["missing"],
+        json!(["consciousness", "supplemental_oxygen", "temperature"])
+    );
+    assert_eq!(points[0]["stale"], json!(["temperature"]));
+    assert_eq!(points[1]["total"], Value::Null);
+    assert_eq!(points[1]["band"], Value::Null);
+    assert_eq!(points[1]["components"], Value::Null);
+    assert_eq!(points[1]["missing"], json!(["temperature"]));
+    assert_eq!(points[1]["stale"], json!(["temperature"]));
+    assert_eq!(points[2]["total"], 0);
+    assert_eq!(points[2]["missing"], json!([]));
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn bad_queries_name_the_field() {
+    let hub = hub().await;
+    let path = format!("/api/v1/patients/{PATIENT}/scores/history");
+    for (query, field) in [
+        ("?kind=sofa", "kind"),
+        ("?from=yesterday", "from"),
+        ("?to=2026-13-01T00:00:00Z", "to"),
+        ("?from=2026-11-24T10:00:00Z&to=2026-11-24T09:00:00Z", "from"),
+        ("?from=2026-11-01T00:00:00Z&to=2026-11-24T00:00:00Z", "from"),
+    ] {
+        let (status, body) = call(&hub, "GET", &format!("{path}{query}"), None).await;
+        assert_eq!(status, 400, "{query}: {body}");
+        assert_eq!(body["field"], field, "{query}: {body}");
+    }
+    // Without credentials: 401.
+    let (status, _) = call_json(&hub, None, "GET", &path, None).await;
+    assert_eq!(status, 401);
+    hub.stop().await;
+}
