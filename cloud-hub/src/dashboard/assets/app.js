@@ -2,7 +2,7 @@
 // Views by hash: #/login, #/ward[/WARD], #/patient/ID[/1h|8h|24h],
 // #/alerts, #/gateways. No framework; all text goes in through
 // textContent (never innerHTML), so API data cannot inject markup.
-import { seriesChart, bandStrip } from './charts.js';
+import { seriesChart, scoreChart } from './charts.js';
 
 const $ = (sel, root = document) => root.querySelector(sel);
 const view = () => $('#view');
@@ -396,10 +396,17 @@ async function renderPatient(id, range) {
       history.replaceChildren(alertTable(alerts, false));
     } catch (e) { history.replaceChildren(problem(e)); }
     const cards = [];
-    const band = h('div', { class: 'chart', dataset: { chart: 'news2' } },
-      h('h3', {}, 'NEWS2 band', h('span', { class: 'muted' }, '(from score alerts: medium / high / single 3)')),
-      bandStrip(alerts.filter((a) => a.kind === 'score'), from, to, Date.now()));
-    cards.push(band);
+    try {
+      const hist = await api('GET', `/api/v1/patients/${enc}/scores/history?kind=news2&from=${iso(from)}&to=${iso(to)}`);
+      const last = hist.points[hist.points.length - 1];
+      cards.push(h('div', { class: 'chart', dataset: { chart: 'news2' } },
+        h('h3', {}, 'NEWS2', h('span', { class: 'muted' }, 'total over time · grey: not computable'),
+          h('span', { class: 'now' }, last ? (typeof last.total === 'number' ? String(last.total) : 'n/a') : 'no data')),
+        scoreChart(hist.points, from, to, Date.now(), 2 * hist.heartbeat_s * 1000)));
+    } catch (e) {
+      if (e.status === 401) return;
+      cards.push(h('div', { class: 'chart', dataset: { chart: 'news2' } }, h('h3', {}, 'NEWS2'), problem(e)));
+    }
     for (const vt of VITALS) {
       let best = null;
       for (const code of vt.codes) {

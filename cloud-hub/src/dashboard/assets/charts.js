@@ -83,25 +83,44 @@ export function seriesChart(points, fromMs, toMs, resolutionS, limits = [], norm
   return svg;
 }
 
-// NEWS2 band over time from the score alerts (news2-medium, news2-high,
-// news2-single-parameter-3): each alert paints its raised..resolved span.
-export function bandStrip(alerts, fromMs, toMs, nowMs) {
-  const svg = el('svg', { viewBox: `0 0 ${W} 60`, role: 'img' });
-  const x = (ms) => L + ((Math.min(Math.max(ms, fromMs), toMs) - fromMs) / (toMs - fromMs)) * (W - L - R);
-  el('rect', { x: L, y: 8, width: W - L - R, height: 28, class: 'band' }, svg);
-  const colour = { 'news2-high': '#c62828', 'news2-medium': '#ef6c00', 'news2-single-parameter-3': '#f9a825' };
-  let n = 0;
-  for (const a of alerts) {
-    const start = a.raised_us / 1000, end = a.resolved_us ? a.resolved_us / 1000 : nowMs;
-    if (end < fromMs || start > toMs || !colour[a.code]) continue;
-    el('rect', { x: x(start), y: 8, width: Math.max(1.5, x(end) - x(start)), height: 28, fill: colour[a.code] }, svg);
-    n++;
+// NEWS2 total over time (API `scores/history`): a step line per run, each
+// step in its band's colour; a NULL total (not computable) is a grey mark
+// on the axis and breaks the line; a step ends at the next point or
+// `holdMs` after its own (no evaluation then: a gap, never bridged).
+// points: [{time, total, band, missing}].
+export function scoreChart(points, fromMs, toMs, nowMs, holdMs) {
+  const svg = el('svg', { viewBox: `0 0 ${W} ${H}`, role: 'img' });
+  const totals = points.map((p) => p.total).filter((t) => typeof t === 'number');
+  const hi = Math.max(10, ...totals.map((t) => t + 1));
+  const { x, y } = frame(svg, fromMs, toMs, 0, hi);
+  const cx = (ms) => x(Math.min(Math.max(ms, fromMs), toMs));
+  // NEWS2 bands as shaded zones: 0-4 low, 5-6 medium, 7+ high.
+  for (const [lo, top, band] of [[0, 4.5, 'low'], [4.5, 6.5, 'medium'], [6.5, hi, 'high']]) {
+    el('rect', { class: `zone zone-${band}`, x: L, width: W - L - R, y: y(top), height: Math.max(0, y(lo) - y(top)) }, svg);
   }
-  const span = toMs - fromMs;
-  for (let i = 0; i <= 4; i++) {
-    const ms = fromMs + (span * i) / 4;
-    el('text', { x: x(ms), y: 52, 'text-anchor': i === 0 ? 'start' : i === 4 ? 'end' : 'middle' }, svg).textContent = timeLabel(ms, span);
-  }
-  svg.dataset.spans = String(n);
+  let scored = 0, unscored = 0, prev = null;
+  points.forEach((p, i) => {
+    const t = Date.parse(p.time);
+    const next = points[i + 1] ? Date.parse(points[i + 1].time) : Infinity;
+    const end = Math.min(next, t + holdMs, nowMs, toMs);
+    if (typeof p.total !== 'number') {
+      unscored++;
+      const mark = el('rect', { class: 'score-na', x: cx(t), y: y(0) - 5, width: Math.max(1.5, cx(end) - cx(t)), height: 5 }, svg);
+      el('title', {}, mark).textContent = `not computable: ${(p.missing || []).join(', ')}`;
+      prev = null;
+      return;
+    }
+    scored++;
+    const band = p.band || 'none';
+    if (prev && prev.end >= t) {
+      el('line', { class: 'score-join', x1: cx(t), x2: cx(t), y1: y(prev.total), y2: y(p.total) }, svg);
+    }
+    el('line', { class: `score band-${band}`, x1: cx(t), x2: cx(Math.max(end, t)), y1: y(p.total), y2: y(p.total) }, svg);
+    const dot = el('circle', { class: `score-dot band-${band}`, cx: cx(t), cy: y(p.total), r: 2.2 }, svg);
+    el('title', {}, dot).textContent = `NEWS2 ${p.total} (${band})`;
+    prev = end < next ? null : { total: p.total, end };
+  });
+  svg.dataset.points = String(scored);
+  svg.dataset.unscored = String(unscored);
   return svg;
 }
