@@ -6,7 +6,7 @@
 //! and writes `BENCHMARKS.md` and `benchmarks.json`.
 //!
 //! Full mode writes them at the repository root. `--quick` runs every
-//! bench in its smoke mode (small inputs, one run) and writes to
+//! bench in its smoke mode (small inputs, one run, dev profile) and writes to
 //! `target/bench-report/`: it checks the harness end to end (CI runs it),
 //! its figures mean nothing and no target is judged, but it fails when a
 //! bench fails or prints no readable figure.
@@ -246,10 +246,19 @@ fn number_in(lines: &[String], line: &str, after: &str) -> Option<f64> {
     num.parse().ok()
 }
 
+/// Full mode measures release builds. Quick mode checks the harness only,
+/// so it uses the dev profile, whose binaries and dependencies the test
+/// suite has already built (in CI that saves a whole release build).
+fn profile(quick: bool) -> &'static str {
+    if quick { "dev" } else { "release" }
+}
+
 fn run(b: &Bench, quick: bool) -> Result<Outcome> {
     let mut args: Vec<String> = vec![
         "bench".into(),
         "-q".into(),
+        "--profile".into(),
+        profile(quick).into(),
         "-p".into(),
         b.package.into(),
         "--bench".into(),
@@ -353,12 +362,16 @@ fn main() -> Result<()> {
     };
     std::fs::create_dir_all(&out_dir)?;
     let machine = machine();
-    eprintln!("== building the release binaries the benches drive");
+    eprintln!(
+        "== building the binaries the benches drive (profile {})",
+        profile(quick)
+    );
     let status = Command::new(env!("CARGO"))
         .args([
             "build",
             "-q",
-            "--release",
+            "--profile",
+            profile(quick),
             "-p",
             "cloud-hub",
             "-p",
@@ -369,7 +382,7 @@ fn main() -> Result<()> {
         .current_dir(root())
         .status()?;
     if !status.success() {
-        bail!("release build failed");
+        bail!("build of the benches' binaries failed");
     }
     let mut results = Vec::new();
     for b in benches(observations) {
@@ -427,7 +440,7 @@ fn main() -> Result<()> {
         machine["kernel"].as_str().unwrap_or_default(),
         machine["rustc"].as_str().unwrap_or_default(),
         machine["load_at_start"].as_str().unwrap_or_default(),
-        if quick { " **Quick mode: smoke sizes, one run; the figures mean nothing.**" } else { "" },
+        if quick { " **Quick mode: smoke sizes, one run, unoptimised (dev) builds; the figures mean nothing.**" } else { "" },
     ));
     md.push_str("## Targets\n\n| target | goal | measured | verdict |\n|---|---|---|---|\n");
     for (t, v, verdict) in &judged {
