@@ -558,6 +558,44 @@ async fn browse(
         }
     }
 
+    // The patient view charts the stored NEWS2 history (no reload): the
+    // hub has stored scored points for a scored patient and the chart
+    // draws them.
+    let patient = api_beds
+        .iter()
+        .find(|b| b["news2"]["total"].is_i64())
+        .and_then(|b| b["patient"]["value"].as_str())
+        .context("a scored patient")?
+        .to_owned();
+    let hist = api
+        .get(&format!(
+            "/api/v1/patients/{patient}/scores/history?kind=news2"
+        ))
+        .await;
+    let stored = hist["points"]
+        .as_array()
+        .map_or(0, |p| p.iter().filter(|x| x["total"].is_i64()).count());
+    if stored == 0 {
+        bail!("no scored NEWS2 history for {patient}: {hist}");
+    }
+    c.execute(
+        &format!(
+            "location.hash = {}; return true;",
+            json!(format!("#/patient/{patient}/1h"))
+        ),
+        vec![],
+    )
+    .await?;
+    wait_js(
+        c,
+        "the NEWS2 history chart with scored points",
+        Duration::from_secs(20),
+        "const s = document.querySelector('[data-chart=news2] svg'); \
+         return s && +s.dataset.points > 0 ? +s.dataset.points : null;",
+        |v| v.is_number(),
+    )
+    .await?;
+
     // Alerts: open the list (no reload), note what is there.
     c.find(Locator::Css("a[data-nav=alerts]"))
         .await?
