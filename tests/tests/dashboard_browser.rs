@@ -595,6 +595,9 @@ async fn browse(
         |v| v.is_number(),
     )
     .await?;
+    let png = c.screenshot().await?;
+    std::fs::write(dir.join("dashboard-patient.png"), &png)?;
+    let _ = std::fs::write("/tmp/dashboard-patient.png", &png);
 
     // Alerts: open the list (no reload), note what is there.
     c.find(Locator::Css("a[data-nav=alerts]"))
