@@ -934,7 +934,12 @@ async fn put_manual_inputs(
     let (store, cfg) = (st.store.clone(), st.config);
     let result = blocking(move || {
         record_manual(&store, &id, &inputs)?;
-        compute(&store, &id, &cfg, now_us())
+        let report = compute(&store, &id, &cfg, now_us())?;
+        // A bedside entry changes the score now, not at the next batch.
+        if let Err(e) = crate::score_history::record(&store, &report) {
+            tracing::warn!(error = %e, "recording the score history failed");
+        }
+        Ok(report)
     })
     .await;
     match result {

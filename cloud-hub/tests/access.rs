@@ -211,8 +211,11 @@ async fn every_route_for_every_role_and_for_no_credentials() {
     // Patient data is never public, and biomedical engineers and operators
     // never see it.
     let (_, fhir) = call_json(&hub, None, "GET", "/fhir/Observation", None).await;
+    // FHIR clients get an OperationOutcome.
+    assert_eq!(fhir["resourceType"], "OperationOutcome", "{fhir}");
+    assert_eq!(fhir["issue"][0]["code"], "security");
     assert!(
-        fhir["error"]
+        fhir["issue"][0]["diagnostics"]
             .as_str()
             .unwrap()
             .contains("authentication required")
@@ -597,7 +600,13 @@ async fn api_tokens_carry_their_role_until_revoked() {
     cloud_hub::token_revoke(&hub.config, "ward-board").unwrap();
     let (s, body) = call_json(&hub, Some(&t), "GET", "/fhir/Observation", None).await;
     assert_eq!(s, 401, "{body}");
-    assert!(body["error"].as_str().unwrap().contains("revoked"));
+    assert!(
+        body["issue"][0]["diagnostics"]
+            .as_str()
+            .unwrap()
+            .contains("revoked"),
+        "{body}"
+    );
     // A made-up token of the right shape is just unknown.
     let (s, _) = call_json(
         &hub,

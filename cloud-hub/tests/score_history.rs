@@ -140,13 +140,14 @@ async fn news2_from_low_to_high_is_charted_in_order_with_its_bands() {
     let totals: Vec<Value> = points.iter().map(|p| p["total"].clone()).collect();
     assert_eq!(
         totals,
-        vec![Value::Null, json!(0), json!(3), json!(9)],
+        vec![Value::Null, Value::Null, json!(0), json!(3), json!(9)],
         "{points:?}"
     );
     let bands: Vec<Value> = points.iter().map(|p| p["band"].clone()).collect();
     assert_eq!(
         bands,
         vec![
+            Value::Null,
             Value::Null,
             json!("low"),
             json!("low-medium"),
@@ -165,17 +166,23 @@ async fn news2_from_low_to_high_is_charted_in_order_with_its_bands() {
             "temperature"
         ])
     );
-    assert_eq!(points[3]["missing"], json!([]));
-    assert_eq!(points[3]["components"]["spo2"], 3);
-    assert_eq!(points[3]["components"]["pulse"], 3);
+    // The bedside entry was scored at once (no batch needed): still not
+    // computable, but consciousness and oxygen are no longer missing.
+    assert_eq!(
+        points[1]["missing"],
+        json!(["pulse", "respiration_rate", "systolic_bp", "temperature"])
+    );
+    assert_eq!(points[4]["missing"], json!([]));
+    assert_eq!(points[4]["components"]["spo2"], 3);
+    assert_eq!(points[4]["components"]["pulse"], 3);
     // Oldest first, strictly.
     let times: Vec<&str> = points.iter().map(|p| p["time"].as_str().unwrap()).collect();
     let mut sorted = times.clone();
     sorted.sort();
     assert_eq!(times, sorted);
-    // Exactly the four rows in the store: the two unchanged evaluations
+    // Exactly the five rows in the store: the two unchanged evaluations
     // wrote nothing.
-    assert_eq!(rows_in_db(&hub, "news2"), 4);
+    assert_eq!(rows_in_db(&hub, "news2"), 5);
     // qSOFA and MEWS from the same evaluations.
     let q = history(&hub, "?kind=qsofa").await;
     assert_eq!(q.last().unwrap()["total"], 1);
@@ -186,6 +193,20 @@ async fn news2_from_low_to_high_is_charted_in_order_with_its_bands() {
     // A window before the first row is empty; one ending now has them all.
     let old = history(&hub, "?from=2026-01-01T00:00:00Z&to=2026-01-02T00:00:00Z").await;
     assert!(old.is_empty());
+
+    // New confusion entered at the bedside (3 points): the history has the
+    // new total at once, without waiting for the next batch.
+    let (status, body) = call(
+        &hub,
+        "PUT",
+        &format!("/api/v1/patients/{PATIENT}/manual-inputs"),
+        Some(json!({ "consciousness": "new_confusion" })),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let points = history(&hub, "").await;
+    assert_eq!(points.last().unwrap()["total"], 12, "{points:?}");
+    assert_eq!(points.last().unwrap()["components"]["consciousness"], 3);
     hub.stop().await;
 }
 

@@ -431,7 +431,16 @@ fn wrong_and_revoked_credentials_are_refused_counted_and_lose_nothing() {
             (resp.status().as_u16(), resp.text().await.unwrap())
         });
         assert_eq!(status, 401, "{bearer:?}: {body}");
-        assert!(!error_text(body.as_bytes()).is_empty(), "says why: {body}");
+        // A FHIR client gets an OperationOutcome saying why.
+        let oo: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(oo["resourceType"], "OperationOutcome", "{body}");
+        assert!(
+            !oo["issue"][0]["diagnostics"]
+                .as_str()
+                .unwrap_or_default()
+                .is_empty(),
+            "says why: {body}"
+        );
     }
     assert_eq!(auth_failures(), before + 3.0);
 

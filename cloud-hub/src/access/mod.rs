@@ -271,8 +271,31 @@ impl Refusal {
     }
 
     fn into_response(self, metrics: &SharedMetrics) -> Response {
+        self.respond(metrics, false)
+    }
+
+    /// The refusal as JSON `{"error"}`, or on the FHIR API as an
+    /// OperationOutcome (`security` / `forbidden`) that FHIR clients read.
+    fn respond(self, metrics: &SharedMetrics, fhir: bool) -> Response {
         metrics.auth_failure(self.reason);
-        let mut resp = (self.status, axum::Json(json!({ "error": self.message }))).into_response();
+        let mut resp = if fhir {
+            let code = if self.status == StatusCode::UNAUTHORIZED {
+                "security"
+            } else {
+                "forbidden"
+            };
+            (
+                self.status,
+                [(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static(crate::fhir::FHIR_JSON),
+                )],
+                crate::fhir::operation_outcome("error", code, &self.message).to_string(),
+            )
+                .into_response()
+        } else {
+            (self.status, axum::Json(json!({ "error": self.message }))).into_response()
+        };
         if self.status == StatusCode::UNAUTHORIZED {
             resp.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
@@ -503,6 +526,7 @@ pub async fn middleware(State(st): State<AccessState>, mut req: Request, next: N
     else {
         return next.run(req).await;
     };
+    let fhir = path.starts_with("/fhir/");
     let Some(policy) = policy_of(req.method(), &path) else {
         if path.contains("__private__axum") {
             // A nested router's fallback (the FHIR 404 OperationOutcome).
@@ -514,14 +538,14 @@ pub async fn middleware(State(st): State<AccessState>, mut req: Request, next: N
             reason: AuthFailure::Forbidden,
             message: "this route has no access policy".into(),
         }
-        .into_response(&st.metrics);
+        .respond(&st.metrics, fhir);
     };
     let Access::Roles(allowed) = policy.access else {
         return next.run(req).await;
     };
     let principal = match st.authenticate(req.headers(), req.method()).await {
         Ok(p) => p,
-        Err(r) => return r.into_response(&st.metrics),
+        Err(r) => return r.respond(&st.metrics, fhir),
     };
     if !principal.roles.iter().any(|r| allowed.contains(r)) {
         let mut resp = Refusal {
@@ -539,7 +563,7 @@ pub async fn middleware(State(st): State<AccessState>, mut req: Request, next: N
                 policy.path
             ),
         }
-        .into_response(&st.metrics);
+        .respond(&st.metrics, fhir);
         resp.extensions_mut().insert(principal);
         return resp;
     }
