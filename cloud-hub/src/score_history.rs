@@ -332,28 +332,7 @@ struct HistoryQuery {
     to: Option<String>,
 }
 
-fn bad(field: &str, message: &str) -> Response {
-    (
-        StatusCode::BAD_REQUEST,
-        axum::Json(json!({ "error": message, "field": field })),
-    )
-        .into_response()
-}
-
-fn parse_time(field: &str, s: Option<&str>, default: i64) -> Result<i64, Box<Response>> {
-    match s {
-        None => Ok(default),
-        Some(s) => time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
-            .ok()
-            .and_then(|t| i64::try_from(t.unix_timestamp_nanos() / 1000).ok())
-            .ok_or_else(|| {
-                Box::new(bad(
-                    field,
-                    "must be an RFC 3339 time like 2026-11-24T10:00:00Z",
-                ))
-            }),
-    }
-}
+use crate::trends::{bad, parse_time};
 
 fn internal(e: impl std::fmt::Display) -> Response {
     tracing::error!(error = %e, "score history query failed");

@@ -265,7 +265,8 @@ struct SeriesQuery {
     resolution: Option<i64>,
 }
 
-fn bad(field: &str, message: &str) -> Response {
+/// 400 with the field at fault (also used by `score_history`).
+pub(crate) fn bad(field: &str, message: &str) -> Response {
     (
         StatusCode::BAD_REQUEST,
         axum::Json(json!({ "error": message, "field": field })),
@@ -273,7 +274,8 @@ fn bad(field: &str, message: &str) -> Response {
         .into_response()
 }
 
-fn parse_time(field: &str, s: Option<&str>, default: i64) -> Result<i64, Box<Response>> {
+/// An optional RFC 3339 query time in UTC µs (`default` when absent).
+pub(crate) fn parse_time(field: &str, s: Option<&str>, default: i64) -> Result<i64, Box<Response>> {
     match s {
         None => Ok(default),
         Some(s) => time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)

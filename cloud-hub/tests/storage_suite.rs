@@ -642,6 +642,69 @@ fn retention_purges_what_is_older_than_the_window(s: &Store) {
     assert_eq!(search(s, &[]).0, 1);
 }
 
+/// Users, API tokens and sessions (`access::accounts`) behave the same on
+/// both backends.
+fn users_tokens_and_sessions(s: &Store) {
+    use cloud_hub::access::Role;
+    use cloud_hub::access::accounts as acc;
+    let pw = "correct horse battery staple";
+    acc::add_user(s, "alice", Role::Clinician, pw, 1).unwrap();
+    assert!(matches!(
+        acc::add_user(s, "alice", Role::Admin, pw, 2),
+        Err(acc::AccountError::Exists(_))
+    ));
+    assert_eq!(
+        acc::check_password(s, "alice", pw).unwrap(),
+        Some(Role::Clinician)
+    );
+    assert_eq!(
+        acc::check_password(s, "alice", "wrong password!").unwrap(),
+        None
+    );
+    let (id, csrf) = acc::create_session(s, "alice", 10).unwrap();
+    let live = acc::session(s, &id, 20, 1_000_000_000, 1_000_000_000)
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (live.user.as_str(), live.role, live.csrf),
+        ("alice", Role::Clinician, csrf)
+    );
+    // Idle expiry deletes the session.
+    assert!(
+        acc::session(s, &id, 2_000_000_000, 1_000_000_000, i64::MAX)
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        acc::session(s, &id, 30, i64::MAX, i64::MAX)
+            .unwrap()
+            .is_none()
+    );
+    let (id2, _) = acc::create_session(s, "alice", 10).unwrap();
+    acc::set_password(s, "alice", "another long password").unwrap();
+    assert!(
+        acc::session(s, &id2, 20, i64::MAX, i64::MAX)
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(acc::check_password(s, "alice", pw).unwrap(), None);
+    acc::disable_user(s, "alice", 30).unwrap();
+    acc::disable_user(s, "alice", 40).unwrap();
+    assert_eq!(acc::list_users(s).unwrap()[0].disabled_us, Some(30));
+    assert!(matches!(
+        acc::disable_user(s, "nobody", 1),
+        Err(acc::AccountError::NotFound(_))
+    ));
+    let t = acc::create_token(s, "board", Role::Biomed, 5).unwrap();
+    assert_eq!(
+        acc::token_principal(s, &t).unwrap(),
+        Some(("board".into(), Role::Biomed))
+    );
+    acc::revoke_token(s, "board", 6).unwrap();
+    assert_eq!(acc::token_principal(s, &t).unwrap(), None);
+    assert_eq!(acc::list_tokens(s).unwrap()[0].revoked_us, Some(6));
+}
+
 macro_rules! suite {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -682,6 +745,7 @@ suite!(
     enrolment_tokens_are_single_use,
     association_attributes_and_reattributes,
     retention_purges_what_is_older_than_the_window,
+    users_tokens_and_sessions,
 );
 
 // ---- PostgreSQL only ----

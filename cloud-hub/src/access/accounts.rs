@@ -221,28 +221,41 @@ pub fn add_user(
     Ok(())
 }
 
-/// Sets a new password for `name` and ends all of its sessions.
-pub fn set_password(store: &Store, name: &str, password: &str) -> Result<(), AccountError> {
-    let hash = hash_password(password)?;
+/// Sets `column` of user `name` to `value` and ends the user's sessions,
+/// in one transaction; `NotFound` when there is no such user. `keep_first`
+/// keeps an earlier non-NULL value (a disabling time).
+fn update_user<T>(
+    store: &Store,
+    name: &str,
+    column: &str,
+    value: T,
+    keep_first: bool,
+) -> Result<(), AccountError>
+where
+    T: postgres::types::ToSql + rusqlite::ToSql + Sync + Send,
+{
+    let set = |v: &str| {
+        if keep_first {
+            format!("{column} = COALESCE({column}, {v})")
+        } else {
+            format!("{column} = {v}")
+        }
+    };
     let n = if let Some(p) = store.postgres() {
+        let q = format!("UPDATE users SET {} WHERE name = $1", set("$2"));
         crate::pg::off_runtime(|| -> Result<u64, AccountError> {
             let mut c = p.conn()?;
             let mut tx = c.transaction()?;
-            let n = tx.execute(
-                "UPDATE users SET password_hash = $2 WHERE name = $1",
-                &[&name, &hash],
-            )?;
+            let n = tx.execute(q.as_str(), &[&name, &value])?;
             tx.execute("DELETE FROM sessions WHERE user_name = $1", &[&name])?;
             tx.commit()?;
             Ok(n)
         })?
     } else {
+        let q = format!("UPDATE users SET {} WHERE name = ?1", set("?2"));
         let mut conn = store.lock()?;
         let tx = conn.transaction()?;
-        let n = tx.execute(
-            "UPDATE users SET password_hash = ?2 WHERE name = ?1",
-            params![name, hash],
-        )?;
+        let n = tx.execute(&q, params![name, value])?;
         tx.execute("DELETE FROM sessions WHERE user_name = ?1", params![name])?;
         tx.commit()?;
         n as u64
@@ -251,69 +264,65 @@ pub fn set_password(store: &Store, name: &str, password: &str) -> Result<(), Acc
         return Err(AccountError::NotFound(name.into()));
     }
     Ok(())
+}
+
+/// Sets a new password for `name` and ends all of its sessions.
+pub fn set_password(store: &Store, name: &str, password: &str) -> Result<(), AccountError> {
+    update_user(
+        store,
+        name,
+        "password_hash",
+        hash_password(password)?,
+        false,
+    )
 }
 
 /// Disables user `name` (it can no longer log in) and ends its sessions.
 pub fn disable_user(store: &Store, name: &str, now_us: i64) -> Result<(), AccountError> {
-    let n = if let Some(p) = store.postgres() {
-        crate::pg::off_runtime(|| -> Result<u64, AccountError> {
-            let mut c = p.conn()?;
-            let mut tx = c.transaction()?;
-            let n = tx.execute(
-                "UPDATE users SET disabled_us = COALESCE(disabled_us, $2) WHERE name = $1",
-                &[&name, &now_us],
-            )?;
-            tx.execute("DELETE FROM sessions WHERE user_name = $1", &[&name])?;
-            tx.commit()?;
-            Ok(n)
-        })?
-    } else {
-        let mut conn = store.lock()?;
-        let tx = conn.transaction()?;
-        let n = tx.execute(
-            "UPDATE users SET disabled_us = COALESCE(disabled_us, ?2) WHERE name = ?1",
-            params![name, now_us],
-        )?;
-        tx.execute("DELETE FROM sessions WHERE user_name = ?1", params![name])?;
-        tx.commit()?;
-        n as u64
-    };
-    if n == 0 {
-        return Err(AccountError::NotFound(name.into()));
-    }
-    Ok(())
+    update_user(store, name, "disabled_us", now_us, true)
 }
 
-/// All users, by name.
-pub fn list_users(store: &Store) -> Result<Vec<UserRow>, AccountError> {
-    const Q: &str = "SELECT name, role, created_us, disabled_us FROM users ORDER BY name";
+/// A user or token row: name, role, created, disabled/revoked (UTC µs).
+type NamedRow = (String, Role, i64, Option<i64>);
+
+/// `(name, role, created_us, ended_us)` rows of query `q` (users or tokens).
+fn list_named(store: &Store, q: &str) -> Result<Vec<NamedRow>, AccountError> {
     if let Some(p) = store.postgres() {
         return crate::pg::off_runtime(|| -> Result<_, AccountError> {
             Ok(p.conn()?
-                .query(Q, &[])?
+                .query(q, &[])?
                 .iter()
-                .map(|r| UserRow {
-                    name: r.get(0),
-                    role: role_of(r.get(1)),
-                    created_us: r.get(2),
-                    disabled_us: r.get(3),
-                })
+                .map(|r| (r.get(0), role_of(r.get(1)), r.get(2), r.get(3)))
                 .collect())
         });
     }
     let conn = store.lock()?;
-    let mut stmt = conn.prepare(Q)?;
+    let mut stmt = conn.prepare(q)?;
     let rows = stmt
         .query_map([], |r| {
-            Ok(UserRow {
-                name: r.get(0)?,
-                role: role_of(&r.get::<_, String>(1)?),
-                created_us: r.get(2)?,
-                disabled_us: r.get(3)?,
-            })
+            Ok((
+                r.get(0)?,
+                role_of(&r.get::<_, String>(1)?),
+                r.get(2)?,
+                r.get(3)?,
+            ))
         })?
         .collect::<Result<Vec<_>, _>>()?;
     Ok(rows)
+}
+
+/// All users, by name.
+pub fn list_users(store: &Store) -> Result<Vec<UserRow>, AccountError> {
+    let q = "SELECT name, role, created_us, disabled_us FROM users ORDER BY name";
+    Ok(list_named(store, q)?
+        .into_iter()
+        .map(|(name, role, created_us, disabled_us)| UserRow {
+            name,
+            role,
+            created_us,
+            disabled_us,
+        })
+        .collect())
 }
 
 /// The role of `name` when `password` is right and the user is enabled.
@@ -400,34 +409,16 @@ pub fn revoke_token(store: &Store, name: &str, now_us: i64) -> Result<(), Accoun
 
 /// All API tokens, by name (never the tokens).
 pub fn list_tokens(store: &Store) -> Result<Vec<TokenRow>, AccountError> {
-    const Q: &str = "SELECT name, role, created_us, revoked_us FROM api_tokens ORDER BY name";
-    if let Some(p) = store.postgres() {
-        return crate::pg::off_runtime(|| -> Result<_, AccountError> {
-            Ok(p.conn()?
-                .query(Q, &[])?
-                .iter()
-                .map(|r| TokenRow {
-                    name: r.get(0),
-                    role: role_of(r.get(1)),
-                    created_us: r.get(2),
-                    revoked_us: r.get(3),
-                })
-                .collect())
-        });
-    }
-    let conn = store.lock()?;
-    let mut stmt = conn.prepare(Q)?;
-    let rows = stmt
-        .query_map([], |r| {
-            Ok(TokenRow {
-                name: r.get(0)?,
-                role: role_of(&r.get::<_, String>(1)?),
-                created_us: r.get(2)?,
-                revoked_us: r.get(3)?,
-            })
-        })?
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(rows)
+    let q = "SELECT name, role, created_us, revoked_us FROM api_tokens ORDER BY name";
+    Ok(list_named(store, q)?
+        .into_iter()
+        .map(|(name, role, created_us, revoked_us)| TokenRow {
+            name,
+            role,
+            created_us,
+            revoked_us,
+        })
+        .collect())
 }
 
 /// The (name, role) of an active API token.
