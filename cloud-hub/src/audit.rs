@@ -303,8 +303,13 @@ pub fn patient_of(path: &str, query: Option<&str>) -> Option<String> {
 /// The principal of a request: a fingerprint of its bearer token (never
 /// the token), or `anonymous`.
 pub fn actor_of(headers: &axum::http::HeaderMap) -> String {
-    let token = headers
-        .get(axum::http::header::AUTHORIZATION)
+    fingerprint(headers.get(axum::http::header::AUTHORIZATION))
+}
+
+/// `bearer:<16 hex of SHA-256>` of an `Authorization: Bearer` value, or
+/// `anonymous`.
+fn fingerprint(authorization: Option<&axum::http::HeaderValue>) -> String {
+    let token = authorization
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
@@ -344,26 +349,27 @@ pub(crate) async fn middleware(
         return next.run(req).await;
     }
     let query = req.uri().query().map(str::to_owned);
-    let entry = Entry {
-        time_us: now_us(),
-        actor: actor_of(req.headers()),
-        action: action_of(req.method(), &path).into(),
-        patient: patient_of(&path, query.as_deref()),
-        resource: path,
-        outcome: 0,
-        detail: query.unwrap_or_default(),
-    };
+    let time_us = now_us();
+    let action = action_of(req.method(), &path);
+    let authorization = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .cloned();
     let resp = next.run(req).await;
     // The principal the access layer authenticated (or the login that
     // succeeded); otherwise the token fingerprint or `anonymous`.
-    let actor = resp
-        .extensions()
-        .get::<crate::access::Principal>()
-        .map_or(entry.actor.clone(), |p| p.id.clone());
+    let actor = match resp.extensions().get::<crate::access::Principal>() {
+        Some(p) => p.id.clone(),
+        None => fingerprint(authorization.as_ref()),
+    };
     let entry = Entry {
-        outcome: resp.status().as_u16(),
+        time_us,
         actor,
-        ..entry
+        action: action.into(),
+        patient: patient_of(&path, query.as_deref()),
+        resource: path,
+        outcome: resp.status().as_u16(),
+        detail: query.unwrap_or_default(),
     };
     let store = st.store().clone();
     let r = tokio::task::spawn_blocking(move || append(&store, &entry)).await;

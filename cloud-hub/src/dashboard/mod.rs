@@ -264,23 +264,16 @@ pub fn gateways(store: &Store, now: i64) -> Result<Vec<Json>, StoreError> {
         let rejected_total: i64 = conn
             .prepare_cached("SELECT COUNT(*) FROM rejected_readings WHERE gateway_id = ?1")?
             .query_row([&id], |r| r.get(0))?;
-        let (overflows, last_overflow): (i64, Option<(i64, String)>) = {
-            let n = conn
-                .prepare_cached(
-                    "SELECT COUNT(*) FROM device_events
-                     WHERE gateway_id = ?1 AND device_id = '' AND kind = 'buffer-overflow'",
-                )?
-                .query_row([&id], |r| r.get(0))?;
-            let last = conn
-                .prepare_cached(
-                    "SELECT time_us, detail FROM device_events
-                     WHERE gateway_id = ?1 AND device_id = '' AND kind = 'buffer-overflow'
-                     ORDER BY time_us DESC LIMIT 1",
-                )?
-                .query_row([&id], |r| Ok((r.get(0)?, r.get(1)?)))
-                .optional()?;
-            (n, last)
-        };
+        // The count and the newest overflow event in one pass.
+        let (overflows, last_overflow): (i64, Option<(i64, String)>) = conn
+            .prepare_cached(
+                "SELECT COUNT(*) OVER (), time_us, detail FROM device_events
+                 WHERE gateway_id = ?1 AND device_id = '' AND kind = 'buffer-overflow'
+                 ORDER BY time_us DESC LIMIT 1",
+            )?
+            .query_row([&id], |r| Ok((r.get(0)?, Some((r.get(1)?, r.get(2)?)))))
+            .optional()?
+            .unwrap_or((0, None));
         let devices = devices_of(&conn, &id, now)?;
         out.push(json!({
             "id": id,
