@@ -6,7 +6,7 @@ set -euo pipefail
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then
   if command -v sudo >/dev/null 2>&1; then SUDO="sudo"; else
-    echo "setup: not root and no sudo; install manually: socat libdbus-1-dev pkg-config dbus python3-dbusmock mosquitto postgresql faketime chromium chromium-driver" >&2; fi
+    echo "setup: not root and no sudo; install manually: socat libdbus-1-dev pkg-config dbus python3-dbusmock mosquitto postgresql faketime chromium chromium-driver wrk openssl" >&2; fi
 fi
 
 # Debian packages needed by the tests and the demo.
@@ -27,6 +27,9 @@ PKGS=(socat libdbus-1-dev pkg-config dbus python3-dbusmock mosquitto postgresql 
 #   wrk: the HTTP load generator of the FHIR API benchmark (cloud-hub/benches/fhir_load.rs,
 #     run by `cargo xtask bench`, also --quick in CI).
 PKGS+=(wrk)
+#   openssl: the command line tool that makes the throwaway RSA key of the OIDC (RS256) test
+#     (cloud-hub/tests/access.rs).
+PKGS+=(openssl)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
