@@ -462,17 +462,19 @@ async fn enroll(State(st): State<AppState>, body: axum::body::Bytes) -> Response
             )
                 .into_response()
         }
-        Err(HubError::Store(StoreError::EnrollmentRefused)) => {
+        Err(HubError::Store(StoreError::Storage(hub_storage::StoreError::EnrollmentRefused))) => {
             tracing::warn!(gateway_id = %req.gateway_id, "enrolment refused");
             json_error(
                 StatusCode::UNAUTHORIZED,
                 "enrolment token unknown, already used or expired",
             )
         }
-        Err(HubError::Store(StoreError::GatewayExists(_))) => json_error(
-            StatusCode::CONFLICT,
-            "gateway id already enrolled and active (revoke it first to re-enrol)",
-        ),
+        Err(HubError::Store(StoreError::Storage(hub_storage::StoreError::GatewayExists(_)))) => {
+            json_error(
+                StatusCode::CONFLICT,
+                "gateway id already enrolled and active (revoke it first to re-enrol)",
+            )
+        }
         Err(e) => {
             tracing::error!(error = %e, "enrolment failed");
             json_error(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
@@ -506,10 +508,10 @@ impl IngestError {
     }
 }
 
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+async fn blocking<T: Send + 'static, E: Into<HubError> + Send + 'static>(
+    f: impl FnOnce() -> Result<T, E> + Send + 'static,
 ) -> Result<T, HubError> {
-    Ok(tokio::task::spawn_blocking(f).await??)
+    tokio::task::spawn_blocking(f).await?.map_err(Into::into)
 }
 
 async fn ingest(State(st): State<AppState>, headers: HeaderMap, body: Body) -> Response {
@@ -544,18 +546,7 @@ async fn ingest(State(st): State<AppState>, headers: HeaderMap, body: Body) -> R
 /// PostgreSQL connection failure, or the server shutting down / in
 /// recovery: SQLSTATE classes 08 and 57), as opposed to a fault.
 fn database_unavailable(e: &HubError) -> bool {
-    match e {
-        // Every pooled connection busy for the pool's wait: overload.
-        HubError::Store(StoreError::Pool(m)) => m.starts_with("no free connection"),
-        HubError::Store(StoreError::Postgres(pe)) => match pe.as_db_error() {
-            None => true,
-            Some(db) => {
-                let code = db.code().code();
-                code.starts_with("08") || code.starts_with("57")
-            }
-        },
-        _ => false,
-    }
+    matches!(e, HubError::Store(s) if s.is_transient())
 }
 
 async fn ingest_inner(
@@ -932,7 +923,7 @@ async fn export_group(
     uri: Uri,
 ) -> Response {
     let store = st.store.clone();
-    let known = blocking(move || Ok(store.list_beds().map_err(|e| e.to_string())))
+    let known = blocking(move || Ok::<_, HubError>(store.list_beds().map_err(|e| e.to_string())))
         .await
         .map(|beds| beds.map(|b| b.iter().any(|b| b.ward == id)));
     match known {
@@ -1127,7 +1118,7 @@ async fn read_patient(State(st): State<AppState>, Path(id): Path<String>) -> Res
 
 async fn locations(st: &AppState) -> Result<Vec<Json>, Response> {
     let store = st.store.clone();
-    let beds = blocking(move || Ok(store.list_beds().map_err(|e| e.to_string())))
+    let beds = blocking(move || Ok::<_, HubError>(store.list_beds().map_err(|e| e.to_string())))
         .await
         .map_err(|e| fhir_internal(&e))?
         .map_err(|e| outcome(StatusCode::INTERNAL_SERVER_ERROR, "exception", &e))?;
