@@ -369,10 +369,9 @@ impl mllp::Handler for Ctx {
             Event::Connected { peer } => tracing::debug!(peer = %peer.ip(), "ADT connection"),
             Event::HandshakeFailed(e) => tracing::warn!(error = %e, "ADT TLS handshake failed"),
             Event::HandshakeTimedOut => tracing::warn!("ADT TLS handshake timed out"),
-            Event::Unframed(e) => {
-                if !matches!(e, MllpError::Oversized { .. }) {
-                    tracing::debug!(dropped = e.dropped(), "MLLP resync");
-                }
+            // An oversized message is logged where it is answered (AR).
+            Event::Unframed(e) if !matches!(e, MllpError::Oversized { .. }) => {
+                tracing::debug!(dropped = e.dropped(), "MLLP resync")
             }
             Event::TooMuchJunk { junk } => {
                 tracing::warn!(junk, "too much unframed ADT input; closing the connection")
