@@ -176,27 +176,21 @@ impl PgConfig {
             .filter(|p| !p.is_empty()))
     }
 
+    /// tokio-postgres-rustls over the common client builder
+    /// ([`vigil_io::tls`]): pinned `storage.postgres.ca_file` or the public
+    /// roots.
     fn tls(&self) -> Result<tokio_postgres_rustls::MakeRustlsConnect, DbError> {
-        let mut roots = rustls::RootCertStore::empty();
-        match &self.ca_file {
-            Some(path) => {
-                use rustls::pki_types::CertificateDer;
-                use rustls::pki_types::pem::PemObject;
-                let err = |e: &dyn std::fmt::Display| {
-                    DbError::Pool(format!("storage.postgres.ca_file {}: {e}", path.display()))
-                };
-                for cert in CertificateDer::pem_file_iter(path).map_err(|e| err(&e))? {
-                    roots.add(cert.map_err(|e| err(&e))?).map_err(|e| err(&e))?;
-                }
-            }
-            None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
-        }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| DbError::Pool(format!("TLS setup: {e}")))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        use vigil_io::tls::{self, PemFile, TlsError};
+        let ca = self
+            .ca_file
+            .as_deref()
+            .map(|p| PemFile::new("storage.postgres.ca_file", p));
+        let config = tls::pinned_or_public_roots(ca)
+            .and_then(|roots| tls::client_config(roots, None))
+            .map_err(|e| match e {
+                TlsError::Protocol(e) => DbError::Pool(format!("TLS setup: {e}")),
+                e => DbError::Pool(e.to_string()),
+            })?;
         Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
     }
 }
