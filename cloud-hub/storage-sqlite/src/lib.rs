@@ -10,19 +10,13 @@ mod error;
 pub mod schema;
 pub mod trends;
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use hub_domain::fhir::render::{
-    BP_PANEL_LOINC, BpKey, DeviceRow, ObservationRow, RowKind, bp_family_of, bp_key,
-    device_resource_id, panel_id,
-};
-use hub_domain::fhir::{ObservationSearch, SortOrder, observation_id};
-use hub_domain::ingest::{
-    Refusal, technical_kind_name, validate_reading, validate_technical, validate_waveform,
-};
+use hub_domain::fhir::render::{DeviceRow, ObservationRow, device_resource_id};
+use hub_domain::fhir::{ObservationSearch, SortOrder};
+use hub_domain::ingest;
 use hub_storage::{
     Associations, GatewayRow, GatewayStore, IngestReport, IngestStore, ObservationStore, Purged,
     RetentionStore, Storage, StoreError,
@@ -30,9 +24,7 @@ use hub_storage::{
 use prost::Message;
 use rusqlite::types::Value as SqlValue;
 use rusqlite::{Connection, OptionalExtension, params, params_from_iter};
-use shared_protocol::v1::{
-    Batch, BatchAck, DeviceData, Reading, RejectReason, Rejection, Validity,
-};
+use shared_protocol::v1::{Batch, BatchAck};
 
 pub use error::DbError;
 use hub_domain::clock::now_us;
@@ -106,10 +98,6 @@ impl WalSync {
         *synced = target;
         Ok(())
     }
-}
-
-fn reason_name(r: RejectReason) -> &'static str {
-    r.as_str_name()
 }
 
 /// Create gateway `id` with a token hash, or re-activate it when revoked;
@@ -404,10 +392,10 @@ impl SqliteStore {
             .is_some())
     }
 
-    /// Stores a batch of an authenticated gateway in one transaction.
-    ///
-    /// `received_us` is the hub receive time; `now_us` the hub clock used
-    /// for the "too far in the future" check.
+    /// Stores a batch of an authenticated gateway in one transaction: the
+    /// plan `hub_domain::ingest::plan` makes (attribution loaded here, per
+    /// device), each row inserted unless its identity is already stored,
+    /// the chart buckets of the new usable values, and the batch's ack.
     fn db_ingest(
         &self,
         gateway_id: &str,
@@ -439,62 +427,29 @@ impl SqliteStore {
                 live: Vec::new(),
             });
         }
-
-        let mut ack = BatchAck {
-            sequence: batch.sequence,
-            ..Default::default()
-        };
-        let mut reasons = Vec::new();
-        let mut out_of_range = 0;
-        let mut live = Vec::new();
-        let mut rollup = hub_domain::trends::Rollup::default();
-        {
-            let mut reject = |device_id: &str, seq: u64, kind: &str, raw: Vec<u8>, f: Refusal| {
-                reasons.push(f.reason);
-                ack.rejected += 1;
-                let res = tx.execute(
-                    "INSERT INTO rejected_readings (gateway_id, device_id, batch_sequence, sequence,
-                         kind, reason, detail, raw, received_us)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-                    params![
-                        gateway_id,
-                        device_id,
-                        batch_seq,
-                        seq as i64,
-                        kind,
-                        reason_name(f.reason),
-                        f.detail,
-                        raw,
-                        received_us
-                    ],
-                );
-                ack.rejections.push(Rejection {
-                    device_id: device_id.to_owned(),
-                    sequence: seq,
-                    reason: f.reason as i32,
-                    detail: f.detail,
-                });
-                res.map(|_| ())
-            };
-            let mut accepted = 0u32;
-            let mut duplicates = 0u32;
-
-            let mut insert_obs = tx.prepare(
-                "INSERT OR IGNORE INTO observations (id, gateway_id, device_id, sequence, patient_id,
-                     loinc, mdc_code, effective_us, status, value, batch_sequence, received_us,
-                     resource, kind, category, payload, patient_system, attribution)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, '', ?13, ?14, ?15,
-                     ?16, ?17)",
+        let plan = ingest::plan(gateway_id, batch, now_us, |device, lo, hi| {
+            attribution::load(&tx, gateway_id, device, lo, hi, associations)
+        })?;
+        let (row_new, event_new) = {
+            let mut insert_rejected = tx.prepare_cached(
+                "INSERT INTO rejected_readings (gateway_id, device_id, batch_sequence, sequence,
+                     kind, reason, detail, raw, received_us)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             )?;
-            let mut mark_panel_member = tx.prepare(
-                "UPDATE observations SET panel_id = ?2 WHERE id = ?1 AND panel_id IS NULL",
-            )?;
-            let mut insert_event = tx.prepare(
-                "INSERT OR IGNORE INTO device_events (gateway_id, device_id, sequence, kind, time_us,
-                     detail, batch_sequence, received_us)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            )?;
-            let mut upsert_device = tx.prepare(
+            for r in &plan.rejected {
+                insert_rejected.execute(params![
+                    gateway_id,
+                    r.device_id,
+                    batch_seq,
+                    r.sequence,
+                    r.kind,
+                    r.reason,
+                    r.detail,
+                    r.raw,
+                    received_us
+                ])?;
+            }
+            let mut upsert_device = tx.prepare_cached(
                 "INSERT INTO devices (gateway_id, device_id, protocol, manufacturer, model,
                      serial_number, location, first_seen_us, last_seen_us, fhir_id)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9)
@@ -503,254 +458,82 @@ impl SqliteStore {
                      model = excluded.model, serial_number = excluded.serial_number,
                      location = excluded.location, last_seen_us = excluded.last_seen_us",
             )?;
-
-            // Gateway-level events: stored once (device_id ""), not counted.
-            for e in &batch.gateway_events {
-                if validate_technical(e, now_us).is_ok() {
-                    insert_event.execute(params![
-                        gateway_id,
-                        "",
-                        e.sequence as i64,
-                        technical_kind_name(e.kind),
-                        e.time_us,
-                        e.detail,
-                        batch_seq,
-                        received_us
-                    ])?;
-                }
-            }
-            for data in &batch.devices {
-                let info = data.device.clone().unwrap_or_default();
-                if info.device_id.is_empty() {
-                    let f = || Refusal {
-                        reason: RejectReason::MissingDevice,
-                        detail: "device entry has no device_id".into(),
-                    };
-                    for r in &data.readings {
-                        reject("", r.sequence, "reading", r.encode_to_vec(), f())?;
-                    }
-                    for w in &data.waveforms {
-                        reject("", w.sequence, "waveform", w.encode_to_vec(), f())?;
-                    }
-                    for t in &data.technical {
-                        reject("", t.sequence, "technical", t.encode_to_vec(), f())?;
-                    }
-                    continue;
-                }
-                let device_id = info.device_id.as_str();
+            for d in &plan.devices {
+                let i = &d.info;
                 upsert_device.execute(params![
                     gateway_id,
-                    device_id,
-                    info.protocol,
-                    info.manufacturer,
-                    info.model,
-                    info.serial_number,
-                    info.location,
+                    i.device_id,
+                    i.protocol,
+                    i.manufacturer,
+                    i.model,
+                    i.serial_number,
+                    i.location,
                     received_us,
-                    device_resource_id(gateway_id, device_id)
+                    d.fhir_id
                 ])?;
-                // Who the rows belong to (see `association`): resolved once
-                // for the device over the entry's time span, so each row is
-                // written once with its final patient.
-                let times = data
-                    .readings
-                    .iter()
-                    .map(Reading::effective_time_us)
-                    .chain(data.waveforms.iter().map(|w| w.start_time_us));
-                let (lo, hi) =
-                    times.fold((i64::MAX, i64::MIN), |(lo, hi), t| (lo.min(t), hi.max(t)));
-                let attribution =
-                    attribution::load(&tx, gateway_id, device_id, lo, hi, associations)?;
-                // Blood-pressure parts stored (or already stored) from this
-                // entry, by (panel code, effective time): grouped into panels.
-                let mut bp_parts: BTreeMap<BpKey, Vec<&Reading>> = BTreeMap::new();
-                for r in &data.readings {
-                    let metric = match validate_reading(r, now_us) {
-                        Ok(m) => m,
-                        Err(f) => {
-                            reject(device_id, r.sequence, "reading", r.encode_to_vec(), f)?;
-                            continue;
-                        }
-                    };
-                    let cols = hub_domain::fhir::columns(r, &metric);
-                    let effective_us = r.effective_time_us();
-                    let who = attribution.of(r.subject.as_ref(), effective_us);
-                    let n = insert_obs.execute(params![
-                        observation_id(gateway_id, device_id, r.sequence),
-                        gateway_id,
-                        device_id,
-                        r.sequence as i64,
-                        who.patient,
-                        metric.loinc,
-                        metric.mdc,
-                        effective_us,
-                        cols.status,
-                        cols.value,
-                        batch_seq,
-                        received_us,
-                        RowKind::Reading.as_str(),
-                        hub_domain::fhir::category(&metric).0,
-                        r.encode_to_vec(),
-                        who.system,
-                        who.how
-                    ])?;
-                    if n == 0 {
-                        duplicates += 1;
-                    } else {
-                        accepted += 1;
-                        out_of_range += u32::from(cols.out_of_range);
-                        // The usable value (final, stored: device-valid and
-                        // possible) in the chart unit, for trends and alerts.
-                        let chart = cols
-                            .value
-                            .filter(|_| cols.status == "final")
-                            .and_then(|v| hub_domain::trends::chart_value(r, v));
-                        if let (Some(p), Some(v)) = (who.patient, chart) {
-                            rollup.add(p, gateway_id, device_id, metric.mdc, effective_us, v);
-                        }
-                        if effective_us >= now_us - hub_domain::alerts::LIVE_WINDOW_US
-                            && let Some(parameter) =
-                                hub_domain::early_warning::parameter_of(r.mdc_code)
-                        {
-                            live.push(hub_domain::alerts::LiveValue {
-                                patient: who.patient.map(|p| hub_domain::association::PatientId {
-                                    system: who.system.unwrap_or_default().to_owned(),
-                                    value: p.to_owned(),
-                                }),
-                                device_id: device_id.to_owned(),
-                                parameter,
-                                value: chart,
-                                flags: r.flags.clone(),
-                                time_us: effective_us,
-                            });
-                        }
-                    }
-                    if let Some(f) = bp_family_of(r.mdc_code) {
-                        bp_parts
-                            .entry(bp_key(f, effective_us, r))
-                            .or_default()
-                            .push(r);
-                    }
-                }
-                for ((panel_mdc, effective_us, _), parts) in &bp_parts {
-                    let Some(family) = hub_domain::fhir::render::bp_family(*panel_mdc) else {
-                        continue;
-                    };
-                    let part = |mdc: u32| parts.iter().find(|r| r.mdc_code == mdc).copied();
-                    // The profile needs both systolic and diastolic.
-                    let (Some(sys), Some(_)) = (part(family.systolic), part(family.diastolic))
-                    else {
-                        continue;
-                    };
-                    let members: Vec<Reading> = [family.systolic, family.diastolic, family.mean]
-                        .into_iter()
-                        .filter_map(part)
-                        .cloned()
-                        .collect();
-                    let pid = panel_id(gateway_id, device_id, sys.sequence);
-                    let who = attribution.of(sys.subject.as_ref(), *effective_us);
-                    let status = if members
-                        .iter()
-                        .all(|m| matches!(m.validity(), Validity::Valid | Validity::Invalid))
-                    {
-                        "final"
-                    } else {
-                        "preliminary"
-                    };
-                    insert_obs.execute(params![
-                        pid,
-                        gateway_id,
-                        device_id,
-                        // Readings own the non-negative sequences; a panel
-                        // row takes -(systolic sequence + 1).
-                        -(sys.sequence as i64) - 1,
-                        who.patient,
-                        BP_PANEL_LOINC,
-                        family.mdc,
-                        effective_us,
-                        status,
-                        None::<f64>,
-                        batch_seq,
-                        received_us,
-                        RowKind::BpPanel.as_str(),
-                        "vital-signs",
-                        DeviceData {
-                            readings: members.clone(),
-                            ..Default::default()
-                        }
-                        .encode_to_vec(),
-                        who.system,
-                        who.how
-                    ])?;
-                    for m in &members {
-                        mark_panel_member.execute(params![
-                            observation_id(gateway_id, device_id, m.sequence),
-                            pid
-                        ])?;
-                    }
-                }
-                for w in &data.waveforms {
-                    if let Err(f) = validate_waveform(w, now_us) {
-                        reject(device_id, w.sequence, "waveform", w.encode_to_vec(), f)?;
-                        continue;
-                    }
-                    let who = attribution.of(None, w.start_time_us);
-                    let n = insert_obs.execute(params![
-                        observation_id(gateway_id, device_id, w.sequence),
-                        gateway_id,
-                        device_id,
-                        w.sequence as i64,
-                        who.patient,
-                        "",
-                        w.mdc_code,
-                        w.start_time_us,
-                        if matches!(w.validity(), Validity::Valid | Validity::Invalid) {
-                            "final"
-                        } else {
-                            "preliminary"
-                        },
-                        None::<f64>,
-                        batch_seq,
-                        received_us,
-                        RowKind::Waveform.as_str(),
-                        "",
-                        w.encode_to_vec(),
-                        who.system,
-                        who.how
-                    ])?;
-                    if n == 0 {
-                        duplicates += 1;
-                    } else {
-                        accepted += 1;
-                    }
-                }
-                for t in &data.technical {
-                    if let Err(f) = validate_technical(t, now_us) {
-                        reject(device_id, t.sequence, "technical", t.encode_to_vec(), f)?;
-                        continue;
-                    }
-                    let n = insert_event.execute(params![
-                        gateway_id,
-                        device_id,
-                        t.sequence as i64,
-                        technical_kind_name(t.kind),
-                        t.time_us,
-                        t.detail,
-                        batch_seq,
-                        received_us
-                    ])?;
-                    if n == 0 {
-                        duplicates += 1;
-                    } else {
-                        accepted += 1;
-                    }
+            }
+            let mut insert_event = tx.prepare_cached(
+                "INSERT OR IGNORE INTO device_events (gateway_id, device_id, sequence, kind, time_us,
+                     detail, batch_sequence, received_us)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )?;
+            let mut event_new = Vec::with_capacity(plan.events.len());
+            for e in &plan.events {
+                let n = insert_event.execute(params![
+                    gateway_id,
+                    e.device_id,
+                    e.sequence,
+                    e.kind,
+                    e.time_us,
+                    e.detail,
+                    batch_seq,
+                    received_us
+                ])?;
+                event_new.push(n > 0);
+            }
+            let mut insert_obs = tx.prepare_cached(
+                "INSERT OR IGNORE INTO observations (id, gateway_id, device_id, sequence, patient_id,
+                     loinc, mdc_code, effective_us, status, value, batch_sequence, received_us,
+                     resource, kind, category, payload, patient_system, attribution)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, '', ?13, ?14, ?15,
+                     ?16, ?17)",
+            )?;
+            let mut row_new = Vec::with_capacity(plan.rows.len());
+            for r in &plan.rows {
+                let n = insert_obs.execute(params![
+                    r.id,
+                    gateway_id,
+                    r.device_id,
+                    r.sequence,
+                    r.patient,
+                    r.loinc,
+                    r.mdc_code,
+                    r.effective_us,
+                    r.status,
+                    r.value,
+                    batch_seq,
+                    received_us,
+                    r.kind.as_str(),
+                    r.category,
+                    r.payload,
+                    r.patient_system,
+                    r.attribution
+                ])?;
+                row_new.push(n > 0);
+            }
+            let mut mark_panel_member = tx.prepare_cached(
+                "UPDATE observations SET panel_id = ?2 WHERE id = ?1 AND panel_id IS NULL",
+            )?;
+            for p in &plan.panels {
+                for (_, member) in &p.members {
+                    mark_panel_member.execute(params![member, p.panel_id])?;
                 }
             }
-            ack.accepted = accepted;
-            ack.duplicates = duplicates;
-        }
+            (row_new, event_new)
+        };
+        let outcome = ingest::outcome(gateway_id, plan, &row_new, &event_new);
         // Chart buckets of the new usable values (`trends`).
-        trends::write(rollup, &tx)?;
+        trends::write(outcome.rollup, &tx)?;
         tx.execute(
             "INSERT INTO batches (gateway_id, sequence, received_us, created_us, agent_version, ack)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
@@ -760,7 +543,7 @@ impl SqliteStore {
                 received_us,
                 batch.created_time_us,
                 batch.agent_version,
-                ack.encode_to_vec()
+                outcome.ack.encode_to_vec()
             ],
         )?;
         tx.commit()?;
@@ -770,10 +553,10 @@ impl SqliteStore {
             w.barrier(g)?;
         }
         Ok(IngestReport {
-            ack,
-            rejected_reasons: reasons,
-            out_of_range,
-            live,
+            ack: outcome.ack,
+            rejected_reasons: outcome.reasons,
+            out_of_range: outcome.out_of_range,
+            live: outcome.live,
         })
     }
 

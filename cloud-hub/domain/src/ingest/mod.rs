@@ -1,4 +1,14 @@
-//! Per-reading validation of ingested data (pure; storage is in `store`).
+//! Ingest, pure: per-reading validation ([`validate_reading`] and friends)
+//! and the [`plan`] of a whole batch (every row to store, computed once for
+//! both storage backends), with its [`outcome`] once the backend reports
+//! which rows were new.
+
+mod plan;
+
+pub use plan::{
+    DeviceUpsert, EventRow, IngestOutcome, IngestPlan, ObsRow, PanelLink, RejectedRow, outcome,
+    plan,
+};
 
 use shared_protocol::v1::{
     Reading, RejectReason, TechnicalKind, TechnicalReading, Waveform, reading,
