@@ -14,7 +14,15 @@
 //!   Counters carry no patient data and are not encrypted.
 //!
 //! A second tree, `quarantine`, receives records that fail authentication or
-//! decoding; they are counted, never retried, never block the rest.
+//! decoding under a key the buffer has; they are counted, never retried,
+//! never block the rest.
+//!
+//! # Missing keys
+//! A record sealed under a key the keyring does not hold (the key file was
+//! lost or replaced) is *locked*: it is not corrupt, so it is neither
+//! quarantined nor sent nor counted as pending; it stays in place and is
+//! delivered as soon as the buffer is opened with its key again
+//! ([`Buffer::locked`]). It still counts towards the bound.
 //!
 //! # Keys and rotation
 //! Records name the key they were sealed with (first 4 bytes of the key's
@@ -208,6 +216,24 @@ pub struct Buffer {
     quarantined: AtomicU64,
     dropped_total: AtomicU64,
     refused_total: AtomicU64,
+    /// Records (and their items) sealed under a key not in the keyring.
+    locked_records: AtomicU64,
+    locked_items: AtomicU64,
+    /// Ids of the missing keys found at open.
+    missing_keys: Vec<[u8; 4]>,
+}
+
+/// Records sealed under keys the buffer does not have (see the module docs).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Locked {
+    pub records: u64,
+    pub items: u64,
+    /// Ids of the missing keys (first 4 bytes of each key's SHA-256).
+    pub key_ids: Vec<[u8; 4]>,
+}
+
+fn header_key_id(v: &[u8]) -> Option<[u8; 4]> {
+    (v.len() >= 5).then(|| <[u8; 4]>::try_from(&v[1..5]).expect("4 bytes"))
 }
 
 fn record_key(id: u64) -> [u8; 9] {
@@ -290,21 +316,40 @@ impl Buffer {
             quarantined,
             dropped_total: AtomicU64::new(0),
             refused_total: AtomicU64::new(0),
+            locked_records: AtomicU64::new(0),
+            locked_items: AtomicU64::new(0),
+            missing_keys: Vec::new(),
         };
+        let mut buf = buf;
         // Resume the nonce counter past everything reserved before.
         {
             let mut n = buf.nonce.lock().expect("nonce lock");
             n.next = get_u64(&buf.tree, &buf.nonce_meta_key())?;
             n.reserved_end = n.next;
         }
-        // Count what is pending from the headers alone (no decryption).
+        // Count what is pending from the headers alone (no decryption);
+        // records under a key this keyring lacks are locked, not pending.
         let (mut recs, mut readings, mut bytes) = (0u64, 0u64, 0u64);
+        let (mut locked_recs, mut locked_items) = (0u64, 0u64);
+        let mut missing = std::collections::BTreeSet::new();
         for item in buf.tree.scan_prefix(b"r") {
             let (_, v) = item?;
-            recs += 1;
-            readings += header_count(&v);
             bytes += v.len() as u64;
+            match header_key_id(&v) {
+                Some(kid) if !buf.openers.contains_key(&kid) => {
+                    locked_recs += 1;
+                    locked_items += header_count(&v);
+                    missing.insert(kid);
+                }
+                _ => {
+                    recs += 1;
+                    readings += header_count(&v);
+                }
+            }
         }
+        buf.locked_records.store(locked_recs, Ordering::Relaxed);
+        buf.locked_items.store(locked_items, Ordering::Relaxed);
+        buf.missing_keys = missing.into_iter().collect();
         buf.pending_records.store(recs, Ordering::Relaxed);
         buf.pending_readings.store(readings, Ordering::Relaxed);
         buf.pending_bytes.store(bytes, Ordering::Relaxed);
@@ -438,6 +483,7 @@ impl Buffer {
         }
         // Room, per the policy. Eviction happens in the same atomic batch.
         let (mut ev_records, mut ev_items, mut ev_bytes) = (0u64, 0u64, 0u64);
+        let (mut ev_locked_records, mut ev_locked_items) = (0u64, 0u64);
         let pending = self.pending_bytes.load(Ordering::Relaxed);
         if n_bytes > self.limits.max_bytes {
             self.refused_total
@@ -462,6 +508,10 @@ impl Buffer {
                         }
                         let (k, v) = item?;
                         batch.remove(k);
+                        if header_key_id(&v).is_some_and(|kid| !self.openers.contains_key(&kid)) {
+                            ev_locked_records += 1;
+                            ev_locked_items += header_count(&v);
+                        }
                         ev_records += 1;
                         ev_items += header_count(&v);
                         ev_bytes += v.len() as u64;
@@ -488,12 +538,17 @@ impl Buffer {
             );
             self.dropped_total.fetch_add(ev_items, Ordering::Relaxed);
         }
+        self.locked_records
+            .fetch_sub(ev_locked_records, Ordering::Relaxed);
+        self.locked_items
+            .fetch_sub(ev_locked_items, Ordering::Relaxed);
         self.pending_records.fetch_add(n_records, Ordering::Relaxed);
         self.pending_records
-            .fetch_sub(ev_records, Ordering::Relaxed);
+            .fetch_sub(ev_records - ev_locked_records, Ordering::Relaxed);
         self.pending_readings
             .fetch_add(n_items as u64, Ordering::Relaxed);
-        self.pending_readings.fetch_sub(ev_items, Ordering::Relaxed);
+        self.pending_readings
+            .fetch_sub(ev_items - ev_locked_items, Ordering::Relaxed);
         self.pending_bytes.fetch_add(n_bytes, Ordering::Relaxed);
         self.pending_bytes.fetch_sub(ev_bytes, Ordering::Relaxed);
         Ok(n_items)
@@ -533,6 +588,10 @@ impl Buffer {
         let mut plain = 0u64;
         for item in self.tree.range(record_key(from)..record_key(until)) {
             let (k, v) = item?;
+            if header_key_id(&v).is_some_and(|kid| !self.openers.contains_key(&kid)) {
+                // Locked (its key is missing): kept in place, not sent.
+                continue;
+            }
             match self.open_record(&k, &v) {
                 Ok(data) => {
                     let n = items(&data);
@@ -595,6 +654,9 @@ impl Buffer {
         let (mut n, mut bytes) = (0usize, 0u64);
         for item in self.tree.range(record_key(from)..record_key(until)) {
             let (_, v) = item?;
+            if header_key_id(&v).is_some_and(|kid| !self.openers.contains_key(&kid)) {
+                continue;
+            }
             n += header_count(&v) as usize;
             bytes += (v.len() as u64).saturating_sub(RECORD_OVERHEAD);
             if n >= cap_items || bytes >= cap_bytes {
@@ -724,6 +786,14 @@ impl Buffer {
     }
     pub fn quarantined(&self) -> u64 {
         self.quarantined.load(Ordering::Relaxed)
+    }
+    /// Records kept for a missing key (see the module docs).
+    pub fn locked(&self) -> Locked {
+        Locked {
+            records: self.locked_records.load(Ordering::Relaxed),
+            items: self.locked_items.load(Ordering::Relaxed),
+            key_ids: self.missing_keys.clone(),
+        }
     }
     /// Items dropped by `drop-oldest` since this process started.
     pub fn dropped_total(&self) -> u64 {
@@ -1008,10 +1078,56 @@ mod tests {
         assert_eq!(b.quarantined(), 1);
         assert_eq!(b.pending_readings(), 2);
         drop(b);
-        // Opened with another key: every record quarantined, none delivered.
-        let b = open_retry(dir.path(), &[6u8; 32]).unwrap();
-        assert!(b.oldest(10).unwrap().is_empty());
-        assert_eq!(b.quarantined(), 3);
+    }
+
+    #[tokio::test]
+    async fn records_under_a_missing_key_are_kept_locked_and_delivered_when_it_returns() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = [5u8; 32];
+        {
+            let b = open_retry(dir.path(), &old).unwrap();
+            b.append(vec![out("a", &[1.0, 2.0])]).await.unwrap();
+            b.append(vec![out("a", &[3.0])]).await.unwrap();
+            b.flush().await.unwrap();
+        }
+        // The key is lost: a new one. Nothing quarantined, nothing sent, counted.
+        {
+            let b = open_retry(dir.path(), &[6u8; 32]).unwrap();
+            assert_eq!(
+                b.locked(),
+                Locked {
+                    records: 2,
+                    items: 3,
+                    key_ids: vec![key_id(&old)]
+                }
+            );
+            assert_eq!((b.pending_records(), b.pending_readings()), (0, 0));
+            assert!(b.oldest(10).unwrap().is_empty());
+            assert_eq!(b.items_in(0, u64::MAX, 100).unwrap(), 0);
+            b.append(vec![out("a", &[4.0])]).await.unwrap();
+            let recs = b.oldest(10).unwrap();
+            assert_eq!(recs.len(), 1, "new records flow past the locked ones");
+            b.remove(&recs).await.unwrap();
+            assert_eq!(b.quarantined(), 0);
+            b.flush().await.unwrap();
+        }
+        // The old key is back (retired beside the new one): delivered.
+        let ring = Keyring {
+            current: [6u8; 32],
+            retired: vec![old],
+        };
+        let b = open_retry_with(dir.path(), &ring, Limits::default());
+        assert_eq!(b.locked(), Locked::default());
+        let recs = b.oldest(10).unwrap();
+        let values: Vec<_> = recs
+            .iter()
+            .flat_map(|r| r.data.readings.iter().map(|x| x.value.clone()))
+            .collect();
+        assert_eq!(
+            values,
+            [1.0, 2.0, 3.0].map(|v| Some(Value::Numeric(v))).to_vec()
+        );
+        assert_eq!(b.quarantined(), 0);
     }
 
     #[tokio::test]

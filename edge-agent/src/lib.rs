@@ -54,6 +54,15 @@ pub enum AgentError {
     Status(String),
     #[error("invalid device config for {device}: {message}")]
     Device { device: String, message: String },
+    #[error(
+        "{records} buffered records ({items} readings) are sealed under buffer key(s) {key_ids} that no configured key opens (the key file was lost or replaced). Restore the key: put it back as {key_path} or beside it as {key_path}.retired-<key id>, then start again; the records are sent then. To run without them for now, start with --accept-key-loss (or [buffer] accept_key_loss = true): they stay stored, counted and reported, and are sent once the key is back"
+    )]
+    KeyLoss {
+        records: u64,
+        items: u64,
+        key_ids: String,
+        key_path: String,
+    },
 }
 
 /// Counters of the forwarding path.
@@ -101,6 +110,29 @@ pub async fn run_with_uplink(
         &keys,
         cfg.buffer.limits(),
     )?);
+    let locked = buffer.locked();
+    if locked.records > 0 {
+        let key_ids = locked
+            .key_ids
+            .iter()
+            .map(hex::encode)
+            .collect::<Vec<_>>()
+            .join(", ");
+        if !cfg.buffer.accept_key_loss {
+            return Err(AgentError::KeyLoss {
+                records: locked.records,
+                items: locked.items,
+                key_ids,
+                key_path: cfg.key_path().display().to_string(),
+            });
+        }
+        tracing::error!(
+            records = locked.records,
+            items = locked.items,
+            key_ids = %key_ids,
+            "buffer key loss accepted: records under a missing key are kept unsent until the key is restored"
+        );
+    }
     if !keys.retired.is_empty() {
         for f in secrets::prune_retired(&cfg.key_path(), &buffer.keys_in_use()?)? {
             tracing::info!(file = %f.display(), "retired buffer key no longer needed; deleted");
@@ -404,6 +436,28 @@ fn overflow_event(dropped: u64, max_bytes: u64, sequence: u64, time_us: i64) -> 
     }
 }
 
+/// The gateway event reporting records kept under a missing buffer key
+/// (the protocol has no kind of its own for it: BUFFER_OVERFLOW, the
+/// gateway's "readings not delivered from the buffer" event, with the
+/// numbers in `detail`).
+fn key_loss_event(locked: &buffer::Locked, sequence: u64, time_us: i64) -> TechnicalReading {
+    let ids = locked
+        .key_ids
+        .iter()
+        .map(hex::encode)
+        .collect::<Vec<_>>()
+        .join(", ");
+    TechnicalReading {
+        kind: TechnicalKind::BufferOverflow as i32,
+        time_us,
+        detail: format!(
+            "buffer key lost: {} records ({} items) sealed under key {ids} cannot be opened; kept unsent until the key is restored",
+            locked.records, locked.items
+        ),
+        sequence,
+    }
+}
+
 /// How many of `records` (oldest first) one batch takes so that its encoded
 /// protobuf size stays within `max_bytes`: records are added until the next
 /// one would take the batch above the limit. The first record always goes,
@@ -582,6 +636,9 @@ async fn forward_loop(
     // start is backlog; after an outage, everything stored before recovery is.
     let mut backlog_end = startup_backlog_end;
     let mut in_outage = false;
+    // An accepted key loss, reported (at least once) with the next batch.
+    let mut key_loss = Some(buffer.locked()).filter(|l| l.records > 0);
+    let mut key_loss_seq = None;
     'outer: loop {
         if *shutdown.borrow() {
             return;
@@ -676,6 +733,18 @@ async fn forward_loop(
                 ));
             }
         }
+        if let Some(l) = &key_loss {
+            if key_loss_seq.is_none() {
+                key_loss_seq = buffer.next_gateway_event_sequence().await.ok();
+            }
+            if let Some(seq) = key_loss_seq {
+                batch.gateway_events.push(key_loss_event(
+                    l,
+                    seq,
+                    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000) as i64,
+                ));
+            }
+        }
         let n = items_in(&batch);
         loop {
             // A broker's PUBACK (IoT Hub) is delivery of every item sent; the
@@ -721,8 +790,12 @@ async fn forward_loop(
                         // The hub has them; a re-send is de-duplicated there.
                         tracing::error!(error = %e, "deleting delivered records failed");
                     }
-                    if !batch.gateway_events.is_empty() {
+                    if dropped > 0 && !batch.gateway_events.is_empty() {
                         let _ = buffer.mark_dropped_reported(dropped).await;
+                    }
+                    if key_loss_seq.is_some() {
+                        key_loss = None;
+                        key_loss_seq = None;
                     }
                     if lane == Lane::Backlog {
                         rate.take(n as usize);

@@ -15,6 +15,7 @@
 //! - `vigil_agent_buffer_oldest_age_seconds`: age of the oldest waiting item (0 when empty).
 //! - `vigil_agent_buffer_dropped_total`, `vigil_agent_buffer_refused_total`: items lost to the overflow policy since start.
 //! - `vigil_agent_buffer_quarantined_total`: records that failed authentication or decoding.
+//! - `vigil_agent_buffer_locked_records`: records sealed under a buffer key no configured key opens (kept unsent until the key is restored; see docs/agent.md).
 //! - `vigil_agent_uplink_batches_total`, `vigil_agent_uplink_items_total{outcome="accepted|duplicate|rejected"}`: hub acks.
 //! - `vigil_agent_uplink_send_failures_total`: failed sends (each retry counts).
 //! - `vigil_agent_uplink_up`: 1 if the last send reached the hub.
@@ -137,7 +138,7 @@ impl Status {
             }
         }
         let b = &self.buffer;
-        let gauges: [(&str, &str, &str, f64); 9] = [
+        let gauges: [(&str, &str, &str, f64); 10] = [
             (
                 "vigil_agent_buffer_records",
                 "gauge",
@@ -185,6 +186,12 @@ impl Status {
                 "counter",
                 "Records quarantined (failed authentication or decoding).",
                 b.quarantined() as f64,
+            ),
+            (
+                "vigil_agent_buffer_locked_records",
+                "gauge",
+                "Records sealed under a buffer key no configured key opens (kept, not sent).",
+                b.locked().records as f64,
             ),
             (
                 "vigil_agent_uplink_up",
@@ -298,6 +305,7 @@ pub const METRIC_FAMILIES: &[&str] = &[
     "vigil_agent_buffer_dropped_total",
     "vigil_agent_buffer_refused_total",
     "vigil_agent_buffer_quarantined_total",
+    "vigil_agent_buffer_locked_records",
     "vigil_agent_uplink_up",
     "vigil_agent_uplink_batches_total",
     "vigil_agent_uplink_items_total",
