@@ -587,3 +587,182 @@ fn a_full_buffer_refusing_new_readings_loses_exactly_what_it_counts() {
         "every decoded reading is stored or counted as refused (3 per Masimo line)"
     );
 }
+
+/// Run `edge-agent run` with extra arguments (stderr appended to `log_name`).
+fn start_agent_args(dir: &std::path::Path, log_name: &str, extra: &[&str]) -> Proc {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(log_name))
+        .unwrap();
+    Proc::spawn(
+        "edge-agent",
+        Command::new(bin("edge-agent"))
+            .args(["run", "--config"])
+            .arg(dir.join("agent.toml"))
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log),
+    )
+    .unwrap()
+}
+
+/// A lost buffer key: the agent refuses to start and names the key; with
+/// `--accept-key-loss` it runs, keeps the old records (neither sent nor
+/// quarantined) and reports the loss to the hub; once the key is restored
+/// (beside the new one as `buffer.key.retired-<id>`) every buffered record
+/// reaches the hub: no sequence is missing.
+#[test]
+fn a_lost_buffer_key_is_refused_then_reported_and_recovered_when_restored() {
+    let mut rig = rig_with("keyloss", 50, 100_000, 500, "", true);
+    wait_for(Duration::from_secs(30), "first readings", || {
+        (rig.total() >= 10).then_some(())
+    })
+    .unwrap();
+    // Uplink cut: what the device sends now stays in the buffer.
+    rig.proxy.as_ref().unwrap().cut();
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(rig.agent.terminate(Duration::from_secs(20)));
+    let d = rig.dir.clone();
+    let key = d.join("agent-data/buffer.key");
+    let saved = std::fs::read(&key).unwrap();
+    std::fs::remove_file(&key).unwrap();
+
+    // 1. Without the key the agent refuses to start, and says why.
+    let mut refused = start_agent_args(&d, "agent-refused.log", &[]);
+    let status = refused
+        .wait_exit(Duration::from_secs(30))
+        .expect("the agent exits instead of running without its key");
+    assert!(!status.success());
+    let log = std::fs::read_to_string(d.join("agent-refused.log")).unwrap();
+    assert!(
+        log.contains("--accept-key-loss") && log.contains("buffer key(s) "),
+        "{log}"
+    );
+    let key_id = log
+        .split("buffer key(s) ")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .to_string();
+    assert_eq!(key_id.len(), 8, "{log}");
+
+    // 2. Accepted: runs, new readings flow, the loss is reported to the hub.
+    rig.proxy.as_ref().unwrap().restore();
+    let mut accepted = start_agent_args(&d, "agent-accepted.log", &["--accept-key-loss"]);
+    let event = wait_for(Duration::from_secs(60), "key-loss event at the hub", || {
+        rig.events()
+            .into_iter()
+            .find(|e| e.0.is_empty() && e.2.starts_with("buffer key lost: "))
+    })
+    .unwrap();
+    let locked: u64 = event.2["buffer key lost: ".len()..]
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(locked > 0, "{event:?}");
+    assert!(event.2.contains(&key_id), "{event:?}");
+    assert!(accepted.terminate(Duration::from_secs(20)));
+    let before_restore = rig.stored();
+    let max_seq = *before_restore.keys().max().unwrap();
+    let n_tech = rig.events().iter().filter(|e| e.0 == DEVICE).count() as u64;
+    assert!(
+        max_seq > before_restore.len() as u64 + n_tech,
+        "the locked readings are missing at the hub for now"
+    );
+
+    // 3. The key is back: everything buffered arrives.
+    let mut restored = d.join("agent-data/buffer.key").into_os_string();
+    restored.push(format!(".retired-{key_id}"));
+    write_private(
+        std::path::Path::new(&restored),
+        &String::from_utf8_lossy(&hex_or_raw(&saved)),
+    )
+    .unwrap();
+    let mut agent = start_agent_args(&d, "agent-restored.log", &[]);
+    rig.sim.kill9();
+    let stable = || {
+        std::thread::sleep(Duration::from_millis(700));
+        let a = rig.stored().len();
+        std::thread::sleep(Duration::from_millis(700));
+        (a > 0 && a == rig.stored().len()).then_some(a)
+    };
+    wait_for(Duration::from_secs(60), "delivery settled", stable).unwrap();
+    assert!(agent.terminate(Duration::from_secs(20)));
+    let stored = rig.stored();
+    let events = rig.events();
+    let n_tech = events.iter().filter(|e| e.0 == DEVICE).count() as u64;
+    let max_seq = *stored.keys().max().unwrap();
+    assert_eq!(
+        max_seq,
+        stored.len() as u64 + n_tech,
+        "every sequence is stored or a technical reading"
+    );
+    assert!(
+        !std::fs::read_to_string(d.join("agent-restored.log"))
+            .unwrap()
+            .contains("quarantined")
+    );
+}
+
+/// The key file as text for `write_private`: 32 raw bytes as hex (the agent
+/// reads both forms).
+fn hex_or_raw(key: &[u8]) -> Vec<u8> {
+    if key.len() == 32 {
+        key.iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+            .into_bytes()
+    } else {
+        key.to_vec()
+    }
+}
+
+/// `edge-agent check` authenticates the gateway token with the hub: the
+/// right token is OK, a wrong one a FAIL naming HTTP 401 (exit code 1).
+#[test]
+fn check_authenticates_the_gateway_token_with_the_hub() {
+    let (_guard, dir) = test_dir("check-auth");
+    let d = dir.as_path();
+    let hub_cfg = write_hub_config(d, "127.0.0.1:0", &[(GATEWAY, DEVICE, PATIENT)]).unwrap();
+    let token = add_gateway(&hub_cfg, GATEWAY).unwrap();
+    let hub = start_hub(d, &hub_cfg).unwrap();
+    let check = |tok: &str| {
+        write_private(&d.join("gateway.token"), tok).unwrap();
+        std::fs::write(
+            d.join("agent.toml"),
+            format!(
+                "gateway_id = \"{GATEWAY}\"\ndata_dir = \"agent-data\"\n[uplink]\nurl = \"{}/api/v1/ingest\"\ntoken_file = \"gateway.token\"\n",
+                hub.base_url
+            ),
+        )
+        .unwrap();
+        let out = Command::new(bin("edge-agent"))
+            .args(["check", "--config"])
+            .arg(d.join("agent.toml"))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let line = text
+            .lines()
+            .find(|l| l[5..].starts_with("hub "))
+            .unwrap_or_else(|| panic!("{text}"))
+            .to_string();
+        (out.status.success(), line)
+    };
+    let (ok, line) = check(&token);
+    assert!(
+        ok && line.starts_with("OK") && line.contains("accepts the gateway token"),
+        "{line}"
+    );
+    let (ok, line) = check("vgt_not-a-token-the-hub-issued");
+    assert!(
+        !ok && line.starts_with("FAIL") && line.contains("401"),
+        "{line}"
+    );
+}
