@@ -413,7 +413,7 @@ fn check_bin(config: &std::path::Path, subject: &str) -> (bool, String) {
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let line = stdout
         .lines()
-        .find(|l| l[5..].starts_with(subject))
+        .find(|l| l.get(5..39).map(str::trim) == Some(subject.trim()))
         .unwrap_or_else(|| {
             panic!(
                 "no {subject} line in:\n{stdout}\n{}",

@@ -750,7 +750,7 @@ fn check_authenticates_the_gateway_token_with_the_hub() {
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         let line = text
             .lines()
-            .find(|l| l[5..].starts_with("hub "))
+            .find(|l| l.get(5..39).map(str::trim) == Some("hub"))
             .unwrap_or_else(|| panic!("{text}"))
             .to_string();
         (out.status.success(), line)
