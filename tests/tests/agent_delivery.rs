@@ -706,7 +706,7 @@ fn a_lost_buffer_key_is_refused_then_reported_and_recovered_when_restored() {
     assert!(
         !std::fs::read_to_string(d.join("agent-restored.log"))
             .unwrap()
-            .contains("quarantined")
+            .contains("buffer record quarantined")
     );
 }
 
