@@ -53,7 +53,6 @@
 use std::collections::BTreeSet;
 
 use rusqlite::{OptionalExtension, Transaction, params};
-use serde::Serialize;
 
 use crate::store::{Associations, Store, StoreError};
 
@@ -131,112 +130,17 @@ impl From<rusqlite::Error> for AssocError {
     }
 }
 
-/// A bed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Bed {
-    pub id: String,
-    pub ward: String,
-    pub label: String,
-}
+pub use hub_domain::association::{
+    Bed, BedOccupancy, Change, Invalid, OccupantDevice, OccupantPatient, PatientId, check_key,
+    is_valid_key,
+};
 
-/// A patient identifier (FHIR `Identifier`: system and value). `system`
-/// may be empty when the source gave none.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PatientId {
-    #[serde(default)]
-    pub system: String,
-    pub value: String,
-}
-
-/// What a change did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
-pub struct Change {
-    /// Stored readings whose patient changed because of it.
-    pub reattributed: u64,
-}
-
-/// One bed's occupancy at an instant.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct BedOccupancy {
-    #[serde(flatten)]
-    pub bed: Bed,
-    pub patient: Option<OccupantPatient>,
-    pub devices: Vec<OccupantDevice>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct OccupantPatient {
-    pub system: String,
-    pub value: String,
-    pub since_us: i64,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct OccupantDevice {
-    pub gateway_id: String,
-    pub device_id: String,
-    pub since_us: i64,
-}
-
-/// `[A-Za-z0-9._-]{1,64}`: bed ids, gateway and device ids.
-pub fn is_valid_key(s: &str) -> bool {
-    (1..=64).contains(&s.len())
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-}
-
-fn check_text(
-    field: &'static str,
-    s: &str,
-    max: usize,
-    allow_empty: bool,
-) -> Result<(), AssocError> {
-    if s.is_empty() && !allow_empty {
-        return Err(AssocError::Invalid {
-            field,
-            message: "must not be empty".into(),
-        });
-    }
-    if s.chars().count() > max {
-        return Err(AssocError::Invalid {
-            field,
-            message: format!("must be at most {max} characters"),
-        });
-    }
-    if s.chars().any(char::is_control) || s.trim() != s {
-        return Err(AssocError::Invalid {
-            field,
-            message: "must not hold control characters or leading/trailing spaces".into(),
-        });
-    }
-    Ok(())
-}
-
-fn check_key(field: &'static str, s: &str) -> Result<(), AssocError> {
-    if is_valid_key(s) {
-        Ok(())
-    } else {
-        Err(AssocError::Invalid {
-            field,
-            message: "must be 1-64 characters of A-Z a-z 0-9 . _ -".into(),
-        })
-    }
-}
-
-impl Bed {
-    pub fn validate(&self) -> Result<(), AssocError> {
-        check_key("id", &self.id)?;
-        check_text("ward", &self.ward, 128, false)?;
-        check_text("label", &self.label, 128, false)
-    }
-}
-
-impl PatientId {
-    pub fn validate(&self) -> Result<(), AssocError> {
-        check_text("patient.system", &self.system, 256, true)?;
-        check_text("patient.value", &self.value, 64, false)
+impl From<Invalid> for AssocError {
+    fn from(e: Invalid) -> Self {
+        AssocError::Invalid {
+            field: e.field,
+            message: e.message,
+        }
     }
 }
 

@@ -10,7 +10,7 @@
 //!   of gateway tokens.
 
 pub mod access;
-pub mod adt;
+pub use hub_domain::{adt, fhir, ingest, scores};
 pub mod adt_listener;
 pub mod alerts;
 pub mod association;
@@ -23,15 +23,12 @@ pub mod dashboard;
 pub mod early_warning;
 pub mod encoding;
 pub mod export;
-pub mod fhir;
-pub mod ingest;
 pub mod metrics;
 pub mod mqtt_ingest;
 pub mod pg;
 mod rate_limit;
 pub mod retention;
 pub mod score_history;
-pub mod scores;
 mod server;
 pub mod store;
 pub mod telemetry;

@@ -1047,7 +1047,7 @@ impl Store {
             ack.duplicates = duplicates;
         }
         // Chart buckets of the new usable values (`trends`).
-        rollup.write(&tx)?;
+        crate::trends::write(rollup, &tx)?;
         tx.execute(
             "INSERT INTO batches (gateway_id, sequence, received_us, created_us, agent_version, ack)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",

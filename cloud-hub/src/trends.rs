@@ -14,8 +14,6 @@
 //! `GET /api/v1/patients/{id}/series?code=…&from=…&to=…&resolution=…`
 //! (clinicians: `crate::access::POLICY`; SQLite only). See docs/scores.md "Trends".
 
-use std::collections::HashMap;
-
 use axum::Router;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
@@ -47,77 +45,23 @@ CREATE TABLE IF NOT EXISTS vital_rollups (
 CREATE INDEX IF NOT EXISTS vital_rollups_device ON vital_rollups (gateway_id, device_id, bucket_us);
 "#;
 
-/// Bucket sizes in seconds.
-pub const RESOLUTIONS: [i64; 3] = [60, 300, 3600];
+pub use hub_domain::trends::*;
 
 const S: i64 = 1_000_000;
 
-#[derive(Debug, Clone, Copy)]
-struct Agg {
-    n: i64,
-    sum: f64,
-    min: f64,
-    max: f64,
-}
-
-type Key = (String, u32, i64, i64, String, String);
-
-/// Buckets collected in memory (one batch, or one rebuild), written with
-/// [`Rollup::write`].
-#[derive(Debug, Default)]
-pub struct Rollup {
-    buckets: HashMap<Key, Agg>,
-}
-
-/// The value of a reading in its metric's chart unit, if usable there.
-pub fn chart_value(r: &Reading, value: f64) -> Option<f64> {
-    crate::early_warning::in_chart_unit(r.mdc_code, value, r)
-}
-
-impl Rollup {
-    /// Adds a usable value (already in the chart unit).
-    pub fn add(&mut self, patient: &str, gateway: &str, device: &str, mdc: u32, t_us: i64, v: f64) {
-        for res in RESOLUTIONS {
-            let bucket = t_us.div_euclid(res * S) * res * S;
-            let key = (
-                patient.to_owned(),
-                mdc,
-                res,
-                bucket,
-                gateway.to_owned(),
-                device.to_owned(),
-            );
-            let a = self.buckets.entry(key).or_insert(Agg {
-                n: 0,
-                sum: 0.0,
-                min: v,
-                max: v,
-            });
-            a.n += 1;
-            a.sum += v;
-            a.min = a.min.min(v);
-            a.max = a.max.max(v);
-        }
+/// Merges a rollup's buckets into the table.
+pub fn write(roll: Rollup, tx: &Transaction<'_>) -> rusqlite::Result<()> {
+    let mut st = tx.prepare_cached(
+        "INSERT INTO vital_rollups (patient_id, mdc_code, resolution_s, bucket_us, gateway_id,
+             device_id, n, sum, min, max)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+         ON CONFLICT DO UPDATE SET n = n + excluded.n, sum = sum + excluded.sum,
+             min = MIN(min, excluded.min), max = MAX(max, excluded.max)",
+    )?;
+    for ((p, mdc, res, bucket, g, d), (n, sum, min, max)) in roll.rows() {
+        st.execute(params![p, mdc, res, bucket, g, d, n, sum, min, max])?;
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.buckets.is_empty()
-    }
-
-    /// Merges the buckets into the table.
-    pub fn write(self, tx: &Transaction<'_>) -> rusqlite::Result<()> {
-        let mut st = tx.prepare_cached(
-            "INSERT INTO vital_rollups (patient_id, mdc_code, resolution_s, bucket_us, gateway_id,
-                 device_id, n, sum, min, max)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
-             ON CONFLICT DO UPDATE SET n = n + excluded.n, sum = sum + excluded.sum,
-                 min = MIN(min, excluded.min), max = MAX(max, excluded.max)",
-        )?;
-        for ((p, mdc, res, bucket, g, d), a) in self.buckets {
-            st.execute(params![p, mdc, res, bucket, g, d, a.n, a.sum, a.min, a.max])?;
-        }
-        Ok(())
-    }
+    Ok(())
 }
 
 /// Recomputes device `(g, d)`'s buckets over `[lo, hi)` (widened to whole
@@ -168,17 +112,7 @@ pub fn rebuild_device(
             }
         }
     }
-    roll.write(tx)
-}
-
-/// One point of a series.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct Point {
-    pub start_us: i64,
-    pub count: i64,
-    pub min: f64,
-    pub max: f64,
-    pub mean: f64,
+    write(roll, tx)
 }
 
 /// A patient's series of one metric over `[from, to)` at `resolution_s`.
@@ -212,36 +146,6 @@ pub fn series(
         })?
         .collect::<Result<_, _>>()?;
     Ok(points)
-}
-
-/// Least-squares slope of the points' means (weighted by their counts)
-/// per hour; `None` with fewer than two points.
-pub fn slope_per_hour(points: &[Point]) -> Option<f64> {
-    if points.len() < 2 {
-        return None;
-    }
-    let w: f64 = points.iter().map(|p| p.count as f64).sum();
-    let x = |p: &Point| p.start_us as f64 / (3600.0 * S as f64);
-    let mx = points.iter().map(|p| p.count as f64 * x(p)).sum::<f64>() / w;
-    let my = points.iter().map(|p| p.count as f64 * p.mean).sum::<f64>() / w;
-    let sxy: f64 = points
-        .iter()
-        .map(|p| p.count as f64 * (x(p) - mx) * (p.mean - my))
-        .sum();
-    let sxx: f64 = points
-        .iter()
-        .map(|p| p.count as f64 * (x(p) - mx).powi(2))
-        .sum();
-    (sxx > 0.0).then(|| sxy / sxx)
-}
-
-/// The resolution for a span when none is asked: at most ~720 points.
-pub fn auto_resolution(span_us: i64) -> i64 {
-    if span_us <= 12 * 3600 * S {
-        if span_us <= 2 * 3600 * S { 60 } else { 300 }
-    } else {
-        3600
-    }
 }
 
 // ---- HTTP ----------------------------------------------------------------
@@ -372,55 +276,4 @@ async fn get_series(
         "trend": { "per_hour": trend, "points": points.len() },
     });
     axum::Json(body).into_response()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const T0: i64 = 1_795_514_400_000_000; // a whole hour
-
-    #[test]
-    fn values_fall_into_aligned_buckets_of_each_resolution() {
-        let mut r = Rollup::default();
-        r.add("p", "g", "d", 1, T0 + 59 * S, 10.0);
-        r.add("p", "g", "d", 1, T0 + 61 * S, 20.0);
-        r.add("p", "g", "d", 1, T0 + 299 * S, 30.0);
-        let get = |res: i64, bucket: i64| {
-            r.buckets
-                .get(&("p".into(), 1, res, bucket, "g".into(), "d".into()))
-                .copied()
-        };
-        let m0 = get(60, T0).unwrap();
-        assert_eq!((m0.n, m0.sum, m0.min, m0.max), (1, 10.0, 10.0, 10.0));
-        let m1 = get(60, T0 + 60 * S).unwrap();
-        assert_eq!(m1.n, 1);
-        let f = get(300, T0).unwrap();
-        assert_eq!((f.n, f.sum, f.min, f.max), (3, 60.0, 10.0, 30.0));
-        assert_eq!(get(3600, T0).unwrap().n, 3);
-        assert_eq!(r.buckets.len(), 3 + 1 + 1);
-    }
-
-    #[test]
-    fn slope_of_a_steady_rise() {
-        let pts: Vec<Point> = (0..6)
-            .map(|i| Point {
-                start_us: T0 + i * 600 * S,
-                count: 60,
-                min: 0.0,
-                max: 0.0,
-                mean: 90.0 + i as f64, // +1 per 10 min = +6 per hour
-            })
-            .collect();
-        let s = slope_per_hour(&pts).unwrap();
-        assert!((s - 6.0).abs() < 1e-9, "{s}");
-        assert_eq!(slope_per_hour(&pts[..1]), None);
-    }
-
-    #[test]
-    fn automatic_resolution_keeps_charts_small() {
-        assert_eq!(auto_resolution(3600 * S), 60);
-        assert_eq!(auto_resolution(8 * 3600 * S), 300);
-        assert_eq!(auto_resolution(24 * 3600 * S), 3600);
-    }
 }

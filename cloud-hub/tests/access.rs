@@ -2,7 +2,7 @@
 //! every route for every role and for no credentials; sessions with their
 //! cookie flags, CSRF and lockout; API tokens; OIDC/JWT; the CLI.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::process::{Command, Stdio};

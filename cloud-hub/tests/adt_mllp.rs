@@ -7,7 +7,7 @@
 //! ADT_A02, 3.3.3 A03 ADT_A03, 3.3.8 A08 ADT_A01); MLLP framing is the HL7
 //! v2 Implementation Guide appendix C.4 (0x0B message 0x1C 0x0D).
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 

@@ -3,7 +3,7 @@
 //! each change; acknowledgement, escalation and resolution are stored with
 //! their transitions; open alerts survive a restart; per-patient limits.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

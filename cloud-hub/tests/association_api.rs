@@ -1,7 +1,7 @@
 //! The association API over HTTP: admin token, beds, placements, stays,
 //! occupancy, re-attribution of stored readings, and error shapes.
 
-mod common;
+use crate::common;
 
 use common::*;
 use serde_json::{Value, json};

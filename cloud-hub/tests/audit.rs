@@ -5,7 +5,7 @@
 //! an entry is edited; `cloud-hub audit export` writes AuditEvents the
 //! independent FHIR validator accepts.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 

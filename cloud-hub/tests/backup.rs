@@ -1,7 +1,7 @@
 //! `cloud-hub backup` (online, while the hub serves) and `cloud-hub
 //! restore` (checked, refuses to replace without --force).
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Command;

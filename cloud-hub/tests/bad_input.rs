@@ -5,7 +5,7 @@
 //! the out-of-range quality flag, value withheld (counted). A re-sent batch
 //! is answered with the first processing's counts and not counted again.
 
-mod common;
+use crate::common;
 
 use common::{DEVICE, GATEWAY, TestHub, batch, now_us, pulse, spo2};
 use prost::Message;

@@ -1,7 +1,7 @@
 //! FHIR Bulk Data export: kick-off, status polling, NDJSON files, scopes
 //! (system, patients, group = ward), `_type`/`_since`, cancel, errors.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

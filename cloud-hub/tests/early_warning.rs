@@ -2,9 +2,8 @@
 //! the freshness window, withheld readings, the FHIR rendering and the API
 //! errors.
 
-mod common;
-#[path = "support/pg_server.rs"]
-mod pg_server;
+use crate::common;
+use crate::pg_server;
 
 use common::*;
 use serde_json::{Value, json};

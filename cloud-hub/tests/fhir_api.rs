@@ -1,6 +1,6 @@
 //! FHIR REST API over HTTP: read, search, paging, errors, metadata, ops.
 
-mod common;
+use crate::common;
 
 use common::*;
 use serde_json::Value;

@@ -2,7 +2,7 @@
 //! as SampledData, Device resources, and the category/device search
 //! parameters.
 
-mod common;
+use crate::common;
 
 use common::*;
 use serde_json::Value;

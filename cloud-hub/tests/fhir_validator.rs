@@ -12,7 +12,7 @@
 //! every Device, the CapabilityStatement and error OperationOutcomes go
 //! through the validator, which must report 0 errors.
 
-mod common;
+use crate::common;
 
 use common::*;
 use serde_json::Value;

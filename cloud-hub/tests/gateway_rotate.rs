@@ -2,7 +2,7 @@
 //! once; the old one stops working at once, or after the grace period
 //! during which both work. Run against a serving hub on the same database.
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 use std::process::Command;

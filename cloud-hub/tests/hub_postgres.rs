@@ -2,9 +2,8 @@
 //! PostgreSQL server: gateway administration, HTTPS-less loopback ingest,
 //! FHIR reads and search, all through the config file's storage section.
 
-mod common;
-#[path = "support/pg_server.rs"]
-mod pg_server;
+use crate::common;
+use crate::pg_server;
 
 use cloud_hub::Config;
 use common::*;

@@ -1,6 +1,6 @@
 //! Ingest endpoint over HTTP: acks, dedup, auth, errors, rejections.
 
-mod common;
+use crate::common;
 
 use common::*;
 use prost::Message;

@@ -2,7 +2,7 @@
 //! the decompressed size), a zip bomb refused with 413 and counted, unknown
 //! codings refused with 415 naming what is accepted.
 
-mod common;
+use crate::common;
 
 use common::*;
 use prost::Message;

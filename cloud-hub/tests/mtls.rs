@@ -4,7 +4,7 @@
 //! with a certificate from the configured CA; optional mode also serves a
 //! client without a certificate but still refuses a foreign one.
 
-mod common;
+use crate::common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;

@@ -3,7 +3,7 @@
 //! (what the agent waits), counted in /metrics; after waiting that long the
 //! batch is accepted. Other gateways are not affected.
 
-mod common;
+use crate::common;
 
 use common::{DEVICE, TestHub, batch, now_us, spo2};
 use prost::Message;

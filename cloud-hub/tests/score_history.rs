@@ -4,7 +4,7 @@
 //! unchanged score is not stored again within the minute; bad queries are
 //! 400 naming the field. (Roles: the authorisation matrix in access.rs.)
 
-mod common;
+use crate::common;
 
 use common::*;
 use serde_json::{Value, json};

@@ -3,8 +3,7 @@
 //! server per test, started from `support/pg_server.rs` on a free loopback
 //! port and stopped at the end).
 
-#[path = "support/pg_server.rs"]
-mod pg_server;
+use crate::pg_server;
 
 use cloud_hub::association::{AssocError, Bed, PatientId};
 use cloud_hub::fhir::render::{RowKind, device_resource_id, metric_of, panel_id};

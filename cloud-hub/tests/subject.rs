@@ -3,7 +3,7 @@
 //! association (bed stays, then the static config map): the source knew the
 //! patient.
 
-mod common;
+use crate::common;
 
 use common::*;
 use shared_protocol::v1::Identifier;

@@ -1,7 +1,7 @@
 //! HTTPS serving (rcgen self-signed certificate), the plaintext-off-loopback
 //! refusal, and the binary's CLI contract.
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;

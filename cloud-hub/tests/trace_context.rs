@@ -4,7 +4,7 @@
 //! counted. (The parent/child link itself is checked with a collector in
 //! tests/tests/otel_traces.rs.)
 
-mod common;
+use crate::common;
 
 use common::{TestHub, batch, now_us, spo2};
 

@@ -4,7 +4,7 @@
 //! re-sent batches, following re-attribution to another patient, served
 //! with a trend slope.
 
-mod common;
+use crate::common;
 
 use common::*;
 use serde_json::{Value, json};

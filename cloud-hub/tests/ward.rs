@@ -1,7 +1,7 @@
 //! The ward overview: beds of one ward with their patient, latest vitals
 //! (age, stale marker), NEWS2 and open alerts, riskiest first.
 
-mod common;
+use crate::common;
 
 use common::*;
 use serde_json::{Value, json};

@@ -7,8 +7,8 @@
 //! broadcasts each change to the live stream ([`api`]). See docs/alerts.md.
 
 pub mod api;
-pub mod engine;
-pub mod rules;
+
+pub use hub_domain::alerts::{LIVE_WINDOW_US, LiveValue, engine, rules};
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -170,24 +170,6 @@ impl AlertsConfig {
         }
     }
 }
-
-/// A reading of a score input as ingest hands it to the alerts: who it
-/// belongs to and its usable value in the chart unit.
-#[derive(Debug, Clone, PartialEq)]
-pub struct LiveValue {
-    pub patient: Option<PatientId>,
-    pub device_id: String,
-    pub parameter: crate::early_warning::Parameter,
-    /// `None` unless the value is usable: stored (device-valid, physically
-    /// possible), final and convertible to the chart unit.
-    pub value: Option<f64>,
-    pub flags: Vec<i32>,
-    pub time_us: i64,
-}
-
-/// Readings older than this (relative to the hub's clock) are not handed
-/// to the alerts at all: bounds the work of a drained backlog.
-pub const LIVE_WINDOW_US: i64 = 15 * 60 * 1_000_000;
 
 /// An alert change as the live stream and the API show it.
 #[derive(Debug, Clone, serde::Serialize)]

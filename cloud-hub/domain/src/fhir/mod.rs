@@ -16,8 +16,7 @@ pub const UCUM_SYSTEM: &str = "http://unitsofmeasure.org";
 pub const VITALSIGNS_PROFILE: &str = "http://hl7.org/fhir/StructureDefinition/vitalsigns";
 pub const QUALITY_EXT: &str = "http://vigil.health/fhir/StructureDefinition/reading-quality";
 pub const TIME_SOURCE_EXT: &str = "http://vigil.health/fhir/StructureDefinition/time-source";
-pub(crate) const CATEGORY_SYSTEM: &str =
-    "http://terminology.hl7.org/CodeSystem/observation-category";
+pub const CATEGORY_SYSTEM: &str = "http://terminology.hl7.org/CodeSystem/observation-category";
 const ABSENT_SYSTEM: &str = "http://terminology.hl7.org/CodeSystem/data-absent-reason";
 
 /// Default and maximum page size of a search.
@@ -59,7 +58,7 @@ fn vital_profile(metric: &Metric) -> Option<&'static str> {
     }
 }
 
-pub(crate) fn category(metric: &Metric) -> (&'static str, &'static str) {
+pub fn category(metric: &Metric) -> (&'static str, &'static str) {
     match metric.loinc {
         "41653-7" => ("laboratory", "Laboratory"),
         _ => ("vital-signs", "Vital Signs"),
@@ -88,7 +87,7 @@ pub fn format_instant(us: i64) -> String {
     }
 }
 
-pub(crate) fn validity_code(v: i32) -> &'static str {
+pub fn validity_code(v: i32) -> &'static str {
     match Validity::try_from(v) {
         Ok(Validity::Valid) => "valid",
         Ok(Validity::Questionable) => "questionable",
@@ -97,7 +96,7 @@ pub(crate) fn validity_code(v: i32) -> &'static str {
     }
 }
 
-pub(crate) fn flag_code(f: i32) -> Option<&'static str> {
+pub fn flag_code(f: i32) -> Option<&'static str> {
     Some(match QualityFlag::try_from(f).ok()? {
         QualityFlag::Unspecified => return None,
         QualityFlag::Calibrating => "calibrating",
@@ -114,7 +113,7 @@ pub(crate) fn flag_code(f: i32) -> Option<&'static str> {
     })
 }
 
-pub(crate) fn time_source_code(t: i32) -> &'static str {
+pub fn time_source_code(t: i32) -> &'static str {
     match TimeSource::try_from(t) {
         Ok(TimeSource::DeviceClockSynced) => "device-clock-synced",
         Ok(TimeSource::DeviceClockUnsynced) => "device-clock-unsynced",
@@ -318,7 +317,7 @@ pub fn columns(reading: &Reading, metric: &Metric) -> ObservationColumns {
 
 /// `Observation.subject` for patient `p`: a literal reference when `p` is a
 /// FHIR id, plus the identifier the source carried when it named `p`.
-pub(crate) fn subject_json(p: &str, reading: &Reading) -> Json {
+pub fn subject_json(p: &str, reading: &Reading) -> Json {
     let mut subject = serde_json::Map::new();
     // A value that is not a FHIR id cannot be a literal reference; the
     // identifier alone still names the patient (Reference.identifier).
@@ -339,7 +338,7 @@ pub(crate) fn subject_json(p: &str, reading: &Reading) -> Json {
 
 /// The reading-quality extension: validity, device flags, the range
 /// check, and the raw value/unit when the value is withheld.
-pub(crate) fn quality_extension(
+pub fn quality_extension(
     reading: &Reading,
     metric: &Metric,
     out_of_range: bool,
@@ -401,7 +400,7 @@ fn coding_json(c: &shared_protocol::v1::CodedValue) -> Json {
 /// like, carried in `Reading.interpretation`), in the v3
 /// ObservationInterpretation code system (THO). Never computed by the hub:
 /// no flag from the device, no interpretation.
-pub(crate) fn interpretation_json(r: &Reading) -> Option<Json> {
+pub fn interpretation_json(r: &Reading) -> Option<Json> {
     let (code, display) = match r.interpretation() {
         Interpretation::Unspecified => return None,
         Interpretation::Normal => ("N", "Normal"),
@@ -420,10 +419,10 @@ pub(crate) fn interpretation_json(r: &Reading) -> Option<Json> {
     }]))
 }
 
-pub(crate) const INTERPRETATION_SYSTEM: &str =
+pub const INTERPRETATION_SYSTEM: &str =
     "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation";
 
-pub(crate) fn absent_reason(code: &str, display: &str) -> Json {
+pub fn absent_reason(code: &str, display: &str) -> Json {
     json!({ "coding": [{ "system": ABSENT_SYSTEM, "code": code, "display": display }],
             "text": display })
 }

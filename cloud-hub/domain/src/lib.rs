@@ -1,0 +1,22 @@
+//! The hub's domain: what Vigil knows about readings, patients, scores and
+//! alerts, as pure functions and types. No I/O, no SQL, no HTTP: the storage
+//! crates persist what this crate decides, the transport layer serves it.
+//!
+//! - [`fhir`]: reading → FHIR R4 Observation mapping, search parameters,
+//!   rendering of stored rows on read.
+//! - [`ingest`]: validation of a batch's readings against the catalogue.
+//! - [`association`]: beds, patient identifiers, occupancy.
+//! - [`adt`]: HL7 v2 ADT → patient movements.
+//! - [`scores`]: NEWS2, qSOFA, MEWS (published tables, cited);
+//!   [`early_warning`]: a patient's inputs and score report.
+//! - [`alerts`]: the alert engine and its rules.
+//! - [`trends`]: chart buckets and trend slopes.
+
+pub mod adt;
+pub mod alerts;
+pub mod association;
+pub mod early_warning;
+pub mod fhir;
+pub mod ingest;
+pub mod scores;
+pub mod trends;

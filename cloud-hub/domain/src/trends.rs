@@ -1,0 +1,168 @@
+//! Chart aggregates: 1-minute, 5-minute and 1-hour buckets of count, sum,
+//! min and max of the usable values of a patient's metric (status `final`
+//! with a stored value: valid and physically possible), in the metric's
+//! chart unit (°F and kPa converted, as for the scores; readings in a unit
+//! that cannot be converted are left out), kept per device so that a
+//! rebuild after re-attribution is exact; and the trend of a series.
+//! Pure: the storage layer persists the buckets ([`Rollup::rows`]).
+
+use std::collections::HashMap;
+
+use shared_protocol::v1::Reading;
+
+/// Bucket sizes in seconds.
+pub const RESOLUTIONS: [i64; 3] = [60, 300, 3600];
+
+const S: i64 = 1_000_000;
+
+#[derive(Debug, Clone, Copy)]
+struct Agg {
+    n: i64,
+    sum: f64,
+    min: f64,
+    max: f64,
+}
+
+/// A bucket's key: patient, MDC code, resolution (s), bucket start (µs), gateway, device.
+pub type Key = (String, u32, i64, i64, String, String);
+
+/// Buckets collected in memory (one batch, or one rebuild).
+#[derive(Debug, Default)]
+pub struct Rollup {
+    buckets: HashMap<Key, Agg>,
+}
+
+/// The value of a reading in its metric's chart unit, if usable there.
+pub fn chart_value(r: &Reading, value: f64) -> Option<f64> {
+    crate::early_warning::in_chart_unit(r.mdc_code, value, r)
+}
+
+impl Rollup {
+    /// Adds a usable value (already in the chart unit).
+    pub fn add(&mut self, patient: &str, gateway: &str, device: &str, mdc: u32, t_us: i64, v: f64) {
+        for res in RESOLUTIONS {
+            let bucket = t_us.div_euclid(res * S) * res * S;
+            let key = (
+                patient.to_owned(),
+                mdc,
+                res,
+                bucket,
+                gateway.to_owned(),
+                device.to_owned(),
+            );
+            let a = self.buckets.entry(key).or_insert(Agg {
+                n: 0,
+                sum: 0.0,
+                min: v,
+                max: v,
+            });
+            a.n += 1;
+            a.sum += v;
+            a.min = a.min.min(v);
+            a.max = a.max.max(v);
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.buckets.is_empty()
+    }
+
+    /// The buckets as rows: (patient, mdc, resolution_s, bucket_us, gateway, device) and
+    /// (n, sum, min, max).
+    pub fn rows(self) -> impl Iterator<Item = (Key, (i64, f64, f64, f64))> {
+        self.buckets
+            .into_iter()
+            .map(|(k, a)| (k, (a.n, a.sum, a.min, a.max)))
+    }
+}
+
+/// One point of a series.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Point {
+    pub start_us: i64,
+    pub count: i64,
+    pub min: f64,
+    pub max: f64,
+    pub mean: f64,
+}
+
+/// Least-squares slope of the points' means (weighted by their counts)
+/// per hour; `None` with fewer than two points.
+pub fn slope_per_hour(points: &[Point]) -> Option<f64> {
+    if points.len() < 2 {
+        return None;
+    }
+    let w: f64 = points.iter().map(|p| p.count as f64).sum();
+    let x = |p: &Point| p.start_us as f64 / (3600.0 * S as f64);
+    let mx = points.iter().map(|p| p.count as f64 * x(p)).sum::<f64>() / w;
+    let my = points.iter().map(|p| p.count as f64 * p.mean).sum::<f64>() / w;
+    let sxy: f64 = points
+        .iter()
+        .map(|p| p.count as f64 * (x(p) - mx) * (p.mean - my))
+        .sum();
+    let sxx: f64 = points
+        .iter()
+        .map(|p| p.count as f64 * (x(p) - mx).powi(2))
+        .sum();
+    (sxx > 0.0).then(|| sxy / sxx)
+}
+
+/// The resolution for a span when none is asked: at most ~720 points.
+pub fn auto_resolution(span_us: i64) -> i64 {
+    if span_us <= 12 * 3600 * S {
+        if span_us <= 2 * 3600 * S { 60 } else { 300 }
+    } else {
+        3600
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T0: i64 = 1_795_514_400_000_000; // a whole hour
+
+    #[test]
+    fn values_fall_into_aligned_buckets_of_each_resolution() {
+        let mut r = Rollup::default();
+        r.add("p", "g", "d", 1, T0 + 59 * S, 10.0);
+        r.add("p", "g", "d", 1, T0 + 61 * S, 20.0);
+        r.add("p", "g", "d", 1, T0 + 299 * S, 30.0);
+        let get = |res: i64, bucket: i64| {
+            r.buckets
+                .get(&("p".into(), 1, res, bucket, "g".into(), "d".into()))
+                .copied()
+        };
+        let m0 = get(60, T0).unwrap();
+        assert_eq!((m0.n, m0.sum, m0.min, m0.max), (1, 10.0, 10.0, 10.0));
+        let m1 = get(60, T0 + 60 * S).unwrap();
+        assert_eq!(m1.n, 1);
+        let f = get(300, T0).unwrap();
+        assert_eq!((f.n, f.sum, f.min, f.max), (3, 60.0, 10.0, 30.0));
+        assert_eq!(get(3600, T0).unwrap().n, 3);
+        assert_eq!(r.buckets.len(), 3 + 1 + 1);
+    }
+
+    #[test]
+    fn slope_of_a_steady_rise() {
+        let pts: Vec<Point> = (0..6)
+            .map(|i| Point {
+                start_us: T0 + i * 600 * S,
+                count: 60,
+                min: 0.0,
+                max: 0.0,
+                mean: 90.0 + i as f64, // +1 per 10 min = +6 per hour
+            })
+            .collect();
+        let s = slope_per_hour(&pts).unwrap();
+        assert!((s - 6.0).abs() < 1e-9, "{s}");
+        assert_eq!(slope_per_hour(&pts[..1]), None);
+    }
+
+    #[test]
+    fn automatic_resolution_keeps_charts_small() {
+        assert_eq!(auto_resolution(3600 * S), 60);
+        assert_eq!(auto_resolution(8 * 3600 * S), 300);
+        assert_eq!(auto_resolution(24 * 3600 * S), 3600);
+    }
+}
