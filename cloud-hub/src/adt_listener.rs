@@ -16,7 +16,9 @@
 //! (larger messages are dropped and answered AR), 64 KiB of unframed input
 //! per connection, `idle_timeout_s` of silence. Logs and counters carry
 //! trigger events, bed ids, ACK codes and error locations, never patient
-//! identifiers or names.
+//! identifiers or names. The TCP/TLS server, framing and limits are the
+//! agent's too ([`vigil_io::mllp`]); this module is its
+//! [`Handler`](vigil_io::mllp::Handler).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -24,16 +26,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use bytes::BytesMut;
 use serde::Deserialize;
-use shared_protocol::hl7v2::{
-    AckCode, AckError, AckTarget, DEFAULT_MAX_MESSAGE, MllpDecoder, MllpError, mllp_encode,
-};
+use shared_protocol::hl7v2::{AckCode, AckError, AckTarget, DEFAULT_MAX_MESSAGE, MllpError};
 use time::OffsetDateTime;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
-use tokio::task::JoinSet;
+use tokio::sync::watch;
+use vigil_io::mllp::{self, Counters, Event};
+use vigil_io::tls::{self, ClientAuth, Identity, PemFile};
 
 use crate::ConfigError;
 use crate::adt::{AdtEvent, AdtOptions, Interpreted, Outcome, ack, ack_error, interpret};
@@ -177,8 +175,8 @@ impl AdtConfig {
 /// Counters of the listener.
 #[derive(Debug, Default)]
 pub struct AdtStats {
-    pub connections: AtomicU64,
-    pub connections_refused: AtomicU64,
+    /// Connections accepted and refused, bytes dropped by the framer.
+    pub listener: Counters,
     /// Messages answered AA.
     pub accepted: AtomicU64,
     /// Messages answered AE.
@@ -187,7 +185,6 @@ pub struct AdtStats {
     pub rejected: AtomicU64,
     /// Readings re-attributed by ADT events.
     pub reattributed: AtomicU64,
-    pub bytes_dropped: AtomicU64,
 }
 
 impl AdtStats {
@@ -221,14 +218,14 @@ impl AdtStats {
             "vigil_hub_adt_connections_total",
             "HL7 ADT connections, accepted or refused (over max_connections).",
             &[
-                ("{outcome=\"accepted\"}", &self.connections),
-                ("{outcome=\"refused\"}", &self.connections_refused),
+                ("{outcome=\"accepted\"}", &self.listener.connections),
+                ("{outcome=\"refused\"}", &self.listener.connections_refused),
             ],
         );
         counter(
             "vigil_hub_adt_bytes_dropped_total",
             "Bytes dropped by the ADT MLLP framer (junk, truncated or oversized messages).",
-            &[("", &self.bytes_dropped)],
+            &[("", &self.listener.bytes_dropped)],
         );
         counter(
             "vigil_hub_adt_readings_reattributed_total",
@@ -254,29 +251,19 @@ pub enum AdtSetupError {
 }
 
 /// A bound ADT listener.
+#[derive(Debug)]
 pub struct AdtListener {
-    listener: TcpListener,
-    tls: Option<tokio_rustls::TlsAcceptor>,
+    server: mllp::Server,
     ctx: Arc<Ctx>,
 }
 
 #[derive(Debug)]
 struct Ctx {
-    config: AdtConfig,
     opts: AdtOptions,
     store: Store,
     fallback: Arc<Associations>,
     stats: Arc<AdtStats>,
     acks: AtomicU64,
-}
-
-impl std::fmt::Debug for AdtListener {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AdtListener")
-            .field("listener", &self.listener)
-            .field("tls", &self.tls.is_some())
-            .finish_non_exhaustive()
-    }
 }
 
 impl AdtListener {
@@ -288,19 +275,24 @@ impl AdtListener {
     ) -> Result<Self, AdtSetupError> {
         config.validate()?;
         let tls = match (&config.tls_cert_file, &config.tls_key_file) {
-            (Some(c), Some(k)) => Some(tokio_rustls::TlsAcceptor::from(load_tls(c, k)?)),
+            (Some(c), Some(k)) => Some(load_tls(c, k)?),
             _ => None,
         };
         let addr = config.listen_addr()?;
-        let listener = TcpListener::bind(addr)
+        let limits = mllp::Limits {
+            max_connections: config.max_connections,
+            max_message_bytes: config.max_message_bytes,
+            max_junk_bytes: MAX_JUNK_BYTES,
+            idle_timeout: Duration::from_secs(config.idle_timeout_s),
+            handshake_timeout: mllp::HANDSHAKE_TIMEOUT,
+        };
+        let server = mllp::Server::bind(addr, tls, limits)
             .await
             .map_err(|source| AdtSetupError::Bind { addr, source })?;
         Ok(Self {
-            listener,
-            tls,
+            server,
             ctx: Arc::new(Ctx {
                 opts: config.options(),
-                config: config.clone(),
                 store,
                 fallback,
                 stats: Arc::default(),
@@ -310,7 +302,7 @@ impl AdtListener {
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.listener.local_addr()
+        self.server.local_addr()
     }
 
     pub fn stats(&self) -> Arc<AdtStats> {
@@ -328,66 +320,8 @@ impl AdtListener {
 
     /// Accepts connections until `shutdown` turns true, then lets open
     /// connections finish the message in hand.
-    pub async fn serve(self, mut shutdown: watch::Receiver<bool>) {
-        let ctx = self.ctx;
-        let addr = self.listener.local_addr().ok();
-        tracing::info!(listen = ?addr, tls = self.tls.is_some(), "HL7 ADT listener ready");
-        let limit = Arc::new(Semaphore::new(ctx.config.max_connections));
-        let mut conns = JoinSet::new();
-        loop {
-            let accepted = tokio::select! {
-                a = self.listener.accept() => a,
-                _ = shutdown.wait_for(|s| *s) => break,
-                Some(_) = conns.join_next(), if !conns.is_empty() => continue,
-            };
-            let (stream, peer) = match accepted {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "ADT accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            let Ok(permit) = limit.clone().try_acquire_owned() else {
-                AdtStats::add(&ctx.stats.connections_refused, 1);
-                tracing::warn!(
-                    max = ctx.config.max_connections,
-                    "too many ADT connections; closing the new one"
-                );
-                continue;
-            };
-            AdtStats::add(&ctx.stats.connections, 1);
-            let _ = stream.set_nodelay(true);
-            let (ctx, tls, sd) = (ctx.clone(), self.tls.clone(), shutdown.clone());
-            conns.spawn(async move {
-                let _permit = permit;
-                tracing::debug!(peer = %peer.ip(), "ADT connection");
-                match tls {
-                    Some(acc) => {
-                        match tokio::time::timeout(Duration::from_secs(10), acc.accept(stream))
-                            .await
-                        {
-                            Ok(Ok(s)) => connection(s, &ctx, sd).await,
-                            Ok(Err(e)) => tracing::warn!(error = %e, "ADT TLS handshake failed"),
-                            Err(_) => tracing::warn!("ADT TLS handshake timed out"),
-                        }
-                    }
-                    None => connection(stream, &ctx, sd).await,
-                }
-            });
-        }
-        drop(self.listener);
-        while conns.join_next().await.is_some() {}
-        let s = &ctx.stats;
-        tracing::info!(
-            connections = AdtStats::get(&s.connections),
-            accepted = AdtStats::get(&s.accepted),
-            errors = AdtStats::get(&s.errors),
-            rejected = AdtStats::get(&s.rejected),
-            reattributed = AdtStats::get(&s.reattributed),
-            bytes_dropped = AdtStats::get(&s.bytes_dropped),
-            "HL7 ADT listener stopped"
-        );
+    pub async fn serve(self, shutdown: watch::Receiver<bool>) {
+        self.server.serve(self.ctx, shutdown).await
     }
 }
 
@@ -395,98 +329,67 @@ fn load_tls(
     cert: &std::path::Path,
     key: &std::path::Path,
 ) -> Result<Arc<rustls::ServerConfig>, AdtSetupError> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let meta = std::fs::metadata(key)
-            .map_err(|e| AdtSetupError::Tls(format!("adt.tls_key_file {}: {e}", key.display())))?;
-        if meta.permissions().mode() & 0o077 != 0 {
-            return Err(AdtSetupError::Tls(format!(
-                "adt.tls_key_file {} is accessible by group or others; chmod 600 it",
-                key.display()
-            )));
-        }
-    }
-    let certs = CertificateDer::pem_file_iter(cert)
-        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| AdtSetupError::Tls(format!("adt.tls_cert_file {}: {e}", cert.display())))?;
-    if certs.is_empty() {
-        return Err(AdtSetupError::Tls(format!(
-            "adt.tls_cert_file {}: no certificate found",
-            cert.display()
-        )));
-    }
-    let key = PrivateKeyDer::from_pem_file(key)
-        .map_err(|e| AdtSetupError::Tls(format!("adt.tls_key_file {}: {e}", key.display())))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| AdtSetupError::Tls(e.to_string()))?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| AdtSetupError::Tls(format!("certificate/key: {e}")))?;
+    let tls_err = |e: tls::TlsError| AdtSetupError::Tls(e.to_string());
+    let identity = Identity::load(
+        PemFile::new("adt.tls_cert_file", cert),
+        PemFile::new("adt.tls_key_file", key),
+    )
+    .map_err(tls_err)?;
+    let config = tls::server_config(identity, ClientAuth::None).map_err(tls_err)?;
     Ok(Arc::new(config))
 }
 
-/// One connection: MLLP in, one ACK out per message, in order.
-async fn connection<S>(mut stream: S, ctx: &Arc<Ctx>, mut shutdown: watch::Receiver<bool>)
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let mut dec = MllpDecoder::new(ctx.config.max_message_bytes);
-    let mut buf = BytesMut::with_capacity(8 * 1024);
-    let mut junk = 0usize;
-    let idle = Duration::from_secs(ctx.config.idle_timeout_s);
-    loop {
-        loop {
-            let reply = match dec.decode(&mut buf) {
-                Ok(Some(msg)) => Some(ctx.message(msg).await),
-                Ok(None) => break,
-                Err(e) => {
-                    AdtStats::add(&ctx.stats.bytes_dropped, e.dropped() as u64);
-                    match e {
-                        MllpError::Oversized { head, max, .. } => {
-                            tracing::warn!(max, "ADT message too large; AR");
-                            let target = AckTarget::best_effort(&head);
-                            let err =
-                                ack_error("MSH", 207, format!("message larger than {max} bytes"));
-                            Some(ctx.answer(&target, AckCode::Reject, Some(&err)))
-                        }
-                        other => {
-                            junk += other.dropped();
-                            tracing::debug!(dropped = other.dropped(), "MLLP resync");
-                            None
-                        }
-                    }
-                }
-            };
-            if let Some(ack) = reply
-                && stream.write_all(&mllp_encode(&ack)).await.is_err()
-            {
-                return;
+/// The hub's part of the MLLP server: events applied to the association
+/// store, the listener's logs and counters.
+impl mllp::Handler for Ctx {
+    async fn message(&self, message: Vec<u8>) -> Vec<u8> {
+        self.handle(message).await
+    }
+
+    fn oversized(&self, head: &[u8], max: usize) -> Vec<u8> {
+        tracing::warn!(max, "ADT message too large; AR");
+        let target = AckTarget::best_effort(head);
+        let err = ack_error("MSH", 207, format!("message larger than {max} bytes"));
+        self.answer(&target, AckCode::Reject, Some(&err))
+    }
+
+    fn counters(&self) -> &Counters {
+        &self.stats.listener
+    }
+
+    fn event(&self, event: Event<'_>) {
+        match event {
+            Event::Ready { listen, tls } => {
+                tracing::info!(listen = ?listen, tls, "HL7 ADT listener ready")
             }
-            if junk > MAX_JUNK_BYTES {
-                tracing::warn!(junk, "too much unframed ADT input; closing the connection");
-                return;
+            Event::AcceptFailed(e) => tracing::warn!(error = %e, "ADT accept failed"),
+            Event::Refused { max } => {
+                tracing::warn!(max, "too many ADT connections; closing the new one")
             }
-        }
-        let _ = stream.flush().await;
-        if buf.capacity() - buf.len() < 4096 {
-            buf.reserve(16 * 1024);
-        }
-        let read = tokio::select! {
-            r = tokio::time::timeout(idle, stream.read_buf(&mut buf)) => r,
-            _ = shutdown.wait_for(|s| *s) => return,
-        };
-        match read {
-            Ok(Ok(0)) | Ok(Err(_)) => return,
-            Ok(Ok(_)) => {}
-            Err(_) => {
-                tracing::debug!("ADT connection idle; closing");
-                return;
+            Event::Connected { peer } => tracing::debug!(peer = %peer.ip(), "ADT connection"),
+            Event::HandshakeFailed(e) => tracing::warn!(error = %e, "ADT TLS handshake failed"),
+            Event::HandshakeTimedOut => tracing::warn!("ADT TLS handshake timed out"),
+            // An oversized message is logged where it is answered (AR).
+            Event::Unframed(e) if !matches!(e, MllpError::Oversized { .. }) => {
+                tracing::debug!(dropped = e.dropped(), "MLLP resync")
             }
+            Event::TooMuchJunk { junk } => {
+                tracing::warn!(junk, "too much unframed ADT input; closing the connection")
+            }
+            Event::Idle => tracing::debug!("ADT connection idle; closing"),
+            Event::Stopped => {
+                let s = &self.stats;
+                tracing::info!(
+                    connections = Counters::get(&s.listener.connections),
+                    accepted = AdtStats::get(&s.accepted),
+                    errors = AdtStats::get(&s.errors),
+                    rejected = AdtStats::get(&s.rejected),
+                    reattributed = AdtStats::get(&s.reattributed),
+                    bytes_dropped = Counters::get(&s.listener.bytes_dropped),
+                    "HL7 ADT listener stopped"
+                );
+            }
+            _ => {}
         }
     }
 }
@@ -578,7 +481,7 @@ impl Ctx {
     }
 
     /// Interpret, apply, answer.
-    async fn message(self: &Arc<Self>, bytes: Vec<u8>) -> Vec<u8> {
+    async fn handle(&self, bytes: Vec<u8>) -> Vec<u8> {
         let Interpreted { target, outcome } = interpret(&bytes, &self.opts, now_us());
         drop(bytes);
         match outcome {
@@ -591,7 +494,7 @@ impl Ctx {
                 self.answer(&target, AckCode::Error, Some(&e))
             }
             Outcome::Event(ev) => {
-                let ctx = self.clone();
+                let (store, fallback) = (self.store.clone(), self.fallback.clone());
                 let trigger = ev.trigger();
                 let bed = match &ev {
                     AdtEvent::Admit { bed, .. } | AdtEvent::Transfer { bed, .. } => {
@@ -600,7 +503,7 @@ impl Ctx {
                     AdtEvent::Update { bed, .. } => bed.clone(),
                     AdtEvent::Discharge { .. } => None,
                 };
-                let r = tokio::task::spawn_blocking(move || apply(&ctx.store, &ev, &ctx.fallback))
+                let r = tokio::task::spawn_blocking(move || apply(&store, &ev, &fallback))
                     .await
                     .unwrap_or_else(|e| {
                         tracing::error!(error = %e, "ADT task failed");

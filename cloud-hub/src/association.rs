@@ -56,45 +56,6 @@ use rusqlite::{OptionalExtension, Transaction, params};
 
 use crate::store::{Associations, Store, StoreError};
 
-/// Schema v5: beds, device placements, patient stays; attribution columns
-/// of observations. Appended to the store's ordered migrations.
-pub(crate) const SCHEMA_V5: &str = r#"
-CREATE TABLE beds (
-    id          TEXT PRIMARY KEY,
-    ward        TEXT NOT NULL,
-    label       TEXT NOT NULL,
-    created_us  INTEGER NOT NULL
-);
-CREATE TABLE device_placements (
-    id          INTEGER PRIMARY KEY AUTOINCREMENT,
-    gateway_id  TEXT NOT NULL,
-    device_id   TEXT NOT NULL,
-    bed_id      TEXT NOT NULL REFERENCES beds (id),
-    from_us     INTEGER NOT NULL,
-    to_us       INTEGER,
-    CHECK (to_us IS NULL OR to_us > from_us)
-);
-CREATE INDEX device_placements_device ON device_placements (gateway_id, device_id, from_us);
-CREATE INDEX device_placements_bed ON device_placements (bed_id, from_us);
-CREATE TABLE patient_stays (
-    id              INTEGER PRIMARY KEY AUTOINCREMENT,
-    patient_system  TEXT NOT NULL,
-    patient_value   TEXT NOT NULL,
-    bed_id          TEXT NOT NULL REFERENCES beds (id),
-    from_us         INTEGER NOT NULL,
-    to_us           INTEGER,
-    visit           TEXT,
-    CHECK (to_us IS NULL OR to_us > from_us)
-);
-CREATE INDEX patient_stays_patient ON patient_stays (patient_system, patient_value, from_us);
-CREATE INDEX patient_stays_bed ON patient_stays (bed_id, from_us);
-CREATE INDEX patient_stays_visit ON patient_stays (visit) WHERE visit IS NOT NULL;
-ALTER TABLE observations ADD COLUMN patient_system TEXT;
-ALTER TABLE observations ADD COLUMN attribution TEXT;
-UPDATE observations SET attribution = CASE WHEN patient_id IS NULL THEN 'unattributed' ELSE 'legacy' END;
-CREATE INDEX observations_pending ON observations (gateway_id, batch_sequence) WHERE attribution IS NULL;
-"#;
-
 /// Open end of an interval, for comparisons.
 const OPEN: i64 = i64::MAX;
 
@@ -122,6 +83,12 @@ pub enum AssocError {
     NotAdmitted,
     #[error("the device is not placed at a bed at that time")]
     NotPlaced,
+}
+
+impl From<hub_postgres::DbError> for AssocError {
+    fn from(e: hub_postgres::DbError) -> Self {
+        AssocError::Store(e.into())
+    }
 }
 
 impl From<rusqlite::Error> for AssocError {
@@ -463,7 +430,7 @@ fn reattribute_device(
     }
     if n > 0 {
         // Chart buckets follow the rows to their new patient.
-        crate::trends::rebuild_device(tx, g, d, lo, hi)?;
+        hub_sqlite::trends::rebuild_device(tx, g, d, lo, hi)?;
     }
     Ok(n)
 }
@@ -491,98 +458,6 @@ fn check_device(g: &str, d: &str) -> Result<(), AssocError> {
     Ok(())
 }
 
-/// Who a device's readings in one batch belong to, resolved once per device
-/// before the rows are inserted (so each row is written once, with its
-/// final patient): the bed stays overlapping the device's placements in the
-/// batch's time span, and the static config fallback.
-#[derive(Debug, Default)]
-pub(crate) struct DeviceAttribution {
-    /// `[from, to)` pieces with the patient (value, system) of the stay.
-    spans: Vec<(i64, i64, String, String)>,
-    fallback: Option<String>,
-}
-
-/// How a row was attributed (the `attribution` column).
-pub(crate) struct Attributed<'a> {
-    pub patient: Option<&'a str>,
-    pub system: Option<&'a str>,
-    pub how: &'static str,
-}
-
-impl DeviceAttribution {
-    /// Loads what covers `[min_us, max_us]` for device `(g, d)`.
-    pub(crate) fn load(
-        tx: &Transaction<'_>,
-        gateway_id: &str,
-        device_id: &str,
-        min_us: i64,
-        max_us: i64,
-        fallback: &Associations,
-    ) -> Result<Self, StoreError> {
-        let mut st = tx.prepare_cached(
-            "SELECT MAX(p.from_us, s.from_us),
-                    MIN(COALESCE(p.to_us, 9223372036854775807), COALESCE(s.to_us, 9223372036854775807)),
-                    s.patient_value, s.patient_system
-               FROM device_placements p JOIN patient_stays s ON s.bed_id = p.bed_id
-              WHERE p.gateway_id = ?1 AND p.device_id = ?2
-                AND p.from_us <= ?4 AND COALESCE(p.to_us, 9223372036854775807) > ?3
-                AND s.from_us <= ?4 AND COALESCE(s.to_us, 9223372036854775807) > ?3
-                AND MAX(p.from_us, s.from_us)
-                    < MIN(COALESCE(p.to_us, 9223372036854775807), COALESCE(s.to_us, 9223372036854775807))",
-        )?;
-        let spans = st
-            .query_map(params![gateway_id, device_id, min_us, max_us], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-            })?
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(Self {
-            spans,
-            fallback: fallback
-                .get(&(gateway_id.to_owned(), device_id.to_owned()))
-                .cloned(),
-        })
-    }
-
-    /// The patient of a row at `at_us`; `subject` is the reading's own
-    /// identifier (it wins), if any.
-    pub(crate) fn of<'a>(
-        &'a self,
-        subject: Option<&'a shared_protocol::v1::Identifier>,
-        at_us: i64,
-    ) -> Attributed<'a> {
-        if let Some(s) = subject.filter(|s| !s.value.trim().is_empty()) {
-            return Attributed {
-                patient: Some(&s.value),
-                system: (!s.system.is_empty()).then_some(s.system.as_str()),
-                how: "subject",
-            };
-        }
-        if let Some((_, _, value, system)) = self
-            .spans
-            .iter()
-            .find(|(from, to, _, _)| *from <= at_us && at_us < *to)
-        {
-            return Attributed {
-                patient: Some(value),
-                system: Some(system),
-                how: "stay",
-            };
-        }
-        match &self.fallback {
-            Some(p) => Attributed {
-                patient: Some(p),
-                system: None,
-                how: "config",
-            },
-            None => Attributed {
-                patient: None,
-                system: None,
-                how: "unattributed",
-            },
-        }
-    }
-}
-
 impl Store {
     fn assoc_tx<T>(
         &self,
@@ -599,7 +474,7 @@ impl Store {
     pub fn create_bed(&self, bed: &Bed) -> Result<(), AssocError> {
         bed.validate()?;
         if let Some(p) = self.postgres() {
-            return crate::pg::off_runtime(|| p.create_bed(bed));
+            return crate::pg::off_runtime(|| crate::association_pg::PgAssoc(p).create_bed(bed));
         }
         self.assoc_tx(|tx| {
             let n = tx.execute(
@@ -616,7 +491,7 @@ impl Store {
     /// All beds, by ward and id.
     pub fn list_beds(&self) -> Result<Vec<Bed>, AssocError> {
         if let Some(p) = self.postgres() {
-            return crate::pg::off_runtime(|| p.list_beds());
+            return crate::pg::off_runtime(|| crate::association_pg::PgAssoc(p).list_beds());
         }
         let conn = self.lock()?;
         let mut st = conn.prepare("SELECT id, ward, label FROM beds ORDER BY ward, id")?;
@@ -647,7 +522,9 @@ impl Store {
         check_device(g, d)?;
         check_key("bed_id", bed)?;
         if let Some(p) = self.postgres() {
-            return crate::pg::off_runtime(|| p.place_device(g, d, bed, at, fallback));
+            return crate::pg::off_runtime(|| {
+                crate::association_pg::PgAssoc(p).place_device(g, d, bed, at, fallback)
+            });
         }
         self.assoc_tx(|tx| {
             bed_exists(tx, bed)?;
@@ -682,7 +559,9 @@ impl Store {
     ) -> Result<Change, AssocError> {
         check_device(g, d)?;
         if let Some(p) = self.postgres() {
-            return crate::pg::off_runtime(|| p.remove_device(g, d, at, fallback));
+            return crate::pg::off_runtime(|| {
+                crate::association_pg::PgAssoc(p).remove_device(g, d, at, fallback)
+            });
         }
         self.assoc_tx(|tx| {
             let p = PLACEMENTS
@@ -709,7 +588,9 @@ impl Store {
         patient.validate()?;
         check_key("bed_id", bed)?;
         if let Some(p) = self.postgres() {
-            return crate::pg::off_runtime(|| p.admit(patient, bed, at, visit, fallback));
+            return crate::pg::off_runtime(|| {
+                crate::association_pg::PgAssoc(p).admit(patient, bed, at, visit, fallback)
+            });
         }
         let k = (patient.system.as_str(), patient.value.as_str());
         self.assoc_tx(|tx| {
@@ -748,7 +629,9 @@ impl Store {
         patient.validate()?;
         check_key("bed_id", bed)?;
         if let Some(p) = self.postgres() {
-            return crate::pg::off_runtime(|| p.transfer(patient, bed, at, fallback));
+            return crate::pg::off_runtime(|| {
+                crate::association_pg::PgAssoc(p).transfer(patient, bed, at, fallback)
+            });
         }
         let k = (patient.system.as_str(), patient.value.as_str());
         self.assoc_tx(|tx| {
@@ -795,7 +678,9 @@ impl Store {
     ) -> Result<Change, AssocError> {
         patient.validate()?;
         if let Some(p) = self.postgres() {
-            return crate::pg::off_runtime(|| p.discharge(patient, at, fallback));
+            return crate::pg::off_runtime(|| {
+                crate::association_pg::PgAssoc(p).discharge(patient, at, fallback)
+            });
         }
         let k = (patient.system.as_str(), patient.value.as_str());
         self.assoc_tx(|tx| {
@@ -838,7 +723,9 @@ impl Store {
     /// The open-or-covering stay of `visit` at `at`, if any: its patient.
     pub fn stay_of_visit(&self, visit: &str, at: i64) -> Result<Option<PatientId>, AssocError> {
         if let Some(p) = self.postgres() {
-            return crate::pg::off_runtime(|| p.stay_of_visit(visit, at));
+            return crate::pg::off_runtime(|| {
+                crate::association_pg::PgAssoc(p).stay_of_visit(visit, at)
+            });
         }
         let conn = self.lock()?;
         Ok(conn
@@ -860,7 +747,9 @@ impl Store {
     /// The bed of the patient's stay covering `at`.
     pub fn bed_of(&self, patient: &PatientId, at: i64) -> Result<Option<String>, AssocError> {
         if let Some(p) = self.postgres() {
-            return crate::pg::off_runtime(|| p.bed_of(patient, at));
+            return crate::pg::off_runtime(|| {
+                crate::association_pg::PgAssoc(p).bed_of(patient, at)
+            });
         }
         let mut conn = self.lock()?;
         let tx = conn.transaction()?;
@@ -884,7 +773,9 @@ impl Store {
             return Ok(Change::default());
         }
         if let Some(p) = self.postgres() {
-            return crate::pg::off_runtime(|| p.change_identifier(old, new, visit, fallback));
+            return crate::pg::off_runtime(|| {
+                crate::association_pg::PgAssoc(p).change_identifier(old, new, visit, fallback)
+            });
         }
         self.assoc_tx(|tx| {
             let stays: Vec<Interval> = tx
@@ -917,7 +808,7 @@ impl Store {
     /// Every bed with its patient and devices at `at`.
     pub fn occupancy(&self, at: i64) -> Result<Vec<BedOccupancy>, AssocError> {
         if let Some(p) = self.postgres() {
-            return crate::pg::off_runtime(|| p.occupancy(at));
+            return crate::pg::off_runtime(|| crate::association_pg::PgAssoc(p).occupancy(at));
         }
         let beds = self.list_beds()?;
         let mut conn = self.lock()?;
@@ -954,7 +845,9 @@ impl Store {
     /// How many stored readings have no patient.
     pub fn unattributed_count(&self) -> Result<u64, AssocError> {
         if let Some(p) = self.postgres() {
-            return crate::pg::off_runtime(|| p.unattributed_count());
+            return crate::pg::off_runtime(|| {
+                crate::association_pg::PgAssoc(p).unattributed_count()
+            });
         }
         let conn = self.lock()?;
         let n: i64 = conn.query_row(

@@ -21,26 +21,6 @@ use serde_json::{Value as Json, json};
 
 use crate::store::{Store, StoreError, now_us};
 
-/// v11: the audit log and the triggers that keep it append-only.
-pub const SCHEMA_V11: &str = r#"
-CREATE TABLE IF NOT EXISTS audit_log (
-    seq         INTEGER PRIMARY KEY,
-    time_us     INTEGER NOT NULL,
-    actor       TEXT NOT NULL,
-    action      TEXT NOT NULL,
-    resource    TEXT NOT NULL,
-    patient_id  TEXT,
-    outcome     INTEGER NOT NULL,
-    detail      TEXT NOT NULL,
-    prev_hash   TEXT NOT NULL,
-    hash        TEXT NOT NULL
-);
-CREATE TRIGGER IF NOT EXISTS audit_log_no_update BEFORE UPDATE ON audit_log
-BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END;
-CREATE TRIGGER IF NOT EXISTS audit_log_no_delete BEFORE DELETE ON audit_log
-BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END;
-"#;
-
 /// The hash before the first entry.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
@@ -383,6 +363,7 @@ pub(crate) async fn middleware(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hub_sqlite::schema::SCHEMA_V11;
 
     fn db() -> Connection {
         let c = Connection::open_in_memory().unwrap();

@@ -50,22 +50,6 @@ use crate::store::{Store, StoreError, now_us};
 
 pub use hub_domain::early_warning::*;
 
-/// v8: manual score inputs, and an index of blood-pressure panel parts by
-/// patient (the v7 search index leaves panel parts out; the scores read the
-/// systolic part of a panel).
-pub const SCHEMA_V8: &str = r#"
-CREATE TABLE IF NOT EXISTS manual_inputs (
-    patient_id    TEXT NOT NULL,
-    kind          TEXT NOT NULL,
-    value         TEXT NOT NULL,
-    effective_us  INTEGER NOT NULL,
-    recorded_us   INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS manual_inputs_patient ON manual_inputs (patient_id, kind, effective_us);
-CREATE INDEX IF NOT EXISTS observations_panel_parts ON observations (patient_id, mdc_code, effective_us)
-    WHERE panel_id IS NOT NULL;
-"#;
-
 /// Errors of the scores.
 #[derive(Debug, thiserror::Error)]
 pub enum ScoresError {
@@ -213,7 +197,7 @@ fn has_manual_inputs(conn: &Connection, patient: &str) -> Result<bool, StoreErro
 /// Whether the hub knows `patient` (stays, attributed readings, or manual
 /// inputs).
 fn known_patient(store: &Store, patient: &str) -> Result<bool, ScoresError> {
-    if store.patient(patient)?.is_some() {
+    if store.patient(patient).map_err(StoreError::from)?.is_some() {
         return Ok(true);
     }
     let conn = sqlite(store)?;

@@ -15,6 +15,7 @@ pub mod adt_listener;
 pub mod alerts;
 pub mod association;
 pub mod association_api;
+mod association_pg;
 pub mod audit;
 pub mod auth;
 pub mod backup;
@@ -25,7 +26,8 @@ pub mod encoding;
 pub mod export;
 pub mod metrics;
 pub mod mqtt_ingest;
-pub mod pg;
+pub use hub_postgres as pg;
+pub use hub_storage as storage;
 mod rate_limit;
 pub mod retention;
 pub mod score_history;
@@ -67,6 +69,12 @@ pub enum HubError {
     Mqtt(#[from] mqtt_ingest::MqttSetupError),
     #[error(transparent)]
     Account(#[from] access::accounts::AccountError),
+}
+
+impl From<hub_storage::StoreError> for HubError {
+    fn from(e: hub_storage::StoreError) -> Self {
+        HubError::Store(StoreError::Storage(e))
+    }
 }
 
 /// Serves the hub on `listener` until `shutdown` resolves, then stops

@@ -41,10 +41,9 @@ use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{Packet, Publish, SubscribeReasonCode};
 use rumqttc::v5::{AsyncClient, ConnectionError, Event, MqttOptions};
 use rumqttc::{Outgoing, TlsConfiguration, Transport};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use shared_protocol::v1::Batch;
 use tokio::sync::{mpsc, watch};
+use vigil_io::tls::{self, PemFile};
 
 use crate::config::MqttConfig;
 use crate::encoding::{ContentCoding, DecodeError};
@@ -326,45 +325,28 @@ impl std::fmt::Debug for MqttIngest {
     }
 }
 
+/// rumqttc's TLS: the common client builder ([`vigil_io::tls`]), pinned
+/// `mqtt.tls.ca_file` or the public roots, and the client certificate if
+/// configured.
 fn tls_config(t: &crate::config::MqttTlsConfig) -> Result<rustls::ClientConfig, MqttSetupError> {
-    let mut roots = rustls::RootCertStore::empty();
-    match &t.ca_file {
-        Some(path) => {
-            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
-                .and_then(|it| it.collect::<Result<_, _>>())
-                .map_err(|e| file_err("mqtt.tls.ca_file", path, e))?;
-            if certs.is_empty() {
-                return Err(file_err("mqtt.tls.ca_file", path, "no certificate found"));
-            }
-            for c in certs {
-                roots
-                    .add(c)
-                    .map_err(|e| file_err("mqtt.tls.ca_file", path, e))?;
-            }
-        }
-        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| MqttSetupError::Tls(e.to_string()))?
-        .with_root_certificates(roots);
-    match (&t.cert_file, &t.key_file) {
-        (Some(cert), Some(key)) => {
-            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-                .and_then(|it| it.collect::<Result<_, _>>())
-                .map_err(|e| file_err("mqtt.tls.cert_file", cert, e))?;
-            if certs.is_empty() {
-                return Err(file_err("mqtt.tls.cert_file", cert, "no certificate found"));
-            }
-            let pem = read_private("mqtt.tls.key_file", key)?;
-            let key_der = PrivateKeyDer::from_pem_slice(&pem)
-                .map_err(|e| file_err("mqtt.tls.key_file", key, e))?;
-            builder
-                .with_client_auth_cert(certs, key_der)
-                .map_err(|e| MqttSetupError::Tls(format!("client certificate: {e}")))
-        }
-        _ => Ok(builder.with_no_client_auth()),
+    let roots = tls::pinned_or_public_roots(
+        t.ca_file
+            .as_deref()
+            .map(|p| PemFile::new("mqtt.tls.ca_file", p)),
+    )?;
+    let identity = match (&t.cert_file, &t.key_file) {
+        (Some(cert), Some(key)) => Some(tls::Identity::load(
+            PemFile::new("mqtt.tls.cert_file", cert),
+            PemFile::new("mqtt.tls.key_file", key),
+        )?),
+        _ => None,
+    };
+    Ok(tls::client_config(roots, identity)?)
+}
+
+impl From<tls::TlsError> for MqttSetupError {
+    fn from(e: tls::TlsError) -> Self {
+        MqttSetupError::Tls(e.to_string())
     }
 }
 

@@ -30,23 +30,6 @@ use serde_json::{Value as Json, json};
 use crate::early_warning::{Parameter, ScoreReport, band, news2_components};
 use crate::store::{Store, StoreError, now_us};
 
-/// v13: the score history table.
-pub const SCHEMA_V13: &str = r#"
-CREATE TABLE IF NOT EXISTS score_history (
-    id          INTEGER PRIMARY KEY,
-    patient_id  TEXT NOT NULL,
-    kind        TEXT NOT NULL,
-    time_us     INTEGER NOT NULL,
-    total       INTEGER,
-    band        TEXT,
-    missing     TEXT NOT NULL,
-    stale       TEXT NOT NULL,
-    components  TEXT
-);
-CREATE INDEX IF NOT EXISTS score_history_patient ON score_history (patient_id, kind, time_us);
-CREATE INDEX IF NOT EXISTS score_history_time ON score_history (time_us);
-"#;
-
 /// An unchanged result is stored again at most this often (UTC µs).
 pub const HEARTBEAT_US: i64 = 60 * 1_000_000;
 /// Longest window one history request may ask for.

@@ -287,88 +287,31 @@ impl Hub {
 }
 
 fn load_tls(tls: &crate::config::TlsConfig) -> Result<Arc<rustls::ServerConfig>, HubError> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let meta = std::fs::metadata(&tls.key_file).map_err(|e| {
-            HubError::Tls(format!(
-                "server.tls.key_file {}: {e}",
-                tls.key_file.display()
-            ))
-        })?;
-        if meta.permissions().mode() & 0o077 != 0 {
-            return Err(HubError::Tls(format!(
-                "server.tls.key_file {} is accessible by group or others; chmod 600 it",
-                tls.key_file.display()
-            )));
-        }
-    }
-    let certs = CertificateDer::pem_file_iter(&tls.cert_file)
-        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| {
-            HubError::Tls(format!(
-                "server.tls.cert_file {}: {e}",
-                tls.cert_file.display()
-            ))
-        })?;
-    if certs.is_empty() {
-        return Err(HubError::Tls(format!(
-            "server.tls.cert_file {}: no certificate found",
-            tls.cert_file.display()
-        )));
-    }
-    let key = PrivateKeyDer::from_pem_file(&tls.key_file).map_err(|e| {
-        HubError::Tls(format!(
-            "server.tls.key_file {}: {e}",
-            tls.key_file.display()
-        ))
-    })?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| HubError::Tls(e.to_string()))?;
-    let builder = match &tls.client_ca_file {
-        None => builder.with_no_client_auth(),
+    use vigil_io::tls::{self as io_tls, ClientAuth, Identity, PemFile};
+    let tls_err = |e: io_tls::TlsError| HubError::Tls(e.to_string());
+    let identity = Identity::load(
+        PemFile::new("server.tls.cert_file", &tls.cert_file),
+        PemFile::new("server.tls.key_file", &tls.key_file),
+    )
+    .map_err(tls_err)?;
+    // Mutual TLS against `server.tls.client_ca_file`; `optional` also
+    // admits clients without a certificate.
+    let auth = match &tls.client_ca_file {
+        None => ClientAuth::None,
         Some(path) => {
-            builder.with_client_cert_verifier(client_verifier(path, tls.client_auth, provider)?)
+            let ca = PemFile::new("server.tls.client_ca_file", path);
+            match tls
+                .client_auth
+                .unwrap_or(crate::config::ClientAuth::Required)
+            {
+                crate::config::ClientAuth::Required => ClientAuth::Required(ca),
+                crate::config::ClientAuth::Optional => ClientAuth::Optional(ca),
+            }
         }
     };
-    let mut config = builder
-        .with_single_cert(certs, key)
-        .map_err(|e| HubError::Tls(format!("certificate/key: {e}")))?;
+    let mut config = io_tls::server_config(identity, auth).map_err(tls_err)?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
-}
-
-/// Verifies client certificates against `server.tls.client_ca_file`
-/// (mutual TLS); `optional` also admits clients without a certificate.
-fn client_verifier(
-    path: &std::path::Path,
-    mode: Option<crate::config::ClientAuth>,
-    provider: Arc<rustls::crypto::CryptoProvider>,
-) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, HubError> {
-    use rustls::pki_types::CertificateDer;
-    use rustls::pki_types::pem::PemObject;
-    let err = |e: &dyn std::fmt::Display| {
-        HubError::Tls(format!("server.tls.client_ca_file {}: {e}", path.display()))
-    };
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(path).map_err(|e| err(&e))? {
-        roots.add(cert.map_err(|e| err(&e))?).map_err(|e| err(&e))?;
-    }
-    if roots.is_empty() {
-        return Err(err(&"no CA certificate found"));
-    }
-    let builder =
-        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
-    let builder = match mode.unwrap_or(crate::config::ClientAuth::Required) {
-        crate::config::ClientAuth::Required => builder,
-        crate::config::ClientAuth::Optional => builder.allow_unauthenticated(),
-    };
-    builder.build().map_err(|e| err(&e))
 }
 
 fn router(state: AppState) -> Router {
@@ -462,17 +405,19 @@ async fn enroll(State(st): State<AppState>, body: axum::body::Bytes) -> Response
             )
                 .into_response()
         }
-        Err(HubError::Store(StoreError::EnrollmentRefused)) => {
+        Err(HubError::Store(StoreError::Storage(hub_storage::StoreError::EnrollmentRefused))) => {
             tracing::warn!(gateway_id = %req.gateway_id, "enrolment refused");
             json_error(
                 StatusCode::UNAUTHORIZED,
                 "enrolment token unknown, already used or expired",
             )
         }
-        Err(HubError::Store(StoreError::GatewayExists(_))) => json_error(
-            StatusCode::CONFLICT,
-            "gateway id already enrolled and active (revoke it first to re-enrol)",
-        ),
+        Err(HubError::Store(StoreError::Storage(hub_storage::StoreError::GatewayExists(_)))) => {
+            json_error(
+                StatusCode::CONFLICT,
+                "gateway id already enrolled and active (revoke it first to re-enrol)",
+            )
+        }
         Err(e) => {
             tracing::error!(error = %e, "enrolment failed");
             json_error(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
@@ -506,10 +451,10 @@ impl IngestError {
     }
 }
 
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+async fn blocking<T: Send + 'static, E: Into<HubError> + Send + 'static>(
+    f: impl FnOnce() -> Result<T, E> + Send + 'static,
 ) -> Result<T, HubError> {
-    Ok(tokio::task::spawn_blocking(f).await??)
+    tokio::task::spawn_blocking(f).await?.map_err(Into::into)
 }
 
 async fn ingest(State(st): State<AppState>, headers: HeaderMap, body: Body) -> Response {
@@ -544,18 +489,7 @@ async fn ingest(State(st): State<AppState>, headers: HeaderMap, body: Body) -> R
 /// PostgreSQL connection failure, or the server shutting down / in
 /// recovery: SQLSTATE classes 08 and 57), as opposed to a fault.
 fn database_unavailable(e: &HubError) -> bool {
-    match e {
-        // Every pooled connection busy for the pool's wait: overload.
-        HubError::Store(StoreError::Pool(m)) => m.starts_with("no free connection"),
-        HubError::Store(StoreError::Postgres(pe)) => match pe.as_db_error() {
-            None => true,
-            Some(db) => {
-                let code = db.code().code();
-                code.starts_with("08") || code.starts_with("57")
-            }
-        },
-        _ => false,
-    }
+    matches!(e, HubError::Store(s) if s.is_transient())
 }
 
 async fn ingest_inner(
@@ -932,7 +866,7 @@ async fn export_group(
     uri: Uri,
 ) -> Response {
     let store = st.store.clone();
-    let known = blocking(move || Ok(store.list_beds().map_err(|e| e.to_string())))
+    let known = blocking(move || Ok::<_, HubError>(store.list_beds().map_err(|e| e.to_string())))
         .await
         .map(|beds| beds.map(|b| b.iter().any(|b| b.ward == id)));
     match known {
@@ -1127,7 +1061,7 @@ async fn read_patient(State(st): State<AppState>, Path(id): Path<String>) -> Res
 
 async fn locations(st: &AppState) -> Result<Vec<Json>, Response> {
     let store = st.store.clone();
-    let beds = blocking(move || Ok(store.list_beds().map_err(|e| e.to_string())))
+    let beds = blocking(move || Ok::<_, HubError>(store.list_beds().map_err(|e| e.to_string())))
         .await
         .map_err(|e| fhir_internal(&e))?
         .map_err(|e| outcome(StatusCode::INTERNAL_SERVER_ERROR, "exception", &e))?;

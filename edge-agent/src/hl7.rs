@@ -10,7 +10,9 @@
 //! Limits: `max_connections` concurrent connections (more are closed at
 //! once), `max_message_bytes` per message (larger ones are dropped and
 //! answered AR), `max_junk_bytes` of unframed input per connection and
-//! `idle_timeout_s` of silence before a connection is closed.
+//! `idle_timeout_s` of silence before a connection is closed. The TCP/TLS
+//! server, framing and limits are the hub's too ([`vigil_io::mllp`]); this
+//! module is its [`Handler`](vigil_io::mllp::Handler).
 //!
 //! Logs and counters carry the device id, counts, ACK codes and error
 //! locations/codes only: never message content, identifiers or values.
@@ -22,15 +24,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use bytes::BytesMut;
-use device_drivers::hl7::{self, Hl7Options, MllpDecoder, MllpError, Outcome, Processed};
+use device_drivers::hl7::{self, Hl7Options, MllpError, Outcome, Processed};
 use device_drivers::{DriverOutput, DriverStats};
 use shared_protocol::v1::DeviceInfo;
 use time::OffsetDateTime;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpListener;
-use tokio::sync::{Notify, Semaphore, watch};
-use tokio::task::JoinSet;
+use tokio::sync::{Notify, watch};
+use vigil_io::mllp::{self, Counters, Event};
+use vigil_io::tls::{self, ClientAuth, Identity, PemFile};
 
 use crate::buffer::Buffer;
 use crate::config::DeviceConfig;
@@ -72,8 +72,8 @@ pub fn check(dev: &DeviceConfig) -> Result<Hl7Options, (&'static str, String)> {
 /// Counters of one listener.
 #[derive(Debug, Default)]
 pub struct Hl7Stats {
-    pub connections: AtomicU64,
-    pub connections_refused: AtomicU64,
+    /// Connections accepted and refused, bytes dropped by the framer.
+    pub listener: Counters,
     /// Messages answered AA (readings durably buffered).
     pub messages_accepted: AtomicU64,
     /// Messages answered AE for their content.
@@ -83,7 +83,6 @@ pub struct Hl7Stats {
     /// Messages answered AE because the buffer did not take them.
     pub store_errors: AtomicU64,
     pub readings_accepted: AtomicU64,
-    pub bytes_dropped: AtomicU64,
     /// The same traffic as the status endpoint's per-device counters
     /// (`vigil_agent_device_*`): a frame ok per message answered AA, a
     /// frame bad per message answered AE/AR and per resync over junk,
@@ -134,22 +133,12 @@ struct Ctx {
 }
 
 /// A bound listener, ready to [`serve`](Self::serve).
+#[derive(Debug)]
 pub struct Hl7Listener {
     device_id: String,
     opts: Hl7Options,
-    listener: TcpListener,
-    tls: Option<tokio_rustls::TlsAcceptor>,
+    server: mllp::Server,
     stats: Arc<Hl7Stats>,
-}
-
-impl std::fmt::Debug for Hl7Listener {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Hl7Listener")
-            .field("device_id", &self.device_id)
-            .field("listen", &self.listener.local_addr().ok())
-            .field("tls", &self.tls.is_some())
-            .finish_non_exhaustive()
-    }
 }
 
 impl Hl7Listener {
@@ -158,23 +147,29 @@ impl Hl7Listener {
         let opts = check(dev).map_err(|(f, m)| format!("{f}: {m}"))?;
         let addr = listen_addr(dev.listen.as_deref().unwrap_or_default())?;
         let tls = match (&opts.tls_cert_file, &opts.tls_key_file) {
-            (Some(c), Some(k)) => Some(tokio_rustls::TlsAcceptor::from(load_tls(c, k)?)),
+            (Some(c), Some(k)) => Some(load_tls(c, k)?),
             _ => None,
         };
-        let listener = TcpListener::bind(addr)
+        let limits = mllp::Limits {
+            max_connections: opts.max_connections,
+            max_message_bytes: opts.max_message_bytes,
+            max_junk_bytes: opts.max_junk_bytes,
+            idle_timeout: Duration::from_secs(opts.idle_timeout_s),
+            handshake_timeout: mllp::HANDSHAKE_TIMEOUT,
+        };
+        let server = mllp::Server::bind(addr, tls, limits)
             .await
             .map_err(|e| format!("listen {addr}: {e}"))?;
         Ok(Hl7Listener {
             device_id: dev.id.clone(),
             opts,
-            listener,
-            tls,
+            server,
             stats: Arc::default(),
         })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.listener.local_addr()
+        self.server.local_addr()
     }
 
     pub fn stats(&self) -> Arc<Hl7Stats> {
@@ -210,152 +205,93 @@ impl Hl7Listener {
         self,
         sink: Arc<dyn Sink>,
         notify: Arc<Notify>,
-        mut shutdown: watch::Receiver<bool>,
+        shutdown: watch::Receiver<bool>,
     ) {
-        let addr = self.listener.local_addr().ok();
-        tracing::info!(device_id = %self.device_id, listen = ?addr, tls = self.tls.is_some(),
-            "HL7 MLLP listener ready");
-        let limit = Arc::new(Semaphore::new(self.opts.max_connections));
         let ctx = Arc::new(Ctx {
-            device_id: self.device_id.clone(),
-            opts: self.opts.clone(),
+            device_id: self.device_id,
+            opts: self.opts,
             sink,
             notify,
-            stats: self.stats.clone(),
+            stats: self.stats,
             acks: AtomicU64::new(0),
         });
-        let mut conns = JoinSet::new();
-        loop {
-            let accepted = tokio::select! {
-                a = self.listener.accept() => a,
-                _ = shutdown.wait_for(|s| *s) => break,
-                Some(_) = conns.join_next(), if !conns.is_empty() => continue,
-            };
-            let (stream, peer) = match accepted {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(device_id = %ctx.device_id, error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            let Ok(permit) = limit.clone().try_acquire_owned() else {
-                Hl7Stats::add(&ctx.stats.connections_refused, 1);
-                tracing::warn!(device_id = %ctx.device_id, max = ctx.opts.max_connections,
-                    "too many HL7 connections; closing the new one");
-                drop(stream);
-                continue;
-            };
-            Hl7Stats::add(&ctx.stats.connections, 1);
-            let _ = stream.set_nodelay(true);
-            let ctx = ctx.clone();
-            let tls = self.tls.clone();
-            let sd = shutdown.clone();
-            conns.spawn(async move {
-                let _permit = permit;
-                tracing::debug!(device_id = %ctx.device_id, peer = %peer.ip(), "HL7 connection");
-                match tls {
-                    Some(acc) => {
-                        let hs = tokio::time::timeout(Duration::from_secs(10), acc.accept(stream));
-                        match hs.await {
-                            Ok(Ok(s)) => connection(s, &ctx, sd).await,
-                            Ok(Err(e)) => {
-                                tracing::warn!(device_id = %ctx.device_id, error = %e, "TLS handshake failed")
-                            }
-                            Err(_) => {
-                                tracing::warn!(device_id = %ctx.device_id, "TLS handshake timed out")
-                            }
-                        }
-                    }
-                    None => connection(stream, &ctx, sd).await,
-                }
-            });
-        }
-        drop(self.listener);
-        while conns.join_next().await.is_some() {}
-        let s = &self.stats;
-        tracing::info!(
-            device_id = %self.device_id,
-            connections = Hl7Stats::get(&s.connections),
-            messages_accepted = Hl7Stats::get(&s.messages_accepted),
-            messages_refused = Hl7Stats::get(&s.messages_refused),
-            messages_rejected = Hl7Stats::get(&s.messages_rejected),
-            store_errors = Hl7Stats::get(&s.store_errors),
-            readings_accepted = Hl7Stats::get(&s.readings_accepted),
-            bytes_dropped = Hl7Stats::get(&s.bytes_dropped),
-            "HL7 listener stopped"
-        );
+        self.server.serve(ctx, shutdown).await
     }
 }
 
-/// One connection: MLLP in, one ACK out per message, in order.
-async fn connection<S>(mut stream: S, ctx: &Ctx, mut shutdown: watch::Receiver<bool>)
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let mut dec = MllpDecoder::new(ctx.opts.max_message_bytes);
-    let mut buf = BytesMut::with_capacity(8 * 1024);
-    let mut junk = 0usize;
-    let idle = Duration::from_secs(ctx.opts.idle_timeout_s);
-    loop {
-        loop {
-            let reply = match dec.decode(&mut buf) {
-                Ok(Some(msg)) => Some(ctx.message(&msg).await),
-                Ok(None) => break,
-                Err(e) => {
-                    // Unframed bytes count toward the junk limit; an oversized
-                    // message is answered (AR) and skipped without buffering.
-                    if !matches!(e, MllpError::Oversized { .. }) {
-                        junk += e.dropped();
-                    }
-                    Hl7Stats::add(&ctx.stats.bytes_dropped, e.dropped() as u64);
-                    ctx.stats.device.frame_error(e.dropped());
-                    match e {
-                        MllpError::Oversized { head, max, .. } => {
-                            Hl7Stats::add(&ctx.stats.messages_rejected, 1);
-                            tracing::warn!(device_id = %ctx.device_id, max, "HL7 message too large; AR");
-                            let p = Processed {
-                                target: hl7::AckTarget::best_effort(&head),
-                                outcome: Outcome::Reject(hl7::AckError {
-                                    location: "MSH".into(),
-                                    code: 207,
-                                    text: format!("message larger than {max} bytes"),
-                                }),
-                            };
-                            Some(ctx.ack(&p, false))
-                        }
-                        _ => {
-                            tracing::debug!(device_id = %ctx.device_id, dropped = e.dropped(), "MLLP resync");
-                            None
-                        }
-                    }
-                }
-            };
-            if let Some(ack) = reply
-                && stream.write_all(&hl7::mllp_encode(&ack)).await.is_err()
-            {
-                return;
-            }
-            if junk > ctx.opts.max_junk_bytes {
-                tracing::warn!(device_id = %ctx.device_id, junk, "too much unframed input; closing the connection");
-                return;
-            }
-        }
-        let _ = stream.flush().await;
-        if buf.capacity() - buf.len() < 4096 {
-            buf.reserve(16 * 1024);
-        }
-        let read = tokio::select! {
-            r = tokio::time::timeout(idle, stream.read_buf(&mut buf)) => r,
-            _ = shutdown.wait_for(|s| *s) => return,
+/// The agent's part of the MLLP server: messages into the buffer, the
+/// listener's logs and counters.
+impl mllp::Handler for Ctx {
+    async fn message(&self, message: Vec<u8>) -> Vec<u8> {
+        self.handle(&message).await
+    }
+
+    fn oversized(&self, head: &[u8], max: usize) -> Vec<u8> {
+        Hl7Stats::add(&self.stats.messages_rejected, 1);
+        tracing::warn!(device_id = %self.device_id, max, "HL7 message too large; AR");
+        let p = Processed {
+            target: hl7::AckTarget::best_effort(head),
+            outcome: Outcome::Reject(hl7::AckError {
+                location: "MSH".into(),
+                code: 207,
+                text: format!("message larger than {max} bytes"),
+            }),
         };
-        match read {
-            Ok(Ok(0)) | Ok(Err(_)) => return,
-            Ok(Ok(_)) => {}
-            Err(_) => {
-                tracing::debug!(device_id = %ctx.device_id, "HL7 connection idle; closing");
-                return;
+        self.ack(&p, false)
+    }
+
+    fn counters(&self) -> &Counters {
+        &self.stats.listener
+    }
+
+    fn event(&self, event: Event<'_>) {
+        let device_id = &self.device_id;
+        match event {
+            Event::Ready { listen, tls } => {
+                tracing::info!(device_id = %device_id, listen = ?listen, tls, "HL7 MLLP listener ready")
             }
+            Event::AcceptFailed(e) => {
+                tracing::warn!(device_id = %device_id, error = %e, "accept failed")
+            }
+            Event::Refused { max } => {
+                tracing::warn!(device_id = %device_id, max,
+                    "too many HL7 connections; closing the new one")
+            }
+            Event::Connected { peer } => {
+                tracing::debug!(device_id = %device_id, peer = %peer.ip(), "HL7 connection")
+            }
+            Event::HandshakeFailed(e) => {
+                tracing::warn!(device_id = %device_id, error = %e, "TLS handshake failed")
+            }
+            Event::HandshakeTimedOut => {
+                tracing::warn!(device_id = %device_id, "TLS handshake timed out")
+            }
+            Event::Unframed(e) => {
+                self.stats.device.frame_error(e.dropped());
+                if !matches!(e, MllpError::Oversized { .. }) {
+                    tracing::debug!(device_id = %device_id, dropped = e.dropped(), "MLLP resync");
+                }
+            }
+            Event::TooMuchJunk { junk } => {
+                tracing::warn!(device_id = %device_id, junk,
+                    "too much unframed input; closing the connection")
+            }
+            Event::Idle => tracing::debug!(device_id = %device_id, "HL7 connection idle; closing"),
+            Event::Stopped => {
+                let s = &self.stats;
+                tracing::info!(
+                    device_id = %device_id,
+                    connections = Counters::get(&s.listener.connections),
+                    messages_accepted = Hl7Stats::get(&s.messages_accepted),
+                    messages_refused = Hl7Stats::get(&s.messages_refused),
+                    messages_rejected = Hl7Stats::get(&s.messages_rejected),
+                    store_errors = Hl7Stats::get(&s.store_errors),
+                    readings_accepted = Hl7Stats::get(&s.readings_accepted),
+                    bytes_dropped = Counters::get(&s.listener.bytes_dropped),
+                    "HL7 listener stopped"
+                );
+            }
+            _ => {}
         }
     }
 }
@@ -373,7 +309,7 @@ impl Ctx {
     }
 
     /// Process one message; the ACK to send.
-    async fn message(&self, bytes: &[u8]) -> Vec<u8> {
+    async fn handle(&self, bytes: &[u8]) -> Vec<u8> {
         let now_us = (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000) as i64;
         let p = hl7::process(bytes, &self.opts, now_us);
         let stored = match &p.outcome {
@@ -437,38 +373,15 @@ fn load_tls(
     cert: &std::path::Path,
     key: &std::path::Path,
 ) -> Result<Arc<rustls::ServerConfig>, String> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let meta =
-            std::fs::metadata(key).map_err(|e| format!("tls_key_file {}: {e}", key.display()))?;
-        if meta.permissions().mode() & 0o077 != 0 {
-            return Err(format!(
-                "tls_key_file {} is accessible by group or others; chmod 600 it",
-                key.display()
-            ));
-        }
-    }
-    let certs = CertificateDer::pem_file_iter(cert)
-        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| format!("tls_cert_file {}: {e}", cert.display()))?;
-    if certs.is_empty() {
-        return Err(format!(
-            "tls_cert_file {}: no certificate found",
-            cert.display()
-        ));
-    }
-    let key = PrivateKeyDer::from_pem_file(key)
-        .map_err(|e| format!("tls_key_file {}: {e}", key.display()))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| format!("tls certificate/key: {e}"))?;
+    let identity = Identity::load(
+        PemFile::new("tls_cert_file", cert),
+        PemFile::new("tls_key_file", key),
+    )
+    .map_err(|e| e.to_string())?;
+    let config = tls::server_config(identity, ClientAuth::None).map_err(|e| match e {
+        tls::TlsError::CertKey(_) => format!("tls {e}"),
+        e => e.to_string(),
+    })?;
     Ok(Arc::new(config))
 }
 

@@ -40,8 +40,6 @@ use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS,
     SubscribeFilter, SubscribeReasonCode, TlsConfiguration, Transport,
 };
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use shared_protocol::v1::Batch;
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::time::Instant;
@@ -339,10 +337,6 @@ impl fmt::Debug for IotHubUplink {
     }
 }
 
-fn tls_err(path: &std::path::Path, e: impl fmt::Display) -> UplinkError {
-    UplinkError::Tls(format!("{}: {e}", path.display()))
-}
-
 /// Read a base64 symmetric key from a private (0600) file.
 pub fn read_key_file(path: &std::path::Path, field: &str) -> Result<Vec<u8>, UplinkError> {
     let raw = secrets::read_private(path).map_err(|e| UplinkError::Credentials(e.to_string()))?;
@@ -382,17 +376,11 @@ impl IotHubUplink {
                 None,
             ),
             (None, Some(cert), Some(keyf)) => {
-                let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-                    .map_err(|e| tls_err(cert, e))?
-                    .collect::<Result<_, _>>()
-                    .map_err(|e| tls_err(cert, e))?;
-                if certs.is_empty() {
-                    return Err(tls_err(cert, "no certificates"));
-                }
-                let pem = secrets::read_private(keyf)
-                    .map_err(|e| UplinkError::Credentials(e.to_string()))?;
-                let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| tls_err(keyf, e))?;
-                (Signer::X509, Some((certs, key)))
+                let id = vigil_io::tls::Identity::load(
+                    vigil_io::tls::PemFile::new("uplink.iothub.cert_file", cert),
+                    vigil_io::tls::PemFile::new("uplink.iothub.key_file", keyf),
+                )?;
+                (Signer::X509, Some((id.certs, id.key)))
             }
             _ => {
                 return Err(UplinkError::Credentials(

@@ -6,15 +6,13 @@
 //! compresses batches with zstd (`Content-Encoding: zstd`).
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use prost::Message;
 use reqwest::header::{AUTHORIZATION, CONTENT_ENCODING, CONTENT_TYPE, RETRY_AFTER};
-use rustls::pki_types::CertificateDer;
-use rustls::pki_types::pem::PemObject;
 use shared_protocol::CONTENT_TYPE_PROTOBUF;
 use shared_protocol::v1::{Batch, BatchAck};
+use vigil_io::tls::{self, PemFile};
 
 use crate::config::{Compression, UplinkConfig};
 
@@ -99,24 +97,14 @@ pub fn encode_batch(batch: &Batch, c: Compression) -> Result<Vec<u8>, UplinkErro
     }
 }
 
-/// Load a PEM client certificate chain and its private key; the key file
-/// must be private (mode 0600, like every secret of the agent).
+/// Load a client certificate chain and its private key (the key file must
+/// not be accessible by group or others). Errors name the `[uplink]` key.
 pub fn load_client_identity(cert: &Path, key: &Path) -> Result<ClientIdentity, UplinkError> {
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| UplinkError::Tls(format!("{}: {e}", cert.display())))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| UplinkError::Tls(format!("{}: {e}", cert.display())))?;
-    if certs.is_empty() {
-        return Err(UplinkError::Tls(format!(
-            "{}: no certificates",
-            cert.display()
-        )));
-    }
-    let pem =
-        crate::secrets::read_private(key).map_err(|e| UplinkError::Credentials(e.to_string()))?;
-    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(&pem)
-        .map_err(|e| UplinkError::Tls(format!("{}: {e}", key.display())))?;
-    Ok((certs, key))
+    let id = tls::Identity::load(
+        PemFile::new("client_cert_file", cert),
+        PemFile::new("client_key_file", key),
+    )?;
+    Ok((id.certs, id.key))
 }
 
 /// The TLS client config of the HTTPS uplink per `[uplink]`: `ca_file`
@@ -136,47 +124,25 @@ pub fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, Uplink
 
 /// A client certificate chain and its private key.
 pub type ClientIdentity = (
-    Vec<CertificateDer<'static>>,
+    Vec<rustls::pki_types::CertificateDer<'static>>,
     rustls::pki_types::PrivateKeyDer<'static>,
 );
 
-/// rustls client config with the ring provider, optionally presenting a
-/// client certificate.
+/// rustls client config with the ring provider (the common builder of
+/// [`vigil_io::tls`]): `ca_file` pinned or the public roots, optionally
+/// presenting a client certificate.
 pub fn tls_config_with(
     ca_file: Option<&Path>,
     client: Option<ClientIdentity>,
 ) -> Result<rustls::ClientConfig, UplinkError> {
-    let mut roots = rustls::RootCertStore::empty();
-    match ca_file {
-        Some(path) => {
-            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
-                .map_err(|e| UplinkError::Tls(format!("{}: {e}", path.display())))?
-                .collect::<Result<_, _>>()
-                .map_err(|e| UplinkError::Tls(format!("{}: {e}", path.display())))?;
-            if certs.is_empty() {
-                return Err(UplinkError::Tls(format!(
-                    "{}: no certificates",
-                    path.display()
-                )));
-            }
-            for c in certs {
-                roots
-                    .add(c)
-                    .map_err(|e| UplinkError::Tls(format!("{}: {e}", path.display())))?;
-            }
-        }
-        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| UplinkError::Tls(e.to_string()))?
-        .with_root_certificates(roots);
-    match client {
-        None => Ok(builder.with_no_client_auth()),
-        Some((certs, key)) => builder
-            .with_client_auth_cert(certs, key)
-            .map_err(|e| UplinkError::Tls(format!("client certificate: {e}"))),
+    let roots = tls::pinned_or_public_roots(ca_file.map(|p| PemFile::new("", p)))?;
+    let identity = client.map(|(certs, key)| tls::Identity { certs, key });
+    Ok(tls::client_config(roots, identity)?)
+}
+
+impl From<tls::TlsError> for UplinkError {
+    fn from(e: tls::TlsError) -> Self {
+        UplinkError::Tls(e.to_string())
     }
 }
 

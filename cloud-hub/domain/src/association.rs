@@ -121,3 +121,63 @@ impl PatientId {
         check_text("patient.value", &self.value, 64, false)
     }
 }
+
+/// Who a device's readings in one batch belong to, resolved once per device
+/// before the rows are inserted (so each row is written once, with its
+/// final patient): the bed stays overlapping the device's placements in the
+/// batch's time span, and the static config fallback.
+#[derive(Debug, Default)]
+pub struct DeviceAttribution {
+    /// `[from, to)` pieces with the patient (value, system) of the stay.
+    pub spans: Vec<(i64, i64, String, String)>,
+    pub fallback: Option<String>,
+}
+
+/// How a row was attributed (the `attribution` column).
+#[derive(Debug)]
+pub struct Attributed<'a> {
+    pub patient: Option<&'a str>,
+    pub system: Option<&'a str>,
+    pub how: &'static str,
+}
+
+impl DeviceAttribution {
+    /// The patient of a row at `at_us`; `subject` is the reading's own
+    /// identifier (it wins), if any.
+    pub fn of<'a>(
+        &'a self,
+        subject: Option<&'a shared_protocol::v1::Identifier>,
+        at_us: i64,
+    ) -> Attributed<'a> {
+        if let Some(s) = subject.filter(|s| !s.value.trim().is_empty()) {
+            return Attributed {
+                patient: Some(&s.value),
+                system: (!s.system.is_empty()).then_some(s.system.as_str()),
+                how: "subject",
+            };
+        }
+        if let Some((_, _, value, system)) = self
+            .spans
+            .iter()
+            .find(|(from, to, _, _)| *from <= at_us && at_us < *to)
+        {
+            return Attributed {
+                patient: Some(value),
+                system: Some(system),
+                how: "stay",
+            };
+        }
+        match &self.fallback {
+            Some(p) => Attributed {
+                patient: Some(p),
+                system: None,
+                how: "config",
+            },
+            None => Attributed {
+                patient: None,
+                system: None,
+                how: "unattributed",
+            },
+        }
+    }
+}

@@ -15,6 +15,7 @@
 pub mod adt;
 pub mod alerts;
 pub mod association;
+pub mod clock;
 pub mod early_warning;
 pub mod fhir;
 pub mod ingest;

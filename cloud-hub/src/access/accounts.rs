@@ -12,58 +12,6 @@ use rusqlite::{OptionalExtension, params};
 use super::Role;
 use crate::store::{Store, StoreError};
 
-/// SQLite schema v12: users, API tokens, sessions.
-pub const SCHEMA_V12: &str = r#"
-CREATE TABLE IF NOT EXISTS users (
-    name          TEXT PRIMARY KEY,
-    role          TEXT NOT NULL,
-    password_hash TEXT NOT NULL,
-    created_us    INTEGER NOT NULL,
-    disabled_us   INTEGER
-);
-CREATE TABLE IF NOT EXISTS api_tokens (
-    name         TEXT PRIMARY KEY,
-    token_sha256 TEXT NOT NULL UNIQUE,
-    role         TEXT NOT NULL,
-    created_us   INTEGER NOT NULL,
-    revoked_us   INTEGER
-);
-CREATE TABLE IF NOT EXISTS sessions (
-    id_sha256    TEXT PRIMARY KEY,
-    user_name    TEXT NOT NULL REFERENCES users (name),
-    csrf         TEXT NOT NULL,
-    created_us   INTEGER NOT NULL,
-    last_seen_us INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS sessions_user ON sessions (user_name);
-"#;
-
-/// PostgreSQL migration 2: the same tables.
-pub const PG_V2: &str = r#"
-CREATE TABLE IF NOT EXISTS users (
-    name          text PRIMARY KEY,
-    role          text NOT NULL,
-    password_hash text NOT NULL,
-    created_us    bigint NOT NULL,
-    disabled_us   bigint
-);
-CREATE TABLE IF NOT EXISTS api_tokens (
-    name         text PRIMARY KEY,
-    token_sha256 text NOT NULL UNIQUE,
-    role         text NOT NULL,
-    created_us   bigint NOT NULL,
-    revoked_us   bigint
-);
-CREATE TABLE IF NOT EXISTS sessions (
-    id_sha256    text PRIMARY KEY,
-    user_name    text NOT NULL REFERENCES users (name),
-    csrf         text NOT NULL,
-    created_us   bigint NOT NULL,
-    last_seen_us bigint NOT NULL
-);
-CREATE INDEX IF NOT EXISTS sessions_user ON sessions (user_name);
-"#;
-
 /// Prefix of API bearer tokens for people and scripts (`cloud-hub token create`).
 pub const API_TOKEN_PREFIX: &str = "vgu_";
 
@@ -91,6 +39,12 @@ pub enum AccountError {
 
 impl From<rusqlite::Error> for AccountError {
     fn from(e: rusqlite::Error) -> Self {
+        AccountError::Store(e.into())
+    }
+}
+
+impl From<hub_postgres::DbError> for AccountError {
+    fn from(e: hub_postgres::DbError) -> Self {
         AccountError::Store(e.into())
     }
 }

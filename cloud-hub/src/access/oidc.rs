@@ -12,7 +12,6 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use jsonwebtoken::jwk::JwkSet;
@@ -354,28 +353,14 @@ impl Validator {
 }
 
 fn http_client(ca_file: Option<&std::path::Path>) -> Result<reqwest::Client, OidcError> {
-    use rustls::pki_types::CertificateDer;
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    use vigil_io::tls::{self, PemFile};
+    // The public roots, plus `auth.oidc.ca_file` when given (not instead).
+    let mut roots = tls::public_roots();
     if let Some(path) = ca_file {
-        for c in CertificateDer::pem_file_iter(path)
-            .map_err(|e| OidcError::Client(format!("auth.oidc.ca_file {}: {e}", path.display())))?
-        {
-            let c = c.map_err(|e| {
-                OidcError::Client(format!("auth.oidc.ca_file {}: {e}", path.display()))
-            })?;
-            roots.add(c).map_err(|e| {
-                OidcError::Client(format!("auth.oidc.ca_file {}: {e}", path.display()))
-            })?;
-        }
+        tls::add_roots(&mut roots, PemFile::new("auth.oidc.ca_file", path))
+            .map_err(|e| OidcError::Client(e.to_string()))?;
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| OidcError::Client(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let tls = tls::client_config(roots, None).map_err(|e| OidcError::Client(e.to_string()))?;
     reqwest::Client::builder()
         .use_preconfigured_tls(tls)
         .build()

@@ -26,47 +26,6 @@ use engine::{
 };
 use rules::{Priority, RuleOverride, RuleSet};
 
-/// v9: alerts, their transitions and per-patient rule overrides.
-pub const SCHEMA_V9: &str = r#"
-CREATE TABLE IF NOT EXISTS alerts (
-    id                  INTEGER PRIMARY KEY,
-    kind                TEXT NOT NULL,
-    code                TEXT NOT NULL,
-    priority            TEXT NOT NULL,
-    state               TEXT NOT NULL,
-    message             TEXT NOT NULL,
-    patient_id          TEXT,
-    gateway_id          TEXT,
-    device_id           TEXT,
-    value               REAL,
-    unit                TEXT,
-    condition_since_us  INTEGER NOT NULL,
-    raised_us           INTEGER NOT NULL,
-    acknowledged_us     INTEGER,
-    acknowledged_by     TEXT,
-    escalated_us        INTEGER,
-    resolved_us         INTEGER
-);
-CREATE INDEX IF NOT EXISTS alerts_open ON alerts (state) WHERE state <> 'resolved';
-CREATE INDEX IF NOT EXISTS alerts_patient ON alerts (patient_id, raised_us);
-CREATE TABLE IF NOT EXISTS alert_events (
-    id          INTEGER PRIMARY KEY,
-    alert_id    INTEGER NOT NULL REFERENCES alerts (id),
-    time_us     INTEGER NOT NULL,
-    transition  TEXT NOT NULL,
-    actor       TEXT
-);
-CREATE INDEX IF NOT EXISTS alert_events_alert ON alert_events (alert_id);
-CREATE TABLE IF NOT EXISTS alert_rule_overrides (
-    patient_id  TEXT NOT NULL,
-    rule_id     TEXT NOT NULL,
-    body        TEXT NOT NULL,
-    updated_us  INTEGER NOT NULL,
-    updated_by  TEXT,
-    PRIMARY KEY (patient_id, rule_id)
-);
-"#;
-
 /// `[alerts]`
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -3,10 +3,12 @@
 //! limits, TLS.
 
 use super::*;
-use device_drivers::hl7::{mllp_encode, parse_ack};
+use bytes::BytesMut;
+use device_drivers::hl7::{MllpDecoder, mllp_encode, parse_ack};
 use shared_protocol::v1::reading::Value;
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Mutex;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 fn device(extra: &str) -> DeviceConfig {
@@ -232,7 +234,7 @@ async fn limits_oversized_messages_junk_and_connection_count() {
     let mut b = [0u8; 1];
     let n = tokio::time::timeout(Duration::from_secs(10), c2.read(&mut b)).await;
     assert!(matches!(n, Ok(Ok(0)) | Ok(Err(_))), "{n:?}");
-    assert_eq!(Hl7Stats::get(&r.stats.connections_refused), 1);
+    assert_eq!(Counters::get(&r.stats.listener.connections_refused), 1);
     // Junk beyond the limit closes the connection.
     c.write_all(&[b'j'; 200]).await.unwrap();
     let n = tokio::time::timeout(Duration::from_secs(10), c.read(&mut b)).await;

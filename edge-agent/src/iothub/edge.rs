@@ -15,7 +15,6 @@
 //! over a unix socket; spoken with hyper) or `http://host:port`.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
@@ -24,8 +23,6 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::{Method, Request, header};
 use hyper_util::rt::TokioIo;
-use rustls::pki_types::CertificateDer;
-use rustls::pki_types::pem::PemObject;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::{Identity, url_encode};
@@ -358,22 +355,9 @@ impl WorkloadClient {
 
 /// rustls (ring) client config trusting exactly the given PEM certificates.
 pub fn tls_trusting(pem: &str) -> Result<rustls::ClientConfig, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pem.as_bytes())
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("trust bundle: {e}"))?;
-    if certs.is_empty() {
-        return Err("trust bundle: no certificates".into());
-    }
-    for c in certs {
-        roots.add(c).map_err(|e| format!("trust bundle: {e}"))?;
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    Ok(rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth())
+    let roots =
+        vigil_io::tls::roots_from_pem("trust bundle", pem.as_bytes()).map_err(|e| e.to_string())?;
+    vigil_io::tls::client_config(roots, None).map_err(|e| e.to_string())
 }
 
 /// `edge-agent check` in module mode: (subject, ok, detail) for the module

@@ -16,14 +16,16 @@ use shared_protocol::v1::{
 };
 
 use super::{ASSOC_LOCK, PgStore};
-use crate::fhir::observation_id;
-use crate::fhir::render::{
+use hub_domain::fhir::observation_id;
+use hub_domain::fhir::render::{
     BP_PANEL_LOINC, BpKey, RowKind, bp_family_of, bp_key, device_resource_id, panel_id,
 };
-use crate::ingest::{
+use hub_domain::ingest::{
     Refusal, technical_kind_name, validate_reading, validate_technical, validate_waveform,
 };
-use crate::store::{Associations, IngestReport, StoreError};
+use hub_storage::{Associations, IngestReport};
+
+use crate::DbError;
 
 /// One observation row to stage.
 struct Staged {
@@ -148,14 +150,14 @@ SELECT COUNT(*) FILTER (WHERE s.counted), COUNT(*) FILTER (WHERE s.out_of_range)
 impl PgStore {
     /// Stores a batch of an authenticated gateway in one transaction; the
     /// same contract as the SQLite store's `ingest`.
-    pub fn ingest(
+    pub(crate) fn db_ingest(
         &self,
         gateway_id: &str,
         batch: &Batch,
         associations: &Associations,
         received_us: i64,
         now_us: i64,
-    ) -> Result<IngestReport, StoreError> {
+    ) -> Result<IngestReport, DbError> {
         let batch_seq = batch.sequence as i64;
         let mut ack = BatchAck {
             sequence: batch.sequence,
@@ -229,7 +231,7 @@ impl PgStore {
                         continue;
                     }
                 };
-                let cols = crate::fhir::columns(r, &metric);
+                let cols = hub_domain::fhir::columns(r, &metric);
                 let effective_us = r.effective_time_us();
                 let subject = r.subject.as_ref().filter(|s| !s.value.trim().is_empty());
                 staged.push(Staged {
@@ -242,7 +244,7 @@ impl PgStore {
                     status: cols.status,
                     value: cols.value,
                     kind: RowKind::Reading.as_str(),
-                    category: crate::fhir::category(&metric).0.to_owned(),
+                    category: hub_domain::fhir::category(&metric).0.to_owned(),
                     payload: r.encode_to_vec(),
                     subject_value: subject.map(|s| s.value.clone()),
                     subject_system: subject
@@ -260,7 +262,7 @@ impl PgStore {
                 }
             }
             for ((panel_mdc, effective_us, _), parts) in &bp_parts {
-                let Some(family) = crate::fhir::render::bp_family(*panel_mdc) else {
+                let Some(family) = hub_domain::fhir::render::bp_family(*panel_mdc) else {
                     continue;
                 };
                 let part = |mdc: u32| parts.iter().find(|r| r.mdc_code == mdc).copied();

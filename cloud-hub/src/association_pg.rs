@@ -7,11 +7,11 @@ use std::collections::BTreeSet;
 
 use postgres::Transaction;
 
-use super::{ASSOC_LOCK, PgStore};
 use crate::association::{
     AssocError, Bed, BedOccupancy, Change, OccupantDevice, OccupantPatient, PatientId,
 };
 use crate::store::{Associations, StoreError};
+use hub_postgres::{ASSOC_LOCK, PgStore};
 
 const OPEN: i64 = i64::MAX;
 
@@ -333,7 +333,20 @@ fn bed_exists(tx: Tx<'_, '_>, bed: &str) -> Result<(), AssocError> {
     }
 }
 
-impl PgStore {
+/// Transitional: the association methods over a [`PgStore`], until they
+/// move into `vigil-hub-postgres` behind the association storage trait.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PgAssoc<'a>(pub &'a PgStore);
+
+impl std::ops::Deref for PgAssoc<'_> {
+    type Target = PgStore;
+
+    fn deref(&self) -> &PgStore {
+        self.0
+    }
+}
+
+impl PgAssoc<'_> {
     /// Runs `f` in a transaction holding the exclusive association lock.
     fn assoc_tx<T>(
         &self,
@@ -354,7 +367,7 @@ impl PgStore {
                 .execute(
                     "INSERT INTO beds (id, ward, label, created_us) VALUES ($1, $2, $3, $4)
                      ON CONFLICT (id) DO NOTHING",
-                    &[&bed.id, &bed.ward, &bed.label, &crate::store::now_us()],
+                    &[&bed.id, &bed.ward, &bed.label, &hub_domain::clock::now_us()],
                 )
                 .map_err(pg)?;
             if n == 0 {

@@ -24,9 +24,9 @@
 //! by the change's re-attribution (the SQLite store gets the same from its
 //! single connection).
 
-mod assoc;
+mod error;
 mod ingest;
-pub(crate) mod schema;
+pub mod schema;
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -38,9 +38,16 @@ use postgres::types::ToSql;
 use postgres::{Client, Row, Transaction};
 use serde::Deserialize;
 
-use crate::fhir::render::{DeviceRow, ObservationRow};
-use crate::fhir::{ObservationSearch, SortOrder};
-use crate::store::{GatewayRow, StoreError, now_us};
+use hub_domain::clock::now_us;
+use hub_domain::fhir::render::{DeviceRow, ObservationRow};
+use hub_domain::fhir::{ObservationSearch, SortOrder};
+use hub_storage::{
+    Associations, GatewayRow, GatewayStore, IngestReport, IngestStore, ObservationStore, Purged,
+    RetentionStore, Storage, StoreError,
+};
+use shared_protocol::v1::Batch;
+
+pub use error::DbError;
 
 /// Environment variable holding the PostgreSQL password (instead of
 /// `storage.postgres.password_file`).
@@ -141,23 +148,23 @@ impl PgConfig {
         Ok(())
     }
 
-    fn password(&self) -> Result<Option<String>, StoreError> {
+    fn password(&self) -> Result<Option<String>, DbError> {
         if let Some(path) = &self.password_file {
             use std::os::unix::fs::PermissionsExt;
             let meta = std::fs::metadata(path).map_err(|e| {
-                StoreError::Pool(format!(
+                DbError::Pool(format!(
                     "storage.postgres.password_file {}: {e}",
                     path.display()
                 ))
             })?;
             if meta.permissions().mode() & 0o077 != 0 {
-                return Err(StoreError::Pool(format!(
+                return Err(DbError::Pool(format!(
                     "storage.postgres.password_file {} is readable by others: chmod 600 it",
                     path.display()
                 )));
             }
             let text = std::fs::read_to_string(path).map_err(|e| {
-                StoreError::Pool(format!(
+                DbError::Pool(format!(
                     "storage.postgres.password_file {}: {e}",
                     path.display()
                 ))
@@ -169,27 +176,21 @@ impl PgConfig {
             .filter(|p| !p.is_empty()))
     }
 
-    fn tls(&self) -> Result<tokio_postgres_rustls::MakeRustlsConnect, StoreError> {
-        let mut roots = rustls::RootCertStore::empty();
-        match &self.ca_file {
-            Some(path) => {
-                use rustls::pki_types::CertificateDer;
-                use rustls::pki_types::pem::PemObject;
-                let err = |e: &dyn std::fmt::Display| {
-                    StoreError::Pool(format!("storage.postgres.ca_file {}: {e}", path.display()))
-                };
-                for cert in CertificateDer::pem_file_iter(path).map_err(|e| err(&e))? {
-                    roots.add(cert.map_err(|e| err(&e))?).map_err(|e| err(&e))?;
-                }
-            }
-            None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
-        }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| StoreError::Pool(format!("TLS setup: {e}")))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+    /// tokio-postgres-rustls over the common client builder
+    /// ([`vigil_io::tls`]): pinned `storage.postgres.ca_file` or the public
+    /// roots.
+    fn tls(&self) -> Result<tokio_postgres_rustls::MakeRustlsConnect, DbError> {
+        use vigil_io::tls::{self, PemFile, TlsError};
+        let ca = self
+            .ca_file
+            .as_deref()
+            .map(|p| PemFile::new("storage.postgres.ca_file", p));
+        let config = tls::pinned_or_public_roots(ca)
+            .and_then(|roots| tls::client_config(roots, None))
+            .map_err(|e| match e {
+                TlsError::Protocol(e) => DbError::Pool(format!("TLS setup: {e}")),
+                e => DbError::Pool(e.to_string()),
+            })?;
         Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
     }
 }
@@ -199,7 +200,7 @@ impl PgConfig {
 /// thread that is already inside a runtime's context (an async task, or
 /// `spawn_blocking`). There `f` runs on a scoped helper thread; elsewhere
 /// (CLI, benchmarks) directly.
-pub(crate) fn off_runtime<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+pub fn off_runtime<T: Send>(f: impl FnOnce() -> T + Send) -> T {
     if tokio::runtime::Handle::try_current().is_err() {
         return f();
     }
@@ -220,7 +221,8 @@ struct Pool {
 }
 
 /// A pooled connection, returned to the pool on drop.
-pub(crate) struct Conn<'a> {
+/// A pooled connection (derefs to the client), returned to the pool on drop.
+pub struct Conn<'a> {
     pool: &'a Pool,
     client: Option<Client>,
 }
@@ -264,9 +266,9 @@ impl Drop for Pool {
 }
 
 impl Pool {
-    fn get(&self) -> Result<Conn<'_>, StoreError> {
+    fn get(&self) -> Result<Conn<'_>, DbError> {
         let deadline = std::time::Instant::now() + POOL_WAIT;
-        let mut st = self.state.lock().map_err(|_| StoreError::Poisoned)?;
+        let mut st = self.state.lock().map_err(|_| DbError::Poisoned)?;
         loop {
             while let Some(c) = st.idle.pop() {
                 if c.is_closed() {
@@ -287,7 +289,7 @@ impl Pool {
                         client: Some(c),
                     }),
                     Err(e) => {
-                        let mut st = self.state.lock().map_err(|_| StoreError::Poisoned)?;
+                        let mut st = self.state.lock().map_err(|_| DbError::Poisoned)?;
                         st.open = st.open.saturating_sub(1);
                         Err(e.into())
                     }
@@ -295,7 +297,7 @@ impl Pool {
             }
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             if left.is_zero() {
-                return Err(StoreError::Pool(format!(
+                return Err(DbError::Pool(format!(
                     "no free connection within {} s (pool_size {})",
                     POOL_WAIT.as_secs(),
                     self.size
@@ -304,7 +306,7 @@ impl Pool {
             st = self
                 .freed
                 .wait_timeout(st, left)
-                .map_err(|_| StoreError::Poisoned)?
+                .map_err(|_| DbError::Poisoned)?
                 .0;
         }
     }
@@ -318,6 +320,12 @@ pub struct PgStore {
     partitions: Arc<Mutex<HashSet<i64>>>,
 }
 
+impl std::fmt::Debug for Conn<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conn").finish_non_exhaustive()
+    }
+}
+
 impl std::fmt::Debug for PgStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PgStore")
@@ -327,15 +335,20 @@ impl std::fmt::Debug for PgStore {
 }
 
 /// Advisory lock key of association changes (exclusive) vs ingest (shared).
-const ASSOC_LOCK: i64 = 0x5649_4749_4c41_5353; // "VIGILASS"
+pub const ASSOC_LOCK: i64 = 0x5649_4749_4c41_5353; // "VIGILASS"
 
 impl PgStore {
     /// Connects (one connection, to check) and applies pending migrations.
+    /// Connects to PostgreSQL and applies its pending migrations.
     pub fn open(cfg: &PgConfig) -> Result<Self, StoreError> {
+        off_runtime(|| Self::open_db(cfg)).map_err(Into::into)
+    }
+
+    fn open_db(cfg: &PgConfig) -> Result<Self, DbError> {
         cfg.validate()
-            .map_err(|(f, m)| StoreError::Pool(format!("invalid `{f}`: {m}")))?;
+            .map_err(|(f, m)| DbError::Pool(format!("invalid `{f}`: {m}")))?;
         let mut config = postgres::Config::from_str(&cfg.url)
-            .map_err(|e| StoreError::Pool(format!("storage.postgres.url: {e}")))?;
+            .map_err(|e| DbError::Pool(format!("storage.postgres.url: {e}")))?;
         if let Some(p) = cfg.password()? {
             config.password(p);
         }
@@ -361,11 +374,11 @@ impl PgStore {
         Ok(store)
     }
 
-    pub(crate) fn conn(&self) -> Result<Conn<'_>, StoreError> {
+    pub fn conn(&self) -> Result<Conn<'_>, DbError> {
         self.pool.get()
     }
 
-    fn migrate(&self) -> Result<(), StoreError> {
+    fn migrate(&self) -> Result<(), DbError> {
         let mut c = self.conn()?;
         let mut tx = c.transaction()?;
         // Serialize hubs migrating the same database at once.
@@ -391,7 +404,7 @@ impl PgStore {
     }
 
     /// The applied migration versions, ascending.
-    pub fn migrations(&self) -> Result<Vec<i64>, StoreError> {
+    pub fn migrations(&self) -> Result<Vec<i64>, DbError> {
         let mut c = self.conn()?;
         Ok(c.query(
             "SELECT version FROM schema_migrations ORDER BY version",
@@ -403,7 +416,7 @@ impl PgStore {
     }
 
     /// The names of the existing observation partitions, ascending.
-    pub fn partitions(&self) -> Result<Vec<String>, StoreError> {
+    pub fn partitions(&self) -> Result<Vec<String>, DbError> {
         let mut c = self.conn()?;
         Ok(c.query(
             "SELECT c.relname::text FROM pg_inherits i
@@ -423,10 +436,10 @@ impl PgStore {
     pub(crate) fn ensure_partitions(
         &self,
         times: impl IntoIterator<Item = i64>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), DbError> {
         let mut missing: Vec<(i64, i64, String)> = Vec::new();
         {
-            let known = self.partitions.lock().map_err(|_| StoreError::Poisoned)?;
+            let known = self.partitions.lock().map_err(|_| DbError::Poisoned)?;
             for t in times {
                 let m = schema::month_of(t);
                 if !known.contains(&m.0) && !missing.iter().any(|x| x.0 == m.0) {
@@ -454,7 +467,7 @@ impl PgStore {
             tx.commit()?;
             self.partitions
                 .lock()
-                .map_err(|_| StoreError::Poisoned)?
+                .map_err(|_| DbError::Poisoned)?
                 .insert(start);
         }
         Ok(())
@@ -462,7 +475,7 @@ impl PgStore {
 
     /// Retention: deletes observations, device events and rejected
     /// readings older than `cutoff_us` (see `crate::retention`).
-    pub fn purge_before(&self, cutoff_us: i64) -> Result<crate::retention::Purged, StoreError> {
+    fn db_purge_before(&self, cutoff_us: i64) -> Result<Purged, DbError> {
         let mut c = self.conn()?;
         let observations = c.execute(
             "DELETE FROM observations WHERE effective_us < $1",
@@ -476,7 +489,7 @@ impl PgStore {
             "DELETE FROM rejected_readings WHERE received_us < $1",
             &[&cutoff_us],
         )?;
-        Ok(crate::retention::Purged {
+        Ok(hub_storage::Purged {
             observations,
             device_events,
             rejected,
@@ -485,13 +498,13 @@ impl PgStore {
         })
     }
 
-    pub fn ping(&self) -> Result<(), StoreError> {
+    fn db_ping(&self) -> Result<(), DbError> {
         let mut c = self.conn()?;
         c.query_one("SELECT COUNT(*) FROM schema_migrations", &[])?;
         Ok(())
     }
 
-    pub fn add_enrollment(&self, token_sha256: &str, expires_us: i64) -> Result<(), StoreError> {
+    fn db_add_enrollment(&self, token_sha256: &str, expires_us: i64) -> Result<(), DbError> {
         let mut c = self.conn()?;
         c.execute(
             "INSERT INTO enrollment_tokens (token_sha256, created_us, expires_us) VALUES ($1, $2, $3)",
@@ -500,13 +513,13 @@ impl PgStore {
         Ok(())
     }
 
-    pub fn enroll(
+    fn db_enroll(
         &self,
         enrollment_sha256: &str,
         id: &str,
         gateway_token_sha256: &str,
         now: i64,
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), DbError> {
         let mut c = self.conn()?;
         let mut tx = c.transaction()?;
         let row = tx.query_opt(
@@ -515,7 +528,7 @@ impl PgStore {
         )?;
         match row.map(|r| (r.get::<_, i64>(0), r.get::<_, Option<i64>>(1))) {
             Some((expires, None)) if expires > now => {}
-            _ => return Err(StoreError::EnrollmentRefused),
+            _ => return Err(StoreError::EnrollmentRefused.into()),
         }
         put_gateway(&mut tx, id, gateway_token_sha256, now)?;
         tx.execute(
@@ -526,7 +539,7 @@ impl PgStore {
         Ok(())
     }
 
-    pub fn add_gateway(&self, id: &str, token_sha256: &str) -> Result<(), StoreError> {
+    fn db_add_gateway(&self, id: &str, token_sha256: &str) -> Result<(), DbError> {
         let mut c = self.conn()?;
         let mut tx = c.transaction()?;
         put_gateway(&mut tx, id, token_sha256, now_us())?;
@@ -534,7 +547,7 @@ impl PgStore {
         Ok(())
     }
 
-    pub fn list_gateways(&self) -> Result<Vec<GatewayRow>, StoreError> {
+    fn db_list_gateways(&self) -> Result<Vec<GatewayRow>, DbError> {
         let mut c = self.conn()?;
         Ok(c.query(
             "SELECT id, created_us, revoked_us FROM gateways ORDER BY id",
@@ -549,14 +562,14 @@ impl PgStore {
         .collect())
     }
 
-    pub fn revoke_gateway(&self, id: &str) -> Result<(), StoreError> {
+    fn db_revoke_gateway(&self, id: &str) -> Result<(), DbError> {
         let mut c = self.conn()?;
         let mut tx = c.transaction()?;
         if tx
             .query_opt("SELECT 1 FROM gateways WHERE id = $1 FOR UPDATE", &[&id])?
             .is_none()
         {
-            return Err(StoreError::GatewayNotFound(id.to_owned()));
+            return Err(StoreError::GatewayNotFound(id.to_owned()).into());
         }
         tx.execute(
             "UPDATE gateways SET revoked_us = $2 WHERE id = $1 AND revoked_us IS NULL",
@@ -570,13 +583,13 @@ impl PgStore {
         Ok(())
     }
 
-    pub fn rotate_gateway(
+    fn db_rotate_gateway(
         &self,
         id: &str,
         new_token_sha256: &str,
         grace_until: Option<i64>,
         now: i64,
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), DbError> {
         let mut c = self.conn()?;
         let mut tx = c.transaction()?;
         let row = tx.query_opt(
@@ -584,8 +597,8 @@ impl PgStore {
             &[&id],
         )?;
         let old: String = match row.map(|r| (r.get::<_, String>(0), r.get::<_, Option<i64>>(1))) {
-            None => return Err(StoreError::GatewayNotFound(id.to_owned())),
-            Some((_, Some(_))) => return Err(StoreError::GatewayRevoked(id.to_owned())),
+            None => return Err(StoreError::GatewayNotFound(id.to_owned()).into()),
+            Some((_, Some(_))) => return Err(StoreError::GatewayRevoked(id.to_owned()).into()),
             Some((old, None)) => old,
         };
         tx.execute(
@@ -606,11 +619,7 @@ impl PgStore {
         Ok(())
     }
 
-    pub fn authenticate_at(
-        &self,
-        token_sha256: &str,
-        now: i64,
-    ) -> Result<Option<String>, StoreError> {
+    fn db_authenticate_at(&self, token_sha256: &str, now: i64) -> Result<Option<String>, DbError> {
         let mut c = self.conn()?;
         Ok(c.query_opt(
             "SELECT id FROM gateways WHERE token_sha256 = $1 AND revoked_us IS NULL
@@ -623,7 +632,7 @@ impl PgStore {
         .map(|r| r.get(0)))
     }
 
-    pub fn gateway_is_active(&self, id: &str) -> Result<bool, StoreError> {
+    fn db_gateway_is_active(&self, id: &str) -> Result<bool, DbError> {
         let mut c = self.conn()?;
         Ok(c.query_opt(
             "SELECT 1 FROM gateways WHERE id = $1 AND revoked_us IS NULL",
@@ -632,7 +641,7 @@ impl PgStore {
         .is_some())
     }
 
-    pub fn observation(&self, id: &str) -> Result<Option<ObservationRow>, StoreError> {
+    fn db_observation(&self, id: &str) -> Result<Option<ObservationRow>, DbError> {
         let mut c = self.conn()?;
         Ok(c.query_opt(
             &format!("SELECT {OBS_COLUMNS} FROM {OBS_FROM} WHERE o.id = $1 LIMIT 1"),
@@ -641,7 +650,7 @@ impl PgStore {
         .map(|r| obs_row(&r, 0)))
     }
 
-    pub fn search(&self, s: &ObservationSearch) -> Result<(u64, Vec<ObservationRow>), StoreError> {
+    fn db_search(&self, s: &ObservationSearch) -> Result<(u64, Vec<ObservationRow>), DbError> {
         if s.codes.iter().any(Vec::is_empty) || s.categories.iter().any(Vec::is_empty) {
             return Ok((0, Vec::new()));
         }
@@ -718,7 +727,7 @@ impl PgStore {
         Ok((total as u64, rows.iter().map(|r| obs_row(r, 0)).collect()))
     }
 
-    pub fn patient(&self, value: &str) -> Result<Option<String>, StoreError> {
+    fn db_patient(&self, value: &str) -> Result<Option<String>, DbError> {
         let mut c = self.conn()?;
         if let Some(r) = c.query_opt(
             "SELECT patient_system FROM patient_stays WHERE patient_value = $1 LIMIT 1",
@@ -734,14 +743,14 @@ impl PgStore {
     }
 
     /// Like SQLite's, paging by `rid` (a sequence) instead of `rowid`.
-    pub fn export_observations(
+    fn db_export_observations(
         &self,
         after_rowid: i64,
         limit: usize,
         since_us: Option<i64>,
         patient_level: bool,
         ward: Option<&str>,
-    ) -> Result<Vec<(i64, ObservationRow)>, StoreError> {
+    ) -> Result<Vec<(i64, ObservationRow)>, DbError> {
         let mut sql = format!(
             "SELECT o.rid, {OBS_COLUMNS} FROM {OBS_FROM} WHERE o.rid > $1 AND o.panel_id IS NULL"
         );
@@ -771,7 +780,7 @@ impl PgStore {
             .collect())
     }
 
-    pub fn export_patients(&self, ward: Option<&str>) -> Result<Vec<(String, String)>, StoreError> {
+    fn db_export_patients(&self, ward: Option<&str>) -> Result<Vec<(String, String)>, DbError> {
         let mut c = self.conn()?;
         let rows = match ward {
             Some(w) => c.query(
@@ -793,7 +802,7 @@ impl PgStore {
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
-    pub fn device(&self, fhir_id: &str) -> Result<Option<DeviceRow>, StoreError> {
+    fn db_device(&self, fhir_id: &str) -> Result<Option<DeviceRow>, DbError> {
         let mut c = self.conn()?;
         Ok(c.query_opt(
             &format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE fhir_id = $1"),
@@ -802,7 +811,7 @@ impl PgStore {
         .map(|r| device_row(&r)))
     }
 
-    pub fn devices(&self, count: u32, offset: u64) -> Result<(u64, Vec<DeviceRow>), StoreError> {
+    fn db_devices(&self, count: u32, offset: u64) -> Result<(u64, Vec<DeviceRow>), DbError> {
         let mut c = self.conn()?;
         let total: i64 = c.query_one("SELECT COUNT(*) FROM devices", &[])?.get(0);
         let rows = c.query(
@@ -824,13 +833,13 @@ fn put_gateway(
     id: &str,
     token_sha256: &str,
     now: i64,
-) -> Result<(), StoreError> {
+) -> Result<(), DbError> {
     let existing = tx.query_opt(
         "SELECT revoked_us FROM gateways WHERE id = $1 FOR UPDATE",
         &[&id],
     )?;
     match existing.map(|r| r.get::<_, Option<i64>>(0)) {
-        Some(None) => Err(StoreError::GatewayExists(id.to_owned())),
+        Some(None) => Err(StoreError::GatewayExists(id.to_owned()).into()),
         Some(Some(_)) => {
             tx.execute(
                 "DELETE FROM gateway_grace_tokens WHERE gateway_id = $1",
@@ -850,7 +859,7 @@ fn put_gateway(
                 &[&id, &token_sha256, &now],
             )?;
             if n == 0 {
-                return Err(StoreError::GatewayExists(id.to_owned()));
+                return Err(StoreError::GatewayExists(id.to_owned()).into());
             }
             Ok(())
         }
@@ -893,5 +902,114 @@ fn device_row(r: &Row) -> DeviceRow {
         serial_number: r.get(5),
         first_seen_us: r.get(6),
         last_seen_us: r.get(7),
+    }
+}
+
+fn pg<T>(f: impl FnOnce() -> Result<T, DbError> + Send) -> Result<T, StoreError>
+where
+    T: Send,
+{
+    off_runtime(f).map_err(Into::into)
+}
+
+impl GatewayStore for PgStore {
+    fn add_enrollment(&self, token_sha256: &str, expires_us: i64) -> Result<(), StoreError> {
+        pg(|| self.db_add_enrollment(token_sha256, expires_us))
+    }
+    fn enroll(
+        &self,
+        enrollment_sha256: &str,
+        id: &str,
+        gateway_token_sha256: &str,
+        now_us: i64,
+    ) -> Result<(), StoreError> {
+        pg(|| self.db_enroll(enrollment_sha256, id, gateway_token_sha256, now_us))
+    }
+    fn add_gateway(&self, id: &str, token_sha256: &str) -> Result<(), StoreError> {
+        pg(|| self.db_add_gateway(id, token_sha256))
+    }
+    fn list_gateways(&self) -> Result<Vec<GatewayRow>, StoreError> {
+        pg(|| self.db_list_gateways())
+    }
+    fn revoke_gateway(&self, id: &str) -> Result<(), StoreError> {
+        pg(|| self.db_revoke_gateway(id))
+    }
+    fn rotate_gateway(
+        &self,
+        id: &str,
+        new_token_sha256: &str,
+        grace_until: Option<i64>,
+        now_us: i64,
+    ) -> Result<(), StoreError> {
+        pg(|| self.db_rotate_gateway(id, new_token_sha256, grace_until, now_us))
+    }
+    fn authenticate_at(
+        &self,
+        token_sha256: &str,
+        now_us: i64,
+    ) -> Result<Option<String>, StoreError> {
+        pg(|| self.db_authenticate_at(token_sha256, now_us))
+    }
+    fn gateway_is_active(&self, id: &str) -> Result<bool, StoreError> {
+        pg(|| self.db_gateway_is_active(id))
+    }
+}
+
+impl IngestStore for PgStore {
+    fn ingest(
+        &self,
+        gateway_id: &str,
+        batch: &Batch,
+        associations: &Associations,
+        received_us: i64,
+        now_us: i64,
+    ) -> Result<IngestReport, StoreError> {
+        pg(|| self.db_ingest(gateway_id, batch, associations, received_us, now_us))
+    }
+}
+
+impl ObservationStore for PgStore {
+    fn observation(&self, id: &str) -> Result<Option<ObservationRow>, StoreError> {
+        pg(|| self.db_observation(id))
+    }
+    fn search(&self, s: &ObservationSearch) -> Result<(u64, Vec<ObservationRow>), StoreError> {
+        pg(|| self.db_search(s))
+    }
+    fn patient(&self, value: &str) -> Result<Option<String>, StoreError> {
+        pg(|| self.db_patient(value))
+    }
+    fn export_observations(
+        &self,
+        after_rowid: i64,
+        limit: usize,
+        since_us: Option<i64>,
+        patient_level: bool,
+        ward: Option<&str>,
+    ) -> Result<Vec<(i64, ObservationRow)>, StoreError> {
+        pg(|| self.db_export_observations(after_rowid, limit, since_us, patient_level, ward))
+    }
+    fn export_patients(&self, ward: Option<&str>) -> Result<Vec<(String, String)>, StoreError> {
+        pg(|| self.db_export_patients(ward))
+    }
+    fn device(&self, fhir_id: &str) -> Result<Option<DeviceRow>, StoreError> {
+        pg(|| self.db_device(fhir_id))
+    }
+    fn devices(&self, count: u32, offset: u64) -> Result<(u64, Vec<DeviceRow>), StoreError> {
+        pg(|| self.db_devices(count, offset))
+    }
+}
+
+impl RetentionStore for PgStore {
+    fn purge_before(&self, cutoff_us: i64) -> Result<Purged, StoreError> {
+        pg(|| self.db_purge_before(cutoff_us))
+    }
+}
+
+impl Storage for PgStore {
+    fn backend(&self) -> &'static str {
+        "postgres"
+    }
+    fn ping(&self) -> Result<(), StoreError> {
+        pg(|| self.db_ping())
     }
 }

@@ -160,7 +160,33 @@ CREATE INDEX patient_stays_visit ON patient_stays (visit) WHERE visit IS NOT NUL
 
 /// Ordered migrations; each runs once, in one transaction with its version
 /// row.
-pub(crate) const MIGRATIONS: &[(i64, &str)] = &[(1, V1), (2, crate::access::accounts::PG_V2)];
+/// PostgreSQL migration 2: the same tables.
+pub const PG_V2: &str = r#"
+CREATE TABLE IF NOT EXISTS users (
+    name          text PRIMARY KEY,
+    role          text NOT NULL,
+    password_hash text NOT NULL,
+    created_us    bigint NOT NULL,
+    disabled_us   bigint
+);
+CREATE TABLE IF NOT EXISTS api_tokens (
+    name         text PRIMARY KEY,
+    token_sha256 text NOT NULL UNIQUE,
+    role         text NOT NULL,
+    created_us   bigint NOT NULL,
+    revoked_us   bigint
+);
+CREATE TABLE IF NOT EXISTS sessions (
+    id_sha256    text PRIMARY KEY,
+    user_name    text NOT NULL REFERENCES users (name),
+    csrf         text NOT NULL,
+    created_us   bigint NOT NULL,
+    last_seen_us bigint NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sessions_user ON sessions (user_name);
+"#;
+
+pub(crate) const MIGRATIONS: &[(i64, &str)] = &[(1, V1), (2, PG_V2)];
 
 /// Observation partitions are UTC months: `[start, end)` in µs of the
 /// month holding `t_us`, and the partition's name.

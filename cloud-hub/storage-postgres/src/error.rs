@@ -1,0 +1,55 @@
+//! The PostgreSQL backend's own error, so that `?` works on the driver's
+//! errors inside the crate; converted to the backend-neutral
+//! [`hub_storage::StoreError`] at every trait method.
+
+use hub_storage::StoreError;
+
+/// Errors inside the PostgreSQL backend.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("PostgreSQL error: {0}")]
+    Postgres(#[from] postgres::Error),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Connection pool: the server cannot be reached, the configuration is
+    /// unusable, or every connection stayed busy.
+    #[error("PostgreSQL connection pool: {0}")]
+    Pool(String),
+    #[error("stored ack of a batch does not decode: {0}")]
+    CorruptAck(#[from] prost::DecodeError),
+    #[error("the pool lock was poisoned by a panic")]
+    Poisoned,
+}
+
+impl From<DbError> for StoreError {
+    fn from(e: DbError) -> Self {
+        match e {
+            DbError::Postgres(e) => postgres_error(e),
+            DbError::Store(e) => e,
+            // Every pooled connection busy for the pool's wait: overload.
+            DbError::Pool(m) if m.starts_with("no free connection") => StoreError::Unavailable(m),
+            DbError::Pool(m) if m.starts_with("connecting") => StoreError::Unavailable(m),
+            DbError::Pool(m) => StoreError::Config(m),
+            DbError::CorruptAck(e) => StoreError::Corrupt(e.to_string()),
+            DbError::Poisoned => StoreError::Poisoned,
+        }
+    }
+}
+
+/// A connection failure, or the server shutting down / in recovery
+/// (SQLSTATE classes 08 and 57), may succeed later; anything else is a
+/// database error.
+pub fn postgres_error(e: postgres::Error) -> StoreError {
+    let transient = match e.as_db_error() {
+        None => true,
+        Some(db) => {
+            let code = db.code().code();
+            code.starts_with("08") || code.starts_with("57")
+        }
+    };
+    if transient {
+        StoreError::Unavailable(e.to_string())
+    } else {
+        StoreError::Database(e.to_string())
+    }
+}

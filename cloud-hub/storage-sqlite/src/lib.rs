@@ -1,0 +1,1414 @@
+//! The hub's SQLite storage backend (rusqlite, bundled SQLite, WAL): the
+//! default, embedded store. Implements every `hub_storage` trait; all SQL of
+//! the SQLite backend lives in this crate. Methods are blocking (the
+//! transport layer calls them from `spawn_blocking`).
+//!
+//! `u64` sequences are stored bit-for-bit as SQLite `INTEGER` (i64).
+
+mod attribution;
+mod error;
+pub mod schema;
+pub mod trends;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use hub_domain::fhir::render::{
+    BP_PANEL_LOINC, BpKey, DeviceRow, ObservationRow, RowKind, bp_family_of, bp_key,
+    device_resource_id, panel_id,
+};
+use hub_domain::fhir::{ObservationSearch, SortOrder, observation_id};
+use hub_domain::ingest::{
+    Refusal, technical_kind_name, validate_reading, validate_technical, validate_waveform,
+};
+use hub_storage::{
+    Associations, GatewayRow, GatewayStore, IngestReport, IngestStore, ObservationStore, Purged,
+    RetentionStore, Storage, StoreError,
+};
+use prost::Message;
+use rusqlite::types::Value as SqlValue;
+use rusqlite::{Connection, OptionalExtension, params, params_from_iter};
+use shared_protocol::v1::{
+    Batch, BatchAck, DeviceData, Reading, RejectReason, Rejection, Validity,
+};
+
+pub use error::DbError;
+use hub_domain::clock::now_us;
+use schema::MIGRATIONS;
+
+/// The schema version a database opened by this build has.
+pub fn schema_version() -> i64 {
+    MIGRATIONS.last().map_or(0, |m| m.0)
+}
+
+/// The SQLite store: one connection shared by the server's tasks, and the
+/// WAL's group commit.
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    conn: Arc<Mutex<Connection>>,
+    /// Group commit of the WAL (None only for stores opened without a path).
+    wal: Option<Arc<WalSync>>,
+}
+
+/// Durability of SQLite commits with group commit. Transactions commit with
+/// `synchronous = NORMAL` (written to the WAL, not yet fsynced) under the
+/// connection lock; then, outside the lock, [`WalSync::barrier`] fsyncs the
+/// WAL once for every commit made so far, so concurrent ingests share one
+/// fsync instead of paying one each. The ack of a batch is sent only after
+/// its barrier: an acknowledged batch survives power loss, not only a
+/// crash of the hub. (Checkpoints fsync the database file themselves.)
+#[derive(Debug)]
+pub(crate) struct WalSync {
+    wal_path: std::path::PathBuf,
+    committed: std::sync::atomic::AtomicU64,
+    synced: Mutex<u64>,
+    fsyncs: std::sync::atomic::AtomicU64,
+}
+
+impl WalSync {
+    fn new(db_path: &Path) -> Self {
+        let mut wal = db_path.as_os_str().to_owned();
+        wal.push("-wal");
+        Self {
+            wal_path: wal.into(),
+            committed: std::sync::atomic::AtomicU64::new(0),
+            synced: Mutex::new(0),
+            fsyncs: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Call right after a commit, still holding the connection lock:
+    /// returns the commit's generation for [`Self::barrier`].
+    pub(crate) fn committed(&self) -> u64 {
+        self.committed
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            + 1
+    }
+
+    /// Returns once commit `generation` is on stable storage.
+    pub(crate) fn barrier(&self, generation: u64) -> Result<(), StoreError> {
+        let mut synced = self.synced.lock().map_err(|_| StoreError::Poisoned)?;
+        if *synced >= generation {
+            return Ok(());
+        }
+        let target = self.committed.load(std::sync::atomic::Ordering::SeqCst);
+        match std::fs::File::open(&self.wal_path) {
+            Ok(f) => f.sync_data().map_err(StoreError::Io)?,
+            // No WAL file: everything was checkpointed (and fsynced) into
+            // the database file.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(StoreError::Io(e)),
+        }
+        self.fsyncs
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        *synced = target;
+        Ok(())
+    }
+}
+
+fn reason_name(r: RejectReason) -> &'static str {
+    r.as_str_name()
+}
+
+/// Create gateway `id` with a token hash, or re-activate it when revoked;
+/// an active gateway of that id is refused.
+fn put_gateway(
+    tx: &rusqlite::Transaction<'_>,
+    id: &str,
+    token_sha256: &str,
+    now: i64,
+) -> Result<(), DbError> {
+    let existing: Option<Option<i64>> = tx
+        .query_row("SELECT revoked_us FROM gateways WHERE id = ?1", [id], |r| {
+            r.get(0)
+        })
+        .optional()?;
+    match existing {
+        Some(None) => Err(StoreError::GatewayExists(id.to_owned()).into()),
+        Some(Some(_)) => {
+            // A re-activated gateway starts with only its new token.
+            tx.execute(
+                "DELETE FROM gateway_grace_tokens WHERE gateway_id = ?1",
+                [id],
+            )?;
+            tx.execute(
+                "UPDATE gateways SET token_sha256 = ?2, created_us = ?3, revoked_us = NULL WHERE id = ?1",
+                params![id, token_sha256, now],
+            )?;
+            Ok(())
+        }
+        None => {
+            tx.execute(
+                "INSERT INTO gateways (id, token_sha256, created_us) VALUES (?1, ?2, ?3)",
+                params![id, token_sha256, now],
+            )?;
+            Ok(())
+        }
+    }
+}
+
+/// Gives devices stored before schema v4 their FHIR id.
+fn backfill_device_ids(tx: &rusqlite::Transaction<'_>) -> Result<(), DbError> {
+    let missing: Vec<(String, String)> = tx
+        .prepare("SELECT gateway_id, device_id FROM devices WHERE fhir_id IS NULL")?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    for (g, d) in missing {
+        tx.execute(
+            "UPDATE devices SET fhir_id = ?3 WHERE gateway_id = ?1 AND device_id = ?2",
+            params![g, d, device_resource_id(&g, &d)],
+        )?;
+    }
+    Ok(())
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database and its schema.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        Ok(Self::open_db(path)?)
+    }
+
+    fn open_db(path: &Path) -> Result<Self, DbError> {
+        let conn = Connection::open(path)?;
+        let mut store = Self::init(conn)?;
+        store.wal = Some(Arc::new(WalSync::new(path)));
+        Ok(store)
+    }
+
+    /// WAL fsyncs made by ingest so far (group commit: usually fewer than
+    /// the batches ingested concurrently). SQLite only.
+    pub fn wal_fsyncs(&self) -> u64 {
+        self.wal
+            .as_ref()
+            .map_or(0, |w| w.fsyncs.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    fn init(mut conn: Connection) -> Result<Self, DbError> {
+        conn.busy_timeout(Duration::from_secs(5))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        // NORMAL: commits do not fsync; ingest makes its commits durable
+        // with group commit (`WalSync`) before acknowledging.
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        // 64 MiB page cache (the default is 2 MiB): the search and
+        // uniqueness indexes of a large store stay in memory.
+        conn.pragma_update(None, "cache_size", -65_536)?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        let tx = conn.transaction()?;
+        tx.execute_batch(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (
+                 version INTEGER PRIMARY KEY, applied_us INTEGER NOT NULL)",
+        )?;
+        let current: Option<i64> =
+            tx.query_row("SELECT MAX(version) FROM schema_migrations", [], |r| {
+                r.get(0)
+            })?;
+        for (version, sql) in MIGRATIONS {
+            if current.unwrap_or(0) < *version {
+                tx.execute_batch(sql)?;
+                tx.execute(
+                    "INSERT INTO schema_migrations (version, applied_us) VALUES (?1, ?2)",
+                    params![version, now_us()],
+                )?;
+            }
+        }
+        backfill_device_ids(&tx)?;
+        tx.commit()?;
+        Ok(Self {
+            conn: Arc::new(Mutex::new(conn)),
+            wal: None,
+        })
+    }
+
+    /// The connection, locked. Transitional: for the hub modules whose SQL
+    /// has not moved into this crate yet.
+    pub fn lock(&self) -> Result<MutexGuard<'_, Connection>, StoreError> {
+        self.conn.lock().map_err(|_| StoreError::Poisoned)
+    }
+
+    fn conn(&self) -> Result<MutexGuard<'_, Connection>, DbError> {
+        self.conn.lock().map_err(|_| DbError::Poisoned)
+    }
+    /// Whether the database answers a query.
+    fn db_ping(&self) -> Result<(), DbError> {
+        let conn = self.conn()?;
+        conn.query_row("SELECT COUNT(*) FROM schema_migrations", [], |r| {
+            r.get::<_, i64>(0)
+        })?;
+        Ok(())
+    }
+
+    /// Registers a gateway with the hash of its token. A revoked gateway id
+    /// may be re-added (it gets the new token); an active one may not.
+    /// Record a one-time enrolment token (its SHA-256), valid until `expires_us`.
+    fn db_add_enrollment(&self, token_sha256: &str, expires_us: i64) -> Result<(), DbError> {
+        let conn = self.conn()?;
+        conn.execute(
+            "INSERT INTO enrollment_tokens (token_sha256, created_us, expires_us) VALUES (?1, ?2, ?3)",
+            params![token_sha256, now_us(), expires_us],
+        )?;
+        Ok(())
+    }
+
+    /// Exchange an enrolment token for a gateway: in one transaction, check
+    /// the token is known, unused and unexpired, create (or re-activate a
+    /// revoked) gateway `id` with `gateway_token_sha256`, and mark the token
+    /// used. A gateway id that is already active is refused.
+    fn db_enroll(
+        &self,
+        enrollment_sha256: &str,
+        id: &str,
+        gateway_token_sha256: &str,
+        now: i64,
+    ) -> Result<(), DbError> {
+        let mut conn = self.conn()?;
+        let tx = conn.transaction()?;
+        let row: Option<(i64, Option<i64>)> = tx
+            .query_row(
+                "SELECT expires_us, used_us FROM enrollment_tokens WHERE token_sha256 = ?1",
+                [enrollment_sha256],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        match row {
+            Some((expires, None)) if expires > now => {}
+            _ => return Err(StoreError::EnrollmentRefused.into()),
+        }
+        put_gateway(&tx, id, gateway_token_sha256, now)?;
+        tx.execute(
+            "UPDATE enrollment_tokens SET used_us = ?2, gateway_id = ?3 WHERE token_sha256 = ?1",
+            params![enrollment_sha256, now, id],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn db_add_gateway(&self, id: &str, token_sha256: &str) -> Result<(), DbError> {
+        let mut conn = self.conn()?;
+        let tx = conn.transaction()?;
+        put_gateway(&tx, id, token_sha256, now_us())?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// All gateways, by id.
+    fn db_list_gateways(&self) -> Result<Vec<GatewayRow>, DbError> {
+        let conn = self.conn()?;
+        let mut stmt =
+            conn.prepare("SELECT id, created_us, revoked_us FROM gateways ORDER BY id")?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(GatewayRow {
+                    id: r.get(0)?,
+                    created_us: r.get(1)?,
+                    revoked_us: r.get(2)?,
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    /// Revokes a gateway's token. Revoking an already revoked gateway is a
+    /// no-op.
+    fn db_revoke_gateway(&self, id: &str) -> Result<(), DbError> {
+        let conn = self.conn()?;
+        let exists = conn
+            .query_row("SELECT 1 FROM gateways WHERE id = ?1", [id], |_| Ok(()))
+            .optional()?
+            .is_some();
+        if !exists {
+            return Err(StoreError::GatewayNotFound(id.to_owned()).into());
+        }
+        conn.execute(
+            "UPDATE gateways SET revoked_us = ?2 WHERE id = ?1 AND revoked_us IS NULL",
+            params![id, now_us()],
+        )?;
+        conn.execute(
+            "DELETE FROM gateway_grace_tokens WHERE gateway_id = ?1",
+            [id],
+        )?;
+        Ok(())
+    }
+
+    /// Replaces the token of active gateway `id` by `new_token_sha256`.
+    /// With `grace_until` (hub clock, µs) after `now`, the previous token
+    /// keeps working until then; otherwise it stops at once. Any earlier
+    /// grace token of the gateway is dropped either way.
+    fn db_rotate_gateway(
+        &self,
+        id: &str,
+        new_token_sha256: &str,
+        grace_until: Option<i64>,
+        now: i64,
+    ) -> Result<(), DbError> {
+        let mut conn = self.conn()?;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let row: Option<(String, Option<i64>)> = tx
+            .query_row(
+                "SELECT token_sha256, revoked_us FROM gateways WHERE id = ?1",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        let old = match row {
+            None => return Err(StoreError::GatewayNotFound(id.to_owned()).into()),
+            Some((_, Some(_))) => return Err(StoreError::GatewayRevoked(id.to_owned()).into()),
+            Some((old, None)) => old,
+        };
+        tx.execute(
+            "DELETE FROM gateway_grace_tokens WHERE gateway_id = ?1",
+            [id],
+        )?;
+        if let Some(until) = grace_until.filter(|&t| t > now) {
+            tx.execute(
+                "INSERT INTO gateway_grace_tokens (token_sha256, gateway_id, expires_us) VALUES (?1, ?2, ?3)",
+                params![old, id, until],
+            )?;
+        }
+        tx.execute(
+            "UPDATE gateways SET token_sha256 = ?2 WHERE id = ?1",
+            params![id, new_token_sha256],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// [`Store::authenticate`] at hub time `now` (µs).
+    fn db_authenticate_at(&self, token_sha256: &str, now: i64) -> Result<Option<String>, DbError> {
+        let conn = self.conn()?;
+        Ok(conn
+            .query_row(
+                "SELECT id FROM gateways WHERE token_sha256 = ?1 AND revoked_us IS NULL
+                 UNION ALL
+                 SELECT g.id FROM gateway_grace_tokens t JOIN gateways g ON g.id = t.gateway_id
+                  WHERE t.token_sha256 = ?1 AND t.expires_us > ?2 AND g.revoked_us IS NULL
+                 LIMIT 1",
+                params![token_sha256, now],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    /// Whether gateway `id` is registered and not revoked (MQTT ingest,
+    /// where the broker authenticated the publisher).
+    fn db_gateway_is_active(&self, id: &str) -> Result<bool, DbError> {
+        let conn = self.conn()?;
+        Ok(conn
+            .query_row(
+                "SELECT 1 FROM gateways WHERE id = ?1 AND revoked_us IS NULL",
+                [id],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some())
+    }
+
+    /// Stores a batch of an authenticated gateway in one transaction.
+    ///
+    /// `received_us` is the hub receive time; `now_us` the hub clock used
+    /// for the "too far in the future" check.
+    fn db_ingest(
+        &self,
+        gateway_id: &str,
+        batch: &Batch,
+        associations: &Associations,
+        received_us: i64,
+        now_us: i64,
+    ) -> Result<IngestReport, DbError> {
+        let mut conn = self.conn()?;
+        // IMMEDIATE: take the write lock up front, so that hub instances
+        // sharing the database wait for each other (busy timeout) instead of
+        // failing to upgrade a read transaction.
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let batch_seq = batch.sequence as i64;
+        let stored: Option<Vec<u8>> = tx
+            .query_row(
+                "SELECT ack FROM batches WHERE gateway_id = ?1 AND sequence = ?2",
+                params![gateway_id, batch_seq],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if let Some(bytes) = stored {
+            let mut ack = BatchAck::decode(bytes.as_slice())?;
+            ack.duplicate_batch = true;
+            return Ok(IngestReport {
+                ack,
+                rejected_reasons: Vec::new(),
+                out_of_range: 0,
+                live: Vec::new(),
+            });
+        }
+
+        let mut ack = BatchAck {
+            sequence: batch.sequence,
+            ..Default::default()
+        };
+        let mut reasons = Vec::new();
+        let mut out_of_range = 0;
+        let mut live = Vec::new();
+        let mut rollup = hub_domain::trends::Rollup::default();
+        {
+            let mut reject = |device_id: &str, seq: u64, kind: &str, raw: Vec<u8>, f: Refusal| {
+                reasons.push(f.reason);
+                ack.rejected += 1;
+                let res = tx.execute(
+                    "INSERT INTO rejected_readings (gateway_id, device_id, batch_sequence, sequence,
+                         kind, reason, detail, raw, received_us)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                    params![
+                        gateway_id,
+                        device_id,
+                        batch_seq,
+                        seq as i64,
+                        kind,
+                        reason_name(f.reason),
+                        f.detail,
+                        raw,
+                        received_us
+                    ],
+                );
+                ack.rejections.push(Rejection {
+                    device_id: device_id.to_owned(),
+                    sequence: seq,
+                    reason: f.reason as i32,
+                    detail: f.detail,
+                });
+                res.map(|_| ())
+            };
+            let mut accepted = 0u32;
+            let mut duplicates = 0u32;
+
+            let mut insert_obs = tx.prepare(
+                "INSERT OR IGNORE INTO observations (id, gateway_id, device_id, sequence, patient_id,
+                     loinc, mdc_code, effective_us, status, value, batch_sequence, received_us,
+                     resource, kind, category, payload, patient_system, attribution)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, '', ?13, ?14, ?15,
+                     ?16, ?17)",
+            )?;
+            let mut mark_panel_member = tx.prepare(
+                "UPDATE observations SET panel_id = ?2 WHERE id = ?1 AND panel_id IS NULL",
+            )?;
+            let mut insert_event = tx.prepare(
+                "INSERT OR IGNORE INTO device_events (gateway_id, device_id, sequence, kind, time_us,
+                     detail, batch_sequence, received_us)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )?;
+            let mut upsert_device = tx.prepare(
+                "INSERT INTO devices (gateway_id, device_id, protocol, manufacturer, model,
+                     serial_number, location, first_seen_us, last_seen_us, fhir_id)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9)
+                 ON CONFLICT (gateway_id, device_id) DO UPDATE SET fhir_id = excluded.fhir_id,
+                     protocol = excluded.protocol, manufacturer = excluded.manufacturer,
+                     model = excluded.model, serial_number = excluded.serial_number,
+                     location = excluded.location, last_seen_us = excluded.last_seen_us",
+            )?;
+
+            // Gateway-level events: stored once (device_id ""), not counted.
+            for e in &batch.gateway_events {
+                if validate_technical(e, now_us).is_ok() {
+                    insert_event.execute(params![
+                        gateway_id,
+                        "",
+                        e.sequence as i64,
+                        technical_kind_name(e.kind),
+                        e.time_us,
+                        e.detail,
+                        batch_seq,
+                        received_us
+                    ])?;
+                }
+            }
+            for data in &batch.devices {
+                let info = data.device.clone().unwrap_or_default();
+                if info.device_id.is_empty() {
+                    let f = || Refusal {
+                        reason: RejectReason::MissingDevice,
+                        detail: "device entry has no device_id".into(),
+                    };
+                    for r in &data.readings {
+                        reject("", r.sequence, "reading", r.encode_to_vec(), f())?;
+                    }
+                    for w in &data.waveforms {
+                        reject("", w.sequence, "waveform", w.encode_to_vec(), f())?;
+                    }
+                    for t in &data.technical {
+                        reject("", t.sequence, "technical", t.encode_to_vec(), f())?;
+                    }
+                    continue;
+                }
+                let device_id = info.device_id.as_str();
+                upsert_device.execute(params![
+                    gateway_id,
+                    device_id,
+                    info.protocol,
+                    info.manufacturer,
+                    info.model,
+                    info.serial_number,
+                    info.location,
+                    received_us,
+                    device_resource_id(gateway_id, device_id)
+                ])?;
+                // Who the rows belong to (see `association`): resolved once
+                // for the device over the entry's time span, so each row is
+                // written once with its final patient.
+                let times = data
+                    .readings
+                    .iter()
+                    .map(Reading::effective_time_us)
+                    .chain(data.waveforms.iter().map(|w| w.start_time_us));
+                let (lo, hi) =
+                    times.fold((i64::MAX, i64::MIN), |(lo, hi), t| (lo.min(t), hi.max(t)));
+                let attribution =
+                    attribution::load(&tx, gateway_id, device_id, lo, hi, associations)?;
+                // Blood-pressure parts stored (or already stored) from this
+                // entry, by (panel code, effective time): grouped into panels.
+                let mut bp_parts: BTreeMap<BpKey, Vec<&Reading>> = BTreeMap::new();
+                for r in &data.readings {
+                    let metric = match validate_reading(r, now_us) {
+                        Ok(m) => m,
+                        Err(f) => {
+                            reject(device_id, r.sequence, "reading", r.encode_to_vec(), f)?;
+                            continue;
+                        }
+                    };
+                    let cols = hub_domain::fhir::columns(r, &metric);
+                    let effective_us = r.effective_time_us();
+                    let who = attribution.of(r.subject.as_ref(), effective_us);
+                    let n = insert_obs.execute(params![
+                        observation_id(gateway_id, device_id, r.sequence),
+                        gateway_id,
+                        device_id,
+                        r.sequence as i64,
+                        who.patient,
+                        metric.loinc,
+                        metric.mdc,
+                        effective_us,
+                        cols.status,
+                        cols.value,
+                        batch_seq,
+                        received_us,
+                        RowKind::Reading.as_str(),
+                        hub_domain::fhir::category(&metric).0,
+                        r.encode_to_vec(),
+                        who.system,
+                        who.how
+                    ])?;
+                    if n == 0 {
+                        duplicates += 1;
+                    } else {
+                        accepted += 1;
+                        out_of_range += u32::from(cols.out_of_range);
+                        // The usable value (final, stored: device-valid and
+                        // possible) in the chart unit, for trends and alerts.
+                        let chart = cols
+                            .value
+                            .filter(|_| cols.status == "final")
+                            .and_then(|v| hub_domain::trends::chart_value(r, v));
+                        if let (Some(p), Some(v)) = (who.patient, chart) {
+                            rollup.add(p, gateway_id, device_id, metric.mdc, effective_us, v);
+                        }
+                        if effective_us >= now_us - hub_domain::alerts::LIVE_WINDOW_US
+                            && let Some(parameter) =
+                                hub_domain::early_warning::parameter_of(r.mdc_code)
+                        {
+                            live.push(hub_domain::alerts::LiveValue {
+                                patient: who.patient.map(|p| hub_domain::association::PatientId {
+                                    system: who.system.unwrap_or_default().to_owned(),
+                                    value: p.to_owned(),
+                                }),
+                                device_id: device_id.to_owned(),
+                                parameter,
+                                value: chart,
+                                flags: r.flags.clone(),
+                                time_us: effective_us,
+                            });
+                        }
+                    }
+                    if let Some(f) = bp_family_of(r.mdc_code) {
+                        bp_parts
+                            .entry(bp_key(f, effective_us, r))
+                            .or_default()
+                            .push(r);
+                    }
+                }
+                for ((panel_mdc, effective_us, _), parts) in &bp_parts {
+                    let Some(family) = hub_domain::fhir::render::bp_family(*panel_mdc) else {
+                        continue;
+                    };
+                    let part = |mdc: u32| parts.iter().find(|r| r.mdc_code == mdc).copied();
+                    // The profile needs both systolic and diastolic.
+                    let (Some(sys), Some(_)) = (part(family.systolic), part(family.diastolic))
+                    else {
+                        continue;
+                    };
+                    let members: Vec<Reading> = [family.systolic, family.diastolic, family.mean]
+                        .into_iter()
+                        .filter_map(part)
+                        .cloned()
+                        .collect();
+                    let pid = panel_id(gateway_id, device_id, sys.sequence);
+                    let who = attribution.of(sys.subject.as_ref(), *effective_us);
+                    let status = if members
+                        .iter()
+                        .all(|m| matches!(m.validity(), Validity::Valid | Validity::Invalid))
+                    {
+                        "final"
+                    } else {
+                        "preliminary"
+                    };
+                    insert_obs.execute(params![
+                        pid,
+                        gateway_id,
+                        device_id,
+                        // Readings own the non-negative sequences; a panel
+                        // row takes -(systolic sequence + 1).
+                        -(sys.sequence as i64) - 1,
+                        who.patient,
+                        BP_PANEL_LOINC,
+                        family.mdc,
+                        effective_us,
+                        status,
+                        None::<f64>,
+                        batch_seq,
+                        received_us,
+                        RowKind::BpPanel.as_str(),
+                        "vital-signs",
+                        DeviceData {
+                            readings: members.clone(),
+                            ..Default::default()
+                        }
+                        .encode_to_vec(),
+                        who.system,
+                        who.how
+                    ])?;
+                    for m in &members {
+                        mark_panel_member.execute(params![
+                            observation_id(gateway_id, device_id, m.sequence),
+                            pid
+                        ])?;
+                    }
+                }
+                for w in &data.waveforms {
+                    if let Err(f) = validate_waveform(w, now_us) {
+                        reject(device_id, w.sequence, "waveform", w.encode_to_vec(), f)?;
+                        continue;
+                    }
+                    let who = attribution.of(None, w.start_time_us);
+                    let n = insert_obs.execute(params![
+                        observation_id(gateway_id, device_id, w.sequence),
+                        gateway_id,
+                        device_id,
+                        w.sequence as i64,
+                        who.patient,
+                        "",
+                        w.mdc_code,
+                        w.start_time_us,
+                        if matches!(w.validity(), Validity::Valid | Validity::Invalid) {
+                            "final"
+                        } else {
+                            "preliminary"
+                        },
+                        None::<f64>,
+                        batch_seq,
+                        received_us,
+                        RowKind::Waveform.as_str(),
+                        "",
+                        w.encode_to_vec(),
+                        who.system,
+                        who.how
+                    ])?;
+                    if n == 0 {
+                        duplicates += 1;
+                    } else {
+                        accepted += 1;
+                    }
+                }
+                for t in &data.technical {
+                    if let Err(f) = validate_technical(t, now_us) {
+                        reject(device_id, t.sequence, "technical", t.encode_to_vec(), f)?;
+                        continue;
+                    }
+                    let n = insert_event.execute(params![
+                        gateway_id,
+                        device_id,
+                        t.sequence as i64,
+                        technical_kind_name(t.kind),
+                        t.time_us,
+                        t.detail,
+                        batch_seq,
+                        received_us
+                    ])?;
+                    if n == 0 {
+                        duplicates += 1;
+                    } else {
+                        accepted += 1;
+                    }
+                }
+            }
+            ack.accepted = accepted;
+            ack.duplicates = duplicates;
+        }
+        // Chart buckets of the new usable values (`trends`).
+        trends::write(rollup, &tx)?;
+        tx.execute(
+            "INSERT INTO batches (gateway_id, sequence, received_us, created_us, agent_version, ack)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                gateway_id,
+                batch_seq,
+                received_us,
+                batch.created_time_us,
+                batch.agent_version,
+                ack.encode_to_vec()
+            ],
+        )?;
+        tx.commit()?;
+        let generation = self.wal.as_ref().map(|w| w.committed());
+        drop(conn);
+        if let (Some(w), Some(g)) = (&self.wal, generation) {
+            w.barrier(g)?;
+        }
+        Ok(IngestReport {
+            ack,
+            rejected_reasons: reasons,
+            out_of_range,
+            live,
+        })
+    }
+
+    /// One stored Observation row (rendered by `fhir::render`).
+    fn db_observation(&self, id: &str) -> Result<Option<ObservationRow>, DbError> {
+        let conn = self.conn()?;
+        Ok(conn
+            .query_row(
+                &format!("SELECT {OBS_COLUMNS} FROM {OBS_FROM} WHERE o.id = ?1"),
+                [id],
+                obs_row,
+            )
+            .optional()?)
+    }
+
+    /// Runs a search; returns the total number of matches and the page's
+    /// rows. Components of a blood-pressure panel are listed through their
+    /// panel, not on their own.
+    fn db_search(&self, s: &ObservationSearch) -> Result<(u64, Vec<ObservationRow>), DbError> {
+        if s.codes.iter().any(Vec::is_empty) || s.categories.iter().any(Vec::is_empty) {
+            return Ok((0, Vec::new()));
+        }
+        let mut clauses: Vec<String> = vec!["o.panel_id IS NULL".into()];
+        let mut args: Vec<SqlValue> = Vec::new();
+        let placeholders = |n: usize| vec!["?"; n].join(", ");
+        if !s.patients.is_empty() {
+            clauses.push(format!(
+                "o.patient_id IN ({})",
+                placeholders(s.patients.len())
+            ));
+            args.extend(s.patients.iter().cloned().map(SqlValue::Text));
+        }
+        for set in &s.codes {
+            let alternatives: Vec<&str> = set
+                .iter()
+                .map(|c| {
+                    if c.loinc.is_some() {
+                        "(o.mdc_code = ? AND o.loinc = ?)"
+                    } else {
+                        "o.mdc_code = ?"
+                    }
+                })
+                .collect();
+            clauses.push(format!("({})", alternatives.join(" OR ")));
+            for c in set {
+                args.push(SqlValue::Integer(i64::from(c.mdc)));
+                if let Some(l) = c.loinc {
+                    args.push(SqlValue::Text(l.to_owned()));
+                }
+            }
+        }
+        for set in &s.categories {
+            clauses.push(format!("o.category IN ({})", placeholders(set.len())));
+            args.extend(set.iter().cloned().map(SqlValue::Text));
+        }
+        if !s.devices.is_empty() {
+            clauses.push(format!(
+                "(o.gateway_id, o.device_id) IN (SELECT gateway_id, device_id FROM devices WHERE fhir_id IN ({}))",
+                placeholders(s.devices.len())
+            ));
+            args.extend(s.devices.iter().cloned().map(SqlValue::Text));
+        }
+        for d in &s.dates {
+            let (lo, hi) = d.bounds();
+            if let Some(lo) = lo {
+                clauses.push("o.effective_us >= ?".into());
+                args.push(SqlValue::Integer(lo));
+            }
+            if let Some(hi) = hi {
+                clauses.push("o.effective_us < ?".into());
+                args.push(SqlValue::Integer(hi));
+            }
+        }
+        let where_sql = format!("WHERE {}", clauses.join(" AND "));
+        let conn = self.conn()?;
+        let total: i64 = conn.query_row(
+            &format!("SELECT COUNT(*) FROM observations o {where_sql}"),
+            params_from_iter(args.iter()),
+            |r| r.get(0),
+        )?;
+        if s.count == 0 {
+            return Ok((total as u64, Vec::new()));
+        }
+        let order = match s.sort {
+            SortOrder::DateAsc => "o.effective_us ASC, o.rowid ASC",
+            SortOrder::DateDesc => "o.effective_us DESC, o.rowid DESC",
+        };
+        let sql = format!(
+            "SELECT {OBS_COLUMNS} FROM {OBS_FROM} {where_sql} ORDER BY {order} LIMIT ? OFFSET ?"
+        );
+        args.push(SqlValue::Integer(i64::from(s.count)));
+        args.push(SqlValue::Integer(
+            i64::try_from(s.offset).unwrap_or(i64::MAX),
+        ));
+        let mut stmt = conn.prepare(&sql)?;
+        let rows = stmt
+            .query_map(params_from_iter(args.iter()), obs_row)?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((total as u64, rows))
+    }
+
+    /// A patient known to the hub (from stays or attributed readings) by
+    /// identifier value: `Some(system)` (empty when unknown).
+    fn db_patient(&self, value: &str) -> Result<Option<String>, DbError> {
+        let conn = self.conn()?;
+        let from_stays: Option<String> = conn
+            .query_row(
+                "SELECT patient_system FROM patient_stays WHERE patient_value = ?1 LIMIT 1",
+                [value],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if from_stays.is_some() {
+            return Ok(from_stays);
+        }
+        Ok(conn
+            .query_row(
+                "SELECT COALESCE(patient_system, '') FROM observations WHERE patient_id = ?1 LIMIT 1",
+                [value],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    /// Observation rows after `after_rowid` in rowid order, at most
+    /// `limit`, for a bulk export: stored (received) at or after `since_us`;
+    /// with `patient_level`, only attributed rows, and with `ward` only those
+    /// of patients who stayed in a bed of that ward. Panel components are
+    /// exported through their panel. Returns (rowid, row).
+    fn db_export_observations(
+        &self,
+        after_rowid: i64,
+        limit: usize,
+        since_us: Option<i64>,
+        patient_level: bool,
+        ward: Option<&str>,
+    ) -> Result<Vec<(i64, ObservationRow)>, DbError> {
+        let mut sql = format!(
+            "SELECT {OBS_COLUMNS}, o.rowid FROM {OBS_FROM} WHERE o.rowid > ?1 AND o.panel_id IS NULL"
+        );
+        let mut args: Vec<SqlValue> = vec![SqlValue::Integer(after_rowid)];
+        if let Some(s) = since_us {
+            args.push(SqlValue::Integer(s));
+            sql.push_str(&format!(" AND o.received_us >= ?{}", args.len()));
+        }
+        if patient_level {
+            sql.push_str(" AND o.patient_id IS NOT NULL");
+        }
+        if let Some(w) = ward {
+            args.push(SqlValue::Text(w.to_owned()));
+            sql.push_str(&format!(
+                " AND o.patient_id IN (SELECT s.patient_value FROM patient_stays s
+                   JOIN beds b ON b.id = s.bed_id WHERE b.ward = ?{})",
+                args.len()
+            ));
+        }
+        args.push(SqlValue::Integer(limit as i64));
+        sql.push_str(&format!(" ORDER BY o.rowid LIMIT ?{}", args.len()));
+        let conn = self.conn()?;
+        let mut stmt = conn.prepare(&sql)?;
+        let rows = stmt
+            .query_map(params_from_iter(args.iter()), |r| {
+                // The row's columns as everywhere else, then its rowid.
+                Ok((r.get::<_, i64>(OBS_COLUMN_COUNT)?, obs_row(r)?))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    /// Patients (identifier value, system or "") known from stays and
+    /// attributed readings; with `ward`, those who stayed in its beds.
+    fn db_export_patients(&self, ward: Option<&str>) -> Result<Vec<(String, String)>, DbError> {
+        let conn = self.conn()?;
+        let rows = match ward {
+            Some(w) => conn
+                .prepare(
+                    "SELECT s.patient_value, MAX(s.patient_system) FROM patient_stays s
+                     JOIN beds b ON b.id = s.bed_id WHERE b.ward = ?1
+                     GROUP BY s.patient_value ORDER BY s.patient_value",
+                )?
+                .query_map([w], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<Vec<_>, _>>()?,
+            None => conn
+                .prepare(
+                    "SELECT v, MAX(sys) FROM (
+                         SELECT patient_value AS v, patient_system AS sys FROM patient_stays
+                         UNION ALL
+                         SELECT patient_id, COALESCE(patient_system, '') FROM observations
+                          WHERE patient_id IS NOT NULL)
+                     GROUP BY v ORDER BY v",
+                )?
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<Vec<_>, _>>()?,
+        };
+        Ok(rows)
+    }
+
+    /// A device by its FHIR id.
+    fn db_device(&self, fhir_id: &str) -> Result<Option<DeviceRow>, DbError> {
+        let conn = self.conn()?;
+        Ok(conn
+            .query_row(
+                &format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE fhir_id = ?1"),
+                [fhir_id],
+                device_row,
+            )
+            .optional()?)
+    }
+
+    /// Devices ordered by gateway and device id, a page at a time; with
+    /// the total count.
+    fn db_devices(&self, count: u32, offset: u64) -> Result<(u64, Vec<DeviceRow>), DbError> {
+        let conn = self.conn()?;
+        let total: i64 = conn.query_row("SELECT COUNT(*) FROM devices", [], |r| r.get(0))?;
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {DEVICE_COLUMNS} FROM devices ORDER BY gateway_id, device_id LIMIT ?1 OFFSET ?2"
+        ))?;
+        let rows = stmt
+            .query_map(
+                params![i64::from(count), i64::try_from(offset).unwrap_or(i64::MAX)],
+                device_row,
+            )?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((total as u64, rows))
+    }
+}
+
+impl GatewayStore for SqliteStore {
+    fn add_enrollment(&self, token_sha256: &str, expires_us: i64) -> Result<(), StoreError> {
+        Ok(self.db_add_enrollment(token_sha256, expires_us)?)
+    }
+    fn enroll(
+        &self,
+        enrollment_sha256: &str,
+        id: &str,
+        gateway_token_sha256: &str,
+        now_us: i64,
+    ) -> Result<(), StoreError> {
+        Ok(self.db_enroll(enrollment_sha256, id, gateway_token_sha256, now_us)?)
+    }
+    fn add_gateway(&self, id: &str, token_sha256: &str) -> Result<(), StoreError> {
+        Ok(self.db_add_gateway(id, token_sha256)?)
+    }
+    fn list_gateways(&self) -> Result<Vec<GatewayRow>, StoreError> {
+        Ok(self.db_list_gateways()?)
+    }
+    fn revoke_gateway(&self, id: &str) -> Result<(), StoreError> {
+        Ok(self.db_revoke_gateway(id)?)
+    }
+    fn rotate_gateway(
+        &self,
+        id: &str,
+        new_token_sha256: &str,
+        grace_until: Option<i64>,
+        now_us: i64,
+    ) -> Result<(), StoreError> {
+        Ok(self.db_rotate_gateway(id, new_token_sha256, grace_until, now_us)?)
+    }
+    fn authenticate_at(
+        &self,
+        token_sha256: &str,
+        now_us: i64,
+    ) -> Result<Option<String>, StoreError> {
+        Ok(self.db_authenticate_at(token_sha256, now_us)?)
+    }
+    fn gateway_is_active(&self, id: &str) -> Result<bool, StoreError> {
+        Ok(self.db_gateway_is_active(id)?)
+    }
+}
+
+impl IngestStore for SqliteStore {
+    fn ingest(
+        &self,
+        gateway_id: &str,
+        batch: &Batch,
+        associations: &Associations,
+        received_us: i64,
+        now_us: i64,
+    ) -> Result<IngestReport, StoreError> {
+        Ok(self.db_ingest(gateway_id, batch, associations, received_us, now_us)?)
+    }
+}
+
+impl ObservationStore for SqliteStore {
+    fn observation(&self, id: &str) -> Result<Option<ObservationRow>, StoreError> {
+        Ok(self.db_observation(id)?)
+    }
+    fn search(&self, s: &ObservationSearch) -> Result<(u64, Vec<ObservationRow>), StoreError> {
+        Ok(self.db_search(s)?)
+    }
+    fn patient(&self, value: &str) -> Result<Option<String>, StoreError> {
+        Ok(self.db_patient(value)?)
+    }
+    fn export_observations(
+        &self,
+        after_rowid: i64,
+        limit: usize,
+        since_us: Option<i64>,
+        patient_level: bool,
+        ward: Option<&str>,
+    ) -> Result<Vec<(i64, ObservationRow)>, StoreError> {
+        Ok(self.db_export_observations(after_rowid, limit, since_us, patient_level, ward)?)
+    }
+    fn export_patients(&self, ward: Option<&str>) -> Result<Vec<(String, String)>, StoreError> {
+        Ok(self.db_export_patients(ward)?)
+    }
+    fn device(&self, fhir_id: &str) -> Result<Option<DeviceRow>, StoreError> {
+        Ok(self.db_device(fhir_id)?)
+    }
+    fn devices(&self, count: u32, offset: u64) -> Result<(u64, Vec<DeviceRow>), StoreError> {
+        Ok(self.db_devices(count, offset)?)
+    }
+}
+
+/// Rows deleted per statement by a purge (short write locks).
+const PURGE_CHUNK: i64 = 10_000;
+
+impl RetentionStore for SqliteStore {
+    fn purge_before(&self, cutoff_us: i64) -> Result<Purged, StoreError> {
+        let mut purged = Purged::default();
+        for (table, column, count) in [
+            ("observations", "effective_us", &mut purged.observations),
+            ("device_events", "time_us", &mut purged.device_events),
+            ("rejected_readings", "received_us", &mut purged.rejected),
+            ("score_history", "time_us", &mut purged.scores),
+        ] {
+            loop {
+                let n = self
+                    .conn()?
+                    .execute(
+                        &format!(
+                            "DELETE FROM {table} WHERE rowid IN
+                               (SELECT rowid FROM {table} WHERE {column} < ?1 LIMIT ?2)"
+                        ),
+                        params![cutoff_us, PURGE_CHUNK],
+                    )
+                    .map_err(DbError::from)?;
+                *count += n as u64;
+                if (n as i64) < PURGE_CHUNK {
+                    break;
+                }
+            }
+        }
+        Ok(purged)
+    }
+}
+
+impl Storage for SqliteStore {
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
+    fn ping(&self) -> Result<(), StoreError> {
+        Ok(self.db_ping()?)
+    }
+}
+
+const OBS_COLUMNS: &str = "o.id, o.kind, o.gateway_id, o.device_id, o.patient_id, o.received_us, \
+     o.payload, o.resource, COALESCE(d.manufacturer, ''), COALESCE(d.model, ''), \
+     COALESCE(d.serial_number, ''), o.patient_system";
+const OBS_FROM: &str = "observations o LEFT JOIN devices d \
+     ON d.gateway_id = o.gateway_id AND d.device_id = o.device_id";
+
+/// Number of columns in [`OBS_COLUMNS`].
+const OBS_COLUMN_COUNT: usize = 12;
+
+fn obs_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ObservationRow> {
+    Ok(ObservationRow {
+        id: r.get(0)?,
+        kind: r.get(1)?,
+        gateway_id: r.get(2)?,
+        device_id: r.get(3)?,
+        patient_id: r.get(4)?,
+        received_us: r.get(5)?,
+        payload: r.get(6)?,
+        resource: r.get(7)?,
+        manufacturer: r.get(8)?,
+        model: r.get(9)?,
+        serial_number: r.get(10)?,
+        patient_system: r.get(11)?,
+    })
+}
+
+const DEVICE_COLUMNS: &str = "gateway_id, device_id, protocol, manufacturer, model, serial_number, \
+     first_seen_us, last_seen_us";
+
+fn device_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeviceRow> {
+    Ok(DeviceRow {
+        gateway_id: r.get(0)?,
+        device_id: r.get(1)?,
+        protocol: r.get(2)?,
+        manufacturer: r.get(3)?,
+        model: r.get(4)?,
+        serial_number: r.get(5)?,
+        first_seen_us: r.get(6)?,
+        last_seen_us: r.get(7)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schema::SCHEMA_V1;
+    use shared_protocol::catalogue::codes;
+    use shared_protocol::v1::{DeviceData, DeviceInfo, Reading, reading};
+
+    fn store() -> (tempfile::TempDir, SqliteStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(&dir.path().join("t.sqlite")).unwrap();
+        (dir, s)
+    }
+
+    #[test]
+    fn a_version_1_database_is_migrated_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("old.sqlite");
+        {
+            let c = Connection::open(&p).unwrap();
+            c.execute_batch(
+                "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_us INTEGER NOT NULL)",
+            )
+            .unwrap();
+            c.execute_batch(SCHEMA_V1).unwrap();
+            c.execute("INSERT INTO schema_migrations VALUES (1, 0)", [])
+                .unwrap();
+            c.execute(
+                "INSERT INTO gateways (id, token_sha256, created_us) VALUES ('g', 'h', 0)",
+                [],
+            )
+            .unwrap();
+        }
+        let s = SqliteStore::open(&p).unwrap();
+        assert_eq!(s.list_gateways().unwrap().len(), 1, "data kept");
+        s.add_enrollment("e", i64::MAX).unwrap();
+        let versions: Vec<i64> = s
+            .lock()
+            .unwrap()
+            .prepare("SELECT version FROM schema_migrations ORDER BY version")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(versions, (1..=schema_version()).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn enrollment_tokens_are_single_use_and_expire() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(&dir.path().join("e.sqlite")).unwrap();
+        s.add_enrollment("tok", 1_000).unwrap();
+        assert!(
+            matches!(
+                s.enroll("tok", "gw", "g1", 2_000),
+                Err(StoreError::EnrollmentRefused)
+            ),
+            "expired"
+        );
+        s.add_enrollment("tok2", 10_000).unwrap();
+        s.enroll("tok2", "gw", "g1", 2_000).unwrap();
+        assert_eq!(
+            s.authenticate_at("g1", now_us()).unwrap().as_deref(),
+            Some("gw")
+        );
+        assert!(
+            matches!(
+                s.enroll("tok2", "gw2", "g2", 2_001),
+                Err(StoreError::EnrollmentRefused)
+            ),
+            "used"
+        );
+        s.add_enrollment("tok3", 10_000).unwrap();
+        assert!(
+            matches!(
+                s.enroll("tok3", "gw", "g3", 2_002),
+                Err(StoreError::GatewayExists(_))
+            ),
+            "active id"
+        );
+        // The refused attempt did not consume the token.
+        s.revoke_gateway("gw").unwrap();
+        s.enroll("tok3", "gw", "g3", 2_003).unwrap();
+        assert_eq!(
+            s.authenticate_at("g3", now_us()).unwrap().as_deref(),
+            Some("gw")
+        );
+        assert_eq!(
+            s.authenticate_at("g1", now_us()).unwrap(),
+            None,
+            "old token replaced"
+        );
+        assert!(matches!(
+            s.enroll("nope", "x", "g4", 2_004),
+            Err(StoreError::EnrollmentRefused)
+        ));
+    }
+
+    #[test]
+    fn reopening_keeps_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.sqlite");
+        SqliteStore::open(&p)
+            .unwrap()
+            .add_gateway("g", "h")
+            .unwrap();
+        let s = SqliteStore::open(&p).unwrap();
+        assert_eq!(s.list_gateways().unwrap().len(), 1);
+        s.ping().unwrap();
+    }
+
+    #[test]
+    fn rotation_replaces_the_token_with_an_optional_bounded_grace() {
+        let (_d, s) = store();
+        let g = Some("g".to_owned());
+        s.add_gateway("g", "t1").unwrap();
+        // Without grace the old token stops at once.
+        s.rotate_gateway("g", "t2", None, 1_000).unwrap();
+        assert_eq!(s.authenticate_at("t1", 1_000).unwrap(), None);
+        assert_eq!(s.authenticate_at("t2", 1_000).unwrap(), g);
+        // With grace both work until it ends.
+        s.rotate_gateway("g", "t3", Some(5_000), 2_000).unwrap();
+        assert_eq!(s.authenticate_at("t2", 4_999).unwrap(), g);
+        assert_eq!(s.authenticate_at("t3", 4_999).unwrap(), g);
+        assert_eq!(s.authenticate_at("t2", 5_000).unwrap(), None);
+        // A second rotation ends the first one's grace.
+        s.rotate_gateway("g", "t4", Some(9_000), 3_000).unwrap();
+        assert_eq!(s.authenticate_at("t2", 3_000).unwrap(), None);
+        assert_eq!(s.authenticate_at("t3", 3_000).unwrap(), g);
+        // Revocation ends grace tokens too; a revoked gateway is not rotated.
+        s.revoke_gateway("g").unwrap();
+        assert_eq!(s.authenticate_at("t3", 3_000).unwrap(), None);
+        assert!(matches!(
+            s.rotate_gateway("g", "t5", None, 3_000),
+            Err(StoreError::GatewayRevoked(_))
+        ));
+        assert!(matches!(
+            s.rotate_gateway("nope", "t6", None, 3_000),
+            Err(StoreError::GatewayNotFound(_))
+        ));
+        // Re-added after revocation: only the new token.
+        s.add_gateway("g", "t7").unwrap();
+        assert_eq!(s.authenticate_at("t3", 3_000).unwrap(), None);
+        assert_eq!(s.authenticate_at("t7", 3_000).unwrap(), g);
+    }
+
+    #[test]
+    fn gateway_lifecycle() {
+        let (_d, s) = store();
+        s.add_gateway("g", "h1").unwrap();
+        assert!(matches!(
+            s.add_gateway("g", "h2"),
+            Err(StoreError::GatewayExists(_))
+        ));
+        assert_eq!(
+            s.authenticate_at("h1", now_us()).unwrap().as_deref(),
+            Some("g")
+        );
+        s.revoke_gateway("g").unwrap();
+        assert_eq!(s.authenticate_at("h1", now_us()).unwrap(), None);
+        assert!(s.list_gateways().unwrap()[0].revoked_us.is_some());
+        s.add_gateway("g", "h3").unwrap();
+        assert_eq!(
+            s.authenticate_at("h3", now_us()).unwrap().as_deref(),
+            Some("g")
+        );
+        assert!(matches!(
+            s.revoke_gateway("nope"),
+            Err(StoreError::GatewayNotFound(_))
+        ));
+    }
+
+    #[test]
+    fn batch_in_one_transaction_with_dedup() {
+        let (_d, s) = store();
+        let now = now_us();
+        let reading = |seq| Reading {
+            mdc_code: codes::PULS_OXIM_SAT_O2,
+            value: Some(reading::Value::Numeric(97.0)),
+            ucum_unit: "%".into(),
+            device_time_us: now,
+            validity: 1,
+            sequence: seq,
+            ..Default::default()
+        };
+        let batch = |seq, readings| Batch {
+            gateway_id: "g".into(),
+            sequence: seq,
+            devices: vec![DeviceData {
+                device: Some(DeviceInfo {
+                    device_id: "d".into(),
+                    ..Default::default()
+                }),
+                readings,
+                waveforms: vec![],
+                technical: vec![],
+            }],
+            ..Default::default()
+        };
+        let assoc = Associations::new();
+        let r = s
+            .ingest(
+                "g",
+                &batch(1, vec![reading(1), reading(2)]),
+                &assoc,
+                now,
+                now,
+            )
+            .unwrap();
+        assert_eq!(
+            (r.ack.accepted, r.ack.duplicates, r.ack.duplicate_batch),
+            (2, 0, false)
+        );
+        let r = s
+            .ingest("g", &batch(1, vec![reading(1)]), &assoc, now, now)
+            .unwrap();
+        assert_eq!((r.ack.accepted, r.ack.duplicate_batch), (2, true));
+        let r = s
+            .ingest(
+                "g",
+                &batch(2, vec![reading(2), reading(3)]),
+                &assoc,
+                now,
+                now,
+            )
+            .unwrap();
+        assert_eq!((r.ack.accepted, r.ack.duplicates), (1, 1));
+        let all = ObservationSearch {
+            patients: vec![],
+            codes: vec![],
+            dates: vec![],
+            categories: vec![],
+            devices: vec![],
+            count: 10,
+            offset: 0,
+            sort: SortOrder::DateAsc,
+        };
+        assert_eq!(s.search(&all).unwrap().0, 3);
+    }
+}

@@ -1,0 +1,356 @@
+//! The SQLite schema: ordered migrations, each applied once in one transaction with its
+//! version row (`schema_migrations`).
+
+pub const SCHEMA_V1: &str = r#"
+CREATE TABLE gateways (
+    id            TEXT PRIMARY KEY,
+    token_sha256  TEXT NOT NULL UNIQUE,
+    created_us    INTEGER NOT NULL,
+    revoked_us    INTEGER
+);
+CREATE TABLE batches (
+    gateway_id     TEXT NOT NULL,
+    sequence       INTEGER NOT NULL,
+    received_us    INTEGER NOT NULL,
+    created_us     INTEGER NOT NULL,
+    agent_version  TEXT NOT NULL,
+    ack            BLOB NOT NULL,
+    PRIMARY KEY (gateway_id, sequence)
+);
+CREATE TABLE devices (
+    gateway_id     TEXT NOT NULL,
+    device_id      TEXT NOT NULL,
+    protocol       TEXT NOT NULL,
+    manufacturer   TEXT NOT NULL,
+    model          TEXT NOT NULL,
+    serial_number  TEXT NOT NULL,
+    location       TEXT NOT NULL,
+    first_seen_us  INTEGER NOT NULL,
+    last_seen_us   INTEGER NOT NULL,
+    PRIMARY KEY (gateway_id, device_id)
+);
+CREATE TABLE observations (
+    id            TEXT PRIMARY KEY,
+    gateway_id    TEXT NOT NULL,
+    device_id     TEXT NOT NULL,
+    sequence      INTEGER NOT NULL,
+    patient_id    TEXT,
+    loinc         TEXT NOT NULL,
+    mdc_code      INTEGER NOT NULL,
+    effective_us  INTEGER NOT NULL,
+    status        TEXT NOT NULL,
+    value         REAL,
+    batch_sequence INTEGER NOT NULL,
+    received_us   INTEGER NOT NULL,
+    resource      TEXT NOT NULL,
+    UNIQUE (gateway_id, device_id, sequence)
+);
+CREATE INDEX observations_patient_loinc_time ON observations (patient_id, loinc, effective_us);
+CREATE INDEX observations_patient_mdc_time ON observations (patient_id, mdc_code, effective_us);
+CREATE INDEX observations_mdc_time ON observations (mdc_code, effective_us);
+CREATE INDEX observations_time ON observations (effective_us);
+CREATE TABLE waveforms (
+    gateway_id        TEXT NOT NULL,
+    device_id         TEXT NOT NULL,
+    sequence          INTEGER NOT NULL,
+    mdc_code          INTEGER NOT NULL,
+    vendor_label      TEXT NOT NULL,
+    start_us          INTEGER NOT NULL,
+    time_source       INTEGER NOT NULL,
+    sample_period_us  INTEGER NOT NULL,
+    scale             REAL NOT NULL,
+    "offset"          REAL NOT NULL,
+    mdc_unit          INTEGER NOT NULL,
+    ucum_unit         TEXT NOT NULL,
+    validity          INTEGER NOT NULL,
+    flags             TEXT NOT NULL,
+    sample_count      INTEGER NOT NULL,
+    samples_i32le     BLOB NOT NULL,
+    batch_sequence    INTEGER NOT NULL,
+    received_us       INTEGER NOT NULL,
+    UNIQUE (gateway_id, device_id, sequence)
+);
+CREATE TABLE rejected_readings (
+    id              INTEGER PRIMARY KEY AUTOINCREMENT,
+    gateway_id      TEXT NOT NULL,
+    device_id       TEXT NOT NULL,
+    batch_sequence  INTEGER NOT NULL,
+    sequence        INTEGER NOT NULL,
+    kind            TEXT NOT NULL,
+    reason          TEXT NOT NULL,
+    detail          TEXT NOT NULL,
+    raw             BLOB NOT NULL,
+    received_us     INTEGER NOT NULL
+);
+CREATE INDEX rejected_readings_gateway ON rejected_readings (gateway_id, received_us);
+"#;
+
+/// v2: technical readings (device link events) and gateway events.
+/// Idempotent: databases created by early builds have the table already.
+pub const SCHEMA_V2: &str = r#"
+CREATE TABLE IF NOT EXISTS device_events (
+    gateway_id      TEXT NOT NULL,
+    device_id       TEXT NOT NULL,
+    sequence        INTEGER NOT NULL,
+    kind            TEXT NOT NULL,
+    time_us         INTEGER NOT NULL,
+    detail          TEXT NOT NULL,
+    batch_sequence  INTEGER NOT NULL,
+    received_us     INTEGER NOT NULL,
+    UNIQUE (gateway_id, device_id, sequence)
+);
+CREATE INDEX IF NOT EXISTS device_events_device_time ON device_events (gateway_id, device_id, time_us);
+"#;
+
+/// v3: one-time enrolment tokens (stored as SHA-256), exchanged by
+/// `POST /api/v1/enroll` for a gateway token.
+pub const SCHEMA_V3: &str = r#"
+CREATE TABLE enrollment_tokens (
+    token_sha256 TEXT PRIMARY KEY,
+    created_us   INTEGER NOT NULL,
+    expires_us   INTEGER NOT NULL,
+    used_us      INTEGER,
+    gateway_id   TEXT
+);
+"#;
+
+/// v4: compact observation rows rendered to FHIR on read. New rows keep the
+/// source protobuf in `payload` (a `Reading`; a `DeviceData` holding the
+/// members of a blood-pressure panel; or a `Waveform`) and an empty
+/// `resource`; rows written before v4 keep their stored JSON. `panel_id`
+/// marks a reading that is a component of a panel row (searches list the
+/// panel, not its parts; a panel row's `sequence` is -(its systolic
+/// reading's sequence + 1), since readings own the non-negative ones).
+/// Waveforms become Observations (SampledData) in
+/// this table; the v1 `waveforms` table keeps older rows only.
+pub const SCHEMA_V4: &str = r#"
+ALTER TABLE observations ADD COLUMN kind TEXT NOT NULL DEFAULT 'reading';
+ALTER TABLE observations ADD COLUMN category TEXT NOT NULL DEFAULT 'vital-signs';
+ALTER TABLE observations ADD COLUMN payload BLOB;
+ALTER TABLE observations ADD COLUMN panel_id TEXT;
+CREATE INDEX observations_device_time ON observations (gateway_id, device_id, effective_us);
+ALTER TABLE devices ADD COLUMN fhir_id TEXT;
+CREATE INDEX devices_fhir_id ON devices (fhir_id);
+"#;
+
+/// v6: a gateway's previous token (SHA-256) after `gateway rotate
+/// --grace-secs`, accepted until `expires_us`.
+pub const SCHEMA_V6: &str = r#"
+CREATE TABLE IF NOT EXISTS gateway_grace_tokens (
+    token_sha256 TEXT PRIMARY KEY,
+    gateway_id   TEXT NOT NULL,
+    expires_us   INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS gateway_grace_tokens_gateway ON gateway_grace_tokens (gateway_id);
+"#;
+
+/// v7: search indexes that answer the common query (one patient, one
+/// metric, a time range, newest first, panel parts excluded) from the index
+/// alone: partial on `panel_id IS NULL`, ordered by (effective time,
+/// rowid). Replaces the two v1 patient indexes (the LOINC one was redundant:
+/// a LOINC code resolves to MDC codes). Drops v5's index of rows awaiting
+/// attribution: rows are now attributed before they are inserted.
+pub const SCHEMA_V7: &str = r#"
+DROP INDEX IF EXISTS observations_patient_loinc_time;
+DROP INDEX IF EXISTS observations_patient_mdc_time;
+DROP INDEX IF EXISTS observations_mdc_time;
+DROP INDEX IF EXISTS observations_pending;
+CREATE INDEX IF NOT EXISTS observations_search ON observations (patient_id, mdc_code, effective_us)
+    WHERE panel_id IS NULL;
+CREATE INDEX IF NOT EXISTS observations_code_time ON observations (mdc_code, effective_us)
+    WHERE panel_id IS NULL;
+"#;
+
+/// Schema v5: beds, device placements, patient stays; attribution columns
+/// of observations. Appended to the store's ordered migrations.
+pub const SCHEMA_V5: &str = r#"
+CREATE TABLE beds (
+    id          TEXT PRIMARY KEY,
+    ward        TEXT NOT NULL,
+    label       TEXT NOT NULL,
+    created_us  INTEGER NOT NULL
+);
+CREATE TABLE device_placements (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    gateway_id  TEXT NOT NULL,
+    device_id   TEXT NOT NULL,
+    bed_id      TEXT NOT NULL REFERENCES beds (id),
+    from_us     INTEGER NOT NULL,
+    to_us       INTEGER,
+    CHECK (to_us IS NULL OR to_us > from_us)
+);
+CREATE INDEX device_placements_device ON device_placements (gateway_id, device_id, from_us);
+CREATE INDEX device_placements_bed ON device_placements (bed_id, from_us);
+CREATE TABLE patient_stays (
+    id              INTEGER PRIMARY KEY AUTOINCREMENT,
+    patient_system  TEXT NOT NULL,
+    patient_value   TEXT NOT NULL,
+    bed_id          TEXT NOT NULL REFERENCES beds (id),
+    from_us         INTEGER NOT NULL,
+    to_us           INTEGER,
+    visit           TEXT,
+    CHECK (to_us IS NULL OR to_us > from_us)
+);
+CREATE INDEX patient_stays_patient ON patient_stays (patient_system, patient_value, from_us);
+CREATE INDEX patient_stays_bed ON patient_stays (bed_id, from_us);
+CREATE INDEX patient_stays_visit ON patient_stays (visit) WHERE visit IS NOT NULL;
+ALTER TABLE observations ADD COLUMN patient_system TEXT;
+ALTER TABLE observations ADD COLUMN attribution TEXT;
+UPDATE observations SET attribution = CASE WHEN patient_id IS NULL THEN 'unattributed' ELSE 'legacy' END;
+CREATE INDEX observations_pending ON observations (gateway_id, batch_sequence) WHERE attribution IS NULL;
+"#;
+
+/// v8: manual score inputs, and an index of blood-pressure panel parts by
+/// patient (the v7 search index leaves panel parts out; the scores read the
+/// systolic part of a panel).
+pub const SCHEMA_V8: &str = r#"
+CREATE TABLE IF NOT EXISTS manual_inputs (
+    patient_id    TEXT NOT NULL,
+    kind          TEXT NOT NULL,
+    value         TEXT NOT NULL,
+    effective_us  INTEGER NOT NULL,
+    recorded_us   INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS manual_inputs_patient ON manual_inputs (patient_id, kind, effective_us);
+CREATE INDEX IF NOT EXISTS observations_panel_parts ON observations (patient_id, mdc_code, effective_us)
+    WHERE panel_id IS NOT NULL;
+"#;
+
+/// v9: alerts, their transitions and per-patient rule overrides.
+pub const SCHEMA_V9: &str = r#"
+CREATE TABLE IF NOT EXISTS alerts (
+    id                  INTEGER PRIMARY KEY,
+    kind                TEXT NOT NULL,
+    code                TEXT NOT NULL,
+    priority            TEXT NOT NULL,
+    state               TEXT NOT NULL,
+    message             TEXT NOT NULL,
+    patient_id          TEXT,
+    gateway_id          TEXT,
+    device_id           TEXT,
+    value               REAL,
+    unit                TEXT,
+    condition_since_us  INTEGER NOT NULL,
+    raised_us           INTEGER NOT NULL,
+    acknowledged_us     INTEGER,
+    acknowledged_by     TEXT,
+    escalated_us        INTEGER,
+    resolved_us         INTEGER
+);
+CREATE INDEX IF NOT EXISTS alerts_open ON alerts (state) WHERE state <> 'resolved';
+CREATE INDEX IF NOT EXISTS alerts_patient ON alerts (patient_id, raised_us);
+CREATE TABLE IF NOT EXISTS alert_events (
+    id          INTEGER PRIMARY KEY,
+    alert_id    INTEGER NOT NULL REFERENCES alerts (id),
+    time_us     INTEGER NOT NULL,
+    transition  TEXT NOT NULL,
+    actor       TEXT
+);
+CREATE INDEX IF NOT EXISTS alert_events_alert ON alert_events (alert_id);
+CREATE TABLE IF NOT EXISTS alert_rule_overrides (
+    patient_id  TEXT NOT NULL,
+    rule_id     TEXT NOT NULL,
+    body        TEXT NOT NULL,
+    updated_us  INTEGER NOT NULL,
+    updated_by  TEXT,
+    PRIMARY KEY (patient_id, rule_id)
+);
+"#;
+
+/// v10: the bucket table.
+pub const SCHEMA_V10: &str = r#"
+CREATE TABLE IF NOT EXISTS vital_rollups (
+    patient_id    TEXT NOT NULL,
+    mdc_code      INTEGER NOT NULL,
+    resolution_s  INTEGER NOT NULL,
+    bucket_us     INTEGER NOT NULL,
+    gateway_id    TEXT NOT NULL,
+    device_id     TEXT NOT NULL,
+    n             INTEGER NOT NULL,
+    sum           REAL NOT NULL,
+    min           REAL NOT NULL,
+    max           REAL NOT NULL,
+    PRIMARY KEY (patient_id, mdc_code, resolution_s, bucket_us, gateway_id, device_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS vital_rollups_device ON vital_rollups (gateway_id, device_id, bucket_us);
+"#;
+
+/// v11: the audit log and the triggers that keep it append-only.
+pub const SCHEMA_V11: &str = r#"
+CREATE TABLE IF NOT EXISTS audit_log (
+    seq         INTEGER PRIMARY KEY,
+    time_us     INTEGER NOT NULL,
+    actor       TEXT NOT NULL,
+    action      TEXT NOT NULL,
+    resource    TEXT NOT NULL,
+    patient_id  TEXT,
+    outcome     INTEGER NOT NULL,
+    detail      TEXT NOT NULL,
+    prev_hash   TEXT NOT NULL,
+    hash        TEXT NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS audit_log_no_update BEFORE UPDATE ON audit_log
+BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS audit_log_no_delete BEFORE DELETE ON audit_log
+BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END;
+"#;
+
+/// SQLite schema v12: users, API tokens, sessions.
+pub const SCHEMA_V12: &str = r#"
+CREATE TABLE IF NOT EXISTS users (
+    name          TEXT PRIMARY KEY,
+    role          TEXT NOT NULL,
+    password_hash TEXT NOT NULL,
+    created_us    INTEGER NOT NULL,
+    disabled_us   INTEGER
+);
+CREATE TABLE IF NOT EXISTS api_tokens (
+    name         TEXT PRIMARY KEY,
+    token_sha256 TEXT NOT NULL UNIQUE,
+    role         TEXT NOT NULL,
+    created_us   INTEGER NOT NULL,
+    revoked_us   INTEGER
+);
+CREATE TABLE IF NOT EXISTS sessions (
+    id_sha256    TEXT PRIMARY KEY,
+    user_name    TEXT NOT NULL REFERENCES users (name),
+    csrf         TEXT NOT NULL,
+    created_us   INTEGER NOT NULL,
+    last_seen_us INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sessions_user ON sessions (user_name);
+"#;
+
+/// v13: the score history table.
+pub const SCHEMA_V13: &str = r#"
+CREATE TABLE IF NOT EXISTS score_history (
+    id          INTEGER PRIMARY KEY,
+    patient_id  TEXT NOT NULL,
+    kind        TEXT NOT NULL,
+    time_us     INTEGER NOT NULL,
+    total       INTEGER,
+    band        TEXT,
+    missing     TEXT NOT NULL,
+    stale       TEXT NOT NULL,
+    components  TEXT
+);
+CREATE INDEX IF NOT EXISTS score_history_patient ON score_history (patient_id, kind, time_us);
+CREATE INDEX IF NOT EXISTS score_history_time ON score_history (time_us);
+"#;
+
+/// Ordered migrations; each runs once, in one transaction with its version row.
+pub const MIGRATIONS: &[(i64, &str)] = &[
+    (1, SCHEMA_V1),
+    (2, SCHEMA_V2),
+    (3, SCHEMA_V3),
+    (4, SCHEMA_V4),
+    (5, SCHEMA_V5),
+    (6, SCHEMA_V6),
+    (7, SCHEMA_V7),
+    (8, SCHEMA_V8),
+    (9, SCHEMA_V9),
+    (10, SCHEMA_V10),
+    (11, SCHEMA_V11),
+    (12, SCHEMA_V12),
+    (13, SCHEMA_V13),
+];
