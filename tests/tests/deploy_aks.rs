@@ -255,9 +255,13 @@ fn the_pieces_reference_each_other() {
     );
     let synced = spc["spec"]["secretObjects"].as_array().unwrap();
     let hub_src = {
+        // The hub's crates: cloud-hub/src and each layer's src (domain, storage, ...).
         let mut s = String::new();
-        for p in vigil_e2e::files_below(&root().join("cloud-hub/src")) {
-            s.push_str(&std::fs::read_to_string(p).unwrap());
+        for p in vigil_e2e::files_below(&root().join("cloud-hub")) {
+            let in_src = p.components().any(|c| c.as_os_str() == "src");
+            if in_src && p.extension().is_some_and(|e| e == "rs") {
+                s.push_str(&std::fs::read_to_string(p).unwrap());
+            }
         }
         s
     };
