@@ -5,6 +5,10 @@
 //! CONNECTED / DISCONNECTED once per change, and reconnection after the
 //! device drops the link.
 //!
+//! A second pair checks that the driver keeps one system-bus connection for
+//! its life: 50 disconnect/reconnect cycles and 20 refused connects leave
+//! the process with one bus connection and a flat file-descriptor count.
+//!
 //! Needs `dbus-daemon` and Debian's `/usr/bin/python3` with python3-dbus and
 //! python3-gi (scripts/setup.sh installs dbus and python3-dbusmock, which
 //! bring them); a missing tool fails the test.
@@ -29,6 +33,7 @@ use shared_protocol::v1::{TechnicalKind, Validity, reading::Value};
 
 const PYTHON: &str = "/usr/bin/python3";
 const INNER: &str = "inner_driver_against_mocked_bluez";
+const INNER_REUSE: &str = "inner_reconnects_reuse_one_bus_connection";
 
 /// Kills (and reaps) a child process when dropped.
 struct Guard(Child);
@@ -144,8 +149,10 @@ fn start_mock(bus: &str, args: &[&str]) -> (Guard, std::sync::mpsc::Receiver<Str
     (Guard(child), rx)
 }
 
-#[test]
-fn ble_driver_discovers_connects_subscribes_and_reconnects_over_mocked_bluez() {
+/// Start a private bus and the mock with `mock_args`, re-run this binary for
+/// the inner test `inner` on that bus; returns the mock's stdout lines after
+/// READY. Fails when the inner test does.
+fn run_inner(inner: &str, mock_args: &[&str]) -> Vec<String> {
     require_tools();
     let dir = std::env::temp_dir().join(format!(
         "vigil-ble-{}-{}",
@@ -158,19 +165,9 @@ fn ble_driver_discovers_connects_subscribes_and_reconnects_over_mocked_bluez() {
     std::fs::create_dir_all(&dir).unwrap();
     let _dir = TempDir(dir.clone());
     let (_bus, address) = start_bus(&dir);
-    let (_mock, mock_out) = start_mock(
-        &address,
-        &[
-            "--profiles",
-            "hr,bp",
-            "--interval-ms",
-            "150",
-            "--drop-after-s",
-            "2",
-        ],
-    );
+    let (_mock, mock_out) = start_mock(&address, mock_args);
     let out = Command::new(std::env::current_exe().unwrap())
-        .args([INNER, "--exact", "--nocapture", "--test-threads=1"])
+        .args([inner, "--exact", "--nocapture", "--test-threads=1"])
         .env("DBUS_SYSTEM_BUS_ADDRESS", &address)
         .env("VIGIL_BLE_INNER", "1")
         .output()
@@ -181,11 +178,131 @@ fn ble_driver_discovers_connects_subscribes_and_reconnects_over_mocked_bluez() {
         out.status.success() && stdout.contains("INNER-OK"),
         "inner test failed\n--- stdout\n{stdout}\n--- stderr\n{stderr}"
     );
+    mock_out.try_iter().collect()
+}
+
+#[test]
+fn ble_driver_discovers_connects_subscribes_and_reconnects_over_mocked_bluez() {
+    let mock_out = run_inner(
+        INNER,
+        &[
+            "--profiles",
+            "hr,bp",
+            "--interval-ms",
+            "150",
+            "--drop-after-s",
+            "2",
+        ],
+    );
     assert_eq!(
-        mock_out.try_recv().ok().as_deref(),
+        mock_out.first().map(String::as_str),
         Some("DROPPED"),
         "the mock dropped the link once"
     );
+}
+
+#[test]
+fn ble_reconnects_and_refused_connects_reuse_one_bus_connection() {
+    let mock_out = run_inner(
+        INNER_REUSE,
+        &[
+            "--profiles",
+            "hr",
+            "--interval-ms",
+            "50",
+            "--drop-after-s",
+            "0.15",
+            "--cycles",
+            "50",
+            "--refuse",
+            "20",
+        ],
+    );
+    // 50 drops, then 20 refusals (a last DROPPED is the driver's
+    // disconnect at shutdown).
+    let drops = mock_out.iter().take_while(|l| *l == "DROPPED").count();
+    let refusals = mock_out.iter().filter(|l| *l == "REFUSED").count();
+    assert_eq!((drops, refusals), (50, 20), "{mock_out:?}");
+}
+
+/// System-bus connections owned by this process (asked of the bus itself).
+fn bus_connections_of_this_process() -> usize {
+    let script = "import dbus, sys\n\
+        b = dbus.SystemBus()\n\
+        d = dbus.Interface(b.get_object('org.freedesktop.DBus', '/org/freedesktop/DBus'), 'org.freedesktop.DBus')\n\
+        pid = int(sys.argv[1])\n\
+        print(sum(1 for n in d.ListNames() if n.startswith(':') and d.GetConnectionUnixProcessID(n) == pid))\n";
+    let out = Command::new(PYTHON)
+        .args(["-c", script, &std::process::id().to_string()])
+        .output()
+        .expect("ask the bus");
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inner_reconnects_reuse_one_bus_connection() {
+    if std::env::var_os("VIGIL_BLE_INNER").is_none() {
+        return; // run by the outer test only, with the private bus
+    }
+    let ble = Ble::new(BleOptions {
+        scan_timeout_ms: Some(5000),
+        ..Default::default()
+    })
+    .unwrap();
+    let stats = Arc::new(DriverStats::default());
+    let (tx, mut rx) = tokio::sync::mpsc::channel(256);
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let opts = RunOptions {
+        max_backoff: Duration::from_millis(100),
+        ..Default::default()
+    };
+    let task = tokio::spawn(ble::run(
+        ble,
+        "ble-1".into(),
+        None,
+        opts,
+        stats.clone(),
+        tx,
+        shutdown,
+    ));
+    // 50 dropped sessions, then 20 refused connects, then the 51st session.
+    let mut connected = 0;
+    let mut baseline = None;
+    let deadline = Instant::now() + Duration::from_secs(150);
+    while connected < 51 && Instant::now() < deadline {
+        let Ok(Some(out)) = tokio::time::timeout(Duration::from_secs(1), rx.recv()).await else {
+            continue;
+        };
+        for t in &out.technical {
+            if t.kind == TechnicalKind::Connected as i32 {
+                connected += 1;
+                if connected == 1 {
+                    baseline = Some((bus_connections_of_this_process(), open_fds()));
+                }
+            }
+        }
+    }
+    assert_eq!(connected, 51, "sessions established");
+    let (bus0, fds0) = baseline.unwrap();
+    let (bus1, fds1) = (bus_connections_of_this_process(), open_fds());
+    stop.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("driver stops on shutdown")
+        .unwrap();
+    assert_eq!(bus0, 1, "one bus connection at the first session");
+    assert_eq!(bus1, 1, "still one after 50 reconnects and 20 refusals");
+    assert!(
+        fds1 <= fds0 + 2,
+        "file descriptors grew from {fds0} to {fds1}"
+    );
+    assert!(stats.snapshot().link_errors >= 70, "{:?}", stats.snapshot());
+    println!("INNER-OK bus={bus1} fds={fds0}->{fds1}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

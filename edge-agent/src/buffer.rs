@@ -14,7 +14,15 @@
 //!   Counters carry no patient data and are not encrypted.
 //!
 //! A second tree, `quarantine`, receives records that fail authentication or
-//! decoding; they are counted, never retried, never block the rest.
+//! decoding under a key the buffer has; they are counted, never retried,
+//! never block the rest.
+//!
+//! # Missing keys
+//! A record sealed under a key the keyring does not hold (the key file was
+//! lost or replaced) is *locked*: it is not corrupt, so it is neither
+//! quarantined nor sent nor counted as pending; it stays in place and is
+//! delivered as soon as the buffer is opened with its key again
+//! ([`Buffer::locked`]). It still counts towards the bound.
 //!
 //! # Keys and rotation
 //! Records name the key they were sealed with (first 4 bytes of the key's
@@ -42,6 +50,22 @@
 //! it could have used. Hence a (key, nonce) pair is never used twice, across
 //! restarts, kill -9 and power loss (given a disk that honours fsync).
 //!
+//! # Storage failures
+//! A write that fails (disk full, I/O error) is counted
+//! ([`Buffer::write_errors_total`]) and makes the buffer *not writable*
+//! ([`Buffer::writable`]) until [`Buffer::recover`] succeeds. Measured with
+//! sled 0.34 on a full tmpfs: after one ENOSPC every later write fails,
+//! even once space is back, while reads still work; dropping the database
+//! and opening it again gives a working database holding every record that
+//! was accepted. So `recover` reopens the store, recounts it from disk and
+//! writes a probe; it is retried (the agent does so every few seconds)
+//! until the disk takes writes again. The failure period (first and last
+//! time, failed writes, items the agent refused meanwhile) is stored with
+//! the probe and kept until reported to the hub as a BUFFER_WRITE_FAILED
+//! gateway event ([`Buffer::write_failure_unreported`]). A record whose
+//! batch failed is not accepted; the caller keeps it and retries, or
+//! counts it with [`Buffer::refuse_io`].
+//!
 //! # Durability
 //! [`Buffer::append`] returns only after `flush_async` has made the records,
 //! the per-device sequence counters and the record counter durable in one
@@ -52,9 +76,9 @@
 //! agent is down).
 
 use std::collections::HashMap;
-use std::path::Path;
-use std::sync::Mutex;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, RwLock};
 
 use device_drivers::DriverOutput;
 use prost::Message;
@@ -107,6 +131,16 @@ pub enum BufferError {
     Full { pending_bytes: u64, max_bytes: u64 },
     #[error("a record of {0} bytes can never fit in the buffer bound")]
     TooLarge(u64),
+    #[error("buffer storage is being reopened after a write failure")]
+    Unavailable,
+}
+
+impl BufferError {
+    /// A storage failure (disk full, I/O error): the buffer is not writable
+    /// until [`Buffer::recover`] reopens it.
+    pub fn is_storage(&self) -> bool {
+        matches!(self, BufferError::Storage(_) | BufferError::Unavailable)
+    }
 }
 
 /// What to do when a new record would exceed the bound.
@@ -167,6 +201,11 @@ pub fn items(d: &DeviceData) -> usize {
     d.readings.len() + d.waveforms.len() + d.technical.len()
 }
 
+/// Items in one driver output (as [`items`] counts them once stored).
+pub fn items_of(o: &DriverOutput) -> usize {
+    o.readings.len() + o.waveforms.len() + o.technical.len()
+}
+
 /// A decrypted record waiting to be sent.
 #[derive(Debug, Clone)]
 pub struct StoredRecord {
@@ -189,12 +228,81 @@ struct NonceState {
     reserved_end: u64,
 }
 
-/// The buffer. Cheap to share behind an `Arc`.
-#[derive(Debug)]
-pub struct Buffer {
+/// The open sled database and its trees (replaced when the buffer reopens
+/// after a write failure).
+#[derive(Debug, Clone)]
+struct Store {
     db: sled::Db,
     tree: sled::Tree,
     quarantine: sled::Tree,
+}
+
+impl Store {
+    fn open(dir: &Path) -> Result<Self, sled::Error> {
+        let db = sled::Config::new()
+            .path(dir.join("buffer.sled"))
+            .mode(sled::Mode::HighThroughput)
+            // sled's page cache defaults to 1 GiB, which a long backlog
+            // fills (≈ 750 MB RSS with a 24 h backlog of 16 devices); the
+            // buffer reads records once, oldest first, so a small cache
+            // costs little.
+            .cache_capacity(BUFFER_CACHE_BYTES)
+            .open()?;
+        let tree = db.open_tree("buffer")?;
+        let quarantine = db.open_tree("quarantine")?;
+        Ok(Store {
+            db,
+            tree,
+            quarantine,
+        })
+    }
+}
+
+/// A period during which the buffer could not write (see the module docs,
+/// "Storage failures").
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct WriteFailure {
+    /// When the first write failed and when writing worked again, UTC µs
+    /// (`until_us` is 0 while it still fails).
+    pub since_us: i64,
+    pub until_us: i64,
+    /// Failed writes.
+    pub errors: u64,
+    /// Items the agent refused meanwhile (see [`Buffer::refuse_io`]).
+    pub refused: u64,
+}
+
+impl WriteFailure {
+    fn encode(&self) -> [u8; 32] {
+        let mut v = [0u8; 32];
+        v[..8].copy_from_slice(&self.since_us.to_be_bytes());
+        v[8..16].copy_from_slice(&self.until_us.to_be_bytes());
+        v[16..24].copy_from_slice(&self.errors.to_be_bytes());
+        v[24..].copy_from_slice(&self.refused.to_be_bytes());
+        v
+    }
+    fn decode(v: &[u8]) -> Option<Self> {
+        let f = |i: usize| <[u8; 8]>::try_from(v.get(i..i + 8)?).ok();
+        (v.len() == 32).then_some(())?;
+        Some(WriteFailure {
+            since_us: i64::from_be_bytes(f(0)?),
+            until_us: i64::from_be_bytes(f(8)?),
+            errors: u64::from_be_bytes(f(16)?),
+            refused: u64::from_be_bytes(f(24)?),
+        })
+    }
+}
+
+fn now_us() -> i64 {
+    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000) as i64
+}
+
+/// The buffer. Cheap to share behind an `Arc`.
+#[derive(Debug)]
+pub struct Buffer {
+    dir: PathBuf,
+    /// None only while [`Buffer::recover`] reopens it (or failed to).
+    store: RwLock<Option<Store>>,
     sealer: LessSafeKey,
     key_id: [u8; 4],
     openers: HashMap<[u8; 4], LessSafeKey>,
@@ -208,6 +316,29 @@ pub struct Buffer {
     quarantined: AtomicU64,
     dropped_total: AtomicU64,
     refused_total: AtomicU64,
+    /// Records (and their items) sealed under a key not in the keyring.
+    locked_records: AtomicU64,
+    locked_items: AtomicU64,
+    /// Ids of the missing keys found at open.
+    missing_keys: Vec<[u8; 4]>,
+    /// Storage failures: failed writes, items refused because of them,
+    /// and the failure in progress (None while writes work).
+    write_errors: AtomicU64,
+    refused_io: AtomicU64,
+    failing: Mutex<Option<(WriteFailure, String)>>,
+}
+
+/// Records sealed under keys the buffer does not have (see the module docs).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Locked {
+    pub records: u64,
+    pub items: u64,
+    /// Ids of the missing keys (first 4 bytes of each key's SHA-256).
+    pub key_ids: Vec<[u8; 4]>,
+}
+
+fn header_key_id(v: &[u8]) -> Option<[u8; 4]> {
+    (v.len() >= 5).then(|| <[u8; 4]>::try_from(&v[1..5]).expect("4 bytes"))
 }
 
 fn record_key(id: u64) -> [u8; 9] {
@@ -258,26 +389,15 @@ impl Buffer {
 
     /// Open (or create) the buffer in `dir`.
     pub fn open_with(dir: &Path, keys: &Keyring, limits: Limits) -> Result<Self, BufferError> {
-        let db = sled::Config::new()
-            .path(dir.join("buffer.sled"))
-            .mode(sled::Mode::HighThroughput)
-            // sled's page cache defaults to 1 GiB, which a long backlog
-            // fills (≈ 750 MB RSS with a 24 h backlog of 16 devices); the
-            // buffer reads records once, oldest first, so a small cache
-            // costs little.
-            .cache_capacity(BUFFER_CACHE_BYTES)
-            .open()?;
-        let tree = db.open_tree("buffer")?;
-        let quarantine = db.open_tree("quarantine")?;
+        let store = Store::open(dir)?;
         let mut openers = HashMap::new();
         for k in keys.retired.iter().chain(std::iter::once(&keys.current)) {
             openers.insert(key_id(k), aead_key(k)?);
         }
-        let quarantined = AtomicU64::new(quarantine.len() as u64);
+        let quarantined = AtomicU64::new(store.quarantine.len() as u64);
         let buf = Buffer {
-            db,
-            tree,
-            quarantine,
+            dir: dir.to_path_buf(),
+            store: RwLock::new(Some(store)),
             sealer: aead_key(&keys.current)?,
             key_id: key_id(&keys.current),
             openers,
@@ -290,25 +410,220 @@ impl Buffer {
             quarantined,
             dropped_total: AtomicU64::new(0),
             refused_total: AtomicU64::new(0),
+            locked_records: AtomicU64::new(0),
+            locked_items: AtomicU64::new(0),
+            missing_keys: Vec::new(),
+            write_errors: AtomicU64::new(0),
+            refused_io: AtomicU64::new(0),
+            failing: Mutex::new(None),
         };
-        // Resume the nonce counter past everything reserved before.
+        let mut buf = buf;
+        let missing = buf.load_counts()?;
+        buf.missing_keys = missing;
+        Ok(buf)
+    }
+
+    /// The open store, or [`BufferError::Unavailable`] while it is being
+    /// reopened.
+    fn s(&self) -> Result<Store, BufferError> {
+        self.store
+            .read()
+            .expect("store lock")
+            .clone()
+            .ok_or(BufferError::Unavailable)
+    }
+
+    /// Note a failed write: the buffer is failing until [`recover`](Self::recover).
+    fn note<T>(&self, r: Result<T, sled::Error>) -> Result<T, BufferError> {
+        r.map_err(|e| {
+            self.write_errors.fetch_add(1, Ordering::Relaxed);
+            let mut f = self.failing.lock().expect("failing lock");
+            match f.as_mut() {
+                Some((w, last)) => {
+                    w.errors += 1;
+                    *last = e.to_string();
+                }
+                None => {
+                    tracing::error!(error = %e, "buffer write failed; the buffer is not writable until its storage recovers");
+                    *f = Some((
+                        WriteFailure {
+                            since_us: now_us(),
+                            errors: 1,
+                            ..Default::default()
+                        },
+                        e.to_string(),
+                    ));
+                }
+            }
+            BufferError::Storage(e)
+        })
+    }
+
+    /// Resume the nonce counter and count what is stored (at open and
+    /// reopen); returns the ids of keys the records need but the keyring
+    /// lacks.
+    fn load_counts(&self) -> Result<Vec<[u8; 4]>, BufferError> {
+        let s = self.s()?;
+        // Resume the nonce counter past everything reserved before (and
+        // past anything used in this process).
         {
-            let mut n = buf.nonce.lock().expect("nonce lock");
-            n.next = get_u64(&buf.tree, &buf.nonce_meta_key())?;
+            let mut n = self.nonce.lock().expect("nonce lock");
+            n.next = get_u64(&s.tree, &self.nonce_meta_key())?.max(n.next);
             n.reserved_end = n.next;
         }
-        // Count what is pending from the headers alone (no decryption).
+        // Count what is pending from the headers alone (no decryption);
+        // records under a key this keyring lacks are locked, not pending.
         let (mut recs, mut readings, mut bytes) = (0u64, 0u64, 0u64);
-        for item in buf.tree.scan_prefix(b"r") {
+        let (mut locked_recs, mut locked_items) = (0u64, 0u64);
+        let mut missing = std::collections::BTreeSet::new();
+        for item in s.tree.scan_prefix(b"r") {
             let (_, v) = item?;
-            recs += 1;
-            readings += header_count(&v);
             bytes += v.len() as u64;
+            match header_key_id(&v) {
+                Some(kid) if !self.openers.contains_key(&kid) => {
+                    locked_recs += 1;
+                    locked_items += header_count(&v);
+                    missing.insert(kid);
+                }
+                _ => {
+                    recs += 1;
+                    readings += header_count(&v);
+                }
+            }
         }
-        buf.pending_records.store(recs, Ordering::Relaxed);
-        buf.pending_readings.store(readings, Ordering::Relaxed);
-        buf.pending_bytes.store(bytes, Ordering::Relaxed);
-        Ok(buf)
+        self.locked_records.store(locked_recs, Ordering::Relaxed);
+        self.locked_items.store(locked_items, Ordering::Relaxed);
+        self.pending_records.store(recs, Ordering::Relaxed);
+        self.pending_readings.store(readings, Ordering::Relaxed);
+        self.pending_bytes.store(bytes, Ordering::Relaxed);
+        self.quarantined
+            .store(s.quarantine.len() as u64, Ordering::Relaxed);
+        Ok(missing.into_iter().collect())
+    }
+
+    /// Whether writes work (false from a failed write until
+    /// [`recover`](Self::recover) succeeds).
+    pub fn writable(&self) -> bool {
+        self.failing.lock().expect("failing lock").is_none()
+    }
+
+    /// The failure in progress and its last error, if writes fail.
+    pub fn write_failure(&self) -> Option<(WriteFailure, String)> {
+        self.failing.lock().expect("failing lock").clone()
+    }
+
+    /// Failed buffer writes since start.
+    pub fn write_errors_total(&self) -> u64 {
+        self.write_errors.load(Ordering::Relaxed)
+    }
+
+    /// Items refused because the buffer could not write, since start.
+    pub fn refused_io_total(&self) -> u64 {
+        self.refused_io.load(Ordering::Relaxed)
+    }
+
+    /// Count `n` items the agent gave up on because the buffer could not
+    /// write (held too long or too many while it failed).
+    pub fn refuse_io(&self, n: u64) {
+        self.refused_io.fetch_add(n, Ordering::Relaxed);
+        if let Some((w, _)) = self.failing.lock().expect("failing lock").as_mut() {
+            w.refused += n;
+        }
+    }
+
+    /// After a failed write, reopen the store and check that it writes
+    /// again (sled 0.34 keeps failing every write after an I/O error such
+    /// as ENOSPC, even once space is back; a reopened database works and
+    /// has every record that was accepted). Blocking (up to ~2 s waiting
+    /// for the old database's file lock); call it from a blocking thread.
+    /// Returns whether the buffer is writable. On success the failure is
+    /// stored for the hub (see [`write_failure_unreported`](Self::write_failure_unreported)).
+    pub fn recover(&self) -> Result<bool, BufferError> {
+        if self.writable() {
+            return Ok(true);
+        }
+        // Close the failed database: every handle must go before sled's
+        // file lock is released.
+        drop(self.store.write().expect("store lock").take());
+        let mut store = None;
+        let mut last = None;
+        for _ in 0..100 {
+            match Store::open(&self.dir) {
+                Ok(s) => {
+                    store = Some(s);
+                    break;
+                }
+                Err(e) => {
+                    let lock = matches!(&e, sled::Error::Io(io) if io.to_string().contains("lock"));
+                    last = Some(e);
+                    if !lock {
+                        break;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+            }
+        }
+        let Some(store) = store else {
+            let e = last.expect("an error when not opened");
+            tracing::warn!(error = %e, "reopening the buffer failed; retrying later");
+            return self.note(Err(e));
+        };
+        *self.store.write().expect("store lock") = Some(store.clone());
+        // Sequences and counts come from disk again.
+        self.write.try_lock().map(|mut m| m.clear()).ok();
+        self.load_counts()?;
+        // Does it write? Store the failure for the hub in the same write.
+        let Some((mut failure, _)) = self.write_failure() else {
+            return Ok(true);
+        };
+        failure.until_us = now_us();
+        let k = meta_key("write_failure");
+        let mut report = failure.clone();
+        if let Some(prev) = store.tree.get(&k)?.and_then(|v| WriteFailure::decode(&v)) {
+            report.since_us = prev.since_us;
+            report.errors += prev.errors;
+            report.refused += prev.refused;
+        }
+        self.note(store.tree.insert(&k, &report.encode()))?;
+        self.note(store.tree.flush())?;
+        // Failures noted while probing belong to this period too.
+        let mut f = self.failing.lock().expect("failing lock");
+        let (now, _) = f.take().expect("still failing");
+        tracing::warn!(
+            failed_for_s = (failure.until_us - failure.since_us) / 1_000_000,
+            write_errors = now.errors,
+            refused = now.refused,
+            pending_items = self.pending_readings(),
+            "buffer storage recovered; writing again"
+        );
+        Ok(true)
+    }
+
+    /// A storage failure the buffer recovered from, not yet reported to the
+    /// hub (periods since the last report merged).
+    pub fn write_failure_unreported(&self) -> Result<Option<WriteFailure>, BufferError> {
+        Ok(self
+            .s()?
+            .tree
+            .get(meta_key("write_failure"))?
+            .and_then(|v| WriteFailure::decode(&v)))
+    }
+
+    /// The failure `reported` has reached the hub: forget it (unless
+    /// another one was merged into it meanwhile).
+    pub async fn mark_write_failure_reported(
+        &self,
+        reported: &WriteFailure,
+    ) -> Result<(), BufferError> {
+        let s = self.s()?;
+        let _w = self.write.lock().await;
+        let _ = self.note(s.tree.compare_and_swap(
+            meta_key("write_failure"),
+            Some(&reported.encode()[..]),
+            None::<&[u8]>,
+        ))?;
+        self.note(s.tree.flush_async().await)?;
+        Ok(())
     }
 
     fn nonce_meta_key(&self) -> Vec<u8> {
@@ -316,16 +631,15 @@ impl Buffer {
     }
 
     /// Take the next nonce, reserving (durably) a new block when needed.
-    fn next_nonce(&self) -> Result<[u8; 12], BufferError> {
+    fn next_nonce(&self, tree: &sled::Tree) -> Result<[u8; 12], BufferError> {
         let mut n = self.nonce.lock().expect("nonce lock");
         if n.next >= n.reserved_end {
             let end = n
                 .next
                 .checked_add(NONCE_BLOCK)
                 .ok_or(BufferError::NonceExhausted)?;
-            self.tree
-                .insert(self.nonce_meta_key(), &end.to_be_bytes())?;
-            self.tree.flush()?;
+            self.note(tree.insert(self.nonce_meta_key(), &end.to_be_bytes()))?;
+            self.note(tree.flush())?;
             n.reserved_end = end;
         }
         let mut nonce = [0u8; 12];
@@ -334,8 +648,14 @@ impl Buffer {
         Ok(nonce)
     }
 
-    fn seal(&self, key: &[u8; 9], count: u32, plaintext: Vec<u8>) -> Result<Vec<u8>, BufferError> {
-        let nonce = self.next_nonce()?;
+    fn seal(
+        &self,
+        tree: &sled::Tree,
+        key: &[u8; 9],
+        count: u32,
+        plaintext: Vec<u8>,
+    ) -> Result<Vec<u8>, BufferError> {
+        let nonce = self.next_nonce(tree)?;
         let mut header = Vec::with_capacity(HEADER);
         header.push(VERSION);
         header.extend_from_slice(&self.key_id);
@@ -386,8 +706,9 @@ impl Buffer {
     /// atomically, flush. Returns the number of items accepted.
     pub async fn append(&self, outputs: Vec<DriverOutput>) -> Result<usize, BufferError> {
         let mut seqs = self.write.lock().await;
+        let st = self.s()?;
         let mut batch = sled::Batch::default();
-        let mut next_record = get_u64(&self.tree, &meta_key("next_record"))?;
+        let mut next_record = get_u64(&st.tree, &meta_key("next_record"))?;
         let mut touched: HashMap<String, u64> = HashMap::new();
         let (mut n_items, mut n_records, mut n_bytes) = (0usize, 0u64, 0u64);
         for out in outputs {
@@ -399,7 +720,7 @@ impl Buffer {
                 .or_else(|| seqs.get(&out.device_id))
             {
                 Some(s) => *s,
-                None => get_u64(&self.tree, &meta_key(&format!("seq/{}", out.device_id)))?,
+                None => get_u64(&st.tree, &meta_key(&format!("seq/{}", out.device_id)))?,
             };
             let mut last = seq;
             let mut next = || {
@@ -427,7 +748,7 @@ impl Buffer {
             let count = items(&data) as u32;
             let key = record_key(next_record);
             next_record += 1;
-            let sealed = self.seal(&key, count, data.encode_to_vec())?;
+            let sealed = self.seal(&st.tree, &key, count, data.encode_to_vec())?;
             n_bytes += sealed.len() as u64;
             batch.insert(&key[..], sealed);
             n_items += count as usize;
@@ -438,6 +759,7 @@ impl Buffer {
         }
         // Room, per the policy. Eviction happens in the same atomic batch.
         let (mut ev_records, mut ev_items, mut ev_bytes) = (0u64, 0u64, 0u64);
+        let (mut ev_locked_records, mut ev_locked_items) = (0u64, 0u64);
         let pending = self.pending_bytes.load(Ordering::Relaxed);
         if n_bytes > self.limits.max_bytes {
             self.refused_total
@@ -456,18 +778,21 @@ impl Buffer {
                 }
                 OverflowPolicy::DropOldest => {
                     let need = pending + n_bytes - self.limits.max_bytes;
-                    for item in self.tree.scan_prefix(b"r") {
+                    for item in st.tree.scan_prefix(b"r") {
                         if ev_bytes >= need {
                             break;
                         }
                         let (k, v) = item?;
                         batch.remove(k);
+                        if header_key_id(&v).is_some_and(|kid| !self.openers.contains_key(&kid)) {
+                            ev_locked_records += 1;
+                            ev_locked_items += header_count(&v);
+                        }
                         ev_records += 1;
                         ev_items += header_count(&v);
                         ev_bytes += v.len() as u64;
                     }
-                    let unreported =
-                        get_u64(&self.tree, &meta_key("dropped_unreported"))? + ev_items;
+                    let unreported = get_u64(&st.tree, &meta_key("dropped_unreported"))? + ev_items;
                     batch.insert(meta_key("dropped_unreported"), &unreported.to_be_bytes());
                 }
             }
@@ -476,8 +801,8 @@ impl Buffer {
             batch.insert(meta_key(&format!("seq/{dev}")), &last.to_be_bytes());
         }
         batch.insert(meta_key("next_record"), &next_record.to_be_bytes());
-        self.tree.apply_batch(batch)?;
-        self.tree.flush_async().await?;
+        self.note(st.tree.apply_batch(batch))?;
+        self.note(st.tree.flush_async().await)?;
         seqs.extend(touched);
         if ev_records > 0 {
             tracing::warn!(
@@ -488,12 +813,17 @@ impl Buffer {
             );
             self.dropped_total.fetch_add(ev_items, Ordering::Relaxed);
         }
+        self.locked_records
+            .fetch_sub(ev_locked_records, Ordering::Relaxed);
+        self.locked_items
+            .fetch_sub(ev_locked_items, Ordering::Relaxed);
         self.pending_records.fetch_add(n_records, Ordering::Relaxed);
         self.pending_records
-            .fetch_sub(ev_records, Ordering::Relaxed);
+            .fetch_sub(ev_records - ev_locked_records, Ordering::Relaxed);
         self.pending_readings
             .fetch_add(n_items as u64, Ordering::Relaxed);
-        self.pending_readings.fetch_sub(ev_items, Ordering::Relaxed);
+        self.pending_readings
+            .fetch_sub(ev_items - ev_locked_items, Ordering::Relaxed);
         self.pending_bytes.fetch_add(n_bytes, Ordering::Relaxed);
         self.pending_bytes.fetch_sub(ev_bytes, Ordering::Relaxed);
         Ok(n_items)
@@ -531,8 +861,13 @@ impl Buffer {
         let mut out = Vec::new();
         let mut readings = 0usize;
         let mut plain = 0u64;
-        for item in self.tree.range(record_key(from)..record_key(until)) {
+        let st = self.s()?;
+        for item in st.tree.range(record_key(from)..record_key(until)) {
             let (k, v) = item?;
+            if header_key_id(&v).is_some_and(|kid| !self.openers.contains_key(&kid)) {
+                // Locked (its key is missing): kept in place, not sent.
+                continue;
+            }
             match self.open_record(&k, &v) {
                 Ok(data) => {
                     let n = items(&data);
@@ -593,8 +928,11 @@ impl Buffer {
         cap_bytes: u64,
     ) -> Result<(usize, u64), BufferError> {
         let (mut n, mut bytes) = (0usize, 0u64);
-        for item in self.tree.range(record_key(from)..record_key(until)) {
+        for item in self.s()?.tree.range(record_key(from)..record_key(until)) {
             let (_, v) = item?;
+            if header_key_id(&v).is_some_and(|kid| !self.openers.contains_key(&kid)) {
+                continue;
+            }
             n += header_count(&v) as usize;
             bytes += (v.len() as u64).saturating_sub(RECORD_OVERHEAD);
             if n >= cap_items || bytes >= cap_bytes {
@@ -607,13 +945,14 @@ impl Buffer {
     /// The id the next appended record will get (records below it exist or
     /// existed).
     pub fn next_record_id(&self) -> Result<u64, BufferError> {
-        Ok(get_u64(&self.tree, &meta_key("next_record"))?)
+        Ok(get_u64(&self.s()?.tree, &meta_key("next_record"))?)
     }
 
     fn quarantine_record(&self, k: &[u8], v: &[u8], reason: &str) -> Result<(), BufferError> {
         tracing::error!(reason, record = %hex::encode(k), "buffer record quarantined");
-        self.quarantine.insert(k, v)?;
-        if self.tree.remove(k)?.is_some() {
+        let st = self.s()?;
+        self.note(st.quarantine.insert(k, v))?;
+        if self.note(st.tree.remove(k))?.is_some() {
             self.pending_records.fetch_sub(1, Ordering::Relaxed);
             self.pending_readings
                 .fetch_sub(header_count(v), Ordering::Relaxed);
@@ -628,10 +967,11 @@ impl Buffer {
     /// already gone (dropped by the overflow policy meanwhile) are skipped.
     pub async fn remove(&self, records: &[StoredRecord]) -> Result<(), BufferError> {
         let _w = self.write.lock().await;
+        let st = self.s()?;
         let mut batch = sled::Batch::default();
         let (mut recs, mut readings, mut bytes, mut evicted) = (0u64, 0u64, 0u64, 0u64);
         for r in records {
-            if self.tree.contains_key(&r.key)? {
+            if st.tree.contains_key(&r.key)? {
                 batch.remove(r.key.clone());
                 recs += 1;
                 readings += items(&r.data) as u64;
@@ -644,7 +984,7 @@ impl Buffer {
         }
         if evicted > 0 {
             let k = meta_key("dropped_unreported");
-            let left = get_u64(&self.tree, &k)?.saturating_sub(evicted);
+            let left = get_u64(&st.tree, &k)?.saturating_sub(evicted);
             batch.insert(k, &left.to_be_bytes());
             let _ = self
                 .dropped_total
@@ -652,8 +992,8 @@ impl Buffer {
                     Some(d.saturating_sub(evicted))
                 });
         }
-        self.tree.apply_batch(batch)?;
-        self.tree.flush_async().await?;
+        self.note(st.tree.apply_batch(batch))?;
+        self.note(st.tree.flush_async().await)?;
         self.pending_records.fetch_sub(recs, Ordering::Relaxed);
         self.pending_readings.fetch_sub(readings, Ordering::Relaxed);
         self.pending_bytes.fetch_sub(bytes, Ordering::Relaxed);
@@ -664,16 +1004,17 @@ impl Buffer {
     /// crash (a re-sent record travels in a new batch; the hub de-duplicates
     /// readings by identity).
     pub async fn next_batch_sequence(&self) -> Result<u64, BufferError> {
+        let st = self.s()?;
         let k = meta_key("batch_seq");
-        let next = get_u64(&self.tree, &k)? + 1;
-        self.tree.insert(k, &next.to_be_bytes())?;
-        self.tree.flush_async().await?;
+        let next = get_u64(&st.tree, &k)? + 1;
+        self.note(st.tree.insert(k, &next.to_be_bytes()))?;
+        self.note(st.tree.flush_async().await)?;
         Ok(next)
     }
 
     /// Items dropped by the overflow policy and not yet reported to the hub.
     pub fn dropped_unreported(&self) -> Result<u64, BufferError> {
-        Ok(get_u64(&self.tree, &meta_key("dropped_unreported"))?)
+        Ok(get_u64(&self.s()?.tree, &meta_key("dropped_unreported"))?)
     }
 
     /// Record that `n` dropped items have been reported (after the hub's
@@ -681,20 +1022,22 @@ impl Buffer {
     /// sequence for the next report.
     pub async fn mark_dropped_reported(&self, n: u64) -> Result<(), BufferError> {
         let _w = self.write.lock().await;
+        let st = self.s()?;
         let k = meta_key("dropped_unreported");
-        let left = get_u64(&self.tree, &k)?.saturating_sub(n);
-        self.tree.insert(k, &left.to_be_bytes())?;
-        self.tree.flush_async().await?;
+        let left = get_u64(&st.tree, &k)?.saturating_sub(n);
+        self.note(st.tree.insert(k, &left.to_be_bytes()))?;
+        self.note(st.tree.flush_async().await)?;
         Ok(())
     }
 
     /// A gateway-event sequence number, durably allocated (never reused).
     pub async fn next_gateway_event_sequence(&self) -> Result<u64, BufferError> {
         let _w = self.write.lock().await;
+        let st = self.s()?;
         let k = meta_key("gw_event_seq");
-        let next = get_u64(&self.tree, &k)? + 1;
-        self.tree.insert(k, &next.to_be_bytes())?;
-        self.tree.flush_async().await?;
+        let next = get_u64(&st.tree, &k)? + 1;
+        self.note(st.tree.insert(k, &next.to_be_bytes()))?;
+        self.note(st.tree.flush_async().await)?;
         Ok(next)
     }
 
@@ -702,7 +1045,8 @@ impl Buffer {
     /// were sealed with; a retired key not in this set can be deleted.
     pub fn keys_in_use(&self) -> Result<std::collections::HashSet<[u8; 4]>, BufferError> {
         let mut ids = std::collections::HashSet::new();
-        for tree in [&self.tree, &self.quarantine] {
+        let st = self.s()?;
+        for tree in [&st.tree, &st.quarantine] {
             for item in tree.scan_prefix(b"r") {
                 let (_, v) = item?;
                 if v.len() >= 5 {
@@ -725,6 +1069,14 @@ impl Buffer {
     pub fn quarantined(&self) -> u64 {
         self.quarantined.load(Ordering::Relaxed)
     }
+    /// Records kept for a missing key (see the module docs).
+    pub fn locked(&self) -> Locked {
+        Locked {
+            records: self.locked_records.load(Ordering::Relaxed),
+            items: self.locked_items.load(Ordering::Relaxed),
+            key_ids: self.missing_keys.clone(),
+        }
+    }
     /// Items dropped by `drop-oldest` since this process started.
     pub fn dropped_total(&self) -> u64 {
         self.dropped_total.load(Ordering::Relaxed)
@@ -735,7 +1087,7 @@ impl Buffer {
     }
     /// Bytes sled occupies on disk.
     pub fn size_on_disk(&self) -> Result<u64, BufferError> {
-        Ok(self.db.size_on_disk()?)
+        Ok(self.s()?.db.size_on_disk()?)
     }
     pub fn limits(&self) -> Limits {
         self.limits
@@ -743,7 +1095,8 @@ impl Buffer {
 
     /// Flush everything (used at shutdown).
     pub async fn flush(&self) -> Result<(), BufferError> {
-        self.db.flush_async().await?;
+        let st = self.s()?;
+        self.note(st.db.flush_async().await)?;
         Ok(())
     }
 }
@@ -996,10 +1349,11 @@ mod tests {
             b.append(vec![out("a", &[3.0])]).await.unwrap();
             // Flip one ciphertext byte of the first record.
             let k = record_key(0);
-            let mut v = b.tree.get(k).unwrap().unwrap().to_vec();
+            let t = b.s().unwrap().tree;
+            let mut v = t.get(k).unwrap().unwrap().to_vec();
             let last = v.len() - 1;
             v[last] ^= 1;
-            b.tree.insert(k, v).unwrap();
+            t.insert(k, v).unwrap();
             b.flush().await.unwrap();
         }
         let b = open_retry(dir.path(), &[5u8; 32]).unwrap();
@@ -1008,10 +1362,56 @@ mod tests {
         assert_eq!(b.quarantined(), 1);
         assert_eq!(b.pending_readings(), 2);
         drop(b);
-        // Opened with another key: every record quarantined, none delivered.
-        let b = open_retry(dir.path(), &[6u8; 32]).unwrap();
-        assert!(b.oldest(10).unwrap().is_empty());
-        assert_eq!(b.quarantined(), 3);
+    }
+
+    #[tokio::test]
+    async fn records_under_a_missing_key_are_kept_locked_and_delivered_when_it_returns() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = [5u8; 32];
+        {
+            let b = open_retry(dir.path(), &old).unwrap();
+            b.append(vec![out("a", &[1.0, 2.0])]).await.unwrap();
+            b.append(vec![out("a", &[3.0])]).await.unwrap();
+            b.flush().await.unwrap();
+        }
+        // The key is lost: a new one. Nothing quarantined, nothing sent, counted.
+        {
+            let b = open_retry(dir.path(), &[6u8; 32]).unwrap();
+            assert_eq!(
+                b.locked(),
+                Locked {
+                    records: 2,
+                    items: 3,
+                    key_ids: vec![key_id(&old)]
+                }
+            );
+            assert_eq!((b.pending_records(), b.pending_readings()), (0, 0));
+            assert!(b.oldest(10).unwrap().is_empty());
+            assert_eq!(b.items_in(0, u64::MAX, 100).unwrap(), 0);
+            b.append(vec![out("a", &[4.0])]).await.unwrap();
+            let recs = b.oldest(10).unwrap();
+            assert_eq!(recs.len(), 1, "new records flow past the locked ones");
+            b.remove(&recs).await.unwrap();
+            assert_eq!(b.quarantined(), 0);
+            b.flush().await.unwrap();
+        }
+        // The old key is back (retired beside the new one): delivered.
+        let ring = Keyring {
+            current: [6u8; 32],
+            retired: vec![old],
+        };
+        let b = open_retry_with(dir.path(), &ring, Limits::default());
+        assert_eq!(b.locked(), Locked::default());
+        let recs = b.oldest(10).unwrap();
+        let values: Vec<_> = recs
+            .iter()
+            .flat_map(|r| r.data.readings.iter().map(|x| x.value.clone()))
+            .collect();
+        assert_eq!(
+            values,
+            [1.0, 2.0, 3.0].map(|v| Some(Value::Numeric(v))).to_vec()
+        );
+        assert_eq!(b.quarantined(), 0);
     }
 
     #[tokio::test]
@@ -1023,7 +1423,7 @@ mod tests {
             for _ in 0..5 {
                 b.append(vec![out("a", &[1.0])]).await.unwrap();
             }
-            for item in b.tree.scan_prefix(b"r") {
+            for item in b.s().unwrap().tree.scan_prefix(b"r") {
                 let (_, v) = item.unwrap();
                 seen.insert(v[9..21].to_vec());
             }
@@ -1167,5 +1567,107 @@ mod tests {
         let b = open_retry(dir.path(), &[1u8; 32]).unwrap();
         assert_eq!(a, 2);
         assert_eq!(b.next_batch_sequence().await.unwrap(), 3);
+    }
+
+    /// A small tmpfs mounted for a test, unmounted on drop.
+    pub(crate) struct Tmpfs(pub tempfile::TempDir);
+
+    impl Tmpfs {
+        /// Mount one of `size` (e.g. "12m"); None (with the reason printed)
+        /// only when not root, where mounting cannot work.
+        pub(crate) fn mount(size: &str) -> Option<Tmpfs> {
+            let dir = tempfile::tempdir().unwrap();
+            let st = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+                .arg(dir.path())
+                .status();
+            match st {
+                Ok(s) if s.success() => Some(Tmpfs(dir)),
+                other => {
+                    let root = std::fs::read_to_string("/proc/self/status")
+                        .map(|s| {
+                            s.lines().any(|l| {
+                                l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")
+                            })
+                        })
+                        .unwrap_or(false);
+                    assert!(!root, "mounting a tmpfs failed as root: {other:?}");
+                    eprintln!("SKIPPED: not root, cannot mount a tmpfs ({other:?})");
+                    None
+                }
+            }
+        }
+    }
+
+    impl Drop for Tmpfs {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(self.0.path())
+                .status();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_full_disk_is_survived_by_reopening_the_store() {
+        let Some(fs) = Tmpfs::mount("12m") else {
+            return;
+        };
+        let filler = fs.0.path().join("filler");
+        std::fs::write(&filler, vec![0u8; 3 << 20]).unwrap();
+        let data = fs.0.path().join("data");
+        std::fs::create_dir_all(&data).unwrap();
+        let b = Buffer::open(&data, &[1u8; 32]).unwrap();
+        let big = |i: usize| {
+            let mut o = out("a", &[i as f64; 20]);
+            o.readings
+                .iter_mut()
+                .for_each(|r| r.vendor_label = "x".repeat(100));
+            o
+        };
+        let mut accepted = 0u64;
+        let err = loop {
+            match b.append(vec![big(accepted as usize)]).await {
+                Ok(n) => accepted += n as u64,
+                Err(e) => break e,
+            }
+            assert!(accepted < 1_000_000, "the disk never filled");
+        };
+        assert!(err.is_storage(), "{err}");
+        assert!(!b.writable());
+        assert_eq!(b.write_errors_total(), 1);
+        // Still full: writes fail, reads work; recovering does not pretend.
+        assert!(b.append(vec![big(0)]).await.unwrap_err().is_storage());
+        assert_eq!(b.oldest(1).unwrap().len(), 1, "reads still work");
+        assert!(b.recover().is_err());
+        assert!(!b.writable());
+        assert_eq!(b.pending_readings(), accepted, "counts kept meanwhile");
+        b.refuse_io(7);
+        // Space returns: the same sled database would still fail (measured);
+        // recover reopens it and writes again, with nothing accepted lost.
+        std::fs::remove_file(&filler).unwrap();
+        assert!(b.recover().unwrap());
+        assert!(b.writable());
+        assert_eq!(b.pending_readings(), accepted);
+        assert_eq!(b.append(vec![big(1)]).await.unwrap(), 20);
+        let recs = b.oldest(usize::MAX).unwrap();
+        assert_eq!(
+            recs.iter().map(|r| items(&r.data) as u64).sum::<u64>(),
+            accepted + 20
+        );
+        let seqs: Vec<u64> = recs.iter().map(|r| r.data.readings[0].sequence).collect();
+        assert!(
+            seqs.windows(2).all(|w| w[1] == w[0] + 20),
+            "sequences continue"
+        );
+        // The failure is kept for the hub until reported.
+        let f = b.write_failure_unreported().unwrap().unwrap();
+        assert!(
+            f.errors >= 3 && f.refused == 7 && f.until_us >= f.since_us,
+            "{f:?}"
+        );
+        b.mark_write_failure_reported(&f).await.unwrap();
+        assert_eq!(b.write_failure_unreported().unwrap(), None);
+        assert_eq!(b.refused_io_total(), 7);
     }
 }

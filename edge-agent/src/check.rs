@@ -3,7 +3,9 @@
 //! (errors name the field), the secrets' permissions, each device's link
 //! (serial port opens with the protocol's settings, TCP device answers a
 //! connect, UDP address resolves, listener port is free, Bluetooth adapter
-//! present) and the hub (`/healthz` over the configured TLS).
+//! present) and the uplink, authenticated: the hub (`/healthz`, then the
+//! gateway token on the ingest path, over the configured TLS) or IoT Hub /
+//! DPS (an MQTT connection as the configured identity up to its CONNACK).
 
 use std::path::Path;
 use std::time::Duration;
@@ -158,14 +160,71 @@ async fn check_hub(cfg: &AgentConfig) -> Finding {
         Err(e) => return bad("hub", e.to_string()),
     };
     match client.get(format!("{base}/healthz")).send().await {
-        Ok(r) if r.status().is_success() => ok("hub", format!("{base} is up")),
+        Ok(r) if r.status().is_success() => {}
+        Ok(r) => {
+            return bad(
+                "hub",
+                format!("{base}/healthz answered HTTP {}", r.status().as_u16()),
+            );
+        }
+        Err(e) => return bad("hub", format!("{base}: {e}")),
+    }
+    // The gateway token, authenticated by the hub: an ingest request whose
+    // content type the hub refuses only after authentication (HTTP 415),
+    // so nothing is stored; a refused token answers 401.
+    let token = match crate::secrets::load_token(
+        cfg.uplink.token_file.as_deref(),
+        std::env::var("VIGIL_AGENT_TOKEN").ok(),
+    ) {
+        Ok(t) => t,
+        Err(e) => {
+            return bad(
+                "hub",
+                format!("{base} is up; no token to authenticate: {e}"),
+            );
+        }
+    };
+    match client
+        .post(&cfg.uplink.url)
+        .bearer_auth(token)
+        .header(reqwest::header::CONTENT_TYPE, AUTH_PROBE_CONTENT_TYPE)
+        .body(Vec::new())
+        .send()
+        .await
+    {
+        Ok(r) if r.status() == reqwest::StatusCode::UNSUPPORTED_MEDIA_TYPE => ok(
+            "hub",
+            format!("{base} is up and accepts the gateway token (TLS verified)"),
+        ),
+        Ok(r)
+            if r.status() == reqwest::StatusCode::UNAUTHORIZED
+                || r.status() == reqwest::StatusCode::FORBIDDEN =>
+        {
+            let status = r.status().as_u16();
+            let msg = r.text().await.unwrap_or_default();
+            bad(
+                "hub",
+                format!(
+                    "{base} refused the gateway token (HTTP {status}): {} (re-provision the gateway or fix uplink.token_file)",
+                    msg.trim()
+                ),
+            )
+        }
         Ok(r) => bad(
             "hub",
-            format!("{base}/healthz answered HTTP {}", r.status().as_u16()),
+            format!(
+                "{} answered HTTP {} to an authentication probe",
+                cfg.uplink.url,
+                r.status().as_u16()
+            ),
         ),
-        Err(e) => bad("hub", format!("{base}: {e}")),
+        Err(e) => bad("hub", format!("{}: {e}", cfg.uplink.url)),
     }
 }
+
+/// Content type of `check`'s ingest probe: not protobuf, so the hub answers
+/// 415 after checking the token and stores nothing.
+const AUTH_PROBE_CONTENT_TYPE: &str = "application/x-vigil-auth-check";
 
 /// Run every check. A config that does not load is a single finding.
 pub async fn check(config: &Path) -> Vec<Finding> {
@@ -233,29 +292,24 @@ pub async fn check(config: &Path) -> Vec<Finding> {
                 });
             }
         }
-        (None, Some(h)) => out.push(check_iothub(h).await),
+        (None, Some(h)) => out.push(check_iothub(h, &cfg).await),
         (None, None) => out.push(check_hub(&cfg).await),
     }
     out
 }
 
-/// IoT Hub: the MQTT endpoint accepts a TCP connection (TLS and the SAS
-/// login are exercised by `edge-agent run`).
-async fn check_iothub(h: &crate::config::IotHubConfig) -> Finding {
+/// IoT Hub / DPS: connect and authenticate as the configured identity
+/// (TLS verified against the configured CA, CONNECT, CONNACK), so a wrong
+/// key, device id, certificate or CA is a FAIL with the reason.
+async fn check_iothub(h: &crate::config::IotHubConfig, cfg: &AgentConfig) -> Finding {
     // With DPS the hub is not known before registration: check DPS.
     let (subject, addr) = match &h.dps {
         Some(d) => ("DPS", format!("{}:{}", d.global_endpoint, d.port)),
         None => ("IoT Hub", format!("{}:{}", h.host, h.port)),
     };
-    match tokio::time::timeout(
-        Duration::from_secs(5),
-        tokio::net::TcpStream::connect(&addr),
-    )
-    .await
-    {
-        Ok(Ok(_)) => ok(subject, format!("{addr} accepts connections")),
-        Ok(Err(e)) => bad(subject, format!("{addr}: {e}")),
-        Err(_) => bad(subject, format!("{addr}: no answer within 5 s")),
+    match crate::iothub::check_connect(h, &cfg.data_dir, cfg.uplink.request_timeout()).await {
+        Ok(what) => ok(subject, what),
+        Err(e) => bad(subject, format!("{addr}: {e}")),
     }
 }
 
@@ -323,7 +377,12 @@ mod tests {
             by("device m1")
         );
         assert!(!by("device mb").ok);
-        assert!(by("hub").ok, "{:?}", by("hub"));
+        // The hub is up, but without a usable token nothing is authenticated.
+        assert!(
+            !by("hub").ok && by("hub").detail.contains("no token"),
+            "{:?}",
+            by("hub")
+        );
         let text = render(&f);
         assert!(
             text.lines().any(|l| l.starts_with("FAIL device m1")),

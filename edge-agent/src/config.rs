@@ -78,6 +78,14 @@ pub struct BufferConfig {
     /// is stored, refuse new readings and count them).
     #[serde(default)]
     pub overflow: crate::buffer::OverflowPolicy,
+    /// Start although stored records are sealed under a buffer key that no
+    /// configured key opens (a lost or replaced key). Default false: the
+    /// agent refuses to start so that the key can be restored. The records
+    /// stay stored and are sent once the key is back; the loss is counted
+    /// and reported to the hub. `edge-agent run --accept-key-loss` does the
+    /// same for one start.
+    #[serde(default)]
+    pub accept_key_loss: bool,
 }
 
 fn default_max_bytes() -> u64 {
@@ -89,6 +97,7 @@ impl Default for BufferConfig {
         BufferConfig {
             max_bytes: default_max_bytes(),
             overflow: Default::default(),
+            accept_key_loss: false,
         }
     }
 }

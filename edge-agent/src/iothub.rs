@@ -565,9 +565,8 @@ impl IotHubUplink {
         }
     }
 
-    fn start(&mut self) -> mpsc::Sender<PublishCmd> {
-        let (tx, rx) = mpsc::channel(1);
-        let cfg = SessionCfg {
+    fn session_cfg(&self) -> SessionCfg {
+        SessionCfg {
             identity: self.identity.clone(),
             dps: self.dps.clone(),
             hub_port: self.hub_port,
@@ -579,7 +578,12 @@ impl IotHubUplink {
             twin: self.twin,
             link: self.link.clone(),
             stats: self.stats.clone(),
-        };
+        }
+    }
+
+    fn start(&mut self) -> mpsc::Sender<PublishCmd> {
+        let (tx, rx) = mpsc::channel(1);
+        let cfg = self.session_cfg();
         tokio::spawn(run_session(cfg, rx));
         self.session = Some(tx.clone());
         tx
@@ -678,6 +682,85 @@ pub fn credentials_check(
             IotHubUplink::new(h, timeout)?;
             Ok("device key / certificate loads")
         }
+    }
+}
+
+/// `check`: one MQTT connection as the configured identity, the way `run`
+/// connects: TLS verified against the configured CA (or the public roots),
+/// CONNECT with the SAS token or client certificate, and the broker's
+/// CONNACK. With DPS, the connection is to DPS with the registration
+/// credentials (nothing is registered). Nothing is published. Returns what
+/// was verified.
+pub async fn check_connect(
+    h: &IotHubConfig,
+    data_dir: &std::path::Path,
+    timeout: Duration,
+) -> Result<String, UplinkError> {
+    match &h.dps {
+        Some(_) => {
+            let up = IotHubUplink::with_dps(h, data_dir, timeout)?;
+            let setup = up.dps.as_ref().expect("with_dps sets it");
+            let token = sas_token(
+                &dps::resource_uri(&setup.id_scope, &setup.registration_id),
+                &setup.device_key,
+                unix_now() + 3600,
+                Some("registration"),
+            );
+            let mut opts =
+                MqttOptions::new(&setup.registration_id, &setup.global_endpoint, setup.port);
+            opts.set_keep_alive(Duration::from_secs(60));
+            opts.set_clean_session(true);
+            opts.set_credentials(
+                dps::username(&setup.id_scope, &setup.registration_id),
+                token,
+            );
+            opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+                setup.tls.clone(),
+            )));
+            connack(opts, timeout).await.map_err(|f| f.to_error())?;
+            Ok(format!(
+                "{}:{} accepted registration {} (TLS verified, CONNACK)",
+                setup.global_endpoint, setup.port, setup.registration_id
+            ))
+        }
+        None => {
+            let up = IotHubUplink::new(h, timeout)?;
+            let id = up.identity().expect("known without DPS");
+            connect(&up.session_cfg(), &id)
+                .await
+                .map_err(|f| f.to_error())?;
+            Ok(format!(
+                "{}:{} accepted device {} (TLS verified, CONNACK)",
+                id.connect_host, id.port, id.device_id
+            ))
+        }
+    }
+}
+
+/// Connect with `opts` and wait for the CONNACK, then disconnect.
+async fn connack(opts: MqttOptions, timeout: Duration) -> Result<(), ConnFailure> {
+    let (client, mut events) = AsyncClient::new(opts, 8);
+    let res = tokio::time::timeout(timeout, async {
+        loop {
+            match events.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => return Ok(()),
+                Ok(_) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    })
+    .await;
+    match res {
+        Ok(Ok(())) => {
+            let _ = client.try_disconnect();
+            let _ = tokio::time::timeout(Duration::from_millis(500), events.poll()).await;
+            Ok(())
+        }
+        Ok(Err(ConnectionError::ConnectionRefused(code))) => {
+            Err(ConnFailure::Refused(format!("{code:?}")))
+        }
+        Ok(Err(e)) => Err(ConnFailure::Other(format!("connect: {e}"))),
+        Err(_) => Err(ConnFailure::Other("connect: timed out".into())),
     }
 }
 

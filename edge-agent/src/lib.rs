@@ -54,6 +54,15 @@ pub enum AgentError {
     Status(String),
     #[error("invalid device config for {device}: {message}")]
     Device { device: String, message: String },
+    #[error(
+        "{records} buffered records ({items} readings) are sealed under buffer key(s) {key_ids} that no configured key opens (the key file was lost or replaced). Restore the key: put it back as {key_path} or beside it as {key_path}.retired-<key id>, then start again; the records are sent then. To run without them for now, start with --accept-key-loss (or [buffer] accept_key_loss = true): they stay stored, counted and reported, and are sent once the key is back"
+    )]
+    KeyLoss {
+        records: u64,
+        items: u64,
+        key_ids: String,
+        key_path: String,
+    },
 }
 
 /// Counters of the forwarding path.
@@ -101,6 +110,29 @@ pub async fn run_with_uplink(
         &keys,
         cfg.buffer.limits(),
     )?);
+    let locked = buffer.locked();
+    if locked.records > 0 {
+        let key_ids = locked
+            .key_ids
+            .iter()
+            .map(hex::encode)
+            .collect::<Vec<_>>()
+            .join(", ");
+        if !cfg.buffer.accept_key_loss {
+            return Err(AgentError::KeyLoss {
+                records: locked.records,
+                items: locked.items,
+                key_ids,
+                key_path: cfg.key_path().display().to_string(),
+            });
+        }
+        tracing::error!(
+            records = locked.records,
+            items = locked.items,
+            key_ids = %key_ids,
+            "buffer key loss accepted: records under a missing key are kept unsent until the key is restored"
+        );
+    }
     if !keys.retired.is_empty() {
         for f in secrets::prune_retired(&cfg.key_path(), &buffer.keys_in_use()?)? {
             tracing::info!(file = %f.display(), "retired buffer key no longer needed; deleted");
@@ -211,7 +243,9 @@ pub async fn run_with_uplink(
         rx,
         notify.clone(),
         activity.clone(),
+        WRITE_HOLD_MAX,
     ));
+    let healer = tokio::spawn(heal_loop(buffer.clone(), notify.clone(), shutdown.clone()));
     let fstats = Arc::new(ForwardStats::default());
     let status_task = match &cfg.status {
         Some(st) => {
@@ -266,6 +300,7 @@ pub async fn run_with_uplink(
     }
     // Drivers are gone, so the channel closes and the writer drains it.
     let _ = writer.await;
+    let _ = healer.await;
     // Deliver what is buffered, for at most `uplink.shutdown_drain_ms`;
     // whatever is left stays safely in the buffer for the next start.
     let drain_until = Instant::now() + Duration::from_millis(cfg.uplink.shutdown_drain_ms);
@@ -299,42 +334,131 @@ pub async fn run_with_uplink(
     Ok(())
 }
 
+/// Driver outputs the writer holds in memory while the buffer cannot write
+/// (see [`write_loop`]); beyond it, new ones are refused and counted.
+pub const WRITE_HOLD_MAX: usize = 4096;
+
 /// Durably accept everything the drivers produce. Groups whatever is queued
-/// into one sled batch + flush. On a storage error it keeps the outputs and
-/// retries, so the drivers back-pressure instead of losing accepted data.
+/// into one sled batch + flush (up to 256 outputs).
+///
+/// While the buffer cannot write (disk full, I/O error), the writer keeps
+/// draining the drivers' channel, so drivers never block, and holds up to
+/// `hold_max` outputs in memory (not accepted yet: a crash loses them, like
+/// the channel's content), retrying them in order once [`heal_loop`] has
+/// recovered the buffer. Outputs beyond `hold_max`, and whatever is still
+/// held when the agent stops while the buffer fails, are refused and counted
+/// ([`Buffer::refuse_io`]): never lost uncounted.
 async fn write_loop(
     buffer: Arc<Buffer>,
     mut rx: mpsc::Receiver<DriverOutput>,
     notify: Arc<Notify>,
     activity: Arc<iothub::twin::DeviceActivity>,
+    hold_max: usize,
 ) {
-    while let Some(first) = rx.recv().await {
-        let mut pending = vec![first];
-        while pending.len() < 256 {
-            match rx.try_recv() {
-                Ok(o) => pending.push(o),
-                Err(_) => break,
+    let mut held: std::collections::VecDeque<DriverOutput> = Default::default();
+    let mut refusing = 0u64;
+    let hold = |held: &mut std::collections::VecDeque<DriverOutput>,
+                o: DriverOutput,
+                refusing: &mut u64| {
+        if held.len() < hold_max {
+            held.push_back(o);
+        } else {
+            let n = buffer::items_of(&o) as u64;
+            buffer.refuse_io(n);
+            *refusing += n;
+        }
+    };
+    let mut closed = false;
+    let mut delay = Duration::from_millis(100);
+    loop {
+        if held.is_empty() {
+            if closed {
+                return;
+            }
+            match rx.recv().await {
+                Some(o) => held.push_back(o),
+                None => return,
             }
         }
-        let mut delay = Duration::from_millis(100);
-        loop {
-            match buffer.append(pending.clone()).await {
-                Ok(_) => {
-                    activity.observe(&pending);
-                    notify.notify_one();
-                    break;
+        while !closed {
+            match rx.try_recv() {
+                Ok(o) => hold(&mut held, o, &mut refusing),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => closed = true,
+            }
+        }
+        if refusing > 0 {
+            tracing::error!(
+                items = refusing,
+                refused_io_total = buffer.refused_io_total(),
+                "buffer not writable and the writer's hold is full: readings refused"
+            );
+            refusing = 0;
+        }
+        let n = held.len().min(256);
+        let chunk: Vec<DriverOutput> = held.iter().take(n).cloned().collect();
+        match buffer.append(chunk).await {
+            Ok(_) => {
+                activity.observe(held.make_contiguous()[..n].as_ref());
+                held.drain(..n);
+                notify.notify_one();
+                delay = Duration::from_millis(100);
+            }
+            Err(e @ (BufferError::Full { .. } | BufferError::TooLarge(_))) => {
+                // Overflow policy refuse-new: these readings are not
+                // accepted (counted in the buffer's refused total).
+                tracing::warn!(error = %e, refused_total = buffer.refused_total(), "readings refused");
+                held.drain(..n);
+            }
+            Err(e) => {
+                if closed {
+                    // Stopping while the buffer fails: give up, counted.
+                    let n: u64 = held.iter().map(|o| buffer::items_of(o) as u64).sum();
+                    buffer.refuse_io(n);
+                    tracing::error!(error = %e, items = n, "stopping while the buffer cannot write: held readings refused");
+                    return;
                 }
-                Err(e @ (BufferError::Full { .. } | BufferError::TooLarge(_))) => {
-                    // Overflow policy refuse-new: these readings are not
-                    // accepted (counted in the buffer's refused total).
-                    tracing::warn!(error = %e, refused_total = buffer.refused_total(), "readings refused");
-                    break;
+                tracing::warn!(error = %e, held = held.len(), "buffer write failed; holding the readings and retrying");
+                // Wait (draining the channel meanwhile) before retrying.
+                let until = Instant::now() + delay;
+                delay = (delay * 2).min(Duration::from_secs(2));
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(until) => break,
+                        o = rx.recv(), if !closed => match o {
+                            Some(o) => hold(&mut held, o, &mut refusing),
+                            None => closed = true,
+                        },
+                    }
                 }
-                Err(e) => {
-                    tracing::error!(error = %e, "buffer write failed; retrying");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(5));
-                }
+            }
+        }
+    }
+}
+
+/// Recover the buffer after a storage failure: while it is not writable,
+/// reopen it (on a blocking thread) every few seconds until it writes again.
+async fn heal_loop(buffer: Arc<Buffer>, notify: Arc<Notify>, mut shutdown: watch::Receiver<bool>) {
+    let mut delay = Duration::from_millis(500);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        if buffer.writable() {
+            delay = Duration::from_millis(500);
+            continue;
+        }
+        let b = buffer.clone();
+        match tokio::task::spawn_blocking(move || b.recover()).await {
+            Ok(Ok(true)) => {
+                delay = Duration::from_millis(500);
+                // Wake the forwarder: what was stored meanwhile, and the
+                // failure report, go out now.
+                notify.notify_one();
+            }
+            Ok(Ok(false)) | Ok(Err(_)) | Err(_) => {
+                delay = (delay * 2).min(Duration::from_secs(5));
             }
         }
     }
@@ -404,6 +528,43 @@ fn overflow_event(dropped: u64, max_bytes: u64, sequence: u64, time_us: i64) -> 
     }
 }
 
+/// The BUFFER_KEY_LOST gateway event reporting records kept under a missing
+/// buffer key.
+fn key_loss_event(locked: &buffer::Locked, sequence: u64, time_us: i64) -> TechnicalReading {
+    let ids = locked
+        .key_ids
+        .iter()
+        .map(hex::encode)
+        .collect::<Vec<_>>()
+        .join(", ");
+    TechnicalReading {
+        kind: TechnicalKind::BufferKeyLost as i32,
+        time_us,
+        detail: format!(
+            "buffer key lost: {} records ({} items) sealed under key {ids} cannot be opened; kept unsent until the key is restored",
+            locked.records, locked.items
+        ),
+        sequence,
+    }
+}
+
+/// The BUFFER_WRITE_FAILED gateway event reporting a storage failure the
+/// buffer recovered from.
+fn write_failure_event(f: &buffer::WriteFailure, sequence: u64, time_us: i64) -> TechnicalReading {
+    TechnicalReading {
+        kind: TechnicalKind::BufferWriteFailed as i32,
+        // When the failure began (the report comes after recovery).
+        time_us: if f.since_us != 0 { f.since_us } else { time_us },
+        detail: format!(
+            "buffer could not write for {} s ({} failed writes; disk full or I/O error); recovered without restart; {} items refused meanwhile, the rest stored late",
+            f.until_us.saturating_sub(f.since_us).max(0) / 1_000_000,
+            f.errors,
+            f.refused
+        ),
+        sequence,
+    }
+}
+
 /// How many of `records` (oldest first) one batch takes so that its encoded
 /// protobuf size stays within `max_bytes`: records are added until the next
 /// one would take the batch above the limit. The first record always goes,
@@ -412,7 +573,8 @@ fn overflow_event(dropped: u64, max_bytes: u64, sequence: u64, time_us: i64) -> 
 /// Exact for the devices part (computed with prost's length rules, the
 /// way [`build_batch`] groups records per device); the other fields are
 /// counted at their largest (sequence and creation time are not known yet)
-/// with room for a BUFFER_OVERFLOW gateway event.
+/// with room for a BUFFER_OVERFLOW and a BUFFER_WRITE_FAILED gateway event
+/// (a key-loss report, once per start, may exceed the limit by its size).
 fn records_fitting(
     gateway_id: &str,
     records: &[StoredRecord],
@@ -427,7 +589,19 @@ fn records_fitting(
         created_time_us: i64::MIN,
         devices: vec![],
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
-        gateway_events: vec![overflow_event(u64::MAX, u64::MAX, u64::MAX, i64::MIN)],
+        gateway_events: vec![
+            overflow_event(u64::MAX, u64::MAX, u64::MAX, i64::MIN),
+            write_failure_event(
+                &buffer::WriteFailure {
+                    since_us: i64::MIN,
+                    until_us: i64::MAX,
+                    errors: u64::MAX,
+                    refused: u64::MAX,
+                },
+                u64::MAX,
+                i64::MIN,
+            ),
+        ],
         // A W3C traceparent is always 55 characters (set when tracing is on).
         traceparent: "0".repeat(55),
     }
@@ -582,6 +756,9 @@ async fn forward_loop(
     // start is backlog; after an outage, everything stored before recovery is.
     let mut backlog_end = startup_backlog_end;
     let mut in_outage = false;
+    // An accepted key loss, reported (at least once) with the next batch.
+    let mut key_loss = Some(buffer.locked()).filter(|l| l.records > 0);
+    let mut key_loss_seq = None;
     'outer: loop {
         if *shutdown.borrow() {
             return;
@@ -589,6 +766,15 @@ async fn forward_loop(
         if buffer.pending_readings() == 0 {
             tokio::select! {
                 _ = notify.notified() => {}
+                _ = shutdown.changed() => return,
+            }
+            continue;
+        }
+        if !buffer.writable() {
+            // Nothing can be sent while the buffer cannot write (a batch
+            // needs a durable sequence); the heal loop reopens it.
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                 _ = shutdown.changed() => return,
             }
             continue;
@@ -666,11 +852,37 @@ async fn forward_loop(
         };
         let mut batch = build_batch(&cfg.gateway_id, sequence, &records, &infos);
         // Report readings the overflow policy dropped (at least once).
+        let mut overflow_reported = false;
         if dropped > 0 {
             if let Ok(seq) = buffer.next_gateway_event_sequence().await {
+                overflow_reported = true;
                 batch.gateway_events.push(overflow_event(
                     dropped,
                     buffer.limits().max_bytes,
+                    seq,
+                    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000) as i64,
+                ));
+            }
+        }
+        // Report a storage failure the buffer recovered from (at least once).
+        let mut write_failure = buffer.write_failure_unreported().ok().flatten();
+        if let Some(f) = &write_failure {
+            match buffer.next_gateway_event_sequence().await {
+                Ok(seq) => batch.gateway_events.push(write_failure_event(
+                    f,
+                    seq,
+                    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000) as i64,
+                )),
+                Err(_) => write_failure = None,
+            }
+        }
+        if let Some(l) = &key_loss {
+            if key_loss_seq.is_none() {
+                key_loss_seq = buffer.next_gateway_event_sequence().await.ok();
+            }
+            if let Some(seq) = key_loss_seq {
+                batch.gateway_events.push(key_loss_event(
+                    l,
                     seq,
                     (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000) as i64,
                 ));
@@ -721,8 +933,15 @@ async fn forward_loop(
                         // The hub has them; a re-send is de-duplicated there.
                         tracing::error!(error = %e, "deleting delivered records failed");
                     }
-                    if !batch.gateway_events.is_empty() {
+                    if overflow_reported {
                         let _ = buffer.mark_dropped_reported(dropped).await;
+                    }
+                    if let Some(f) = &write_failure {
+                        let _ = buffer.mark_write_failure_reported(f).await;
+                    }
+                    if key_loss_seq.is_some() {
+                        key_loss = None;
+                        key_loss_seq = None;
                     }
                     if lane == Lane::Backlog {
                         rate.take(n as usize);
@@ -867,13 +1086,24 @@ mod tests {
             })
             .collect();
         // The largest the batch can become: sequence and time at their
-        // longest encodings, plus an overflow report and a traceparent.
+        // longest encodings, plus overflow and write-failure reports and a
+        // traceparent.
         let worst = |n: usize| {
             let mut b = build_batch("gw-1", u64::MAX, &records[..n], &infos);
             b.created_time_us = i64::MIN;
             b.traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into();
             b.gateway_events
                 .push(overflow_event(u64::MAX, u64::MAX, u64::MAX, i64::MIN));
+            b.gateway_events.push(write_failure_event(
+                &buffer::WriteFailure {
+                    since_us: i64::MIN,
+                    until_us: i64::MAX,
+                    errors: u64::MAX,
+                    refused: u64::MAX,
+                },
+                u64::MAX,
+                i64::MIN,
+            ));
             b.encoded_len()
         };
         let all = worst(records.len());

@@ -34,6 +34,12 @@ enum Cmd {
     Run {
         #[arg(long, short)]
         config: PathBuf,
+        /// Start although buffered records are sealed under a buffer key
+        /// that no configured key opens (lost or replaced key file). They
+        /// stay stored and are sent once the key is restored; the loss is
+        /// counted and reported to the hub. Prefer restoring the key.
+        #[arg(long)]
+        accept_key_loss: bool,
     },
     /// Watch one device live: raw bytes both ways and what they decode to.
     Probe {
@@ -152,8 +158,12 @@ async fn main() -> anyhow::Result<()> {
 
 async fn command(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
-        Cmd::Run { config } => {
-            let cfg = edge_agent::config::AgentConfig::load(&config)?;
+        Cmd::Run {
+            config,
+            accept_key_loss,
+        } => {
+            let mut cfg = edge_agent::config::AgentConfig::load(&config)?;
+            cfg.buffer.accept_key_loss |= accept_key_loss;
             let (tx, rx) = tokio::sync::watch::channel(false);
             tokio::spawn(async move {
                 wait_for_signal().await;

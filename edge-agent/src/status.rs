@@ -13,8 +13,12 @@
 //! - `vigil_agent_device_last_frame_timestamp_seconds{device}`: time of the last valid frame (0 = never).
 //! - `vigil_agent_buffer_records`, `vigil_agent_buffer_items`, `vigil_agent_buffer_bytes`, `vigil_agent_buffer_max_bytes`: what waits for delivery, and the bound.
 //! - `vigil_agent_buffer_oldest_age_seconds`: age of the oldest waiting item (0 when empty).
-//! - `vigil_agent_buffer_dropped_total`, `vigil_agent_buffer_refused_total`: items lost to the overflow policy since start.
+//! - `vigil_agent_buffer_dropped_total`: items dropped by the drop-oldest overflow policy since start.
+//! - `vigil_agent_buffer_refused_total{reason="policy|io"}`: items refused since start: by the refuse-new policy (or too large), or because the buffer could not write (disk full, I/O error) for longer than the writer could hold them.
+//! - `vigil_agent_buffer_write_errors_total`: failed buffer writes (disk full, I/O error) since start.
+//! - `vigil_agent_buffer_writable`: 1 while the buffer writes, 0 from a failed write until it recovers (`/healthz` answers 503 meanwhile).
 //! - `vigil_agent_buffer_quarantined_total`: records that failed authentication or decoding.
+//! - `vigil_agent_buffer_locked_records`: records sealed under a buffer key no configured key opens (kept unsent until the key is restored; see docs/agent.md).
 //! - `vigil_agent_uplink_batches_total`, `vigil_agent_uplink_items_total{outcome="accepted|duplicate|rejected"}`: hub acks.
 //! - `vigil_agent_uplink_send_failures_total`: failed sends (each retry counts).
 //! - `vigil_agent_uplink_up`: 1 if the last send reached the hub.
@@ -175,16 +179,16 @@ impl Status {
                 b.dropped_total() as f64,
             ),
             (
-                "vigil_agent_buffer_refused_total",
-                "counter",
-                "Items refused by the refuse-new policy since start.",
-                b.refused_total() as f64,
-            ),
-            (
                 "vigil_agent_buffer_quarantined_total",
                 "counter",
                 "Records quarantined (failed authentication or decoding).",
                 b.quarantined() as f64,
+            ),
+            (
+                "vigil_agent_buffer_locked_records",
+                "gauge",
+                "Records sealed under a buffer key no configured key opens (kept, not sent).",
+                b.locked().records as f64,
             ),
             (
                 "vigil_agent_uplink_up",
@@ -196,6 +200,39 @@ impl Status {
         for (name, kind, help, v) in gauges {
             family(&mut o, name, kind, help);
             let _ = writeln!(o, "{name} {v}");
+            if name == "vigil_agent_buffer_dropped_total" {
+                family(
+                    &mut o,
+                    "vigil_agent_buffer_refused_total",
+                    "counter",
+                    "Items refused since start: by the refuse-new policy, or because the buffer could not write.",
+                );
+                for (reason, v) in [("policy", b.refused_total()), ("io", b.refused_io_total())] {
+                    let _ = writeln!(
+                        o,
+                        "vigil_agent_buffer_refused_total{{reason=\"{reason}\"}} {v}"
+                    );
+                }
+            }
+            if name == "vigil_agent_buffer_locked_records" {
+                for (name, kind, help, v) in [
+                    (
+                        "vigil_agent_buffer_write_errors_total",
+                        "counter",
+                        "Failed buffer writes (disk full, I/O error) since start.",
+                        b.write_errors_total() as f64,
+                    ),
+                    (
+                        "vigil_agent_buffer_writable",
+                        "gauge",
+                        "1 while the buffer writes; 0 from a failed write until it recovers.",
+                        f64::from(u8::from(b.writable())),
+                    ),
+                ] {
+                    family(&mut o, name, kind, help);
+                    let _ = writeln!(o, "{name} {v}");
+                }
+            }
         }
         let f = &self.forward;
         family(
@@ -245,18 +282,30 @@ async fn metrics(State(s): State<Arc<Status>>) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, CONTENT_TYPE)], s.render())
 }
 
+/// `/healthz`: 200 `"status":"ok"`, or 503 `"status":"degraded"` with the
+/// reason while the buffer cannot write (readings are held or refused).
 async fn healthz(State(s): State<Arc<Status>>) -> impl IntoResponse {
+    let (code, status, reason) = match s.buffer.write_failure() {
+        None => (StatusCode::OK, "ok", String::new()),
+        Some((f, error)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "degraded",
+            format!(
+                ",\"reason\":\"buffer not writable: {}\",\"buffer_write_errors\":{},\"refused_io\":{}",
+                label(&error),
+                f.errors,
+                f.refused
+            ),
+        ),
+    };
     let body = format!(
-        "{{\"status\":\"ok\",\"gateway_id\":\"{}\",\"pending_items\":{},\"uplink_up\":{}}}",
+        "{{\"status\":\"{status}\",\"gateway_id\":\"{}\",\"pending_items\":{},\"uplink_up\":{},\"buffer_writable\":{}{reason}}}",
         label(&s.gateway_id),
         s.buffer.pending_readings(),
-        s.forward.uplink_up.load(Ordering::Relaxed)
+        s.forward.uplink_up.load(Ordering::Relaxed),
+        s.buffer.writable()
     );
-    (
-        StatusCode::OK,
-        [(header::CONTENT_TYPE, "application/json")],
-        body,
-    )
+    (code, [(header::CONTENT_TYPE, "application/json")], body)
 }
 
 pub fn router(status: Arc<Status>) -> Router {
@@ -298,6 +347,9 @@ pub const METRIC_FAMILIES: &[&str] = &[
     "vigil_agent_buffer_dropped_total",
     "vigil_agent_buffer_refused_total",
     "vigil_agent_buffer_quarantined_total",
+    "vigil_agent_buffer_locked_records",
+    "vigil_agent_buffer_write_errors_total",
+    "vigil_agent_buffer_writable",
     "vigil_agent_uplink_up",
     "vigil_agent_uplink_batches_total",
     "vigil_agent_uplink_items_total",
@@ -359,6 +411,8 @@ mod tests {
         assert!(text.contains("vigil_agent_device_bytes_dropped_total{device=\"bed\\\"7\"} 7"));
         assert!(text.contains("vigil_agent_buffer_items 1\n"));
         assert!(text.contains("vigil_agent_uplink_up 0\n"));
+        assert!(text.contains("vigil_agent_buffer_refused_total{reason=\"io\"} 0\n"));
+        assert!(text.contains("vigil_agent_buffer_writable 1\n"));
         // Every sample line is `name{labels} number`.
         for l in text.lines().filter(|l| !l.starts_with('#')) {
             let v = l.rsplit(' ').next().unwrap();

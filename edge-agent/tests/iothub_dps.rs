@@ -378,3 +378,156 @@ async fn dps_group_enrollment_registration_then_delivery_to_the_assigned_hub() {
     cloud_task.abort();
     drop(broker);
 }
+
+/// libfaketime's thread-safe build (Debian package `faketime`).
+fn libfaketime() -> std::path::PathBuf {
+    std::fs::read_dir("/usr/lib")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join("faketime/libfaketimeMT.so.1"))
+        .find(|p| p.exists())
+        .expect(
+            "libfaketimeMT.so.1 not found: needs the Debian package `faketime` (scripts/setup.sh)",
+        )
+}
+
+/// The wall clock `edge-agent check` runs on (libfaketime, frozen; the
+/// monotonic clock is left alone), so that the broker's password file can
+/// hold the exact SAS tokens the binary computes.
+const FROZEN: &str = "2030-01-01 00:00:00";
+const FROZEN_S: u64 = 1_893_456_000;
+
+/// Run the real `edge-agent check` binary; (exit ok, the uplink's line).
+fn check_bin(config: &std::path::Path, subject: &str) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_edge-agent"))
+        .arg("check")
+        .arg("--config")
+        .arg(config)
+        .env("LD_PRELOAD", libfaketime())
+        .env("FAKETIME", FROZEN)
+        .env("TZ", "UTC")
+        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+        .output()
+        .expect("run edge-agent check");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let line = stdout
+        .lines()
+        .find(|l| l.get(5..39).map(str::trim) == Some(subject.trim()))
+        .unwrap_or_else(|| {
+            panic!(
+                "no {subject} line in:\n{stdout}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+        .to_string();
+    (out.status.success(), line)
+}
+
+/// `edge-agent check` authenticates to IoT Hub and DPS (a Mosquitto with a
+/// password file standing in for both): the right device key passes; a
+/// wrong key, a device id the hub does not know, an untrusted server
+/// certificate and a wrong DPS key each FAIL with the reason and exit 1.
+#[test]
+fn check_authenticates_to_iot_hub_and_dps() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    make_ca(d);
+    let other = d.join("other-ca");
+    std::fs::create_dir_all(&other).unwrap();
+    make_ca(&other);
+    let key = b"vigil-check-device-key-32-bytes!";
+    let dps_key = b"vigil-check-dps-key-32-bytes!!!!";
+    write_private(&d.join("dev.key"), BASE64.encode(key).as_bytes());
+    write_private(&d.join("dps.key"), BASE64.encode(dps_key).as_bytes());
+    write_private(
+        &d.join("wrong.key"),
+        BASE64.encode(b"not the device key").as_bytes(),
+    );
+    let exp = FROZEN_S + TTL;
+    let users = vec![
+        (
+            iothub::username(HOST, "dev-ok"),
+            iothub::sas_token(&iothub::resource_uri(HOST, "dev-ok"), key, exp, None),
+        ),
+        (
+            dps::username(SCOPE, "reg-ok"),
+            iothub::sas_token(
+                &dps::resource_uri(SCOPE, "reg-ok"),
+                dps_key,
+                exp,
+                Some("registration"),
+            ),
+        ),
+    ];
+    let broker = Broker::start(d, &users, "");
+    let hub = |name: &str, device: &str, keyf: &str, ca: &str| {
+        let p = d.join(format!("{name}.toml"));
+        std::fs::write(
+            &p,
+            format!(
+                "gateway_id = \"gw\"\ndata_dir = \"data\"\n[uplink]\nkind = \"iothub-mqtt\"\nrequest_timeout_ms = 3000\n\
+                 [uplink.iothub]\nhost = \"{HOST}\"\ndevice_id = \"{device}\"\nport = {port}\nsas_key_file = \"{keyf}\"\n\
+                 ca_file = \"{ca}\"\nsas_ttl_s = {TTL}\n",
+                port = broker.port
+            ),
+        )
+        .unwrap();
+        p
+    };
+    let dps_cfg = |name: &str, keyf: &str| {
+        let p = d.join(format!("{name}.toml"));
+        std::fs::write(
+            &p,
+            format!(
+                "gateway_id = \"gw\"\ndata_dir = \"data\"\n[uplink]\nkind = \"iothub-mqtt\"\nrequest_timeout_ms = 3000\n\
+                 [uplink.iothub]\nport = {port}\nca_file = \"ca.pem\"\n\
+                 [uplink.iothub.dps]\nid_scope = \"{SCOPE}\"\nregistration_id = \"reg-ok\"\nkey_file = \"{keyf}\"\n\
+                 global_endpoint = \"{HOST}\"\nport = {port}\n",
+                port = broker.port
+            ),
+        )
+        .unwrap();
+        p
+    };
+
+    let (ok, line) = check_bin(&hub("good", "dev-ok", "dev.key", "ca.pem"), "IoT Hub ");
+    assert!(
+        ok && line.starts_with("OK") && line.contains("CONNACK"),
+        "{line}"
+    );
+    let (ok, line) = check_bin(
+        &hub("wrong-key", "dev-ok", "wrong.key", "ca.pem"),
+        "IoT Hub ",
+    );
+    assert!(
+        !ok && line.starts_with("FAIL") && line.contains("refused"),
+        "{line}"
+    );
+    let (ok, line) = check_bin(
+        &hub("wrong-id", "dev-nope", "dev.key", "ca.pem"),
+        "IoT Hub ",
+    );
+    assert!(
+        !ok && line.starts_with("FAIL") && line.contains("refused"),
+        "{line}"
+    );
+    let (ok, line) = check_bin(
+        &hub("untrusted", "dev-ok", "dev.key", "other-ca/ca.pem"),
+        "IoT Hub ",
+    );
+    assert!(
+        !ok && line.starts_with("FAIL") && line.to_lowercase().contains("certificate"),
+        "{line}"
+    );
+    let (ok, line) = check_bin(&dps_cfg("dps-good", "dps.key"), "DPS ");
+    assert!(
+        ok && line.starts_with("OK") && line.contains("reg-ok"),
+        "{line}"
+    );
+    let (ok, line) = check_bin(&dps_cfg("dps-wrong", "wrong.key"), "DPS ");
+    assert!(
+        !ok && line.starts_with("FAIL") && line.contains("refused"),
+        "{line}"
+    );
+}

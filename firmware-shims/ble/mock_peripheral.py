@@ -25,8 +25,11 @@ bluez-async's XML parser rejects).
 
 The measurement values are the byte-commented test vectors of
 device-drivers/src/ble/gatt (written independently of the driver's decoders).
-After --drop-after-s seconds connected the device drops the link once
-(Connected = false, GATT objects removed) to exercise reconnection.
+After --drop-after-s seconds connected the device drops the link
+(Connected = false, GATT objects removed) to exercise reconnection: on the
+first --cycles connections (default 1), printing "DROPPED" each time. Then
+it refuses the next --refuse connects (org.bluez.Error.Failed, as BlueZ
+answers a device that does not respond), printing "REFUSED" each time.
 
 Prints "READY" on stdout once org.bluez is owned.
 """
@@ -207,7 +210,7 @@ class Characteristic(Obj):
 
 
 class Device(Obj):
-    def __init__(self, bus, root, address, profiles, interval_ms, drop_after_s):
+    def __init__(self, bus, root, address, profiles, interval_ms, drop_after_s, cycles, refuse):
         path = "/org/bluez/hci0/dev_" + address.replace(":", "_")
         super().__init__(bus, path, DEVICE, {
             "Address": dbus.String(address),
@@ -229,12 +232,20 @@ class Device(Obj):
         self.profiles = profiles
         self.interval_ms = interval_ms
         self.drop_after_s = drop_after_s
+        self.drops_left = cycles if drop_after_s > 0 else 0
+        self.refuse_left = refuse
+        self.connections = 0
         self.gatt = []
 
     @dbus.service.method(DEVICE)
     def Connect(self):
         if self.props["Connected"]:
             return
+        if self.connections > 0 and self.drops_left == 0 and self.refuse_left > 0:
+            self.refuse_left -= 1
+            print("REFUSED", flush=True)
+            raise dbus.exceptions.DBusException("org.bluez.Error.Failed", "le-connection-abort-by-local")
+        self.connections += 1
         self.set("Connected", dbus.Boolean(True))
         handle = 0x0a
         for p in self.profiles:
@@ -253,9 +264,9 @@ class Device(Obj):
             self.gatt += [service, char]
             handle += 0x10
         self.set("ServicesResolved", dbus.Boolean(True))
-        if self.drop_after_s > 0:
+        if self.drops_left > 0:
+            self.drops_left -= 1
             GLib.timeout_add(int(self.drop_after_s * 1000), self.drop)
-            self.drop_after_s = 0  # once
 
     @dbus.service.method(DEVICE)
     def Disconnect(self):
@@ -281,6 +292,8 @@ def main():
     ap.add_argument("--profiles", default="hr,bp", help="comma list of hr, bp, plx, temp")
     ap.add_argument("--interval-ms", type=int, default=200)
     ap.add_argument("--drop-after-s", type=float, default=0.0)
+    ap.add_argument("--cycles", type=int, default=1, help="connections dropped after --drop-after-s")
+    ap.add_argument("--refuse", type=int, default=0, help="connects refused after the cycles")
     args = ap.parse_args()
     profiles = [p for p in args.profiles.split(",") if p]
     for p in profiles:
@@ -291,7 +304,8 @@ def main():
     bus = dbus.SystemBus()
     root = Root(bus)
     root.add(Adapter(bus))
-    root.add(Device(bus, root, args.address, profiles, args.interval_ms, args.drop_after_s))
+    root.add(Device(bus, root, args.address, profiles, args.interval_ms, args.drop_after_s,
+                    args.cycles, args.refuse))
     _name = dbus.service.BusName(BLUEZ, bus, do_not_queue=True)
     print("READY", flush=True)
     GLib.MainLoop().run()

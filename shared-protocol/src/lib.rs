@@ -219,4 +219,28 @@ mod tests {
         assert_eq!(newer.interpretation, 99);
         assert_eq!(newer.interpretation(), v1::Interpretation::Unspecified);
     }
+
+    /// Gateway event kinds 6 and 7 (BUFFER_KEY_LOST, BUFFER_WRITE_FAILED)
+    /// are pinned; an older receiver keeps them raw as unspecified.
+    #[test]
+    fn gateway_event_kinds_are_pinned() {
+        for (kind, n) in [
+            (v1::TechnicalKind::BufferOverflow, 5u8),
+            (v1::TechnicalKind::BufferKeyLost, 6),
+            (v1::TechnicalKind::BufferWriteFailed, 7),
+        ] {
+            let t = v1::TechnicalReading {
+                kind: kind as i32,
+                ..Default::default()
+            };
+            // field 1, varint (1 << 3 | 0 = 0x08)
+            assert_eq!(t.encode_to_vec(), [0x08, n]);
+            assert_eq!(
+                v1::TechnicalReading::decode(&[0x08, n][..]).unwrap().kind(),
+                kind
+            );
+        }
+        let newer = v1::TechnicalReading::decode(&[0x08, 0x63][..]).unwrap();
+        assert_eq!(newer.kind(), v1::TechnicalKind::Unspecified);
+    }
 }

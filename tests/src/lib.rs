@@ -114,6 +114,84 @@ impl Drop for Proc {
     }
 }
 
+/// A small tmpfs mounted at a directory for a test; unmounted (lazily) on
+/// drop.
+#[derive(Debug)]
+pub struct Tmpfs {
+    pub path: PathBuf,
+}
+
+impl Tmpfs {
+    /// Mount a tmpfs of `size` (e.g. "24m") at `path` (created). Ok(None),
+    /// with the reason printed, only when not root (where mounting cannot
+    /// work); a failure as root is an error.
+    pub fn mount(path: &Path, size: &str) -> Result<Option<Tmpfs>> {
+        std::fs::create_dir_all(path)?;
+        let out = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(path)
+            .output();
+        match out {
+            Ok(o) if o.status.success() => Ok(Some(Tmpfs {
+                path: path.to_owned(),
+            })),
+            other => {
+                let why = match &other {
+                    Ok(o) => String::from_utf8_lossy(&o.stderr).into_owned(),
+                    Err(e) => e.to_string(),
+                };
+                if running_as_root() {
+                    anyhow::bail!(
+                        "mounting a tmpfs at {} failed as root: {why}",
+                        path.display()
+                    );
+                }
+                eprintln!("SKIPPED: not root, cannot mount a tmpfs ({why})");
+                Ok(None)
+            }
+        }
+    }
+
+    /// Fill the filesystem: write `name` until the disk is full.
+    pub fn fill(&self, name: &str) -> Result<u64> {
+        use std::io::Write;
+        let mut f = std::fs::File::create(self.path.join(name))?;
+        let mut written = 0u64;
+        for chunk in [1 << 20, 4096, 64] {
+            let buf = vec![0u8; chunk];
+            loop {
+                match f.write_all(&buf).and_then(|_| f.sync_data()) {
+                    Ok(()) => written += chunk as u64,
+                    Err(e) if e.raw_os_error() == Some(28) => break,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        Ok(written)
+    }
+}
+
+fn running_as_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .map(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}
+
 /// Poll `f` until it returns Some or `timeout` passes.
 pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> Result<T> {
     let deadline = Instant::now() + timeout;

@@ -17,6 +17,9 @@ const DEVICE: &str = "masimo-1";
 const PATIENT: &str = "p-delivery";
 
 struct Rig {
+    /// The agent's data directory on a small tmpfs (first: unmounted before
+    /// the test directory is removed).
+    tmpfs: Option<Tmpfs>,
     _guard: Option<tempfile::TempDir>,
     dir: std::path::PathBuf,
     hub: Hub,
@@ -29,11 +32,21 @@ struct Rig {
 
 /// Hub + Masimo simulator at `interval_ms` + agent with extra config lines.
 fn rig(name: &str, interval_ms: u64, lines: u64, backlog_rate: u32, agent_extra: &str) -> Rig {
-    rig_with(name, interval_ms, lines, backlog_rate, agent_extra, false)
+    rig_with(
+        name,
+        interval_ms,
+        lines,
+        backlog_rate,
+        agent_extra,
+        false,
+        None,
+    )
 }
 
 /// As [`rig`]; with `via_proxy` the agent reaches the hub through a
-/// [`TcpProxy`] the test controls.
+/// [`TcpProxy`] the test controls; with `data_tmpfs` (a size) the agent's
+/// data directory is a tmpfs of that size (None in `Rig::tmpfs` when not
+/// root, see [`Tmpfs::mount`]).
 fn rig_with(
     name: &str,
     interval_ms: u64,
@@ -41,9 +54,11 @@ fn rig_with(
     backlog_rate: u32,
     agent_extra: &str,
     via_proxy: bool,
+    data_tmpfs: Option<&str>,
 ) -> Rig {
     let (guard, dir) = test_dir(name);
     let d = dir.as_path();
+    let tmpfs = data_tmpfs.and_then(|size| Tmpfs::mount(&d.join("agent-data"), size).unwrap());
     let hub_cfg = write_hub_config(d, "127.0.0.1:0", &[(GATEWAY, DEVICE, PATIENT)]).unwrap();
     let token = add_gateway(&hub_cfg, GATEWAY).unwrap();
     let hub = start_hub(d, &hub_cfg).unwrap();
@@ -88,6 +103,7 @@ backlog_rate_per_s = {backlog_rate}\n\n[[device]]\nkind = \"masimo-serial\"\nid 
     .unwrap();
     let agent = start_agent(d, &cfg, "agent.log").unwrap();
     Rig {
+        tmpfs,
         _guard: guard,
         dir,
         hub,
@@ -185,7 +201,7 @@ fn live_first_after(outage: Outage) {
     } else {
         "live-first"
     };
-    let mut rig = rig_with(name, 50, 400, 50, "", via_proxy);
+    let mut rig = rig_with(name, 50, 400, 50, "", via_proxy, None);
     wait_for(Duration::from_secs(30), "first readings", || {
         (rig.total() >= 30).then_some(())
     })
@@ -500,6 +516,7 @@ fn a_full_buffer_refusing_new_readings_loses_exactly_what_it_counts() {
         500,
         "\n[buffer]\nmax_bytes = 65536\noverflow = \"refuse-new\"\n\n[status]\nlisten = \"127.0.0.1:0\"\n",
         true,
+        None,
     );
     wait_for(Duration::from_secs(30), "first readings", || {
         (rig.total() >= 30).then_some(())
@@ -546,7 +563,7 @@ fn a_full_buffer_refusing_new_readings_loses_exactly_what_it_counts() {
     wait_for(
         Duration::from_secs(30),
         "the buffer full and refusing",
-        || (metric("vigil_agent_buffer_refused_total") > 0.0).then_some(()),
+        || (metric("vigil_agent_buffer_refused_total{reason=\"policy\"}") > 0.0).then_some(()),
     )
     .unwrap();
     std::thread::sleep(Duration::from_secs(2));
@@ -561,7 +578,7 @@ fn a_full_buffer_refusing_new_readings_loses_exactly_what_it_counts() {
         (a > 0 && a == rig.total() && metric("vigil_agent_buffer_items") == 0.0).then_some(())
     })
     .unwrap();
-    let refused = metric("vigil_agent_buffer_refused_total");
+    let refused = metric("vigil_agent_buffer_refused_total{reason=\"policy\"}");
     let dropped = metric("vigil_agent_buffer_dropped_total");
     let frames = metric(&format!(
         "vigil_agent_device_frames_total{{device=\"{DEVICE}\",outcome=\"ok\"}}"
@@ -585,5 +602,335 @@ fn a_full_buffer_refusing_new_readings_loses_exactly_what_it_counts() {
         stored.len() as f64 + refused,
         3.0 * frames,
         "every decoded reading is stored or counted as refused (3 per Masimo line)"
+    );
+}
+
+/// The agent's status endpoint address (from its log).
+fn status_addr(dir: &std::path::Path) -> String {
+    let log = dir.join("agent.log");
+    wait_for(Duration::from_secs(10), "status address", || {
+        let text = std::fs::read_to_string(&log).ok()?;
+        let line = text
+            .lines()
+            .find(|l| l.contains("status endpoint listening"))?;
+        Some(
+            line.split("addr=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .to_string(),
+        )
+    })
+    .unwrap()
+}
+
+/// One sample's value from the agent's `/metrics` (`name` with its labels).
+fn scrape(addr: &str, name: &str) -> f64 {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let text = rt.block_on(async {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        reqwest::get(format!("http://{addr}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    });
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("{name} not served"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// A transient full disk (issue 16): the agent's data directory is a 24 MiB
+/// tmpfs that the test fills with a file while the device sends, then frees
+/// by deleting it. While writes fail the agent counts them and `/healthz`
+/// answers 503 "degraded"; once space is back it recovers by itself (same
+/// process, no restart), stores what it held, and reports the failure to
+/// the hub as a BUFFER_WRITE_FAILED gateway event. Nothing is lost
+/// uncounted: readings the driver decoded = stored at the hub + refused.
+#[test]
+fn a_disk_that_fills_and_frees_loses_nothing_uncounted_and_needs_no_restart() {
+    let mut rig = rig_with(
+        "disk-full",
+        10,
+        2500,
+        500,
+        "\n[status]\nlisten = \"127.0.0.1:0\"\n",
+        false,
+        Some("24m"),
+    );
+    if rig.tmpfs.is_none() {
+        return; // not root: Tmpfs::mount printed why
+    }
+    wait_for(Duration::from_secs(30), "first readings", || {
+        (rig.total() >= 30).then_some(())
+    })
+    .unwrap();
+    let addr = status_addr(&rig.dir);
+    let healthz = || get_json(&format!("http://{addr}/healthz")).ok();
+    assert_eq!(healthz().unwrap().0, 200);
+    let pid = rig.agent.child.id();
+    rig.tmpfs.as_ref().unwrap().fill("filler").unwrap();
+    let (_, degraded) = wait_for(Duration::from_secs(20), "/healthz degraded", || {
+        healthz().filter(|(code, _)| *code == 503)
+    })
+    .unwrap();
+    assert_eq!(degraded["status"], "degraded", "{degraded}");
+    assert_eq!(degraded["buffer_writable"], false, "{degraded}");
+    let reason = degraded["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("No space left on device"), "{degraded}");
+    assert!(scrape(&addr, "vigil_agent_buffer_write_errors_total") > 0.0);
+    assert_eq!(scrape(&addr, "vigil_agent_buffer_writable"), 0.0);
+    // The device keeps sending into a full disk for a while.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(healthz().unwrap().0, 503, "still full, still degraded");
+    std::fs::remove_file(rig.tmpfs.as_ref().unwrap().path.join("filler")).unwrap();
+    wait_for(Duration::from_secs(30), "/healthz ok again", || {
+        healthz().filter(|(code, _)| *code == 200)
+    })
+    .unwrap();
+    assert_eq!(scrape(&addr, "vigil_agent_buffer_writable"), 1.0);
+    rig.sim
+        .wait_exit(Duration::from_secs(90))
+        .expect("simulator finished");
+    wait_for(Duration::from_secs(60), "delivery settled", || {
+        std::thread::sleep(Duration::from_millis(700));
+        let a = rig.total();
+        std::thread::sleep(Duration::from_millis(700));
+        (a > 0 && a == rig.total() && scrape(&addr, "vigil_agent_buffer_items") == 0.0)
+            .then_some(())
+    })
+    .unwrap();
+    let refused_io = scrape(&addr, "vigil_agent_buffer_refused_total{reason=\"io\"}");
+    let refused_policy = scrape(&addr, "vigil_agent_buffer_refused_total{reason=\"policy\"}");
+    let dropped = scrape(&addr, "vigil_agent_buffer_dropped_total");
+    let frames = scrape(
+        &addr,
+        &format!("vigil_agent_device_frames_total{{device=\"{DEVICE}\",outcome=\"ok\"}}"),
+    );
+    assert!(
+        rig.agent.child.try_wait().unwrap().is_none() && rig.agent.child.id() == pid,
+        "the agent recovered without a restart"
+    );
+    assert!(rig.agent.terminate(Duration::from_secs(10)), "clean stop");
+
+    // Stored exactly once, no gap (a refused reading never took a sequence).
+    let stored = rig.stored();
+    let events = rig.events();
+    let n_tech = events.iter().filter(|e| e.0 == DEVICE).count() as u64;
+    let max_seq = *stored.keys().max().unwrap();
+    assert_eq!(
+        stored.len() as u64 + n_tech,
+        max_seq,
+        "no gap, no duplicate"
+    );
+    assert_eq!(dropped + refused_policy, 0.0, "no overflow here");
+    assert_eq!(
+        stored.len() as f64 + refused_io,
+        3.0 * frames,
+        "every decoded reading is stored or counted as refused (3 per Masimo line)"
+    );
+    // The hub heard about it, under its own kind.
+    let reported: Vec<_> = events
+        .iter()
+        .filter(|e| e.0.is_empty() && e.1 == "buffer-write-failed")
+        .collect();
+    assert!(
+        !reported.is_empty(),
+        "no BUFFER_WRITE_FAILED event: {events:?}"
+    );
+    assert!(
+        reported[0].2.contains("recovered without restart")
+            && reported[0]
+                .2
+                .contains(&format!("{refused_io} items refused")),
+        "{reported:?}"
+    );
+    let log = std::fs::read_to_string(rig.dir.join("agent.log")).unwrap();
+    assert!(log.contains("buffer storage recovered"), "{log}");
+}
+
+/// Run `edge-agent run` with extra arguments (stderr appended to `log_name`).
+fn start_agent_args(dir: &std::path::Path, log_name: &str, extra: &[&str]) -> Proc {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(log_name))
+        .unwrap();
+    Proc::spawn(
+        "edge-agent",
+        Command::new(bin("edge-agent"))
+            .args(["run", "--config"])
+            .arg(dir.join("agent.toml"))
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log),
+    )
+    .unwrap()
+}
+
+/// A lost buffer key: the agent refuses to start and names the key; with
+/// `--accept-key-loss` it runs, keeps the old records (neither sent nor
+/// quarantined) and reports the loss to the hub; once the key is restored
+/// (beside the new one as `buffer.key.retired-<id>`) every buffered record
+/// reaches the hub: no sequence is missing.
+#[test]
+fn a_lost_buffer_key_is_refused_then_reported_and_recovered_when_restored() {
+    let mut rig = rig_with("keyloss", 50, 100_000, 500, "", true, None);
+    wait_for(Duration::from_secs(30), "first readings", || {
+        (rig.total() >= 10).then_some(())
+    })
+    .unwrap();
+    // Uplink cut: what the device sends now stays in the buffer.
+    rig.proxy.as_ref().unwrap().cut();
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(rig.agent.terminate(Duration::from_secs(20)));
+    let d = rig.dir.clone();
+    let key = d.join("agent-data/buffer.key");
+    let saved = std::fs::read(&key).unwrap();
+    std::fs::remove_file(&key).unwrap();
+
+    // 1. Without the key the agent refuses to start, and says why.
+    let mut refused = start_agent_args(&d, "agent-refused.log", &[]);
+    let status = refused
+        .wait_exit(Duration::from_secs(30))
+        .expect("the agent exits instead of running without its key");
+    assert!(!status.success());
+    let log = std::fs::read_to_string(d.join("agent-refused.log")).unwrap();
+    assert!(
+        log.contains("--accept-key-loss") && log.contains("buffer key(s) "),
+        "{log}"
+    );
+    let key_id = log
+        .split("buffer key(s) ")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .to_string();
+    assert_eq!(key_id.len(), 8, "{log}");
+
+    // 2. Accepted: runs, new readings flow, the loss is reported to the hub.
+    rig.proxy.as_ref().unwrap().restore();
+    let mut accepted = start_agent_args(&d, "agent-accepted.log", &["--accept-key-loss"]);
+    let event = wait_for(Duration::from_secs(60), "key-loss event at the hub", || {
+        rig.events().into_iter().find(|e| {
+            e.0.is_empty() && e.1 == "buffer-key-lost" && e.2.starts_with("buffer key lost: ")
+        })
+    })
+    .unwrap();
+    let locked: u64 = event.2["buffer key lost: ".len()..]
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(locked > 0, "{event:?}");
+    assert!(event.2.contains(&key_id), "{event:?}");
+    assert!(accepted.terminate(Duration::from_secs(20)));
+    let before_restore = rig.stored();
+    let max_seq = *before_restore.keys().max().unwrap();
+    let n_tech = rig.events().iter().filter(|e| e.0 == DEVICE).count() as u64;
+    assert!(
+        max_seq > before_restore.len() as u64 + n_tech,
+        "the locked readings are missing at the hub for now"
+    );
+
+    // 3. The key is back: everything buffered arrives.
+    let mut restored = d.join("agent-data/buffer.key").into_os_string();
+    restored.push(format!(".retired-{key_id}"));
+    write_private(
+        std::path::Path::new(&restored),
+        &String::from_utf8_lossy(&hex_or_raw(&saved)),
+    )
+    .unwrap();
+    let mut agent = start_agent_args(&d, "agent-restored.log", &[]);
+    rig.sim.kill9();
+    let stable = || {
+        std::thread::sleep(Duration::from_millis(700));
+        let a = rig.stored().len();
+        std::thread::sleep(Duration::from_millis(700));
+        (a > 0 && a == rig.stored().len()).then_some(a)
+    };
+    wait_for(Duration::from_secs(60), "delivery settled", stable).unwrap();
+    assert!(agent.terminate(Duration::from_secs(20)));
+    let stored = rig.stored();
+    let events = rig.events();
+    let n_tech = events.iter().filter(|e| e.0 == DEVICE).count() as u64;
+    let max_seq = *stored.keys().max().unwrap();
+    assert_eq!(
+        max_seq,
+        stored.len() as u64 + n_tech,
+        "every sequence is stored or a technical reading"
+    );
+    assert!(
+        !std::fs::read_to_string(d.join("agent-restored.log"))
+            .unwrap()
+            .contains("buffer record quarantined")
+    );
+}
+
+/// The key file as text for `write_private`: 32 raw bytes as hex (the agent
+/// reads both forms).
+fn hex_or_raw(key: &[u8]) -> Vec<u8> {
+    if key.len() == 32 {
+        key.iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+            .into_bytes()
+    } else {
+        key.to_vec()
+    }
+}
+
+/// `edge-agent check` authenticates the gateway token with the hub: the
+/// right token is OK, a wrong one a FAIL naming HTTP 401 (exit code 1).
+#[test]
+fn check_authenticates_the_gateway_token_with_the_hub() {
+    let (_guard, dir) = test_dir("check-auth");
+    let d = dir.as_path();
+    let hub_cfg = write_hub_config(d, "127.0.0.1:0", &[(GATEWAY, DEVICE, PATIENT)]).unwrap();
+    let token = add_gateway(&hub_cfg, GATEWAY).unwrap();
+    let hub = start_hub(d, &hub_cfg).unwrap();
+    let check = |tok: &str| {
+        write_private(&d.join("gateway.token"), tok).unwrap();
+        std::fs::write(
+            d.join("agent.toml"),
+            format!(
+                "gateway_id = \"{GATEWAY}\"\ndata_dir = \"agent-data\"\n[uplink]\nurl = \"{}/api/v1/ingest\"\ntoken_file = \"gateway.token\"\n",
+                hub.base_url
+            ),
+        )
+        .unwrap();
+        let out = Command::new(bin("edge-agent"))
+            .args(["check", "--config"])
+            .arg(d.join("agent.toml"))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let line = text
+            .lines()
+            .find(|l| l.get(5..39).map(str::trim) == Some("hub"))
+            .unwrap_or_else(|| panic!("{text}"))
+            .to_string();
+        (out.status.success(), line)
+    };
+    let (ok, line) = check(&token);
+    assert!(
+        ok && line.starts_with("OK") && line.contains("accepts the gateway token"),
+        "{line}"
+    );
+    let (ok, line) = check("vgt_not-a-token-the-hub-issued");
+    assert!(
+        !ok && line.starts_with("FAIL") && line.contains("401"),
+        "{line}"
     );
 }

@@ -21,7 +21,9 @@ use tokio::sync::broadcast;
 use crate::association::PatientId;
 use crate::config::ConfigError;
 use crate::store::{Store, StoreError};
-use engine::{Alert, Change, Engine, EngineConfig, Kind, LinkEvent, News2Band, State, ValueInput};
+use engine::{
+    Alert, Change, Engine, EngineConfig, Kind, LinkEvent, News2Band, State, Technical, ValueInput,
+};
 use rules::{Priority, RuleOverride, RuleSet};
 
 /// `[alerts]`
@@ -396,8 +398,8 @@ impl AlertService {
         {
             let mut e = self.engine();
             changes.extend(e.gateway_seen(gateway_id, now_us));
-            for (time_us, _) in &events.overflows {
-                changes.extend(e.buffer_overflow(gateway_id, *time_us, now_us));
+            for (kind, time_us) in &events.gateway {
+                changes.extend(e.gateway_event(*kind, gateway_id, *time_us, now_us));
             }
             let patient_of = |device: &str| {
                 live.iter()
@@ -622,8 +624,9 @@ impl AlertService {
 pub struct BatchEvents {
     /// (device id, kind, time) of device technical readings.
     pub links: Vec<(String, TechnicalKind, i64)>,
-    /// (time, detail) of gateway buffer overflows.
-    pub overflows: Vec<(i64, String)>,
+    /// (kind, time) of gateway events that raise a technical alert
+    /// (buffer overflow, key loss, storage failure).
+    pub gateway: Vec<(TechnicalKind, i64)>,
 }
 
 impl BatchEvents {
@@ -638,8 +641,8 @@ impl BatchEvents {
             }
         }
         for g in &batch.gateway_events {
-            if g.kind() == TechnicalKind::BufferOverflow {
-                ev.overflows.push((g.time_us, g.detail.clone()));
+            if Technical::of_gateway_event(g.kind()).is_some() {
+                ev.gateway.push((g.kind(), g.time_us));
             }
         }
         ev

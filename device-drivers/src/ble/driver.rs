@@ -9,6 +9,13 @@
 //! sessions like `run_serial` does: CONNECTED once per session,
 //! DISCONNECTED once per outage, reconnect with exponential backoff.
 //!
+//! One D-Bus connection serves the driver for its whole life: the btleplug
+//! `Manager` (a BlueZ session on the system bus) and the adapter are made
+//! once, on the first attempt that succeeds, and reused by every session,
+//! reconnect, refused connect and failed scan. (A new `Manager` per session
+//! opened a new system-bus connection each time and never closed the old
+//! one, until the bus's per-user limit stopped Bluetooth altogether.)
+//!
 //! There is no silence limit: spot-check devices (cuffs, scales,
 //! thermometers) send a measurement now and then and stay quiet otherwise;
 //! a lost link is seen by BlueZ (DeviceDisconnected / `Connected = false`).
@@ -57,6 +64,7 @@ pub async fn run(
     let mut backoff = Duration::from_millis(250);
     let mut down_reported = false;
     let mut outer = shutdown.clone();
+    let mut bluez = BluezLink::default();
     loop {
         if *shutdown.borrow() || tx.is_closed() {
             return;
@@ -64,7 +72,7 @@ pub async fn run(
         let (result, was_connected) = {
             let mut ctx = SessionCtx::new(&device_id, &stats, &tx, &mut shutdown, opts.silence);
             let r = tokio::select! {
-                r = session(&ble, address.as_deref(), &mut ctx) => r,
+                r = session(&ble, &mut bluez, address.as_deref(), &mut ctx) => r,
                 _ = outer.changed() => Err(DriverError::Shutdown),
             };
             (
@@ -106,12 +114,34 @@ pub async fn run(
 
 /// Whether the configured Bluetooth adapter is there; its description.
 pub async fn check_adapter(ble: &Ble) -> Result<String, DriverError> {
-    let a = adapter(ble).await?;
+    let manager = Manager::new().await.map_err(link)?;
+    let a = adapter(&manager, ble).await?;
     a.adapter_info().await.map_err(link)
 }
 
-async fn adapter(ble: &Ble) -> Result<Adapter, DriverError> {
-    let manager = Manager::new().await.map_err(link)?;
+/// The driver's BlueZ connection and adapter, made once and kept across
+/// sessions (see the module docs).
+#[derive(Default)]
+struct BluezLink {
+    manager: Option<Manager>,
+    adapter: Option<Adapter>,
+}
+
+impl BluezLink {
+    /// The adapter, connecting to the system bus on first use only.
+    async fn get(&mut self, ble: &Ble) -> Result<&Adapter, DriverError> {
+        if self.manager.is_none() {
+            self.manager = Some(Manager::new().await.map_err(link)?);
+        }
+        if self.adapter.is_none() {
+            let manager = self.manager.as_ref().expect("set above");
+            self.adapter = Some(adapter(manager, ble).await?);
+        }
+        Ok(self.adapter.as_ref().expect("set above"))
+    }
+}
+
+async fn adapter(manager: &Manager, ble: &Ble) -> Result<Adapter, DriverError> {
     let adapters = manager.adapters().await.map_err(link)?;
     match &ble.opts.adapter {
         None => adapters
@@ -182,12 +212,13 @@ fn short(c: &Characteristic) -> Option<u16> {
 
 async fn session(
     ble: &Ble,
+    bluez: &mut BluezLink,
     address: Option<&str>,
     ctx: &mut SessionCtx<'_>,
 ) -> Result<(), DriverError> {
-    let central = adapter(ble).await?;
+    let central = bluez.get(ble).await?;
     let mut events = central.events().await.map_err(link)?;
-    let p = find(&central, ble, address, ctx).await?;
+    let p = find(central, ble, address, ctx).await?;
     let result = connected_session(ble, &p, &mut events, ctx).await;
     if matches!(result, Err(DriverError::Shutdown)) {
         // Best effort: leave the device free for its next connection.

@@ -107,7 +107,12 @@ impl DeviceActivity {
             for t in &o.technical {
                 if let Ok(kind) = TechnicalKind::try_from(t.kind)
                     && kind != TechnicalKind::Unspecified
-                    && kind != TechnicalKind::BufferOverflow
+                    && !matches!(
+                        kind,
+                        TechnicalKind::BufferOverflow
+                            | TechnicalKind::BufferKeyLost
+                            | TechnicalKind::BufferWriteFailed
+                    )
                 {
                     a.state = Some(kind);
                 }

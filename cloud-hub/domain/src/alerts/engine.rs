@@ -25,6 +25,7 @@
 use std::collections::HashMap;
 
 use serde::Serialize;
+use shared_protocol::v1::TechnicalKind;
 
 use super::rules::{Direction, Priority, Rule};
 use crate::early_warning::Parameter;
@@ -100,6 +101,8 @@ pub enum Technical {
     DataStale,
     GatewayOffline,
     EdgeBufferOverflow,
+    EdgeBufferKeyLost,
+    EdgeBufferWriteFailed,
 }
 
 impl Technical {
@@ -111,6 +114,20 @@ impl Technical {
             Self::DataStale => "data-stale",
             Self::GatewayOffline => "gateway-offline",
             Self::EdgeBufferOverflow => "edge-buffer-overflow",
+            Self::EdgeBufferKeyLost => "edge-buffer-key-lost",
+            Self::EdgeBufferWriteFailed => "edge-buffer-write-failed",
+        }
+    }
+
+    /// The technical alert a gateway event raises (None: no alert). These
+    /// report something that happened, with no event that clears it, so
+    /// acknowledging the alert resolves it.
+    pub fn of_gateway_event(kind: TechnicalKind) -> Option<Self> {
+        match kind {
+            TechnicalKind::BufferOverflow => Some(Self::EdgeBufferOverflow),
+            TechnicalKind::BufferKeyLost => Some(Self::EdgeBufferKeyLost),
+            TechnicalKind::BufferWriteFailed => Some(Self::EdgeBufferWriteFailed),
+            _ => None,
         }
     }
 
@@ -132,6 +149,12 @@ impl Technical {
             Self::DataStale => "No data from the device",
             Self::GatewayOffline => "Gateway offline",
             Self::EdgeBufferOverflow => "Gateway buffer overflowed: oldest readings dropped",
+            Self::EdgeBufferKeyLost => {
+                "Gateway buffer key lost: stored readings cannot be sent until the key is restored"
+            }
+            Self::EdgeBufferWriteFailed => {
+                "Gateway storage failed for a while (disk full or I/O error): readings may have been refused"
+            }
         }
     }
 }
@@ -399,15 +422,23 @@ impl Engine {
 
     /// The gateway's buffer dropped readings (overflow policy).
     pub fn buffer_overflow(&mut self, gateway_id: &str, time_us: i64, now_us: i64) -> Vec<Change> {
+        self.gateway_event(TechnicalKind::BufferOverflow, gateway_id, time_us, now_us)
+    }
+
+    /// A gateway event (`Batch.gateway_events`): raises its technical alert
+    /// ([`Technical::of_gateway_event`]); other kinds raise nothing.
+    pub fn gateway_event(
+        &mut self,
+        kind: TechnicalKind,
+        gateway_id: &str,
+        time_us: i64,
+        now_us: i64,
+    ) -> Vec<Change> {
         let mut out = vec![];
-        let a = Self::technical(
-            Technical::EdgeBufferOverflow,
-            gateway_id,
-            None,
-            None,
-            time_us,
-            now_us,
-        );
+        let Some(t) = Technical::of_gateway_event(kind) else {
+            return out;
+        };
+        let a = Self::technical(t, gateway_id, None, None, time_us, now_us);
         self.technical_on(a, &mut out);
         out
     }
@@ -676,7 +707,14 @@ impl Engine {
             alert: a.clone(),
             actor: Some(actor.into()),
         }];
-        if a.code == Technical::EdgeBufferOverflow.code() {
+        if [
+            Technical::EdgeBufferOverflow,
+            Technical::EdgeBufferKeyLost,
+            Technical::EdgeBufferWriteFailed,
+        ]
+        .iter()
+        .any(|t| a.code == t.code())
+        {
             self.resolve(&key, now_us, &mut out);
         }
         Ok(out)
@@ -921,6 +959,33 @@ mod tests {
         assert_eq!(
             c.iter().map(|c| c.transition).collect::<Vec<_>>(),
             [Transition::Acknowledged, Transition::Resolved]
+        );
+        // Key loss and storage failure: their own alerts and messages,
+        // resolved by acknowledging them; other kinds raise nothing.
+        for (kind, code, words) in [
+            (
+                TechnicalKind::BufferKeyLost,
+                "edge-buffer-key-lost",
+                "key lost",
+            ),
+            (
+                TechnicalKind::BufferWriteFailed,
+                "edge-buffer-write-failed",
+                "storage failed",
+            ),
+        ] {
+            let c = e.gateway_event(kind, "gw", T0 + 103 * S, T0 + 103 * S);
+            assert_eq!(raised(&c), [code]);
+            assert!(c[0].alert.message.contains(words), "{}", c[0].alert.message);
+            assert!(!c[0].alert.message.contains("dropped"));
+            assert_eq!(c[0].alert.priority, Priority::Medium);
+            let id = c[0].alert.id;
+            let c = e.acknowledge(id, "biomed-1", T0 + 104 * S).unwrap();
+            assert_eq!(resolved(&c), [code]);
+        }
+        assert!(
+            e.gateway_event(TechnicalKind::Silent, "gw", T0 + 105 * S, T0 + 105 * S)
+                .is_empty()
         );
     }
 

@@ -135,6 +135,8 @@ pub fn technical_kind_name(kind: i32) -> &'static str {
         Ok(TechnicalKind::Silent) => "silent",
         Ok(TechnicalKind::DeviceRefused) => "device-refused",
         Ok(TechnicalKind::BufferOverflow) => "buffer-overflow",
+        Ok(TechnicalKind::BufferKeyLost) => "buffer-key-lost",
+        Ok(TechnicalKind::BufferWriteFailed) => "buffer-write-failed",
         _ => "unspecified",
     }
 }
@@ -145,6 +147,18 @@ mod tests {
     use shared_protocol::catalogue::{codes, units};
 
     const NOW: i64 = 1_714_557_600_000_000; // 2024-05-01T10:00:00Z
+
+    #[test]
+    fn gateway_event_kinds_have_their_own_names() {
+        let name = |k: TechnicalKind| technical_kind_name(k as i32);
+        assert_eq!(name(TechnicalKind::BufferOverflow), "buffer-overflow");
+        assert_eq!(name(TechnicalKind::BufferKeyLost), "buffer-key-lost");
+        assert_eq!(
+            name(TechnicalKind::BufferWriteFailed),
+            "buffer-write-failed"
+        );
+        assert_eq!(technical_kind_name(99), "unspecified");
+    }
 
     fn ok_reading() -> Reading {
         Reading {
