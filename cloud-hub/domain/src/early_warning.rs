@@ -315,6 +315,251 @@ pub struct ManualInputs {
     pub effective_us: i64,
 }
 
+impl ManualInputs {
+    /// The (kind, stored value) of each input given, as the storage layer
+    /// keeps them (read back by [`manual_input`]).
+    pub fn stored(&self) -> Vec<(&'static str, String)> {
+        let rows = [
+            self.consciousness
+                .map(|c| ("consciousness", consciousness_str(c).to_owned())),
+            self.supplemental_oxygen
+                .map(|o| ("supplemental_oxygen", o.to_string())),
+            self.spo2_scale.map(|s| {
+                (
+                    "spo2_scale",
+                    if s == Spo2Scale::Scale2 { "2" } else { "1" }.to_owned(),
+                )
+            }),
+        ];
+        rows.into_iter().flatten().collect()
+    }
+}
+
+// ---- Inputs as the storage layer loads them ------------------------------
+
+/// Usable rows loaded per metric code and kind of row (stand-alone or
+/// panel part), newest first: a few, in case the newest has a unit that
+/// cannot be read.
+pub const CANDIDATES: usize = 8;
+
+/// A stored reading of a score input.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredReading {
+    pub observation_id: String,
+    pub effective_us: i64,
+    /// `None` when withheld (device said invalid, or physically impossible).
+    pub value: Option<f64>,
+    /// FHIR status (`final` only when the device said valid).
+    pub status: String,
+    /// The stored reading (protobuf), where its unit is read; `None` for
+    /// rows stored before schema v4.
+    pub payload: Option<Vec<u8>>,
+}
+
+impl StoredReading {
+    /// A stored value with status `final`.
+    pub fn is_usable(&self) -> bool {
+        self.value.is_some() && self.status == "final"
+    }
+}
+
+/// A patient's readings of one metric code, either the stand-alone rows or
+/// the parts of panels (`kind = 'reading'` only).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ReadingCandidates {
+    pub mdc: u32,
+    /// Usable rows (stored value, status `final`), newest first, at most
+    /// the number asked for ([`CANDIDATES`]).
+    pub usable: Vec<StoredReading>,
+    /// The newest row whatever its value and status.
+    pub newest: Option<StoredReading>,
+}
+
+/// A manual input as stored (see [`ManualInputs::stored`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredManual {
+    pub value: String,
+    pub effective_us: i64,
+}
+
+/// The rows the scores of a patient are computed from.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LoadedInputs {
+    /// Per device parameter, one entry per metric code
+    /// ([`Parameter::metric_codes`]) and kind of row (stand-alone, panel part).
+    pub readings: Vec<(Parameter, Vec<ReadingCandidates>)>,
+    /// The latest stored value of each manual parameter that has one.
+    pub manual: Vec<(Parameter, StoredManual)>,
+}
+
+/// The latest usable reading of `p` among its sources (the first of each
+/// source's usable rows whose unit converts to the chart's; the newest of
+/// those across sources) and, when the newest row of all is newer than it
+/// and not usable, that row as withheld.
+pub fn latest_reading(
+    p: Parameter,
+    sources: &[ReadingCandidates],
+) -> (Option<Input>, Option<Withheld>) {
+    let mut best: Option<Input> = None;
+    let mut newest_any: Option<&StoredReading> = None;
+    for src in sources {
+        let first_convertible = src.usable.iter().filter(|r| r.is_usable()).find_map(|r| {
+            let v = chart_value(src.mdc, r.value?, r.payload.as_deref())?;
+            Some((r, v))
+        });
+        if let Some((r, v)) = first_convertible
+            && best
+                .as_ref()
+                .is_none_or(|b| b.effective_us < Some(r.effective_us))
+        {
+            best = Some(Input {
+                parameter: p,
+                value: InputValue::Number(v),
+                effective_us: Some(r.effective_us),
+                source: Source::Observation(r.observation_id.clone()),
+            });
+        }
+        if let Some(n) = &src.newest
+            && newest_any.is_none_or(|a| a.effective_us < n.effective_us)
+        {
+            newest_any = Some(n);
+        }
+    }
+    let withheld = newest_any.and_then(|n| {
+        let newer = best
+            .as_ref()
+            .is_none_or(|b| b.effective_us.is_some_and(|u| u < n.effective_us));
+        (newer && !n.is_usable()).then(|| Withheld {
+            parameter: p,
+            observation_id: n.observation_id.clone(),
+            effective_us: n.effective_us,
+            status: n.status.clone(),
+        })
+    });
+    (best, withheld)
+}
+
+/// A stored manual input of `p` as a score input (`None` when it does not
+/// read as one).
+pub fn manual_input(p: Parameter, m: &StoredManual) -> Option<Input> {
+    let value = match p {
+        Parameter::Consciousness => InputValue::Consciousness(parse_consciousness(&m.value)?),
+        Parameter::SupplementalOxygen => InputValue::Oxygen(m.value == "true"),
+        Parameter::Spo2Scale => InputValue::Scale(if m.value == "2" {
+            Spo2Scale::Scale2
+        } else {
+            Spo2Scale::Scale1
+        }),
+        _ => return None,
+    };
+    Some(Input {
+        parameter: p,
+        value,
+        effective_us: Some(m.effective_us),
+        source: Source::Manual,
+    })
+}
+
+/// The manual parameters (stored in `manual_inputs` by kind).
+pub const MANUAL_PARAMETERS: [Parameter; 3] = [
+    Parameter::Consciousness,
+    Parameter::SupplementalOxygen,
+    Parameter::Spo2Scale,
+];
+
+/// `patient`'s scores at `now_us` from the loaded rows (see the module
+/// docs): which inputs are used, stale, missing or withheld, and the scores
+/// whose inputs are all usable and fresh.
+pub fn evaluate(
+    patient: &str,
+    cfg: &ScoresConfig,
+    now_us: i64,
+    loaded: &LoadedInputs,
+) -> ScoreReport {
+    let window_us = i64::try_from(cfg.freshness_s)
+        .unwrap_or(i64::MAX / 1_000_000)
+        .saturating_mul(1_000_000);
+    let fresh_from = now_us.saturating_sub(window_us);
+    let mut report = ScoreReport {
+        patient: patient.to_owned(),
+        computed_at_us: now_us,
+        freshness_s: cfg.freshness_s,
+        used: Vec::new(),
+        stale: Vec::new(),
+        missing: Vec::new(),
+        withheld: Vec::new(),
+        news2: None,
+        qsofa: None,
+        mews: None,
+    };
+    let place = |report: &mut ScoreReport, p: Parameter, input: Option<Input>| match input {
+        None => report.missing.push(p),
+        Some(i) if i.effective_us.is_some_and(|t| t < fresh_from) => report.stale.push(i),
+        Some(i) => report.used.push(i),
+    };
+    let manual = |p: Parameter| {
+        loaded
+            .manual
+            .iter()
+            .find(|(q, _)| *q == p)
+            .and_then(|(_, m)| manual_input(p, m))
+    };
+    for p in DEVICE_PARAMETERS {
+        let sources = loaded
+            .readings
+            .iter()
+            .find(|(q, _)| *q == p)
+            .map_or(&[][..], |(_, s)| s.as_slice());
+        let (input, withheld) = latest_reading(p, sources);
+        place(&mut report, p, input);
+        report.withheld.extend(withheld);
+    }
+    for p in [Parameter::Consciousness, Parameter::SupplementalOxygen] {
+        place(&mut report, p, manual(p));
+    }
+    // The SpO2 scale does not expire; Scale 1 unless a clinician set it.
+    let scale = manual(Parameter::Spo2Scale).unwrap_or(Input {
+        parameter: Parameter::Spo2Scale,
+        value: InputValue::Scale(Spo2Scale::Scale1),
+        effective_us: None,
+        source: Source::Default,
+    });
+    report.used.push(scale);
+    report.used.sort_by_key(|i| i.parameter);
+    report.stale.sort_by_key(|i| i.parameter);
+    report.missing.sort();
+
+    let rr = report.number(Parameter::RespirationRate);
+    let spo2 = report.number(Parameter::Spo2);
+    let sbp = report.number(Parameter::SystolicBp);
+    let pulse = report.number(Parameter::Pulse);
+    let temp = report.number(Parameter::Temperature);
+    let acvpu = report.consciousness();
+    let oxygen = report.oxygen();
+    if let (Some(rr), Some(spo2), Some(sbp), Some(pulse), Some(temp), Some(c), Some(o)) =
+        (rr, spo2, sbp, pulse, temp, acvpu, oxygen)
+    {
+        report.news2 = Some(scores::news2(&scores::News2Input {
+            respiration_rate: rr,
+            spo2,
+            spo2_scale: report.scale(),
+            on_oxygen: o,
+            systolic_bp: sbp,
+            pulse,
+            consciousness: c,
+            temperature_c: temp,
+        }));
+    }
+    if let (Some(rr), Some(sbp), Some(c)) = (rr, sbp, acvpu) {
+        // Altered mentation: any ACVPU other than alert (no GCS input yet).
+        report.qsofa = Some(scores::qsofa(rr, sbp, c != Consciousness::Alert));
+    }
+    if let (Some(sbp), Some(pulse), Some(rr), Some(temp), Some(c)) = (sbp, pulse, rr, temp, acvpu) {
+        report.mews = Some(scores::mews(sbp, pulse, rr, temp, c));
+    }
+    report
+}
+
 // ---- JSON ----------------------------------------------------------------
 
 pub fn value_json(v: InputValue) -> Json {
