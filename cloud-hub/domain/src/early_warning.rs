@@ -698,6 +698,124 @@ mod tests {
         .encode_to_vec()
     }
 
+    fn row(
+        id: &str,
+        t: i64,
+        value: Option<f64>,
+        status: &str,
+        unit: Option<shared_protocol::catalogue::Unit>,
+    ) -> StoredReading {
+        StoredReading {
+            observation_id: id.into(),
+            effective_us: t,
+            value,
+            status: status.into(),
+            payload: unit.map(payload),
+        }
+    }
+
+    #[test]
+    fn the_first_convertible_usable_row_is_used_and_a_newer_unusable_one_withheld() {
+        let t = 1_800_000_000_000_000;
+        // Stand-alone: the newest usable row has no payload (pre-v4), the
+        // next converts (°F). The newest row of all is invalid (no value).
+        let standalone = ReadingCandidates {
+            mdc: codes::TEMP_BODY,
+            usable: vec![
+                row("a", t - 10, Some(37.0), "final", None),
+                row("b", t - 20, Some(98.6), "final", Some(units::DEGF)),
+            ],
+            newest: Some(row("c", t, None, "final", None)),
+        };
+        let (input, withheld) = latest_reading(Parameter::Temperature, &[standalone.clone()]);
+        let input = input.unwrap();
+        assert_eq!(input.source, Source::Observation("b".into()));
+        assert_eq!(input.effective_us, Some(t - 20));
+        let InputValue::Number(v) = input.value else {
+            panic!()
+        };
+        assert!((v - 37.0).abs() < 1e-9);
+        let w = withheld.unwrap();
+        assert_eq!((w.observation_id.as_str(), w.effective_us), ("c", t));
+        // A newer usable panel part wins; the invalid row, newer still, stays
+        // withheld.
+        let panel = ReadingCandidates {
+            mdc: codes::TEMP_BODY,
+            usable: vec![row("p", t - 5, Some(36.5), "final", Some(units::DEGC))],
+            newest: Some(row("p", t - 5, Some(36.5), "final", None)),
+        };
+        let (input, withheld) = latest_reading(Parameter::Temperature, &[standalone, panel]);
+        assert_eq!(input.unwrap().source, Source::Observation("p".into()));
+        assert_eq!(withheld.unwrap().observation_id, "c");
+        // The newest row is the one used: nothing withheld. A preliminary
+        // row among the candidates is never used.
+        let only = ReadingCandidates {
+            mdc: codes::TEMP_BODY,
+            usable: vec![
+                row("q", t, Some(39.0), "preliminary", Some(units::DEGC)),
+                row("u", t - 1, Some(36.9), "final", Some(units::DEGC)),
+            ],
+            newest: Some(row("u", t - 1, Some(36.9), "final", None)),
+        };
+        let (input, withheld) = latest_reading(Parameter::Temperature, &[only]);
+        assert_eq!(input.unwrap().source, Source::Observation("u".into()));
+        assert_eq!(withheld, None);
+        // Nothing convertible: missing, and the newest unusable row withheld.
+        let none = ReadingCandidates {
+            mdc: codes::TEMP_BODY,
+            usable: vec![row("n", t - 1, Some(37.0), "final", Some(units::MMHG))],
+            newest: Some(row("z", t, Some(38.0), "preliminary", None)),
+        };
+        let (input, withheld) = latest_reading(Parameter::Temperature, &[none]);
+        assert_eq!(input, None);
+        assert_eq!(withheld.unwrap().status, "preliminary");
+    }
+
+    #[test]
+    fn evaluate_scores_only_fresh_inputs_and_defaults_the_scale() {
+        let now = 1_800_000_000_000_000;
+        let cfg = ScoresConfig { freshness_s: 900 };
+        let fresh = now - 60 * 1_000_000;
+        let old = now - 3600 * 1_000_000;
+        let num = |mdc, v, t, unit| ReadingCandidates {
+            mdc,
+            usable: vec![row("x", t, Some(v), "final", Some(unit))],
+            newest: None,
+        };
+        let mut loaded = LoadedInputs::default();
+        loaded.readings = vec![
+            (
+                Parameter::RespirationRate,
+                vec![num(codes::RESP_RATE, 18.0, fresh, units::RESP_PER_MIN)],
+            ),
+            (
+                Parameter::SystolicBp,
+                vec![num(codes::PRESS_BLD_NONINV_SYS, 120.0, fresh, units::MMHG)],
+            ),
+        ];
+        loaded.manual = vec![(
+            Parameter::Consciousness,
+            StoredManual {
+                value: "voice".into(),
+                effective_us: fresh,
+            },
+        )];
+        let r = evaluate("p", &cfg, now, &loaded);
+        assert_eq!(r.scale(), Spo2Scale::Scale1);
+        assert!(
+            r.input(Parameter::Spo2Scale)
+                .is_some_and(|i| i.source == Source::Default)
+        );
+        assert!(r.qsofa.is_some_and(|q| q.altered_mentation));
+        assert!(r.news2.is_none() && r.mews.is_none());
+        assert!(r.missing.contains(&Parameter::Spo2));
+        // The same consciousness an hour old: stale, no qSOFA.
+        loaded.manual[0].1.effective_us = old;
+        let r = evaluate("p", &cfg, now, &loaded);
+        assert_eq!(r.stale.len(), 1);
+        assert!(r.qsofa.is_none());
+    }
+
     #[test]
     fn values_are_converted_to_the_chart_unit() {
         let c = chart_value(codes::TEMP_BODY, 98.6, Some(&payload(units::DEGF))).unwrap();
