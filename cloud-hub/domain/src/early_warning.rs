@@ -727,7 +727,8 @@ mod tests {
             ],
             newest: Some(row("c", t, None, "final", None)),
         };
-        let (input, withheld) = latest_reading(Parameter::Temperature, &[standalone.clone()]);
+        let (input, withheld) =
+            latest_reading(Parameter::Temperature, std::slice::from_ref(&standalone));
         let input = input.unwrap();
         assert_eq!(input.source, Source::Observation("b".into()));
         assert_eq!(input.effective_us, Some(t - 20));
@@ -782,24 +783,25 @@ mod tests {
             usable: vec![row("x", t, Some(v), "final", Some(unit))],
             newest: None,
         };
-        let mut loaded = LoadedInputs::default();
-        loaded.readings = vec![
-            (
-                Parameter::RespirationRate,
-                vec![num(codes::RESP_RATE, 18.0, fresh, units::RESP_PER_MIN)],
-            ),
-            (
-                Parameter::SystolicBp,
-                vec![num(codes::PRESS_BLD_NONINV_SYS, 120.0, fresh, units::MMHG)],
-            ),
-        ];
-        loaded.manual = vec![(
-            Parameter::Consciousness,
-            StoredManual {
-                value: "voice".into(),
-                effective_us: fresh,
-            },
-        )];
+        let mut loaded = LoadedInputs {
+            readings: vec![
+                (
+                    Parameter::RespirationRate,
+                    vec![num(codes::RESP_RATE, 18.0, fresh, units::RESP_PER_MIN)],
+                ),
+                (
+                    Parameter::SystolicBp,
+                    vec![num(codes::PRESS_BLD_NONINV_SYS, 120.0, fresh, units::MMHG)],
+                ),
+            ],
+            manual: vec![(
+                Parameter::Consciousness,
+                StoredManual {
+                    value: "voice".into(),
+                    effective_us: fresh,
+                },
+            )],
+        };
         let r = evaluate("p", &cfg, now, &loaded);
         assert_eq!(r.scale(), Spo2Scale::Scale1);
         assert!(
