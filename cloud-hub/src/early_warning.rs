@@ -3,7 +3,7 @@
 //! pure functions of [`crate::scores`].
 //!
 //! Inputs:
-//! - Device readings (rows of `observations` with the patient's id):
+//! - Device readings (stored observations with the patient's id):
 //!   respiration rate, SpO2, systolic blood pressure (stand-alone readings
 //!   and the systolic part of a blood-pressure panel, which is stored as its
 //!   own row), pulse (the newest of ECG heart rate, pulse-oximeter pulse
@@ -27,8 +27,10 @@
 //! usable is listed under `withheld` (so a monitor that went invalid is
 //! visible, never silently replaced by its value).
 //!
-//! SQLite only for now: on PostgreSQL every function returns
-//! [`ScoresError::Postgres`] (HTTP 501).
+//! The rows come from the storage layer (`hub_storage::ScoreStore`); the
+//! choice among them is `hub_domain::early_warning::evaluate`. A backend
+//! without the score tables yet (PostgreSQL) answers `Unsupported`, which
+//! is [`ScoresError::Unsupported`] (HTTP 501).
 //!
 //! Who may call the HTTP routes is decided by `crate::access::POLICY`
 //! (clinicians and administrators).
@@ -39,13 +41,12 @@ use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
-use rusqlite::{Connection, OptionalExtension, params};
 use serde::Deserialize;
 use serde_json::json;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use crate::scores::{self, Consciousness, Spo2Scale};
+use crate::scores::Spo2Scale;
 use crate::store::{Store, StoreError, now_us};
 
 pub use hub_domain::early_warning::*;
@@ -55,8 +56,9 @@ pub use hub_domain::early_warning::*;
 pub enum ScoresError {
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("early-warning scores are not supported on PostgreSQL yet (SQLite backend only)")]
-    Postgres,
+    /// The storage backend has no score tables yet (HTTP 501).
+    #[error("early-warning scores are not supported on {} yet (SQLite backend only)", backend_name(.0))]
+    Unsupported(&'static str),
     #[error("{field} {message}")]
     Invalid {
         field: &'static str,
@@ -66,264 +68,74 @@ pub enum ScoresError {
     UnknownPatient,
 }
 
-fn sqlite(store: &Store) -> Result<std::sync::MutexGuard<'_, Connection>, ScoresError> {
-    if store.postgres().is_some() {
-        return Err(ScoresError::Postgres);
-    }
-    Ok(store.lock()?)
-}
-
-/// Latest usable reading of `p` (any of its codes, stand-alone or panel
-/// part) and the newest unusable reading newer than it.
-fn latest_reading(
-    conn: &Connection,
-    patient: &str,
-    p: Parameter,
-) -> Result<(Option<Input>, Option<Withheld>), StoreError> {
-    let mut best: Option<Input> = None;
-    let mut newest_any: Option<(String, i64, Option<f64>, String)> = None;
-    for &code in p.metric_codes() {
-        for panel in ["panel_id IS NULL", "panel_id IS NOT NULL"] {
-            // Usable candidates, newest first (a few, in case the newest
-            // has a unit that cannot be read).
-            let sql = format!(
-                "SELECT id, effective_us, value, payload FROM observations
-                 WHERE patient_id = ?1 AND mdc_code = ?2 AND {panel} AND kind = 'reading'
-                   AND value IS NOT NULL AND status = 'final'
-                 ORDER BY effective_us DESC LIMIT 8"
-            );
-            let mut stmt = conn.prepare_cached(&sql)?;
-            let rows = stmt.query_map(params![patient, code], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, i64>(1)?,
-                    r.get::<_, f64>(2)?,
-                    r.get::<_, Option<Vec<u8>>>(3)?,
-                ))
-            })?;
-            for row in rows {
-                let (id, t, v, payload) = row?;
-                let Some(v) = chart_value(code, v, payload.as_deref()) else {
-                    continue;
-                };
-                if best.as_ref().is_none_or(|b| b.effective_us < Some(t)) {
-                    best = Some(Input {
-                        parameter: p,
-                        value: InputValue::Number(v),
-                        effective_us: Some(t),
-                        source: Source::Observation(id),
-                    });
-                }
-                break;
-            }
-            let sql = format!(
-                "SELECT id, effective_us, value, status FROM observations
-                 WHERE patient_id = ?1 AND mdc_code = ?2 AND {panel} AND kind = 'reading'
-                 ORDER BY effective_us DESC LIMIT 1"
-            );
-            let newest = conn
-                .prepare_cached(&sql)?
-                .query_row(params![patient, code], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-                })
-                .optional()?;
-            if let Some(n) = newest
-                && newest_any.as_ref().is_none_or(|a| a.1 < n.1)
-            {
-                newest_any = Some(n);
-            }
+impl From<hub_storage::StoreError> for ScoresError {
+    fn from(e: hub_storage::StoreError) -> Self {
+        match e {
+            hub_storage::StoreError::Unsupported(_, backend) => ScoresError::Unsupported(backend),
+            e => ScoresError::Store(e.into()),
         }
     }
-    let withheld = newest_any.and_then(|(id, t, value, status)| {
-        let newer = best
-            .as_ref()
-            .is_none_or(|b| b.effective_us.is_some_and(|u| u < t));
-        (newer && (value.is_none() || status != "final")).then_some(Withheld {
-            parameter: p,
-            observation_id: id,
-            effective_us: t,
-            status,
-        })
-    });
-    Ok((best, withheld))
 }
 
-fn latest_manual(
-    conn: &Connection,
-    patient: &str,
-    p: Parameter,
-) -> Result<Option<Input>, StoreError> {
-    let Some(kind) = p.manual_kind() else {
-        return Ok(None);
-    };
-    let row: Option<(String, i64)> = conn
-        .prepare_cached(
-            "SELECT value, effective_us FROM manual_inputs WHERE patient_id = ?1 AND kind = ?2
-             ORDER BY effective_us DESC, rowid DESC LIMIT 1",
-        )?
-        .query_row(params![patient, kind], |r| Ok((r.get(0)?, r.get(1)?)))
-        .optional()?;
-    Ok(row.and_then(|(v, t)| {
-        let value = match p {
-            Parameter::Consciousness => InputValue::Consciousness(parse_consciousness(&v)?),
-            Parameter::SupplementalOxygen => InputValue::Oxygen(v == "true"),
-            Parameter::Spo2Scale => InputValue::Scale(if v == "2" {
-                Spo2Scale::Scale2
-            } else {
-                Spo2Scale::Scale1
-            }),
-            _ => return None,
-        };
-        Some(Input {
-            parameter: p,
-            value,
-            effective_us: Some(t),
-            source: Source::Manual,
-        })
-    }))
-}
-
-fn has_manual_inputs(conn: &Connection, patient: &str) -> Result<bool, StoreError> {
-    Ok(conn
-        .query_row(
-            "SELECT 1 FROM manual_inputs WHERE patient_id = ?1 LIMIT 1",
-            [patient],
-            |_| Ok(()),
-        )
-        .optional()?
-        .is_some())
-}
-
-/// Whether the hub knows `patient` (stays, attributed readings, or manual
-/// inputs).
-fn known_patient(store: &Store, patient: &str) -> Result<bool, ScoresError> {
-    if store.patient(patient).map_err(StoreError::from)?.is_some() {
-        return Ok(true);
+/// The product name of a storage backend (`Storage::backend`), for messages.
+pub(crate) fn backend_name(backend: &str) -> &str {
+    match backend {
+        "postgres" => "PostgreSQL",
+        "sqlite" => "SQLite",
+        other => other,
     }
-    let conn = sqlite(store)?;
-    Ok(has_manual_inputs(&conn, patient)?)
 }
 
-/// Computes `patient`'s scores at `now_us` (see the module docs).
+/// Whether the hub knows `patient` (manual inputs, stays or attributed
+/// readings). Manual inputs are asked first: a backend without the score
+/// tables answers `Unsupported` here, whether the patient is known or not.
+fn known_patient(store: &Store, patient: &str) -> Result<bool, ScoresError> {
+    Ok(store.has_manual_inputs(patient)? || store.patient(patient)?.is_some())
+}
+
+/// The rows `patient`'s scores are computed from.
+fn load_inputs(store: &Store, patient: &str) -> Result<LoadedInputs, ScoresError> {
+    let mut loaded = LoadedInputs::default();
+    for p in DEVICE_PARAMETERS {
+        let mut sources = Vec::new();
+        for &code in p.metric_codes() {
+            for panel_part in [false, true] {
+                sources.push(store.score_readings(patient, code, panel_part, CANDIDATES)?);
+            }
+        }
+        loaded.readings.push((p, sources));
+    }
+    for p in MANUAL_PARAMETERS {
+        if let Some(kind) = p.manual_kind()
+            && let Some(m) = store.latest_manual(patient, kind)?
+        {
+            loaded.manual.push((p, m));
+        }
+    }
+    Ok(loaded)
+}
+
+/// Computes `patient`'s scores at `now_us` (see the module docs): the
+/// store loads the rows, [`evaluate`] decides and scores.
 pub fn compute(
     store: &Store,
     patient: &str,
     cfg: &ScoresConfig,
     now_us: i64,
 ) -> Result<ScoreReport, ScoresError> {
-    if store.postgres().is_some() {
-        return Err(ScoresError::Postgres);
-    }
     if !known_patient(store, patient)? {
         return Err(ScoresError::UnknownPatient);
     }
-    let conn = sqlite(store)?;
-    let window_us = i64::try_from(cfg.freshness_s)
-        .unwrap_or(i64::MAX / 1_000_000)
-        .saturating_mul(1_000_000);
-    let fresh_from = now_us.saturating_sub(window_us);
-    let mut report = ScoreReport {
-        patient: patient.to_owned(),
-        computed_at_us: now_us,
-        freshness_s: cfg.freshness_s,
-        used: Vec::new(),
-        stale: Vec::new(),
-        missing: Vec::new(),
-        withheld: Vec::new(),
-        news2: None,
-        qsofa: None,
-        mews: None,
-    };
-    let place = |report: &mut ScoreReport, p: Parameter, input: Option<Input>| match input {
-        None => report.missing.push(p),
-        Some(i) if i.effective_us.is_some_and(|t| t < fresh_from) => report.stale.push(i),
-        Some(i) => report.used.push(i),
-    };
-    for p in DEVICE_PARAMETERS {
-        let (input, withheld) = latest_reading(&conn, patient, p)?;
-        place(&mut report, p, input);
-        report.withheld.extend(withheld);
-    }
-    for p in [Parameter::Consciousness, Parameter::SupplementalOxygen] {
-        let input = latest_manual(&conn, patient, p)?;
-        place(&mut report, p, input);
-    }
-    // The SpO2 scale does not expire; Scale 1 unless a clinician set it.
-    let scale = latest_manual(&conn, patient, Parameter::Spo2Scale)?.unwrap_or(Input {
-        parameter: Parameter::Spo2Scale,
-        value: InputValue::Scale(Spo2Scale::Scale1),
-        effective_us: None,
-        source: Source::Default,
-    });
-    report.used.push(scale);
-    drop(conn);
-    report.used.sort_by_key(|i| i.parameter);
-    report.stale.sort_by_key(|i| i.parameter);
-    report.missing.sort();
-
-    let rr = report.number(Parameter::RespirationRate);
-    let spo2 = report.number(Parameter::Spo2);
-    let sbp = report.number(Parameter::SystolicBp);
-    let pulse = report.number(Parameter::Pulse);
-    let temp = report.number(Parameter::Temperature);
-    let acvpu = report.consciousness();
-    let oxygen = report.oxygen();
-    if let (Some(rr), Some(spo2), Some(sbp), Some(pulse), Some(temp), Some(c), Some(o)) =
-        (rr, spo2, sbp, pulse, temp, acvpu, oxygen)
-    {
-        report.news2 = Some(scores::news2(&scores::News2Input {
-            respiration_rate: rr,
-            spo2,
-            spo2_scale: report.scale(),
-            on_oxygen: o,
-            systolic_bp: sbp,
-            pulse,
-            consciousness: c,
-            temperature_c: temp,
-        }));
-    }
-    if let (Some(rr), Some(sbp), Some(c)) = (rr, sbp, acvpu) {
-        // Altered mentation: any ACVPU other than alert (no GCS input yet).
-        report.qsofa = Some(scores::qsofa(rr, sbp, c != Consciousness::Alert));
-    }
-    if let (Some(sbp), Some(pulse), Some(rr), Some(temp), Some(c)) = (sbp, pulse, rr, temp, acvpu) {
-        report.mews = Some(scores::mews(sbp, pulse, rr, temp, c));
-    }
-    Ok(report)
+    let loaded = load_inputs(store, patient)?;
+    Ok(evaluate(patient, cfg, now_us, &loaded))
 }
 
 /// Stores manual inputs for a known patient.
 pub fn record_manual(store: &Store, patient: &str, m: &ManualInputs) -> Result<(), ScoresError> {
-    if store.postgres().is_some() {
-        return Err(ScoresError::Postgres);
-    }
     if !known_patient(store, patient)? {
         return Err(ScoresError::UnknownPatient);
     }
-    let mut conn = sqlite(store)?;
-    let tx = conn.transaction().map_err(StoreError::from)?;
-    let recorded = now_us();
-    let rows = [
-        m.consciousness
-            .map(|c| ("consciousness", consciousness_str(c).to_owned())),
-        m.supplemental_oxygen
-            .map(|o| ("supplemental_oxygen", o.to_string())),
-        m.spo2_scale.map(|s| {
-            (
-                "spo2_scale",
-                if s == Spo2Scale::Scale2 { "2" } else { "1" }.to_owned(),
-            )
-        }),
-    ];
-    for (kind, value) in rows.into_iter().flatten() {
-        tx.execute(
-            "INSERT INTO manual_inputs (patient_id, kind, value, effective_us, recorded_us)
-             VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![patient, kind, value, m.effective_us, recorded],
-        )
-        .map_err(StoreError::from)?;
-    }
-    tx.commit().map_err(StoreError::from)?;
+    store.record_manual(patient, &m.stored(), m.effective_us, now_us())?;
     Ok(())
 }
 
@@ -363,7 +175,9 @@ impl IntoResponse for ScoresError {
                 error(StatusCode::BAD_REQUEST, &self.to_string(), Some(field))
             }
             ScoresError::UnknownPatient => error(StatusCode::NOT_FOUND, &self.to_string(), None),
-            ScoresError::Postgres => error(StatusCode::NOT_IMPLEMENTED, &self.to_string(), None),
+            ScoresError::Unsupported(_) => {
+                error(StatusCode::NOT_IMPLEMENTED, &self.to_string(), None)
+            }
             ScoresError::Store(e) => {
                 tracing::error!(error = %e, "early-warning scores failed");
                 error(StatusCode::INTERNAL_SERVER_ERROR, "internal error", None)
@@ -528,6 +342,7 @@ async fn put_manual_inputs(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::scores::Consciousness;
 
     #[test]
     fn manual_input_bodies_are_checked() {

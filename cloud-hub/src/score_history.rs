@@ -3,7 +3,10 @@
 //!
 //! Rows are written where the scores are already recomputed after each
 //! ingested batch (`alerts::AlertService::on_batch`, for every patient with
-//! a new usable value), from the same [`ScoreReport`]. **Write rule**, per
+//! a new usable value), from the same [`ScoreReport`]. What a row holds
+//! ([`entry`]) and the write rule ([`should_write`]) are
+//! `hub_domain::score_history`; the rows are stored through
+//! `hub_storage::ScoreStore`. **Write rule**, per
 //! patient and score kind: a row when the result (total, band, components,
 //! missing/stale inputs) differs from the last stored row, otherwise at most
 //! one row per [`HEARTBEAT_US`] (one minute). An unchanged score therefore
@@ -16,7 +19,8 @@
 //! re-attribution (`association`) does not rewrite them.
 //!
 //! `GET /api/v1/patients/{id}/scores/history?kind=news2&from=…&to=…`
-//! (clinicians: `crate::access::POLICY`; SQLite only, 501 on PostgreSQL).
+//! (clinicians: `crate::access::POLICY`; 501 on a backend without the
+//! history table yet: PostgreSQL).
 //! See docs/scores.md, "History".
 
 use axum::Router;
@@ -24,227 +28,28 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use rusqlite::{Connection, OptionalExtension, params};
-use serde_json::{Value as Json, json};
+use serde_json::json;
 
-use crate::early_warning::{Parameter, ScoreReport, band, news2_components};
-use crate::store::{Store, StoreError, now_us};
+use crate::early_warning::ScoreReport;
+use crate::storage::StoreError;
+use crate::store::{Store, now_us};
 
-/// An unchanged result is stored again at most this often (UTC µs).
-pub const HEARTBEAT_US: i64 = 60 * 1_000_000;
-/// Longest window one history request may ask for.
-pub const MAX_WINDOW_US: i64 = 7 * 86_400 * 1_000_000;
-/// Most rows one history request returns (the newest, when there are more).
-pub const MAX_POINTS: usize = 20_000;
+pub use hub_domain::score_history::*;
 
 const S: i64 = 1_000_000;
 
-/// A score kind of the history.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    News2,
-    Qsofa,
-    Mews,
-}
-
-impl Kind {
-    pub const ALL: [Kind; 3] = [Kind::News2, Kind::Qsofa, Kind::Mews];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::News2 => "news2",
-            Self::Qsofa => "qsofa",
-            Self::Mews => "mews",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|k| k.as_str() == s)
-    }
-
-    /// The inputs the score needs (the SpO2 scale always has a value).
-    fn inputs(self) -> &'static [Parameter] {
-        use Parameter::*;
-        match self {
-            Self::News2 => &[
-                RespirationRate,
-                Spo2,
-                SupplementalOxygen,
-                SystolicBp,
-                Pulse,
-                Consciousness,
-                Temperature,
-            ],
-            Self::Qsofa => &[RespirationRate, SystolicBp, Consciousness],
-            Self::Mews => &[
-                SystolicBp,
-                Pulse,
-                RespirationRate,
-                Temperature,
-                Consciousness,
-            ],
-        }
-    }
-}
-
-/// One history row's result.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Entry {
-    pub total: Option<i64>,
-    /// NEWS2: `low`, `low-medium`, `medium`, `high`; qSOFA: `positive`
-    /// (≥ 2) or `negative`; MEWS: none (its trigger levels are local).
-    pub band: Option<String>,
-    /// Inputs without a usable fresh value (missing or stale), by name.
-    pub missing: Vec<String>,
-    /// The stale ones among `missing`.
-    pub stale: Vec<String>,
-    /// Component scores by parameter name (NULL when not computed).
-    pub components: Option<Json>,
-}
-
-/// The result of `kind` in a report.
-pub fn entry(report: &ScoreReport, kind: Kind) -> Entry {
-    let needs = kind.inputs();
-    let stale: Vec<String> = report
-        .stale
-        .iter()
-        .map(|i| i.parameter)
-        .filter(|p| needs.contains(p))
-        .map(|p| p.as_str().to_owned())
-        .collect();
-    let mut missing: Vec<String> = report
-        .missing
-        .iter()
-        .filter(|p| needs.contains(p))
-        .map(|p| p.as_str().to_owned())
-        .collect();
-    missing.extend(stale.iter().cloned());
-    missing.sort();
-    let (total, band, components) = match kind {
-        Kind::News2 => match &report.news2 {
-            Some(n) => {
-                let mut c = serde_json::Map::new();
-                for (p, s) in news2_components(n) {
-                    c.insert(p.as_str().into(), json!(s));
-                }
-                (
-                    Some(i64::from(n.total)),
-                    Some(band(n.risk).to_owned()),
-                    Some(Json::Object(c)),
-                )
-            }
-            None => (None, None, None),
-        },
-        Kind::Qsofa => match &report.qsofa {
-            Some(q) => (
-                Some(i64::from(q.score)),
-                Some(if q.positive { "positive" } else { "negative" }.to_owned()),
-                Some(json!({
-                    "respiration_rate": u8::from(q.respiratory_rate),
-                    "systolic_bp": u8::from(q.systolic_bp),
-                    "consciousness": u8::from(q.altered_mentation),
-                })),
-            ),
-            None => (None, None, None),
-        },
-        Kind::Mews => match &report.mews {
-            Some(m) => (
-                Some(i64::from(m.total)),
-                None,
-                Some(json!({
-                    "systolic_bp": m.systolic_bp,
-                    "pulse": m.heart_rate,
-                    "respiration_rate": m.respiration,
-                    "temperature": m.temperature,
-                    "consciousness": m.avpu,
-                })),
-            ),
-            None => (None, None, None),
-        },
-    };
-    Entry {
-        total,
-        band,
-        missing,
-        stale,
-        components,
-    }
-}
-
-fn names(text: &str) -> Vec<String> {
-    serde_json::from_str(text).unwrap_or_default()
-}
-
-fn names_json(v: &[String]) -> String {
-    serde_json::to_string(v).unwrap_or_else(|_| "[]".into())
-}
-
-fn last_row(
-    conn: &Connection,
-    patient: &str,
-    kind: Kind,
-) -> rusqlite::Result<Option<(i64, Entry)>> {
-    conn.query_row(
-        "SELECT time_us, total, band, missing, stale, components FROM score_history
-         WHERE patient_id = ?1 AND kind = ?2 ORDER BY time_us DESC, id DESC LIMIT 1",
-        params![patient, kind.as_str()],
-        |r| {
-            let components: Option<String> = r.get(5)?;
-            Ok((
-                r.get(0)?,
-                Entry {
-                    total: r.get(1)?,
-                    band: r.get(2)?,
-                    missing: names(&r.get::<_, String>(3)?),
-                    stale: names(&r.get::<_, String>(4)?),
-                    components: components.and_then(|c| serde_json::from_str(&c).ok()),
-                },
-            ))
-        },
-    )
-    .optional()
-}
-
-/// Stores the report's results by the write rule (module docs), at the
-/// report's computation time. Returns the rows written. Does nothing on
-/// PostgreSQL (no history table there yet).
+/// Stores the report's results by the write rule ([`should_write`]), at
+/// the report's computation time, in one transaction. Returns the rows
+/// written. A backend without the history table answers `Unsupported`.
 pub fn record(store: &Store, report: &ScoreReport) -> Result<usize, StoreError> {
-    if store.postgres().is_some() {
-        return Ok(0);
-    }
-    let mut conn = store.lock()?;
-    let tx = conn.transaction()?;
-    let at = report.computed_at_us;
-    let mut written = 0;
-    for kind in Kind::ALL {
-        let e = entry(report, kind);
-        if let Some((last_us, last)) = last_row(&tx, &report.patient, kind)? {
-            if last == e && at - last_us < HEARTBEAT_US {
-                continue;
-            }
-        }
-        tx.execute(
-            "INSERT INTO score_history (patient_id, kind, time_us, total, band, missing, stale, components)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            params![
-                report.patient,
-                kind.as_str(),
-                at,
-                e.total,
-                e.band,
-                names_json(&e.missing),
-                names_json(&e.stale),
-                e.components.as_ref().map(|c| c.to_string()),
-            ],
-        )?;
-        written += 1;
-    }
-    tx.commit()?;
-    Ok(written)
+    let entries: Vec<(Kind, Entry)> = Kind::ALL.map(|k| (k, entry(report, k))).into();
+    store.record_scores(
+        &report.patient,
+        report.computed_at_us,
+        &entries,
+        should_write,
+    )
 }
-
-/// A stored point: time (UTC µs) and its result.
-pub type Point = (i64, Entry);
 
 /// A patient's history of `kind` in `[from_us, to_us)`, oldest first; at
 /// most [`MAX_POINTS`] (the newest) and whether older ones were left out.
@@ -255,39 +60,7 @@ pub fn history(
     from_us: i64,
     to_us: i64,
 ) -> Result<(Vec<Point>, bool), StoreError> {
-    if store.postgres().is_some() {
-        return Err(StoreError::NotSqlite);
-    }
-    let conn = store.lock()?;
-    let mut stmt = conn.prepare(
-        "SELECT time_us, total, band, missing, stale, components FROM score_history
-         WHERE patient_id = ?1 AND kind = ?2 AND time_us >= ?3 AND time_us < ?4
-         ORDER BY time_us DESC, id DESC LIMIT ?5",
-    )?;
-    let mut rows: Vec<Point> = stmt
-        .query_map(
-            params![
-                patient,
-                kind.as_str(),
-                from_us,
-                to_us,
-                MAX_POINTS as i64 + 1
-            ],
-            |r| {
-                let components: Option<String> = r.get(5)?;
-                Ok((
-                    r.get(0)?,
-                    Entry {
-                        total: r.get(1)?,
-                        band: r.get(2)?,
-                        missing: names(&r.get::<_, String>(3)?),
-                        stale: names(&r.get::<_, String>(4)?),
-                        components: components.and_then(|c| serde_json::from_str(&c).ok()),
-                    },
-                ))
-            },
-        )?
-        .collect::<Result<_, _>>()?;
+    let mut rows = store.score_history(patient, kind, from_us, to_us, MAX_POINTS + 1)?;
     let truncated = rows.len() > MAX_POINTS;
     rows.truncate(MAX_POINTS);
     rows.reverse();
@@ -331,15 +104,6 @@ async fn get_history(
     Path(patient): Path<String>,
     q: Result<Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
-    if st.store.postgres().is_some() {
-        return (
-            StatusCode::NOT_IMPLEMENTED,
-            axum::Json(
-                json!({ "error": "score history needs the SQLite store (not yet on PostgreSQL)" }),
-            ),
-        )
-            .into_response();
-    }
     let Ok(Query(q)) = q else {
         return bad("query", "kind, from, to");
     };
@@ -369,6 +133,18 @@ async fn get_history(
     let (points, truncated) =
         match tokio::task::spawn_blocking(move || history(&store, &p, kind, from, to)).await {
             Ok(Ok(r)) => r,
+            Ok(Err(StoreError::Unsupported(_, backend))) => {
+                return (
+                    StatusCode::NOT_IMPLEMENTED,
+                    axum::Json(json!({
+                        "error": format!(
+                            "score history needs the SQLite store (not yet on {})",
+                            crate::early_warning::backend_name(backend)
+                        )
+                    })),
+                )
+                    .into_response();
+            }
             Ok(Err(e)) => return internal(e),
             Err(e) => return internal(e),
         };
@@ -395,7 +171,7 @@ async fn get_history(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::early_warning::{Input, InputValue, Source};
+    use crate::early_warning::{Input, InputValue, Parameter, Source};
     use crate::scores::{self, Consciousness, News2Input, Spo2Scale};
 
     const T0: i64 = 1_795_514_400_000_000;

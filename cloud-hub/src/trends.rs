@@ -12,24 +12,27 @@
 //! reads at most a few thousand bucket rows, never the raw readings.
 //!
 //! `GET /api/v1/patients/{id}/series?code=…&from=…&to=…&resolution=…`
-//! (clinicians: `crate::access::POLICY`; SQLite only). See docs/scores.md "Trends".
+//! (clinicians: `crate::access::POLICY`; 501 on a backend without the
+//! buckets yet: PostgreSQL). See docs/scores.md "Trends". The buckets are
+//! read through `hub_storage::TrendStore`.
 
 use axum::Router;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use rusqlite::params;
 use serde_json::json;
 use shared_protocol::CATALOGUE;
 
-use crate::store::{Store, StoreError, now_us};
+use crate::storage::StoreError;
+use crate::store::{Store, now_us};
 
 pub use hub_domain::trends::*;
 
 const S: i64 = 1_000_000;
 
-/// A patient's series of one metric over `[from, to)` at `resolution_s`.
+/// A patient's series of one metric over `[from, to)` at `resolution_s`
+/// (from the bucket holding `from`).
 pub fn series(
     store: &Store,
     patient: &str,
@@ -38,28 +41,13 @@ pub fn series(
     from: i64,
     to: i64,
 ) -> Result<Vec<Point>, StoreError> {
-    let conn = store.lock()?;
-    let mut st = conn.prepare_cached(
-        "SELECT bucket_us, SUM(n), SUM(sum), MIN(min), MAX(max) FROM vital_rollups
-          WHERE patient_id = ?1 AND mdc_code = ?2 AND resolution_s = ?3
-            AND bucket_us >= ?4 AND bucket_us < ?5
-          GROUP BY bucket_us ORDER BY bucket_us",
-    )?;
-    let from_bucket = from.div_euclid(resolution_s * S) * resolution_s * S;
-    let points = st
-        .query_map(params![patient, mdc, resolution_s, from_bucket, to], |r| {
-            let n: i64 = r.get(1)?;
-            let sum: f64 = r.get(2)?;
-            Ok(Point {
-                start_us: r.get(0)?,
-                count: n,
-                min: r.get(3)?,
-                max: r.get(4)?,
-                mean: sum / n as f64,
-            })
-        })?
-        .collect::<Result<_, _>>()?;
-    Ok(points)
+    store.series(
+        patient,
+        mdc,
+        resolution_s,
+        bucket_start(from, resolution_s),
+        to,
+    )
 }
 
 // ---- HTTP ----------------------------------------------------------------
@@ -113,13 +101,6 @@ async fn get_series(
     Path(patient): Path<String>,
     q: Result<Query<SeriesQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
-    if st.store.postgres().is_some() {
-        return (
-            StatusCode::NOT_IMPLEMENTED,
-            axum::Json(json!({ "error": "trends need the SQLite store (not yet on PostgreSQL)" })),
-        )
-            .into_response();
-    }
     let Ok(Query(q)) = q else {
         return bad("query", "code, from, to, resolution (60, 300 or 3600)");
     };
@@ -166,6 +147,18 @@ async fn get_series(
         tokio::task::spawn_blocking(move || series(&store, &p, mdc, resolution, from, to)).await;
     let points = match r {
         Ok(Ok(p)) => p,
+        Ok(Err(StoreError::Unsupported(_, backend))) => {
+            return (
+                StatusCode::NOT_IMPLEMENTED,
+                axum::Json(json!({
+                    "error": format!(
+                        "trends need the SQLite store (not yet on {})",
+                        crate::early_warning::backend_name(backend)
+                    )
+                })),
+            )
+                .into_response();
+        }
         Ok(Err(e)) => {
             tracing::error!(error = %e, "series query failed");
             return (StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response();

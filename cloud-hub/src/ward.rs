@@ -7,7 +7,8 @@
 //! same usable/stale rules) and the alert engine's open alerts.
 //!
 //! `GET /api/v1/wards/{ward}/overview` (clinicians: `crate::access::POLICY`;
-//! SQLite only, 501 on PostgreSQL).
+//! 501 when the storage backend has no score tables yet, as for the
+//! scores: PostgreSQL).
 
 use std::sync::Arc;
 
@@ -40,9 +41,6 @@ pub fn overview(
     ward: &str,
     now_us: i64,
 ) -> Result<Vec<Json>, ScoresError> {
-    if store.postgres().is_some() {
-        return Err(ScoresError::Postgres);
-    }
     let beds = store.occupancy(now_us).map_err(|e| match e {
         crate::association::AssocError::Store(e) => ScoresError::Store(e),
         other => ScoresError::Store(crate::store::StoreError::Io(std::io::Error::other(

@@ -705,8 +705,301 @@ fn users_tokens_and_sessions(s: &Store) {
     assert_eq!(acc::list_tokens(s).unwrap()[0].revoked_us, Some(6));
 }
 
+// ---- The clinical layer (`ScoreStore`, `AlertStore`, `TrendStore`) ----
+//
+// Not on PostgreSQL yet: listed under `unsupported_on_postgres` in `suite!`,
+// where the PostgreSQL run asserts `StoreError::Unsupported`.
+
+fn attributed(patient: &str, devices: &[&str]) -> Associations {
+    devices
+        .iter()
+        .map(|d| ((G.to_owned(), (*d).to_owned()), patient.to_owned()))
+        .collect()
+}
+
+/// Score inputs: the usable rows of a metric newest first (at most the
+/// limit), the newest row whatever its validity, per kind of row; manual
+/// inputs by effective time, then the last recorded.
+fn score_inputs_are_loaded_as_stored(s: &Store) -> Result<(), StoreError> {
+    let assoc = attributed("p-1", &["d1"]);
+    let mut questionable = spo2(T0 + 3 * MIN, 4);
+    questionable.validity = 2;
+    ingest(
+        s,
+        &batch(
+            1,
+            vec![entry(
+                "d1",
+                vec![
+                    spo2(T0, 1),
+                    spo2(T0 + MIN, 2),
+                    spo2(T0 + 2 * MIN, 3),
+                    questionable,
+                ],
+            )],
+        ),
+        &assoc,
+    );
+    let c = s.score_readings("p-1", codes::PULS_OXIM_SAT_O2, false, 2)?;
+    assert_eq!(c.mdc, codes::PULS_OXIM_SAT_O2);
+    let times: Vec<i64> = c.usable.iter().map(|r| r.effective_us).collect();
+    assert_eq!(times, vec![T0 + 2 * MIN, T0 + MIN]);
+    assert!(
+        c.usable
+            .iter()
+            .all(|r| r.is_usable() && r.payload.is_some())
+    );
+    assert_eq!(c.usable[0].observation_id, oid("d1", 3));
+    let newest = c.newest.expect("newest row");
+    assert_eq!(newest.effective_us, T0 + 3 * MIN);
+    assert_eq!(newest.observation_id, oid("d1", 4));
+    assert!(!newest.is_usable(), "{newest:?}");
+    // No panel parts; another patient or metric has nothing.
+    let parts = s.score_readings("p-1", codes::PULS_OXIM_SAT_O2, true, 8)?;
+    assert!(parts.usable.is_empty() && parts.newest.is_none());
+    assert!(
+        s.score_readings("p-2", codes::PULS_OXIM_SAT_O2, false, 8)?
+            .newest
+            .is_none()
+    );
+    assert!(
+        s.score_readings("p-1", codes::RESP_RATE, false, 8)?
+            .newest
+            .is_none()
+    );
+
+    assert!(!s.has_manual_inputs("p-1")?);
+    assert_eq!(s.latest_manual("p-1", "consciousness")?, None);
+    let voice = [("consciousness", "voice".to_owned())];
+    s.record_manual("p-1", &voice, T0 + MIN, T0 + 5 * MIN)?;
+    // Recorded later but effective earlier: not the latest.
+    let alert = [
+        ("consciousness", "alert".to_owned()),
+        ("spo2_scale", "2".to_owned()),
+    ];
+    s.record_manual("p-1", &alert, T0, T0 + 6 * MIN)?;
+    assert!(s.has_manual_inputs("p-1")?);
+    assert!(!s.has_manual_inputs("p-2")?);
+    let latest = s.latest_manual("p-1", "consciousness")?.unwrap();
+    assert_eq!(
+        (latest.value.as_str(), latest.effective_us),
+        ("voice", T0 + MIN)
+    );
+    assert_eq!(s.latest_manual("p-1", "spo2_scale")?.unwrap().value, "2");
+    assert_eq!(s.latest_manual("p-1", "supplemental_oxygen")?, None);
+    // Same effective time: the last recorded wins.
+    let pain = [("consciousness", "pain".to_owned())];
+    s.record_manual("p-1", &pain, T0 + MIN, T0 + 7 * MIN)?;
+    assert_eq!(
+        s.latest_manual("p-1", "consciousness")?.unwrap().value,
+        "pain"
+    );
+    Ok(())
+}
+
+/// Score history: the write rule is applied against the last stored row
+/// of each kind; history is windowed, newest first, limited.
+fn score_history_rows_follow_the_write_rule(s: &Store) -> Result<(), StoreError> {
+    use cloud_hub::score_history::{Entry, HEARTBEAT_US, Kind, should_write};
+    let e = |total: Option<i64>| Entry {
+        total,
+        band: total.map(|_| "low".to_owned()),
+        missing: if total.is_none() {
+            vec!["consciousness".to_owned()]
+        } else {
+            vec![]
+        },
+        stale: vec![],
+        components: total.map(|t| serde_json::json!({ "pulse": t })),
+    };
+    assert_eq!(s.last_score("p-1", Kind::News2)?, None);
+    let both = |t| vec![(Kind::News2, e(t)), (Kind::Mews, e(t))];
+    assert_eq!(s.record_scores("p-1", T0, &both(Some(1)), should_write)?, 2);
+    // Unchanged within the heartbeat: nothing; changed: at once.
+    assert_eq!(
+        s.record_scores("p-1", T0 + 1, &both(Some(1)), should_write)?,
+        0
+    );
+    assert_eq!(
+        s.record_scores("p-1", T0 + 2, &both(None), should_write)?,
+        2
+    );
+    assert_eq!(
+        s.record_scores("p-1", T0 + 2 + HEARTBEAT_US, &both(None), should_write)?,
+        2
+    );
+    assert_eq!(
+        s.last_score("p-1", Kind::News2)?,
+        Some((T0 + 2 + HEARTBEAT_US, e(None)))
+    );
+    assert_eq!(s.last_score("p-1", Kind::Qsofa)?, None);
+    assert_eq!(s.last_score("p-2", Kind::News2)?, None);
+    let rows = s.score_history("p-1", Kind::News2, T0, T0 + 2 + HEARTBEAT_US, 10)?;
+    assert_eq!(rows, vec![(T0 + 2, e(None)), (T0, e(Some(1)))]);
+    let rows = s.score_history("p-1", Kind::Mews, 0, i64::MAX, 1)?;
+    assert_eq!(rows, vec![(T0 + 2 + HEARTBEAT_US, e(None))]);
+    Ok(())
+}
+
+/// Alerts: changes and their transitions in one commit, the open ones and
+/// the next id on load, lists newest first, patient rule overrides replaced.
+fn alerts_are_stored_with_their_transitions(s: &Store) -> Result<(), StoreError> {
+    use cloud_hub::alerts::engine::{Alert, Change, Kind, State, Transition};
+    use cloud_hub::alerts::rules::Priority;
+    use cloud_hub::storage::{AlertFilter, StoredOverride};
+    let loaded = s.load_alerts()?;
+    assert!(loaded.open.is_empty() && loaded.overrides.is_empty());
+    assert_eq!(loaded.next_id, 1);
+    let alert = |id: i64, patient: Option<&str>| Alert {
+        id,
+        kind: if patient.is_some() {
+            Kind::Physiological
+        } else {
+            Kind::Technical
+        },
+        code: format!("code-{id}"),
+        priority: Priority::High,
+        state: State::Active,
+        message: "m".into(),
+        patient: patient.map(Into::into),
+        gateway_id: Some(G.into()),
+        device_id: Some("d1".into()),
+        value: patient.map(|_| 35.5),
+        unit: patient.map(|_| "%".into()),
+        condition_since_us: T0,
+        raised_us: T0 + 1,
+        acknowledged_us: None,
+        acknowledged_by: None,
+        escalated_us: None,
+        resolved_us: None,
+    };
+    let change = |transition, alert, actor: Option<&str>| Change {
+        transition,
+        alert,
+        actor: actor.map(Into::into),
+    };
+    let (a1, a2) = (alert(1, Some("p-1")), alert(2, None));
+    s.commit_alerts(
+        &[
+            change(Transition::Raised, a1.clone(), None),
+            change(Transition::Raised, a2.clone(), None),
+        ],
+        T0 + 1,
+    )?;
+    let mut acked = a1.clone();
+    acked.state = State::Acknowledged;
+    acked.acknowledged_us = Some(T0 + 2);
+    acked.acknowledged_by = Some("nurse-1".into());
+    let mut resolved = a2.clone();
+    resolved.state = State::Resolved;
+    resolved.resolved_us = Some(T0 + 3);
+    s.commit_alerts(
+        &[change(
+            Transition::Acknowledged,
+            acked.clone(),
+            Some("nurse-1"),
+        )],
+        T0 + 2,
+    )?;
+    s.commit_alerts(
+        &[change(Transition::Resolved, resolved.clone(), None)],
+        T0 + 3,
+    )?;
+
+    let loaded = s.load_alerts()?;
+    assert_eq!(loaded.open, vec![acked.clone()]);
+    assert_eq!(loaded.next_id, 3);
+    let list = |open, patient: Option<&str>, limit| AlertFilter {
+        open,
+        patient: patient.map(Into::into),
+        limit,
+    };
+    assert_eq!(
+        s.list_alerts(&list(false, None, 10))?,
+        vec![resolved.clone(), acked.clone()]
+    );
+    assert_eq!(
+        s.list_alerts(&list(false, None, 1))?,
+        vec![resolved.clone()]
+    );
+    assert_eq!(s.list_alerts(&list(true, None, 10))?, vec![acked.clone()]);
+    assert_eq!(
+        s.list_alerts(&list(false, Some("p-1"), 10))?,
+        vec![acked.clone()]
+    );
+    assert!(s.list_alerts(&list(false, Some("p-2"), 10))?.is_empty());
+    let (got, events) = s.alert(1)?.expect("alert 1");
+    assert_eq!(got, acked);
+    assert_eq!(
+        events,
+        vec![
+            (T0 + 1, "raised".to_owned(), None),
+            (
+                T0 + 2,
+                "acknowledged".to_owned(),
+                Some("nurse-1".to_owned())
+            ),
+        ]
+    );
+    assert_eq!(s.alert(3)?, None);
+
+    let body = r#"{"id":"spo2-low","threshold":88}"#.to_owned();
+    s.set_alert_overrides("p-1", &[("spo2-low".into(), body.clone())], "dr-1", T0)?;
+    assert_eq!(
+        s.load_alerts()?.overrides,
+        vec![StoredOverride {
+            patient: "p-1".into(),
+            rule_id: "spo2-low".into(),
+            body,
+        }]
+    );
+    s.set_alert_overrides("p-1", &[], "dr-1", T0 + 1)?;
+    assert!(s.load_alerts()?.overrides.is_empty());
+    Ok(())
+}
+
+/// Trend series: a patient's buckets of a metric summed over its devices,
+/// from the bucket holding `from`, oldest first.
+fn trend_series_sum_the_devices_buckets(s: &Store) -> Result<(), StoreError> {
+    use cloud_hub::trends::bucket_start;
+    let assoc = attributed("p-1", &["d1", "d2"]);
+    let mut low = spo2(T0 + 30_000_000, 2);
+    low.value = Some(reading::Value::Numeric(91.0));
+    ingest(
+        s,
+        &batch(
+            1,
+            vec![
+                entry("d1", vec![spo2(T0, 1), spo2(T0 + 5 * MIN, 3)]),
+                entry("d2", vec![low]),
+            ],
+        ),
+        &assoc,
+    );
+    let from = T0 + 10_000_000;
+    let points = s.series(
+        "p-1",
+        codes::PULS_OXIM_SAT_O2,
+        60,
+        bucket_start(from, 60),
+        T0 + 5 * MIN,
+    )?;
+    assert_eq!(points.len(), 1, "{points:?}");
+    let p = &points[0];
+    assert_eq!((p.start_us, p.count, p.min, p.max), (T0, 2, 91.0, 97.0));
+    assert!((p.mean - 94.0).abs() < 1e-9);
+    let points = s.series("p-1", codes::PULS_OXIM_SAT_O2, 300, T0, T0 + 10 * MIN)?;
+    let counts: Vec<(i64, i64)> = points.iter().map(|p| (p.start_us, p.count)).collect();
+    assert_eq!(counts, vec![(T0, 2), (T0 + 5 * MIN, 1)]);
+    assert!(
+        s.series("p-2", codes::PULS_OXIM_SAT_O2, 60, T0, T0 + 10 * MIN)?
+            .is_empty()
+    );
+    Ok(())
+}
+
 macro_rules! suite {
-    ($($name:ident),* $(,)?) => {
+    ($($name:ident),* $(,)?; unsupported_on_postgres: $($todo:ident),* $(,)?) => {
         mod sqlite {
             $(
                 #[test]
@@ -714,6 +1007,14 @@ macro_rules! suite {
                     let dir = tempfile::tempdir().unwrap();
                     let s = cloud_hub::Store::open(&dir.path().join("suite.sqlite")).unwrap();
                     super::$name(&s);
+                }
+            )*
+            $(
+                #[test]
+                fn $todo() {
+                    let dir = tempfile::tempdir().unwrap();
+                    let s = cloud_hub::Store::open(&dir.path().join("suite.sqlite")).unwrap();
+                    super::$todo(&s).unwrap();
                 }
             )*
         }
@@ -725,6 +1026,27 @@ macro_rules! suite {
                     let s = cloud_hub::Store::open_postgres(&super::PgConfig::new(server.url()))
                         .unwrap();
                     super::$name(&s);
+                    drop(s);
+                    drop(server);
+                }
+            )*
+            // Expected failures: PostgreSQL does not implement these yet.
+            // When it does, this fails: move the case to the list above.
+            $(
+                #[test]
+                fn $todo() {
+                    let server = super::pg_server::PgServer::start();
+                    let s = cloud_hub::Store::open_postgres(&super::PgConfig::new(server.url()))
+                        .unwrap();
+                    match super::$todo(&s) {
+                        Err(super::StoreError::Unsupported(_, "postgres")) => {}
+                        other => panic!(
+                            "expected StoreError::Unsupported on PostgreSQL, got {other:?}: \
+                             if PostgreSQL implements this now, move `{}` out of \
+                             `unsupported_on_postgres`",
+                            stringify!($todo)
+                        ),
+                    }
                     drop(s);
                     drop(server);
                 }
@@ -745,7 +1067,12 @@ suite!(
     enrolment_tokens_are_single_use,
     association_attributes_and_reattributes,
     retention_purges_what_is_older_than_the_window,
-    users_tokens_and_sessions,
+    users_tokens_and_sessions;
+    unsupported_on_postgres:
+    score_inputs_are_loaded_as_stored,
+    score_history_rows_follow_the_write_rule,
+    alerts_are_stored_with_their_transitions,
+    trend_series_sum_the_devices_buckets,
 );
 
 // ---- PostgreSQL only ----

@@ -315,6 +315,251 @@ pub struct ManualInputs {
     pub effective_us: i64,
 }
 
+impl ManualInputs {
+    /// The (kind, stored value) of each input given, as the storage layer
+    /// keeps them (read back by [`manual_input`]).
+    pub fn stored(&self) -> Vec<(&'static str, String)> {
+        let rows = [
+            self.consciousness
+                .map(|c| ("consciousness", consciousness_str(c).to_owned())),
+            self.supplemental_oxygen
+                .map(|o| ("supplemental_oxygen", o.to_string())),
+            self.spo2_scale.map(|s| {
+                (
+                    "spo2_scale",
+                    if s == Spo2Scale::Scale2 { "2" } else { "1" }.to_owned(),
+                )
+            }),
+        ];
+        rows.into_iter().flatten().collect()
+    }
+}
+
+// ---- Inputs as the storage layer loads them ------------------------------
+
+/// Usable rows loaded per metric code and kind of row (stand-alone or
+/// panel part), newest first: a few, in case the newest has a unit that
+/// cannot be read.
+pub const CANDIDATES: usize = 8;
+
+/// A stored reading of a score input.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredReading {
+    pub observation_id: String,
+    pub effective_us: i64,
+    /// `None` when withheld (device said invalid, or physically impossible).
+    pub value: Option<f64>,
+    /// FHIR status (`final` only when the device said valid).
+    pub status: String,
+    /// The stored reading (protobuf), where its unit is read; `None` for
+    /// rows stored before schema v4.
+    pub payload: Option<Vec<u8>>,
+}
+
+impl StoredReading {
+    /// A stored value with status `final`.
+    pub fn is_usable(&self) -> bool {
+        self.value.is_some() && self.status == "final"
+    }
+}
+
+/// A patient's readings of one metric code, either the stand-alone rows or
+/// the parts of panels (`kind = 'reading'` only).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ReadingCandidates {
+    pub mdc: u32,
+    /// Usable rows (stored value, status `final`), newest first, at most
+    /// the number asked for ([`CANDIDATES`]).
+    pub usable: Vec<StoredReading>,
+    /// The newest row whatever its value and status.
+    pub newest: Option<StoredReading>,
+}
+
+/// A manual input as stored (see [`ManualInputs::stored`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredManual {
+    pub value: String,
+    pub effective_us: i64,
+}
+
+/// The rows the scores of a patient are computed from.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LoadedInputs {
+    /// Per device parameter, one entry per metric code
+    /// ([`Parameter::metric_codes`]) and kind of row (stand-alone, panel part).
+    pub readings: Vec<(Parameter, Vec<ReadingCandidates>)>,
+    /// The latest stored value of each manual parameter that has one.
+    pub manual: Vec<(Parameter, StoredManual)>,
+}
+
+/// The latest usable reading of `p` among its sources (the first of each
+/// source's usable rows whose unit converts to the chart's; the newest of
+/// those across sources) and, when the newest row of all is newer than it
+/// and not usable, that row as withheld.
+pub fn latest_reading(
+    p: Parameter,
+    sources: &[ReadingCandidates],
+) -> (Option<Input>, Option<Withheld>) {
+    let mut best: Option<Input> = None;
+    let mut newest_any: Option<&StoredReading> = None;
+    for src in sources {
+        let first_convertible = src.usable.iter().filter(|r| r.is_usable()).find_map(|r| {
+            let v = chart_value(src.mdc, r.value?, r.payload.as_deref())?;
+            Some((r, v))
+        });
+        if let Some((r, v)) = first_convertible
+            && best
+                .as_ref()
+                .is_none_or(|b| b.effective_us < Some(r.effective_us))
+        {
+            best = Some(Input {
+                parameter: p,
+                value: InputValue::Number(v),
+                effective_us: Some(r.effective_us),
+                source: Source::Observation(r.observation_id.clone()),
+            });
+        }
+        if let Some(n) = &src.newest
+            && newest_any.is_none_or(|a| a.effective_us < n.effective_us)
+        {
+            newest_any = Some(n);
+        }
+    }
+    let withheld = newest_any.and_then(|n| {
+        let newer = best
+            .as_ref()
+            .is_none_or(|b| b.effective_us.is_some_and(|u| u < n.effective_us));
+        (newer && !n.is_usable()).then(|| Withheld {
+            parameter: p,
+            observation_id: n.observation_id.clone(),
+            effective_us: n.effective_us,
+            status: n.status.clone(),
+        })
+    });
+    (best, withheld)
+}
+
+/// A stored manual input of `p` as a score input (`None` when it does not
+/// read as one).
+pub fn manual_input(p: Parameter, m: &StoredManual) -> Option<Input> {
+    let value = match p {
+        Parameter::Consciousness => InputValue::Consciousness(parse_consciousness(&m.value)?),
+        Parameter::SupplementalOxygen => InputValue::Oxygen(m.value == "true"),
+        Parameter::Spo2Scale => InputValue::Scale(if m.value == "2" {
+            Spo2Scale::Scale2
+        } else {
+            Spo2Scale::Scale1
+        }),
+        _ => return None,
+    };
+    Some(Input {
+        parameter: p,
+        value,
+        effective_us: Some(m.effective_us),
+        source: Source::Manual,
+    })
+}
+
+/// The manual parameters (stored in `manual_inputs` by kind).
+pub const MANUAL_PARAMETERS: [Parameter; 3] = [
+    Parameter::Consciousness,
+    Parameter::SupplementalOxygen,
+    Parameter::Spo2Scale,
+];
+
+/// `patient`'s scores at `now_us` from the loaded rows (see the module
+/// docs): which inputs are used, stale, missing or withheld, and the scores
+/// whose inputs are all usable and fresh.
+pub fn evaluate(
+    patient: &str,
+    cfg: &ScoresConfig,
+    now_us: i64,
+    loaded: &LoadedInputs,
+) -> ScoreReport {
+    let window_us = i64::try_from(cfg.freshness_s)
+        .unwrap_or(i64::MAX / 1_000_000)
+        .saturating_mul(1_000_000);
+    let fresh_from = now_us.saturating_sub(window_us);
+    let mut report = ScoreReport {
+        patient: patient.to_owned(),
+        computed_at_us: now_us,
+        freshness_s: cfg.freshness_s,
+        used: Vec::new(),
+        stale: Vec::new(),
+        missing: Vec::new(),
+        withheld: Vec::new(),
+        news2: None,
+        qsofa: None,
+        mews: None,
+    };
+    let place = |report: &mut ScoreReport, p: Parameter, input: Option<Input>| match input {
+        None => report.missing.push(p),
+        Some(i) if i.effective_us.is_some_and(|t| t < fresh_from) => report.stale.push(i),
+        Some(i) => report.used.push(i),
+    };
+    let manual = |p: Parameter| {
+        loaded
+            .manual
+            .iter()
+            .find(|(q, _)| *q == p)
+            .and_then(|(_, m)| manual_input(p, m))
+    };
+    for p in DEVICE_PARAMETERS {
+        let sources = loaded
+            .readings
+            .iter()
+            .find(|(q, _)| *q == p)
+            .map_or(&[][..], |(_, s)| s.as_slice());
+        let (input, withheld) = latest_reading(p, sources);
+        place(&mut report, p, input);
+        report.withheld.extend(withheld);
+    }
+    for p in [Parameter::Consciousness, Parameter::SupplementalOxygen] {
+        place(&mut report, p, manual(p));
+    }
+    // The SpO2 scale does not expire; Scale 1 unless a clinician set it.
+    let scale = manual(Parameter::Spo2Scale).unwrap_or(Input {
+        parameter: Parameter::Spo2Scale,
+        value: InputValue::Scale(Spo2Scale::Scale1),
+        effective_us: None,
+        source: Source::Default,
+    });
+    report.used.push(scale);
+    report.used.sort_by_key(|i| i.parameter);
+    report.stale.sort_by_key(|i| i.parameter);
+    report.missing.sort();
+
+    let rr = report.number(Parameter::RespirationRate);
+    let spo2 = report.number(Parameter::Spo2);
+    let sbp = report.number(Parameter::SystolicBp);
+    let pulse = report.number(Parameter::Pulse);
+    let temp = report.number(Parameter::Temperature);
+    let acvpu = report.consciousness();
+    let oxygen = report.oxygen();
+    if let (Some(rr), Some(spo2), Some(sbp), Some(pulse), Some(temp), Some(c), Some(o)) =
+        (rr, spo2, sbp, pulse, temp, acvpu, oxygen)
+    {
+        report.news2 = Some(scores::news2(&scores::News2Input {
+            respiration_rate: rr,
+            spo2,
+            spo2_scale: report.scale(),
+            on_oxygen: o,
+            systolic_bp: sbp,
+            pulse,
+            consciousness: c,
+            temperature_c: temp,
+        }));
+    }
+    if let (Some(rr), Some(sbp), Some(c)) = (rr, sbp, acvpu) {
+        // Altered mentation: any ACVPU other than alert (no GCS input yet).
+        report.qsofa = Some(scores::qsofa(rr, sbp, c != Consciousness::Alert));
+    }
+    if let (Some(sbp), Some(pulse), Some(rr), Some(temp), Some(c)) = (sbp, pulse, rr, temp, acvpu) {
+        report.mews = Some(scores::mews(sbp, pulse, rr, temp, c));
+    }
+    report
+}
+
 // ---- JSON ----------------------------------------------------------------
 
 pub fn value_json(v: InputValue) -> Json {
@@ -451,6 +696,126 @@ mod tests {
             ..Default::default()
         }
         .encode_to_vec()
+    }
+
+    fn row(
+        id: &str,
+        t: i64,
+        value: Option<f64>,
+        status: &str,
+        unit: Option<shared_protocol::catalogue::Unit>,
+    ) -> StoredReading {
+        StoredReading {
+            observation_id: id.into(),
+            effective_us: t,
+            value,
+            status: status.into(),
+            payload: unit.map(payload),
+        }
+    }
+
+    #[test]
+    fn the_first_convertible_usable_row_is_used_and_a_newer_unusable_one_withheld() {
+        let t = 1_800_000_000_000_000;
+        // Stand-alone: the newest usable row has no payload (pre-v4), the
+        // next converts (°F). The newest row of all is invalid (no value).
+        let standalone = ReadingCandidates {
+            mdc: codes::TEMP_BODY,
+            usable: vec![
+                row("a", t - 10, Some(37.0), "final", None),
+                row("b", t - 20, Some(98.6), "final", Some(units::DEGF)),
+            ],
+            newest: Some(row("c", t, None, "final", None)),
+        };
+        let (input, withheld) =
+            latest_reading(Parameter::Temperature, std::slice::from_ref(&standalone));
+        let input = input.unwrap();
+        assert_eq!(input.source, Source::Observation("b".into()));
+        assert_eq!(input.effective_us, Some(t - 20));
+        let InputValue::Number(v) = input.value else {
+            panic!()
+        };
+        assert!((v - 37.0).abs() < 1e-9);
+        let w = withheld.unwrap();
+        assert_eq!((w.observation_id.as_str(), w.effective_us), ("c", t));
+        // A newer usable panel part wins; the invalid row, newer still, stays
+        // withheld.
+        let panel = ReadingCandidates {
+            mdc: codes::TEMP_BODY,
+            usable: vec![row("p", t - 5, Some(36.5), "final", Some(units::DEGC))],
+            newest: Some(row("p", t - 5, Some(36.5), "final", None)),
+        };
+        let (input, withheld) = latest_reading(Parameter::Temperature, &[standalone, panel]);
+        assert_eq!(input.unwrap().source, Source::Observation("p".into()));
+        assert_eq!(withheld.unwrap().observation_id, "c");
+        // The newest row is the one used: nothing withheld. A preliminary
+        // row among the candidates is never used.
+        let only = ReadingCandidates {
+            mdc: codes::TEMP_BODY,
+            usable: vec![
+                row("q", t, Some(39.0), "preliminary", Some(units::DEGC)),
+                row("u", t - 1, Some(36.9), "final", Some(units::DEGC)),
+            ],
+            newest: Some(row("u", t - 1, Some(36.9), "final", None)),
+        };
+        let (input, withheld) = latest_reading(Parameter::Temperature, &[only]);
+        assert_eq!(input.unwrap().source, Source::Observation("u".into()));
+        assert_eq!(withheld, None);
+        // Nothing convertible: missing, and the newest unusable row withheld.
+        let none = ReadingCandidates {
+            mdc: codes::TEMP_BODY,
+            usable: vec![row("n", t - 1, Some(37.0), "final", Some(units::MMHG))],
+            newest: Some(row("z", t, Some(38.0), "preliminary", None)),
+        };
+        let (input, withheld) = latest_reading(Parameter::Temperature, &[none]);
+        assert_eq!(input, None);
+        assert_eq!(withheld.unwrap().status, "preliminary");
+    }
+
+    #[test]
+    fn evaluate_scores_only_fresh_inputs_and_defaults_the_scale() {
+        let now = 1_800_000_000_000_000;
+        let cfg = ScoresConfig { freshness_s: 900 };
+        let fresh = now - 60 * 1_000_000;
+        let old = now - 3600 * 1_000_000;
+        let num = |mdc, v, t, unit| ReadingCandidates {
+            mdc,
+            usable: vec![row("x", t, Some(v), "final", Some(unit))],
+            newest: None,
+        };
+        let mut loaded = LoadedInputs {
+            readings: vec![
+                (
+                    Parameter::RespirationRate,
+                    vec![num(codes::RESP_RATE, 18.0, fresh, units::RESP_PER_MIN)],
+                ),
+                (
+                    Parameter::SystolicBp,
+                    vec![num(codes::PRESS_BLD_NONINV_SYS, 120.0, fresh, units::MMHG)],
+                ),
+            ],
+            manual: vec![(
+                Parameter::Consciousness,
+                StoredManual {
+                    value: "voice".into(),
+                    effective_us: fresh,
+                },
+            )],
+        };
+        let r = evaluate("p", &cfg, now, &loaded);
+        assert_eq!(r.scale(), Spo2Scale::Scale1);
+        assert!(
+            r.input(Parameter::Spo2Scale)
+                .is_some_and(|i| i.source == Source::Default)
+        );
+        assert!(r.qsofa.is_some_and(|q| q.altered_mentation));
+        assert!(r.news2.is_none() && r.mews.is_none());
+        assert!(r.missing.contains(&Parameter::Spo2));
+        // The same consciousness an hour old: stale, no qSOFA.
+        loaded.manual[0].1.effective_us = old;
+        let r = evaluate("p", &cfg, now, &loaded);
+        assert_eq!(r.stale.len(), 1);
+        assert!(r.qsofa.is_none());
     }
 
     #[test]

@@ -19,5 +19,6 @@ pub mod clock;
 pub mod early_warning;
 pub mod fhir;
 pub mod ingest;
+pub mod score_history;
 pub mod scores;
 pub mod trends;

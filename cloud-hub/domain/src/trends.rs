@@ -41,7 +41,7 @@ impl Rollup {
     /// Adds a usable value (already in the chart unit).
     pub fn add(&mut self, patient: &str, gateway: &str, device: &str, mdc: u32, t_us: i64, v: f64) {
         for res in RESOLUTIONS {
-            let bucket = t_us.div_euclid(res * S) * res * S;
+            let bucket = bucket_start(t_us, res);
             let key = (
                 patient.to_owned(),
                 mdc,
@@ -84,6 +84,25 @@ pub struct Point {
     pub min: f64,
     pub max: f64,
     pub mean: f64,
+}
+
+impl Point {
+    /// A point from a bucket's sums (`count` ≥ 1: buckets hold values).
+    pub fn from_sums(start_us: i64, count: i64, sum: f64, min: f64, max: f64) -> Self {
+        Self {
+            start_us,
+            count,
+            min,
+            max,
+            mean: sum / count as f64,
+        }
+    }
+}
+
+/// The start of the bucket of `resolution_s` holding time `t_us`: a
+/// series over `[from, to)` reads the buckets from the one holding `from`.
+pub fn bucket_start(t_us: i64, resolution_s: i64) -> i64 {
+    t_us.div_euclid(resolution_s * S) * resolution_s * S
 }
 
 /// Least-squares slope of the points' means (weighted by their counts)

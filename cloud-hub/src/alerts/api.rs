@@ -38,7 +38,8 @@ struct AlertsState {
 }
 
 /// The alert routes. `service` is `None` when the engine is off (disabled,
-/// or the PostgreSQL store): the routes then answer 503 saying why.
+/// or a storage backend without alert tables yet): the routes then answer
+/// 503.
 pub fn router<S: Clone + Send + Sync + 'static>(
     service: Option<Arc<AlertService>>,
     stop: tokio::sync::watch::Receiver<bool>,
@@ -70,10 +71,10 @@ impl IntoResponse for AlertError {
                 axum::Json(json!({ "error": self.to_string(), "field": field })),
             )
                 .into_response(),
-            AlertError::Postgres | AlertError::Disabled => {
+            AlertError::Unsupported(_) | AlertError::Disabled => {
                 error(StatusCode::SERVICE_UNAVAILABLE, &self.to_string())
             }
-            AlertError::Store(_) | AlertError::Sql(_) => {
+            AlertError::Store(_) => {
                 tracing::error!(error = %self, "alerts request failed");
                 error(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
             }
@@ -98,7 +99,7 @@ async fn blocking<T: Send + 'static>(
 ) -> Result<T, AlertError> {
     tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
         tracing::error!(error = %e, "alerts task failed");
-        Err(AlertError::Store(crate::store::StoreError::Poisoned))
+        Err(AlertError::Store(crate::storage::StoreError::Poisoned))
     })
 }
 

@@ -3,8 +3,9 @@
 //! audit trail of every transition and a live stream.
 //!
 //! [`engine`] decides (sans-IO); this module feeds it from ingest and the
-//! clock, stores its alerts and their transitions (SQLite, schema v9) and
-//! broadcasts each change to the live stream ([`api`]). See docs/alerts.md.
+//! clock, stores its alerts and their transitions through
+//! `hub_storage::AlertStore` and broadcasts each change to the live stream
+//! ([`api`]). See docs/alerts.md.
 
 pub mod api;
 
@@ -13,24 +14,23 @@ pub use hub_domain::alerts::{LIVE_WINDOW_US, LiveValue, engine, rules};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
-use rusqlite::{OptionalExtension, params};
 use serde::Deserialize;
 use shared_protocol::v1::{Batch, QualityFlag, TechnicalKind};
 use tokio::sync::broadcast;
 
 use crate::association::PatientId;
 use crate::config::ConfigError;
-use crate::store::{Store, StoreError};
-use engine::{
-    Alert, Change, Engine, EngineConfig, Kind, LinkEvent, News2Band, State, Technical, ValueInput,
-};
+use crate::storage::StoreError;
+use crate::store::Store;
+use engine::{Alert, Change, Engine, EngineConfig, LinkEvent, News2Band, Technical, ValueInput};
 use rules::{Priority, RuleOverride, RuleSet};
 
 /// `[alerts]`
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AlertsConfig {
-    /// Run the alert engine (default true; SQLite store only for now).
+    /// Run the alert engine (default true; off on a storage backend
+    /// without alert tables yet: PostgreSQL).
     #[serde(default = "yes")]
     pub enabled: bool,
     /// An alert still unacknowledged this long after it was raised is
@@ -145,17 +145,25 @@ pub struct Event {
 #[derive(Debug, thiserror::Error)]
 pub enum AlertError {
     #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error("database error: {0}")]
-    Sql(#[from] rusqlite::Error),
+    Store(StoreError),
     #[error(transparent)]
     Ack(#[from] engine::AckError),
-    #[error("alerts need the SQLite store (not yet available on PostgreSQL)")]
-    Postgres,
+    /// The storage backend has no alert tables yet (HTTP 503).
+    #[error("alerts need the SQLite store (not yet available on {})", crate::early_warning::backend_name(.0))]
+    Unsupported(&'static str),
     #[error("invalid `{field}`: {message}")]
     Invalid { field: String, message: String },
     #[error("the alert engine is disabled (`alerts.enabled = false`)")]
     Disabled,
+}
+
+impl From<StoreError> for AlertError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Unsupported(_, backend) => AlertError::Unsupported(backend),
+            e => AlertError::Store(e),
+        }
+    }
 }
 
 /// The alert service: the engine, its store and the live stream.
@@ -173,55 +181,15 @@ impl std::fmt::Debug for AlertService {
     }
 }
 
-fn lock(store: &Store) -> Result<std::sync::MutexGuard<'_, rusqlite::Connection>, AlertError> {
-    if store.postgres().is_some() {
-        return Err(AlertError::Postgres);
-    }
-    Ok(store.lock()?)
-}
+pub use crate::storage::Transitioned;
 
-const ALERT_COLUMNS: &str = "id, kind, code, priority, state, message, patient_id, gateway_id,
-    device_id, value, unit, condition_since_us, raised_us, acknowledged_us, acknowledged_by,
-    escalated_us, resolved_us";
-
-fn alert_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Alert> {
-    let text = |i: usize| -> rusqlite::Result<String> { r.get(i) };
-    Ok(Alert {
-        id: r.get(0)?,
-        kind: Kind::parse(&text(1)?).unwrap_or(Kind::Technical),
-        code: text(2)?,
-        priority: Priority::parse(&text(3)?).unwrap_or(Priority::High),
-        state: State::parse(&text(4)?).unwrap_or(State::Active),
-        message: text(5)?,
-        patient: r.get(6)?,
-        gateway_id: r.get(7)?,
-        device_id: r.get(8)?,
-        value: r.get(9)?,
-        unit: r.get(10)?,
-        condition_since_us: r.get(11)?,
-        raised_us: r.get(12)?,
-        acknowledged_us: r.get(13)?,
-        acknowledged_by: r.get(14)?,
-        escalated_us: r.get(15)?,
-        resolved_us: r.get(16)?,
-    })
-}
-
-/// A stored transition: time (UTC µs), transition, actor.
-pub type Transitioned = (i64, String, Option<String>);
-
-/// Filters of the alert list.
-#[derive(Debug, Clone, Default)]
-pub struct ListFilter {
-    /// Only open (active or acknowledged) alerts.
-    pub open: bool,
-    pub patient: Option<String>,
-    pub limit: u32,
-}
+/// Filters of the alert list (`limit` is clamped to 1..=1000).
+pub type ListFilter = crate::storage::AlertFilter;
 
 impl AlertService {
     /// Loads the open alerts and patient overrides from the store. `None`
-    /// when disabled or on PostgreSQL (logged).
+    /// when disabled, or when the backend has no alert tables yet
+    /// (PostgreSQL; logged).
     pub fn start(
         store: &Store,
         config: &AlertsConfig,
@@ -230,43 +198,31 @@ impl AlertService {
         if !config.enabled {
             return Ok(None);
         }
-        if store.postgres().is_some() {
-            tracing::error!(
-                "the alert engine needs the SQLite store; alerts are OFF on PostgreSQL in this version"
-            );
-            return Ok(None);
-        }
+        let loaded = match store.load_alerts() {
+            Ok(l) => l,
+            Err(StoreError::Unsupported(_, backend)) => {
+                tracing::error!(
+                    backend,
+                    "the alert engine needs alert tables this storage backend does not have yet; alerts are OFF"
+                );
+                return Ok(None);
+            }
+            Err(e) => return Err(e.into()),
+        };
         let mut rules = config.rule_set().map_err(|e| AlertError::Invalid {
             field: "alerts.rule".into(),
             message: e.to_string(),
         })?;
-        let (open, next_id, overrides) = {
-            let conn = lock(store)?;
-            let open: Vec<Alert> = conn
-                .prepare(&format!(
-                    "SELECT {ALERT_COLUMNS} FROM alerts WHERE state <> 'resolved'"
-                ))?
-                .query_map([], alert_row)?
-                .collect::<Result<_, _>>()?;
-            let next: i64 =
-                conn.query_row("SELECT COALESCE(MAX(id), 0) + 1 FROM alerts", [], |r| {
-                    r.get(0)
-                })?;
-            let mut overrides: HashMap<String, Vec<RuleOverride>> = HashMap::new();
-            let rows: Vec<(String, String)> = conn
-                .prepare("SELECT patient_id, body FROM alert_rule_overrides ORDER BY patient_id, rule_id")?
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
-                .collect::<Result<_, _>>()?;
-            for (p, body) in rows {
-                match serde_json::from_str::<RuleOverride>(&body) {
-                    Ok(o) => overrides.entry(p).or_default().push(o),
-                    Err(e) => {
-                        tracing::error!(error = %e, "stored alert rule override unreadable; ignored")
-                    }
+        let (open, next_id) = (loaded.open, loaded.next_id);
+        let mut overrides: HashMap<String, Vec<RuleOverride>> = HashMap::new();
+        for o in loaded.overrides {
+            match serde_json::from_str::<RuleOverride>(&o.body) {
+                Ok(r) => overrides.entry(o.patient).or_default().push(r),
+                Err(e) => {
+                    tracing::error!(error = %e, "stored alert rule override unreadable; ignored")
                 }
             }
-            (open, next, overrides)
-        };
+        }
         for (p, o) in overrides {
             rules.set_patient(&p, o);
         }
@@ -300,43 +256,7 @@ impl AlertService {
         if changes.is_empty() {
             return Ok(());
         }
-        {
-            let mut conn = lock(&self.store)?;
-            let tx = conn.transaction()?;
-            for c in &changes {
-                let a = &c.alert;
-                tx.execute(
-                    &format!(
-                        "INSERT OR REPLACE INTO alerts ({ALERT_COLUMNS})
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)"
-                    ),
-                    params![
-                        a.id,
-                        a.kind.as_str(),
-                        a.code,
-                        a.priority.as_str(),
-                        a.state.as_str(),
-                        a.message,
-                        a.patient,
-                        a.gateway_id,
-                        a.device_id,
-                        a.value,
-                        a.unit,
-                        a.condition_since_us,
-                        a.raised_us,
-                        a.acknowledged_us,
-                        a.acknowledged_by,
-                        a.escalated_us,
-                        a.resolved_us
-                    ],
-                )?;
-                tx.execute(
-                    "INSERT INTO alert_events (alert_id, time_us, transition, actor) VALUES (?1, ?2, ?3, ?4)",
-                    params![a.id, now_us, c.transition.as_str(), c.actor],
-                )?;
-            }
-            tx.commit()?;
-        }
+        self.store.commit_alerts(&changes, now_us)?;
         for c in changes {
             // No PHI in logs: ids and codes only.
             tracing::info!(
@@ -493,48 +413,16 @@ impl AlertService {
 
     /// Alerts, newest first.
     pub fn list(&self, f: &ListFilter) -> Result<Vec<Alert>, AlertError> {
-        let conn = lock(&self.store)?;
-        let mut sql = format!("SELECT {ALERT_COLUMNS} FROM alerts WHERE 1 = 1");
-        if f.open {
-            sql.push_str(" AND state <> 'resolved'");
-        }
-        if f.patient.is_some() {
-            sql.push_str(" AND patient_id = ?1");
-        }
-        sql.push_str(&format!(
-            " ORDER BY id DESC LIMIT {}",
-            f.limit.clamp(1, 1000)
-        ));
-        let mut stmt = conn.prepare(&sql)?;
-        let rows = match &f.patient {
-            Some(p) => stmt
-                .query_map([p], alert_row)?
-                .collect::<Result<Vec<_>, _>>()?,
-            None => stmt
-                .query_map([], alert_row)?
-                .collect::<Result<Vec<_>, _>>()?,
+        let f = ListFilter {
+            limit: f.limit.clamp(1, 1000),
+            ..f.clone()
         };
-        Ok(rows)
+        Ok(self.store.list_alerts(&f)?)
     }
 
     /// One alert with its transitions (time, transition, actor).
     pub fn get(&self, id: i64) -> Result<Option<(Alert, Vec<Transitioned>)>, AlertError> {
-        let conn = lock(&self.store)?;
-        let Some(a) = conn
-            .query_row(
-                &format!("SELECT {ALERT_COLUMNS} FROM alerts WHERE id = ?1"),
-                [id],
-                alert_row,
-            )
-            .optional()?
-        else {
-            return Ok(None);
-        };
-        let events = conn
-            .prepare("SELECT time_us, transition, actor FROM alert_events WHERE alert_id = ?1 ORDER BY id")?
-            .query_map([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
-            .collect::<Result<_, _>>()?;
-        Ok(Some((a, events)))
+        Ok(self.store.alert(id)?)
     }
 
     /// The rules in force for a patient (the ward of their bed now).
@@ -575,28 +463,12 @@ impl AlertService {
                     message,
                 })?;
         }
-        {
-            let mut conn = lock(&self.store)?;
-            let tx = conn.transaction()?;
-            tx.execute(
-                "DELETE FROM alert_rule_overrides WHERE patient_id = ?1",
-                [patient],
-            )?;
-            for o in &overrides {
-                tx.execute(
-                    "INSERT INTO alert_rule_overrides (patient_id, rule_id, body, updated_us, updated_by)
-                     VALUES (?1, ?2, ?3, ?4, ?5)",
-                    params![
-                        patient,
-                        o.id,
-                        serde_json::to_string(o).unwrap_or_default(),
-                        now_us,
-                        actor
-                    ],
-                )?;
-            }
-            tx.commit()?;
-        }
+        let stored: Vec<(String, String)> = overrides
+            .iter()
+            .map(|o| (o.id.clone(), serde_json::to_string(o).unwrap_or_default()))
+            .collect();
+        self.store
+            .set_alert_overrides(patient, &stored, actor, now_us)?;
         let mut e = self.engine();
         let mut set = e.rules().clone();
         set.set_patient(patient, overrides);

@@ -5,9 +5,11 @@
 //!
 //! `u64` sequences are stored bit-for-bit as SQLite `INTEGER` (i64).
 
+mod alerts;
 mod attribution;
 mod error;
 pub mod schema;
+mod scores;
 pub mod trends;
 
 use std::path::Path;

@@ -74,3 +74,50 @@ pub fn rebuild_device(
     }
     write(roll, tx)
 }
+
+impl crate::SqliteStore {
+    fn db_series(
+        &self,
+        patient: &str,
+        mdc: u32,
+        resolution_s: i64,
+        from_bucket_us: i64,
+        to_us: i64,
+    ) -> Result<Vec<hub_domain::trends::Point>, crate::DbError> {
+        let conn = self.conn()?;
+        let mut st = conn.prepare_cached(
+            "SELECT bucket_us, SUM(n), SUM(sum), MIN(min), MAX(max) FROM vital_rollups
+              WHERE patient_id = ?1 AND mdc_code = ?2 AND resolution_s = ?3
+                AND bucket_us >= ?4 AND bucket_us < ?5
+              GROUP BY bucket_us ORDER BY bucket_us",
+        )?;
+        let points = st
+            .query_map(
+                params![patient, mdc, resolution_s, from_bucket_us, to_us],
+                |r| {
+                    Ok(hub_domain::trends::Point::from_sums(
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                    ))
+                },
+            )?
+            .collect::<Result<_, _>>()?;
+        Ok(points)
+    }
+}
+
+impl hub_storage::TrendStore for crate::SqliteStore {
+    fn series(
+        &self,
+        patient: &str,
+        mdc: u32,
+        resolution_s: i64,
+        from_bucket_us: i64,
+        to_us: i64,
+    ) -> Result<Vec<hub_domain::trends::Point>, hub_storage::StoreError> {
+        Ok(self.db_series(patient, mdc, resolution_s, from_bucket_us, to_us)?)
+    }
+}

@@ -1,0 +1,203 @@
+//! Alerts, their transitions (`alerts`, `alert_events`) and patient rule
+//! overrides (`alert_rule_overrides`) in SQLite (schema v9).
+
+use hub_domain::alerts::decode_stored;
+use hub_domain::alerts::engine::{Alert, Change};
+use hub_storage::{
+    AlertFilter, AlertStore, AlertsLoaded, StoreError, StoredOverride, Transitioned,
+};
+use rusqlite::{OptionalExtension, params};
+
+use crate::{DbError, SqliteStore};
+
+const ALERT_COLUMNS: &str = "id, kind, code, priority, state, message, patient_id, gateway_id,
+    device_id, value, unit, condition_since_us, raised_us, acknowledged_us, acknowledged_by,
+    escalated_us, resolved_us";
+
+fn alert_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Alert> {
+    let text = |i: usize| -> rusqlite::Result<String> { r.get(i) };
+    let (kind, priority, state) = decode_stored(&text(1)?, &text(3)?, &text(4)?);
+    Ok(Alert {
+        id: r.get(0)?,
+        kind,
+        code: text(2)?,
+        priority,
+        state,
+        message: text(5)?,
+        patient: r.get(6)?,
+        gateway_id: r.get(7)?,
+        device_id: r.get(8)?,
+        value: r.get(9)?,
+        unit: r.get(10)?,
+        condition_since_us: r.get(11)?,
+        raised_us: r.get(12)?,
+        acknowledged_us: r.get(13)?,
+        acknowledged_by: r.get(14)?,
+        escalated_us: r.get(15)?,
+        resolved_us: r.get(16)?,
+    })
+}
+
+impl SqliteStore {
+    fn db_load_alerts(&self) -> Result<AlertsLoaded, DbError> {
+        let conn = self.conn()?;
+        let open = conn
+            .prepare(&format!(
+                "SELECT {ALERT_COLUMNS} FROM alerts WHERE state <> 'resolved'"
+            ))?
+            .query_map([], alert_row)?
+            .collect::<Result<_, _>>()?;
+        let next_id = conn.query_row("SELECT COALESCE(MAX(id), 0) + 1 FROM alerts", [], |r| {
+            r.get(0)
+        })?;
+        let overrides = conn
+            .prepare(
+                "SELECT patient_id, rule_id, body FROM alert_rule_overrides
+                 ORDER BY patient_id, rule_id",
+            )?
+            .query_map([], |r| {
+                Ok(StoredOverride {
+                    patient: r.get(0)?,
+                    rule_id: r.get(1)?,
+                    body: r.get(2)?,
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(AlertsLoaded {
+            open,
+            next_id,
+            overrides,
+        })
+    }
+
+    fn db_commit_alerts(&self, changes: &[Change], now_us: i64) -> Result<(), DbError> {
+        let mut conn = self.conn()?;
+        let tx = conn.transaction()?;
+        for c in changes {
+            let a = &c.alert;
+            tx.execute(
+                &format!(
+                    "INSERT OR REPLACE INTO alerts ({ALERT_COLUMNS})
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)"
+                ),
+                params![
+                    a.id,
+                    a.kind.as_str(),
+                    a.code,
+                    a.priority.as_str(),
+                    a.state.as_str(),
+                    a.message,
+                    a.patient,
+                    a.gateway_id,
+                    a.device_id,
+                    a.value,
+                    a.unit,
+                    a.condition_since_us,
+                    a.raised_us,
+                    a.acknowledged_us,
+                    a.acknowledged_by,
+                    a.escalated_us,
+                    a.resolved_us
+                ],
+            )?;
+            tx.execute(
+                "INSERT INTO alert_events (alert_id, time_us, transition, actor) VALUES (?1, ?2, ?3, ?4)",
+                params![a.id, now_us, c.transition.as_str(), c.actor],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn db_list_alerts(&self, f: &AlertFilter) -> Result<Vec<Alert>, DbError> {
+        let conn = self.conn()?;
+        let mut sql = format!("SELECT {ALERT_COLUMNS} FROM alerts WHERE 1 = 1");
+        if f.open {
+            sql.push_str(" AND state <> 'resolved'");
+        }
+        if f.patient.is_some() {
+            sql.push_str(" AND patient_id = ?2");
+        }
+        sql.push_str(" ORDER BY id DESC LIMIT ?1");
+        let mut stmt = conn.prepare(&sql)?;
+        let limit = i64::from(f.limit);
+        let rows = match &f.patient {
+            Some(p) => stmt
+                .query_map(params![limit, p], alert_row)?
+                .collect::<Result<Vec<_>, _>>()?,
+            None => stmt
+                .query_map([limit], alert_row)?
+                .collect::<Result<Vec<_>, _>>()?,
+        };
+        Ok(rows)
+    }
+
+    fn db_alert(&self, id: i64) -> Result<Option<(Alert, Vec<Transitioned>)>, DbError> {
+        let conn = self.conn()?;
+        let Some(a) = conn
+            .query_row(
+                &format!("SELECT {ALERT_COLUMNS} FROM alerts WHERE id = ?1"),
+                [id],
+                alert_row,
+            )
+            .optional()?
+        else {
+            return Ok(None);
+        };
+        let events = conn
+            .prepare(
+                "SELECT time_us, transition, actor FROM alert_events WHERE alert_id = ?1 ORDER BY id",
+            )?
+            .query_map([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            .collect::<Result<_, _>>()?;
+        Ok(Some((a, events)))
+    }
+
+    fn db_set_alert_overrides(
+        &self,
+        patient: &str,
+        overrides: &[(String, String)],
+        actor: &str,
+        now_us: i64,
+    ) -> Result<(), DbError> {
+        let mut conn = self.conn()?;
+        let tx = conn.transaction()?;
+        tx.execute(
+            "DELETE FROM alert_rule_overrides WHERE patient_id = ?1",
+            [patient],
+        )?;
+        for (rule_id, body) in overrides {
+            tx.execute(
+                "INSERT INTO alert_rule_overrides (patient_id, rule_id, body, updated_us, updated_by)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![patient, rule_id, body, now_us, actor],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+}
+
+impl AlertStore for SqliteStore {
+    fn load_alerts(&self) -> Result<AlertsLoaded, StoreError> {
+        Ok(self.db_load_alerts()?)
+    }
+    fn commit_alerts(&self, changes: &[Change], now_us: i64) -> Result<(), StoreError> {
+        Ok(self.db_commit_alerts(changes, now_us)?)
+    }
+    fn list_alerts(&self, filter: &AlertFilter) -> Result<Vec<Alert>, StoreError> {
+        Ok(self.db_list_alerts(filter)?)
+    }
+    fn alert(&self, id: i64) -> Result<Option<(Alert, Vec<Transitioned>)>, StoreError> {
+        Ok(self.db_alert(id)?)
+    }
+    fn set_alert_overrides(
+        &self,
+        patient: &str,
+        overrides: &[(String, String)],
+        actor: &str,
+        now_us: i64,
+    ) -> Result<(), StoreError> {
+        Ok(self.db_set_alert_overrides(patient, overrides, actor, now_us)?)
+    }
+}
