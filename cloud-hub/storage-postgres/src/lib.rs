@@ -24,7 +24,10 @@
 //! by the change's re-attribution (the SQLite store gets the same from its
 //! single connection).
 
+mod access;
+mod audit;
 mod error;
+mod gateway_view;
 mod ingest;
 pub mod schema;
 

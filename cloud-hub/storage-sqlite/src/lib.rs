@@ -5,8 +5,12 @@
 //!
 //! `u64` sequences are stored bit-for-bit as SQLite `INTEGER` (i64).
 
+mod access;
 mod attribution;
+mod audit;
+pub mod backup;
 mod error;
+mod gateway_view;
 pub mod schema;
 pub mod trends;
 

@@ -13,9 +13,15 @@ use hub_domain::fhir::ObservationSearch;
 use hub_domain::fhir::render::{DeviceRow, ObservationRow};
 use shared_protocol::v1::{Batch, BatchAck, RejectReason};
 
+mod access;
+mod audit;
 mod error;
+mod gateway_view;
 
+pub use access::{AccountStore, SessionRecord, TokenRecord, UserRecord};
+pub use audit::{AuditEntry, AuditStore, StoredAuditEntry};
 pub use error::StoreError;
+pub use gateway_view::{BatchCounts, DeviceActivity, GatewayActivity, GatewayViewStore, LastBatch};
 
 /// A gateway as listed (never its token).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -135,7 +141,16 @@ pub trait RetentionStore {
 /// The whole storage of one backend. Each concern's trait can also be used on
 /// its own (`&dyn ObservationStore`), so a part of the hub sees only what it needs.
 pub trait Storage:
-    GatewayStore + IngestStore + ObservationStore + RetentionStore + std::fmt::Debug + Send + Sync
+    GatewayStore
+    + IngestStore
+    + ObservationStore
+    + RetentionStore
+    + AccountStore
+    + AuditStore
+    + GatewayViewStore
+    + std::fmt::Debug
+    + Send
+    + Sync
 {
     /// `"sqlite"` or `"postgres"` (logs, metrics, errors).
     fn backend(&self) -> &'static str;
