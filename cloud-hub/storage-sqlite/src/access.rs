@@ -5,6 +5,9 @@ use rusqlite::{OptionalExtension, params};
 
 use crate::{DbError, SqliteStore};
 
+/// A user or token row: name, role, created, disabled/revoked (UTC µs).
+type NamedRow = (String, String, i64, Option<i64>);
+
 impl SqliteStore {
     /// Sets `assignment` (`?2` is the value) on user `name` and deletes its
     /// sessions in one transaction; whether the user exists.
@@ -26,7 +29,7 @@ impl SqliteStore {
     }
 
     /// `(name, role, created_us, ended_us)` rows of `q`.
-    fn db_named(&self, q: &str) -> Result<Vec<(String, String, i64, Option<i64>)>, DbError> {
+    fn db_named(&self, q: &str) -> Result<Vec<NamedRow>, DbError> {
         let conn = self.conn()?;
         let mut stmt = conn.prepare(q)?;
         let rows = stmt
