@@ -44,8 +44,8 @@ fn record<S: AuditStore + ?Sized>(store: &S, e: &Entry) -> Result<Option<i64>, S
                 tracing::warn!(
                     backend,
                     what,
-                    "audit log entries are NOT recorded on this storage backend \
-                     (counted in vigil_hub_audit_failures_total); use SQLite for an audit log"
+                    "audit log entries are NOT recorded on this storage backend (the server \
+                     counts each audited request in vigil_hub_audit_failures_total)"
                 );
             }
             Ok(None)
