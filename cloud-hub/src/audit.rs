@@ -9,179 +9,64 @@
 //! AuditEvent (NDJSON) with `cloud-hub audit export`.
 //!
 //! The audit log holds which patient was accessed (that is its purpose);
-//! the service logs and metrics still never do. SQLite store only in this
-//! version. See docs/operations.md "Audit log".
+//! the service logs and metrics still never do. The chain is
+//! `hub_domain::audit`, the persistence the store's `AuditStore`: SQLite
+//! only in this version (on PostgreSQL nothing is recorded: warned once,
+//! counted per request). See docs/operations.md "Audit log".
+
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
+use hub_storage::{AuditStore, StoreError};
 use ring::digest;
-use rusqlite::{Connection, OptionalExtension, params};
 use serde_json::{Value as Json, json};
 
-use crate::store::{Store, StoreError, now_us};
+pub use hub_domain::audit::{Entry, GENESIS, Stored, Verification};
 
-/// The hash before the first entry.
-pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+use crate::store::{Store, now_us};
 
-/// One entry (before it is chained).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Entry {
-    pub time_us: i64,
-    /// `anonymous`, `bearer:<first 16 hex of the token's SHA-256>` or
-    /// `cli`.
-    pub actor: String,
-    /// read, create, update, delete, execute.
-    pub action: String,
-    /// The request path (no query string) or the CLI command.
-    pub resource: String,
-    pub patient: Option<String>,
-    /// HTTP status (CLI: 0 on success).
-    pub outcome: u16,
-    /// The query string, or what a CLI command changed (never a secret).
-    pub detail: String,
-}
-
-/// A stored entry.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Stored {
-    pub seq: i64,
-    pub entry: Entry,
-    pub prev_hash: String,
-    pub hash: String,
-}
-
-fn chain_hash(prev: &str, seq: i64, e: &Entry) -> String {
-    // Unit-separated fields; a field cannot contain U+001F unnoticed
-    // because the separator count would change the digest input.
-    let text = format!(
-        "{prev}\u{1f}{seq}\u{1f}{}\u{1f}{}\u{1f}{}\u{1f}{}\u{1f}{}\u{1f}{}\u{1f}{}",
-        e.time_us,
-        e.actor,
-        e.action,
-        e.resource,
-        e.patient.as_deref().unwrap_or("\u{0}"),
-        e.outcome,
-        e.detail
-    );
-    hex::encode(digest::digest(&digest::SHA256, text.as_bytes()))
-}
-
-/// Appends an entry on `conn` (in its own transaction); returns its seq.
-pub fn append_on(conn: &mut Connection, e: &Entry) -> rusqlite::Result<i64> {
-    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    let (seq, prev) = tx
-        .query_row(
-            "SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1",
-            [],
-            |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)),
-        )
-        .optional()?
-        .map_or((1, GENESIS.to_owned()), |(s, h)| (s + 1, h));
-    let hash = chain_hash(&prev, seq, e);
-    tx.execute(
-        "INSERT INTO audit_log (seq, time_us, actor, action, resource, patient_id, outcome,
-             detail, prev_hash, hash)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-        params![
-            seq, e.time_us, e.actor, e.action, e.resource, e.patient, e.outcome, e.detail, prev,
-            hash
-        ],
-    )?;
-    tx.commit()?;
-    Ok(seq)
-}
-
-/// Appends an entry to the store's audit log (SQLite; a no-op returning
-/// `None` on PostgreSQL).
+/// Appends an entry to the store's audit log: its seq, or `None` when the
+/// storage backend keeps no audit log yet (PostgreSQL in this version;
+/// warned once per process, and the middleware counts each such request as
+/// an audit failure).
 pub fn append(store: &Store, e: &Entry) -> Result<Option<i64>, StoreError> {
-    if store.postgres().is_some() {
-        return Ok(None);
-    }
-    let mut conn = store.lock()?;
-    Ok(Some(append_on(&mut conn, e)?))
+    record(&**store, e)
 }
 
-/// What `verify` found.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Verification {
-    pub entries: u64,
-    /// (seq, hash) of the newest entry.
-    pub head: Option<(i64, String)>,
-    /// The first entry that does not chain, and why.
-    pub broken: Option<(i64, String)>,
-}
-
-/// Reads all entries in order.
-pub fn entries(conn: &Connection, since_seq: i64) -> rusqlite::Result<Vec<Stored>> {
-    conn.prepare(
-        "SELECT seq, time_us, actor, action, resource, patient_id, outcome, detail, prev_hash, hash
-           FROM audit_log WHERE seq >= ?1 ORDER BY seq",
-    )?
-    .query_map([since_seq], |r| {
-        Ok(Stored {
-            seq: r.get(0)?,
-            entry: Entry {
-                time_us: r.get(1)?,
-                actor: r.get(2)?,
-                action: r.get(3)?,
-                resource: r.get(4)?,
-                patient: r.get(5)?,
-                outcome: r.get(6)?,
-                detail: r.get(7)?,
-            },
-            prev_hash: r.get(8)?,
-            hash: r.get(9)?,
-        })
-    })?
-    .collect()
-}
-
-/// Recomputes the chain from the first entry. `anchor`: a (seq, hash) the
-/// chain must still contain (detects removal of the newest entries).
-pub fn verify(conn: &Connection, anchor: Option<(i64, &str)>) -> rusqlite::Result<Verification> {
-    let all = entries(conn, i64::MIN)?;
-    let mut prev = GENESIS.to_owned();
-    let mut broken = None;
-    for (expected_seq, s) in (1..).zip(all.iter()) {
-        let why = if s.seq != expected_seq {
-            Some(format!(
-                "sequence jumps from {} to {}",
-                expected_seq - 1,
-                s.seq
-            ))
-        } else if s.prev_hash != prev {
-            Some("does not link to the entry before it".to_owned())
-        } else if chain_hash(&prev, s.seq, &s.entry) != s.hash {
-            Some("its content does not match its hash".to_owned())
-        } else {
-            None
-        };
-        if let Some(w) = why {
-            broken = Some((s.seq, w));
-            break;
-        }
-        prev = s.hash.clone();
-    }
-    if broken.is_none() {
-        if let Some((seq, hash)) = anchor {
-            match all.iter().find(|s| s.seq == seq) {
-                Some(s) if s.hash == hash => {}
-                Some(_) => broken = Some((seq, "differs from the anchor".into())),
-                None => {
-                    broken = Some((
-                        seq,
-                        "the anchor entry is missing (entries were removed)".into(),
-                    ))
-                }
+fn record<S: AuditStore + ?Sized>(store: &S, e: &Entry) -> Result<Option<i64>, StoreError> {
+    match store.append_audit(e) {
+        Ok(seq) => Ok(Some(seq)),
+        Err(StoreError::Unsupported(what, backend)) => {
+            static WARNED: AtomicBool = AtomicBool::new(false);
+            if !WARNED.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    backend,
+                    what,
+                    "audit log entries are NOT recorded on this storage backend (the server \
+                     counts each audited request in vigil_hub_audit_failures_total)"
+                );
             }
+            Ok(None)
         }
+        Err(e) => Err(e),
     }
-    Ok(Verification {
-        entries: all.len() as u64,
-        head: all.last().map(|s| (s.seq, s.hash.clone())),
-        broken,
-    })
+}
+
+/// Recomputes the whole chain (`hub_domain::audit::verify`). `anchor`: a
+/// (seq, hash) the chain must still contain (detects removal of the newest
+/// entries).
+pub fn verify(store: &Store, anchor: Option<(i64, &str)>) -> Result<Verification, StoreError> {
+    Ok(hub_domain::audit::verify(
+        &store.audit_entries(i64::MIN)?,
+        anchor,
+    ))
+}
+
+/// The entries from `since_seq` on, in order.
+pub fn entries(store: &Store, since_seq: i64) -> Result<Vec<Stored>, StoreError> {
+    store.audit_entries(since_seq)
 }
 
 /// An entry as FHIR R4 AuditEvent.
@@ -352,10 +237,18 @@ pub(crate) async fn middleware(
         detail: query.unwrap_or_default(),
     };
     let store = st.store().clone();
-    let r = tokio::task::spawn_blocking(move || append(&store, &entry)).await;
-    if !matches!(r, Ok(Ok(_))) {
-        st.metrics().audit_failure();
-        tracing::error!("writing an audit log entry failed");
+    match tokio::task::spawn_blocking(move || append(&store, &entry)).await {
+        Ok(Ok(Some(_))) => {}
+        // The backend keeps no audit log yet (warned once by `append`).
+        Ok(Ok(None)) => st.metrics().audit_failure(),
+        Ok(Err(e)) => {
+            st.metrics().audit_failure();
+            tracing::error!(error = %e, "writing an audit log entry failed");
+        }
+        Err(e) => {
+            st.metrics().audit_failure();
+            tracing::error!(error = %e, "the audit log task failed");
+        }
     }
     resp
 }
@@ -363,87 +256,34 @@ pub(crate) async fn middleware(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use hub_sqlite::schema::SCHEMA_V11;
 
-    fn db() -> Connection {
-        let c = Connection::open_in_memory().unwrap();
-        c.execute_batch(SCHEMA_V11).unwrap();
-        c
-    }
+    /// A backend without an audit log, or one whose writes fail.
+    struct NoLog(fn() -> StoreError);
 
-    fn e(i: i64) -> Entry {
-        Entry {
-            time_us: 1_795_514_400_000_000 + i,
-            actor: "bearer:0123456789abcdef".into(),
-            action: "read".into(),
-            resource: "/fhir/Observation".into(),
-            patient: Some(format!("p-{i}")),
-            outcome: 200,
-            detail: "patient=p&_count=10".into(),
+    impl AuditStore for NoLog {
+        fn append_audit(&self, _: &Entry) -> Result<i64, StoreError> {
+            Err((self.0)())
+        }
+        fn audit_entries(&self, _: i64) -> Result<Vec<Stored>, StoreError> {
+            Err((self.0)())
         }
     }
 
     #[test]
-    fn the_chain_verifies_and_tampering_is_found() {
-        let mut c = db();
-        for i in 0..5 {
-            assert_eq!(append_on(&mut c, &e(i)).unwrap(), i + 1);
-        }
-        let v = verify(&c, None).unwrap();
-        assert_eq!((v.entries, v.broken.clone()), (5, None));
-        let head = v.head.unwrap();
-        assert_eq!(head.0, 5);
-        // Append-only: the triggers refuse edits and deletions.
-        assert!(
-            c.execute("UPDATE audit_log SET actor = 'x' WHERE seq = 2", [])
-                .is_err()
-        );
-        assert!(
-            c.execute("DELETE FROM audit_log WHERE seq = 5", [])
-                .is_err()
-        );
-        // Someone with the file drops the triggers and edits an entry.
-        c.execute_batch("DROP TRIGGER audit_log_no_update; DROP TRIGGER audit_log_no_delete;")
-            .unwrap();
-        c.execute(
-            "UPDATE audit_log SET patient_id = 'p-other' WHERE seq = 3",
-            [],
-        )
-        .unwrap();
-        let v = verify(&c, None).unwrap();
-        assert_eq!(v.broken.as_ref().map(|b| b.0), Some(3), "{v:?}");
-        assert!(v.broken.unwrap().1.contains("content"));
-    }
-
-    #[test]
-    fn removed_entries_are_found() {
-        let mut c = db();
-        for i in 0..5 {
-            append_on(&mut c, &e(i)).unwrap();
-        }
-        let head = verify(&c, None).unwrap().head.unwrap();
-        c.execute_batch("DROP TRIGGER audit_log_no_delete;")
-            .unwrap();
-        // A middle entry: the sequence jumps.
-        c.execute("DELETE FROM audit_log WHERE seq = 2", [])
-            .unwrap();
-        assert_eq!(verify(&c, None).unwrap().broken.map(|b| b.0), Some(3));
-        let mut c = db();
-        for i in 0..5 {
-            append_on(&mut c, &e(i)).unwrap();
-        }
-        c.execute_batch("DROP TRIGGER audit_log_no_delete;")
-            .unwrap();
-        // The newest entry: the chain is shorter but valid; the anchor
-        // recorded before finds it.
-        c.execute("DELETE FROM audit_log WHERE seq = 5", [])
-            .unwrap();
-        assert_eq!(verify(&c, None).unwrap().broken, None);
-        let v = verify(&c, Some((head.0, &head.1))).unwrap();
-        assert_eq!(v.broken.map(|b| b.0), Some(5));
-        // A valid anchor passes.
-        let v4 = verify(&c, None).unwrap().head.unwrap();
-        assert_eq!(verify(&c, Some((v4.0, &v4.1))).unwrap().broken, None);
+    fn an_unsupported_backend_records_nothing_but_a_failing_one_is_an_error() {
+        let e = Entry {
+            time_us: 1,
+            actor: "cli".into(),
+            action: "create".into(),
+            resource: "user add".into(),
+            patient: None,
+            outcome: 0,
+            detail: String::new(),
+        };
+        let unsupported = NoLog(|| StoreError::Unsupported("the audit log", "postgres"));
+        assert_eq!(record(&unsupported, &e).unwrap(), None);
+        let failing = NoLog(|| StoreError::Database("disk I/O error".into()));
+        assert!(matches!(record(&failing, &e), Err(StoreError::Database(_))));
     }
 
     #[test]

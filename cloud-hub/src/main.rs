@@ -246,7 +246,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Backup { out } => {
             let db = &config.storage.sqlite_path;
-            let pages = cloud_hub::backup::backup(db, &out)
+            let pages = hub_sqlite::backup::backup(db, &out)
                 .with_context(|| format!("backing up {} to {}", db.display(), out.display()))?;
             eprintln!(
                 "Backup of {} written to {} ({pages} pages, integrity checked).",
@@ -257,7 +257,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Restore { from, force } => {
             let db = &config.storage.sqlite_path;
-            cloud_hub::backup::restore(&from, db, force)
+            hub_sqlite::backup::restore(&from, db, force)
                 .with_context(|| format!("restoring {} from {}", db.display(), from.display()))?;
             eprintln!("{} restored from {}.", db.display(), from.display());
             Ok(())

@@ -47,6 +47,33 @@ async fn the_hub_serves_from_postgres_selected_by_config() {
     assert_eq!(status, 200);
     assert_eq!(obs["valueQuantity"]["value"], 97.0);
 
+    // Not on PostgreSQL yet, and said so: the gateways view answers 501;
+    // audited requests are served but counted as not audited (the two FHIR
+    // reads and this one).
+    let (status, body) = hub.get_json("/api/v1/gateways").await;
+    assert_eq!(status, 501, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("postgres"),
+        "{body}"
+    );
+    let metrics = hub
+        .client
+        .get(hub.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let unaudited: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("vigil_hub_audit_failures_total "))
+        .expect("the audit failure counter")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(unaudited >= 3.0, "{metrics}");
+
     // Nothing was written to the SQLite path.
     assert!(!hub.config.storage.sqlite_path.exists());
 

@@ -998,6 +998,149 @@ fn trend_series_sum_the_devices_buckets(s: &Store) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// A session's last-seen time is refreshed (at most once a minute) and
+/// keeps it alive past its first idle limit; logout ends it.
+fn sessions_are_refreshed_and_end_on_logout(s: &Store) {
+    use cloud_hub::access::Role;
+    use cloud_hub::access::accounts as acc;
+    acc::add_user(s, "bob", Role::Biomed, "correct horse battery staple", 0).unwrap();
+    let idle = 10 * MIN;
+    let (id, _) = acc::create_session(s, "bob", 0).unwrap();
+    // Within the minute: not written; after it: written.
+    acc::session(s, &id, MIN / 2, idle, i64::MAX)
+        .unwrap()
+        .unwrap();
+    let seen = acc::session(s, &id, 2 * MIN, idle, i64::MAX)
+        .unwrap()
+        .unwrap();
+    assert_eq!(seen.last_seen_us, 0);
+    let seen = acc::session(s, &id, 11 * MIN, idle, i64::MAX)
+        .unwrap()
+        .expect("alive: last seen at 2 min");
+    assert_eq!(seen.last_seen_us, 2 * MIN);
+    acc::end_session(s, &id).unwrap();
+    assert!(
+        acc::session(s, &id, 11 * MIN, idle, i64::MAX)
+            .unwrap()
+            .is_none()
+    );
+    acc::end_session(s, &id).unwrap();
+    assert_eq!(acc::list_users(s).unwrap()[0].role, Role::Biomed);
+}
+
+// ---- expected failures on PostgreSQL (`StoreError::Unsupported` there) ----
+
+/// The audit log appends, chains (one chain even under concurrent appends)
+/// and reads back every field.
+fn audit_log_appends_and_chains(s: &Store) -> Result<(), StoreError> {
+    use cloud_hub::audit::{self, Entry, GENESIS};
+    let e = |i: i64, patient: Option<&str>| Entry {
+        time_us: T0 + i,
+        actor: "token:ward-script".into(),
+        action: "read".into(),
+        resource: "/fhir/Observation".into(),
+        patient: patient.map(Into::into),
+        outcome: 503,
+        detail: format!("patient=p&_count={i}"),
+    };
+    assert_eq!(s.append_audit(&e(0, Some("p-1")))?, 1);
+    assert_eq!(s.append_audit(&e(1, None))?, 2);
+    let all = s.audit_entries(i64::MIN)?;
+    assert_eq!(all.len(), 2);
+    assert_eq!(all[0].prev_hash, GENESIS);
+    assert_eq!(all[1].prev_hash, all[0].hash);
+    assert_eq!(
+        (all[0].entry.clone(), all[1].entry.clone()),
+        (e(0, Some("p-1")), e(1, None))
+    );
+    std::thread::scope(|sc| {
+        for t in 0..2 {
+            sc.spawn(move || {
+                for i in 0..10 {
+                    s.append_audit(&e(100 * (t + 1) + i, None)).unwrap();
+                }
+            });
+        }
+    });
+    let v = audit::verify(s, None)?;
+    assert_eq!((v.entries, v.broken), (22, None));
+    let since = s.audit_entries(21)?;
+    assert_eq!(
+        since.iter().map(|x| x.seq).collect::<Vec<_>>(),
+        vec![21, 22]
+    );
+    assert_eq!(v.head, Some((22, since[1].hash.clone())));
+    Ok(())
+}
+
+/// The gateways view: last batch, the window's ack totals, rejections,
+/// overflows and per-device figures.
+fn gateways_view_sums_the_window(s: &Store) -> Result<(), StoreError> {
+    s.add_gateway(G, "h1").unwrap();
+    s.add_gateway("gw-idle", "h2").unwrap();
+    let none = Associations::new();
+    let mut d = entry("d1", vec![spo2(T0, 1), spo2(T0 + MIN, 2)]);
+    d.technical.push(TechnicalReading {
+        kind: TechnicalKind::Connected as i32,
+        time_us: T0 - MIN,
+        sequence: 3,
+        ..Default::default()
+    });
+    s.ingest(G, &batch(1, vec![d]), &none, T0 + 2 * MIN, T0 + 2 * MIN)
+        .unwrap();
+    // A duplicate, an unknown metric (rejected) and a buffer overflow.
+    let mut b2 = batch(
+        2,
+        vec![entry(
+            "d1",
+            vec![spo2(T0 + MIN, 2), numeric(999_999, "%", 1.0, T0, 4)],
+        )],
+    );
+    b2.gateway_events.push(TechnicalReading {
+        kind: TechnicalKind::BufferOverflow as i32,
+        time_us: T0 + 2 * MIN,
+        detail: "dropped 12 oldest readings".into(),
+        sequence: 1,
+    });
+    s.ingest(G, &b2, &none, T0 + 3 * MIN, T0 + 3 * MIN).unwrap();
+    let v = s.gateway_activity(T0, 1_000)?;
+    assert_eq!(
+        v.iter().map(|g| g.id.as_str()).collect::<Vec<_>>(),
+        vec![G, "gw-idle"]
+    );
+    let g = &v[0];
+    let last = g.last_batch.as_ref().unwrap();
+    assert_eq!((last.sequence, last.received_us), (2, T0 + 3 * MIN));
+    let w = g.window;
+    assert_eq!(
+        (w.batches, w.accepted, w.duplicates, w.rejected),
+        (2, 3, 1, 1)
+    );
+    assert_eq!((g.rejected_total, g.overflows), (1, 1));
+    assert_eq!(
+        g.last_overflow,
+        Some((T0 + 2 * MIN, "dropped 12 oldest readings".into()))
+    );
+    let dev = &g.devices[0];
+    assert_eq!(dev.id, "d1");
+    assert_eq!(dev.last_reading.map(|r| r.0), Some(T0 + MIN));
+    assert_eq!(
+        dev.last_link_event.as_ref().map(|e| e.0.as_str()),
+        Some("connected")
+    );
+    assert_eq!(dev.rejected_total, 1);
+    let idle = &v[1];
+    assert!(idle.last_batch.is_none() && idle.devices.is_empty());
+    // The window starts after batch 1: only batch 2 counts; at most one
+    // batch read: the newest.
+    assert_eq!(
+        s.gateway_activity(T0 + 3 * MIN, 1_000)?[0].window.batches,
+        1
+    );
+    assert_eq!(s.gateway_activity(T0, 1)?[0].window.batches, 1);
+    Ok(())
+}
+
 macro_rules! suite {
     ($($name:ident),* $(,)?; unsupported_on_postgres: $($todo:ident),* $(,)?) => {
         mod sqlite {
@@ -1067,12 +1210,15 @@ suite!(
     enrolment_tokens_are_single_use,
     association_attributes_and_reattributes,
     retention_purges_what_is_older_than_the_window,
-    users_tokens_and_sessions;
+    users_tokens_and_sessions,
+    sessions_are_refreshed_and_end_on_logout;
     unsupported_on_postgres:
     score_inputs_are_loaded_as_stored,
     score_history_rows_follow_the_write_rule,
     alerts_are_stored_with_their_transitions,
     trend_series_sum_the_devices_buckets,
+    audit_log_appends_and_chains,
+    gateways_view_sums_the_window,
 );
 
 // ---- PostgreSQL only ----

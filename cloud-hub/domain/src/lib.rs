@@ -10,14 +10,18 @@
 //! - [`scores`]: NEWS2, qSOFA, MEWS (published tables, cited);
 //!   [`early_warning`]: a patient's inputs and score report.
 //! - [`alerts`]: the alert engine and its rules.
+//! - [`audit`]: the audit log's hash chain and its verification.
+//! - [`gateway_activity`]: the dashboard's per-gateway batch totals.
 //! - [`trends`]: chart buckets and trend slopes.
 
 pub mod adt;
 pub mod alerts;
 pub mod association;
+pub mod audit;
 pub mod clock;
 pub mod early_warning;
 pub mod fhir;
+pub mod gateway_activity;
 pub mod ingest;
 pub mod score_history;
 pub mod scores;

@@ -1,16 +1,19 @@
 //! Local users (Argon2id password hashes), API bearer tokens and browser
-//! sessions, in the hub's store (SQLite schema v12, PostgreSQL migration 2).
+//! sessions, kept through the store's `AccountStore` (SQLite schema v12,
+//! PostgreSQL migration 2). The decisions are made here, once for both
+//! backends: name rules, hashing and verification, the role mapping, the
+//! session expiry and refresh rules; the backends only persist and load.
 //!
 //! Secrets are never stored: passwords as Argon2id PHC strings, tokens and
 //! session ids as their SHA-256. Every function is blocking (call it from
 //! `spawn_blocking` in async code).
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use hub_storage::StoreError;
 use ring::rand::{SecureRandom, SystemRandom};
-use rusqlite::{OptionalExtension, params};
 
 use super::Role;
-use crate::store::{Store, StoreError};
+use crate::store::Store;
 
 /// Prefix of API bearer tokens for people and scripts (`cloud-hub token create`).
 pub const API_TOKEN_PREFIX: &str = "vgu_";
@@ -35,24 +38,6 @@ pub enum AccountError {
     Rng,
     #[error("password hashing failed: {0}")]
     Hash(String),
-}
-
-impl From<rusqlite::Error> for AccountError {
-    fn from(e: rusqlite::Error) -> Self {
-        AccountError::Store(e.into())
-    }
-}
-
-impl From<hub_postgres::DbError> for AccountError {
-    fn from(e: hub_postgres::DbError) -> Self {
-        AccountError::Store(e.into())
-    }
-}
-
-impl From<postgres::Error> for AccountError {
-    fn from(e: postgres::Error) -> Self {
-        AccountError::Store(e.into())
-    }
 }
 
 /// Whether `name` is acceptable for a user or token (`[A-Za-z0-9._@-]{1,64}`).
@@ -143,6 +128,37 @@ fn role_of(s: &str) -> Role {
     s.parse().unwrap_or(Role::Operator)
 }
 
+/// How often a live session's last-seen time is written at most.
+const TOUCH_EVERY_US: i64 = 60_000_000;
+
+/// What to do with a stored session at `now_us`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SessionState {
+    /// Older than `max_age_us` or unused for `idle_us`: delete it.
+    Expired,
+    /// Live; its last-seen time is over a minute old: refresh it.
+    Touch,
+    Live,
+}
+
+fn session_state(
+    now_us: i64,
+    created_us: i64,
+    last_seen_us: i64,
+    idle_us: i64,
+    max_age_us: i64,
+) -> SessionState {
+    if now_us.saturating_sub(created_us) > max_age_us
+        || now_us.saturating_sub(last_seen_us) > idle_us
+    {
+        SessionState::Expired
+    } else if now_us.saturating_sub(last_seen_us) > TOUCH_EVERY_US {
+        SessionState::Touch
+    } else {
+        SessionState::Live
+    }
+}
+
 /// Creates user `name` with `role` and `password`.
 pub fn add_user(
     store: &Store,
@@ -155,126 +171,41 @@ pub fn add_user(
         return Err(AccountError::InvalidName(name.into()));
     }
     let hash = hash_password(password)?;
-    let n = if let Some(p) = store.postgres() {
-        crate::pg::off_runtime(|| -> Result<u64, AccountError> {
-            Ok(p.conn()?.execute(
-                "INSERT INTO users (name, role, password_hash, created_us) VALUES ($1, $2, $3, $4)
-                 ON CONFLICT (name) DO NOTHING",
-                &[&name, &role.as_str(), &hash, &now_us],
-            )?)
-        })?
-    } else {
-        store.lock()?.execute(
-            "INSERT OR IGNORE INTO users (name, role, password_hash, created_us) VALUES (?1, ?2, ?3, ?4)",
-            params![name, role.as_str(), hash, now_us],
-        )? as u64
-    };
-    if n == 0 {
+    if !store.insert_user(name, role.as_str(), &hash, now_us)? {
         return Err(AccountError::Exists(name.into()));
     }
     Ok(())
 }
 
-/// Sets `column` of user `name` to `value` and ends the user's sessions,
-/// in one transaction; `NotFound` when there is no such user. `keep_first`
-/// keeps an earlier non-NULL value (a disabling time).
-fn update_user<T>(
-    store: &Store,
-    name: &str,
-    column: &str,
-    value: T,
-    keep_first: bool,
-) -> Result<(), AccountError>
-where
-    T: postgres::types::ToSql + rusqlite::ToSql + Sync + Send,
-{
-    let set = |v: &str| {
-        if keep_first {
-            format!("{column} = COALESCE({column}, {v})")
-        } else {
-            format!("{column} = {v}")
-        }
-    };
-    let n = if let Some(p) = store.postgres() {
-        let q = format!("UPDATE users SET {} WHERE name = $1", set("$2"));
-        crate::pg::off_runtime(|| -> Result<u64, AccountError> {
-            let mut c = p.conn()?;
-            let mut tx = c.transaction()?;
-            let n = tx.execute(q.as_str(), &[&name, &value])?;
-            tx.execute("DELETE FROM sessions WHERE user_name = $1", &[&name])?;
-            tx.commit()?;
-            Ok(n)
-        })?
+fn found(name: &str, exists: bool) -> Result<(), AccountError> {
+    if exists {
+        Ok(())
     } else {
-        let q = format!("UPDATE users SET {} WHERE name = ?1", set("?2"));
-        let mut conn = store.lock()?;
-        let tx = conn.transaction()?;
-        let n = tx.execute(&q, params![name, value])?;
-        tx.execute("DELETE FROM sessions WHERE user_name = ?1", params![name])?;
-        tx.commit()?;
-        n as u64
-    };
-    if n == 0 {
-        return Err(AccountError::NotFound(name.into()));
+        Err(AccountError::NotFound(name.into()))
     }
-    Ok(())
 }
 
 /// Sets a new password for `name` and ends all of its sessions.
 pub fn set_password(store: &Store, name: &str, password: &str) -> Result<(), AccountError> {
-    update_user(
-        store,
-        name,
-        "password_hash",
-        hash_password(password)?,
-        false,
-    )
+    let hash = hash_password(password)?;
+    found(name, store.set_password_hash(name, &hash)?)
 }
 
 /// Disables user `name` (it can no longer log in) and ends its sessions.
 pub fn disable_user(store: &Store, name: &str, now_us: i64) -> Result<(), AccountError> {
-    update_user(store, name, "disabled_us", now_us, true)
-}
-
-/// A user or token row: name, role, created, disabled/revoked (UTC µs).
-type NamedRow = (String, Role, i64, Option<i64>);
-
-/// `(name, role, created_us, ended_us)` rows of query `q` (users or tokens).
-fn list_named(store: &Store, q: &str) -> Result<Vec<NamedRow>, AccountError> {
-    if let Some(p) = store.postgres() {
-        return crate::pg::off_runtime(|| -> Result<_, AccountError> {
-            Ok(p.conn()?
-                .query(q, &[])?
-                .iter()
-                .map(|r| (r.get(0), role_of(r.get(1)), r.get(2), r.get(3)))
-                .collect())
-        });
-    }
-    let conn = store.lock()?;
-    let mut stmt = conn.prepare(q)?;
-    let rows = stmt
-        .query_map([], |r| {
-            Ok((
-                r.get(0)?,
-                role_of(&r.get::<_, String>(1)?),
-                r.get(2)?,
-                r.get(3)?,
-            ))
-        })?
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(rows)
+    found(name, store.disable_user(name, now_us)?)
 }
 
 /// All users, by name.
 pub fn list_users(store: &Store) -> Result<Vec<UserRow>, AccountError> {
-    let q = "SELECT name, role, created_us, disabled_us FROM users ORDER BY name";
-    Ok(list_named(store, q)?
+    Ok(store
+        .users()?
         .into_iter()
-        .map(|(name, role, created_us, disabled_us)| UserRow {
-            name,
-            role,
-            created_us,
-            disabled_us,
+        .map(|u| UserRow {
+            name: u.name,
+            role: role_of(&u.role),
+            created_us: u.created_us,
+            disabled_us: u.disabled_us,
         })
         .collect())
 }
@@ -286,22 +217,7 @@ pub fn check_password(
     name: &str,
     password: &str,
 ) -> Result<Option<Role>, AccountError> {
-    const Q: &str = "SELECT role, password_hash FROM users WHERE name = $1 AND disabled_us IS NULL";
-    let row: Option<(String, String)> = if let Some(p) = store.postgres() {
-        crate::pg::off_runtime(|| -> Result<_, AccountError> {
-            Ok(p.conn()?
-                .query_opt(Q, &[&name])?
-                .map(|r| (r.get(0), r.get(1))))
-        })?
-    } else {
-        store
-            .lock()?
-            .query_row(&Q.replace("$1", "?1"), params![name], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })
-            .optional()?
-    };
-    match row {
+    match store.enabled_credentials(name)? {
         Some((role, hash)) => Ok(verify_password(password, &hash).then(|| role_of(&role))),
         None => {
             verify_password(password, dummy_hash());
@@ -322,21 +238,7 @@ pub fn create_token(
     }
     let token = format!("{API_TOKEN_PREFIX}{}", random_hex()?);
     let hash = crate::auth::hash_token(&token);
-    let n = if let Some(p) = store.postgres() {
-        crate::pg::off_runtime(|| -> Result<u64, AccountError> {
-            Ok(p.conn()?.execute(
-                "INSERT INTO api_tokens (name, token_sha256, role, created_us) VALUES ($1, $2, $3, $4)
-                 ON CONFLICT (name) DO NOTHING",
-                &[&name, &hash, &role.as_str(), &now_us],
-            )?)
-        })?
-    } else {
-        store.lock()?.execute(
-            "INSERT OR IGNORE INTO api_tokens (name, token_sha256, role, created_us) VALUES (?1, ?2, ?3, ?4)",
-            params![name, hash, role.as_str(), now_us],
-        )? as u64
-    };
-    if n == 0 {
+    if !store.insert_api_token(name, &hash, role.as_str(), now_us)? {
         return Err(AccountError::Exists(name.into()));
     }
     Ok(token)
@@ -344,57 +246,29 @@ pub fn create_token(
 
 /// Revokes API token `name` (401 from then on).
 pub fn revoke_token(store: &Store, name: &str, now_us: i64) -> Result<(), AccountError> {
-    const Q: &str = "UPDATE api_tokens SET revoked_us = COALESCE(revoked_us, $2) WHERE name = $1";
-    let n = if let Some(p) = store.postgres() {
-        crate::pg::off_runtime(|| -> Result<u64, AccountError> {
-            Ok(p.conn()?.execute(Q, &[&name, &now_us])?)
-        })?
-    } else {
-        store.lock()?.execute(
-            &Q.replace("$1", "?1").replace("$2", "?2"),
-            params![name, now_us],
-        )? as u64
-    };
-    if n == 0 {
-        return Err(AccountError::NotFound(name.into()));
-    }
-    Ok(())
+    found(name, store.revoke_api_token(name, now_us)?)
 }
 
 /// All API tokens, by name (never the tokens).
 pub fn list_tokens(store: &Store) -> Result<Vec<TokenRow>, AccountError> {
-    let q = "SELECT name, role, created_us, revoked_us FROM api_tokens ORDER BY name";
-    Ok(list_named(store, q)?
+    Ok(store
+        .api_tokens()?
         .into_iter()
-        .map(|(name, role, created_us, revoked_us)| TokenRow {
-            name,
-            role,
-            created_us,
-            revoked_us,
+        .map(|t| TokenRow {
+            name: t.name,
+            role: role_of(&t.role),
+            created_us: t.created_us,
+            revoked_us: t.revoked_us,
         })
         .collect())
 }
 
 /// The (name, role) of an active API token.
 pub fn token_principal(store: &Store, token: &str) -> Result<Option<(String, Role)>, AccountError> {
-    const Q: &str =
-        "SELECT name, role FROM api_tokens WHERE token_sha256 = $1 AND revoked_us IS NULL";
     let hash = crate::auth::hash_token(token);
-    let row: Option<(String, String)> = if let Some(p) = store.postgres() {
-        crate::pg::off_runtime(|| -> Result<_, AccountError> {
-            Ok(p.conn()?
-                .query_opt(Q, &[&hash])?
-                .map(|r| (r.get(0), r.get(1))))
-        })?
-    } else {
-        store
-            .lock()?
-            .query_row(&Q.replace("$1", "?1"), params![hash], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })
-            .optional()?
-    };
-    Ok(row.map(|(n, r)| (n, role_of(&r))))
+    Ok(store
+        .active_api_token(&hash)?
+        .map(|(n, r)| (n, role_of(&r))))
 }
 
 /// Starts a session for `user`: (session id for the cookie, CSRF token).
@@ -404,22 +278,7 @@ pub fn create_session(
     now_us: i64,
 ) -> Result<(String, String), AccountError> {
     let (id, csrf) = (random_hex()?, random_hex()?);
-    let hash = crate::auth::hash_token(&id);
-    if let Some(p) = store.postgres() {
-        crate::pg::off_runtime(|| -> Result<u64, AccountError> {
-            Ok(p.conn()?.execute(
-                "INSERT INTO sessions (id_sha256, user_name, csrf, created_us, last_seen_us)
-                 VALUES ($1, $2, $3, $4, $4)",
-                &[&hash, &user, &csrf, &now_us],
-            )?)
-        })?;
-    } else {
-        store.lock()?.execute(
-            "INSERT INTO sessions (id_sha256, user_name, csrf, created_us, last_seen_us)
-             VALUES (?1, ?2, ?3, ?4, ?4)",
-            params![hash, user, csrf, now_us],
-        )?;
-    }
+    store.insert_session(&crate::auth::hash_token(&id), user, &csrf, now_us)?;
     Ok((id, csrf))
 }
 
@@ -433,76 +292,30 @@ pub fn session(
     idle_us: i64,
     max_age_us: i64,
 ) -> Result<Option<SessionRow>, AccountError> {
-    const Q: &str = "SELECT s.user_name, u.role, s.csrf, s.created_us, s.last_seen_us
-          FROM sessions s JOIN users u ON u.name = s.user_name
-         WHERE s.id_sha256 = $1 AND u.disabled_us IS NULL";
-    const DEL: &str = "DELETE FROM sessions WHERE id_sha256 = $1";
-    const TOUCH: &str = "UPDATE sessions SET last_seen_us = $2 WHERE id_sha256 = $1";
     let hash = crate::auth::hash_token(id);
-    let row: Option<(String, String, String, i64, i64)> = if let Some(p) = store.postgres() {
-        crate::pg::off_runtime(|| -> Result<_, AccountError> {
-            Ok(p.conn()?
-                .query_opt(Q, &[&hash])?
-                .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4))))
-        })?
-    } else {
-        store
-            .lock()?
-            .query_row(&Q.replace("$1", "?1"), params![hash], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
-            })
-            .optional()?
-    };
-    let Some((user, role, csrf, created_us, last_seen_us)) = row else {
+    let Some(s) = store.session(&hash)? else {
         return Ok(None);
     };
-    let expired = now_us.saturating_sub(created_us) > max_age_us
-        || now_us.saturating_sub(last_seen_us) > idle_us;
-    let touch = !expired && now_us.saturating_sub(last_seen_us) > 60_000_000;
-    if expired || touch {
-        if let Some(p) = store.postgres() {
-            crate::pg::off_runtime(|| -> Result<u64, AccountError> {
-                let mut c = p.conn()?;
-                Ok(if expired {
-                    c.execute(DEL, &[&hash])?
-                } else {
-                    c.execute(TOUCH, &[&hash, &now_us])?
-                })
-            })?;
-        } else {
-            let conn = store.lock()?;
-            if expired {
-                conn.execute(&DEL.replace("$1", "?1"), params![hash])?;
-            } else {
-                conn.execute(
-                    &TOUCH.replace("$1", "?1").replace("$2", "?2"),
-                    params![hash, now_us],
-                )?;
-            }
+    match session_state(now_us, s.created_us, s.last_seen_us, idle_us, max_age_us) {
+        SessionState::Expired => {
+            store.delete_session(&hash)?;
+            return Ok(None);
         }
+        SessionState::Touch => store.touch_session(&hash, now_us)?,
+        SessionState::Live => {}
     }
-    Ok((!expired).then(|| SessionRow {
-        user,
-        role: role_of(&role),
-        csrf,
-        created_us,
-        last_seen_us,
+    Ok(Some(SessionRow {
+        user: s.user,
+        role: role_of(&s.role),
+        csrf: s.csrf,
+        created_us: s.created_us,
+        last_seen_us: s.last_seen_us,
     }))
 }
 
 /// Ends session `id` (logout).
 pub fn end_session(store: &Store, id: &str) -> Result<(), AccountError> {
-    let hash = crate::auth::hash_token(id);
-    if let Some(p) = store.postgres() {
-        crate::pg::off_runtime(|| -> Result<u64, AccountError> {
-            Ok(p.conn()?
-                .execute("DELETE FROM sessions WHERE id_sha256 = $1", &[&hash])?)
-        })?;
-    } else {
-        store
-            .lock()?
-            .execute("DELETE FROM sessions WHERE id_sha256 = ?1", params![hash])?;
-    }
+    store.delete_session(&crate::auth::hash_token(id))?;
     Ok(())
 }
 
@@ -510,126 +323,47 @@ pub fn end_session(store: &Store, id: &str) -> Result<(), AccountError> {
 mod tests {
     use super::*;
 
-    fn store() -> (tempfile::TempDir, Store) {
-        let d = tempfile::tempdir().unwrap();
-        let s = Store::open(&d.path().join("a.sqlite")).unwrap();
-        (d, s)
-    }
-
     #[test]
-    fn passwords_are_argon2id_and_checked() {
-        let (_d, s) = store();
-        add_user(&s, "alice", Role::Clinician, "correct horse battery", 1).unwrap();
-        let stored: String = s
-            .lock()
-            .unwrap()
-            .query_row("SELECT password_hash FROM users", [], |r| r.get(0))
-            .unwrap();
-        assert!(stored.starts_with("$argon2id$"), "{stored}");
-        assert!(!stored.contains("correct horse"));
-        assert_eq!(
-            check_password(&s, "alice", "correct horse battery").unwrap(),
-            Some(Role::Clinician)
-        );
-        assert_eq!(
-            check_password(&s, "alice", "wrong password!!").unwrap(),
-            None
-        );
-        assert_eq!(
-            check_password(&s, "bob", "correct horse battery").unwrap(),
-            None
+    fn names_and_passwords_are_checked_before_anything_is_stored() {
+        assert!(is_valid_name("ward-3.script@icu_1"));
+        assert!(
+            !is_valid_name("no spaces") && !is_valid_name("") && !is_valid_name(&"a".repeat(65))
         );
         assert!(matches!(
-            add_user(&s, "alice", Role::Admin, "another long password", 2),
-            Err(AccountError::Exists(_))
-        ));
-        assert!(matches!(
-            add_user(&s, "carol", Role::Admin, "short", 2),
+            hash_password("short"),
             Err(AccountError::WeakPassword)
         ));
-        assert!(matches!(
-            add_user(&s, "no spaces", Role::Admin, "long enough password", 2),
-            Err(AccountError::InvalidName(_))
+        let h = hash_password("correct horse battery").unwrap();
+        assert!(h.starts_with("$argon2id$"), "{h}");
+        assert!(!h.contains("correct horse"));
+        assert_ne!(h, hash_password("correct horse battery").unwrap(), "salted");
+        assert!(verify_password("correct horse battery", &h));
+        assert!(!verify_password("correct horse batterY", &h));
+        assert!(!verify_password(
+            "correct horse battery",
+            "not a PHC string"
         ));
-        disable_user(&s, "alice", 3).unwrap();
-        assert_eq!(
-            check_password(&s, "alice", "correct horse battery").unwrap(),
-            None
-        );
     }
 
     #[test]
-    fn sessions_expire_and_end_with_the_user() {
-        let (_d, s) = store();
-        add_user(&s, "alice", Role::Clinician, "correct horse battery", 0).unwrap();
-        let (id, csrf) = create_session(&s, "alice", 0).unwrap();
-        let idle = 30 * 60_000_000;
-        let max = 12 * 3600 * 1_000_000;
-        let live = session(&s, &id, 10, idle, max).unwrap().unwrap();
-        assert_eq!((live.user.as_str(), live.role), ("alice", Role::Clinician));
-        assert_eq!(live.csrf, csrf);
-        assert!(
-            session(&s, "not-a-session", 10, idle, max)
-                .unwrap()
-                .is_none()
-        );
-        // Touched at 20 and 45 min; idle out 30 min after the last touch.
-        assert!(
-            session(&s, &id, 20 * 60_000_000, idle, max)
-                .unwrap()
-                .is_some()
-        );
-        assert!(
-            session(&s, &id, 45 * 60_000_000, idle, max)
-                .unwrap()
-                .is_some()
-        );
-        assert!(
-            session(&s, &id, 76 * 60_000_000 + 1, idle, max)
-                .unwrap()
-                .is_none()
-        );
-        // Gone for good once expired.
-        assert!(
-            session(&s, &id, 46 * 60_000_000, idle, max)
-                .unwrap()
-                .is_none()
-        );
-        // Absolute lifetime, logout, and disabling end sessions too.
-        let (id2, _) = create_session(&s, "alice", 0).unwrap();
-        assert!(session(&s, &id2, max + 1, i64::MAX, max).unwrap().is_none());
-        let (id3, _) = create_session(&s, "alice", 0).unwrap();
-        end_session(&s, &id3).unwrap();
-        assert!(session(&s, &id3, 1, idle, max).unwrap().is_none());
-        let (id4, _) = create_session(&s, "alice", 0).unwrap();
-        set_password(&s, "alice", "a new long password").unwrap();
-        assert!(session(&s, &id4, 1, idle, max).unwrap().is_none());
-        let (id5, _) = create_session(&s, "alice", 0).unwrap();
-        disable_user(&s, "alice", 1).unwrap();
-        assert!(session(&s, &id5, 1, idle, max).unwrap().is_none());
+    fn roles_map_back_and_an_unknown_one_gets_the_least_privilege() {
+        for r in [Role::Clinician, Role::Biomed, Role::Operator, Role::Admin] {
+            assert_eq!(role_of(r.as_str()), r);
+        }
+        assert_eq!(role_of("superuser"), Role::Operator);
     }
 
     #[test]
-    fn api_tokens_are_stored_hashed_and_revocable() {
-        let (_d, s) = store();
-        let t = create_token(&s, "ward-script", Role::Clinician, 0).unwrap();
-        assert!(t.starts_with(API_TOKEN_PREFIX) && t.len() == 68);
-        let stored: String = s
-            .lock()
-            .unwrap()
-            .query_row("SELECT token_sha256 FROM api_tokens", [], |r| r.get(0))
-            .unwrap();
-        assert_ne!(stored, t);
-        assert_eq!(
-            token_principal(&s, &t).unwrap(),
-            Some(("ward-script".into(), Role::Clinician))
-        );
-        revoke_token(&s, "ward-script", 5).unwrap();
-        assert_eq!(token_principal(&s, &t).unwrap(), None);
-        assert_eq!(list_tokens(&s).unwrap()[0].revoked_us, Some(5));
-        assert!(matches!(
-            revoke_token(&s, "nope", 5),
-            Err(AccountError::NotFound(_))
-        ));
+    fn sessions_expire_when_idle_or_old_and_are_touched_once_a_minute() {
+        let (idle, max) = (30 * 60_000_000, 12 * 3600 * 1_000_000);
+        let st = |now, created, seen| session_state(now, created, seen, idle, max);
+        assert_eq!(st(10, 0, 0), SessionState::Live);
+        assert_eq!(st(TOUCH_EVERY_US, 0, 0), SessionState::Live);
+        assert_eq!(st(TOUCH_EVERY_US + 1, 0, 0), SessionState::Touch);
+        assert_eq!(st(idle, 0, 0), SessionState::Touch);
+        assert_eq!(st(idle + 1, 0, 0), SessionState::Expired);
+        // Used recently but past the absolute lifetime.
+        assert_eq!(st(max + 1, 0, max), SessionState::Expired);
+        assert_eq!(st(max, 0, max), SessionState::Live);
     }
 }

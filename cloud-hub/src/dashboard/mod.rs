@@ -17,7 +17,8 @@
 //!   gateway reported, each device's last reading and last link event).
 //!   The agent does not report its backlog in batches (only in the Azure
 //!   IoT Hub twin and on its own `/metrics`), so there is no backlog
-//!   field. SQLite only (501 on PostgreSQL).
+//!   field. The figures come from the store's `GatewayViewStore` (SQLite
+//!   only in this version: 501 on PostgreSQL).
 
 use std::sync::OnceLock;
 
@@ -26,12 +27,11 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::get;
-use prost::Message;
-use rusqlite::{OptionalExtension, params};
+use hub_storage::{DeviceActivity, GatewayActivity, StoreError};
 use serde_json::{Value as Json, json};
 
 use crate::fhir::format_instant;
-use crate::store::{Store, StoreError, now_us};
+use crate::store::{Store, now_us};
 
 /// One embedded file of the app.
 #[derive(Debug)]
@@ -169,18 +169,25 @@ pub fn routes<S: Clone + Send + Sync + 'static>(store: Store) -> Router<S> {
 }
 
 async fn get_gateways(State(st): State<DashState>) -> Response {
-    if st.store.postgres().is_some() {
-        return (
-            StatusCode::NOT_IMPLEMENTED,
-            axum::Json(json!({ "error": "the gateways view needs the SQLite store (not yet on PostgreSQL)" })),
-        )
-            .into_response();
-    }
     let store = st.store.clone();
     let now = now_us();
     match tokio::task::spawn_blocking(move || gateways(&store, now)).await {
         Ok(Ok(g)) => {
             axum::Json(json!({ "at": format_instant(now), "gateways": g })).into_response()
+        }
+        Ok(Err(StoreError::Unsupported(what, backend))) => (
+            StatusCode::NOT_IMPLEMENTED,
+            axum::Json(json!({ "error": format!("{what} is not available on the {backend} storage backend yet") })),
+        )
+            .into_response(),
+        Ok(Err(e)) if e.is_transient() => {
+            tracing::warn!(error = %e, "gateways view: store unavailable");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                [(header::RETRY_AFTER, HeaderValue::from_static("5"))],
+                axum::Json(json!({ "error": "store unavailable" })),
+            )
+                .into_response()
         }
         Ok(Err(e)) => {
             tracing::error!(error = %e, "gateways view failed");
@@ -205,7 +212,7 @@ async fn get_gateways(State(st): State<DashState>) -> Response {
 const WINDOW_US: i64 = 24 * 3600 * 1_000_000;
 /// At most this many of a gateway's newest batches are summed (about a day
 /// at one batch per second).
-const MAX_BATCHES: i64 = 100_000;
+const MAX_BATCHES: u32 = 100_000;
 
 fn instant(us: Option<i64>) -> Json {
     us.map_or(Json::Null, |t| json!(format_instant(t)))
@@ -218,152 +225,62 @@ fn age_s(now: i64, us: Option<i64>) -> Json {
 /// Every gateway (revoked ones included) with its devices, as
 /// `GET /api/v1/gateways` returns them.
 pub fn gateways(store: &Store, now: i64) -> Result<Vec<Json>, StoreError> {
-    let conn = store.lock()?;
-    let since = now - WINDOW_US;
-    let list: Vec<(String, i64, Option<i64>)> = conn
-        .prepare("SELECT id, created_us, revoked_us FROM gateways ORDER BY id")?
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
-        .collect::<Result<_, _>>()?;
-    let mut out = Vec::with_capacity(list.len());
-    for (id, created, revoked) in list {
-        // Newest first, stopping at the window: the primary key
-        // (gateway_id, sequence) orders them.
-        let mut stmt = conn.prepare_cached(
-            "SELECT sequence, received_us, created_us, agent_version, ack FROM batches
-             WHERE gateway_id = ?1 ORDER BY sequence DESC LIMIT ?2",
-        )?;
-        let mut rows = stmt.query(params![id, MAX_BATCHES])?;
-        let mut last = Json::Null;
-        let mut last_received = None;
-        let (mut batches, mut accepted, mut duplicates, mut rejected) = (0u64, 0u64, 0u64, 0u64);
-        while let Some(r) = rows.next()? {
-            let (seq, received, created, version, ack): (i64, i64, i64, String, Vec<u8>) =
-                (r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?);
-            if last.is_null() {
-                last_received = Some(received);
-                last = json!({
-                    "sequence": seq,
-                    "received": format_instant(received),
-                    "created": format_instant(created),
-                    "agent_version": version,
-                });
-            }
-            if received < since {
-                break;
-            }
-            batches += 1;
-            // A stored ack that does not decode counts nothing (it was
-            // written by this hub; never expected).
-            if let Ok(a) = shared_protocol::v1::BatchAck::decode(ack.as_slice()) {
-                accepted += u64::from(a.accepted);
-                duplicates += u64::from(a.duplicates);
-                rejected += u64::from(a.rejected);
-            }
-        }
-        drop(rows);
-        let rejected_total: i64 = conn
-            .prepare_cached("SELECT COUNT(*) FROM rejected_readings WHERE gateway_id = ?1")?
-            .query_row([&id], |r| r.get(0))?;
-        // The count and the newest overflow event in one pass.
-        let (overflows, last_overflow): (i64, Option<(i64, String)>) = conn
-            .prepare_cached(
-                "SELECT COUNT(*) OVER (), time_us, detail FROM device_events
-                 WHERE gateway_id = ?1 AND device_id = '' AND kind = 'buffer-overflow'
-                 ORDER BY time_us DESC LIMIT 1",
-            )?
-            .query_row([&id], |r| Ok((r.get(0)?, Some((r.get(1)?, r.get(2)?)))))
-            .optional()?
-            .unwrap_or((0, None));
-        let devices = devices_of(&conn, &id, now)?;
-        out.push(json!({
-            "id": id,
-            "created": format_instant(created),
-            "revoked": instant(revoked),
-            "last_seen": instant(last_received),
-            "last_seen_age_s": age_s(now, last_received),
-            "last_batch": last,
-            "last_24h": {
-                "batches": batches,
-                "accepted": accepted,
-                "duplicates": duplicates,
-                "rejected": rejected,
-            },
-            "rejected_total": rejected_total,
-            "buffer_overflows": {
-                "count": overflows,
-                "last": last_overflow.map(|(t, d)| json!({ "time": format_instant(t), "detail": d })),
-            },
-            "devices": devices,
-        }));
-    }
-    Ok(out)
+    Ok(store
+        .gateway_activity(now - WINDOW_US, MAX_BATCHES)?
+        .iter()
+        .map(|g| gateway_json(g, now))
+        .collect())
 }
 
-fn devices_of(conn: &rusqlite::Connection, gateway: &str, now: i64) -> Result<Json, StoreError> {
-    type Row = (String, String, String, String, String, i64, i64);
-    let devices: Vec<Row> = conn
-        .prepare_cached(
-            "SELECT device_id, protocol, manufacturer, model, location, first_seen_us, last_seen_us
-             FROM devices WHERE gateway_id = ?1 ORDER BY device_id",
-        )?
-        .query_map([gateway], |r| {
-            Ok((
-                r.get(0)?,
-                r.get(1)?,
-                r.get(2)?,
-                r.get(3)?,
-                r.get(4)?,
-                r.get(5)?,
-                r.get(6)?,
-            ))
-        })?
-        .collect::<Result<_, _>>()?;
-    let mut out = Vec::with_capacity(devices.len());
-    for (device, protocol, manufacturer, model, location, first, last) in devices {
-        // The newest reading the device sent (highest sequence; panels
-        // have negative sequences).
-        let reading: Option<(i64, i64)> = conn
-            .prepare_cached(
-                "SELECT effective_us, received_us FROM observations
-                 WHERE gateway_id = ?1 AND device_id = ?2 ORDER BY sequence DESC LIMIT 1",
-            )?
-            .query_row(params![gateway, device], |r| Ok((r.get(0)?, r.get(1)?)))
-            .optional()?;
-        let event: Option<(String, i64, String)> = conn
-            .prepare_cached(
-                "SELECT kind, time_us, detail FROM device_events
-                 WHERE gateway_id = ?1 AND device_id = ?2 ORDER BY time_us DESC LIMIT 1",
-            )?
-            .query_row(params![gateway, device], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-            })
-            .optional()?;
-        let rejected: i64 = conn
-            .prepare_cached(
-                "SELECT COUNT(*) FROM rejected_readings WHERE gateway_id = ?1 AND device_id = ?2",
-            )?
-            .query_row(params![gateway, device], |r| r.get(0))?;
-        out.push(json!({
-            "id": device,
-            "protocol": protocol,
-            "manufacturer": manufacturer,
-            "model": model,
-            "location": location,
-            "first_seen": format_instant(first),
-            "last_seen": format_instant(last),
-            "last_seen_age_s": age_s(now, Some(last)),
-            "last_reading": reading.map(|(e, r)| json!({
-                "effective": format_instant(e),
-                "received": format_instant(r),
-                "age_s": (now - e).max(0) / 1_000_000,
-            })),
-            "last_link_event": event.map(|(k, t, d)| json!({
-                "kind": k, "time": format_instant(t), "detail": d,
-            })),
-            "rejected_total": rejected,
-        }));
-    }
-    Ok(Json::Array(out))
+fn gateway_json(g: &GatewayActivity, now: i64) -> Json {
+    let last_received = g.last_batch.as_ref().map(|b| b.received_us);
+    json!({
+        "id": g.id,
+        "created": format_instant(g.created_us),
+        "revoked": instant(g.revoked_us),
+        "last_seen": instant(last_received),
+        "last_seen_age_s": age_s(now, last_received),
+        "last_batch": g.last_batch.as_ref().map(|b| json!({
+            "sequence": b.sequence,
+            "received": format_instant(b.received_us),
+            "created": format_instant(b.created_us),
+            "agent_version": b.agent_version,
+        })),
+        "last_24h": {
+            "batches": g.window.batches,
+            "accepted": g.window.accepted,
+            "duplicates": g.window.duplicates,
+            "rejected": g.window.rejected,
+        },
+        "rejected_total": g.rejected_total,
+        "buffer_overflows": {
+            "count": g.overflows,
+            "last": g.last_overflow.as_ref().map(|(t, d)| json!({ "time": format_instant(*t), "detail": d })),
+        },
+        "devices": g.devices.iter().map(|d| device_json(d, now)).collect::<Vec<_>>(),
+    })
+}
+
+fn device_json(d: &DeviceActivity, now: i64) -> Json {
+    json!({
+        "id": d.id,
+        "protocol": d.protocol,
+        "manufacturer": d.manufacturer,
+        "model": d.model,
+        "location": d.location,
+        "first_seen": format_instant(d.first_seen_us),
+        "last_seen": format_instant(d.last_seen_us),
+        "last_seen_age_s": age_s(now, Some(d.last_seen_us)),
+        "last_reading": d.last_reading.map(|(e, r)| json!({
+            "effective": format_instant(e),
+            "received": format_instant(r),
+            "age_s": (now - e).max(0) / 1_000_000,
+        })),
+        "last_link_event": d.last_link_event.as_ref().map(|(k, t, detail)| json!({
+            "kind": k, "time": format_instant(*t), "detail": detail,
+        })),
+        "rejected_total": d.rejected_total,
+    })
 }
 
 #[cfg(test)]

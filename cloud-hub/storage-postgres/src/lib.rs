@@ -24,8 +24,11 @@
 //! by the change's re-attribution (the SQLite store gets the same from its
 //! single connection).
 
+mod access;
+mod audit;
 mod clinical;
 mod error;
+mod gateway_view;
 mod ingest;
 pub mod schema;
 

@@ -5,9 +5,13 @@
 //!
 //! `u64` sequences are stored bit-for-bit as SQLite `INTEGER` (i64).
 
+mod access;
 mod alerts;
 mod attribution;
+mod audit;
+pub mod backup;
 mod error;
+mod gateway_view;
 pub mod schema;
 mod scores;
 pub mod trends;

@@ -22,6 +22,13 @@ pub use alerts::{AlertFilter, AlertStore, AlertsLoaded, StoredOverride, Transiti
 pub use error::StoreError;
 pub use scores::ScoreStore;
 pub use trends::TrendStore;
+mod access;
+mod audit;
+mod gateway_view;
+
+pub use access::{AccountStore, SessionRecord, TokenRecord, UserRecord};
+pub use audit::{AuditEntry, AuditStore, StoredAuditEntry};
+pub use gateway_view::{BatchCounts, DeviceActivity, GatewayActivity, GatewayViewStore, LastBatch};
 
 /// A gateway as listed (never its token).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -148,6 +155,9 @@ pub trait Storage:
     + ScoreStore
     + AlertStore
     + TrendStore
+    + AccountStore
+    + AuditStore
+    + GatewayViewStore
     + std::fmt::Debug
     + Send
     + Sync

@@ -1,4 +1,6 @@
-//! Online backup and restore of the embedded (SQLite) store.
+//! Online backup and restore of the embedded (SQLite) store, for the
+//! `cloud-hub backup` and `restore` commands (SQLite only: a PostgreSQL
+//! deployment uses pg_dump or its platform's backups).
 //!
 //! `cloud-hub backup --out FILE` copies the live database with SQLite's
 //! online backup API while the hub keeps serving (WAL readers do not block
@@ -36,7 +38,7 @@ pub enum BackupError {
 
 /// The highest schema version this build knows.
 pub fn supported_version() -> i64 {
-    crate::store::schema_version()
+    crate::schema_version()
 }
 
 /// Copies the database at `db` to `out` (which must not exist) online.
