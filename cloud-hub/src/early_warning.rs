@@ -326,8 +326,11 @@ async fn put_manual_inputs(
     let result = blocking(move || {
         record_manual(&store, &id, &inputs)?;
         let report = compute(&store, &id, &cfg, now_us())?;
-        // A bedside entry changes the score now, not at the next batch.
-        if let Err(e) = crate::score_history::record(&store, &report) {
+        // A bedside entry changes the score now, not at the next batch
+        // (when the score history is on: `[scores] history`).
+        if cfg.history
+            && let Err(e) = crate::score_history::record(&store, &report)
+        {
             tracing::warn!(error = %e, "recording the score history failed");
         }
         Ok(report)

@@ -10,6 +10,7 @@
 //!   of gateway tokens.
 
 pub mod access;
+pub mod after_ingest;
 pub use hub_domain::{adt, fhir, ingest, scores};
 pub mod adt_listener;
 pub mod alerts;

@@ -50,6 +50,7 @@ pub(crate) struct AppState {
     limiter: Option<Arc<crate::rate_limit::RateLimiter>>,
     exports: Arc<crate::export::Exports>,
     alerts: Option<Arc<crate::alerts::AlertService>>,
+    after_ingest: crate::after_ingest::AfterIngest,
 }
 
 impl AppState {
@@ -122,6 +123,31 @@ impl Hub {
             .ingest
             .rate_limit()
             .map(|(rate, burst)| Arc::new(crate::rate_limit::RateLimiter::new(rate, burst)));
+        // After-ingest consumers (`after_ingest`): the alert engine and the
+        // score history, each on its own switch.
+        let alerts = {
+            let (store, cfg) = (self.store.clone(), self.config.alerts.clone());
+            tokio::task::spawn_blocking(move || crate::alerts::AlertService::start(&store, &cfg))
+                .await
+                .map_err(|e| HubError::Io(std::io::Error::other(e)))?
+                .map_err(|e| HubError::Io(std::io::Error::other(e.to_string())))?
+        };
+        let mut scores = self.config.scores;
+        if scores.history {
+            let store = self.store.clone();
+            let probe = tokio::task::spawn_blocking(move || {
+                store.last_score("", crate::score_history::Kind::News2)
+            })
+            .await
+            .map_err(|e| HubError::Io(std::io::Error::other(e)))?;
+            if let Err(crate::storage::StoreError::Unsupported(_, backend)) = probe {
+                tracing::error!(
+                    backend,
+                    "score history needs tables this storage backend does not have yet; score history is OFF"
+                );
+                scores.history = false;
+            }
+        }
         let state = AppState {
             config: self.config.clone(),
             store: self.store.clone(),
@@ -133,19 +159,13 @@ impl Hub {
             exports: Arc::new(crate::export::Exports::new(crate::export::dir_for(
                 &self.config.storage.sqlite_path,
             ))),
-            alerts: {
-                let (store, cfg, scores) = (
-                    self.store.clone(),
-                    self.config.alerts.clone(),
-                    self.config.scores,
-                );
-                tokio::task::spawn_blocking(move || {
-                    crate::alerts::AlertService::start(&store, &cfg, scores)
-                })
-                .await
-                .map_err(|e| HubError::Io(std::io::Error::other(e)))?
-                .map_err(|e| HubError::Io(std::io::Error::other(e.to_string())))?
-            },
+            after_ingest: crate::after_ingest::AfterIngest::new(
+                self.store.clone(),
+                alerts.clone(),
+                scores,
+                self.config.alerts.max_value_age_s,
+            ),
+            alerts,
         };
         // MQTT ingest runs beside the HTTP server and stops with it.
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -711,21 +731,22 @@ async fn store_batch_traced(
     let batch_seq = batch.sequence;
     let now = now_us();
     let events = st
-        .alerts
-        .as_ref()
-        .map(|_| crate::alerts::BatchEvents::of(&batch));
+        .after_ingest
+        .is_active()
+        .then(|| crate::alerts::BatchEvents::of(&batch));
     let mut report = blocking(move || store.ingest(&gw, &batch, &associations, now, now)).await?;
-    // Alerts see what this batch newly stored (after it is durable; an
-    // alert failure never fails the ingest).
-    if let (Some(svc), Some(events), false) =
-        (st.alerts.clone(), events, report.ack.duplicate_batch)
-    {
-        let (gw, live) = (gateway_id.to_owned(), std::mem::take(&mut report.live));
-        let r = tokio::task::spawn_blocking(move || svc.on_batch(&gw, &events, &live, now)).await;
-        match r {
-            Ok(Err(e)) => tracing::error!(error = %e, "alert evaluation failed"),
-            Err(e) => tracing::error!(error = %e, "alert evaluation task failed"),
-            Ok(Ok(())) => {}
+    // The consumers see what this batch newly stored, after it is durable;
+    // their failures never fail the ingest (`after_ingest`).
+    if let (Some(events), false) = (events, report.ack.duplicate_batch) {
+        let (after, gw, live) = (
+            st.after_ingest.clone(),
+            gateway_id.to_owned(),
+            std::mem::take(&mut report.live),
+        );
+        if let Err(e) =
+            tokio::task::spawn_blocking(move || after.run(&gw, &events, &live, now)).await
+        {
+            tracing::error!(error = %e, "after-ingest task failed");
         }
     }
     let ack = &report.ack;

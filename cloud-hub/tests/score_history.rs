@@ -270,3 +270,49 @@ async fn bad_queries_name_the_field() {
     assert_eq!(status, 401);
     hub.stop().await;
 }
+
+/// Score history and alerts are separate after-ingest consumers: with the
+/// alert engine off the history is still written, and `[scores] history =
+/// false` writes none while the alerts keep running.
+#[tokio::test]
+async fn score_history_and_alerts_are_switched_on_their_own() {
+    async fn with(extra: &str) -> TestHub {
+        let data = tempfile::tempdir().unwrap();
+        let mut hub = start_with_admin(data.path(), ADMIN, extra).await;
+        hub.dir = data;
+        hub
+    }
+    async fn feed(hub: &TestHub) {
+        hub.ingest(&batch(1, DEVICE, vec![spo2(1, 97.0, now_us())]))
+            .await;
+        manual_inputs(hub).await;
+        let t = now_us();
+        // RR 26 (NEWS2 3 in one parameter): also an alert with alerts on.
+        hub.ingest(&batch(2, DEVICE, vitals(10, t, 26.0, 97.0, 80.0, Some(t))))
+            .await;
+    }
+    let alerts_off = with("[alerts]\nenabled = false\n").await;
+    feed(&alerts_off).await;
+    assert!(
+        rows_in_db(&alerts_off, "news2") >= 1,
+        "history without alerts"
+    );
+    let (status, _) = call(&alerts_off, "GET", "/api/v1/alerts", None).await;
+    assert_ne!(status, 200, "the alert engine is off");
+    alerts_off.stop().await;
+
+    let history_off = with("[alerts]\ntick_ms = 100\n\n[scores]\nhistory = false\n").await;
+    feed(&history_off).await;
+    assert_eq!(rows_in_db(&history_off, "news2"), 0, "history switched off");
+    let (status, body) = call(&history_off, "GET", "/api/v1/alerts", None).await;
+    assert_eq!(status, 200, "{body}");
+    // The NEWS2 alert comes from the scores computed after ingest, which
+    // run for the alerts even with the history off.
+    assert!(
+        body["alerts"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|x| x["code"] == "news2-single-parameter-3")),
+        "alerts still raised: {body}"
+    );
+    history_off.stop().await;
+}

@@ -42,6 +42,14 @@ pub struct ScoresConfig {
     /// An input older than this many seconds is stale and not scored.
     #[serde(default = "default_freshness_s")]
     pub freshness_s: u64,
+    /// Record the scores over time (score history) after each batch
+    /// (default true); independent of `[alerts] enabled`.
+    #[serde(default = "default_history")]
+    pub history: bool,
+}
+
+fn default_history() -> bool {
+    true
 }
 
 fn default_freshness_s() -> u64 {
@@ -52,6 +60,7 @@ impl Default for ScoresConfig {
     fn default() -> Self {
         Self {
             freshness_s: default_freshness_s(),
+            history: default_history(),
         }
     }
 }
@@ -775,7 +784,10 @@ mod tests {
     #[test]
     fn evaluate_scores_only_fresh_inputs_and_defaults_the_scale() {
         let now = 1_800_000_000_000_000;
-        let cfg = ScoresConfig { freshness_s: 900 };
+        let cfg = ScoresConfig {
+            freshness_s: 900,
+            history: true,
+        };
         let fresh = now - 60 * 1_000_000;
         let old = now - 3600 * 1_000_000;
         let num = |mdc, v, t, unit| ReadingCandidates {
@@ -843,7 +855,13 @@ mod tests {
     fn freshness_is_validated() {
         assert!(ScoresConfig::default().validate().is_ok());
         assert_eq!(
-            ScoresConfig { freshness_s: 0 }.validate().unwrap_err().0,
+            ScoresConfig {
+                freshness_s: 0,
+                history: true
+            }
+            .validate()
+            .unwrap_err()
+            .0,
             "scores.freshness_s"
         );
     }

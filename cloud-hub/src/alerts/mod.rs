@@ -11,7 +11,7 @@ pub mod api;
 
 pub use hub_domain::alerts::{LIVE_WINDOW_US, LiveValue, engine, rules};
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use serde::Deserialize;
@@ -171,7 +171,6 @@ pub struct AlertService {
     engine: Mutex<Engine>,
     store: Store,
     config: AlertsConfig,
-    scores: crate::early_warning::ScoresConfig,
     tx: broadcast::Sender<Event>,
 }
 
@@ -190,11 +189,7 @@ impl AlertService {
     /// Loads the open alerts and patient overrides from the store. `None`
     /// when disabled, or when the backend has no alert tables yet
     /// (PostgreSQL; logged).
-    pub fn start(
-        store: &Store,
-        config: &AlertsConfig,
-        scores: crate::early_warning::ScoresConfig,
-    ) -> Result<Option<Arc<Self>>, AlertError> {
+    pub fn start(store: &Store, config: &AlertsConfig) -> Result<Option<Arc<Self>>, AlertError> {
         if !config.enabled {
             return Ok(None);
         }
@@ -232,7 +227,6 @@ impl AlertService {
             engine: Mutex::new(Engine::new(config.engine_config(), rules, next_id, open)),
             store: store.clone(),
             config: config.clone(),
-            scores,
             tx,
         })))
     }
@@ -313,7 +307,6 @@ impl AlertService {
                 }
             }
         }
-        let mut scored: BTreeSet<String> = BTreeSet::new();
         let mut changes = Vec::new();
         {
             let mut e = self.engine();
@@ -360,41 +353,38 @@ impl AlertService {
                     time_us: v.time_us,
                 };
                 changes.extend(e.value(&input, now_us));
-                if v.value.is_some()
-                    && now_us - v.time_us <= self.config.max_value_age_s as i64 * 1_000_000
-                {
-                    if let Some(p) = &input.patient {
-                        scored.insert(p.clone());
-                    }
-                }
             }
         }
         self.commit(changes, now_us)?;
-        // NEWS2 from the stored data, for each patient with a new value.
-        for patient in scored {
-            match crate::early_warning::compute(&self.store, &patient, &self.scores, now_us) {
-                Ok(report) => {
-                    // The score history (its own write rule; a failure
-                    // never stops the alerts).
-                    if let Err(e) = crate::score_history::record(&self.store, &report) {
-                        tracing::warn!(error = %e, "score history not written");
-                    }
-                    if let Some(n) = report.news2 {
-                        let band = match n.risk {
-                            crate::scores::News2Risk::High => News2Band::High,
-                            crate::scores::News2Risk::Medium => News2Band::Medium,
-                            crate::scores::News2Risk::LowMedium => News2Band::SingleParameter3,
-                            crate::scores::News2Risk::Low => News2Band::Low,
-                        };
-                        let changes = self.engine().news2(&patient, n.total, band, now_us, now_us);
-                        self.commit(changes, now_us)?;
-                    }
-                }
-                Err(crate::early_warning::ScoresError::UnknownPatient) => {}
-                Err(e) => tracing::warn!(error = %e, "NEWS2 for alerts failed"),
-            }
-        }
         Ok(())
+    }
+
+    /// Values older than this (relative to the hub clock) when they arrive
+    /// raise no alerts and trigger no score evaluation.
+    pub fn max_value_age_us(&self) -> i64 {
+        self.config.max_value_age_s as i64 * 1_000_000
+    }
+
+    /// NEWS2 band changes from a patient's freshly computed scores (the
+    /// after-ingest step computes them once for alerts and score history).
+    pub fn on_scores(
+        &self,
+        report: &crate::early_warning::ScoreReport,
+        now_us: i64,
+    ) -> Result<(), AlertError> {
+        let Some(n) = report.news2 else {
+            return Ok(());
+        };
+        let band = match n.risk {
+            crate::scores::News2Risk::High => News2Band::High,
+            crate::scores::News2Risk::Medium => News2Band::Medium,
+            crate::scores::News2Risk::LowMedium => News2Band::SingleParameter3,
+            crate::scores::News2Risk::Low => News2Band::Low,
+        };
+        let changes = self
+            .engine()
+            .news2(&report.patient, n.total, band, now_us, now_us);
+        self.commit(changes, now_us)
     }
 
     /// The clock: stale data, offline gateways, escalation.
