@@ -30,7 +30,7 @@ impl SqliteStore {
 
     /// `(name, role, created_us, ended_us)` rows of `q`.
     fn db_named(&self, q: &str) -> Result<Vec<NamedRow>, DbError> {
-        let conn = self.conn()?;
+        let conn = self.reader()?;
         let mut stmt = conn.prepare(q)?;
         let rows = stmt
             .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
@@ -150,7 +150,7 @@ impl AccountStore for SqliteStore {
     }
 
     fn session(&self, id_sha256: &str) -> Result<Option<SessionRecord>, StoreError> {
-        let conn = self.conn()?;
+        let conn = self.reader()?;
         conn.query_row(
             "SELECT s.user_name, u.role, s.csrf, s.created_us, s.last_seen_us
                FROM sessions s JOIN users u ON u.name = s.user_name

@@ -110,7 +110,7 @@ impl SqliteStore {
     }
 
     fn db_list_alerts(&self, f: &AlertFilter) -> Result<Vec<Alert>, DbError> {
-        let conn = self.conn()?;
+        let conn = self.reader()?;
         let mut sql = format!("SELECT {ALERT_COLUMNS} FROM alerts WHERE 1 = 1");
         if f.open {
             sql.push_str(" AND state <> 'resolved'");
@@ -133,7 +133,7 @@ impl SqliteStore {
     }
 
     fn db_alert(&self, id: i64) -> Result<Option<(Alert, Vec<Transitioned>)>, DbError> {
-        let conn = self.conn()?;
+        let conn = self.reader()?;
         let Some(a) = conn
             .query_row(
                 &format!("SELECT {ALERT_COLUMNS} FROM alerts WHERE id = ?1"),

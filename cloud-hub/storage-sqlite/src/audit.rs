@@ -35,7 +35,7 @@ impl SqliteStore {
     }
 
     fn db_audit_entries(&self, since_seq: i64) -> Result<Vec<StoredAuditEntry>, DbError> {
-        let conn = self.conn()?;
+        let conn = self.reader()?;
         let mut stmt = conn.prepare(
             "SELECT seq, time_us, actor, action, resource, patient_id, outcome, detail,
                     prev_hash, hash

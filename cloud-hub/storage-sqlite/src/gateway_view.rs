@@ -15,7 +15,7 @@ impl SqliteStore {
         since_us: i64,
         max_batches: u32,
     ) -> Result<Vec<GatewayActivity>, DbError> {
-        let conn = self.conn()?;
+        let conn = self.reader()?;
         let list: Vec<(String, i64, Option<i64>)> = conn
             .prepare("SELECT id, created_us, revoked_us FROM gateways ORDER BY id")?
             .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?

@@ -45,9 +45,57 @@ pub fn schema_version() -> i64 {
 /// WAL's group commit.
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
+    /// The one writer (SQLite allows one writing transaction at a time).
     conn: Arc<Mutex<Connection>>,
+    /// Read-only connections for the read paths (FHIR API, dashboards):
+    /// under WAL they read the last committed state while the writer
+    /// ingests, so reads never wait behind ingest.
+    readers: Option<Arc<ReadPool>>,
     /// Group commit of the WAL (None only for stores opened without a path).
     wal: Option<Arc<WalSync>>,
+}
+
+/// How many read-only connections a store keeps.
+const READERS: usize = 4;
+
+/// A small fixed set of read-only connections: a caller takes a free one
+/// (round robin), or waits for one when all are busy.
+#[derive(Debug)]
+struct ReadPool {
+    conns: Vec<Mutex<Connection>>,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+impl ReadPool {
+    fn open(path: &Path, n: usize) -> Result<Self, DbError> {
+        let mut conns = Vec::with_capacity(n);
+        for _ in 0..n {
+            let c = Connection::open_with_flags(
+                path,
+                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY
+                    | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )?;
+            c.busy_timeout(Duration::from_secs(5))?;
+            // 16 MiB page cache each (the writer keeps 64 MiB).
+            c.pragma_update(None, "cache_size", -16_384)?;
+            conns.push(Mutex::new(c));
+        }
+        Ok(Self {
+            conns,
+            next: std::sync::atomic::AtomicUsize::new(0),
+        })
+    }
+
+    fn get(&self) -> Result<MutexGuard<'_, Connection>, DbError> {
+        let n = self.conns.len();
+        let start = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % n;
+        for i in 0..n {
+            if let Ok(c) = self.conns[(start + i) % n].try_lock() {
+                return Ok(c);
+            }
+        }
+        self.conns[start].lock().map_err(|_| DbError::Poisoned)
+    }
 }
 
 /// Durability of SQLite commits with group commit. Transactions commit with
@@ -168,6 +216,8 @@ impl SqliteStore {
         let conn = Connection::open(path)?;
         let mut store = Self::init(conn)?;
         store.wal = Some(Arc::new(WalSync::new(path)));
+        // After the migrations: the readers see the current schema.
+        store.readers = Some(Arc::new(ReadPool::open(path, READERS)?));
         Ok(store)
     }
 
@@ -211,6 +261,7 @@ impl SqliteStore {
         tx.commit()?;
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
+            readers: None,
             wal: None,
         })
     }
@@ -223,6 +274,15 @@ impl SqliteStore {
 
     fn conn(&self) -> Result<MutexGuard<'_, Connection>, DbError> {
         self.conn.lock().map_err(|_| DbError::Poisoned)
+    }
+
+    /// A read-only connection (the writer when the store has no readers).
+    /// Only for methods that do not write.
+    fn reader(&self) -> Result<MutexGuard<'_, Connection>, DbError> {
+        match &self.readers {
+            Some(pool) => pool.get(),
+            None => self.conn(),
+        }
     }
     /// Whether the database answers a query.
     fn db_ping(&self) -> Result<(), DbError> {
@@ -288,7 +348,7 @@ impl SqliteStore {
 
     /// All gateways, by id.
     fn db_list_gateways(&self) -> Result<Vec<GatewayRow>, DbError> {
-        let conn = self.conn()?;
+        let conn = self.reader()?;
         let mut stmt =
             conn.prepare("SELECT id, created_us, revoked_us FROM gateways ORDER BY id")?;
         let rows = stmt
@@ -370,7 +430,7 @@ impl SqliteStore {
 
     /// [`Store::authenticate`] at hub time `now` (µs).
     fn db_authenticate_at(&self, token_sha256: &str, now: i64) -> Result<Option<String>, DbError> {
-        let conn = self.conn()?;
+        let conn = self.reader()?;
         Ok(conn
             .query_row(
                 "SELECT id FROM gateways WHERE token_sha256 = ?1 AND revoked_us IS NULL
@@ -387,7 +447,7 @@ impl SqliteStore {
     /// Whether gateway `id` is registered and not revoked (MQTT ingest,
     /// where the broker authenticated the publisher).
     fn db_gateway_is_active(&self, id: &str) -> Result<bool, DbError> {
-        let conn = self.conn()?;
+        let conn = self.reader()?;
         Ok(conn
             .query_row(
                 "SELECT 1 FROM gateways WHERE id = ?1 AND revoked_us IS NULL",
@@ -568,7 +628,7 @@ impl SqliteStore {
 
     /// One stored Observation row (rendered by `fhir::render`).
     fn db_observation(&self, id: &str) -> Result<Option<ObservationRow>, DbError> {
-        let conn = self.conn()?;
+        let conn = self.reader()?;
         Ok(conn
             .query_row(
                 &format!("SELECT {OBS_COLUMNS} FROM {OBS_FROM} WHERE o.id = ?1"),
@@ -637,7 +697,7 @@ impl SqliteStore {
             }
         }
         let where_sql = format!("WHERE {}", clauses.join(" AND "));
-        let conn = self.conn()?;
+        let conn = self.reader()?;
         let total: i64 = conn.query_row(
             &format!("SELECT COUNT(*) FROM observations o {where_sql}"),
             params_from_iter(args.iter()),
@@ -667,7 +727,7 @@ impl SqliteStore {
     /// A patient known to the hub (from stays or attributed readings) by
     /// identifier value: `Some(system)` (empty when unknown).
     fn db_patient(&self, value: &str) -> Result<Option<String>, DbError> {
-        let conn = self.conn()?;
+        let conn = self.reader()?;
         let from_stays: Option<String> = conn
             .query_row(
                 "SELECT patient_system FROM patient_stays WHERE patient_value = ?1 LIMIT 1",
@@ -721,7 +781,7 @@ impl SqliteStore {
         }
         args.push(SqlValue::Integer(limit as i64));
         sql.push_str(&format!(" ORDER BY o.rowid LIMIT ?{}", args.len()));
-        let conn = self.conn()?;
+        let conn = self.reader()?;
         let mut stmt = conn.prepare(&sql)?;
         let rows = stmt
             .query_map(params_from_iter(args.iter()), |r| {
@@ -735,7 +795,7 @@ impl SqliteStore {
     /// Patients (identifier value, system or "") known from stays and
     /// attributed readings; with `ward`, those who stayed in its beds.
     fn db_export_patients(&self, ward: Option<&str>) -> Result<Vec<(String, String)>, DbError> {
-        let conn = self.conn()?;
+        let conn = self.reader()?;
         let rows = match ward {
             Some(w) => conn
                 .prepare(
@@ -762,7 +822,7 @@ impl SqliteStore {
 
     /// A device by its FHIR id.
     fn db_device(&self, fhir_id: &str) -> Result<Option<DeviceRow>, DbError> {
-        let conn = self.conn()?;
+        let conn = self.reader()?;
         Ok(conn
             .query_row(
                 &format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE fhir_id = ?1"),
@@ -775,7 +835,7 @@ impl SqliteStore {
     /// Devices ordered by gateway and device id, a page at a time; with
     /// the total count.
     fn db_devices(&self, count: u32, offset: u64) -> Result<(u64, Vec<DeviceRow>), DbError> {
-        let conn = self.conn()?;
+        let conn = self.reader()?;
         let total: i64 = conn.query_row("SELECT COUNT(*) FROM devices", [], |r| r.get(0))?;
         let mut stmt = conn.prepare(&format!(
             "SELECT {DEVICE_COLUMNS} FROM devices ORDER BY gateway_id, device_id LIMIT ?1 OFFSET ?2"
@@ -1105,6 +1165,27 @@ mod tests {
         s.add_gateway("g", "t7").unwrap();
         assert_eq!(s.authenticate_at("t3", 3_000).unwrap(), None);
         assert_eq!(s.authenticate_at("t7", 3_000).unwrap(), g);
+    }
+
+    /// Reads go to the read-only connections: a search answers while the
+    /// writer is held (as during a long ingest), from the last commit.
+    #[test]
+    fn reads_do_not_wait_for_the_writer() {
+        let (_dir, s) = store();
+        s.add_gateway("gw", "h").unwrap();
+        let writer = s.conn().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let s2 = s.clone();
+        std::thread::spawn(move || {
+            let gateways = s2.list_gateways().map(|g| g.len());
+            let search = s2
+                .search(&hub_domain::fhir::parse_search(&[]).unwrap())
+                .map(|r| r.0);
+            let _ = tx.send((gateways.ok(), search.ok()));
+        });
+        let got = rx.recv_timeout(Duration::from_secs(10));
+        drop(writer);
+        assert_eq!(got, Ok((Some(1), Some(0))), "reads waited for the writer");
     }
 
     #[test]

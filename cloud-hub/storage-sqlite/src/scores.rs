@@ -52,7 +52,7 @@ impl SqliteStore {
         panel_part: bool,
         limit: usize,
     ) -> Result<ReadingCandidates, DbError> {
-        let conn = self.conn()?;
+        let conn = self.reader()?;
         let panel = if panel_part {
             "panel_id IS NOT NULL"
         } else {
@@ -185,7 +185,7 @@ impl SqliteStore {
         to_us: i64,
         limit: usize,
     ) -> Result<Vec<Point>, DbError> {
-        let conn = self.conn()?;
+        let conn = self.reader()?;
         let mut stmt = conn.prepare_cached(&format!(
             "SELECT {HISTORY_COLUMNS} FROM score_history
              WHERE patient_id = ?1 AND kind = ?2 AND time_us >= ?3 AND time_us < ?4

@@ -84,7 +84,7 @@ impl crate::SqliteStore {
         from_bucket_us: i64,
         to_us: i64,
     ) -> Result<Vec<hub_domain::trends::Point>, crate::DbError> {
-        let conn = self.conn()?;
+        let conn = self.reader()?;
         let mut st = conn.prepare_cached(
             "SELECT bucket_us, SUM(n), SUM(sum), MIN(min), MAX(max) FROM vital_rollups
               WHERE patient_id = ?1 AND mdc_code = ?2 AND resolution_s = ?3
