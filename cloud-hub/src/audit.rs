@@ -201,14 +201,17 @@ fn action_of(method: &axum::http::Method, path: &str) -> &'static str {
     }
 }
 
+/// What the audit middleware needs.
+#[derive(Debug, Clone)]
+pub struct AuditState {
+    pub store: crate::store::Store,
+    pub metrics: crate::SharedMetrics,
+}
+
 /// Records each audited request after it is answered. A failure to write
 /// the audit entry is logged and counted (`vigil_hub_audit_failures_total`
 /// via `metrics`), never hidden.
-pub(crate) async fn middleware(
-    State(st): State<crate::server::AppState>,
-    req: Request,
-    next: Next,
-) -> Response {
+pub(crate) async fn middleware(State(st): State<AuditState>, req: Request, next: Next) -> Response {
     let path = req.uri().path().to_owned();
     if !audited(&path) {
         return next.run(req).await;
@@ -236,17 +239,17 @@ pub(crate) async fn middleware(
         outcome: resp.status().as_u16(),
         detail: query.unwrap_or_default(),
     };
-    let store = st.store().clone();
+    let store = st.store.clone();
     match tokio::task::spawn_blocking(move || append(&store, &entry)).await {
         Ok(Ok(Some(_))) => {}
         // The backend keeps no audit log yet (warned once by `append`).
-        Ok(Ok(None)) => st.metrics().audit_failure(),
+        Ok(Ok(None)) => st.metrics.audit_failure(),
         Ok(Err(e)) => {
-            st.metrics().audit_failure();
+            st.metrics.audit_failure();
             tracing::error!(error = %e, "writing an audit log entry failed");
         }
         Err(e) => {
-            st.metrics().audit_failure();
+            st.metrics.audit_failure();
             tracing::error!(error = %e, "the audit log task failed");
         }
     }

@@ -15,30 +15,9 @@ pub const ENV_SQLITE_PATH: &str = "VIGIL_HUB_SQLITE_PATH";
 /// Default limit for an ingest body (4 MiB).
 pub const DEFAULT_MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
 
-/// Errors loading or validating the configuration.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("invalid config: {0}")]
-    Parse(#[from] toml::de::Error),
-    /// A field has an invalid value; `field` is its dotted TOML path.
-    #[error("invalid config field `{field}`: {message}")]
-    Invalid { field: String, message: String },
-}
+pub use crate::store::{StorageBackend, StorageConfig};
 
-impl ConfigError {
-    fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Self::Invalid {
-            field: field.into(),
-            message: message.into(),
-        }
-    }
-}
+pub use crate::config_error::ConfigError;
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize)]
@@ -180,35 +159,6 @@ pub struct TlsConfig {
 pub enum ClientAuth {
     Optional,
     Required,
-}
-
-/// `[storage]`
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct StorageConfig {
-    /// SQLite database file; relative paths are relative to the config
-    /// file's directory. With the PostgreSQL backend the file is not
-    /// opened, but bulk-export files still go to a directory beside it.
-    pub sqlite_path: PathBuf,
-    /// `sqlite` (default) or `postgres`.
-    #[serde(default)]
-    pub backend: StorageBackend,
-    /// `[storage.postgres]`, required with `backend = "postgres"`.
-    #[serde(default)]
-    pub postgres: Option<crate::pg::PgConfig>,
-    /// Keep observations, device events and rejected readings this many
-    /// days (by their own time); unset = keep everything.
-    #[serde(default)]
-    pub retention_days: Option<u32>,
-}
-
-/// `storage.backend`
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum StorageBackend {
-    #[default]
-    Sqlite,
-    Postgres,
 }
 
 /// `[fhir]`

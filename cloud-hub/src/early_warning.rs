@@ -77,14 +77,7 @@ impl From<hub_storage::StoreError> for ScoresError {
     }
 }
 
-/// The product name of a storage backend (`Storage::backend`), for messages.
-pub(crate) fn backend_name(backend: &str) -> &str {
-    match backend {
-        "postgres" => "PostgreSQL",
-        "sqlite" => "SQLite",
-        other => other,
-    }
-}
+pub(crate) use crate::store::backend_name;
 
 /// Whether the hub knows `patient` (manual inputs, stays or attributed
 /// readings). Manual inputs are asked first: a backend without the score

@@ -95,7 +95,7 @@ pub struct Metrics {
     auth_failures: [AtomicU64; 6],
     logins: AtomicU64,
     /// MQTT ingest (`[mqtt]`) counters and connection state.
-    pub mqtt: crate::mqtt_ingest::MqttMetrics,
+    pub mqtt: MqttMetrics,
     /// HL7 ADT listener (`[adt]`) counters.
     pub adt: std::sync::Arc<crate::adt_listener::AdtStats>,
     out_of_range: AtomicU64,
@@ -239,6 +239,124 @@ impl Metrics {
         self.mqtt.render(&mut out);
         self.adt.render(&mut out);
         out
+    }
+}
+
+/// Why a message was dropped (counted by reason; acknowledged so that the
+/// broker does not re-deliver it forever).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// The topic is not `devices/{gateway id}/messages/events/...`.
+    BadTopic = 0,
+    /// `$.ce` names an encoding the hub does not decode, or `$.ct` is not
+    /// protobuf.
+    UnsupportedEncoding = 1,
+    /// Larger than `server.max_body_bytes`.
+    TooLarge = 2,
+    /// The payload is not a protobuf `vigil.v1.Batch`.
+    Malformed = 3,
+    /// `Batch.gateway_id` differs from the topic's gateway id.
+    GatewayMismatch = 4,
+    /// The topic's gateway is not registered, or revoked.
+    UnknownGateway = 5,
+}
+
+const DROP_REASONS: [&str; 6] = [
+    "bad_topic",
+    "unsupported_encoding",
+    "too_large",
+    "malformed",
+    "gateway_mismatch",
+    "unknown_gateway",
+];
+
+impl DropReason {
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        DROP_REASONS[self as usize]
+    }
+}
+
+/// MQTT ingest counters and connection state (rendered into `/metrics`).
+#[derive(Debug, Default)]
+pub struct MqttMetrics {
+    pub(crate) stored: AtomicU64,
+    pub(crate) dropped: [AtomicU64; 6],
+    pub(crate) connected: AtomicU64,
+    pub(crate) connects: AtomicU64,
+    pub(crate) connection_errors: AtomicU64,
+    pub(crate) store_errors: AtomicU64,
+}
+
+impl MqttMetrics {
+    /// Messages whose batch was stored (new or duplicate) and acknowledged.
+    pub fn stored(&self) -> u64 {
+        self.stored.load(Ordering::Relaxed)
+    }
+
+    /// Messages dropped for `reason`.
+    pub fn dropped(&self, reason: DropReason) -> u64 {
+        self.dropped[reason as usize].load(Ordering::Relaxed)
+    }
+
+    /// Whether the hub is connected and subscribed.
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed) == 1
+    }
+
+    pub(crate) fn drop_message(&self, reason: DropReason) {
+        self.dropped[reason as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn render(&self, out: &mut String) {
+        let mut counter = |name: &str, help: &str, kind: &str, v: &AtomicU64| {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} {kind}");
+            let _ = writeln!(out, "{name} {}", v.load(Ordering::Relaxed));
+        };
+        counter(
+            "vigil_hub_mqtt_connected",
+            "1 while connected to the MQTT broker and subscribed, else 0.",
+            "gauge",
+            &self.connected,
+        );
+        counter(
+            "vigil_hub_mqtt_connects_total",
+            "Successful MQTT connections (CONNACK accepted).",
+            "counter",
+            &self.connects,
+        );
+        counter(
+            "vigil_hub_mqtt_connection_errors_total",
+            "MQTT connection failures and refused subscriptions.",
+            "counter",
+            &self.connection_errors,
+        );
+        counter(
+            "vigil_hub_mqtt_store_errors_total",
+            "Failed attempts to store an MQTT batch (retried, not acknowledged).",
+            "counter",
+            &self.store_errors,
+        );
+        counter(
+            "vigil_hub_mqtt_batches_stored_total",
+            "MQTT messages whose batch was stored (new or duplicate) and acknowledged.",
+            "counter",
+            &self.stored,
+        );
+        let name = "vigil_hub_mqtt_messages_dropped_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} MQTT messages dropped (acknowledged, not stored), by reason."
+        );
+        let _ = writeln!(out, "# TYPE {name} counter");
+        for (n, v) in DROP_REASONS.iter().zip(&self.dropped) {
+            let _ = writeln!(
+                out,
+                "{name}{{reason=\"{n}\"}} {}",
+                v.load(Ordering::Relaxed)
+            );
+        }
     }
 }
 

@@ -31,7 +31,6 @@
 //!   back; an instance that is retired must first be drained, or its queue
 //!   is lost when the session expires.
 
-use std::fmt::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -47,7 +46,8 @@ use vigil_io::tls::{self, PemFile};
 
 use crate::config::MqttConfig;
 use crate::encoding::{ContentCoding, DecodeError};
-use crate::server::AppState;
+pub use crate::metrics::{DropReason, MqttMetrics};
+use crate::pipeline::Pipeline;
 
 /// MQTT keep-alive of the hub's connection.
 const KEEP_ALIVE: Duration = Duration::from_secs(30);
@@ -99,124 +99,6 @@ fn read_private(field: &'static str, path: &std::path::Path) -> Result<Vec<u8>, 
         }
     }
     std::fs::read(path).map_err(|e| file_err(field, path, e))
-}
-
-/// Why a message was dropped (counted by reason; acknowledged so that the
-/// broker does not re-deliver it forever).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DropReason {
-    /// The topic is not `devices/{gateway id}/messages/events/...`.
-    BadTopic = 0,
-    /// `$.ce` names an encoding the hub does not decode, or `$.ct` is not
-    /// protobuf.
-    UnsupportedEncoding = 1,
-    /// Larger than `server.max_body_bytes`.
-    TooLarge = 2,
-    /// The payload is not a protobuf `vigil.v1.Batch`.
-    Malformed = 3,
-    /// `Batch.gateway_id` differs from the topic's gateway id.
-    GatewayMismatch = 4,
-    /// The topic's gateway is not registered, or revoked.
-    UnknownGateway = 5,
-}
-
-const DROP_REASONS: [&str; 6] = [
-    "bad_topic",
-    "unsupported_encoding",
-    "too_large",
-    "malformed",
-    "gateway_mismatch",
-    "unknown_gateway",
-];
-
-impl DropReason {
-    /// The metric label.
-    pub fn as_str(self) -> &'static str {
-        DROP_REASONS[self as usize]
-    }
-}
-
-/// MQTT ingest counters and connection state (rendered into `/metrics`).
-#[derive(Debug, Default)]
-pub struct MqttMetrics {
-    stored: AtomicU64,
-    dropped: [AtomicU64; 6],
-    connected: AtomicU64,
-    connects: AtomicU64,
-    connection_errors: AtomicU64,
-    store_errors: AtomicU64,
-}
-
-impl MqttMetrics {
-    /// Messages whose batch was stored (new or duplicate) and acknowledged.
-    pub fn stored(&self) -> u64 {
-        self.stored.load(Ordering::Relaxed)
-    }
-
-    /// Messages dropped for `reason`.
-    pub fn dropped(&self, reason: DropReason) -> u64 {
-        self.dropped[reason as usize].load(Ordering::Relaxed)
-    }
-
-    /// Whether the hub is connected and subscribed.
-    pub fn is_connected(&self) -> bool {
-        self.connected.load(Ordering::Relaxed) == 1
-    }
-
-    fn drop_message(&self, reason: DropReason) {
-        self.dropped[reason as usize].fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub(crate) fn render(&self, out: &mut String) {
-        let mut counter = |name: &str, help: &str, kind: &str, v: &AtomicU64| {
-            let _ = writeln!(out, "# HELP {name} {help}");
-            let _ = writeln!(out, "# TYPE {name} {kind}");
-            let _ = writeln!(out, "{name} {}", v.load(Ordering::Relaxed));
-        };
-        counter(
-            "vigil_hub_mqtt_connected",
-            "1 while connected to the MQTT broker and subscribed, else 0.",
-            "gauge",
-            &self.connected,
-        );
-        counter(
-            "vigil_hub_mqtt_connects_total",
-            "Successful MQTT connections (CONNACK accepted).",
-            "counter",
-            &self.connects,
-        );
-        counter(
-            "vigil_hub_mqtt_connection_errors_total",
-            "MQTT connection failures and refused subscriptions.",
-            "counter",
-            &self.connection_errors,
-        );
-        counter(
-            "vigil_hub_mqtt_store_errors_total",
-            "Failed attempts to store an MQTT batch (retried, not acknowledged).",
-            "counter",
-            &self.store_errors,
-        );
-        counter(
-            "vigil_hub_mqtt_batches_stored_total",
-            "MQTT messages whose batch was stored (new or duplicate) and acknowledged.",
-            "counter",
-            &self.stored,
-        );
-        let name = "vigil_hub_mqtt_messages_dropped_total";
-        let _ = writeln!(
-            out,
-            "# HELP {name} MQTT messages dropped (acknowledged, not stored), by reason."
-        );
-        let _ = writeln!(out, "# TYPE {name} counter");
-        for (n, v) in DROP_REASONS.iter().zip(&self.dropped) {
-            let _ = writeln!(
-                out,
-                "{name}{{reason=\"{n}\"}} {}",
-                v.load(Ordering::Relaxed)
-            );
-        }
-    }
 }
 
 /// What the topic says about a message.
@@ -398,7 +280,7 @@ struct Delivery {
 /// batch before acknowledging it. Returns after the acknowledgements of
 /// stored messages have been handed to the connection and a DISCONNECT
 /// was sent (best effort).
-pub(crate) async fn run(ingest: MqttIngest, st: AppState, mut stop: watch::Receiver<bool>) {
+pub(crate) async fn run(ingest: MqttIngest, st: Pipeline, mut stop: watch::Receiver<bool>) {
     let metrics = st.metrics().clone();
     let (client, mut events) = AsyncClient::new(ingest.options, 64);
     let connection = Arc::new(AtomicU64::new(0));
@@ -514,7 +396,7 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
 /// Stores messages one at a time, in arrival order, acknowledging each
 /// after its batch is stored (MQTT wants PUBACKs in order).
 async fn worker(
-    st: AppState,
+    st: Pipeline,
     client: AsyncClient,
     mut rx: mpsc::UnboundedReceiver<Delivery>,
     connection: Arc<AtomicU64>,
@@ -552,7 +434,7 @@ async fn worker(
 /// Handles one message: stores its batch (retrying store failures with
 /// backoff) or drops it. Returns false when stop was requested before the
 /// batch could be stored (the message is then not acknowledged).
-async fn handle(st: &AppState, p: &Publish, stop: &mut watch::Receiver<bool>) -> bool {
+async fn handle(st: &Pipeline, p: &Publish, stop: &mut watch::Receiver<bool>) -> bool {
     let metrics = st.metrics();
     let topic = String::from_utf8_lossy(&p.topic);
     let dropped = |reason: DropReason, gateway_id: Option<&str>| {
@@ -583,7 +465,8 @@ async fn handle(st: &AppState, p: &Publish, stop: &mut watch::Receiver<bool>) ->
         };
         let res = match active {
             Ok(false) => return dropped(DropReason::UnknownGateway, Some(&info.gateway_id)),
-            Ok(true) => crate::server::store_batch(st, &info.gateway_id, batch.clone())
+            Ok(true) => st
+                .store_batch(&info.gateway_id, batch.clone())
                 .await
                 .map(|_| ()),
             Err(e) => Err(e),

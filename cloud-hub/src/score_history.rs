@@ -30,9 +30,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde_json::json;
 
-use crate::early_warning::ScoreReport;
 use crate::storage::StoreError;
 use crate::store::{Store, now_us};
+use hub_domain::early_warning::ScoreReport;
 
 pub use hub_domain::score_history::*;
 
@@ -139,7 +139,7 @@ async fn get_history(
                     axum::Json(json!({
                         "error": format!(
                             "score history needs the SQLite store (not yet on {})",
-                            crate::early_warning::backend_name(backend)
+                            crate::store::backend_name(backend)
                         )
                     })),
                 )
@@ -171,8 +171,8 @@ async fn get_history(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::early_warning::{Input, InputValue, Parameter, Source};
     use crate::scores::{self, Consciousness, News2Input, Spo2Scale};
+    use hub_domain::early_warning::{Input, InputValue, Parameter, Source};
 
     const T0: i64 = 1_795_514_400_000_000;
 

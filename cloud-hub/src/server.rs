@@ -43,28 +43,14 @@ pub struct Hub {
 pub(crate) struct AppState {
     config: Arc<Config>,
     store: Store,
-    associations: Arc<Associations>,
     metrics: SharedMetrics,
     tls: bool,
     started: String,
     limiter: Option<Arc<crate::rate_limit::RateLimiter>>,
     exports: Arc<crate::export::Exports>,
     alerts: Option<Arc<crate::alerts::AlertService>>,
-    after_ingest: crate::after_ingest::AfterIngest,
-}
-
-impl AppState {
-    pub(crate) fn store(&self) -> &Store {
-        &self.store
-    }
-
-    pub(crate) fn metrics(&self) -> &SharedMetrics {
-        &self.metrics
-    }
-
-    pub(crate) fn max_body_bytes(&self) -> usize {
-        self.config.server.max_body_bytes
-    }
+    /// Ingest (HTTP here, MQTT in `mqtt_ingest`): store, count, after-ingest.
+    pipeline: crate::pipeline::Pipeline,
 }
 
 impl Hub {
@@ -151,7 +137,18 @@ impl Hub {
         let state = AppState {
             config: self.config.clone(),
             store: self.store.clone(),
-            associations: Arc::new(associations),
+            pipeline: crate::pipeline::Pipeline::new(
+                self.store.clone(),
+                Arc::new(associations),
+                self.metrics.clone(),
+                crate::after_ingest::AfterIngest::new(
+                    self.store.clone(),
+                    alerts.clone(),
+                    scores,
+                    self.config.alerts.max_value_age_s,
+                ),
+                self.config.server.max_body_bytes,
+            ),
             metrics: self.metrics.clone(),
             tls: self.tls.is_some(),
             started: fhir::format_instant(now_us() / 1_000_000 * 1_000_000),
@@ -159,12 +156,6 @@ impl Hub {
             exports: Arc::new(crate::export::Exports::new(crate::export::dir_for(
                 &self.config.storage.sqlite_path,
             ))),
-            after_ingest: crate::after_ingest::AfterIngest::new(
-                self.store.clone(),
-                alerts.clone(),
-                scores,
-                self.config.alerts.max_value_age_s,
-            ),
             alerts,
         };
         // MQTT ingest runs beside the HTTP server and stops with it.
@@ -185,7 +176,7 @@ impl Hub {
         let alerts_stop = stop_rx.clone();
         let mqtt = self
             .mqtt
-            .map(|m| tokio::spawn(crate::mqtt_ingest::run(m, state.clone(), stop_rx)));
+            .map(|m| tokio::spawn(crate::mqtt_ingest::run(m, state.pipeline.clone(), stop_rx)));
         let shutdown = async move {
             shutdown.await;
             let _ = stop_tx.send(true);
@@ -198,7 +189,7 @@ impl Hub {
                 let l = crate::adt_listener::AdtListener::bind(
                     c,
                     self.store.clone(),
-                    state.associations.clone(),
+                    state.pipeline.associations().clone(),
                 )
                 .await?;
                 let l = l.with_stats(self.metrics.adt.clone());
@@ -239,8 +230,10 @@ impl Hub {
             })
         })?;
         // The association API (beds, placements, stays).
-        let association =
-            crate::association_api::ApiState::new(self.store.clone(), state.associations.clone());
+        let association = crate::association_api::ApiState::new(
+            self.store.clone(),
+            state.pipeline.associations().clone(),
+        );
         let scores = crate::early_warning::router(self.store.clone(), self.config.scores);
         let trends = crate::trends::router(self.store.clone())
             .merge(crate::score_history::router(self.store.clone()));
@@ -251,7 +244,10 @@ impl Hub {
         // in the hash-chained audit log after it is answered, with the
         // principal the access layer found (the audit layer is outermost,
         // so refusals are recorded too).
-        let audit_state = state.clone();
+        let audit_state = crate::audit::AuditState {
+            store: state.store.clone(),
+            metrics: state.metrics.clone(),
+        };
         let app = router(state)
             .merge(crate::association_api::router(association))
             .merge(scores)
@@ -674,7 +670,9 @@ async fn ingest_inner(
         ));
     }
 
-    let ack = store_batch(st, &gateway_id, batch)
+    let ack = st
+        .pipeline
+        .store_batch(&gateway_id, batch)
         .await
         .map_err(internal)?;
     Ok((
@@ -686,96 +684,6 @@ async fn ingest_inner(
         ack.encode_to_vec(),
     )
         .into_response())
-}
-
-/// Stores a decoded batch of an authenticated gateway in one transaction,
-/// counts and logs the outcome; shared by the HTTP and the MQTT ingest.
-/// Runs in an `ingest_batch` trace span, a child of the agent's send span
-/// when the batch carries its `traceparent` (see `telemetry`).
-pub(crate) async fn store_batch(
-    st: &AppState,
-    gateway_id: &str,
-    batch: Batch,
-) -> Result<shared_protocol::v1::BatchAck, HubError> {
-    use tracing::Instrument;
-    use tracing::field::Empty;
-    let span = tracing::info_span!(target: crate::telemetry::TRACE_TARGET, "ingest_batch",
-        gateway_id = %gateway_id, batch_sequence = batch.sequence,
-        accepted = Empty, duplicates = Empty, rejected = Empty, duplicate_batch = Empty);
-    let parent = crate::telemetry::adopt_remote_parent(&span, &batch.traceparent);
-    if parent == crate::telemetry::RemoteParent::Invalid {
-        st.metrics.trace_context_invalid();
-        tracing::debug!(gateway_id = %gateway_id, batch_sequence = batch.sequence,
-            "malformed traceparent ignored");
-    }
-    let r = store_batch_traced(st, gateway_id, batch)
-        .instrument(span.clone())
-        .await;
-    if let Ok(ack) = &r {
-        span.record("accepted", ack.accepted)
-            .record("duplicates", ack.duplicates)
-            .record("rejected", ack.rejected)
-            .record("duplicate_batch", ack.duplicate_batch);
-    }
-    r
-}
-
-async fn store_batch_traced(
-    st: &AppState,
-    gateway_id: &str,
-    batch: Batch,
-) -> Result<shared_protocol::v1::BatchAck, HubError> {
-    let store = st.store.clone();
-    let associations = st.associations.clone();
-    let gw = gateway_id.to_owned();
-    let batch_seq = batch.sequence;
-    let now = now_us();
-    let events = st
-        .after_ingest
-        .is_active()
-        .then(|| crate::alerts::BatchEvents::of(&batch));
-    let mut report = blocking(move || store.ingest(&gw, &batch, &associations, now, now)).await?;
-    // The consumers see what this batch newly stored, after it is durable;
-    // their failures never fail the ingest (`after_ingest`).
-    if let (Some(events), false) = (events, report.ack.duplicate_batch) {
-        let (after, gw, live) = (
-            st.after_ingest.clone(),
-            gateway_id.to_owned(),
-            std::mem::take(&mut report.live),
-        );
-        if let Err(e) =
-            tokio::task::spawn_blocking(move || after.run(&gw, &events, &live, now)).await
-        {
-            tracing::error!(error = %e, "after-ingest task failed");
-        }
-    }
-    let ack = &report.ack;
-    if ack.duplicate_batch {
-        st.metrics.batch(Outcome::Duplicate);
-        tracing::info!(gateway_id = %gateway_id, batch_sequence = batch_seq, "duplicate batch");
-    } else {
-        st.metrics.batch(Outcome::Accepted);
-        st.metrics
-            .readings(Outcome::Accepted, u64::from(ack.accepted));
-        st.metrics
-            .readings(Outcome::Duplicate, u64::from(ack.duplicates));
-        st.metrics
-            .readings(Outcome::Rejected, u64::from(ack.rejected));
-        for r in &report.rejected_reasons {
-            st.metrics.rejected(*r);
-        }
-        st.metrics.out_of_range(u64::from(report.out_of_range));
-        tracing::info!(
-            gateway_id = %gateway_id,
-            batch_sequence = batch_seq,
-            accepted = ack.accepted,
-            duplicates = ack.duplicates,
-            rejected = ack.rejected,
-            out_of_range = report.out_of_range,
-            "batch ingested"
-        );
-    }
-    Ok(report.ack)
 }
 
 // ---------------------------------------------------------------------------

@@ -8,7 +8,9 @@
 //! storage crates yet; [`StoreError`] still has the drivers' variants for them.
 
 use std::ops::Deref;
-use std::path::Path;
+
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, MutexGuard};
 
 pub use hub_domain::clock::now_us;
@@ -19,6 +21,35 @@ pub use hub_storage::{Associations, GatewayRow, IngestReport, Purged};
 /// The storage traits, for `use crate::store::prelude::*`.
 pub mod prelude {
     pub use hub_storage::{GatewayStore, IngestStore, ObservationStore, RetentionStore, Storage};
+}
+
+/// `[storage]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    /// SQLite database file; relative paths are relative to the config
+    /// file's directory. With the PostgreSQL backend the file is not
+    /// opened, but bulk-export files still go to a directory beside it.
+    pub sqlite_path: PathBuf,
+    /// `sqlite` (default) or `postgres`.
+    #[serde(default)]
+    pub backend: StorageBackend,
+    /// `[storage.postgres]`, required with `backend = "postgres"`.
+    #[serde(default)]
+    pub postgres: Option<hub_postgres::PgConfig>,
+    /// Keep observations, device events and rejected readings this many
+    /// days (by their own time); unset = keep everything.
+    #[serde(default)]
+    pub retention_days: Option<u32>,
+}
+
+/// `storage.backend`
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageBackend {
+    #[default]
+    Sqlite,
+    Postgres,
 }
 
 /// Errors of the store as the hub's modules see them.
@@ -117,15 +148,15 @@ impl Store {
     }
 
     /// Opens the backend `[storage]` selects.
-    pub fn open_config(storage: &crate::config::StorageConfig) -> Result<Self, StoreError> {
+    pub fn open_config(storage: &StorageConfig) -> Result<Self, StoreError> {
         match (&storage.backend, &storage.postgres) {
-            (crate::config::StorageBackend::Postgres, Some(pg)) => Self::open_postgres(pg),
-            (crate::config::StorageBackend::Postgres, None) => {
+            (StorageBackend::Postgres, Some(pg)) => Self::open_postgres(pg),
+            (StorageBackend::Postgres, None) => {
                 Err(StoreError::Storage(hub_storage::StoreError::Config(
                     "storage.backend = \"postgres\" needs a [storage.postgres] section".into(),
                 )))
             }
-            (crate::config::StorageBackend::Sqlite, _) => Self::open(&storage.sqlite_path),
+            (StorageBackend::Sqlite, _) => Self::open(&storage.sqlite_path),
         }
     }
 
@@ -162,5 +193,14 @@ impl Store {
             Backend::Sqlite(s) => Ok(s.lock()?),
             Backend::Postgres(_) => Err(StoreError::NotSqlite),
         }
+    }
+}
+
+/// The product name of a storage backend (`Storage::backend`), for messages.
+pub(crate) fn backend_name(backend: &str) -> &str {
+    match backend {
+        "postgres" => "PostgreSQL",
+        "sqlite" => "SQLite",
+        other => other,
     }
 }

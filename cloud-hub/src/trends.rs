@@ -153,7 +153,7 @@ async fn get_series(
                 axum::Json(json!({
                     "error": format!(
                         "trends need the SQLite store (not yet on {})",
-                        crate::early_warning::backend_name(backend)
+                        crate::store::backend_name(backend)
                     )
                 })),
             )

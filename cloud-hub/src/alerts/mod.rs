@@ -19,7 +19,7 @@ use shared_protocol::v1::{Batch, QualityFlag, TechnicalKind};
 use tokio::sync::broadcast;
 
 use crate::association::PatientId;
-use crate::config::ConfigError;
+use crate::config_error::ConfigError;
 use crate::storage::StoreError;
 use crate::store::Store;
 use engine::{Alert, Change, Engine, EngineConfig, LinkEvent, News2Band, Technical, ValueInput};
@@ -149,7 +149,7 @@ pub enum AlertError {
     #[error(transparent)]
     Ack(#[from] engine::AckError),
     /// The storage backend has no alert tables yet (HTTP 503).
-    #[error("alerts need the SQLite store (not yet available on {})", crate::early_warning::backend_name(.0))]
+    #[error("alerts need the SQLite store (not yet available on {})", crate::store::backend_name(.0))]
     Unsupported(&'static str),
     #[error("invalid `{field}`: {message}")]
     Invalid { field: String, message: String },
@@ -369,7 +369,7 @@ impl AlertService {
     /// after-ingest step computes them once for alerts and score history).
     pub fn on_scores(
         &self,
-        report: &crate::early_warning::ScoreReport,
+        report: &hub_domain::early_warning::ScoreReport,
         now_us: i64,
     ) -> Result<(), AlertError> {
         let Some(n) = report.news2 else {

@@ -1,0 +1,157 @@
+//! The ingest pipeline shared by the HTTP and the MQTT ingest: a decoded
+//! batch of an authenticated gateway is stored (one transaction, acked
+//! when durable), counted and logged, then handed to the after-ingest
+//! consumers (`after_ingest`).
+
+use std::sync::Arc;
+
+use shared_protocol::v1::Batch;
+
+use crate::HubError;
+use crate::SharedMetrics;
+use crate::after_ingest::AfterIngest;
+use crate::metrics::Outcome;
+use crate::store::{Associations, Store, now_us};
+
+/// What ingest needs, whichever transport the batch came by.
+#[derive(Debug, Clone)]
+pub struct Pipeline {
+    store: Store,
+    associations: Arc<Associations>,
+    metrics: SharedMetrics,
+    after_ingest: AfterIngest,
+    /// `server.max_body_bytes`: the largest decoded batch.
+    max_body_bytes: usize,
+}
+
+async fn blocking<T: Send + 'static, E: Into<HubError> + Send + 'static>(
+    f: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> Result<T, HubError> {
+    tokio::task::spawn_blocking(f).await?.map_err(Into::into)
+}
+
+impl Pipeline {
+    pub fn new(
+        store: Store,
+        associations: Arc<Associations>,
+        metrics: SharedMetrics,
+        after_ingest: AfterIngest,
+        max_body_bytes: usize,
+    ) -> Self {
+        Self {
+            store,
+            associations,
+            metrics,
+            after_ingest,
+            max_body_bytes,
+        }
+    }
+
+    pub fn max_body_bytes(&self) -> usize {
+        self.max_body_bytes
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn metrics(&self) -> &SharedMetrics {
+        &self.metrics
+    }
+
+    pub fn associations(&self) -> &Arc<Associations> {
+        &self.associations
+    }
+
+    /// Stores a decoded batch of an authenticated gateway in one transaction,
+    /// counts and logs the outcome; shared by the HTTP and the MQTT ingest.
+    /// Runs in an `ingest_batch` trace span, a child of the agent's send span
+    /// when the batch carries its `traceparent` (see `telemetry`).
+    pub async fn store_batch(
+        &self,
+        gateway_id: &str,
+        batch: Batch,
+    ) -> Result<shared_protocol::v1::BatchAck, HubError> {
+        use tracing::Instrument;
+        use tracing::field::Empty;
+        let span = tracing::info_span!(target: crate::telemetry::TRACE_TARGET, "ingest_batch",
+        gateway_id = %gateway_id, batch_sequence = batch.sequence,
+        accepted = Empty, duplicates = Empty, rejected = Empty, duplicate_batch = Empty);
+        let parent = crate::telemetry::adopt_remote_parent(&span, &batch.traceparent);
+        if parent == crate::telemetry::RemoteParent::Invalid {
+            self.metrics.trace_context_invalid();
+            tracing::debug!(gateway_id = %gateway_id, batch_sequence = batch.sequence,
+            "malformed traceparent ignored");
+        }
+        let r = self
+            .store_batch_traced(gateway_id, batch)
+            .instrument(span.clone())
+            .await;
+        if let Ok(ack) = &r {
+            span.record("accepted", ack.accepted)
+                .record("duplicates", ack.duplicates)
+                .record("rejected", ack.rejected)
+                .record("duplicate_batch", ack.duplicate_batch);
+        }
+        r
+    }
+
+    async fn store_batch_traced(
+        &self,
+        gateway_id: &str,
+        batch: Batch,
+    ) -> Result<shared_protocol::v1::BatchAck, HubError> {
+        let store = self.store.clone();
+        let associations = self.associations.clone();
+        let gw = gateway_id.to_owned();
+        let batch_seq = batch.sequence;
+        let now = now_us();
+        let events = self
+            .after_ingest
+            .is_active()
+            .then(|| crate::alerts::BatchEvents::of(&batch));
+        let mut report =
+            blocking(move || store.ingest(&gw, &batch, &associations, now, now)).await?;
+        // The consumers see what this batch newly stored, after it is durable;
+        // their failures never fail the ingest (`after_ingest`).
+        if let (Some(events), false) = (events, report.ack.duplicate_batch) {
+            let (after, gw, live) = (
+                self.after_ingest.clone(),
+                gateway_id.to_owned(),
+                std::mem::take(&mut report.live),
+            );
+            if let Err(e) =
+                tokio::task::spawn_blocking(move || after.run(&gw, &events, &live, now)).await
+            {
+                tracing::error!(error = %e, "after-ingest task failed");
+            }
+        }
+        let ack = &report.ack;
+        if ack.duplicate_batch {
+            self.metrics.batch(Outcome::Duplicate);
+            tracing::info!(gateway_id = %gateway_id, batch_sequence = batch_seq, "duplicate batch");
+        } else {
+            self.metrics.batch(Outcome::Accepted);
+            self.metrics
+                .readings(Outcome::Accepted, u64::from(ack.accepted));
+            self.metrics
+                .readings(Outcome::Duplicate, u64::from(ack.duplicates));
+            self.metrics
+                .readings(Outcome::Rejected, u64::from(ack.rejected));
+            for r in &report.rejected_reasons {
+                self.metrics.rejected(*r);
+            }
+            self.metrics.out_of_range(u64::from(report.out_of_range));
+            tracing::info!(
+                gateway_id = %gateway_id,
+                batch_sequence = batch_seq,
+                accepted = ack.accepted,
+                duplicates = ack.duplicates,
+                rejected = ack.rejected,
+                out_of_range = report.out_of_range,
+                "batch ingested"
+            );
+        }
+        Ok(report.ack)
+    }
+}
