@@ -15,7 +15,6 @@ pub mod adt_listener;
 pub mod alerts;
 pub mod association;
 pub mod association_api;
-mod association_pg;
 pub mod audit;
 pub mod auth;
 pub mod backup;

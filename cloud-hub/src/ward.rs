@@ -44,7 +44,7 @@ pub fn overview(
         return Err(ScoresError::Postgres);
     }
     let beds = store.occupancy(now_us).map_err(|e| match e {
-        crate::association::AssocError::Store(e) => ScoresError::Store(e),
+        crate::association::AssocError::Store(e) => ScoresError::Store(e.into()),
         other => ScoresError::Store(crate::store::StoreError::Io(std::io::Error::other(
             other.to_string(),
         ))),

@@ -357,10 +357,7 @@ pub fn place(g: &str, d: &str, mine: &[Interval], bed: &str, at: i64) -> Option<
             plan.cut(p, at);
             (Some(p.id), p.to)
         }
-        None => (
-            None,
-            mine.iter().map(|i| i.from).filter(|f| *f > at).min(),
-        ),
+        None => (None, mine.iter().map(|i| i.from).filter(|f| *f > at).min()),
     };
     plan.put_merged(mine, cut, bed, at, end, None);
     plan.affected.device(g, d, at, end.unwrap_or(OPEN));
@@ -530,7 +527,10 @@ pub fn pieces(
     for (bed, a, b) in bed_windows(lo, hi, placements) {
         cuts.insert(a);
         cuts.insert(b);
-        for (_, _, s) in stays.iter().filter(|(sb, _, s)| *sb == bed && s.overlaps(a, b)) {
+        for (_, _, s) in stays
+            .iter()
+            .filter(|(sb, _, s)| *sb == bed && s.overlaps(a, b))
+        {
             cuts.insert(s.from.clamp(a, b));
             cuts.insert(s.end().clamp(a, b));
         }
@@ -588,7 +588,6 @@ impl Target {
         }
     }
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -651,7 +650,10 @@ mod tests {
         assert_eq!(plan.delete, vec![1]);
         assert_eq!(plan.insert.len(), 1);
         assert_eq!((plan.insert[0].from, plan.insert[0].to), (T, None));
-        assert_eq!(plan.affected.devices, vec![("g".into(), "d".into(), T, T + 10)]);
+        assert_eq!(
+            plan.affected.devices,
+            vec![("g".into(), "d".into(), T, T + 10)]
+        );
         // At another bed: ends where the next starts.
         let plan = place("g", "d", &mine, "b2", T).unwrap();
         assert!(plan.delete.is_empty());
@@ -671,7 +673,10 @@ mod tests {
         assert_eq!(remove("g", "d", &mine, T - 1), Err(Conflict::NotPlaced));
         let plan = remove("g", "d", &mine, T + 9).unwrap();
         assert_eq!(plan.set_end, vec![(1, Some(T + 9))]);
-        assert_eq!(plan.affected.devices, vec![("g".into(), "d".into(), T + 9, T + 10)]);
+        assert_eq!(
+            plan.affected.devices,
+            vec![("g".into(), "d".into(), T + 9, T + 10)]
+        );
     }
 
     #[test]
@@ -681,7 +686,10 @@ mod tests {
         assert_eq!(plan.affected.beds, vec![("b1".into(), T, OPEN)]);
         let mine = [iv(1, "b1", T, None)];
         assert_eq!(admit(&mine, &[], "b1", T, None), Ok(None));
-        assert_eq!(admit(&mine, &[], "b2", T + 1, None), Err(Conflict::AlreadyAdmitted));
+        assert_eq!(
+            admit(&mine, &[], "b2", T + 1, None),
+            Err(Conflict::AlreadyAdmitted)
+        );
         // A stay that ended exactly at `at` does not count (half-open).
         let ended = [iv(1, "b1", T, Some(T + 5))];
         assert!(admit(&ended, &[], "b2", T + 5, None).unwrap().is_some());
@@ -723,7 +731,10 @@ mod tests {
         assert_eq!(plan.delete, vec![2]);
         assert_eq!((plan.insert[0].from, plan.insert[0].to), (T + 20, None));
         // Already there; not admitted; the target bed taken by another.
-        assert_eq!(transfer(("urn:mrn", "MRN-1"), &mine, &[], "b2", T + 40), Ok(None));
+        assert_eq!(
+            transfer(("urn:mrn", "MRN-1"), &mine, &[], "b2", T + 40),
+            Ok(None)
+        );
         assert_eq!(
             transfer(("urn:mrn", "MRN-1"), &mine, &[], "b2", T - 1),
             Err(Conflict::NotAdmitted)
@@ -791,7 +802,11 @@ mod tests {
             vec![("b1".into(), T + 5, T + 30), ("b2".into(), T + 30, T + 100)]
         );
         let stays = [
-            ("b1".to_string(), pid("P"), iv(7, "b1", T + 10, Some(T + 40))),
+            (
+                "b1".to_string(),
+                pid("P"),
+                iv(7, "b1", T + 10, Some(T + 40)),
+            ),
             ("b2".to_string(), pid("P"), iv(8, "b2", T + 40, None)),
         ];
         let got = pieces(T + 5, T + 100, &placements, &stays);
@@ -832,14 +847,21 @@ mod tests {
         assert_eq!(Target::of(&p, Some("cfg")).how, "stay");
         let none = Piece { patient: None, ..p };
         let t = Target::of(&none, Some("cfg"));
-        assert_eq!((t.value.as_deref(), t.system, t.how), (Some("cfg"), None, "config"));
+        assert_eq!(
+            (t.value.as_deref(), t.system, t.how),
+            (Some("cfg"), None, "config")
+        );
         assert_eq!(Target::of(&none, None).how, "unattributed");
     }
 
     #[test]
     fn device_spans_clip_the_beds_placements() {
         let at_bed = [
-            ("g".to_string(), "d1".to_string(), iv(1, "b1", T, Some(T + 10))),
+            (
+                "g".to_string(),
+                "d1".to_string(),
+                iv(1, "b1", T, Some(T + 10)),
+            ),
             ("g".to_string(), "d2".to_string(), iv(2, "b1", T + 10, None)),
         ];
         assert_eq!(

@@ -24,6 +24,7 @@
 //! by the change's re-attribution (the SQLite store gets the same from its
 //! single connection).
 
+mod association;
 mod error;
 mod ingest;
 pub mod schema;

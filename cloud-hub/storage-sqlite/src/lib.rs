@@ -5,6 +5,7 @@
 //!
 //! `u64` sequences are stored bit-for-bit as SQLite `INTEGER` (i64).
 
+mod association;
 mod attribution;
 mod error;
 pub mod schema;

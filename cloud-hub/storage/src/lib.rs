@@ -13,8 +13,10 @@ use hub_domain::fhir::ObservationSearch;
 use hub_domain::fhir::render::{DeviceRow, ObservationRow};
 use shared_protocol::v1::{Batch, BatchAck, RejectReason};
 
+mod association;
 mod error;
 
+pub use association::{AssocError, AssociationStore};
 pub use error::StoreError;
 
 /// A gateway as listed (never its token).
@@ -135,7 +137,14 @@ pub trait RetentionStore {
 /// The whole storage of one backend. Each concern's trait can also be used on
 /// its own (`&dyn ObservationStore`), so a part of the hub sees only what it needs.
 pub trait Storage:
-    GatewayStore + IngestStore + ObservationStore + RetentionStore + std::fmt::Debug + Send + Sync
+    GatewayStore
+    + IngestStore
+    + ObservationStore
+    + RetentionStore
+    + AssociationStore
+    + std::fmt::Debug
+    + Send
+    + Sync
 {
     /// `"sqlite"` or `"postgres"` (logs, metrics, errors).
     fn backend(&self) -> &'static str;
