@@ -89,7 +89,12 @@ impl Timeline {
     }
 
     /// The key's intervals ending at or after `at`.
-    fn from_at(self, c: Tx<'_, '_>, k: (&str, &str), at: i64) -> Result<Vec<Interval>, DbError> {
+    fn ending_from(
+        self,
+        c: Tx<'_, '_>,
+        k: (&str, &str),
+        at: i64,
+    ) -> Result<Vec<Interval>, DbError> {
         self.overlapping(c, k, at.saturating_sub(1), OPEN)
     }
 
@@ -301,7 +306,7 @@ impl AssociationStore for PgStore {
     }
 
     fn list_beds(&self) -> Result<Vec<Bed>, AssocError> {
-        self.assoc_read(|c| list_beds(c))
+        self.assoc_read(list_beds)
     }
 
     fn place_device(
@@ -316,7 +321,7 @@ impl AssociationStore for PgStore {
             if !bed_exists(tx, bed)? {
                 return Ok(Err(AssocError::BedNotFound(bed.to_owned())));
             }
-            let mine = PLACEMENTS.from_at(tx, (g, d), at)?;
+            let mine = PLACEMENTS.ending_from(tx, (g, d), at)?;
             decided(Ok(model::place(g, d, &mine, bed, at)), |plan| {
                 PLACEMENTS.run(tx, (g, d), plan, fallback)
             })
@@ -331,7 +336,7 @@ impl AssociationStore for PgStore {
         fallback: &Associations,
     ) -> Result<Change, AssocError> {
         self.assoc_tx(|tx| {
-            let mine = PLACEMENTS.from_at(tx, (g, d), at)?;
+            let mine = PLACEMENTS.ending_from(tx, (g, d), at)?;
             decided(model::remove(g, d, &mine, at).map(Some), |plan| {
                 PLACEMENTS.run(tx, (g, d), plan, fallback)
             })
@@ -351,7 +356,7 @@ impl AssociationStore for PgStore {
             if !bed_exists(tx, bed)? {
                 return Ok(Err(AssocError::BedNotFound(bed.to_owned())));
             }
-            let mine = STAYS.from_at(tx, k, at)?;
+            let mine = STAYS.ending_from(tx, k, at)?;
             let at_bed = STAYS.at_bed(tx, bed, at, OPEN)?;
             decided(model::admit(&mine, &at_bed, bed, at, visit), |plan| {
                 STAYS.run(tx, k, plan, fallback)
@@ -371,7 +376,7 @@ impl AssociationStore for PgStore {
             if !bed_exists(tx, bed)? {
                 return Ok(Err(AssocError::BedNotFound(bed.to_owned())));
             }
-            let mine = STAYS.from_at(tx, k, at)?;
+            let mine = STAYS.ending_from(tx, k, at)?;
             let at_bed = STAYS.at_bed(tx, bed, at, OPEN)?;
             decided(model::transfer(k, &mine, &at_bed, bed, at), |plan| {
                 STAYS.run(tx, k, plan, fallback)
@@ -387,7 +392,7 @@ impl AssociationStore for PgStore {
     ) -> Result<Change, AssocError> {
         let k = (patient.system.as_str(), patient.value.as_str());
         self.assoc_tx(|tx| {
-            let mine = STAYS.from_at(tx, k, at)?;
+            let mine = STAYS.ending_from(tx, k, at)?;
             decided(model::discharge(&mine, at), |plan| {
                 STAYS.run(tx, k, plan, fallback)
             })

@@ -90,7 +90,12 @@ impl Timeline {
 
     /// The key's intervals ending at or after `at` (what a change at `at`
     /// looks at, including the one ending exactly there).
-    fn from_at(self, c: &Connection, k: (&str, &str), at: i64) -> rusqlite::Result<Vec<Interval>> {
+    fn ending_from(
+        self,
+        c: &Connection,
+        k: (&str, &str),
+        at: i64,
+    ) -> rusqlite::Result<Vec<Interval>> {
         self.overlapping(c, k, at.saturating_sub(1), OPEN)
     }
 
@@ -330,7 +335,7 @@ impl AssociationStore for SqliteStore {
             if !bed_exists(tx, bed)? {
                 return Ok(Err(AssocError::BedNotFound(bed.to_owned())));
             }
-            let mine = PLACEMENTS.from_at(tx, (g, d), at)?;
+            let mine = PLACEMENTS.ending_from(tx, (g, d), at)?;
             decided(Ok(model::place(g, d, &mine, bed, at)), |plan| {
                 PLACEMENTS.run(tx, (g, d), plan, fallback)
             })
@@ -345,7 +350,7 @@ impl AssociationStore for SqliteStore {
         fallback: &Associations,
     ) -> Result<Change, AssocError> {
         self.assoc_tx(|tx| {
-            let mine = PLACEMENTS.from_at(tx, (g, d), at)?;
+            let mine = PLACEMENTS.ending_from(tx, (g, d), at)?;
             decided(model::remove(g, d, &mine, at).map(Some), |plan| {
                 PLACEMENTS.run(tx, (g, d), plan, fallback)
             })
@@ -365,7 +370,7 @@ impl AssociationStore for SqliteStore {
             if !bed_exists(tx, bed)? {
                 return Ok(Err(AssocError::BedNotFound(bed.to_owned())));
             }
-            let mine = STAYS.from_at(tx, k, at)?;
+            let mine = STAYS.ending_from(tx, k, at)?;
             let at_bed = STAYS.at_bed(tx, bed, at, OPEN)?;
             decided(model::admit(&mine, &at_bed, bed, at, visit), |plan| {
                 STAYS.run(tx, k, plan, fallback)
@@ -385,7 +390,7 @@ impl AssociationStore for SqliteStore {
             if !bed_exists(tx, bed)? {
                 return Ok(Err(AssocError::BedNotFound(bed.to_owned())));
             }
-            let mine = STAYS.from_at(tx, k, at)?;
+            let mine = STAYS.ending_from(tx, k, at)?;
             let at_bed = STAYS.at_bed(tx, bed, at, OPEN)?;
             decided(model::transfer(k, &mine, &at_bed, bed, at), |plan| {
                 STAYS.run(tx, k, plan, fallback)
@@ -401,7 +406,7 @@ impl AssociationStore for SqliteStore {
     ) -> Result<Change, AssocError> {
         let k = (patient.system.as_str(), patient.value.as_str());
         self.assoc_tx(|tx| {
-            let mine = STAYS.from_at(tx, k, at)?;
+            let mine = STAYS.ending_from(tx, k, at)?;
             decided(model::discharge(&mine, at), |plan| {
                 STAYS.run(tx, k, plan, fallback)
             })
