@@ -1,16 +1,16 @@
 //! Patient association on SQLite: beds, device placements and patient
 //! stays (schema v5), and the re-attribution of stored readings. Every
 //! change runs in one transaction on the store's single connection (which
-//! serialises it with ingest); the decisions are
-//! `hub_domain::association`'s: this module loads the intervals they look
-//! at, applies the plan they return and runs one bounded `UPDATE` per
-//! constant piece of the affected devices' attribution.
+//! serialises it with ingest). What to load, write and re-attribute is
+//! decided once, by `hub_storage::procedure` and `hub_domain::association`;
+//! this module is the SQL of [`AssocTx`].
 
 use hub_domain::association::{
-    self as model, Affected, Bed, BedOccupancy, Change, Interval, Keyed, OPEN, OccupantDevice,
-    OccupantPatient, PatientId, Plan, Target,
+    Bed, BedOccupancy, Change, Interval, Keyed, OPEN, PatientId, Piece, Plan, Target,
 };
-use hub_storage::{AssocError, AssociationStore, Associations, StoreError};
+use hub_storage::{
+    AssocError, AssocTx, AssociationStore, Associations, StoreError, Timeline, procedure,
+};
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
 use crate::{DbError, SqliteStore};
@@ -23,29 +23,31 @@ fn store_error(e: impl Into<DbError>) -> AssocError {
     AssocError::Store(StoreError::from(e.into()))
 }
 
-/// The two timelines share their shape: intervals of a key (device or
-/// patient) at beds.
-#[derive(Clone, Copy)]
-struct Timeline {
-    table: &'static str,
+/// A timeline's table and key columns.
+struct Table {
+    name: &'static str,
     k1: &'static str,
     k2: &'static str,
-    /// Whether rows have a `visit` (stays).
-    visit: bool,
+    /// The columns [`row_interval`] reads.
+    columns: &'static str,
 }
 
-const PLACEMENTS: Timeline = Timeline {
-    table: "device_placements",
-    k1: "gateway_id",
-    k2: "device_id",
-    visit: false,
-};
-const STAYS: Timeline = Timeline {
-    table: "patient_stays",
-    k1: "patient_system",
-    k2: "patient_value",
-    visit: true,
-};
+fn table(t: Timeline) -> Table {
+    match t {
+        Timeline::Placements => Table {
+            name: "device_placements",
+            k1: "gateway_id",
+            k2: "device_id",
+            columns: "id, bed_id, from_us, to_us, NULL",
+        },
+        Timeline::Stays => Table {
+            name: "patient_stays",
+            k1: "patient_system",
+            k2: "patient_value",
+            columns: "id, bed_id, from_us, to_us, visit",
+        },
+    }
+}
 
 fn row_interval(r: &rusqlite::Row<'_>) -> rusqlite::Result<Interval> {
     Ok(Interval {
@@ -57,237 +59,147 @@ fn row_interval(r: &rusqlite::Row<'_>) -> rusqlite::Result<Interval> {
     })
 }
 
-impl Timeline {
-    /// The columns [`row_interval`] reads.
-    fn columns(self) -> &'static str {
-        if self.visit {
-            "id, bed_id, from_us, to_us, visit"
-        } else {
-            "id, bed_id, from_us, to_us, NULL"
-        }
+/// The key's intervals overlapping `[lo, hi)`, by start.
+fn overlapping(
+    c: &Connection,
+    t: Timeline,
+    k: (&str, &str),
+    lo: i64,
+    hi: i64,
+) -> rusqlite::Result<Vec<Interval>> {
+    let t = table(t);
+    let sql = format!(
+        "SELECT {} FROM {} WHERE {} = ?1 AND {} = ?2
+           AND from_us < ?4 AND COALESCE(to_us, {OPEN}) > ?3 ORDER BY from_us",
+        t.columns, t.name, t.k1, t.k2
+    );
+    let mut st = c.prepare_cached(&sql)?;
+    st.query_map(params![k.0, k.1, lo, hi], row_interval)?
+        .collect()
+}
+
+/// Intervals of a bed overlapping `[lo, hi)`, with their keys.
+fn at_bed(
+    c: &Connection,
+    t: Timeline,
+    bed: &str,
+    lo: i64,
+    hi: i64,
+) -> rusqlite::Result<Vec<Keyed>> {
+    let t = table(t);
+    let sql = format!(
+        "SELECT {}, {}, {} FROM {} WHERE bed_id = ?1
+           AND from_us < ?3 AND COALESCE(to_us, {OPEN}) > ?2 ORDER BY from_us",
+        t.columns, t.k1, t.k2, t.name
+    );
+    let mut st = c.prepare_cached(&sql)?;
+    st.query_map(params![bed, lo, hi], |r| {
+        Ok((r.get(5)?, r.get(6)?, row_interval(r)?))
+    })?
+    .collect()
+}
+
+/// [`AssocTx`] on a SQLite transaction.
+struct Tx<'a, 'c>(&'a Transaction<'c>);
+
+impl AssocTx for Tx<'_, '_> {
+    type Error = DbError;
+
+    fn bed_exists(&mut self, bed: &str) -> Result<bool, DbError> {
+        Ok(self
+            .0
+            .query_row("SELECT 1 FROM beds WHERE id = ?1", [bed], |_| Ok(()))
+            .optional()?
+            .is_some())
     }
 
-    /// The key's intervals overlapping `[lo, hi)`, by start.
     fn overlapping(
-        self,
-        c: &Connection,
-        k: (&str, &str),
+        &mut self,
+        t: Timeline,
+        key: (&str, &str),
         lo: i64,
         hi: i64,
-    ) -> rusqlite::Result<Vec<Interval>> {
+    ) -> Result<Vec<Interval>, DbError> {
+        Ok(overlapping(self.0, t, key, lo, hi)?)
+    }
+
+    fn at_bed(&mut self, t: Timeline, bed: &str, lo: i64, hi: i64) -> Result<Vec<Keyed>, DbError> {
+        Ok(at_bed(self.0, t, bed, lo, hi)?)
+    }
+
+    fn stays_of_visit(&mut self, visit: &str, key: (&str, &str)) -> Result<Vec<Interval>, DbError> {
         let sql = format!(
-            "SELECT {} FROM {} WHERE {} = ?1 AND {} = ?2
-               AND from_us < ?4 AND COALESCE(to_us, {OPEN}) > ?3 ORDER BY from_us",
-            self.columns(),
-            self.table,
-            self.k1,
-            self.k2
+            "SELECT {} FROM patient_stays
+              WHERE visit = ?1 AND patient_system = ?2 AND patient_value = ?3",
+            table(Timeline::Stays).columns
         );
-        let mut st = c.prepare_cached(&sql)?;
-        st.query_map(params![k.0, k.1, lo, hi], row_interval)?
-            .collect()
+        let mut st = self.0.prepare_cached(&sql)?;
+        Ok(st
+            .query_map(params![visit, key.0, key.1], row_interval)?
+            .collect::<Result<_, _>>()?)
     }
 
-    /// The key's intervals ending at or after `at` (what a change at `at`
-    /// looks at, including the one ending exactly there).
-    fn ending_from(
-        self,
-        c: &Connection,
-        k: (&str, &str),
-        at: i64,
-    ) -> rusqlite::Result<Vec<Interval>> {
-        self.overlapping(c, k, at.saturating_sub(1), OPEN)
-    }
-
-    /// Intervals of a bed overlapping `[lo, hi)`, with their keys.
-    fn at_bed(self, c: &Connection, bed: &str, lo: i64, hi: i64) -> rusqlite::Result<Vec<Keyed>> {
-        let sql = format!(
-            "SELECT {}, {}, {} FROM {} WHERE bed_id = ?1
-               AND from_us < ?3 AND COALESCE(to_us, {OPEN}) > ?2 ORDER BY from_us",
-            self.columns(),
-            self.k1,
-            self.k2,
-            self.table
-        );
-        let mut st = c.prepare_cached(&sql)?;
-        st.query_map(params![bed, lo, hi], |r| {
-            Ok((r.get(5)?, r.get(6)?, row_interval(r)?))
-        })?
-        .collect()
-    }
-
-    /// Writes a plan of key `k`: deletes, new ends, inserts.
-    fn apply(self, tx: &Transaction<'_>, k: (&str, &str), plan: &Plan) -> rusqlite::Result<()> {
+    fn apply(&mut self, t: Timeline, k: (&str, &str), plan: &Plan) -> Result<(), DbError> {
+        let tx = self.0;
+        let tb = table(t);
         for id in &plan.delete {
-            tx.execute(&format!("DELETE FROM {} WHERE id = ?1", self.table), [id])?;
+            tx.execute(&format!("DELETE FROM {} WHERE id = ?1", tb.name), [id])?;
         }
         for (id, to) in &plan.set_end {
             tx.execute(
-                &format!("UPDATE {} SET to_us = ?2 WHERE id = ?1", self.table),
+                &format!("UPDATE {} SET to_us = ?2 WHERE id = ?1", tb.name),
                 params![id, to],
             )?;
         }
         for n in &plan.insert {
-            if self.visit {
-                tx.execute(
-                    &format!(
-                        "INSERT INTO {} ({}, {}, bed_id, from_us, to_us, visit)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                        self.table, self.k1, self.k2
-                    ),
+            match t {
+                Timeline::Stays => tx.execute(
+                    "INSERT INTO patient_stays
+                         (patient_system, patient_value, bed_id, from_us, to_us, visit)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                     params![k.0, k.1, n.bed, n.from, n.to, n.visit],
-                )?;
-            } else {
-                tx.execute(
-                    &format!(
-                        "INSERT INTO {} ({}, {}, bed_id, from_us, to_us)
-                         VALUES (?1, ?2, ?3, ?4, ?5)",
-                        self.table, self.k1, self.k2
-                    ),
+                )?,
+                Timeline::Placements => tx.execute(
+                    "INSERT INTO device_placements (gateway_id, device_id, bed_id, from_us, to_us)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
                     params![k.0, k.1, n.bed, n.from, n.to],
-                )?;
-            }
+                )?,
+            };
         }
         Ok(())
     }
 
-    /// Applies `plan` and re-attributes what it affects.
-    fn run(
-        self,
-        tx: &Transaction<'_>,
-        k: (&str, &str),
-        plan: Plan,
-        fallback: &Associations,
-    ) -> Result<Change, DbError> {
-        self.apply(tx, k, &plan)?;
-        reattribute(tx, plan.affected, fallback)
-    }
-}
-
-/// Recomputes the attribution of every affected reading.
-fn reattribute(
-    tx: &Transaction<'_>,
-    affected: Affected,
-    fallback: &Associations,
-) -> Result<Change, DbError> {
-    let mut spans = affected.devices;
-    for (bed, lo, hi) in &affected.beds {
-        let at_bed = PLACEMENTS.at_bed(tx, bed, *lo, *hi)?;
-        spans.extend(model::device_spans(*lo, *hi, &at_bed));
-    }
-    let mut n = 0;
-    for (g, d, lo, hi) in spans {
-        n += reattribute_device(tx, &g, &d, lo, hi, fallback)?;
-    }
-    Ok(Change { reattributed: n })
-}
-
-/// Re-attributes device `(g, d)`'s readings in `[lo, hi)` that are not
-/// attributed by their own subject (nor `legacy`); the number of rows that
-/// changed. Chart buckets follow the rows to their new patient.
-fn reattribute_device(
-    tx: &Transaction<'_>,
-    g: &str,
-    d: &str,
-    lo: i64,
-    hi: i64,
-    fallback: &Associations,
-) -> Result<u64, DbError> {
-    let placements = PLACEMENTS.overlapping(tx, (g, d), lo, hi)?;
-    let mut stays = Vec::new();
-    for (bed, a, b) in model::bed_windows(lo, hi, &placements) {
-        for (system, value, s) in STAYS.at_bed(tx, &bed, a, b)? {
-            stays.push((bed.clone(), PatientId { system, value }, s));
+    fn rekey_stays(&mut self, ids: &[i64], new: &PatientId) -> Result<(), DbError> {
+        for id in ids {
+            self.0.execute(
+                "UPDATE patient_stays SET patient_system = ?2, patient_value = ?3 WHERE id = ?1",
+                params![id, new.system, new.value],
+            )?;
         }
+        Ok(())
     }
-    let config = fallback
-        .get(&(g.to_owned(), d.to_owned()))
-        .map(String::as_str);
-    let mut st = tx.prepare_cached(
-        "UPDATE observations SET patient_system = ?5, patient_id = ?6, attribution = ?7
-          WHERE gateway_id = ?1 AND device_id = ?2 AND effective_us >= ?3 AND effective_us < ?4
-            AND attribution IN ('stay', 'config', 'unattributed')
-            AND (patient_system IS NOT ?5 OR patient_id IS NOT ?6 OR attribution IS NOT ?7)",
-    )?;
-    let mut n = 0u64;
-    for piece in model::pieces(lo, hi, &placements, &stays) {
-        let t = Target::of(&piece, config);
-        n += st.execute(params![
+
+    fn set_attribution(
+        &mut self,
+        g: &str,
+        d: &str,
+        piece: &Piece,
+        t: &Target,
+    ) -> Result<u64, DbError> {
+        let mut st = self.0.prepare_cached(
+            "UPDATE observations SET patient_system = ?5, patient_id = ?6, attribution = ?7
+              WHERE gateway_id = ?1 AND device_id = ?2 AND effective_us >= ?3 AND effective_us < ?4
+                AND attribution IN ('stay', 'config', 'unattributed')
+                AND (patient_system IS NOT ?5 OR patient_id IS NOT ?6 OR attribution IS NOT ?7)",
+        )?;
+        Ok(st.execute(params![
             g, d, piece.from, piece.to, t.system, t.value, t.how
-        ])? as u64;
-    }
-    if n > 0 {
-        crate::trends::rebuild_device(tx, g, d, lo, hi)?;
-    }
-    Ok(n)
-}
-
-fn bed_exists(c: &Connection, bed: &str) -> rusqlite::Result<bool> {
-    Ok(
-        c.query_row("SELECT 1 FROM beds WHERE id = ?1", [bed], |_| Ok(()))
-            .optional()?
-            .is_some(),
-    )
-}
-
-/// A refusal or a plan's outcome, as the transaction closure returns it.
-fn decided(
-    r: Result<Option<Plan>, model::Conflict>,
-    f: impl FnOnce(Plan) -> Result<Change, DbError>,
-) -> Outcome<Change> {
-    match r {
-        Err(c) => Ok(Err(c.into())),
-        Ok(None) => Ok(Ok(Change::default())),
-        Ok(Some(plan)) => Ok(Ok(f(plan)?)),
-    }
-}
-
-impl SqliteStore {
-    /// Runs `f` in one transaction, committed unless it refuses or fails.
-    fn assoc_tx<T>(&self, f: impl FnOnce(&Transaction<'_>) -> Outcome<T>) -> Result<T, AssocError> {
-        let mut conn = self.conn().map_err(store_error)?;
-        let tx = conn.transaction().map_err(store_error)?;
-        match f(&tx) {
-            Ok(Ok(v)) => {
-                tx.commit().map_err(store_error)?;
-                Ok(v)
-            }
-            Ok(Err(refused)) => Err(refused),
-            Err(e) => Err(store_error(e)),
-        }
+        ])? as u64)
     }
 
-    fn db_occupancy(&self, at: i64) -> Result<Vec<BedOccupancy>, DbError> {
-        let mut conn = self.conn()?;
-        let tx = conn.transaction()?;
-        let beds = list_beds(&tx)?;
-        let mut out = Vec::with_capacity(beds.len());
-        for bed in beds {
-            let patient = STAYS
-                .at_bed(&tx, &bed.id, at, at.saturating_add(1))?
-                .into_iter()
-                .next()
-                .map(|(system, value, s)| OccupantPatient {
-                    system,
-                    value,
-                    since_us: s.from,
-                });
-            let devices = PLACEMENTS
-                .at_bed(&tx, &bed.id, at, at.saturating_add(1))?
-                .into_iter()
-                .map(|(gateway_id, device_id, p)| OccupantDevice {
-                    gateway_id,
-                    device_id,
-                    since_us: p.from,
-                })
-                .collect();
-            out.push(BedOccupancy {
-                bed,
-                patient,
-                devices,
-            });
-        }
-        Ok(out)
+    /// Chart buckets follow the rows to their new patient.
+    fn reattributed(&mut self, g: &str, d: &str, lo: i64, hi: i64) -> Result<(), DbError> {
+        Ok(crate::trends::rebuild_device(self.0, g, d, lo, hi)?)
     }
 }
 
@@ -303,10 +215,34 @@ fn list_beds(c: &Connection) -> rusqlite::Result<Vec<Bed>> {
     .collect()
 }
 
+impl SqliteStore {
+    /// Runs `f` in one transaction, committed unless it refuses or fails.
+    fn assoc_tx<T>(&self, f: impl FnOnce(&mut Tx<'_, '_>) -> Outcome<T>) -> Result<T, AssocError> {
+        let mut conn = self.conn().map_err(store_error)?;
+        let tx = conn.transaction().map_err(store_error)?;
+        match f(&mut Tx(&tx)) {
+            Ok(Ok(v)) => {
+                tx.commit().map_err(store_error)?;
+                Ok(v)
+            }
+            Ok(Err(refused)) => Err(refused),
+            Err(e) => Err(store_error(e)),
+        }
+    }
+
+    /// Runs a read in one transaction (a consistent view).
+    fn assoc_read<T>(
+        &self,
+        f: impl FnOnce(&mut Tx<'_, '_>) -> Result<T, DbError>,
+    ) -> Result<T, AssocError> {
+        self.assoc_tx(|tx| Ok(Ok(f(tx)?)))
+    }
+}
+
 impl AssociationStore for SqliteStore {
     fn create_bed(&self, bed: &Bed) -> Result<(), AssocError> {
         self.assoc_tx(|tx| {
-            let n = tx.execute(
+            let n = tx.0.execute(
                 "INSERT OR IGNORE INTO beds (id, ward, label, created_us) VALUES (?1, ?2, ?3, ?4)",
                 params![bed.id, bed.ward, bed.label, hub_domain::clock::now_us()],
             )?;
@@ -331,15 +267,7 @@ impl AssociationStore for SqliteStore {
         at: i64,
         fallback: &Associations,
     ) -> Result<Change, AssocError> {
-        self.assoc_tx(|tx| {
-            if !bed_exists(tx, bed)? {
-                return Ok(Err(AssocError::BedNotFound(bed.to_owned())));
-            }
-            let mine = PLACEMENTS.ending_from(tx, (g, d), at)?;
-            decided(Ok(model::place(g, d, &mine, bed, at)), |plan| {
-                PLACEMENTS.run(tx, (g, d), plan, fallback)
-            })
-        })
+        self.assoc_tx(|tx| procedure::place_device(tx, g, d, bed, at, fallback))
     }
 
     fn remove_device(
@@ -349,12 +277,7 @@ impl AssociationStore for SqliteStore {
         at: i64,
         fallback: &Associations,
     ) -> Result<Change, AssocError> {
-        self.assoc_tx(|tx| {
-            let mine = PLACEMENTS.ending_from(tx, (g, d), at)?;
-            decided(model::remove(g, d, &mine, at).map(Some), |plan| {
-                PLACEMENTS.run(tx, (g, d), plan, fallback)
-            })
-        })
+        self.assoc_tx(|tx| procedure::remove_device(tx, g, d, at, fallback))
     }
 
     fn admit(
@@ -365,17 +288,7 @@ impl AssociationStore for SqliteStore {
         visit: Option<&str>,
         fallback: &Associations,
     ) -> Result<Change, AssocError> {
-        let k = (patient.system.as_str(), patient.value.as_str());
-        self.assoc_tx(|tx| {
-            if !bed_exists(tx, bed)? {
-                return Ok(Err(AssocError::BedNotFound(bed.to_owned())));
-            }
-            let mine = STAYS.ending_from(tx, k, at)?;
-            let at_bed = STAYS.at_bed(tx, bed, at, OPEN)?;
-            decided(model::admit(&mine, &at_bed, bed, at, visit), |plan| {
-                STAYS.run(tx, k, plan, fallback)
-            })
-        })
+        self.assoc_tx(|tx| procedure::admit(tx, patient, bed, at, visit, fallback))
     }
 
     fn transfer(
@@ -385,17 +298,7 @@ impl AssociationStore for SqliteStore {
         at: i64,
         fallback: &Associations,
     ) -> Result<Change, AssocError> {
-        let k = (patient.system.as_str(), patient.value.as_str());
-        self.assoc_tx(|tx| {
-            if !bed_exists(tx, bed)? {
-                return Ok(Err(AssocError::BedNotFound(bed.to_owned())));
-            }
-            let mine = STAYS.ending_from(tx, k, at)?;
-            let at_bed = STAYS.at_bed(tx, bed, at, OPEN)?;
-            decided(model::transfer(k, &mine, &at_bed, bed, at), |plan| {
-                STAYS.run(tx, k, plan, fallback)
-            })
-        })
+        self.assoc_tx(|tx| procedure::transfer(tx, patient, bed, at, fallback))
     }
 
     fn discharge(
@@ -404,13 +307,7 @@ impl AssociationStore for SqliteStore {
         at: i64,
         fallback: &Associations,
     ) -> Result<Change, AssocError> {
-        let k = (patient.system.as_str(), patient.value.as_str());
-        self.assoc_tx(|tx| {
-            let mine = STAYS.ending_from(tx, k, at)?;
-            decided(model::discharge(&mine, at), |plan| {
-                STAYS.run(tx, k, plan, fallback)
-            })
-        })
+        self.assoc_tx(|tx| procedure::discharge(tx, patient, at, fallback))
     }
 
     fn stay_of_visit(&self, visit: &str, at: i64) -> Result<Option<PatientId>, AssocError> {
@@ -432,14 +329,7 @@ impl AssociationStore for SqliteStore {
     }
 
     fn bed_of(&self, patient: &PatientId, at: i64) -> Result<Option<String>, AssocError> {
-        let conn = self.conn().map_err(store_error)?;
-        let k = (patient.system.as_str(), patient.value.as_str());
-        Ok(STAYS
-            .overlapping(&conn, k, at, at.saturating_add(1))
-            .map_err(store_error)?
-            .into_iter()
-            .next()
-            .map(|s| s.bed))
+        self.assoc_read(|tx| procedure::bed_of(tx, patient, at))
     }
 
     fn change_identifier(
@@ -449,35 +339,14 @@ impl AssociationStore for SqliteStore {
         visit: &str,
         fallback: &Associations,
     ) -> Result<Change, AssocError> {
-        self.assoc_tx(|tx| {
-            let stays: Vec<Interval> = tx
-                .prepare_cached(&format!(
-                    "SELECT {} FROM patient_stays
-                      WHERE visit = ?1 AND patient_system = ?2 AND patient_value = ?3",
-                    STAYS.columns()
-                ))?
-                .query_map(params![visit, old.system, old.value], row_interval)?
-                .collect::<Result<_, _>>()?;
-            let theirs = match model::span(&stays) {
-                Some((lo, hi)) => STAYS.overlapping(tx, (&new.system, &new.value), lo, hi)?,
-                None => Vec::new(),
-            };
-            let affected = match model::change_identifier(&stays, &theirs) {
-                Ok(a) => a,
-                Err(c) => return Ok(Err(c.into())),
-            };
-            for s in &stays {
-                tx.execute(
-                    "UPDATE patient_stays SET patient_system = ?2, patient_value = ?3 WHERE id = ?1",
-                    params![s.id, new.system, new.value],
-                )?;
-            }
-            Ok(Ok(reattribute(tx, affected, fallback)?))
-        })
+        self.assoc_tx(|tx| procedure::change_identifier(tx, old, new, visit, fallback))
     }
 
     fn occupancy(&self, at: i64) -> Result<Vec<BedOccupancy>, AssocError> {
-        self.db_occupancy(at).map_err(store_error)
+        self.assoc_read(|tx| {
+            let beds = list_beds(tx.0)?;
+            procedure::occupancy(tx, beds, at)
+        })
     }
 
     fn unattributed_count(&self) -> Result<u64, AssocError> {

@@ -16,7 +16,7 @@ use shared_protocol::v1::{Batch, BatchAck, RejectReason};
 mod association;
 mod error;
 
-pub use association::{AssocError, AssociationStore};
+pub use association::{AssocError, AssocTx, AssociationStore, Timeline, procedure};
 pub use error::StoreError;
 
 /// A gateway as listed (never its token).
