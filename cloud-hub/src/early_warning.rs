@@ -55,7 +55,7 @@ pub use hub_domain::early_warning::*;
 #[derive(Debug, thiserror::Error)]
 pub enum ScoresError {
     #[error(transparent)]
-    Store(#[from] StoreError),
+    Store(StoreError),
     /// The storage backend has no score tables yet (HTTP 501).
     #[error("early-warning scores are not supported on {} yet (SQLite backend only)", backend_name(.0))]
     Unsupported(&'static str),
@@ -68,11 +68,11 @@ pub enum ScoresError {
     UnknownPatient,
 }
 
-impl From<hub_storage::StoreError> for ScoresError {
-    fn from(e: hub_storage::StoreError) -> Self {
+impl From<StoreError> for ScoresError {
+    fn from(e: StoreError) -> Self {
         match e {
-            hub_storage::StoreError::Unsupported(_, backend) => ScoresError::Unsupported(backend),
-            e => ScoresError::Store(e.into()),
+            StoreError::Unsupported(_, backend) => ScoresError::Unsupported(backend),
+            e => ScoresError::Store(e),
         }
     }
 }

@@ -331,9 +331,13 @@ fn run_job(store: &Store, job: &Job) -> Result<Vec<OutputFile>, ExportError> {
             "Observation" => {
                 let mut after = 0i64;
                 loop {
-                    let rows: Vec<(i64, ObservationRow)> = store
-                        .export_observations(after, CHUNK, req.since_us, patient_level, ward)
-                        .map_err(StoreError::from)?;
+                    let rows: Vec<(i64, ObservationRow)> = store.export_observations(
+                        after,
+                        CHUNK,
+                        req.since_us,
+                        patient_level,
+                        ward,
+                    )?;
                     let Some((last, _)) = rows.last() else { break };
                     after = *last;
                     for (_, row) in &rows {
@@ -343,7 +347,7 @@ fn run_job(store: &Store, job: &Job) -> Result<Vec<OutputFile>, ExportError> {
                 }
             }
             "Patient" => {
-                let all = store.export_patients(ward).map_err(StoreError::from)?;
+                let all = store.export_patients(ward)?;
                 for (value, system) in all {
                     if crate::fhir::is_valid_id(&value) {
                         w.line(&render_patient(&value, Some(&system)))?;
@@ -353,9 +357,7 @@ fn run_job(store: &Store, job: &Job) -> Result<Vec<OutputFile>, ExportError> {
             "Device" => {
                 let mut offset = 0u64;
                 loop {
-                    let (_, page) = store
-                        .devices(CHUNK as u32, offset)
-                        .map_err(StoreError::from)?;
+                    let (_, page) = store.devices(CHUNK as u32, offset)?;
                     if page.is_empty() {
                         break;
                     }

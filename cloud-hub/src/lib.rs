@@ -16,7 +16,6 @@ pub mod adt_listener;
 pub mod alerts;
 pub mod association;
 pub mod association_api;
-mod association_pg;
 pub mod audit;
 pub mod auth;
 pub mod config;
@@ -71,12 +70,6 @@ pub enum HubError {
     Mqtt(#[from] mqtt_ingest::MqttSetupError),
     #[error(transparent)]
     Account(#[from] access::accounts::AccountError),
-}
-
-impl From<hub_storage::StoreError> for HubError {
-    fn from(e: hub_storage::StoreError) -> Self {
-        HubError::Store(StoreError::Storage(e))
-    }
 }
 
 /// Serves the hub on `listener` until `shutdown` resolves, then stops

@@ -421,19 +421,17 @@ async fn enroll(State(st): State<AppState>, body: axum::body::Bytes) -> Response
             )
                 .into_response()
         }
-        Err(HubError::Store(StoreError::Storage(hub_storage::StoreError::EnrollmentRefused))) => {
+        Err(HubError::Store(StoreError::EnrollmentRefused)) => {
             tracing::warn!(gateway_id = %req.gateway_id, "enrolment refused");
             json_error(
                 StatusCode::UNAUTHORIZED,
                 "enrolment token unknown, already used or expired",
             )
         }
-        Err(HubError::Store(StoreError::Storage(hub_storage::StoreError::GatewayExists(_)))) => {
-            json_error(
-                StatusCode::CONFLICT,
-                "gateway id already enrolled and active (revoke it first to re-enrol)",
-            )
-        }
+        Err(HubError::Store(StoreError::GatewayExists(_))) => json_error(
+            StatusCode::CONFLICT,
+            "gateway id already enrolled and active (revoke it first to re-enrol)",
+        ),
         Err(e) => {
             tracing::error!(error = %e, "enrolment failed");
             json_error(StatusCode::INTERNAL_SERVER_ERROR, "internal error")

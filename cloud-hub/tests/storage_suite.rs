@@ -611,6 +611,240 @@ fn association_attributes_and_reattributes(s: &Store) {
     );
 }
 
+/// The patient a stored reading is attributed to.
+fn who(s: &Store, device: &str, seq: u64) -> Option<String> {
+    s.observation(&oid(device, seq))
+        .unwrap()
+        .unwrap()
+        .patient_id
+}
+
+fn beds(s: &Store, ids: &[&str]) {
+    for id in ids {
+        s.create_bed(&Bed {
+            id: (*id).into(),
+            ward: "icu".into(),
+            label: id.to_uppercase(),
+        })
+        .unwrap();
+    }
+}
+
+fn mrn(v: &str) -> PatientId {
+    PatientId {
+        system: "urn:mrn".into(),
+        value: v.into(),
+    }
+}
+
+fn association_intervals_are_half_open_and_merged(s: &Store) {
+    let none = Associations::new();
+    beds(s, &["b1", "b2", "b3"]);
+    s.place_device(G, "d1", "b1", T0, &none).unwrap();
+    s.place_device(G, "d2", "b2", T0, &none).unwrap();
+    s.admit(&mrn("m1"), "b1", T0, None, &none).unwrap();
+    let (t_transfer, t_discharge) = (T0 + 30 * MIN, T0 + 60 * MIN);
+    s.transfer(&mrn("m1"), "b2", t_transfer, &none).unwrap();
+    s.discharge(&mrn("m1"), t_discharge, &none).unwrap();
+    ingest(
+        s,
+        &batch(
+            1,
+            vec![
+                entry("d1", vec![spo2(t_transfer - 1, 1), spo2(t_transfer, 2)]),
+                entry(
+                    "d2",
+                    vec![
+                        spo2(t_transfer - 1, 1),
+                        spo2(t_transfer, 2),
+                        spo2(t_discharge - 1, 3),
+                        spo2(t_discharge, 4),
+                    ],
+                ),
+            ],
+        ),
+        &none,
+    );
+    let m1 = Some("m1".to_string());
+    assert_eq!(who(s, "d1", 1), m1);
+    assert_eq!(
+        who(s, "d1", 2),
+        None,
+        "at the transfer instant: the new bed"
+    );
+    assert_eq!(who(s, "d2", 1), None);
+    assert_eq!(who(s, "d2", 2), m1);
+    assert_eq!(who(s, "d2", 3), m1);
+    assert_eq!(who(s, "d2", 4), None, "at the discharge instant: nobody");
+    // Removing a device at an instant: a reading then is no longer at the bed.
+    s.admit(&mrn("m2"), "b1", t_discharge, None, &none).unwrap();
+    s.remove_device(G, "d1", t_discharge + MIN, &none).unwrap();
+    ingest(
+        s,
+        &batch(
+            2,
+            vec![entry(
+                "d1",
+                vec![spo2(t_discharge + MIN - 1, 3), spo2(t_discharge + MIN, 4)],
+            )],
+        ),
+        &none,
+    );
+    assert_eq!(who(s, "d1", 3).as_deref(), Some("m2"));
+    assert_eq!(who(s, "d1", 4), None);
+    // A placement back-dated before the device's next one at the same bed
+    // is merged with it: one placement, since the earlier instant.
+    s.place_device(G, "d3", "b3", T0 + 10 * MIN, &none).unwrap();
+    let c = s.place_device(G, "d3", "b3", T0, &none).unwrap();
+    assert_eq!(c.reattributed, 0);
+    let since = |at: i64| {
+        s.occupancy(at)
+            .unwrap()
+            .into_iter()
+            .find(|o| o.bed.id == "b3")
+            .unwrap()
+            .devices
+            .iter()
+            .map(|d| (d.device_id.clone(), d.since_us))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(since(T0 + 20 * MIN), vec![("d3".to_string(), T0)]);
+    // Placing it where it already is changes nothing.
+    s.place_device(G, "d3", "b3", T0 + 15 * MIN, &none).unwrap();
+    assert_eq!(since(T0 + 20 * MIN), vec![("d3".to_string(), T0)]);
+}
+
+fn association_back_dated_changes_move_readings(s: &Store) {
+    let none = Associations::new();
+    beds(s, &["b1", "b2", "b3"]);
+    s.place_device(G, "da", "b1", T0, &none).unwrap();
+    s.place_device(G, "db", "b2", T0, &none).unwrap();
+    s.place_device(G, "dc", "b3", T0, &none).unwrap();
+    s.admit(&mrn("m1"), "b1", T0, Some("v1"), &none).unwrap();
+    ingest(
+        s,
+        &batch(
+            1,
+            vec![
+                entry("da", vec![spo2(T0 + MIN, 1), spo2(T0 + 40 * MIN, 2)]),
+                entry("db", vec![spo2(T0 + MIN, 1), spo2(T0 + 40 * MIN, 2)]),
+            ],
+        ),
+        &none,
+    );
+    // The transfer happened at T0 + 30 min; it is recorded later.
+    let c = s.transfer(&mrn("m1"), "b2", T0 + 30 * MIN, &none).unwrap();
+    assert_eq!(c.reattributed, 2);
+    assert_eq!(who(s, "da", 1).as_deref(), Some("m1"));
+    assert_eq!(who(s, "da", 2), None);
+    assert_eq!(who(s, "db", 2).as_deref(), Some("m1"));
+    // A second patient in the freed bed takes da's later reading.
+    s.admit(&mrn("m2"), "b1", T0 + 35 * MIN, None, &none)
+        .unwrap();
+    assert_eq!(who(s, "da", 2).as_deref(), Some("m2"));
+    // Recorded again earlier: the b2 stay starts earlier, merged, same visit.
+    let c = s.transfer(&mrn("m1"), "b2", T0 + 20 * MIN, &none).unwrap();
+    assert_eq!(c.reattributed, 0);
+    assert_eq!(
+        s.bed_of(&mrn("m1"), T0 + 25 * MIN).unwrap().as_deref(),
+        Some("b2")
+    );
+    assert_eq!(
+        s.stay_of_visit("v1", T0 + 25 * MIN).unwrap(),
+        Some(mrn("m1"))
+    );
+    // Two later transfers, then a discharge before them: the admission ends,
+    // later transfers included.
+    s.transfer(&mrn("m1"), "b3", T0 + 50 * MIN, &none).unwrap();
+    ingest(
+        s,
+        &batch(2, vec![entry("dc", vec![spo2(T0 + 55 * MIN, 1)])]),
+        &none,
+    );
+    assert_eq!(who(s, "dc", 1).as_deref(), Some("m1"));
+    let c = s.discharge(&mrn("m1"), T0 + 5 * MIN, &none).unwrap();
+    assert_eq!(c.reattributed, 2, "db #2 and dc #1");
+    assert_eq!(who(s, "dc", 1), None);
+    assert_eq!(who(s, "db", 2), None);
+    assert_eq!(who(s, "da", 1).as_deref(), Some("m1"));
+    assert_eq!(s.bed_of(&mrn("m1"), T0 + 25 * MIN).unwrap(), None);
+    // Discharged again at the same instant: a repeat.
+    assert_eq!(
+        s.discharge(&mrn("m1"), T0 + 5 * MIN, &none)
+            .unwrap()
+            .reattributed,
+        0
+    );
+}
+
+fn association_conflicts_are_refused_and_repeats_are_no_ops(s: &Store) {
+    let c = &Associations::new();
+    beds(s, &["b1", "b2"]);
+    s.admit(&mrn("m1"), "b1", T0, Some("v1"), c).unwrap();
+    assert!(matches!(
+        s.admit(&mrn("m2"), "b1", T0 + MIN, None, c),
+        Err(AssocError::BedOccupied(_))
+    ));
+    // Back-dated into a bed occupied later: refused too.
+    assert!(matches!(
+        s.admit(&mrn("m2"), "b1", T0 - MIN, None, c),
+        Err(AssocError::BedOccupied(_))
+    ));
+    assert!(matches!(
+        s.admit(&mrn("m1"), "b2", T0 + MIN, None, c),
+        Err(AssocError::AlreadyAdmitted)
+    ));
+    // The same admission again (an ADT resend) is accepted as is.
+    s.admit(&mrn("m1"), "b1", T0, Some("v1"), c).unwrap();
+    assert!(matches!(
+        s.admit(&mrn("m3"), "nope", T0, None, c),
+        Err(AssocError::BedNotFound(_))
+    ));
+    assert!(matches!(
+        s.place_device(G, "d1", "nope", T0, c),
+        Err(AssocError::BedNotFound(_))
+    ));
+    assert!(matches!(
+        s.transfer(&mrn("m2"), "b2", T0, c),
+        Err(AssocError::NotAdmitted)
+    ));
+    s.admit(&mrn("m2"), "b2", T0, Some("v2"), c).unwrap();
+    assert!(matches!(
+        s.transfer(&mrn("m1"), "b2", T0 + MIN, c),
+        Err(AssocError::BedOccupied(_))
+    ));
+    // An identifier change onto a patient with overlapping stays.
+    assert!(matches!(
+        s.change_identifier(&mrn("m1"), &mrn("m2"), "v1", c),
+        Err(AssocError::AlreadyAdmitted)
+    ));
+    assert_eq!(
+        s.bed_of(&mrn("m1"), T0 + MIN).unwrap().as_deref(),
+        Some("b1")
+    );
+    assert!(matches!(
+        s.discharge(&mrn("m3"), T0, c),
+        Err(AssocError::NotAdmitted)
+    ));
+    assert!(matches!(
+        s.remove_device(G, "d1", T0, c),
+        Err(AssocError::NotPlaced)
+    ));
+    // Refused changes leave nothing behind.
+    let occ = s.occupancy(T0 + MIN).unwrap();
+    let patients: Vec<_> = occ
+        .iter()
+        .map(|o| {
+            (
+                o.bed.id.as_str(),
+                o.patient.as_ref().map(|p| p.value.as_str()),
+            )
+        })
+        .collect();
+    assert_eq!(patients, vec![("b1", Some("m1")), ("b2", Some("m2"))]);
+    assert!(occ.iter().all(|o| o.devices.is_empty()));
+}
+
 fn retention_purges_what_is_older_than_the_window(s: &Store) {
     let none = Associations::new();
     let day = 86_400_000_000i64;
@@ -1209,6 +1443,9 @@ suite!(
     gateways_and_tokens,
     enrolment_tokens_are_single_use,
     association_attributes_and_reattributes,
+    association_intervals_are_half_open_and_merged,
+    association_back_dated_changes_move_readings,
+    association_conflicts_are_refused_and_repeats_are_no_ops,
     retention_purges_what_is_older_than_the_window,
     users_tokens_and_sessions,
     sessions_are_refreshed_and_end_on_logout;
@@ -1288,10 +1525,7 @@ fn postgres_unreachable_server_is_an_error_not_a_hang() {
     )))
     .unwrap_err();
     // Cannot connect: transient (the hub answers 503 and retries), never a hang.
-    assert!(
-        matches!(err.storage(), Some(StoreError::Unavailable(_))),
-        "{err}"
-    );
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err}");
 }
 
 #[test]

@@ -181,3 +181,695 @@ impl DeviceAttribution {
         }
     }
 }
+
+/// A device id as sent by gateways: 1-128 characters without control
+/// characters (gateway ids are keys).
+pub fn check_device(gateway_id: &str, device_id: &str) -> Result<(), Invalid> {
+    check_key("gateway_id", gateway_id)?;
+    if device_id.is_empty() || device_id.len() > 128 || device_id.chars().any(char::is_control) {
+        return Err(Invalid {
+            field: "device_id",
+            message: "must be 1-128 characters without control characters".into(),
+        });
+    }
+    Ok(())
+}
+
+// ---- Timelines: the decisions, over intervals the backend loaded ----
+//
+// A backend loads, inside its transaction (holding its association lock),
+// the intervals a change looks at, asks one of the functions below what to
+// do, applies the returned [`Plan`] and re-attributes what it names. The
+// functions decide; they never touch storage.
+
+/// Open end of an interval, in comparisons and queries.
+pub const OPEN: i64 = i64::MAX;
+
+/// A stored placement or stay: at `bed` during `[from, to)` (`to` `None`:
+/// still open). `id` is the backend's row id; `visit` is the stay's
+/// encounter number (`None` for placements).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Interval {
+    pub id: i64,
+    pub bed: String,
+    pub from: i64,
+    pub to: Option<i64>,
+    pub visit: Option<String>,
+}
+
+impl Interval {
+    /// The end, [`OPEN`] when open.
+    pub fn end(&self) -> i64 {
+        self.to.unwrap_or(OPEN)
+    }
+
+    /// Whether `at` is inside `[from, to)`.
+    pub fn covers(&self, at: i64) -> bool {
+        self.from <= at && at < self.end()
+    }
+
+    /// Whether it overlaps `[lo, hi)`.
+    pub fn overlaps(&self, lo: i64, hi: i64) -> bool {
+        self.from < hi && self.end() > lo
+    }
+}
+
+/// An interval with its key: (gateway, device) of a placement,
+/// (system, value) of a stay.
+pub type Keyed = (String, String, Interval);
+
+/// A change refused because of what is stored.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Conflict {
+    #[error("bed `{0}` is occupied by another patient at or after that time")]
+    BedOccupied(String),
+    #[error("the patient already has a stay at or after that time (use transfer)")]
+    AlreadyAdmitted,
+    #[error("the patient has no stay at that time")]
+    NotAdmitted,
+    #[error("the device is not placed at a bed at that time")]
+    NotPlaced,
+}
+
+/// A new interval row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewInterval {
+    pub bed: String,
+    pub from: i64,
+    pub to: Option<i64>,
+    pub visit: Option<String>,
+}
+
+/// What to write for a change of one key's timeline, applied in this
+/// order: deletes, new ends, inserts; then re-attribute `affected`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub delete: Vec<i64>,
+    /// (row id, new `to`).
+    pub set_end: Vec<(i64, Option<i64>)>,
+    pub insert: Vec<NewInterval>,
+    pub affected: Affected,
+}
+
+/// The readings whose attribution a change can alter.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Affected {
+    /// (gateway, device, lo, hi): that device's readings in `[lo, hi)`.
+    pub devices: Vec<(String, String, i64, i64)>,
+    /// (bed, lo, hi): those of every device placed at the bed in the span.
+    pub beds: Vec<(String, i64, i64)>,
+}
+
+impl Affected {
+    fn device(&mut self, g: &str, d: &str, lo: i64, hi: i64) {
+        if lo < hi {
+            self.devices.push((g.to_owned(), d.to_owned(), lo, hi));
+        }
+    }
+
+    fn bed(&mut self, bed: &str, lo: i64, hi: i64) {
+        if lo < hi {
+            self.beds.push((bed.to_owned(), lo, hi));
+        }
+    }
+}
+
+impl Plan {
+    /// Shortens `iv` to end at `at`, deleting it when it would be empty.
+    fn cut(&mut self, iv: &Interval, at: i64) {
+        if iv.from >= at {
+            self.delete.push(iv.id);
+        } else {
+            self.set_end.push((iv.id, Some(at)));
+        }
+    }
+
+    /// Puts the key at `bed` during `[from, to)`, merged with a directly
+    /// adjacent interval of the key at the same bed before and after.
+    /// `mine` are the key's intervals ending at or after `from`; `cut` the
+    /// one this change cut (never a merge partner: it is at another bed or
+    /// deleted).
+    fn put_merged(
+        &mut self,
+        mine: &[Interval],
+        cut: Option<i64>,
+        bed: &str,
+        from: i64,
+        to: Option<i64>,
+        visit: Option<String>,
+    ) {
+        let others = || mine.iter().filter(|i| Some(i.id) != cut && i.bed == bed);
+        let prev = others().find(|i| i.to == Some(from)).map(|i| i.id);
+        let next = to.and_then(|t| others().find(|i| i.from == t));
+        let to = match next {
+            Some(n) => {
+                self.delete.push(n.id);
+                n.to
+            }
+            None => to,
+        };
+        match prev {
+            Some(p) => self.set_end.push((p, to)),
+            None => self.insert.push(NewInterval {
+                bed: bed.to_owned(),
+                from,
+                to,
+                visit,
+            }),
+        }
+    }
+}
+
+/// The first of `mine` covering `at`.
+fn covering(mine: &[Interval], at: i64) -> Option<&Interval> {
+    mine.iter().filter(|i| i.covers(at)).min_by_key(|i| i.from)
+}
+
+/// Places device `(g, d)` at `bed` from `at`; `mine` are the device's
+/// placements ending at or after `at`. A placement elsewhere covering `at`
+/// ends there and the new one lasts as long as it would have (else until
+/// the device's next placement, or open). `None`: already there.
+pub fn place(g: &str, d: &str, mine: &[Interval], bed: &str, at: i64) -> Option<Plan> {
+    let mut plan = Plan::default();
+    let (cut, end) = match covering(mine, at) {
+        Some(p) if p.bed == bed => return None,
+        Some(p) => {
+            plan.cut(p, at);
+            (Some(p.id), p.to)
+        }
+        None => (None, mine.iter().map(|i| i.from).filter(|f| *f > at).min()),
+    };
+    plan.put_merged(mine, cut, bed, at, end, None);
+    plan.affected.device(g, d, at, end.unwrap_or(OPEN));
+    Some(plan)
+}
+
+/// Ends device `(g, d)`'s placement covering `at` there.
+pub fn remove(g: &str, d: &str, mine: &[Interval], at: i64) -> Result<Plan, Conflict> {
+    let p = covering(mine, at).ok_or(Conflict::NotPlaced)?;
+    let mut plan = Plan::default();
+    plan.cut(p, at);
+    plan.affected.device(g, d, at, p.end());
+    Ok(plan)
+}
+
+/// Admits a patient to `bed` from `at` (an open stay). `mine` are the
+/// patient's stays ending at or after `at`, `at_bed` the bed's stays
+/// overlapping `[at, OPEN)`. Refused when the patient or the bed has a stay
+/// at or after `at`; `None` when admitted exactly so already.
+pub fn admit(
+    mine: &[Interval],
+    at_bed: &[Keyed],
+    bed: &str,
+    at: i64,
+    visit: Option<&str>,
+) -> Result<Option<Plan>, Conflict> {
+    let mine: Vec<&Interval> = mine.iter().filter(|i| i.end() > at).collect();
+    if let Some(s) = mine.first() {
+        if mine.len() == 1 && s.bed == bed && s.from == at {
+            return Ok(None);
+        }
+        return Err(Conflict::AlreadyAdmitted);
+    }
+    if at_bed.iter().any(|(_, _, s)| s.end() > at) {
+        return Err(Conflict::BedOccupied(bed.to_owned()));
+    }
+    let mut plan = Plan::default();
+    plan.insert.push(NewInterval {
+        bed: bed.to_owned(),
+        from: at,
+        to: None,
+        visit: visit.map(str::to_owned),
+    });
+    plan.affected.bed(bed, at, OPEN);
+    Ok(Some(plan))
+}
+
+/// Transfers patient `key` to `bed` at `at`: the stay covering `at` ends
+/// there and a stay at `bed` (same visit) continues until that stay's end.
+/// `mine` are the patient's stays ending at or after `at`, `at_bed` the
+/// target bed's stays overlapping `[at, OPEN)`. `None`: already there.
+pub fn transfer(
+    key: (&str, &str),
+    mine: &[Interval],
+    at_bed: &[Keyed],
+    bed: &str,
+    at: i64,
+) -> Result<Option<Plan>, Conflict> {
+    let s = covering(mine, at).ok_or(Conflict::NotAdmitted)?;
+    if s.bed == bed {
+        return Ok(None);
+    }
+    if at_bed
+        .iter()
+        .any(|(sys, val, o)| o.overlaps(at, s.end()) && (sys.as_str(), val.as_str()) != key)
+    {
+        return Err(Conflict::BedOccupied(bed.to_owned()));
+    }
+    let mut plan = Plan::default();
+    plan.cut(s, at);
+    plan.put_merged(mine, Some(s.id), bed, at, s.to, s.visit.clone());
+    plan.affected.bed(&s.bed, at, s.end());
+    plan.affected.bed(bed, at, s.end());
+    Ok(Some(plan))
+}
+
+/// Discharges a patient at `at`: the stay covering `at` ends there and the
+/// directly following stays (later transfers of the same admission) are
+/// removed. `mine` are the patient's stays ending at or after `at`. `None`:
+/// a stay already ends exactly at `at` (a repeat).
+pub fn discharge(mine: &[Interval], at: i64) -> Result<Option<Plan>, Conflict> {
+    let Some(first) = covering(mine, at) else {
+        return if mine.iter().any(|i| i.to == Some(at)) {
+            Ok(None)
+        } else {
+            Err(Conflict::NotAdmitted)
+        };
+    };
+    let mut plan = Plan::default();
+    plan.affected.bed(&first.bed, at, first.end());
+    plan.cut(first, at);
+    let mut end = first.to;
+    while let Some(e) = end {
+        let Some(next) = covering(mine, e).filter(|n| n.from == e) else {
+            break;
+        };
+        plan.affected.bed(&next.bed, next.from, next.end());
+        plan.delete.push(next.id);
+        end = next.to;
+    }
+    Ok(Some(plan))
+}
+
+/// An identifier change of a visit: `visit_stays` are the old identifier's
+/// stays of the visit (all re-keyed), `new_stays` the new identifier's
+/// stays overlapping them. Refused when they overlap.
+pub fn change_identifier(
+    visit_stays: &[Interval],
+    new_stays: &[Interval],
+) -> Result<Affected, Conflict> {
+    let mut affected = Affected::default();
+    for s in visit_stays {
+        if new_stays.iter().any(|n| n.overlaps(s.from, s.end())) {
+            return Err(Conflict::AlreadyAdmitted);
+        }
+        affected.bed(&s.bed, s.from, s.end());
+    }
+    Ok(affected)
+}
+
+/// The span `[min from, max end)` covering `stays` (`None` when empty), to
+/// load what overlaps them.
+pub fn span(stays: &[Interval]) -> Option<(i64, i64)> {
+    let lo = stays.iter().map(|s| s.from).min()?;
+    let hi = stays.iter().map(Interval::end).max()?;
+    Some((lo, hi))
+}
+
+/// The device spans of a bed span: the placements at the bed overlapping
+/// `[lo, hi)` (loaded as `at_bed`), clipped to it.
+pub fn device_spans(lo: i64, hi: i64, at_bed: &[Keyed]) -> Vec<(String, String, i64, i64)> {
+    at_bed
+        .iter()
+        .filter(|(_, _, p)| p.overlaps(lo, hi))
+        .map(|(g, d, p)| (g.clone(), d.clone(), lo.max(p.from), hi.min(p.end())))
+        .collect()
+}
+
+/// The bed windows of a device's `[lo, hi)`: each placement (loaded as
+/// overlapping `[lo, hi)`) clipped to it, for loading the stays there.
+pub fn bed_windows(lo: i64, hi: i64, placements: &[Interval]) -> Vec<(String, i64, i64)> {
+    placements
+        .iter()
+        .map(|p| (p.bed.clone(), p.from.max(lo), p.end().min(hi)))
+        .collect()
+}
+
+/// A constant piece of a device's attribution: `[from, to)` and the patient
+/// of the stay covering its bed then, if any.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Piece {
+    pub from: i64,
+    pub to: i64,
+    pub patient: Option<PatientId>,
+}
+
+/// The constant pieces of a device's attribution over `[lo, hi)`, from its
+/// placements overlapping the span and the stays (with their patient) of
+/// each [`bed_windows`] window, as (bed, patient, stay).
+pub fn pieces(
+    lo: i64,
+    hi: i64,
+    placements: &[Interval],
+    stays: &[(String, PatientId, Interval)],
+) -> Vec<Piece> {
+    let mut cuts = std::collections::BTreeSet::from([lo, hi]);
+    for (bed, a, b) in bed_windows(lo, hi, placements) {
+        cuts.insert(a);
+        cuts.insert(b);
+        for (_, _, s) in stays
+            .iter()
+            .filter(|(sb, _, s)| *sb == bed && s.overlaps(a, b))
+        {
+            cuts.insert(s.from.clamp(a, b));
+            cuts.insert(s.end().clamp(a, b));
+        }
+    }
+    let cuts: Vec<i64> = cuts.into_iter().collect();
+    let mut out: Vec<Piece> = Vec::new();
+    for w in cuts.windows(2) {
+        let (x, y) = (w[0], w[1]);
+        let who = placements.iter().find(|p| p.covers(x)).and_then(|p| {
+            stays
+                .iter()
+                .find(|(bed, _, s)| *bed == p.bed && s.covers(x))
+                .map(|(_, pid, _)| pid.clone())
+        });
+        match out.last_mut() {
+            Some(last) if last.patient == who && last.to == x => last.to = y,
+            _ => out.push(Piece {
+                from: x,
+                to: y,
+                patient: who,
+            }),
+        }
+    }
+    out
+}
+
+/// What a re-attributed reading's columns become (`patient_system`,
+/// `patient_id`, `attribution`): the stay's patient, else the static config
+/// map's, else nobody.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub system: Option<String>,
+    pub value: Option<String>,
+    pub how: &'static str,
+}
+
+impl Target {
+    pub fn of(piece: &Piece, config: Option<&str>) -> Target {
+        match (&piece.patient, config) {
+            (Some(p), _) => Target {
+                system: Some(p.system.clone()),
+                value: Some(p.value.clone()),
+                how: "stay",
+            },
+            (None, Some(c)) => Target {
+                system: None,
+                value: Some(c.to_owned()),
+                how: "config",
+            },
+            (None, None) => Target {
+                system: None,
+                value: None,
+                how: "unattributed",
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T: i64 = 1_000_000;
+
+    fn iv(id: i64, bed: &str, from: i64, to: Option<i64>) -> Interval {
+        Interval {
+            id,
+            bed: bed.into(),
+            from,
+            to,
+            visit: None,
+        }
+    }
+
+    fn pid(v: &str) -> PatientId {
+        PatientId {
+            system: "urn:mrn".into(),
+            value: v.into(),
+        }
+    }
+
+    fn keyed(v: &str, i: Interval) -> Keyed {
+        ("urn:mrn".into(), v.into(), i)
+    }
+
+    #[test]
+    fn placing_where_the_device_is_is_a_no_op_and_elsewhere_cuts_and_moves() {
+        let mine = [iv(1, "b1", T, None)];
+        assert_eq!(place("g", "d", &mine, "b1", T + 5), None);
+        let plan = place("g", "d", &mine, "b2", T + 5).unwrap();
+        assert_eq!(plan.set_end, vec![(1, Some(T + 5))]);
+        assert!(plan.delete.is_empty());
+        assert_eq!(
+            plan.insert,
+            vec![NewInterval {
+                bed: "b2".into(),
+                from: T + 5,
+                to: None,
+                visit: None
+            }]
+        );
+        assert_eq!(
+            plan.affected.devices,
+            vec![("g".into(), "d".into(), T + 5, OPEN)]
+        );
+        // At the placement's own start: replaced, not shortened to nothing.
+        let plan = place("g", "d", &mine, "b2", T).unwrap();
+        assert_eq!(plan.delete, vec![1]);
+        assert!(plan.set_end.is_empty());
+    }
+
+    #[test]
+    fn a_back_dated_placement_lasts_until_the_next_and_merges_with_it() {
+        // Placed at b1 from T + 10; back-dated to T: one interval.
+        let mine = [iv(1, "b1", T + 10, None)];
+        let plan = place("g", "d", &mine, "b1", T).unwrap();
+        assert_eq!(plan.delete, vec![1]);
+        assert_eq!(plan.insert.len(), 1);
+        assert_eq!((plan.insert[0].from, plan.insert[0].to), (T, None));
+        assert_eq!(
+            plan.affected.devices,
+            vec![("g".into(), "d".into(), T, T + 10)]
+        );
+        // At another bed: ends where the next starts.
+        let plan = place("g", "d", &mine, "b2", T).unwrap();
+        assert!(plan.delete.is_empty());
+        assert_eq!(plan.insert[0].to, Some(T + 10));
+        // Adjacent before, at the same bed: extended instead of inserted.
+        let mine = [iv(1, "b1", T, Some(T + 10)), iv(2, "b2", T + 10, None)];
+        let plan = place("g", "d", &mine, "b1", T + 10).unwrap();
+        assert_eq!(plan.delete, vec![2]);
+        assert_eq!(plan.set_end, vec![(1, None)]);
+        assert!(plan.insert.is_empty());
+    }
+
+    #[test]
+    fn removing_is_half_open_and_needs_a_placement() {
+        let mine = [iv(1, "b1", T, Some(T + 10))];
+        assert_eq!(remove("g", "d", &mine, T + 10), Err(Conflict::NotPlaced));
+        assert_eq!(remove("g", "d", &mine, T - 1), Err(Conflict::NotPlaced));
+        let plan = remove("g", "d", &mine, T + 9).unwrap();
+        assert_eq!(plan.set_end, vec![(1, Some(T + 9))]);
+        assert_eq!(
+            plan.affected.devices,
+            vec![("g".into(), "d".into(), T + 9, T + 10)]
+        );
+    }
+
+    #[test]
+    fn admission_conflicts_and_repeats() {
+        let plan = admit(&[], &[], "b1", T, Some("V1")).unwrap().unwrap();
+        assert_eq!(plan.insert[0].visit.as_deref(), Some("V1"));
+        assert_eq!(plan.affected.beds, vec![("b1".into(), T, OPEN)]);
+        let mine = [iv(1, "b1", T, None)];
+        assert_eq!(admit(&mine, &[], "b1", T, None), Ok(None));
+        assert_eq!(
+            admit(&mine, &[], "b2", T + 1, None),
+            Err(Conflict::AlreadyAdmitted)
+        );
+        // A stay that ended exactly at `at` does not count (half-open).
+        let ended = [iv(1, "b1", T, Some(T + 5))];
+        assert!(admit(&ended, &[], "b2", T + 5, None).unwrap().is_some());
+        // The bed is taken at or after `at`, also by a later stay.
+        let later = [keyed("MRN-2", iv(7, "b1", T + 10, None))];
+        assert_eq!(
+            admit(&[], &later, "b1", T, None),
+            Err(Conflict::BedOccupied("b1".into()))
+        );
+    }
+
+    #[test]
+    fn a_back_dated_transfer_splits_the_stay_and_keeps_its_visit() {
+        let mut s = iv(1, "b1", T, Some(T + 60));
+        s.visit = Some("V1".into());
+        let plan = transfer(("urn:mrn", "MRN-1"), &[s], &[], "b2", T + 30)
+            .unwrap()
+            .unwrap();
+        assert_eq!(plan.set_end, vec![(1, Some(T + 30))]);
+        assert_eq!(
+            plan.insert,
+            vec![NewInterval {
+                bed: "b2".into(),
+                from: T + 30,
+                to: Some(T + 60),
+                visit: Some("V1".into())
+            }]
+        );
+        assert_eq!(
+            plan.affected.beds,
+            vec![("b1".into(), T + 30, T + 60), ("b2".into(), T + 30, T + 60)]
+        );
+        // Transferring again earlier to the same bed merges with the b2 stay.
+        let mine = [iv(1, "b1", T, Some(T + 30)), iv(2, "b2", T + 30, None)];
+        let plan = transfer(("urn:mrn", "MRN-1"), &mine, &[], "b2", T + 20)
+            .unwrap()
+            .unwrap();
+        assert_eq!(plan.set_end, vec![(1, Some(T + 20))]);
+        assert_eq!(plan.delete, vec![2]);
+        assert_eq!((plan.insert[0].from, plan.insert[0].to), (T + 20, None));
+        // Already there; not admitted; the target bed taken by another.
+        assert_eq!(
+            transfer(("urn:mrn", "MRN-1"), &mine, &[], "b2", T + 40),
+            Ok(None)
+        );
+        assert_eq!(
+            transfer(("urn:mrn", "MRN-1"), &mine, &[], "b2", T - 1),
+            Err(Conflict::NotAdmitted)
+        );
+        let other = [keyed("MRN-2", iv(9, "b3", T + 25, None))];
+        assert_eq!(
+            transfer(("urn:mrn", "MRN-1"), &mine, &other, "b3", T + 10),
+            Err(Conflict::BedOccupied("b3".into()))
+        );
+        // One that ended before `at` does not block it.
+        let gone = [keyed("MRN-2", iv(9, "b3", T, Some(T + 10)))];
+        assert!(transfer(("urn:mrn", "MRN-1"), &mine, &gone, "b3", T + 10).is_ok());
+    }
+
+    #[test]
+    fn discharge_ends_the_admission_including_later_transfers() {
+        let mine = [
+            iv(1, "b1", T, Some(T + 10)),
+            iv(2, "b2", T + 10, Some(T + 20)),
+            iv(3, "b3", T + 20, None),
+            iv(4, "b1", T + 90, None),
+        ];
+        let plan = discharge(&mine, T + 5).unwrap().unwrap();
+        assert_eq!(plan.set_end, vec![(1, Some(T + 5))]);
+        assert_eq!(plan.delete, vec![2, 3]);
+        assert_eq!(
+            plan.affected.beds,
+            vec![
+                ("b1".into(), T + 5, T + 10),
+                ("b2".into(), T + 10, T + 20),
+                ("b3".into(), T + 20, OPEN)
+            ]
+        );
+        // At the admission instant: the stay goes.
+        assert_eq!(discharge(&mine[..1], T).unwrap().unwrap().delete, vec![1]);
+        // Again at the instant it ends: a repeat; elsewhere not admitted.
+        let ended = [iv(1, "b1", T, Some(T + 5))];
+        assert_eq!(discharge(&ended, T + 5), Ok(None));
+        assert_eq!(discharge(&ended, T + 6), Err(Conflict::NotAdmitted));
+    }
+
+    #[test]
+    fn an_identifier_change_is_refused_over_the_new_identifiers_stays() {
+        let visit = [iv(1, "b1", T, Some(T + 10)), iv(2, "b2", T + 10, None)];
+        let a = change_identifier(&visit, &[iv(5, "b4", 0, Some(T))]).unwrap();
+        assert_eq!(
+            a.beds,
+            vec![("b1".into(), T, T + 10), ("b2".into(), T + 10, OPEN)]
+        );
+        assert_eq!(
+            change_identifier(&visit, &[iv(5, "b4", T + 50, None)]),
+            Err(Conflict::AlreadyAdmitted)
+        );
+        assert_eq!(span(&visit), Some((T, OPEN)));
+        assert_eq!(span(&[]), None);
+    }
+
+    #[test]
+    fn pieces_follow_placements_and_stays_half_open() {
+        // Device at b1 [T, T+30), at b2 [T+30, ...); patient in b1 [T+10, T+40)
+        // then b2 from T+40.
+        let placements = [iv(1, "b1", T, Some(T + 30)), iv(2, "b2", T + 30, None)];
+        assert_eq!(
+            bed_windows(T + 5, T + 100, &placements),
+            vec![("b1".into(), T + 5, T + 30), ("b2".into(), T + 30, T + 100)]
+        );
+        let stays = [
+            (
+                "b1".to_string(),
+                pid("P"),
+                iv(7, "b1", T + 10, Some(T + 40)),
+            ),
+            ("b2".to_string(), pid("P"), iv(8, "b2", T + 40, None)),
+        ];
+        let got = pieces(T + 5, T + 100, &placements, &stays);
+        let want = |from, to, p: Option<&str>| Piece {
+            from,
+            to,
+            patient: p.map(pid),
+        };
+        assert_eq!(
+            got,
+            vec![
+                want(T + 5, T + 10, None),
+                want(T + 10, T + 30, Some("P")),
+                want(T + 30, T + 40, None),
+                want(T + 40, T + 100, Some("P")),
+            ]
+        );
+        // Adjacent pieces of the same patient are one.
+        let stays = [
+            ("b1".to_string(), pid("P"), iv(7, "b1", T, Some(T + 30))),
+            ("b2".to_string(), pid("P"), iv(8, "b2", T + 30, None)),
+        ];
+        assert_eq!(
+            pieces(T, T + 100, &placements, &stays),
+            vec![want(T, T + 100, Some("P"))]
+        );
+        // No placement: one unattributed piece.
+        assert_eq!(pieces(T, T + 1, &[], &[]), vec![want(T, T + 1, None)]);
+    }
+
+    #[test]
+    fn targets_prefer_the_stay_then_the_config_map() {
+        let p = Piece {
+            from: 0,
+            to: 1,
+            patient: Some(pid("P")),
+        };
+        assert_eq!(Target::of(&p, Some("cfg")).how, "stay");
+        let none = Piece { patient: None, ..p };
+        let t = Target::of(&none, Some("cfg"));
+        assert_eq!(
+            (t.value.as_deref(), t.system, t.how),
+            (Some("cfg"), None, "config")
+        );
+        assert_eq!(Target::of(&none, None).how, "unattributed");
+    }
+
+    #[test]
+    fn device_spans_clip_the_beds_placements() {
+        let at_bed = [
+            (
+                "g".to_string(),
+                "d1".to_string(),
+                iv(1, "b1", T, Some(T + 10)),
+            ),
+            ("g".to_string(), "d2".to_string(), iv(2, "b1", T + 10, None)),
+        ];
+        assert_eq!(
+            device_spans(T + 5, T + 20, &at_bed),
+            vec![
+                ("g".into(), "d1".into(), T + 5, T + 10),
+                ("g".into(), "d2".into(), T + 10, T + 20)
+            ]
+        );
+    }
+}

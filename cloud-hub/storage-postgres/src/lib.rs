@@ -25,6 +25,7 @@
 //! single connection).
 
 mod access;
+mod association;
 mod audit;
 mod clinical;
 mod error;
@@ -204,7 +205,7 @@ impl PgConfig {
 /// thread that is already inside a runtime's context (an async task, or
 /// `spawn_blocking`). There `f` runs on a scoped helper thread; elsewhere
 /// (CLI, benchmarks) directly.
-pub fn off_runtime<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+pub(crate) fn off_runtime<T: Send>(f: impl FnOnce() -> T + Send) -> T {
     if tokio::runtime::Handle::try_current().is_err() {
         return f();
     }
@@ -226,7 +227,7 @@ struct Pool {
 
 /// A pooled connection, returned to the pool on drop.
 /// A pooled connection (derefs to the client), returned to the pool on drop.
-pub struct Conn<'a> {
+pub(crate) struct Conn<'a> {
     pool: &'a Pool,
     client: Option<Client>,
 }
@@ -339,7 +340,7 @@ impl std::fmt::Debug for PgStore {
 }
 
 /// Advisory lock key of association changes (exclusive) vs ingest (shared).
-pub const ASSOC_LOCK: i64 = 0x5649_4749_4c41_5353; // "VIGILASS"
+pub(crate) const ASSOC_LOCK: i64 = 0x5649_4749_4c41_5353; // "VIGILASS"
 
 impl PgStore {
     /// Connects (one connection, to check) and applies pending migrations.
@@ -378,7 +379,7 @@ impl PgStore {
         Ok(store)
     }
 
-    pub fn conn(&self) -> Result<Conn<'_>, DbError> {
+    pub(crate) fn conn(&self) -> Result<Conn<'_>, DbError> {
         self.pool.get()
     }
 

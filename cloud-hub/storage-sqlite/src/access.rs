@@ -207,7 +207,7 @@ mod tests {
         assert!(!s.insert_user("alice", "admin", "$argon2id$y", 2).unwrap());
         assert!(s.insert_api_token("script", "ab12", "biomed", 3).unwrap());
         s.insert_session("cd34", "alice", "csrf-1", 4).unwrap();
-        let conn = s.lock().unwrap();
+        let conn = s.conn().unwrap();
         let stored: (String, String, String) = conn
             .query_row(
                 "SELECT u.password_hash, t.token_sha256, s.id_sha256

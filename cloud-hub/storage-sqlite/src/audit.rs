@@ -108,7 +108,7 @@ mod tests {
         let v = check(&s, None);
         assert_eq!((v.entries, v.broken.clone()), (5, None));
         assert_eq!(v.head.unwrap().0, 5);
-        let conn = s.lock().unwrap();
+        let conn = s.conn().unwrap();
         // Append-only: the triggers refuse edits and deletions.
         assert!(
             conn.execute("UPDATE audit_log SET actor = 'x' WHERE seq = 2", [])
@@ -136,7 +136,7 @@ mod tests {
     fn removed_entries_are_found() {
         let (_d, s) = store_with(5);
         let head = check(&s, None).head.unwrap();
-        let conn = s.lock().unwrap();
+        let conn = s.conn().unwrap();
         conn.execute_batch("DROP TRIGGER audit_log_no_delete;")
             .unwrap();
         // A middle entry: the sequence jumps.
@@ -146,7 +146,7 @@ mod tests {
         assert_eq!(check(&s, None).broken.map(|b| b.0), Some(3));
 
         let (_d, s) = store_with(5);
-        let conn = s.lock().unwrap();
+        let conn = s.conn().unwrap();
         conn.execute_batch("DROP TRIGGER audit_log_no_delete;")
             .unwrap();
         // The newest entry: the chain is shorter but valid; the anchor

@@ -7,6 +7,7 @@
 
 mod access;
 mod alerts;
+mod association;
 mod attribution;
 mod audit;
 pub mod backup;
@@ -264,12 +265,6 @@ impl SqliteStore {
             readers: None,
             wal: None,
         })
-    }
-
-    /// The connection, locked. Transitional: for the hub modules whose SQL
-    /// has not moved into this crate yet.
-    pub fn lock(&self) -> Result<MutexGuard<'_, Connection>, StoreError> {
-        self.conn.lock().map_err(|_| StoreError::Poisoned)
     }
 
     fn conn(&self) -> Result<MutexGuard<'_, Connection>, DbError> {
@@ -1057,7 +1052,7 @@ mod tests {
         assert_eq!(s.list_gateways().unwrap().len(), 1, "data kept");
         s.add_enrollment("e", i64::MAX).unwrap();
         let versions: Vec<i64> = s
-            .lock()
+            .conn()
             .unwrap()
             .prepare("SELECT version FROM schema_migrations ORDER BY version")
             .unwrap()

@@ -14,11 +14,13 @@ use hub_domain::fhir::render::{DeviceRow, ObservationRow};
 use shared_protocol::v1::{Batch, BatchAck, RejectReason};
 
 mod alerts;
+mod association;
 mod error;
 mod scores;
 mod trends;
 
 pub use alerts::{AlertFilter, AlertStore, AlertsLoaded, StoredOverride, Transitioned};
+pub use association::{AssocError, AssocTx, AssociationStore, Timeline, procedure};
 pub use error::StoreError;
 pub use scores::ScoreStore;
 pub use trends::TrendStore;
@@ -158,6 +160,7 @@ pub trait Storage:
     + AccountStore
     + AuditStore
     + GatewayViewStore
+    + AssociationStore
     + std::fmt::Debug
     + Send
     + Sync

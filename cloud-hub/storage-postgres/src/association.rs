@@ -1,0 +1,357 @@
+//! Patient association on PostgreSQL: the same timelines as on SQLite, in
+//! transactions holding the exclusive association advisory lock
+//! ([`ASSOC_LOCK`]; ingest holds it shared). What to load, write and
+//! re-attribute is decided once, by `hub_storage::procedure` and
+//! `hub_domain::association`; this module is the SQL of [`AssocTx`].
+
+use hub_domain::association::{
+    Bed, BedOccupancy, Change, Interval, Keyed, OPEN, PatientId, Piece, Plan, Target,
+};
+use hub_storage::{
+    AssocError, AssocTx, AssociationStore, Associations, StoreError, Timeline, procedure,
+};
+use postgres::{GenericClient, Transaction};
+
+use crate::{ASSOC_LOCK, DbError, PgStore, off_runtime};
+
+/// A change's outcome: `Ok(Err(_))` is a refusal (the transaction is rolled
+/// back), `Err(_)` a database failure.
+type Outcome<T> = Result<Result<T, AssocError>, DbError>;
+
+fn store_error(e: impl Into<DbError>) -> AssocError {
+    AssocError::Store(StoreError::from(e.into()))
+}
+
+/// A timeline's table and key columns.
+struct Table {
+    name: &'static str,
+    k1: &'static str,
+    k2: &'static str,
+    /// The columns [`interval`] reads.
+    columns: &'static str,
+}
+
+fn table(t: Timeline) -> Table {
+    match t {
+        Timeline::Placements => Table {
+            name: "device_placements",
+            k1: "gateway_id",
+            k2: "device_id",
+            columns: "id, bed_id, from_us, to_us, NULL::text",
+        },
+        Timeline::Stays => Table {
+            name: "patient_stays",
+            k1: "patient_system",
+            k2: "patient_value",
+            columns: "id, bed_id, from_us, to_us, visit",
+        },
+    }
+}
+
+fn interval(r: &postgres::Row) -> Interval {
+    Interval {
+        id: r.get(0),
+        bed: r.get(1),
+        from: r.get(2),
+        to: r.get(3),
+        visit: r.get(4),
+    }
+}
+
+/// [`AssocTx`] on a PostgreSQL transaction (or, for reads, a client).
+struct Tx<'a, C: GenericClient>(&'a mut C);
+
+impl<C: GenericClient> AssocTx for Tx<'_, C> {
+    type Error = DbError;
+
+    fn bed_exists(&mut self, bed: &str) -> Result<bool, DbError> {
+        Ok(self
+            .0
+            .query_opt("SELECT 1 FROM beds WHERE id = $1", &[&bed])?
+            .is_some())
+    }
+
+    fn overlapping(
+        &mut self,
+        t: Timeline,
+        k: (&str, &str),
+        lo: i64,
+        hi: i64,
+    ) -> Result<Vec<Interval>, DbError> {
+        let t = table(t);
+        let sql = format!(
+            "SELECT {} FROM {} WHERE {} = $1 AND {} = $2
+               AND from_us < $4 AND COALESCE(to_us, {OPEN}) > $3 ORDER BY from_us",
+            t.columns, t.name, t.k1, t.k2
+        );
+        Ok(self
+            .0
+            .query(&sql, &[&k.0, &k.1, &lo, &hi])?
+            .iter()
+            .map(interval)
+            .collect())
+    }
+
+    fn at_bed(&mut self, t: Timeline, bed: &str, lo: i64, hi: i64) -> Result<Vec<Keyed>, DbError> {
+        let t = table(t);
+        let sql = format!(
+            "SELECT {}, {}, {} FROM {} WHERE bed_id = $1
+               AND from_us < $3 AND COALESCE(to_us, {OPEN}) > $2 ORDER BY from_us",
+            t.columns, t.k1, t.k2, t.name
+        );
+        Ok(self
+            .0
+            .query(&sql, &[&bed, &lo, &hi])?
+            .iter()
+            .map(|r| (r.get(5), r.get(6), interval(r)))
+            .collect())
+    }
+
+    fn stays_of_visit(&mut self, visit: &str, key: (&str, &str)) -> Result<Vec<Interval>, DbError> {
+        let sql = format!(
+            "SELECT {} FROM patient_stays
+              WHERE visit = $1 AND patient_system = $2 AND patient_value = $3",
+            table(Timeline::Stays).columns
+        );
+        Ok(self
+            .0
+            .query(&sql, &[&visit, &key.0, &key.1])?
+            .iter()
+            .map(interval)
+            .collect())
+    }
+
+    fn apply(&mut self, t: Timeline, k: (&str, &str), plan: &Plan) -> Result<(), DbError> {
+        let tb = table(t);
+        for id in &plan.delete {
+            self.0
+                .execute(&format!("DELETE FROM {} WHERE id = $1", tb.name), &[id])?;
+        }
+        for (id, to) in &plan.set_end {
+            self.0.execute(
+                &format!("UPDATE {} SET to_us = $2 WHERE id = $1", tb.name),
+                &[id, to],
+            )?;
+        }
+        for n in &plan.insert {
+            match t {
+                Timeline::Stays => self.0.execute(
+                    "INSERT INTO patient_stays
+                         (patient_system, patient_value, bed_id, from_us, to_us, visit)
+                     VALUES ($1, $2, $3, $4, $5, $6)",
+                    &[&k.0, &k.1, &n.bed, &n.from, &n.to, &n.visit],
+                )?,
+                Timeline::Placements => self.0.execute(
+                    "INSERT INTO device_placements (gateway_id, device_id, bed_id, from_us, to_us)
+                     VALUES ($1, $2, $3, $4, $5)",
+                    &[&k.0, &k.1, &n.bed, &n.from, &n.to],
+                )?,
+            };
+        }
+        Ok(())
+    }
+
+    fn rekey_stays(&mut self, ids: &[i64], new: &PatientId) -> Result<(), DbError> {
+        for id in ids {
+            self.0.execute(
+                "UPDATE patient_stays SET patient_system = $2, patient_value = $3 WHERE id = $1",
+                &[id, &new.system, &new.value],
+            )?;
+        }
+        Ok(())
+    }
+
+    fn set_attribution(
+        &mut self,
+        g: &str,
+        d: &str,
+        piece: &Piece,
+        t: &Target,
+    ) -> Result<u64, DbError> {
+        Ok(self.0.execute(
+            "UPDATE observations SET patient_system = $5, patient_id = $6, attribution = $7
+              WHERE gateway_id = $1 AND device_id = $2 AND effective_us >= $3 AND effective_us < $4
+                AND attribution IN ('stay', 'config', 'unattributed')
+                AND (patient_system IS DISTINCT FROM $5 OR patient_id IS DISTINCT FROM $6
+                     OR attribution IS DISTINCT FROM $7)",
+            &[&g, &d, &piece.from, &piece.to, &t.system, &t.value, &t.how],
+        )?)
+    }
+
+    /// PostgreSQL keeps no data derived from a reading's patient.
+    fn reattributed(&mut self, _: &str, _: &str, _: i64, _: i64) -> Result<(), DbError> {
+        Ok(())
+    }
+}
+
+fn list_beds(c: &mut impl GenericClient) -> Result<Vec<Bed>, DbError> {
+    Ok(
+        c.query("SELECT id, ward, label FROM beds ORDER BY ward, id", &[])?
+            .iter()
+            .map(|r| Bed {
+                id: r.get(0),
+                ward: r.get(1),
+                label: r.get(2),
+            })
+            .collect(),
+    )
+}
+
+impl PgStore {
+    /// Runs `f` off the async runtime in one transaction holding the
+    /// exclusive association lock, committed unless it refuses or fails.
+    fn assoc_tx<T: Send>(
+        &self,
+        f: impl for<'a, 'b> FnOnce(&mut Tx<'a, Transaction<'b>>) -> Outcome<T> + Send,
+    ) -> Result<T, AssocError> {
+        let out = off_runtime(|| -> Outcome<T> {
+            let mut c = self.conn()?;
+            let mut tx = c.transaction()?;
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&ASSOC_LOCK])?;
+            let out = f(&mut Tx(&mut tx))?;
+            if out.is_ok() {
+                tx.commit()?;
+            }
+            Ok(out)
+        });
+        out.map_err(store_error)?
+    }
+
+    /// Runs a read off the async runtime, in one transaction (a consistent
+    /// view).
+    fn assoc_read<T: Send>(
+        &self,
+        f: impl for<'a, 'b> FnOnce(&mut Tx<'a, Transaction<'b>>) -> Result<T, DbError> + Send,
+    ) -> Result<T, AssocError> {
+        off_runtime(|| {
+            let mut c = self.conn()?;
+            let mut tx = c.transaction()?;
+            let out = f(&mut Tx(&mut tx))?;
+            tx.commit()?;
+            Ok::<T, DbError>(out)
+        })
+        .map_err(store_error)
+    }
+}
+
+impl AssociationStore for PgStore {
+    fn create_bed(&self, bed: &Bed) -> Result<(), AssocError> {
+        self.assoc_tx(|tx| {
+            let n = tx.0.execute(
+                "INSERT INTO beds (id, ward, label, created_us) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (id) DO NOTHING",
+                &[&bed.id, &bed.ward, &bed.label, &hub_domain::clock::now_us()],
+            )?;
+            Ok(if n == 0 {
+                Err(AssocError::BedExists(bed.id.clone()))
+            } else {
+                Ok(())
+            })
+        })
+    }
+
+    fn list_beds(&self) -> Result<Vec<Bed>, AssocError> {
+        self.assoc_read(|tx| list_beds(tx.0))
+    }
+
+    fn place_device(
+        &self,
+        g: &str,
+        d: &str,
+        bed: &str,
+        at: i64,
+        fallback: &Associations,
+    ) -> Result<Change, AssocError> {
+        self.assoc_tx(|tx| procedure::place_device(tx, g, d, bed, at, fallback))
+    }
+
+    fn remove_device(
+        &self,
+        g: &str,
+        d: &str,
+        at: i64,
+        fallback: &Associations,
+    ) -> Result<Change, AssocError> {
+        self.assoc_tx(|tx| procedure::remove_device(tx, g, d, at, fallback))
+    }
+
+    fn admit(
+        &self,
+        patient: &PatientId,
+        bed: &str,
+        at: i64,
+        visit: Option<&str>,
+        fallback: &Associations,
+    ) -> Result<Change, AssocError> {
+        self.assoc_tx(|tx| procedure::admit(tx, patient, bed, at, visit, fallback))
+    }
+
+    fn transfer(
+        &self,
+        patient: &PatientId,
+        bed: &str,
+        at: i64,
+        fallback: &Associations,
+    ) -> Result<Change, AssocError> {
+        self.assoc_tx(|tx| procedure::transfer(tx, patient, bed, at, fallback))
+    }
+
+    fn discharge(
+        &self,
+        patient: &PatientId,
+        at: i64,
+        fallback: &Associations,
+    ) -> Result<Change, AssocError> {
+        self.assoc_tx(|tx| procedure::discharge(tx, patient, at, fallback))
+    }
+
+    fn stay_of_visit(&self, visit: &str, at: i64) -> Result<Option<PatientId>, AssocError> {
+        self.assoc_read(|tx| {
+            Ok(tx
+                .0
+                .query_opt(
+                    "SELECT patient_system, patient_value FROM patient_stays
+                      WHERE visit = $1 AND from_us <= $2 AND COALESCE(to_us, $3) > $2
+                      ORDER BY from_us DESC LIMIT 1",
+                    &[&visit, &at, &OPEN],
+                )?
+                .map(|r| PatientId {
+                    system: r.get(0),
+                    value: r.get(1),
+                }))
+        })
+    }
+
+    fn bed_of(&self, patient: &PatientId, at: i64) -> Result<Option<String>, AssocError> {
+        self.assoc_read(|tx| procedure::bed_of(tx, patient, at))
+    }
+
+    fn change_identifier(
+        &self,
+        old: &PatientId,
+        new: &PatientId,
+        visit: &str,
+        fallback: &Associations,
+    ) -> Result<Change, AssocError> {
+        self.assoc_tx(|tx| procedure::change_identifier(tx, old, new, visit, fallback))
+    }
+
+    fn occupancy(&self, at: i64) -> Result<Vec<BedOccupancy>, AssocError> {
+        self.assoc_read(|tx| {
+            let beds = list_beds(tx.0)?;
+            procedure::occupancy(tx, beds, at)
+        })
+    }
+
+    fn unattributed_count(&self) -> Result<u64, AssocError> {
+        self.assoc_read(|tx| {
+            let n: i64 =
+                tx.0.query_one(
+                    "SELECT COUNT(*) FROM observations WHERE attribution = 'unattributed'",
+                    &[],
+                )?
+                .get(0);
+            Ok(n as u64)
+        })
+    }
+}
