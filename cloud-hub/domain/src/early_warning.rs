@@ -32,7 +32,7 @@ use serde_json::{Value as Json, json};
 use shared_protocol::catalogue::{CATALOGUE, codes, units};
 use shared_protocol::v1::Reading;
 
-use crate::fhir::format_instant;
+use crate::clock::format_instant;
 use crate::scores::{self, Consciousness, Spo2Scale};
 
 /// `[scores]`

@@ -65,27 +65,7 @@ pub fn category(metric: &Metric) -> (&'static str, &'static str) {
     }
 }
 
-/// Formats UTC microseconds as an RFC 3339 instant with `Z`, with
-/// microsecond precision only when the fraction is non-zero.
-pub fn format_instant(us: i64) -> String {
-    let secs = us.div_euclid(1_000_000);
-    let frac = us.rem_euclid(1_000_000);
-    let dt = OffsetDateTime::from_unix_timestamp(secs).unwrap_or(OffsetDateTime::UNIX_EPOCH);
-    let base = format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}",
-        dt.year(),
-        u8::from(dt.month()),
-        dt.day(),
-        dt.hour(),
-        dt.minute(),
-        dt.second()
-    );
-    if frac == 0 {
-        format!("{base}Z")
-    } else {
-        format!("{base}.{frac:06}Z")
-    }
-}
+pub use crate::clock::format_instant;
 
 pub fn validity_code(v: i32) -> &'static str {
     match Validity::try_from(v) {
