@@ -1107,27 +1107,42 @@ async fn read_location(State(st): State<AppState>, Path(id): Path<String>) -> Re
     }
 }
 
-/// The query's pairs and its paging (`_count`, `_offset`), or the 400
-/// OperationOutcome naming what is wrong.
-fn paging_query(resource: &str, uri: &Uri) -> Result<(Vec<(String, String)>, u32, u64), Response> {
+/// A query's pairs and its paging (`_count`, `_offset`).
+struct Paging {
+    pairs: Vec<(String, String)>,
+    count: u32,
+    offset: u64,
+}
+
+/// The paging of a search on `resource`, or the 400 OperationOutcome
+/// naming what is wrong.
+fn paging_query(resource: &str, uri: &Uri) -> Result<Paging, Box<Response>> {
     let pairs: Vec<(String, String)> = serde_urlencoded::from_str(uri.query().unwrap_or(""))
         .map_err(|e| {
-            outcome(
+            Box::new(outcome(
                 StatusCode::BAD_REQUEST,
                 "invalid",
                 &format!("bad query string: {e}"),
-            )
+            ))
         })?;
     let (count, offset) = fhir::parse_paging(resource, &pairs)
-        .map_err(|e| outcome(StatusCode::BAD_REQUEST, e.code, &e.diagnostics))?;
-    Ok((pairs, count, offset))
+        .map_err(|e| Box::new(outcome(StatusCode::BAD_REQUEST, e.code, &e.diagnostics)))?;
+    Ok(Paging {
+        pairs,
+        count,
+        offset,
+    })
 }
 
 async fn search_locations(State(st): State<AppState>, headers: HeaderMap, uri: Uri) -> Response {
     st.metrics.fhir(FhirInteraction::Search);
-    let (pairs, count, offset) = match paging_query("Location", &uri) {
+    let Paging {
+        pairs,
+        count,
+        offset,
+    } = match paging_query("Location", &uri) {
         Ok(p) => p,
-        Err(resp) => return resp,
+        Err(resp) => return *resp,
     };
     match locations(&st).await {
         Ok(all) => {
@@ -1147,9 +1162,13 @@ async fn search_locations(State(st): State<AppState>, headers: HeaderMap, uri: U
 
 async fn search_devices(State(st): State<AppState>, headers: HeaderMap, uri: Uri) -> Response {
     st.metrics.fhir(FhirInteraction::Search);
-    let (pairs, count, offset) = match paging_query("Device", &uri) {
+    let Paging {
+        pairs,
+        count,
+        offset,
+    } = match paging_query("Device", &uri) {
         Ok(p) => p,
-        Err(resp) => return resp,
+        Err(resp) => return *resp,
     };
     let store = st.store.clone();
     let (total, rows) = match blocking(move || store.devices(count, offset)).await {

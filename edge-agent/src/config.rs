@@ -993,7 +993,9 @@ mod tests {
     #[test]
     fn listeners_on_one_port_are_refused_naming_the_field() {
         let hl7 = |listen: &str| {
-            format!("\n[[device]]\nkind = \"hl7-mllp\"\nid = \"hl7-1\"\nlisten = \"{listen}\"\n")
+            format!(
+                "\n[[device]]\nkind = \"hl7-mllp\"\nid = \"hl7-1\"\nlisten = \"{listen}\"\n[device.options]\nallow_plaintext = true\n"
+            )
         };
         let with = |status: &str, listen: &str| {
             let text = format!("{EXAMPLE}{}", hl7(listen)).replacen(
