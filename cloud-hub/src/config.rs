@@ -655,7 +655,11 @@ mod tests {
             Path::new("/etc/vigil/vigil-hub.sqlite")
         );
         assert_eq!(c.server.max_body_bytes, DEFAULT_MAX_BODY_BYTES);
-        assert_eq!(c.associations.len(), 1);
+        // Copying the example must not silently assign a device to a patient.
+        assert!(
+            c.associations.is_empty(),
+            "hub.example.toml must ship no active [[associations]]"
+        );
     }
 
     #[test]

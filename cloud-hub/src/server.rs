@@ -1013,24 +1013,54 @@ async fn read_location(State(st): State<AppState>, Path(id): Path<String>) -> Re
     }
 }
 
+/// A query's pairs and its paging (`_count`, `_offset`).
+struct Paging {
+    pairs: Vec<(String, String)>,
+    count: u32,
+    offset: u64,
+}
+
+/// The paging of a search on `resource`, or the 400 OperationOutcome
+/// naming what is wrong.
+fn paging_query(resource: &str, uri: &Uri) -> Result<Paging, Box<Response>> {
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(uri.query().unwrap_or(""))
+        .map_err(|e| {
+            Box::new(outcome(
+                StatusCode::BAD_REQUEST,
+                "invalid",
+                &format!("bad query string: {e}"),
+            ))
+        })?;
+    let (count, offset) = fhir::parse_paging(resource, &pairs)
+        .map_err(|e| Box::new(outcome(StatusCode::BAD_REQUEST, e.code, &e.diagnostics)))?;
+    Ok(Paging {
+        pairs,
+        count,
+        offset,
+    })
+}
+
 async fn search_locations(State(st): State<AppState>, headers: HeaderMap, uri: Uri) -> Response {
     st.metrics.fhir(FhirInteraction::Search);
-    if let Some(q) = uri
-        .query()
-        .filter(|q| !q.is_empty() && !q.starts_with("_format="))
-    {
-        return outcome(
-            StatusCode::BAD_REQUEST,
-            "not-supported",
-            &format!("Location search takes no parameters (got `{q}`)"),
-        );
-    }
+    let Paging {
+        pairs,
+        count,
+        offset,
+    } = match paging_query("Location", &uri) {
+        Ok(p) => p,
+        Err(resp) => return *resp,
+    };
     match locations(&st).await {
         Ok(all) => {
             let base = base_url(&st, &headers, &uri);
             let total = all.len() as u64;
-            let links = vec![json!({ "relation": "self", "url": format!("{base}/Location") })];
-            fhir_response(StatusCode::OK, &searchset(&base, total, links, all))
+            let page: Vec<Json> = all
+                .into_iter()
+                .skip(usize::try_from(offset).unwrap_or(usize::MAX))
+                .take(count as usize)
+                .collect();
+            let links = page_links(&base, "Location", &pairs, count, offset, total);
+            fhir_response(StatusCode::OK, &searchset(&base, total, links, page))
         }
         Err(resp) => resp,
     }
@@ -1038,42 +1068,14 @@ async fn search_locations(State(st): State<AppState>, headers: HeaderMap, uri: U
 
 async fn search_devices(State(st): State<AppState>, headers: HeaderMap, uri: Uri) -> Response {
     st.metrics.fhir(FhirInteraction::Search);
-    let pairs: Vec<(String, String)> = match serde_urlencoded::from_str(uri.query().unwrap_or("")) {
+    let Paging {
+        pairs,
+        count,
+        offset,
+    } = match paging_query("Device", &uri) {
         Ok(p) => p,
-        Err(e) => {
-            return outcome(
-                StatusCode::BAD_REQUEST,
-                "invalid",
-                &format!("bad query string: {e}"),
-            );
-        }
+        Err(resp) => return *resp,
     };
-    let mut count = fhir::DEFAULT_COUNT;
-    let mut offset = 0u64;
-    for (k, v) in &pairs {
-        let parsed = match k.as_str() {
-            "_count" => v
-                .parse::<u32>()
-                .map(|c| count = c.min(fhir::MAX_COUNT))
-                .is_ok(),
-            "_offset" => v.parse::<u64>().map(|o| offset = o).is_ok(),
-            "_format" => true,
-            other => {
-                return outcome(
-                    StatusCode::BAD_REQUEST,
-                    "not-supported",
-                    &format!("{other}: unknown search parameter for Device"),
-                );
-            }
-        };
-        if !parsed {
-            return outcome(
-                StatusCode::BAD_REQUEST,
-                "invalid",
-                &format!("{k}: `{v}` is not a non-negative integer"),
-            );
-        }
-    }
     let store = st.store.clone();
     let (total, rows) = match blocking(move || store.devices(count, offset)).await {
         Ok(r) => r,

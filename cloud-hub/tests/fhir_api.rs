@@ -337,3 +337,71 @@ async fn readyz_fails_when_the_database_is_gone() {
     assert_eq!(r.status(), 503);
     hub.stop().await;
 }
+
+/// The CapabilityStatement is what clients send by: every search
+/// parameter it declares works on its resource type (200 searchset), every
+/// type that can be searched pages with `_count` and `_offset`, and an
+/// undeclared parameter is refused with an OperationOutcome naming it.
+#[tokio::test]
+async fn every_capability_statement_search_parameter_works() {
+    let hub = seeded().await;
+    let (status, cap) = hub.get_json("/fhir/metadata").await;
+    assert_eq!(status, 200);
+    let sample = |name: &str| -> Option<&str> {
+        Some(match name {
+            "patient" | "subject" => "Patient/p-fhir-1",
+            "code" => "http://loinc.org|59408-5",
+            "date" => "ge2020-01-01",
+            "category" => "vital-signs",
+            "device" => "Device/x",
+            "_count" => "1",
+            "_offset" => "1",
+            "_sort" => "-date",
+            _ => return None,
+        })
+    };
+    let mut searched = vec![];
+    for r in cap["rest"][0]["resource"].as_array().unwrap() {
+        let ty = r["type"].as_str().unwrap();
+        let searchable = r["interaction"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i["code"] == "search-type");
+        if !searchable {
+            continue;
+        }
+        let params: Vec<&str> = r["searchParam"]
+            .as_array()
+            .map(|ps| ps.iter().map(|p| p["name"].as_str().unwrap()).collect())
+            .unwrap_or_default();
+        for paging in ["_count", "_offset"] {
+            assert!(params.contains(&paging), "{ty} does not declare {paging}");
+        }
+        for p in &params {
+            let v = sample(p).unwrap_or_else(|| panic!("no sample value for {ty} {p}: add one"));
+            let (status, body) = hub.get_json(&format!("/fhir/{ty}?{p}={v}")).await;
+            assert_eq!(status, 200, "{ty}?{p}={v}: {body}");
+            assert_eq!(body["type"], "searchset", "{ty}?{p}={v}: {body}");
+        }
+        let (status, body) = hub.get_json(&format!("/fhir/{ty}?_undeclared=1")).await;
+        assert_eq!(status, 400, "{ty}: {body}");
+        assert_eq!(body["resourceType"], "OperationOutcome");
+        assert!(
+            body["issue"][0]["diagnostics"]
+                .as_str()
+                .unwrap()
+                .contains("_undeclared"),
+            "{ty}: {body}"
+        );
+        searched.push(ty.to_owned());
+    }
+    assert_eq!(searched, ["Observation", "Device", "Location"]);
+    // Paging is real: one Observation per page, the second page differs.
+    let (_, p1) = hub.get_json("/fhir/Observation?_count=1").await;
+    let (_, p2) = hub.get_json("/fhir/Observation?_count=1&_offset=1").await;
+    assert_eq!(ids(&p1).len(), 1);
+    assert_eq!(ids(&p2).len(), 1);
+    assert_ne!(ids(&p1), ids(&p2));
+    hub.stop().await;
+}

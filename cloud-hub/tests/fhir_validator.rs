@@ -44,6 +44,140 @@ fn the_validator_catches_what_it_should() {
     assert!(report.contains("3 errors"), "{report}");
 }
 
+/// What the FHIR R4 vital-signs profiles require of an Observation that
+/// claims them (read from the profile definitions, written independently of
+/// the hub's own choice): for `vitalsigns` status, the vital-signs
+/// category, a LOINC code, a subject, an effective time, and a value (a
+/// Quantity in a UCUM vital-signs unit) or a dataAbsentReason, on each
+/// component too; for the specific profiles their fixed LOINC code and unit.
+fn profile_violations(r: &Value) -> Vec<String> {
+    const VS: &str = "http://hl7.org/fhir/StructureDefinition/vitalsigns";
+    const UNITS: &[&str] = &[
+        "%", "cm", "[in_i]", "kg", "g", "[lb_av]", "Cel", "[degF]", "mm[Hg]", "/min", "kg/m2", "m2",
+    ];
+    let specific: &[(&str, &str, &[&str])] = &[
+        ("heartrate", "8867-4", &["/min"]),
+        ("resprate", "9279-1", &["/min"]),
+        ("oxygensat", "2708-6", &["%"]),
+        ("bodytemp", "8310-5", &["Cel", "[degF]"]),
+        ("bodyweight", "29463-7", &["kg", "g", "[lb_av]"]),
+        ("bp", "85354-9", &["mm[Hg]"]),
+    ];
+    let mut out = vec![];
+    if let Some(entries) = r["entry"].as_array() {
+        for e in entries {
+            out.extend(profile_violations(&e["resource"]));
+        }
+        return out;
+    }
+    let Some(profiles) = r["meta"]["profile"].as_array() else {
+        return out;
+    };
+    let id = r["id"].as_str().unwrap_or("?");
+    let loinc = |cc: &Value, code: Option<&str>| {
+        cc["coding"].as_array().is_some_and(|cs| {
+            cs.iter()
+                .any(|c| c["system"] == "http://loinc.org" && code.is_none_or(|k| c["code"] == k))
+        })
+    };
+    // The element holding a value: the resource, or each component.
+    let holders: Vec<&Value> = match r["component"].as_array() {
+        Some(cs) if !cs.is_empty() => cs.iter().collect(),
+        _ => vec![r],
+    };
+    let value_in = |h: &Value, units: &[&str]| match (&h["valueQuantity"], &h["dataAbsentReason"]) {
+        (Value::Null, Value::Null) => false,
+        (Value::Null, _) => true,
+        (q, _) => {
+            q["value"].is_number()
+                && q["unit"].is_string()
+                && q["system"] == "http://unitsofmeasure.org"
+                && q["code"].as_str().is_some_and(|c| units.contains(&c))
+        }
+    };
+    for p in profiles.iter().filter_map(Value::as_str) {
+        let mut fail = |what: &str| out.push(format!("Observation/{id} claims {p} but {what}"));
+        if p == VS {
+            if !r["status"].is_string() {
+                fail("has no status");
+            }
+            let cat = r["category"].as_array().is_some_and(|cs| {
+                cs.iter().any(|c| {
+                    c["coding"].as_array().is_some_and(|cc| {
+                        cc.iter().any(|x| {
+                            x["system"]
+                                == "http://terminology.hl7.org/CodeSystem/observation-category"
+                                && x["code"] == "vital-signs"
+                        })
+                    })
+                })
+            });
+            if !cat {
+                fail("lacks the vital-signs category");
+            }
+            if !loinc(&r["code"], None) {
+                fail("has no LOINC code");
+            }
+            if r["subject"].is_null() {
+                fail("has no subject");
+            }
+            if r["effectiveDateTime"].is_null() && r["effectivePeriod"].is_null() {
+                fail("has no effective time");
+            }
+            for h in &holders {
+                if !value_in(h, UNITS) {
+                    fail("has a value that is not a vital-signs Quantity (nor a dataAbsentReason)");
+                }
+            }
+            continue;
+        }
+        let name = p.rsplit('/').next().unwrap_or_default();
+        let Some((_, code, units)) = specific.iter().find(|(n, _, _)| *n == name) else {
+            fail("the check does not know this profile");
+            continue;
+        };
+        if !profiles.iter().any(|q| q == VS) {
+            fail("not vitalsigns, which it derives from");
+        }
+        if !loinc(&r["code"], Some(code)) {
+            fail(&format!("lacks LOINC {code}"));
+        }
+        for h in &holders {
+            if !value_in(h, units) {
+                fail(&format!("has a value not in {units:?}"));
+            }
+        }
+        if name == "bp" {
+            for part in ["8480-6", "8462-4"] {
+                if !holders.iter().any(|h| loinc(&h["code"], Some(part))) {
+                    fail(&format!("has no {part} component"));
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn the_profile_check_catches_what_it_should() {
+    let ok = serde_json::json!({"resourceType": "Observation", "id": "a",
+        "meta": {"profile": ["http://hl7.org/fhir/StructureDefinition/vitalsigns",
+                             "http://hl7.org/fhir/StructureDefinition/oxygensat"]},
+        "status": "final",
+        "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": "vital-signs"}]}],
+        "code": {"coding": [{"system": "http://loinc.org", "code": "2708-6"}]},
+        "subject": {"reference": "Patient/p"}, "effectiveDateTime": "2024-01-01T00:00:00Z",
+        "valueQuantity": {"value": 97, "unit": "%", "system": "http://unitsofmeasure.org", "code": "%"}});
+    assert_eq!(profile_violations(&ok), Vec::<String>::new());
+    let mut no_subject = ok.clone();
+    no_subject.as_object_mut().unwrap().remove("subject");
+    assert_eq!(profile_violations(&no_subject).len(), 1);
+    let mut text = ok.clone();
+    text.as_object_mut().unwrap().remove("valueQuantity");
+    text["valueString"] = "x".into();
+    assert_eq!(profile_violations(&text).len(), 2);
+}
+
 #[tokio::test]
 async fn every_emitted_resource_is_valid_fhir_r4() {
     let hub = TestHub::start().await;
@@ -237,6 +371,20 @@ async fn every_emitted_resource_is_valid_fhir_r4() {
     let (status, bad) = hub.get_json("/fhir/Observation?date=yesterday").await;
     assert_eq!(status, 400);
     resources.push(bad);
+
+    // No resource claims a profile it does not meet (the unattributed
+    // readings, the text and coded values included), and the claims are
+    // not simply dropped: attributed vital signs keep theirs.
+    let violations: Vec<String> = resources.iter().flat_map(profile_violations).collect();
+    assert!(violations.is_empty(), "{violations:#?}");
+    assert!(
+        has(&|r| r["meta"]["profile"][1] == "http://hl7.org/fhir/StructureDefinition/oxygensat"),
+        "an attributed SpO2 claims oxygensat"
+    );
+    assert!(
+        has(&|r| r["meta"]["profile"][1] == "http://hl7.org/fhir/StructureDefinition/bp"),
+        "an attributed BP panel claims bp"
+    );
 
     let (ok, report) = validate_fhir(&resources);
     eprintln!("{report}");

@@ -702,7 +702,60 @@ impl AgentConfig {
             crate::devices::AnyProtocol::from_config(d)
                 .map_err(|e| invalid(format!("device[{i}].options"), e))?;
         }
+        self.check_port_conflicts()
+    }
+
+    /// The addresses the agent listens on, with the field that sets each:
+    /// `status.listen` and every `device[i].listen` (HL7 MLLP).
+    pub fn listen_addresses(&self) -> Vec<(String, std::net::SocketAddr)> {
+        let mut out = vec![];
+        if let Some(a) = self.status.as_ref().and_then(|s| s.listen.parse().ok()) {
+            out.push(("status.listen".to_owned(), a));
+        }
+        for (i, d) in self.devices.iter().enumerate() {
+            if let Some(a) = d.listen.as_deref().and_then(|l| l.parse().ok()) {
+                out.push((format!("device[{i}].listen"), a));
+            }
+        }
+        out
+    }
+
+    /// Two of the agent's own listeners on one port (same address, or
+    /// either on all addresses) cannot both bind.
+    fn check_port_conflicts(&self) -> Result<(), ConfigError> {
+        let addrs = self.listen_addresses();
+        for (j, (field, b)) in addrs.iter().enumerate() {
+            for (other, a) in &addrs[..j] {
+                let overlap =
+                    a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified();
+                if a.port() == b.port() && a.port() != 0 && overlap {
+                    return Err(invalid(
+                        field.clone(),
+                        format!("{b} conflicts with {other} = {a} (same port)"),
+                    ));
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// Settings that are valid but have no effect, as lines to print or
+    /// log: fields of the other uplink kind left in the file.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = vec![];
+        if self.uplink.kind == UplinkKind::IothubMqtt {
+            if !self.uplink.url.trim().is_empty() {
+                out.push(
+                    "uplink.url is set but not used with uplink.kind = \"iothub-mqtt\" (the IoT Hub endpoint is uplink.iothub.host)".to_owned(),
+                );
+            }
+            if self.uplink.token_file.is_some() {
+                out.push(
+                    "uplink.token_file is set but not used with uplink.kind = \"iothub-mqtt\" (IoT Hub credentials: uplink.iothub.sas_key_file or cert_file + key_file)".to_owned(),
+                );
+            }
+        }
+        out
     }
 }
 
@@ -774,11 +827,8 @@ fn validate_iothub(h: &IotHubConfig) -> Result<(), ConfigError> {
             ),
         ));
     }
-    if !is_valid_id(&h.device_id) {
-        return Err(invalid(
-            "uplink.iothub.device_id",
-            "must be 1-64 characters of A-Z a-z 0-9 . _ -",
-        ));
+    if let Err(why) = check_iothub_device_id(&h.device_id) {
+        return Err(invalid("uplink.iothub.device_id", why));
     }
     if h.port == 0 {
         return Err(invalid("uplink.iothub.port", "must not be 0"));
@@ -831,6 +881,31 @@ fn validate_iothub_timing(h: &IotHubConfig) -> Result<(), ConfigError> {
         return Err(invalid(
             "uplink.iothub.twin_refresh_s",
             "must be between 1 and 86400 seconds",
+        ));
+    }
+    Ok(())
+}
+
+/// An IoT Hub device id as IoT Hub registers it: 1-128 ASCII letters,
+/// digits and `- : . + % _ # * ? ! ( ) , = @ ; $ '`, except `+` and `#`,
+/// which MQTT forbids in the topic names the agent publishes to
+/// (`devices/{device_id}/messages/events/`; MQTT 3.1.1, 4.7.1).
+pub fn check_iothub_device_id(id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > 128 {
+        return Err(format!(
+            "must be 1-128 characters (IoT Hub's limit), got {}",
+            id.len()
+        ));
+    }
+    if let Some(c) = id.chars().find(|c| matches!(c, '+' | '#')) {
+        return Err(format!(
+            "{c:?} is allowed by IoT Hub but is an MQTT wildcard and cannot appear in the device's topic names; register the device under an id without it"
+        ));
+    }
+    let allowed = |c: char| c.is_ascii_alphanumeric() || "-:._%*?!(),=@;$'".contains(c);
+    if let Some(c) = id.chars().find(|&c| !allowed(c)) {
+        return Err(format!(
+            "{c:?} is not allowed; IoT Hub device ids are ASCII letters, digits and - : . % _ * ? ! ( ) , = @ ; $ '"
         ));
     }
     Ok(())
@@ -898,6 +973,53 @@ mod tests {
     }
 
     #[test]
+    fn fields_of_the_other_uplink_kind_are_warned_about() {
+        let clean = parse(&iothub("sas_key_file = \"k\"")).unwrap();
+        assert!(clean.warnings().is_empty(), "{:?}", clean.warnings());
+        let leftover = iothub("sas_key_file = \"k\"").replace(
+            "kind = \"iothub-mqtt\"\n",
+            "kind = \"iothub-mqtt\"\nurl = \"https://hub.example.org/api/v1/ingest\"\ntoken_file = \"gateway.token\"\n",
+        );
+        let w = parse(&leftover).unwrap().warnings();
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(
+            w[0].starts_with("uplink.url ") && w[1].starts_with("uplink.token_file "),
+            "{w:?}"
+        );
+        // The HTTPS example carries nothing of IoT Hub's.
+        assert!(parse(EXAMPLE).unwrap().warnings().is_empty());
+    }
+
+    #[test]
+    fn listeners_on_one_port_are_refused_naming_the_field() {
+        let hl7 = |listen: &str| {
+            format!(
+                "\n[[device]]\nkind = \"hl7-mllp\"\nid = \"hl7-1\"\nlisten = \"{listen}\"\n[device.options]\nallow_plaintext = true\n"
+            )
+        };
+        let with = |status: &str, listen: &str| {
+            let text = format!("{EXAMPLE}{}", hl7(listen)).replacen(
+                "listen = \"127.0.0.1:9464\"",
+                &format!("listen = \"{status}\""),
+                1,
+            );
+            parse(&text)
+        };
+        with("127.0.0.1:9464", "127.0.0.1:2575").unwrap();
+        let e = with("127.0.0.1:2575", "127.0.0.1:2575")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("device[1].listen") && e.contains("status.listen"),
+            "{e}"
+        );
+        let e = with("127.0.0.1:2575", "0.0.0.0:2575")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("device[1].listen"), "{e}");
+    }
+
+    #[test]
     fn iothub_uplink_config_is_validated_naming_the_field() {
         let cfg = parse(&iothub("sas_key_file = \"k\"")).unwrap();
         assert_eq!(cfg.uplink.kind, UplinkKind::IothubMqtt);
@@ -933,6 +1055,18 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("uplink.iothub.device_id"), "{e}");
+        // What IoT Hub registers: up to 128 characters and its symbols.
+        let long = "d".repeat(128);
+        for ok in ["gw:icu3(07)@site;a=b,c!$'*?%", long.as_str()] {
+            parse(&iothub("sas_key_file = \"k\"").replace("\"gw-1\"", &format!("{ok:?}")))
+                .unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        for bad in ["d".repeat(129), "gw+1".into(), "gw#1".into(), "gw/1".into()] {
+            let e = parse(&iothub("sas_key_file = \"k\"").replace("\"gw-1\"", &format!("{bad:?}")))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("uplink.iothub.device_id"), "{bad}: {e}");
+        }
         // The kind needs its table, and the table needs its kind.
         let no_table = iothub("sas_key_file = \"k\"").replace("[uplink.iothub]", "[x]");
         assert!(parse(&no_table).is_err());

@@ -60,8 +60,17 @@ pub const KEEP_ALIVE: Duration = Duration::from_secs(240);
 pub const PROPERTY_BAG: &str = "$.ct=application%2Fx-protobuf&$.ce=identity";
 /// The property bag of a zstd-compressed batch (`uplink.compression = "zstd"`).
 pub const PROPERTY_BAG_ZSTD: &str = "$.ct=application%2Fx-protobuf&$.ce=zstd";
-/// Longest wait between reconnection attempts.
-const MAX_RECONNECT_BACKOFF: Duration = Duration::from_secs(60);
+/// Longest wait between reconnection attempts unless set
+/// (`uplink.max_backoff_ms`, via [`IotHubUplink::with_max_backoff`]).
+const DEFAULT_MAX_RECONNECT_BACKOFF: Duration = Duration::from_secs(60);
+/// The first wait after a failed connection or a dropped session.
+const FIRST_RECONNECT_BACKOFF: Duration = Duration::from_millis(500);
+
+/// The wait after `current` failed: doubled, at most `max` (and never
+/// below the first wait, unless `max` is smaller).
+fn next_backoff(current: Duration, max: Duration) -> Duration {
+    (current * 2).min(max)
+}
 /// How often the session checks whether a twin report is due.
 const TWIN_TICK: Duration = Duration::from_millis(250);
 /// With a DPS assignment: after this many "not authorized" refusals in a
@@ -290,6 +299,8 @@ struct SessionCfg {
     twin: twin::TwinSettings,
     link: Option<twin::AgentLink>,
     stats: Arc<IotHubStats>,
+    /// Longest wait between reconnection (and DPS registration) attempts.
+    max_backoff: Duration,
 }
 
 /// The IoT Hub MQTT uplink. A session task owns the MQTT connection (so the
@@ -308,6 +319,8 @@ pub struct IotHubUplink {
     link: Option<twin::AgentLink>,
     stats: Arc<IotHubStats>,
     session: Option<mpsc::Sender<PublishCmd>>,
+    /// `uplink.max_backoff_ms`: the longest wait between reconnections.
+    max_backoff: Duration,
     /// `uplink.compression`: zstd payloads carry `$.ce=zstd`.
     compression: crate::config::Compression,
     /// How the identity was obtained, for the twin: `iothub-mqtt`,
@@ -443,6 +456,7 @@ impl IotHubUplink {
             link: None,
             stats: Arc::new(IotHubStats::default()),
             session: None,
+            max_backoff: DEFAULT_MAX_RECONNECT_BACKOFF,
             compression: crate::config::Compression::None,
             mode: "iothub-mqtt-dps",
         };
@@ -470,6 +484,7 @@ impl IotHubUplink {
             link: None,
             stats: Arc::new(IotHubStats::default()),
             session: None,
+            max_backoff: DEFAULT_MAX_RECONNECT_BACKOFF,
             compression: crate::config::Compression::None,
             mode: "iothub-mqtt",
         }
@@ -511,6 +526,19 @@ impl IotHubUplink {
     pub fn with_compression(mut self, c: crate::config::Compression) -> Self {
         self.compression = c;
         self
+    }
+
+    /// The longest wait between reconnection attempts
+    /// (`uplink.max_backoff_ms`; the first wait is 0.5 s, doubled after each
+    /// failure up to this).
+    pub fn with_max_backoff(mut self, max: Duration) -> Self {
+        self.max_backoff = max;
+        self
+    }
+
+    /// The longest wait between reconnection attempts.
+    pub fn max_backoff(&self) -> Duration {
+        self.max_backoff
     }
 
     /// Replace the clock that SAS token expiries are computed from (tests
@@ -578,6 +606,7 @@ impl IotHubUplink {
             twin: self.twin,
             link: self.link.clone(),
             stats: self.stats.clone(),
+            max_backoff: self.max_backoff,
         }
     }
 
@@ -637,6 +666,12 @@ impl IotHubUplink {
 /// `IOTEDGE_*` environment is present, else the `[uplink.iothub]` device
 /// (its key file or certificate).
 pub async fn uplink_from_config(cfg: &AgentConfig) -> Result<IotHubUplink, UplinkError> {
+    Ok(uplink_identity_from_config(cfg)
+        .await?
+        .with_max_backoff(cfg.uplink.max_backoff()))
+}
+
+async fn uplink_identity_from_config(cfg: &AgentConfig) -> Result<IotHubUplink, UplinkError> {
     let timeout = cfg.uplink.request_timeout();
     let h = cfg.uplink.iothub.as_ref();
     match cfg.uplink.iot_edge() {
@@ -868,7 +903,7 @@ struct Inflight {
 /// twin reports until the connection drops (reconnect with backoff) or the
 /// uplink is dropped.
 async fn run_session(cfg: SessionCfg, mut cmds: mpsc::Receiver<PublishCmd>) {
-    let mut backoff = Duration::from_millis(500);
+    let mut backoff = FIRST_RECONNECT_BACKOFF.min(cfg.max_backoff);
     let mut reporter = twin::Reporter::new(cfg.twin);
     'identity: loop {
         // The identity: from config, or registered with DPS (retried with
@@ -919,7 +954,7 @@ async fn run_session(cfg: SessionCfg, mut cmds: mpsc::Receiver<PublishCmd>) {
                                 },
                             }
                         }
-                        backoff = (backoff * 2).min(MAX_RECONNECT_BACKOFF);
+                        backoff = next_backoff(backoff, cfg.max_backoff);
                     }
                 }
             },
@@ -958,11 +993,11 @@ async fn run_session(cfg: SessionCfg, mut cmds: mpsc::Receiver<PublishCmd>) {
                             _ = tokio::time::sleep_until(until) => break,
                         }
                     }
-                    backoff = (backoff * 2).min(MAX_RECONNECT_BACKOFF);
+                    backoff = next_backoff(backoff, cfg.max_backoff);
                     continue;
                 }
             };
-            backoff = Duration::from_millis(500);
+            backoff = FIRST_RECONNECT_BACKOFF.min(cfg.max_backoff);
             refused = 0;
             bump(&cfg.stats.connects);
             tracing::info!(host = %id.connect_host, client_id = %id.client_id(), auth = cfg.signer.name(), "IoT Hub MQTT connected");
@@ -1235,6 +1270,37 @@ mod tests {
                 .to_string()
         };
         assert_ne!(sig(&a), sig(&b));
+    }
+
+    #[tokio::test]
+    async fn the_reconnect_backoff_honours_uplink_max_backoff_ms() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("device.key");
+        std::fs::write(&key, "c2VjcmV0LWRldmljZS1rZXk=").unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let cfg = |max: &str| -> AgentConfig {
+            toml::from_str(&format!(
+                "gateway_id = \"gw-1\"\ndata_dir = {:?}\n[uplink]\nkind = \"iothub-mqtt\"\n{max}\n[uplink.iothub]\nhost = \"h.azure-devices.net\"\ndevice_id = \"gw-1\"\nsas_key_file = {:?}\n",
+                dir.path().display().to_string(),
+                key.display().to_string()
+            ))
+            .unwrap()
+        };
+        let up = uplink_from_config(&cfg("max_backoff_ms = 2000"))
+            .await
+            .unwrap();
+        assert_eq!(up.max_backoff(), Duration::from_secs(2));
+        let up = uplink_from_config(&cfg("")).await.unwrap();
+        assert_eq!(up.max_backoff(), Duration::from_millis(30_000));
+        // 0.5 s doubling, capped at the setting.
+        let mut b = FIRST_RECONNECT_BACKOFF;
+        let mut seen = vec![];
+        for _ in 0..4 {
+            b = next_backoff(b, Duration::from_secs(2));
+            seen.push(b.as_millis());
+        }
+        assert_eq!(seen, [1000, 2000, 2000, 2000]);
     }
 
     #[test]

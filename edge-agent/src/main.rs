@@ -163,6 +163,9 @@ async fn command(cli: Cli) -> anyhow::Result<()> {
             accept_key_loss,
         } => {
             let mut cfg = edge_agent::config::AgentConfig::load(&config)?;
+            for w in cfg.warnings() {
+                tracing::warn!("config: {w}");
+            }
             cfg.buffer.accept_key_loss |= accept_key_loss;
             let (tx, rx) = tokio::sync::watch::channel(false);
             tokio::spawn(async move {
@@ -289,6 +292,16 @@ async fn command(cli: Cli) -> anyhow::Result<()> {
             }
             if cfg.key_path().exists() {
                 edge_agent::secrets::read_private(&cfg.key_path())?;
+            }
+            // Ports another process holds (e.g. a second agent on this
+            // host): `run` would fail on them after opening the others.
+            for (field, addr) in cfg.listen_addresses() {
+                if let Err(e) = std::net::TcpListener::bind(addr) {
+                    anyhow::bail!("{field}: cannot listen on {addr}: {e}");
+                }
+            }
+            for w in cfg.warnings() {
+                println!("warning: {w}");
             }
             println!(
                 "config OK: gateway {} with {} device(s)",

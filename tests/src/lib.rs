@@ -635,3 +635,121 @@ pub fn write_broker_tls(dir: &Path, ca_name: &str) {
     std::fs::write(dir.join("broker.pem"), srv_cert.pem()).unwrap();
     write_private(&dir.join("broker.key"), &srv_key.serialize_pem()).unwrap();
 }
+
+/// A fenced code block of a markdown document that a test runs: a shell
+/// block marked `sh run`, or a file to save, marked `<lang> file=NAME`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DocBlock {
+    Run(String),
+    File { name: String, text: String },
+}
+
+/// The runnable blocks of a markdown document, in order. Other fenced
+/// blocks (plain `sh`, examples, output) are skipped.
+pub fn doc_blocks(markdown: &str) -> Vec<DocBlock> {
+    let mut out = vec![];
+    let mut lines = markdown.lines();
+    while let Some(line) = lines.next() {
+        let Some(info) = line.trim_start().strip_prefix("```") else {
+            continue;
+        };
+        let words: Vec<&str> = info.split_whitespace().collect();
+        let mut body = String::new();
+        for l in lines.by_ref() {
+            if l.trim_start().starts_with("```") {
+                break;
+            }
+            body.push_str(l);
+            body.push('\n');
+        }
+        let file = words.iter().find_map(|w| w.strip_prefix("file="));
+        match (words.first(), words.get(1), file) {
+            (_, _, Some(name)) => out.push(DocBlock::File {
+                name: name.to_owned(),
+                text: body,
+            }),
+            (Some(&"sh"), Some(&"run"), None) => out.push(DocBlock::Run(body)),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// The blocks of a document as one bash script: files written with a
+/// quoted heredoc where they appear, commands as written. The script stops
+/// at the first failing command and kills its background jobs on exit.
+pub fn doc_script(blocks: &[DocBlock]) -> String {
+    let mut s = String::from(
+        "set -euo pipefail\ntrap 'jobs -p | xargs -r kill 2>/dev/null || true' EXIT\n",
+    );
+    for b in blocks {
+        match b {
+            DocBlock::Run(cmds) => s.push_str(cmds),
+            DocBlock::File { name, text } => {
+                s.push_str(&format!(
+                    "cat > '{name}' <<'VIGIL_DOC_EOF'\n{text}VIGIL_DOC_EOF\n"
+                ));
+            }
+        }
+    }
+    s
+}
+
+/// Runs a document's script with bash in `dir`, the workspace binaries
+/// first on `PATH`, in its own process group (killed when it outlives
+/// `timeout`). Returns the exit status, stdout and stderr.
+pub fn run_doc_script(
+    dir: &Path,
+    script: &str,
+    timeout: Duration,
+) -> Result<(std::process::ExitStatus, String, String)> {
+    use std::os::unix::process::CommandExt;
+    let bin_dir = bin("cloud-hub").parent().expect("bin dir").to_owned();
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    std::fs::write(dir.join("doc-script.sh"), script)?;
+    let mut proc = Proc::spawn(
+        "bash",
+        Command::new("bash")
+            .arg("doc-script.sh")
+            .current_dir(dir)
+            .env("PATH", path)
+            .process_group(0)
+            .stdout(std::fs::File::create(dir.join("doc-script.out"))?)
+            .stderr(std::fs::File::create(dir.join("doc-script.err"))?),
+    )?;
+    let pgid = proc.child.id();
+    let status = proc.wait_exit(timeout);
+    // Whatever it started and left behind (or everything, on a timeout).
+    let _ = Command::new("kill")
+        .args(["-KILL", "--", &format!("-{pgid}")])
+        .stderr(Stdio::null())
+        .status();
+    let out = std::fs::read_to_string(dir.join("doc-script.out")).unwrap_or_default();
+    let err = std::fs::read_to_string(dir.join("doc-script.err")).unwrap_or_default();
+    let status = status.with_context(|| format!("timed out after {timeout:?}; stderr:\n{err}"))?;
+    Ok((status, out, err))
+}
+
+#[cfg(test)]
+mod doc_block_tests {
+    use super::*;
+
+    #[test]
+    fn only_marked_blocks_are_taken_in_order() {
+        let md = "x\n```sh\nnot run\n```\n```toml file=a.toml\nk = 1\n```\n```sh run\necho hi\n```\n```json\n{}\n```\n";
+        assert_eq!(
+            doc_blocks(md),
+            vec![
+                DocBlock::File {
+                    name: "a.toml".into(),
+                    text: "k = 1\n".into()
+                },
+                DocBlock::Run("echo hi\n".into()),
+            ]
+        );
+    }
+}

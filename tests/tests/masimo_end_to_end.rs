@@ -393,3 +393,131 @@ token_file = \"gateway.token\"\nbatch_max_readings = 60\nbatch_max_wait_ms = 200
     );
     drop(hub2);
 }
+
+/// docs/first-gateway.md, word for word: its `sh run` blocks and
+/// `file=` configs in order, in an empty directory, with the workspace
+/// binaries on `PATH`. Only the hub's port 8080 is changed to a free one.
+/// It must end with a FHIR searchset holding the patient's Observation.
+#[test]
+fn first_gateway_doc_gives_an_observation() {
+    let (_td, dir) = test_dir("first-gateway");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let blocks = doc_blocks(&read_repo("docs/first-gateway.md"));
+    assert!(
+        blocks.iter().any(|b| matches!(b, DocBlock::Run(_))),
+        "docs/first-gateway.md has no `sh run` blocks"
+    );
+    let script = doc_script(&blocks).replace("127.0.0.1:8080", &format!("127.0.0.1:{port}"));
+    let (status, _out, err) = run_doc_script(&dir, &script, Duration::from_secs(180)).unwrap();
+    let logs = ["hub.log", "agent.log", "sim.log"]
+        .map(|f| {
+            format!(
+                "--- {f}\n{}",
+                std::fs::read_to_string(dir.join(f)).unwrap_or_default()
+            )
+        })
+        .join("\n");
+    assert!(status.success(), "the doc's commands failed: {err}\n{logs}");
+    let bundle: Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("first.json")).expect("first.json written"),
+    )
+    .expect("first.json is JSON");
+    assert_eq!(bundle["resourceType"], "Bundle", "{bundle}");
+    let obs = &bundle["entry"][0]["resource"];
+    assert_eq!(obs["resourceType"], "Observation", "{bundle}\n{logs}");
+    assert_eq!(obs["subject"]["reference"], "Patient/MRN-0001", "{obs}");
+    assert!(
+        obs["code"]["coding"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["system"] == "http://loinc.org"),
+        "{obs}"
+    );
+    assert!(obs["valueQuantity"]["value"].is_number(), "{obs}");
+}
+
+/// Every block marked runnable (`sh run`, with its `file=` blocks) in
+/// README.md and docs/*.md runs as written in an empty directory, so the
+/// commands the docs show cannot drift from the binaries.
+/// docs/first-gateway.md has its own test above.
+#[test]
+fn runnable_doc_blocks_run() {
+    let mut docs = vec!["README.md".to_owned()];
+    let mut names: Vec<String> = std::fs::read_dir(repo_root().join("docs"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.ends_with(".md") && n != "first-gateway.md")
+        .collect();
+    names.sort();
+    docs.extend(names.into_iter().map(|n| format!("docs/{n}")));
+    let mut ran = vec![];
+    for doc in docs {
+        let blocks = doc_blocks(&read_repo(&doc));
+        if !blocks.iter().any(|b| matches!(b, DocBlock::Run(_))) {
+            continue;
+        }
+        let (_td, dir) = test_dir("doc-blocks");
+        let (status, out, err) =
+            run_doc_script(&dir, &doc_script(&blocks), Duration::from_secs(120)).unwrap();
+        assert!(
+            status.success(),
+            "{doc}: a runnable block failed\nstdout:\n{out}\nstderr:\n{err}"
+        );
+        ran.push(doc);
+    }
+    // The README's hub commands are marked runnable; an unmarked README
+    // would make this test vacuous.
+    assert!(ran.contains(&"README.md".to_owned()), "ran only {ran:?}");
+}
+
+/// `edge-agent check-config` fails on a listening port another process
+/// holds (a second agent on the host), naming the field, and prints a
+/// warning for fields of the other uplink kind.
+#[test]
+fn check_config_sees_ports_in_use_and_leftover_uplink_fields() {
+    let (_td, dir) = test_dir("check-config");
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = held.local_addr().unwrap().port();
+    write_private(&dir.join("gateway.token"), "vgt_x").unwrap();
+    let check = |text: &str| {
+        std::fs::write(dir.join("agent.toml"), text).unwrap();
+        Command::new(bin("edge-agent"))
+            .args(["check-config", "--config"])
+            .arg(dir.join("agent.toml"))
+            .output()
+            .unwrap()
+    };
+    let https = "gateway_id = \"gw-1\"\ndata_dir = \"data\"\n[uplink]\nurl = \"http://127.0.0.1:8080/api/v1/ingest\"\ntoken_file = \"gateway.token\"\n";
+    let ok = check(&format!("{https}[status]\nlisten = \"127.0.0.1:0\"\n"));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let busy = check(&format!("{https}[status]\nlisten = \"127.0.0.1:{port}\"\n"));
+    let err = String::from_utf8_lossy(&busy.stderr);
+    assert!(!busy.status.success(), "a held port passed");
+    assert!(err.contains("status.listen"), "{err}");
+    drop(held);
+
+    // IoT Hub with the HTTPS fields left in: valid, with a warning each.
+    write_private(&dir.join("device.key"), "c2VjcmV0LWRldmljZS1rZXk=").unwrap();
+    let out = check(&format!(
+        "{https}kind = \"iothub-mqtt\"\n[uplink.iothub]\nhost = \"h.azure-devices.net\"\ndevice_id = \"gw-1\"\nsas_key_file = \"device.key\"\n"
+    ));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("warning: uplink.url") && stdout.contains("warning: uplink.token_file"),
+        "{stdout}"
+    );
+}

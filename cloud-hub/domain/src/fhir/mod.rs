@@ -44,6 +44,146 @@ pub fn observation_id(gateway_id: &str, device_id: &str, sequence: u64) -> Strin
     format!("{}{sequence:016x}", hex::encode(&d.as_ref()[..8]))
 }
 
+/// UCUM codes of the FHIR R4 vital-signs units value set
+/// (`ucum-vitals-common`), to which the `vitalsigns` profile binds
+/// `valueQuantity.code` (required).
+const VITALS_UCUM: &[&str] = &[
+    "%", "cm", "[in_i]", "kg", "g", "[lb_av]", "Cel", "[degF]", "mm[Hg]", "/min", "kg/m2", "m2",
+];
+
+/// What each specific vital-signs profile fixes: the LOINC code that must
+/// be among `code.coding` and the units its `valueQuantity` (for `bp`: each
+/// component's) may have; their `value[x]` is a Quantity only.
+const SPECIFIC_PROFILES: &[(&str, &str, &[&str])] = &[
+    (
+        "http://hl7.org/fhir/StructureDefinition/heartrate",
+        "8867-4",
+        &["/min"],
+    ),
+    (
+        "http://hl7.org/fhir/StructureDefinition/resprate",
+        "9279-1",
+        &["/min"],
+    ),
+    (
+        "http://hl7.org/fhir/StructureDefinition/oxygensat",
+        "2708-6",
+        &["%"],
+    ),
+    (
+        "http://hl7.org/fhir/StructureDefinition/bodytemp",
+        "8310-5",
+        &["Cel", "[degF]"],
+    ),
+    (
+        "http://hl7.org/fhir/StructureDefinition/bodyweight",
+        "29463-7",
+        &["kg", "g", "[lb_av]"],
+    ),
+    (render::BP_PROFILE, render::BP_PANEL_LOINC, &["mm[Hg]"]),
+];
+
+/// The profiles an Observation built by the hub meets, from its own
+/// content: `vitalsigns` when it has a status, the vital-signs category, a
+/// LOINC code, a subject, an effective time and a value in a vital-signs
+/// unit (or a `dataAbsentReason`), on each component too; then `specific`
+/// (a vital-signs profile URL) when its fixed code and unit hold as well.
+/// Empty when `vitalsigns` is not met (e.g. a reading not yet attributed
+/// to a patient).
+pub fn claimed_profiles(
+    obs: &serde_json::Map<String, Json>,
+    specific: Option<&'static str>,
+) -> Vec<&'static str> {
+    let has_coding = |cc: &Json, system: &str, code: Option<&str>| {
+        cc["coding"].as_array().is_some_and(|cs| {
+            cs.iter()
+                .any(|c| c["system"] == system && code.is_none_or(|code| c["code"] == code))
+        })
+    };
+    let quantity_in = |q: &Json, units: &[&str]| {
+        q["value"].is_number()
+            && q["unit"].is_string()
+            && q["system"] == UCUM_SYSTEM
+            && q["code"].as_str().is_some_and(|c| units.contains(&c))
+    };
+    const OTHER_VALUES: &[&str] = &[
+        "valueCodeableConcept",
+        "valueString",
+        "valueBoolean",
+        "valueInteger",
+        "valueRange",
+        "valueRatio",
+        "valueSampledData",
+        "valueTime",
+        "valueDateTime",
+        "valuePeriod",
+    ];
+    // A value in one of `units`, or none with a reason.
+    let value_ok = |o: &serde_json::Map<String, Json>, units: &[&str]| {
+        !OTHER_VALUES.iter().any(|k| o.contains_key(*k))
+            && match (o.get("valueQuantity"), o.get("dataAbsentReason")) {
+                (Some(q), None) => quantity_in(q, units),
+                (None, Some(_)) => true,
+                _ => false,
+            }
+    };
+    let components: Vec<&serde_json::Map<String, Json>> = obs
+        .get("component")
+        .and_then(Json::as_array)
+        .map(|cs| cs.iter().filter_map(Json::as_object).collect())
+        .unwrap_or_default();
+    let values_ok = |units: &[&str]| {
+        if components.is_empty() {
+            value_ok(obs, units)
+        } else {
+            !obs.contains_key("valueQuantity")
+                && components.iter().all(|c| {
+                    c.get("code")
+                        .is_some_and(|cc| has_coding(cc, LOINC_SYSTEM, None))
+                        && value_ok(c, units)
+                })
+        }
+    };
+    let vitalsigns = obs.get("status").is_some_and(Json::is_string)
+        && obs
+            .get("category")
+            .and_then(Json::as_array)
+            .is_some_and(|cats| {
+                cats.iter()
+                    .any(|c| has_coding(c, CATEGORY_SYSTEM, Some("vital-signs")))
+            })
+        && obs
+            .get("code")
+            .is_some_and(|c| has_coding(c, LOINC_SYSTEM, None))
+        && obs
+            .get("subject")
+            .is_some_and(|s| s.get("reference").is_some() || s.get("identifier").is_some())
+        && (obs.contains_key("effectiveDateTime") || obs.contains_key("effectivePeriod"))
+        && values_ok(VITALS_UCUM);
+    if !vitalsigns {
+        return vec![];
+    }
+    let mut out = vec![VITALSIGNS_PROFILE];
+    if let Some((url, code, units)) =
+        specific.and_then(|p| SPECIFIC_PROFILES.iter().find(|(url, _, _)| *url == p))
+    {
+        let code_ok = obs
+            .get("code")
+            .is_some_and(|c| has_coding(c, LOINC_SYSTEM, Some(code)));
+        let bp_parts = *url != render::BP_PROFILE
+            || ["8480-6", "8462-4"].iter().all(|part| {
+                components.iter().any(|c| {
+                    c.get("code")
+                        .is_some_and(|cc| has_coding(cc, LOINC_SYSTEM, Some(part)))
+                })
+            });
+        if code_ok && bp_parts && values_ok(units) {
+            out.push(url);
+        }
+    }
+    out
+}
+
 /// The specific vital-signs profile, if the metric's LOINC is in the FHIR
 /// vital-signs set; `Some("")` means "vitalsigns only".
 fn vital_profile(metric: &Metric) -> Option<&'static str> {
@@ -154,13 +294,6 @@ pub fn map_observation(
     let mut obs = serde_json::Map::new();
     obs.insert("resourceType".into(), json!("Observation"));
     obs.insert("id".into(), json!(id));
-    if let Some(profile) = vital_profile(metric) {
-        let mut profiles = vec![VITALSIGNS_PROFILE];
-        if !profile.is_empty() {
-            profiles.push(profile);
-        }
-        obs.insert("meta".into(), json!({ "profile": profiles }));
-    }
     // The reading's identity (gateway, device, per-device sequence).
     obs.insert(
         "identifier".into(),
@@ -251,6 +384,15 @@ pub fn map_observation(
         ]),
     );
     obs.insert("device".into(), render::device_json(device));
+    // Profiles only where this resource meets them (e.g. no subject yet:
+    // none of the vital-signs profiles).
+    if let Some(specific) = vital_profile(metric) {
+        let specific = Some(specific).filter(|p| !p.is_empty());
+        let profiles = claimed_profiles(&obs, specific);
+        if !profiles.is_empty() {
+            obs.insert("meta".into(), json!({ "profile": profiles }));
+        }
+    }
 
     MappedObservation {
         id,
@@ -452,18 +594,26 @@ pub fn capability_statement(date: &str) -> Json {
                     param("category", "token", "observation category (vital-signs, laboratory); comma = OR"),
                     param("device", "reference", "Device id or Device/id; comma = OR"),
                     param("_count", "number", "page size, default 100, max 1000"),
+                    param("_offset", "number", "entries to skip (paging links carry it)"),
                     param("_sort", "string", "date or -date (default date)"),
                 ],
             }, {
                 "type": "Device",
                 "interaction": [{ "code": "read" }, { "code": "search-type" }],
-                "searchParam": [param("_count", "number", "page size, default 100, max 1000")],
+                "searchParam": [
+                    param("_count", "number", "page size, default 100, max 1000"),
+                    param("_offset", "number", "entries to skip (paging links carry it)"),
+                ],
             }, {
                 "type": "Patient",
                 "interaction": [{ "code": "read" }],
             }, {
                 "type": "Location",
                 "interaction": [{ "code": "read" }, { "code": "search-type" }],
+                "searchParam": [
+                    param("_count", "number", "page size, default 100, max 1000"),
+                    param("_offset", "number", "entries to skip (paging links carry it)"),
+                ],
             }],
             "operation": [{
                 "name": "export",
@@ -498,6 +648,40 @@ fn unsupported(param: &str, msg: impl std::fmt::Display) -> SearchParamError {
         code: "not-supported",
         diagnostics: format!("search parameter `{param}`: {msg}"),
     }
+}
+
+/// `_count` and `_offset` of a search on a resource type that takes only
+/// paging parameters (Device, Location); `_format` is ignored (JSON only).
+/// Any other parameter is refused, naming it and the resource type.
+pub fn parse_paging(
+    resource: &str,
+    pairs: &[(String, String)],
+) -> Result<(u32, u64), SearchParamError> {
+    let mut count = DEFAULT_COUNT;
+    let mut offset = 0u64;
+    for (k, v) in pairs {
+        match k.as_str() {
+            "_count" => {
+                count = v
+                    .parse::<u32>()
+                    .map_err(|_| invalid(k, format!("`{v}` is not a non-negative integer")))?
+                    .min(MAX_COUNT);
+            }
+            "_offset" => {
+                offset = v
+                    .parse::<u64>()
+                    .map_err(|_| invalid(k, format!("`{v}` is not a non-negative integer")))?;
+            }
+            "_format" => {}
+            other => {
+                return Err(unsupported(
+                    other,
+                    format!("unknown for {resource} (supported: _count, _offset)"),
+                ));
+            }
+        }
+    }
+    Ok((count, offset))
 }
 
 /// Date comparison prefix.
@@ -1026,7 +1210,7 @@ mod tests {
         };
         let profile_of = |mdc| {
             let m = CATALOGUE.by_mdc(mdc).unwrap();
-            map_observation(&DEV, &r, m, None, 0).resource
+            map_observation(&DEV, &r, m, Some("p-1"), 0).resource
         };
         let glu = profile_of(codes::CONC_GLU_CAPILLARY_WHOLEBLOOD);
         assert!(glu.get("meta").is_none());
@@ -1042,6 +1226,44 @@ mod tests {
         assert_eq!(pr["code"]["coding"][1]["code"], "8867-4");
         let sys = profile_of(codes::PRESS_BLD_NONINV_SYS);
         assert_eq!(sys["meta"]["profile"], json!([VITALSIGNS_PROFILE]));
+    }
+
+    #[test]
+    fn profiles_are_claimed_only_when_met() {
+        let m = CATALOGUE.by_mdc(codes::PULS_OXIM_SAT_O2).unwrap();
+        let with = |value: Option<reading::Value>, patient: Option<&str>| {
+            let r = Reading {
+                validity: 1,
+                value,
+                ..Default::default()
+            };
+            map_observation(&DEV, &r, m, patient, 0).resource
+        };
+        let num = || Some(reading::Value::Numeric(97.0));
+        let oxygensat = json!([
+            VITALSIGNS_PROFILE,
+            "http://hl7.org/fhir/StructureDefinition/oxygensat"
+        ]);
+        assert_eq!(with(num(), Some("p-1"))["meta"]["profile"], oxygensat);
+        // Not (yet) attributed: vitalsigns requires a subject.
+        assert!(with(num(), None).get("meta").is_none());
+        // No value, with a reason: still met.
+        assert_eq!(with(None, Some("p-1"))["meta"]["profile"], oxygensat);
+        // A text value: oxygensat (and vitalsigns) take a Quantity only.
+        let t = with(Some(reading::Value::Text("SENSOR OFF".into())), Some("p-1"));
+        assert!(t.get("meta").is_none(), "{t}");
+        // A unit outside the profile's: only what is met.
+        let mut o = with(num(), Some("p-1")).as_object().unwrap().clone();
+        o["valueQuantity"]["code"] = json!("mm[Hg]");
+        assert_eq!(
+            claimed_profiles(
+                &o,
+                Some("http://hl7.org/fhir/StructureDefinition/oxygensat")
+            ),
+            [VITALSIGNS_PROFILE]
+        );
+        o["valueQuantity"]["code"] = json!("kPa");
+        assert!(claimed_profiles(&o, None).is_empty());
     }
 
     #[test]

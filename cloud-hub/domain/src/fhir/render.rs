@@ -14,8 +14,8 @@ use shared_protocol::v1::{DeviceData, Reading, Validity, Waveform, reading};
 use shared_protocol::{CATALOGUE, Metric};
 
 use super::{
-    DeviceRef, LOINC_SYSTEM, MDC_SYSTEM, UCUM_SYSTEM, VITALSIGNS_PROFILE, absent_reason,
-    format_instant, map_observation, quality_extension, subject_json, time_source_code,
+    DeviceRef, LOINC_SYSTEM, MDC_SYSTEM, UCUM_SYSTEM, absent_reason, format_instant,
+    map_observation, quality_extension, subject_json, time_source_code,
 };
 
 /// The FHIR R4 blood-pressure profile.
@@ -199,7 +199,33 @@ impl ObservationRow {
 pub fn render_observation(row: &ObservationRow) -> Result<Json, RenderError> {
     let mut resource = render_payload(row)?;
     complete_subject(&mut resource, row);
+    if row.payload.is_none() {
+        recheck_profiles(&mut resource);
+    }
     Ok(resource)
+}
+
+/// A resource stored as JSON by an old build keeps only the profiles it
+/// meets as served now (e.g. none while it has no subject).
+fn recheck_profiles(resource: &mut Json) {
+    let Some(obs) = resource.as_object_mut() else {
+        return;
+    };
+    let Some(claimed) = obs.get("meta").and_then(|m| m["profile"].as_array()) else {
+        return;
+    };
+    let specific = claimed.iter().filter_map(Json::as_str).find_map(|p| {
+        super::SPECIFIC_PROFILES
+            .iter()
+            .map(|(url, _, _)| *url)
+            .find(|url| *url == p)
+    });
+    let profiles = super::claimed_profiles(obs, specific);
+    if profiles.is_empty() {
+        obs.remove("meta");
+    } else {
+        obs.insert("meta".into(), json!({ "profile": profiles }));
+    }
 }
 
 fn render_payload(row: &ObservationRow) -> Result<Json, RenderError> {
@@ -334,14 +360,9 @@ pub fn render_bp_panel(row: &ObservationRow, members: &[Reading]) -> Json {
         c.insert("extension".into(), json!([ext]));
         components.push(Json::Object(c));
     }
-    let mut profiles = vec![VITALSIGNS_PROFILE];
-    if all_mmhg {
-        profiles.push(BP_PROFILE);
-    }
     let mut obs = serde_json::Map::new();
     obs.insert("resourceType".into(), json!("Observation"));
     obs.insert("id".into(), json!(row.id));
-    obs.insert("meta".into(), json!({ "profile": profiles }));
     let mut identifiers = Vec::new();
     for r in members {
         identifiers.push(json!({
@@ -387,6 +408,11 @@ pub fn render_bp_panel(row: &ObservationRow, members: &[Reading]) -> Json {
     }
     obs.insert("device".into(), device_json(&row.device_ref()));
     obs.insert("component".into(), Json::Array(components));
+    // `bp` needs every component in mm[Hg]; both need a subject.
+    let profiles = super::claimed_profiles(&obs, all_mmhg.then_some(BP_PROFILE));
+    if !profiles.is_empty() {
+        obs.insert("meta".into(), json!({ "profile": profiles }));
+    }
     Json::Object(obs)
 }
 
