@@ -653,6 +653,16 @@ async fn ingest_inner(
             "batch.gateway_id does not match the authenticated gateway",
         ));
     }
+    // 6. An identity the hub can store: a sequence or incarnation above
+    // 2^63-1 is refused, never wrapped.
+    if let Err(e) = crate::ingest::check_batch(&batch) {
+        tracing::warn!(gateway_id = %gateway_id, field = e.field, "batch refused: {e}");
+        return Err(IngestError::new(
+            StatusCode::BAD_REQUEST,
+            K::Malformed,
+            e.to_string(),
+        ));
+    }
 
     let ack = store_batch(st, &gateway_id, batch)
         .await
@@ -726,6 +736,23 @@ async fn store_batch_traced(
             Ok(Err(e)) => tracing::error!(error = %e, "alert evaluation failed"),
             Err(e) => tracing::error!(error = %e, "alert evaluation task failed"),
             Ok(Ok(())) => {}
+        }
+    }
+    if let Some(n) = report.new_incarnation {
+        st.metrics.new_incarnation(n.previous.is_some());
+        match n.previous {
+            Some(previous) => tracing::warn!(
+                gateway_id = %gateway_id,
+                incarnation = format_args!("{:016x}", n.incarnation),
+                previous = format_args!("{previous:016x}"),
+                "new buffer incarnation: the gateway's buffer was created afresh (lost or wiped \
+                 data directory, reinstall or replacement); its sequences restart at 1"
+            ),
+            None => tracing::info!(
+                gateway_id = %gateway_id,
+                incarnation = format_args!("{:016x}", n.incarnation),
+                "first buffer incarnation of the gateway"
+            ),
         }
     }
     let ack = &report.ack;

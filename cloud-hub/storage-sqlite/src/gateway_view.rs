@@ -22,11 +22,12 @@ impl SqliteStore {
             .collect::<Result<_, _>>()?;
         let mut out = Vec::with_capacity(list.len());
         for (id, created_us, revoked_us) in list {
-            // Newest first, stopping at the window: the primary key
-            // (gateway_id, sequence) orders them.
+            // Newest first, stopping at the window: by arrival (index
+            // `batches_received`; sequences of different buffer
+            // incarnations do not compare), then sequence.
             let mut stmt = conn.prepare_cached(
                 "SELECT sequence, received_us, created_us, agent_version, ack FROM batches
-                 WHERE gateway_id = ?1 ORDER BY sequence DESC LIMIT ?2",
+                 WHERE gateway_id = ?1 ORDER BY received_us DESC, sequence DESC LIMIT ?2",
             )?;
             let mut rows = stmt.query(params![id, max_batches])?;
             let mut last_batch = None;

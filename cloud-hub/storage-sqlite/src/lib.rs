@@ -3,7 +3,8 @@
 //! the SQLite backend lives in this crate. Methods are blocking (the
 //! transport layer calls them from `spawn_blocking`).
 //!
-//! `u64` sequences are stored bit-for-bit as SQLite `INTEGER` (i64).
+//! `u64` sequences and incarnations are stored as SQLite `INTEGER` (i64);
+//! one above 2^63-1 is refused by the ingest plan, never wrapped.
 
 mod access;
 mod alerts;
@@ -24,8 +25,8 @@ use hub_domain::fhir::render::{DeviceRow, ObservationRow, device_resource_id};
 use hub_domain::fhir::{ObservationSearch, SortOrder};
 use hub_domain::ingest;
 use hub_storage::{
-    Associations, GatewayRow, GatewayStore, IngestReport, IngestStore, ObservationStore, Purged,
-    RetentionStore, Storage, StoreError,
+    Associations, GatewayRow, GatewayStore, IngestReport, IngestStore, NewIncarnation,
+    ObservationStore, Purged, RetentionStore, Storage, StoreError,
 };
 use prost::Message;
 use rusqlite::types::Value as SqlValue;
@@ -415,11 +416,12 @@ impl SqliteStore {
         // sharing the database wait for each other (busy timeout) instead of
         // failing to upgrade a read transaction.
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let batch_seq = batch.sequence as i64;
+        let (incarnation, batch_seq) = ingest::check_batch(batch)?;
         let stored: Option<Vec<u8>> = tx
             .query_row(
-                "SELECT ack FROM batches WHERE gateway_id = ?1 AND sequence = ?2",
-                params![gateway_id, batch_seq],
+                "SELECT ack FROM batches
+                  WHERE gateway_id = ?1 AND incarnation = ?2 AND sequence = ?3",
+                params![gateway_id, incarnation, batch_seq],
                 |r| r.get(0),
             )
             .optional()?;
@@ -431,16 +433,49 @@ impl SqliteStore {
                 rejected_reasons: Vec::new(),
                 out_of_range: 0,
                 live: Vec::new(),
+                new_incarnation: None,
             });
         }
-        let plan = ingest::plan(gateway_id, batch, now_us, |device, lo, hi| {
+        // The first batch of a buffer incarnation this hub has not seen.
+        let new_incarnation = if incarnation == 0 {
+            None
+        } else {
+            let seen: bool = tx
+                .prepare_cached(
+                    "SELECT EXISTS (SELECT 1 FROM batches WHERE gateway_id = ?1 AND incarnation = ?2)",
+                )?
+                .query_row(params![gateway_id, incarnation], |r| r.get(0))?;
+            if seen {
+                None
+            } else {
+                let previous: Option<i64> = tx
+                    .prepare_cached(
+                        "SELECT incarnation FROM batches WHERE gateway_id = ?1
+                          ORDER BY received_us DESC LIMIT 1",
+                    )?
+                    .query_row([gateway_id], |r| r.get(0))
+                    .optional()?;
+                Some(NewIncarnation {
+                    incarnation,
+                    previous,
+                })
+            }
+        };
+        let mut plan = ingest::plan(gateway_id, batch, now_us, |device, lo, hi| {
             attribution::load(&tx, gateway_id, device, lo, hi, associations)
         })?;
+        if let Some(n) = &new_incarnation {
+            plan.events.push(ingest::incarnation_event(
+                n.incarnation,
+                n.previous,
+                received_us,
+            ));
+        }
         let (row_new, event_new) = {
             let mut insert_rejected = tx.prepare_cached(
                 "INSERT INTO rejected_readings (gateway_id, device_id, batch_sequence, sequence,
-                     kind, reason, detail, raw, received_us)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                     kind, reason, detail, raw, received_us, incarnation)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             )?;
             for r in &plan.rejected {
                 insert_rejected.execute(params![
@@ -452,7 +487,8 @@ impl SqliteStore {
                     r.reason,
                     r.detail,
                     r.raw,
-                    received_us
+                    received_us,
+                    incarnation
                 ])?;
             }
             let mut upsert_device = tx.prepare_cached(
@@ -480,8 +516,8 @@ impl SqliteStore {
             }
             let mut insert_event = tx.prepare_cached(
                 "INSERT OR IGNORE INTO device_events (gateway_id, device_id, sequence, kind, time_us,
-                     detail, batch_sequence, received_us)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                     detail, batch_sequence, received_us, incarnation)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             )?;
             let mut event_new = Vec::with_capacity(plan.events.len());
             for e in &plan.events {
@@ -493,16 +529,17 @@ impl SqliteStore {
                     e.time_us,
                     e.detail,
                     batch_seq,
-                    received_us
+                    received_us,
+                    incarnation
                 ])?;
                 event_new.push(n > 0);
             }
             let mut insert_obs = tx.prepare_cached(
                 "INSERT OR IGNORE INTO observations (id, gateway_id, device_id, sequence, patient_id,
                      loinc, mdc_code, effective_us, status, value, batch_sequence, received_us,
-                     resource, kind, category, payload, patient_system, attribution)
+                     resource, kind, category, payload, patient_system, attribution, incarnation)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, '', ?13, ?14, ?15,
-                     ?16, ?17)",
+                     ?16, ?17, ?18)",
             )?;
             let mut row_new = Vec::with_capacity(plan.rows.len());
             for r in &plan.rows {
@@ -523,7 +560,8 @@ impl SqliteStore {
                     r.category,
                     r.payload,
                     r.patient_system,
-                    r.attribution
+                    r.attribution,
+                    incarnation
                 ])?;
                 row_new.push(n > 0);
             }
@@ -541,15 +579,17 @@ impl SqliteStore {
         // Chart buckets of the new usable values (`trends`).
         trends::write(outcome.rollup, &tx)?;
         tx.execute(
-            "INSERT INTO batches (gateway_id, sequence, received_us, created_us, agent_version, ack)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            "INSERT INTO batches (gateway_id, sequence, received_us, created_us, agent_version, ack,
+                 incarnation)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             params![
                 gateway_id,
                 batch_seq,
                 received_us,
                 batch.created_time_us,
                 batch.agent_version,
-                outcome.ack.encode_to_vec()
+                outcome.ack.encode_to_vec(),
+                incarnation
             ],
         )?;
         tx.commit()?;
@@ -563,6 +603,7 @@ impl SqliteStore {
             rejected_reasons: outcome.reasons,
             out_of_range: outcome.out_of_range,
             live: outcome.live,
+            new_incarnation,
         })
     }
 
