@@ -1272,6 +1272,23 @@ fn gateways_view_sums_the_window(s: &Store) -> Result<(), StoreError> {
         1
     );
     assert_eq!(s.gateway_activity(T0, 1)?[0].window.batches, 1);
+    // A buffer created afresh: the newest batch and the incarnation event
+    // are the new buffer's, though its sequence restarted at 1.
+    assert_eq!(g.last_incarnation, None);
+    let fresh = Batch {
+        incarnation: 42,
+        ..batch(1, vec![entry("d1", vec![spo2(T0 + 4 * MIN, 1)])])
+    };
+    s.ingest(G, &fresh, &none, T0 + 5 * MIN, now())?;
+    let g = &s.gateway_activity(T0, 1_000)?[0];
+    let last = g.last_batch.as_ref().unwrap();
+    assert_eq!((last.sequence, last.received_us), (1, T0 + 5 * MIN));
+    let (t, detail) = g.last_incarnation.clone().unwrap();
+    assert_eq!(t, T0 + 5 * MIN);
+    assert!(
+        detail.starts_with("new buffer incarnation 000000000000002a"),
+        "{detail}"
+    );
     Ok(())
 }
 

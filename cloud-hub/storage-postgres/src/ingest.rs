@@ -193,8 +193,8 @@ impl PgStore {
         if !plan.rejected.is_empty() {
             let st = tx.prepare(
                 "INSERT INTO rejected_readings (gateway_id, device_id, batch_sequence, sequence,
-                     kind, reason, detail, raw, received_us, incarnation)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                     kind, reason, detail, raw, received_us)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
             )?;
             for r in &plan.rejected {
                 tx.execute(
@@ -209,7 +209,6 @@ impl PgStore {
                         &r.detail,
                         &r.raw,
                         &received_us,
-                        &incarnation,
                     ],
                 )?;
             }

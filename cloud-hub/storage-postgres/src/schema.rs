@@ -207,7 +207,6 @@ ALTER TABLE device_events ADD COLUMN incarnation bigint NOT NULL DEFAULT 0;
 ALTER TABLE device_events DROP CONSTRAINT device_events_gateway_id_device_id_sequence_key;
 ALTER TABLE device_events ADD CONSTRAINT device_events_identity
     UNIQUE (gateway_id, device_id, incarnation, sequence);
-ALTER TABLE rejected_readings ADD COLUMN incarnation bigint NOT NULL DEFAULT 0;
 "#;
 
 pub(crate) const MIGRATIONS: &[(i64, &str)] = &[(1, V1), (2, PG_V2), (3, PG_V3)];

@@ -61,6 +61,14 @@ impl SqliteStore {
                 .query_row([&id], |r| Ok((r.get(0)?, Some((r.get(1)?, r.get(2)?)))))
                 .optional()?
                 .unwrap_or((0, None));
+            let last_incarnation: Option<(i64, String)> = conn
+                .prepare_cached(
+                    "SELECT time_us, detail FROM device_events
+                     WHERE gateway_id = ?1 AND device_id = '' AND kind = 'buffer-incarnation'
+                     ORDER BY time_us DESC LIMIT 1",
+                )?
+                .query_row([&id], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?;
             let devices = devices_of(&conn, &id)?;
             out.push(GatewayActivity {
                 id,
@@ -71,6 +79,7 @@ impl SqliteStore {
                 rejected_total: rejected_total.max(0) as u64,
                 overflows: overflows.max(0) as u64,
                 last_overflow,
+                last_incarnation,
                 devices,
             });
         }

@@ -474,8 +474,8 @@ impl SqliteStore {
         let (row_new, event_new) = {
             let mut insert_rejected = tx.prepare_cached(
                 "INSERT INTO rejected_readings (gateway_id, device_id, batch_sequence, sequence,
-                     kind, reason, detail, raw, received_us, incarnation)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                     kind, reason, detail, raw, received_us)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             )?;
             for r in &plan.rejected {
                 insert_rejected.execute(params![
@@ -487,8 +487,7 @@ impl SqliteStore {
                     r.reason,
                     r.detail,
                     r.raw,
-                    received_us,
-                    incarnation
+                    received_us
                 ])?;
             }
             let mut upsert_device = tx.prepare_cached(

@@ -347,7 +347,8 @@ CREATE INDEX IF NOT EXISTS score_history_time ON score_history (time_us);
 /// them), every existing row taking incarnation 0 (the agents that sent
 /// them had none; their ids do not change). `batches_received` orders a
 /// gateway's batches by arrival (sequences of different incarnations do
-/// not compare).
+/// not compare). (`rejected_readings` has no unique key and is unchanged:
+/// its `received_us` tells the incarnations' rows apart.)
 pub const SCHEMA_V14: &str = r#"
 CREATE TABLE batches_v14 (
     gateway_id     TEXT NOT NULL,
@@ -427,8 +428,6 @@ INSERT INTO device_events_v14 (rowid, gateway_id, device_id, incarnation, sequen
 DROP TABLE device_events;
 ALTER TABLE device_events_v14 RENAME TO device_events;
 CREATE INDEX device_events_device_time ON device_events (gateway_id, device_id, time_us);
-
-ALTER TABLE rejected_readings ADD COLUMN incarnation INTEGER NOT NULL DEFAULT 0;
 "#;
 
 /// Ordered migrations; each runs once, in one transaction with its version row.
