@@ -1409,6 +1409,57 @@ fn postgres_partitions_by_month_and_migrates_once() {
     assert_eq!(search(&s, &[]).0, 3);
 }
 
+/// Migration 3 (buffer incarnations) on a database that holds rows in
+/// monthly partitions: they take incarnation 0 and stay de-duplicated; a
+/// new incarnation's sequences are new.
+#[test]
+fn postgres_migration_3_keeps_existing_rows_as_incarnation_0() {
+    let server = pg_server::PgServer::start();
+    let cfg = PgConfig::new(server.url());
+    let s = Store::open_postgres(&cfg).unwrap();
+    let none = Associations::new();
+    let april = T0 + 45 * 24 * 60 * MIN;
+    let first = batch(1, vec![entry("d1", vec![spo2(T0, 1), spo2(april, 2)])]);
+    assert_eq!(ingest(&s, &first, &none).ack.accepted, 2);
+    // Back to migration 2's keys and columns, the rows kept.
+    s.postgres()
+        .unwrap()
+        .conn()
+        .unwrap()
+        .batch_execute(
+            "ALTER TABLE batches DROP CONSTRAINT batches_pkey;
+             DROP INDEX batches_received;
+             ALTER TABLE batches DROP COLUMN incarnation;
+             ALTER TABLE batches ADD PRIMARY KEY (gateway_id, sequence);
+             ALTER TABLE observations DROP CONSTRAINT observations_identity;
+             ALTER TABLE observations DROP COLUMN incarnation;
+             ALTER TABLE observations ADD UNIQUE (gateway_id, device_id, sequence, effective_us);
+             ALTER TABLE device_events DROP CONSTRAINT device_events_identity;
+             ALTER TABLE device_events DROP COLUMN incarnation;
+             ALTER TABLE device_events ADD UNIQUE (gateway_id, device_id, sequence);
+             DELETE FROM schema_migrations WHERE version = 3;",
+        )
+        .unwrap();
+    drop(s);
+    let s = Store::open_postgres(&cfg).unwrap();
+    assert_eq!(s.postgres().unwrap().migrations().unwrap(), vec![1, 2, 3]);
+    assert!(ingest(&s, &first, &none).ack.duplicate_batch);
+    let r = ingest(
+        &s,
+        &batch(2, vec![entry("d1", vec![spo2(april, 2)])]),
+        &none,
+    );
+    assert_eq!((r.ack.accepted, r.ack.duplicates), (0, 1));
+    let fresh = Batch {
+        incarnation: 5,
+        ..batch(1, vec![entry("d1", vec![spo2(april, 1), spo2(april, 2)])])
+    };
+    let r = ingest(&s, &fresh, &none);
+    assert!(!r.ack.duplicate_batch);
+    assert_eq!((r.ack.accepted, r.ack.duplicates), (2, 0));
+    assert_eq!(search(&s, &[]).0, 4);
+}
+
 #[test]
 fn postgres_config_refuses_a_password_in_the_url_and_plaintext_off_loopback() {
     let err = PgConfig::new("postgresql://vigil:secret@127.0.0.1/vigil")

@@ -1048,6 +1048,85 @@ mod tests {
         assert_eq!(versions, (1..=schema_version()).collect::<Vec<_>>());
     }
 
+    /// v14 rebuilds `batches`, `observations` and `device_events`: their
+    /// rows (and rowids) are kept as incarnation 0 and stay de-duplicated.
+    #[test]
+    fn a_version_13_database_keeps_its_rows_as_incarnation_0() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("v13.sqlite");
+        let t = now_us() - 60_000_000;
+        {
+            let c = Connection::open(&p).unwrap();
+            c.execute_batch(
+                "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_us INTEGER NOT NULL)",
+            )
+            .unwrap();
+            for (v, sql) in MIGRATIONS.iter().filter(|m| m.0 <= 13) {
+                c.execute_batch(sql).unwrap();
+                c.execute("INSERT INTO schema_migrations VALUES (?1, 0)", [v])
+                    .unwrap();
+            }
+            let id = hub_domain::fhir::observation_id("g", "d", 1);
+            c.execute(
+                "INSERT INTO observations (rowid, id, gateway_id, device_id, sequence, loinc,
+                     mdc_code, effective_us, status, batch_sequence, received_us, resource,
+                     attribution)
+                 VALUES (77, ?1, 'g', 'd', 1, 'l', 1, ?2, 'final', 1, 1, '', 'unattributed')",
+                params![id, t],
+            )
+            .unwrap();
+            c.execute_batch(
+                "INSERT INTO batches VALUES ('g', 1, 1, 1, 'old', x'0801');
+                 INSERT INTO device_events VALUES ('g', 'd', 2, 'connected', 1, '', 1, 1);",
+            )
+            .unwrap();
+        }
+        let s = SqliteStore::open(&p).unwrap();
+        let (rowid, inc): (i64, i64) = s
+            .lock()
+            .unwrap()
+            .query_row("SELECT rowid, incarnation FROM observations", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .unwrap();
+        assert_eq!((rowid, inc), (77, 0));
+        let b = |inc: u64, seq: u64| Batch {
+            gateway_id: "g".into(),
+            sequence: seq,
+            incarnation: inc,
+            devices: vec![DeviceData {
+                device: Some(DeviceInfo {
+                    device_id: "d".into(),
+                    ..Default::default()
+                }),
+                readings: vec![Reading {
+                    mdc_code: codes::PULS_OXIM_SAT_O2,
+                    value: Some(reading::Value::Numeric(97.0)),
+                    ucum_unit: "%".into(),
+                    device_time_us: t,
+                    validity: 1,
+                    sequence: 1,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let none = Associations::new();
+        let now = now_us();
+        assert!(
+            s.ingest("g", &b(0, 1), &none, now, now)
+                .unwrap()
+                .ack
+                .duplicate_batch
+        );
+        let r = s.ingest("g", &b(0, 2), &none, now, now).unwrap();
+        assert_eq!((r.ack.accepted, r.ack.duplicates), (0, 1));
+        let r = s.ingest("g", &b(9, 1), &none, now, now).unwrap();
+        assert_eq!((r.ack.accepted, r.ack.duplicate_batch), (1, false));
+        assert_eq!(r.new_incarnation.unwrap().previous, Some(0));
+    }
+
     #[test]
     fn enrollment_tokens_are_single_use_and_expire() {
         let dir = tempfile::tempdir().unwrap();
