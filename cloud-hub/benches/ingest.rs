@@ -81,6 +81,7 @@ fn batch(gateway: usize, seq: u64) -> Batch {
         agent_version: "bench".into(),
         gateway_events: vec![],
         traceparent: String::new(),
+        incarnation: 0,
     }
 }
 

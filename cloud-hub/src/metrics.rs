@@ -101,6 +101,8 @@ pub struct Metrics {
     out_of_range: AtomicU64,
     trace_context_invalid: AtomicU64,
     audit_failures: AtomicU64,
+    /// Buffer incarnations first seen: [first of the gateway, replacing another].
+    incarnations: [AtomicU64; 2],
 }
 
 impl Metrics {
@@ -124,6 +126,12 @@ impl Metrics {
     /// An audited request whose audit entry could not be written.
     pub fn audit_failure(&self) {
         self.audit_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A buffer incarnation seen for the first time; `replaced`: the
+    /// gateway had sent batches under another one (or none) before.
+    pub fn new_incarnation(&self, replaced: bool) {
+        self.incarnations[usize::from(replaced)].fetch_add(1, Ordering::Relaxed);
     }
 
     /// A batch whose `traceparent` was malformed (ignored).
@@ -200,6 +208,15 @@ impl Metrics {
             "interaction",
             &INTERACTIONS,
             &self.fhir,
+        );
+        family(
+            "vigil_hub_gateway_incarnations_total",
+            "Gateway buffer incarnations seen for the first time: a gateway's first \
+             (`first`) or one replacing an earlier buffer (`new`: lost or wiped data \
+             directory, reinstall, replacement).",
+            "kind",
+            &["first", "new"],
+            &self.incarnations,
         );
         family(
             "vigil_hub_auth_failures_total",
@@ -372,7 +389,10 @@ mod tests {
         m.rejected(RejectReason::ImpossibleTime);
         m.ingest_error(IngestErrorKind::TooLarge);
         m.fhir(FhirInteraction::Search);
+        m.new_incarnation(true);
         let text = m.render();
+        assert!(text.contains("vigil_hub_gateway_incarnations_total{kind=\"new\"} 1"));
+        assert!(text.contains("vigil_hub_gateway_incarnations_total{kind=\"first\"} 0"));
         assert!(text.contains("# TYPE vigil_hub_ingest_batches_total counter"));
         assert!(text.contains("vigil_hub_ingest_batches_total{outcome=\"accepted\"} 1"));
         assert!(text.contains("vigil_hub_ingest_readings_total{outcome=\"duplicate\"} 3"));

@@ -455,6 +455,12 @@ async fn handle(st: &Pipeline, p: &Publish, stop: &mut watch::Receiver<bool>) ->
         Ok(b) => b,
         Err(r) => return dropped(r, Some(&info.gateway_id)),
     };
+    // A sequence or incarnation above 2^63-1 cannot be stored: dropped as
+    // malformed (never retried, never wrapped).
+    if let Err(e) = crate::ingest::check_batch(&batch) {
+        tracing::warn!(gateway_id = %info.gateway_id, field = e.field, "MQTT batch refused: {e}");
+        return dropped(DropReason::Malformed, Some(&info.gateway_id));
+    }
     let mut failures = 0u32;
     loop {
         let store = st.store().clone();

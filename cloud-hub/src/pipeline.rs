@@ -126,6 +126,23 @@ impl Pipeline {
                 tracing::error!(error = %e, "after-ingest task failed");
             }
         }
+        if let Some(n) = report.new_incarnation {
+            self.metrics.new_incarnation(n.previous.is_some());
+            match n.previous {
+                Some(previous) => tracing::warn!(
+                    gateway_id = %gateway_id,
+                    incarnation = format_args!("{:016x}", n.incarnation),
+                    previous = format_args!("{previous:016x}"),
+                    "new buffer incarnation: the gateway's buffer was created afresh (lost or \
+                     wiped data directory, reinstall or replacement); its sequences restart at 1"
+                ),
+                None => tracing::info!(
+                    gateway_id = %gateway_id,
+                    incarnation = format_args!("{:016x}", n.incarnation),
+                    "first buffer incarnation of the gateway"
+                ),
+            }
+        }
         let ack = &report.ack;
         if ack.duplicate_batch {
             self.metrics.batch(Outcome::Duplicate);

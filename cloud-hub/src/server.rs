@@ -667,6 +667,16 @@ async fn ingest_inner(
             "batch.gateway_id does not match the authenticated gateway",
         ));
     }
+    // 6. An identity the hub can store: a sequence or incarnation above
+    // 2^63-1 is refused, never wrapped.
+    if let Err(e) = crate::ingest::check_batch(&batch) {
+        tracing::warn!(gateway_id = %gateway_id, field = e.field, "batch refused: {e}");
+        return Err(IngestError::new(
+            StatusCode::BAD_REQUEST,
+            K::Malformed,
+            e.to_string(),
+        ));
+    }
 
     let ack = st
         .pipeline

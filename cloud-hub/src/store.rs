@@ -12,7 +12,7 @@ use std::sync::Arc;
 pub use hub_domain::clock::now_us;
 pub use hub_postgres::PgStore;
 pub use hub_sqlite::{SqliteStore, schema_version};
-pub use hub_storage::{Associations, GatewayRow, IngestReport, Purged};
+pub use hub_storage::{Associations, GatewayRow, IngestReport, NewIncarnation, Purged};
 
 /// The storage traits, for `use crate::store::prelude::*`.
 pub mod prelude {

@@ -146,6 +146,140 @@ fn ingest_deduplicates_batches_and_readings(s: &Store) {
     assert_eq!(search(s, &[]).0, 4);
 }
 
+/// A gateway whose buffer was created afresh (new incarnation) restarts
+/// its sequences at 1: its batches and readings are new, the earlier
+/// buffer's stay de-duplicated as before, and incarnation 0 keeps today's
+/// ids.
+fn buffer_incarnations_deduplicate_separately(s: &Store) {
+    let none = Associations::new();
+    let with = |inc: u64, b: Batch| Batch {
+        incarnation: inc,
+        ..b
+    };
+    let r = ingest(
+        s,
+        &batch(1, vec![entry("d1", vec![spo2(T0, 1), spo2(T0 + MIN, 2)])]),
+        &none,
+    );
+    assert_eq!((r.ack.accepted, r.new_incarnation), (2, None));
+    // The wiped gateway's batch 1, readings 1 and 2: new, not duplicates.
+    let inc = 0x5eed_u64;
+    let fresh = with(
+        inc,
+        batch(
+            1,
+            vec![entry(
+                "d1",
+                vec![spo2(T0 + 5 * MIN, 1), spo2(T0 + 6 * MIN, 2)],
+            )],
+        ),
+    );
+    let r = ingest(s, &fresh, &none);
+    assert!(!r.ack.duplicate_batch);
+    assert_eq!((r.ack.accepted, r.ack.duplicates), (2, 0));
+    assert_eq!(
+        r.new_incarnation,
+        Some(cloud_hub::store::NewIncarnation {
+            incarnation: inc as i64,
+            previous: Some(0)
+        })
+    );
+    // Re-sent: the same batch of the same incarnation.
+    let again = ingest(s, &fresh, &none);
+    assert!(again.ack.duplicate_batch);
+    assert_eq!((again.ack.accepted, again.new_incarnation), (2, None));
+    // Readings re-sent within each incarnation stay duplicates.
+    let r = ingest(
+        s,
+        &with(
+            inc,
+            batch(
+                2,
+                vec![entry(
+                    "d1",
+                    vec![spo2(T0 + 6 * MIN, 2), spo2(T0 + 7 * MIN, 3)],
+                )],
+            ),
+        ),
+        &none,
+    );
+    assert_eq!((r.ack.accepted, r.ack.duplicates), (1, 1));
+    let r = ingest(
+        s,
+        &batch(2, vec![entry("d1", vec![spo2(T0 + MIN, 2)])]),
+        &none,
+    );
+    assert_eq!(
+        (r.ack.accepted, r.ack.duplicates, r.ack.duplicate_batch),
+        (0, 1, false)
+    );
+    let (total, ids) = search(s, &[("_count", "100")]);
+    assert_eq!(total, 5);
+    assert!(ids.contains(&oid("d1", 1)), "incarnation 0 keeps its ids");
+    let new_id = cloud_hub::fhir::observation_id_in(G, "d1", inc, 1);
+    assert!(ids.contains(&new_id), "{ids:?}");
+    let row = s
+        .observation(&new_id)
+        .unwrap()
+        .expect("row of the new buffer");
+    let rendered = cloud_hub::fhir::render::render_observation(&row).unwrap();
+    assert_eq!(rendered["id"], new_id.as_str());
+    // A third buffer names the one of the newest earlier batch (here the
+    // legacy batch 2 just above) as the one before it.
+    let r = ingest(
+        s,
+        &with(7, batch(1, vec![entry("d1", vec![spo2(T0 + 9 * MIN, 1)])])),
+        &none,
+    );
+    assert_eq!(r.ack.accepted, 1);
+    assert_eq!(r.new_incarnation.unwrap().previous, Some(0));
+    let r = ingest(
+        s,
+        &with(9, batch(1, vec![entry("d1", vec![spo2(T0 + 9 * MIN, 1)])])),
+        &none,
+    );
+    assert_eq!(r.new_incarnation.unwrap().previous, Some(7));
+}
+
+/// Sequences are unsigned on the wire and signed 64-bit in storage: one
+/// above 2^63-1 is refused with its reason, never stored wrapped.
+fn sequences_above_i64_max_are_refused_not_wrapped(s: &Store) {
+    let none = Associations::new();
+    let mut b = batch(u64::MAX, vec![entry("d1", vec![spo2(T0, 1)])]);
+    match s.ingest(G, &b, &none, now(), now()) {
+        Err(StoreError::BatchRefused(e)) => {
+            assert_eq!(e.field, "sequence");
+            assert!(e.to_string().contains("18446744073709551615"), "{e}");
+        }
+        other => panic!("expected BatchRefused, got {other:?}"),
+    }
+    b.sequence = 1;
+    b.incarnation = 1 << 63;
+    match s.ingest(G, &b, &none, now(), now()) {
+        Err(StoreError::BatchRefused(e)) => assert_eq!(e.field, "incarnation"),
+        other => panic!("expected BatchRefused, got {other:?}"),
+    }
+    assert_eq!(search(s, &[]).0, 0, "nothing of a refused batch is stored");
+    let r = ingest(
+        s,
+        &batch(
+            1,
+            vec![entry(
+                "d1",
+                vec![spo2(T0, u64::MAX), spo2(T0 + MIN, i64::MAX as u64)],
+            )],
+        ),
+        &none,
+    );
+    assert_eq!((r.ack.accepted, r.ack.rejected), (1, 1));
+    assert_eq!(r.rejected_reasons, vec![RejectReason::Malformed]);
+    assert_eq!(r.ack.rejections[0].sequence, u64::MAX);
+    assert!(r.ack.rejections[0].detail.contains("2^63-1"));
+    let (total, ids) = search(s, &[]);
+    assert_eq!(total, 1);
+    assert_eq!(ids, vec![oid("d1", i64::MAX as u64)]);
+}
+
 fn rejections_are_stored_with_reasons(s: &Store) {
     let none = Associations::new();
     let mut unknown = spo2(T0, 2);
@@ -1372,6 +1506,23 @@ fn gateways_view_sums_the_window(s: &Store) -> Result<(), StoreError> {
         1
     );
     assert_eq!(s.gateway_activity(T0, 1)?[0].window.batches, 1);
+    // A buffer created afresh: the newest batch and the incarnation event
+    // are the new buffer's, though its sequence restarted at 1.
+    assert_eq!(g.last_incarnation, None);
+    let fresh = Batch {
+        incarnation: 42,
+        ..batch(1, vec![entry("d1", vec![spo2(T0 + 4 * MIN, 1)])])
+    };
+    s.ingest(G, &fresh, &none, T0 + 5 * MIN, now())?;
+    let g = &s.gateway_activity(T0, 1_000)?[0];
+    let last = g.last_batch.as_ref().unwrap();
+    assert_eq!((last.sequence, last.received_us), (1, T0 + 5 * MIN));
+    let (t, detail) = g.last_incarnation.clone().unwrap();
+    assert_eq!(t, T0 + 5 * MIN);
+    assert!(
+        detail.starts_with("new buffer incarnation 000000000000002a"),
+        "{detail}"
+    );
     Ok(())
 }
 
@@ -1434,6 +1585,8 @@ macro_rules! suite {
 
 suite!(
     ingest_deduplicates_batches_and_readings,
+    buffer_incarnations_deduplicate_separately,
+    sequences_above_i64_max_are_refused_not_wrapped,
     rejections_are_stored_with_reasons,
     out_of_range_values_are_counted_once,
     bp_panel_lists_the_panel_not_its_parts,
@@ -1483,7 +1636,7 @@ fn postgres_partitions_by_month_and_migrates_once() {
     drop(s);
     // Reopening applies nothing again and sees the same data and partitions.
     let s = Store::open_postgres(&cfg).unwrap();
-    assert_eq!(s.postgres().unwrap().migrations().unwrap(), vec![1, 2]);
+    assert_eq!(s.postgres().unwrap().migrations().unwrap(), vec![1, 2, 3]);
     let r = ingest(
         &s,
         &batch(2, vec![entry("d1", vec![spo2(april, 2), spo2(april, 3)])]),
@@ -1491,6 +1644,55 @@ fn postgres_partitions_by_month_and_migrates_once() {
     );
     assert_eq!((r.ack.accepted, r.ack.duplicates), (1, 1));
     assert_eq!(search(&s, &[]).0, 3);
+}
+
+/// Migration 3 (buffer incarnations) on a database that holds rows in
+/// monthly partitions: they take incarnation 0 and stay de-duplicated; a
+/// new incarnation's sequences are new.
+#[test]
+fn postgres_migration_3_keeps_existing_rows_as_incarnation_0() {
+    let server = pg_server::PgServer::start();
+    let cfg = PgConfig::new(server.url());
+    let s = Store::open_postgres(&cfg).unwrap();
+    let none = Associations::new();
+    let april = T0 + 45 * 24 * 60 * MIN;
+    let first = batch(1, vec![entry("d1", vec![spo2(T0, 1), spo2(april, 2)])]);
+    assert_eq!(ingest(&s, &first, &none).ack.accepted, 2);
+    // Back to migration 2's keys and columns, the rows kept.
+    ::postgres::Client::connect(&server.url(), ::postgres::NoTls)
+        .unwrap()
+        .batch_execute(
+            "ALTER TABLE batches DROP CONSTRAINT batches_pkey;
+             DROP INDEX batches_received;
+             ALTER TABLE batches DROP COLUMN incarnation;
+             ALTER TABLE batches ADD PRIMARY KEY (gateway_id, sequence);
+             ALTER TABLE observations DROP CONSTRAINT observations_identity;
+             ALTER TABLE observations DROP COLUMN incarnation;
+             ALTER TABLE observations ADD UNIQUE (gateway_id, device_id, sequence, effective_us);
+             ALTER TABLE device_events DROP CONSTRAINT device_events_identity;
+             ALTER TABLE device_events DROP COLUMN incarnation;
+             ALTER TABLE device_events ADD UNIQUE (gateway_id, device_id, sequence);
+             DELETE FROM schema_migrations WHERE version = 3;",
+        )
+        .unwrap();
+    drop(s);
+    let s = Store::open_postgres(&cfg).unwrap();
+    assert_eq!(s.postgres().unwrap().migrations().unwrap(), vec![1, 2, 3]);
+    assert!(ingest(&s, &first, &none).ack.duplicate_batch);
+    let r = ingest(
+        &s,
+        &batch(2, vec![entry("d1", vec![spo2(april, 2)])]),
+        &none,
+    );
+    assert_eq!((r.ack.accepted, r.ack.duplicates), (0, 1));
+    let fresh = Batch {
+        incarnation: 5,
+        ..batch(1, vec![entry("d1", vec![spo2(april, 1), spo2(april, 2)])])
+    };
+    let r = ingest(&s, &fresh, &none);
+    assert!(!r.ack.duplicate_batch);
+    assert_eq!((r.ack.accepted, r.ack.duplicates), (2, 0));
+    assert_eq!(search(&s, &[]).0, 4);
 }
 
 #[test]

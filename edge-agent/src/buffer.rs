@@ -10,8 +10,20 @@
 //!   header, so a record cannot be moved to another key or have its header
 //!   altered without failing authentication.
 //! - `m` + name: counters (`m/next_record`, `m/batch_seq`, `m/seq/<device>`,
-//!   `m/nonce/<key id>`, `m/dropped_unreported`, `m/gw_event_seq`).
-//!   Counters carry no patient data and are not encrypted.
+//!   `m/nonce/<key id>`, `m/dropped_unreported`, `m/gw_event_seq`) and the
+//!   buffer's incarnation (`m/incarnation`). Counters carry no patient data
+//!   and are not encrypted.
+//!
+//! # Incarnation
+//! A buffer created afresh (its tree is empty: first start, lost or wiped
+//! data directory, reinstall) draws a random incarnation in 1..=2^63-1
+//! (ring's `SystemRandom`) and stores it, durably, before anything else;
+//! it is kept for the buffer's life and travels in every batch
+//! (`Batch.incarnation`). All sequences (batch, per device, gateway events)
+//! start at 1 in a new buffer, so the hub tells them from an earlier
+//! buffer's by the incarnation. A buffer an older agent created (counters
+//! but no incarnation) keeps incarnation 0 for its whole life: its
+//! sequences continue the ones the hub already has.
 //!
 //! A second tree, `quarantine`, receives records that fail authentication or
 //! decoding under a key the buffer has; they are counted, never retried,
@@ -84,6 +96,7 @@ use device_drivers::DriverOutput;
 use prost::Message;
 use ring::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
 use ring::digest;
+use ring::rand::{SecureRandom, SystemRandom};
 use shared_protocol::v1::{DeviceData, DeviceInfo};
 
 /// sled page cache of the buffer (bounds the agent's memory with a long
@@ -133,6 +146,8 @@ pub enum BufferError {
     TooLarge(u64),
     #[error("buffer storage is being reopened after a write failure")]
     Unavailable,
+    #[error("the system random number generator failed")]
+    Random,
 }
 
 impl BufferError {
@@ -326,6 +341,35 @@ pub struct Buffer {
     write_errors: AtomicU64,
     refused_io: AtomicU64,
     failing: Mutex<Option<(WriteFailure, String)>>,
+    /// See the module docs (0: a buffer created by an agent without
+    /// incarnations).
+    incarnation: u64,
+}
+
+/// The incarnation of the buffer in `tree`: the stored one; else, for an
+/// empty tree (a buffer created afresh), a new random one, stored and
+/// flushed; else (a buffer an older agent created) 0.
+fn incarnation_of(tree: &sled::Tree) -> Result<u64, BufferError> {
+    let k = meta_key("incarnation");
+    if let Some(v) = tree.get(&k)? {
+        return Ok(<[u8; 8]>::try_from(v.as_ref()).map_or(0, u64::from_be_bytes));
+    }
+    if !tree.is_empty() {
+        return Ok(0);
+    }
+    let rng = SystemRandom::new();
+    let incarnation = loop {
+        let mut b = [0u8; 8];
+        rng.fill(&mut b).map_err(|_| BufferError::Random)?;
+        // 1..=2^63-1: the hub stores it in a signed 64-bit column.
+        let v = u64::from_be_bytes(b) & (i64::MAX as u64);
+        if v != 0 {
+            break v;
+        }
+    };
+    tree.insert(k, &incarnation.to_be_bytes())?;
+    tree.flush()?;
+    Ok(incarnation)
 }
 
 /// Records sealed under keys the buffer does not have (see the module docs).
@@ -390,6 +434,7 @@ impl Buffer {
     /// Open (or create) the buffer in `dir`.
     pub fn open_with(dir: &Path, keys: &Keyring, limits: Limits) -> Result<Self, BufferError> {
         let store = Store::open(dir)?;
+        let incarnation = incarnation_of(&store.tree)?;
         let mut openers = HashMap::new();
         for k in keys.retired.iter().chain(std::iter::once(&keys.current)) {
             openers.insert(key_id(k), aead_key(k)?);
@@ -416,6 +461,7 @@ impl Buffer {
             write_errors: AtomicU64::new(0),
             refused_io: AtomicU64::new(0),
             failing: Mutex::new(None),
+            incarnation,
         };
         let mut buf = buf;
         let missing = buf.load_counts()?;
@@ -1000,6 +1046,12 @@ impl Buffer {
         Ok(())
     }
 
+    /// The buffer's incarnation (`Batch.incarnation`; 0 for a buffer an
+    /// agent without incarnations created).
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation
+    }
+
     /// Allocate the next batch sequence durably: never reused, even after a
     /// crash (a re-sent record travels in a new batch; the hub de-duplicates
     /// readings by identity).
@@ -1189,6 +1241,39 @@ mod tests {
         b.append(vec![out("a", &[5.0])]).await.unwrap();
         let last = b.oldest(100).unwrap().pop().unwrap();
         assert_eq!(last.data.readings[0].sequence, 4);
+    }
+
+    #[tokio::test]
+    async fn a_fresh_buffer_draws_an_incarnation_kept_across_reopen_and_an_old_one_stays_0() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = [7u8; 32];
+        let first = {
+            let b = Buffer::open(dir.path(), &key).unwrap();
+            assert!(b.incarnation() > 0 && b.incarnation() <= i64::MAX as u64);
+            b.append(vec![out("mon", &[1.0])]).await.unwrap();
+            b.flush().await.unwrap();
+            b.incarnation()
+        };
+        let b = open_retry(dir.path(), &key).unwrap();
+        assert_eq!(b.incarnation(), first, "kept for the buffer's life");
+        drop(b);
+        // Wiped: a new buffer, a new incarnation.
+        let wiped = tempfile::tempdir().unwrap();
+        let b = Buffer::open(wiped.path(), &key).unwrap();
+        assert_ne!(b.incarnation(), first);
+        drop(b);
+        // A buffer an older agent wrote (counters, no incarnation): 0.
+        let old = tempfile::tempdir().unwrap();
+        {
+            let db = sled::open(old.path().join("buffer.sled")).unwrap();
+            let t = db.open_tree("buffer").unwrap();
+            t.insert(meta_key("batch_seq"), &5u64.to_be_bytes())
+                .unwrap();
+            t.flush().unwrap();
+        }
+        let b = open_retry(old.path(), &key).unwrap();
+        assert_eq!(b.incarnation(), 0);
+        assert_eq!(b.next_batch_sequence().await.unwrap(), 6);
     }
 
     #[tokio::test]

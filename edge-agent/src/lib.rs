@@ -73,6 +73,8 @@ pub struct ForwardStats {
     pub readings_duplicate: AtomicU64,
     pub readings_rejected_by_hub: AtomicU64,
     pub send_failures: AtomicU64,
+    /// Hub acks that can never match their batch (see `forward_loop`).
+    pub ack_mismatches: AtomicU64,
     /// Whether the last send reached the hub.
     pub uplink_up: std::sync::atomic::AtomicBool,
 }
@@ -586,6 +588,7 @@ fn records_fitting(
     let header = Batch {
         gateway_id: gateway_id.to_string(),
         sequence: u64::MAX,
+        incarnation: u64::MAX,
         created_time_us: i64::MIN,
         devices: vec![],
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -637,6 +640,7 @@ fn records_fitting(
 
 fn build_batch(
     gateway_id: &str,
+    incarnation: u64,
     sequence: u64,
     records: &[StoredRecord],
     infos: &HashMap<String, DeviceInfo>,
@@ -663,6 +667,7 @@ fn build_batch(
         gateway_events: vec![],
         // Set per send by the forwarder when traces are exported.
         traceparent: String::new(),
+        incarnation,
     }
 }
 
@@ -670,8 +675,16 @@ fn items_in(batch: &Batch) -> u64 {
     batch.devices.iter().map(|d| buffer::items(d) as u64).sum()
 }
 
-fn ack_matches(batch: &Batch, ack: &BatchAck) -> bool {
+/// Whether `ack` acknowledges `batch`. `reached_before`: an earlier
+/// attempt of this batch may have reached the hub. Batch sequences are
+/// never reused within a buffer incarnation, so a `duplicate_batch` answer
+/// to a first attempt is the ack of *another* batch the hub holds under
+/// this sequence (an earlier buffer of the gateway, sent without an
+/// incarnation, or a hub that ignores incarnations): it acknowledges none
+/// of these readings, even when its counts happen to agree.
+fn ack_matches(batch: &Batch, ack: &BatchAck, reached_before: bool) -> bool {
     ack.sequence == batch.sequence
+        && (reached_before || !ack.duplicate_batch)
         && u64::from(ack.accepted) + u64::from(ack.duplicates) + u64::from(ack.rejected)
             == items_in(batch)
 }
@@ -850,7 +863,13 @@ async fn forward_loop(
                 continue;
             }
         };
-        let mut batch = build_batch(&cfg.gateway_id, sequence, &records, &infos);
+        let mut batch = build_batch(
+            &cfg.gateway_id,
+            buffer.incarnation(),
+            sequence,
+            &records,
+            &infos,
+        );
         // Report readings the overflow policy dropped (at least once).
         let mut overflow_reported = false;
         if dropped > 0 {
@@ -889,6 +908,9 @@ async fn forward_loop(
             }
         }
         let n = items_in(&batch);
+        // Whether an attempt of this batch may have reached the hub (a
+        // failed send may have been stored before its answer was lost).
+        let mut reached_before = false;
         loop {
             // A broker's PUBACK (IoT Hub) is delivery of every item sent; the
             // consumer de-duplicates by identity, so it stands for an ack
@@ -915,7 +937,7 @@ async fn forward_loop(
             span.record(
                 "outcome",
                 match &sent {
-                    Ok(ack) if ack_matches(&batch, ack) => "delivered",
+                    Ok(ack) if ack_matches(&batch, ack, reached_before) => "delivered",
                     Ok(_) => "ack_mismatch",
                     Err(UplinkError::TooLarge | UplinkError::MessageTooLarge { .. }) => "too_large",
                     Err(_) => "failed",
@@ -923,7 +945,7 @@ async fn forward_loop(
             );
             drop(span);
             match sent {
-                Ok(ack) if ack_matches(&batch, &ack) => {
+                Ok(ack) if ack_matches(&batch, &ack, reached_before) => {
                     if ack.rejected > 0 {
                         tracing::warn!(batch = sequence, rejected = ack.rejected,
                             reasons = ?ack.rejections.iter().map(|r| r.reason).collect::<Vec<_>>(),
@@ -981,16 +1003,32 @@ async fn forward_loop(
                     continue 'outer;
                 }
                 Ok(ack) => {
-                    stats.send_failures.fetch_add(1, Ordering::Relaxed);
+                    // The hub's answer to this sequence is fixed (it keeps
+                    // the ack of the batch it stored under it): re-sending
+                    // the same batch can never match. The records stay in
+                    // the buffer and go again under a new batch sequence.
+                    stats.ack_mismatches.fetch_add(1, Ordering::Relaxed);
+                    stats.uplink_up.store(true, Ordering::Relaxed);
                     tracing::error!(
                         batch = sequence,
+                        incarnation = format_args!("{:016x}", batch.incarnation),
                         ack_sequence = ack.sequence,
+                        duplicate_batch = ack.duplicate_batch,
                         readings = n,
                         accepted = ack.accepted,
                         duplicates = ack.duplicates,
                         rejected = ack.rejected,
-                        "hub ack does not match the batch; keeping the records and retrying"
+                        "hub ack can never match this batch (the hub holds another batch under \
+                         this sequence: an earlier buffer of this gateway id, or a hub that \
+                         ignores buffer incarnations); records kept, re-sent under a new batch \
+                         sequence"
                     );
+                    let wait = backoff.next_delay();
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = shutdown.changed() => return,
+                    }
+                    continue 'outer;
                 }
                 Err(UplinkError::TooLarge | UplinkError::MessageTooLarge { .. })
                     if records.len() > 1 =>
@@ -1004,6 +1042,7 @@ async fn forward_loop(
                     continue 'outer;
                 }
                 Err(e) => {
+                    reached_before = true;
                     stats.send_failures.fetch_add(1, Ordering::Relaxed);
                     in_outage = true;
                     stats.uplink_up.store(false, Ordering::Relaxed);
@@ -1015,11 +1054,6 @@ async fn forward_loop(
                     }
                     continue;
                 }
-            }
-            let wait = backoff.next_delay();
-            tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
-                _ = shutdown.changed() => return,
             }
         }
     }
@@ -1089,7 +1123,7 @@ mod tests {
         // longest encodings, plus overflow and write-failure reports and a
         // traceparent.
         let worst = |n: usize| {
-            let mut b = build_batch("gw-1", u64::MAX, &records[..n], &infos);
+            let mut b = build_batch("gw-1", u64::MAX, u64::MAX, &records[..n], &infos);
             b.created_time_us = i64::MIN;
             b.traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into();
             b.gateway_events
@@ -1123,7 +1157,7 @@ mod tests {
                 );
             }
             // A real batch (small sequence, current time) is never larger.
-            assert!(build_batch("gw-1", 7, &records[..n], &infos).encoded_len() <= worst(n));
+            assert!(build_batch("gw-1", 5, 7, &records[..n], &infos).encoded_len() <= worst(n));
         }
         assert!(cuts.len() > 20, "the cut moves with the limit: {cuts:?}");
         assert_eq!(
@@ -1167,8 +1201,14 @@ mod tests {
                 ..Default::default()
             },
         );
-        let b = build_batch("gw", 9, &[rec("a", 1), rec("b", 1), rec("a", 2)], &infos);
-        assert_eq!(b.sequence, 9);
+        let b = build_batch(
+            "gw",
+            0x1234,
+            9,
+            &[rec("a", 1), rec("b", 1), rec("a", 2)],
+            &infos,
+        );
+        assert_eq!((b.sequence, b.incarnation), (9, 0x1234));
         assert_eq!(b.devices.len(), 2);
         let a = &b.devices[0];
         assert_eq!(a.device.as_ref().unwrap().location, "bed-1");
@@ -1184,14 +1224,15 @@ mod tests {
             duplicates: 1,
             ..Default::default()
         };
-        assert!(ack_matches(&b, &ack));
+        assert!(ack_matches(&b, &ack, false));
         assert!(!ack_matches(
             &b,
             &BatchAck {
                 sequence: 8,
                 accepted: 3,
                 ..Default::default()
-            }
+            },
+            false
         ));
         assert!(!ack_matches(
             &b,
@@ -1199,7 +1240,17 @@ mod tests {
                 sequence: 9,
                 accepted: 2,
                 ..Default::default()
-            }
+            },
+            false
         ));
+        // A duplicate_batch answer to a first attempt is another batch's
+        // ack, even with agreeing counts; after a failed attempt it may be
+        // this batch's own.
+        let dup = BatchAck {
+            duplicate_batch: true,
+            ..ack
+        };
+        assert!(!ack_matches(&b, &dup, false));
+        assert!(ack_matches(&b, &dup, true));
     }
 }

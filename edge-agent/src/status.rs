@@ -21,6 +21,7 @@
 //! - `vigil_agent_buffer_locked_records`: records sealed under a buffer key no configured key opens (kept unsent until the key is restored; see docs/agent.md).
 //! - `vigil_agent_uplink_batches_total`, `vigil_agent_uplink_items_total{outcome="accepted|duplicate|rejected"}`: hub acks.
 //! - `vigil_agent_uplink_send_failures_total`: failed sends (each retry counts).
+//! - `vigil_agent_uplink_ack_mismatches_total`: hub acks that can never match their batch (the hub holds another batch under that sequence); the records are kept and re-sent under a new batch sequence.
 //! - `vigil_agent_uplink_up`: 1 if the last send reached the hub.
 
 use std::fmt::Write;
@@ -274,6 +275,17 @@ impl Status {
             "vigil_agent_uplink_send_failures_total {}",
             f.send_failures.load(Ordering::Relaxed)
         );
+        family(
+            &mut o,
+            "vigil_agent_uplink_ack_mismatches_total",
+            "counter",
+            "Hub acks that can never match their batch (records kept, re-sent under a new batch sequence).",
+        );
+        let _ = writeln!(
+            o,
+            "vigil_agent_uplink_ack_mismatches_total {}",
+            f.ack_mismatches.load(Ordering::Relaxed)
+        );
         o
     }
 }
@@ -354,6 +366,7 @@ pub const METRIC_FAMILIES: &[&str] = &[
     "vigil_agent_uplink_batches_total",
     "vigil_agent_uplink_items_total",
     "vigil_agent_uplink_send_failures_total",
+    "vigil_agent_uplink_ack_mismatches_total",
 ];
 
 #[cfg(test)]

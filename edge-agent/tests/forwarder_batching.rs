@@ -251,3 +251,107 @@ async fn zstd_compression_sends_smaller_bodies_with_content_encoding() {
         );
     }
 }
+
+/// A hub that already holds batches 1..=3 of this gateway from an earlier
+/// buffer (and ignores incarnations) answers them with `duplicate_batch`
+/// and the earlier batches' acks, whose counts here agree with the new
+/// batches. That ack acknowledges none of the new readings: the agent
+/// counts it (`vigil_agent_uplink_ack_mismatches_total`), keeps the records
+/// and sends them under new batch sequences; every reading arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_batch_answer_to_a_first_send_deletes_nothing_and_is_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let stored: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let s = stored.clone();
+    let app = axum::Router::new().route(
+        "/api/v1/ingest",
+        post(move |b: Bytes| {
+            let s = s.clone();
+            async move {
+                let batch = Batch::decode(b.as_ref()).unwrap();
+                assert_ne!(batch.incarnation, 0, "a fresh buffer has an incarnation");
+                let items: usize = batch.devices.iter().map(|d| d.readings.len()).sum();
+                let ack = BatchAck {
+                    sequence: batch.sequence,
+                    accepted: items as u32,
+                    duplicate_batch: batch.sequence <= 3,
+                    ..Default::default()
+                };
+                if batch.sequence > 3 {
+                    s.lock().unwrap().extend(
+                        batch
+                            .devices
+                            .iter()
+                            .flat_map(|d| d.readings.iter().map(|r| r.sequence)),
+                    );
+                }
+                (StatusCode::OK, ack.encode_to_vec())
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/api/v1/ingest", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let status_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let path = dir.path().join("agent.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "gateway_id = \"gw-mismatch\"\ndata_dir = \"data\"\n\
+             [status]\nlisten = \"127.0.0.1:{status_port}\"\n\
+             [uplink]\nurl = \"{url}\"\nbatch_max_readings = 10\nbatch_max_wait_ms = 50\n\
+             backlog_rate_per_s = 1000000\nmax_backoff_ms = 100\n"
+        ),
+    )
+    .unwrap();
+    let cfg = AgentConfig::load(&path).unwrap();
+    let keys = edge_agent::secrets::load_keyring(&cfg.key_path()).unwrap();
+    std::fs::create_dir_all(&cfg.data_dir).unwrap();
+    {
+        let buffer = Buffer::open_with(&cfg.data_dir, &keys, cfg.buffer.limits()).unwrap();
+        let outputs: Vec<DriverOutput> = (0..30u64)
+            .map(|i| DriverOutput {
+                device_id: "mon".into(),
+                readings: vec![reading(4, i)],
+                ..Default::default()
+            })
+            .collect();
+        buffer.append(outputs).await.unwrap();
+        buffer.flush().await.unwrap();
+    }
+    let up = Uplink::new(&url, "vgt_test", None, Duration::from_secs(5)).unwrap();
+    let (stop, rx) = watch::channel(false);
+    let task = tokio::spawn(edge_agent::run_with_uplink(cfg, AnyUplink::Https(up), rx));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while stored.lock().unwrap().len() < 30 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let metrics = tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", status_port)).unwrap();
+        c.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut text = String::new();
+        c.read_to_string(&mut text).unwrap();
+        text
+    })
+    .await
+    .unwrap();
+    stop.send(true).unwrap();
+    task.await.unwrap().unwrap();
+    let mut got = stored.lock().unwrap().clone();
+    got.sort_unstable();
+    assert_eq!(got, (1..=30).collect::<Vec<u64>>(), "every reading, once");
+    let mismatches: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("vigil_agent_uplink_ack_mismatches_total "))
+        .expect("the counter is served")
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(mismatches, 3.0, "one per colliding batch sequence");
+}

@@ -96,6 +96,7 @@ mod tests {
                 agent_version: "test".into(),
                 gateway_events: vec![],
                 traceparent: String::new(),
+                incarnation: 0,
             };
             let bytes = batch.encode_to_vec();
             let back = v1::Batch::decode(bytes.as_slice()).unwrap();
@@ -192,6 +193,25 @@ mod tests {
         // An older sender's batch (no field 7) decodes with no trace context.
         let old = v1::Batch::decode(&[0x10, 0x09][..]).unwrap();
         assert_eq!((old.sequence, old.traceparent.as_str()), (9, ""));
+    }
+
+    /// `Batch.incarnation` (field 8, uint64 varint) is pinned too.
+    #[test]
+    fn batch_incarnation_encoding_is_pinned() {
+        let b = v1::Batch {
+            incarnation: 300,
+            ..Default::default()
+        };
+        // field 8, varint (8 << 3 | 0 = 0x40), 300 = 0xAC 0x02
+        let expected = vec![0x40, 0xAC, 0x02];
+        assert_eq!(b.encode_to_vec(), expected);
+        assert_eq!(
+            v1::Batch::decode(expected.as_slice()).unwrap().incarnation,
+            300
+        );
+        // An older sender's batch (no field 8) is incarnation 0 (legacy).
+        let old = v1::Batch::decode(&[0x10, 0x09][..]).unwrap();
+        assert_eq!((old.sequence, old.incarnation), (9, 0));
     }
 
     #[test]

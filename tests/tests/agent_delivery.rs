@@ -934,3 +934,140 @@ fn check_authenticates_the_gateway_token_with_the_hub() {
         "{line}"
     );
 }
+
+/// Per buffer incarnation: (incarnation, the device's stored reading
+/// sequences, its technical-reading sequences).
+type Incarnations = BTreeMap<i64, (Vec<i64>, Vec<i64>)>;
+
+fn by_incarnation(dir: &std::path::Path) -> Incarnations {
+    let db = rusqlite::Connection::open(dir.join("hub.sqlite")).unwrap();
+    let mut out = Incarnations::new();
+    for (table, tech) in [("observations", false), ("device_events", true)] {
+        let rows: Vec<(i64, i64)> = db
+            .prepare(&format!(
+                "SELECT incarnation, sequence FROM {table} WHERE device_id = ?1 AND sequence > 0"
+            ))
+            .unwrap()
+            .query_map([DEVICE], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        for (inc, seq) in rows {
+            let e = out.entry(inc).or_default();
+            if tech { &mut e.1 } else { &mut e.0 }.push(seq);
+        }
+    }
+    out
+}
+
+/// The incarnations of the first `n` observation rows stored, with their
+/// count.
+fn by_incarnation_before(dir: &std::path::Path, n: u64) -> BTreeMap<i64, usize> {
+    let db = rusqlite::Connection::open(dir.join("hub.sqlite")).unwrap();
+    let mut out = BTreeMap::new();
+    let rows: Vec<i64> = db
+        .prepare(
+            "SELECT incarnation FROM observations WHERE device_id = ?1 AND sequence > 0
+             ORDER BY rowid LIMIT ?2",
+        )
+        .unwrap()
+        .query_map(rusqlite::params![DEVICE, n as i64], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    for inc in rows {
+        *out.entry(inc).or_default() += 1;
+    }
+    out
+}
+
+/// A gateway whose data directory is lost (`re_add`: and whose id is then
+/// revoked and added again, the documented replacement) starts a new buffer
+/// at sequence 1: every reading of the new buffer reaches the hub (none
+/// taken for the old buffer's duplicates), the old ones stay stored once,
+/// and the hub records the new incarnation as a gateway event.
+fn a_fresh_data_directory_loses_nothing(name: &str, re_add: bool) {
+    let mut rig = rig(name, 50, 100_000, 100_000, "");
+    wait_for(Duration::from_secs(30), "first readings", || {
+        (rig.total() >= 40).then_some(())
+    })
+    .unwrap();
+    // The agent drains on SIGTERM: everything it accepted is at the hub.
+    assert!(rig.agent.terminate(Duration::from_secs(20)));
+    let total_before = rig.total();
+    let d = rig.dir.clone();
+    std::fs::remove_dir_all(d.join("agent-data")).unwrap();
+    if re_add {
+        let cfg = d.join("hub.toml");
+        let out = Command::new(bin("cloud-hub"))
+            .args(["gateway", "revoke", GATEWAY, "--config"])
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let token = add_gateway(&cfg, GATEWAY).unwrap();
+        write_private(&d.join("gateway.token"), &token).unwrap();
+    }
+    let mut agent = start_agent(&d, &d.join("agent.toml"), "agent-fresh.log").unwrap();
+    // Today's hub answered the new buffer's batch 1 with the old batch 1's
+    // ack and the agent deleted the readings: nothing new ever arrived.
+    wait_for(
+        Duration::from_secs(60),
+        "readings of the new buffer",
+        || (rig.total() >= total_before + 40).then_some(()),
+    )
+    .unwrap();
+    rig.sim.kill9();
+    assert!(agent.terminate(Duration::from_secs(20)));
+    let before = by_incarnation_before(&d, total_before);
+    let after = by_incarnation(&d);
+    assert_eq!(
+        after.len(),
+        2,
+        "two buffer incarnations: {:?}",
+        after.keys()
+    );
+    assert_eq!(before.len(), 1, "{before:?}");
+    let (old_inc, old_rows) = before.iter().next().unwrap();
+    assert_eq!(
+        after[old_inc].0.len(),
+        *old_rows,
+        "the old buffer's rows are unchanged"
+    );
+    for (inc, (readings, tech)) in &after {
+        assert_ne!(*inc, 0, "agents of this build send an incarnation");
+        // The device's sequences of a buffer are 1..=max, shared by readings
+        // and technical readings: a gap is a lost reading.
+        let mut all: Vec<i64> = readings.iter().chain(tech).copied().collect();
+        all.sort_unstable();
+        let n = all.len() as i64;
+        assert_eq!(all, (1..=n).collect::<Vec<_>>(), "incarnation {inc:x}");
+    }
+    // The hub noted both incarnations as gateway events.
+    let events: Vec<_> = rig
+        .events()
+        .into_iter()
+        .filter(|e| e.0.is_empty() && e.1 == "buffer-incarnation")
+        .collect();
+    assert_eq!(events.len(), 2, "{events:?}");
+    assert!(
+        events[0].2.starts_with("first buffer incarnation"),
+        "{events:?}"
+    );
+    assert!(
+        events[1].2.starts_with("new buffer incarnation"),
+        "{events:?}"
+    );
+    let log = std::fs::read_to_string(d.join("agent-fresh.log")).unwrap();
+    assert!(!log.contains("hub ack can never match"), "{log}");
+}
+
+#[test]
+fn a_wiped_data_directory_loses_none_of_the_new_readings() {
+    a_fresh_data_directory_loses_nothing("wiped", false);
+}
+
+#[test]
+fn a_revoked_and_re_added_gateway_with_a_fresh_data_directory_loses_nothing() {
+    a_fresh_data_directory_loses_nothing("readded", true);
+}

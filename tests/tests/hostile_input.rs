@@ -23,7 +23,9 @@ use std::time::Duration;
 
 use prost::Message;
 use shared_protocol::catalogue::{codes, units};
-use shared_protocol::v1::{Batch, BatchAck, DeviceData, DeviceInfo, Reading, reading};
+use shared_protocol::v1::{
+    Batch, BatchAck, DeviceData, DeviceInfo, Reading, RejectReason, reading,
+};
 use vigil_e2e::*;
 
 const GATEWAY: &str = "gw-hostile";
@@ -242,6 +244,32 @@ fn hostile_batches_are_refused_counted_and_lose_nothing() {
     let (status, _) = post_ingest(base, Some(&token), "application/json", b"{}".to_vec());
     assert_eq!(status, 415);
     assert_eq!(errors("unsupported_media_type"), 1.0);
+
+    // A sequence past 2^63-1 (the hub stores i64): the batch is refused
+    // with the field named, a reading is rejected; nothing wraps negative.
+    let (status, body) = post_ingest(base, Some(&token), pb, batch(GATEWAY, u64::MAX, 11, 1));
+    assert_eq!(status, 400);
+    assert!(
+        error_text(&body).contains("`sequence`"),
+        "{}",
+        error_text(&body)
+    );
+    assert_eq!(errors("malformed"), 3.0);
+    let mut b = Batch::decode(batch(GATEWAY, 4, 11, 1).as_slice()).unwrap();
+    b.devices[0].readings[0].sequence = u64::MAX;
+    let (status, body) = post_ingest(base, Some(&token), pb, b.encode_to_vec());
+    assert_eq!(status, 200);
+    let ack = BatchAck::decode(body.as_slice()).unwrap();
+    assert_eq!((ack.accepted, ack.rejected), (0, 1), "{ack:?}");
+    assert_eq!(ack.rejections[0].reason, RejectReason::Malformed as i32);
+    assert!(ack.rejections[0].detail.contains("2^63-1"), "{ack:?}");
+    assert_eq!(
+        sample(
+            &metrics_text(base),
+            "vigil_hub_readings_rejected_total{reason=\"malformed\"}"
+        ),
+        1.0
+    );
 
     // Replayed: the same batch again, then its readings in a new batch.
     let (status, body) = post_ingest(base, Some(&token), pb, batch(GATEWAY, 1, 1, 5));

@@ -257,6 +257,7 @@ fn gateway_json(g: &GatewayActivity, now: i64) -> Json {
             "count": g.overflows,
             "last": g.last_overflow.as_ref().map(|(t, d)| json!({ "time": format_instant(*t), "detail": d })),
         },
+        "buffer_incarnation": g.last_incarnation.as_ref().map(|(t, d)| json!({ "time": format_instant(*t), "detail": d })),
         "devices": g.devices.iter().map(|d| device_json(d, now)).collect::<Vec<_>>(),
     })
 }

@@ -53,3 +53,9 @@ pub fn postgres_error(e: postgres::Error) -> StoreError {
         StoreError::Database(e.to_string())
     }
 }
+
+impl From<hub_domain::ingest::BatchRefused> for DbError {
+    fn from(e: hub_domain::ingest::BatchRefused) -> Self {
+        DbError::Store(StoreError::BatchRefused(e))
+    }
+}

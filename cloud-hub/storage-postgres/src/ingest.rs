@@ -9,7 +9,7 @@ use std::collections::HashSet;
 
 use hub_domain::association::DeviceAttribution;
 use hub_domain::ingest;
-use hub_storage::{Associations, IngestReport};
+use hub_storage::{Associations, IngestReport, NewIncarnation};
 use postgres::binary_copy::BinaryCopyInWriter;
 use postgres::types::Type;
 use prost::Message;
@@ -59,14 +59,14 @@ const STAGE_INSERT: &str = "WITH src AS (
 )
 INSERT INTO observations (id, gateway_id, device_id, sequence, patient_id, patient_system,
     attribution, loinc, mdc_code, effective_us, status, value, batch_sequence, received_us,
-    resource, kind, category, payload)
+    resource, kind, category, payload, incarnation)
 SELECT s.id, $1, s.device_id, s.sequence, s.patient_id, s.patient_system, s.attribution,
     s.loinc, s.mdc_code, s.effective_us, s.status, s.value, $2, $3, '', s.kind, s.category,
-    s.payload
+    s.payload, $4
   FROM src s
  WHERE NOT EXISTS (SELECT 1 FROM observations o
                     WHERE o.gateway_id = $1 AND o.device_id = s.device_id
-                      AND o.sequence = s.sequence)
+                      AND o.incarnation = $4 AND o.sequence = s.sequence)
  ORDER BY s.ord
 ON CONFLICT DO NOTHING
 RETURNING id";
@@ -118,7 +118,7 @@ impl PgStore {
         received_us: i64,
         now_us: i64,
     ) -> Result<IngestReport, DbError> {
-        let batch_seq = batch.sequence as i64;
+        let (incarnation, batch_seq) = ingest::check_batch(batch)?;
         // DDL outside the ingest transaction.
         self.ensure_partitions(storable_times(batch, now_us))?;
 
@@ -132,8 +132,9 @@ impl PgStore {
             &[&gateway_id],
         )?;
         if let Some(row) = tx.query_opt(
-            "SELECT ack FROM batches WHERE gateway_id = $1 AND sequence = $2",
-            &[&gateway_id, &batch_seq],
+            "SELECT ack FROM batches
+              WHERE gateway_id = $1 AND incarnation = $2 AND sequence = $3",
+            &[&gateway_id, &incarnation, &batch_seq],
         )? {
             let bytes: Vec<u8> = row.get(0);
             let mut ack = BatchAck::decode(bytes.as_slice())?;
@@ -143,10 +144,34 @@ impl PgStore {
                 rejected_reasons: Vec::new(),
                 out_of_range: 0,
                 live: Vec::new(),
+                new_incarnation: None,
             });
         }
+        // The first batch of a buffer incarnation this hub has not seen.
+        let new_incarnation = if incarnation == 0
+            || tx
+                .query_opt(
+                    "SELECT 1 FROM batches WHERE gateway_id = $1 AND incarnation = $2 LIMIT 1",
+                    &[&gateway_id, &incarnation],
+                )?
+                .is_some()
+        {
+            None
+        } else {
+            let previous = tx
+                .query_opt(
+                    "SELECT incarnation FROM batches WHERE gateway_id = $1
+                      ORDER BY received_us DESC LIMIT 1",
+                    &[&gateway_id],
+                )?
+                .map(|r| r.get::<_, i64>(0));
+            Some(NewIncarnation {
+                incarnation,
+                previous,
+            })
+        };
         let spans = tx.prepare(ATTRIBUTION_SPANS)?;
-        let plan = ingest::plan(gateway_id, batch, now_us, |device, lo, hi| {
+        let mut plan = ingest::plan(gateway_id, batch, now_us, |device, lo, hi| {
             let rows = tx.query(&spans, &[&gateway_id, &device, &lo, &hi])?;
             Ok::<_, DbError>(DeviceAttribution {
                 spans: rows
@@ -158,6 +183,13 @@ impl PgStore {
                     .cloned(),
             })
         })?;
+        if let Some(n) = &new_incarnation {
+            plan.events.push(ingest::incarnation_event(
+                n.incarnation,
+                n.previous,
+                received_us,
+            ));
+        }
         if !plan.rejected.is_empty() {
             let st = tx.prepare(
                 "INSERT INTO rejected_readings (gateway_id, device_id, batch_sequence, sequence,
@@ -213,8 +245,8 @@ impl PgStore {
         if !plan.events.is_empty() {
             let st = tx.prepare(
                 "INSERT INTO device_events (gateway_id, device_id, sequence, kind, time_us,
-                     detail, batch_sequence, received_us)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING",
+                     detail, batch_sequence, received_us, incarnation)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT DO NOTHING",
             )?;
             for e in &plan.events {
                 let n = tx.execute(
@@ -228,6 +260,7 @@ impl PgStore {
                         &e.detail,
                         &batch_seq,
                         &received_us,
+                        &incarnation,
                     ],
                 )?;
                 event_new.push(n > 0);
@@ -258,7 +291,10 @@ impl PgStore {
             }
             w.finish()?;
             let inserted: HashSet<String> = tx
-                .query(STAGE_INSERT, &[&gateway_id, &batch_seq, &received_us])?
+                .query(
+                    STAGE_INSERT,
+                    &[&gateway_id, &batch_seq, &received_us, &incarnation],
+                )?
                 .iter()
                 .map(|r| r.get(0))
                 .collect();
@@ -272,7 +308,7 @@ impl PgStore {
                 let st = tx.prepare(
                     "UPDATE observations SET panel_id = $5
                       WHERE gateway_id = $1 AND device_id = $2 AND effective_us = $3
-                        AND sequence = ANY($4) AND panel_id IS NULL",
+                        AND incarnation = $6 AND sequence = ANY($4) AND panel_id IS NULL",
                 )?;
                 for p in &plan.panels {
                     let members: Vec<i64> = p.members.iter().map(|m| m.0).collect();
@@ -284,6 +320,7 @@ impl PgStore {
                             &p.effective_us,
                             &members,
                             &p.panel_id,
+                            &incarnation,
                         ],
                     )?;
                 }
@@ -293,8 +330,9 @@ impl PgStore {
         // answer 501 on PostgreSQL): `outcome.rollup` is not stored here.
         let outcome = ingest::outcome(gateway_id, plan, &row_new, &event_new);
         tx.execute(
-            "INSERT INTO batches (gateway_id, sequence, received_us, created_us, agent_version, ack)
-             VALUES ($1, $2, $3, $4, $5, $6)",
+            "INSERT INTO batches (gateway_id, sequence, received_us, created_us, agent_version, ack,
+                 incarnation)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
             &[
                 &gateway_id,
                 &batch_seq,
@@ -302,6 +340,7 @@ impl PgStore {
                 &batch.created_time_us,
                 &batch.agent_version,
                 &outcome.ack.encode_to_vec(),
+                &incarnation,
             ],
         )?;
         tx.commit()?;
@@ -310,6 +349,7 @@ impl PgStore {
             rejected_reasons: outcome.reasons,
             out_of_range: outcome.out_of_range,
             live: outcome.live,
+            new_incarnation,
         })
     }
 }

@@ -7,8 +7,8 @@
 //!   epoch), one partition per UTC month, created on demand before a batch
 //!   is inserted ([`super::PgStore`] keeps the months it has created).
 //! - A unique constraint of a partitioned table must include the partition
-//!   key, so a reading's identity is `(gateway_id, device_id, sequence,
-//!   effective_us)`. That still de-duplicates: a re-sent reading is the same
+//!   key, so a reading's identity is `(gateway_id, device_id, incarnation,
+//!   sequence, effective_us)` (incarnation since migration 3). That still de-duplicates: a re-sent reading is the same
 //!   protobuf, so it has the same effective time and lands in the same
 //!   partition, where the key conflicts. Ingest also skips a row whose
 //!   `(gateway_id, device_id, sequence)` exists under another time (a probe
@@ -186,7 +186,30 @@ CREATE TABLE IF NOT EXISTS sessions (
 CREATE INDEX IF NOT EXISTS sessions_user ON sessions (user_name);
 "#;
 
-pub(crate) const MIGRATIONS: &[(i64, &str)] = &[(1, V1), (2, PG_V2)];
+/// PostgreSQL migration 3: buffer incarnations (`Batch.incarnation`; the
+/// SQLite store's v14). Batches are keyed by (gateway, incarnation,
+/// sequence), readings by (gateway, device, incarnation, sequence,
+/// effective time) and events by (gateway, device, incarnation, sequence).
+/// Existing rows take incarnation 0 (a column with a constant default is
+/// added without rewriting the table); the new unique indexes are built on
+/// every observation partition.
+pub const PG_V3: &str = r#"
+ALTER TABLE batches ADD COLUMN incarnation bigint NOT NULL DEFAULT 0;
+ALTER TABLE batches DROP CONSTRAINT batches_pkey;
+ALTER TABLE batches ADD PRIMARY KEY (gateway_id, incarnation, sequence);
+CREATE INDEX batches_received ON batches (gateway_id, received_us);
+ALTER TABLE observations ADD COLUMN incarnation bigint NOT NULL DEFAULT 0;
+ALTER TABLE observations
+    DROP CONSTRAINT observations_gateway_id_device_id_sequence_effective_us_key;
+ALTER TABLE observations ADD CONSTRAINT observations_identity
+    UNIQUE (gateway_id, device_id, incarnation, sequence, effective_us);
+ALTER TABLE device_events ADD COLUMN incarnation bigint NOT NULL DEFAULT 0;
+ALTER TABLE device_events DROP CONSTRAINT device_events_gateway_id_device_id_sequence_key;
+ALTER TABLE device_events ADD CONSTRAINT device_events_identity
+    UNIQUE (gateway_id, device_id, incarnation, sequence);
+"#;
+
+pub(crate) const MIGRATIONS: &[(i64, &str)] = &[(1, V1), (2, PG_V2), (3, PG_V3)];
 
 /// Observation partitions are UTC months: `[start, end)` in µs of the
 /// month holding `t_us`, and the partition's name.

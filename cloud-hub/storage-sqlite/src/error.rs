@@ -41,3 +41,9 @@ pub fn sqlite_error(e: rusqlite::Error) -> StoreError {
         _ => StoreError::Database(e.to_string()),
     }
 }
+
+impl From<hub_domain::ingest::BatchRefused> for DbError {
+    fn from(e: hub_domain::ingest::BatchRefused) -> Self {
+        DbError::Store(StoreError::BatchRefused(e))
+    }
+}

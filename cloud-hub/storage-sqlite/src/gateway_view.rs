@@ -22,11 +22,12 @@ impl SqliteStore {
             .collect::<Result<_, _>>()?;
         let mut out = Vec::with_capacity(list.len());
         for (id, created_us, revoked_us) in list {
-            // Newest first, stopping at the window: the primary key
-            // (gateway_id, sequence) orders them.
+            // Newest first, stopping at the window: by arrival (index
+            // `batches_received`; sequences of different buffer
+            // incarnations do not compare), then sequence.
             let mut stmt = conn.prepare_cached(
                 "SELECT sequence, received_us, created_us, agent_version, ack FROM batches
-                 WHERE gateway_id = ?1 ORDER BY sequence DESC LIMIT ?2",
+                 WHERE gateway_id = ?1 ORDER BY received_us DESC, sequence DESC LIMIT ?2",
             )?;
             let mut rows = stmt.query(params![id, max_batches])?;
             let mut last_batch = None;
@@ -60,6 +61,14 @@ impl SqliteStore {
                 .query_row([&id], |r| Ok((r.get(0)?, Some((r.get(1)?, r.get(2)?)))))
                 .optional()?
                 .unwrap_or((0, None));
+            let last_incarnation: Option<(i64, String)> = conn
+                .prepare_cached(
+                    "SELECT time_us, detail FROM device_events
+                     WHERE gateway_id = ?1 AND device_id = '' AND kind = 'buffer-incarnation'
+                     ORDER BY time_us DESC LIMIT 1",
+                )?
+                .query_row([&id], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?;
             let devices = devices_of(&conn, &id)?;
             out.push(GatewayActivity {
                 id,
@@ -70,6 +79,7 @@ impl SqliteStore {
                 rejected_total: rejected_total.max(0) as u64,
                 overflows: overflows.max(0) as u64,
                 last_overflow,
+                last_incarnation,
                 devices,
             });
         }

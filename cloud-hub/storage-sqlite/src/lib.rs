@@ -3,7 +3,8 @@
 //! the SQLite backend lives in this crate. Methods are blocking (the
 //! transport layer calls them from `spawn_blocking`).
 //!
-//! `u64` sequences are stored bit-for-bit as SQLite `INTEGER` (i64).
+//! `u64` sequences and incarnations are stored as SQLite `INTEGER` (i64);
+//! one above 2^63-1 is refused by the ingest plan, never wrapped.
 
 mod access;
 mod alerts;
@@ -25,8 +26,8 @@ use hub_domain::fhir::render::{DeviceRow, ObservationRow, device_resource_id};
 use hub_domain::fhir::{ObservationSearch, SortOrder};
 use hub_domain::ingest;
 use hub_storage::{
-    Associations, GatewayRow, GatewayStore, IngestReport, IngestStore, ObservationStore, Purged,
-    RetentionStore, Storage, StoreError,
+    Associations, GatewayRow, GatewayStore, IngestReport, IngestStore, NewIncarnation,
+    ObservationStore, Purged, RetentionStore, Storage, StoreError,
 };
 use prost::Message;
 use rusqlite::types::Value as SqlValue;
@@ -470,11 +471,12 @@ impl SqliteStore {
         // sharing the database wait for each other (busy timeout) instead of
         // failing to upgrade a read transaction.
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let batch_seq = batch.sequence as i64;
+        let (incarnation, batch_seq) = ingest::check_batch(batch)?;
         let stored: Option<Vec<u8>> = tx
             .query_row(
-                "SELECT ack FROM batches WHERE gateway_id = ?1 AND sequence = ?2",
-                params![gateway_id, batch_seq],
+                "SELECT ack FROM batches
+                  WHERE gateway_id = ?1 AND incarnation = ?2 AND sequence = ?3",
+                params![gateway_id, incarnation, batch_seq],
                 |r| r.get(0),
             )
             .optional()?;
@@ -486,11 +488,44 @@ impl SqliteStore {
                 rejected_reasons: Vec::new(),
                 out_of_range: 0,
                 live: Vec::new(),
+                new_incarnation: None,
             });
         }
-        let plan = ingest::plan(gateway_id, batch, now_us, |device, lo, hi| {
+        // The first batch of a buffer incarnation this hub has not seen.
+        let new_incarnation = if incarnation == 0 {
+            None
+        } else {
+            let seen: bool = tx
+                .prepare_cached(
+                    "SELECT EXISTS (SELECT 1 FROM batches WHERE gateway_id = ?1 AND incarnation = ?2)",
+                )?
+                .query_row(params![gateway_id, incarnation], |r| r.get(0))?;
+            if seen {
+                None
+            } else {
+                let previous: Option<i64> = tx
+                    .prepare_cached(
+                        "SELECT incarnation FROM batches WHERE gateway_id = ?1
+                          ORDER BY received_us DESC LIMIT 1",
+                    )?
+                    .query_row([gateway_id], |r| r.get(0))
+                    .optional()?;
+                Some(NewIncarnation {
+                    incarnation,
+                    previous,
+                })
+            }
+        };
+        let mut plan = ingest::plan(gateway_id, batch, now_us, |device, lo, hi| {
             attribution::load(&tx, gateway_id, device, lo, hi, associations)
         })?;
+        if let Some(n) = &new_incarnation {
+            plan.events.push(ingest::incarnation_event(
+                n.incarnation,
+                n.previous,
+                received_us,
+            ));
+        }
         let (row_new, event_new) = {
             let mut insert_rejected = tx.prepare_cached(
                 "INSERT INTO rejected_readings (gateway_id, device_id, batch_sequence, sequence,
@@ -535,8 +570,8 @@ impl SqliteStore {
             }
             let mut insert_event = tx.prepare_cached(
                 "INSERT OR IGNORE INTO device_events (gateway_id, device_id, sequence, kind, time_us,
-                     detail, batch_sequence, received_us)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                     detail, batch_sequence, received_us, incarnation)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             )?;
             let mut event_new = Vec::with_capacity(plan.events.len());
             for e in &plan.events {
@@ -548,16 +583,17 @@ impl SqliteStore {
                     e.time_us,
                     e.detail,
                     batch_seq,
-                    received_us
+                    received_us,
+                    incarnation
                 ])?;
                 event_new.push(n > 0);
             }
             let mut insert_obs = tx.prepare_cached(
                 "INSERT OR IGNORE INTO observations (id, gateway_id, device_id, sequence, patient_id,
                      loinc, mdc_code, effective_us, status, value, batch_sequence, received_us,
-                     resource, kind, category, payload, patient_system, attribution)
+                     resource, kind, category, payload, patient_system, attribution, incarnation)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, '', ?13, ?14, ?15,
-                     ?16, ?17)",
+                     ?16, ?17, ?18)",
             )?;
             let mut row_new = Vec::with_capacity(plan.rows.len());
             for r in &plan.rows {
@@ -578,7 +614,8 @@ impl SqliteStore {
                     r.category,
                     r.payload,
                     r.patient_system,
-                    r.attribution
+                    r.attribution,
+                    incarnation
                 ])?;
                 row_new.push(n > 0);
             }
@@ -596,15 +633,17 @@ impl SqliteStore {
         // Chart buckets of the new usable values (`trends`).
         trends::write(outcome.rollup, &tx)?;
         tx.execute(
-            "INSERT INTO batches (gateway_id, sequence, received_us, created_us, agent_version, ack)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            "INSERT INTO batches (gateway_id, sequence, received_us, created_us, agent_version, ack,
+                 incarnation)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             params![
                 gateway_id,
                 batch_seq,
                 received_us,
                 batch.created_time_us,
                 batch.agent_version,
-                outcome.ack.encode_to_vec()
+                outcome.ack.encode_to_vec(),
+                incarnation
             ],
         )?;
         tx.commit()?;
@@ -618,6 +657,7 @@ impl SqliteStore {
             rejected_reasons: outcome.reasons,
             out_of_range: outcome.out_of_range,
             live: outcome.live,
+            new_incarnation,
         })
     }
 
@@ -1061,6 +1101,85 @@ mod tests {
             .map(Result::unwrap)
             .collect();
         assert_eq!(versions, (1..=schema_version()).collect::<Vec<_>>());
+    }
+
+    /// v14 rebuilds `batches`, `observations` and `device_events`: their
+    /// rows (and rowids) are kept as incarnation 0 and stay de-duplicated.
+    #[test]
+    fn a_version_13_database_keeps_its_rows_as_incarnation_0() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("v13.sqlite");
+        let t = now_us() - 60_000_000;
+        {
+            let c = Connection::open(&p).unwrap();
+            c.execute_batch(
+                "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_us INTEGER NOT NULL)",
+            )
+            .unwrap();
+            for (v, sql) in MIGRATIONS.iter().filter(|m| m.0 <= 13) {
+                c.execute_batch(sql).unwrap();
+                c.execute("INSERT INTO schema_migrations VALUES (?1, 0)", [v])
+                    .unwrap();
+            }
+            let id = hub_domain::fhir::observation_id("g", "d", 1);
+            c.execute(
+                "INSERT INTO observations (rowid, id, gateway_id, device_id, sequence, loinc,
+                     mdc_code, effective_us, status, batch_sequence, received_us, resource,
+                     attribution)
+                 VALUES (77, ?1, 'g', 'd', 1, 'l', 1, ?2, 'final', 1, 1, '', 'unattributed')",
+                params![id, t],
+            )
+            .unwrap();
+            c.execute_batch(
+                "INSERT INTO batches VALUES ('g', 1, 1, 1, 'old', x'0801');
+                 INSERT INTO device_events VALUES ('g', 'd', 2, 'connected', 1, '', 1, 1);",
+            )
+            .unwrap();
+        }
+        let s = SqliteStore::open(&p).unwrap();
+        let (rowid, inc): (i64, i64) = s
+            .conn()
+            .unwrap()
+            .query_row("SELECT rowid, incarnation FROM observations", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .unwrap();
+        assert_eq!((rowid, inc), (77, 0));
+        let b = |inc: u64, seq: u64| Batch {
+            gateway_id: "g".into(),
+            sequence: seq,
+            incarnation: inc,
+            devices: vec![DeviceData {
+                device: Some(DeviceInfo {
+                    device_id: "d".into(),
+                    ..Default::default()
+                }),
+                readings: vec![Reading {
+                    mdc_code: codes::PULS_OXIM_SAT_O2,
+                    value: Some(reading::Value::Numeric(97.0)),
+                    ucum_unit: "%".into(),
+                    device_time_us: t,
+                    validity: 1,
+                    sequence: 1,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let none = Associations::new();
+        let now = now_us();
+        assert!(
+            s.ingest("g", &b(0, 1), &none, now, now)
+                .unwrap()
+                .ack
+                .duplicate_batch
+        );
+        let r = s.ingest("g", &b(0, 2), &none, now, now).unwrap();
+        assert_eq!((r.ack.accepted, r.ack.duplicates), (0, 1));
+        let r = s.ingest("g", &b(9, 1), &none, now, now).unwrap();
+        assert_eq!((r.ack.accepted, r.ack.duplicate_batch), (1, false));
+        assert_eq!(r.new_incarnation.unwrap().previous, Some(0));
     }
 
     #[test]

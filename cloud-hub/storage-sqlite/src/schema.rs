@@ -338,6 +338,98 @@ CREATE INDEX IF NOT EXISTS score_history_patient ON score_history (patient_id, k
 CREATE INDEX IF NOT EXISTS score_history_time ON score_history (time_us);
 "#;
 
+/// v14: buffer incarnations (`Batch.incarnation`). A gateway whose buffer
+/// is created afresh restarts its batch, reading and event sequences at 1
+/// under a new incarnation, so batches are keyed by (gateway, incarnation,
+/// sequence) and readings and events by (gateway, device, incarnation,
+/// sequence). SQLite cannot change a table's constraints in place: the
+/// three tables are rebuilt (rowids kept: paging and the search indexes use
+/// them), every existing row taking incarnation 0 (the agents that sent
+/// them had none; their ids do not change). `batches_received` orders a
+/// gateway's batches by arrival (sequences of different incarnations do
+/// not compare). (`rejected_readings` has no unique key and is unchanged:
+/// its `received_us` tells the incarnations' rows apart.)
+pub const SCHEMA_V14: &str = r#"
+CREATE TABLE batches_v14 (
+    gateway_id     TEXT NOT NULL,
+    incarnation    INTEGER NOT NULL DEFAULT 0,
+    sequence       INTEGER NOT NULL,
+    received_us    INTEGER NOT NULL,
+    created_us     INTEGER NOT NULL,
+    agent_version  TEXT NOT NULL,
+    ack            BLOB NOT NULL,
+    PRIMARY KEY (gateway_id, incarnation, sequence)
+);
+INSERT INTO batches_v14 (gateway_id, incarnation, sequence, received_us, created_us,
+    agent_version, ack)
+  SELECT gateway_id, 0, sequence, received_us, created_us, agent_version, ack FROM batches;
+DROP TABLE batches;
+ALTER TABLE batches_v14 RENAME TO batches;
+CREATE INDEX batches_received ON batches (gateway_id, received_us);
+
+CREATE TABLE observations_v14 (
+    id             TEXT PRIMARY KEY,
+    gateway_id     TEXT NOT NULL,
+    device_id      TEXT NOT NULL,
+    incarnation    INTEGER NOT NULL DEFAULT 0,
+    sequence       INTEGER NOT NULL,
+    patient_id     TEXT,
+    loinc          TEXT NOT NULL,
+    mdc_code       INTEGER NOT NULL,
+    effective_us   INTEGER NOT NULL,
+    status         TEXT NOT NULL,
+    value          REAL,
+    batch_sequence INTEGER NOT NULL,
+    received_us    INTEGER NOT NULL,
+    resource       TEXT NOT NULL,
+    kind           TEXT NOT NULL DEFAULT 'reading',
+    category       TEXT NOT NULL DEFAULT 'vital-signs',
+    payload        BLOB,
+    panel_id       TEXT,
+    patient_system TEXT,
+    attribution    TEXT,
+    UNIQUE (gateway_id, device_id, incarnation, sequence)
+);
+INSERT INTO observations_v14 (rowid, id, gateway_id, device_id, incarnation, sequence,
+    patient_id, loinc, mdc_code, effective_us, status, value, batch_sequence, received_us,
+    resource, kind, category, payload, panel_id, patient_system, attribution)
+  SELECT rowid, id, gateway_id, device_id, 0, sequence, patient_id, loinc, mdc_code,
+    effective_us, status, value, batch_sequence, received_us, resource, kind, category,
+    payload, panel_id, patient_system, attribution
+  FROM observations;
+DROP TABLE observations;
+ALTER TABLE observations_v14 RENAME TO observations;
+CREATE INDEX observations_time ON observations (effective_us);
+CREATE INDEX observations_device_time ON observations (gateway_id, device_id, effective_us);
+CREATE INDEX observations_search ON observations (patient_id, mdc_code, effective_us)
+    WHERE panel_id IS NULL;
+CREATE INDEX observations_code_time ON observations (mdc_code, effective_us)
+    WHERE panel_id IS NULL;
+CREATE INDEX observations_panel_parts ON observations (patient_id, mdc_code, effective_us)
+    WHERE panel_id IS NOT NULL;
+
+CREATE TABLE device_events_v14 (
+    gateway_id      TEXT NOT NULL,
+    device_id       TEXT NOT NULL,
+    incarnation     INTEGER NOT NULL DEFAULT 0,
+    sequence        INTEGER NOT NULL,
+    kind            TEXT NOT NULL,
+    time_us         INTEGER NOT NULL,
+    detail          TEXT NOT NULL,
+    batch_sequence  INTEGER NOT NULL,
+    received_us     INTEGER NOT NULL,
+    UNIQUE (gateway_id, device_id, incarnation, sequence)
+);
+INSERT INTO device_events_v14 (rowid, gateway_id, device_id, incarnation, sequence, kind,
+    time_us, detail, batch_sequence, received_us)
+  SELECT rowid, gateway_id, device_id, 0, sequence, kind, time_us, detail, batch_sequence,
+    received_us
+  FROM device_events;
+DROP TABLE device_events;
+ALTER TABLE device_events_v14 RENAME TO device_events;
+CREATE INDEX device_events_device_time ON device_events (gateway_id, device_id, time_us);
+"#;
+
 /// Ordered migrations; each runs once, in one transaction with its version row.
 pub const MIGRATIONS: &[(i64, &str)] = &[
     (1, SCHEMA_V1),
@@ -353,4 +445,5 @@ pub const MIGRATIONS: &[(i64, &str)] = &[
     (11, SCHEMA_V11),
     (12, SCHEMA_V12),
     (13, SCHEMA_V13),
+    (14, SCHEMA_V14),
 ];

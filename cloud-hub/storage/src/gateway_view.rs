@@ -44,6 +44,9 @@ pub struct GatewayActivity {
     /// Buffer overflows the gateway reported: count and newest (time, detail).
     pub overflows: u64,
     pub last_overflow: Option<(i64, String)>,
+    /// The newest `buffer-incarnation` gateway event (time, detail): when
+    /// the hub first saw the gateway's current buffer.
+    pub last_incarnation: Option<(i64, String)>,
     /// By device id.
     pub devices: Vec<DeviceActivity>,
 }
@@ -51,7 +54,7 @@ pub struct GatewayActivity {
 /// The figures of the gateways view.
 pub trait GatewayViewStore {
     /// Every gateway by id. `window` counts, among a gateway's newest
-    /// `max_batches` batches by sequence, those down to the first received
+    /// `max_batches` batches by arrival, those down to the first received
     /// before `since_us` (exclusive), each with its stored ack
     /// (`BatchCounts::add`).
     fn gateway_activity(

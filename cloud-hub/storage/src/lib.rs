@@ -55,6 +55,19 @@ pub struct IngestReport {
     /// Newly stored readings that feed alerts (score inputs from the last
     /// `alerts::LIVE_WINDOW_US`), with their patient.
     pub live: Vec<hub_domain::alerts::LiveValue>,
+    /// Set when this batch is the first the hub sees of a (non-zero) buffer
+    /// incarnation of the gateway; a `buffer-incarnation` gateway event
+    /// was stored with it.
+    pub new_incarnation: Option<NewIncarnation>,
+}
+
+/// A buffer incarnation the hub had not seen for a gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NewIncarnation {
+    pub incarnation: i64,
+    /// The incarnation of the gateway's newest earlier batch (0: an agent
+    /// without incarnations); None for the gateway's first batch.
+    pub previous: Option<i64>,
 }
 
 /// Gateways, their tokens and enrolment tokens.

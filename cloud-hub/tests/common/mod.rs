@@ -232,6 +232,7 @@ pub fn batch(seq: u64, device_id: &str, readings: Vec<Reading>) -> Batch {
         agent_version: "test".into(),
         gateway_events: vec![],
         traceparent: String::new(),
+        incarnation: 0,
     }
 }
 

@@ -39,7 +39,25 @@ pub fn is_valid_id(id: &str) -> bool {
 /// grows by appends instead of random inserts. (Rows stored before this
 /// scheme keep the ids they were stored with.)
 pub fn observation_id(gateway_id: &str, device_id: &str, sequence: u64) -> String {
-    let canonical = format!("vigil-reading\n{gateway_id}\n{device_id}");
+    observation_id_in(gateway_id, device_id, 0, sequence)
+}
+
+/// [`observation_id`] of a reading of buffer incarnation `incarnation`
+/// (`Batch.incarnation`): incarnation 0 (an agent without incarnations)
+/// gives exactly [`observation_id`]'s ids; another incarnation adds
+/// `\n<incarnation>` to the hashed device part, so a reading of a new
+/// buffer never takes the id of an old one with the same sequence.
+pub fn observation_id_in(
+    gateway_id: &str,
+    device_id: &str,
+    incarnation: u64,
+    sequence: u64,
+) -> String {
+    let canonical = if incarnation == 0 {
+        format!("vigil-reading\n{gateway_id}\n{device_id}")
+    } else {
+        format!("vigil-reading\n{gateway_id}\n{device_id}\n{incarnation}")
+    };
     let d = digest::digest(&digest::SHA256, canonical.as_bytes());
     format!("{}{sequence:016x}", hex::encode(&d.as_ref()[..8]))
 }
@@ -1062,6 +1080,17 @@ pub fn parse_search(pairs: &[(String, String)]) -> Result<ObservationSearch, Sea
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn incarnation_zero_keeps_the_ids_and_another_gets_its_own() {
+        let legacy = super::observation_id("gw-1", "dev", 7);
+        assert_eq!(super::observation_id_in("gw-1", "dev", 0, 7), legacy);
+        let new = super::observation_id_in("gw-1", "dev", 42, 7);
+        assert_ne!(new, legacy);
+        assert_eq!(new.len(), 32);
+        assert!(new.ends_with("0000000000000007"));
+        assert_ne!(new, super::observation_id_in("gw-1", "dev", 43, 7));
+    }
+
     use super::*;
     use shared_protocol::catalogue::codes;
     use shared_protocol::v1::CodedValue;

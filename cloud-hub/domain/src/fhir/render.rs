@@ -87,10 +87,24 @@ fn hashed_id(kind: &str, parts: &[&str]) -> String {
 
 /// Deterministic id of the BP panel whose systolic reading is `sequence`.
 pub fn panel_id(gateway_id: &str, device_id: &str, systolic_sequence: u64) -> String {
-    hashed_id(
-        "vigil-bp-panel",
-        &[gateway_id, device_id, &systolic_sequence.to_string()],
-    )
+    panel_id_in(gateway_id, device_id, 0, systolic_sequence)
+}
+
+/// [`panel_id`] within buffer incarnation `incarnation` (0: exactly
+/// [`panel_id`]'s ids).
+pub fn panel_id_in(
+    gateway_id: &str,
+    device_id: &str,
+    incarnation: u64,
+    systolic_sequence: u64,
+) -> String {
+    let seq = systolic_sequence.to_string();
+    if incarnation == 0 {
+        hashed_id("vigil-bp-panel", &[gateway_id, device_id, &seq])
+    } else {
+        let inc = incarnation.to_string();
+        hashed_id("vigil-bp-panel", &[gateway_id, device_id, &seq, &inc])
+    }
 }
 
 /// Deterministic FHIR id of a device (gateway, gateway-local device id).
@@ -245,14 +259,17 @@ fn render_payload(row: &ObservationRow) -> Result<Json, RenderError> {
                 id: row.id.clone(),
                 mdc: r.mdc_code,
             })?;
-            Ok(map_observation(
+            let mut resource = map_observation(
                 &row.device_ref(),
                 &r,
                 &metric,
                 row.patient_id.as_deref(),
                 row.received_us,
             )
-            .resource)
+            .resource;
+            // The stored id (it names the buffer incarnation too).
+            resource["id"] = Json::String(row.id.clone());
+            Ok(resource)
         }
         Some(RowKind::BpPanel) => {
             let members: DeviceData = row.decode()?;

@@ -6,12 +6,12 @@
 mod plan;
 
 pub use plan::{
-    DeviceUpsert, EventRow, IngestOutcome, IngestPlan, ObsRow, PanelLink, RejectedRow, outcome,
-    plan,
+    DeviceUpsert, EventRow, INCARNATION_EVENT_KIND, IngestOutcome, IngestPlan, ObsRow, PanelLink,
+    RejectedRow, incarnation_event, outcome, plan,
 };
 
 use shared_protocol::v1::{
-    Reading, RejectReason, TechnicalKind, TechnicalReading, Waveform, reading,
+    Batch, Reading, RejectReason, TechnicalKind, TechnicalReading, Waveform, reading,
 };
 use shared_protocol::{CATALOGUE, EPOCH_2000_US, Metric};
 
@@ -47,6 +47,49 @@ fn check_time(t: i64, now_us: i64, what: &str) -> Result<(), Refusal> {
         ));
     }
     Ok(())
+}
+
+/// The largest sequence (batch, reading, waveform, technical reading) or
+/// incarnation the hub stores: both backends keep them in signed 64-bit
+/// columns, and a larger `u64` would wrap to a negative number (2^64-1 to
+/// -1), into the space of blood-pressure panel rows. It is refused instead.
+pub const MAX_SEQUENCE: u64 = i64::MAX as u64;
+
+/// A batch the hub refuses as a whole (HTTP 400): a field of its identity
+/// cannot be stored without wrapping.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "batch `{field}` {value} is above {MAX_SEQUENCE} (2^63-1), the largest the hub stores; \
+     it is refused rather than wrapped"
+)]
+pub struct BatchRefused {
+    /// `sequence` or `incarnation`.
+    pub field: &'static str,
+    pub value: u64,
+}
+
+/// A batch's identity as stored: (incarnation, sequence), both in
+/// `0..=MAX_SEQUENCE`.
+pub fn check_batch(batch: &Batch) -> Result<(i64, i64), BatchRefused> {
+    let stored =
+        |field, value: u64| i64::try_from(value).map_err(|_| BatchRefused { field, value });
+    Ok((
+        stored("incarnation", batch.incarnation)?,
+        stored("sequence", batch.sequence)?,
+    ))
+}
+
+/// A reading's, waveform's or technical reading's sequence as stored, or a
+/// MALFORMED refusal for one above [`MAX_SEQUENCE`].
+pub fn stored_sequence(sequence: u64) -> Result<i64, Refusal> {
+    i64::try_from(sequence).map_err(|_| {
+        refuse(
+            RejectReason::Malformed,
+            format!(
+                "sequence {sequence} is above {MAX_SEQUENCE} (2^63-1), the largest the hub stores"
+            ),
+        )
+    })
 }
 
 /// Validates a reading against the catalogue and the hub clock; returns the
@@ -259,6 +302,32 @@ mod tests {
                 NOW
             )
             .is_ok()
+        );
+    }
+
+    #[test]
+    fn sequences_above_i64_max_are_refused_not_wrapped() {
+        assert_eq!(stored_sequence(MAX_SEQUENCE), Ok(i64::MAX));
+        assert_eq!(stored_sequence(0), Ok(0));
+        let f = stored_sequence(u64::MAX).unwrap_err();
+        assert_eq!(f.reason, RejectReason::Malformed);
+        assert!(f.detail.contains("18446744073709551615"), "{}", f.detail);
+        let b = |sequence, incarnation| Batch {
+            sequence,
+            incarnation,
+            ..Default::default()
+        };
+        assert_eq!(check_batch(&b(7, 0)), Ok((0, 7)));
+        assert_eq!(check_batch(&b(MAX_SEQUENCE, 9)), Ok((9, i64::MAX)));
+        let e = check_batch(&b(u64::MAX, 1)).unwrap_err();
+        assert_eq!(e.field, "sequence");
+        assert!(
+            e.to_string().contains("`sequence` 18446744073709551615"),
+            "{e}"
+        );
+        assert_eq!(
+            check_batch(&b(1, MAX_SEQUENCE + 1)).unwrap_err().field,
+            "incarnation"
         );
     }
 

@@ -19,21 +19,24 @@ use shared_protocol::v1::{
 };
 
 use super::{
-    Refusal, technical_kind_name, validate_reading, validate_technical, validate_waveform,
+    BatchRefused, Refusal, check_batch, stored_sequence, technical_kind_name, validate_reading,
+    validate_technical, validate_waveform,
 };
 use crate::alerts::{LIVE_WINDOW_US, LiveValue};
 use crate::association::{DeviceAttribution, PatientId};
 use crate::early_warning::{Parameter, parameter_of};
 use crate::fhir::render::{
-    BP_PANEL_LOINC, RowKind, bp_family, bp_family_of, bp_key, device_resource_id, panel_id,
+    BP_PANEL_LOINC, RowKind, bp_family, bp_family_of, bp_key, device_resource_id, panel_id_in,
 };
-use crate::fhir::{category, columns, observation_id};
+use crate::fhir::{category, columns, observation_id_in};
 use crate::trends::{Rollup, chart_value};
 
 /// A refused reading, waveform or technical reading, kept with its reason.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RejectedRow {
     pub device_id: String,
+    /// The item's sequence; one above `MAX_SEQUENCE` (refused for that) is
+    /// kept as `i64::MAX`, never wrapped: `raw` holds the exact value.
     pub sequence: i64,
     /// `reading`, `waveform` or `technical`.
     pub kind: &'static str,
@@ -100,6 +103,8 @@ pub struct PanelLink {
 #[derive(Debug, Clone, PartialEq)]
 pub struct IngestPlan {
     pub batch_sequence: i64,
+    /// The batch's buffer incarnation (0: an agent without incarnations).
+    pub incarnation: i64,
     /// The ack so far: sequence, rejections (counts follow in [`outcome`]).
     pub ack: BatchAck,
     pub reasons: Vec<RejectReason>,
@@ -143,7 +148,7 @@ fn rejected_row(
     plan.ack.rejected += 1;
     plan.rejected.push(RejectedRow {
         device_id: device_id.to_owned(),
-        sequence: sequence as i64,
+        sequence: i64::try_from(sequence).unwrap_or(i64::MAX),
         kind,
         reason: f.reason.as_str_name(),
         detail: f.detail.clone(),
@@ -169,15 +174,18 @@ fn status_of(v: Validity) -> &'static str {
 /// "too far in the future" check and the alerts' live window).
 /// `attribution(device_id, min_us, max_us)` loads what covers the device's
 /// rows in that span (the backend's query); it is called once per device
-/// entry that has rows.
-pub fn plan<E>(
+/// entry that has rows. A batch whose identity cannot be stored
+/// ([`check_batch`]) is refused as a whole.
+pub fn plan<E: From<BatchRefused>>(
     gateway_id: &str,
     batch: &Batch,
     now_us: i64,
     mut attribution: impl FnMut(&str, i64, i64) -> Result<DeviceAttribution, E>,
 ) -> Result<IngestPlan, E> {
+    let (incarnation, batch_sequence) = check_batch(batch)?;
     let mut plan = IngestPlan {
-        batch_sequence: batch.sequence as i64,
+        batch_sequence,
+        incarnation,
         ack: BatchAck {
             sequence: batch.sequence,
             ..Default::default()
@@ -191,10 +199,11 @@ pub fn plan<E>(
     };
     // Gateway-level events: stored once (device_id ""), not counted.
     for e in &batch.gateway_events {
-        if validate_technical(e, now_us).is_ok() {
+        if let (Ok(()), Ok(sequence)) = (validate_technical(e, now_us), stored_sequence(e.sequence))
+        {
             plan.events.push(EventRow {
                 device_id: String::new(),
-                sequence: e.sequence as i64,
+                sequence,
                 kind: technical_kind_name(e.kind),
                 time_us: e.time_us,
                 detail: e.detail.clone(),
@@ -253,8 +262,11 @@ fn plan_device<E>(
     // Blood-pressure parts of this entry, by (panel code, effective time):
     // grouped into panels.
     let mut bp_parts: BTreeMap<_, Vec<&Reading>> = BTreeMap::new();
+    let incarnation = batch_incarnation(plan);
     for r in &data.readings {
-        let metric = match validate_reading(r, now_us) {
+        let checked = stored_sequence(r.sequence)
+            .and_then(|seq| validate_reading(r, now_us).map(|m| (seq, m)));
+        let (sequence, metric) = match checked {
             Ok(m) => m,
             Err(f) => {
                 rejected_row(
@@ -280,9 +292,9 @@ fn plan_device<E>(
             .flatten()
             .map(|p| (p, r.flags.clone()));
         plan.rows.push(ObsRow {
-            id: observation_id(gateway_id, &device_id, r.sequence),
+            id: observation_id_in(gateway_id, &device_id, incarnation, r.sequence),
             device_id: device_id.clone(),
-            sequence: r.sequence as i64,
+            sequence,
             loinc: metric.loinc,
             mdc_code: metric.mdc,
             effective_us,
@@ -320,7 +332,7 @@ fn plan_device<E>(
             .filter_map(part)
             .cloned()
             .collect();
-        let pid = panel_id(gateway_id, &device_id, sys.sequence);
+        let pid = panel_id_in(gateway_id, &device_id, incarnation, sys.sequence);
         let a = who.of(sys.subject.as_ref(), *effective_us);
         let status = if members
             .iter()
@@ -339,7 +351,7 @@ fn plan_device<E>(
                 .map(|m| {
                     (
                         m.sequence as i64,
-                        observation_id(gateway_id, &device_id, m.sequence),
+                        observation_id_in(gateway_id, &device_id, incarnation, m.sequence),
                     )
                 })
                 .collect(),
@@ -370,22 +382,27 @@ fn plan_device<E>(
         });
     }
     for w in &data.waveforms {
-        if let Err(f) = validate_waveform(w, now_us) {
-            rejected_row(
-                plan,
-                &device_id,
-                w.sequence,
-                "waveform",
-                w.encode_to_vec(),
-                f,
-            );
-            continue;
-        }
+        let checked =
+            stored_sequence(w.sequence).and_then(|seq| validate_waveform(w, now_us).map(|()| seq));
+        let sequence = match checked {
+            Ok(seq) => seq,
+            Err(f) => {
+                rejected_row(
+                    plan,
+                    &device_id,
+                    w.sequence,
+                    "waveform",
+                    w.encode_to_vec(),
+                    f,
+                );
+                continue;
+            }
+        };
         let a = who.of(None, w.start_time_us);
         plan.rows.push(ObsRow {
-            id: observation_id(gateway_id, &device_id, w.sequence),
+            id: observation_id_in(gateway_id, &device_id, incarnation, w.sequence),
             device_id: device_id.clone(),
-            sequence: w.sequence as i64,
+            sequence,
             loinc: "",
             mdc_code: w.mdc_code,
             effective_us: w.start_time_us,
@@ -404,20 +421,25 @@ fn plan_device<E>(
         });
     }
     for t in &data.technical {
-        if let Err(f) = validate_technical(t, now_us) {
-            rejected_row(
-                plan,
-                &device_id,
-                t.sequence,
-                "technical",
-                t.encode_to_vec(),
-                f,
-            );
-            continue;
-        }
+        let checked =
+            stored_sequence(t.sequence).and_then(|seq| validate_technical(t, now_us).map(|()| seq));
+        let sequence = match checked {
+            Ok(seq) => seq,
+            Err(f) => {
+                rejected_row(
+                    plan,
+                    &device_id,
+                    t.sequence,
+                    "technical",
+                    t.encode_to_vec(),
+                    f,
+                );
+                continue;
+            }
+        };
         plan.events.push(EventRow {
             device_id: device_id.clone(),
-            sequence: t.sequence as i64,
+            sequence,
             kind: technical_kind_name(t.kind),
             time_us: t.time_us,
             detail: t.detail.clone(),
@@ -425,6 +447,43 @@ fn plan_device<E>(
         });
     }
     Ok(())
+}
+
+/// The batch's incarnation as the `u64` the ids hash (checked non-negative).
+fn batch_incarnation(plan: &IngestPlan) -> u64 {
+    u64::try_from(plan.incarnation).unwrap_or(0)
+}
+
+/// Kind of the gateway event a hub records when it sees a buffer
+/// incarnation of a gateway for the first time.
+pub const INCARNATION_EVENT_KIND: &str = "buffer-incarnation";
+
+/// The gateway event (device id "") for the first batch of buffer
+/// incarnation `incarnation` (non-zero), received at `received_us`;
+/// `previous` is the incarnation of the gateway's newest earlier batch (None:
+/// the gateway's first batch). Its sequence is 0, unique per incarnation
+/// (the agent's own gateway-event sequences start at 1). Not counted in the
+/// ack.
+pub fn incarnation_event(incarnation: i64, previous: Option<i64>, received_us: i64) -> EventRow {
+    let detail = match previous {
+        None => format!("first buffer incarnation {incarnation:016x} of this gateway"),
+        Some(0) => format!(
+            "new buffer incarnation {incarnation:016x} (before: a buffer without incarnation); \
+             the gateway's data directory was created afresh, its sequences restart at 1"
+        ),
+        Some(p) => format!(
+            "new buffer incarnation {incarnation:016x} (before: {p:016x}); the gateway's data \
+             directory was created afresh, its sequences restart at 1"
+        ),
+    };
+    EventRow {
+        device_id: String::new(),
+        sequence: 0,
+        kind: INCARNATION_EVENT_KIND,
+        time_us: received_us,
+        detail,
+        counted: false,
+    }
 }
 
 /// The outcome of a stored plan: `row_new[i]` and `event_new[i]` say
@@ -530,7 +589,7 @@ mod tests {
         }
     }
 
-    fn none(_: &str, _: i64, _: i64) -> Result<DeviceAttribution, ()> {
+    fn none(_: &str, _: i64, _: i64) -> Result<DeviceAttribution, BatchRefused> {
         Ok(DeviceAttribution::default())
     }
 
@@ -582,6 +641,79 @@ mod tests {
         assert_eq!(p.ack.rejected, 1);
         assert_eq!(p.rejected[0].reason, "REJECT_REASON_IMPOSSIBLE_TIME");
         assert_eq!(p.reasons, vec![RejectReason::ImpossibleTime]);
+    }
+
+    #[test]
+    fn a_new_incarnation_gets_its_own_ids_and_incarnation_zero_keeps_todays() {
+        let b = batch(vec![
+            r(codes::PRESS_BLD_NONINV_SYS, "mm[Hg]", 120.0, 1),
+            r(codes::PRESS_BLD_NONINV_DIA, "mm[Hg]", 80.0, 2),
+        ]);
+        let legacy = plan("gw", &b, NOW, none).unwrap();
+        assert_eq!(legacy.incarnation, 0);
+        assert_eq!(
+            legacy.rows[0].id,
+            crate::fhir::observation_id("gw", "mon", 1)
+        );
+        assert_eq!(
+            legacy.rows[2].id,
+            crate::fhir::render::panel_id("gw", "mon", 1)
+        );
+        let mut b2 = b.clone();
+        b2.incarnation = 77;
+        let new = plan("gw", &b2, NOW, none).unwrap();
+        assert_eq!(new.incarnation, 77);
+        for (a, b) in legacy.rows.iter().zip(&new.rows) {
+            assert_eq!(a.sequence, b.sequence, "sequences are the agent's");
+            assert_ne!(a.id, b.id, "ids differ per incarnation");
+        }
+        assert_eq!(new.panels[0].members[0].1, new.rows[0].id);
+    }
+
+    #[test]
+    fn sequences_that_do_not_fit_are_refused_never_wrapped() {
+        let mut b = batch(vec![
+            r(codes::PULS_OXIM_SAT_O2, "%", 97.0, u64::MAX),
+            r(codes::PULS_OXIM_SAT_O2, "%", 96.0, i64::MAX as u64),
+        ]);
+        b.devices[0].waveforms.push(shared_protocol::v1::Waveform {
+            start_time_us: NOW,
+            sample_period_us: 1000,
+            scale: 1.0,
+            sequence: 1 << 63,
+            ..Default::default()
+        });
+        let p = plan("gw", &b, NOW, none).unwrap();
+        assert_eq!(p.ack.rejected, 2);
+        assert_eq!(p.reasons, vec![RejectReason::Malformed; 2]);
+        assert!(p.rejected.iter().all(|r| r.sequence == i64::MAX));
+        assert!(p.ack.rejections[0].detail.contains("18446744073709551615"));
+        assert_eq!(p.ack.rejections[0].sequence, u64::MAX);
+        assert_eq!(p.rows.len(), 1);
+        assert_eq!(p.rows[0].sequence, i64::MAX);
+        assert!(p.rows.iter().all(|r| r.sequence >= 0));
+        // A panel of the largest storable systolic sequence stays negative.
+        let b = batch(vec![
+            r(
+                codes::PRESS_BLD_NONINV_SYS,
+                "mm[Hg]",
+                120.0,
+                i64::MAX as u64,
+            ),
+            r(
+                codes::PRESS_BLD_NONINV_DIA,
+                "mm[Hg]",
+                80.0,
+                i64::MAX as u64 - 1,
+            ),
+        ]);
+        let p = plan("gw", &b, NOW, none).unwrap();
+        let panel = p.rows.iter().find(|r| r.kind == RowKind::BpPanel).unwrap();
+        assert_eq!(panel.sequence, i64::MIN);
+        // A batch whose own sequence does not fit is refused as a whole.
+        let mut b = batch(vec![]);
+        b.sequence = u64::MAX;
+        assert_eq!(plan("gw", &b, NOW, none).unwrap_err().field, "sequence");
     }
 
     #[test]

@@ -573,6 +573,7 @@ function gatewayCard(g, tech) {
       h('br'),
       'Buffer overflows (total): ', h('span', { class: g.buffer_overflows.count ? 'bad' : '' }, String(g.buffer_overflows.count)),
       g.buffer_overflows.last ? ` · last ${fmtIso(g.buffer_overflows.last.time)}: ${g.buffer_overflows.last.detail}` : '',
+      g.buffer_incarnation ? h('span', {}, h('br'), `Buffer since ${fmtIso(g.buffer_incarnation.time)}: ${g.buffer_incarnation.detail}`) : null,
       gwAlerts.length ? h('span', { class: 'bad' }, ` · ${gwAlerts.map((a) => a.message).join('; ')}`) : null),
     g.devices.length
       ? h('table', {}, h('tr', {}, ['Device', 'Kind', 'Model', 'Location', 'Last reading', 'Last link event', 'Rejected (total)', 'Open technical alerts'].map((x) => h('th', {}, x))),
