@@ -88,20 +88,29 @@ fn known_patient(store: &Store, patient: &str) -> Result<bool, ScoresError> {
 
 /// The rows `patient`'s scores are computed from.
 fn load_inputs(store: &Store, patient: &str) -> Result<LoadedInputs, ScoresError> {
-    let mut loaded = LoadedInputs::default();
+    // Every (parameter, code, kind of row) and manual kind, asked at once.
+    let mut queries = Vec::new();
     for p in DEVICE_PARAMETERS {
-        let mut sources = Vec::new();
         for &code in p.metric_codes() {
             for panel_part in [false, true] {
-                sources.push(store.score_readings(patient, code, panel_part, CANDIDATES)?);
+                queries.push((code, panel_part));
             }
         }
-        loaded.readings.push((p, sources));
     }
-    for p in MANUAL_PARAMETERS {
-        if let Some(kind) = p.manual_kind()
-            && let Some(m) = store.latest_manual(patient, kind)?
-        {
+    let manual: Vec<(Parameter, &str)> = MANUAL_PARAMETERS
+        .into_iter()
+        .filter_map(|p| p.manual_kind().map(|k| (p, k)))
+        .collect();
+    let kinds: Vec<&str> = manual.iter().map(|(_, k)| *k).collect();
+    let (mut rows, stored) = store.score_inputs(patient, &queries, CANDIDATES, &kinds)?;
+    let mut loaded = LoadedInputs::default();
+    let mut rows = rows.drain(..);
+    for p in DEVICE_PARAMETERS {
+        let n = p.metric_codes().len() * 2;
+        loaded.readings.push((p, rows.by_ref().take(n).collect()));
+    }
+    for ((p, _), m) in manual.into_iter().zip(stored) {
+        if let Some(m) = m {
             loaded.manual.push((p, m));
         }
     }

@@ -78,8 +78,9 @@ impl ReadPool {
                     | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
             )?;
             c.busy_timeout(Duration::from_secs(5))?;
-            // 16 MiB page cache each (the writer keeps 64 MiB).
-            c.pragma_update(None, "cache_size", -16_384)?;
+            // 64 MiB page cache each, as the writer's: the search indexes
+            // of a large store stay in memory (pages are cached only as read).
+            c.pragma_update(None, "cache_size", -65_536)?;
             conns.push(Mutex::new(c));
         }
         Ok(Self {

@@ -44,6 +44,75 @@ fn last_row(conn: &Connection, patient: &str, kind: Kind) -> rusqlite::Result<Op
     .optional()
 }
 
+/// `patient`'s candidate rows of metric `mdc` on `conn`.
+fn readings_on(
+    conn: &rusqlite::Connection,
+    patient: &str,
+    mdc: u32,
+    panel_part: bool,
+    limit: usize,
+) -> Result<ReadingCandidates, DbError> {
+    let panel = if panel_part {
+        "panel_id IS NOT NULL"
+    } else {
+        "panel_id IS NULL"
+    };
+    let row = |r: &rusqlite::Row<'_>| {
+        Ok(StoredReading {
+            observation_id: r.get(0)?,
+            effective_us: r.get(1)?,
+            value: r.get(2)?,
+            status: r.get(3)?,
+            payload: r.get(4)?,
+        })
+    };
+    let usable = conn
+        .prepare_cached(&format!(
+            "SELECT id, effective_us, value, status, payload FROM observations
+             WHERE patient_id = ?1 AND mdc_code = ?2 AND {panel} AND kind = 'reading'
+               AND value IS NOT NULL AND status = 'final'
+             ORDER BY effective_us DESC LIMIT ?3"
+        ))?
+        .query_map(
+            params![patient, mdc, i64::try_from(limit).unwrap_or(i64::MAX)],
+            row,
+        )?
+        .collect::<Result<_, _>>()?;
+    let newest = conn
+        .prepare_cached(&format!(
+            "SELECT id, effective_us, value, status, NULL FROM observations
+             WHERE patient_id = ?1 AND mdc_code = ?2 AND {panel} AND kind = 'reading'
+             ORDER BY effective_us DESC LIMIT 1"
+        ))?
+        .query_row(params![patient, mdc], row)
+        .optional()?;
+    Ok(ReadingCandidates {
+        mdc,
+        usable,
+        newest,
+    })
+}
+
+/// The latest manual input of `kind` on `conn`.
+fn manual_on(
+    conn: &rusqlite::Connection,
+    patient: &str,
+    kind: &str,
+) -> Result<Option<StoredManual>, DbError> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT value, effective_us FROM manual_inputs WHERE patient_id = ?1 AND kind = ?2
+             ORDER BY effective_us DESC, rowid DESC LIMIT 1",
+        )?
+        .query_row(params![patient, kind], |r| {
+            Ok(StoredManual {
+                value: r.get(0)?,
+                effective_us: r.get(1)?,
+            })
+        })
+        .optional()?)
+}
+
 impl SqliteStore {
     fn db_score_readings(
         &self,
@@ -52,62 +121,32 @@ impl SqliteStore {
         panel_part: bool,
         limit: usize,
     ) -> Result<ReadingCandidates, DbError> {
-        let conn = self.reader()?;
-        let panel = if panel_part {
-            "panel_id IS NOT NULL"
-        } else {
-            "panel_id IS NULL"
-        };
-        let row = |r: &rusqlite::Row<'_>| {
-            Ok(StoredReading {
-                observation_id: r.get(0)?,
-                effective_us: r.get(1)?,
-                value: r.get(2)?,
-                status: r.get(3)?,
-                payload: r.get(4)?,
-            })
-        };
-        let usable = conn
-            .prepare_cached(&format!(
-                "SELECT id, effective_us, value, status, payload FROM observations
-                 WHERE patient_id = ?1 AND mdc_code = ?2 AND {panel} AND kind = 'reading'
-                   AND value IS NOT NULL AND status = 'final'
-                 ORDER BY effective_us DESC LIMIT ?3"
-            ))?
-            .query_map(
-                params![patient, mdc, i64::try_from(limit).unwrap_or(i64::MAX)],
-                row,
-            )?
-            .collect::<Result<_, _>>()?;
-        let newest = conn
-            .prepare_cached(&format!(
-                "SELECT id, effective_us, value, status, NULL FROM observations
-                 WHERE patient_id = ?1 AND mdc_code = ?2 AND {panel} AND kind = 'reading'
-                 ORDER BY effective_us DESC LIMIT 1"
-            ))?
-            .query_row(params![patient, mdc], row)
-            .optional()?;
-        Ok(ReadingCandidates {
-            mdc,
-            usable,
-            newest,
-        })
+        readings_on(&*self.reader()?, patient, mdc, panel_part, limit)
     }
 
     fn db_latest_manual(&self, patient: &str, kind: &str) -> Result<Option<StoredManual>, DbError> {
-        Ok(self
-            .conn()?
-            .prepare_cached(
-                "SELECT value, effective_us FROM manual_inputs WHERE patient_id = ?1 AND kind = ?2
-                 ORDER BY effective_us DESC, rowid DESC LIMIT 1",
-            )?
-            .query_row(params![patient, kind], |r| {
-                Ok(StoredManual {
-                    value: r.get(0)?,
-                    effective_us: r.get(1)?,
-                })
-            })
-            .optional()?)
+        manual_on(&*self.reader()?, patient, kind)
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn db_score_inputs(
+        &self,
+        patient: &str,
+        readings: &[(u32, bool)],
+        limit: usize,
+        manual: &[&str],
+    ) -> Result<(Vec<ReadingCandidates>, Vec<Option<StoredManual>>), DbError> {
+        // One read connection (one lock, one statement cache) for all.
+        let conn = self.reader()?;
+        let r = readings
+            .iter()
+            .map(|&(mdc, panel_part)| readings_on(&conn, patient, mdc, panel_part, limit))
+            .collect::<Result<_, _>>()?;
+        let m = manual
+            .iter()
+            .map(|kind| manual_on(&conn, patient, kind))
+            .collect::<Result<_, _>>()?;
+        Ok((r, m))
     }
 
     fn db_has_manual_inputs(&self, patient: &str) -> Result<bool, DbError> {
@@ -219,6 +258,15 @@ impl ScoreStore for SqliteStore {
     }
     fn latest_manual(&self, patient: &str, kind: &str) -> Result<Option<StoredManual>, StoreError> {
         Ok(self.db_latest_manual(patient, kind)?)
+    }
+    fn score_inputs(
+        &self,
+        patient: &str,
+        readings: &[(u32, bool)],
+        limit: usize,
+        manual: &[&str],
+    ) -> Result<(Vec<ReadingCandidates>, Vec<Option<StoredManual>>), StoreError> {
+        Ok(self.db_score_inputs(patient, readings, limit, manual)?)
     }
     fn has_manual_inputs(&self, patient: &str) -> Result<bool, StoreError> {
         Ok(self.db_has_manual_inputs(patient)?)

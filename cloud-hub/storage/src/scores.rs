@@ -21,6 +21,28 @@ pub trait ScoreStore {
         panel_part: bool,
         limit: usize,
     ) -> Result<ReadingCandidates, StoreError>;
+    /// Every score input of `patient` at once: [`Self::score_readings`] for
+    /// each `(mdc, panel_part)` of `readings` and [`Self::latest_manual`] for
+    /// each kind of `manual`, in their order. A backend may answer them from
+    /// one read snapshot (SQLite: one read connection for all).
+    #[allow(clippy::type_complexity)]
+    fn score_inputs(
+        &self,
+        patient: &str,
+        readings: &[(u32, bool)],
+        limit: usize,
+        manual: &[&str],
+    ) -> Result<(Vec<ReadingCandidates>, Vec<Option<StoredManual>>), StoreError> {
+        let r = readings
+            .iter()
+            .map(|&(mdc, panel_part)| self.score_readings(patient, mdc, panel_part, limit))
+            .collect::<Result<_, _>>()?;
+        let m = manual
+            .iter()
+            .map(|kind| self.latest_manual(patient, kind))
+            .collect::<Result<_, _>>()?;
+        Ok((r, m))
+    }
     /// The latest manual input of `kind` (by effective time, then the last
     /// recorded), if any.
     fn latest_manual(&self, patient: &str, kind: &str) -> Result<Option<StoredManual>, StoreError>;
