@@ -102,7 +102,22 @@ fn load_inputs(store: &Store, patient: &str) -> Result<LoadedInputs, ScoresError
         .filter_map(|p| p.manual_kind().map(|k| (p, k)))
         .collect();
     let kinds: Vec<&str> = manual.iter().map(|(_, k)| *k).collect();
-    let (mut rows, stored) = store.score_inputs(patient, &queries, CANDIDATES, &kinds)?;
+    // The newest usable row of each source is nearly always the one used:
+    // ask for one, and for up to CANDIDATES only where its unit cannot be
+    // read (the first convertible one is used, as `latest_reading` says).
+    let (mut rows, stored) = store.score_inputs(patient, &queries, 1, &kinds)?;
+    for (c, &(mdc, panel_part)) in rows.iter_mut().zip(&queries) {
+        let first_converts = c.usable.first().is_none_or(|r| {
+            r.value
+                .and_then(|v| {
+                    hub_domain::early_warning::chart_value(c.mdc, v, r.payload.as_deref())
+                })
+                .is_some()
+        });
+        if !first_converts {
+            *c = store.score_readings(patient, mdc, panel_part, CANDIDATES)?;
+        }
+    }
     let mut loaded = LoadedInputs::default();
     let mut rows = rows.drain(..);
     for p in DEVICE_PARAMETERS {

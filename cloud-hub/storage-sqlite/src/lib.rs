@@ -57,6 +57,10 @@ pub struct SqliteStore {
     wal: Option<Arc<WalSync>>,
 }
 
+/// Prepared statements kept per connection: every statement of the hot
+/// paths stays prepared (rusqlite's default keeps 16).
+const STATEMENT_CACHE: usize = 128;
+
 /// How many read-only connections a store keeps.
 const READERS: usize = 4;
 
@@ -78,6 +82,8 @@ impl ReadPool {
                     | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
             )?;
             c.busy_timeout(Duration::from_secs(5))?;
+            // Room for every statement the read paths prepare (default 16).
+            c.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
             // 64 MiB page cache each, as the writer's: the search indexes
             // of a large store stay in memory (pages are cached only as read).
             c.pragma_update(None, "cache_size", -65_536)?;
@@ -234,6 +240,7 @@ impl SqliteStore {
 
     fn init(mut conn: Connection) -> Result<Self, DbError> {
         conn.busy_timeout(Duration::from_secs(5))?;
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         conn.pragma_update(None, "journal_mode", "WAL")?;
         // NORMAL: commits do not fsync; ingest makes its commits durable
         // with group commit (`WalSync`) before acknowledging.
