@@ -537,27 +537,7 @@ fn a_full_buffer_refusing_new_readings_loses_exactly_what_it_counts() {
         )
     })
     .unwrap();
-    let metric = |name: &str| -> f64 {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let text = rt.block_on(async {
-            let _ = rustls::crypto::ring::default_provider().install_default();
-            reqwest::get(format!("http://{addr}/metrics"))
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap()
-        });
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-            .unwrap_or_else(|| panic!("{name} not served"))
-            .trim()
-            .parse()
-            .unwrap()
-    };
+    let metric = |name: &str| -> f64 { scrape(&addr.to_string(), name) };
     let proxy = rig.proxy.as_ref().unwrap();
     proxy.cut();
     wait_for(
