@@ -62,13 +62,13 @@ impl AfterIngest {
     /// Runs the consumers for what a batch of `gateway_id` newly stored.
     /// Blocking: call it from `spawn_blocking`.
     pub fn run(&self, gateway_id: &str, events: &BatchEvents, live: &[LiveValue], now_us: i64) {
+        if !self.is_active() {
+            return;
+        }
         if let Some(alerts) = &self.alerts
             && let Err(e) = alerts.on_batch(gateway_id, events, live, now_us)
         {
             tracing::error!(error = %e, "alert evaluation failed");
-        }
-        if self.alerts.is_none() && !self.scores.history {
-            return;
         }
         let patients: BTreeSet<&str> = live
             .iter()

@@ -24,7 +24,8 @@ pub struct Pipeline {
     max_body_bytes: usize,
 }
 
-async fn blocking<T: Send + 'static, E: Into<HubError> + Send + 'static>(
+/// Runs blocking storage work off the async threads; a panicked task is an error.
+pub(crate) async fn blocking<T: Send + 'static, E: Into<HubError> + Send + 'static>(
     f: impl FnOnce() -> Result<T, E> + Send + 'static,
 ) -> Result<T, HubError> {
     tokio::task::spawn_blocking(f).await?.map_err(Into::into)

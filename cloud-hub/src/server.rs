@@ -465,11 +465,7 @@ impl IngestError {
     }
 }
 
-async fn blocking<T: Send + 'static, E: Into<HubError> + Send + 'static>(
-    f: impl FnOnce() -> Result<T, E> + Send + 'static,
-) -> Result<T, HubError> {
-    tokio::task::spawn_blocking(f).await?.map_err(Into::into)
-}
+use crate::pipeline::blocking;
 
 async fn ingest(State(st): State<AppState>, headers: HeaderMap, body: Body) -> Response {
     match ingest_inner(&st, &headers, body).await {

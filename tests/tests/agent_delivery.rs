@@ -349,20 +349,7 @@ fn status_endpoint_reports_devices_buffer_and_uplink() {
         (rig.total() >= 30).then_some(())
     })
     .unwrap();
-    let log = rig.dir.join("agent.log");
-    let addr = wait_for(
-        Duration::from_secs(10),
-        "status address in the agent log",
-        || {
-            let text = std::fs::read_to_string(&log).ok()?;
-            let line = text
-                .lines()
-                .find(|l| l.contains("status endpoint listening"))?;
-            let addr = line.split("addr=").nth(1)?.split_whitespace().next()?;
-            Some(addr.to_string())
-        },
-    )
-    .unwrap();
+    let addr = status_addr(&rig.dir);
     let metrics = |addr: &str| -> String {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -537,7 +524,7 @@ fn a_full_buffer_refusing_new_readings_loses_exactly_what_it_counts() {
         )
     })
     .unwrap();
-    let metric = |name: &str| -> f64 { scrape(&addr.to_string(), name) };
+    let metric = |name: &str| -> f64 { scrape(&addr, name) };
     let proxy = rig.proxy.as_ref().unwrap();
     proxy.cut();
     wait_for(

@@ -28,7 +28,6 @@ impl From<DbError> for StoreError {
             DbError::Store(e) => e,
             // Every pooled connection busy for the pool's wait: overload.
             DbError::Pool(m) if m.starts_with("no free connection") => StoreError::Unavailable(m),
-            DbError::Pool(m) if m.starts_with("connecting") => StoreError::Unavailable(m),
             DbError::Pool(m) => StoreError::Config(m),
             DbError::CorruptAck(e) => StoreError::Corrupt(e.to_string()),
             DbError::Poisoned => StoreError::Poisoned,

@@ -334,10 +334,8 @@ fn plan_device<E>(
             .collect();
         let pid = panel_id_in(gateway_id, &device_id, incarnation, sys.sequence);
         let a = who.of(sys.subject.as_ref(), *effective_us);
-        let status = if members
-            .iter()
-            .all(|m| matches!(m.validity(), Validity::Valid | Validity::Invalid))
-        {
+        // Final only when every part is.
+        let status = if members.iter().all(|m| status_of(m.validity()) == "final") {
             "final"
         } else {
             "preliminary"
