@@ -1,9 +1,9 @@
 //! `AccountStore` on PostgreSQL (migration 2: users, api_tokens, sessions).
 
 use hub_storage::{AccountStore, SessionRecord, StoreError, TokenRecord, UserRecord};
-use postgres::types::ToSql;
+use tokio_postgres::types::ToSql;
 
-use crate::{DbError, PgStore, pg};
+use crate::{DbError, PgStore};
 
 /// A user or token row: name, role, created, disabled/revoked (UTC µs).
 type NamedRow = (String, String, i64, Option<i64>);
@@ -11,53 +11,62 @@ type NamedRow = (String, String, i64, Option<i64>);
 impl PgStore {
     /// Sets `assignment` (`$2` is the value) on user `name` and deletes its
     /// sessions in one transaction; whether the user exists.
-    fn db_update_user(
+    async fn db_update_user(
         &self,
         name: &str,
         assignment: &str,
         value: &(dyn ToSql + Sync),
     ) -> Result<bool, DbError> {
-        let mut c = self.conn()?;
-        let mut tx = c.transaction()?;
-        let n = tx.execute(
-            format!("UPDATE users SET {assignment} WHERE name = $1").as_str(),
-            &[&name, value],
-        )?;
-        tx.execute("DELETE FROM sessions WHERE user_name = $1", &[&name])?;
-        tx.commit()?;
+        let mut c = self.conn().await?;
+        let tx = c.transaction().await?;
+        let n = tx
+            .execute(
+                format!("UPDATE users SET {assignment} WHERE name = $1").as_str(),
+                &[&name, value],
+            )
+            .await?;
+        tx.execute("DELETE FROM sessions WHERE user_name = $1", &[&name])
+            .await?;
+        tx.commit().await?;
         Ok(n > 0)
     }
 
     /// `(name, role, created_us, ended_us)` rows of `q`.
-    fn db_named(&self, q: &str) -> Result<Vec<NamedRow>, DbError> {
+    async fn db_named(&self, q: &str) -> Result<Vec<NamedRow>, DbError> {
         Ok(self
-            .conn()?
-            .query(q, &[])?
+            .conn()
+            .await?
+            .query(q, &[])
+            .await?
             .iter()
             .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
             .collect())
     }
 
-    fn db_pair(&self, q: &str, key: &str) -> Result<Option<(String, String)>, DbError> {
+    async fn db_pair(&self, q: &str, key: &str) -> Result<Option<(String, String)>, DbError> {
         Ok(self
-            .conn()?
-            .query_opt(q, &[&key])?
+            .conn()
+            .await?
+            .query_opt(q, &[&key])
+            .await?
             .map(|r| (r.get(0), r.get(1))))
     }
 
-    fn db_execute(&self, q: &str, p: &[&(dyn ToSql + Sync)]) -> Result<u64, DbError> {
-        Ok(self.conn()?.execute(q, p)?)
+    async fn db_execute(&self, q: &str, p: &[&(dyn ToSql + Sync)]) -> Result<u64, DbError> {
+        Ok(self.conn().await?.execute(q, p).await?)
     }
 
-    fn db_session(&self, id_sha256: &str) -> Result<Option<SessionRecord>, DbError> {
+    async fn db_session(&self, id_sha256: &str) -> Result<Option<SessionRecord>, DbError> {
         Ok(self
-            .conn()?
+            .conn()
+            .await?
             .query_opt(
                 "SELECT s.user_name, u.role, s.csrf, s.created_us, s.last_seen_us
                    FROM sessions s JOIN users u ON u.name = s.user_name
                   WHERE s.id_sha256 = $1 AND u.disabled_us IS NULL",
                 &[&id_sha256],
-            )?
+            )
+            .await?
             .map(|r| SessionRecord {
                 user: r.get(0),
                 role: r.get(1),
@@ -76,26 +85,27 @@ impl AccountStore for PgStore {
         password_hash: &str,
         created_us: i64,
     ) -> Result<bool, StoreError> {
-        pg(|| {
+        self.run(async {
             Ok(self.db_execute(
                 "INSERT INTO users (name, role, password_hash, created_us) VALUES ($1, $2, $3, $4)
                  ON CONFLICT (name) DO NOTHING",
                 &[&name, &role, &password_hash, &created_us],
-            )? > 0)
+            ).await? > 0)
         })
     }
 
     fn set_password_hash(&self, name: &str, password_hash: &str) -> Result<bool, StoreError> {
-        pg(|| self.db_update_user(name, "password_hash = $2", &password_hash))
+        self.run(self.db_update_user(name, "password_hash = $2", &password_hash))
     }
 
     fn disable_user(&self, name: &str, now_us: i64) -> Result<bool, StoreError> {
-        pg(|| self.db_update_user(name, "disabled_us = COALESCE(disabled_us, $2)", &now_us))
+        self.run(self.db_update_user(name, "disabled_us = COALESCE(disabled_us, $2)", &now_us))
     }
 
     fn users(&self) -> Result<Vec<UserRecord>, StoreError> {
-        let rows = pg(|| {
+        let rows = self.run(async {
             self.db_named("SELECT name, role, created_us, disabled_us FROM users ORDER BY name")
+                .await
         })?;
         Ok(rows
             .into_iter()
@@ -109,11 +119,12 @@ impl AccountStore for PgStore {
     }
 
     fn enabled_credentials(&self, name: &str) -> Result<Option<(String, String)>, StoreError> {
-        pg(|| {
+        self.run(async {
             self.db_pair(
                 "SELECT role, password_hash FROM users WHERE name = $1 AND disabled_us IS NULL",
                 name,
             )
+            .await
         })
     }
 
@@ -124,27 +135,34 @@ impl AccountStore for PgStore {
         role: &str,
         created_us: i64,
     ) -> Result<bool, StoreError> {
-        pg(|| {
-            Ok(self.db_execute(
-                "INSERT INTO api_tokens (name, token_sha256, role, created_us)
+        self.run(async {
+            Ok(self
+                .db_execute(
+                    "INSERT INTO api_tokens (name, token_sha256, role, created_us)
                  VALUES ($1, $2, $3, $4) ON CONFLICT (name) DO NOTHING",
-                &[&name, &token_sha256, &role, &created_us],
-            )? > 0)
+                    &[&name, &token_sha256, &role, &created_us],
+                )
+                .await?
+                > 0)
         })
     }
 
     fn revoke_api_token(&self, name: &str, now_us: i64) -> Result<bool, StoreError> {
-        pg(|| {
-            Ok(self.db_execute(
-                "UPDATE api_tokens SET revoked_us = COALESCE(revoked_us, $2) WHERE name = $1",
-                &[&name, &now_us],
-            )? > 0)
+        self.run(async {
+            Ok(self
+                .db_execute(
+                    "UPDATE api_tokens SET revoked_us = COALESCE(revoked_us, $2) WHERE name = $1",
+                    &[&name, &now_us],
+                )
+                .await?
+                > 0)
         })
     }
 
     fn api_tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
-        let rows = pg(|| {
+        let rows = self.run(async {
             self.db_named("SELECT name, role, created_us, revoked_us FROM api_tokens ORDER BY name")
+                .await
         })?;
         Ok(rows
             .into_iter()
@@ -158,11 +176,12 @@ impl AccountStore for PgStore {
     }
 
     fn active_api_token(&self, token_sha256: &str) -> Result<Option<(String, String)>, StoreError> {
-        pg(|| {
+        self.run(async {
             self.db_pair(
                 "SELECT name, role FROM api_tokens WHERE token_sha256 = $1 AND revoked_us IS NULL",
                 token_sha256,
             )
+            .await
         })
     }
 
@@ -173,33 +192,36 @@ impl AccountStore for PgStore {
         csrf: &str,
         now_us: i64,
     ) -> Result<(), StoreError> {
-        pg(|| {
+        self.run(async {
             self.db_execute(
                 "INSERT INTO sessions (id_sha256, user_name, csrf, created_us, last_seen_us)
                  VALUES ($1, $2, $3, $4, $4)",
                 &[&id_sha256, &user, &csrf, &now_us],
             )
+            .await
             .map(drop)
         })
     }
 
     fn session(&self, id_sha256: &str) -> Result<Option<SessionRecord>, StoreError> {
-        pg(|| self.db_session(id_sha256))
+        self.run(self.db_session(id_sha256))
     }
 
     fn touch_session(&self, id_sha256: &str, now_us: i64) -> Result<(), StoreError> {
-        pg(|| {
+        self.run(async {
             self.db_execute(
                 "UPDATE sessions SET last_seen_us = $2 WHERE id_sha256 = $1",
                 &[&id_sha256, &now_us],
             )
+            .await
             .map(drop)
         })
     }
 
     fn delete_session(&self, id_sha256: &str) -> Result<(), StoreError> {
-        pg(|| {
+        self.run(async {
             self.db_execute("DELETE FROM sessions WHERE id_sha256 = $1", &[&id_sha256])
+                .await
                 .map(drop)
         })
     }

@@ -4,15 +4,17 @@
 //! re-attribute is decided once, by `hub_storage::procedure` and
 //! `hub_domain::association`; this module is the SQL of [`AssocTx`].
 
+use futures_executor::block_on;
 use hub_domain::association::{
     Bed, BedOccupancy, Change, Interval, Keyed, OPEN, PatientId, Piece, Plan, Target,
 };
 use hub_storage::{
     AssocError, AssocTx, AssociationStore, Associations, StoreError, Timeline, procedure,
 };
-use postgres::{GenericClient, Transaction};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Row, Transaction};
 
-use crate::{ASSOC_LOCK, DbError, PgStore, off_runtime};
+use crate::{ASSOC_LOCK, DbError, PgStore};
 
 /// A change's outcome: `Ok(Err(_))` is a refusal (the transaction is rolled
 /// back), `Err(_)` a database failure.
@@ -48,7 +50,7 @@ fn table(t: Timeline) -> Table {
     }
 }
 
-fn interval(r: &postgres::Row) -> Interval {
+fn interval(r: &Row) -> Interval {
     Interval {
         id: r.get(0),
         bed: r.get(1),
@@ -58,15 +60,34 @@ fn interval(r: &postgres::Row) -> Interval {
     }
 }
 
-/// [`AssocTx`] on a PostgreSQL transaction (or, for reads, a client).
-struct Tx<'a, C: GenericClient>(&'a mut C);
+/// [`AssocTx`] on a PostgreSQL transaction. The procedures of
+/// `hub_storage::procedure` are synchronous: each statement is awaited here,
+/// on the calling thread (which has the store's I/O runtime entered, see
+/// [`PgStore::assoc_tx`]).
+struct Tx<'a, 'b>(&'a Transaction<'b>);
 
-impl<C: GenericClient> AssocTx for Tx<'_, C> {
+type Params<'p> = &'p [&'p (dyn ToSql + Sync)];
+
+impl Tx<'_, '_> {
+    fn query(&self, sql: &str, params: Params<'_>) -> Result<Vec<Row>, DbError> {
+        Ok(block_on(self.0.query(sql, params))?)
+    }
+    fn query_opt(&self, sql: &str, params: Params<'_>) -> Result<Option<Row>, DbError> {
+        Ok(block_on(self.0.query_opt(sql, params))?)
+    }
+    fn query_one(&self, sql: &str, params: Params<'_>) -> Result<Row, DbError> {
+        Ok(block_on(self.0.query_one(sql, params))?)
+    }
+    fn execute(&self, sql: &str, params: Params<'_>) -> Result<u64, DbError> {
+        Ok(block_on(self.0.execute(sql, params))?)
+    }
+}
+
+impl AssocTx for Tx<'_, '_> {
     type Error = DbError;
 
     fn bed_exists(&mut self, bed: &str) -> Result<bool, DbError> {
         Ok(self
-            .0
             .query_opt("SELECT 1 FROM beds WHERE id = $1", &[&bed])?
             .is_some())
     }
@@ -85,7 +106,6 @@ impl<C: GenericClient> AssocTx for Tx<'_, C> {
             t.columns, t.name, t.k1, t.k2
         );
         Ok(self
-            .0
             .query(&sql, &[&k.0, &k.1, &lo, &hi])?
             .iter()
             .map(interval)
@@ -100,7 +120,6 @@ impl<C: GenericClient> AssocTx for Tx<'_, C> {
             t.columns, t.k1, t.k2, t.name
         );
         Ok(self
-            .0
             .query(&sql, &[&bed, &lo, &hi])?
             .iter()
             .map(|r| (r.get(5), r.get(6), interval(r)))
@@ -114,7 +133,6 @@ impl<C: GenericClient> AssocTx for Tx<'_, C> {
             table(Timeline::Stays).columns
         );
         Ok(self
-            .0
             .query(&sql, &[&visit, &key.0, &key.1])?
             .iter()
             .map(interval)
@@ -124,24 +142,23 @@ impl<C: GenericClient> AssocTx for Tx<'_, C> {
     fn apply(&mut self, t: Timeline, k: (&str, &str), plan: &Plan) -> Result<(), DbError> {
         let tb = table(t);
         for id in &plan.delete {
-            self.0
-                .execute(&format!("DELETE FROM {} WHERE id = $1", tb.name), &[id])?;
+            self.execute(&format!("DELETE FROM {} WHERE id = $1", tb.name), &[id])?;
         }
         for (id, to) in &plan.set_end {
-            self.0.execute(
+            self.execute(
                 &format!("UPDATE {} SET to_us = $2 WHERE id = $1", tb.name),
                 &[id, to],
             )?;
         }
         for n in &plan.insert {
             match t {
-                Timeline::Stays => self.0.execute(
+                Timeline::Stays => self.execute(
                     "INSERT INTO patient_stays
                          (patient_system, patient_value, bed_id, from_us, to_us, visit)
                      VALUES ($1, $2, $3, $4, $5, $6)",
                     &[&k.0, &k.1, &n.bed, &n.from, &n.to, &n.visit],
                 )?,
-                Timeline::Placements => self.0.execute(
+                Timeline::Placements => self.execute(
                     "INSERT INTO device_placements (gateway_id, device_id, bed_id, from_us, to_us)
                      VALUES ($1, $2, $3, $4, $5)",
                     &[&k.0, &k.1, &n.bed, &n.from, &n.to],
@@ -153,7 +170,7 @@ impl<C: GenericClient> AssocTx for Tx<'_, C> {
 
     fn rekey_stays(&mut self, ids: &[i64], new: &PatientId) -> Result<(), DbError> {
         for id in ids {
-            self.0.execute(
+            self.execute(
                 "UPDATE patient_stays SET patient_system = $2, patient_value = $3 WHERE id = $1",
                 &[id, &new.system, &new.value],
             )?;
@@ -168,14 +185,14 @@ impl<C: GenericClient> AssocTx for Tx<'_, C> {
         piece: &Piece,
         t: &Target,
     ) -> Result<u64, DbError> {
-        Ok(self.0.execute(
+        self.execute(
             "UPDATE observations SET patient_system = $5, patient_id = $6, attribution = $7
               WHERE gateway_id = $1 AND device_id = $2 AND effective_us >= $3 AND effective_us < $4
                 AND attribution IN ('stay', 'config', 'unattributed')
                 AND (patient_system IS DISTINCT FROM $5 OR patient_id IS DISTINCT FROM $6
                      OR attribution IS DISTINCT FROM $7)",
             &[&g, &d, &piece.from, &piece.to, &t.system, &t.value, &t.how],
-        )?)
+        )
     }
 
     /// PostgreSQL keeps no data derived from a reading's patient.
@@ -184,7 +201,7 @@ impl<C: GenericClient> AssocTx for Tx<'_, C> {
     }
 }
 
-fn list_beds(c: &mut impl GenericClient) -> Result<Vec<Bed>, DbError> {
+fn list_beds(c: &Tx<'_, '_>) -> Result<Vec<Bed>, DbError> {
     Ok(
         c.query("SELECT id, ward, label FROM beds ORDER BY ward, id", &[])?
             .iter()
@@ -198,46 +215,45 @@ fn list_beds(c: &mut impl GenericClient) -> Result<Vec<Bed>, DbError> {
 }
 
 impl PgStore {
-    /// Runs `f` off the async runtime in one transaction holding the
-    /// exclusive association lock, committed unless it refuses or fails.
-    fn assoc_tx<T: Send>(
+    /// Runs `f` in one transaction holding the exclusive association lock,
+    /// committed unless it refuses or fails.
+    fn assoc_tx<T>(
         &self,
-        f: impl for<'a, 'b> FnOnce(&mut Tx<'a, Transaction<'b>>) -> Outcome<T> + Send,
+        f: impl for<'a, 'b> FnOnce(&mut Tx<'a, 'b>) -> Outcome<T>,
     ) -> Result<T, AssocError> {
-        let out = off_runtime(|| -> Outcome<T> {
-            let mut c = self.conn()?;
-            let mut tx = c.transaction()?;
+        let out = self.in_tx(|tx| {
             tx.execute("SELECT pg_advisory_xact_lock($1)", &[&ASSOC_LOCK])?;
-            let out = f(&mut Tx(&mut tx))?;
-            if out.is_ok() {
-                tx.commit()?;
-            }
-            Ok(out)
+            f(tx)
         });
         out.map_err(store_error)?
     }
 
-    /// Runs a read off the async runtime, in one transaction (a consistent
-    /// view).
-    fn assoc_read<T: Send>(
+    /// Runs a read in one transaction (a consistent view).
+    fn assoc_read<T>(
         &self,
-        f: impl for<'a, 'b> FnOnce(&mut Tx<'a, Transaction<'b>>) -> Result<T, DbError> + Send,
+        f: impl for<'a, 'b> FnOnce(&mut Tx<'a, 'b>) -> Result<T, DbError>,
     ) -> Result<T, AssocError> {
-        off_runtime(|| {
-            let mut c = self.conn()?;
-            let mut tx = c.transaction()?;
-            let out = f(&mut Tx(&mut tx))?;
-            tx.commit()?;
-            Ok::<T, DbError>(out)
-        })
-        .map_err(store_error)
+        self.in_tx(|tx| f(tx).map(Ok)).map_err(store_error)?
+    }
+
+    /// One transaction on a pooled connection, on the calling thread:
+    /// committed when `f` returns `Ok(Ok(_))`, rolled back otherwise.
+    fn in_tx<T>(&self, f: impl for<'a, 'b> FnOnce(&mut Tx<'a, 'b>) -> Outcome<T>) -> Outcome<T> {
+        let _entered = self.io.handle().enter();
+        let mut c = block_on(self.conn())?;
+        let tx = block_on(c.transaction())?;
+        let out = f(&mut Tx(&tx))?;
+        if out.is_ok() {
+            block_on(tx.commit())?;
+        }
+        Ok(out)
     }
 }
 
 impl AssociationStore for PgStore {
     fn create_bed(&self, bed: &Bed) -> Result<(), AssocError> {
         self.assoc_tx(|tx| {
-            let n = tx.0.execute(
+            let n = tx.execute(
                 "INSERT INTO beds (id, ward, label, created_us) VALUES ($1, $2, $3, $4)
                  ON CONFLICT (id) DO NOTHING",
                 &[&bed.id, &bed.ward, &bed.label, &hub_domain::clock::now_us()],
@@ -251,7 +267,7 @@ impl AssociationStore for PgStore {
     }
 
     fn list_beds(&self) -> Result<Vec<Bed>, AssocError> {
-        self.assoc_read(|tx| list_beds(tx.0))
+        self.assoc_read(|tx| list_beds(tx))
     }
 
     fn place_device(
@@ -308,7 +324,6 @@ impl AssociationStore for PgStore {
     fn stay_of_visit(&self, visit: &str, at: i64) -> Result<Option<PatientId>, AssocError> {
         self.assoc_read(|tx| {
             Ok(tx
-                .0
                 .query_opt(
                     "SELECT patient_system, patient_value FROM patient_stays
                       WHERE visit = $1 AND from_us <= $2 AND COALESCE(to_us, $3) > $2
@@ -338,15 +353,15 @@ impl AssociationStore for PgStore {
 
     fn occupancy(&self, at: i64) -> Result<Vec<BedOccupancy>, AssocError> {
         self.assoc_read(|tx| {
-            let beds = list_beds(tx.0)?;
+            let beds = list_beds(tx)?;
             procedure::occupancy(tx, beds, at)
         })
     }
 
     fn unattributed_count(&self) -> Result<u64, AssocError> {
         self.assoc_read(|tx| {
-            let n: i64 =
-                tx.0.query_one(
+            let n: i64 = tx
+                .query_one(
                     "SELECT COUNT(*) FROM observations WHERE attribution = 'unattributed'",
                     &[],
                 )?

@@ -8,7 +8,7 @@ use hub_storage::StoreError;
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
     #[error("PostgreSQL error: {0}")]
-    Postgres(#[from] postgres::Error),
+    Postgres(#[from] tokio_postgres::Error),
     #[error(transparent)]
     Store(#[from] StoreError),
     /// Connection pool: the server cannot be reached, the configuration is
@@ -17,6 +17,9 @@ pub enum DbError {
     Pool(String),
     #[error("stored ack of a batch does not decode: {0}")]
     CorruptAck(#[from] prost::DecodeError),
+    /// The pool could not open a connection in time, or was closed.
+    #[error("PostgreSQL connection pool: {0}")]
+    Unavailable(String),
     #[error("the pool lock was poisoned by a panic")]
     Poisoned,
 }
@@ -29,6 +32,7 @@ impl From<DbError> for StoreError {
             // Every pooled connection busy for the pool's wait: overload.
             DbError::Pool(m) if m.starts_with("no free connection") => StoreError::Unavailable(m),
             DbError::Pool(m) => StoreError::Config(m),
+            DbError::Unavailable(m) => StoreError::Unavailable(m),
             DbError::CorruptAck(e) => StoreError::Corrupt(e.to_string()),
             DbError::Poisoned => StoreError::Poisoned,
         }
@@ -38,7 +42,7 @@ impl From<DbError> for StoreError {
 /// A connection failure, or the server shutting down / in recovery
 /// (SQLSTATE classes 08 and 57), may succeed later; anything else is a
 /// database error.
-pub fn postgres_error(e: postgres::Error) -> StoreError {
+pub fn postgres_error(e: tokio_postgres::Error) -> StoreError {
     let transient = match e.as_db_error() {
         None => true,
         Some(db) => {

@@ -5,15 +5,16 @@
 //! into a temporary staging table and moved with one `INSERT … SELECT … ON
 //! CONFLICT DO NOTHING RETURNING id`, whose ids tell which rows were new.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
+use futures_util::future::try_join_all;
 use hub_domain::association::DeviceAttribution;
 use hub_domain::ingest;
 use hub_storage::{Associations, IngestReport, NewIncarnation};
-use postgres::binary_copy::BinaryCopyInWriter;
-use postgres::types::Type;
 use prost::Message;
 use shared_protocol::v1::{Batch, BatchAck};
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::types::Type;
 
 use super::{ASSOC_LOCK, PgStore};
 use crate::DbError;
@@ -109,8 +110,10 @@ fn storable_times(batch: &Batch, now_us: i64) -> Vec<i64> {
 
 impl PgStore {
     /// Stores a batch of an authenticated gateway in one transaction; the
-    /// same contract as the SQLite store's `ingest`.
-    pub(crate) fn db_ingest(
+    /// same contract as the SQLite store's `ingest`. Independent statements
+    /// (the attribution loads, the device and event upserts) are sent
+    /// together: tokio-postgres pipelines them on the connection.
+    pub(crate) async fn db_ingest(
         &self,
         gateway_id: &str,
         batch: &Batch,
@@ -120,22 +123,28 @@ impl PgStore {
     ) -> Result<IngestReport, DbError> {
         let (incarnation, batch_seq) = ingest::check_batch(batch)?;
         // DDL outside the ingest transaction.
-        self.ensure_partitions(storable_times(batch, now_us))?;
+        self.ensure_partitions(storable_times(batch, now_us))
+            .await?;
 
-        let mut c = self.conn()?;
-        let mut tx = c.transaction()?;
+        let mut c = self.conn().await?;
+        let tx = c.transaction().await?;
         // Association changes wait for ingests (and vice versa); one
         // gateway's batches are serialized.
-        tx.execute("SELECT pg_advisory_xact_lock_shared($1)", &[&ASSOC_LOCK])?;
+        tx.execute("SELECT pg_advisory_xact_lock_shared($1)", &[&ASSOC_LOCK])
+            .await?;
         tx.execute(
             "SELECT pg_advisory_xact_lock(1, hashtext($1))",
             &[&gateway_id],
-        )?;
-        if let Some(row) = tx.query_opt(
-            "SELECT ack FROM batches
-              WHERE gateway_id = $1 AND incarnation = $2 AND sequence = $3",
-            &[&gateway_id, &incarnation, &batch_seq],
-        )? {
+        )
+        .await?;
+        if let Some(row) = tx
+            .query_opt(
+                "SELECT ack FROM batches
+                  WHERE gateway_id = $1 AND incarnation = $2 AND sequence = $3",
+                &[&gateway_id, &incarnation, &batch_seq],
+            )
+            .await?
+        {
             let bytes: Vec<u8> = row.get(0);
             let mut ack = BatchAck::decode(bytes.as_slice())?;
             ack.duplicate_batch = true;
@@ -153,7 +162,8 @@ impl PgStore {
                 .query_opt(
                     "SELECT 1 FROM batches WHERE gateway_id = $1 AND incarnation = $2 LIMIT 1",
                     &[&gateway_id, &incarnation],
-                )?
+                )
+                .await?
                 .is_some()
         {
             None
@@ -163,16 +173,33 @@ impl PgStore {
                     "SELECT incarnation FROM batches WHERE gateway_id = $1
                       ORDER BY received_us DESC LIMIT 1",
                     &[&gateway_id],
-                )?
+                )
+                .await?
                 .map(|r| r.get::<_, i64>(0));
             Some(NewIncarnation {
                 incarnation,
                 previous,
             })
         };
-        let spans = tx.prepare(ATTRIBUTION_SPANS)?;
+        // What covers each device entry's span, loaded ahead in one round
+        // trip; the plan asks for exactly these (`attribution_queries`).
+        let wanted = ingest::attribution_queries(batch);
+        let mut loaded: HashMap<(&str, i64, i64), Vec<tokio_postgres::Row>> = HashMap::new();
+        if !wanted.is_empty() {
+            let spans = tx.prepare(ATTRIBUTION_SPANS).await?;
+            let (tx, spans) = (&tx, &spans);
+            let rows = try_join_all(wanted.iter().map(|(device, lo, hi)| async move {
+                tx.query(spans, &[&gateway_id, device, lo, hi]).await
+            }))
+            .await?;
+            loaded.extend(wanted.iter().copied().zip(rows));
+        }
         let mut plan = ingest::plan(gateway_id, batch, now_us, |device, lo, hi| {
-            let rows = tx.query(&spans, &[&gateway_id, &device, &lo, &hi])?;
+            let rows = loaded.get(&(device, lo, hi)).ok_or_else(|| {
+                DbError::Pool(format!(
+                    "attribution of device `{device}` was not loaded ahead (a bug)"
+                ))
+            })?;
             Ok::<_, DbError>(DeviceAttribution {
                 spans: rows
                     .iter()
@@ -191,14 +218,17 @@ impl PgStore {
             ));
         }
         if !plan.rejected.is_empty() {
-            let st = tx.prepare(
-                "INSERT INTO rejected_readings (gateway_id, device_id, batch_sequence, sequence,
-                     kind, reason, detail, raw, received_us)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-            )?;
-            for r in &plan.rejected {
+            let st = tx
+                .prepare(
+                    "INSERT INTO rejected_readings (gateway_id, device_id, batch_sequence, sequence,
+                         kind, reason, detail, raw, received_us)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                )
+                .await?;
+            let (tx, st) = (&tx, &st);
+            try_join_all(plan.rejected.iter().map(|r| async move {
                 tx.execute(
-                    &st,
+                    st,
                     &[
                         &gateway_id,
                         &r.device_id,
@@ -210,19 +240,25 @@ impl PgStore {
                         &r.raw,
                         &received_us,
                     ],
-                )?;
-            }
+                )
+                .await
+            }))
+            .await?;
         }
         if !plan.devices.is_empty() {
-            let st = tx.prepare(
-                "INSERT INTO devices (gateway_id, device_id, protocol, manufacturer, model,
-                     serial_number, location, first_seen_us, last_seen_us, fhir_id)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $9)
-                 ON CONFLICT (gateway_id, device_id) DO UPDATE SET fhir_id = excluded.fhir_id,
-                     protocol = excluded.protocol, manufacturer = excluded.manufacturer,
-                     model = excluded.model, serial_number = excluded.serial_number,
-                     location = excluded.location, last_seen_us = excluded.last_seen_us",
-            )?;
+            let st = tx
+                .prepare(
+                    "INSERT INTO devices (gateway_id, device_id, protocol, manufacturer, model,
+                         serial_number, location, first_seen_us, last_seen_us, fhir_id)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $9)
+                     ON CONFLICT (gateway_id, device_id) DO UPDATE SET fhir_id = excluded.fhir_id,
+                         protocol = excluded.protocol, manufacturer = excluded.manufacturer,
+                         model = excluded.model, serial_number = excluded.serial_number,
+                         location = excluded.location, last_seen_us = excluded.last_seen_us",
+                )
+                .await?;
+            // One statement per device, in order (a device listed twice is
+            // upserted twice, the later entry winning, as on SQLite).
             for d in &plan.devices {
                 let i = &d.info;
                 tx.execute(
@@ -238,63 +274,73 @@ impl PgStore {
                         &received_us,
                         &d.fhir_id,
                     ],
-                )?;
+                )
+                .await?;
             }
         }
         let mut event_new = Vec::with_capacity(plan.events.len());
         if !plan.events.is_empty() {
-            let st = tx.prepare(
-                "INSERT INTO device_events (gateway_id, device_id, sequence, kind, time_us,
-                     detail, batch_sequence, received_us, incarnation)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT DO NOTHING",
-            )?;
+            let st = tx
+                .prepare(
+                    "INSERT INTO device_events (gateway_id, device_id, sequence, kind, time_us,
+                         detail, batch_sequence, received_us, incarnation)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT DO NOTHING",
+                )
+                .await?;
+            // Sequential: of two events with one identity the first wins.
             for e in &plan.events {
-                let n = tx.execute(
-                    &st,
-                    &[
-                        &gateway_id,
-                        &e.device_id,
-                        &e.sequence,
-                        &e.kind,
-                        &e.time_us,
-                        &e.detail,
-                        &batch_seq,
-                        &received_us,
-                        &incarnation,
-                    ],
-                )?;
+                let n = tx
+                    .execute(
+                        &st,
+                        &[
+                            &gateway_id,
+                            &e.device_id,
+                            &e.sequence,
+                            &e.kind,
+                            &e.time_us,
+                            &e.detail,
+                            &batch_seq,
+                            &received_us,
+                            &incarnation,
+                        ],
+                    )
+                    .await?;
                 event_new.push(n > 0);
             }
         }
         let mut row_new = Vec::with_capacity(plan.rows.len());
         if !plan.rows.is_empty() {
-            tx.batch_execute(STAGE_TABLE)?;
-            let mut w = BinaryCopyInWriter::new(tx.copy_in(STAGE_COPY)?, STAGE_TYPES);
+            tx.batch_execute(STAGE_TABLE).await?;
+            let sink = tx.copy_in(STAGE_COPY).await?;
+            let mut w = std::pin::pin!(BinaryCopyInWriter::new(sink, STAGE_TYPES));
             for (ord, r) in plan.rows.iter().enumerate() {
-                w.write(&[
-                    &(ord as i64),
-                    &r.id,
-                    &r.device_id,
-                    &r.sequence,
-                    &r.loinc,
-                    &i64::from(r.mdc_code),
-                    &r.effective_us,
-                    &r.status,
-                    &r.value,
-                    &r.kind.as_str(),
-                    &r.category,
-                    &r.payload,
-                    &r.patient,
-                    &r.patient_system,
-                    &r.attribution,
-                ])?;
+                w.as_mut()
+                    .write(&[
+                        &(ord as i64),
+                        &r.id,
+                        &r.device_id,
+                        &r.sequence,
+                        &r.loinc,
+                        &i64::from(r.mdc_code),
+                        &r.effective_us,
+                        &r.status,
+                        &r.value,
+                        &r.kind.as_str(),
+                        &r.category,
+                        &r.payload,
+                        &r.patient,
+                        &r.patient_system,
+                        &r.attribution,
+                    ])
+                    .await?;
             }
-            w.finish()?;
+            w.finish().await?;
             let inserted: HashSet<String> = tx
                 .query(
                     STAGE_INSERT,
                     &[&gateway_id, &batch_seq, &received_us, &incarnation],
-                )?
+                )
+                .await?
                 .iter()
                 .map(|r| r.get(0))
                 .collect();
@@ -305,25 +351,39 @@ impl PgStore {
                 row_new.push(inserted.contains(&r.id) && seen.insert(r.id.as_str()));
             }
             if !plan.panels.is_empty() {
-                let st = tx.prepare(
-                    "UPDATE observations SET panel_id = $5
-                      WHERE gateway_id = $1 AND device_id = $2 AND effective_us = $3
-                        AND incarnation = $6 AND sequence = ANY($4) AND panel_id IS NULL",
-                )?;
-                for p in &plan.panels {
-                    let members: Vec<i64> = p.members.iter().map(|m| m.0).collect();
-                    tx.execute(
-                        &st,
-                        &[
-                            &gateway_id,
-                            &p.device_id,
-                            &p.effective_us,
-                            &members,
-                            &p.panel_id,
-                            &incarnation,
-                        ],
-                    )?;
-                }
+                let st = tx
+                    .prepare(
+                        "UPDATE observations SET panel_id = $5
+                          WHERE gateway_id = $1 AND device_id = $2 AND effective_us = $3
+                            AND incarnation = $6 AND sequence = ANY($4) AND panel_id IS NULL",
+                    )
+                    .await?;
+                let members: Vec<Vec<i64>> = plan
+                    .panels
+                    .iter()
+                    .map(|p| p.members.iter().map(|m| m.0).collect())
+                    .collect();
+                let (tx, st) = (&tx, &st);
+                try_join_all(
+                    plan.panels
+                        .iter()
+                        .zip(&members)
+                        .map(|(p, members)| async move {
+                            tx.execute(
+                                st,
+                                &[
+                                    &gateway_id,
+                                    &p.device_id,
+                                    &p.effective_us,
+                                    members,
+                                    &p.panel_id,
+                                    &incarnation,
+                                ],
+                            )
+                            .await
+                        }),
+                )
+                .await?;
             }
         }
         // Chart buckets are kept by the SQLite store only for now (trends
@@ -342,8 +402,9 @@ impl PgStore {
                 &outcome.ack.encode_to_vec(),
                 &incarnation,
             ],
-        )?;
-        tx.commit()?;
+        )
+        .await?;
+        tx.commit().await?;
         Ok(IngestReport {
             ack: outcome.ack,
             rejected_reasons: outcome.reasons,

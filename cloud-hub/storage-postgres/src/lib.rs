@@ -1,16 +1,18 @@
 //! PostgreSQL storage backend (`[storage] backend = "postgres"`).
 //!
-//! The blocking `postgres` client (the synchronous facade of
-//! tokio-postgres) behind the same synchronous [`crate::Store`] methods as
-//! SQLite, so every call site (run from `spawn_blocking`) is unchanged.
-//! TLS to the server is rustls with the ring provider
+//! The async client (tokio-postgres) with a maintained pool
+//! (deadpool-postgres), behind the same blocking `hub_storage` traits as
+//! SQLite (the transport layer calls them from `spawn_blocking`). The pool's
+//! connections run on one I/O thread owned by the store; a call runs its
+//! async body on the calling thread ([`PgStore::block`]), so no thread is
+//! started per call, and independent statements of one call are pipelined
+//! on its connection. TLS to the server is rustls with the ring provider
 //! (tokio-postgres-rustls); there is no OpenSSL.
 //!
-//! **Pool**: a fixed-size pool of our own (a `Mutex<Vec<Client>>` with a
-//! condition variable), not r2d2: connections are opened lazily up to
-//! `pool_size`, a caller waits up to 30 s for a free one, and a connection
-//! found closed is dropped and replaced. Every method takes one connection
-//! for one transaction.
+//! **Pool**: deadpool-postgres, up to `pool_size` connections opened
+//! lazily; a caller waits up to 30 s for a free one (then the call answers
+//! "unavailable", a 503); a connection the client found closed is replaced.
+//! Every method takes one connection for one transaction.
 //!
 //! **Layout**: compact observation rows (protobuf `payload`, rendered to
 //! FHIR on read by `fhir::render`, as for SQLite) in a table partitioned by
@@ -36,12 +38,12 @@ pub mod schema;
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::str::FromStr;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use postgres::types::ToSql;
-use postgres::{Client, Row, Transaction};
 use serde::Deserialize;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Row, Transaction};
 
 use hub_domain::clock::now_us;
 use hub_domain::fhir::render::{DeviceRow, ObservationRow};
@@ -116,7 +118,7 @@ impl PgConfig {
     /// Checks the fields; errors name the field (`storage.postgres.…`).
     pub fn validate(&self) -> Result<(), (String, String)> {
         let field = |f: &str| format!("storage.postgres.{f}");
-        let cfg = postgres::Config::from_str(&self.url).map_err(|e| {
+        let cfg = tokio_postgres::Config::from_str(&self.url).map_err(|e| {
             (
                 field("url"),
                 format!("not a PostgreSQL connection string: {e}"),
@@ -137,11 +139,11 @@ impl PgConfig {
             ));
         }
         let local = cfg.get_hosts().iter().all(|h| match h {
-            postgres::config::Host::Unix(_) => true,
-            postgres::config::Host::Tcp(name) => is_loopback_host(name),
+            tokio_postgres::config::Host::Unix(_) => true,
+            tokio_postgres::config::Host::Tcp(name) => is_loopback_host(name),
         });
         if !local
-            && cfg.get_ssl_mode() != postgres::config::SslMode::Require
+            && cfg.get_ssl_mode() != tokio_postgres::config::SslMode::Require
             && !self.allow_plaintext
         {
             return Err((
@@ -200,141 +202,56 @@ impl PgConfig {
     }
 }
 
-/// Runs `f` where the blocking client may run: the `postgres` client
-/// drives each call with its own small tokio runtime, which panics on a
-/// thread that is already inside a runtime's context (an async task, or
-/// `spawn_blocking`). There `f` runs on a scoped helper thread; elsewhere
-/// (CLI, benchmarks) directly.
-pub(crate) fn off_runtime<T: Send>(f: impl FnOnce() -> T + Send) -> T {
-    if tokio::runtime::Handle::try_current().is_err() {
-        return f();
+/// The runtime that drives the pool's connections: one worker thread
+/// running every connection's I/O task. Store methods are blocking (the
+/// `hub_storage` contract: the transport layer calls them from
+/// `spawn_blocking`); each runs its async body on the calling thread with
+/// this runtime entered ([`PgStore::block`]), so no thread is started per
+/// call and the caller's runtime is never blocked on.
+struct IoRuntime(Option<tokio::runtime::Runtime>);
+
+impl IoRuntime {
+    fn new() -> Result<Self, DbError> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("vigil-pg-io")
+            .enable_all()
+            .build()
+            .map_err(|e| DbError::Pool(format!("cannot start the PostgreSQL I/O thread: {e}")))?;
+        Ok(Self(Some(rt)))
     }
-    std::thread::scope(|s| s.spawn(f).join()).unwrap_or_else(|e| std::panic::resume_unwind(e))
-}
 
-struct PoolState {
-    idle: Vec<Client>,
-    open: u32,
-}
-
-struct Pool {
-    config: postgres::Config,
-    tls: tokio_postgres_rustls::MakeRustlsConnect,
-    size: u32,
-    state: Mutex<PoolState>,
-    freed: Condvar,
-}
-
-/// A pooled connection, returned to the pool on drop.
-/// A pooled connection (derefs to the client), returned to the pool on drop.
-pub(crate) struct Conn<'a> {
-    pool: &'a Pool,
-    client: Option<Client>,
-}
-
-impl std::ops::Deref for Conn<'_> {
-    type Target = Client;
-    fn deref(&self) -> &Client {
-        self.client.as_ref().expect("connection present until drop")
+    fn handle(&self) -> &tokio::runtime::Handle {
+        self.0
+            .as_ref()
+            .expect("runtime present until drop")
+            .handle()
     }
 }
 
-impl std::ops::DerefMut for Conn<'_> {
-    fn deref_mut(&mut self) -> &mut Client {
-        self.client.as_mut().expect("connection present until drop")
-    }
-}
-
-impl Drop for Conn<'_> {
+impl Drop for IoRuntime {
     fn drop(&mut self) {
-        let Some(client) = self.client.take() else {
-            return;
-        };
-        let mut st = self.pool.state.lock().unwrap_or_else(|e| e.into_inner());
-        if client.is_closed() {
-            st.open = st.open.saturating_sub(1);
-        } else {
-            st.idle.push(client);
-        }
-        drop(st);
-        self.pool.freed.notify_one();
-    }
-}
-
-impl Drop for Pool {
-    fn drop(&mut self) {
-        // Closing a client blocks on its runtime: off any async context.
-        let idle =
-            std::mem::take(&mut self.state.get_mut().unwrap_or_else(|e| e.into_inner()).idle);
-        off_runtime(move || drop(idle));
-    }
-}
-
-impl Pool {
-    fn get(&self) -> Result<Conn<'_>, DbError> {
-        let deadline = std::time::Instant::now() + POOL_WAIT;
-        let mut st = self.state.lock().map_err(|_| DbError::Poisoned)?;
-        loop {
-            while let Some(c) = st.idle.pop() {
-                if c.is_closed() {
-                    st.open = st.open.saturating_sub(1);
-                    continue;
-                }
-                return Ok(Conn {
-                    pool: self,
-                    client: Some(c),
-                });
-            }
-            if st.open < self.size {
-                st.open += 1;
-                drop(st);
-                return match self.config.connect(self.tls.clone()) {
-                    Ok(c) => Ok(Conn {
-                        pool: self,
-                        client: Some(c),
-                    }),
-                    Err(e) => {
-                        let mut st = self.state.lock().map_err(|_| DbError::Poisoned)?;
-                        st.open = st.open.saturating_sub(1);
-                        Err(e.into())
-                    }
-                };
-            }
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            if left.is_zero() {
-                return Err(DbError::Pool(format!(
-                    "no free connection within {} s (pool_size {})",
-                    POOL_WAIT.as_secs(),
-                    self.size
-                )));
-            }
-            st = self
-                .freed
-                .wait_timeout(st, left)
-                .map_err(|_| DbError::Poisoned)?
-                .0;
+        // Never blocks: the store may be dropped inside an async task.
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
         }
     }
 }
 
-/// The PostgreSQL store: a connection pool and the months whose
+/// The PostgreSQL store: a deadpool-postgres pool of tokio-postgres
+/// connections, the runtime driving them, and the months whose
 /// observation partition exists.
 #[derive(Clone)]
 pub struct PgStore {
-    pool: Arc<Pool>,
+    pool: deadpool_postgres::Pool,
+    io: Arc<IoRuntime>,
     partitions: Arc<Mutex<HashSet<i64>>>,
-}
-
-impl std::fmt::Debug for Conn<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Conn").finish_non_exhaustive()
-    }
 }
 
 impl std::fmt::Debug for PgStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PgStore")
-            .field("pool_size", &self.pool.size)
+            .field("pool_size", &self.pool.status().max_size)
             .finish_non_exhaustive()
     }
 }
@@ -342,17 +259,20 @@ impl std::fmt::Debug for PgStore {
 /// Advisory lock key of association changes (exclusive) vs ingest (shared).
 pub(crate) const ASSOC_LOCK: i64 = 0x5649_4749_4c41_5353; // "VIGILASS"
 
+/// A pooled connection (returned to the pool on drop).
+pub(crate) type Conn = deadpool_postgres::Object;
+
 impl PgStore {
-    /// Connects (one connection, to check) and applies pending migrations.
-    /// Connects to PostgreSQL and applies its pending migrations.
+    /// Connects to PostgreSQL (one connection, to check) and applies its
+    /// pending migrations.
     pub fn open(cfg: &PgConfig) -> Result<Self, StoreError> {
-        off_runtime(|| Self::open_db(cfg)).map_err(Into::into)
+        Self::open_db(cfg).map_err(Into::into)
     }
 
     fn open_db(cfg: &PgConfig) -> Result<Self, DbError> {
         cfg.validate()
             .map_err(|(f, m)| DbError::Pool(format!("invalid `{f}`: {m}")))?;
-        let mut config = postgres::Config::from_str(&cfg.url)
+        let mut config = tokio_postgres::Config::from_str(&cfg.url)
             .map_err(|e| DbError::Pool(format!("storage.postgres.url: {e}")))?;
         if let Some(p) = cfg.password()? {
             config.password(p);
@@ -361,84 +281,125 @@ impl PgStore {
             config.connect_timeout(Duration::from_secs(10));
         }
         config.application_name("vigil-hub");
-        let pool = Arc::new(Pool {
+        let manager = deadpool_postgres::Manager::from_config(
             config,
-            tls: cfg.tls()?,
-            size: cfg.pool_size,
-            state: Mutex::new(PoolState {
-                idle: Vec::new(),
-                open: 0,
-            }),
-            freed: Condvar::new(),
-        });
+            cfg.tls()?,
+            deadpool_postgres::ManagerConfig {
+                // A connection that failed is detected by the client
+                // (`is_closed`), not by a test query per checkout.
+                recycling_method: deadpool_postgres::RecyclingMethod::Fast,
+            },
+        );
+        let pool = deadpool_postgres::Pool::builder(manager)
+            .max_size(cfg.pool_size as usize)
+            .wait_timeout(Some(POOL_WAIT))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .build()
+            .map_err(|e| DbError::Pool(e.to_string()))?;
         let store = Self {
             pool,
+            io: Arc::new(IoRuntime::new()?),
             partitions: Arc::new(Mutex::new(HashSet::new())),
         };
-        store.migrate()?;
+        store.block(store.migrate())?;
         Ok(store)
     }
 
-    pub(crate) fn conn(&self) -> Result<Conn<'_>, DbError> {
-        self.pool.get()
+    /// Runs `fut` to completion on the calling thread, with the I/O
+    /// runtime entered (new connections spawn their task there).
+    pub(crate) fn block<T>(&self, fut: impl std::future::Future<Output = T>) -> T {
+        let _entered = self.io.handle().enter();
+        futures_executor::block_on(fut)
     }
 
-    fn migrate(&self) -> Result<(), DbError> {
-        let mut c = self.conn()?;
-        let mut tx = c.transaction()?;
+    /// [`Self::block`] for a trait method: the error made backend-neutral.
+    pub(crate) fn run<T>(
+        &self,
+        fut: impl std::future::Future<Output = Result<T, DbError>>,
+    ) -> Result<T, StoreError> {
+        self.block(fut).map_err(Into::into)
+    }
+
+    pub(crate) async fn conn(&self) -> Result<Conn, DbError> {
+        self.pool.get().await.map_err(|e| match e {
+            deadpool_postgres::PoolError::Backend(e) => DbError::Postgres(e),
+            deadpool_postgres::PoolError::Timeout(deadpool_postgres::TimeoutType::Wait) => {
+                DbError::Pool(format!(
+                    "no free connection within {} s (pool_size {})",
+                    POOL_WAIT.as_secs(),
+                    self.pool.status().max_size
+                ))
+            }
+            e => DbError::Unavailable(e.to_string()),
+        })
+    }
+
+    async fn migrate(&self) -> Result<(), DbError> {
+        let mut c = self.conn().await?;
+        let tx = c.transaction().await?;
         // Serialize hubs migrating the same database at once.
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&(ASSOC_LOCK + 1)])?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&(ASSOC_LOCK + 1)])
+            .await?;
         tx.batch_execute(
             "CREATE TABLE IF NOT EXISTS schema_migrations (
                  version bigint PRIMARY KEY, applied_us bigint NOT NULL)",
-        )?;
+        )
+        .await?;
         let current: Option<i64> = tx
-            .query_one("SELECT MAX(version) FROM schema_migrations", &[])?
+            .query_one("SELECT MAX(version) FROM schema_migrations", &[])
+            .await?
             .get(0);
         for (version, sql) in schema::MIGRATIONS {
             if current.unwrap_or(0) < *version {
-                tx.batch_execute(sql)?;
+                tx.batch_execute(sql).await?;
                 tx.execute(
                     "INSERT INTO schema_migrations (version, applied_us) VALUES ($1, $2)",
                     &[version, &now_us()],
-                )?;
+                )
+                .await?;
             }
         }
-        tx.commit()?;
+        tx.commit().await?;
         Ok(())
     }
 
     /// The applied migration versions, ascending.
     pub fn migrations(&self) -> Result<Vec<i64>, DbError> {
-        let mut c = self.conn()?;
-        Ok(c.query(
-            "SELECT version FROM schema_migrations ORDER BY version",
-            &[],
-        )?
-        .iter()
-        .map(|r| r.get(0))
-        .collect())
+        self.block(async {
+            let c = self.conn().await?;
+            Ok(c.query(
+                "SELECT version FROM schema_migrations ORDER BY version",
+                &[],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect())
+        })
     }
 
     /// The names of the existing observation partitions, ascending.
     pub fn partitions(&self) -> Result<Vec<String>, DbError> {
-        let mut c = self.conn()?;
-        Ok(c.query(
-            "SELECT c.relname::text FROM pg_inherits i
+        self.block(async {
+            let c = self.conn().await?;
+            Ok(c.query(
+                "SELECT c.relname::text FROM pg_inherits i
                JOIN pg_class c ON c.oid = i.inhrelid
                JOIN pg_class p ON p.oid = i.inhparent
               WHERE p.relname = 'observations' ORDER BY 1",
-            &[],
-        )?
-        .iter()
-        .map(|r| r.get(0))
-        .collect())
+                &[],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect())
+        })
     }
 
     /// Creates the monthly partitions holding `times` that are not known
     /// to exist, each in its own short transaction (outside the ingest
     /// transaction, so concurrent hubs do not deadlock on DDL).
-    pub(crate) fn ensure_partitions(
+    pub(crate) async fn ensure_partitions(
         &self,
         times: impl IntoIterator<Item = i64>,
     ) -> Result<(), DbError> {
@@ -455,21 +416,23 @@ impl PgStore {
         if missing.is_empty() {
             return Ok(());
         }
-        let mut c = self.conn()?;
+        let mut c = self.conn().await?;
         for (start, end, name) in missing {
-            let mut tx = c.transaction()?;
-            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&(ASSOC_LOCK + 2)])?;
+            let tx = c.transaction().await?;
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&(ASSOC_LOCK + 2)])
+                .await?;
             let exists = tx
-                .query_opt("SELECT 1 FROM pg_class WHERE relname = $1", &[&name])?
+                .query_opt("SELECT 1 FROM pg_class WHERE relname = $1", &[&name])
+                .await?
                 .is_some();
             if !exists {
                 // Names and bounds are computed here, never from input text.
                 tx.batch_execute(&format!(
                     "CREATE TABLE {name} PARTITION OF observations FOR VALUES FROM ({start}) TO ({end})"
-                ))?;
+                )).await?;
                 tracing::info!(partition = %name, "created observation partition");
             }
-            tx.commit()?;
+            tx.commit().await?;
             self.partitions
                 .lock()
                 .map_err(|_| DbError::Poisoned)?
@@ -480,20 +443,26 @@ impl PgStore {
 
     /// Retention: deletes observations, device events and rejected
     /// readings older than `cutoff_us` (see `crate::retention`).
-    fn db_purge_before(&self, cutoff_us: i64) -> Result<Purged, DbError> {
-        let mut c = self.conn()?;
-        let observations = c.execute(
-            "DELETE FROM observations WHERE effective_us < $1",
-            &[&cutoff_us],
-        )?;
-        let device_events = c.execute(
-            "DELETE FROM device_events WHERE time_us < $1",
-            &[&cutoff_us],
-        )?;
-        let rejected = c.execute(
-            "DELETE FROM rejected_readings WHERE received_us < $1",
-            &[&cutoff_us],
-        )?;
+    async fn db_purge_before(&self, cutoff_us: i64) -> Result<Purged, DbError> {
+        let c = self.conn().await?;
+        let observations = c
+            .execute(
+                "DELETE FROM observations WHERE effective_us < $1",
+                &[&cutoff_us],
+            )
+            .await?;
+        let device_events = c
+            .execute(
+                "DELETE FROM device_events WHERE time_us < $1",
+                &[&cutoff_us],
+            )
+            .await?;
+        let rejected = c
+            .execute(
+                "DELETE FROM rejected_readings WHERE received_us < $1",
+                &[&cutoff_us],
+            )
+            .await?;
         Ok(hub_storage::Purged {
             observations,
             device_events,
@@ -503,61 +472,64 @@ impl PgStore {
         })
     }
 
-    fn db_ping(&self) -> Result<(), DbError> {
-        let mut c = self.conn()?;
-        c.query_one("SELECT COUNT(*) FROM schema_migrations", &[])?;
+    async fn db_ping(&self) -> Result<(), DbError> {
+        let c = self.conn().await?;
+        c.query_one("SELECT COUNT(*) FROM schema_migrations", &[])
+            .await?;
         Ok(())
     }
 
-    fn db_add_enrollment(&self, token_sha256: &str, expires_us: i64) -> Result<(), DbError> {
-        let mut c = self.conn()?;
+    async fn db_add_enrollment(&self, token_sha256: &str, expires_us: i64) -> Result<(), DbError> {
+        let c = self.conn().await?;
         c.execute(
             "INSERT INTO enrollment_tokens (token_sha256, created_us, expires_us) VALUES ($1, $2, $3)",
             &[&token_sha256, &now_us(), &expires_us],
-        )?;
+        ).await?;
         Ok(())
     }
 
-    fn db_enroll(
+    async fn db_enroll(
         &self,
         enrollment_sha256: &str,
         id: &str,
         gateway_token_sha256: &str,
         now: i64,
     ) -> Result<(), DbError> {
-        let mut c = self.conn()?;
-        let mut tx = c.transaction()?;
+        let mut c = self.conn().await?;
+        let tx = c.transaction().await?;
         let row = tx.query_opt(
             "SELECT expires_us, used_us FROM enrollment_tokens WHERE token_sha256 = $1 FOR UPDATE",
             &[&enrollment_sha256],
-        )?;
+        ).await?;
         match row.map(|r| (r.get::<_, i64>(0), r.get::<_, Option<i64>>(1))) {
             Some((expires, None)) if expires > now => {}
             _ => return Err(StoreError::EnrollmentRefused.into()),
         }
-        put_gateway(&mut tx, id, gateway_token_sha256, now)?;
+        put_gateway(&tx, id, gateway_token_sha256, now).await?;
         tx.execute(
             "UPDATE enrollment_tokens SET used_us = $2, gateway_id = $3 WHERE token_sha256 = $1",
             &[&enrollment_sha256, &now, &id],
-        )?;
-        tx.commit()?;
+        )
+        .await?;
+        tx.commit().await?;
         Ok(())
     }
 
-    fn db_add_gateway(&self, id: &str, token_sha256: &str) -> Result<(), DbError> {
-        let mut c = self.conn()?;
-        let mut tx = c.transaction()?;
-        put_gateway(&mut tx, id, token_sha256, now_us())?;
-        tx.commit()?;
+    async fn db_add_gateway(&self, id: &str, token_sha256: &str) -> Result<(), DbError> {
+        let mut c = self.conn().await?;
+        let tx = c.transaction().await?;
+        put_gateway(&tx, id, token_sha256, now_us()).await?;
+        tx.commit().await?;
         Ok(())
     }
 
-    fn db_list_gateways(&self) -> Result<Vec<GatewayRow>, DbError> {
-        let mut c = self.conn()?;
+    async fn db_list_gateways(&self) -> Result<Vec<GatewayRow>, DbError> {
+        let c = self.conn().await?;
         Ok(c.query(
             "SELECT id, created_us, revoked_us FROM gateways ORDER BY id",
             &[],
-        )?
+        )
+        .await?
         .iter()
         .map(|r| GatewayRow {
             id: r.get(0),
@@ -567,11 +539,12 @@ impl PgStore {
         .collect())
     }
 
-    fn db_revoke_gateway(&self, id: &str) -> Result<(), DbError> {
-        let mut c = self.conn()?;
-        let mut tx = c.transaction()?;
+    async fn db_revoke_gateway(&self, id: &str) -> Result<(), DbError> {
+        let mut c = self.conn().await?;
+        let tx = c.transaction().await?;
         if tx
-            .query_opt("SELECT 1 FROM gateways WHERE id = $1 FOR UPDATE", &[&id])?
+            .query_opt("SELECT 1 FROM gateways WHERE id = $1 FOR UPDATE", &[&id])
+            .await?
             .is_none()
         {
             return Err(StoreError::GatewayNotFound(id.to_owned()).into());
@@ -579,28 +552,32 @@ impl PgStore {
         tx.execute(
             "UPDATE gateways SET revoked_us = $2 WHERE id = $1 AND revoked_us IS NULL",
             &[&id, &now_us()],
-        )?;
+        )
+        .await?;
         tx.execute(
             "DELETE FROM gateway_grace_tokens WHERE gateway_id = $1",
             &[&id],
-        )?;
-        tx.commit()?;
+        )
+        .await?;
+        tx.commit().await?;
         Ok(())
     }
 
-    fn db_rotate_gateway(
+    async fn db_rotate_gateway(
         &self,
         id: &str,
         new_token_sha256: &str,
         grace_until: Option<i64>,
         now: i64,
     ) -> Result<(), DbError> {
-        let mut c = self.conn()?;
-        let mut tx = c.transaction()?;
-        let row = tx.query_opt(
-            "SELECT token_sha256, revoked_us FROM gateways WHERE id = $1 FOR UPDATE",
-            &[&id],
-        )?;
+        let mut c = self.conn().await?;
+        let tx = c.transaction().await?;
+        let row = tx
+            .query_opt(
+                "SELECT token_sha256, revoked_us FROM gateways WHERE id = $1 FOR UPDATE",
+                &[&id],
+            )
+            .await?;
         let old: String = match row.map(|r| (r.get::<_, String>(0), r.get::<_, Option<i64>>(1))) {
             None => return Err(StoreError::GatewayNotFound(id.to_owned()).into()),
             Some((_, Some(_))) => return Err(StoreError::GatewayRevoked(id.to_owned()).into()),
@@ -609,23 +586,29 @@ impl PgStore {
         tx.execute(
             "DELETE FROM gateway_grace_tokens WHERE gateway_id = $1",
             &[&id],
-        )?;
+        )
+        .await?;
         if let Some(until) = grace_until.filter(|&t| t > now) {
             tx.execute(
                 "INSERT INTO gateway_grace_tokens (token_sha256, gateway_id, expires_us) VALUES ($1, $2, $3)",
                 &[&old, &id, &until],
-            )?;
+            ).await?;
         }
         tx.execute(
             "UPDATE gateways SET token_sha256 = $2 WHERE id = $1",
             &[&id, &new_token_sha256],
-        )?;
-        tx.commit()?;
+        )
+        .await?;
+        tx.commit().await?;
         Ok(())
     }
 
-    fn db_authenticate_at(&self, token_sha256: &str, now: i64) -> Result<Option<String>, DbError> {
-        let mut c = self.conn()?;
+    async fn db_authenticate_at(
+        &self,
+        token_sha256: &str,
+        now: i64,
+    ) -> Result<Option<String>, DbError> {
+        let c = self.conn().await?;
         Ok(c.query_opt(
             "SELECT id FROM gateways WHERE token_sha256 = $1 AND revoked_us IS NULL
              UNION ALL
@@ -633,29 +616,35 @@ impl PgStore {
               WHERE t.token_sha256 = $1 AND t.expires_us > $2 AND g.revoked_us IS NULL
              LIMIT 1",
             &[&token_sha256, &now],
-        )?
+        )
+        .await?
         .map(|r| r.get(0)))
     }
 
-    fn db_gateway_is_active(&self, id: &str) -> Result<bool, DbError> {
-        let mut c = self.conn()?;
+    async fn db_gateway_is_active(&self, id: &str) -> Result<bool, DbError> {
+        let c = self.conn().await?;
         Ok(c.query_opt(
             "SELECT 1 FROM gateways WHERE id = $1 AND revoked_us IS NULL",
             &[&id],
-        )?
+        )
+        .await?
         .is_some())
     }
 
-    fn db_observation(&self, id: &str) -> Result<Option<ObservationRow>, DbError> {
-        let mut c = self.conn()?;
+    async fn db_observation(&self, id: &str) -> Result<Option<ObservationRow>, DbError> {
+        let c = self.conn().await?;
         Ok(c.query_opt(
             &format!("SELECT {OBS_COLUMNS} FROM {OBS_FROM} WHERE o.id = $1 LIMIT 1"),
             &[&id],
-        )?
+        )
+        .await?
         .map(|r| obs_row(&r, 0)))
     }
 
-    fn db_search(&self, s: &ObservationSearch) -> Result<(u64, Vec<ObservationRow>), DbError> {
+    async fn db_search(
+        &self,
+        s: &ObservationSearch,
+    ) -> Result<(u64, Vec<ObservationRow>), DbError> {
         if s.codes.iter().any(Vec::is_empty) || s.categories.iter().any(Vec::is_empty) {
             return Ok((0, Vec::new()));
         }
@@ -705,13 +694,14 @@ impl PgStore {
             }
         }
         let where_sql = format!("WHERE {}", clauses.join(" AND "));
-        let mut c = self.conn()?;
+        let c = self.conn().await?;
         let refs: Vec<&(dyn ToSql + Sync)> = args.iter().map(|a| a.as_ref()).collect();
         let total: i64 = c
             .query_one(
                 &format!("SELECT COUNT(*) FROM observations o {where_sql}"),
                 &refs,
-            )?
+            )
+            .await?
             .get(0);
         if s.count == 0 {
             return Ok((total as u64, Vec::new()));
@@ -728,27 +718,31 @@ impl PgStore {
                 "SELECT {OBS_COLUMNS} FROM {OBS_FROM} {where_sql} ORDER BY {order} LIMIT {limit} OFFSET {offset}"
             ),
             &refs,
-        )?;
+        ).await?;
         Ok((total as u64, rows.iter().map(|r| obs_row(r, 0)).collect()))
     }
 
-    fn db_patient(&self, value: &str) -> Result<Option<String>, DbError> {
-        let mut c = self.conn()?;
-        if let Some(r) = c.query_opt(
-            "SELECT patient_system FROM patient_stays WHERE patient_value = $1 LIMIT 1",
-            &[&value],
-        )? {
+    async fn db_patient(&self, value: &str) -> Result<Option<String>, DbError> {
+        let c = self.conn().await?;
+        if let Some(r) = c
+            .query_opt(
+                "SELECT patient_system FROM patient_stays WHERE patient_value = $1 LIMIT 1",
+                &[&value],
+            )
+            .await?
+        {
             return Ok(Some(r.get(0)));
         }
         Ok(c.query_opt(
             "SELECT COALESCE(patient_system, '') FROM observations WHERE patient_id = $1 LIMIT 1",
             &[&value],
-        )?
+        )
+        .await?
         .map(|r| r.get(0)))
     }
 
     /// Like SQLite's, paging by `rid` (a sequence) instead of `rowid`.
-    fn db_export_observations(
+    async fn db_export_observations(
         &self,
         after_rowid: i64,
         limit: usize,
@@ -778,47 +772,61 @@ impl PgStore {
         args.push(Box::new(i64::try_from(limit).unwrap_or(i64::MAX)));
         sql.push_str(&format!(" ORDER BY o.rid LIMIT ${}", args.len()));
         let refs: Vec<&(dyn ToSql + Sync)> = args.iter().map(|a| a.as_ref()).collect();
-        let mut c = self.conn()?;
-        Ok(c.query(&sql, &refs)?
+        let c = self.conn().await?;
+        Ok(c.query(&sql, &refs)
+            .await?
             .iter()
             .map(|r| (r.get(0), obs_row(r, 1)))
             .collect())
     }
 
-    fn db_export_patients(&self, ward: Option<&str>) -> Result<Vec<(String, String)>, DbError> {
-        let mut c = self.conn()?;
+    async fn db_export_patients(
+        &self,
+        ward: Option<&str>,
+    ) -> Result<Vec<(String, String)>, DbError> {
+        let c = self.conn().await?;
         let rows = match ward {
-            Some(w) => c.query(
-                "SELECT s.patient_value, MAX(s.patient_system) FROM patient_stays s
+            Some(w) => {
+                c.query(
+                    "SELECT s.patient_value, MAX(s.patient_system) FROM patient_stays s
                    JOIN beds b ON b.id = s.bed_id WHERE b.ward = $1
                   GROUP BY s.patient_value ORDER BY s.patient_value",
-                &[&w],
-            )?,
-            None => c.query(
-                "SELECT v, MAX(sys) FROM (
+                    &[&w],
+                )
+                .await?
+            }
+            None => {
+                c.query(
+                    "SELECT v, MAX(sys) FROM (
                      SELECT patient_value AS v, patient_system AS sys FROM patient_stays
                      UNION ALL
                      SELECT patient_id, COALESCE(patient_system, '') FROM observations
                       WHERE patient_id IS NOT NULL) p
                  GROUP BY v ORDER BY v",
-                &[],
-            )?,
+                    &[],
+                )
+                .await?
+            }
         };
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
-    fn db_device(&self, fhir_id: &str) -> Result<Option<DeviceRow>, DbError> {
-        let mut c = self.conn()?;
+    async fn db_device(&self, fhir_id: &str) -> Result<Option<DeviceRow>, DbError> {
+        let c = self.conn().await?;
         Ok(c.query_opt(
             &format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE fhir_id = $1"),
             &[&fhir_id],
-        )?
+        )
+        .await?
         .map(|r| device_row(&r)))
     }
 
-    fn db_devices(&self, count: u32, offset: u64) -> Result<(u64, Vec<DeviceRow>), DbError> {
-        let mut c = self.conn()?;
-        let total: i64 = c.query_one("SELECT COUNT(*) FROM devices", &[])?.get(0);
+    async fn db_devices(&self, count: u32, offset: u64) -> Result<(u64, Vec<DeviceRow>), DbError> {
+        let c = self.conn().await?;
+        let total: i64 = c
+            .query_one("SELECT COUNT(*) FROM devices", &[])
+            .await?
+            .get(0);
         let rows = c.query(
             &format!(
                 "SELECT {DEVICE_COLUMNS} FROM devices ORDER BY gateway_id, device_id LIMIT $1 OFFSET $2"
@@ -827,42 +835,47 @@ impl PgStore {
                 &i64::from(count),
                 &i64::try_from(offset).unwrap_or(i64::MAX),
             ],
-        )?;
+        ).await?;
         Ok((total as u64, rows.iter().map(device_row).collect()))
     }
 }
 
 /// Create gateway `id` or re-activate it when revoked (as SQLite's).
-fn put_gateway(
-    tx: &mut Transaction<'_>,
+async fn put_gateway(
+    tx: &Transaction<'_>,
     id: &str,
     token_sha256: &str,
     now: i64,
 ) -> Result<(), DbError> {
-    let existing = tx.query_opt(
-        "SELECT revoked_us FROM gateways WHERE id = $1 FOR UPDATE",
-        &[&id],
-    )?;
+    let existing = tx
+        .query_opt(
+            "SELECT revoked_us FROM gateways WHERE id = $1 FOR UPDATE",
+            &[&id],
+        )
+        .await?;
     match existing.map(|r| r.get::<_, Option<i64>>(0)) {
         Some(None) => Err(StoreError::GatewayExists(id.to_owned()).into()),
         Some(Some(_)) => {
             tx.execute(
                 "DELETE FROM gateway_grace_tokens WHERE gateway_id = $1",
                 &[&id],
-            )?;
+            )
+            .await?;
             tx.execute(
                 "UPDATE gateways SET token_sha256 = $2, created_us = $3, revoked_us = NULL WHERE id = $1",
                 &[&id, &token_sha256, &now],
-            )?;
+            ).await?;
             Ok(())
         }
         None => {
             // ON CONFLICT: a concurrent add of the same id is refused, not an error.
-            let n = tx.execute(
-                "INSERT INTO gateways (id, token_sha256, created_us) VALUES ($1, $2, $3)
+            let n = tx
+                .execute(
+                    "INSERT INTO gateways (id, token_sha256, created_us) VALUES ($1, $2, $3)
                  ON CONFLICT (id) DO NOTHING",
-                &[&id, &token_sha256, &now],
-            )?;
+                    &[&id, &token_sha256, &now],
+                )
+                .await?;
             if n == 0 {
                 return Err(StoreError::GatewayExists(id.to_owned()).into());
             }
@@ -910,16 +923,9 @@ fn device_row(r: &Row) -> DeviceRow {
     }
 }
 
-fn pg<T>(f: impl FnOnce() -> Result<T, DbError> + Send) -> Result<T, StoreError>
-where
-    T: Send,
-{
-    off_runtime(f).map_err(Into::into)
-}
-
 impl GatewayStore for PgStore {
     fn add_enrollment(&self, token_sha256: &str, expires_us: i64) -> Result<(), StoreError> {
-        pg(|| self.db_add_enrollment(token_sha256, expires_us))
+        self.run(self.db_add_enrollment(token_sha256, expires_us))
     }
     fn enroll(
         &self,
@@ -928,16 +934,16 @@ impl GatewayStore for PgStore {
         gateway_token_sha256: &str,
         now_us: i64,
     ) -> Result<(), StoreError> {
-        pg(|| self.db_enroll(enrollment_sha256, id, gateway_token_sha256, now_us))
+        self.run(self.db_enroll(enrollment_sha256, id, gateway_token_sha256, now_us))
     }
     fn add_gateway(&self, id: &str, token_sha256: &str) -> Result<(), StoreError> {
-        pg(|| self.db_add_gateway(id, token_sha256))
+        self.run(self.db_add_gateway(id, token_sha256))
     }
     fn list_gateways(&self) -> Result<Vec<GatewayRow>, StoreError> {
-        pg(|| self.db_list_gateways())
+        self.run(self.db_list_gateways())
     }
     fn revoke_gateway(&self, id: &str) -> Result<(), StoreError> {
-        pg(|| self.db_revoke_gateway(id))
+        self.run(self.db_revoke_gateway(id))
     }
     fn rotate_gateway(
         &self,
@@ -946,17 +952,17 @@ impl GatewayStore for PgStore {
         grace_until: Option<i64>,
         now_us: i64,
     ) -> Result<(), StoreError> {
-        pg(|| self.db_rotate_gateway(id, new_token_sha256, grace_until, now_us))
+        self.run(self.db_rotate_gateway(id, new_token_sha256, grace_until, now_us))
     }
     fn authenticate_at(
         &self,
         token_sha256: &str,
         now_us: i64,
     ) -> Result<Option<String>, StoreError> {
-        pg(|| self.db_authenticate_at(token_sha256, now_us))
+        self.run(self.db_authenticate_at(token_sha256, now_us))
     }
     fn gateway_is_active(&self, id: &str) -> Result<bool, StoreError> {
-        pg(|| self.db_gateway_is_active(id))
+        self.run(self.db_gateway_is_active(id))
     }
 }
 
@@ -969,19 +975,19 @@ impl IngestStore for PgStore {
         received_us: i64,
         now_us: i64,
     ) -> Result<IngestReport, StoreError> {
-        pg(|| self.db_ingest(gateway_id, batch, associations, received_us, now_us))
+        self.run(self.db_ingest(gateway_id, batch, associations, received_us, now_us))
     }
 }
 
 impl ObservationStore for PgStore {
     fn observation(&self, id: &str) -> Result<Option<ObservationRow>, StoreError> {
-        pg(|| self.db_observation(id))
+        self.run(self.db_observation(id))
     }
     fn search(&self, s: &ObservationSearch) -> Result<(u64, Vec<ObservationRow>), StoreError> {
-        pg(|| self.db_search(s))
+        self.run(self.db_search(s))
     }
     fn patient(&self, value: &str) -> Result<Option<String>, StoreError> {
-        pg(|| self.db_patient(value))
+        self.run(self.db_patient(value))
     }
     fn export_observations(
         &self,
@@ -991,22 +997,22 @@ impl ObservationStore for PgStore {
         patient_level: bool,
         ward: Option<&str>,
     ) -> Result<Vec<(i64, ObservationRow)>, StoreError> {
-        pg(|| self.db_export_observations(after_rowid, limit, since_us, patient_level, ward))
+        self.run(self.db_export_observations(after_rowid, limit, since_us, patient_level, ward))
     }
     fn export_patients(&self, ward: Option<&str>) -> Result<Vec<(String, String)>, StoreError> {
-        pg(|| self.db_export_patients(ward))
+        self.run(self.db_export_patients(ward))
     }
     fn device(&self, fhir_id: &str) -> Result<Option<DeviceRow>, StoreError> {
-        pg(|| self.db_device(fhir_id))
+        self.run(self.db_device(fhir_id))
     }
     fn devices(&self, count: u32, offset: u64) -> Result<(u64, Vec<DeviceRow>), StoreError> {
-        pg(|| self.db_devices(count, offset))
+        self.run(self.db_devices(count, offset))
     }
 }
 
 impl RetentionStore for PgStore {
     fn purge_before(&self, cutoff_us: i64) -> Result<Purged, StoreError> {
-        pg(|| self.db_purge_before(cutoff_us))
+        self.run(self.db_purge_before(cutoff_us))
     }
 }
 
@@ -1015,6 +1021,6 @@ impl Storage for PgStore {
         "postgres"
     }
     fn ping(&self) -> Result<(), StoreError> {
-        pg(|| self.db_ping())
+        self.run(self.db_ping())
     }
 }

@@ -217,6 +217,36 @@ pub fn plan<E: From<BatchRefused>>(
     Ok(plan)
 }
 
+/// The `(device_id, min_us, max_us)` for which [`plan`] calls its
+/// `attribution` loader, in call order: one per device entry with a
+/// device id and at least one reading or waveform. A backend that loads
+/// them ahead (all in one round trip) answers the loader from these.
+pub fn attribution_queries(batch: &Batch) -> Vec<(&str, i64, i64)> {
+    batch
+        .devices
+        .iter()
+        .filter_map(|d| {
+            let id = d.device.as_ref().map(|i| i.device_id.as_str())?;
+            if id.is_empty() {
+                return None;
+            }
+            attribution_span(d).map(|(lo, hi)| (id, lo, hi))
+        })
+        .collect()
+}
+
+/// The earliest and latest effective time of a device entry's readings
+/// and waveforms (None when it has neither).
+fn attribution_span(data: &DeviceData) -> Option<(i64, i64)> {
+    let times = data
+        .readings
+        .iter()
+        .map(Reading::effective_time_us)
+        .chain(data.waveforms.iter().map(|w| w.start_time_us));
+    let (lo, hi) = times.fold((i64::MAX, i64::MIN), |(lo, hi), t| (lo.min(t), hi.max(t)));
+    (lo <= hi).then_some((lo, hi))
+}
+
 fn plan_device<E>(
     plan: &mut IngestPlan,
     gateway_id: &str,
@@ -248,13 +278,7 @@ fn plan_device<E>(
     });
     // Who the rows belong to: resolved once for the device over the
     // entry's time span, so each row is written once with its final patient.
-    let times = data
-        .readings
-        .iter()
-        .map(Reading::effective_time_us)
-        .chain(data.waveforms.iter().map(|w| w.start_time_us));
-    let (lo, hi) = times.fold((i64::MAX, i64::MIN), |(lo, hi), t| (lo.min(t), hi.max(t)));
-    let who = if lo <= hi {
+    let who = if let Some((lo, hi)) = attribution_span(data) {
         attribution(&device_id, lo, hi)?
     } else {
         DeviceAttribution::default()
@@ -628,6 +652,40 @@ mod tests {
         let o = outcome("gw", p, &[false, true], &[]);
         assert!(o.rollup.is_empty(), "an unattributed value has no chart");
         assert_eq!(o.live.len(), 1);
+    }
+
+    #[test]
+    fn attribution_queries_are_the_loader_calls_of_the_plan() {
+        let mut b = batch(vec![r(codes::PULS_OXIM_SAT_O2, "%", 97.0, 1)]);
+        let mut later = r(codes::PULS_OXIM_SAT_O2, "%", 96.0, 2);
+        later.device_time_us = NOW - 500_000;
+        b.devices[0].readings.push(later);
+        // No device id (rejected), no readings (no call), a second entry of the same device.
+        b.devices.push(DeviceData {
+            readings: vec![r(codes::PULS_OXIM_SAT_O2, "%", 95.0, 3)],
+            ..Default::default()
+        });
+        b.devices.push(DeviceData {
+            device: Some(DeviceInfo {
+                device_id: "idle".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        b.devices.push(b.devices[0].clone());
+        let mut calls = Vec::new();
+        plan("gw", &b, NOW, |d, lo, hi| {
+            calls.push((d.to_owned(), lo, hi));
+            none(d, lo, hi)
+        })
+        .unwrap();
+        let ahead: Vec<(String, i64, i64)> = attribution_queries(&b)
+            .into_iter()
+            .map(|(d, lo, hi)| (d.to_owned(), lo, hi))
+            .collect();
+        assert_eq!(ahead, calls);
+        assert_eq!(calls[0], ("mon".to_owned(), NOW - 1_000_000, NOW - 500_000));
+        assert_eq!(calls.len(), 2);
     }
 
     #[test]
