@@ -246,37 +246,49 @@ impl PgStore {
             .await?;
         }
         if !plan.devices.is_empty() {
+            // One statement for all devices. A device listed in several
+            // entries is upserted once, with its last entry (the result of
+            // upserting each in turn, as on SQLite).
+            let mut last: Vec<&ingest::DeviceUpsert> = Vec::with_capacity(plan.devices.len());
+            for d in plan.devices.iter().rev() {
+                if !last.iter().any(|l| l.info.device_id == d.info.device_id) {
+                    last.push(d);
+                }
+            }
+            let col = |f: fn(&ingest::DeviceUpsert) -> &str| -> Vec<&str> {
+                last.iter().map(|d| f(d)).collect()
+            };
             let st = tx
                 .prepare(
                     "INSERT INTO devices (gateway_id, device_id, protocol, manufacturer, model,
                          serial_number, location, first_seen_us, last_seen_us, fhir_id)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $9)
+                     SELECT $1, d.device_id, d.protocol, d.manufacturer, d.model,
+                            d.serial_number, d.location, $8, $8, d.fhir_id
+                       FROM unnest($2::text[], $3::text[], $4::text[], $5::text[],
+                                   $6::text[], $7::text[], $9::text[])
+                            AS d(device_id, protocol, manufacturer, model, serial_number,
+                                 location, fhir_id)
                      ON CONFLICT (gateway_id, device_id) DO UPDATE SET fhir_id = excluded.fhir_id,
                          protocol = excluded.protocol, manufacturer = excluded.manufacturer,
                          model = excluded.model, serial_number = excluded.serial_number,
                          location = excluded.location, last_seen_us = excluded.last_seen_us",
                 )
                 .await?;
-            // One statement per device, in order (a device listed twice is
-            // upserted twice, the later entry winning, as on SQLite).
-            for d in &plan.devices {
-                let i = &d.info;
-                tx.execute(
-                    &st,
-                    &[
-                        &gateway_id,
-                        &i.device_id,
-                        &i.protocol,
-                        &i.manufacturer,
-                        &i.model,
-                        &i.serial_number,
-                        &i.location,
-                        &received_us,
-                        &d.fhir_id,
-                    ],
-                )
-                .await?;
-            }
+            tx.execute(
+                &st,
+                &[
+                    &gateway_id,
+                    &col(|d| &d.info.device_id),
+                    &col(|d| &d.info.protocol),
+                    &col(|d| &d.info.manufacturer),
+                    &col(|d| &d.info.model),
+                    &col(|d| &d.info.serial_number),
+                    &col(|d| &d.info.location),
+                    &received_us,
+                    &col(|d| &d.fhir_id),
+                ],
+            )
+            .await?;
         }
         let mut event_new = Vec::with_capacity(plan.events.len());
         if !plan.events.is_empty() {
