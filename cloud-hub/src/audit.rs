@@ -1,7 +1,7 @@
 //! The audit log: every access to patient data and every administrative
 //! change through the API (and the CLI's gateway and enrolment commands),
-//! with who, when, what and the outcome. Append-only (SQLite triggers
-//! refuse UPDATE and DELETE) and hash-chained: each entry's SHA-256 covers
+//! with who, when, what and the outcome. Append-only (the database's
+//! triggers refuse UPDATE and DELETE) and hash-chained: each entry's SHA-256 covers
 //! its fields and the previous entry's hash, so `cloud-hub audit verify`
 //! finds an edited, inserted or removed entry. Removing the newest entries
 //! leaves a shorter valid chain: checked against an anchor (`--anchor
@@ -10,16 +10,13 @@
 //!
 //! The audit log holds which patient was accessed (that is its purpose);
 //! the service logs and metrics still never do. The chain is
-//! `hub_domain::audit`, the persistence the store's `AuditStore`: SQLite
-//! only in this version (on PostgreSQL nothing is recorded: warned once,
-//! counted per request). See docs/operations.md "Audit log".
-
-use std::sync::atomic::{AtomicBool, Ordering};
+//! `hub_domain::audit`, the persistence the store's `AuditStore` (SQLite
+//! and PostgreSQL). See docs/operations.md "Audit log".
 
 use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
-use hub_storage::{AuditStore, StoreError};
+use hub_storage::StoreError;
 use ring::digest;
 use serde_json::{Value as Json, json};
 
@@ -27,31 +24,9 @@ pub use hub_domain::audit::{Entry, GENESIS, Stored, Verification};
 
 use crate::store::{Store, now_us};
 
-/// Appends an entry to the store's audit log: its seq, or `None` when the
-/// storage backend keeps no audit log yet (PostgreSQL in this version;
-/// warned once per process, and the middleware counts each such request as
-/// an audit failure).
-pub fn append(store: &Store, e: &Entry) -> Result<Option<i64>, StoreError> {
-    record(&**store, e)
-}
-
-fn record<S: AuditStore + ?Sized>(store: &S, e: &Entry) -> Result<Option<i64>, StoreError> {
-    match store.append_audit(e) {
-        Ok(seq) => Ok(Some(seq)),
-        Err(StoreError::Unsupported(what, backend)) => {
-            static WARNED: AtomicBool = AtomicBool::new(false);
-            if !WARNED.swap(true, Ordering::Relaxed) {
-                tracing::warn!(
-                    backend,
-                    what,
-                    "audit log entries are NOT recorded on this storage backend (the server \
-                     counts each audited request in vigil_hub_audit_failures_total)"
-                );
-            }
-            Ok(None)
-        }
-        Err(e) => Err(e),
-    }
+/// Appends an entry to the store's audit log: its seq.
+pub fn append(store: &Store, e: &Entry) -> Result<i64, StoreError> {
+    store.append_audit(e)
 }
 
 /// Recomputes the whole chain (`hub_domain::audit::verify`). `anchor`: a
@@ -241,9 +216,7 @@ pub(crate) async fn middleware(State(st): State<AuditState>, req: Request, next:
     };
     let store = st.store.clone();
     match tokio::task::spawn_blocking(move || append(&store, &entry)).await {
-        Ok(Ok(Some(_))) => {}
-        // The backend keeps no audit log yet (warned once by `append`).
-        Ok(Ok(None)) => st.metrics.audit_failure(),
+        Ok(Ok(_)) => {}
         Ok(Err(e)) => {
             st.metrics.audit_failure();
             tracing::error!(error = %e, "writing an audit log entry failed");
@@ -259,35 +232,6 @@ pub(crate) async fn middleware(State(st): State<AuditState>, req: Request, next:
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A backend without an audit log, or one whose writes fail.
-    struct NoLog(fn() -> StoreError);
-
-    impl AuditStore for NoLog {
-        fn append_audit(&self, _: &Entry) -> Result<i64, StoreError> {
-            Err((self.0)())
-        }
-        fn audit_entries(&self, _: i64) -> Result<Vec<Stored>, StoreError> {
-            Err((self.0)())
-        }
-    }
-
-    #[test]
-    fn an_unsupported_backend_records_nothing_but_a_failing_one_is_an_error() {
-        let e = Entry {
-            time_us: 1,
-            actor: "cli".into(),
-            action: "create".into(),
-            resource: "user add".into(),
-            patient: None,
-            outcome: 0,
-            detail: String::new(),
-        };
-        let unsupported = NoLog(|| StoreError::Unsupported("the audit log", "postgres"));
-        assert_eq!(record(&unsupported, &e).unwrap(), None);
-        let failing = NoLog(|| StoreError::Database("disk I/O error".into()));
-        assert!(matches!(record(&failing, &e), Err(StoreError::Database(_))));
-    }
 
     #[test]
     fn requests_are_described_without_secrets() {

@@ -28,9 +28,7 @@
 //! visible, never silently replaced by its value).
 //!
 //! The rows come from the storage layer (`hub_storage::ScoreStore`); the
-//! choice among them is `hub_domain::early_warning::evaluate`. A backend
-//! without the score tables yet (PostgreSQL) answers `Unsupported`, which
-//! is [`ScoresError::Unsupported`] (HTTP 501).
+//! choice among them is `hub_domain::early_warning::evaluate`.
 //!
 //! Who may call the HTTP routes is decided by `crate::access::POLICY`
 //! (clinicians and administrators).
@@ -56,9 +54,6 @@ pub use hub_domain::early_warning::*;
 pub enum ScoresError {
     #[error(transparent)]
     Store(StoreError),
-    /// The storage backend has no score tables yet (HTTP 501).
-    #[error("early-warning scores are not supported on {} yet (SQLite backend only)", backend_name(.0))]
-    Unsupported(&'static str),
     #[error("{field} {message}")]
     Invalid {
         field: &'static str,
@@ -70,18 +65,12 @@ pub enum ScoresError {
 
 impl From<StoreError> for ScoresError {
     fn from(e: StoreError) -> Self {
-        match e {
-            StoreError::Unsupported(_, backend) => ScoresError::Unsupported(backend),
-            e => ScoresError::Store(e),
-        }
+        ScoresError::Store(e)
     }
 }
 
-pub(crate) use crate::store::backend_name;
-
 /// Whether the hub knows `patient` (manual inputs, stays or attributed
-/// readings). Manual inputs are asked first: a backend without the score
-/// tables answers `Unsupported` here, whether the patient is known or not.
+/// readings).
 fn known_patient(store: &Store, patient: &str) -> Result<bool, ScoresError> {
     Ok(store.has_manual_inputs(patient)? || store.patient(patient)?.is_some())
 }
@@ -192,9 +181,6 @@ impl IntoResponse for ScoresError {
                 error(StatusCode::BAD_REQUEST, &self.to_string(), Some(field))
             }
             ScoresError::UnknownPatient => error(StatusCode::NOT_FOUND, &self.to_string(), None),
-            ScoresError::Unsupported(_) => {
-                error(StatusCode::NOT_IMPLEMENTED, &self.to_string(), None)
-            }
             ScoresError::Store(e) => {
                 tracing::error!(error = %e, "early-warning scores failed");
                 error(StatusCode::INTERNAL_SERVER_ERROR, "internal error", None)

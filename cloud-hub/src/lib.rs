@@ -140,8 +140,7 @@ pub fn enrollment_create(config: &Config, ttl: std::time::Duration) -> Result<St
 }
 
 /// `cloud-hub audit verify`: recomputes the audit log's hash chain (and
-/// checks `anchor`, a `(seq, hash)` recorded earlier). On a backend without
-/// an audit log (PostgreSQL in this version): `StoreError::Unsupported`.
+/// checks `anchor`, a `(seq, hash)` recorded earlier).
 pub fn audit_verify(
     config: &Config,
     anchor: Option<(i64, &str)>,

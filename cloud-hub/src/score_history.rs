@@ -19,9 +19,7 @@
 //! re-attribution (`association`) does not rewrite them.
 //!
 //! `GET /api/v1/patients/{id}/scores/history?kind=news2&from=…&to=…`
-//! (clinicians: `crate::access::POLICY`; 501 on a backend without the
-//! history table yet: PostgreSQL).
-//! See docs/scores.md, "History".
+//! (clinicians: `crate::access::POLICY`). See docs/scores.md, "History".
 
 use axum::Router;
 use axum::extract::{Path, Query, State};
@@ -40,7 +38,7 @@ const S: i64 = 1_000_000;
 
 /// Stores the report's results by the write rule ([`should_write`]), at
 /// the report's computation time, in one transaction. Returns the rows
-/// written. A backend without the history table answers `Unsupported`.
+/// written.
 pub fn record(store: &Store, report: &ScoreReport) -> Result<usize, StoreError> {
     let entries: Vec<(Kind, Entry)> = Kind::ALL.map(|k| (k, entry(report, k))).into();
     store.record_scores(
@@ -133,18 +131,6 @@ async fn get_history(
     let (points, truncated) =
         match tokio::task::spawn_blocking(move || history(&store, &p, kind, from, to)).await {
             Ok(Ok(r)) => r,
-            Ok(Err(StoreError::Unsupported(_, backend))) => {
-                return (
-                    StatusCode::NOT_IMPLEMENTED,
-                    axum::Json(json!({
-                        "error": format!(
-                            "score history needs the SQLite store (not yet on {})",
-                            crate::store::backend_name(backend)
-                        )
-                    })),
-                )
-                    .into_response();
-            }
             Ok(Err(e)) => return internal(e),
             Err(e) => return internal(e),
         };

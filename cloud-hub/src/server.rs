@@ -118,22 +118,7 @@ impl Hub {
                 .map_err(|e| HubError::Io(std::io::Error::other(e)))?
                 .map_err(|e| HubError::Io(std::io::Error::other(e.to_string())))?
         };
-        let mut scores = self.config.scores;
-        if scores.history {
-            let store = self.store.clone();
-            let probe = tokio::task::spawn_blocking(move || {
-                store.last_score("", crate::score_history::Kind::News2)
-            })
-            .await
-            .map_err(|e| HubError::Io(std::io::Error::other(e)))?;
-            if let Err(crate::storage::StoreError::Unsupported(_, backend)) = probe {
-                tracing::error!(
-                    backend,
-                    "score history needs tables this storage backend does not have yet; score history is OFF"
-                );
-                scores.history = false;
-            }
-        }
+        let scores = self.config.scores;
         let state = AppState {
             config: self.config.clone(),
             store: self.store.clone(),

@@ -131,12 +131,3 @@ impl Store {
         }
     }
 }
-
-/// The product name of a storage backend (`Storage::backend`), for messages.
-pub(crate) fn backend_name(backend: &str) -> &str {
-    match backend {
-        "postgres" => "PostgreSQL",
-        "sqlite" => "SQLite",
-        other => other,
-    }
-}

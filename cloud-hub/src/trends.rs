@@ -12,9 +12,8 @@
 //! reads at most a few thousand bucket rows, never the raw readings.
 //!
 //! `GET /api/v1/patients/{id}/series?code=…&from=…&to=…&resolution=…`
-//! (clinicians: `crate::access::POLICY`; 501 on a backend without the
-//! buckets yet: PostgreSQL). See docs/scores.md "Trends". The buckets are
-//! read through `hub_storage::TrendStore`.
+//! (clinicians: `crate::access::POLICY`). See docs/scores.md "Trends". The
+//! buckets are read through `hub_storage::TrendStore`.
 
 use axum::Router;
 use axum::extract::{Path, Query, State};
@@ -147,18 +146,6 @@ async fn get_series(
         tokio::task::spawn_blocking(move || series(&store, &p, mdc, resolution, from, to)).await;
     let points = match r {
         Ok(Ok(p)) => p,
-        Ok(Err(StoreError::Unsupported(_, backend))) => {
-            return (
-                StatusCode::NOT_IMPLEMENTED,
-                axum::Json(json!({
-                    "error": format!(
-                        "trends need the SQLite store (not yet on {})",
-                        crate::store::backend_name(backend)
-                    )
-                })),
-            )
-                .into_response();
-        }
         Ok(Err(e)) => {
             tracing::error!(error = %e, "series query failed");
             return (StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response();

@@ -6,9 +6,7 @@
 //! (`association`), the score inputs (`early_warning::compute`, so the
 //! same usable/stale rules) and the alert engine's open alerts.
 //!
-//! `GET /api/v1/wards/{ward}/overview` (clinicians: `crate::access::POLICY`;
-//! 501 when the storage backend has no score tables yet, as for the
-//! scores: PostgreSQL).
+//! `GET /api/v1/wards/{ward}/overview` (clinicians: `crate::access::POLICY`).
 
 use std::sync::Arc;
 

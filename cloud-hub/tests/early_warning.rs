@@ -428,27 +428,71 @@ fn freshness_is_validated_in_config() {
     assert!(err.contains("scores.freshness_s"), "{err}");
 }
 
-/// On PostgreSQL the scores answer 501, clearly, rather than anything else.
+/// On PostgreSQL the scores, manual inputs and score history work as on
+/// SQLite (the worked example's first steps).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_is_not_supported_yet() {
+async fn scores_manual_inputs_and_history_on_postgres() {
     let server = pg_server::PgServer::start();
     let extra = format!(
         "backend = \"postgres\"\n[storage.postgres]\nurl = \"{}\"\npool_size = 2\n",
         server.url()
     );
     let hub = hub_in(tempfile::tempdir().unwrap(), true, &extra).await;
-    hub.ingest(&batch(1, DEVICE, vec![spo2(1, 97.0, now_us())]))
-        .await;
-    let (status, body) = get(
+    let t = now_us() - 2 * MINUTE;
+    hub.ingest(&batch(
+        1,
+        DEVICE,
+        vec![
+            numeric(1, codes::RESP_RATE, units::RESP_PER_MIN, 22.0, t),
+            spo2(2, 95.0, t),
+            numeric(3, codes::PRESS_BLD_NONINV_SYS, units::MMHG, 105.0, t),
+            numeric(4, codes::PRESS_BLD_NONINV_DIA, units::MMHG, 70.0, t),
+            pulse(5, 95.0, t),
+            numeric(6, codes::TEMP_BODY, units::DEGF, 101.3, t),
+        ],
+    ))
+    .await;
+    let r = scores(&hub).await;
+    assert_eq!(r["news2"], Value::Null, "{r}");
+    assert_eq!(
+        r["inputs"]["missing"],
+        json!(["supplemental_oxygen", "consciousness"])
+    );
+    // The systolic part of the blood-pressure panel is used.
+    assert_eq!(used(&r, "systolic_bp").unwrap()["value"], 105.0);
+    let (status, r) = put_manual(
         &hub,
-        &format!("/api/v1/patients/{PATIENT}/scores"),
+        PATIENT,
+        json!({"consciousness": "alert", "supplemental_oxygen": false}),
+    )
+    .await;
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["news2"]["total"], 6, "{r}");
+    assert_eq!(r["news2"]["band"], "medium");
+    assert_eq!(r["mews"]["total"], 4);
+    assert_eq!(
+        component(&r["news2"], "supplemental_oxygen")["input"]["source"],
+        "manual"
+    );
+    let (status, r) = put_manual(&hub, PATIENT, json!({"consciousness": "voice"})).await;
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["news2"]["total"], 9, "{r}");
+    // The history, oldest first: the incomplete score at ingest, then each
+    // manual change.
+    let (status, h) = get(
+        &hub,
+        &format!("/api/v1/patients/{PATIENT}/scores/history"),
         Some(ADMIN),
     )
     .await;
-    assert_eq!(status, 501, "{body}");
-    assert!(body["error"].as_str().unwrap().contains("PostgreSQL"));
-    let (status, _) = put_manual(&hub, PATIENT, json!({"consciousness": "alert"})).await;
-    assert_eq!(status, 501);
+    assert_eq!(status, 200, "{h}");
+    let totals: Vec<Value> = h["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["total"].clone())
+        .collect();
+    assert_eq!(totals, vec![Value::Null, json!(6), json!(9)], "{h}");
     hub.stop().await;
     drop(server);
 }

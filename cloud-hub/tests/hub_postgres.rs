@@ -1,6 +1,7 @@
 //! The hub served with `[storage] backend = "postgres"` against a throwaway
 //! PostgreSQL server: gateway administration, HTTPS-less loopback ingest,
-//! FHIR reads and search, all through the config file's storage section.
+//! FHIR reads and search, the gateways view, the audit log, alerts and
+//! trend series, all through the config file's storage section.
 
 use crate::common;
 use crate::pg_server;
@@ -47,15 +48,13 @@ async fn the_hub_serves_from_postgres_selected_by_config() {
     assert_eq!(status, 200);
     assert_eq!(obs["valueQuantity"]["value"], 97.0);
 
-    // Not on PostgreSQL yet, and said so: the gateways view answers 501;
-    // audited requests are served but counted as not audited (the two FHIR
-    // reads and this one).
+    // The gateways view, from PostgreSQL.
     let (status, body) = hub.get_json("/api/v1/gateways").await;
-    assert_eq!(status, 501, "{body}");
-    assert!(
-        body["error"].as_str().unwrap().contains("postgres"),
-        "{body}"
-    );
+    assert_eq!(status, 200, "{body}");
+    let gw = &body["gateways"][0];
+    assert_eq!(gw["id"], GATEWAY, "{body}");
+    assert_eq!(gw["devices"][0]["id"], DEVICE, "{body}");
+    // Every audited request was recorded, in one valid chain.
     let metrics = hub
         .client
         .get(hub.url("/metrics"))
@@ -72,7 +71,14 @@ async fn the_hub_serves_from_postgres_selected_by_config() {
         .trim()
         .parse()
         .unwrap();
-    assert!(unaudited >= 3.0, "{metrics}");
+    assert_eq!(unaudited, 0.0, "{metrics}");
+    let config = hub.config.clone();
+    let v = tokio::task::spawn_blocking(move || cloud_hub::audit_verify(&config, None))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(v.broken, None);
+    assert!(v.entries >= 4, "FHIR reads and the gateways view: {v:?}");
 
     // Nothing was written to the SQLite path.
     assert!(!hub.config.storage.sqlite_path.exists());
@@ -119,6 +125,89 @@ async fn the_hub_serves_from_postgres_selected_by_config() {
         .unwrap();
     let ok = post_until(&hub, &mut seq, 200, 503).await.is_some();
     assert!(ok, "ingest works again after PostgreSQL is back");
+    hub.stop().await;
+    drop(server);
+}
+
+/// The alert engine and the chart series on PostgreSQL: a low SpO2 held
+/// past its delay raises its alerts, which are acknowledged and kept with
+/// their transitions; the values are charted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alerts_and_trends_work_on_postgres() {
+    const S: i64 = 1_000_000;
+    let server = pg_server::PgServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let text = config_text(dir.path(), "").replace(
+        "[[associations]]",
+        &format!(
+            "backend = \"postgres\"\n[storage.postgres]\nurl = \"{}\"\npool_size = 2\n\n[[associations]]",
+            server.url()
+        ),
+    ) + "\n[alerts]\ntick_ms = 100\n";
+    let config = Config::parse(&text).unwrap();
+    config.validate().unwrap();
+    let hub = TestHub::start_config(dir, config, "http").await;
+
+    let t = now_us();
+    // SpO2 90 % (below both default limits) for 12 s: past the 10 s delay.
+    hub.ingest(&batch(1, DEVICE, vec![spo2(1, 90.0, t - 12 * S)]))
+        .await;
+    hub.ingest(&batch(2, DEVICE, vec![spo2(2, 90.0, t)])).await;
+    let (status, body) = hub.get_json("/api/v1/alerts?open=true").await;
+    assert_eq!(status, 200, "{body}");
+    let mut codes: Vec<&str> = body["alerts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["code"].as_str().unwrap())
+        .collect();
+    codes.sort();
+    assert_eq!(codes, ["spo2-low-high", "spo2-low-medium"], "{body}");
+    let high = body["alerts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["code"] == "spo2-low-high")
+        .unwrap();
+    assert_eq!(high["patient"], PATIENT);
+    let id = high["id"].as_i64().unwrap();
+    let (status, a) = call_json(
+        &hub,
+        Some(hub.reader.as_str()),
+        "POST",
+        &format!("/api/v1/alerts/{id}/acknowledge"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{a}");
+    assert_eq!(a["state"], "acknowledged");
+    let (status, a) = hub.get_json(&format!("/api/v1/alerts/{id}")).await;
+    assert_eq!(status, 200, "{a}");
+    let transitions: Vec<&str> = a["events"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{a}"))
+        .iter()
+        .map(|e| e["transition"].as_str().unwrap())
+        .collect();
+    assert_eq!(transitions, ["raised", "acknowledged"], "{a}");
+
+    // Both readings in the chart series (one-minute buckets).
+    // Whole seconds (no fraction to escape in the query).
+    let from = cloud_hub::fhir::format_instant((t / S - 60) * S);
+    let to = cloud_hub::fhir::format_instant((t / S + 60) * S);
+    let (status, series) = hub
+        .get_json(&format!(
+            "/api/v1/patients/{PATIENT}/series?code=59408-5&from={from}&to={to}&resolution=60"
+        ))
+        .await;
+    assert_eq!(status, 200, "{series}");
+    let count: i64 = series["points"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{series}"))
+        .iter()
+        .map(|p| p["count"].as_i64().unwrap())
+        .sum();
+    assert_eq!(count, 2, "{series}");
     hub.stop().await;
     drop(server);
 }

@@ -994,8 +994,35 @@ fn retention_purges_what_is_older_than_the_window(s: &Store) {
         &none,
     );
     assert_eq!(r.ack.accepted, 3);
+    use cloud_hub::score_history::{Entry, Kind, should_write};
+    let e = Entry {
+        total: Some(1),
+        band: Some("low".into()),
+        missing: vec![],
+        stale: vec![],
+        components: None,
+    };
+    for t in [T0, T0 + 10 * day] {
+        let e = Entry {
+            total: Some(t % 7),
+            ..e.clone()
+        };
+        assert_eq!(
+            s.record_scores("p-1", t, &[(Kind::News2, e)], should_write)
+                .unwrap(),
+            1
+        );
+    }
     let purged = s.purge_before(T0 + 5 * day).unwrap();
-    assert_eq!(purged.observations, 2);
+    assert_eq!((purged.observations, purged.scores), (2, 1));
+    assert_eq!(
+        s.score_history("p-1", Kind::News2, 0, i64::MAX, 10)
+            .unwrap()
+            .iter()
+            .map(|p| p.0)
+            .collect::<Vec<_>>(),
+        vec![T0 + 10 * day]
+    );
     let (n, ids) = search(s, &[]);
     assert_eq!((n, ids), (1, vec![oid("d1", 3)]));
     // Purging again removes nothing more; the batch ack is kept, so a
@@ -1074,9 +1101,6 @@ fn users_tokens_and_sessions(s: &Store) {
 }
 
 // ---- The clinical layer (`ScoreStore`, `AlertStore`, `TrendStore`) ----
-//
-// Not on PostgreSQL yet: listed under `unsupported_on_postgres` in `suite!`,
-// where the PostgreSQL run asserts `StoreError::Unsupported`.
 
 fn attributed(patient: &str, devices: &[&str]) -> Associations {
     devices
@@ -1366,6 +1390,49 @@ fn trend_series_sum_the_devices_buckets(s: &Store) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Chart buckets follow readings that change patient: a back-dated
+/// transfer takes a reading out of the first patient's buckets, and an
+/// admission puts it into the next patient's.
+fn trend_buckets_follow_reattributed_readings(s: &Store) -> Result<(), StoreError> {
+    use cloud_hub::trends::Point;
+    let none = Associations::new();
+    let counts = |patient: &str, res: i64| -> Result<Vec<(i64, i64)>, StoreError> {
+        Ok(
+            s.series(patient, codes::PULS_OXIM_SAT_O2, res, T0, T0 + 60 * MIN)?
+                .iter()
+                .map(|p: &Point| (p.start_us, p.count))
+                .collect(),
+        )
+    };
+    beds(s, &["b1", "b2"]);
+    s.place_device(G, "d1", "b1", T0, &none).unwrap();
+    s.admit(&mrn("m1"), "b1", T0, None, &none).unwrap();
+    let mut low = spo2(T0 + 40 * MIN, 2);
+    low.value = Some(reading::Value::Numeric(90.0));
+    ingest(
+        s,
+        &batch(1, vec![entry("d1", vec![spo2(T0 + MIN, 1), low])]),
+        &none,
+    );
+    assert_eq!(counts("m1", 3600)?, vec![(T0, 2)]);
+    assert_eq!(counts("m1", 60)?, vec![(T0 + MIN, 1), (T0 + 40 * MIN, 1)]);
+    // Transferred at T0 + 30 min, recorded later: reading 2 leaves m1.
+    let c = s.transfer(&mrn("m1"), "b2", T0 + 30 * MIN, &none).unwrap();
+    assert_eq!(c.reattributed, 1);
+    assert_eq!(counts("m1", 3600)?, vec![(T0, 1)]);
+    assert_eq!(counts("m1", 60)?, vec![(T0 + MIN, 1)]);
+    let p = &s.series("m1", codes::PULS_OXIM_SAT_O2, 300, T0, T0 + 60 * MIN)?[0];
+    assert_eq!((p.min, p.max), (97.0, 97.0));
+    // The next patient in b1 takes it.
+    s.admit(&mrn("m2"), "b1", T0 + 35 * MIN, None, &none)
+        .unwrap();
+    assert_eq!(counts("m2", 60)?, vec![(T0 + 40 * MIN, 1)]);
+    let p = &s.series("m2", codes::PULS_OXIM_SAT_O2, 3600, T0, T0 + 60 * MIN)?[0];
+    assert_eq!((p.count, p.min, p.mean), (1, 90.0, 90.0));
+    assert_eq!(counts("m1", 3600)?, vec![(T0, 1)]);
+    Ok(())
+}
+
 /// A session's last-seen time is refreshed (at most once a minute) and
 /// keeps it alive past its first idle limit; logout ends it.
 fn sessions_are_refreshed_and_end_on_logout(s: &Store) {
@@ -1396,7 +1463,7 @@ fn sessions_are_refreshed_and_end_on_logout(s: &Store) {
     assert_eq!(acc::list_users(s).unwrap()[0].role, Role::Biomed);
 }
 
-// ---- expected failures on PostgreSQL (`StoreError::Unsupported` there) ----
+// ---- The audit log and the gateways view ----
 
 /// The audit log appends, chains (one chain even under concurrent appends)
 /// and reads back every field.
@@ -1526,55 +1593,42 @@ fn gateways_view_sums_the_window(s: &Store) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Each case runs on both backends: `sqlite::<case>` on a temp file,
+/// `postgres::<case>` on a throwaway server. A case returns `()` or a
+/// `Result` (unwrapped).
 macro_rules! suite {
-    ($($name:ident),* $(,)?; unsupported_on_postgres: $($todo:ident),* $(,)?) => {
+    ($($name:ident),* $(,)?) => {
+        trait Outcome {
+            fn check(self);
+        }
+        impl Outcome for () {
+            fn check(self) {}
+        }
+        impl Outcome for Result<(), StoreError> {
+            fn check(self) {
+                self.unwrap()
+            }
+        }
         mod sqlite {
+            use super::Outcome;
             $(
                 #[test]
                 fn $name() {
                     let dir = tempfile::tempdir().unwrap();
                     let s = cloud_hub::Store::open(&dir.path().join("suite.sqlite")).unwrap();
-                    super::$name(&s);
-                }
-            )*
-            $(
-                #[test]
-                fn $todo() {
-                    let dir = tempfile::tempdir().unwrap();
-                    let s = cloud_hub::Store::open(&dir.path().join("suite.sqlite")).unwrap();
-                    super::$todo(&s).unwrap();
+                    super::$name(&s).check();
                 }
             )*
         }
         mod postgres {
+            use super::Outcome;
             $(
                 #[test]
                 fn $name() {
                     let server = super::pg_server::PgServer::start();
                     let s = cloud_hub::Store::open_postgres(&super::PgConfig::new(server.url()))
                         .unwrap();
-                    super::$name(&s);
-                    drop(s);
-                    drop(server);
-                }
-            )*
-            // Expected failures: PostgreSQL does not implement these yet.
-            // When it does, this fails: move the case to the list above.
-            $(
-                #[test]
-                fn $todo() {
-                    let server = super::pg_server::PgServer::start();
-                    let s = cloud_hub::Store::open_postgres(&super::PgConfig::new(server.url()))
-                        .unwrap();
-                    match super::$todo(&s) {
-                        Err(super::StoreError::Unsupported(_, "postgres")) => {}
-                        other => panic!(
-                            "expected StoreError::Unsupported on PostgreSQL, got {other:?}: \
-                             if PostgreSQL implements this now, move `{}` out of \
-                             `unsupported_on_postgres`",
-                            stringify!($todo)
-                        ),
-                    }
+                    super::$name(&s).check();
                     drop(s);
                     drop(server);
                 }
@@ -1601,12 +1655,12 @@ suite!(
     association_conflicts_are_refused_and_repeats_are_no_ops,
     retention_purges_what_is_older_than_the_window,
     users_tokens_and_sessions,
-    sessions_are_refreshed_and_end_on_logout;
-    unsupported_on_postgres:
+    sessions_are_refreshed_and_end_on_logout,
     score_inputs_are_loaded_as_stored,
     score_history_rows_follow_the_write_rule,
     alerts_are_stored_with_their_transitions,
     trend_series_sum_the_devices_buckets,
+    trend_buckets_follow_reattributed_readings,
     audit_log_appends_and_chains,
     gateways_view_sums_the_window,
 );
@@ -1636,7 +1690,10 @@ fn postgres_partitions_by_month_and_migrates_once() {
     drop(s);
     // Reopening applies nothing again and sees the same data and partitions.
     let s = Store::open_postgres(&cfg).unwrap();
-    assert_eq!(s.postgres().unwrap().migrations().unwrap(), vec![1, 2, 3]);
+    assert_eq!(
+        s.postgres().unwrap().migrations().unwrap(),
+        vec![1, 2, 3, 4]
+    );
     let r = ingest(
         &s,
         &batch(2, vec![entry("d1", vec![spo2(april, 2), spo2(april, 3)])]),
@@ -1648,7 +1705,7 @@ fn postgres_partitions_by_month_and_migrates_once() {
 
 /// Migration 3 (buffer incarnations) on a database that holds rows in
 /// monthly partitions: they take incarnation 0 and stay de-duplicated; a
-/// new incarnation's sequences are new.
+/// new incarnation's sequences are new. (Migration 4 is applied after it.)
 #[test]
 fn postgres_migration_3_keeps_existing_rows_as_incarnation_0() {
     let server = pg_server::PgServer::start();
@@ -1672,12 +1729,18 @@ fn postgres_migration_3_keeps_existing_rows_as_incarnation_0() {
              ALTER TABLE device_events DROP CONSTRAINT device_events_identity;
              ALTER TABLE device_events DROP COLUMN incarnation;
              ALTER TABLE device_events ADD UNIQUE (gateway_id, device_id, sequence);
-             DELETE FROM schema_migrations WHERE version = 3;",
+             DROP TABLE manual_inputs, score_history, alert_events, alerts,
+                 alert_rule_overrides, vital_rollups, audit_log;
+             DROP FUNCTION audit_log_append_only();
+             DELETE FROM schema_migrations WHERE version >= 3;",
         )
         .unwrap();
     drop(s);
     let s = Store::open_postgres(&cfg).unwrap();
-    assert_eq!(s.postgres().unwrap().migrations().unwrap(), vec![1, 2, 3]);
+    assert_eq!(
+        s.postgres().unwrap().migrations().unwrap(),
+        vec![1, 2, 3, 4]
+    );
     assert!(ingest(&s, &first, &none).ack.duplicate_batch);
     let r = ingest(
         &s,
@@ -1765,4 +1828,101 @@ fn postgres_two_hub_instances_store_each_batch_once() {
     assert_eq!(x + y, 320, "each reading accepted by exactly one instance");
     assert_eq!(search(&a, &[]).0, 320);
     assert_eq!(search(&b, &[]).0, 320);
+}
+
+fn audit_entry(i: i64) -> cloud_hub::audit::Entry {
+    cloud_hub::audit::Entry {
+        time_us: T0 + i,
+        actor: format!("token:hub-{}", i % 3),
+        action: "read".into(),
+        resource: "/fhir/Observation".into(),
+        patient: (i % 2 == 0).then(|| format!("p-{i}")),
+        outcome: 200,
+        detail: format!("_count={i}"),
+    }
+}
+
+/// Several hub processes (each its own store and pool) appending from
+/// several threads at once: every append gets its own seq and the chain
+/// stays one line, verified end to end.
+#[test]
+fn postgres_audit_appends_from_several_hubs_stay_one_chain() {
+    let server = pg_server::PgServer::start();
+    let cfg = PgConfig::new(server.url());
+    let hubs: Vec<Store> = (0..3)
+        .map(|_| Store::open_postgres(&cfg).unwrap())
+        .collect();
+    const PER_THREAD: i64 = 20;
+    let mut seqs: Vec<i64> = std::thread::scope(|sc| {
+        let workers: Vec<_> = hubs
+            .iter()
+            .enumerate()
+            .flat_map(|(h, s)| (0..2).map(move |t| (h as i64 * 2 + t, s)))
+            .map(|(w, s)| {
+                sc.spawn(move || {
+                    (0..PER_THREAD)
+                        .map(|i| s.append_audit(&audit_entry(w * 1000 + i)).unwrap())
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap())
+            .collect()
+    });
+    let n = 6 * PER_THREAD;
+    seqs.sort_unstable();
+    assert_eq!(seqs, (1..=n).collect::<Vec<_>>(), "one seq per append");
+    for s in &hubs {
+        let v = cloud_hub::audit::verify(s, None).unwrap();
+        assert_eq!((v.entries, v.broken), (n as u64, None));
+        assert_eq!(v.head.unwrap().0, n);
+    }
+    // Every entry stored as appended: each thread's entries, in its order.
+    let all = hubs[0].audit_entries(i64::MIN).unwrap();
+    for w in 0..6 {
+        let mine: Vec<i64> = all
+            .iter()
+            .filter(|x| x.entry.time_us >= T0 + w * 1000 && x.entry.time_us < T0 + w * 1000 + 1000)
+            .map(|x| x.entry.time_us - T0 - w * 1000)
+            .collect();
+        assert_eq!(mine, (0..PER_THREAD).collect::<Vec<_>>());
+    }
+}
+
+/// The database itself keeps the audit log append-only: UPDATE, DELETE and
+/// TRUNCATE are refused by its trigger (even of no row), whoever connects.
+#[test]
+fn postgres_audit_log_refuses_update_delete_and_truncate() {
+    let server = pg_server::PgServer::start();
+    let s = Store::open_postgres(&PgConfig::new(server.url())).unwrap();
+    for i in 0..3 {
+        s.append_audit(&audit_entry(i)).unwrap();
+    }
+    let mut client = ::postgres::Client::connect(&server.url(), ::postgres::NoTls).unwrap();
+    for sql in [
+        "UPDATE audit_log SET actor = 'someone-else' WHERE seq = 2",
+        "UPDATE audit_log SET detail = '' WHERE false",
+        "DELETE FROM audit_log WHERE seq = 3",
+        "DELETE FROM audit_log",
+        "TRUNCATE audit_log",
+    ] {
+        let err = client.batch_execute(sql).expect_err(sql);
+        let db = err.as_db_error().unwrap_or_else(|| panic!("{sql}: {err}"));
+        assert_eq!(db.code().code(), "2F003", "{sql}: {db}");
+        assert!(
+            db.message().contains("audit_log is append-only"),
+            "{sql}: {db}"
+        );
+    }
+    // Appends go on; nothing was changed.
+    client
+        .batch_execute("SELECT 1")
+        .expect("the connection is usable after the refusals");
+    assert_eq!(s.append_audit(&audit_entry(3)).unwrap(), 4);
+    let v = cloud_hub::audit::verify(&s, None).unwrap();
+    assert_eq!((v.entries, v.broken), (4, None));
+    let all = s.audit_entries(i64::MIN).unwrap();
+    assert_eq!(all[1].entry, audit_entry(1));
 }

@@ -71,9 +71,7 @@ impl IntoResponse for AlertError {
                 axum::Json(json!({ "error": self.to_string(), "field": field })),
             )
                 .into_response(),
-            AlertError::Unsupported(_) | AlertError::Disabled => {
-                error(StatusCode::SERVICE_UNAVAILABLE, &self.to_string())
-            }
+            AlertError::Disabled => error(StatusCode::SERVICE_UNAVAILABLE, &self.to_string()),
             AlertError::Store(_) => {
                 tracing::error!(error = %self, "alerts request failed");
                 error(StatusCode::INTERNAL_SERVER_ERROR, "internal error")

@@ -29,8 +29,7 @@ use rules::{Priority, RuleOverride, RuleSet};
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AlertsConfig {
-    /// Run the alert engine (default true; off on a storage backend
-    /// without alert tables yet: PostgreSQL).
+    /// Run the alert engine (default true).
     #[serde(default = "yes")]
     pub enabled: bool,
     /// An alert still unacknowledged this long after it was raised is
@@ -148,9 +147,6 @@ pub enum AlertError {
     Store(StoreError),
     #[error(transparent)]
     Ack(#[from] engine::AckError),
-    /// The storage backend has no alert tables yet (HTTP 503).
-    #[error("alerts need the SQLite store (not yet available on {})", crate::store::backend_name(.0))]
-    Unsupported(&'static str),
     #[error("invalid `{field}`: {message}")]
     Invalid { field: String, message: String },
     #[error("the alert engine is disabled (`alerts.enabled = false`)")]
@@ -159,10 +155,7 @@ pub enum AlertError {
 
 impl From<StoreError> for AlertError {
     fn from(e: StoreError) -> Self {
-        match e {
-            StoreError::Unsupported(_, backend) => AlertError::Unsupported(backend),
-            e => AlertError::Store(e),
-        }
+        AlertError::Store(e)
     }
 }
 
@@ -187,23 +180,12 @@ pub type ListFilter = crate::storage::AlertFilter;
 
 impl AlertService {
     /// Loads the open alerts and patient overrides from the store. `None`
-    /// when disabled, or when the backend has no alert tables yet
-    /// (PostgreSQL; logged).
+    /// when disabled.
     pub fn start(store: &Store, config: &AlertsConfig) -> Result<Option<Arc<Self>>, AlertError> {
         if !config.enabled {
             return Ok(None);
         }
-        let loaded = match store.load_alerts() {
-            Ok(l) => l,
-            Err(StoreError::Unsupported(_, backend)) => {
-                tracing::error!(
-                    backend,
-                    "the alert engine needs alert tables this storage backend does not have yet; alerts are OFF"
-                );
-                return Ok(None);
-            }
-            Err(e) => return Err(e.into()),
-        };
+        let loaded = store.load_alerts()?;
         let mut rules = config.rule_set().map_err(|e| AlertError::Invalid {
             field: "alerts.rule".into(),
             message: e.to_string(),

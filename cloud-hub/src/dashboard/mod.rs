@@ -17,8 +17,7 @@
 //!   gateway reported, each device's last reading and last link event).
 //!   The agent does not report its backlog in batches (only in the Azure
 //!   IoT Hub twin and on its own `/metrics`), so there is no backlog
-//!   field. The figures come from the store's `GatewayViewStore` (SQLite
-//!   only in this version: 501 on PostgreSQL).
+//!   field. The figures come from the store's `GatewayViewStore`.
 
 use std::sync::OnceLock;
 
@@ -175,11 +174,6 @@ async fn get_gateways(State(st): State<DashState>) -> Response {
         Ok(Ok(g)) => {
             axum::Json(json!({ "at": format_instant(now), "gateways": g })).into_response()
         }
-        Ok(Err(StoreError::Unsupported(what, backend))) => (
-            StatusCode::NOT_IMPLEMENTED,
-            axum::Json(json!({ "error": format!("{what} is not available on the {backend} storage backend yet") })),
-        )
-            .into_response(),
         Ok(Err(e)) if e.is_transient() => {
             tracing::warn!(error = %e, "gateways view: store unavailable");
             (

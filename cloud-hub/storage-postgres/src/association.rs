@@ -195,9 +195,9 @@ impl AssocTx for Tx<'_, '_> {
         )
     }
 
-    /// PostgreSQL keeps no data derived from a reading's patient.
-    fn reattributed(&mut self, _: &str, _: &str, _: i64, _: i64) -> Result<(), DbError> {
-        Ok(())
+    /// Chart buckets follow the rows to their new patient.
+    fn reattributed(&mut self, g: &str, d: &str, lo: i64, hi: i64) -> Result<(), DbError> {
+        block_on(crate::trends::rebuild_device(self.0, g, d, lo, hi))
     }
 }
 

@@ -43,17 +43,17 @@ impl From<DbError> for StoreError {
 /// (SQLSTATE classes 08 and 57), may succeed later; anything else is a
 /// database error.
 pub fn postgres_error(e: tokio_postgres::Error) -> StoreError {
-    let transient = match e.as_db_error() {
-        None => true,
-        Some(db) => {
-            let code = db.code().code();
-            code.starts_with("08") || code.starts_with("57")
-        }
+    let Some(db) = e.as_db_error() else {
+        return StoreError::Unavailable(e.to_string());
     };
-    if transient {
-        StoreError::Unavailable(e.to_string())
+    // The server's own words (severity, message, detail, hint) and the
+    // SQLSTATE: the driver's `Display` says only "db error".
+    let code = db.code().code();
+    let message = format!("{db} (SQLSTATE {code})");
+    if code.starts_with("08") || code.starts_with("57") {
+        StoreError::Unavailable(message)
     } else {
-        StoreError::Database(e.to_string())
+        StoreError::Database(message)
     }
 }
 

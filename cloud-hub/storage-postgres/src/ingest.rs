@@ -398,9 +398,9 @@ impl PgStore {
                 .await?;
             }
         }
-        // Chart buckets are kept by the SQLite store only for now (trends
-        // answer 501 on PostgreSQL): `outcome.rollup` is not stored here.
-        let outcome = ingest::outcome(gateway_id, plan, &row_new, &event_new);
+        let mut outcome = ingest::outcome(gateway_id, plan, &row_new, &event_new);
+        // The chart buckets of the new usable values, in this transaction.
+        crate::trends::write(&tx, std::mem::take(&mut outcome.rollup)).await?;
         tx.execute(
             "INSERT INTO batches (gateway_id, sequence, received_us, created_us, agent_version, ack,
                  incarnation)

@@ -24,16 +24,21 @@
 //! transaction advisory lock that ingest takes shared: a change and an
 //! ingest never interleave, so a reading is attributed either at ingest or
 //! by the change's re-attribution (the SQLite store gets the same from its
-//! single connection).
+//! single connection). Audit appends are serialized by their own
+//! transaction advisory lock (one hash chain whatever the number of hubs),
+//! and a patient's score-history writes by a lock on the patient (the
+//! write rule sees the last row any hub wrote).
 
 mod access;
+mod alerts;
 mod association;
 mod audit;
-mod clinical;
 mod error;
 mod gateway_view;
 mod ingest;
 pub mod schema;
+mod scores;
+mod trends;
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -441,34 +446,31 @@ impl PgStore {
         Ok(())
     }
 
-    /// Retention: deletes observations, device events and rejected
-    /// readings older than `cutoff_us` (see `crate::retention`).
+    /// Retention: deletes observations, device events, rejected readings
+    /// and score history older than `cutoff_us` (see `crate::retention`),
+    /// each statement on its own (as SQLite's chunks, no long transaction).
     async fn db_purge_before(&self, cutoff_us: i64) -> Result<Purged, DbError> {
         let c = self.conn().await?;
-        let observations = c
-            .execute(
-                "DELETE FROM observations WHERE effective_us < $1",
-                &[&cutoff_us],
-            )
-            .await?;
-        let device_events = c
-            .execute(
-                "DELETE FROM device_events WHERE time_us < $1",
-                &[&cutoff_us],
-            )
-            .await?;
-        let rejected = c
-            .execute(
-                "DELETE FROM rejected_readings WHERE received_us < $1",
-                &[&cutoff_us],
-            )
-            .await?;
+        let mut counts = [0u64; 4];
+        for (n, (table, column)) in counts.iter_mut().zip([
+            ("observations", "effective_us"),
+            ("device_events", "time_us"),
+            ("rejected_readings", "received_us"),
+            ("score_history", "time_us"),
+        ]) {
+            *n = c
+                .execute(
+                    &format!("DELETE FROM {table} WHERE {column} < $1"),
+                    &[&cutoff_us],
+                )
+                .await?;
+        }
+        let [observations, device_events, rejected, scores] = counts;
         Ok(hub_storage::Purged {
             observations,
             device_events,
             rejected,
-            // No score history on PostgreSQL (SQLite-only feature).
-            scores: 0,
+            scores,
         })
     }
 

@@ -209,7 +209,125 @@ ALTER TABLE device_events ADD CONSTRAINT device_events_identity
     UNIQUE (gateway_id, device_id, incarnation, sequence);
 "#;
 
-pub(crate) const MIGRATIONS: &[(i64, &str)] = &[(1, V1), (2, PG_V2), (3, PG_V3)];
+/// PostgreSQL migration 4: the clinical layer and the audit log (SQLite's
+/// v8–v11 and v13, same semantics, PostgreSQL types).
+///
+/// - `manual_inputs`, `score_history`, `alerts`, `alert_events` and
+///   `alert_rule_overrides` are keyed by patient or alert, not written by
+///   ingest (reference tables under Citus). `id` sequences order rows that
+///   share a time, as SQLite's rowids do.
+/// - `vital_rollups` (chart buckets) is written by ingest in the batch's
+///   transaction, so its key includes `gateway_id` (co-located with the
+///   gateway's observations); the key's order serves a device's rebuild
+///   after re-attribution, `vital_rollups_series` a patient's chart.
+/// - `audit_log` is append-only by the database itself: a statement
+///   trigger refuses every UPDATE, DELETE and TRUNCATE (even of no row)
+///   with SQLSTATE 2F003 and the message "audit_log is append-only". Appends
+///   are serialized by a transaction advisory lock (see `audit.rs`), and
+///   `seq` is the primary key, so the hash chain cannot fork.
+pub const PG_V4: &str = r#"
+CREATE TABLE manual_inputs (
+    id            bigserial PRIMARY KEY,
+    patient_id    text NOT NULL,
+    kind          text NOT NULL,
+    value         text NOT NULL,
+    effective_us  bigint NOT NULL,
+    recorded_us   bigint NOT NULL
+);
+CREATE INDEX manual_inputs_patient ON manual_inputs (patient_id, kind, effective_us);
+
+CREATE TABLE score_history (
+    id          bigserial PRIMARY KEY,
+    patient_id  text NOT NULL,
+    kind        text NOT NULL,
+    time_us     bigint NOT NULL,
+    total       bigint,
+    band        text,
+    missing     text[] NOT NULL,
+    stale       text[] NOT NULL,
+    components  jsonb
+);
+CREATE INDEX score_history_patient ON score_history (patient_id, kind, time_us);
+CREATE INDEX score_history_time ON score_history (time_us);
+
+CREATE TABLE alerts (
+    id                  bigint PRIMARY KEY,
+    kind                text NOT NULL,
+    code                text NOT NULL,
+    priority            text NOT NULL,
+    state               text NOT NULL,
+    message             text NOT NULL,
+    patient_id          text,
+    gateway_id          text,
+    device_id           text,
+    value               double precision,
+    unit                text,
+    condition_since_us  bigint NOT NULL,
+    raised_us           bigint NOT NULL,
+    acknowledged_us     bigint,
+    acknowledged_by     text,
+    escalated_us        bigint,
+    resolved_us         bigint
+);
+CREATE INDEX alerts_open ON alerts (state) WHERE state <> 'resolved';
+CREATE INDEX alerts_patient ON alerts (patient_id, raised_us);
+CREATE TABLE alert_events (
+    id          bigserial PRIMARY KEY,
+    alert_id    bigint NOT NULL REFERENCES alerts (id),
+    time_us     bigint NOT NULL,
+    transition  text NOT NULL,
+    actor       text
+);
+CREATE INDEX alert_events_alert ON alert_events (alert_id, id);
+CREATE TABLE alert_rule_overrides (
+    patient_id  text NOT NULL,
+    rule_id     text NOT NULL,
+    body        text NOT NULL,
+    updated_us  bigint NOT NULL,
+    updated_by  text,
+    PRIMARY KEY (patient_id, rule_id)
+);
+
+CREATE TABLE vital_rollups (
+    patient_id    text NOT NULL,
+    mdc_code      bigint NOT NULL,
+    resolution_s  bigint NOT NULL,
+    bucket_us     bigint NOT NULL,
+    gateway_id    text NOT NULL,
+    device_id     text NOT NULL,
+    n             bigint NOT NULL,
+    sum           double precision NOT NULL,
+    min           double precision NOT NULL,
+    max           double precision NOT NULL,
+    PRIMARY KEY (gateway_id, device_id, bucket_us, resolution_s, mdc_code, patient_id)
+);
+CREATE INDEX vital_rollups_series ON vital_rollups (patient_id, mdc_code, resolution_s, bucket_us);
+
+CREATE TABLE audit_log (
+    seq         bigint PRIMARY KEY,
+    time_us     bigint NOT NULL,
+    actor       text NOT NULL,
+    action      text NOT NULL,
+    resource    text NOT NULL,
+    patient_id  text,
+    outcome     integer NOT NULL,
+    detail      text NOT NULL,
+    prev_hash   text NOT NULL,
+    hash        text NOT NULL
+);
+CREATE FUNCTION audit_log_append_only() RETURNS trigger LANGUAGE plpgsql AS $fn$
+BEGIN
+    RAISE EXCEPTION 'audit_log is append-only: % refused', TG_OP
+        USING ERRCODE = '2F003',
+              HINT = 'audit entries are hash-chained and never changed; append a new entry instead';
+END
+$fn$;
+CREATE TRIGGER audit_log_append_only
+    BEFORE UPDATE OR DELETE OR TRUNCATE ON audit_log
+    FOR EACH STATEMENT EXECUTE FUNCTION audit_log_append_only();
+"#;
+
+pub(crate) const MIGRATIONS: &[(i64, &str)] = &[(1, V1), (2, PG_V2), (3, PG_V3), (4, PG_V4)];
 
 /// Observation partitions are UTC months: `[start, end)` in µs of the
 /// month holding `t_us`, and the partition's name.

@@ -32,9 +32,6 @@ pub enum StoreError {
     /// above 2^63-1): refused as a whole, nothing stored (HTTP 400).
     #[error(transparent)]
     BatchRefused(#[from] hub_domain::ingest::BatchRefused),
-    /// This backend does not offer the operation (yet); never a silent no-op.
-    #[error("{0} is not available on the {1} storage backend")]
-    Unsupported(&'static str, &'static str),
 }
 
 impl StoreError {

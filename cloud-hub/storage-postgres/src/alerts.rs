@@ -1,0 +1,245 @@
+//! Alerts, their transitions and patient rule overrides on PostgreSQL
+//! (migration 4: `alerts`, `alert_events`, `alert_rule_overrides`), with
+//! the SQLite store's semantics. The engine (`hub_domain::alerts`) decides;
+//! this module persists and loads.
+
+use futures_util::future::try_join_all;
+use hub_domain::alerts::decode_stored;
+use hub_domain::alerts::engine::{Alert, Change};
+use hub_storage::{
+    AlertFilter, AlertStore, AlertsLoaded, StoreError, StoredOverride, Transitioned,
+};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{IsolationLevel, Row};
+
+use crate::{DbError, PgStore};
+
+const ALERT_COLUMNS: &str = "id, kind, code, priority, state, message, patient_id, gateway_id,
+    device_id, value, unit, condition_since_us, raised_us, acknowledged_us, acknowledged_by,
+    escalated_us, resolved_us";
+
+fn alert_row(r: &Row) -> Alert {
+    let (kind, priority, state) = decode_stored(r.get(1), r.get(3), r.get(4));
+    Alert {
+        id: r.get(0),
+        kind,
+        code: r.get(2),
+        priority,
+        state,
+        message: r.get(5),
+        patient: r.get(6),
+        gateway_id: r.get(7),
+        device_id: r.get(8),
+        value: r.get(9),
+        unit: r.get(10),
+        condition_since_us: r.get(11),
+        raised_us: r.get(12),
+        acknowledged_us: r.get(13),
+        acknowledged_by: r.get(14),
+        escalated_us: r.get(15),
+        resolved_us: r.get(16),
+    }
+}
+
+impl PgStore {
+    /// The open alerts, the next id and the overrides, from one snapshot.
+    async fn db_load_alerts(&self) -> Result<AlertsLoaded, DbError> {
+        let mut c = self.conn().await?;
+        let tx = c
+            .build_transaction()
+            .isolation_level(IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await?;
+        let open_sql = format!("SELECT {ALERT_COLUMNS} FROM alerts WHERE state <> 'resolved'");
+        let (open, next, overrides) = futures_util::try_join!(
+            tx.query(open_sql.as_str(), &[]),
+            tx.query_one("SELECT COALESCE(MAX(id), 0) + 1 FROM alerts", &[]),
+            tx.query(
+                "SELECT patient_id, rule_id, body FROM alert_rule_overrides
+                  ORDER BY patient_id, rule_id",
+                &[],
+            ),
+        )?;
+        tx.commit().await?;
+        Ok(AlertsLoaded {
+            open: open.iter().map(alert_row).collect(),
+            next_id: next.get(0),
+            overrides: overrides
+                .iter()
+                .map(|r| StoredOverride {
+                    patient: r.get(0),
+                    rule_id: r.get(1),
+                    body: r.get(2),
+                })
+                .collect(),
+        })
+    }
+
+    /// Each change's alert inserted or replaced by id, and its transition,
+    /// in one transaction. The upserts are pipelined (an alert changed twice
+    /// in one commit is written once, in its last state); the transitions
+    /// follow in one statement whose ids keep the changes' order.
+    async fn db_commit_alerts(&self, changes: &[Change], now_us: i64) -> Result<(), DbError> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let mut c = self.conn().await?;
+        let tx = c.transaction().await?;
+        let upsert = tx
+            .prepare(&format!(
+                "INSERT INTO alerts ({ALERT_COLUMNS})
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
+                 ON CONFLICT (id) DO UPDATE SET kind = excluded.kind, code = excluded.code,
+                     priority = excluded.priority, state = excluded.state,
+                     message = excluded.message, patient_id = excluded.patient_id,
+                     gateway_id = excluded.gateway_id, device_id = excluded.device_id,
+                     value = excluded.value, unit = excluded.unit,
+                     condition_since_us = excluded.condition_since_us,
+                     raised_us = excluded.raised_us, acknowledged_us = excluded.acknowledged_us,
+                     acknowledged_by = excluded.acknowledged_by,
+                     escalated_us = excluded.escalated_us, resolved_us = excluded.resolved_us"
+            ))
+            .await?;
+        let last: Vec<&Alert> = changes
+            .iter()
+            .enumerate()
+            .filter(|(i, ch)| !changes[i + 1..].iter().any(|l| l.alert.id == ch.alert.id))
+            .map(|(_, ch)| &ch.alert)
+            .collect();
+        let (t, upsert) = (&*tx, &upsert);
+        try_join_all(last.into_iter().map(|a| async move {
+            let (kind, priority, state) = (a.kind.as_str(), a.priority.as_str(), a.state.as_str());
+            t.execute(
+                upsert,
+                &[
+                    &a.id,
+                    &kind,
+                    &a.code,
+                    &priority,
+                    &state,
+                    &a.message,
+                    &a.patient,
+                    &a.gateway_id,
+                    &a.device_id,
+                    &a.value,
+                    &a.unit,
+                    &a.condition_since_us,
+                    &a.raised_us,
+                    &a.acknowledged_us,
+                    &a.acknowledged_by,
+                    &a.escalated_us,
+                    &a.resolved_us,
+                ],
+            )
+            .await
+        }))
+        .await?;
+        let ids: Vec<i64> = changes.iter().map(|ch| ch.alert.id).collect();
+        let transitions: Vec<&str> = changes.iter().map(|ch| ch.transition.as_str()).collect();
+        let actors: Vec<Option<&str>> = changes.iter().map(|ch| ch.actor.as_deref()).collect();
+        tx.execute(
+            "INSERT INTO alert_events (alert_id, time_us, transition, actor)
+             SELECT a, $4, t, w FROM unnest($1::bigint[], $2::text[], $3::text[])
+                 WITH ORDINALITY AS e (a, t, w, n)
+              ORDER BY n",
+            &[&ids, &transitions, &actors, &now_us],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn db_list_alerts(&self, f: &AlertFilter) -> Result<Vec<Alert>, DbError> {
+        let mut sql = format!("SELECT {ALERT_COLUMNS} FROM alerts WHERE true");
+        let limit = i64::from(f.limit);
+        let mut args: Vec<&(dyn ToSql + Sync)> = vec![&limit];
+        if f.open {
+            sql.push_str(" AND state <> 'resolved'");
+        }
+        if let Some(p) = &f.patient {
+            args.push(p);
+            sql.push_str(" AND patient_id = $2");
+        }
+        sql.push_str(" ORDER BY id DESC LIMIT $1");
+        let c = self.conn().await?;
+        Ok(c.query(&sql, &args).await?.iter().map(alert_row).collect())
+    }
+
+    async fn db_alert(&self, id: i64) -> Result<Option<(Alert, Vec<Transitioned>)>, DbError> {
+        let c = self.conn().await?;
+        let alert_sql = format!("SELECT {ALERT_COLUMNS} FROM alerts WHERE id = $1");
+        let (alert, events) = futures_util::try_join!(
+            async { c.query_opt(alert_sql.as_str(), &[&id]).await },
+            async {
+                c.query(
+                    "SELECT time_us, transition, actor FROM alert_events WHERE alert_id = $1
+                      ORDER BY id",
+                    &[&id],
+                )
+                .await
+            },
+        )?;
+        Ok(alert.map(|a| {
+            (
+                alert_row(&a),
+                events
+                    .iter()
+                    .map(|r| (r.get(0), r.get(1), r.get(2)))
+                    .collect(),
+            )
+        }))
+    }
+
+    async fn db_set_alert_overrides(
+        &self,
+        patient: &str,
+        overrides: &[(String, String)],
+        actor: &str,
+        now_us: i64,
+    ) -> Result<(), DbError> {
+        let mut c = self.conn().await?;
+        let tx = c.transaction().await?;
+        tx.execute(
+            "DELETE FROM alert_rule_overrides WHERE patient_id = $1",
+            &[&patient],
+        )
+        .await?;
+        if !overrides.is_empty() {
+            let rules: Vec<&str> = overrides.iter().map(|(r, _)| r.as_str()).collect();
+            let bodies: Vec<&str> = overrides.iter().map(|(_, b)| b.as_str()).collect();
+            tx.execute(
+                "INSERT INTO alert_rule_overrides (patient_id, rule_id, body, updated_us, updated_by)
+                 SELECT $1, r, b, $4, $5 FROM unnest($2::text[], $3::text[]) AS o (r, b)",
+                &[&patient, &rules, &bodies, &now_us, &actor],
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+impl AlertStore for PgStore {
+    fn load_alerts(&self) -> Result<AlertsLoaded, StoreError> {
+        self.run(self.db_load_alerts())
+    }
+    fn commit_alerts(&self, changes: &[Change], now_us: i64) -> Result<(), StoreError> {
+        self.run(self.db_commit_alerts(changes, now_us))
+    }
+    fn list_alerts(&self, filter: &AlertFilter) -> Result<Vec<Alert>, StoreError> {
+        self.run(self.db_list_alerts(filter))
+    }
+    fn alert(&self, id: i64) -> Result<Option<(Alert, Vec<Transitioned>)>, StoreError> {
+        self.run(self.db_alert(id))
+    }
+    fn set_alert_overrides(
+        &self,
+        patient: &str,
+        overrides: &[(String, String)],
+        actor: &str,
+        now_us: i64,
+    ) -> Result<(), StoreError> {
+        self.run(self.db_set_alert_overrides(patient, overrides, actor, now_us))
+    }
+}
