@@ -1,5 +1,7 @@
 //! Hub configuration: a TOML file (see `hub.example.toml`), typed with serde,
 //! plus environment overrides and validation that names the offending field.
+//! Each section's type lives with the piece that uses it (the transport
+//! layer's modules, `store.rs` for `[storage]`); [`Config`] composes them.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -12,12 +14,19 @@ pub const ENV_BIND: &str = "VIGIL_HUB_BIND";
 /// Environment variable overriding `storage.sqlite_path`.
 pub const ENV_SQLITE_PATH: &str = "VIGIL_HUB_SQLITE_PATH";
 
-/// Default limit for an ingest body (4 MiB).
-pub const DEFAULT_MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
-
 pub use crate::store::{StorageBackend, StorageConfig};
 
-pub use crate::config_error::ConfigError;
+// Each transport piece owns its section; this file composes them.
+pub use hub_transport::ConfigError;
+pub use hub_transport::access::AuthConfig;
+pub use hub_transport::association::Association;
+pub use hub_transport::fhir_api::FhirConfig;
+pub use hub_transport::ingest_api::IngestConfig;
+pub use hub_transport::mqtt_ingest::{
+    DEFAULT_MQTT_GROUP, DEFAULT_MQTT_PORT, DEFAULT_MQTT_SESSION_EXPIRY_S,
+    DEFAULT_MQTT_TOPIC_FILTER, MqttConfig, MqttTlsConfig,
+};
+pub use hub_transport::server::{ClientAuth, DEFAULT_MAX_BODY_BYTES, ServerConfig, TlsConfig};
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize)]
@@ -29,10 +38,10 @@ pub struct Config {
     pub fhir: FhirConfig,
     /// `[association]`: the bed/placement/stay API (see `association_api`).
     #[serde(default)]
-    pub association: crate::association_api::AssociationConfig,
+    pub association: hub_transport::association_api::AssociationConfig,
     /// `[adt]`: HL7 v2 ADT listener over MLLP (off when absent).
     #[serde(default)]
-    pub adt: Option<crate::adt_listener::AdtConfig>,
+    pub adt: Option<hub_transport::adt_listener::AdtConfig>,
     /// Static device → patient mapping: the fallback after a reading's own
     /// subject and the bed stays (see `association`).
     #[serde(default)]
@@ -45,337 +54,17 @@ pub struct Config {
     pub mqtt: Option<MqttConfig>,
     /// `[scores]`: early-warning scores from stored data (see `early_warning`).
     #[serde(default)]
-    pub scores: crate::early_warning::ScoresConfig,
+    pub scores: hub_transport::early_warning::ScoresConfig,
     /// `[alerts]`: the alert engine (see `alerts`).
     #[serde(default)]
-    pub alerts: crate::alerts::AlertsConfig,
+    pub alerts: hub_transport::alerts::AlertsConfig,
     /// `[auth]`: sessions and OIDC (see `access`, docs/access.md).
     #[serde(default)]
     pub auth: AuthConfig,
 }
 
-/// `[auth]`: how people and scripts authenticate (users and API tokens are
-/// created with `cloud-hub user` / `cloud-hub token`).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AuthConfig {
-    /// A browser session ends after this many minutes without a request.
-    #[serde(default = "default_session_idle_minutes")]
-    pub session_idle_minutes: u32,
-    /// ... and after this many hours in any case.
-    #[serde(default = "default_session_max_hours")]
-    pub session_max_hours: u32,
-    /// Mark the session cookie `Secure` (default: when the hub serves TLS
-    /// itself; set `true` behind a TLS-terminating ingress).
-    #[serde(default)]
-    pub cookie_secure: Option<bool>,
-    /// `[auth.oidc]`: accept access tokens of an OpenID provider (Entra ID).
-    #[serde(default)]
-    pub oidc: Option<crate::access::oidc::OidcConfig>,
-}
-
-fn default_session_idle_minutes() -> u32 {
-    30
-}
-
-fn default_session_max_hours() -> u32 {
-    12
-}
-
-impl Default for AuthConfig {
-    fn default() -> Self {
-        AuthConfig {
-            session_idle_minutes: default_session_idle_minutes(),
-            session_max_hours: default_session_max_hours(),
-            cookie_secure: None,
-            oidc: None,
-        }
-    }
-}
-
-impl AuthConfig {
-    fn validate(&self) -> Result<(), ConfigError> {
-        if !(1..=1440).contains(&self.session_idle_minutes) {
-            return Err(ConfigError::invalid(
-                "auth.session_idle_minutes",
-                "must be between 1 and 1440",
-            ));
-        }
-        if !(1..=168).contains(&self.session_max_hours) {
-            return Err(ConfigError::invalid(
-                "auth.session_max_hours",
-                "must be between 1 and 168",
-            ));
-        }
-        if let Some(o) = &self.oidc {
-            o.validate()
-                .map_err(|(field, message)| ConfigError::invalid(field, message))?;
-        }
-        Ok(())
-    }
-}
-
-/// `[server]`
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ServerConfig {
-    /// Address to listen on, e.g. `127.0.0.1:8080`.
-    pub bind: String,
-    /// Ingest bodies larger than this get 413.
-    #[serde(default = "default_max_body_bytes")]
-    pub max_body_bytes: usize,
-    /// Allow plaintext HTTP on a non-loopback address (e.g. behind a
-    /// TLS-terminating ingress).
-    #[serde(default)]
-    pub allow_plaintext: bool,
-    /// `[server.tls]`: serve HTTPS.
-    pub tls: Option<TlsConfig>,
-}
-
-fn default_max_body_bytes() -> usize {
-    DEFAULT_MAX_BODY_BYTES
-}
-
-/// `[server.tls]`
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsConfig {
-    /// PEM certificate chain.
-    pub cert_file: PathBuf,
-    /// PEM private key; must not be group/world readable.
-    pub key_file: PathBuf,
-    /// PEM CA bundle for client certificates (mutual TLS): clients that
-    /// present a certificate must present one issued by these CAs.
-    pub client_ca_file: Option<PathBuf>,
-    /// With `client_ca_file`: `required` (default; connections without a
-    /// valid client certificate are refused in the TLS handshake) or
-    /// `optional` (clients may connect without one).
-    pub client_auth: Option<ClientAuth>,
-}
-
-/// `server.tls.client_auth`
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ClientAuth {
-    Optional,
-    Required,
-}
-
-/// `[fhir]`
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FhirConfig {
-    /// Public base URL of the FHIR API (e.g. `https://hub.example.org/fhir`),
-    /// used for `fullUrl` and paging links. Derived from the request's
-    /// `Host` header when absent.
-    pub base_url: Option<String>,
-}
-
-/// `[[associations]]`: a device of a gateway is attached to a patient.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct Association {
-    pub gateway_id: String,
-    pub device_id: String,
-    /// FHIR Patient logical id.
-    pub patient_id: String,
-}
-
-/// `[ingest]`
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct IngestConfig {
-    /// Batches per second each authenticated gateway may post to
-    /// `POST /api/v1/ingest` (a token bucket per gateway, in memory, per hub
-    /// instance). Over the limit the hub answers 429 with `Retry-After`.
-    /// Absent: no limit.
-    pub rate_limit_batches_per_s: Option<f64>,
-    /// Bucket size: how many batches a gateway may post at once after a
-    /// quiet period. Default: the rate rounded up (at least 1).
-    pub burst: Option<u32>,
-}
-
-impl IngestConfig {
-    /// The effective (rate per second, burst) when rate limiting is on.
-    pub fn rate_limit(&self) -> Option<(f64, u32)> {
-        self.rate_limit_batches_per_s.map(|rate| {
-            let burst = self
-                .burst
-                .unwrap_or_else(|| rate.ceil().clamp(1.0, 1e9) as u32);
-            (rate, burst)
-        })
-    }
-}
-
-/// Default MQTT port with TLS.
-pub const DEFAULT_MQTT_PORT: u16 = 8883;
-/// Default shared-subscription group.
-pub const DEFAULT_MQTT_GROUP: &str = "vigil-hub";
-/// Default topic filter: every device's events (IoT Hub / agent layout).
-pub const DEFAULT_MQTT_TOPIC_FILTER: &str = "devices/+/messages/events/#";
-/// Default MQTT session expiry: 7 days.
-pub const DEFAULT_MQTT_SESSION_EXPIRY_S: u32 = 7 * 24 * 3600;
 /// Environment variable overriding `mqtt.client_id` (one per hub instance).
 pub const ENV_MQTT_CLIENT_ID: &str = "VIGIL_HUB_MQTT_CLIENT_ID";
-
-/// `[mqtt]`: consume agent batches from an MQTT 5 broker with a shared
-/// subscription (`$share/{group}/{topic_filter}`).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MqttConfig {
-    /// Broker host name or IP address.
-    pub host: String,
-    #[serde(default = "default_mqtt_port")]
-    pub port: u16,
-    /// MQTT client id of this hub instance: stable across restarts (the
-    /// broker keeps the instance's session and queue under it) and unique
-    /// among the instances. Env `VIGIL_HUB_MQTT_CLIENT_ID` overrides.
-    pub client_id: String,
-    /// Shared-subscription group; the broker spreads messages across the
-    /// instances subscribed with the same group.
-    #[serde(default = "default_mqtt_group")]
-    pub group: String,
-    /// Topic filter, without the `$share/{group}/` prefix.
-    #[serde(default = "default_mqtt_topic_filter")]
-    pub topic_filter: String,
-    /// User name for the broker (with `password_file`).
-    pub username: Option<String>,
-    /// File (mode 0600) holding the broker password.
-    pub password_file: Option<PathBuf>,
-    /// How long the broker keeps this instance's session (subscription and
-    /// queued messages) while it is disconnected.
-    #[serde(default = "default_mqtt_session_expiry_s")]
-    pub session_expiry_s: u32,
-    /// `[mqtt.tls]`: TLS to the broker; required unless the broker is on
-    /// loopback.
-    pub tls: Option<MqttTlsConfig>,
-}
-
-fn default_mqtt_port() -> u16 {
-    DEFAULT_MQTT_PORT
-}
-fn default_mqtt_group() -> String {
-    DEFAULT_MQTT_GROUP.into()
-}
-fn default_mqtt_topic_filter() -> String {
-    DEFAULT_MQTT_TOPIC_FILTER.into()
-}
-fn default_mqtt_session_expiry_s() -> u32 {
-    DEFAULT_MQTT_SESSION_EXPIRY_S
-}
-
-/// `[mqtt.tls]`
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MqttTlsConfig {
-    /// PEM CA certificate(s) to verify the broker; default: the public
-    /// web PKI roots.
-    pub ca_file: Option<PathBuf>,
-    /// PEM client certificate (chain), with `key_file`.
-    pub cert_file: Option<PathBuf>,
-    /// PEM private key of `cert_file` (mode 0600).
-    pub key_file: Option<PathBuf>,
-}
-
-fn is_loopback_host(host: &str) -> bool {
-    host.eq_ignore_ascii_case("localhost")
-        || host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
-}
-
-fn validate_ingest(i: &IngestConfig) -> Result<(), ConfigError> {
-    if let Some(rate) = i.rate_limit_batches_per_s
-        && !(rate.is_finite() && rate > 0.0)
-    {
-        return Err(ConfigError::invalid(
-            "ingest.rate_limit_batches_per_s",
-            "must be a number greater than 0",
-        ));
-    }
-    if i.burst == Some(0) {
-        return Err(ConfigError::invalid("ingest.burst", "must be at least 1"));
-    }
-    if i.burst.is_some() && i.rate_limit_batches_per_s.is_none() {
-        return Err(ConfigError::invalid(
-            "ingest.burst",
-            "needs ingest.rate_limit_batches_per_s",
-        ));
-    }
-    Ok(())
-}
-
-fn validate_mqtt(m: &MqttConfig) -> Result<(), ConfigError> {
-    if m.host.is_empty() {
-        return Err(ConfigError::invalid("mqtt.host", "must not be empty"));
-    }
-    if m.port == 0 {
-        return Err(ConfigError::invalid("mqtt.port", "must not be 0"));
-    }
-    if m.client_id.is_empty() || m.client_id.len() > 128 {
-        return Err(ConfigError::invalid(
-            "mqtt.client_id",
-            "must be 1-128 characters, stable and unique per hub instance",
-        ));
-    }
-    if m.group.is_empty() || m.group.contains(['/', '+', '#']) {
-        return Err(ConfigError::invalid(
-            "mqtt.group",
-            "must be non-empty without '/', '+' or '#'",
-        ));
-    }
-    let f = &m.topic_filter;
-    let levels_ok = f.split('/').enumerate().all(|(i, level)| {
-        let last = i + 1 == f.split('/').count();
-        (level == "#" && last) || level == "+" || !level.contains(['+', '#'])
-    });
-    if f.is_empty() || f.starts_with('$') || !levels_ok {
-        return Err(ConfigError::invalid(
-            "mqtt.topic_filter",
-            "must be an MQTT topic filter (without the $share/ prefix), e.g. devices/+/messages/events/#",
-        ));
-    }
-    match (&m.username, &m.password_file) {
-        (Some(u), Some(_)) if u.is_empty() => {
-            return Err(ConfigError::invalid("mqtt.username", "must not be empty"));
-        }
-        (Some(_), None) => {
-            return Err(ConfigError::invalid(
-                "mqtt.password_file",
-                "is required with mqtt.username",
-            ));
-        }
-        (None, Some(_)) => {
-            return Err(ConfigError::invalid(
-                "mqtt.username",
-                "is required with mqtt.password_file",
-            ));
-        }
-        _ => {}
-    }
-    if m.session_expiry_s == 0 {
-        return Err(ConfigError::invalid(
-            "mqtt.session_expiry_s",
-            "must be greater than 0 (0 would drop this instance's queue on every disconnect)",
-        ));
-    }
-    match &m.tls {
-        None if !is_loopback_host(&m.host) => Err(ConfigError::invalid(
-            "mqtt.tls",
-            format!(
-                "broker `{}` is not on loopback: configure [mqtt.tls]",
-                m.host
-            ),
-        )),
-        Some(t) if t.cert_file.is_some() != t.key_file.is_some() => Err(ConfigError::invalid(
-            "mqtt.tls.key_file",
-            "cert_file and key_file go together",
-        )),
-        _ => Ok(()),
-    }
-}
 
 impl Config {
     /// Reads `path`, applies the environment overrides (`VIGIL_HUB_BIND`,
@@ -552,9 +241,9 @@ impl Config {
                 "must be an absolute http:// or https:// URL",
             ));
         }
-        validate_ingest(&self.ingest)?;
+        self.ingest.validate()?;
         if let Some(m) = &self.mqtt {
-            validate_mqtt(m)?;
+            m.validate()?;
         }
         if let Some(adt) = &self.adt {
             adt.validate()?;
@@ -595,10 +284,7 @@ impl Config {
 
     /// The base URL with any trailing slash removed.
     pub fn fhir_base_url(&self) -> Option<String> {
-        self.fhir
-            .base_url
-            .as_ref()
-            .map(|u| u.trim_end_matches('/').to_owned())
+        self.fhir.base_url()
     }
 }
 

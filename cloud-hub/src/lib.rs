@@ -1,6 +1,14 @@
 //! Vigil cloud hub: authenticates gateways, ingests protobuf batches from
-//! edge agents, normalizes readings to FHIR R4 Observations stored in SQLite,
-//! and serves a read/search FHIR API.
+//! edge agents, normalizes readings to FHIR R4 Observations stored in SQLite
+//! or PostgreSQL, and serves a read/search FHIR API.
+//!
+//! This crate is the hub's composition root: it loads the configuration,
+//! opens the storage backend it names (`vigil-hub-sqlite` or
+//! `vigil-hub-postgres`), builds the transport layer's state
+//! (`vigil-hub-transport`, which names no backend), registers the
+//! after-ingest consumers, starts the listeners and owns the one
+//! cancellation token that stops them; plus the administrative commands of
+//! the CLI and the thin binary (`main.rs`).
 //!
 //! Entry points:
 //! - [`run`]: serve on an already bound listener until `shutdown` resolves.
@@ -9,40 +17,25 @@
 //! - [`gateway_add`], [`gateway_list`], [`gateway_revoke`]: administration
 //!   of gateway tokens.
 
-pub mod access;
-pub mod after_ingest;
-pub use hub_domain::{adt, fhir, ingest, scores};
-pub mod adt_listener;
-pub mod alerts;
-pub mod association;
-pub mod association_api;
-pub mod audit;
-pub mod auth;
 pub mod config;
-mod config_error;
-pub mod dashboard;
-pub mod early_warning;
-pub mod encoding;
-pub mod export;
-pub mod metrics;
-pub mod mqtt_ingest;
-pub mod pipeline;
-pub use hub_postgres as pg;
-pub use hub_storage as storage;
-mod rate_limit;
+mod hub;
 pub mod retention;
-pub mod score_history;
-mod server;
 pub mod store;
 pub mod telemetry;
-pub mod trends;
-pub mod ward;
+
+pub use hub_postgres as pg;
+// The transport layer under its former paths (`cloud_hub::access`, ...).
+pub use hub_transport::{
+    access, adt, adt_listener, after_ingest, alerts, association, association_api, audit, auth,
+    dashboard, early_warning, encoding, export, fhir, fhir_api, ingest, ingest_api, metrics,
+    mqtt_ingest, pipeline, score_history, scores, server, storage, trends, ward,
+};
 
 use std::future::Future;
-use std::sync::Arc;
 
 pub use config::{Config, ConfigError};
-pub use server::Hub;
+pub use hub::Hub;
+pub use hub_transport::{AppState, SharedMetrics, TransportError};
 pub use store::{GatewayRow, Store, StoreError};
 
 /// Errors of the hub library.
@@ -72,12 +65,25 @@ pub enum HubError {
     Account(#[from] access::accounts::AccountError),
 }
 
+/// The transport layer's errors are the hub's, variant for variant.
+impl From<TransportError> for HubError {
+    fn from(e: TransportError) -> Self {
+        match e {
+            TransportError::Store(e) => Self::Store(e),
+            TransportError::Tls(e) => Self::Tls(e),
+            TransportError::Io(e) => Self::Io(e),
+            TransportError::Join(e) => Self::Join(e),
+        }
+    }
+}
+
 /// Serves the hub on `listener` until `shutdown` resolves, then stops
 /// accepting and lets in-flight requests finish.
 ///
-/// Opens (creating if needed) the SQLite database named by the config and,
-/// with `[server.tls]`, serves HTTPS with rustls (ring). Refuses plaintext on
-/// a non-loopback listener unless `server.allow_plaintext` is set.
+/// Opens the database the config names (SQLite, created if needed, or
+/// PostgreSQL) and, with `[server.tls]`, serves HTTPS with rustls (ring).
+/// Refuses plaintext on a non-loopback listener unless
+/// `server.allow_plaintext` is set.
 pub async fn run(
     config: Config,
     listener: tokio::net::TcpListener,
@@ -86,12 +92,19 @@ pub async fn run(
     Hub::open(config)?.serve(listener, shutdown).await
 }
 
-fn open_store(config: &Config) -> Result<Store, HubError> {
-    Ok(Store::open_config(&config.storage)?)
+/// The backend `[storage]` names, as the backend-neutral handle the
+/// administrative commands need.
+fn open_store(config: &Config) -> Result<hub_transport::Store, HubError> {
+    Ok(Store::open_config(&config.storage)?.handle())
 }
 
 /// Records an administrative command in the audit log (actor `cli`).
-fn audit_cli(store: &Store, action: &str, command: &str, detail: String) -> Result<(), HubError> {
+fn audit_cli(
+    store: &hub_transport::Store,
+    action: &str,
+    command: &str,
+    detail: String,
+) -> Result<(), HubError> {
     audit::append(
         store,
         &audit::Entry {
@@ -295,6 +308,3 @@ pub fn gateway_rotate(
     )?;
     Ok(token)
 }
-
-/// Shared, cheaply clonable handle to the hub's counters.
-pub type SharedMetrics = Arc<metrics::Metrics>;

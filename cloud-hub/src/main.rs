@@ -180,8 +180,14 @@ fn init_logging(
     use tracing_subscriber::Layer;
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+    // RUST_LOG, with directives for the hub also naming the transport
+    // layer's crate (`cloud_hub::telemetry::log_filter`).
+    let filter = std::env::var(tracing_subscriber::EnvFilter::DEFAULT_ENV)
+        .ok()
+        .and_then(|spec| {
+            tracing_subscriber::EnvFilter::try_new(cloud_hub::telemetry::log_filter(&spec)).ok()
+        })
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info"))
         // Trace spans are for the collector, not for the log lines.
         .add_directive(
             format!("{}=off", cloud_hub::telemetry::TRACE_TARGET)

@@ -12,15 +12,16 @@
 
 use std::time::Duration;
 
-use crate::store::Store;
+use hub_transport::Store;
+use tokio_util::sync::CancellationToken;
 
 pub use hub_storage::Purged;
 
 /// How often the hub applies retention.
 pub const INTERVAL: Duration = Duration::from_secs(3600);
 
-/// Applies retention every [`INTERVAL`] until `stop` turns true.
-pub async fn run(store: Store, days: u32, mut stop: tokio::sync::watch::Receiver<bool>) {
+/// Applies retention every [`INTERVAL`] until `shutdown` is cancelled.
+pub async fn run(store: Store, days: u32, shutdown: CancellationToken) {
     let window_us = i64::from(days) * 86_400 * 1_000_000;
     loop {
         let s = store.clone();
@@ -39,10 +40,7 @@ pub async fn run(store: Store, days: u32, mut stop: tokio::sync::watch::Receiver
         }
         tokio::select! {
             _ = tokio::time::sleep(INTERVAL) => {}
-            _ = stop.changed() => return,
-        }
-        if *stop.borrow() {
-            return;
+            () = shutdown.cancelled() => return,
         }
     }
 }

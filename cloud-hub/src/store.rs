@@ -1,23 +1,22 @@
-//! The hub's storage, composed: the backend `[storage] backend` picks
+//! The hub's storage, opened: the backend `[storage] backend` picks
 //! (`vigil-hub-sqlite` or `vigil-hub-postgres`) behind the traits of
-//! `vigil-hub-storage`. [`Store`] derefs to `dyn Storage`, so a call site
-//! names the trait of its concern (see [`prelude`]) and never a backend.
+//! `vigil-hub-storage`. [`Store`] derefs to the transport layer's
+//! backend-neutral handle ([`hub_transport::Store`], which derefs to
+//! `dyn Storage`), so a call site names the trait of its concern (see
+//! [`prelude`]) and never a backend; only this composition root knows which
+//! backend it opened (its WAL counters, its migration listings).
 
 use std::ops::Deref;
-
-use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-pub use hub_domain::clock::now_us;
+use serde::Deserialize;
+
 pub use hub_postgres::PgStore;
 pub use hub_sqlite::{SqliteStore, schema_version};
-pub use hub_storage::{Associations, GatewayRow, IngestReport, NewIncarnation, Purged};
-
-/// The storage traits, for `use crate::store::prelude::*`.
-pub mod prelude {
-    pub use hub_storage::{GatewayStore, IngestStore, ObservationStore, RetentionStore, Storage};
-}
+pub use hub_transport::store::{
+    Associations, GatewayRow, IngestReport, NewIncarnation, Purged, StoreError, now_us, prelude,
+};
 
 /// `[storage]`
 #[derive(Debug, Clone, Deserialize)]
@@ -48,15 +47,12 @@ pub enum StorageBackend {
     Postgres,
 }
 
-/// Errors of the store: the backend-neutral storage error.
-pub use hub_storage::StoreError;
-
-/// The database, shared by the server's tasks: SQLite ([`Store::open`])
-/// or PostgreSQL ([`Store::open_postgres`]). Both backends pass one
-/// conformance suite (`tests/storage_suite.rs`).
+/// The opened database: SQLite ([`Store::open`]) or PostgreSQL
+/// ([`Store::open_postgres`]). Both backends pass one conformance suite
+/// (`tests/storage_suite.rs`). The transport layer gets [`Store::handle`].
 #[derive(Debug, Clone)]
 pub struct Store {
-    storage: Arc<dyn hub_storage::Storage>,
+    handle: hub_transport::Store,
     backend: Backend,
 }
 
@@ -67,10 +63,16 @@ enum Backend {
 }
 
 impl Deref for Store {
-    type Target = dyn hub_storage::Storage;
+    type Target = hub_transport::Store;
 
     fn deref(&self) -> &Self::Target {
-        &*self.storage
+        &self.handle
+    }
+}
+
+impl From<Store> for hub_transport::Store {
+    fn from(store: Store) -> Self {
+        store.handle
     }
 }
 
@@ -79,7 +81,7 @@ impl Store {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let s = SqliteStore::open(path)?;
         Ok(Self {
-            storage: Arc::new(s.clone()),
+            handle: hub_transport::Store::new(Arc::new(s.clone())),
             backend: Backend::Sqlite(s),
         })
     }
@@ -88,7 +90,7 @@ impl Store {
     pub fn open_postgres(cfg: &hub_postgres::PgConfig) -> Result<Self, StoreError> {
         let p = PgStore::open(cfg)?;
         Ok(Self {
-            storage: Arc::new(p.clone()),
+            handle: hub_transport::Store::new(Arc::new(p.clone())),
             backend: Backend::Postgres(p),
         })
     }
@@ -104,9 +106,9 @@ impl Store {
         }
     }
 
-    /// The whole storage as a trait object (for sub-states that keep it).
-    pub fn storage(&self) -> Arc<dyn hub_storage::Storage> {
-        self.storage.clone()
+    /// The backend-neutral handle the transport layer works with.
+    pub fn handle(&self) -> hub_transport::Store {
+        self.handle.clone()
     }
 
     /// WAL fsyncs made by ingest so far (group commit; SQLite only, else 0).
@@ -115,11 +117,6 @@ impl Store {
             Backend::Sqlite(s) => s.wal_fsyncs(),
             Backend::Postgres(_) => 0,
         }
-    }
-
-    /// The active gateway a token (its SHA-256) belongs to now.
-    pub fn authenticate(&self, token_sha256: &str) -> Result<Option<String>, StoreError> {
-        self.storage.authenticate_at(token_sha256, now_us())
     }
 
     /// The PostgreSQL store, when that is the backend (its migration and

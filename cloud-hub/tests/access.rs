@@ -250,18 +250,19 @@ fn declared_routes() -> BTreeSet<(String, String)> {
             }
         }
     }
+    // The routers are the transport layer's (`cloud-hub/transport`); the
+    // composition root declares none, but is walked too.
     let mut files = vec![];
-    walk(
-        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
-        &mut files,
-    );
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    walk(&root.join("transport/src"), &mut files);
+    walk(&root.join("src"), &mut files);
     let consts = [
         ("INGEST_PATH", "/api/v1/ingest"),
         ("ENROLL_PATH", "/api/v1/enroll"),
     ];
     let mut routes = BTreeSet::new();
     for (file, text) in files {
-        let fhir_file = file.ends_with("server.rs");
+        let fhir_file = file.ends_with("fhir_api.rs");
         let mut rest = text.as_str();
         while let Some(i) = rest.find(".route(") {
             rest = &rest[i + ".route(".len()..];

@@ -18,7 +18,7 @@ use common::{GATEWAY, MINUTE, T0, batch, spo2};
 use shared_protocol::hl7v2::parse_ack;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 /// MLLP start block, end block, carriage return.
 const SB: u8 = 0x0B;
@@ -93,7 +93,7 @@ struct Fx {
     store: Store,
     addr: std::net::SocketAddr,
     stats: Arc<AdtStats>,
-    stop: watch::Sender<bool>,
+    stop: CancellationToken,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -117,12 +117,12 @@ async fn start() -> Fx {
         .place_device(GATEWAY, "mon-8", "ICU3-08-A", T0 - 60 * MINUTE, &none)
         .unwrap();
     let config: AdtConfig = toml::from_str("listen = \"127.0.0.1:0\"").unwrap();
-    let l = AdtListener::bind(&config, store.clone(), Arc::new(none))
+    let l = AdtListener::bind(&config, store.handle(), Arc::new(none))
         .await
         .unwrap();
     let (addr, stats) = (l.local_addr().unwrap(), l.stats());
-    let (stop, rx) = watch::channel(false);
-    let task = tokio::spawn(l.serve(rx));
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(l.serve(stop.clone()));
     Fx {
         dir,
         store,
@@ -135,7 +135,7 @@ async fn start() -> Fx {
 
 impl Fx {
     async fn stop(self) {
-        self.stop.send(true).unwrap();
+        self.stop.cancel();
         self.task.await.unwrap();
     }
 
@@ -302,12 +302,12 @@ async fn an_oversized_message_is_answered_ar_and_the_next_one_works() {
         .unwrap();
     let config: AdtConfig =
         toml::from_str("listen = \"127.0.0.1:0\"\nmax_message_bytes = 1024").unwrap();
-    let l = AdtListener::bind(&config, store.clone(), Arc::default())
+    let l = AdtListener::bind(&config, store.handle(), Arc::default())
         .await
         .unwrap();
     let addr = l.local_addr().unwrap();
-    let (stop, rx) = watch::channel(false);
-    let task = tokio::spawn(l.serve(rx));
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(l.serve(stop.clone()));
     let mut s = TcpStream::connect(addr).await.unwrap();
     let mut buf = Vec::new();
     let big = format!("{A01}NTE|1||{}\r", "x".repeat(2000));
@@ -316,7 +316,7 @@ async fn an_oversized_message_is_answered_ar_and_the_next_one_works() {
     assert_eq!((code.as_str(), id.as_str()), ("AR", "C1"));
     s.write_all(&frame(A01)).await.unwrap();
     assert_eq!(read_ack(&mut s, &mut buf).await.0, "AA");
-    stop.send(true).unwrap();
+    stop.cancel();
     task.await.unwrap();
 }
 
@@ -471,18 +471,18 @@ async fn adt_over_tls_with_rustls() {
     ))
     .unwrap();
     // A key others can read is refused.
-    let err = AdtListener::bind(&config, store.clone(), Arc::default())
+    let err = AdtListener::bind(&config, store.handle(), Arc::default())
         .await
         .unwrap_err()
         .to_string();
     assert!(err.contains("chmod 600"), "{err}");
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let l = AdtListener::bind(&config, store.clone(), Arc::default())
+    let l = AdtListener::bind(&config, store.handle(), Arc::default())
         .await
         .unwrap();
     let addr = l.local_addr().unwrap();
-    let (stop, rx) = watch::channel(false);
-    let task = tokio::spawn(l.serve(rx));
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(l.serve(stop.clone()));
 
     let mut roots = rustls::RootCertStore::empty();
     roots.add(ck.cert.der().clone()).unwrap();
@@ -533,6 +533,6 @@ async fn adt_over_tls_with_rustls() {
         matches!(r, Ok(Ok(0)) | Ok(Err(_))) || matches!(r, Ok(Ok(n)) if !buf[..n].contains(&SB)),
         "{r:?}"
     );
-    stop.send(true).unwrap();
+    stop.cancel();
     task.await.unwrap();
 }

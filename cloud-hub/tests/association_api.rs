@@ -281,3 +281,63 @@ async fn an_admin_token_file_readable_by_others_is_refused() {
     assert!(err.contains("association.admin_token_file"), "{err}");
     assert!(err.contains("chmod 600"), "{err}");
 }
+
+mod validation {
+    //! The behaviour of the timelines is tested on each backend
+    //! (`vigil-hub-sqlite`'s unit tests, `tests/storage_suite.rs`); here,
+    //! what `cloud_hub::association` adds: validation before storage.
+    use cloud_hub::association::{AssocError, Bed, Change, PatientId};
+    use cloud_hub::store::{Associations, Store};
+
+    #[test]
+    fn invalid_input_is_refused_before_storage() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("a.sqlite")).unwrap();
+        let none = Associations::new();
+        let p = |v: &str| PatientId {
+            system: "urn:mrn".into(),
+            value: v.into(),
+        };
+        let err = s.admit(&p(""), "icu-1", 0, None, &none).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                AssocError::Invalid {
+                    field: "patient.value",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let err = s
+            .create_bed(&Bed {
+                id: "a b".into(),
+                ward: "W".into(),
+                label: "L".into(),
+            })
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`id`"), "{err}");
+        assert!(matches!(
+            s.place_device("gw", "", "icu-1", 0, &none),
+            Err(AssocError::Invalid {
+                field: "device_id",
+                ..
+            })
+        ));
+        assert!(matches!(
+            s.transfer(&p("MRN-1"), "no bed", 0, &none),
+            Err(AssocError::Invalid {
+                field: "bed_id",
+                ..
+            })
+        ));
+        // Nothing was stored, and an unchanged identifier is a no-op.
+        assert!(s.list_beds().unwrap().is_empty());
+        assert_eq!(
+            s.change_identifier(&p("MRN-1"), &p("MRN-1"), "V1", &none)
+                .unwrap(),
+            Change::default()
+        );
+    }
+}

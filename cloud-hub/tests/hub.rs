@@ -24,6 +24,8 @@ mod backup;
 mod bad_input;
 #[path = "bulk_export.rs"]
 mod bulk_export;
+#[path = "dashboard.rs"]
+mod dashboard;
 #[path = "early_warning.rs"]
 mod early_warning;
 #[path = "fhir_api.rs"]

@@ -316,3 +316,144 @@ async fn score_history_and_alerts_are_switched_on_their_own() {
     );
     history_off.stop().await;
 }
+
+mod write_rule {
+    //! The history's write rule and window over a real store.
+    use cloud_hub::early_warning::{Input, InputValue, Parameter, ScoreReport, Source};
+    use cloud_hub::score_history::{Kind, Point, history, record};
+    use cloud_hub::scores::{self, Consciousness, News2Input, Spo2Scale};
+    use cloud_hub::store::Store;
+
+    use super::S;
+
+    const T0: i64 = 1_795_514_400_000_000;
+
+    fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("h.sqlite")).unwrap();
+        (dir, s)
+    }
+
+    fn report(at: i64, rr: Option<f64>) -> ScoreReport {
+        let mut r = ScoreReport {
+            patient: "p-1".into(),
+            computed_at_us: at,
+            freshness_s: 900,
+            used: vec![],
+            stale: vec![],
+            missing: vec![],
+            withheld: vec![],
+            news2: None,
+            qsofa: None,
+            mews: None,
+        };
+        match rr {
+            Some(rr) => {
+                r.news2 = Some(scores::news2(&News2Input {
+                    respiration_rate: rr,
+                    spo2: 97.0,
+                    spo2_scale: Spo2Scale::Scale1,
+                    on_oxygen: false,
+                    systolic_bp: 120.0,
+                    pulse: 80.0,
+                    consciousness: Consciousness::Alert,
+                    temperature_c: 37.0,
+                }));
+                r.qsofa = Some(scores::qsofa(rr, 120.0, false));
+                r.mews = Some(scores::mews(120.0, 80.0, rr, 37.0, Consciousness::Alert));
+            }
+            None => {
+                // Respiration rate stale: none of the three scores.
+                r.stale.push(Input {
+                    parameter: Parameter::RespirationRate,
+                    value: InputValue::Number(18.0),
+                    effective_us: Some(at - 3600 * S),
+                    source: Source::Observation("1".into()),
+                });
+                r.missing.push(Parameter::Consciousness);
+            }
+        }
+        r
+    }
+
+    fn news2_rows(s: &Store) -> Vec<Point> {
+        history(s, "p-1", Kind::News2, 0, i64::MAX).unwrap().0
+    }
+
+    #[test]
+    fn unchanged_results_are_stored_at_most_once_a_minute() {
+        let (_d, s) = store();
+        assert_eq!(record(&s, &report(T0, Some(16.0))).unwrap(), 3);
+        // Same result 1 s and 59 s later: nothing written.
+        assert_eq!(record(&s, &report(T0 + S, Some(16.0))).unwrap(), 0);
+        assert_eq!(record(&s, &report(T0 + 59 * S, Some(16.0))).unwrap(), 0);
+        // A minute after the last row: written again.
+        assert_eq!(record(&s, &report(T0 + 60 * S, Some(16.0))).unwrap(), 3);
+        // A change is written at once (NEWS2 RR 26 → 3; qSOFA RR ≥ 22; MEWS).
+        assert_eq!(record(&s, &report(T0 + 61 * S, Some(26.0))).unwrap(), 3);
+        let rows = news2_rows(&s);
+        let times: Vec<i64> = rows.iter().map(|r| r.0).collect();
+        assert_eq!(times, vec![T0, T0 + 60 * S, T0 + 61 * S]);
+        assert_eq!(rows[0].1.total, Some(0));
+        assert_eq!(rows[0].1.band.as_deref(), Some("low"));
+        assert_eq!(rows[2].1.total, Some(3));
+        assert_eq!(rows[2].1.band.as_deref(), Some("low-medium"));
+        assert_eq!(
+            rows[2].1.components.as_ref().unwrap()["respiration_rate"],
+            3
+        );
+        let q = history(&s, "p-1", Kind::Qsofa, 0, i64::MAX).unwrap().0;
+        assert_eq!(q.last().unwrap().1.total, Some(1));
+        assert_eq!(q.last().unwrap().1.band.as_deref(), Some("negative"));
+    }
+
+    #[test]
+    fn a_score_that_cannot_be_computed_is_null_with_its_missing_inputs() {
+        let (_d, s) = store();
+        record(&s, &report(T0, Some(16.0))).unwrap();
+        record(&s, &report(T0 + S, None)).unwrap();
+        // Unchanged (still not computable) 10 s later: nothing new.
+        assert_eq!(record(&s, &report(T0 + 11 * S, None)).unwrap(), 0);
+        let rows = news2_rows(&s);
+        assert_eq!(rows.len(), 2);
+        let e = &rows[1].1;
+        assert_eq!(e.total, None);
+        assert_eq!(e.band, None);
+        assert_eq!(e.components, None);
+        assert_eq!(e.missing, vec!["consciousness", "respiration_rate"]);
+        assert_eq!(e.stale, vec!["respiration_rate"]);
+        // MEWS needs both too; qSOFA lists only its own inputs.
+        let m = history(&s, "p-1", Kind::Mews, 0, i64::MAX).unwrap().0;
+        assert_eq!(m[1].1.total, None);
+        assert_eq!(m[1].1.missing, vec!["consciousness", "respiration_rate"]);
+    }
+
+    #[test]
+    fn history_is_windowed_oldest_first_and_per_patient() {
+        let (_d, s) = store();
+        for i in 0..5 {
+            record(&s, &report(T0 + i * 60 * S, Some(16.0 + i as f64))).unwrap();
+        }
+        let mut other = report(T0, Some(30.0));
+        other.patient = "p-2".into();
+        record(&s, &other).unwrap();
+        let (rows, truncated) = history(&s, "p-1", Kind::News2, T0 + 60 * S, T0 + 240 * S).unwrap();
+        assert!(!truncated);
+        let times: Vec<i64> = rows.iter().map(|r| r.0).collect();
+        assert_eq!(times, vec![T0 + 60 * S, T0 + 120 * S, T0 + 180 * S]);
+        assert_eq!(
+            history(&s, "p-2", Kind::News2, 0, i64::MAX)
+                .unwrap()
+                .0
+                .len(),
+            1
+        );
+        assert!(Kind::parse("sofa").is_none());
+        // Retention purges rows by evaluation time, like the observations.
+        let purged = s.purge_before(T0 + 120 * S).unwrap();
+        assert_eq!(purged.scores, 2 * 3 + 3);
+        let left: Vec<i64> = news2_rows(&s).iter().map(|r| r.0).collect();
+        assert_eq!(left, vec![T0 + 120 * S, T0 + 180 * S, T0 + 240 * S]);
+        assert_eq!(Kind::parse("mews"), Some(Kind::Mews));
+    }
+}

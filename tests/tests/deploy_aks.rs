@@ -255,7 +255,7 @@ fn the_pieces_reference_each_other() {
     );
     let synced = spc["spec"]["secretObjects"].as_array().unwrap();
     let hub_src = {
-        // The hub's crates: cloud-hub/src and each layer's src (domain, storage, ...).
+        // The hub's crates: cloud-hub/src and each layer's src (domain, storage, transport, ...).
         let mut s = String::new();
         for p in vigil_e2e::files_below(&root().join("cloud-hub")) {
             let in_src = p.components().any(|c| c.as_os_str() == "src");

@@ -240,7 +240,7 @@ fn every_metric_in_the_rules_and_dashboard_exists_with_its_labels() {
     let hub = hub_served_families();
     assert!(hub.contains("vigil_hub_ingest_readings_total"), "{hub:?}");
     let agent = agent_families();
-    let hub_src = read("cloud-hub/src/metrics.rs");
+    let hub_src = read("cloud-hub/transport/src/metrics.rs");
     let agent_src = read("edge-agent/src/status.rs");
     let services: Vec<String> = {
         let svc = read("deploy/aks/base/service.yaml");

@@ -223,6 +223,27 @@ impl Server {
         while conns.join_next().await.is_some() {}
         handler.event(Event::Stopped);
     }
+
+    /// [`Server::serve`] until `stop` resolves (for a caller that signals
+    /// shutdown by a future, e.g. a cancellation token's `cancelled()`),
+    /// then the same shutdown: no more accepts, open connections finish the
+    /// message in hand.
+    pub async fn serve_until<H: Handler>(
+        self,
+        handler: Arc<H>,
+        stop: impl Future<Output = ()> + Send,
+    ) {
+        let (tx, rx) = watch::channel(false);
+        let serve = self.serve(handler, rx);
+        tokio::pin!(serve);
+        tokio::select! {
+            () = &mut serve => return,
+            () = stop => {
+                let _ = tx.send(true);
+            }
+        }
+        serve.await;
+    }
 }
 
 /// One connection: MLLP in, one ACK out per message, in order.

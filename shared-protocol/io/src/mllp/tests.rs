@@ -257,6 +257,30 @@ async fn shutdown_finishes_the_message_in_hand_then_closes() {
 }
 
 #[tokio::test]
+async fn serve_until_shuts_down_when_its_future_resolves() {
+    let server = Server::bind("127.0.0.1:0".parse().unwrap(), None, limits())
+        .await
+        .unwrap();
+    let addr = server.local_addr().unwrap();
+    let handler = Arc::new(Echo::default());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(server.serve_until(handler.clone(), async move {
+        let _ = stopped.await;
+    }));
+    let mut c = TcpStream::connect(addr).await.unwrap();
+    c.write_all(&mllp_encode(b"MSH|1")).await.unwrap();
+    assert_eq!(answer(&mut c).await.as_deref(), Some("ACK MSH|1"));
+    stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("server stopped")
+        .unwrap();
+    assert!(closed(&mut c).await);
+    assert_eq!(handler.saw("Stopped"), 1);
+    assert!(TcpStream::connect(addr).await.is_err());
+}
+
+#[tokio::test]
 async fn tls_with_the_built_configs_and_plaintext_refused() {
     let pki = crate::tls::tests::Pki::new();
     let ca = crate::tls::PemFile::new("client_ca_file", &pki.ca);

@@ -28,9 +28,10 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+use crate::SharedMetrics;
+use crate::config_error::ConfigError;
 use crate::metrics::AuthFailure;
 use crate::store::{Store, now_us};
-use crate::{SharedMetrics, config::AuthConfig};
 
 pub use session::routes;
 
@@ -230,6 +231,68 @@ const MAX_TRACKED_NAMES: usize = 10_000;
 
 /// Per user name: failed logins in a row, and the end of its lockout.
 type FailedLogins = HashMap<String, (u32, Option<Instant>)>;
+
+/// `[auth]`: how people and scripts authenticate (users and API tokens are
+/// created with `cloud-hub user` / `cloud-hub token`).
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// A browser session ends after this many minutes without a request.
+    #[serde(default = "default_session_idle_minutes")]
+    pub session_idle_minutes: u32,
+    /// ... and after this many hours in any case.
+    #[serde(default = "default_session_max_hours")]
+    pub session_max_hours: u32,
+    /// Mark the session cookie `Secure` (default: when the hub serves TLS
+    /// itself; set `true` behind a TLS-terminating ingress).
+    #[serde(default)]
+    pub cookie_secure: Option<bool>,
+    /// `[auth.oidc]`: accept access tokens of an OpenID provider (Entra ID).
+    #[serde(default)]
+    pub oidc: Option<oidc::OidcConfig>,
+}
+
+fn default_session_idle_minutes() -> u32 {
+    30
+}
+
+fn default_session_max_hours() -> u32 {
+    12
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            session_idle_minutes: default_session_idle_minutes(),
+            session_max_hours: default_session_max_hours(),
+            cookie_secure: None,
+            oidc: None,
+        }
+    }
+}
+
+impl AuthConfig {
+    /// Checks the values, naming the offending field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(1..=1440).contains(&self.session_idle_minutes) {
+            return Err(ConfigError::invalid(
+                "auth.session_idle_minutes",
+                "must be between 1 and 1440",
+            ));
+        }
+        if !(1..=168).contains(&self.session_max_hours) {
+            return Err(ConfigError::invalid(
+                "auth.session_max_hours",
+                "must be between 1 and 168",
+            ));
+        }
+        if let Some(o) = &self.oidc {
+            o.validate()
+                .map_err(|(field, message)| ConfigError::invalid(field, message))?;
+        }
+        Ok(())
+    }
+}
 
 /// State of the access middleware and the session routes.
 #[derive(Clone)]

@@ -51,15 +51,23 @@ pub fn series(
 
 // ---- HTTP ----------------------------------------------------------------
 
+/// State of the series route.
 #[derive(Debug, Clone)]
-struct TrendsState {
+pub struct TrendsState {
     store: Store,
 }
 
-pub fn router<S: Clone + Send + Sync + 'static>(store: Store) -> Router<S> {
+impl TrendsState {
+    pub fn new(store: Store) -> Self {
+        Self { store }
+    }
+}
+
+/// The chart series route.
+pub fn router<S: Clone + Send + Sync + 'static>(state: TrendsState) -> Router<S> {
     Router::new()
         .route("/api/v1/patients/{id}/series", get(get_series))
-        .with_state(TrendsState { store })
+        .with_state(state)
 }
 
 #[derive(Debug, serde::Deserialize)]

@@ -117,25 +117,30 @@ fn order(p: &str) -> usize {
     .unwrap_or(usize::MAX)
 }
 
+/// State of the ward route.
 #[derive(Debug, Clone)]
-struct WardState {
+pub struct WardState {
     store: Store,
     alerts: Option<Arc<AlertService>>,
     scores: ScoresConfig,
 }
 
-pub fn router<S: Clone + Send + Sync + 'static>(
-    store: Store,
-    alerts: Option<Arc<AlertService>>,
-    scores: ScoresConfig,
-) -> Router<S> {
-    Router::new()
-        .route("/api/v1/wards/{ward}/overview", get(get_overview))
-        .with_state(WardState {
+impl WardState {
+    /// `alerts`: the alert engine when it runs (the overview shows open alerts).
+    pub fn new(store: Store, alerts: Option<Arc<AlertService>>, scores: ScoresConfig) -> Self {
+        Self {
             store,
             alerts,
             scores,
-        })
+        }
+    }
+}
+
+/// The ward overview route.
+pub fn router<S: Clone + Send + Sync + 'static>(state: WardState) -> Router<S> {
+    Router::new()
+        .route("/api/v1/wards/{ward}/overview", get(get_overview))
+        .with_state(state)
 }
 
 async fn get_overview(State(st): State<WardState>, Path(ward): Path<String>) -> Response {

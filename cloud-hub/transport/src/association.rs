@@ -53,9 +53,10 @@
 //! # Where it lives
 //! The timeline decisions (overlaps, cuts, merges, the affected spans and
 //! the constant pieces of attribution) are pure functions in
-//! `hub_domain::association`; the [`AssociationStore`] trait
+//! `hub_domain::association`; the
+//! [`AssociationStore`](hub_storage::AssociationStore) trait
 //! (`vigil-hub-storage`) is implemented by both backends, which load the
-//! intervals, apply the plan and run the re-attribution `UPDATE`s in one
+//! intervals, apply the plan and re-attribute the readings in one
 //! transaction under their association lock. This module validates what
 //! callers send and hands it to the trait.
 
@@ -70,6 +71,30 @@ pub use hub_domain::association::{
 pub use hub_storage::AssocError;
 
 use hub_domain::association::check_device;
+
+/// `[[associations]]`: a device of a gateway is attached to a patient (the
+/// static fallback after a reading's own subject and the bed stays).
+#[derive(Debug, Clone, serde::Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Association {
+    pub gateway_id: String,
+    pub device_id: String,
+    /// FHIR Patient logical id.
+    pub patient_id: String,
+}
+
+/// The `[[associations]]` list as the map ingest and the association
+/// procedures consult: (gateway, device) → patient.
+pub fn static_map(list: &[Association]) -> Associations {
+    list.iter()
+        .map(|a| {
+            (
+                (a.gateway_id.clone(), a.device_id.clone()),
+                a.patient_id.clone(),
+            )
+        })
+        .collect()
+}
 
 impl Store {
     /// The association storage of the backend.
@@ -198,65 +223,5 @@ impl Store {
     /// How many stored readings have no patient.
     pub fn unattributed_count(&self) -> Result<u64, AssocError> {
         self.assoc().unattributed_count()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    //! The behaviour of the timelines is tested on each backend
-    //! (`vigil-hub-sqlite`'s unit tests, `tests/storage_suite.rs`); here,
-    //! what this module adds: validation before storage.
-    use super::*;
-
-    #[test]
-    fn invalid_input_is_refused_before_storage() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(&dir.path().join("a.sqlite")).unwrap();
-        let none = Associations::new();
-        let p = |v: &str| PatientId {
-            system: "urn:mrn".into(),
-            value: v.into(),
-        };
-        let err = s.admit(&p(""), "icu-1", 0, None, &none).unwrap_err();
-        assert!(
-            matches!(
-                err,
-                AssocError::Invalid {
-                    field: "patient.value",
-                    ..
-                }
-            ),
-            "{err}"
-        );
-        let err = s
-            .create_bed(&Bed {
-                id: "a b".into(),
-                ward: "W".into(),
-                label: "L".into(),
-            })
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("`id`"), "{err}");
-        assert!(matches!(
-            s.place_device("gw", "", "icu-1", 0, &none),
-            Err(AssocError::Invalid {
-                field: "device_id",
-                ..
-            })
-        ));
-        assert!(matches!(
-            s.transfer(&p("MRN-1"), "no bed", 0, &none),
-            Err(AssocError::Invalid {
-                field: "bed_id",
-                ..
-            })
-        ));
-        // Nothing was stored, and an unchanged identifier is a no-op.
-        assert!(s.list_beds().unwrap().is_empty());
-        assert_eq!(
-            s.change_identifier(&p("MRN-1"), &p("MRN-1"), "V1", &none)
-                .unwrap(),
-            Change::default()
-        );
     }
 }

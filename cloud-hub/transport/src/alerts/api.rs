@@ -22,6 +22,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures_util::stream::Stream;
 use serde_json::json;
+use tokio_util::sync::CancellationToken;
 
 use super::rules::RuleOverride;
 use super::{AlertError, AlertService, ListFilter};
@@ -29,21 +30,25 @@ use crate::access::Principal;
 use crate::store::now_us;
 use axum::Extension;
 
+/// State of the alert routes.
 #[derive(Debug, Clone)]
-struct AlertsState {
+pub struct AlertsState {
     service: Option<Arc<AlertService>>,
-    /// Turns true when the hub shuts down: live streams end then (a
+    /// Cancelled when the hub shuts down: live streams end then (a
     /// graceful shutdown waits for open connections).
-    stop: tokio::sync::watch::Receiver<bool>,
+    shutdown: CancellationToken,
 }
 
-/// The alert routes. `service` is `None` when the engine is off (disabled,
-/// or a storage backend without alert tables yet): the routes then answer
-/// 503.
-pub fn router<S: Clone + Send + Sync + 'static>(
-    service: Option<Arc<AlertService>>,
-    stop: tokio::sync::watch::Receiver<bool>,
-) -> Router<S> {
+impl AlertsState {
+    /// `service` is `None` when the engine is off (disabled, or a storage
+    /// backend without alert tables yet): the routes then answer 503.
+    pub fn new(service: Option<Arc<AlertService>>, shutdown: CancellationToken) -> Self {
+        Self { service, shutdown }
+    }
+}
+
+/// The alert routes.
+pub fn router<S: Clone + Send + Sync + 'static>(state: AlertsState) -> Router<S> {
     Router::new()
         .route("/api/v1/alerts", get(list))
         .route("/api/v1/alerts/stream", get(stream))
@@ -55,7 +60,7 @@ pub fn router<S: Clone + Send + Sync + 'static>(
             get(patient_rules).put(put_patient_rules),
         )
         .layer(DefaultBodyLimit::max(16 * 1024))
-        .with_state(AlertsState { service, stop })
+        .with_state(state)
 }
 
 fn error(status: StatusCode, message: &str) -> Response {
@@ -177,26 +182,26 @@ async fn stream(State(st): State<AlertsState>) -> Response {
         Ok(s) => s,
         Err(r) => return *r,
     };
-    Sse::new(events(svc.subscribe(), st.stop.clone()))
+    Sse::new(events(svc.subscribe(), st.shutdown.clone()))
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
         .into_response()
 }
 
 /// The live stream: every change as an `alert` event; a client too slow
 /// to keep up is told how many it missed (`lagged` event) and should
-/// re-read the list.
+/// re-read the list. The stream ends when `shutdown` is cancelled.
 fn events(
     rx: tokio::sync::broadcast::Receiver<super::Event>,
-    stop: tokio::sync::watch::Receiver<bool>,
+    shutdown: CancellationToken,
 ) -> impl Stream<Item = Result<SseEvent, Infallible>> {
-    futures_util::stream::unfold((rx, stop), |(mut rx, mut stop)| async move {
+    futures_util::stream::unfold((rx, shutdown), |(mut rx, shutdown)| async move {
         use tokio::sync::broadcast::error::RecvError;
-        if *stop.borrow() {
+        if shutdown.is_cancelled() {
             return None;
         }
         let got = tokio::select! {
             r = rx.recv() => r,
-            _ = stop.changed() => return None,
+            () = shutdown.cancelled() => return None,
         };
         let ev = match got {
             Ok(e) => SseEvent::default()
@@ -207,7 +212,7 @@ fn events(
             Err(RecvError::Lagged(n)) => SseEvent::default().event("lagged").data(n.to_string()),
             Err(RecvError::Closed) => return None,
         };
-        Some((Ok(ev), (rx, stop)))
+        Some((Ok(ev), (rx, shutdown)))
     })
 }
 

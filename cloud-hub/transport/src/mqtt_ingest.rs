@@ -31,6 +31,7 @@
 //!   back; an instance that is retired must first be drained, or its queue
 //!   is lost when the session expires.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -40,11 +41,13 @@ use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{Packet, Publish, SubscribeReasonCode};
 use rumqttc::v5::{AsyncClient, ConnectionError, Event, MqttOptions};
 use rumqttc::{Outgoing, TlsConfiguration, Transport};
+use serde::Deserialize;
 use shared_protocol::v1::Batch;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use vigil_io::tls::{self, PemFile};
 
-use crate::config::MqttConfig;
+use crate::config_error::ConfigError;
 use crate::encoding::{ContentCoding, DecodeError};
 pub use crate::metrics::{DropReason, MqttMetrics};
 use crate::pipeline::Pipeline;
@@ -58,6 +61,158 @@ const RECEIVE_MAXIMUM: u16 = 32;
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// Room for the topic and properties above `server.max_body_bytes`.
 const PACKET_OVERHEAD: usize = 64 * 1024;
+
+/// Default MQTT port with TLS.
+pub const DEFAULT_MQTT_PORT: u16 = 8883;
+/// Default shared-subscription group.
+pub const DEFAULT_MQTT_GROUP: &str = "vigil-hub";
+/// Default topic filter: every device's events (IoT Hub / agent layout).
+pub const DEFAULT_MQTT_TOPIC_FILTER: &str = "devices/+/messages/events/#";
+/// Default MQTT session expiry: 7 days.
+pub const DEFAULT_MQTT_SESSION_EXPIRY_S: u32 = 7 * 24 * 3600;
+
+/// `[mqtt]`: consume agent batches from an MQTT 5 broker with a shared
+/// subscription (`$share/{group}/{topic_filter}`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttConfig {
+    /// Broker host name or IP address.
+    pub host: String,
+    #[serde(default = "default_mqtt_port")]
+    pub port: u16,
+    /// MQTT client id of this hub instance: stable across restarts (the
+    /// broker keeps the instance's session and queue under it) and unique
+    /// among the instances. Env `VIGIL_HUB_MQTT_CLIENT_ID` overrides.
+    pub client_id: String,
+    /// Shared-subscription group; the broker spreads messages across the
+    /// instances subscribed with the same group.
+    #[serde(default = "default_mqtt_group")]
+    pub group: String,
+    /// Topic filter, without the `$share/{group}/` prefix.
+    #[serde(default = "default_mqtt_topic_filter")]
+    pub topic_filter: String,
+    /// User name for the broker (with `password_file`).
+    pub username: Option<String>,
+    /// File (mode 0600) holding the broker password.
+    pub password_file: Option<PathBuf>,
+    /// How long the broker keeps this instance's session (subscription and
+    /// queued messages) while it is disconnected.
+    #[serde(default = "default_mqtt_session_expiry_s")]
+    pub session_expiry_s: u32,
+    /// `[mqtt.tls]`: TLS to the broker; required unless the broker is on
+    /// loopback.
+    pub tls: Option<MqttTlsConfig>,
+}
+
+fn default_mqtt_port() -> u16 {
+    DEFAULT_MQTT_PORT
+}
+fn default_mqtt_group() -> String {
+    DEFAULT_MQTT_GROUP.into()
+}
+fn default_mqtt_topic_filter() -> String {
+    DEFAULT_MQTT_TOPIC_FILTER.into()
+}
+fn default_mqtt_session_expiry_s() -> u32 {
+    DEFAULT_MQTT_SESSION_EXPIRY_S
+}
+
+impl MqttConfig {
+    /// Checks the values, naming the offending field (TLS is required
+    /// unless the broker is on loopback).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let m = self;
+        if m.host.is_empty() {
+            return Err(ConfigError::invalid("mqtt.host", "must not be empty"));
+        }
+        if m.port == 0 {
+            return Err(ConfigError::invalid("mqtt.port", "must not be 0"));
+        }
+        if m.client_id.is_empty() || m.client_id.len() > 128 {
+            return Err(ConfigError::invalid(
+                "mqtt.client_id",
+                "must be 1-128 characters, stable and unique per hub instance",
+            ));
+        }
+        if m.group.is_empty() || m.group.contains(['/', '+', '#']) {
+            return Err(ConfigError::invalid(
+                "mqtt.group",
+                "must be non-empty without '/', '+' or '#'",
+            ));
+        }
+        let f = &m.topic_filter;
+        let levels_ok = f.split('/').enumerate().all(|(i, level)| {
+            let last = i + 1 == f.split('/').count();
+            (level == "#" && last) || level == "+" || !level.contains(['+', '#'])
+        });
+        if f.is_empty() || f.starts_with('$') || !levels_ok {
+            return Err(ConfigError::invalid(
+                "mqtt.topic_filter",
+                "must be an MQTT topic filter (without the $share/ prefix), e.g. devices/+/messages/events/#",
+            ));
+        }
+        match (&m.username, &m.password_file) {
+            (Some(u), Some(_)) if u.is_empty() => {
+                return Err(ConfigError::invalid("mqtt.username", "must not be empty"));
+            }
+            (Some(_), None) => {
+                return Err(ConfigError::invalid(
+                    "mqtt.password_file",
+                    "is required with mqtt.username",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::invalid(
+                    "mqtt.username",
+                    "is required with mqtt.password_file",
+                ));
+            }
+            _ => {}
+        }
+        if m.session_expiry_s == 0 {
+            return Err(ConfigError::invalid(
+                "mqtt.session_expiry_s",
+                "must be greater than 0 (0 would drop this instance's queue on every disconnect)",
+            ));
+        }
+        match &m.tls {
+            None if !is_loopback_host(&m.host) => Err(ConfigError::invalid(
+                "mqtt.tls",
+                format!(
+                    "broker `{}` is not on loopback: configure [mqtt.tls]",
+                    m.host
+                ),
+            )),
+            Some(t) if t.cert_file.is_some() != t.key_file.is_some() => Err(ConfigError::invalid(
+                "mqtt.tls.key_file",
+                "cert_file and key_file go together",
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+fn is_loopback_host(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// `[mqtt.tls]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttTlsConfig {
+    /// PEM CA certificate(s) to verify the broker; default: the public
+    /// web PKI roots.
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate (chain), with `key_file`.
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of `cert_file` (mode 0600).
+    pub key_file: Option<PathBuf>,
+}
 
 /// Errors setting up MQTT ingest (at hub start).
 #[derive(Debug, thiserror::Error)]
@@ -191,7 +346,7 @@ pub fn decode_message(
 }
 
 /// MQTT ingest prepared at hub start (options built, secrets read).
-pub(crate) struct MqttIngest {
+pub struct MqttIngest {
     options: MqttOptions,
     filter: String,
     host: String,
@@ -210,7 +365,7 @@ impl std::fmt::Debug for MqttIngest {
 /// rumqttc's TLS: the common client builder ([`vigil_io::tls`]), pinned
 /// `mqtt.tls.ca_file` or the public roots, and the client certificate if
 /// configured.
-fn tls_config(t: &crate::config::MqttTlsConfig) -> Result<rustls::ClientConfig, MqttSetupError> {
+fn tls_config(t: &MqttTlsConfig) -> Result<rustls::ClientConfig, MqttSetupError> {
     let roots = tls::pinned_or_public_roots(
         t.ca_file
             .as_deref()
@@ -235,7 +390,7 @@ impl From<tls::TlsError> for MqttSetupError {
 impl MqttIngest {
     /// Builds the connection options from validated config: reads the
     /// password file (0600) and the TLS material.
-    pub(crate) fn prepare(m: &MqttConfig, max_body_bytes: usize) -> Result<Self, MqttSetupError> {
+    pub fn prepare(m: &MqttConfig, max_body_bytes: usize) -> Result<Self, MqttSetupError> {
         let mut options = MqttOptions::new(&m.client_id, &m.host, m.port);
         options
             .set_keep_alive(KEEP_ALIVE)
@@ -275,12 +430,12 @@ struct Delivery {
     publish: Publish,
 }
 
-/// Runs MQTT ingest until `stop` turns true (or its sender is dropped):
+/// Runs MQTT ingest until `shutdown` is cancelled:
 /// connects, subscribes on every connection, and stores each message's
 /// batch before acknowledging it. Returns after the acknowledgements of
 /// stored messages have been handed to the connection and a DISCONNECT
 /// was sent (best effort).
-pub(crate) async fn run(ingest: MqttIngest, st: Pipeline, mut stop: watch::Receiver<bool>) {
+pub async fn run(ingest: MqttIngest, st: Pipeline, shutdown: CancellationToken) {
     let metrics = st.metrics().clone();
     let (client, mut events) = AsyncClient::new(ingest.options, 64);
     let connection = Arc::new(AtomicU64::new(0));
@@ -290,7 +445,7 @@ pub(crate) async fn run(ingest: MqttIngest, st: Pipeline, mut stop: watch::Recei
         client.clone(),
         rx,
         connection.clone(),
-        stop.clone(),
+        shutdown.clone(),
     ));
     let mut failures: u32 = 0;
     tracing::info!(host = %ingest.host, filter = %ingest.filter, "MQTT ingest starting");
@@ -335,7 +490,7 @@ pub(crate) async fn run(ingest: MqttIngest, st: Pipeline, mut stop: watch::Recei
                 }
                 Ok(Event::Incoming(Packet::Publish(publish))) => {
                     let connection = connection.load(Ordering::SeqCst);
-                    // The worker only ends on stop; then nothing more is needed.
+                    // The worker only ends on shutdown; then nothing more is needed.
                     let _ = tx.send(Delivery { connection, publish });
                 }
                 Ok(Event::Incoming(Packet::Disconnect(d))) => {
@@ -360,7 +515,7 @@ pub(crate) async fn run(ingest: MqttIngest, st: Pipeline, mut stop: watch::Recei
                     }
                     tokio::select! {
                         () = tokio::time::sleep(delay) => {}
-                        _ = stopped(&mut stop) => {}
+                        () = shutdown.cancelled() => {}
                     }
                 }
             }
@@ -388,11 +543,6 @@ fn backoff(failures: u32) -> Duration {
     Duration::from_millis(500u64.saturating_mul(1 << failures.min(6))).min(MAX_BACKOFF)
 }
 
-/// Resolves when stop is requested (or its sender is gone).
-async fn stopped(stop: &mut watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await;
-}
-
 /// Stores messages one at a time, in arrival order, acknowledging each
 /// after its batch is stored (MQTT wants PUBACKs in order).
 async fn worker(
@@ -400,18 +550,18 @@ async fn worker(
     client: AsyncClient,
     mut rx: mpsc::UnboundedReceiver<Delivery>,
     connection: Arc<AtomicU64>,
-    mut stop: watch::Receiver<bool>,
+    shutdown: CancellationToken,
 ) {
     loop {
         let d = tokio::select! {
             biased;
-            _ = stopped(&mut stop) => return,
+            () = shutdown.cancelled() => return,
             d = rx.recv() => match d {
                 Some(d) => d,
                 None => return,
             },
         };
-        if !handle(&st, &d.publish, &mut stop).await {
+        if !handle(&st, &d.publish, &shutdown).await {
             return;
         }
         // A message received on an earlier connection is stored (harmless:
@@ -432,9 +582,9 @@ async fn worker(
 }
 
 /// Handles one message: stores its batch (retrying store failures with
-/// backoff) or drops it. Returns false when stop was requested before the
-/// batch could be stored (the message is then not acknowledged).
-async fn handle(st: &Pipeline, p: &Publish, stop: &mut watch::Receiver<bool>) -> bool {
+/// backoff) or drops it. Returns false when shutdown was requested before
+/// the batch could be stored (the message is then not acknowledged).
+async fn handle(st: &Pipeline, p: &Publish, shutdown: &CancellationToken) -> bool {
     let metrics = st.metrics();
     let topic = String::from_utf8_lossy(&p.topic);
     let dropped = |reason: DropReason, gateway_id: Option<&str>| {
@@ -466,7 +616,7 @@ async fn handle(st: &Pipeline, p: &Publish, stop: &mut watch::Receiver<bool>) ->
         let store = st.store().clone();
         let id = info.gateway_id.clone();
         let active = match tokio::task::spawn_blocking(move || store.gateway_is_active(&id)).await {
-            Ok(r) => r.map_err(crate::HubError::from),
+            Ok(r) => r.map_err(crate::TransportError::from),
             Err(e) => Err(e.into()),
         };
         let res = match active {
@@ -495,7 +645,7 @@ async fn handle(st: &Pipeline, p: &Publish, stop: &mut watch::Receiver<bool>) ->
                 );
                 tokio::select! {
                     () = tokio::time::sleep(delay) => {}
-                    _ = stopped(stop) => return false,
+                    () = shutdown.cancelled() => return false,
                 }
             }
         }

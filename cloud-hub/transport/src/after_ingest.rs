@@ -1,6 +1,6 @@
 //! What runs after a batch is stored (and acknowledged as durable): the
-//! consumers of what ingest newly stored, composed once where the server
-//! is built, each switchable on its own.
+//! consumers of what ingest newly stored, registered once by the
+//! composition root (`cloud-hub`'s `Hub`), each switchable on its own.
 //!
 //! - **Alerts** (`[alerts] enabled`): values, link and gateway events into
 //!   the engine ([`crate::alerts::AlertService::on_batch`]), then NEWS2

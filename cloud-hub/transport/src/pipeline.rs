@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use shared_protocol::v1::Batch;
 
-use crate::HubError;
 use crate::SharedMetrics;
+use crate::TransportError;
 use crate::after_ingest::AfterIngest;
 use crate::metrics::Outcome;
 use crate::store::{Associations, Store, now_us};
@@ -25,9 +25,9 @@ pub struct Pipeline {
 }
 
 /// Runs blocking storage work off the async threads; a panicked task is an error.
-pub(crate) async fn blocking<T: Send + 'static, E: Into<HubError> + Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static, E: Into<TransportError> + Send + 'static>(
     f: impl FnOnce() -> Result<T, E> + Send + 'static,
-) -> Result<T, HubError> {
+) -> Result<T, TransportError> {
     tokio::task::spawn_blocking(f).await?.map_err(Into::into)
 }
 
@@ -67,19 +67,19 @@ impl Pipeline {
     /// Stores a decoded batch of an authenticated gateway in one transaction,
     /// counts and logs the outcome; shared by the HTTP and the MQTT ingest.
     /// Runs in an `ingest_batch` trace span, a child of the agent's send span
-    /// when the batch carries its `traceparent` (see `telemetry`).
+    /// when the batch carries its `traceparent` (see `vigil_io::telemetry`).
     pub async fn store_batch(
         &self,
         gateway_id: &str,
         batch: Batch,
-    ) -> Result<shared_protocol::v1::BatchAck, HubError> {
+    ) -> Result<shared_protocol::v1::BatchAck, TransportError> {
         use tracing::Instrument;
         use tracing::field::Empty;
-        let span = tracing::info_span!(target: crate::telemetry::TRACE_TARGET, "ingest_batch",
+        let span = tracing::info_span!(target: vigil_io::telemetry::TRACE_TARGET, "ingest_batch",
         gateway_id = %gateway_id, batch_sequence = batch.sequence,
         accepted = Empty, duplicates = Empty, rejected = Empty, duplicate_batch = Empty);
-        let parent = crate::telemetry::adopt_remote_parent(&span, &batch.traceparent);
-        if parent == crate::telemetry::RemoteParent::Invalid {
+        let parent = vigil_io::telemetry::adopt_remote_parent(&span, &batch.traceparent);
+        if parent == vigil_io::telemetry::RemoteParent::Invalid {
             self.metrics.trace_context_invalid();
             tracing::debug!(gateway_id = %gateway_id, batch_sequence = batch.sequence,
             "malformed traceparent ignored");
@@ -101,7 +101,7 @@ impl Pipeline {
         &self,
         gateway_id: &str,
         batch: Batch,
-    ) -> Result<shared_protocol::v1::BatchAck, HubError> {
+    ) -> Result<shared_protocol::v1::BatchAck, TransportError> {
         let store = self.store.clone();
         let associations = self.associations.clone();
         let gw = gateway_id.to_owned();

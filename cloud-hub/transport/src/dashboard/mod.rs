@@ -150,21 +150,28 @@ async fn asset(Path(name): Path<String>, headers: HeaderMap) -> Response {
     asset_response(&name, &headers)
 }
 
+/// State of the dashboard's gateway view.
 #[derive(Debug, Clone)]
-struct DashState {
+pub struct DashState {
     store: Store,
+}
+
+impl DashState {
+    pub fn new(store: Store) -> Self {
+        Self { store }
+    }
 }
 
 /// The dashboard's routes: `/`, `/ui/`, `/ui/{asset}` (public files) and
 /// `GET /api/v1/gateways` (who may: `crate::access::POLICY`, checked by the
 /// access layer before the handler).
-pub fn routes<S: Clone + Send + Sync + 'static>(store: Store) -> Router<S> {
+pub fn routes<S: Clone + Send + Sync + 'static>(state: DashState) -> Router<S> {
     Router::new()
         .route("/", get(|| async { Redirect::to("/ui/") }))
         .route("/ui/", get(index))
         .route("/ui/{asset}", get(asset))
         .route("/api/v1/gateways", get(get_gateways))
-        .with_state(DashState { store })
+        .with_state(state)
 }
 
 async fn get_gateways(State(st): State<DashState>) -> Response {
@@ -281,10 +288,6 @@ fn device_json(d: &DeviceActivity, now: i64) -> Json {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use shared_protocol::catalogue::codes;
-    use shared_protocol::v1::{
-        Batch, DeviceData, DeviceInfo, Reading, TechnicalKind, TechnicalReading, reading,
-    };
 
     #[test]
     fn every_asset_is_served_with_its_type_and_security_headers() {
@@ -327,115 +330,5 @@ mod tests {
         assert!(!html.contains("<script>"), "no inline script (CSP)");
         assert!(!html.contains("style="), "no inline style (CSP)");
         assert!(!html.contains("onclick"), "no inline handlers (CSP)");
-    }
-
-    #[test]
-    fn gateways_view_counts_batches_duplicates_rejections_and_events() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("hub.sqlite")).unwrap();
-        store.add_gateway("gw-1", "h1").unwrap();
-        store.add_gateway("gw-idle", "h2").unwrap();
-        let now = now_us();
-        let reading = |seq, code| Reading {
-            mdc_code: code,
-            value: Some(reading::Value::Numeric(97.0)),
-            ucum_unit: "%".into(),
-            device_time_us: now - 5_000_000,
-            validity: 1,
-            sequence: seq,
-            ..Default::default()
-        };
-        let batch = |seq, readings, technical, events| Batch {
-            gateway_id: "gw-1".into(),
-            sequence: seq,
-            created_time_us: now - 1_000_000,
-            agent_version: "9.9.9".into(),
-            devices: vec![DeviceData {
-                device: Some(DeviceInfo {
-                    device_id: "ox-1".into(),
-                    ..Default::default()
-                }),
-                readings,
-                waveforms: vec![],
-                technical,
-            }],
-            gateway_events: events,
-            ..Default::default()
-        };
-        let assoc = Default::default();
-        store
-            .ingest(
-                "gw-1",
-                &batch(
-                    1,
-                    vec![
-                        reading(1, codes::PULS_OXIM_SAT_O2),
-                        reading(2, codes::PULS_OXIM_SAT_O2),
-                    ],
-                    vec![TechnicalReading {
-                        kind: TechnicalKind::Connected as i32,
-                        time_us: now - 6_000_000,
-                        detail: String::new(),
-                        sequence: 3,
-                    }],
-                    vec![],
-                ),
-                &assoc,
-                now,
-                now,
-            )
-            .unwrap();
-        // Batch 2 re-sends reading 2 (a duplicate), brings an unknown
-        // metric (rejected) and a buffer overflow event.
-        store
-            .ingest(
-                "gw-1",
-                &batch(
-                    2,
-                    vec![reading(2, codes::PULS_OXIM_SAT_O2), reading(4, 999_999)],
-                    vec![],
-                    vec![TechnicalReading {
-                        kind: TechnicalKind::BufferOverflow as i32,
-                        time_us: now - 2_000_000,
-                        detail: "dropped 12 oldest readings".into(),
-                        sequence: 1,
-                    }],
-                ),
-                &assoc,
-                now + 1,
-                now + 1,
-            )
-            .unwrap();
-        let g = gateways(&store, now + 3_000_000).unwrap();
-        assert_eq!(g.len(), 2);
-        let gw = &g[0];
-        assert_eq!(gw["id"], "gw-1");
-        assert_eq!(gw["last_batch"]["sequence"], 2);
-        assert_eq!(gw["last_batch"]["agent_version"], "9.9.9");
-        assert_eq!(gw["last_seen_age_s"], 2);
-        assert_eq!(
-            gw["last_24h"],
-            json!({ "batches": 2, "accepted": 3, "duplicates": 1, "rejected": 1 })
-        );
-        assert_eq!(gw["rejected_total"], 1);
-        assert_eq!(gw["buffer_overflows"]["count"], 1);
-        assert_eq!(
-            gw["buffer_overflows"]["last"]["detail"],
-            "dropped 12 oldest readings"
-        );
-        let dev = &gw["devices"][0];
-        assert_eq!(dev["id"], "ox-1");
-        assert_eq!(dev["last_reading"]["age_s"], 8);
-        assert_eq!(dev["last_link_event"]["kind"], "connected");
-        assert_eq!(dev["rejected_total"], 1);
-        let idle = &g[1];
-        assert_eq!(idle["id"], "gw-idle");
-        assert!(idle["last_seen"].is_null() && idle["last_batch"].is_null());
-        assert_eq!(idle["devices"], json!([]));
-        // Batches older than the window are not counted, but still name
-        // the last batch.
-        let later = gateways(&store, now + WINDOW_US + 10_000_000).unwrap();
-        assert_eq!(later[0]["last_24h"]["batches"], 0);
-        assert_eq!(later[0]["last_batch"]["sequence"], 2);
     }
 }

@@ -147,14 +147,21 @@ pub fn record_manual(store: &Store, patient: &str, m: &ManualInputs) -> Result<(
 
 // ---- HTTP ----------------------------------------------------------------
 
+/// State of the scores routes.
 #[derive(Debug, Clone)]
-struct ScoresState {
+pub struct ScoresState {
     store: Store,
     config: ScoresConfig,
 }
 
+impl ScoresState {
+    pub fn new(store: Store, config: ScoresConfig) -> Self {
+        Self { store, config }
+    }
+}
+
 /// The scores routes (who may call them: `crate::access::POLICY`).
-pub fn router<S: Clone + Send + Sync + 'static>(store: Store, config: ScoresConfig) -> Router<S> {
+pub fn router<S: Clone + Send + Sync + 'static>(state: ScoresState) -> Router<S> {
     Router::new()
         .route("/api/v1/patients/{id}/scores", get(get_scores))
         .route("/api/v1/patients/{id}/scores/news2", get(get_news2_fhir))
@@ -163,7 +170,7 @@ pub fn router<S: Clone + Send + Sync + 'static>(store: Store, config: ScoresConf
             put(put_manual_inputs),
         )
         .layer(DefaultBodyLimit::max(4 * 1024))
-        .with_state(ScoresState { store, config })
+        .with_state(state)
 }
 
 fn error(status: StatusCode, message: &str, field: Option<&str>) -> Response {

@@ -29,13 +29,13 @@ use std::time::Duration;
 use serde::Deserialize;
 use shared_protocol::hl7v2::{AckCode, AckError, AckTarget, DEFAULT_MAX_MESSAGE, MllpError};
 use time::OffsetDateTime;
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 use vigil_io::mllp::{self, Counters, Event};
 use vigil_io::tls::{self, ClientAuth, Identity, PemFile};
 
-use crate::ConfigError;
 use crate::adt::{AdtEvent, AdtOptions, Interpreted, Outcome, ack, ack_error, interpret};
 use crate::association::AssocError;
+use crate::config_error::ConfigError;
 use crate::store::{Associations, Store, now_us};
 
 /// The port `[adt] listen` suggests (2575 is HL7's registered port; the
@@ -318,10 +318,12 @@ impl AdtListener {
         self
     }
 
-    /// Accepts connections until `shutdown` turns true, then lets open
+    /// Accepts connections until `shutdown` is cancelled, then lets open
     /// connections finish the message in hand.
-    pub async fn serve(self, shutdown: watch::Receiver<bool>) {
-        self.server.serve(self.ctx, shutdown).await
+    pub async fn serve(self, shutdown: CancellationToken) {
+        self.server
+            .serve_until(self.ctx, shutdown.cancelled_owned())
+            .await
     }
 }
 

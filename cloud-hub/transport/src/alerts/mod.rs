@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use serde::Deserialize;
 use shared_protocol::v1::{Batch, QualityFlag, TechnicalKind};
 use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
 
 use crate::association::PatientId;
 use crate::config_error::ConfigError;
@@ -493,13 +494,13 @@ impl BatchEvents {
     }
 }
 
-/// Runs the clock until `stop`.
-pub async fn run_clock(service: Arc<AlertService>, mut stop: tokio::sync::watch::Receiver<bool>) {
+/// Runs the clock until `shutdown` is cancelled.
+pub async fn run_clock(service: Arc<AlertService>, shutdown: CancellationToken) {
     let every = std::time::Duration::from_millis(service.config.tick_ms);
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
-            _ = stop.changed() => return,
+            () = shutdown.cancelled() => return,
         }
         let s = service.clone();
         let r = tokio::task::spawn_blocking(move || s.tick(crate::store::now_us())).await;

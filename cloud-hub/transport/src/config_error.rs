@@ -1,5 +1,6 @@
 //! The configuration error (a leaf module, so that each config section's
-//! module can validate itself without depending on the whole config).
+//! module can validate itself without depending on the whole config, which
+//! the composition root composes and loads).
 
 use std::path::PathBuf;
 
@@ -20,7 +21,8 @@ pub enum ConfigError {
 }
 
 impl ConfigError {
-    pub(crate) fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
+    /// An invalid value of `field` (its dotted TOML path).
+    pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
         Self::Invalid {
             field: field.into(),
             message: message.into(),
