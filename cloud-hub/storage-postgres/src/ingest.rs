@@ -55,8 +55,23 @@ const STAGE_TYPES: &[Type] = &[
 /// wins, as does a row already stored under that identity (also under
 /// another effective time, i.e. in another partition). Returns the ids of
 /// the rows inserted.
+///
+/// Stored identities are found with one index range scan per device of the
+/// batch over its staged sequences' span (`stored`; `OFFSET 0` keeps the
+/// lateral subquery a parameterized scan of the identity index, whatever
+/// the planner believes of the table's size), not with a probe per row or
+/// a scan of all of the gateway's rows: a batch of new readings finds
+/// nothing after a few index descents per device.
 const STAGE_INSERT: &str = "WITH src AS (
     SELECT DISTINCT ON (device_id, sequence) * FROM vigil_obs_staged ORDER BY device_id, sequence, ord
+), stored AS MATERIALIZED (
+    SELECT r.device_id, o.sequence
+      FROM (SELECT device_id, MIN(sequence) AS lo, MAX(sequence) AS hi
+              FROM vigil_obs_staged GROUP BY device_id) r,
+           LATERAL (SELECT sequence FROM observations
+                     WHERE gateway_id = $1 AND device_id = r.device_id AND incarnation = $4
+                       AND sequence BETWEEN r.lo AND r.hi
+                    OFFSET 0) o
 )
 INSERT INTO observations (id, gateway_id, device_id, sequence, patient_id, patient_system,
     attribution, loinc, mdc_code, effective_us, status, value, batch_sequence, received_us,
@@ -65,9 +80,8 @@ SELECT s.id, $1, s.device_id, s.sequence, s.patient_id, s.patient_system, s.attr
     s.loinc, s.mdc_code, s.effective_us, s.status, s.value, $2, $3, '', s.kind, s.category,
     s.payload, $4
   FROM src s
- WHERE NOT EXISTS (SELECT 1 FROM observations o
-                    WHERE o.gateway_id = $1 AND o.device_id = s.device_id
-                      AND o.incarnation = $4 AND o.sequence = s.sequence)
+ WHERE NOT EXISTS (SELECT 1 FROM stored t
+                    WHERE t.device_id = s.device_id AND t.sequence = s.sequence)
  ORDER BY s.ord
 ON CONFLICT DO NOTHING
 RETURNING id";
