@@ -264,7 +264,7 @@ async fn admit_transfer_update_discharge_move_readings_between_patients() {
         fx.store
             .bed_of(
                 &PatientId {
-                    system: "GHH".into(),
+                    system: "urn:vigil:authority:GHH".into(),
                     value: "MRN-2".into()
                 },
                 T0 + MINUTE
@@ -515,7 +515,7 @@ async fn adt_over_tls_with_rustls() {
         store
             .bed_of(
                 &PatientId {
-                    system: "GHH".into(),
+                    system: "urn:vigil:authority:GHH".into(),
                     value: "MRN-1".into()
                 },
                 T0

@@ -82,7 +82,9 @@ pub fn is_oid(s: &str) -> bool {
     arcs.len() >= 2
         && matches!(arcs[0], "0" | "1" | "2")
         && arcs.iter().all(|a| {
-            !a.is_empty() && a.bytes().all(|c| c.is_ascii_digit()) && (a.len() == 1 || !a.starts_with('0'))
+            !a.is_empty()
+                && a.bytes().all(|c| c.is_ascii_digit())
+                && (a.len() == 1 || !a.starts_with('0'))
         })
 }
 
@@ -240,8 +242,14 @@ mod tests {
             ("  ", ""),
             ("HOSP", "urn:vigil:authority:HOSP"),
             ("VIGILSIM", "urn:vigil:authority:VIGILSIM"),
-            ("GOOD HEALTH HOSPITAL", "urn:vigil:authority:GOOD%20HEALTH%20HOSPITAL"),
-            ("St. Mary's/ü", "urn:vigil:authority:St.%20Mary%27s%2F%C3%BC"),
+            (
+                "GOOD HEALTH HOSPITAL",
+                "urn:vigil:authority:GOOD%20HEALTH%20HOSPITAL",
+            ),
+            (
+                "St. Mary's/ü",
+                "urn:vigil:authority:St.%20Mary%27s%2F%C3%BC",
+            ),
             ("1.2.840.1", "urn:oid:1.2.840.1"),
             ("HOSP&1.2.3.4&ISO", "urn:oid:1.2.3.4"),
             ("&1.2.3.4&ISO", "urn:oid:1.2.3.4"),
@@ -269,10 +277,19 @@ mod tests {
         assert_eq!(c.system_uri("HOSP"), "https://hosp.example/mrn");
         assert_eq!(c.system_uri("HOSP&1.2.3.4&ISO"), "https://hosp.example/mrn");
         assert_eq!(c.system_uri("OTHER"), "urn:vigil:authority:OTHER");
-        assert_eq!(c.patient_system("HOSP", ("WARDS", ""), None), "https://hosp.example/mrn");
-        assert_eq!(c.patient_system("", ("WARDS", ""), Some("X")), "urn:oid:1.2.3.9");
+        assert_eq!(
+            c.patient_system("HOSP", ("WARDS", ""), None),
+            "https://hosp.example/mrn"
+        );
+        assert_eq!(
+            c.patient_system("", ("WARDS", ""), Some("X")),
+            "urn:oid:1.2.3.9"
+        );
         assert_eq!(c.patient_system("", ("", "WARDS"), None), "urn:oid:1.2.3.9");
-        assert_eq!(c.patient_system("", ("LAB", ""), Some("X")), "urn:vigil:authority:X");
+        assert_eq!(
+            c.patient_system("", ("LAB", ""), Some("X")),
+            "urn:vigil:authority:X"
+        );
         assert_eq!(
             c.patient_system("", ("LAB", ""), Some("urn:oid:1.2.3.4")),
             "urn:oid:1.2.3.4"
@@ -280,7 +297,10 @@ mod tests {
         assert_eq!(c.patient_system("", ("LAB", ""), None), "");
         let mut based = IdentifierSystems::default();
         based.base_uri = "https://ids.example/authority/".into();
-        assert_eq!(based.system_uri("HOSP"), "https://ids.example/authority/HOSP");
+        assert_eq!(
+            based.system_uri("HOSP"),
+            "https://ids.example/authority/HOSP"
+        );
     }
 
     #[test]
@@ -288,7 +308,16 @@ mod tests {
         for s in ["urn:oid:1.2", "https://a.example", "a+b-c.d:x", "urn:x"] {
             assert!(is_absolute_uri(s), "{s}");
         }
-        for s in ["", "HOSP", ":x", "1a:x", "urn:", "urn:a b", "ur n:x", "HOSP&1.2&ISO"] {
+        for s in [
+            "",
+            "HOSP",
+            ":x",
+            "1a:x",
+            "urn:",
+            "urn:a b",
+            "ur n:x",
+            "HOSP&1.2&ISO",
+        ] {
             assert!(!is_absolute_uri(s), "{s}");
         }
         for s in ["1.2", "2.16.840.1.113883", "0.0"] {
@@ -314,16 +343,15 @@ mod tests {
         let mut c = config();
         c.authorities
             .insert("urn:oid:1.2".into(), "urn:oid:1.3".into());
-        assert_eq!(c.validate().unwrap_err().field, "authorities.\"urn:oid:1.2\"");
+        assert_eq!(
+            c.validate().unwrap_err().field,
+            "authorities.\"urn:oid:1.2\""
+        );
     }
 
     fn arb_config() -> impl Strategy<Value = IdentifierSystems> {
         (
-            prop::sample::select(vec![
-                DEFAULT_BASE_URI,
-                "https://ids.example/a/",
-                "urn:x:",
-            ]),
+            prop::sample::select(vec![DEFAULT_BASE_URI, "https://ids.example/a/", "urn:x:"]),
             prop::collection::btree_map("[A-Z&.0-9]{1,6}", "urn:[a-z]{1,4}:[a-z0-9.]{1,6}", 0..4),
         )
             .prop_map(|(base, authorities)| IdentifierSystems {

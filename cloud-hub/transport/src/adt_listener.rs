@@ -315,7 +315,10 @@ impl AdtListener {
     /// Maps PID-3 assigning authorities and MSH-4 sending facilities to
     /// identifier system URIs by `identifiers` (`[identifiers]`; default:
     /// its defaults).
-    pub fn with_identifiers(mut self, identifiers: &hub_domain::identifiers::IdentifierSystems) -> Self {
+    pub fn with_identifiers(
+        mut self,
+        identifiers: &hub_domain::identifiers::IdentifierSystems,
+    ) -> Self {
         if let Some(ctx) = Arc::get_mut(&mut self.ctx) {
             ctx.opts.identifiers = identifiers.clone();
         }

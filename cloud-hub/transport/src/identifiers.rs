@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use hub_domain::audit::Entry;
-use hub_domain::identifiers::{DEFAULT_BASE_URI, IdentifierSystems};
+pub use hub_domain::identifiers::{DEFAULT_BASE_URI, IdentifierSystems, is_absolute_uri};
 use hub_storage::SystemsMigrated;
 use serde::Deserialize;
 use shared_protocol::v1::Batch;
