@@ -295,8 +295,10 @@ mod tests {
             "urn:oid:1.2.3.4"
         );
         assert_eq!(c.patient_system("", ("LAB", ""), None), "");
-        let mut based = IdentifierSystems::default();
-        based.base_uri = "https://ids.example/authority/".into();
+        let based = IdentifierSystems {
+            base_uri: "https://ids.example/authority/".into(),
+            ..Default::default()
+        };
         assert_eq!(
             based.system_uri("HOSP"),
             "https://ids.example/authority/HOSP"
