@@ -18,13 +18,15 @@
 //!   **event time** (HL7 DTM; a time without zone is taken at
 //!   `utc_offset_minutes`).
 //! - PID-3 patient identifier list: one identifier, the first of type `MR`,
-//!   else `PI`, else the first with a value; its value (CX.1) and assigning
+//!   else `PI`, else the first with a value; its value (CX.1) and its
 //!   assigning authority (CX.4, an HD) mapped to a system URI by
 //!   `[identifiers]` ([`crate::identifiers`]); without an authority, the
 //!   sending facility's (MSH-4) configured URI, else the configured
-//!   `patient_id_system` (mapped the same way). **Names (PID-5), birth date, address
-//!   and every other PID field are never read**: the hub stores identifiers
-//!   only.
+//!   `patient_id_system` (mapped the same way). **Names (PID-5), birth
+//!   date, address and every other PID field are never read**: the hub
+//!   stores identifiers only.
+//! - MSH-4 sending facility (HD namespace id, universal id): only to look
+//!   up `[identifiers.facilities]`.
 //! - PV1-3 assigned patient location (PL: point of care ^ room ^ bed ^
 //!   facility): mapped to a bed id by the `bed_id` template, default
 //!   `{poc}-{room}-{bed}` (e.g. `ICU3^07^B` → bed `ICU3-07-B`); placeholders
