@@ -61,6 +61,10 @@ pub struct Config {
     /// `[auth]`: sessions and OIDC (see `access`, docs/access.md).
     #[serde(default)]
     pub auth: AuthConfig,
+    /// `[identifiers]`: HL7 assigning authorities / sending facilities →
+    /// identifier system URIs (see docs/hub.md).
+    #[serde(default)]
+    pub identifiers: hub_transport::identifiers::IdentifiersConfig,
 }
 
 /// Environment variable overriding `mqtt.client_id` (one per hub instance).
@@ -192,6 +196,7 @@ impl Config {
             .map_err(|(field, message)| ConfigError::invalid(field, message))?;
         self.alerts.validate()?;
         self.auth.validate()?;
+        self.identifiers.validate()?;
         if self.server.max_body_bytes == 0 {
             return Err(ConfigError::invalid(
                 "server.max_body_bytes",

@@ -38,6 +38,14 @@ impl Hub {
             .map(server::load_tls)
             .transpose()?;
         let store = Store::open_config(&config.storage)?;
+        // Patient identifier systems stored before `[identifiers]` (HL7
+        // assigning authorities such as `HOSP`) become their URIs; once
+        // done, a restart finds nothing to change.
+        hub_transport::identifiers::migrate_stored(
+            &store.handle(),
+            &Arc::new(config.identifiers.systems()),
+        )
+        .map_err(|e| HubError::Io(std::io::Error::other(e.to_string())))?;
         let mqtt = config
             .mqtt
             .as_ref()
@@ -117,6 +125,7 @@ impl Hub {
             .map_err(|e| HubError::Io(std::io::Error::other(e.to_string())))?
         };
         let scores = self.config.scores;
+        let identifiers = Arc::new(self.config.identifiers.systems());
         // Ingest (HTTP and MQTT): store, count, then the consumers.
         let pipeline = hub_transport::pipeline::Pipeline::new(
             store.clone(),
@@ -129,7 +138,8 @@ impl Hub {
                 self.config.alerts.max_value_age_s,
             ),
             self.config.server.max_body_bytes,
-        );
+        )
+        .with_identifiers(identifiers.clone());
         // Retention (optional) stops with the hub.
         let retention = self.config.storage.retention_days.map(|days| {
             tokio::spawn(crate::retention::run(
@@ -160,7 +170,9 @@ impl Hub {
                     associations.clone(),
                 )
                 .await?;
-                let l = l.with_stats(self.metrics.adt.clone());
+                let l = l
+                    .with_stats(self.metrics.adt.clone())
+                    .with_identifiers(&identifiers);
                 Some(tokio::spawn(l.serve(shutdown.child_token())))
             }
             None => None,
@@ -206,13 +218,15 @@ impl Hub {
                 &self.config.fhir,
                 self.tls.is_some(),
                 hub_transport::export::dir_for(&self.config.storage.sqlite_path),
-            ),
+            )
+            .with_identifiers(identifiers.clone()),
             access,
             audit: hub_transport::audit::AuditState {
                 store: store.clone(),
                 metrics,
             },
-            association: hub_transport::association_api::ApiState::new(store.clone(), associations),
+            association: hub_transport::association_api::ApiState::new(store.clone(), associations)
+                .with_identifiers(identifiers),
             scores: hub_transport::early_warning::ScoresState::new(
                 store.clone(),
                 self.config.scores,

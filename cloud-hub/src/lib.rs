@@ -27,8 +27,8 @@ pub use hub_postgres as pg;
 // The transport layer under its former paths (`cloud_hub::access`, ...).
 pub use hub_transport::{
     access, adt, adt_listener, after_ingest, alerts, association, association_api, audit, auth,
-    dashboard, early_warning, encoding, export, fhir, fhir_api, ingest, ingest_api, metrics,
-    mqtt_ingest, pipeline, score_history, scores, server, storage, trends, ward,
+    dashboard, early_warning, encoding, export, fhir, fhir_api, identifiers, ingest, ingest_api,
+    metrics, mqtt_ingest, pipeline, score_history, scores, server, storage, trends, ward,
 };
 
 use std::future::Future;

@@ -264,7 +264,7 @@ async fn admit_transfer_update_discharge_move_readings_between_patients() {
         fx.store
             .bed_of(
                 &PatientId {
-                    system: "GHH".into(),
+                    system: "urn:vigil:authority:GHH".into(),
                     value: "MRN-2".into()
                 },
                 T0 + MINUTE
@@ -383,7 +383,8 @@ async fn the_hub_serves_the_adt_listener_from_its_config() {
         .port();
     let dir = tempfile::tempdir().unwrap();
     let text = format!(
-        "{}\n[adt]\nlisten = \"127.0.0.1:{port}\"\n",
+        "{}\n[adt]\nlisten = \"127.0.0.1:{port}\"\n\
+         [identifiers.authorities]\nGHH = \"urn:oid:1.2.3.4\"\n",
         common::config_text(dir.path(), "")
     );
     let config = cloud_hub::Config::parse(&text).unwrap();
@@ -420,6 +421,30 @@ async fn the_hub_serves_the_adt_listener_from_its_config() {
         "{text}"
     );
     assert!(text.contains("vigil_hub_adt_messages_total{ack=\"AA\"} 0"));
+    // With the bed: admitted, PID-3's authority GHH stored as the URI the
+    // hub's [identifiers] table gives it.
+    let (status, body) = common::call_json(
+        &hub,
+        Some(&hub.reader),
+        "POST",
+        "/api/v1/beds",
+        Some(serde_json::json!({ "id": "ICU3-07-B", "ward": "ICU 3", "label": "Bed B" })),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.write_all(&frame(A01)).await.unwrap();
+    let (code, _, text) = read_ack(&mut s, &mut buf).await;
+    assert_eq!(code, "AA", "{text}");
+    drop(s);
+    let (status, body) = hub
+        .get_json("/api/v1/occupancy?at=2024-05-01T10:30:00Z")
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["beds"][0]["patient"]["system"], "urn:oid:1.2.3.4",
+        "{body}"
+    );
     hub.stop().await;
 }
 
@@ -515,7 +540,7 @@ async fn adt_over_tls_with_rustls() {
         store
             .bed_of(
                 &PatientId {
-                    system: "GHH".into(),
+                    system: "urn:vigil:authority:GHH".into(),
                     value: "MRN-1".into()
                 },
                 T0

@@ -38,6 +38,8 @@ mod fhir_validator;
 mod gateway_rotate;
 #[path = "hub_postgres.rs"]
 mod hub_postgres;
+#[path = "identifier_systems.rs"]
+mod identifier_systems;
 #[path = "ingest.rs"]
 mod ingest;
 #[path = "ingest_encoding.rs"]

@@ -1593,6 +1593,77 @@ fn gateways_view_sums_the_window(s: &Store) -> Result<(), StoreError> {
     Ok(())
 }
 
+fn stored_authority_systems_are_migrated_to_uris_once(s: &Store) -> Result<(), StoreError> {
+    let none = Associations::new();
+    let systems = cloud_hub::identifiers::IdentifierSystems::default();
+    let map = |raw: &str| systems.system_uri(raw);
+    // As stored by a build before `[identifiers]`: the HL7 assigning
+    // authority as the system, on readings' rows and on a stay; a URI and
+    // a reading without a system stay as they are.
+    let with = |r: Reading, system: &str, value: &str| Reading {
+        subject: Some(Identifier {
+            system: system.into(),
+            value: value.into(),
+        }),
+        ..r
+    };
+    ingest(
+        s,
+        &batch(
+            1,
+            vec![entry(
+                "d1",
+                vec![
+                    with(spo2(T0, 1), "HOSP", "MRN-1"),
+                    with(hr(T0, 2), "HOSP", "MRN-1"),
+                    with(spo2(T0 + MIN, 3), "urn:oid:1.2.3", "MRN-2"),
+                    with(spo2(T0 + 2 * MIN, 4), "", "MRN-3"),
+                ],
+            )],
+        ),
+        &none,
+    );
+    beds(s, &["b1"]);
+    let hosp = PatientId {
+        system: "HOSP".into(),
+        value: "MRN-1".into(),
+    };
+    s.admit(&hosp, "b1", T0, None, &none).unwrap();
+    let done = s.migrate_patient_systems(&map).unwrap();
+    assert_eq!((done.systems, done.stays, done.observations), (1, 1, 2));
+    let uri = PatientId {
+        system: "urn:vigil:authority:HOSP".into(),
+        value: "MRN-1".into(),
+    };
+    assert_eq!(s.bed_of(&uri, T0 + MIN).unwrap().as_deref(), Some("b1"));
+    assert_eq!(s.bed_of(&hosp, T0 + MIN).unwrap(), None);
+    let system_of = |seq: u64| {
+        s.observation(&oid("d1", seq))
+            .unwrap()
+            .unwrap()
+            .patient_system
+    };
+    assert_eq!(system_of(1).as_deref(), Some("urn:vigil:authority:HOSP"));
+    assert_eq!(system_of(2).as_deref(), Some("urn:vigil:authority:HOSP"));
+    assert_eq!(system_of(3).as_deref(), Some("urn:oid:1.2.3"));
+    assert_eq!(system_of(4), None);
+    assert_eq!(
+        s.patient("MRN-1")?.as_deref(),
+        Some("urn:vigil:authority:HOSP")
+    );
+    // Served with the URI, although the stored payload names `HOSP`.
+    let row = s.observation(&oid("d1", 1))?.unwrap();
+    let o = cloud_hub::fhir::render::render_observation(&row).unwrap();
+    assert_eq!(
+        o["subject"]["identifier"]["system"],
+        "urn:vigil:authority:HOSP"
+    );
+    // Idempotent: nothing left to rewrite.
+    let again = s.migrate_patient_systems(&map).unwrap();
+    assert_eq!((again.systems, again.stays, again.observations), (0, 0, 0));
+    Ok(())
+}
+
 /// Each case runs on both backends: `sqlite::<case>` on a temp file,
 /// `postgres::<case>` on a throwaway server. A case returns `()` or a
 /// `Result` (unwrapped).
@@ -1663,6 +1734,7 @@ suite!(
     trend_buckets_follow_reattributed_readings,
     audit_log_appends_and_chains,
     gateways_view_sums_the_window,
+    stored_authority_systems_are_migrated_to_uris_once,
 );
 
 // ---- PostgreSQL only ----

@@ -46,7 +46,8 @@ async fn reading_subject_is_the_patient_even_when_a_static_association_exists() 
         obs["subject"],
         serde_json::json!({
             "reference": "Patient/MRN-777",
-            "identifier": { "system": "GOODHEALTH", "value": "MRN-777" }
+            // The source's assigning authority, as a URI ([identifiers]).
+            "identifier": { "system": "urn:vigil:authority:GOODHEALTH", "value": "MRN-777" }
         })
     );
     let (_, bundle) = hub

@@ -193,7 +193,9 @@ token_file = \"gateway.token\"\nbatch_max_wait_ms = 200\nmax_backoff_ms = 500\n\
             o["subject"],
             serde_json::json!({
                 "reference": "Patient/PY-MRN-501",
-                "identifier": { "system": "PYHOSP", "value": "PY-MRN-501" }
+                // PID-3's assigning authority PYHOSP, as the hub's default
+                // `[identifiers]` maps it to a URI.
+                "identifier": { "system": "urn:vigil:authority:PYHOSP", "value": "PY-MRN-501" }
             })
         );
         let (loinc, ucum) = match mdc.as_str() {

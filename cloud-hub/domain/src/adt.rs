@@ -18,11 +18,15 @@
 //!   **event time** (HL7 DTM; a time without zone is taken at
 //!   `utc_offset_minutes`).
 //! - PID-3 patient identifier list: one identifier, the first of type `MR`,
-//!   else `PI`, else the first with a value; its value (CX.1) and assigning
-//!   authority (CX.4, namespace or universal id) as the system (or the
-//!   configured `patient_id_system`). **Names (PID-5), birth date, address
-//!   and every other PID field are never read**: the hub stores identifiers
-//!   only.
+//!   else `PI`, else the first with a value; its value (CX.1) and its
+//!   assigning authority (CX.4, an HD) mapped to a system URI by
+//!   `[identifiers]` ([`crate::identifiers`]); without an authority, the
+//!   sending facility's (MSH-4) configured URI, else the configured
+//!   `patient_id_system` (mapped the same way). **Names (PID-5), birth
+//!   date, address and every other PID field are never read**: the hub
+//!   stores identifiers only.
+//! - MSH-4 sending facility (HD namespace id, universal id): only to look
+//!   up `[identifiers.facilities]`.
 //! - PV1-3 assigned patient location (PL: point of care ^ room ^ bed ^
 //!   facility): mapped to a bed id by the `bed_id` template, default
 //!   `{poc}-{room}-{bed}` (e.g. `ICU3^07^B` → bed `ICU3-07-B`); placeholders
@@ -50,6 +54,7 @@ use shared_protocol::hl7v2::{
 use time::{OffsetDateTime, UtcOffset};
 
 use crate::association::{PatientId, is_valid_key};
+use crate::identifiers::IdentifierSystems;
 
 /// Default PV1-3 → bed id template.
 pub const DEFAULT_BED_TEMPLATE: &str = "{poc}-{room}-{bed}";
@@ -60,8 +65,12 @@ const MAX_FUTURE_US: i64 = 24 * 3600 * 1_000_000;
 /// Interpretation options (from `[adt]`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AdtOptions {
-    /// `Identifier.system` when PID-3 has no assigning authority.
+    /// `Identifier.system` when PID-3 has no assigning authority and the
+    /// sending facility (MSH-4) has no `[identifiers.facilities]` entry
+    /// (mapped like an authority).
     pub patient_id_system: Option<String>,
+    /// Assigning authority / sending facility → system URI (`[identifiers]`).
+    pub identifiers: IdentifierSystems,
     /// Offset from UTC (minutes) of HL7 times without a zone.
     pub utc_offset_minutes: i32,
     /// PV1-3 → bed id template.
@@ -72,6 +81,7 @@ impl Default for AdtOptions {
     fn default() -> Self {
         Self {
             patient_id_system: None,
+            identifiers: IdentifierSystems::default(),
             utc_offset_minutes: 0,
             bed_template: DEFAULT_BED_TEMPLATE.into(),
         }
@@ -355,22 +365,32 @@ fn patient_identifier(msg: &Message, pid: &Segment, opts: &AdtOptions) -> Option
         if value.is_empty() {
             continue;
         }
-        let mut authority = msg.subcomponent(rep, 4, 1);
-        if authority.is_empty() {
-            authority = msg.subcomponent(rep, 4, 2);
-        }
-        ids.push((value, authority.trim().to_string(), msg.component(rep, 5)));
+        // CX.4 as an HD: namespace id & universal id & universal id type.
+        let (ns, uid, kind) = (
+            msg.subcomponent(rep, 4, 1),
+            msg.subcomponent(rep, 4, 2),
+            msg.subcomponent(rep, 4, 3),
+        );
+        let authority = if uid.trim().is_empty() {
+            ns.trim().to_string()
+        } else {
+            format!("{}&{}&{}", ns.trim(), uid.trim(), kind.trim())
+        };
+        ids.push((value, authority, msg.component(rep, 5)));
     }
     let pick = ids
         .iter()
         .find(|i| i.2 == "MR")
         .or_else(|| ids.iter().find(|i| i.2 == "PI"))
         .or_else(|| ids.first())?;
-    let system = if pick.1.is_empty() {
-        opts.patient_id_system.clone().unwrap_or_default()
-    } else {
-        pick.1.clone()
-    };
+    // MSH-4 sending facility (HD: namespace id ^ universal id).
+    let msh = msg.msh();
+    let facility = (msg.get(msh, 4, 1), msg.get(msh, 4, 2));
+    let system = opts.identifiers.patient_system(
+        &pick.1,
+        (&facility.0, &facility.1),
+        opts.patient_id_system.as_deref(),
+    );
     let p = PatientId {
         system,
         value: pick.0.clone(),
@@ -478,7 +498,7 @@ mod tests {
             e,
             AdtEvent::Admit {
                 patient: PatientId {
-                    system: "GOOD HEALTH HOSPITAL".into(),
+                    system: "urn:vigil:authority:GOOD%20HEALTH%20HOSPITAL".into(),
                     value: "PATID1234".into(),
                 },
                 bed: "ICU3-07-B".into(),
@@ -490,6 +510,39 @@ mod tests {
         // Nothing of PID-5 or PID-7 is in the event.
         let text = format!("{e:?}");
         assert!(!text.contains("EVERYMAN") && !text.contains("1961"));
+    }
+
+    #[test]
+    fn the_system_is_the_authority_or_facility_mapped_to_a_uri() {
+        let system = |pid3: &str, opts: &AdtOptions| {
+            let mut m = A01.to_vec();
+            let pid = format!("PID|1||{pid3}||EVERYMAN^ADAM");
+            m[2] = &pid;
+            match interpret(&msg(&m), opts, NOW).outcome {
+                Outcome::Event(AdtEvent::Admit { patient, .. }) => patient.system,
+                other => panic!("{other:?}"),
+            }
+        };
+        let mut opts = AdtOptions::default();
+        assert_eq!(system("P1^^^HOSP^MR", &opts), "urn:vigil:authority:HOSP");
+        assert_eq!(
+            system("P1^^^HOSP&2.16.840.1.113883.19&ISO^MR", &opts),
+            "urn:oid:2.16.840.1.113883.19"
+        );
+        assert_eq!(system("P1^^^&1.2.3&ISO^MR", &opts), "urn:oid:1.2.3");
+        // No authority, no facility entry, no default: no system.
+        assert_eq!(system("P1^^^^MR", &opts), "");
+        opts.patient_id_system = Some("LOCAL".into());
+        assert_eq!(system("P1^^^^MR", &opts), "urn:vigil:authority:LOCAL");
+        // MSH-4 GOOD HEALTH HOSPITAL has an entry: it wins over the default.
+        opts.identifiers
+            .facilities
+            .insert("GOOD HEALTH HOSPITAL".into(), "urn:oid:1.2.3.4".into());
+        assert_eq!(system("P1^^^^MR", &opts), "urn:oid:1.2.3.4");
+        opts.identifiers
+            .authorities
+            .insert("HOSP".into(), "https://hosp.example/mrn".into());
+        assert_eq!(system("P1^^^HOSP^MR", &opts), "https://hosp.example/mrn");
     }
 
     #[test]

@@ -14,8 +14,9 @@ pub const GENESIS: &str = "00000000000000000000000000000000000000000000000000000
 pub struct Entry {
     pub time_us: i64,
     /// The principal: `user:…`, `token:…`, `oidc:…`, `admin-token`,
-    /// `bearer:<first 16 hex of the token's SHA-256>`, `anonymous` or `cli`
-    /// (never a credential).
+    /// `bearer:<first 16 hex of the token's SHA-256>`, `anonymous`, `cli`
+    /// or `system` (the hub itself, e.g. a migration at start; never a
+    /// credential).
     pub actor: String,
     /// read, create, update, delete, execute.
     pub action: String,

@@ -11,6 +11,7 @@
 //!   [`early_warning`]: a patient's inputs and score report.
 //! - [`alerts`]: the alert engine and its rules.
 //! - [`audit`]: the audit log's hash chain and its verification.
+//! - [`identifiers`]: patient identifier systems (HL7 authorities) as URIs.
 //! - [`gateway_activity`]: the dashboard's per-gateway batch totals.
 //! - [`trends`]: chart buckets and trend slopes.
 
@@ -22,6 +23,7 @@ pub mod clock;
 pub mod early_warning;
 pub mod fhir;
 pub mod gateway_activity;
+pub mod identifiers;
 pub mod ingest;
 pub mod score_history;
 pub mod scores;

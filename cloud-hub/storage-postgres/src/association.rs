@@ -9,7 +9,8 @@ use hub_domain::association::{
     Bed, BedOccupancy, Change, Interval, Keyed, OPEN, PatientId, Piece, Plan, Target,
 };
 use hub_storage::{
-    AssocError, AssocTx, AssociationStore, Associations, StoreError, Timeline, procedure,
+    AssocError, AssocTx, AssociationStore, Associations, StoreError, SystemsMigrated, Timeline,
+    procedure, systems_to_migrate,
 };
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Row, Transaction};
@@ -367,6 +368,34 @@ impl AssociationStore for PgStore {
                 )?
                 .get(0);
             Ok(n as u64)
+        })
+    }
+
+    fn migrate_patient_systems(
+        &self,
+        map: &(dyn Fn(&str) -> String + Sync),
+    ) -> Result<SystemsMigrated, AssocError> {
+        self.assoc_tx(|tx| {
+            let mut stored = Vec::new();
+            for sql in [
+                "SELECT DISTINCT patient_system FROM patient_stays",
+                "SELECT DISTINCT patient_system FROM observations WHERE patient_system IS NOT NULL",
+            ] {
+                stored.extend(tx.query(sql, &[])?.iter().map(|r| r.get::<_, String>(0)));
+            }
+            let mut done = SystemsMigrated::default();
+            for (old, new) in systems_to_migrate(stored, map) {
+                done.systems += 1;
+                done.stays += tx.execute(
+                    "UPDATE patient_stays SET patient_system = $2 WHERE patient_system = $1",
+                    &[&old, &new],
+                )?;
+                done.observations += tx.execute(
+                    "UPDATE observations SET patient_system = $2 WHERE patient_system = $1",
+                    &[&old, &new],
+                )?;
+            }
+            Ok(Ok(done))
         })
     }
 }

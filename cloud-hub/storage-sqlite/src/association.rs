@@ -9,7 +9,8 @@ use hub_domain::association::{
     Bed, BedOccupancy, Change, Interval, Keyed, OPEN, PatientId, Piece, Plan, Target,
 };
 use hub_storage::{
-    AssocError, AssocTx, AssociationStore, Associations, StoreError, Timeline, procedure,
+    AssocError, AssocTx, AssociationStore, Associations, StoreError, SystemsMigrated, Timeline,
+    procedure, systems_to_migrate,
 };
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
@@ -359,6 +360,37 @@ impl AssociationStore for SqliteStore {
             )
             .map_err(store_error)?;
         Ok(n as u64)
+    }
+
+    fn migrate_patient_systems(
+        &self,
+        map: &(dyn Fn(&str) -> String + Sync),
+    ) -> Result<SystemsMigrated, AssocError> {
+        self.assoc_tx(|tx| {
+            let mut stored = Vec::new();
+            for sql in [
+                "SELECT DISTINCT patient_system FROM patient_stays",
+                "SELECT DISTINCT patient_system FROM observations WHERE patient_system IS NOT NULL",
+            ] {
+                let mut stmt = tx.0.prepare(sql)?;
+                for s in stmt.query_map([], |r| r.get::<_, String>(0))? {
+                    stored.push(s?);
+                }
+            }
+            let mut done = SystemsMigrated::default();
+            for (old, new) in systems_to_migrate(stored, map) {
+                done.systems += 1;
+                done.stays += tx.0.execute(
+                    "UPDATE patient_stays SET patient_system = ?2 WHERE patient_system = ?1",
+                    params![old, new],
+                )? as u64;
+                done.observations += tx.0.execute(
+                    "UPDATE observations SET patient_system = ?2 WHERE patient_system = ?1",
+                    params![old, new],
+                )? as u64;
+            }
+            Ok(Ok(done))
+        })
     }
 }
 

@@ -1393,6 +1393,7 @@ mod tests {
         assert_eq!((r.ack.accepted, r.ack.duplicates), (1, 1));
         let all = ObservationSearch {
             patients: vec![],
+            patient_identifiers: vec![],
             codes: vec![],
             dates: vec![],
             categories: vec![],

@@ -125,6 +125,46 @@ pub trait AssociationStore {
     fn occupancy(&self, at: i64) -> Result<Vec<BedOccupancy>, AssocError>;
     /// How many stored readings have no patient.
     fn unattributed_count(&self) -> Result<u64, AssocError>;
+    /// Rewrites every stored patient identifier system that is not an
+    /// absolute URI (an HL7 assigning authority stored before
+    /// `[identifiers]`, e.g. `HOSP`) to `map(system)`, on patient stays and
+    /// observations, in one transaction; empty systems stay empty. With
+    /// `hub_domain::identifiers::IdentifierSystems::system_uri` as `map`,
+    /// running it again changes nothing.
+    fn migrate_patient_systems(
+        &self,
+        map: &(dyn Fn(&str) -> String + Sync),
+    ) -> Result<SystemsMigrated, AssocError>;
+}
+
+/// What [`AssociationStore::migrate_patient_systems`] rewrote.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SystemsMigrated {
+    /// Distinct stored systems rewritten.
+    pub systems: u64,
+    /// Patient stays rewritten.
+    pub stays: u64,
+    /// Observation rows rewritten.
+    pub observations: u64,
+}
+
+/// The stored systems [`AssociationStore::migrate_patient_systems`]
+/// rewrites, each with its new system: those not absolute URIs whose
+/// mapping differs (`stored`: the distinct stored systems).
+pub fn systems_to_migrate(
+    mut stored: Vec<String>,
+    map: &(dyn Fn(&str) -> String + Sync),
+) -> Vec<(String, String)> {
+    stored.sort_unstable();
+    stored.dedup();
+    stored
+        .into_iter()
+        .filter(|s| !s.trim().is_empty() && !hub_domain::identifiers::is_absolute_uri(s))
+        .filter_map(|old| {
+            let new = map(&old);
+            (!new.is_empty() && new != old).then_some((old, new))
+        })
+        .collect()
 }
 
 /// The two timelines: device placements (keyed by gateway and device) and

@@ -20,7 +20,9 @@ mod scores;
 mod trends;
 
 pub use alerts::{AlertFilter, AlertStore, AlertsLoaded, StoredOverride, Transitioned};
-pub use association::{AssocError, AssocTx, AssociationStore, Timeline, procedure};
+pub use association::{
+    AssocError, AssocTx, AssociationStore, SystemsMigrated, Timeline, procedure, systems_to_migrate,
+};
 pub use error::StoreError;
 pub use scores::ScoreStore;
 pub use trends::TrendStore;

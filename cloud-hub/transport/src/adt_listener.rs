@@ -59,7 +59,9 @@ pub struct AdtConfig {
     /// Allow plaintext MLLP on a non-loopback address.
     #[serde(default)]
     pub allow_plaintext: bool,
-    /// `Identifier.system` when PID-3 has no assigning authority.
+    /// `Identifier.system` when PID-3 has no assigning authority and the
+    /// sending facility has no `[identifiers.facilities]` entry (mapped
+    /// like an authority: `[identifiers]`).
     #[serde(default)]
     pub patient_id_system: Option<String>,
     /// Offset from UTC (minutes, ±1080) of HL7 times without a zone.
@@ -166,6 +168,7 @@ impl AdtConfig {
     fn options(&self) -> AdtOptions {
         AdtOptions {
             patient_id_system: self.patient_id_system.clone(),
+            identifiers: Default::default(),
             utc_offset_minutes: self.utc_offset_minutes,
             bed_template: self.bed_id.clone(),
         }
@@ -307,6 +310,19 @@ impl AdtListener {
 
     pub fn stats(&self) -> Arc<AdtStats> {
         self.ctx.stats.clone()
+    }
+
+    /// Maps PID-3 assigning authorities and MSH-4 sending facilities to
+    /// identifier system URIs by `identifiers` (`[identifiers]`; default:
+    /// its defaults).
+    pub fn with_identifiers(
+        mut self,
+        identifiers: &hub_domain::identifiers::IdentifierSystems,
+    ) -> Self {
+        if let Some(ctx) = Arc::get_mut(&mut self.ctx) {
+            ctx.opts.identifiers = identifiers.clone();
+        }
+        self
     }
 
     /// Counts into `stats` (e.g. the hub's `/metrics` counters) instead of

@@ -91,11 +91,33 @@ pub fn load_admin_token(path: &Path) -> Result<String, AdminTokenError> {
 pub struct ApiState {
     store: Store,
     fallback: Arc<Associations>,
+    /// `[identifiers]`: a patient's `system` (an HL7 assigning authority,
+    /// an OID or a URI) is stored as its URI.
+    identifiers: Arc<hub_domain::identifiers::IdentifierSystems>,
 }
 
 impl ApiState {
     pub fn new(store: Store, fallback: Arc<Associations>) -> Self {
-        Self { store, fallback }
+        Self {
+            store,
+            fallback,
+            identifiers: Arc::default(),
+        }
+    }
+
+    /// Maps patient identifier systems by `identifiers`.
+    pub fn with_identifiers(
+        mut self,
+        identifiers: Arc<hub_domain::identifiers::IdentifierSystems>,
+    ) -> Self {
+        self.identifiers = identifiers;
+        self
+    }
+
+    /// `patient` with its system mapped to a URI.
+    fn mapped(&self, mut patient: PatientId) -> PatientId {
+        patient.system = self.identifiers.system_uri(&patient.system);
+        patient
     }
 }
 
@@ -330,7 +352,8 @@ struct AdmitRequest {
 async fn admit(State(st): State<ApiState>, body: Bytes) -> Response {
     respond(
         async {
-            let r: AdmitRequest = parse_body(&body)?;
+            let mut r: AdmitRequest = parse_body(&body)?;
+            r.patient = st.mapped(r.patient);
             let at = parse_at(r.at.as_deref())?;
             if let Some(v) = &r.visit
                 && (v.is_empty() || v.len() > 64 || v.chars().any(char::is_control))
@@ -362,7 +385,8 @@ struct TransferRequest {
 async fn transfer(State(st): State<ApiState>, body: Bytes) -> Response {
     respond(
         async {
-            let r: TransferRequest = parse_body(&body)?;
+            let mut r: TransferRequest = parse_body(&body)?;
+            r.patient = st.mapped(r.patient);
             let at = parse_at(r.at.as_deref())?;
             let (store, fb) = (st.store.clone(), st.fallback.clone());
             let bed = r.bed_id.clone();
@@ -384,7 +408,8 @@ struct DischargeRequest {
 async fn discharge(State(st): State<ApiState>, body: Bytes) -> Response {
     respond(
         async {
-            let r: DischargeRequest = parse_body(&body)?;
+            let mut r: DischargeRequest = parse_body(&body)?;
+            r.patient = st.mapped(r.patient);
             let at = parse_at(r.at.as_deref())?;
             let (store, fb) = (st.store.clone(), st.fallback.clone());
             let c = run(move || store.discharge(&r.patient, at, &fb)).await?;

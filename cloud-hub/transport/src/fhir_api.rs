@@ -53,6 +53,9 @@ pub struct FhirState {
     /// When the hub started (the CapabilityStatement's date).
     started: String,
     exports: Arc<crate::export::Exports>,
+    /// `[identifiers]`: `patient:identifier` systems are mapped before the
+    /// search, so the HL7 authority and its URI find the same patient.
+    identifiers: Arc<hub_domain::identifiers::IdentifierSystems>,
 }
 
 impl FhirState {
@@ -71,8 +74,46 @@ impl FhirState {
             tls,
             started: fhir::format_instant(now_us() / 1_000_000 * 1_000_000),
             exports: Arc::new(crate::export::Exports::new(exports_dir)),
+            identifiers: Arc::default(),
         }
     }
+
+    /// Maps the systems of `patient:identifier` searches by `identifiers`.
+    pub fn with_identifiers(
+        mut self,
+        identifiers: Arc<hub_domain::identifiers::IdentifierSystems>,
+    ) -> Self {
+        self.identifiers = identifiers;
+        self
+    }
+}
+
+/// Resolves `patient:identifier` tokens to the patient ids they name: a
+/// known patient whose stored system is the token's system mapped to its
+/// URI (any system when the token has none; none for `|value`). Adds them
+/// to `search.patients`; false when tokens were given and none names a
+/// known patient (the search finds nothing).
+fn resolve_identifiers(
+    store: &Store,
+    identifiers: &hub_domain::identifiers::IdentifierSystems,
+    search: &mut fhir::ObservationSearch,
+) -> Result<bool, crate::store::StoreError> {
+    if search.patient_identifiers.is_empty() {
+        return Ok(true);
+    }
+    for token in std::mem::take(&mut search.patient_identifiers) {
+        let Some(stored) = store.patient(&token.value)? else {
+            continue;
+        };
+        let matches = match token.system.as_deref() {
+            None => true,
+            Some(raw) => identifiers.system_uri(raw) == identifiers.system_uri(&stored),
+        };
+        if matches && !search.patients.contains(&token.value) {
+            search.patients.push(token.value);
+        }
+    }
+    Ok(!search.patients.is_empty())
 }
 
 /// The FHIR routes, nested under `/fhir`.
@@ -535,8 +576,16 @@ async fn search(State(st): State<FhirState>, headers: HeaderMap, uri: Uri) -> Re
         Err(e) => return outcome(StatusCode::BAD_REQUEST, e.code, &e.diagnostics),
     };
     let store = st.store.clone();
-    let s2 = search.clone();
-    let (total, rows) = match blocking(move || store.search(&s2)).await {
+    let mut s2 = search.clone();
+    let identifiers = st.identifiers.clone();
+    let (total, rows) = match blocking(move || {
+        if !resolve_identifiers(&store, &identifiers, &mut s2)? {
+            return Ok::<_, crate::store::StoreError>((0, Vec::new()));
+        }
+        store.search(&s2)
+    })
+    .await
+    {
         Ok(r) => r,
         Err(e) => return fhir_internal(&e),
     };

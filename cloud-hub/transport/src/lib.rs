@@ -33,6 +33,7 @@ pub mod encoding;
 pub mod error;
 pub mod export;
 pub mod fhir_api;
+pub mod identifiers;
 pub mod ingest_api;
 pub mod metrics;
 pub mod mqtt_ingest;

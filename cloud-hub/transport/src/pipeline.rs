@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 
+use hub_domain::identifiers::IdentifierSystems;
 use shared_protocol::v1::Batch;
 
 use crate::SharedMetrics;
@@ -22,6 +23,8 @@ pub struct Pipeline {
     after_ingest: AfterIngest,
     /// `server.max_body_bytes`: the largest decoded batch.
     max_body_bytes: usize,
+    /// `[identifiers]`: each reading's `subject.system` is stored as its URI.
+    identifiers: Arc<IdentifierSystems>,
 }
 
 /// Runs blocking storage work off the async threads; a panicked task is an error.
@@ -45,7 +48,15 @@ impl Pipeline {
             metrics,
             after_ingest,
             max_body_bytes,
+            identifiers: Arc::default(),
         }
+    }
+
+    /// Maps readings' identifier systems by `identifiers` (default: the
+    /// `[identifiers]` defaults).
+    pub fn with_identifiers(mut self, identifiers: Arc<IdentifierSystems>) -> Self {
+        self.identifiers = identifiers;
+        self
     }
 
     pub fn max_body_bytes(&self) -> usize {
@@ -100,8 +111,9 @@ impl Pipeline {
     async fn store_batch_traced(
         &self,
         gateway_id: &str,
-        batch: Batch,
+        mut batch: Batch,
     ) -> Result<shared_protocol::v1::BatchAck, TransportError> {
+        crate::identifiers::map_batch(&self.identifiers, &mut batch);
         let store = self.store.clone();
         let associations = self.associations.clone();
         let gw = gateway_id.to_owned();

@@ -605,8 +605,8 @@ pub fn capability_statement(date: &str) -> Json {
                 "readHistory": false,
                 "updateCreate": false,
                 "searchParam": [
-                    param("patient", "reference", "Patient id or Patient/id"),
-                    param("subject", "reference", "Patient id or Patient/id"),
+                    param("patient", "reference", "Patient id or Patient/id; patient:identifier takes [system]|value (an HL7 assigning authority or its URI)"),
+                    param("subject", "reference", "Patient id or Patient/id; subject:identifier takes [system]|value (an HL7 assigning authority or its URI)"),
                     param("code", "token", "LOINC (incl. vital-signs profile codes) or MDC (urn:iso:std:iso:11073:10101) code; comma = OR"),
                     param("date", "date", "effective time; prefixes eq, lt, le, gt, ge, sa, eb; repeatable"),
                     param("category", "token", "observation category (vital-signs, laboratory); comma = OR"),
@@ -878,6 +878,11 @@ pub enum SortOrder {
 pub struct ObservationSearch {
     /// Patient ids, OR-ed. Empty = any (including unattributed readings).
     pub patients: Vec<String>,
+    /// `patient:identifier` / `subject:identifier` tokens, OR-ed: the
+    /// caller resolves them to `patients` (a system is mapped to its URI
+    /// by `[identifiers]`, so the raw HL7 authority and the URI both find
+    /// the patient) before the store searches.
+    pub patient_identifiers: Vec<IdentifierToken>,
     /// Each inner list is an OR-set of MDC codes; the lists are AND-ed. An
     /// empty inner list matches nothing (codes unknown to the catalogue).
     pub codes: Vec<Vec<CodeMatch>>,
@@ -889,6 +894,31 @@ pub struct ObservationSearch {
     pub count: u32,
     pub offset: u64,
     pub sort: SortOrder,
+}
+
+/// A `system|value` token naming a patient by identifier.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentifierToken {
+    /// `None`: any system (`value` alone); `Some("")`: no system (`|value`).
+    pub system: Option<String>,
+    pub value: String,
+}
+
+fn parse_identifier_token(param: &str, token: &str) -> Result<IdentifierToken, SearchParamError> {
+    let (system, value) = match token.split_once('|') {
+        Some((s, v)) => (Some(s.to_owned()), v),
+        None => (None, token),
+    };
+    if value.is_empty() || value.len() > 64 || value.chars().any(char::is_control) {
+        return Err(invalid(
+            param,
+            format!("`{token}` is not [system]|value with a value of 1-64 characters"),
+        ));
+    }
+    Ok(IdentifierToken {
+        system,
+        value: value.to_owned(),
+    })
 }
 
 fn parse_reference(param: &str, value: &str) -> Result<String, SearchParamError> {
@@ -988,6 +1018,7 @@ fn parse_int<T: std::str::FromStr>(param: &str, value: &str) -> Result<T, Search
 pub fn parse_search(pairs: &[(String, String)]) -> Result<ObservationSearch, SearchParamError> {
     let mut s = ObservationSearch {
         patients: Vec::new(),
+        patient_identifiers: Vec::new(),
         codes: Vec::new(),
         dates: Vec::new(),
         categories: Vec::new(),
@@ -1006,7 +1037,7 @@ pub fn parse_search(pairs: &[(String, String)]) -> Result<ObservationSearch, Sea
             return Err(invalid(name, "empty value"));
         }
         match name {
-            "patient" | "subject" => {
+            "patient" | "subject" | "patient:identifier" | "subject:identifier" => {
                 if patient_seen {
                     return Err(unsupported(
                         name,
@@ -1015,7 +1046,11 @@ pub fn parse_search(pairs: &[(String, String)]) -> Result<ObservationSearch, Sea
                 }
                 patient_seen = true;
                 for v in value.split(',') {
-                    s.patients.push(parse_reference(name, v)?);
+                    if name.ends_with(":identifier") {
+                        s.patient_identifiers.push(parse_identifier_token(name, v)?);
+                    } else {
+                        s.patients.push(parse_reference(name, v)?);
+                    }
                 }
             }
             "code" => {
@@ -1409,6 +1444,35 @@ mod tests {
     }
 
     #[test]
+    fn patient_identifier_tokens_are_parsed() {
+        let s = parse_search(&pairs(&[(
+            "patient:identifier",
+            "HOSP|123456,urn:vigil:authority:HOSP|7,|8,9",
+        )]))
+        .unwrap();
+        let t = |system: Option<&str>, value: &str| IdentifierToken {
+            system: system.map(str::to_owned),
+            value: value.into(),
+        };
+        assert_eq!(
+            s.patient_identifiers,
+            vec![
+                t(Some("HOSP"), "123456"),
+                t(Some("urn:vigil:authority:HOSP"), "7"),
+                t(Some(""), "8"),
+                t(None, "9"),
+            ]
+        );
+        assert!(s.patients.is_empty());
+        let e = parse_search(&pairs(&[
+            ("subject:identifier", "HOSP|1"),
+            ("patient", "p-1"),
+        ]))
+        .unwrap_err();
+        assert!(e.diagnostics.contains("once"), "{e}");
+    }
+
+    #[test]
     fn search_params_are_validated() {
         let s = parse_search(&pairs(&[
             ("patient", "Patient/p-1"),
@@ -1429,6 +1493,8 @@ mod tests {
             ("date", "yesterday"),
             ("code", ""),
             ("code:text", "x"),
+            ("patient:identifier", "HOSP|"),
+            ("subject:missing", "true"),
         ] {
             let e = parse_search(&pairs(&[(k, v)])).unwrap_err();
             assert!(

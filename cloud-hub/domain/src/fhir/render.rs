@@ -629,22 +629,30 @@ pub fn render_location(bed_id: &str, ward: &str, label: &str) -> Json {
     })
 }
 
-/// Adds the patient identifier's system to `subject` when the row knows it
-/// and the subject has no identifier yet.
+/// Adds the patient identifier to `subject` when the row knows its system
+/// and the subject has no identifier yet; an identifier of the row's
+/// patient takes the row's system (the stored system is the mapped URI,
+/// `crate::identifiers`, also for payloads stored with an HL7 authority
+/// before the mapping and migrated since).
 fn complete_subject(resource: &mut Json, row: &ObservationRow) {
     let (Some(p), Some(system)) = (row.patient_id.as_deref(), row.patient_system.as_deref()) else {
         return;
     };
-    if let Some(subject) = resource.get_mut("subject").and_then(Json::as_object_mut)
-        && !subject.contains_key("identifier")
-    {
-        let mut ident = serde_json::Map::new();
-        if !system.is_empty() {
+    let Some(subject) = resource.get_mut("subject").and_then(Json::as_object_mut) else {
+        return;
+    };
+    if let Some(ident) = subject.get_mut("identifier").and_then(Json::as_object_mut) {
+        if !system.is_empty() && ident.get("value").and_then(Json::as_str) == Some(p) {
             ident.insert("system".into(), json!(system));
         }
-        ident.insert("value".into(), json!(p));
-        subject.insert("identifier".into(), Json::Object(ident));
+        return;
     }
+    let mut ident = serde_json::Map::new();
+    if !system.is_empty() {
+        ident.insert("system".into(), json!(system));
+    }
+    ident.insert("value".into(), json!(p));
+    subject.insert("identifier".into(), Json::Object(ident));
 }
 
 /// A patient's current NEWS2 as a FHIR Observation (computed on request,
