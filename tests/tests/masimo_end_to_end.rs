@@ -472,9 +472,11 @@ fn runnable_doc_blocks_run() {
         );
         ran.push(doc);
     }
-    // The README's hub commands are marked runnable; an unmarked README
-    // would make this test vacuous.
-    assert!(ran.contains(&"README.md".to_owned()), "ran only {ran:?}");
+    // These documents' command blocks are marked runnable; losing the
+    // marks would make this test vacuous.
+    for doc in ["README.md", "docs/access.md", "docs/hub.md"] {
+        assert!(ran.contains(&doc.to_owned()), "{doc} did not run: ran {ran:?}");
+    }
 }
 
 /// `edge-agent check-config` fails on a listening port another process
