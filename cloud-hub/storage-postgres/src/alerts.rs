@@ -10,15 +10,22 @@ use hub_storage::{
     AlertFilter, AlertStore, AlertsLoaded, StoreError, StoredOverride, Transitioned,
 };
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{IsolationLevel, Row};
+use tokio_postgres::{IsolationLevel, Row, Transaction};
 
 use crate::{DbError, PgStore};
 
-const ALERT_COLUMNS: &str = "id, kind, code, priority, state, message, patient_id, gateway_id,
+/// Advisory lock key serializing alert evaluations and writes across hubs.
+pub(crate) const ALERTS_LOCK: i64 = 0x5649_4749_4c41_4c54; // "VIGILALT"
+/// The NOTIFY channel of committed alert changes (the payload is empty: a
+/// listener reads the transitions after the last it saw).
+pub(crate) const ALERTS_CHANNEL: &str = "vigil_alerts";
+
+pub(crate) const ALERT_COLUMNS: &str =
+    "id, kind, code, priority, state, message, patient_id, gateway_id,
     device_id, value, unit, condition_since_us, raised_us, acknowledged_us, acknowledged_by,
     escalated_us, resolved_us";
 
-fn alert_row(r: &Row) -> Alert {
+pub(crate) fn alert_row(r: &Row) -> Alert {
     let (kind, priority, state) = decode_stored(r.get(1), r.get(3), r.get(4));
     Alert {
         id: r.get(0),
@@ -86,68 +93,41 @@ impl PgStore {
         }
         let mut c = self.conn().await?;
         let tx = c.transaction().await?;
-        let upsert = tx
-            .prepare(&format!(
-                "INSERT INTO alerts ({ALERT_COLUMNS})
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
-                 ON CONFLICT (id) DO UPDATE SET kind = excluded.kind, code = excluded.code,
-                     priority = excluded.priority, state = excluded.state,
-                     message = excluded.message, patient_id = excluded.patient_id,
-                     gateway_id = excluded.gateway_id, device_id = excluded.device_id,
-                     value = excluded.value, unit = excluded.unit,
-                     condition_since_us = excluded.condition_since_us,
-                     raised_us = excluded.raised_us, acknowledged_us = excluded.acknowledged_us,
-                     acknowledged_by = excluded.acknowledged_by,
-                     escalated_us = excluded.escalated_us, resolved_us = excluded.resolved_us"
-            ))
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&ALERTS_LOCK])
             .await?;
-        let last: Vec<&Alert> = changes
-            .iter()
-            .enumerate()
-            .filter(|(i, ch)| !changes[i + 1..].iter().any(|l| l.alert.id == ch.alert.id))
-            .map(|(_, ch)| &ch.alert)
-            .collect();
-        let (t, upsert) = (&*tx, &upsert);
-        try_join_all(last.into_iter().map(|a| async move {
-            let (kind, priority, state) = (a.kind.as_str(), a.priority.as_str(), a.state.as_str());
-            t.execute(
-                upsert,
-                &[
-                    &a.id,
-                    &kind,
-                    &a.code,
-                    &priority,
-                    &state,
-                    &a.message,
-                    &a.patient,
-                    &a.gateway_id,
-                    &a.device_id,
-                    &a.value,
-                    &a.unit,
-                    &a.condition_since_us,
-                    &a.raised_us,
-                    &a.acknowledged_us,
-                    &a.acknowledged_by,
-                    &a.escalated_us,
-                    &a.resolved_us,
-                ],
-            )
-            .await
-        }))
-        .await?;
-        let ids: Vec<i64> = changes.iter().map(|ch| ch.alert.id).collect();
-        let transitions: Vec<&str> = changes.iter().map(|ch| ch.transition.as_str()).collect();
-        let actors: Vec<Option<&str>> = changes.iter().map(|ch| ch.actor.as_deref()).collect();
-        tx.execute(
-            "INSERT INTO alert_events (alert_id, time_us, transition, actor)
-             SELECT a, $4, t, w FROM unnest($1::bigint[], $2::text[], $3::text[])
-                 WITH ORDINALITY AS e (a, t, w, n)
-              ORDER BY n",
-            &[&ids, &transitions, &actors, &now_us],
-        )
-        .await?;
+        write_changes(&tx, changes, now_us).await?;
+        tx.execute("SELECT pg_notify($1, '')", &[&ALERTS_CHANNEL])
+            .await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    /// One evaluation at a time across every hub on the database (a
+    /// transaction advisory lock): the open alerts and the next id read
+    /// under the lock, the changes written and announced (NOTIFY, delivered
+    /// at commit) in the same transaction.
+    async fn db_evaluate_alerts(
+        &self,
+        now_us: i64,
+        evaluate: &mut dyn FnMut(Vec<Alert>, i64) -> Vec<Change>,
+    ) -> Result<Vec<Change>, DbError> {
+        let mut c = self.conn().await?;
+        let tx = c.transaction().await?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&ALERTS_LOCK])
+            .await?;
+        let open_sql = format!("SELECT {ALERT_COLUMNS} FROM alerts WHERE state <> 'resolved'");
+        let (open, next) = futures_util::try_join!(
+            tx.query(open_sql.as_str(), &[]),
+            tx.query_one("SELECT COALESCE(MAX(id), 0) + 1 FROM alerts", &[]),
+        )?;
+        let changes = evaluate(open.iter().map(alert_row).collect(), next.get(0));
+        if !changes.is_empty() {
+            write_changes(&tx, &changes, now_us).await?;
+            tx.execute("SELECT pg_notify($1, '')", &[&ALERTS_CHANNEL])
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(changes)
     }
 
     async fn db_list_alerts(&self, f: &AlertFilter) -> Result<Vec<Alert>, DbError> {
@@ -220,12 +200,94 @@ impl PgStore {
     }
 }
 
+/// Each change's alert inserted or replaced by id, and its transition. The
+/// upserts are pipelined (an alert changed twice in one commit is written
+/// once, in its last state); the transitions follow in one statement whose
+/// ids keep the changes' order.
+async fn write_changes(
+    tx: &Transaction<'_>,
+    changes: &[Change],
+    now_us: i64,
+) -> Result<(), DbError> {
+    let upsert = tx
+        .prepare(&format!(
+            "INSERT INTO alerts ({ALERT_COLUMNS})
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
+             ON CONFLICT (id) DO UPDATE SET kind = excluded.kind, code = excluded.code,
+                 priority = excluded.priority, state = excluded.state,
+                 message = excluded.message, patient_id = excluded.patient_id,
+                 gateway_id = excluded.gateway_id, device_id = excluded.device_id,
+                 value = excluded.value, unit = excluded.unit,
+                 condition_since_us = excluded.condition_since_us,
+                 raised_us = excluded.raised_us, acknowledged_us = excluded.acknowledged_us,
+                 acknowledged_by = excluded.acknowledged_by,
+                 escalated_us = excluded.escalated_us, resolved_us = excluded.resolved_us"
+        ))
+        .await?;
+    let last: Vec<&Alert> = changes
+        .iter()
+        .enumerate()
+        .filter(|(i, ch)| !changes[i + 1..].iter().any(|l| l.alert.id == ch.alert.id))
+        .map(|(_, ch)| &ch.alert)
+        .collect();
+    let (t, upsert) = (&*tx, &upsert);
+    try_join_all(last.into_iter().map(|a| async move {
+        let (kind, priority, state) = (a.kind.as_str(), a.priority.as_str(), a.state.as_str());
+        t.execute(
+            upsert,
+            &[
+                &a.id,
+                &kind,
+                &a.code,
+                &priority,
+                &state,
+                &a.message,
+                &a.patient,
+                &a.gateway_id,
+                &a.device_id,
+                &a.value,
+                &a.unit,
+                &a.condition_since_us,
+                &a.raised_us,
+                &a.acknowledged_us,
+                &a.acknowledged_by,
+                &a.escalated_us,
+                &a.resolved_us,
+            ],
+        )
+        .await
+    }))
+    .await?;
+    let ids: Vec<i64> = changes.iter().map(|ch| ch.alert.id).collect();
+    let transitions: Vec<&str> = changes.iter().map(|ch| ch.transition.as_str()).collect();
+    let actors: Vec<Option<&str>> = changes.iter().map(|ch| ch.actor.as_deref()).collect();
+    tx.execute(
+        "INSERT INTO alert_events (alert_id, time_us, transition, actor)
+         SELECT a, $4, t, w FROM unnest($1::bigint[], $2::text[], $3::text[])
+             WITH ORDINALITY AS e (a, t, w, n)
+          ORDER BY n",
+        &[&ids, &transitions, &actors, &now_us],
+    )
+    .await?;
+    Ok(())
+}
+
 impl AlertStore for PgStore {
     fn load_alerts(&self) -> Result<AlertsLoaded, StoreError> {
         self.run(self.db_load_alerts())
     }
     fn commit_alerts(&self, changes: &[Change], now_us: i64) -> Result<(), StoreError> {
         self.run(self.db_commit_alerts(changes, now_us))
+    }
+    fn evaluate_alerts(
+        &self,
+        now_us: i64,
+        evaluate: &mut dyn FnMut(Vec<Alert>, i64) -> Vec<Change>,
+    ) -> Result<Vec<Change>, StoreError> {
+        self.run(self.db_evaluate_alerts(now_us, evaluate))
+    }
+    fn alert_changes(&self) -> tokio::sync::broadcast::Receiver<Change> {
+        self.alert_feed()
     }
     fn list_alerts(&self, filter: &AlertFilter) -> Result<Vec<Alert>, StoreError> {
         self.run(self.db_list_alerts(filter))

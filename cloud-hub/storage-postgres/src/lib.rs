@@ -34,6 +34,7 @@ mod alerts;
 mod association;
 mod audit;
 mod error;
+mod feed;
 mod gateway_view;
 mod ingest;
 pub mod schema;
@@ -251,6 +252,12 @@ pub struct PgStore {
     pool: deadpool_postgres::Pool,
     io: Arc<IoRuntime>,
     partitions: Arc<Mutex<HashSet<i64>>>,
+    /// How to open the change feed's own LISTEN connection.
+    listen: Arc<feed::Listen>,
+    /// The alert change feed, started by its first subscriber.
+    alert_feed: Arc<
+        std::sync::OnceLock<tokio::sync::broadcast::Sender<hub_domain::alerts::engine::Change>>,
+    >,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -286,6 +293,10 @@ impl PgStore {
             config.connect_timeout(Duration::from_secs(10));
         }
         config.application_name("vigil-hub");
+        let listen = Arc::new(feed::Listen {
+            config: config.clone(),
+            tls: cfg.tls()?,
+        });
         let manager = deadpool_postgres::Manager::from_config(
             config,
             cfg.tls()?,
@@ -305,6 +316,8 @@ impl PgStore {
             pool,
             io: Arc::new(IoRuntime::new()?),
             partitions: Arc::new(Mutex::new(HashSet::new())),
+            listen,
+            alert_feed: Arc::default(),
         };
         store.block(store.migrate())?;
         Ok(store)

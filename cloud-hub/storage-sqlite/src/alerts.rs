@@ -73,40 +73,48 @@ impl SqliteStore {
     fn db_commit_alerts(&self, changes: &[Change], now_us: i64) -> Result<(), DbError> {
         let mut conn = self.conn()?;
         let tx = conn.transaction()?;
-        for c in changes {
-            let a = &c.alert;
-            tx.execute(
-                &format!(
-                    "INSERT OR REPLACE INTO alerts ({ALERT_COLUMNS})
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)"
-                ),
-                params![
-                    a.id,
-                    a.kind.as_str(),
-                    a.code,
-                    a.priority.as_str(),
-                    a.state.as_str(),
-                    a.message,
-                    a.patient,
-                    a.gateway_id,
-                    a.device_id,
-                    a.value,
-                    a.unit,
-                    a.condition_since_us,
-                    a.raised_us,
-                    a.acknowledged_us,
-                    a.acknowledged_by,
-                    a.escalated_us,
-                    a.resolved_us
-                ],
-            )?;
-            tx.execute(
-                "INSERT INTO alert_events (alert_id, time_us, transition, actor) VALUES (?1, ?2, ?3, ?4)",
-                params![a.id, now_us, c.transition.as_str(), c.actor],
-            )?;
-        }
+        write_changes(&tx, changes, now_us)?;
         tx.commit()?;
+        drop(conn);
+        self.announce(changes);
         Ok(())
+    }
+
+    /// The single writer serializes evaluations: the open alerts and the
+    /// next id are read, the changes written, in one transaction.
+    fn db_evaluate_alerts(
+        &self,
+        now_us: i64,
+        evaluate: &mut dyn FnMut(Vec<Alert>, i64) -> Vec<Change>,
+    ) -> Result<Vec<Change>, DbError> {
+        let mut conn = self.conn()?;
+        let tx = conn.transaction()?;
+        let open = tx
+            .prepare_cached(&format!(
+                "SELECT {ALERT_COLUMNS} FROM alerts WHERE state <> 'resolved'"
+            ))?
+            .query_map([], alert_row)?
+            .collect::<Result<Vec<_>, _>>()?;
+        let next_id: i64 =
+            tx.query_row("SELECT COALESCE(MAX(id), 0) + 1 FROM alerts", [], |r| {
+                r.get(0)
+            })?;
+        let changes = evaluate(open, next_id);
+        if changes.is_empty() {
+            return Ok(changes);
+        }
+        write_changes(&tx, &changes, now_us)?;
+        tx.commit()?;
+        drop(conn);
+        self.announce(&changes);
+        Ok(changes)
+    }
+
+    fn announce(&self, changes: &[Change]) {
+        for c in changes {
+            // No receiver is not an error.
+            let _ = self.alert_feed.send(c.clone());
+        }
     }
 
     fn db_list_alerts(&self, f: &AlertFilter) -> Result<Vec<Alert>, DbError> {
@@ -178,12 +186,60 @@ impl SqliteStore {
     }
 }
 
+fn write_changes(
+    tx: &rusqlite::Transaction<'_>,
+    changes: &[Change],
+    now_us: i64,
+) -> Result<(), DbError> {
+    for c in changes {
+        let a = &c.alert;
+        tx.prepare_cached(&format!(
+            "INSERT OR REPLACE INTO alerts ({ALERT_COLUMNS})
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)"
+        ))?
+        .execute(params![
+            a.id,
+            a.kind.as_str(),
+            a.code,
+            a.priority.as_str(),
+            a.state.as_str(),
+            a.message,
+            a.patient,
+            a.gateway_id,
+            a.device_id,
+            a.value,
+            a.unit,
+            a.condition_since_us,
+            a.raised_us,
+            a.acknowledged_us,
+            a.acknowledged_by,
+            a.escalated_us,
+            a.resolved_us
+        ])?;
+        tx.prepare_cached(
+            "INSERT INTO alert_events (alert_id, time_us, transition, actor) VALUES (?1, ?2, ?3, ?4)",
+        )?
+        .execute(params![a.id, now_us, c.transition.as_str(), c.actor])?;
+    }
+    Ok(())
+}
+
 impl AlertStore for SqliteStore {
     fn load_alerts(&self) -> Result<AlertsLoaded, StoreError> {
         Ok(self.db_load_alerts()?)
     }
     fn commit_alerts(&self, changes: &[Change], now_us: i64) -> Result<(), StoreError> {
         Ok(self.db_commit_alerts(changes, now_us)?)
+    }
+    fn evaluate_alerts(
+        &self,
+        now_us: i64,
+        evaluate: &mut dyn FnMut(Vec<Alert>, i64) -> Vec<Change>,
+    ) -> Result<Vec<Change>, StoreError> {
+        Ok(self.db_evaluate_alerts(now_us, evaluate)?)
+    }
+    fn alert_changes(&self) -> tokio::sync::broadcast::Receiver<Change> {
+        self.alert_feed.subscribe()
     }
     fn list_alerts(&self, filter: &AlertFilter) -> Result<Vec<Alert>, StoreError> {
         Ok(self.db_list_alerts(filter)?)

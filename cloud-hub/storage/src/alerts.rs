@@ -46,6 +46,23 @@ pub trait AlertStore {
     /// transition at `now_us`, all in one transaction.
     fn commit_alerts(&self, changes: &[Change], now_us: i64) -> Result<(), StoreError>;
     /// Alerts, newest (highest id) first.
+    /// Evaluates alerts against the stored state, once across every hub
+    /// on the database: in one transaction serialized with every other
+    /// evaluation (PostgreSQL: a transaction advisory lock; SQLite: its
+    /// single writer), `evaluate` gets the open alerts as stored now and
+    /// the id the next new alert gets, and the changes it returns are
+    /// stored (as [`Self::commit_alerts`]) and announced on the change feed
+    /// ([`Self::alert_changes`]) when the transaction commits. Returns them.
+    fn evaluate_alerts(
+        &self,
+        now_us: i64,
+        evaluate: &mut dyn FnMut(Vec<Alert>, i64) -> Vec<Change>,
+    ) -> Result<Vec<Change>, StoreError>;
+    /// The change feed: every alert change committed from now on by any
+    /// hub on this database (PostgreSQL: LISTEN/NOTIFY, re-read after a
+    /// reconnect; SQLite: in process), in commit order. A lagging receiver
+    /// loses the oldest changes (`RecvError::Lagged`).
+    fn alert_changes(&self) -> tokio::sync::broadcast::Receiver<Change>;
     fn list_alerts(&self, filter: &AlertFilter) -> Result<Vec<Alert>, StoreError>;
     /// One alert with its transitions, oldest first.
     fn alert(&self, id: i64) -> Result<Option<(Alert, Vec<Transitioned>)>, StoreError>;

@@ -339,6 +339,15 @@ impl Engine {
         self.rules = rules;
     }
 
+    /// Replaces the open alerts and the next id with the stored ones (an
+    /// evaluation against the database, where other hubs change alerts
+    /// too). Conditions waiting for their delay and the devices and
+    /// gateways seen are kept.
+    pub fn sync_open(&mut self, open: Vec<Alert>, next_id: i64) {
+        self.open = open.into_iter().map(|a| (a.key(), a)).collect();
+        self.next_id = next_id;
+    }
+
     /// Open alerts (active or acknowledged).
     pub fn open_alerts(&self) -> impl Iterator<Item = &Alert> {
         self.open.values()

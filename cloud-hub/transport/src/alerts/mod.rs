@@ -3,9 +3,12 @@
 //! audit trail of every transition and a live stream.
 //!
 //! [`engine`] decides (sans-IO); this module feeds it from ingest and the
-//! clock, stores its alerts and their transitions through
-//! `hub_storage::AlertStore` and broadcasts each change to the live stream
-//! ([`api`]). See docs/alerts.md.
+//! clock, evaluates against the stored alerts and stores their transitions
+//! through `hub_storage::AlertStore` (one evaluation at a time across every
+//! hub on the database, so an alert is raised, escalated and stored once
+//! whichever replica saw the batch), and serves the store's change feed,
+//! which carries every hub's changes, as the live stream ([`api`]). See
+//! docs/alerts.md.
 
 pub mod api;
 
@@ -141,6 +144,16 @@ pub struct Event {
     pub actor: Option<String>,
 }
 
+impl From<Change> for Event {
+    fn from(c: Change) -> Self {
+        Self {
+            transition: c.transition,
+            alert: c.alert,
+            actor: c.actor,
+        }
+    }
+}
+
 /// Errors of the alert service.
 #[derive(Debug, thiserror::Error)]
 pub enum AlertError {
@@ -160,12 +173,12 @@ impl From<StoreError> for AlertError {
     }
 }
 
-/// The alert service: the engine, its store and the live stream.
+/// The alert service: the engine and its store (whose change feed is the
+/// live stream).
 pub struct AlertService {
     engine: Mutex<Engine>,
     store: Store,
     config: AlertsConfig,
-    tx: broadcast::Sender<Event>,
 }
 
 impl std::fmt::Debug for AlertService {
@@ -205,12 +218,10 @@ impl AlertService {
             rules.set_patient(&p, o);
         }
         tracing::info!(open = open.len(), "alert engine started");
-        let (tx, _) = broadcast::channel(1024);
         Ok(Some(Arc::new(Self {
             engine: Mutex::new(Engine::new(config.engine_config(), rules, next_id, open)),
             store: store.clone(),
             config: config.clone(),
-            tx,
         })))
     }
 
@@ -218,23 +229,31 @@ impl AlertService {
         &self.config
     }
 
-    /// A receiver of every change from now on.
-    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
-        self.tx.subscribe()
+    /// A receiver of every change from now on, made by any hub on the
+    /// database (the store's change feed).
+    pub fn subscribe(&self) -> broadcast::Receiver<Change> {
+        self.store.alert_changes()
     }
 
     fn engine(&self) -> std::sync::MutexGuard<'_, Engine> {
         self.engine.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Stores changes (alert row + transition, one transaction) and
-    /// broadcasts them.
-    fn commit(&self, changes: Vec<Change>, now_us: i64) -> Result<(), AlertError> {
-        if changes.is_empty() {
-            return Ok(());
-        }
-        self.store.commit_alerts(&changes, now_us)?;
-        for c in changes {
+    /// Runs `decide` on the engine synchronized with the stored open
+    /// alerts, inside the store's evaluation transaction (serialized with
+    /// every other hub's), and stores its changes there.
+    fn evaluate(
+        &self,
+        now_us: i64,
+        mut decide: impl FnMut(&mut Engine) -> Vec<Change>,
+    ) -> Result<Vec<Change>, AlertError> {
+        let mut run = |open: Vec<Alert>, next_id: i64| {
+            let mut e = self.engine();
+            e.sync_open(open, next_id);
+            decide(&mut e)
+        };
+        let changes = self.store.evaluate_alerts(now_us, &mut run)?;
+        for c in &changes {
             // No PHI in logs: ids and codes only.
             tracing::info!(
                 alert_id = c.alert.id,
@@ -243,13 +262,8 @@ impl AlertService {
                 transition = c.transition.as_str(),
                 "alert"
             );
-            let _ = self.tx.send(Event {
-                transition: c.transition,
-                alert: c.alert,
-                actor: c.actor,
-            });
         }
-        Ok(())
+        Ok(changes)
     }
 
     /// The ward of a patient's bed now, if any.
@@ -290,9 +304,8 @@ impl AlertService {
                 }
             }
         }
-        let mut changes = Vec::new();
-        {
-            let mut e = self.engine();
+        self.evaluate(now_us, |e| {
+            let mut changes = Vec::new();
             changes.extend(e.gateway_seen(gateway_id, now_us));
             for (kind, time_us) in &events.gateway {
                 changes.extend(e.gateway_event(*kind, gateway_id, *time_us, now_us));
@@ -337,8 +350,8 @@ impl AlertService {
                 };
                 changes.extend(e.value(&input, now_us));
             }
-        }
-        self.commit(changes, now_us)?;
+            changes
+        })?;
         Ok(())
     }
 
@@ -364,24 +377,32 @@ impl AlertService {
             crate::scores::News2Risk::LowMedium => News2Band::SingleParameter3,
             crate::scores::News2Risk::Low => News2Band::Low,
         };
-        let changes = self
-            .engine()
-            .news2(&report.patient, n.total, band, now_us, now_us);
-        self.commit(changes, now_us)
+        self.evaluate(now_us, |e| {
+            e.news2(&report.patient, n.total, band, now_us, now_us)
+        })?;
+        Ok(())
     }
 
     /// The clock: stale data, offline gateways, escalation.
     pub fn tick(&self, now_us: i64) -> Result<(), AlertError> {
-        let changes = self.engine().tick(now_us);
-        self.commit(changes, now_us)
+        self.evaluate(now_us, |e| e.tick(now_us))?;
+        Ok(())
     }
 
     /// Acknowledges an open alert.
     pub fn acknowledge(&self, id: i64, actor: &str, now_us: i64) -> Result<Alert, AlertError> {
-        let changes = self.engine().acknowledge(id, actor, now_us)?;
-        let alert = changes[0].alert.clone();
-        self.commit(changes, now_us)?;
-        Ok(alert)
+        let mut refused = None;
+        let changes = self.evaluate(now_us, |e| match e.acknowledge(id, actor, now_us) {
+            Ok(c) => c,
+            Err(r) => {
+                refused = Some(r);
+                vec![]
+            }
+        })?;
+        if let Some(r) = refused {
+            return Err(r.into());
+        }
+        Ok(changes[0].alert.clone())
     }
 
     /// Alerts, newest first.
