@@ -1692,7 +1692,7 @@ fn postgres_partitions_by_month_and_migrates_once() {
     let s = Store::open_postgres(&cfg).unwrap();
     assert_eq!(
         s.postgres().unwrap().migrations().unwrap(),
-        vec![1, 2, 3, 4]
+        vec![1, 2, 3, 4, 5]
     );
     let r = ingest(
         &s,
@@ -1739,7 +1739,7 @@ fn postgres_migration_3_keeps_existing_rows_as_incarnation_0() {
     let s = Store::open_postgres(&cfg).unwrap();
     assert_eq!(
         s.postgres().unwrap().migrations().unwrap(),
-        vec![1, 2, 3, 4]
+        vec![1, 2, 3, 4, 5]
     );
     assert!(ingest(&s, &first, &none).ack.duplicate_batch);
     let r = ingest(

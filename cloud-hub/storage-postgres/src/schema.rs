@@ -327,7 +327,18 @@ CREATE TRIGGER audit_log_append_only
     FOR EACH STATEMENT EXECUTE FUNCTION audit_log_append_only();
 "#;
 
-pub(crate) const MIGRATIONS: &[(i64, &str)] = &[(1, V1), (2, PG_V2), (3, PG_V3), (4, PG_V4)];
+/// Migration 5: failed logins and lockouts per user name, shared by every
+/// hub on the database and kept across restarts (only existing users').
+const PG_V5: &str = r#"
+CREATE TABLE login_failures (
+    user_name       text PRIMARY KEY REFERENCES users (name),
+    failures        integer NOT NULL,
+    locked_until_us bigint
+);
+"#;
+
+pub(crate) const MIGRATIONS: &[(i64, &str)] =
+    &[(1, V1), (2, PG_V2), (3, PG_V3), (4, PG_V4), (5, PG_V5)];
 
 /// Observation partitions are UTC months: `[start, end)` in µs of the
 /// month holding `t_us`, and the partition's name.

@@ -430,6 +430,16 @@ ALTER TABLE device_events_v14 RENAME TO device_events;
 CREATE INDEX device_events_device_time ON device_events (gateway_id, device_id, time_us);
 "#;
 
+/// v15: failed logins and lockouts per user name, shared by every process
+/// on the database and kept across restarts (only existing users').
+const SCHEMA_V15: &str = r#"
+CREATE TABLE login_failures (
+    user_name       TEXT PRIMARY KEY REFERENCES users (name),
+    failures        INTEGER NOT NULL,
+    locked_until_us INTEGER
+);
+"#;
+
 /// Ordered migrations; each runs once, in one transaction with its version row.
 pub const MIGRATIONS: &[(i64, &str)] = &[
     (1, SCHEMA_V1),
@@ -446,4 +456,5 @@ pub const MIGRATIONS: &[(i64, &str)] = &[
     (12, SCHEMA_V12),
     (13, SCHEMA_V13),
     (14, SCHEMA_V14),
+    (15, SCHEMA_V15),
 ];

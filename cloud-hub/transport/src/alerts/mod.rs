@@ -218,6 +218,8 @@ impl AlertService {
             rules.set_patient(&p, o);
         }
         tracing::info!(open = open.len(), "alert engine started");
+        // The change feed from now on (on PostgreSQL: its listener starts).
+        drop(store.alert_changes());
         Ok(Some(Arc::new(Self {
             engine: Mutex::new(Engine::new(config.engine_config(), rules, next_id, open)),
             store: store.clone(),
