@@ -1,7 +1,8 @@
 //! Two real `cloud-hub serve` processes (replicas) on one throwaway
 //! PostgreSQL, as AKS runs them: an alert raised by a batch one replica
 //! stored reaches an SSE client of the other within 1 s, an acknowledge on
-//! one is seen on the other, and each alert is raised and escalated once;
+//! one is seen on the other, and each alert is raised and escalated once
+//! (a condition's delay counts across replicas);
 //! login lockouts and sessions hold across replicas and a restart; kill -9
 //! of one replica while a client posts to it loses nothing (the client
 //! re-sends its un-acked batch to the other); the audit chain verifies
@@ -189,11 +190,12 @@ async fn an_alert_raised_through_one_replica_is_streamed_by_the_other_and_stored
     assert_eq!(stream.status(), 200);
     let mut buf = String::new();
 
-    // SpO2 90 % for 12 s, through A: both low-SpO2 alerts raised there.
+    // SpO2 90 % for 12 s: the condition's start stored through B, its
+    // delay reached through A: both low-SpO2 alerts raised there.
     let t = now_us();
     post_batch(
         &http,
-        &a.base,
+        &b.base,
         &token,
         &batch(1, DEVICE, vec![spo2(1, 90.0, t - 12 * S)]),
     )

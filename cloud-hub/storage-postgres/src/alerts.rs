@@ -5,9 +5,10 @@
 
 use futures_util::future::try_join_all;
 use hub_domain::alerts::decode_stored;
-use hub_domain::alerts::engine::{Alert, Change};
+use hub_domain::alerts::engine::{Alert, Change, Tracked};
 use hub_storage::{
-    AlertFilter, AlertStore, AlertsLoaded, StoreError, StoredOverride, Transitioned,
+    AlertFilter, AlertStore, AlertsLoaded, Evaluation, StoreError, StoredOverride, TrackedChanges,
+    Tracking, Transitioned,
 };
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{IsolationLevel, Row, Transaction};
@@ -103,24 +104,34 @@ impl PgStore {
     }
 
     /// One evaluation at a time across every hub on the database (a
-    /// transaction advisory lock): the open alerts and the next id read
-    /// under the lock, the changes written and announced (NOTIFY, delivered
-    /// at commit) in the same transaction.
+    /// transaction advisory lock): the open alerts, the next id and the
+    /// tracked state read under the lock, the changes and what changed in
+    /// the tracked state written and announced (NOTIFY, delivered at
+    /// commit) in the same transaction.
     async fn db_evaluate_alerts(
         &self,
         now_us: i64,
-        evaluate: &mut dyn FnMut(Vec<Alert>, i64) -> Vec<Change>,
+        tracking: Tracking<'_>,
+        evaluate: &mut dyn FnMut(Evaluation) -> (Vec<Change>, Tracked),
     ) -> Result<Vec<Change>, DbError> {
         let mut c = self.conn().await?;
         let tx = c.transaction().await?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&ALERTS_LOCK])
             .await?;
         let open_sql = format!("SELECT {ALERT_COLUMNS} FROM alerts WHERE state <> 'resolved'");
-        let (open, next) = futures_util::try_join!(
+        let (open, next, tracked) = futures_util::try_join!(
             tx.query(open_sql.as_str(), &[]),
             tx.query_one("SELECT COALESCE(MAX(id), 0) + 1 FROM alerts", &[]),
+            load_tracked(&tx, tracking),
         )?;
-        let changes = evaluate(open.iter().map(alert_row).collect(), next.get(0));
+        let (changes, after) = evaluate(Evaluation {
+            open: open.iter().map(alert_row).collect(),
+            next_id: next.get(0),
+            tracked: tracked.clone(),
+        });
+        if let Some(before) = &tracked {
+            write_tracked(&tx, &TrackedChanges::between(before, &after)).await?;
+        }
         if !changes.is_empty() {
             write_changes(&tx, &changes, now_us).await?;
             tx.execute("SELECT pg_notify($1, '')", &[&ALERTS_CHANNEL])
@@ -198,6 +209,107 @@ impl PgStore {
         tx.commit().await?;
         Ok(())
     }
+}
+
+/// The tracked state `tracking` names (`None` for nothing).
+async fn load_tracked(
+    tx: &Transaction<'_>,
+    tracking: Tracking<'_>,
+) -> Result<Option<Tracked>, tokio_postgres::Error> {
+    let gateway = match tracking {
+        Tracking::Nothing => return Ok(None),
+        Tracking::Gateway(g) => Some(g),
+        Tracking::Everything => None,
+    };
+    let (pending, devices, gateways) = futures_util::try_join!(
+        tx.query("SELECT alert_key, since_us FROM alert_pending", &[]),
+        async {
+            tx.query(
+                "SELECT gateway_id, device_id, last_us, patient_id FROM alert_devices
+                  WHERE $1::text IS NULL OR gateway_id = $1",
+                &[&gateway],
+            )
+            .await
+        },
+        async {
+            tx.query(
+                "SELECT gateway_id, last_us FROM alert_gateways
+                  WHERE $1::text IS NULL OR gateway_id = $1",
+                &[&gateway],
+            )
+            .await
+        },
+    )?;
+    Ok(Some(Tracked {
+        pending: pending.iter().map(|r| (r.get(0), r.get(1))).collect(),
+        devices: devices
+            .iter()
+            .map(|r| ((r.get(0), r.get(1)), (r.get(2), r.get(3))))
+            .collect(),
+        gateways: gateways.iter().map(|r| (r.get(0), r.get(1))).collect(),
+    }))
+}
+
+/// Writes what an evaluation changed in the tracked state (one statement
+/// per kind of row that changed, pipelined).
+async fn write_tracked(tx: &Transaction<'_>, t: &TrackedChanges) -> Result<(), DbError> {
+    let keys: Vec<&str> = t.pending.iter().map(|(k, _)| k.as_str()).collect();
+    let since: Vec<i64> = t.pending.iter().map(|(_, v)| *v).collect();
+    let dev_g: Vec<&str> = t.devices.iter().map(|d| d.0.as_str()).collect();
+    let dev_d: Vec<&str> = t.devices.iter().map(|d| d.1.as_str()).collect();
+    let dev_t: Vec<i64> = t.devices.iter().map(|d| d.2).collect();
+    let dev_p: Vec<Option<&str>> = t.devices.iter().map(|d| d.3.as_deref()).collect();
+    let gw: Vec<&str> = t.gateways.iter().map(|(g, _)| g.as_str()).collect();
+    let gw_t: Vec<i64> = t.gateways.iter().map(|(_, v)| *v).collect();
+    let gone = async {
+        if t.pending_gone.is_empty() {
+            return Ok(0);
+        }
+        tx.execute(
+            "DELETE FROM alert_pending WHERE alert_key = ANY($1)",
+            &[&t.pending_gone],
+        )
+        .await
+    };
+    let pending = async {
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        tx.execute(
+            "INSERT INTO alert_pending (alert_key, since_us)
+             SELECT * FROM unnest($1::text[], $2::bigint[])
+             ON CONFLICT (alert_key) DO UPDATE SET since_us = excluded.since_us",
+            &[&keys, &since],
+        )
+        .await
+    };
+    let devices = async {
+        if dev_g.is_empty() {
+            return Ok(0);
+        }
+        tx.execute(
+            "INSERT INTO alert_devices (gateway_id, device_id, last_us, patient_id)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[])
+             ON CONFLICT (gateway_id, device_id) DO UPDATE
+                 SET last_us = excluded.last_us, patient_id = excluded.patient_id",
+            &[&dev_g, &dev_d, &dev_t, &dev_p],
+        )
+        .await
+    };
+    let gateways = async {
+        if gw.is_empty() {
+            return Ok(0);
+        }
+        tx.execute(
+            "INSERT INTO alert_gateways (gateway_id, last_us)
+             SELECT * FROM unnest($1::text[], $2::bigint[])
+             ON CONFLICT (gateway_id) DO UPDATE SET last_us = excluded.last_us",
+            &[&gw, &gw_t],
+        )
+        .await
+    };
+    futures_util::try_join!(gone, pending, devices, gateways)?;
+    Ok(())
 }
 
 /// Each change's alert inserted or replaced by id, and its transition. The
@@ -282,9 +394,10 @@ impl AlertStore for PgStore {
     fn evaluate_alerts(
         &self,
         now_us: i64,
-        evaluate: &mut dyn FnMut(Vec<Alert>, i64) -> Vec<Change>,
+        tracking: Tracking<'_>,
+        evaluate: &mut dyn FnMut(Evaluation) -> (Vec<Change>, Tracked),
     ) -> Result<Vec<Change>, StoreError> {
-        self.run(self.db_evaluate_alerts(now_us, evaluate))
+        self.run(self.db_evaluate_alerts(now_us, tracking, evaluate))
     }
     fn alert_changes(&self) -> tokio::sync::broadcast::Receiver<Change> {
         self.alert_feed()

@@ -2,9 +2,10 @@
 //! overrides (`alert_rule_overrides`) in SQLite (schema v9).
 
 use hub_domain::alerts::decode_stored;
-use hub_domain::alerts::engine::{Alert, Change};
+use hub_domain::alerts::engine::{Alert, Change, Tracked};
 use hub_storage::{
-    AlertFilter, AlertStore, AlertsLoaded, StoreError, StoredOverride, Transitioned,
+    AlertFilter, AlertStore, AlertsLoaded, Evaluation, StoreError, StoredOverride, TrackedChanges,
+    Tracking, Transitioned,
 };
 use rusqlite::{OptionalExtension, params};
 
@@ -80,12 +81,14 @@ impl SqliteStore {
         Ok(())
     }
 
-    /// The single writer serializes evaluations: the open alerts and the
-    /// next id are read, the changes written, in one transaction.
+    /// The single writer serializes evaluations: the open alerts, the
+    /// next id and the tracked state are read, the changes and the tracked
+    /// state written, in one transaction.
     fn db_evaluate_alerts(
         &self,
         now_us: i64,
-        evaluate: &mut dyn FnMut(Vec<Alert>, i64) -> Vec<Change>,
+        tracking: Tracking<'_>,
+        evaluate: &mut dyn FnMut(Evaluation) -> (Vec<Change>, Tracked),
     ) -> Result<Vec<Change>, DbError> {
         let mut conn = self.conn()?;
         let tx = conn.transaction()?;
@@ -99,8 +102,17 @@ impl SqliteStore {
             tx.query_row("SELECT COALESCE(MAX(id), 0) + 1 FROM alerts", [], |r| {
                 r.get(0)
             })?;
-        let changes = evaluate(open, next_id);
-        if changes.is_empty() {
+        let tracked = load_tracked(&tx, tracking)?;
+        let (changes, after) = evaluate(Evaluation {
+            open,
+            next_id,
+            tracked: tracked.clone(),
+        });
+        let written = match &tracked {
+            Some(before) => write_tracked(&tx, &TrackedChanges::between(before, &after))?,
+            None => false,
+        };
+        if changes.is_empty() && !written {
             return Ok(changes);
         }
         write_changes(&tx, &changes, now_us)?;
@@ -186,6 +198,71 @@ impl SqliteStore {
     }
 }
 
+/// The tracked state `tracking` names (`None` for nothing).
+fn load_tracked(
+    tx: &rusqlite::Transaction<'_>,
+    tracking: Tracking<'_>,
+) -> Result<Option<Tracked>, DbError> {
+    let gateway = match tracking {
+        Tracking::Nothing => return Ok(None),
+        Tracking::Gateway(g) => Some(g),
+        Tracking::Everything => None,
+    };
+    let pending = tx
+        .prepare_cached("SELECT alert_key, since_us FROM alert_pending")?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    let devices = tx
+        .prepare_cached(
+            "SELECT gateway_id, device_id, last_us, patient_id FROM alert_devices
+              WHERE ?1 IS NULL OR gateway_id = ?1",
+        )?
+        .query_map([gateway], |r| {
+            Ok(((r.get(0)?, r.get(1)?), (r.get(2)?, r.get(3)?)))
+        })?
+        .collect::<Result<_, _>>()?;
+    let gateways = tx
+        .prepare_cached(
+            "SELECT gateway_id, last_us FROM alert_gateways WHERE ?1 IS NULL OR gateway_id = ?1",
+        )?
+        .query_map([gateway], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    Ok(Some(Tracked {
+        pending,
+        devices,
+        gateways,
+    }))
+}
+
+/// Writes what an evaluation changed in the tracked state; whether there
+/// was anything.
+fn write_tracked(tx: &rusqlite::Transaction<'_>, t: &TrackedChanges) -> Result<bool, DbError> {
+    for k in &t.pending_gone {
+        tx.prepare_cached("DELETE FROM alert_pending WHERE alert_key = ?1")?
+            .execute([k])?;
+    }
+    for (k, v) in &t.pending {
+        tx.prepare_cached(
+            "INSERT OR REPLACE INTO alert_pending (alert_key, since_us) VALUES (?1, ?2)",
+        )?
+        .execute(params![k, v])?;
+    }
+    for (g, d, last, p) in &t.devices {
+        tx.prepare_cached(
+            "INSERT OR REPLACE INTO alert_devices (gateway_id, device_id, last_us, patient_id)
+             VALUES (?1, ?2, ?3, ?4)",
+        )?
+        .execute(params![g, d, last, p])?;
+    }
+    for (g, last) in &t.gateways {
+        tx.prepare_cached(
+            "INSERT OR REPLACE INTO alert_gateways (gateway_id, last_us) VALUES (?1, ?2)",
+        )?
+        .execute(params![g, last])?;
+    }
+    Ok(!t.is_empty())
+}
+
 fn write_changes(
     tx: &rusqlite::Transaction<'_>,
     changes: &[Change],
@@ -234,9 +311,10 @@ impl AlertStore for SqliteStore {
     fn evaluate_alerts(
         &self,
         now_us: i64,
-        evaluate: &mut dyn FnMut(Vec<Alert>, i64) -> Vec<Change>,
+        tracking: Tracking<'_>,
+        evaluate: &mut dyn FnMut(Evaluation) -> (Vec<Change>, Tracked),
     ) -> Result<Vec<Change>, StoreError> {
-        Ok(self.db_evaluate_alerts(now_us, evaluate)?)
+        Ok(self.db_evaluate_alerts(now_us, tracking, evaluate)?)
     }
     fn alert_changes(&self) -> tokio::sync::broadcast::Receiver<Change> {
         self.alert_feed.subscribe()

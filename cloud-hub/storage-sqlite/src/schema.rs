@@ -430,13 +430,32 @@ ALTER TABLE device_events_v14 RENAME TO device_events;
 CREATE INDEX device_events_device_time ON device_events (gateway_id, device_id, time_us);
 "#;
 
-/// v15: failed logins and lockouts per user name, shared by every process
-/// on the database and kept across restarts (only existing users').
+/// v15: failed logins and lockouts per user name, kept across restarts
+/// (only existing users'); the alert engine's tracked state (as on
+/// PostgreSQL, where several hubs share them).
 const SCHEMA_V15: &str = r#"
 CREATE TABLE login_failures (
     user_name       TEXT PRIMARY KEY REFERENCES users (name),
     failures        INTEGER NOT NULL,
     locked_until_us INTEGER
+);
+-- What the alert engine tracks between inputs, shared by every hub on
+-- the database: conditions waiting for their delay, each device's newest
+-- value (data stale) and each gateway's last batch (gateway offline).
+CREATE TABLE alert_pending (
+    alert_key TEXT PRIMARY KEY,
+    since_us  INTEGER NOT NULL
+);
+CREATE TABLE alert_devices (
+    gateway_id TEXT NOT NULL,
+    device_id  TEXT NOT NULL,
+    last_us    INTEGER NOT NULL,
+    patient_id TEXT,
+    PRIMARY KEY (gateway_id, device_id)
+);
+CREATE TABLE alert_gateways (
+    gateway_id TEXT PRIMARY KEY,
+    last_us    INTEGER NOT NULL
 );
 "#;
 

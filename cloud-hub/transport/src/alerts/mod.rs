@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::association::PatientId;
 use crate::config_error::ConfigError;
-use crate::storage::StoreError;
+use crate::storage::{StoreError, Tracking};
 use crate::store::Store;
 use engine::{Alert, Change, Engine, EngineConfig, LinkEvent, News2Band, Technical, ValueInput};
 use rules::{Priority, RuleOverride, RuleSet};
@@ -242,19 +242,22 @@ impl AlertService {
     }
 
     /// Runs `decide` on the engine synchronized with the stored open
-    /// alerts, inside the store's evaluation transaction (serialized with
-    /// every other hub's), and stores its changes there.
+    /// alerts and tracked state (`tracking`), inside the store's
+    /// evaluation transaction (serialized with every other hub's), and
+    /// stores its changes and the tracked state there.
     fn evaluate(
         &self,
         now_us: i64,
+        tracking: crate::storage::Tracking<'_>,
         mut decide: impl FnMut(&mut Engine) -> Vec<Change>,
     ) -> Result<Vec<Change>, AlertError> {
-        let mut run = |open: Vec<Alert>, next_id: i64| {
+        let mut run = |ev: crate::storage::Evaluation| {
             let mut e = self.engine();
-            e.sync_open(open, next_id);
-            decide(&mut e)
+            e.sync(ev.open, ev.next_id, ev.tracked);
+            let changes = decide(&mut e);
+            (changes, e.tracked())
         };
-        let changes = self.store.evaluate_alerts(now_us, &mut run)?;
+        let changes = self.store.evaluate_alerts(now_us, tracking, &mut run)?;
         for c in &changes {
             // No PHI in logs: ids and codes only.
             tracing::info!(
@@ -306,7 +309,7 @@ impl AlertService {
                 }
             }
         }
-        self.evaluate(now_us, |e| {
+        self.evaluate(now_us, Tracking::Gateway(gateway_id), |e| {
             let mut changes = Vec::new();
             changes.extend(e.gateway_seen(gateway_id, now_us));
             for (kind, time_us) in &events.gateway {
@@ -379,7 +382,7 @@ impl AlertService {
             crate::scores::News2Risk::LowMedium => News2Band::SingleParameter3,
             crate::scores::News2Risk::Low => News2Band::Low,
         };
-        self.evaluate(now_us, |e| {
+        self.evaluate(now_us, Tracking::Nothing, |e| {
             e.news2(&report.patient, n.total, band, now_us, now_us)
         })?;
         Ok(())
@@ -387,18 +390,20 @@ impl AlertService {
 
     /// The clock: stale data, offline gateways, escalation.
     pub fn tick(&self, now_us: i64) -> Result<(), AlertError> {
-        self.evaluate(now_us, |e| e.tick(now_us))?;
+        self.evaluate(now_us, Tracking::Everything, |e| e.tick(now_us))?;
         Ok(())
     }
 
     /// Acknowledges an open alert.
     pub fn acknowledge(&self, id: i64, actor: &str, now_us: i64) -> Result<Alert, AlertError> {
         let mut refused = None;
-        let changes = self.evaluate(now_us, |e| match e.acknowledge(id, actor, now_us) {
-            Ok(c) => c,
-            Err(r) => {
-                refused = Some(r);
-                vec![]
+        let changes = self.evaluate(now_us, Tracking::Nothing, |e| {
+            match e.acknowledge(id, actor, now_us) {
+                Ok(c) => c,
+                Err(r) => {
+                    refused = Some(r);
+                    vec![]
+                }
             }
         })?;
         if let Some(r) = refused {
