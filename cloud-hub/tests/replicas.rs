@@ -2,7 +2,8 @@
 //! PostgreSQL, as AKS runs them: an alert raised by a batch one replica
 //! stored reaches an SSE client of the other within 1 s, an acknowledge on
 //! one is seen on the other, and each alert is raised and escalated once
-//! (a condition's delay counts across replicas);
+//! (a condition's delay counts across replicas), and a patient's limits
+//! set through one are in force on the other;
 //! login lockouts and sessions hold across replicas and a restart; kill -9
 //! of one replica while a client posts to it loses nothing (the client
 //! re-sends its un-acked batch to the other); the audit chain verifies
@@ -312,6 +313,33 @@ async fn an_alert_raised_through_one_replica_is_streamed_by_the_other_and_stored
         }
     }
     assert!(!escalated.contains(&high_id));
+
+    // A patient's own limits set through A are in force on B after its
+    // next evaluation (its clock ticks every 100 ms).
+    let (status, body) = call(
+        &a,
+        "PUT",
+        &format!("/api/v1/patients/{PATIENT}/alert-rules"),
+        Some(json!([{ "id": "spo2-low-high", "limit": 85 }])),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (_, rules) = call(
+        &b,
+        "GET",
+        &format!("/api/v1/patients/{PATIENT}/alert-rules"),
+        None,
+    )
+    .await;
+    let high = rules["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["id"] == "spo2-low-high")
+        .unwrap()
+        .clone();
+    assert_eq!(high["limit"], 85.0, "{rules}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -63,24 +63,13 @@ impl PgStore {
         let (open, next, overrides) = futures_util::try_join!(
             tx.query(open_sql.as_str(), &[]),
             tx.query_one("SELECT COALESCE(MAX(id), 0) + 1 FROM alerts", &[]),
-            tx.query(
-                "SELECT patient_id, rule_id, body FROM alert_rule_overrides
-                  ORDER BY patient_id, rule_id",
-                &[],
-            ),
+            tx.query(OVERRIDES_SQL, &[]),
         )?;
         tx.commit().await?;
         Ok(AlertsLoaded {
             open: open.iter().map(alert_row).collect(),
             next_id: next.get(0),
-            overrides: overrides
-                .iter()
-                .map(|r| StoredOverride {
-                    patient: r.get(0),
-                    rule_id: r.get(1),
-                    body: r.get(2),
-                })
-                .collect(),
+            overrides: overrides.iter().map(override_row).collect(),
         })
     }
 
@@ -119,15 +108,22 @@ impl PgStore {
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&ALERTS_LOCK])
             .await?;
         let open_sql = format!("SELECT {ALERT_COLUMNS} FROM alerts WHERE state <> 'resolved'");
-        let (open, next, tracked) = futures_util::try_join!(
+        let (open, next, tracked, overrides) = futures_util::try_join!(
             tx.query(open_sql.as_str(), &[]),
             tx.query_one("SELECT COALESCE(MAX(id), 0) + 1 FROM alerts", &[]),
             load_tracked(&tx, tracking),
+            async {
+                if tracking == Tracking::Nothing {
+                    return Ok(None);
+                }
+                tx.query(OVERRIDES_SQL, &[]).await.map(Some)
+            },
         )?;
         let (changes, after) = evaluate(Evaluation {
             open: open.iter().map(alert_row).collect(),
             next_id: next.get(0),
             tracked: tracked.clone(),
+            overrides: overrides.map(|rows| rows.iter().map(override_row).collect()),
         });
         if let Some(before) = &tracked {
             write_tracked(&tx, &TrackedChanges::between(before, &after)).await?;
@@ -208,6 +204,17 @@ impl PgStore {
         }
         tx.commit().await?;
         Ok(())
+    }
+}
+
+const OVERRIDES_SQL: &str = "SELECT patient_id, rule_id, body FROM alert_rule_overrides
+    ORDER BY patient_id, rule_id";
+
+fn override_row(r: &Row) -> StoredOverride {
+    StoredOverride {
+        patient: r.get(0),
+        rule_id: r.get(1),
+        body: r.get(2),
     }
 }
 

@@ -51,19 +51,7 @@ impl SqliteStore {
         let next_id = conn.query_row("SELECT COALESCE(MAX(id), 0) + 1 FROM alerts", [], |r| {
             r.get(0)
         })?;
-        let overrides = conn
-            .prepare(
-                "SELECT patient_id, rule_id, body FROM alert_rule_overrides
-                 ORDER BY patient_id, rule_id",
-            )?
-            .query_map([], |r| {
-                Ok(StoredOverride {
-                    patient: r.get(0)?,
-                    rule_id: r.get(1)?,
-                    body: r.get(2)?,
-                })
-            })?
-            .collect::<Result<_, _>>()?;
+        let overrides = load_overrides(&conn)?;
         Ok(AlertsLoaded {
             open,
             next_id,
@@ -103,10 +91,15 @@ impl SqliteStore {
                 r.get(0)
             })?;
         let tracked = load_tracked(&tx, tracking)?;
+        let overrides = match tracking {
+            Tracking::Nothing => None,
+            _ => Some(load_overrides(&tx)?),
+        };
         let (changes, after) = evaluate(Evaluation {
             open,
             next_id,
             tracked: tracked.clone(),
+            overrides,
         });
         let written = match &tracked {
             Some(before) => write_tracked(&tx, &TrackedChanges::between(before, &after))?,
@@ -196,6 +189,23 @@ impl SqliteStore {
         tx.commit()?;
         Ok(())
     }
+}
+
+/// Every patient's rule overrides, by patient then rule id.
+fn load_overrides(conn: &rusqlite::Connection) -> Result<Vec<StoredOverride>, DbError> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT patient_id, rule_id, body FROM alert_rule_overrides
+             ORDER BY patient_id, rule_id",
+        )?
+        .query_map([], |r| {
+            Ok(StoredOverride {
+                patient: r.get(0)?,
+                rule_id: r.get(1)?,
+                body: r.get(2)?,
+            })
+        })?
+        .collect::<Result<_, _>>()?)
 }
 
 /// The tracked state `tracking` names (`None` for nothing).

@@ -58,6 +58,9 @@ pub struct Evaluation {
     pub next_id: i64,
     /// The tracked state asked for (`None` for [`Tracking::Nothing`]).
     pub tracked: Option<Tracked>,
+    /// Every patient's rule overrides as stored now, by patient then rule
+    /// id (`None` for [`Tracking::Nothing`]).
+    pub overrides: Option<Vec<StoredOverride>>,
 }
 
 /// What an evaluation changed in the tracked state: the rows a store

@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::association::PatientId;
 use crate::config_error::ConfigError;
-use crate::storage::{StoreError, Tracking};
+use crate::storage::{StoreError, StoredOverride, Tracking};
 use crate::store::Store;
 use engine::{Alert, Change, Engine, EngineConfig, LinkEvent, News2Band, Technical, ValueInput};
 use rules::{Priority, RuleOverride, RuleSet};
@@ -179,6 +179,29 @@ pub struct AlertService {
     engine: Mutex<Engine>,
     store: Store,
     config: AlertsConfig,
+    /// The configured rules, before patient overrides.
+    base: RuleSet,
+    /// The patient overrides the engine's rules were last built with
+    /// (as stored: another hub may change them).
+    overrides: Mutex<Vec<StoredOverride>>,
+}
+
+/// `base` with the stored patient overrides applied.
+fn with_overrides(base: &RuleSet, stored: &[StoredOverride]) -> RuleSet {
+    let mut rules = base.clone();
+    let mut overrides: HashMap<&str, Vec<RuleOverride>> = HashMap::new();
+    for o in stored {
+        match serde_json::from_str::<RuleOverride>(&o.body) {
+            Ok(r) => overrides.entry(o.patient.as_str()).or_default().push(r),
+            Err(e) => {
+                tracing::error!(error = %e, "stored alert rule override unreadable; ignored")
+            }
+        }
+    }
+    for (p, o) in overrides {
+        rules.set_patient(p, o);
+    }
+    rules
 }
 
 impl std::fmt::Debug for AlertService {
@@ -200,23 +223,12 @@ impl AlertService {
             return Ok(None);
         }
         let loaded = store.load_alerts()?;
-        let mut rules = config.rule_set().map_err(|e| AlertError::Invalid {
+        let base = config.rule_set().map_err(|e| AlertError::Invalid {
             field: "alerts.rule".into(),
             message: e.to_string(),
         })?;
         let (open, next_id) = (loaded.open, loaded.next_id);
-        let mut overrides: HashMap<String, Vec<RuleOverride>> = HashMap::new();
-        for o in loaded.overrides {
-            match serde_json::from_str::<RuleOverride>(&o.body) {
-                Ok(r) => overrides.entry(o.patient).or_default().push(r),
-                Err(e) => {
-                    tracing::error!(error = %e, "stored alert rule override unreadable; ignored")
-                }
-            }
-        }
-        for (p, o) in overrides {
-            rules.set_patient(&p, o);
-        }
+        let rules = with_overrides(&base, &loaded.overrides);
         tracing::info!(open = open.len(), "alert engine started");
         // The change feed from now on (on PostgreSQL: its listener starts).
         drop(store.alert_changes());
@@ -224,6 +236,8 @@ impl AlertService {
             engine: Mutex::new(Engine::new(config.engine_config(), rules, next_id, open)),
             store: store.clone(),
             config: config.clone(),
+            base,
+            overrides: Mutex::new(loaded.overrides),
         })))
     }
 
@@ -254,6 +268,14 @@ impl AlertService {
         let mut run = |ev: crate::storage::Evaluation| {
             let mut e = self.engine();
             e.sync(ev.open, ev.next_id, ev.tracked);
+            // Patient overrides another hub changed since.
+            if let Some(stored) = ev.overrides {
+                let mut seen = self.overrides.lock().unwrap_or_else(|p| p.into_inner());
+                if *seen != stored {
+                    e.set_rules(with_overrides(&self.base, &stored));
+                    *seen = stored;
+                }
+            }
             let changes = decide(&mut e);
             (changes, e.tracked())
         };
