@@ -349,7 +349,7 @@ async fn write_changes(
         .filter(|(i, ch)| !changes[i + 1..].iter().any(|l| l.alert.id == ch.alert.id))
         .map(|(_, ch)| &ch.alert)
         .collect();
-    let (t, upsert) = (&*tx, &upsert);
+    let (t, upsert) = (tx, &upsert);
     try_join_all(last.into_iter().map(|a| async move {
         let (kind, priority, state) = (a.kind.as_str(), a.priority.as_str(), a.state.as_str());
         t.execute(
