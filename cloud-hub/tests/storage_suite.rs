@@ -1732,6 +1732,7 @@ fn postgres_migration_3_keeps_existing_rows_as_incarnation_0() {
              DROP TABLE manual_inputs, score_history, alert_events, alerts,
                  alert_rule_overrides, vital_rollups, audit_log;
              DROP FUNCTION audit_log_append_only();
+             DROP TABLE login_failures, alert_pending, alert_devices, alert_gateways;
              DELETE FROM schema_migrations WHERE version >= 3;",
         )
         .unwrap();
