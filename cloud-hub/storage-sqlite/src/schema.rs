@@ -434,7 +434,7 @@ CREATE INDEX device_events_device_time ON device_events (gateway_id, device_id, 
 /// (only existing users'); the alert engine's tracked state (as on
 /// PostgreSQL, where several hubs share them).
 const SCHEMA_V15: &str = r#"
-CREATE TABLE login_failures (
+CREATE TABLE IF NOT EXISTS login_failures (
     user_name       TEXT PRIMARY KEY REFERENCES users (name),
     failures        INTEGER NOT NULL,
     locked_until_us INTEGER
@@ -442,18 +442,18 @@ CREATE TABLE login_failures (
 -- What the alert engine tracks between inputs, shared by every hub on
 -- the database: conditions waiting for their delay, each device's newest
 -- value (data stale) and each gateway's last batch (gateway offline).
-CREATE TABLE alert_pending (
+CREATE TABLE IF NOT EXISTS alert_pending (
     alert_key TEXT PRIMARY KEY,
     since_us  INTEGER NOT NULL
 );
-CREATE TABLE alert_devices (
+CREATE TABLE IF NOT EXISTS alert_devices (
     gateway_id TEXT NOT NULL,
     device_id  TEXT NOT NULL,
     last_us    INTEGER NOT NULL,
     patient_id TEXT,
     PRIMARY KEY (gateway_id, device_id)
 );
-CREATE TABLE alert_gateways (
+CREATE TABLE IF NOT EXISTS alert_gateways (
     gateway_id TEXT PRIMARY KEY,
     last_us    INTEGER NOT NULL
 );
