@@ -131,6 +131,39 @@ fn main() {
         .unwrap();
     }
     let fill_s = t.elapsed().as_secs_f64();
+    // Storage per reading (database sizing): the observations with their
+    // indexes (PostgreSQL: every monthly partition) and the chart buckets.
+    let readings = (beds * minutes * 5) as f64;
+    let bytes = match &server {
+        Some(s) => {
+            let mut c = postgres::Client::connect(&s.url(), postgres::NoTls).unwrap();
+            c.batch_execute("CHECKPOINT").unwrap();
+            c.query_one(
+                "SELECT (SELECT COALESCE(SUM(pg_total_relation_size(inhrelid)), 0)
+                           FROM pg_inherits WHERE inhparent = 'observations'::regclass)
+                      + pg_total_relation_size('vital_rollups')",
+                &[],
+            )
+            .unwrap()
+            .get::<_, i64>(0) as f64
+        }
+        None => {
+            let c = rusqlite::Connection::open(dir.path().join("hub.sqlite")).unwrap();
+            c.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)").unwrap();
+            std::fs::metadata(dir.path().join("hub.sqlite"))
+                .unwrap()
+                .len() as f64
+        }
+    };
+    println!(
+        "{backend}: {:.0} bytes per reading stored ({})",
+        bytes / readings,
+        if postgres {
+            "observations with their indexes and the chart buckets"
+        } else {
+            "the whole database file"
+        }
+    );
     let cfg = ScoresConfig::default();
     let mut lat = Vec::new();
     for _ in 0..runs {
