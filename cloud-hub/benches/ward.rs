@@ -139,9 +139,9 @@ fn main() {
             let mut c = postgres::Client::connect(&s.url(), postgres::NoTls).unwrap();
             c.batch_execute("CHECKPOINT").unwrap();
             c.query_one(
-                "SELECT (SELECT COALESCE(SUM(pg_total_relation_size(inhrelid)), 0)
-                           FROM pg_inherits WHERE inhparent = 'observations'::regclass)
-                      + pg_total_relation_size('vital_rollups')",
+                "SELECT ((SELECT COALESCE(SUM(pg_total_relation_size(inhrelid)), 0)
+                            FROM pg_inherits WHERE inhparent = 'observations'::regclass)
+                       + pg_total_relation_size('vital_rollups'))::bigint",
                 &[],
             )
             .unwrap()
