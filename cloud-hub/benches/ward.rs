@@ -15,7 +15,8 @@
 //! Run: `cargo bench -p cloud-hub --bench ward` (`-- --quick`: 10 beds,
 //! 2 h, 50 overviews; `-- --postgres` for the PostgreSQL backend: a
 //! throwaway server with the server's default, durable commit settings, on
-//! a free loopback port, as the ingest bench).
+//! a free loopback port, as the ingest bench; `--analyze` runs `ANALYZE`
+//! after the fill, as autovacuum would some time later).
 
 #[path = "../tests/support/pg_server.rs"]
 mod pg_server;
@@ -138,6 +139,11 @@ fn main() {
         Some(s) => {
             let mut c = postgres::Client::connect(&s.url(), postgres::NoTls).unwrap();
             c.batch_execute("CHECKPOINT").unwrap();
+            if std::env::args().any(|a| a == "--analyze") {
+                // What autovacuum does some time after a fill: statistics
+                // of the new rows for the planner.
+                c.batch_execute("ANALYZE").unwrap();
+            }
             c.query_one(
                 "SELECT ((SELECT COALESCE(SUM(pg_total_relation_size(inhrelid)), 0)
                             FROM pg_inherits WHERE inhparent = 'observations'::regclass)
