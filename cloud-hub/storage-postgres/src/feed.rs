@@ -30,23 +30,35 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 const POLL: Duration = Duration::from_secs(30);
 
 impl PgStore {
-    /// A receiver of the feed; the first call starts the listener.
+    /// A receiver of the feed; the first call starts the listener, which
+    /// delivers every transition committed after that call.
     pub(crate) fn alert_feed(&self) -> broadcast::Receiver<Change> {
         self.alert_feed
             .get_or_init(|| {
                 let (tx, _) = broadcast::channel(1024);
+                // Where the feed starts, read now rather than when the
+                // listener has connected, so that nothing committed after
+                // this call is missed. Unreadable now: the listener reads it.
+                let last = self
+                    .block(async {
+                        let c = self.conn().await?;
+                        let r = c
+                            .query_one("SELECT COALESCE(MAX(id), 0) FROM alert_events", &[])
+                            .await?;
+                        Ok::<i64, DbError>(r.get(0))
+                    })
+                    .ok();
                 let (listen, feed) = (self.listen.clone(), tx.clone());
                 self.io
                     .handle()
-                    .spawn(async move { run(&listen, &feed).await });
+                    .spawn(async move { run(&listen, &feed, last).await });
                 tx
             })
             .subscribe()
     }
 }
 
-async fn run(listen: &Listen, feed: &broadcast::Sender<Change>) {
-    let mut last: Option<i64> = None;
+async fn run(listen: &Listen, feed: &broadcast::Sender<Change>, mut last: Option<i64>) {
     let mut backoff = Duration::from_millis(100);
     loop {
         match listen_once(listen, feed, &mut last, &mut backoff).await {
