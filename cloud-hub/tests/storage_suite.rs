@@ -1796,6 +1796,54 @@ suite!(
 
 // ---- PostgreSQL only ----
 
+/// The alert change feed survives a server restart: its LISTEN connection
+/// is reopened and a change committed meanwhile is delivered.
+#[test]
+fn postgres_alert_feed_reconnects_and_reads_what_it_missed() {
+    use cloud_hub::alerts::engine::{Alert, Change, Kind, State, Transition};
+    use cloud_hub::alerts::rules::Priority;
+    let server = pg_server::PgServer::start();
+    let s = Store::open_postgres(&PgConfig::new(server.url())).unwrap();
+    let mut feed = s.alert_changes();
+    let raised = |id: i64| Change {
+        transition: Transition::Raised,
+        alert: Alert {
+            id,
+            kind: Kind::Technical,
+            code: format!("code-{id}"),
+            priority: Priority::Medium,
+            state: State::Active,
+            message: "m".into(),
+            patient: None,
+            gateway_id: Some(G.into()),
+            device_id: None,
+            value: None,
+            unit: None,
+            condition_since_us: 1,
+            raised_us: 2,
+            acknowledged_us: None,
+            acknowledged_by: None,
+            escalated_us: None,
+            resolved_us: None,
+        },
+        actor: None,
+    };
+    s.commit_alerts(&[raised(1)], 10).unwrap();
+    assert_eq!(next_change(&mut feed).alert.id, 1);
+    // A clean stop ("fast": clients disconnected; the tests' server runs
+    // without synchronous commit, so "immediate" could lose the first
+    // commit, which a durable server would not).
+    server.restart("fast", std::time::Duration::from_millis(300));
+    // The pool replaces its dead connections on use: retry for a while.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while let Err(e) = s.commit_alerts(&[raised(2)], 11) {
+        assert!(std::time::Instant::now() < deadline, "{e}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let got = next_change(&mut feed);
+    assert_eq!((got.alert.id, got.transition), (2, Transition::Raised));
+}
+
 #[test]
 fn postgres_partitions_by_month_and_migrates_once() {
     let server = pg_server::PgServer::start();
