@@ -5,11 +5,27 @@
 //! stale marker, NEWS2, open alerts; what `GET /api/v1/wards/{ward}/overview`
 //! does minus HTTP) are timed: p50/p99/max.
 //!
+//! Then alert evaluation: the time of one evaluation as every batch and
+//! clock tick runs it (`AlertStore::evaluate_alerts`: the transaction, on
+//! PostgreSQL its advisory lock, the open alerts, the tracked state and the
+//! overrides read, the engine, the writes): a batch's (one SpO2 value per
+//! bed's monitor, each its own evaluation) and the clock's (all devices);
+//! p50/p99 over the runs.
+//!
 //! Run: `cargo bench -p cloud-hub --bench ward` (`-- --quick`: 10 beds,
-//! 2 h, 50 overviews).
+//! 2 h, 50 overviews; `-- --postgres` for the PostgreSQL backend: a
+//! throwaway server with the server's default, durable commit settings, on
+//! a free loopback port, as the ingest bench; `--analyze` runs `ANALYZE`
+//! after the fill, as autovacuum would some time later).
+
+#[path = "../tests/support/pg_server.rs"]
+mod pg_server;
 
 use std::collections::HashMap;
 use std::time::Instant;
+
+use cloud_hub::alerts::{AlertService, AlertsConfig, BatchEvents, LiveValue};
+use cloud_hub::pg::PgConfig;
 
 use cloud_hub::association::{Bed, PatientId};
 use cloud_hub::early_warning::{ManualInputs, ScoresConfig, record_manual};
@@ -21,9 +37,15 @@ const S: i64 = 1_000_000;
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
+    let postgres = std::env::args().any(|a| a == "--postgres");
     let (beds, hours, runs) = if quick { (10, 2, 50) } else { (40, 24, 300) };
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&dir.path().join("hub.sqlite")).unwrap();
+    let server = postgres.then(|| pg_server::PgServer::start_with(""));
+    let store = match &server {
+        Some(s) => Store::open_postgres(&PgConfig::new(s.url())).unwrap(),
+        None => Store::open(&dir.path().join("hub.sqlite")).unwrap(),
+    };
+    let backend = if postgres { "PostgreSQL" } else { "SQLite" };
     store.add_gateway("gw-bench", &"0".repeat(64)).unwrap();
     let assoc = HashMap::new();
     let now = now_us();
@@ -110,6 +132,44 @@ fn main() {
         .unwrap();
     }
     let fill_s = t.elapsed().as_secs_f64();
+    // Storage per reading (database sizing): the observations with their
+    // indexes (PostgreSQL: every monthly partition) and the chart buckets.
+    let readings = (beds * minutes * 5) as f64;
+    let bytes = match &server {
+        Some(s) => {
+            let mut c = postgres::Client::connect(&s.url(), postgres::NoTls).unwrap();
+            c.batch_execute("CHECKPOINT").unwrap();
+            if std::env::args().any(|a| a == "--analyze") {
+                // What autovacuum does some time after a fill: statistics
+                // of the new rows for the planner.
+                c.batch_execute("ANALYZE").unwrap();
+            }
+            c.query_one(
+                "SELECT ((SELECT COALESCE(SUM(pg_total_relation_size(inhrelid)), 0)
+                            FROM pg_inherits WHERE inhparent = 'observations'::regclass)
+                       + pg_total_relation_size('vital_rollups'))::bigint",
+                &[],
+            )
+            .unwrap()
+            .get::<_, i64>(0) as f64
+        }
+        None => {
+            let c = rusqlite::Connection::open(dir.path().join("hub.sqlite")).unwrap();
+            c.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)").unwrap();
+            std::fs::metadata(dir.path().join("hub.sqlite"))
+                .unwrap()
+                .len() as f64
+        }
+    };
+    println!(
+        "{backend}: {:.0} bytes per reading stored ({})",
+        bytes / readings,
+        if postgres {
+            "observations with their indexes and the chart buckets"
+        } else {
+            "the whole database file"
+        }
+    );
     let cfg = ScoresConfig::default();
     let mut lat = Vec::new();
     for _ in 0..runs {
@@ -122,10 +182,56 @@ fn main() {
     lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let p = |q: f64| lat[((lat.len() as f64 - 1.0) * q).round() as usize];
     println!(
-        "ward overview ({beds} occupied beds, {} readings over {hours} h, filled in {fill_s:.0} s): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms over {runs} overviews",
+        "{backend}: ward overview ({beds} occupied beds, {} readings over {hours} h, filled in {fill_s:.0} s): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms over {runs} overviews",
         beds * minutes * 5,
         p(0.5),
         p(0.99),
         lat[lat.len() - 1]
     );
+
+    // Alert evaluation.
+    let alerts = AlertService::start(&store, &AlertsConfig::default())
+        .unwrap()
+        .unwrap();
+    let mut batch_ms = Vec::new();
+    let mut tick_ms = Vec::new();
+    for r in 0..runs {
+        let now = now_us();
+        for b in 0..beds {
+            let live = [LiveValue {
+                patient: Some(PatientId {
+                    system: "urn:bench".into(),
+                    value: format!("p-{b}"),
+                }),
+                device_id: format!("mon-{b}"),
+                parameter: cloud_hub::early_warning::Parameter::Spo2,
+                value: Some(96.0 + (r % 2) as f64),
+                flags: vec![],
+                time_us: now,
+            }];
+            let t = Instant::now();
+            alerts
+                .on_batch("gw-bench", &BatchEvents::default(), &live, now)
+                .unwrap();
+            batch_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+        let t = Instant::now();
+        alerts.tick(now).unwrap();
+        tick_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    for v in [&mut batch_ms, &mut tick_ms] {
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    }
+    let q = |v: &[f64], q: f64| v[((v.len() as f64 - 1.0) * q).round() as usize];
+    println!(
+        "{backend}: alert evaluation of a batch: p50 {:.2} ms, p99 {:.2} ms over {} ({beds} devices); of the clock: p50 {:.2} ms, p99 {:.2} ms over {runs}",
+        q(&batch_ms, 0.5),
+        q(&batch_ms, 0.99),
+        batch_ms.len(),
+        q(&tick_ms, 0.5),
+        q(&tick_ms, 0.99),
+    );
+    drop(alerts);
+    drop(store);
+    drop(server);
 }

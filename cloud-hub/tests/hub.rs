@@ -50,6 +50,8 @@ mod mqtt_ingest;
 mod mtls;
 #[path = "rate_limit.rs"]
 mod rate_limit;
+#[path = "replicas.rs"]
+mod replicas;
 #[path = "score_history.rs"]
 mod score_history;
 #[path = "storage_suite.rs"]

@@ -1235,6 +1235,133 @@ fn score_history_rows_follow_the_write_rule(s: &Store) -> Result<(), StoreError>
 
 /// Alerts: changes and their transitions in one commit, the open ones and
 /// the next id on load, lists newest first, patient rule overrides replaced.
+/// Failed logins and lockouts as stored: counted atomically for existing
+/// users only, locked at the threshold until the lockout's end, cleared by
+/// a success.
+fn failed_logins_lock_existing_users_out(s: &Store) -> Result<(), StoreError> {
+    assert!(s.insert_user("nurse", "clinician", "hash", 1)?);
+    let (now, lock) = (1_000_000_000, 300_000_000);
+    for _ in 0..4 {
+        assert_eq!(s.record_failed_login("nurse", now, 5, lock)?, None);
+    }
+    assert_eq!(s.login_locked_until("nurse", now)?, None);
+    assert_eq!(
+        s.record_failed_login("nurse", now, 5, lock)?,
+        Some(now + lock)
+    );
+    assert_eq!(s.login_locked_until("nurse", now + 1)?, Some(now + lock));
+    assert_eq!(s.login_locked_until("nurse", now + lock)?, None);
+    // After the lockout the count starts again from zero.
+    assert_eq!(s.record_failed_login("nurse", now + lock, 5, lock)?, None);
+    // A success forgets the count.
+    s.clear_failed_logins("nurse")?;
+    for _ in 0..4 {
+        assert_eq!(s.record_failed_login("nurse", now + lock, 5, lock)?, None);
+    }
+    // Names that are not users store nothing and are never locked.
+    for i in 0..10 {
+        assert_eq!(s.record_failed_login(&format!("x{i}"), now, 1, lock)?, None);
+        assert_eq!(s.login_locked_until(&format!("x{i}"), now)?, None);
+    }
+    Ok(())
+}
+
+/// An evaluation sees the open alerts, the next id and the tracked state
+/// as stored, and stores its changes and what changed in that state.
+fn alert_evaluations_read_and_write_the_stored_state(s: &Store) -> Result<(), StoreError> {
+    use cloud_hub::alerts::engine::{Alert, Change, Kind, State, Tracked, Transition};
+    use cloud_hub::alerts::rules::Priority;
+    use cloud_hub::storage::{AlertFilter, Tracking};
+    let mut feed = s.alert_changes();
+    let raised = |id: i64| Change {
+        transition: Transition::Raised,
+        alert: Alert {
+            id,
+            kind: Kind::Technical,
+            code: "device-disconnected".into(),
+            priority: Priority::Medium,
+            state: State::Active,
+            message: "m".into(),
+            patient: None,
+            gateway_id: Some(G.into()),
+            device_id: Some("d1".into()),
+            value: None,
+            unit: None,
+            condition_since_us: 1,
+            raised_us: 2,
+            acknowledged_us: None,
+            acknowledged_by: None,
+            escalated_us: None,
+            resolved_us: None,
+        },
+        actor: None,
+    };
+    let mut tracked = Tracked::default();
+    tracked.pending.insert("physiological|p|r".into(), 5);
+    tracked
+        .devices
+        .insert((G.into(), "d1".into()), (7, Some("p".into())));
+    tracked.gateways.insert(G.into(), 9);
+    let after = tracked.clone();
+    let changes = s.evaluate_alerts(10, Tracking::Gateway(G), &mut |ev| {
+        assert!(ev.open.is_empty());
+        assert_eq!(ev.next_id, 1);
+        assert_eq!(ev.tracked, Some(Tracked::default()));
+        assert_eq!(ev.overrides, Some(vec![]));
+        (vec![raised(ev.next_id)], after.clone())
+    })?;
+    assert_eq!(changes.len(), 1);
+    // The next evaluation starts from what the first stored.
+    let mut gone = tracked.clone();
+    gone.pending.clear();
+    s.evaluate_alerts(11, Tracking::Everything, &mut |ev| {
+        assert_eq!(ev.open.len(), 1);
+        assert_eq!(ev.next_id, 2);
+        assert_eq!(ev.tracked.as_ref(), Some(&tracked));
+        (vec![], gone.clone())
+    })?;
+    s.evaluate_alerts(12, Tracking::Gateway("other"), &mut |ev| {
+        // Only that gateway's devices and last batch; every pending condition.
+        let t = ev.tracked.unwrap();
+        assert!(t.pending.is_empty() && t.devices.is_empty() && t.gateways.is_empty());
+        (vec![], Tracked::default())
+    })?;
+    s.evaluate_alerts(13, Tracking::Nothing, &mut |ev| {
+        assert_eq!((ev.tracked, ev.overrides), (None, None));
+        (vec![], Tracked::default())
+    })?;
+    let stored = s.list_alerts(&AlertFilter {
+        open: true,
+        patient: None,
+        limit: 10,
+    })?;
+    assert_eq!(stored.len(), 1);
+    // The change feed delivers the committed change (PostgreSQL: through
+    // LISTEN/NOTIFY, so allow it a moment).
+    let got = next_change(&mut feed);
+    assert_eq!(got.alert.id, 1);
+    assert_eq!(got.transition, Transition::Raised);
+    Ok(())
+}
+
+/// The next change of a feed, waiting up to 5 s.
+fn next_change(
+    feed: &mut tokio::sync::broadcast::Receiver<cloud_hub::alerts::engine::Change>,
+) -> cloud_hub::alerts::engine::Change {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match feed.try_recv() {
+            Ok(c) => return c,
+            Err(tokio::sync::broadcast::error::TryRecvError::Empty)
+                if std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(e) => panic!("no change on the feed: {e}"),
+        }
+    }
+}
+
 fn alerts_are_stored_with_their_transitions(s: &Store) -> Result<(), StoreError> {
     use cloud_hub::alerts::engine::{Alert, Change, Kind, State, Transition};
     use cloud_hub::alerts::rules::Priority;
@@ -1730,6 +1857,8 @@ suite!(
     score_inputs_are_loaded_as_stored,
     score_history_rows_follow_the_write_rule,
     alerts_are_stored_with_their_transitions,
+    alert_evaluations_read_and_write_the_stored_state,
+    failed_logins_lock_existing_users_out,
     trend_series_sum_the_devices_buckets,
     trend_buckets_follow_reattributed_readings,
     audit_log_appends_and_chains,
@@ -1738,6 +1867,54 @@ suite!(
 );
 
 // ---- PostgreSQL only ----
+
+/// The alert change feed survives a server restart: its LISTEN connection
+/// is reopened and a change committed meanwhile is delivered.
+#[test]
+fn postgres_alert_feed_reconnects_and_reads_what_it_missed() {
+    use cloud_hub::alerts::engine::{Alert, Change, Kind, State, Transition};
+    use cloud_hub::alerts::rules::Priority;
+    let server = pg_server::PgServer::start();
+    let s = Store::open_postgres(&PgConfig::new(server.url())).unwrap();
+    let mut feed = s.alert_changes();
+    let raised = |id: i64| Change {
+        transition: Transition::Raised,
+        alert: Alert {
+            id,
+            kind: Kind::Technical,
+            code: format!("code-{id}"),
+            priority: Priority::Medium,
+            state: State::Active,
+            message: "m".into(),
+            patient: None,
+            gateway_id: Some(G.into()),
+            device_id: None,
+            value: None,
+            unit: None,
+            condition_since_us: 1,
+            raised_us: 2,
+            acknowledged_us: None,
+            acknowledged_by: None,
+            escalated_us: None,
+            resolved_us: None,
+        },
+        actor: None,
+    };
+    s.commit_alerts(&[raised(1)], 10).unwrap();
+    assert_eq!(next_change(&mut feed).alert.id, 1);
+    // A clean stop ("fast": clients disconnected; the tests' server runs
+    // without synchronous commit, so "immediate" could lose the first
+    // commit, which a durable server would not).
+    server.restart("fast", std::time::Duration::from_millis(300));
+    // The pool replaces its dead connections on use: retry for a while.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while let Err(e) = s.commit_alerts(&[raised(2)], 11) {
+        assert!(std::time::Instant::now() < deadline, "{e}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let got = next_change(&mut feed);
+    assert_eq!((got.alert.id, got.transition), (2, Transition::Raised));
+}
 
 #[test]
 fn postgres_partitions_by_month_and_migrates_once() {
@@ -1764,7 +1941,7 @@ fn postgres_partitions_by_month_and_migrates_once() {
     let s = Store::open_postgres(&cfg).unwrap();
     assert_eq!(
         s.postgres().unwrap().migrations().unwrap(),
-        vec![1, 2, 3, 4]
+        vec![1, 2, 3, 4, 5]
     );
     let r = ingest(
         &s,
@@ -1804,6 +1981,7 @@ fn postgres_migration_3_keeps_existing_rows_as_incarnation_0() {
              DROP TABLE manual_inputs, score_history, alert_events, alerts,
                  alert_rule_overrides, vital_rollups, audit_log;
              DROP FUNCTION audit_log_append_only();
+             DROP TABLE login_failures, alert_pending, alert_devices, alert_gateways;
              DELETE FROM schema_migrations WHERE version >= 3;",
         )
         .unwrap();
@@ -1811,7 +1989,7 @@ fn postgres_migration_3_keeps_existing_rows_as_incarnation_0() {
     let s = Store::open_postgres(&cfg).unwrap();
     assert_eq!(
         s.postgres().unwrap().migrations().unwrap(),
-        vec![1, 2, 3, 4]
+        vec![1, 2, 3, 4, 5]
     );
     assert!(ingest(&s, &first, &none).ack.duplicate_batch);
     let r = ingest(

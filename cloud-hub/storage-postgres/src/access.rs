@@ -225,4 +225,55 @@ impl AccountStore for PgStore {
                 .map(drop)
         })
     }
+    fn login_locked_until(&self, name: &str, now_us: i64) -> Result<Option<i64>, StoreError> {
+        self.run(async {
+            Ok(self
+                .conn()
+                .await?
+                .query_opt(
+                    "SELECT locked_until_us FROM login_failures
+                      WHERE user_name = $1 AND locked_until_us > $2",
+                    &[&name, &now_us],
+                )
+                .await?
+                .map(|r| r.get(0)))
+        })
+    }
+    fn record_failed_login(
+        &self,
+        name: &str,
+        now_us: i64,
+        max_failures: u32,
+        lockout_us: i64,
+    ) -> Result<Option<i64>, StoreError> {
+        let max = i32::try_from(max_failures).unwrap_or(i32::MAX);
+        self.run(async {
+            Ok(self
+                .conn()
+                .await?
+                .query_opt(
+                    "INSERT INTO login_failures (user_name, failures, locked_until_us)
+                    SELECT name, CASE WHEN 1 >= $2::integer THEN 0 ELSE 1 END,
+                           CASE WHEN 1 >= $2::integer THEN $3::bigint + $4::bigint END
+                      FROM users WHERE name = $1
+                    ON CONFLICT (user_name) DO UPDATE SET
+                        failures = CASE WHEN login_failures.failures + 1 >= $2::integer THEN 0
+                                        ELSE login_failures.failures + 1 END,
+                        locked_until_us = CASE WHEN login_failures.failures + 1 >= $2::integer THEN $3::bigint + $4::bigint
+                                               ELSE login_failures.locked_until_us END
+                    RETURNING locked_until_us",
+                    &[&name, &max, &now_us, &lockout_us],
+                )
+                .await?
+                .and_then(|r| r.get::<_, Option<i64>>(0))
+                .filter(|&t| t > now_us))
+        })
+    }
+    fn clear_failed_logins(&self, name: &str) -> Result<(), StoreError> {
+        self.run(async {
+            self.db_execute("DELETE FROM login_failures WHERE user_name = $1", &[&name])
+                .await
+                .map(drop)
+        })
+    }
 }

@@ -5,20 +5,28 @@
 
 use futures_util::future::try_join_all;
 use hub_domain::alerts::decode_stored;
-use hub_domain::alerts::engine::{Alert, Change};
+use hub_domain::alerts::engine::{Alert, Change, Tracked};
 use hub_storage::{
-    AlertFilter, AlertStore, AlertsLoaded, StoreError, StoredOverride, Transitioned,
+    AlertFilter, AlertStore, AlertsLoaded, Evaluation, StoreError, StoredOverride, TrackedChanges,
+    Tracking, Transitioned,
 };
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{IsolationLevel, Row};
+use tokio_postgres::{IsolationLevel, Row, Transaction};
 
 use crate::{DbError, PgStore};
 
-const ALERT_COLUMNS: &str = "id, kind, code, priority, state, message, patient_id, gateway_id,
+/// Advisory lock key serializing alert evaluations and writes across hubs.
+pub(crate) const ALERTS_LOCK: i64 = 0x5649_4749_4c41_4c54; // "VIGILALT"
+/// The NOTIFY channel of committed alert changes (the payload is empty: a
+/// listener reads the transitions after the last it saw).
+pub(crate) const ALERTS_CHANNEL: &str = "vigil_alerts";
+
+pub(crate) const ALERT_COLUMNS: &str =
+    "id, kind, code, priority, state, message, patient_id, gateway_id,
     device_id, value, unit, condition_since_us, raised_us, acknowledged_us, acknowledged_by,
     escalated_us, resolved_us";
 
-fn alert_row(r: &Row) -> Alert {
+pub(crate) fn alert_row(r: &Row) -> Alert {
     let (kind, priority, state) = decode_stored(r.get(1), r.get(3), r.get(4));
     Alert {
         id: r.get(0),
@@ -55,24 +63,13 @@ impl PgStore {
         let (open, next, overrides) = futures_util::try_join!(
             tx.query(open_sql.as_str(), &[]),
             tx.query_one("SELECT COALESCE(MAX(id), 0) + 1 FROM alerts", &[]),
-            tx.query(
-                "SELECT patient_id, rule_id, body FROM alert_rule_overrides
-                  ORDER BY patient_id, rule_id",
-                &[],
-            ),
+            tx.query(OVERRIDES_SQL, &[]),
         )?;
         tx.commit().await?;
         Ok(AlertsLoaded {
             open: open.iter().map(alert_row).collect(),
             next_id: next.get(0),
-            overrides: overrides
-                .iter()
-                .map(|r| StoredOverride {
-                    patient: r.get(0),
-                    rule_id: r.get(1),
-                    body: r.get(2),
-                })
-                .collect(),
+            overrides: overrides.iter().map(override_row).collect(),
         })
     }
 
@@ -86,68 +83,58 @@ impl PgStore {
         }
         let mut c = self.conn().await?;
         let tx = c.transaction().await?;
-        let upsert = tx
-            .prepare(&format!(
-                "INSERT INTO alerts ({ALERT_COLUMNS})
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
-                 ON CONFLICT (id) DO UPDATE SET kind = excluded.kind, code = excluded.code,
-                     priority = excluded.priority, state = excluded.state,
-                     message = excluded.message, patient_id = excluded.patient_id,
-                     gateway_id = excluded.gateway_id, device_id = excluded.device_id,
-                     value = excluded.value, unit = excluded.unit,
-                     condition_since_us = excluded.condition_since_us,
-                     raised_us = excluded.raised_us, acknowledged_us = excluded.acknowledged_us,
-                     acknowledged_by = excluded.acknowledged_by,
-                     escalated_us = excluded.escalated_us, resolved_us = excluded.resolved_us"
-            ))
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&ALERTS_LOCK])
             .await?;
-        let last: Vec<&Alert> = changes
-            .iter()
-            .enumerate()
-            .filter(|(i, ch)| !changes[i + 1..].iter().any(|l| l.alert.id == ch.alert.id))
-            .map(|(_, ch)| &ch.alert)
-            .collect();
-        let (t, upsert) = (&*tx, &upsert);
-        try_join_all(last.into_iter().map(|a| async move {
-            let (kind, priority, state) = (a.kind.as_str(), a.priority.as_str(), a.state.as_str());
-            t.execute(
-                upsert,
-                &[
-                    &a.id,
-                    &kind,
-                    &a.code,
-                    &priority,
-                    &state,
-                    &a.message,
-                    &a.patient,
-                    &a.gateway_id,
-                    &a.device_id,
-                    &a.value,
-                    &a.unit,
-                    &a.condition_since_us,
-                    &a.raised_us,
-                    &a.acknowledged_us,
-                    &a.acknowledged_by,
-                    &a.escalated_us,
-                    &a.resolved_us,
-                ],
-            )
-            .await
-        }))
-        .await?;
-        let ids: Vec<i64> = changes.iter().map(|ch| ch.alert.id).collect();
-        let transitions: Vec<&str> = changes.iter().map(|ch| ch.transition.as_str()).collect();
-        let actors: Vec<Option<&str>> = changes.iter().map(|ch| ch.actor.as_deref()).collect();
-        tx.execute(
-            "INSERT INTO alert_events (alert_id, time_us, transition, actor)
-             SELECT a, $4, t, w FROM unnest($1::bigint[], $2::text[], $3::text[])
-                 WITH ORDINALITY AS e (a, t, w, n)
-              ORDER BY n",
-            &[&ids, &transitions, &actors, &now_us],
-        )
-        .await?;
+        write_changes(&tx, changes, now_us).await?;
+        tx.execute("SELECT pg_notify($1, '')", &[&ALERTS_CHANNEL])
+            .await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    /// One evaluation at a time across every hub on the database (a
+    /// transaction advisory lock): the open alerts, the next id and the
+    /// tracked state read under the lock, the changes and what changed in
+    /// the tracked state written and announced (NOTIFY, delivered at
+    /// commit) in the same transaction.
+    async fn db_evaluate_alerts(
+        &self,
+        now_us: i64,
+        tracking: Tracking<'_>,
+        evaluate: &mut dyn FnMut(Evaluation) -> (Vec<Change>, Tracked),
+    ) -> Result<Vec<Change>, DbError> {
+        let mut c = self.conn().await?;
+        let tx = c.transaction().await?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&ALERTS_LOCK])
+            .await?;
+        let open_sql = format!("SELECT {ALERT_COLUMNS} FROM alerts WHERE state <> 'resolved'");
+        let (open, next, tracked, overrides) = futures_util::try_join!(
+            tx.query(open_sql.as_str(), &[]),
+            tx.query_one("SELECT COALESCE(MAX(id), 0) + 1 FROM alerts", &[]),
+            load_tracked(&tx, tracking),
+            async {
+                if tracking == Tracking::Nothing {
+                    return Ok(None);
+                }
+                tx.query(OVERRIDES_SQL, &[]).await.map(Some)
+            },
+        )?;
+        let (changes, after) = evaluate(Evaluation {
+            open: open.iter().map(alert_row).collect(),
+            next_id: next.get(0),
+            tracked: tracked.clone(),
+            overrides: overrides.map(|rows| rows.iter().map(override_row).collect()),
+        });
+        if let Some(before) = &tracked {
+            write_tracked(&tx, &TrackedChanges::between(before, &after)).await?;
+        }
+        if !changes.is_empty() {
+            write_changes(&tx, &changes, now_us).await?;
+            tx.execute("SELECT pg_notify($1, '')", &[&ALERTS_CHANNEL])
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(changes)
     }
 
     async fn db_list_alerts(&self, f: &AlertFilter) -> Result<Vec<Alert>, DbError> {
@@ -220,12 +207,207 @@ impl PgStore {
     }
 }
 
+const OVERRIDES_SQL: &str = "SELECT patient_id, rule_id, body FROM alert_rule_overrides
+    ORDER BY patient_id, rule_id";
+
+fn override_row(r: &Row) -> StoredOverride {
+    StoredOverride {
+        patient: r.get(0),
+        rule_id: r.get(1),
+        body: r.get(2),
+    }
+}
+
+/// The tracked state `tracking` names (`None` for nothing).
+async fn load_tracked(
+    tx: &Transaction<'_>,
+    tracking: Tracking<'_>,
+) -> Result<Option<Tracked>, tokio_postgres::Error> {
+    let gateway = match tracking {
+        Tracking::Nothing => return Ok(None),
+        Tracking::Gateway(g) => Some(g),
+        Tracking::Everything => None,
+    };
+    let (pending, devices, gateways) = futures_util::try_join!(
+        tx.query("SELECT alert_key, since_us FROM alert_pending", &[]),
+        async {
+            tx.query(
+                "SELECT gateway_id, device_id, last_us, patient_id FROM alert_devices
+                  WHERE $1::text IS NULL OR gateway_id = $1",
+                &[&gateway],
+            )
+            .await
+        },
+        async {
+            tx.query(
+                "SELECT gateway_id, last_us FROM alert_gateways
+                  WHERE $1::text IS NULL OR gateway_id = $1",
+                &[&gateway],
+            )
+            .await
+        },
+    )?;
+    Ok(Some(Tracked {
+        pending: pending.iter().map(|r| (r.get(0), r.get(1))).collect(),
+        devices: devices
+            .iter()
+            .map(|r| ((r.get(0), r.get(1)), (r.get(2), r.get(3))))
+            .collect(),
+        gateways: gateways.iter().map(|r| (r.get(0), r.get(1))).collect(),
+    }))
+}
+
+/// Writes what an evaluation changed in the tracked state (one statement
+/// per kind of row that changed, pipelined).
+async fn write_tracked(tx: &Transaction<'_>, t: &TrackedChanges) -> Result<(), DbError> {
+    let keys: Vec<&str> = t.pending.iter().map(|(k, _)| k.as_str()).collect();
+    let since: Vec<i64> = t.pending.iter().map(|(_, v)| *v).collect();
+    let dev_g: Vec<&str> = t.devices.iter().map(|d| d.0.as_str()).collect();
+    let dev_d: Vec<&str> = t.devices.iter().map(|d| d.1.as_str()).collect();
+    let dev_t: Vec<i64> = t.devices.iter().map(|d| d.2).collect();
+    let dev_p: Vec<Option<&str>> = t.devices.iter().map(|d| d.3.as_deref()).collect();
+    let gw: Vec<&str> = t.gateways.iter().map(|(g, _)| g.as_str()).collect();
+    let gw_t: Vec<i64> = t.gateways.iter().map(|(_, v)| *v).collect();
+    let gone = async {
+        if t.pending_gone.is_empty() {
+            return Ok(0);
+        }
+        tx.execute(
+            "DELETE FROM alert_pending WHERE alert_key = ANY($1)",
+            &[&t.pending_gone],
+        )
+        .await
+    };
+    let pending = async {
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        tx.execute(
+            "INSERT INTO alert_pending (alert_key, since_us)
+             SELECT * FROM unnest($1::text[], $2::bigint[])
+             ON CONFLICT (alert_key) DO UPDATE SET since_us = excluded.since_us",
+            &[&keys, &since],
+        )
+        .await
+    };
+    let devices = async {
+        if dev_g.is_empty() {
+            return Ok(0);
+        }
+        tx.execute(
+            "INSERT INTO alert_devices (gateway_id, device_id, last_us, patient_id)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[])
+             ON CONFLICT (gateway_id, device_id) DO UPDATE
+                 SET last_us = excluded.last_us, patient_id = excluded.patient_id",
+            &[&dev_g, &dev_d, &dev_t, &dev_p],
+        )
+        .await
+    };
+    let gateways = async {
+        if gw.is_empty() {
+            return Ok(0);
+        }
+        tx.execute(
+            "INSERT INTO alert_gateways (gateway_id, last_us)
+             SELECT * FROM unnest($1::text[], $2::bigint[])
+             ON CONFLICT (gateway_id) DO UPDATE SET last_us = excluded.last_us",
+            &[&gw, &gw_t],
+        )
+        .await
+    };
+    futures_util::try_join!(gone, pending, devices, gateways)?;
+    Ok(())
+}
+
+/// Each change's alert inserted or replaced by id, and its transition. The
+/// upserts are pipelined (an alert changed twice in one commit is written
+/// once, in its last state); the transitions follow in one statement whose
+/// ids keep the changes' order.
+async fn write_changes(
+    tx: &Transaction<'_>,
+    changes: &[Change],
+    now_us: i64,
+) -> Result<(), DbError> {
+    let upsert = tx
+        .prepare(&format!(
+            "INSERT INTO alerts ({ALERT_COLUMNS})
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
+             ON CONFLICT (id) DO UPDATE SET kind = excluded.kind, code = excluded.code,
+                 priority = excluded.priority, state = excluded.state,
+                 message = excluded.message, patient_id = excluded.patient_id,
+                 gateway_id = excluded.gateway_id, device_id = excluded.device_id,
+                 value = excluded.value, unit = excluded.unit,
+                 condition_since_us = excluded.condition_since_us,
+                 raised_us = excluded.raised_us, acknowledged_us = excluded.acknowledged_us,
+                 acknowledged_by = excluded.acknowledged_by,
+                 escalated_us = excluded.escalated_us, resolved_us = excluded.resolved_us"
+        ))
+        .await?;
+    let last: Vec<&Alert> = changes
+        .iter()
+        .enumerate()
+        .filter(|(i, ch)| !changes[i + 1..].iter().any(|l| l.alert.id == ch.alert.id))
+        .map(|(_, ch)| &ch.alert)
+        .collect();
+    let (t, upsert) = (tx, &upsert);
+    try_join_all(last.into_iter().map(|a| async move {
+        let (kind, priority, state) = (a.kind.as_str(), a.priority.as_str(), a.state.as_str());
+        t.execute(
+            upsert,
+            &[
+                &a.id,
+                &kind,
+                &a.code,
+                &priority,
+                &state,
+                &a.message,
+                &a.patient,
+                &a.gateway_id,
+                &a.device_id,
+                &a.value,
+                &a.unit,
+                &a.condition_since_us,
+                &a.raised_us,
+                &a.acknowledged_us,
+                &a.acknowledged_by,
+                &a.escalated_us,
+                &a.resolved_us,
+            ],
+        )
+        .await
+    }))
+    .await?;
+    let ids: Vec<i64> = changes.iter().map(|ch| ch.alert.id).collect();
+    let transitions: Vec<&str> = changes.iter().map(|ch| ch.transition.as_str()).collect();
+    let actors: Vec<Option<&str>> = changes.iter().map(|ch| ch.actor.as_deref()).collect();
+    tx.execute(
+        "INSERT INTO alert_events (alert_id, time_us, transition, actor)
+         SELECT a, $4, t, w FROM unnest($1::bigint[], $2::text[], $3::text[])
+             WITH ORDINALITY AS e (a, t, w, n)
+          ORDER BY n",
+        &[&ids, &transitions, &actors, &now_us],
+    )
+    .await?;
+    Ok(())
+}
+
 impl AlertStore for PgStore {
     fn load_alerts(&self) -> Result<AlertsLoaded, StoreError> {
         self.run(self.db_load_alerts())
     }
     fn commit_alerts(&self, changes: &[Change], now_us: i64) -> Result<(), StoreError> {
         self.run(self.db_commit_alerts(changes, now_us))
+    }
+    fn evaluate_alerts(
+        &self,
+        now_us: i64,
+        tracking: Tracking<'_>,
+        evaluate: &mut dyn FnMut(Evaluation) -> (Vec<Change>, Tracked),
+    ) -> Result<Vec<Change>, StoreError> {
+        self.run(self.db_evaluate_alerts(now_us, tracking, evaluate))
+    }
+    fn alert_changes(&self) -> tokio::sync::broadcast::Receiver<Change> {
+        self.alert_feed()
     }
     fn list_alerts(&self, filter: &AlertFilter) -> Result<Vec<Alert>, StoreError> {
         self.run(self.db_list_alerts(filter))

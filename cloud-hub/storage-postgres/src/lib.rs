@@ -34,6 +34,7 @@ mod alerts;
 mod association;
 mod audit;
 mod error;
+mod feed;
 mod gateway_view;
 mod ingest;
 pub mod schema;
@@ -251,6 +252,12 @@ pub struct PgStore {
     pool: deadpool_postgres::Pool,
     io: Arc<IoRuntime>,
     partitions: Arc<Mutex<HashSet<i64>>>,
+    /// How to open the change feed's own LISTEN connection.
+    listen: Arc<feed::Listen>,
+    /// The alert change feed, started by its first subscriber.
+    alert_feed: Arc<
+        std::sync::OnceLock<tokio::sync::broadcast::Sender<hub_domain::alerts::engine::Change>>,
+    >,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -263,6 +270,9 @@ impl std::fmt::Debug for PgStore {
 
 /// Advisory lock key of association changes (exclusive) vs ingest (shared).
 pub(crate) const ASSOC_LOCK: i64 = 0x5649_4749_4c41_5353; // "VIGILASS"
+
+/// Session advisory lock key of retention (one hub purges at a time).
+pub(crate) const RETENTION_LOCK: i64 = 0x5649_4749_4c52_4554; // "VIGILRET"
 
 /// A pooled connection (returned to the pool on drop).
 pub(crate) type Conn = deadpool_postgres::Object;
@@ -286,6 +296,10 @@ impl PgStore {
             config.connect_timeout(Duration::from_secs(10));
         }
         config.application_name("vigil-hub");
+        let listen = Arc::new(feed::Listen {
+            config: config.clone(),
+            tls: cfg.tls()?,
+        });
         let manager = deadpool_postgres::Manager::from_config(
             config,
             cfg.tls()?,
@@ -305,6 +319,8 @@ impl PgStore {
             pool,
             io: Arc::new(IoRuntime::new()?),
             partitions: Arc::new(Mutex::new(HashSet::new())),
+            listen,
+            alert_feed: Arc::default(),
         };
         store.block(store.migrate())?;
         Ok(store)
@@ -449,8 +465,29 @@ impl PgStore {
     /// Retention: deletes observations, device events, rejected readings
     /// and score history older than `cutoff_us` (see `crate::retention`),
     /// each statement on its own (as SQLite's chunks, no long transaction).
+    /// One hub at a time: a session advisory lock taken without waiting;
+    /// a hub that finds it held purges nothing (another replica is doing
+    /// it) and reports zeros.
     async fn db_purge_before(&self, cutoff_us: i64) -> Result<Purged, DbError> {
         let c = self.conn().await?;
+        let got: bool = c
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&RETENTION_LOCK])
+            .await?
+            .get(0);
+        if !got {
+            tracing::info!("retention: another hub is applying it");
+            return Ok(Purged::default());
+        }
+        let purged = Self::purge_tables(&c, cutoff_us).await;
+        let unlocked = c
+            .execute("SELECT pg_advisory_unlock($1)", &[&RETENTION_LOCK])
+            .await;
+        let purged = purged?;
+        unlocked?;
+        Ok(purged)
+    }
+
+    async fn purge_tables(c: &Conn, cutoff_us: i64) -> Result<Purged, DbError> {
         let mut counts = [0u64; 4];
         for (n, (table, column)) in counts.iter_mut().zip([
             ("observations", "effective_us"),

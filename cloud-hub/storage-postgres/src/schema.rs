@@ -327,7 +327,37 @@ CREATE TRIGGER audit_log_append_only
     FOR EACH STATEMENT EXECUTE FUNCTION audit_log_append_only();
 "#;
 
-pub(crate) const MIGRATIONS: &[(i64, &str)] = &[(1, V1), (2, PG_V2), (3, PG_V3), (4, PG_V4)];
+/// Migration 5 (several replicas on one database): failed logins and
+/// lockouts per user name, shared by every hub and kept across restarts
+/// (only existing users'); the alert engine's tracked state.
+const PG_V5: &str = r#"
+CREATE TABLE login_failures (
+    user_name       text PRIMARY KEY REFERENCES users (name),
+    failures        integer NOT NULL,
+    locked_until_us bigint
+);
+-- What the alert engine tracks between inputs, shared by every hub on
+-- the database: conditions waiting for their delay, each device's newest
+-- value (data stale) and each gateway's last batch (gateway offline).
+CREATE TABLE alert_pending (
+    alert_key text PRIMARY KEY,
+    since_us  bigint NOT NULL
+);
+CREATE TABLE alert_devices (
+    gateway_id text NOT NULL,
+    device_id  text NOT NULL,
+    last_us    bigint NOT NULL,
+    patient_id text,
+    PRIMARY KEY (gateway_id, device_id)
+);
+CREATE TABLE alert_gateways (
+    gateway_id text PRIMARY KEY,
+    last_us    bigint NOT NULL
+);
+"#;
+
+pub(crate) const MIGRATIONS: &[(i64, &str)] =
+    &[(1, V1), (2, PG_V2), (3, PG_V3), (4, PG_V4), (5, PG_V5)];
 
 /// Observation partitions are UTC months: `[start, end)` in µs of the
 /// month holding `t_us`, and the partition's name.

@@ -185,6 +185,57 @@ impl AccountStore for SqliteStore {
         )?;
         Ok(())
     }
+    fn login_locked_until(&self, name: &str, now_us: i64) -> Result<Option<i64>, StoreError> {
+        let f = || -> Result<Option<i64>, DbError> {
+            Ok(self
+                .conn()?
+                .query_row(
+                    "SELECT locked_until_us FROM login_failures
+                      WHERE user_name = ?1 AND locked_until_us > ?2",
+                    params![name, now_us],
+                    |r| r.get(0),
+                )
+                .optional()?)
+        };
+        Ok(f()?)
+    }
+    fn record_failed_login(
+        &self,
+        name: &str,
+        now_us: i64,
+        max_failures: u32,
+        lockout_us: i64,
+    ) -> Result<Option<i64>, StoreError> {
+        let f = || -> Result<Option<i64>, DbError> {
+            Ok(self
+                .conn()?
+                .query_row(
+                    "INSERT INTO login_failures (user_name, failures, locked_until_us)
+                    SELECT name, CASE WHEN 1 >= ?2 THEN 0 ELSE 1 END,
+                           CASE WHEN 1 >= ?2 THEN ?3 + ?4 END
+                      FROM users WHERE name = ?1
+                    ON CONFLICT (user_name) DO UPDATE SET
+                        failures = CASE WHEN login_failures.failures + 1 >= ?2 THEN 0
+                                        ELSE login_failures.failures + 1 END,
+                        locked_until_us = CASE WHEN login_failures.failures + 1 >= ?2 THEN ?3 + ?4
+                                               ELSE login_failures.locked_until_us END
+                    RETURNING locked_until_us",
+                    params![name, max_failures, now_us, lockout_us],
+                    |r| r.get::<_, Option<i64>>(0),
+                )
+                .optional()?
+                .flatten()
+                .filter(|&t| t > now_us))
+        };
+        Ok(f()?)
+    }
+    fn clear_failed_logins(&self, name: &str) -> Result<(), StoreError> {
+        self.db_execute(
+            "DELETE FROM login_failures WHERE user_name = ?1",
+            params![name],
+        )?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -55,6 +55,8 @@ pub struct SqliteStore {
     readers: Option<Arc<ReadPool>>,
     /// Group commit of the WAL (None only for stores opened without a path).
     wal: Option<Arc<WalSync>>,
+    /// The alert change feed (in process: one hub per SQLite file).
+    alert_feed: tokio::sync::broadcast::Sender<hub_domain::alerts::engine::Change>,
 }
 
 /// Prepared statements kept per connection: every statement of the hot
@@ -273,6 +275,7 @@ impl SqliteStore {
             conn: Arc::new(Mutex::new(conn)),
             readers: None,
             wal: None,
+            alert_feed: tokio::sync::broadcast::channel(1024).0,
         })
     }
 

@@ -430,6 +430,35 @@ ALTER TABLE device_events_v14 RENAME TO device_events;
 CREATE INDEX device_events_device_time ON device_events (gateway_id, device_id, time_us);
 "#;
 
+/// v15: failed logins and lockouts per user name, kept across restarts
+/// (only existing users'); the alert engine's tracked state (as on
+/// PostgreSQL, where several hubs share them).
+const SCHEMA_V15: &str = r#"
+CREATE TABLE IF NOT EXISTS login_failures (
+    user_name       TEXT PRIMARY KEY REFERENCES users (name),
+    failures        INTEGER NOT NULL,
+    locked_until_us INTEGER
+);
+-- What the alert engine tracks between inputs, shared by every hub on
+-- the database: conditions waiting for their delay, each device's newest
+-- value (data stale) and each gateway's last batch (gateway offline).
+CREATE TABLE IF NOT EXISTS alert_pending (
+    alert_key TEXT PRIMARY KEY,
+    since_us  INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS alert_devices (
+    gateway_id TEXT NOT NULL,
+    device_id  TEXT NOT NULL,
+    last_us    INTEGER NOT NULL,
+    patient_id TEXT,
+    PRIMARY KEY (gateway_id, device_id)
+);
+CREATE TABLE IF NOT EXISTS alert_gateways (
+    gateway_id TEXT PRIMARY KEY,
+    last_us    INTEGER NOT NULL
+);
+"#;
+
 /// Ordered migrations; each runs once, in one transaction with its version row.
 pub const MIGRATIONS: &[(i64, &str)] = &[
     (1, SCHEMA_V1),
@@ -446,4 +475,5 @@ pub const MIGRATIONS: &[(i64, &str)] = &[
     (12, SCHEMA_V12),
     (13, SCHEMA_V13),
     (14, SCHEMA_V14),
+    (15, SCHEMA_V15),
 ];

@@ -85,4 +85,21 @@ pub trait AccountStore {
     fn touch_session(&self, id_sha256: &str, now_us: i64) -> Result<(), StoreError>;
     /// Deletes a session (no error when there is none).
     fn delete_session(&self, id_sha256: &str) -> Result<(), StoreError>;
+    /// The end (UTC µs) of user `name`'s login lockout when it is locked
+    /// out at `now_us`.
+    fn login_locked_until(&self, name: &str, now_us: i64) -> Result<Option<i64>, StoreError>;
+    /// Counts a failed login of user `name`, atomically (one statement, so
+    /// hubs sharing the database count together): at `max_failures` in a
+    /// row the count restarts and the name is locked out until `now_us +
+    /// lockout_us`, which is returned. Only names of existing users are
+    /// counted (random names store nothing); `None` when not locked out.
+    fn record_failed_login(
+        &self,
+        name: &str,
+        now_us: i64,
+        max_failures: u32,
+        lockout_us: i64,
+    ) -> Result<Option<i64>, StoreError>;
+    /// Forgets user `name`'s failed logins (a successful login).
+    fn clear_failed_logins(&self, name: &str) -> Result<(), StoreError>;
 }

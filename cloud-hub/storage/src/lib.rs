@@ -19,7 +19,10 @@ mod error;
 mod scores;
 mod trends;
 
-pub use alerts::{AlertFilter, AlertStore, AlertsLoaded, StoredOverride, Transitioned};
+pub use alerts::{
+    AlertFilter, AlertStore, AlertsLoaded, Evaluation, StoredOverride, TrackedChanges, Tracking,
+    Transitioned,
+};
 pub use association::{
     AssocError, AssocTx, AssociationStore, SystemsMigrated, Timeline, procedure, systems_to_migrate,
 };

@@ -22,7 +22,7 @@
 //! - Values older than `max_value_age_s` (a backlog delivered after an
 //!   outage) are stored and charted but neither raise nor resolve alerts.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use serde::Serialize;
 use shared_protocol::v1::TechnicalKind;
@@ -282,6 +282,19 @@ pub enum News2Band {
     High,
 }
 
+/// What the engine keeps between inputs besides its open alerts: stored
+/// by the hub so that every replica evaluates from the same state (see
+/// [`Engine::sync`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Tracked {
+    /// Conditions met but not yet for their delay: alert key → since (µs).
+    pub pending: BTreeMap<String, i64>,
+    /// Per (gateway, device): the newest value's time and its patient.
+    pub devices: BTreeMap<(String, String), (i64, Option<String>)>,
+    /// Per gateway: when its last batch arrived.
+    pub gateways: BTreeMap<String, i64>,
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Pending {
     since_us: i64,
@@ -337,6 +350,52 @@ impl Engine {
 
     pub fn set_rules(&mut self, rules: super::rules::RuleSet) {
         self.rules = rules;
+    }
+
+    /// Replaces the open alerts, the next id and the tracked state with
+    /// the stored ones (an evaluation against the database, where other
+    /// hubs change them too). `tracked: None` keeps the engine's own.
+    pub fn sync(&mut self, open: Vec<Alert>, next_id: i64, tracked: Option<Tracked>) {
+        self.open = open.into_iter().map(|a| (a.key(), a)).collect();
+        self.next_id = next_id;
+        if let Some(t) = tracked {
+            self.pending = t
+                .pending
+                .into_iter()
+                .map(|(k, since_us)| (k, Pending { since_us }))
+                .collect();
+            self.devices = t
+                .devices
+                .into_iter()
+                .map(|(k, (last_value_us, patient))| {
+                    (
+                        k,
+                        DeviceSeen {
+                            last_value_us,
+                            patient,
+                        },
+                    )
+                })
+                .collect();
+            self.gateways = t.gateways.into_iter().collect();
+        }
+    }
+
+    /// The tracked state now (to store after an evaluation).
+    pub fn tracked(&self) -> Tracked {
+        Tracked {
+            pending: self
+                .pending
+                .iter()
+                .map(|(k, p)| (k.clone(), p.since_us))
+                .collect(),
+            devices: self
+                .devices
+                .iter()
+                .map(|(k, d)| (k.clone(), (d.last_value_us, d.patient.clone())))
+                .collect(),
+            gateways: self.gateways.iter().map(|(k, t)| (k.clone(), *t)).collect(),
+        }
     }
 
     /// Open alerts (active or acknowledged).

@@ -272,6 +272,24 @@ pub fn token_principal(store: &Store, token: &str) -> Result<Option<(String, Rol
 }
 
 /// Starts a session for `user`: (session id for the cookie, CSRF token).
+/// The end (UTC µs) of user `name`'s lockout as stored (shared by every hub
+/// on the database, kept across restarts), when locked out at `now_us`.
+pub fn locked_until(store: &Store, name: &str, now_us: i64) -> Result<Option<i64>, AccountError> {
+    Ok(store.login_locked_until(name, now_us)?)
+}
+
+/// Counts a failed login of `name` in the store (existing users only): the
+/// end of its lockout when this failure locked it out.
+pub fn login_failed(store: &Store, name: &str, now_us: i64) -> Result<Option<i64>, AccountError> {
+    let lockout_us = i64::try_from(super::LOCKOUT.as_micros()).unwrap_or(i64::MAX);
+    Ok(store.record_failed_login(name, now_us, super::MAX_FAILED_LOGINS, lockout_us)?)
+}
+
+/// Forgets `name`'s stored failed logins.
+pub fn login_succeeded(store: &Store, name: &str) -> Result<(), AccountError> {
+    Ok(store.clear_failed_logins(name)?)
+}
+
 pub fn create_session(
     store: &Store,
     user: &str,

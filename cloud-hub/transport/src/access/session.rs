@@ -85,30 +85,32 @@ async fn login(
         }
     };
     if st.locked_out(&req.username) {
-        st.metrics.auth_failure(AuthFailure::Throttled);
-        let mut resp = (
-            StatusCode::TOO_MANY_REQUESTS,
-            axum::Json(json!({ "error": "too many failed logins for this user name: try again in 5 minutes" })),
-        )
-            .into_response();
-        resp.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("300"));
-        return resp;
+        return throttled(&st);
     }
     let (store, name, pw) = (st.store.clone(), req.username.clone(), req.password);
     let checked = tokio::task::spawn_blocking(move || {
+        // The stored lockout: reached through any hub, kept across restarts.
+        let now = now_us();
+        if accounts::locked_until(&store, &name, now)?.is_some() {
+            return Ok(Checked::Locked);
+        }
         let role = accounts::check_password(&store, &name, &pw)?;
         match role {
             Some(role) => {
-                let (id, csrf) = accounts::create_session(&store, &name, now_us())?;
-                Ok(Some((role, id, csrf)))
+                accounts::login_succeeded(&store, &name)?;
+                let (id, csrf) = accounts::create_session(&store, &name, now)?;
+                Ok(Checked::Session(role, id, csrf))
             }
-            None => Ok::<_, accounts::AccountError>(None),
+            None => {
+                accounts::login_failed(&store, &name, now)?;
+                Ok::<_, accounts::AccountError>(Checked::Refused)
+            }
         }
     })
     .await;
     match checked {
-        Ok(Ok(Some((role, id, csrf)))) => {
+        Ok(Ok(Checked::Locked)) => throttled(&st),
+        Ok(Ok(Checked::Session(role, id, csrf))) => {
             st.login_succeeded(&req.username);
             st.metrics.login();
             tracing::info!(user = %req.username, role = %role, "login");
@@ -127,7 +129,7 @@ async fn login(
             resp.extensions_mut().insert(principal);
             resp
         }
-        Ok(Ok(None)) => {
+        Ok(Ok(Checked::Refused)) => {
             st.login_failed(&req.username);
             tracing::info!("login refused: wrong user name or password");
             Refusal {
@@ -147,6 +149,29 @@ async fn login(
         }
         Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response(),
     }
+}
+
+/// What checking a login found.
+enum Checked {
+    /// The user name is locked out (stored lockout).
+    Locked,
+    Refused,
+    Session(super::Role, String, String),
+}
+
+/// 429 to a locked-out user name.
+fn throttled(st: &AccessState) -> Response {
+    st.metrics.auth_failure(AuthFailure::Throttled);
+    let mut resp = (
+        StatusCode::TOO_MANY_REQUESTS,
+        axum::Json(
+            json!({ "error": "too many failed logins for this user name: try again in 5 minutes" }),
+        ),
+    )
+        .into_response();
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("300"));
+    resp
 }
 
 async fn whoami(State(st): State<AccessState>, headers: HeaderMap) -> Response {

@@ -191,7 +191,7 @@ async fn stream(State(st): State<AlertsState>) -> Response {
 /// to keep up is told how many it missed (`lagged` event) and should
 /// re-read the list. The stream ends when `shutdown` is cancelled.
 fn events(
-    rx: tokio::sync::broadcast::Receiver<super::Event>,
+    rx: tokio::sync::broadcast::Receiver<super::Change>,
     shutdown: CancellationToken,
 ) -> impl Stream<Item = Result<SseEvent, Infallible>> {
     futures_util::stream::unfold((rx, shutdown), |(mut rx, shutdown)| async move {
@@ -204,10 +204,10 @@ fn events(
             () = shutdown.cancelled() => return None,
         };
         let ev = match got {
-            Ok(e) => SseEvent::default()
+            Ok(c) => SseEvent::default()
                 .event("alert")
-                .id(e.alert.id.to_string())
-                .json_data(&e)
+                .id(c.alert.id.to_string())
+                .json_data(super::Event::from(c))
                 .unwrap_or_else(|_| SseEvent::default().event("error")),
             Err(RecvError::Lagged(n)) => SseEvent::default().event("lagged").data(n.to_string()),
             Err(RecvError::Closed) => return None,

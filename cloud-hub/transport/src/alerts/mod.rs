@@ -3,9 +3,12 @@
 //! audit trail of every transition and a live stream.
 //!
 //! [`engine`] decides (sans-IO); this module feeds it from ingest and the
-//! clock, stores its alerts and their transitions through
-//! `hub_storage::AlertStore` and broadcasts each change to the live stream
-//! ([`api`]). See docs/alerts.md.
+//! clock, evaluates against the stored alerts and stores their transitions
+//! through `hub_storage::AlertStore` (one evaluation at a time across every
+//! hub on the database, so an alert is raised, escalated and stored once
+//! whichever replica saw the batch), and serves the store's change feed,
+//! which carries every hub's changes, as the live stream ([`api`]). See
+//! docs/alerts.md.
 
 pub mod api;
 
@@ -21,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::association::PatientId;
 use crate::config_error::ConfigError;
-use crate::storage::StoreError;
+use crate::storage::{StoreError, StoredOverride, Tracking};
 use crate::store::Store;
 use engine::{Alert, Change, Engine, EngineConfig, LinkEvent, News2Band, Technical, ValueInput};
 use rules::{Priority, RuleOverride, RuleSet};
@@ -141,6 +144,16 @@ pub struct Event {
     pub actor: Option<String>,
 }
 
+impl From<Change> for Event {
+    fn from(c: Change) -> Self {
+        Self {
+            transition: c.transition,
+            alert: c.alert,
+            actor: c.actor,
+        }
+    }
+}
+
 /// Errors of the alert service.
 #[derive(Debug, thiserror::Error)]
 pub enum AlertError {
@@ -160,12 +173,35 @@ impl From<StoreError> for AlertError {
     }
 }
 
-/// The alert service: the engine, its store and the live stream.
+/// The alert service: the engine and its store (whose change feed is the
+/// live stream).
 pub struct AlertService {
     engine: Mutex<Engine>,
     store: Store,
     config: AlertsConfig,
-    tx: broadcast::Sender<Event>,
+    /// The configured rules, before patient overrides.
+    base: RuleSet,
+    /// The patient overrides the engine's rules were last built with
+    /// (as stored: another hub may change them).
+    overrides: Mutex<Vec<StoredOverride>>,
+}
+
+/// `base` with the stored patient overrides applied.
+fn with_overrides(base: &RuleSet, stored: &[StoredOverride]) -> RuleSet {
+    let mut rules = base.clone();
+    let mut overrides: HashMap<&str, Vec<RuleOverride>> = HashMap::new();
+    for o in stored {
+        match serde_json::from_str::<RuleOverride>(&o.body) {
+            Ok(r) => overrides.entry(o.patient.as_str()).or_default().push(r),
+            Err(e) => {
+                tracing::error!(error = %e, "stored alert rule override unreadable; ignored")
+            }
+        }
+    }
+    for (p, o) in overrides {
+        rules.set_patient(p, o);
+    }
+    rules
 }
 
 impl std::fmt::Debug for AlertService {
@@ -187,30 +223,21 @@ impl AlertService {
             return Ok(None);
         }
         let loaded = store.load_alerts()?;
-        let mut rules = config.rule_set().map_err(|e| AlertError::Invalid {
+        let base = config.rule_set().map_err(|e| AlertError::Invalid {
             field: "alerts.rule".into(),
             message: e.to_string(),
         })?;
         let (open, next_id) = (loaded.open, loaded.next_id);
-        let mut overrides: HashMap<String, Vec<RuleOverride>> = HashMap::new();
-        for o in loaded.overrides {
-            match serde_json::from_str::<RuleOverride>(&o.body) {
-                Ok(r) => overrides.entry(o.patient).or_default().push(r),
-                Err(e) => {
-                    tracing::error!(error = %e, "stored alert rule override unreadable; ignored")
-                }
-            }
-        }
-        for (p, o) in overrides {
-            rules.set_patient(&p, o);
-        }
+        let rules = with_overrides(&base, &loaded.overrides);
         tracing::info!(open = open.len(), "alert engine started");
-        let (tx, _) = broadcast::channel(1024);
+        // The change feed from now on (on PostgreSQL: its listener starts).
+        drop(store.alert_changes());
         Ok(Some(Arc::new(Self {
             engine: Mutex::new(Engine::new(config.engine_config(), rules, next_id, open)),
             store: store.clone(),
             config: config.clone(),
-            tx,
+            base,
+            overrides: Mutex::new(loaded.overrides),
         })))
     }
 
@@ -218,23 +245,42 @@ impl AlertService {
         &self.config
     }
 
-    /// A receiver of every change from now on.
-    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
-        self.tx.subscribe()
+    /// A receiver of every change from now on, made by any hub on the
+    /// database (the store's change feed).
+    pub fn subscribe(&self) -> broadcast::Receiver<Change> {
+        self.store.alert_changes()
     }
 
     fn engine(&self) -> std::sync::MutexGuard<'_, Engine> {
         self.engine.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Stores changes (alert row + transition, one transaction) and
-    /// broadcasts them.
-    fn commit(&self, changes: Vec<Change>, now_us: i64) -> Result<(), AlertError> {
-        if changes.is_empty() {
-            return Ok(());
-        }
-        self.store.commit_alerts(&changes, now_us)?;
-        for c in changes {
+    /// Runs `decide` on the engine synchronized with the stored open
+    /// alerts and tracked state (`tracking`), inside the store's
+    /// evaluation transaction (serialized with every other hub's), and
+    /// stores its changes and the tracked state there.
+    fn evaluate(
+        &self,
+        now_us: i64,
+        tracking: crate::storage::Tracking<'_>,
+        mut decide: impl FnMut(&mut Engine) -> Vec<Change>,
+    ) -> Result<Vec<Change>, AlertError> {
+        let mut run = |ev: crate::storage::Evaluation| {
+            let mut e = self.engine();
+            e.sync(ev.open, ev.next_id, ev.tracked);
+            // Patient overrides another hub changed since.
+            if let Some(stored) = ev.overrides {
+                let mut seen = self.overrides.lock().unwrap_or_else(|p| p.into_inner());
+                if *seen != stored {
+                    e.set_rules(with_overrides(&self.base, &stored));
+                    *seen = stored;
+                }
+            }
+            let changes = decide(&mut e);
+            (changes, e.tracked())
+        };
+        let changes = self.store.evaluate_alerts(now_us, tracking, &mut run)?;
+        for c in &changes {
             // No PHI in logs: ids and codes only.
             tracing::info!(
                 alert_id = c.alert.id,
@@ -243,13 +289,8 @@ impl AlertService {
                 transition = c.transition.as_str(),
                 "alert"
             );
-            let _ = self.tx.send(Event {
-                transition: c.transition,
-                alert: c.alert,
-                actor: c.actor,
-            });
         }
-        Ok(())
+        Ok(changes)
     }
 
     /// The ward of a patient's bed now, if any.
@@ -290,9 +331,8 @@ impl AlertService {
                 }
             }
         }
-        let mut changes = Vec::new();
-        {
-            let mut e = self.engine();
+        self.evaluate(now_us, Tracking::Gateway(gateway_id), |e| {
+            let mut changes = Vec::new();
             changes.extend(e.gateway_seen(gateway_id, now_us));
             for (kind, time_us) in &events.gateway {
                 changes.extend(e.gateway_event(*kind, gateway_id, *time_us, now_us));
@@ -337,8 +377,8 @@ impl AlertService {
                 };
                 changes.extend(e.value(&input, now_us));
             }
-        }
-        self.commit(changes, now_us)?;
+            changes
+        })?;
         Ok(())
     }
 
@@ -364,24 +404,34 @@ impl AlertService {
             crate::scores::News2Risk::LowMedium => News2Band::SingleParameter3,
             crate::scores::News2Risk::Low => News2Band::Low,
         };
-        let changes = self
-            .engine()
-            .news2(&report.patient, n.total, band, now_us, now_us);
-        self.commit(changes, now_us)
+        self.evaluate(now_us, Tracking::Nothing, |e| {
+            e.news2(&report.patient, n.total, band, now_us, now_us)
+        })?;
+        Ok(())
     }
 
     /// The clock: stale data, offline gateways, escalation.
     pub fn tick(&self, now_us: i64) -> Result<(), AlertError> {
-        let changes = self.engine().tick(now_us);
-        self.commit(changes, now_us)
+        self.evaluate(now_us, Tracking::Everything, |e| e.tick(now_us))?;
+        Ok(())
     }
 
     /// Acknowledges an open alert.
     pub fn acknowledge(&self, id: i64, actor: &str, now_us: i64) -> Result<Alert, AlertError> {
-        let changes = self.engine().acknowledge(id, actor, now_us)?;
-        let alert = changes[0].alert.clone();
-        self.commit(changes, now_us)?;
-        Ok(alert)
+        let mut refused = None;
+        let changes = self.evaluate(now_us, Tracking::Nothing, |e| {
+            match e.acknowledge(id, actor, now_us) {
+                Ok(c) => c,
+                Err(r) => {
+                    refused = Some(r);
+                    vec![]
+                }
+            }
+        })?;
+        if let Some(r) = refused {
+            return Err(r.into());
+        }
+        Ok(changes[0].alert.clone())
     }
 
     /// Alerts, newest first.
