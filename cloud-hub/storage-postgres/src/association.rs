@@ -12,8 +12,8 @@ use hub_storage::{
     AssocError, AssocTx, AssociationStore, Associations, StoreError, SystemsMigrated, Timeline,
     procedure, systems_to_migrate,
 };
+use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{Row, Transaction};
 
 use crate::{ASSOC_LOCK, DbError, PgStore};
 
@@ -65,22 +65,36 @@ fn interval(r: &Row) -> Interval {
 /// `hub_storage::procedure` are synchronous: each statement is awaited here,
 /// on the calling thread (which has the store's I/O runtime entered, see
 /// [`PgStore::assoc_tx`]).
-struct Tx<'a, 'b>(&'a Transaction<'b>);
+struct Tx<'a, 'b>(&'a deadpool_postgres::Transaction<'b>);
 
 type Params<'p> = &'p [&'p (dyn ToSql + Sync)];
 
 impl Tx<'_, '_> {
+    // Each statement prepared once per connection (the pool's statement
+    // cache; the texts are a fixed set).
     fn query(&self, sql: &str, params: Params<'_>) -> Result<Vec<Row>, DbError> {
-        Ok(block_on(self.0.query(sql, params))?)
+        Ok(block_on(async {
+            let st = self.0.prepare_cached(sql).await?;
+            self.0.query(&st, params).await
+        })?)
     }
     fn query_opt(&self, sql: &str, params: Params<'_>) -> Result<Option<Row>, DbError> {
-        Ok(block_on(self.0.query_opt(sql, params))?)
+        Ok(block_on(async {
+            let st = self.0.prepare_cached(sql).await?;
+            self.0.query_opt(&st, params).await
+        })?)
     }
     fn query_one(&self, sql: &str, params: Params<'_>) -> Result<Row, DbError> {
-        Ok(block_on(self.0.query_one(sql, params))?)
+        Ok(block_on(async {
+            let st = self.0.prepare_cached(sql).await?;
+            self.0.query_one(&st, params).await
+        })?)
     }
     fn execute(&self, sql: &str, params: Params<'_>) -> Result<u64, DbError> {
-        Ok(block_on(self.0.execute(sql, params))?)
+        Ok(block_on(async {
+            let st = self.0.prepare_cached(sql).await?;
+            self.0.execute(&st, params).await
+        })?)
     }
 }
 

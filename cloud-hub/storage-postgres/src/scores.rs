@@ -45,7 +45,7 @@ fn reading_row(r: &Row) -> StoredReading {
 /// (at most `limit`) and the newest whatever its value and status. Rows
 /// sharing a time are ordered by arrival (`rid`), as SQLite's by rowid.
 async fn readings_on(
-    c: &impl GenericClient,
+    c: &impl deadpool_postgres::GenericClient,
     patient: &str,
     mdc: u32,
     panel_part: bool,
@@ -69,10 +69,18 @@ async fn readings_on(
           WHERE patient_id = $1 AND mdc_code = $2 AND {panel} AND kind = 'reading'
           ORDER BY effective_us DESC, rid DESC LIMIT 1"
     );
-    // Both sent at once (pipelined on the connection).
+    // Both sent at once (pipelined on the connection), each prepared once
+    // per connection (the statement cache): planning a statement over the
+    // partitioned table costs more than running it.
     let (usable, newest) = futures_util::try_join!(
-        async { c.query(usable.as_str(), &[&patient, &code, &limit]).await },
-        async { c.query_opt(newest.as_str(), &[&patient, &code]).await },
+        async {
+            let st = c.prepare_cached(usable.as_str()).await?;
+            c.query(&st, &[&patient, &code, &limit]).await
+        },
+        async {
+            let st = c.prepare_cached(newest.as_str()).await?;
+            c.query_opt(&st, &[&patient, &code]).await
+        },
     )?;
     Ok(ReadingCandidates {
         mdc,
@@ -84,20 +92,22 @@ async fn readings_on(
 /// The latest manual input of `kind`: by effective time, then the last
 /// recorded.
 async fn manual_on(
-    c: &impl GenericClient,
+    c: &impl deadpool_postgres::GenericClient,
     patient: &str,
     kind: &str,
 ) -> Result<Option<StoredManual>, DbError> {
-    Ok(c.query_opt(
-        "SELECT value, effective_us FROM manual_inputs WHERE patient_id = $1 AND kind = $2
-          ORDER BY effective_us DESC, id DESC LIMIT 1",
-        &[&patient, &kind],
-    )
-    .await?
-    .map(|r| StoredManual {
-        value: r.get(0),
-        effective_us: r.get(1),
-    }))
+    let st = c
+        .prepare_cached(
+            "SELECT value, effective_us FROM manual_inputs WHERE patient_id = $1 AND kind = $2
+              ORDER BY effective_us DESC, id DESC LIMIT 1",
+        )
+        .await?;
+    Ok(c.query_opt(&st, &[&patient, &kind])
+        .await?
+        .map(|r| StoredManual {
+            value: r.get(0),
+            effective_us: r.get(1),
+        }))
 }
 
 async fn last_on(
@@ -134,7 +144,7 @@ impl PgStore {
             .read_only(true)
             .start()
             .await?;
-        let t = &*tx;
+        let t = &tx;
         let (r, m) = futures_util::try_join!(
             try_join_all(
                 readings
@@ -283,7 +293,7 @@ impl ScoreStore for PgStore {
     ) -> Result<ReadingCandidates, StoreError> {
         self.run(async {
             let c = self.conn().await?;
-            readings_on(&**c, patient, mdc, panel_part, limit).await
+            readings_on(&c, patient, mdc, panel_part, limit).await
         })
     }
     fn score_inputs(
@@ -298,7 +308,7 @@ impl ScoreStore for PgStore {
     fn latest_manual(&self, patient: &str, kind: &str) -> Result<Option<StoredManual>, StoreError> {
         self.run(async {
             let c = self.conn().await?;
-            manual_on(&**c, patient, kind).await
+            manual_on(&c, patient, kind).await
         })
     }
     fn has_manual_inputs(&self, patient: &str) -> Result<bool, StoreError> {
