@@ -28,7 +28,7 @@ pub use hub_postgres as pg;
 pub use hub_transport::{
     access, adt, adt_listener, after_ingest, alerts, association, association_api, audit, auth,
     dashboard, early_warning, encoding, export, fhir, fhir_api, identifiers, ingest, ingest_api,
-    metrics, mqtt_ingest, pipeline, score_history, scores, server, storage, trends, ward,
+    metrics, mqtt_ingest, pipeline, score_history, scores, server, storage, stream, trends, ward,
 };
 
 use std::future::Future;

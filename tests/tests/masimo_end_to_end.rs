@@ -475,7 +475,10 @@ fn runnable_doc_blocks_run() {
     // These documents' command blocks are marked runnable; losing the
     // marks would make this test vacuous.
     for doc in ["README.md", "docs/access.md", "docs/hub.md"] {
-        assert!(ran.contains(&doc.to_owned()), "{doc} did not run: ran {ran:?}");
+        assert!(
+            ran.contains(&doc.to_owned()),
+            "{doc} did not run: ran {ran:?}"
+        );
     }
 }
 

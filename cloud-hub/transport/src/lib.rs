@@ -45,7 +45,7 @@ pub mod store;
 pub mod trends;
 pub mod ward;
 
-pub use hub_domain::{adt, fhir, ingest, scores};
+pub use hub_domain::{adt, fhir, ingest, scores, stream};
 pub use hub_storage as storage;
 
 use std::sync::Arc;
