@@ -17,6 +17,7 @@ mod alerts;
 mod association;
 mod error;
 mod scores;
+mod stream;
 mod trends;
 
 pub use alerts::{AlertFilter, AlertStore, AlertsLoaded, StoredOverride, Transitioned};
@@ -25,6 +26,7 @@ pub use association::{
 };
 pub use error::StoreError;
 pub use scores::ScoreStore;
+pub use stream::{StreamPosition, StreamStore};
 pub use trends::TrendStore;
 mod access;
 mod audit;
@@ -176,6 +178,7 @@ pub trait Storage:
     + AuditStore
     + GatewayViewStore
     + AssociationStore
+    + StreamStore
     + std::fmt::Debug
     + Send
     + Sync
