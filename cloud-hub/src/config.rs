@@ -376,6 +376,31 @@ mod tests {
     }
 
     #[test]
+    fn kafka_section_validates_naming_the_field_and_resolves_paths() {
+        let kafka = "[kafka]\nbrokers = [\"ns.servicebus.windows.net:9093\"]\ntopic = \"vigil\"\nreplica_id = \"hub-1\"\nconnection_string_file = \"eh.conn\"\n";
+        let mut c = Config::parse(&format!("{MINIMAL}\n{kafka}")).unwrap();
+        c.validate().unwrap();
+        c.resolve_paths(Path::new("/etc/vigil"));
+        let k = c.kafka.as_ref().unwrap();
+        assert!(k.uses_tls());
+        assert_eq!(
+            k.connection_string_file.as_deref(),
+            Some(Path::new("/etc/vigil/eh.conn"))
+        );
+        c.kafka.as_mut().unwrap().tls = Some(false);
+        let err = c.validate().unwrap_err();
+        assert!(err.to_string().contains("kafka.tls"), "{err}");
+        c.kafka.as_mut().unwrap().tls = None;
+        c.kafka.as_mut().unwrap().lease_ms = 1;
+        let err = c.validate().unwrap_err();
+        assert!(err.to_string().contains("kafka.lease_ms"), "{err}");
+        // The connection string itself is not a config field.
+        let err =
+            Config::parse(&format!("{MINIMAL}\n{kafka}connection_string = \"x\"\n")).unwrap_err();
+        assert!(err.to_string().contains("connection_string"), "{err}");
+    }
+
+    #[test]
     fn unknown_fields_are_refused() {
         let err = Config::parse(&format!("{MINIMAL}\n[fhir]\nbase = \"x\"\n")).unwrap_err();
         assert!(err.to_string().contains("base"), "{err}");
