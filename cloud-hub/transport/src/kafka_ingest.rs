@@ -657,17 +657,33 @@ pub async fn run(ingest: KafkaIngest, st: Pipeline, shutdown: CancellationToken)
             owned.remove(&p);
             metrics.kafka.forget_partition(p);
         }
-        let partitions = match client.list_topics().await {
-            Ok(topics) => topics
-                .into_iter()
-                .find(|t| t.name == c.topic)
-                .map(|t| t.partitions.into_iter().collect::<Vec<i32>>()),
-            Err(e) => {
+        // Bounded: leases must be renewed in time even while the broker
+        // does not answer (the round then only renews what is held).
+        let partitions = match tokio::time::timeout(renew_every, client.list_topics()).await {
+            Ok(Ok(topics)) => {
+                let found = topics
+                    .into_iter()
+                    .find(|t| t.name == c.topic)
+                    .map(|t| t.partitions.into_iter().collect::<Vec<i32>>());
+                if found.is_none() {
+                    tracing::warn!(topic = %c.topic, "Kafka topic not found on the broker");
+                }
+                found
+            }
+            Ok(Err(e)) => {
                 metrics
                     .kafka
                     .connection_errors
                     .fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(error = %e, "Kafka metadata request failed");
+                None
+            }
+            Err(_) => {
+                metrics
+                    .kafka
+                    .connection_errors
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!("Kafka metadata request timed out");
                 None
             }
         };
@@ -815,11 +831,13 @@ async fn consume(ctx: PartitionCtx, token: CancellationToken) {
     let p = ctx.partition;
     let mut failures = 0u32;
     let pc = loop {
-        match ctx
-            .client
-            .partition_client(ctx.topic.clone(), p, UnknownTopicHandling::Retry)
-            .await
-        {
+        let pc = tokio::select! {
+            () = token.cancelled() => return,
+            pc = ctx
+                .client
+                .partition_client(ctx.topic.clone(), p, UnknownTopicHandling::Retry) => pc,
+        };
+        match pc {
             Ok(pc) => break Arc::new(pc),
             Err(e) => {
                 metrics
@@ -841,7 +859,10 @@ async fn consume(ctx: PartitionCtx, token: CancellationToken) {
         match blocking(move || store.committed_offsets(&src)).await {
             Ok(offsets) => match offsets.iter().find(|(q, _)| *q == p) {
                 Some((_, o)) => break *o,
-                None => match start_offset(&pc, ctx.start_at).await {
+                None => match tokio::select! {
+                    () = token.cancelled() => return,
+                    o = start_offset(&pc, ctx.start_at) => o,
+                } {
                     Ok(o) => break o,
                     Err(e) => {
                         metrics
