@@ -52,6 +52,10 @@ pub struct Config {
     /// `[mqtt]`: also consume batches from an MQTT 5 broker (optional).
     #[serde(default)]
     pub mqtt: Option<MqttConfig>,
+    /// `[kafka]`: also consume batches from a Kafka topic / Event Hub
+    /// (optional; see `kafka_ingest`).
+    #[serde(default)]
+    pub kafka: Option<hub_transport::kafka_ingest::KafkaConfig>,
     /// `[scores]`: early-warning scores from stored data (see `early_warning`).
     #[serde(default)]
     pub scores: hub_transport::early_warning::ScoresConfig,
@@ -91,6 +95,13 @@ impl Config {
             && !id.is_empty()
         {
             m.client_id = id;
+        }
+        if let (Some(k), Ok(id)) = (
+            &mut config.kafka,
+            std::env::var(hub_transport::kafka_ingest::ENV_KAFKA_REPLICA_ID),
+        ) && !id.is_empty()
+        {
+            k.replica_id = id;
         }
         if let (Some(pg), Ok(url)) = (
             &mut config.storage.postgres,
@@ -151,6 +162,14 @@ impl Config {
             fix(&mut tls.key_file);
             if let Some(ca) = &mut tls.client_ca_file {
                 fix(ca);
+            }
+        }
+        if let Some(k) = &mut self.kafka {
+            for p in [&mut k.ca_file, &mut k.connection_string_file]
+                .into_iter()
+                .flatten()
+            {
+                fix(p);
             }
         }
         if let Some(m) = &mut self.mqtt {
@@ -249,6 +268,9 @@ impl Config {
         self.ingest.validate()?;
         if let Some(m) = &self.mqtt {
             m.validate()?;
+        }
+        if let Some(k) = &self.kafka {
+            k.validate()?;
         }
         if let Some(adt) = &self.adt {
             adt.validate()?;
@@ -351,6 +373,31 @@ mod tests {
             c.associations.is_empty(),
             "hub.example.toml must ship no active [[associations]]"
         );
+    }
+
+    #[test]
+    fn kafka_section_validates_naming_the_field_and_resolves_paths() {
+        let kafka = "[kafka]\nbrokers = [\"ns.servicebus.windows.net:9093\"]\ntopic = \"vigil\"\nreplica_id = \"hub-1\"\nconnection_string_file = \"eh.conn\"\n";
+        let mut c = Config::parse(&format!("{MINIMAL}\n{kafka}")).unwrap();
+        c.validate().unwrap();
+        c.resolve_paths(Path::new("/etc/vigil"));
+        let k = c.kafka.as_ref().unwrap();
+        assert!(k.uses_tls());
+        assert_eq!(
+            k.connection_string_file.as_deref(),
+            Some(Path::new("/etc/vigil/eh.conn"))
+        );
+        c.kafka.as_mut().unwrap().tls = Some(false);
+        let err = c.validate().unwrap_err();
+        assert!(err.to_string().contains("kafka.tls"), "{err}");
+        c.kafka.as_mut().unwrap().tls = None;
+        c.kafka.as_mut().unwrap().lease_ms = 1;
+        let err = c.validate().unwrap_err();
+        assert!(err.to_string().contains("kafka.lease_ms"), "{err}");
+        // The connection string itself is not a config field.
+        let err =
+            Config::parse(&format!("{MINIMAL}\n{kafka}connection_string = \"x\"\n")).unwrap_err();
+        assert!(err.to_string().contains("connection_string"), "{err}");
     }
 
     #[test]

@@ -1,13 +1,15 @@
 //! [`Hub`]: the composition of one hub. Opens the backend the config names,
 //! builds the transport layer's [`AppState`] (one sub-state per concern)
 //! over it, registers the after-ingest consumers, starts the listeners
-//! (HTTP(S), and with their sections MQTT ingest and the ADT listener) and
+//! (HTTP(S), and with their sections MQTT ingest, Kafka ingest and the ADT
+//! listener) and
 //! the background tasks (retention, the alert clock), and stops them all
 //! with one cancellation token.
 
 use std::future::Future;
 use std::sync::Arc;
 
+use hub_transport::kafka_ingest::KafkaIngest;
 use hub_transport::mqtt_ingest::MqttIngest;
 use hub_transport::{AppState, server};
 use tokio_util::sync::CancellationToken;
@@ -24,6 +26,7 @@ pub struct Hub {
     tls: Option<Arc<rustls::ServerConfig>>,
     metrics: SharedMetrics,
     mqtt: Option<MqttIngest>,
+    kafka: Option<KafkaIngest>,
 }
 
 impl Hub {
@@ -51,12 +54,18 @@ impl Hub {
             .as_ref()
             .map(|m| MqttIngest::prepare(m, config.server.max_body_bytes))
             .transpose()?;
+        let kafka = config
+            .kafka
+            .as_ref()
+            .map(KafkaIngest::prepare)
+            .transpose()?;
         Ok(Self {
             config: Arc::new(config),
             store,
             tls,
             metrics: Arc::default(),
             mqtt,
+            kafka,
         })
     }
 
@@ -160,6 +169,14 @@ impl Hub {
                 shutdown.child_token(),
             ))
         });
+        // Kafka / Event Hubs ingest likewise.
+        let kafka = self.kafka.map(|k| {
+            tokio::spawn(hub_transport::kafka_ingest::run(
+                k,
+                pipeline.clone(),
+                shutdown.child_token(),
+            ))
+        });
         // The HL7 ADT listener (optional) runs beside the server and stops
         // with it.
         let adt = match &self.config.adt {
@@ -249,6 +266,9 @@ impl Hub {
         )
         .await?;
         if let Some(task) = mqtt {
+            task.await?;
+        }
+        if let Some(task) = kafka {
             task.await?;
         }
         if let Some(task) = retention {

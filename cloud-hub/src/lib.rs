@@ -28,7 +28,8 @@ pub use hub_postgres as pg;
 pub use hub_transport::{
     access, adt, adt_listener, after_ingest, alerts, association, association_api, audit, auth,
     dashboard, early_warning, encoding, export, fhir, fhir_api, identifiers, ingest, ingest_api,
-    metrics, mqtt_ingest, pipeline, score_history, scores, server, storage, trends, ward,
+    kafka_ingest, metrics, mqtt_ingest, pipeline, score_history, scores, server, storage, stream,
+    trends, ward,
 };
 
 use std::future::Future;
@@ -61,6 +62,8 @@ pub enum HubError {
     Adt(#[from] adt_listener::AdtSetupError),
     #[error(transparent)]
     Mqtt(#[from] mqtt_ingest::MqttSetupError),
+    #[error(transparent)]
+    Kafka(#[from] kafka_ingest::KafkaSetupError),
     #[error(transparent)]
     Account(#[from] access::accounts::AccountError),
 }

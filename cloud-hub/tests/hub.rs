@@ -44,6 +44,8 @@ mod identifier_systems;
 mod ingest;
 #[path = "ingest_encoding.rs"]
 mod ingest_encoding;
+#[path = "kafka_source.rs"]
+mod kafka_source;
 #[path = "mqtt_ingest.rs"]
 mod mqtt_ingest;
 #[path = "mtls.rs"]

@@ -1794,6 +1794,91 @@ fn stored_authority_systems_are_migrated_to_uris_once(s: &Store) -> Result<(), S
 /// Each case runs on both backends: `sqlite::<case>` on a temp file,
 /// `postgres::<case>` on a throwaway server. A case returns `()` or a
 /// `Result` (unwrapped).
+fn stream_leases_are_exclusive_and_expire(s: &Store) -> Result<(), StoreError> {
+    use cloud_hub::stream::lease::Lease;
+    let src = "kafka:vigil";
+    // a takes partition 0 until 2000; b cannot while it is live.
+    assert!(s.claim_lease(src, 0, "a", 1000, 2000)?);
+    assert!(!s.claim_lease(src, 0, "b", 1500, 2500)?);
+    // a renews; another source's partition 0 is independent.
+    assert!(s.claim_lease(src, 0, "a", 1500, 2500)?);
+    assert!(s.claim_lease("kafka:other", 0, "b", 1500, 2500)?);
+    // Expired at 2500: b takes it over, and a's late renewal fails.
+    assert!(s.claim_lease(src, 0, "b", 2500, 3500)?);
+    assert!(!s.claim_lease(src, 0, "a", 2600, 3600)?);
+    let b_holds = vec![Lease {
+        partition: 0,
+        owner: "b".into(),
+        expires_at_ms: 3500,
+    }];
+    assert_eq!(s.leases(src)?, b_holds);
+    // Only the owner releases.
+    s.release_lease(src, 0, "a")?;
+    assert_eq!(s.leases(src)?, b_holds);
+    s.release_lease(src, 0, "b")?;
+    assert!(s.leases(src)?.is_empty());
+    assert!(s.claim_lease(src, 0, "a", 2600, 3600)?);
+    assert!(s.claim_lease(src, 1, "b", 2600, 3600)?);
+    assert_eq!(s.leases(src)?.len(), 2);
+
+    // Replica heartbeats: live until their expiry, forgotten after.
+    s.replica_heartbeat(src, "b", 1000, 2000)?;
+    s.replica_heartbeat(src, "a", 1000, 3000)?;
+    assert_eq!(s.live_replicas(src, 1500)?, vec!["a", "b"]);
+    assert_eq!(s.live_replicas(src, 2000)?, vec!["a"]);
+    assert!(s.live_replicas("kafka:other", 1500)?.is_empty());
+    s.replica_heartbeat(src, "a", 3000, 4000)?;
+    assert_eq!(
+        s.live_replicas(src, 0)?,
+        vec!["a"],
+        "b's expired row is gone"
+    );
+    Ok(())
+}
+
+fn stream_offsets_commit_with_the_batch(s: &Store) -> Result<(), StoreError> {
+    use cloud_hub::storage::StreamPosition;
+    let none = Associations::new();
+    let at = |o: i64| StreamPosition {
+        source: "kafka:vigil".into(),
+        partition: 3,
+        next_offset: o,
+    };
+    let offsets = |s: &Store| s.committed_offsets("kafka:vigil");
+    assert!(offsets(s)?.is_empty());
+    let b1 = batch(1, vec![entry("d1", vec![spo2(T0, 1)])]);
+    let r = s.ingest_at(G, &b1, &none, now(), now(), &at(5))?;
+    assert_eq!(r.ack.accepted, 1);
+    assert_eq!(offsets(s)?, vec![(3, 5)]);
+    // The same batch read again at a later offset: a duplicate, and the
+    // offset still advances.
+    let r = s.ingest_at(G, &b1, &none, now(), now(), &at(9))?;
+    assert!(r.ack.duplicate_batch);
+    assert_eq!(offsets(s)?, vec![(3, 9)]);
+    // A lower offset stores the batch but never moves the offset back.
+    let b2 = batch(2, vec![entry("d1", vec![spo2(T0 + MIN, 2)])]);
+    let r = s.ingest_at(G, &b2, &none, now(), now(), &at(7))?;
+    assert_eq!(r.ack.accepted, 1);
+    assert_eq!(offsets(s)?, vec![(3, 9)]);
+    // Offsets alone (past dropped records): forward only.
+    s.commit_offset(&at(12))?;
+    s.commit_offset(&at(4))?;
+    assert_eq!(offsets(s)?, vec![(3, 12)]);
+    // A refused batch writes no offset: both or nothing.
+    let bad = batch(u64::MAX, vec![entry("d1", vec![spo2(T0, 3)])]);
+    assert!(s.ingest_at(G, &bad, &none, now(), now(), &at(20)).is_err());
+    assert_eq!(offsets(s)?, vec![(3, 12)]);
+    // Other partitions and sources are separate.
+    s.commit_offset(&StreamPosition {
+        partition: 0,
+        ..at(1)
+    })?;
+    assert_eq!(offsets(s)?, vec![(0, 1), (3, 12)]);
+    assert!(s.committed_offsets("kafka:other")?.is_empty());
+    assert_eq!(search(s, &[]).0, 2, "each batch's reading stored once");
+    Ok(())
+}
+
 macro_rules! suite {
     ($($name:ident),* $(,)?) => {
         trait Outcome {
@@ -1864,6 +1949,8 @@ suite!(
     audit_log_appends_and_chains,
     gateways_view_sums_the_window,
     stored_authority_systems_are_migrated_to_uris_once,
+    stream_leases_are_exclusive_and_expire,
+    stream_offsets_commit_with_the_batch,
 );
 
 // ---- PostgreSQL only ----
@@ -1941,7 +2028,7 @@ fn postgres_partitions_by_month_and_migrates_once() {
     let s = Store::open_postgres(&cfg).unwrap();
     assert_eq!(
         s.postgres().unwrap().migrations().unwrap(),
-        vec![1, 2, 3, 4, 5]
+        vec![1, 2, 3, 4, 5, 6]
     );
     let r = ingest(
         &s,
@@ -1982,6 +2069,7 @@ fn postgres_migration_3_keeps_existing_rows_as_incarnation_0() {
                  alert_rule_overrides, vital_rollups, audit_log;
              DROP FUNCTION audit_log_append_only();
              DROP TABLE login_failures, alert_pending, alert_devices, alert_gateways;
+             DROP TABLE stream_offsets, stream_leases, stream_replicas;
              DELETE FROM schema_migrations WHERE version >= 3;",
         )
         .unwrap();
@@ -1989,7 +2077,7 @@ fn postgres_migration_3_keeps_existing_rows_as_incarnation_0() {
     let s = Store::open_postgres(&cfg).unwrap();
     assert_eq!(
         s.postgres().unwrap().migrations().unwrap(),
-        vec![1, 2, 3, 4, 5]
+        vec![1, 2, 3, 4, 5, 6]
     );
     assert!(ingest(&s, &first, &none).ack.duplicate_batch);
     let r = ingest(

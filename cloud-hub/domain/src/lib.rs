@@ -14,6 +14,7 @@
 //! - [`identifiers`]: patient identifier systems (HL7 authorities) as URIs.
 //! - [`gateway_activity`]: the dashboard's per-gateway batch totals.
 //! - [`trends`]: chart buckets and trend slopes.
+//! - [`stream`]: the Kafka / Event Hubs source's record headers and partition leases.
 
 pub mod adt;
 pub mod alerts;
@@ -27,4 +28,5 @@ pub mod identifiers;
 pub mod ingest;
 pub mod score_history;
 pub mod scores;
+pub mod stream;
 pub mod trends;

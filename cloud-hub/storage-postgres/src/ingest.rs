@@ -134,6 +134,7 @@ impl PgStore {
         associations: &Associations,
         received_us: i64,
         now_us: i64,
+        position: Option<&hub_storage::StreamPosition>,
     ) -> Result<IngestReport, DbError> {
         let (incarnation, batch_seq) = ingest::check_batch(batch)?;
         // DDL outside the ingest transaction.
@@ -162,6 +163,11 @@ impl PgStore {
             let bytes: Vec<u8> = row.get(0);
             let mut ack = BatchAck::decode(bytes.as_slice())?;
             ack.duplicate_batch = true;
+            // A re-sent batch read from a stream still moves its offset.
+            if let Some(p) = position {
+                crate::stream::write_offset(&tx, p).await?;
+                tx.commit().await?;
+            }
             return Ok(IngestReport {
                 ack,
                 rejected_reasons: Vec::new(),
@@ -430,6 +436,9 @@ impl PgStore {
             ],
         )
         .await?;
+        if let Some(p) = position {
+            crate::stream::write_offset(&tx, p).await?;
+        }
         tx.commit().await?;
         Ok(IngestReport {
             ack: outcome.ack,

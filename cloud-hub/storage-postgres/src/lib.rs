@@ -39,6 +39,7 @@ mod gateway_view;
 mod ingest;
 pub mod schema;
 mod scores;
+mod stream;
 mod trends;
 
 use std::collections::HashSet;
@@ -1014,7 +1015,7 @@ impl IngestStore for PgStore {
         received_us: i64,
         now_us: i64,
     ) -> Result<IngestReport, StoreError> {
-        self.run(self.db_ingest(gateway_id, batch, associations, received_us, now_us))
+        self.run(self.db_ingest(gateway_id, batch, associations, received_us, now_us, None))
     }
 }
 

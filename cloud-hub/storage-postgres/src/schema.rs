@@ -356,8 +356,41 @@ CREATE TABLE alert_gateways (
 );
 "#;
 
+/// Migration 6: the Kafka / Event Hubs source (`hub_storage::StreamStore`):
+/// each partition's next offset (written in the ingest transaction of the
+/// batch read before it), the partition leases replicas share, and the
+/// replicas' heartbeats.
+const PG_V6: &str = r#"
+CREATE TABLE stream_offsets (
+    source        text NOT NULL,
+    partition_id  integer NOT NULL,
+    next_offset   bigint NOT NULL,
+    PRIMARY KEY (source, partition_id)
+);
+CREATE TABLE stream_leases (
+    source         text NOT NULL,
+    partition_id   integer NOT NULL,
+    owner          text NOT NULL,
+    expires_at_ms  bigint NOT NULL,
+    PRIMARY KEY (source, partition_id)
+);
+CREATE TABLE stream_replicas (
+    source         text NOT NULL,
+    replica        text NOT NULL,
+    expires_at_ms  bigint NOT NULL,
+    PRIMARY KEY (source, replica)
+);
+"#;
+
 pub(crate) const MIGRATIONS: &[(i64, &str)] =
-    &[(1, V1), (2, PG_V2), (3, PG_V3), (4, PG_V4), (5, PG_V5)];
+    &[
+        (1, V1),
+        (2, PG_V2),
+        (3, PG_V3),
+        (4, PG_V4),
+        (5, PG_V5),
+        (6, PG_V6),
+    ];
 
 /// Observation partitions are UTC months: `[start, end)` in µs of the
 /// month holding `t_us`, and the partition's name.

@@ -16,6 +16,7 @@ mod error;
 mod gateway_view;
 pub mod schema;
 mod scores;
+mod stream;
 pub mod trends;
 
 use std::path::Path;
@@ -476,6 +477,7 @@ impl SqliteStore {
         associations: &Associations,
         received_us: i64,
         now_us: i64,
+        position: Option<&hub_storage::StreamPosition>,
     ) -> Result<IngestReport, DbError> {
         let mut conn = self.conn()?;
         // IMMEDIATE: take the write lock up front, so that hub instances
@@ -494,6 +496,16 @@ impl SqliteStore {
         if let Some(bytes) = stored {
             let mut ack = BatchAck::decode(bytes.as_slice())?;
             ack.duplicate_batch = true;
+            // A re-sent batch read from a stream still moves its offset.
+            if let Some(p) = position {
+                stream::write_offset(&tx, p)?;
+                tx.commit()?;
+                let generation = self.wal.as_ref().map(|w| w.committed());
+                drop(conn);
+                if let (Some(w), Some(g)) = (&self.wal, generation) {
+                    w.barrier(g)?;
+                }
+            }
             return Ok(IngestReport {
                 ack,
                 rejected_reasons: Vec::new(),
@@ -657,6 +669,9 @@ impl SqliteStore {
                 incarnation
             ],
         )?;
+        if let Some(p) = position {
+            stream::write_offset(&tx, p)?;
+        }
         tx.commit()?;
         let generation = self.wal.as_ref().map(|w| w.committed());
         drop(conn);
@@ -948,7 +963,7 @@ impl IngestStore for SqliteStore {
         received_us: i64,
         now_us: i64,
     ) -> Result<IngestReport, StoreError> {
-        Ok(self.db_ingest(gateway_id, batch, associations, received_us, now_us)?)
+        Ok(self.db_ingest(gateway_id, batch, associations, received_us, now_us, None)?)
     }
 }
 
@@ -1111,7 +1126,9 @@ mod tests {
             .unwrap()
             .map(Result::unwrap)
             .collect();
-        assert_eq!(versions, (1..=schema_version()).collect::<Vec<_>>());
+        let expected: Vec<i64> = MIGRATIONS.iter().map(|m| m.0).collect();
+        assert_eq!(versions, expected);
+        assert_eq!(versions.last(), Some(&schema_version()));
     }
 
     /// v14 rebuilds `batches`, `observations` and `device_events`: their

@@ -459,6 +459,33 @@ CREATE TABLE IF NOT EXISTS alert_gateways (
 );
 "#;
 
+/// v16: the Kafka / Event Hubs source (`hub_storage::StreamStore`): each
+/// partition's next offset (written in the ingest transaction of the batch
+/// read before it), the partition leases replicas share, and the replicas'
+/// heartbeats. Idempotent (`IF NOT EXISTS`): tests
+/// that roll a database back to an older version re-run it.
+pub const SCHEMA_V16: &str = r#"
+CREATE TABLE IF NOT EXISTS stream_offsets (
+    source        TEXT NOT NULL,
+    partition_id  INTEGER NOT NULL,
+    next_offset   INTEGER NOT NULL,
+    PRIMARY KEY (source, partition_id)
+);
+CREATE TABLE IF NOT EXISTS stream_leases (
+    source         TEXT NOT NULL,
+    partition_id   INTEGER NOT NULL,
+    owner          TEXT NOT NULL,
+    expires_at_ms  INTEGER NOT NULL,
+    PRIMARY KEY (source, partition_id)
+);
+CREATE TABLE IF NOT EXISTS stream_replicas (
+    source         TEXT NOT NULL,
+    replica        TEXT NOT NULL,
+    expires_at_ms  INTEGER NOT NULL,
+    PRIMARY KEY (source, replica)
+);
+"#;
+
 /// Ordered migrations; each runs once, in one transaction with its version row.
 pub const MIGRATIONS: &[(i64, &str)] = &[
     (1, SCHEMA_V1),
@@ -476,4 +503,5 @@ pub const MIGRATIONS: &[(i64, &str)] = &[
     (13, SCHEMA_V13),
     (14, SCHEMA_V14),
     (15, SCHEMA_V15),
+    (16, SCHEMA_V16),
 ];

@@ -17,6 +17,7 @@ mod alerts;
 mod association;
 mod error;
 mod scores;
+mod stream;
 mod trends;
 
 pub use alerts::{
@@ -28,6 +29,7 @@ pub use association::{
 };
 pub use error::StoreError;
 pub use scores::ScoreStore;
+pub use stream::{StreamPosition, StreamStore};
 pub use trends::TrendStore;
 mod access;
 mod audit;
@@ -179,6 +181,7 @@ pub trait Storage:
     + AuditStore
     + GatewayViewStore
     + AssociationStore
+    + StreamStore
     + std::fmt::Debug
     + Send
     + Sync

@@ -10,6 +10,8 @@
 //!   cancellation token.
 //! - MQTT: [`mqtt_ingest`], into the same ingest [`pipeline`] as HTTP, with
 //!   the [`after_ingest`] consumers.
+//! - Kafka / Event Hubs: [`kafka_ingest`], into the same pipeline, with
+//!   partition leases and offsets in the store.
 //! - MLLP: [`adt_listener`], HL7 ADT into the association procedures.
 //!
 //! Storage is seen only through the `vigil-hub-storage` traits behind
@@ -35,6 +37,7 @@ pub mod export;
 pub mod fhir_api;
 pub mod identifiers;
 pub mod ingest_api;
+pub mod kafka_ingest;
 pub mod metrics;
 pub mod mqtt_ingest;
 pub mod pipeline;
@@ -45,7 +48,7 @@ pub mod store;
 pub mod trends;
 pub mod ward;
 
-pub use hub_domain::{adt, fhir, ingest, scores};
+pub use hub_domain::{adt, fhir, ingest, scores, stream};
 pub use hub_storage as storage;
 
 use std::sync::Arc;

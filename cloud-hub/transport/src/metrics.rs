@@ -96,6 +96,8 @@ pub struct Metrics {
     logins: AtomicU64,
     /// MQTT ingest (`[mqtt]`) counters and connection state.
     pub mqtt: MqttMetrics,
+    /// Kafka ingest (`[kafka]`) counters and partition lag.
+    pub kafka: crate::kafka_ingest::KafkaMetrics,
     /// HL7 ADT listener (`[adt]`) counters.
     pub adt: std::sync::Arc<crate::adt_listener::AdtStats>,
     out_of_range: AtomicU64,
@@ -254,6 +256,7 @@ impl Metrics {
             let _ = writeln!(out, "{name} {}", v.load(Ordering::Relaxed));
         }
         self.mqtt.render(&mut out);
+        self.kafka.render(&mut out);
         self.adt.render(&mut out);
         out
     }

@@ -12,7 +12,7 @@ use crate::SharedMetrics;
 use crate::TransportError;
 use crate::after_ingest::AfterIngest;
 use crate::metrics::Outcome;
-use crate::store::{Associations, Store, now_us};
+use crate::store::{Associations, Store, StreamPosition, now_us};
 
 /// What ingest needs, whichever transport the batch came by.
 #[derive(Debug, Clone)]
@@ -84,6 +84,17 @@ impl Pipeline {
         gateway_id: &str,
         batch: Batch,
     ) -> Result<shared_protocol::v1::BatchAck, TransportError> {
+        self.store_batch_at(gateway_id, batch, None).await
+    }
+
+    /// [`Self::store_batch`], with a stream partition's next offset written
+    /// in the same transaction when `position` is given (Kafka ingest).
+    pub async fn store_batch_at(
+        &self,
+        gateway_id: &str,
+        batch: Batch,
+        position: Option<StreamPosition>,
+    ) -> Result<shared_protocol::v1::BatchAck, TransportError> {
         use tracing::Instrument;
         use tracing::field::Empty;
         let span = tracing::info_span!(target: vigil_io::telemetry::TRACE_TARGET, "ingest_batch",
@@ -96,7 +107,7 @@ impl Pipeline {
             "malformed traceparent ignored");
         }
         let r = self
-            .store_batch_traced(gateway_id, batch)
+            .store_batch_traced(gateway_id, batch, position)
             .instrument(span.clone())
             .await;
         if let Ok(ack) = &r {
@@ -112,6 +123,7 @@ impl Pipeline {
         &self,
         gateway_id: &str,
         mut batch: Batch,
+        position: Option<StreamPosition>,
     ) -> Result<shared_protocol::v1::BatchAck, TransportError> {
         crate::identifiers::map_batch(&self.identifiers, &mut batch);
         let store = self.store.clone();
@@ -123,8 +135,11 @@ impl Pipeline {
             .after_ingest
             .is_active()
             .then(|| crate::alerts::BatchEvents::of(&batch));
-        let mut report =
-            blocking(move || store.ingest(&gw, &batch, &associations, now, now)).await?;
+        let mut report = blocking(move || match &position {
+            Some(p) => store.ingest_at(&gw, &batch, &associations, now, now, p),
+            None => store.ingest(&gw, &batch, &associations, now, now),
+        })
+        .await?;
         // The consumers see what this batch newly stored, after it is durable;
         // their failures never fail the ingest (`after_ingest`).
         if let (Some(events), false) = (events, report.ack.duplicate_batch) {

@@ -8,11 +8,15 @@ use std::ops::Deref;
 use std::sync::Arc;
 
 pub use hub_domain::clock::now_us;
-pub use hub_storage::{Associations, GatewayRow, IngestReport, NewIncarnation, Purged};
+pub use hub_storage::{
+    Associations, GatewayRow, IngestReport, NewIncarnation, Purged, StreamPosition,
+};
 
 /// The storage traits, for `use crate::store::prelude::*`.
 pub mod prelude {
-    pub use hub_storage::{GatewayStore, IngestStore, ObservationStore, RetentionStore, Storage};
+    pub use hub_storage::{
+        GatewayStore, IngestStore, ObservationStore, RetentionStore, Storage, StreamStore,
+    };
 }
 
 /// Errors of the store: the backend-neutral storage error.
