@@ -99,7 +99,8 @@ fi
 #   tansu 0.6.0 (Apache-2.0): a Kafka-protocol broker in pure Rust, started on loopback by the
 #     hub's Kafka / Event Hubs source tests (cloud-hub/tests/kafka_source.rs). The `dynostore`
 #     feature provides its `memory://` storage engine. Shared by all checkouts (~/.cargo/bin).
-if ! tansu --version 2>/dev/null | grep -q '0\.6\.0'; then
+TANSU=$(command -v tansu || echo "${CARGO_HOME:-$HOME/.cargo}/bin/tansu")
+if ! "$TANSU" --version 2>/dev/null | grep -q '0\.6\.0'; then
   echo "setup: installing tansu 0.6.0" >&2
   cargo install tansu --version 0.6.0 --locked --features dynostore
 fi
