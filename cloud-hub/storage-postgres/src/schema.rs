@@ -382,15 +382,14 @@ CREATE TABLE stream_replicas (
 );
 "#;
 
-pub(crate) const MIGRATIONS: &[(i64, &str)] =
-    &[
-        (1, V1),
-        (2, PG_V2),
-        (3, PG_V3),
-        (4, PG_V4),
-        (5, PG_V5),
-        (6, PG_V6),
-    ];
+pub(crate) const MIGRATIONS: &[(i64, &str)] = &[
+    (1, V1),
+    (2, PG_V2),
+    (3, PG_V3),
+    (4, PG_V4),
+    (5, PG_V5),
+    (6, PG_V6),
+];
 
 /// Observation partitions are UTC months: `[start, end)` in µs of the
 /// month holding `t_us`, and the partition's name.
