@@ -46,10 +46,19 @@ pub fn postgres_error(e: tokio_postgres::Error) -> StoreError {
     let Some(db) = e.as_db_error() else {
         return StoreError::Unavailable(e.to_string());
     };
-    // The server's own words (severity, message, detail, hint) and the
-    // SQLSTATE: the driver's `Display` says only "db error".
+    // The server's message, the constraint and the SQLSTATE (the driver's
+    // `Display` says only "db error"). Never DETAIL or the full `Display`:
+    // a constraint violation's detail holds the row's values (patient
+    // identifiers), and this message is logged.
     let code = db.code().code();
-    let message = format!("{db} (SQLSTATE {code})");
+    let message = match db.constraint() {
+        Some(c) => format!(
+            "{}: {} (constraint {c}, SQLSTATE {code})",
+            db.severity(),
+            db.message()
+        ),
+        None => format!("{}: {} (SQLSTATE {code})", db.severity(), db.message()),
+    };
     if code.starts_with("08") || code.starts_with("57") {
         StoreError::Unavailable(message)
     } else {

@@ -796,15 +796,21 @@ async fn lease_round(
         store.replica_heartbeat(&src, &id, now, now + lease_ms)?;
         let live = store.live_replicas(&src, now)?;
         let leases = store.leases(&src)?;
-        // Without fresh metadata, keep what is held (renew only).
-        let parts = partitions.unwrap_or_else(|| {
-            leases
-                .iter()
-                .filter(|l| l.owner == id)
-                .map(|l| l.partition)
-                .collect()
-        });
-        let plan = lease::plan(&parts, &leases, &id, &live, now);
+        // Without fresh metadata the partition count is unknown, so no
+        // quota can be computed: keep what is held (renew only), claim and
+        // release nothing.
+        let plan = match partitions {
+            Some(parts) => lease::plan(&parts, &leases, &id, &live, now),
+            None => lease::LeasePlan {
+                claim: Vec::new(),
+                renew: leases
+                    .iter()
+                    .filter(|l| l.owner == id)
+                    .map(|l| l.partition)
+                    .collect(),
+                release: Vec::new(),
+            },
+        };
         let mut held = Vec::new();
         for p in plan.renew.iter().chain(&plan.claim) {
             if store.claim_lease(&src, *p, &id, now, now + lease_ms)? {
