@@ -382,6 +382,21 @@ CREATE TABLE stream_replicas (
 );
 "#;
 
+/// Migration 7: the score-input index. The early-warning scores ask, per
+/// patient and code, for the newest reading that is (or is not) part of a
+/// panel, newest first with arrival order breaking ties. With the index on
+/// `(patient_id, mdc_code, effective_us)` PostgreSQL read and sorted every
+/// row of the patient's code for each of those `LIMIT 1` questions (and
+/// every row when none matched, as for panel parts). This index answers them
+/// with a backward scan that stops at the first match; it replaces the old
+/// one (same leading columns, so searches by patient and code still use it),
+/// so ingest maintains no extra index. Built on every observation partition.
+const PG_V7: &str = r#"
+DROP INDEX observations_patient_mdc_time;
+CREATE INDEX observations_patient_mdc_panel_time
+    ON observations (patient_id, mdc_code, (panel_id IS NULL), effective_us, rid);
+"#;
+
 pub(crate) const MIGRATIONS: &[(i64, &str)] = &[
     (1, V1),
     (2, PG_V2),
@@ -389,6 +404,7 @@ pub(crate) const MIGRATIONS: &[(i64, &str)] = &[
     (4, PG_V4),
     (5, PG_V5),
     (6, PG_V6),
+    (7, PG_V7),
 ];
 
 /// Observation partitions are UTC months: `[start, end)` in µs of the
