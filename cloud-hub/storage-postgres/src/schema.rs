@@ -390,11 +390,15 @@ CREATE TABLE stream_replicas (
 /// every row when none matched, as for panel parts). This index answers them
 /// with a backward scan that stops at the first match; it replaces the old
 /// one (same leading columns, so searches by patient and code still use it),
-/// so ingest maintains no extra index. Built on every observation partition.
+/// so ingest maintains no extra index. The panel flag is an integer (0 or 1),
+/// not a boolean: PostgreSQL rewrites `NOT (panel_id IS NULL)` to `panel_id
+/// IS NOT NULL`, which no longer matches a boolean index expression, so the
+/// queries compare the same integer expression. Built on every observation
+/// partition.
 const PG_V7: &str = r#"
 DROP INDEX observations_patient_mdc_time;
 CREATE INDEX observations_patient_mdc_panel_time
-    ON observations (patient_id, mdc_code, (panel_id IS NULL), effective_us, rid);
+    ON observations (patient_id, mdc_code, ((panel_id IS NOT NULL)::integer), effective_us, rid);
 "#;
 
 pub(crate) const MIGRATIONS: &[(i64, &str)] = &[

@@ -51,10 +51,11 @@ async fn readings_on(
     panel_part: bool,
     limit: usize,
 ) -> Result<ReadingCandidates, DbError> {
+    // The integer panel flag of the score-input index (migration 7).
     let panel = if panel_part {
-        "panel_id IS NOT NULL"
+        "(panel_id IS NOT NULL)::integer = 1"
     } else {
-        "panel_id IS NULL"
+        "(panel_id IS NOT NULL)::integer = 0"
     };
     let code = i64::from(mdc);
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
