@@ -94,6 +94,28 @@ fn oid(device: &str, seq: u64) -> String {
 
 // ---- the suite ----
 
+/// Gateway text with a NUL character (valid protobuf, but not storable in
+/// a PostgreSQL `text`) is refused as malformed on both backends; the rest
+/// of the batch is stored and acknowledged, so the gateway is not stuck
+/// re-sending it.
+fn nul_characters_are_refused_and_the_rest_is_stored(s: &Store) {
+    let none = Associations::new();
+    let mut bad = entry("d-nul", vec![spo2(T0, 1)]);
+    bad.device.as_mut().unwrap().model = "M\01".into();
+    let mut subject = spo2(T0, 2);
+    subject.subject = Some(shared_protocol::v1::Identifier {
+        system: "urn:oid:1.2.3".into(),
+        value: "MRN\0".into(),
+    });
+    let good = entry("d-ok", vec![spo2(T0, 1), subject]);
+    let r = ingest(s, &batch(1, vec![bad, good]), &none);
+    assert_eq!((r.ack.accepted, r.ack.rejected), (1, 2));
+    assert_eq!(search(s, &[]).0, 1);
+    // The ack was stored: a re-send is a duplicate batch, not an error.
+    let again = batch(1, vec![entry("d-ok", vec![spo2(T0, 1)])]);
+    assert!(ingest(s, &again, &none).ack.duplicate_batch);
+}
+
 fn ingest_deduplicates_batches_and_readings(s: &Store) {
     let none = Associations::new();
     let r = ingest(
@@ -1921,6 +1943,7 @@ macro_rules! suite {
 }
 
 suite!(
+    nul_characters_are_refused_and_the_rest_is_stored,
     ingest_deduplicates_batches_and_readings,
     buffer_incarnations_deduplicate_separately,
     sequences_above_i64_max_are_refused_not_wrapped,

@@ -104,6 +104,15 @@ pub fn validate_reading(r: &Reading, now_us: i64) -> Result<Metric, Refusal> {
         )
     })?;
     check_time(r.effective_time_us(), now_us, "effective time")?;
+    if r.subject
+        .as_ref()
+        .is_some_and(|s| has_nul(&s.system) || has_nul(&s.value))
+    {
+        return Err(refuse(
+            RejectReason::Malformed,
+            "patient identifier holds a NUL character",
+        ));
+    }
     let numeric = matches!(&r.value, Some(reading::Value::Numeric(_)));
     if let Some(reading::Value::Numeric(v)) = &r.value {
         if !v.is_finite() {
@@ -161,6 +170,12 @@ pub fn validate_waveform(w: &Waveform, now_us: i64) -> Result<(), Refusal> {
 /// Validates a technical reading (a device link event).
 pub fn validate_technical(t: &TechnicalReading, now_us: i64) -> Result<(), Refusal> {
     check_time(t.time_us, now_us, "event time")?;
+    if has_nul(&t.detail) {
+        return Err(refuse(
+            RejectReason::Malformed,
+            "event detail holds a NUL character",
+        ));
+    }
     match TechnicalKind::try_from(t.kind) {
         Ok(TechnicalKind::Unspecified) | Err(_) => Err(refuse(
             RejectReason::Malformed,
@@ -168,6 +183,14 @@ pub fn validate_technical(t: &TechnicalReading, now_us: i64) -> Result<(), Refus
         )),
         Ok(_) => Ok(()),
     }
+}
+
+/// Whether gateway text holds a NUL character: a valid protobuf string
+/// (UTF-8), but one PostgreSQL cannot store in `text` (SQLite can). Such
+/// input is refused on both backends alike, never left to fail the batch's
+/// transaction over and over.
+pub fn has_nul(s: &str) -> bool {
+    s.contains('\0')
 }
 
 /// Stable name of a technical reading kind, for storage and APIs.

@@ -271,6 +271,42 @@ fn plan_device<E>(
         }
         return Ok(());
     }
+    let i = &info;
+    if [
+        &i.device_id,
+        &i.protocol,
+        &i.manufacturer,
+        &i.model,
+        &i.serial_number,
+        &i.location,
+    ]
+    .iter()
+    .any(|f| super::has_nul(f))
+    {
+        // Stored as the device id of its rejected rows: without the NUL.
+        let shown = i.device_id.replace('\0', "\u{FFFD}");
+        let f = || Refusal {
+            reason: RejectReason::Malformed,
+            detail: "device entry holds a NUL character".into(),
+        };
+        for r in &data.readings {
+            rejected_row(plan, &shown, r.sequence, "reading", r.encode_to_vec(), f());
+        }
+        for w in &data.waveforms {
+            rejected_row(plan, &shown, w.sequence, "waveform", w.encode_to_vec(), f());
+        }
+        for t in &data.technical {
+            rejected_row(
+                plan,
+                &shown,
+                t.sequence,
+                "technical",
+                t.encode_to_vec(),
+                f(),
+            );
+        }
+        return Ok(());
+    }
     let device_id = info.device_id.clone();
     plan.devices.push(DeviceUpsert {
         fhir_id: device_resource_id(gateway_id, &device_id),
@@ -686,6 +722,37 @@ mod tests {
         assert_eq!(ahead, calls);
         assert_eq!(calls[0], ("mon".to_owned(), NOW - 1_000_000, NOW - 500_000));
         assert_eq!(calls.len(), 2);
+    }
+
+    #[test]
+    fn nul_characters_are_refused_not_left_to_the_store() {
+        // A NUL in a device field: the whole entry is rejected, the
+        // rejected rows' device id shown without it.
+        let mut b = batch(vec![r(codes::PULS_OXIM_SAT_O2, "%", 97.0, 1)]);
+        b.devices[0].device.as_mut().unwrap().model = "X\0".into();
+        let p = plan("gw", &b, NOW, none).unwrap();
+        assert!(p.rows.is_empty() && p.devices.is_empty());
+        assert_eq!(p.ack.rejected, 1);
+        assert_eq!(p.reasons, vec![RejectReason::Malformed]);
+        let mut b = batch(vec![r(codes::PULS_OXIM_SAT_O2, "%", 97.0, 1)]);
+        b.devices[0].device.as_mut().unwrap().device_id = "m\0n".into();
+        let p = plan("gw", &b, NOW, none).unwrap();
+        assert_eq!(p.rejected[0].device_id, "m\u{FFFD}n");
+        // In a patient identifier: that reading only.
+        let mut bad = r(codes::PULS_OXIM_SAT_O2, "%", 97.0, 2);
+        bad.subject = Some(Identifier {
+            system: "urn:oid:1.2.3".into(),
+            value: "MRN\01".into(),
+        });
+        let p = plan(
+            "gw",
+            &batch(vec![r(codes::PULS_OXIM_SAT_O2, "%", 96.0, 1), bad]),
+            NOW,
+            none,
+        )
+        .unwrap();
+        assert_eq!((p.rows.len(), p.ack.rejected), (1, 1));
+        assert_eq!(p.rejected[0].reason, "REJECT_REASON_MALFORMED");
     }
 
     #[test]
