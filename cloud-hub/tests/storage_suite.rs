@@ -101,11 +101,11 @@ fn oid(device: &str, seq: u64) -> String {
 fn nul_characters_are_refused_and_the_rest_is_stored(s: &Store) {
     let none = Associations::new();
     let mut bad = entry("d-nul", vec![spo2(T0, 1)]);
-    bad.device.as_mut().unwrap().model = "M\01".into();
+    bad.device.as_mut().unwrap().model = "M\u{0}1".into();
     let mut subject = spo2(T0, 2);
     subject.subject = Some(shared_protocol::v1::Identifier {
         system: "urn:oid:1.2.3".into(),
-        value: "MRN\0".into(),
+        value: "MRN\u{0}".into(),
     });
     let good = entry("d-ok", vec![spo2(T0, 1), subject]);
     let r = ingest(s, &batch(1, vec![bad, good]), &none);

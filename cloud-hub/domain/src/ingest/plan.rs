@@ -729,20 +729,20 @@ mod tests {
         // A NUL in a device field: the whole entry is rejected, the
         // rejected rows' device id shown without it.
         let mut b = batch(vec![r(codes::PULS_OXIM_SAT_O2, "%", 97.0, 1)]);
-        b.devices[0].device.as_mut().unwrap().model = "X\0".into();
+        b.devices[0].device.as_mut().unwrap().model = "X\u{0}".into();
         let p = plan("gw", &b, NOW, none).unwrap();
         assert!(p.rows.is_empty() && p.devices.is_empty());
         assert_eq!(p.ack.rejected, 1);
         assert_eq!(p.reasons, vec![RejectReason::Malformed]);
         let mut b = batch(vec![r(codes::PULS_OXIM_SAT_O2, "%", 97.0, 1)]);
-        b.devices[0].device.as_mut().unwrap().device_id = "m\0n".into();
+        b.devices[0].device.as_mut().unwrap().device_id = "m\u{0}n".into();
         let p = plan("gw", &b, NOW, none).unwrap();
         assert_eq!(p.rejected[0].device_id, "m\u{FFFD}n");
         // In a patient identifier: that reading only.
         let mut bad = r(codes::PULS_OXIM_SAT_O2, "%", 97.0, 2);
         bad.subject = Some(Identifier {
             system: "urn:oid:1.2.3".into(),
-            value: "MRN\01".into(),
+            value: "MRN\u{0}1".into(),
         });
         let p = plan(
             "gw",
