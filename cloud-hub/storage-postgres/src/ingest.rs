@@ -269,12 +269,14 @@ impl PgStore {
             // One statement for all devices. A device listed in several
             // entries is upserted once, with its last entry (the result of
             // upserting each in turn, as on SQLite).
-            let mut last: Vec<&ingest::DeviceUpsert> = Vec::with_capacity(plan.devices.len());
-            for d in plan.devices.iter().rev() {
-                if !last.iter().any(|l| l.info.device_id == d.info.device_id) {
-                    last.push(d);
-                }
-            }
+            // A set, not a scan of `last`: a batch may list many entries.
+            let mut seen = HashSet::with_capacity(plan.devices.len());
+            let last: Vec<&ingest::DeviceUpsert> = plan
+                .devices
+                .iter()
+                .rev()
+                .filter(|d| seen.insert(d.info.device_id.as_str()))
+                .collect();
             let col = |f: fn(&ingest::DeviceUpsert) -> &str| -> Vec<&str> {
                 last.iter().map(|d| f(d)).collect()
             };
