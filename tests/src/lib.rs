@@ -15,6 +15,124 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+/// Throwaway PostgreSQL servers (shared with the hub's own tests).
+#[path = "../../cloud-hub/tests/support/pg_server.rs"]
+pub mod pg_server;
+
+/// Where the hub under test keeps its data.
+#[derive(Debug)]
+pub enum Store {
+    Sqlite(PathBuf),
+    /// Read with `psql` (the PostgreSQL client next to the server binaries).
+    Pg {
+        psql: PathBuf,
+        port: u16,
+    },
+}
+
+impl Store {
+    /// Rows of `sql`, every column as text (NULL as "").
+    pub fn rows(&self, sql: &str) -> Vec<Vec<String>> {
+        match self {
+            Store::Sqlite(path) => {
+                use rusqlite::types::ValueRef;
+                let db = rusqlite::Connection::open_with_flags(
+                    path,
+                    rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+                )
+                .unwrap();
+                let mut st = db.prepare(sql).unwrap();
+                let n = st.column_count();
+                st.query_map([], |r| {
+                    (0..n)
+                        .map(|i| {
+                            Ok(match r.get_ref(i)? {
+                                ValueRef::Null => String::new(),
+                                ValueRef::Integer(v) => v.to_string(),
+                                ValueRef::Real(v) => v.to_string(),
+                                ValueRef::Text(t) => String::from_utf8_lossy(t).into_owned(),
+                                ValueRef::Blob(_) => "<blob>".into(),
+                            })
+                        })
+                        .collect()
+                })
+                .unwrap()
+                .map(Result::unwrap)
+                .collect()
+            }
+            Store::Pg { psql, port } => {
+                let out = Command::new(psql)
+                    .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+                    .args(["-U", "postgres", "-d", "postgres", "-X", "-At", "-F", "|"])
+                    .args(["-c", sql])
+                    .output()
+                    .expect("run psql");
+                assert!(
+                    out.status.success(),
+                    "psql {sql}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                String::from_utf8(out.stdout)
+                    .unwrap()
+                    .lines()
+                    .map(|l| l.split('|').map(str::to_string).collect())
+                    .collect()
+            }
+        }
+    }
+}
+
+/// The storage backend a test's hub runs on. End-to-end tests that prove
+/// clinical behaviour run once per backend.
+#[derive(Debug)]
+pub enum Backend {
+    /// `hub.sqlite` in the test dir (the default deployment).
+    Sqlite,
+    /// A throwaway PostgreSQL server of this test (stopped on drop).
+    Postgres(pg_server::PgServer),
+}
+
+impl Backend {
+    /// A PostgreSQL backend on a server of its own (fsync off: the data is
+    /// thrown away).
+    pub fn postgres() -> Self {
+        Backend::Postgres(pg_server::PgServer::start())
+    }
+
+    /// The `[storage]` table of a hub config for this backend (and the
+    /// `[storage.postgres]` table it needs).
+    pub fn storage_toml(&self) -> String {
+        match self {
+            Backend::Sqlite => "[storage]\nsqlite_path = \"hub.sqlite\"\n\n".into(),
+            Backend::Postgres(pg) => format!(
+                "[storage]\nsqlite_path = \"hub.sqlite\"\nbackend = \"postgres\"\n\n\
+                 [storage.postgres]\nurl = \"{}\"\npool_size = 4\n\n",
+                pg.url()
+            ),
+        }
+    }
+
+    /// The hub's store in `dir` (the test dir its config is in), for reading
+    /// it directly.
+    pub fn store(&self, dir: &Path) -> Store {
+        match self {
+            Backend::Sqlite => Store::Sqlite(dir.join("hub.sqlite")),
+            Backend::Postgres(pg) => Store::Pg {
+                psql: pg.psql(),
+                port: pg.port,
+            },
+        }
+    }
+
+    /// "sqlite" or "postgres", for test names and messages.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Backend::Sqlite => "sqlite",
+            Backend::Postgres(_) => "postgres",
+        }
+    }
+}
+
 /// A temp dir for one test; kept (and its path printed) when
 /// `VIGIL_E2E_KEEP` is set, for reading the logs after a failure.
 pub fn test_dir(name: &str) -> (Option<tempfile::TempDir>, PathBuf) {
@@ -269,11 +387,22 @@ pub fn write_admin_token(dir: &Path) -> Result<()> {
 }
 
 /// Write a hub config binding `bind`, with one static association and the
-/// harness's admin token.
+/// harness's admin token, on SQLite.
 pub fn write_hub_config(dir: &Path, bind: &str, assoc: &[(&str, &str, &str)]) -> Result<PathBuf> {
+    write_hub_config_on(&Backend::Sqlite, dir, bind, assoc)
+}
+
+/// [`write_hub_config`] on the given storage backend.
+pub fn write_hub_config_on(
+    backend: &Backend,
+    dir: &Path,
+    bind: &str,
+    assoc: &[(&str, &str, &str)],
+) -> Result<PathBuf> {
     write_admin_token(dir)?;
     let mut text = format!(
-        "[server]\nbind = \"{bind}\"\nmax_body_bytes = 4194304\n\n[storage]\nsqlite_path = \"hub.sqlite\"\n\n{ADMIN_TOKEN_SECTION}"
+        "[server]\nbind = \"{bind}\"\nmax_body_bytes = 4194304\n\n{}{ADMIN_TOKEN_SECTION}",
+        backend.storage_toml()
     );
     for (gw, dev, patient) in assoc {
         text.push_str(&format!(

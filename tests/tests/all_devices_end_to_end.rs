@@ -128,19 +128,29 @@ fn observed_pairs(base: &str, patient: &str) -> BTreeSet<(u32, String)> {
     out
 }
 
-fn events(db: &std::path::Path, device: &str) -> Vec<String> {
-    let db = rusqlite::Connection::open(db).unwrap();
-    db.prepare("SELECT kind FROM device_events WHERE device_id = ?1 ORDER BY sequence")
-        .unwrap()
-        .query_map([device], |r| r.get(0))
-        .unwrap()
-        .map(Result::unwrap)
+fn events(store: &Store, device: &str) -> Vec<String> {
+    store
+        .rows(&format!(
+            "SELECT kind FROM device_events WHERE device_id = '{device}' ORDER BY sequence"
+        ))
+        .into_iter()
+        .map(|mut r| r.remove(0))
         .collect()
 }
 
 #[test]
 fn every_protocol_through_one_agent_to_fhir() {
-    let (_guard, dir) = test_dir("all-devices");
+    every_protocol_to_fhir(Backend::Sqlite)
+}
+
+/// The same devices and checks with the hub on PostgreSQL.
+#[test]
+fn every_protocol_through_one_agent_to_fhir_on_postgres() {
+    every_protocol_to_fhir(Backend::postgres())
+}
+
+fn every_protocol_to_fhir(backend: Backend) {
+    let (_guard, dir) = test_dir(&format!("all-devices-{}", backend.name()));
     let d = dir.as_path();
     let assoc: Vec<(String, String, String)> = DEVICES
         .iter()
@@ -155,7 +165,7 @@ fn every_protocol_through_one_agent_to_fhir() {
         .iter()
         .map(|(g, dv, p)| (g.as_str(), dv.as_str(), p.as_str()))
         .collect();
-    let hub_cfg = write_hub_config(d, "127.0.0.1:0", &assoc_ref).unwrap();
+    let hub_cfg = write_hub_config_on(&backend, d, "127.0.0.1:0", &assoc_ref).unwrap();
     let token = add_gateway(&hub_cfg, GATEWAY).unwrap();
     let hub = start_hub(d, &hub_cfg).unwrap();
     let base = hub.base_url.clone();
@@ -259,7 +269,7 @@ token_file = \"gateway.token\"\nbatch_max_wait_ms = 200\nmax_backoff_ms = 500\n"
             .then_some(())
     })
     .unwrap_or_else(|e| panic!("{e}; saw {:?}", observed_pairs(&base, "p-modbus-1")));
-    let db = d.join("hub.sqlite");
+    let db = backend.store(d);
     for dv in DEVICES {
         assert_eq!(
             events(&db, dv.id).first().map(String::as_str),
@@ -329,14 +339,7 @@ token_file = \"gateway.token\"\nbatch_max_wait_ms = 200\nmax_backoff_ms = 500\n"
         "agent exits cleanly"
     );
     // No device's input was so broken that the hub rejected readings.
-    let conn = rusqlite::Connection::open(&db).unwrap();
-    let rejected: Vec<(String, String)> = conn
-        .prepare("SELECT device_id, detail FROM rejected_readings")
-        .unwrap()
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
+    let rejected = db.rows("SELECT device_id, detail FROM rejected_readings");
     assert!(rejected.is_empty(), "hub rejected readings: {rejected:?}");
     drop(hub);
 }

@@ -239,12 +239,24 @@ fn count_colour(png_bytes: &[u8], rgb: [u8; 3]) -> Result<(u32, u32, usize, usiz
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_ward_view_live_alert_and_acknowledge_in_chromium() {
+    dashboard_in_chromium(Backend::Sqlite).await
+}
+
+/// The same clinician session with the hub on PostgreSQL (the production
+/// backend): the ward view, the live alert and its acknowledge must not
+/// differ.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_ward_view_live_alert_and_acknowledge_in_chromium_on_postgres() {
+    dashboard_in_chromium(Backend::postgres()).await
+}
+
+async fn dashboard_in_chromium(backend: Backend) {
     let (chromium, driver) = browser_binaries();
-    let (guard, dir) = test_dir("dashboard-browser");
+    let (guard, dir) = test_dir(&format!("dashboard-browser-{}", backend.name()));
     let d = dir.as_path();
 
     // Hub (an admin bearer token sets the ward up), one clinician.
-    let hub_cfg = write_hub_config(d, "127.0.0.1:0", &[]).unwrap();
+    let hub_cfg = write_hub_config_on(&backend, d, "127.0.0.1:0", &[]).unwrap();
     let text = std::fs::read_to_string(&hub_cfg).unwrap();
     if !text.contains("[association]") {
         std::fs::write(

@@ -20,9 +20,6 @@ use std::time::Duration;
 
 use vigil_e2e::*;
 
-#[path = "../../cloud-hub/tests/support/pg_server.rs"]
-mod pg_server;
-
 const GATEWAY: &str = "gw-faults";
 const MASIMO: &str = "masimo-1";
 const NONIN: &str = "nonin-1";
@@ -34,68 +31,6 @@ const PI: i64 = 150_448;
 
 // ---------------------------------------------------------------------------
 // The hub's store, read directly.
-
-/// Where the hub under test keeps its data.
-enum Store {
-    Sqlite(PathBuf),
-    /// Read with `psql` (the PostgreSQL client next to the server binaries).
-    Pg {
-        psql: PathBuf,
-        port: u16,
-    },
-}
-
-impl Store {
-    /// Rows of `sql`, every column as text (NULL as "").
-    fn rows(&self, sql: &str) -> Vec<Vec<String>> {
-        match self {
-            Store::Sqlite(path) => {
-                use rusqlite::types::ValueRef;
-                let db = rusqlite::Connection::open_with_flags(
-                    path,
-                    rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-                )
-                .unwrap();
-                let mut st = db.prepare(sql).unwrap();
-                let n = st.column_count();
-                st.query_map([], |r| {
-                    (0..n)
-                        .map(|i| {
-                            Ok(match r.get_ref(i)? {
-                                ValueRef::Null => String::new(),
-                                ValueRef::Integer(v) => v.to_string(),
-                                ValueRef::Real(v) => v.to_string(),
-                                ValueRef::Text(t) => String::from_utf8_lossy(t).into_owned(),
-                                ValueRef::Blob(_) => "<blob>".into(),
-                            })
-                        })
-                        .collect()
-                })
-                .unwrap()
-                .map(Result::unwrap)
-                .collect()
-            }
-            Store::Pg { psql, port } => {
-                let out = Command::new(psql)
-                    .args(["-h", "127.0.0.1", "-p", &port.to_string()])
-                    .args(["-U", "postgres", "-d", "postgres", "-X", "-At", "-F", "|"])
-                    .args(["-c", sql])
-                    .output()
-                    .expect("run psql");
-                assert!(
-                    out.status.success(),
-                    "psql {sql}: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-                String::from_utf8(out.stdout)
-                    .unwrap()
-                    .lines()
-                    .map(|l| l.split('|').map(str::to_string).collect())
-                    .collect()
-            }
-        }
-    }
-}
 
 /// An `observations` row: (MDC code, effective µs, value).
 type Row = (i64, i64, Option<f64>);

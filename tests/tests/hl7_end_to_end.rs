@@ -74,11 +74,21 @@ const LOINC: &str = "http://loinc.org";
 
 #[test]
 fn hl7_oru_from_independent_senders_to_fhir_with_acks_and_no_phi_at_the_edge() {
-    let (_guard, dir) = test_dir("hl7-e2e");
+    hl7_to_fhir(Backend::Sqlite)
+}
+
+/// The same senders and checks with the hub on PostgreSQL.
+#[test]
+fn hl7_oru_from_independent_senders_to_fhir_with_acks_and_no_phi_at_the_edge_on_postgres() {
+    hl7_to_fhir(Backend::postgres())
+}
+
+fn hl7_to_fhir(backend: Backend) {
+    let (_guard, dir) = test_dir(&format!("hl7-e2e-{}", backend.name()));
     let d = dir.as_path();
 
     // Hub without an association for the HL7 device: PID-3 decides.
-    let hub_cfg = write_hub_config(d, "127.0.0.1:0", &[]).unwrap();
+    let hub_cfg = write_hub_config_on(&backend, d, "127.0.0.1:0", &[]).unwrap();
     let token = add_gateway(&hub_cfg, GATEWAY).unwrap();
     let hub = start_hub(d, &hub_cfg).unwrap();
     let base = hub.base_url.clone();
@@ -265,18 +275,13 @@ token_file = \"gateway.token\"\nbatch_max_wait_ms = 200\nmax_backoff_ms = 500\n\
     for p in ["PY-MRN-503", "PY-MRN-504", "PY-MRN-505", "PY-MRN-506"] {
         assert!(observations(&base, p).is_empty(), "{p} has observations");
     }
-    let db = rusqlite::Connection::open(d.join("hub.sqlite")).unwrap();
-    let rejected: i64 = db
-        .query_row("SELECT COUNT(*) FROM rejected_readings", [], |r| r.get(0))
-        .unwrap();
+    let db = backend.store(d);
+    let count = |sql: &str| -> i64 { db.rows(sql)[0][0].parse().unwrap() };
+    let rejected = count("SELECT COUNT(*) FROM rejected_readings");
     assert_eq!(rejected, 0, "the agent forwards only what it accepted");
-    let total: i64 = db
-        .query_row(
-            "SELECT COUNT(*) FROM observations WHERE device_id = ?1 AND kind = 'reading'",
-            [DEVICE],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let total = count(&format!(
+        "SELECT COUNT(*) FROM observations WHERE device_id = '{DEVICE}' AND kind = 'reading'"
+    ));
     assert_eq!(total as usize, want.len() + 2 + expected_sim);
 
     // No PHI at the edge: not in the buffer files, not in the log.

@@ -14,6 +14,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+#[derive(Debug)]
 pub struct PgServer {
     dir: PathBuf,
     bin: PathBuf,
