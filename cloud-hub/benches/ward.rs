@@ -16,7 +16,9 @@
 //! 2 h, 50 overviews; `-- --postgres` for the PostgreSQL backend: a
 //! throwaway server with the server's default, durable commit settings, on
 //! a free loopback port, as the ingest bench; `--analyze` runs `ANALYZE`
-//! after the fill, as autovacuum would some time later).
+//! after the fill, as autovacuum would some time later; `--restore-drill`
+//! then times the documented backup and restore: `pg_dump -Fc`,
+//! `pg_restore` into a new database, the hub's store opened on it).
 
 #[path = "../tests/support/pg_server.rs"]
 mod pg_server;
@@ -233,5 +235,70 @@ fn main() {
     );
     drop(alerts);
     drop(store);
+    if let Some(server) = &server
+        && std::env::args().any(|a| a == "--restore-drill")
+    {
+        restore_drill(server, beds, &cfg);
+    }
     drop(server);
+}
+
+/// The PostgreSQL backup and restore of docs/operations.md, timed on the
+/// filled ward: `pg_dump -Fc` of the live database, `pg_restore` into a new
+/// database, the hub's store opened on it (its migration check), the first
+/// ward overview from it.
+fn restore_drill(server: &pg_server::PgServer, beds: i64, cfg: &ScoresConfig) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("vigil.dump");
+    let file_s = file.to_str().unwrap();
+    let rows: i64 = server
+        .run_tool(
+            "psql",
+            &[
+                "-d",
+                "postgres",
+                "-XAtc",
+                "SELECT count(*) FROM observations",
+            ],
+        )
+        .trim()
+        .parse()
+        .unwrap();
+    let db_bytes: f64 = server
+        .run_tool(
+            "psql",
+            &[
+                "-d",
+                "postgres",
+                "-XAtc",
+                "SELECT pg_database_size('postgres')",
+            ],
+        )
+        .trim()
+        .parse()
+        .unwrap();
+    let t = Instant::now();
+    server.run_tool("pg_dump", &["-Fc", "-d", "postgres", "-f", file_s]);
+    let dump_s = t.elapsed().as_secs_f64();
+    let dump_bytes = std::fs::metadata(&file).unwrap().len() as f64;
+    let t = Instant::now();
+    server.run_tool(
+        "psql",
+        &["-d", "postgres", "-c", "CREATE DATABASE vigil_drill"],
+    );
+    server.run_tool("pg_restore", &["-j", "2", "-d", "vigil_drill", file_s]);
+    let restore_s = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let store = Store::open_postgres(&PgConfig::new(server.url_of("vigil_drill"))).unwrap();
+    let v = cloud_hub::ward::overview(&store, None, cfg, "ICU", now_us()).unwrap();
+    let open_s = t.elapsed().as_secs_f64();
+    assert_eq!(v.len(), beds as usize, "the restored ward");
+    const MIB: f64 = 1024.0 * 1024.0;
+    println!(
+        "PostgreSQL restore drill ({rows} observation rows, database {:.0} MiB): pg_dump -Fc {dump_s:.1} s ({:.0} MiB, {:.0} rows/s); CREATE DATABASE + pg_restore -j 2 {restore_s:.1} s ({:.0} rows/s); hub store opened + first ward overview {open_s:.2} s",
+        db_bytes / MIB,
+        dump_bytes / MIB,
+        rows as f64 / dump_s,
+        rows as f64 / restore_s,
+    );
 }

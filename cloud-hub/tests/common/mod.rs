@@ -80,7 +80,14 @@ impl TestHub {
     }
 
     pub async fn start_config(dir: tempfile::TempDir, config: Config, scheme: &str) -> Self {
-        let token = cloud_hub::gateway_add(&config, GATEWAY).unwrap();
+        // A database restored from another hub's backup already has the
+        // gateway: it gets a new token.
+        let token = match cloud_hub::gateway_add(&config, GATEWAY) {
+            Err(cloud_hub::HubError::Store(cloud_hub::store::StoreError::GatewayExists(_))) => {
+                cloud_hub::gateway_rotate(&config, GATEWAY, std::time::Duration::ZERO).unwrap()
+            }
+            t => t.unwrap(),
+        };
         // The test client reads with an administrator's API token unless a
         // request sets its own Authorization header.
         // A restarted hub on the same database gets a token of its own.

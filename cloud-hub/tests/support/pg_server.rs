@@ -257,6 +257,44 @@ impl PgServer {
         if p.exists() { p } else { PathBuf::from("psql") }
     }
 
+    /// A client tool (`pg_dump`, `pg_restore`, …) next to the server
+    /// binaries, else from `PATH`.
+    pub fn tool(&self, name: &str) -> PathBuf {
+        let p = self.bin.join(name);
+        if p.exists() { p } else { PathBuf::from(name) }
+    }
+
+    /// Runs `tool` with `args` against this server as `postgres`; panics
+    /// with its stderr when it fails.
+    pub fn run_tool(&self, name: &str, args: &[&str]) -> String {
+        let out = Command::new(self.tool(name))
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+            ])
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("run {name}: {e}"));
+        assert!(
+            out.status.success(),
+            "{name} {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// A connection string for database `db` as superuser `postgres`.
+    pub fn url_of(&self, db: &str) -> String {
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname={db}",
+            self.port
+        )
+    }
+
     /// A connection string for database `postgres` as superuser `postgres`.
     pub fn url(&self) -> String {
         format!(
