@@ -23,6 +23,39 @@ const ABSENT_SYSTEM: &str = "http://terminology.hl7.org/CodeSystem/data-absent-r
 pub const DEFAULT_COUNT: u32 = 100;
 pub const MAX_COUNT: u32 = 1000;
 
+/// Most search parameters one request may carry (each becomes a condition
+/// of the store's query; more are refused with a 400 naming this limit,
+/// not left to fail deep in the database).
+pub const MAX_SEARCH_PARAMS: usize = 32;
+
+/// Most comma-separated values over all parameters of one search (patients,
+/// codes, categories, devices: each an OR term of the query).
+pub const MAX_SEARCH_VALUES: usize = 200;
+
+/// Refuses a search with more than [`MAX_SEARCH_PARAMS`] parameters or
+/// [`MAX_SEARCH_VALUES`] values in all.
+fn check_search_size(pairs: &[(String, String)]) -> Result<(), SearchParamError> {
+    if pairs.len() > MAX_SEARCH_PARAMS {
+        return Err(SearchParamError {
+            code: "too-costly",
+            diagnostics: format!(
+                "at most {MAX_SEARCH_PARAMS} search parameters per request (got {})",
+                pairs.len()
+            ),
+        });
+    }
+    let values: usize = pairs.iter().map(|(_, v)| v.split(',').count()).sum();
+    if values > MAX_SEARCH_VALUES {
+        return Err(SearchParamError {
+            code: "too-costly",
+            diagnostics: format!(
+                "at most {MAX_SEARCH_VALUES} values over all search parameters per request (got {values})"
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// Whether `id` is a valid FHIR logical id (`[A-Za-z0-9\-\.]{1,64}`).
 pub fn is_valid_id(id: &str) -> bool {
     (1..=64).contains(&id.len())
@@ -675,6 +708,7 @@ pub fn parse_paging(
     resource: &str,
     pairs: &[(String, String)],
 ) -> Result<(u32, u64), SearchParamError> {
+    check_search_size(pairs)?;
     let mut count = DEFAULT_COUNT;
     let mut offset = 0u64;
     for (k, v) in pairs {
@@ -809,7 +843,12 @@ pub fn parse_date_param(raw: &str) -> Result<DateParam, SearchParamError> {
         (Some(m), Some(d), Some(t)) => {
             let date = Date::from_calendar_date(year, month_of(m)?, d).map_err(|_| bad())?;
             let (start, precision_us) = parse_time_with_tz(date, t).ok_or_else(bad)?;
-            (start, start + time::Duration::microseconds(precision_us))
+            // The end of the last second of year 9999 is outside the
+            // representable range: refused, never a panic.
+            let end = start
+                .checked_add(time::Duration::microseconds(precision_us))
+                .ok_or_else(bad)?;
+            (start, end)
         }
         _ => return Err(bad()),
     };
@@ -1016,6 +1055,7 @@ fn parse_int<T: std::str::FromStr>(param: &str, value: &str) -> Result<T, Search
 
 /// Parses the query parameters of `GET /fhir/Observation`.
 pub fn parse_search(pairs: &[(String, String)]) -> Result<ObservationSearch, SearchParamError> {
+    check_search_size(pairs)?;
     let mut s = ObservationSearch {
         patients: Vec::new(),
         patient_identifiers: Vec::new(),
@@ -1371,6 +1411,97 @@ mod tests {
         assert_eq!(d.end_us - d.start_us, 10_000);
         let d = parse_date_param("sa2024-05-01T10:00Z").unwrap();
         assert_eq!(d.bounds(), (Some(us("2024-05-01T10:01:00Z")), None));
+    }
+
+    #[test]
+    fn too_many_search_parameters_or_values_are_refused_naming_the_limit() {
+        let many: Vec<(String, String)> = (0..1200)
+            .map(|_| ("code".to_owned(), "8867-4".to_owned()))
+            .collect();
+        let e = parse_search(&many).unwrap_err();
+        assert_eq!(e.code, "too-costly");
+        assert!(e.diagnostics.contains("at most 32 search parameters"), "{e}");
+        assert!(e.diagnostics.contains("got 1200"), "{e}");
+        let wide = vec![("code".to_owned(), vec!["8867-4"; 201].join(","))];
+        let e = parse_search(&wide).unwrap_err();
+        assert!(e.diagnostics.contains("at most 200 values"), "{e}");
+        // At the limits: accepted.
+        let ok: Vec<(String, String)> = (0..MAX_SEARCH_PARAMS)
+            .map(|_| ("code".to_owned(), "8867-4".to_owned()))
+            .collect();
+        assert!(parse_search(&ok).is_ok());
+        let ok = vec![("code".to_owned(), vec!["8867-4"; 200].join(","))];
+        assert!(parse_search(&ok).is_ok());
+        let e = parse_paging("Device", &many).unwrap_err();
+        assert_eq!(e.code, "too-costly");
+    }
+
+    #[test]
+    fn the_last_instant_of_year_9999_is_refused_not_a_panic() {
+        for raw in [
+            "le9999-12-31T23:59:59Z",
+            "9999-12-31T23:59:59.999999Z",
+            "gt9999-12-31T23:59Z",
+            "9999-12-31T23:59:59-14:00",
+        ] {
+            let _ = parse_date_param(raw);
+        }
+        assert!(parse_date_param("le9999-12-31T23:59:59Z").is_err());
+        let p = parse_date_param("9999-12-31T23:59:58Z").unwrap();
+        assert_eq!(p.end_us - p.start_us, 1_000_000);
+        assert!(parse_date_param("9999-12-31").is_err(), "its end is year 10000");
+        assert!(parse_date_param("0000-01-01").is_ok());
+    }
+
+    proptest::proptest! {
+        /// Any date, dateTime (every precision, every offset up to ±23:59)
+        /// or prefix in the FHIR/RFC 3339 range, well formed or not, gives
+        /// a value or an error: never a panic, and a value's range is
+        /// ordered.
+        #[test]
+        fn any_fhir_date_parses_or_is_refused_without_panic(
+            prefix in proptest::sample::select(vec!["", "eq", "lt", "le", "gt", "ge", "sa", "eb", "ne", "ap"]),
+            // The range's ends weigh as much as all years between.
+            year in proptest::prop_oneof![0u32..=1, 9998u32..=9999, 0u32..=9999],
+            month in proptest::prop_oneof![0u32..=1, 12u32..=13, 0u32..=13],
+            day in proptest::prop_oneof![30u32..=32, 0u32..=32],
+            hour in proptest::prop_oneof![23u32..=24, 0u32..=24],
+            minute in proptest::prop_oneof![59u32..=60, 0u32..=60],
+            second in proptest::prop_oneof![58u32..=61, 0u32..=61],
+            frac in proptest::option::of("[0-9]{1,7}"),
+            tz in proptest::sample::select(vec!["Z", "+", "-", ""]),
+            tzh in 0u32..=24,
+            tzm in 0u32..=60,
+            shape in 0u8..6,
+        ) {
+            let date = match shape {
+                0 => format!("{year:04}"),
+                1 => format!("{year:04}-{month:02}"),
+                2 => format!("{year:04}-{month:02}-{day:02}"),
+                3 => format!("{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}"),
+                _ => format!("{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}"),
+            };
+            let mut raw = format!("{prefix}{date}");
+            if shape >= 3 {
+                if shape == 5 && let Some(f) = &frac {
+                    raw.push('.');
+                    raw.push_str(f);
+                }
+                raw.push_str(tz);
+                if tz == "+" || tz == "-" {
+                    raw.push_str(&format!("{tzh:02}:{tzm:02}"));
+                }
+            }
+            if let Ok(p) = parse_date_param(&raw) {
+                proptest::prop_assert!(p.start_us < p.end_us, "{raw}: {p:?}");
+            }
+        }
+
+        /// Arbitrary text never panics the date parser.
+        #[test]
+        fn arbitrary_date_text_never_panics(raw in "\\PC{0,40}") {
+            let _ = parse_date_param(&raw);
+        }
     }
 
     #[test]
