@@ -541,9 +541,15 @@ async fn a_clinician_logs_in_reads_writes_with_csrf_and_logs_out() {
 }
 
 #[tokio::test]
-async fn five_failed_logins_lock_the_name_out_and_cookies_are_secure_on_request() {
+async fn five_failed_logins_lock_the_name_at_that_address_out_and_cookies_are_secure_on_request() {
     let data = tempfile::tempdir().unwrap();
-    let hub = start_with_admin(data.path(), ADMIN, "[auth]\ncookie_secure = true\n").await;
+    // Loopback is the trusted proxy: X-Forwarded-For names the client.
+    let hub = start_with_admin(
+        data.path(),
+        ADMIN,
+        "[auth]\ncookie_secure = true\ntrusted_proxies = [\"127.0.0.1\"]\n",
+    )
+    .await;
     cloud_hub::user_add(&hub.config, "carol", Role::Clinician, PASSWORD).unwrap();
     let r = login(&hub, "carol", PASSWORD).await;
     assert!(
@@ -555,13 +561,30 @@ async fn five_failed_logins_lock_the_name_out_and_cookies_are_secure_on_request(
     for _ in 0..5 {
         assert_eq!(login(&hub, "carol", "not the password").await.status(), 401);
     }
-    // Even the right password is refused while locked out.
+    // Even the right password is refused while locked out, from this
+    // address.
     let r = login(&hub, "carol", PASSWORD).await;
     assert_eq!(r.status(), 429);
     assert_eq!(r.headers()["retry-after"], "300");
     // Another name is not affected.
     cloud_hub::user_add(&hub.config, "dave", Role::Clinician, PASSWORD).unwrap();
     assert_eq!(login(&hub, "dave", PASSWORD).await.status(), 200);
+    // Nor is carol at another address: the guesses did not lock her out.
+    let from = |ip: &str| {
+        client()
+            .post(hub.url("/api/v1/session"))
+            .header("content-type", "application/json")
+            .header("x-forwarded-for", ip)
+            .body(json!({ "username": "carol", "password": PASSWORD }).to_string())
+    };
+    assert_eq!(from("198.51.100.2").send().await.unwrap().status(), 200);
+    // Hops appended by trusted proxies are skipped: the nearest other one is the client.
+    let r = from("198.51.100.2, 127.0.0.1").send().await.unwrap();
+    assert_eq!(
+        r.status(),
+        200,
+        "127.0.0.1 is the trusted proxy, 198.51.100.2 the client"
+    );
     let metrics = client()
         .get(hub.url("/metrics"))
         .send()
@@ -578,7 +601,11 @@ async fn five_failed_logins_lock_the_name_out_and_cookies_are_secure_on_request(
         metrics.contains("vigil_hub_auth_failures_total{reason=\"throttled\"} 1"),
         "{metrics}"
     );
-    assert!(metrics.contains("vigil_hub_logins_total 2"), "{metrics}");
+    assert!(metrics.contains("vigil_hub_logins_total 4"), "{metrics}");
+    assert!(
+        metrics.contains("vigil_hub_login_throttled_total{reason=\"locked\"} 1"),
+        "{metrics}"
+    );
     hub.stop().await;
 }
 

@@ -416,13 +416,22 @@ async fn lockouts_and_sessions_hold_across_replicas_and_a_restart() {
         .await
         .unwrap();
     assert_eq!(who.status(), 200);
-    // Random names store nothing.
+    // Random names store nothing per name.
+    let before = sql_i64(&server, "SELECT count(*) FROM login_throttle").await;
     for i in 0..20 {
         login(&a, &format!("nobody-{i}"), "x").await;
     }
     assert_eq!(
-        sql_i64(&server, "SELECT count(*) FROM login_failures").await,
-        1
+        sql_i64(&server, "SELECT count(*) FROM login_throttle").await,
+        before
+    );
+    assert_eq!(
+        sql_i64(
+            &server,
+            "SELECT count(*) FROM login_throttle WHERE key LIKE '%nobody%'"
+        )
+        .await,
+        0
     );
 }
 

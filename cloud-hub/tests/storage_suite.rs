@@ -1257,34 +1257,108 @@ fn score_history_rows_follow_the_write_rule(s: &Store) -> Result<(), StoreError>
 
 /// Alerts: changes and their transitions in one commit, the open ones and
 /// the next id on load, lists newest first, patient rule overrides replaced.
-/// Failed logins and lockouts as stored: counted atomically for existing
-/// users only, locked at the threshold until the lockout's end, cleared by
-/// a success.
-fn failed_logins_lock_existing_users_out(s: &Store) -> Result<(), StoreError> {
+/// Login throttling counters as stored: charged atomically, locked past
+/// their max (pair) or only counted (account, source), restarted after the
+/// window or the lock, per-user counters only for users, cleared on demand,
+/// purged when stale.
+fn login_counters_charge_lock_and_restart(s: &Store) -> Result<(), StoreError> {
+    use hub_domain::login_throttle::{self as lt, Count};
     assert!(s.insert_user("nurse", "clinician", "hash", 1)?);
-    let (now, lock) = (1_000_000_000, 300_000_000);
-    for _ in 0..4 {
-        assert_eq!(s.record_failed_login("nurse", now, 5, lock)?, None);
+    let now = 1_000_000_000_000;
+    let counters = lt::counters("nurse", "203.0.113.7");
+    let c = |failures, locked_until_us| {
+        Some(Count {
+            failures,
+            locked_until_us,
+        })
+    };
+    for i in 1..=5 {
+        assert_eq!(
+            s.charge_login(Some("nurse"), &counters, now + i)?,
+            vec![c(i as u32, None), c(i as u32, None), c(i as u32, None)],
+            "attempt {i}"
+        );
     }
-    assert_eq!(s.login_locked_until("nurse", now)?, None);
+    // The sixth locks the pair (only the pair).
+    let locked = now + 6 + lt::PAIR_LOCK_US;
     assert_eq!(
-        s.record_failed_login("nurse", now, 5, lock)?,
-        Some(now + lock)
+        s.charge_login(Some("nurse"), &counters, now + 6)?,
+        vec![c(6, Some(locked)), c(6, None), c(6, None)]
     );
-    assert_eq!(s.login_locked_until("nurse", now + 1)?, Some(now + lock));
-    assert_eq!(s.login_locked_until("nurse", now + lock)?, None);
-    // After the lockout the count starts again from zero.
-    assert_eq!(s.record_failed_login("nurse", now + lock, 5, lock)?, None);
-    // A success forgets the count.
-    s.clear_failed_logins("nurse")?;
-    for _ in 0..4 {
-        assert_eq!(s.record_failed_login("nurse", now + lock, 5, lock)?, None);
-    }
-    // Names that are not users store nothing and are never locked.
-    for i in 0..10 {
-        assert_eq!(s.record_failed_login(&format!("x{i}"), now, 1, lock)?, None);
-        assert_eq!(s.login_locked_until(&format!("x{i}"), now)?, None);
-    }
+    // While locked the pair stays as it is; the others keep counting.
+    assert_eq!(
+        s.charge_login(Some("nurse"), &counters, now + 7)?,
+        vec![c(6, Some(locked)), c(7, None), c(7, None)]
+    );
+    // Another address: its own pair, the same account.
+    let other = lt::counters("nurse", "198.51.100.2");
+    assert_eq!(
+        s.charge_login(Some("nurse"), &other, now + 8)?,
+        vec![c(1, None), c(8, None), c(1, None)]
+    );
+    // After the lock the pair starts again at 1.
+    assert_eq!(
+        s.charge_login(Some("nurse"), &counters, locked)?[0],
+        c(1, None)
+    );
+    // After the window every counter starts again.
+    let later = locked + lt::PAIR_WINDOW_US;
+    assert_eq!(
+        s.charge_login(Some("nurse"), &other, later)?,
+        vec![c(1, None), c(1, None), c(1, None)]
+    );
+    // Clearing forgets one counter.
+    s.clear_login_counter(&other[0].key)?;
+    assert_eq!(
+        s.charge_login(Some("nurse"), &other, later + 1)?[0],
+        c(1, None)
+    );
+    assert_eq!(
+        s.charge_login(Some("nurse"), &other, later + 2)?[1],
+        c(3, None)
+    );
+    // Names that are not users (or no name) charge only the source.
+    let random = lt::counters("nobody", "203.0.113.9");
+    assert_eq!(
+        s.charge_login(Some("nobody"), &random, later)?,
+        vec![None, None, c(1, None)]
+    );
+    assert_eq!(
+        s.charge_login(None, &random, later)?,
+        vec![None, None, c(2, None)]
+    );
+    // A day later every idle counter is purged: they all restart.
+    let next_day = later + lt::STALE_US + 10;
+    assert_eq!(
+        s.charge_login(Some("nurse"), &counters, next_day)?,
+        vec![c(1, None), c(1, None), c(1, None)]
+    );
+    Ok(())
+}
+
+/// Concurrent charges of one counter each see their own count: of 40
+/// attempts at once, exactly `PAIR_MAX_FAILURES` are let through.
+fn concurrent_login_charges_cannot_race_past_the_lock(s: &Store) -> Result<(), StoreError> {
+    use hub_domain::login_throttle as lt;
+    assert!(s.insert_user("nurse", "clinician", "hash", 1)?);
+    let now = 1_000_000_000_000;
+    let passed = std::sync::atomic::AtomicU32::new(0);
+    std::thread::scope(|sc| {
+        for _ in 0..8 {
+            sc.spawn(|| {
+                for _ in 0..5 {
+                    let counts = s
+                        .charge_login(Some("nurse"), &lt::counters("nurse", "203.0.113.7"), now)
+                        .unwrap();
+                    let counts = [counts[0], counts[1], counts[2]];
+                    if let lt::Decision::Check { .. } = lt::decide(&counts, now) {
+                        passed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+    });
+    assert_eq!(passed.into_inner(), lt::PAIR_MAX_FAILURES);
     Ok(())
 }
 
@@ -1966,7 +2040,8 @@ suite!(
     score_history_rows_follow_the_write_rule,
     alerts_are_stored_with_their_transitions,
     alert_evaluations_read_and_write_the_stored_state,
-    failed_logins_lock_existing_users_out,
+    login_counters_charge_lock_and_restart,
+    concurrent_login_charges_cannot_race_past_the_lock,
     trend_series_sum_the_devices_buckets,
     trend_buckets_follow_reattributed_readings,
     audit_log_appends_and_chains,
@@ -2051,7 +2126,7 @@ fn postgres_partitions_by_month_and_migrates_once() {
     let s = Store::open_postgres(&cfg).unwrap();
     assert_eq!(
         s.postgres().unwrap().migrations().unwrap(),
-        vec![1, 2, 3, 4, 5, 6, 7]
+        vec![1, 2, 3, 4, 5, 6, 7, 8]
     );
     let r = ingest(
         &s,
@@ -2091,7 +2166,7 @@ fn postgres_migration_3_keeps_existing_rows_as_incarnation_0() {
              DROP TABLE manual_inputs, score_history, alert_events, alerts,
                  alert_rule_overrides, vital_rollups, audit_log;
              DROP FUNCTION audit_log_append_only();
-             DROP TABLE login_failures, alert_pending, alert_devices, alert_gateways;
+             DROP TABLE login_throttle, alert_pending, alert_devices, alert_gateways;
              DROP TABLE stream_offsets, stream_leases, stream_replicas;
              DROP INDEX observations_patient_mdc_panel_time;
              CREATE INDEX observations_patient_mdc_time
@@ -2103,7 +2178,7 @@ fn postgres_migration_3_keeps_existing_rows_as_incarnation_0() {
     let s = Store::open_postgres(&cfg).unwrap();
     assert_eq!(
         s.postgres().unwrap().migrations().unwrap(),
-        vec![1, 2, 3, 4, 5, 6, 7]
+        vec![1, 2, 3, 4, 5, 6, 7, 8]
     );
     assert!(ingest(&s, &first, &none).ack.duplicate_batch);
     let r = ingest(

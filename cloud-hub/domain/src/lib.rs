@@ -26,6 +26,7 @@ pub mod fhir;
 pub mod gateway_activity;
 pub mod identifiers;
 pub mod ingest;
+pub mod login_throttle;
 pub mod score_history;
 pub mod scores;
 pub mod stream;

@@ -1,5 +1,6 @@
 //! `AccountStore` on PostgreSQL (migration 2: users, api_tokens, sessions).
 
+use hub_domain::login_throttle::{Count, Counter, STALE_US};
 use hub_storage::{AccountStore, SessionRecord, StoreError, TokenRecord, UserRecord};
 use tokio_postgres::types::ToSql;
 
@@ -225,55 +226,79 @@ impl AccountStore for PgStore {
                 .map(drop)
         })
     }
-    fn login_locked_until(&self, name: &str, now_us: i64) -> Result<Option<i64>, StoreError> {
-        self.run(async {
-            Ok(self
-                .conn()
-                .await?
-                .query_opt(
-                    "SELECT locked_until_us FROM login_failures
-                      WHERE user_name = $1 AND locked_until_us > $2",
-                    &[&name, &now_us],
-                )
-                .await?
-                .map(|r| r.get(0)))
-        })
-    }
-    fn record_failed_login(
+    fn charge_login(
         &self,
-        name: &str,
+        user: Option<&str>,
+        counters: &[Counter],
         now_us: i64,
-        max_failures: u32,
-        lockout_us: i64,
-    ) -> Result<Option<i64>, StoreError> {
-        let max = i32::try_from(max_failures).unwrap_or(i32::MAX);
+    ) -> Result<Vec<Option<Count>>, StoreError> {
         self.run(async {
-            Ok(self
-                .conn()
-                .await?
-                .query_opt(
-                    "INSERT INTO login_failures (user_name, failures, locked_until_us)
-                    SELECT name, CASE WHEN 1 >= $2::integer THEN 0 ELSE 1 END,
-                           CASE WHEN 1 >= $2::integer THEN $3::bigint + $4::bigint END
-                      FROM users WHERE name = $1
-                    ON CONFLICT (user_name) DO UPDATE SET
-                        failures = CASE WHEN login_failures.failures + 1 >= $2::integer THEN 0
-                                        ELSE login_failures.failures + 1 END,
-                        locked_until_us = CASE WHEN login_failures.failures + 1 >= $2::integer THEN $3::bigint + $4::bigint
-                                               ELSE login_failures.locked_until_us END
-                    RETURNING locked_until_us",
-                    &[&name, &max, &now_us, &lockout_us],
-                )
-                .await?
-                .and_then(|r| r.get::<_, Option<i64>>(0))
-                .filter(|&t| t > now_us))
+            let mut c = self.conn().await?;
+            let tx = c.transaction().await?;
+            let is_user = match user {
+                Some(name) => tx
+                    .query_opt("SELECT 1 FROM users WHERE name = $1", &[&name])
+                    .await?
+                    .is_some(),
+                None => false,
+            };
+            let stmt = tx.prepare_cached(CHARGE_SQL).await?;
+            let mut out = Vec::with_capacity(counters.len());
+            for ctr in counters {
+                if ctr.per_user && !is_user {
+                    out.push(None);
+                    continue;
+                }
+                let max = i64::from(ctr.max);
+                let row = tx
+                    .query_one(
+                        &stmt,
+                        &[&ctr.key, &now_us, &ctr.window_us, &max, &ctr.lock_us],
+                    )
+                    .await?;
+                out.push(Some(Count {
+                    failures: u32::try_from(row.get::<_, i64>(0)).unwrap_or(u32::MAX),
+                    locked_until_us: row.get(1),
+                }));
+            }
+            tx.execute(
+                "DELETE FROM login_throttle WHERE window_start_us < $1
+                    AND (locked_until_us IS NULL OR locked_until_us < $2)",
+                &[&(now_us - STALE_US), &now_us],
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(out)
         })
     }
-    fn clear_failed_logins(&self, name: &str) -> Result<(), StoreError> {
+    fn clear_login_counter(&self, key: &str) -> Result<(), StoreError> {
         self.run(async {
-            self.db_execute("DELETE FROM login_failures WHERE user_name = $1", &[&name])
+            self.db_execute("DELETE FROM login_throttle WHERE key = $1", &[&key])
                 .await
                 .map(drop)
         })
     }
 }
+
+/// One login-throttle counter charged (`$1` key, `$2` now, `$3` window,
+/// `$4` max, `$5` lock or NULL): as on SQLite (the SET expressions read the
+/// row as it was; the upsert takes the row's lock, so concurrent charges
+/// of one counter from several hubs are counted one after the other).
+const CHARGE_SQL: &str = "
+INSERT INTO login_throttle AS t (key, failures, window_start_us, locked_until_us)
+VALUES ($1, 1, $2, CASE WHEN 1 > $4::bigint THEN $2::bigint + $5::bigint END)
+ON CONFLICT (key) DO UPDATE SET
+    failures = CASE
+        WHEN t.locked_until_us > $2 THEN t.failures
+        WHEN t.locked_until_us IS NOT NULL OR t.window_start_us <= $2 - $3 THEN 1
+        ELSE t.failures + 1 END,
+    window_start_us = CASE
+        WHEN t.locked_until_us > $2 THEN t.window_start_us
+        WHEN t.locked_until_us IS NOT NULL OR t.window_start_us <= $2 - $3 THEN $2
+        ELSE t.window_start_us END,
+    locked_until_us = CASE
+        WHEN t.locked_until_us > $2 THEN t.locked_until_us
+        WHEN t.locked_until_us IS NULL AND t.window_start_us > $2 - $3
+         AND t.failures + 1 > $4 THEN $2::bigint + $5::bigint
+        END
+RETURNING failures, locked_until_us";

@@ -401,6 +401,20 @@ CREATE INDEX observations_patient_mdc_panel_time
     ON observations (patient_id, mdc_code, ((panel_id IS NOT NULL)::integer), effective_us, rid);
 "#;
 
+/// Migration 8 (issue 17): login throttling: one counter per (account,
+/// source) pair, account and source, replacing migration 5's per-name
+/// lockout.
+const PG_V8: &str = r#"
+DROP TABLE login_failures;
+CREATE TABLE login_throttle (
+    key             text PRIMARY KEY,
+    failures        bigint NOT NULL,
+    window_start_us bigint NOT NULL,
+    locked_until_us bigint
+);
+CREATE INDEX login_throttle_window ON login_throttle (window_start_us);
+"#;
+
 pub(crate) const MIGRATIONS: &[(i64, &str)] = &[
     (1, V1),
     (2, PG_V2),
@@ -409,6 +423,7 @@ pub(crate) const MIGRATIONS: &[(i64, &str)] = &[
     (5, PG_V5),
     (6, PG_V6),
     (7, PG_V7),
+    (8, PG_V8),
 ];
 
 /// Observation partitions are UTC months: `[start, end)` in µs of the

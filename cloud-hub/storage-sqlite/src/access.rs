@@ -1,5 +1,6 @@
 //! `AccountStore` on SQLite (schema v12: users, api_tokens, sessions).
 
+use hub_domain::login_throttle::{Count, Counter, STALE_US};
 use hub_storage::{AccountStore, SessionRecord, StoreError, TokenRecord, UserRecord};
 use rusqlite::{OptionalExtension, params};
 
@@ -185,58 +186,81 @@ impl AccountStore for SqliteStore {
         )?;
         Ok(())
     }
-    fn login_locked_until(&self, name: &str, now_us: i64) -> Result<Option<i64>, StoreError> {
-        let f = || -> Result<Option<i64>, DbError> {
-            Ok(self
-                .conn()?
-                .query_row(
-                    "SELECT locked_until_us FROM login_failures
-                      WHERE user_name = ?1 AND locked_until_us > ?2",
-                    params![name, now_us],
-                    |r| r.get(0),
-                )
-                .optional()?)
-        };
-        Ok(f()?)
-    }
-    fn record_failed_login(
+    fn charge_login(
         &self,
-        name: &str,
+        user: Option<&str>,
+        counters: &[Counter],
         now_us: i64,
-        max_failures: u32,
-        lockout_us: i64,
-    ) -> Result<Option<i64>, StoreError> {
-        let f = || -> Result<Option<i64>, DbError> {
-            Ok(self
-                .conn()?
-                .query_row(
-                    "INSERT INTO login_failures (user_name, failures, locked_until_us)
-                    SELECT name, CASE WHEN 1 >= ?2 THEN 0 ELSE 1 END,
-                           CASE WHEN 1 >= ?2 THEN ?3 + ?4 END
-                      FROM users WHERE name = ?1
-                    ON CONFLICT (user_name) DO UPDATE SET
-                        failures = CASE WHEN login_failures.failures + 1 >= ?2 THEN 0
-                                        ELSE login_failures.failures + 1 END,
-                        locked_until_us = CASE WHEN login_failures.failures + 1 >= ?2 THEN ?3 + ?4
-                                               ELSE login_failures.locked_until_us END
-                    RETURNING locked_until_us",
-                    params![name, max_failures, now_us, lockout_us],
-                    |r| r.get::<_, Option<i64>>(0),
-                )
-                .optional()?
-                .flatten()
-                .filter(|&t| t > now_us))
+    ) -> Result<Vec<Option<Count>>, StoreError> {
+        let f = || -> Result<Vec<Option<Count>>, DbError> {
+            let mut conn = self.conn()?;
+            let tx = conn.transaction()?;
+            let is_user = match user {
+                Some(name) => tx
+                    .query_row("SELECT 1 FROM users WHERE name = ?1", params![name], |_| {
+                        Ok(())
+                    })
+                    .optional()?
+                    .is_some(),
+                None => false,
+            };
+            let mut out = Vec::with_capacity(counters.len());
+            for c in counters {
+                if c.per_user && !is_user {
+                    out.push(None);
+                    continue;
+                }
+                let (failures, locked_until_us): (i64, Option<i64>) = tx.query_row(
+                    CHARGE_SQL,
+                    params![c.key, now_us, c.window_us, c.max, c.lock_us],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )?;
+                out.push(Some(Count {
+                    failures: u32::try_from(failures).unwrap_or(u32::MAX),
+                    locked_until_us,
+                }));
+            }
+            tx.execute(
+                "DELETE FROM login_throttle WHERE window_start_us < ?1
+                    AND (locked_until_us IS NULL OR locked_until_us < ?2)",
+                params![now_us - STALE_US, now_us],
+            )?;
+            tx.commit()?;
+            Ok(out)
         };
         Ok(f()?)
     }
-    fn clear_failed_logins(&self, name: &str) -> Result<(), StoreError> {
-        self.db_execute(
-            "DELETE FROM login_failures WHERE user_name = ?1",
-            params![name],
-        )?;
+    fn clear_login_counter(&self, key: &str) -> Result<(), StoreError> {
+        self.db_execute("DELETE FROM login_throttle WHERE key = ?1", params![key])?;
         Ok(())
     }
 }
+
+/// One login-throttle counter charged (`?1` key, `?2` now, `?3` window,
+/// `?4` max, `?5` lock or NULL): a locked counter stays as it is; an
+/// expired window or lock restarts the count at 1; past `max` with a lock
+/// the counter locks. The SET expressions read the row as it was.
+const CHARGE_SQL: &str = "
+INSERT INTO login_throttle (key, failures, window_start_us, locked_until_us)
+VALUES (?1, 1, ?2, CASE WHEN 1 > ?4 THEN ?2 + ?5 END)
+ON CONFLICT (key) DO UPDATE SET
+    failures = CASE
+        WHEN login_throttle.locked_until_us > ?2 THEN login_throttle.failures
+        WHEN login_throttle.locked_until_us IS NOT NULL
+          OR login_throttle.window_start_us <= ?2 - ?3 THEN 1
+        ELSE login_throttle.failures + 1 END,
+    window_start_us = CASE
+        WHEN login_throttle.locked_until_us > ?2 THEN login_throttle.window_start_us
+        WHEN login_throttle.locked_until_us IS NOT NULL
+          OR login_throttle.window_start_us <= ?2 - ?3 THEN ?2
+        ELSE login_throttle.window_start_us END,
+    locked_until_us = CASE
+        WHEN login_throttle.locked_until_us > ?2 THEN login_throttle.locked_until_us
+        WHEN login_throttle.locked_until_us IS NULL
+         AND login_throttle.window_start_us > ?2 - ?3
+         AND login_throttle.failures + 1 > ?4 THEN ?2 + ?5
+        END
+RETURNING failures, locked_until_us";
 
 #[cfg(test)]
 mod tests {

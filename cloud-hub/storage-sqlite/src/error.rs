@@ -17,6 +17,8 @@ pub enum DbError {
     Poisoned,
     #[error("making the database durable (fsync): {0}")]
     Io(std::io::Error),
+    #[error("creating or securing {path}: {source}", path = .0.display(), source = .1)]
+    File(std::path::PathBuf, std::io::Error),
 }
 
 impl From<DbError> for StoreError {
@@ -27,6 +29,10 @@ impl From<DbError> for StoreError {
             DbError::CorruptAck(e) => StoreError::Corrupt(e.to_string()),
             DbError::Poisoned => StoreError::Poisoned,
             DbError::Io(e) => StoreError::Io(e),
+            DbError::File(p, e) => StoreError::Io(std::io::Error::new(
+                e.kind(),
+                format!("{}: {e}", p.display()),
+            )),
         }
     }
 }

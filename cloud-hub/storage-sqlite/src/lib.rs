@@ -218,6 +218,37 @@ fn backfill_device_ids(tx: &rusqlite::Transaction<'_>) -> Result<(), DbError> {
     Ok(())
 }
 
+/// The database file (and the directory holding it, when missing) created
+/// private: `0600` in `0700`, whatever the umask. SQLite gives its `-wal`
+/// and `-shm` files the database file's mode when it creates them; ones
+/// left by an older version, and a database file that group or others
+/// could read, are narrowed to `0600` (and logged).
+fn private_files(path: &Path) -> Result<(), DbError> {
+    use vigil_io::private_fs;
+    if let Some(dir) = path.parent() {
+        private_fs::create_dir_all(dir).map_err(|e| DbError::File(dir.to_owned(), e))?;
+    }
+    let narrowed = |p: &Path, was: Option<u32>| {
+        if let Some(mode) = was {
+            tracing::warn!(path = %p.display(), was = format!("{mode:o}"), "narrowed the mode of a hub database file to 0600");
+        }
+    };
+    narrowed(
+        path,
+        private_fs::ensure_file(path).map_err(|e| DbError::File(path.to_owned(), e))?,
+    );
+    for suffix in ["-wal", "-shm"] {
+        let mut p = path.as_os_str().to_owned();
+        p.push(suffix);
+        let p = std::path::PathBuf::from(p);
+        narrowed(
+            &p,
+            private_fs::narrow(&p).map_err(|e| DbError::File(p.clone(), e))?,
+        );
+    }
+    Ok(())
+}
+
 impl SqliteStore {
     /// Opens (creating if needed) the database and its schema.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
@@ -225,6 +256,7 @@ impl SqliteStore {
     }
 
     fn open_db(path: &Path) -> Result<Self, DbError> {
+        private_files(path)?;
         let conn = Connection::open(path)?;
         let mut store = Self::init(conn)?;
         store.wal = Some(Arc::new(WalSync::new(path)));

@@ -487,6 +487,19 @@ CREATE TABLE IF NOT EXISTS stream_replicas (
 "#;
 
 /// Ordered migrations; each runs once, in one transaction with its version row.
+/// v17: login throttling (issue 17): one counter per (account, source)
+/// pair, account and source, replacing the per-name lockout of v15.
+const SCHEMA_V17: &str = r#"
+DROP TABLE IF EXISTS login_failures;
+CREATE TABLE IF NOT EXISTS login_throttle (
+    key             TEXT PRIMARY KEY,
+    failures        INTEGER NOT NULL,
+    window_start_us INTEGER NOT NULL,
+    locked_until_us INTEGER
+);
+CREATE INDEX IF NOT EXISTS login_throttle_window ON login_throttle (window_start_us);
+"#;
+
 pub const MIGRATIONS: &[(i64, &str)] = &[
     (1, SCHEMA_V1),
     (2, SCHEMA_V2),
@@ -504,4 +517,5 @@ pub const MIGRATIONS: &[(i64, &str)] = &[
     (14, SCHEMA_V14),
     (15, SCHEMA_V15),
     (16, SCHEMA_V16),
+    (17, SCHEMA_V17),
 ];

@@ -85,21 +85,22 @@ pub trait AccountStore {
     fn touch_session(&self, id_sha256: &str, now_us: i64) -> Result<(), StoreError>;
     /// Deletes a session (no error when there is none).
     fn delete_session(&self, id_sha256: &str) -> Result<(), StoreError>;
-    /// The end (UTC µs) of user `name`'s login lockout when it is locked
-    /// out at `now_us`.
-    fn login_locked_until(&self, name: &str, now_us: i64) -> Result<Option<i64>, StoreError>;
-    /// Counts a failed login of user `name`, atomically (one statement, so
-    /// hubs sharing the database count together): at `max_failures` in a
-    /// row the count restarts and the name is locked out until `now_us +
-    /// lockout_us`, which is returned. Only names of existing users are
-    /// counted (random names store nothing); `None` when not locked out.
-    fn record_failed_login(
+    /// Charges a login attempt to each of `counters`
+    /// (`hub_domain::login_throttle`), atomically per counter (one upsert:
+    /// hubs sharing the database count together, concurrent attempts each
+    /// see their own count), and returns each counter as charged. A
+    /// counter's count restarts when its window has passed or its lock has
+    /// ended; a locked counter is returned unchanged; a counter whose count
+    /// passes its `max` (with a `lock_us`) is locked until `now_us +
+    /// lock_us`. Per-user counters are charged only when `user` names a
+    /// user (`None` otherwise: random names store nothing per name).
+    /// Counters idle for `login_throttle::STALE_US` are purged.
+    fn charge_login(
         &self,
-        name: &str,
+        user: Option<&str>,
+        counters: &[hub_domain::login_throttle::Counter],
         now_us: i64,
-        max_failures: u32,
-        lockout_us: i64,
-    ) -> Result<Option<i64>, StoreError>;
-    /// Forgets user `name`'s failed logins (a successful login).
-    fn clear_failed_logins(&self, name: &str) -> Result<(), StoreError>;
+    ) -> Result<Vec<Option<hub_domain::login_throttle::Count>>, StoreError>;
+    /// Forgets one counter (a successful login clears its pair).
+    fn clear_login_counter(&self, key: &str) -> Result<(), StoreError>;
 }

@@ -196,7 +196,7 @@ impl Exports {
     pub fn start(&self, store: Store, request: ExportRequest) -> Result<String, ExportError> {
         let id = new_job_id();
         let dir = self.root.join(&id);
-        std::fs::create_dir_all(&dir)?;
+        vigil_io::private_fs::create_dir_all(&dir)?;
         let job = Arc::new(Job {
             request,
             transaction_time: crate::fhir::format_instant(crate::store::now_us()),
@@ -285,7 +285,7 @@ impl<'a> Writer<'a> {
                 out.flush()?;
             }
             let name = format!("{}-{}.ndjson", self.ty, self.files.len() + 1);
-            let f = std::fs::File::create(self.job.dir.join(&name))?;
+            let f = vigil_io::private_fs::create_file(&self.job.dir.join(&name))?;
             self.out = Some(std::io::BufWriter::new(f));
             self.files.push(OutputFile {
                 resource_type: self.ty,

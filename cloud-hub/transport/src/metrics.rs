@@ -75,6 +75,20 @@ pub enum AuthFailure {
     InvalidJwt = 5,
 }
 
+/// Why a login was held back (`access::session`).
+#[derive(Debug, Clone, Copy)]
+pub enum LoginThrottle {
+    /// No password-check permit free: 429 at once.
+    Busy = 0,
+    /// The (user name, address) pair is locked: 429.
+    Locked = 1,
+    /// Checked after a step-up delay (account or address over its free
+    /// attempts).
+    StepUp = 2,
+}
+
+const LOGIN_THROTTLES: [&str; 3] = ["busy", "locked", "step_up"];
+
 const AUTH_FAILURES: [&str; 6] = [
     "unauthenticated",
     "forbidden",
@@ -93,6 +107,7 @@ pub struct Metrics {
     rejected_reasons: [AtomicU64; 5],
     fhir: [AtomicU64; 3],
     auth_failures: [AtomicU64; 6],
+    login_throttled: [AtomicU64; 3],
     logins: AtomicU64,
     /// MQTT ingest (`[mqtt]`) counters and connection state.
     pub mqtt: MqttMetrics,
@@ -149,6 +164,10 @@ impl Metrics {
     /// A refused user request or login.
     pub fn auth_failure(&self, reason: AuthFailure) {
         self.auth_failures[reason as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn login_throttled(&self, why: LoginThrottle) {
+        self.login_throttled[why as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     /// A successful login (a session started).
@@ -226,6 +245,15 @@ impl Metrics {
             "reason",
             &AUTH_FAILURES,
             &self.auth_failures,
+        );
+        family(
+            "vigil_hub_login_throttled_total",
+            "Logins held back: refused with no password-check permit free (`busy`) or \
+             for a locked user name and address (`locked`); checked after a step-up \
+             delay (`step_up`).",
+            "reason",
+            &LOGIN_THROTTLES,
+            &self.login_throttled,
         );
         // Unlabelled counters.
         for (name, help, v) in [

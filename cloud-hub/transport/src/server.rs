@@ -144,6 +144,18 @@ pub fn router(state: AppState) -> Router {
             audit,
             crate::audit::middleware,
         ))
+        .layer(axum::middleware::map_response(no_store))
+}
+
+/// `Cache-Control: no-store` on every response that does not set its own
+/// (the dashboard's static files say `no-cache`): FHIR resources, the
+/// clinical API, errors and sessions may carry patient data, which no
+/// browser or proxy cache may keep.
+async fn no_store(mut resp: axum::response::Response) -> axum::response::Response {
+    resp.headers_mut()
+        .entry(axum::http::header::CACHE_CONTROL)
+        .or_insert(axum::http::HeaderValue::from_static("no-store"));
+    resp
 }
 
 /// Serves `app` on `listener` until `shutdown` is cancelled, then stops
@@ -159,9 +171,12 @@ pub async fn serve(
     tracing::info!(%addr, tls = tls.is_some(), "hub serving");
     match tls {
         None => {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown.cancelled_owned())
-                .await?;
+            axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await?;
         }
         Some(tls) => {
             let handle = axum_server::Handle::<SocketAddr>::new();
@@ -173,7 +188,7 @@ pub async fn serve(
             let config = axum_server::tls_rustls::RustlsConfig::from_config(tls);
             axum_server::tls_rustls::from_tcp_rustls(listener.into_std()?, config)?
                 .handle(handle)
-                .serve(app.into_make_service())
+                .serve(app.into_make_service_with_connect_info::<SocketAddr>())
                 .await?;
         }
     }

@@ -1420,7 +1420,10 @@ mod tests {
             .collect();
         let e = parse_search(&many).unwrap_err();
         assert_eq!(e.code, "too-costly");
-        assert!(e.diagnostics.contains("at most 32 search parameters"), "{e}");
+        assert!(
+            e.diagnostics.contains("at most 32 search parameters"),
+            "{e}"
+        );
         assert!(e.diagnostics.contains("got 1200"), "{e}");
         let wide = vec![("code".to_owned(), vec!["8867-4"; 201].join(","))];
         let e = parse_search(&wide).unwrap_err();
@@ -1449,7 +1452,10 @@ mod tests {
         assert!(parse_date_param("le9999-12-31T23:59:59Z").is_err());
         let p = parse_date_param("9999-12-31T23:59:58Z").unwrap();
         assert_eq!(p.end_us - p.start_us, 1_000_000);
-        assert!(parse_date_param("9999-12-31").is_err(), "its end is year 10000");
+        assert!(
+            parse_date_param("9999-12-31").is_err(),
+            "its end is year 10000"
+        );
         assert!(parse_date_param("0000-01-01").is_ok());
     }
 

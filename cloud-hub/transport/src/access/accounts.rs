@@ -9,6 +9,7 @@
 //! `spawn_blocking` in async code).
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use hub_domain::login_throttle::{self, Decision};
 use hub_storage::StoreError;
 use ring::rand::{SecureRandom, SystemRandom};
 
@@ -271,23 +272,26 @@ pub fn token_principal(store: &Store, token: &str) -> Result<Option<(String, Rol
         .map(|(n, r)| (n, role_of(&r))))
 }
 
-/// Starts a session for `user`: (session id for the cookie, CSRF token).
-/// The end (UTC µs) of user `name`'s lockout as stored (shared by every hub
-/// on the database, kept across restarts), when locked out at `now_us`.
-pub fn locked_until(store: &Store, name: &str, now_us: i64) -> Result<Option<i64>, AccountError> {
-    Ok(store.login_locked_until(name, now_us)?)
+/// Charges a login attempt by `name` from `source` to its throttling
+/// counters (before the password is checked) and decides what to do.
+pub fn charge_login(
+    store: &Store,
+    name: &str,
+    source: &str,
+    now_us: i64,
+) -> Result<(Decision, String), AccountError> {
+    let counters = login_throttle::counters(name, source);
+    let user = is_valid_name(name).then_some(name);
+    let counts = store.charge_login(user, &counters, now_us)?;
+    let at = |i: usize| counts.get(i).copied().flatten();
+    let counts = [at(0), at(1), at(2)];
+    let [pair, ..] = counters;
+    Ok((login_throttle::decide(&counts, now_us), pair.key))
 }
 
-/// Counts a failed login of `name` in the store (existing users only): the
-/// end of its lockout when this failure locked it out.
-pub fn login_failed(store: &Store, name: &str, now_us: i64) -> Result<Option<i64>, AccountError> {
-    let lockout_us = i64::try_from(super::LOCKOUT.as_micros()).unwrap_or(i64::MAX);
-    Ok(store.record_failed_login(name, now_us, super::MAX_FAILED_LOGINS, lockout_us)?)
-}
-
-/// Forgets `name`'s stored failed logins.
-pub fn login_succeeded(store: &Store, name: &str) -> Result<(), AccountError> {
-    Ok(store.clear_failed_logins(name)?)
+/// A successful login: forgets its (account, source) pair's counter.
+pub fn login_succeeded(store: &Store, pair_key: &str) -> Result<(), AccountError> {
+    Ok(store.clear_login_counter(pair_key)?)
 }
 
 pub fn create_session(

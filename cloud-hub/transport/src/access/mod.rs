@@ -18,9 +18,7 @@ pub mod accounts;
 pub mod oidc;
 mod session;
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
 
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
@@ -222,16 +220,6 @@ pub const SESSION_COOKIE: &str = "vigil_session";
 /// Header carrying the session's CSRF token on writes.
 pub const CSRF_HEADER: &str = "x-csrf-token";
 
-/// Consecutive failed logins of one user name before it is locked out.
-const MAX_FAILED_LOGINS: u32 = 5;
-/// How long a locked-out user name is refused.
-const LOCKOUT: Duration = Duration::from_secs(300);
-/// Most user names tracked for lockout (random names cannot grow it further).
-const MAX_TRACKED_NAMES: usize = 10_000;
-
-/// Per user name: failed logins in a row, and the end of its lockout.
-type FailedLogins = HashMap<String, (u32, Option<Instant>)>;
-
 /// `[auth]`: how people and scripts authenticate (users and API tokens are
 /// created with `cloud-hub user` / `cloud-hub token`).
 #[derive(Debug, Clone, serde::Deserialize)]
@@ -250,6 +238,20 @@ pub struct AuthConfig {
     /// `[auth.oidc]`: accept access tokens of an OpenID provider (Entra ID).
     #[serde(default)]
     pub oidc: Option<oidc::OidcConfig>,
+    /// Password checks (Argon2id, ~19 MiB each) running at once; a login
+    /// beyond them is answered 429 with `Retry-After` at once. Default 4.
+    #[serde(default = "default_max_concurrent_logins")]
+    pub max_concurrent_logins: u32,
+    /// Reverse proxies (addresses or CIDR ranges, e.g. the AKS ingress's
+    /// pod range) whose `X-Forwarded-For` names the client; login
+    /// throttling counts by that client address. Empty (default): the
+    /// connecting address is the client.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
+}
+
+fn default_max_concurrent_logins() -> u32 {
+    4
 }
 
 fn default_session_idle_minutes() -> u32 {
@@ -267,6 +269,8 @@ impl Default for AuthConfig {
             session_max_hours: default_session_max_hours(),
             cookie_secure: None,
             oidc: None,
+            max_concurrent_logins: default_max_concurrent_logins(),
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -290,7 +294,31 @@ impl AuthConfig {
             o.validate()
                 .map_err(|(field, message)| ConfigError::invalid(field, message))?;
         }
+        if !(1..=64).contains(&self.max_concurrent_logins) {
+            return Err(ConfigError::invalid(
+                "auth.max_concurrent_logins",
+                "must be between 1 and 64",
+            ));
+        }
+        self.proxies()?;
         Ok(())
+    }
+
+    /// `trusted_proxies` parsed (a bare address is a /32 or /128).
+    fn proxies(&self) -> Result<Vec<ipnet::IpNet>, ConfigError> {
+        self.trusted_proxies
+            .iter()
+            .map(|p| {
+                p.parse::<ipnet::IpNet>()
+                    .or_else(|_| p.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                    .map_err(|_| {
+                        ConfigError::invalid(
+                            "auth.trusted_proxies",
+                            format!("`{p}` is not an IP address or CIDR range"),
+                        )
+                    })
+            })
+            .collect()
     }
 }
 
@@ -304,7 +332,9 @@ pub struct AccessState {
     idle_us: i64,
     max_age_us: i64,
     secure_cookie: bool,
-    failures: Arc<Mutex<FailedLogins>>,
+    /// Permits for concurrent password checks.
+    hashing: Arc<tokio::sync::Semaphore>,
+    trusted_proxies: Arc<[ipnet::IpNet]>,
 }
 
 impl std::fmt::Debug for AccessState {
@@ -379,6 +409,8 @@ impl AccessState {
         metrics: SharedMetrics,
         tls: bool,
     ) -> Result<Self, oidc::OidcError> {
+        // Validated with the config; an unparsable entry cannot reach here.
+        let proxies = config.proxies().unwrap_or_default();
         Ok(AccessState {
             store,
             metrics,
@@ -392,7 +424,10 @@ impl AccessState {
             idle_us: i64::from(config.session_idle_minutes) * 60_000_000,
             max_age_us: i64::from(config.session_max_hours) * 3_600_000_000,
             secure_cookie: config.cookie_secure.unwrap_or(tls),
-            failures: Arc::default(),
+            hashing: Arc::new(tokio::sync::Semaphore::new(
+                config.max_concurrent_logins.max(1) as usize,
+            )),
+            trusted_proxies: proxies.into(),
         })
     }
 
@@ -514,40 +549,55 @@ impl AccessState {
         Err(Refusal::unauthenticated("unknown bearer token"))
     }
 
-    /// Whether `name` is locked out after failed logins.
-    fn locked_out(&self, name: &str) -> bool {
-        let mut f = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-        match f.get(name) {
-            Some((_, Some(until))) if *until > Instant::now() => true,
-            Some((_, Some(_))) => {
-                f.remove(name);
-                false
+    /// The client's address as login throttling counts it: the connecting
+    /// address, or, when that is a trusted proxy, the nearest address in
+    /// `X-Forwarded-For` that is not one (a client cannot forge what its
+    /// own proxy appends). "unknown" without a peer address.
+    fn client_source(&self, peer: Option<std::net::IpAddr>, headers: &HeaderMap) -> String {
+        let trusted = |ip: &std::net::IpAddr| self.trusted_proxies.iter().any(|n| n.contains(ip));
+        let Some(peer) = peer else {
+            return "unknown".into();
+        };
+        if !trusted(&peer) {
+            return peer.to_string();
+        }
+        let mut client = peer;
+        for v in headers.get_all("x-forwarded-for").iter().rev() {
+            let Ok(v) = v.to_str() else {
+                return client.to_string();
+            };
+            for hop in v.rsplit(',') {
+                match hop.trim().parse::<std::net::IpAddr>() {
+                    Ok(ip) if trusted(&ip) => client = ip,
+                    Ok(ip) => return ip.to_string(),
+                    // Garbage where an address should be: stop at the
+                    // last address known to be good.
+                    Err(_) => return client.to_string(),
+                }
             }
-            _ => false,
         }
+        client.to_string()
     }
+}
 
-    fn login_failed(&self, name: &str) {
-        let mut f = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-        if f.len() >= MAX_TRACKED_NAMES && !f.contains_key(name) {
-            let now = Instant::now();
-            f.retain(|_, (_, until)| until.is_some_and(|u| u > now));
-            if f.len() >= MAX_TRACKED_NAMES {
-                return;
-            }
-        }
-        let e = f.entry(name.to_owned()).or_insert((0, None));
-        e.0 += 1;
-        if e.0 >= MAX_FAILED_LOGINS {
-            *e = (0, Some(Instant::now() + LOCKOUT));
-        }
-    }
+/// The connecting peer's address (present when the server was started with
+/// connect info, as `serve` does; `None` otherwise, e.g. in router tests).
+#[derive(Debug, Clone, Copy)]
+pub struct PeerAddr(pub Option<std::net::IpAddr>);
 
-    fn login_succeeded(&self, name: &str) {
-        self.failures
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(name);
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for PeerAddr {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(PeerAddr(
+            parts
+                .extensions
+                .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+                .map(|c| c.0.ip()),
+        ))
     }
 }
 

@@ -13,9 +13,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde_json::json;
 
-use super::{AccessState, Principal, Refusal, SESSION_COOKIE, Via, accounts, cookie};
-use crate::metrics::AuthFailure;
+use super::{AccessState, PeerAddr, Principal, Refusal, SESSION_COOKIE, Via, accounts, cookie};
+use crate::metrics::{AuthFailure, LoginThrottle};
 use crate::store::now_us;
+use hub_domain::login_throttle::Decision;
 
 /// The session routes.
 pub fn routes<S: Clone + Send + Sync + 'static>(state: AccessState) -> Router<S> {
@@ -56,6 +57,7 @@ fn body(principal: &Principal) -> serde_json::Value {
 
 async fn login(
     State(st): State<AccessState>,
+    PeerAddr(peer): PeerAddr,
     headers: HeaderMap,
     raw: axum::body::Bytes,
 ) -> Response {
@@ -84,34 +86,66 @@ async fn login(
                 .into_response();
         }
     };
-    if st.locked_out(&req.username) {
-        return throttled(&st);
-    }
+    let source = st.client_source(peer, &headers);
+    // No password check beyond the permits: an excess login is refused at
+    // once, before anything is counted against its user name.
+    let Ok(permit) = st.hashing.clone().try_acquire_owned() else {
+        st.metrics.login_throttled(LoginThrottle::Busy);
+        return throttled(&st, 1, "too many logins at once: try again in a second");
+    };
+    // Charged before the check (stored: every hub counts together, and
+    // concurrent guesses each see their own count).
+    let now = now_us();
+    let (store, name, src) = (st.store.clone(), req.username.clone(), source);
+    let charged =
+        tokio::task::spawn_blocking(move || accounts::charge_login(&store, &name, &src, now)).await;
+    let (decision, pair_key) = match charged {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "login throttle unavailable");
+            return unavailable();
+        }
+        Err(_) => return (StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response(),
+    };
+    let permit = match decision {
+        Decision::Locked { retry_after_s } => {
+            st.metrics.login_throttled(LoginThrottle::Locked);
+            tracing::info!("login refused: too many failed logins for this name from this address");
+            return throttled(
+                &st,
+                retry_after_s,
+                "too many failed logins for this user name from this address: try again later",
+            );
+        }
+        Decision::Check { delay_ms: 0 } => permit,
+        Decision::Check { delay_ms } => {
+            // The step-up delay, without holding a permit; then wait for
+            // one (this attempt is already counted).
+            st.metrics.login_throttled(LoginThrottle::StepUp);
+            drop(permit);
+            tokio::time::sleep(std::time::Duration::from_millis(delay_ms)).await;
+            match st.hashing.clone().acquire_owned().await {
+                Ok(p) => p,
+                Err(_) => return unavailable(),
+            }
+        }
+    };
     let (store, name, pw) = (st.store.clone(), req.username.clone(), req.password);
     let checked = tokio::task::spawn_blocking(move || {
-        // The stored lockout: reached through any hub, kept across restarts.
-        let now = now_us();
-        if accounts::locked_until(&store, &name, now)?.is_some() {
-            return Ok(Checked::Locked);
-        }
+        let _permit = permit;
         let role = accounts::check_password(&store, &name, &pw)?;
         match role {
             Some(role) => {
-                accounts::login_succeeded(&store, &name)?;
-                let (id, csrf) = accounts::create_session(&store, &name, now)?;
+                accounts::login_succeeded(&store, &pair_key)?;
+                let (id, csrf) = accounts::create_session(&store, &name, now_us())?;
                 Ok(Checked::Session(role, id, csrf))
             }
-            None => {
-                accounts::login_failed(&store, &name, now)?;
-                Ok::<_, accounts::AccountError>(Checked::Refused)
-            }
+            None => Ok::<_, accounts::AccountError>(Checked::Refused),
         }
     })
     .await;
     match checked {
-        Ok(Ok(Checked::Locked)) => throttled(&st),
         Ok(Ok(Checked::Session(role, id, csrf))) => {
-            st.login_succeeded(&req.username);
             st.metrics.login();
             tracing::info!(user = %req.username, role = %role, "login");
             let principal = Principal {
@@ -130,7 +164,6 @@ async fn login(
             resp
         }
         Ok(Ok(Checked::Refused)) => {
-            st.login_failed(&req.username);
             tracing::info!("login refused: wrong user name or password");
             Refusal {
                 status: StatusCode::UNAUTHORIZED,
@@ -141,36 +174,37 @@ async fn login(
         }
         Ok(Err(e)) => {
             tracing::error!(error = %e, "login failed");
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                axum::Json(json!({ "error": "account store unavailable" })),
-            )
-                .into_response()
+            unavailable()
         }
         Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response(),
     }
 }
 
+fn unavailable() -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        axum::Json(json!({ "error": "account store unavailable" })),
+    )
+        .into_response()
+}
+
 /// What checking a login found.
 enum Checked {
-    /// The user name is locked out (stored lockout).
-    Locked,
     Refused,
     Session(super::Role, String, String),
 }
 
-/// 429 to a locked-out user name.
-fn throttled(st: &AccessState) -> Response {
+/// 429 with `Retry-After`: a locked (user name, address) pair, or no
+/// password-check permit free.
+fn throttled(st: &AccessState, retry_after_s: u64, message: &str) -> Response {
     st.metrics.auth_failure(AuthFailure::Throttled);
     let mut resp = (
         StatusCode::TOO_MANY_REQUESTS,
-        axum::Json(
-            json!({ "error": "too many failed logins for this user name: try again in 5 minutes" }),
-        ),
+        axum::Json(json!({ "error": message })),
     )
         .into_response();
     resp.headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from_static("300"));
+        .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_s));
     resp
 }
 
