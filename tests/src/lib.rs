@@ -435,13 +435,29 @@ pub fn add_gateway(config: &Path, gateway_id: &str) -> Result<String> {
 
 /// Start `cloud-hub serve` and wait for its `listening on URL` line.
 pub fn start_hub(dir: &Path, config: &Path) -> Result<Hub> {
+    let mut cmd = Command::new(bin("cloud-hub"));
+    cmd.args(["serve", "--config"]).arg(config);
+    start_hub_cmd(dir, config, cmd)
+}
+
+/// [`start_hub`] with the process umask set to `umask` first (through
+/// `sh`, which `exec`s the hub: the process is the hub itself).
+pub fn start_hub_umask(dir: &Path, config: &Path, umask: &str) -> Result<Hub> {
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(format!(
+            "umask {umask} && exec \"$0\" serve --config \"$1\""
+        ))
+        .arg(bin("cloud-hub"))
+        .arg(config);
+    start_hub_cmd(dir, config, cmd)
+}
+
+fn start_hub_cmd(dir: &Path, config: &Path, mut cmd: Command) -> Result<Hub> {
     let log = std::fs::File::create(dir.join("hub.log"))?;
     let mut proc = Proc::spawn(
         "cloud-hub",
-        Command::new(bin("cloud-hub"))
-            .args(["serve", "--config"])
-            .arg(config)
-            .env("RUST_LOG", "info")
+        cmd.env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(log),
     )?;

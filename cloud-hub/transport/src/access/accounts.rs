@@ -8,7 +8,7 @@
 //! session ids as their SHA-256. Every function is blocking (call it from
 //! `spawn_blocking` in async code).
 
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::password_hash::{PasswordHash, PasswordHasher, SaltString};
 use hub_domain::login_throttle::{self, Decision};
 use hub_storage::StoreError;
 use ring::rand::{SecureRandom, SystemRandom};
@@ -86,13 +86,59 @@ fn dummy_hash() -> &'static str {
     })
 }
 
+/// Verifies `password` against a PHC string, computing Argon2id in memory
+/// taken from [`ARGON2_MEMORY`] and given back afterwards: the ~19 MiB of
+/// each check is allocated once per concurrent check and reused, instead
+/// of a fresh allocation that the allocator keeps per thread (a login flood
+/// through many threads grew the hub by that much per thread).
 fn verify_password(password: &str, phc: &str) -> bool {
-    PasswordHash::new(phc).is_ok_and(|h| {
-        argon2::Argon2::default()
-            .verify_password(password.as_bytes(), &h)
-            .is_ok()
-    })
+    let Ok(h) = PasswordHash::new(phc) else {
+        return false;
+    };
+    let (Some(salt), Some(expected)) = (h.salt, h.hash) else {
+        return false;
+    };
+    let (Ok(algorithm), Ok(params)) = (
+        argon2::Algorithm::try_from(h.algorithm),
+        argon2::Params::try_from(&h),
+    ) else {
+        return false;
+    };
+    let version = match h.version.map(argon2::Version::try_from) {
+        None => argon2::Version::default(),
+        Some(Ok(v)) => v,
+        Some(Err(_)) => return false,
+    };
+    let mut salt_buf = [0u8; argon2::password_hash::Salt::MAX_LENGTH];
+    let Ok(salt) = salt.decode_b64(&mut salt_buf) else {
+        return false;
+    };
+    let blocks = params.block_count();
+    let mut memory = ARGON2_MEMORY
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .pop()
+        .unwrap_or_default();
+    if memory.len() < blocks {
+        memory.resize(blocks, argon2::Block::default());
+    }
+    let mut out = vec![0u8; expected.len()];
+    let ok = argon2::Argon2::new(algorithm, version, params)
+        .hash_password_into_with_memory(password.as_bytes(), salt, &mut out, &mut memory[..blocks])
+        .is_ok()
+        && argon2::password_hash::Output::new(&out).is_ok_and(|o| o == expected);
+    let mut pool = ARGON2_MEMORY.lock().unwrap_or_else(|e| e.into_inner());
+    if pool.len() < MAX_POOLED_MEMORY {
+        pool.push(memory);
+    }
+    ok
 }
+
+/// Argon2 working memory of finished password checks, for the next ones
+/// (as many as ran at once, bounded by `[auth] max_concurrent_logins`).
+static ARGON2_MEMORY: std::sync::Mutex<Vec<Vec<argon2::Block>>> = std::sync::Mutex::new(Vec::new());
+/// Most working memories kept (the largest `max_concurrent_logins`).
+const MAX_POOLED_MEMORY: usize = 64;
 
 /// A user as listed (never the hash).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]

@@ -1,0 +1,397 @@
+//! The hub against a hostile network and a hostile insider (issue 17),
+//! over the real `cloud-hub` binary on loopback:
+//! - a login flood: memory stays bounded, the guesses cannot lock the real
+//!   user out, the attacker's own (name, address) pair is locked;
+//! - hostile FHIR searches (a date at the end of the range, 1 200 codes)
+//!   are 400s naming the problem, and the hub keeps serving;
+//! - every response carrying patient data says `Cache-Control: no-store`;
+//! - the database, its WAL and bulk-export files are private (0600 in
+//!   0700) even under `umask 000`.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use prost::Message;
+use serde_json::{Value, json};
+use shared_protocol::catalogue::{codes, units};
+use shared_protocol::v1::{Batch, DeviceData, DeviceInfo, Reading, reading};
+use vigil_e2e::*;
+
+const GATEWAY: &str = "gw-abuse";
+const DEVICE: &str = "masimo-abuse";
+const PATIENT: &str = "p-abuse";
+const PASSWORD: &str = "correct-horse-battery-staple";
+/// The attacker's and the real user's addresses, as the trusted proxy
+/// (loopback) reports them in `X-Forwarded-For`.
+const ATTACKER: &str = "203.0.113.7";
+const NURSE_AT: &str = "198.51.100.2";
+
+fn runtime() -> tokio::runtime::Runtime {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap()
+}
+
+/// A hub config in `dir` with `extra` TOML appended.
+fn hub_config(dir: &Path, extra: &str) -> std::path::PathBuf {
+    let cfg = write_hub_config(dir, "127.0.0.1:0", &[(GATEWAY, DEVICE, PATIENT)]).unwrap();
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, format!("{text}{extra}")).unwrap();
+    cfg
+}
+
+fn add_user(config: &Path, name: &str, role: &str) {
+    let pw = config.with_file_name(format!("{name}.password"));
+    write_private(&pw, PASSWORD).unwrap();
+    let out = Command::new(bin("cloud-hub"))
+        .arg("--config")
+        .arg(config)
+        .args(["user", "add", name, "--role", role, "--password-file"])
+        .arg(&pw)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "user add: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Peak resident memory of process `pid` (VmHWM), in MiB.
+fn peak_rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .expect("VmHWM in /proc/PID/status")
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .unwrap();
+    kb / 1024.0
+}
+
+fn metric(base: &str, series: &str) -> f64 {
+    let text = runtime().block_on(async {
+        http()
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    });
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).map(|v| v.trim().parse().unwrap()))
+        .unwrap_or_else(|| panic!("{series} not served:\n{text}"))
+}
+
+async fn login(base: &str, from: &str, user: &str, password: &str) -> reqwest::Response {
+    http()
+        .post(format!("{base}/api/v1/session"))
+        .header("content-type", "application/json")
+        .header("x-forwarded-for", from)
+        .body(json!({ "username": user, "password": password }).to_string())
+        .send()
+        .await
+        .unwrap()
+}
+
+/// 200 concurrent logins from one address (made-up names and wrong
+/// passwords for the real `nurse`): the hub's peak memory stays under
+/// 200 MiB (password checks are bounded; the excess is refused at once with
+/// `Retry-After`); the attacker's (nurse, address) pair ends up locked,
+/// even for the right password; the real nurse, from her own address, still
+/// logs in (after at most the step-up delay and a retry on a busy answer).
+#[test]
+fn a_login_flood_stays_small_and_cannot_lock_the_real_user_out() {
+    let (_guard, dir) = test_dir("abuse-login");
+    let cfg = hub_config(&dir, "\n[auth]\ntrusted_proxies = [\"127.0.0.1\"]\n");
+    add_user(&cfg, "nurse", "clinician");
+    let hub = start_hub(&dir, &cfg).unwrap();
+    let base = hub.base_url.clone();
+    let pid = hub.proc.child.id();
+    let before = peak_rss_mib(pid);
+    let rt = runtime();
+    let statuses: Vec<u16> = rt.block_on(async {
+        let tasks: Vec<_> = (0..200)
+            .map(|i| {
+                let base = base.clone();
+                tokio::spawn(async move {
+                    let user = if i % 2 == 0 {
+                        "nurse".to_owned()
+                    } else {
+                        format!("made-up-{i}")
+                    };
+                    login(&base, ATTACKER, &user, "guess")
+                        .await
+                        .status()
+                        .as_u16()
+                })
+            })
+            .collect();
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.unwrap());
+        }
+        out
+    });
+    let peak = peak_rss_mib(pid);
+    eprintln!("login flood: hub peak RSS {before:.0} → {peak:.0} MiB; statuses {statuses:?}");
+    assert!(
+        statuses.iter().all(|s| *s == 401 || *s == 429),
+        "only refusals: {statuses:?}"
+    );
+    assert!(statuses.contains(&429), "the excess is refused at once");
+    assert!(
+        peak < 200.0,
+        "peak RSS {peak:.0} MiB under a 200-login flood"
+    );
+    assert!(metric(&base, "vigil_hub_login_throttled_total{reason=\"busy\"}") > 0.0);
+
+    rt.block_on(async {
+        // The attacker's pair is locked, even with the right password.
+        let mut locked = None;
+        for _ in 0..20 {
+            let r = login(&base, ATTACKER, "nurse", PASSWORD).await;
+            if r.status() != 429 || r.headers()["retry-after"] != "1" {
+                locked = Some(r);
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        let r = locked.expect("an answer other than busy");
+        assert_eq!(r.status(), 429, "the attacker's pair is locked");
+        let retry: u64 = r.headers()["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((250..=300).contains(&retry), "Retry-After {retry}");
+        // The real nurse from her own address gets in.
+        let t = Instant::now();
+        let mut status = 0;
+        for _ in 0..20 {
+            let r = login(&base, NURSE_AT, "nurse", PASSWORD).await;
+            status = r.status().as_u16();
+            if status != 429 {
+                break;
+            }
+            let wait: u64 = r.headers()["retry-after"]
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert!(
+                wait <= 1,
+                "the real nurse is never locked out (Retry-After {wait})"
+            );
+            tokio::time::sleep(Duration::from_secs(wait)).await;
+        }
+        assert_eq!(status, 200, "the real nurse logs in");
+        eprintln!("the real nurse logged in after {:?}", t.elapsed());
+    });
+    assert!(metric(&base, "vigil_hub_login_throttled_total{reason=\"locked\"}") > 0.0);
+    assert!(metric(&base, "vigil_hub_login_throttled_total{reason=\"step_up\"}") > 0.0);
+    assert!(metric(&base, "vigil_hub_logins_total") >= 1.0);
+}
+
+/// One SpO2 reading of `DEVICE`, now, sequence `seq`.
+fn batch(seq: u64) -> Vec<u8> {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as i64;
+    Batch {
+        gateway_id: GATEWAY.into(),
+        sequence: seq,
+        devices: vec![DeviceData {
+            device: Some(DeviceInfo {
+                device_id: DEVICE.into(),
+                protocol: "masimo-ascii1".into(),
+                ..Default::default()
+            }),
+            readings: vec![Reading {
+                mdc_code: codes::PULS_OXIM_SAT_O2,
+                value: Some(reading::Value::Numeric(97.0)),
+                mdc_unit: units::PERCENT.mdc,
+                ucum_unit: units::PERCENT.ucum.into(),
+                device_time_us: t,
+                gateway_time_us: t,
+                time_source: 1,
+                validity: 1,
+                sequence: seq,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+    .encode_to_vec()
+}
+
+async fn ingest_one(base: &str, token: &str, seq: u64) {
+    let r = http()
+        .post(format!("{base}/api/v1/ingest"))
+        .header("content-type", "application/x-protobuf")
+        .bearer_auth(token)
+        .body(batch(seq))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{:?}", r.text().await);
+}
+
+async fn get(base: &str, path: &str) -> reqwest::Response {
+    http()
+        .get(format!("{base}{path}"))
+        .bearer_auth(HARNESS_ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// The search that panicked the handler and the one that reached the
+/// database's expression limit are 400 OperationOutcomes naming the
+/// problem, and the hub keeps serving; every response with patient data
+/// (FHIR reads and searches, the clinical API, errors) carries
+/// `Cache-Control: no-store`.
+#[test]
+fn hostile_searches_are_400s_and_patient_data_is_never_cached() {
+    let (_guard, dir) = test_dir("abuse-search");
+    let cfg = hub_config(&dir, "");
+    let token = add_gateway(&cfg, GATEWAY).unwrap();
+    let hub = start_hub(&dir, &cfg).unwrap();
+    let base = hub.base_url.clone();
+    runtime().block_on(async {
+        ingest_one(&base, &token, 1).await;
+        let r = get(&base, "/fhir/Observation?date=le9999-12-31T23:59:59Z").await;
+        assert_eq!(r.status(), 400);
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["resourceType"], "OperationOutcome", "{body}");
+        assert!(body.to_string().contains("9999-12-31T23:59:59Z"), "{body}");
+        let codes = vec!["code=8867-4"; 1200].join("&");
+        let r = get(&base, &format!("/fhir/Observation?{codes}")).await;
+        assert_eq!(r.status(), 400);
+        let body: Value = r.json().await.unwrap();
+        assert!(
+            body.to_string().contains("at most 32 search parameters"),
+            "{body}"
+        );
+        assert_eq!(get(&base, "/healthz").await.status(), 200, "still serving");
+
+        let search = get(&base, &format!("/fhir/Observation?patient={PATIENT}")).await;
+        assert_eq!(search.headers()["cache-control"], "no-store");
+        let bundle: Value = search.json().await.unwrap();
+        assert_eq!(bundle["total"], 1, "{bundle}");
+        let id = bundle["entry"][0]["resource"]["id"].as_str().unwrap();
+        for path in [
+            format!("/fhir/Observation/{id}"),
+            format!("/fhir/Patient/{PATIENT}"),
+            "/fhir/Observation?date=le9999-12-31T23:59:59Z".to_owned(),
+            "/fhir/Observation/no-such-id".to_owned(),
+            "/api/v1/gateways".to_owned(),
+            "/api/v1/session".to_owned(),
+        ] {
+            let r = get(&base, &path).await;
+            assert_eq!(
+                r.headers()
+                    .get("cache-control")
+                    .map(|v| v.to_str().unwrap()),
+                Some("no-store"),
+                "{path}: {}",
+                r.status()
+            );
+        }
+    });
+}
+
+fn mode(p: &Path) -> u32 {
+    std::fs::metadata(p)
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+        .permissions()
+        .mode()
+        & 0o7777
+}
+
+/// Under `umask 000` the hub creates its database directory 0700, the
+/// database and its WAL and shared-memory files 0600, and a bulk export's
+/// directories 0700 and files 0600.
+#[test]
+fn the_database_wal_and_exports_are_private_whatever_the_umask() {
+    let (_guard, dir) = test_dir("abuse-modes");
+    let cfg = hub_config(&dir, "");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "sqlite_path = \"hub.sqlite\"",
+        "sqlite_path = \"data/hub.sqlite\"",
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let token = add_gateway(&cfg, GATEWAY).unwrap();
+    let hub = start_hub_umask(&dir, &cfg, "000").unwrap();
+    let base = hub.base_url.clone();
+    runtime().block_on(async {
+        ingest_one(&base, &token, 1).await;
+        let kick = http()
+            .get(format!("{base}/fhir/$export"))
+            .bearer_auth(HARNESS_ADMIN_TOKEN)
+            .header("prefer", "respond-async")
+            .header("accept", "application/fhir+json")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(kick.status(), 202, "{:?}", kick.text().await);
+        let status_url = kick.headers()["content-location"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let r = http()
+                .get(&status_url)
+                .bearer_auth(HARNESS_ADMIN_TOKEN)
+                .send()
+                .await
+                .unwrap();
+            if r.status() == 200 {
+                break;
+            }
+            assert_eq!(r.status(), 202);
+            assert!(Instant::now() < deadline, "export did not finish");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let data = dir.join("data");
+    assert_eq!(mode(&data), 0o700, "database directory");
+    for f in ["hub.sqlite", "hub.sqlite-wal", "hub.sqlite-shm"] {
+        assert_eq!(mode(&data.join(f)), 0o600, "{f}");
+    }
+    let exports = data.join("hub.sqlite.exports");
+    assert_eq!(mode(&exports), 0o700, "exports directory");
+    let mut files = 0;
+    for job in std::fs::read_dir(&exports).unwrap() {
+        let job = job.unwrap().path();
+        assert_eq!(mode(&job), 0o700, "{}", job.display());
+        for f in std::fs::read_dir(&job).unwrap() {
+            let f = f.unwrap().path();
+            assert_eq!(mode(&f), 0o600, "{}", f.display());
+            files += 1;
+        }
+    }
+    assert!(files > 0, "the export wrote files");
+    drop(hub);
+}
