@@ -147,10 +147,18 @@ pub struct UplinkConfig {
     /// PEM private key of `client_cert_file`, mode 0600.
     #[serde(default)]
     pub client_key_file: Option<PathBuf>,
-    /// Send a batch once this many readings are buffered...
+    /// Most readings in one batch.
     #[serde(default = "default_batch_max_readings")]
     pub batch_max_readings: usize,
-    /// ...or once the oldest unsent reading has waited this long.
+    /// Adaptive batching: live readings go as soon as no batch is in
+    /// flight, at most one batch per `batch_min_interval_ms` (from the
+    /// previous batch's start, or the forwarder's; default 100); while one
+    /// is in flight the next accumulates, so batches grow with the load.
+    /// 0: no pacing.
+    #[serde(default = "default_batch_min_interval_ms")]
+    pub batch_min_interval_ms: u64,
+    /// The longest the pacing may hold a live reading back (caps
+    /// `batch_min_interval_ms`).
     #[serde(default = "default_batch_max_wait_ms")]
     pub batch_max_wait_ms: u64,
     /// Most bytes of one encoded (uncompressed) protobuf `Batch`: a batch is
@@ -291,6 +299,9 @@ fn default_backlog_rate() -> u32 {
 fn default_batch_max_readings() -> usize {
     500
 }
+fn default_batch_min_interval_ms() -> u64 {
+    100
+}
 fn default_batch_max_wait_ms() -> u64 {
     1000
 }
@@ -417,6 +428,9 @@ impl UplinkConfig {
                 .map(|(_, v)| v.clone())
         })
         .map_err(|(var, message)| invalid(format!("environment {var}"), message))
+    }
+    pub fn batch_min_interval(&self) -> Duration {
+        Duration::from_millis(self.batch_min_interval_ms)
     }
     pub fn batch_max_wait(&self) -> Duration {
         Duration::from_millis(self.batch_max_wait_ms)
@@ -606,6 +620,12 @@ impl AgentConfig {
             return Err(invalid(
                 "uplink.batch_max_readings",
                 "must be between 1 and 10000",
+            ));
+        }
+        if self.uplink.batch_min_interval_ms > 3_600_000 {
+            return Err(invalid(
+                "uplink.batch_min_interval_ms",
+                "must be at most 3600000 (1 h)",
             ));
         }
         if self.uplink.batch_max_wait_ms == 0 {

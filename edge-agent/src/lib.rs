@@ -772,6 +772,9 @@ async fn forward_loop(
     // An accepted key loss, reported (at least once) with the next batch.
     let mut key_loss = Some(buffer.locked()).filter(|l| l.records > 0);
     let mut key_loss_seq = None;
+    // When the last batch (either lane) went out, or the forwarder started:
+    // live pacing.
+    let mut last_send_start = Instant::now();
     'outer: loop {
         if *shutdown.borrow() {
             return;
@@ -807,7 +810,15 @@ async fn forward_loop(
             (items > 0, items >= limit || bytes >= max_bytes as u64)
         };
         let (lane, records) = if live_full(&buffer).0 {
-            let deadline = Instant::now() + cfg.uplink.batch_max_wait();
+            // Adaptive batching: nothing is in flight here (one batch at a
+            // time), so live readings go at once, only paced to one batch
+            // per `batch_min_interval_ms` since the previous one started;
+            // while a batch is in flight new readings accumulate, so batches
+            // grow with the load (up to count and bytes) by themselves.
+            let now = Instant::now();
+            let deadline = (last_send_start + cfg.uplink.batch_min_interval())
+                .max(now)
+                .min(now + cfg.uplink.batch_max_wait());
             let mut full = live_full(&buffer).1;
             while !full && Instant::now() < deadline && !*draining.borrow() {
                 tokio::select! {
@@ -908,6 +919,7 @@ async fn forward_loop(
             }
         }
         let n = items_in(&batch);
+        last_send_start = Instant::now();
         // Whether an attempt of this batch may have reached the hub (a
         // failed send may have been stored before its answer was lost).
         let mut reached_before = false;

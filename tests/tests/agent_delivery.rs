@@ -436,13 +436,14 @@ fn on_sigterm_the_agent_delivers_what_it_buffered_before_exiting() {
     .unwrap();
     write_private(&d.join("gateway.token"), &token).unwrap();
     let cfg = d.join("agent.toml");
-    // A batch waits up to 60 s for 10 000 readings: without the drain, what
-    // the agent buffered would still be waiting when it exits.
+    // Batches are paced 60 s apart (the first 60 s after the start): without
+    // the drain, what the agent buffered would still be waiting when it
+    // exits.
     std::fs::write(
         &cfg,
         format!(
             "gateway_id = \"{GATEWAY}\"\ndata_dir = \"agent-data\"\n[uplink]\nurl = \"{}/api/v1/ingest\"\n\
-token_file = \"gateway.token\"\nbatch_max_readings = 10000\nbatch_max_wait_ms = 60000\nshutdown_drain_ms = 10000\n\n\
+token_file = \"gateway.token\"\nbatch_max_readings = 10000\nbatch_min_interval_ms = 60000\nbatch_max_wait_ms = 60000\nshutdown_drain_ms = 10000\n\n\
 [[device]]\nkind = \"masimo-serial\"\nid = \"{DEVICE}\"\nport = \"{}\"\n",
             hub.base_url,
             pty.host.display()

@@ -7,7 +7,7 @@
 //!
 //! Methods the agent implements:
 //! - `flush`: send what is buffered now, without waiting for a batch to fill
-//!   or age (`uplink.batch_max_wait_ms`); backlog goes at full speed too.
+//!   or pacing (`uplink.batch_min_interval_ms`); backlog goes at full speed too.
 //!   Answers 200 `{"flushRequested":true,"pendingItems":N,"pendingRecords":M}`
 //!   at once (what was waiting when the call arrived); the sending happens
 //!   afterwards, as usual.
