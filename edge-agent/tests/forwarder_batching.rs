@@ -355,3 +355,127 @@ async fn a_duplicate_batch_answer_to_a_first_send_deletes_nothing_and_is_counted
         .unwrap();
     assert_eq!(mismatches, 3.0, "one per colliding batch sequence");
 }
+
+/// Sends one HL7 ORU^R01 (one SpO2 value) over MLLP on `s` and reads its ACK.
+async fn send_oru(s: &mut tokio::net::TcpStream, i: u32) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let t = "20261206120000";
+    let msg = [
+        format!("MSH|^~\\&|TEST|ICU|VIGIL|HOSP|{t}||ORU^R01^ORU_R01|AB{i:06}|P|2.6|||NE|AL"),
+        format!("PID|1||AB-{i}^^^VIGILTEST^MR"),
+        format!("OBR|1|AB{i:06}^TEST||182777000^monitoring of patient^SCT|||{t}"),
+        format!(
+            "OBX|1|NM|150456^MDC_PULS_OXIM_SAT_O2^MDC|1.1.1.1|{}|262688^MDC_DIM_PERCENT^MDC|||||F|||{t}",
+            90 + i % 10
+        ),
+    ]
+    .join("\r");
+    let mut frame = vec![0x0b];
+    frame.extend_from_slice(msg.as_bytes());
+    frame.extend_from_slice(&[0x1c, 0x0d]);
+    s.write_all(&frame).await.unwrap();
+    let mut ack = Vec::new();
+    let mut buf = [0u8; 512];
+    while !ack.ends_with(&[0x1c, 0x0d]) {
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(n > 0, "the agent closed without an ACK");
+        ack.extend_from_slice(&buf[..n]);
+    }
+    assert!(String::from_utf8_lossy(&ack).contains("|AA|"), "accepted");
+}
+
+/// Adaptive batching with the default pacing: at a low load each reading
+/// leaves in a batch of its own as soon as it is there (no batch in flight,
+/// nothing waits for a batch to fill); under load, while a batch is in
+/// flight (the hub takes 100 ms per batch) the next accumulates, so a burst
+/// of 300 readings takes a few dozen batches, not 300. (`batch_max_wait_ms`
+/// is 10 minutes here: a forwarder that waited for batches to fill would
+/// deliver nothing within the test.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_go_at_once_when_idle_and_grow_under_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let log: Log = Arc::default();
+    let l = log.clone();
+    let app = axum::Router::new().route(
+        "/api/v1/ingest",
+        post(move |h: HeaderMap, b: Bytes| {
+            let l = l.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                ingest(l, h, b).await
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/api/v1/ingest", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let mllp = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let path = dir.path().join("agent.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "gateway_id = \"gw-adaptive\"\ndata_dir = \"data\"\n[uplink]\nurl = \"{url}\"\n\
+             batch_max_wait_ms = 600000\nmax_backoff_ms = 300\n\n[[device]]\nkind = \"hl7-mllp\"\nid = \"hl7-1\"\nlisten = \"{mllp}\"\n"
+        ),
+    )
+    .unwrap();
+    let cfg = AgentConfig::load(&path).unwrap();
+    let up = Uplink::new(&url, "vgt_test", None, Duration::from_secs(5)).unwrap();
+    let (stop, rx) = watch::channel(false);
+    let task = tokio::spawn(edge_agent::run_with_uplink(cfg, AnyUplink::Https(up), rx));
+    let mut conn = None;
+    for _ in 0..100 {
+        if let Ok(c) = tokio::net::TcpStream::connect(mllp).await {
+            conn = Some(c);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut conn = conn.expect("the agent's MLLP listener");
+    // Readings per request, in order.
+    let per_request = |log: &Log| -> Vec<usize> {
+        log.lock()
+            .unwrap()
+            .iter()
+            .map(|r| r.batch.devices.iter().map(|d| d.readings.len()).sum())
+            .filter(|&n| n > 0)
+            .collect()
+    };
+    let wait_total = async |n: usize| {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while per_request(&log).iter().sum::<usize>() < n {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{n} readings delivered"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+
+    // Low load: one reading every 400 ms (longer than the pacing and a
+    // round trip): each goes alone.
+    for i in 0..4 {
+        send_oru(&mut conn, i).await;
+        wait_total(i as usize + 1).await;
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    assert_eq!(per_request(&log), vec![1, 1, 1, 1]);
+
+    // A burst of 300: the readings pile up behind the batch in flight.
+    for i in 4..304 {
+        send_oru(&mut conn, i).await;
+    }
+    wait_total(304).await;
+    let burst = &per_request(&log)[4..];
+    assert_eq!(burst.iter().sum::<usize>(), 300);
+    assert!(
+        burst.len() * 5 <= 300,
+        "300 readings in {} batches: {burst:?}",
+        burst.len()
+    );
+    stop.send(true).unwrap();
+    task.await.unwrap().unwrap();
+}
