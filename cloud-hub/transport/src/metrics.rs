@@ -329,6 +329,7 @@ impl DropReason {
 #[derive(Debug, Default)]
 pub struct MqttMetrics {
     pub(crate) stored: AtomicU64,
+    pub(crate) acks_published: AtomicU64,
     pub(crate) dropped: [AtomicU64; 6],
     pub(crate) connected: AtomicU64,
     pub(crate) connects: AtomicU64,
@@ -367,6 +368,12 @@ impl MqttMetrics {
             "1 while connected to the MQTT broker and subscribed, else 0.",
             "gauge",
             &self.connected,
+        );
+        counter(
+            "vigil_hub_mqtt_acks_published_total",
+            "Batch acknowledgements published to gateways (devices/{id}/messages/devicebound/vigil-ack).",
+            "counter",
+            &self.acks_published,
         );
         counter(
             "vigil_hub_mqtt_connects_total",

@@ -102,7 +102,27 @@ pub struct MqttConfig {
     /// `[mqtt.tls]`: TLS to the broker; required unless the broker is on
     /// loopback.
     pub tls: Option<MqttTlsConfig>,
+    /// After a batch is stored, publish its `BatchAck` (protobuf, QoS 1) to
+    /// `devices/{gateway}/messages/devicebound/vigil-ack`, where agents
+    /// with `uplink.iothub.delivery = "hub"` wait for it before deleting
+    /// the batch (so a broker restart that loses a message loses nothing).
+    /// Default true; the broker's ACL must let the hub write there.
+    #[serde(default = "default_publish_acks")]
+    pub publish_acks: bool,
 }
+
+fn default_publish_acks() -> bool {
+    true
+}
+
+/// The topic a gateway's batch acknowledgements are published to (IoT
+/// Hub's cloud-to-device layout, `devices/{id}/messages/devicebound/…`).
+pub fn ack_topic(gateway_id: &str) -> String {
+    format!("devices/{gateway_id}/messages/devicebound/{ACK_TOPIC_SUFFIX}")
+}
+
+/// Last level of [`ack_topic`].
+pub const ACK_TOPIC_SUFFIX: &str = "vigil-ack";
 
 fn default_mqtt_port() -> u16 {
     DEFAULT_MQTT_PORT
@@ -350,6 +370,7 @@ pub struct MqttIngest {
     options: MqttOptions,
     filter: String,
     host: String,
+    publish_acks: bool,
 }
 
 impl std::fmt::Debug for MqttIngest {
@@ -420,6 +441,7 @@ impl MqttIngest {
             options,
             filter: format!("$share/{}/{}", m.group, m.topic_filter),
             host: m.host.clone(),
+            publish_acks: m.publish_acks,
         })
     }
 }
@@ -445,6 +467,7 @@ pub async fn run(ingest: MqttIngest, st: Pipeline, shutdown: CancellationToken) 
         client.clone(),
         rx,
         connection.clone(),
+        ingest.publish_acks,
         shutdown.clone(),
     ));
     let mut failures: u32 = 0;
@@ -550,6 +573,7 @@ async fn worker(
     client: AsyncClient,
     mut rx: mpsc::UnboundedReceiver<Delivery>,
     connection: Arc<AtomicU64>,
+    publish_acks: bool,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -561,8 +585,36 @@ async fn worker(
                 None => return,
             },
         };
-        if !handle(&st, &d.publish, &shutdown).await {
-            return;
+        let stored = match handle(&st, &d.publish, &shutdown).await {
+            Handled::Stored(gateway, ack) => Some((gateway, ack)),
+            Handled::Dropped => None,
+            Handled::Shutdown => return,
+        };
+        // The application-level acknowledgement, before the PUBACK: an
+        // agent waiting for it deletes the batch only now, whatever the
+        // broker did with its message.
+        if let Some((gateway, ack)) = stored
+            && publish_acks
+        {
+            match client
+                .publish(
+                    ack_topic(&gateway),
+                    QoS::AtLeastOnce,
+                    false,
+                    ack.encode_to_vec(),
+                )
+                .await
+            {
+                Ok(()) => {
+                    st.metrics()
+                        .mqtt
+                        .acks_published
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    tracing::warn!(gateway_id = %gateway, error = %e, "batch acknowledgement not queued")
+                }
+            }
         }
         // A message received on an earlier connection is stored (harmless:
         // de-duplicated) but not acknowledged: the broker re-delivers it on
@@ -581,10 +633,19 @@ async fn worker(
     }
 }
 
+/// What became of one message.
+enum Handled {
+    /// Stored (or a duplicate of a stored batch): the gateway and the ack.
+    Stored(String, shared_protocol::v1::BatchAck),
+    /// Unusable: dropped (counted, logged); acknowledged to the broker.
+    Dropped,
+    /// Shutdown before it could be stored: not acknowledged.
+    Shutdown,
+}
+
 /// Handles one message: stores its batch (retrying store failures with
-/// backoff) or drops it. Returns false when shutdown was requested before
-/// the batch could be stored (the message is then not acknowledged).
-async fn handle(st: &Pipeline, p: &Publish, shutdown: &CancellationToken) -> bool {
+/// backoff) or drops it.
+async fn handle(st: &Pipeline, p: &Publish, shutdown: &CancellationToken) -> Handled {
     let metrics = st.metrics();
     let topic = String::from_utf8_lossy(&p.topic);
     let dropped = |reason: DropReason, gateway_id: Option<&str>| {
@@ -595,7 +656,7 @@ async fn handle(st: &Pipeline, p: &Publish, shutdown: &CancellationToken) -> boo
             bytes = p.payload.len(),
             "MQTT message dropped"
         );
-        true
+        Handled::Dropped
     };
     let info = match parse_topic(&topic) {
         Ok(i) => i,
@@ -621,16 +682,13 @@ async fn handle(st: &Pipeline, p: &Publish, shutdown: &CancellationToken) -> boo
         };
         let res = match active {
             Ok(false) => return dropped(DropReason::UnknownGateway, Some(&info.gateway_id)),
-            Ok(true) => st
-                .store_batch(&info.gateway_id, batch.clone())
-                .await
-                .map(|_| ()),
+            Ok(true) => st.store_batch(&info.gateway_id, batch.clone()).await,
             Err(e) => Err(e),
         };
         match res {
-            Ok(()) => {
+            Ok(ack) => {
                 metrics.mqtt.stored.fetch_add(1, Ordering::Relaxed);
-                return true;
+                return Handled::Stored(info.gateway_id.clone(), ack);
             }
             Err(e) => {
                 metrics.mqtt.store_errors.fetch_add(1, Ordering::Relaxed);
@@ -645,7 +703,7 @@ async fn handle(st: &Pipeline, p: &Publish, shutdown: &CancellationToken) -> boo
                 );
                 tokio::select! {
                     () = tokio::time::sleep(delay) => {}
-                    () = shutdown.cancelled() => return false,
+                    () = shutdown.cancelled() => return Handled::Shutdown,
                 }
             }
         }
