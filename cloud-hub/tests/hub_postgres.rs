@@ -73,7 +73,7 @@ async fn the_hub_serves_from_postgres_selected_by_config() {
         .unwrap();
     assert_eq!(unaudited, 0.0, "{metrics}");
     let config = hub.config.clone();
-    let v = tokio::task::spawn_blocking(move || cloud_hub::audit_verify(&config, None))
+    let v = tokio::task::spawn_blocking(move || cloud_hub::audit_verify(&config, None, &[]))
         .await
         .unwrap()
         .unwrap();
@@ -253,7 +253,7 @@ async fn a_pg_dump_restored_into_a_new_database_serves_the_same_data_and_audit_c
     let (status, before) = hub.get_json(&search).await;
     assert_eq!(status, 200, "{before}");
     let config = hub.config.clone();
-    let v_before = tokio::task::spawn_blocking(move || cloud_hub::audit_verify(&config, None))
+    let v_before = tokio::task::spawn_blocking(move || cloud_hub::audit_verify(&config, None, &[]))
         .await
         .unwrap()
         .unwrap();
@@ -284,7 +284,7 @@ async fn a_pg_dump_restored_into_a_new_database_serves_the_same_data_and_audit_c
     let config = restored.config.clone();
     let anchor = v_before.head.clone().unwrap();
     let v_after = tokio::task::spawn_blocking(move || {
-        cloud_hub::audit_verify(&config, Some((anchor.0, anchor.1.as_str())))
+        cloud_hub::audit_verify(&config, Some((anchor.0, anchor.1.as_str())), &[])
     })
     .await
     .unwrap()
@@ -310,7 +310,7 @@ async fn a_pg_dump_restored_into_a_new_database_serves_the_same_data_and_audit_c
     assert_eq!(values(&after).len(), 20);
     // The restored hub appends to the restored chain.
     let config = restored.config.clone();
-    let v_more = tokio::task::spawn_blocking(move || cloud_hub::audit_verify(&config, None))
+    let v_more = tokio::task::spawn_blocking(move || cloud_hub::audit_verify(&config, None, &[]))
         .await
         .unwrap()
         .unwrap();

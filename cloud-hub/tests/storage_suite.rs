@@ -1624,11 +1624,12 @@ fn audit_log_appends_and_chains(s: &Store) -> Result<(), StoreError> {
         action: "read".into(),
         resource: "/fhir/Observation".into(),
         patient: patient.map(Into::into),
+        patients: Vec::new(),
         outcome: 503,
         detail: format!("patient=p&_count={i}"),
     };
-    assert_eq!(s.append_audit(&e(0, Some("p-1")))?, 1);
-    assert_eq!(s.append_audit(&e(1, None))?, 2);
+    assert_eq!(s.append_audit(&e(0, Some("p-1")), None)?, 1);
+    assert_eq!(s.append_audit(&e(1, None), None)?, 2);
     let all = s.audit_entries(i64::MIN)?;
     assert_eq!(all.len(), 2);
     assert_eq!(all[0].prev_hash, GENESIS);
@@ -1641,12 +1642,12 @@ fn audit_log_appends_and_chains(s: &Store) -> Result<(), StoreError> {
         for t in 0..2 {
             sc.spawn(move || {
                 for i in 0..10 {
-                    s.append_audit(&e(100 * (t + 1) + i, None)).unwrap();
+                    s.append_audit(&e(100 * (t + 1) + i, None), None).unwrap();
                 }
             });
         }
     });
-    let v = audit::verify(s, None)?;
+    let v = audit::verify(s, &Default::default(), None, &[])?;
     assert_eq!((v.entries, v.broken), (22, None));
     let since = s.audit_entries(21)?;
     assert_eq!(
@@ -2051,7 +2052,7 @@ fn postgres_partitions_by_month_and_migrates_once() {
     let s = Store::open_postgres(&cfg).unwrap();
     assert_eq!(
         s.postgres().unwrap().migrations().unwrap(),
-        vec![1, 2, 3, 4, 5, 6, 7]
+        vec![1, 2, 3, 4, 5, 6, 7, 9]
     );
     let r = ingest(
         &s,
@@ -2103,7 +2104,7 @@ fn postgres_migration_3_keeps_existing_rows_as_incarnation_0() {
     let s = Store::open_postgres(&cfg).unwrap();
     assert_eq!(
         s.postgres().unwrap().migrations().unwrap(),
-        vec![1, 2, 3, 4, 5, 6, 7]
+        vec![1, 2, 3, 4, 5, 6, 7, 9]
     );
     assert!(ingest(&s, &first, &none).ack.duplicate_batch);
     let r = ingest(
@@ -2201,6 +2202,7 @@ fn audit_entry(i: i64) -> cloud_hub::audit::Entry {
         action: "read".into(),
         resource: "/fhir/Observation".into(),
         patient: (i % 2 == 0).then(|| format!("p-{i}")),
+        patients: Vec::new(),
         outcome: 200,
         detail: format!("_count={i}"),
     }
@@ -2225,7 +2227,7 @@ fn postgres_audit_appends_from_several_hubs_stay_one_chain() {
             .map(|(w, s)| {
                 sc.spawn(move || {
                     (0..PER_THREAD)
-                        .map(|i| s.append_audit(&audit_entry(w * 1000 + i)).unwrap())
+                        .map(|i| s.append_audit(&audit_entry(w * 1000 + i), None).unwrap())
                         .collect::<Vec<_>>()
                 })
             })
@@ -2239,7 +2241,7 @@ fn postgres_audit_appends_from_several_hubs_stay_one_chain() {
     seqs.sort_unstable();
     assert_eq!(seqs, (1..=n).collect::<Vec<_>>(), "one seq per append");
     for s in &hubs {
-        let v = cloud_hub::audit::verify(s, None).unwrap();
+        let v = cloud_hub::audit::verify(s, &Default::default(), None, &[]).unwrap();
         assert_eq!((v.entries, v.broken), (n as u64, None));
         assert_eq!(v.head.unwrap().0, n);
     }
@@ -2262,7 +2264,7 @@ fn postgres_audit_log_refuses_update_delete_and_truncate() {
     let server = pg_server::PgServer::start();
     let s = Store::open_postgres(&PgConfig::new(server.url())).unwrap();
     for i in 0..3 {
-        s.append_audit(&audit_entry(i)).unwrap();
+        s.append_audit(&audit_entry(i), None).unwrap();
     }
     let mut client = ::postgres::Client::connect(&server.url(), ::postgres::NoTls).unwrap();
     for sql in [
@@ -2284,8 +2286,8 @@ fn postgres_audit_log_refuses_update_delete_and_truncate() {
     client
         .batch_execute("SELECT 1")
         .expect("the connection is usable after the refusals");
-    assert_eq!(s.append_audit(&audit_entry(3)).unwrap(), 4);
-    let v = cloud_hub::audit::verify(&s, None).unwrap();
+    assert_eq!(s.append_audit(&audit_entry(3), None).unwrap(), 4);
+    let v = cloud_hub::audit::verify(&s, &Default::default(), None, &[]).unwrap();
     assert_eq!((v.entries, v.broken), (4, None));
     let all = s.audit_entries(i64::MIN).unwrap();
     assert_eq!(all[1].entry, audit_entry(1));

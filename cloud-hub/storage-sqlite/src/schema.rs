@@ -486,6 +486,28 @@ CREATE TABLE IF NOT EXISTS stream_replicas (
 );
 "#;
 
+/// v18: the keyed audit chain. Each entry's key id (`NULL`: an unkeyed
+/// link, as every entry before this version) and patient list (one id per
+/// line, for an entry naming several patients); the signed checkpoints of
+/// the chain head, append-only like the log. Existing entries keep their
+/// unkeyed links and still verify; the first keyed entry's MAC covers them.
+pub const SCHEMA_V18: &str = r#"
+ALTER TABLE audit_log ADD COLUMN key_id TEXT;
+ALTER TABLE audit_log ADD COLUMN patients TEXT NOT NULL DEFAULT '';
+CREATE TABLE IF NOT EXISTS audit_checkpoints (
+    seq      INTEGER PRIMARY KEY,
+    mac      TEXT NOT NULL,
+    entries  INTEGER NOT NULL,
+    time_us  INTEGER NOT NULL,
+    key_id   TEXT NOT NULL,
+    sig      TEXT NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS audit_checkpoints_no_update BEFORE UPDATE ON audit_checkpoints
+BEGIN SELECT RAISE(ABORT, 'audit_checkpoints is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS audit_checkpoints_no_delete BEFORE DELETE ON audit_checkpoints
+BEGIN SELECT RAISE(ABORT, 'audit_checkpoints is append-only'); END;
+"#;
+
 /// Ordered migrations; each runs once, in one transaction with its version row.
 pub const MIGRATIONS: &[(i64, &str)] = &[
     (1, SCHEMA_V1),
@@ -504,4 +526,5 @@ pub const MIGRATIONS: &[(i64, &str)] = &[
     (14, SCHEMA_V14),
     (15, SCHEMA_V15),
     (16, SCHEMA_V16),
+    (18, SCHEMA_V18),
 ];
