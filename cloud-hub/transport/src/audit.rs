@@ -39,6 +39,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use hub_domain::audit::{
     AuditKey, Checkpoint, CheckpointPolicy, Entry, GENESIS, MULTIPLE, Stored, Verification,
+    chain_hash, chain_mac,
 };
 
 use crate::ConfigError;
