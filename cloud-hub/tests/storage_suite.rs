@@ -2236,9 +2236,8 @@ fn postgres_audit_appends_from_several_hubs_stay_one_chain() {
                 sc.spawn(move || {
                     (0..PER_THREAD)
                         .map(|i| {
-                            let seq =
-                                cloud_hub::audit::append(s, keys, &audit_entry(w * 1000 + i))
-                                    .unwrap();
+                            let seq = cloud_hub::audit::append(s, keys, &audit_entry(w * 1000 + i))
+                                .unwrap();
                             if i % 3 == 0 {
                                 s.audit_checkpoint(keys.current().unwrap(), policy, T0 + i)
                                     .unwrap();
@@ -2265,7 +2264,10 @@ fn postgres_audit_appends_from_several_hubs_stay_one_chain() {
     );
     for s in &hubs {
         let v = cloud_hub::audit::verify(s, keys, None, &[]).unwrap();
-        assert_eq!((v.entries, v.broken, v.keyed_from), (n as u64, None, Some(1)));
+        assert_eq!(
+            (v.entries, v.broken, v.keyed_from),
+            (n as u64, None, Some(1))
+        );
         assert_eq!(v.checkpoints, checkpoints.len() as u64);
         assert_eq!(v.head.unwrap().0, n);
     }
@@ -2320,9 +2322,7 @@ fn postgres_audit_log_refuses_update_delete_and_truncate() {
 // ---- The keyed audit chain against an attacker with the database ----
 
 fn audit_keys(b: u8) -> cloud_hub::audit::AuditKeys {
-    cloud_hub::audit::AuditKeys::from_keys(vec![
-        cloud_hub::audit::AuditKey::new(&[b; 32]).unwrap(),
-    ])
+    cloud_hub::audit::AuditKeys::from_keys(vec![cloud_hub::audit::AuditKey::new(&[b; 32]).unwrap()])
 }
 
 /// What someone with the database (but not the audit key) does to the log
@@ -2346,7 +2346,10 @@ fn keyed_audit_chain_catches_database_edits(s: &Store, sql: &dyn Fn(&str)) {
     let err = audit::append(s, &none, &audit_entry(9)).unwrap_err();
     assert!(matches!(err, StoreError::Audit(_)), "{err}");
     let v = check(&keys, &[]);
-    assert_eq!((v.entries, v.broken.clone(), v.keyed_from), (6, None, Some(3)));
+    assert_eq!(
+        (v.entries, v.broken.clone(), v.keyed_from),
+        (6, None, Some(3))
+    );
     // Without the key the keyed entries cannot be checked: not "intact".
     assert_eq!(check(&none, &[]).broken.map(|b| b.0), Some(3));
     // A checkpoint of the head, taken once.
@@ -2443,13 +2446,7 @@ fn keyed_audit_chain_catches_database_edits(s: &Store, sql: &dyn Fn(&str)) {
     // A checkpoint forged without the key is refused.
     let mut bad = cp.clone();
     bad.seq = 1;
-    assert!(
-        check(&keys, &[bad])
-            .broken
-            .unwrap()
-            .1
-            .contains("signature")
-    );
+    assert!(check(&keys, &[bad]).broken.unwrap().1.contains("signature"));
 }
 
 #[test]
