@@ -47,6 +47,10 @@ use crate::store::{Store, now_us};
 
 /// Environment variable overriding `audit.key_file`.
 pub const ENV_AUDIT_KEY_FILE: &str = "VIGIL_HUB_AUDIT_KEY_FILE";
+/// Environment variable holding the audit key itself, used when no
+/// `audit.key_file` is set (e.g. a Key Vault secret synced into a
+/// Kubernetes Secret, as the PostgreSQL password).
+pub const ENV_AUDIT_KEY: &str = "VIGIL_HUB_AUDIT_KEY";
 /// The log target of checkpoint lines.
 pub const CHECKPOINT_TARGET: &str = "vigil_audit_checkpoint";
 
@@ -62,7 +66,8 @@ fn default_interval_s() -> u64 {
 #[serde(deny_unknown_fields)]
 pub struct AuditConfig {
     /// The audit key (at least 32 bytes, mode 0600; `cloud-hub audit
-    /// keygen`). Without it the chain is unkeyed (legacy).
+    /// keygen`). Without it, the key in `VIGIL_HUB_AUDIT_KEY`; without
+    /// either the chain is unkeyed (legacy).
     #[serde(default)]
     pub key_file: Option<PathBuf>,
     /// Earlier keys, after a rotation: entries linked with them still
@@ -96,18 +101,6 @@ impl Default for AuditConfig {
 impl AuditConfig {
     /// Checks the fields (not the files: [`AuditConfig::keys`] reads them).
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.key_file.is_none() && !self.retired_key_files.is_empty() {
-            return Err(ConfigError::invalid(
-                "audit.retired_key_files",
-                "needs audit.key_file (the current key)",
-            ));
-        }
-        if self.key_file.is_none() && self.checkpoint_file.is_some() {
-            return Err(ConfigError::invalid(
-                "audit.checkpoint_file",
-                "needs audit.key_file (checkpoints are signed with the audit key)",
-            ));
-        }
         if self.checkpoint_every_entries < 1 {
             return Err(ConfigError::invalid(
                 "audit.checkpoint_every_entries",
@@ -137,12 +130,30 @@ impl AuditConfig {
         }
     }
 
-    /// Reads the keys (current first, then the retired ones).
+    /// Reads the keys (current first, then the retired ones): the current
+    /// one from `key_file`, else from `VIGIL_HUB_AUDIT_KEY`.
     pub fn keys(&self) -> Result<AuditKeys, AuditKeyError> {
-        let Some(current) = &self.key_file else {
-            return Ok(AuditKeys::default());
+        let current = match &self.key_file {
+            Some(path) => Some(load_key(path, "audit.key_file")?),
+            None => std::env::var(ENV_AUDIT_KEY)
+                .ok()
+                .filter(|k| !k.trim().is_empty())
+                .map(|k| {
+                    AuditKey::new(k.trim().as_bytes()).map_err(|source| AuditKeyError::Key {
+                        setting: "audit key",
+                        path: PathBuf::from(format!("${ENV_AUDIT_KEY}")),
+                        source,
+                    })
+                })
+                .transpose()?,
         };
-        let mut keys = vec![load_key(current, "audit.key_file")?];
+        let Some(current) = current else {
+            if self.retired_key_files.is_empty() {
+                return Ok(AuditKeys::default());
+            }
+            return Err(AuditKeyError::NoCurrentKey);
+        };
+        let mut keys = vec![current];
         for p in &self.retired_key_files {
             keys.push(load_key(p, "audit.retired_key_files")?);
         }
@@ -185,6 +196,8 @@ pub enum AuditKeyError {
         #[source]
         source: hub_domain::audit::KeyError,
     },
+    #[error("audit.retired_key_files needs a current key (audit.key_file or {ENV_AUDIT_KEY})")]
+    NoCurrentKey,
     #[error("audit key file {path}: {source}")]
     Write {
         path: PathBuf,
@@ -679,5 +692,55 @@ mod tests {
         assert!(a.starts_with("bearer:") && a.len() == 7 + 16 && !a.contains("s3cret"));
         assert!(audited("/fhir/Observation") && audited("/api/v1/beds"));
         assert!(!audited("/api/v1/ingest") && !audited("/metrics") && !audited("/healthz"));
+    }
+
+    /// Checkpoints are read from the hub's checkpoint file and from its JSON
+    /// log lines alike; other log lines are skipped, a damaged checkpoint
+    /// is an error naming its line.
+    #[test]
+    fn checkpoints_are_read_from_the_file_and_from_json_log_lines() {
+        let key = AuditKey::new(&[3; 32]).unwrap();
+        let head = hub_domain::audit::Head {
+            seq: 4,
+            hash: "ab".repeat(32),
+            key_id: Some(key.id().to_owned()),
+        };
+        let cp = Checkpoint::sign(&key, &head, 1_000);
+        let log = json!({
+            "timestamp": "2026-12-06T18:00:00Z",
+            "level": "INFO",
+            "target": CHECKPOINT_TARGET,
+            "fields": { "message": "audit log checkpoint", "seq": 4, "checkpoint": cp.to_line() },
+        });
+        let other = json!({ "level": "INFO", "fields": { "message": "hub serving" } });
+        let text = format!("{}\n\n{log}\n{other}\n", cp.to_line());
+        assert_eq!(
+            parse_checkpoints(&text).unwrap(),
+            vec![cp.clone(), cp.clone()]
+        );
+        let mut bad = cp.to_line();
+        bad.truncate(bad.len() - 2);
+        let err = parse_checkpoints(&format!("{}\n{bad}\n", cp.to_line())).unwrap_err();
+        assert!(err.starts_with("line 2:"), "{err}");
+        let mut set = Entry {
+            time_us: 0,
+            actor: "a".into(),
+            action: "read".into(),
+            resource: "/fhir/Observation".into(),
+            patient: None,
+            patients: Vec::new(),
+            outcome: 200,
+            detail: String::new(),
+        };
+        set.set_patients(["p-2".to_owned(), "p-1".to_owned()].into());
+        let ev = audit_event(&Stored {
+            seq: 1,
+            entry: set,
+            prev_hash: GENESIS.into(),
+            hash: GENESIS.into(),
+            key_id: None,
+        });
+        assert_eq!(ev["entity"][1]["what"]["reference"], "Patient/p-1");
+        assert_eq!(ev["entity"][2]["what"]["reference"], "Patient/p-2");
     }
 }
