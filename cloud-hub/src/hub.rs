@@ -322,10 +322,16 @@ impl Hub {
         if let Some(task) = adt {
             task.await?;
         }
-        // The last checkpoint, of the entries of the requests that just
-        // finished.
+        // The last checkpoint, once the server has answered its last
+        // request.
         if let Some(task) = checkpoints {
             task.await?;
+            hub_transport::audit::final_checkpoint(
+                &self.store.handle(),
+                &self.audit_keys,
+                &self.config.audit,
+            )
+            .await;
         }
         tracing::info!("hub stopped");
         Ok(())

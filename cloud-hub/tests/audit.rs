@@ -324,6 +324,23 @@ async fn a_keyed_log_names_the_patients_read_and_verify_catches_edits_and_emptyi
             .unwrap()
     };
     let cp_arg = checkpoints.to_str().unwrap();
+    // `audit checkpoint`: nothing new since the hub's last one; after a CLI
+    // command (a keyed entry), one more, to the file as well.
+    let out = run(&["audit", "checkpoint"]);
+    assert!(out.status.success() && out.stdout.is_empty());
+    assert!(run(&["gateway", "add", "gw-2"]).status.success());
+    let out = run(&["audit", "checkpoint"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cp =
+        cloud_hub::audit::Checkpoint::from_line(&String::from_utf8_lossy(&out.stdout)).unwrap();
+    assert_eq!(cp.seq, rows.len() as i64 + 1);
+    let shipped =
+        cloud_hub::audit::parse_checkpoints(&std::fs::read_to_string(&checkpoints).unwrap());
+    assert_eq!(shipped.unwrap().last(), Some(&cp));
     let out = run(&["audit", "verify", "--checkpoints", cp_arg]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");

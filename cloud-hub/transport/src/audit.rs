@@ -396,9 +396,29 @@ pub enum CheckpointError {
     },
 }
 
-/// Takes checkpoints until `shutdown` (checking every few seconds whether
-/// one is due), and a last one of any new entries on shutdown. Failures
-/// are logged and retried at the next check.
+/// Takes a checkpoint when `policy` says one is due, on a blocking thread;
+/// failures are logged (and retried at the next check).
+async fn checkpoint_now(
+    store: &Store,
+    keys: &AuditKeys,
+    file: Option<&Path>,
+    policy: CheckpointPolicy,
+) {
+    let (store, keys, file) = (store.clone(), keys.clone(), file.map(Path::to_owned));
+    let r = tokio::task::spawn_blocking(move || match keys.current() {
+        Some(key) => take_checkpoint(&store, key, policy, file.as_deref()),
+        None => Ok(None),
+    })
+    .await;
+    match r {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "audit checkpoint failed"),
+        Err(e) => tracing::error!(error = %e, "audit checkpoint task failed"),
+    }
+}
+
+/// Takes checkpoints until `shutdown`, checking every few seconds whether
+/// one is due. Without a key, nothing.
 pub async fn run_checkpoints(
     store: Store,
     keys: AuditKeys,
@@ -409,31 +429,29 @@ pub async fn run_checkpoints(
         return;
     }
     let tick = std::time::Duration::from_secs(config.checkpoint_interval_s.clamp(1, 5));
-    let take = |policy: CheckpointPolicy| {
-        let (store, keys, file) = (store.clone(), keys.clone(), config.checkpoint_file.clone());
-        async move {
-            let r = tokio::task::spawn_blocking(move || {
-                let key = keys.current().expect("checked above");
-                take_checkpoint(&store, key, policy, file.as_deref())
-            })
-            .await;
-            match r {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => tracing::error!(error = %e, "audit checkpoint failed"),
-                Err(e) => tracing::error!(error = %e, "audit checkpoint task failed"),
-            }
-        }
-    };
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
-            () = tokio::time::sleep(tick) => take(config.policy()).await,
+            () = tokio::time::sleep(tick) => {
+                checkpoint_now(&store, &keys, config.checkpoint_file.as_deref(), config.policy())
+                    .await;
+            }
         }
     }
-    take(CheckpointPolicy {
-        every_entries: 1,
-        every_us: 0,
-    })
+}
+
+/// The checkpoint a stopping hub takes once it has answered its last
+/// request: of every entry since the last checkpoint (if any).
+pub async fn final_checkpoint(store: &Store, keys: &AuditKeys, config: &AuditConfig) {
+    checkpoint_now(
+        store,
+        keys,
+        config.checkpoint_file.as_deref(),
+        CheckpointPolicy {
+            every_entries: 1,
+            every_us: 0,
+        },
+    )
     .await;
 }
 
