@@ -178,8 +178,8 @@ impl Hub {
                 tracing::info!(key_id = key.id(), "audit log keyed");
             }
             None => tracing::warn!(
-                "audit log NOT keyed ([audit] key_file unset): anyone with the database can \
-                 rewrite it undetected; see docs/operations.md \"Audit log\""
+                "audit log NOT keyed ([audit] key_file and VIGIL_HUB_AUDIT_KEY unset): anyone \
+                 with the database can rewrite it undetected; see docs/operations.md \"Audit log\""
             ),
         }
         let checkpoints = self.audit_keys.current().is_some().then(|| {
