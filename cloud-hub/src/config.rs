@@ -69,6 +69,10 @@ pub struct Config {
     /// identifier system URIs (see docs/hub.md).
     #[serde(default)]
     pub identifiers: hub_transport::identifiers::IdentifiersConfig,
+    /// `[audit]`: the audit key and checkpoints (see `audit`,
+    /// docs/operations.md "Audit log").
+    #[serde(default)]
+    pub audit: hub_transport::audit::AuditConfig,
 }
 
 /// Environment variable overriding `mqtt.client_id` (one per hub instance).
@@ -76,7 +80,7 @@ pub const ENV_MQTT_CLIENT_ID: &str = "VIGIL_HUB_MQTT_CLIENT_ID";
 
 impl Config {
     /// Reads `path`, applies the environment overrides (`VIGIL_HUB_BIND`,
-    /// `VIGIL_HUB_SQLITE_PATH`), resolves relative paths against the config
+    /// `VIGIL_HUB_SQLITE_PATH`, `VIGIL_HUB_AUDIT_KEY_FILE`, …), resolves relative paths against the config
     /// file's directory and validates.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -102,6 +106,11 @@ impl Config {
         ) && !id.is_empty()
         {
             k.replica_id = id;
+        }
+        if let Ok(p) = std::env::var(hub_transport::audit::ENV_AUDIT_KEY_FILE)
+            && !p.is_empty()
+        {
+            config.audit.key_file = Some(PathBuf::from(p));
         }
         if let (Some(pg), Ok(url)) = (
             &mut config.storage.postgres,
@@ -152,6 +161,7 @@ impl Config {
         if let Some(adt) = &mut self.adt {
             adt.resolve_paths(base_dir);
         }
+        self.audit.resolve_paths(base_dir);
         if let Some(o) = &mut self.auth.oidc {
             for p in [&mut o.jwks_file, &mut o.ca_file].into_iter().flatten() {
                 fix(p);
@@ -216,6 +226,7 @@ impl Config {
         self.alerts.validate()?;
         self.auth.validate()?;
         self.identifiers.validate()?;
+        self.audit.validate()?;
         if self.server.max_body_bytes == 0 {
             return Err(ConfigError::invalid(
                 "server.max_body_bytes",

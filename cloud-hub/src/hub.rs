@@ -27,6 +27,7 @@ pub struct Hub {
     metrics: SharedMetrics,
     mqtt: Option<MqttIngest>,
     kafka: Option<KafkaIngest>,
+    audit_keys: hub_transport::audit::AuditKeys,
 }
 
 impl Hub {
@@ -40,6 +41,9 @@ impl Hub {
             .as_ref()
             .map(server::load_tls)
             .transpose()?;
+        // The audit key (checked: mode 0600, length) before anything is
+        // audited.
+        let audit_keys = config.audit.keys()?;
         let store = Store::open_config(&config.storage)?;
         // Patient identifier systems stored before `[identifiers]` (HL7
         // assigning authorities such as `HOSP`) become their URIs; once
@@ -47,6 +51,7 @@ impl Hub {
         hub_transport::identifiers::migrate_stored(
             &store.handle(),
             &Arc::new(config.identifiers.systems()),
+            &audit_keys,
         )
         .map_err(|e| HubError::Io(std::io::Error::other(e.to_string())))?;
         let mqtt = config
@@ -66,6 +71,7 @@ impl Hub {
             metrics: Arc::default(),
             mqtt,
             kafka,
+            audit_keys,
         })
     }
 
@@ -149,6 +155,41 @@ impl Hub {
             self.config.server.max_body_bytes,
         )
         .with_identifiers(identifiers.clone());
+        // The audit log: keyed (its start recorded with the key's id, so a
+        // configured key is in the chain from now on) or, without
+        // `[audit] key_file`, the unkeyed legacy chain.
+        match self.audit_keys.current() {
+            Some(key) => {
+                let (s, keys) = (store.clone(), self.audit_keys.clone());
+                let entry = hub_transport::audit::Entry {
+                    time_us: crate::store::now_us(),
+                    actor: "system".into(),
+                    action: "execute".into(),
+                    resource: "hub start".into(),
+                    patient: None,
+                    patients: Vec::new(),
+                    outcome: 0,
+                    detail: format!("audit_key={}", key.id()),
+                };
+                tokio::task::spawn_blocking(move || {
+                    hub_transport::audit::append(&s, &keys, &entry)
+                })
+                .await??;
+                tracing::info!(key_id = key.id(), "audit log keyed");
+            }
+            None => tracing::warn!(
+                "audit log NOT keyed ([audit] key_file and VIGIL_HUB_AUDIT_KEY unset): anyone \
+                 with the database can rewrite it undetected; see docs/operations.md \"Audit log\""
+            ),
+        }
+        let checkpoints = self.audit_keys.current().is_some().then(|| {
+            tokio::spawn(hub_transport::audit::run_checkpoints(
+                store.clone(),
+                self.audit_keys.clone(),
+                self.config.audit.clone(),
+                shutdown.child_token(),
+            ))
+        });
         // Retention (optional) stops with the hub.
         let retention = self.config.storage.retention_days.map(|days| {
             tokio::spawn(crate::retention::run(
@@ -241,6 +282,7 @@ impl Hub {
             audit: hub_transport::audit::AuditState {
                 store: store.clone(),
                 metrics,
+                keys: self.audit_keys.clone(),
             },
             association: hub_transport::association_api::ApiState::new(store.clone(), associations)
                 .with_identifiers(identifiers),
@@ -279,6 +321,17 @@ impl Hub {
         }
         if let Some(task) = adt {
             task.await?;
+        }
+        // The last checkpoint, once the server has answered its last
+        // request.
+        if let Some(task) = checkpoints {
+            task.await?;
+            hub_transport::audit::final_checkpoint(
+                &self.store.handle(),
+                &self.audit_keys,
+                &self.config.audit,
+            )
+            .await;
         }
         tracing::info!("hub stopped");
         Ok(())

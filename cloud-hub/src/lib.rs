@@ -66,6 +66,10 @@ pub enum HubError {
     Kafka(#[from] kafka_ingest::KafkaSetupError),
     #[error(transparent)]
     Account(#[from] access::accounts::AccountError),
+    #[error(transparent)]
+    AuditKey(#[from] audit::AuditKeyError),
+    #[error("audit checkpoints: {0}")]
+    Checkpoints(String),
 }
 
 /// The transport layer's errors are the hub's, variant for variant.
@@ -101,21 +105,25 @@ fn open_store(config: &Config) -> Result<hub_transport::Store, HubError> {
     Ok(Store::open_config(&config.storage)?.handle())
 }
 
-/// Records an administrative command in the audit log (actor `cli`).
+/// Records an administrative command in the audit log (actor `cli`),
+/// linked with the configured audit key.
 fn audit_cli(
     store: &hub_transport::Store,
+    config: &Config,
     action: &str,
     command: &str,
     detail: String,
 ) -> Result<(), HubError> {
     audit::append(
         store,
+        &config.audit.keys()?,
         &audit::Entry {
             time_us: store::now_us(),
             actor: "cli".into(),
             action: action.into(),
             resource: command.into(),
             patient: None,
+            patients: Vec::new(),
             outcome: 0,
             detail,
         },
@@ -133,7 +141,13 @@ pub fn gateway_add(config: &Config, id: &str) -> Result<String, HubError> {
     let store = open_store(config)?;
     let token = auth::generate_token()?;
     store.add_gateway(id, &auth::hash_token(&token))?;
-    audit_cli(&store, "create", "gateway add", format!("gateway_id={id}"))?;
+    audit_cli(
+        &store,
+        config,
+        "create",
+        "gateway add",
+        format!("gateway_id={id}"),
+    )?;
     Ok(token)
 }
 
@@ -148,6 +162,7 @@ pub fn enrollment_create(config: &Config, ttl: std::time::Duration) -> Result<St
     store.add_enrollment(&auth::hash_token(&token), expires)?;
     audit_cli(
         &store,
+        config,
         "create",
         "enrollment create",
         format!("ttl_s={}", ttl.as_secs()),
@@ -155,13 +170,50 @@ pub fn enrollment_create(config: &Config, ttl: std::time::Duration) -> Result<St
     Ok(token)
 }
 
-/// `cloud-hub audit verify`: recomputes the audit log's hash chain (and
-/// checks `anchor`, a `(seq, hash)` recorded earlier).
+/// `cloud-hub audit verify`: recomputes the audit log's chain with the
+/// configured keys, checks it against every stored checkpoint and those in
+/// `checkpoint_files` (kept outside the database), and against `anchor`, a
+/// `(seq, link)` recorded earlier.
 pub fn audit_verify(
     config: &Config,
     anchor: Option<(i64, &str)>,
+    checkpoint_files: &[std::path::PathBuf],
 ) -> Result<audit::Verification, HubError> {
-    Ok(audit::verify(&open_store(config)?, anchor)?)
+    let keys = config.audit.keys()?;
+    let mut checkpoints = Vec::new();
+    for f in checkpoint_files {
+        let text = std::fs::read_to_string(f)
+            .map_err(|e| HubError::Checkpoints(format!("{}: {e}", f.display())))?;
+        checkpoints.extend(
+            audit::parse_checkpoints(&text)
+                .map_err(|e| HubError::Checkpoints(format!("{}: {e}", f.display())))?,
+        );
+    }
+    Ok(audit::verify(
+        &open_store(config)?,
+        &keys,
+        anchor,
+        &checkpoints,
+    )?)
+}
+
+/// `cloud-hub audit checkpoint`: takes a checkpoint of the head now (if
+/// there is any entry since the last), as the running hub does.
+pub fn audit_checkpoint(config: &Config) -> Result<Option<audit::Checkpoint>, HubError> {
+    let keys = config.audit.keys()?;
+    let key = keys.current().ok_or_else(|| {
+        HubError::Checkpoints("audit.key_file is not set: checkpoints are signed with it".into())
+    })?;
+    audit::take_checkpoint(
+        &open_store(config)?,
+        key,
+        audit::CheckpointPolicy {
+            every_entries: 1,
+            every_us: 0,
+        },
+        config.audit.checkpoint_file.as_deref(),
+    )
+    .map_err(|e| HubError::Checkpoints(e.to_string()))
 }
 
 /// `cloud-hub audit export`: the audit log from `since_seq` as FHIR
@@ -211,6 +263,7 @@ pub fn user_add(
     access::accounts::add_user(&store, name, role, password, store::now_us())?;
     audit_cli(
         &store,
+        config,
         "create",
         "user add",
         format!("user={name} role={role}"),
@@ -221,14 +274,26 @@ pub fn user_add(
 pub fn user_set_password(config: &Config, name: &str, password: &str) -> Result<(), HubError> {
     let store = open_store(config)?;
     access::accounts::set_password(&store, name, password)?;
-    audit_cli(&store, "update", "user passwd", format!("user={name}"))
+    audit_cli(
+        &store,
+        config,
+        "update",
+        "user passwd",
+        format!("user={name}"),
+    )
 }
 
 /// `cloud-hub user disable`: no more logins; the user's sessions end.
 pub fn user_disable(config: &Config, name: &str) -> Result<(), HubError> {
     let store = open_store(config)?;
     access::accounts::disable_user(&store, name, store::now_us())?;
-    audit_cli(&store, "update", "user disable", format!("user={name}"))
+    audit_cli(
+        &store,
+        config,
+        "update",
+        "user disable",
+        format!("user={name}"),
+    )
 }
 
 /// `cloud-hub user list`.
@@ -243,6 +308,7 @@ pub fn token_create(config: &Config, name: &str, role: access::Role) -> Result<S
     let token = access::accounts::create_token(&store, name, role, store::now_us())?;
     audit_cli(
         &store,
+        config,
         "create",
         "token create",
         format!("token={name} role={role}"),
@@ -254,7 +320,13 @@ pub fn token_create(config: &Config, name: &str, role: access::Role) -> Result<S
 pub fn token_revoke(config: &Config, name: &str) -> Result<(), HubError> {
     let store = open_store(config)?;
     access::accounts::revoke_token(&store, name, store::now_us())?;
-    audit_cli(&store, "update", "token revoke", format!("token={name}"))
+    audit_cli(
+        &store,
+        config,
+        "update",
+        "token revoke",
+        format!("token={name}"),
+    )
 }
 
 /// `cloud-hub token list` (never the tokens).
@@ -273,6 +345,7 @@ pub fn gateway_revoke(config: &Config, id: &str) -> Result<(), HubError> {
     store.revoke_gateway(id)?;
     audit_cli(
         &store,
+        config,
         "update",
         "gateway revoke",
         format!("gateway_id={id}"),
@@ -305,6 +378,7 @@ pub fn gateway_rotate(
     store.rotate_gateway(id, &auth::hash_token(&token), grace_until, now)?;
     audit_cli(
         &store,
+        config,
         "update",
         "gateway rotate",
         format!("gateway_id={id} grace_s={}", grace.as_secs()),

@@ -81,14 +81,20 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum AuditCommand {
-    /// Recompute the hash chain; exit status 1 when an entry was edited,
-    /// inserted or removed. Prints the head (SEQ:HASH) to record as the
-    /// next anchor.
+    /// Recompute the chain (MACs with `[audit] key_file` and any retired
+    /// keys) and check it against every checkpoint; exit status 1 when an
+    /// entry was edited, inserted or removed. Prints the head (SEQ:HASH)
+    /// to record as the next anchor.
     Verify {
         /// A head recorded earlier (SEQ:HASH) that must still be in the
         /// chain (detects removal of the newest entries).
         #[arg(long)]
         anchor: Option<String>,
+        /// A file of checkpoints kept outside the database (the hub's
+        /// `checkpoint_file`, or its JSON log lines with target
+        /// `vigil_audit_checkpoint`); repeatable.
+        #[arg(long)]
+        checkpoints: Vec<PathBuf>,
     },
     /// Write the entries as FHIR R4 AuditEvent NDJSON.
     Export {
@@ -99,6 +105,15 @@ enum AuditCommand {
         #[arg(long, default_value_t = 1)]
         since: i64,
     },
+    /// Write a new random audit key (for `[audit] key_file`; 0600).
+    Keygen {
+        /// The key file to create (must not exist).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Take a checkpoint of the head now (the running hub takes them by
+    /// itself; e.g. before a maintenance window).
+    Checkpoint,
 }
 
 #[derive(Debug, Subcommand)]
@@ -234,6 +249,19 @@ fn main() -> Result<()> {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    // A new key needs no configuration.
+    if let Command::Audit {
+        command: AuditCommand::Keygen { out },
+    } = &cli.command
+    {
+        let id = cloud_hub::audit::keygen(out).context("writing the audit key")?;
+        eprintln!(
+            "Audit key {id} written to {} (0600). Set [audit] key_file to it and keep a copy \
+             where the database's administrators cannot read it.",
+            out.display()
+        );
+        return Ok(());
+    }
     let config = Config::load(&cli.config)
         .with_context(|| format!("loading config {}", cli.config.display()))?;
     match cli.command {
@@ -286,7 +314,10 @@ edge-agent provision --hub <hub url> --enrollment-token <token> --gateway-id <id
 
 fn audit(config: &Config, command: AuditCommand) -> Result<()> {
     match command {
-        AuditCommand::Verify { anchor } => {
+        AuditCommand::Verify {
+            anchor,
+            checkpoints,
+        } => {
             let anchor = anchor
                 .as_deref()
                 .map(|a| {
@@ -297,24 +328,50 @@ fn audit(config: &Config, command: AuditCommand) -> Result<()> {
                     Ok::<_, anyhow::Error>((seq, hash.to_owned()))
                 })
                 .transpose()?;
-            let v = cloud_hub::audit_verify(config, anchor.as_ref().map(|(s, h)| (*s, h.as_str())))
-                .context("verifying the audit log")?;
+            let v = cloud_hub::audit_verify(
+                config,
+                anchor.as_ref().map(|(s, h)| (*s, h.as_str())),
+                &checkpoints,
+            )
+            .context("verifying the audit log")?;
+            let keyed = match v.keyed_from {
+                Some(1) => "keyed (HMAC-SHA256) throughout".to_owned(),
+                Some(k) => format!("keyed (HMAC-SHA256) from entry {k}, unkeyed before"),
+                None => "NOT KEYED: without [audit] key_file anyone with the database could \
+                         have rewritten it"
+                    .to_owned(),
+            };
             match (&v.broken, &v.head) {
                 (Some((seq, why)), _) => {
                     eprintln!(
-                        "AUDIT LOG TAMPERED: entry {seq} {why} ({} entries read).",
-                        v.entries
+                        "AUDIT LOG TAMPERED: entry {seq} {why} ({} entries read, {} checkpoints).",
+                        v.entries, v.checkpoints
                     );
                     std::process::exit(1);
                 }
                 (None, Some((seq, hash))) => {
                     println!("{seq}:{hash}");
                     eprintln!(
-                        "Audit log intact: {} entries, hash chain verified. Head above: record it as the next --anchor.",
-                        v.entries
+                        "Audit log intact: {} entries, chain verified, {keyed}; {} checkpoints \
+                         match. Head above: record it as the next --anchor.",
+                        v.entries, v.checkpoints
                     );
                 }
-                (None, None) => eprintln!("Audit log is empty."),
+                (None, None) => eprintln!(
+                    "Audit log is empty (no checkpoint says otherwise: {} checked).",
+                    v.checkpoints
+                ),
+            }
+            Ok(())
+        }
+        AuditCommand::Keygen { .. } => unreachable!("handled before the config is loaded"),
+        AuditCommand::Checkpoint => {
+            match cloud_hub::audit_checkpoint(config).context("taking an audit checkpoint")? {
+                Some(c) => {
+                    println!("{}", c.to_line());
+                    eprintln!("Checkpoint of entry {} taken.", c.seq);
+                }
+                None => eprintln!("No new entry since the last checkpoint."),
             }
             Ok(())
         }

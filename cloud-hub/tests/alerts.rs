@@ -227,6 +227,34 @@ async fn a_low_spo2_is_raised_after_its_delay_streamed_acknowledged_escalated_an
     // The history keeps resolved alerts.
     let (_, all) = call(&hub, "GET", "/api/v1/alerts", None).await;
     assert_eq!(all["alerts"].as_array().unwrap().len(), 2);
+    // The audit log names the patient whose alerts the list and the reads
+    // returned (their paths name none).
+    let patients: Vec<(String, Option<String>)> = hub
+        .db()
+        .prepare(
+            "SELECT resource, patient_id FROM audit_log
+              WHERE resource LIKE '/api/v1/alerts%' AND outcome = 200 ORDER BY seq",
+        )
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let reads: Vec<_> = patients
+        .iter()
+        .filter(|(r, _)| r.starts_with("/api/v1/alerts/"))
+        .collect();
+    assert!(reads.len() >= 3, "{patients:?}");
+    for (resource, patient) in reads {
+        assert_eq!(patient.as_deref(), Some(PATIENT), "{resource}");
+    }
+    // The first list was empty (nobody named); the last one held the alerts.
+    let lists: Vec<_> = patients
+        .iter()
+        .filter(|(r, _)| r == "/api/v1/alerts")
+        .collect();
+    assert_eq!(lists.first().unwrap().1, None);
+    assert_eq!(lists.last().unwrap().1.as_deref(), Some(PATIENT));
     hub.stop().await;
 }
 

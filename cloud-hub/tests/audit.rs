@@ -172,3 +172,256 @@ async fn accesses_are_chained_verified_and_exported() {
     let out = run(&["audit", "verify", "--anchor", "5:00ff"]);
     assert_eq!(out.status.code(), Some(1));
 }
+
+/// `(resource, patient, patients, key_id)` of every audit entry, by seq.
+type Row = (String, Option<String>, String, Option<String>);
+
+fn audit_rows(db: &rusqlite::Connection) -> Vec<Row> {
+    db.prepare("SELECT resource, patient_id, patients, key_id FROM audit_log ORDER BY seq")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+fn subject(mut r: shared_protocol::v1::Reading, value: &str) -> shared_protocol::v1::Reading {
+    r.subject = Some(shared_protocol::v1::Identifier {
+        system: "urn:oid:2.16.840.1.113883.19.5".into(),
+        value: value.into(),
+    });
+    r
+}
+
+/// A hub with `[audit] key_file` (made by `cloud-hub audit keygen`): every
+/// entry is keyed, PHI reads name the patients whose data went out (a read
+/// by observation id, a search without `patient`), checkpoints reach the
+/// checkpoint file, and `audit verify --checkpoints` passes, then fails on
+/// an edited entry and on an emptied log.
+#[tokio::test]
+async fn a_keyed_log_names_the_patients_read_and_verify_catches_edits_and_emptying() {
+    let data = tempfile::tempdir().unwrap();
+    let key = data.path().join("audit.key");
+    let out = Command::new(BIN)
+        .args(["audit", "keygen", "--out"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let meta = std::fs::metadata(&key).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        assert_eq!(std::fs::read_to_string(&key).unwrap().trim().len(), 64);
+    }
+    // Refused when others may read the key.
+    let loose = data.path().join("loose.key");
+    std::fs::write(&loose, "0123456789abcdef0123456789abcdef0123").unwrap();
+    let err = cloud_hub::audit::load_key(&loose, "audit.key_file").unwrap_err();
+    assert!(err.to_string().contains("chmod 600"), "{err}");
+    let checkpoints = data.path().join("checkpoints.jsonl");
+    let text = admin_config_text(
+        data.path(),
+        ADMIN,
+        &format!(
+            "[audit]\nkey_file = \"{}\"\ncheckpoint_file = \"{}\"\ncheckpoint_interval_s = 1\n",
+            key.display(),
+            checkpoints.display()
+        ),
+    );
+    let config_path = data.path().join("hub.toml");
+    std::fs::write(&config_path, &text).unwrap();
+    let config = cloud_hub::Config::parse(&text).unwrap();
+    let hub = TestHub::start_config(tempfile::tempdir().unwrap(), config, "http").await;
+    let t = now_us();
+    let ack = hub
+        .ingest(&batch(
+            1,
+            DEVICE,
+            vec![
+                spo2(1, 97.0, t),
+                subject(spo2(2, 95.0, t), "p-b"),
+                subject(pulse(3, 80.0, t), "p-a"),
+            ],
+        ))
+        .await;
+    assert_eq!(ack.accepted, 3);
+    let (status, page) = hub.get_json("/fhir/Observation?_count=10").await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(page["total"], 3);
+    let mine = page["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["resource"]["subject"]["reference"] == format!("Patient/{PATIENT}"))
+        .unwrap()["resource"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (status, _) = hub.get_json(&format!("/fhir/Observation/{mine}")).await;
+    assert_eq!(status, 200);
+    // A search whose page holds one patient names that patient.
+    let (status, _) = hub.get_json("/fhir/Observation?code=8867-4").await;
+    assert_eq!(status, 200);
+    // A checkpoint within the interval (1 s), and a last one on stop.
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    hub.stop().await;
+
+    let db = rusqlite::Connection::open(data.path().join("hub.sqlite")).unwrap();
+    let rows = audit_rows(&db);
+    assert!(
+        rows.iter().all(|r| r.3.is_some()),
+        "every entry keyed: {rows:?}"
+    );
+    let find = |resource: &str| {
+        rows.iter()
+            .find(|r| r.0 == resource)
+            .unwrap_or_else(|| panic!("{resource} in {rows:?}"))
+    };
+    assert_eq!(find("hub start").1, None);
+    let search = find("/fhir/Observation");
+    assert_eq!(search.1.as_deref(), Some("multiple: 3"), "{rows:?}");
+    assert_eq!(search.2, format!("p-a\np-b\n{PATIENT}"));
+    let read = find(&format!("/fhir/Observation/{mine}"));
+    assert_eq!((read.1.as_deref(), read.2.as_str()), (Some(PATIENT), ""));
+    let code_search = rows
+        .iter()
+        .filter(|r| r.0 == "/fhir/Observation")
+        .nth(1)
+        .unwrap();
+    assert_eq!(
+        code_search.1.as_deref(),
+        Some("p-a"),
+        "the pulse reading's patient"
+    );
+    let lines = std::fs::read_to_string(&checkpoints).unwrap();
+    let cps = cloud_hub::audit::parse_checkpoints(&lines).unwrap();
+    assert!(!cps.is_empty());
+    assert_eq!(
+        cps.last().unwrap().seq,
+        rows.len() as i64,
+        "the last one on stop"
+    );
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&checkpoints)
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    let run = |args: &[&str]| {
+        Command::new(BIN)
+            .arg("--config")
+            .arg(&config_path)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let cp_arg = checkpoints.to_str().unwrap();
+    // `audit checkpoint`: nothing new since the hub's last one; after a CLI
+    // command (a keyed entry), one more, to the file as well.
+    let out = run(&["audit", "checkpoint"]);
+    assert!(out.status.success() && out.stdout.is_empty());
+    assert!(run(&["gateway", "add", "gw-2"]).status.success());
+    let out = run(&["audit", "checkpoint"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cp =
+        cloud_hub::audit::Checkpoint::from_line(&String::from_utf8_lossy(&out.stdout)).unwrap();
+    assert_eq!(cp.seq, rows.len() as i64 + 1);
+    let shipped =
+        cloud_hub::audit::parse_checkpoints(&std::fs::read_to_string(&checkpoints).unwrap());
+    assert_eq!(shipped.unwrap().last(), Some(&cp));
+    let out = run(&["audit", "verify", "--checkpoints", cp_arg]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("keyed (HMAC-SHA256) throughout"), "{err}");
+    // The database's owner rewrites whose data was read.
+    db.execute_batch(
+        "DROP TRIGGER audit_log_no_update; DROP TRIGGER audit_log_no_delete;
+         DROP TRIGGER audit_checkpoints_no_delete;",
+    )
+    .unwrap();
+    let seq: i64 = db
+        .query_row(
+            "SELECT seq FROM audit_log WHERE resource = ?1",
+            [format!("/fhir/Observation/{mine}")],
+            |r| r.get(0),
+        )
+        .unwrap();
+    db.execute(
+        "UPDATE audit_log SET patient_id = 'someone-else' WHERE seq = ?1",
+        [seq],
+    )
+    .unwrap();
+    let out = run(&["audit", "verify"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("AUDIT LOG TAMPERED: entry {seq} ")) && err.contains("MAC"),
+        "{err}"
+    );
+    // Emptied, stored checkpoints too: the shipped checkpoints find it.
+    db.execute_batch("DELETE FROM audit_log; DELETE FROM audit_checkpoints;")
+        .unwrap();
+    let out = run(&["audit", "verify", "--checkpoints", cp_arg]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("the log is empty but a checkpoint"), "{err}");
+}
+
+/// Fail closed: when the audit entry cannot be written, the patient data
+/// is not served (503 with Retry-After) and the failure is counted; once
+/// the log is writable again, reads are served.
+#[tokio::test]
+async fn patient_data_is_withheld_when_the_audit_entry_cannot_be_written() {
+    let hub = TestHub::start().await;
+    hub.ingest(&batch(1, DEVICE, vec![spo2(1, 97.0, now_us())]))
+        .await;
+    hub.db()
+        .execute_batch("ALTER TABLE audit_log RENAME TO audit_log_away")
+        .unwrap();
+    let resp = hub
+        .client
+        .get(hub.url(&format!("/fhir/Observation?patient={PATIENT}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 503);
+    assert!(resp.headers().contains_key("retry-after"));
+    let body = resp.text().await.unwrap();
+    assert!(
+        !body.contains(PATIENT) && !body.contains("Observation"),
+        "{body}"
+    );
+    let metrics = hub
+        .client
+        .get(hub.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("\nvigil_hub_audit_failures_total 1\n"),
+        "{metrics}"
+    );
+    hub.db()
+        .execute_batch("ALTER TABLE audit_log_away RENAME TO audit_log")
+        .unwrap();
+    let (status, _) = hub
+        .get_json(&format!("/fhir/Observation?patient={PATIENT}"))
+        .await;
+    assert_eq!(status, 200);
+    hub.stop().await;
+}

@@ -142,6 +142,21 @@ async fn patient_and_group_exports_hold_only_attributed_data() {
     assert_eq!(count(&files, "Observation"), 41, "no unattributed reading");
     assert_eq!(count(&files, "Device"), 1, "only the patient's device");
     assert_eq!(count(&files, "Location"), 0);
+    // The download of a file holding the patient's data names the patient
+    // in the audit log; the Device file names nobody.
+    let audited: Vec<(String, Option<String>)> = hub
+        .db()
+        .prepare("SELECT resource, patient_id FROM audit_log WHERE resource LIKE '%$export-file%'")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert!(!audited.is_empty());
+    for (resource, patient) in &audited {
+        let expected = (!resource.contains("/Device-")).then_some(PATIENT);
+        assert_eq!(patient.as_deref(), expected, "{resource}");
+    }
 
     // A ward with patient-1's stay is a Group.
     let db = hub.db();

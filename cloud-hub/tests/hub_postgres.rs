@@ -73,7 +73,7 @@ async fn the_hub_serves_from_postgres_selected_by_config() {
         .unwrap();
     assert_eq!(unaudited, 0.0, "{metrics}");
     let config = hub.config.clone();
-    let v = tokio::task::spawn_blocking(move || cloud_hub::audit_verify(&config, None))
+    let v = tokio::task::spawn_blocking(move || cloud_hub::audit_verify(&config, None, &[]))
         .await
         .unwrap()
         .unwrap();
@@ -253,7 +253,7 @@ async fn a_pg_dump_restored_into_a_new_database_serves_the_same_data_and_audit_c
     let (status, before) = hub.get_json(&search).await;
     assert_eq!(status, 200, "{before}");
     let config = hub.config.clone();
-    let v_before = tokio::task::spawn_blocking(move || cloud_hub::audit_verify(&config, None))
+    let v_before = tokio::task::spawn_blocking(move || cloud_hub::audit_verify(&config, None, &[]))
         .await
         .unwrap()
         .unwrap();
@@ -284,7 +284,7 @@ async fn a_pg_dump_restored_into_a_new_database_serves_the_same_data_and_audit_c
     let config = restored.config.clone();
     let anchor = v_before.head.clone().unwrap();
     let v_after = tokio::task::spawn_blocking(move || {
-        cloud_hub::audit_verify(&config, Some((anchor.0, anchor.1.as_str())))
+        cloud_hub::audit_verify(&config, Some((anchor.0, anchor.1.as_str())), &[])
     })
     .await
     .unwrap()
@@ -310,7 +310,7 @@ async fn a_pg_dump_restored_into_a_new_database_serves_the_same_data_and_audit_c
     assert_eq!(values(&after).len(), 20);
     // The restored hub appends to the restored chain.
     let config = restored.config.clone();
-    let v_more = tokio::task::spawn_blocking(move || cloud_hub::audit_verify(&config, None))
+    let v_more = tokio::task::spawn_blocking(move || cloud_hub::audit_verify(&config, None, &[]))
         .await
         .unwrap()
         .unwrap();
@@ -337,4 +337,56 @@ async fn a_pg_dump_restored_into_a_new_database_serves_the_same_data_and_audit_c
         !refused.status.success(),
         "DELETE FROM audit_log was allowed after restore"
     );
+}
+
+/// Fail closed on PostgreSQL too: the audit log cannot be written (its
+/// table taken away), so the patient data is withheld (503, Retry-After)
+/// and the failure counted; served again once the log is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_withholds_patient_data_when_the_audit_entry_cannot_be_written() {
+    let server = pg_server::PgServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let text = config_text(dir.path(), "").replace(
+        "[[associations]]",
+        &format!(
+            "backend = \"postgres\"\n[storage.postgres]\nurl = \"{}\"\npool_size = 2\n\n[[associations]]",
+            server.url()
+        ),
+    );
+    let hub = TestHub::start_config(dir, Config::parse(&text).unwrap(), "http").await;
+    hub.ingest(&batch(1, DEVICE, vec![spo2(1, 97.0, now_us())]))
+        .await;
+    let url = server.url();
+    let sql = move |q: &'static str| {
+        let url = url.clone();
+        std::thread::spawn(move || {
+            let mut c = ::postgres::Client::connect(&url, ::postgres::NoTls).unwrap();
+            c.batch_execute(q).unwrap();
+        })
+        .join()
+        .unwrap();
+    };
+    sql("ALTER TABLE audit_log RENAME TO audit_log_away");
+    let path = format!("/fhir/Observation?patient={PATIENT}");
+    let resp = hub.client.get(hub.url(&path)).send().await.unwrap();
+    assert_eq!(resp.status(), 503);
+    assert!(resp.headers().contains_key("retry-after"));
+    assert!(!resp.text().await.unwrap().contains(PATIENT));
+    let metrics = hub
+        .client
+        .get(hub.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("\nvigil_hub_audit_failures_total 1\n"),
+        "{metrics}"
+    );
+    sql("ALTER TABLE audit_log_away RENAME TO audit_log");
+    let (status, _) = hub.get_json(&path).await;
+    assert_eq!(status, 200);
+    hub.stop().await;
 }

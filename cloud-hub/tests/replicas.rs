@@ -27,9 +27,22 @@ const BIN: &str = env!("CARGO_BIN_EXE_cloud-hub");
 const ADMIN: &str = "replicas-admin-token-0123456789abcdef0123";
 const S: i64 = 1_000_000;
 
-/// The replicas' shared config (one file, one database) in `data`.
+/// The replicas' shared config (one file, one database, one audit key)
+/// in `data`.
 fn shared_config(data: &Path, server: &PgServer, alerts: &str) -> (PathBuf, cloud_hub::Config) {
-    let text = admin_config_text(data, ADMIN, &format!("[alerts]\ntick_ms = 100\n{alerts}"))
+    let key = data.join("audit.key");
+    if !key.exists() {
+        cloud_hub::audit::keygen(&key).unwrap();
+    }
+    let audit = format!(
+        "[audit]\nkey_file = \"{}\"\ncheckpoint_interval_s = 1\n",
+        key.display()
+    );
+    let text = admin_config_text(
+        data,
+        ADMIN,
+        &format!("[alerts]\ntick_ms = 100\n{alerts}\n{audit}"),
+    )
         .replace(
             "[[associations]]",
             &format!(
@@ -526,6 +539,9 @@ async fn kill_9_of_a_replica_during_ingest_loses_nothing_and_the_audit_chain_ver
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    // Keyed by both replicas (each its own `hub start` and checkpoints).
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("keyed (HMAC-SHA256) throughout"), "{err}");
     assert!(
         sql_i64(&server, "SELECT count(*) FROM audit_log").await >= 40,
         "the concurrent reads were audited"

@@ -1698,11 +1698,12 @@ fn audit_log_appends_and_chains(s: &Store) -> Result<(), StoreError> {
         action: "read".into(),
         resource: "/fhir/Observation".into(),
         patient: patient.map(Into::into),
+        patients: Vec::new(),
         outcome: 503,
         detail: format!("patient=p&_count={i}"),
     };
-    assert_eq!(s.append_audit(&e(0, Some("p-1")))?, 1);
-    assert_eq!(s.append_audit(&e(1, None))?, 2);
+    assert_eq!(s.append_audit(&e(0, Some("p-1")), None)?, 1);
+    assert_eq!(s.append_audit(&e(1, None), None)?, 2);
     let all = s.audit_entries(i64::MIN)?;
     assert_eq!(all.len(), 2);
     assert_eq!(all[0].prev_hash, GENESIS);
@@ -1715,12 +1716,12 @@ fn audit_log_appends_and_chains(s: &Store) -> Result<(), StoreError> {
         for t in 0..2 {
             sc.spawn(move || {
                 for i in 0..10 {
-                    s.append_audit(&e(100 * (t + 1) + i, None)).unwrap();
+                    s.append_audit(&e(100 * (t + 1) + i, None), None).unwrap();
                 }
             });
         }
     });
-    let v = audit::verify(s, None)?;
+    let v = audit::verify(s, &Default::default(), None, &[])?;
     assert_eq!((v.entries, v.broken), (22, None));
     let since = s.audit_entries(21)?;
     assert_eq!(
@@ -2126,7 +2127,7 @@ fn postgres_partitions_by_month_and_migrates_once() {
     let s = Store::open_postgres(&cfg).unwrap();
     assert_eq!(
         s.postgres().unwrap().migrations().unwrap(),
-        vec![1, 2, 3, 4, 5, 6, 7, 8]
+        vec![1, 2, 3, 4, 5, 6, 7, 8, 9]
     );
     let r = ingest(
         &s,
@@ -2178,7 +2179,7 @@ fn postgres_migration_3_keeps_existing_rows_as_incarnation_0() {
     let s = Store::open_postgres(&cfg).unwrap();
     assert_eq!(
         s.postgres().unwrap().migrations().unwrap(),
-        vec![1, 2, 3, 4, 5, 6, 7, 8]
+        vec![1, 2, 3, 4, 5, 6, 7, 8, 9]
     );
     assert!(ingest(&s, &first, &none).ack.duplicate_batch);
     let r = ingest(
@@ -2276,6 +2277,7 @@ fn audit_entry(i: i64) -> cloud_hub::audit::Entry {
         action: "read".into(),
         resource: "/fhir/Observation".into(),
         patient: (i % 2 == 0).then(|| format!("p-{i}")),
+        patients: Vec::new(),
         outcome: 200,
         detail: format!("_count={i}"),
     }
@@ -2292,6 +2294,14 @@ fn postgres_audit_appends_from_several_hubs_stay_one_chain() {
         .map(|_| Store::open_postgres(&cfg).unwrap())
         .collect();
     const PER_THREAD: i64 = 20;
+    // Keyed, with each worker also taking checkpoints as the hubs' tasks
+    // do: they never fork the chain, and each is taken once.
+    let keys = audit_keys(5);
+    let keys = &keys;
+    let policy = cloud_hub::audit::CheckpointPolicy {
+        every_entries: 7,
+        every_us: i64::MAX,
+    };
     let mut seqs: Vec<i64> = std::thread::scope(|sc| {
         let workers: Vec<_> = hubs
             .iter()
@@ -2300,7 +2310,15 @@ fn postgres_audit_appends_from_several_hubs_stay_one_chain() {
             .map(|(w, s)| {
                 sc.spawn(move || {
                     (0..PER_THREAD)
-                        .map(|i| s.append_audit(&audit_entry(w * 1000 + i)).unwrap())
+                        .map(|i| {
+                            let seq = cloud_hub::audit::append(s, keys, &audit_entry(w * 1000 + i))
+                                .unwrap();
+                            if i % 3 == 0 {
+                                s.audit_checkpoint(keys.current().unwrap(), policy, T0 + i)
+                                    .unwrap();
+                            }
+                            seq
+                        })
                         .collect::<Vec<_>>()
                 })
             })
@@ -2313,9 +2331,19 @@ fn postgres_audit_appends_from_several_hubs_stay_one_chain() {
     let n = 6 * PER_THREAD;
     seqs.sort_unstable();
     assert_eq!(seqs, (1..=n).collect::<Vec<_>>(), "one seq per append");
+    let checkpoints = hubs[0].audit_checkpoints().unwrap();
+    assert!(checkpoints.len() >= 2, "{checkpoints:?}");
+    assert!(
+        checkpoints.windows(2).all(|w| w[1].seq - w[0].seq >= 7),
+        "each checkpoint once, by the policy: {checkpoints:?}"
+    );
     for s in &hubs {
-        let v = cloud_hub::audit::verify(s, None).unwrap();
-        assert_eq!((v.entries, v.broken), (n as u64, None));
+        let v = cloud_hub::audit::verify(s, keys, None, &[]).unwrap();
+        assert_eq!(
+            (v.entries, v.broken, v.keyed_from),
+            (n as u64, None, Some(1))
+        );
+        assert_eq!(v.checkpoints, checkpoints.len() as u64);
         assert_eq!(v.head.unwrap().0, n);
     }
     // Every entry stored as appended: each thread's entries, in its order.
@@ -2337,7 +2365,7 @@ fn postgres_audit_log_refuses_update_delete_and_truncate() {
     let server = pg_server::PgServer::start();
     let s = Store::open_postgres(&PgConfig::new(server.url())).unwrap();
     for i in 0..3 {
-        s.append_audit(&audit_entry(i)).unwrap();
+        s.append_audit(&audit_entry(i), None).unwrap();
     }
     let mut client = ::postgres::Client::connect(&server.url(), ::postgres::NoTls).unwrap();
     for sql in [
@@ -2359,9 +2387,171 @@ fn postgres_audit_log_refuses_update_delete_and_truncate() {
     client
         .batch_execute("SELECT 1")
         .expect("the connection is usable after the refusals");
-    assert_eq!(s.append_audit(&audit_entry(3)).unwrap(), 4);
-    let v = cloud_hub::audit::verify(&s, None).unwrap();
+    assert_eq!(s.append_audit(&audit_entry(3), None).unwrap(), 4);
+    let v = cloud_hub::audit::verify(&s, &Default::default(), None, &[]).unwrap();
     assert_eq!((v.entries, v.broken), (4, None));
     let all = s.audit_entries(i64::MIN).unwrap();
     assert_eq!(all[1].entry, audit_entry(1));
+}
+
+// ---- The keyed audit chain against an attacker with the database ----
+
+fn audit_keys(b: u8) -> cloud_hub::audit::AuditKeys {
+    cloud_hub::audit::AuditKeys::from_keys(vec![cloud_hub::audit::AuditKey::new(&[b; 32]).unwrap()])
+}
+
+/// What someone with the database (but not the audit key) does to the log
+/// of `s`, by `sql` run as the database's owner with the append-only
+/// triggers out of the way, and what `verify` says each time. The log:
+/// two entries from before the key (unkeyed), then keyed ones.
+fn keyed_audit_chain_catches_database_edits(s: &Store, sql: &dyn Fn(&str)) {
+    use cloud_hub::audit::{self, CheckpointPolicy};
+    let keys = audit_keys(7);
+    let none = cloud_hub::audit::AuditKeys::default();
+    let check = |keys: &cloud_hub::audit::AuditKeys, extra: &[audit::Checkpoint]| {
+        audit::verify(s, keys, None, extra).unwrap()
+    };
+    for i in 0..2 {
+        audit::append(s, &none, &audit_entry(i)).unwrap();
+    }
+    for i in 2..6 {
+        audit::append(s, &keys, &audit_entry(i)).unwrap();
+    }
+    // Once keyed, an unkeyed append is refused.
+    let err = audit::append(s, &none, &audit_entry(9)).unwrap_err();
+    assert!(matches!(err, StoreError::Audit(_)), "{err}");
+    let v = check(&keys, &[]);
+    assert_eq!(
+        (v.entries, v.broken.clone(), v.keyed_from),
+        (6, None, Some(3))
+    );
+    // Without the key the keyed entries cannot be checked: not "intact".
+    assert_eq!(check(&none, &[]).broken.map(|b| b.0), Some(3));
+    // A checkpoint of the head, taken once.
+    let every = CheckpointPolicy {
+        every_entries: 1,
+        every_us: 0,
+    };
+    let key = keys.current().unwrap();
+    let cp = s.audit_checkpoint(key, every, T0).unwrap().unwrap();
+    assert_eq!((cp.seq, cp.entries), (6, 6));
+    assert_eq!(s.audit_checkpoint(key, every, T0 + 1).unwrap(), None);
+    assert_eq!(s.audit_checkpoints().unwrap(), vec![cp.clone()]);
+    assert_eq!(check(&keys, &[]).checkpoints, 1);
+
+    // An edited field: found, naming the entry.
+    sql("UPDATE audit_log SET patient_id = 'p-other' WHERE seq = 4");
+    let b = check(&keys, &[]).broken.unwrap();
+    assert_eq!(b.0, 4, "{b:?}");
+    assert!(b.1.contains("MAC"), "{b:?}");
+    sql("UPDATE audit_log SET patient_id = NULL WHERE seq = 4");
+    assert_eq!(check(&keys, &[]).broken, None);
+    // An edited legacy entry with the legacy hashes recomputed: the first
+    // keyed entry's MAC covers the last unkeyed link.
+    let all = s.audit_entries(i64::MIN).unwrap();
+    let mut forged = all[0].entry.clone();
+    forged.actor = "anonymous".into();
+    let h1 = cloud_hub::audit::chain_hash(cloud_hub::audit::GENESIS, 1, &forged);
+    let h2 = cloud_hub::audit::chain_hash(&h1, 2, &all[1].entry);
+    sql(&format!(
+        "UPDATE audit_log SET actor = 'anonymous', hash = '{h1}' WHERE seq = 1;
+         UPDATE audit_log SET prev_hash = '{h1}', hash = '{h2}' WHERE seq = 2;
+         UPDATE audit_log SET prev_hash = '{h2}' WHERE seq = 3;"
+    ));
+    assert_eq!(check(&keys, &[]).broken.map(|b| b.0), Some(3));
+    sql(&format!(
+        "UPDATE audit_log SET actor = '{}', hash = '{}' WHERE seq = 1;
+         UPDATE audit_log SET prev_hash = '{}', hash = '{}' WHERE seq = 2;
+         UPDATE audit_log SET prev_hash = '{}' WHERE seq = 3;",
+        all[0].entry.actor, all[0].hash, all[0].hash, all[1].hash, all[1].hash
+    ));
+    assert_eq!(check(&keys, &[]).broken, None);
+    // A row inserted after the head with a recomputed unkeyed hash.
+    let head = &all[5];
+    let fake = audit_entry(42);
+    let h7 = cloud_hub::audit::chain_hash(&head.hash, 7, &fake);
+    let insert = |key_id: &str, hash: &str| {
+        format!(
+            "INSERT INTO audit_log (seq, time_us, actor, action, resource, patient_id, outcome,
+                 detail, prev_hash, hash, key_id)
+             VALUES (7, {}, '{}', 'read', '/fhir/Observation', NULL, 200, '', '{}', '{hash}', {key_id})",
+            fake.time_us, fake.actor, head.hash
+        )
+    };
+    sql(&insert("NULL", &h7));
+    let b = check(&keys, &[]).broken.unwrap();
+    assert!(b.0 == 7 && b.1.contains("unkeyed after keyed"), "{b:?}");
+    sql("DELETE FROM audit_log WHERE seq = 7");
+    // …and one claiming the key, with a MAC under a guessed key.
+    let guess = cloud_hub::audit::AuditKey::new(&[8; 32]).unwrap();
+    let mut fake_keyed = fake.clone();
+    fake_keyed.patient = None;
+    fake_keyed.detail = String::new();
+    let mac = cloud_hub::audit::chain_mac(&guess, &head.hash, 7, &fake_keyed);
+    sql(&insert(&format!("'{}'", key.id()), &mac));
+    let b = check(&keys, &[]).broken.unwrap();
+    assert!(b.0 == 7 && b.1.contains("MAC"), "{b:?}");
+    sql("DELETE FROM audit_log WHERE seq = 7");
+    assert_eq!(check(&keys, &[]).broken, None);
+
+    // New entries after the checkpoint; the newest two removed: the
+    // checkpoint still matches (the window between checkpoints), an anchor
+    // of the head finds it.
+    for i in 6..8 {
+        audit::append(s, &keys, &audit_entry(i)).unwrap();
+    }
+    let head8 = check(&keys, &[]).head.unwrap();
+    sql("DELETE FROM audit_log WHERE seq >= 7");
+    assert_eq!(check(&keys, &[]).broken, None);
+    let v = audit::verify(s, &keys, Some((head8.0, &head8.1)), &[]).unwrap();
+    assert_eq!(v.broken.map(|b| b.0), Some(8));
+    // Removed below the checkpoint: found.
+    sql("DELETE FROM audit_log WHERE seq >= 5");
+    let b = check(&keys, &[]).broken.unwrap();
+    assert!(b.0 == 6 && b.1.contains("ends at entry 4"), "{b:?}");
+    // Emptied, stored checkpoints and all: the checkpoint kept outside the
+    // database still finds it.
+    sql("DELETE FROM audit_log");
+    let b = check(&keys, &[]).broken.unwrap();
+    assert!(b.1.contains("empty"), "{b:?}");
+    sql("DELETE FROM audit_checkpoints");
+    assert_eq!(check(&keys, &[]).broken, None, "nothing left to compare");
+    let b = check(&keys, std::slice::from_ref(&cp)).broken.unwrap();
+    assert!(b.0 == 6 && b.1.contains("empty"), "{b:?}");
+    // A checkpoint forged without the key is refused.
+    let mut bad = cp.clone();
+    bad.seq = 1;
+    assert!(check(&keys, &[bad]).broken.unwrap().1.contains("signature"));
+}
+
+#[test]
+fn sqlite_keyed_audit_chain_catches_database_edits() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("suite.sqlite");
+    let s = Store::open(&path).unwrap();
+    let c = rusqlite::Connection::open(&path).unwrap();
+    // Whoever has the file can drop the triggers.
+    c.execute_batch(
+        "DROP TRIGGER audit_log_no_update; DROP TRIGGER audit_log_no_delete;
+         DROP TRIGGER audit_checkpoints_no_delete;",
+    )
+    .unwrap();
+    keyed_audit_chain_catches_database_edits(&s, &|sql| c.execute_batch(sql).unwrap());
+}
+
+#[test]
+fn postgres_keyed_audit_chain_catches_database_edits() {
+    let server = pg_server::PgServer::start();
+    let s = Store::open_postgres(&PgConfig::new(server.url())).unwrap();
+    let mut c = ::postgres::Client::connect(&server.url(), ::postgres::NoTls).unwrap();
+    // A superuser can switch the append-only triggers off.
+    c.batch_execute(
+        "ALTER TABLE audit_log DISABLE TRIGGER audit_log_append_only;
+         ALTER TABLE audit_checkpoints DISABLE TRIGGER audit_checkpoints_append_only;",
+    )
+    .unwrap();
+    let c = std::sync::Mutex::new(c);
+    keyed_audit_chain_catches_database_edits(&s, &|sql| {
+        c.lock().unwrap().batch_execute(sql).unwrap()
+    });
 }

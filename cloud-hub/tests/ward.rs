@@ -169,5 +169,26 @@ async fn the_ward_view_shows_each_bed_riskiest_first() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 401);
+    // The audit log names the patients the overview and the occupancy showed.
+    let (s, body) = call(&hub, "GET", "/api/v1/occupancy", None).await;
+    assert_eq!(s, 200, "{body}");
+    let audited = |resource: &str| -> (Option<String>, String) {
+        hub.db()
+            .query_row(
+                "SELECT patient_id, patients FROM audit_log WHERE resource = ?1 AND outcome = 200
+                 ORDER BY seq DESC LIMIT 1",
+                [resource],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap()
+    };
+    assert_eq!(
+        audited("/api/v1/wards/ICU%203/overview"),
+        (Some("multiple: 2".into()), "MRN-A\nMRN-B".into())
+    );
+    assert_eq!(
+        audited("/api/v1/occupancy"),
+        (Some("multiple: 3".into()), "MRN-A\nMRN-B\nMRN-C".into())
+    );
     hub.stop().await;
 }

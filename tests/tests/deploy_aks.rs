@@ -285,13 +285,16 @@ fn the_pieces_reference_each_other() {
             );
         }
     }
-    assert!(
-        c["env"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|e| e["name"] == "VIGIL_HUB_PG_PASSWORD")
-    );
+    for secret in ["VIGIL_HUB_PG_PASSWORD", "VIGIL_HUB_AUDIT_KEY"] {
+        assert!(
+            c["env"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["name"] == secret && e["valueFrom"].get("secretKeyRef").is_some()),
+            "{secret} from a Secret synced from Key Vault"
+        );
+    }
 
     // Service, Ingress (TLS from Key Vault), ServiceMonitor, HPA, PDB, NetworkPolicy.
     let svc = find(&docs, "Service");

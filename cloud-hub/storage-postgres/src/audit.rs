@@ -1,4 +1,5 @@
-//! `AuditStore` on PostgreSQL (migration 4: `audit_log`). Append-only by
+//! `AuditStore` on PostgreSQL (migration 4: `audit_log`; migration 9: key
+//! ids, patient lists, `audit_checkpoints`). Append-only by
 //! the database itself: a statement trigger refuses UPDATE, DELETE and
 //! TRUNCATE. Hash-chained exactly like SQLite's (`hub_domain::audit`):
 //! an append reads the chain head and writes the entry chained to it in
@@ -6,50 +7,80 @@
 //! hub processes sharing the database are serialized and the chain stays
 //! linear (`seq` being the primary key, a fork could not be stored anyway).
 
-use hub_domain::audit::next_link;
-use hub_storage::{AuditEntry, AuditStore, StoreError, StoredAuditEntry};
+use hub_domain::audit::{Head, next_link};
+use hub_storage::{
+    AuditCheckpoint, AuditEntry, AuditKey, AuditStore, CheckpointPolicy, StoreError,
+    StoredAuditEntry,
+};
 
 use crate::{ASSOC_LOCK, DbError, PgStore};
 
-/// Transaction advisory lock serializing audit appends.
+/// Transaction advisory lock serializing audit appends (and checkpoints).
 pub(crate) const AUDIT_LOCK: i64 = ASSOC_LOCK + 3;
 
+const CHECKPOINT_COLUMNS: &str = "seq, mac, entries, time_us, key_id, sig";
+
+fn checkpoint_row(r: &tokio_postgres::Row) -> AuditCheckpoint {
+    AuditCheckpoint {
+        seq: r.get(0),
+        mac: r.get(1),
+        entries: r.get(2),
+        time_us: r.get(3),
+        key_id: r.get(4),
+        sig: r.get(5),
+    }
+}
+
+/// The head of the chain, read after the lock was granted (read committed:
+/// the statement's snapshot sees the previous holder's entry).
+async fn head(tx: &deadpool_postgres::Transaction<'_>) -> Result<Option<Head>, DbError> {
+    Ok(tx
+        .query_opt(
+            "SELECT seq, hash, key_id FROM audit_log ORDER BY seq DESC LIMIT 1",
+            &[],
+        )
+        .await?
+        .map(|r| Head {
+            seq: r.get(0),
+            hash: r.get(1),
+            key_id: r.get(2),
+        }))
+}
+
 impl PgStore {
-    async fn db_append_audit(&self, e: &AuditEntry) -> Result<i64, DbError> {
+    async fn db_append_audit(
+        &self,
+        e: &AuditEntry,
+        key: Option<&AuditKey>,
+    ) -> Result<i64, DbError> {
         let mut c = self.conn().await?;
         let tx = c.transaction().await?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&AUDIT_LOCK])
             .await?;
-        // Read committed: this statement's snapshot is taken after the lock
-        // was granted, so it sees the previous holder's entry.
-        let last = tx
-            .query_opt(
-                "SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1",
-                &[],
-            )
-            .await?
-            .map(|r| (r.get::<_, i64>(0), r.get::<_, String>(1)));
-        let (seq, prev, hash) = next_link(last, e);
+        let last = head(&tx).await?;
+        let link = next_link(last.as_ref(), e, key).map_err(StoreError::from)?;
         tx.execute(
-            "INSERT INTO audit_log (seq, time_us, actor, action, resource, patient_id, outcome,
-                 detail, prev_hash, hash)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            "INSERT INTO audit_log (seq, time_us, actor, action, resource, patient_id, patients,
+                 outcome, detail, prev_hash, hash, key_id)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
             &[
-                &seq,
+                &link.seq,
                 &e.time_us,
                 &e.actor,
                 &e.action,
                 &e.resource,
                 &e.patient,
+                &e.patients.join("\n"),
                 &i32::from(e.outcome),
                 &e.detail,
-                &prev,
-                &hash,
+                &link.prev_hash,
+                &link.hash,
+                &link.key_id,
             ],
         )
         .await?;
         tx.commit().await?;
-        Ok(seq)
+        Ok(link.seq)
     }
 
     async fn db_audit_entries(&self, since_seq: i64) -> Result<Vec<StoredAuditEntry>, DbError> {
@@ -57,7 +88,7 @@ impl PgStore {
         let rows = c
             .query(
                 "SELECT seq, time_us, actor, action, resource, patient_id, outcome, detail,
-                        prev_hash, hash
+                        prev_hash, hash, key_id, patients
                    FROM audit_log WHERE seq >= $1 ORDER BY seq",
                 &[&since_seq],
             )
@@ -65,6 +96,7 @@ impl PgStore {
         rows.iter()
             .map(|r| {
                 let outcome: i32 = r.get(6);
+                let patients: String = r.get(11);
                 Ok(StoredAuditEntry {
                     seq: r.get(0),
                     entry: AuditEntry {
@@ -73,6 +105,11 @@ impl PgStore {
                         action: r.get(3),
                         resource: r.get(4),
                         patient: r.get(5),
+                        patients: if patients.is_empty() {
+                            Vec::new()
+                        } else {
+                            patients.split('\n').map(str::to_owned).collect()
+                        },
                         outcome: u16::try_from(outcome).map_err(|_| {
                             StoreError::Corrupt(format!("audit outcome {outcome} is not a status"))
                         })?,
@@ -80,17 +117,80 @@ impl PgStore {
                     },
                     prev_hash: r.get(8),
                     hash: r.get(9),
+                    key_id: r.get(10),
                 })
             })
             .collect()
     }
+
+    async fn db_audit_checkpoint(
+        &self,
+        key: &AuditKey,
+        policy: CheckpointPolicy,
+        now_us: i64,
+    ) -> Result<Option<AuditCheckpoint>, DbError> {
+        let mut c = self.conn().await?;
+        let tx = c.transaction().await?;
+        // The append lock: the head cannot move while it is signed, and
+        // two hubs do not both take the same checkpoint.
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&AUDIT_LOCK])
+            .await?;
+        let Some(h) = head(&tx).await? else {
+            return Ok(None);
+        };
+        let last = tx
+            .query_opt(
+                &format!(
+                    "SELECT {CHECKPOINT_COLUMNS} FROM audit_checkpoints ORDER BY seq DESC LIMIT 1"
+                ),
+                &[],
+            )
+            .await?
+            .map(|r| checkpoint_row(&r));
+        if !policy.due(last.as_ref(), h.seq, now_us) {
+            return Ok(None);
+        }
+        let cp = AuditCheckpoint::sign(key, &h, now_us);
+        tx.execute(
+            &format!(
+                "INSERT INTO audit_checkpoints ({CHECKPOINT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6)"
+            ),
+            &[&cp.seq, &cp.mac, &cp.entries, &cp.time_us, &cp.key_id, &cp.sig],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(Some(cp))
+    }
+
+    async fn db_audit_checkpoints(&self) -> Result<Vec<AuditCheckpoint>, DbError> {
+        let c = self.conn().await?;
+        Ok(c.query(
+            &format!("SELECT {CHECKPOINT_COLUMNS} FROM audit_checkpoints ORDER BY seq"),
+            &[],
+        )
+        .await?
+        .iter()
+        .map(checkpoint_row)
+        .collect())
+    }
 }
 
 impl AuditStore for PgStore {
-    fn append_audit(&self, entry: &AuditEntry) -> Result<i64, StoreError> {
-        self.run(self.db_append_audit(entry))
+    fn append_audit(&self, entry: &AuditEntry, key: Option<&AuditKey>) -> Result<i64, StoreError> {
+        self.run(self.db_append_audit(entry, key))
     }
     fn audit_entries(&self, since_seq: i64) -> Result<Vec<StoredAuditEntry>, StoreError> {
         self.run(self.db_audit_entries(since_seq))
+    }
+    fn audit_checkpoint(
+        &self,
+        key: &AuditKey,
+        policy: CheckpointPolicy,
+        now_us: i64,
+    ) -> Result<Option<AuditCheckpoint>, StoreError> {
+        self.run(self.db_audit_checkpoint(key, policy, now_us))
+    }
+    fn audit_checkpoints(&self) -> Result<Vec<AuditCheckpoint>, StoreError> {
+        self.run(self.db_audit_checkpoints())
     }
 }

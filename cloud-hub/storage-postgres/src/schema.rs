@@ -415,6 +415,36 @@ CREATE TABLE login_throttle (
 CREATE INDEX login_throttle_window ON login_throttle (window_start_us);
 "#;
 
+/// Migration 9: the keyed audit chain (SQLite's v18). Each entry's key id
+/// (`NULL`: an unkeyed link, as every entry before this migration) and
+/// patient list (one id per line, for an entry naming several patients);
+/// the signed checkpoints of the chain head, append-only by their own
+/// statement trigger like the log. Existing entries keep their unkeyed
+/// links and still verify; the first keyed entry's MAC covers them.
+/// Idempotent: tests that roll a database back re-run it.
+const PG_V9: &str = r#"
+ALTER TABLE audit_log ADD COLUMN IF NOT EXISTS key_id text;
+ALTER TABLE audit_log ADD COLUMN IF NOT EXISTS patients text NOT NULL DEFAULT '';
+CREATE TABLE IF NOT EXISTS audit_checkpoints (
+    seq      bigint PRIMARY KEY,
+    mac      text NOT NULL,
+    entries  bigint NOT NULL,
+    time_us  bigint NOT NULL,
+    key_id   text NOT NULL,
+    sig      text NOT NULL
+);
+CREATE OR REPLACE FUNCTION audit_checkpoints_append_only() RETURNS trigger LANGUAGE plpgsql AS $fn$
+BEGIN
+    RAISE EXCEPTION 'audit_checkpoints is append-only: % refused', TG_OP
+        USING ERRCODE = '2F003';
+END
+$fn$;
+DROP TRIGGER IF EXISTS audit_checkpoints_append_only ON audit_checkpoints;
+CREATE TRIGGER audit_checkpoints_append_only
+    BEFORE UPDATE OR DELETE OR TRUNCATE ON audit_checkpoints
+    FOR EACH STATEMENT EXECUTE FUNCTION audit_checkpoints_append_only();
+"#;
+
 pub(crate) const MIGRATIONS: &[(i64, &str)] = &[
     (1, V1),
     (2, PG_V2),
@@ -424,6 +454,7 @@ pub(crate) const MIGRATIONS: &[(i64, &str)] = &[
     (6, PG_V6),
     (7, PG_V7),
     (8, PG_V8),
+    (9, PG_V9),
 ];
 
 /// Observation partitions are UTC months: `[start, end)` in µs of the

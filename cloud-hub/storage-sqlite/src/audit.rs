@@ -1,44 +1,94 @@
 //! `AuditStore` on SQLite (schema v11: `audit_log`, whose triggers refuse
-//! UPDATE and DELETE).
+//! UPDATE and DELETE; v18: the key id and patient list of each entry, and
+//! `audit_checkpoints`).
 
-use hub_domain::audit::next_link;
-use hub_storage::{AuditEntry, AuditStore, StoreError, StoredAuditEntry};
-use rusqlite::{OptionalExtension, params};
+use hub_domain::audit::{Head, next_link};
+use hub_storage::{
+    AuditCheckpoint, AuditEntry, AuditKey, AuditStore, CheckpointPolicy, StoreError,
+    StoredAuditEntry,
+};
+use rusqlite::{OptionalExtension, Transaction, params};
 
 use crate::{DbError, SqliteStore};
 
+/// The patient list as stored: one id per line, `''` for none.
+pub(crate) fn join_patients(p: &[String]) -> String {
+    p.join("\n")
+}
+
+pub(crate) fn split_patients(s: &str) -> Vec<String> {
+    if s.is_empty() {
+        Vec::new()
+    } else {
+        s.split('\n').map(str::to_owned).collect()
+    }
+}
+
+fn head(tx: &Transaction<'_>) -> Result<Option<Head>, DbError> {
+    Ok(tx
+        .query_row(
+            "SELECT seq, hash, key_id FROM audit_log ORDER BY seq DESC LIMIT 1",
+            [],
+            |r| {
+                Ok(Head {
+                    seq: r.get(0)?,
+                    hash: r.get(1)?,
+                    key_id: r.get(2)?,
+                })
+            },
+        )
+        .optional()?)
+}
+
+fn checkpoint_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AuditCheckpoint> {
+    Ok(AuditCheckpoint {
+        seq: r.get(0)?,
+        mac: r.get(1)?,
+        entries: r.get(2)?,
+        time_us: r.get(3)?,
+        key_id: r.get(4)?,
+        sig: r.get(5)?,
+    })
+}
+
+const CHECKPOINT_COLUMNS: &str = "seq, mac, entries, time_us, key_id, sig";
+
 impl SqliteStore {
-    fn db_append_audit(&self, e: &AuditEntry) -> Result<i64, DbError> {
+    fn db_append_audit(&self, e: &AuditEntry, key: Option<&AuditKey>) -> Result<i64, DbError> {
         let mut conn = self.conn()?;
         // IMMEDIATE: the write lock from the read of the head on, so that
         // another process appending at once cannot fork the chain.
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let last = tx
-            .query_row(
-                "SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1",
-                [],
-                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)),
-            )
-            .optional()?;
-        let (seq, prev, hash) = next_link(last, e);
+        let last = head(&tx)?;
+        let link = next_link(last.as_ref(), e, key).map_err(StoreError::from)?;
         tx.execute(
-            "INSERT INTO audit_log (seq, time_us, actor, action, resource, patient_id, outcome,
-                 detail, prev_hash, hash)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            "INSERT INTO audit_log (seq, time_us, actor, action, resource, patient_id, patients,
+                 outcome, detail, prev_hash, hash, key_id)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
             params![
-                seq, e.time_us, e.actor, e.action, e.resource, e.patient, e.outcome, e.detail,
-                prev, hash
+                link.seq,
+                e.time_us,
+                e.actor,
+                e.action,
+                e.resource,
+                e.patient,
+                join_patients(&e.patients),
+                e.outcome,
+                e.detail,
+                link.prev_hash,
+                link.hash,
+                link.key_id
             ],
         )?;
         tx.commit()?;
-        Ok(seq)
+        Ok(link.seq)
     }
 
     fn db_audit_entries(&self, since_seq: i64) -> Result<Vec<StoredAuditEntry>, DbError> {
         let conn = self.reader()?;
         let mut stmt = conn.prepare(
             "SELECT seq, time_us, actor, action, resource, patient_id, outcome, detail,
-                    prev_hash, hash
+                    prev_hash, hash, key_id, patients
                FROM audit_log WHERE seq >= ?1 ORDER BY seq",
         )?;
         let rows = stmt
@@ -51,24 +101,83 @@ impl SqliteStore {
                         action: r.get(3)?,
                         resource: r.get(4)?,
                         patient: r.get(5)?,
+                        patients: split_patients(&r.get::<_, String>(11)?),
                         outcome: r.get(6)?,
                         detail: r.get(7)?,
                     },
                     prev_hash: r.get(8)?,
                     hash: r.get(9)?,
+                    key_id: r.get(10)?,
                 })
             })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    fn db_audit_checkpoint(
+        &self,
+        key: &AuditKey,
+        policy: CheckpointPolicy,
+        now_us: i64,
+    ) -> Result<Option<AuditCheckpoint>, DbError> {
+        let mut conn = self.conn()?;
+        // The append lock: the head cannot move while it is signed.
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let Some(h) = head(&tx)? else {
+            return Ok(None);
+        };
+        let last = tx
+            .query_row(
+                &format!(
+                    "SELECT {CHECKPOINT_COLUMNS} FROM audit_checkpoints ORDER BY seq DESC LIMIT 1"
+                ),
+                [],
+                checkpoint_row,
+            )
+            .optional()?;
+        if !policy.due(last.as_ref(), h.seq, now_us) {
+            return Ok(None);
+        }
+        let c = AuditCheckpoint::sign(key, &h, now_us);
+        tx.execute(
+            &format!(
+                "INSERT INTO audit_checkpoints ({CHECKPOINT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
+            ),
+            params![c.seq, c.mac, c.entries, c.time_us, c.key_id, c.sig],
+        )?;
+        tx.commit()?;
+        Ok(Some(c))
+    }
+
+    fn db_audit_checkpoints(&self) -> Result<Vec<AuditCheckpoint>, DbError> {
+        let conn = self.reader()?;
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {CHECKPOINT_COLUMNS} FROM audit_checkpoints ORDER BY seq"
+        ))?;
+        let rows = stmt
+            .query_map([], checkpoint_row)?
             .collect::<Result<Vec<_>, _>>()?;
         Ok(rows)
     }
 }
 
 impl AuditStore for SqliteStore {
-    fn append_audit(&self, entry: &AuditEntry) -> Result<i64, StoreError> {
-        Ok(self.db_append_audit(entry)?)
+    fn append_audit(&self, entry: &AuditEntry, key: Option<&AuditKey>) -> Result<i64, StoreError> {
+        Ok(self.db_append_audit(entry, key)?)
     }
     fn audit_entries(&self, since_seq: i64) -> Result<Vec<StoredAuditEntry>, StoreError> {
         Ok(self.db_audit_entries(since_seq)?)
+    }
+    fn audit_checkpoint(
+        &self,
+        key: &AuditKey,
+        policy: CheckpointPolicy,
+        now_us: i64,
+    ) -> Result<Option<AuditCheckpoint>, StoreError> {
+        Ok(self.db_audit_checkpoint(key, policy, now_us)?)
+    }
+    fn audit_checkpoints(&self) -> Result<Vec<AuditCheckpoint>, StoreError> {
+        Ok(self.db_audit_checkpoints()?)
     }
 }
 
@@ -84,6 +193,7 @@ mod tests {
             action: "read".into(),
             resource: "/fhir/Observation".into(),
             patient: Some(format!("p-{i}")),
+            patients: Vec::new(),
             outcome: 200,
             detail: "patient=p&_count=10".into(),
         }
@@ -93,13 +203,13 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let s = SqliteStore::open(&d.path().join("a.sqlite")).unwrap();
         for i in 0..n {
-            assert_eq!(s.append_audit(&e(i)).unwrap(), i + 1);
+            assert_eq!(s.append_audit(&e(i), None).unwrap(), i + 1);
         }
         (d, s)
     }
 
     fn check(s: &SqliteStore, anchor: Option<(i64, &str)>) -> hub_domain::audit::Verification {
-        verify(&s.audit_entries(i64::MIN).unwrap(), anchor)
+        verify(&s.audit_entries(i64::MIN).unwrap(), &[], anchor, &[])
     }
 
     #[test]

@@ -486,7 +486,28 @@ CREATE TABLE IF NOT EXISTS stream_replicas (
 );
 "#;
 
-/// Ordered migrations; each runs once, in one transaction with its version row.
+/// v18: the keyed audit chain. Each entry's key id (`NULL`: an unkeyed
+/// link, as every entry before this version) and patient list (one id per
+/// line, for an entry naming several patients); the signed checkpoints of
+/// the chain head, append-only like the log. Existing entries keep their
+/// unkeyed links and still verify; the first keyed entry's MAC covers them.
+pub const SCHEMA_V18: &str = r#"
+ALTER TABLE audit_log ADD COLUMN key_id TEXT;
+ALTER TABLE audit_log ADD COLUMN patients TEXT NOT NULL DEFAULT '';
+CREATE TABLE IF NOT EXISTS audit_checkpoints (
+    seq      INTEGER PRIMARY KEY,
+    mac      TEXT NOT NULL,
+    entries  INTEGER NOT NULL,
+    time_us  INTEGER NOT NULL,
+    key_id   TEXT NOT NULL,
+    sig      TEXT NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS audit_checkpoints_no_update BEFORE UPDATE ON audit_checkpoints
+BEGIN SELECT RAISE(ABORT, 'audit_checkpoints is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS audit_checkpoints_no_delete BEFORE DELETE ON audit_checkpoints
+BEGIN SELECT RAISE(ABORT, 'audit_checkpoints is append-only'); END;
+"#;
+
 /// v17: login throttling (issue 17): one counter per (account, source)
 /// pair, account and source, replacing the per-name lockout of v15.
 const SCHEMA_V17: &str = r#"
@@ -500,6 +521,7 @@ CREATE TABLE IF NOT EXISTS login_throttle (
 CREATE INDEX IF NOT EXISTS login_throttle_window ON login_throttle (window_start_us);
 "#;
 
+/// Ordered migrations; each runs once, in one transaction with its version row.
 pub const MIGRATIONS: &[(i64, &str)] = &[
     (1, SCHEMA_V1),
     (2, SCHEMA_V2),
@@ -518,4 +540,5 @@ pub const MIGRATIONS: &[(i64, &str)] = &[
     (15, SCHEMA_V15),
     (16, SCHEMA_V16),
     (17, SCHEMA_V17),
+    (18, SCHEMA_V18),
 ];

@@ -1,18 +1,36 @@
-//! The audit log: append-only, hash-chained (the chain itself is
-//! `hub_domain::audit`).
+//! The audit log: append-only, chained (keyed with the audit key when one
+//! is configured; the chain itself is `hub_domain::audit`), and its signed
+//! checkpoints.
 
-pub use hub_domain::audit::{Entry as AuditEntry, Stored as StoredAuditEntry};
+pub use hub_domain::audit::{
+    AuditKey, Checkpoint as AuditCheckpoint, CheckpointPolicy, Entry as AuditEntry,
+    Stored as StoredAuditEntry,
+};
 
 use crate::StoreError;
 
 /// The audit log's persistence.
 pub trait AuditStore {
     /// Appends `entry` after the newest one, in one transaction that reads
-    /// the newest (seq, hash) and writes the entry chained to it with
-    /// `hub_domain::audit::next_link` (concurrent appends never fork the
-    /// chain). Returns the new entry's seq.
-    fn append_audit(&self, entry: &AuditEntry) -> Result<i64, StoreError>;
+    /// the newest entry and writes the entry chained to it with
+    /// `hub_domain::audit::next_link` under `key` (concurrent appends never
+    /// fork the chain). Without a key the entry is unkeyed, which is
+    /// refused once the log holds a keyed entry
+    /// ([`StoreError::Audit`]). Returns the new entry's seq.
+    fn append_audit(&self, entry: &AuditEntry, key: Option<&AuditKey>) -> Result<i64, StoreError>;
     /// The entries with `seq >= since_seq`, by seq (`i64::MIN`: all of
     /// them, as verification needs).
     fn audit_entries(&self, since_seq: i64) -> Result<Vec<StoredAuditEntry>, StoreError>;
+    /// Under the same lock as appends: when `policy` says a checkpoint of
+    /// the head is due at `now_us`, signs it with `key`, stores it and
+    /// returns it (several hubs sharing the database take each checkpoint
+    /// once).
+    fn audit_checkpoint(
+        &self,
+        key: &AuditKey,
+        policy: CheckpointPolicy,
+        now_us: i64,
+    ) -> Result<Option<AuditCheckpoint>, StoreError>;
+    /// The stored checkpoints, by seq.
+    fn audit_checkpoints(&self) -> Result<Vec<AuditCheckpoint>, StoreError>;
 }

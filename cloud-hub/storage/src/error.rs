@@ -32,6 +32,10 @@ pub enum StoreError {
     /// above 2^63-1): refused as a whole, nothing stored (HTTP 400).
     #[error(transparent)]
     BatchRefused(#[from] hub_domain::ingest::BatchRefused),
+    /// An audit entry that the chain refuses (an unkeyed entry after keyed
+    /// ones).
+    #[error(transparent)]
+    Audit(#[from] hub_domain::audit::ChainError),
 }
 
 impl StoreError {

@@ -36,7 +36,9 @@ mod audit;
 mod gateway_view;
 
 pub use access::{AccountStore, SessionRecord, TokenRecord, UserRecord};
-pub use audit::{AuditEntry, AuditStore, StoredAuditEntry};
+pub use audit::{
+    AuditCheckpoint, AuditEntry, AuditKey, AuditStore, CheckpointPolicy, StoredAuditEntry,
+};
 pub use gateway_view::{BatchCounts, DeviceActivity, GatewayActivity, GatewayViewStore, LastBatch};
 
 /// A gateway as listed (never its token).

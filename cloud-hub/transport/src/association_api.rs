@@ -438,6 +438,11 @@ async fn occupancy(
             let at = parse_at(q.at.as_deref())?;
             let store = st.store.clone();
             let beds = run(move || store.occupancy(at)).await?;
+            // The audit entry names the patients shown.
+            let patients: Vec<String> = beds
+                .iter()
+                .filter_map(|b| b.patient.as_ref().map(|p| p.value.clone()))
+                .collect();
             let beds: Vec<_> = beds
                 .into_iter()
                 .map(|b| {
@@ -458,11 +463,14 @@ async fn occupancy(
                     })
                 })
                 .collect();
-            Ok(axum::Json(json!({
-                "at": crate::fhir::format_instant(at),
-                "beds": beds,
-            }))
-            .into_response())
+            Ok(crate::audit::with_patients(
+                axum::Json(json!({
+                    "at": crate::fhir::format_instant(at),
+                    "beds": beds,
+                }))
+                .into_response(),
+                patients,
+            ))
         }
         .await,
     )

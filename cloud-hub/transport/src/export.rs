@@ -130,6 +130,9 @@ pub struct OutputFile {
     pub resource_type: &'static str,
     pub name: String,
     pub count: u64,
+    /// The patients whose data the file holds (for the audit entry of its
+    /// download).
+    pub patients: BTreeSet<String>,
 }
 
 /// Where a job is.
@@ -243,8 +246,9 @@ impl Exports {
         }
     }
 
-    /// The path of an output file of a finished job (None if unknown).
-    pub fn file(&self, id: &str, name: &str) -> Option<PathBuf> {
+    /// The path of an output file of a finished job and the patients whose
+    /// data it holds (None if unknown).
+    pub fn file(&self, id: &str, name: &str) -> Option<(PathBuf, BTreeSet<String>)> {
         let job = self.job(id)?;
         let JobStatus::Done(files) = &*job.status.lock().expect("export status lock") else {
             return None;
@@ -252,7 +256,7 @@ impl Exports {
         files
             .iter()
             .find(|f| f.name == name)
-            .map(|f| job.dir.join(&f.name))
+            .map(|f| (job.dir.join(&f.name), f.patients.clone()))
     }
 }
 
@@ -275,7 +279,7 @@ impl<'a> Writer<'a> {
         }
     }
 
-    fn line(&mut self, resource: &Json) -> Result<(), ExportError> {
+    fn line(&mut self, resource: &Json, patient: Option<&str>) -> Result<(), ExportError> {
         if self.job.cancelled.load(Ordering::Relaxed) {
             return Err(ExportError::Cancelled);
         }
@@ -291,6 +295,7 @@ impl<'a> Writer<'a> {
                 resource_type: self.ty,
                 name,
                 count: 0,
+                patients: BTreeSet::new(),
             });
         }
         let out = self.out.as_mut().expect("file opened above");
@@ -298,6 +303,9 @@ impl<'a> Writer<'a> {
         out.write_all(b"\n")?;
         if let Some(f) = self.files.last_mut() {
             f.count += 1;
+            if let Some(p) = patient {
+                f.patients.insert(p.to_owned());
+            }
         }
         self.job.written.fetch_add(1, Ordering::Relaxed);
         Ok(())
@@ -342,7 +350,7 @@ fn run_job(store: &Store, job: &Job) -> Result<Vec<OutputFile>, ExportError> {
                     after = *last;
                     for (_, row) in &rows {
                         devices_seen.insert((row.gateway_id.clone(), row.device_id.clone()));
-                        w.line(&render_observation(row)?)?;
+                        w.line(&render_observation(row)?, row.patient_id.as_deref())?;
                     }
                 }
             }
@@ -350,7 +358,7 @@ fn run_job(store: &Store, job: &Job) -> Result<Vec<OutputFile>, ExportError> {
                 let all = store.export_patients(ward)?;
                 for (value, system) in all {
                     if crate::fhir::is_valid_id(&value) {
-                        w.line(&render_patient(&value, Some(&system)))?;
+                        w.line(&render_patient(&value, Some(&system)), Some(&value))?;
                     }
                 }
             }
@@ -367,7 +375,7 @@ fn run_job(store: &Store, job: &Job) -> Result<Vec<OutputFile>, ExportError> {
                             || devices_seen.contains(&(d.gateway_id.clone(), d.device_id.clone()));
                         let fresh = req.since_us.is_none_or(|s| d.last_seen_us >= s);
                         if in_scope && fresh {
-                            w.line(&render_device(&d))?;
+                            w.line(&render_device(&d), None)?;
                         }
                     }
                 }
@@ -377,7 +385,7 @@ fn run_job(store: &Store, job: &Job) -> Result<Vec<OutputFile>, ExportError> {
                     .list_beds()
                     .map_err(|e| std::io::Error::other(e.to_string()))?;
                 for b in beds {
-                    w.line(&render_location(&b.id, &b.ward, &b.label))?;
+                    w.line(&render_location(&b.id, &b.ward, &b.label), None)?;
                 }
             }
             _ => {}

@@ -191,7 +191,10 @@ async fn read(State(st): State<FhirState>, Path(id): Path<String>) -> Response {
     let lookup = id.clone();
     match blocking(move || store.observation(&lookup)).await {
         Ok(Some(row)) => match render_observation(&row) {
-            Ok(resource) => fhir_response(StatusCode::OK, &resource),
+            Ok(resource) => crate::audit::with_patients(
+                fhir_response(StatusCode::OK, &resource),
+                row.patient_id.clone(),
+            ),
             Err(e) => {
                 tracing::error!(error = %e, "stored observation cannot be rendered");
                 outcome(
@@ -387,24 +390,28 @@ async fn export_file(
     State(st): State<FhirState>,
     Path((job, file)): Path<(String, String)>,
 ) -> Response {
-    let path = if crate::export::is_file_name(&file) {
+    let found = if crate::export::is_file_name(&file) {
         st.exports.file(&job, &file)
     } else {
         None
     };
-    let Some(path) = path else {
+    let Some((path, patients)) = found else {
         return outcome(StatusCode::NOT_FOUND, "not-found", "no such export file");
     };
     match tokio::fs::File::open(&path).await {
-        Ok(f) => (
-            StatusCode::OK,
-            [(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/fhir+ndjson"),
-            )],
-            Body::from_stream(tokio_util::io::ReaderStream::new(f)),
-        )
-            .into_response(),
+        // The audit entry names the patients whose data the file holds.
+        Ok(f) => crate::audit::with_patients(
+            (
+                StatusCode::OK,
+                [(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/fhir+ndjson"),
+                )],
+                Body::from_stream(tokio_util::io::ReaderStream::new(f)),
+            )
+                .into_response(),
+            patients,
+        ),
         Err(e) => {
             tracing::error!(error = %e, "export file unreadable");
             outcome(
@@ -600,7 +607,11 @@ async fn search(State(st): State<FhirState>, headers: HeaderMap, uri: Uri) -> Re
     );
     let bundle = searchset(&base, total, links, render_rows(&rows));
     tracing::debug!(total, returned = rows.len(), "observation search");
-    fhir_response(StatusCode::OK, &bundle)
+    // The audit entry names the patients of the returned page.
+    crate::audit::with_patients(
+        fhir_response(StatusCode::OK, &bundle),
+        rows.iter().filter_map(|r| r.patient_id.clone()),
+    )
 }
 
 fn page_link(

@@ -90,6 +90,7 @@ pub fn map_batch(systems: &IdentifierSystems, batch: &mut Batch) {
 pub fn migrate_stored(
     store: &Store,
     systems: &Arc<IdentifierSystems>,
+    keys: &crate::audit::AuditKeys,
 ) -> Result<SystemsMigrated, hub_storage::AssocError> {
     let map = systems.clone();
     let done = store.migrate_patient_systems(&move |s: &str| map.system_uri(s))?;
@@ -109,13 +110,14 @@ pub fn migrate_stored(
         action: "update".into(),
         resource: "identifier-systems-migration".into(),
         patient: None,
+        patients: Vec::new(),
         outcome: 0,
         detail: format!(
             "systems={} stays={} observations={}",
             done.systems, done.stays, done.observations
         ),
     };
-    if let Err(e) = store.append_audit(&entry) {
+    if let Err(e) = crate::audit::append(store, keys, &entry) {
         tracing::error!(error = %e, "audit entry of the identifier system migration not written");
     }
     Ok(done)

@@ -275,7 +275,7 @@ impl Metrics {
             ),
             (
                 "vigil_hub_audit_failures_total",
-                "Audited requests whose audit log entry could not be written (answered, not audited).",
+                "Audited requests whose audit log entry could not be written (answered 503, response withheld).",
                 &self.audit_failures,
             ),
         ] {

@@ -151,12 +151,22 @@ async fn get_overview(State(st): State<WardState>, Path(ward): Path<String>) -> 
     })
     .await;
     match r {
-        Ok(Ok(beds)) => axum::Json(json!({
-            "ward": ward,
-            "at": crate::fhir::format_instant(now),
-            "beds": beds,
-        }))
-        .into_response(),
+        Ok(Ok(beds)) => {
+            // The audit entry names the patients shown.
+            let patients: Vec<String> = beds
+                .iter()
+                .filter_map(|b| b["patient"]["value"].as_str().map(str::to_owned))
+                .collect();
+            crate::audit::with_patients(
+                axum::Json(json!({
+                    "ward": ward,
+                    "at": crate::fhir::format_instant(now),
+                    "beds": beds,
+                }))
+                .into_response(),
+                patients,
+            )
+        }
         Ok(Err(e)) => e.into_response(),
         Err(e) => {
             tracing::error!(error = %e, "ward overview task failed");

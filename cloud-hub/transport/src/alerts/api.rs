@@ -136,7 +136,14 @@ async fn list(
         limit: q.count.unwrap_or(100),
     };
     match blocking(move || svc.list(&f)).await {
-        Ok(alerts) => axum::Json(json!({ "alerts": alerts })).into_response(),
+        Ok(alerts) => {
+            // The audit entry names the alerts' patients.
+            let patients: Vec<String> = alerts.iter().filter_map(|a| a.patient.clone()).collect();
+            crate::audit::with_patients(
+                axum::Json(json!({ "alerts": alerts })).into_response(),
+                patients,
+            )
+        }
         Err(e) => e.into_response(),
     }
 }
@@ -154,7 +161,11 @@ async fn one(State(st): State<AlertsState>, Path(id): Path<i64>) -> Response {
                     json!({ "time": crate::fhir::format_instant(t), "transition": transition, "actor": actor })
                 })
                 .collect();
-            axum::Json(json!({ "alert": alert, "events": events })).into_response()
+            let patient = alert.patient.clone();
+            crate::audit::with_patients(
+                axum::Json(json!({ "alert": alert, "events": events })).into_response(),
+                patient,
+            )
         }
         Ok(None) => error(StatusCode::NOT_FOUND, "no such alert"),
         Err(e) => e.into_response(),
@@ -172,7 +183,10 @@ async fn acknowledge(
     };
     let actor = actor(principal);
     match blocking(move || svc.acknowledge(id, &actor, now_us())).await {
-        Ok(alert) => axum::Json(alert).into_response(),
+        Ok(alert) => {
+            let patient = alert.patient.clone();
+            crate::audit::with_patients(axum::Json(alert).into_response(), patient)
+        }
         Err(e) => e.into_response(),
     }
 }
