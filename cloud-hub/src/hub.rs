@@ -223,6 +223,7 @@ impl Hub {
             })
         })?;
         let metrics = self.metrics.clone();
+        let association_metrics = self.metrics.clone();
         let state = AppState {
             ops: server::OpsState::new(store.clone(), metrics.clone()),
             ingest: hub_transport::ingest_api::IngestState::new(
@@ -243,7 +244,9 @@ impl Hub {
                 metrics,
             },
             association: hub_transport::association_api::ApiState::new(store.clone(), associations)
-                .with_identifiers(identifiers),
+                .with_identifiers(identifiers)
+                .with_config(&self.config.association)
+                .with_metrics(association_metrics),
             scores: hub_transport::early_warning::ScoresState::new(
                 store.clone(),
                 self.config.scores,

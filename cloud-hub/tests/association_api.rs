@@ -109,7 +109,7 @@ async fn beds_placements_and_stays_attribute_readings_over_http() {
         &hub,
         "POST",
         "/api/v1/placements",
-        Some(json!({ "gateway_id": GATEWAY, "device_id": "mon-7", "bed_id": "icu3-07", "at": AT_T0 })),
+        Some(json!({ "gateway_id": GATEWAY, "device_id": "mon-7", "bed_id": "icu3-07", "at": AT_T0, "reason": "recorded late" })),
     )
     .await;
     assert_eq!((status, body), (200, json!({ "reattributed": 0 })));
@@ -118,7 +118,7 @@ async fn beds_placements_and_stays_attribute_readings_over_http() {
         &hub,
         "POST",
         "/api/v1/patients/admit",
-        Some(json!({ "patient": patient, "bed_id": "icu3-07", "at": AT_T0 })),
+        Some(json!({ "patient": patient, "bed_id": "icu3-07", "at": AT_T0, "reason": "recorded late" })),
     )
     .await;
     assert_eq!((status, body), (200, json!({ "reattributed": 1 })));
@@ -149,7 +149,7 @@ async fn beds_placements_and_stays_attribute_readings_over_http() {
         &hub,
         "POST",
         "/api/v1/patients/admit",
-        Some(json!({ "patient": { "value": "MRN-2" }, "bed_id": "icu3-07", "at": AT_T0_PLUS_5 })),
+        Some(json!({ "patient": { "value": "MRN-2" }, "bed_id": "icu3-07", "at": AT_T0_PLUS_5, "reason": "recorded late" })),
     )
     .await;
     assert_eq!(status, 409, "{body}");
@@ -169,7 +169,9 @@ async fn beds_placements_and_stays_attribute_readings_over_http() {
         &hub,
         "POST",
         "/api/v1/patients/discharge",
-        Some(json!({ "patient": patient, "at": "2024-05-01T10:01:30Z" })),
+        Some(
+            json!({ "patient": patient, "at": "2024-05-01T10:01:30Z", "reason": "recorded late" }),
+        ),
     )
     .await;
     assert_eq!((status, body), (200, json!({ "reattributed": 1 })));
@@ -180,7 +182,7 @@ async fn beds_placements_and_stays_attribute_readings_over_http() {
         &hub,
         "POST",
         "/api/v1/placements/end",
-        Some(json!({ "gateway_id": GATEWAY, "device_id": "mon-7", "at": AT_T0 })),
+        Some(json!({ "gateway_id": GATEWAY, "device_id": "mon-7", "at": AT_T0, "reason": "recorded late" })),
     )
     .await;
     assert_eq!((status, body), (200, json!({ "reattributed": 1 })));

@@ -401,6 +401,17 @@ CREATE INDEX observations_patient_mdc_panel_time
     ON observations (patient_id, mdc_code, ((panel_id IS NOT NULL)::integer), effective_us, rid);
 "#;
 
+/// Migration 10: re-attribution versions. A stored reading's `version`
+/// (FHIR `meta.versionId`, 1 when stored) goes up each time a placement or
+/// stay change gives it another patient, and `updated_us`
+/// (`meta.lastUpdated`; NULL: `received_us`) is when. Added to the
+/// partitioned table, so to every partition (a constant default: no
+/// rewrite).
+const PG_V10: &str = r#"
+ALTER TABLE observations ADD COLUMN version integer NOT NULL DEFAULT 1,
+                         ADD COLUMN updated_us bigint;
+"#;
+
 pub(crate) const MIGRATIONS: &[(i64, &str)] = &[
     (1, V1),
     (2, PG_V2),
@@ -409,6 +420,7 @@ pub(crate) const MIGRATIONS: &[(i64, &str)] = &[
     (5, PG_V5),
     (6, PG_V6),
     (7, PG_V7),
+    (10, PG_V10),
 ];
 
 /// Observation partitions are UTC months: `[start, end)` in µs of the

@@ -31,17 +31,59 @@ use serde_json::json;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
+use axum::Extension;
+use hub_domain::association::{
+    AuditContext, DEFAULT_REATTRIBUTION_WINDOW_MINUTES, ReattributionRefused, Subject,
+    audit_entries, check_reattribution,
+};
+use hub_domain::clock::format_instant;
+
+use crate::access::{Principal, Role};
 use crate::association::{AssocError, Bed, PatientId};
 use crate::store::{Associations, Store, now_us};
 
 /// `[association]`
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AssociationConfig {
     /// File (mode 0600) holding the admin bearer token of the association
     /// API. Absent: the API answers 403. Relative paths are relative to the
     /// config file's directory.
     pub admin_token_file: Option<PathBuf>,
+    /// How far back (minutes) a placement or stay change may be dated
+    /// without being a re-attribution of stored readings: an earlier `at`
+    /// needs the clinician or admin role and a `reason`.
+    #[serde(default = "default_window")]
+    pub reattribution_window_minutes: u32,
+}
+
+fn default_window() -> u32 {
+    DEFAULT_REATTRIBUTION_WINDOW_MINUTES
+}
+
+impl Default for AssociationConfig {
+    fn default() -> Self {
+        Self {
+            admin_token_file: None,
+            reattribution_window_minutes: DEFAULT_REATTRIBUTION_WINDOW_MINUTES,
+        }
+    }
+}
+
+/// Longest accepted re-attribution window: one week.
+pub const MAX_REATTRIBUTION_WINDOW_MINUTES: u32 = 7 * 24 * 60;
+
+impl AssociationConfig {
+    /// Checks the fields; errors name them.
+    pub fn validate(&self) -> Result<(), crate::ConfigError> {
+        if self.reattribution_window_minutes > MAX_REATTRIBUTION_WINDOW_MINUTES {
+            return Err(crate::ConfigError::invalid(
+                "association.reattribution_window_minutes",
+                format!("must be between 0 and {MAX_REATTRIBUTION_WINDOW_MINUTES}"),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Shortest accepted admin token.
@@ -94,6 +136,10 @@ pub struct ApiState {
     /// `[identifiers]`: a patient's `system` (an HL7 assigning authority,
     /// an OID or a URI) is stored as its URI.
     identifiers: Arc<hub_domain::identifiers::IdentifierSystems>,
+    /// `[association] reattribution_window_minutes`, in µs.
+    window_us: i64,
+    /// Where a failed audit append is counted.
+    metrics: Option<crate::SharedMetrics>,
 }
 
 impl ApiState {
@@ -102,6 +148,96 @@ impl ApiState {
             store,
             fallback,
             identifiers: Arc::default(),
+            window_us: i64::from(DEFAULT_REATTRIBUTION_WINDOW_MINUTES) * 60_000_000,
+            metrics: None,
+        }
+    }
+
+    /// Applies `[association]` (the re-attribution window).
+    pub fn with_config(mut self, config: &AssociationConfig) -> Self {
+        self.window_us = i64::from(config.reattribution_window_minutes) * 60_000_000;
+        self
+    }
+
+    /// Counts audit append failures into `metrics`
+    /// (`vigil_hub_audit_failures_total`).
+    pub fn with_metrics(mut self, metrics: crate::SharedMetrics) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// May the caller make a change dated `at` (a re-attribution when it is
+    /// before the window)? The reason to record.
+    fn authorise(
+        &self,
+        at: i64,
+        principal: Option<&Principal>,
+        reason: Option<&str>,
+    ) -> Result<Option<String>, ApiError> {
+        let clinical = principal.is_some_and(|p| {
+            p.roles
+                .iter()
+                .any(|r| matches!(r, Role::Clinician | Role::Admin))
+        });
+        match check_reattribution(at, now_us(), self.window_us, clinical, reason) {
+            Ok(r) => Ok(r.map(str::to_owned)),
+            Err(e @ ReattributionRefused::Role) => {
+                Err(ApiError::new(StatusCode::FORBIDDEN, e.to_string()))
+            }
+            Err(e) => Err(ApiError::field("reason", e.to_string())),
+        }
+    }
+
+    /// Writes the change's audit entries (the patients it names and moved,
+    /// with counts and the reason). A failure is logged and counted: the
+    /// change is committed.
+    async fn audit(
+        &self,
+        principal: Option<&Principal>,
+        resource: &str,
+        what: String,
+        reason: Option<&str>,
+        named: &[PatientId],
+        change: &crate::association::Change,
+    ) {
+        let actor = principal.map_or("anonymous", |p| p.id.as_str());
+        let named: Vec<Subject> = named
+            .iter()
+            .map(|p| Subject {
+                system: Some(p.system.clone()).filter(|s| !s.is_empty()),
+                value: p.value.clone(),
+            })
+            .collect();
+        let ctx = AuditContext {
+            time_us: now_us(),
+            actor,
+            resource,
+            outcome: 200,
+            what: &what,
+            reason,
+        };
+        let entries = audit_entries(&ctx, &named, change);
+        if entries.is_empty() {
+            return;
+        }
+        let store = self.store.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            entries
+                .iter()
+                .try_for_each(|e| crate::audit::append(&store, e).map(drop))
+        })
+        .await;
+        if !matches!(r, Ok(Ok(()))) {
+            if let Some(m) = &self.metrics {
+                m.audit_failure();
+            }
+            match r {
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "writing re-attribution audit entries failed")
+                }
+                Err(e) => tracing::error!(error = %e, "the re-attribution audit task failed"),
+                Ok(Ok(())) => {}
+            }
         }
     }
 
@@ -297,18 +433,43 @@ struct PlaceRequest {
     device_id: String,
     bed_id: String,
     at: Option<String>,
+    /// Why: required for a change dated before the re-attribution window.
+    reason: Option<String>,
 }
 
-async fn place(State(st): State<ApiState>, body: Bytes) -> Response {
+type Caller = Option<Extension<Principal>>;
+
+fn caller(p: &Caller) -> Option<&Principal> {
+    p.as_ref().map(|Extension(p)| p)
+}
+
+async fn place(State(st): State<ApiState>, principal: Caller, body: Bytes) -> Response {
     respond(
         async {
             let r: PlaceRequest = parse_body(&body)?;
             let at = parse_at(r.at.as_deref())?;
+            let reason = st.authorise(at, caller(&principal), r.reason.as_deref())?;
             let (store, fb) = (st.store.clone(), st.fallback.clone());
             let (g, d, b) = (r.gateway_id.clone(), r.device_id.clone(), r.bed_id.clone());
             let c = run(move || store.place_device(&g, &d, &b, at, &fb)).await?;
             tracing::info!(gateway_id = %r.gateway_id, device_id = %r.device_id, bed_id = %r.bed_id,
                 reattributed = c.reattributed, "device placed");
+            let what = format!(
+                "device {}/{} placed at bed {} from {}",
+                r.gateway_id,
+                r.device_id,
+                r.bed_id,
+                format_instant(at)
+            );
+            st.audit(
+                caller(&principal),
+                "/api/v1/placements",
+                what,
+                reason.as_deref(),
+                &[],
+                &c,
+            )
+            .await;
             Ok(changed(c))
         }
         .await,
@@ -321,18 +482,35 @@ struct EndPlacementRequest {
     gateway_id: String,
     device_id: String,
     at: Option<String>,
+    reason: Option<String>,
 }
 
-async fn end_placement(State(st): State<ApiState>, body: Bytes) -> Response {
+async fn end_placement(State(st): State<ApiState>, principal: Caller, body: Bytes) -> Response {
     respond(
         async {
             let r: EndPlacementRequest = parse_body(&body)?;
             let at = parse_at(r.at.as_deref())?;
+            let reason = st.authorise(at, caller(&principal), r.reason.as_deref())?;
             let (store, fb) = (st.store.clone(), st.fallback.clone());
             let (g, d) = (r.gateway_id.clone(), r.device_id.clone());
             let c = run(move || store.remove_device(&g, &d, at, &fb)).await?;
             tracing::info!(gateway_id = %r.gateway_id, device_id = %r.device_id,
                 reattributed = c.reattributed, "device placement ended");
+            let what = format!(
+                "placement of device {}/{} ended at {}",
+                r.gateway_id,
+                r.device_id,
+                format_instant(at)
+            );
+            st.audit(
+                caller(&principal),
+                "/api/v1/placements/end",
+                what,
+                reason.as_deref(),
+                &[],
+                &c,
+            )
+            .await;
             Ok(changed(c))
         }
         .await,
@@ -347,14 +525,16 @@ struct AdmitRequest {
     at: Option<String>,
     /// Encounter/visit number (optional).
     visit: Option<String>,
+    reason: Option<String>,
 }
 
-async fn admit(State(st): State<ApiState>, body: Bytes) -> Response {
+async fn admit(State(st): State<ApiState>, principal: Caller, body: Bytes) -> Response {
     respond(
         async {
             let mut r: AdmitRequest = parse_body(&body)?;
             r.patient = st.mapped(r.patient);
             let at = parse_at(r.at.as_deref())?;
+            let reason = st.authorise(at, caller(&principal), r.reason.as_deref())?;
             if let Some(v) = &r.visit
                 && (v.is_empty() || v.len() > 64 || v.chars().any(char::is_control))
             {
@@ -364,10 +544,20 @@ async fn admit(State(st): State<ApiState>, body: Bytes) -> Response {
                 ));
             }
             let (store, fb) = (st.store.clone(), st.fallback.clone());
-            let bed = r.bed_id.clone();
+            let (bed, patient) = (r.bed_id.clone(), r.patient.clone());
             let c = run(move || store.admit(&r.patient, &r.bed_id, at, r.visit.as_deref(), &fb))
                 .await?;
             tracing::info!(bed_id = %bed, reattributed = c.reattributed, "patient admitted");
+            let what = format!("admitted to bed {bed} at {}", format_instant(at));
+            st.audit(
+                caller(&principal),
+                "/api/v1/patients/admit",
+                what,
+                reason.as_deref(),
+                &[patient],
+                &c,
+            )
+            .await;
             Ok(changed(c))
         }
         .await,
@@ -380,18 +570,30 @@ struct TransferRequest {
     patient: PatientId,
     bed_id: String,
     at: Option<String>,
+    reason: Option<String>,
 }
 
-async fn transfer(State(st): State<ApiState>, body: Bytes) -> Response {
+async fn transfer(State(st): State<ApiState>, principal: Caller, body: Bytes) -> Response {
     respond(
         async {
             let mut r: TransferRequest = parse_body(&body)?;
             r.patient = st.mapped(r.patient);
             let at = parse_at(r.at.as_deref())?;
+            let reason = st.authorise(at, caller(&principal), r.reason.as_deref())?;
             let (store, fb) = (st.store.clone(), st.fallback.clone());
-            let bed = r.bed_id.clone();
+            let (bed, patient) = (r.bed_id.clone(), r.patient.clone());
             let c = run(move || store.transfer(&r.patient, &r.bed_id, at, &fb)).await?;
             tracing::info!(bed_id = %bed, reattributed = c.reattributed, "patient transferred");
+            let what = format!("transferred to bed {bed} at {}", format_instant(at));
+            st.audit(
+                caller(&principal),
+                "/api/v1/patients/transfer",
+                what,
+                reason.as_deref(),
+                &[patient],
+                &c,
+            )
+            .await;
             Ok(changed(c))
         }
         .await,
@@ -403,17 +605,30 @@ async fn transfer(State(st): State<ApiState>, body: Bytes) -> Response {
 struct DischargeRequest {
     patient: PatientId,
     at: Option<String>,
+    reason: Option<String>,
 }
 
-async fn discharge(State(st): State<ApiState>, body: Bytes) -> Response {
+async fn discharge(State(st): State<ApiState>, principal: Caller, body: Bytes) -> Response {
     respond(
         async {
             let mut r: DischargeRequest = parse_body(&body)?;
             r.patient = st.mapped(r.patient);
             let at = parse_at(r.at.as_deref())?;
+            let reason = st.authorise(at, caller(&principal), r.reason.as_deref())?;
             let (store, fb) = (st.store.clone(), st.fallback.clone());
+            let patient = r.patient.clone();
             let c = run(move || store.discharge(&r.patient, at, &fb)).await?;
             tracing::info!(reattributed = c.reattributed, "patient discharged");
+            let what = format!("discharged at {}", format_instant(at));
+            st.audit(
+                caller(&principal),
+                "/api/v1/patients/discharge",
+                what,
+                reason.as_deref(),
+                &[patient],
+                &c,
+            )
+            .await;
             Ok(changed(c))
         }
         .await,
