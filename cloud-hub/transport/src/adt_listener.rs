@@ -1,5 +1,15 @@
 //! The HL7 v2 ADT listener (`[adt]`, off unless configured): MLLP over
-//! TCP, TLS optional (rustls, ring provider), on `adt.listen`.
+//! TCP, TLS (rustls, ring provider), on `adt.listen`.
+//!
+//! ADT moves patients and their stored readings, so only configured
+//! senders are applied: mutual TLS (`client_ca_file`: a connection without
+//! a certificate from that CA fails the handshake; required off loopback)
+//! and/or, on a loopback listen only, `allow_sources`; and MSH-4 must be in
+//! `allowed_sending_facilities`. Other messages are answered AR, counted by
+//! reason (`vigil_hub_adt_refused_total`) and change nothing. Every applied
+//! event is written to the audit log with its source
+//! (`adt:FACILITY@cert:FINGERPRINT` or `adt:FACILITY@ip:ADDRESS`), its
+//! patient and every patient whose readings it moved, with the counts.
 //!
 //! For each message: [`crate::adt::interpret`] (sans-IO) → the event is
 //! applied to the association store in one transaction (admit, transfer,

@@ -9,7 +9,13 @@
 //!
 //! Every change takes an explicit time `at` (RFC 3339, e.g.
 //! `2026-11-24T08:30:00Z`; default: now) and answers with how many stored
-//! readings it re-attributed. Errors are `{"error": "...", "field": "..."}`
+//! readings it re-attributed. A change dated before
+//! `[association] reattribution_window_minutes` (default 15) moves stored
+//! readings between patients, a clinical act: it needs the clinician or
+//! admin role (403) and a `reason` (400 naming it); see
+//! `hub_domain::association::check_reattribution`. Every change that names
+//! or moves a patient writes audit entries with the patients, the number of
+//! readings moved and the reason. Errors are `{"error": "...", "field": "..."}`
 //! (`field` when one field is at fault) with 400 (malformed or invalid
 //! field), 401 (no or unknown credentials), 403 (role), 404 (unknown bed) or 409
 //! (conflicts with the recorded stays/placements).
