@@ -675,12 +675,13 @@ async fn adt_over_mutual_tls_serves_only_senders_with_a_certificate_from_the_cli
     let (fcert, fkey, _, _) = foreign_ca.issue("sender", true);
     for identity in [None, Some((fcert, fkey))] {
         let tcp = TcpStream::connect(addr).await.unwrap();
-        match tls_client(&server_ca, identity)
+        // (TLS 1.3: the client may finish its side before the server's
+        // refusal arrives; then the message gets no ACK.)
+        if let Ok(s) = tls_client(&server_ca, identity)
             .connect(name.clone(), tcp)
             .await
         {
-            Ok(s) => assert!(no_ack(s, A01).await),
-            Err(_) => {}
+            assert!(no_ack(s, A01).await);
         }
     }
     assert!(no_ack(TcpStream::connect(addr).await.unwrap(), A01).await);

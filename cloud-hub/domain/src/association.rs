@@ -231,13 +231,13 @@ pub fn is_backdated(at_us: i64, now_us: i64, window_us: i64) -> bool {
 /// anyone the route admits; before it only a clinician or admin
 /// (`clinical`) with a reason. A given reason is always checked. Returns
 /// the trimmed reason.
-pub fn check_reattribution<'a>(
+pub fn check_reattribution(
     at_us: i64,
     now_us: i64,
     window_us: i64,
     clinical: bool,
-    reason: Option<&'a str>,
-) -> Result<Option<&'a str>, ReattributionRefused> {
+    reason: Option<&str>,
+) -> Result<Option<&str>, ReattributionRefused> {
     let reason = reason.map(str::trim).filter(|r| !r.is_empty());
     if let Some(r) = reason
         && (r.chars().count() > MAX_REASON_CHARS || r.chars().any(char::is_control))
