@@ -549,3 +549,54 @@ async fn a_biomed_cannot_move_readings_back_in_time() {
     assert_eq!(bundle["entry"][0]["resource"]["meta"]["versionId"], "1");
     hub.stop().await;
 }
+
+/// `[association] reattribution_window_minutes`: with 0, any change dated
+/// before now is a re-attribution (a biomed's is refused), one without `at`
+/// is dated now and is not; the setting is checked.
+#[tokio::test]
+async fn the_reattribution_window_is_configurable() {
+    use cloud_hub::access::Role;
+    let data = tempfile::tempdir().unwrap();
+    let bad = cloud_hub::Config::parse(&admin_config_text(
+        data.path(),
+        ADMIN,
+        "reattribution_window_minutes = 20000",
+    ))
+    .unwrap();
+    let err = bad.validate().unwrap_err().to_string();
+    assert!(
+        err.contains("association.reattribution_window_minutes"),
+        "{err}"
+    );
+    let mut hub = start_with_admin(data.path(), ADMIN, "reattribution_window_minutes = 0").await;
+    hub.dir = data;
+    let biomed = cloud_hub::token_create(&hub.config, "bio", Role::Biomed).unwrap();
+    let (status, _) = call(
+        &hub,
+        "POST",
+        "/api/v1/beds",
+        Some(json!({ "id": "b1", "ward": "W", "label": "B1" })),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let minute_ago = cloud_hub::fhir::format_instant(now_us() - MINUTE);
+    let (status, body) = call_as(
+        &hub,
+        Some(&biomed),
+        "POST",
+        "/api/v1/placements",
+        Some(json!({ "gateway_id": GATEWAY, "device_id": "m", "bed_id": "b1", "at": minute_ago })),
+    )
+    .await;
+    assert_eq!(status, 403, "{body}");
+    let (status, body) = call_as(
+        &hub,
+        Some(&biomed),
+        "POST",
+        "/api/v1/placements",
+        Some(json!({ "gateway_id": GATEWAY, "device_id": "m", "bed_id": "b1" })),
+    )
+    .await;
+    assert_eq!((status, body), (200, json!({ "reattributed": 0 })));
+    hub.stop().await;
+}

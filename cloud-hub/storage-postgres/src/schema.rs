@@ -406,10 +406,10 @@ CREATE INDEX observations_patient_mdc_panel_time
 /// stay change gives it another patient, and `updated_us`
 /// (`meta.lastUpdated`; NULL: `received_us`) is when. Added to the
 /// partitioned table, so to every partition (a constant default: no
-/// rewrite).
+/// rewrite); idempotent, as tests that roll migrations back re-run it.
 const PG_V10: &str = r#"
-ALTER TABLE observations ADD COLUMN version integer NOT NULL DEFAULT 1,
-                         ADD COLUMN updated_us bigint;
+ALTER TABLE observations ADD COLUMN IF NOT EXISTS version integer NOT NULL DEFAULT 1,
+                         ADD COLUMN IF NOT EXISTS updated_us bigint;
 "#;
 
 pub(crate) const MIGRATIONS: &[(i64, &str)] = &[

@@ -173,19 +173,23 @@ impl ApiState {
     }
 
     /// May the caller make a change dated `at` (a re-attribution when it is
-    /// before the window)? The reason to record.
+    /// before the window)? The reason to record. `at_text`: the request's
+    /// `at`; without one the change is dated now, never back-dated (even
+    /// with a zero window).
     fn authorise(
         &self,
         at: i64,
+        at_text: Option<&str>,
         principal: Option<&Principal>,
         reason: Option<&str>,
     ) -> Result<Option<String>, ApiError> {
+        let now = if at_text.is_some() { now_us() } else { at };
         let clinical = principal.is_some_and(|p| {
             p.roles
                 .iter()
                 .any(|r| matches!(r, Role::Clinician | Role::Admin))
         });
-        match check_reattribution(at, now_us(), self.window_us, clinical, reason) {
+        match check_reattribution(at, now, self.window_us, clinical, reason) {
             Ok(r) => Ok(r.map(str::to_owned)),
             Err(e @ ReattributionRefused::Role) => {
                 Err(ApiError::new(StatusCode::FORBIDDEN, e.to_string()))
@@ -454,7 +458,8 @@ async fn place(State(st): State<ApiState>, principal: Caller, body: Bytes) -> Re
         async {
             let r: PlaceRequest = parse_body(&body)?;
             let at = parse_at(r.at.as_deref())?;
-            let reason = st.authorise(at, caller(&principal), r.reason.as_deref())?;
+            let reason =
+                st.authorise(at, r.at.as_deref(), caller(&principal), r.reason.as_deref())?;
             let (store, fb) = (st.store.clone(), st.fallback.clone());
             let (g, d, b) = (r.gateway_id.clone(), r.device_id.clone(), r.bed_id.clone());
             let c = run(move || store.place_device(&g, &d, &b, at, &fb)).await?;
@@ -496,7 +501,8 @@ async fn end_placement(State(st): State<ApiState>, principal: Caller, body: Byte
         async {
             let r: EndPlacementRequest = parse_body(&body)?;
             let at = parse_at(r.at.as_deref())?;
-            let reason = st.authorise(at, caller(&principal), r.reason.as_deref())?;
+            let reason =
+                st.authorise(at, r.at.as_deref(), caller(&principal), r.reason.as_deref())?;
             let (store, fb) = (st.store.clone(), st.fallback.clone());
             let (g, d) = (r.gateway_id.clone(), r.device_id.clone());
             let c = run(move || store.remove_device(&g, &d, at, &fb)).await?;
@@ -540,7 +546,8 @@ async fn admit(State(st): State<ApiState>, principal: Caller, body: Bytes) -> Re
             let mut r: AdmitRequest = parse_body(&body)?;
             r.patient = st.mapped(r.patient);
             let at = parse_at(r.at.as_deref())?;
-            let reason = st.authorise(at, caller(&principal), r.reason.as_deref())?;
+            let reason =
+                st.authorise(at, r.at.as_deref(), caller(&principal), r.reason.as_deref())?;
             if let Some(v) = &r.visit
                 && (v.is_empty() || v.len() > 64 || v.chars().any(char::is_control))
             {
@@ -585,7 +592,8 @@ async fn transfer(State(st): State<ApiState>, principal: Caller, body: Bytes) ->
             let mut r: TransferRequest = parse_body(&body)?;
             r.patient = st.mapped(r.patient);
             let at = parse_at(r.at.as_deref())?;
-            let reason = st.authorise(at, caller(&principal), r.reason.as_deref())?;
+            let reason =
+                st.authorise(at, r.at.as_deref(), caller(&principal), r.reason.as_deref())?;
             let (store, fb) = (st.store.clone(), st.fallback.clone());
             let (bed, patient) = (r.bed_id.clone(), r.patient.clone());
             let c = run(move || store.transfer(&r.patient, &r.bed_id, at, &fb)).await?;
@@ -620,7 +628,8 @@ async fn discharge(State(st): State<ApiState>, principal: Caller, body: Bytes) -
             let mut r: DischargeRequest = parse_body(&body)?;
             r.patient = st.mapped(r.patient);
             let at = parse_at(r.at.as_deref())?;
-            let reason = st.authorise(at, caller(&principal), r.reason.as_deref())?;
+            let reason =
+                st.authorise(at, r.at.as_deref(), caller(&principal), r.reason.as_deref())?;
             let (store, fb) = (st.store.clone(), st.fallback.clone());
             let patient = r.patient.clone();
             let c = run(move || store.discharge(&r.patient, at, &fb)).await?;
