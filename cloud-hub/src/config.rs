@@ -286,6 +286,7 @@ impl Config {
         if let Some(adt) = &self.adt {
             adt.validate()?;
         }
+        self.association.validate()?;
         let mut seen = HashSet::new();
         for (i, a) in self.associations.iter().enumerate() {
             let field = |name: &str| format!("associations[{i}].{name}");

@@ -230,7 +230,8 @@ impl Hub {
                 .await?;
                 let l = l
                     .with_stats(self.metrics.adt.clone())
-                    .with_identifiers(&identifiers);
+                    .with_identifiers(&identifiers)
+                    .with_audit_keys(self.audit_keys.clone());
                 Some(tokio::spawn(l.serve(shutdown.child_token())))
             }
             None => None,
@@ -264,6 +265,7 @@ impl Hub {
             })
         })?;
         let metrics = self.metrics.clone();
+        let association_metrics = self.metrics.clone();
         let state = AppState {
             ops: server::OpsState::new(store.clone(), metrics.clone()),
             ingest: hub_transport::ingest_api::IngestState::new(
@@ -285,7 +287,10 @@ impl Hub {
                 keys: self.audit_keys.clone(),
             },
             association: hub_transport::association_api::ApiState::new(store.clone(), associations)
-                .with_identifiers(identifiers),
+                .with_identifiers(identifiers)
+                .with_config(&self.config.association)
+                .with_metrics(association_metrics)
+                .with_audit_keys(self.audit_keys.clone()),
             scores: hub_transport::early_warning::ScoresState::new(
                 store.clone(),
                 self.config.scores,

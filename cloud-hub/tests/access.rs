@@ -237,6 +237,214 @@ async fn every_route_for_every_role_and_for_no_credentials() {
     hub.stop().await;
 }
 
+/// Re-attribution (docs/access.md, "Re-attribution"): the placement and
+/// stay routes dated before the window (here 2024) move stored readings
+/// between patients. Per route: the roles that may do that, with a reason
+/// (written independently of the code): C clinician, A administrator. A
+/// role the route admits but that may not re-attribute gets 403; one that
+/// may, without a reason, gets 400 naming `reason`; in the present the
+/// route's own policy applies (biomed places devices).
+const REATTRIBUTION: &[(&str, &str, &str)] = &[
+    // (route, may re-attribute, route admits)
+    ("/api/v1/placements", "A", "BA"),
+    ("/api/v1/placements/end", "A", "BA"),
+    ("/api/v1/patients/admit", "CA", "CA"),
+    ("/api/v1/patients/transfer", "CA", "CA"),
+    ("/api/v1/patients/discharge", "CA", "CA"),
+];
+
+fn reattribution_body(path: &str, at: Option<&str>, reason: Option<&str>) -> Value {
+    let patient = json!({ "system": "urn:mrn", "value": "MRN-M" });
+    let mut b = match path {
+        "/api/v1/placements" => {
+            json!({ "gateway_id": GATEWAY, "device_id": "m-1", "bed_id": "m1" })
+        }
+        "/api/v1/placements/end" => json!({ "gateway_id": GATEWAY, "device_id": "m-1" }),
+        "/api/v1/patients/discharge" => json!({ "patient": patient }),
+        _ => json!({ "patient": patient, "bed_id": "m1" }),
+    };
+    if let Some(at) = at {
+        b["at"] = json!(at);
+    }
+    if let Some(r) = reason {
+        b["reason"] = json!(r);
+    }
+    b
+}
+
+#[tokio::test]
+async fn reattribution_needs_a_clinical_role_and_a_reason() {
+    let data = tempfile::tempdir().unwrap();
+    let hub = start_with_admin(data.path(), ADMIN, "").await;
+    let (status, _) = call_json(
+        &hub,
+        Some(ADMIN),
+        "POST",
+        "/api/v1/beds",
+        Some(json!({ "id": "m1", "ward": "W", "label": "M1" })),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let mut tokens = vec![];
+    for role in Role::ALL {
+        let t = cloud_hub::token_create(&hub.config, &format!("re-{role}"), role).unwrap();
+        tokens.push((role, t));
+    }
+    let back = Some("2024-05-01T10:00:00Z");
+    for (path, may, admits) in REATTRIBUTION {
+        // The route's policy is the one the main matrix expects.
+        let main = EXPECTED
+            .iter()
+            .find(|(m, p, _)| *m == "POST" && p == path)
+            .unwrap();
+        assert_eq!(main.2, *admits, "{path}");
+        for (role, t) in &tokens {
+            let l = letter(*role);
+            let hub = &hub;
+            let call = move |at, reason| {
+                let body = reattribution_body(path, at, reason);
+                async move { call_json(hub, Some(t), "POST", path, Some(body)).await }
+            };
+            let (without, body) = call(back, None).await;
+            let (with, body_with) = call(back, Some("charted late")).await;
+            if !admits.contains(l) {
+                assert_eq!((without, with), (403, 403), "{path} as {role}");
+            } else if !may.contains(l) {
+                assert_eq!(without, 403, "{path} as {role}: {body}");
+                assert_eq!(with, 403, "{path} as {role}: {body_with}");
+                assert!(
+                    body_with["error"]
+                        .as_str()
+                        .unwrap()
+                        .contains("clinician or admin")
+                );
+                // In the present the route's own policy applies.
+                let (now, body) = call(None, None).await;
+                assert!(
+                    ![400, 401, 403].contains(&now),
+                    "{path} as {role} now: {now} {body}"
+                );
+            } else {
+                assert_eq!(without, 400, "{path} as {role}: {body}");
+                assert_eq!(body["field"], "reason", "{path} as {role}");
+                assert!(
+                    ![400, 401, 403].contains(&with),
+                    "{path} as {role} with a reason: {with} {body_with}"
+                );
+            }
+        }
+    }
+    hub.stop().await;
+}
+
+/// The ADT listener is a source of patient movements with its own access
+/// rule (docs/access.md, "HL7 ADT"): only the configured senders. On a
+/// loopback listen with `allow_sources = ["127.0.0.1"]` and facility GHH:
+/// a message from 127.0.0.2 or naming another facility is refused (AR) and
+/// moves nothing; the trusted sender's is applied (AA).
+#[tokio::test]
+async fn adt_applies_movements_only_from_trusted_sources() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let data = tempfile::tempdir().unwrap();
+    let adt = format!(
+        "[adt]\nlisten = \"127.0.0.1:{port}\"\nallow_sources = [\"127.0.0.1\"]\n\
+         allowed_sending_facilities = [\"GHH\"]\n"
+    );
+    let hub = start_with_admin(data.path(), ADMIN, &adt).await;
+    let (status, _) = call_json(
+        &hub,
+        Some(ADMIN),
+        "POST",
+        "/api/v1/beds",
+        Some(json!({ "id": "ICU3-07-B", "ward": "ICU3", "label": "7B" })),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let msg = |facility: &str| {
+        format!(
+            "\x0bMSH|^~\\&|ADT1|{facility}|VIGIL|ICU|20240501100000+0000||ADT^A01^ADT_A01|C1|P|2.5\r\
+             EVN|A01|20240501100000+0000\rPID|1||MRN-9^^^GHH^MR\rPV1|1|I|ICU3^07^B\r\x1c\r"
+        )
+    };
+    let send = |from: &'static str, facility: &'static str| {
+        let m = msg(facility);
+        async move {
+            let mut s = None;
+            for _ in 0..50 {
+                let sock = tokio::net::TcpSocket::new_v4().unwrap();
+                sock.bind(format!("{from}:0").parse().unwrap()).unwrap();
+                if let Ok(c) = sock.connect(([127, 0, 0, 1], port).into()).await {
+                    s = Some(c);
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            let mut s = s.expect("the ADT listener accepts connections");
+            s.write_all(m.as_bytes()).await.unwrap();
+            let mut got = Vec::new();
+            let mut chunk = [0u8; 1024];
+            while !got.windows(2).any(|w| w == [0x1c, 0x0d]) {
+                let n =
+                    tokio::time::timeout(std::time::Duration::from_secs(10), s.read(&mut chunk))
+                        .await
+                        .unwrap()
+                        .unwrap();
+                assert!(n > 0);
+                got.extend_from_slice(&chunk[..n]);
+            }
+            let text = String::from_utf8_lossy(&got).to_string();
+            let code = text
+                .split('\r')
+                .find_map(|seg| seg.strip_prefix("MSA|"))
+                .map(|msa| msa[..2].to_owned())
+                .unwrap();
+            (code, text)
+        }
+    };
+    let occupied = || async {
+        let (status, body) = call_json(
+            &hub,
+            Some(ADMIN),
+            "GET",
+            "/api/v1/occupancy?at=2024-05-01T10:30:00Z",
+            None,
+        )
+        .await;
+        assert_eq!(status, 200);
+        !body["beds"][0]["patient"].is_null()
+    };
+    let (code, text) = send("127.0.0.2", "GHH").await;
+    assert_eq!(code, "AR", "untrusted source: {text}");
+    let (code, text) = send("127.0.0.1", "EVIL").await;
+    assert_eq!(code, "AR", "facility not allowed: {text}");
+    assert!(!occupied().await, "refused messages move nothing");
+    let (code, text) = send("127.0.0.1", "GHH").await;
+    assert_eq!(code, "AA", "trusted: {text}");
+    assert!(occupied().await);
+    let metrics = hub
+        .client
+        .get(hub.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "vigil_hub_adt_refused_total{reason=\"untrusted_source\"} 1",
+        "vigil_hub_adt_refused_total{reason=\"facility\"} 1",
+        "vigil_hub_adt_messages_total{ack=\"AA\"} 1",
+    ] {
+        assert!(metrics.contains(line), "{line}\n{metrics}");
+    }
+    hub.stop().await;
+}
+
 /// `(method, path)` of every `.route(…)` the hub's source declares (the
 /// FHIR router is nested under `/fhir`).
 fn declared_routes() -> BTreeSet<(String, String)> {

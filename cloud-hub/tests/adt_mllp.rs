@@ -81,6 +81,11 @@ const A01_NO_LOCATION: &str = concat!(
     "PV1|1|I\r",
 );
 
+/// The senders a loopback test listener trusts: this host, facilities GHH
+/// (the vectors above) and PYHOSP (the hl7apy messages).
+const TRUSTED: &str =
+    "allow_sources = [\"127.0.0.1\"]\nallowed_sending_facilities = [\"GHH\", \"PYHOSP\"]\n";
+
 fn frame(msg: &str) -> Vec<u8> {
     let mut v = vec![SB];
     v.extend_from_slice(msg.as_bytes());
@@ -116,7 +121,8 @@ async fn start() -> Fx {
     store
         .place_device(GATEWAY, "mon-8", "ICU3-08-A", T0 - 60 * MINUTE, &none)
         .unwrap();
-    let config: AdtConfig = toml::from_str("listen = \"127.0.0.1:0\"").unwrap();
+    let config: AdtConfig =
+        toml::from_str(&format!("listen = \"127.0.0.1:0\"\n{TRUSTED}")).unwrap();
     let l = AdtListener::bind(&config, store.handle(), Arc::new(none))
         .await
         .unwrap();
@@ -164,7 +170,10 @@ impl Fx {
 }
 
 /// Reads one MLLP-framed ACK; (MSA-1, MSA-2) and the raw text.
-async fn read_ack(s: &mut TcpStream, buf: &mut Vec<u8>) -> (String, String, String) {
+async fn read_ack<S: tokio::io::AsyncRead + Unpin>(
+    s: &mut S,
+    buf: &mut Vec<u8>,
+) -> (String, String, String) {
     loop {
         if let Some(start) = buf.iter().position(|&b| b == SB)
             && let Some(end) = buf[start..].windows(2).position(|w| w == [EB, CR])
@@ -300,8 +309,10 @@ async fn an_oversized_message_is_answered_ar_and_the_next_one_works() {
             label: "7B".into(),
         })
         .unwrap();
-    let config: AdtConfig =
-        toml::from_str("listen = \"127.0.0.1:0\"\nmax_message_bytes = 1024").unwrap();
+    let config: AdtConfig = toml::from_str(&format!(
+        "listen = \"127.0.0.1:0\"\nmax_message_bytes = 1024\n{TRUSTED}"
+    ))
+    .unwrap();
     let l = AdtListener::bind(&config, store.handle(), Arc::default())
         .await
         .unwrap();
@@ -383,7 +394,7 @@ async fn the_hub_serves_the_adt_listener_from_its_config() {
         .port();
     let dir = tempfile::tempdir().unwrap();
     let text = format!(
-        "{}\n[adt]\nlisten = \"127.0.0.1:{port}\"\n\
+        "{}\n[adt]\nlisten = \"127.0.0.1:{port}\"\n{TRUSTED}\
          [identifiers.authorities]\nGHH = \"urn:oid:1.2.3.4\"\n",
         common::config_text(dir.path(), "")
     );
@@ -450,36 +461,180 @@ async fn the_hub_serves_the_adt_listener_from_its_config() {
 
 #[test]
 fn adt_config_errors_name_the_field() {
+    let fac = "allowed_sending_facilities = [\"GHH\"]";
+    let tls = "tls_cert_file = \"a.crt\"\ntls_key_file = \"a.key\"";
     let bad = [
-        ("listen = \"nowhere\"", "adt.listen"),
-        ("listen = \"0.0.0.0:2576\"", "adt.tls_cert_file"),
+        ("listen = \"nowhere\"".to_owned(), "adt.listen"),
+        // Off loopback: mutual TLS or nothing; an allow-list is not enough.
         (
-            "listen = \"127.0.0.1:2576\"\nbed_id = \"{ward}\"",
+            format!("listen = \"0.0.0.0:2576\"\n{fac}"),
+            "adt.client_ca_file",
+        ),
+        (
+            format!("listen = \"0.0.0.0:2576\"\n{tls}\n{fac}"),
+            "adt.client_ca_file",
+        ),
+        (
+            format!("listen = \"0.0.0.0:2576\"\nallow_sources = [\"10.0.0.5\"]\n{fac}"),
+            "adt.allow_sources",
+        ),
+        (
+            format!("listen = \"0.0.0.0:2576\"\nallow_plaintext = true\n{fac}"),
+            "adt.allow_plaintext",
+        ),
+        // A client CA needs the server's own certificate.
+        (
+            format!("listen = \"127.0.0.1:2576\"\nclient_ca_file = \"ca.pem\"\n{fac}"),
+            "adt.client_ca_file",
+        ),
+        // On loopback the senders are still named.
+        (
+            format!("listen = \"127.0.0.1:2576\"\n{fac}"),
+            "adt.allow_sources",
+        ),
+        (
+            format!("listen = \"127.0.0.1:2576\"\nallow_sources = [\"localhost\"]\n{fac}"),
+            "adt.allow_sources",
+        ),
+        (
+            "listen = \"127.0.0.1:2576\"\nallow_sources = [\"127.0.0.1\"]".to_owned(),
+            "adt.allowed_sending_facilities",
+        ),
+        (
+            "listen = \"127.0.0.1:2576\"\nallow_sources = [\"127.0.0.1\"]\n\
+             allowed_sending_facilities = [\" \"]"
+                .to_owned(),
+            "adt.allowed_sending_facilities",
+        ),
+        (
+            format!("listen = \"127.0.0.1:2576\"\nbed_id = \"{{ward}}\"\n{TRUSTED}"),
             "adt.bed_id",
         ),
         (
-            "listen = \"127.0.0.1:2576\"\nutc_offset_minutes = 5000",
+            format!("listen = \"127.0.0.1:2576\"\nutc_offset_minutes = 5000\n{TRUSTED}"),
             "adt.utc_offset_minutes",
         ),
     ];
     for (text, field) in bad {
-        let c: AdtConfig = toml::from_str(text).unwrap();
+        let c: AdtConfig = toml::from_str(&text).unwrap();
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains(field), "{text}: {err}");
     }
-    let ok: AdtConfig =
-        toml::from_str("listen = \"0.0.0.0:2576\"\nallow_plaintext = true").unwrap();
-    ok.validate().unwrap();
+    for ok in [
+        format!("listen = \"127.0.0.1:2576\"\n{TRUSTED}"),
+        format!("listen = \"0.0.0.0:2576\"\n{tls}\nclient_ca_file = \"ca.pem\"\n{fac}"),
+        format!(
+            "listen = \"0.0.0.0:2576\"\n{tls}\nclient_ca_file = \"ca.pem\"\n\
+             allow_sources = [\"10.0.0.5\"]\n{fac}"
+        ),
+    ] {
+        let c: AdtConfig = toml::from_str(&ok).unwrap();
+        c.validate().unwrap_or_else(|e| panic!("{ok}: {e}"));
+    }
 }
 
+/// A test CA (rcgen) issuing server and client certificates.
+struct Ca {
+    pem: String,
+    params: rcgen::CertificateParams,
+    key: rcgen::KeyPair,
+}
+
+impl Ca {
+    fn new(name: &str) -> Self {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let pem = params.self_signed(&key).unwrap().pem();
+        Ca { pem, params, key }
+    }
+
+    /// (certificate DER, key DER, certificate PEM, key PEM).
+    fn issue(&self, name: &str, client: bool) -> (Vec<u8>, Vec<u8>, String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap();
+        p.distinguished_name.push(rcgen::DnType::CommonName, name);
+        p.extended_key_usages = vec![if client {
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth
+        } else {
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth
+        }];
+        let issuer = rcgen::Issuer::from_params(&self.params, &self.key);
+        let cert = p.signed_by(&key, &issuer).unwrap();
+        (
+            cert.der().to_vec(),
+            key.serialize_der(),
+            cert.pem(),
+            key.serialize_pem(),
+        )
+    }
+}
+
+/// A TLS client trusting `server_ca`, presenting `identity` (certificate
+/// and key DER) if given.
+fn tls_client(server_ca: &Ca, identity: Option<(Vec<u8>, Vec<u8>)>) -> tokio_rustls::TlsConnector {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_slice_iter(server_ca.pem.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let b = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots);
+    let config = match identity {
+        Some((cert, key)) => b
+            .with_client_auth_cert(
+                vec![rustls::pki_types::CertificateDer::from(cert)],
+                rustls::pki_types::PrivateKeyDer::try_from(key).unwrap(),
+            )
+            .unwrap(),
+        None => b.with_no_client_auth(),
+    };
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
+/// Whether a connection gets no ACK for `msg` (closed, refused in the
+/// handshake, or silent).
+async fn no_ack<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    mut s: S,
+    msg: &str,
+) -> bool {
+    if s.write_all(&frame(msg)).await.is_err() {
+        return true;
+    }
+    let _ = s.flush().await;
+    let mut buf = [0u8; 256];
+    match tokio::time::timeout(std::time::Duration::from_secs(10), s.read(&mut buf)).await {
+        Ok(Ok(n)) => !buf[..n].contains(&SB),
+        Ok(Err(_)) => true,
+        Err(_) => true,
+    }
+}
+
+/// With `client_ca_file` the listener is mutual TLS: a sender with a
+/// certificate from that CA is served (and named by it in the audit log);
+/// without a certificate, with one from another CA, or in plaintext there
+/// is no ACK and nothing changes.
 #[tokio::test]
-async fn adt_over_tls_with_rustls() {
+async fn adt_over_mutual_tls_serves_only_senders_with_a_certificate_from_the_client_ca() {
     use std::os::unix::fs::PermissionsExt;
     let fx_dir = tempfile::tempdir().unwrap();
-    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
-    let (cert, key) = (fx_dir.path().join("adt.crt"), fx_dir.path().join("adt.key"));
-    std::fs::write(&cert, ck.cert.pem()).unwrap();
-    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    let (server_ca, client_ca, foreign_ca) = (Ca::new("srv"), Ca::new("adt"), Ca::new("evil"));
+    let (_, _, cert_pem, key_pem) = server_ca.issue("localhost", false);
+    let (cert, key, ca) = (
+        fx_dir.path().join("adt.crt"),
+        fx_dir.path().join("adt.key"),
+        fx_dir.path().join("adt-clients.pem"),
+    );
+    std::fs::write(&cert, cert_pem).unwrap();
+    std::fs::write(&key, key_pem).unwrap();
+    std::fs::write(&ca, &client_ca.pem).unwrap();
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
     let store = Store::open(&fx_dir.path().join("t.sqlite")).unwrap();
     store
@@ -490,9 +645,11 @@ async fn adt_over_tls_with_rustls() {
         })
         .unwrap();
     let config: AdtConfig = toml::from_str(&format!(
-        "listen = \"127.0.0.1:0\"\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"",
+        "listen = \"127.0.0.1:0\"\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n\
+         client_ca_file = \"{}\"\nallowed_sending_facilities = [\"GHH\"]",
         cert.display(),
-        key.display()
+        key.display(),
+        ca.display()
     ))
     .unwrap();
     // A key others can read is refused.
@@ -505,59 +662,133 @@ async fn adt_over_tls_with_rustls() {
     let l = AdtListener::bind(&config, store.handle(), Arc::default())
         .await
         .unwrap();
-    let addr = l.local_addr().unwrap();
+    let (addr, stats) = (l.local_addr().unwrap(), l.stats());
     let stop = CancellationToken::new();
     let task = tokio::spawn(l.serve(stop.clone()));
-
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(ck.cert.der().clone()).unwrap();
-    let client = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
-    let tcp = TcpStream::connect(addr).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let mut s = connector.connect(name, tcp).await.unwrap();
-    s.write_all(&frame(A01)).await.unwrap();
-    s.flush().await.unwrap();
-    let mut got = Vec::new();
-    let mut chunk = [0u8; 4096];
-    while !got.windows(2).any(|w| w == [EB, CR]) {
-        let n = tokio::time::timeout(std::time::Duration::from_secs(10), s.read(&mut chunk))
+    let mrn1 = PatientId {
+        system: "urn:vigil:authority:GHH".into(),
+        value: "MRN-1".into(),
+    };
+
+    // Refused senders first: no certificate, a foreign one, plaintext.
+    let (fcert, fkey, _, _) = foreign_ca.issue("sender", true);
+    for identity in [None, Some((fcert, fkey))] {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        // (TLS 1.3: the client may finish its side before the server's
+        // refusal arrives; then the message gets no ACK.)
+        if let Ok(s) = tls_client(&server_ca, identity)
+            .connect(name.clone(), tcp)
             .await
-            .unwrap()
-            .unwrap();
-        assert!(n > 0);
-        got.extend_from_slice(&chunk[..n]);
+        {
+            assert!(no_ack(s, A01).await);
+        }
     }
-    let (code, id) = parse_ack(&got[1..got.len() - 2]).unwrap();
+    assert!(no_ack(TcpStream::connect(addr).await.unwrap(), A01).await);
+    assert_eq!(store.bed_of(&mrn1, T0).unwrap(), None);
+    assert_eq!(AdtStats::get(&stats.accepted), 0);
+
+    // The sender with a certificate from the client CA.
+    let (ccert, ckey, _, _) = client_ca.issue("adt-engine", true);
+    let fingerprint = {
+        let d = ring::digest::digest(&ring::digest::SHA256, &ccert);
+        hex::encode(d)[..16].to_owned()
+    };
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let mut s = tls_client(&server_ca, Some((ccert, ckey)))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    s.write_all(&frame(A01)).await.unwrap();
+    let mut buf = Vec::new();
+    let (code, id, _) = read_ack(&mut s, &mut buf).await;
     assert_eq!((code.as_str(), id.as_str()), ("AA", "C1"));
     assert_eq!(
-        store
-            .bed_of(
-                &PatientId {
-                    system: "urn:vigil:authority:GHH".into(),
-                    value: "MRN-1".into()
-                },
-                T0
-            )
-            .unwrap()
-            .as_deref(),
+        store.bed_of(&mrn1, T0).unwrap().as_deref(),
         Some("ICU3-07-B")
     );
-    // Plaintext MLLP to the TLS listener gets no ACK.
-    let mut plain = TcpStream::connect(addr).await.unwrap();
-    plain.write_all(&frame(A01)).await.unwrap();
-    let mut buf = [0u8; 64];
-    let r = tokio::time::timeout(std::time::Duration::from_secs(10), plain.read(&mut buf)).await;
-    assert!(
-        matches!(r, Ok(Ok(0)) | Ok(Err(_))) || matches!(r, Ok(Ok(n)) if !buf[..n].contains(&SB)),
-        "{r:?}"
-    );
+    let entries = cloud_hub::audit::entries(&store.handle(), i64::MIN).unwrap();
+    let e = &entries.last().unwrap().entry;
+    assert_eq!(e.actor, format!("adt:GHH@cert:{fingerprint}"));
+    assert_eq!(e.patient.as_deref(), Some("MRN-1"));
+    assert_eq!(e.resource, "hl7:ADT^A01");
     stop.cancel();
     task.await.unwrap();
+}
+
+/// Forged movements: a message from an address `allow_sources` does not
+/// list, or from a sending facility not allowed, is answered AR, counted
+/// by reason, and moves nothing. An applied one is in the audit log with
+/// its source, its patient and the readings it moved.
+#[tokio::test]
+async fn forged_adt_messages_are_refused_and_applied_ones_audited() {
+    let fx = start().await;
+    fx.ingest(1, "mon-7", vec![spo2(1, 97.0, T0 + MINUTE)]);
+    // From 127.0.0.2 (loopback, but not the allowed 127.0.0.1).
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let mut s = sock.connect(fx.addr).await.unwrap();
+    let mut buf = Vec::new();
+    s.write_all(&frame(A01)).await.unwrap();
+    let (code, id, text) = read_ack(&mut s, &mut buf).await;
+    assert_eq!((code.as_str(), id.as_str()), ("AR", "C1"), "{text}");
+    assert!(text.contains("untrusted source"), "{text}");
+    drop(s);
+    // From the allowed address, but MSH-4 names another facility.
+    let forged = A01.replace("|ADT1|GHH|", "|ADT1|EVIL^9.9.9^ISO|");
+    let mut s = TcpStream::connect(fx.addr).await.unwrap();
+    s.write_all(&frame(&forged)).await.unwrap();
+    let (code, _, text) = read_ack(&mut s, &mut buf).await;
+    assert_eq!(code, "AR", "{text}");
+    assert!(text.contains("ERR||MSH^1^4|103^"), "{text}");
+    assert_eq!(fx.patient_of("mon-7", 1), None, "nothing moved");
+    assert_eq!(AdtStats::get(&fx.stats.refused_source), 1);
+    assert_eq!(AdtStats::get(&fx.stats.refused_facility), 1);
+    assert_eq!(AdtStats::get(&fx.stats.rejected), 2);
+    let audit = || cloud_hub::audit::entries(&fx.store.handle(), i64::MIN).unwrap();
+    assert!(audit().is_empty(), "refused messages change nothing");
+    let mut text = String::new();
+    fx.stats.render(&mut text);
+    assert!(
+        text.contains("vigil_hub_adt_refused_total{reason=\"untrusted_source\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("vigil_hub_adt_refused_total{reason=\"facility\"} 1"),
+        "{text}"
+    );
+
+    // The real A01: applied, and audited with source, patient and count.
+    s.write_all(&frame(A01)).await.unwrap();
+    assert_eq!(read_ack(&mut s, &mut buf).await.0, "AA");
+    assert_eq!(fx.patient_of("mon-7", 1).as_deref(), Some("MRN-1"));
+    let entries = audit();
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    let e = &entries[0].entry;
+    assert_eq!(e.actor, "adt:GHH@ip:127.0.0.1");
+    assert_eq!(
+        (e.action.as_str(), e.resource.as_str()),
+        ("update", "hl7:ADT^A01")
+    );
+    assert_eq!(e.patient.as_deref(), Some("MRN-1"));
+    assert!(
+        e.detail
+            .contains("re-attributed 1 reading(s) from no patient to Patient/MRN-1"),
+        "{}",
+        e.detail
+    );
+    // A transfer naming the patient whose readings move: both named.
+    fx.ingest(2, "mon-8", vec![spo2(1, 95.0, T0 + 35 * MINUTE)]);
+    s.write_all(&frame(A02)).await.unwrap();
+    assert_eq!(read_ack(&mut s, &mut buf).await.0, "AA");
+    let entries = audit();
+    let last = &entries.last().unwrap().entry;
+    assert_eq!(last.resource, "hl7:ADT^A02");
+    assert!(
+        last.detail
+            .contains("re-attributed 1 reading(s) from no patient to Patient/MRN-1"),
+        "{}",
+        last.detail
+    );
+    fx.stop().await;
 }

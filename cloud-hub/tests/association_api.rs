@@ -109,7 +109,7 @@ async fn beds_placements_and_stays_attribute_readings_over_http() {
         &hub,
         "POST",
         "/api/v1/placements",
-        Some(json!({ "gateway_id": GATEWAY, "device_id": "mon-7", "bed_id": "icu3-07", "at": AT_T0 })),
+        Some(json!({ "gateway_id": GATEWAY, "device_id": "mon-7", "bed_id": "icu3-07", "at": AT_T0, "reason": "recorded late" })),
     )
     .await;
     assert_eq!((status, body), (200, json!({ "reattributed": 0 })));
@@ -118,7 +118,7 @@ async fn beds_placements_and_stays_attribute_readings_over_http() {
         &hub,
         "POST",
         "/api/v1/patients/admit",
-        Some(json!({ "patient": patient, "bed_id": "icu3-07", "at": AT_T0 })),
+        Some(json!({ "patient": patient, "bed_id": "icu3-07", "at": AT_T0, "reason": "recorded late" })),
     )
     .await;
     assert_eq!((status, body), (200, json!({ "reattributed": 1 })));
@@ -149,7 +149,7 @@ async fn beds_placements_and_stays_attribute_readings_over_http() {
         &hub,
         "POST",
         "/api/v1/patients/admit",
-        Some(json!({ "patient": { "value": "MRN-2" }, "bed_id": "icu3-07", "at": AT_T0_PLUS_5 })),
+        Some(json!({ "patient": { "value": "MRN-2" }, "bed_id": "icu3-07", "at": AT_T0_PLUS_5, "reason": "recorded late" })),
     )
     .await;
     assert_eq!(status, 409, "{body}");
@@ -169,7 +169,9 @@ async fn beds_placements_and_stays_attribute_readings_over_http() {
         &hub,
         "POST",
         "/api/v1/patients/discharge",
-        Some(json!({ "patient": patient, "at": "2024-05-01T10:01:30Z" })),
+        Some(
+            json!({ "patient": patient, "at": "2024-05-01T10:01:30Z", "reason": "recorded late" }),
+        ),
     )
     .await;
     assert_eq!((status, body), (200, json!({ "reattributed": 1 })));
@@ -180,7 +182,7 @@ async fn beds_placements_and_stays_attribute_readings_over_http() {
         &hub,
         "POST",
         "/api/v1/placements/end",
-        Some(json!({ "gateway_id": GATEWAY, "device_id": "mon-7", "at": AT_T0 })),
+        Some(json!({ "gateway_id": GATEWAY, "device_id": "mon-7", "at": AT_T0, "reason": "recorded late" })),
     )
     .await;
     assert_eq!((status, body), (200, json!({ "reattributed": 1 })));
@@ -340,4 +342,261 @@ mod validation {
             Change::default()
         );
     }
+}
+
+/// The audit entries of association changes: (actor, resource, patient,
+/// detail), oldest first.
+fn reattribution_audit(hub: &TestHub) -> Vec<(String, String, Option<String>, String)> {
+    hub.db()
+        .prepare(
+            "SELECT actor, resource, patient_id, detail FROM audit_log
+              WHERE detail LIKE '%re-attributed%' OR detail LIKE '%no stored reading%'
+              ORDER BY seq",
+        )
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+/// Re-attribution is a clinical act: a biomedical engineer cannot move
+/// stored readings back in time (403, nothing moves) but places devices in
+/// the present; a clinician needs a reason (400 naming `reason`) and with
+/// one moves them; every move is audited with the patients and the count,
+/// and the moved Observations are new versions (the same by id and by
+/// search).
+#[tokio::test]
+async fn a_biomed_cannot_move_readings_back_in_time() {
+    use cloud_hub::access::Role;
+    let hub = hub_with_admin_token().await;
+    let biomed = cloud_hub::token_create(&hub.config, "bio", Role::Biomed).unwrap();
+    let clinician = cloud_hub::token_create(&hub.config, "nurse", Role::Clinician).unwrap();
+    for id in ["b1", "b2"] {
+        let (status, body) = call(
+            &hub,
+            "POST",
+            "/api/v1/beds",
+            Some(json!({ "id": id, "ward": "ICU", "label": id })),
+        )
+        .await;
+        assert_eq!(status, 201, "{body}");
+    }
+    let why = "set up late";
+    let (status, body) = call(
+        &hub,
+        "POST",
+        "/api/v1/placements",
+        Some(json!({ "gateway_id": GATEWAY, "device_id": "mon-7", "bed_id": "b1", "at": AT_T0, "reason": why })),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let mrn_a = json!({ "system": "urn:oid:1.2.3.4", "value": "MRN-A" });
+    let (status, body) = call(
+        &hub,
+        "POST",
+        "/api/v1/patients/admit",
+        Some(json!({ "patient": mrn_a, "bed_id": "b1", "at": AT_T0, "reason": why })),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    hub.ingest(&batch(
+        1,
+        "mon-7",
+        vec![
+            spo2(1, 95.0, T0 + MINUTE),
+            spo2(2, 96.0, T0 + 2 * MINUTE),
+            spo2(3, 97.0, T0 + 3 * MINUTE),
+        ],
+    ))
+    .await;
+    assert_eq!(total_for(&hub, "MRN-A").await, 3);
+
+    // The biomed: ending the placement or placing elsewhere back-dated is
+    // refused, with or without a reason; nothing moves.
+    let ends = [
+        (
+            "/api/v1/placements/end",
+            json!({ "gateway_id": GATEWAY, "device_id": "mon-7", "at": AT_T0 }),
+        ),
+        (
+            "/api/v1/placements/end",
+            json!({ "gateway_id": GATEWAY, "device_id": "mon-7", "at": AT_T0, "reason": "x" }),
+        ),
+        (
+            "/api/v1/placements",
+            json!({ "gateway_id": GATEWAY, "device_id": "mon-7", "bed_id": "b2", "at": "2020-01-01T00:00:00Z", "reason": "x" }),
+        ),
+    ];
+    for (path, body) in ends {
+        let (status, answer) = call_as(&hub, Some(&biomed), "POST", path, Some(body)).await;
+        assert_eq!(status, 403, "{path}: {answer}");
+        assert!(
+            answer["error"]
+                .as_str()
+                .unwrap()
+                .contains("clinician or admin"),
+            "{answer}"
+        );
+    }
+    assert_eq!(total_for(&hub, "MRN-A").await, 3);
+    // In the present (within the window) the biomed places devices.
+    let recent = cloud_hub::fhir::format_instant(now_us() - 5 * MINUTE);
+    let (status, body) = call_as(
+        &hub,
+        Some(&biomed),
+        "POST",
+        "/api/v1/placements",
+        Some(json!({ "gateway_id": GATEWAY, "device_id": "mon-8", "bed_id": "b2", "at": recent })),
+    )
+    .await;
+    assert_eq!((status, body), (200, json!({ "reattributed": 0 })));
+
+    // The clinician: a back-dated discharge needs a reason.
+    let discharge = |reason: Option<&str>| {
+        let mut b = json!({ "patient": mrn_a, "at": "2024-05-01T10:01:30Z" });
+        if let Some(r) = reason {
+            b["reason"] = json!(r);
+        }
+        b
+    };
+    for r in [None, Some(" ")] {
+        let (status, body) = call_as(
+            &hub,
+            Some(&clinician),
+            "POST",
+            "/api/v1/patients/discharge",
+            Some(discharge(r)),
+        )
+        .await;
+        assert_eq!(status, 400, "{body}");
+        assert_eq!(body["field"], "reason", "{body}");
+    }
+    assert_eq!(total_for(&hub, "MRN-A").await, 3);
+    let (status, body) = call_as(
+        &hub,
+        Some(&clinician),
+        "POST",
+        "/api/v1/patients/discharge",
+        Some(discharge(Some("wrong patient charted"))),
+    )
+    .await;
+    assert_eq!((status, body), (200, json!({ "reattributed": 2 })));
+    let mrn_b = json!({ "system": "urn:oid:1.2.3.4", "value": "MRN-B" });
+    let (status, body) = call_as(
+        &hub,
+        Some(&clinician),
+        "POST",
+        "/api/v1/patients/admit",
+        Some(
+            json!({ "patient": mrn_b, "bed_id": "b1", "at": "2024-05-01T10:01:30Z",
+                     "reason": "wrong patient charted" }),
+        ),
+    )
+    .await;
+    assert_eq!((status, body), (200, json!({ "reattributed": 2 })));
+    assert_eq!(total_for(&hub, "MRN-A").await, 1);
+    assert_eq!(total_for(&hub, "MRN-B").await, 2);
+
+    // Audited: who, the patients, the count, the reason.
+    let audit = reattribution_audit(&hub);
+    let discharged: Vec<_> = audit
+        .iter()
+        .filter(|e| e.1 == "/api/v1/patients/discharge")
+        .collect();
+    assert_eq!(discharged.len(), 1, "{audit:?}");
+    let (actor, _, patient, detail) = discharged[0];
+    assert_eq!(
+        (actor.as_str(), patient.as_deref()),
+        ("token:nurse", Some("MRN-A"))
+    );
+    assert!(
+        detail.contains(
+            "re-attributed 2 reading(s) from Patient/MRN-A (urn:oid:1.2.3.4) to no patient"
+        ) && detail.ends_with("reason: wrong patient charted"),
+        "{detail}"
+    );
+    let admitted: Vec<_> = audit
+        .iter()
+        .filter(|e| e.1 == "/api/v1/patients/admit" && e.2.as_deref() == Some("MRN-B"))
+        .collect();
+    assert_eq!(admitted.len(), 1, "{audit:?}");
+    assert!(
+        admitted[0].3.contains(
+            "re-attributed 2 reading(s) from no patient to Patient/MRN-B (urn:oid:1.2.3.4)"
+        ),
+        "{admitted:?}"
+    );
+
+    // The moved Observations are version 3 (stored, discharged, admitted),
+    // the same when read by id and found by search; the unmoved one is 1.
+    let (status, bundle) = hub.get_json("/fhir/Observation?patient=MRN-B").await;
+    assert_eq!(status, 200, "{bundle}");
+    for e in bundle["entry"].as_array().unwrap() {
+        let found = &e["resource"];
+        assert_eq!(found["meta"]["versionId"], "3", "{found}");
+        let (status, read) = hub
+            .get_json(&format!(
+                "/fhir/Observation/{}",
+                found["id"].as_str().unwrap()
+            ))
+            .await;
+        assert_eq!(status, 200);
+        assert_eq!(read["meta"], found["meta"]);
+        assert_ne!(read["meta"]["lastUpdated"], read["issued"]);
+    }
+    let (_, bundle) = hub.get_json("/fhir/Observation?patient=MRN-A").await;
+    assert_eq!(bundle["entry"][0]["resource"]["meta"]["versionId"], "1");
+    hub.stop().await;
+}
+
+/// `[association] reattribution_window_minutes`: with 0, any change dated
+/// before now is a re-attribution (a biomed's is refused), one without `at`
+/// is dated now and is not; the setting is checked.
+#[tokio::test]
+async fn the_reattribution_window_is_configurable() {
+    use cloud_hub::access::Role;
+    let data = tempfile::tempdir().unwrap();
+    let bad = cloud_hub::Config::parse(&admin_config_text(
+        data.path(),
+        ADMIN,
+        "reattribution_window_minutes = 20000",
+    ))
+    .unwrap();
+    let err = bad.validate().unwrap_err().to_string();
+    assert!(
+        err.contains("association.reattribution_window_minutes"),
+        "{err}"
+    );
+    let mut hub = start_with_admin(data.path(), ADMIN, "reattribution_window_minutes = 0").await;
+    hub.dir = data;
+    let biomed = cloud_hub::token_create(&hub.config, "bio", Role::Biomed).unwrap();
+    let (status, _) = call(
+        &hub,
+        "POST",
+        "/api/v1/beds",
+        Some(json!({ "id": "b1", "ward": "W", "label": "B1" })),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let minute_ago = cloud_hub::fhir::format_instant(now_us() - MINUTE);
+    let (status, body) = call_as(
+        &hub,
+        Some(&biomed),
+        "POST",
+        "/api/v1/placements",
+        Some(json!({ "gateway_id": GATEWAY, "device_id": "m", "bed_id": "b1", "at": minute_ago })),
+    )
+    .await;
+    assert_eq!(status, 403, "{body}");
+    let (status, body) = call_as(
+        &hub,
+        Some(&biomed),
+        "POST",
+        "/api/v1/placements",
+        Some(json!({ "gateway_id": GATEWAY, "device_id": "m", "bed_id": "b1" })),
+    )
+    .await;
+    assert_eq!((status, body), (200, json!({ "reattributed": 0 })));
+    hub.stop().await;
 }

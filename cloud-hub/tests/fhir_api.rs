@@ -271,6 +271,7 @@ async fn metadata_health_and_metrics() {
     let res = &cs["rest"][0]["resource"][0];
     assert_eq!(cs["rest"][0]["mode"], "server");
     assert_eq!(res["type"], "Observation");
+    assert_eq!(res["versioning"], "versioned", "meta.versionId is served");
     let params: Vec<&str> = res["searchParam"]
         .as_array()
         .unwrap()

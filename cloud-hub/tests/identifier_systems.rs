@@ -131,6 +131,7 @@ async fn migration_at_start(config: Config) {
         Some(serde_json::json!({
             "patient": { "system": "HOSP", "value": "MRN-1" },
             "at": "2024-05-01T11:00:00Z",
+            "reason": "discharge recorded late",
         })),
     )
     .await;

@@ -6,7 +6,7 @@
 use crate::pg_server;
 
 use cloud_hub::Store;
-use cloud_hub::association::{AssocError, Bed, PatientId};
+use cloud_hub::association::{AssocError, Bed, Moved, PatientId, Subject};
 use cloud_hub::fhir::render::{RowKind, device_resource_id, metric_of, panel_id};
 use cloud_hub::fhir::{observation_id, parse_search};
 use cloud_hub::pg::PgConfig;
@@ -931,6 +931,114 @@ fn association_back_dated_changes_move_readings(s: &Store) {
             .reattributed,
         0
     );
+}
+
+/// A re-attribution reports whose readings moved to whom and how many, and
+/// each moved row becomes a new version (FHIR `meta.versionId` and
+/// `meta.lastUpdated`), the same by id and by search; unmoved rows keep
+/// version 1.
+fn reattribution_names_the_patients_and_versions_the_moved_rows(s: &Store) {
+    let none = Associations::new();
+    let subject = |v: &str| {
+        Some(Subject {
+            system: Some("urn:mrn".into()),
+            value: v.into(),
+        })
+    };
+    beds(s, &["b1", "b2"]);
+    s.place_device(G, "da", "b1", T0, &none).unwrap();
+    s.admit(&mrn("m1"), "b1", T0, None, &none).unwrap();
+    ingest(
+        s,
+        &batch(
+            1,
+            vec![entry(
+                "da",
+                vec![
+                    spo2(T0 + MIN, 1),
+                    spo2(T0 + 40 * MIN, 2),
+                    spo2(T0 + 50 * MIN, 3),
+                ],
+            )],
+        ),
+        &none,
+    );
+    let row = |seq| s.observation(&oid("da", seq)).unwrap().unwrap();
+    let stored = row(2);
+    assert_eq!((stored.version, stored.updated_us), (1, stored.received_us));
+    let o = cloud_hub::fhir::render::render_observation(&stored).unwrap();
+    assert_eq!(o["meta"]["versionId"], "1");
+    assert_eq!(
+        o["meta"]["lastUpdated"],
+        cloud_hub::fhir::format_instant(stored.received_us)
+    );
+    // m1's stay ended 30 minutes in (recorded late): #2 and #3 leave m1.
+    let before = now();
+    let c = s.discharge(&mrn("m1"), T0 + 30 * MIN, &none).unwrap();
+    assert_eq!(c.reattributed, 2);
+    assert_eq!(
+        c.moved,
+        vec![Moved {
+            from: subject("m1"),
+            to: None,
+            readings: 2
+        }]
+    );
+    // m2 was in that bed from then on: both go to m2.
+    let c = s
+        .admit(&mrn("m2"), "b1", T0 + 30 * MIN, None, &none)
+        .unwrap();
+    assert_eq!(
+        c.moved,
+        vec![Moved {
+            from: None,
+            to: subject("m2"),
+            readings: 2
+        }]
+    );
+    // Moved twice: version 3, updated at the move; #1 never moved.
+    let moved = row(2);
+    assert_eq!(moved.version, 3);
+    assert!(moved.updated_us >= before && moved.updated_us > moved.received_us);
+    assert_eq!((row(1).version, row(1).updated_us), (1, row(1).received_us));
+    let o = cloud_hub::fhir::render::render_observation(&moved).unwrap();
+    assert_eq!(o["meta"]["versionId"], "3");
+    assert_eq!(
+        o["meta"]["lastUpdated"],
+        cloud_hub::fhir::format_instant(moved.updated_us)
+    );
+    assert_eq!(o["subject"]["reference"], "Patient/m2");
+    // Search renders the same rows.
+    let pairs = vec![("patient".to_owned(), "m2".to_owned())];
+    let (n, rows) = s.search(&parse_search(&pairs).unwrap()).unwrap();
+    assert_eq!(n, 2);
+    for r in rows {
+        assert_eq!((r.version, r.updated_us), (3, moved.updated_us), "{}", r.id);
+    }
+    // A transfer from bed b1 (where da is) moves #3 from m2 to nobody, and
+    // a placement of da at b2 (empty) from 45 minutes in changes nothing
+    // more for it.
+    let c = s.transfer(&mrn("m2"), "b2", T0 + 45 * MIN, &none).unwrap();
+    assert_eq!(
+        c.moved,
+        vec![Moved {
+            from: subject("m2"),
+            to: None,
+            readings: 1
+        }]
+    );
+    assert_eq!(row(3).version, 4);
+    assert_eq!(row(2).version, 3);
+    let c = s.place_device(G, "da", "b2", T0 + 45 * MIN, &none).unwrap();
+    assert_eq!(
+        c.moved,
+        vec![Moved {
+            from: None,
+            to: subject("m2"),
+            readings: 1
+        }]
+    );
+    assert_eq!(row(3).version, 5);
 }
 
 fn association_conflicts_are_refused_and_repeats_are_no_ops(s: &Store) {
@@ -2033,6 +2141,7 @@ suite!(
     association_attributes_and_reattributes,
     association_intervals_are_half_open_and_merged,
     association_back_dated_changes_move_readings,
+    reattribution_names_the_patients_and_versions_the_moved_rows,
     association_conflicts_are_refused_and_repeats_are_no_ops,
     retention_purges_what_is_older_than_the_window,
     users_tokens_and_sessions,
@@ -2127,7 +2236,7 @@ fn postgres_partitions_by_month_and_migrates_once() {
     let s = Store::open_postgres(&cfg).unwrap();
     assert_eq!(
         s.postgres().unwrap().migrations().unwrap(),
-        vec![1, 2, 3, 4, 5, 6, 7, 8, 9]
+        vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
     );
     let r = ingest(
         &s,
@@ -2179,7 +2288,7 @@ fn postgres_migration_3_keeps_existing_rows_as_incarnation_0() {
     let s = Store::open_postgres(&cfg).unwrap();
     assert_eq!(
         s.postgres().unwrap().migrations().unwrap(),
-        vec![1, 2, 3, 4, 5, 6, 7, 8, 9]
+        vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
     );
     assert!(ingest(&s, &first, &none).ack.duplicate_batch);
     let r = ingest(

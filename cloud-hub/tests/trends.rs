@@ -142,7 +142,7 @@ async fn buckets_of_usable_values_follow_their_patient() {
         "/api/v1/placements",
         Some(
             json!({ "gateway_id": GATEWAY, "device_id": DEVICE, "bed_id": "icu3-07",
-                     "at": "2024-05-01T10:05:00Z" }),
+                     "at": "2024-05-01T10:05:00Z", "reason": "set up late" }),
         ),
     )
     .await;
@@ -153,7 +153,7 @@ async fn buckets_of_usable_values_follow_their_patient() {
         "/api/v1/patients/admit",
         Some(
             json!({ "patient": { "value": "MRN-9" }, "bed_id": "icu3-07",
-                     "at": "2024-05-01T10:05:00Z" }),
+                     "at": "2024-05-01T10:05:00Z", "reason": "set up late" }),
         ),
     )
     .await;

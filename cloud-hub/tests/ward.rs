@@ -54,7 +54,7 @@ async fn the_ward_view_shows_each_bed_riskiest_first() {
             &hub,
             "POST",
             "/api/v1/placements",
-            Some(json!({ "gateway_id": GATEWAY, "device_id": dev, "bed_id": bed, "at": start })),
+            Some(json!({ "gateway_id": GATEWAY, "device_id": dev, "bed_id": bed, "at": start, "reason": "set up late" })),
         )
         .await;
         assert_eq!(s, 200, "{b}");
@@ -62,7 +62,7 @@ async fn the_ward_view_shows_each_bed_riskiest_first() {
             &hub,
             "POST",
             "/api/v1/patients/admit",
-            Some(json!({ "patient": { "value": patient }, "bed_id": bed, "at": start })),
+            Some(json!({ "patient": { "value": patient }, "bed_id": bed, "at": start, "reason": "set up late" })),
         )
         .await;
         assert_eq!(s, 200, "{b}");

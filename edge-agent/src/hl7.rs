@@ -222,7 +222,7 @@ impl Hl7Listener {
 /// The agent's part of the MLLP server: messages into the buffer, the
 /// listener's logs and counters.
 impl mllp::Handler for Ctx {
-    async fn message(&self, message: Vec<u8>) -> Vec<u8> {
+    async fn message(&self, _peer: &mllp::Peer, message: Vec<u8>) -> Vec<u8> {
         self.handle(&message).await
     }
 

@@ -111,6 +111,27 @@ pub fn check_bed_template(t: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The entry of `allowed` (`[adt] allowed_sending_facilities`) that the
+/// raw MSH-4 sending facility (an HD, components separated by `component`)
+/// matches: the whole field, its namespace id (HD.1) or its universal id
+/// (HD.2). None: the facility is not allowed (or absent).
+pub fn allowed_facility<'a>(msh4: &str, component: u8, allowed: &'a [String]) -> Option<&'a str> {
+    let msh4 = msh4.trim();
+    if msh4.is_empty() {
+        return None;
+    }
+    let mut parts = msh4.split(char::from(component));
+    let namespace = parts.next().unwrap_or_default();
+    let universal = parts.next().unwrap_or_default();
+    allowed
+        .iter()
+        .find(|a| {
+            !a.is_empty()
+                && (a.as_str() == msh4 || a.as_str() == namespace || a.as_str() == universal)
+        })
+        .map(String::as_str)
+}
+
 /// A patient movement.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AdtEvent {
@@ -719,5 +740,24 @@ mod tests {
         );
         assert_eq!(parse_ack(&a), Some(("AA".into(), "MSG00001".into())));
         assert!(!text.contains("EVERYMAN"));
+    }
+
+    #[test]
+    fn sending_facilities_match_the_field_or_one_of_its_identifiers() {
+        let allowed = vec!["GHH".to_owned(), "1.2.3.4".to_owned()];
+        assert_eq!(allowed_facility("GHH", b'^', &allowed), Some("GHH"));
+        assert_eq!(
+            allowed_facility("GHH^2.16.1^ISO", b'^', &allowed),
+            Some("GHH")
+        );
+        assert_eq!(
+            allowed_facility("X^1.2.3.4^ISO", b'^', &allowed),
+            Some("1.2.3.4")
+        );
+        assert_eq!(allowed_facility("EVIL", b'^', &allowed), None);
+        assert_eq!(allowed_facility("GHHX^9", b'^', &allowed), None);
+        assert_eq!(allowed_facility("", b'^', &allowed), None);
+        assert_eq!(allowed_facility("^^ISO", b'^', &allowed), None);
+        assert_eq!(allowed_facility("GHH", b'^', &[]), None);
     }
 }

@@ -33,10 +33,227 @@ pub struct PatientId {
 }
 
 /// What a change did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Change {
     /// Stored readings whose patient changed because of it.
     pub reattributed: u64,
+    /// Which patients' readings moved where, and how many (the audit log
+    /// names them; never logs or metrics). Sorted, one entry per pair.
+    #[serde(skip)]
+    pub moved: Vec<Moved>,
+}
+
+/// The patient a stored reading is attributed to: the identifier value
+/// (the FHIR `Patient` id) and its system, when known.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct Subject {
+    pub system: Option<String>,
+    pub value: String,
+}
+
+impl Subject {
+    /// A stored `(patient_system, patient_id)` pair: `None` without a
+    /// value; an empty system is no system.
+    pub fn of(system: Option<String>, value: Option<String>) -> Option<Subject> {
+        let value = value.filter(|v| !v.is_empty())?;
+        Some(Subject {
+            system: system.filter(|s| !s.is_empty()),
+            value,
+        })
+    }
+}
+
+impl std::fmt::Display for Subject {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.system {
+            Some(s) => write!(f, "Patient/{} ({s})", self.value),
+            None => write!(f, "Patient/{}", self.value),
+        }
+    }
+}
+
+/// Stored readings re-attributed from one patient (or nobody) to another
+/// (or nobody).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct Moved {
+    pub from: Option<Subject>,
+    pub to: Option<Subject>,
+    pub readings: u64,
+}
+
+impl Moved {
+    /// The audit text: how many readings went from whom to whom.
+    pub fn describe(&self) -> String {
+        let who = |s: &Option<Subject>| s.as_ref().map_or("no patient".into(), Subject::to_string);
+        format!(
+            "re-attributed {} reading(s) from {} to {}",
+            self.readings,
+            who(&self.from),
+            who(&self.to)
+        )
+    }
+
+    /// The patients it names (each gets the audit entry), `from` first.
+    pub fn patients(&self) -> impl Iterator<Item = &Subject> {
+        self.from
+            .iter()
+            .chain(self.to.iter().filter(|t| Some(*t) != self.from.as_ref()))
+    }
+}
+
+impl Change {
+    /// Counts `n` readings whose attribution changed from `from` to `to`;
+    /// only a change of patient (value or system) is a move.
+    pub fn add(&mut self, from: Option<Subject>, to: Option<Subject>, n: u64) {
+        if n == 0 {
+            return;
+        }
+        self.reattributed += n;
+        if from == to {
+            return;
+        }
+        match self.moved.iter_mut().find(|m| m.from == from && m.to == to) {
+            Some(m) => m.readings += n,
+            None => {
+                self.moved.push(Moved {
+                    from,
+                    to,
+                    readings: n,
+                });
+                self.moved.sort();
+            }
+        }
+    }
+
+    /// Adds `other`'s counts to this one.
+    pub fn merge(&mut self, other: Change) {
+        let same_patient = other.reattributed - other.moved.iter().map(|m| m.readings).sum::<u64>();
+        self.reattributed += same_patient;
+        for m in other.moved {
+            self.add(m.from, m.to, m.readings);
+        }
+    }
+}
+
+/// What a re-attribution's audit entries say besides the moves.
+#[derive(Debug, Clone, Copy)]
+pub struct AuditContext<'a> {
+    pub time_us: i64,
+    /// The principal (HTTP) or the ADT source.
+    pub actor: &'a str,
+    /// The request path or the HL7 message type.
+    pub resource: &'a str,
+    /// HTTP status of the change (200 for an applied ADT event).
+    pub outcome: u16,
+    /// What was done, e.g. `device g/d placed at bed B at 2026-…`.
+    pub what: &'a str,
+    pub reason: Option<&'a str>,
+}
+
+/// The audit entries of a change: one per patient it names (`named`, e.g.
+/// the patient admitted, then every patient readings moved from or to),
+/// each with what was done, every move (who from, who to, how many) and the
+/// reason. None when it names no patient and moved nothing.
+pub fn audit_entries(
+    ctx: &AuditContext<'_>,
+    named: &[Subject],
+    change: &Change,
+) -> Vec<crate::audit::Entry> {
+    let mut patients: Vec<&Subject> = Vec::new();
+    for p in named
+        .iter()
+        .chain(change.moved.iter().flat_map(Moved::patients))
+    {
+        if !patients.iter().any(|q| q.value == p.value) {
+            patients.push(p);
+        }
+    }
+    let mut detail = ctx.what.to_owned();
+    if change.moved.is_empty() {
+        detail.push_str("; no stored reading changed patient");
+    }
+    for m in &change.moved {
+        detail.push_str("; ");
+        detail.push_str(&m.describe());
+    }
+    if let Some(r) = ctx.reason {
+        detail.push_str("; reason: ");
+        detail.push_str(r);
+    }
+    patients
+        .into_iter()
+        .map(|p| crate::audit::Entry {
+            time_us: ctx.time_us,
+            actor: ctx.actor.to_owned(),
+            action: "update".into(),
+            resource: ctx.resource.to_owned(),
+            patient: Some(p.value.clone()),
+            outcome: ctx.outcome,
+            detail: detail.clone(),
+            patients: Vec::new(),
+        })
+        .collect()
+}
+
+/// Default of `[association] reattribution_window_minutes`: how far back a
+/// placement or stay change may reach without being a re-attribution.
+pub const DEFAULT_REATTRIBUTION_WINDOW_MINUTES: u32 = 15;
+
+/// Longest re-attribution reason (characters).
+pub const MAX_REASON_CHARS: usize = 500;
+
+/// Why a back-dated change is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReattributionRefused {
+    /// The caller holds neither the clinician nor the admin role.
+    #[error(
+        "a change dated before the re-attribution window moves stored readings between patients: \
+         it needs the clinician or admin role"
+    )]
+    Role,
+    /// No usable `reason` was given.
+    #[error(
+        "a change dated before the re-attribution window moves stored readings between patients: \
+         give a reason"
+    )]
+    NoReason,
+    /// The reason is too long or holds control characters.
+    #[error("reason must be 1-{MAX_REASON_CHARS} characters without control characters")]
+    BadReason,
+}
+
+/// Whether a change at `at_us` reaches further back than `window_us` before
+/// `now_us`, i.e. may move readings already stored (a re-attribution).
+pub fn is_backdated(at_us: i64, now_us: i64, window_us: i64) -> bool {
+    at_us < now_us.saturating_sub(window_us)
+}
+
+/// Who may make a placement or stay change dated `at_us`: within the window
+/// anyone the route admits; before it only a clinician or admin
+/// (`clinical`) with a reason. A given reason is always checked. Returns
+/// the trimmed reason.
+pub fn check_reattribution(
+    at_us: i64,
+    now_us: i64,
+    window_us: i64,
+    clinical: bool,
+    reason: Option<&str>,
+) -> Result<Option<&str>, ReattributionRefused> {
+    let reason = reason.map(str::trim).filter(|r| !r.is_empty());
+    if let Some(r) = reason
+        && (r.chars().count() > MAX_REASON_CHARS || r.chars().any(char::is_control))
+    {
+        return Err(ReattributionRefused::BadReason);
+    }
+    if is_backdated(at_us, now_us, window_us) {
+        if !clinical {
+            return Err(ReattributionRefused::Role);
+        }
+        if reason.is_none() {
+            return Err(ReattributionRefused::NoReason);
+        }
+    }
+    Ok(reason)
 }
 
 /// One bed's occupancy at an instant.
@@ -568,6 +785,11 @@ pub struct Target {
 }
 
 impl Target {
+    /// The patient a row gets.
+    pub fn subject(&self) -> Option<Subject> {
+        Subject::of(self.system.clone(), self.value.clone())
+    }
+
     pub fn of(piece: &Piece, config: Option<&str>) -> Target {
         match (&piece.patient, config) {
             (Some(p), _) => Target {
@@ -871,5 +1093,142 @@ mod tests {
                 ("g".into(), "d2".into(), T + 10, T + 20)
             ]
         );
+    }
+
+    fn subj(v: &str) -> Option<Subject> {
+        Some(Subject {
+            system: Some("urn:mrn".into()),
+            value: v.into(),
+        })
+    }
+
+    #[test]
+    fn backdated_changes_need_a_clinical_role_and_a_reason() {
+        let now = 1_000 * 60 * T;
+        let w = 15 * 60 * T;
+        // Within the window (or ahead): anyone the route admits.
+        for at in [now, now - w, now + 60 * T] {
+            assert_eq!(check_reattribution(at, now, w, false, None), Ok(None));
+        }
+        // Just before the window: a re-attribution.
+        let at = now - w - 1;
+        assert!(is_backdated(at, now, w) && !is_backdated(now - w, now, w));
+        assert_eq!(
+            check_reattribution(at, now, w, false, Some("wrong bed")),
+            Err(ReattributionRefused::Role)
+        );
+        assert_eq!(
+            check_reattribution(at, now, w, true, None),
+            Err(ReattributionRefused::NoReason)
+        );
+        assert_eq!(
+            check_reattribution(at, now, w, true, Some("  ")),
+            Err(ReattributionRefused::NoReason)
+        );
+        assert_eq!(
+            check_reattribution(at, now, w, true, Some(" wrong bed ")),
+            Ok(Some("wrong bed"))
+        );
+        // A bad reason is refused even where none is needed.
+        let long = "x".repeat(MAX_REASON_CHARS + 1);
+        assert_eq!(
+            check_reattribution(now, now, w, false, Some(&long)),
+            Err(ReattributionRefused::BadReason)
+        );
+        assert_eq!(
+            check_reattribution(now, now, w, true, Some("a\nb")),
+            Err(ReattributionRefused::BadReason)
+        );
+        // A zero window: everything before now.
+        assert!(is_backdated(now - 1, now, 0) && !is_backdated(now, now, 0));
+    }
+
+    #[test]
+    fn a_change_counts_moves_per_patient_pair() {
+        let mut c = Change::default();
+        c.add(subj("A"), subj("B"), 3);
+        c.add(None, subj("B"), 2);
+        c.add(subj("A"), subj("B"), 4);
+        c.add(subj("B"), subj("B"), 5); // same patient: counted, not a move
+        c.add(subj("A"), None, 0);
+        assert_eq!(c.reattributed, 14);
+        assert_eq!(
+            c.moved,
+            vec![
+                Moved {
+                    from: None,
+                    to: subj("B"),
+                    readings: 2
+                },
+                Moved {
+                    from: subj("A"),
+                    to: subj("B"),
+                    readings: 7
+                },
+            ]
+        );
+        let mut total = Change::default();
+        total.add(subj("A"), subj("B"), 1);
+        total.merge(c.clone());
+        assert_eq!(total.reattributed, 15);
+        assert_eq!(total.moved[1].readings, 8);
+        let m = &c.moved[1];
+        assert_eq!(
+            m.describe(),
+            "re-attributed 7 reading(s) from Patient/A (urn:mrn) to Patient/B (urn:mrn)"
+        );
+        assert_eq!(
+            m.patients().map(|s| s.value.as_str()).collect::<Vec<_>>(),
+            ["A", "B"]
+        );
+        assert_eq!(
+            c.moved[0].describe(),
+            "re-attributed 2 reading(s) from no patient to Patient/B (urn:mrn)"
+        );
+        assert_eq!(
+            Subject::of(Some(String::new()), Some("X".into()))
+                .unwrap()
+                .system,
+            None
+        );
+        assert_eq!(Subject::of(Some("s".into()), None), None);
+    }
+
+    #[test]
+    fn audit_entries_name_every_patient_moved() {
+        let mut c = Change::default();
+        c.add(subj("A"), subj("B"), 30);
+        let ctx = AuditContext {
+            time_us: 7,
+            actor: "user:ann",
+            resource: "/api/v1/placements/end",
+            outcome: 200,
+            what: "placement of g/d ended",
+            reason: Some("wrong bed"),
+        };
+        let e = audit_entries(&ctx, &[], &c);
+        assert_eq!(e.len(), 2);
+        assert_eq!(e[0].patient.as_deref(), Some("A"));
+        assert_eq!(e[1].patient.as_deref(), Some("B"));
+        assert_eq!(
+            e[0].detail,
+            "placement of g/d ended; re-attributed 30 reading(s) from Patient/A (urn:mrn) to \
+             Patient/B (urn:mrn); reason: wrong bed"
+        );
+        assert!(
+            e.iter()
+                .all(|e| e.actor == "user:ann" && e.action == "update" && e.time_us == 7)
+        );
+        // A named patient without moves still gets its entry; nothing named
+        // and nothing moved: none.
+        let named = [subj("C").unwrap()];
+        let e = audit_entries(&ctx, &named, &Change::default());
+        assert_eq!(e.len(), 1);
+        assert!(
+            e[0].detail.contains("no stored reading changed patient"),
+            "{}",
+            e[0].detail
+        );
+        assert!(audit_entries(&ctx, &[], &Change::default()).is_empty());
     }
 }

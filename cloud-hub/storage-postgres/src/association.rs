@@ -6,7 +6,7 @@
 
 use futures_executor::block_on;
 use hub_domain::association::{
-    Bed, BedOccupancy, Change, Interval, Keyed, OPEN, PatientId, Piece, Plan, Target,
+    Bed, BedOccupancy, Change, Interval, Keyed, OPEN, PatientId, Piece, Plan, Subject, Target,
 };
 use hub_storage::{
     AssocError, AssocTx, AssociationStore, Associations, StoreError, SystemsMigrated, Timeline,
@@ -199,15 +199,45 @@ impl AssocTx for Tx<'_, '_> {
         d: &str,
         piece: &Piece,
         t: &Target,
-    ) -> Result<u64, DbError> {
-        self.execute(
-            "UPDATE observations SET patient_system = $5, patient_id = $6, attribution = $7
-              WHERE gateway_id = $1 AND device_id = $2 AND effective_us >= $3 AND effective_us < $4
-                AND attribution IN ('stay', 'config', 'unattributed')
-                AND (patient_system IS DISTINCT FROM $5 OR patient_id IS DISTINCT FROM $6
-                     OR attribution IS DISTINCT FROM $7)",
-            &[&g, &d, &piece.from, &piece.to, &t.system, &t.value, &t.how],
-        )
+        stamp_us: i64,
+    ) -> Result<Vec<(Option<Subject>, u64)>, DbError> {
+        // The patients the rows had, counted: the old values of exactly the
+        // rows the UPDATE changed (RETURNING), in one statement.
+        let rows = self.query(
+            "WITH moved AS (
+                 SELECT o.rid, o.effective_us, o.patient_system AS old_system,
+                        o.patient_id AS old_id
+                   FROM observations o
+                  WHERE o.gateway_id = $1 AND o.device_id = $2 AND o.effective_us >= $3
+                    AND o.effective_us < $4
+                    AND o.attribution IN ('stay', 'config', 'unattributed')
+                    AND (o.patient_system IS DISTINCT FROM $5 OR o.patient_id IS DISTINCT FROM $6
+                         OR o.attribution IS DISTINCT FROM $7)),
+             changed AS (
+                 UPDATE observations o
+                    SET patient_system = $5, patient_id = $6, attribution = $7,
+                        version = o.version + 1, updated_us = $8
+                   FROM moved m
+                  WHERE o.rid = m.rid AND o.effective_us = m.effective_us
+                        AND o.gateway_id = $1 AND o.device_id = $2
+                        AND o.effective_us >= $3 AND o.effective_us < $4
+                 RETURNING m.old_system, m.old_id)
+             SELECT old_system, old_id, COUNT(*) FROM changed GROUP BY old_system, old_id",
+            &[
+                &g,
+                &d,
+                &piece.from,
+                &piece.to,
+                &t.system,
+                &t.value,
+                &t.how,
+                &stamp_us,
+            ],
+        )?;
+        Ok(rows
+            .iter()
+            .map(|r| (Subject::of(r.get(0), r.get(1)), r.get::<_, i64>(2) as u64))
+            .collect())
     }
 
     /// Chart buckets follow the rows to their new patient.

@@ -926,7 +926,7 @@ async fn put_gateway(
 
 const OBS_COLUMNS: &str = "o.id, o.kind, o.gateway_id, o.device_id, o.patient_id, o.received_us, \
      o.payload, o.resource, COALESCE(d.manufacturer, ''), COALESCE(d.model, ''), \
-     COALESCE(d.serial_number, ''), o.patient_system";
+     COALESCE(d.serial_number, ''), o.patient_system, o.version, COALESCE(o.updated_us, o.received_us)";
 const OBS_FROM: &str = "observations o LEFT JOIN devices d \
      ON d.gateway_id = o.gateway_id AND d.device_id = o.device_id";
 
@@ -944,6 +944,8 @@ fn obs_row(r: &Row, at: usize) -> ObservationRow {
         model: r.get(at + 9),
         serial_number: r.get(at + 10),
         patient_system: r.get(at + 11),
+        version: i64::from(r.get::<_, i32>(at + 12)),
+        updated_us: r.get(at + 13),
     }
 }
 

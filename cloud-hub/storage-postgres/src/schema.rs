@@ -445,6 +445,17 @@ CREATE TRIGGER audit_checkpoints_append_only
     FOR EACH STATEMENT EXECUTE FUNCTION audit_checkpoints_append_only();
 "#;
 
+/// Migration 10: re-attribution versions. A stored reading's `version`
+/// (FHIR `meta.versionId`, 1 when stored) goes up each time a placement or
+/// stay change gives it another patient, and `updated_us`
+/// (`meta.lastUpdated`; NULL: `received_us`) is when. Added to the
+/// partitioned table, so to every partition (a constant default: no
+/// rewrite); idempotent, as tests that roll migrations back re-run it.
+const PG_V10: &str = r#"
+ALTER TABLE observations ADD COLUMN IF NOT EXISTS version integer NOT NULL DEFAULT 1,
+                         ADD COLUMN IF NOT EXISTS updated_us bigint;
+"#;
+
 pub(crate) const MIGRATIONS: &[(i64, &str)] = &[
     (1, V1),
     (2, PG_V2),
@@ -455,6 +466,7 @@ pub(crate) const MIGRATIONS: &[(i64, &str)] = &[
     (7, PG_V7),
     (8, PG_V8),
     (9, PG_V9),
+    (10, PG_V10),
 ];
 
 /// Observation partitions are UTC months: `[start, end)` in µs of the

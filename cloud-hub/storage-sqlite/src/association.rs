@@ -6,7 +6,7 @@
 //! this module is the SQL of [`AssocTx`].
 
 use hub_domain::association::{
-    Bed, BedOccupancy, Change, Interval, Keyed, OPEN, PatientId, Piece, Plan, Target,
+    Bed, BedOccupancy, Change, Interval, Keyed, OPEN, PatientId, Piece, Plan, Subject, Target,
 };
 use hub_storage::{
     AssocError, AssocTx, AssociationStore, Associations, StoreError, SystemsMigrated, Timeline,
@@ -186,16 +186,40 @@ impl AssocTx for Tx<'_, '_> {
         d: &str,
         piece: &Piece,
         t: &Target,
-    ) -> Result<u64, DbError> {
-        let mut st = self.0.prepare_cached(
-            "UPDATE observations SET patient_system = ?5, patient_id = ?6, attribution = ?7
-              WHERE gateway_id = ?1 AND device_id = ?2 AND effective_us >= ?3 AND effective_us < ?4
-                AND attribution IN ('stay', 'config', 'unattributed')
-                AND (patient_system IS NOT ?5 OR patient_id IS NOT ?6 OR attribution IS NOT ?7)",
-        )?;
-        Ok(st.execute(params![
-            g, d, piece.from, piece.to, t.system, t.value, t.how
-        ])? as u64)
+        stamp_us: i64,
+    ) -> Result<Vec<(Option<Subject>, u64)>, DbError> {
+        const WHERE: &str = "gateway_id = ?1 AND device_id = ?2 AND effective_us >= ?3
+                AND effective_us < ?4 AND attribution IN ('stay', 'config', 'unattributed')
+                AND (patient_system IS NOT ?5 OR patient_id IS NOT ?6 OR attribution IS NOT ?7)";
+        let args = params![g, d, piece.from, piece.to, t.system, t.value, t.how];
+        // The patients the rows had, counted, before they change (same
+        // transaction, same rows).
+        let before: Vec<(Option<Subject>, u64)> = self
+            .0
+            .prepare_cached(&format!(
+                "SELECT patient_system, patient_id, COUNT(*) FROM observations WHERE {WHERE}
+                  GROUP BY patient_system, patient_id"
+            ))?
+            .query_map(args, |r| {
+                Ok((
+                    Subject::of(r.get(0)?, r.get(1)?),
+                    r.get::<_, i64>(2)? as u64,
+                ))
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        if before.is_empty() {
+            return Ok(before);
+        }
+        self.0
+            .prepare_cached(&format!(
+                "UPDATE observations SET patient_system = ?5, patient_id = ?6, attribution = ?7,
+                        version = version + 1, updated_us = ?8
+                  WHERE {WHERE}"
+            ))?
+            .execute(params![
+                g, d, piece.from, piece.to, t.system, t.value, t.how, stamp_us
+            ])?;
+        Ok(before)
     }
 
     /// Chart buckets follow the rows to their new patient.

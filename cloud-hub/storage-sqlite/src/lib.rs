@@ -1074,12 +1074,12 @@ impl Storage for SqliteStore {
 
 const OBS_COLUMNS: &str = "o.id, o.kind, o.gateway_id, o.device_id, o.patient_id, o.received_us, \
      o.payload, o.resource, COALESCE(d.manufacturer, ''), COALESCE(d.model, ''), \
-     COALESCE(d.serial_number, ''), o.patient_system";
+     COALESCE(d.serial_number, ''), o.patient_system, o.version, COALESCE(o.updated_us, o.received_us)";
 const OBS_FROM: &str = "observations o LEFT JOIN devices d \
      ON d.gateway_id = o.gateway_id AND d.device_id = o.device_id";
 
 /// Number of columns in [`OBS_COLUMNS`].
-const OBS_COLUMN_COUNT: usize = 12;
+const OBS_COLUMN_COUNT: usize = 14;
 
 fn obs_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ObservationRow> {
     Ok(ObservationRow {
@@ -1095,6 +1095,8 @@ fn obs_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ObservationRow> {
         model: r.get(9)?,
         serial_number: r.get(10)?,
         patient_system: r.get(11)?,
+        version: r.get(12)?,
+        updated_us: r.get(13)?,
     })
 }
 

@@ -521,6 +521,15 @@ CREATE TABLE IF NOT EXISTS login_throttle (
 CREATE INDEX IF NOT EXISTS login_throttle_window ON login_throttle (window_start_us);
 "#;
 
+/// v19: re-attribution versions. A stored reading's `version` (FHIR
+/// `meta.versionId`, 1 when stored) goes up each time a placement or stay
+/// change gives it another patient, and `updated_us` (`meta.lastUpdated`;
+/// NULL: `received_us`) is when.
+pub const SCHEMA_V19: &str = r#"
+ALTER TABLE observations ADD COLUMN version INTEGER NOT NULL DEFAULT 1;
+ALTER TABLE observations ADD COLUMN updated_us INTEGER;
+"#;
+
 /// Ordered migrations; each runs once, in one transaction with its version row.
 pub const MIGRATIONS: &[(i64, &str)] = &[
     (1, SCHEMA_V1),
@@ -541,4 +550,5 @@ pub const MIGRATIONS: &[(i64, &str)] = &[
     (16, SCHEMA_V16),
     (17, SCHEMA_V17),
     (18, SCHEMA_V18),
+    (19, SCHEMA_V19),
 ];

@@ -7,7 +7,7 @@
 
 use hub_domain::association::{
     self as model, Affected, Bed, BedOccupancy, Change, Conflict, Interval, Invalid, Keyed, OPEN,
-    PatientId, Piece, Plan, Target,
+    PatientId, Piece, Plan, Subject, Target,
 };
 
 use crate::{Associations, StoreError};
@@ -211,14 +211,19 @@ pub trait AssocTx {
     fn rekey_stays(&mut self, ids: &[i64], new: &PatientId) -> Result<(), Self::Error>;
     /// Sets the attribution of device `(g, d)`'s readings in the piece's
     /// span to `target`, for rows attributed by `stay`, `config` or not at
-    /// all and only where it differs; the number of rows changed.
+    /// all and only where it differs, giving each changed row the next
+    /// version (`version + 1`, FHIR `meta.versionId`) updated at `stamp_us`
+    /// (`meta.lastUpdated`). Returns the rows changed, counted by the
+    /// patient they had (`patient_system`, `patient_id` before the change;
+    /// see [`Subject::of`]).
     fn set_attribution(
         &mut self,
         g: &str,
         d: &str,
         piece: &Piece,
         target: &Target,
-    ) -> Result<u64, Self::Error>;
+        stamp_us: i64,
+    ) -> Result<Vec<(Option<Subject>, u64)>, Self::Error>;
     /// Device `(g, d)`'s readings in `[lo, hi)` changed patient (a backend
     /// with derived data, e.g. chart buckets, recomputes it).
     fn reattributed(&mut self, g: &str, d: &str, lo: i64, hi: i64) -> Result<(), Self::Error>;
@@ -272,7 +277,8 @@ pub mod procedure {
             let at_bed = tx.at_bed(Timeline::Placements, bed, *lo, *hi)?;
             spans.extend(model::device_spans(*lo, *hi, &at_bed));
         }
-        let mut n = 0;
+        let stamp = hub_domain::clock::now_us();
+        let mut change = Change::default();
         for (g, d, lo, hi) in spans {
             let placements = tx.overlapping(Timeline::Placements, (&g, &d), lo, hi)?;
             let mut stays = Vec::new();
@@ -284,14 +290,17 @@ pub mod procedure {
             let config = fallback.get(&(g.clone(), d.clone())).map(String::as_str);
             let mut changed = 0;
             for piece in model::pieces(lo, hi, &placements, &stays) {
-                changed += tx.set_attribution(&g, &d, &piece, &Target::of(&piece, config))?;
+                let target = Target::of(&piece, config);
+                for (from, n) in tx.set_attribution(&g, &d, &piece, &target, stamp)? {
+                    change.add(from, target.subject(), n);
+                    changed += n;
+                }
             }
             if changed > 0 {
                 tx.reattributed(&g, &d, lo, hi)?;
             }
-            n += changed;
         }
-        Ok(Change { reattributed: n })
+        Ok(change)
     }
 
     pub fn place_device<X: AssocTx>(

@@ -1,5 +1,15 @@
 //! The HL7 v2 ADT listener (`[adt]`, off unless configured): MLLP over
-//! TCP, TLS optional (rustls, ring provider), on `adt.listen`.
+//! TCP, TLS (rustls, ring provider), on `adt.listen`.
+//!
+//! ADT moves patients and their stored readings, so only configured
+//! senders are applied: mutual TLS (`client_ca_file`: a connection without
+//! a certificate from that CA fails the handshake; required off loopback)
+//! and/or, on a loopback listen only, `allow_sources`; and MSH-4 must be in
+//! `allowed_sending_facilities`. Other messages are answered AR, counted by
+//! reason (`vigil_hub_adt_refused_total`) and change nothing. Every applied
+//! event is written to the audit log with its source
+//! (`adt:FACILITY@cert:FINGERPRINT` or `adt:FACILITY@ip:ADDRESS`), its
+//! patient and every patient whose readings it moved, with the counts.
 //!
 //! For each message: [`crate::adt::interpret`] (sans-IO) → the event is
 //! applied to the association store in one transaction (admit, transfer,
@@ -20,7 +30,7 @@
 //! agent's too ([`vigil_io::mllp`]); this module is its
 //! [`Handler`](vigil_io::mllp::Handler).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,13 +40,17 @@ use serde::Deserialize;
 use shared_protocol::hl7v2::{AckCode, AckError, AckTarget, DEFAULT_MAX_MESSAGE, MllpError};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
-use vigil_io::mllp::{self, Counters, Event};
+use vigil_io::mllp::{self, Counters, Event, Peer};
 use vigil_io::tls::{self, ClientAuth, Identity, PemFile};
 
-use crate::adt::{AdtEvent, AdtOptions, Interpreted, Outcome, ack, ack_error, interpret};
-use crate::association::AssocError;
+use crate::adt::{
+    AdtEvent, AdtOptions, Interpreted, Outcome, ack, ack_error, allowed_facility, interpret,
+};
+use crate::association::{AssocError, Change};
 use crate::config_error::ConfigError;
 use crate::store::{Associations, Store, now_us};
+use hub_domain::association::{AuditContext, Subject, audit_entries};
+use hub_domain::clock::format_instant;
 
 /// The port `[adt] listen` suggests (2575 is HL7's registered port; the
 /// hub's default keeps it free for a co-located agent).
@@ -56,7 +70,24 @@ pub struct AdtConfig {
     /// PEM private key (mode 0600) for `tls_cert_file`.
     #[serde(default)]
     pub tls_key_file: Option<PathBuf>,
-    /// Allow plaintext MLLP on a non-loopback address.
+    /// PEM file of the CA(s) that issue the ADT senders' client
+    /// certificates: mutual TLS, a connection without a certificate that
+    /// verifies is refused in the handshake. Required off loopback (needs
+    /// `tls_cert_file`/`tls_key_file`).
+    #[serde(default)]
+    pub client_ca_file: Option<PathBuf>,
+    /// Source IP addresses whose messages are applied, only when `listen`
+    /// is a loopback address (e.g. an interface engine on the same host):
+    /// a message from any other address is refused (AR). With
+    /// `client_ca_file` too, both must hold.
+    #[serde(default)]
+    pub allow_sources: Vec<String>,
+    /// MSH-4 sending facilities whose messages are applied (the whole
+    /// field, its namespace id or its universal id); at least one.
+    #[serde(default)]
+    pub allowed_sending_facilities: Vec<String>,
+    /// No longer permitted (`true` is refused): an ADT listener off
+    /// loopback needs mutual TLS (`client_ca_file`).
     #[serde(default)]
     pub allow_plaintext: bool,
     /// `Identifier.system` when PID-3 has no assigning authority and the
@@ -115,13 +146,59 @@ impl AdtConfig {
                 "tls_cert_file and tls_key_file must be given together",
             ));
         }
-        if self.tls_cert_file.is_none() && !addr.ip().is_loopback() && !self.allow_plaintext {
+        if self.allow_plaintext {
             return Err(invalid(
-                "tls_cert_file",
+                "allow_plaintext",
+                "plaintext ADT off loopback is no longer accepted: patient movements need an \
+                 authenticated source; set client_ca_file (mutual TLS) and remove allow_plaintext",
+            ));
+        }
+        if self.client_ca_file.is_some() && self.tls_cert_file.is_none() {
+            return Err(invalid(
+                "client_ca_file",
+                "client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file",
+            ));
+        }
+        self.sources()?;
+        if self.client_ca_file.is_none() && !addr.ip().is_loopback() {
+            if !self.allow_sources.is_empty() {
+                return Err(invalid(
+                    "allow_sources",
+                    format!(
+                        "{addr} is not a loopback address: allow_sources is accepted only on a \
+                         loopback listen; off loopback set client_ca_file (mutual TLS)"
+                    ),
+                ));
+            }
+            return Err(invalid(
+                "client_ca_file",
                 format!(
-                    "{addr} is not a loopback address: set tls_cert_file/tls_key_file, or \
-                     allow_plaintext = true on a network you trust"
+                    "{addr} is not a loopback address: an ADT listener off loopback needs mutual \
+                     TLS: set client_ca_file with tls_cert_file/tls_key_file"
                 ),
+            ));
+        }
+        if self.client_ca_file.is_none() && self.allow_sources.is_empty() {
+            return Err(invalid(
+                "allow_sources",
+                "ADT messages move patients: name their senders, by client_ca_file (mutual TLS) \
+                 or, on a loopback listen, allow_sources = [\"127.0.0.1\"]",
+            ));
+        }
+        if self.allowed_sending_facilities.is_empty() {
+            return Err(invalid(
+                "allowed_sending_facilities",
+                "name at least one MSH-4 sending facility whose messages are applied",
+            ));
+        }
+        if self
+            .allowed_sending_facilities
+            .iter()
+            .any(|f| f.trim().is_empty() || f.len() > 180 || f.chars().any(char::is_control))
+        {
+            return Err(invalid(
+                "allowed_sending_facilities",
+                "each entry must be 1-180 characters without control characters",
             ));
         }
         if !(-1080..=1080).contains(&self.utc_offset_minutes) {
@@ -153,11 +230,27 @@ impl AdtConfig {
         Ok(())
     }
 
+    /// `allow_sources` parsed.
+    fn sources(&self) -> Result<Vec<IpAddr>, ConfigError> {
+        self.allow_sources
+            .iter()
+            .map(|a| {
+                a.trim()
+                    .parse()
+                    .map_err(|_| invalid("allow_sources", format!("`{a}` is not an IP address")))
+            })
+            .collect()
+    }
+
     /// Makes relative TLS paths relative to `base`.
     pub fn resolve_paths(&mut self, base: &std::path::Path) {
-        for p in [&mut self.tls_cert_file, &mut self.tls_key_file]
-            .into_iter()
-            .flatten()
+        for p in [
+            &mut self.tls_cert_file,
+            &mut self.tls_key_file,
+            &mut self.client_ca_file,
+        ]
+        .into_iter()
+        .flatten()
         {
             if p.is_relative() {
                 *p = base.join(&*p);
@@ -188,6 +281,13 @@ pub struct AdtStats {
     pub rejected: AtomicU64,
     /// Readings re-attributed by ADT events.
     pub reattributed: AtomicU64,
+    /// Messages refused (AR) because of their source: not an allowed
+    /// address, or no verified client certificate.
+    pub refused_source: AtomicU64,
+    /// Messages refused (AR) because MSH-4 is not an allowed facility.
+    pub refused_facility: AtomicU64,
+    /// Applied events whose audit entries could not be written.
+    pub audit_failures: AtomicU64,
 }
 
 impl AdtStats {
@@ -231,9 +331,22 @@ impl AdtStats {
             &[("", &self.listener.bytes_dropped)],
         );
         counter(
+            "vigil_hub_adt_refused_total",
+            "HL7 ADT messages refused (AR) before being applied, by reason.",
+            &[
+                ("{reason=\"untrusted_source\"}", &self.refused_source),
+                ("{reason=\"facility\"}", &self.refused_facility),
+            ],
+        );
+        counter(
             "vigil_hub_adt_readings_reattributed_total",
             "Stored readings re-attributed by ADT events.",
             &[("", &self.reattributed)],
+        );
+        counter(
+            "vigil_hub_adt_audit_failures_total",
+            "Applied ADT events whose audit log entries could not be written (applied, not audited).",
+            &[("", &self.audit_failures)],
         );
     }
 }
@@ -263,8 +376,15 @@ pub struct AdtListener {
 #[derive(Debug)]
 struct Ctx {
     opts: AdtOptions,
+    /// Mutual TLS: every connection presented a verified certificate.
+    client_auth: bool,
+    /// Source addresses allowed (empty: any, with `client_auth`).
+    sources: Vec<IpAddr>,
+    facilities: Vec<String>,
     store: Store,
     fallback: Arc<Associations>,
+    /// Links the audit entries of applied events (empty: unkeyed log).
+    audit_keys: crate::audit::AuditKeys,
     stats: Arc<AdtStats>,
     acks: AtomicU64,
 }
@@ -278,9 +398,10 @@ impl AdtListener {
     ) -> Result<Self, AdtSetupError> {
         config.validate()?;
         let tls = match (&config.tls_cert_file, &config.tls_key_file) {
-            (Some(c), Some(k)) => Some(load_tls(c, k)?),
+            (Some(c), Some(k)) => Some(load_tls(c, k, config.client_ca_file.as_deref())?),
             _ => None,
         };
+        let sources = config.sources()?;
         let addr = config.listen_addr()?;
         let limits = mllp::Limits {
             max_connections: config.max_connections,
@@ -296,6 +417,10 @@ impl AdtListener {
             server,
             ctx: Arc::new(Ctx {
                 opts: config.options(),
+                client_auth: config.client_ca_file.is_some(),
+                sources,
+                audit_keys: crate::audit::AuditKeys::default(),
+                facilities: config.allowed_sending_facilities.clone(),
                 store,
                 fallback,
                 stats: Arc::default(),
@@ -327,6 +452,14 @@ impl AdtListener {
 
     /// Counts into `stats` (e.g. the hub's `/metrics` counters) instead of
     /// the listener's own.
+    /// The hub's audit keys, for the entries of applied events.
+    pub fn with_audit_keys(mut self, keys: crate::audit::AuditKeys) -> Self {
+        if let Some(ctx) = Arc::get_mut(&mut self.ctx) {
+            ctx.audit_keys = keys;
+        }
+        self
+    }
+
     pub fn with_stats(mut self, stats: Arc<AdtStats>) -> Self {
         if let Some(ctx) = Arc::get_mut(&mut self.ctx) {
             ctx.stats = stats;
@@ -346,6 +479,7 @@ impl AdtListener {
 fn load_tls(
     cert: &std::path::Path,
     key: &std::path::Path,
+    client_ca: Option<&std::path::Path>,
 ) -> Result<Arc<rustls::ServerConfig>, AdtSetupError> {
     let tls_err = |e: tls::TlsError| AdtSetupError::Tls(e.to_string());
     let identity = Identity::load(
@@ -353,15 +487,19 @@ fn load_tls(
         PemFile::new("adt.tls_key_file", key),
     )
     .map_err(tls_err)?;
-    let config = tls::server_config(identity, ClientAuth::None).map_err(tls_err)?;
+    let auth = match client_ca {
+        Some(ca) => ClientAuth::Required(PemFile::new("adt.client_ca_file", ca)),
+        None => ClientAuth::None,
+    };
+    let config = tls::server_config(identity, auth).map_err(tls_err)?;
     Ok(Arc::new(config))
 }
 
 /// The hub's part of the MLLP server: events applied to the association
 /// store, the listener's logs and counters.
 impl mllp::Handler for Ctx {
-    async fn message(&self, message: Vec<u8>) -> Vec<u8> {
-        self.handle(message).await
+    async fn message(&self, peer: &Peer, message: Vec<u8>) -> Vec<u8> {
+        self.handle(peer, message).await
     }
 
     fn oversized(&self, head: &[u8], max: usize) -> Vec<u8> {
@@ -413,18 +551,28 @@ impl mllp::Handler for Ctx {
 }
 
 /// What applying an event did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Applied {
-    /// Recorded; readings re-attributed.
-    Changed(u64),
+    /// Recorded; readings re-attributed (who from, who to, how many).
+    Changed(Change),
     /// Nothing to change (already so, or nothing known to change).
     Nothing,
+}
+
+impl Applied {
+    /// Readings re-attributed.
+    pub fn reattributed(&self) -> u64 {
+        match self {
+            Applied::Changed(c) => c.reattributed,
+            Applied::Nothing => 0,
+        }
+    }
 }
 
 /// Applies an ADT event to the association store (blocking). An error is
 /// the AE to answer.
 pub fn apply(store: &Store, ev: &AdtEvent, fb: &Associations) -> Result<Applied, AckError> {
-    let changed = |c: crate::association::Change| Applied::Changed(c.reattributed);
+    let changed = Applied::Changed;
     let r = match ev {
         AdtEvent::Admit {
             patient,
@@ -455,17 +603,17 @@ pub fn apply(store: &Store, ev: &AdtEvent, fb: &Associations) -> Result<Applied,
             at,
             visit,
         } => (|| {
-            let mut n = 0;
+            let mut n = Change::default();
             if let Some(v) = visit
                 && let Some(old) = store.stay_of_visit(v, *at)?
                 && &old != patient
             {
-                n += store.change_identifier(&old, patient, v, fb)?.reattributed;
+                n.merge(store.change_identifier(&old, patient, v, fb)?);
             }
             if let Some(bed) = bed
                 && store.bed_of(patient, *at)?.is_some_and(|b| &b != bed)
             {
-                n += store.transfer(patient, bed, *at, fb)?.reattributed;
+                n.merge(store.transfer(patient, bed, *at, fb)?);
             }
             Ok(Applied::Changed(n))
         })(),
@@ -486,6 +634,68 @@ pub fn apply(store: &Store, ev: &AdtEvent, fb: &Associations) -> Result<Applied,
 }
 
 impl Ctx {
+    /// Writes the audit entries of an applied event: its patient and every
+    /// patient whose readings it moved, with the counts. A failure is
+    /// logged and counted; the event stays applied (it is committed).
+    async fn audit(&self, actor: &str, ev: &AdtEvent, applied: &Applied) {
+        let (patient, what) = match ev {
+            AdtEvent::Admit {
+                patient, bed, at, ..
+            } => (
+                patient,
+                format!("ADT A01 admit to bed {bed} at {}", format_instant(*at)),
+            ),
+            AdtEvent::Transfer {
+                patient, bed, at, ..
+            } => (
+                patient,
+                format!("ADT A02 transfer to bed {bed} at {}", format_instant(*at)),
+            ),
+            AdtEvent::Discharge { patient, at, .. } => (
+                patient,
+                format!("ADT A03 discharge at {}", format_instant(*at)),
+            ),
+            AdtEvent::Update { patient, at, .. } => (
+                patient,
+                format!("ADT A08 update at {}", format_instant(*at)),
+            ),
+        };
+        let nothing = Change::default();
+        let change = match applied {
+            Applied::Changed(c) => c,
+            Applied::Nothing => &nothing,
+        };
+        let named = [Subject {
+            system: Some(patient.system.clone()).filter(|s| !s.is_empty()),
+            value: patient.value.clone(),
+        }];
+        let resource = format!("hl7:ADT^{}", ev.trigger());
+        let ctx = AuditContext {
+            time_us: now_us(),
+            actor,
+            resource: &resource,
+            outcome: 200,
+            what: &what,
+            reason: None,
+        };
+        let entries = audit_entries(&ctx, &named, change);
+        let (store, keys) = (self.store.clone(), self.audit_keys.clone());
+        let r = tokio::task::spawn_blocking(move || {
+            entries
+                .iter()
+                .try_for_each(|e| crate::audit::append(&store, &keys, e).map(drop))
+        })
+        .await;
+        if !matches!(r, Ok(Ok(()))) {
+            AdtStats::add(&self.stats.audit_failures, 1);
+            match r {
+                Ok(Err(e)) => tracing::error!(error = %e, "writing the ADT audit entries failed"),
+                Err(e) => tracing::error!(error = %e, "the ADT audit task failed"),
+                Ok(Ok(())) => {}
+            }
+        }
+    }
+
     fn answer(&self, target: &AckTarget, code: AckCode, err: Option<&AckError>) -> Vec<u8> {
         match code {
             AckCode::Accept => AdtStats::add(&self.stats.accepted, 1),
@@ -498,15 +708,57 @@ impl Ctx {
         ack(target, code, err, now, &id)
     }
 
-    /// Interpret, apply, answer.
-    async fn handle(&self, bytes: Vec<u8>) -> Vec<u8> {
+    /// Who sent the message, as the audit log names it, or None when the
+    /// source is not trusted: without a verified client certificate under
+    /// mutual TLS, or from an address `allow_sources` does not list.
+    fn source(&self, peer: &Peer) -> Option<String> {
+        let by_cert = match (&peer.client_certificate, self.client_auth) {
+            (Some(der), true) => {
+                let d = ring::digest::digest(&ring::digest::SHA256, der);
+                Some(format!("cert:{}", &hex::encode(d)[..16]))
+            }
+            (None, true) => return None,
+            (_, false) => None,
+        };
+        if !self.sources.is_empty() && !self.sources.contains(&peer.addr.ip()) {
+            return None;
+        }
+        if by_cert.is_none() && self.sources.is_empty() {
+            return None;
+        }
+        Some(by_cert.unwrap_or_else(|| format!("ip:{}", peer.addr.ip())))
+    }
+
+    /// Interpret, check the source and facility, apply, audit, answer.
+    async fn handle(&self, peer: &Peer, bytes: Vec<u8>) -> Vec<u8> {
         let Interpreted { target, outcome } = interpret(&bytes, &self.opts, now_us());
         drop(bytes);
+        let Some(source) = self.source(peer) else {
+            AdtStats::add(&self.stats.refused_source, 1);
+            tracing::warn!(peer = %peer.addr.ip(), "ADT message from an untrusted source refused (AR)");
+            let e = ack_error(
+                "MSH",
+                207,
+                "untrusted source: messages are accepted only from the configured senders",
+            );
+            return self.answer(&target, AckCode::Reject, Some(&e));
+        };
+        if let Outcome::Reject(e) = &outcome {
+            tracing::warn!(location = %e.location, code = e.code, "ADT message rejected (AR)");
+            return self.answer(&target, AckCode::Reject, Some(e));
+        }
+        let delimiter = target.delimiters.component;
+        let Some(facility) =
+            allowed_facility(&target.sending_facility, delimiter, &self.facilities)
+        else {
+            AdtStats::add(&self.stats.refused_facility, 1);
+            tracing::warn!(source = %source, "ADT message from a sending facility not allowed refused (AR)");
+            let e = ack_error("MSH^1^4", 103, "sending facility (MSH-4) not allowed");
+            return self.answer(&target, AckCode::Reject, Some(&e));
+        };
+        let actor = format!("adt:{facility}@{source}");
         match outcome {
-            Outcome::Reject(e) => {
-                tracing::warn!(location = %e.location, code = e.code, "ADT message rejected (AR)");
-                self.answer(&target, AckCode::Reject, Some(&e))
-            }
+            Outcome::Reject(e) => self.answer(&target, AckCode::Reject, Some(&e)),
             Outcome::Error(e) => {
                 tracing::warn!(location = %e.location, code = e.code, "ADT message refused (AE)");
                 self.answer(&target, AckCode::Error, Some(&e))
@@ -514,6 +766,7 @@ impl Ctx {
             Outcome::Event(ev) => {
                 let (store, fallback) = (self.store.clone(), self.fallback.clone());
                 let trigger = ev.trigger();
+                let event = ev.clone();
                 let bed = match &ev {
                     AdtEvent::Admit { bed, .. } | AdtEvent::Transfer { bed, .. } => {
                         Some(bed.clone())
@@ -529,13 +782,11 @@ impl Ctx {
                     });
                 match r {
                     Ok(applied) => {
-                        let n = match applied {
-                            Applied::Changed(n) => n,
-                            Applied::Nothing => 0,
-                        };
+                        let n = applied.reattributed();
                         AdtStats::add(&self.stats.reattributed, n);
                         tracing::info!(trigger, bed_id = ?bed, reattributed = n, nothing = applied == Applied::Nothing,
                             "ADT event applied");
+                        self.audit(&actor, &event, &applied).await;
                         self.answer(&target, AckCode::Accept, None)
                     }
                     Err(e) => {

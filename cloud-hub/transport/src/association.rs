@@ -65,8 +65,8 @@ use hub_storage::Storage;
 use crate::store::{Associations, Store};
 
 pub use hub_domain::association::{
-    Bed, BedOccupancy, Change, Invalid, OccupantDevice, OccupantPatient, PatientId, check_key,
-    is_valid_key,
+    Bed, BedOccupancy, Change, Invalid, Moved, OccupantDevice, OccupantPatient, PatientId, Subject,
+    check_key, is_valid_key,
 };
 pub use hub_storage::AssocError;
 

@@ -9,7 +9,13 @@
 //!
 //! Every change takes an explicit time `at` (RFC 3339, e.g.
 //! `2026-11-24T08:30:00Z`; default: now) and answers with how many stored
-//! readings it re-attributed. Errors are `{"error": "...", "field": "..."}`
+//! readings it re-attributed. A change dated before
+//! `[association] reattribution_window_minutes` (default 15) moves stored
+//! readings between patients, a clinical act: it needs the clinician or
+//! admin role (403) and a `reason` (400 naming it); see
+//! `hub_domain::association::check_reattribution`. Every change that names
+//! or moves a patient writes audit entries with the patients, the number of
+//! readings moved and the reason. Errors are `{"error": "...", "field": "..."}`
 //! (`field` when one field is at fault) with 400 (malformed or invalid
 //! field), 401 (no or unknown credentials), 403 (role), 404 (unknown bed) or 409
 //! (conflicts with the recorded stays/placements).
@@ -31,17 +37,59 @@ use serde_json::json;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
+use axum::Extension;
+use hub_domain::association::{
+    AuditContext, DEFAULT_REATTRIBUTION_WINDOW_MINUTES, ReattributionRefused, Subject,
+    audit_entries, check_reattribution,
+};
+use hub_domain::clock::format_instant;
+
+use crate::access::{Principal, Role};
 use crate::association::{AssocError, Bed, PatientId};
 use crate::store::{Associations, Store, now_us};
 
 /// `[association]`
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AssociationConfig {
     /// File (mode 0600) holding the admin bearer token of the association
     /// API. Absent: the API answers 403. Relative paths are relative to the
     /// config file's directory.
     pub admin_token_file: Option<PathBuf>,
+    /// How far back (minutes) a placement or stay change may be dated
+    /// without being a re-attribution of stored readings: an earlier `at`
+    /// needs the clinician or admin role and a `reason`.
+    #[serde(default = "default_window")]
+    pub reattribution_window_minutes: u32,
+}
+
+fn default_window() -> u32 {
+    DEFAULT_REATTRIBUTION_WINDOW_MINUTES
+}
+
+impl Default for AssociationConfig {
+    fn default() -> Self {
+        Self {
+            admin_token_file: None,
+            reattribution_window_minutes: DEFAULT_REATTRIBUTION_WINDOW_MINUTES,
+        }
+    }
+}
+
+/// Longest accepted re-attribution window: one week.
+pub const MAX_REATTRIBUTION_WINDOW_MINUTES: u32 = 7 * 24 * 60;
+
+impl AssociationConfig {
+    /// Checks the fields; errors name them.
+    pub fn validate(&self) -> Result<(), crate::ConfigError> {
+        if self.reattribution_window_minutes > MAX_REATTRIBUTION_WINDOW_MINUTES {
+            return Err(crate::ConfigError::invalid(
+                "association.reattribution_window_minutes",
+                format!("must be between 0 and {MAX_REATTRIBUTION_WINDOW_MINUTES}"),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Shortest accepted admin token.
@@ -91,9 +139,15 @@ pub fn load_admin_token(path: &Path) -> Result<String, AdminTokenError> {
 pub struct ApiState {
     store: Store,
     fallback: Arc<Associations>,
+    /// Links re-attribution audit entries (empty: unkeyed log).
+    audit_keys: crate::audit::AuditKeys,
     /// `[identifiers]`: a patient's `system` (an HL7 assigning authority,
     /// an OID or a URI) is stored as its URI.
     identifiers: Arc<hub_domain::identifiers::IdentifierSystems>,
+    /// `[association] reattribution_window_minutes`, in µs.
+    window_us: i64,
+    /// Where a failed audit append is counted.
+    metrics: Option<crate::SharedMetrics>,
 }
 
 impl ApiState {
@@ -102,6 +156,107 @@ impl ApiState {
             store,
             fallback,
             identifiers: Arc::default(),
+            window_us: i64::from(DEFAULT_REATTRIBUTION_WINDOW_MINUTES) * 60_000_000,
+            metrics: None,
+            audit_keys: crate::audit::AuditKeys::default(),
+        }
+    }
+
+    /// The hub's audit keys, for re-attribution entries.
+    pub fn with_audit_keys(mut self, keys: crate::audit::AuditKeys) -> Self {
+        self.audit_keys = keys;
+        self
+    }
+
+    /// Applies `[association]` (the re-attribution window).
+    pub fn with_config(mut self, config: &AssociationConfig) -> Self {
+        self.window_us = i64::from(config.reattribution_window_minutes) * 60_000_000;
+        self
+    }
+
+    /// Counts audit append failures into `metrics`
+    /// (`vigil_hub_audit_failures_total`).
+    pub fn with_metrics(mut self, metrics: crate::SharedMetrics) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// May the caller make a change dated `at` (a re-attribution when it is
+    /// before the window)? The reason to record. `at_text`: the request's
+    /// `at`; without one the change is dated now, never back-dated (even
+    /// with a zero window).
+    fn authorise(
+        &self,
+        at: i64,
+        at_text: Option<&str>,
+        principal: Option<&Principal>,
+        reason: Option<&str>,
+    ) -> Result<Option<String>, ApiError> {
+        let now = if at_text.is_some() { now_us() } else { at };
+        let clinical = principal.is_some_and(|p| {
+            p.roles
+                .iter()
+                .any(|r| matches!(r, Role::Clinician | Role::Admin))
+        });
+        match check_reattribution(at, now, self.window_us, clinical, reason) {
+            Ok(r) => Ok(r.map(str::to_owned)),
+            Err(e @ ReattributionRefused::Role) => {
+                Err(ApiError::new(StatusCode::FORBIDDEN, e.to_string()))
+            }
+            Err(e) => Err(ApiError::field("reason", e.to_string())),
+        }
+    }
+
+    /// Writes the change's audit entries (the patients it names and moved,
+    /// with counts and the reason). A failure is logged and counted: the
+    /// change is committed.
+    async fn audit(
+        &self,
+        principal: Option<&Principal>,
+        resource: &str,
+        what: String,
+        reason: Option<&str>,
+        named: &[PatientId],
+        change: &crate::association::Change,
+    ) {
+        let actor = principal.map_or("anonymous", |p| p.id.as_str());
+        let named: Vec<Subject> = named
+            .iter()
+            .map(|p| Subject {
+                system: Some(p.system.clone()).filter(|s| !s.is_empty()),
+                value: p.value.clone(),
+            })
+            .collect();
+        let ctx = AuditContext {
+            time_us: now_us(),
+            actor,
+            resource,
+            outcome: 200,
+            what: &what,
+            reason,
+        };
+        let entries = audit_entries(&ctx, &named, change);
+        if entries.is_empty() {
+            return;
+        }
+        let (store, keys) = (self.store.clone(), self.audit_keys.clone());
+        let r = tokio::task::spawn_blocking(move || {
+            entries
+                .iter()
+                .try_for_each(|e| crate::audit::append(&store, &keys, e).map(drop))
+        })
+        .await;
+        if !matches!(r, Ok(Ok(()))) {
+            if let Some(m) = &self.metrics {
+                m.audit_failure();
+            }
+            match r {
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "writing re-attribution audit entries failed")
+                }
+                Err(e) => tracing::error!(error = %e, "the re-attribution audit task failed"),
+                Ok(Ok(())) => {}
+            }
         }
     }
 
@@ -297,18 +452,44 @@ struct PlaceRequest {
     device_id: String,
     bed_id: String,
     at: Option<String>,
+    /// Why: required for a change dated before the re-attribution window.
+    reason: Option<String>,
 }
 
-async fn place(State(st): State<ApiState>, body: Bytes) -> Response {
+type Caller = Option<Extension<Principal>>;
+
+fn caller(p: &Caller) -> Option<&Principal> {
+    p.as_ref().map(|Extension(p)| p)
+}
+
+async fn place(State(st): State<ApiState>, principal: Caller, body: Bytes) -> Response {
     respond(
         async {
             let r: PlaceRequest = parse_body(&body)?;
             let at = parse_at(r.at.as_deref())?;
+            let reason =
+                st.authorise(at, r.at.as_deref(), caller(&principal), r.reason.as_deref())?;
             let (store, fb) = (st.store.clone(), st.fallback.clone());
             let (g, d, b) = (r.gateway_id.clone(), r.device_id.clone(), r.bed_id.clone());
             let c = run(move || store.place_device(&g, &d, &b, at, &fb)).await?;
             tracing::info!(gateway_id = %r.gateway_id, device_id = %r.device_id, bed_id = %r.bed_id,
                 reattributed = c.reattributed, "device placed");
+            let what = format!(
+                "device {}/{} placed at bed {} from {}",
+                r.gateway_id,
+                r.device_id,
+                r.bed_id,
+                format_instant(at)
+            );
+            st.audit(
+                caller(&principal),
+                "/api/v1/placements",
+                what,
+                reason.as_deref(),
+                &[],
+                &c,
+            )
+            .await;
             Ok(changed(c))
         }
         .await,
@@ -321,18 +502,36 @@ struct EndPlacementRequest {
     gateway_id: String,
     device_id: String,
     at: Option<String>,
+    reason: Option<String>,
 }
 
-async fn end_placement(State(st): State<ApiState>, body: Bytes) -> Response {
+async fn end_placement(State(st): State<ApiState>, principal: Caller, body: Bytes) -> Response {
     respond(
         async {
             let r: EndPlacementRequest = parse_body(&body)?;
             let at = parse_at(r.at.as_deref())?;
+            let reason =
+                st.authorise(at, r.at.as_deref(), caller(&principal), r.reason.as_deref())?;
             let (store, fb) = (st.store.clone(), st.fallback.clone());
             let (g, d) = (r.gateway_id.clone(), r.device_id.clone());
             let c = run(move || store.remove_device(&g, &d, at, &fb)).await?;
             tracing::info!(gateway_id = %r.gateway_id, device_id = %r.device_id,
                 reattributed = c.reattributed, "device placement ended");
+            let what = format!(
+                "placement of device {}/{} ended at {}",
+                r.gateway_id,
+                r.device_id,
+                format_instant(at)
+            );
+            st.audit(
+                caller(&principal),
+                "/api/v1/placements/end",
+                what,
+                reason.as_deref(),
+                &[],
+                &c,
+            )
+            .await;
             Ok(changed(c))
         }
         .await,
@@ -347,14 +546,17 @@ struct AdmitRequest {
     at: Option<String>,
     /// Encounter/visit number (optional).
     visit: Option<String>,
+    reason: Option<String>,
 }
 
-async fn admit(State(st): State<ApiState>, body: Bytes) -> Response {
+async fn admit(State(st): State<ApiState>, principal: Caller, body: Bytes) -> Response {
     respond(
         async {
             let mut r: AdmitRequest = parse_body(&body)?;
             r.patient = st.mapped(r.patient);
             let at = parse_at(r.at.as_deref())?;
+            let reason =
+                st.authorise(at, r.at.as_deref(), caller(&principal), r.reason.as_deref())?;
             if let Some(v) = &r.visit
                 && (v.is_empty() || v.len() > 64 || v.chars().any(char::is_control))
             {
@@ -364,10 +566,20 @@ async fn admit(State(st): State<ApiState>, body: Bytes) -> Response {
                 ));
             }
             let (store, fb) = (st.store.clone(), st.fallback.clone());
-            let bed = r.bed_id.clone();
+            let (bed, patient) = (r.bed_id.clone(), r.patient.clone());
             let c = run(move || store.admit(&r.patient, &r.bed_id, at, r.visit.as_deref(), &fb))
                 .await?;
             tracing::info!(bed_id = %bed, reattributed = c.reattributed, "patient admitted");
+            let what = format!("admitted to bed {bed} at {}", format_instant(at));
+            st.audit(
+                caller(&principal),
+                "/api/v1/patients/admit",
+                what,
+                reason.as_deref(),
+                &[patient],
+                &c,
+            )
+            .await;
             Ok(changed(c))
         }
         .await,
@@ -380,18 +592,31 @@ struct TransferRequest {
     patient: PatientId,
     bed_id: String,
     at: Option<String>,
+    reason: Option<String>,
 }
 
-async fn transfer(State(st): State<ApiState>, body: Bytes) -> Response {
+async fn transfer(State(st): State<ApiState>, principal: Caller, body: Bytes) -> Response {
     respond(
         async {
             let mut r: TransferRequest = parse_body(&body)?;
             r.patient = st.mapped(r.patient);
             let at = parse_at(r.at.as_deref())?;
+            let reason =
+                st.authorise(at, r.at.as_deref(), caller(&principal), r.reason.as_deref())?;
             let (store, fb) = (st.store.clone(), st.fallback.clone());
-            let bed = r.bed_id.clone();
+            let (bed, patient) = (r.bed_id.clone(), r.patient.clone());
             let c = run(move || store.transfer(&r.patient, &r.bed_id, at, &fb)).await?;
             tracing::info!(bed_id = %bed, reattributed = c.reattributed, "patient transferred");
+            let what = format!("transferred to bed {bed} at {}", format_instant(at));
+            st.audit(
+                caller(&principal),
+                "/api/v1/patients/transfer",
+                what,
+                reason.as_deref(),
+                &[patient],
+                &c,
+            )
+            .await;
             Ok(changed(c))
         }
         .await,
@@ -403,17 +628,31 @@ async fn transfer(State(st): State<ApiState>, body: Bytes) -> Response {
 struct DischargeRequest {
     patient: PatientId,
     at: Option<String>,
+    reason: Option<String>,
 }
 
-async fn discharge(State(st): State<ApiState>, body: Bytes) -> Response {
+async fn discharge(State(st): State<ApiState>, principal: Caller, body: Bytes) -> Response {
     respond(
         async {
             let mut r: DischargeRequest = parse_body(&body)?;
             r.patient = st.mapped(r.patient);
             let at = parse_at(r.at.as_deref())?;
+            let reason =
+                st.authorise(at, r.at.as_deref(), caller(&principal), r.reason.as_deref())?;
             let (store, fb) = (st.store.clone(), st.fallback.clone());
+            let patient = r.patient.clone();
             let c = run(move || store.discharge(&r.patient, at, &fb)).await?;
             tracing::info!(reattributed = c.reattributed, "patient discharged");
+            let what = format!("discharged at {}", format_instant(at));
+            st.audit(
+                caller(&principal),
+                "/api/v1/patients/discharge",
+                what,
+                reason.as_deref(),
+                &[patient],
+                &c,
+            )
+            .await;
             Ok(changed(c))
         }
         .await,

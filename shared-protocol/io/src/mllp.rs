@@ -107,11 +107,20 @@ pub enum Event<'a> {
     Stopped,
 }
 
+/// Who sent a message: the connection's peer address and, over TLS with
+/// client authentication, the client's verified end-entity certificate
+/// (DER).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    pub client_certificate: Option<Vec<u8>>,
+}
+
 /// What a listener does with its messages.
 pub trait Handler: Send + Sync + 'static {
-    /// One complete message (framing removed) → the ACK to send back
-    /// (unframed; the server frames it).
-    fn message(&self, message: Vec<u8>) -> impl Future<Output = Vec<u8>> + Send;
+    /// One complete message (framing removed) from `peer` → the ACK to
+    /// send back (unframed; the server frames it).
+    fn message(&self, peer: &Peer, message: Vec<u8>) -> impl Future<Output = Vec<u8>> + Send;
 
     /// The ACK (normally AR) for a message larger than `max` bytes, of
     /// which only the first bytes (`head`, enough for MSH) were kept.
@@ -210,12 +219,30 @@ impl Server {
                         match tokio::time::timeout(limits.handshake_timeout, acc.accept(stream))
                             .await
                         {
-                            Ok(Ok(s)) => connection(s, &*handler, &limits, sd).await,
+                            Ok(Ok(s)) => {
+                                let client_certificate = s
+                                    .get_ref()
+                                    .1
+                                    .peer_certificates()
+                                    .and_then(|c| c.first())
+                                    .map(|c| c.as_ref().to_vec());
+                                let peer = Peer {
+                                    addr: peer,
+                                    client_certificate,
+                                };
+                                connection(s, &peer, &*handler, &limits, sd).await
+                            }
                             Ok(Err(e)) => handler.event(Event::HandshakeFailed(&e)),
                             Err(_) => handler.event(Event::HandshakeTimedOut),
                         }
                     }
-                    None => connection(stream, &*handler, &limits, sd).await,
+                    None => {
+                        let peer = Peer {
+                            addr: peer,
+                            client_certificate: None,
+                        };
+                        connection(stream, &peer, &*handler, &limits, sd).await
+                    }
                 }
             });
         }
@@ -249,6 +276,7 @@ impl Server {
 /// One connection: MLLP in, one ACK out per message, in order.
 async fn connection<S, H>(
     mut stream: S,
+    peer: &Peer,
     handler: &H,
     limits: &Limits,
     mut shutdown: watch::Receiver<bool>,
@@ -262,7 +290,7 @@ async fn connection<S, H>(
     loop {
         loop {
             let reply = match dec.decode(&mut buf) {
-                Ok(Some(msg)) => Some(handler.message(msg).await),
+                Ok(Some(msg)) => Some(handler.message(peer, msg).await),
                 Ok(None) => break,
                 Err(e) => {
                     // Unframed bytes count toward the junk limit; an oversized

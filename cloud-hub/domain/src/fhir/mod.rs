@@ -635,6 +635,9 @@ pub fn capability_statement(date: &str) -> Json {
                     "http://hl7.org/fhir/StructureDefinition/bodyweight",
                 ],
                 "interaction": [{ "code": "read" }, { "code": "search-type" }],
+                // meta.versionId: a re-attributed reading is a new version
+                // (no vread of older ones).
+                "versioning": "versioned",
                 "readHistory": false,
                 "updateCreate": false,
                 "searchParam": [

@@ -157,6 +157,11 @@ pub struct ObservationRow {
     pub manufacturer: String,
     pub model: String,
     pub serial_number: String,
+    /// The row's version: 1 when stored, one more each time a placement or
+    /// stay change re-attributes it (`meta.versionId`).
+    pub version: i64,
+    /// When it was stored or last re-attributed (`meta.lastUpdated`).
+    pub updated_us: i64,
 }
 
 /// A row that cannot be rendered (corrupt or unknown content).
@@ -216,7 +221,27 @@ pub fn render_observation(row: &ObservationRow) -> Result<Json, RenderError> {
     if row.payload.is_none() {
         recheck_profiles(&mut resource);
     }
+    set_version(&mut resource, row);
     Ok(resource)
+}
+
+/// `meta.versionId` and `meta.lastUpdated`: a re-attributed reading (moved
+/// to another patient) is a new version of its Observation.
+fn set_version(resource: &mut Json, row: &ObservationRow) {
+    let Some(obs) = resource.as_object_mut() else {
+        return;
+    };
+    let meta = obs
+        .entry("meta")
+        .or_insert_with(|| json!({}))
+        .as_object_mut();
+    if let Some(meta) = meta {
+        meta.insert("versionId".into(), json!(row.version.max(1).to_string()));
+        meta.insert(
+            "lastUpdated".into(),
+            json!(format_instant(row.updated_us.max(row.received_us))),
+        );
+    }
 }
 
 /// A resource stored as JSON by an old build keeps only the profiles it

@@ -11,6 +11,8 @@ struct Echo {
     counters: Counters,
     events: Mutex<Vec<String>>,
     delay: Duration,
+    /// The peer of each message handled.
+    peers: Mutex<Vec<Peer>>,
 }
 
 impl Echo {
@@ -21,7 +23,8 @@ impl Echo {
 }
 
 impl Handler for Echo {
-    async fn message(&self, message: Vec<u8>) -> Vec<u8> {
+    async fn message(&self, peer: &Peer, message: Vec<u8>) -> Vec<u8> {
+        self.peers.lock().unwrap().push(peer.clone());
         tokio::time::sleep(self.delay).await;
         [b"ACK ".as_slice(), &message].concat()
     }
@@ -311,5 +314,14 @@ async fn tls_with_the_built_configs_and_plaintext_refused() {
     }
     let h = r.stop().await;
     assert_eq!(h.saw("HandshakeFailed"), 2, "plaintext and no certificate");
+    // The handler learns who sent the message: address and certificate.
+    let peers = h.peers.lock().unwrap().clone();
+    assert_eq!(peers.len(), 1, "{peers:?}");
+    assert!(peers[0].addr.ip().is_loopback());
+    let cert = peers[0]
+        .client_certificate
+        .as_deref()
+        .expect("client certificate");
+    assert_eq!(cert.first(), Some(&0x30), "DER SEQUENCE");
     assert_eq!(Counters::get(&h.counters.connections), 3);
 }
