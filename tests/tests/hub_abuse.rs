@@ -619,3 +619,168 @@ fn a_non_loopback_adt_listener_without_mutual_tls_does_not_start() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("adt.allow_sources"), "{err}");
 }
+
+// ---------------------------------------------------------------------------
+// Re-attribution and the keyed audit log.
+
+/// `cloud-hub ARGS --config CONFIG`: (success, stdout, stderr).
+fn hub_cli(config: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(bin("cloud-hub"))
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+async fn call(base: &str, token: &str, method: &str, path: &str, body: Value) -> (u16, Value) {
+    let r = http()
+        .request(method.parse().unwrap(), format!("{base}{path}"))
+        .bearer_auth(token)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+fn rfc3339(us: i64) -> String {
+    let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1000).unwrap();
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap()
+}
+
+/// Over the real binary with an audit key: a biomedical engineer cannot end
+/// a device's placement back in time (403; the readings stay with their
+/// patient), a clinician can with a reason (the move is audited, naming
+/// the patient); then, with the hub stopped, one audit entry edited in the
+/// database (its append-only triggers dropped, as anyone holding the file
+/// can) is caught by `cloud-hub audit verify`, which passed before.
+#[test]
+fn a_biomed_cannot_move_readings_back_in_time_and_an_edited_audit_entry_is_caught() {
+    let (_guard, dir) = test_dir("abuse-reattribution");
+    let cfg = hub_config(&dir, "\n[audit]\nkey_file = \"audit.key\"\n");
+    let key = dir.join("audit.key");
+    let (ok, _, err) = hub_cli(&cfg, &["audit", "keygen", "--out", key.to_str().unwrap()]);
+    assert!(ok, "keygen: {err}");
+    let token = add_gateway(&cfg, GATEWAY).unwrap();
+    let (ok, biomed, err) = hub_cli(&cfg, &["token", "create", "bio", "--role", "biomed"]);
+    assert!(ok, "{err}");
+    let (ok, nurse, err) = hub_cli(
+        &cfg,
+        &["token", "create", "ward-nurse", "--role", "clinician"],
+    );
+    assert!(ok, "{err}");
+    let (biomed, nurse) = (biomed.trim().to_owned(), nurse.trim().to_owned());
+    let hub = start_hub(&dir, &cfg).unwrap();
+    let base = hub.base_url.clone();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as i64;
+    const DEV: &str = "mon-7";
+    runtime().block_on(async {
+        let admin = HARNESS_ADMIN_TOKEN;
+        for b in ["b1", "b2"] {
+            let (s, body) = call(&base, admin, "POST", "/api/v1/beds", json!({"id": b, "ward": "ICU", "label": b})).await;
+            assert_eq!(s, 201, "{body}");
+        }
+        let half_hour_ago = rfc3339(now - 30 * 60_000_000);
+        let (s, body) = call(&base, admin, "POST", "/api/v1/placements",
+            json!({"gateway_id": GATEWAY, "device_id": DEV, "bed_id": "b1", "at": half_hour_ago, "reason": "set up late"})).await;
+        assert_eq!(s, 200, "{body}");
+        let (s, body) = call(&base, admin, "POST", "/api/v1/patients/admit",
+            json!({"patient": {"system": "urn:oid:1.2.3.4", "value": "MRN-A"}, "bed_id": "b1", "at": half_hour_ago, "reason": "set up late"})).await;
+        assert_eq!(s, 200, "{body}");
+        // One reading five minutes ago, at MRN-A's bed.
+        let mut b = shared_protocol::v1::Batch::decode(batch(1).as_slice()).unwrap();
+        b.devices[0].device.as_mut().unwrap().device_id = DEV.into();
+        for r in &mut b.devices[0].readings {
+            r.device_time_us = now - 5 * 60_000_000;
+            r.gateway_time_us = now - 5 * 60_000_000;
+        }
+        let r = http()
+            .post(format!("{base}/api/v1/ingest"))
+            .header("content-type", "application/x-protobuf")
+            .bearer_auth(&token)
+            .body(b.encode_to_vec())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let count = async || -> u64 {
+            let r = get(&base, "/fhir/Observation?patient:identifier=urn:oid:1.2.3.4%7CMRN-A&_count=0").await;
+            r.json::<Value>().await.unwrap()["total"].as_u64().unwrap()
+        };
+        assert_eq!(count().await, 1);
+        let an_hour_ago = rfc3339(now - 60 * 60_000_000);
+        let end = json!({"gateway_id": GATEWAY, "device_id": DEV, "at": an_hour_ago, "reason": "cleanup"});
+        let (s, body) = call(&base, &biomed, "POST", "/api/v1/placements/end", end.clone()).await;
+        assert_eq!(s, 403, "a biomed may not end a placement an hour back: {body}");
+        assert_eq!(count().await, 1, "nothing moved");
+        // A clinician corrects a stay back in time: only with a reason;
+        // the reading leaves MRN-A.
+        let discharge = |reason: Option<&str>| {
+            let mut b = json!({"patient": {"system": "urn:oid:1.2.3.4", "value": "MRN-A"},
+                "at": rfc3339(now - 20 * 60_000_000)});
+            if let Some(r) = reason {
+                b["reason"] = json!(r);
+            }
+            b
+        };
+        let (s, body) = call(&base, &nurse, "POST", "/api/v1/patients/discharge", discharge(None)).await;
+        assert_eq!(s, 400, "no reason: {body}");
+        assert_eq!(body["field"], "reason", "{body}");
+        assert_eq!(count().await, 1);
+        let (s, body) = call(&base, &nurse, "POST", "/api/v1/patients/discharge",
+            discharge(Some("left the ward before the monitor was moved"))).await;
+        assert_eq!(s, 200, "{body}");
+        assert_eq!(count().await, 0, "the reading no longer belongs to MRN-A");
+    });
+    drop(hub);
+
+    let (ok, out, err) = hub_cli(&cfg, &["audit", "verify"]);
+    assert!(ok, "verify passes: {out} {err}");
+    // The attacker with the database file: drop the guards, edit an entry.
+    let db = rusqlite::Connection::open(dir.join("hub.sqlite")).unwrap();
+    let moves: i64 = db
+        .query_row(
+            "SELECT count(*) FROM audit_log WHERE actor = 'token:ward-nurse'
+                AND detail LIKE '%re-attributed 1 reading%' AND detail LIKE '%reason: left the ward%'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(
+        moves >= 1,
+        "the clinician's re-attribution is audited with its count and reason"
+    );
+    let triggers: Vec<String> = db
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'audit_log'")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    for t in &triggers {
+        db.execute_batch(&format!("DROP TRIGGER {t}")).unwrap();
+    }
+    let n = db
+        .execute(
+            "UPDATE audit_log SET actor = 'user:someone-else'
+              WHERE seq = (SELECT max(seq) FROM audit_log WHERE actor = 'token:bio')",
+            [],
+        )
+        .unwrap();
+    assert_eq!(n, 1, "the biomed's refused request was audited");
+    drop(db);
+    let (ok, out, err) = hub_cli(&cfg, &["audit", "verify"]);
+    assert!(!ok, "an edited entry must fail verify: {out} {err}");
+    assert!(err.contains("TAMPERED"), "{err}");
+}
