@@ -119,7 +119,8 @@ fn start_broker(d: &Path, port: u16) -> Proc {
     // to its gateway id); the hub reads everything under devices/.
     std::fs::write(
         d.join("acl"),
-        "user hub\ntopic read devices/#\n\npattern write devices/%u/messages/events/#\n",
+        "user hub\ntopic read devices/#\ntopic write devices/+/messages/devicebound/#\n\n\
+         pattern write devices/%u/messages/events/#\npattern read devices/%u/messages/devicebound/#\n",
     )
     .unwrap();
     std::fs::create_dir_all(d.join("mq")).unwrap();
@@ -282,8 +283,32 @@ fn batch(gateway: &str, seq: u64) -> Batch {
 
 /// Publishes `(topic suffix, payload)` messages as `user` at QoS 1, like
 /// the agent (MQTT 3.1.1), and waits for every PUBACK.
-async fn publish(port: u16, ca: &Path, user: &str, messages: Vec<(String, Vec<u8>)>) {
-    let mut opts = MqttOptions::new(format!("pub-{user}"), "localhost", port);
+/// The BatchAcks the hub publishes for `user`'s batches, collected by a
+/// client connected as `user` (the ACL lets it read only its own).
+fn collect_acks(port: u16, ca: &Path, user: &str) -> Arc<std::sync::Mutex<BTreeSet<u64>>> {
+    let (client, mut events) =
+        AsyncClient::new(client_opts(port, ca, user, &format!("acks-{user}")), 16);
+    let got: Arc<std::sync::Mutex<BTreeSet<u64>>> = Arc::default();
+    let g = got.clone();
+    let topic = format!("devices/{user}/messages/devicebound/#");
+    tokio::spawn(async move {
+        client.subscribe(topic, QoS::AtLeastOnce).await.unwrap();
+        loop {
+            match events.poll().await {
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let ack = shared_protocol::v1::BatchAck::decode(p.payload.as_ref()).unwrap();
+                    g.lock().unwrap().insert(ack.sequence);
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    });
+    got
+}
+
+fn client_opts(port: u16, ca: &Path, user: &str, client_id: &str) -> MqttOptions {
+    let mut opts = MqttOptions::new(client_id, "localhost", port);
     opts.set_credentials(user, format!("{user}-pw"));
     opts.set_max_packet_size(1 << 20, 1 << 20);
     let mut roots = rustls::RootCertStore::empty();
@@ -301,6 +326,11 @@ async fn publish(port: u16, ca: &Path, user: &str, messages: Vec<(String, Vec<u8
     opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
         Arc::new(tls),
     )));
+    opts
+}
+
+async fn publish(port: u16, ca: &Path, user: &str, messages: Vec<(String, Vec<u8>)>) {
+    let opts = client_opts(port, ca, user, &format!("pub-{user}"));
     let (client, mut events) = AsyncClient::new(opts, 16);
     let n = messages.len();
     let topic_user = user.to_owned();
@@ -389,6 +419,11 @@ async fn two_hubs_share_the_stream_and_a_killed_hub_loses_nothing() {
         .await;
     }
 
+    // The gateway gw-a listens for the hub's acknowledgements, as an agent
+    // with `uplink.iothub.delivery = "hub"` does.
+    let acks = collect_acks(port, &ca, "gw-a");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
     // Phase 1, then kill hub A (SIGKILL) as soon as it has stored a share.
     const N1: u64 = 30;
     const N: u64 = 90;
@@ -448,6 +483,17 @@ async fn two_hubs_share_the_stream_and_a_killed_hub_loses_nothing() {
     assert!(
         metric(&http, &url_a, "vigil_hub_mqtt_batches_stored_total").await > 0,
         "restarted hub A resumed its queue"
+    );
+
+    // Every stored batch of gw-a was acknowledged to gw-a by one of the hubs.
+    wait_for("gw-a's batches acknowledged", async || {
+        acks.lock().unwrap().len() as u64 >= N
+    })
+    .await;
+    assert_eq!(
+        *acks.lock().unwrap(),
+        (1..=N).collect::<BTreeSet<u64>>(),
+        "one BatchAck per stored batch of gw-a"
     );
 
     // Unusable messages: counted and dropped (acknowledged), nothing stored.

@@ -246,6 +246,24 @@ pub struct IotHubConfig {
     /// ...and counters, times and the backlog at most this often.
     #[serde(default = "default_twin_refresh_s")]
     pub twin_refresh_s: u64,
+    /// When a batch counts as delivered (and leaves the buffer): `broker`
+    /// (default) on the broker's PUBACK — right for Azure IoT Hub, which
+    /// keeps what it acknowledged; `hub` only when the Vigil hub's own
+    /// `BatchAck` arrives on `devices/{device_id}/messages/devicebound/#`
+    /// (published by the hub's `[mqtt]` ingest after the batch is stored) —
+    /// for a plain MQTT broker such as Mosquitto, which may acknowledge and
+    /// then discard a message (a restart loses shared subscriptions).
+    #[serde(default)]
+    pub delivery: Delivery,
+}
+
+/// `uplink.iothub.delivery`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Delivery {
+    #[default]
+    Broker,
+    Hub,
 }
 
 /// `[uplink.iothub.dps]`: registration with the Device Provisioning

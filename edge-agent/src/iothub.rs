@@ -231,6 +231,15 @@ impl Signer {
 /// Counters of the IoT Hub session (twin, methods, subscriptions).
 #[derive(Debug, Default)]
 pub struct IotHubStats {
+    /// `delivery = "hub"`: batches delivered on the hub's ack.
+    pub hub_acks: AtomicU64,
+    /// Hub acks of no batch in flight (an earlier attempt's).
+    pub hub_acks_stale: AtomicU64,
+    /// Hub acks that did not decode.
+    pub hub_acks_malformed: AtomicU64,
+    /// Sends the broker acknowledged but the hub did not within
+    /// `request_timeout_ms` (sent again).
+    pub hub_ack_timeouts: AtomicU64,
     pub connects: AtomicU64,
     pub connect_failures: AtomicU64,
     pub subscribe_failures: AtomicU64,
@@ -273,8 +282,18 @@ impl ConnFailure {
 struct PublishCmd {
     topic: String,
     payload: Vec<u8>,
-    done: oneshot::Sender<Result<(), UplinkError>>,
+    /// The batch's sequence (matches the hub's ack in `delivery = "hub"`).
+    sequence: u64,
+    done: oneshot::Sender<SendResult>,
 }
+
+/// A publish's outcome: delivered on the broker's PUBACK (`None`) or on the
+/// hub's `BatchAck` (`delivery = "hub"`).
+type SendResult = Result<Option<shared_protocol::v1::BatchAck>, UplinkError>;
+
+/// Last topic level under which the hub publishes batch acknowledgements
+/// (`devices/{id}/messages/devicebound/vigil-ack`).
+pub const HUB_ACK_SUFFIX: &str = "vigil-ack";
 
 /// The identity the session connects as: known from config, or still to
 /// come from DPS (with the last registration error).
@@ -287,6 +306,8 @@ enum IdentityState {
 /// Everything the session task needs.
 struct SessionCfg {
     identity: Arc<watch::Sender<IdentityState>>,
+    /// `delivery = "hub"`: a batch is delivered on the hub's `BatchAck`.
+    hub_ack: bool,
     /// Registration, when the identity comes from DPS.
     dps: Option<dps::DpsSetup>,
     /// The assigned hub's MQTT port (DPS).
@@ -323,6 +344,8 @@ pub struct IotHubUplink {
     max_backoff: Duration,
     /// `uplink.compression`: zstd payloads carry `$.ce=zstd`.
     compression: crate::config::Compression,
+    /// `uplink.iothub.delivery = "hub"`: wait for the hub's `BatchAck`.
+    hub_ack: bool,
     /// How the identity was obtained, for the twin: `iothub-mqtt`,
     /// `iothub-mqtt-dps` or `iotedge-module`.
     mode: &'static str,
@@ -458,6 +481,7 @@ impl IotHubUplink {
             session: None,
             max_backoff: DEFAULT_MAX_RECONNECT_BACKOFF,
             compression: crate::config::Compression::None,
+            hub_ack: cfg.delivery == crate::config::Delivery::Hub,
             mode: "iothub-mqtt-dps",
         };
         Ok(up)
@@ -486,6 +510,7 @@ impl IotHubUplink {
             session: None,
             max_backoff: DEFAULT_MAX_RECONNECT_BACKOFF,
             compression: crate::config::Compression::None,
+            hub_ack: false,
             mode: "iothub-mqtt",
         }
     }
@@ -525,6 +550,13 @@ impl IotHubUplink {
     /// published with `$.ce=zstd` in the property bag.
     pub fn with_compression(mut self, c: crate::config::Compression) -> Self {
         self.compression = c;
+        self
+    }
+
+    /// Count a batch delivered only on the hub's `BatchAck`
+    /// (`uplink.iothub.delivery = "hub"`), not on the broker's PUBACK.
+    pub fn with_hub_ack(mut self, on: bool) -> Self {
+        self.hub_ack = on;
         self
     }
 
@@ -596,6 +628,7 @@ impl IotHubUplink {
     fn session_cfg(&self) -> SessionCfg {
         SessionCfg {
             identity: self.identity.clone(),
+            hub_ack: self.hub_ack,
             dps: self.dps.clone(),
             hub_port: self.hub_port,
             signer: self.signer.clone(),
@@ -618,8 +651,12 @@ impl IotHubUplink {
         tx
     }
 
-    /// Publish one batch at QoS 1 and wait for its PUBACK.
-    pub async fn send(&mut self, batch: &Batch) -> Result<(), UplinkError> {
+    /// Publish one batch at QoS 1 and wait for its PUBACK (`None`), or with
+    /// `delivery = "hub"` for the hub's `BatchAck` of it (`Some`).
+    pub async fn send(
+        &mut self,
+        batch: &Batch,
+    ) -> Result<Option<shared_protocol::v1::BatchAck>, UplinkError> {
         let payload = crate::uplink::encode_batch(batch, self.compression)?;
         let identity = self.current_identity().await?;
         let mut topic = identity.events_topic();
@@ -640,11 +677,12 @@ impl IotHubUplink {
         let cmd = PublishCmd {
             topic,
             payload,
+            sequence: batch.sequence,
             done,
         };
-        // The session answers within its own connect and PUBACK timeouts;
-        // this bound only guards against a wedged task.
-        let bound = self.timeout * 3 + Duration::from_secs(1);
+        // The session answers within its own connect, PUBACK (and hub ack)
+        // timeouts; this bound only guards against a wedged task.
+        let bound = self.timeout * 4 + Duration::from_secs(1);
         match tokio::time::timeout(bound, async {
             session
                 .send(cmd)
@@ -666,9 +704,15 @@ impl IotHubUplink {
 /// `IOTEDGE_*` environment is present, else the `[uplink.iothub]` device
 /// (its key file or certificate).
 pub async fn uplink_from_config(cfg: &AgentConfig) -> Result<IotHubUplink, UplinkError> {
+    let hub_ack = cfg
+        .uplink
+        .iothub
+        .as_ref()
+        .is_some_and(|h| h.delivery == crate::config::Delivery::Hub);
     Ok(uplink_identity_from_config(cfg)
         .await?
-        .with_max_backoff(cfg.uplink.max_backoff()))
+        .with_max_backoff(cfg.uplink.max_backoff())
+        .with_hub_ack(hub_ack))
 }
 
 async fn uplink_identity_from_config(cfg: &AgentConfig) -> Result<IotHubUplink, UplinkError> {
@@ -895,7 +939,11 @@ async fn connect(
 /// The batch waiting for its PUBACK.
 struct Inflight {
     pkid: Option<u16>,
-    done: oneshot::Sender<Result<(), UplinkError>>,
+    sequence: u64,
+    /// The broker's PUBACK came (`delivery = "hub"`: now waiting for the
+    /// hub's ack).
+    puback: bool,
+    done: oneshot::Sender<SendResult>,
     deadline: Instant,
 }
 
@@ -1001,11 +1049,19 @@ async fn run_session(cfg: SessionCfg, mut cmds: mpsc::Receiver<PublishCmd>) {
             refused = 0;
             bump(&cfg.stats.connects);
             tracing::info!(host = %id.connect_host, client_id = %id.client_id(), auth = cfg.signer.name(), "IoT Hub MQTT connected");
-            if let Err(e) = client.try_subscribe_many([
+            let mut filters = vec![
                 SubscribeFilter::new(methods::REQUEST_FILTER.into(), QoS::AtMostOnce),
                 SubscribeFilter::new(twin::RESPONSE_FILTER.into(), QoS::AtMostOnce),
-            ]) {
-                tracing::warn!(error = %e, "subscribing to methods and twin responses failed");
+            ];
+            let ack_prefix = format!("devices/{}/messages/devicebound/", id.device_id);
+            if cfg.hub_ack {
+                filters.push(SubscribeFilter::new(
+                    format!("{ack_prefix}#"),
+                    QoS::AtLeastOnce,
+                ));
+            }
+            if let Err(e) = client.try_subscribe_many(filters) {
+                tracing::warn!(error = %e, "subscribing to methods, twin responses and acks failed");
             }
             reporter.on_connect();
             // The event loop runs in its own task and is never cancelled
@@ -1028,10 +1084,16 @@ async fn run_session(cfg: SessionCfg, mut cmds: mpsc::Receiver<PublishCmd>) {
                             }
                         }
                         Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                            if inflight.as_ref().is_some_and(|i| i.pkid == Some(ack.pkid))
-                                && let Some(i) = inflight.take()
-                            {
-                                let _ = i.done.send(Ok(()));
+                            if inflight.as_ref().is_some_and(|i| i.pkid == Some(ack.pkid) && !i.puback) {
+                                if cfg.hub_ack {
+                                    // The broker has it; the hub's ack decides.
+                                    if let Some(i) = inflight.as_mut() {
+                                        i.puback = true;
+                                        i.deadline = Instant::now() + cfg.timeout;
+                                    }
+                                } else if let Some(i) = inflight.take() {
+                                    let _ = i.done.send(Ok(None));
+                                }
                             }
                         }
                         Ok(Event::Incoming(Packet::SubAck(s))) => {
@@ -1039,6 +1101,23 @@ async fn run_session(cfg: SessionCfg, mut cmds: mpsc::Receiver<PublishCmd>) {
                             if failed > 0 {
                                 cfg.stats.subscribe_failures.fetch_add(failed as u64, Ordering::Relaxed);
                                 tracing::warn!(refused = failed, "IoT Hub refused a subscription (direct methods / twin unavailable)");
+                            }
+                        }
+                        Ok(Event::Incoming(Packet::Publish(p))) if cfg.hub_ack && p.topic.starts_with(&ack_prefix) => {
+                            match <shared_protocol::v1::BatchAck as prost::Message>::decode(p.payload.as_ref()) {
+                                Ok(ack) if inflight.as_ref().is_some_and(|i| i.sequence == ack.sequence) => {
+                                    bump(&cfg.stats.hub_acks);
+                                    if let Some(i) = inflight.take() {
+                                        let _ = i.done.send(Ok(Some(ack)));
+                                    }
+                                }
+                                // An earlier attempt's ack, after its send
+                                // timed out (the batch went again): harmless.
+                                Ok(_) => bump(&cfg.stats.hub_acks_stale),
+                                Err(_) => {
+                                    bump(&cfg.stats.hub_acks_malformed);
+                                    tracing::warn!(bytes = p.payload.len(), "malformed hub acknowledgement ignored");
+                                }
                             }
                         }
                         Ok(Event::Incoming(Packet::Publish(p))) => {
@@ -1049,7 +1128,7 @@ async fn run_session(cfg: SessionCfg, mut cmds: mpsc::Receiver<PublishCmd>) {
                     },
                     c = cmds.recv(), if inflight.is_none() => match c {
                         Some(c) => match client.try_publish(c.topic, QoS::AtLeastOnce, false, c.payload) {
-                            Ok(()) => inflight = Some(Inflight { pkid: None, done: c.done, deadline: Instant::now() + cfg.timeout }),
+                            Ok(()) => inflight = Some(Inflight { pkid: None, sequence: c.sequence, puback: false, done: c.done, deadline: Instant::now() + cfg.timeout }),
                             Err(e) => { let _ = c.done.send(Err(UplinkError::Mqtt(format!("publish: {e}")))); }
                         },
                         None => {
@@ -1059,6 +1138,17 @@ async fn run_session(cfg: SessionCfg, mut cmds: mpsc::Receiver<PublishCmd>) {
                         }
                     },
                     _ = sleep_until_opt(deadline) => {
+                        // The broker took the batch but the hub did not
+                        // answer: this send fails (the forwarder sends the
+                        // batch again; the hub de-duplicates), the
+                        // connection stays.
+                        if inflight.as_ref().is_some_and(|i| i.puback) {
+                            bump(&cfg.stats.hub_ack_timeouts);
+                            if let Some(i) = inflight.take() {
+                                let _ = i.done.send(Err(UplinkError::Mqtt("no hub acknowledgement in time".into())));
+                            }
+                            continue;
+                        }
                         break "no PUBACK in time".to_string();
                     }
                     _ = tokio::time::sleep_until(renew_at), if inflight.is_none() => {

@@ -170,7 +170,10 @@ impl AnyUplink {
     pub async fn send(&mut self, batch: &Batch) -> Result<Delivery, UplinkError> {
         match self {
             AnyUplink::Https(u) => u.send(batch).await.map(Delivery::HubAck),
-            AnyUplink::IotHub(u) => u.send(batch).await.map(|()| Delivery::BrokerAck),
+            AnyUplink::IotHub(u) => u.send(batch).await.map(|a| match a {
+                Some(ack) => Delivery::HubAck(ack),
+                None => Delivery::BrokerAck,
+            }),
         }
     }
 }
