@@ -97,11 +97,16 @@ if ! command -v cargo-fuzz >/dev/null 2>&1; then
   cargo install cargo-fuzz --locked
 fi
 #   tansu 0.6.0 (Apache-2.0): a Kafka-protocol broker in pure Rust, started on loopback by the
-#     hub's Kafka / Event Hubs source tests (cloud-hub/tests/kafka_source.rs). The `dynostore`
-#     feature provides its `memory://` storage engine. Shared by all checkouts (~/.cargo/bin).
-TANSU=$(command -v tansu || echo "${CARGO_HOME:-$HOME/.cargo}/bin/tansu")
-if ! "$TANSU" --version 2>/dev/null | grep -q '0\.6\.0'; then
-  echo "setup: installing tansu 0.6.0" >&2
-  cargo install tansu --version 0.6.0 --locked --features dynostore
+#     hub's Kafka / Event Hubs source tests (cloud-hub/tests/kafka_source.rs) and the fault
+#     suite's Event Hubs path. Features: `dynostore` (its `memory://` storage engine) and
+#     `libsql` (`sqlite://`: records survive a broker restart, which the tests do; builds the
+#     SQLite C library and aws-lc). Shared by all checkouts (~/.cargo/bin); a stamp file
+#     records the features installed.
+TANSU_BIN_DIR="${CARGO_HOME:-$HOME/.cargo}/bin"
+TANSU_STAMP="$TANSU_BIN_DIR/.tansu-0.6.0-dynostore-libsql"
+if [ ! -f "$TANSU_STAMP" ] || ! "$TANSU_BIN_DIR/tansu" --version 2>/dev/null | grep -q '0\.6\.0'; then
+  echo "setup: installing tansu 0.6.0 (dynostore, libsql)" >&2
+  cargo install tansu --version 0.6.0 --locked --force --features dynostore,libsql
+  touch "$TANSU_STAMP"
 fi
 echo "setup: ok" >&2

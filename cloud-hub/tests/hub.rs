@@ -7,6 +7,8 @@
 mod common;
 #[path = "support/pg_server.rs"]
 mod pg_server;
+#[path = "support/tansu.rs"]
+mod tansu;
 
 #[path = "access.rs"]
 mod access;

@@ -1,6 +1,7 @@
 //! Kafka / Event Hubs ingest against a real Kafka-protocol broker: Tansu
-//! 0.6.0 (`tansu broker`, memory storage, installed by `scripts/setup.sh`)
-//! on a free loopback port. Records are produced as Azure IoT Hub routing
+//! 0.6.0 (`tansu broker`, SQLite storage so that it can be restarted,
+//! installed by `scripts/setup.sh`; `support/tansu.rs`) on a free loopback
+//! port. Records are produced as Azure IoT Hub routing
 //! writes them to an Event Hubs namespace: value = the protobuf `Batch`,
 //! no key, `content-type`/`content-encoding` as plain UTF-8 headers and
 //! `iothub-connection-device-id`, `iothub-enqueuedtime`,
@@ -26,20 +27,14 @@ use rskafka::record::Record;
 use shared_protocol::catalogue::{codes, units};
 use shared_protocol::v1::{Batch, DeviceData, DeviceInfo, Reading, reading};
 
+use crate::tansu::{Storage, Tansu};
+
 const BIN: &str = env!("CARGO_BIN_EXE_cloud-hub");
 const TOPIC: &str = "vigil-batches";
 const PARTITIONS: i32 = 4;
 const GATEWAYS: [&str; 4] = ["gw-a", "gw-b", "gw-c", "gw-d"];
 /// Readings per batch.
 const R: u64 = 2;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// A child process killed (SIGKILL) when dropped.
 struct Proc(Option<Child>);
@@ -57,52 +52,6 @@ impl Drop for Proc {
     fn drop(&mut self) {
         self.kill();
     }
-}
-
-fn tansu_bin() -> PathBuf {
-    let home = std::env::var("HOME").unwrap_or_default();
-    let cargo_bin = Path::new(&home).join(".cargo/bin/tansu");
-    let bin = if cargo_bin.exists() {
-        cargo_bin
-    } else {
-        PathBuf::from("tansu")
-    };
-    let version = Command::new(&bin).arg("--version").output();
-    assert!(
-        version.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("0.6.0")),
-        "tansu 0.6.0 not found: run scripts/setup.sh (cargo install tansu --version 0.6.0 --locked --features dynostore)"
-    );
-    bin
-}
-
-/// Starts `tansu broker` on `port` (memory storage) and waits until it listens.
-fn start_broker(d: &Path, port: u16) -> Proc {
-    let log = std::fs::File::create(d.join("tansu.log")).unwrap();
-    let url = format!("tcp://127.0.0.1:{port}");
-    let child = Command::new(tansu_bin())
-        .arg("broker")
-        .arg("--listener-url")
-        .arg(&url)
-        .arg("--advertised-listener-url")
-        .arg(&url)
-        .arg("--storage-engine")
-        .arg("memory://tansu/")
-        .env("RUST_LOG", "warn")
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .expect("start tansu");
-    let broker = Proc(Some(child));
-    for _ in 0..200 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return broker;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!(
-        "tansu did not listen on {port}: {}",
-        std::fs::read_to_string(d.join("tansu.log")).unwrap_or_default()
-    );
 }
 
 async fn kafka(port: u16) -> Client {
@@ -330,8 +279,8 @@ fn sqlite_count(db: &Path, sql: &str) -> i64 {
 async fn routed_records_are_stored_once_and_bad_ones_dropped_and_counted() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let port = free_port();
-    let _broker = start_broker(d, port);
+    let broker = Tansu::start(d, Storage::Sqlite);
+    let port = broker.port;
     let client = kafka(port).await;
     create_topic(&client).await;
 
@@ -460,8 +409,8 @@ async fn two_replicas_share_the_partitions_and_a_killed_one_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let pg = crate::pg_server::PgServer::start();
-    let port = free_port();
-    let _broker = start_broker(d, port);
+    let broker = Tansu::start(d, Storage::Sqlite);
+    let port = broker.port;
     let client = kafka(port).await;
     create_topic(&client).await;
 
@@ -553,4 +502,103 @@ async fn two_replicas_share_the_partitions_and_a_killed_one_loses_nothing() {
         "every record's offset committed"
     );
     assert!(metric(&http, &url_b, "vigil_hub_kafka_batches_stored_total").await > 0);
+}
+
+/// The broker goes away mid-stream (killed, back after 1 s, twice) while
+/// batches keep being produced (the producer retries like IoT Hub routing
+/// does) and the hub consumes: the hub reconnects and resumes from the
+/// offsets it committed with its batches; every reading is stored exactly
+/// once and every record's offset is committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_restart_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut broker = Tansu::start(d, Storage::Sqlite);
+    let port = broker.port;
+    let client = kafka(port).await;
+    create_topic(&client).await;
+    drop(client);
+    let cfg = hub_config(d, "[storage]\nsqlite_path = \"hub.sqlite\"", port, "hub-1");
+    let config = cloud_hub::Config::load(&cfg).unwrap();
+    for g in GATEWAYS {
+        cloud_hub::gateway_add(&config, g).unwrap();
+    }
+    let http = http();
+    let (_hub, url) = start_hub(&cfg, &d.join("hub.log"));
+
+    // Produces batches `seqs`, each record retried until the broker takes it.
+    async fn produce_retrying(port: u16, seqs: std::ops::RangeInclusive<u64>) {
+        for s in seqs {
+            for g in GATEWAYS {
+                let record = routed(g, batch(g, s).encode_to_vec());
+                loop {
+                    let attempt = async {
+                        let client = ClientBuilder::new(vec![format!("127.0.0.1:{port}")])
+                            .build()
+                            .await?;
+                        let pc = client
+                            .partition_client(TOPIC, partition_of(g), UnknownTopicHandling::Retry)
+                            .await?;
+                        pc.produce(vec![record.clone()], Compression::NoCompression)
+                            .await
+                            .map(drop)
+                    };
+                    match tokio::time::timeout(Duration::from_secs(5), attempt).await {
+                        Ok(Ok(())) => break,
+                        _ => tokio::time::sleep(Duration::from_millis(200)).await,
+                    }
+                }
+            }
+        }
+    }
+    const N: u64 = 30;
+    let db = d.join("hub.sqlite");
+    let stored = || sqlite_count(&db, "SELECT COUNT(*) FROM batches");
+    produce_retrying(port, 1..=10).await;
+    wait_for("the first batches stored", async || stored() > 0).await;
+    for (k, range) in [(1, 11..=20), (2, 21..=N)] {
+        broker.restart(Duration::from_secs(1));
+        produce_retrying(port, range).await;
+        let before = metric(&http, &url, "vigil_hub_kafka_batches_stored_total").await;
+        wait_for(&format!("storing again after restart {k}"), async || {
+            metric(&http, &url, "vigil_hub_kafka_batches_stored_total").await > before
+                || stored() == (GATEWAYS.len() as u64 * N) as i64
+        })
+        .await;
+    }
+    let expected = (GATEWAYS.len() as u64 * N) as i64;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while stored() < expected {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} of {expected} batches stored\n--- hub\n{}\n--- broker\n{}",
+            stored(),
+            tail(d, "hub.log"),
+            broker.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(stored(), expected, "each batch once");
+    assert_eq!(
+        sqlite_count(&db, "SELECT COUNT(*) FROM observations"),
+        expected * R as i64,
+        "each reading exactly once"
+    );
+    assert_eq!(
+        sqlite_count(
+            &db,
+            "SELECT COUNT(*) FROM (SELECT DISTINCT gateway_id, device_id, sequence FROM observations)"
+        ),
+        expected * R as i64
+    );
+    // (A record the producer re-sent after a lost answer is in the log
+    // twice; its copy is consumed and de-duplicated like the rest.)
+    wait_for("every offset committed", async || {
+        sqlite_count(
+            &db,
+            "SELECT COALESCE(SUM(next_offset), 0) FROM stream_offsets",
+        ) >= expected
+    })
+    .await;
 }

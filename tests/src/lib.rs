@@ -19,6 +19,10 @@ use anyhow::{Context, Result, bail};
 #[path = "../../cloud-hub/tests/support/pg_server.rs"]
 pub mod pg_server;
 
+/// Throwaway Tansu (Kafka protocol) brokers (shared with the hub's tests).
+#[path = "../../cloud-hub/tests/support/tansu.rs"]
+pub mod tansu;
+
 /// Where the hub under test keeps its data.
 #[derive(Debug)]
 pub enum Store {

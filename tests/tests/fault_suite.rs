@@ -1177,3 +1177,274 @@ fn broker_restart(gate: Gate) {
     assert_fhir_matches(&base, a.readings.len());
     drop(hub);
 }
+
+// ---------------------------------------------------------------------------
+// 7. The Azure path: IoT Hub → Event Hubs (Kafka protocol) → two replicas.
+
+const EH_TOPIC: &str = "vigil-batches";
+const EH_PARTITIONS: i32 = 4;
+
+/// IoT Hub message routing, played on loopback: takes the device-to-cloud
+/// messages from the MQTT broker standing in for IoT Hub (the agent's
+/// `iothub-mqtt` uplink publishes to `devices/{id}/messages/events/{bag}`)
+/// and writes each to the Kafka broker as routing writes to an Event Hubs
+/// endpoint: the body as the value, `content-type`/`content-encoding` from
+/// the property bag as plain headers, `iothub-connection-device-id`,
+/// `iothub-enqueuedtime` and `iothub-message-source` AMQP-encoded, one
+/// partition per device. A message is acknowledged to the MQTT broker only
+/// after the Kafka broker took its record (retried while it is down), as
+/// IoT Hub keeps a message until it is routed.
+struct Routing {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Routing {
+    fn start(mqtt_port: u16, ca: &Path, kafka: String) -> Self {
+        use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        let ca = ca.to_owned();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let mut roots = rustls::RootCertStore::empty();
+                use rustls::pki_types::pem::PemObject;
+                for c in rustls::pki_types::CertificateDer::pem_file_iter(&ca).unwrap() {
+                    roots.add(c.unwrap()).unwrap();
+                }
+                let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+                    rustls::crypto::ring::default_provider(),
+                ))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+                let mut opts = MqttOptions::new("iothub-routing", "localhost", mqtt_port);
+                opts.set_clean_session(false)
+                    .set_manual_acks(true)
+                    .set_max_packet_size(1 << 20, 1 << 20)
+                    .set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+                        std::sync::Arc::new(tls),
+                    )));
+                let (client, mut events) = AsyncClient::new(opts, 64);
+                client
+                    .subscribe("devices/+/messages/events/#", QoS::AtLeastOnce)
+                    .await
+                    .unwrap();
+                let mut kafka_client: Option<rskafka::client::Client> = None;
+                while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                    let ev = match tokio::time::timeout(Duration::from_millis(200), events.poll())
+                        .await
+                    {
+                        Ok(ev) => ev,
+                        Err(_) => continue,
+                    };
+                    let p = match ev {
+                        Ok(Event::Incoming(Packet::Publish(p))) => p,
+                        Ok(_) => continue,
+                        Err(_) => {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            continue;
+                        }
+                    };
+                    let record = routed_record(&p.topic, p.payload.to_vec());
+                    let device = p.topic.split('/').nth(1).unwrap_or_default().to_owned();
+                    loop {
+                        if s.load(std::sync::atomic::Ordering::Relaxed) {
+                            return;
+                        }
+                        let attempt = async {
+                            if kafka_client.is_none() {
+                                kafka_client = Some(
+                                    rskafka::client::ClientBuilder::new(vec![kafka.clone()])
+                                        .build()
+                                        .await?,
+                                );
+                            }
+                            let pc = kafka_client
+                                .as_ref()
+                                .unwrap()
+                                .partition_client(
+                                    EH_TOPIC,
+                                    partition_of(&device),
+                                    rskafka::client::partition::UnknownTopicHandling::Retry,
+                                )
+                                .await?;
+                            pc.produce(
+                                vec![record.clone()],
+                                rskafka::client::partition::Compression::NoCompression,
+                            )
+                            .await
+                            .map(drop)
+                        };
+                        match tokio::time::timeout(Duration::from_secs(5), attempt).await {
+                            Ok(Ok(())) => break,
+                            _ => {
+                                kafka_client = None;
+                                tokio::time::sleep(Duration::from_millis(200)).await;
+                            }
+                        }
+                    }
+                    let _ = client.ack(&p).await;
+                }
+            });
+        });
+        Routing {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Routing {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The partition routing uses for a device (one device, one partition).
+fn partition_of(device: &str) -> i32 {
+    (device.bytes().map(u32::from).sum::<u32>() % EH_PARTITIONS as u32) as i32
+}
+
+/// An MQTT device-to-cloud message as IoT Hub routing writes it to Event
+/// Hubs' Kafka endpoint.
+fn routed_record(topic: &str, body: Vec<u8>) -> rskafka::record::Record {
+    use hub_domain::stream::headers::{DEVICE_ID, encode_amqp_string, encode_amqp_timestamp};
+    let device = topic.split('/').nth(1).unwrap_or_default();
+    let bag = topic.split('/').nth(4).unwrap_or_default();
+    let prop = |name: &str| {
+        bag.split('&').find_map(|kv| {
+            kv.split_once('=')
+                .filter(|(k, _)| *k == name)
+                .map(|(_, v)| v.replace("%2F", "/").replace("%2f", "/"))
+        })
+    };
+    let mut headers = std::collections::BTreeMap::new();
+    headers.insert(
+        "content-type".into(),
+        prop("$.ct").unwrap_or_default().into_bytes(),
+    );
+    if let Some(ce) = prop("$.ce") {
+        headers.insert("content-encoding".into(), ce.into_bytes());
+    }
+    headers.insert(DEVICE_ID.into(), encode_amqp_string(device));
+    headers.insert("x-opt-partition-key".into(), encode_amqp_string(device));
+    headers.insert(
+        "iothub-message-source".into(),
+        encode_amqp_string("Telemetry"),
+    );
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    headers.insert("iothub-enqueuedtime".into(), encode_amqp_timestamp(now_ms));
+    rskafka::record::Record {
+        key: None,
+        value: Some(body),
+        headers,
+        timestamp: chrono::Utc::now(),
+    }
+}
+
+/// Device simulator → agent (IoT Hub uplink, MQTT to the broker standing in
+/// for IoT Hub) → IoT Hub routing (played) → a Kafka-protocol broker
+/// (Tansu, SQLite storage, standing in for Event Hubs) → two hub replicas
+/// sharing its partitions on one PostgreSQL. Replica A is killed (-9)
+/// mid-stream and the Kafka broker is restarted (killed, back after 1 s):
+/// every line of the Masimo is found by FHIR search on replica B exactly
+/// once.
+#[test]
+fn fault_suite_event_hubs_path_two_replicas_replica_killed_and_broker_restarted() {
+    use vigil_e2e::tansu::{Storage, Tansu};
+    let (_guard, dir) = test_dir("fault-eventhubs");
+    let pg = pg_server::PgServer::start();
+    let mut kafka = Tansu::start(&dir, Storage::Sqlite);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let client = rskafka::client::ClientBuilder::new(vec![kafka.addr()])
+            .build()
+            .await
+            .unwrap();
+        client
+            .controller_client()
+            .unwrap()
+            .create_topic(EH_TOPIC, EH_PARTITIONS, 1, 5_000)
+            .await
+            .unwrap();
+    });
+    let broker = Broker::new(&dir);
+    let _routing = Routing::start(broker.port, &dir.join("ca.pem"), kafka.addr());
+    let storage = format!(
+        "{SQLITE}\nbackend = \"postgres\"\n\n[storage.postgres]\nurl = \"{}\"\npool_size = 4",
+        pg.url()
+    );
+    let replica = |name: &str| {
+        let d = dir.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        let extra = format!(
+            "[kafka]\nbrokers = [\"{}\"]\ntopic = \"{EH_TOPIC}\"\nreplica_id = \"{name}\"\n\
+             lease_ms = 2000\nmax_wait_ms = 200\nmax_in_flight = 8\n",
+            kafka.addr()
+        );
+        let cfg = hub_config(&d, 0, &storage, &extra);
+        (d, cfg)
+    };
+    let (dir_a, cfg_a) = replica("hub-a");
+    let (dir_b, cfg_b) = replica("hub-b");
+    add_gateway(&cfg_a, GATEWAY).unwrap();
+    let mut hub_a = start_hub_on(&dir_a, &cfg_a);
+    let hub_b = start_hub_on(&dir_b, &cfg_b);
+    let base = hub_b.base_url.clone();
+    write_private(&dir.join("iothub.key"), "dGVzdC1rZXktZm9yLWZhdWx0LXN1aXRl").unwrap();
+    let mut masimo = Device::pty(&dir, "masimo");
+    let cfg = agent_config(
+        &dir,
+        &format!(
+            "kind = \"iothub-mqtt\"\nbatch_max_readings = 60\nbatch_max_wait_ms = 100\n\
+             request_timeout_ms = 3000\nmax_backoff_ms = 300\nbacklog_rate_per_s = 500\n\n\
+             [uplink.iothub]\nhost = \"localhost\"\ndevice_id = \"{GATEWAY}\"\nport = {}\n\
+             sas_key_file = \"iothub.key\"\nca_file = \"ca.pem\"\n",
+            broker.port
+        ),
+        &[("masimo-serial", MASIMO, &masimo.pty.host)],
+    );
+    let mut agent = start_agent(&dir, &cfg, "agent.log").unwrap();
+    masimo.start("masimo", &["--interval-ms", "50", "--count", "500"]);
+    wait_for(Duration::from_secs(60), "readings flowing", || {
+        (fhir_total(&base) >= 150).then_some(())
+    })
+    .unwrap();
+    hub_a.proc.kill9();
+    let before = fhir_total(&base);
+    wait_for(Duration::from_secs(60), "replica B carries on", || {
+        (fhir_total(&base) >= before + 150).then_some(())
+    })
+    .unwrap();
+    kafka.restart(Duration::from_secs(1));
+    masimo.wait_done(Duration::from_secs(90));
+    wait_settled(&base, 3 * 500, Duration::from_secs(90));
+    assert!(agent.terminate(Duration::from_secs(15)), "clean exit");
+    let store = Store::Pg {
+        psql: pg.psql(),
+        port: pg.port,
+    };
+    let (_, lost, a) = check_masimo(&store, &masimo.out, 0);
+    assert_eq!(lost, 0);
+    assert_fhir_matches(&base, a.readings.len());
+    assert!(
+        hub_metric(&base, "vigil_hub_kafka_batches_stored_total") > 0.0,
+        "replica B stored from Kafka"
+    );
+    drop(hub_b);
+}
