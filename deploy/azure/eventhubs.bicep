@@ -15,8 +15,9 @@
 // Hub sets its sku to the parameters below and replaces its endpoints and routes with these.
 // For an IoT Hub that has routes of its own, add them here or use the az commands in docs/hub.md.
 //
-// Not validated here (no Bicep CLI on the build machine): tests/tests/deploy_aks.rs checks its
-// structure and that its names match the hub's config and the docs. Before the first deployment:
+// Not compiled here (no Bicep CLI on the build machine): tests/tests/deploy_aks.rs parses it
+// (pycep-parser's Bicep grammar: syntax, not types), checks what it declares and that its names
+// match the hub's config and the docs. Before the first deployment:
 //   az bicep build -f deploy/azure/eventhubs.bicep
 //   az deployment group what-if -g <resource group> -f deploy/azure/eventhubs.bicep -p ...
 
