@@ -80,6 +80,18 @@ if ! "$K8S_VENV/bin/python" -c 'import sys, importlib.metadata as m; sys.exit(m.
   "$K8S_VENV/bin/pip" install --quiet 'kubernetes-validate==1.37.0'
 fi
 
+#   pycep-parser 0.7.1 (Apache-2.0): a Bicep parser (Lark grammar). No Bicep compiler installs
+#     from the registries reached here, so tests/tests/deploy_aks.rs parses the Azure template
+#     (deploy/azure/eventhubs.bicep) with it: syntax and the resources it declares, not the
+#     compiler's type checks. Own virtualenv.
+BICEP_VENV="${VIGIL_BICEP_VENV:-$HOME/.cache/vigil/bicep-venv}"
+if ! "$BICEP_VENV/bin/python" -c 'import sys, importlib.metadata as m; sys.exit(m.version("pycep-parser") != "0.7.1")' >/dev/null 2>&1; then
+  echo "setup: installing pycep-parser 0.7.1 into $BICEP_VENV" >&2
+  rm -rf "$BICEP_VENV"
+  python3 -m venv "$BICEP_VENV"
+  "$BICEP_VENV/bin/pip" install --quiet 'pycep-parser==0.7.1' 'lark==1.3.1'
+fi
+
 # Rust toolchain pieces.
 if ! command -v cargo >/dev/null 2>&1; then
   echo "setup: cargo not found; install Rust (rustup) first" >&2
