@@ -679,20 +679,9 @@ impl Ctx {
             reason: None,
         };
         let entries = audit_entries(&ctx, &named, change);
-        let (store, keys) = (self.store.clone(), self.audit_keys.clone());
-        let r = tokio::task::spawn_blocking(move || {
-            entries
-                .iter()
-                .try_for_each(|e| crate::audit::append(&store, &keys, e).map(drop))
-        })
-        .await;
-        if !matches!(r, Ok(Ok(()))) {
+        if let Err(e) = crate::audit::append_all(&self.store, &self.audit_keys, entries).await {
             AdtStats::add(&self.stats.audit_failures, 1);
-            match r {
-                Ok(Err(e)) => tracing::error!(error = %e, "writing the ADT audit entries failed"),
-                Err(e) => tracing::error!(error = %e, "the ADT audit task failed"),
-                Ok(Ok(())) => {}
-            }
+            tracing::error!(error = %e, "writing the ADT audit entries failed");
         }
     }
 

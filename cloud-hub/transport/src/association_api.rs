@@ -239,24 +239,11 @@ impl ApiState {
         if entries.is_empty() {
             return;
         }
-        let (store, keys) = (self.store.clone(), self.audit_keys.clone());
-        let r = tokio::task::spawn_blocking(move || {
-            entries
-                .iter()
-                .try_for_each(|e| crate::audit::append(&store, &keys, e).map(drop))
-        })
-        .await;
-        if !matches!(r, Ok(Ok(()))) {
+        if let Err(e) = crate::audit::append_all(&self.store, &self.audit_keys, entries).await {
             if let Some(m) = &self.metrics {
                 m.audit_failure();
             }
-            match r {
-                Ok(Err(e)) => {
-                    tracing::error!(error = %e, "writing re-attribution audit entries failed")
-                }
-                Err(e) => tracing::error!(error = %e, "the re-attribution audit task failed"),
-                Ok(Ok(())) => {}
-            }
+            tracing::error!(error = %e, "writing re-attribution audit entries failed");
         }
     }
 

@@ -296,6 +296,28 @@ pub fn append(store: &Store, keys: &AuditKeys, e: &Entry) -> Result<i64, StoreEr
     store.append_audit(e, keys.current())
 }
 
+/// Appends `entries` in order on a blocking thread: the entries written
+/// after their change was applied (applied ADT events, re-attributions).
+/// The error is the caller's to log and count.
+pub async fn append_all(
+    store: &Store,
+    keys: &AuditKeys,
+    entries: Vec<Entry>,
+) -> Result<(), String> {
+    let (store, keys) = (store.clone(), keys.clone());
+    match tokio::task::spawn_blocking(move || {
+        entries
+            .iter()
+            .try_for_each(|e| append(&store, &keys, e).map(drop))
+    })
+    .await
+    {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(e) => Err(format!("the audit task failed: {e}")),
+    }
+}
+
 /// Recomputes the whole chain (`hub_domain::audit::verify`) with `keys`,
 /// against the stored checkpoints and `checkpoints` (read from files kept
 /// outside the database). `anchor`: a (seq, link) the chain must still
