@@ -11,6 +11,15 @@
 //! backend: a throwaway server per run, started like the tests' with the
 //! server's default, durable commit settings (fsync on, synchronous_commit
 //! on), on a free loopback port).
+//!
+//! Each run also measures the **raw limit** beside it, on the same
+//! readings, machine and moment: SQLite — a plain row-per-reading
+//! `INSERT` (prepared) into a table with a unique key and two indexes, 1 024
+//! rows per transaction, WAL with an fsync per commit; PostgreSQL — a text
+//! `COPY` of the same rows into such a table, 1 024 rows per transaction,
+//! durable commits. The report prints the hub's median as a percentage of
+//! the raw median (`ratio:`), the figure issue 18 sets targets on (SQLite
+//! ≥ 90 %, PostgreSQL ≥ 80 %).
 
 #[path = "../tests/support/pg_server.rs"]
 mod pg_server;
@@ -85,6 +94,103 @@ fn batch(gateway: usize, seq: u64) -> Batch {
     }
 }
 
+/// The rows the raw baselines write: one per reading of `batches`.
+type RawRow = (String, String, u64, i64, i64, f64, String);
+
+fn raw_rows(batches: &[(String, Batch)]) -> Vec<RawRow> {
+    let mut out = Vec::new();
+    for (gw, b) in batches {
+        for d in &b.devices {
+            let dev = d.device.as_ref().unwrap().device_id.clone();
+            for r in &d.readings {
+                let v = match r.value {
+                    Some(reading::Value::Numeric(v)) => v,
+                    _ => 0.0,
+                };
+                out.push((
+                    gw.clone(),
+                    dev.clone(),
+                    r.sequence,
+                    i64::from(r.mdc_code),
+                    r.device_time_us,
+                    v,
+                    format!("patient-{gw}-{dev}"),
+                ));
+            }
+        }
+    }
+    out
+}
+
+const RAW_TABLE: &str = "CREATE TABLE raw_obs (id BIGINT PRIMARY KEY, gateway_id TEXT NOT NULL,
+    device_id TEXT NOT NULL, sequence BIGINT NOT NULL, mdc_code BIGINT NOT NULL,
+    effective_us BIGINT NOT NULL, value DOUBLE PRECISION, patient_id TEXT,
+    UNIQUE (gateway_id, device_id, sequence));
+    CREATE INDEX raw_obs_patient ON raw_obs (patient_id, mdc_code, effective_us);
+    CREATE INDEX raw_obs_time ON raw_obs (effective_us);";
+
+/// Raw SQLite insert rate (rows/s) of `rows`, 1 024 per transaction.
+fn raw_sqlite(dir: &std::path::Path, rows: &[RawRow]) -> f64 {
+    let mut c = rusqlite::Connection::open(dir.join("raw.sqlite")).unwrap();
+    c.pragma_update(None, "journal_mode", "WAL").unwrap();
+    c.pragma_update(None, "synchronous", "FULL").unwrap();
+    c.execute_batch(RAW_TABLE).unwrap();
+    let t = Instant::now();
+    for (chunk_no, chunk) in rows.chunks(1024).enumerate() {
+        let tx = c.transaction().unwrap();
+        {
+            let mut st = tx
+                .prepare_cached("INSERT INTO raw_obs VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)")
+                .unwrap();
+            for (i, r) in chunk.iter().enumerate() {
+                st.execute(rusqlite::params![
+                    (chunk_no * 1024 + i) as i64,
+                    r.0,
+                    r.1,
+                    r.2 as i64,
+                    r.3,
+                    r.4,
+                    r.5,
+                    r.6
+                ])
+                .unwrap();
+            }
+        }
+        tx.commit().unwrap();
+    }
+    rows.len() as f64 / t.elapsed().as_secs_f64()
+}
+
+/// Raw PostgreSQL `COPY` rate (rows/s) of `rows`, 1 024 per transaction.
+fn raw_copy(url: &str, rows: &[RawRow]) -> f64 {
+    use std::io::Write;
+    let mut c = postgres::Client::connect(url, postgres::NoTls).unwrap();
+    c.batch_execute(RAW_TABLE).unwrap();
+    let t = Instant::now();
+    for (chunk_no, chunk) in rows.chunks(1024).enumerate() {
+        let mut tx = c.transaction().unwrap();
+        let mut w = tx.copy_in("COPY raw_obs FROM STDIN").unwrap();
+        let mut buf = String::with_capacity(chunk.len() * 80);
+        for (i, r) in chunk.iter().enumerate() {
+            buf.push_str(&format!(
+                "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\n",
+                chunk_no * 1024 + i,
+                r.0,
+                r.1,
+                r.2,
+                r.3,
+                r.4,
+                r.5,
+                r.6
+            ));
+        }
+        w.write_all(buf.as_bytes()).unwrap();
+        w.finish().unwrap();
+        tx.commit().unwrap();
+    }
+    rows.len() as f64 / t.elapsed().as_secs_f64()
+}
+
 fn stats(mut v: Vec<f64>) -> (f64, f64, f64) {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     (v[v.len() / 2], v[0], v[v.len() - 1])
@@ -99,7 +205,9 @@ fn main() {
         .flat_map(|s| (0..GATEWAYS).map(move |g| (format!("gw-{g}"), batch(g, s))))
         .collect();
     let readings = (batches.len() * DEVICES * PER_DEVICE) as f64;
+    let rows = raw_rows(&batches);
     let mut rates = vec![];
+    let mut raw_rates = vec![];
     for _ in 0..runs {
         let dir = tempfile::tempdir().unwrap();
         let server = postgres.then(|| pg_server::PgServer::start_with(""));
@@ -141,6 +249,11 @@ fn main() {
         let (total, _) = store.search(&s).unwrap();
         assert!(total > 0);
         drop(store);
+        // The raw limit, right after, on the same server or disk.
+        raw_rates.push(match &server {
+            Some(s) => raw_copy(&s.url(), &rows),
+            None => raw_sqlite(dir.path(), &rows),
+        });
         drop(server);
     }
     let (med, min, max) = stats(rates);
@@ -150,4 +263,14 @@ fn main() {
         batches.len(),
         DEVICES * PER_DEVICE
     );
+    let (raw_med, raw_min, raw_max) = stats(raw_rates);
+    println!(
+        "raw limit ({}, same readings, 1 024 rows per transaction, durable commits): median {raw_med:.0} rows/s (min {raw_min:.0}, max {raw_max:.0})",
+        if postgres {
+            "PostgreSQL text COPY into a table with a unique key and two indexes"
+        } else {
+            "SQLite prepared INSERT per row into a table with a unique key and two indexes, WAL, fsync per commit"
+        }
+    );
+    println!("ratio: {:.0} % of the raw limit", med / raw_med * 100.0);
 }

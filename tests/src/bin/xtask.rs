@@ -213,6 +213,20 @@ fn targets() -> Vec<Target> {
             goal: "≥ 250 000 readings/s",
         },
         Target {
+            what: "hub ingest vs the raw SQLite insert, same run",
+            bench: "hub ingest, SQLite",
+            after: "ratio:",
+            ok: |v| v >= 90.0,
+            goal: "≥ 90 % of the raw limit",
+        },
+        Target {
+            what: "hub ingest vs a raw PostgreSQL COPY, same run",
+            bench: "hub ingest, PostgreSQL",
+            after: "ratio:",
+            ok: |v| v >= 80.0,
+            goal: "≥ 80 % of the raw limit",
+        },
+        Target {
             what: "end-to-end latency p99 (agent defaults: adaptive batching)",
             bench: "end-to-end latency, agent defaults",
             after: "p99",
