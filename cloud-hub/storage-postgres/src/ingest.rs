@@ -19,72 +19,45 @@ use tokio_postgres::types::Type;
 use super::{ASSOC_LOCK, PgStore};
 use crate::DbError;
 
-/// Per connection, once; `client_min_messages` keeps the server's "already
-/// exists" notice out of the logs on every later batch.
-const STAGE_TABLE: &str = "SET LOCAL client_min_messages = warning;
-CREATE TEMP TABLE IF NOT EXISTS vigil_obs_staged (
-    ord bigint NOT NULL, id text NOT NULL, device_id text NOT NULL, sequence bigint NOT NULL,
-    loinc text NOT NULL, mdc_code bigint NOT NULL, effective_us bigint NOT NULL,
-    status text NOT NULL, value double precision, kind text NOT NULL, category text NOT NULL,
-    payload bytea NOT NULL, patient_id text, patient_system text, attribution text NOT NULL
-) ON COMMIT DELETE ROWS";
+/// The stored reading identities of a gateway's devices within each
+/// device's span of sequences (`$2` devices, `$3` lowest, `$4` highest
+/// sequence, `$5` incarnation): one index range scan per device (`OFFSET
+/// 0` keeps the lateral subquery a parameterized scan of the identity
+/// index, whatever the planner believes of the table's size), not a probe
+/// per row nor a scan of all of the gateway's rows.
+const STORED_IDENTITIES: &str = "SELECT o.device_id, o.sequence
+  FROM unnest($2::text[], $3::bigint[], $4::bigint[]) AS r(device_id, lo, hi),
+       LATERAL (SELECT device_id, sequence FROM observations
+                 WHERE gateway_id = $1 AND device_id = r.device_id AND incarnation = $5
+                   AND sequence BETWEEN r.lo AND r.hi
+                OFFSET 0) o";
 
-const STAGE_COPY: &str = "COPY vigil_obs_staged (ord, id, device_id, sequence, loinc, mdc_code,
-    effective_us, status, value, kind, category, payload, patient_id, patient_system,
-    attribution) FROM STDIN (FORMAT binary)";
+/// The new rows of a batch, copied into `observations` (routed to their
+/// monthly partitions, which exist before the transaction).
+const OBSERVATIONS_COPY: &str = "COPY observations (id, gateway_id, device_id, sequence,
+    patient_id, patient_system, attribution, loinc, mdc_code, effective_us, status, value,
+    batch_sequence, received_us, kind, category, payload, incarnation) FROM STDIN (FORMAT binary)";
 
-const STAGE_TYPES: &[Type] = &[
+const OBSERVATIONS_TYPES: &[Type] = &[
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
     Type::INT8,
     Type::TEXT,
     Type::TEXT,
-    Type::INT8,
+    Type::TEXT,
     Type::TEXT,
     Type::INT8,
     Type::INT8,
     Type::TEXT,
     Type::FLOAT8,
+    Type::INT8,
+    Type::INT8,
     Type::TEXT,
     Type::TEXT,
     Type::BYTEA,
-    Type::TEXT,
-    Type::TEXT,
-    Type::TEXT,
+    Type::INT8,
 ];
-
-/// Moves the staged rows; the first of rows sharing a reading identity
-/// wins, as does a row already stored under that identity (also under
-/// another effective time, i.e. in another partition). Returns the ids of
-/// the rows inserted.
-///
-/// Stored identities are found with one index range scan per device of the
-/// batch over its staged sequences' span (`stored`; `OFFSET 0` keeps the
-/// lateral subquery a parameterized scan of the identity index, whatever
-/// the planner believes of the table's size), not with a probe per row or
-/// a scan of all of the gateway's rows: a batch of new readings finds
-/// nothing after a few index descents per device.
-const STAGE_INSERT: &str = "WITH src AS (
-    SELECT DISTINCT ON (device_id, sequence) * FROM vigil_obs_staged ORDER BY device_id, sequence, ord
-), stored AS MATERIALIZED (
-    SELECT r.device_id, o.sequence
-      FROM (SELECT device_id, MIN(sequence) AS lo, MAX(sequence) AS hi
-              FROM vigil_obs_staged GROUP BY device_id) r,
-           LATERAL (SELECT sequence FROM observations
-                     WHERE gateway_id = $1 AND device_id = r.device_id AND incarnation = $4
-                       AND sequence BETWEEN r.lo AND r.hi
-                    OFFSET 0) o
-)
-INSERT INTO observations (id, gateway_id, device_id, sequence, patient_id, patient_system,
-    attribution, loinc, mdc_code, effective_us, status, value, batch_sequence, received_us,
-    resource, kind, category, payload, incarnation)
-SELECT s.id, $1, s.device_id, s.sequence, s.patient_id, s.patient_system, s.attribution,
-    s.loinc, s.mdc_code, s.effective_us, s.status, s.value, $2, $3, '', s.kind, s.category,
-    s.payload, $4
-  FROM src s
- WHERE NOT EXISTS (SELECT 1 FROM stored t
-                    WHERE t.device_id = s.device_id AND t.sequence = s.sequence)
- ORDER BY s.ord
-ON CONFLICT DO NOTHING
-RETURNING id";
 
 /// The bed stays overlapping device `(g, d)`'s placements within
 /// `[min_us, max_us]`, as `[from, to)` pieces with the patient.
@@ -344,45 +317,71 @@ impl PgStore {
         }
         let mut row_new = Vec::with_capacity(plan.rows.len());
         if !plan.rows.is_empty() {
-            tx.batch_execute(STAGE_TABLE).await?;
-            let sink = tx.copy_in(STAGE_COPY).await?;
-            let mut w = std::pin::pin!(BinaryCopyInWriter::new(sink, STAGE_TYPES));
-            for (ord, r) in plan.rows.iter().enumerate() {
-                w.as_mut()
-                    .write(&[
-                        &(ord as i64),
-                        &r.id,
-                        &r.device_id,
-                        &r.sequence,
-                        &r.loinc,
-                        &i64::from(r.mdc_code),
-                        &r.effective_us,
-                        &r.status,
-                        &r.value,
-                        &r.kind.as_str(),
-                        &r.category,
-                        &r.payload,
-                        &r.patient,
-                        &r.patient_system,
-                        &r.attribution,
-                    ])
-                    .await?;
+            // Which of the batch's reading identities are stored already:
+            // one index range scan per device over the batch's span of
+            // sequences. The gateway's advisory lock (above) keeps another
+            // transaction from storing any of them before this one commits.
+            let mut spans: Vec<(&str, i64, i64)> = Vec::new();
+            for r in &plan.rows {
+                match spans.iter_mut().find(|(d, _, _)| *d == r.device_id) {
+                    Some((_, lo, hi)) => {
+                        *lo = (*lo).min(r.sequence);
+                        *hi = (*hi).max(r.sequence);
+                    }
+                    None => spans.push((r.device_id.as_str(), r.sequence, r.sequence)),
+                }
             }
-            w.finish().await?;
-            let inserted: HashSet<String> = tx
+            let devices: Vec<&str> = spans.iter().map(|s| s.0).collect();
+            let los: Vec<i64> = spans.iter().map(|s| s.1).collect();
+            let his: Vec<i64> = spans.iter().map(|s| s.2).collect();
+            let stored: HashSet<(String, i64)> = tx
                 .query(
-                    STAGE_INSERT,
-                    &[&gateway_id, &batch_seq, &received_us, &incarnation],
+                    STORED_IDENTITIES,
+                    &[&gateway_id, &devices, &los, &his, &incarnation],
                 )
                 .await?
                 .iter()
-                .map(|r| r.get(0))
+                .map(|r| (r.get(0), r.get(1)))
                 .collect();
-            // A row is new when inserted, and only its first occurrence in
-            // the batch (a repeated identity is a duplicate, as on SQLite).
+            // New: not stored, and the first occurrence in the batch (a
+            // repeated identity is a duplicate, as on SQLite).
             let mut seen = HashSet::new();
             for r in &plan.rows {
-                row_new.push(inserted.contains(&r.id) && seen.insert(r.id.as_str()));
+                row_new.push(
+                    !stored.contains(&(r.device_id.clone(), r.sequence))
+                        && seen.insert((r.device_id.as_str(), r.sequence)),
+                );
+            }
+            // The new rows straight into their partitions: one binary COPY,
+            // no staging table.
+            if row_new.iter().any(|n| *n) {
+                let sink = tx.copy_in(OBSERVATIONS_COPY).await?;
+                let mut w = std::pin::pin!(BinaryCopyInWriter::new(sink, OBSERVATIONS_TYPES));
+                for (r, _) in plan.rows.iter().zip(&row_new).filter(|(_, n)| **n) {
+                    w.as_mut()
+                        .write(&[
+                            &r.id,
+                            &gateway_id,
+                            &r.device_id,
+                            &r.sequence,
+                            &r.patient,
+                            &r.patient_system,
+                            &r.attribution,
+                            &r.loinc,
+                            &i64::from(r.mdc_code),
+                            &r.effective_us,
+                            &r.status,
+                            &r.value,
+                            &batch_seq,
+                            &received_us,
+                            &r.kind.as_str(),
+                            &r.category,
+                            &r.payload,
+                            &incarnation,
+                        ])
+                        .await?;
+                }
+                w.finish().await?;
             }
             if !plan.panels.is_empty() {
                 let st = tx
