@@ -124,6 +124,20 @@ fn figures() -> Vec<Figure> {
             "readings/s",
         ),
         f(
+            "raw SQLite insert limit (same run as the SQLite ingest)",
+            "hub ingest, SQLite",
+            "raw limit",
+            "median",
+            "rows/s",
+        ),
+        f(
+            "raw PostgreSQL COPY limit (same run as the PostgreSQL ingest)",
+            "hub ingest, PostgreSQL",
+            "raw limit",
+            "median",
+            "rows/s",
+        ),
+        f(
             "ward overview p99 (40 beds)",
             "hub ward overview, 40 beds",
             "ward overview",
@@ -241,6 +255,29 @@ fn targets() -> Vec<Target> {
             goal: "p99 ≤ 250 ms",
         },
     ]
+}
+
+/// The "measured" cell of every row of a report's Targets table, by its
+/// first cell (target or figure name).
+fn previous_figures(md: &str) -> std::collections::HashMap<String, String> {
+    let mut out = std::collections::HashMap::new();
+    let Some(start) = md.find("## Targets") else {
+        return out;
+    };
+    for line in md[start..].lines().skip(1) {
+        if line.starts_with("## ") {
+            break;
+        }
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        if cells.len() >= 5
+            && !cells[1].is_empty()
+            && cells[1] != "target"
+            && !cells[1].starts_with("---")
+        {
+            out.insert(cells[1].to_owned(), cells[3].to_owned());
+        }
+    }
+    out
 }
 
 /// The first number after `after` on the first line containing it.
@@ -456,24 +493,31 @@ fn main() -> Result<()> {
         machine["load_at_start"].as_str().unwrap_or_default(),
         if quick { " **Quick mode: smoke sizes, one run, unoptimised (dev) builds; the figures mean nothing.**" } else { "" },
     ));
-    md.push_str("## Targets\n\n| target | goal | measured | verdict |\n|---|---|---|---|\n");
+    // The figures of the BENCHMARKS.md this report replaces, beside the new ones.
+    let previous = previous_figures(
+        &std::fs::read_to_string(root().join("BENCHMARKS.md")).unwrap_or_default(),
+    );
+    let before = |what: &str| previous.get(what).map_or("—".to_owned(), String::clone);
+    md.push_str("## Targets\n\n| target | goal | measured | verdict | previous BENCHMARKS.md |\n|---|---|---|---|---|\n");
     for (t, v, verdict) in &judged {
         md.push_str(&format!(
-            "| {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} |\n",
             t.what,
             t.goal,
             v.map_or("—".into(), |v| format!("{v}")),
-            verdict
+            verdict,
+            before(t.what),
         ));
     }
     for (f, v) in &reported {
         md.push_str(&format!(
-            "| {} | — (figure without a target) | {} | reported |\n",
+            "| {} | — (figure without a target) | {} | reported | {} |\n",
             f.what,
             v.map_or("— (the bench failed or printed none)".into(), |v| format!(
                 "{v} {}",
                 f.unit
             )),
+            before(f.what),
         ));
     }
     md.push_str("\n## Results\n\n");
@@ -536,6 +580,19 @@ fn main() -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_previous_report_s_figures_are_read_from_its_targets_table() {
+        let md = "# Benchmarks\n\n## Targets\n\n| target | goal | measured | verdict |\n|---|---|---|---|\n\
+                  | hub ingest, embedded store | ≥ 250 000 readings/s | 41233 | NOT MET |\n\
+                  | hub ingest, PostgreSQL | — (figure without a target) | 17710 readings/s | reported |\n\
+                  \n## Results\n\n| not | a | target | row |\n";
+        let p = previous_figures(md);
+        assert_eq!(p["hub ingest, embedded store"], "41233");
+        assert_eq!(p["hub ingest, PostgreSQL"], "17710 readings/s");
+        assert_eq!(p.len(), 2);
+        assert!(previous_figures("no report").is_empty());
+    }
 
     #[test]
     fn numbers_are_read_after_their_label() {
