@@ -657,7 +657,9 @@ pub struct GroupCommit {
 
 impl GroupCommit {
     /// Appends `entry` with the next group commit; returns its seq once the
-    /// transaction holding it has committed.
+    /// transaction holding it has committed. The first call starts the
+    /// writer task with its `store` and `keys`, which it keeps: one
+    /// `GroupCommit` serves one store (as `AuditState` holds it).
     pub async fn append(
         &self,
         store: &Store,
