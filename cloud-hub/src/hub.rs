@@ -281,11 +281,11 @@ impl Hub {
             )
             .with_identifiers(identifiers.clone()),
             access,
-            audit: hub_transport::audit::AuditState {
-                store: store.clone(),
+            audit: hub_transport::audit::AuditState::new(
+                store.clone(),
                 metrics,
-                keys: self.audit_keys.clone(),
-            },
+                self.audit_keys.clone(),
+            ),
             association: hub_transport::association_api::ApiState::new(store.clone(), associations)
                 .with_identifiers(identifiers)
                 .with_config(&self.config.association)

@@ -8,6 +8,12 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use cloud_hub::{Config, Hub};
 
+/// mimalloc instead of glibc's malloc: rendering FHIR JSON allocates many
+/// small objects from several threads, where glibc's arenas spent about a
+/// third of the hub's CPU under the `fhir_load` bench (BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(name = "cloud-hub", version, about = "Vigil cloud hub")]
 struct Cli {

@@ -834,6 +834,10 @@ async fn api_tokens_carry_their_role_until_revoked() {
     .await;
     assert_eq!(s, 403);
     cloud_hub::token_revoke(&hub.config, "ward-board").unwrap();
+    // The hub trusts a token it found active for TOKEN_CACHE_TTL (the CLI
+    // that revoked it is another process); refused once that has passed.
+    tokio::time::sleep(cloud_hub::access::TOKEN_CACHE_TTL + std::time::Duration::from_millis(50))
+        .await;
     let (s, body) = call_json(&hub, Some(&t), "GET", "/fhir/Observation", None).await;
     assert_eq!(s, 401, "{body}");
     assert!(
@@ -982,6 +986,46 @@ fn the_cli_manages_users_and_tokens_without_printing_secrets() {
         cmds,
         ["user add", "token create", "token revoke", "user disable"]
     );
+}
+
+/// API token lookups are cached for `TOKEN_CACHE_TTL`: a token revoked by
+/// the CLI (another process, so the hub is not told) stops working within
+/// that time, never later; a new token works at once (unknown tokens are
+/// not cached), and so does its revocation once the entry has expired.
+#[tokio::test]
+async fn a_revoked_api_token_stops_working_within_the_cache_ttl() {
+    let hub = TestHub::start().await;
+    let token = cloud_hub::token_create(&hub.config, "cached", Role::Clinician).unwrap();
+    let read = |t: String| {
+        let req = common::client()
+            .get(hub.url(&format!("/fhir/Observation?patient={PATIENT}")))
+            .bearer_auth(t)
+            .send();
+        async move { req.await.unwrap().status().as_u16() }
+    };
+    assert_eq!(read(token.clone()).await, 200);
+    assert_eq!(read(token.clone()).await, 200);
+    let revoked = std::time::Instant::now();
+    cloud_hub::token_revoke(&hub.config, "cached").unwrap();
+    let ttl = cloud_hub::access::TOKEN_CACHE_TTL;
+    loop {
+        let status = read(token.clone()).await;
+        if status == 401 {
+            break;
+        }
+        assert_eq!(status, 200);
+        assert!(
+            revoked.elapsed() < ttl + std::time::Duration::from_millis(500),
+            "the revoked token still works after {:?}",
+            revoked.elapsed()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // Refused from then on; a token created now works at once.
+    assert_eq!(read(token.clone()).await, 401);
+    let fresh = cloud_hub::token_create(&hub.config, "fresh", Role::Clinician).unwrap();
+    assert_eq!(read(fresh).await, 200);
+    hub.stop().await;
 }
 
 // ---- OIDC ----------------------------------------------------------------

@@ -425,3 +425,152 @@ async fn patient_data_is_withheld_when_the_audit_entry_cannot_be_written() {
     assert_eq!(status, 200);
     hub.stop().await;
 }
+
+/// Group commit of the middleware's entries: many audited requests at once
+/// each get their entry (one per request, the chain verified), and a
+/// failing commit withholds every response of its group (503 each,
+/// counted), after which reads are served again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_audited_requests_are_group_committed_and_fail_together() {
+    const N: usize = 48;
+    let hub = TestHub::start().await;
+    hub.ingest(&batch(1, DEVICE, vec![spo2(1, 97.0, now_us())]))
+        .await;
+    let before: i64 = hub
+        .db()
+        .query_row("SELECT COUNT(*) FROM audit_log", [], |r| r.get(0))
+        .unwrap();
+    let get_all = |n: usize| {
+        let mut set = tokio::task::JoinSet::new();
+        for i in 0..n {
+            let req = hub
+                .client
+                .get(hub.url(&format!("/fhir/Observation?patient={PATIENT}&_count={i}")))
+                .send();
+            set.spawn(req);
+        }
+        set.join_all()
+    };
+    for r in get_all(N).await {
+        assert_eq!(r.unwrap().status(), 200);
+    }
+    let details: Vec<String> = hub
+        .db()
+        .prepare("SELECT detail FROM audit_log WHERE seq > ?1 ORDER BY seq")
+        .unwrap()
+        .query_map([before], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let mut counts: Vec<usize> = details
+        .iter()
+        .map(|d| {
+            d.rsplit_once("_count=")
+                .and_then(|(_, c)| c.parse().ok())
+                .unwrap()
+        })
+        .collect();
+    counts.sort_unstable();
+    assert_eq!(counts, (0..N).collect::<Vec<_>>(), "one entry per request");
+    let store = cloud_hub::Store::open(&hub.config.storage.sqlite_path).unwrap();
+    let v = cloud_hub::audit::verify(&store, &Default::default(), None, &[]).unwrap();
+    assert_eq!(v.broken, None);
+    assert_eq!(v.entries, (before as usize + N) as u64);
+
+    // The log cannot be written: every response of the group is withheld.
+    hub.db()
+        .execute_batch("ALTER TABLE audit_log RENAME TO audit_log_away")
+        .unwrap();
+    for r in get_all(N).await {
+        let r = r.unwrap();
+        assert_eq!(r.status(), 503);
+        assert!(r.headers().contains_key("retry-after"));
+        assert!(!r.text().await.unwrap().contains(PATIENT));
+    }
+    let metrics = hub
+        .client
+        .get(hub.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(&format!("\nvigil_hub_audit_failures_total {N}\n")),
+        "{metrics}"
+    );
+    hub.db()
+        .execute_batch("ALTER TABLE audit_log_away RENAME TO audit_log")
+        .unwrap();
+    for r in get_all(4).await {
+        assert_eq!(r.unwrap().status(), 200);
+    }
+    let v = cloud_hub::audit::verify(&store, &Default::default(), None, &[]).unwrap();
+    assert_eq!(v.broken, None);
+    assert_eq!(v.entries, (before as usize + N + 4) as u64);
+    hub.stop().await;
+}
+
+/// The group-commit writer over a store: appends arriving together share
+/// commits (fewer transactions than entries), each gets its own seq, the
+/// keyed chain verifies; when the commit fails every waiter of the group
+/// gets the error and nothing of the group is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_audit_writer_groups_appends_and_fails_a_group_whole() {
+    const N: i64 = 200;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.sqlite");
+    let store = cloud_hub::Store::open(&path).unwrap();
+    let keys = cloud_hub::audit::AuditKeys::from_keys(vec![
+        cloud_hub::audit::AuditKey::new(&[4; 32]).unwrap(),
+    ]);
+    let writer = cloud_hub::audit::GroupCommit::default();
+    let entry = |i: i64| cloud_hub::audit::Entry {
+        time_us: 1_795_514_400_000_000 + i,
+        actor: "token:t".into(),
+        action: "read".into(),
+        resource: "/fhir/Observation".into(),
+        patient: Some(format!("p-{i}")),
+        patients: Vec::new(),
+        outcome: 200,
+        detail: String::new(),
+    };
+    let mut appends = tokio::task::JoinSet::new();
+    for i in 0..N {
+        let (w, s, k) = (writer.clone(), store.handle(), keys.clone());
+        appends.spawn(async move { w.append(&s, &k, entry(i)).await });
+    }
+    let mut seqs: Vec<i64> = appends
+        .join_all()
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    seqs.sort_unstable();
+    assert_eq!(seqs, (1..=N).collect::<Vec<_>>());
+    let commits = writer.commits();
+    assert!(commits >= 1 && commits < N as u64, "{commits} commits");
+    let v = cloud_hub::audit::verify(&store, &keys, None, &[]).unwrap();
+    assert_eq!(
+        (v.entries, v.broken, v.keyed_from),
+        (N as u64, None, Some(1))
+    );
+
+    let db = rusqlite::Connection::open(&path).unwrap();
+    db.execute_batch("ALTER TABLE audit_log RENAME TO audit_log_away")
+        .unwrap();
+    let mut appends = tokio::task::JoinSet::new();
+    for i in 0..20 {
+        let (w, s, k) = (writer.clone(), store.handle(), keys.clone());
+        appends.spawn(async move { w.append(&s, &k, entry(N + i)).await });
+    }
+    for r in appends.join_all().await {
+        assert!(r.is_err(), "{r:?}");
+    }
+    db.execute_batch("ALTER TABLE audit_log_away RENAME TO audit_log")
+        .unwrap();
+    assert_eq!(writer.append(&store, &keys, entry(999)).await, Ok(N + 1));
+    let v = cloud_hub::audit::verify(&store, &keys, None, &[]).unwrap();
+    assert_eq!((v.entries, v.broken), (N as u64 + 1, None));
+}

@@ -1840,6 +1840,80 @@ fn audit_log_appends_and_chains(s: &Store) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Group commit: a batch of entries is appended in one transaction, in
+/// order, each chained to the one before (keyed), its seqs consecutive even
+/// while single appends and other batches run at once; a batch that cannot
+/// be chained stores none of its entries.
+fn audit_batches_chain_in_order_in_one_transaction(s: &Store) -> Result<(), StoreError> {
+    use cloud_hub::audit;
+    let none = audit::AuditKeys::default();
+    let keys = audit_keys(9);
+    let key = keys.current();
+    assert_eq!(s.append_audit_batch(&[], key)?, Vec::<i64>::new());
+    assert_eq!(audit::append(s, &none, &audit_entry(0))?, 1);
+    let batch: Vec<_> = (1..4).map(audit_entry).collect();
+    assert_eq!(s.append_audit_batch(&batch, key)?, vec![2, 3, 4]);
+    let all = s.audit_entries(i64::MIN)?;
+    assert_eq!(
+        all.iter().map(|x| x.entry.clone()).collect::<Vec<_>>(),
+        (0..4).map(audit_entry).collect::<Vec<_>>()
+    );
+    for w in all.windows(2) {
+        assert_eq!(w[1].prev_hash, w[0].hash);
+    }
+    // Keyed from now on: an unkeyed batch is refused whole.
+    let err = s
+        .append_audit_batch(&[audit_entry(90), audit_entry(91)], None)
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Audit(_)), "{err}");
+    assert_eq!(s.audit_entries(i64::MIN)?.len(), 4);
+    // Batches and single appends from several threads at once.
+    let batches: Vec<Vec<i64>> = std::thread::scope(|sc| {
+        let singles = sc.spawn(|| {
+            for i in 0..10 {
+                audit::append(s, &keys, &audit_entry(500 + i)).unwrap();
+            }
+        });
+        let workers: Vec<_> = (0..3i64)
+            .map(|t| {
+                let keys = &keys;
+                sc.spawn(move || {
+                    (0..5i64)
+                        .map(|b| {
+                            let entries: Vec<_> = (0..4)
+                                .map(|i| audit_entry(1000 * (t + 1) + 10 * b + i))
+                                .collect();
+                            s.append_audit_batch(&entries, keys.current()).unwrap()
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        singles.join().unwrap();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap())
+            .collect()
+    });
+    for seqs in &batches {
+        assert_eq!(seqs.len(), 4);
+        assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+    }
+    let v = audit::verify(s, &keys, None, &[])?;
+    let n = 4 + 10 + 3 * 5 * 4;
+    assert_eq!((v.entries, v.broken, v.keyed_from), (n, None, Some(2)));
+    // Each batch's entries stored in the order given.
+    let all = s.audit_entries(i64::MIN)?;
+    for seqs in &batches {
+        let got: Vec<i64> = seqs
+            .iter()
+            .map(|q| all[(*q - 1) as usize].entry.time_us)
+            .collect();
+        assert!(got.windows(2).all(|w| w[1] == w[0] + 1), "{got:?}");
+    }
+    Ok(())
+}
+
 /// The gateways view: last batch, the window's ack totals, rejections,
 /// overflows and per-device figures.
 fn gateways_view_sums_the_window(s: &Store) -> Result<(), StoreError> {
@@ -2126,6 +2200,7 @@ macro_rules! suite {
 }
 
 suite!(
+    audit_batches_chain_in_order_in_one_transaction,
     nul_characters_are_refused_and_the_rest_is_stored,
     ingest_deduplicates_batches_and_readings,
     buffer_incarnations_deduplicate_separately,

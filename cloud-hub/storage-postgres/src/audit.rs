@@ -48,39 +48,66 @@ async fn head(tx: &deadpool_postgres::Transaction<'_>) -> Result<Option<Head>, D
 }
 
 impl PgStore {
-    async fn db_append_audit(
+    /// One transaction for the whole batch: the lock, the head, every
+    /// entry chained in order (the inserts pipelined over one prepared
+    /// statement), one commit.
+    async fn db_append_audit_batch(
         &self,
-        e: &AuditEntry,
+        entries: &[AuditEntry],
         key: Option<&AuditKey>,
-    ) -> Result<i64, DbError> {
+    ) -> Result<Vec<i64>, DbError> {
+        if entries.is_empty() {
+            return Ok(Vec::new());
+        }
         let mut c = self.conn().await?;
         let tx = c.transaction().await?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&AUDIT_LOCK])
             .await?;
-        let last = head(&tx).await?;
-        let link = next_link(last.as_ref(), e, key).map_err(StoreError::from)?;
-        tx.execute(
-            "INSERT INTO audit_log (seq, time_us, actor, action, resource, patient_id, patients,
-                 outcome, detail, prev_hash, hash, key_id)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
-            &[
-                &link.seq,
-                &e.time_us,
-                &e.actor,
-                &e.action,
-                &e.resource,
-                &e.patient,
-                &e.patients.join("\n"),
-                &i32::from(e.outcome),
-                &e.detail,
-                &link.prev_hash,
-                &link.hash,
-                &link.key_id,
-            ],
-        )
+        let mut last = head(&tx).await?;
+        let mut rows = Vec::with_capacity(entries.len());
+        for e in entries {
+            let link = next_link(last.as_ref(), e, key).map_err(StoreError::from)?;
+            last = Some(Head {
+                seq: link.seq,
+                hash: link.hash.clone(),
+                key_id: link.key_id.clone(),
+            });
+            rows.push((e, link, e.patients.join("\n"), i32::from(e.outcome)));
+        }
+        let insert = tx
+            .prepare_cached(
+                "INSERT INTO audit_log (seq, time_us, actor, action, resource, patient_id, patients,
+                     outcome, detail, prev_hash, hash, key_id)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+            )
+            .await?;
+        let (tx_ref, insert) = (&tx, &insert);
+        futures_util::future::try_join_all(rows.iter().map(
+            |(e, link, patients, outcome)| async move {
+                tx_ref
+                    .execute(
+                        insert,
+                        &[
+                            &link.seq,
+                            &e.time_us,
+                            &e.actor,
+                            &e.action,
+                            &e.resource,
+                            &e.patient,
+                            patients,
+                            outcome,
+                            &e.detail,
+                            &link.prev_hash,
+                            &link.hash,
+                            &link.key_id,
+                        ],
+                    )
+                    .await
+            },
+        ))
         .await?;
         tx.commit().await?;
-        Ok(link.seq)
+        Ok(rows.iter().map(|(_, link, _, _)| link.seq).collect())
     }
 
     async fn db_audit_entries(&self, since_seq: i64) -> Result<Vec<StoredAuditEntry>, DbError> {
@@ -177,7 +204,17 @@ impl PgStore {
 
 impl AuditStore for PgStore {
     fn append_audit(&self, entry: &AuditEntry, key: Option<&AuditKey>) -> Result<i64, StoreError> {
-        self.run(self.db_append_audit(entry, key))
+        self.run(self.db_append_audit_batch(std::slice::from_ref(entry), key))?
+            .first()
+            .copied()
+            .ok_or_else(|| StoreError::Corrupt("an audit append stored no entry".into()))
+    }
+    fn append_audit_batch(
+        &self,
+        entries: &[AuditEntry],
+        key: Option<&AuditKey>,
+    ) -> Result<Vec<i64>, StoreError> {
+        self.run(self.db_append_audit_batch(entries, key))
     }
     fn audit_entries(&self, since_seq: i64) -> Result<Vec<StoredAuditEntry>, StoreError> {
         self.run(self.db_audit_entries(since_seq))

@@ -26,17 +26,14 @@ pub(crate) fn split_patients(s: &str) -> Vec<String> {
 
 fn head(tx: &Transaction<'_>) -> Result<Option<Head>, DbError> {
     Ok(tx
-        .query_row(
-            "SELECT seq, hash, key_id FROM audit_log ORDER BY seq DESC LIMIT 1",
-            [],
-            |r| {
-                Ok(Head {
-                    seq: r.get(0)?,
-                    hash: r.get(1)?,
-                    key_id: r.get(2)?,
-                })
-            },
-        )
+        .prepare_cached("SELECT seq, hash, key_id FROM audit_log ORDER BY seq DESC LIMIT 1")?
+        .query_row([], |r| {
+            Ok(Head {
+                seq: r.get(0)?,
+                hash: r.get(1)?,
+                key_id: r.get(2)?,
+            })
+        })
         .optional()?)
 }
 
@@ -54,34 +51,52 @@ fn checkpoint_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AuditCheckpoint> {
 const CHECKPOINT_COLUMNS: &str = "seq, mac, entries, time_us, key_id, sig";
 
 impl SqliteStore {
-    fn db_append_audit(&self, e: &AuditEntry, key: Option<&AuditKey>) -> Result<i64, DbError> {
+    fn db_append_audit_batch(
+        &self,
+        entries: &[AuditEntry],
+        key: Option<&AuditKey>,
+    ) -> Result<Vec<i64>, DbError> {
+        if entries.is_empty() {
+            return Ok(Vec::new());
+        }
         let mut conn = self.conn()?;
         // IMMEDIATE: the write lock from the read of the head on, so that
         // another process appending at once cannot fork the chain.
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let last = head(&tx)?;
-        let link = next_link(last.as_ref(), e, key).map_err(StoreError::from)?;
-        tx.execute(
-            "INSERT INTO audit_log (seq, time_us, actor, action, resource, patient_id, patients,
-                 outcome, detail, prev_hash, hash, key_id)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-            params![
-                link.seq,
-                e.time_us,
-                e.actor,
-                e.action,
-                e.resource,
-                e.patient,
-                join_patients(&e.patients),
-                e.outcome,
-                e.detail,
-                link.prev_hash,
-                link.hash,
-                link.key_id
-            ],
-        )?;
+        let mut last = head(&tx)?;
+        let mut seqs = Vec::with_capacity(entries.len());
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO audit_log (seq, time_us, actor, action, resource, patient_id, patients,
+                     outcome, detail, prev_hash, hash, key_id)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            )?;
+            for e in entries {
+                let link = next_link(last.as_ref(), e, key).map_err(StoreError::from)?;
+                insert.execute(params![
+                    link.seq,
+                    e.time_us,
+                    e.actor,
+                    e.action,
+                    e.resource,
+                    e.patient,
+                    join_patients(&e.patients),
+                    e.outcome,
+                    e.detail,
+                    link.prev_hash,
+                    link.hash,
+                    link.key_id
+                ])?;
+                seqs.push(link.seq);
+                last = Some(Head {
+                    seq: link.seq,
+                    hash: link.hash,
+                    key_id: link.key_id,
+                });
+            }
+        }
         tx.commit()?;
-        Ok(link.seq)
+        Ok(seqs)
     }
 
     fn db_audit_entries(&self, since_seq: i64) -> Result<Vec<StoredAuditEntry>, DbError> {
@@ -163,7 +178,17 @@ impl SqliteStore {
 
 impl AuditStore for SqliteStore {
     fn append_audit(&self, entry: &AuditEntry, key: Option<&AuditKey>) -> Result<i64, StoreError> {
-        Ok(self.db_append_audit(entry, key)?)
+        let seqs = self.db_append_audit_batch(std::slice::from_ref(entry), key)?;
+        seqs.first()
+            .copied()
+            .ok_or_else(|| StoreError::Corrupt("an audit append stored no entry".into()))
+    }
+    fn append_audit_batch(
+        &self,
+        entries: &[AuditEntry],
+        key: Option<&AuditKey>,
+    ) -> Result<Vec<i64>, StoreError> {
+        Ok(self.db_append_audit_batch(entries, key)?)
     }
     fn audit_entries(&self, since_seq: i64) -> Result<Vec<StoredAuditEntry>, StoreError> {
         Ok(self.db_audit_entries(since_seq)?)

@@ -722,12 +722,12 @@ impl SqliteStore {
     /// One stored Observation row (rendered by `fhir::render`).
     fn db_observation(&self, id: &str) -> Result<Option<ObservationRow>, DbError> {
         let conn = self.reader()?;
+        // Cached: the statement is prepared once per read connection.
         Ok(conn
-            .query_row(
-                &format!("SELECT {OBS_COLUMNS} FROM {OBS_FROM} WHERE o.id = ?1"),
-                [id],
-                obs_row,
-            )
+            .prepare_cached(&format!(
+                "SELECT {OBS_COLUMNS} FROM {OBS_FROM} WHERE o.id = ?1"
+            ))?
+            .query_row([id], obs_row)
             .optional()?)
     }
 
@@ -791,11 +791,11 @@ impl SqliteStore {
         }
         let where_sql = format!("WHERE {}", clauses.join(" AND "));
         let conn = self.reader()?;
-        let total: i64 = conn.query_row(
-            &format!("SELECT COUNT(*) FROM observations o {where_sql}"),
-            params_from_iter(args.iter()),
-            |r| r.get(0),
-        )?;
+        // Cached statements: a search's SQL depends only on its shape
+        // (which parameters, how many values), so the same shapes recur.
+        let total: i64 = conn
+            .prepare_cached(&format!("SELECT COUNT(*) FROM observations o {where_sql}"))?
+            .query_row(params_from_iter(args.iter()), |r| r.get(0))?;
         if s.count == 0 {
             return Ok((total as u64, Vec::new()));
         }
@@ -810,7 +810,7 @@ impl SqliteStore {
         args.push(SqlValue::Integer(
             i64::try_from(s.offset).unwrap_or(i64::MAX),
         ));
-        let mut stmt = conn.prepare(&sql)?;
+        let mut stmt = conn.prepare_cached(&sql)?;
         let rows = stmt
             .query_map(params_from_iter(args.iter()), obs_row)?
             .collect::<Result<Vec<_>, _>>()?;

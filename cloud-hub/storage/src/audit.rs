@@ -18,6 +18,16 @@ pub trait AuditStore {
     /// refused once the log holds a keyed entry
     /// ([`StoreError::Audit`]). Returns the new entry's seq.
     fn append_audit(&self, entry: &AuditEntry, key: Option<&AuditKey>) -> Result<i64, StoreError>;
+    /// Group commit: appends `entries` in order after the newest one, in
+    /// **one** transaction (read the head once, chain each entry to the one
+    /// before it under `key`, commit once). All or nothing: on any error no
+    /// entry of the batch is stored. Returns each entry's seq, in order
+    /// (an empty batch: nothing, no transaction).
+    fn append_audit_batch(
+        &self,
+        entries: &[AuditEntry],
+        key: Option<&AuditKey>,
+    ) -> Result<Vec<i64>, StoreError>;
     /// The entries with `seq >= since_seq`, by seq (`i64::MIN`: all of
     /// them, as verification needs).
     fn audit_entries(&self, since_seq: i64) -> Result<Vec<StoredAuditEntry>, StoreError>;

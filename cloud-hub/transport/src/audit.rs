@@ -641,6 +641,112 @@ pub struct AuditState {
     pub metrics: crate::SharedMetrics,
     /// The audit keys (empty: unkeyed chain).
     pub keys: AuditKeys,
+    /// The group commit of the middleware's entries (started on first use).
+    pub writer: GroupCommit,
+}
+
+impl AuditState {
+    pub fn new(store: crate::store::Store, metrics: crate::SharedMetrics, keys: AuditKeys) -> Self {
+        Self {
+            store,
+            metrics,
+            keys,
+            writer: GroupCommit::default(),
+        }
+    }
+}
+
+/// The most entries one group commit writes (more wait for the next one).
+pub const GROUP_COMMIT_MAX: usize = 256;
+
+type Waiter = tokio::sync::oneshot::Sender<Result<i64, String>>;
+
+/// Group commit of audit entries: one writer task takes every entry queued
+/// while the previous commit ran (up to [`GROUP_COMMIT_MAX`]) and appends
+/// them in order in one transaction (`AuditStore::append_audit_batch`:
+/// each chained to the one before, keyed as usual), then tells each
+/// waiter its seq, or the error that failed the whole group. No timer: the
+/// window is the duration of the commit before, so a lone request waits
+/// for its own commit only. One commit at a time per hub process; across
+/// processes the backend serializes (SQLite's write lock, PostgreSQL's
+/// advisory lock). The task ends when the last handle is dropped (after
+/// the server stopped and its in-flight requests got their entries).
+#[derive(Debug, Clone, Default)]
+pub struct GroupCommit {
+    queue: Arc<std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<(Entry, Waiter)>>>,
+    commits: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl GroupCommit {
+    /// Appends `entry` with the next group commit; returns its seq once the
+    /// transaction holding it has committed. The first call starts the
+    /// writer task with its `store` and `keys`, which it keeps: one
+    /// `GroupCommit` serves one store (as `AuditState` holds it).
+    pub async fn append(
+        &self,
+        store: &Store,
+        keys: &AuditKeys,
+        entry: Entry,
+    ) -> Result<i64, String> {
+        let queue = self.queue.get_or_init(|| {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            tokio::spawn(run_group_commits(
+                store.clone(),
+                keys.clone(),
+                rx,
+                self.commits.clone(),
+            ));
+            tx
+        });
+        let (done, wait) = tokio::sync::oneshot::channel();
+        queue
+            .send((entry, done))
+            .map_err(|_| "the audit writer has stopped".to_owned())?;
+        wait.await
+            .unwrap_or_else(|_| Err("the audit writer has stopped".to_owned()))
+    }
+
+    /// Transactions committed so far (each holding one or more entries).
+    pub fn commits(&self) -> u64 {
+        self.commits.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+async fn run_group_commits(
+    store: Store,
+    keys: AuditKeys,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<(Entry, Waiter)>,
+    commits: Arc<std::sync::atomic::AtomicU64>,
+) {
+    let mut group = Vec::with_capacity(GROUP_COMMIT_MAX);
+    while rx.recv_many(&mut group, GROUP_COMMIT_MAX).await > 0 {
+        let (entries, waiters): (Vec<Entry>, Vec<Waiter>) = group.drain(..).unzip();
+        let (s, k) = (store.clone(), keys.clone());
+        let result =
+            tokio::task::spawn_blocking(move || s.append_audit_batch(&entries, k.current())).await;
+        match result {
+            Ok(Ok(seqs)) if seqs.len() == waiters.len() => {
+                commits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                for (w, seq) in waiters.into_iter().zip(seqs) {
+                    let _ = w.send(Ok(seq));
+                }
+            }
+            other => {
+                let error = match other {
+                    Ok(Ok(seqs)) => format!(
+                        "the audit store returned {} seqs for {} entries",
+                        seqs.len(),
+                        waiters.len()
+                    ),
+                    Ok(Err(e)) => e.to_string(),
+                    Err(e) => e.to_string(),
+                };
+                for w in waiters {
+                    let _ = w.send(Err(error.clone()));
+                }
+            }
+        }
+    }
 }
 
 /// The answer when an audited response cannot be audited.
@@ -694,11 +800,9 @@ pub(crate) async fn middleware(State(st): State<AuditState>, req: Request, next:
     if let Some(AuditPatients(ids)) = resp.extensions().get::<AuditPatients>() {
         entry.set_patients(ids.clone());
     }
-    let (store, keys) = (st.store.clone(), st.keys.clone());
-    let failed = match tokio::task::spawn_blocking(move || append(&store, &keys, &entry)).await {
-        Ok(Ok(_)) => return resp,
-        Ok(Err(e)) => e.to_string(),
-        Err(e) => e.to_string(),
+    let failed = match st.writer.append(&st.store, &st.keys, entry).await {
+        Ok(_) => return resp,
+        Err(e) => e,
     };
     st.metrics.audit_failure();
     tracing::error!(

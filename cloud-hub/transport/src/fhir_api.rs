@@ -140,11 +140,19 @@ pub fn router<S: Clone + Send + Sync + 'static>(state: FhirState) -> Router<S> {
     Router::new().nest("/fhir", fhir_routes)
 }
 
+/// `body` serialized straight into the response buffer (no intermediate
+/// `String` through `fmt`).
 fn fhir_response(status: StatusCode, body: &Json) -> Response {
+    let mut buf = Vec::with_capacity(4096);
+    if let Err(e) = serde_json::to_writer(&mut buf, body) {
+        // A `Value` always serializes; kept as an error, never a panic.
+        tracing::error!(error = %e, "FHIR response cannot be serialized");
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    }
     (
         status,
         [(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON))],
-        body.to_string(),
+        buf,
     )
         .into_response()
 }

@@ -165,17 +165,67 @@ async fn get_series(
     };
     let fmt = crate::fhir::format_instant;
     let trend = slope_per_hour(&points);
-    let body = json!({
-        "patient": patient,
-        "code": { "mdc": metric.mdc, "loinc": metric.loinc, "display": metric.display },
-        "unit": metric.unit.ucum,
-        "from": fmt(from),
-        "to": fmt(to),
-        "resolution_s": resolution,
-        "points": points.iter().map(|p| json!({
-            "start": fmt(p.start_us), "count": p.count, "min": p.min, "max": p.max, "mean": p.mean,
-        })).collect::<Vec<_>>(),
-        "trend": { "per_hour": trend, "points": points.len() },
-    });
+    // Serialized straight into the response buffer (no `Value` tree).
+    let body = SeriesBody {
+        patient: &patient,
+        code: SeriesCode {
+            mdc: metric.mdc,
+            loinc: metric.loinc,
+            display: metric.display,
+        },
+        unit: metric.unit.ucum,
+        from: fmt(from),
+        to: fmt(to),
+        resolution_s: resolution,
+        points: points
+            .iter()
+            .map(|p| SeriesPoint {
+                start: fmt(p.start_us),
+                count: p.count,
+                min: p.min,
+                max: p.max,
+                mean: p.mean,
+            })
+            .collect(),
+        trend: SeriesTrend {
+            per_hour: trend,
+            points: points.len(),
+        },
+    };
     axum::Json(body).into_response()
+}
+
+/// The series response (`points` and `trend` as documented in docs/hub.md).
+#[derive(serde::Serialize)]
+struct SeriesBody<'a> {
+    patient: &'a str,
+    code: SeriesCode,
+    unit: &'static str,
+    from: String,
+    to: String,
+    resolution_s: i64,
+    points: Vec<SeriesPoint>,
+    trend: SeriesTrend,
+}
+
+#[derive(serde::Serialize)]
+struct SeriesCode {
+    mdc: u32,
+    loinc: &'static str,
+    display: &'static str,
+}
+
+#[derive(serde::Serialize)]
+struct SeriesPoint {
+    start: String,
+    count: i64,
+    min: f64,
+    max: f64,
+    mean: f64,
+}
+
+#[derive(serde::Serialize)]
+struct SeriesTrend {
+    per_hour: Option<f64>,
+    points: usize,
 }

@@ -335,6 +335,49 @@ pub struct AccessState {
     /// Permits for concurrent password checks.
     hashing: Arc<tokio::sync::Semaphore>,
     trusted_proxies: Arc<[ipnet::IpNet]>,
+    /// API tokens found active recently (see [`TOKEN_CACHE_TTL`]).
+    tokens: Arc<TokenCache>,
+}
+
+/// How long an API token found active is trusted without asking the store
+/// again: a token revoked with `cloud-hub token revoke` (by any process,
+/// on any replica) stops working within this time. Unknown and revoked
+/// tokens are never cached (a new token works at once).
+pub const TOKEN_CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// At most this many cached tokens (expired ones are dropped first).
+const TOKEN_CACHE_MAX: usize = 4096;
+
+/// API token lookups of the last [`TOKEN_CACHE_TTL`], keyed by the token's
+/// SHA-256 (never the token).
+#[derive(Debug, Default)]
+struct TokenCache {
+    map: std::sync::Mutex<std::collections::HashMap<String, (std::time::Instant, String, Role)>>,
+}
+
+impl TokenCache {
+    fn get(&self, hash: &str, now: std::time::Instant) -> Option<(String, Role)> {
+        let map = self.map.lock().ok()?;
+        let (expires, name, role) = map.get(hash)?;
+        (now < *expires).then(|| (name.clone(), *role))
+    }
+
+    fn put(&self, hash: String, found: Option<&(String, Role)>, now: std::time::Instant) {
+        let Ok(mut map) = self.map.lock() else {
+            return;
+        };
+        let Some((name, role)) = found else {
+            map.remove(&hash);
+            return;
+        };
+        if map.len() >= TOKEN_CACHE_MAX {
+            map.retain(|_, (expires, _, _)| now < *expires);
+            if map.len() >= TOKEN_CACHE_MAX {
+                map.clear();
+            }
+        }
+        map.insert(hash, (now + TOKEN_CACHE_TTL, name.clone(), *role));
+    }
 }
 
 impl std::fmt::Debug for AccessState {
@@ -428,6 +471,7 @@ impl AccessState {
                 config.max_concurrent_logins.max(1) as usize,
             )),
             trusted_proxies: proxies.into(),
+            tokens: Arc::default(),
         })
     }
 
@@ -492,8 +536,9 @@ impl AccessState {
     }
 
     async fn bearer(&self, token: String) -> Result<Principal, Refusal> {
+        let hash = crate::auth::hash_token(&token);
         if let Some(admin) = &self.admin_sha256
-            && same_secret(&crate::auth::hash_token(&token), admin)
+            && same_secret(&hash, admin)
         {
             return Ok(Principal {
                 id: "admin-token".into(),
@@ -502,6 +547,14 @@ impl AccessState {
             });
         }
         if token.starts_with(accounts::API_TOKEN_PREFIX) {
+            let api_token = |(name, role): (String, Role)| Principal {
+                id: format!("token:{name}"),
+                roles: vec![role],
+                via: Via::ApiToken,
+            };
+            if let Some(found) = self.tokens.get(&hash, std::time::Instant::now()) {
+                return Ok(api_token(found));
+            }
             let store = self.store.clone();
             let found =
                 tokio::task::spawn_blocking(move || accounts::token_principal(&store, &token))
@@ -515,12 +568,10 @@ impl AccessState {
                             message: "token store unavailable".into(),
                         }
                     })?;
+            self.tokens
+                .put(hash, found.as_ref(), std::time::Instant::now());
             return match found {
-                Some((name, role)) => Ok(Principal {
-                    id: format!("token:{name}"),
-                    roles: vec![role],
-                    via: Via::ApiToken,
-                }),
+                Some(found) => Ok(api_token(found)),
                 None => Err(Refusal::unauthenticated("unknown or revoked API token")),
             };
         }
