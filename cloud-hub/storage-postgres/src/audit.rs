@@ -203,12 +203,6 @@ impl PgStore {
 }
 
 impl AuditStore for PgStore {
-    fn append_audit(&self, entry: &AuditEntry, key: Option<&AuditKey>) -> Result<i64, StoreError> {
-        self.run(self.db_append_audit_batch(std::slice::from_ref(entry), key))?
-            .first()
-            .copied()
-            .ok_or_else(|| StoreError::Corrupt("an audit append stored no entry".into()))
-    }
     fn append_audit_batch(
         &self,
         entries: &[AuditEntry],

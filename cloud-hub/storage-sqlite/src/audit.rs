@@ -177,12 +177,6 @@ impl SqliteStore {
 }
 
 impl AuditStore for SqliteStore {
-    fn append_audit(&self, entry: &AuditEntry, key: Option<&AuditKey>) -> Result<i64, StoreError> {
-        let seqs = self.db_append_audit_batch(std::slice::from_ref(entry), key)?;
-        seqs.first()
-            .copied()
-            .ok_or_else(|| StoreError::Corrupt("an audit append stored no entry".into()))
-    }
     fn append_audit_batch(
         &self,
         entries: &[AuditEntry],

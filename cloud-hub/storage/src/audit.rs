@@ -17,7 +17,13 @@ pub trait AuditStore {
     /// fork the chain). Without a key the entry is unkeyed, which is
     /// refused once the log holds a keyed entry
     /// ([`StoreError::Audit`]). Returns the new entry's seq.
-    fn append_audit(&self, entry: &AuditEntry, key: Option<&AuditKey>) -> Result<i64, StoreError>;
+    /// (A batch of one: backends implement [`Self::append_audit_batch`].)
+    fn append_audit(&self, entry: &AuditEntry, key: Option<&AuditKey>) -> Result<i64, StoreError> {
+        self.append_audit_batch(std::slice::from_ref(entry), key)?
+            .first()
+            .copied()
+            .ok_or_else(|| StoreError::Corrupt("an audit append stored no entry".into()))
+    }
     /// Group commit: appends `entries` in order after the newest one, in
     /// **one** transaction (read the head once, chain each entry to the one
     /// before it under `key`, commit once). All or nothing: on any error no
