@@ -19,7 +19,14 @@
 //!
 //! Run: `cargo bench -p cloud-hub --bench fhir_load -- [--observations N]
 //! [--connections C] [--seconds D] [--runs R]` (defaults 1 000 000, 8,
-//! 10, 5; `--quick`: 100 000 observations, one 3 s run).
+//! 10, 5; `--quick`: 100 000 observations, one 3 s run). `--postgres`: the
+//! hub on a throwaway PostgreSQL server (durable commits), the same layout
+//! stored through the hub's own ingest (batches of 100 devices × 10
+//! readings, attributed by a config map), the read-by-id requests over ids
+//! sampled from the stored rows.
+
+#[path = "../tests/support/pg_server.rs"]
+mod pg_server;
 
 mod support;
 
@@ -59,13 +66,16 @@ fn write_private(path: &Path, text: &str) {
 
 /// Starts `cloud-hub serve` on a free loopback port over the store in
 /// `dir`; returns the process and `host:port`.
-fn start_hub(dir: &Path) -> (Proc, String) {
+fn start_hub(dir: &Path, pg_url: Option<&str>) -> (Proc, String) {
     write_private(&dir.join("admin.token"), &format!("{ADMIN}\n"));
     let cfg = dir.join("hub.toml");
+    let backend = pg_url.map_or(String::new(), |u| {
+        format!("backend = \"postgres\"\n[storage.postgres]\nurl = \"{u}\"\npool_size = 8\n")
+    });
     std::fs::write(
         &cfg,
         format!(
-            "[server]\nbind = \"127.0.0.1:0\"\n[storage]\nsqlite_path = \"{}\"\n\
+            "[server]\nbind = \"127.0.0.1:0\"\n[storage]\nsqlite_path = \"{}\"\n{backend}\
              [association]\nadmin_token_file = \"{}\"\n",
             dir.join("hub.sqlite").display(),
             dir.join("admin.token").display()
@@ -127,8 +137,8 @@ fn get(addr: &str, path: &str) -> (u16, String) {
     (status, body.to_owned())
 }
 
-/// The prepared requests: (kind, path).
-fn requests(n: i64) -> Vec<(&'static str, String)> {
+/// The prepared requests: (kind, path); reads by id pick from `ids`.
+fn requests(ids: &[String]) -> Vec<(&'static str, String)> {
     let fmt = cloud_hub::fhir::format_instant;
     let since = fmt(T_END - 24 * HOUR_US);
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
@@ -141,7 +151,10 @@ fn requests(n: i64) -> Vec<(&'static str, String)> {
                 "/fhir/Observation?patient=p-{p}&code=http://loinc.org%7C{loinc}&date=ge{since}&_sort=-date&_count=50"
             );
             match k % 10 {
-                0..=3 => ("read", format!("/fhir/Observation/{:032x}", (r >> 16) % n as u64)),
+                0..=3 => (
+                    "read",
+                    format!("/fhir/Observation/{}", ids[((r >> 16) % ids.len() as u64) as usize]),
+                ),
                 4..=6 => ("search", search),
                 7 => ("search page 2", format!("{search}&_offset=50")),
                 _ => (
@@ -233,6 +246,92 @@ fn run_wrk(dir: &Path, addr: &str, connections: u64, seconds: u64) -> Run {
     }
 }
 
+/// Stores `n` observations in the layout of `support::fill` through the
+/// hub's ingest into PostgreSQL; returns 1 000 of their ids and the
+/// database size.
+fn fill_postgres(server: &pg_server::PgServer, n: i64) -> (Vec<String>, u64) {
+    use cloud_hub::store::Store;
+    use shared_protocol::v1::{Batch, DeviceData, DeviceInfo, Reading, reading};
+    let store = Store::open_postgres(&cloud_hub::pg::PgConfig::new(server.url())).unwrap();
+    store.add_gateway("gw-bench", &"0".repeat(64)).unwrap();
+    let assoc: std::collections::HashMap<(String, String), String> = (0..PATIENTS)
+        .map(|d| {
+            (
+                ("gw-bench".to_owned(), format!("dev-{d}")),
+                format!("p-{d}"),
+            )
+        })
+        .collect();
+    // Row i: patient/device i % 100, vital (i / 100) % 4, effective time
+    // spread over the 3 days before T_END; 10 readings per device a batch.
+    let per_batch = PATIENTS * 10;
+    let mut seq = 0u64;
+    let mut i = 0i64;
+    while i < n {
+        let end = (i + per_batch).min(n);
+        let mut devices: Vec<DeviceData> = (0..PATIENTS)
+            .map(|d| DeviceData {
+                device: Some(DeviceInfo {
+                    device_id: format!("dev-{d}"),
+                    protocol: "masimo-ascii1".into(),
+                    manufacturer: "Masimo".into(),
+                    model: "Radical-7".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .collect();
+        for k in i..end {
+            let (mdc, _, unit, ucum) = METRICS[((k / PATIENTS) % 4) as usize];
+            let t = T_END - support::SPAN_US + k * support::SPAN_US / n;
+            devices[(k % PATIENTS) as usize].readings.push(Reading {
+                mdc_code: mdc,
+                value: Some(reading::Value::Numeric(97.0)),
+                mdc_unit: unit,
+                ucum_unit: ucum.into(),
+                device_time_us: t,
+                gateway_time_us: t,
+                time_source: 1,
+                validity: 1,
+                sequence: k as u64 + 1,
+                ..Default::default()
+            });
+        }
+        seq += 1;
+        let batch = Batch {
+            gateway_id: "gw-bench".into(),
+            sequence: seq,
+            devices,
+            agent_version: "bench".into(),
+            ..Default::default()
+        };
+        let r = store
+            .ingest("gw-bench", &batch, &assoc, T_END, T_END)
+            .unwrap();
+        assert_eq!(r.ack.accepted as i64, end - i, "{:?}", r.ack);
+        i = end;
+    }
+    drop(store);
+    let mut c = postgres::Client::connect(&server.url(), postgres::NoTls).unwrap();
+    c.batch_execute("ANALYZE").unwrap();
+    let step = (n / 1000).max(1);
+    let ids: Vec<String> = c
+        .query(
+            "SELECT id FROM observations WHERE rid % $1 = 0 ORDER BY rid LIMIT 1000",
+            &[&step],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(!ids.is_empty());
+    let bytes: i64 = c
+        .query_one("SELECT pg_database_size(current_database())", &[])
+        .unwrap()
+        .get(0);
+    (ids, bytes as u64)
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
@@ -245,10 +344,23 @@ fn main() {
     let seconds = arg("--seconds", if quick { 3 } else { 10 });
     let runs = arg("--runs", if quick { 1 } else { 5 });
     let dir = tempfile::tempdir().unwrap();
-    let filled = support::fill(&dir.path().join("hub.sqlite"), n);
-    drop(filled.store);
-    let reqs = requests(n);
-    let (_hub, addr) = start_hub(dir.path());
+    let postgres = std::env::args().any(|a| a == "--postgres");
+    let server = postgres.then(|| pg_server::PgServer::start_with(""));
+    let (ids, bytes) = match &server {
+        None => {
+            let filled = support::fill(&dir.path().join("hub.sqlite"), n);
+            drop(filled.store);
+            // The SQL fill's ids: printf('%032x', i).
+            let mut rng = Rng(0x5151_7f4a_7c15_9e37);
+            let ids = (0..1000)
+                .map(|_| format!("{:032x}", rng.next() % n as u64))
+                .collect();
+            (ids, filled.bytes)
+        }
+        Some(sv) => fill_postgres(sv, n),
+    };
+    let reqs = requests(&ids);
+    let (_hub, addr) = start_hub(dir.path(), server.as_ref().map(|s| s.url()).as_deref());
     // Each kind answers 200 with what it claims before the load starts.
     for kind in ["read", "search", "search page 2", "series"] {
         let (_, path) = reqs.iter().find(|(k, _)| *k == kind).unwrap();
@@ -279,9 +391,10 @@ fn main() {
     println!(
         "FHIR API under wrk (2 threads, {connections} connections, {runs} × {seconds} s; mix 40 % read by id, \
          30 % search 24 h page 1, 10 % page 2, 20 % 24 h series; admin bearer token, audit log on; \
-         {n} observations, {:.2} GB): median {:.0} requests/s (min {:.0}, max {:.0}); \
+         {n} observations, {:.2} GB, {}): median {:.0} requests/s (min {:.0}, max {:.0}); \
          latency p50 {:.2} ms, p99 {:.2} ms (medians over runs); 0 non-2xx",
-        filled.bytes as f64 / 1e9,
+        bytes as f64 / 1e9,
+        if postgres { "PostgreSQL" } else { "SQLite" },
         median(rps.clone()),
         min,
         max,
