@@ -321,36 +321,35 @@ impl PgStore {
             // one index range scan per device over the batch's span of
             // sequences. The gateway's advisory lock (above) keeps another
             // transaction from storing any of them before this one commits.
-            let mut spans: Vec<(&str, i64, i64)> = Vec::new();
+            let mut spans: HashMap<&str, (i64, i64)> = HashMap::new();
             for r in &plan.rows {
-                match spans.iter_mut().find(|(d, _, _)| *d == r.device_id) {
-                    Some((_, lo, hi)) => {
-                        *lo = (*lo).min(r.sequence);
-                        *hi = (*hi).max(r.sequence);
-                    }
-                    None => spans.push((r.device_id.as_str(), r.sequence, r.sequence)),
-                }
+                let span = spans
+                    .entry(r.device_id.as_str())
+                    .or_insert((r.sequence, r.sequence));
+                span.0 = span.0.min(r.sequence);
+                span.1 = span.1.max(r.sequence);
             }
-            let devices: Vec<&str> = spans.iter().map(|s| s.0).collect();
-            let los: Vec<i64> = spans.iter().map(|s| s.1).collect();
-            let his: Vec<i64> = spans.iter().map(|s| s.2).collect();
-            let stored: HashSet<(String, i64)> = tx
+            let devices: Vec<&str> = spans.keys().copied().collect();
+            let los: Vec<i64> = devices.iter().map(|d| spans[d].0).collect();
+            let his: Vec<i64> = devices.iter().map(|d| spans[d].1).collect();
+            let mut stored: HashMap<String, HashSet<i64>> = HashMap::new();
+            for row in tx
                 .query(
                     STORED_IDENTITIES,
                     &[&gateway_id, &devices, &los, &his, &incarnation],
                 )
                 .await?
-                .iter()
-                .map(|r| (r.get(0), r.get(1)))
-                .collect();
+            {
+                stored.entry(row.get(0)).or_default().insert(row.get(1));
+            }
             // New: not stored, and the first occurrence in the batch (a
             // repeated identity is a duplicate, as on SQLite).
             let mut seen = HashSet::new();
             for r in &plan.rows {
-                row_new.push(
-                    !stored.contains(&(r.device_id.clone(), r.sequence))
-                        && seen.insert((r.device_id.as_str(), r.sequence)),
-                );
+                let is_stored = stored
+                    .get(r.device_id.as_str())
+                    .is_some_and(|seqs| seqs.contains(&r.sequence));
+                row_new.push(!is_stored && seen.insert((r.device_id.as_str(), r.sequence)));
             }
             // The new rows straight into their partitions: one binary COPY,
             // no staging table.
