@@ -5,6 +5,8 @@
 
 #[path = "common/mod.rs"]
 mod common;
+#[path = "support/iothub_routing.rs"]
+mod iothub_routing;
 #[path = "support/pg_server.rs"]
 mod pg_server;
 #[path = "support/tansu.rs"]

@@ -13,13 +13,12 @@
 //! client configuration of TLS with SASL PLAIN is unit-tested in
 //! `hub_transport::kafka_ingest` instead.
 
-use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use cloud_hub::stream::headers::{DEVICE_ID, encode_amqp_string, encode_amqp_timestamp};
+use cloud_hub::stream::headers::DEVICE_ID;
 use prost::Message;
 use rskafka::client::partition::{Compression, UnknownTopicHandling};
 use rskafka::client::{Client, ClientBuilder};
@@ -89,25 +88,7 @@ fn partition_of(device: &str) -> i32 {
 
 /// A record as IoT Hub message routing writes it to Event Hubs' Kafka endpoint.
 fn routed(device: &str, body: Vec<u8>) -> Record {
-    let mut headers = BTreeMap::new();
-    headers.insert("content-type".into(), b"application/x-protobuf".to_vec());
-    headers.insert("content-encoding".into(), b"identity".to_vec());
-    headers.insert(DEVICE_ID.into(), encode_amqp_string(device));
-    headers.insert("x-opt-partition-key".into(), encode_amqp_string(device));
-    headers.insert(
-        "iothub-message-source".into(),
-        encode_amqp_string("Telemetry"),
-    );
-    headers.insert(
-        "iothub-enqueuedtime".into(),
-        encode_amqp_timestamp(cloud_hub::store::now_us() / 1000),
-    );
-    Record {
-        key: None,
-        value: Some(body),
-        headers,
-        timestamp: chrono::Utc::now(),
-    }
+    crate::iothub_routing::routed_record(device, "application/x-protobuf", Some("identity"), body)
 }
 
 async fn produce(client: &Client, partition: i32, records: Vec<Record>) {

@@ -20,6 +20,9 @@ use std::time::Duration;
 
 use vigil_e2e::*;
 
+#[path = "../../cloud-hub/tests/support/iothub_routing.rs"]
+mod iothub_routing;
+
 const GATEWAY: &str = "gw-faults";
 const MASIMO: &str = "masimo-1";
 const NONIN: &str = "nonin-1";
@@ -1314,10 +1317,10 @@ fn partition_of(device: &str) -> i32 {
     (device.bytes().map(u32::from).sum::<u32>() % EH_PARTITIONS as u32) as i32
 }
 
-/// An MQTT device-to-cloud message as IoT Hub routing writes it to Event
-/// Hubs' Kafka endpoint.
+/// An MQTT device-to-cloud message (`devices/{id}/messages/events/{bag}`)
+/// as IoT Hub routing writes it to Event Hubs' Kafka endpoint: content
+/// type and encoding from the property bag.
 fn routed_record(topic: &str, body: Vec<u8>) -> rskafka::record::Record {
-    use hub_domain::stream::headers::{DEVICE_ID, encode_amqp_string, encode_amqp_timestamp};
     let device = topic.split('/').nth(1).unwrap_or_default();
     let bag = topic.split('/').nth(4).unwrap_or_default();
     let prop = |name: &str| {
@@ -1327,31 +1330,12 @@ fn routed_record(topic: &str, body: Vec<u8>) -> rskafka::record::Record {
                 .map(|(_, v)| v.replace("%2F", "/").replace("%2f", "/"))
         })
     };
-    let mut headers = std::collections::BTreeMap::new();
-    headers.insert(
-        "content-type".into(),
-        prop("$.ct").unwrap_or_default().into_bytes(),
-    );
-    if let Some(ce) = prop("$.ce") {
-        headers.insert("content-encoding".into(), ce.into_bytes());
-    }
-    headers.insert(DEVICE_ID.into(), encode_amqp_string(device));
-    headers.insert("x-opt-partition-key".into(), encode_amqp_string(device));
-    headers.insert(
-        "iothub-message-source".into(),
-        encode_amqp_string("Telemetry"),
-    );
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64;
-    headers.insert("iothub-enqueuedtime".into(), encode_amqp_timestamp(now_ms));
-    rskafka::record::Record {
-        key: None,
-        value: Some(body),
-        headers,
-        timestamp: chrono::Utc::now(),
-    }
+    iothub_routing::routed_record(
+        device,
+        &prop("$.ct").unwrap_or_default(),
+        prop("$.ce").as_deref(),
+        body,
+    )
 }
 
 /// Device simulator → agent (IoT Hub uplink, MQTT to the broker standing in
