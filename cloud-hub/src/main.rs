@@ -382,12 +382,7 @@ fn audit(config: &Config, command: AuditCommand) -> Result<()> {
             Ok(())
         }
         AuditCommand::Export { out, since } => {
-            use std::os::unix::fs::OpenOptionsExt;
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&out)
+            let mut f = vigil_io::private_fs::create_new(&out)
                 .with_context(|| format!("creating {}", out.display()))?;
             let n = cloud_hub::audit_export(config, since, &mut f)
                 .context("exporting the audit log")?;

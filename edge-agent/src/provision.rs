@@ -12,9 +12,7 @@
 //! Devices are then added to `agent.toml` by the biomedical engineer
 //! (`docs/protocols.md`).
 
-use std::fs::{DirBuilder, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -84,12 +82,7 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ProvisionError + '_ {
 fn write_private(path: &Path, contents: &[u8]) -> Result<(), ProvisionError> {
     let tmp = path.with_extension("tmp");
     let _ = std::fs::remove_file(&tmp);
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io(&tmp))?;
+    let mut f = vigil_io::private_fs::create_new(&tmp).map_err(io(&tmp))?;
     f.write_all(contents).map_err(io(&tmp))?;
     f.sync_all().map_err(io(&tmp))?;
     std::fs::rename(&tmp, path).map_err(io(path))
@@ -142,11 +135,7 @@ pub async fn provision(a: &ProvisionArgs) -> Result<Outcome, ProvisionError> {
         }
         return Ok(Outcome::AlreadyProvisioned { config });
     }
-    DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&a.out)
-        .map_err(io(&a.out))?;
+    vigil_io::private_fs::create_dir_all(&a.out).map_err(io(&a.out))?;
     crate::secrets::load_or_create_key(&a.out.join("data").join("buffer.key"))?;
 
     let client = reqwest::Client::builder()

@@ -2,9 +2,8 @@
 //! by the owner only (mode 0600 or stricter); the agent refuses files that
 //! group or others can read, and creates the key with mode 0600.
 
-use std::fs::OpenOptions;
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use ring::rand::{SecureRandom, SystemRandom};
@@ -62,12 +61,7 @@ pub fn load_or_create_key(path: &Path) -> Result<[u8; 32], SecretError> {
             if let Some(dir) = path.parent() {
                 std::fs::create_dir_all(dir).map_err(io(path))?;
             }
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(path)
-                .map_err(io(path))?;
+            let mut f = vigil_io::private_fs::create_new(path).map_err(io(path))?;
             f.write_all(&key).map_err(io(path))?;
             f.sync_all().map_err(io(path))?;
             tracing::info!(path = %path.display(), "created new buffer key (mode 0600)");
@@ -151,12 +145,7 @@ pub fn rotate_key(path: &Path) -> Result<([u8; 4], [u8; 4]), SecretError> {
         .map_err(|_| SecretError::Random)?;
     let tmp = path.with_extension("new");
     let _ = std::fs::remove_file(&tmp);
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io(&tmp))?;
+    let mut f = vigil_io::private_fs::create_new(&tmp).map_err(io(&tmp))?;
     f.write_all(&new).map_err(io(&tmp))?;
     f.sync_all().map_err(io(&tmp))?;
     let old_id = crate::buffer::key_id(&old);

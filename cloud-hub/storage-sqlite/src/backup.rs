@@ -86,11 +86,7 @@ pub fn restore(from: &Path, db: &Path, force: bool) -> Result<(), BackupError> {
 }
 
 fn create_private(path: &Path) -> Result<(), BackupError> {
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create_new(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-    opts.open(path)?;
+    vigil_io::private_fs::create_new(path)?;
     Ok(())
 }
 

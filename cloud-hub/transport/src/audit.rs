@@ -249,14 +249,7 @@ pub fn keygen(out: &Path) -> Result<String, AuditKeyError> {
         path: out.to_owned(),
         source,
     })?;
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    let mut f = opts.open(out).map_err(write)?;
+    let mut f = vigil_io::private_fs::create_new(out).map_err(write)?;
     f.write_all(format!("{text}\n").as_bytes())
         .and_then(|()| f.sync_all())
         .map_err(write)?;
@@ -386,18 +379,11 @@ pub fn take_checkpoint(
         "audit log checkpoint: ship this line to storage the database's administrators cannot change"
     );
     if let Some(path) = file {
-        let mut opts = std::fs::OpenOptions::new();
-        opts.append(true).create(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            opts.mode(0o600);
-        }
         let io = |source| CheckpointError::File {
             path: path.to_owned(),
             source,
         };
-        let mut f = opts.open(path).map_err(io)?;
+        let mut f = vigil_io::private_fs::open_append(path).map_err(io)?;
         f.write_all(format!("{line}\n").as_bytes())
             .and_then(|()| f.sync_data())
             .map_err(io)?;

@@ -49,6 +49,32 @@ pub fn create_file(path: &Path) -> io::Result<File> {
     Ok(f)
 }
 
+/// Creates `path` for writing with mode `0600`; fails when it exists
+/// (keys, backups, exports: never overwrite one).
+pub fn create_new(path: &Path) -> io::Result<File> {
+    let f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(FILE_MODE)
+        .open(path)?;
+    f.set_permissions(Permissions::from_mode(FILE_MODE))?;
+    Ok(f)
+}
+
+/// Opens `path` for appending, creating it with mode `0600` (an existing
+/// file that group or others could read is narrowed to `0600`).
+pub fn open_append(path: &Path) -> io::Result<File> {
+    let f = OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(FILE_MODE)
+        .open(path)?;
+    if f.metadata()?.permissions().mode() & 0o077 != 0 {
+        f.set_permissions(Permissions::from_mode(FILE_MODE))?;
+    }
+    Ok(f)
+}
+
 /// Makes sure `path` exists with mode `0600`: creates it empty when
 /// missing; narrows the mode of an existing file that group or others may
 /// read or write. Returns the mode it had when it was narrowed.
@@ -107,6 +133,16 @@ mod tests {
         let f = deep.join("export.ndjson");
         create_file(&f).unwrap();
         assert_eq!(mode(&f), FILE_MODE);
+
+        let key = deep.join("audit.key");
+        create_new(&key).unwrap();
+        assert_eq!(mode(&key), FILE_MODE);
+        assert!(create_new(&key).is_err(), "never overwrites");
+        let log = deep.join("checkpoints.jsonl");
+        std::fs::write(&log, "").unwrap();
+        std::fs::set_permissions(&log, Permissions::from_mode(0o644)).unwrap();
+        open_append(&log).unwrap();
+        assert_eq!(mode(&log), FILE_MODE);
 
         let db = deep.join("hub.sqlite");
         assert_eq!(ensure_file(&db).unwrap(), None);
