@@ -430,35 +430,6 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// POST JSON with the harness's admin token: (status, body).
-fn post_json(url: &str, body: &Value) -> (u16, Value) {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let resp = reqwest::Client::new()
-            .post(url)
-            .bearer_auth(HARNESS_ADMIN_TOKEN)
-            .json(body)
-            .timeout(Duration::from_secs(10))
-            .send()
-            .await
-            .unwrap();
-        let status = resp.status().as_u16();
-        (status, resp.json().await.unwrap_or(Value::Null))
-    })
-}
-
-fn get_text(url: &str) -> String {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async { reqwest::get(url).await.unwrap().text().await.unwrap() })
-}
-
 /// An ADT message (HL7 v2.5 ch. 3) from `facility`, MLLP-framed: A01 admit
 /// into `ICU3^07^B` at `at` or A03 discharge at `at`.
 fn adt(trigger: &str, facility: &str, mrn: &str, at: &str, id: &str) -> Vec<u8> {
@@ -522,10 +493,13 @@ fn forged_adt_messages_are_refused_and_move_nobody() {
     std::fs::write(&config, toml).unwrap();
     let hub = start_hub(&dir, &config).unwrap();
     let base = hub.base_url.clone();
-    let (status, body) = post_json(
-        &format!("{base}/api/v1/beds"),
-        &json!({ "id": "ICU3-07-B", "ward": "ICU 3", "label": "Bed B" }),
-    );
+    let (status, body) = runtime().block_on(call(
+        &base,
+        HARNESS_ADMIN_TOKEN,
+        "POST",
+        "/api/v1/beds",
+        json!({ "id": "ICU3-07-B", "ward": "ICU 3", "label": "Bed B" }),
+    ));
     assert_eq!(status, 201, "{body}");
     wait_for(Duration::from_secs(10), "the ADT listener", || {
         TcpStream::connect(("127.0.0.1", port)).ok()
@@ -584,7 +558,16 @@ fn forged_adt_messages_are_refused_and_move_nobody() {
     // discharge time; the back-dated admission left no trace.
     assert_eq!(patient_at("2024-05-01T11:00:00Z").as_deref(), Some("MRN-1"));
     assert_eq!(patient_at("2021-01-01T00:00:00Z"), None);
-    let metrics = get_text(&format!("{base}/metrics"));
+    let metrics = runtime().block_on(async {
+        http()
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    });
     for line in [
         "vigil_hub_adt_refused_total{reason=\"untrusted_source\"} 2",
         "vigil_hub_adt_refused_total{reason=\"facility\"} 2",
