@@ -14,6 +14,7 @@
 //! - [`identifiers`]: patient identifier systems (HL7 authorities) as URIs.
 //! - [`gateway_activity`]: the dashboard's per-gateway batch totals.
 //! - [`trends`]: chart buckets and trend slopes.
+//! - [`privacy`]: subject keys, erasure tombstones, retention classes.
 //! - [`stream`]: the Kafka / Event Hubs source's record headers and partition leases.
 
 pub mod adt;
@@ -27,6 +28,7 @@ pub mod gateway_activity;
 pub mod identifiers;
 pub mod ingest;
 pub mod login_throttle;
+pub mod privacy;
 pub mod score_history;
 pub mod scores;
 pub mod stream;
