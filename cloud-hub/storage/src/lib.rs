@@ -34,11 +34,13 @@ pub use trends::TrendStore;
 mod access;
 mod audit;
 mod gateway_view;
+mod privacy;
 
 pub use access::{AccountStore, SessionRecord, TokenRecord, UserRecord};
 pub use audit::{
     AuditCheckpoint, AuditEntry, AuditKey, AuditStore, CheckpointPolicy, StoredAuditEntry,
 };
+pub use privacy::{DeviceWindow, PrivacyStore, SubjectKey, Tombstone};
 pub use gateway_view::{BatchCounts, DeviceActivity, GatewayActivity, GatewayViewStore, LastBatch};
 
 /// A gateway as listed (never its token).
