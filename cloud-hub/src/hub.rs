@@ -191,13 +191,17 @@ impl Hub {
             ))
         });
         // Retention (optional) stops with the hub.
-        let retention = self.config.storage.retention_days.map(|days| {
-            tokio::spawn(crate::retention::run(
-                store.clone(),
-                days,
-                shutdown.child_token(),
-            ))
-        });
+        let retention = self
+            .config
+            .retention
+            .effective(self.config.storage.retention_days)
+            .map(|days| {
+                tokio::spawn(crate::retention::run(
+                    store.clone(),
+                    days,
+                    shutdown.child_token(),
+                ))
+            });
         // The alert clock (stale data, offline gateways, escalation).
         let alert_clock = alerts
             .clone()
@@ -296,6 +300,10 @@ impl Hub {
                 self.config.scores,
             ),
             score_history: hub_transport::score_history::HistoryState::new(store.clone()),
+            privacy: hub_transport::privacy::PrivacyState {
+                store: store.clone(),
+                audit_keys: self.audit_keys.clone(),
+            },
             trends: hub_transport::trends::TrendsState::new(store.clone()),
             ward: hub_transport::ward::WardState::new(
                 store.clone(),

@@ -1,7 +1,9 @@
-//! Retention (`[storage] retention_days`): observations (by effective
-//! time), device events (by event time), rejected readings (by receive
-//! time) and score history rows (by evaluation time) older than the window
-//! are deleted, hourly and at start-up. Batch acks are kept (they are
+//! Retention by data class (`[retention]`, docs/privacy.md): readings
+//! (observations by effective time, device events by event time, rejected
+//! readings by receive time), aggregates (chart buckets, score history by
+//! evaluation time) and resolved alerts, each older than its class's
+//! window, are deleted hourly and at start-up; rows of patients under a
+//! legal hold are kept. Batch acks are kept (they are
 //! small), so a gateway re-sending a very old batch still gets its stored
 //! ack instead of re-storing purged readings.
 //!
@@ -15,24 +17,40 @@ use std::time::Duration;
 use hub_transport::Store;
 use tokio_util::sync::CancellationToken;
 
-pub use hub_storage::Purged;
+pub use hub_storage::{Purged, PurgedByClass, RetentionCutoffs};
+
+use crate::config::RetentionConfig;
 
 /// How often the hub applies retention.
 pub const INTERVAL: Duration = Duration::from_secs(3600);
 
-/// Applies retention every [`INTERVAL`] until `shutdown` is cancelled.
-pub async fn run(store: Store, days: u32, shutdown: CancellationToken) {
-    let window_us = i64::from(days) * 86_400 * 1_000_000;
+/// The cut-offs of `days` at hub time `now_us`.
+pub fn cutoffs(days: &RetentionConfig, now_us: i64) -> RetentionCutoffs {
+    let cut = |d: Option<u32>| d.map(|d| now_us - i64::from(d) * 86_400 * 1_000_000);
+    RetentionCutoffs {
+        readings: cut(days.readings_days),
+        aggregates: cut(days.aggregates_days),
+        alerts: cut(days.alerts_days),
+    }
+}
+
+/// Applies retention by class every [`INTERVAL`] until `shutdown` is
+/// cancelled.
+pub async fn run(store: Store, days: RetentionConfig, shutdown: CancellationToken) {
     loop {
         let s = store.clone();
-        let cutoff = crate::store::now_us() - window_us;
-        match tokio::task::spawn_blocking(move || s.purge_before(cutoff)).await {
+        let k = cutoffs(&days, crate::store::now_us());
+        match tokio::task::spawn_blocking(move || s.purge_classes(&k)).await {
             Ok(Ok(p)) => tracing::info!(
-                retention_days = days,
+                readings_days = days.readings_days,
+                aggregates_days = days.aggregates_days,
+                alerts_days = days.alerts_days,
                 observations = p.observations,
                 device_events = p.device_events,
                 rejected = p.rejected,
+                chart_buckets = p.chart_buckets,
                 scores = p.scores,
+                alerts = p.alerts,
                 "retention applied"
             ),
             Ok(Err(e)) => tracing::error!(error = %e, "retention failed; retrying next hour"),

@@ -54,6 +54,8 @@ mod kafka_source;
 mod mqtt_ingest;
 #[path = "mtls.rs"]
 mod mtls;
+#[path = "privacy.rs"]
+mod privacy;
 #[path = "rate_limit.rs"]
 mod rate_limit;
 #[path = "replicas.rs"]

@@ -2158,6 +2158,169 @@ fn stream_offsets_commit_with_the_batch(s: &Store) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Erasure (issue 20): every row of the patient goes, a tombstone keeps
+/// the subject key and device windows (never the identifier), late data
+/// for the patient is dropped at ingest, and a legal hold blocks both the
+/// erasure and retention.
+fn erasure_removes_the_patient_everywhere_and_keeps_late_data_out(
+    s: &Store,
+) -> Result<(), StoreError> {
+    use cloud_hub::storage::{ErasureError, LegalHold, RetentionCutoffs};
+    let none = Associations::new();
+    let p = |v: &str| PatientId {
+        system: "urn:mrn".into(),
+        value: v.into(),
+    };
+    beds(s, &["b1", "b2"]);
+    s.place_device(G, "d1", "b1", T0 - MIN, &none).unwrap();
+    s.place_device(G, "d2", "b2", T0 - MIN, &none).unwrap();
+    s.admit(&p("mrn-1"), "b1", T0 - MIN, Some("v1"), &none)
+        .unwrap();
+    s.admit(&p("mrn-2"), "b2", T0 - MIN, None, &none).unwrap();
+    let r = ingest(
+        s,
+        &batch(
+            1,
+            vec![
+                entry("d1", vec![spo2(T0, 1), hr(T0 + 10 * MIN, 2)]),
+                entry("d2", vec![spo2(T0, 1)]),
+            ],
+        ),
+        &none,
+    );
+    assert_eq!((r.ack.accepted, r.erased), (3, 0));
+    s.record_manual("mrn-1", &[("consciousness", "A".to_string())], T0, T0)?;
+    use cloud_hub::score_history::{Entry, Kind, should_write};
+    let e = Entry {
+        total: Some(1),
+        band: Some("low".into()),
+        missing: vec![],
+        stale: vec![],
+        components: None,
+    };
+    s.record_scores("mrn-1", T0, &[(Kind::News2, e)], should_write)?;
+    assert!(matches!(
+        s.erase_patient("nobody", T0),
+        Err(ErasureError::UnknownPatient(_))
+    ));
+
+    // A legal hold blocks erasure and retention of the patient's data.
+    let hold = LegalHold {
+        patient: "mrn-1".into(),
+        reason: "litigation 2026-17".into(),
+        set_by: "privacy-officer".into(),
+        set_us: T0,
+    };
+    assert!(s.set_legal_hold("mrn-1", Some(&hold))?);
+    assert!(!s.set_legal_hold("nobody", Some(&hold))?);
+    assert_eq!(s.legal_holds()?, vec![hold.clone()]);
+    assert!(matches!(
+        s.erase_patient("mrn-1", T0 + 30 * MIN),
+        Err(ErasureError::LegalHold { .. })
+    ));
+    let purged = s.purge_classes(&RetentionCutoffs {
+        readings: Some(T0 + 60 * MIN),
+        aggregates: Some(T0 + 60 * MIN),
+        alerts: Some(T0 + 60 * MIN),
+    })?;
+    assert_eq!(
+        purged.observations, 1,
+        "only mrn-2's reading: mrn-1 is held"
+    );
+    assert_eq!(search(s, &[("patient", "mrn-1")]).0, 2);
+    assert_eq!(s.manual_inputs_of("mrn-1")?.len(), 1);
+    assert_eq!(
+        s.score_history("mrn-1", Kind::News2, 0, i64::MAX, 10)?
+            .len(),
+        1
+    );
+    assert!(s.set_legal_hold("mrn-1", None)?);
+    assert!(s.legal_holds()?.is_empty());
+
+    // The subject-access reads see the patient before the erasure.
+    let stays = s.stays_of("mrn-1")?;
+    assert_eq!(stays.len(), 1);
+    assert_eq!(
+        (stays[0].bed.as_str(), stays[0].system.as_str()),
+        ("b1", "urn:mrn")
+    );
+
+    let erased = s.erase_patient("mrn-1", T0 + 30 * MIN).unwrap();
+    assert_eq!(erased.counts.observations, 2);
+    assert_eq!(
+        (
+            erased.counts.stays,
+            erased.counts.manual_inputs,
+            erased.counts.scores
+        ),
+        (1, 1, 1)
+    );
+    let salt = s.subject_salt()?;
+    assert_eq!(
+        erased.subject,
+        cloud_hub::privacy::subject_key(&salt, "urn:mrn", "mrn-1")
+    );
+    assert_eq!(s.subject_salt()?, salt, "the salt never changes");
+    // Nothing of the patient is left to read.
+    assert_eq!(search(s, &[("patient", "mrn-1")]).0, 0);
+    assert_eq!(s.patient("mrn-1")?, None);
+    assert!(s.stays_of("mrn-1")?.is_empty());
+    assert!(s.manual_inputs_of("mrn-1")?.is_empty());
+    assert!(
+        s.score_history("mrn-1", Kind::News2, 0, i64::MAX, 10)?
+            .is_empty()
+    );
+    assert!(s.erase_patient("mrn-1", T0 + 31 * MIN).is_err());
+    // The tombstone: the subject key and the device window, no identifier.
+    let t = s.tombstones_since(0)?;
+    assert_eq!(t.len(), 1);
+    assert_eq!(
+        (t[0].subject, t[0].erased_us),
+        (erased.subject, T0 + 30 * MIN)
+    );
+    assert_eq!(
+        t[0].windows,
+        vec![cloud_hub::storage::DeviceWindow {
+            gateway_id: G.into(),
+            device_id: "d1".into(),
+            from_us: T0 - MIN,
+            to_us: T0 + 30 * MIN,
+        }]
+    );
+    assert!(s.tombstones_since(t[0].id)?.is_empty());
+
+    // Late data: a reading of d1 inside the window, and a reading naming
+    // the patient from another device, are dropped; a later reading of d1
+    // (the bed is empty now) and mrn-2's data are kept.
+    let mut named = spo2(T0 + 5 * MIN, 1);
+    named.subject = Some(Identifier {
+        system: "urn:mrn".into(),
+        value: "mrn-1".into(),
+    });
+    let late = ingest(
+        s,
+        &batch(
+            2,
+            vec![
+                entry("d1", vec![spo2(T0 + 5 * MIN, 10), spo2(T0 + 40 * MIN, 11)]),
+                entry("oru", vec![named]),
+                entry("d2", vec![spo2(T0 + 70 * MIN, 2)]),
+            ],
+        ),
+        &none,
+    );
+    assert_eq!((late.ack.accepted, late.erased), (2, 2));
+    assert!(s.observation(&oid("d1", 10))?.is_none());
+    assert!(s.observation(&oid("oru", 1))?.is_none());
+    assert_eq!(s.observation(&oid("d1", 11))?.unwrap().patient_id, None);
+    assert_eq!(
+        s.observation(&oid("d2", 2))?.unwrap().patient_id.as_deref(),
+        Some("mrn-2")
+    );
+    assert_eq!(search(s, &[("patient", "mrn-1")]).0, 0);
+    Ok(())
+}
+
 macro_rules! suite {
     ($($name:ident),* $(,)?) => {
         trait Outcome {
@@ -2200,6 +2363,7 @@ macro_rules! suite {
 }
 
 suite!(
+    erasure_removes_the_patient_everywhere_and_keeps_late_data_out,
     audit_batches_chain_in_order_in_one_transaction,
     nul_characters_are_refused_and_the_rest_is_stored,
     ingest_deduplicates_batches_and_readings,

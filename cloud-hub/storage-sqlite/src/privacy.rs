@@ -299,12 +299,11 @@ impl SqliteStore {
                 purge_chunked(&*self.conn()?, "rejected_readings", "received_us < ?1", cut)?;
         }
         if let Some(cut) = k.aggregates {
-            p.chart_buckets = purge_chunked(
-                &*self.conn()?,
-                "vital_rollups",
-                &format!("bucket_us < ?1 AND {NOT_HELD}"),
-                cut,
-            )?;
+            // A WITHOUT ROWID table: one statement (buckets are few).
+            p.chart_buckets = self.conn()?.execute(
+                &format!("DELETE FROM vital_rollups WHERE bucket_us < ?1 AND {NOT_HELD}"),
+                [cut],
+            )? as u64;
             p.scores = purge_chunked(
                 &*self.conn()?,
                 "score_history",

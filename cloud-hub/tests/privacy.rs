@@ -1,0 +1,135 @@
+//! Patients' rights over HTTP (docs/privacy.md): subject access
+//! (`$everything`), legal hold, erasure, all for the privacy role and
+//! audited; late data of an erased patient stays out.
+
+use crate::common;
+
+use common::*;
+use serde_json::{Value, json};
+
+async fn token(hub: &TestHub, name: &str, role: cloud_hub::access::Role) -> String {
+    cloud_hub::token_create(&hub.config, name, role).unwrap()
+}
+
+#[tokio::test]
+async fn a_privacy_officer_exports_holds_and_erases_a_patient_and_late_data_stays_out() {
+    let hub = TestHub::start().await;
+    let officer = token(&hub, "dpo", cloud_hub::access::Role::Privacy).await;
+    let nurse = token(&hub, "nurse", cloud_hub::access::Role::Clinician).await;
+    // Two readings of the patient (the device is associated in the config).
+    let ack = hub
+        .ingest(&batch(
+            1,
+            DEVICE,
+            vec![spo2(1, 97.0, T0), spo2(2, 93.0, T0 + MINUTE)],
+        ))
+        .await;
+    assert_eq!(ack.accepted, 2);
+    let path = format!("/api/v1/patients/{PATIENT}/$everything");
+
+    // Clinicians read wards, not whole records: 403. The officer gets a Bundle.
+    let (status, _) = call_json(&hub, Some(&nurse), "GET", &path, None).await;
+    assert_eq!(status, 403);
+    let (status, bundle) = call_json(&hub, Some(&officer), "GET", &path, None).await;
+    assert_eq!(status, 200, "{bundle}");
+    assert_eq!(bundle["resourceType"], "Bundle");
+    let resources: Vec<&Value> = bundle["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| &e["resource"])
+        .collect();
+    let of = |t: &str| resources.iter().filter(|r| r["resourceType"] == t).count();
+    assert_eq!(of("Patient"), 1);
+    let values: Vec<f64> = resources
+        .iter()
+        .filter(|r| r["resourceType"] == "Observation")
+        .filter_map(|r| r["valueQuantity"]["value"].as_f64())
+        .collect();
+    assert_eq!(values, vec![97.0, 93.0]);
+    // The nurse's refused read is an audit entry about the patient.
+    assert!(of("AuditEvent") >= 1, "{bundle}");
+    let owned: Vec<Value> = resources.iter().map(|r| (*r).clone()).collect();
+    let (valid, report) = validate_fhir(&owned);
+    assert!(valid, "{report}");
+    // NDJSON: one resource per line, the same count.
+    let resp = hub
+        .client
+        .get(hub.url(&format!("{path}?_format=ndjson")))
+        .bearer_auth(&officer)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let text = resp.text().await.unwrap();
+    assert!(text.lines().count() >= resources.len());
+
+    // A legal hold blocks the erasure.
+    let hold = format!("/api/v1/patients/{PATIENT}/legal-hold");
+    let (status, body) = call_json(
+        &hub,
+        Some(&officer),
+        "PUT",
+        &hold,
+        Some(json!({ "reason": "claim 2026-41" })),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let erase = format!("/api/v1/patients/{PATIENT}/erase");
+    let why = Some(json!({ "reason": "GDPR art. 17 request 2026-12-06" }));
+    let (status, body) = call_json(&hub, Some(&officer), "POST", &erase, why.clone()).await;
+    assert_eq!(status, 409, "{body}");
+    let (status, _) = call_json(&hub, Some(&officer), "DELETE", &hold, None).await;
+    assert_eq!(status, 200);
+    // A reason is required; then the erasure.
+    let (status, body) = call_json(&hub, Some(&officer), "POST", &erase, Some(json!({}))).await;
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = call_json(&hub, Some(&officer), "POST", &erase, why).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["removed"]["observations"], 2);
+
+    // Nothing of the patient through any API.
+    let (status, b) = hub
+        .get_json(&format!("/fhir/Observation?patient={PATIENT}"))
+        .await;
+    assert_eq!((status, b["total"].as_u64()), (200, Some(0)));
+    let (status, _) = hub.get_json(&format!("/fhir/Patient/{PATIENT}")).await;
+    assert_eq!(status, 404);
+    let (status, _) = call_json(&hub, Some(&officer), "GET", &path, None).await;
+    assert_eq!(status, 404);
+
+    // A late reading from inside the erased span is dropped, not stored.
+    let late = hub
+        .ingest(&batch(2, DEVICE, vec![spo2(3, 95.0, T0 + MINUTE / 2)]))
+        .await;
+    assert_eq!((late.accepted, late.rejected), (0, 0));
+    let (_, b) = hub.get_json("/fhir/Observation").await;
+    assert_eq!(b["total"], 0, "{b}");
+
+    // The audit log keeps that the erasure happened, with the counts and
+    // the reason, and no observation values.
+    let entries = cloud_hub::audit::entries(
+        &cloud_hub::Store::open_config(&hub.config.storage)
+            .unwrap()
+            .handle(),
+        i64::MIN,
+    )
+    .unwrap();
+    let erasure = entries
+        .iter()
+        .find(|e| e.entry.action == "erase")
+        .expect("an erase entry");
+    assert!(
+        erasure.entry.detail.contains("observations=2"),
+        "{:?}",
+        erasure.entry
+    );
+    assert!(erasure.entry.detail.contains("GDPR art. 17"));
+    assert!(
+        erasure.entry.actor.starts_with("token:dpo"),
+        "{}",
+        erasure.entry.actor
+    );
+    assert!(entries.iter().any(|e| e.entry.action == "legal-hold"));
+    hub.stop().await;
+}
