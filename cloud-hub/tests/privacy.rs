@@ -105,6 +105,19 @@ async fn a_privacy_officer_exports_holds_and_erases_a_patient_and_late_data_stay
     assert_eq!((late.accepted, late.rejected), (0, 0));
     let (_, b) = hub.get_json("/fhir/Observation").await;
     assert_eq!(b["total"], 0, "{b}");
+    let metrics = hub
+        .client
+        .get(hub.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("vigil_hub_readings_erased_total 1"),
+        "{metrics}"
+    );
 
     // The audit log keeps that the erasure happened, with the counts and
     // the reason, and no observation values.
