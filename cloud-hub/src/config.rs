@@ -90,6 +90,11 @@ pub struct RetentionConfig {
     pub aggregates_days: Option<u32>,
     /// Resolved alerts and their transitions, by resolution time.
     pub alerts_days: Option<u32>,
+    /// The audit log, purged only up to a signed checkpoint older than the
+    /// window (needs the audit key); never shorter than another class.
+    pub audit_days: Option<u32>,
+    /// FHIR bulk export jobs and their files, by start time (hours).
+    pub exports_hours: Option<u32>,
 }
 
 impl RetentionConfig {
@@ -100,6 +105,9 @@ impl RetentionConfig {
             readings_days: self.readings_days.or(storage_days),
             aggregates_days: self.aggregates_days.or(storage_days),
             alerts_days: self.alerts_days,
+            audit_days: self.audit_days,
+            // Applied by the serving hub's export jobs, not by a purge.
+            exports_hours: None,
         };
         (r != RetentionConfig::default()).then_some(r)
     }
@@ -286,6 +294,7 @@ impl Config {
             ("retention.readings_days", self.retention.readings_days),
             ("retention.aggregates_days", self.retention.aggregates_days),
             ("retention.alerts_days", self.retention.alerts_days),
+            ("retention.audit_days", self.retention.audit_days),
         ] {
             if let Some(d) = days
                 && !(1..=36_500).contains(&d)
@@ -293,6 +302,27 @@ impl Config {
                 return Err(ConfigError::invalid(
                     field,
                     "must be between 1 and 36500 days (leave it out to keep everything)",
+                ));
+            }
+        }
+        if self.retention.exports_hours == Some(0) {
+            return Err(ConfigError::invalid(
+                "retention.exports_hours",
+                "must be at least 1 hour (leave it out to keep export files until cancelled)",
+            ));
+        }
+        if let Some(audit) = self.retention.audit_days {
+            let r = self.retention.effective(self.storage.retention_days);
+            let longest = r
+                .iter()
+                .flat_map(|r| [r.readings_days, r.aggregates_days, r.alerts_days])
+                .flatten()
+                .max();
+            if longest.is_some_and(|l| audit < l) {
+                return Err(ConfigError::invalid(
+                    "retention.audit_days",
+                    "must be at least the longest other retention: the record of who accessed \
+                     the data outlives the data",
                 ));
             }
         }
@@ -405,10 +435,22 @@ mod tests {
                 readings_days: Some(30),
                 aggregates_days: Some(30),
                 alerts_days: Some(400),
+                audit_days: None,
+                exports_hours: None,
             })
         );
+        let err = Config::parse(&format!(
+            "{MINIMAL}retention_days = 30\n[retention]\naudit_days = 20\n"
+        ))
+        .unwrap()
+        .validate()
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("retention.audit_days"), "{err}");
         assert_eq!(RetentionConfig::default().effective(None), None);
         let err = Config::parse(&format!("{MINIMAL}[retention]\naggregates_days = 0\n"))
+            .unwrap()
+            .validate()
             .unwrap_err()
             .to_string();
         assert!(err.contains("retention.aggregates_days"), "{err}");

@@ -44,6 +44,14 @@ impl Hub {
         // The audit key (checked: mode 0600, length) before anything is
         // audited.
         let audit_keys = config.audit.keys()?;
+        if config.retention.audit_days.is_some() && audit_keys.current().is_none() {
+            return Err(crate::ConfigError::invalid(
+                "retention.audit_days",
+                "needs the audit key (audit.key_file or VIGIL_HUB_AUDIT_KEY): the log is only \
+                 purged up to a signed checkpoint",
+            )
+            .into());
+        }
         let store = Store::open_config(&config.storage)?;
         // Patient identifier systems stored before `[identifiers]` (HL7
         // assigning authorities such as `HOSP`) become their URIs; once
@@ -199,6 +207,7 @@ impl Hub {
                 tokio::spawn(crate::retention::run(
                     store.clone(),
                     days,
+                    self.audit_keys.clone(),
                     shutdown.child_token(),
                 ))
             });
@@ -313,6 +322,14 @@ impl Hub {
             alerts: hub_transport::alerts::api::AlertsState::new(alerts, shutdown.child_token()),
             dashboard: hub_transport::dashboard::DashState::new(store),
         };
+        // Exports retention: bulk export files older than the window go.
+        if let Some(hours) = self.config.retention.exports_hours {
+            tokio::spawn(crate::retention::run_exports(
+                state.fhir.exports(),
+                std::time::Duration::from_secs(u64::from(hours) * 3600),
+                shutdown.child_token(),
+            ));
+        }
         server::serve(
             listener,
             server::router(state),

@@ -2321,6 +2321,56 @@ fn erasure_removes_the_patient_everywhere_and_keeps_late_data_out(
     Ok(())
 }
 
+/// Audit retention: the log is purged only up to a signed checkpoint older
+/// than the window, with a keyed purge entry, and still verifies.
+fn audit_retention_purges_up_to_a_checkpoint_and_the_chain_still_verifies(
+    s: &Store,
+) -> Result<(), StoreError> {
+    use cloud_hub::audit::CheckpointPolicy;
+    let keys = audit_keys(4);
+    let key = keys.current().unwrap();
+    let day = 86_400_000_000i64;
+    let every = CheckpointPolicy {
+        every_entries: 1,
+        every_us: 1,
+    };
+    let h = s.handle();
+    for i in 0..5 {
+        s.append_audit(&audit_entry(i), Some(key))?;
+    }
+    let first = s.audit_checkpoint(key, every, T0)?.unwrap();
+    for i in 5..10 {
+        s.append_audit(&audit_entry(i), Some(key))?;
+    }
+    s.audit_checkpoint(key, every, T0 + 10 * day)?.unwrap();
+    // Nothing is older than the window yet.
+    assert_eq!(
+        cloud_hub::retention::purge_audit(&h, &keys, 30, T0 + day)?,
+        0
+    );
+    // Six days on with a five-day window: up to the first checkpoint.
+    let n = cloud_hub::retention::purge_audit(&h, &keys, 5, T0 + 6 * day)?;
+    assert_eq!(n, 5);
+    let left = s.audit_entries(i64::MIN)?;
+    assert_eq!(left.first().map(|e| e.seq), Some(first.seq + 1));
+    assert_eq!(
+        left.last().unwrap().entry.action,
+        cloud_hub::audit::PURGE_ACTION
+    );
+    let v = cloud_hub::audit::verify(&h, &keys, None, &[])?;
+    assert_eq!(v.broken, None);
+    assert_eq!((v.entries, v.head.map(|h| h.0)), (6, Some(11)));
+    // Again: nothing more (the next checkpoint is not old enough).
+    assert_eq!(
+        cloud_hub::retention::purge_audit(&h, &keys, 5, T0 + 6 * day)?,
+        0
+    );
+    // Appends go on after the purge entry.
+    assert_eq!(s.append_audit(&audit_entry(11), Some(key))?, 12);
+    assert_eq!(cloud_hub::audit::verify(&h, &keys, None, &[])?.broken, None);
+    Ok(())
+}
+
 macro_rules! suite {
     ($($name:ident),* $(,)?) => {
         trait Outcome {
@@ -2363,6 +2413,7 @@ macro_rules! suite {
 }
 
 suite!(
+    audit_retention_purges_up_to_a_checkpoint_and_the_chain_still_verifies,
     erasure_removes_the_patient_everywhere_and_keeps_late_data_out,
     audit_batches_chain_in_order_in_one_transaction,
     nul_characters_are_refused_and_the_rest_is_stored,
