@@ -2318,6 +2318,14 @@ fn erasure_removes_the_patient_everywhere_and_keeps_late_data_out(
         Some("mrn-2")
     );
     assert_eq!(search(s, &[("patient", "mrn-1")]).0, 0);
+    // An ADT replay of the old admission cannot bring the patient back;
+    // a new admission after the erasure is new data.
+    assert!(matches!(
+        s.admit(&p("mrn-1"), "b1", T0, None, &none),
+        Err(AssocError::Erased)
+    ));
+    s.admit(&p("mrn-1"), "b1", T0 + 60 * MIN, None, &none)
+        .unwrap();
     Ok(())
 }
 

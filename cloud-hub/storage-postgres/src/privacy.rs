@@ -191,6 +191,25 @@ impl ErasureTx for Tx<'_, '_> {
     }
 }
 
+/// When `patient` was last erased, if ever (by subject key with their
+/// system or none).
+pub(crate) fn erased_at(
+    tx: &Tx<'_, '_>,
+    patient: &hub_domain::association::PatientId,
+) -> Result<Option<i64>, DbError> {
+    let Some(salt) = salt_of(tx.query_opt(SELECT_SALT, &[])?)? else {
+        return Ok(None);
+    };
+    let with = hub_domain::privacy::subject_key(&salt, &patient.system, &patient.value).to_hex();
+    let bare = hub_domain::privacy::subject_key(&salt, "", &patient.value).to_hex();
+    Ok(tx
+        .query_one(
+            "SELECT MAX(erased_us) FROM erasures WHERE subject IN ($1, $2)",
+            &[&with, &bare],
+        )?
+        .get(0))
+}
+
 /// The erased windows query of ingest: device `(g, d)`'s windows
 /// overlapping `[lo, hi]` (`$1`..`$4`).
 pub(crate) const ERASED_WINDOWS: &str = "SELECT from_us, to_us FROM erased_windows

@@ -218,6 +218,24 @@ impl ErasureTx for Tx<'_, '_> {
     }
 }
 
+/// When `patient` was last erased, if ever (by subject key with their
+/// system or none).
+pub(crate) fn erased_at(
+    c: &Connection,
+    patient: &hub_domain::association::PatientId,
+) -> Result<Option<i64>, DbError> {
+    let Some(salt) = read_salt(c)? else {
+        return Ok(None);
+    };
+    let with = hub_domain::privacy::subject_key(&salt, &patient.system, &patient.value);
+    let bare = hub_domain::privacy::subject_key(&salt, "", &patient.value);
+    Ok(c.query_row(
+        "SELECT MAX(erased_us) FROM erasures WHERE subject IN (?1, ?2)",
+        params![with.to_hex(), bare.to_hex()],
+        |r| r.get(0),
+    )?)
+}
+
 /// The erased windows of device `(g, d)` overlapping `[lo, hi]` (ingest).
 pub(crate) fn erased_windows(
     c: &Connection,
