@@ -13,7 +13,26 @@ async fn token(hub: &TestHub, name: &str, role: cloud_hub::access::Role) -> Stri
 
 #[tokio::test]
 async fn a_privacy_officer_exports_holds_and_erases_a_patient_and_late_data_stays_out() {
-    let hub = TestHub::start().await;
+    subject_rights(TestHub::start().await).await;
+}
+
+#[tokio::test]
+async fn a_privacy_officer_exports_holds_and_erases_a_patient_on_postgres() {
+    let server = crate::pg_server::PgServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let text = config_text(dir.path(), "").replace(
+        "[[associations]]",
+        &format!(
+            "backend = \"postgres\"\n[storage.postgres]\nurl = \"{}\"\npool_size = 2\n\n[[associations]]",
+            server.url()
+        ),
+    );
+    let config = cloud_hub::Config::parse(&text).unwrap();
+    subject_rights(TestHub::start_config(dir, config, "http").await).await;
+    drop(server);
+}
+
+async fn subject_rights(hub: TestHub) {
     let officer = token(&hub, "dpo", cloud_hub::access::Role::Privacy).await;
     let nurse = token(&hub, "nurse", cloud_hub::access::Role::Clinician).await;
     // Two readings of the patient (the device is associated in the config).
