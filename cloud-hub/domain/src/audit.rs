@@ -727,9 +727,14 @@ mod tests {
             None
         );
         // Without its checkpoint, or with a forged one: entries were removed.
-        let b = verify(&purged, std::slice::from_ref(&k), None, &[at8.clone()])
-            .broken
-            .unwrap();
+        let b = verify(
+            &purged,
+            std::slice::from_ref(&k),
+            None,
+            std::slice::from_ref(&at8),
+        )
+        .broken
+        .unwrap();
         assert_eq!(b.0, 6);
         assert!(b.1.contains("without a signed checkpoint"), "{b:?}");
         let mut forged = at5.clone();

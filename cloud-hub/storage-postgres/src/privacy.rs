@@ -110,7 +110,7 @@ impl ErasureTx for Tx<'_, '_> {
             .collect())
     }
 
-    fn observed(&mut self, value: &str) -> Result<Vec<(String, String, i64, i64)>, DbError> {
+    fn observed(&mut self, value: &str) -> Result<Vec<hub_domain::privacy::ObservedSpan>, DbError> {
         Ok(self
             .query(
                 "SELECT gateway_id, device_id, MIN(effective_us), MAX(effective_us)

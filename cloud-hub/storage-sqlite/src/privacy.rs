@@ -132,7 +132,7 @@ impl ErasureTx for Tx<'_, '_> {
         Ok(rows)
     }
 
-    fn observed(&mut self, value: &str) -> Result<Vec<(String, String, i64, i64)>, DbError> {
+    fn observed(&mut self, value: &str) -> Result<Vec<hub_domain::privacy::ObservedSpan>, DbError> {
         let mut st = self.0.prepare_cached(
             "SELECT gateway_id, device_id, MIN(effective_us), MAX(effective_us)
                FROM observations WHERE patient_id = ?1

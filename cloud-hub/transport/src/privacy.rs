@@ -237,20 +237,13 @@ struct ReasonBody {
     reason: String,
 }
 
-/// The request's `reason` (1–500 characters), or the 400 naming the field.
-fn reason_of(body: &Bytes) -> Result<String, Response> {
-    let parsed: ReasonBody = serde_json::from_slice(body).map_err(|e| {
-        error(
-            StatusCode::BAD_REQUEST,
-            format!("body: {e} (expected {{\"reason\": \"…\"}})"),
-        )
-    })?;
+/// The request's `reason` (1–500 characters), or why not (a 400).
+fn reason_of(body: &Bytes) -> Result<String, String> {
+    let parsed: ReasonBody = serde_json::from_slice(body)
+        .map_err(|e| format!("body: {e} (expected {{\"reason\": \"…\"}})"))?;
     let reason = parsed.reason.trim().to_owned();
     if reason.is_empty() || reason.chars().count() > 500 || reason.chars().any(char::is_control) {
-        return Err(error(
-            StatusCode::BAD_REQUEST,
-            "reason: must be 1-500 characters without control characters",
-        ));
+        return Err("reason: must be 1-500 characters without control characters".into());
     }
     Ok(reason)
 }
@@ -297,7 +290,7 @@ async fn erase(
 ) -> Response {
     let reason = match reason_of(&body) {
         Ok(r) => r,
-        Err(resp) => return resp,
+        Err(why) => return error(StatusCode::BAD_REQUEST, why),
     };
     let store = st.store.clone();
     let value = id.clone();
@@ -349,7 +342,7 @@ async fn set_hold(
 ) -> Response {
     let reason = match reason_of(&body) {
         Ok(r) => r,
-        Err(resp) => return resp,
+        Err(why) => return error(StatusCode::BAD_REQUEST, why),
     };
     change_hold(st, id, Some(reason), actor(&principal)).await
 }
