@@ -2534,7 +2534,7 @@ fn postgres_partitions_by_month_and_migrates_once() {
     let s = Store::open_postgres(&cfg).unwrap();
     assert_eq!(
         s.postgres().unwrap().migrations().unwrap(),
-        vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+        vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
     );
     let r = ingest(
         &s,
@@ -2572,7 +2572,7 @@ fn postgres_migration_3_keeps_existing_rows_as_incarnation_0() {
              ALTER TABLE device_events DROP COLUMN incarnation;
              ALTER TABLE device_events ADD UNIQUE (gateway_id, device_id, sequence);
              DROP TABLE manual_inputs, score_history, alert_events, alerts,
-                 alert_rule_overrides, vital_rollups, audit_log;
+                 alert_rule_overrides, vital_rollups, audit_log, audit_purges;
              DROP FUNCTION audit_log_append_only();
              DROP TABLE login_throttle, alert_pending, alert_devices, alert_gateways;
              DROP TABLE stream_offsets, stream_leases, stream_replicas;
@@ -2586,7 +2586,7 @@ fn postgres_migration_3_keeps_existing_rows_as_incarnation_0() {
     let s = Store::open_postgres(&cfg).unwrap();
     assert_eq!(
         s.postgres().unwrap().migrations().unwrap(),
-        vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+        vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
     );
     assert!(ingest(&s, &first, &none).ack.duplicate_batch);
     let r = ingest(
