@@ -45,6 +45,13 @@ async fn subject_rights(hub: TestHub) {
         .await;
     assert_eq!(ack.accepted, 2);
     let path = format!("/api/v1/patients/{PATIENT}/$everything");
+    let series = format!(
+        "/api/v1/patients/{PATIENT}/series?code=59408-5&resolution=60\
+         &from=2024-05-01T10:00:00Z&to=2024-05-01T11:00:00Z"
+    );
+    let (status, chart) = hub.get_json(&series).await;
+    assert_eq!(status, 200, "{chart}");
+    assert_eq!(chart["points"].as_array().map(Vec::len), Some(2), "{chart}");
 
     // Clinicians read wards, not whole records: 403. The officer gets a Bundle.
     let (status, _) = call_json(&hub, Some(&nurse), "GET", &path, None).await;
@@ -116,6 +123,16 @@ async fn subject_rights(hub: TestHub) {
     assert_eq!(status, 404);
     let (status, _) = call_json(&hub, Some(&officer), "GET", &path, None).await;
     assert_eq!(status, 404);
+    let (status, chart) = hub.get_json(&series).await;
+    assert_eq!(status, 200, "{chart}");
+    assert_eq!(chart["points"].as_array().map(Vec::len), Some(0), "{chart}");
+    let (_, history) = hub
+        .get_json(&format!("/api/v1/patients/{PATIENT}/scores/history"))
+        .await;
+    assert!(
+        !history.to_string().contains("\"total\""),
+        "no score is left: {history}"
+    );
 
     // A late reading from inside the erased span is dropped, not stored.
     let late = hub
