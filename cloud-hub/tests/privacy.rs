@@ -182,3 +182,47 @@ async fn subject_rights(hub: TestHub) {
     assert!(entries.iter().any(|e| e.entry.action == "legal-hold"));
     hub.stop().await;
 }
+
+/// The CLI's commands (`cloud-hub patient everything|hold|release|erase`)
+/// do the same through the library, audited as `cli`.
+#[tokio::test]
+async fn the_cli_exports_holds_and_erases_a_patient() {
+    let hub = TestHub::start().await;
+    hub.ingest(&batch(1, DEVICE, vec![spo2(1, 97.0, T0)])).await;
+    let config = hub.config.clone();
+    tokio::task::spawn_blocking(move || {
+        let lines = cloud_hub::patient_everything(&config, PATIENT).unwrap();
+        let types: Vec<String> = lines
+            .iter()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap()["resourceType"].to_string())
+            .collect();
+        assert!(types.contains(&"\"Patient\"".to_string()), "{types:?}");
+        assert!(types.contains(&"\"Observation\"".to_string()), "{types:?}");
+        cloud_hub::patient_hold(&config, PATIENT, Some("audit 7")).unwrap();
+        assert!(matches!(
+            cloud_hub::patient_erase(&config, PATIENT, "request 9"),
+            Err(cloud_hub::HubError::Erasure(
+                cloud_hub::privacy::ErasureError::LegalHold { .. }
+            ))
+        ));
+        assert!(matches!(
+            cloud_hub::patient_hold(&config, "nobody", Some("x")),
+            Err(cloud_hub::HubError::UnknownPatient(_))
+        ));
+        cloud_hub::patient_hold(&config, PATIENT, None).unwrap();
+        let erased = cloud_hub::patient_erase(&config, PATIENT, "request 9").unwrap();
+        assert_eq!(erased.counts.observations, 1);
+        assert!(matches!(
+            cloud_hub::patient_everything(&config, PATIENT),
+            Err(cloud_hub::HubError::UnknownPatient(_))
+        ));
+        let store = cloud_hub::Store::open_config(&config.storage).unwrap();
+        let entries = cloud_hub::audit::entries(&store.handle(), i64::MIN).unwrap();
+        let erase = entries.iter().find(|e| e.entry.action == "erase").unwrap();
+        assert_eq!(erase.entry.actor, "cli");
+        assert!(erase.entry.detail.contains("reason=request 9"));
+    })
+    .await
+    .unwrap();
+    hub.stop().await;
+}
