@@ -34,17 +34,14 @@ fn checkpoint_row(r: &tokio_postgres::Row) -> AuditCheckpoint {
 /// The head of the chain, read after the lock was granted (read committed:
 /// the statement's snapshot sees the previous holder's entry).
 async fn head(tx: &deadpool_postgres::Transaction<'_>) -> Result<Option<Head>, DbError> {
-    Ok(tx
-        .query_opt(
-            "SELECT seq, hash, key_id FROM audit_log ORDER BY seq DESC LIMIT 1",
-            &[],
-        )
-        .await?
-        .map(|r| Head {
-            seq: r.get(0),
-            hash: r.get(1),
-            key_id: r.get(2),
-        }))
+    let st = tx
+        .prepare_cached("SELECT seq, hash, key_id FROM audit_log ORDER BY seq DESC LIMIT 1")
+        .await?;
+    Ok(tx.query_opt(&st, &[]).await?.map(|r| Head {
+        seq: r.get(0),
+        hash: r.get(1),
+        key_id: r.get(2),
+    }))
 }
 
 impl PgStore {
@@ -133,8 +130,10 @@ impl PgStore {
         }
         let mut c = self.conn().await?;
         let tx = c.transaction().await?;
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&AUDIT_LOCK])
+        let lock = tx
+            .prepare_cached("SELECT pg_advisory_xact_lock($1)")
             .await?;
+        tx.execute(&lock, &[&AUDIT_LOCK]).await?;
         let mut last = head(&tx).await?;
         let mut rows = Vec::with_capacity(entries.len());
         for e in entries {
