@@ -432,15 +432,7 @@ async fn adt_applies_movements_only_from_trusted_sources() {
     let (code, text) = send("127.0.0.1", "GHH").await;
     assert_eq!(code, "AA", "trusted: {text}");
     assert!(occupied().await);
-    let metrics = hub
-        .client
-        .get(hub.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = hub.metrics().await;
     for line in [
         "vigil_hub_adt_refused_total{reason=\"untrusted_source\"} 1",
         "vigil_hub_adt_refused_total{reason=\"facility\"} 1",

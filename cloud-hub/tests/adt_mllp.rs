@@ -418,15 +418,7 @@ async fn the_hub_serves_the_adt_listener_from_its_config() {
     let (code, id, _) = read_ack(&mut s, &mut buf).await;
     assert_eq!((code.as_str(), id.as_str()), ("AE", "C1"));
     drop(s);
-    let text = hub
-        .client
-        .get(hub.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = hub.metrics().await;
     assert!(
         text.contains("vigil_hub_adt_messages_total{ack=\"AE\"} 1"),
         "{text}"

@@ -403,15 +403,7 @@ async fn patient_data_is_withheld_when_the_audit_entry_cannot_be_written() {
         !body.contains(PATIENT) && !body.contains("Observation"),
         "{body}"
     );
-    let metrics = hub
-        .client
-        .get(hub.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = hub.metrics().await;
     assert!(
         metrics.contains("\nvigil_hub_audit_failures_total 1\n"),
         "{metrics}"
@@ -487,15 +479,7 @@ async fn concurrent_audited_requests_are_group_committed_and_fail_together() {
         assert!(r.headers().contains_key("retry-after"));
         assert!(!r.text().await.unwrap().contains(PATIENT));
     }
-    let metrics = hub
-        .client
-        .get(hub.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = hub.metrics().await;
     assert!(
         metrics.contains(&format!("\nvigil_hub_audit_failures_total {N}\n")),
         "{metrics}"

@@ -13,14 +13,7 @@ use shared_protocol::v1::RejectReason;
 use shared_protocol::{CONTENT_TYPE_PROTOBUF, EPOCH_2000_US};
 
 async fn metrics(hub: &TestHub) -> String {
-    hub.client
-        .get(hub.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
+    hub.metrics().await
 }
 
 fn assert_metrics(text: &str, lines: &[&str]) {

@@ -55,15 +55,7 @@ async fn the_hub_serves_from_postgres_selected_by_config() {
     assert_eq!(gw["id"], GATEWAY, "{body}");
     assert_eq!(gw["devices"][0]["id"], DEVICE, "{body}");
     // Every audited request was recorded, in one valid chain.
-    let metrics = hub
-        .client
-        .get(hub.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = hub.metrics().await;
     let unaudited: f64 = metrics
         .lines()
         .find_map(|l| l.strip_prefix("vigil_hub_audit_failures_total "))
@@ -372,15 +364,7 @@ async fn postgres_withholds_patient_data_when_the_audit_entry_cannot_be_written(
     assert_eq!(resp.status(), 503);
     assert!(resp.headers().contains_key("retry-after"));
     assert!(!resp.text().await.unwrap().contains(PATIENT));
-    let metrics = hub
-        .client
-        .get(hub.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = hub.metrics().await;
     assert!(
         metrics.contains("\nvigil_hub_audit_failures_total 1\n"),
         "{metrics}"

@@ -186,15 +186,7 @@ async fn request_errors_have_the_right_status() {
         .unwrap();
     assert_eq!(n, 0);
 
-    let metrics = hub
-        .client
-        .get(hub.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = hub.metrics().await;
     for line in [
         "vigil_hub_ingest_errors_total{kind=\"unauthorized\"} 4",
         "vigil_hub_ingest_errors_total{kind=\"forbidden\"} 1",
@@ -265,15 +257,7 @@ async fn invalid_readings_are_rejected_and_kept() {
     let raw = shared_protocol::v1::Reading::decode(rows[1].3.as_slice()).unwrap();
     assert!(matches!(raw.value, Some(reading::Value::Numeric(v)) if v.is_nan()));
 
-    let metrics = hub
-        .client
-        .get(hub.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = hub.metrics().await;
     for line in [
         "vigil_hub_readings_rejected_total{reason=\"unknown_metric\"} 1",
         "vigil_hub_readings_rejected_total{reason=\"malformed\"} 2",

@@ -23,15 +23,7 @@ async fn post(hub: &TestHub, encoding: Option<&str>, body: Vec<u8>) -> reqwest::
 }
 
 async fn error_count(hub: &TestHub, kind: &str) -> u64 {
-    let text = hub
-        .client
-        .get(hub.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = hub.metrics().await;
     let key = format!("vigil_hub_ingest_errors_total{{kind=\"{kind}\"}} ");
     text.lines()
         .find_map(|l| l.strip_prefix(&key))

@@ -141,15 +141,7 @@ async fn subject_rights(hub: TestHub) {
     assert_eq!((late.accepted, late.rejected), (0, 0));
     let (_, b) = hub.get_json("/fhir/Observation").await;
     assert_eq!(b["total"], 0, "{b}");
-    let metrics = hub
-        .client
-        .get(hub.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = hub.metrics().await;
     assert!(
         metrics.contains("vigil_hub_readings_erased_total 1"),
         "{metrics}"

@@ -11,14 +11,7 @@ use shared_protocol::CONTENT_TYPE_PROTOBUF;
 use shared_protocol::v1::BatchAck;
 
 async fn metrics(hub: &TestHub) -> String {
-    hub.client
-        .get(hub.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
+    hub.metrics().await
 }
 
 #[tokio::test]

@@ -9,15 +9,7 @@ use crate::common;
 use common::{TestHub, batch, now_us, spo2};
 
 async fn invalid_count(hub: &TestHub) -> u64 {
-    let text = hub
-        .client
-        .get(hub.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = hub.metrics().await;
     text.lines()
         .find_map(|l| l.strip_prefix("vigil_hub_trace_context_invalid_total "))
         .unwrap_or_else(|| panic!("no trace context counter in\n{text}"))
