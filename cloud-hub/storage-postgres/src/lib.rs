@@ -37,6 +37,7 @@ mod error;
 mod feed;
 mod gateway_view;
 mod ingest;
+mod lake;
 pub mod schema;
 mod scores;
 mod stream;

@@ -34,14 +34,16 @@ pub use trends::TrendStore;
 mod access;
 mod audit;
 mod gateway_view;
+mod lake;
 mod privacy;
 
 pub use access::{AccountStore, SessionRecord, TokenRecord, UserRecord};
 pub use audit::{
     AuditCheckpoint, AuditEntry, AuditKey, AuditStore, CheckpointPolicy, StoredAuditEntry,
 };
-pub use privacy::{DeviceWindow, PrivacyStore, SubjectKey, Tombstone};
 pub use gateway_view::{BatchCounts, DeviceActivity, GatewayActivity, GatewayViewStore, LastBatch};
+pub use lake::{LakeReading, LakeScore, LakeStore};
+pub use privacy::{DeviceWindow, PrivacyStore, SubjectKey, Tombstone};
 
 /// A gateway as listed (never its token).
 #[derive(Debug, Clone, PartialEq, Eq)]
