@@ -348,6 +348,12 @@ pub struct DeviceAttribution {
     /// `[from, to)` pieces with the patient (value, system) of the stay.
     pub spans: Vec<(i64, i64, String, String)>,
     pub fallback: Option<String>,
+    /// `[from, to)` windows of this device whose readings belonged to an
+    /// erased patient (`hub_domain::privacy`): dropped, never stored.
+    pub erased: Vec<(i64, i64)>,
+    /// Erased patients, for readings that carry their own identifier
+    /// (loaded only when a batch holds such readings).
+    pub erased_subjects: Option<std::sync::Arc<crate::privacy::ErasedSubjects>>,
 }
 
 /// How a row was attributed (the `attribution` column).
@@ -359,6 +365,27 @@ pub struct Attributed<'a> {
 }
 
 impl DeviceAttribution {
+    /// Whether a reading at `at_us` (with its own identifier `subject`, if
+    /// any) belongs to data that was erased: inside an erased window of
+    /// the device, or naming an erased patient and dated before the
+    /// erasure.
+    pub fn is_erased(&self, subject: Option<&shared_protocol::v1::Identifier>, at_us: i64) -> bool {
+        if self
+            .erased
+            .iter()
+            .any(|(from, to)| (*from..*to).contains(&at_us))
+        {
+            return true;
+        }
+        match (
+            subject.filter(|s| !s.value.trim().is_empty()),
+            &self.erased_subjects,
+        ) {
+            (Some(s), Some(erased)) => erased.covers(&s.system, &s.value, at_us),
+            _ => false,
+        }
+    }
+
     /// The patient of a row at `at_us`; `subject` is the reading's own
     /// identifier (it wins), if any.
     pub fn of<'a>(

@@ -97,6 +97,105 @@ pub fn revives_erased(tombstones: &[Tombstone], subject: &SubjectKey, from_us: i
         .any(|t| &t.subject == subject && from_us < t.erased_us)
 }
 
+/// Erased patients as ingest checks readings that carry their own
+/// identifier: the database's salt and each tombstone's (subject, time).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ErasedSubjects {
+    pub salt: [u8; KEY_LEN],
+    pub erased: Vec<(SubjectKey, i64)>,
+}
+
+impl ErasedSubjects {
+    /// Whether a reading of patient (`system`, `value`) at `at_us` is data
+    /// from before that patient's erasure. The system as the reading gave
+    /// it and as the hub stores it may differ (an HL7 authority mapped to
+    /// a URI): both are tried by the caller's stored form; here, the given
+    /// system and the empty one.
+    pub fn covers(&self, system: &str, value: &str, at_us: i64) -> bool {
+        if self.erased.is_empty() {
+            return false;
+        }
+        let keys = [
+            subject_key(&self.salt, system, value),
+            subject_key(&self.salt, "", value),
+        ];
+        self.erased
+            .iter()
+            .any(|(k, erased_us)| at_us < *erased_us && keys.contains(k))
+    }
+}
+
+/// A stay of the patient being erased: at `bed` during `[from, to)`
+/// (`to` = the erasure time for a stay still open).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ErasedStay {
+    pub bed: String,
+    pub from_us: i64,
+    pub to_us: i64,
+}
+
+/// A placement of a device at a bed during `[from, to)` (`to` = `i64::MAX`
+/// when open).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlacementSpan {
+    pub gateway_id: String,
+    pub device_id: String,
+    pub bed: String,
+    pub from_us: i64,
+    pub to_us: i64,
+}
+
+/// The device windows of an erasure: each placement at a bed of a stay,
+/// cut to the stay, plus each device's span of readings attributed to the
+/// patient (`observed`: gateway, device, first and last effective time;
+/// readings with the patient's own identifier or a config association are
+/// there too); overlapping or touching windows of a device merged, sorted.
+pub fn erasure_windows(
+    stays: &[ErasedStay],
+    placements: &[PlacementSpan],
+    observed: &[(String, String, i64, i64)],
+) -> Vec<DeviceWindow> {
+    let mut all: Vec<DeviceWindow> = Vec::new();
+    for s in stays {
+        for p in placements.iter().filter(|p| p.bed == s.bed) {
+            let (from, to) = (s.from_us.max(p.from_us), s.to_us.min(p.to_us));
+            if from < to {
+                all.push(DeviceWindow {
+                    gateway_id: p.gateway_id.clone(),
+                    device_id: p.device_id.clone(),
+                    from_us: from,
+                    to_us: to,
+                });
+            }
+        }
+    }
+    for (g, d, first, last) in observed {
+        all.push(DeviceWindow {
+            gateway_id: g.clone(),
+            device_id: d.clone(),
+            from_us: *first,
+            to_us: last.saturating_add(1),
+        });
+    }
+    all.sort_by(|a, b| {
+        (&a.gateway_id, &a.device_id, a.from_us).cmp(&(&b.gateway_id, &b.device_id, b.from_us))
+    });
+    let mut merged: Vec<DeviceWindow> = Vec::with_capacity(all.len());
+    for w in all {
+        match merged.last_mut() {
+            Some(m)
+                if m.gateway_id == w.gateway_id
+                    && m.device_id == w.device_id
+                    && w.from_us <= m.to_us =>
+            {
+                m.to_us = m.to_us.max(w.to_us);
+            }
+            _ => merged.push(w),
+        }
+    }
+    merged
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -138,6 +237,80 @@ mod tests {
         assert!(w.covers("gw", "d", 19));
         assert!(!w.covers("gw", "d", 20));
         assert!(!w.covers("gw", "e", 15));
+    }
+
+    fn w(g: &str, d: &str, from_us: i64, to_us: i64) -> DeviceWindow {
+        DeviceWindow {
+            gateway_id: g.into(),
+            device_id: d.into(),
+            from_us,
+            to_us,
+        }
+    }
+
+    #[test]
+    fn windows_are_placements_cut_to_stays_plus_observed_spans_merged() {
+        let stays = [
+            ErasedStay {
+                bed: "b1".into(),
+                from_us: 100,
+                to_us: 200,
+            },
+            ErasedStay {
+                bed: "b2".into(),
+                from_us: 200,
+                to_us: 300,
+            },
+        ];
+        let p = |g: &str, d: &str, bed: &str, from_us, to_us| PlacementSpan {
+            gateway_id: g.into(),
+            device_id: d.into(),
+            bed: bed.into(),
+            from_us,
+            to_us,
+        };
+        let placements = [
+            // Placed before the stay, still open: cut to [100, 200).
+            p("gw", "mon", "b1", 0, i64::MAX),
+            // At the second bed for part of that stay.
+            p("gw", "spo2", "b2", 250, 400),
+            // At b1 after the stay ended: not the patient's.
+            p("gw", "bp", "b1", 200, 500),
+            // Another bed: not the patient's.
+            p("gw", "x", "b3", 0, i64::MAX),
+        ];
+        // A reading attributed to the patient by its own identifier just
+        // after the first window, and one overlapping it.
+        let observed = [
+            ("gw".to_string(), "mon".to_string(), 150, 200),
+            ("gw".to_string(), "oru".to_string(), 7, 7),
+        ];
+        assert_eq!(
+            erasure_windows(&stays, &placements, &observed),
+            vec![
+                w("gw", "mon", 100, 201),
+                w("gw", "oru", 7, 8),
+                w("gw", "spo2", 250, 300),
+            ]
+        );
+        assert!(erasure_windows(&[], &placements, &[]).is_empty());
+    }
+
+    #[test]
+    fn erased_subjects_match_with_or_without_the_system_and_only_before_the_erasure() {
+        let salt = [3u8; KEY_LEN];
+        let e = ErasedSubjects {
+            salt,
+            erased: vec![(subject_key(&salt, "urn:oid:1.2", "MRN-1"), 1_000)],
+        };
+        assert!(e.covers("urn:oid:1.2", "MRN-1", 999));
+        assert!(!e.covers("urn:oid:1.2", "MRN-1", 1_000));
+        assert!(!e.covers("urn:oid:1.2", "MRN-2", 10));
+        let bare = ErasedSubjects {
+            salt,
+            erased: vec![(subject_key(&salt, "", "MRN-1"), 1_000)],
+        };
+        assert!(bare.covers("urn:oid:9.9", "MRN-1", 10));
     }
 
     #[test]

@@ -239,8 +239,8 @@ struct Exporter<'a> {
     opts: &'a ExportOptions,
     salt: [u8; hub_domain::privacy::KEY_LEN],
     state: State,
-    /// (identifier value, system) → (pseudonym, date shift in days).
-    patients: HashMap<(String, String), (String, i64)>,
+    /// Patient identifier value → (pseudonym, date shift in days).
+    patients: HashMap<String, (String, i64)>,
     summary: Summary,
 }
 
@@ -265,21 +265,19 @@ impl Exporter<'_> {
         self.sink.put(rel, bytes)
     }
 
-    /// The pseudonym and date shift of patient (`value`, `system`); the
-    /// system is looked up when the row does not carry it.
-    fn patient(&mut self, value: &str, system: Option<&str>) -> Result<(String, i64), LakeError> {
-        let system = match system {
-            Some(s) => s.to_owned(),
-            None => self.source.patient(value)?.unwrap_or_default(),
-        };
-        let k = (value.to_owned(), system);
-        if let Some(v) = self.patients.get(&k) {
+    /// The pseudonym and date shift of patient `value`. Its identifier
+    /// system is the one the hub's erasure uses (the store's
+    /// `ObservationStore::patient`: from the stays, else the readings), so
+    /// a tombstone's subject key finds the same pseudonym.
+    fn patient(&mut self, value: &str) -> Result<(String, i64), LakeError> {
+        if let Some(v) = self.patients.get(value) {
             return Ok(v.clone());
         }
-        let subject: SubjectKey = subject_key(&self.salt, &k.1, &k.0);
+        let system = self.source.patient(value)?.unwrap_or_default();
+        let subject: SubjectKey = subject_key(&self.salt, &system, value);
         let p = self.key.pseudonym(&subject);
         let d = self.key.date_shift_days(&p, self.opts.date_shift_max_days);
-        self.patients.insert(k, (p.clone(), d));
+        self.patients.insert(value.to_owned(), (p.clone(), d));
         Ok((p, d))
     }
 
@@ -377,7 +375,7 @@ impl Exporter<'_> {
                 self.summary.not_silver += 1;
                 continue;
             };
-            let (pseudonym, shift) = self.patient(pid, d.row.patient_system.as_deref())?;
+            let (pseudonym, shift) = self.patient(pid)?;
             match silver_of(&d, &pseudonym, shift) {
                 Ok(s) => silver
                     .entry((date_of(s.effective_us), s.loinc.clone()))
@@ -408,7 +406,7 @@ impl Exporter<'_> {
     fn scores_files(&mut self, rows: Vec<LakeScore>, name: &str) -> Result<(), LakeError> {
         let mut by_date: BTreeMap<String, Vec<GoldScore>> = BTreeMap::new();
         for s in &rows {
-            let (pseudonym, shift) = self.patient(&s.patient_id, None)?;
+            let (pseudonym, shift) = self.patient(&s.patient_id)?;
             let g = gold_score(s, &pseudonym, shift);
             by_date.entry(date_of(g.time_us)).or_default().push(g);
         }

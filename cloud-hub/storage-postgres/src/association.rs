@@ -65,32 +65,32 @@ fn interval(r: &Row) -> Interval {
 /// `hub_storage::procedure` are synchronous: each statement is awaited here,
 /// on the calling thread (which has the store's I/O runtime entered, see
 /// [`PgStore::assoc_tx`]).
-struct Tx<'a, 'b>(&'a deadpool_postgres::Transaction<'b>);
+pub(crate) struct Tx<'a, 'b>(pub(crate) &'a deadpool_postgres::Transaction<'b>);
 
-type Params<'p> = &'p [&'p (dyn ToSql + Sync)];
+pub(crate) type Params<'p> = &'p [&'p (dyn ToSql + Sync)];
 
 impl Tx<'_, '_> {
     // Each statement prepared once per connection (the pool's statement
     // cache; the texts are a fixed set).
-    fn query(&self, sql: &str, params: Params<'_>) -> Result<Vec<Row>, DbError> {
+    pub(crate) fn query(&self, sql: &str, params: Params<'_>) -> Result<Vec<Row>, DbError> {
         Ok(block_on(async {
             let st = self.0.prepare_cached(sql).await?;
             self.0.query(&st, params).await
         })?)
     }
-    fn query_opt(&self, sql: &str, params: Params<'_>) -> Result<Option<Row>, DbError> {
+    pub(crate) fn query_opt(&self, sql: &str, params: Params<'_>) -> Result<Option<Row>, DbError> {
         Ok(block_on(async {
             let st = self.0.prepare_cached(sql).await?;
             self.0.query_opt(&st, params).await
         })?)
     }
-    fn query_one(&self, sql: &str, params: Params<'_>) -> Result<Row, DbError> {
+    pub(crate) fn query_one(&self, sql: &str, params: Params<'_>) -> Result<Row, DbError> {
         Ok(block_on(async {
             let st = self.0.prepare_cached(sql).await?;
             self.0.query_one(&st, params).await
         })?)
     }
-    fn execute(&self, sql: &str, params: Params<'_>) -> Result<u64, DbError> {
+    pub(crate) fn execute(&self, sql: &str, params: Params<'_>) -> Result<u64, DbError> {
         Ok(block_on(async {
             let st = self.0.prepare_cached(sql).await?;
             self.0.execute(&st, params).await

@@ -111,13 +111,24 @@ impl PgStore {
     }
 
     async fn db_audit_entries(&self, since_seq: i64) -> Result<Vec<StoredAuditEntry>, DbError> {
+        self.db_audit_entries_where("seq >= $1", &since_seq).await
+    }
+
+    /// The entries matching `cond` (one parameter, `$1`), by seq.
+    pub(crate) async fn db_audit_entries_where(
+        &self,
+        cond: &str,
+        param: &(dyn tokio_postgres::types::ToSql + Sync),
+    ) -> Result<Vec<StoredAuditEntry>, DbError> {
         let c = self.conn().await?;
         let rows = c
             .query(
-                "SELECT seq, time_us, actor, action, resource, patient_id, outcome, detail,
-                        prev_hash, hash, key_id, patients
-                   FROM audit_log WHERE seq >= $1 ORDER BY seq",
-                &[&since_seq],
+                &format!(
+                    "SELECT seq, time_us, actor, action, resource, patient_id, outcome, detail,
+                            prev_hash, hash, key_id, patients
+                       FROM audit_log WHERE {cond} ORDER BY seq"
+                ),
+                &[param],
             )
             .await?;
         rows.iter()

@@ -18,6 +18,7 @@ use tokio_postgres::types::Type;
 
 use super::{ASSOC_LOCK, PgStore};
 use crate::DbError;
+use crate::privacy;
 
 /// The stored reading identities of a gateway's devices within each
 /// device's span of sequences (`$2` devices, `$3` lowest, `$4` highest
@@ -147,6 +148,7 @@ impl PgStore {
                 out_of_range: 0,
                 live: Vec::new(),
                 new_incarnation: None,
+                erased: 0,
             });
         }
         // The first batch of a buffer incarnation this hub has not seen.
@@ -177,18 +179,34 @@ impl PgStore {
         // What covers each device entry's span, loaded ahead in one round
         // trip; the plan asks for exactly these (`attribution_queries`).
         let wanted = ingest::attribution_queries(batch);
-        let mut loaded: HashMap<(&str, i64, i64), Vec<tokio_postgres::Row>> = HashMap::new();
+        // With the erased windows of each, in the same round trip.
+        let mut loaded: HashMap<
+            (&str, i64, i64),
+            (Vec<tokio_postgres::Row>, Vec<tokio_postgres::Row>),
+        > = HashMap::new();
         if !wanted.is_empty() {
             let spans = tx.prepare(ATTRIBUTION_SPANS).await?;
-            let (tx, spans) = (&tx, &spans);
+            let erased = tx.prepare(privacy::ERASED_WINDOWS).await?;
+            let (tx, spans, erased) = (&tx, &spans, &erased);
             let rows = try_join_all(wanted.iter().map(|(device, lo, hi)| async move {
-                tx.query(spans, &[&gateway_id, device, lo, hi]).await
+                let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
+                    [&gateway_id, device, lo, hi];
+                futures_util::try_join!(tx.query(spans, &params), tx.query(erased, &params))
             }))
             .await?;
             loaded.extend(wanted.iter().copied().zip(rows));
         }
+        // Erased patients: only a batch with readings that name their
+        // patient needs them (the HL7 path).
+        let subjects = if ingest::names_patients(batch) {
+            privacy::erased_subjects(&tx)
+                .await?
+                .map(std::sync::Arc::new)
+        } else {
+            None
+        };
         let mut plan = ingest::plan(gateway_id, batch, now_us, |device, lo, hi| {
-            let rows = loaded.get(&(device, lo, hi)).ok_or_else(|| {
+            let (rows, erased) = loaded.get(&(device, lo, hi)).ok_or_else(|| {
                 DbError::Pool(format!(
                     "attribution of device `{device}` was not loaded ahead (a bug)"
                 ))
@@ -201,6 +219,8 @@ impl PgStore {
                 fallback: associations
                     .get(&(gateway_id.to_owned(), device.to_owned()))
                     .cloned(),
+                erased: erased.iter().map(|r| (r.get(0), r.get(1))).collect(),
+                erased_subjects: subjects.clone(),
             })
         })?;
         if let Some(n) = &new_incarnation {
@@ -446,6 +466,7 @@ impl PgStore {
             out_of_range: outcome.out_of_range,
             live: outcome.live,
             new_incarnation,
+            erased: outcome.erased,
         })
     }
 }

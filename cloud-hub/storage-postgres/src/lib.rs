@@ -38,6 +38,7 @@ mod feed;
 mod gateway_view;
 mod ingest;
 mod lake;
+mod privacy;
 pub mod schema;
 mod scores;
 mod stream;
@@ -57,8 +58,8 @@ use hub_domain::clock::now_us;
 use hub_domain::fhir::render::{DeviceRow, ObservationRow};
 use hub_domain::fhir::{ObservationSearch, SortOrder};
 use hub_storage::{
-    Associations, GatewayRow, GatewayStore, IngestReport, IngestStore, ObservationStore, Purged,
-    RetentionStore, Storage, StoreError,
+    Associations, GatewayRow, GatewayStore, IngestReport, IngestStore, ObservationStore, Storage,
+    StoreError,
 };
 use shared_protocol::v1::Batch;
 
@@ -462,55 +463,6 @@ impl PgStore {
                 .insert(start);
         }
         Ok(())
-    }
-
-    /// Retention: deletes observations, device events, rejected readings
-    /// and score history older than `cutoff_us` (see `crate::retention`),
-    /// each statement on its own (as SQLite's chunks, no long transaction).
-    /// One hub at a time: a session advisory lock taken without waiting;
-    /// a hub that finds it held purges nothing (another replica is doing
-    /// it) and reports zeros.
-    async fn db_purge_before(&self, cutoff_us: i64) -> Result<Purged, DbError> {
-        let c = self.conn().await?;
-        let got: bool = c
-            .query_one("SELECT pg_try_advisory_lock($1)", &[&RETENTION_LOCK])
-            .await?
-            .get(0);
-        if !got {
-            tracing::info!("retention: another hub is applying it");
-            return Ok(Purged::default());
-        }
-        let purged = Self::purge_tables(&c, cutoff_us).await;
-        let unlocked = c
-            .execute("SELECT pg_advisory_unlock($1)", &[&RETENTION_LOCK])
-            .await;
-        let purged = purged?;
-        unlocked?;
-        Ok(purged)
-    }
-
-    async fn purge_tables(c: &Conn, cutoff_us: i64) -> Result<Purged, DbError> {
-        let mut counts = [0u64; 4];
-        for (n, (table, column)) in counts.iter_mut().zip([
-            ("observations", "effective_us"),
-            ("device_events", "time_us"),
-            ("rejected_readings", "received_us"),
-            ("score_history", "time_us"),
-        ]) {
-            *n = c
-                .execute(
-                    &format!("DELETE FROM {table} WHERE {column} < $1"),
-                    &[&cutoff_us],
-                )
-                .await?;
-        }
-        let [observations, device_events, rejected, scores] = counts;
-        Ok(hub_storage::Purged {
-            observations,
-            device_events,
-            rejected,
-            scores,
-        })
     }
 
     async fn db_ping(&self) -> Result<(), DbError> {
@@ -1050,12 +1002,6 @@ impl ObservationStore for PgStore {
     }
     fn devices(&self, count: u32, offset: u64) -> Result<(u64, Vec<DeviceRow>), StoreError> {
         self.run(self.db_devices(count, offset))
-    }
-}
-
-impl RetentionStore for PgStore {
-    fn purge_before(&self, cutoff_us: i64) -> Result<Purged, StoreError> {
-        self.run(self.db_purge_before(cutoff_us))
     }
 }
 

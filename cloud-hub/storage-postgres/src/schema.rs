@@ -456,6 +456,36 @@ ALTER TABLE observations ADD COLUMN IF NOT EXISTS version integer NOT NULL DEFAU
                          ADD COLUMN IF NOT EXISTS updated_us bigint;
 "#;
 
+/// Migration 11: patients' rights (issue 20, `hub_domain::privacy`): the
+/// subject salt (created on first use), erasure tombstones (a subject key,
+/// never the identifier) with the device windows whose late readings are
+/// dropped, and legal holds. Idempotent.
+const PG_V11: &str = r#"
+CREATE TABLE IF NOT EXISTS privacy_salt (
+    id    integer PRIMARY KEY CHECK (id = 1),
+    salt  bytea NOT NULL
+);
+CREATE TABLE IF NOT EXISTS erasures (
+    id         bigserial PRIMARY KEY,
+    subject    text NOT NULL,
+    erased_us  bigint NOT NULL
+);
+CREATE TABLE IF NOT EXISTS erased_windows (
+    erasure_id  bigint NOT NULL REFERENCES erasures (id),
+    gateway_id  text NOT NULL,
+    device_id   text NOT NULL,
+    from_us     bigint NOT NULL,
+    to_us       bigint NOT NULL
+);
+CREATE INDEX IF NOT EXISTS erased_windows_device ON erased_windows (gateway_id, device_id, from_us);
+CREATE TABLE IF NOT EXISTS legal_holds (
+    patient_value  text PRIMARY KEY,
+    reason         text NOT NULL,
+    set_by         text NOT NULL,
+    set_us         bigint NOT NULL
+);
+"#;
+
 pub(crate) const MIGRATIONS: &[(i64, &str)] = &[
     (1, V1),
     (2, PG_V2),
@@ -467,6 +497,7 @@ pub(crate) const MIGRATIONS: &[(i64, &str)] = &[
     (8, PG_V8),
     (9, PG_V9),
     (10, PG_V10),
+    (11, PG_V11),
 ];
 
 /// Observation partitions are UTC months: `[start, end)` in µs of the

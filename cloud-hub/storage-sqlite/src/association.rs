@@ -101,7 +101,7 @@ fn at_bed(
 }
 
 /// [`AssocTx`] on a SQLite transaction.
-struct Tx<'a, 'c>(&'a Transaction<'c>);
+pub(crate) struct Tx<'a, 'c>(pub(crate) &'a Transaction<'c>);
 
 impl AssocTx for Tx<'_, '_> {
     type Error = DbError;

@@ -38,5 +38,6 @@ pub(crate) fn load(
         fallback: fallback
             .get(&(gateway_id.to_owned(), device_id.to_owned()))
             .cloned(),
+        ..Default::default()
     })
 }

@@ -100,14 +100,23 @@ impl SqliteStore {
     }
 
     fn db_audit_entries(&self, since_seq: i64) -> Result<Vec<StoredAuditEntry>, DbError> {
+        self.db_audit_entries_where("seq >= ?1", since_seq)
+    }
+
+    /// The entries matching `cond` (one parameter, `?1`), by seq.
+    pub(crate) fn db_audit_entries_where(
+        &self,
+        cond: &str,
+        param: impl rusqlite::ToSql,
+    ) -> Result<Vec<StoredAuditEntry>, DbError> {
         let conn = self.reader()?;
-        let mut stmt = conn.prepare(
+        let mut stmt = conn.prepare(&format!(
             "SELECT seq, time_us, actor, action, resource, patient_id, outcome, detail,
                     prev_hash, hash, key_id, patients
-               FROM audit_log WHERE seq >= ?1 ORDER BY seq",
-        )?;
+               FROM audit_log WHERE {cond} ORDER BY seq"
+        ))?;
         let rows = stmt
-            .query_map([since_seq], |r| {
+            .query_map([param], |r| {
                 Ok(StoredAuditEntry {
                     seq: r.get(0)?,
                     entry: AuditEntry {

@@ -15,6 +15,7 @@ pub mod backup;
 mod error;
 mod gateway_view;
 mod lake;
+mod privacy;
 pub mod schema;
 mod scores;
 mod stream;
@@ -29,7 +30,7 @@ use hub_domain::fhir::{ObservationSearch, SortOrder};
 use hub_domain::ingest;
 use hub_storage::{
     Associations, GatewayRow, GatewayStore, IngestReport, IngestStore, NewIncarnation,
-    ObservationStore, Purged, RetentionStore, Storage, StoreError,
+    ObservationStore, Storage, StoreError,
 };
 use prost::Message;
 use rusqlite::types::Value as SqlValue;
@@ -545,6 +546,7 @@ impl SqliteStore {
                 out_of_range: 0,
                 live: Vec::new(),
                 new_incarnation: None,
+                erased: 0,
             });
         }
         // The first batch of a buffer incarnation this hub has not seen.
@@ -572,8 +574,18 @@ impl SqliteStore {
                 })
             }
         };
+        // Erased patients: only a batch with readings that name their
+        // patient needs them (the HL7 path).
+        let subjects = if ingest::names_patients(batch) {
+            privacy::erased_subjects(&tx)?.map(std::sync::Arc::new)
+        } else {
+            None
+        };
         let mut plan = ingest::plan(gateway_id, batch, now_us, |device, lo, hi| {
-            attribution::load(&tx, gateway_id, device, lo, hi, associations)
+            let mut a = attribution::load(&tx, gateway_id, device, lo, hi, associations)?;
+            a.erased = privacy::erased_windows(&tx, gateway_id, device, lo, hi)?;
+            a.erased_subjects.clone_from(&subjects);
+            Ok::<_, DbError>(a)
         })?;
         if let Some(n) = &new_incarnation {
             plan.events.push(ingest::incarnation_event(
@@ -717,6 +729,7 @@ impl SqliteStore {
             out_of_range: outcome.out_of_range,
             live: outcome.live,
             new_incarnation,
+            erased: outcome.erased,
         })
     }
 
@@ -1032,37 +1045,7 @@ impl ObservationStore for SqliteStore {
 }
 
 /// Rows deleted per statement by a purge (short write locks).
-const PURGE_CHUNK: i64 = 10_000;
-
-impl RetentionStore for SqliteStore {
-    fn purge_before(&self, cutoff_us: i64) -> Result<Purged, StoreError> {
-        let mut purged = Purged::default();
-        for (table, column, count) in [
-            ("observations", "effective_us", &mut purged.observations),
-            ("device_events", "time_us", &mut purged.device_events),
-            ("rejected_readings", "received_us", &mut purged.rejected),
-            ("score_history", "time_us", &mut purged.scores),
-        ] {
-            loop {
-                let n = self
-                    .conn()?
-                    .execute(
-                        &format!(
-                            "DELETE FROM {table} WHERE rowid IN
-                               (SELECT rowid FROM {table} WHERE {column} < ?1 LIMIT ?2)"
-                        ),
-                        params![cutoff_us, PURGE_CHUNK],
-                    )
-                    .map_err(DbError::from)?;
-                *count += n as u64;
-                if (n as i64) < PURGE_CHUNK {
-                    break;
-                }
-            }
-        }
-        Ok(purged)
-    }
-}
+pub(crate) const PURGE_CHUNK: i64 = 10_000;
 
 impl Storage for SqliteStore {
     fn backend(&self) -> &'static str {

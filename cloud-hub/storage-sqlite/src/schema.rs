@@ -530,6 +530,36 @@ ALTER TABLE observations ADD COLUMN version INTEGER NOT NULL DEFAULT 1;
 ALTER TABLE observations ADD COLUMN updated_us INTEGER;
 "#;
 
+/// v20: patients' rights (issue 20, `hub_domain::privacy`): the subject
+/// salt (created on first use), erasure tombstones (a subject key, never
+/// the identifier) with the device windows whose late readings are
+/// dropped, and legal holds.
+pub const SCHEMA_V20: &str = r#"
+CREATE TABLE IF NOT EXISTS privacy_salt (
+    id    INTEGER PRIMARY KEY CHECK (id = 1),
+    salt  BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS erasures (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    subject    TEXT NOT NULL,
+    erased_us  INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS erased_windows (
+    erasure_id  INTEGER NOT NULL REFERENCES erasures (id),
+    gateway_id  TEXT NOT NULL,
+    device_id   TEXT NOT NULL,
+    from_us     INTEGER NOT NULL,
+    to_us       INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS erased_windows_device ON erased_windows (gateway_id, device_id, from_us);
+CREATE TABLE IF NOT EXISTS legal_holds (
+    patient_value  TEXT PRIMARY KEY,
+    reason         TEXT NOT NULL,
+    set_by         TEXT NOT NULL,
+    set_us         INTEGER NOT NULL
+);
+"#;
+
 /// Ordered migrations; each runs once, in one transaction with its version row.
 pub const MIGRATIONS: &[(i64, &str)] = &[
     (1, SCHEMA_V1),
@@ -551,4 +581,5 @@ pub const MIGRATIONS: &[(i64, &str)] = &[
     (17, SCHEMA_V17),
     (18, SCHEMA_V18),
     (19, SCHEMA_V19),
+    (20, SCHEMA_V20),
 ];

@@ -43,7 +43,11 @@ pub use audit::{
 };
 pub use gateway_view::{BatchCounts, DeviceActivity, GatewayActivity, GatewayViewStore, LastBatch};
 pub use lake::{LakeReading, LakeScore, LakeStore};
-pub use privacy::{DeviceWindow, PrivacyStore, SubjectKey, Tombstone};
+pub use privacy::{
+    DeviceWindow, Erased, ErasedCounts, ErasedSubjects, ErasureError, ErasureTx, LegalHold,
+    ManualRecord, PrivacyStore, PurgedByClass, RetentionCutoffs, StayRecord, SubjectKey, Tombstone,
+    erase, new_salt,
+};
 
 /// A gateway as listed (never its token).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,6 +76,9 @@ pub struct IngestReport {
     /// incarnation of the gateway; a `buffer-incarnation` gateway event
     /// was stored with it.
     pub new_incarnation: Option<NewIncarnation>,
+    /// Readings dropped as an erased patient's data (neither stored nor
+    /// counted in the ack).
+    pub erased: u32,
 }
 
 /// A buffer incarnation the hub had not seen for a gateway.
@@ -166,11 +173,29 @@ pub struct Purged {
     pub scores: u64,
 }
 
-/// Retention (`[storage] retention_days`).
+/// Retention by data class (`[retention]`, docs/privacy.md).
 pub trait RetentionStore {
-    /// Deletes observations, device events, rejected readings and score
-    /// history older than `cutoff_us` (UTC µs); batch acks are kept.
-    fn purge_before(&self, cutoff_us: i64) -> Result<Purged, StoreError>;
+    /// Deletes, per class with a cut-off: readings (observations by
+    /// effective time, device events, rejected readings), aggregates
+    /// (chart buckets, score history) and resolved alerts with their
+    /// transitions, older than the class's cut-off (UTC µs). Rows of
+    /// patients under a legal hold are kept; batch acks are kept.
+    fn purge_classes(&self, cutoffs: &RetentionCutoffs) -> Result<PurgedByClass, StoreError>;
+    /// One cut-off for readings and aggregates (`[storage] retention_days`
+    /// alone).
+    fn purge_before(&self, cutoff_us: i64) -> Result<Purged, StoreError> {
+        let p = self.purge_classes(&RetentionCutoffs {
+            readings: Some(cutoff_us),
+            aggregates: Some(cutoff_us),
+            alerts: None,
+        })?;
+        Ok(Purged {
+            observations: p.observations,
+            device_events: p.device_events,
+            rejected: p.rejected,
+            scores: p.scores,
+        })
+    }
 }
 
 /// The whole storage of one backend. Each concern's trait can also be used on
@@ -188,6 +213,8 @@ pub trait Storage:
     + GatewayViewStore
     + AssociationStore
     + StreamStore
+    + PrivacyStore
+    + LakeStore
     + std::fmt::Debug
     + Send
     + Sync

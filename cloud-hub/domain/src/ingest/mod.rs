@@ -7,7 +7,7 @@ mod plan;
 
 pub use plan::{
     DeviceUpsert, EventRow, INCARNATION_EVENT_KIND, IngestOutcome, IngestPlan, ObsRow, PanelLink,
-    RejectedRow, attribution_queries, incarnation_event, outcome, plan,
+    RejectedRow, attribution_queries, incarnation_event, names_patients, outcome, plan,
 };
 
 use shared_protocol::v1::{

@@ -114,6 +114,9 @@ pub struct IngestPlan {
     pub events: Vec<EventRow>,
     pub rows: Vec<ObsRow>,
     pub panels: Vec<PanelLink>,
+    /// Readings and waveforms dropped as an erased patient's data
+    /// (`hub_domain::privacy`): neither stored nor counted in the ack.
+    pub erased: u32,
 }
 
 /// A device as a batch describes it.
@@ -134,6 +137,8 @@ pub struct IngestOutcome {
     pub live: Vec<LiveValue>,
     /// Chart buckets of the new usable values.
     pub rollup: Rollup,
+    /// Readings dropped as an erased patient's data.
+    pub erased: u32,
 }
 
 fn rejected_row(
@@ -196,6 +201,7 @@ pub fn plan<E: From<BatchRefused>>(
         events: Vec::new(),
         rows: Vec::new(),
         panels: Vec::new(),
+        erased: 0,
     };
     // Gateway-level events: stored once (device_id ""), not counted.
     for e in &batch.gateway_events {
@@ -215,6 +221,19 @@ pub fn plan<E: From<BatchRefused>>(
         plan_device(&mut plan, gateway_id, data, now_us, &mut attribution)?;
     }
     Ok(plan)
+}
+
+/// Whether a reading of the batch names its patient (its own identifier):
+/// the backend then loads the erased patients
+/// ([`DeviceAttribution::erased_subjects`]).
+pub fn names_patients(batch: &Batch) -> bool {
+    batch.devices.iter().any(|d| {
+        d.readings.iter().any(|r| {
+            r.subject
+                .as_ref()
+                .is_some_and(|s| !s.value.trim().is_empty())
+        })
+    })
 }
 
 /// The `(device_id, min_us, max_us)` for which [`plan`] calls its
@@ -340,8 +359,13 @@ fn plan_device<E>(
                 continue;
             }
         };
-        let cols = columns(r, &metric);
         let effective_us = r.effective_time_us();
+        if who.is_erased(r.subject.as_ref(), effective_us) {
+            // An erased patient's data arriving late: never stored.
+            plan.erased += 1;
+            continue;
+        }
+        let cols = columns(r, &metric);
         let a = who.of(r.subject.as_ref(), effective_us);
         let chart = cols
             .value
@@ -456,6 +480,10 @@ fn plan_device<E>(
                 continue;
             }
         };
+        if who.is_erased(None, w.start_time_us) {
+            plan.erased += 1;
+            continue;
+        }
         let a = who.of(None, w.start_time_us);
         plan.rows.push(ObsRow {
             id: observation_id_in(gateway_id, &device_id, incarnation, w.sequence),
@@ -608,6 +636,7 @@ pub fn outcome(
         out_of_range,
         live,
         rollup,
+        erased: plan.erased,
     }
 }
 
@@ -688,6 +717,40 @@ mod tests {
         let o = outcome("gw", p, &[false, true], &[]);
         assert!(o.rollup.is_empty(), "an unattributed value has no chart");
         assert_eq!(o.live.len(), 1);
+    }
+
+    #[test]
+    fn an_erased_patients_late_readings_are_dropped_and_counted_not_stored() {
+        let salt = [5u8; crate::privacy::KEY_LEN];
+        let mut own = r(codes::PULS_OXIM_SAT_O2, "%", 97.0, 1);
+        own.subject = Some(Identifier {
+            system: "urn:oid:1.2.3".into(),
+            value: "MRN1".into(),
+        });
+        let mut in_window = r(codes::PULS_OXIM_SAT_O2, "%", 96.0, 2);
+        in_window.device_time_us = NOW - 2_000_000;
+        let kept = r(codes::PULS_OXIM_SAT_O2, "%", 95.0, 3); // NOW - 1 s
+        let b = batch(vec![own, in_window, kept]);
+        let erased = std::sync::Arc::new(crate::privacy::ErasedSubjects {
+            salt,
+            erased: vec![(
+                crate::privacy::subject_key(&salt, "urn:oid:1.2.3", "MRN1"),
+                NOW,
+            )],
+        });
+        let p = plan("gw", &b, NOW, |_, _, _| {
+            Ok::<_, BatchRefused>(DeviceAttribution {
+                erased: vec![(NOW - 3_000_000, NOW - 1_500_000)],
+                erased_subjects: Some(erased.clone()),
+                ..Default::default()
+            })
+        })
+        .unwrap();
+        assert_eq!(p.erased, 2);
+        assert_eq!(p.rows.len(), 1);
+        assert_eq!(p.rows[0].sequence, 3);
+        let o = outcome("gw", p, &[true], &[]);
+        assert_eq!((o.ack.accepted, o.ack.rejected, o.erased), (1, 0, 2));
     }
 
     #[test]
