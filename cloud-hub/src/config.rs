@@ -73,7 +73,14 @@ pub struct Config {
     /// docs/operations.md "Audit log").
     #[serde(default)]
     pub audit: hub_transport::audit::AuditConfig,
+    /// `[lake]`: the de-identified analytics lake (docs/lake.md; off when
+    /// absent).
+    #[serde(default)]
+    pub lake: Option<hub_lake::LakeConfig>,
 }
+
+/// Environment variable overriding `lake.pseudonym_key_file`.
+pub const ENV_LAKE_KEY_FILE: &str = "VIGIL_HUB_LAKE_PSEUDONYM_KEY_FILE";
 
 /// Environment variable overriding `mqtt.client_id` (one per hub instance).
 pub const ENV_MQTT_CLIENT_ID: &str = "VIGIL_HUB_MQTT_CLIENT_ID";
@@ -111,6 +118,11 @@ impl Config {
             && !p.is_empty()
         {
             config.audit.key_file = Some(PathBuf::from(p));
+        }
+        if let (Some(l), Ok(p)) = (&mut config.lake, std::env::var(ENV_LAKE_KEY_FILE))
+            && !p.is_empty()
+        {
+            l.pseudonym_key_file = PathBuf::from(p);
         }
         if let (Some(pg), Ok(url)) = (
             &mut config.storage.postgres,
@@ -162,6 +174,9 @@ impl Config {
             adt.resolve_paths(base_dir);
         }
         self.audit.resolve_paths(base_dir);
+        if let Some(l) = &mut self.lake {
+            l.resolve_paths(base_dir);
+        }
         if let Some(o) = &mut self.auth.oidc {
             for p in [&mut o.jwks_file, &mut o.ca_file].into_iter().flatten() {
                 fix(p);
@@ -227,6 +242,10 @@ impl Config {
         self.auth.validate()?;
         self.identifiers.validate()?;
         self.audit.validate()?;
+        if let Some(l) = &self.lake {
+            l.validate()
+                .map_err(|(field, message)| ConfigError::invalid(field, message))?;
+        }
         if self.server.max_body_bytes == 0 {
             return Err(ConfigError::invalid(
                 "server.max_body_bytes",

@@ -44,6 +44,11 @@ impl Hub {
         // The audit key (checked: mode 0600, length) before anything is
         // audited.
         let audit_keys = config.audit.keys()?;
+        // The lake's pseudonym key (mode 0600, format) when serve exports.
+        if let Some(l) = config.lake.as_ref().filter(|l| l.interval_s > 0) {
+            hub_lake::LakeKey::load(&l.pseudonym_key_file, crate::lake::KEY_SETTING)
+                .map_err(hub_lake::LakeError::from)?;
+        }
         let store = Store::open_config(&config.storage)?;
         // Patient identifier systems stored before `[identifiers]` (HL7
         // assigning authorities such as `HOSP`) become their URIs; once
@@ -198,6 +203,13 @@ impl Hub {
                 shutdown.child_token(),
             ))
         });
+        // The lake export loop (optional) stops with the hub.
+        let lake = self
+            .config
+            .lake
+            .clone()
+            .filter(|l| l.interval_s > 0)
+            .map(|l| tokio::spawn(crate::lake::run(store.clone(), l, shutdown.child_token())));
         // The alert clock (stale data, offline gateways, escalation).
         let alert_clock = alerts
             .clone()
@@ -319,6 +331,9 @@ impl Hub {
             task.await?;
         }
         if let Some(task) = retention {
+            task.await?;
+        }
+        if let Some(task) = lake {
             task.await?;
         }
         if let Some(task) = alert_clock {

@@ -19,6 +19,7 @@
 
 pub mod config;
 mod hub;
+pub mod lake;
 pub mod retention;
 pub mod store;
 pub mod telemetry;
@@ -70,6 +71,8 @@ pub enum HubError {
     AuditKey(#[from] audit::AuditKeyError),
     #[error("audit checkpoints: {0}")]
     Checkpoints(String),
+    #[error(transparent)]
+    Lake(#[from] hub_lake::LakeError),
 }
 
 /// The transport layer's errors are the hub's, variant for variant.
@@ -101,7 +104,7 @@ pub async fn run(
 
 /// The backend `[storage]` names, as the backend-neutral handle the
 /// administrative commands need.
-fn open_store(config: &Config) -> Result<hub_transport::Store, HubError> {
+pub(crate) fn open_store(config: &Config) -> Result<hub_transport::Store, HubError> {
     Ok(Store::open_config(&config.storage)?.handle())
 }
 

@@ -104,8 +104,8 @@ impl Summary {
 
 /// Runs [`export`] under the store's lake lock; None when another hub
 /// holds it (nothing was done).
-pub fn export_exclusive(
-    source: &dyn LakeSource,
+pub fn export_exclusive<S: LakeSource + ?Sized>(
+    source: &S,
     sink: &Sink,
     key: &LakeKey,
     opts: &ExportOptions,
@@ -122,8 +122,8 @@ pub fn export_exclusive(
 }
 
 /// One export run (see the module docs).
-pub fn export(
-    source: &dyn LakeSource,
+pub fn export<S: LakeSource + ?Sized>(
+    source: &S,
     sink: &Sink,
     key: &LakeKey,
     opts: &ExportOptions,
@@ -232,8 +232,8 @@ fn date_in(path: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
-struct Exporter<'a> {
-    source: &'a dyn LakeSource,
+struct Exporter<'a, S: ?Sized> {
+    source: &'a S,
     sink: &'a Sink,
     key: &'a LakeKey,
     opts: &'a ExportOptions,
@@ -244,7 +244,7 @@ struct Exporter<'a> {
     summary: Summary,
 }
 
-impl Exporter<'_> {
+impl<S: LakeSource + ?Sized> Exporter<'_, S> {
     fn save(&mut self) -> Result<(), LakeError> {
         self.state.updated_us = hub_domain::clock::now_us();
         let text = serde_json::to_vec_pretty(&self.state).map_err(LakeError::State)?;
