@@ -50,6 +50,8 @@ mod ingest;
 mod ingest_encoding;
 #[path = "kafka_source.rs"]
 mod kafka_source;
+#[path = "lake.rs"]
+mod lake;
 #[path = "mqtt_ingest.rs"]
 mod mqtt_ingest;
 #[path = "mtls.rs"]
