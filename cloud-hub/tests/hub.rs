@@ -3,6 +3,8 @@
 //! cores. Each file beside this one is a module of it (`cargo nextest run -p cloud-hub --test
 //! hub -- access::` runs one); `common` and `pg_server` are the helpers they share.
 
+#[path = "support/azurite.rs"]
+mod azurite;
 #[path = "common/mod.rs"]
 mod common;
 #[path = "support/iothub_routing.rs"]
