@@ -407,6 +407,24 @@ mod tests {
     }
 
     #[test]
+    fn lake_section_validates_naming_the_field_and_resolves_paths() {
+        let lake = "[lake]\ndestination = \"azure\"\npseudonym_key_file = \"lake.key\"\n\
+                    [lake.azure]\naccount = \"a\"\ncontainer = \"c\"\n";
+        let c = Config::parse(&format!("{MINIMAL}\n{lake}")).unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("`lake.azure.access_key_file`"), "{e}");
+        let mut c = Config::parse(&format!("{MINIMAL}\n{lake}sas_file = \"s.sas\"\n")).unwrap();
+        c.validate().unwrap();
+        c.resolve_paths(Path::new("/etc/vigil"));
+        let l = c.lake.unwrap();
+        assert_eq!(l.pseudonym_key_file, Path::new("/etc/vigil/lake.key"));
+        assert_eq!(
+            l.azure.unwrap().sas_file.unwrap(),
+            Path::new("/etc/vigil/s.sas")
+        );
+    }
+
+    #[test]
     fn kafka_section_validates_naming_the_field_and_resolves_paths() {
         let kafka = "[kafka]\nbrokers = [\"ns.servicebus.windows.net:9093\"]\ntopic = \"vigil\"\nreplica_id = \"hub-1\"\nconnection_string_file = \"eh.conn\"\n";
         let mut c = Config::parse(&format!("{MINIMAL}\n{kafka}")).unwrap();

@@ -14,6 +14,7 @@ use crate::pg_server;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use cloud_hub::Config;
 use common::*;
@@ -599,4 +600,44 @@ fn a_readable_pseudonym_key_is_refused_naming_the_field() {
     let config = Config::parse(&text).unwrap();
     let e = cloud_hub::lake::export(&config, &hub_lake::NoProgress).unwrap_err();
     assert!(e.to_string().contains("lake.pseudonym_key_file"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_exports_on_its_interval() {
+    let dir = tempfile::tempdir().unwrap();
+    let lake_dir = dir.path().join("lake");
+    let dest = Dest::Local(lake_dir.clone());
+    let text = format!(
+        "{}\n{}interval_s = 1\n",
+        config_text(dir.path(), ""),
+        lake_section(dir.path(), &dest, 0)
+    );
+    let config = Config::parse(&text).unwrap();
+    config.validate().unwrap();
+    let hub = TestHub::start_config(dir, config, "http").await;
+    let t = now_us() - 60_000_000;
+    assert_eq!(
+        hub.ingest(&lake_batch(
+            1,
+            DEVICE,
+            vec![spo2(1, 97.0, t), pulse(2, 70.0, t)]
+        ))
+        .await
+        .accepted,
+        2
+    );
+    // The serve loop exports both readings by itself (waiting up to 60 s
+    // for a loaded machine; no export command runs here).
+    let mut rows = 0;
+    for _ in 0..600 {
+        if lake_dir.join("_vigil/state.json").exists() {
+            rows = LakeFiles::read(&dest).rows("bronze").len();
+            if rows == 2 {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(rows, 2);
+    hub.stop().await;
 }

@@ -281,27 +281,47 @@ impl<S: LakeSource + ?Sized> Exporter<'_, S> {
         Ok((p, d))
     }
 
-    /// Writes chunk `p` (its rows read again, exactly that cursor range),
-    /// then advances its cursor.
+    /// Writes chunk `p` again after an interruption: exactly the rows of
+    /// its cursor range, under the same file names.
     fn chunk(&mut self, p: Pending, progress: &dyn Progress) -> Result<(), LakeError> {
-        self.state.pending = Some(p);
-        self.save()?;
         match p.stream {
             Stream::Readings => {
                 let rows = self
                     .source
                     .lake_readings(p.after, Some(p.upto), usize::MAX)?;
-                let n = rows.len() as u64;
-                self.readings_files(rows, &chunk_name(p.after, p.upto))?;
-                self.state.readings_cursor = p.upto;
-                progress.advance(n);
+                self.readings_chunk(p, rows, progress)
             }
             Stream::Scores => {
                 let rows = self.source.lake_scores(p.after, Some(p.upto), usize::MAX)?;
-                self.scores_files(rows, &chunk_name(p.after, p.upto))?;
-                self.state.scores_cursor = p.upto;
+                self.scores_chunk(p, rows)
             }
         }
+    }
+
+    /// Records chunk `p` as pending, writes its files, then advances the
+    /// readings cursor (one state write each side).
+    fn readings_chunk(
+        &mut self,
+        p: Pending,
+        rows: Vec<LakeReading>,
+        progress: &dyn Progress,
+    ) -> Result<(), LakeError> {
+        self.state.pending = Some(p);
+        self.save()?;
+        let n = rows.len() as u64;
+        self.readings_files(rows, &chunk_name(p.after, p.upto))?;
+        self.state.readings_cursor = p.upto;
+        self.state.pending = None;
+        self.save()?;
+        progress.advance(n);
+        Ok(())
+    }
+
+    fn scores_chunk(&mut self, p: Pending, rows: Vec<LakeScore>) -> Result<(), LakeError> {
+        self.state.pending = Some(p);
+        self.save()?;
+        self.scores_files(rows, &chunk_name(p.after, p.upto))?;
+        self.state.scores_cursor = p.upto;
         self.state.pending = None;
         self.save()
     }
@@ -321,13 +341,13 @@ impl<S: LakeSource + ?Sized> Exporter<'_, S> {
                 return Ok(());
             };
             let upto = last.cursor;
-            drop(rows);
-            self.chunk(
+            self.readings_chunk(
                 Pending {
                     stream: Stream::Readings,
                     after,
                     upto,
                 },
+                rows,
                 progress,
             )?;
         }
@@ -346,13 +366,13 @@ impl<S: LakeSource + ?Sized> Exporter<'_, S> {
                 return Ok(());
             };
             let upto = last.cursor;
-            self.chunk(
+            self.scores_chunk(
                 Pending {
                     stream: Stream::Scores,
                     after,
                     upto,
                 },
-                &NoProgress,
+                rows,
             )?;
         }
     }
