@@ -13,6 +13,7 @@
 
 #[path = "../tests/support/azurite.rs"]
 mod azurite;
+mod support;
 
 use std::time::Instant;
 
@@ -22,15 +23,6 @@ use shared_protocol::v1::{Batch, DeviceData, DeviceInfo, Reading, reading};
 const DEVICES: u64 = 100;
 const PER_BATCH_PER_DEVICE: u64 = 10;
 const SPAN_US: i64 = 3 * 24 * 3_600_000_000;
-
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// (MDC code, MDC unit, UCUM unit, base value, spread).
 const VITALS: [(u32, u32, &str, f64, u64); 4] = [
@@ -112,8 +104,8 @@ fn fill(store: &hub_transport::Store, n: u64, t_end: i64) -> f64 {
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
-    let n = arg("--readings", if quick { 50_000 } else { 1_000_000 });
-    let runs = arg("--runs", if quick { 1 } else { 3 }).max(1);
+    let n = support::u64_arg("--readings", if quick { 50_000 } else { 1_000_000 });
+    let runs = support::u64_arg("--runs", if quick { 1 } else { 3 }).max(1);
     let dir = tempfile::tempdir().unwrap();
     let store = cloud_hub::store::Store::open(&dir.path().join("hub.sqlite"))
         .unwrap()
