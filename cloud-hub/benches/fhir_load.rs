@@ -206,6 +206,11 @@ fn field(line: &str, key: &str) -> f64 {
 }
 
 fn run_wrk(dir: &Path, addr: &str, connections: u64, seconds: u64) -> Run {
+    run_wrk_on(dir, "paths.txt", addr, connections, seconds)
+}
+
+/// wrk with the mix script over the paths listed in `dir/paths`.
+fn run_wrk_on(dir: &Path, paths: &str, addr: &str, connections: u64, seconds: u64) -> Run {
     let out = Command::new("wrk")
         .args([
             "-t2",
@@ -217,7 +222,7 @@ fn run_wrk(dir: &Path, addr: &str, connections: u64, seconds: u64) -> Run {
         ])
         .arg(dir.join("mix.lua"))
         .arg(format!("http://{addr}"))
-        .env("VIGIL_WRK_PATHS", dir.join("paths.txt"))
+        .env("VIGIL_WRK_PATHS", dir.join(paths))
         .env("VIGIL_WRK_TOKEN", ADMIN)
         .output()
         .unwrap_or_else(|e| panic!("cannot run wrk ({e}): install it (scripts/setup.sh)"));
@@ -384,6 +389,10 @@ fn main() {
     let results: Vec<Run> = (0..runs)
         .map(|_| run_wrk(dir.path(), &addr, connections, seconds))
         .collect();
+    // The ceiling of the HTTP layer: the same hub, wrk and script on
+    // `/healthz` (no database, no audit), right after.
+    std::fs::write(dir.path().join("healthz.txt"), "/healthz\n").unwrap();
+    let ceiling = run_wrk_on(dir.path(), "healthz.txt", &addr, connections, seconds);
     let rps: Vec<f64> = results.iter().map(|r| r.rps).collect();
     let (min, max) = rps
         .iter()
@@ -400,5 +409,12 @@ fn main() {
         max,
         median(results.iter().map(|r| r.p50_ms).collect()),
         median(results.iter().map(|r| r.p99_ms).collect()),
+    );
+    println!(
+        "/healthz ceiling (the same hub, wrk and connections, {seconds} s, right after): \
+         median {:.0} requests/s, p99 {:.2} ms; the mix is {:.1} % of the ceiling",
+        ceiling.rps,
+        ceiling.p99_ms,
+        100.0 * median(rps) / ceiling.rps
     );
 }

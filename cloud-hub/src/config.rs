@@ -73,10 +73,48 @@ pub struct Config {
     /// docs/operations.md "Audit log").
     #[serde(default)]
     pub audit: hub_transport::audit::AuditConfig,
+    /// `[retention]`: how long each data class is kept (docs/privacy.md).
+    #[serde(default)]
+    pub retention: RetentionConfig,
     /// `[lake]`: the de-identified analytics lake (docs/lake.md; off when
     /// absent).
     #[serde(default)]
     pub lake: Option<hub_lake::LakeConfig>,
+}
+
+/// `[retention]`: days each data class is kept, by its own time; unset =
+/// keep. Rows of patients under a legal hold are always kept.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// Readings (observations by effective time), device events, rejected
+    /// readings. Defaults to `storage.retention_days`.
+    pub readings_days: Option<u32>,
+    /// Chart buckets and score history. Defaults to `storage.retention_days`.
+    pub aggregates_days: Option<u32>,
+    /// Resolved alerts and their transitions, by resolution time.
+    pub alerts_days: Option<u32>,
+    /// The audit log, purged only up to a signed checkpoint older than the
+    /// window (needs the audit key); never shorter than another class.
+    pub audit_days: Option<u32>,
+    /// FHIR bulk export jobs and their files, by start time (hours).
+    pub exports_hours: Option<u32>,
+}
+
+impl RetentionConfig {
+    /// The classes' days with `storage.retention_days` as the fallback of
+    /// readings and aggregates; None when nothing is purged.
+    pub fn effective(&self, storage_days: Option<u32>) -> Option<RetentionConfig> {
+        let r = RetentionConfig {
+            readings_days: self.readings_days.or(storage_days),
+            aggregates_days: self.aggregates_days.or(storage_days),
+            alerts_days: self.alerts_days,
+            audit_days: self.audit_days,
+            // Applied by the serving hub's export jobs, not by a purge.
+            exports_hours: None,
+        };
+        (r != RetentionConfig::default()).then_some(r)
+    }
 }
 
 /// Environment variable overriding `lake.pseudonym_key_file`.
@@ -270,13 +308,42 @@ impl Config {
                 .map_err(|(field, message)| ConfigError::invalid(field, message))?,
             (StorageBackend::Sqlite, None) => {}
         }
-        if let Some(d) = self.storage.retention_days
-            && !(1..=36_500).contains(&d)
-        {
+        for (field, days) in [
+            ("storage.retention_days", self.storage.retention_days),
+            ("retention.readings_days", self.retention.readings_days),
+            ("retention.aggregates_days", self.retention.aggregates_days),
+            ("retention.alerts_days", self.retention.alerts_days),
+            ("retention.audit_days", self.retention.audit_days),
+        ] {
+            if let Some(d) = days
+                && !(1..=36_500).contains(&d)
+            {
+                return Err(ConfigError::invalid(
+                    field,
+                    "must be between 1 and 36500 days (leave it out to keep everything)",
+                ));
+            }
+        }
+        if self.retention.exports_hours == Some(0) {
             return Err(ConfigError::invalid(
-                "storage.retention_days",
-                "must be between 1 and 36500 days (leave it out to keep everything)",
+                "retention.exports_hours",
+                "must be at least 1 hour (leave it out to keep export files until cancelled)",
             ));
+        }
+        if let Some(audit) = self.retention.audit_days {
+            let r = self.retention.effective(self.storage.retention_days);
+            let longest = r
+                .iter()
+                .flat_map(|r| [r.readings_days, r.aggregates_days, r.alerts_days])
+                .flatten()
+                .max();
+            if longest.is_some_and(|l| audit < l) {
+                return Err(ConfigError::invalid(
+                    "retention.audit_days",
+                    "must be at least the longest other retention: the record of who accessed \
+                     the data outlives the data",
+                ));
+            }
         }
         if let Some(tls) = &self.server.tls
             && tls.client_auth.is_some()
@@ -374,6 +441,39 @@ mod tests {
         [storage]
         sqlite_path = "hub.sqlite"
     "#;
+
+    #[test]
+    fn retention_classes_fall_back_to_the_storage_window_and_are_checked() {
+        let c = Config::parse(&format!(
+            "{MINIMAL}retention_days = 30\n[retention]\nalerts_days = 400\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.retention.effective(c.storage.retention_days),
+            Some(RetentionConfig {
+                readings_days: Some(30),
+                aggregates_days: Some(30),
+                alerts_days: Some(400),
+                audit_days: None,
+                exports_hours: None,
+            })
+        );
+        let err = Config::parse(&format!(
+            "{MINIMAL}retention_days = 30\n[retention]\naudit_days = 20\n"
+        ))
+        .unwrap()
+        .validate()
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("retention.audit_days"), "{err}");
+        assert_eq!(RetentionConfig::default().effective(None), None);
+        let err = Config::parse(&format!("{MINIMAL}[retention]\naggregates_days = 0\n"))
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("retention.aggregates_days"), "{err}");
+    }
 
     #[test]
     fn retention_days_are_checked() {

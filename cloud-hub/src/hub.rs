@@ -49,6 +49,14 @@ impl Hub {
             hub_lake::LakeKey::load(&l.pseudonym_key_file, crate::lake::KEY_SETTING)
                 .map_err(hub_lake::LakeError::from)?;
         }
+        if config.retention.audit_days.is_some() && audit_keys.current().is_none() {
+            return Err(crate::ConfigError::invalid(
+                "retention.audit_days",
+                "needs the audit key (audit.key_file or VIGIL_HUB_AUDIT_KEY): the log is only \
+                 purged up to a signed checkpoint",
+            )
+            .into());
+        }
         let store = Store::open_config(&config.storage)?;
         // Patient identifier systems stored before `[identifiers]` (HL7
         // assigning authorities such as `HOSP`) become their URIs; once
@@ -196,13 +204,18 @@ impl Hub {
             ))
         });
         // Retention (optional) stops with the hub.
-        let retention = self.config.storage.retention_days.map(|days| {
-            tokio::spawn(crate::retention::run(
-                store.clone(),
-                days,
-                shutdown.child_token(),
-            ))
-        });
+        let retention = self
+            .config
+            .retention
+            .effective(self.config.storage.retention_days)
+            .map(|days| {
+                tokio::spawn(crate::retention::run(
+                    store.clone(),
+                    days,
+                    self.audit_keys.clone(),
+                    shutdown.child_token(),
+                ))
+            });
         // The lake export loop (optional) stops with the hub.
         let lake = self
             .config
@@ -308,6 +321,10 @@ impl Hub {
                 self.config.scores,
             ),
             score_history: hub_transport::score_history::HistoryState::new(store.clone()),
+            privacy: hub_transport::privacy::PrivacyState {
+                store: store.clone(),
+                audit_keys: self.audit_keys.clone(),
+            },
             trends: hub_transport::trends::TrendsState::new(store.clone()),
             ward: hub_transport::ward::WardState::new(
                 store.clone(),
@@ -317,6 +334,14 @@ impl Hub {
             alerts: hub_transport::alerts::api::AlertsState::new(alerts, shutdown.child_token()),
             dashboard: hub_transport::dashboard::DashState::new(store),
         };
+        // Exports retention: bulk export files older than the window go.
+        if let Some(hours) = self.config.retention.exports_hours {
+            tokio::spawn(crate::retention::run_exports(
+                state.fhir.exports(),
+                std::time::Duration::from_secs(u64::from(hours) * 3600),
+                shutdown.child_token(),
+            ));
+        }
         server::serve(
             listener,
             server::router(state),

@@ -29,8 +29,8 @@ pub use hub_postgres as pg;
 pub use hub_transport::{
     access, adt, adt_listener, after_ingest, alerts, association, association_api, audit, auth,
     dashboard, early_warning, encoding, export, fhir, fhir_api, identifiers, ingest, ingest_api,
-    kafka_ingest, metrics, mqtt_ingest, pipeline, score_history, scores, server, storage, stream,
-    trends, ward,
+    kafka_ingest, metrics, mqtt_ingest, pipeline, privacy, score_history, scores, server, storage,
+    stream, trends, ward,
 };
 
 use std::future::Future;
@@ -73,6 +73,10 @@ pub enum HubError {
     Checkpoints(String),
     #[error(transparent)]
     Lake(#[from] hub_lake::LakeError),
+    #[error(transparent)]
+    Erasure(#[from] privacy::ErasureError),
+    #[error("patient `{0}` is not known")]
+    UnknownPatient(String),
 }
 
 /// The transport layer's errors are the hub's, variant for variant.
@@ -106,6 +110,57 @@ pub async fn run(
 /// administrative commands need.
 pub(crate) fn open_store(config: &Config) -> Result<hub_transport::Store, HubError> {
     Ok(Store::open_config(&config.storage)?.handle())
+}
+
+/// `cloud-hub patient erase`: erases patient `id` (docs/privacy.md) and
+/// records it in the audit log (actor `cli`, the reason and the counts).
+pub fn patient_erase(config: &Config, id: &str, reason: &str) -> Result<privacy::Erased, HubError> {
+    let store = open_store(config)?;
+    let keys = config.audit.keys()?;
+    let now = store::now_us();
+    let erased = store.erase_patient(id, now)?;
+    audit::append(
+        &store,
+        &keys,
+        &privacy::erasure_entry("cli", id, reason, &erased, now),
+    )?;
+    Ok(erased)
+}
+
+/// `cloud-hub patient hold|release`: sets (with a reason) or lifts patient
+/// `id`'s legal hold, audited.
+pub fn patient_hold(config: &Config, id: &str, reason: Option<&str>) -> Result<(), HubError> {
+    let store = open_store(config)?;
+    let hold = reason.map(|r| privacy::LegalHold {
+        patient: id.to_owned(),
+        reason: r.to_owned(),
+        set_by: "cli".into(),
+        set_us: store::now_us(),
+    });
+    if !store.set_legal_hold(id, hold.as_ref())? && hold.is_some() {
+        return Err(HubError::UnknownPatient(id.to_owned()));
+    }
+    let (action, detail) = match reason {
+        Some(r) => ("legal-hold", format!("patient={id}; reason={r}")),
+        None => ("legal-hold-lifted", format!("patient={id}")),
+    };
+    audit_cli(&store, config, action, "patient hold", detail)
+}
+
+/// `cloud-hub patient everything`: patient `id`'s whole record as FHIR
+/// NDJSON lines (subject access), audited.
+pub fn patient_everything(config: &Config, id: &str) -> Result<Vec<String>, HubError> {
+    let store = open_store(config)?;
+    let record =
+        privacy::patient_record(&store, id)?.ok_or_else(|| HubError::UnknownPatient(id.into()))?;
+    audit_cli(
+        &store,
+        config,
+        "read",
+        "patient everything",
+        format!("patient={id}; resources={}", record.len()),
+    )?;
+    Ok(record.iter().map(ToString::to_string).collect())
 }
 
 /// Records an administrative command in the audit log (actor `cli`),

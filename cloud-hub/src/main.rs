@@ -79,6 +79,12 @@ enum Command {
         #[command(subcommand)]
         command: LakeCommand,
     },
+    /// Patients' rights: subject access, erasure, legal hold
+    /// (docs/privacy.md).
+    Patient {
+        #[command(subcommand)]
+        command: PatientCommand,
+    },
     /// Replace the embedded database with a backup (stop the hub first).
     Restore {
         /// The backup file.
@@ -103,6 +109,32 @@ enum LakeCommand {
         #[arg(long)]
         out: PathBuf,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum PatientCommand {
+    /// Print everything the hub holds about a patient as FHIR NDJSON
+    /// (Patient, Observation, Encounter, Flag, AuditEvent) on stdout.
+    Everything {
+        /// The patient id (identifier value, as in `Patient/{id}`).
+        id: String,
+    },
+    /// Erase a patient's data from every table (irreversible); a
+    /// tombstone keeps late data for them out. Refused under a legal hold.
+    Erase {
+        id: String,
+        /// Why (recorded in the audit log).
+        #[arg(long)]
+        reason: String,
+    },
+    /// Put a patient's data under legal hold (blocks erasure and retention).
+    Hold {
+        id: String,
+        #[arg(long)]
+        reason: String,
+    },
+    /// Lift a patient's legal hold.
+    Release { id: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -312,6 +344,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Serve => serve(config),
         Command::Gateway { command } => gateway(&config, command),
         Command::Audit { command } => audit(&config, command),
+        Command::Patient { command } => patient(&config, command),
         Command::User { command } => user(&config, command),
         Command::Token { command } => token(&config, command),
         Command::Backup { .. } | Command::Restore { .. }
@@ -351,6 +384,51 @@ fn run(cli: Cli) -> Result<()> {
                 "One-time enrolment token, valid for {ttl_hours} h. On the gateway: \
 edge-agent provision --hub <hub url> --enrollment-token <token> --gateway-id <id> --out <dir>"
             );
+            Ok(())
+        }
+    }
+}
+
+fn patient(config: &Config, command: PatientCommand) -> Result<()> {
+    match command {
+        PatientCommand::Everything { id } => {
+            let record = cloud_hub::patient_everything(config, &id)
+                .with_context(|| format!("reading patient `{id}`"))?;
+            let mut out = std::io::stdout().lock();
+            for line in &record {
+                writeln!(out, "{line}")?;
+            }
+            eprintln!("{} resources of patient `{id}`.", record.len());
+            Ok(())
+        }
+        PatientCommand::Erase { id, reason } => {
+            let e = cloud_hub::patient_erase(config, &id, &reason)
+                .with_context(|| format!("erasing patient `{id}`"))?;
+            let c = &e.counts;
+            eprintln!(
+                "Patient `{id}` erased (tombstone {}, {} device windows): {} observations, \
+                 {} stays, {} manual inputs, {} alerts, {} scores, {} chart buckets removed.",
+                e.tombstone_id,
+                e.windows.len(),
+                c.observations,
+                c.stays,
+                c.manual_inputs,
+                c.alerts,
+                c.scores,
+                c.chart_buckets
+            );
+            Ok(())
+        }
+        PatientCommand::Hold { id, reason } => {
+            cloud_hub::patient_hold(config, &id, Some(&reason))
+                .with_context(|| format!("holding patient `{id}`"))?;
+            eprintln!("Patient `{id}` is under legal hold.");
+            Ok(())
+        }
+        PatientCommand::Release { id } => {
+            cloud_hub::patient_hold(config, &id, None)
+                .with_context(|| format!("releasing patient `{id}`"))?;
+            eprintln!("Patient `{id}`'s legal hold is lifted.");
             Ok(())
         }
     }

@@ -96,6 +96,11 @@ const EXPECTED: &[(&str, &str, &str)] = &[
     ("GET", "/api/v1/patients/{id}/alert-rules", "CA"),
     ("PUT", "/api/v1/patients/{id}/alert-rules", "CA"),
     ("GET", "/api/v1/gateways", "BOA"),
+    ("GET", "/api/v1/patients/{id}/$everything", "AV"),
+    ("POST", "/api/v1/patients/{id}/erase", "AV"),
+    ("PUT", "/api/v1/patients/{id}/legal-hold", "AV"),
+    ("DELETE", "/api/v1/patients/{id}/legal-hold", "AV"),
+    ("GET", "/api/v1/legal-holds", "AV"),
 ];
 
 fn letter(role: Role) -> char {
@@ -104,6 +109,7 @@ fn letter(role: Role) -> char {
         Role::Biomed => 'B',
         Role::Operator => 'O',
         Role::Admin => 'A',
+        Role::Privacy => 'V',
     }
 }
 

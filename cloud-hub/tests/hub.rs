@@ -58,6 +58,8 @@ mod lake;
 mod mqtt_ingest;
 #[path = "mtls.rs"]
 mod mtls;
+#[path = "privacy.rs"]
+mod privacy;
 #[path = "rate_limit.rs"]
 mod rate_limit;
 #[path = "replicas.rs"]

@@ -397,7 +397,6 @@ fn bp_panel_lists_the_panel_not_its_parts(s: &Store) {
 /// score history likewise; the export lock runs the export.
 fn lake_reads_page_by_cursor(s: &Store) -> Result<(), StoreError> {
     use cloud_hub::score_history::{Entry, Kind, should_write};
-    use hub_storage::LakeStore;
     let assoc = Associations::from([((G.to_owned(), "d1".to_owned()), "p-1".to_owned())]);
     let sys = numeric(codes::PRESS_BLD_NONINV_SYS, "mm[Hg]", 120.0, T0, 10);
     let dia = numeric(codes::PRESS_BLD_NONINV_DIA, "mm[Hg]", 80.0, T0, 11);
@@ -443,7 +442,11 @@ fn lake_reads_page_by_cursor(s: &Store) -> Result<(), StoreError> {
     assert_eq!(s.record_scores("p-1", T0, &both, should_write)?, 2);
     let scores = s.lake_scores(0, None, 100)?;
     assert_eq!(scores.len(), 2);
-    assert!(scores.iter().all(|x| x.patient_id == "p-1" && x.point == (T0, e.clone())));
+    assert!(
+        scores
+            .iter()
+            .all(|x| x.patient_id == "p-1" && x.point == (T0, e.clone()))
+    );
     let mut kinds: Vec<&str> = scores.iter().map(|x| x.kind.as_str()).collect();
     kinds.sort();
     assert_eq!(kinds, vec!["mews", "news2"]);
@@ -2221,6 +2224,227 @@ fn stream_offsets_commit_with_the_batch(s: &Store) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Erasure (issue 20): every row of the patient goes, a tombstone keeps
+/// the subject key and device windows (never the identifier), late data
+/// for the patient is dropped at ingest, and a legal hold blocks both the
+/// erasure and retention.
+fn erasure_removes_the_patient_everywhere_and_keeps_late_data_out(
+    s: &Store,
+) -> Result<(), StoreError> {
+    use cloud_hub::storage::{ErasureError, LegalHold, RetentionCutoffs};
+    let none = Associations::new();
+    let p = |v: &str| PatientId {
+        system: "urn:mrn".into(),
+        value: v.into(),
+    };
+    beds(s, &["b1", "b2"]);
+    s.place_device(G, "d1", "b1", T0 - MIN, &none).unwrap();
+    s.place_device(G, "d2", "b2", T0 - MIN, &none).unwrap();
+    s.admit(&p("mrn-1"), "b1", T0 - MIN, Some("v1"), &none)
+        .unwrap();
+    s.admit(&p("mrn-2"), "b2", T0 - MIN, None, &none).unwrap();
+    let r = ingest(
+        s,
+        &batch(
+            1,
+            vec![
+                entry("d1", vec![spo2(T0, 1), hr(T0 + 10 * MIN, 2)]),
+                entry("d2", vec![spo2(T0, 1)]),
+            ],
+        ),
+        &none,
+    );
+    assert_eq!((r.ack.accepted, r.erased), (3, 0));
+    s.record_manual("mrn-1", &[("consciousness", "A".to_string())], T0, T0)?;
+    use cloud_hub::score_history::{Entry, Kind, should_write};
+    let e = Entry {
+        total: Some(1),
+        band: Some("low".into()),
+        missing: vec![],
+        stale: vec![],
+        components: None,
+    };
+    s.record_scores("mrn-1", T0, &[(Kind::News2, e)], should_write)?;
+    assert!(matches!(
+        s.erase_patient("nobody", T0),
+        Err(ErasureError::UnknownPatient(_))
+    ));
+
+    // A legal hold blocks erasure and retention of the patient's data.
+    let hold = LegalHold {
+        patient: "mrn-1".into(),
+        reason: "litigation 2026-17".into(),
+        set_by: "privacy-officer".into(),
+        set_us: T0,
+    };
+    assert!(s.set_legal_hold("mrn-1", Some(&hold))?);
+    assert!(!s.set_legal_hold("nobody", Some(&hold))?);
+    assert_eq!(s.legal_holds()?, vec![hold.clone()]);
+    assert!(matches!(
+        s.erase_patient("mrn-1", T0 + 30 * MIN),
+        Err(ErasureError::LegalHold { .. })
+    ));
+    let purged = s.purge_classes(&RetentionCutoffs {
+        readings: Some(T0 + 60 * MIN),
+        aggregates: Some(T0 + 60 * MIN),
+        alerts: Some(T0 + 60 * MIN),
+    })?;
+    assert_eq!(
+        purged.observations, 1,
+        "only mrn-2's reading: mrn-1 is held"
+    );
+    assert_eq!(search(s, &[("patient", "mrn-1")]).0, 2);
+    assert_eq!(s.manual_inputs_of("mrn-1")?.len(), 1);
+    assert_eq!(
+        s.score_history("mrn-1", Kind::News2, 0, i64::MAX, 10)?
+            .len(),
+        1
+    );
+    assert!(s.set_legal_hold("mrn-1", None)?);
+    assert!(s.legal_holds()?.is_empty());
+
+    // The subject-access reads see the patient before the erasure.
+    let stays = s.stays_of("mrn-1")?;
+    assert_eq!(stays.len(), 1);
+    assert_eq!(
+        (stays[0].bed.as_str(), stays[0].system.as_str()),
+        ("b1", "urn:mrn")
+    );
+
+    let erased = s.erase_patient("mrn-1", T0 + 30 * MIN).unwrap();
+    assert_eq!(erased.counts.observations, 2);
+    assert_eq!(
+        (
+            erased.counts.stays,
+            erased.counts.manual_inputs,
+            erased.counts.scores
+        ),
+        (1, 1, 1)
+    );
+    let salt = s.subject_salt()?;
+    assert_eq!(
+        erased.subject,
+        cloud_hub::privacy::subject_key(&salt, "urn:mrn", "mrn-1")
+    );
+    assert_eq!(s.subject_salt()?, salt, "the salt never changes");
+    // Nothing of the patient is left to read.
+    assert_eq!(search(s, &[("patient", "mrn-1")]).0, 0);
+    assert_eq!(s.patient("mrn-1")?, None);
+    assert!(s.stays_of("mrn-1")?.is_empty());
+    assert!(s.manual_inputs_of("mrn-1")?.is_empty());
+    assert!(
+        s.score_history("mrn-1", Kind::News2, 0, i64::MAX, 10)?
+            .is_empty()
+    );
+    assert!(s.erase_patient("mrn-1", T0 + 31 * MIN).is_err());
+    // The tombstone: the subject key and the device window, no identifier.
+    let t = s.tombstones_since(0)?;
+    assert_eq!(t.len(), 1);
+    assert_eq!(
+        (t[0].subject, t[0].erased_us),
+        (erased.subject, T0 + 30 * MIN)
+    );
+    assert_eq!(
+        t[0].windows,
+        vec![cloud_hub::storage::DeviceWindow {
+            gateway_id: G.into(),
+            device_id: "d1".into(),
+            from_us: T0 - MIN,
+            to_us: T0 + 30 * MIN,
+        }]
+    );
+    assert!(s.tombstones_since(t[0].id)?.is_empty());
+
+    // Late data: a reading of d1 inside the window, and a reading naming
+    // the patient from another device, are dropped; a later reading of d1
+    // (the bed is empty now) and mrn-2's data are kept.
+    let mut named = spo2(T0 + 5 * MIN, 1);
+    named.subject = Some(Identifier {
+        system: "urn:mrn".into(),
+        value: "mrn-1".into(),
+    });
+    let late = ingest(
+        s,
+        &batch(
+            2,
+            vec![
+                entry("d1", vec![spo2(T0 + 5 * MIN, 10), spo2(T0 + 40 * MIN, 11)]),
+                entry("oru", vec![named]),
+                entry("d2", vec![spo2(T0 + 70 * MIN, 2)]),
+            ],
+        ),
+        &none,
+    );
+    assert_eq!((late.ack.accepted, late.erased), (2, 2));
+    assert!(s.observation(&oid("d1", 10))?.is_none());
+    assert!(s.observation(&oid("oru", 1))?.is_none());
+    assert_eq!(s.observation(&oid("d1", 11))?.unwrap().patient_id, None);
+    assert_eq!(
+        s.observation(&oid("d2", 2))?.unwrap().patient_id.as_deref(),
+        Some("mrn-2")
+    );
+    assert_eq!(search(s, &[("patient", "mrn-1")]).0, 0);
+    // An ADT replay of the old admission cannot bring the patient back;
+    // a new admission after the erasure is new data.
+    assert!(matches!(
+        s.admit(&p("mrn-1"), "b1", T0, None, &none),
+        Err(AssocError::Erased)
+    ));
+    s.admit(&p("mrn-1"), "b1", T0 + 60 * MIN, None, &none)
+        .unwrap();
+    Ok(())
+}
+
+/// Audit retention: the log is purged only up to a signed checkpoint older
+/// than the window, with a keyed purge entry, and still verifies.
+fn audit_retention_purges_up_to_a_checkpoint_and_the_chain_still_verifies(
+    s: &Store,
+) -> Result<(), StoreError> {
+    use cloud_hub::audit::CheckpointPolicy;
+    let keys = audit_keys(4);
+    let key = keys.current().unwrap();
+    let day = 86_400_000_000i64;
+    let every = CheckpointPolicy {
+        every_entries: 1,
+        every_us: 1,
+    };
+    let h = s.handle();
+    for i in 0..5 {
+        s.append_audit(&audit_entry(i), Some(key))?;
+    }
+    let first = s.audit_checkpoint(key, every, T0)?.unwrap();
+    for i in 5..10 {
+        s.append_audit(&audit_entry(i), Some(key))?;
+    }
+    s.audit_checkpoint(key, every, T0 + 10 * day)?.unwrap();
+    // Nothing is older than the window yet.
+    assert_eq!(
+        cloud_hub::retention::purge_audit(&h, &keys, 30, T0 + day)?,
+        0
+    );
+    // Six days on with a five-day window: up to the first checkpoint.
+    let n = cloud_hub::retention::purge_audit(&h, &keys, 5, T0 + 6 * day)?;
+    assert_eq!(n, 5);
+    let left = s.audit_entries(i64::MIN)?;
+    assert_eq!(left.first().map(|e| e.seq), Some(first.seq + 1));
+    assert_eq!(
+        left.last().unwrap().entry.action,
+        cloud_hub::audit::PURGE_ACTION
+    );
+    let v = cloud_hub::audit::verify(&h, &keys, None, &[])?;
+    assert_eq!(v.broken, None);
+    assert_eq!((v.entries, v.head.map(|h| h.0)), (6, Some(11)));
+    // Again: nothing more (the next checkpoint is not old enough).
+    assert_eq!(
+        cloud_hub::retention::purge_audit(&h, &keys, 5, T0 + 6 * day)?,
+        0
+    );
+    // Appends go on after the purge entry.
+    assert_eq!(s.append_audit(&audit_entry(11), Some(key))?, 12);
+    assert_eq!(cloud_hub::audit::verify(&h, &keys, None, &[])?.broken, None);
+    Ok(())
+}
+
 macro_rules! suite {
     ($($name:ident),* $(,)?) => {
         trait Outcome {
@@ -2263,6 +2487,8 @@ macro_rules! suite {
 }
 
 suite!(
+    audit_retention_purges_up_to_a_checkpoint_and_the_chain_still_verifies,
+    erasure_removes_the_patient_everywhere_and_keeps_late_data_out,
     audit_batches_chain_in_order_in_one_transaction,
     nul_characters_are_refused_and_the_rest_is_stored,
     ingest_deduplicates_batches_and_readings,
@@ -2375,7 +2601,7 @@ fn postgres_partitions_by_month_and_migrates_once() {
     let s = Store::open_postgres(&cfg).unwrap();
     assert_eq!(
         s.postgres().unwrap().migrations().unwrap(),
-        vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+        vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
     );
     let r = ingest(
         &s,
@@ -2413,7 +2639,7 @@ fn postgres_migration_3_keeps_existing_rows_as_incarnation_0() {
              ALTER TABLE device_events DROP COLUMN incarnation;
              ALTER TABLE device_events ADD UNIQUE (gateway_id, device_id, sequence);
              DROP TABLE manual_inputs, score_history, alert_events, alerts,
-                 alert_rule_overrides, vital_rollups, audit_log;
+                 alert_rule_overrides, vital_rollups, audit_log, audit_purges;
              DROP FUNCTION audit_log_append_only();
              DROP TABLE login_throttle, alert_pending, alert_devices, alert_gateways;
              DROP TABLE stream_offsets, stream_leases, stream_replicas;
@@ -2427,7 +2653,7 @@ fn postgres_migration_3_keeps_existing_rows_as_incarnation_0() {
     let s = Store::open_postgres(&cfg).unwrap();
     assert_eq!(
         s.postgres().unwrap().migrations().unwrap(),
-        vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+        vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
     );
     assert!(ingest(&s, &first, &none).ack.duplicate_batch);
     let r = ingest(

@@ -43,8 +43,11 @@ pub struct Filled {
 
 /// The `--observations N` argument, else `default`.
 pub fn observations_arg(default: i64) -> i64 {
-    i64::try_from(u64_arg("--observations", u64::try_from(default).unwrap_or(0)))
-        .unwrap_or(default)
+    i64::try_from(u64_arg(
+        "--observations",
+        u64::try_from(default).unwrap_or(0),
+    ))
+    .unwrap_or(default)
 }
 
 /// The value of the `name N` argument, else `default`.

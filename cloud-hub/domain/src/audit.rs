@@ -380,6 +380,76 @@ pub struct Verification {
     pub checkpoints: u64,
 }
 
+/// The `action` of the entry a retention purge of the audit log appends.
+pub const PURGE_ACTION: &str = "audit-purge";
+
+/// The entry recording that entries `1..=through.seq` were purged by
+/// retention (`cutoff_us`: the audit retention's cut-off), anchored at
+/// the signed checkpoint `through`.
+pub fn purge_entry(through: &Checkpoint, cutoff_us: i64, now_us: i64) -> Entry {
+    Entry {
+        time_us: now_us,
+        actor: "retention".into(),
+        action: PURGE_ACTION.into(),
+        resource: "audit_log".into(),
+        patient: None,
+        patients: Vec::new(),
+        outcome: 0,
+        detail: format!(
+            "through={}; checkpoint={}; older_than={}",
+            through.seq,
+            through.mac,
+            crate::clock::format_instant(cutoff_us)
+        ),
+    }
+}
+
+/// Where retention may purge the audit log up to at `cutoff_us`: the
+/// newest checkpoint signed before the cut-off (every entry it covers is
+/// older), when it is past `purged` (what is purged already).
+pub fn purge_point(checkpoints: &[Checkpoint], cutoff_us: i64, purged: i64) -> Option<&Checkpoint> {
+    checkpoints
+        .iter()
+        .filter(|c| c.time_us < cutoff_us && c.seq > purged)
+        .max_by_key(|c| c.seq)
+}
+
+/// Checks a log purged through `purged`: a checkpoint of that entry signed
+/// by a given key, the first remaining entry linked to it, and a keyed
+/// purge entry in the log naming it (so a prefix cut by someone without
+/// the key is found). Returns the link the chain continues from.
+fn purged_prefix(
+    all: &[Stored],
+    keys: &[AuditKey],
+    checkpoints: &[Checkpoint],
+    purged: i64,
+) -> Result<String, String> {
+    let Some(c) = checkpoints
+        .iter()
+        .find(|c| c.seq == purged && keys.iter().any(|k| k.id == c.key_id && c.signed_by(k)))
+    else {
+        return Err(format!(
+            "the log starts at entry {} without a signed checkpoint of entry {purged} \
+             (entries were removed)",
+            purged + 1
+        ));
+    };
+    if all[0].prev_hash != c.mac {
+        return Err(format!(
+            "does not link to the checkpoint of entry {purged} it follows"
+        ));
+    }
+    let named = format!("through={purged};");
+    if !all.iter().any(|s| {
+        s.entry.action == PURGE_ACTION && s.key_id.is_some() && s.entry.detail.starts_with(&named)
+    }) {
+        return Err(format!(
+            "entries up to {purged} are missing and no purge entry records their removal"
+        ));
+    }
+    Ok(c.mac.clone())
+}
+
 /// Recomputes the chain over `all` (every stored entry, by seq) with
 /// `keys` (the current audit key and any retired ones; keyed entries need
 /// the key they name, unkeyed ones may only precede the first keyed one;
@@ -397,7 +467,24 @@ pub fn verify(
     let mut prev = GENESIS.to_owned();
     let mut broken = None;
     let mut keyed_from = None;
-    for (expected_seq, s) in (1..).zip(all.iter()) {
+    // A log whose oldest entries were purged by retention starts after a
+    // signed checkpoint, and holds the keyed purge entry naming it.
+    let purged = all.first().map_or(0, |s| s.seq - 1);
+    if purged > 0 {
+        match purged_prefix(all, keys, checkpoints, purged) {
+            Ok(mac) => prev = mac,
+            Err(why) => {
+                return Verification {
+                    entries: all.len() as u64,
+                    head: all.last().map(|s| (s.seq, s.hash.clone())),
+                    broken: Some((purged + 1, why)),
+                    keyed_from: None,
+                    checkpoints: checkpoints.len() as u64,
+                };
+            }
+        }
+    }
+    for (expected_seq, s) in (purged + 1..).zip(all.iter()) {
         let why = if s.seq != expected_seq {
             Some(format!(
                 "sequence jumps from {} to {}",
@@ -457,6 +544,8 @@ pub fn verify(
                     "checkpoint of entry {} has a bad signature (forged or altered)",
                     c.seq
                 )),
+                // Entries purged by retention: the signature is all there is.
+                Some(_) if c.seq <= purged => None,
                 Some(_) => match all.iter().find(|s| s.seq == c.seq) {
                     None if all.is_empty() => Some(format!(
                         "the log is empty but a checkpoint recorded {} entries (entries were removed)",
@@ -484,6 +573,7 @@ pub fn verify(
         && let Some((seq, hash)) = anchor
     {
         match all.iter().find(|s| s.seq == seq) {
+            None if seq <= purged => {}
             Some(s) if s.hash == hash => {}
             Some(_) => broken = Some((seq, "differs from the anchor".into())),
             None => {
@@ -599,6 +689,72 @@ mod tests {
             verify(&all, &[key(1)], None, &[]).broken.map(|b| b.0),
             Some(5)
         );
+    }
+
+    /// Appends `e` chained to the last of `all` under `k`.
+    fn push(all: &mut Vec<Stored>, e: Entry, k: &AuditKey) {
+        let l = next_link(all.last().map(head).as_ref(), &e, Some(k)).unwrap();
+        all.push(Stored {
+            seq: l.seq,
+            entry: e,
+            prev_hash: l.prev_hash,
+            hash: l.hash,
+            key_id: l.key_id,
+        });
+    }
+
+    #[test]
+    fn a_log_purged_at_a_signed_checkpoint_verifies_and_a_cut_without_one_does_not() {
+        let k = key(9);
+        let mut all = chain(10, 0, &k);
+        let at5 = Checkpoint::sign(&k, &head(&all[4]), 100);
+        let at8 = Checkpoint::sign(&k, &head(&all[7]), 300);
+        let cps = vec![at5.clone(), at8.clone()];
+        // The newest checkpoint signed before the cut-off, past what is purged.
+        assert_eq!(purge_point(&cps, 200, 0), Some(&at5));
+        assert_eq!(purge_point(&cps, 301, 0), Some(&at8));
+        assert_eq!(purge_point(&cps, 200, 5), None);
+        assert_eq!(purge_point(&cps, 100, 0), None);
+        // Retention: the purge entry is chained at the head, then 1..=5 go.
+        push(&mut all, purge_entry(&at5, 200, 400), &k);
+        let purged: Vec<Stored> = all[5..].to_vec();
+        let v = verify(&purged, std::slice::from_ref(&k), None, &cps);
+        assert_eq!(v.broken, None);
+        assert_eq!((v.entries, v.head.unwrap().0), (6, 11));
+        // An anchor among the purged entries is no longer checkable.
+        assert_eq!(
+            verify(&purged, std::slice::from_ref(&k), Some((3, "x")), &cps).broken,
+            None
+        );
+        // Without its checkpoint, or with a forged one: entries were removed.
+        let b = verify(
+            &purged,
+            std::slice::from_ref(&k),
+            None,
+            std::slice::from_ref(&at8),
+        )
+        .broken
+        .unwrap();
+        assert_eq!(b.0, 6);
+        assert!(b.1.contains("without a signed checkpoint"), "{b:?}");
+        let mut forged = at5.clone();
+        forged.entries += 1;
+        assert!(
+            verify(&purged, std::slice::from_ref(&k), None, &[forged])
+                .broken
+                .is_some()
+        );
+        // A prefix cut at the checkpoint without the keyed purge entry.
+        let cut: Vec<Stored> = chain(10, 0, &k)[5..].to_vec();
+        let b = verify(&cut, std::slice::from_ref(&k), None, &cps)
+            .broken
+            .unwrap();
+        assert!(b.1.contains("no purge entry"), "{b:?}");
+        // A cut at an entry without a checkpoint.
+        let b = verify(&all[3..], std::slice::from_ref(&k), None, &cps)
+            .broken
+            .unwrap();
+        assert_eq!(b.0, 4);
     }
 
     /// An attacker with the database but not the key: every edit,

@@ -145,6 +145,10 @@ pub struct PlacementSpan {
     pub to_us: i64,
 }
 
+/// A device's span of readings attributed to a patient: gateway, device,
+/// first and last effective time.
+pub type ObservedSpan = (String, String, i64, i64);
+
 /// The device windows of an erasure: each placement at a bed of a stay,
 /// cut to the stay, plus each device's span of readings attributed to the
 /// patient (`observed`: gateway, device, first and last effective time;
@@ -153,7 +157,7 @@ pub struct PlacementSpan {
 pub fn erasure_windows(
     stays: &[ErasedStay],
     placements: &[PlacementSpan],
-    observed: &[(String, String, i64, i64)],
+    observed: &[ObservedSpan],
 ) -> Vec<DeviceWindow> {
     let mut all: Vec<DeviceWindow> = Vec::new();
     for s in stays {

@@ -244,6 +244,10 @@ impl AssocTx for Tx<'_, '_> {
     fn reattributed(&mut self, g: &str, d: &str, lo: i64, hi: i64) -> Result<(), DbError> {
         block_on(crate::trends::rebuild_device(self.0, g, d, lo, hi))
     }
+
+    fn erased_at(&mut self, patient: &PatientId) -> Result<Option<i64>, DbError> {
+        crate::privacy::erased_at(self, patient)
+    }
 }
 
 fn list_beds(c: &Tx<'_, '_>) -> Result<Vec<Bed>, DbError> {

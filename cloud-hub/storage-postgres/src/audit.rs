@@ -34,20 +34,89 @@ fn checkpoint_row(r: &tokio_postgres::Row) -> AuditCheckpoint {
 /// The head of the chain, read after the lock was granted (read committed:
 /// the statement's snapshot sees the previous holder's entry).
 async fn head(tx: &deadpool_postgres::Transaction<'_>) -> Result<Option<Head>, DbError> {
-    Ok(tx
-        .query_opt(
-            "SELECT seq, hash, key_id FROM audit_log ORDER BY seq DESC LIMIT 1",
-            &[],
-        )
-        .await?
-        .map(|r| Head {
-            seq: r.get(0),
-            hash: r.get(1),
-            key_id: r.get(2),
-        }))
+    let st = tx
+        .prepare_cached("SELECT seq, hash, key_id FROM audit_log ORDER BY seq DESC LIMIT 1")
+        .await?;
+    Ok(tx.query_opt(&st, &[]).await?.map(|r| Head {
+        seq: r.get(0),
+        hash: r.get(1),
+        key_id: r.get(2),
+    }))
 }
 
 impl PgStore {
+    async fn db_purge_audit(
+        &self,
+        through: &AuditCheckpoint,
+        entry: &AuditEntry,
+        key: &AuditKey,
+    ) -> Result<u64, DbError> {
+        let mut c = self.conn().await?;
+        let tx = c.transaction().await?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&AUDIT_LOCK])
+            .await?;
+        let stored = tx
+            .query_opt(
+                "SELECT mac FROM audit_checkpoints WHERE seq = $1",
+                &[&through.seq],
+            )
+            .await?
+            .map(|r| r.get::<_, String>(0));
+        if stored.as_deref() != Some(through.mac.as_str()) {
+            return Err(StoreError::Corrupt(format!(
+                "audit purge: checkpoint of entry {} is not stored",
+                through.seq
+            ))
+            .into());
+        }
+        let pending: i64 = tx
+            .query_one(
+                "SELECT COUNT(*) FROM audit_log WHERE seq <= $1",
+                &[&through.seq],
+            )
+            .await?
+            .get(0);
+        if pending == 0 {
+            return Ok(0);
+        }
+        // The purge entry first, chained to the head (which may be the
+        // checkpoint's own entry, about to go).
+        let last = head(&tx).await?;
+        let link = next_link(last.as_ref(), entry, Some(key)).map_err(StoreError::from)?;
+        tx.execute(
+            "INSERT INTO audit_log (seq, time_us, actor, action, resource, patient_id, patients,
+                 outcome, detail, prev_hash, hash, key_id)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+            &[
+                &link.seq,
+                &entry.time_us,
+                &entry.actor,
+                &entry.action,
+                &entry.resource,
+                &entry.patient,
+                &entry.patients.join("\n"),
+                &i32::from(entry.outcome),
+                &entry.detail,
+                &link.prev_hash,
+                &link.hash,
+                &link.key_id,
+            ],
+        )
+        .await?;
+        tx.execute(
+            "INSERT INTO audit_purges (through, mac, time_us) VALUES ($1, $2, $3)",
+            &[&through.seq, &through.mac, &entry.time_us],
+        )
+        .await?;
+        tx.execute("SET LOCAL vigil.audit_purge = 'on'", &[])
+            .await?;
+        let n = tx
+            .execute("DELETE FROM audit_log WHERE seq <= $1", &[&through.seq])
+            .await?;
+        tx.commit().await?;
+        Ok(n)
+    }
+
     /// One transaction for the whole batch: the lock, the head, every
     /// entry chained in order (the inserts pipelined over one prepared
     /// statement), one commit.
@@ -61,8 +130,10 @@ impl PgStore {
         }
         let mut c = self.conn().await?;
         let tx = c.transaction().await?;
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&AUDIT_LOCK])
+        let lock = tx
+            .prepare_cached("SELECT pg_advisory_xact_lock($1)")
             .await?;
+        tx.execute(&lock, &[&AUDIT_LOCK]).await?;
         let mut last = head(&tx).await?;
         let mut rows = Vec::with_capacity(entries.len());
         for e in entries {
@@ -234,5 +305,13 @@ impl AuditStore for PgStore {
     }
     fn audit_checkpoints(&self) -> Result<Vec<AuditCheckpoint>, StoreError> {
         self.run(self.db_audit_checkpoints())
+    }
+    fn purge_audit(
+        &self,
+        through: &AuditCheckpoint,
+        entry: &AuditEntry,
+        key: &AuditKey,
+    ) -> Result<u64, StoreError> {
+        self.run(self.db_purge_audit(through, entry, key))
     }
 }

@@ -180,10 +180,9 @@ impl PgStore {
         // trip; the plan asks for exactly these (`attribution_queries`).
         let wanted = ingest::attribution_queries(batch);
         // With the erased windows of each, in the same round trip.
-        let mut loaded: HashMap<
-            (&str, i64, i64),
-            (Vec<tokio_postgres::Row>, Vec<tokio_postgres::Row>),
-        > = HashMap::new();
+        // (attribution spans, erased windows) per query.
+        type Loaded = (Vec<tokio_postgres::Row>, Vec<tokio_postgres::Row>);
+        let mut loaded: HashMap<(&str, i64, i64), Loaded> = HashMap::new();
         if !wanted.is_empty() {
             let spans = tx.prepare(ATTRIBUTION_SPANS).await?;
             let erased = tx.prepare(privacy::ERASED_WINDOWS).await?;

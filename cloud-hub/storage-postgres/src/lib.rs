@@ -626,12 +626,13 @@ impl PgStore {
 
     async fn db_observation(&self, id: &str) -> Result<Option<ObservationRow>, DbError> {
         let c = self.conn().await?;
-        Ok(c.query_opt(
-            &format!("SELECT {OBS_COLUMNS} FROM {OBS_FROM} WHERE o.id = $1 LIMIT 1"),
-            &[&id],
-        )
-        .await?
-        .map(|r| obs_row(&r, 0)))
+        // Prepared once per connection: one round trip, no re-planning.
+        let st = c
+            .prepare_cached(&format!(
+                "SELECT {OBS_COLUMNS} FROM {OBS_FROM} WHERE o.id = $1 LIMIT 1"
+            ))
+            .await?;
+        Ok(c.query_opt(&st, &[&id]).await?.map(|r| obs_row(&r, 0)))
     }
 
     async fn db_search(
@@ -688,15 +689,22 @@ impl PgStore {
         }
         let where_sql = format!("WHERE {}", clauses.join(" AND "));
         let c = self.conn().await?;
-        let refs: Vec<&(dyn ToSql + Sync)> = args.iter().map(|a| a.as_ref()).collect();
-        let total: i64 = c
-            .query_one(
-                &format!("SELECT COUNT(*) FROM observations o {where_sql}"),
-                &refs,
-            )
-            .await?
-            .get(0);
+        // The statements of a search shape are prepared once per
+        // connection (the text depends on the shape, not the values). The
+        // shapes are many (codes and categories OR-ed, dates): a
+        // connection's cache is emptied past a bound, so no sequence of
+        // searches grows it (or the server's prepared statements) without
+        // end.
+        if c.statement_cache.size() > MAX_CACHED_STATEMENTS {
+            c.statement_cache.clear();
+        }
+        let count_st = c
+            .prepare_cached(&format!("SELECT COUNT(*) FROM observations o {where_sql}"))
+            .await?;
+        let filters = args.len();
         if s.count == 0 {
+            let refs: Vec<&(dyn ToSql + Sync)> = args.iter().map(|a| a.as_ref()).collect();
+            let total: i64 = c.query_one(&count_st, &refs).await?.get(0);
             return Ok((total as u64, Vec::new()));
         }
         let order = match s.sort {
@@ -705,13 +713,18 @@ impl PgStore {
         };
         let limit = arg(&mut args, i64::from(s.count));
         let offset = arg(&mut args, i64::try_from(s.offset).unwrap_or(i64::MAX));
-        let refs: Vec<&(dyn ToSql + Sync)> = args.iter().map(|a| a.as_ref()).collect();
-        let rows = c.query(
-            &format!(
+        let page_st = c
+            .prepare_cached(&format!(
                 "SELECT {OBS_COLUMNS} FROM {OBS_FROM} {where_sql} ORDER BY {order} LIMIT {limit} OFFSET {offset}"
-            ),
-            &refs,
-        ).await?;
+            ))
+            .await?;
+        let refs: Vec<&(dyn ToSql + Sync)> = args.iter().map(|a| a.as_ref()).collect();
+        // The count and the page pipelined on the connection: one wait.
+        let (total, rows) = futures_util::try_join!(
+            c.query_one(&count_st, &refs[..filters]),
+            c.query(&page_st, &refs)
+        )?;
+        let total: i64 = total.get(0);
         Ok((total as u64, rows.iter().map(|r| obs_row(r, 0)).collect()))
     }
 
@@ -880,6 +893,11 @@ async fn put_gateway(
 const OBS_COLUMNS: &str = "o.id, o.kind, o.gateway_id, o.device_id, o.patient_id, o.received_us, \
      o.payload, o.resource, COALESCE(d.manufacturer, ''), COALESCE(d.model, ''), \
      COALESCE(d.serial_number, ''), o.patient_system, o.version, COALESCE(o.updated_us, o.received_us)";
+/// Prepared statements a pooled connection keeps before its cache is
+/// emptied (the fixed statements are a few dozen; search shapes add one
+/// or two each).
+const MAX_CACHED_STATEMENTS: usize = 256;
+
 const OBS_FROM: &str = "observations o LEFT JOIN devices d \
      ON d.gateway_id = o.gateway_id AND d.device_id = o.device_id";
 

@@ -110,7 +110,7 @@ impl ErasureTx for Tx<'_, '_> {
             .collect())
     }
 
-    fn observed(&mut self, value: &str) -> Result<Vec<(String, String, i64, i64)>, DbError> {
+    fn observed(&mut self, value: &str) -> Result<Vec<hub_domain::privacy::ObservedSpan>, DbError> {
         Ok(self
             .query(
                 "SELECT gateway_id, device_id, MIN(effective_us), MAX(effective_us)
@@ -189,6 +189,25 @@ impl ErasureTx for Tx<'_, '_> {
         }
         Ok(id)
     }
+}
+
+/// When `patient` was last erased, if ever (by subject key with their
+/// system or none).
+pub(crate) fn erased_at(
+    tx: &Tx<'_, '_>,
+    patient: &hub_domain::association::PatientId,
+) -> Result<Option<i64>, DbError> {
+    let Some(salt) = salt_of(tx.query_opt(SELECT_SALT, &[])?)? else {
+        return Ok(None);
+    };
+    let with = hub_domain::privacy::subject_key(&salt, &patient.system, &patient.value).to_hex();
+    let bare = hub_domain::privacy::subject_key(&salt, "", &patient.value).to_hex();
+    Ok(tx
+        .query_one(
+            "SELECT MAX(erased_us) FROM erasures WHERE subject IN ($1, $2)",
+            &[&with, &bare],
+        )?
+        .get(0))
 }
 
 /// The erased windows query of ingest: device `(g, d)`'s windows

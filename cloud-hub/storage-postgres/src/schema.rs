@@ -486,6 +486,34 @@ CREATE TABLE IF NOT EXISTS legal_holds (
 );
 "#;
 
+/// Migration 12: audit retention (docs/privacy.md). A purge removes the
+/// entries up to a signed checkpoint in a transaction that sets
+/// `vigil.audit_purge` locally (and records it in `audit_purges`); every
+/// other update, delete or truncate is still refused. Verification starts
+/// the chain from that checkpoint and needs the keyed purge entry.
+const PG_V12: &str = r#"
+CREATE TABLE IF NOT EXISTS audit_purges (
+    through  bigint PRIMARY KEY,
+    mac      text NOT NULL,
+    time_us  bigint NOT NULL
+);
+CREATE OR REPLACE FUNCTION audit_log_append_only() RETURNS trigger LANGUAGE plpgsql AS $fn$
+BEGIN
+    IF TG_OP = 'DELETE' AND TG_TABLE_NAME = 'audit_log'
+       AND current_setting('vigil.audit_purge', true) = 'on' THEN
+        RETURN NULL;
+    END IF;
+    RAISE EXCEPTION '% is append-only: % refused', TG_TABLE_NAME, TG_OP
+        USING ERRCODE = '2F003',
+              HINT = 'audit entries are hash-chained and never changed; append a new entry instead';
+END
+$fn$;
+DROP TRIGGER IF EXISTS audit_purges_append_only ON audit_purges;
+CREATE TRIGGER audit_purges_append_only
+    BEFORE UPDATE OR DELETE OR TRUNCATE ON audit_purges
+    FOR EACH STATEMENT EXECUTE FUNCTION audit_log_append_only();
+"#;
+
 pub(crate) const MIGRATIONS: &[(i64, &str)] = &[
     (1, V1),
     (2, PG_V2),
@@ -498,6 +526,7 @@ pub(crate) const MIGRATIONS: &[(i64, &str)] = &[
     (9, PG_V9),
     (10, PG_V10),
     (11, PG_V11),
+    (12, PG_V12),
 ];
 
 /// Observation partitions are UTC months: `[start, end)` in µs of the

@@ -123,12 +123,18 @@ impl PgStore {
         to_us: i64,
     ) -> Result<Vec<Point>, DbError> {
         let c = self.conn().await?;
-        let rows = c
-            .query(
+        // Prepared once per connection: one round trip, no re-planning.
+        let st = c
+            .prepare_cached(
                 "SELECT bucket_us, SUM(n)::bigint, SUM(sum), MIN(min), MAX(max) FROM vital_rollups
                   WHERE patient_id = $1 AND mdc_code = $2 AND resolution_s = $3
                     AND bucket_us >= $4 AND bucket_us < $5
                   GROUP BY bucket_us ORDER BY bucket_us",
+            )
+            .await?;
+        let rows = c
+            .query(
+                &st,
                 &[
                     &patient,
                     &i64::from(mdc),

@@ -226,6 +226,10 @@ impl AssocTx for Tx<'_, '_> {
     fn reattributed(&mut self, g: &str, d: &str, lo: i64, hi: i64) -> Result<(), DbError> {
         Ok(crate::trends::rebuild_device(self.0, g, d, lo, hi)?)
     }
+
+    fn erased_at(&mut self, patient: &PatientId) -> Result<Option<i64>, DbError> {
+        crate::privacy::erased_at(self.0, patient)
+    }
 }
 
 fn list_beds(c: &Connection) -> rusqlite::Result<Vec<Bed>> {

@@ -207,6 +207,78 @@ impl AuditStore for SqliteStore {
     fn audit_checkpoints(&self) -> Result<Vec<AuditCheckpoint>, StoreError> {
         Ok(self.db_audit_checkpoints()?)
     }
+    fn purge_audit(
+        &self,
+        through: &AuditCheckpoint,
+        entry: &AuditEntry,
+        key: &AuditKey,
+    ) -> Result<u64, StoreError> {
+        Ok(self.db_purge_audit(through, entry, key)?)
+    }
+}
+
+impl SqliteStore {
+    fn db_purge_audit(
+        &self,
+        through: &AuditCheckpoint,
+        entry: &AuditEntry,
+        key: &AuditKey,
+    ) -> Result<u64, DbError> {
+        let mut conn = self.conn()?;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let stored: Option<String> = tx
+            .query_row(
+                "SELECT mac FROM audit_checkpoints WHERE seq = ?1",
+                [through.seq],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if stored.as_deref() != Some(through.mac.as_str()) {
+            return Err(StoreError::Corrupt(format!(
+                "audit purge: checkpoint of entry {} is not stored",
+                through.seq
+            ))
+            .into());
+        }
+        let pending: i64 = tx.query_row(
+            "SELECT COUNT(*) FROM audit_log WHERE seq <= ?1",
+            [through.seq],
+            |r| r.get(0),
+        )?;
+        if pending == 0 {
+            return Ok(0);
+        }
+        // The purge entry first, chained to the head (which may be the
+        // checkpoint's own entry, about to go).
+        let last = head(&tx)?;
+        let link = next_link(last.as_ref(), entry, Some(key)).map_err(StoreError::from)?;
+        tx.execute(
+            "INSERT INTO audit_log (seq, time_us, actor, action, resource, patient_id, patients,
+                 outcome, detail, prev_hash, hash, key_id)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            params![
+                link.seq,
+                entry.time_us,
+                entry.actor,
+                entry.action,
+                entry.resource,
+                entry.patient,
+                join_patients(&entry.patients),
+                entry.outcome,
+                entry.detail,
+                link.prev_hash,
+                link.hash,
+                link.key_id
+            ],
+        )?;
+        tx.execute(
+            "INSERT INTO audit_purges (through, mac, time_us) VALUES (?1, ?2, ?3)",
+            params![through.seq, through.mac, entry.time_us],
+        )?;
+        let n = tx.execute("DELETE FROM audit_log WHERE seq <= ?1", [through.seq])?;
+        tx.commit()?;
+        Ok(n as u64)
+    }
 }
 
 #[cfg(test)]

@@ -132,7 +132,7 @@ impl ErasureTx for Tx<'_, '_> {
         Ok(rows)
     }
 
-    fn observed(&mut self, value: &str) -> Result<Vec<(String, String, i64, i64)>, DbError> {
+    fn observed(&mut self, value: &str) -> Result<Vec<hub_domain::privacy::ObservedSpan>, DbError> {
         let mut st = self.0.prepare_cached(
             "SELECT gateway_id, device_id, MIN(effective_us), MAX(effective_us)
                FROM observations WHERE patient_id = ?1
@@ -218,6 +218,24 @@ impl ErasureTx for Tx<'_, '_> {
     }
 }
 
+/// When `patient` was last erased, if ever (by subject key with their
+/// system or none).
+pub(crate) fn erased_at(
+    c: &Connection,
+    patient: &hub_domain::association::PatientId,
+) -> Result<Option<i64>, DbError> {
+    let Some(salt) = read_salt(c)? else {
+        return Ok(None);
+    };
+    let with = hub_domain::privacy::subject_key(&salt, &patient.system, &patient.value);
+    let bare = hub_domain::privacy::subject_key(&salt, "", &patient.value);
+    Ok(c.query_row(
+        "SELECT MAX(erased_us) FROM erasures WHERE subject IN (?1, ?2)",
+        params![with.to_hex(), bare.to_hex()],
+        |r| r.get(0),
+    )?)
+}
+
 /// The erased windows of device `(g, d)` overlapping `[lo, hi]` (ingest).
 pub(crate) fn erased_windows(
     c: &Connection,
@@ -299,12 +317,11 @@ impl SqliteStore {
                 purge_chunked(&*self.conn()?, "rejected_readings", "received_us < ?1", cut)?;
         }
         if let Some(cut) = k.aggregates {
-            p.chart_buckets = purge_chunked(
-                &*self.conn()?,
-                "vital_rollups",
-                &format!("bucket_us < ?1 AND {NOT_HELD}"),
-                cut,
-            )?;
+            // A WITHOUT ROWID table: one statement (buckets are few).
+            p.chart_buckets = self.conn()?.execute(
+                &format!("DELETE FROM vital_rollups WHERE bucket_us < ?1 AND {NOT_HELD}"),
+                [cut],
+            )? as u64;
             p.scores = purge_chunked(
                 &*self.conn()?,
                 "score_history",

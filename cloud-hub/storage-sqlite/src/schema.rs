@@ -560,6 +560,26 @@ CREATE TABLE IF NOT EXISTS legal_holds (
 );
 "#;
 
+/// v21: audit retention (docs/privacy.md). A purge removes the entries
+/// up to a signed checkpoint (`audit_purges`, append-only, records each);
+/// the delete trigger refuses every other delete. Verification starts the
+/// chain from that checkpoint and needs the keyed purge entry.
+pub const SCHEMA_V21: &str = r#"
+CREATE TABLE IF NOT EXISTS audit_purges (
+    through  INTEGER PRIMARY KEY,
+    mac      TEXT NOT NULL,
+    time_us  INTEGER NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS audit_purges_no_update BEFORE UPDATE ON audit_purges
+BEGIN SELECT RAISE(ABORT, 'audit_purges is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS audit_purges_no_delete BEFORE DELETE ON audit_purges
+BEGIN SELECT RAISE(ABORT, 'audit_purges is append-only'); END;
+DROP TRIGGER IF EXISTS audit_log_no_delete;
+CREATE TRIGGER audit_log_no_delete BEFORE DELETE ON audit_log
+WHEN OLD.seq > COALESCE((SELECT MAX(through) FROM audit_purges), 0)
+BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END;
+"#;
+
 /// Ordered migrations; each runs once, in one transaction with its version row.
 pub const MIGRATIONS: &[(i64, &str)] = &[
     (1, SCHEMA_V1),
@@ -582,4 +602,5 @@ pub const MIGRATIONS: &[(i64, &str)] = &[
     (18, SCHEMA_V18),
     (19, SCHEMA_V19),
     (20, SCHEMA_V20),
+    (21, SCHEMA_V21),
 ];

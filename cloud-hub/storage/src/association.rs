@@ -36,6 +36,10 @@ pub enum AssocError {
     NotAdmitted,
     #[error("the device is not placed at a bed at that time")]
     NotPlaced,
+    /// A stay dated before the patient's erasure would bring erased data
+    /// back (docs/privacy.md); a new admission after it is allowed.
+    #[error("the patient's data was erased; a stay may not start before the erasure")]
+    Erased,
 }
 
 impl From<Invalid> for AssocError {
@@ -227,6 +231,9 @@ pub trait AssocTx {
     /// Device `(g, d)`'s readings in `[lo, hi)` changed patient (a backend
     /// with derived data, e.g. chart buckets, recomputes it).
     fn reattributed(&mut self, g: &str, d: &str, lo: i64, hi: i64) -> Result<(), Self::Error>;
+    /// When `patient` was last erased (`hub_domain::privacy`: by subject
+    /// key, with their system or none), if ever.
+    fn erased_at(&mut self, patient: &PatientId) -> Result<Option<i64>, Self::Error>;
 }
 
 /// The association changes, written once over an [`AssocTx`]. Each returns
@@ -342,6 +349,9 @@ pub mod procedure {
         let k = (patient.system.as_str(), patient.value.as_str());
         if !tx.bed_exists(bed)? {
             return Ok(Err(AssocError::BedNotFound(bed.to_owned())));
+        }
+        if tx.erased_at(patient)?.is_some_and(|t| at < t) {
+            return Ok(Err(AssocError::Erased));
         }
         let mine = ending_from(tx, Timeline::Stays, k, at)?;
         let at_bed = tx.at_bed(Timeline::Stays, bed, at, OPEN)?;

@@ -49,4 +49,16 @@ pub trait AuditStore {
     ) -> Result<Option<AuditCheckpoint>, StoreError>;
     /// The stored checkpoints, by seq.
     fn audit_checkpoints(&self) -> Result<Vec<AuditCheckpoint>, StoreError>;
+    /// Retention of the audit log: in one transaction under the append
+    /// lock, when entries up to `through.seq` remain and `through` is a
+    /// stored checkpoint (same seq and link), appends `entry`
+    /// (`hub_domain::audit::purge_entry`) chained to the head under `key`,
+    /// records the purge and deletes entries `..= through.seq`. Returns
+    /// the entries deleted (0: nothing to purge, nothing appended).
+    fn purge_audit(
+        &self,
+        through: &AuditCheckpoint,
+        entry: &AuditEntry,
+        key: &AuditKey,
+    ) -> Result<u64, StoreError>;
 }

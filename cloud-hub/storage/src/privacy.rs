@@ -146,7 +146,10 @@ pub trait ErasureTx: AssocTx {
     fn stays(&mut self, value: &str) -> Result<Vec<Interval>, Self::Error>;
     /// Per device (gateway, device): the first and last effective time of
     /// the readings attributed to the patient.
-    fn observed(&mut self, value: &str) -> Result<Vec<(String, String, i64, i64)>, Self::Error>;
+    fn observed(
+        &mut self,
+        value: &str,
+    ) -> Result<Vec<hub_domain::privacy::ObservedSpan>, Self::Error>;
     /// Deletes every row of the patient (readings, panels, chart buckets,
     /// score history, manual inputs, alerts with their transitions, rule
     /// overrides, stays; the alert engine's device→patient memory is

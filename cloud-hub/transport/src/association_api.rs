@@ -328,7 +328,8 @@ impl From<AssocError> for ApiError {
             | AssocError::BedOccupied(_)
             | AssocError::AlreadyAdmitted
             | AssocError::NotAdmitted
-            | AssocError::NotPlaced => StatusCode::CONFLICT,
+            | AssocError::NotPlaced
+            | AssocError::Erased => StatusCode::CONFLICT,
             AssocError::Store(err) => {
                 tracing::error!(error = %err, "association change failed");
                 return ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error");

@@ -38,8 +38,8 @@ use serde_json::{Value as Json, json};
 use tokio_util::sync::CancellationToken;
 
 pub use hub_domain::audit::{
-    AuditKey, Checkpoint, CheckpointPolicy, Entry, GENESIS, MULTIPLE, Stored, Verification,
-    chain_hash, chain_mac,
+    AuditKey, Checkpoint, CheckpointPolicy, Entry, GENESIS, MULTIPLE, PURGE_ACTION, Stored,
+    Verification, chain_hash, chain_mac, purge_entry, purge_point,
 };
 
 use crate::ConfigError;

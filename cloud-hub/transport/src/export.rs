@@ -147,6 +147,8 @@ pub enum JobStatus {
 #[derive(Debug)]
 pub struct Job {
     pub request: ExportRequest,
+    /// When the job started (exports retention, `[retention] exports_hours`).
+    pub started: std::time::Instant,
     pub transaction_time: String,
     pub dir: PathBuf,
     pub written: AtomicU64,
@@ -202,6 +204,7 @@ impl Exports {
         vigil_io::private_fs::create_dir_all(&dir)?;
         let job = Arc::new(Job {
             request,
+            started: std::time::Instant::now(),
             transaction_time: crate::fhir::format_instant(crate::store::now_us()),
             dir,
             written: AtomicU64::new(0),
@@ -231,6 +234,20 @@ impl Exports {
 
     pub fn job(&self, id: &str) -> Option<Arc<Job>> {
         self.jobs.lock().expect("export jobs lock").get(id).cloned()
+    }
+
+    /// Exports retention: deletes the jobs (and files) started more than
+    /// `max_age` ago, finished or not; returns how many.
+    pub fn expire(&self, max_age: std::time::Duration) -> usize {
+        let old: Vec<String> = self
+            .jobs
+            .lock()
+            .expect("export jobs lock")
+            .iter()
+            .filter(|(_, j)| j.started.elapsed() > max_age)
+            .map(|(id, _)| id.clone())
+            .collect();
+        old.iter().filter(|id| self.cancel(id)).count()
     }
 
     /// Cancels a job and deletes its files; false if unknown.
@@ -449,6 +466,41 @@ mod tests {
         q.iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn exports_retention_deletes_old_jobs_and_their_files_only() {
+        let root = tempfile::tempdir().unwrap();
+        let exports = Exports::new(root.path().join("exports"));
+        let job = |id: &str, age_s: u64| {
+            let dir = exports.root.join(id);
+            vigil_io::private_fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("Observation.ndjson"), b"{}\n").unwrap();
+            let started = std::time::Instant::now()
+                .checked_sub(std::time::Duration::from_secs(age_s))
+                .unwrap();
+            exports.jobs.lock().unwrap().insert(
+                id.to_owned(),
+                Arc::new(Job {
+                    request: parse_request(Scope::System, &[], "u".into()).unwrap(),
+                    started,
+                    transaction_time: String::new(),
+                    dir,
+                    written: AtomicU64::new(0),
+                    current: Mutex::new("Patient"),
+                    cancelled: AtomicBool::new(false),
+                    status: Mutex::new(JobStatus::Done(Vec::new())),
+                }),
+            );
+        };
+        job("old", 7200);
+        job("new", 60);
+        assert_eq!(exports.expire(std::time::Duration::from_secs(3600)), 1);
+        assert!(exports.job("old").is_none());
+        assert!(!exports.root.join("old").exists());
+        assert!(exports.job("new").is_some());
+        assert!(exports.root.join("new/Observation.ndjson").exists());
+        assert_eq!(exports.expire(std::time::Duration::from_secs(3600)), 0);
     }
 
     #[test]

@@ -59,6 +59,11 @@ pub struct FhirState {
 }
 
 impl FhirState {
+    /// The bulk export jobs (for exports retention).
+    pub fn exports(&self) -> Arc<crate::export::Exports> {
+        self.exports.clone()
+    }
+
     /// `exports_dir`: where Bulk Data export jobs write their files.
     pub fn new(
         store: Store,

@@ -41,6 +41,7 @@ pub mod kafka_ingest;
 pub mod metrics;
 pub mod mqtt_ingest;
 pub mod pipeline;
+pub mod privacy;
 mod rate_limit;
 pub mod score_history;
 pub mod server;

@@ -116,6 +116,7 @@ pub struct Metrics {
     /// HL7 ADT listener (`[adt]`) counters.
     pub adt: std::sync::Arc<crate::adt_listener::AdtStats>,
     out_of_range: AtomicU64,
+    erased: AtomicU64,
     trace_context_invalid: AtomicU64,
     audit_failures: AtomicU64,
     /// Buffer incarnations first seen: [first of the gateway, replacing another].
@@ -138,6 +139,11 @@ impl Metrics {
     /// Readings stored with the out-of-range quality flag.
     pub fn out_of_range(&self, n: u64) {
         self.out_of_range.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Readings dropped as an erased patient's late data.
+    pub fn erased(&self, n: u64) {
+        self.erased.fetch_add(n, Ordering::Relaxed);
     }
 
     /// An audited request whose audit entry could not be written.
@@ -267,6 +273,12 @@ impl Metrics {
                 "Readings stored with the out-of-range quality flag \
                  (value outside the metric's possible range, withheld from FHIR).",
                 &self.out_of_range,
+            ),
+            (
+                "vigil_hub_readings_erased_total",
+                "Readings dropped at ingest as late data of an erased patient \
+                 (inside an erasure's device windows, or naming the patient).",
+                &self.erased,
             ),
             (
                 "vigil_hub_trace_context_invalid_total",

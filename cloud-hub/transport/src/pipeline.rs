@@ -187,6 +187,7 @@ impl Pipeline {
                 self.metrics.rejected(*r);
             }
             self.metrics.out_of_range(u64::from(report.out_of_range));
+            self.metrics.erased(u64::from(report.erased));
             tracing::info!(
                 gateway_id = %gateway_id,
                 batch_sequence = batch_seq,
@@ -194,6 +195,7 @@ impl Pipeline {
                 duplicates = ack.duplicates,
                 rejected = ack.rejected,
                 out_of_range = report.out_of_range,
+                erased = report.erased,
                 "batch ingested"
             );
         }

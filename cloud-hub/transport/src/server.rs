@@ -101,6 +101,8 @@ pub struct AppState {
     pub alerts: crate::alerts::api::AlertsState,
     /// The dashboard's files and its gateway view.
     pub dashboard: crate::dashboard::DashState,
+    /// Subject access, erasure, legal holds.
+    pub privacy: crate::privacy::PrivacyState,
 }
 
 /// Every route of the hub: the routers of the concerns merged, under the
@@ -123,6 +125,7 @@ pub fn router(state: AppState) -> Router {
         ward,
         alerts,
         dashboard,
+        privacy,
     } = state;
     Router::new()
         .merge(ops_router(ops))
@@ -135,6 +138,7 @@ pub fn router(state: AppState) -> Router {
         .merge(crate::score_history::router(score_history))
         .merge(crate::ward::router(ward))
         .merge(crate::dashboard::routes(dashboard))
+        .merge(crate::privacy::router(privacy))
         .merge(crate::access::routes(access.clone()))
         .layer(axum::middleware::from_fn_with_state(
             access,

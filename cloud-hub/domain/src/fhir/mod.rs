@@ -2,6 +2,7 @@
 //! OperationOutcome, CapabilityStatement and Bundle building.
 
 pub mod render;
+pub mod subject;
 
 use ring::digest;
 use serde_json::{Value as Json, json};

@@ -49,11 +49,20 @@ pub enum Role {
     Operator,
     /// Everything, including bulk export.
     Admin,
+    /// Privacy officer: subject access (a patient's whole record),
+    /// erasure and legal holds (docs/privacy.md); no ward views.
+    Privacy,
 }
 
 impl Role {
     /// Every role, for the matrix test and help texts.
-    pub const ALL: [Role; 4] = [Role::Clinician, Role::Biomed, Role::Operator, Role::Admin];
+    pub const ALL: [Role; 5] = [
+        Role::Clinician,
+        Role::Biomed,
+        Role::Operator,
+        Role::Admin,
+        Role::Privacy,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -61,6 +70,7 @@ impl Role {
             Role::Biomed => "biomed",
             Role::Operator => "operator",
             Role::Admin => "admin",
+            Role::Privacy => "privacy",
         }
     }
 }
@@ -77,7 +87,9 @@ impl std::str::FromStr for Role {
         Role::ALL
             .into_iter()
             .find(|r| r.as_str() == s)
-            .ok_or_else(|| format!("unknown role `{s}`: use clinician, biomed, operator or admin"))
+            .ok_or_else(|| {
+                format!("unknown role `{s}`: use clinician, biomed, operator, admin or privacy")
+            })
     }
 }
 
@@ -124,7 +136,7 @@ pub struct RoutePolicy {
     pub access: Access,
 }
 
-use Role::{Admin, Biomed, Clinician, Operator};
+use Role::{Admin, Biomed, Clinician, Operator, Privacy};
 
 /// Patient data: clinicians (and administrators).
 const CLINICAL: Access = Access::Roles(&[Clinician, Admin]);
@@ -136,6 +148,8 @@ const EQUIPMENT_WRITE: Access = Access::Roles(&[Biomed, Admin]);
 const FLEET: Access = Access::Roles(&[Biomed, Operator, Admin]);
 /// Bulk export of every patient's data.
 const ADMIN: Access = Access::Roles(&[Admin]);
+/// Patients' rights: subject access, erasure, legal holds.
+const PRIVACY: Access = Access::Roles(&[Privacy, Admin]);
 
 const fn p(method: &'static str, path: &'static str, access: Access) -> RoutePolicy {
     RoutePolicy {
@@ -203,6 +217,12 @@ pub const POLICY: &[RoutePolicy] = &[
     p("PUT", "/api/v1/patients/{id}/alert-rules", CLINICAL),
     // Gateways and devices (biomedical engineers, operators).
     p("GET", "/api/v1/gateways", FLEET),
+    // Patients' rights (privacy officers).
+    p("GET", "/api/v1/patients/{id}/$everything", PRIVACY),
+    p("POST", "/api/v1/patients/{id}/erase", PRIVACY),
+    p("PUT", "/api/v1/patients/{id}/legal-hold", PRIVACY),
+    p("DELETE", "/api/v1/patients/{id}/legal-hold", PRIVACY),
+    p("GET", "/api/v1/legal-holds", PRIVACY),
 ];
 
 /// The policy of `method` on the routed `path`.
