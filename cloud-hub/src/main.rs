@@ -689,7 +689,7 @@ fn lake_export(config: &Config) -> Result<()> {
     bar.finish_and_clear();
     match summary {
         Some(s) => eprintln!(
-            "Lake {location}: {} readings ({} silver rows, {} score rows, {} skipped), \
+            "Lake at {location}: {} readings ({} silver rows, {} score rows, {} skipped), \
              {} erasures applied, {} files, {} bytes, {:.0} readings/s.",
             s.readings,
             s.silver_rows,
@@ -700,7 +700,7 @@ fn lake_export(config: &Config) -> Result<()> {
             s.bytes,
             s.readings_per_s()
         ),
-        None => eprintln!("Lake {location}: another hub is exporting; nothing done."),
+        None => eprintln!("Lake at {location}: another hub is exporting; nothing done."),
     }
     Ok(())
 }

@@ -130,13 +130,16 @@ pub fn export<S: LakeSource + ?Sized>(
     progress: &dyn Progress,
 ) -> Result<Summary, LakeError> {
     let started = Instant::now();
-    let state = match sink.get(STATE_PATH)? {
+    let (state, fresh) = match sink.get(STATE_PATH)? {
         Some(bytes) => {
             let s: State = serde_json::from_slice(&bytes).map_err(LakeError::State)?;
             check_state(&s, key, opts)?;
-            s
+            (s, false)
         }
-        None => State::new(SCHEMA_VERSION, key.id(), opts.date_shift_max_days),
+        None => (
+            State::new(SCHEMA_VERSION, key.id(), opts.date_shift_max_days),
+            true,
+        ),
     };
     let mut x = Exporter {
         source,
@@ -148,6 +151,11 @@ pub fn export<S: LakeSource + ?Sized>(
         patients: HashMap::new(),
         summary: Summary::default(),
     };
+    if fresh {
+        // A new lake records its schema version, key id and date shift at
+        // once, even before it has data.
+        x.save()?;
+    }
     progress.start(source.lake_readings_count(x.state.readings_cursor)?);
     if let Some(p) = x.state.pending {
         tracing::info!(stream = ?p.stream, after = p.after, upto = p.upto, "lake export: resuming an interrupted chunk");
