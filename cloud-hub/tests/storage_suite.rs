@@ -360,17 +360,23 @@ fn out_of_range_values_are_counted_once(s: &Store) {
     assert_eq!((r.ack.duplicates, r.out_of_range), (1, 0));
 }
 
-fn bp_panel_lists_the_panel_not_its_parts(s: &Store) {
-    let none = Associations::new();
+/// Device d1's blood-pressure panel (sequences 10-12) and a heart rate
+/// (13), stored with `assoc`.
+fn ingest_bp_panel_and_heart_rate(s: &Store, assoc: &Associations) {
     let sys = numeric(codes::PRESS_BLD_NONINV_SYS, "mm[Hg]", 120.0, T0, 10);
     let dia = numeric(codes::PRESS_BLD_NONINV_DIA, "mm[Hg]", 80.0, T0, 11);
     let mean = numeric(codes::PRESS_BLD_NONINV_MEAN, "mm[Hg]", 93.0, T0, 12);
     let r = ingest(
         s,
         &batch(1, vec![entry("d1", vec![sys, dia, mean, hr(T0, 13)])]),
-        &none,
+        assoc,
     );
     assert_eq!(r.ack.accepted, 4);
+}
+
+fn bp_panel_lists_the_panel_not_its_parts(s: &Store) {
+    let none = Associations::new();
+    ingest_bp_panel_and_heart_rate(s, &none);
     let (n, ids) = search(s, &[]);
     let pid = panel_id(G, "d1", 10);
     assert_eq!(n, 2, "panel + heart rate: {ids:?}");
@@ -398,15 +404,7 @@ fn bp_panel_lists_the_panel_not_its_parts(s: &Store) {
 fn lake_reads_page_by_cursor(s: &Store) -> Result<(), StoreError> {
     use cloud_hub::score_history::{Entry, Kind, should_write};
     let assoc = Associations::from([((G.to_owned(), "d1".to_owned()), "p-1".to_owned())]);
-    let sys = numeric(codes::PRESS_BLD_NONINV_SYS, "mm[Hg]", 120.0, T0, 10);
-    let dia = numeric(codes::PRESS_BLD_NONINV_DIA, "mm[Hg]", 80.0, T0, 11);
-    let mean = numeric(codes::PRESS_BLD_NONINV_MEAN, "mm[Hg]", 93.0, T0, 12);
-    let r = ingest(
-        s,
-        &batch(1, vec![entry("d1", vec![sys, dia, mean, hr(T0, 13)])]),
-        &assoc,
-    );
-    assert_eq!(r.ack.accepted, 4);
+    ingest_bp_panel_and_heart_rate(s, &assoc);
     let all = s.lake_readings(0, None, 100)?;
     let ids: Vec<String> = all.iter().map(|r| r.row.id.clone()).collect();
     assert_eq!(

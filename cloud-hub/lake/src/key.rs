@@ -129,16 +129,11 @@ pub fn read_private(path: &Path, setting: &'static str) -> Result<Vec<u8>, KeyEr
         path: path.to_owned(),
         source,
     };
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let meta = std::fs::metadata(path).map_err(read)?;
-        if meta.permissions().mode() & 0o077 != 0 {
-            return Err(KeyError::Permissions {
-                setting,
-                path: path.to_owned(),
-            });
-        }
+    if vigil_io::private_fs::shared_with_others(path).map_err(read)? {
+        return Err(KeyError::Permissions {
+            setting,
+            path: path.to_owned(),
+        });
     }
     std::fs::read(path).map_err(read)
 }
