@@ -1,6 +1,6 @@
 //! The analytics lake (docs/lake.md), end to end: readings ingested through
 //! the real HTTP ingest path, exported with `cloud_hub::lake` to a local
-//! directory (SQLite) and to Azurite (PostgreSQL, with a date shift), read
+//! directory (SQLite) and to Azurite (PostgreSQL, a container SAS, a date shift), read
 //! back with pyarrow (an independent reader) and compared with the FHIR
 //! API's values; a re-run adds nothing, an export stopped after its first
 //! file resumes without duplicates, an erased patient's rows leave the lake
@@ -73,13 +73,15 @@ fn lake_section(dir: &Path, dest: &Dest<'_>, shift_days: u16) -> String {
             path.display()
         ),
         Dest::Azure(a) => {
-            let key_file = dir.join("azure.key");
-            private_file(&key_file, AZURITE_KEY);
+            // A container SAS (the bench uses the account key).
+            let sas_file = dir.join("lake.sas");
+            let token = lake_read(&["sas", AZURITE_ACCOUNT, AZURITE_KEY, CONTAINER]);
+            private_file(&sas_file, token.trim());
             format!(
                 "[lake]\ndestination = \"azure\"\n{common}[lake.azure]\naccount = \"{AZURITE_ACCOUNT}\"\n\
-                 container = \"{CONTAINER}\"\nprefix = \"vigil/lake\"\naccess_key_file = \"{}\"\n\
+                 container = \"{CONTAINER}\"\nprefix = \"vigil/lake\"\nsas_file = \"{}\"\n\
                  endpoint = \"{}\"\n",
-                key_file.display(),
+                sas_file.display(),
                 a.endpoint()
             )
         }

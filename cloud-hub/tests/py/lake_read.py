@@ -2,6 +2,7 @@
 lake and prints one JSON document; azure-storage-blob talks to Azurite.
 
   lake_read.py create-container CONNECTION_STRING CONTAINER
+  lake_read.py sas ACCOUNT KEY CONTAINER   (a 2-hour container SAS: read, add, create, write, delete, list)
   lake_read.py download CONNECTION_STRING CONTAINER DEST   (every blob → DEST/<name>)
   lake_read.py read DIR
 
@@ -21,6 +22,23 @@ def create_container(conn, container):
 
     svc = BlobServiceClient.from_connection_string(conn)
     svc.create_container(container)
+
+
+def sas(account, key, container):
+    import datetime
+
+    from azure.storage.blob import ContainerSasPermissions, generate_container_sas
+
+    token = generate_container_sas(
+        account_name=account,
+        container_name=container,
+        account_key=key,
+        permission=ContainerSasPermissions(
+            read=True, add=True, create=True, write=True, delete=True, list=True
+        ),
+        expiry=datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(hours=2),
+    )
+    print(token)
 
 
 def download(conn, container, dest):
@@ -85,6 +103,8 @@ def main():
     cmd = sys.argv[1]
     if cmd == "create-container":
         create_container(sys.argv[2], sys.argv[3])
+    elif cmd == "sas":
+        sas(sys.argv[2], sys.argv[3], sys.argv[4])
     elif cmd == "download":
         download(sys.argv[2], sys.argv[3], sys.argv[4])
     elif cmd == "read":
