@@ -450,8 +450,13 @@ fn lake_reads_page_by_cursor(s: &Store) -> Result<(), StoreError> {
     assert_eq!(kinds, vec!["mews", "news2"]);
     assert_eq!(s.lake_scores(scores[0].cursor, None, 100)?.len(), 1);
     assert_eq!(s.lake_scores(0, Some(scores[0].cursor), 100)?.len(), 1);
+    // The export lock: PostgreSQL refuses a second holder (another
+    // session) while the first exports; SQLite (one hub) runs both.
+    let mut inner = None;
+    assert!(s.lake_exclusive(&mut || inner = Some(s.lake_exclusive(&mut || {})))?);
+    assert_eq!(inner.unwrap()?, s.backend() == "sqlite");
     let mut ran = false;
-    assert!(s.lake_exclusive(&mut || ran = true)?);
+    assert!(s.lake_exclusive(&mut || ran = true)?, "released after use");
     assert!(ran);
     Ok(())
 }
