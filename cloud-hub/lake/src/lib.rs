@@ -46,7 +46,7 @@ pub enum LakeError {
         #[source]
         source: Box<object_store::Error>,
     },
-    #[error("cannot create the lake directory {path}: {source}")]
+    #[error("lake directory {path}: {source}")]
     Local {
         path: PathBuf,
         #[source]

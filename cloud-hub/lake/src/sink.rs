@@ -22,6 +22,10 @@ pub struct Sink {
     store: Arc<dyn ObjectStore>,
     rt: tokio::runtime::Runtime,
     prefix: String,
+    /// A local destination's directory: each put is fsynced (file and
+    /// directory), so the state object never counts a file a power loss
+    /// could take back.
+    local_root: Option<std::path::PathBuf>,
     /// Where it is, for logs and the summary (no credential).
     pub location: String,
 }
@@ -42,6 +46,10 @@ impl Sink {
             .enable_all()
             .build()
             .map_err(LakeError::Runtime)?;
+        let local_root = match config.destination {
+            Destination::Local => config.path.clone(),
+            Destination::Azure => None,
+        };
         let (store, prefix, location): (Arc<dyn ObjectStore>, String, String) = match config
             .destination
         {
@@ -110,6 +118,7 @@ impl Sink {
             store,
             rt,
             prefix,
+            local_root,
             location,
         })
     }
@@ -127,8 +136,14 @@ impl Sink {
         let path = self.path(rel);
         self.rt
             .block_on(self.store.put(&path, PutPayload::from(bytes)))
-            .map(|_| ())
-            .map_err(|e| store_error("put", rel, e))
+            .map_err(|e| store_error("put", rel, e))?;
+        if let Some(root) = &self.local_root {
+            let file = root.join(rel);
+            sync_path(&file)
+                .and_then(|()| file.parent().map_or(Ok(()), sync_path))
+                .map_err(|source| LakeError::Local { path: file, source })?;
+        }
+        Ok(())
     }
 
     /// The object `rel`, None when it does not exist.
@@ -149,9 +164,19 @@ impl Sink {
     pub fn delete(&self, rel: &str) -> Result<(), LakeError> {
         let path = self.path(rel);
         match self.rt.block_on(self.store.delete(&path)) {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(store_error("delete", rel, e)),
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => return Err(store_error("delete", rel, e)),
         }
+        // A removal (an erasure) must not come back after a power loss.
+        if let Some(dir) = self
+            .local_root
+            .as_ref()
+            .and_then(|r| r.join(rel).parent().map(|p| p.to_owned()))
+            && dir.exists()
+        {
+            sync_path(&dir).map_err(|source| LakeError::Local { path: dir, source })?;
+        }
+        Ok(())
     }
 
     /// The objects under `rel_prefix` (relative paths and sizes), sorted.
@@ -175,4 +200,9 @@ impl Sink {
         out.sort();
         Ok(out)
     }
+}
+
+/// fsync of a file or directory.
+fn sync_path(p: &std::path::Path) -> std::io::Result<()> {
+    std::fs::File::open(p).and_then(|f| f.sync_all())
 }
