@@ -18,7 +18,7 @@ mod support;
 use std::time::Instant;
 
 use shared_protocol::catalogue::{codes, units};
-use shared_protocol::v1::{Batch, DeviceData, DeviceInfo, Reading, reading};
+use shared_protocol::v1::{Batch, Reading, reading};
 
 const DEVICES: u64 = 100;
 const PER_BATCH_PER_DEVICE: u64 = 10;
@@ -53,21 +53,7 @@ fn fill(store: &hub_transport::Store, n: u64, t_end: i64) -> f64 {
     let mut batch_seq = 0u64;
     while i < n {
         batch_seq += 1;
-        let mut devices: Vec<DeviceData> = (0..DEVICES)
-            .map(|d| DeviceData {
-                device: Some(DeviceInfo {
-                    device_id: format!("dev-{d}"),
-                    protocol: "masimo-ascii1".into(),
-                    manufacturer: "Masimo".into(),
-                    model: "Radical-7".into(),
-                    serial_number: format!("SN-{d}"),
-                    location: String::new(),
-                }),
-                readings: vec![],
-                waveforms: vec![],
-                technical: vec![],
-            })
-            .collect();
+        let mut devices = support::bench_devices(DEVICES);
         for _ in 0..per_batch.min(n - i) {
             let d = (i % DEVICES) as usize;
             let k = i / DEVICES;

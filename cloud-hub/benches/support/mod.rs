@@ -60,6 +60,22 @@ pub fn u64_arg(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
+/// `n` bench devices `dev-0` … (a Masimo Radical-7 each), no readings yet.
+pub fn bench_devices(n: u64) -> Vec<shared_protocol::v1::DeviceData> {
+    (0..n)
+        .map(|d| shared_protocol::v1::DeviceData {
+            device: Some(shared_protocol::v1::DeviceInfo {
+                device_id: format!("dev-{d}"),
+                protocol: "masimo-ascii1".into(),
+                manufacturer: "Masimo".into(),
+                model: "Radical-7".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .collect()
+}
+
 /// A small xorshift generator (deterministic query choice).
 pub struct Rng(pub u64);
 
