@@ -92,6 +92,32 @@ if ! "$BICEP_VENV/bin/python" -c 'import sys, importlib.metadata as m; sys.exit(
   "$BICEP_VENV/bin/pip" install --quiet 'pycep-parser==0.7.1' 'lark==1.3.1'
 fi
 
+#   pyarrow 26.0.1 + azure-storage-blob 12.31.1: the independent reader of the analytics lake
+#     (cloud-hub/tests/lake.rs, benches/lake.rs): pyarrow reads the Parquet files back;
+#     azure-storage-blob creates the test container in Azurite and downloads the blobs. Own
+#     virtualenv.
+LAKE_VENV="${VIGIL_LAKE_VENV:-$HOME/.cache/vigil/lake-venv}"
+if ! "$LAKE_VENV/bin/python" -c 'import sys, importlib.metadata as m; sys.exit(m.version("pyarrow") != "26.0.1" or m.version("azure-storage-blob") != "12.31.1")' >/dev/null 2>&1; then
+  echo "setup: installing pyarrow 26.0.1 and azure-storage-blob 12.31.1 into $LAKE_VENV" >&2
+  rm -rf "$LAKE_VENV"
+  python3 -m venv "$LAKE_VENV"
+  "$LAKE_VENV/bin/pip" install --quiet 'pyarrow==26.0.1' 'azure-storage-blob==12.31.1'
+fi
+
+#   Azurite 3.35.0 (MIT), the Azure Storage emulator the lake tests start on loopback (3.36+
+#     need Node >= 21; Debian's Node is 20). Installed under ~/.cache/vigil/azurite (its
+#     azurite-blob is found there by the tests, or set VIGIL_AZURITE_BLOB).
+AZURITE_DIR="${VIGIL_AZURITE_DIR:-$HOME/.cache/vigil/azurite}"
+if ! [ -x "$AZURITE_DIR/node_modules/.bin/azurite-blob" ] \
+  || [ "$(node -p "require('$AZURITE_DIR/node_modules/azurite/package.json').version" 2>/dev/null)" != "3.35.0" ]; then
+  echo "setup: installing azurite 3.35.0 into $AZURITE_DIR" >&2
+  if ! command -v npm >/dev/null 2>&1; then
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+  fi
+  mkdir -p "$AZURITE_DIR"
+  npm install --prefix "$AZURITE_DIR" --no-audit --no-fund --silent 'azurite@3.35.0' >/dev/null
+fi
+
 # Rust toolchain pieces.
 if ! command -v cargo >/dev/null 2>&1; then
   echo "setup: cargo not found; install Rust (rustup) first" >&2

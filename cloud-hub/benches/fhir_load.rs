@@ -256,7 +256,7 @@ fn run_wrk_on(dir: &Path, paths: &str, addr: &str, connections: u64, seconds: u6
 /// database size.
 fn fill_postgres(server: &pg_server::PgServer, n: i64) -> (Vec<String>, u64) {
     use cloud_hub::store::Store;
-    use shared_protocol::v1::{Batch, DeviceData, DeviceInfo, Reading, reading};
+    use shared_protocol::v1::{Batch, Reading, reading};
     let store = Store::open_postgres(&cloud_hub::pg::PgConfig::new(server.url())).unwrap();
     store.add_gateway("gw-bench", &"0".repeat(64)).unwrap();
     let assoc: std::collections::HashMap<(String, String), String> = (0..PATIENTS)
@@ -274,18 +274,7 @@ fn fill_postgres(server: &pg_server::PgServer, n: i64) -> (Vec<String>, u64) {
     let mut i = 0i64;
     while i < n {
         let end = (i + per_batch).min(n);
-        let mut devices: Vec<DeviceData> = (0..PATIENTS)
-            .map(|d| DeviceData {
-                device: Some(DeviceInfo {
-                    device_id: format!("dev-{d}"),
-                    protocol: "masimo-ascii1".into(),
-                    manufacturer: "Masimo".into(),
-                    model: "Radical-7".into(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            })
-            .collect();
+        let mut devices = support::bench_devices(PATIENTS as u64);
         for k in i..end {
             let (mdc, _, unit, ucum) = METRICS[((k / PATIENTS) % 4) as usize];
             let t = T_END - support::SPAN_US + k * support::SPAN_US / n;

@@ -76,6 +76,10 @@ pub struct Config {
     /// `[retention]`: how long each data class is kept (docs/privacy.md).
     #[serde(default)]
     pub retention: RetentionConfig,
+    /// `[lake]`: the de-identified analytics lake (docs/lake.md; off when
+    /// absent).
+    #[serde(default)]
+    pub lake: Option<hub_lake::LakeConfig>,
 }
 
 /// `[retention]`: days each data class is kept, by its own time; unset =
@@ -113,6 +117,9 @@ impl RetentionConfig {
     }
 }
 
+/// Environment variable overriding `lake.pseudonym_key_file`.
+pub const ENV_LAKE_KEY_FILE: &str = "VIGIL_HUB_LAKE_PSEUDONYM_KEY_FILE";
+
 /// Environment variable overriding `mqtt.client_id` (one per hub instance).
 pub const ENV_MQTT_CLIENT_ID: &str = "VIGIL_HUB_MQTT_CLIENT_ID";
 
@@ -149,6 +156,11 @@ impl Config {
             && !p.is_empty()
         {
             config.audit.key_file = Some(PathBuf::from(p));
+        }
+        if let (Some(l), Ok(p)) = (&mut config.lake, std::env::var(ENV_LAKE_KEY_FILE))
+            && !p.is_empty()
+        {
+            l.pseudonym_key_file = PathBuf::from(p);
         }
         if let (Some(pg), Ok(url)) = (
             &mut config.storage.postgres,
@@ -200,6 +212,9 @@ impl Config {
             adt.resolve_paths(base_dir);
         }
         self.audit.resolve_paths(base_dir);
+        if let Some(l) = &mut self.lake {
+            l.resolve_paths(base_dir);
+        }
         if let Some(o) = &mut self.auth.oidc {
             for p in [&mut o.jwks_file, &mut o.ca_file].into_iter().flatten() {
                 fix(p);
@@ -265,6 +280,10 @@ impl Config {
         self.auth.validate()?;
         self.identifiers.validate()?;
         self.audit.validate()?;
+        if let Some(l) = &self.lake {
+            l.validate()
+                .map_err(|(field, message)| ConfigError::invalid(field, message))?;
+        }
         if self.server.max_body_bytes == 0 {
             return Err(ConfigError::invalid(
                 "server.max_body_bytes",
@@ -484,6 +503,24 @@ mod tests {
         assert!(
             c.associations.is_empty(),
             "hub.example.toml must ship no active [[associations]]"
+        );
+    }
+
+    #[test]
+    fn lake_section_validates_naming_the_field_and_resolves_paths() {
+        let lake = "[lake]\ndestination = \"azure\"\npseudonym_key_file = \"lake.key\"\n\
+                    [lake.azure]\naccount = \"a\"\ncontainer = \"c\"\n";
+        let c = Config::parse(&format!("{MINIMAL}\n{lake}")).unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("`lake.azure.access_key_file`"), "{e}");
+        let mut c = Config::parse(&format!("{MINIMAL}\n{lake}sas_file = \"s.sas\"\n")).unwrap();
+        c.validate().unwrap();
+        c.resolve_paths(Path::new("/etc/vigil"));
+        let l = c.lake.unwrap();
+        assert_eq!(l.pseudonym_key_file, Path::new("/etc/vigil/lake.key"));
+        assert_eq!(
+            l.azure.unwrap().sas_file.unwrap(),
+            Path::new("/etc/vigil/s.sas")
         );
     }
 

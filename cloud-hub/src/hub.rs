@@ -44,6 +44,11 @@ impl Hub {
         // The audit key (checked: mode 0600, length) before anything is
         // audited.
         let audit_keys = config.audit.keys()?;
+        // The lake's pseudonym key (mode 0600, format) when serve exports.
+        if let Some(l) = config.lake.as_ref().filter(|l| l.interval_s > 0) {
+            hub_lake::LakeKey::load(&l.pseudonym_key_file, crate::lake::KEY_SETTING)
+                .map_err(hub_lake::LakeError::from)?;
+        }
         if config.retention.audit_days.is_some() && audit_keys.current().is_none() {
             return Err(crate::ConfigError::invalid(
                 "retention.audit_days",
@@ -211,6 +216,13 @@ impl Hub {
                     shutdown.child_token(),
                 ))
             });
+        // The lake export loop (optional) stops with the hub.
+        let lake = self
+            .config
+            .lake
+            .clone()
+            .filter(|l| l.interval_s > 0)
+            .map(|l| tokio::spawn(crate::lake::run(store.clone(), l, shutdown.child_token())));
         // The alert clock (stale data, offline gateways, escalation).
         let alert_clock = alerts
             .clone()
@@ -344,6 +356,9 @@ impl Hub {
             task.await?;
         }
         if let Some(task) = retention {
+            task.await?;
+        }
+        if let Some(task) = lake {
             task.await?;
         }
         if let Some(task) = alert_clock {

@@ -19,6 +19,7 @@
 
 pub mod config;
 mod hub;
+pub mod lake;
 pub mod retention;
 pub mod store;
 pub mod telemetry;
@@ -71,6 +72,8 @@ pub enum HubError {
     #[error("audit checkpoints: {0}")]
     Checkpoints(String),
     #[error(transparent)]
+    Lake(#[from] hub_lake::LakeError),
+    #[error(transparent)]
     Erasure(#[from] privacy::ErasureError),
     #[error("patient `{0}` is not known")]
     UnknownPatient(String),
@@ -105,7 +108,7 @@ pub async fn run(
 
 /// The backend `[storage]` names, as the backend-neutral handle the
 /// administrative commands need.
-fn open_store(config: &Config) -> Result<hub_transport::Store, HubError> {
+pub(crate) fn open_store(config: &Config) -> Result<hub_transport::Store, HubError> {
     Ok(Store::open_config(&config.storage)?.handle())
 }
 

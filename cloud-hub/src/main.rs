@@ -74,6 +74,11 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// The de-identified analytics lake (`[lake]`; docs/lake.md).
+    Lake {
+        #[command(subcommand)]
+        command: LakeCommand,
+    },
     /// Patients' rights: subject access, erasure, legal hold
     /// (docs/privacy.md).
     Patient {
@@ -88,6 +93,21 @@ enum Command {
         /// Replace an existing database.
         #[arg(long)]
         force: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum LakeCommand {
+    /// Export everything stored since the last export (the first run is the
+    /// backfill) as bronze, silver and gold Parquet files to the `[lake]`
+    /// destination; progress and ETA on stderr, then a summary line.
+    Export,
+    /// Write a new random pseudonym key (for `[lake] pseudonym_key_file`;
+    /// 0600).
+    Keygen {
+        /// The key file to create (must not exist).
+        #[arg(long)]
+        out: PathBuf,
     },
 }
 
@@ -300,9 +320,27 @@ fn run(cli: Cli) -> Result<()> {
         );
         return Ok(());
     }
+    if let Command::Lake {
+        command: LakeCommand::Keygen { out },
+    } = &cli.command
+    {
+        let id = hub_lake::keygen(out).context("writing the lake pseudonym key")?;
+        eprintln!(
+            "Lake pseudonym key {id} written to {} (0600). Set [lake] pseudonym_key_file to it and \
+             keep it outside the lake: whoever holds it can link pseudonyms to patients.",
+            out.display()
+        );
+        return Ok(());
+    }
     let config = Config::load(&cli.config)
         .with_context(|| format!("loading config {}", cli.config.display()))?;
     match cli.command {
+        Command::Lake {
+            command: LakeCommand::Export,
+        } => lake_export(&config),
+        Command::Lake {
+            command: LakeCommand::Keygen { .. },
+        } => unreachable!("handled before the config is loaded"),
         Command::Serve => serve(config),
         Command::Gateway { command } => gateway(&config, command),
         Command::Audit { command } => audit(&config, command),
@@ -621,6 +659,48 @@ fn gateway(config: &Config, command: GatewayCommand) -> Result<()> {
                 );
             }
         }
+    }
+    Ok(())
+}
+
+/// The backfill's progress bar (stderr): readings, rate and ETA.
+struct Bar(indicatif::ProgressBar);
+
+impl hub_lake::Progress for Bar {
+    fn start(&self, readings: u64) {
+        self.0.set_length(readings);
+    }
+    fn advance(&self, readings: u64) {
+        self.0.inc(readings);
+    }
+}
+
+fn lake_export(config: &Config) -> Result<()> {
+    let bar =
+        indicatif::ProgressBar::with_draw_target(Some(0), indicatif::ProgressDrawTarget::stderr());
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} readings  {per_sec}  ETA {eta}",
+        )
+        .context("progress bar template")?,
+    );
+    let (summary, location) =
+        cloud_hub::lake::export(config, &Bar(bar.clone())).context("exporting the lake")?;
+    bar.finish_and_clear();
+    match summary {
+        Some(s) => eprintln!(
+            "Lake at {location}: {} readings ({} silver rows, {} score rows, {} skipped), \
+             {} erasures applied, {} files, {} bytes, {:.0} readings/s.",
+            s.readings,
+            s.silver_rows,
+            s.scores,
+            s.skipped,
+            s.erasures,
+            s.files,
+            s.bytes,
+            s.readings_per_s()
+        ),
+        None => eprintln!("Lake at {location}: another hub is exporting; nothing done."),
     }
     Ok(())
 }

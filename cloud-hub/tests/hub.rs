@@ -3,6 +3,8 @@
 //! cores. Each file beside this one is a module of it (`cargo nextest run -p cloud-hub --test
 //! hub -- access::` runs one); `common` and `pg_server` are the helpers they share.
 
+#[path = "support/azurite.rs"]
+mod azurite;
 #[path = "common/mod.rs"]
 mod common;
 #[path = "support/iothub_routing.rs"]
@@ -50,6 +52,8 @@ mod ingest;
 mod ingest_encoding;
 #[path = "kafka_source.rs"]
 mod kafka_source;
+#[path = "lake.rs"]
+mod lake;
 #[path = "mqtt_ingest.rs"]
 mod mqtt_ingest;
 #[path = "mtls.rs"]

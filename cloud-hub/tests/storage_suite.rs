@@ -360,17 +360,23 @@ fn out_of_range_values_are_counted_once(s: &Store) {
     assert_eq!((r.ack.duplicates, r.out_of_range), (1, 0));
 }
 
-fn bp_panel_lists_the_panel_not_its_parts(s: &Store) {
-    let none = Associations::new();
+/// Device d1's blood-pressure panel (sequences 10-12) and a heart rate
+/// (13), stored with `assoc`.
+fn ingest_bp_panel_and_heart_rate(s: &Store, assoc: &Associations) {
     let sys = numeric(codes::PRESS_BLD_NONINV_SYS, "mm[Hg]", 120.0, T0, 10);
     let dia = numeric(codes::PRESS_BLD_NONINV_DIA, "mm[Hg]", 80.0, T0, 11);
     let mean = numeric(codes::PRESS_BLD_NONINV_MEAN, "mm[Hg]", 93.0, T0, 12);
     let r = ingest(
         s,
         &batch(1, vec![entry("d1", vec![sys, dia, mean, hr(T0, 13)])]),
-        &none,
+        assoc,
     );
     assert_eq!(r.ack.accepted, 4);
+}
+
+fn bp_panel_lists_the_panel_not_its_parts(s: &Store) {
+    let none = Associations::new();
+    ingest_bp_panel_and_heart_rate(s, &none);
     let (n, ids) = search(s, &[]);
     let pid = panel_id(G, "d1", 10);
     assert_eq!(n, 2, "panel + heart rate: {ids:?}");
@@ -390,6 +396,69 @@ fn bp_panel_lists_the_panel_not_its_parts(s: &Store) {
     let r = ingest(s, &batch(2, vec![entry("d1", vec![sys, dia])]), &none);
     assert_eq!((r.ack.accepted, r.ack.duplicates), (0, 2));
     assert_eq!(search(s, &[]).0, 2);
+}
+
+/// The lake export's reads: reading rows (BP parts included, the panel
+/// row not) with their payloads in cursor order, paged and bounded; the
+/// score history likewise; the export lock runs the export.
+fn lake_reads_page_by_cursor(s: &Store) -> Result<(), StoreError> {
+    use cloud_hub::score_history::{Entry, Kind, should_write};
+    let assoc = Associations::from([((G.to_owned(), "d1".to_owned()), "p-1".to_owned())]);
+    ingest_bp_panel_and_heart_rate(s, &assoc);
+    let all = s.lake_readings(0, None, 100)?;
+    let ids: Vec<String> = all.iter().map(|r| r.row.id.clone()).collect();
+    assert_eq!(
+        ids,
+        (10..=13).map(|q| oid("d1", q)).collect::<Vec<_>>(),
+        "the parts and the reading, in storage order; not the panel"
+    );
+    assert!(all.windows(2).all(|w| w[0].cursor < w[1].cursor));
+    for r in &all {
+        let reading = Reading::decode(r.row.payload.as_deref().unwrap()).unwrap();
+        assert_eq!(oid("d1", reading.sequence), r.row.id);
+        assert_eq!(r.row.patient_id.as_deref(), Some("p-1"));
+    }
+    assert_eq!(s.lake_readings_count(0)?, 4);
+    assert_eq!(s.lake_readings_count(all[0].cursor)?, 3);
+    let first = s.lake_readings(0, None, 2)?;
+    let rest = s.lake_readings(first[1].cursor, None, 100)?;
+    assert_eq!(first.len() + rest.len(), 4);
+    assert_eq!(rest[0].row.id, all[2].row.id);
+    let bounded = s.lake_readings(all[0].cursor, Some(all[2].cursor), 100)?;
+    assert_eq!(
+        bounded.iter().map(|r| r.cursor).collect::<Vec<_>>(),
+        vec![all[1].cursor, all[2].cursor]
+    );
+    let e = Entry {
+        total: Some(2),
+        band: Some("low".into()),
+        missing: vec![],
+        stale: vec![],
+        components: None,
+    };
+    let both = [(Kind::News2, e.clone()), (Kind::Mews, e.clone())];
+    assert_eq!(s.record_scores("p-1", T0, &both, should_write)?, 2);
+    let scores = s.lake_scores(0, None, 100)?;
+    assert_eq!(scores.len(), 2);
+    assert!(
+        scores
+            .iter()
+            .all(|x| x.patient_id == "p-1" && x.point == (T0, e.clone()))
+    );
+    let mut kinds: Vec<&str> = scores.iter().map(|x| x.kind.as_str()).collect();
+    kinds.sort();
+    assert_eq!(kinds, vec!["mews", "news2"]);
+    assert_eq!(s.lake_scores(scores[0].cursor, None, 100)?.len(), 1);
+    assert_eq!(s.lake_scores(0, Some(scores[0].cursor), 100)?.len(), 1);
+    // The export lock: PostgreSQL refuses a second holder (another
+    // session) while the first exports; SQLite (one hub) runs both.
+    let mut inner = None;
+    assert!(s.lake_exclusive(&mut || inner = Some(s.lake_exclusive(&mut || {})))?);
+    assert_eq!(inner.unwrap()?, s.backend() == "sqlite");
+    let mut ran = false;
+    assert!(s.lake_exclusive(&mut || ran = true)?, "released after use");
+    assert!(ran);
+    Ok(())
 }
 
 fn waveforms_and_technical_readings_are_stored(s: &Store) {
@@ -2446,6 +2515,7 @@ suite!(
     sessions_are_refreshed_and_end_on_logout,
     score_inputs_are_loaded_as_stored,
     score_history_rows_follow_the_write_rule,
+    lake_reads_page_by_cursor,
     alerts_are_stored_with_their_transitions,
     alert_evaluations_read_and_write_the_stored_state,
     login_counters_charge_lock_and_restart,

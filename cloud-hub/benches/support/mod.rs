@@ -43,12 +43,37 @@ pub struct Filled {
 
 /// The `--observations N` argument, else `default`.
 pub fn observations_arg(default: i64) -> i64 {
+    i64::try_from(u64_arg(
+        "--observations",
+        u64::try_from(default).unwrap_or(0),
+    ))
+    .unwrap_or(default)
+}
+
+/// The value of the `name N` argument, else `default`.
+pub fn u64_arg(name: &str, default: u64) -> u64 {
     let args: Vec<String> = std::env::args().collect();
     args.iter()
-        .position(|a| a == "--observations")
+        .position(|a| a == name)
         .and_then(|i| args.get(i + 1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
+}
+
+/// `n` bench devices `dev-0` … (a Masimo Radical-7 each), no readings yet.
+pub fn bench_devices(n: u64) -> Vec<shared_protocol::v1::DeviceData> {
+    (0..n)
+        .map(|d| shared_protocol::v1::DeviceData {
+            device: Some(shared_protocol::v1::DeviceInfo {
+                device_id: format!("dev-{d}"),
+                protocol: "masimo-ascii1".into(),
+                manufacturer: "Masimo".into(),
+                model: "Radical-7".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .collect()
 }
 
 /// A small xorshift generator (deterministic query choice).

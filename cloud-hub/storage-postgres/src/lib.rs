@@ -37,6 +37,7 @@ mod error;
 mod feed;
 mod gateway_view;
 mod ingest;
+mod lake;
 mod privacy;
 pub mod schema;
 mod scores;

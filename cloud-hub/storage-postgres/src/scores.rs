@@ -15,9 +15,9 @@ use crate::{DbError, PgStore};
 /// gateway's ingest).
 const SCORE_LOCK_CLASS: i32 = 2;
 
-const HISTORY_COLUMNS: &str = "time_us, total, band, missing, stale, components::text";
+pub(crate) const HISTORY_COLUMNS: &str = "time_us, total, band, missing, stale, components::text";
 
-fn history_row(r: &Row) -> Point {
+pub(crate) fn history_row(r: &Row) -> Point {
     let components: Option<String> = r.get(5);
     (
         r.get(0),

@@ -14,6 +14,7 @@ mod audit;
 pub mod backup;
 mod error;
 mod gateway_view;
+mod lake;
 mod privacy;
 pub mod schema;
 mod scores;

@@ -16,9 +16,9 @@ fn names_json(v: &[String]) -> String {
     serde_json::to_string(v).unwrap_or_else(|_| "[]".into())
 }
 
-const HISTORY_COLUMNS: &str = "time_us, total, band, missing, stale, components";
+pub(crate) const HISTORY_COLUMNS: &str = "time_us, total, band, missing, stale, components";
 
-fn history_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Point> {
+pub(crate) fn history_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Point> {
     let components: Option<String> = r.get(5)?;
     Ok((
         r.get(0)?,

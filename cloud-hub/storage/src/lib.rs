@@ -34,6 +34,7 @@ pub use trends::TrendStore;
 mod access;
 mod audit;
 mod gateway_view;
+mod lake;
 mod privacy;
 
 pub use access::{AccountStore, SessionRecord, TokenRecord, UserRecord};
@@ -41,6 +42,7 @@ pub use audit::{
     AuditCheckpoint, AuditEntry, AuditKey, AuditStore, CheckpointPolicy, StoredAuditEntry,
 };
 pub use gateway_view::{BatchCounts, DeviceActivity, GatewayActivity, GatewayViewStore, LastBatch};
+pub use lake::{LakeReading, LakeScore, LakeStore};
 pub use privacy::{
     DeviceWindow, Erased, ErasedCounts, ErasedSubjects, ErasureError, ErasureTx, LegalHold,
     ManualRecord, PrivacyStore, PurgedByClass, RetentionCutoffs, StayRecord, SubjectKey, Tombstone,
@@ -212,6 +214,7 @@ pub trait Storage:
     + AssociationStore
     + StreamStore
     + PrivacyStore
+    + LakeStore
     + std::fmt::Debug
     + Send
     + Sync

@@ -75,6 +75,12 @@ pub fn open_append(path: &Path) -> io::Result<File> {
     Ok(f)
 }
 
+/// Whether group or others have any access to `path` (a secret file must
+/// be its owner's alone).
+pub fn shared_with_others(path: &Path) -> io::Result<bool> {
+    Ok(std::fs::metadata(path)?.permissions().mode() & 0o077 != 0)
+}
+
 /// Makes sure `path` exists with mode `0600`: creates it empty when
 /// missing; narrows the mode of an existing file that group or others may
 /// read or write. Returns the mode it had when it was narrowed.

@@ -90,6 +90,12 @@ fn benches(observations: u64) -> Vec<Bench> {
         ),
         e2e_fast,
         b("hub ward overview, 40 beds", "cloud-hub", "ward", &[]),
+        b(
+            "hub lake backfill to Azurite, 1 M readings",
+            "cloud-hub",
+            "lake",
+            &[],
+        ),
         b("hub FHIR API under wrk", "cloud-hub", "fhir_load", &[]),
         b(
             "hub FHIR API under wrk, PostgreSQL",
@@ -142,6 +148,13 @@ fn figures() -> Vec<Figure> {
             "raw limit",
             "median",
             "rows/s",
+        ),
+        f(
+            "lake backfill to Azurite (bronze, silver, gold; 1 M readings)",
+            "hub lake backfill to Azurite, 1 M readings",
+            "backfill of",
+            "median",
+            "readings/s",
         ),
         f(
             "ward overview p99 (40 beds)",
