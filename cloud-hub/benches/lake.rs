@@ -7,6 +7,14 @@
 //! per run into a fresh container. Prints the readings/s of each run and
 //! their median, and the files and bytes per layer.
 //!
+//! After the last run, an independent reader checks the lake: the
+//! container is downloaded and read with pyarrow (`tests/py/lake_read.py
+//! summary`); per patient pseudonym and LOINC code, silver holds as many
+//! values, with the same sum, as the FHIR API renders from the store
+//! (`render_observation` of every row a patient search returns); and no
+//! text value of silver or gold is, or contains, an identifier the hub
+//! holds (patient ids, gateway and device ids, serial numbers).
+//!
 //! Run: `cargo bench -p cloud-hub --bench lake -- --readings 1000000 --runs 3`
 //! (defaults; `--quick` = 50 k readings, one run). Needs Azurite and the lake
 //! venv (scripts/setup.sh).
@@ -15,6 +23,7 @@
 mod azurite;
 mod support;
 
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 use shared_protocol::catalogue::{codes, units};
@@ -159,9 +168,120 @@ fn main() {
             }
         }
     }
+    verify(
+        &store,
+        &key,
+        &az,
+        &format!("lake-run-{}", runs - 1),
+        dir.path(),
+    );
     rates.sort_by(f64::total_cmp);
     println!(
         "lake bench: backfill of {n} readings to Azurite: median {:.0} readings/s over {runs} runs",
         rates[rates.len() / 2]
+    );
+}
+
+/// Per (patient, first LOINC code): the count and sum of the values the
+/// FHIR API renders for the patient's observations.
+fn fhir_sums(store: &hub_transport::Store, patient: &str) -> BTreeMap<String, (u64, f64)> {
+    use hub_domain::fhir::{ObservationSearch, SortOrder};
+    let mut out: BTreeMap<String, (u64, f64)> = BTreeMap::new();
+    let mut search = ObservationSearch {
+        patients: vec![patient.to_owned()],
+        patient_identifiers: Vec::new(),
+        codes: Vec::new(),
+        dates: Vec::new(),
+        categories: Vec::new(),
+        devices: Vec::new(),
+        count: 1000,
+        offset: 0,
+        sort: SortOrder::DateAsc,
+    };
+    loop {
+        let (_, rows) = store.search(&search).unwrap();
+        for row in &rows {
+            let r = hub_domain::fhir::render::render_observation(row).unwrap();
+            let loinc = r["code"]["coding"][0]["code"].as_str().unwrap().to_owned();
+            let e = out.entry(loinc).or_default();
+            e.0 += 1;
+            e.1 += r["valueQuantity"]["value"].as_f64().unwrap_or(0.0);
+        }
+        if rows.len() < 1000 {
+            return out;
+        }
+        search.offset += 1000;
+    }
+}
+
+/// The independent reader's check of the last run's container (module docs).
+fn verify(
+    store: &hub_transport::Store,
+    key: &std::path::Path,
+    az: &azurite::Azurite,
+    container: &str,
+    dir: &std::path::Path,
+) {
+    let started = Instant::now();
+    let dest = dir.join("download");
+    azurite::lake_read(&[
+        "download",
+        &az.connection_string(),
+        container,
+        dest.to_str().unwrap(),
+    ]);
+    let summary: serde_json::Value =
+        serde_json::from_str(&azurite::lake_read(&["summary", dest.to_str().unwrap()])).unwrap();
+    let groups = summary["groups"].as_object().unwrap();
+    let key = hub_lake::LakeKey::load(key, "lake.pseudonym_key_file").unwrap();
+    let salt = store.subject_salt().unwrap();
+    let mut checked = 0u64;
+    for d in 0..DEVICES {
+        let patient = format!("p-{d}");
+        let system = store.patient(&patient).unwrap().unwrap_or_default();
+        let pseudonym = key.pseudonym(&hub_domain::privacy::subject_key(&salt, &system, &patient));
+        for (loinc, (count, sum)) in fhir_sums(store, &patient) {
+            let g = &groups[&format!("{pseudonym}|{loinc}")];
+            assert_eq!(g[0].as_u64(), Some(count), "{patient} {loinc}: {g}");
+            let lake_sum = g[1].as_f64().unwrap();
+            assert!(
+                (lake_sum - sum).abs() <= 1e-9 * sum.abs().max(1.0),
+                "{patient} {loinc}: lake sum {lake_sum}, FHIR sum {sum}"
+            );
+            checked += count;
+        }
+    }
+    let texts: Vec<&str> = summary["texts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    let mut identifiers = vec!["gw-bench".to_owned()];
+    for d in 0..DEVICES {
+        identifiers.push(format!("p-{d}"));
+        identifiers.push(format!("dev-{d}"));
+    }
+    for dev in support::bench_devices(DEVICES) {
+        let info = dev.device.unwrap();
+        if !info.serial_number.is_empty() {
+            identifiers.push(info.serial_number);
+        }
+    }
+    for t in &texts {
+        for id in &identifiers {
+            assert!(
+                !(t == id || (id.len() >= 6 && t.contains(id.as_str()))),
+                "silver/gold text {t:?} holds the identifier {id:?}"
+            );
+        }
+    }
+    println!(
+        "lake bench check: pyarrow read {checked} silver values back, equal per patient and \
+         LOINC code (count and sum) to what the FHIR API renders; {} distinct text values of \
+         silver and gold hold none of {} identifiers ({:.1} s)",
+        texts.len(),
+        identifiers.len(),
+        started.elapsed().as_secs_f64()
     );
 }

@@ -99,6 +99,41 @@ def read(root):
     json.dump({"files": files}, sys.stdout)
 
 
+def summary(root):
+    """Silver per (pseudonym, loinc): rows and the sum of values; and every
+    distinct text value of the silver and gold files (for an identifier
+    scan without dumping a million rows)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    groups = {}
+    texts = set()
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            if not name.endswith(".parquet"):
+                continue
+            pf = pq.ParquetFile(os.path.join(dirpath, name))
+            meta = {k.decode(): v.decode() for k, v in (pf.metadata.metadata or {}).items()}
+            layer = meta.get("vigil.lake.layer", "")
+            if not (layer == "silver" or layer.startswith("gold")):
+                continue
+            table = pf.read()
+            for col, field in zip(table.columns, table.schema):
+                if pa.types.is_string(field.type) or pa.types.is_large_string(field.type):
+                    texts.update(v for v in col.to_pylist() if v is not None)
+            if layer != "silver":
+                continue
+            for p, l, v in zip(
+                table.column("pseudonym").to_pylist(),
+                table.column("loinc").to_pylist(),
+                table.column("value").to_pylist(),
+            ):
+                g = groups.setdefault(p + "|" + l, [0, 0.0])
+                g[0] += 1
+                g[1] += v or 0.0
+    json.dump({"groups": groups, "texts": sorted(texts)}, sys.stdout)
+
+
 def main():
     cmd = sys.argv[1]
     if cmd == "create-container":
@@ -109,6 +144,8 @@ def main():
         download(sys.argv[2], sys.argv[3], sys.argv[4])
     elif cmd == "read":
         read(sys.argv[2])
+    elif cmd == "summary":
+        summary(sys.argv[2])
     else:
         sys.exit(f"unknown command {cmd}")
 
