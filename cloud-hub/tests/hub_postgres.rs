@@ -13,13 +13,7 @@ use common::*;
 async fn the_hub_serves_from_postgres_selected_by_config() {
     let server = pg_server::PgServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let text = config_text(dir.path(), "").replace(
-        "[[associations]]",
-        &format!(
-            "backend = \"postgres\"\n[storage.postgres]\nurl = \"{}\"\npool_size = 2\n\n[[associations]]",
-            server.url()
-        ),
-    );
+    let text = config_text(dir.path(), "").on_postgres(&server.url(), 2);
     let config = Config::parse(&text).unwrap();
     config.validate().unwrap();
     let hub = TestHub::start_config(dir, config, "http").await;
@@ -129,13 +123,8 @@ async fn alerts_and_trends_work_on_postgres() {
     const S: i64 = 1_000_000;
     let server = pg_server::PgServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let text = config_text(dir.path(), "").replace(
-        "[[associations]]",
-        &format!(
-            "backend = \"postgres\"\n[storage.postgres]\nurl = \"{}\"\npool_size = 2\n\n[[associations]]",
-            server.url()
-        ),
-    ) + "\n[alerts]\ntick_ms = 100\n";
+    let text =
+        config_text(dir.path(), "").on_postgres(&server.url(), 2) + "\n[alerts]\ntick_ms = 100\n";
     let config = Config::parse(&text).unwrap();
     config.validate().unwrap();
     let hub = TestHub::start_config(dir, config, "http").await;
@@ -226,12 +215,7 @@ async fn a_pg_dump_restored_into_a_new_database_serves_the_same_data_and_audit_c
     let server = pg_server::PgServer::start();
     let pg_config = |url: String| {
         let dir = tempfile::tempdir().unwrap();
-        let text = config_text(dir.path(), "").replace(
-            "[[associations]]",
-            &format!(
-                "backend = \"postgres\"\n[storage.postgres]\nurl = \"{url}\"\npool_size = 2\n\n[[associations]]"
-            ),
-        );
+        let text = config_text(dir.path(), "").on_postgres(&url, 2);
         (dir, Config::parse(&text).unwrap())
     };
     let (dir, config) = pg_config(server.url());
@@ -338,13 +322,7 @@ async fn a_pg_dump_restored_into_a_new_database_serves_the_same_data_and_audit_c
 async fn postgres_withholds_patient_data_when_the_audit_entry_cannot_be_written() {
     let server = pg_server::PgServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let text = config_text(dir.path(), "").replace(
-        "[[associations]]",
-        &format!(
-            "backend = \"postgres\"\n[storage.postgres]\nurl = \"{}\"\npool_size = 2\n\n[[associations]]",
-            server.url()
-        ),
-    );
+    let text = config_text(dir.path(), "").on_postgres(&server.url(), 2);
     let hub = TestHub::start_config(dir, Config::parse(&text).unwrap(), "http").await;
     hub.ingest(&batch(1, DEVICE, vec![spo2(1, 97.0, now_us())]))
         .await;

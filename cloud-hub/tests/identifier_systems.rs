@@ -190,13 +190,7 @@ async fn sqlite_hub_migrates_authority_systems_at_start_and_finds_either_form() 
 async fn postgres_hub_migrates_authority_systems_at_start_and_finds_either_form() {
     let server = pg_server::PgServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let text = config_text(dir.path(), "").replace(
-        "[[associations]]",
-        &format!(
-            "backend = \"postgres\"\n[storage.postgres]\nurl = \"{}\"\npool_size = 2\n\n[[associations]]",
-            server.url()
-        ),
-    );
+    let text = config_text(dir.path(), "").on_postgres(&server.url(), 2);
     let config = Config::parse(&text).unwrap();
     migration_at_start(config).await;
     drop(dir);

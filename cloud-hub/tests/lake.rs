@@ -571,13 +571,7 @@ async fn lake_export_to_azurite_from_postgres_with_a_date_shift() {
     let dest = Dest::Azure(&azurite);
     let text = format!(
         "{}\n{}",
-        config_text(dir.path(), "").replace(
-            "[[associations]]",
-            &format!(
-                "backend = \"postgres\"\n[storage.postgres]\nurl = \"{}\"\npool_size = 3\n\n[[associations]]",
-                server.url()
-            ),
-        ),
+        config_text(dir.path(), "").on_postgres(&server.url(), 3),
         lake_section(dir.path(), &dest, 30)
     );
     let config = Config::parse(&text).unwrap();

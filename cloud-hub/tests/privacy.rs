@@ -20,13 +20,7 @@ async fn a_privacy_officer_exports_holds_and_erases_a_patient_and_late_data_stay
 async fn a_privacy_officer_exports_holds_and_erases_a_patient_on_postgres() {
     let server = crate::pg_server::PgServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let text = config_text(dir.path(), "").replace(
-        "[[associations]]",
-        &format!(
-            "backend = \"postgres\"\n[storage.postgres]\nurl = \"{}\"\npool_size = 2\n\n[[associations]]",
-            server.url()
-        ),
-    );
+    let text = config_text(dir.path(), "").on_postgres(&server.url(), 2);
     let config = cloud_hub::Config::parse(&text).unwrap();
     subject_rights(TestHub::start_config(dir, config, "http").await).await;
     drop(server);

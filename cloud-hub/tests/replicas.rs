@@ -43,13 +43,7 @@ fn shared_config(data: &Path, server: &PgServer, alerts: &str) -> (PathBuf, clou
         ADMIN,
         &format!("[alerts]\ntick_ms = 100\n{alerts}\n{audit}"),
     )
-        .replace(
-            "[[associations]]",
-            &format!(
-                "backend = \"postgres\"\n[storage.postgres]\nurl = \"{}\"\npool_size = 4\n\n[[associations]]",
-                server.url()
-            ),
-        );
+    .on_postgres(&server.url(), 4);
     let path = data.join("hub.toml");
     std::fs::write(&path, &text).unwrap();
     let config = cloud_hub::Config::parse(&text).unwrap();

@@ -67,6 +67,25 @@ patient_id = "{PATIENT}"
     )
 }
 
+/// A hub config text moved onto PostgreSQL: the backend and its section
+/// inserted before `[[associations]]` (as [`config_text`] writes it).
+pub trait OnPostgres {
+    fn on_postgres(&self, url: &str, pool_size: u32) -> String;
+}
+
+impl OnPostgres for String {
+    fn on_postgres(&self, url: &str, pool_size: u32) -> String {
+        assert!(self.contains("[[associations]]"), "{self}");
+        self.replacen(
+            "[[associations]]",
+            &format!(
+                "backend = \"postgres\"\n[storage.postgres]\nurl = \"{url}\"\npool_size = {pool_size}\n\n[[associations]]"
+            ),
+            1,
+        )
+    }
+}
+
 impl TestHub {
     pub async fn start() -> Self {
         Self::start_with("").await
