@@ -179,7 +179,7 @@ enum UserCommand {
     /// Create a user.
     Add {
         name: String,
-        /// clinician, biomed, operator or admin.
+        /// clinician, biomed, operator, admin or privacy.
         #[arg(long)]
         role: cloud_hub::access::Role,
         /// File holding the password on its first line (mode 0600), or `-`
@@ -204,7 +204,7 @@ enum TokenCommand {
     /// Create an API token; prints it alone on stdout (shown once).
     Create {
         name: String,
-        /// clinician, biomed, operator or admin.
+        /// clinician, biomed, operator, admin or privacy.
         #[arg(long)]
         role: cloud_hub::access::Role,
     },
