@@ -44,6 +44,60 @@ async fn head(tx: &deadpool_postgres::Transaction<'_>) -> Result<Option<Head>, D
     }))
 }
 
+/// Appends `entries` in order after the head, each chained to the one
+/// before it under `key`, inside `tx` (which holds the audit lock); the
+/// inserts pipelined over one prepared statement.
+async fn chain_in(
+    tx: &deadpool_postgres::Transaction<'_>,
+    entries: &[AuditEntry],
+    key: Option<&AuditKey>,
+) -> Result<Vec<i64>, DbError> {
+    let mut last = head(tx).await?;
+    let mut rows = Vec::with_capacity(entries.len());
+    for e in entries {
+        let link = next_link(last.as_ref(), e, key).map_err(StoreError::from)?;
+        last = Some(Head {
+            seq: link.seq,
+            hash: link.hash.clone(),
+            key_id: link.key_id.clone(),
+        });
+        rows.push((e, link, e.patients.join("\n"), i32::from(e.outcome)));
+    }
+    let insert = tx
+        .prepare_cached(
+            "INSERT INTO audit_log (seq, time_us, actor, action, resource, patient_id, patients,
+                 outcome, detail, prev_hash, hash, key_id)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+        )
+        .await?;
+    let (tx_ref, insert) = (tx, &insert);
+    futures_util::future::try_join_all(rows.iter().map(
+        |(e, link, patients, outcome)| async move {
+            tx_ref
+                .execute(
+                    insert,
+                    &[
+                        &link.seq,
+                        &e.time_us,
+                        &e.actor,
+                        &e.action,
+                        &e.resource,
+                        &e.patient,
+                        patients,
+                        outcome,
+                        &e.detail,
+                        &link.prev_hash,
+                        &link.hash,
+                        &link.key_id,
+                    ],
+                )
+                .await
+        },
+    ))
+    .await?;
+    Ok(rows.iter().map(|(_, link, _, _)| link.seq).collect())
+}
+
 impl PgStore {
     async fn db_purge_audit(
         &self,
@@ -81,28 +135,7 @@ impl PgStore {
         }
         // The purge entry first, chained to the head (which may be the
         // checkpoint's own entry, about to go).
-        let last = head(&tx).await?;
-        let link = next_link(last.as_ref(), entry, Some(key)).map_err(StoreError::from)?;
-        tx.execute(
-            "INSERT INTO audit_log (seq, time_us, actor, action, resource, patient_id, patients,
-                 outcome, detail, prev_hash, hash, key_id)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
-            &[
-                &link.seq,
-                &entry.time_us,
-                &entry.actor,
-                &entry.action,
-                &entry.resource,
-                &entry.patient,
-                &entry.patients.join("\n"),
-                &i32::from(entry.outcome),
-                &entry.detail,
-                &link.prev_hash,
-                &link.hash,
-                &link.key_id,
-            ],
-        )
-        .await?;
+        chain_in(&tx, std::slice::from_ref(entry), Some(key)).await?;
         tx.execute(
             "INSERT INTO audit_purges (through, mac, time_us) VALUES ($1, $2, $3)",
             &[&through.seq, &through.mac, &entry.time_us],
@@ -134,51 +167,9 @@ impl PgStore {
             .prepare_cached("SELECT pg_advisory_xact_lock($1)")
             .await?;
         tx.execute(&lock, &[&AUDIT_LOCK]).await?;
-        let mut last = head(&tx).await?;
-        let mut rows = Vec::with_capacity(entries.len());
-        for e in entries {
-            let link = next_link(last.as_ref(), e, key).map_err(StoreError::from)?;
-            last = Some(Head {
-                seq: link.seq,
-                hash: link.hash.clone(),
-                key_id: link.key_id.clone(),
-            });
-            rows.push((e, link, e.patients.join("\n"), i32::from(e.outcome)));
-        }
-        let insert = tx
-            .prepare_cached(
-                "INSERT INTO audit_log (seq, time_us, actor, action, resource, patient_id, patients,
-                     outcome, detail, prev_hash, hash, key_id)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
-            )
-            .await?;
-        let (tx_ref, insert) = (&tx, &insert);
-        futures_util::future::try_join_all(rows.iter().map(
-            |(e, link, patients, outcome)| async move {
-                tx_ref
-                    .execute(
-                        insert,
-                        &[
-                            &link.seq,
-                            &e.time_us,
-                            &e.actor,
-                            &e.action,
-                            &e.resource,
-                            &e.patient,
-                            patients,
-                            outcome,
-                            &e.detail,
-                            &link.prev_hash,
-                            &link.hash,
-                            &link.key_id,
-                        ],
-                    )
-                    .await
-            },
-        ))
-        .await?;
+        let seqs = chain_in(&tx, entries, key).await?;
         tx.commit().await?;
-        Ok(rows.iter().map(|(_, link, _, _)| link.seq).collect())
+        Ok(seqs)
     }
 
     async fn db_audit_entries(&self, since_seq: i64) -> Result<Vec<StoredAuditEntry>, DbError> {

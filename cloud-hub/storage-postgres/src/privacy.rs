@@ -328,6 +328,15 @@ impl PgStore {
 
 impl PrivacyStore for PgStore {
     fn subject_salt(&self) -> Result<[u8; 32], StoreError> {
+        // Read without a lock; only its creation (once per database) takes
+        // the erasure's transaction.
+        let stored = self.run(async {
+            let c = self.conn().await?;
+            salt_of(c.query_opt(SELECT_SALT, &[]).await?)
+        })?;
+        if let Some(s) = stored {
+            return Ok(s);
+        }
         self.erasure_tx(|tx| tx.salt().map(Ok))
             .map_err(|e| match e {
                 ErasureError::Store(e) => e,

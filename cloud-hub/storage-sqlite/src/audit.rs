@@ -50,6 +50,46 @@ fn checkpoint_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AuditCheckpoint> {
 
 const CHECKPOINT_COLUMNS: &str = "seq, mac, entries, time_us, key_id, sig";
 
+/// Appends `entries` in order after the head, each chained to the one
+/// before it under `key`, inside `tx` (which holds the write lock).
+fn chain_in(
+    tx: &Transaction<'_>,
+    entries: &[AuditEntry],
+    key: Option<&AuditKey>,
+) -> Result<Vec<i64>, DbError> {
+    let mut last = head(tx)?;
+    let mut seqs = Vec::with_capacity(entries.len());
+    let mut insert = tx.prepare_cached(
+        "INSERT INTO audit_log (seq, time_us, actor, action, resource, patient_id, patients,
+             outcome, detail, prev_hash, hash, key_id)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+    )?;
+    for e in entries {
+        let link = next_link(last.as_ref(), e, key).map_err(StoreError::from)?;
+        insert.execute(params![
+            link.seq,
+            e.time_us,
+            e.actor,
+            e.action,
+            e.resource,
+            e.patient,
+            join_patients(&e.patients),
+            e.outcome,
+            e.detail,
+            link.prev_hash,
+            link.hash,
+            link.key_id
+        ])?;
+        seqs.push(link.seq);
+        last = Some(Head {
+            seq: link.seq,
+            hash: link.hash,
+            key_id: link.key_id,
+        });
+    }
+    Ok(seqs)
+}
+
 impl SqliteStore {
     fn db_append_audit_batch(
         &self,
@@ -63,38 +103,7 @@ impl SqliteStore {
         // IMMEDIATE: the write lock from the read of the head on, so that
         // another process appending at once cannot fork the chain.
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let mut last = head(&tx)?;
-        let mut seqs = Vec::with_capacity(entries.len());
-        {
-            let mut insert = tx.prepare_cached(
-                "INSERT INTO audit_log (seq, time_us, actor, action, resource, patient_id, patients,
-                     outcome, detail, prev_hash, hash, key_id)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-            )?;
-            for e in entries {
-                let link = next_link(last.as_ref(), e, key).map_err(StoreError::from)?;
-                insert.execute(params![
-                    link.seq,
-                    e.time_us,
-                    e.actor,
-                    e.action,
-                    e.resource,
-                    e.patient,
-                    join_patients(&e.patients),
-                    e.outcome,
-                    e.detail,
-                    link.prev_hash,
-                    link.hash,
-                    link.key_id
-                ])?;
-                seqs.push(link.seq);
-                last = Some(Head {
-                    seq: link.seq,
-                    hash: link.hash,
-                    key_id: link.key_id,
-                });
-            }
-        }
+        let seqs = chain_in(&tx, entries, key)?;
         tx.commit()?;
         Ok(seqs)
     }
@@ -250,27 +259,7 @@ impl SqliteStore {
         }
         // The purge entry first, chained to the head (which may be the
         // checkpoint's own entry, about to go).
-        let last = head(&tx)?;
-        let link = next_link(last.as_ref(), entry, Some(key)).map_err(StoreError::from)?;
-        tx.execute(
-            "INSERT INTO audit_log (seq, time_us, actor, action, resource, patient_id, patients,
-                 outcome, detail, prev_hash, hash, key_id)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-            params![
-                link.seq,
-                entry.time_us,
-                entry.actor,
-                entry.action,
-                entry.resource,
-                entry.patient,
-                join_patients(&entry.patients),
-                entry.outcome,
-                entry.detail,
-                link.prev_hash,
-                link.hash,
-                link.key_id
-            ],
-        )?;
+        chain_in(&tx, std::slice::from_ref(entry), Some(key))?;
         tx.execute(
             "INSERT INTO audit_purges (through, mac, time_us) VALUES (?1, ?2, ?3)",
             params![through.seq, through.mac, entry.time_us],
