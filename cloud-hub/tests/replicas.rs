@@ -541,3 +541,76 @@ async fn kill_9_of_a_replica_during_ingest_loses_nothing_and_the_audit_chain_ver
         "the concurrent reads were audited"
     );
 }
+
+/// Erasure through one replica holds on the other: the patient is gone
+/// through both, and a late batch sent to the other replica is dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_patient_erased_through_one_replica_stays_erased_through_the_other() {
+    let server = PgServer::start();
+    let data = tempfile::tempdir().unwrap();
+    let (path, config) = shared_config(data.path(), &server, "");
+    let token = cloud_hub::gateway_add(&config, GATEWAY).unwrap();
+    let a = Replica::start(&path, "a");
+    let b = Replica::start(&path, "b");
+    let http = client();
+    let t = now_us();
+    let ack = post_batch(
+        &http,
+        &a.base,
+        &token,
+        &batch(
+            1,
+            DEVICE,
+            vec![spo2(1, 97.0, t - 60 * S), spo2(2, 96.0, t - 30 * S)],
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(ack.accepted, 2);
+    let (status, body) = call(
+        &b,
+        "POST",
+        &format!("/api/v1/patients/{PATIENT}/erase"),
+        Some(json!({ "reason": "request 12" })),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["removed"]["observations"], 2);
+    // A late reading from inside the erased span, through the other replica.
+    let late = post_batch(
+        &http,
+        &a.base,
+        &token,
+        &batch(2, DEVICE, vec![spo2(3, 95.0, t - 45 * S)]),
+    )
+    .await
+    .unwrap();
+    assert_eq!((late.accepted, late.rejected), (0, 0));
+    for r in [&a, &b] {
+        let (status, bundle) = call(
+            r,
+            "GET",
+            &format!("/fhir/Observation?patient={PATIENT}"),
+            None,
+        )
+        .await;
+        assert_eq!(
+            (status, bundle["total"].as_u64()),
+            (200, Some(0)),
+            "{bundle}"
+        );
+        let (status, _) = call(
+            r,
+            "GET",
+            &format!("/api/v1/patients/{PATIENT}/$everything"),
+            None,
+        )
+        .await;
+        assert_eq!(status, 404);
+    }
+    assert_eq!(
+        sql_i64(&server, "SELECT COUNT(*) FROM observations").await,
+        0
+    );
+    assert_eq!(sql_i64(&server, "SELECT COUNT(*) FROM erasures").await, 1);
+}
