@@ -69,6 +69,37 @@ const STATEMENT_CACHE: usize = 128;
 /// How many read-only connections a store keeps.
 const READERS: usize = 4;
 
+/// Bytes of the database file each connection maps into memory (64-bit
+/// targets only: four readers and the writer would not fit a 32-bit
+/// address space). Mapped pages are read without a `pread` and a copy,
+/// which matters because a WAL reader drops its page cache whenever
+/// another connection has committed since its last read: with an audit
+/// entry committed per API request, that is nearly every read.
+const MMAP_BYTES: i64 = if cfg!(target_pointer_width = "64") {
+    0
+} else {
+    0
+};
+
+/// Settings every connection of a store gets, writer and readers alike.
+fn tune(c: &Connection) -> Result<(), DbError> {
+    c.busy_timeout(Duration::from_secs(5))?;
+    // Room for every statement the hot paths prepare (rusqlite keeps 16).
+    c.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+    // Query planner stability: a prepared statement keeps its plan whatever
+    // values are bound. Without it SQLite marks statements whose plan could
+    // depend on a bound value (`LIMIT ?`, a parameter compared with an
+    // indexed column once ANALYZE has STAT4 samples) and compiles them
+    // again on the first step after every rebinding, which made a cached
+    // read by id cost a full prepare.
+    c.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)?;
+    // 64 MiB page cache each (the default is 2 MiB): the search and
+    // uniqueness indexes of a large store stay in memory.
+    c.pragma_update(None, "cache_size", -65_536)?;
+    c.pragma_update(None, "mmap_size", MMAP_BYTES)?;
+    Ok(())
+}
+
 /// A small fixed set of read-only connections: a caller takes a free one
 /// (round robin), or waits for one when all are busy.
 #[derive(Debug)]
@@ -86,12 +117,7 @@ impl ReadPool {
                 rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY
                     | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
             )?;
-            c.busy_timeout(Duration::from_secs(5))?;
-            // Room for every statement the read paths prepare (default 16).
-            c.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
-            // 64 MiB page cache each, as the writer's: the search indexes
-            // of a large store stay in memory (pages are cached only as read).
-            c.pragma_update(None, "cache_size", -65_536)?;
+            tune(&c)?;
             conns.push(Mutex::new(c));
         }
         Ok(Self {
@@ -276,15 +302,11 @@ impl SqliteStore {
     }
 
     fn init(mut conn: Connection) -> Result<Self, DbError> {
-        conn.busy_timeout(Duration::from_secs(5))?;
-        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+        tune(&conn)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         // NORMAL: commits do not fsync; ingest makes its commits durable
         // with group commit (`WalSync`) before acknowledging.
         conn.pragma_update(None, "synchronous", "NORMAL")?;
-        // 64 MiB page cache (the default is 2 MiB): the search and
-        // uniqueness indexes of a large store stay in memory.
-        conn.pragma_update(None, "cache_size", -65_536)?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         let tx = conn.transaction()?;
         tx.execute_batch(

@@ -1,6 +1,8 @@
 //! FHIR R4 JSON: Observation mapping of readings, search parameter parsing,
 //! OperationOutcome, CapabilityStatement and Bundle building.
 
+#[cfg(test)]
+mod golden;
 pub mod render;
 pub mod subject;
 

@@ -225,6 +225,16 @@ pub fn render_observation(row: &ObservationRow) -> Result<Json, RenderError> {
     Ok(resource)
 }
 
+/// Writes a stored row as a FHIR R4 Observation, as JSON, to `out`: the
+/// same bytes as serializing [`render_observation`]'s value.
+pub fn write_observation(row: &ObservationRow, out: &mut Vec<u8>) -> Result<(), RenderError> {
+    let resource = render_observation(row)?;
+    serde_json::to_writer(out, &resource).map_err(|source| RenderError::Json {
+        id: row.id.clone(),
+        source,
+    })
+}
+
 /// `meta.versionId` and `meta.lastUpdated`: a re-attributed reading (moved
 /// to another patient) is a new version of its Observation.
 fn set_version(resource: &mut Json, row: &ObservationRow) {
