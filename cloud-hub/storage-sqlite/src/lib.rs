@@ -92,7 +92,10 @@ fn tune(c: &Connection) -> Result<(), DbError> {
     // indexed column once ANALYZE has STAT4 samples) and compiles them
     // again on the first step after every rebinding, which made a cached
     // read by id cost a full prepare.
-    c.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)?;
+    c.set_db_config(
+        rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG,
+        true,
+    )?;
     // 64 MiB page cache each (the default is 2 MiB): the search and
     // uniqueness indexes of a large store stay in memory.
     c.pragma_update(None, "cache_size", -65_536)?;

@@ -16,7 +16,7 @@ use serde_json::{Value as Json, json};
 
 use crate::SharedMetrics;
 use crate::TransportError;
-use crate::fhir::render::{ObservationRow, render_device, render_observation};
+use crate::fhir::render::{ObservationRow, render_device, write_observation};
 use crate::fhir::{self, FHIR_JSON};
 use crate::metrics::FhirInteraction;
 use crate::pipeline::blocking;
@@ -154,12 +154,24 @@ fn fhir_response(status: StatusCode, body: &Json) -> Response {
         tracing::error!(error = %e, "FHIR response cannot be serialized");
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();
     }
+    fhir_bytes(status, buf)
+}
+
+/// A FHIR JSON response of bytes already serialized.
+fn fhir_bytes(status: StatusCode, body: Vec<u8>) -> Response {
     (
         status,
         [(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON))],
-        buf,
+        body,
     )
         .into_response()
+}
+
+/// One stored observation as FHIR JSON bytes.
+fn render_bytes(row: &ObservationRow) -> Result<Vec<u8>, crate::fhir::render::RenderError> {
+    let mut out = Vec::with_capacity(2048);
+    write_observation(row, &mut out)?;
+    Ok(out)
 }
 
 fn outcome(status: StatusCode, code: &str, diagnostics: &str) -> Response {
@@ -203,9 +215,9 @@ async fn read(State(st): State<FhirState>, Path(id): Path<String>) -> Response {
     let store = st.store.clone();
     let lookup = id.clone();
     match blocking(move || store.observation(&lookup)).await {
-        Ok(Some(row)) => match render_observation(&row) {
-            Ok(resource) => crate::audit::with_patients(
-                fhir_response(StatusCode::OK, &resource),
+        Ok(Some(row)) => match render_bytes(&row) {
+            Ok(body) => crate::audit::with_patients(
+                fhir_bytes(StatusCode::OK, body),
                 row.patient_id.clone(),
             ),
             Err(e) => {
@@ -618,11 +630,11 @@ async fn search(State(st): State<FhirState>, headers: HeaderMap, uri: Uri) -> Re
         search.offset,
         total,
     );
-    let bundle = searchset(&base, total, links, render_rows(&rows));
+    let bundle = observation_searchset(&base, total, &links, &rows);
     tracing::debug!(total, returned = rows.len(), "observation search");
     // The audit entry names the patients of the returned page.
     crate::audit::with_patients(
-        fhir_response(StatusCode::OK, &bundle),
+        fhir_bytes(StatusCode::OK, bundle),
         rows.iter().filter_map(|r| r.patient_id.clone()),
     )
 }
@@ -704,21 +716,125 @@ fn searchset(base: &str, total: u64, links: Vec<Json>, resources: Vec<Json>) -> 
     })
 }
 
-/// Renders a page of Observation rows; a row that cannot be rendered
+/// A searchset Bundle of Observation rows, serialized straight into the
+/// response buffer: the same document as [`searchset`] over the rendered
+/// rows, without building a `Value` per row. A row that cannot be rendered
 /// becomes an OperationOutcome entry (and an error log), never a silently
 /// shorter page.
-fn render_rows(rows: &[ObservationRow]) -> Vec<Json> {
-    rows.iter()
-        .map(|row| match render_observation(row) {
-            Ok(j) => j,
+fn observation_searchset(base: &str, total: u64, links: &[Json], rows: &[ObservationRow]) -> Vec<u8> {
+    // Strings and `Value`s always serialize into a Vec.
+    fn put<T: serde::Serialize + ?Sized>(out: &mut Vec<u8>, v: &T) {
+        let _ = serde_json::to_writer(&mut *out, v);
+    }
+    let mut out = Vec::with_capacity(512 + 2048 * rows.len());
+    out.extend_from_slice(b"{\"entry\":[");
+    let mut url = String::with_capacity(base.len() + 64);
+    for (i, row) in rows.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        let start = out.len();
+        url.clear();
+        url.push_str(base);
+        url.push_str("/Observation/");
+        url.push_str(&row.id);
+        out.extend_from_slice(b"{\"fullUrl\":");
+        put(&mut out, url.as_str());
+        out.extend_from_slice(b",\"resource\":");
+        match write_observation(row, &mut out) {
+            Ok(()) => out.extend_from_slice(b",\"search\":{\"mode\":\"match\"}}"),
             Err(e) => {
+                out.truncate(start);
                 tracing::error!(error = %e, "stored observation cannot be rendered");
-                fhir::operation_outcome(
-                    "error",
-                    "exception",
-                    &format!("Observation/{} is stored but cannot be rendered", row.id),
-                )
+                out.extend_from_slice(b"{\"resource\":");
+                put(
+                    &mut out,
+                    &fhir::operation_outcome(
+                        "error",
+                        "exception",
+                        &format!("Observation/{} is stored but cannot be rendered", row.id),
+                    ),
+                );
+                out.extend_from_slice(b",\"search\":{\"mode\":\"outcome\"}}");
             }
-        })
-        .collect()
+        }
+    }
+    out.extend_from_slice(b"],\"link\":");
+    put(&mut out, links);
+    out.extend_from_slice(b",\"resourceType\":\"Bundle\",\"total\":");
+    put(&mut out, &total);
+    out.extend_from_slice(b",\"type\":\"searchset\"}");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+    use shared_protocol::CATALOGUE;
+    use shared_protocol::v1::{Reading, reading};
+
+    fn reading_row(id: &str, patient: Option<&str>) -> ObservationRow {
+        let m = &CATALOGUE.all()[0];
+        let r = Reading {
+            mdc_code: m.mdc,
+            mdc_unit: m.unit.mdc,
+            ucum_unit: m.unit.ucum.to_owned(),
+            device_time_us: 1_764_000_000_000_000,
+            validity: 1,
+            sequence: 7,
+            value: Some(reading::Value::Numeric(m.possible_range.0 + 1.0)),
+            ..Default::default()
+        };
+        ObservationRow {
+            id: id.to_owned(),
+            kind: "reading".to_owned(),
+            gateway_id: "gw-1".to_owned(),
+            device_id: "dev-1".to_owned(),
+            patient_id: patient.map(str::to_owned),
+            patient_system: Some("urn:vigil:mrn".to_owned()),
+            received_us: 1_764_000_001_000_000,
+            payload: Some(r.encode_to_vec()),
+            version: 1,
+            ..Default::default()
+        }
+    }
+
+    /// The directly serialized searchset is the document the `Value` path
+    /// builds, byte for byte, with a corrupt row as an OperationOutcome
+    /// entry in its place.
+    #[test]
+    fn observation_bundle_bytes_equal_the_value_bundle() {
+        let broken = ObservationRow {
+            id: "b".repeat(32),
+            kind: "reading".to_owned(),
+            payload: Some(vec![0xff, 0xff, 0xff]),
+            ..Default::default()
+        };
+        let rows = vec![
+            reading_row(&"a".repeat(32), Some("p-1")),
+            broken,
+            reading_row(&"c".repeat(32), None),
+        ];
+        let links = vec![json!({ "relation": "self", "url": "http://h/fhir/Observation?_count=3" })];
+        let direct = observation_searchset("http://h/fhir", 9, &links, &rows);
+        let values: Vec<Json> = rows
+            .iter()
+            .map(|row| {
+                crate::fhir::render::render_observation(row).unwrap_or_else(|_| {
+                    fhir::operation_outcome(
+                        "error",
+                        "exception",
+                        &format!("Observation/{} is stored but cannot be rendered", row.id),
+                    )
+                })
+            })
+            .collect();
+        let want = serde_json::to_vec(&searchset("http://h/fhir", 9, links, values)).unwrap();
+        assert_eq!(String::from_utf8(direct).unwrap(), String::from_utf8(want).unwrap());
+        // An empty page still lists no entries as an empty array.
+        let empty = observation_searchset("http://h/fhir", 0, &[], &[]);
+        let want = serde_json::to_vec(&searchset("http://h/fhir", 0, vec![], vec![])).unwrap();
+        assert_eq!(empty, want);
+    }
 }

@@ -48,7 +48,10 @@ fn rows() -> Vec<ObservationRow> {
                 0 => None,
                 1 => Some(reading::Value::Numeric(hi + 1.0 + (g.next() % 50) as f64)),
                 2 => Some(reading::Value::Numeric(lo - 1.0)),
-                3 => Some(reading::Value::Text(g.pick(&["ok", "sensor \"off\"\n", "\u{e9}l\u{e8}ve"]).to_owned())),
+                3 => Some(reading::Value::Text(
+                    g.pick(&["ok", "sensor \"off\"\n", "\u{e9}l\u{e8}ve"])
+                        .to_owned(),
+                )),
                 4 => Some(reading::Value::Coded(CodedValue {
                     system: g.pick(&["", "http://snomed.info/sct"]).to_owned(),
                     code: "12345".to_owned(),
@@ -58,7 +61,8 @@ fn rows() -> Vec<ObservationRow> {
                     lo + (hi - lo) * (g.next() % 1000) as f64 / 1000.0,
                 )),
             };
-            let patient: Option<&str> = g.pick(&[None, Some("p-1"), Some("MRN 0042/7"), Some("p-2")]);
+            let patient: Option<&str> =
+                g.pick(&[None, Some("p-1"), Some("MRN 0042/7"), Some("p-2")]);
             let subject = match g.next() % 3 {
                 0 => None,
                 1 => patient.map(|p| Identifier {
@@ -94,7 +98,9 @@ fn rows() -> Vec<ObservationRow> {
                 gateway_id: "gw-1".to_owned(),
                 device_id: g.pick(&["dev-1", "mon 2"]).to_owned(),
                 patient_id: patient.map(str::to_owned),
-                patient_system: g.pick(&[None, Some(""), Some("urn:vigil:mrn")]).map(str::to_owned),
+                patient_system: g
+                    .pick(&[None, Some(""), Some("urn:vigil:mrn")])
+                    .map(str::to_owned),
                 received_us: 1_764_000_002_000_000,
                 payload: Some(r.encode_to_vec()),
                 resource: String::new(),

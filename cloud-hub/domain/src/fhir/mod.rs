@@ -1,6 +1,7 @@
 //! FHIR R4 JSON: Observation mapping of readings, search parameter parsing,
 //! OperationOutcome, CapabilityStatement and Bundle building.
 
+mod doc;
 #[cfg(test)]
 mod golden;
 pub mod render;
@@ -8,7 +9,7 @@ pub mod subject;
 
 use ring::digest;
 use serde_json::{Value as Json, json};
-use shared_protocol::v1::{Interpretation, QualityFlag, Reading, TimeSource, Validity, reading};
+use shared_protocol::v1::{QualityFlag, Reading, TimeSource, Validity, reading};
 use shared_protocol::{CATALOGUE, Metric};
 use time::{Date, Month, OffsetDateTime, PrimitiveDateTime, Time, UtcOffset};
 
@@ -137,6 +138,60 @@ const SPECIFIC_PROFILES: &[(&str, &str, &[&str])] = &[
     (render::BP_PROFILE, render::BP_PANEL_LOINC, &["mm[Hg]"]),
 ];
 
+/// What the vital-signs profiles check in an Observation, read from its
+/// JSON ([`claimed_profiles`]) or from a typed document (`doc.rs`), so the
+/// rules below are written once.
+pub(crate) struct ProfileFacts<'a> {
+    /// `status` is present.
+    pub status: bool,
+    /// A `category` carries the vital-signs coding.
+    pub vital_category: bool,
+    /// The codes of the LOINC codings of `code` (None: a LOINC coding
+    /// whose code is not text).
+    pub loinc: Vec<Option<&'a str>>,
+    /// `subject` has a reference or an identifier.
+    pub subject: bool,
+    /// `effectiveDateTime` or `effectivePeriod` is present.
+    pub effective: bool,
+    pub value: ValueFacts<'a>,
+    /// Each component's LOINC codes and value.
+    pub components: Vec<(Vec<Option<&'a str>>, ValueFacts<'a>)>,
+}
+
+/// The `value[x]` of an Observation or a component.
+pub(crate) struct ValueFacts<'a> {
+    /// One of the other `value[x]` types is present.
+    pub other: bool,
+    pub quantity: Option<QuantityFacts<'a>>,
+    /// `dataAbsentReason` is present.
+    pub absent: bool,
+}
+
+/// A `valueQuantity`.
+pub(crate) struct QuantityFacts<'a> {
+    /// `value` is a number.
+    pub number: bool,
+    /// `unit` is text.
+    pub unit: bool,
+    /// `system` is UCUM.
+    pub ucum: bool,
+    pub code: Option<&'a str>,
+}
+
+impl ValueFacts<'_> {
+    /// A value in one of `units`, or none with a reason.
+    fn ok(&self, units: &[&str]) -> bool {
+        !self.other
+            && match (&self.quantity, self.absent) {
+                (Some(q), false) => {
+                    q.number && q.unit && q.ucum && q.code.is_some_and(|c| units.contains(&c))
+                }
+                (None, true) => true,
+                _ => false,
+            }
+    }
+}
+
 /// The profiles an Observation built by the hub meets, from its own
 /// content: `vitalsigns` when it has a status, the vital-signs category, a
 /// LOINC code, a subject, an effective time and a value in a vital-signs
@@ -144,22 +199,62 @@ const SPECIFIC_PROFILES: &[(&str, &str, &[&str])] = &[
 /// (a vital-signs profile URL) when its fixed code and unit hold as well.
 /// Empty when `vitalsigns` is not met (e.g. a reading not yet attributed
 /// to a patient).
+pub(crate) fn profiles_of(
+    f: &ProfileFacts<'_>,
+    specific: Option<&'static str>,
+) -> Vec<&'static str> {
+    let values_ok = |units: &[&str]| {
+        if f.components.is_empty() {
+            f.value.ok(units)
+        } else {
+            f.value.quantity.is_none()
+                && f.components
+                    .iter()
+                    .all(|(loinc, v)| !loinc.is_empty() && v.ok(units))
+        }
+    };
+    let vitalsigns = f.status
+        && f.vital_category
+        && !f.loinc.is_empty()
+        && f.subject
+        && f.effective
+        && values_ok(VITALS_UCUM);
+    if !vitalsigns {
+        return vec![];
+    }
+    let mut out = vec![VITALSIGNS_PROFILE];
+    if let Some((url, code, units)) =
+        specific.and_then(|p| SPECIFIC_PROFILES.iter().find(|(url, _, _)| *url == p))
+    {
+        let code_ok = f.loinc.contains(&Some(*code));
+        let bp_parts = *url != render::BP_PROFILE
+            || ["8480-6", "8462-4"].iter().all(|part| {
+                f.components
+                    .iter()
+                    .any(|(loinc, _)| loinc.contains(&Some(*part)))
+            });
+        if code_ok && bp_parts && values_ok(units) {
+            out.push(url);
+        }
+    }
+    out
+}
+
+/// The profiles an Observation's JSON meets (see [`profiles_of`]).
 pub fn claimed_profiles(
     obs: &serde_json::Map<String, Json>,
     specific: Option<&'static str>,
 ) -> Vec<&'static str> {
-    let has_coding = |cc: &Json, system: &str, code: Option<&str>| {
-        cc["coding"].as_array().is_some_and(|cs| {
-            cs.iter()
-                .any(|c| c["system"] == system && code.is_none_or(|code| c["code"] == code))
-        })
-    };
-    let quantity_in = |q: &Json, units: &[&str]| {
-        q["value"].is_number()
-            && q["unit"].is_string()
-            && q["system"] == UCUM_SYSTEM
-            && q["code"].as_str().is_some_and(|c| units.contains(&c))
-    };
+    fn codes_in<'j>(cc: Option<&'j Json>, system: &str) -> Vec<Option<&'j str>> {
+        cc.and_then(|cc| cc["coding"].as_array())
+            .map(|cs| {
+                cs.iter()
+                    .filter(|c| c["system"] == system)
+                    .map(|c| c["code"].as_str())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
     const OTHER_VALUES: &[&str] = &[
         "valueCodeableConcept",
         "valueString",
@@ -172,70 +267,45 @@ pub fn claimed_profiles(
         "valueDateTime",
         "valuePeriod",
     ];
-    // A value in one of `units`, or none with a reason.
-    let value_ok = |o: &serde_json::Map<String, Json>, units: &[&str]| {
-        !OTHER_VALUES.iter().any(|k| o.contains_key(*k))
-            && match (o.get("valueQuantity"), o.get("dataAbsentReason")) {
-                (Some(q), None) => quantity_in(q, units),
-                (None, Some(_)) => true,
-                _ => false,
-            }
-    };
-    let components: Vec<&serde_json::Map<String, Json>> = obs
-        .get("component")
-        .and_then(Json::as_array)
-        .map(|cs| cs.iter().filter_map(Json::as_object).collect())
-        .unwrap_or_default();
-    let values_ok = |units: &[&str]| {
-        if components.is_empty() {
-            value_ok(obs, units)
-        } else {
-            !obs.contains_key("valueQuantity")
-                && components.iter().all(|c| {
-                    c.get("code")
-                        .is_some_and(|cc| has_coding(cc, LOINC_SYSTEM, None))
-                        && value_ok(c, units)
-                })
+    fn value(o: &serde_json::Map<String, Json>) -> ValueFacts<'_> {
+        ValueFacts {
+            other: OTHER_VALUES.iter().any(|k| o.contains_key(*k)),
+            quantity: o.get("valueQuantity").map(|q| QuantityFacts {
+                number: q["value"].is_number(),
+                unit: q["unit"].is_string(),
+                ucum: q["system"] == UCUM_SYSTEM,
+                code: q["code"].as_str(),
+            }),
+            absent: o.contains_key("dataAbsentReason"),
         }
-    };
-    let vitalsigns = obs.get("status").is_some_and(Json::is_string)
-        && obs
+    }
+    let facts = ProfileFacts {
+        status: obs.get("status").is_some_and(Json::is_string),
+        vital_category: obs
             .get("category")
             .and_then(Json::as_array)
             .is_some_and(|cats| {
                 cats.iter()
-                    .any(|c| has_coding(c, CATEGORY_SYSTEM, Some("vital-signs")))
-            })
-        && obs
-            .get("code")
-            .is_some_and(|c| has_coding(c, LOINC_SYSTEM, None))
-        && obs
+                    .any(|c| codes_in(Some(c), CATEGORY_SYSTEM).contains(&Some("vital-signs")))
+            }),
+        loinc: codes_in(obs.get("code"), LOINC_SYSTEM),
+        subject: obs
             .get("subject")
-            .is_some_and(|s| s.get("reference").is_some() || s.get("identifier").is_some())
-        && (obs.contains_key("effectiveDateTime") || obs.contains_key("effectivePeriod"))
-        && values_ok(VITALS_UCUM);
-    if !vitalsigns {
-        return vec![];
-    }
-    let mut out = vec![VITALSIGNS_PROFILE];
-    if let Some((url, code, units)) =
-        specific.and_then(|p| SPECIFIC_PROFILES.iter().find(|(url, _, _)| *url == p))
-    {
-        let code_ok = obs
-            .get("code")
-            .is_some_and(|c| has_coding(c, LOINC_SYSTEM, Some(code)));
-        let bp_parts = *url != render::BP_PROFILE
-            || ["8480-6", "8462-4"].iter().all(|part| {
-                components.iter().any(|c| {
-                    c.get("code")
-                        .is_some_and(|cc| has_coding(cc, LOINC_SYSTEM, Some(part)))
-                })
-            });
-        if code_ok && bp_parts && values_ok(units) {
-            out.push(url);
-        }
-    }
-    out
+            .is_some_and(|s| s.get("reference").is_some() || s.get("identifier").is_some()),
+        effective: obs.contains_key("effectiveDateTime") || obs.contains_key("effectivePeriod"),
+        value: value(obs),
+        components: obs
+            .get("component")
+            .and_then(Json::as_array)
+            .map(|cs| {
+                cs.iter()
+                    .filter_map(Json::as_object)
+                    .map(|c| (codes_in(c.get("code"), LOINC_SYSTEM), value(c)))
+                    .collect()
+            })
+            .unwrap_or_default(),
+    };
+    profiles_of(&facts, specific)
 }
 
 /// The specific vital-signs profile, if the metric's LOINC is in the FHIR
@@ -340,121 +410,16 @@ pub fn map_observation(
     patient_id: Option<&str>,
     received_us: i64,
 ) -> MappedObservation {
-    let id = observation_id(device.gateway_id, device.device_id, reading.sequence);
-    let validity = Validity::try_from(reading.validity).unwrap_or(Validity::Unspecified);
-    let status = columns(reading, metric).status;
-    let effective_us = reading.effective_time_us();
-
-    let mut obs = serde_json::Map::new();
-    obs.insert("resourceType".into(), json!("Observation"));
-    obs.insert("id".into(), json!(id));
-    // The reading's identity (gateway, device, per-device sequence).
-    obs.insert(
-        "identifier".into(),
-        json!([{
-            "system": format!("urn:vigil:reading:{}:{}", device.gateway_id, device.device_id),
-            "value": reading.sequence.to_string(),
-        }]),
-    );
-    obs.insert("status".into(), json!(status));
-    let (cat_code, cat_display) = category(metric);
-    obs.insert(
-        "category".into(),
-        json!([{ "coding": [{ "system": CATEGORY_SYSTEM, "code": cat_code, "display": cat_display }],
-                 "text": cat_display }]),
-    );
-    let mut codings = vec![
-        json!({ "system": LOINC_SYSTEM, "code": metric.loinc, "display": metric.loinc_display }),
-    ];
-    if let Some(profile_code) = metric.loinc_profile {
-        let display = profile_loinc_display(profile_code);
-        let mut c = json!({ "system": LOINC_SYSTEM, "code": profile_code });
-        if let Some(d) = display {
-            c["display"] = json!(d);
-        }
-        codings.push(c);
-    }
-    codings.push(
-        json!({ "system": MDC_SYSTEM, "code": metric.mdc.to_string(), "display": metric.mdc_name }),
-    );
-    obs.insert(
-        "code".into(),
-        json!({ "coding": codings, "text": metric.display }),
-    );
-    if let Some(p) = patient_id {
-        obs.insert("subject".into(), subject_json(p, reading));
-    }
-    obs.insert(
-        "effectiveDateTime".into(),
-        json!(format_instant(effective_us)),
-    );
-    let issued = if reading.gateway_time_us != 0 {
-        reading.gateway_time_us
-    } else {
-        received_us
-    };
-    obs.insert("issued".into(), json!(format_instant(issued)));
-
-    // Value and quality.
+    let obs = doc::reading_observation(device, reading, metric, patient_id, received_us);
     let cols = columns(reading, metric);
-    let withhold = validity == Validity::Invalid || cols.out_of_range;
-    let quality = quality_extension(reading, metric, cols.out_of_range, withhold);
-    match &reading.value {
-        None => {
-            obs.insert(
-                "dataAbsentReason".into(),
-                absent_reason("unknown", "Unknown"),
-            );
-        }
-        Some(_) if withhold => {
-            obs.insert("dataAbsentReason".into(), absent_reason("error", "Error"));
-        }
-        Some(reading::Value::Numeric(n)) => {
-            obs.insert(
-                "valueQuantity".into(),
-                json!({ "value": n, "unit": metric.unit.display, "system": UCUM_SYSTEM,
-                        "code": metric.unit.ucum }),
-            );
-        }
-        Some(reading::Value::Text(t)) => {
-            obs.insert("valueString".into(), json!(t));
-        }
-        Some(reading::Value::Coded(c)) => {
-            let mut cc = json!({ "coding": [coding_json(c)] });
-            if !c.display.is_empty() {
-                cc["text"] = json!(c.display);
-            }
-            obs.insert("valueCodeableConcept".into(), cc);
-        }
-    }
-    if let Some(i) = interpretation_json(reading) {
-        obs.insert("interpretation".into(), i);
-    }
-    obs.insert(
-        "extension".into(),
-        json!([
-            quality,
-            { "url": TIME_SOURCE_EXT, "valueCode": time_source_code(reading.time_source) },
-        ]),
-    );
-    obs.insert("device".into(), render::device_json(device));
-    // Profiles only where this resource meets them (e.g. no subject yet:
-    // none of the vital-signs profiles).
-    if let Some(specific) = vital_profile(metric) {
-        let specific = Some(specific).filter(|p| !p.is_empty());
-        let profiles = claimed_profiles(&obs, specific);
-        if !profiles.is_empty() {
-            obs.insert("meta".into(), json!({ "profile": profiles }));
-        }
-    }
-
     MappedObservation {
-        id,
-        status,
+        id: obs.id.to_string(),
+        status: cols.status,
         value: cols.value,
-        effective_us,
+        effective_us: reading.effective_time_us(),
         out_of_range: cols.out_of_range,
-        resource: Json::Object(obs),
+        // Serializing into a `Value` cannot fail: every key is text.
+        resource: serde_json::to_value(&obs).unwrap_or_default(),
     }
 }
 
@@ -494,22 +459,7 @@ pub fn columns(reading: &Reading, metric: &Metric) -> ObservationColumns {
 /// `Observation.subject` for patient `p`: a literal reference when `p` is a
 /// FHIR id, plus the identifier the source carried when it named `p`.
 pub fn subject_json(p: &str, reading: &Reading) -> Json {
-    let mut subject = serde_json::Map::new();
-    // A value that is not a FHIR id cannot be a literal reference; the
-    // identifier alone still names the patient (Reference.identifier).
-    if is_valid_id(p) {
-        subject.insert("reference".into(), json!(format!("Patient/{p}")));
-    }
-    // The source's identifier, when the subject is the one it carried.
-    if let Some(id) = reading.subject.as_ref().filter(|s| s.value == p) {
-        let mut ident = serde_json::Map::new();
-        if !id.system.is_empty() {
-            ident.insert("system".into(), json!(id.system));
-        }
-        ident.insert("value".into(), json!(id.value));
-        subject.insert("identifier".into(), Json::Object(ident));
-    }
-    Json::Object(subject)
+    serde_json::to_value(doc::subject(p, reading)).unwrap_or_default()
 }
 
 /// The reading-quality extension: validity, device flags, the range
@@ -520,32 +470,7 @@ pub fn quality_extension(
     out_of_range: bool,
     withhold: bool,
 ) -> Json {
-    let mut quality =
-        vec![json!({ "url": "validity", "valueCode": validity_code(reading.validity) })];
-    for f in &reading.flags {
-        if let Some(code) = flag_code(*f) {
-            quality.push(json!({ "url": "flag", "valueCode": code }));
-        }
-    }
-    if out_of_range {
-        quality.push(json!({ "url": "out-of-range", "valueBoolean": true }));
-    }
-    if withhold {
-        match &reading.value {
-            Some(reading::Value::Numeric(n)) => {
-                quality.push(json!({ "url": "raw-value", "valueDecimal": n }));
-                quality.push(json!({ "url": "raw-unit", "valueCode": metric.unit.ucum }));
-            }
-            Some(reading::Value::Text(t)) => {
-                quality.push(json!({ "url": "raw-value", "valueString": t }));
-            }
-            Some(reading::Value::Coded(c)) => {
-                quality.push(json!({ "url": "raw-value", "valueCoding": coding_json(c) }));
-            }
-            None => {}
-        }
-    }
-    json!({ "url": QUALITY_EXT, "extension": quality })
+    serde_json::to_value(doc::quality(reading, metric, out_of_range, withhold)).unwrap_or_default()
 }
 
 fn profile_loinc_display(code: &str) -> Option<&'static str> {
@@ -560,47 +485,19 @@ fn profile_loinc_display(code: &str) -> Option<&'static str> {
     }
 }
 
-fn coding_json(c: &shared_protocol::v1::CodedValue) -> Json {
-    let mut j = serde_json::Map::new();
-    if !c.system.is_empty() {
-        j.insert("system".into(), json!(c.system));
-    }
-    j.insert("code".into(), json!(c.code));
-    if !c.display.is_empty() {
-        j.insert("display".into(), json!(c.display));
-    }
-    Json::Object(j)
-}
-
 /// `interpretation` as the device flagged the value (HL7 v2 OBX-8 and the
 /// like, carried in `Reading.interpretation`), in the v3
 /// ObservationInterpretation code system (THO). Never computed by the hub:
 /// no flag from the device, no interpretation.
 pub fn interpretation_json(r: &Reading) -> Option<Json> {
-    let (code, display) = match r.interpretation() {
-        Interpretation::Unspecified => return None,
-        Interpretation::Normal => ("N", "Normal"),
-        Interpretation::Low => ("L", "Low"),
-        Interpretation::High => ("H", "High"),
-        Interpretation::CriticalLow => ("LL", "Critical low"),
-        Interpretation::CriticalHigh => ("HH", "Critical high"),
-        Interpretation::Abnormal => ("A", "Abnormal"),
-        Interpretation::CriticalAbnormal => ("AA", "Critical abnormal"),
-        Interpretation::OffScaleLow => ("<", "Off scale low"),
-        Interpretation::OffScaleHigh => (">", "Off scale high"),
-    };
-    Some(json!([{
-        "coding": [{ "system": INTERPRETATION_SYSTEM, "code": code, "display": display }],
-        "text": format!("{display} (flagged by the device)"),
-    }]))
+    doc::interpretation(r).map(|i| serde_json::to_value(i).unwrap_or_default())
 }
 
 pub const INTERPRETATION_SYSTEM: &str =
     "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation";
 
 pub fn absent_reason(code: &str, display: &str) -> Json {
-    json!({ "coding": [{ "system": ABSENT_SYSTEM, "code": code, "display": display }],
-            "text": display })
+    serde_json::to_value(doc::absent(code, display)).unwrap_or_default()
 }
 
 /// An OperationOutcome with one issue.

@@ -15,7 +15,7 @@ use shared_protocol::{CATALOGUE, Metric};
 
 use super::{
     DeviceRef, LOINC_SYSTEM, MDC_SYSTEM, UCUM_SYSTEM, absent_reason, format_instant,
-    map_observation, quality_extension, subject_json, time_source_code,
+    quality_extension, subject_json, time_source_code,
 };
 
 /// The FHIR R4 blood-pressure profile.
@@ -227,12 +227,48 @@ pub fn render_observation(row: &ObservationRow) -> Result<Json, RenderError> {
 
 /// Writes a stored row as a FHIR R4 Observation, as JSON, to `out`: the
 /// same bytes as serializing [`render_observation`]'s value.
+/// A reading row (the API's common case) is serialized straight from its
+/// typed document, without a `Value` tree.
 pub fn write_observation(row: &ObservationRow, out: &mut Vec<u8>) -> Result<(), RenderError> {
-    let resource = render_observation(row)?;
-    serde_json::to_writer(out, &resource).map_err(|source| RenderError::Json {
+    let json_error = |source| RenderError::Json {
         id: row.id.clone(),
         source,
-    })
+    };
+    if row.payload.is_some() && RowKind::parse(&row.kind) == Some(RowKind::Reading) {
+        return reading_resource(row, |obs| {
+            serde_json::to_writer(out, obs).map_err(json_error)
+        })?;
+    }
+    let resource = render_observation(row)?;
+    serde_json::to_writer(out, &resource).map_err(json_error)
+}
+
+/// The Observation of a stored reading row as the row holds it now (its
+/// stored id, the patient identifier's system, the version), handed to `f`.
+fn reading_resource<T>(
+    row: &ObservationRow,
+    f: impl FnOnce(&super::doc::ReadingObservation<'_>) -> T,
+) -> Result<T, RenderError> {
+    let r: Reading = row.decode()?;
+    let metric = metric_of(&r).ok_or_else(|| RenderError::UnknownMetric {
+        id: row.id.clone(),
+        mdc: r.mdc_code,
+    })?;
+    let device = row.device_ref();
+    let mut obs = super::doc::reading_observation(
+        &device,
+        &r,
+        &metric,
+        row.patient_id.as_deref(),
+        row.received_us,
+    );
+    obs.complete(
+        &row.id,
+        row.patient_id.as_deref().zip(row.patient_system.as_deref()),
+        row.version,
+        row.updated_us.max(row.received_us),
+    );
+    Ok(f(&obs))
 }
 
 /// `meta.versionId` and `meta.lastUpdated`: a re-attributed reading (moved
@@ -288,24 +324,12 @@ fn render_payload(row: &ObservationRow) -> Result<Json, RenderError> {
         });
     }
     match RowKind::parse(&row.kind) {
-        Some(RowKind::Reading) => {
-            let r: Reading = row.decode()?;
-            let metric = metric_of(&r).ok_or_else(|| RenderError::UnknownMetric {
+        Some(RowKind::Reading) => reading_resource(row, |obs| {
+            serde_json::to_value(obs).map_err(|source| RenderError::Json {
                 id: row.id.clone(),
-                mdc: r.mdc_code,
-            })?;
-            let mut resource = map_observation(
-                &row.device_ref(),
-                &r,
-                &metric,
-                row.patient_id.as_deref(),
-                row.received_us,
-            )
-            .resource;
-            // The stored id (it names the buffer incarnation too).
-            resource["id"] = Json::String(row.id.clone());
-            Ok(resource)
-        }
+                source,
+            })
+        })?,
         Some(RowKind::BpPanel) => {
             let members: DeviceData = row.decode()?;
             Ok(render_bp_panel(row, &members.readings))
@@ -324,29 +348,7 @@ fn render_payload(row: &ObservationRow) -> Result<Json, RenderError> {
 /// `Observation.device`: a reference to the Device resource plus its
 /// identifier and a display name.
 pub fn device_json(device: &DeviceRef<'_>) -> Json {
-    let display: Vec<String> = [
-        device.manufacturer.to_owned(),
-        device.model.to_owned(),
-        if device.serial_number.is_empty() {
-            String::new()
-        } else {
-            format!("SN {}", device.serial_number)
-        },
-    ]
-    .into_iter()
-    .filter(|s| !s.is_empty())
-    .collect();
-    let mut dev = json!({
-        "reference": format!("Device/{}", device_resource_id(device.gateway_id, device.device_id)),
-        "identifier": {
-            "system": device_identifier_system(device.gateway_id),
-            "value": device.device_id,
-        },
-    });
-    if !display.is_empty() {
-        dev["display"] = json!(display.join(" "));
-    }
-    dev
+    serde_json::to_value(super::doc::device(device)).unwrap_or_default()
 }
 
 /// The identifier system of a gateway's devices.

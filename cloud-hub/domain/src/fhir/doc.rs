@@ -1,0 +1,498 @@
+//! The Observation of one reading as a typed document: built once from the
+//! reading, then either serialized straight into a response buffer (the
+//! API's hot path: no `serde_json::Value` tree, no key maps to build and
+//! drop) or turned into a `Value` for the callers that edit JSON.
+//!
+//! Fields are declared in the byte order of their JSON names, so the
+//! output is identical to serializing the equivalent `Value` (whose object
+//! keys are sorted); `golden.rs` holds that to blessed bytes.
+
+use std::borrow::Cow;
+
+use serde::Serialize;
+use shared_protocol::Metric;
+use shared_protocol::v1::{CodedValue, Interpretation, Reading, Validity, reading};
+
+use super::{
+    ABSENT_SYSTEM, CATEGORY_SYSTEM, DeviceRef, INTERPRETATION_SYSTEM, LOINC_SYSTEM, MDC_SYSTEM,
+    ProfileFacts, QUALITY_EXT, QuantityFacts, TIME_SOURCE_EXT, UCUM_SYSTEM, ValueFacts, category,
+    columns, flag_code, format_instant, is_valid_id, observation_id, profile_loinc_display,
+    profiles_of, time_source_code, validity_code, vital_profile,
+};
+
+fn none<T>(v: &Option<T>) -> bool {
+    v.is_none()
+}
+
+fn no_profiles(v: &[&'static str]) -> bool {
+    v.is_empty()
+}
+
+/// A Coding: `system` and `display` are left out when empty.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Coding<'a> {
+    pub code: CodeText<'a>,
+    #[serde(skip_serializing_if = "none")]
+    pub display: Option<&'a str>,
+    #[serde(skip_serializing_if = "none")]
+    pub system: Option<&'a str>,
+}
+
+/// A code that is either text already held or a number written as text
+/// (the MDC code).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum CodeText<'a> {
+    Str(&'a str),
+    Number(u32),
+}
+
+impl Serialize for CodeText<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            CodeText::Str(v) => s.serialize_str(v),
+            CodeText::Number(n) => s.collect_str(n),
+        }
+    }
+}
+
+impl<'a> Coding<'a> {
+    fn new(system: &'a str, code: &'a str, display: Option<&'a str>) -> Self {
+        Coding {
+            code: CodeText::Str(code),
+            display,
+            system: Some(system),
+        }
+    }
+
+    /// A coding as the device sent it.
+    fn sent(c: &'a CodedValue) -> Self {
+        Coding {
+            code: CodeText::Str(&c.code),
+            display: Some(c.display.as_str()).filter(|d| !d.is_empty()),
+            system: Some(c.system.as_str()).filter(|s| !s.is_empty()),
+        }
+    }
+}
+
+/// A CodeableConcept of up to three codings.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Concept<'a> {
+    pub coding: Vec<Coding<'a>>,
+    #[serde(skip_serializing_if = "none")]
+    pub text: Option<Cow<'a, str>>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Quantity<'a> {
+    pub code: &'a str,
+    pub system: &'static str,
+    pub unit: &'a str,
+    pub value: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct SystemValue<'a> {
+    #[serde(skip_serializing_if = "none")]
+    pub system: Option<Cow<'a, str>>,
+    pub value: Cow<'a, str>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Subject<'a> {
+    #[serde(skip_serializing_if = "none")]
+    pub identifier: Option<SystemValue<'a>>,
+    #[serde(skip_serializing_if = "none")]
+    pub reference: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct DeviceDoc<'a> {
+    #[serde(skip_serializing_if = "none")]
+    pub display: Option<String>,
+    pub identifier: SystemValue<'a>,
+    pub reference: String,
+}
+
+/// One entry of an extension: `url` and one `value[x]`.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct ExtensionValue<'a> {
+    pub url: &'static str,
+    #[serde(skip_serializing_if = "none")]
+    pub value_boolean: Option<bool>,
+    #[serde(skip_serializing_if = "none")]
+    pub value_code: Option<&'a str>,
+    #[serde(skip_serializing_if = "none")]
+    pub value_coding: Option<Coding<'a>>,
+    #[serde(skip_serializing_if = "none")]
+    pub value_decimal: Option<f64>,
+    #[serde(skip_serializing_if = "none")]
+    pub value_string: Option<&'a str>,
+}
+
+impl<'a> ExtensionValue<'a> {
+    fn code(url: &'static str, code: &'a str) -> Self {
+        ExtensionValue {
+            url,
+            value_boolean: None,
+            value_code: Some(code),
+            value_coding: None,
+            value_decimal: None,
+            value_string: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct QualityExtension<'a> {
+    pub extension: Vec<ExtensionValue<'a>>,
+    pub url: &'static str,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct Meta {
+    #[serde(skip_serializing_if = "none")]
+    pub last_updated: Option<String>,
+    #[serde(skip_serializing_if = "no_profiles")]
+    pub profile: Vec<&'static str>,
+    #[serde(skip_serializing_if = "none")]
+    pub version_id: Option<String>,
+}
+
+/// The Observation of one reading.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct ReadingObservation<'a> {
+    pub category: [Concept<'a>; 1],
+    pub code: Concept<'a>,
+    #[serde(skip_serializing_if = "none")]
+    pub data_absent_reason: Option<Concept<'a>>,
+    pub device: DeviceDoc<'a>,
+    pub effective_date_time: String,
+    pub extension: (QualityExtension<'a>, ExtensionValue<'a>),
+    pub id: Cow<'a, str>,
+    pub identifier: [SystemValue<'a>; 1],
+    #[serde(skip_serializing_if = "none")]
+    pub interpretation: Option<[Concept<'a>; 1]>,
+    pub issued: String,
+    #[serde(skip_serializing_if = "none")]
+    pub meta: Option<Meta>,
+    pub resource_type: &'static str,
+    pub status: &'static str,
+    #[serde(skip_serializing_if = "none")]
+    pub subject: Option<Subject<'a>>,
+    #[serde(skip_serializing_if = "none")]
+    pub value_codeable_concept: Option<Concept<'a>>,
+    #[serde(skip_serializing_if = "none")]
+    pub value_quantity: Option<Quantity<'a>>,
+    #[serde(skip_serializing_if = "none")]
+    pub value_string: Option<&'a str>,
+}
+
+/// A `dataAbsentReason`.
+pub(crate) fn absent<'a>(code: &'a str, display: &'a str) -> Concept<'a> {
+    Concept {
+        coding: vec![Coding::new(ABSENT_SYSTEM, code, Some(display))],
+        text: Some(display.into()),
+    }
+}
+
+/// The reading-quality extension: validity, device flags, the range check,
+/// and the raw value/unit when the value is withheld.
+pub(crate) fn quality<'a>(
+    reading: &'a Reading,
+    metric: &Metric,
+    out_of_range: bool,
+    withhold: bool,
+) -> QualityExtension<'a> {
+    let mut items = vec![ExtensionValue::code(
+        "validity",
+        validity_code(reading.validity),
+    )];
+    for f in &reading.flags {
+        if let Some(code) = flag_code(*f) {
+            items.push(ExtensionValue::code("flag", code));
+        }
+    }
+    if out_of_range {
+        items.push(ExtensionValue {
+            value_boolean: Some(true),
+            value_code: None,
+            ..ExtensionValue::code("out-of-range", "")
+        });
+    }
+    if withhold {
+        let raw = ExtensionValue {
+            value_code: None,
+            ..ExtensionValue::code("raw-value", "")
+        };
+        match &reading.value {
+            Some(reading::Value::Numeric(n)) => {
+                items.push(ExtensionValue {
+                    value_decimal: Some(*n),
+                    ..raw
+                });
+                items.push(ExtensionValue::code("raw-unit", metric.unit.ucum));
+            }
+            Some(reading::Value::Text(t)) => items.push(ExtensionValue {
+                value_string: Some(t),
+                ..raw
+            }),
+            Some(reading::Value::Coded(c)) => items.push(ExtensionValue {
+                value_coding: Some(Coding::sent(c)),
+                ..raw
+            }),
+            None => {}
+        }
+    }
+    QualityExtension {
+        extension: items,
+        url: QUALITY_EXT,
+    }
+}
+
+/// `interpretation` as the device flagged the value (never computed here).
+pub(crate) fn interpretation(r: &Reading) -> Option<[Concept<'static>; 1]> {
+    let (code, display) = match r.interpretation() {
+        Interpretation::Unspecified => return None,
+        Interpretation::Normal => ("N", "Normal"),
+        Interpretation::Low => ("L", "Low"),
+        Interpretation::High => ("H", "High"),
+        Interpretation::CriticalLow => ("LL", "Critical low"),
+        Interpretation::CriticalHigh => ("HH", "Critical high"),
+        Interpretation::Abnormal => ("A", "Abnormal"),
+        Interpretation::CriticalAbnormal => ("AA", "Critical abnormal"),
+        Interpretation::OffScaleLow => ("<", "Off scale low"),
+        Interpretation::OffScaleHigh => (">", "Off scale high"),
+    };
+    Some([Concept {
+        coding: vec![Coding::new(INTERPRETATION_SYSTEM, code, Some(display))],
+        text: Some(format!("{display} (flagged by the device)").into()),
+    }])
+}
+
+/// `Observation.subject` for patient `p`: a literal reference when `p` is
+/// a FHIR id, plus the identifier the source carried when it named `p`.
+pub(crate) fn subject<'a>(p: &str, reading: &'a Reading) -> Subject<'a> {
+    Subject {
+        reference: is_valid_id(p).then(|| format!("Patient/{p}")),
+        identifier: reading
+            .subject
+            .as_ref()
+            .filter(|s| s.value == p)
+            .map(|s| SystemValue {
+                system: Some(s.system.as_str())
+                    .filter(|s| !s.is_empty())
+                    .map(Into::into),
+                value: s.value.as_str().into(),
+            }),
+    }
+}
+
+/// `Observation.device`: the Device reference, its identifier and a
+/// display name.
+pub(crate) fn device<'a>(device: &DeviceRef<'a>) -> DeviceDoc<'a> {
+    let serial = (!device.serial_number.is_empty()).then(|| format!("SN {}", device.serial_number));
+    let parts: Vec<&str> = [device.manufacturer, device.model]
+        .into_iter()
+        .chain(serial.as_deref())
+        .filter(|s| !s.is_empty())
+        .collect();
+    DeviceDoc {
+        display: (!parts.is_empty()).then(|| parts.join(" ")),
+        identifier: SystemValue {
+            system: Some(super::render::device_identifier_system(device.gateway_id).into()),
+            value: device.device_id.into(),
+        },
+        reference: format!(
+            "Device/{}",
+            super::render::device_resource_id(device.gateway_id, device.device_id)
+        ),
+    }
+}
+
+/// Builds the Observation of a validated reading (see
+/// [`super::map_observation`]).
+pub(crate) fn reading_observation<'a>(
+    device_ref: &DeviceRef<'a>,
+    reading: &'a Reading,
+    metric: &Metric,
+    patient_id: Option<&str>,
+    received_us: i64,
+) -> ReadingObservation<'a> {
+    let validity = Validity::try_from(reading.validity).unwrap_or(Validity::Unspecified);
+    let cols = columns(reading, metric);
+    let (cat_code, cat_display) = category(metric);
+    let mut codings = vec![Coding::new(
+        LOINC_SYSTEM,
+        metric.loinc,
+        Some(metric.loinc_display),
+    )];
+    if let Some(profile_code) = metric.loinc_profile {
+        codings.push(Coding::new(
+            LOINC_SYSTEM,
+            profile_code,
+            profile_loinc_display(profile_code),
+        ));
+    }
+    codings.push(Coding {
+        code: CodeText::Number(metric.mdc),
+        display: Some(metric.mdc_name),
+        system: Some(MDC_SYSTEM),
+    });
+    let issued = if reading.gateway_time_us != 0 {
+        reading.gateway_time_us
+    } else {
+        received_us
+    };
+    let withhold = validity == Validity::Invalid || cols.out_of_range;
+    let mut obs = ReadingObservation {
+        category: [Concept {
+            coding: vec![Coding::new(CATEGORY_SYSTEM, cat_code, Some(cat_display))],
+            text: Some(cat_display.into()),
+        }],
+        code: Concept {
+            coding: codings,
+            text: Some(metric.display.into()),
+        },
+        data_absent_reason: None,
+        device: device(device_ref),
+        effective_date_time: format_instant(reading.effective_time_us()),
+        extension: (
+            quality(reading, metric, cols.out_of_range, withhold),
+            ExtensionValue::code(TIME_SOURCE_EXT, time_source_code(reading.time_source)),
+        ),
+        id: observation_id(
+            device_ref.gateway_id,
+            device_ref.device_id,
+            reading.sequence,
+        )
+        .into(),
+        identifier: [SystemValue {
+            system: Some(
+                format!(
+                    "urn:vigil:reading:{}:{}",
+                    device_ref.gateway_id, device_ref.device_id
+                )
+                .into(),
+            ),
+            value: reading.sequence.to_string().into(),
+        }],
+        interpretation: interpretation(reading),
+        issued: format_instant(issued),
+        meta: None,
+        resource_type: "Observation",
+        status: cols.status,
+        subject: patient_id.map(|p| subject(p, reading)),
+        value_codeable_concept: None,
+        value_quantity: None,
+        value_string: None,
+    };
+    match &reading.value {
+        None => obs.data_absent_reason = Some(absent("unknown", "Unknown")),
+        Some(_) if withhold => obs.data_absent_reason = Some(absent("error", "Error")),
+        Some(reading::Value::Numeric(n)) => {
+            obs.value_quantity = Some(Quantity {
+                code: metric.unit.ucum,
+                system: UCUM_SYSTEM,
+                unit: metric.unit.display,
+                value: *n,
+            })
+        }
+        Some(reading::Value::Text(t)) => obs.value_string = Some(t),
+        Some(reading::Value::Coded(c)) => {
+            obs.value_codeable_concept = Some(Concept {
+                coding: vec![Coding::sent(c)],
+                text: Some(c.display.as_str())
+                    .filter(|d| !d.is_empty())
+                    .map(Into::into),
+            })
+        }
+    }
+    // Profiles only where this resource meets them (e.g. no subject yet:
+    // none of the vital-signs profiles).
+    if let Some(specific) = vital_profile(metric) {
+        let profiles = profiles_of(&obs.facts(), Some(specific).filter(|p| !p.is_empty()));
+        if !profiles.is_empty() {
+            obs.meta = Some(Meta {
+                last_updated: None,
+                profile: profiles,
+                version_id: None,
+            });
+        }
+    }
+    obs
+}
+
+impl<'a> ReadingObservation<'a> {
+    /// What the vital-signs profiles look at (see [`super::claimed_profiles`]).
+    fn facts(&self) -> ProfileFacts<'_> {
+        ProfileFacts {
+            status: true,
+            vital_category: self.category[0].coding.iter().any(|c| {
+                c.system == Some(CATEGORY_SYSTEM) && matches!(c.code, CodeText::Str("vital-signs"))
+            }),
+            loinc: self
+                .code
+                .coding
+                .iter()
+                .filter(|c| c.system == Some(LOINC_SYSTEM))
+                .map(|c| match c.code {
+                    CodeText::Str(s) => Some(s),
+                    CodeText::Number(_) => None,
+                })
+                .collect(),
+            subject: self
+                .subject
+                .as_ref()
+                .is_some_and(|s| s.reference.is_some() || s.identifier.is_some()),
+            effective: true,
+            value: ValueFacts {
+                other: self.value_string.is_some() || self.value_codeable_concept.is_some(),
+                quantity: self.value_quantity.as_ref().map(|q| QuantityFacts {
+                    number: q.value.is_finite(),
+                    unit: true,
+                    ucum: true,
+                    code: Some(q.code),
+                }),
+                absent: self.data_absent_reason.is_some(),
+            },
+            components: Vec::new(),
+        }
+    }
+
+    /// The stored row's view of the resource: its stored id, the patient
+    /// identifier's system the store knows, and the version.
+    pub(crate) fn complete(
+        &mut self,
+        id: &'a str,
+        patient: Option<(&'a str, &'a str)>,
+        version: i64,
+        last_updated_us: i64,
+    ) {
+        self.id = id.into();
+        if let (Some((p, system)), Some(subject)) = (patient, self.subject.as_mut()) {
+            match subject.identifier.as_mut() {
+                Some(ident) => {
+                    if !system.is_empty() && ident.value == p {
+                        ident.system = Some(system.into());
+                    }
+                }
+                None => {
+                    subject.identifier = Some(SystemValue {
+                        system: Some(system).filter(|s| !s.is_empty()).map(Into::into),
+                        value: p.into(),
+                    })
+                }
+            }
+        }
+        let meta = self.meta.get_or_insert(Meta {
+            last_updated: None,
+            profile: Vec::new(),
+            version_id: None,
+        });
+        meta.version_id = Some(version.max(1).to_string());
+        meta.last_updated = Some(format_instant(last_updated_us));
+    }
+}
