@@ -69,18 +69,6 @@ const STATEMENT_CACHE: usize = 128;
 /// How many read-only connections a store keeps.
 const READERS: usize = 4;
 
-/// Bytes of the database file each connection maps into memory (64-bit
-/// targets only: four readers and the writer would not fit a 32-bit
-/// address space). Mapped pages are read without a `pread` and a copy,
-/// which matters because a WAL reader drops its page cache whenever
-/// another connection has committed since its last read: with an audit
-/// entry committed per API request, that is nearly every read.
-const MMAP_BYTES: i64 = if cfg!(target_pointer_width = "64") {
-    0
-} else {
-    0
-};
-
 /// Settings every connection of a store gets, writer and readers alike.
 fn tune(c: &Connection) -> Result<(), DbError> {
     c.busy_timeout(Duration::from_secs(5))?;
@@ -96,10 +84,6 @@ fn tune(c: &Connection) -> Result<(), DbError> {
         rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG,
         true,
     )?;
-    // 64 MiB page cache each (the default is 2 MiB): the search and
-    // uniqueness indexes of a large store stay in memory.
-    c.pragma_update(None, "cache_size", -65_536)?;
-    c.pragma_update(None, "mmap_size", MMAP_BYTES)?;
     Ok(())
 }
 
@@ -121,6 +105,13 @@ impl ReadPool {
                     | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
             )?;
             tune(&c)?;
+            // A small page cache (SQLite's default 2 MB): a WAL reader drops
+            // its whole cache when another connection has committed since
+            // its last read, which with an audit entry committed per API
+            // request is nearly every read; freeing a large cache each time
+            // cost more than the pages it kept (the OS page cache holds the
+            // file anyway).
+            c.pragma_update(None, "cache_size", -2_000)?;
             conns.push(Mutex::new(c));
         }
         Ok(Self {
@@ -306,6 +297,10 @@ impl SqliteStore {
 
     fn init(mut conn: Connection) -> Result<Self, DbError> {
         tune(&conn)?;
+        // 64 MiB page cache for the one writer (the default is 2 MB): the
+        // uniqueness and search indexes ingest updates stay in memory, and
+        // only its own commits change the file it caches.
+        conn.pragma_update(None, "cache_size", -65_536)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         // NORMAL: commits do not fsync; ingest makes its commits durable
         // with group commit (`WalSync`) before acknowledging.
