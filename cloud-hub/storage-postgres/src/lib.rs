@@ -642,15 +642,27 @@ impl PgStore {
         if s.codes.iter().any(Vec::is_empty) || s.categories.iter().any(Vec::is_empty) {
             return Ok((0, Vec::new()));
         }
-        let mut clauses: Vec<String> = vec!["o.panel_id IS NULL".into()];
+        // The panel flag as the integer expression of the patient/code
+        // index (migration 7), so a search by patient and code walks that
+        // index in date order and stops at the page's end.
+        let mut clauses: Vec<String> = vec!["(o.panel_id IS NOT NULL)::integer = 0".into()];
         let mut args: Vec<Box<dyn ToSql + Sync>> = Vec::new();
         fn arg(args: &mut Vec<Box<dyn ToSql + Sync>>, v: impl ToSql + Sync + 'static) -> String {
             args.push(Box::new(v));
             format!("${}", args.len())
         }
-        if !s.patients.is_empty() {
-            let p = arg(&mut args, s.patients.clone());
-            clauses.push(format!("o.patient_id = ANY({p})"));
+        match s.patients.as_slice() {
+            [] => {}
+            // One patient (the common case) as an equality: the index then
+            // yields its rows already in date order; `= ANY` would not.
+            [one] => {
+                let p = arg(&mut args, one.clone());
+                clauses.push(format!("o.patient_id = {p}"));
+            }
+            many => {
+                let p = arg(&mut args, many.to_vec());
+                clauses.push(format!("o.patient_id = ANY({p})"));
+            }
         }
         for set in &s.codes {
             let mut alternatives = Vec::new();
@@ -707,9 +719,11 @@ impl PgStore {
             let total: i64 = c.query_one(&count_st, &refs).await?.get(0);
             return Ok((total as u64, Vec::new()));
         }
+        // Rows sharing a time in arrival order (`rid`, the index's last
+        // column), as SQLite orders them by rowid.
         let order = match s.sort {
-            SortOrder::DateAsc => "o.effective_us ASC, o.id ASC",
-            SortOrder::DateDesc => "o.effective_us DESC, o.id DESC",
+            SortOrder::DateAsc => "o.effective_us ASC, o.rid ASC",
+            SortOrder::DateDesc => "o.effective_us DESC, o.rid DESC",
         };
         let limit = arg(&mut args, i64::from(s.count));
         let offset = arg(&mut args, i64::try_from(s.offset).unwrap_or(i64::MAX));

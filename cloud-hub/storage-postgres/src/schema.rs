@@ -514,6 +514,20 @@ CREATE TRIGGER audit_purges_append_only
     FOR EACH STATEMENT EXECUTE FUNCTION audit_log_append_only();
 "#;
 
+/// Migration 13 (issue 18): the patient/code index of migration 7 also
+/// carries `loinc` and `panel_id` (INCLUDE, not keys). A FHIR search by
+/// patient and code filters on both; with them in the index its `total`
+/// is counted by an index-only scan instead of a visit to every matching
+/// row (measured at 1 M observations: 1.5 ms → 0.35 ms for a day of one
+/// vital), and its page stops at the page's end. Same keys, so the score
+/// queries keep using it; still one index for ingest to maintain.
+const PG_V13: &str = r#"
+DROP INDEX observations_patient_mdc_panel_time;
+CREATE INDEX observations_patient_mdc_panel_time
+    ON observations (patient_id, mdc_code, ((panel_id IS NOT NULL)::integer), effective_us, rid)
+    INCLUDE (loinc, panel_id);
+"#;
+
 pub(crate) const MIGRATIONS: &[(i64, &str)] = &[
     (1, V1),
     (2, PG_V2),
@@ -527,6 +541,7 @@ pub(crate) const MIGRATIONS: &[(i64, &str)] = &[
     (10, PG_V10),
     (11, PG_V11),
     (12, PG_V12),
+    (13, PG_V13),
 ];
 
 /// Observation partitions are UTC months: `[start, end)` in µs of the

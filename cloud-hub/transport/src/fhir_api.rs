@@ -721,7 +721,12 @@ fn searchset(base: &str, total: u64, links: Vec<Json>, resources: Vec<Json>) -> 
 /// rows, without building a `Value` per row. A row that cannot be rendered
 /// becomes an OperationOutcome entry (and an error log), never a silently
 /// shorter page.
-fn observation_searchset(base: &str, total: u64, links: &[Json], rows: &[ObservationRow]) -> Vec<u8> {
+fn observation_searchset(
+    base: &str,
+    total: u64,
+    links: &[Json],
+    rows: &[ObservationRow],
+) -> Vec<u8> {
     // Strings and `Value`s always serialize into a Vec.
     fn put<T: serde::Serialize + ?Sized>(out: &mut Vec<u8>, v: &T) {
         let _ = serde_json::to_writer(&mut *out, v);
@@ -816,7 +821,8 @@ mod tests {
             broken,
             reading_row(&"c".repeat(32), None),
         ];
-        let links = vec![json!({ "relation": "self", "url": "http://h/fhir/Observation?_count=3" })];
+        let links =
+            vec![json!({ "relation": "self", "url": "http://h/fhir/Observation?_count=3" })];
         let direct = observation_searchset("http://h/fhir", 9, &links, &rows);
         let values: Vec<Json> = rows
             .iter()
@@ -831,7 +837,10 @@ mod tests {
             })
             .collect();
         let want = serde_json::to_vec(&searchset("http://h/fhir", 9, links, values)).unwrap();
-        assert_eq!(String::from_utf8(direct).unwrap(), String::from_utf8(want).unwrap());
+        assert_eq!(
+            String::from_utf8(direct).unwrap(),
+            String::from_utf8(want).unwrap()
+        );
         // An empty page still lists no entries as an empty array.
         let empty = observation_searchset("http://h/fhir", 0, &[], &[]);
         let want = serde_json::to_vec(&searchset("http://h/fhir", 0, vec![], vec![])).unwrap();

@@ -313,13 +313,15 @@ pub(crate) fn device<'a>(device: &DeviceRef<'a>) -> DeviceDoc<'a> {
 }
 
 /// Builds the Observation of a validated reading (see
-/// [`super::map_observation`]).
+/// [`super::map_observation`]); `id` is the stored id when the reading is
+/// already stored, else it is derived from the reading's identity.
 pub(crate) fn reading_observation<'a>(
     device_ref: &DeviceRef<'a>,
     reading: &'a Reading,
     metric: &Metric,
     patient_id: Option<&str>,
     received_us: i64,
+    id: Option<&'a str>,
 ) -> ReadingObservation<'a> {
     let validity = Validity::try_from(reading.validity).unwrap_or(Validity::Unspecified);
     let cols = columns(reading, metric);
@@ -363,12 +365,15 @@ pub(crate) fn reading_observation<'a>(
             quality(reading, metric, cols.out_of_range, withhold),
             ExtensionValue::code(TIME_SOURCE_EXT, time_source_code(reading.time_source)),
         ),
-        id: observation_id(
-            device_ref.gateway_id,
-            device_ref.device_id,
-            reading.sequence,
-        )
-        .into(),
+        id: match id {
+            Some(id) => id.into(),
+            None => observation_id(
+                device_ref.gateway_id,
+                device_ref.device_id,
+                reading.sequence,
+            )
+            .into(),
+        },
         identifier: [SystemValue {
             system: Some(
                 format!(
@@ -462,16 +467,14 @@ impl<'a> ReadingObservation<'a> {
         }
     }
 
-    /// The stored row's view of the resource: its stored id, the patient
-    /// identifier's system the store knows, and the version.
+    /// The stored row's view of the resource: the patient identifier's
+    /// system the store knows, and the version.
     pub(crate) fn complete(
         &mut self,
-        id: &'a str,
         patient: Option<(&'a str, &'a str)>,
         version: i64,
         last_updated_us: i64,
     ) {
-        self.id = id.into();
         if let (Some((p, system)), Some(subject)) = (patient, self.subject.as_mut()) {
             match subject.identifier.as_mut() {
                 Some(ident) => {

@@ -410,7 +410,7 @@ pub fn map_observation(
     patient_id: Option<&str>,
     received_us: i64,
 ) -> MappedObservation {
-    let obs = doc::reading_observation(device, reading, metric, patient_id, received_us);
+    let obs = doc::reading_observation(device, reading, metric, patient_id, received_us, None);
     let cols = columns(reading, metric);
     MappedObservation {
         id: obs.id.to_string(),

@@ -261,9 +261,9 @@ fn reading_resource<T>(
         &metric,
         row.patient_id.as_deref(),
         row.received_us,
+        Some(&row.id),
     );
     obs.complete(
-        &row.id,
         row.patient_id.as_deref().zip(row.patient_system.as_deref()),
         row.version,
         row.updated_us.max(row.received_us),
