@@ -1071,6 +1071,9 @@ impl Storage for SqliteStore {
     fn backend(&self) -> &'static str {
         "sqlite"
     }
+    fn reads_are_local(&self) -> bool {
+        true
+    }
     fn ping(&self) -> Result<(), StoreError> {
         Ok(self.db_ping()?)
     }

@@ -223,4 +223,13 @@ pub trait Storage:
     fn backend(&self) -> &'static str;
     /// Whether the database answers a query.
     fn ping(&self) -> Result<(), StoreError>;
+    /// Whether a point read (one resource, one search page, one trend
+    /// series) is answered from local files without network waits, in
+    /// well under a millisecond: the API then runs it on its own async
+    /// worker instead of handing it to the blocking pool and back (two
+    /// thread switches per request). False for a networked database,
+    /// whose reads may wait on the network or the connection pool.
+    fn reads_are_local(&self) -> bool {
+        false
+    }
 }

@@ -214,7 +214,7 @@ async fn read(State(st): State<FhirState>, Path(id): Path<String>) -> Response {
     }
     let store = st.store.clone();
     let lookup = id.clone();
-    match blocking(move || store.observation(&lookup)).await {
+    match crate::pipeline::read(&st.store, move || store.observation(&lookup)).await {
         Ok(Some(row)) => match render_bytes(&row) {
             Ok(body) => crate::audit::with_patients(
                 fhir_bytes(StatusCode::OK, body),
@@ -610,7 +610,7 @@ async fn search(State(st): State<FhirState>, headers: HeaderMap, uri: Uri) -> Re
     let store = st.store.clone();
     let mut s2 = search.clone();
     let identifiers = st.identifiers.clone();
-    let (total, rows) = match blocking(move || {
+    let (total, rows) = match crate::pipeline::read(&st.store, move || {
         if !resolve_identifiers(&store, &identifiers, &mut s2)? {
             return Ok::<_, crate::store::StoreError>((0, Vec::new()));
         }

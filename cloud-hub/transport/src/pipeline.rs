@@ -34,6 +34,20 @@ pub(crate) async fn blocking<T: Send + 'static, E: Into<TransportError> + Send +
     tokio::task::spawn_blocking(f).await?.map_err(Into::into)
 }
 
+/// Runs a point read of the hot API paths: on this async worker when the
+/// store's reads are local and short (`Storage::reads_are_local`: SQLite),
+/// saving the round trip through the blocking pool; else as [`blocking`].
+pub(crate) async fn read<T: Send + 'static, E: Into<TransportError> + Send + 'static>(
+    store: &Store,
+    f: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> Result<T, TransportError> {
+    if store.reads_are_local() {
+        f().map_err(Into::into)
+    } else {
+        blocking(f).await
+    }
+}
+
 impl Pipeline {
     pub fn new(
         store: Store,

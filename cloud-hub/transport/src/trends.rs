@@ -150,16 +150,14 @@ async fn get_series(
     let store = st.store.clone();
     let mdc = metric.mdc;
     let p = patient.clone();
-    let r =
-        tokio::task::spawn_blocking(move || series(&store, &p, mdc, resolution, from, to)).await;
+    let r = crate::pipeline::read(&st.store, move || {
+        series(&store, &p, mdc, resolution, from, to)
+    })
+    .await;
     let points = match r {
-        Ok(Ok(p)) => p,
-        Ok(Err(e)) => {
-            tracing::error!(error = %e, "series query failed");
-            return (StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response();
-        }
+        Ok(p) => p,
         Err(e) => {
-            tracing::error!(error = %e, "series task failed");
+            tracing::error!(error = %e, "series query failed");
             return (StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response();
         }
     };
