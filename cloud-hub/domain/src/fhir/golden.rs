@@ -89,7 +89,6 @@ fn rows() -> Vec<ObservationRow> {
                 subject,
                 interpretation: (g.next() % 11) as i32,
                 value,
-                ..Default::default()
             };
             let serial = g.pick(&["", "SN-9"]);
             rows.push(ObservationRow {
