@@ -433,12 +433,12 @@ fn main() {
     let counts: Vec<String> = sweep.iter().map(u64::to_string).collect();
     let choice = if meeting.is_some() {
         format!(
-            "best of {} connections with p99 < {P99_OBJECTIVE_MS} ms: {connections}",
+            "best of {} connections within the {P99_OBJECTIVE_MS} ms 99th-percentile objective: {connections}",
             counts.join("/")
         )
     } else {
         format!(
-            "no count of {} connections met p99 < {P99_OBJECTIVE_MS} ms; the closest: {connections}",
+            "no count of {} connections met the {P99_OBJECTIVE_MS} ms 99th-percentile objective; the closest: {connections}",
             counts.join("/")
         )
     };
