@@ -131,14 +131,22 @@ pub(crate) struct ExtensionValue<'a> {
 }
 
 impl<'a> ExtensionValue<'a> {
-    fn code(url: &'static str, code: &'a str) -> Self {
+    /// An entry with no value yet.
+    fn url(url: &'static str) -> Self {
         ExtensionValue {
             url,
             value_boolean: None,
-            value_code: Some(code),
+            value_code: None,
             value_coding: None,
             value_decimal: None,
             value_string: None,
+        }
+    }
+
+    fn code(url: &'static str, code: &'a str) -> Self {
+        ExtensionValue {
+            value_code: Some(code),
+            ..Self::url(url)
         }
     }
 }
@@ -218,15 +226,11 @@ pub(crate) fn quality<'a>(
     if out_of_range {
         items.push(ExtensionValue {
             value_boolean: Some(true),
-            value_code: None,
-            ..ExtensionValue::code("out-of-range", "")
+            ..ExtensionValue::url("out-of-range")
         });
     }
     if withhold {
-        let raw = ExtensionValue {
-            value_code: None,
-            ..ExtensionValue::code("raw-value", "")
-        };
+        let raw = ExtensionValue::url("raw-value");
         match &reading.value {
             Some(reading::Value::Numeric(n)) => {
                 items.push(ExtensionValue {

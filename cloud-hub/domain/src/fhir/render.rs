@@ -217,6 +217,10 @@ impl ObservationRow {
 /// Renders a stored row as a FHIR R4 Observation.
 pub fn render_observation(row: &ObservationRow) -> Result<Json, RenderError> {
     let mut resource = render_payload(row)?;
+    if is_stored_reading(row) {
+        // Its document already carries the row's subject system and version.
+        return Ok(resource);
+    }
     complete_subject(&mut resource, row);
     if row.payload.is_none() {
         recheck_profiles(&mut resource);
@@ -234,13 +238,19 @@ pub fn write_observation(row: &ObservationRow, out: &mut Vec<u8>) -> Result<(), 
         id: row.id.clone(),
         source,
     };
-    if row.payload.is_some() && RowKind::parse(&row.kind) == Some(RowKind::Reading) {
+    if is_stored_reading(row) {
         return reading_resource(row, |obs| {
             serde_json::to_writer(out, obs).map_err(json_error)
         })?;
     }
     let resource = render_observation(row)?;
     serde_json::to_writer(out, &resource).map_err(json_error)
+}
+
+/// A single reading stored with its payload: rendered from its typed
+/// document (`doc.rs`), completed there.
+fn is_stored_reading(row: &ObservationRow) -> bool {
+    row.payload.is_some() && RowKind::parse(&row.kind) == Some(RowKind::Reading)
 }
 
 /// The Observation of a stored reading row as the row holds it now (its
