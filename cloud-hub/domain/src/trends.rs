@@ -29,7 +29,15 @@ pub type Key = (String, u32, i64, i64, String, String);
 /// Buckets collected in memory (one batch, or one rebuild).
 #[derive(Debug, Default)]
 pub struct Rollup {
-    buckets: HashMap<Key, Agg>,
+    /// The distinct (patient, gateway, device) of the buckets, which the
+    /// buckets name by index: a batch has few, and readings come in runs
+    /// of one device, so adding a value allocates nothing.
+    owners: Vec<(String, String, String)>,
+    index: HashMap<(String, String, String), usize>,
+    /// The owner of the last value added.
+    last: Option<usize>,
+    /// (owner, MDC code, resolution, bucket start) → aggregate.
+    buckets: HashMap<(usize, u32, i64, i64), Agg>,
 }
 
 /// The value of a reading in its metric's chart unit, if usable there.
@@ -40,22 +48,36 @@ pub fn chart_value(r: &Reading, value: f64) -> Option<f64> {
 impl Rollup {
     /// Adds a usable value (already in the chart unit).
     pub fn add(&mut self, patient: &str, gateway: &str, device: &str, mdc: u32, t_us: i64, v: f64) {
+        let owner = match self.last {
+            Some(i)
+                if self.owners[i].0 == patient
+                    && self.owners[i].1 == gateway
+                    && self.owners[i].2 == device =>
+            {
+                i
+            }
+            _ => {
+                let key = (patient.to_owned(), gateway.to_owned(), device.to_owned());
+                let next = self.owners.len();
+                let i = *self.index.entry(key.clone()).or_insert(next);
+                if i == next {
+                    self.owners.push(key);
+                }
+                i
+            }
+        };
+        self.last = Some(owner);
         for res in RESOLUTIONS {
             let bucket = bucket_start(t_us, res);
-            let key = (
-                patient.to_owned(),
-                mdc,
-                res,
-                bucket,
-                gateway.to_owned(),
-                device.to_owned(),
-            );
-            let a = self.buckets.entry(key).or_insert(Agg {
-                n: 0,
-                sum: 0.0,
-                min: v,
-                max: v,
-            });
+            let a = self
+                .buckets
+                .entry((owner, mdc, res, bucket))
+                .or_insert(Agg {
+                    n: 0,
+                    sum: 0.0,
+                    min: v,
+                    max: v,
+                });
             a.n += 1;
             a.sum += v;
             a.min = a.min.min(v);
@@ -70,9 +92,21 @@ impl Rollup {
     /// The buckets as rows: (patient, mdc, resolution_s, bucket_us, gateway, device) and
     /// (n, sum, min, max).
     pub fn rows(self) -> impl Iterator<Item = (Key, (i64, f64, f64, f64))> {
-        self.buckets
-            .into_iter()
-            .map(|(k, a)| (k, (a.n, a.sum, a.min, a.max)))
+        let owners = self.owners;
+        self.buckets.into_iter().map(move |((o, mdc, res, bucket), a)| {
+            let (patient, gateway, device) = &owners[o];
+            (
+                (
+                    patient.clone(),
+                    mdc,
+                    res,
+                    bucket,
+                    gateway.clone(),
+                    device.clone(),
+                ),
+                (a.n, a.sum, a.min, a.max),
+            )
+        })
     }
 }
 
@@ -147,19 +181,36 @@ mod tests {
         r.add("p", "g", "d", 1, T0 + 59 * S, 10.0);
         r.add("p", "g", "d", 1, T0 + 61 * S, 20.0);
         r.add("p", "g", "d", 1, T0 + 299 * S, 30.0);
+        let rows: HashMap<Key, (i64, f64, f64, f64)> = r.rows().collect();
         let get = |res: i64, bucket: i64| {
-            r.buckets
-                .get(&("p".into(), 1, res, bucket, "g".into(), "d".into()))
+            rows.get(&("p".into(), 1, res, bucket, "g".into(), "d".into()))
                 .copied()
         };
-        let m0 = get(60, T0).unwrap();
-        assert_eq!((m0.n, m0.sum, m0.min, m0.max), (1, 10.0, 10.0, 10.0));
-        let m1 = get(60, T0 + 60 * S).unwrap();
-        assert_eq!(m1.n, 1);
-        let f = get(300, T0).unwrap();
-        assert_eq!((f.n, f.sum, f.min, f.max), (3, 60.0, 10.0, 30.0));
-        assert_eq!(get(3600, T0).unwrap().n, 3);
-        assert_eq!(r.buckets.len(), 3 + 1 + 1);
+        assert_eq!(get(60, T0), Some((1, 10.0, 10.0, 10.0)));
+        assert_eq!(get(60, T0 + 60 * S).unwrap().0, 1);
+        assert_eq!(get(300, T0), Some((3, 60.0, 10.0, 30.0)));
+        assert_eq!(get(3600, T0).unwrap().0, 3);
+        assert_eq!(rows.len(), 3 + 1 + 1);
+    }
+
+    /// Values of several patients and devices, interleaved, each land in
+    /// their own owner's buckets.
+    #[test]
+    fn interleaved_owners_keep_their_own_buckets() {
+        let mut r = Rollup::default();
+        let owners = [("p1", "g", "d1"), ("p2", "g", "d2"), ("p1", "g", "d2")];
+        for i in 0..9 {
+            let (p, g, d) = owners[i % 3];
+            r.add(p, g, d, 7, T0, (i + 1) as f64);
+        }
+        r.add("p2", "g2", "d2", 7, T0, 100.0);
+        let rows: HashMap<Key, (i64, f64, f64, f64)> = r.rows().collect();
+        assert_eq!(rows.len(), 4 * RESOLUTIONS.len());
+        let minute = |p: &str, g: &str, d: &str| rows[&(p.into(), 7, 60, T0, g.into(), d.into())];
+        assert_eq!(minute("p1", "g", "d1"), (3, 1.0 + 4.0 + 7.0, 1.0, 7.0));
+        assert_eq!(minute("p2", "g", "d2"), (3, 2.0 + 5.0 + 8.0, 2.0, 8.0));
+        assert_eq!(minute("p1", "g", "d2"), (3, 3.0 + 6.0 + 9.0, 3.0, 9.0));
+        assert_eq!(minute("p2", "g2", "d2"), (1, 100.0, 100.0, 100.0));
     }
 
     #[test]

@@ -12,6 +12,7 @@ mod association;
 mod attribution;
 mod audit;
 pub mod backup;
+mod checkpoint;
 mod error;
 mod gateway_view;
 mod lake;
@@ -58,6 +59,9 @@ pub struct SqliteStore {
     readers: Option<Arc<ReadPool>>,
     /// Group commit of the WAL (None only for stores opened without a path).
     wal: Option<Arc<WalSync>>,
+    /// WAL checkpoints on a thread of their own (None only for stores
+    /// opened without a path).
+    checkpointer: Option<Arc<checkpoint::Checkpointer>>,
     /// The alert change feed (in process: one hub per SQLite file).
     alert_feed: tokio::sync::broadcast::Sender<hub_domain::alerts::engine::Change>,
 }
@@ -282,6 +286,14 @@ impl SqliteStore {
         let conn = Connection::open(path)?;
         let mut store = Self::init(conn)?;
         store.wal = Some(Arc::new(WalSync::new(path)));
+        // Checkpoints leave the commits: the writer's own automatic one
+        // stays only as a high safety valve.
+        store.conn()?.pragma_update(
+            None,
+            "wal_autocheckpoint",
+            checkpoint::WRITER_AUTOCHECKPOINT_PAGES,
+        )?;
+        store.checkpointer = Some(Arc::new(checkpoint::Checkpointer::start(path)?));
         // After the migrations: the readers see the current schema.
         store.readers = Some(Arc::new(ReadPool::open(path, READERS)?));
         Ok(store)
@@ -330,12 +342,18 @@ impl SqliteStore {
             conn: Arc::new(Mutex::new(conn)),
             readers: None,
             wal: None,
+            checkpointer: None,
             alert_feed: tokio::sync::broadcast::channel(1024).0,
         })
     }
 
     fn conn(&self) -> Result<MutexGuard<'_, Connection>, DbError> {
-        self.conn.lock().map_err(|_| DbError::Poisoned)
+        let c = self.conn.lock().map_err(|_| DbError::Poisoned)?;
+        // Whatever the writer is taken for, a checkpoint follows shortly.
+        if let Some(ck) = &self.checkpointer {
+            ck.written();
+        }
+        Ok(c)
     }
 
     /// A read-only connection (the writer when the store has no readers).

@@ -90,13 +90,38 @@ pub fn observation_id_in(
     incarnation: u64,
     sequence: u64,
 ) -> String {
-    let canonical = if incarnation == 0 {
-        format!("vigil-reading\n{gateway_id}\n{device_id}")
-    } else {
-        format!("vigil-reading\n{gateway_id}\n{device_id}\n{incarnation}")
-    };
-    let d = digest::digest(&digest::SHA256, canonical.as_bytes());
-    format!("{}{sequence:016x}", hex::encode(&d.as_ref()[..8]))
+    ObservationIds::new(gateway_id, device_id, incarnation).id(sequence)
+}
+
+/// The ids of one device's readings ([`observation_id_in`]) with the hashed
+/// device part computed once: `ids.id(sequence)` equals
+/// `observation_id_in(gateway_id, device_id, incarnation, sequence)`.
+#[derive(Debug, Clone)]
+pub struct ObservationIds {
+    /// 16 hex characters of the device part.
+    device: String,
+}
+
+impl ObservationIds {
+    pub fn new(gateway_id: &str, device_id: &str, incarnation: u64) -> Self {
+        let canonical = if incarnation == 0 {
+            format!("vigil-reading\n{gateway_id}\n{device_id}")
+        } else {
+            format!("vigil-reading\n{gateway_id}\n{device_id}\n{incarnation}")
+        };
+        let d = digest::digest(&digest::SHA256, canonical.as_bytes());
+        Self {
+            device: hex::encode(&d.as_ref()[..8]),
+        }
+    }
+
+    pub fn id(&self, sequence: u64) -> String {
+        use std::fmt::Write;
+        let mut id = String::with_capacity(32);
+        id.push_str(&self.device);
+        let _ = write!(id, "{sequence:016x}");
+        id
+    }
 }
 
 /// UCUM codes of the FHIR R4 vital-signs units value set
@@ -1067,6 +1092,23 @@ mod tests {
         assert_eq!(new.len(), 32);
         assert!(new.ends_with("0000000000000007"));
         assert_ne!(new, super::observation_id_in("gw-1", "dev", 43, 7));
+    }
+
+    /// Stored ids never change: SHA-256 of `vigil-reading\ngw-1\ndev`
+    /// (then `\n42` for incarnation 42), its first 8 bytes in hex, then the
+    /// sequence in 16 hex digits (computed with Python's hashlib).
+    #[test]
+    fn observation_ids_match_their_definition() {
+        assert_eq!(
+            super::observation_id("gw-1", "dev", 7),
+            "93ed17eacb4c3ba50000000000000007"
+        );
+        let ids = super::ObservationIds::new("gw-1", "dev", 42);
+        assert_eq!(ids.id(0x1234_abcd), "754abadd3d1c4cd9000000001234abcd");
+        assert_eq!(
+            ids.id(0x1234_abcd),
+            super::observation_id_in("gw-1", "dev", 42, 0x1234_abcd)
+        );
     }
 
     use super::*;

@@ -28,7 +28,7 @@ use crate::early_warning::{Parameter, parameter_of};
 use crate::fhir::render::{
     BP_PANEL_LOINC, RowKind, bp_family, bp_family_of, bp_key, device_resource_id, panel_id_in,
 };
-use crate::fhir::{category, columns, observation_id_in};
+use crate::fhir::{ObservationIds, category, columns};
 use crate::trends::{Rollup, chart_value};
 
 /// A refused reading, waveform or technical reading, kept with its reason.
@@ -342,6 +342,7 @@ fn plan_device<E>(
     // grouped into panels.
     let mut bp_parts: BTreeMap<_, Vec<&Reading>> = BTreeMap::new();
     let incarnation = batch_incarnation(plan);
+    let ids = ObservationIds::new(gateway_id, &device_id, incarnation);
     for r in &data.readings {
         let checked = stored_sequence(r.sequence)
             .and_then(|seq| validate_reading(r, now_us).map(|m| (seq, m)));
@@ -376,7 +377,7 @@ fn plan_device<E>(
             .flatten()
             .map(|p| (p, r.flags.clone()));
         plan.rows.push(ObsRow {
-            id: observation_id_in(gateway_id, &device_id, incarnation, r.sequence),
+            id: ids.id(r.sequence),
             device_id: device_id.clone(),
             sequence,
             loinc: metric.loinc,
@@ -433,7 +434,7 @@ fn plan_device<E>(
                 .map(|m| {
                     (
                         m.sequence as i64,
-                        observation_id_in(gateway_id, &device_id, incarnation, m.sequence),
+                        ids.id(m.sequence),
                     )
                 })
                 .collect(),
@@ -486,7 +487,7 @@ fn plan_device<E>(
         }
         let a = who.of(None, w.start_time_us);
         plan.rows.push(ObsRow {
-            id: observation_id_in(gateway_id, &device_id, incarnation, w.sequence),
+            id: ids.id(w.sequence),
             device_id: device_id.clone(),
             sequence,
             loinc: "",
