@@ -93,20 +93,22 @@ impl Rollup {
     /// (n, sum, min, max).
     pub fn rows(self) -> impl Iterator<Item = (Key, (i64, f64, f64, f64))> {
         let owners = self.owners;
-        self.buckets.into_iter().map(move |((o, mdc, res, bucket), a)| {
-            let (patient, gateway, device) = &owners[o];
-            (
+        self.buckets
+            .into_iter()
+            .map(move |((o, mdc, res, bucket), a)| {
+                let (patient, gateway, device) = &owners[o];
                 (
-                    patient.clone(),
-                    mdc,
-                    res,
-                    bucket,
-                    gateway.clone(),
-                    device.clone(),
-                ),
-                (a.n, a.sum, a.min, a.max),
-            )
-        })
+                    (
+                        patient.clone(),
+                        mdc,
+                        res,
+                        bucket,
+                        gateway.clone(),
+                        device.clone(),
+                    ),
+                    (a.n, a.sum, a.min, a.max),
+                )
+            })
     }
 }
 

@@ -118,22 +118,26 @@ impl PgStore {
         let mut c = self.conn().await?;
         let tx = c.transaction().await?;
         // Association changes wait for ingests (and vice versa); one
-        // gateway's batches are serialized.
-        tx.execute("SELECT pg_advisory_xact_lock_shared($1)", &[&ASSOC_LOCK])
-            .await?;
-        tx.execute(
-            "SELECT pg_advisory_xact_lock(1, hashtext($1))",
-            &[&gateway_id],
-        )
-        .await?;
-        if let Some(row) = tx
-            .query_opt(
+        // gateway's batches are serialized. The two locks and the lookup of
+        // the batch go out together (pipelined: one round trip) and run in
+        // this order.
+        let (assoc_lock, gateway_lock, stored_ack) = futures_util::try_join!(
+            tx.prepare_cached("SELECT pg_advisory_xact_lock_shared($1)"),
+            tx.prepare_cached("SELECT pg_advisory_xact_lock(1, hashtext($1))"),
+            tx.prepare_cached(
                 "SELECT ack FROM batches
                   WHERE gateway_id = $1 AND incarnation = $2 AND sequence = $3",
-                &[&gateway_id, &incarnation, &batch_seq],
-            )
-            .await?
-        {
+            ),
+        )?;
+        let gateway_arg: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&gateway_id];
+        let batch_args: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
+            [&gateway_id, &incarnation, &batch_seq];
+        let (_, _, stored_ack) = futures_util::try_join!(
+            tx.execute(&assoc_lock, &[&ASSOC_LOCK]),
+            tx.execute(&gateway_lock, &gateway_arg),
+            tx.query_opt(&stored_ack, &batch_args),
+        )?;
+        if let Some(row) = stored_ack {
             let bytes: Vec<u8> = row.get(0);
             let mut ack = BatchAck::decode(bytes.as_slice())?;
             ack.duplicate_batch = true;
@@ -184,8 +188,10 @@ impl PgStore {
         type Loaded = (Vec<tokio_postgres::Row>, Vec<tokio_postgres::Row>);
         let mut loaded: HashMap<(&str, i64, i64), Loaded> = HashMap::new();
         if !wanted.is_empty() {
-            let spans = tx.prepare(ATTRIBUTION_SPANS).await?;
-            let erased = tx.prepare(privacy::ERASED_WINDOWS).await?;
+            let (spans, erased) = futures_util::try_join!(
+                tx.prepare_cached(ATTRIBUTION_SPANS),
+                tx.prepare_cached(privacy::ERASED_WINDOWS),
+            )?;
             let (tx, spans, erased) = (&tx, &spans, &erased);
             let rows = try_join_all(wanted.iter().map(|(device, lo, hi)| async move {
                 let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
@@ -231,7 +237,7 @@ impl PgStore {
         }
         if !plan.rejected.is_empty() {
             let st = tx
-                .prepare(
+                .prepare_cached(
                     "INSERT INTO rejected_readings (gateway_id, device_id, batch_sequence, sequence,
                          kind, reason, detail, raw, received_us)
                      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
@@ -257,57 +263,95 @@ impl PgStore {
             }))
             .await?;
         }
-        if !plan.devices.is_empty() {
-            // One statement for all devices. A device listed in several
-            // entries is upserted once, with its last entry (the result of
-            // upserting each in turn, as on SQLite).
-            // A set, not a scan of `last`: a batch may list many entries.
-            let mut seen = HashSet::with_capacity(plan.devices.len());
-            let last: Vec<&ingest::DeviceUpsert> = plan
-                .devices
-                .iter()
-                .rev()
-                .filter(|d| seen.insert(d.info.device_id.as_str()))
-                .collect();
-            let col = |f: fn(&ingest::DeviceUpsert) -> &str| -> Vec<&str> {
-                last.iter().map(|d| f(d)).collect()
-            };
-            let st = tx
-                .prepare(
-                    "INSERT INTO devices (gateway_id, device_id, protocol, manufacturer, model,
-                         serial_number, location, first_seen_us, last_seen_us, fhir_id)
-                     SELECT $1, d.device_id, d.protocol, d.manufacturer, d.model,
-                            d.serial_number, d.location, $8, $8, d.fhir_id
-                       FROM unnest($2::text[], $3::text[], $4::text[], $5::text[],
-                                   $6::text[], $7::text[], $9::text[])
-                            AS d(device_id, protocol, manufacturer, model, serial_number,
-                                 location, fhir_id)
-                     ON CONFLICT (gateway_id, device_id) DO UPDATE SET fhir_id = excluded.fhir_id,
-                         protocol = excluded.protocol, manufacturer = excluded.manufacturer,
-                         model = excluded.model, serial_number = excluded.serial_number,
-                         location = excluded.location, last_seen_us = excluded.last_seen_us",
+        // The devices' upsert and the lookup of the batch's stored reading
+        // identities are independent: they go out together (pipelined).
+        let upsert_devices = async {
+            if !plan.devices.is_empty() {
+                // One statement for all devices. A device listed in several
+                // entries is upserted once, with its last entry (the result of
+                // upserting each in turn, as on SQLite).
+                // A set, not a scan of `last`: a batch may list many entries.
+                let mut seen = HashSet::with_capacity(plan.devices.len());
+                let last: Vec<&ingest::DeviceUpsert> = plan
+                    .devices
+                    .iter()
+                    .rev()
+                    .filter(|d| seen.insert(d.info.device_id.as_str()))
+                    .collect();
+                let col = |f: fn(&ingest::DeviceUpsert) -> &str| -> Vec<&str> {
+                    last.iter().map(|d| f(d)).collect()
+                };
+                let st = tx
+                    .prepare_cached(
+                        "INSERT INTO devices (gateway_id, device_id, protocol, manufacturer, model,
+                             serial_number, location, first_seen_us, last_seen_us, fhir_id)
+                         SELECT $1, d.device_id, d.protocol, d.manufacturer, d.model,
+                                d.serial_number, d.location, $8, $8, d.fhir_id
+                           FROM unnest($2::text[], $3::text[], $4::text[], $5::text[],
+                                       $6::text[], $7::text[], $9::text[])
+                                AS d(device_id, protocol, manufacturer, model, serial_number,
+                                     location, fhir_id)
+                         ON CONFLICT (gateway_id, device_id) DO UPDATE SET fhir_id = excluded.fhir_id,
+                             protocol = excluded.protocol, manufacturer = excluded.manufacturer,
+                             model = excluded.model, serial_number = excluded.serial_number,
+                             location = excluded.location, last_seen_us = excluded.last_seen_us",
+                    )
+                    .await?;
+                tx.execute(
+                    &st,
+                    &[
+                        &gateway_id,
+                        &col(|d| &d.info.device_id),
+                        &col(|d| &d.info.protocol),
+                        &col(|d| &d.info.manufacturer),
+                        &col(|d| &d.info.model),
+                        &col(|d| &d.info.serial_number),
+                        &col(|d| &d.info.location),
+                        &received_us,
+                        &col(|d| &d.fhir_id),
+                    ],
                 )
                 .await?;
-            tx.execute(
-                &st,
-                &[
-                    &gateway_id,
-                    &col(|d| &d.info.device_id),
-                    &col(|d| &d.info.protocol),
-                    &col(|d| &d.info.manufacturer),
-                    &col(|d| &d.info.model),
-                    &col(|d| &d.info.serial_number),
-                    &col(|d| &d.info.location),
-                    &received_us,
-                    &col(|d| &d.fhir_id),
-                ],
-            )
-            .await?;
+            }
+            Ok::<_, DbError>(())
+        };
+        // Which of the batch's reading identities are stored already:
+        // one index range scan per device over the batch's span of
+        // sequences. The gateway's advisory lock (above) keeps another
+        // transaction from storing any of them before this one commits.
+        let mut spans: HashMap<&str, (i64, i64)> = HashMap::new();
+        for r in &plan.rows {
+            let span = spans
+                .entry(r.device_id.as_str())
+                .or_insert((r.sequence, r.sequence));
+            span.0 = span.0.min(r.sequence);
+            span.1 = span.1.max(r.sequence);
         }
+        let load_stored = async {
+            let mut stored: HashMap<String, HashSet<i64>> = HashMap::new();
+            if spans.is_empty() {
+                return Ok::<_, DbError>(stored);
+            }
+            let devices: Vec<&str> = spans.keys().copied().collect();
+            let los: Vec<i64> = devices.iter().map(|d| spans[d].0).collect();
+            let his: Vec<i64> = devices.iter().map(|d| spans[d].1).collect();
+            let stored_identities = tx.prepare_cached(STORED_IDENTITIES).await?;
+            for row in tx
+                .query(
+                    &stored_identities,
+                    &[&gateway_id, &devices, &los, &his, &incarnation],
+                )
+                .await?
+            {
+                stored.entry(row.get(0)).or_default().insert(row.get(1));
+            }
+            Ok(stored)
+        };
+        let ((), stored) = futures_util::try_join!(upsert_devices, load_stored)?;
         let mut event_new = Vec::with_capacity(plan.events.len());
         if !plan.events.is_empty() {
             let st = tx
-                .prepare(
+                .prepare_cached(
                     "INSERT INTO device_events (gateway_id, device_id, sequence, kind, time_us,
                          detail, batch_sequence, received_us, incarnation)
                      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT DO NOTHING",
@@ -336,31 +380,6 @@ impl PgStore {
         }
         let mut row_new = Vec::with_capacity(plan.rows.len());
         if !plan.rows.is_empty() {
-            // Which of the batch's reading identities are stored already:
-            // one index range scan per device over the batch's span of
-            // sequences. The gateway's advisory lock (above) keeps another
-            // transaction from storing any of them before this one commits.
-            let mut spans: HashMap<&str, (i64, i64)> = HashMap::new();
-            for r in &plan.rows {
-                let span = spans
-                    .entry(r.device_id.as_str())
-                    .or_insert((r.sequence, r.sequence));
-                span.0 = span.0.min(r.sequence);
-                span.1 = span.1.max(r.sequence);
-            }
-            let devices: Vec<&str> = spans.keys().copied().collect();
-            let los: Vec<i64> = devices.iter().map(|d| spans[d].0).collect();
-            let his: Vec<i64> = devices.iter().map(|d| spans[d].1).collect();
-            let mut stored: HashMap<String, HashSet<i64>> = HashMap::new();
-            for row in tx
-                .query(
-                    STORED_IDENTITIES,
-                    &[&gateway_id, &devices, &los, &his, &incarnation],
-                )
-                .await?
-            {
-                stored.entry(row.get(0)).or_default().insert(row.get(1));
-            }
             // New: not stored, and the first occurrence in the batch (a
             // repeated identity is a duplicate, as on SQLite).
             let mut seen = HashSet::new();
@@ -373,7 +392,8 @@ impl PgStore {
             // The new rows straight into their partitions: one binary COPY,
             // no staging table.
             if row_new.iter().any(|n| *n) {
-                let sink = tx.copy_in(OBSERVATIONS_COPY).await?;
+                let copy = tx.prepare_cached(OBSERVATIONS_COPY).await?;
+                let sink = tx.copy_in(&copy).await?;
                 let mut w = std::pin::pin!(BinaryCopyInWriter::new(sink, OBSERVATIONS_TYPES));
                 for (r, _) in plan.rows.iter().zip(&row_new).filter(|(_, n)| **n) {
                     w.as_mut()
@@ -403,7 +423,7 @@ impl PgStore {
             }
             if !plan.panels.is_empty() {
                 let st = tx
-                    .prepare(
+                    .prepare_cached(
                         "UPDATE observations SET panel_id = $5
                           WHERE gateway_id = $1 AND device_id = $2 AND effective_us = $3
                             AND incarnation = $6 AND sequence = ANY($4) AND panel_id IS NULL",
@@ -438,23 +458,34 @@ impl PgStore {
             }
         }
         let mut outcome = ingest::outcome(gateway_id, plan, &row_new, &event_new);
-        // The chart buckets of the new usable values, in this transaction.
-        crate::trends::write(&tx, std::mem::take(&mut outcome.rollup)).await?;
-        tx.execute(
-            "INSERT INTO batches (gateway_id, sequence, received_us, created_us, agent_version, ack,
-                 incarnation)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
-            &[
-                &gateway_id,
-                &batch_seq,
-                &received_us,
-                &batch.created_time_us,
-                &batch.agent_version,
-                &outcome.ack.encode_to_vec(),
-                &incarnation,
-            ],
-        )
-        .await?;
+        // The chart buckets of the new usable values and the batch's ack,
+        // in this transaction (pipelined).
+        let insert_batch = tx
+            .prepare_cached(
+                "INSERT INTO batches (gateway_id, sequence, received_us, created_us, agent_version,
+                     ack, incarnation)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            )
+            .await?;
+        let ack = outcome.ack.encode_to_vec();
+        let rollup = std::mem::take(&mut outcome.rollup);
+        let merge = tx.prepare_cached(crate::trends::MERGE).await?;
+        futures_util::try_join!(crate::trends::write(&tx, &merge, rollup), async {
+            tx.execute(
+                &insert_batch,
+                &[
+                    &gateway_id,
+                    &batch_seq,
+                    &received_us,
+                    &batch.created_time_us,
+                    &batch.agent_version,
+                    &ack,
+                    &incarnation,
+                ],
+            )
+            .await
+            .map_err(DbError::from)
+        })?;
         if let Some(p) = position {
             crate::stream::write_offset(&tx, p).await?;
         }

@@ -13,11 +13,25 @@ use crate::{DbError, PgStore};
 
 const HOUR_US: i64 = 3600 * 1_000_000;
 
-/// Merges a rollup's buckets in one statement (the arrays unnested into
+/// The statement [`write`] runs: the arrays unnested into rows, each
+/// merged into its bucket.
+pub(crate) const MERGE: &str = "INSERT INTO vital_rollups AS v (patient_id, mdc_code,
+         resolution_s, bucket_us, gateway_id, device_id, n, sum, min, max)
+     SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::text[],
+         $6::text[], $7::bigint[], $8::float8[], $9::float8[], $10::float8[])
+     ON CONFLICT (gateway_id, device_id, bucket_us, resolution_s, mdc_code, patient_id)
+     DO UPDATE SET n = v.n + excluded.n, sum = v.sum + excluded.sum,
+         min = LEAST(v.min, excluded.min), max = GREATEST(v.max, excluded.max)";
+
+/// Merges a rollup's buckets with [`MERGE`] prepared (`merge`) in one statement (the arrays unnested into
 /// rows; each key occurs once in a rollup, as `ON CONFLICT DO UPDATE`
 /// needs). Keys are sorted, so two transactions touching the same buckets
 /// lock them in the same order.
-pub(crate) async fn write(tx: &Transaction<'_>, roll: Rollup) -> Result<(), DbError> {
+pub(crate) async fn write(
+    tx: &Transaction<'_>,
+    merge: &tokio_postgres::Statement,
+    roll: Rollup,
+) -> Result<(), DbError> {
     if roll.is_empty() {
         return Ok(());
     }
@@ -50,13 +64,7 @@ pub(crate) async fn write(tx: &Transaction<'_>, roll: Rollup) -> Result<(), DbEr
         max.push(cmax);
     }
     tx.execute(
-        "INSERT INTO vital_rollups AS v (patient_id, mdc_code, resolution_s, bucket_us,
-             gateway_id, device_id, n, sum, min, max)
-         SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::text[],
-             $6::text[], $7::bigint[], $8::float8[], $9::float8[], $10::float8[])
-         ON CONFLICT (gateway_id, device_id, bucket_us, resolution_s, mdc_code, patient_id)
-         DO UPDATE SET n = v.n + excluded.n, sum = v.sum + excluded.sum,
-             min = LEAST(v.min, excluded.min), max = GREATEST(v.max, excluded.max)",
+        merge,
         &[
             &patient, &mdc, &res, &bucket, &gateway, &device, &n, &sum, &min, &max,
         ],
@@ -110,7 +118,8 @@ pub(crate) async fn rebuild_device(
             roll.add(r.get(0), g, d, mdc, r.get(2), v);
         }
     }
-    write(tx, roll).await
+    let merge = tx.prepare(MERGE).await?;
+    write(tx, &merge, roll).await
 }
 
 impl PgStore {

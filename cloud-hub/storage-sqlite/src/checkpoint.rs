@@ -129,9 +129,7 @@ fn run(conn: &Connection, shared: &Shared) {
         // (busy, frames in the WAL, frames checkpointed); a passive
         // checkpoint that meets a reader stops short and the next one
         // carries on.
-        match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
-            r.get::<_, i64>(0)
-        }) {
+        match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(0)) {
             Ok(_) => {
                 shared
                     .runs

@@ -431,12 +431,7 @@ fn plan_device<E>(
             effective_us: *effective_us,
             members: members
                 .iter()
-                .map(|m| {
-                    (
-                        m.sequence as i64,
-                        ids.id(m.sequence),
-                    )
-                })
+                .map(|m| (m.sequence as i64, ids.id(m.sequence)))
                 .collect(),
         });
         plan.rows.push(ObsRow {
