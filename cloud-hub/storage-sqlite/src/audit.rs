@@ -105,6 +105,15 @@ impl SqliteStore {
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let seqs = chain_in(&tx, entries, key)?;
         tx.commit()?;
+        // Durable before the callers learn their seqs (an audited response
+        // waits for its entry): the commit's WAL frames are fsynced, by
+        // this call or by a concurrent one that covers them, outside the
+        // writer's lock.
+        let generation = self.wal.as_ref().map(|w| w.committed());
+        drop(conn);
+        if let (Some(w), Some(g)) = (&self.wal, generation) {
+            w.barrier(g)?;
+        }
         Ok(seqs)
     }
 
