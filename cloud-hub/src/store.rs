@@ -13,7 +13,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 
 pub use hub_postgres::PgStore;
-pub use hub_sqlite::{SqliteStore, schema_version};
+pub use hub_sqlite::{SqliteStore, audit_path, schema_version};
 pub use hub_transport::store::{
     Associations, GatewayRow, IngestReport, NewIncarnation, Purged, StoreError, now_us, prelude,
 };

@@ -972,7 +972,7 @@ fn the_cli_manages_users_and_tokens_without_printing_secrets() {
     let out = run(&["user", "disable", "erin"], None);
     assert!(out.status.success());
     // Every change is in the audit log, as the CLI.
-    let db = rusqlite::Connection::open(data.path().join("hub.sqlite")).unwrap();
+    let db = rusqlite::Connection::open(data.path().join("hub-audit.sqlite")).unwrap();
     let cmds: Vec<String> = db
         .prepare("SELECT resource FROM audit_log WHERE actor = 'cli' ORDER BY seq")
         .unwrap()

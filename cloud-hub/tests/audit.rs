@@ -153,7 +153,7 @@ async fn accesses_are_chained_verified_and_exported() {
 
     // Tampering: someone with the database file drops the triggers and
     // rewrites who accessed the patient.
-    let db = rusqlite::Connection::open(data.path().join("hub.sqlite")).unwrap();
+    let db = rusqlite::Connection::open(data.path().join("hub-audit.sqlite")).unwrap();
     assert!(
         db.execute("UPDATE audit_log SET actor = 'nobody' WHERE seq = 2", [])
             .is_err(),
@@ -271,7 +271,7 @@ async fn a_keyed_log_names_the_patients_read_and_verify_catches_edits_and_emptyi
     tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
     hub.stop().await;
 
-    let db = rusqlite::Connection::open(data.path().join("hub.sqlite")).unwrap();
+    let db = rusqlite::Connection::open(data.path().join("hub-audit.sqlite")).unwrap();
     let rows = audit_rows(&db);
     assert!(
         rows.iter().all(|r| r.3.is_some()),
@@ -541,7 +541,7 @@ async fn the_audit_writer_groups_appends_and_fails_a_group_whole() {
         (N as u64, None, Some(1))
     );
 
-    let db = rusqlite::Connection::open(&path).unwrap();
+    let db = rusqlite::Connection::open(cloud_hub::store::audit_path(&path)).unwrap();
     db.execute_batch("ALTER TABLE audit_log RENAME TO audit_log_away")
         .unwrap();
     let mut appends = tokio::task::JoinSet::new();

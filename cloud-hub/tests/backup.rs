@@ -58,6 +58,11 @@ async fn online_backup_then_restore() {
         .await;
     assert_eq!(ack.accepted, 2);
 
+    // The audit log (in its own file beside the database) so far: the
+    // hub's own start at least.
+    let audited = audit_entries(&cloud_hub::store::audit_path(&db));
+    assert!(audited > 0);
+
     // Online: the hub keeps serving (and ingesting) around the backup.
     let out_dir = tempfile::tempdir().unwrap();
     let backup = out_dir.path().join("b1.sqlite");
@@ -102,6 +107,17 @@ async fn online_backup_then_restore() {
             .as_deref(),
         Some(GATEWAY)
     );
+    // With the audit log of the backup, moved into the restored
+    // database's own audit file.
+    assert_eq!(store.audit_entries(0).unwrap().len() as i64, audited);
+    assert_eq!(audit_entries(&cloud_hub::store::audit_path(&db2)), audited);
+}
+
+fn audit_entries(audit_file: &Path) -> i64 {
+    rusqlite::Connection::open(audit_file)
+        .unwrap()
+        .query_row("SELECT COUNT(*) FROM audit_log", [], |r| r.get(0))
+        .unwrap()
 }
 
 #[test]
@@ -109,11 +125,27 @@ fn restore_checks_before_replacing() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("hub.sqlite");
     let cfg = config_for(dir.path(), &db);
-    // A real database to back up.
-    cloud_hub::store::Store::open(&db).unwrap();
+    // A real database to back up, with an audit entry.
+    let entry = |i: i64| cloud_hub::audit::Entry {
+        time_us: T0 + i,
+        actor: "cli".into(),
+        action: "read".into(),
+        resource: "/fhir/Observation".into(),
+        patient: None,
+        patients: Vec::new(),
+        outcome: 200,
+        detail: String::new(),
+    };
+    let store = cloud_hub::store::Store::open(&db).unwrap();
+    store.append_audit(&entry(1), None).unwrap();
+    drop(store);
     let good = dir.path().join("good.sqlite");
     let (ok, err) = cli(&cfg, &["backup", "--out", good.to_str().unwrap()]);
     assert!(ok, "{err}");
+    // An entry after the backup.
+    let store = cloud_hub::store::Store::open(&db).unwrap();
+    store.append_audit(&entry(2), None).unwrap();
+    drop(store);
     // Replacing needs --force.
     let (ok, err) = cli(&cfg, &["restore", "--from", good.to_str().unwrap()]);
     assert!(!ok && err.contains("--force"), "{err}");
@@ -122,6 +154,17 @@ fn restore_checks_before_replacing() {
         &["restore", "--from", good.to_str().unwrap(), "--force"],
     );
     assert!(ok, "{err}");
+    // The database and its audit log are the backup's: the later entry is
+    // gone with the replaced audit file, not mixed into the restored chain.
+    let store = cloud_hub::store::Store::open(&db).unwrap();
+    let seqs: Vec<i64> = store
+        .audit_entries(0)
+        .unwrap()
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(seqs, [1]);
+    drop(store);
 
     // Not SQLite.
     let junk = dir.path().join("junk.sqlite");

@@ -3006,7 +3006,7 @@ fn sqlite_keyed_audit_chain_catches_database_edits() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("suite.sqlite");
     let s = Store::open(&path).unwrap();
-    let c = rusqlite::Connection::open(&path).unwrap();
+    let c = rusqlite::Connection::open(cloud_hub::store::audit_path(&path)).unwrap();
     // Whoever has the file can drop the triggers.
     c.execute_batch(
         "DROP TRIGGER audit_log_no_update; DROP TRIGGER audit_log_no_delete;

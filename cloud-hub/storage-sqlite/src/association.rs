@@ -838,8 +838,6 @@ mod tests {
                  VALUES ('a', 'g', 'd', 1, 'p', 'l', 1, 1, 'final', 1, 1, '', NULL),
                         ('b', 'g', 'd', 2, NULL, 'l', 1, 1, 'final', 1, 1, '', NULL);
                  DELETE FROM schema_migrations WHERE version >= 5;
-                 ALTER TABLE audit_log DROP COLUMN key_id;
-                 ALTER TABLE audit_log DROP COLUMN patients;
                  DROP TABLE patient_stays; DROP TABLE device_placements; DROP TABLE beds;
                  DROP INDEX IF EXISTS observations_pending;
                  ALTER TABLE observations DROP COLUMN attribution;

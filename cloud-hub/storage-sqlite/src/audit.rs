@@ -99,21 +99,14 @@ impl SqliteStore {
         if entries.is_empty() {
             return Ok(Vec::new());
         }
-        let mut conn = self.conn()?;
+        let mut conn = self.audit_writer()?;
         // IMMEDIATE: the write lock from the read of the head on, so that
         // another process appending at once cannot fork the chain.
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let seqs = chain_in(&tx, entries, key)?;
+        // Durable when it returns (the audit file commits with
+        // `synchronous = FULL`): an audited response waits for its entry.
         tx.commit()?;
-        // Durable before the callers learn their seqs (an audited response
-        // waits for its entry): the commit's WAL frames are fsynced, by
-        // this call or by a concurrent one that covers them, outside the
-        // writer's lock.
-        let generation = self.wal.as_ref().map(|w| w.committed());
-        drop(conn);
-        if let (Some(w), Some(g)) = (&self.wal, generation) {
-            w.barrier(g)?;
-        }
         Ok(seqs)
     }
 
@@ -127,7 +120,7 @@ impl SqliteStore {
         cond: &str,
         param: impl rusqlite::ToSql,
     ) -> Result<Vec<StoredAuditEntry>, DbError> {
-        let conn = self.reader()?;
+        let conn = self.audit_reader()?;
         let mut stmt = conn.prepare(&format!(
             "SELECT seq, time_us, actor, action, resource, patient_id, outcome, detail,
                     prev_hash, hash, key_id, patients
@@ -162,7 +155,7 @@ impl SqliteStore {
         policy: CheckpointPolicy,
         now_us: i64,
     ) -> Result<Option<AuditCheckpoint>, DbError> {
-        let mut conn = self.conn()?;
+        let mut conn = self.audit_writer()?;
         // The append lock: the head cannot move while it is signed.
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let Some(h) = head(&tx)? else {
@@ -192,7 +185,7 @@ impl SqliteStore {
     }
 
     fn db_audit_checkpoints(&self) -> Result<Vec<AuditCheckpoint>, DbError> {
-        let conn = self.reader()?;
+        let conn = self.audit_reader()?;
         let mut stmt = conn.prepare(&format!(
             "SELECT {CHECKPOINT_COLUMNS} FROM audit_checkpoints ORDER BY seq"
         ))?;
@@ -242,7 +235,7 @@ impl SqliteStore {
         entry: &AuditEntry,
         key: &AuditKey,
     ) -> Result<u64, DbError> {
-        let mut conn = self.conn()?;
+        let mut conn = self.audit_writer()?;
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let stored: Option<String> = tx
             .query_row(
@@ -316,7 +309,7 @@ mod tests {
         let v = check(&s, None);
         assert_eq!((v.entries, v.broken.clone()), (5, None));
         assert_eq!(v.head.unwrap().0, 5);
-        let conn = s.conn().unwrap();
+        let conn = s.audit_writer().unwrap();
         // Append-only: the triggers refuse edits and deletions.
         assert!(
             conn.execute("UPDATE audit_log SET actor = 'x' WHERE seq = 2", [])
@@ -344,7 +337,7 @@ mod tests {
     fn removed_entries_are_found() {
         let (_d, s) = store_with(5);
         let head = check(&s, None).head.unwrap();
-        let conn = s.conn().unwrap();
+        let conn = s.audit_writer().unwrap();
         conn.execute_batch("DROP TRIGGER audit_log_no_delete;")
             .unwrap();
         // A middle entry: the sequence jumps.
@@ -354,7 +347,7 @@ mod tests {
         assert_eq!(check(&s, None).broken.map(|b| b.0), Some(3));
 
         let (_d, s) = store_with(5);
-        let conn = s.conn().unwrap();
+        let conn = s.audit_writer().unwrap();
         conn.execute_batch("DROP TRIGGER audit_log_no_delete;")
             .unwrap();
         // The newest entry: the chain is shorter but valid; the anchor

@@ -8,12 +8,18 @@
 //! checks the copy (`PRAGMA integrity_check`) and writes it with 0600
 //! permissions: it holds patient identifiers.
 //!
+//! The audit log lives in a file of its own beside the database
+//! (`audit_file`); a backup carries it inside its one file, as the tables
+//! it had before, copied from the audit file right after the main copy.
+//!
 //! `cloud-hub restore --from FILE` first checks the backup (integrity, a
 //! Vigil schema, a schema version this build knows), then copies it into
 //! the configured database with the same API. Stop the hub first: a
 //! running hub would keep serving from its open connection while the file
 //! changes underneath it. Restoring over an existing database needs
-//! `--force` (it is replaced, not merged).
+//! `--force` (it is replaced, not merged); the database's audit file is
+//! removed with it, and the next open moves the backup's log into a new
+//! one.
 
 use std::path::Path;
 use std::time::Duration;
@@ -58,6 +64,13 @@ pub fn backup(db: &Path, out: &Path) -> Result<u64, BackupError> {
         let b = Backup::new(&src, &mut dst)?;
         b.run_to_completion(1024, Duration::from_millis(5), None)?;
     }
+    // The audit log, from its own file, into the backup's one file (the
+    // layout a restored database has its log moved out of at open).
+    let audit = crate::audit_path(db);
+    if audit.exists() && !crate::audit_file::holds_tables(&dst).map_err(db_error)? {
+        crate::audit_file::create_tables(&dst).map_err(db_error)?;
+        crate::audit_file::copy_tables(&mut dst, &audit).map_err(db_error)?;
+    }
     let pages: i64 = dst.query_row("PRAGMA page_count", [], |r| r.get(0))?;
     check(&dst, out)?;
     Ok(pages.max(0) as u64)
@@ -82,7 +95,26 @@ pub fn restore(from: &Path, db: &Path, force: bool) -> Result<(), BackupError> {
         b.run_to_completion(1024, Duration::from_millis(5), None)?;
     }
     check(&dst, db)?;
+    drop(dst);
+    // The database's audit file goes: the backup carries its own log,
+    // which the next open moves into a new audit file.
+    let audit = crate::audit_path(db);
+    for suffix in ["", "-wal", "-shm"] {
+        let mut p = audit.clone().into_os_string();
+        p.push(suffix);
+        match std::fs::remove_file(&p) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+            _ => {}
+        }
+    }
     Ok(())
+}
+
+fn db_error(e: crate::DbError) -> BackupError {
+    match e {
+        crate::DbError::Sqlite(e) => BackupError::Sqlite(e),
+        other => BackupError::Io(std::io::Error::other(other.to_string())),
+    }
 }
 
 fn create_private(path: &Path) -> Result<(), BackupError> {

@@ -11,6 +11,7 @@ mod alerts;
 mod association;
 mod attribution;
 mod audit;
+pub(crate) mod audit_file;
 pub mod backup;
 mod checkpoint;
 mod error;
@@ -38,6 +39,7 @@ use rusqlite::types::Value as SqlValue;
 use rusqlite::{Connection, OptionalExtension, params, params_from_iter};
 use shared_protocol::v1::{Batch, BatchAck};
 
+pub use audit_file::audit_path;
 pub use error::DbError;
 use hub_domain::clock::now_us;
 use schema::MIGRATIONS;
@@ -62,6 +64,10 @@ pub struct SqliteStore {
     /// WAL checkpoints on a thread of their own (None only for stores
     /// opened without a path).
     checkpointer: Option<Arc<checkpoint::Checkpointer>>,
+    /// The audit log's own file (`audit_file`) and its checkpoints (None
+    /// only for stores opened without a path: the log is then in the main
+    /// database).
+    audit: Option<Arc<(audit_file::AuditDb, checkpoint::Checkpointer)>>,
     /// The alert change feed (in process: one hub per SQLite file).
     alert_feed: tokio::sync::broadcast::Sender<hub_domain::alerts::engine::Change>,
 }
@@ -294,6 +300,14 @@ impl SqliteStore {
             checkpoint::WRITER_AUTOCHECKPOINT_PAGES,
         )?;
         store.checkpointer = Some(Arc::new(checkpoint::Checkpointer::start(path)?));
+        let audit = audit_file::AuditDb::open(path, &*store.conn()?)?;
+        let audit_checkpoints = checkpoint::Checkpointer::start(&audit_path(path))?;
+        audit.writer()?.pragma_update(
+            None,
+            "wal_autocheckpoint",
+            checkpoint::WRITER_AUTOCHECKPOINT_PAGES,
+        )?;
+        store.audit = Some(Arc::new((audit, audit_checkpoints)));
         // After the migrations: the readers see the current schema.
         store.readers = Some(Arc::new(ReadPool::open(path, READERS)?));
         Ok(store)
@@ -343,6 +357,7 @@ impl SqliteStore {
             readers: None,
             wal: None,
             checkpointer: None,
+            audit: None,
             alert_feed: tokio::sync::broadcast::channel(1024).0,
         })
     }
@@ -354,6 +369,28 @@ impl SqliteStore {
             ck.written();
         }
         Ok(c)
+    }
+
+    /// The audit file's writer (the main writer when the store has no
+    /// audit file).
+    fn audit_writer(&self) -> Result<MutexGuard<'_, Connection>, DbError> {
+        match &self.audit {
+            Some(a) => {
+                let c = a.0.writer()?;
+                a.1.written();
+                Ok(c)
+            }
+            None => self.conn(),
+        }
+    }
+
+    /// The audit file's reader (a main reader when the store has no audit
+    /// file).
+    fn audit_reader(&self) -> Result<MutexGuard<'_, Connection>, DbError> {
+        match &self.audit {
+            Some(a) => a.0.reader(),
+            None => self.reader(),
+        }
     }
 
     /// A read-only connection (the writer when the store has no readers).

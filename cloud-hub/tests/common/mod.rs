@@ -201,8 +201,20 @@ impl TestHub {
         )
     }
 
+    /// The hub's SQLite database, with its audit file attached (as
+    /// `audit`: unqualified audit table names find it).
     pub fn db(&self) -> rusqlite::Connection {
-        rusqlite::Connection::open(&self.config.storage.sqlite_path).unwrap()
+        let path = &self.config.storage.sqlite_path;
+        let c = rusqlite::Connection::open(path).unwrap();
+        let audit = cloud_hub::store::audit_path(path.as_ref());
+        if audit.exists() {
+            c.execute(
+                "ATTACH DATABASE ?1 AS audit",
+                [audit.to_string_lossy().as_ref()],
+            )
+            .unwrap();
+        }
+        c
     }
 
     /// Requests shutdown and waits for the server to return.
