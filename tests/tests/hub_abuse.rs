@@ -742,8 +742,9 @@ fn a_biomed_cannot_move_readings_back_in_time_and_an_edited_audit_entry_is_caugh
 
     let (ok, out, err) = hub_cli(&cfg, &["audit", "verify"]);
     assert!(ok, "verify passes: {out} {err}");
-    // The attacker with the database file: drop the guards, edit an entry.
-    let db = rusqlite::Connection::open(dir.join("hub.sqlite")).unwrap();
+    // The attacker with the database files (the audit log is in its own,
+    // beside the database): drop the guards, edit an entry.
+    let db = rusqlite::Connection::open(dir.join("hub-audit.sqlite")).unwrap();
     let moves: i64 = db
         .query_row(
             "SELECT count(*) FROM audit_log WHERE actor = 'token:ward-nurse'
