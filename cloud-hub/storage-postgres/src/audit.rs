@@ -52,7 +52,17 @@ async fn chain_in(
     entries: &[AuditEntry],
     key: Option<&AuditKey>,
 ) -> Result<Vec<i64>, DbError> {
-    let mut last = head(tx).await?;
+    let last = head(tx).await?;
+    chain_after(tx, last, entries, key).await
+}
+
+/// [`chain_in`] after the head `last`, already read under the lock.
+async fn chain_after(
+    tx: &deadpool_postgres::Transaction<'_>,
+    mut last: Option<Head>,
+    entries: &[AuditEntry],
+    key: Option<&AuditKey>,
+) -> Result<Vec<i64>, DbError> {
     let mut rows = Vec::with_capacity(entries.len());
     for e in entries {
         let link = next_link(last.as_ref(), e, key).map_err(StoreError::from)?;
@@ -166,8 +176,17 @@ impl PgStore {
         let lock = tx
             .prepare_cached("SELECT pg_advisory_xact_lock($1)")
             .await?;
-        tx.execute(&lock, &[&AUDIT_LOCK]).await?;
-        let seqs = chain_in(&tx, entries, key).await?;
+        // The lock and the read of the head go out together (pipelined:
+        // one round trip); the server runs them in order, so the head is
+        // read once the lock is held.
+        let ((), last) = futures_util::try_join!(
+            async {
+                tx.execute(&lock, &[&AUDIT_LOCK]).await?;
+                Ok::<_, DbError>(())
+            },
+            head(&tx)
+        )?;
+        let seqs = chain_after(&tx, last, entries, key).await?;
         tx.commit().await?;
         Ok(seqs)
     }
