@@ -263,91 +263,53 @@ impl PgStore {
             }))
             .await?;
         }
-        // The devices' upsert and the lookup of the batch's stored reading
-        // identities are independent: they go out together (pipelined).
-        let upsert_devices = async {
-            if !plan.devices.is_empty() {
-                // One statement for all devices. A device listed in several
-                // entries is upserted once, with its last entry (the result of
-                // upserting each in turn, as on SQLite).
-                // A set, not a scan of `last`: a batch may list many entries.
-                let mut seen = HashSet::with_capacity(plan.devices.len());
-                let last: Vec<&ingest::DeviceUpsert> = plan
-                    .devices
-                    .iter()
-                    .rev()
-                    .filter(|d| seen.insert(d.info.device_id.as_str()))
-                    .collect();
-                let col = |f: fn(&ingest::DeviceUpsert) -> &str| -> Vec<&str> {
-                    last.iter().map(|d| f(d)).collect()
-                };
-                let st = tx
-                    .prepare_cached(
-                        "INSERT INTO devices (gateway_id, device_id, protocol, manufacturer, model,
-                             serial_number, location, first_seen_us, last_seen_us, fhir_id)
-                         SELECT $1, d.device_id, d.protocol, d.manufacturer, d.model,
-                                d.serial_number, d.location, $8, $8, d.fhir_id
-                           FROM unnest($2::text[], $3::text[], $4::text[], $5::text[],
-                                       $6::text[], $7::text[], $9::text[])
-                                AS d(device_id, protocol, manufacturer, model, serial_number,
-                                     location, fhir_id)
-                         ON CONFLICT (gateway_id, device_id) DO UPDATE SET fhir_id = excluded.fhir_id,
-                             protocol = excluded.protocol, manufacturer = excluded.manufacturer,
-                             model = excluded.model, serial_number = excluded.serial_number,
-                             location = excluded.location, last_seen_us = excluded.last_seen_us",
-                    )
-                    .await?;
-                tx.execute(
-                    &st,
-                    &[
-                        &gateway_id,
-                        &col(|d| &d.info.device_id),
-                        &col(|d| &d.info.protocol),
-                        &col(|d| &d.info.manufacturer),
-                        &col(|d| &d.info.model),
-                        &col(|d| &d.info.serial_number),
-                        &col(|d| &d.info.location),
-                        &received_us,
-                        &col(|d| &d.fhir_id),
-                    ],
+        if !plan.devices.is_empty() {
+            // One statement for all devices. A device listed in several
+            // entries is upserted once, with its last entry (the result of
+            // upserting each in turn, as on SQLite).
+            // A set, not a scan of `last`: a batch may list many entries.
+            let mut seen = HashSet::with_capacity(plan.devices.len());
+            let last: Vec<&ingest::DeviceUpsert> = plan
+                .devices
+                .iter()
+                .rev()
+                .filter(|d| seen.insert(d.info.device_id.as_str()))
+                .collect();
+            let col = |f: fn(&ingest::DeviceUpsert) -> &str| -> Vec<&str> {
+                last.iter().map(|d| f(d)).collect()
+            };
+            let st = tx
+                .prepare_cached(
+                    "INSERT INTO devices (gateway_id, device_id, protocol, manufacturer, model,
+                         serial_number, location, first_seen_us, last_seen_us, fhir_id)
+                     SELECT $1, d.device_id, d.protocol, d.manufacturer, d.model,
+                            d.serial_number, d.location, $8, $8, d.fhir_id
+                       FROM unnest($2::text[], $3::text[], $4::text[], $5::text[],
+                                   $6::text[], $7::text[], $9::text[])
+                            AS d(device_id, protocol, manufacturer, model, serial_number,
+                                 location, fhir_id)
+                     ON CONFLICT (gateway_id, device_id) DO UPDATE SET fhir_id = excluded.fhir_id,
+                         protocol = excluded.protocol, manufacturer = excluded.manufacturer,
+                         model = excluded.model, serial_number = excluded.serial_number,
+                         location = excluded.location, last_seen_us = excluded.last_seen_us",
                 )
                 .await?;
-            }
-            Ok::<_, DbError>(())
-        };
-        // Which of the batch's reading identities are stored already:
-        // one index range scan per device over the batch's span of
-        // sequences. The gateway's advisory lock (above) keeps another
-        // transaction from storing any of them before this one commits.
-        let mut spans: HashMap<&str, (i64, i64)> = HashMap::new();
-        for r in &plan.rows {
-            let span = spans
-                .entry(r.device_id.as_str())
-                .or_insert((r.sequence, r.sequence));
-            span.0 = span.0.min(r.sequence);
-            span.1 = span.1.max(r.sequence);
+            tx.execute(
+                &st,
+                &[
+                    &gateway_id,
+                    &col(|d| &d.info.device_id),
+                    &col(|d| &d.info.protocol),
+                    &col(|d| &d.info.manufacturer),
+                    &col(|d| &d.info.model),
+                    &col(|d| &d.info.serial_number),
+                    &col(|d| &d.info.location),
+                    &received_us,
+                    &col(|d| &d.fhir_id),
+                ],
+            )
+            .await?;
         }
-        let load_stored = async {
-            let mut stored: HashMap<String, HashSet<i64>> = HashMap::new();
-            if spans.is_empty() {
-                return Ok::<_, DbError>(stored);
-            }
-            let devices: Vec<&str> = spans.keys().copied().collect();
-            let los: Vec<i64> = devices.iter().map(|d| spans[d].0).collect();
-            let his: Vec<i64> = devices.iter().map(|d| spans[d].1).collect();
-            let stored_identities = tx.prepare_cached(STORED_IDENTITIES).await?;
-            for row in tx
-                .query(
-                    &stored_identities,
-                    &[&gateway_id, &devices, &los, &his, &incarnation],
-                )
-                .await?
-            {
-                stored.entry(row.get(0)).or_default().insert(row.get(1));
-            }
-            Ok(stored)
-        };
-        let ((), stored) = futures_util::try_join!(upsert_devices, load_stored)?;
         let mut event_new = Vec::with_capacity(plan.events.len());
         if !plan.events.is_empty() {
             let st = tx
@@ -380,6 +342,32 @@ impl PgStore {
         }
         let mut row_new = Vec::with_capacity(plan.rows.len());
         if !plan.rows.is_empty() {
+            // Which of the batch's reading identities are stored already:
+            // one index range scan per device over the batch's span of
+            // sequences. The gateway's advisory lock (above) keeps another
+            // transaction from storing any of them before this one commits.
+            let mut spans: HashMap<&str, (i64, i64)> = HashMap::new();
+            for r in &plan.rows {
+                let span = spans
+                    .entry(r.device_id.as_str())
+                    .or_insert((r.sequence, r.sequence));
+                span.0 = span.0.min(r.sequence);
+                span.1 = span.1.max(r.sequence);
+            }
+            let devices: Vec<&str> = spans.keys().copied().collect();
+            let los: Vec<i64> = devices.iter().map(|d| spans[d].0).collect();
+            let his: Vec<i64> = devices.iter().map(|d| spans[d].1).collect();
+            let mut stored: HashMap<String, HashSet<i64>> = HashMap::new();
+            let stored_identities = tx.prepare_cached(STORED_IDENTITIES).await?;
+            for row in tx
+                .query(
+                    &stored_identities,
+                    &[&gateway_id, &devices, &los, &his, &incarnation],
+                )
+                .await?
+            {
+                stored.entry(row.get(0)).or_default().insert(row.get(1));
+            }
             // New: not stored, and the first occurrence in the batch (a
             // repeated identity is a duplicate, as on SQLite).
             let mut seen = HashSet::new();
