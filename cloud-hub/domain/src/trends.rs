@@ -31,11 +31,11 @@ pub type Key = (String, u32, i64, i64, String, String);
 pub struct Rollup {
     /// The distinct (patient, gateway, device) of the buckets, which the
     /// buckets name by index: a batch has few, and readings come in runs
-    /// of one device, so adding a value allocates nothing.
+    /// of one device, so adding a value allocates nothing and the list is
+    /// searched only when the owner changes.
     owners: Vec<(String, String, String)>,
-    index: HashMap<(String, String, String), usize>,
     /// The owner of the last value added.
-    last: Option<usize>,
+    last: usize,
     /// (owner, MDC code, resolution, bucket start) → aggregate.
     buckets: HashMap<(usize, u32, i64, i64), Agg>,
 }
@@ -48,25 +48,17 @@ pub fn chart_value(r: &Reading, value: f64) -> Option<f64> {
 impl Rollup {
     /// Adds a usable value (already in the chart unit).
     pub fn add(&mut self, patient: &str, gateway: &str, device: &str, mdc: u32, t_us: i64, v: f64) {
-        let owner = match self.last {
-            Some(i)
-                if self.owners[i].0 == patient
-                    && self.owners[i].1 == gateway
-                    && self.owners[i].2 == device =>
-            {
-                i
-            }
-            _ => {
-                let key = (patient.to_owned(), gateway.to_owned(), device.to_owned());
-                let next = self.owners.len();
-                let i = *self.index.entry(key.clone()).or_insert(next);
-                if i == next {
-                    self.owners.push(key);
-                }
-                i
-            }
+        let is = |o: &(String, String, String)| o.0 == patient && o.1 == gateway && o.2 == device;
+        let owner = if self.owners.get(self.last).is_some_and(is) {
+            self.last
+        } else if let Some(i) = self.owners.iter().position(is) {
+            i
+        } else {
+            self.owners
+                .push((patient.to_owned(), gateway.to_owned(), device.to_owned()));
+            self.owners.len() - 1
         };
-        self.last = Some(owner);
+        self.last = owner;
         for res in RESOLUTIONS {
             let bucket = bucket_start(t_us, res);
             let a = self

@@ -23,10 +23,10 @@ pub(crate) const MERGE: &str = "INSERT INTO vital_rollups AS v (patient_id, mdc_
      DO UPDATE SET n = v.n + excluded.n, sum = v.sum + excluded.sum,
          min = LEAST(v.min, excluded.min), max = GREATEST(v.max, excluded.max)";
 
-/// Merges a rollup's buckets with [`MERGE`] prepared (`merge`) in one statement (the arrays unnested into
-/// rows; each key occurs once in a rollup, as `ON CONFLICT DO UPDATE`
-/// needs). Keys are sorted, so two transactions touching the same buckets
-/// lock them in the same order.
+/// Merges a rollup's buckets in one statement, `merge` ([`MERGE`]
+/// prepared by the caller; each key occurs once in a rollup, as `ON
+/// CONFLICT DO UPDATE` needs). Keys are sorted, so two transactions
+/// touching the same buckets lock them in the same order.
 pub(crate) async fn write(
     tx: &Transaction<'_>,
     merge: &tokio_postgres::Statement,

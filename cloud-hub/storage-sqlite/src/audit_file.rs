@@ -26,6 +26,7 @@ use std::sync::{Mutex, MutexGuard};
 use rusqlite::{Connection, OpenFlags};
 
 use crate::DbError;
+use crate::checkpoint::Checkpointer;
 use crate::schema::{SCHEMA_V11, SCHEMA_V18, SCHEMA_V21};
 
 /// The audit tables' migrations, in order (`PRAGMA user_version` counts
@@ -85,7 +86,7 @@ pub(crate) fn create_tables(conn: &Connection) -> Result<(), DbError> {
 /// must be identical.
 pub(crate) fn copy_tables(conn: &mut Connection, from: &Path) -> Result<u64, DbError> {
     conn.execute(
-        "ATTACH DATABASE ?1 AS legacy",
+        "ATTACH DATABASE ?1 AS source",
         [from.to_string_lossy().as_ref()],
     )?;
     let copied = (|| {
@@ -101,7 +102,7 @@ pub(crate) fn copy_tables(conn: &mut Connection, from: &Path) -> Result<u64, DbE
             };
             let differing: i64 = tx.query_row(
                 &format!(
-                    "SELECT COUNT(*) FROM legacy.{table} l JOIN main.{table} m ON m.{key} = l.{key}
+                    "SELECT COUNT(*) FROM source.{table} l JOIN main.{table} m ON m.{key} = l.{key}
                       WHERE ({}) IS NOT ({})",
                     side("l"),
                     side("m")
@@ -118,7 +119,7 @@ pub(crate) fn copy_tables(conn: &mut Connection, from: &Path) -> Result<u64, DbE
             }
             copied += tx.execute(
                 &format!(
-                    "INSERT OR IGNORE INTO main.{table} ({cols}) SELECT {cols} FROM legacy.{table}"
+                    "INSERT OR IGNORE INTO main.{table} ({cols}) SELECT {cols} FROM source.{table}"
                 ),
                 [],
             )? as u64;
@@ -126,7 +127,7 @@ pub(crate) fn copy_tables(conn: &mut Connection, from: &Path) -> Result<u64, DbE
         tx.commit()?;
         Ok(copied)
     })();
-    conn.execute("DETACH DATABASE legacy", [])?;
+    conn.execute("DETACH DATABASE source", [])?;
     copied
 }
 
@@ -156,11 +157,12 @@ pub(crate) fn drop_tables(conn: &Connection) -> Result<(), DbError> {
 /// purges; `synchronous = FULL`, so each commit is on stable storage when
 /// it returns: an audited response waits for a durable entry) and a
 /// reader (verification, exports), so that a long read of the log does
-/// not hold up appends.
+/// not hold up appends; and the file's checkpoint thread.
 #[derive(Debug)]
 pub(crate) struct AuditDb {
     writer: Mutex<Connection>,
     reader: Mutex<Connection>,
+    checkpoints: Checkpointer,
 }
 
 impl AuditDb {
@@ -189,14 +191,19 @@ impl AuditDb {
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )?;
         crate::tune(&r)?;
+        let checkpoints = Checkpointer::start(&path, &w)?;
         Ok(Self {
             writer: Mutex::new(w),
             reader: Mutex::new(r),
+            checkpoints,
         })
     }
 
+    /// The writer; a checkpoint follows shortly.
     pub(crate) fn writer(&self) -> Result<MutexGuard<'_, Connection>, DbError> {
-        self.writer.lock().map_err(|_| DbError::Poisoned)
+        let c = self.writer.lock().map_err(|_| DbError::Poisoned)?;
+        self.checkpoints.written();
+        Ok(c)
     }
 
     pub(crate) fn reader(&self) -> Result<MutexGuard<'_, Connection>, DbError> {

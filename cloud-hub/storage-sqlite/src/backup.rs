@@ -100,9 +100,7 @@ pub fn restore(from: &Path, db: &Path, force: bool) -> Result<(), BackupError> {
     // which the next open moves into a new audit file.
     let audit = crate::audit_path(db);
     for suffix in ["", "-wal", "-shm"] {
-        let mut p = audit.clone().into_os_string();
-        p.push(suffix);
-        match std::fs::remove_file(&p) {
+        match std::fs::remove_file(crate::side_file(&audit, suffix)) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
             _ => {}
         }

@@ -26,7 +26,7 @@ const INTERVAL: Duration = Duration::from_millis(100);
 
 /// The writer's own automatic checkpoint threshold, in WAL pages (SQLite's
 /// default is 1 000): reached only when the thread falls behind.
-pub(crate) const WRITER_AUTOCHECKPOINT_PAGES: u32 = 16_384;
+const WRITER_AUTOCHECKPOINT_PAGES: u32 = 16_384;
 
 #[derive(Debug, Default)]
 struct State {
@@ -51,8 +51,11 @@ pub(crate) struct Checkpointer {
 }
 
 impl Checkpointer {
-    /// Starts the thread on a connection of its own to `path`.
-    pub(crate) fn start(path: &Path) -> Result<Self, DbError> {
+    /// Starts the thread on a connection of its own to `path`, and moves
+    /// `writer` (the database's writing connection) to the safety-valve
+    /// threshold.
+    pub(crate) fn start(path: &Path, writer: &Connection) -> Result<Self, DbError> {
+        writer.pragma_update(None, "wal_autocheckpoint", WRITER_AUTOCHECKPOINT_PAGES)?;
         let conn = Connection::open(path)?;
         // Its checkpoints fsync the WAL before copying and the database
         // file after, as the writer's own would.
@@ -154,9 +157,11 @@ mod tests {
         let p = dir.path().join("c.sqlite");
         let w = Connection::open(&p).unwrap();
         w.pragma_update(None, "journal_mode", "WAL").unwrap();
-        w.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
         w.execute_batch("CREATE TABLE t (x BLOB)").unwrap();
-        let ck = Checkpointer::start(&p).unwrap();
+        let ck = Checkpointer::start(&p, &w).unwrap();
+        // The writer's own automatic checkpoint off altogether, so that only
+        // the thread can have copied the pages.
+        w.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
         ck.written();
         for _ in 0..50 {
             w.execute("INSERT INTO t VALUES (zeroblob(8000))", [])

@@ -64,10 +64,9 @@ pub struct SqliteStore {
     /// WAL checkpoints on a thread of their own (None only for stores
     /// opened without a path).
     checkpointer: Option<Arc<checkpoint::Checkpointer>>,
-    /// The audit log's own file (`audit_file`) and its checkpoints (None
-    /// only for stores opened without a path: the log is then in the main
-    /// database).
-    audit: Option<Arc<(audit_file::AuditDb, checkpoint::Checkpointer)>>,
+    /// The audit log's own file (`audit_file`; None only for stores opened
+    /// without a path: the log is then in the main database).
+    audit: Option<Arc<audit_file::AuditDb>>,
     /// The alert change feed (in process: one hub per SQLite file).
     alert_feed: tokio::sync::broadcast::Sender<hub_domain::alerts::engine::Change>,
 }
@@ -159,10 +158,8 @@ pub(crate) struct WalSync {
 
 impl WalSync {
     fn new(db_path: &Path) -> Self {
-        let mut wal = db_path.as_os_str().to_owned();
-        wal.push("-wal");
         Self {
-            wal_path: wal.into(),
+            wal_path: side_file(db_path, "-wal"),
             committed: std::sync::atomic::AtomicU64::new(0),
             synced: Mutex::new(0),
             fsyncs: std::sync::atomic::AtomicU64::new(0),
@@ -270,15 +267,21 @@ fn private_files(path: &Path) -> Result<(), DbError> {
         private_fs::ensure_file(path).map_err(|e| DbError::File(path.to_owned(), e))?,
     );
     for suffix in ["-wal", "-shm"] {
-        let mut p = path.as_os_str().to_owned();
-        p.push(suffix);
-        let p = std::path::PathBuf::from(p);
+        let p = side_file(path, suffix);
         narrowed(
             &p,
             private_fs::narrow(&p).map_err(|e| DbError::File(p.clone(), e))?,
         );
     }
     Ok(())
+}
+
+/// The file SQLite keeps beside database `db` with `suffix` (`-wal`,
+/// `-shm`) appended to its name.
+pub(crate) fn side_file(db: &Path, suffix: &str) -> std::path::PathBuf {
+    let mut p = db.as_os_str().to_owned();
+    p.push(suffix);
+    p.into()
 }
 
 impl SqliteStore {
@@ -292,22 +295,11 @@ impl SqliteStore {
         let conn = Connection::open(path)?;
         let mut store = Self::init(conn)?;
         store.wal = Some(Arc::new(WalSync::new(path)));
-        // Checkpoints leave the commits: the writer's own automatic one
-        // stays only as a high safety valve.
-        store.conn()?.pragma_update(
-            None,
-            "wal_autocheckpoint",
-            checkpoint::WRITER_AUTOCHECKPOINT_PAGES,
-        )?;
-        store.checkpointer = Some(Arc::new(checkpoint::Checkpointer::start(path)?));
+        // Checkpoints leave the commits (`checkpoint`).
+        let checkpointer = checkpoint::Checkpointer::start(path, &*store.conn()?)?;
+        store.checkpointer = Some(Arc::new(checkpointer));
         let audit = audit_file::AuditDb::open(path, &*store.conn()?)?;
-        let audit_checkpoints = checkpoint::Checkpointer::start(&audit_path(path))?;
-        audit.writer()?.pragma_update(
-            None,
-            "wal_autocheckpoint",
-            checkpoint::WRITER_AUTOCHECKPOINT_PAGES,
-        )?;
-        store.audit = Some(Arc::new((audit, audit_checkpoints)));
+        store.audit = Some(Arc::new(audit));
         // After the migrations: the readers see the current schema.
         store.readers = Some(Arc::new(ReadPool::open(path, READERS)?));
         Ok(store)
@@ -375,11 +367,7 @@ impl SqliteStore {
     /// audit file).
     fn audit_writer(&self) -> Result<MutexGuard<'_, Connection>, DbError> {
         match &self.audit {
-            Some(a) => {
-                let c = a.0.writer()?;
-                a.1.written();
-                Ok(c)
-            }
+            Some(a) => a.writer(),
             None => self.conn(),
         }
     }
@@ -388,7 +376,7 @@ impl SqliteStore {
     /// file).
     fn audit_reader(&self) -> Result<MutexGuard<'_, Connection>, DbError> {
         match &self.audit {
-            Some(a) => a.0.reader(),
+            Some(a) => a.reader(),
             None => self.reader(),
         }
     }
