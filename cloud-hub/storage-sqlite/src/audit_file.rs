@@ -276,6 +276,43 @@ mod tests {
         );
     }
 
+    /// Two stores on one database (two hub processes) append to one audit
+    /// file: the appends serialize on its write lock and the chain stays
+    /// one, unbroken.
+    #[test]
+    fn two_stores_on_one_database_append_one_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("hub.sqlite");
+        let stores = [
+            SqliteStore::open(&db).unwrap(),
+            SqliteStore::open(&db).unwrap(),
+        ];
+        std::thread::scope(|t| {
+            for (n, s) in stores.iter().enumerate() {
+                t.spawn(move || {
+                    for i in 0..50 {
+                        let e = hub_storage::AuditEntry {
+                            time_us: i,
+                            actor: format!("hub-{n}"),
+                            action: "read".into(),
+                            resource: "/fhir/Observation".into(),
+                            patient: None,
+                            patients: Vec::new(),
+                            outcome: 200,
+                            detail: String::new(),
+                        };
+                        s.append_audit(&e, None).unwrap();
+                    }
+                });
+            }
+        });
+        let entries = stores[1].audit_entries(i64::MIN).unwrap();
+        let seqs: Vec<i64> = entries.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, (1..=100).collect::<Vec<_>>());
+        let v = hub_domain::audit::verify(&entries, &[], None, &[]);
+        assert_eq!((v.entries, v.broken), (100, None));
+    }
+
     /// A move interrupted after the copy (the main file still holds the
     /// tables) is finished by the next open, without duplicates; a main
     /// file whose log differs from the audit file's is refused.
