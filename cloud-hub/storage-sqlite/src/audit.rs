@@ -273,11 +273,12 @@ impl SqliteStore {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use hub_domain::audit::verify;
 
-    fn e(i: i64) -> AuditEntry {
+    /// An audit entry numbered `i` (a read naming patient `p-i`).
+    pub(crate) fn e(i: i64) -> AuditEntry {
         AuditEntry {
             time_us: 1_795_514_400_000_000 + i,
             actor: "bearer:0123456789abcdef".into(),

@@ -291,16 +291,7 @@ mod tests {
             for (n, s) in stores.iter().enumerate() {
                 t.spawn(move || {
                     for i in 0..50 {
-                        let e = hub_storage::AuditEntry {
-                            time_us: i,
-                            actor: format!("hub-{n}"),
-                            action: "read".into(),
-                            resource: "/fhir/Observation".into(),
-                            patient: None,
-                            patients: Vec::new(),
-                            outcome: 200,
-                            detail: String::new(),
-                        };
+                        let e = crate::audit::tests::e(100 * n as i64 + i);
                         s.append_audit(&e, None).unwrap();
                     }
                 });
