@@ -564,6 +564,27 @@ fn search_filters_pages_and_sorts(s: &Store) {
     assert_eq!(page3.len(), 1);
     let (_, desc) = search(s, &[("_count", "1"), ("_sort", "-date")]);
     assert_eq!(desc, vec![oid("d3", 1)]);
+    // Each row of a page carries its own device's columns (a page of
+    // several devices, past an offset).
+    let q: Vec<(String, String)> = [("_count", "6"), ("_offset", "6"), ("_sort", "date")]
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    let (_, rows) = s.search(&parse_search(&q).unwrap()).unwrap();
+    assert_eq!(rows.len(), 6);
+    let devices: std::collections::BTreeSet<&str> =
+        rows.iter().map(|r| r.device_id.as_str()).collect();
+    assert_eq!(devices.len(), 2, "{devices:?}");
+    for r in &rows {
+        assert_eq!(
+            (
+                r.manufacturer.as_str(),
+                r.model.as_str(),
+                r.serial_number.clone()
+            ),
+            ("Acme", "M1", format!("SN-{}", r.device_id))
+        );
+    }
     let (n, none) = search(s, &[("_count", "0")]);
     assert_eq!((n, none.len()), (12, 0));
     // Unknown codes match nothing.

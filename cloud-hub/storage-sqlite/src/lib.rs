@@ -78,6 +78,17 @@ const STATEMENT_CACHE: usize = 128;
 /// How many read-only connections a store keeps.
 const READERS: usize = 4;
 
+/// How much of the database file a read connection maps into memory
+/// (`PRAGMA mmap_size`): all of it on a 64-bit machine (the build raises
+/// SQLite's cap to match, `.cargo/config.toml`); none where address space
+/// is scarce. Only address space is reserved: the pages are the OS page
+/// cache's.
+const READER_MMAP: i64 = if cfg!(target_pointer_width = "64") {
+    1 << 40
+} else {
+    0
+};
+
 /// Settings every connection of a store gets, writer and readers alike.
 fn tune(c: &Connection) -> Result<(), DbError> {
     c.busy_timeout(Duration::from_secs(5))?;
@@ -116,11 +127,16 @@ impl ReadPool {
             tune(&c)?;
             // A small page cache (SQLite's default 2 MB): a WAL reader drops
             // its whole cache when another connection has committed since
-            // its last read, which with an audit entry committed per API
-            // request is nearly every read; freeing a large cache each time
-            // cost more than the pages it kept (the OS page cache holds the
-            // file anyway).
+            // its last read, which with ingest committing a batch after
+            // batch is nearly every read; freeing a large cache each time
+            // cost more than the pages it kept.
             c.pragma_update(None, "cache_size", -2_000)?;
+            // The database file mapped read-only into memory: a page of the
+            // file (not of the WAL) is read in place from the OS page cache,
+            // without a `pread` and a copy into the connection's cache, and
+            // a commit elsewhere invalidates nothing. Search pages touch
+            // one table page per row, mostly outside the small cache.
+            c.pragma_update(None, "mmap_size", READER_MMAP)?;
             conns.push(Mutex::new(c));
         }
         Ok(Self {
@@ -881,16 +897,17 @@ impl SqliteStore {
             SortOrder::DateDesc => "o.effective_us DESC, o.rowid DESC",
         };
         let sql = format!(
-            "SELECT {OBS_COLUMNS} FROM {OBS_FROM} {where_sql} ORDER BY {order} LIMIT ? OFFSET ?"
+            "SELECT {PAGE_COLUMNS} FROM observations o {where_sql} ORDER BY {order} LIMIT ? OFFSET ?"
         );
         args.push(SqlValue::Integer(i64::from(s.count)));
         args.push(SqlValue::Integer(
             i64::try_from(s.offset).unwrap_or(i64::MAX),
         ));
         let mut stmt = conn.prepare_cached(&sql)?;
-        let rows = stmt
+        let mut rows = stmt
             .query_map(params_from_iter(args.iter()), obs_row)?
             .collect::<Result<Vec<_>, _>>()?;
+        fill_devices(&conn, &mut rows)?;
         Ok((total as u64, rows))
     }
 
@@ -1122,9 +1139,24 @@ impl Storage for SqliteStore {
     }
 }
 
-const OBS_COLUMNS: &str = "o.id, o.kind, o.gateway_id, o.device_id, o.patient_id, o.received_us, \
-     o.payload, o.resource, COALESCE(d.manufacturer, ''), COALESCE(d.model, ''), \
-     COALESCE(d.serial_number, ''), o.patient_system, o.version, COALESCE(o.updated_us, o.received_us)";
+/// The columns [`obs_row`] reads, with `$device` for the device's
+/// manufacturer, model and serial number.
+macro_rules! obs_columns {
+    ($device:literal) => {
+        concat!(
+            "o.id, o.kind, o.gateway_id, o.device_id, o.patient_id, o.received_us, \
+             o.payload, o.resource, ",
+            $device,
+            ", o.patient_system, o.version, COALESCE(o.updated_us, o.received_us)"
+        )
+    };
+}
+const OBS_COLUMNS: &str = obs_columns!(
+    "COALESCE(d.manufacturer, ''), COALESCE(d.model, ''), COALESCE(d.serial_number, '')"
+);
+/// [`OBS_COLUMNS`] without the device's columns (left empty), from
+/// `observations o` alone: for the rows [`fill_devices`] completes.
+const PAGE_COLUMNS: &str = obs_columns!("'', '', ''");
 const OBS_FROM: &str = "observations o LEFT JOIN devices d \
      ON d.gateway_id = o.gateway_id AND d.device_id = o.device_id";
 
@@ -1148,6 +1180,39 @@ fn obs_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ObservationRow> {
         version: r.get(12)?,
         updated_us: r.get(13)?,
     })
+}
+
+/// Completes rows read with [`PAGE_COLUMNS`]: one lookup per device of the
+/// page instead of a join per row (which SQLite also runs for each row an
+/// `OFFSET` skips). A device not stored leaves its columns empty, as the
+/// outer join does.
+fn fill_devices(conn: &Connection, rows: &mut [ObservationRow]) -> Result<(), DbError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT COALESCE(manufacturer, ''), COALESCE(model, ''), COALESCE(serial_number, '')
+         FROM devices WHERE gateway_id = ?1 AND device_id = ?2",
+    )?;
+    let mut known: Vec<(usize, [String; 3])> = Vec::new();
+    for i in 0..rows.len() {
+        let (gateway, device) = (&rows[i].gateway_id, &rows[i].device_id);
+        let same = |j: usize| rows[j].gateway_id == *gateway && rows[j].device_id == *device;
+        let columns = match known.iter().find(|(j, _)| same(*j)) {
+            Some((_, c)) => c.clone(),
+            None => {
+                let c = stmt
+                    .query_row([gateway, device], |r| Ok([r.get(0)?, r.get(1)?, r.get(2)?]))
+                    .optional()?
+                    .unwrap_or_default();
+                known.push((i, c.clone()));
+                c
+            }
+        };
+        let [manufacturer, model, serial_number] = columns;
+        let row = &mut rows[i];
+        row.manufacturer = manufacturer;
+        row.model = model;
+        row.serial_number = serial_number;
+    }
+    Ok(())
 }
 
 const DEVICE_COLUMNS: &str = "gateway_id, device_id, protocol, manufacturer, model, serial_number, \
@@ -1438,6 +1503,25 @@ mod tests {
             s.revoke_gateway("nope"),
             Err(StoreError::GatewayNotFound(_))
         ));
+    }
+
+    /// The read connections map the whole database file: the build's cap
+    /// (`.cargo/config.toml`) lets the pragma through unclamped.
+    #[test]
+    fn readers_map_the_database_file() {
+        let (_d, s) = store();
+        let mapped: i64 = s
+            .reader()
+            .unwrap()
+            .query_row("PRAGMA mmap_size", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(mapped, READER_MMAP);
+        let writer: i64 = s
+            .conn()
+            .unwrap()
+            .query_row("PRAGMA mmap_size", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(writer, 0, "the writer reads through its own cache");
     }
 
     #[test]
