@@ -16,7 +16,7 @@ use serde_json::{Value as Json, json};
 
 use crate::SharedMetrics;
 use crate::TransportError;
-use crate::fhir::render::{ObservationRow, render_device, write_observation};
+use crate::fhir::render::{ObservationRow, ObservationWriter, render_device, write_observation};
 use crate::fhir::{self, FHIR_JSON};
 use crate::metrics::FhirInteraction;
 use crate::pipeline::blocking;
@@ -734,6 +734,7 @@ fn observation_searchset(
     let mut out = Vec::with_capacity(512 + 2048 * rows.len());
     out.extend_from_slice(b"{\"entry\":[");
     let mut url = String::with_capacity(base.len() + 64);
+    let mut writer = ObservationWriter::default();
     for (i, row) in rows.iter().enumerate() {
         if i > 0 {
             out.push(b',');
@@ -746,7 +747,7 @@ fn observation_searchset(
         out.extend_from_slice(b"{\"fullUrl\":");
         put(&mut out, url.as_str());
         out.extend_from_slice(b",\"resource\":");
-        match write_observation(row, &mut out) {
+        match writer.write(row, &mut out) {
             Ok(()) => out.extend_from_slice(b",\"search\":{\"mode\":\"match\"}}"),
             Err(e) => {
                 out.truncate(start);

@@ -108,9 +108,68 @@ pub(crate) struct Subject<'a> {
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct DeviceDoc<'a> {
     #[serde(skip_serializing_if = "none")]
-    pub display: Option<String>,
+    pub display: Option<Cow<'a, str>>,
     pub identifier: SystemValue<'a>,
-    pub reference: String,
+    pub reference: Cow<'a, str>,
+}
+
+impl DeviceDoc<'_> {
+    fn borrowed(&self) -> DeviceDoc<'_> {
+        DeviceDoc {
+            display: self.display.as_deref().map(Cow::Borrowed),
+            identifier: SystemValue {
+                system: self.identifier.system.as_deref().map(Cow::Borrowed),
+                value: Cow::Borrowed(&self.identifier.value),
+            },
+            reference: Cow::Borrowed(&self.reference),
+        }
+    }
+}
+
+/// What the Observation of a reading takes from its device alone: the
+/// `device` element (whose Device id is a SHA-256) and the system of the
+/// reading's identifier. Worked out once per device, so the rows of a
+/// page from one device share it.
+#[derive(Debug, Clone)]
+pub(crate) struct DeviceParts<'a> {
+    pub doc: DeviceDoc<'a>,
+    pub reading_system: Cow<'a, str>,
+}
+
+impl<'a> DeviceParts<'a> {
+    pub(crate) fn of(device: &DeviceRef<'a>) -> Self {
+        DeviceParts {
+            doc: self::device(device),
+            reading_system: format!(
+                "urn:vigil:reading:{}:{}",
+                device.gateway_id, device.device_id
+            )
+            .into(),
+        }
+    }
+
+    pub(crate) fn borrowed(&self) -> DeviceParts<'_> {
+        DeviceParts {
+            doc: self.doc.borrowed(),
+            reading_system: Cow::Borrowed(&self.reading_system),
+        }
+    }
+
+    /// The same parts owning their text.
+    pub(crate) fn into_owned(self) -> DeviceParts<'static> {
+        let owned = |c: Cow<'_, str>| Cow::Owned(c.into_owned());
+        DeviceParts {
+            doc: DeviceDoc {
+                display: self.doc.display.map(owned),
+                identifier: SystemValue {
+                    system: self.doc.identifier.system.map(owned),
+                    value: owned(self.doc.identifier.value),
+                },
+                reference: owned(self.doc.reference),
+            },
+            reading_system: owned(self.reading_system),
+        }
+    }
 }
 
 /// One entry of an extension: `url` and one `value[x]`.
@@ -304,7 +363,7 @@ pub(crate) fn device<'a>(device: &DeviceRef<'a>) -> DeviceDoc<'a> {
         .filter(|s| !s.is_empty())
         .collect();
     DeviceDoc {
-        display: (!parts.is_empty()).then(|| parts.join(" ")),
+        display: (!parts.is_empty()).then(|| parts.join(" ").into()),
         identifier: SystemValue {
             system: Some(super::render::device_identifier_system(device.gateway_id).into()),
             value: device.device_id.into(),
@@ -312,15 +371,18 @@ pub(crate) fn device<'a>(device: &DeviceRef<'a>) -> DeviceDoc<'a> {
         reference: format!(
             "Device/{}",
             super::render::device_resource_id(device.gateway_id, device.device_id)
-        ),
+        )
+        .into(),
     }
 }
 
 /// Builds the Observation of a validated reading (see
-/// [`super::map_observation`]); `id` is the stored id when the reading is
+/// [`super::map_observation`]) from device `device_ref` (whose
+/// [`DeviceParts`] are `parts`); `id` is the stored id when the reading is
 /// already stored, else it is derived from the reading's identity.
 pub(crate) fn reading_observation<'a>(
     device_ref: &DeviceRef<'a>,
+    parts: DeviceParts<'a>,
     reading: &'a Reading,
     metric: &Metric,
     patient_id: Option<&str>,
@@ -363,7 +425,7 @@ pub(crate) fn reading_observation<'a>(
             text: Some(metric.display.into()),
         },
         data_absent_reason: None,
-        device: device(device_ref),
+        device: parts.doc,
         effective_date_time: format_instant(reading.effective_time_us()),
         extension: (
             quality(reading, metric, cols.out_of_range, withhold),
@@ -379,13 +441,7 @@ pub(crate) fn reading_observation<'a>(
             .into(),
         },
         identifier: [SystemValue {
-            system: Some(
-                format!(
-                    "urn:vigil:reading:{}:{}",
-                    device_ref.gateway_id, device_ref.device_id
-                )
-                .into(),
-            ),
+            system: Some(parts.reading_system),
             value: reading.sequence.to_string().into(),
         }],
         interpretation: interpretation(reading),

@@ -12,7 +12,9 @@ use prost::Message;
 use shared_protocol::CATALOGUE;
 use shared_protocol::v1::{CodedValue, Identifier, Reading, reading};
 
-use super::render::{ObservationRow, RowKind, render_observation, write_observation};
+use super::render::{
+    ObservationRow, ObservationWriter, RowKind, render_observation, write_observation,
+};
 
 const DATA: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -135,6 +137,20 @@ fn golden_renderings_are_reproduced_byte_for_byte() {
             String::from_utf8(direct).unwrap(),
             *want,
             "write_observation, vector {i}"
+        );
+    }
+    // One writer over a page: rows of the same device one after another
+    // (each vector twice) and changes of device, model or serial between
+    // them (the vectors in order, then backwards) are written as alone.
+    let mut writer = ObservationWriter::default();
+    let order = (0..rows.len()).chain((0..rows.len()).rev());
+    for i in order.flat_map(|i| [i, i]) {
+        let mut out = Vec::new();
+        writer.write(&rows[i], &mut out).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            blessed[i],
+            "ObservationWriter, vector {i}"
         );
     }
 }

@@ -435,7 +435,15 @@ pub fn map_observation(
     patient_id: Option<&str>,
     received_us: i64,
 ) -> MappedObservation {
-    let obs = doc::reading_observation(device, reading, metric, patient_id, received_us, None);
+    let obs = doc::reading_observation(
+        device,
+        doc::DeviceParts::of(device),
+        reading,
+        metric,
+        patient_id,
+        received_us,
+        None,
+    );
     let cols = columns(reading, metric);
     MappedObservation {
         id: obs.id.to_string(),

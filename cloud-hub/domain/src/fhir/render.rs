@@ -234,17 +234,54 @@ pub fn render_observation(row: &ObservationRow) -> Result<Json, RenderError> {
 /// A reading row (the API's common case) is serialized straight from its
 /// typed document, without a `Value` tree.
 pub fn write_observation(row: &ObservationRow, out: &mut Vec<u8>) -> Result<(), RenderError> {
-    let json_error = |source| RenderError::Json {
-        id: row.id.clone(),
-        source,
-    };
-    if is_stored_reading(row) {
-        return reading_resource(row, |obs| {
-            serde_json::to_writer(out, obs).map_err(json_error)
-        })?;
+    ObservationWriter::default().write(row, out)
+}
+
+/// Writes the rows of a page one after the other ([`write_observation`]'s
+/// bytes for each), working out what depends on a row's device alone
+/// (its Device id is a SHA-256) once for a run of rows from one device.
+#[derive(Debug, Default)]
+pub struct ObservationWriter {
+    /// The last device's columns and its parts.
+    device: Option<([String; 5], super::doc::DeviceParts<'static>)>,
+}
+
+impl ObservationWriter {
+    pub fn write(&mut self, row: &ObservationRow, out: &mut Vec<u8>) -> Result<(), RenderError> {
+        let json_error = |source| RenderError::Json {
+            id: row.id.clone(),
+            source,
+        };
+        if is_stored_reading(row) {
+            let parts = self.device_parts(row);
+            return reading_resource(row, parts, |obs| {
+                serde_json::to_writer(out, obs).map_err(json_error)
+            })?;
+        }
+        let resource = render_observation(row)?;
+        serde_json::to_writer(out, &resource).map_err(json_error)
     }
-    let resource = render_observation(row)?;
-    serde_json::to_writer(out, &resource).map_err(json_error)
+
+    fn device_parts(&mut self, row: &ObservationRow) -> super::doc::DeviceParts<'_> {
+        let key = [
+            &row.gateway_id,
+            &row.device_id,
+            &row.manufacturer,
+            &row.model,
+            &row.serial_number,
+        ];
+        let same = |k: &[String; 5]| k.iter().zip(key).all(|(a, b)| a == b);
+        if !self.device.as_ref().is_some_and(|(k, _)| same(k)) {
+            self.device = None;
+        }
+        let (_, parts) = self.device.get_or_insert_with(|| {
+            (
+                key.map(String::clone),
+                super::doc::DeviceParts::of(&row.device_ref()).into_owned(),
+            )
+        });
+        parts.borrowed()
+    }
 }
 
 /// A single reading stored with its payload: rendered from its typed
@@ -257,6 +294,7 @@ fn is_stored_reading(row: &ObservationRow) -> bool {
 /// stored id, the patient identifier's system, the version), handed to `f`.
 fn reading_resource<T>(
     row: &ObservationRow,
+    parts: super::doc::DeviceParts<'_>,
     f: impl FnOnce(&super::doc::ReadingObservation<'_>) -> T,
 ) -> Result<T, RenderError> {
     let r: Reading = row.decode()?;
@@ -267,6 +305,7 @@ fn reading_resource<T>(
     let device = row.device_ref();
     let mut obs = super::doc::reading_observation(
         &device,
+        parts,
         &r,
         &metric,
         row.patient_id.as_deref(),
@@ -334,12 +373,14 @@ fn render_payload(row: &ObservationRow) -> Result<Json, RenderError> {
         });
     }
     match RowKind::parse(&row.kind) {
-        Some(RowKind::Reading) => reading_resource(row, |obs| {
-            serde_json::to_value(obs).map_err(|source| RenderError::Json {
-                id: row.id.clone(),
-                source,
-            })
-        })?,
+        Some(RowKind::Reading) => {
+            reading_resource(row, super::doc::DeviceParts::of(&row.device_ref()), |obs| {
+                serde_json::to_value(obs).map_err(|source| RenderError::Json {
+                    id: row.id.clone(),
+                    source,
+                })
+            })?
+        }
         Some(RowKind::BpPanel) => {
             let members: DeviceData = row.decode()?;
             Ok(render_bp_panel(row, &members.readings))
