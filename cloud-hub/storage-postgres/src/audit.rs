@@ -63,8 +63,8 @@ async fn head(tx: &deadpool_postgres::Transaction<'_>) -> Result<Option<Head>, D
 }
 
 /// Appends `entries` in order after the head, each chained to the one
-/// before it under `key`, inside `tx` (which holds the audit lock); the
-/// inserts pipelined over one prepared statement.
+/// before it under `key`, inside `tx` (which holds the audit lock), in one
+/// statement.
 async fn chain_in(
     tx: &deadpool_postgres::Transaction<'_>,
     entries: &[AuditEntry],
@@ -74,56 +74,72 @@ async fn chain_in(
     chain_after(tx, last, entries, key).await
 }
 
-/// [`chain_in`] after the head `last`, already read under the lock.
+/// [`chain_in`] after the head `last`, already read under the lock. The
+/// whole group is one `INSERT` of unnested column arrays (one prepared
+/// statement, however many entries), not a statement per entry: each
+/// statement has a fixed cost on the server that every request paid.
 async fn chain_after(
     tx: &deadpool_postgres::Transaction<'_>,
     mut last: Option<Head>,
     entries: &[AuditEntry],
     key: Option<&AuditKey>,
 ) -> Result<Vec<i64>, DbError> {
-    let mut rows = Vec::with_capacity(entries.len());
+    let n = entries.len();
+    let mut seq = Vec::with_capacity(n);
+    let mut prev_hash = Vec::with_capacity(n);
+    let mut hash = Vec::with_capacity(n);
+    let mut key_id = Vec::with_capacity(n);
     for e in entries {
         let link = next_link(last.as_ref(), e, key).map_err(StoreError::from)?;
+        seq.push(link.seq);
+        prev_hash.push(link.prev_hash);
+        hash.push(link.hash.clone());
+        key_id.push(link.key_id.clone());
         last = Some(Head {
             seq: link.seq,
-            hash: link.hash.clone(),
-            key_id: link.key_id.clone(),
+            hash: link.hash,
+            key_id: link.key_id,
         });
-        rows.push((e, link, e.patients.join("\n"), i32::from(e.outcome)));
     }
+    let column = |f: fn(&AuditEntry) -> &str| entries.iter().map(f).collect::<Vec<_>>();
+    let time_us: Vec<i64> = entries.iter().map(|e| e.time_us).collect();
+    let patient: Vec<Option<&str>> = entries.iter().map(|e| e.patient.as_deref()).collect();
+    let patients: Vec<String> = entries.iter().map(|e| e.patients.join("\n")).collect();
+    let outcome: Vec<i32> = entries.iter().map(|e| i32::from(e.outcome)).collect();
     let insert = tx
         .prepare_cached(
             "INSERT INTO audit_log (seq, time_us, actor, action, resource, patient_id, patients,
                  outcome, detail, prev_hash, hash, key_id)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+             SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[],
+                 $5::text[], $6::text[], $7::text[], $8::integer[], $9::text[], $10::text[],
+                 $11::text[], $12::text[])",
         )
         .await?;
-    let (tx_ref, insert) = (tx, &insert);
-    futures_util::future::try_join_all(rows.iter().map(
-        |(e, link, patients, outcome)| async move {
-            tx_ref
-                .execute(
-                    insert,
-                    &[
-                        &link.seq,
-                        &e.time_us,
-                        &e.actor,
-                        &e.action,
-                        &e.resource,
-                        &e.patient,
-                        patients,
-                        outcome,
-                        &e.detail,
-                        &link.prev_hash,
-                        &link.hash,
-                        &link.key_id,
-                    ],
-                )
-                .await
-        },
-    ))
-    .await?;
-    Ok(rows.iter().map(|(_, link, _, _)| link.seq).collect())
+    let stored = tx
+        .execute(
+            &insert,
+            &[
+                &seq,
+                &time_us,
+                &column(|e| &e.actor),
+                &column(|e| &e.action),
+                &column(|e| &e.resource),
+                &patient,
+                &patients,
+                &outcome,
+                &column(|e| &e.detail),
+                &prev_hash,
+                &hash,
+                &key_id,
+            ],
+        )
+        .await?;
+    if stored != n as u64 {
+        return Err(
+            StoreError::Corrupt(format!("audit append stored {stored} of {n} entries")).into(),
+        );
+    }
+    Ok(seq)
 }
 
 impl PgStore {
