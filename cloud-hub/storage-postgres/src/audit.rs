@@ -195,8 +195,7 @@ impl PgStore {
     }
 
     /// One transaction for the whole batch: the lock, the head, every
-    /// entry chained in order (the inserts pipelined over one prepared
-    /// statement), one commit.
+    /// entry chained in order (one `INSERT` of them all), one commit.
     async fn db_append_audit_batch(
         &self,
         entries: &[AuditEntry],

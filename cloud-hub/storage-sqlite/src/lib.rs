@@ -1191,26 +1191,26 @@ fn fill_devices(conn: &Connection, rows: &mut [ObservationRow]) -> Result<(), Db
         "SELECT COALESCE(manufacturer, ''), COALESCE(model, ''), COALESCE(serial_number, '')
          FROM devices WHERE gateway_id = ?1 AND device_id = ?2",
     )?;
-    let mut known: Vec<(usize, [String; 3])> = Vec::new();
-    for i in 0..rows.len() {
-        let (gateway, device) = (&rows[i].gateway_id, &rows[i].device_id);
-        let same = |j: usize| rows[j].gateway_id == *gateway && rows[j].device_id == *device;
-        let columns = match known.iter().find(|(j, _)| same(*j)) {
-            Some((_, c)) => c.clone(),
+    // (gateway, device) → manufacturer, model, serial number.
+    let mut known: Vec<([String; 2], [String; 3])> = Vec::new();
+    for row in rows.iter_mut() {
+        let i = match known
+            .iter()
+            .position(|(k, _)| k[0] == row.gateway_id && k[1] == row.device_id)
+        {
+            Some(i) => i,
             None => {
-                let c = stmt
-                    .query_row([gateway, device], |r| Ok([r.get(0)?, r.get(1)?, r.get(2)?]))
+                let columns = stmt
+                    .query_row([&row.gateway_id, &row.device_id], |r| {
+                        Ok([r.get(0)?, r.get(1)?, r.get(2)?])
+                    })
                     .optional()?
                     .unwrap_or_default();
-                known.push((i, c.clone()));
-                c
+                known.push(([row.gateway_id.clone(), row.device_id.clone()], columns));
+                known.len() - 1
             }
         };
-        let [manufacturer, model, serial_number] = columns;
-        let row = &mut rows[i];
-        row.manufacturer = manufacturer;
-        row.model = model;
-        row.serial_number = serial_number;
+        [row.manufacturer, row.model, row.serial_number] = known[i].1.clone();
     }
     Ok(())
 }
