@@ -10,6 +10,7 @@
 use std::borrow::Cow;
 
 use serde::Serialize;
+use serde_json::value::RawValue;
 use shared_protocol::Metric;
 use shared_protocol::v1::{CodedValue, Interpretation, Reading, Validity, reading};
 
@@ -19,6 +20,35 @@ use super::{
     columns, flag_code, format_instant, is_valid_id, observation_id, profile_loinc_display,
     profiles_of, time_source_code, validity_code, vital_profile,
 };
+
+/// An element of the document: built for this row, or the same element
+/// already serialized for an earlier row of the page and written as those
+/// bytes (see `render::ObservationWriter`). Serialized, both are the same
+/// JSON.
+#[derive(Debug, Clone)]
+pub(crate) enum Part<'a, T> {
+    Built(T),
+    Written(&'a RawValue),
+}
+
+impl<T> Part<'_, T> {
+    /// The element when it was built for this row.
+    pub(crate) fn built(&self) -> Option<&T> {
+        match self {
+            Part::Built(v) => Some(v),
+            Part::Written(_) => None,
+        }
+    }
+}
+
+impl<T: Serialize> Serialize for Part<'_, T> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Part::Built(v) => v.serialize(s),
+            Part::Written(json) => json.serialize(s),
+        }
+    }
+}
 
 fn none<T>(v: &Option<T>) -> bool {
     v.is_none()
@@ -231,11 +261,11 @@ pub(crate) struct Meta {
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub(crate) struct ReadingObservation<'a> {
-    pub category: [Concept<'a>; 1],
-    pub code: Concept<'a>,
+    pub category: Part<'a, [Concept<'a>; 1]>,
+    pub code: Part<'a, Concept<'a>>,
     #[serde(skip_serializing_if = "none")]
     pub data_absent_reason: Option<Concept<'a>>,
-    pub device: DeviceDoc<'a>,
+    pub device: Part<'a, DeviceDoc<'a>>,
     pub effective_date_time: String,
     pub extension: (QualityExtension<'a>, ExtensionValue<'a>),
     pub id: Cow<'a, str>,
@@ -416,16 +446,16 @@ pub(crate) fn reading_observation<'a>(
     };
     let withhold = validity == Validity::Invalid || cols.out_of_range;
     let mut obs = ReadingObservation {
-        category: [Concept {
+        category: Part::Built([Concept {
             coding: vec![Coding::new(CATEGORY_SYSTEM, cat_code, Some(cat_display))],
             text: Some(cat_display.into()),
-        }],
-        code: Concept {
+        }]),
+        code: Part::Built(Concept {
             coding: codings,
             text: Some(metric.display.into()),
-        },
+        }),
         data_absent_reason: None,
-        device: parts.doc,
+        device: Part::Built(parts.doc),
         effective_date_time: format_instant(reading.effective_time_us()),
         extension: (
             quality(reading, metric, cols.out_of_range, withhold),
@@ -491,23 +521,32 @@ pub(crate) fn reading_observation<'a>(
 }
 
 impl<'a> ReadingObservation<'a> {
-    /// What the vital-signs profiles look at (see [`super::claimed_profiles`]).
+    /// What the vital-signs profiles look at (see [`super::claimed_profiles`]),
+    /// worked out while the document is built (its category and code are
+    /// then built for this row, not written bytes).
     fn facts(&self) -> ProfileFacts<'_> {
         ProfileFacts {
             status: true,
-            vital_category: self.category[0].coding.iter().any(|c| {
-                c.system == Some(CATEGORY_SYSTEM) && matches!(c.code, CodeText::Str("vital-signs"))
+            vital_category: self.category.built().is_some_and(|[category]| {
+                category.coding.iter().any(|c| {
+                    c.system == Some(CATEGORY_SYSTEM)
+                        && matches!(c.code, CodeText::Str("vital-signs"))
+                })
             }),
             loinc: self
                 .code
-                .coding
-                .iter()
-                .filter(|c| c.system == Some(LOINC_SYSTEM))
-                .map(|c| match c.code {
-                    CodeText::Str(s) => Some(s),
-                    CodeText::Number(_) => None,
+                .built()
+                .map(|code| {
+                    code.coding
+                        .iter()
+                        .filter(|c| c.system == Some(LOINC_SYSTEM))
+                        .map(|c| match c.code {
+                            CodeText::Str(s) => Some(s),
+                            CodeText::Number(_) => None,
+                        })
+                        .collect()
                 })
-                .collect(),
+                .unwrap_or_default(),
             subject: self
                 .subject
                 .as_ref()

@@ -8,11 +8,13 @@
 
 use prost::Message;
 use ring::digest;
+use serde_json::value::{RawValue, to_raw_value};
 use serde_json::{Value as Json, json};
 use shared_protocol::catalogue::codes;
 use shared_protocol::v1::{DeviceData, Reading, Validity, Waveform, reading};
 use shared_protocol::{CATALOGUE, Metric};
 
+use super::doc::Part;
 use super::{
     DeviceRef, LOINC_SYSTEM, MDC_SYSTEM, UCUM_SYSTEM, absent_reason, format_instant,
     quality_extension, subject_json, time_source_code,
@@ -233,54 +235,142 @@ pub fn render_observation(row: &ObservationRow) -> Result<Json, RenderError> {
 /// same bytes as serializing [`render_observation`]'s value.
 /// A reading row (the API's common case) is serialized straight from its
 /// typed document, without a `Value` tree.
+///
+/// One row has nothing to share with another: its document is serialized
+/// as built, without [`ObservationWriter`]'s memos.
 pub fn write_observation(row: &ObservationRow, out: &mut Vec<u8>) -> Result<(), RenderError> {
-    ObservationWriter::default().write(row, out)
+    if !is_stored_reading(row) {
+        return write_value(row, out);
+    }
+    let parts = super::doc::DeviceParts::of(&row.device_ref());
+    reading_resource(row, parts, |obs, _| {
+        serde_json::to_writer(out, &obs).map_err(|e| json_error(row, e))
+    })?
+}
+
+/// A row that is not a stored reading (a panel, a waveform, a stored
+/// resource), through its `Value`.
+fn write_value(row: &ObservationRow, out: &mut Vec<u8>) -> Result<(), RenderError> {
+    let resource = render_observation(row)?;
+    serde_json::to_writer(out, &resource).map_err(|e| json_error(row, e))
+}
+
+fn json_error(row: &ObservationRow, source: serde_json::Error) -> RenderError {
+    RenderError::Json {
+        id: row.id.clone(),
+        source,
+    }
 }
 
 /// Writes the rows of a page one after the other ([`write_observation`]'s
-/// bytes for each), working out what depends on a row's device alone
-/// (its Device id is a SHA-256) once for a run of rows from one device.
+/// bytes for each). What depends on a row's device alone (its Device id is
+/// a SHA-256; its `device` element) is worked out and serialized once for
+/// a run of rows from one device, and the `category` and `code` elements
+/// (a good third of an Observation's text, every character of which the
+/// JSON writer checks for escapes) once for a run of rows of one metric: a
+/// search page is mostly one patient's one code, from one device.
 #[derive(Debug, Default)]
 pub struct ObservationWriter {
-    /// The last device's columns and its parts.
-    device: Option<([String; 5], super::doc::DeviceParts<'static>)>,
+    device: Option<DeviceMemo>,
+    code: Option<CodeMemo>,
+}
+
+/// The last device's columns, its parts and its `device` element.
+#[derive(Debug)]
+struct DeviceMemo {
+    columns: [String; 5],
+    parts: super::doc::DeviceParts<'static>,
+    element: Box<RawValue>,
+}
+
+/// The last metric's `category` and `code` elements.
+#[derive(Debug)]
+struct CodeMemo {
+    metric: CodeKey,
+    category: Box<RawValue>,
+    code: Box<RawValue>,
+}
+
+/// What a reading's `category` and `code` elements are made of: its
+/// metric's codes and names (`fhir::category` follows from the LOINC code).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct CodeKey {
+    mdc: u32,
+    mdc_name: &'static str,
+    loinc: &'static str,
+    loinc_display: &'static str,
+    loinc_profile: Option<&'static str>,
+    display: &'static str,
+}
+
+impl CodeKey {
+    fn of(m: &Metric) -> Self {
+        CodeKey {
+            mdc: m.mdc,
+            mdc_name: m.mdc_name,
+            loinc: m.loinc,
+            loinc_display: m.loinc_display,
+            loinc_profile: m.loinc_profile,
+            display: m.display,
+        }
+    }
 }
 
 impl ObservationWriter {
     pub fn write(&mut self, row: &ObservationRow, out: &mut Vec<u8>) -> Result<(), RenderError> {
-        let json_error = |source| RenderError::Json {
-            id: row.id.clone(),
-            source,
-        };
-        if is_stored_reading(row) {
-            let parts = self.device_parts(row);
-            return reading_resource(row, parts, |obs| {
-                serde_json::to_writer(out, obs).map_err(json_error)
-            })?;
+        let json_error = |e| json_error(row, e);
+        if !is_stored_reading(row) {
+            return write_value(row, out);
         }
-        let resource = render_observation(row)?;
-        serde_json::to_writer(out, &resource).map_err(json_error)
+        let device = Self::device(&mut self.device, row).map_err(json_error)?;
+        let memo = &mut self.code;
+        reading_resource(row, device.parts.borrowed(), |obs, metric| {
+            let key = CodeKey::of(metric);
+            let current = match memo.take() {
+                Some(m) if m.metric == key => m,
+                _ => CodeMemo {
+                    metric: key,
+                    category: to_raw_value(&obs.category).map_err(json_error)?,
+                    code: to_raw_value(&obs.code).map_err(json_error)?,
+                },
+            };
+            let codes = memo.insert(current);
+            let obs = super::doc::ReadingObservation {
+                category: Part::Written(&codes.category),
+                code: Part::Written(&codes.code),
+                device: Part::Written(&device.element),
+                ..obs
+            };
+            serde_json::to_writer(out, &obs).map_err(json_error)
+        })?
     }
 
-    fn device_parts(&mut self, row: &ObservationRow) -> super::doc::DeviceParts<'_> {
-        let key = [
+    /// The memo of `row`'s device, worked out anew when the last row's
+    /// device differs.
+    fn device<'m>(
+        memo: &'m mut Option<DeviceMemo>,
+        row: &ObservationRow,
+    ) -> Result<&'m DeviceMemo, serde_json::Error> {
+        let columns = [
             &row.gateway_id,
             &row.device_id,
             &row.manufacturer,
             &row.model,
             &row.serial_number,
         ];
-        let same = |k: &[String; 5]| k.iter().zip(key).all(|(a, b)| a == b);
-        if !self.device.as_ref().is_some_and(|(k, _)| same(k)) {
-            self.device = None;
-        }
-        let (_, parts) = self.device.get_or_insert_with(|| {
-            (
-                key.map(String::clone),
-                super::doc::DeviceParts::of(&row.device_ref()).into_owned(),
-            )
-        });
-        parts.borrowed()
+        let same = |k: &[String; 5]| k.iter().zip(columns).all(|(a, b)| a == b);
+        let current = match memo.take() {
+            Some(m) if same(&m.columns) => m,
+            _ => {
+                let parts = super::doc::DeviceParts::of(&row.device_ref()).into_owned();
+                DeviceMemo {
+                    columns: columns.map(String::clone),
+                    element: to_raw_value(&parts.doc)?,
+                    parts,
+                }
+            }
+        };
+        Ok(memo.insert(current))
     }
 }
 
@@ -295,7 +385,7 @@ fn is_stored_reading(row: &ObservationRow) -> bool {
 fn reading_resource<T>(
     row: &ObservationRow,
     parts: super::doc::DeviceParts<'_>,
-    f: impl FnOnce(&super::doc::ReadingObservation<'_>) -> T,
+    f: impl FnOnce(super::doc::ReadingObservation<'_>, &Metric) -> T,
 ) -> Result<T, RenderError> {
     let r: Reading = row.decode()?;
     let metric = metric_of(&r).ok_or_else(|| RenderError::UnknownMetric {
@@ -317,7 +407,7 @@ fn reading_resource<T>(
         row.version,
         row.updated_us.max(row.received_us),
     );
-    Ok(f(&obs))
+    Ok(f(obs, &metric))
 }
 
 /// `meta.versionId` and `meta.lastUpdated`: a re-attributed reading (moved
@@ -367,20 +457,14 @@ fn render_payload(row: &ObservationRow) -> Result<Json, RenderError> {
         if row.resource.is_empty() {
             return Err(RenderError::Empty { id: row.id.clone() });
         }
-        return serde_json::from_str(&row.resource).map_err(|source| RenderError::Json {
-            id: row.id.clone(),
-            source,
-        });
+        return serde_json::from_str(&row.resource).map_err(|e| json_error(row, e));
     }
     match RowKind::parse(&row.kind) {
-        Some(RowKind::Reading) => {
-            reading_resource(row, super::doc::DeviceParts::of(&row.device_ref()), |obs| {
-                serde_json::to_value(obs).map_err(|source| RenderError::Json {
-                    id: row.id.clone(),
-                    source,
-                })
-            })?
-        }
+        Some(RowKind::Reading) => reading_resource(
+            row,
+            super::doc::DeviceParts::of(&row.device_ref()),
+            |obs, _| serde_json::to_value(&obs).map_err(|e| json_error(row, e)),
+        )?,
         Some(RowKind::BpPanel) => {
             let members: DeviceData = row.decode()?;
             Ok(render_bp_panel(row, &members.readings))
