@@ -322,7 +322,9 @@ async fn a_pg_dump_restored_into_a_new_database_serves_the_same_data_and_audit_c
 async fn postgres_withholds_patient_data_when_the_audit_entry_cannot_be_written() {
     let server = pg_server::PgServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let text = config_text(dir.path(), "").on_postgres(&server.url(), 2);
+    // One pooled connection: every request after a failure runs on the
+    // connection the failure left behind.
+    let text = config_text(dir.path(), "").on_postgres(&server.url(), 1);
     let hub = TestHub::start_config(dir, Config::parse(&text).unwrap(), "http").await;
     hub.ingest(&batch(1, DEVICE, vec![spo2(1, 97.0, now_us())]))
         .await;
@@ -350,5 +352,35 @@ async fn postgres_withholds_patient_data_when_the_audit_entry_cannot_be_written(
     sql("ALTER TABLE audit_log_away RENAME TO audit_log");
     let (status, _) = hub.get_json(&path).await;
     assert_eq!(status, 200);
+
+    // The group's INSERT itself fails (the lock and the head were fine):
+    // its pipelined COMMIT must end the failed transaction, store nothing
+    // and leave every pooled connection usable.
+    sql(
+        "CREATE FUNCTION refuse_audit() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN RAISE EXCEPTION 'refused by the test'; END $$;
+         CREATE TRIGGER refuse_audit BEFORE INSERT ON audit_log
+           FOR EACH STATEMENT EXECUTE FUNCTION refuse_audit()",
+    );
+    for _ in 0..3 {
+        let resp = hub.client.get(hub.url(&path)).send().await.unwrap();
+        assert_eq!(resp.status(), 503);
+    }
+    sql("DROP TRIGGER refuse_audit ON audit_log");
+    for i in 0..6 {
+        let (status, body) = hub.get_json(&path).await;
+        assert_eq!(status, 200, "request {i} after the trigger went: {body}");
+    }
+    let metrics = hub.metrics().await;
+    assert!(
+        metrics.contains("\nvigil_hub_audit_failures_total 4\n"),
+        "the three refused entries only: {metrics}"
+    );
+    let config = hub.config.clone();
+    let v = tokio::task::spawn_blocking(move || cloud_hub::audit_verify(&config, None, &[]))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(v.broken, None, "{v:?}");
     hub.stop().await;
 }
