@@ -231,12 +231,14 @@ impl PgStore {
     /// them in order, so the head is read once the lock is held), then
     /// every entry chained after that head (one `INSERT`) and `COMMIT`
     /// together. A request waits for its group's commit, so each round
-    /// trip a group saves shortens every audited request (on a loaded
-    /// two-core machine a round trip is three thread switches: the caller,
-    /// the I/O thread, the server). When the `INSERT` fails the pipelined
-    /// `COMMIT` ends the failed transaction without committing anything;
-    /// when anything before it fails the transaction is rolled back before
-    /// the connection goes back to the pool.
+    /// trip a group saves shortens every audited request (a round trip
+    /// passes between three threads: the caller's, the store's I/O thread
+    /// and the server's). When the `INSERT` fails the pipelined `COMMIT`
+    /// ends the failed transaction without committing anything; when
+    /// anything before it fails the transaction is rolled back before the
+    /// connection goes back to the pool. A short insert (which `unnest`
+    /// over arrays of one length cannot give) is reported after its
+    /// commit.
     async fn db_append_audit_batch(
         &self,
         entries: &[AuditEntry],
