@@ -716,8 +716,8 @@ impl PgStore {
         let filters = args.len();
         if s.count == 0 {
             let refs: Vec<&(dyn ToSql + Sync)> = args.iter().map(|a| a.as_ref()).collect();
-            let total: i64 = c.query_one(&count_st, &refs).await?.get(0);
-            return Ok((total as u64, Vec::new()));
+            let total = on_generic_plans(&c, c.query_one(&count_st, &refs)).await?;
+            return Ok((total.get::<_, i64>(0) as u64, Vec::new()));
         }
         // Rows sharing a time in arrival order (`rid`, the index's last
         // column), as SQLite orders them by rowid.
@@ -733,19 +733,17 @@ impl PgStore {
             ))
             .await?;
         let refs: Vec<&(dyn ToSql + Sync)> = args.iter().map(|a| a.as_ref()).collect();
-        // The count and the page pipelined on the connection (one wait),
-        // between a SET and a RESET of the plan cache mode that go out in
-        // the same pipeline: see [`GENERIC_PLANS`].
-        let (set, total, rows, reset) = futures_util::join!(
-            c.batch_execute(GENERIC_PLANS),
-            c.query_one(&count_st, &refs[..filters]),
-            c.query(&page_st, &refs),
-            c.batch_execute(DEFAULT_PLANS)
-        );
-        set?;
-        reset?;
-        let total: i64 = total?.get(0);
-        Ok((total as u64, rows?.iter().map(|r| obs_row(r, 0)).collect()))
+        // The count and the page pipelined on the connection: one wait.
+        let (total, rows) = on_generic_plans(
+            &c,
+            futures_util::future::try_join(
+                c.query_one(&count_st, &refs[..filters]),
+                c.query(&page_st, &refs),
+            ),
+        )
+        .await?;
+        let total: i64 = total.get(0);
+        Ok((total as u64, rows.iter().map(|r| obs_row(r, 0)).collect()))
     }
 
     async fn db_patient(&self, value: &str) -> Result<Option<String>, DbError> {
@@ -928,13 +926,30 @@ const MAX_CACHED_STATEMENTS: usize = 256;
 /// of a search shape does not depend on its values: the filters present
 /// pick the index (patient and code, else code, else time), and the month
 /// partitions outside a date range are pruned when the plan starts. The
-/// mode is set for these two statements only (every other statement keeps
-/// the default) by a `SET` before them and a `RESET` after them in the
-/// same pipeline: no extra wait, and a blocking call always runs to its
-/// end, so the `RESET` is always sent.
+/// mode is set for a search's statements only (every other statement
+/// keeps the default) by a `SET` before them and a `RESET` after them in
+/// the same pipeline ([`on_generic_plans`]): no extra wait, and a
+/// blocking call always runs to its end, so the `RESET` is always sent.
 const GENERIC_PLANS: &str = "SET plan_cache_mode = force_generic_plan";
 /// Restores the session's plan cache mode after [`GENERIC_PLANS`].
 const DEFAULT_PLANS: &str = "RESET plan_cache_mode";
+
+/// Runs `work` (statements of one connection `c`) on generic plans: see
+/// [`GENERIC_PLANS`]. The `SET`, `work`'s statements and the `RESET` go
+/// out in this order in one pipeline (each is sent when first polled).
+async fn on_generic_plans<T>(
+    c: &Conn,
+    work: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+) -> Result<T, DbError> {
+    let (set, out, reset) = futures_util::join!(
+        c.batch_execute(GENERIC_PLANS),
+        work,
+        c.batch_execute(DEFAULT_PLANS)
+    );
+    set?;
+    reset?;
+    Ok(out?)
+}
 
 const OBS_FROM: &str = "observations o LEFT JOIN devices d \
      ON d.gateway_id = o.gateway_id AND d.device_id = o.device_id";

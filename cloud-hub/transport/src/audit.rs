@@ -650,9 +650,10 @@ type Waiter = tokio::sync::oneshot::Sender<Result<i64, String>>;
 /// Group commit of audit entries: one writer task takes every entry queued
 /// while the previous commit ran, plus those that requests already running
 /// queue while it yields once to the scheduler (up to
-/// [`GROUP_COMMIT_MAX`]), and appends them in order in one transaction (`AuditStore::append_audit_batch`:
-/// each chained to the one before, keyed as usual), then tells each
-/// waiter its seq, or the error that failed the whole group. No timer: the
+/// [`GROUP_COMMIT_MAX`]), and appends them in order in one transaction
+/// (`AuditStore::append_audit_batch`: each chained to the one before,
+/// keyed as usual), then tells each waiter its seq, or the error that
+/// failed the whole group. No timer: the
 /// window is the duration of the commit before, so a lone request waits
 /// for its own commit only. One commit at a time per hub process; across
 /// processes the backend serializes (SQLite's write lock, PostgreSQL's
