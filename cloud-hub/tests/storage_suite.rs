@@ -2469,6 +2469,85 @@ fn audit_retention_purges_up_to_a_checkpoint_and_the_chain_still_verifies(
     Ok(())
 }
 
+/// Readings that arrive late and out of sequence order (an agent's
+/// backlog, a device re-sending) are found by every search over a time
+/// window without a patient (by date, by code and date, by device) and
+/// purged by their effective time, like those that came in order.
+fn late_readings_are_found_by_every_time_window(s: &Store) {
+    let none = Associations::new();
+    let (m0, m1, m2) = (T0, T0 + MIN, T0 + 2 * MIN);
+    // In order first: minute 2.
+    ingest(
+        s,
+        &batch(
+            1,
+            vec![
+                entry("d1", vec![spo2(m2 + 1_000_000, 10), hr(m2 + 2_000_000, 11)]),
+                entry("d2", vec![spo2(m2 + 3_000_000, 1)]),
+            ],
+        ),
+        &none,
+    );
+    // Then late: older minutes with lower and higher sequences, and minute
+    // 2 again below and above what it held.
+    ingest(
+        s,
+        &batch(
+            2,
+            vec![entry(
+                "d1",
+                vec![
+                    spo2(m0 + 4_000_000, 5),
+                    spo2(m1 + 5_000_000, 20),
+                    spo2(m2 + 6_000_000, 3),
+                    spo2(m2 + 7_000_000, 30),
+                ],
+            )],
+        ),
+        &none,
+    );
+    let minute2 = [
+        ("date", "ge2026-03-01T00:02:00Z"),
+        ("date", "lt2026-03-01T00:03:00Z"),
+    ];
+    let (n, ids) = search(s, &minute2);
+    assert_eq!(n, 5);
+    assert_eq!(
+        ids,
+        vec![
+            oid("d1", 10),
+            oid("d1", 11),
+            oid("d2", 1),
+            oid("d1", 3),
+            oid("d1", 30)
+        ]
+    );
+    let spo2_code = [("code", "http://loinc.org|59408-5"), minute2[0], minute2[1]];
+    assert_eq!(search(s, &spo2_code).0, 4);
+    let d1 = format!("Device/{}", device_resource_id(G, "d1"));
+    let (n, ids) = search(s, &[("device", &d1), ("_sort", "-date")]);
+    assert_eq!(n, 6);
+    assert_eq!(
+        ids,
+        vec![
+            oid("d1", 30),
+            oid("d1", 3),
+            oid("d1", 11),
+            oid("d1", 10),
+            oid("d1", 20),
+            oid("d1", 5)
+        ]
+    );
+    let (n, ids) = search(s, &[("device", &d1), ("date", "lt2026-03-01T00:02:00Z")]);
+    assert_eq!((n, ids), (2, vec![oid("d1", 5), oid("d1", 20)]));
+    assert_eq!(search(s, &[("date", "ge2026-03-01T00:01:00Z")]).0, 6);
+    // Purged by effective time: the two late readings of minutes 0 and 1.
+    assert_eq!(s.purge_before(m1 + 30_000_000).unwrap().observations, 2);
+    assert_eq!(search(s, &[]).0, 5);
+    assert_eq!(search(s, &[("device", &d1)]).0, 4);
+    assert_eq!(s.purge_before(m1 + 30_000_000).unwrap().observations, 0);
+}
+
 macro_rules! suite {
     ($($name:ident),* $(,)?) => {
         trait Outcome {
@@ -2511,6 +2590,7 @@ macro_rules! suite {
 }
 
 suite!(
+    late_readings_are_found_by_every_time_window,
     audit_retention_purges_up_to_a_checkpoint_and_the_chain_still_verifies,
     erasure_removes_the_patient_everywhere_and_keeps_late_data_out,
     audit_batches_chain_in_order_in_one_transaction,

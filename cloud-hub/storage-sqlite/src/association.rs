@@ -188,16 +188,23 @@ impl AssocTx for Tx<'_, '_> {
         t: &Target,
         stamp_us: i64,
     ) -> Result<Vec<(Option<Subject>, u64)>, DbError> {
-        const WHERE: &str = "gateway_id = ?1 AND device_id = ?2 AND effective_us >= ?3
-                AND effective_us < ?4 AND attribution IN ('stay', 'config', 'unattributed')
-                AND (patient_system IS NOT ?5 OR patient_id IS NOT ?6 OR attribution IS NOT ?7)";
-        let args = params![g, d, piece.from, piece.to, t.system, t.value, t.how];
+        // The device's rows of the piece, through its minutes (`?9`, `?10`).
+        let rows = crate::minutes::device_window("?1", "?2", "?3", "?4", "?9", "?10");
+        let where_sql = format!(
+            "rowid IN ({rows}) AND attribution IN ('stay', 'config', 'unattributed')
+                AND (patient_system IS NOT ?5 OR patient_id IS NOT ?6 OR attribution IS NOT ?7)"
+        );
+        let (lo_min, hi_min) = crate::minutes::minutes_of(piece.from, piece.to);
+        // `?8` (the stamp) is only the update's; bound to both statements.
+        let args = params![
+            g, d, piece.from, piece.to, t.system, t.value, t.how, stamp_us, lo_min, hi_min
+        ];
         // The patients the rows had, counted, before they change (same
         // transaction, same rows).
         let before: Vec<(Option<Subject>, u64)> = self
             .0
             .prepare_cached(&format!(
-                "SELECT patient_system, patient_id, COUNT(*) FROM observations WHERE {WHERE}
+                "SELECT patient_system, patient_id, COUNT(*) FROM observations WHERE {where_sql}
                   GROUP BY patient_system, patient_id"
             ))?
             .query_map(args, |r| {
@@ -214,11 +221,9 @@ impl AssocTx for Tx<'_, '_> {
             .prepare_cached(&format!(
                 "UPDATE observations SET patient_system = ?5, patient_id = ?6, attribution = ?7,
                         version = version + 1, updated_us = ?8
-                  WHERE {WHERE}"
+                  WHERE {where_sql}"
             ))?
-            .execute(params![
-                g, d, piece.from, piece.to, t.system, t.value, t.how, stamp_us
-            ])?;
+            .execute(args)?;
         Ok(before)
     }
 

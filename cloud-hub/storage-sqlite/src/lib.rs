@@ -17,6 +17,7 @@ mod checkpoint;
 mod error;
 mod gateway_view;
 mod lake;
+mod minutes;
 mod privacy;
 pub mod schema;
 mod scores;
@@ -776,6 +777,17 @@ impl SqliteStore {
             }
             (row_new, event_new)
         };
+        // The device minutes of the new rows (`minutes`).
+        minutes::record(
+            &tx,
+            gateway_id,
+            incarnation,
+            plan.rows
+                .iter()
+                .zip(&row_new)
+                .filter(|(_, new)| **new)
+                .map(|(r, _)| (r.device_id.as_str(), r.sequence, r.effective_us)),
+        )?;
         let outcome = ingest::outcome(gateway_id, plan, &row_new, &event_new);
         // Chart buckets of the new usable values (`trends`).
         trends::write(outcome.rollup, &tx)?;
@@ -881,6 +893,33 @@ impl SqliteStore {
                 clauses.push("o.effective_us < ?".into());
                 args.push(SqlValue::Integer(hi));
             }
+        }
+        // Without a patient (whose index orders the rows), the rows of the
+        // devices searched for, or of the dates, come through the device
+        // minutes (`minutes`); the clauses above still decide each row.
+        let lo = s.dates.iter().filter_map(|d| d.bounds().0).max();
+        let hi = s.dates.iter().filter_map(|d| d.bounds().1).min();
+        if s.patients.is_empty() && (!s.devices.is_empty() || lo.is_some() || hi.is_some()) {
+            let lo_min = lo.map_or(i64::MIN, minutes::minute_of);
+            let hi_min = hi.map_or(i64::MAX, |h| minutes::minute_of(h.saturating_sub(1)));
+            let mut minute_filter = String::from("m.minute BETWEEN ? AND ?");
+            args.push(SqlValue::Integer(lo_min));
+            args.push(SqlValue::Integer(hi_min));
+            let from = if s.devices.is_empty() {
+                ""
+            } else {
+                minute_filter.push_str(&format!(
+                    " AND m.gateway_id = dv.gateway_id AND m.device_id = dv.device_id
+                      AND dv.fhir_id IN ({})",
+                    placeholders(s.devices.len())
+                ));
+                args.extend(s.devices.iter().cloned().map(SqlValue::Text));
+                "devices dv, "
+            };
+            clauses.push(format!(
+                "o.rowid IN ({})",
+                minutes::rowids(from, &minute_filter, "1")
+            ));
         }
         let where_sql = format!("WHERE {}", clauses.join(" AND "));
         let conn = self.reader()?;

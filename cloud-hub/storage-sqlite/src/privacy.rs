@@ -158,10 +158,20 @@ impl ErasureTx for Tx<'_, '_> {
             ..Default::default()
         };
         for w in windows {
+            let (lo_min, hi_min) = crate::minutes::minutes_of(w.from_us, w.to_us);
             n.observations += c.execute(
-                "DELETE FROM observations WHERE gateway_id = ?1 AND device_id = ?2
-                   AND effective_us >= ?3 AND effective_us < ?4",
-                params![w.gateway_id, w.device_id, w.from_us, w.to_us],
+                &format!(
+                    "DELETE FROM observations WHERE rowid IN ({})",
+                    crate::minutes::device_window("?1", "?2", "?3", "?4", "?5", "?6")
+                ),
+                params![
+                    w.gateway_id,
+                    w.device_id,
+                    w.from_us,
+                    w.to_us,
+                    lo_min,
+                    hi_min
+                ],
             )? as u64;
         }
         n.chart_buckets =
@@ -306,12 +316,7 @@ impl SqliteStore {
     fn db_purge_classes(&self, k: &RetentionCutoffs) -> Result<PurgedByClass, DbError> {
         let mut p = PurgedByClass::default();
         if let Some(cut) = k.readings {
-            p.observations = purge_chunked(
-                &*self.conn()?,
-                "observations",
-                &format!("effective_us < ?1 AND {NOT_HELD}"),
-                cut,
-            )?;
+            p.observations = crate::minutes::purge_before(&*self.conn()?, cut, NOT_HELD)?;
             p.device_events = purge_chunked(&*self.conn()?, "device_events", "time_us < ?1", cut)?;
             p.rejected =
                 purge_chunked(&*self.conn()?, "rejected_readings", "received_us < ?1", cut)?;

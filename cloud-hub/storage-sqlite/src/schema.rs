@@ -580,6 +580,35 @@ WHEN OLD.seq > COALESCE((SELECT MAX(through) FROM audit_purges), 0)
 BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END;
 "#;
 
+/// v22 (issue 18): device minutes (`crate::minutes`) instead of three
+/// per-row indexes. `observation_minutes` holds, per device, minute of
+/// effective time, incarnation and sign of sequence, the span of sequences
+/// of its rows (filled from the stored rows here); the indexes by time, by
+/// device and time and by code and time go. A device's window, a time
+/// window and a search without a patient find their rows through the
+/// minutes and the identity key.
+pub const SCHEMA_V22: &str = r#"
+CREATE TABLE IF NOT EXISTS observation_minutes (
+    gateway_id   TEXT NOT NULL,
+    device_id    TEXT NOT NULL,
+    minute       INTEGER NOT NULL,
+    incarnation  INTEGER NOT NULL,
+    negative     INTEGER NOT NULL,
+    first_seq    INTEGER NOT NULL,
+    last_seq     INTEGER NOT NULL,
+    PRIMARY KEY (gateway_id, device_id, minute, incarnation, negative)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS observation_minutes_time ON observation_minutes (minute);
+INSERT OR IGNORE INTO observation_minutes
+  SELECT gateway_id, device_id,
+         ((effective_us - (((effective_us % 60000000) + 60000000) % 60000000)) / 60000000),
+         incarnation, sequence < 0, MIN(sequence), MAX(sequence)
+    FROM observations GROUP BY 1, 2, 3, 4, 5;
+DROP INDEX IF EXISTS observations_time;
+DROP INDEX IF EXISTS observations_device_time;
+DROP INDEX IF EXISTS observations_code_time;
+"#;
+
 /// Ordered migrations; each runs once, in one transaction with its version row.
 pub const MIGRATIONS: &[(i64, &str)] = &[
     (1, SCHEMA_V1),
@@ -603,4 +632,5 @@ pub const MIGRATIONS: &[(i64, &str)] = &[
     (19, SCHEMA_V19),
     (20, SCHEMA_V20),
     (21, SCHEMA_V21),
+    (22, SCHEMA_V22),
 ];

@@ -47,13 +47,15 @@ pub fn rebuild_device(
     )?;
     let mut roll = Rollup::default();
     {
-        let mut st = tx.prepare_cached(
+        // The device's rows of the window, through its minutes.
+        let mut st = tx.prepare_cached(&format!(
             "SELECT patient_id, mdc_code, effective_us, value, payload FROM observations
-              WHERE gateway_id = ?1 AND device_id = ?2 AND effective_us >= ?3 AND effective_us < ?4
-                AND kind = 'reading' AND status = 'final' AND value IS NOT NULL
-                AND patient_id IS NOT NULL",
-        )?;
-        let rows = st.query_map(params![g, d, from, to], |r| {
+              WHERE rowid IN ({}) AND kind = 'reading' AND status = 'final'
+                AND value IS NOT NULL AND patient_id IS NOT NULL",
+            crate::minutes::device_window("?1", "?2", "?3", "?4", "?5", "?6")
+        ))?;
+        let (lo_min, hi_min) = crate::minutes::minutes_of(from, to);
+        let rows = st.query_map(params![g, d, from, to, lo_min, hi_min], |r| {
             Ok((
                 r.get::<_, String>(0)?,
                 r.get::<_, u32>(1)?,
