@@ -131,17 +131,8 @@ pub(crate) fn purge_before(
         let spans: Vec<(i64, String, String, i64, bool, i64, i64)> = {
             let cols = "minute, gateway_id, device_id, incarnation, negative, first_seq, last_seq";
             let order = "ORDER BY minute, gateway_id, device_id, incarnation, negative";
-            let map = |r: &rusqlite::Row<'_>| {
-                Ok((
-                    r.get(0)?,
-                    r.get(1)?,
-                    r.get(2)?,
-                    r.get(3)?,
-                    r.get(4)?,
-                    r.get(5)?,
-                    r.get(6)?,
-                ))
-            };
+            let map =
+                |r: &rusqlite::Row<'_>| <(i64, String, String, i64, bool, i64, i64)>::try_from(r);
             match &after {
                 None => tx
                     .prepare_cached(&format!(
