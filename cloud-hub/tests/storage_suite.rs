@@ -1257,6 +1257,25 @@ fn retention_purges_what_is_older_than_the_window(s: &Store) {
     assert_eq!(search(s, &[]).0, 1);
 }
 
+/// A purge over more minutes than one purge transaction takes (SQLite
+/// works through its device minutes in chunks) removes exactly the older
+/// readings.
+fn retention_purges_across_many_minutes(s: &Store) {
+    let readings: Vec<Reading> = (0..200u64)
+        .map(|i| spo2(T0 + i as i64 * MIN, i + 1))
+        .collect();
+    let r = ingest(
+        s,
+        &batch(1, vec![entry("d1", readings)]),
+        &Associations::new(),
+    );
+    assert_eq!(r.ack.accepted, 200);
+    assert_eq!(s.purge_before(T0 + 150 * MIN).unwrap().observations, 150);
+    let (n, ids) = search(s, &[("_count", "1")]);
+    assert_eq!((n, ids), (50, vec![oid("d1", 151)]));
+    assert_eq!(s.purge_before(T0 + 150 * MIN).unwrap().observations, 0);
+}
+
 /// Users, API tokens and sessions (`access::accounts`) behave the same on
 /// both backends.
 fn users_tokens_and_sessions(s: &Store) {
@@ -2590,6 +2609,7 @@ macro_rules! suite {
 }
 
 suite!(
+    retention_purges_across_many_minutes,
     late_readings_are_found_by_every_time_window,
     audit_retention_purges_up_to_a_checkpoint_and_the_chain_still_verifies,
     erasure_removes_the_patient_everywhere_and_keeps_late_data_out,

@@ -5,8 +5,8 @@
 //! rows of a time window are the rows within its minutes' spans, found
 //! through the identity key (gateway, device, incarnation, sequence), and
 //! each batch updates a few minute rows instead of adding three index
-//! entries per reading (issue 18: the ingest bench went from 60 % to
-//! 84–93 % of the raw insert limit with these three indexes gone).
+//! entries per reading (issue 18: on one machine the ingest bench went
+//! from 55–72 % to 86–88 % of the raw insert limit).
 //!
 //! The invariant every reader relies on: each stored row lies within the
 //! span of the minute row of its (gateway, device, incarnation, minute of
@@ -124,37 +124,39 @@ pub(crate) fn purge_before(
     also: &str,
 ) -> rusqlite::Result<u64> {
     let last = minute_of(cut);
-    let mut after: Option<(i64, String, String, i64, bool)> = None;
+    // The last minute row done; gateway ids are never empty, so the start
+    // key sorts before every row.
+    let mut after: (i64, String, String, i64, bool) =
+        (i64::MIN, String::new(), String::new(), i64::MIN, false);
     let mut total = 0u64;
     loop {
         let tx = c.unchecked_transaction()?;
-        let spans: Vec<(i64, String, String, i64, bool, i64, i64)> = {
-            let cols = "minute, gateway_id, device_id, incarnation, negative, first_seq, last_seq";
-            let order = "ORDER BY minute, gateway_id, device_id, incarnation, negative";
-            let map =
-                |r: &rusqlite::Row<'_>| <(i64, String, String, i64, bool, i64, i64)>::try_from(r);
-            match &after {
-                None => tx
-                    .prepare_cached(&format!(
-                        "SELECT {cols} FROM observation_minutes WHERE minute <= ?1 {order} LIMIT ?2"
-                    ))?
-                    .query_map(params![last, PURGE_MINUTES], map)?
-                    .collect::<rusqlite::Result<_>>()?,
-                Some((m, g, d, i, n)) => tx
-                    .prepare_cached(&format!(
-                        "SELECT {cols} FROM observation_minutes WHERE minute <= ?1
-                           AND (minute, gateway_id, device_id, incarnation, negative)
-                             > (?3, ?4, ?5, ?6, ?7)
-                         {order} LIMIT ?2"
-                    ))?
-                    .query_map(params![last, PURGE_MINUTES, m, g, d, i, n], map)?
-                    .collect::<rusqlite::Result<_>>()?,
-            }
-        };
+        let spans: Vec<(i64, String, String, i64, bool, i64, i64)> = tx
+            .prepare_cached(
+                "SELECT minute, gateway_id, device_id, incarnation, negative, first_seq, last_seq
+                   FROM observation_minutes
+                  WHERE minute <= ?1
+                    AND (minute, gateway_id, device_id, incarnation, negative)
+                        > (?3, ?4, ?5, ?6, ?7)
+                  ORDER BY minute, gateway_id, device_id, incarnation, negative LIMIT ?2",
+            )?
+            .query_map(
+                params![
+                    last,
+                    PURGE_MINUTES,
+                    after.0,
+                    after.1,
+                    after.2,
+                    after.3,
+                    after.4
+                ],
+                |r| <(i64, String, String, i64, bool, i64, i64)>::try_from(r),
+            )?
+            .collect::<rusqlite::Result<_>>()?;
         let Some(end) = spans.last() else {
             break;
         };
-        after = Some((end.0, end.1.clone(), end.2.clone(), end.3, end.4));
+        after = (end.0, end.1.clone(), end.2.clone(), end.3, end.4);
         {
             let mut delete = tx.prepare_cached(&format!(
                 "DELETE FROM observations WHERE gateway_id = ?1 AND device_id = ?2
