@@ -185,13 +185,8 @@ pub fn fill(path: &Path, n: i64) -> Filled {
         .unwrap();
     }
     // The device minutes ingest keeps for these rows (schema v22).
-    conn.execute_batch(
-        "INSERT INTO observation_minutes
-           SELECT gateway_id, device_id, effective_us / 60000000, incarnation, sequence < 0,
-                  MIN(sequence), MAX(sequence)
-             FROM observations GROUP BY 1, 2, 3, 4, 5",
-    )
-    .unwrap();
+    conn.execute_batch(hub_sqlite::schema::FILL_OBSERVATION_MINUTES)
+        .unwrap();
     for (_, sql) in &indexes {
         conn.execute_batch(sql).unwrap();
     }

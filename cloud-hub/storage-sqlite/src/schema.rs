@@ -580,6 +580,23 @@ WHEN OLD.seq > COALESCE((SELECT MAX(through) FROM audit_purges), 0)
 BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END;
 "#;
 
+/// The statement of v22 that fills `observation_minutes` from the stored
+/// rows ([`FILL_OBSERVATION_MINUTES`]); a literal, so that the migration is
+/// one constant.
+macro_rules! fill_observation_minutes {
+    () => {
+        "INSERT OR IGNORE INTO observation_minutes
+  SELECT gateway_id, device_id,
+         ((effective_us - (((effective_us % 60000000) + 60000000) % 60000000)) / 60000000),
+         incarnation, sequence < 0, MIN(sequence), MAX(sequence)
+    FROM observations GROUP BY 1, 2, 3, 4, 5;"
+    };
+}
+
+/// Fills `observation_minutes` from the stored rows, as migration v22 does
+/// (for a bulk load that writes `observations` directly, e.g. the benches').
+pub const FILL_OBSERVATION_MINUTES: &str = fill_observation_minutes!();
+
 /// v22 (issue 18): device minutes (`crate::minutes`) instead of three
 /// per-row indexes. `observation_minutes` holds, per device, minute of
 /// effective time, incarnation and sign of sequence, the span of sequences
@@ -587,7 +604,8 @@ BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END;
 /// device and time and by code and time go. A device's window, a time
 /// window and a search without a patient find their rows through the
 /// minutes and the identity key.
-pub const SCHEMA_V22: &str = r#"
+pub const SCHEMA_V22: &str = concat!(
+    r#"
 CREATE TABLE IF NOT EXISTS observation_minutes (
     gateway_id   TEXT NOT NULL,
     device_id    TEXT NOT NULL,
@@ -599,15 +617,14 @@ CREATE TABLE IF NOT EXISTS observation_minutes (
     PRIMARY KEY (gateway_id, device_id, minute, incarnation, negative)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS observation_minutes_time ON observation_minutes (minute);
-INSERT OR IGNORE INTO observation_minutes
-  SELECT gateway_id, device_id,
-         ((effective_us - (((effective_us % 60000000) + 60000000) % 60000000)) / 60000000),
-         incarnation, sequence < 0, MIN(sequence), MAX(sequence)
-    FROM observations GROUP BY 1, 2, 3, 4, 5;
+"#,
+    fill_observation_minutes!(),
+    r#"
 DROP INDEX IF EXISTS observations_time;
 DROP INDEX IF EXISTS observations_device_time;
 DROP INDEX IF EXISTS observations_code_time;
-"#;
+"#
+);
 
 /// Ordered migrations; each runs once, in one transaction with its version row.
 pub const MIGRATIONS: &[(i64, &str)] = &[
