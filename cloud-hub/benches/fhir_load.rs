@@ -355,10 +355,9 @@ fn main() {
         None => {
             let filled = support::fill(&dir.path().join("hub.sqlite"), n);
             drop(filled.store);
-            // The SQL fill's ids: printf('%032x', i).
             let mut rng = Rng(0x5151_7f4a_7c15_9e37);
             let ids = (0..1000)
-                .map(|_| format!("{:032x}", rng.next() % n as u64))
+                .map(|_| support::observation_id((rng.next() % n as u64) as i64))
                 .collect();
             (ids, filled.bytes)
         }

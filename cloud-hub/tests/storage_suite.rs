@@ -620,6 +620,8 @@ fn reads_devices_and_patients(s: &Store) {
         spo2(T0, 1)
     );
     assert!(s.observation("0000").unwrap().is_none());
+    // A stored device's sequence that is not stored, in the id's own form.
+    assert!(s.observation(&oid("d1", 2)).unwrap().is_none());
     let d = s
         .device(&device_resource_id(G, "d2"))
         .unwrap()

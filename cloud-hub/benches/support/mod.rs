@@ -6,7 +6,7 @@
 //! of gateway `gw-bench`) × 4 vitals, row i → patient i % 100, vital
 //! (i / 100) % 4, effective times spread evenly over the 3 days before
 //! [`T_END`]; every row a real compact row with a protobuf payload and
-//! id `printf('%032x', i)`.
+//! the id ingest gives sequence i of its device ([`observation_id`]).
 #![allow(dead_code)]
 
 use std::path::Path;
@@ -88,6 +88,12 @@ impl Rng {
     }
 }
 
+/// The id of row `i` of the fill: sequence `i` of device `dev-{i % 100}`
+/// of gateway `gw-bench`, incarnation 0, as ingest would give it.
+pub fn observation_id(i: i64) -> String {
+    hub_domain::fhir::observation_id("gw-bench", &format!("dev-{}", i % PATIENTS), i as u64)
+}
+
 /// Creates the store at `path` and fills it with `n` observations and
 /// their rollups.
 pub fn fill(path: &Path, n: i64) -> Filled {
@@ -102,6 +108,16 @@ pub fn fill(path: &Path, n: i64) -> Filled {
                  serial_number, location, first_seen_us, last_seen_us, fhir_id)
              VALUES ('gw-bench', ?1, 'masimo-ascii1', 'Masimo', 'Radical-7', '', '', 0, 0, ?2)",
             rusqlite::params![format!("dev-{d}"), format!("dev{d}")],
+        )
+        .unwrap();
+    }
+    // The device part of each device's ids (`hub_sqlite::ids`).
+    conn.execute_batch("CREATE TEMP TABLE fill_parts (k INTEGER PRIMARY KEY, part TEXT NOT NULL)")
+        .unwrap();
+    for d in 0..PATIENTS {
+        conn.execute(
+            "INSERT INTO fill_parts VALUES (?1, ?2)",
+            rusqlite::params![d, &observation_id(d)[..16]],
         )
         .unwrap();
     }
@@ -143,7 +159,8 @@ pub fn fill(path: &Path, n: i64) -> Filled {
                  INSERT INTO observations (id, gateway_id, device_id, sequence, patient_id, loinc,
                      mdc_code, effective_us, status, value, batch_sequence, received_us, resource,
                      kind, category, payload, attribution)
-                 SELECT printf('%032x', i), 'gw-bench', 'dev-' || (i % 100), i, 'p-' || (i % 100),
+                 SELECT (SELECT part FROM fill_parts WHERE k = i % 100) || printf('%016x', i),
+                        'gw-bench', 'dev-' || (i % 100), i, 'p-' || (i % 100),
                         ?3, ?4, ?5 - ?6 + (i * ?6 / ?7), 'final', 97.0, i / 1000, ?5, '', 'reading',
                         'vital-signs', ?8, 'config'
                    FROM s WHERE (i / 100) % 4 = ?9",
@@ -187,6 +204,8 @@ pub fn fill(path: &Path, n: i64) -> Filled {
     // The device minutes ingest keeps for these rows (schema v22).
     conn.execute_batch(hub_sqlite::schema::FILL_OBSERVATION_MINUTES)
         .unwrap();
+    // Their id devices (schema v23).
+    hub_sqlite::ids::fill(&conn).unwrap();
     for (_, sql) in &indexes {
         conn.execute_batch(sql).unwrap();
     }

@@ -16,6 +16,7 @@ pub mod backup;
 mod checkpoint;
 mod error;
 mod gateway_view;
+pub mod ids;
 mod lake;
 mod minutes;
 mod privacy;
@@ -358,6 +359,9 @@ impl SqliteStore {
                     params![version, now_us()],
                 )?;
             }
+        }
+        if current.unwrap_or(0) < 23 {
+            ids::fill(&tx)?;
         }
         backfill_device_ids(&tx)?;
         tx.commit()?;
@@ -768,11 +772,19 @@ impl SqliteStore {
                 row_new.push(n > 0);
             }
             let mut mark_panel_member = tx.prepare_cached(
-                "UPDATE observations SET panel_id = ?2 WHERE id = ?1 AND panel_id IS NULL",
+                "UPDATE observations SET panel_id = ?5
+                  WHERE gateway_id = ?1 AND device_id = ?2 AND incarnation = ?3 AND sequence = ?4
+                    AND panel_id IS NULL",
             )?;
             for p in &plan.panels {
-                for (_, member) in &p.members {
-                    mark_panel_member.execute(params![member, p.panel_id])?;
+                for (sequence, _) in &p.members {
+                    mark_panel_member.execute(params![
+                        gateway_id,
+                        p.device_id,
+                        incarnation,
+                        sequence,
+                        p.panel_id
+                    ])?;
                 }
             }
             (row_new, event_new)
@@ -787,6 +799,17 @@ impl SqliteStore {
                 .zip(&row_new)
                 .filter(|(_, new)| **new)
                 .map(|(r, _)| (r.device_id.as_str(), r.sequence, r.effective_us)),
+        )?;
+        // The device parts of their ids (`ids`).
+        ids::record(
+            &tx,
+            gateway_id,
+            incarnation,
+            plan.rows
+                .iter()
+                .zip(&row_new)
+                .filter(|(_, new)| **new)
+                .map(|(r, _)| r.device_id.as_str()),
         )?;
         let outcome = ingest::outcome(gateway_id, plan, &row_new, &event_new);
         // Chart buckets of the new usable values (`trends`).
@@ -830,9 +853,14 @@ impl SqliteStore {
         // Cached: the statement is prepared once per read connection.
         Ok(conn
             .prepare_cached(&format!(
-                "SELECT {OBS_COLUMNS} FROM {OBS_FROM} WHERE o.id = ?1"
+                "SELECT {OBS_COLUMNS} FROM {OBS_FROM}
+                  WHERE o.rowid IN ({}) AND o.id = ?3",
+                ids::ROWID_OF
             ))?
-            .query_row([id], obs_row)
+            .query_row(
+                params![ids::split(id).map(|s| s.0), ids::split(id).map(|s| s.1), id],
+                obs_row,
+            )
             .optional()?)
     }
 
@@ -1396,6 +1424,99 @@ mod tests {
         let r = s.ingest("g", &b(9, 1), &none, now, now).unwrap();
         assert_eq!((r.ack.accepted, r.ack.duplicate_batch), (1, false));
         assert_eq!(r.new_incarnation.unwrap().previous, Some(0));
+    }
+
+    /// Schema v23 drops the index of every row's id: a version 22 store's
+    /// rows keep their rowids and are all found by id, the readings through
+    /// their device part and sequence, a panel and a reading stored under
+    /// the first id scheme through the partial index, which holds only
+    /// them. A device part two devices share finds the row with the id
+    /// asked for.
+    #[test]
+    fn a_version_22_database_finds_every_row_by_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("v22.sqlite");
+        let first_scheme = "5f2c1e0d9b8a7f6e5d4c3b2a19081726";
+        let reading = hub_domain::fhir::observation_id_in("g", "d", 0, 2);
+        let panel = hub_domain::fhir::render::panel_id("g", "d", 2);
+        let other_buffer = hub_domain::fhir::observation_id_in("g", "d", 9, 2);
+        {
+            let c = Connection::open(&p).unwrap();
+            c.execute_batch(
+                "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_us INTEGER NOT NULL)",
+            )
+            .unwrap();
+            for (v, sql) in MIGRATIONS.iter().filter(|m| m.0 <= 22) {
+                c.execute_batch(sql).unwrap();
+                c.execute("INSERT INTO schema_migrations VALUES (?1, 0)", [v])
+                    .unwrap();
+            }
+            for (rowid, id, inc, seq) in [
+                (5, first_scheme, 0, 1),
+                (6, reading.as_str(), 0, 2),
+                (7, panel.as_str(), 0, -2),
+                (8, other_buffer.as_str(), 9, 2),
+            ] {
+                c.execute(
+                    "INSERT INTO observations (rowid, id, gateway_id, device_id, incarnation,
+                         sequence, loinc, mdc_code, effective_us, status, batch_sequence,
+                         received_us, resource, attribution)
+                     VALUES (?1, ?2, 'g', 'd', ?3, ?4, 'l', 1, 0, 'final', 1, 1, '',
+                         'unattributed')",
+                    params![rowid, id, inc, seq],
+                )
+                .unwrap();
+            }
+            c.execute_batch(schema::FILL_OBSERVATION_MINUTES).unwrap();
+        }
+        let s = SqliteStore::open(&p).unwrap();
+        for id in [first_scheme, &reading, &panel, &other_buffer] {
+            assert_eq!(s.db_observation(id).unwrap().expect(id).id, id);
+        }
+        let rowids = |sql: &str| -> Vec<i64> {
+            s.conn()
+                .unwrap()
+                .prepare(sql)
+                .unwrap()
+                .query_map([], |r| r.get(0))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap()
+        };
+        assert_eq!(
+            rowids("SELECT rowid FROM observations ORDER BY rowid"),
+            [5, 6, 7, 8]
+        );
+        assert_eq!(
+            rowids(concat!(
+                "SELECT rowid FROM observations x INDEXED BY observations_id WHERE ",
+                ids::id_keyed!("x"),
+                " ORDER BY rowid"
+            )),
+            [5, 7]
+        );
+        // Not stored: another sequence of a known device, an unknown
+        // device part, another form.
+        let missing = hub_domain::fhir::observation_id_in("g", "d", 0, 3);
+        let unknown = hub_domain::fhir::observation_id_in("g", "e", 0, 2);
+        for id in [missing.as_str(), &unknown, "0000", ""] {
+            assert!(s.db_observation(id).unwrap().is_none(), "{id}");
+        }
+        // Buffer 9's device part also names buffer 0's device (as a hash
+        // collision would): its sequence 2 finds both rows, and the read
+        // keeps the one whose id was asked for.
+        s.conn()
+            .unwrap()
+            .execute(
+                "INSERT INTO observation_id_devices VALUES (?1, 'g', 'd', 0)",
+                [&other_buffer[..16]],
+            )
+            .unwrap();
+        assert_eq!(
+            s.db_observation(&other_buffer).unwrap().unwrap().id,
+            other_buffer
+        );
+        assert_eq!(s.db_observation(&reading).unwrap().unwrap().id, reading);
     }
 
     #[test]

@@ -626,6 +626,63 @@ DROP INDEX IF EXISTS observations_code_time;
 "#
 );
 
+/// v23 (issue 18): observation ids without a per-row index (`crate::ids`).
+/// `observations` is rebuilt (rowids kept) without the primary key on
+/// `id`; only the rows whose id does not end in their own sequence keep an
+/// index entry; `observation_id_devices` maps a reading id's device part to
+/// its devices (filled from the device minutes by `ids::fill` after this
+/// statement, in the same transaction).
+pub const SCHEMA_V23: &str = r#"
+CREATE TABLE observations_v23 (
+    id             TEXT NOT NULL,
+    gateway_id     TEXT NOT NULL,
+    device_id      TEXT NOT NULL,
+    incarnation    INTEGER NOT NULL DEFAULT 0,
+    sequence       INTEGER NOT NULL,
+    patient_id     TEXT,
+    loinc          TEXT NOT NULL,
+    mdc_code       INTEGER NOT NULL,
+    effective_us   INTEGER NOT NULL,
+    status         TEXT NOT NULL,
+    value          REAL,
+    batch_sequence INTEGER NOT NULL,
+    received_us    INTEGER NOT NULL,
+    resource       TEXT NOT NULL,
+    kind           TEXT NOT NULL DEFAULT 'reading',
+    category       TEXT NOT NULL DEFAULT 'vital-signs',
+    payload        BLOB,
+    panel_id       TEXT,
+    patient_system TEXT,
+    attribution    TEXT,
+    version        INTEGER NOT NULL DEFAULT 1,
+    updated_us     INTEGER,
+    UNIQUE (gateway_id, device_id, incarnation, sequence)
+);
+INSERT INTO observations_v23 (rowid, id, gateway_id, device_id, incarnation, sequence,
+    patient_id, loinc, mdc_code, effective_us, status, value, batch_sequence, received_us,
+    resource, kind, category, payload, panel_id, patient_system, attribution, version,
+    updated_us)
+  SELECT rowid, id, gateway_id, device_id, incarnation, sequence, patient_id, loinc, mdc_code,
+    effective_us, status, value, batch_sequence, received_us, resource, kind, category,
+    payload, panel_id, patient_system, attribution, version, updated_us
+  FROM observations ORDER BY rowid;
+DROP TABLE observations;
+ALTER TABLE observations_v23 RENAME TO observations;
+CREATE INDEX observations_search ON observations (patient_id, mdc_code, effective_us)
+    WHERE panel_id IS NULL;
+CREATE INDEX observations_panel_parts ON observations (patient_id, mdc_code, effective_us)
+    WHERE panel_id IS NOT NULL;
+CREATE INDEX observations_id ON observations (id)
+    WHERE substr(id, 17) <> printf('%016x', sequence);
+CREATE TABLE IF NOT EXISTS observation_id_devices (
+    device_part  TEXT NOT NULL,
+    gateway_id   TEXT NOT NULL,
+    device_id    TEXT NOT NULL,
+    incarnation  INTEGER NOT NULL,
+    PRIMARY KEY (device_part, gateway_id, device_id, incarnation)
+) WITHOUT ROWID;
+"#;
+
 /// Ordered migrations; each runs once, in one transaction with its version row.
 pub const MIGRATIONS: &[(i64, &str)] = &[
     (1, SCHEMA_V1),
@@ -650,4 +707,5 @@ pub const MIGRATIONS: &[(i64, &str)] = &[
     (20, SCHEMA_V20),
     (21, SCHEMA_V21),
     (22, SCHEMA_V22),
+    (23, SCHEMA_V23),
 ];

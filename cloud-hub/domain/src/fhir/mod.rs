@@ -115,6 +115,11 @@ impl ObservationIds {
         }
     }
 
+    /// The hashed device part: the first 16 characters of every id.
+    pub fn device_part(&self) -> &str {
+        &self.device
+    }
+
     pub fn id(&self, sequence: u64) -> String {
         use std::fmt::Write;
         let mut id = String::with_capacity(32);
