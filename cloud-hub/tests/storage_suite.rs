@@ -2727,7 +2727,7 @@ fn postgres_partitions_by_month_and_migrates_once() {
     let s = Store::open_postgres(&cfg).unwrap();
     assert_eq!(
         s.postgres().unwrap().migrations().unwrap(),
-        (1..=13).collect::<Vec<i64>>()
+        (1..=14).collect::<Vec<i64>>()
     );
     let r = ingest(
         &s,
@@ -2779,7 +2779,7 @@ fn postgres_migration_3_keeps_existing_rows_as_incarnation_0() {
     let s = Store::open_postgres(&cfg).unwrap();
     assert_eq!(
         s.postgres().unwrap().migrations().unwrap(),
-        (1..=13).collect::<Vec<i64>>()
+        (1..=14).collect::<Vec<i64>>()
     );
     assert!(ingest(&s, &first, &none).ack.duplicate_batch);
     let r = ingest(

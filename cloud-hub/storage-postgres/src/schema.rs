@@ -528,6 +528,21 @@ CREATE INDEX observations_patient_mdc_panel_time
     INCLUDE (loinc, panel_id);
 "#;
 
+/// Migration 14 (issue 18): one block-range (BRIN) index of effective
+/// time instead of the B-trees by time and by code and time. Rows arrive
+/// about in time order, into monthly partitions, so each range of heap
+/// pages covers a short span of time: a window without a patient or
+/// device (a search by date, or by code and date; the retention purge)
+/// reads the pages of its time ranges and filters the code there. Ingest
+/// maintains a summary per 128 pages instead of two index entries per
+/// reading (on one machine the ingest bench went from 57 % to 64 % of the
+/// raw COPY).
+const PG_V14: &str = r#"
+DROP INDEX IF EXISTS observations_time;
+DROP INDEX IF EXISTS observations_mdc_time;
+CREATE INDEX IF NOT EXISTS observations_time_ranges ON observations USING brin (effective_us);
+"#;
+
 pub(crate) const MIGRATIONS: &[(i64, &str)] = &[
     (1, V1),
     (2, PG_V2),
@@ -542,6 +557,7 @@ pub(crate) const MIGRATIONS: &[(i64, &str)] = &[
     (11, PG_V11),
     (12, PG_V12),
     (13, PG_V13),
+    (14, PG_V14),
 ];
 
 /// Observation partitions are UTC months: `[start, end)` in µs of the
