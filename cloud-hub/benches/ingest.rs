@@ -279,7 +279,7 @@ fn main() {
     println!(
         "raw limit ({}, same readings, 1 024 rows per transaction, durable commits): median {raw_med:.0} rows/s (min {raw_min:.0}, max {raw_max:.0})",
         if postgres {
-            "PostgreSQL text COPY into a table with a primary and a unique key and the hub's five other indexes"
+            "PostgreSQL text COPY into a table with a primary and a unique key and the five other B-tree indexes the hub had when the baseline was set"
         } else {
             "SQLite prepared INSERT per row into a table with a unique key and two indexes, WAL, fsync per commit"
         }

@@ -2727,7 +2727,7 @@ fn postgres_partitions_by_month_and_migrates_once() {
     let s = Store::open_postgres(&cfg).unwrap();
     assert_eq!(
         s.postgres().unwrap().migrations().unwrap(),
-        (1..=14).collect::<Vec<i64>>()
+        (1..=15).collect::<Vec<i64>>()
     );
     let r = ingest(
         &s,
@@ -2779,7 +2779,7 @@ fn postgres_migration_3_keeps_existing_rows_as_incarnation_0() {
     let s = Store::open_postgres(&cfg).unwrap();
     assert_eq!(
         s.postgres().unwrap().migrations().unwrap(),
-        (1..=14).collect::<Vec<i64>>()
+        (1..=15).collect::<Vec<i64>>()
     );
     assert!(ingest(&s, &first, &none).ack.duplicate_batch);
     let r = ingest(
@@ -3154,4 +3154,75 @@ fn postgres_keyed_audit_chain_catches_database_edits() {
     keyed_audit_chain_catches_database_edits(&s, &|sql| {
         c.lock().unwrap().batch_execute(sql).unwrap()
     });
+}
+
+/// Migration 15 (device minutes, reading ids without a per-row index) on a
+/// database that holds rows: they are found by id and by their device's
+/// time window (a back-dated admission re-attributes them), and a hub of
+/// an earlier version, which does not write `layout`, can no longer store
+/// rows that the minutes would miss.
+#[test]
+fn postgres_migration_15_keeps_earlier_rows_reachable_and_fences_older_hubs() {
+    let server = pg_server::PgServer::start();
+    let cfg = PgConfig::new(server.url());
+    let s = Store::open_postgres(&cfg).unwrap();
+    let none = Associations::new();
+    let first = batch(
+        1,
+        vec![
+            entry("d1", vec![spo2(T0, 1), spo2(T0 + 10 * MIN, 2)]),
+            entry("d2", vec![hr(T0, 1)]),
+        ],
+    );
+    assert_eq!(ingest(&s, &first, &none).ack.accepted, 3);
+    // Back to migration 14's layout, the rows kept.
+    let mut c = ::postgres::Client::connect(&server.url(), ::postgres::NoTls).unwrap();
+    c.batch_execute(
+        "DROP TABLE observation_minutes, observation_id_devices;
+         ALTER TABLE observations DROP COLUMN layout;
+         DROP INDEX observations_id_keyed;
+         CREATE INDEX observations_id ON observations (id);
+         CREATE INDEX observations_device_time ON observations (gateway_id, device_id, effective_us);
+         DELETE FROM schema_migrations WHERE version >= 15;",
+    )
+    .unwrap();
+    drop(s);
+    let s = Store::open_postgres(&cfg).unwrap();
+    assert_eq!(
+        s.postgres().unwrap().migrations().unwrap(),
+        (1..=15).collect::<Vec<i64>>()
+    );
+    for (device, seq) in [("d1", 1), ("d1", 2), ("d2", 1)] {
+        let row = s
+            .observation(&oid(device, seq))
+            .unwrap()
+            .expect("row by id");
+        assert_eq!(row.id, oid(device, seq));
+    }
+    assert!(s.observation(&oid("d1", 3)).unwrap().is_none());
+    // The device's window: a placement and a back-dated admission move
+    // both of d1's readings, and d2's stays unattributed.
+    s.create_bed(&Bed {
+        id: "b1".into(),
+        ward: "icu".into(),
+        label: "B1".into(),
+    })
+    .unwrap();
+    s.place_device(G, "d1", "b1", T0 - MIN, &none).unwrap();
+    let patient = PatientId {
+        system: "urn:mrn".into(),
+        value: "mrn-1".into(),
+    };
+    let c15 = s.admit(&patient, "b1", T0 - MIN, None, &none).unwrap();
+    assert_eq!(c15.reattributed, 2);
+    assert_eq!(s.unattributed_count().unwrap(), 1);
+    // A row written as a hub before migration 15 writes it is refused.
+    let refused = c.batch_execute(
+        "INSERT INTO observations (id, gateway_id, device_id, sequence, attribution, loinc,
+             mdc_code, effective_us, status, batch_sequence, received_us, kind, category)
+         SELECT 'x', gateway_id, device_id, 99, attribution, loinc, mdc_code, effective_us,
+             status, batch_sequence, received_us, kind, category
+           FROM observations LIMIT 1",
+    );
+    assert!(refused.is_err(), "a row without `layout` was stored");
 }

@@ -203,16 +203,11 @@ impl AssocTx for Tx<'_, '_> {
     ) -> Result<Vec<(Option<Subject>, u64)>, DbError> {
         // The patients the rows had, counted: the old values of exactly the
         // rows the UPDATE changed (RETURNING), in one statement.
+        // The device's rows of the piece, through its device minutes.
+        let (lo_min, hi_min) = crate::minutes::minutes_of(piece.from, piece.to);
         let rows = self.query(
-            "WITH moved AS (
-                 SELECT o.rid, o.effective_us, o.patient_system AS old_system,
-                        o.patient_id AS old_id
-                   FROM observations o
-                  WHERE o.gateway_id = $1 AND o.device_id = $2 AND o.effective_us >= $3
-                    AND o.effective_us < $4
-                    AND o.attribution IN ('stay', 'config', 'unattributed')
-                    AND (o.patient_system IS DISTINCT FROM $5 OR o.patient_id IS DISTINCT FROM $6
-                         OR o.attribution IS DISTINCT FROM $7)),
+            &format!(
+                "WITH moved AS ({}),
              changed AS (
                  UPDATE observations o
                     SET patient_system = $5, patient_id = $6, attribution = $7,
@@ -223,6 +218,16 @@ impl AssocTx for Tx<'_, '_> {
                         AND o.effective_us >= $3 AND o.effective_us < $4
                  RETURNING m.old_system, m.old_id)
              SELECT old_system, old_id, COUNT(*) FROM changed GROUP BY old_system, old_id",
+                crate::minutes::window_rows(
+                    "o.rid, o.effective_us, o.patient_system AS old_system, o.patient_id AS old_id",
+                    ("$1", "$2"),
+                    ("$3", "$4"),
+                    ("$9", "$10"),
+                    "o.attribution IN ('stay', 'config', 'unattributed')
+                     AND (o.patient_system IS DISTINCT FROM $5 OR o.patient_id IS DISTINCT FROM $6
+                          OR o.attribution IS DISTINCT FROM $7)",
+                )
+            ),
             &[
                 &g,
                 &d,
@@ -232,6 +237,8 @@ impl AssocTx for Tx<'_, '_> {
                 &t.value,
                 &t.how,
                 &stamp_us,
+                &lo_min,
+                &hi_min,
             ],
         )?;
         Ok(rows

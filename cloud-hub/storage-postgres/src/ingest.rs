@@ -37,7 +37,12 @@ const STORED_IDENTITIES: &str = "SELECT o.device_id, o.sequence
 /// monthly partitions, which exist before the transaction).
 const OBSERVATIONS_COPY: &str = "COPY observations (id, gateway_id, device_id, sequence,
     patient_id, patient_system, attribution, loinc, mdc_code, effective_us, status, value,
-    batch_sequence, received_us, kind, category, payload, incarnation) FROM STDIN (FORMAT binary)";
+    batch_sequence, received_us, kind, category, payload, incarnation, layout)
+    FROM STDIN (FORMAT binary)";
+
+/// The `layout` every row is written with (migration 15, which fences off
+/// hubs that do not write it).
+const LAYOUT: i16 = 15;
 
 const OBSERVATIONS_TYPES: &[Type] = &[
     Type::TEXT,
@@ -58,18 +63,21 @@ const OBSERVATIONS_TYPES: &[Type] = &[
     Type::TEXT,
     Type::BYTEA,
     Type::INT8,
+    Type::INT2,
 ];
 
-/// The bed stays overlapping device `(g, d)`'s placements within
-/// `[min_us, max_us]`, as `[from, to)` pieces with the patient.
-const ATTRIBUTION_SPANS: &str = "SELECT GREATEST(p.from_us, s.from_us),
+/// The bed stays overlapping the placements of each device `$2[i]` of
+/// gateway `$1` within `[$3[i], $4[i]]`, as `[from, to)` pieces with the
+/// patient, each row led by `i` (1-based).
+const ATTRIBUTION_SPANS: &str = "SELECT q.i, GREATEST(p.from_us, s.from_us),
         LEAST(COALESCE(p.to_us, 9223372036854775807), COALESCE(s.to_us, 9223372036854775807)),
         s.patient_value, s.patient_system
-   FROM device_placements p JOIN patient_stays s ON s.bed_id = p.bed_id
-  WHERE p.gateway_id = $1 AND p.device_id = $2
-    AND p.from_us <= $4 AND COALESCE(p.to_us, 9223372036854775807) > $3
-    AND s.from_us <= $4 AND COALESCE(s.to_us, 9223372036854775807) > $3
-    AND GREATEST(p.from_us, s.from_us)
+   FROM unnest($2::text[], $3::bigint[], $4::bigint[]) WITH ORDINALITY AS q(device_id, lo, hi, i)
+   JOIN device_placements p ON p.gateway_id = $1 AND p.device_id = q.device_id
+    AND p.from_us <= q.hi AND COALESCE(p.to_us, 9223372036854775807) > q.lo
+   JOIN patient_stays s ON s.bed_id = p.bed_id
+    AND s.from_us <= q.hi AND COALESCE(s.to_us, 9223372036854775807) > q.lo
+  WHERE GREATEST(p.from_us, s.from_us)
         < LEAST(COALESCE(p.to_us, 9223372036854775807), COALESCE(s.to_us, 9223372036854775807))";
 
 /// Effective times of the rows a batch can store (valid readings and
@@ -180,26 +188,46 @@ impl PgStore {
                 previous,
             })
         };
-        // What covers each device entry's span, loaded ahead in one round
-        // trip; the plan asks for exactly these (`attribution_queries`).
-        let wanted = ingest::attribution_queries(batch);
-        // With the erased windows of each, in the same round trip.
+        // What covers each device entry's span, loaded ahead: one
+        // statement for all of them, and one for their erased windows, in
+        // one round trip; the plan asks for exactly these
+        // (`attribution_queries`). Rows carry their query's 1-based index.
+        let mut wanted = ingest::attribution_queries(batch);
+        // Each once: a row is filed under its query's key.
+        wanted.sort_unstable();
+        wanted.dedup();
         // (attribution spans, erased windows) per query.
         type Loaded = (Vec<tokio_postgres::Row>, Vec<tokio_postgres::Row>);
-        let mut loaded: HashMap<(&str, i64, i64), Loaded> = HashMap::new();
+        let mut loaded: HashMap<(&str, i64, i64), Loaded> =
+            wanted.iter().map(|q| (*q, Loaded::default())).collect();
         if !wanted.is_empty() {
             let (spans, erased) = futures_util::try_join!(
                 tx.prepare_cached(ATTRIBUTION_SPANS),
                 tx.prepare_cached(privacy::ERASED_WINDOWS),
             )?;
-            let (tx, spans, erased) = (&tx, &spans, &erased);
-            let rows = try_join_all(wanted.iter().map(|(device, lo, hi)| async move {
-                let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
-                    [&gateway_id, device, lo, hi];
-                futures_util::try_join!(tx.query(spans, &params), tx.query(erased, &params))
-            }))
-            .await?;
-            loaded.extend(wanted.iter().copied().zip(rows));
+            let devices: Vec<&str> = wanted.iter().map(|q| q.0).collect();
+            let los: Vec<i64> = wanted.iter().map(|q| q.1).collect();
+            let his: Vec<i64> = wanted.iter().map(|q| q.2).collect();
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
+                [&gateway_id, &devices, &los, &his];
+            let (spans, erased) =
+                futures_util::try_join!(tx.query(&spans, &params), tx.query(&erased, &params))?;
+            let query = |r: &tokio_postgres::Row| {
+                usize::try_from(r.get::<_, i64>(0) - 1)
+                    .ok()
+                    .and_then(|i| wanted.get(i))
+                    .copied()
+            };
+            for r in spans {
+                if let Some(q) = query(&r) {
+                    loaded.entry(q).or_default().0.push(r);
+                }
+            }
+            for r in erased {
+                if let Some(q) = query(&r) {
+                    loaded.entry(q).or_default().1.push(r);
+                }
+            }
         }
         // Erased patients: only a batch with readings that name their
         // patient needs them (the HL7 path).
@@ -219,12 +247,12 @@ impl PgStore {
             Ok::<_, DbError>(DeviceAttribution {
                 spans: rows
                     .iter()
-                    .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+                    .map(|r| (r.get(1), r.get(2), r.get(3), r.get(4)))
                     .collect(),
                 fallback: associations
                     .get(&(gateway_id.to_owned(), device.to_owned()))
                     .cloned(),
-                erased: erased.iter().map(|r| (r.get(0), r.get(1))).collect(),
+                erased: erased.iter().map(|r| (r.get(1), r.get(2))).collect(),
                 erased_subjects: subjects.clone(),
             })
         })?;
@@ -404,10 +432,26 @@ impl PgStore {
                             &r.category,
                             &r.payload,
                             &incarnation,
+                            &LAYOUT,
                         ])
                         .await?;
                 }
                 w.finish().await?;
+                // Their device minutes and the device parts of their ids.
+                let new_rows = || plan.rows.iter().zip(&row_new).filter(|(_, n)| **n);
+                let mut new_devices: Vec<&str> =
+                    new_rows().map(|(r, _)| r.device_id.as_str()).collect();
+                new_devices.sort_unstable();
+                new_devices.dedup();
+                futures_util::try_join!(
+                    crate::minutes::record(
+                        &tx,
+                        gateway_id,
+                        incarnation,
+                        new_rows().map(|(r, _)| (r.device_id.as_str(), r.sequence, r.effective_us)),
+                    ),
+                    crate::ids::record(&tx, gateway_id, incarnation, &new_devices),
+                )?;
             }
             if !plan.panels.is_empty() {
                 let st = tx

@@ -36,8 +36,10 @@ mod audit;
 mod error;
 mod feed;
 mod gateway_view;
+mod ids;
 mod ingest;
 mod lake;
+mod minutes;
 mod privacy;
 pub mod schema;
 mod scores;
@@ -56,7 +58,7 @@ use tokio_postgres::{Row, Transaction};
 
 use hub_domain::clock::now_us;
 use hub_domain::fhir::render::{DeviceRow, ObservationRow};
-use hub_domain::fhir::{ObservationSearch, SortOrder};
+use hub_domain::fhir::{ObservationIds, ObservationSearch, SortOrder};
 use hub_storage::{
     Associations, GatewayRow, GatewayStore, IngestReport, IngestStore, ObservationStore, Storage,
     StoreError,
@@ -383,6 +385,9 @@ impl PgStore {
                 .await?;
             }
         }
+        if current.unwrap_or(0) < 15 {
+            ids::fill(&tx).await?;
+        }
         tx.commit().await?;
         Ok(())
     }
@@ -628,11 +633,14 @@ impl PgStore {
         let c = self.conn().await?;
         // Prepared once per connection: one round trip, no re-planning.
         let st = c
-            .prepare_cached(&format!(
-                "SELECT {OBS_COLUMNS} FROM {OBS_FROM} WHERE o.id = $1 LIMIT 1"
-            ))
+            .prepare_cached(&format!("{} LIMIT 1", ids::rows_of(OBS_COLUMNS)))
             .await?;
-        Ok(c.query_opt(&st, &[&id]).await?.map(|r| obs_row(&r, 0)))
+        let split = ObservationIds::split(id);
+        Ok(
+            c.query_opt(&st, &[&split.map(|s| s.0), &split.map(|s| s.1), &id])
+                .await?
+                .map(|r| obs_row(&r, 0)),
+        )
     }
 
     async fn db_search(

@@ -159,10 +159,35 @@ impl ErasureTx for Tx<'_, '_> {
         )?;
         n.stays = by_patient("patient_stays", "patient_value")?;
         for w in windows {
+            // The device's rows of the window, through its device minutes.
+            let (lo_min, hi_min) = crate::minutes::minutes_of(w.from_us, w.to_us);
+            let rids: Vec<i64> = self
+                .query(
+                    &crate::minutes::window_rows(
+                        "o.rid",
+                        ("$1", "$2"),
+                        ("$3", "$4"),
+                        ("$5", "$6"),
+                        "TRUE",
+                    ),
+                    &[
+                        &w.gateway_id,
+                        &w.device_id,
+                        &w.from_us,
+                        &w.to_us,
+                        &lo_min,
+                        &hi_min,
+                    ],
+                )?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            // By `rid` (its index in each partition), within the window's
+            // partitions.
             n.observations += self.execute(
-                "DELETE FROM observations WHERE gateway_id = $1 AND device_id = $2
-                   AND effective_us >= $3 AND effective_us < $4",
-                &[&w.gateway_id, &w.device_id, &w.from_us, &w.to_us],
+                "DELETE FROM observations WHERE rid = ANY($1) AND gateway_id = $2
+                   AND device_id = $3 AND effective_us >= $4 AND effective_us < $5",
+                &[&rids, &w.gateway_id, &w.device_id, &w.from_us, &w.to_us],
             )?;
         }
         Ok(n)
@@ -210,10 +235,13 @@ pub(crate) fn erased_at(
         .get(0))
 }
 
-/// The erased windows query of ingest: device `(g, d)`'s windows
-/// overlapping `[lo, hi]` (`$1`..`$4`).
-pub(crate) const ERASED_WINDOWS: &str = "SELECT from_us, to_us FROM erased_windows
-  WHERE gateway_id = $1 AND device_id = $2 AND from_us <= $4 AND to_us > $3";
+/// The erased windows query of ingest: the windows of each device `$2[i]`
+/// of gateway `$1` overlapping `[$3[i], $4[i]]`, each row led by `i`
+/// (1-based).
+pub(crate) const ERASED_WINDOWS: &str = "SELECT q.i, w.from_us, w.to_us
+  FROM unnest($2::text[], $3::bigint[], $4::bigint[]) WITH ORDINALITY AS q(device_id, lo, hi, i)
+  JOIN erased_windows w ON w.gateway_id = $1 AND w.device_id = q.device_id
+   AND w.from_us <= q.hi AND w.to_us > q.lo";
 
 /// Erased patients for readings that carry their own identifier (ingest).
 pub(crate) async fn erased_subjects(
@@ -291,6 +319,9 @@ impl PgStore {
                     cut,
                 )
                 .await?;
+                // The device minutes left without rows (on a connection
+                // of its own: a transaction per gateway).
+                crate::minutes::forget_empty_before(&mut self.conn().await?, cut).await?;
                 p.device_events = del("device_events", "time_us < $1".into(), cut).await?;
                 p.rejected = del("rejected_readings", "received_us < $1".into(), cut).await?;
             }

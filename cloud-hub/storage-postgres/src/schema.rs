@@ -543,6 +543,53 @@ DROP INDEX IF EXISTS observations_mdc_time;
 CREATE INDEX IF NOT EXISTS observations_time_ranges ON observations USING brin (effective_us);
 "#;
 
+/// Migration 15 (issue 18): the device minutes (`crate::minutes`) instead
+/// of the index by device and time, and reading ids without a per-row
+/// index (`crate::ids`; `observation_id_devices` is filled from the
+/// minutes by `ids::fill` after this statement, in the same transaction).
+/// `layout` fences off hubs of earlier versions: they do not write it, so
+/// once this migration ran they cannot store rows that the minutes and the
+/// id devices would miss (their batches fail and are sent again to an
+/// upgraded hub; nothing acknowledged is lost). Chart buckets leave half
+/// of each new page free, so that a batch's merge into a bucket is a
+/// heap-only update (no new index entries).)
+const PG_V15: &str = concat!(
+    r#"
+ALTER TABLE observations ADD COLUMN IF NOT EXISTS layout smallint NOT NULL DEFAULT 15;
+ALTER TABLE observations ALTER COLUMN layout DROP DEFAULT;
+CREATE TABLE IF NOT EXISTS observation_minutes (
+    gateway_id   text NOT NULL,
+    device_id    text NOT NULL,
+    minute       bigint NOT NULL,
+    incarnation  bigint NOT NULL,
+    negative     boolean NOT NULL,
+    first_seq    bigint NOT NULL,
+    last_seq     bigint NOT NULL,
+    PRIMARY KEY (gateway_id, device_id, minute, incarnation, negative)
+);
+CREATE INDEX IF NOT EXISTS observation_minutes_time ON observation_minutes (minute);
+INSERT INTO observation_minutes
+  SELECT gateway_id, device_id, "#,
+    crate::minutes::minute_of_sql!("effective_us"),
+    r#",
+         incarnation, sequence < 0, MIN(sequence), MAX(sequence)
+    FROM observations GROUP BY 1, 2, 3, 4, 5
+  ON CONFLICT DO NOTHING;
+DROP INDEX IF EXISTS observations_device_time;
+CREATE TABLE IF NOT EXISTS observation_id_devices (
+    device_part  text NOT NULL,
+    gateway_id   text NOT NULL,
+    device_id    text NOT NULL,
+    incarnation  bigint NOT NULL,
+    PRIMARY KEY (device_part, gateway_id, device_id, incarnation)
+);
+DROP INDEX IF EXISTS observations_id;
+CREATE INDEX IF NOT EXISTS observations_id_keyed ON observations (id)
+    WHERE substr(id, 17) <> lpad(to_hex(sequence), 16, '0');
+ALTER TABLE vital_rollups SET (fillfactor = 50);
+"#
+);
+
 pub(crate) const MIGRATIONS: &[(i64, &str)] = &[
     (1, V1),
     (2, PG_V2),
@@ -558,6 +605,7 @@ pub(crate) const MIGRATIONS: &[(i64, &str)] = &[
     (12, PG_V12),
     (13, PG_V13),
     (14, PG_V14),
+    (15, PG_V15),
 ];
 
 /// Observation partitions are UTC months: `[start, end)` in µs of the

@@ -95,13 +95,19 @@ pub(crate) async fn rebuild_device(
         &[&g, &d, &from, &to],
     )
     .await?;
+    // The device's rows of the buckets' span, through its device minutes.
+    let (lo_min, hi_min) = crate::minutes::minutes_of(from, to);
     let rows = tx
         .query(
-            "SELECT patient_id, mdc_code, effective_us, value, payload FROM observations
-              WHERE gateway_id = $1 AND device_id = $2 AND effective_us >= $3 AND effective_us < $4
-                AND kind = 'reading' AND status = 'final' AND value IS NOT NULL
-                AND patient_id IS NOT NULL",
-            &[&g, &d, &from, &to],
+            &crate::minutes::window_rows(
+                "o.patient_id, o.mdc_code, o.effective_us, o.value, o.payload",
+                ("$1", "$2"),
+                ("$3", "$4"),
+                ("$5", "$6"),
+                "o.kind = 'reading' AND o.status = 'final' AND o.value IS NOT NULL
+                 AND o.patient_id IS NOT NULL",
+            ),
+            &[&g, &d, &from, &to, &lo_min, &hi_min],
         )
         .await?;
     let mut roll = Rollup::default();

@@ -50,20 +50,6 @@ pub(crate) const ROWID_OF: &str = concat!(
     id_keyed!("x")
 );
 
-/// The device part and the sequence of `id` when it has the form of a
-/// reading's id (32 lowercase hex characters); the sequence as stored
-/// (sequences above `i64::MAX` are never stored, so a larger one finds no
-/// reading).
-pub(crate) fn split(id: &str) -> Option<(&str, i64)> {
-    let is_hex = |s: &str| s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
-    if id.len() != 32 || !is_hex(id) {
-        return None;
-    }
-    let (device, sequence) = id.split_at(16);
-    let sequence = u64::from_str_radix(sequence, 16).ok()?;
-    Some((device, i64::try_from(sequence).ok()?))
-}
-
 /// Records the device parts of the devices of gateway `gateway`,
 /// incarnation `incarnation` that a batch stored new rows of.
 pub(crate) fn record<'a>(
@@ -115,20 +101,6 @@ pub fn fill(c: &Connection) -> rusqlite::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_reading_id_splits_into_its_device_part_and_sequence() {
-        let ids = ObservationIds::new("gw-1", "dev", 42);
-        let id = ids.id(77);
-        assert_eq!(split(&id), Some((ids.device_part(), 77)));
-        assert_eq!(split(&ids.id(i64::MAX as u64)).map(|s| s.1), Some(i64::MAX));
-        // A sequence no reading is stored with, and ids of other forms.
-        assert_eq!(split(&ids.id(u64::MAX)), None);
-        assert_eq!(split("0123456789ABCDEF0123456789abcdef"), None);
-        assert_eq!(split("0123456789abcdef0123456789abcde"), None);
-        assert_eq!(split("0123456789abcdef0123456789abcdeg"), None);
-        assert_eq!(split(""), None);
-    }
 
     /// The partial index's condition holds for exactly the rows whose id
     /// is not a reading id of their own sequence: a panel's hashed id, an

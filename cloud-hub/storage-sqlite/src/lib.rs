@@ -30,7 +30,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use hub_domain::fhir::render::{DeviceRow, ObservationRow, device_resource_id};
-use hub_domain::fhir::{ObservationSearch, SortOrder};
+use hub_domain::fhir::{ObservationIds, ObservationSearch, SortOrder};
 use hub_domain::ingest;
 use hub_storage::{
     Associations, GatewayRow, GatewayStore, IngestReport, IngestStore, NewIncarnation,
@@ -858,7 +858,11 @@ impl SqliteStore {
                 ids::ROWID_OF
             ))?
             .query_row(
-                params![ids::split(id).map(|s| s.0), ids::split(id).map(|s| s.1), id],
+                params![
+                    ObservationIds::split(id).map(|s| s.0),
+                    ObservationIds::split(id).map(|s| s.1),
+                    id
+                ],
                 obs_row,
             )
             .optional()?)

@@ -120,6 +120,19 @@ impl ObservationIds {
         &self.device
     }
 
+    /// The device part and the sequence of `id` when it has the form of a
+    /// reading's id (32 lowercase hex characters) and a sequence a reading
+    /// can be stored with (up to `i64::MAX`, as the stores hold it).
+    pub fn split(id: &str) -> Option<(&str, i64)> {
+        let is_hex = |s: &str| s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        if id.len() != 32 || !is_hex(id) {
+            return None;
+        }
+        let (device, sequence) = id.split_at(16);
+        let sequence = u64::from_str_radix(sequence, 16).ok()?;
+        Some((device, i64::try_from(sequence).ok()?))
+    }
+
     pub fn id(&self, sequence: u64) -> String {
         use std::fmt::Write;
         let mut id = String::with_capacity(32);
@@ -1122,6 +1135,28 @@ mod tests {
             ids.id(0x1234_abcd),
             super::observation_id_in("gw-1", "dev", 42, 0x1234_abcd)
         );
+    }
+
+    #[test]
+    fn a_reading_id_splits_into_its_device_part_and_sequence() {
+        use super::ObservationIds;
+        let ids = ObservationIds::new("gw-1", "dev", 42);
+        assert_eq!(
+            ObservationIds::split(&ids.id(77)),
+            Some((ids.device_part(), 77))
+        );
+        let max = ids.id(i64::MAX as u64);
+        assert_eq!(ObservationIds::split(&max).map(|s| s.1), Some(i64::MAX));
+        // A sequence no reading is stored with, and ids of other forms.
+        assert_eq!(ObservationIds::split(&ids.id(u64::MAX)), None);
+        for other in [
+            "0123456789ABCDEF0123456789abcdef",
+            "0123456789abcdef0123456789abcde",
+            "0123456789abcdef0123456789abcdeg",
+            "",
+        ] {
+            assert_eq!(ObservationIds::split(other), None, "{other}");
+        }
     }
 
     use super::*;

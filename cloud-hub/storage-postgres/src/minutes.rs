@@ -1,0 +1,203 @@
+//! Device minutes on PostgreSQL (`observation_minutes`, migration 15), as
+//! on SQLite (`hub_sqlite` `minutes.rs`): for each device, buffer
+//! incarnation, UTC minute of effective time and sign of sequence, the
+//! span of sequences its stored rows hold. They stand in for the per-row
+//! index by device and time: a device's rows of a time window are the rows
+//! within its minutes' spans, found through the identity key, and each
+//! batch updates a few minute rows instead of adding an index entry per
+//! reading.
+//!
+//! The invariant readers rely on: each stored row lies within the span of
+//! the minute row of its (gateway, device, incarnation, minute of
+//! `effective_us`, sign of sequence). Ingest widens the span in the
+//! batch's transaction; a hub older than migration 15 cannot store rows
+//! once it ran (they lack the `layout` column), so every stored row is
+//! recorded. A reader joins each row to its own minute row only (the
+//! minute of its effective time and the sign of its sequence), so a row is
+//! listed once even when spans of other minutes cover it.
+
+use deadpool_postgres::GenericClient;
+
+use crate::DbError;
+
+/// Microseconds in a minute.
+const MINUTE_US: i64 = 60_000_000;
+
+/// SQL: the minute (floor, also before 1970) of expression `$us`: the
+/// same integer arithmetic as SQLite's fill (`%` truncates toward zero).
+macro_rules! minute_of_sql {
+    ($us:literal) => {
+        concat!(
+            "((",
+            $us,
+            " - (((",
+            $us,
+            " % 60000000) + 60000000) % 60000000)) / 60000000)"
+        )
+    };
+}
+pub(crate) use minute_of_sql;
+
+/// The minute (floor, also before 1970) of `us`.
+pub(crate) fn minute_of(us: i64) -> i64 {
+    us.div_euclid(MINUTE_US)
+}
+
+/// The first and last minute of `[lo, hi)`; an empty window gives a first
+/// minute after the last.
+pub(crate) fn minutes_of(lo: i64, hi: i64) -> (i64, i64) {
+    if hi <= lo {
+        return (1, 0);
+    }
+    (minute_of(lo), minute_of(hi - 1))
+}
+
+/// SQL: `columns` (of `o`) of the observations of device (`g`, `d`) with
+/// effective times in [`lo`, `hi`), whose minutes are `lo_min` to `hi_min`
+/// ([`minutes_of`]), that also meet `also` (a condition on `o`); the
+/// arguments are placeholders. Each minute row's rows are a scan of the
+/// identity key over its span (`OFFSET 0` keeps the lateral subquery a
+/// parameterized scan: the planner would otherwise walk the device's whole
+/// history in the identity key, filtering on time).
+pub(crate) fn window_rows(
+    columns: &str,
+    (g, d): (&str, &str),
+    (lo, hi): (&str, &str),
+    (lo_min, hi_min): (&str, &str),
+    also: &str,
+) -> String {
+    format!(
+        "SELECT {columns} FROM observation_minutes m CROSS JOIN LATERAL
+           (SELECT o.* FROM observations o
+             WHERE {} AND o.effective_us >= {lo} AND o.effective_us < {hi} OFFSET 0) o
+          WHERE m.gateway_id = {g} AND m.device_id = {d} AND m.minute BETWEEN {lo_min} AND {hi_min}
+            AND {also}",
+        own_minute()
+    )
+}
+
+/// SQL condition: observation `o` is within the span of minute row `m`,
+/// its own minute's.
+pub(crate) fn own_minute() -> String {
+    concat!(
+        "o.gateway_id = m.gateway_id AND o.device_id = m.device_id
+         AND o.incarnation = m.incarnation AND o.sequence BETWEEN m.first_seq AND m.last_seq
+         AND ",
+        minute_of_sql!("o.effective_us"),
+        " = m.minute AND (o.sequence < 0) = m.negative"
+    )
+    .to_owned()
+}
+
+/// Records the new rows of a batch of gateway `gateway`, incarnation
+/// `incarnation`: `(device, sequence, effective_us)` each; one statement,
+/// keys in order (two transactions lock shared minute rows in one order).
+pub(crate) async fn record<'a>(
+    c: &impl GenericClient,
+    gateway: &str,
+    incarnation: i64,
+    rows: impl Iterator<Item = (&'a str, i64, i64)>,
+) -> Result<(), DbError> {
+    let mut spans: std::collections::BTreeMap<(&str, i64, bool), (i64, i64)> =
+        std::collections::BTreeMap::new();
+    for (device, seq, at) in rows {
+        let span = spans
+            .entry((device, minute_of(at), seq < 0))
+            .or_insert((seq, seq));
+        span.0 = span.0.min(seq);
+        span.1 = span.1.max(seq);
+    }
+    if spans.is_empty() {
+        return Ok(());
+    }
+    let (mut devices, mut minutes, mut negatives, mut firsts, mut lasts) =
+        (vec![], vec![], vec![], vec![], vec![]);
+    for ((device, minute, negative), (first, last)) in spans {
+        devices.push(device);
+        minutes.push(minute);
+        negatives.push(negative);
+        firsts.push(first);
+        lasts.push(last);
+    }
+    let st = c
+        .prepare_cached(
+            "INSERT INTO observation_minutes AS m (gateway_id, device_id, minute, incarnation,
+                 negative, first_seq, last_seq)
+             SELECT $1, d, minute, $2, negative, f, l
+               FROM unnest($3::text[], $4::bigint[], $5::bool[], $6::bigint[], $7::bigint[])
+                    AS u(d, minute, negative, f, l)
+             ON CONFLICT (gateway_id, device_id, minute, incarnation, negative)
+             DO UPDATE SET first_seq = LEAST(m.first_seq, excluded.first_seq),
+                 last_seq = GREATEST(m.last_seq, excluded.last_seq)",
+        )
+        .await?;
+    c.execute(
+        &st,
+        &[
+            &gateway,
+            &incarnation,
+            &devices,
+            &minutes,
+            &negatives,
+            &firsts,
+            &lasts,
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Deletes the minute rows before minute of `cut` that no stored row is
+/// left in, gateway by gateway under the gateway's ingest lock (so a batch
+/// storing a late reading into such a minute either commits first, and its
+/// row keeps the minute, or recreates the minute row after).
+pub(crate) async fn forget_empty_before(
+    c: &mut deadpool_postgres::Object,
+    cut: i64,
+) -> Result<u64, DbError> {
+    let cut_min = minute_of(cut);
+    let gateways: Vec<String> = c
+        .query(
+            "SELECT DISTINCT gateway_id FROM observation_minutes WHERE minute < $1",
+            &[&cut_min],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut n = 0;
+    for g in gateways {
+        let tx = c.transaction().await?;
+        tx.execute("SELECT pg_advisory_xact_lock(1, hashtext($1))", &[&g])
+            .await?;
+        n += tx
+            .execute(
+                &format!(
+                    "DELETE FROM observation_minutes m WHERE m.gateway_id = $1 AND m.minute < $2
+                       AND NOT EXISTS (SELECT 1 FROM observations o WHERE {})",
+                    own_minute()
+                ),
+                &[&g, &cut_min],
+            )
+            .await?;
+        tx.commit().await?;
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minutes_floor_also_before_1970() {
+        assert_eq!(minute_of(0), 0);
+        assert_eq!(minute_of(59_999_999), 0);
+        assert_eq!(minute_of(60_000_000), 1);
+        assert_eq!(minute_of(-1), -1);
+        assert_eq!(minute_of(-60_000_000), -1);
+        assert_eq!(minute_of(-60_000_001), -2);
+        assert_eq!(minutes_of(0, 60_000_000), (0, 0));
+        assert_eq!(minutes_of(5, 5), (1, 0));
+    }
+}
