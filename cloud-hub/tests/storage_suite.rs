@@ -2724,11 +2724,7 @@ fn postgres_partitions_by_month_and_migrates_once() {
     assert_eq!(search(&s, &[("date", "2026-04")]).0, 1);
     drop(s);
     // Reopening applies nothing again and sees the same data and partitions.
-    let s = Store::open_postgres(&cfg).unwrap();
-    assert_eq!(
-        s.postgres().unwrap().migrations().unwrap(),
-        (1..=15).collect::<Vec<i64>>()
-    );
+    let s = reopened_postgres(&cfg);
     let r = ingest(
         &s,
         &batch(2, vec![entry("d1", vec![spo2(april, 2), spo2(april, 3)])]),
@@ -2776,11 +2772,7 @@ fn postgres_migration_3_keeps_existing_rows_as_incarnation_0() {
         )
         .unwrap();
     drop(s);
-    let s = Store::open_postgres(&cfg).unwrap();
-    assert_eq!(
-        s.postgres().unwrap().migrations().unwrap(),
-        (1..=15).collect::<Vec<i64>>()
-    );
+    let s = reopened_postgres(&cfg);
     assert!(ingest(&s, &first, &none).ack.duplicate_batch);
     let r = ingest(
         &s,
@@ -3187,11 +3179,7 @@ fn postgres_migration_15_keeps_earlier_rows_reachable_and_fences_older_hubs() {
     )
     .unwrap();
     drop(s);
-    let s = Store::open_postgres(&cfg).unwrap();
-    assert_eq!(
-        s.postgres().unwrap().migrations().unwrap(),
-        (1..=15).collect::<Vec<i64>>()
-    );
+    let s = reopened_postgres(&cfg);
     for (device, seq) in [("d1", 1), ("d1", 2), ("d2", 1)] {
         let row = s
             .observation(&oid(device, seq))
@@ -3225,4 +3213,15 @@ fn postgres_migration_15_keeps_earlier_rows_reachable_and_fences_older_hubs() {
            FROM observations LIMIT 1",
     );
     assert!(refused.is_err(), "a row without `layout` was stored");
+}
+
+/// The PostgreSQL store at `cfg` opened again: every migration applied,
+/// each once.
+fn reopened_postgres(cfg: &PgConfig) -> Store {
+    let s = Store::open_postgres(cfg).unwrap();
+    assert_eq!(
+        s.postgres().unwrap().migrations().unwrap(),
+        (1..=15).collect::<Vec<i64>>()
+    );
+    s
 }

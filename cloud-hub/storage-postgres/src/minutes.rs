@@ -20,9 +20,6 @@ use deadpool_postgres::GenericClient;
 
 use crate::DbError;
 
-/// Microseconds in a minute.
-const MINUTE_US: i64 = 60_000_000;
-
 /// SQL: the minute (floor, also before 1970) of expression `$us`: the
 /// same integer arithmetic as SQLite's fill (`%` truncates toward zero).
 macro_rules! minute_of_sql {
@@ -38,19 +35,7 @@ macro_rules! minute_of_sql {
 }
 pub(crate) use minute_of_sql;
 
-/// The minute (floor, also before 1970) of `us`.
-pub(crate) fn minute_of(us: i64) -> i64 {
-    us.div_euclid(MINUTE_US)
-}
-
-/// The first and last minute of `[lo, hi)`; an empty window gives a first
-/// minute after the last.
-pub(crate) fn minutes_of(lo: i64, hi: i64) -> (i64, i64) {
-    if hi <= lo {
-        return (1, 0);
-    }
-    (minute_of(lo), minute_of(hi - 1))
-}
+pub(crate) use hub_storage::minutes::{minute_of, minutes_of};
 
 /// SQL: `columns` (of `o`) of the observations of device (`g`, `d`) with
 /// effective times in [`lo`, `hi`), whose minutes are `lo_min` to `hi_min`
@@ -98,15 +83,7 @@ pub(crate) async fn record<'a>(
     incarnation: i64,
     rows: impl Iterator<Item = (&'a str, i64, i64)>,
 ) -> Result<(), DbError> {
-    let mut spans: std::collections::BTreeMap<(&str, i64, bool), (i64, i64)> =
-        std::collections::BTreeMap::new();
-    for (device, seq, at) in rows {
-        let span = spans
-            .entry((device, minute_of(at), seq < 0))
-            .or_insert((seq, seq));
-        span.0 = span.0.min(seq);
-        span.1 = span.1.max(seq);
-    }
+    let spans = hub_storage::minutes::spans(rows);
     if spans.is_empty() {
         return Ok(());
     }
@@ -183,21 +160,4 @@ pub(crate) async fn forget_empty_before(
         tx.commit().await?;
     }
     Ok(n)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn minutes_floor_also_before_1970() {
-        assert_eq!(minute_of(0), 0);
-        assert_eq!(minute_of(59_999_999), 0);
-        assert_eq!(minute_of(60_000_000), 1);
-        assert_eq!(minute_of(-1), -1);
-        assert_eq!(minute_of(-60_000_000), -1);
-        assert_eq!(minute_of(-60_000_001), -2);
-        assert_eq!(minutes_of(0, 60_000_000), (0, 0));
-        assert_eq!(minutes_of(5, 5), (1, 0));
-    }
 }

@@ -789,27 +789,20 @@ impl SqliteStore {
             }
             (row_new, event_new)
         };
-        // The device minutes of the new rows (`minutes`).
+        // The device minutes of the new rows (`minutes`) and the device
+        // parts of their ids (`ids`).
+        let new_rows = || plan.rows.iter().zip(&row_new).filter(|(_, new)| **new);
         minutes::record(
             &tx,
             gateway_id,
             incarnation,
-            plan.rows
-                .iter()
-                .zip(&row_new)
-                .filter(|(_, new)| **new)
-                .map(|(r, _)| (r.device_id.as_str(), r.sequence, r.effective_us)),
+            new_rows().map(|(r, _)| (r.device_id.as_str(), r.sequence, r.effective_us)),
         )?;
-        // The device parts of their ids (`ids`).
         ids::record(
             &tx,
             gateway_id,
             incarnation,
-            plan.rows
-                .iter()
-                .zip(&row_new)
-                .filter(|(_, new)| **new)
-                .map(|(r, _)| r.device_id.as_str()),
+            new_rows().map(|(r, _)| r.device_id.as_str()),
         )?;
         let outcome = ingest::outcome(gateway_id, plan, &row_new, &event_new);
         // Chart buckets of the new usable values (`trends`).
@@ -1351,6 +1344,22 @@ mod tests {
         assert_eq!(versions.last(), Some(&schema_version()));
     }
 
+    /// A database at `path` migrated up to schema `version`, as a hub of
+    /// that version left it.
+    fn database_at_version(path: &Path, version: i64) -> Connection {
+        let c = Connection::open(path).unwrap();
+        c.execute_batch(
+            "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_us INTEGER NOT NULL)",
+        )
+        .unwrap();
+        for (v, sql) in MIGRATIONS.iter().filter(|m| m.0 <= version) {
+            c.execute_batch(sql).unwrap();
+            c.execute("INSERT INTO schema_migrations VALUES (?1, 0)", [v])
+                .unwrap();
+        }
+        c
+    }
+
     /// v14 rebuilds `batches`, `observations` and `device_events`: their
     /// rows (and rowids) are kept as incarnation 0 and stay de-duplicated.
     #[test]
@@ -1359,16 +1368,7 @@ mod tests {
         let p = dir.path().join("v13.sqlite");
         let t = now_us() - 60_000_000;
         {
-            let c = Connection::open(&p).unwrap();
-            c.execute_batch(
-                "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_us INTEGER NOT NULL)",
-            )
-            .unwrap();
-            for (v, sql) in MIGRATIONS.iter().filter(|m| m.0 <= 13) {
-                c.execute_batch(sql).unwrap();
-                c.execute("INSERT INTO schema_migrations VALUES (?1, 0)", [v])
-                    .unwrap();
-            }
+            let c = database_at_version(&p, 13);
             let id = hub_domain::fhir::observation_id("g", "d", 1);
             c.execute(
                 "INSERT INTO observations (rowid, id, gateway_id, device_id, sequence, loinc,
@@ -1445,16 +1445,7 @@ mod tests {
         let panel = hub_domain::fhir::render::panel_id("g", "d", 2);
         let other_buffer = hub_domain::fhir::observation_id_in("g", "d", 9, 2);
         {
-            let c = Connection::open(&p).unwrap();
-            c.execute_batch(
-                "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_us INTEGER NOT NULL)",
-            )
-            .unwrap();
-            for (v, sql) in MIGRATIONS.iter().filter(|m| m.0 <= 22) {
-                c.execute_batch(sql).unwrap();
-                c.execute("INSERT INTO schema_migrations VALUES (?1, 0)", [v])
-                    .unwrap();
-            }
+            let c = database_at_version(&p, 22);
             for (rowid, id, inc, seq) in [
                 (5, first_scheme, 0, 1),
                 (6, reading.as_str(), 0, 2),

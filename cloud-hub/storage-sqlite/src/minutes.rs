@@ -20,22 +20,7 @@
 
 use rusqlite::{Transaction, params};
 
-/// Microseconds in a minute.
-const MINUTE_US: i64 = 60_000_000;
-
-/// The minute (floor, also before 1970) of `us`.
-pub(crate) fn minute_of(us: i64) -> i64 {
-    us.div_euclid(MINUTE_US)
-}
-
-/// The first and last minute of `[lo, hi)`; an empty window gives a first
-/// minute after the last.
-pub(crate) fn minutes_of(lo: i64, hi: i64) -> (i64, i64) {
-    if hi <= lo {
-        return (1, 0);
-    }
-    (minute_of(lo), minute_of(hi - 1))
-}
+pub(crate) use hub_storage::minutes::{minute_of, minutes_of};
 
 /// Records the new rows of a batch of gateway `gateway`, incarnation
 /// `incarnation`: `(device, sequence, effective_us)` each.
@@ -45,15 +30,7 @@ pub(crate) fn record<'a>(
     incarnation: i64,
     rows: impl Iterator<Item = (&'a str, i64, i64)>,
 ) -> rusqlite::Result<()> {
-    let mut spans: std::collections::BTreeMap<(&str, i64, bool), (i64, i64)> =
-        std::collections::BTreeMap::new();
-    for (device, seq, at) in rows {
-        let span = spans
-            .entry((device, minute_of(at), seq < 0))
-            .or_insert((seq, seq));
-        span.0 = span.0.min(seq);
-        span.1 = span.1.max(seq);
-    }
+    let spans = hub_storage::minutes::spans(rows);
     let mut upsert = tx.prepare_cached(
         "INSERT INTO observation_minutes (gateway_id, device_id, minute, incarnation, negative,
              first_seq, last_seq)
@@ -188,18 +165,6 @@ pub(crate) fn forget_empty(c: &rusqlite::Connection, before: i64) -> rusqlite::R
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn minutes_floor_also_before_1970() {
-        assert_eq!(minute_of(0), 0);
-        assert_eq!(minute_of(59_999_999), 0);
-        assert_eq!(minute_of(60_000_000), 1);
-        assert_eq!(minute_of(-1), -1);
-        assert_eq!(minutes_of(0, 60_000_000), (0, 0));
-        assert_eq!(minutes_of(0, 60_000_001), (0, 1));
-        assert!(minutes_of(5, 5).0 > minutes_of(5, 5).1);
-        assert_eq!(minutes_of(i64::MIN, i64::MAX).1, minute_of(i64::MAX - 1));
-    }
 
     #[test]
     fn the_migration_fills_each_rows_minute_span() {
