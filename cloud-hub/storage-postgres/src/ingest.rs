@@ -33,12 +33,25 @@ const STORED_IDENTITIES: &str = "SELECT o.device_id, o.sequence
                    AND sequence BETWEEN r.lo AND r.hi
                 OFFSET 0) o";
 
-/// The new rows of a batch, copied into `observations` (routed to their
-/// monthly partitions, which exist before the transaction).
-const OBSERVATIONS_COPY: &str = "COPY observations (id, gateway_id, device_id, sequence,
-    patient_id, patient_system, attribution, loinc, mdc_code, effective_us, status, value,
-    batch_sequence, received_us, kind, category, payload, incarnation, layout)
-    FROM STDIN (FORMAT binary)";
+/// The new rows of a batch, copied into `table`: `observations` (each row
+/// routed to its monthly partition, which exists before the transaction),
+/// or the one partition that holds them all (no routing per row).
+fn observations_copy(table: &str) -> String {
+    format!(
+        "COPY {table} (id, gateway_id, device_id, sequence, patient_id, patient_system,
+             attribution, loinc, mdc_code, effective_us, status, value, batch_sequence,
+             received_us, kind, category, payload, incarnation, layout)
+         FROM STDIN (FORMAT binary)"
+    )
+}
+
+/// The partition that holds every time of `times` when there is one.
+fn one_partition(mut times: impl Iterator<Item = i64>) -> Option<String> {
+    let first = times.next()?;
+    let (start, end, name) = crate::schema::month_of(first);
+    let within = |t: i64| (start..end).contains(&t);
+    (within(first) && times.all(within)).then_some(name)
+}
 
 /// The `layout` every row is written with (migration 15, which fences off
 /// hubs that do not write it).
@@ -408,7 +421,14 @@ impl PgStore {
             // The new rows straight into their partitions: one binary COPY,
             // no staging table.
             if row_new.iter().any(|n| *n) {
-                let copy = tx.prepare_cached(OBSERVATIONS_COPY).await?;
+                let new_times = plan
+                    .rows
+                    .iter()
+                    .zip(&row_new)
+                    .filter(|(_, n)| **n)
+                    .map(|(r, _)| r.effective_us);
+                let table = one_partition(new_times).unwrap_or_else(|| "observations".into());
+                let copy = tx.prepare_cached(&observations_copy(&table)).await?;
                 let sink = tx.copy_in(&copy).await?;
                 let mut w = std::pin::pin!(BinaryCopyInWriter::new(sink, OBSERVATIONS_TYPES));
                 for (r, _) in plan.rows.iter().zip(&row_new).filter(|(_, n)| **n) {
@@ -530,5 +550,24 @@ impl PgStore {
             new_incarnation,
             erased: outcome.erased,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::one_partition;
+
+    #[test]
+    fn a_batch_within_one_month_copies_into_its_partition() {
+        // 2026-11-24T02:40:00Z and the last microsecond of November.
+        let t = 1_795_514_400_000_000;
+        let end_of_november = 1_796_083_200_000_000 - 1;
+        assert_eq!(
+            one_partition([t, end_of_november, t].into_iter()).as_deref(),
+            Some("observations_y2026m11")
+        );
+        // Rows of two months go through the parent's routing.
+        assert_eq!(one_partition([t, end_of_november + 1].into_iter()), None);
+        assert_eq!(one_partition(std::iter::empty()), None);
     }
 }
