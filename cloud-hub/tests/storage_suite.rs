@@ -3213,6 +3213,20 @@ fn postgres_migration_15_keeps_earlier_rows_reachable_and_fences_older_hubs() {
            FROM observations LIMIT 1",
     );
     assert!(refused.is_err(), "a row without `layout` was stored");
+    // A read by an id that is not a device part and sequence (a panel's, a
+    // first-scheme one) is served by the partial id index.
+    c.batch_execute("SET enable_seqscan = off").unwrap();
+    let plan: Vec<String> = c
+        .query(
+            "EXPLAIN SELECT id FROM observations
+              WHERE id = 'x' AND substr(id, 17) <> lpad(to_hex(sequence), 16, '0')",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(!plan.concat().contains("Seq Scan"), "{plan:?}");
 }
 
 /// The PostgreSQL store at `cfg` opened again: every migration applied,

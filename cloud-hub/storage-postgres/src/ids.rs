@@ -13,6 +13,16 @@ use hub_domain::fhir::ObservationIds;
 
 use crate::DbError;
 
+/// The condition of the partial index `observations_id_keyed` (migration
+/// 15): the rows whose id does not end in their own sequence. One literal
+/// for the index and the query, which the server matches to use the index.
+macro_rules! id_keyed {
+    () => {
+        "substr(id, 17) <> lpad(to_hex(sequence), 16, '0')"
+    };
+}
+pub(crate) use id_keyed;
+
 /// SQL: the observation rows (alias `o`, with `devices d` outer-joined)
 /// with id `$3`, whose device part is `$1` and sequence `$2` when the id
 /// has that form (both NULL otherwise), as `columns`: through
@@ -28,7 +38,8 @@ pub(crate) fn rows_of(columns: &str) -> String {
          UNION ALL
          SELECT {columns} FROM observations o
            LEFT JOIN devices d ON d.gateway_id = o.gateway_id AND d.device_id = o.device_id
-          WHERE o.id = $3 AND substr(o.id, 17) <> lpad(to_hex(o.sequence), 16, '0')"
+          WHERE o.id = $3 AND {}",
+        id_keyed!()
     )
 }
 

@@ -585,7 +585,9 @@ CREATE TABLE IF NOT EXISTS observation_id_devices (
 );
 DROP INDEX IF EXISTS observations_id;
 CREATE INDEX IF NOT EXISTS observations_id_keyed ON observations (id)
-    WHERE substr(id, 17) <> lpad(to_hex(sequence), 16, '0');
+    WHERE "#,
+    crate::ids::id_keyed!(),
+    r#";
 ALTER TABLE vital_rollups SET (fillfactor = 50);
 "#
 );

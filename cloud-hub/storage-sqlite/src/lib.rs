@@ -842,6 +842,7 @@ impl SqliteStore {
 
     /// One stored Observation row (rendered by `fhir::render`).
     fn db_observation(&self, id: &str) -> Result<Option<ObservationRow>, DbError> {
+        let split = ObservationIds::split(id);
         let conn = self.reader()?;
         // Cached: the statement is prepared once per read connection.
         Ok(conn
@@ -850,14 +851,7 @@ impl SqliteStore {
                   WHERE o.rowid IN ({}) AND o.id = ?3",
                 ids::ROWID_OF
             ))?
-            .query_row(
-                params![
-                    ObservationIds::split(id).map(|s| s.0),
-                    ObservationIds::split(id).map(|s| s.1),
-                    id
-                ],
-                obs_row,
-            )
+            .query_row(params![split.map(|s| s.0), split.map(|s| s.1), id], obs_row)
             .optional()?)
     }
 
