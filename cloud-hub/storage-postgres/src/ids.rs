@@ -43,14 +43,19 @@ pub(crate) fn rows_of(columns: &str) -> String {
     )
 }
 
-/// Records the device parts of devices `devices` of gateway `gateway`,
-/// incarnation `incarnation` (one statement).
-pub(crate) async fn record(
+/// Records the device parts of the devices of gateway `gateway`,
+/// incarnation `incarnation` that a batch stored new rows of (one
+/// statement).
+pub(crate) async fn record<'a>(
     c: &impl GenericClient,
     gateway: &str,
     incarnation: i64,
-    devices: &[&str],
+    devices: impl Iterator<Item = &'a str>,
 ) -> Result<(), DbError> {
+    let devices: Vec<&str> = devices
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
     if devices.is_empty() {
         return Ok(());
     }

@@ -420,18 +420,14 @@ impl PgStore {
             }
             // The new rows straight into their partitions: one binary COPY,
             // no staging table.
+            let new_rows = || plan.rows.iter().zip(&row_new).filter(|(_, n)| **n);
             if row_new.iter().any(|n| *n) {
-                let new_times = plan
-                    .rows
-                    .iter()
-                    .zip(&row_new)
-                    .filter(|(_, n)| **n)
-                    .map(|(r, _)| r.effective_us);
-                let table = one_partition(new_times).unwrap_or_else(|| "observations".into());
+                let table = one_partition(new_rows().map(|(r, _)| r.effective_us))
+                    .unwrap_or_else(|| "observations".into());
                 let copy = tx.prepare_cached(&observations_copy(&table)).await?;
                 let sink = tx.copy_in(&copy).await?;
                 let mut w = std::pin::pin!(BinaryCopyInWriter::new(sink, OBSERVATIONS_TYPES));
-                for (r, _) in plan.rows.iter().zip(&row_new).filter(|(_, n)| **n) {
+                for (r, _) in new_rows() {
                     w.as_mut()
                         .write(&[
                             &r.id,
@@ -458,11 +454,6 @@ impl PgStore {
                 }
                 w.finish().await?;
                 // Their device minutes and the device parts of their ids.
-                let new_rows = || plan.rows.iter().zip(&row_new).filter(|(_, n)| **n);
-                let mut new_devices: Vec<&str> =
-                    new_rows().map(|(r, _)| r.device_id.as_str()).collect();
-                new_devices.sort_unstable();
-                new_devices.dedup();
                 futures_util::try_join!(
                     crate::minutes::record(
                         &tx,
@@ -470,7 +461,12 @@ impl PgStore {
                         incarnation,
                         new_rows().map(|(r, _)| (r.device_id.as_str(), r.sequence, r.effective_us)),
                     ),
-                    crate::ids::record(&tx, gateway_id, incarnation, &new_devices),
+                    crate::ids::record(
+                        &tx,
+                        gateway_id,
+                        incarnation,
+                        new_rows().map(|(r, _)| r.device_id.as_str()),
+                    ),
                 )?;
             }
             if !plan.panels.is_empty() {

@@ -54,25 +54,22 @@ pub(crate) fn window_rows(
     format!(
         "SELECT {columns} FROM observation_minutes m CROSS JOIN LATERAL
            (SELECT o.* FROM observations o
-             WHERE {} AND o.effective_us >= {lo} AND o.effective_us < {hi} OFFSET 0) o
+             WHERE {OWN_MINUTE} AND o.effective_us >= {lo} AND o.effective_us < {hi}
+             OFFSET 0) o
           WHERE m.gateway_id = {g} AND m.device_id = {d} AND m.minute BETWEEN {lo_min} AND {hi_min}
-            AND {also}",
-        own_minute()
+            AND {also}"
     )
 }
 
 /// SQL condition: observation `o` is within the span of minute row `m`,
 /// its own minute's.
-pub(crate) fn own_minute() -> String {
-    concat!(
-        "o.gateway_id = m.gateway_id AND o.device_id = m.device_id
-         AND o.incarnation = m.incarnation AND o.sequence BETWEEN m.first_seq AND m.last_seq
-         AND ",
-        minute_of_sql!("o.effective_us"),
-        " = m.minute AND (o.sequence < 0) = m.negative"
-    )
-    .to_owned()
-}
+pub(crate) const OWN_MINUTE: &str = concat!(
+    "o.gateway_id = m.gateway_id AND o.device_id = m.device_id
+     AND o.incarnation = m.incarnation AND o.sequence BETWEEN m.first_seq AND m.last_seq
+     AND ",
+    minute_of_sql!("o.effective_us"),
+    " = m.minute AND (o.sequence < 0) = m.negative"
+);
 
 /// Records the new rows of a batch of gateway `gateway`, incarnation
 /// `incarnation`: `(device, sequence, effective_us)` each; one statement,
@@ -151,8 +148,7 @@ pub(crate) async fn forget_empty_before(
             .execute(
                 &format!(
                     "DELETE FROM observation_minutes m WHERE m.gateway_id = $1 AND m.minute < $2
-                       AND NOT EXISTS (SELECT 1 FROM observations o WHERE {})",
-                    own_minute()
+                       AND NOT EXISTS (SELECT 1 FROM observations o WHERE {OWN_MINUTE})"
                 ),
                 &[&g, &cut_min],
             )
