@@ -942,6 +942,20 @@ impl SqliteStore {
         }
         let where_sql = format!("WHERE {}", clauses.join(" AND "));
         let conn = self.reader()?;
+        // The count, the page and its devices read one snapshot: the total
+        // agrees with the page although ingest commits in between, and the
+        // read lock is taken once instead of once per statement.
+        read_snapshot(&conn, |conn| Self::search_in(conn, s, &where_sql, args))
+    }
+
+    /// [`Self::db_search`]'s statements over its filter `where_sql`, whose
+    /// parameters are `args`.
+    fn search_in(
+        conn: &Connection,
+        s: &ObservationSearch,
+        where_sql: &str,
+        mut args: Vec<SqlValue>,
+    ) -> Result<(u64, Vec<ObservationRow>), DbError> {
         // Cached statements: a search's SQL depends only on its shape
         // (which parameters, how many values), so the same shapes recur.
         let total: i64 = conn
@@ -965,7 +979,7 @@ impl SqliteStore {
         let mut rows = stmt
             .query_map(params_from_iter(args.iter()), obs_row)?
             .collect::<Result<Vec<_>, _>>()?;
-        fill_devices(&conn, &mut rows)?;
+        fill_devices(conn, &mut rows)?;
         Ok((total as u64, rows))
     }
 
@@ -1238,6 +1252,27 @@ fn obs_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ObservationRow> {
         version: r.get(12)?,
         updated_us: r.get(13)?,
     })
+}
+
+/// Runs `read` inside one read transaction of `conn` (one snapshot of the
+/// database for all its statements). The transaction only reads, so it
+/// ends the same whichever way `read` returns.
+fn read_snapshot<T>(
+    conn: &Connection,
+    read: impl FnOnce(&Connection) -> Result<T, DbError>,
+) -> Result<T, DbError> {
+    conn.prepare_cached("BEGIN")?.execute([])?;
+    let out = read(conn);
+    let end = conn
+        .prepare_cached("COMMIT")
+        .and_then(|mut st| st.execute([]));
+    if end.is_err() {
+        // Never leave the pooled connection inside the transaction.
+        let _ = conn.execute_batch("ROLLBACK");
+    }
+    let out = out?;
+    end?;
+    Ok(out)
 }
 
 /// Completes rows read with [`PAGE_COLUMNS`]: one lookup per device of the
@@ -1652,6 +1687,47 @@ mod tests {
             s.revoke_gateway("nope"),
             Err(StoreError::GatewayNotFound(_))
         ));
+    }
+
+    /// A search's statements read one snapshot: a commit made between two
+    /// of them is not seen by the second (the total agrees with the page),
+    /// and the connection leaves the snapshot whether the reads succeed or
+    /// fail.
+    #[test]
+    fn a_search_reads_one_snapshot_and_leaves_it() {
+        let (_d, s) = store();
+        let count = |c: &Connection| -> Result<i64, DbError> {
+            Ok(c.query_row("SELECT COUNT(*) FROM schema_migrations", [], |r| r.get(0))?)
+        };
+        let reader = s.reader().unwrap();
+        let before = count(&reader).unwrap();
+        let (first, second) = read_snapshot(&reader, |c| {
+            let first = count(c)?;
+            s.conn()
+                .unwrap()
+                .execute("INSERT INTO schema_migrations VALUES (1000, 0)", [])
+                .unwrap();
+            Ok((first, count(c)?))
+        })
+        .unwrap();
+        assert_eq!((first, second), (before, before));
+        assert!(reader.is_autocommit());
+        assert_eq!(
+            count(&reader).unwrap(),
+            before + 1,
+            "the commit is seen after"
+        );
+        let failed = read_snapshot(&reader, |c| {
+            c.query_row("SELECT no_such_column FROM schema_migrations", [], |r| {
+                r.get::<_, i64>(0)
+            })?;
+            Ok(())
+        });
+        assert!(failed.is_err());
+        assert!(
+            reader.is_autocommit(),
+            "a failed read leaves no transaction open"
+        );
     }
 
     /// The read connections map the whole database file: the build's cap

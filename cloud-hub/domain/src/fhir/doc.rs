@@ -598,3 +598,214 @@ impl<'a> ReadingObservation<'a> {
         meta.last_updated = Some(format_instant(last_updated_us));
     }
 }
+
+/// The document written as JSON straight into a buffer: the bytes serde
+/// writes for it (field names in the same order, absent fields left out
+/// the same way, strings escaped and numbers formatted by `serde_json`),
+/// without serde's per-field calls and with the field names, which need no
+/// escaping, copied as they are. `golden.rs` holds both to blessed bytes.
+mod write {
+    use super::*;
+
+    /// A JSON string, escaped by `serde_json`.
+    fn text(out: &mut Vec<u8>, s: &str) {
+        // Serializing a `str` or an `f64` into a `Vec` cannot fail.
+        let _ = serde_json::to_writer(&mut *out, s);
+    }
+
+    /// An object being written: its fields' names are literals that need no
+    /// escaping (ASCII letters).
+    struct Obj<'o> {
+        out: &'o mut Vec<u8>,
+        first: bool,
+    }
+
+    impl<'o> Obj<'o> {
+        fn open(out: &'o mut Vec<u8>) -> Self {
+            out.push(b'{');
+            Obj { out, first: true }
+        }
+
+        /// Starts field `name` and returns the buffer for its value.
+        fn field(&mut self, name: &str) -> &mut Vec<u8> {
+            debug_assert!(name.bytes().all(|b| b.is_ascii_alphabetic()));
+            if !self.first {
+                self.out.push(b',');
+            }
+            self.first = false;
+            self.out.push(b'"');
+            self.out.extend_from_slice(name.as_bytes());
+            self.out.extend_from_slice(b"\":");
+            self.out
+        }
+
+        fn text(&mut self, name: &str, value: &str) {
+            text(self.field(name), value);
+        }
+
+        fn opt_text(&mut self, name: &str, value: Option<&str>) {
+            if let Some(v) = value {
+                self.text(name, v);
+            }
+        }
+
+        fn close(self) {
+            self.out.push(b'}');
+        }
+    }
+
+    fn list<T>(out: &mut Vec<u8>, items: &[T], mut each: impl FnMut(&mut Vec<u8>, &T)) {
+        out.push(b'[');
+        for (i, item) in items.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            each(out, item);
+        }
+        out.push(b']');
+    }
+
+    fn part<T>(out: &mut Vec<u8>, p: &Part<'_, T>, built: impl FnOnce(&mut Vec<u8>, &T)) {
+        match p {
+            Part::Built(v) => built(out, v),
+            Part::Written(json) => out.extend_from_slice(json.get().as_bytes()),
+        }
+    }
+
+    fn coding(out: &mut Vec<u8>, c: &Coding<'_>) {
+        let mut o = Obj::open(out);
+        match c.code {
+            CodeText::Str(s) => o.text("code", s),
+            CodeText::Number(n) => {
+                let f = o.field("code");
+                f.push(b'"');
+                f.extend_from_slice(n.to_string().as_bytes());
+                f.push(b'"');
+            }
+        }
+        o.opt_text("display", c.display);
+        o.opt_text("system", c.system);
+        o.close();
+    }
+
+    fn concept(out: &mut Vec<u8>, c: &Concept<'_>) {
+        let mut o = Obj::open(out);
+        list(o.field("coding"), &c.coding, coding);
+        o.opt_text("text", c.text.as_deref());
+        o.close();
+    }
+
+    fn system_value(out: &mut Vec<u8>, v: &SystemValue<'_>) {
+        let mut o = Obj::open(out);
+        o.opt_text("system", v.system.as_deref());
+        o.text("value", &v.value);
+        o.close();
+    }
+
+    fn device(out: &mut Vec<u8>, d: &DeviceDoc<'_>) {
+        let mut o = Obj::open(out);
+        o.opt_text("display", d.display.as_deref());
+        system_value(o.field("identifier"), &d.identifier);
+        o.text("reference", &d.reference);
+        o.close();
+    }
+
+    fn extension_value(out: &mut Vec<u8>, e: &ExtensionValue<'_>) {
+        let mut o = Obj::open(out);
+        o.text("url", e.url);
+        if let Some(b) = e.value_boolean {
+            o.field("valueBoolean")
+                .extend_from_slice(if b { b"true" } else { b"false" });
+        }
+        o.opt_text("valueCode", e.value_code);
+        if let Some(c) = &e.value_coding {
+            coding(o.field("valueCoding"), c);
+        }
+        if let Some(d) = e.value_decimal {
+            let _ = serde_json::to_writer(&mut *o.field("valueDecimal"), &d);
+        }
+        o.opt_text("valueString", e.value_string);
+        o.close();
+    }
+
+    fn quality(out: &mut Vec<u8>, q: &QualityExtension<'_>) {
+        let mut o = Obj::open(out);
+        list(o.field("extension"), &q.extension, extension_value);
+        o.text("url", q.url);
+        o.close();
+    }
+
+    fn meta(out: &mut Vec<u8>, m: &Meta) {
+        let mut o = Obj::open(out);
+        o.opt_text("lastUpdated", m.last_updated.as_deref());
+        if !m.profile.is_empty() {
+            list(o.field("profile"), &m.profile, |out, p| text(out, p));
+        }
+        o.opt_text("versionId", m.version_id.as_deref());
+        o.close();
+    }
+
+    fn subject(out: &mut Vec<u8>, s: &Subject<'_>) {
+        let mut o = Obj::open(out);
+        if let Some(i) = &s.identifier {
+            system_value(o.field("identifier"), i);
+        }
+        o.opt_text("reference", s.reference.as_deref());
+        o.close();
+    }
+
+    fn quantity(out: &mut Vec<u8>, q: &Quantity<'_>) {
+        let mut o = Obj::open(out);
+        o.text("code", q.code);
+        o.text("system", q.system);
+        o.text("unit", q.unit);
+        let _ = serde_json::to_writer(&mut *o.field("value"), &q.value);
+        o.close();
+    }
+
+    impl ReadingObservation<'_> {
+        /// Appends the document's JSON to `out`.
+        pub(crate) fn write_json(&self, out: &mut Vec<u8>) {
+            let mut o = Obj::open(out);
+            part(o.field("category"), &self.category, |out, c| {
+                list(out, c, concept)
+            });
+            part(o.field("code"), &self.code, concept);
+            if let Some(c) = &self.data_absent_reason {
+                concept(o.field("dataAbsentReason"), c);
+            }
+            part(o.field("device"), &self.device, device);
+            o.text("effectiveDateTime", &self.effective_date_time);
+            {
+                let out = o.field("extension");
+                out.push(b'[');
+                quality(out, &self.extension.0);
+                out.push(b',');
+                extension_value(out, &self.extension.1);
+                out.push(b']');
+            }
+            o.text("id", &self.id);
+            list(o.field("identifier"), &self.identifier, system_value);
+            if let Some(i) = &self.interpretation {
+                list(o.field("interpretation"), i, concept);
+            }
+            o.text("issued", &self.issued);
+            if let Some(m) = &self.meta {
+                meta(o.field("meta"), m);
+            }
+            o.text("resourceType", self.resource_type);
+            o.text("status", self.status);
+            if let Some(s) = &self.subject {
+                subject(o.field("subject"), s);
+            }
+            if let Some(c) = &self.value_codeable_concept {
+                concept(o.field("valueCodeableConcept"), c);
+            }
+            if let Some(q) = &self.value_quantity {
+                quantity(o.field("valueQuantity"), q);
+            }
+            o.opt_text("valueString", self.value_string);
+            o.close();
+        }
+    }
+}

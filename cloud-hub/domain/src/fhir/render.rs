@@ -243,9 +243,7 @@ pub fn write_observation(row: &ObservationRow, out: &mut Vec<u8>) -> Result<(), 
         return write_value(row, out);
     }
     let parts = super::doc::DeviceParts::of(&row.device_ref());
-    reading_resource(row, parts, |obs, _| {
-        serde_json::to_writer(out, &obs).map_err(|e| json_error(row, e))
-    })?
+    reading_resource(row, parts, |obs, _| obs.write_json(out))
 }
 
 /// A row that is not a stored reading (a panel, a waveform, a stored
@@ -341,7 +339,8 @@ impl ObservationWriter {
                 device: Part::Written(&device.element),
                 ..obs
             };
-            serde_json::to_writer(out, &obs).map_err(json_error)
+            obs.write_json(out);
+            Ok(())
         })?
     }
 
