@@ -13,14 +13,32 @@ pub fn now_us() -> i64 {
 /// Formats UTC microseconds as an RFC 3339 instant with `Z`, with
 /// microsecond precision only when the fraction is non-zero.
 pub fn format_instant(us: i64) -> String {
+    match instant_digits(us) {
+        // Only ASCII digits and separators were written.
+        Some((b, len)) => String::from_utf8_lossy(&b[..len]).into_owned(),
+        None => format_with_time(us.div_euclid(1_000_000), us.rem_euclid(1_000_000)),
+    }
+}
+
+/// Appends [`format_instant`]'s text to `out` (without allocating for
+/// years 0001 to 9999).
+pub fn write_instant(out: &mut Vec<u8>, us: i64) {
+    match instant_digits(us) {
+        Some((b, len)) => out.extend_from_slice(&b[..len]),
+        None => out.extend_from_slice(format_instant(us).as_bytes()),
+    }
+}
+
+/// [`format_instant`]'s bytes and their length for years 0001 to 9999
+/// (this runs three times for every Observation served): written digit by
+/// digit. `None` for other years, which go through `time`.
+fn instant_digits(us: i64) -> Option<([u8; 27], usize)> {
     let secs = us.div_euclid(1_000_000);
     let frac = us.rem_euclid(1_000_000);
-    // Years 0001 to 9999 are written digit by digit (this runs three times
-    // for every Observation served); anything else through `time`.
     const FIRST: i64 = -62_135_596_800; // 0001-01-01T00:00:00Z
     const LAST: i64 = 253_402_300_799; // 9999-12-31T23:59:59Z
     if !(FIRST..=LAST).contains(&secs) {
-        return format_with_time(secs, frac);
+        return None;
     }
     let (y, m, d) = civil_from_days(secs.div_euclid(86_400));
     let t = secs.rem_euclid(86_400);
@@ -47,8 +65,7 @@ pub fn format_instant(us: i64) -> String {
     b[19] = b'.';
     let end = if frac == 0 { 19 } else { 26 };
     b[end] = b'Z';
-    // Only ASCII digits and separators were written.
-    String::from_utf8_lossy(&b[..=end]).into_owned()
+    Some((b, end + 1))
 }
 
 /// Year, month and day of a day count since 1970-01-01 in the proleptic
@@ -107,12 +124,16 @@ mod tests {
 
     proptest! {
         /// The digit-by-digit path writes what `time` writes, over the
-        /// whole range it handles and across its edges.
+        /// whole range it handles and across its edges, appended to a
+        /// buffer as well as returned.
         #[test]
         fn the_fast_path_matches_time(secs in -62_135_596_900i64..253_402_300_900, frac in 0i64..1_000_000) {
             let us = secs.saturating_mul(1_000_000).saturating_add(frac);
             let (secs, frac) = (us.div_euclid(1_000_000), us.rem_euclid(1_000_000));
             prop_assert_eq!(format_instant(us), format_with_time(secs, frac));
+            let mut out = b"x".to_vec();
+            write_instant(&mut out, us);
+            prop_assert_eq!(String::from_utf8_lossy(&out[1..]), format_with_time(secs, frac));
         }
     }
 }

@@ -50,6 +50,17 @@ impl<T: Serialize> Serialize for Part<'_, T> {
     }
 }
 
+/// An instant of the document (UTC µs), written as [`format_instant`]
+/// writes it: formatted while the document is written, into its buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Instant(pub i64);
+
+impl Serialize for Instant {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format_instant(self.0))
+    }
+}
+
 fn none<T>(v: &Option<T>) -> bool {
     v.is_none()
 }
@@ -250,7 +261,7 @@ pub(crate) struct QualityExtension<'a> {
 #[serde(rename_all = "camelCase")]
 pub(crate) struct Meta {
     #[serde(skip_serializing_if = "none")]
-    pub last_updated: Option<String>,
+    pub last_updated: Option<Instant>,
     #[serde(skip_serializing_if = "no_profiles")]
     pub profile: Vec<&'static str>,
     #[serde(skip_serializing_if = "none")]
@@ -266,13 +277,13 @@ pub(crate) struct ReadingObservation<'a> {
     #[serde(skip_serializing_if = "none")]
     pub data_absent_reason: Option<Concept<'a>>,
     pub device: Part<'a, DeviceDoc<'a>>,
-    pub effective_date_time: String,
+    pub effective_date_time: Instant,
     pub extension: (QualityExtension<'a>, ExtensionValue<'a>),
     pub id: Cow<'a, str>,
     pub identifier: [SystemValue<'a>; 1],
     #[serde(skip_serializing_if = "none")]
     pub interpretation: Option<[Concept<'a>; 1]>,
-    pub issued: String,
+    pub issued: Instant,
     #[serde(skip_serializing_if = "none")]
     pub meta: Option<Meta>,
     pub resource_type: &'static str,
@@ -456,7 +467,7 @@ pub(crate) fn reading_observation<'a>(
         }),
         data_absent_reason: None,
         device: Part::Built(parts.doc),
-        effective_date_time: format_instant(reading.effective_time_us()),
+        effective_date_time: Instant(reading.effective_time_us()),
         extension: (
             quality(reading, metric, cols.out_of_range, withhold),
             ExtensionValue::code(TIME_SOURCE_EXT, time_source_code(reading.time_source)),
@@ -475,7 +486,7 @@ pub(crate) fn reading_observation<'a>(
             value: reading.sequence.to_string().into(),
         }],
         interpretation: interpretation(reading),
-        issued: format_instant(issued),
+        issued: Instant(issued),
         meta: None,
         resource_type: "Observation",
         status: cols.status,
@@ -595,7 +606,7 @@ impl<'a> ReadingObservation<'a> {
             version_id: None,
         });
         meta.version_id = Some(version.max(1).to_string());
-        meta.last_updated = Some(format_instant(last_updated_us));
+        meta.last_updated = Some(Instant(last_updated_us));
     }
 }
 
@@ -606,6 +617,37 @@ impl<'a> ReadingObservation<'a> {
 /// escaping, copied as they are. `golden.rs` holds both to blessed bytes.
 mod write {
     use super::*;
+
+    /// A JSON string that needs no escaping: a constant of this crate
+    /// (a URL, a code) or text made only of digits and separators. Tests
+    /// (debug builds, the golden vectors) check that it needs none.
+    fn plain(out: &mut Vec<u8>, s: &str) {
+        debug_assert!(
+            s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\'),
+            "{s:?} needs escaping"
+        );
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    }
+
+    /// The last instant a document wrote and where its text is in the
+    /// buffer: an Observation's times are often one instant (effective,
+    /// issued, last updated), whose text is then copied.
+    type LastInstant = Option<(i64, std::ops::Range<usize>)>;
+
+    fn instant(out: &mut Vec<u8>, at: Instant, last: &mut LastInstant) {
+        out.push(b'"');
+        match last {
+            Some((us, text)) if *us == at.0 => out.extend_from_within(text.clone()),
+            _ => {
+                let start = out.len();
+                crate::clock::write_instant(out, at.0);
+                *last = Some((at.0, start..out.len()));
+            }
+        }
+        out.push(b'"');
+    }
 
     /// A JSON string, escaped by `serde_json`.
     fn text(out: &mut Vec<u8>, s: &str) {
@@ -712,7 +754,7 @@ mod write {
 
     fn extension_value(out: &mut Vec<u8>, e: &ExtensionValue<'_>) {
         let mut o = Obj::open(out);
-        o.text("url", e.url);
+        plain(o.field("url"), e.url);
         if let Some(b) = e.value_boolean {
             o.field("valueBoolean")
                 .extend_from_slice(if b { b"true" } else { b"false" });
@@ -731,17 +773,22 @@ mod write {
     fn quality(out: &mut Vec<u8>, q: &QualityExtension<'_>) {
         let mut o = Obj::open(out);
         list(o.field("extension"), &q.extension, extension_value);
-        o.text("url", q.url);
+        plain(o.field("url"), q.url);
         o.close();
     }
 
-    fn meta(out: &mut Vec<u8>, m: &Meta) {
+    fn meta(out: &mut Vec<u8>, m: &Meta, last: &mut LastInstant) {
         let mut o = Obj::open(out);
-        o.opt_text("lastUpdated", m.last_updated.as_deref());
-        if !m.profile.is_empty() {
-            list(o.field("profile"), &m.profile, |out, p| text(out, p));
+        if let Some(at) = m.last_updated {
+            instant(o.field("lastUpdated"), at, last);
         }
-        o.opt_text("versionId", m.version_id.as_deref());
+        if !m.profile.is_empty() {
+            list(o.field("profile"), &m.profile, |out, p| plain(out, p));
+        }
+        if let Some(v) = &m.version_id {
+            // Digits (`complete`).
+            plain(o.field("versionId"), v);
+        }
         o.close();
     }
 
@@ -757,7 +804,7 @@ mod write {
     fn quantity(out: &mut Vec<u8>, q: &Quantity<'_>) {
         let mut o = Obj::open(out);
         o.text("code", q.code);
-        o.text("system", q.system);
+        plain(o.field("system"), q.system);
         o.text("unit", q.unit);
         let _ = serde_json::to_writer(&mut *o.field("value"), &q.value);
         o.close();
@@ -766,6 +813,7 @@ mod write {
     impl ReadingObservation<'_> {
         /// Appends the document's JSON to `out`.
         pub(crate) fn write_json(&self, out: &mut Vec<u8>) {
+            let mut last = None;
             let mut o = Obj::open(out);
             part(o.field("category"), &self.category, |out, c| {
                 list(out, c, concept)
@@ -775,7 +823,11 @@ mod write {
                 concept(o.field("dataAbsentReason"), c);
             }
             part(o.field("device"), &self.device, device);
-            o.text("effectiveDateTime", &self.effective_date_time);
+            instant(
+                o.field("effectiveDateTime"),
+                self.effective_date_time,
+                &mut last,
+            );
             {
                 let out = o.field("extension");
                 out.push(b'[');
@@ -789,12 +841,12 @@ mod write {
             if let Some(i) = &self.interpretation {
                 list(o.field("interpretation"), i, concept);
             }
-            o.text("issued", &self.issued);
+            instant(o.field("issued"), self.issued, &mut last);
             if let Some(m) = &self.meta {
-                meta(o.field("meta"), m);
+                meta(o.field("meta"), m, &mut last);
             }
-            o.text("resourceType", self.resource_type);
-            o.text("status", self.status);
+            plain(o.field("resourceType"), self.resource_type);
+            plain(o.field("status"), self.status);
             if let Some(s) = &self.subject {
                 subject(o.field("subject"), s);
             }
