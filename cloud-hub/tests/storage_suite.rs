@@ -591,6 +591,34 @@ fn search_filters_pages_and_sorts(s: &Store) {
     assert_eq!(search(s, &[("code", "http://loinc.org|0000-0")]).0, 0);
 }
 
+/// A search's total and page come from one snapshot: while another thread
+/// commits batch after batch, every search whose matches fit in one page
+/// returns exactly as many rows as its total.
+fn a_search_total_agrees_with_its_page_while_ingest_commits(s: &Store) {
+    let none = Associations::new();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let searches = std::thread::scope(|sc| {
+        sc.spawn(|| {
+            for n in 0..80u64 {
+                let readings = (0..8u64)
+                    .map(|i| spo2(T0 + (n * 8 + i) as i64 * MIN, n * 8 + i))
+                    .collect();
+                ingest(s, &batch(n + 1, vec![entry("d1", readings)]), &none);
+            }
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
+        let mut searches = 0;
+        while !done.load(std::sync::atomic::Ordering::SeqCst) {
+            let (total, rows) = search(s, &[("_count", "1000")]);
+            assert_eq!(total, rows.len() as u64, "search {searches}");
+            searches += 1;
+        }
+        searches
+    });
+    assert!(searches > 0);
+    assert_eq!(search(s, &[("_count", "1000")]).0, 640);
+}
+
 fn reads_devices_and_patients(s: &Store) {
     let mut assoc = Associations::new();
     assoc.insert((G.into(), "d1".into()), "p1".into());
@@ -2625,6 +2653,7 @@ suite!(
     bp_panel_lists_the_panel_not_its_parts,
     waveforms_and_technical_readings_are_stored,
     search_filters_pages_and_sorts,
+    a_search_total_agrees_with_its_page_while_ingest_commits,
     reads_devices_and_patients,
     gateways_and_tokens,
     enrolment_tokens_are_single_use,

@@ -935,16 +935,22 @@ const MAX_CACHED_STATEMENTS: usize = 256;
 /// pick the index (patient and code, else code, else time), and the month
 /// partitions outside a date range are pruned when the plan starts. The
 /// mode is set for a search's statements only (every other statement
-/// keeps the default) by a `SET` before them and a `RESET` after them in
-/// the same pipeline ([`on_generic_plans`]): no extra wait, and a
-/// blocking call always runs to its end, so the `RESET` is always sent.
-const GENERIC_PLANS: &str = "SET plan_cache_mode = force_generic_plan";
-/// Restores the session's plan cache mode after [`GENERIC_PLANS`].
-const DEFAULT_PLANS: &str = "RESET plan_cache_mode";
+/// keeps the default): they run in a read-only transaction that sets it
+/// `LOCAL`ly, its start and end sent in the same pipeline
+/// ([`on_generic_plans`]): no extra wait. The transaction is `REPEATABLE
+/// READ`, so the count and the page read one snapshot (the total agrees
+/// with the page although ingest commits in between), as on SQLite.
+const GENERIC_PLANS: &str = "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; \
+     SET LOCAL plan_cache_mode = force_generic_plan";
+/// Ends [`GENERIC_PLANS`]'s transaction, and with it the plan cache mode
+/// (a transaction in which a statement failed is rolled back by it).
+const DEFAULT_PLANS: &str = "COMMIT";
 
-/// Runs `work` (statements of one connection `c`) on generic plans: see
-/// [`GENERIC_PLANS`]. The `SET`, `work`'s statements and the `RESET` go
-/// out in this order in one pipeline (each is sent when first polled).
+/// Runs `work` (statements of one connection `c`) on generic plans, in one
+/// snapshot: see [`GENERIC_PLANS`]. The transaction's start, `work`'s
+/// statements and its end go out in this order in one pipeline (each is
+/// sent when first polled); a blocking call always runs to its end, so the
+/// end is always sent.
 async fn on_generic_plans<T>(
     c: &Conn,
     work: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
