@@ -724,7 +724,7 @@ impl PgStore {
         let filters = args.len();
         if s.count == 0 {
             let refs: Vec<&(dyn ToSql + Sync)> = args.iter().map(|a| a.as_ref()).collect();
-            let total = on_generic_plans(&c, c.query_one(&count_st, &refs)).await?;
+            let total = in_search_snapshot(&c, c.query_one(&count_st, &refs)).await?;
             return Ok((total.get::<_, i64>(0) as u64, Vec::new()));
         }
         // Rows sharing a time in arrival order (`rid`, the index's last
@@ -742,7 +742,7 @@ impl PgStore {
             .await?;
         let refs: Vec<&(dyn ToSql + Sync)> = args.iter().map(|a| a.as_ref()).collect();
         // The count and the page pipelined on the connection: one wait.
-        let (total, rows) = on_generic_plans(
+        let (total, rows) = in_search_snapshot(
             &c,
             futures_util::future::try_join(
                 c.query_one(&count_st, &refs[..filters]),
@@ -937,31 +937,31 @@ const MAX_CACHED_STATEMENTS: usize = 256;
 /// mode is set for a search's statements only (every other statement
 /// keeps the default): they run in a read-only transaction that sets it
 /// `LOCAL`ly, its start and end sent in the same pipeline
-/// ([`on_generic_plans`]): no extra wait. The transaction is `REPEATABLE
+/// ([`in_search_snapshot`]): no extra wait. The transaction is `REPEATABLE
 /// READ`, so the count and the page read one snapshot (the total agrees
 /// with the page although ingest commits in between), as on SQLite.
-const GENERIC_PLANS: &str = "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; \
+const SEARCH_BEGIN: &str = "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; \
      SET LOCAL plan_cache_mode = force_generic_plan";
-/// Ends [`GENERIC_PLANS`]'s transaction, and with it the plan cache mode
+/// Ends [`SEARCH_BEGIN`]'s transaction, and with it the plan cache mode
 /// (a transaction in which a statement failed is rolled back by it).
-const DEFAULT_PLANS: &str = "COMMIT";
+const SEARCH_END: &str = "COMMIT";
 
 /// Runs `work` (statements of one connection `c`) on generic plans, in one
-/// snapshot: see [`GENERIC_PLANS`]. The transaction's start, `work`'s
+/// snapshot: see [`SEARCH_BEGIN`]. The transaction's start, `work`'s
 /// statements and its end go out in this order in one pipeline (each is
 /// sent when first polled); a blocking call always runs to its end, so the
 /// end is always sent.
-async fn on_generic_plans<T>(
+async fn in_search_snapshot<T>(
     c: &Conn,
     work: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
 ) -> Result<T, DbError> {
-    let (set, out, reset) = futures_util::join!(
-        c.batch_execute(GENERIC_PLANS),
+    let (begin, out, end) = futures_util::join!(
+        c.batch_execute(SEARCH_BEGIN),
         work,
-        c.batch_execute(DEFAULT_PLANS)
+        c.batch_execute(SEARCH_END)
     );
-    set?;
-    reset?;
+    begin?;
+    end?;
     Ok(out?)
 }
 
