@@ -26,7 +26,11 @@
 //! hub on a throwaway PostgreSQL server (durable commits), the same layout
 //! stored through the hub's own ingest (batches of 100 devices × 10
 //! readings, attributed by a config map), the read-by-id requests over ids
-//! sampled from the stored rows.
+//! sampled from the stored rows. `--pg-statements` (with `--postgres`):
+//! the server also loads `pg_stat_statements`, and after the sweep the
+//! bench prints the statements that took the server's time under the mix
+//! (calls, mean and total execution time, rows per call), the warm-up
+//! excluded.
 
 #[path = "../tests/support/pg_server.rs"]
 mod pg_server;
@@ -332,6 +336,30 @@ fn fill_postgres(server: &pg_server::PgServer, n: i64) -> (Vec<String>, u64) {
     (ids, bytes as u64)
 }
 
+/// The statements that took the PostgreSQL server's time since the last
+/// reset, most first (`--pg-statements`).
+fn print_statements(c: &mut postgres::Client) {
+    let rows = c
+        .query(
+            "SELECT calls, total_exec_time, rows, regexp_replace(query, '\\s+', ' ', 'g')
+               FROM pg_stat_statements WHERE calls > 0 ORDER BY total_exec_time DESC LIMIT 10",
+            &[],
+        )
+        .unwrap();
+    println!("PostgreSQL statements under the mix (pg_stat_statements, execution time):");
+    for r in rows {
+        let (calls, ms, n, text): (i64, f64, i64, String) =
+            (r.get(0), r.get(1), r.get(2), r.get(3));
+        let text: String = text.chars().take(140).collect();
+        println!(
+            "  {calls:>8} calls, {:>7.1} us each, {:>7.0} ms in all, {:>5.1} rows each: {text}",
+            ms * 1000.0 / calls as f64,
+            ms,
+            n as f64 / calls as f64
+        );
+    }
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
@@ -350,7 +378,14 @@ fn main() {
     let runs = arg("--runs", if quick { 1 } else { 5 });
     let dir = tempfile::tempdir().unwrap();
     let postgres = std::env::args().any(|a| a == "--postgres");
-    let server = postgres.then(|| pg_server::PgServer::start_with(""));
+    let statements = postgres && std::env::args().any(|a| a == "--pg-statements");
+    let server = postgres.then(|| {
+        pg_server::PgServer::start_with(if statements {
+            "-c shared_preload_libraries=pg_stat_statements"
+        } else {
+            ""
+        })
+    });
     let (ids, bytes) = match &server {
         None => {
             let filled = support::fill(&dir.path().join("hub.sqlite"), n);
@@ -388,6 +423,14 @@ fn main() {
     // A second of load first, not counted: the first requests of a fresh
     // hub fill caches and thread pools.
     run_wrk(dir.path(), &addr, sweep[0], 1);
+    let stats = server.as_ref().filter(|_| statements).map(|sv| {
+        let mut c = postgres::Client::connect(&sv.url(), postgres::NoTls).unwrap();
+        c.batch_execute(
+            "CREATE EXTENSION IF NOT EXISTS pg_stat_statements; SELECT pg_stat_statements_reset()",
+        )
+        .unwrap();
+        c
+    });
     // Each connection count: `runs` runs, summarized by medians.
     struct Point {
         connections: u64,
@@ -409,6 +452,9 @@ fn main() {
             }
         })
         .collect();
+    if let Some(mut c) = stats {
+        print_statements(&mut c);
+    }
     let meeting = points
         .iter()
         .filter(|p| p.p99_ms < P99_OBJECTIVE_MS)

@@ -80,12 +80,37 @@ fn ingest(s: &Store, b: &Batch, assoc: &Associations) -> IngestReport {
 }
 
 fn search(s: &Store, q: &[(&str, &str)]) -> (u64, Vec<String>) {
+    let (blocking, awaited) = search_both(s, q);
+    // The non-blocking search the API awaits (PostgreSQL's) answers the same.
+    if let Some(awaited) = awaited {
+        assert_eq!(awaited, blocking);
+    }
+    blocking
+}
+
+/// A search run blocking, and as the API awaits it when the store offers
+/// that (PostgreSQL): (total, ids) each.
+type Found = (u64, Vec<String>);
+fn search_both(s: &Store, q: &[(&str, &str)]) -> (Found, Option<Found>) {
     let pairs: Vec<(String, String)> = q
         .iter()
         .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
         .collect();
-    let (n, rows) = s.search(&parse_search(&pairs).unwrap()).unwrap();
-    (n, rows.into_iter().map(|r| r.id).collect())
+    let q = parse_search(&pairs).unwrap();
+    let ids = |(n, rows): (u64, Vec<cloud_hub::fhir::render::ObservationRow>)| -> Found {
+        (n, rows.into_iter().map(|r| r.id).collect())
+    };
+    let blocking = ids(s.search(&q).unwrap());
+    let awaited = s.search_future(&q).map(|f| ids(await_read(f).unwrap()));
+    (blocking, awaited)
+}
+
+/// Awaits a store's non-blocking read on a runtime of the test's own.
+fn await_read<T>(f: cloud_hub::storage::ReadFuture<'_, T>) -> Result<T, StoreError> {
+    tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap()
+        .block_on(f)
 }
 
 fn oid(device: &str, seq: u64) -> String {
@@ -609,8 +634,12 @@ fn a_search_total_agrees_with_its_page_while_ingest_commits(s: &Store) {
         });
         let mut searches = 0;
         while !done.load(std::sync::atomic::Ordering::SeqCst) {
-            let (total, rows) = search(s, &[("_count", "1000")]);
-            assert_eq!(total, rows.len() as u64, "search {searches}");
+            // Blocking and awaited (PostgreSQL) alike; the two may see
+            // different commits.
+            let (blocking, awaited) = search_both(s, &[("_count", "1000")]);
+            for (total, rows) in std::iter::once(blocking).chain(awaited) {
+                assert_eq!(total, rows.len() as u64, "search {searches}");
+            }
             searches += 1;
         }
         searches
@@ -650,6 +679,16 @@ fn reads_devices_and_patients(s: &Store) {
     assert!(s.observation("0000").unwrap().is_none());
     // A stored device's sequence that is not stored, in the id's own form.
     assert!(s.observation(&oid("d1", 2)).unwrap().is_none());
+    // The non-blocking read the API awaits (PostgreSQL's) answers the same.
+    let is_postgres = s.backend() == "postgres";
+    assert_eq!(s.observation_future("0000").is_some(), is_postgres);
+    for id in [oid("d1", 1), oid("d1", 2), "0000".to_owned()] {
+        if let Some(f) = s.observation_future(&id) {
+            let blocking = s.observation(&id).unwrap().map(|r| (r.id, r.version));
+            let row = await_read(f).unwrap().map(|r| (r.id, r.version));
+            assert_eq!(row, blocking, "{id}");
+        }
+    }
     let d = s
         .device(&device_resource_id(G, "d2"))
         .unwrap()
@@ -1853,6 +1892,14 @@ fn trend_series_sum_the_devices_buckets(s: &Store) -> Result<(), StoreError> {
     let points = s.series("p-1", codes::PULS_OXIM_SAT_O2, 300, T0, T0 + 10 * MIN)?;
     let counts: Vec<(i64, i64)> = points.iter().map(|p| (p.start_us, p.count)).collect();
     assert_eq!(counts, vec![(T0, 2), (T0 + 5 * MIN, 1)]);
+    // The non-blocking read the API awaits (PostgreSQL's) answers the same.
+    if let Some(f) = s.series_future("p-1", codes::PULS_OXIM_SAT_O2, 300, T0, T0 + 10 * MIN) {
+        let awaited: Vec<(i64, i64)> = await_read(f)?
+            .iter()
+            .map(|p| (p.start_us, p.count))
+            .collect();
+        assert_eq!(awaited, counts);
+    }
     assert!(
         s.series("p-2", codes::PULS_OXIM_SAT_O2, 60, T0, T0 + 10 * MIN)?
             .is_empty()
@@ -2682,6 +2729,35 @@ suite!(
 );
 
 // ---- PostgreSQL only ----
+
+/// A search the API awaits and then drops (its client went away) after
+/// its statements went out still ends its read-only transaction: on a
+/// pool of one connection, the next batch is stored and the next search
+/// sees it.
+#[test]
+fn postgres_a_dropped_search_leaves_no_transaction_open() {
+    let server = pg_server::PgServer::start();
+    let mut cfg = PgConfig::new(server.url());
+    cfg.pool_size = 1;
+    let s = Store::open_postgres(&cfg).unwrap();
+    let none = Associations::new();
+    ingest(&s, &batch(1, vec![entry("d1", vec![spo2(T0, 1)])]), &none);
+    // The blocking search prepares the statements, so the awaited one
+    // sends its whole pipeline at its first poll.
+    assert_eq!(search(&s, &[]).0, 1);
+    let pairs = Vec::new();
+    let q = parse_search(&pairs).unwrap();
+    let mut read = s.search_future(&q).expect("PostgreSQL reads are awaitable");
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    assert!(read.as_mut().poll(&mut cx).is_pending());
+    drop(read);
+    ingest(
+        &s,
+        &batch(2, vec![entry("d1", vec![spo2(T0 + MIN, 2)])]),
+        &none,
+    );
+    assert_eq!(search(&s, &[]).0, 2);
+}
 
 /// The alert change feed survives a server restart: its LISTEN connection
 /// is reopened and a change committed meanwhile is delivered.

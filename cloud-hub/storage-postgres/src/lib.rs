@@ -346,6 +346,32 @@ impl PgStore {
         self.block(fut).map_err(Into::into)
     }
 
+    /// The read `read` makes of a clone of this store, as a
+    /// [`hub_storage::ReadFuture`] polled by the API's own async workers
+    /// (which also decode the rows), with this store's I/O runtime entered
+    /// at each poll, so a connection the pool opens meanwhile gets its task
+    /// and its socket there, as under [`Self::block`]. No thread waits on
+    /// the network. A read dropped before its end (the request went away)
+    /// leaves its connection usable: the statements it sent are answered
+    /// and their results discarded, and a search sends its transaction's
+    /// start, its statements and its end in one poll
+    /// ([`in_search_snapshot`]), so it never leaves a transaction open.
+    pub(crate) fn future<T, F>(
+        &self,
+        read: impl FnOnce(PgStore) -> F,
+    ) -> hub_storage::ReadFuture<'static, T>
+    where
+        T: Send + 'static,
+        F: std::future::Future<Output = Result<T, DbError>> + Send + 'static,
+    {
+        let io = self.io.handle().clone();
+        let mut read = Box::pin(read(self.clone()));
+        Box::pin(std::future::poll_fn(move |cx| {
+            let _entered = io.enter();
+            read.as_mut().poll(cx).map_err(Into::into)
+        }))
+    }
+
     pub(crate) async fn conn(&self) -> Result<Conn, DbError> {
         self.pool.get().await.map_err(|e| match e {
             deadpool_postgres::PoolError::Backend(e) => DbError::Postgres(e),
@@ -654,8 +680,11 @@ impl PgStore {
         // index (migration 7), so a search by patient and code walks that
         // index in date order and stops at the page's end.
         let mut clauses: Vec<String> = vec!["(o.panel_id IS NOT NULL)::integer = 0".into()];
-        let mut args: Vec<Box<dyn ToSql + Sync>> = Vec::new();
-        fn arg(args: &mut Vec<Box<dyn ToSql + Sync>>, v: impl ToSql + Sync + 'static) -> String {
+        let mut args: Vec<Box<dyn ToSql + Sync + Send>> = Vec::new();
+        fn arg(
+            args: &mut Vec<Box<dyn ToSql + Sync + Send>>,
+            v: impl ToSql + Sync + Send + 'static,
+        ) -> String {
             args.push(Box::new(v));
             format!("${}", args.len())
         }
@@ -723,7 +752,7 @@ impl PgStore {
             .await?;
         let filters = args.len();
         if s.count == 0 {
-            let refs: Vec<&(dyn ToSql + Sync)> = args.iter().map(|a| a.as_ref()).collect();
+            let refs: Vec<&(dyn ToSql + Sync)> = args.iter().map(|a| a.as_ref() as _).collect();
             let total = in_search_snapshot(&c, c.query_one(&count_st, &refs)).await?;
             return Ok((total.get::<_, i64>(0) as u64, Vec::new()));
         }
@@ -740,7 +769,7 @@ impl PgStore {
                 "SELECT {OBS_COLUMNS} FROM {OBS_FROM} {where_sql} ORDER BY {order} LIMIT {limit} OFFSET {offset}"
             ))
             .await?;
-        let refs: Vec<&(dyn ToSql + Sync)> = args.iter().map(|a| a.as_ref()).collect();
+        let refs: Vec<&(dyn ToSql + Sync)> = args.iter().map(|a| a.as_ref() as _).collect();
         // The count and the page pipelined on the connection: one wait.
         let (total, rows) = in_search_snapshot(
             &c,
@@ -803,7 +832,7 @@ impl PgStore {
         }
         args.push(Box::new(i64::try_from(limit).unwrap_or(i64::MAX)));
         sql.push_str(&format!(" ORDER BY o.rid LIMIT ${}", args.len()));
-        let refs: Vec<&(dyn ToSql + Sync)> = args.iter().map(|a| a.as_ref()).collect();
+        let refs: Vec<&(dyn ToSql + Sync)> = args.iter().map(|a| a.as_ref() as _).collect();
         let c = self.conn().await?;
         Ok(c.query(&sql, &refs)
             .await?
@@ -948,9 +977,11 @@ const SEARCH_END: &str = "COMMIT";
 
 /// Runs `work` (statements of one connection `c`) on generic plans, in one
 /// snapshot: see [`SEARCH_BEGIN`]. The transaction's start, `work`'s
-/// statements and its end go out in this order in one pipeline (each is
-/// sent when first polled); a blocking call always runs to its end, so the
-/// end is always sent.
+/// statements and its end go out in this order in one pipeline: each is
+/// sent when first polled, and `join!` polls all three at its first poll
+/// (`work`'s statements are prepared before, so it sends them at once
+/// too). So the end is sent even when the caller drops the read after
+/// that poll (an awaited read whose request went away, [`PgStore::future`]).
 async fn in_search_snapshot<T>(
     c: &Conn,
     work: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
@@ -1065,6 +1096,20 @@ impl ObservationStore for PgStore {
     }
     fn search(&self, s: &ObservationSearch) -> Result<(u64, Vec<ObservationRow>), StoreError> {
         self.run(self.db_search(s))
+    }
+    fn observation_future<'a>(
+        &'a self,
+        id: &'a str,
+    ) -> Option<hub_storage::ReadFuture<'a, Option<ObservationRow>>> {
+        let id = id.to_owned();
+        Some(self.future(|me| async move { me.db_observation(&id).await }))
+    }
+    fn search_future<'a>(
+        &'a self,
+        s: &'a ObservationSearch,
+    ) -> Option<hub_storage::ReadFuture<'a, (u64, Vec<ObservationRow>)>> {
+        let s = s.clone();
+        Some(self.future(|me| async move { me.db_search(&s).await }))
     }
     fn patient(&self, value: &str) -> Result<Option<String>, StoreError> {
         self.run(self.db_patient(value))

@@ -177,4 +177,18 @@ impl TrendStore for PgStore {
     ) -> Result<Vec<Point>, StoreError> {
         self.run(self.db_series(patient, mdc, resolution_s, from_bucket_us, to_us))
     }
+    fn series_future(
+        &self,
+        patient: &str,
+        mdc: u32,
+        resolution_s: i64,
+        from_bucket_us: i64,
+        to_us: i64,
+    ) -> Option<hub_storage::ReadFuture<'static, Vec<Point>>> {
+        let patient = patient.to_owned();
+        Some(self.future(move |me| async move {
+            me.db_series(&patient, mdc, resolution_s, from_bucket_us, to_us)
+                .await
+        }))
+    }
 }

@@ -141,12 +141,34 @@ pub trait IngestStore {
     ) -> Result<IngestReport, StoreError>;
 }
 
+/// A read of a store whose reads wait on the network, as a future the API
+/// awaits on its own async worker: no thread is held while the database
+/// answers.
+pub type ReadFuture<'a, T> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
 /// Stored observations, devices and patients as the FHIR API reads them.
 pub trait ObservationStore {
     /// One stored Observation row (rendered on read by `fhir::render`).
     fn observation(&self, id: &str) -> Result<Option<ObservationRow>, StoreError>;
     /// A search: the total and one page of rows.
     fn search(&self, s: &ObservationSearch) -> Result<(u64, Vec<ObservationRow>), StoreError>;
+    /// [`Self::observation`] as a [`ReadFuture`], when the store has a
+    /// non-blocking way to answer it (PostgreSQL). `None` (the default):
+    /// the caller runs [`Self::observation`] itself.
+    fn observation_future<'a>(
+        &'a self,
+        _id: &'a str,
+    ) -> Option<ReadFuture<'a, Option<ObservationRow>>> {
+        None
+    }
+    /// [`Self::search`] as a [`ReadFuture`]; see [`Self::observation_future`].
+    fn search_future<'a>(
+        &'a self,
+        _s: &'a ObservationSearch,
+    ) -> Option<ReadFuture<'a, (u64, Vec<ObservationRow>)>> {
+        None
+    }
     /// The system of a known patient (`Some("")` when it has none).
     fn patient(&self, value: &str) -> Result<Option<String>, StoreError>;
     /// Rows for a bulk export after `after_rowid` (a cursor), oldest first.

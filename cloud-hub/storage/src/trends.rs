@@ -3,7 +3,7 @@
 
 use hub_domain::trends::Point;
 
-use crate::StoreError;
+use crate::{ReadFuture, StoreError};
 
 /// Chart series.
 pub trait TrendStore {
@@ -18,4 +18,17 @@ pub trait TrendStore {
         from_bucket_us: i64,
         to_us: i64,
     ) -> Result<Vec<Point>, StoreError>;
+    /// [`Self::series`] as a [`ReadFuture`], when the store has a
+    /// non-blocking way to answer it (PostgreSQL). `None` (the default):
+    /// the caller runs [`Self::series`] itself.
+    fn series_future(
+        &self,
+        _patient: &str,
+        _mdc: u32,
+        _resolution_s: i64,
+        _from_bucket_us: i64,
+        _to_us: i64,
+    ) -> Option<ReadFuture<'static, Vec<Point>>> {
+        None
+    }
 }

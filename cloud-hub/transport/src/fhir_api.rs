@@ -214,7 +214,9 @@ async fn read(State(st): State<FhirState>, Path(id): Path<String>) -> Response {
     }
     let store = st.store.clone();
     let lookup = id.clone();
-    match crate::pipeline::read(&st.store, move || store.observation(&lookup)).await {
+    let future = st.store.observation_future(&id);
+    match crate::pipeline::read_future(&st.store, future, move || store.observation(&lookup)).await
+    {
         Ok(Some(row)) => match render_bytes(&row) {
             Ok(body) => crate::audit::with_patients(
                 fhir_bytes(StatusCode::OK, body),
@@ -610,7 +612,13 @@ async fn search(State(st): State<FhirState>, headers: HeaderMap, uri: Uri) -> Re
     let store = st.store.clone();
     let mut s2 = search.clone();
     let identifiers = st.identifiers.clone();
-    let (total, rows) = match crate::pipeline::read(&st.store, move || {
+    // A search by patient identifier resolves them first (blocking reads).
+    let future = if search.patient_identifiers.is_empty() {
+        st.store.search_future(&search)
+    } else {
+        None
+    };
+    let (total, rows) = match crate::pipeline::read_future(&st.store, future, move || {
         if !resolve_identifiers(&store, &identifiers, &mut s2)? {
             return Ok::<_, crate::store::StoreError>((0, Vec::new()));
         }

@@ -12,7 +12,7 @@ use crate::SharedMetrics;
 use crate::TransportError;
 use crate::after_ingest::AfterIngest;
 use crate::metrics::Outcome;
-use crate::store::{Associations, Store, StreamPosition, now_us};
+use crate::store::{Associations, ReadFuture, Store, StoreError, StreamPosition, now_us};
 
 /// What ingest needs, whichever transport the batch came by.
 #[derive(Debug, Clone)]
@@ -45,6 +45,20 @@ pub(crate) async fn read<T: Send + 'static, E: Into<TransportError> + Send + 'st
         f().map_err(Into::into)
     } else {
         blocking(f).await
+    }
+}
+
+/// A point read: the store's own [`ReadFuture`] awaited on this worker
+/// when it has one (a networked store: no thread waits on the network),
+/// else `f` as [`read`] runs it.
+pub(crate) async fn read_future<T: Send + 'static>(
+    store: &Store,
+    future: Option<ReadFuture<'_, T>>,
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, TransportError> {
+    match future {
+        Some(future) => future.await.map_err(Into::into),
+        None => read(store, f).await,
     }
 }
 

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 pub use hub_domain::clock::now_us;
 pub use hub_storage::{
-    Associations, GatewayRow, IngestReport, NewIncarnation, Purged, StreamPosition,
+    Associations, GatewayRow, IngestReport, NewIncarnation, Purged, ReadFuture, StreamPosition,
 };
 
 /// The storage traits, for `use crate::store::prelude::*`.

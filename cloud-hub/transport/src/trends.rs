@@ -49,6 +49,25 @@ pub fn series(
     )
 }
 
+/// [`series`] as the API reads it: the store's non-blocking read when it
+/// has one (`crate::pipeline::read_future`).
+async fn series_read(
+    store: &Store,
+    patient: &str,
+    mdc: u32,
+    resolution_s: i64,
+    from: i64,
+    to: i64,
+) -> Result<Vec<Point>, crate::TransportError> {
+    let from_bucket = bucket_start(from, resolution_s);
+    let future = store.series_future(patient, mdc, resolution_s, from_bucket, to);
+    let (s, p) = (store.clone(), patient.to_owned());
+    crate::pipeline::read_future(store, future, move || {
+        series(&s, &p, mdc, resolution_s, from, to)
+    })
+    .await
+}
+
 // ---- HTTP ----------------------------------------------------------------
 
 /// State of the series route.
@@ -147,13 +166,7 @@ async fn get_series(
             "more than 5000 points: use a coarser resolution",
         );
     }
-    let store = st.store.clone();
-    let mdc = metric.mdc;
-    let p = patient.clone();
-    let r = crate::pipeline::read(&st.store, move || {
-        series(&store, &p, mdc, resolution, from, to)
-    })
-    .await;
+    let r = series_read(&st.store, &patient, metric.mdc, resolution, from, to).await;
     let points = match r {
         Ok(p) => p,
         Err(e) => {
