@@ -105,6 +105,23 @@ fn search_both(s: &Store, q: &[(&str, &str)]) -> (Found, Option<Found>) {
     (blocking, awaited)
 }
 
+/// The read of `patient`'s SpO2 series at `resolution_s`, buckets starting
+/// in `[from_bucket_us, to_us)`.
+fn spo2_series(
+    patient: &str,
+    resolution_s: i64,
+    from_bucket_us: i64,
+    to_us: i64,
+) -> cloud_hub::storage::SeriesQuery {
+    cloud_hub::storage::SeriesQuery {
+        patient: patient.to_owned(),
+        mdc: codes::PULS_OXIM_SAT_O2,
+        resolution_s,
+        from_bucket_us,
+        to_us,
+    }
+}
+
 /// Awaits a store's non-blocking read on a runtime of the test's own.
 fn await_read<T>(f: cloud_hub::storage::ReadFuture<'_, T>) -> Result<T, StoreError> {
     tokio::runtime::Builder::new_current_thread()
@@ -1878,22 +1895,22 @@ fn trend_series_sum_the_devices_buckets(s: &Store) -> Result<(), StoreError> {
         &assoc,
     );
     let from = T0 + 10_000_000;
-    let points = s.series(
+    let points = s.series(&spo2_series(
         "p-1",
-        codes::PULS_OXIM_SAT_O2,
         60,
         bucket_start(from, 60),
         T0 + 5 * MIN,
-    )?;
+    ))?;
     assert_eq!(points.len(), 1, "{points:?}");
     let p = &points[0];
     assert_eq!((p.start_us, p.count, p.min, p.max), (T0, 2, 91.0, 97.0));
     assert!((p.mean - 94.0).abs() < 1e-9);
-    let points = s.series("p-1", codes::PULS_OXIM_SAT_O2, 300, T0, T0 + 10 * MIN)?;
+    let five_min = spo2_series("p-1", 300, T0, T0 + 10 * MIN);
+    let points = s.series(&five_min)?;
     let counts: Vec<(i64, i64)> = points.iter().map(|p| (p.start_us, p.count)).collect();
     assert_eq!(counts, vec![(T0, 2), (T0 + 5 * MIN, 1)]);
     // The non-blocking read the API awaits (PostgreSQL's) answers the same.
-    if let Some(f) = s.series_future("p-1", codes::PULS_OXIM_SAT_O2, 300, T0, T0 + 10 * MIN) {
+    if let Some(f) = s.series_future(&five_min) {
         let awaited: Vec<(i64, i64)> = await_read(f)?
             .iter()
             .map(|p| (p.start_us, p.count))
@@ -1901,7 +1918,7 @@ fn trend_series_sum_the_devices_buckets(s: &Store) -> Result<(), StoreError> {
         assert_eq!(awaited, counts);
     }
     assert!(
-        s.series("p-2", codes::PULS_OXIM_SAT_O2, 60, T0, T0 + 10 * MIN)?
+        s.series(&spo2_series("p-2", 60, T0, T0 + 10 * MIN))?
             .is_empty()
     );
     Ok(())
@@ -1914,12 +1931,10 @@ fn trend_buckets_follow_reattributed_readings(s: &Store) -> Result<(), StoreErro
     use cloud_hub::trends::Point;
     let none = Associations::new();
     let counts = |patient: &str, res: i64| -> Result<Vec<(i64, i64)>, StoreError> {
-        Ok(
-            s.series(patient, codes::PULS_OXIM_SAT_O2, res, T0, T0 + 60 * MIN)?
-                .iter()
-                .map(|p: &Point| (p.start_us, p.count))
-                .collect(),
-        )
+        Ok(s.series(&spo2_series(patient, res, T0, T0 + 60 * MIN))?
+            .iter()
+            .map(|p: &Point| (p.start_us, p.count))
+            .collect())
     };
     beds(s, &["b1", "b2"]);
     s.place_device(G, "d1", "b1", T0, &none).unwrap();
@@ -1938,13 +1953,13 @@ fn trend_buckets_follow_reattributed_readings(s: &Store) -> Result<(), StoreErro
     assert_eq!(c.reattributed, 1);
     assert_eq!(counts("m1", 3600)?, vec![(T0, 1)]);
     assert_eq!(counts("m1", 60)?, vec![(T0 + MIN, 1)]);
-    let p = &s.series("m1", codes::PULS_OXIM_SAT_O2, 300, T0, T0 + 60 * MIN)?[0];
+    let p = &s.series(&spo2_series("m1", 300, T0, T0 + 60 * MIN))?[0];
     assert_eq!((p.min, p.max), (97.0, 97.0));
     // The next patient in b1 takes it.
     s.admit(&mrn("m2"), "b1", T0 + 35 * MIN, None, &none)
         .unwrap();
     assert_eq!(counts("m2", 60)?, vec![(T0 + 40 * MIN, 1)]);
-    let p = &s.series("m2", codes::PULS_OXIM_SAT_O2, 3600, T0, T0 + 60 * MIN)?[0];
+    let p = &s.series(&spo2_series("m2", 3600, T0, T0 + 60 * MIN))?[0];
     assert_eq!((p.count, p.min, p.mean), (1, 90.0, 90.0));
     assert_eq!(counts("m1", 3600)?, vec![(T0, 1)]);
     Ok(())

@@ -4,7 +4,7 @@
 //! `hub_domain::trends`, as for SQLite.
 
 use hub_domain::trends::{Point, Rollup, chart_value};
-use hub_storage::{StoreError, TrendStore};
+use hub_storage::{SeriesQuery, StoreError, TrendStore};
 use prost::Message;
 use shared_protocol::v1::Reading;
 use tokio_postgres::Transaction;
@@ -129,14 +129,7 @@ pub(crate) async fn rebuild_device(
 }
 
 impl PgStore {
-    async fn db_series(
-        &self,
-        patient: &str,
-        mdc: u32,
-        resolution_s: i64,
-        from_bucket_us: i64,
-        to_us: i64,
-    ) -> Result<Vec<Point>, DbError> {
+    async fn db_series(&self, q: &SeriesQuery) -> Result<Vec<Point>, DbError> {
         let c = self.conn().await?;
         // Prepared once per connection: one round trip, no re-planning.
         let st = c
@@ -151,11 +144,11 @@ impl PgStore {
             .query(
                 &st,
                 &[
-                    &patient,
-                    &i64::from(mdc),
-                    &resolution_s,
-                    &from_bucket_us,
-                    &to_us,
+                    &q.patient,
+                    &i64::from(q.mdc),
+                    &q.resolution_s,
+                    &q.from_bucket_us,
+                    &q.to_us,
                 ],
             )
             .await?;
@@ -167,28 +160,14 @@ impl PgStore {
 }
 
 impl TrendStore for PgStore {
-    fn series(
-        &self,
-        patient: &str,
-        mdc: u32,
-        resolution_s: i64,
-        from_bucket_us: i64,
-        to_us: i64,
-    ) -> Result<Vec<Point>, StoreError> {
-        self.run(self.db_series(patient, mdc, resolution_s, from_bucket_us, to_us))
+    fn series(&self, q: &SeriesQuery) -> Result<Vec<Point>, StoreError> {
+        self.run(self.db_series(q))
     }
     fn series_future(
         &self,
-        patient: &str,
-        mdc: u32,
-        resolution_s: i64,
-        from_bucket_us: i64,
-        to_us: i64,
+        q: &SeriesQuery,
     ) -> Option<hub_storage::ReadFuture<'static, Vec<Point>>> {
-        let patient = patient.to_owned();
-        Some(self.future(move |me| async move {
-            me.db_series(&patient, mdc, resolution_s, from_bucket_us, to_us)
-                .await
-        }))
+        let q = q.clone();
+        Some(self.future(move |me| async move { me.db_series(&q).await }))
     }
 }

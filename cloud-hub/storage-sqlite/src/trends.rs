@@ -80,11 +80,7 @@ pub fn rebuild_device(
 impl crate::SqliteStore {
     fn db_series(
         &self,
-        patient: &str,
-        mdc: u32,
-        resolution_s: i64,
-        from_bucket_us: i64,
-        to_us: i64,
+        q: &hub_storage::SeriesQuery,
     ) -> Result<Vec<hub_domain::trends::Point>, crate::DbError> {
         let conn = self.reader()?;
         let mut st = conn.prepare_cached(
@@ -95,7 +91,7 @@ impl crate::SqliteStore {
         )?;
         let points = st
             .query_map(
-                params![patient, mdc, resolution_s, from_bucket_us, to_us],
+                params![q.patient, q.mdc, q.resolution_s, q.from_bucket_us, q.to_us],
                 |r| {
                     Ok(hub_domain::trends::Point::from_sums(
                         r.get(0)?,
@@ -114,12 +110,8 @@ impl crate::SqliteStore {
 impl hub_storage::TrendStore for crate::SqliteStore {
     fn series(
         &self,
-        patient: &str,
-        mdc: u32,
-        resolution_s: i64,
-        from_bucket_us: i64,
-        to_us: i64,
+        q: &hub_storage::SeriesQuery,
     ) -> Result<Vec<hub_domain::trends::Point>, hub_storage::StoreError> {
-        Ok(self.db_series(patient, mdc, resolution_s, from_bucket_us, to_us)?)
+        Ok(self.db_series(q)?)
     }
 }

@@ -31,7 +31,7 @@ pub use association::{
 pub use error::StoreError;
 pub use scores::ScoreStore;
 pub use stream::{StreamPosition, StreamStore};
-pub use trends::TrendStore;
+pub use trends::{SeriesQuery, TrendStore};
 mod access;
 mod audit;
 mod gateway_view;

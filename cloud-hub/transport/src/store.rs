@@ -9,7 +9,8 @@ use std::sync::Arc;
 
 pub use hub_domain::clock::now_us;
 pub use hub_storage::{
-    Associations, GatewayRow, IngestReport, NewIncarnation, Purged, ReadFuture, StreamPosition,
+    Associations, GatewayRow, IngestReport, NewIncarnation, Purged, ReadFuture, SeriesQuery,
+    StreamPosition,
 };
 
 /// The storage traits, for `use crate::store::prelude::*`.

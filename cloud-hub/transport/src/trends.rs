@@ -30,6 +30,24 @@ pub use hub_domain::trends::*;
 
 const S: i64 = 1_000_000;
 
+/// The read of a patient's series of one metric over `[from, to)` at
+/// `resolution_s` (from the bucket holding `from`).
+fn series_query(
+    patient: &str,
+    mdc: u32,
+    resolution_s: i64,
+    from: i64,
+    to: i64,
+) -> crate::store::SeriesQuery {
+    crate::store::SeriesQuery {
+        patient: patient.to_owned(),
+        mdc,
+        resolution_s,
+        from_bucket_us: bucket_start(from, resolution_s),
+        to_us: to,
+    }
+}
+
 /// A patient's series of one metric over `[from, to)` at `resolution_s`
 /// (from the bucket holding `from`).
 pub fn series(
@@ -40,32 +58,18 @@ pub fn series(
     from: i64,
     to: i64,
 ) -> Result<Vec<Point>, StoreError> {
-    store.series(
-        patient,
-        mdc,
-        resolution_s,
-        bucket_start(from, resolution_s),
-        to,
-    )
+    store.series(&series_query(patient, mdc, resolution_s, from, to))
 }
 
 /// [`series`] as the API reads it: the store's non-blocking read when it
 /// has one (`crate::pipeline::read_future`).
 async fn series_read(
     store: &Store,
-    patient: &str,
-    mdc: u32,
-    resolution_s: i64,
-    from: i64,
-    to: i64,
+    q: crate::store::SeriesQuery,
 ) -> Result<Vec<Point>, crate::TransportError> {
-    let from_bucket = bucket_start(from, resolution_s);
-    let future = store.series_future(patient, mdc, resolution_s, from_bucket, to);
-    let (s, p) = (store.clone(), patient.to_owned());
-    crate::pipeline::read_future(store, future, move || {
-        series(&s, &p, mdc, resolution_s, from, to)
-    })
-    .await
+    let future = store.series_future(&q);
+    let s = store.clone();
+    crate::pipeline::read_future(store, future, move || s.series(&q)).await
 }
 
 // ---- HTTP ----------------------------------------------------------------
@@ -166,7 +170,8 @@ async fn get_series(
             "more than 5000 points: use a coarser resolution",
         );
     }
-    let r = series_read(&st.store, &patient, metric.mdc, resolution, from, to).await;
+    let q = series_query(&patient, metric.mdc, resolution, from, to);
+    let r = series_read(&st.store, q).await;
     let points = match r {
         Ok(p) => p,
         Err(e) => {
