@@ -534,6 +534,89 @@ fn waveforms_and_technical_readings_are_stored(s: &Store) {
     assert_eq!((r.ack.accepted, r.ack.duplicates), (0, 2));
 }
 
+/// A search's total over a range of hours: whole hours, partial first and
+/// last hours, one-sided ranges and a range within one hour all count
+/// every match once (SQLite adds whole hours from its per-hour totals).
+fn search_totals_over_hours_count_every_match(s: &Store) {
+    const HOUR: i64 = 60 * MIN;
+    let assoc = Associations::from([
+        ((G.to_owned(), "d1".to_owned()), "p1".to_owned()),
+        ((G.to_owned(), "d2".to_owned()), "p2".to_owned()),
+    ]);
+    // Over 7 hours from T0 (an hour's start): p1's SpO2 every 7 min 13 s
+    // after T0 and its heart rate 30 s later; p2's SpO2 every 14 min.
+    let at = |k: i64| T0 + 13_000_000 + k * 7 * MIN;
+    let (mut d1, mut d2) = (Vec::new(), Vec::new());
+    let mut rows: Vec<(&str, &str, i64)> = Vec::new();
+    for k in 0..60 {
+        d1.push(spo2(at(k), 2 * k as u64));
+        d1.push(hr(at(k) + 30_000_000, 2 * k as u64 + 1));
+        rows.push(("p1", "spo2", at(k)));
+        rows.push(("p1", "hr", at(k) + 30_000_000));
+        if k % 2 == 0 {
+            d2.push(spo2(at(k) + MIN, k as u64));
+            rows.push(("p2", "spo2", at(k) + MIN));
+        }
+    }
+    let r = ingest(s, &batch(1, vec![entry("d1", d1), entry("d2", d2)]), &assoc);
+    assert_eq!(r.ack.accepted as usize, rows.len());
+    let spo2_loinc = metric_of(&spo2(T0, 0)).unwrap().loinc;
+    let hr_loinc = metric_of(&hr(T0, 0)).unwrap().loinc;
+    let both = format!("{spo2_loinc},{hr_loinc}");
+    // 2026-03-01T… for T0 + `t` (less than a day).
+    let date = |t: i64| {
+        let s = (t - T0) / 1_000_000;
+        format!(
+            "2026-03-01T{:02}:{:02}:{:02}Z",
+            s / 3600,
+            s / 60 % 60,
+            s % 60
+        )
+    };
+    let bounds = [
+        None,
+        Some(T0),
+        Some(T0 + 30 * MIN + 5_000_000),
+        Some(T0 + HOUR),
+        Some(T0 + 2 * HOUR),
+        Some(T0 + 3 * HOUR - 1_000_000),
+        Some(T0 + 3 * HOUR + 20 * MIN),
+        Some(T0 + 5 * HOUR),
+        Some(T0 + 9 * HOUR),
+    ];
+    let searches: [(&str, &[&str], &str, &[&str]); 4] = [
+        ("p1", &["p1"], spo2_loinc, &["spo2"]),
+        ("p1,p2", &["p1", "p2"], spo2_loinc, &["spo2"]),
+        ("p1", &["p1"], &both, &["spo2", "hr"]),
+        ("p2", &["p2"], hr_loinc, &["hr"]),
+    ];
+    for (patient, patients, code, codes) in searches {
+        for lo in bounds {
+            for hi in bounds {
+                let (lo_q, hi_q) = (
+                    lo.map(|t| format!("ge{}", date(t))),
+                    hi.map(|t| format!("lt{}", date(t))),
+                );
+                let mut q = vec![("patient", patient), ("code", code), ("_count", "50")];
+                q.extend(lo_q.as_deref().map(|d| ("date", d)));
+                q.extend(hi_q.as_deref().map(|d| ("date", d)));
+                let expected = rows
+                    .iter()
+                    .filter(|(p, c, t)| {
+                        patients.contains(p)
+                            && codes.contains(c)
+                            && lo.is_none_or(|lo| *t >= lo)
+                            && hi.is_none_or(|hi| *t < hi)
+                    })
+                    .count() as u64;
+                let (total, page) = search(s, &q);
+                assert_eq!(total, expected, "{q:?}");
+                assert_eq!(page.len() as u64, expected.min(50), "{q:?}");
+            }
+        }
+    }
+}
+
 fn search_filters_pages_and_sorts(s: &Store) {
     let mut assoc = Associations::new();
     assoc.insert((G.into(), "d1".into()), "p1".into());
@@ -2659,6 +2742,39 @@ fn late_readings_are_found_by_every_time_window(s: &Store) {
     assert_eq!(s.purge_before(m1 + 30_000_000).unwrap().observations, 0);
 }
 
+/// After every suite test on SQLite: the search totals per patient, code
+/// and hour (`observation_hours`) are exactly the counts of the stored rows
+/// a search lists, whatever the test did to them (ingest, panels,
+/// re-attribution, erasure, retention), with no count left at 0 or below.
+fn sqlite_search_totals_are_exact(path: &std::path::Path) {
+    let c = rusqlite::Connection::open(path).unwrap();
+    let rows = |sql: &str| -> Vec<(String, i64, String, i64, i64)> {
+        let mut st = c.prepare(sql).unwrap();
+        st.query_map([], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+        })
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+    };
+    let kept = rows(
+        "SELECT patient_id, mdc_code, loinc, hour, n FROM observation_hours
+          ORDER BY 1, 2, 3, 4",
+    );
+    let counted = rows(
+        "SELECT patient_id, mdc_code, loinc,
+                (effective_us - (((effective_us % 3600000000) + 3600000000) % 3600000000))
+                    / 3600000000,
+                COUNT(*)
+           FROM observations WHERE panel_id IS NULL AND patient_id IS NOT NULL
+          GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4",
+    );
+    assert_eq!(
+        kept, counted,
+        "observation_hours differs from the stored rows"
+    );
+}
+
 macro_rules! suite {
     ($($name:ident),* $(,)?) => {
         trait Outcome {
@@ -2678,8 +2794,11 @@ macro_rules! suite {
                 #[test]
                 fn $name() {
                     let dir = tempfile::tempdir().unwrap();
-                    let s = cloud_hub::Store::open(&dir.path().join("suite.sqlite")).unwrap();
+                    let path = dir.path().join("suite.sqlite");
+                    let s = cloud_hub::Store::open(&path).unwrap();
                     super::$name(&s).check();
+                    drop(s);
+                    super::sqlite_search_totals_are_exact(&path);
                 }
             )*
         }
@@ -2715,6 +2834,7 @@ suite!(
     bp_panel_lists_the_panel_not_its_parts,
     waveforms_and_technical_readings_are_stored,
     search_filters_pages_and_sorts,
+    search_totals_over_hours_count_every_match,
     a_search_total_agrees_with_its_page_while_ingest_commits,
     reads_devices_and_patients,
     gateways_and_tokens,

@@ -206,6 +206,9 @@ pub fn fill(path: &Path, n: i64) -> Filled {
         .unwrap();
     // Their id devices (schema v23).
     hub_sqlite::ids::fill(&conn).unwrap();
+    // Their search totals per patient, code and hour (schema v24).
+    conn.execute_batch(hub_sqlite::schema::FILL_OBSERVATION_HOURS)
+        .unwrap();
     for (_, sql) in &indexes {
         conn.execute_batch(sql).unwrap();
     }

@@ -16,6 +16,7 @@ pub mod backup;
 mod checkpoint;
 mod error;
 mod gateway_view;
+mod hours;
 pub mod ids;
 mod lake;
 mod minutes;
@@ -771,6 +772,15 @@ impl SqliteStore {
                 ])?;
                 row_new.push(n > 0);
             }
+            // The search totals of the new rows (`hours`), before the
+            // panel updates below take the parts out again.
+            hours::record(
+                &tx,
+                plan.rows.iter().zip(&row_new).filter_map(|(r, new)| {
+                    let patient = r.patient.as_deref().filter(|_| *new)?;
+                    Some((patient, r.mdc_code, r.loinc, r.effective_us))
+                }),
+            )?;
             let mut mark_panel_member = tx.prepare_cached(
                 "UPDATE observations SET panel_id = ?5
                   WHERE gateway_id = ?1 AND device_id = ?2 AND incarnation = ?3 AND sequence = ?4
@@ -941,26 +951,38 @@ impl SqliteStore {
             ));
         }
         let where_sql = format!("WHERE {}", clauses.join(" AND "));
+        // The total: through the hours when the filters allow (`hours`),
+        // else every index entry.
+        let count = hours::count(s, lo, hi, &where_sql, &args).unwrap_or_else(|| {
+            (
+                format!("SELECT COUNT(*) FROM observations o {where_sql}"),
+                args.clone(),
+            )
+        });
         let conn = self.reader()?;
         // The count, the page and its devices read one snapshot: the total
         // agrees with the page although ingest commits in between, and the
         // read lock is taken once instead of once per statement.
-        read_snapshot(&conn, |conn| Self::search_in(conn, s, &where_sql, args))
+        read_snapshot(&conn, |conn| {
+            Self::search_in(conn, s, &where_sql, args, count)
+        })
     }
 
     /// [`Self::db_search`]'s statements over its filter `where_sql`, whose
-    /// parameters are `args`.
+    /// parameters are `args`; `count` is the statement that counts the
+    /// matches, with its parameters.
     fn search_in(
         conn: &Connection,
         s: &ObservationSearch,
         where_sql: &str,
         mut args: Vec<SqlValue>,
+        count: (String, Vec<SqlValue>),
     ) -> Result<(u64, Vec<ObservationRow>), DbError> {
         // Cached statements: a search's SQL depends only on its shape
         // (which parameters, how many values), so the same shapes recur.
         let total: i64 = conn
-            .prepare_cached(&format!("SELECT COUNT(*) FROM observations o {where_sql}"))?
-            .query_row(params_from_iter(args.iter()), |r| r.get(0))?;
+            .prepare_cached(&count.0)?
+            .query_row(params_from_iter(count.1.iter()), |r| r.get(0))?;
         if s.count == 0 {
             return Ok((total as u64, Vec::new()));
         }

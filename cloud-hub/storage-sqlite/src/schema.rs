@@ -683,6 +683,111 @@ CREATE TABLE IF NOT EXISTS observation_id_devices (
 ) WITHOUT ROWID;
 "#;
 
+/// The UTC hour (µs since the epoch / 3 600 000 000, rounded down) of the
+/// SQL expression `$t`, a literal for the statements below.
+macro_rules! hour_of {
+    ($t:literal) => {
+        concat!(
+            "((",
+            $t,
+            " - (((",
+            $t,
+            " % 3600000000) + 3600000000) % 3600000000)) / 3600000000)"
+        )
+    };
+}
+
+/// The statement that fills `observation_hours` from the stored rows
+/// ([`FILL_OBSERVATION_HOURS`]); a literal, so that migration v24 is one
+/// constant.
+macro_rules! fill_observation_hours {
+    () => {
+        concat!(
+            "DELETE FROM observation_hours;
+INSERT INTO observation_hours (patient_id, mdc_code, loinc, hour, n)
+  SELECT patient_id, mdc_code, loinc, ",
+            hour_of!("effective_us"),
+            ", COUNT(*)
+    FROM observations WHERE panel_id IS NULL AND patient_id IS NOT NULL
+   GROUP BY 1, 2, 3, 4;"
+        )
+    };
+}
+
+/// Rebuilds `observation_hours` from the stored rows, as migration v24
+/// does (for a bulk load that writes `observations` directly, e.g. the
+/// benches').
+pub const FILL_OBSERVATION_HOURS: &str = fill_observation_hours!();
+
+/// The statements of the v24 triggers that take a row out of its hour
+/// (`OLD`) and put one in (`NEW`): a count that reaches 0 is deleted, so
+/// that no hour outlives the rows it counts (an erased patient's id
+/// included).
+macro_rules! hour_minus_old {
+    () => {
+        concat!(
+            "INSERT INTO observation_hours (patient_id, mdc_code, loinc, hour, n)
+    SELECT OLD.patient_id, OLD.mdc_code, OLD.loinc, ",
+            hour_of!("OLD.effective_us"),
+            ", -1
+     WHERE OLD.panel_id IS NULL AND OLD.patient_id IS NOT NULL
+    ON CONFLICT (patient_id, mdc_code, loinc, hour) DO UPDATE SET n = n - 1;
+  DELETE FROM observation_hours
+   WHERE patient_id = OLD.patient_id AND mdc_code = OLD.mdc_code AND loinc = OLD.loinc
+     AND hour = ",
+            hour_of!("OLD.effective_us"),
+            " AND n = 0;"
+        )
+    };
+}
+
+/// v24 (issue 18): search totals per patient, code and hour
+/// (`crate::hours`). `observation_hours` holds, per patient, MDC code,
+/// LOINC code and UTC hour of effective time, how many rows a search
+/// lists there (not a part of a panel); a search's total adds the whole
+/// hours of its range and counts only its partial first and last hours
+/// in the index. Ingest adds its new rows' counts
+/// (`hours::record`); every change or deletion of a stored row moves its
+/// count through the triggers below, so re-attribution, panels, erasure
+/// and retention keep the totals exact without code of their own.
+pub const SCHEMA_V24: &str = concat!(
+    r#"
+CREATE TABLE IF NOT EXISTS observation_hours (
+    patient_id  TEXT NOT NULL,
+    mdc_code    INTEGER NOT NULL,
+    loinc       TEXT NOT NULL,
+    hour        INTEGER NOT NULL,
+    n           INTEGER NOT NULL,
+    PRIMARY KEY (patient_id, mdc_code, loinc, hour)
+) WITHOUT ROWID;
+"#,
+    fill_observation_hours!(),
+    "
+CREATE TRIGGER observation_hours_delete AFTER DELETE ON observations
+WHEN OLD.panel_id IS NULL AND OLD.patient_id IS NOT NULL
+BEGIN
+  ",
+    hour_minus_old!(),
+    "
+END;
+CREATE TRIGGER observation_hours_update
+AFTER UPDATE OF patient_id, mdc_code, loinc, effective_us, panel_id ON observations
+WHEN (OLD.panel_id IS NULL AND OLD.patient_id IS NOT NULL)
+  OR (NEW.panel_id IS NULL AND NEW.patient_id IS NOT NULL)
+BEGIN
+  ",
+    hour_minus_old!(),
+    "
+  INSERT INTO observation_hours (patient_id, mdc_code, loinc, hour, n)
+    SELECT NEW.patient_id, NEW.mdc_code, NEW.loinc, ",
+    hour_of!("NEW.effective_us"),
+    ", 1
+     WHERE NEW.panel_id IS NULL AND NEW.patient_id IS NOT NULL
+    ON CONFLICT (patient_id, mdc_code, loinc, hour) DO UPDATE SET n = n + 1;
+END;
+"
+);
+
 /// Ordered migrations; each runs once, in one transaction with its version row.
 pub const MIGRATIONS: &[(i64, &str)] = &[
     (1, SCHEMA_V1),
@@ -708,4 +813,5 @@ pub const MIGRATIONS: &[(i64, &str)] = &[
     (21, SCHEMA_V21),
     (22, SCHEMA_V22),
     (23, SCHEMA_V23),
+    (24, SCHEMA_V24),
 ];
