@@ -95,28 +95,12 @@ pub(crate) fn count(
         None => None,
     };
     let placeholders = vec!["?"; s.patients.len()].join(", ");
-    let alternatives: Vec<&str> = codes
-        .iter()
-        .map(|c| {
-            if c.loinc.is_some() {
-                "(h.mdc_code = ? AND h.loinc = ?)"
-            } else {
-                "h.mdc_code = ?"
-            }
-        })
-        .collect();
+    let mut out: Vec<SqlValue> = s.patients.iter().cloned().map(SqlValue::Text).collect();
+    let codes = crate::code_clause("h", codes, &mut out);
     let mut sql = format!(
         "SELECT (SELECT COALESCE(SUM(h.n), 0) FROM observation_hours h
-                  WHERE h.patient_id IN ({placeholders}) AND ({}) AND h.hour >= ? AND h.hour < ?)",
-        alternatives.join(" OR ")
+                  WHERE h.patient_id IN ({placeholders}) AND {codes} AND h.hour >= ? AND h.hour < ?)"
     );
-    let mut out: Vec<SqlValue> = s.patients.iter().cloned().map(SqlValue::Text).collect();
-    for c in codes {
-        out.push(SqlValue::Integer(i64::from(c.mdc)));
-        if let Some(l) = c.loinc {
-            out.push(SqlValue::Text(l.to_owned()));
-        }
-    }
     out.push(SqlValue::Integer(first));
     out.push(SqlValue::Integer(end));
     // The partial hours: before the first whole hour, from the end of the

@@ -883,23 +883,7 @@ impl SqliteStore {
             args.extend(s.patients.iter().cloned().map(SqlValue::Text));
         }
         for set in &s.codes {
-            let alternatives: Vec<&str> = set
-                .iter()
-                .map(|c| {
-                    if c.loinc.is_some() {
-                        "(o.mdc_code = ? AND o.loinc = ?)"
-                    } else {
-                        "o.mdc_code = ?"
-                    }
-                })
-                .collect();
-            clauses.push(format!("({})", alternatives.join(" OR ")));
-            for c in set {
-                args.push(SqlValue::Integer(i64::from(c.mdc)));
-                if let Some(l) = c.loinc {
-                    args.push(SqlValue::Text(l.to_owned()));
-                }
-            }
+            clauses.push(code_clause("o", set, &mut args));
         }
         for set in &s.categories {
             clauses.push(format!("o.category IN ({})", placeholders(set.len())));
@@ -1274,6 +1258,30 @@ fn obs_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ObservationRow> {
         version: r.get(12)?,
         updated_us: r.get(13)?,
     })
+}
+
+/// SQL: the condition that a row of table alias `alias` (with `mdc_code`
+/// and `loinc` columns) matches one of the codes of `set`, whose values
+/// are appended to `args`.
+pub(crate) fn code_clause(
+    alias: &str,
+    set: &[hub_domain::fhir::CodeMatch],
+    args: &mut Vec<SqlValue>,
+) -> String {
+    let alternatives: Vec<String> = set
+        .iter()
+        .map(|c| {
+            args.push(SqlValue::Integer(i64::from(c.mdc)));
+            match c.loinc {
+                Some(l) => {
+                    args.push(SqlValue::Text(l.to_owned()));
+                    format!("({alias}.mdc_code = ? AND {alias}.loinc = ?)")
+                }
+                None => format!("{alias}.mdc_code = ?"),
+            }
+        })
+        .collect();
+    format!("({})", alternatives.join(" OR "))
 }
 
 /// Runs `read` inside one read transaction of `conn` (one snapshot of the
