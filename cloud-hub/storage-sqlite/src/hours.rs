@@ -85,13 +85,14 @@ pub(crate) fn count(
     if first >= end {
         return None;
     }
-    // Where the partial hours stop and start (µs).
+    // Where the partial hours stop and start (µs); none at a bound that is
+    // an hour's start.
     let lo_edge = match lo {
-        Some(_) => Some(first.checked_mul(HOUR_US)?),
+        Some(t) => Some(first.checked_mul(HOUR_US)?).filter(|e| *e != t),
         None => None,
     };
     let hi_edge = match hi {
-        Some(_) => Some(end.checked_mul(HOUR_US)?),
+        Some(t) => Some(end.checked_mul(HOUR_US)?).filter(|e| *e != t),
         None => None,
     };
     let placeholders = vec!["?"; s.patients.len()].join(", ");
