@@ -105,21 +105,21 @@ fn search_both(s: &Store, q: &[(&str, &str)]) -> (Found, Option<Found>) {
     (blocking, awaited)
 }
 
-/// The read of `patient`'s SpO2 series at `resolution_s`, buckets starting
-/// in `[from_bucket_us, to_us)`.
+/// The read of `patient`'s SpO2 series at `resolution_s` over
+/// `[from, to_us)`.
 fn spo2_series(
     patient: &str,
     resolution_s: i64,
-    from_bucket_us: i64,
+    from: i64,
     to_us: i64,
 ) -> cloud_hub::storage::SeriesQuery {
-    cloud_hub::storage::SeriesQuery {
-        patient: patient.to_owned(),
-        mdc: codes::PULS_OXIM_SAT_O2,
+    cloud_hub::storage::SeriesQuery::new(
+        patient,
+        codes::PULS_OXIM_SAT_O2,
         resolution_s,
-        from_bucket_us,
+        from,
         to_us,
-    }
+    )
 }
 
 /// Awaits a store's non-blocking read on a runtime of the test's own.
@@ -1962,7 +1962,6 @@ fn alerts_are_stored_with_their_transitions(s: &Store) -> Result<(), StoreError>
 /// Trend series: a patient's buckets of a metric summed over its devices,
 /// from the bucket holding `from`, oldest first.
 fn trend_series_sum_the_devices_buckets(s: &Store) -> Result<(), StoreError> {
-    use cloud_hub::trends::bucket_start;
     let assoc = attributed("p-1", &["d1", "d2"]);
     let mut low = spo2(T0 + 30_000_000, 2);
     low.value = Some(reading::Value::Numeric(91.0));
@@ -1978,12 +1977,7 @@ fn trend_series_sum_the_devices_buckets(s: &Store) -> Result<(), StoreError> {
         &assoc,
     );
     let from = T0 + 10_000_000;
-    let points = s.series(&spo2_series(
-        "p-1",
-        60,
-        bucket_start(from, 60),
-        T0 + 5 * MIN,
-    ))?;
+    let points = s.series(&spo2_series("p-1", 60, from, T0 + 5 * MIN))?;
     assert_eq!(points.len(), 1, "{points:?}");
     let p = &points[0];
     assert_eq!((p.start_us, p.count, p.min, p.max), (T0, 2, 91.0, 97.0));

@@ -935,14 +935,8 @@ impl SqliteStore {
             ));
         }
         let where_sql = format!("WHERE {}", clauses.join(" AND "));
-        // The total: through the hours when the filters allow (`hours`),
-        // else every index entry.
-        let count = hours::count(s, lo, hi, &where_sql, &args).unwrap_or_else(|| {
-            (
-                format!("SELECT COUNT(*) FROM observations o {where_sql}"),
-                args.clone(),
-            )
-        });
+        // The total through the hours when the filters allow (`hours`).
+        let count = hours::count(s, lo, hi, &where_sql, &args);
         let conn = self.reader()?;
         // The count, the page and its devices read one snapshot: the total
         // agrees with the page although ingest commits in between, and the
@@ -953,20 +947,26 @@ impl SqliteStore {
     }
 
     /// [`Self::db_search`]'s statements over its filter `where_sql`, whose
-    /// parameters are `args`; `count` is the statement that counts the
-    /// matches, with its parameters.
+    /// parameters are `args`; `hours` is the statement that counts the
+    /// matches through the hours, with its parameters (`None`: every index
+    /// entry is counted).
     fn search_in(
         conn: &Connection,
         s: &ObservationSearch,
         where_sql: &str,
         mut args: Vec<SqlValue>,
-        count: (String, Vec<SqlValue>),
+        hours: Option<(String, Vec<SqlValue>)>,
     ) -> Result<(u64, Vec<ObservationRow>), DbError> {
         // Cached statements: a search's SQL depends only on its shape
         // (which parameters, how many values), so the same shapes recur.
-        let total: i64 = conn
-            .prepare_cached(&count.0)?
-            .query_row(params_from_iter(count.1.iter()), |r| r.get(0))?;
+        let total: i64 = match hours {
+            Some((sql, hours_args)) => conn
+                .prepare_cached(&sql)?
+                .query_row(params_from_iter(hours_args.iter()), |r| r.get(0))?,
+            None => conn
+                .prepare_cached(&format!("SELECT COUNT(*) FROM observations o {where_sql}"))?
+                .query_row(params_from_iter(args.iter()), |r| r.get(0))?,
+        };
         if s.count == 0 {
             return Ok((total as u64, Vec::new()));
         }

@@ -1,7 +1,7 @@
 //! Trend series for charts, read from the chart buckets ingest maintains
 //! (bucket maths: `hub_domain::trends`).
 
-use hub_domain::trends::Point;
+use hub_domain::trends::{Point, bucket_start};
 
 use crate::{ReadFuture, StoreError};
 
@@ -15,6 +15,20 @@ pub struct SeriesQuery {
     pub resolution_s: i64,
     pub from_bucket_us: i64,
     pub to_us: i64,
+}
+
+impl SeriesQuery {
+    /// `patient`'s series of metric `mdc` over `[from, to)` at
+    /// `resolution_s`, from the bucket holding `from`.
+    pub fn new(patient: &str, mdc: u32, resolution_s: i64, from: i64, to: i64) -> Self {
+        Self {
+            patient: patient.to_owned(),
+            mdc,
+            resolution_s,
+            from_bucket_us: bucket_start(from, resolution_s),
+            to_us: to,
+        }
+    }
 }
 
 /// Chart series.

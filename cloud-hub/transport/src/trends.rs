@@ -30,24 +30,6 @@ pub use hub_domain::trends::*;
 
 const S: i64 = 1_000_000;
 
-/// The read of a patient's series of one metric over `[from, to)` at
-/// `resolution_s` (from the bucket holding `from`).
-fn series_query(
-    patient: &str,
-    mdc: u32,
-    resolution_s: i64,
-    from: i64,
-    to: i64,
-) -> crate::store::SeriesQuery {
-    crate::store::SeriesQuery {
-        patient: patient.to_owned(),
-        mdc,
-        resolution_s,
-        from_bucket_us: bucket_start(from, resolution_s),
-        to_us: to,
-    }
-}
-
 /// A patient's series of one metric over `[from, to)` at `resolution_s`
 /// (from the bucket holding `from`).
 pub fn series(
@@ -58,7 +40,13 @@ pub fn series(
     from: i64,
     to: i64,
 ) -> Result<Vec<Point>, StoreError> {
-    store.series(&series_query(patient, mdc, resolution_s, from, to))
+    store.series(&crate::store::SeriesQuery::new(
+        patient,
+        mdc,
+        resolution_s,
+        from,
+        to,
+    ))
 }
 
 /// [`series`] as the API reads it: the store's non-blocking read when it
@@ -170,7 +158,7 @@ async fn get_series(
             "more than 5000 points: use a coarser resolution",
         );
     }
-    let q = series_query(&patient, metric.mdc, resolution, from, to);
+    let q = crate::store::SeriesQuery::new(&patient, metric.mdc, resolution, from, to);
     let r = series_read(&st.store, q).await;
     let points = match r {
         Ok(p) => p,
