@@ -2769,6 +2769,34 @@ fn sqlite_search_totals_are_exact(path: &std::path::Path) {
     );
 }
 
+/// The same check on PostgreSQL (`storage-postgres/src/hours.rs`).
+fn postgres_search_totals_are_exact(url: &str) {
+    let mut c = ::postgres::Client::connect(url, ::postgres::NoTls).unwrap();
+    let rows = |c: &mut ::postgres::Client, sql: &str| -> Vec<(String, i64, String, i64, i64)> {
+        c.query(sql, &[])
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
+            .collect()
+    };
+    let kept = rows(
+        &mut c,
+        "SELECT patient_id, mdc_code, loinc, hour, n FROM observation_hours
+          ORDER BY 1, 2, 3, 4",
+    );
+    let counted = rows(
+        &mut c,
+        "SELECT patient_id, mdc_code, loinc, floor(effective_us / 3600000000.0)::bigint,
+                COUNT(*)
+           FROM observations WHERE panel_id IS NULL AND patient_id IS NOT NULL
+          GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4",
+    );
+    assert_eq!(
+        kept, counted,
+        "observation_hours differs from the stored rows"
+    );
+}
+
 macro_rules! suite {
     ($($name:ident),* $(,)?) => {
         trait Outcome {
@@ -2806,6 +2834,7 @@ macro_rules! suite {
                         .unwrap();
                     super::$name(&s).check();
                     drop(s);
+                    super::postgres_search_totals_are_exact(&server.url());
                     drop(server);
                 }
             )*
@@ -3002,6 +3031,9 @@ fn postgres_migration_3_keeps_existing_rows_as_incarnation_0() {
              DROP INDEX observations_patient_mdc_panel_time;
              CREATE INDEX observations_patient_mdc_time
                  ON observations (patient_id, mdc_code, effective_us);
+             DROP TABLE observation_hours;
+             DROP FUNCTION observation_hours_apply() CASCADE;
+             ALTER TABLE observations RENAME COLUMN hub_layout TO layout;
              DELETE FROM schema_migrations WHERE version >= 3;",
         )
         .unwrap();
@@ -3404,8 +3436,9 @@ fn postgres_migration_15_keeps_earlier_rows_reachable_and_fences_older_hubs() {
     // Back to migration 14's layout, the rows kept.
     let mut c = ::postgres::Client::connect(&server.url(), ::postgres::NoTls).unwrap();
     c.batch_execute(
-        "DROP TABLE observation_minutes, observation_id_devices;
-         ALTER TABLE observations DROP COLUMN layout;
+        "DROP TABLE observation_minutes, observation_id_devices, observation_hours;
+         DROP FUNCTION observation_hours_apply() CASCADE;
+         ALTER TABLE observations DROP COLUMN hub_layout;
          DROP INDEX observations_id_keyed;
          CREATE INDEX observations_id ON observations (id);
          CREATE INDEX observations_device_time ON observations (gateway_id, device_id, effective_us);
@@ -3463,13 +3496,81 @@ fn postgres_migration_15_keeps_earlier_rows_reachable_and_fences_older_hubs() {
     assert!(!plan.concat().contains("Seq Scan"), "{plan:?}");
 }
 
+/// Migration 16 (search totals per hour) on a database that holds rows:
+/// it counts them, the totals stay exact through later changes and
+/// deletes, and a hub of an earlier version, which does not count its
+/// rows, can no longer store any.
+#[test]
+fn postgres_migration_16_counts_the_stored_rows() {
+    let server = pg_server::PgServer::start();
+    let cfg = PgConfig::new(server.url());
+    let s = Store::open_postgres(&cfg).unwrap();
+    let assoc = Associations::from([((G.to_owned(), "d1".to_owned()), "p1".to_owned())]);
+    let readings: Vec<_> = (0..30).map(|k| spo2(T0 + k * 7 * MIN, k as u64)).collect();
+    assert_eq!(
+        ingest(&s, &batch(1, vec![entry("d1", readings)]), &assoc)
+            .ack
+            .accepted,
+        30
+    );
+    // Back to migration 15, the rows kept.
+    let mut c = ::postgres::Client::connect(&server.url(), ::postgres::NoTls).unwrap();
+    c.batch_execute(
+        "DROP TABLE observation_hours;
+         DROP FUNCTION observation_hours_apply() CASCADE;
+         ALTER TABLE observations RENAME COLUMN hub_layout TO layout;
+         DELETE FROM schema_migrations WHERE version >= 16;",
+    )
+    .unwrap();
+    drop(s);
+    let s = reopened_postgres(&cfg);
+    postgres_search_totals_are_exact(&server.url());
+    let total = |s: &Store| {
+        search(
+            s,
+            &[
+                ("patient", "p1"),
+                ("date", "ge2026-03-01T01:00:00Z"),
+                ("code", metric_of(&spo2(T0, 0)).unwrap().loinc),
+            ],
+        )
+        .0
+    };
+    // 30 readings 7 min apart from T0 (00:00): 21 from 01:00 on (the hours).
+    assert_eq!(total(&s), 21);
+    // Rows changed and deleted by hand go through the triggers.
+    c.batch_execute(
+        "UPDATE observations SET patient_id = 'p2' WHERE sequence < 12;
+         DELETE FROM observations WHERE sequence >= 28;",
+    )
+    .unwrap();
+    postgres_search_totals_are_exact(&server.url());
+    // Readings 9 to 11 moved to p2, 28 and 29 deleted.
+    assert_eq!(total(&s), 16);
+    // A row written as a hub before migration 16 writes it (`layout`, not
+    // counted) is refused.
+    let refused = c.batch_execute(
+        "INSERT INTO observations (id, gateway_id, device_id, sequence, attribution, loinc,
+             mdc_code, effective_us, status, batch_sequence, received_us, kind, category,
+             layout, patient_id)
+         SELECT 'x', gateway_id, device_id, 99, attribution, loinc, mdc_code, effective_us,
+             status, batch_sequence, received_us, kind, category, 15, patient_id
+           FROM observations LIMIT 1",
+    );
+    assert!(
+        refused.is_err(),
+        "a row of a hub before migration 16 was stored"
+    );
+    postgres_search_totals_are_exact(&server.url());
+}
+
 /// The PostgreSQL store at `cfg` opened again: every migration applied,
 /// each once.
 fn reopened_postgres(cfg: &PgConfig) -> Store {
     let s = Store::open_postgres(cfg).unwrap();
     assert_eq!(
         s.postgres().unwrap().migrations().unwrap(),
-        (1..=15).collect::<Vec<i64>>()
+        (1..=16).collect::<Vec<i64>>()
     );
     s
 }

@@ -40,7 +40,7 @@ fn observations_copy(table: &str) -> String {
     format!(
         "COPY {table} (id, gateway_id, device_id, sequence, patient_id, patient_system,
              attribution, loinc, mdc_code, effective_us, status, value, batch_sequence,
-             received_us, kind, category, payload, incarnation, layout)
+             received_us, kind, category, payload, incarnation, hub_layout)
          FROM STDIN (FORMAT binary)"
     )
 }
@@ -53,9 +53,12 @@ fn one_partition(mut times: impl Iterator<Item = i64>) -> Option<String> {
     (within(first) && times.all(within)).then_some(name)
 }
 
-/// The `layout` every row is written with (migration 15, which fences off
-/// hubs that do not write it).
-const LAYOUT: i16 = 15;
+/// The layout every row is written with (`hub_layout`): the migration
+/// that last changed what ingest keeps beside a row. Migration 15 fenced
+/// off hubs that do not write the column (they miss the device minutes);
+/// migration 16 renamed it, fencing off hubs that write it by its old
+/// name, `layout` (they miss the search totals).
+const LAYOUT: i16 = 16;
 
 const OBSERVATIONS_TYPES: &[Type] = &[
     Type::TEXT,
@@ -466,6 +469,14 @@ impl PgStore {
                         gateway_id,
                         incarnation,
                         new_rows().map(|(r, _)| r.device_id.as_str()),
+                    ),
+                    // The search totals of the new rows, before the panel
+                    // updates below take the parts out again.
+                    crate::hours::record(
+                        &tx,
+                        new_rows().filter_map(|(r, _)| {
+                            Some((r.patient.as_deref()?, r.mdc_code, r.loinc, r.effective_us))
+                        }),
                     ),
                 )?;
             }

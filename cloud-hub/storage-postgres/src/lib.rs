@@ -36,6 +36,7 @@ mod audit;
 mod error;
 mod feed;
 mod gateway_view;
+mod hours;
 mod ids;
 mod ingest;
 mod lake;
@@ -688,33 +689,44 @@ impl PgStore {
             args.push(Box::new(v));
             format!("${}", args.len())
         }
-        match s.patients.as_slice() {
-            [] => {}
+        // The patient and code conditions over a table alias: the same
+        // placeholders serve the rows (`o`) and the hours (`h`, below).
+        let patient: Option<(String, bool)> = match s.patients.as_slice() {
+            [] => None,
             // One patient (the common case) as an equality: the index then
             // yields its rows already in date order; `= ANY` would not.
-            [one] => {
-                let p = arg(&mut args, one.clone());
-                clauses.push(format!("o.patient_id = {p}"));
-            }
-            many => {
-                let p = arg(&mut args, many.to_vec());
-                clauses.push(format!("o.patient_id = ANY({p})"));
-            }
-        }
+            [one] => Some((arg(&mut args, one.clone()), false)),
+            many => Some((arg(&mut args, many.to_vec()), true)),
+        };
+        let patient_sql = |a: &str, (p, many): &(String, bool)| match many {
+            false => format!("{a}.patient_id = {p}"),
+            true => format!("{a}.patient_id = ANY({p})"),
+        };
+        clauses.extend(patient.as_ref().map(|p| patient_sql("o", p)));
+        let mut code_sets: Vec<Vec<(String, Option<String>)>> = Vec::new();
         for set in &s.codes {
-            let mut alternatives = Vec::new();
-            for c in set {
-                let m = arg(&mut args, i64::from(c.mdc));
-                match c.loinc {
-                    Some(l) => {
-                        let l = arg(&mut args, l.to_owned());
-                        alternatives.push(format!("(o.mdc_code = {m} AND o.loinc = {l})"));
-                    }
-                    None => alternatives.push(format!("o.mdc_code = {m}")),
-                }
-            }
-            clauses.push(format!("({})", alternatives.join(" OR ")));
+            code_sets.push(
+                set.iter()
+                    .map(|c| {
+                        let m = arg(&mut args, i64::from(c.mdc));
+                        (m, c.loinc.map(|l| arg(&mut args, l.to_owned())))
+                    })
+                    .collect(),
+            );
         }
+        let code_sql = |a: &str, set: &[(String, Option<String>)]| {
+            let alternatives: Vec<String> = set
+                .iter()
+                .map(|(m, l)| match l {
+                    Some(l) => format!("({a}.mdc_code = {m} AND {a}.loinc = {l})"),
+                    None => format!("{a}.mdc_code = {m}"),
+                })
+                .collect();
+            format!("({})", alternatives.join(" OR "))
+        };
+        clauses.extend(code_sets.iter().map(|set| code_sql("o", set)));
+        // The parameters the hours' rows need (the patient's and codes').
+        let keyed = args.len();
         for set in &s.categories {
             let p = arg(&mut args, set.clone());
             clauses.push(format!("o.category = ANY({p})"));
@@ -737,6 +749,40 @@ impl PgStore {
             }
         }
         let where_sql = format!("WHERE {}", clauses.join(" AND "));
+        // The total through the hours when the filters allow
+        // (`crate::hours`). Its statement takes the parameters it names:
+        // the patient's and codes', the whole filter's when it counts a
+        // partial hour in the index, then the span's bounds. The page's
+        // limit and offset follow the filter's.
+        let filters = args.len();
+        let after = |k: usize| format!("${}", filters + k);
+        let lo = s.dates.iter().filter_map(|d| d.bounds().0).max();
+        let hi = s.dates.iter().filter_map(|d| d.bounds().1).min();
+        let mut count_bounds: Vec<i64> = Vec::new();
+        let mut count_args = filters;
+        let count_sql = match (hub_storage::hours::span(s, lo, hi), &patient) {
+            (Some((_, span)), Some(patient)) => {
+                if span.head_before.is_none() && span.tail_from.is_none() {
+                    count_args = keyed;
+                }
+                let mut bound = |t: i64| {
+                    count_bounds.push(t);
+                    format!("${}", count_args + count_bounds.len())
+                };
+                let (first, end) = (bound(span.first), bound(span.end));
+                let head = span.head_before.map(&mut bound);
+                let tail = span.tail_from.map(&mut bound);
+                hours::count_sql(
+                    &patient_sql("h", patient),
+                    &code_sql("h", &code_sets[0]),
+                    &where_sql,
+                    (&first, &end),
+                    head.as_deref(),
+                    tail.as_deref(),
+                )
+            }
+            _ => format!("SELECT COUNT(*) FROM observations o {where_sql}"),
+        };
         let c = self.conn().await?;
         // The statements of a search shape are prepared once per
         // connection (the text depends on the shape, not the values). The
@@ -747,13 +793,12 @@ impl PgStore {
         if c.statement_cache.size() > MAX_CACHED_STATEMENTS {
             c.statement_cache.clear();
         }
-        let count_st = c
-            .prepare_cached(&format!("SELECT COUNT(*) FROM observations o {where_sql}"))
-            .await?;
-        let filters = args.len();
+        let count_st = c.prepare_cached(&count_sql).await?;
+        let mut count_refs: Vec<&(dyn ToSql + Sync)> =
+            args[..count_args].iter().map(|a| a.as_ref() as _).collect();
+        count_refs.extend(count_bounds.iter().map(|b| b as &(dyn ToSql + Sync)));
         if s.count == 0 {
-            let refs: Vec<&(dyn ToSql + Sync)> = args.iter().map(|a| a.as_ref() as _).collect();
-            let total = in_search_snapshot(&c, c.query_one(&count_st, &refs)).await?;
+            let total = in_search_snapshot(&c, c.query_one(&count_st, &count_refs)).await?;
             return Ok((total.get::<_, i64>(0) as u64, Vec::new()));
         }
         // Rows sharing a time in arrival order (`rid`, the index's last
@@ -762,19 +807,23 @@ impl PgStore {
             SortOrder::DateAsc => "o.effective_us ASC, o.rid ASC",
             SortOrder::DateDesc => "o.effective_us DESC, o.rid DESC",
         };
-        let limit = arg(&mut args, i64::from(s.count));
-        let offset = arg(&mut args, i64::try_from(s.offset).unwrap_or(i64::MAX));
+        let (limit, offset) = (after(1), after(2));
+        let page_bounds = [
+            i64::from(s.count),
+            i64::try_from(s.offset).unwrap_or(i64::MAX),
+        ];
         let page_st = c
             .prepare_cached(&format!(
                 "SELECT {OBS_COLUMNS} FROM {OBS_FROM} {where_sql} ORDER BY {order} LIMIT {limit} OFFSET {offset}"
             ))
             .await?;
-        let refs: Vec<&(dyn ToSql + Sync)> = args.iter().map(|a| a.as_ref() as _).collect();
+        let mut refs: Vec<&(dyn ToSql + Sync)> = args.iter().map(|a| a.as_ref() as _).collect();
+        refs.extend(page_bounds.iter().map(|b| b as &(dyn ToSql + Sync)));
         // The count and the page pipelined on the connection: one wait.
         let (total, rows) = in_search_snapshot(
             &c,
             futures_util::future::try_join(
-                c.query_one(&count_st, &refs[..filters]),
+                c.query_one(&count_st, &count_refs),
                 c.query(&page_st, &refs),
             ),
         )

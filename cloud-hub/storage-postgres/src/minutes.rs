@@ -11,7 +11,8 @@
 //! the minute row of its (gateway, device, incarnation, minute of
 //! `effective_us`, sign of sequence). Ingest widens the span in the
 //! batch's transaction; a hub older than migration 15 cannot store rows
-//! once it ran (they lack the `layout` column), so every stored row is
+//! once it ran (they lack the `layout` column, `hub_layout` since
+//! migration 16), so every stored row is
 //! recorded. A reader joins each row to its own minute row only (the
 //! minute of its effective time and the sign of its sequence), so a row is
 //! listed once even when spans of other minutes cover it.

@@ -592,6 +592,43 @@ ALTER TABLE vital_rollups SET (fillfactor = 50);
 "#
 );
 
+/// Migration 16 (issue 18): search totals per patient, code and hour
+/// (`crate::hours`). `observation_hours` holds, per patient, MDC code,
+/// LOINC code and UTC hour of effective time, how many rows a search lists
+/// there (not a part of a panel), filled here from the stored rows; a
+/// search's total adds the whole hours of its range and counts only its
+/// partial first and last hours in the index. Ingest adds its new rows'
+/// counts (`hours::record`); the statement triggers below move the counts
+/// of every row an `UPDATE` or `DELETE` changes, so re-attribution,
+/// panels, erasure and retention keep the totals exact without code of
+/// their own. Rows from a hub before this migration (which does not count
+/// them) are refused from now on, as migration 15 refused rows without
+/// `layout`: the column is renamed `hub_layout`, so such a hub's `COPY`
+/// names a column that no longer exists; its batches fail and are sent
+/// again to an upgraded hub. The rename waits for inserts in flight, which
+/// the fill below then counts. Half of each page of the totals is left
+/// free, so that a batch's upsert into an hour is a heap-only update.
+const PG_V16: &str = concat!(
+    r#"
+ALTER TABLE observations RENAME COLUMN layout TO hub_layout;
+CREATE TABLE observation_hours (
+    patient_id  text NOT NULL,
+    mdc_code    bigint NOT NULL,
+    loinc       text NOT NULL,
+    hour        bigint NOT NULL,
+    n           bigint NOT NULL,
+    PRIMARY KEY (patient_id, mdc_code, loinc, hour)
+) WITH (fillfactor = 50);
+INSERT INTO observation_hours (patient_id, mdc_code, loinc, hour, n)
+  SELECT patient_id, mdc_code, loinc, "#,
+    crate::hours::hour_of_sql!("effective_us"),
+    r#", COUNT(*)
+    FROM observations WHERE panel_id IS NULL AND patient_id IS NOT NULL
+   GROUP BY 1, 2, 3, 4;
+"#,
+    crate::hours::hours_triggers!()
+);
+
 pub(crate) const MIGRATIONS: &[(i64, &str)] = &[
     (1, V1),
     (2, PG_V2),
@@ -608,6 +645,7 @@ pub(crate) const MIGRATIONS: &[(i64, &str)] = &[
     (13, PG_V13),
     (14, PG_V14),
     (15, PG_V15),
+    (16, PG_V16),
 ];
 
 /// Observation partitions are UTC months: `[start, end)` in µs of the

@@ -17,20 +17,11 @@
 //! its new rows before it marks a batch's panel parts, so that the trigger
 //! finds each part counted when it takes it out.
 
-use std::collections::HashMap;
-
 use rusqlite::types::Value as SqlValue;
 use rusqlite::{Transaction, params};
 
 use hub_domain::fhir::ObservationSearch;
-
-/// One hour, in µs.
-const HOUR_US: i64 = 3_600_000_000;
-
-/// The UTC hour holding time `t_us` (µs), as the schema's `hour` column.
-pub(crate) fn hour_of(t_us: i64) -> i64 {
-    t_us.div_euclid(HOUR_US)
-}
+use hub_storage::hours::{HourSpan, counts, span};
 
 /// Adds the new rows of a batch: `(patient, MDC code, LOINC code,
 /// effective_us)` each, for the rows stored with a patient (a row without
@@ -39,10 +30,7 @@ pub(crate) fn record<'a>(
     tx: &Transaction<'_>,
     rows: impl Iterator<Item = (&'a str, u32, &'a str, i64)>,
 ) -> rusqlite::Result<()> {
-    let mut counts: HashMap<(&str, u32, &str, i64), i64> = HashMap::new();
-    for (patient, mdc, loinc, t) in rows {
-        *counts.entry((patient, mdc, loinc, hour_of(t))).or_default() += 1;
-    }
+    let counts = counts(rows);
     if counts.is_empty() {
         return Ok(());
     }
@@ -58,10 +46,10 @@ pub(crate) fn record<'a>(
 }
 
 /// The statement that counts search `s`'s matches through the hours, with
-/// its arguments, when its filters allow: patients, one set of codes and
-/// dates, whose range [`lo`, `hi`) holds at least one whole hour. `filter`
-/// is the search's `WHERE` clause over `observations o` (dates included)
-/// and `args` its arguments. `None`: count the index entries.
+/// its arguments, when its filters allow ([`span`]; its date range is
+/// [`lo`, `hi`)). `filter` is the search's `WHERE` clause over
+/// `observations o` (dates included) and `args` its arguments. `None`:
+/// count the index entries.
 ///
 /// The whole hours come from `observation_hours` under the same patient and
 /// code conditions; the rows before the first whole hour and from the end
@@ -73,28 +61,15 @@ pub(crate) fn count(
     filter: &str,
     args: &[SqlValue],
 ) -> Option<(String, Vec<SqlValue>)> {
-    let [codes] = s.codes.as_slice() else {
-        return None;
-    };
-    if s.patients.is_empty() || !s.categories.is_empty() || !s.devices.is_empty() {
-        return None;
-    }
-    // The whole hours [first, end) of the range.
-    let first = lo.map_or(Some(i64::MIN), |t| t.checked_add(HOUR_US - 1).map(hour_of))?;
-    let end = hi.map_or(i64::MAX, hour_of);
-    if first >= end {
-        return None;
-    }
-    // Where the partial hours stop and start (µs); none at a bound that is
-    // an hour's start.
-    let lo_edge = match lo {
-        Some(t) => Some(first.checked_mul(HOUR_US)?).filter(|e| *e != t),
-        None => None,
-    };
-    let hi_edge = match hi {
-        Some(t) => Some(end.checked_mul(HOUR_US)?).filter(|e| *e != t),
-        None => None,
-    };
+    let (
+        codes,
+        HourSpan {
+            first,
+            end,
+            head_before,
+            tail_from,
+        },
+    ) = span(s, lo, hi)?;
     let placeholders = vec!["?"; s.patients.len()].join(", ");
     let mut out: Vec<SqlValue> = s.patients.iter().cloned().map(SqlValue::Text).collect();
     let codes = crate::code_clause("h", codes, &mut out);
@@ -106,14 +81,14 @@ pub(crate) fn count(
     out.push(SqlValue::Integer(end));
     // The partial hours: before the first whole hour, from the end of the
     // last (each within the range `filter` already bounds).
-    if let Some(edge) = lo_edge {
+    if let Some(edge) = head_before {
         sql.push_str(&format!(
             " + (SELECT COUNT(*) FROM observations o {filter} AND o.effective_us < ?)"
         ));
         out.extend_from_slice(args);
         out.push(SqlValue::Integer(edge));
     }
-    if let Some(edge) = hi_edge {
+    if let Some(edge) = tail_from {
         sql.push_str(&format!(
             " + (SELECT COUNT(*) FROM observations o {filter} AND o.effective_us >= ?)"
         ));
@@ -121,19 +96,4 @@ pub(crate) fn count(
         out.push(SqlValue::Integer(edge));
     }
     Some((sql, out))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hours_round_down_on_both_sides_of_the_epoch() {
-        assert_eq!(hour_of(0), 0);
-        assert_eq!(hour_of(HOUR_US - 1), 0);
-        assert_eq!(hour_of(HOUR_US), 1);
-        assert_eq!(hour_of(-1), -1);
-        assert_eq!(hour_of(-HOUR_US), -1);
-        assert_eq!(hour_of(-HOUR_US - 1), -2);
-    }
 }

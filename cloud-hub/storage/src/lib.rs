@@ -16,6 +16,7 @@ use shared_protocol::v1::{Batch, BatchAck, RejectReason};
 mod alerts;
 mod association;
 mod error;
+pub mod hours;
 pub mod minutes;
 mod scores;
 mod stream;
