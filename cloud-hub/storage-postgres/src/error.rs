@@ -39,9 +39,20 @@ impl From<DbError> for StoreError {
     }
 }
 
-/// A connection failure, or the server shutting down / in recovery
-/// (SQLSTATE classes 08 and 57), may succeed later; anything else is a
-/// database error.
+/// Whether an error of SQLSTATE `code` may succeed when tried again: a
+/// connection failure (class 08), the server shutting down or in recovery
+/// (57), or a transaction the server rolled back to resolve a conflict
+/// (40: a deadlock, e.g. two replicas' ingests and a panel update locking
+/// the same search-total hours in different orders, or a serialization
+/// failure).
+fn is_transient(code: &str) -> bool {
+    ["08", "57", "40"]
+        .iter()
+        .any(|class| code.starts_with(class))
+}
+
+/// A transient error ([`is_transient`]) is `Unavailable` (the API answers
+/// 503 and the sender tries again); anything else is a database error.
 pub fn postgres_error(e: tokio_postgres::Error) -> StoreError {
     let Some(db) = e.as_db_error() else {
         return StoreError::Unavailable(e.to_string());
@@ -59,7 +70,7 @@ pub fn postgres_error(e: tokio_postgres::Error) -> StoreError {
         ),
         None => format!("{}: {} (SQLSTATE {code})", db.severity(), db.message()),
     };
-    if code.starts_with("08") || code.starts_with("57") {
+    if is_transient(code) {
         StoreError::Unavailable(message)
     } else {
         StoreError::Database(message)
@@ -69,5 +80,23 @@ pub fn postgres_error(e: tokio_postgres::Error) -> StoreError {
 impl From<hub_domain::ingest::BatchRefused> for DbError {
     fn from(e: hub_domain::ingest::BatchRefused) -> Self {
         DbError::Store(StoreError::BatchRefused(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conflicts_and_outages_are_transient_faults_are_not() {
+        // Deadlock, serialization failure, connection failure, admin
+        // shutdown, cannot connect now.
+        for code in ["40P01", "40001", "08006", "57P01", "57P03"] {
+            assert!(is_transient(code), "{code}");
+        }
+        // Unique violation, undefined column (a fenced-off hub), syntax.
+        for code in ["23505", "42703", "42601"] {
+            assert!(!is_transient(code), "{code}");
+        }
     }
 }

@@ -243,9 +243,10 @@ async fn ingest(State(st): State<IngestState>, headers: HeaderMap, body: Body) -
     }
 }
 
-/// Whether an error means the database cannot be reached right now (a
-/// PostgreSQL connection failure, or the server shutting down / in
-/// recovery: SQLSTATE classes 08 and 57), as opposed to a fault.
+/// Whether an error means the database cannot serve the batch right now
+/// (a PostgreSQL connection failure, the server shutting down / in
+/// recovery, or a transaction it rolled back to resolve a conflict:
+/// SQLSTATE classes 08, 57 and 40), as opposed to a fault.
 fn database_unavailable(e: &TransportError) -> bool {
     matches!(e, TransportError::Store(s) if s.is_transient())
 }
