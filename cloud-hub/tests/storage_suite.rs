@@ -2742,55 +2742,52 @@ fn late_readings_are_found_by_every_time_window(s: &Store) {
 /// re-attribution, erasure, retention), with no count left at 0 or below.
 fn sqlite_search_totals_are_exact(path: &std::path::Path) {
     let c = rusqlite::Connection::open(path).unwrap();
-    let rows = |sql: &str| -> Vec<(String, i64, String, i64, i64)> {
-        let mut st = c.prepare(sql).unwrap();
-        st.query_map([], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
-        })
-        .unwrap()
-        .map(Result::unwrap)
-        .collect()
-    };
-    let kept = rows(
-        "SELECT patient_id, mdc_code, loinc, hour, n FROM observation_hours
-          ORDER BY 1, 2, 3, 4",
-    );
-    let counted = rows(
-        "SELECT patient_id, mdc_code, loinc,
-                (effective_us - (((effective_us % 3600000000) + 3600000000) % 3600000000))
-                    / 3600000000,
-                COUNT(*)
-           FROM observations WHERE panel_id IS NULL AND patient_id IS NOT NULL
-          GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4",
-    );
-    assert_eq!(
-        kept, counted,
-        "observation_hours differs from the stored rows"
+    search_totals_are_exact(
+        |sql| {
+            let mut st = c.prepare(sql).unwrap();
+            st.query_map([], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+        },
+        "(effective_us - (((effective_us % 3600000000) + 3600000000) % 3600000000)) / 3600000000",
     );
 }
 
 /// The same check on PostgreSQL (`storage-postgres/src/hours.rs`).
 fn postgres_search_totals_are_exact(url: &str) {
     let mut c = ::postgres::Client::connect(url, ::postgres::NoTls).unwrap();
-    let rows = |c: &mut ::postgres::Client, sql: &str| -> Vec<(String, i64, String, i64, i64)> {
-        c.query(sql, &[])
-            .unwrap()
-            .iter()
-            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
-            .collect()
-    };
+    search_totals_are_exact(
+        |sql| {
+            c.query(sql, &[])
+                .unwrap()
+                .iter()
+                .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
+                .collect()
+        },
+        "floor(effective_us / 3600000000.0)::bigint",
+    );
+}
+
+/// `observation_hours` against a recount of the stored rows, read by
+/// `rows` (patient, MDC, LOINC, hour, count); `hour_of` is the backend's
+/// SQL for the hour of `effective_us`, written independently of the
+/// store's.
+fn search_totals_are_exact(
+    mut rows: impl FnMut(&str) -> Vec<(String, i64, String, i64, i64)>,
+    hour_of: &str,
+) {
     let kept = rows(
-        &mut c,
         "SELECT patient_id, mdc_code, loinc, hour, n FROM observation_hours
           ORDER BY 1, 2, 3, 4",
     );
-    let counted = rows(
-        &mut c,
-        "SELECT patient_id, mdc_code, loinc, floor(effective_us / 3600000000.0)::bigint,
-                COUNT(*)
+    let counted = rows(&format!(
+        "SELECT patient_id, mdc_code, loinc, {hour_of}, COUNT(*)
            FROM observations WHERE panel_id IS NULL AND patient_id IS NOT NULL
-          GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4",
-    );
+          GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4"
+    ));
     assert_eq!(
         kept, counted,
         "observation_hours differs from the stored rows"

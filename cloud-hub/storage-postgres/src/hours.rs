@@ -21,17 +21,10 @@ use deadpool_postgres::GenericClient;
 
 use crate::DbError;
 
-/// SQL: the UTC hour (floor, also before 1970) of expression `$us`: the
-/// same integer arithmetic as SQLite's (`%` truncates toward zero).
+/// SQL: the UTC hour (floor, also before 1970) of expression `$us`.
 macro_rules! hour_of_sql {
     ($us:literal) => {
-        concat!(
-            "((",
-            $us,
-            " - (((",
-            $us,
-            " % 3600000000) + 3600000000) % 3600000000)) / 3600000000)"
-        )
+        $crate::minutes::floor_div_sql!($us, "3600000000")
     };
 }
 pub(crate) use hour_of_sql;

@@ -21,17 +21,23 @@ use deadpool_postgres::GenericClient;
 
 use crate::DbError;
 
-/// SQL: the minute (floor, also before 1970) of expression `$us`: the
-/// same integer arithmetic as SQLite's fill (`%` truncates toward zero).
+/// SQL: expression `$us` divided by the literal `$unit`, rounded down
+/// (also below 0): the same integer arithmetic as SQLite's (`%` truncates
+/// toward zero).
+macro_rules! floor_div_sql {
+    ($us:literal, $unit:literal) => {
+        concat!(
+            "((", $us, " - (((", $us, " % ", $unit, ") + ", $unit, ") % ", $unit, ")) / ", $unit,
+            ")"
+        )
+    };
+}
+pub(crate) use floor_div_sql;
+
+/// SQL: the minute (floor, also before 1970) of expression `$us`.
 macro_rules! minute_of_sql {
     ($us:literal) => {
-        concat!(
-            "((",
-            $us,
-            " - (((",
-            $us,
-            " % 60000000) + 60000000) % 60000000)) / 60000000)"
-        )
+        $crate::minutes::floor_div_sql!($us, "60000000")
     };
 }
 pub(crate) use minute_of_sql;

@@ -21,7 +21,7 @@ use rusqlite::types::Value as SqlValue;
 use rusqlite::{Transaction, params};
 
 use hub_domain::fhir::ObservationSearch;
-use hub_storage::hours::{HourSpan, counts, span};
+use hub_storage::hours::{counts, span};
 
 /// Adds the new rows of a batch: `(patient, MDC code, LOINC code,
 /// effective_us)` each, for the rows stored with a patient (a row without
@@ -61,15 +61,7 @@ pub(crate) fn count(
     filter: &str,
     args: &[SqlValue],
 ) -> Option<(String, Vec<SqlValue>)> {
-    let (
-        codes,
-        HourSpan {
-            first,
-            end,
-            head_before,
-            tail_from,
-        },
-    ) = span(s, lo, hi)?;
+    let (codes, span) = span(s, lo, hi)?;
     let placeholders = vec!["?"; s.patients.len()].join(", ");
     let mut out: Vec<SqlValue> = s.patients.iter().cloned().map(SqlValue::Text).collect();
     let codes = crate::code_clause("h", codes, &mut out);
@@ -77,18 +69,18 @@ pub(crate) fn count(
         "SELECT (SELECT COALESCE(SUM(h.n), 0) FROM observation_hours h
                   WHERE h.patient_id IN ({placeholders}) AND {codes} AND h.hour >= ? AND h.hour < ?)"
     );
-    out.push(SqlValue::Integer(first));
-    out.push(SqlValue::Integer(end));
+    out.push(SqlValue::Integer(span.first));
+    out.push(SqlValue::Integer(span.end));
     // The partial hours: before the first whole hour, from the end of the
     // last (each within the range `filter` already bounds).
-    if let Some(edge) = head_before {
+    if let Some(edge) = span.head_before {
         sql.push_str(&format!(
             " + (SELECT COUNT(*) FROM observations o {filter} AND o.effective_us < ?)"
         ));
         out.extend_from_slice(args);
         out.push(SqlValue::Integer(edge));
     }
-    if let Some(edge) = tail_from {
+    if let Some(edge) = span.tail_from {
         sql.push_str(&format!(
             " + (SELECT COUNT(*) FROM observations o {filter} AND o.effective_us >= ?)"
         ));
