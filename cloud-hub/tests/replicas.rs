@@ -6,7 +6,8 @@
 //! set through one are in force on the other;
 //! login lockouts and sessions hold across replicas and a restart; kill -9
 //! of one replica while a client posts to it loses nothing (the client
-//! re-sends its un-acked batch to the other); the audit chain verifies
+//! re-sends its un-acked batch to the other, and the search totals count
+//! each reading once); the audit chain verifies
 //! after both served requests concurrently.
 
 use crate::common;
@@ -519,6 +520,18 @@ async fn kill_9_of_a_replica_during_ingest_loses_nothing_and_the_audit_chain_ver
         sql_i64(&server, "SELECT count(*) FROM observations").await,
         (BATCHES * PER) as i64
     );
+    // Both replicas' batches, the killed one's included, are in the
+    // search totals once each.
+    assert_eq!(
+        sql_i64(&server, "SELECT sum(n)::bigint FROM observation_hours").await,
+        (BATCHES * PER) as i64
+    );
+    let url = server.url();
+    tokio::task::spawn_blocking(move || {
+        crate::storage_suite::postgres_search_totals_are_exact(&url)
+    })
+    .await
+    .unwrap();
     drop(b);
 
     let out = Command::new(BIN)

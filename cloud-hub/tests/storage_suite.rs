@@ -2757,7 +2757,7 @@ fn sqlite_search_totals_are_exact(path: &std::path::Path) {
 }
 
 /// The same check on PostgreSQL (`storage-postgres/src/hours.rs`).
-fn postgres_search_totals_are_exact(url: &str) {
+pub(crate) fn postgres_search_totals_are_exact(url: &str) {
     let mut c = ::postgres::Client::connect(url, ::postgres::NoTls).unwrap();
     search_totals_are_exact(
         |sql| {
